@@ -1,0 +1,90 @@
+"""A buddy allocator over a preallocated arena: the memory tiers' slot mechanism.
+
+The arena is allocated once; ``alloc`` hands out power-of-two blocks (at least ``min_block`` bytes,
+aligned to their size) by splitting larger free blocks, ``free`` merges buddies back.  No system
+allocator is called per allocation, and used bytes count what is really reserved (the rounded block
+sizes), so a tier budget is never exceeded.  Not thread-safe: callers hold their own lock.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """``size`` bytes at byte ``offset`` in the arena (``size`` is a power of two)."""
+
+    offset: int
+    size: int
+
+
+class BuddyAllocator:
+    def __init__(self, capacity: int, min_block: int = 256) -> None:
+        if min_block <= 0 or min_block & (min_block - 1):
+            raise ValueError(f"min_block must be a positive power of two, got {min_block}")
+        if capacity < 0:
+            raise ValueError(f"capacity must not be negative, got {capacity}")
+        self.min_block = min_block
+        self.capacity = capacity - capacity % min_block
+        self.used = 0
+        self._free: dict[int, set[int]] = {}  # block size -> offsets of free blocks of that size
+        self._allocated: dict[int, int] = {}  # offset -> size
+        # The arena is a sum of powers of two laid out largest first, so every root is aligned to its size.
+        self._root_offsets: list[int] = []
+        self._root_sizes: list[int] = []
+        offset, remaining = 0, self.capacity
+        while remaining >= min_block:
+            size = 1 << (remaining.bit_length() - 1)
+            self._root_offsets.append(offset)
+            self._root_sizes.append(size)
+            self._free.setdefault(size, set()).add(offset)
+            offset += size
+            remaining -= size
+
+    @staticmethod
+    def block_size(nbytes: int, min_block: int) -> int:
+        """The block size an allocation of ``nbytes`` occupies."""
+        size = max(nbytes, min_block, 1)
+        return 1 << (size - 1).bit_length()
+
+    def largest_free(self) -> int:
+        sizes = [size for size, offsets in self._free.items() if offsets]
+        return max(sizes, default=0)
+
+    def alloc(self, nbytes: int) -> Block | None:
+        """A block of at least ``nbytes``, or ``None`` when no free block is large enough."""
+        want = self.block_size(nbytes, self.min_block)
+        size = want
+        while not self._free.get(size):
+            size <<= 1
+            if size > (self._root_sizes[0] if self._root_sizes else 0):
+                return None
+        offset = min(self._free[size])  # lowest address first keeps the arena compact
+        self._free[size].discard(offset)
+        while size > want:
+            size >>= 1
+            self._free.setdefault(size, set()).add(offset + size)
+        self._allocated[offset] = want
+        self.used += want
+        return Block(offset, want)
+
+    def free(self, block: Block) -> None:
+        if self._allocated.get(block.offset) != block.size:
+            raise ValueError(f"{block} is not an allocated block of this arena")
+        del self._allocated[block.offset]
+        self.used -= block.size
+        offset, size = block.offset, block.size
+        root = bisect.bisect_right(self._root_offsets, offset) - 1
+        root_size = self._root_sizes[root]
+        base = self._root_offsets[root]
+        while size < root_size:
+            buddy = base + ((offset - base) ^ size)
+            peers = self._free.get(size)
+            if not peers or buddy not in peers:
+                break
+            peers.discard(buddy)
+            offset = min(offset, buddy)
+            size <<= 1
+        self._free.setdefault(size, set()).add(offset)

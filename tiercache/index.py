@@ -1,0 +1,87 @@
+"""The cache's bookkeeping: where each entry lives, and per-tier eviction queues ordered by policy rank.
+
+Nothing here does I/O or touches tensors; all of it is used under the cache's index lock.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Iterator
+
+from .policies import EntryInfo
+from .tiers.base import EntryHeader, Slot
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    """One live key: its header (dtype, shape, seq), the tier index and slot holding its bytes.
+
+    ``moving`` is set while a mover (demotion, promotion, flush) copies it to another tier; such an entry
+    is not chosen as a victim again.  ``version`` invalidates stale queue items (lazy deletion)."""
+
+    key: Hashable
+    header: EntryHeader
+    tier: int
+    slot: Slot
+    info: EntryInfo
+    moving: bool = False
+    version: int = 0
+
+
+@dataclass(order=True, slots=True)
+class _Item:
+    rank: Any
+    tiebreak: int
+    entry: Entry = field(compare=False)
+    version: int = field(compare=False)
+
+
+class RankedQueue:
+    """Entries of one tier, smallest rank first.  Re-ranking pushes a new item; stale items are skipped
+    when popped and compacted away when they outnumber live ones."""
+
+    def __init__(self, tier: int) -> None:
+        self.tier = tier
+        self._heap: list[_Item] = []
+        self._counter = itertools.count()
+        self.live = 0
+
+    def push(self, entry: Entry, rank: Any) -> None:
+        heapq.heappush(self._heap, _Item(rank, next(self._counter), entry, entry.version))
+        if len(self._heap) > 64 and len(self._heap) > 4 * max(self.live, 1):
+            self._heap = [item for item in self._heap if self._current(item)]
+            heapq.heapify(self._heap)
+
+    def _current(self, item: _Item) -> bool:
+        return item.version == item.entry.version and item.entry.tier == self.tier
+
+    def pop_victims(self, index: dict[Hashable, Entry], need: int) -> list[Entry]:
+        """Lowest-ranked entries of this tier that are live and not moving, until their charged bytes
+        reach ``need`` (at least one if any is eligible).  Returned entries are removed from the queue."""
+        victims: list[Entry] = []
+        skipped: list[_Item] = []
+        freed = 0
+        while self._heap and (freed < need or not victims):
+            item = heapq.heappop(self._heap)
+            entry = item.entry
+            if not self._current(item) or index.get(entry.key) is not entry:
+                continue
+            if entry.moving:
+                skipped.append(item)
+                continue
+            victims.append(entry)
+            freed += entry.slot.charged
+        for item in skipped:
+            heapq.heappush(self._heap, item)
+        return victims
+
+    def ordered(self, index: dict[Hashable, Entry]) -> Iterator[Entry]:
+        """Live entries of this tier in eviction order (a snapshot; does not consume the queue)."""
+        seen: set[int] = set()
+        for item in sorted(self._heap):
+            entry = item.entry
+            if self._current(item) and index.get(entry.key) is entry and id(entry) not in seen:
+                seen.add(id(entry))
+                yield entry

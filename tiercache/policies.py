@@ -1,0 +1,104 @@
+"""Placement policies: which entry leaves a full tier first, and whether a hit is promoted.
+
+A policy sees only metadata (:class:`EntryInfo`) — never tensors or files — and owns no metrics.  The
+cache keeps, per tier, a priority queue ordered by ``policy.rank(info)`` and re-ranks an entry whenever
+its info changes (access, score update, move).  ``rank`` must therefore be a pure function of the info
+it is given (no clock reads, no hidden state): smaller ranks are evicted first.
+
+A user-defined policy is one small class::
+
+    class BiggestFirst:
+        name = "biggest-first"
+        def rank(self, info): return (-info.nbytes, info.last_access)
+        def promote(self, info, src, dst): return True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Hashable, Protocol, runtime_checkable
+
+
+@dataclass(slots=True)
+class EntryInfo:
+    """Metadata a policy may use.  ``last_access`` and ``inserted`` are values of a logical clock that
+    ticks once per cache operation (not wall time); ``hits`` counts gets; ``score`` is caller-supplied."""
+
+    key: Hashable
+    nbytes: int
+    tier: str
+    inserted: int
+    last_access: int
+    hits: int = 0
+    score: float = 0.0
+
+
+@runtime_checkable
+class Policy(Protocol):
+    name: str
+
+    def rank(self, info: EntryInfo) -> Any:
+        """Eviction order key: the entry with the smallest rank in a full tier is demoted first."""
+        ...
+
+    def promote(self, info: EntryInfo, src: str, dst: str) -> bool:
+        """Whether an entry found in tier ``src`` by a get should move up to the faster tier ``dst``."""
+        ...
+
+
+class LRUPolicy:
+    """Least recently used leaves first; every hit is promoted."""
+
+    name = "lru"
+
+    def rank(self, info: EntryInfo) -> Any:
+        return info.last_access
+
+    def promote(self, info: EntryInfo, src: str, dst: str) -> bool:
+        return True
+
+
+class LFUPolicy:
+    """Least frequently used leaves first (ties: least recent); promoted from the second hit on, so a
+    single scan does not flush the fast tiers."""
+
+    name = "lfu"
+
+    def rank(self, info: EntryInfo) -> Any:
+        return (info.hits, info.last_access)
+
+    def promote(self, info: EntryInfo, src: str, dst: str) -> bool:
+        return info.hits >= 2
+
+
+class ScorePolicy:
+    """Lowest caller-supplied score leaves first (ties: least recent).  Scores come from
+    ``Cache.put(..., score=)`` and ``Cache.update_scores``; e.g. the attention mass a KV block received.
+    A hit is promoted when its score is at least ``promote_threshold``."""
+
+    name = "score"
+
+    def __init__(self, promote_threshold: float = float("-inf")) -> None:
+        self.promote_threshold = promote_threshold
+
+    def rank(self, info: EntryInfo) -> Any:
+        return (info.score, info.last_access)
+
+    def promote(self, info: EntryInfo, src: str, dst: str) -> bool:
+        return info.score >= self.promote_threshold
+
+
+POLICIES: dict[str, type] = {"lru": LRUPolicy, "lfu": LFUPolicy, "score": ScorePolicy}
+
+
+def make_policy(policy: str | Policy) -> Policy:
+    """A policy from its name (``"lru"``, ``"lfu"``, ``"score"``) or a ready object (checked to have
+    ``rank`` and ``promote``)."""
+    if isinstance(policy, str):
+        try:
+            return POLICIES[policy.lower()]()
+        except KeyError:
+            raise ValueError(f"unknown policy {policy!r}; choose one of {sorted(POLICIES)} or pass a Policy") from None
+    if not callable(getattr(policy, "rank", None)) or not callable(getattr(policy, "promote", None)):
+        raise TypeError(f"policy must be a name or an object with rank() and promote(), got {policy!r}")
+    return policy

@@ -1,0 +1,118 @@
+"""Memory tiers (host DRAM and GPU HBM): one arena allocated up front, carved by a buddy allocator."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterator
+
+import torch
+
+from ..allocator import Block, BuddyAllocator
+from .base import EntryHeader, RecoveredEntry, Slot
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_BYTES = 1 << 30
+"""Pinned memory is allocated in chunks of at most this size: a single huge ``cudaHostAlloc`` can fail
+and pinning takes time, so a host tier of N GiB is N separate 1 GiB arenas."""
+
+
+class ArenaTier:
+    """A volatile tier backed by preallocated ``torch`` storage on ``device``.
+
+    ``capacity`` bytes are allocated at construction (pinned when ``pin_memory``; in chunks of at most
+    ``chunk_bytes``, which also bounds the largest value).  Slots are power-of-two blocks of at least
+    ``min_block`` bytes, so the budget counts rounded sizes: what is really reserved.
+    """
+
+    persistent = False
+
+    def __init__(
+        self,
+        name: str,
+        capacity: int,
+        device: torch.device | str = "cpu",
+        *,
+        pin_memory: bool = False,
+        min_block: int = 256,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> None:
+        self.name = name
+        self.device = torch.device(device)
+        start = time.perf_counter()
+        self._arenas: list[torch.Tensor] = []
+        self._allocators: list[BuddyAllocator] = []
+        remaining = capacity
+        while remaining >= min_block:
+            size = min(remaining, chunk_bytes)
+            allocator = BuddyAllocator(size, min_block)
+            if allocator.capacity == 0:
+                break
+            self._arenas.append(
+                torch.empty(allocator.capacity, dtype=torch.uint8, device=self.device, pin_memory=pin_memory)
+            )
+            self._allocators.append(allocator)
+            remaining -= allocator.capacity
+        self.capacity = sum(a.capacity for a in self._allocators)
+        self.pinned = pin_memory
+        if pin_memory and self.capacity:
+            log.info("tiercache: pinned %d bytes of host memory in %d chunk(s) in %.2f s",
+                     self.capacity, len(self._arenas), time.perf_counter() - start)
+
+    @property
+    def used(self) -> int:
+        return sum(a.used for a in self._allocators)
+
+    @property
+    def max_nbytes(self) -> int:
+        return max((a.capacity for a in self._allocators), default=0)
+
+    def largest_free(self) -> int:
+        return max((a.largest_free() for a in self._allocators), default=0)
+
+    def allocate(self, nbytes: int) -> Slot | None:
+        for index, allocator in enumerate(self._allocators):
+            block = allocator.alloc(nbytes)
+            if block is not None:
+                return Slot((index, block), nbytes, block.size)
+        return None
+
+    def free(self, slot: Slot) -> None:
+        index, block = slot.ref  # type: ignore[misc]
+        self._allocators[index].free(block)
+
+    def view(self, slot: Slot) -> torch.Tensor:
+        """The slot's bytes in place (1-D uint8, ``slot.nbytes`` long)."""
+        index, block = slot.ref  # type: ignore[misc]
+        assert isinstance(block, Block)
+        return self._arenas[index][block.offset : block.offset + slot.nbytes]
+
+    def write(self, slot: Slot, data: torch.Tensor, header: EntryHeader) -> None:
+        self.view(slot).copy_(data, non_blocking=False)
+
+    def read(self, slot: Slot, header: EntryHeader) -> torch.Tensor:
+        return self.view(slot)
+
+    def discard(self, slot: Slot) -> None:
+        return None
+
+    def recover(self) -> Iterator[RecoveredEntry]:
+        return iter(())
+
+    def close(self) -> None:
+        self._arenas.clear()
+
+
+def host_tier(capacity: int, **kwargs: object) -> ArenaTier:
+    """The host DRAM tier: pinned when CUDA is available (so host<->GPU copies run at full speed)."""
+    pin = torch.cuda.is_available()
+    return ArenaTier("host", capacity, "cpu", pin_memory=pin, **kwargs)  # type: ignore[arg-type]
+
+
+def gpu_tier(capacity: int, device: torch.device | str = "cuda", **kwargs: object) -> ArenaTier:
+    """The GPU HBM tier: one device arena (raises ``RuntimeError`` without CUDA)."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("a gpu tier was requested but CUDA is not available; pass gpu=0 or None")
+    kwargs.setdefault("chunk_bytes", max(capacity, 1))
+    return ArenaTier("gpu", capacity, device, **kwargs)  # type: ignore[arg-type]

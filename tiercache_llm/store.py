@@ -1,0 +1,301 @@
+"""The bridge between KV blocks and a :class:`tiercache.Cache`: budgets, capacity checks, counters.
+
+:class:`BlockStore` is the only module of tiercache_llm that talks to tiercache.  It owns (or borrows)
+a ``tiercache.Cache``, keeps the exact set of keys this KV cache has stored, refuses to store a block
+that would push this cache's bytes past the tiers' combined capacity, and turns a lost block (evicted
+by the tiercache) into a :class:`~tiercache_llm.errors.KVCapacityError` instead of a wrong answer.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import shutil
+import tempfile
+import threading
+import time
+import weakref
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .errors import KVCapacityError
+
+
+@dataclass
+class KVCounters:
+    """What the KV cache asked of its tiers (all monotonically increasing until ``reset_counters``).
+
+    Attributes:
+        blocks_put / bytes_put: entries (one K or one V block each) written to the tiercache.
+        blocks_fetched / bytes_fetched: entries read back for attention (exact mode reads every
+            visible block once per layer per forward pass).
+        blocks_deleted: entries removed (crop, reset, batch selection, sliding-window expiry).
+        prefetches: prefetch requests issued (one per layer per forward when ``prefetch`` is on).
+        prefetch_errors: prefetch futures that finished with an exception (the following ``get``
+            is what decides correctness; a failed prefetch only costs time).
+        fetch_seconds / put_seconds: wall-clock time spent inside ``get_many`` / ``put_many``.
+    """
+
+    blocks_put: int = 0
+    bytes_put: int = 0
+    blocks_fetched: int = 0
+    bytes_fetched: int = 0
+    blocks_deleted: int = 0
+    prefetches: int = 0
+    prefetch_errors: int = 0
+    fetch_seconds: float = 0.0
+    put_seconds: float = 0.0
+
+
+def _import_tiercache():
+    try:
+        import tiercache
+    except ImportError as exc:  # pragma: no cover - the package ships both
+        raise ImportError("tiercache_llm needs the tiercache package") from exc
+    return tiercache
+
+
+def _cleanup(cache: Any, owns: bool, tmpdir: str | None) -> None:
+    if owns:
+        try:
+            cache.close()
+        except Exception:  # noqa: BLE001 - best effort at interpreter exit / garbage collection
+            pass
+    if tmpdir is not None:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+class BlockStore:
+    """Stores KV blocks as entries of a ``tiercache.Cache`` and accounts for them.
+
+    Build one with :meth:`open` (creates and owns a tiercache) or wrap an existing cache with
+    ``BlockStore(cache)`` (borrowed: :meth:`close` deletes this store's entries but leaves the
+    tiercache open).
+    """
+
+    def __init__(self, cache: Any, *, owns: bool = False, tmpdir: str | None = None) -> None:
+        for name in ("put_many", "get_many", "delete", "stats", "prefetch"):
+            if not callable(getattr(cache, name, None)):
+                raise TypeError(
+                    f"cache must be a tiercache.Cache (missing {name!r}), got {type(cache).__name__}"
+                )
+        self.cache = cache
+        self.owns = owns
+        self.tmpdir = tmpdir
+        self.counters = KVCounters()
+        self._live: dict[Any, int] = {}  # key -> nbytes, for every entry this store put and still holds
+        self._held_bytes = 0
+        self._futures: list[concurrent.futures.Future] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._last_evictions = self._evictions(cache.stats())
+        self._finalizer = weakref.finalize(self, _cleanup, cache, owns, tmpdir)
+
+    @classmethod
+    def open(
+        cls,
+        *,
+        gpu: int | str | None,
+        host: int | str | None,
+        disk: int | str | None,
+        path: str | os.PathLike | None,
+        policy: Any = "lru",
+        compression: str | None = None,
+    ) -> "BlockStore":
+        """Create a tiercache with the given budgets.  A disk budget without ``path`` uses a fresh
+        temporary directory that :meth:`close` removes."""
+        tiercache = _import_tiercache()
+        tmpdir = None
+        if disk not in (None, 0) and path is None:
+            tmpdir = tempfile.mkdtemp(prefix="tiercache-kv-")
+            path = tmpdir
+        kwargs: dict[str, Any] = dict(gpu=gpu, host=host, disk=disk, path=path, policy=policy)
+        if compression is not None:
+            kwargs["compression"] = compression
+        try:
+            cache = tiercache.Cache(**kwargs)
+        except BaseException:
+            if tmpdir is not None:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+            raise
+        return cls(cache, owns=True, tmpdir=tmpdir)
+
+    # ----------------------------------------------------------------------------------- figures
+    @staticmethod
+    def _evictions(stats: dict) -> int:
+        ev = stats.get("evictions", 0)
+        if isinstance(ev, dict):  # tolerate a per-tier breakdown
+            return int(sum(v for v in ev.values() if isinstance(v, (int, float))))
+        return int(ev or 0)
+
+    def tier_capacities(self) -> dict[str, int]:
+        """``{tier name: capacity in bytes}`` for every enabled tier of the tiercache."""
+        tiers = self.cache.stats().get("tiers", {})
+        return {name: int(t.get("capacity_bytes", 0)) for name, t in tiers.items() if t.get("capacity_bytes", 0)}
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the entries this store has put and not deleted."""
+        return self._held_bytes
+
+    @property
+    def live_entries(self) -> int:
+        return len(self._live)
+
+    def _budget_text(self) -> str:
+        caps = self.tier_capacities()
+        parts = ", ".join(f"{name}={_fmt(cap)}" for name, cap in caps.items()) or "no tiers"
+        return f"tier budgets: {parts} (total {_fmt(sum(caps.values()))})"
+
+    # ------------------------------------------------------------------------------- operations
+    def put_blocks(self, items: Sequence[tuple[Any, torch.Tensor]]) -> None:
+        """Store new entries.  Raises :class:`KVCapacityError` *before writing anything* when this
+        store's bytes would exceed the tiers' combined capacity or one entry exceeds every tier, and
+        after writing when the tiercache evicted one of this store's entries to make room."""
+        self._check_open()
+        if not items:
+            return
+        caps = self.tier_capacities()
+        new_bytes = sum(t.numel() * t.element_size() for _, t in items)
+        largest = max(t.numel() * t.element_size() for _, t in items)
+        if not caps or largest > max(caps.values()):
+            raise KVCapacityError(
+                f"a KV block of {_fmt(largest)} does not fit in any tier ({self._budget_text()}); "
+                "use a smaller block_size or larger budgets"
+            )
+        total = sum(caps.values())
+        if self._held_bytes + new_bytes > total:
+            raise KVCapacityError(
+                f"the KV cache needs {_fmt(self._held_bytes + new_bytes)} to hold the context exactly, "
+                f"more than the {self._budget_text()}; exact attention would lose blocks. "
+                "Raise the host/disk budgets (or shorten the context / max_new_tokens)."
+            )
+        start = time.perf_counter()
+        try:
+            self.cache.put_many(list(items))
+        except ValueError as exc:
+            raise KVCapacityError(f"the tiercache refused a KV block ({exc}); {self._budget_text()}") from exc
+        self.counters.put_seconds += time.perf_counter() - start
+        for key, tensor in items:
+            nbytes = tensor.numel() * tensor.element_size()
+            old = self._live.get(key)
+            if old is not None:
+                self._held_bytes -= old
+            self._live[key] = nbytes
+            self._held_bytes += nbytes
+        self.counters.blocks_put += len(items)
+        self.counters.bytes_put += new_bytes
+        self._check_evictions()
+
+    def _check_evictions(self) -> None:
+        evictions = self._evictions(self.cache.stats())
+        if evictions == self._last_evictions:
+            return
+        self._last_evictions = evictions
+        lost = [key for key in self._live if key not in self.cache]
+        if lost:
+            raise KVCapacityError(
+                f"the tiercache evicted {len(lost)} KV block entr{'y' if len(lost) == 1 else 'ies'} of this cache "
+                f"(this cache holds {_fmt(self._held_bytes)}; {self._budget_text()}); exact attention is no longer "
+                "possible. Raise the budgets, or do not share the tiercache with other users."
+            )
+
+    def get_blocks(self, keys: Sequence[Any], device: torch.device | str | None = None) -> list[torch.Tensor]:
+        """Fetch entries (batched); a missing entry raises :class:`KVCapacityError`."""
+        self._check_open()
+        if not keys:
+            return []
+        start = time.perf_counter()
+        try:
+            tensors = self.cache.get_many(list(keys), device=device)
+        except KeyError as exc:
+            raise KVCapacityError(
+                f"KV block {exc.args[0]!r} is no longer in the tiercache (evicted or corrupt); "
+                f"exact attention is impossible ({self._budget_text()}, this cache holds {_fmt(self._held_bytes)})"
+            ) from exc
+        self.counters.fetch_seconds += time.perf_counter() - start
+        self.counters.blocks_fetched += len(tensors)
+        self.counters.bytes_fetched += sum(t.numel() * t.element_size() for t in tensors)
+        return tensors
+
+    def delete_blocks(self, keys: Iterable[Any]) -> None:
+        """Remove entries (missing ones are ignored: they are gone either way)."""
+        self._check_open()
+        self.wait_prefetches()
+        for key in keys:
+            nbytes = self._live.pop(key, None)
+            if nbytes is not None:
+                self._held_bytes -= nbytes
+            try:
+                self.cache.delete(key)
+            except KeyError:
+                pass
+            self.counters.blocks_deleted += 1
+
+    def prefetch(self, keys: Sequence[Any]) -> None:
+        """Ask the tiercache to stage ``keys`` toward its fastest tier, without waiting."""
+        if self._closed or not keys:
+            return
+        future = self.cache.prefetch(list(keys))
+        self.counters.prefetches += 1
+        with self._lock:
+            self._futures = [f for f in self._futures if not f.done()]
+            self._futures.append(future)
+        future.add_done_callback(self._prefetch_done)
+
+    def _prefetch_done(self, future: concurrent.futures.Future) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            self.counters.prefetch_errors += 1
+
+    def wait_prefetches(self) -> None:
+        """Block until every prefetch issued so far has finished (before deletes and on close)."""
+        with self._lock:
+            futures, self._futures = self._futures, []
+        for future in futures:
+            try:
+                future.result()
+            except Exception:  # noqa: BLE001 - counted in prefetch_errors by the callback
+                pass
+
+    def stats(self) -> dict:
+        """``{"kv": counters + held bytes/entries, "tiercache": tiercache.Cache.stats()}``."""
+        kv = asdict(self.counters)
+        kv["held_bytes"] = self._held_bytes
+        kv["live_entries"] = len(self._live)
+        return {"kv": kv, "tiercache": self.cache.stats()}
+
+    def reset_counters(self) -> None:
+        self.counters = KVCounters()
+
+    def close(self) -> None:
+        """Delete this store's entries; close the tiercache and remove its temporary directory if
+        this store created them.  Idempotent."""
+        if self._closed:
+            return
+        self.wait_prefetches()
+        if self.owns:
+            self._live.clear()
+            self._held_bytes = 0
+        else:
+            self.delete_blocks(list(self._live))
+        self._closed = True
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this TieredKVCache has been closed")
+
+
+def _fmt(nbytes: int) -> str:
+    size = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024 or unit == "GiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
