@@ -49,6 +49,11 @@ class BuddyAllocator:
         size = max(nbytes, min_block, 1)
         return 1 << (size - 1).bit_length()
 
+    @property
+    def max_block(self) -> int:
+        """The largest block this arena can ever hand out (its biggest power-of-two root; 0 when empty)."""
+        return self._root_sizes[0] if self._root_sizes else 0
+
     def largest_free(self) -> int:
         sizes = [size for size, offsets in self._free.items() if offsets]
         return max(sizes, default=0)

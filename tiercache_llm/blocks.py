@@ -31,7 +31,7 @@ def block_key(cache_uid: str, layer_idx: int, kind: str, serial: int) -> tuple:
     return (KEY_PREFIX, cache_uid, int(layer_idx), kind, int(serial))
 
 
-@dataclass
+@dataclass(eq=False)
 class BlockRef:
     """One stored full block of a layer.
 

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .errors import KVCapacityError
+from .policies import StreamingKVPolicy
 
 
 @dataclass
@@ -90,7 +91,13 @@ class BlockStore:
         self._futures: list[concurrent.futures.Future] = []
         self._lock = threading.Lock()
         self._closed = False
-        self._last_evictions = self._evictions(cache.stats())
+        stats = cache.stats()
+        self._last_evictions = self._evictions(stats)
+        self._capacities = {
+            name: int(t.get("capacity_bytes", 0))
+            for name, t in stats.get("tiers", {}).items()
+            if t.get("capacity_bytes", 0)
+        }
         self._finalizer = weakref.finalize(self, _cleanup, cache, owns, tmpdir)
 
     @classmethod
@@ -101,12 +108,14 @@ class BlockStore:
         host: int | str | None,
         disk: int | str | None,
         path: str | os.PathLike | None,
-        policy: Any = "lru",
+        policy: Any = "kv-stream",
         compression: str | None = None,
     ) -> "BlockStore":
         """Create a tiercache with the given budgets.  A disk budget without ``path`` uses a fresh
         temporary directory that :meth:`close` removes."""
         tiercache = _import_tiercache()
+        if isinstance(policy, str) and policy == StreamingKVPolicy.name:
+            policy = StreamingKVPolicy()
         tmpdir = None
         if disk not in (None, 0) and path is None:
             tmpdir = tempfile.mkdtemp(prefix="tiercache-kv-")
@@ -132,8 +141,7 @@ class BlockStore:
 
     def tier_capacities(self) -> dict[str, int]:
         """``{tier name: capacity in bytes}`` for every enabled tier of the tiercache."""
-        tiers = self.cache.stats().get("tiers", {})
-        return {name: int(t.get("capacity_bytes", 0)) for name, t in tiers.items() if t.get("capacity_bytes", 0)}
+        return dict(self._capacities)
 
     @property
     def held_bytes(self) -> int:
@@ -173,9 +181,15 @@ class BlockStore:
                 "Raise the host/disk budgets (or shorten the context / max_new_tokens)."
             )
         start = time.perf_counter()
+        tiercache = _import_tiercache()
         try:
             self.cache.put_many(list(items))
-        except ValueError as exc:
+        except (ValueError, tiercache.TierCacheError) as exc:
+            # put_many stops at the first failure; account for what did land so deletes stay exact.
+            for key, tensor in items:
+                if key in self.cache and key not in self._live:
+                    self._live[key] = tensor.numel() * tensor.element_size()
+                    self._held_bytes += self._live[key]
             raise KVCapacityError(f"the tiercache refused a KV block ({exc}); {self._budget_text()}") from exc
         self.counters.put_seconds += time.perf_counter() - start
         for key, tensor in items:
@@ -275,11 +289,9 @@ class BlockStore:
         if self._closed:
             return
         self.wait_prefetches()
-        if self.owns:
-            self._live.clear()
-            self._held_bytes = 0
-        else:
-            self.delete_blocks(list(self._live))
+        # Delete first even when we own the tiercache: its close() would otherwise persist every
+        # live entry to the disk tier, and KV blocks of a finished cache are never read again.
+        self.delete_blocks(list(self._live))
         self._closed = True
         self._finalizer()
 

@@ -28,7 +28,6 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from ..errors import CorruptEntryError, FingerprintMismatchError, TierIOError
@@ -244,39 +243,46 @@ class DiskTier:
             reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
             raise TierIOError(f"disk tier: writing {final} failed: {reason}", exc.errno) from exc
 
-    def _read_verified(self, path: Path, pages: int) -> memoryview:
-        """The decoded chunk (header + payload + padding) after checking size and checksum."""
+    def _read_verified(self, path: Path, pages: int) -> torch.Tensor:
+        """The decoded chunk (header + payload + padding) as a fresh uint8 tensor, after checking its
+        size and checksum."""
         try:
-            with open(path, "rb") as f:
-                raw = f.read()
+            with open(path, "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < CRC_BYTES or (self._codec is None and size != pages * PAGE + CRC_BYTES):
+                    raise CorruptEntryError(f"{path} has the wrong size ({size} bytes): truncated or overwritten")
+                buffer = torch.empty(size, dtype=torch.uint8)
+                view = memoryview(buffer.numpy())
+                got = 0
+                while got < size:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise CorruptEntryError(f"{path} shrank while being read")
+                    got += n
         except FileNotFoundError:
             raise CorruptEntryError(f"{path} is missing") from None
-        if len(raw) < CRC_BYTES or (self._codec is None and len(raw) != pages * PAGE + CRC_BYTES):
-            raise CorruptEntryError(f"{path} has the wrong size ({len(raw)} bytes): truncated or overwritten")
-        body = memoryview(raw)[:-CRC_BYTES]
-        if self._crc(body) != int.from_bytes(raw[-CRC_BYTES:], "little"):
+        body = view[:-CRC_BYTES]
+        if self._crc(body) != int.from_bytes(view[-CRC_BYTES:], "little"):
             raise CorruptEntryError(f"{path} failed its crc32c checksum")
-        if self._codec is not None:
-            try:
-                decoded = self._codec.decode(body)
-            except Exception as exc:  # a checksum collision on garbage: still never return it
-                raise CorruptEntryError(f"{path} does not decompress: {exc}") from None
-            body = memoryview(decoded).cast("B")
-            if body.nbytes != pages * PAGE:
-                raise CorruptEntryError(f"{path} decodes to {body.nbytes} bytes, expected {pages * PAGE}")
-        return body
+        if self._codec is None:
+            return buffer[:-CRC_BYTES]
+        try:
+            decoded = self._codec.decode(body)
+        except Exception as exc:  # a checksum collision on garbage: still never return it
+            raise CorruptEntryError(f"{path} does not decompress: {exc}") from None
+        out = torch.frombuffer(bytearray(decoded), dtype=torch.uint8)
+        if out.numel() != pages * PAGE:
+            raise CorruptEntryError(f"{path} decodes to {out.numel()} bytes, expected {pages * PAGE}")
+        return out
 
     def read(self, slot: Slot, header: EntryHeader) -> torch.Tensor:
         pages, _ = slot.ref  # type: ignore[misc]
         path = self.chunk_path(slot)
         body = self._read_verified(path, pages)
-        stored = decode_header(body[:HEADER_BYTES])
+        stored = decode_header(memoryview(body[:HEADER_BYTES].numpy()))
         if stored.key != header.key or stored.seq != header.seq or stored.nbytes != slot.nbytes:
             raise CorruptEntryError(f"{path} holds another entry than the index expects")
-        payload = np.frombuffer(body, dtype=np.uint8, count=slot.nbytes, offset=HEADER_BYTES)
-        if not payload.flags.writeable:
-            payload = payload.copy()
-        return torch.from_numpy(payload)
+        return body[HEADER_BYTES : HEADER_BYTES + slot.nbytes]
 
     def discard(self, slot: Slot) -> None:
         try:
@@ -335,7 +341,7 @@ class DiskTier:
 
     def _scan_header(self, path: Path, pages: int) -> EntryHeader:
         if self._codec is not None:
-            return decode_header(self._read_verified(path, pages)[:HEADER_BYTES])
+            return decode_header(memoryview(self._read_verified(path, pages)[:HEADER_BYTES].numpy()))
         if path.stat().st_size != pages * PAGE + CRC_BYTES:
             raise CorruptEntryError("wrong size: truncated or overwritten")
         with open(path, "rb") as f:

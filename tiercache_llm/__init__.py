@@ -1,0 +1,27 @@
+"""tiercache_llm: a tiered KV cache (GPU / host / disk via :mod:`tiercache`) for Hugging Face ``generate``.
+
+    from tiercache_llm import TieredKVCache
+    cache = TieredKVCache(model.config, host="2GiB", disk="200GiB", path="/nvme/kv")
+    out = model.generate(input_ids, past_key_values=cache, max_new_tokens=256)
+
+Supported transformers: ``>=5.17,<6``.
+"""
+
+from .blocks import BlockRef, block_key
+from .errors import KVCapacityError, TieredKVError, UnsupportedModelError
+from .kv_cache import SUPPORTED_TRANSFORMERS, TieredKVCache, TieredKVLayer, TieredKVSettings
+from .store import BlockStore, KVCounters
+
+__all__ = [
+    "SUPPORTED_TRANSFORMERS",
+    "BlockRef",
+    "BlockStore",
+    "KVCapacityError",
+    "KVCounters",
+    "TieredKVCache",
+    "TieredKVError",
+    "TieredKVLayer",
+    "TieredKVSettings",
+    "UnsupportedModelError",
+    "block_key",
+]
