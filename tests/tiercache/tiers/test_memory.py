@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from tiercache.testing import TierConformance
+from tiercache.tiers import ArenaTier, host_tier
+from tiercache.tiers.base import EntryHeader
+
+
+class TestArenaTierConformance(TierConformance):
+    capacity = 256 * 1024
+
+    def make_tier(self, path, capacity):
+        return ArenaTier("host", capacity, "cpu")
+
+
+class TestArenaTierOddCapacityConformance(TierConformance):
+    """A capacity that is not a power of two, split into several chunks."""
+
+    capacity = 100_000
+    sizes = (0, 1, 300, 4096, 20_000, 40_000)
+
+    def make_tier(self, path, capacity):
+        return ArenaTier("host", capacity, "cpu", chunk_bytes=40_000)
+
+
+def _header(n):
+    return EntryHeader(b"k", "uint8", (n,), n, 1)
+
+
+def test_capacity_is_rounded_down_to_whole_blocks_and_split_into_chunks():
+    tier = ArenaTier("host", 10_000, chunk_bytes=4096, min_block=256)
+    assert tier.capacity == 4096 + 4096 + 1792
+    assert len(tier._arenas) == 3
+    assert tier.max_nbytes == 4096
+
+
+def test_max_nbytes_is_the_largest_block_not_the_arena():
+    tier = ArenaTier("host", 3000, min_block=256)
+    assert tier.capacity == 2816
+    assert tier.max_nbytes == 2048
+    assert tier.allocate(2048) is not None
+
+
+def test_read_aliases_the_arena_and_slots_do_not_overlap():
+    tier = ArenaTier("host", 4096)
+    a, b = tier.allocate(300), tier.allocate(300)
+    tier.write(a, torch.full((300,), 1, dtype=torch.uint8), _header(300))
+    tier.write(b, torch.full((300,), 2, dtype=torch.uint8), _header(300))
+    assert torch.all(tier.read(a, _header(300)) == 1)
+    assert torch.all(tier.read(b, _header(300)) == 2)
+    assert tier.read(a, _header(300)).data_ptr() == tier.view(a).data_ptr()
+
+
+def test_disabled_tier():
+    tier = ArenaTier("host", 100, min_block=256)
+    assert tier.capacity == 0 and tier.max_nbytes == 0
+    assert tier.allocate(1) is None
+
+
+def test_host_tier_pins_only_with_cuda():
+    tier = host_tier(4096)
+    assert tier.name == "host" and tier.device.type == "cpu"
+    assert tier.pinned == torch.cuda.is_available()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_gpu_tier_without_cuda_is_a_clear_error():
+    from tiercache.tiers import gpu_tier
+
+    with pytest.raises(RuntimeError, match="CUDA"):
+        gpu_tier(4096)
+
+
+@pytest.mark.gpu
+def test_gpu_arena_round_trip():
+    from tiercache.tiers import gpu_tier
+
+    tier = gpu_tier(1 << 20)
+    slot = tier.allocate(1000)
+    data = torch.randint(0, 256, (1000,), dtype=torch.uint8)
+    tier.write(slot, data, _header(1000))
+    got = tier.read(slot, _header(1000))
+    assert got.device.type == "cuda" and torch.equal(got.cpu(), data)

