@@ -159,9 +159,13 @@ class BlockStore:
 
     # ------------------------------------------------------------------------------- operations
     def put_blocks(self, items: Sequence[tuple[Any, torch.Tensor]]) -> None:
-        """Store new entries.  Raises :class:`KVCapacityError` *before writing anything* when this
-        store's bytes would exceed the tiers' combined capacity or one entry exceeds every tier, and
-        after writing when the tiercache evicted one of this store's entries to make room."""
+        """Store new entries.
+
+        Raises :class:`KVCapacityError` *before writing anything* when one entry exceeds every tier or
+        the entries' bytes exceed the free space left in all tiers together (storing them would force
+        an eviction; for a borrowed tiercache: the tiers' total capacity minus this store's bytes), and *right after writing* when the tiercache nevertheless evicted one of this
+        store's entries (tiers charge rounded slot sizes, so payload bytes can fit while slots do not).
+        """
         self._check_open()
         if not items:
             return
@@ -173,12 +177,17 @@ class BlockStore:
                 f"a KV block of {_fmt(largest)} does not fit in any tier ({self._budget_text()}); "
                 "use a smaller block_size or larger budgets"
             )
-        total = sum(caps.values())
-        if self._held_bytes + new_bytes > total:
+        if self.owns:  # every entry is ours: what is not free now can only be made free by evicting ours
+            tiers = self.cache.stats().get("tiers", {})
+            free = sum(max(0, int(t.get("capacity_bytes", 0)) - int(t.get("used_bytes", 0))) for t in tiers.values())
+        else:  # a shared tiercache may evict other users' entries for us; only our own bytes are a hard limit
+            free = sum(caps.values()) - self._held_bytes
+        if new_bytes > free:
             raise KVCapacityError(
-                f"the KV cache needs {_fmt(self._held_bytes + new_bytes)} to hold the context exactly, "
-                f"more than the {self._budget_text()}; exact attention would lose blocks. "
-                "Raise the host/disk budgets (or shorten the context / max_new_tokens)."
+                f"storing {_fmt(new_bytes)} more of KV blocks needs more than the {_fmt(free)} left free in the tiers "
+                f"(this cache already holds {_fmt(self._held_bytes)}; {self._budget_text()}): the tiercache would have "
+                "to evict blocks and exact attention would be lost. Raise the host/disk budgets (or shorten the "
+                "context / max_new_tokens)."
             )
         start = time.perf_counter()
         tiercache = _import_tiercache()
