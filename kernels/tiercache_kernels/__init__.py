@@ -8,6 +8,7 @@ this package needs neither CUDA nor cupy.
 from .gather import (
     ALIGN,
     coalesce_ranges,
+    copy_blocks,
     cuda_backend_available,
     gather_blocks,
     gather_blocks_reference,
@@ -19,6 +20,7 @@ from .gather import (
 __all__ = [
     "ALIGN",
     "coalesce_ranges",
+    "copy_blocks",
     "cuda_backend_available",
     "gather_blocks",
     "gather_blocks_reference",

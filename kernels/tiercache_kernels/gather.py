@@ -37,6 +37,7 @@ __all__ = [
     "ALIGN",
     "TILE_BYTES",
     "coalesce_ranges",
+    "copy_blocks",
     "cuda_backend_available",
     "gather_blocks",
     "gather_blocks_reference",
@@ -326,10 +327,22 @@ def _copy_cuda(src_arenas: Sequence[torch.Tensor], src_ids: torch.Tensor, src_of
     return used[0] if len(used) == 1 else ("mixed" if used else "none")
 
 
-def _run(src_arenas: Sequence[torch.Tensor], src_ids: Sequence[int] | torch.Tensor,
-         src_offsets: Sequence[int] | torch.Tensor, dst_arenas: Sequence[torch.Tensor],
-         dst_ids: Sequence[int] | torch.Tensor, dst_offsets: Sequence[int] | torch.Tensor,
-         sizes: Sequence[int] | torch.Tensor, stream: torch.cuda.Stream | None, backend: str) -> str:
+def copy_blocks(
+    src_arenas: Sequence[torch.Tensor],
+    src_ids: Sequence[int] | torch.Tensor,
+    src_offsets: Sequence[int] | torch.Tensor,
+    dst_arenas: Sequence[torch.Tensor],
+    dst_ids: Sequence[int] | torch.Tensor,
+    dst_offsets: Sequence[int] | torch.Tensor,
+    sizes: Sequence[int] | torch.Tensor,
+    *,
+    stream: torch.cuda.Stream | None = None,
+    backend: str = "auto",
+) -> str:
+    """The general form of :func:`gather_blocks` and :func:`scatter_blocks`: block ``i`` is ``sizes[i]``
+    bytes from ``src_arenas[src_ids[i]][src_offsets[i]:]`` to ``dst_arenas[dst_ids[i]][dst_offsets[i]:]``.
+    Validates everything first (``ValueError``/``TypeError``, nothing copied), then copies; returns the
+    implementation used: ``"reference"``, ``"kernel"``, ``"torch"`` or ``"mixed"``."""
     if backend not in ("auto", "kernel", "torch", "reference"):
         raise ValueError(f"backend must be 'auto', 'kernel', 'torch' or 'reference', got {backend!r}")
     src_arenas = [_check_arena(a, f"source arena {i}") for i, a in enumerate(src_arenas)]
@@ -378,7 +391,7 @@ def gather_blocks(
     if out_offsets is None:
         out_offsets, _ = packed_layout([int(s) for s in (sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes)])
     n = len(sizes)
-    _run(arenas, arena_ids, offsets, [out], [0] * n, out_offsets, sizes, stream, backend)
+    copy_blocks(arenas, arena_ids, offsets, [out], [0] * n, out_offsets, sizes, stream=stream, backend=backend)
     return out
 
 
@@ -401,4 +414,4 @@ def scatter_blocks(
     if src_offsets is None:
         src_offsets, _ = packed_layout([int(s) for s in (sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes)])
     n = len(sizes)
-    _run([src], [0] * n, src_offsets, arenas, arena_ids, offsets, sizes, stream, backend)
+    copy_blocks([src], [0] * n, src_offsets, arenas, arena_ids, offsets, sizes, stream=stream, backend=backend)

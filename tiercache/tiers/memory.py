@@ -90,6 +90,12 @@ class ArenaTier:
         assert isinstance(block, Block)
         return self._arenas[index][block.offset : block.offset + slot.nbytes]
 
+    def locate(self, slot: Slot) -> tuple[torch.Tensor, int]:
+        """The arena holding the slot (1-D uint8 on ``device``) and the slot's byte offset in it, so a
+        batched copy can address many slots without a view per slot.  Valid until the slot is freed."""
+        index, block = slot.ref  # type: ignore[misc]
+        return self._arenas[index], block.offset
+
     def write(self, slot: Slot, data: torch.Tensor, header: EntryHeader) -> None:
         self.view(slot).copy_(data, non_blocking=False)
 
