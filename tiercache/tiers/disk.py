@@ -139,7 +139,9 @@ class DiskTier:
         else:
             if any(p for p in self.root.iterdir() if not p.name.startswith(".")):
                 raise ValueError(f"{self.root} is not empty and is not a tiercache store; use an empty directory")
-            group = zarr.open_group(str(self.root), mode="w", zarr_format=3)
+            # Not mode="w": that empties the directory, deleting the facade's ``.lock`` file while it is held
+            # (a second Cache would then lock a fresh file and both would write the same store).
+            group = zarr.open_group(str(self.root), mode="a", zarr_format=3)
             group.attrs["tiercache"] = {
                 "format_version": FORMAT_VERSION,
                 "compression": compression,
