@@ -16,6 +16,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Hashable, Iterable, Iterator, Sequence
@@ -81,6 +82,9 @@ class Cache:
         self._clock = 0
         self._seq = 0
         self._executor: ThreadPoolExecutor | None = None
+        self._closing = False  # close() has begun: no new operations start
+        self._active = 0  # public operations in flight; close() waits for them
+        self._idle = threading.Condition(self._lock)
         self._engines: dict[torch.device, CopyEngine] = {}  # batched copiers, one per target device
         self._evicted: list[tuple[Hashable, str]] = []  # drops not yet reported to on_evict
         self._later: list[_Release] = []  # releases collected under the lock, finished after it
@@ -193,6 +197,21 @@ class Cache:
         if self._closed:
             raise CacheClosedError("this tiercache.Cache is closed")
 
+    @contextmanager
+    def _operation(self) -> Iterator[None]:
+        """Bracket a public operation so ``close`` can wait for it to finish before persisting."""
+        with self._lock:
+            if self._closing or self._closed:
+                raise CacheClosedError("this tiercache.Cache is closed")
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active -= 1
+                if not self._active:
+                    self._idle.notify_all()
+
     def _tick(self) -> int:
         self._clock += 1
         return self._clock
@@ -295,7 +314,7 @@ class Cache:
             return None
         while True:
             with self._lock:
-                self._check_open_or_closing()
+                self._check_open()
                 slot = tier.allocate(nbytes)
                 if slot is not None:
                     return slot
@@ -329,10 +348,6 @@ class Cache:
         with self._lock:
             releases, self._later = self._later, []
         self._finish(releases)
-
-    def _check_open_or_closing(self) -> None:
-        if self._closed and not self._closing:
-            raise CacheClosedError("this tiercache.Cache is closed")
 
     def _demote(self, victim: Entry) -> None:
         """Move a pinned, ``moving`` victim one tier down, or drop it from the last tier."""
@@ -391,12 +406,7 @@ class Cache:
         return moved
 
     # -- public API -----------------------------------------------------------------------------------
-    def put(self, key: Hashable, value: torch.Tensor, *, score: float | None = None) -> None:
-        """Store a copy of ``value`` under ``key``, replacing any previous value.
-
-        Raises ``TypeError`` for a non-tensor value or unsupported key, ``ValueError`` when the value is
-        larger than every tier, ``TierIOError`` when the storage fails (e.g. the disk is full; the previous
-        value, if any, is kept), ``TierCacheError`` when no tier can make room right now."""
+    def _put_impl(self, key: Hashable, value: torch.Tensor, *, score: float | None = None) -> None:
         key_bytes = encode_key(key)
         data, dtype_name, shape = _tensor_bytes(value)
         nbytes = data.numel()
@@ -407,7 +417,8 @@ class Cache:
             largest = max(t.max_nbytes for t in self._tiers)
         if nbytes > largest:
             raise ValueError(
-                f"value of {format_size(nbytes)} is larger than every tier (the largest slot holds {format_size(largest)})"
+                f"value of {format_size(nbytes)} is larger than every tier "
+                f"(the largest slot holds {format_size(max(largest, 0))})"
             )
         for tier_index, tier in enumerate(self._tiers):
             slot = self._reserve(tier_index, nbytes)
@@ -441,10 +452,7 @@ class Cache:
                 self._counters.puts += 1
         self._finish(releases)
 
-    def get(self, key: Hashable, device: torch.device | str | None = None) -> torch.Tensor:
-        """A fresh copy of the value stored under ``key`` (on ``device``, CPU by default).
-
-        Raises ``KeyError`` when the key is absent, was evicted, or its stored bytes failed verification."""
+    def _get_impl(self, key: Hashable, device: torch.device | str | None = None) -> torch.Tensor:
         encode_key(key)
         target = torch.device(device) if device is not None else torch.device("cpu")
         with self._lock:
@@ -523,31 +531,13 @@ class Cache:
                 self._counters.errors["promote"] += 1
             return False
 
-    def get_many(
+    def _get_many_impl(
         self,
         keys: Iterable[Hashable],
         device: torch.device | str | None = None,
         *,
         out: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
-        """The values of ``keys``, in key order, moved as one batched operation.
-
-        All or nothing: the first absent key raises ``KeyError`` before anything is copied (counted as one
-        get and one miss); a value whose stored bytes fail verification is dropped (as ``get`` does) and
-        raises ``KeyError`` for its key.  The values are packed into one byte buffer in key order, each at a
-        multiple of 256 bytes (``tiercache.transfer.packed_layout([nbytes, ...])`` gives the offsets and the
-        total): ``out`` when given (any contiguous tensor of at least that many bytes starting at a 16-byte
-        aligned address; its device is the target, and ``device``, if also given, must match; else
-        ``ValueError``), otherwise a fresh buffer on ``device`` (CPU by default).  Each result is a view of
-        that buffer with the stored dtype and shape, so the results share one allocation (``out``'s when
-        given).
-
-        Host- and GPU-tier values are copied by one gather (on CUDA one kernel launch reading pinned host
-        memory by address); disk values are read and crc-checked in pinned staging memory, then gathered
-        with them.  On CUDA the copy runs on the cache's copy-engine stream after the caller's current
-        stream; this call returns once the copy is complete.  Every source slot stays pinned until then, so
-        a concurrent delete or demotion never frees bytes being read.  Hits, misses and promotions are
-        counted and applied as ``get`` does.  Thread-safe."""
         keys = list(keys)
         for key in keys:
             encode_key(key)
@@ -714,6 +704,60 @@ class Cache:
             seconds.append(time.perf_counter() - start)
         return sources, seconds
 
+    # -- public operations: each runs inside _operation so close() can wait for it -------------------
+    def put(self, key: Hashable, value: torch.Tensor, *, score: float | None = None) -> None:
+        """Store a copy of ``value`` under ``key``, replacing any previous value.
+
+        Raises ``TypeError`` for a non-tensor value or unsupported key, ``ValueError`` when the value is
+        larger than every tier, ``TierIOError`` when the storage fails (e.g. the disk is full; the previous
+        value, if any, is kept), ``TierCacheError`` when no tier can make room right now."""
+        with self._operation():
+            self._put_impl(key, value, score=score)
+
+    def get(self, key: Hashable, device: torch.device | str | None = None) -> torch.Tensor:
+        """A fresh copy of the value stored under ``key`` (on ``device``, CPU by default).
+
+        Raises ``KeyError`` when the key is absent, was evicted, or its stored bytes failed verification."""
+        with self._operation():
+            return self._get_impl(key, device)
+
+    def get_many(
+        self,
+        keys: Iterable[Hashable],
+        device: torch.device | str | None = None,
+        *,
+        out: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """The values of ``keys``, in key order, moved as one batched operation.
+
+        All or nothing: the first absent key raises ``KeyError`` before anything is copied (counted as one
+        get and one miss); a value whose stored bytes fail verification is dropped (as ``get`` does) and
+        raises ``KeyError`` for its key.  The values are packed into one byte buffer in key order, each at a
+        multiple of 256 bytes (``tiercache.transfer.packed_layout([nbytes, ...])`` gives the offsets and the
+        total): ``out`` when given (any contiguous tensor of at least that many bytes starting at a 16-byte
+        aligned address; its device is the target, and ``device``, if also given, must match; else
+        ``ValueError``), otherwise a fresh buffer on ``device`` (CPU by default).  Each result is a view of
+        that buffer with the stored dtype and shape, so the results share one allocation (``out``'s when
+        given).
+
+        Host- and GPU-tier values are copied by one gather (on CUDA one kernel launch reading pinned host
+        memory by address); disk values are read and crc-checked in pinned staging memory, then gathered
+        with them.  On CUDA the copy runs on the cache's copy-engine stream after the caller's current
+        stream; this call returns once the copy is complete.  Every source slot stays pinned until then, so
+        a concurrent delete or demotion never frees bytes being read.  Hits, misses and promotions are
+        counted and applied as ``get`` does.  Thread-safe."""
+        with self._operation():
+            return self._get_many_impl(keys, device, out=out)
+
+
+    def delete(self, key: Hashable) -> bool:
+        with self._operation():
+            return self._delete_impl(key)
+
+    def update_scores(self, scores: dict[Hashable, float]) -> int:
+        with self._operation():
+            return self._update_scores_impl(scores)
+
     def put_many(self, items: Iterable[tuple[Hashable, torch.Tensor]], *, scores: Iterable[float] | None = None) -> None:
         """``put`` for each ``(key, tensor)``; stops at the first error (earlier items stay stored)."""
         items = list(items)
@@ -723,7 +767,7 @@ class Cache:
         for (key, value), score in zip(items, score_list):
             self.put(key, value, score=score)
 
-    def delete(self, key: Hashable) -> bool:
+    def _delete_impl(self, key: Hashable) -> bool:
         """Remove ``key``; returns whether it was present.  Its stored bytes are discarded (on disk: the
         chunk file is deleted, so it does not come back on reopen)."""
         encode_key(key)
@@ -736,7 +780,7 @@ class Cache:
         self._finish(releases)
         return True
 
-    def update_scores(self, scores: dict[Hashable, float]) -> int:
+    def _update_scores_impl(self, scores: dict[Hashable, float]) -> int:
         """Set the policy score of existing keys (absent keys are ignored); returns how many were updated."""
         updated = 0
         with self._lock:
@@ -765,7 +809,7 @@ class Cache:
     def _stage(self, keys: list[Hashable]) -> int:
         for key in keys:
             with self._lock:
-                if self._closed:
+                if self._closing or self._closed:
                     break
                 entry = self._index.get(key)
                 if entry is None:
@@ -835,15 +879,13 @@ class Cache:
             }
 
     # -- lifecycle ------------------------------------------------------------------------------------
-    _closing = False
-
     def flush(self) -> None:
-        """Make every live entry that fits durable on the disk tier now (it moves there); see ``close``."""
-        with self._lock:
-            self._check_open()
-        self._persist()
+        """Make every live entry that fits durable on the disk tier now (it moves there); see ``close``.
+        Entries that do not fit are dropped and reported to ``on_evict`` with reason ``"flush"``."""
+        with self._operation():
+            self._persist("flush")
 
-    def _persist(self) -> int:
+    def _persist(self, reason: str) -> int:
         """Move upper-tier entries to the last (persistent) tier, highest rank first, dropping the
         lowest-ranked entries that do not fit.  Returns how many entries could not be kept."""
         last = len(self._tiers) - 1
@@ -863,7 +905,7 @@ class Cache:
             for entry in ranked:
                 if id(entry) not in keep and not entry.moving:
                     lost += entry.tier != last
-                    releases += self._drop_entry(entry, "close" if entry.tier != last else "capacity")
+                    releases += self._drop_entry(entry, reason)
             movers = [e for e in ranked if id(e) in keep and e.tier != last and not e.moving]
             for entry in movers:
                 entry.moving = True
@@ -896,18 +938,19 @@ class Cache:
         """Wait for background work, persist what fits to the disk tier, release memory and the path
         lock.  Idempotent.  Raises ``TierIOError`` (after closing) if persisting failed."""
         with self._lock:
-            if self._closed:
+            if self._closed or self._closing:
                 return
-            self._closed = True
             self._closing = True
+            while self._active:
+                self._idle.wait()
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True)
         try:
-            self._persist()
+            self._persist("close")
         finally:
             with self._lock:
-                self._closing = False
+                self._closed = True
             for tier in self._tiers:
                 tier.close()
             self._release_path_lock()

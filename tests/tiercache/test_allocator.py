@@ -5,12 +5,25 @@ from hypothesis import strategies as st
 from tiercache.allocator import Block, BuddyAllocator
 
 
-def test_block_size_rounds_up_to_a_power_of_two_of_at_least_min_block():
+def test_block_size_rounds_up_to_min_block_and_span_to_a_power_of_two():
     assert BuddyAllocator.block_size(0, 256) == 256
     assert BuddyAllocator.block_size(1, 256) == 256
     assert BuddyAllocator.block_size(256, 256) == 256
     assert BuddyAllocator.block_size(257, 256) == 512
-    assert BuddyAllocator.block_size(5000, 256) == 8192
+    assert BuddyAllocator.block_size(5000, 256) == 5120
+    assert BuddyAllocator.span(5000, 256) == 8192
+    assert BuddyAllocator.span(1, 256) == 256
+
+
+def test_unused_tail_of_a_block_is_given_back():
+    a = BuddyAllocator(1 << 16, min_block=256)
+    b = a.alloc(48 << 10)  # a 48 KiB value carved from a 64 KiB block
+    assert b == Block(0, 48 << 10)
+    assert a.used == 48 << 10
+    assert a.alloc(16 << 10) == Block(48 << 10, 16 << 10)  # the tail is usable
+    assert a.alloc(1) is None
+    a.free(b)
+    assert a.alloc(32 << 10) == Block(0, 32 << 10)
 
 
 def test_rejects_bad_parameters():
@@ -27,8 +40,8 @@ def test_blocks_are_aligned_to_their_size_and_used_counts_rounded_sizes():
     b1 = a.alloc(100)
     b2 = a.alloc(600)
     assert b1 == Block(0, 256)
-    assert b2.size == 1024 and b2.offset % 1024 == 0
-    assert a.used == 256 + 1024
+    assert b2.size == 768 and b2.offset % 1024 == 0
+    assert a.used == 256 + 768
 
 
 def test_non_power_of_two_capacity_and_max_block():
@@ -84,10 +97,10 @@ def test_property_no_overlap_within_capacity_and_full_free_merges_back(capacity,
             block = a.alloc(nbytes)
             if block is None:
                 # Only refuse when no free block of the needed size exists.
-                assert a.largest_free() < BuddyAllocator.block_size(nbytes, 64)
+                assert a.largest_free() < BuddyAllocator.span(nbytes, 64)
                 continue
-            assert block.size >= nbytes and block.size & (block.size - 1) == 0
-            assert block.offset % block.size == 0
+            assert block.size == BuddyAllocator.block_size(nbytes, 64)
+            assert block.offset % BuddyAllocator.span(nbytes, 64) == 0
             assert 0 <= block.offset and block.offset + block.size <= a.capacity
             live.append(block)
         else:

@@ -60,7 +60,8 @@ class Tier(Protocol):
 
     @property
     def max_nbytes(self) -> int:
-        """The largest payload a single slot can hold (0 when the tier is disabled)."""
+        """The largest payload a single slot can hold; -1 when not even an empty value fits (e.g. the tier
+        is disabled)."""
         ...
 
     def allocate(self, nbytes: int) -> Slot | None:

@@ -76,7 +76,7 @@ def decode_header(raw: bytes | memoryview) -> EntryHeader:
 
 def class_pages(nbytes: int) -> int:
     """Pages (4 KiB) of the size class that holds a payload of ``nbytes`` plus its header."""
-    return 1 + max(1, -(-nbytes // PAGE))
+    return 1 + -(-nbytes // PAGE)
 
 
 class DiskTier:
@@ -186,8 +186,8 @@ class DiskTier:
 
     @property
     def max_nbytes(self) -> int:
-        room = self.capacity - HEADER_BYTES - CRC_BYTES
-        return max(0, room - room % PAGE) if self.capacity else 0
+        pages = (self.capacity - CRC_BYTES) // PAGE
+        return (pages - 1) * PAGE if pages >= 1 else -1
 
     @staticmethod
     def charge(nbytes: int) -> int:
@@ -297,10 +297,10 @@ class DiskTier:
 
         Uncompressed chunks are checked by size and header here and by checksum when read; compressed
         ones are fully verified here (their header is inside the compressed stream)."""
-        best: dict[bytes, RecoveredEntry] = {}
         slots_dir = self.root / "slots"
         if not slots_dir.is_dir():
             return
+        found: list[RecoveredEntry] = []
         for class_dir in sorted(slots_dir.iterdir()):
             if not class_dir.name.isdigit() or not (class_dir / "zarr.json").exists():
                 continue
@@ -311,35 +311,49 @@ class DiskTier:
             for leftover in chunk_root.glob("*/*.tmp") if chunk_root.is_dir() else []:
                 leftover.unlink(missing_ok=True)  # a write that never reached its rename
             self._next_row[pages] = (rows[-1] + 1) if rows else 0
-            present = set()
             for row in rows:
                 path = chunk_root / str(row) / "0"
                 if not path.exists():
                     continue
-                present.add(row)
-                slot = Slot((pages, row), 0, pages * PAGE + CRC_BYTES)
                 try:
                     header = self._scan_header(path, pages)
                 except CorruptEntryError as exc:
-                    log.warning("tiercache: dropping damaged chunk %s: %s", path, exc)
-                    self.corrupt_on_open += 1
-                    path.unlink(missing_ok=True)
-                    present.discard(row)
+                    self._drop_damaged(path, exc)
                     continue
-                slot = Slot((pages, row), header.nbytes, slot.charged)
-                previous = best.get(header.key)
-                if previous is None or previous.header.seq < header.seq:
-                    if previous is not None:
-                        self.chunk_path(previous.slot).unlink(missing_ok=True)
-                        present.discard(previous.slot.ref[1])  # type: ignore[index]
-                    best[header.key] = RecoveredEntry(header, slot)
-                else:
-                    path.unlink(missing_ok=True)
-                    present.discard(row)
-            self._free_rows[pages] = [r for r in range(self._next_row[pages]) if r not in present]
+                found.append(RecoveredEntry(header, Slot((pages, row), header.nbytes, pages * PAGE + CRC_BYTES)))
+        # The newest copy of a key wins, but only once its checksum is verified: a damaged header naming
+        # another key must not cost that key its good copy.
+        best: dict[bytes, RecoveredEntry] = {}
+        verified: set[bytes] = set()  # keys whose winning copy passed a full checksum check
+        for entry in sorted(found, key=lambda e: e.header.seq, reverse=True):
+            if entry.header.key not in best:
+                best[entry.header.key] = entry
+                continue
+            winner = best[entry.header.key]
+            if self._codec is None and entry.header.key not in verified:
+                try:
+                    self._read_verified(self.chunk_path(winner.slot), winner.slot.ref[0])  # type: ignore[index]
+                    verified.add(entry.header.key)
+                except CorruptEntryError as exc:
+                    self._drop_damaged(self.chunk_path(winner.slot), exc)
+                    best[entry.header.key] = entry
+                    continue
+            self.chunk_path(entry.slot).unlink(missing_ok=True)  # an older, superseded copy
+        occupied: dict[int, set[int]] = {}
+        for entry in best.values():
+            pages, row = entry.slot.ref  # type: ignore[misc]
+            occupied.setdefault(pages, set()).add(row)
+        for pages, next_row in self._next_row.items():
+            rows_used = occupied.get(pages, set())
+            self._free_rows[pages] = [r for r in range(next_row) if r not in rows_used]
         for entry in best.values():
             self._used += entry.slot.charged
             yield entry
+
+    def _drop_damaged(self, path: Path, exc: Exception) -> None:
+        log.warning("tiercache: dropping damaged chunk %s: %s", path, exc)
+        self.corrupt_on_open += 1
+        path.unlink(missing_ok=True)
 
     def _scan_header(self, path: Path, pages: int) -> EntryHeader:
         if self._codec is not None:

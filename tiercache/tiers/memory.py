@@ -68,7 +68,7 @@ class ArenaTier:
     def max_nbytes(self) -> int:
         # A slot is one buddy block, so the largest payload is the largest root block, which is smaller
         # than the arena when the capacity is not a power of two.
-        return max((a.max_block for a in self._allocators), default=0)
+        return max((a.max_block for a in self._allocators), default=0) or -1
 
     def largest_free(self) -> int:
         return max((a.largest_free() for a in self._allocators), default=0)

@@ -53,7 +53,7 @@ def test_read_aliases_the_arena_and_slots_do_not_overlap():
 
 def test_disabled_tier():
     tier = ArenaTier("host", 100, min_block=256)
-    assert tier.capacity == 0 and tier.max_nbytes == 0
+    assert tier.capacity == 0 and tier.max_nbytes == -1  # not even an empty value fits
     assert tier.allocate(1) is None
 
 

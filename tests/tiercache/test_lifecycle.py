@@ -1,0 +1,87 @@
+"""Closing while work is in flight, recovery of duplicate copies, drop reasons, tiny disks."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from tiercache import Cache, CacheClosedError
+from tiercache.keys import encode_key
+from tiercache.tiers import disk as disk_module
+from tiercache.tiers.base import EntryHeader
+from tiercache.tiers.disk import HEADER_BYTES, DiskTier
+
+
+def test_close_waits_for_a_put_in_flight_and_persists_it(tmp_path, monkeypatch):
+    cache = Cache(host=None, disk="1MiB", path=tmp_path / "s")
+    real_write_all = disk_module._write_all
+    started = threading.Event()
+
+    def slow_write_all(fd, parts):
+        started.set()
+        time.sleep(0.3)
+        real_write_all(fd, parts)
+
+    monkeypatch.setattr(disk_module, "_write_all", slow_write_all)
+    errors = []
+    value = torch.arange(1000, dtype=torch.int32)
+    worker = threading.Thread(target=lambda: errors.extend([] if cache.put("k", value) is None else ["?"]))
+    worker.start()
+    assert started.wait(5)
+    cache.close()  # must wait for the put, not persist around it
+    worker.join(5)
+    assert not errors
+    monkeypatch.setattr(disk_module, "_write_all", real_write_all)
+    with Cache(host=None, disk="1MiB", path=tmp_path / "s") as reopened:
+        assert torch.equal(reopened.get("k"), value)
+
+
+def test_operations_after_close_begins_are_refused(tmp_path):
+    cache = Cache(host="1MiB")
+    cache.close()
+    for call in (lambda: cache.put("a", torch.ones(1)), lambda: cache.get("a"), lambda: cache.delete("a"),
+                 lambda: cache.get_many(["a"]), lambda: cache.flush(), lambda: cache.update_scores({"a": 1})):
+        with pytest.raises(CacheClosedError):
+            call()
+
+
+def test_a_damaged_newer_copy_does_not_cost_the_older_good_copy(tmp_path):
+    """Recovery picks the newest copy of a key only after verifying its checksum."""
+    tier = DiskTier(tmp_path / "d", 1 << 20)
+    key = encode_key("k")
+    old = tier.allocate(100)
+    tier.write(old, torch.full((100,), 1, dtype=torch.uint8), EntryHeader(key, "uint8", (100,), 100, 1))
+    new = tier.allocate(100)
+    tier.write(new, torch.full((100,), 2, dtype=torch.uint8), EntryHeader(key, "uint8", (100,), 100, 2))
+    path = tier.chunk_path(new)
+    raw = bytearray(path.read_bytes())
+    raw[HEADER_BYTES + 10] ^= 0xFF  # payload damage: the header still parses
+    path.write_bytes(bytes(raw))
+    reopened = DiskTier(tmp_path / "d", 1 << 20)
+    found = list(reopened.recover())
+    assert len(found) == 1 and found[0].header.seq == 1
+    assert torch.equal(reopened.read(found[0].slot, found[0].header), torch.full((100,), 1, dtype=torch.uint8))
+    assert reopened.corrupt_on_open == 1 and not path.exists()
+
+
+def test_drop_reasons_for_flush_and_close(tmp_path):
+    events = []
+    cache = Cache(host="64KiB", disk=3 * (4096 * 3 + 4), path=tmp_path / "s",
+                  on_evict=lambda key, reason: events.append((key, reason)))
+    for i in range(6):
+        cache.put(i, torch.full((2048,), i, dtype=torch.int32))  # 8 KiB payload: 3 pages on disk
+    cache.flush()
+    assert {reason for _, reason in events} == {"flush"} and len(events) == 3
+    assert sorted(cache.keys()) == [3, 4, 5]  # the most recently used survive
+    cache.put(9, torch.zeros(2048, dtype=torch.int32))
+    cache.close()
+    assert events[-1] == (3, "close")
+
+
+def test_empty_value_on_the_smallest_disk(tmp_path):
+    with Cache(host=None, disk=4096 + 4, path=tmp_path / "s") as cache:  # one header page, no payload page
+        cache.put("empty", torch.empty(0))
+        assert cache.get("empty").shape == (0,)
+        with pytest.raises(ValueError, match="larger than every tier"):
+            cache.put("one", torch.zeros(1))
