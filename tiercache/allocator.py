@@ -1,12 +1,15 @@
-"""A buddy allocator over a preallocated arena: the memory tiers' slot mechanism.
+"""A best-fit range allocator over a preallocated arena: the memory tiers' slot mechanism.
 
-The arena is allocated once.  ``alloc(n)`` rounds ``n`` up to a multiple of ``min_block``, takes a free
-power-of-two block of at least that size (splitting larger ones) and immediately gives back the unused
-tail as smaller aligned blocks, so a 48 KiB value occupies 48 KiB, not 64 KiB.  ``free`` splits the range
-into its aligned power-of-two pieces and merges each with its buddy.  No system allocator is called per
-allocation, and used bytes count what is really reserved, so a tier budget is never exceeded.  Blocks
-start at multiples of ``min_block`` (and of the power of two they were carved from).  Not thread-safe:
-callers hold their own lock.
+The arena is allocated once.  ``alloc(n)`` rounds ``n`` up to a multiple of ``min_block`` (256 bytes by
+default, which keeps every block 256-byte aligned for vectorised GPU copies) and carves it from the
+smallest free range that holds it; ``free`` coalesces a block with its free neighbours.  Values of one
+size — the common case, e.g. KV blocks — therefore pack with no waste at all, whatever that size is (a
+power-of-two buddy system would lose a quarter of the arena to 48 KiB blocks).  Mixed sizes can leave
+free ranges too small for a request; the cache then demotes more victims until one fits.
+
+No system allocator is called per allocation, and ``used`` counts what is really reserved, so a tier
+budget is never exceeded.  O(log n) search plus O(n) list insertion (memmove) in the number of free
+ranges.  Not thread-safe: callers hold their own lock.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ class Block:
     size: int
 
 
-class BuddyAllocator:
+class ArenaAllocator:
     def __init__(self, capacity: int, min_block: int = 256) -> None:
         if min_block <= 0 or min_block & (min_block - 1):
             raise ValueError(f"min_block must be a positive power of two, got {min_block}")
@@ -32,93 +35,64 @@ class BuddyAllocator:
         self.min_block = min_block
         self.capacity = capacity - capacity % min_block
         self.used = 0
-        self._free: dict[int, set[int]] = {}  # block size -> offsets of free blocks of that size
+        self._free_at: dict[int, int] = {}  # start of a free range -> its size
+        self._free_until: dict[int, int] = {}  # end of a free range -> its start
+        self._by_size: list[tuple[int, int]] = []  # (size, start) of free ranges, sorted
         self._allocated: dict[int, int] = {}  # offset -> size
-        # The arena is a sum of powers of two laid out largest first, so every root is aligned to its size.
-        self._root_offsets: list[int] = []
-        self._root_sizes: list[int] = []
-        offset, remaining = 0, self.capacity
-        while remaining >= min_block:
-            size = 1 << (remaining.bit_length() - 1)
-            self._root_offsets.append(offset)
-            self._root_sizes.append(size)
-            self._free.setdefault(size, set()).add(offset)
-            offset += size
-            remaining -= size
+        if self.capacity:
+            self._add_free(0, self.capacity)
 
     @staticmethod
     def block_size(nbytes: int, min_block: int) -> int:
-        """The bytes an allocation of ``nbytes`` occupies (rounded up to ``min_block``)."""
-        size = max(nbytes, 1)
-        return -(-size // min_block) * min_block
-
-    @staticmethod
-    def span(nbytes: int, min_block: int) -> int:
-        """The free power-of-two block an allocation of ``nbytes`` must be carved from."""
-        size = max(nbytes, min_block, 1)
-        return 1 << (size - 1).bit_length()
+        """The bytes an allocation of ``nbytes`` occupies (rounded up to ``min_block``, at least one)."""
+        return -(-max(nbytes, 1) // min_block) * min_block
 
     @property
     def max_block(self) -> int:
-        """The largest block this arena can ever hand out (its biggest power-of-two root; 0 when empty)."""
-        return self._root_sizes[0] if self._root_sizes else 0
+        """The largest block this arena can ever hand out (all of it; 0 when empty)."""
+        return self.capacity
 
     def largest_free(self) -> int:
-        sizes = [size for size, offsets in self._free.items() if offsets]
-        return max(sizes, default=0)
+        return self._by_size[-1][0] if self._by_size else 0
 
     def alloc(self, nbytes: int) -> Block | None:
-        """A block of at least ``nbytes``, or ``None`` when no free block is large enough."""
+        """A block of at least ``nbytes``, or ``None`` when no free range is large enough."""
         want = self.block_size(nbytes, self.min_block)
-        span = self.span(nbytes, self.min_block)
-        size = span
-        while not self._free.get(size):
-            size <<= 1
-            if size > self.max_block:
-                return None
-        offset = min(self._free[size])  # lowest address first keeps the arena compact
-        self._free[size].discard(offset)
-        while size > span:
-            size >>= 1
-            self._free.setdefault(size, set()).add(offset + size)
-        for piece, piece_size in _aligned_pieces(offset + want, offset + span):
-            self._release(piece, piece_size)  # the unused tail goes straight back
-        self._allocated[offset] = want
+        index = bisect.bisect_left(self._by_size, (want, -1))
+        if index == len(self._by_size):
+            return None
+        size, start = self._by_size[index]
+        self._remove_free(start, size)
+        if size > want:
+            self._add_free(start + want, size - want)
+        self._allocated[start] = want
         self.used += want
-        return Block(offset, want)
+        return Block(start, want)
 
     def free(self, block: Block) -> None:
         if self._allocated.get(block.offset) != block.size:
             raise ValueError(f"{block} is not an allocated block of this arena")
         del self._allocated[block.offset]
         self.used -= block.size
-        for piece, piece_size in _aligned_pieces(block.offset, block.offset + block.size):
-            self._release(piece, piece_size)
+        start, size = block.offset, block.size
+        before = self._free_until.get(start)
+        if before is not None:
+            before_size = self._free_at[before]
+            self._remove_free(before, before_size)
+            start, size = before, size + before_size
+        after_size = self._free_at.get(start + size)
+        if after_size is not None:
+            self._remove_free(start + size, after_size)
+            size += after_size
+        self._add_free(start, size)
 
-    def _release(self, offset: int, size: int) -> None:
-        """Add the aligned power-of-two block ``(offset, size)`` to the free lists, merging buddies."""
-        root = bisect.bisect_right(self._root_offsets, offset) - 1
-        root_size = self._root_sizes[root]
-        base = self._root_offsets[root]
-        while size < root_size:
-            buddy = base + ((offset - base) ^ size)
-            peers = self._free.get(size)
-            if not peers or buddy not in peers:
-                break
-            peers.discard(buddy)
-            offset = min(offset, buddy)
-            size <<= 1
-        self._free.setdefault(size, set()).add(offset)
+    def _add_free(self, start: int, size: int) -> None:
+        self._free_at[start] = size
+        self._free_until[start + size] = start
+        bisect.insort(self._by_size, (size, start))
 
-
-def _aligned_pieces(start: int, end: int) -> list[tuple[int, int]]:
-    """``[start, end)`` as the fewest power-of-two blocks each aligned to its size (``start`` and ``end``
-    are multiples of the minimum block; roots are aligned to their sizes, so offsets suffice)."""
-    pieces = []
-    while start < end:
-        size = start & -start if start else 1 << ((end - start).bit_length() - 1)
-        while start + size > end:
-            size >>= 1
-        pieces.append((start, size))
-        start += size
-    return pieces
+    def _remove_free(self, start: int, size: int) -> None:
+        del self._free_at[start]
+        del self._free_until[start + size]
+        index = bisect.bisect_left(self._by_size, (size, start))
+        del self._by_size[index]

@@ -305,19 +305,24 @@ class Cache:
         return data
 
     # -- making room ----------------------------------------------------------------------------------
-    def _reserve(self, tier_index: int, nbytes: int) -> Slot | None:
+    def _reserve(self, tier_index: int, nbytes: int, *, allow_drop: bool = True) -> Slot | None:
         """A slot of ``nbytes`` in ``tier_index``, demoting that tier's victims as needed; ``None`` when the
         tier cannot make room (everything there is being moved, or the value is too large for it).
+        With ``allow_drop=False`` no entry may be dropped from the last tier to make room (promotions use
+        this: a read never costs another entry its data); ``None`` then also when only a drop would help.
         Raises ``TierIOError`` if a demotion fails on I/O (nothing is lost then)."""
         tier = self._tiers[tier_index]
         if nbytes > tier.max_nbytes:
             return None
+        last = tier_index == len(self._tiers) - 1
         while True:
             with self._lock:
                 self._check_open()
                 slot = tier.allocate(nbytes)
                 if slot is not None:
                     return slot
+                if last and not allow_drop:
+                    return None
                 need = nbytes - (tier.capacity - tier.used)
                 victims = self._queues[tier_index].pop_victims(self._index, max(need, 1))
                 if not victims:
@@ -326,20 +331,24 @@ class Cache:
                     victim.moving = True
                     self._pin(tier_index, victim.slot)
             error: BaseException | None = None
+            stuck = False
             for position, victim in enumerate(victims):
                 try:
-                    self._demote(victim)
+                    stuck = not self._demote(victim, allow_drop)
                 except BaseException as exc:
                     error = exc
+                if error is not None or stuck:
                     with self._lock:  # hand the untouched victims back
                         for rest in victims[position + 1 :]:
                             rest.moving = False
                             self._rerank(rest)
                             self._finish_later(self._unpin(rest.tier, rest.slot))
                     break
+            self._flush_finish_later()
             if error is not None:
-                self._flush_finish_later()
                 raise error
+            if stuck:
+                return None
 
     def _finish_later(self, releases: list[_Release]) -> None:
         self._later.extend(releases)
@@ -349,20 +358,26 @@ class Cache:
             releases, self._later = self._later, []
         self._finish(releases)
 
-    def _demote(self, victim: Entry) -> None:
-        """Move a pinned, ``moving`` victim one tier down, or drop it from the last tier."""
+    def _demote(self, victim: Entry, allow_drop: bool = True) -> bool:
+        """Move a pinned, ``moving`` victim one tier down, or drop it from the last tier.  Without
+        ``allow_drop`` a victim that could only be dropped is handed back instead; returns False then."""
         src = victim.tier
         dst = src + 1
-        slot = self._reserve(dst, victim.header.nbytes) if dst < len(self._tiers) else None
+        slot = self._reserve(dst, victim.header.nbytes, allow_drop=allow_drop) if dst < len(self._tiers) else None
         if slot is None:
             with self._lock:
                 victim.moving = False
                 releases = self._unpin(src, victim.slot)
                 if self._index.get(victim.key) is victim:
+                    if not allow_drop:
+                        self._rerank(victim)
+                        self._finish_later(releases)
+                        return False
                     releases += self._drop_entry(victim, "capacity")
             self._finish(releases)
-            return
+            return True
         self._move(victim, src, dst, slot, data=None)
+        return True
 
     def _move(self, entry: Entry, src: int, dst: int, slot: Slot, data: torch.Tensor | None) -> bool:
         """Copy a pinned, ``moving`` entry from ``src`` to the reserved ``slot`` in ``dst`` and publish it.
@@ -507,7 +522,7 @@ class Cache:
         slot: Slot | None = None
         try:
             for dst in range(src):
-                slot = self._reserve(dst, entry.header.nbytes)
+                slot = self._reserve(dst, entry.header.nbytes, allow_drop=False)
                 if slot is not None:
                     break
         except (OSError, TierCacheError) as exc:
@@ -845,6 +860,12 @@ class Cache:
         with self._lock:
             entry = self._index.get(key)
             return self._tiers[entry.tier].name if entry is not None else None
+
+    def charge(self, nbytes: int) -> int:
+        """The most budget bytes any tier charges for a value of ``nbytes`` bytes (slot rounding, headers,
+        checksums): an upper bound on what storing it consumes wherever it lands or is moved to.  Tiers
+        without a ``charge`` method are assumed to charge the payload size."""
+        return max(getattr(tier, "charge", lambda n: n)(nbytes) for tier in self._tiers)
 
     @property
     def tiers(self) -> list[Tier]:

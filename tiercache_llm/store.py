@@ -88,6 +88,7 @@ class BlockStore:
         self.counters = KVCounters()
         self._live: dict[Any, int] = {}  # key -> nbytes, for every entry this store put and still holds
         self._held_bytes = 0
+        self._held_charge = 0  # what this store's entries may occupy in the tiers (Cache.charge of each)
         self._futures: list[concurrent.futures.Future] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -171,20 +172,21 @@ class BlockStore:
             return
         caps = self.tier_capacities()
         new_bytes = sum(t.numel() * t.element_size() for _, t in items)
+        new_charge = sum(self.cache.charge(t.numel() * t.element_size()) for _, t in items)
         largest = max(t.numel() * t.element_size() for _, t in items)
         if not caps or largest > max(caps.values()):
             raise KVCapacityError(
                 f"a KV block of {_fmt(largest)} does not fit in any tier ({self._budget_text()}); "
                 "use a smaller block_size or larger budgets"
             )
-        if self.owns:  # every entry is ours: what is not free now can only be made free by evicting ours
-            tiers = self.cache.stats().get("tiers", {})
-            free = sum(max(0, int(t.get("capacity_bytes", 0)) - int(t.get("used_bytes", 0))) for t in tiers.values())
-        else:  # a shared tiercache may evict other users' entries for us; only our own bytes are a hard limit
-            free = sum(caps.values()) - self._held_bytes
-        if new_bytes > free:
+        # Every entry is charged the most any tier would charge it (slot rounding, disk headers), because a
+        # demotion can move it to the tier that charges most.  A shared tiercache may evict other users'
+        # entries for us, so only this store's own entries count against the total capacity.
+        free = sum(caps.values()) - self._held_charge
+        if new_charge > free:
             raise KVCapacityError(
-                f"storing {_fmt(new_bytes)} more of KV blocks needs more than the {_fmt(free)} left free in the tiers "
+                f"storing {_fmt(new_bytes)} more of KV blocks ({_fmt(new_charge)} with slot and header overhead) "
+                f"needs more than the {_fmt(free)} left free in the tiers "
                 f"(this cache already holds {_fmt(self._held_bytes)}; {self._budget_text()}): the tiercache would have "
                 "to evict blocks and exact attention would be lost. Raise the host/disk budgets (or shorten the "
                 "context / max_new_tokens)."
@@ -197,17 +199,11 @@ class BlockStore:
             # put_many stops at the first failure; account for what did land so deletes stay exact.
             for key, tensor in items:
                 if key in self.cache and key not in self._live:
-                    self._live[key] = tensor.numel() * tensor.element_size()
-                    self._held_bytes += self._live[key]
+                    self._account(key, tensor.numel() * tensor.element_size())
             raise KVCapacityError(f"the tiercache refused a KV block ({exc}); {self._budget_text()}") from exc
         self.counters.put_seconds += time.perf_counter() - start
         for key, tensor in items:
-            nbytes = tensor.numel() * tensor.element_size()
-            old = self._live.get(key)
-            if old is not None:
-                self._held_bytes -= old
-            self._live[key] = nbytes
-            self._held_bytes += nbytes
+            self._account(key, tensor.numel() * tensor.element_size())
         self.counters.blocks_put += len(items)
         self.counters.bytes_put += new_bytes
         self._check_evictions()
@@ -243,14 +239,24 @@ class BlockStore:
         self.counters.bytes_fetched += sum(t.numel() * t.element_size() for t in tensors)
         return tensors
 
+    def _account(self, key: Any, nbytes: int) -> None:
+        self._unaccount(key)
+        self._live[key] = nbytes
+        self._held_bytes += nbytes
+        self._held_charge += self.cache.charge(nbytes)
+
+    def _unaccount(self, key: Any) -> None:
+        nbytes = self._live.pop(key, None)
+        if nbytes is not None:
+            self._held_bytes -= nbytes
+            self._held_charge -= self.cache.charge(nbytes)
+
     def delete_blocks(self, keys: Iterable[Any]) -> None:
         """Remove entries (missing ones are ignored: they are gone either way)."""
         self._check_open()
         self.wait_prefetches()
         for key in keys:
-            nbytes = self._live.pop(key, None)
-            if nbytes is not None:
-                self._held_bytes -= nbytes
+            self._unaccount(key)
             try:
                 self.cache.delete(key)
             except KeyError:

@@ -194,15 +194,16 @@ def test_value_larger_than_every_tier_is_a_value_error_and_changes_nothing(store
         with pytest.raises(ValueError, match="larger than every tier"):
             cache.put("huge", torch.zeros(1 << 20, dtype=torch.uint8))
         assert "huge" not in cache and same_tensor(cache.get("small"), block(1, 1000))
-    # A host budget that is not a power of two: its largest slot is smaller than the budget.
+    # A host budget that is not a multiple of the slot granularity: the largest slot is the rounded budget.
     with Cache(host=100_000) as cache:
         for i in range(4):
             cache.put(i, block(i, 1024))
         evictions_before = cache.stats()["evictions"]
         with pytest.raises(ValueError, match="larger than every tier"):
-            cache.put("huge", torch.zeros(80_000, dtype=torch.uint8))
+            cache.put("huge", torch.zeros(99_841, dtype=torch.uint8))
         assert cache.stats()["evictions"] == evictions_before and len(cache) == 4
-        cache.put("fits", torch.zeros(65_536, dtype=torch.uint8))
+        cache.put("fits", torch.zeros(99_840, dtype=torch.uint8))  # the whole arena: evicts the rest
+        assert list(cache.keys()) == ["fits"]
 
 
 def test_value_too_big_for_host_goes_to_disk(store):

@@ -85,3 +85,23 @@ def test_empty_value_on_the_smallest_disk(tmp_path):
         assert cache.get("empty").shape == (0,)
         with pytest.raises(ValueError, match="larger than every tier"):
             cache.put("one", torch.zeros(1))
+
+
+def test_a_read_never_costs_another_entry_its_data(tmp_path):
+    """Promoting a disk hit into a full host tier would push a host entry onto a full disk: the promotion is
+    skipped rather than dropping anything."""
+    events = []
+    charge = 3 * 4096 + 4  # an 8 KiB value on disk: header page, two payload pages, checksum
+    with Cache(host=8192, disk=2 * charge, path=tmp_path / "s",
+               on_evict=lambda key, reason: events.append((key, reason))) as cache:
+        values = {k: torch.full((2048,), k, dtype=torch.int32) for k in range(3)}
+        for k, v in values.items():
+            cache.put(k, v)
+        assert [cache.tier_of(k) for k in range(3)] == ["disk", "disk", "host"]
+        for _ in range(3):
+            for k in range(3):
+                assert torch.equal(cache.get(k), values[k])
+        assert events == [] and cache.stats()["evictions"] == 0
+        assert sorted(cache.keys()) == [0, 1, 2]
+        cache.delete(1)  # with room on disk, a hit is promoted again
+        assert cache.get(0) is not None and cache.tier_of(0) == "host" and cache.tier_of(2) == "disk"

@@ -64,6 +64,9 @@ class Tier(Protocol):
         is disabled)."""
         ...
 
+    # Optional: ``charge(nbytes) -> int``, the budget bytes a payload of ``nbytes`` occupies (used by
+    # ``Cache.charge``; the payload size is assumed when a tier does not define it).
+
     def allocate(self, nbytes: int) -> Slot | None:
         """Reserve room for ``nbytes``; ``None`` when the budget (or fragmentation) does not allow it."""
         ...

@@ -191,6 +191,7 @@ class DiskTier:
 
     @staticmethod
     def charge(nbytes: int) -> int:
+        """Budget bytes a payload of ``nbytes`` occupies: its chunk file (header and padding pages, checksum)."""
         return class_pages(nbytes) * PAGE + CRC_BYTES
 
     def allocate(self, nbytes: int) -> Slot | None:

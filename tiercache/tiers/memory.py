@@ -1,4 +1,4 @@
-"""Memory tiers (host DRAM and GPU HBM): one arena allocated up front, carved by a buddy allocator."""
+"""Memory tiers (host DRAM and GPU HBM): one arena allocated up front, carved by a best-fit range allocator."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Iterator
 
 import torch
 
-from ..allocator import Block, BuddyAllocator
+from ..allocator import ArenaAllocator, Block
 from .base import EntryHeader, RecoveredEntry, Slot
 
 log = logging.getLogger(__name__)
@@ -22,8 +22,8 @@ class ArenaTier:
     """A volatile tier backed by preallocated ``torch`` storage on ``device``.
 
     ``capacity`` bytes are allocated at construction (pinned when ``pin_memory``; in chunks of at most
-    ``chunk_bytes``, which also bounds the largest value).  Slots are power-of-two blocks of at least
-    ``min_block`` bytes, so the budget counts rounded sizes: what is really reserved.
+    ``chunk_bytes``, which also bounds the largest value).  Slots are ranges rounded up to ``min_block``
+    bytes (256: every slot is 256-byte aligned), so the budget counts what is really reserved.
     """
 
     persistent = False
@@ -42,11 +42,11 @@ class ArenaTier:
         self.device = torch.device(device)
         start = time.perf_counter()
         self._arenas: list[torch.Tensor] = []
-        self._allocators: list[BuddyAllocator] = []
+        self._allocators: list[ArenaAllocator] = []
         remaining = capacity
         while remaining >= min_block:
             size = min(remaining, chunk_bytes)
-            allocator = BuddyAllocator(size, min_block)
+            allocator = ArenaAllocator(size, min_block)
             if allocator.capacity == 0:
                 break
             self._arenas.append(
@@ -66,12 +66,15 @@ class ArenaTier:
 
     @property
     def max_nbytes(self) -> int:
-        # A slot is one buddy block, so the largest payload is the largest root block, which is smaller
-        # than the arena when the capacity is not a power of two.
+        # A slot lies within one chunk of the arena.
         return max((a.max_block for a in self._allocators), default=0) or -1
 
     def largest_free(self) -> int:
         return max((a.largest_free() for a in self._allocators), default=0)
+
+    def charge(self, nbytes: int) -> int:
+        """Budget bytes a payload of ``nbytes`` occupies (rounded up to the allocator's minimum block)."""
+        return ArenaAllocator.block_size(nbytes, self._allocators[0].min_block) if self._allocators else nbytes
 
     def allocate(self, nbytes: int) -> Slot | None:
         for index, allocator in enumerate(self._allocators):

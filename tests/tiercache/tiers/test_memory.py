@@ -34,11 +34,12 @@ def test_capacity_is_rounded_down_to_whole_blocks_and_split_into_chunks():
     assert tier.max_nbytes == 4096
 
 
-def test_max_nbytes_is_the_largest_block_not_the_arena():
+def test_max_nbytes_is_the_whole_chunk():
     tier = ArenaTier("host", 3000, min_block=256)
     assert tier.capacity == 2816
-    assert tier.max_nbytes == 2048
-    assert tier.allocate(2048) is not None
+    assert tier.max_nbytes == 2816
+    assert tier.allocate(2817) is None
+    assert tier.allocate(2816) is not None
 
 
 def test_read_aliases_the_arena_and_slots_do_not_overlap():
