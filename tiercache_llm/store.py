@@ -20,6 +20,8 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from tiercache.sizes import format_size as _fmt
+
 from .errors import KVCapacityError
 from .policies import StreamingKVPolicy
 
@@ -318,11 +320,3 @@ class BlockStore:
         if self._closed:
             raise RuntimeError("this TieredKVCache has been closed")
 
-
-def _fmt(nbytes: int) -> str:
-    size = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(size) < 1024 or unit == "GiB":
-            return f"{int(size)} B" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} GiB"
