@@ -95,9 +95,11 @@ def _read_raw(paths: list[Path], sizes: list[int]) -> None:
             f.readinto(memoryview(out.numpy()))
 
 
-def bench_disk(values: list[torch.Tensor], workdir: Path) -> dict[str, float]:
+def bench_disk(values: list[torch.Tensor], workdir: Path, raw_first: bool = False) -> dict[str, float]:
     """Puts (page cache absorbs them, as it does for the raw writes), then cold gets (files evicted from
-    the page cache first) and warm gets, each against the raw equivalent on the same bytes."""
+    the page cache first) and warm gets, each against the raw equivalent on the same bytes.  Each put
+    phase starts after a ``sync`` so neither side pays for the other's write-back; ``raw_first`` flips
+    which side writes first (``run`` alternates it between repeats)."""
     nbytes = sum(v.numel() for v in values)
     path = workdir / "cache"
     raw_dir = workdir / "raw"
@@ -109,15 +111,23 @@ def bench_disk(values: list[torch.Tensor], workdir: Path) -> dict[str, float]:
     sizes = [a.nbytes for a in arrays]
     times: dict[str, float] = {}
     with tiercache.Cache(host=None, disk=2 * nbytes + 64 * MiB, path=path) as cache:
-        start = time.perf_counter()
-        for i, v in enumerate(values):
-            cache.put(i, v)
-        times["put"] = time.perf_counter() - start
-        start = time.perf_counter()
-        for p, a in zip(raw_paths, arrays):
-            with open(p, "wb") as f:
-                f.write(a)
-        times["raw_put"] = time.perf_counter() - start
+        def tier_put() -> None:
+            os.sync()
+            start = time.perf_counter()
+            for i, v in enumerate(values):
+                cache.put(i, v)
+            times["put"] = time.perf_counter() - start
+
+        def raw_put() -> None:
+            os.sync()
+            start = time.perf_counter()
+            for p, a in zip(raw_paths, arrays):
+                with open(p, "wb") as f:
+                    f.write(a)
+            times["raw_put"] = time.perf_counter() - start
+
+        for phase in ((raw_put, tier_put) if raw_first else (tier_put, raw_put)):
+            phase()
         for label in ("cold", "warm"):
             if label == "cold":
                 _drop_page_cache(path)
@@ -140,9 +150,11 @@ def run(sizes: list[int], total: int, repeats: int, workdir: Path) -> list[dict[
     jobs = [(tier, size) for size in sizes for tier in ("host", "disk")]
     for tier, size in tqdm(jobs, desc="storage benchmark", unit="case"):
         values = _values(size, total)
-        samples = [bench_host(values) if tier == "host" else bench_disk(values, workdir) for _ in range(repeats)]
+        samples = [bench_host(values) if tier == "host" else bench_disk(values, workdir, raw_first=r % 2 == 1)
+                   for r in range(repeats)]
         median = {k: statistics.median(s[k] for s in samples) for k in samples[0]}
         row: dict[str, object] = {"tier": tier, "value_bytes": size, "values": len(values), "repeats": repeats}
+        row["samples_gib_s"] = samples  # every repeat, to show the spread behind each median
         for op in [k for k in median if not k.startswith("raw_")]:
             row[f"{op}_gib_s"] = median[op]
             row[f"raw_{op}_gib_s"] = median[f"raw_{op}"]
@@ -208,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default=",".join(str(s) for s in DEFAULT_SIZES),
                         help="comma-separated value sizes (bytes or '64KiB')")
     parser.add_argument("--total", default="128MiB", help="bytes of values per size and run")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--workdir", type=Path, default=None, help="directory for disk files (default: a temp dir)")
     args = parser.parse_args(argv)
     sizes = [parse_size(s.strip(), "--sizes") for s in args.sizes.split(",") if s.strip()]

@@ -211,7 +211,7 @@ def test_sigkill_mid_write_leaves_only_verified_entries(tmp_path, host):
 def chunk_of(store: Path, key) -> Path:
     """The chunk file holding ``key`` (found by reading headers, as recovery does)."""
     want = encode_key(key)
-    for path in store.glob("slots/*/c/*/0"):
+    for path in store.glob("slots/*/c.*.0"):
         with open(path, "rb") as f:
             try:
                 if decode_header(f.read(HEADER_BYTES)).key == want:
@@ -285,7 +285,7 @@ def test_damaged_chunk_after_reopen_is_never_served(tmp_path, how, compression):
     if compression is None:
         target = chunk_of(store, 2)
     else:  # compressed headers cannot be read directly: damage the newest-but-one chunk written
-        target = sorted(store.glob("slots/*/c/*/0"), key=lambda p: int(p.parent.name))[2]
+        target = sorted(store.glob("slots/*/c.*.0"), key=lambda p: int(p.name.split(".")[1]))[2]
     if compression is not None and how in ("undecodable_key", "other_key"):
         pytest.skip("rewriting a header inside a compressed chunk is covered by scramble/flip")
     damage(target, how)

@@ -4,7 +4,8 @@ Layout under ``path``::
 
     zarr.json                      root group; attributes["tiercache"] = format version, compression, fingerprint
     slots/<P>/zarr.json            uint8 array of shape (2**31, P * 4096), chunks (1, P * 4096): size class P
-    slots/<P>/c/<i>/0              chunk i of class P = one entry (written only by this tier)
+    slots/<P>/c.<i>.0              chunk i of class P = one entry (written only by this tier); the "."
+                                   chunk-key separator keeps a class's chunks in one directory
 
 Each chunk is ``[4 KiB header | payload | zero padding]`` encoded with the array's codecs: ``bytes``,
 optionally a compressor (``zstd`` via numcodecs), then ``crc32c``.  The header holds a magic, the format
@@ -39,6 +40,7 @@ FORMAT_VERSION = 1
 PAGE = 4096
 HEADER_BYTES = PAGE
 CRC_BYTES = 4
+READ_PIECE = 1 << 20  # bytes per read call when loading a chunk (checksummed piece by piece)
 MAGIC = b"TIERCACH"
 _FIXED = struct.Struct("<8sIIQQ")  # magic, version, meta length, seq, nbytes
 SLOT_ROWS = 2**31
@@ -110,7 +112,8 @@ class DiskTier:
         self._free_rows: dict[int, list[int]] = {}
         self._next_row: dict[int, int] = {}
         self._arrays: set[int] = set()
-        self._arrays_lock = threading.Lock()  # writers create size-class arrays on first use
+        self._arrays_lock = threading.Lock()
+        self._slots_dir = os.path.join(os.fspath(path), "slots")  # writers create size-class arrays on first use
         self.corrupt_on_open = 0
         _ensure_writable_dir(self.root)
         self._init_group(compression, compression_level, fingerprint)
@@ -172,12 +175,16 @@ class DiskTier:
                 f"slots/{pages}", shape=(SLOT_ROWS, pages * PAGE), chunks=(1, pages * PAGE), dtype="uint8",
                 serializer=BytesCodec(), compressors=[*compressors, Crc32cCodec()], filters=None,
                 fill_value=0, overwrite=False,
+                chunk_key_encoding={"name": "default", "separator": "."},
             )
         self._arrays.add(pages)
 
     def chunk_path(self, slot: Slot) -> Path:
+        return Path(self._chunk_file(slot))
+
+    def _chunk_file(self, slot: Slot) -> str:
         pages, row = slot.ref  # type: ignore[misc]
-        return self.root / "slots" / str(pages) / "c" / str(row) / "0"
+        return f"{self._slots_dir}/{pages}/c.{row}.0"
 
     # -- budget ---------------------------------------------------------------------------------------
     @property
@@ -227,11 +234,10 @@ class DiskTier:
         else:
             encoded = self._codec.encode(b"".join((head, payload, pad)))
             parts = [encoded, self._crc(encoded).to_bytes(4, "little")]
-        final = self.chunk_path(slot)
-        tmp = final.with_name(f"0.{os.getpid()}.tmp")
+        final = self._chunk_file(slot)
+        tmp = f"{final}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             self._ensure_array(pages)
-            final.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 _write_all(fd, parts)
@@ -240,13 +246,13 @@ class DiskTier:
             os.replace(tmp, final)
         except OSError as exc:
             try:
-                tmp.unlink(missing_ok=True)
+                os.unlink(tmp)
             except OSError:
                 pass
             reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
             raise TierIOError(f"disk tier: writing {final} failed: {reason}", exc.errno) from exc
 
-    def _read_verified(self, path: Path, pages: int) -> torch.Tensor:
+    def _read_verified(self, path: str | Path, pages: int) -> torch.Tensor:
         """The decoded chunk (header + payload + padding) as a fresh uint8 tensor, after checking its
         size and checksum."""
         try:
@@ -256,16 +262,20 @@ class DiskTier:
                     raise CorruptEntryError(f"{path} has the wrong size ({size} bytes): truncated or overwritten")
                 buffer = torch.empty(size, dtype=torch.uint8)
                 view = memoryview(buffer.numpy())
-                got = 0
+                # Checksum each piece as it arrives: the pass runs while the kernel reads ahead, and on
+                # the bytes while they are still in the CPU cache.
+                body_len, crc, got = size - CRC_BYTES, 0, 0
                 while got < size:
-                    n = f.readinto(view[got:])
+                    n = f.readinto(view[got : got + READ_PIECE])
                     if not n:
                         raise CorruptEntryError(f"{path} shrank while being read")
+                    if got < body_len:
+                        crc = self._crc(view[got : min(got + n, body_len)], crc)
                     got += n
         except FileNotFoundError:
             raise CorruptEntryError(f"{path} is missing") from None
         body = view[:-CRC_BYTES]
-        if self._crc(body) != int.from_bytes(view[-CRC_BYTES:], "little"):
+        if crc != int.from_bytes(view[-CRC_BYTES:], "little"):
             raise CorruptEntryError(f"{path} failed its crc32c checksum")
         if self._codec is None:
             return buffer[:-CRC_BYTES]
@@ -280,7 +290,7 @@ class DiskTier:
 
     def read(self, slot: Slot, header: EntryHeader) -> torch.Tensor:
         pages, _ = slot.ref  # type: ignore[misc]
-        path = self.chunk_path(slot)
+        path = self._chunk_file(slot)
         body = self._read_verified(path, pages)
         stored = decode_header(memoryview(body[:HEADER_BYTES].numpy()))
         if stored.key != header.key or stored.seq != header.seq or stored.nbytes != slot.nbytes:
@@ -288,10 +298,13 @@ class DiskTier:
         return body[HEADER_BYTES : HEADER_BYTES + slot.nbytes]
 
     def discard(self, slot: Slot) -> None:
+        path = self._chunk_file(slot)
         try:
-            self.chunk_path(slot).unlink(missing_ok=True)
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
         except OSError as exc:
-            raise TierIOError(f"disk tier: deleting {self.chunk_path(slot)} failed: {exc.strerror}", exc.errno) from exc
+            raise TierIOError(f"disk tier: deleting {path} failed: {exc.strerror}", exc.errno) from exc
 
     def recover(self) -> Iterator[RecoveredEntry]:
         """Scan chunk files; yield the newest valid copy of each key, delete stale and damaged ones.
@@ -307,13 +320,17 @@ class DiskTier:
                 continue
             pages = int(class_dir.name)
             self._arrays.add(pages)
-            chunk_root = class_dir / "c"
-            rows = sorted(int(p.name) for p in chunk_root.iterdir() if p.name.isdigit()) if chunk_root.is_dir() else []
-            for leftover in chunk_root.glob("*/*.tmp") if chunk_root.is_dir() else []:
-                leftover.unlink(missing_ok=True)  # a write that never reached its rename
+            rows = []
+            for child in class_dir.iterdir():
+                parts = child.name.split(".")
+                if child.name.endswith(".tmp"):
+                    child.unlink(missing_ok=True)  # a write that never reached its rename
+                elif len(parts) == 3 and parts[0] == "c" and parts[1].isdigit() and parts[2] == "0":
+                    rows.append(int(parts[1]))
+            rows.sort()
             self._next_row[pages] = (rows[-1] + 1) if rows else 0
             for row in rows:
-                path = chunk_root / str(row) / "0"
+                path = class_dir / f"c.{row}.0"
                 if not path.exists():
                     continue
                 try:
