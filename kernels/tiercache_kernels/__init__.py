@@ -5,26 +5,7 @@ top-level package called ``kernels``.  CUDA code is compiled lazily through cupy
 this package needs neither CUDA nor cupy.
 """
 
-from .gather import (
-    ALIGN,
-    coalesce_ranges,
-    copy_blocks,
-    cuda_backend_available,
-    gather_blocks,
-    gather_blocks_reference,
-    packed_layout,
-    scatter_blocks,
-    scatter_blocks_reference,
-)
+from . import gather
+from .gather import *  # noqa: F403 - the public names are gather.__all__
 
-__all__ = [
-    "ALIGN",
-    "coalesce_ranges",
-    "copy_blocks",
-    "cuda_backend_available",
-    "gather_blocks",
-    "gather_blocks_reference",
-    "packed_layout",
-    "scatter_blocks",
-    "scatter_blocks_reference",
-]
+__all__ = list(gather.__all__)
