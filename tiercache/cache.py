@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import math
 import os
 import threading
 import time
@@ -174,6 +175,8 @@ class Cache(BatchedReads):
                         continue
                     self._tiers[older.tier].discard(older.slot)
                     self._tiers[older.tier].free(older.slot)
+                    self._queues[older.tier].live -= 1
+                    older.version += 1  # its queue item is stale now
                 entry = Entry(key, found.header, tier_index, found.slot, info)
                 self._index[key] = entry
                 self._queues[tier_index].live += 1
@@ -425,8 +428,8 @@ class Cache(BatchedReads):
         key_bytes = encode_key(key)
         data, dtype_name, shape = _tensor_bytes(value)
         nbytes = data.numel()
-        if score is not None and not isinstance(score, (int, float)):
-            raise TypeError(f"score must be a number, got {type(score).__name__}")
+        if score is not None:
+            _check_score(score)
         with self._lock:
             self._check_open()
             largest = max(t.max_nbytes for t in self._tiers)
@@ -610,8 +613,6 @@ class Cache(BatchedReads):
             self.put(key, value, score=score)
 
     def _delete_impl(self, key: Hashable) -> bool:
-        """Remove ``key``; returns whether it was present.  Its stored bytes are discarded (on disk: the
-        chunk file is deleted, so it does not come back on reopen)."""
         encode_key(key)
         with self._lock:
             self._check_open()
@@ -623,15 +624,15 @@ class Cache(BatchedReads):
         return True
 
     def _update_scores_impl(self, scores: dict[Hashable, float]) -> int:
-        """Set the policy score of existing keys (absent keys are ignored); returns how many were updated."""
+        checked = {key: _check_score(score) for key, score in scores.items()}  # all valid, or none applied
         updated = 0
         with self._lock:
             self._check_open()
-            for key, score in scores.items():
+            for key, score in checked.items():
                 entry = self._index.get(key)
                 if entry is None:
                     continue
-                entry.info.score = float(score)
+                entry.info.score = score
                 self._rerank(entry)
                 updated += 1
         return updated
@@ -816,6 +817,14 @@ class Cache(BatchedReads):
     def __repr__(self) -> str:
         tiers = ", ".join(f"{t.name}={format_size(t.capacity)}" for t in self._tiers)
         return f"tiercache.Cache({tiers}, policy={getattr(self._policy, 'name', self._policy)!r}, entries={len(self)})"
+
+
+def _check_score(score: object) -> float:
+    if isinstance(score, bool) or not isinstance(score, (int, float)):
+        raise TypeError(f"score must be a number, got {type(score).__name__}")
+    if math.isnan(score):
+        raise ValueError("score must not be NaN (it would break the eviction order)")
+    return float(score)
 
 
 def _tensor_bytes(value: object) -> tuple[torch.Tensor, str, tuple[int, ...]]:

@@ -105,3 +105,15 @@ def test_a_read_never_costs_another_entry_its_data(tmp_path):
         assert sorted(cache.keys()) == [0, 1, 2]
         cache.delete(1)  # with room on disk, a hit is promoted again
         assert cache.get(0) is not None and cache.tier_of(0) == "host" and cache.tier_of(2) == "disk"
+
+
+def test_scores_must_be_numbers_and_not_nan():
+    with Cache(host="1MiB", policy="score") as cache:
+        cache.put("a", torch.ones(4), score=1.0)
+        for bad in (float("nan"), "high", True):
+            with pytest.raises((TypeError, ValueError)):
+                cache.put("b", torch.ones(4), score=bad)
+            with pytest.raises((TypeError, ValueError)):
+                cache.update_scores({"a": 2.0, "zz": bad})
+        assert "b" not in cache
+        assert cache.update_scores({"a": 3.0, "missing": 1.0}) == 1
