@@ -175,11 +175,11 @@ class Cache(BatchedReads):
                         continue
                     self._tiers[older.tier].discard(older.slot)
                     self._tiers[older.tier].free(older.slot)
-                    self._queues[older.tier].live -= 1
+                    self._queues[older.tier].remove(older)
                     older.version += 1  # its queue item is stale now
                 entry = Entry(key, found.header, tier_index, found.slot, info)
                 self._index[key] = entry
-                self._queues[tier_index].live += 1
+                self._queues[tier_index].add(entry)
                 self._rerank(entry)
             corrupt = getattr(tier, "corrupt_on_open", 0)
             self._counters.corruptions += corrupt
@@ -249,7 +249,7 @@ class Cache(BatchedReads):
     def _unlink(self, entry: Entry) -> list[_Release]:
         """Remove ``entry`` from the index (it must be the current one for its key)."""
         del self._index[entry.key]
-        self._queues[entry.tier].live -= 1
+        self._queues[entry.tier].remove(entry)
         entry.version += 1
         return self._release(entry.tier, entry.slot)
 
@@ -414,8 +414,8 @@ class Cache(BatchedReads):
                 moved = False
             else:
                 releases += self._release(src, entry.slot)
-                self._queues[src].live -= 1
-                self._queues[dst].live += 1
+                self._queues[src].remove(entry)
+                self._queues[dst].add(entry)
                 entry.tier, entry.slot = dst, slot
                 self._rerank(entry)
                 self._counters.bytes_moved[f"{self._tiers[src].name}->{self._tiers[dst].name}"] += slot.nbytes
@@ -465,7 +465,7 @@ class Cache(BatchedReads):
                 releases = self._unlink(old) if old is not None else []
                 entry = Entry(key, header, tier_index, slot, info)
                 self._index[key] = entry
-                self._queues[tier_index].live += 1
+                self._queues[tier_index].add(entry)
                 self._rerank(entry)
                 self._counters.puts += 1
         self._finish(releases)
@@ -708,7 +708,7 @@ class Cache(BatchedReads):
                     "capacity_bytes": tier.capacity,
                     "used_bytes": tier.used,
                     "entries": self._queues[index].live,
-                    "payload_bytes": sum(e.header.nbytes for e in self._index.values() if e.tier == index),
+                    "payload_bytes": self._queues[index].payload,
                 }
                 row.update(self._counters.tiers[tier.name].export())
                 per_tier[tier.name] = row

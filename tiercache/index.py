@@ -46,7 +46,18 @@ class RankedQueue:
         self.tier = tier
         self._heap: list[_Item] = []
         self._counter = itertools.count()
-        self.live = 0
+        self.live = 0  # entries living in this tier
+        self.payload = 0  # their payload bytes
+
+    def add(self, entry: Entry) -> None:
+        """Count ``entry`` as living in this tier (rank it with ``push``)."""
+        self.live += 1
+        self.payload += entry.header.nbytes
+
+    def remove(self, entry: Entry) -> None:
+        """``entry`` left this tier; its queue items go stale through its version."""
+        self.live -= 1
+        self.payload -= entry.header.nbytes
 
     def push(self, entry: Entry, rank: Any) -> None:
         heapq.heappush(self._heap, _Item(rank, next(self._counter), entry, entry.version))

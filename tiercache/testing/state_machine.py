@@ -250,6 +250,10 @@ def make_cache_machine(
             for tier in self.cache.tiers:
                 row = stats["tiers"][tier.name]
                 assert row["used_bytes"] == tier.used and row["capacity_bytes"] == tier.capacity
+                held = [key for key in self.model if self.cache.tier_of(key) == tier.name]
+                assert row["entries"] == len(held)
+                assert row["payload_bytes"] == sum(self.model[key].numel() * self.model[key].element_size()
+                                                   for key in held)
             assert stats["corruptions"] == 0
 
         @invariant()
