@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Hashable, Iterable
 import torch
 
 from .errors import CorruptEntryError
-from .keys import encode_key
+from .keys import check_key
 from .tiers.base import EntryHeader, Slot
 from .tiers.disk import DiskTier
 from .transfer import CopyEngine, chunk_file_bytes, packed_layout, read_chunk_into
@@ -39,7 +39,7 @@ class BatchedReads:
     ) -> list[torch.Tensor]:
         keys = list(keys)
         for key in keys:
-            encode_key(key)
+            check_key(key)
         flat: torch.Tensor | None = None
         if out is not None:
             if not isinstance(out, torch.Tensor):

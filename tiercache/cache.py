@@ -26,7 +26,7 @@ import torch
 from .config import CacheConfig
 from .errors import CacheClosedError, CacheLockedError, CorruptEntryError, TierCacheError, TierIOError
 from .index import Entry, RankedQueue
-from .keys import decode_key, encode_key
+from .keys import check_key, decode_key, encode_key
 from .policies import EntryInfo, Policy, make_policy
 from .sizes import format_size, parse_size
 from .stats import CacheCounters, TierCounters
@@ -200,20 +200,27 @@ class Cache(BatchedReads):
         if self._closed:
             raise CacheClosedError("this tiercache.Cache is closed")
 
-    @contextmanager
-    def _operation(self) -> Iterator[None]:
-        """Bracket a public operation so ``close`` can wait for it to finish before persisting."""
+    def _begin(self) -> None:
+        """Start a public operation (``close`` waits for it before persisting); pair with ``_end``."""
         with self._lock:
             if self._closing or self._closed:
                 raise CacheClosedError("this tiercache.Cache is closed")
             self._active += 1
+
+    def _end(self) -> None:
+        with self._lock:
+            self._active -= 1
+            if not self._active:
+                self._idle.notify_all()
+
+    @contextmanager
+    def _operation(self) -> Iterator[None]:
+        """``_begin``/``_end`` as a context manager, for the operations that are not on the hot path."""
+        self._begin()
         try:
             yield
         finally:
-            with self._lock:
-                self._active -= 1
-                if not self._active:
-                    self._idle.notify_all()
+            self._end()
 
     def _tick(self) -> int:
         self._clock += 1
@@ -471,7 +478,7 @@ class Cache(BatchedReads):
         self._finish(releases)
 
     def _get_impl(self, key: Hashable, device: torch.device | str | None = None) -> torch.Tensor:
-        encode_key(key)
+        check_key(key)
         target = torch.device(device) if device is not None else torch.device("cpu")
         with self._lock:
             self._check_open()
@@ -491,9 +498,12 @@ class Cache(BatchedReads):
             self._rerank(entry)
             self._pin(src, slot)
         releases: list[_Release] = []
+        tier = self._tiers[src]
         try:
-            raw = self._timed_read(src, slot, header)
-            result = _restore(raw, header, target, aliasing=not self._tiers[src].persistent)
+            start = time.perf_counter()
+            raw = tier.read(slot, header)
+            elapsed = time.perf_counter() - start
+            result = _restore(raw, header, target, aliasing=not tier.persistent)
         except CorruptEntryError as exc:
             log.warning("tiercache: entry %r is damaged and was dropped: %s", key, exc)
             with self._lock:
@@ -508,11 +518,15 @@ class Cache(BatchedReads):
                 releases = self._unpin(src, slot)
             self._finish(releases)
             raise
-        if src > 0 and self._policy.promote(entry.info, self._tiers[src].name, self._tiers[0].name):
+        if src > 0 and self._policy.promote(entry.info, tier.name, self._tiers[0].name):
             self._promote(entry, src, raw)  # raw stays valid: its slot is still pinned by us
         with self._lock:
+            counters = self._counters.tiers[tier.name]
+            counters.bytes_read += slot.nbytes
+            counters.read_seconds += elapsed
             releases = self._unpin(src, slot)
-        self._finish(releases)
+        if releases or self._evicted:
+            self._finish(releases)
         return result
 
     def _promote(self, entry: Entry, src: int, data: torch.Tensor | None) -> bool:
@@ -556,15 +570,21 @@ class Cache(BatchedReads):
         Raises ``TypeError`` for a non-tensor value or unsupported key, ``ValueError`` when the value is
         larger than every tier, ``TierIOError`` when the storage fails (e.g. the disk is full; the previous
         value, if any, is kept), ``TierCacheError`` when no tier can make room right now."""
-        with self._operation():
+        self._begin()
+        try:
             self._put_impl(key, value, score=score)
+        finally:
+            self._end()
 
     def get(self, key: Hashable, device: torch.device | str | None = None) -> torch.Tensor:
         """A fresh copy of the value stored under ``key`` (on ``device``, CPU by default).
 
         Raises ``KeyError`` when the key is absent, was evicted, or its stored bytes failed verification."""
-        with self._operation():
+        self._begin()
+        try:
             return self._get_impl(key, device)
+        finally:
+            self._end()
 
     def get_many(
         self,
@@ -613,7 +633,7 @@ class Cache(BatchedReads):
             self.put(key, value, score=score)
 
     def _delete_impl(self, key: Hashable) -> bool:
-        encode_key(key)
+        check_key(key)
         with self._lock:
             self._check_open()
             entry = self._index.get(key)
@@ -642,7 +662,7 @@ class Cache(BatchedReads):
         are resident in the fastest tier when it completes; absent keys are skipped."""
         keys = [key for key in keys]
         for key in keys:
-            encode_key(key)
+            check_key(key)
         with self._lock:
             self._check_open()
             if self._executor is None:

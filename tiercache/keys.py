@@ -47,6 +47,19 @@ def encode_key(key: object) -> bytes:
     return bytes(out)
 
 
+def check_key(key: object) -> None:
+    """Raise as :func:`encode_key` would for an unsupported key type, without encoding the common cases
+    (a lookup needs no length check: a key too long to store cannot be present)."""
+    kind = type(key)
+    if kind is str or kind is int or kind is bytes:
+        return
+    if kind is tuple:
+        for item in key:  # type: ignore[attr-defined]
+            check_key(item)
+        return
+    encode_key(key)
+
+
 def validate_key(key: object) -> Key:
     """Return ``key`` unchanged after checking it is a supported key (see :func:`encode_key`)."""
     encode_key(key)

@@ -94,3 +94,13 @@ def test_validate_returns_the_key_unchanged():
 def test_malformed_encodings_raise_value_error(bad):
     with pytest.raises(ValueError):
         decode_key(bad)
+
+
+def test_check_key_rejects_what_encode_key_rejects_without_encoding():
+    from tiercache.keys import check_key
+
+    for good in ("a", b"b", 3, ("a", (1, b"x")), ()):
+        check_key(good)
+    for bad in (True, 1.5, ["a"], ("a", 2.0), (("x", None),)):
+        with pytest.raises(TypeError):
+            check_key(bad)
