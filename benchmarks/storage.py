@@ -96,7 +96,8 @@ def _read_raw(paths: list[Path], sizes: list[int]) -> None:
 
 
 def bench_disk(values: list[torch.Tensor], workdir: Path, raw_first: bool = False) -> dict[str, float]:
-    """Puts (page cache absorbs them, as it does for the raw writes), then cold gets (files evicted from
+    """Puts (page cache absorbs them, as it does for the raw writes; ``put_synced`` also waits for the
+    ``sync`` that writes them to the device), then cold gets (files evicted from
     the page cache first) and warm gets, each against the raw equivalent on the same bytes.  Each put
     phase starts after a ``sync`` so neither side pays for the other's write-back; ``raw_first`` flips
     which side writes first (``run`` alternates it between repeats)."""
@@ -117,6 +118,8 @@ def bench_disk(values: list[torch.Tensor], workdir: Path, raw_first: bool = Fals
             for i, v in enumerate(values):
                 cache.put(i, v)
             times["put"] = time.perf_counter() - start
+            os.sync()
+            times["put_synced"] = time.perf_counter() - start
 
         def raw_put() -> None:
             os.sync()
@@ -125,6 +128,8 @@ def bench_disk(values: list[torch.Tensor], workdir: Path, raw_first: bool = Fals
                 with open(p, "wb") as f:
                     f.write(a)
             times["raw_put"] = time.perf_counter() - start
+            os.sync()
+            times["raw_put_synced"] = time.perf_counter() - start
 
         for phase in ((raw_put, tier_put) if raw_first else (tier_put, raw_put)):
             phase()
