@@ -266,7 +266,8 @@ class DiskTier:
                 # the bytes while they are still in the CPU cache.
                 body_len, crc, got = size - CRC_BYTES, 0, 0
                 while got < size:
-                    n = f.readinto(view[got : got + READ_PIECE])
+                    left = size - got  # a small remainder rides with the last piece: one call fewer
+                    n = f.readinto(view[got : got + (left if left <= 2 * READ_PIECE else READ_PIECE)])
                     if not n:
                         raise CorruptEntryError(f"{path} shrank while being read")
                     if got < body_len:
