@@ -529,8 +529,9 @@ class Cache(BatchedReads):
             self._finish(releases)
         return result
 
-    def _promote(self, entry: Entry, src: int, data: torch.Tensor | None) -> bool:
-        """Best effort: move ``entry`` from ``src`` to the fastest tier that can hold it."""
+    def _promote(self, entry: Entry, src: int, data: torch.Tensor | None, targets: Iterable[int] | None = None) -> bool:
+        """Best effort: move ``entry`` from ``src`` to the first of ``targets`` (default: every faster tier,
+        fastest first) that can make room for it without dropping anything."""
         with self._lock:
             if self._closed or self._index.get(entry.key) is not entry or entry.moving or entry.tier != src:
                 return False
@@ -538,7 +539,7 @@ class Cache(BatchedReads):
             self._pin(src, entry.slot)
         slot: Slot | None = None
         try:
-            for dst in range(src):
+            for dst in (range(src) if targets is None else targets):
                 slot = self._reserve(dst, entry.header.nbytes, allow_drop=False)
                 if slot is not None:
                     break
@@ -657,19 +658,29 @@ class Cache(BatchedReads):
                 updated += 1
         return updated
 
-    def prefetch(self, keys: Iterable[Hashable]) -> Future[int]:
-        """Stage ``keys`` into the fastest tier in the background.  The future's result is how many of them
-        are resident in the fastest tier when it completes; absent keys are skipped."""
+    def prefetch(self, keys: Iterable[Hashable], device: torch.device | str | None = None) -> Future[int]:
+        """Stage ``keys`` in the background into the fastest tier, or with ``device`` into the fastest tier
+        that lives on that device (``"cuda"``: the GPU tier, ``"cpu"``: the host tier; ``ValueError`` when
+        no tier does).  The future's result is how many of them are in that tier or a faster one when it
+        completes; absent keys are skipped.  Staging never drops another entry to make room."""
         keys = [key for key in keys]
         for key in keys:
             check_key(key)
+        target = 0 if device is None else self._tier_on(torch.device(device))
         with self._lock:
             self._check_open()
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="tiercache-io")
-            return self._executor.submit(self._stage, keys)
+            return self._executor.submit(self._stage, keys, target)
 
-    def _stage(self, keys: list[Hashable]) -> int:
+    def _tier_on(self, device: torch.device) -> int:
+        for index, tier in enumerate(self._tiers):
+            here = tier.device
+            if here.type == device.type and (device.index is None or here.index in (None, device.index)):
+                return index
+        raise ValueError(f"no tier of this cache lives on {device} (tiers: {[t.name for t in self._tiers]})")
+
+    def _stage(self, keys: list[Hashable], target: int = 0) -> int:
         for key in keys:
             with self._lock:
                 if self._closing or self._closed:
@@ -682,10 +693,10 @@ class Cache(BatchedReads):
                 entry.info.last_access = self._tick()
                 self._rerank(entry)
                 src = entry.tier
-            if src != 0:
-                self._promote(entry, src, None)
+            if src > target:
+                self._promote(entry, src, None, [target])
         with self._lock:  # "resident when it completes", as documented: later stagings may have demoted some
-            return sum(1 for key in keys if (e := self._index.get(key)) is not None and e.tier == 0)
+            return sum(1 for key in keys if (e := self._index.get(key)) is not None and e.tier <= target)
 
     def __contains__(self, key: object) -> bool:
         with self._lock:

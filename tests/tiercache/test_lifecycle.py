@@ -117,3 +117,20 @@ def test_scores_must_be_numbers_and_not_nan():
                 cache.update_scores({"a": 2.0, "zz": bad})
         assert "b" not in cache
         assert cache.update_scores({"a": 3.0, "missing": 1.0}) == 1
+
+
+def test_prefetch_to_a_device_stages_into_the_tier_on_that_device(tmp_path):
+    from tiercache import ArenaTier, DiskTier
+
+    tiers = [ArenaTier("fast", 64 << 10), ArenaTier("slow", 64 << 10), DiskTier(tmp_path / "s", 1 << 20)]
+    with Cache(tiers=tiers) as cache:
+        for k in range(20):  # 8 KiB each: fast holds 8, slow holds 8, the rest go to disk
+            cache.put(k, torch.full((2048,), k, dtype=torch.int32))
+        on_disk = [k for k in range(20) if cache.tier_of(k) == "disk"]
+        assert len(on_disk) == 4
+        # "cpu" names the fastest tier on the CPU: here "fast".
+        assert cache.prefetch(on_disk[:2], device="cpu").result(timeout=30) == 2
+        assert [cache.tier_of(k) for k in on_disk[:2]] == ["fast", "fast"]
+        assert all(torch.equal(cache.get(k), torch.full((2048,), k, dtype=torch.int32)) for k in range(20))
+        with pytest.raises(ValueError, match="no tier of this cache lives on"):
+            cache.prefetch([0], device="meta")
