@@ -19,7 +19,6 @@ hands to these functions and keeps them pinned until the returned handle is done
 
 from __future__ import annotations
 
-import os
 import threading
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -29,7 +28,6 @@ import torch
 
 from tiercache_kernels import copy_blocks, packed_layout
 
-from .errors import CorruptEntryError
 from .tiers.base import EntryHeader, Slot
 
 __all__ = [
@@ -210,10 +208,9 @@ class CopyEngine:
 # -- disk ---------------------------------------------------------------------------------------------
 def chunk_file_bytes(slot: Slot) -> int:
     """Size of an uncompressed DiskTier chunk file for ``slot``: header page, payload pages, crc32c."""
-    from .tiers.disk import CRC_BYTES, PAGE
+    from .tiers.disk import DiskTier
 
-    pages, _ = slot.ref  # type: ignore[misc]
-    return int(pages) * PAGE + CRC_BYTES
+    return DiskTier.chunk_bytes(slot)
 
 
 def read_chunk_into(tier: Any, slot: Slot, header: EntryHeader, staging: torch.Tensor) -> torch.Tensor:
@@ -222,47 +219,16 @@ def read_chunk_into(tier: Any, slot: Slot, header: EntryHeader, staging: torch.T
 
     ``staging``: 1-D contiguous uint8 CPU tensor (pinned, so that a gather kernel can read the payload by
     address) of at least :func:`chunk_file_bytes` bytes; the caller owns it.  The whole chunk's crc32c
-    and its header (key, sequence number, size) are checked before anything is returned: raises
-    ``CorruptEntryError`` otherwise, never returning unverified bytes.  Compressed stores are decoded by
-    ``tier.read`` and copied into ``staging``.  Runs on the calling thread (plain POSIX reads); safe to
+    and its header (key, sequence number, size) are checked before anything is returned (by
+    ``DiskTier.read``): raises ``CorruptEntryError`` otherwise, never returning unverified bytes, and
+    ``ValueError`` for an unsuitable ``staging``.  Runs on the calling thread (plain POSIX reads); safe to
     call concurrently for distinct slots and buffers."""
-    from .tiers.disk import CRC_BYTES, HEADER_BYTES, _crc32c, decode_header
-
     if staging.device.type != "cpu" or staging.dtype != torch.uint8 or staging.dim() != 1 or not staging.is_contiguous():
         raise ValueError("staging must be a 1-D contiguous uint8 CPU tensor")
-    if getattr(tier, "compression", None) is not None:
-        payload = tier.read(slot, header)
-        if staging.numel() < payload.numel():
-            raise ValueError(f"staging holds {staging.numel()} bytes, the payload needs {payload.numel()}")
-        staging[: payload.numel()].copy_(payload)
-        return staging[: payload.numel()]
-    size = chunk_file_bytes(slot)
-    if staging.numel() < size:
-        raise ValueError(f"staging holds {staging.numel()} bytes, the chunk needs {size}")
-    path = tier.chunk_path(slot)
-    view = memoryview(staging[:size].numpy())
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise CorruptEntryError(f"{path} is missing") from None
-    try:
-        if os.fstat(fd).st_size != size:
-            raise CorruptEntryError(f"{path} has the wrong size: truncated or overwritten")
-        got = 0
-        while got < size:
-            n = os.readv(fd, [view[got:]])
-            if n <= 0:
-                raise CorruptEntryError(f"{path} shrank while being read")
-            got += n
-    finally:
-        os.close(fd)
-    crc = _crc32c()
-    if crc(view[: size - CRC_BYTES]) != int.from_bytes(view[size - CRC_BYTES :], "little"):
-        raise CorruptEntryError(f"{path} failed its crc32c checksum")
-    stored = decode_header(view[:HEADER_BYTES])
-    if stored.key != header.key or stored.seq != header.seq or stored.nbytes != slot.nbytes:
-        raise CorruptEntryError(f"{path} holds another entry than the index expects")
-    return staging[HEADER_BYTES : HEADER_BYTES + slot.nbytes]
+    need = slot.nbytes if getattr(tier, "compression", None) is not None else chunk_file_bytes(slot)
+    if staging.numel() < need:
+        raise ValueError(f"staging holds {staging.numel()} bytes, the chunk needs {need}")
+    return tier.read(slot, header, into=staging)
 
 
 def kvikio_available() -> bool:

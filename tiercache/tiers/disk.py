@@ -252,15 +252,22 @@ class DiskTier:
             reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
             raise TierIOError(f"disk tier: writing {final} failed: {reason}", exc.errno) from exc
 
-    def _read_verified(self, path: str | Path, pages: int) -> torch.Tensor:
-        """The decoded chunk (header + payload + padding) as a fresh uint8 tensor, after checking its
-        size and checksum."""
+    def _read_verified(self, path: str | Path, pages: int, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoded chunk (header + payload + padding) as a uint8 tensor, after checking its size and
+        checksum.  Uncompressed chunks are read into ``into`` when given (a 1-D contiguous uint8 CPU
+        tensor of at least the file's size, e.g. pinned staging memory) and returned as a view of it;
+        otherwise into a fresh tensor."""
         try:
             with open(path, "rb", buffering=0) as f:
                 size = os.fstat(f.fileno()).st_size
                 if size < CRC_BYTES or (self._codec is None and size != pages * PAGE + CRC_BYTES):
                     raise CorruptEntryError(f"{path} has the wrong size ({size} bytes): truncated or overwritten")
-                buffer = torch.empty(size, dtype=torch.uint8)
+                if into is not None and self._codec is None:
+                    if into.numel() < size:
+                        raise ValueError(f"the read buffer holds {into.numel()} bytes, {path} needs {size}")
+                    buffer = into[:size]
+                else:
+                    buffer = torch.empty(size, dtype=torch.uint8)
                 view = memoryview(buffer.numpy())
                 # Checksum each piece as it arrives: the pass runs while the kernel reads ahead, and on
                 # the bytes while they are still in the CPU cache.
@@ -289,14 +296,33 @@ class DiskTier:
             raise CorruptEntryError(f"{path} decodes to {out.numel()} bytes, expected {pages * PAGE}")
         return out
 
-    def read(self, slot: Slot, header: EntryHeader) -> torch.Tensor:
+    def read(self, slot: Slot, header: EntryHeader, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The verified payload.  With ``into`` (1-D contiguous uint8 CPU, at least
+        :meth:`chunk_bytes` long) the result is a view of ``into``: an uncompressed chunk is read straight
+        into it, a compressed one is decoded and copied there."""
         pages, _ = slot.ref  # type: ignore[misc]
         path = self._chunk_file(slot)
-        body = self._read_verified(path, pages)
+        if into is not None and (
+            into.device.type != "cpu" or into.dtype != torch.uint8 or into.dim() != 1 or not into.is_contiguous()
+        ):
+            raise ValueError("the read buffer must be a 1-D contiguous uint8 CPU tensor")
+        body = self._read_verified(path, pages, into)
         stored = decode_header(memoryview(body[:HEADER_BYTES].numpy()))
         if stored.key != header.key or stored.seq != header.seq or stored.nbytes != slot.nbytes:
             raise CorruptEntryError(f"{path} holds another entry than the index expects")
-        return body[HEADER_BYTES : HEADER_BYTES + slot.nbytes]
+        payload = body[HEADER_BYTES : HEADER_BYTES + slot.nbytes]
+        if into is None or self._codec is None:
+            return payload
+        if into.numel() < slot.nbytes:
+            raise ValueError(f"the read buffer holds {into.numel()} bytes, the payload needs {slot.nbytes}")
+        into[: slot.nbytes].copy_(payload)
+        return into[: slot.nbytes]
+
+    @staticmethod
+    def chunk_bytes(slot: Slot) -> int:
+        """Size of the uncompressed chunk file of ``slot``: header page, payload pages, crc32c."""
+        pages, _ = slot.ref  # type: ignore[misc]
+        return int(pages) * PAGE + CRC_BYTES
 
     def discard(self, slot: Slot) -> None:
         path = self._chunk_file(slot)
