@@ -20,6 +20,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+import tiercache
 from tiercache.sizes import format_size as _fmt
 
 from .errors import KVCapacityError
@@ -50,14 +51,6 @@ class KVCounters:
     prefetch_errors: int = 0
     fetch_seconds: float = 0.0
     put_seconds: float = 0.0
-
-
-def _import_tiercache():
-    try:
-        import tiercache
-    except ImportError as exc:  # pragma: no cover - the package ships both
-        raise ImportError("tiercache_llm needs the tiercache package") from exc
-    return tiercache
 
 
 def _cleanup(cache: Any, owns: bool, tmpdir: str | None) -> None:
@@ -116,7 +109,6 @@ class BlockStore:
     ) -> "BlockStore":
         """Create a tiercache with the given budgets.  A disk budget without ``path`` uses a fresh
         temporary directory that :meth:`close` removes."""
-        tiercache = _import_tiercache()
         if isinstance(policy, str) and policy == StreamingKVPolicy.name:
             policy = StreamingKVPolicy()
         tmpdir = None
@@ -137,10 +129,7 @@ class BlockStore:
     # ----------------------------------------------------------------------------------- figures
     @staticmethod
     def _evictions(stats: dict) -> int:
-        ev = stats.get("evictions", 0)
-        if isinstance(ev, dict):  # tolerate a per-tier breakdown
-            return int(sum(v for v in ev.values() if isinstance(v, (int, float))))
-        return int(ev or 0)
+        return int(stats["evictions"])
 
     def tier_capacities(self) -> dict[str, int]:
         """``{tier name: capacity in bytes}`` for every enabled tier of the tiercache."""
@@ -194,7 +183,6 @@ class BlockStore:
                 "context / max_new_tokens)."
             )
         start = time.perf_counter()
-        tiercache = _import_tiercache()
         try:
             self.cache.put_many(list(items))
         except (ValueError, tiercache.TierCacheError) as exc:
@@ -259,10 +247,7 @@ class BlockStore:
         self.wait_prefetches()
         for key in keys:
             self._unaccount(key)
-            try:
-                self.cache.delete(key)
-            except KeyError:
-                pass
+            self.cache.delete(key)  # False for an entry already gone: nothing to do
             self.counters.blocks_deleted += 1
 
     def prefetch(self, keys: Sequence[Any]) -> None:
