@@ -176,6 +176,7 @@ def paged_decode_attention_reference(
 def paged_decode_attention(
     query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, pool_valid: torch.Tensor,
     block_table: torch.Tensor, lengths: torch.Tensor, *, scale: float | None = None, backend: str = "auto",
+    num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode attention (one query position) over blocks named by a block table, read in place.
 
@@ -188,7 +189,10 @@ def paged_decode_attention(
             ``lengths`` are ignored.
         lengths: ``(B, H)`` int, used entries per (row, KV head).
         scale: softmax scale, default ``D ** -0.5``.
-        backend: ``"torch"``, ``"triton"`` or ``"auto"`` (Triton for CUDA tensors when it imports).
+        num_splits: Triton only: programs per (row, KV head), each over a contiguous range of entries
+            (default: enough to fill the GPU).
+        backend: ``"torch"``, ``"triton"`` or ``"auto"`` (compiled Triton for CUDA tensors when
+            it imports, else torch).
 
     Returns:
         ``(output, block_mass)``: ``(B, Hq, D)`` in the query's dtype, and ``(B, Hq, M)`` float32 softmax
@@ -197,12 +201,13 @@ def paged_decode_attention(
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     if backend == "auto":
-        from tiercache_kernels.triton_support import triton_available
+        from tiercache_kernels.triton_support import compiled_triton_usable
 
-        backend = "triton" if query.is_cuda and triton_available() else "torch"
+        backend = "triton" if query.is_cuda and compiled_triton_usable(query.device) else "torch"
     if backend == "torch":
         return paged_decode_attention_reference(query, k_pool, v_pool, pool_valid, block_table, lengths, scale=scale)
     from tiercache_kernels.block_attention import block_attention_triton
 
     _check_paged(query, k_pool, v_pool, pool_valid, block_table, lengths)
-    return block_attention_triton(query, k_pool, v_pool, pool_valid, block_table, lengths, scale=scale)
+    return block_attention_triton(query, k_pool, v_pool, pool_valid, block_table, lengths, scale=scale,
+                                  num_splits=num_splits)

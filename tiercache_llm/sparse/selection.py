@@ -116,14 +116,14 @@ def score_blocks(query: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, count:
     """Block scores ``(B, H, N)`` float32 (see :func:`score_blocks_reference`).
 
     ``backend``: ``"torch"``, ``"triton"`` (``tiercache_kernels.block_scores``; needs triton, and CUDA
-    tensors unless ``TRITON_INTERPRET=1``), or ``"auto"``: Triton for CUDA tensors when triton imports,
-    else torch."""
+    tensors unless triton runs interpreted, see ``tiercache_kernels.triton_support``), or ``"auto"``:
+    compiled Triton for CUDA tensors when triton imports, else torch."""
     if gqa not in ("max", "sum"):
         raise ValueError(f"gqa must be 'max' or 'sum', got {gqa!r}")
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     if backend == "auto":
-        backend = "triton" if query.is_cuda and _triton_available() else "torch"
+        backend = "triton" if query.is_cuda and _compiled_triton_usable(query.device) else "torch"
     if backend == "torch":
         return score_blocks_reference(query, lo, hi, count, gqa)
     from tiercache_kernels.block_scores import block_scores_triton
@@ -132,10 +132,10 @@ def score_blocks(query: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, count:
     return block_scores_triton(query, lo, hi, count, gqa)
 
 
-def _triton_available() -> bool:
-    from tiercache_kernels.triton_support import triton_available
+def _compiled_triton_usable(device: torch.device) -> bool:
+    from tiercache_kernels.triton_support import compiled_triton_usable
 
-    return triton_available()
+    return compiled_triton_usable(device)
 
 
 def token_budget(count: torch.Tensor, budget: int | float) -> torch.Tensor:
