@@ -17,7 +17,8 @@ Shapes (``B`` batch rows, ``H`` KV heads, ``N`` blocks, ``D`` head dim, ``S`` bl
 ``lo``/``hi`` are ``(B, H, N, D)`` in the keys' dtype (min and max are exact in any dtype);
 ``count`` is ``(B, N)`` int64, the valid tokens of each row in each block.
 
-Thread safety: a :class:`KeyDigests` is a plain mutable object; one writer at a time.
+Ownership and thread safety: a :class:`KeyDigests` owns its tensors and updates them in place (do not
+share them with another object); it is a plain mutable object, one writer at a time.
 """
 
 from __future__ import annotations
@@ -61,6 +62,18 @@ def _reduce(keys: torch.Tensor, valid: torch.Tensor, offset: int, block_size: in
     count = v.view(b, n, block_size).sum(dim=2)
     empty = (count == 0).view(b, 1, n, 1)
     return lo.masked_fill(empty, 0), hi.masked_fill(empty, 0), count
+
+
+def _reduce_one(keys: torch.Tensor, valid: torch.Tensor):
+    """``_reduce`` for keys that all fall into one block: no padding to the block size."""
+    b, h, t, d = keys.shape
+    big = torch.finfo(keys.dtype).max
+    v = valid.view(b, 1, t, 1)
+    count = valid.sum(dim=1, keepdim=True)
+    empty = (count == 0).view(b, 1, 1, 1)
+    lo = keys.masked_fill(~v, big).amin(dim=2, keepdim=True).masked_fill(empty, 0)
+    hi = keys.masked_fill(~v, -big).amax(dim=2, keepdim=True).masked_fill(empty, 0)
+    return lo, hi, count
 
 
 def block_digests(keys: torch.Tensor, block_size: int, valid: torch.Tensor | None = None):
@@ -125,8 +138,9 @@ class KeyDigests:
     def append(self, keys: torch.Tensor, valid: torch.Tensor | None = None) -> None:
         """Extend by ``keys`` ``(B, H, T, D)`` (positions ``length .. length + T - 1``).
 
-        The partial last block is merged with the new keys (min of mins, max of maxes, sum of counts);
-        complete new blocks are reduced at once.  Cost is proportional to ``T``, not to the context."""
+        The partial last block is merged with the new keys in place (min of mins, max of maxes, sum of
+        counts); new blocks are reduced at once and appended.  A decode step (``T = 1``) inside a block
+        touches one block's digest; the arrays grow once per ``block_size`` tokens."""
         valid = _check_keys(keys, valid)
         b, h, _, d = keys.shape
         if (b, h, d) != (self.lo.shape[0], self.lo.shape[1], self.lo.shape[3]):
@@ -134,23 +148,24 @@ class KeyDigests:
         if keys.shape[2] == 0:
             return
         offset = self.length % self.block_size
-        lo, hi, count = _reduce(keys.to(self.lo.dtype), valid, offset, self.block_size)
-        if offset:  # the first reduced block continues the current partial block
-            prev_count = self.count[:, -1:]
-            prev_has = (prev_count > 0).view(b, 1, 1, 1)
-            new_has = (count[:, :1] > 0).view(b, 1, 1, 1)
-            first_lo = torch.where(prev_has & new_has, torch.minimum(self.lo[:, :, -1:], lo[:, :, :1]),
-                                   torch.where(prev_has, self.lo[:, :, -1:], lo[:, :, :1]))
-            first_hi = torch.where(prev_has & new_has, torch.maximum(self.hi[:, :, -1:], hi[:, :, :1]),
-                                   torch.where(prev_has, self.hi[:, :, -1:], hi[:, :, :1]))
-            lo = torch.cat((self.lo[:, :, :-1], first_lo, lo[:, :, 1:]), dim=2)
-            hi = torch.cat((self.hi[:, :, :-1], first_hi, hi[:, :, 1:]), dim=2)
-            count = torch.cat((self.count[:, :-1], prev_count + count[:, :1], count[:, 1:]), dim=1)
+        keys = keys.to(self.lo.dtype)
+        if offset and offset + keys.shape[2] <= self.block_size:
+            lo, hi, count = _reduce_one(keys, valid)  # decode: the keys stay inside the partial block
         else:
-            lo = torch.cat((self.lo, lo), dim=2)
-            hi = torch.cat((self.hi, hi), dim=2)
-            count = torch.cat((self.count, count), dim=1)
-        self.lo, self.hi, self.count = lo, hi, count
+            lo, hi, count = _reduce(keys, valid, offset, self.block_size)
+        if offset:  # the first reduced block continues the current partial block: merge it in place
+            prev_has = (self.count[:, -1] > 0).view(b, 1, 1)
+            new_has = (count[:, 0] > 0).view(b, 1, 1)
+            both = prev_has & new_has
+            last_lo, last_hi = self.lo[:, :, -1], self.hi[:, :, -1]
+            last_lo.copy_(torch.where(both, torch.minimum(last_lo, lo[:, :, 0]), torch.where(prev_has, last_lo, lo[:, :, 0])))
+            last_hi.copy_(torch.where(both, torch.maximum(last_hi, hi[:, :, 0]), torch.where(prev_has, last_hi, hi[:, :, 0])))
+            self.count[:, -1] += count[:, 0]
+            lo, hi, count = lo[:, :, 1:], hi[:, :, 1:], count[:, 1:]
+        if count.shape[1]:  # new blocks: one concatenation per block_size tokens in decode
+            self.lo = torch.cat((self.lo, lo), dim=2)
+            self.hi = torch.cat((self.hi, hi), dim=2)
+            self.count = torch.cat((self.count, count), dim=1)
         self.length += keys.shape[2]
 
     def select_rows(self, index: torch.Tensor) -> None:
