@@ -2,10 +2,20 @@
 
 The package is named ``tiercache_kernels`` (not ``kernels``): transformers probes for an installed
 top-level package called ``kernels``.  CUDA code is compiled lazily through cupy on first use; importing
-this package needs neither CUDA nor cupy.
+this package needs neither CUDA nor cupy.  The Triton kernels (:mod:`.block_scores`,
+:mod:`.block_attention`) import triton only when launched (:mod:`.triton_support`); their torch
+references live with their callers in ``tiercache_llm.sparse``.
 """
 
-from . import gather
+from . import block_attention, block_scores, gather, triton_support
+from .block_attention import block_attention_triton
+from .block_scores import block_scores_triton
 from .gather import *  # noqa: F403 - the public names are gather.__all__
+from .triton_support import interpret_enabled, triton_available
 
-__all__ = list(gather.__all__)
+__all__ = list(gather.__all__) + [
+    "block_attention_triton",
+    "block_scores_triton",
+    "interpret_enabled",
+    "triton_available",
+]

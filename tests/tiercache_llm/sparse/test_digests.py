@@ -1,0 +1,123 @@
+"""Key digests: true upper bounds of q·k, padding never contributes, incremental == from scratch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tiercache_llm.sparse import KeyDigests, block_digests, score_blocks_reference
+
+
+@st.composite
+def cases(draw):
+    b = draw(st.integers(1, 3))
+    h = draw(st.integers(1, 3))
+    g = draw(st.sampled_from([1, 2, 3, 4]))
+    s = draw(st.sampled_from([1, 2, 4, 5, 8]))
+    t = draw(st.integers(1, 40))
+    d = draw(st.sampled_from([1, 3, 8, 16]))
+    q = draw(st.integers(1, 2))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(b, h, t, d, generator=gen) * draw(st.sampled_from([0.1, 1.0, 10.0]))
+    query = torch.randn(b, h * g, q, d, generator=gen)
+    valid = torch.rand(b, t, generator=gen) < draw(st.sampled_from([0.3, 0.8, 1.0]))
+    pad = draw(st.integers(0, t))  # left padding of row 0
+    valid[0, :pad] = False
+    return keys, query, valid, s
+
+
+@settings(max_examples=150, deadline=None)
+@given(cases())
+def test_digest_scores_bound_every_valid_key_of_every_head(case):
+    keys, query, valid, s = case
+    b, h, t, d = keys.shape
+    g = query.shape[1] // h
+    lo, hi, count = block_digests(keys, s, valid)
+    scores = score_blocks_reference(query, lo, hi, count, gqa="max")  # (B, H, N)
+    qk = torch.einsum("bhgqd,bhtd->bhgqt", query.view(b, h, g, -1, d).double(), keys.double())
+    block_of = torch.arange(t) // s
+    bound = scores[:, :, block_of].double()  # (B, H, T)
+    slack = 1e-4 * (1 + qk.abs().amax())
+    ok = qk <= bound[:, :, None, None, :] + slack
+    mask = valid[:, None, None, None, :].expand_as(ok)
+    assert bool(ok[mask].all())
+    assert torch.equal(count, torch.nn.functional.pad(valid, (0, -t % s)).view(b, -1, s).sum(-1))
+    assert bool(torch.isneginf(scores[(count == 0).unsqueeze(1).expand_as(scores)]).all())
+    assert bool(torch.isfinite(scores[(count > 0).unsqueeze(1).expand_as(scores)]).all())
+
+
+def test_digest_of_one_key_is_tight():
+    keys = torch.randn(2, 2, 5, 8)
+    query = torch.randn(2, 2, 1, 8)
+    lo, hi, count = block_digests(keys, 1)
+    assert torch.equal(lo, keys) and torch.equal(hi, keys)
+    scores = score_blocks_reference(query, lo, hi, count)
+    exact = torch.einsum("bhqd,bhtd->bht", query, keys)
+    torch.testing.assert_close(scores, exact)
+
+
+def test_padded_keys_never_contribute():
+    keys = torch.randn(2, 3, 12, 4)
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[0, :5] = False
+    valid[1, 7] = False
+    poisoned = keys.clone()
+    poisoned[~valid.view(2, 1, 12).expand(2, 3, 12)] = 1e6
+    a, b = block_digests(keys, 4, valid), block_digests(poisoned, 4, valid)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    lo, hi, count = a
+    assert count.tolist() == [[0, 3, 4], [4, 3, 4]]
+    assert bool((lo[0, :, 0] == 0).all() and (hi[0, :, 0] == 0).all())  # empty block: finite zeros
+    assert torch.equal(hi[0, :, 1], keys[0, :, 5:8].amax(dim=1))
+
+
+@settings(max_examples=80, deadline=None)
+@given(cases(), st.lists(st.integers(0, 12), min_size=1, max_size=5))
+def test_incremental_append_equals_from_scratch(case, cuts):
+    keys, _, valid, s = case
+    t = keys.shape[2]
+    whole = KeyDigests.from_keys(keys, s, valid)
+    inc = KeyDigests.empty(keys.shape[0], keys.shape[1], keys.shape[3], s)
+    pos = 0
+    for c in cuts + [t]:
+        end = min(t, pos + c)
+        inc.append(keys[:, :, pos:end], valid[:, pos:end])
+        pos = end
+    assert inc.length == whole.length == t
+    assert torch.equal(inc.lo, whole.lo) and torch.equal(inc.hi, whole.hi) and torch.equal(inc.count, whole.count)
+
+
+def test_select_rows_and_crop_match_rebuilt_digests():
+    keys = torch.randn(3, 2, 19, 4)
+    valid = torch.ones(3, 19, dtype=torch.bool)
+    valid[1, :6] = False
+    d = KeyDigests.from_keys(keys, 4, valid)
+    index = torch.tensor([2, 0, 0, 1])
+    d.select_rows(index)
+    want = KeyDigests.from_keys(keys[index], 4, valid[index])
+    assert torch.equal(d.lo, want.lo) and torch.equal(d.hi, want.hi) and torch.equal(d.count, want.count)
+    d.crop(10, keys[index][:, :, 8:10], valid[index][:, 8:10])
+    want = KeyDigests.from_keys(keys[index][:, :, :10], 4, valid[index][:, :10])
+    assert d.length == 10 and torch.equal(d.lo, want.lo) and torch.equal(d.count, want.count)
+    d.crop(8)
+    assert d.n_blocks == 2 and d.length == 8
+    with pytest.raises(ValueError, match="tail_keys"):
+        d.crop(5)
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="block_size"):
+        block_digests(torch.randn(1, 1, 4, 2), 0)
+    with pytest.raises(ValueError, match="keys"):
+        block_digests(torch.randn(4, 2), 2)
+    with pytest.raises(TypeError, match="bool"):
+        block_digests(torch.randn(1, 1, 4, 2), 2, torch.ones(1, 4))
+    with pytest.raises(ValueError, match="valid"):
+        block_digests(torch.randn(1, 1, 4, 2), 2, torch.ones(1, 3, dtype=torch.bool))
+    d = KeyDigests.empty(1, 2, 4, 4)
+    with pytest.raises(ValueError, match="do not match"):
+        d.append(torch.randn(1, 3, 2, 4))

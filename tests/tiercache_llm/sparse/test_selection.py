@@ -1,0 +1,150 @@
+"""Block selection: forced sink/recent blocks, per-row budgets, padding, GQA, unions - checked against a
+plain per-block loop written from the rules in docs/sparse.md."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tiercache_llm.sparse import (
+    KeyDigests,
+    SelectionConfig,
+    block_table,
+    forced_blocks,
+    score_blocks_reference,
+    select,
+    token_budget,
+)
+
+
+@st.composite
+def caches(draw):
+    b = draw(st.integers(1, 4))
+    h = draw(st.integers(1, 3))
+    g = draw(st.sampled_from([1, 2, 3]))
+    s = draw(st.sampled_from([1, 2, 4, 8]))
+    t = draw(st.integers(1, 60))
+    d = draw(st.sampled_from([2, 8]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(b, h, t, d, generator=gen)
+    query = torch.randn(b, h * g, 1, d, generator=gen)
+    valid = torch.ones(b, t, dtype=torch.bool)
+    for row in range(b):  # left padding, a different amount per row
+        valid[row, : draw(st.integers(0, t - 1))] = False
+    budget = draw(st.one_of(st.integers(0, 80), st.floats(0.01, 1.0)))
+    config = SelectionConfig(budget=budget, sink=draw(st.integers(0, 6)), recent=draw(st.integers(0, 10)),
+                             gqa=draw(st.sampled_from(["max", "sum"])))
+    return KeyDigests.from_keys(keys, s, valid), query, valid, config
+
+
+def naive_select(scores, count, config):
+    """The rules, one block at a time."""
+    b, h, n = scores.shape
+    out = torch.zeros(b, h, n, dtype=torch.bool)
+    for row in range(b):
+        total = int(count[row].sum())
+        budget = config.budget if isinstance(config.budget, int) else math.ceil(config.budget * total - 1e-9)
+        ranks, seen = [], 0
+        for j in range(n):
+            ranks.append((seen, seen + int(count[row, j])))
+            seen += int(count[row, j])
+        forced = [count[row, j] > 0 and (ranks[j][0] < config.sink or ranks[j][1] > total - config.recent)
+                  for j in range(n)]
+        for head in range(h):
+            used = sum(int(count[row, j]) for j in range(n) if forced[j])
+            limit = max(budget, used)
+            for j in range(n):
+                out[row, head, j] = bool(forced[j])
+            rest = sorted((j for j in range(n) if count[row, j] > 0 and not forced[j]),
+                          key=lambda j: (-float(scores[row, head, j]), j))
+            for j in rest:
+                if used + int(count[row, j]) > limit:
+                    break
+                used += int(count[row, j])
+                out[row, head, j] = True
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(caches())
+def test_selection_follows_the_rules(case):
+    digests, query, valid, config = case
+    sel = select(query, digests, config, backend="torch")
+    count = digests.count
+    assert torch.equal(sel.head_mask, naive_select(sel.scores, count, config))
+    forced = forced_blocks(count, config.sink, config.recent)
+    # sinks and the recent window: always selected, for every head
+    assert bool(sel.head_mask[forced.unsqueeze(1).expand_as(sel.head_mask)].all())
+    # padded-only blocks never
+    assert not bool(sel.head_mask[(count == 0).unsqueeze(1).expand_as(sel.head_mask)].any())
+    # per-row budget, counting the row's own tokens
+    budget = token_budget(count, config.budget)
+    if isinstance(config.budget, float):
+        assert torch.equal(budget, torch.ceil(valid.sum(1).double() * config.budget - 1e-9).long())
+    forced_tokens = (forced * count).sum(1)
+    assert bool((sel.selected_tokens(count) <= torch.maximum(budget, forced_tokens).unsqueeze(1)).all())
+    # unions
+    assert torch.equal(sel.row_mask, sel.head_mask.any(1))
+    assert sel.fetch.tolist() == sel.head_mask.any(1).any(0).nonzero().flatten().tolist()
+    assert torch.equal(sel.fetch_head_mask, sel.head_mask[:, :, sel.fetch])
+
+
+@settings(max_examples=60, deadline=None)
+@given(caches(), st.sampled_from(["int", 1.0]))
+def test_budget_at_or_above_the_context_selects_every_valid_block(case, kind):
+    digests, query, _, config = case
+    big = int(digests.count.sum(1).max()) if kind == "int" else 1.0
+    config = SelectionConfig(budget=big, sink=0, recent=0, gqa=config.gqa)
+    sel = select(query, digests, config, backend="torch")
+    assert torch.equal(sel.head_mask, (digests.count > 0).unsqueeze(1).expand_as(sel.head_mask))
+
+
+def test_each_row_counts_its_own_tokens():
+    # row 0: 32 valid tokens, row 1: 8 (left padding); 25% -> 8 and 2 tokens
+    keys = torch.randn(2, 1, 32, 4)
+    valid = torch.ones(2, 32, dtype=torch.bool)
+    valid[1, :24] = False
+    d = KeyDigests.from_keys(keys, 2, valid)
+    sel = select(torch.randn(2, 1, 1, 4), d, SelectionConfig(budget=0.25, sink=0, recent=0), backend="torch")
+    assert sel.budget.tolist() == [8, 2]
+    assert sel.selected_tokens(d.count).tolist() == [[8], [2]]
+    assert not bool(sel.head_mask[1, :, :12].any())
+
+
+def test_gqa_max_ranks_the_block_one_head_needs():
+    # two query heads share a KV head; head 0 wants block 0 strongly, head 1 mildly prefers block 1
+    keys = torch.zeros(1, 1, 4, 2)
+    keys[0, 0, 0:2] = torch.tensor([10.0, 0.0])
+    keys[0, 0, 2:4] = torch.tensor([0.0, 1.0])
+    query = torch.tensor([[1.0, 0.0], [-3.0, 2.0]]).view(1, 2, 1, 2)
+    d = KeyDigests.from_keys(keys, 2)
+    scores_max = score_blocks_reference(query, d.lo, d.hi, d.count, "max")
+    scores_sum = score_blocks_reference(query, d.lo, d.hi, d.count, "sum")
+    assert scores_max.argmax().item() == 0  # head 0's 10 beats head 1's 2
+    assert scores_sum.argmax().item() == 1  # -30 + 10 < 0 + 2: the sum loses head 0's peak
+
+
+def test_block_table_lists_each_selection_in_order():
+    mask = torch.tensor([[[True, False, True, True], [False, False, False, False]]])
+    table, lengths = block_table(mask)
+    assert lengths.tolist() == [[3, 0]]
+    assert table.tolist() == [[[0, 2, 3], [0, 0, 0]]]
+    assert table.dtype == torch.int32
+
+
+def test_config_rejects_bad_values():
+    for bad in (-1, 0.0, 1.5, True, "1"):
+        with pytest.raises((ValueError, TypeError), match="budget"):
+            SelectionConfig(budget=bad)
+    with pytest.raises(ValueError, match="sink"):
+        SelectionConfig(budget=4, sink=-1)
+    with pytest.raises(ValueError, match="gqa"):
+        SelectionConfig(budget=4, gqa="mean")
+    d = KeyDigests.from_keys(torch.randn(1, 2, 8, 4), 4)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        select(torch.randn(1, 3, 1, 4), d, SelectionConfig(budget=4))

@@ -1,0 +1,42 @@
+"""Building blocks of the coming sparse decode mode (not yet wired into ``TieredKVCache``).
+
+- :mod:`.digests`: Quest-style per-block key min/max digests (upper bounds of q·k), incremental.
+- :mod:`.selection`: block scoring, sink/recent forcing, per-row token budgets, per-KV-head selection
+  and the union of blocks to fetch.
+- :mod:`.attention`: decode attention over selected blocks (torch reference and block-table form),
+  returning the attention mass per block.
+
+See docs/sparse.md.
+"""
+
+from .attention import SparseAttentionOutput, paged_decode_attention, paged_decode_attention_reference, sparse_attention_reference
+from .digests import KeyDigests, block_digests
+from .selection import (
+    BlockSelection,
+    SelectionConfig,
+    block_table,
+    forced_blocks,
+    score_blocks,
+    score_blocks_reference,
+    select,
+    select_blocks,
+    token_budget,
+)
+
+__all__ = [
+    "BlockSelection",
+    "KeyDigests",
+    "SelectionConfig",
+    "SparseAttentionOutput",
+    "block_digests",
+    "block_table",
+    "forced_blocks",
+    "paged_decode_attention",
+    "paged_decode_attention_reference",
+    "score_blocks",
+    "score_blocks_reference",
+    "select",
+    "select_blocks",
+    "sparse_attention_reference",
+    "token_budget",
+]

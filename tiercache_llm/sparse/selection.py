@@ -1,0 +1,240 @@
+"""Per-step block selection for sparse decode: score every block against the query, keep the sink and
+recent blocks, fill a token budget with the best-scoring blocks, per row and KV head.
+
+Everything is vectorised over blocks, KV heads and batch rows (a sort and a cumulative sum; no Python
+loop per block).  Shapes: ``B`` rows, ``H`` KV heads, ``Hq = G * H`` query heads (GQA groups of ``G``;
+query head ``h`` reads KV head ``h // G`` as in transformers' ``repeat_kv``), ``N`` blocks, ``D`` head
+dim, ``Q`` query positions (1 in decode).
+
+Rules (see docs/sparse.md):
+
+- **Score** of block ``j`` for one query head: ``sum_i max(q_i lo_ij, q_i hi_ij)`` - an upper bound of
+  ``q . k`` for every key of the block (see :mod:`.digests`).  The softmax scale is positive and common
+  to all blocks, so it is left out.
+- **GQA**: a KV head's score is the *max* over its group's query heads (and query positions), so it is
+  still an upper bound of every head's q·k on that block: a block that any head of the group needs
+  ranks high.  ``"sum"`` (the group's total) is available for comparison; it is not a bound (negative
+  terms pull it down) and can drown one head's sharp peak in its siblings' indifference.
+- **Forced blocks**: blocks holding any of a row's first ``sink`` valid tokens or its last ``recent``
+  valid tokens are always selected.
+- **Budget** (tokens besides the new ones): an ``int``, or a ``float`` in (0, 1] = that fraction of the
+  row's own valid tokens (rounded up).  A block costs its valid tokens.  Forced blocks are paid first;
+  the rest go in descending score until the next block would exceed the budget.  If the forced blocks
+  alone exceed it, exactly the forced blocks are selected.  A budget >= the row's context selects every
+  block holding a valid token.
+- **Padding**: blocks without valid tokens are never selected; padded tokens inside a selected block
+  are masked at attention time (``token_valid``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .digests import KeyDigests
+
+__all__ = [
+    "BlockSelection",
+    "SelectionConfig",
+    "block_table",
+    "forced_blocks",
+    "score_blocks",
+    "score_blocks_reference",
+    "select",
+    "select_blocks",
+    "token_budget",
+]
+
+GqaReduce = Literal["max", "sum"]
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """How blocks are chosen per decode step.
+
+    Attributes:
+        budget: tokens attended per row and KV head besides the new ones: ``int >= 0``, or ``float`` in
+            (0, 1] as a fraction of the row's valid context.
+        sink: leading valid tokens always attended (attention sinks).
+        recent: trailing valid tokens always attended (the local window).
+        gqa: ``"max"`` (default; an upper bound for every head of the group) or ``"sum"``.
+    """
+
+    budget: int | float
+    sink: int = 4
+    recent: int = 64
+    gqa: GqaReduce = "max"
+
+    def __post_init__(self) -> None:
+        b = self.budget
+        if isinstance(b, bool) or not isinstance(b, (int, float)):
+            raise TypeError(f"budget must be an int (tokens) or a float (fraction), got {type(b).__name__}")
+        if isinstance(b, int) and b < 0:
+            raise ValueError(f"a token budget must be >= 0, got {b}")
+        if isinstance(b, float) and not (0.0 < b <= 1.0):
+            raise ValueError(f"a fractional budget must be in (0, 1], got {b}")
+        for name in ("sink", "recent"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        if self.gqa not in ("max", "sum"):
+            raise ValueError(f"gqa must be 'max' or 'sum', got {self.gqa!r}")
+
+
+def _check_digests(query: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor) -> tuple[int, ...]:
+    if query.dim() != 4:
+        raise ValueError(f"query must be (batch, q_heads, q_len, head_dim), got shape {tuple(query.shape)}")
+    if lo.dim() != 4 or lo.shape != hi.shape:
+        raise ValueError(f"lo and hi must both be (batch, kv_heads, n_blocks, head_dim), got {tuple(lo.shape)} and {tuple(hi.shape)}")
+    b, hq, q, d = query.shape
+    _, h, n, dk = lo.shape
+    if lo.shape[0] != b or dk != d:
+        raise ValueError(f"query {tuple(query.shape)} does not match digests {tuple(lo.shape)}")
+    if hq % h:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({h})")
+    if tuple(count.shape) != (b, n):
+        raise ValueError(f"count must be (batch, n_blocks) = {(b, n)}, got {tuple(count.shape)}")
+    return b, h, hq // h, q, n, d
+
+
+def score_blocks_reference(query: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor,
+                           gqa: GqaReduce = "max") -> torch.Tensor:
+    """Torch reference of block scoring: ``(B, H, N)`` float32 upper bounds, ``-inf`` where ``count == 0``.
+
+    ``max(q lo, q hi)`` per dimension equals ``relu(q) hi + min(q, 0) lo``, so the score is two matmuls."""
+    b, h, g, q, n, d = _check_digests(query, lo, hi, count)
+    qf = query.float().reshape(b, h, g * q, d)
+    s = qf.clamp(min=0) @ hi.float().transpose(-1, -2) + qf.clamp(max=0) @ lo.float().transpose(-1, -2)
+    agg = s.amax(dim=2) if gqa == "max" else s.sum(dim=2)
+    return agg.masked_fill((count == 0).unsqueeze(1), float("-inf"))
+
+
+def score_blocks(query: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor,
+                 gqa: GqaReduce = "max", *, backend: str = "auto") -> torch.Tensor:
+    """Block scores ``(B, H, N)`` float32 (see :func:`score_blocks_reference`).
+
+    ``backend``: ``"torch"``, ``"triton"`` (``tiercache_kernels.block_scores``; needs triton, and CUDA
+    tensors unless triton runs interpreted, see ``tiercache_kernels.triton_support``), or ``"auto"``:
+    compiled Triton for CUDA tensors when triton imports, else torch."""
+    if gqa not in ("max", "sum"):
+        raise ValueError(f"gqa must be 'max' or 'sum', got {gqa!r}")
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if query.is_cuda and _compiled_triton_usable(query.device) else "torch"
+    if backend == "torch":
+        return score_blocks_reference(query, lo, hi, count, gqa)
+    from tiercache_kernels.block_scores import block_scores_triton
+
+    _check_digests(query, lo, hi, count)
+    return block_scores_triton(query, lo, hi, count, gqa)
+
+
+def _compiled_triton_usable(device: torch.device) -> bool:
+    from tiercache_kernels.triton_support import compiled_triton_usable
+
+    return compiled_triton_usable(device)
+
+
+def token_budget(count: torch.Tensor, budget: int | float) -> torch.Tensor:
+    """``(B,)`` int64 tokens each row may attend: ``budget`` itself, or ``ceil(budget * row's valid
+    tokens)`` for a fraction."""
+    n_valid = count.sum(dim=1)
+    if isinstance(budget, float):
+        # Round in float64 then up; a tiny epsilon keeps e.g. 0.25 * 400 from becoming 101.
+        return torch.ceil(n_valid.double() * budget - 1e-9).clamp(min=0).long()
+    return torch.full_like(n_valid, int(budget))
+
+
+def forced_blocks(count: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
+    """``(B, N)`` bool: blocks holding one of the row's first ``sink`` or last ``recent`` valid tokens.
+
+    Block ``j`` of a row holds the valid tokens ranked ``[start_j, end_j)`` (ranks count valid tokens
+    only, so left padding shifts nothing)."""
+    end = count.cumsum(dim=1)
+    start = end - count
+    total = end[:, -1:] if end.shape[1] else end
+    has = count > 0
+    return has & ((start < sink) | (end > total - recent))
+
+
+def select_blocks(scores: torch.Tensor, count: torch.Tensor, budget: torch.Tensor,
+                  forced: torch.Tensor) -> torch.Tensor:
+    """``(B, H, N)`` bool selection per row and KV head.
+
+    Args:
+        scores: ``(B, H, N)`` block scores (``-inf`` or anything where ``count == 0``).
+        count: ``(B, N)`` valid tokens per block (a block's cost).
+        budget: ``(B,)`` tokens per row.
+        forced: ``(B, N)`` blocks always selected.
+    """
+    b, h, n = scores.shape
+    has = (count > 0).unsqueeze(1).expand(b, h, n)
+    forced3 = (forced & (count > 0)).unsqueeze(1).expand(b, h, n)
+    key = scores.float().masked_fill(forced3, float("inf")).masked_fill(~has, float("-inf"))
+    key = torch.nan_to_num(key, nan=float("-inf"), posinf=float("inf"))
+    order = torch.argsort(key, dim=-1, descending=True, stable=True)
+    cost = count.unsqueeze(1).expand(b, h, n)
+    sorted_cost = cost.gather(-1, order)
+    forced_cost = (cost * forced3).sum(dim=-1, keepdim=True)
+    limit = torch.maximum(budget.view(b, 1, 1).to(cost.dtype), forced_cost)
+    take = has.gather(-1, order) & (sorted_cost.cumsum(dim=-1) <= limit)
+    return torch.zeros_like(take).scatter(-1, order, take)
+
+
+@dataclass(frozen=True)
+class BlockSelection:
+    """One layer's selection at one decode step.
+
+    Attributes:
+        head_mask: ``(B, H, N)`` bool, the blocks each row's KV head attends.
+        row_mask: ``(B, N)`` bool, union over heads (the blocks each row needs).
+        fetch: ``(U,)`` int64 ascending block indices, union over heads and rows: the entries to fetch
+            (one entry holds every row and head of a block).
+        scores: ``(B, H, N)`` float32 block scores.
+        budget: ``(B,)`` int64 token budget per row.
+    """
+
+    head_mask: torch.Tensor
+    row_mask: torch.Tensor
+    fetch: torch.Tensor
+    scores: torch.Tensor
+    budget: torch.Tensor
+
+    @property
+    def fetch_head_mask(self) -> torch.Tensor:
+        """``(B, H, U)`` bool: :attr:`head_mask` restricted to the fetched blocks, in :attr:`fetch` order
+        (the ``block_mask`` that :func:`..attention.sparse_attention_reference` takes)."""
+        return self.head_mask.index_select(2, self.fetch)
+
+    def selected_tokens(self, count: torch.Tensor) -> torch.Tensor:
+        """``(B, H)`` valid tokens selected per row and KV head."""
+        return (self.head_mask * count.unsqueeze(1)).sum(dim=-1)
+
+
+def select(query: torch.Tensor, digests: KeyDigests, config: SelectionConfig, *,
+           backend: str = "auto") -> BlockSelection:
+    """Score ``digests`` against ``query`` (``(B, Hq, Q, D)``) and select blocks under ``config``."""
+    scores = score_blocks(query, digests.lo, digests.hi, digests.count, config.gqa, backend=backend)
+    budget = token_budget(digests.count, config.budget)
+    forced = forced_blocks(digests.count, config.sink, config.recent)
+    head_mask = select_blocks(scores, digests.count, budget, forced)
+    row_mask = head_mask.any(dim=1)
+    fetch = row_mask.any(dim=0).nonzero().flatten()
+    return BlockSelection(head_mask, row_mask, fetch, scores, budget)
+
+
+def block_table(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A selection mask ``(..., N)`` as a block table: ``(table, lengths)`` with ``table`` ``(..., M)``
+    int32 holding each selection's block indices in ascending order (padded with 0 past ``lengths``),
+    ``lengths`` ``(...)`` int32, ``M = max(lengths)`` (at least 1)."""
+    lengths = mask.sum(dim=-1)
+    m = max(1, int(lengths.max())) if lengths.numel() else 1
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :m]
+    if order.shape[-1] < m:  # n == 0
+        order = torch.zeros(*mask.shape[:-1], m, dtype=torch.long, device=mask.device)
+    table = torch.where(torch.arange(m, device=mask.device) < lengths.unsqueeze(-1), order, 0)
+    return table.to(torch.int32), lengths.to(torch.int32)
+
