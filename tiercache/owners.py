@@ -3,12 +3,12 @@ of an owner that died (SIGKILL, power loss, an unhandled Ctrl-C) can be found an
 
 Convention
 ----------
-An *owner* is a string id (letters, digits, ``_``, ``-``, ``.``; at most 64 characters).  Its entries
-are the keys that are **tuples starting with its key prefix**: ``(owner_id,)`` by default, or a longer
-prefix given at registration (e.g. ``("kv", owner_id)``).  Prefix elements are ``str`` or ``int``.
-Nothing else about the keys is interpreted.
+An *owner* is a string id (letters, digits, ``_``, ``-``, ``.``, not starting with ``.``; at most 64
+characters).  Its entries are the keys that are **tuples starting with its key prefix**: ``(owner_id,)``
+by default, or a longer prefix given at registration (e.g. ``("kv", owner_id)``).  Prefix elements are
+``str`` or ``int``.  Nothing else about the keys is interpreted.
 
-Files (in ``<store>/owners/``, beside the store's data; see docs/architecture.md)::
+Files (in ``<store>/owners/``, beside the store's data; see docs/tiercache_llm.md, "Orphaned blocks")::
 
     <owner_id>.json   the record: {"owner", "prefix", "pid", "host", "created" (Unix seconds),
                       "ephemeral"}; written to a temporary file and renamed, so never half-written
@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any, Hashable
 
 OWNERS_DIR = "owners"
-_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class OwnerRecord:
         if not isinstance(prefix, list) or not prefix or not all(type(p) in (str, int) for p in prefix):
             raise ValueError(f"bad key prefix {prefix!r} in owner record")
         owner_id = data.get("owner")
-        if not isinstance(owner_id, str) or not _ID.match(owner_id):
+        if not isinstance(owner_id, str) or not _ID.fullmatch(owner_id):
             raise ValueError(f"bad owner id {owner_id!r} in owner record")
         return cls(
             owner_id, tuple(prefix), int(data.get("pid", -1)), str(data.get("host", "")),
@@ -162,8 +162,8 @@ def register(
     ``FileExistsError`` if the id is registered already.
     """
     owner_id = owner_id if owner_id is not None else uuid.uuid4().hex
-    if not isinstance(owner_id, str) or not _ID.match(owner_id):
-        raise ValueError(f"owner id must be 1-64 letters, digits, '_', '-' or '.', got {owner_id!r}")
+    if not isinstance(owner_id, str) or not _ID.fullmatch(owner_id):
+        raise ValueError(f"owner id must be 1-64 letters, digits (not starting with '.'), '_', '-' or '.', got {owner_id!r}")
     prefix = _check_prefix(prefix if prefix is not None else (owner_id,))
     folder = owners_dir(store_path)
     folder.mkdir(parents=True, exist_ok=True)
