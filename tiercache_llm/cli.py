@@ -213,15 +213,15 @@ def _run(args: argparse.Namespace, torch: Any) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .kv_cache import TieredKVCache
-    from .models import MARKER, ModelCacheError, converted_model_dir, ensure_smollm2
+    from .models import ModelCacheError, ensure_smollm2
     from .prompts import passkey_prompt
 
-    target = converted_model_dir(args.model_cache)
-    if not (target / MARKER).is_file():
-        _say(args, f"converting SmolLM2-135M-Instruct into {target} (once; about 20 s) ...")
     started = time.perf_counter()
     try:
-        target = ensure_smollm2(args.model_cache)
+        target = ensure_smollm2(
+            args.model_cache,
+            on_convert=lambda folder: _say(args, f"converting SmolLM2-135M-Instruct into {folder} (once; about 20 s) ..."),
+        )
     except ModelCacheError as exc:
         raise UsageError(f"--model-cache: {exc}") from exc
     config = AutoConfig.from_pretrained(target)

@@ -100,7 +100,10 @@ def convert_smollm2(staging: Path) -> None:
 
 
 def ensure_smollm2(
-    cache_dir: str | os.PathLike | None = None, *, converter: Callable[[Path], None] | None = None
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    converter: Callable[[Path], None] | None = None,
+    on_convert: Callable[[Path], None] | None = None,
 ) -> Path:
     """Return the folder of an up-to-date converted model (:func:`converted_model_dir`), converting
     first when it is missing or was made from a different GGUF file (size/mtime) or format.
@@ -110,7 +113,8 @@ def ensure_smollm2(
     conversion of ours is renamed aside and removed only after the new one is in place.  A target that
     is a file, or a non-empty folder without our marker, raises :class:`ModelCacheError`.  Safe
     against a concurrent conversion (the loser discards its copy).  ``converter(folder)`` fills an
-    empty folder (default :func:`convert_smollm2`; tests pass a fake).
+    empty folder (default :func:`convert_smollm2`; tests pass a fake); ``on_convert(target)`` is called
+    just before a conversion starts (the CLI says what is happening).
     """
     target = converted_model_dir(cache_dir)
     want = _source_id(smollm2_gguf_path())
@@ -122,6 +126,8 @@ def ensure_smollm2(
         parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise ModelCacheError(f"model cache {parent} is not a folder") from None
+    if on_convert is not None:
+        on_convert(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=parent))
     try:
         (converter or convert_smollm2)(staging)
