@@ -240,6 +240,10 @@ def _run(args: argparse.Namespace, torch: Any) -> dict:
             )
         except (ValueError, TypeError) as exc:
             raise UsageError(str(exc)) from exc
+        reclaimed = cache.store.reclaimed
+        if reclaimed is not None and reclaimed.owners:
+            _say(args, f"reclaimed {reclaimed.entries} KV block entries ({format_size(reclaimed.bytes_freed)}) left in "
+                       f"{path} by {len(reclaimed.owners)} earlier run(s) that did not finish")
         with cache:
             model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
             tokenizer = AutoTokenizer.from_pretrained(target)
