@@ -203,7 +203,7 @@ def test_budget_too_small_is_refused_before_loading_weights(smollm2, capsys, mon
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
     code, _, err = run_main(capsys, "demo", "--host", "1MiB", "--disk", "0", "--tokens", "1500")
     assert code == 2
-    assert_one_line_error(err, "needs about", "MiB", "--host 1.0 MiB")
+    assert_one_line_error(err, "needs at least", "MiB", "--host 1.0 MiB")
 
 
 def test_ctrl_c_exits_130_and_leaves_no_blocks(smollm2, capsys, monkeypatch, tmp_path):
@@ -225,6 +225,19 @@ def test_ctrl_c_exits_130_and_leaves_no_blocks(smollm2, capsys, monkeypatch, tmp
     assert owners.list_owners(path) == []
     with tiercache.Cache(host=0, disk="512MiB", path=path) as raw:
         assert len(raw) == 0  # the KV cache deleted its blocks on the way out
+
+
+def test_capacity_error_while_running_is_one_line_exit_1(smollm2, capsys, monkeypatch):
+    from tiercache_llm.errors import KVCapacityError
+    from tiercache_llm.kv_cache import TieredKVCache
+
+    def full(self, *args, **kwargs):
+        raise KVCapacityError("storing 1.0 MiB more of KV blocks needs more than the 0 B left free in the tiers")
+
+    monkeypatch.setattr(TieredKVCache, "update", full)
+    code, out, err = run_main(capsys, "demo", "--tokens", "100", "--no-progress")
+    assert code == 1 and out == ""
+    assert_one_line_error(err, "left free in the tiers", "--debug")
 
 
 def test_progress_ends_cleanly_when_generation_stops_early(capsys):
