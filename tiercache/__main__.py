@@ -59,7 +59,7 @@ def demo(args: argparse.Namespace) -> int:
                 f"{name}={format_size(size) if size else 'off'}" for name, size in (("host", args.host), ("disk", args.disk))
             )
             print(f"tiercache demo: {count} values of {format_size(value_bytes)} into {tiers}"
-                  + (f" at {path}" if path else ""))
+                  + (f" at {path}" if path else ""), flush=True)
             start = time.perf_counter()
             for i in tqdm(range(count), desc="put", unit="value", disable=args.no_progress):
                 cache.put(("demo", i), _value(i, numel))
