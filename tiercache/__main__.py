@@ -51,6 +51,11 @@ def demo(args: argparse.Namespace) -> int:
         raise UsageError("--path names the disk tier's folder, but --disk 0 disables the disk tier")
     if args.disk == 0 and args.host == 0:
         raise UsageError("--host 0 and --disk 0 leave no tier to store values in")
+    if value_bytes > max(args.host, args.disk):
+        raise UsageError(
+            f"--value-size {format_size(value_bytes)} is larger than every tier (--host {format_size(args.host)}, "
+            f"--disk {format_size(args.disk)})"
+        )
     numel = value_bytes // itemsize
     with tempfile.TemporaryDirectory(prefix="tiercache-demo-") as tmp:
         path = None if args.disk == 0 else (args.path or f"{tmp}/store")

@@ -47,6 +47,7 @@ def assert_one_line_error(err, *needles):
         (["demo", "--value-size", "0"], ["--value-size", "larger than 0"]),
         (["demo", "--disk", "0", "--path", "/tmp/x"], ["--disk 0 disables"]),
         (["demo", "--disk", "0", "--host", "0"], ["no tier"]),
+        (["demo", "--value-size", "4MiB", "--host", "1MiB", "--disk", "0"], ["larger than every tier"]),
         (["gc", "/nonexistent/store"], ["does not exist"]),
         (["bogus"], ["invalid choice"]),
     ],
