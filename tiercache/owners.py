@@ -158,7 +158,8 @@ def register(
 
     ``owner_id`` defaults to a fresh random id; ``prefix`` (default ``(owner_id,)``) is the key
     prefix of its entries.  The lock is taken *before* the record is visible, so a concurrent
-    :func:`reclaim` never sees a live owner as dead.  Raises ``ValueError`` for a bad id or prefix,
+    :func:`reclaim` never sees a live owner as dead.  Register once the store exists (open its
+    ``Cache`` first): a folder holding nothing but ``owners/`` is not a store.  Raises ``ValueError`` for a bad id or prefix,
     ``FileExistsError`` if the id is registered already.
     """
     owner_id = owner_id if owner_id is not None else uuid.uuid4().hex

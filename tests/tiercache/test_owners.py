@@ -125,3 +125,44 @@ def test_store_with_owner_records_reopens(tmp_path):
     o.release()
     with tiercache.Cache(host=0, disk="4MiB", path=path) as cache:
         assert ("x", 1) in cache
+
+
+def _die(owner):
+    """Simulate the owner's process dying: its lock is dropped, its record stays."""
+    os.close(owner._lock_fd)
+    owner._lock_fd = None
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+OWNER_KINDS = st.sampled_from(["live", "dead", "dead-persistent"])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    kinds=st.lists(OWNER_KINDS, min_size=1, max_size=4),
+    keys=st.lists(st.tuples(st.integers(0, 4), st.integers(0, 50)), max_size=30, unique=True),
+)
+def test_reclaim_deletes_exactly_the_dead_ephemeral_owners_keys(tmp_path_factory, kinds, keys):
+    path = tmp_path_factory.mktemp("prop") / "store"
+    with tiercache.Cache(host=0, disk="4MiB", path=path) as cache:
+        handles = [
+            owners.register(path, f"o{i}", prefix=("ns", f"o{i}"), ephemeral=kind != "dead-persistent")
+            for i, kind in enumerate(kinds)
+        ]
+        stored = []
+        for owner_index, serial in keys:  # owner_index beyond the owners: keys that belong to nobody
+            key = ("ns", f"o{owner_index}", serial)
+            cache.put(key, torch.ones(2))
+            stored.append(key)
+        for handle, kind in zip(handles, kinds):
+            if kind.startswith("dead"):
+                _die(handle)
+        report = owners.reclaim(cache, path)
+        doomed = {f"o{i}" for i, kind in enumerate(kinds) if kind == "dead"}
+        assert sorted(report.owners) == sorted(doomed)
+        assert report.entries == sum(key[1] in doomed for key in stored)
+        assert sorted(cache.keys()) == sorted(key for key in stored if key[1] not in doomed)
+        assert {s.owner_id for s in owners.list_owners(path)} == {f"o{i}" for i in range(len(kinds))} - doomed
+    for handle in handles:
+        handle.release()
