@@ -170,15 +170,16 @@ def _quiet_transformers() -> Iterator[None]:
     """Silence transformers' and huggingface_hub's own loading/conversion bars and chatter."""
     from transformers.utils import logging as hf_logging
 
-    was = hf_logging.get_verbosity()
+    was, bars_were_on = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        from huggingface_hub.utils import disable_progress_bars
-
-        disable_progress_bars()
+        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
     except ImportError:  # pragma: no cover - hub is a transformers dependency
-        pass
+        hub_bars_were_on = False
+    else:
+        hub_bars_were_on = not are_progress_bars_disabled()
+        disable_progress_bars()
     # The GGUF dequantiser draws a raw tqdm bar that no transformers switch turns off.
     try:
         import transformers.modeling_gguf_pytorch_utils as gguf_utils
@@ -191,6 +192,10 @@ def _quiet_transformers() -> Iterator[None]:
         yield
     finally:
         hf_logging.set_verbosity(was)
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
+        if hub_bars_were_on:
+            enable_progress_bars()
         if bar is not None:
             gguf_utils.tqdm = bar
 

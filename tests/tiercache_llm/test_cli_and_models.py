@@ -250,3 +250,17 @@ def test_progress_ends_cleanly_when_generation_stops_early(capsys):
     assert "prefill 100 tokens" in err and "decode" in err
     assert "3/3" in err and "end of sequence" in err and "3/10" not in err.splitlines()[-1]
     assert progress.prefill_done_at is not None and progress.generated == 3
+
+
+def test_transformers_own_bars_are_silenced_in_the_demo_and_restored_after(capsys):
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    from tiercache_llm.cli import _quiet_transformers
+
+    with _quiet_transformers():
+        list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
+        assert not hf_logging.is_progress_bar_enabled()
+    assert "Converting" not in capsys.readouterr().err
+    list(gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."))
+    assert "Converting" in capsys.readouterr().err and hf_logging.is_progress_bar_enabled()
