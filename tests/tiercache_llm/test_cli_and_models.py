@@ -114,6 +114,22 @@ def test_empty_target_and_outdated_conversion_are_replaced(fake_gguf, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fake.gguf", models.MODEL_DIR_NAME]
 
 
+def test_concurrent_conversion_that_wins_the_race_is_used(fake_gguf, tmp_path):
+    target = tmp_path / models.MODEL_DIR_NAME
+    calls = []
+
+    def slow(folder):  # another process finishes its conversion while this one is still converting
+        calls.append(folder)
+        target.mkdir()
+        (target / "model.safetensors").write_bytes(b"theirs")
+        (target / models.MARKER).write_text(json.dumps(models._source_id(fake_gguf)))
+        (folder / "model.safetensors").write_bytes(b"ours")
+
+    assert models.ensure_smollm2(tmp_path, converter=slow) == target
+    assert (target / "model.safetensors").read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake.gguf", models.MODEL_DIR_NAME]  # ours discarded
+
+
 def test_failed_conversion_leaves_nothing(fake_gguf, tmp_path):
     def broken(folder):
         (folder / "half").write_bytes(b"x")
