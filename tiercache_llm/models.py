@@ -151,7 +151,10 @@ def _check_replaceable(target: Path) -> None:
 def _install(staging: Path, target: Path, want: dict) -> None:
     """Rename ``staging`` onto ``target`` (missing, empty, or an outdated conversion of ours)."""
     aside = None
-    if target.is_dir() and _marker(target) is not None:  # outdated conversion of ours: move it aside first
+    found = _marker(target)
+    if found == want:  # a concurrent conversion finished first: use it (ours is removed by the caller)
+        return
+    if target.is_dir() and found is not None:  # outdated conversion of ours: move it aside first
         aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
         try:
             os.replace(target, aside / "model")
