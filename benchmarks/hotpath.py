@@ -736,7 +736,9 @@ def parse_ints(text: str, name: str) -> tuple[int, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results directory")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results directory (default benchmarks/results; with --quick a temp directory, so a "
+                             "smoke run never overwrites the committed results)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 repeat (seconds per row)")
     parser.add_argument("--rows", type=lambda t: parse_ints(t, "--rows"), default=ROWS, help="e.g. 1,2,6")
     parser.add_argument("--repeats", type=int, default=None, help="repeats per figure (default 3, quick 1)")
@@ -749,6 +751,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None,
                         help="scratch directory on the disk under test (default: a temp dir under $TMPDIR)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = Path(tempfile.gettempdir()) / "tiercache-hotpath-quick" if args.quick else Path("benchmarks/results")
     bad = sorted(set(args.rows) - set(ROWS))
     if bad:
         parser.error(f"--rows: no such row(s) {bad}; rows are {list(ROWS)}")
