@@ -448,9 +448,10 @@ def rows_host(ctx: Context, threads: int, row: int) -> list[Result]:
                                   baseline_samples=[1e6 * t / count for t in base], extra={"values": count}))
         else:
             gib = count * size / (1 << 30)
+            tier_rate, base_rate = [gib / t for t in tier], [gib / t for t in base]
             results.append(Result(4, f"host tier {op} throughput, 64 KiB values", threads, "GiB/s",
-                                  gib / median(tier), gib / median(base), f"dict of clones {op}", 0.8, ">=",
-                                  samples=[gib / t for t in tier], baseline_samples=[gib / t for t in base],
+                                  median(tier_rate), median(base_rate), f"dict of clones {op}", 0.8, ">=",
+                                  samples=tier_rate, baseline_samples=base_rate,
                                   extra={"values": count}))
     return results
 
@@ -688,6 +689,8 @@ def write_results(results: Sequence[Result], meta: dict[str, Any], out: Path) ->
              "Threads = `torch.set_num_threads`. Cold = page cache dropped for the store "
              "(`fdatasync` + `posix_fadvise(DONTNEED)`) before every step/reopen, or bypassed with the disk "
              "tier's `direct_io` where available (see the row label). See docs/benchmarks.md.", ""]
+    if meta.get("quick"):
+        lines += ["**Quick run**: smoke-test sizes and 1 repeat; the figures say the code runs, not how fast it is.", ""]
     lines += table(results)
     (out / "hotpath.md").write_text("\n".join(lines) + "\n")
     plot(results, out / "hotpath.png")
@@ -778,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = machine_meta()
     meta.update(command=" ".join(["python", "benchmarks/hotpath.py", *(argv if argv is not None else sys.argv[1:])]),
                 runtime_s=time.perf_counter() - start, settings=asdict(settings), rows=sorted(set(args.rows)),
-                workdir_filesystem=fstype)
+                workdir_filesystem=fstype, quick=args.quick)
     write_results(results, meta, args.out)
     print("\n".join(table(results)))
     print(f"\nwrote {args.out / 'hotpath.json'}, hotpath.md, hotpath.png ({meta['runtime_s']:.0f} s)")
