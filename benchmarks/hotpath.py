@@ -751,6 +751,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="model of rows 1-2 (tiny: a random 2-layer Llama, for tests)")
     parser.add_argument("--contexts", type=lambda t: parse_ints(t, "--contexts"), default=None,
                         help="prompt lengths of rows 1-2 (default 1024,2048,4096)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed decode steps per run of rows 1-2 (default 16, quick 4)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="scratch directory on the disk under test (default: a temp dir under $TMPDIR)")
     args = parser.parse_args(argv)
@@ -769,6 +771,10 @@ def main(argv: list[str] | None = None) -> int:
         settings.threads = tuple(dict.fromkeys(args.threads))
     if args.contexts is not None:
         settings.contexts = args.contexts
+    if args.steps is not None:
+        if args.steps < 1:
+            parser.error("--steps must be positive")
+        settings.decode_steps = args.steps
     workdir = Path(tempfile.mkdtemp(prefix="tiercache-hotpath-", dir=args.workdir))
     fstype = filesystem_of(workdir)
     if fstype in ("tmpfs", "ramfs"):

@@ -93,7 +93,7 @@ def test_cli_quick_subset_writes_results(hotpath, tmp_path):
     assert "Quick run" in (tmp_path / "hotpath.md").read_text()
 
 
-@pytest.mark.parametrize("argv", [["--rows", "8"], ["--rows", "x"], ["--threads", "0"], ["--repeats", "0"]])
+@pytest.mark.parametrize("argv", [["--rows", "8"], ["--rows", "x"], ["--threads", "0"], ["--repeats", "0"], ["--steps", "0"]])
 def test_cli_rejects_bad_options(hotpath, tmp_path, argv):
     with pytest.raises(SystemExit) as exc:
         hotpath.main([*argv, "--model", "tiny", "--out", str(tmp_path)])
