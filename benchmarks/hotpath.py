@@ -714,13 +714,18 @@ def plot(results: Sequence[Result], path: Path) -> None:
     for y, r in zip(ys, results):
         if r.target is not None and r.target_on == "ratio":
             ax.plot([r.target, r.target], [y - 0.4, y + 0.4], color="black", lw=2)
+        note = f" {_fmt(r.figure)} {r.unit}"
+        if r.target is not None and r.target_on == "figure":
+            note += f" (target {r.target_op} {r.target:g} {r.unit})"
+        if r.ratio == r.ratio:
+            ax.text(r.ratio, y, note, va="center", fontsize=6)
     ax.set_yticks(ys)
     ax.set_yticklabels(labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xscale("log")
     ax.axvline(1.0, color="gray", lw=0.8, ls="--")
-    ax.set_xlabel("figure / same-run baseline (black tick: target; green met, red not met, gray: target on the "
-                  "figure itself)")
+    ax.set_xlabel("figure / same-run baseline (log scale); text: the figure itself\n"
+                  "black tick: target on the ratio; green: target met, red: not met, gray: no target at this size")
     ax.set_title("tiercache hot path vs same-run baselines")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
