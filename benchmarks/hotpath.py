@@ -677,13 +677,19 @@ def table(results: Sequence[Result]) -> list[str]:
     return lines
 
 
+def _load(meta: dict[str, Any], key: str) -> str:
+    value = meta.get(key)
+    return "/".join(f"{x:.1f}" for x in value) if value else "?"
+
+
 def write_results(results: Sequence[Result], meta: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "hotpath.json").write_text(json.dumps({"meta": meta, "results": [r.to_json() for r in results]},
                                                  indent=1, default=str))
     lines = ["# Hot-path benchmark (CPU, issue 8)", "",
              f"`{meta['command']}` on {meta['machine']} ({meta['cpus']} CPUs), {meta['date_utc']} UTC, "
-             f"{meta['runtime_s']:.0f} s in all.",
+             f"{meta['runtime_s']:.0f} s in all; load average {_load(meta, 'load_average_start')} at the start, "
+             f"{_load(meta, 'load_average')} at the end (1/5/15 min).",
              "Figures are medians over repeats; the baseline is measured in the same run, interleaved with the "
              "figure. ratio = figure / baseline (times: lower is better; throughputs: higher is better). "
              "Threads = `torch.set_num_threads`. Cold = page cache dropped for the store "
@@ -784,6 +790,7 @@ def main(argv: list[str] | None = None) -> int:
     fstype = filesystem_of(workdir)
     if fstype in ("tmpfs", "ramfs"):
         print(f"warning: {workdir} is on {fstype}: disk rows will not touch a disk", file=sys.stderr)
+    load_start = os.getloadavg()
     start = time.perf_counter()
     try:
         results = run(settings, sorted(set(args.rows)), workdir)
@@ -792,7 +799,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = machine_meta()
     meta.update(command=" ".join(["python", "benchmarks/hotpath.py", *(argv if argv is not None else sys.argv[1:])]),
                 runtime_s=time.perf_counter() - start, settings=asdict(settings), rows=sorted(set(args.rows)),
-                workdir_filesystem=fstype, quick=args.quick)
+                workdir_filesystem=fstype, quick=args.quick,
+                load_average_start=load_start)
     write_results(results, meta, args.out)
     print("\n".join(table(results)))
     print(f"\nwrote {args.out / 'hotpath.json'}, hotpath.md, hotpath.png ({meta['runtime_s']:.0f} s)")
