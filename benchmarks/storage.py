@@ -31,8 +31,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import tiercache
-from tiercache.sizes import format_size, parse_size
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import drop_page_cache  # noqa: E402  (the benchmarks directory is not a package)
+
+import tiercache  # noqa: E402
+from tiercache.sizes import format_size, parse_size  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 DEFAULT_SIZES = [16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB]
@@ -80,15 +83,9 @@ def bench_host(values: list[torch.Tensor]) -> dict[str, float]:
 
 
 def _drop_page_cache(root: Path) -> None:
-    """Write back and evict ``root``'s files from the page cache so the next read hits the device."""
-    os.sync()
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+    """Write back (whole-system ``sync``) and evict ``root``'s files from the page cache so the next read
+    hits the device."""
+    drop_page_cache(root, sync_all=True)
 
 
 def _read_raw(paths: list[Path], sizes: list[int]) -> None:
