@@ -12,6 +12,7 @@ against the page cache in the same state (freshly written files), so the ratio c
 overhead plus checksum cost, not the device.  Writes JSON, a markdown table and a plot to ``--out``.
 
     python benchmarks/storage.py --out benchmarks/results
+    python benchmarks/storage.py --quick --out /tmp/storage   # small sizes and totals, 1 repeat (seconds)
 """
 
 from __future__ import annotations
@@ -30,11 +31,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import tiercache
-from tiercache.sizes import format_size, parse_size
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import drop_page_cache  # noqa: E402  (the benchmarks directory is not a package)
+
+import tiercache  # noqa: E402
+from tiercache.sizes import format_size, parse_size  # noqa: E402
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 DEFAULT_SIZES = [16 * KiB, 64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB]
+DEFAULT_TOTAL, DEFAULT_REPEATS = "128MiB", 5
+QUICK_SIZES, QUICK_TOTAL, QUICK_REPEATS = [16 * KiB, 256 * KiB, 1 * MiB], "8MiB", 1
 
 
 def _values(size: int, total: int) -> list[torch.Tensor]:
@@ -77,15 +83,9 @@ def bench_host(values: list[torch.Tensor]) -> dict[str, float]:
 
 
 def _drop_page_cache(root: Path) -> None:
-    """Write back and evict ``root``'s files from the page cache so the next read hits the device."""
-    os.sync()
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+    """Write back (whole-system ``sync``) and evict ``root``'s files from the page cache so the next read
+    hits the device."""
+    drop_page_cache(root, sync_all=True)
 
 
 def _read_raw(paths: list[Path], sizes: list[int]) -> None:
@@ -221,13 +221,26 @@ def write_results(rows: list[dict[str, object]], meta: dict[str, object], out: P
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="results directory")
-    parser.add_argument("--sizes", default=",".join(str(s) for s in DEFAULT_SIZES),
-                        help="comma-separated value sizes (bytes or '64KiB')")
-    parser.add_argument("--total", default="128MiB", help="bytes of values per size and run")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results directory (default benchmarks/results; with --quick a temp directory, so a "
+                             "smoke run never overwrites the committed results)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke-sized run: sizes 16KiB,256KiB,1MiB, {QUICK_TOTAL} per case, {QUICK_REPEATS} repeat "
+                             "(explicit --sizes/--total/--repeats still win)")
+    parser.add_argument("--sizes", default=None,
+                        help="comma-separated value sizes (bytes or '64KiB'; default 16KiB … 16MiB)")
+    parser.add_argument("--total", default=None, help=f"bytes of values per size and run (default {DEFAULT_TOTAL})")
+    parser.add_argument("--repeats", type=int, default=None, help=f"default {DEFAULT_REPEATS}")
     parser.add_argument("--workdir", type=Path, default=None, help="directory for disk files (default: a temp dir)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = Path(tempfile.gettempdir()) / "tiercache-storage-quick" if args.quick else Path("benchmarks/results")
+    if args.sizes is None:
+        args.sizes = ",".join(str(s) for s in (QUICK_SIZES if args.quick else DEFAULT_SIZES))
+    if args.total is None:
+        args.total = QUICK_TOTAL if args.quick else DEFAULT_TOTAL
+    if args.repeats is None:
+        args.repeats = QUICK_REPEATS if args.quick else DEFAULT_REPEATS
     sizes = [parse_size(s.strip(), "--sizes") for s in args.sizes.split(",") if s.strip()]
     total = parse_size(args.total, "--total")
     if args.repeats < 1 or not sizes or total <= 0:

@@ -1,0 +1,117 @@
+"""Smoke tests of benchmarks/hotpath.py and benchmarks/storage.py at tiny sizes: every row runs end to end,
+measures a baseline beside its figure, and writes its JSON, markdown and plot.  They assert structure and
+sanity (finite positive timings, exact decode tokens equal DynamicCache's, the disk configuration really
+reads from disk), never speed: the speed targets live in the benchmark's own output."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def hotpath():
+    return _load("hotpath")
+
+
+def tiny_settings(hotpath):
+    """Smaller than --quick: a random 2-layer model, a 32 KiB host tier so the decode rows spill to disk."""
+    return hotpath.Settings(
+        contexts=(130,), decode_steps=2, decode_host=32 * 1024, model="tiny", host_small_values=200,
+        host_large_values=16, disk_values={4096: 40, 65536: 8}, reopen_entries=(300,), churn_entries=400,
+        churn_puts=50, repeats=2, threads=(1,),
+    )
+
+
+def test_every_row_runs_with_a_same_run_baseline_and_writes_its_files(hotpath, tmp_path):
+    settings = tiny_settings(hotpath)
+    results = hotpath.run(settings, hotpath.ROWS, tmp_path / "work", show_progress=False)
+
+    assert {r.row for r in results} == set(hotpath.ROWS)
+    for r in results:
+        assert r.threads == 1
+        assert math.isfinite(r.figure) and r.figure > 0, r
+        assert math.isfinite(r.baseline) and r.baseline > 0, r
+        assert len(r.samples) == settings.repeats and len(r.baseline_samples) == settings.repeats, r
+        assert r.figure == pytest.approx(statistics.median(r.samples))  # the figure is the median sample
+    decode = [r for r in results if r.row in (1, 2) and r.name.startswith("exact decode")]
+    assert len(decode) == 3  # host; disk warm; disk cold
+    assert all(r.extra["tokens_match_dynamic"] for r in decode)
+    fetch = [r for r in results if r.name.startswith("fetch per step")]
+    assert len(fetch) == 2
+    for r in fetch:  # the 32 KiB host tier forces most blocks to disk: the baseline reads real files
+        assert r.extra["disk_hits_per_step"] > 0
+        assert r.extra["plain"][0]["disk_files"] == round(r.extra["disk_hits_per_step"])
+    cold = next(r for r in decode if "cold" in r.name)
+    assert cold.extra["cold_method"] in ("fadvise", "direct_io")
+    # rows 3-5 each measure put and get (row 5: two value sizes); rows 6 warm and cold; row 7 once.
+    assert [sum(r.row == n for r in results) for n in (3, 4, 5, 6, 7)] == [2, 2, 2, 2, 1]
+
+    meta = {"command": "test", "machine": "m", "cpus": 1, "date_utc": "now", "runtime_s": 1.0}
+    out = tmp_path / "out"
+    hotpath.write_results(results, meta, out)
+    saved = json.loads((out / "hotpath.json").read_text())
+    assert len(saved["results"]) == len(results)
+    assert all("ratio" in r and "met" in r and r["samples"] for r in saved["results"])
+    table = (out / "hotpath.md").read_text().splitlines()
+    assert sum(line.startswith("| ") and line[2].isdigit() for line in table) == len(results)
+    assert (out / "hotpath.png").stat().st_size > 0
+
+
+def test_target_direction(hotpath):
+    slow = hotpath.Result(1, "x", 1, "ms/step", 2.0, 1.0, "base", 1.15, "<=")
+    fast = hotpath.Result(4, "x", 1, "GiB/s", 0.9, 1.0, "base", 0.8, ">=")
+    absolute = hotpath.Result(6, "x", 1, "s", 0.3, 0.01, "scan", 0.5, "<=", "figure")
+    untargeted = hotpath.Result(6, "x", 1, "s", 0.3, 0.01, "scan")
+    assert (slow.ratio, slow.met) == (2.0, False)
+    assert fast.met is True
+    assert absolute.met is True and absolute.ratio == pytest.approx(30)
+    assert untargeted.met is None
+
+
+def test_cli_quick_subset_writes_results(hotpath, tmp_path):
+    assert hotpath.main(["--quick", "--model", "tiny", "--rows", "3,7", "--threads", "1", "--out", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "hotpath.json").read_text())
+    assert {r["row"] for r in saved["results"]} == {3, 7}
+    assert saved["meta"]["quick"] is True and saved["meta"]["settings"]["repeats"] == 1
+    assert "Quick run" in (tmp_path / "hotpath.md").read_text()
+
+
+@pytest.mark.parametrize("argv", [["--rows", "8"], ["--rows", "x"], ["--threads", "0"], ["--repeats", "0"], ["--steps", "0"]])
+def test_cli_rejects_bad_options(hotpath, tmp_path, argv):
+    with pytest.raises(SystemExit) as exc:
+        hotpath.main([*argv, "--model", "tiny", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+
+
+def test_storage_quick_runs(tmp_path):
+    storage = _load("storage")
+    assert storage.main(["--quick", "--sizes", "16KiB", "--total", "256KiB", "--out", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "storage.json").read_text())
+    assert {r["tier"] for r in saved["results"]} == {"host", "disk"}
+    assert all(r["repeats"] == 1 for r in saved["results"])
+    assert (tmp_path / "storage.md").exists() and (tmp_path / "storage.png").exists()
+
+
+def test_drop_page_cache_visits_every_file(tmp_path):
+    common = _load("_common")
+    common.write_files(tmp_path / "a" / "b", 3, 4096)
+    common.write_files(tmp_path / "c", 2, 100)
+    assert common.drop_page_cache(tmp_path) == 5
+    assert [len(t) for t in common.read_files(sorted((tmp_path / "c").iterdir()), 100)] == [100, 100]
