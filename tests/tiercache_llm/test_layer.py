@@ -123,7 +123,7 @@ def test_blocks_are_stored_under_stable_keys_and_spill_to_disk(tmp_path, make_co
     assert keys == {block_key(cache.cache_uid, l, kind, s) for l in range(2) for kind in "kv" for s in range(2)}
     tiers = cache.stats()["tiercache"]["tiers"]
     assert tiers["disk"]["entries"] > 0 and tiers["host"]["entries"] > 0
-    assert cache.layers[0]._tail_k.shape[-2] == 2  # 10 tokens = 2 blocks of 4 + a tail of 2
+    assert cache.layers[0].tail_length == 2  # 10 tokens = 2 blocks of 4 + a tail of 2
     cache.close()
 
 
