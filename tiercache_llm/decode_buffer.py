@@ -1,10 +1,14 @@
 """The buffer exact decode assembles each layer's attention states in.
 
-Every forward pass, a :class:`~tiercache_llm.TieredKVLayer` must hand attention one contiguous
-``(batch, kv_heads, length, head_dim)`` tensor for keys and one for values.  Instead of gathering the
-blocks, concatenating the tail and concatenating the new tokens (three copies of the context), the
-layer asks a :class:`DecodeBuffer` for two tensors of exactly that shape and has the tiercache write
-every block straight into its slice; the tail and the new tokens are copied in place behind them.
+Every forward pass, a :class:`~tiercache_llm.TieredKVLayer` must hand attention its keys and values as
+``(batch, kv_heads, length, head_dim)`` tensors.  Instead of gathering the blocks, concatenating the
+tail and concatenating the new tokens (three copies of the context), the layer takes a buffer of
+``(batch, kv_heads, capacity, head_dim)`` from a :class:`DecodeBuffer`, has the tiercache write every
+block straight into its slice (``[j * block_size, (j + 1) * block_size)`` for the ``j``-th visible
+block), copies the tail and the new tokens in place behind them, and returns a view
+``buffer[:, :, start:end]`` (contiguous in ``head_dim``; the batch and head strides span the
+capacity).  Capacity grows geometrically, and the per-block views of a buffer are made once per
+allocation, so a decode step does no per-block tensor bookkeeping.
 
 One buffer pair is shared by all layers of a :class:`~tiercache_llm.TieredKVCache`: a model runs the
 attention of layer ``l`` to completion before it updates layer ``l + 1``, so the states of one layer
@@ -16,52 +20,93 @@ into a fiction.
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass, field
 
 import torch
 
-# Growth factor of the storage: amortised O(1) reallocations per token while using at most 1.5x the
-# largest layer's states.
+# Growth factor of the capacity: O(log context) reallocations while holding at most 1.5x the largest
+# layer's visible states.
 GROWTH = 1.5
 
 
+@dataclass(eq=False)
+class StatesBuffer:
+    """One K and one V buffer of ``(batch, heads, capacity, head_dim)`` and their block views.
+
+    Attributes:
+        keys, values: the buffers.
+        block_size: tokens per block view.
+        key_blocks, value_blocks: ``keys[:, :, j * block_size:(j + 1) * block_size]`` for every ``j``
+            with ``(j + 1) * block_size <= capacity`` (and the same of ``values``).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    block_size: int
+    key_blocks: list[torch.Tensor] = field(init=False)
+    value_blocks: list[torch.Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        n = self.capacity // self.block_size
+        span = n * self.block_size
+        self.key_blocks = list(self.keys[:, :, :span].unflatten(2, (n, self.block_size)).unbind(2))
+        self.value_blocks = list(self.values[:, :, :span].unflatten(2, (n, self.block_size)).unbind(2))
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
 class DecodeBuffer:
-    """Grows-only storage for one K and one V tensor per ``(device, dtype)``.
+    """Grows-only :class:`StatesBuffer` s, one per layer geometry (device, dtype, batch, heads,
+    head_dim, block size), shared by the layers of a cache.
 
     Not thread-safe (a cache is updated by one thread at a time, as transformers' caches are).
     """
 
     def __init__(self) -> None:
-        self._storage: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        self._buffers: dict[tuple, StatesBuffer] = {}
         self.peak_bytes = 0
 
-    def views(
+    def get(
         self,
-        shape_k: tuple[int, ...],
-        shape_v: tuple[int, ...],
+        tokens: int,
+        shape_k: tuple[int, int, int],
+        shape_v: tuple[int, int, int],
         dtype: torch.dtype,
         device: torch.device,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two contiguous tensors of the given shapes (uninitialised; previous views' contents are
-        overwritten).  Storage grows geometrically, so decode reallocates O(log context) times."""
-        nk, nv = math.prod(shape_k), math.prod(shape_v)
-        pair = self._storage.get((device, dtype))
-        if pair is None or pair[0].numel() < nk or pair[1].numel() < nv:
-            old_k = pair[0].numel() if pair is not None else 0
-            old_v = pair[1].numel() if pair is not None else 0
-            size_k = nk if nk <= old_k else max(nk, int(old_k * GROWTH))
-            size_v = nv if nv <= old_v else max(nv, int(old_v * GROWTH))
-            size_k, size_v = max(size_k, old_k), max(size_v, old_v)
-            pair = [torch.empty(size_k, dtype=dtype, device=device), torch.empty(size_v, dtype=dtype, device=device)]
-            self._storage[(device, dtype)] = pair
-            self.peak_bytes = max(self.peak_bytes, self.nbytes)
-        return pair[0][:nk].view(shape_k), pair[1][:nv].view(shape_v)
+        block_size: int,
+    ) -> StatesBuffer:
+        """A buffer pair holding at least ``tokens`` tokens; ``shape_k``/``shape_v`` are
+        ``(batch, heads, head_dim)``.  Contents are undefined (earlier views are overwritten)."""
+        geometry = (device, dtype, shape_k, shape_v, block_size)
+        buf = self._buffers.get(geometry)
+        if buf is not None and buf.capacity >= tokens:
+            return buf
+        capacity = max(tokens, int(buf.capacity * GROWTH) if buf is not None else 0)
+        capacity = -(-capacity // block_size) * block_size
+        if buf is None:  # a new geometry: a batch change retires the buffers of the old batch size
+            for other in [g for g in self._buffers if g[2][0] != shape_k[0]]:
+                del self._buffers[other]
+        del buf  # release the old storage before allocating the larger one
+        self._buffers.pop(geometry, None)
+        b, h, d = shape_k
+        keys = torch.empty((b, h, capacity, d), dtype=dtype, device=device)
+        b, h, d = shape_v
+        values = torch.empty((b, h, capacity, d), dtype=dtype, device=device)
+        new = self._buffers[geometry] = StatesBuffer(keys, values, block_size)
+        self.peak_bytes = max(self.peak_bytes, self.nbytes)
+        return new
 
     @property
     def nbytes(self) -> int:
         """Bytes currently allocated."""
-        return sum(t.numel() * t.element_size() for pair in self._storage.values() for t in pair)
+        return sum(buf.nbytes for buf in self._buffers.values())
 
     def release(self) -> None:
-        """Free the storage (the next :meth:`views` allocates again)."""
-        self._storage.clear()
+        """Free the storage (the next :meth:`get` allocates again)."""
+        self._buffers.clear()

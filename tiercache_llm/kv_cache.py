@@ -24,7 +24,7 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .blocks import BlockRef, block_key
-from .decode_buffer import DecodeBuffer
+from .decode_buffer import DecodeBuffer, StatesBuffer
 from .errors import UnsupportedModelError
 from .store import BlockStore
 
@@ -195,9 +195,10 @@ class TieredKVLayer(CacheLayerMixin):
     def _assemble(
         self, key_states: torch.Tensor | None, value_states: torch.Tensor | None, *, fresh: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached states attention sees (visible blocks + tail) followed by the new states, in one
-        ``(batch, heads, length, head_dim)`` tensor per K and V: views of the shared buffer (``fresh``:
-        newly allocated tensors).  Every block is written once, by the tiercache, into its slice."""
+        """The cached states attention sees (visible blocks + tail) followed by the new states: views of
+        the shared buffer (``fresh``: of newly allocated tensors).  The ``j``-th visible block is written
+        once, by the tiercache, into tokens ``[j * block_size, (j + 1) * block_size)``; the tail and the
+        new states are copied behind them; the view starts where the window starts."""
         bs = self.block_size
         start = self._visible_start(self._length)
         first = min(len(self._blocks), max(0, (start - self._first_pos) // bs))
@@ -205,54 +206,52 @@ class TieredKVLayer(CacheLayerMixin):
         skip = start - (self._first_pos + first * bs)  # tokens before the window in the first block / tail
         tail = self._tail_len
         q = 0 if key_states is None else key_states.shape[-2]
-        total = n * bs + tail + q - skip
-        shape_k = (self._batch, self._shape_k[0], total, self._shape_k[1])
-        shape_v = (self._batch, self._shape_v[0], total, self._shape_v[1])
+        end = n * bs + tail + q
+        shape_k = (self._batch, *self._shape_k)
+        shape_v = (self._batch, *self._shape_v)
         if fresh:
-            out_k = torch.empty(shape_k, dtype=self.dtype, device=self.device)
-            out_v = torch.empty(shape_v, dtype=self.dtype, device=self.device)
+            buf = StatesBuffer(
+                torch.empty((shape_k[0], shape_k[1], n * bs + tail, shape_k[2]), dtype=self.dtype, device=self.device),
+                torch.empty((shape_v[0], shape_v[1], n * bs + tail, shape_v[2]), dtype=self.dtype, device=self.device),
+                bs,
+            )
         else:
-            out_k, out_v = self.buffer.views(shape_k, shape_v, self.dtype, self.device)
+            buf = self.buffer.get(end, shape_k, shape_v, self.dtype, self.device, bs)
+        out_k, out_v = buf.keys, buf.values
         if n:
-            if skip or self._mapped:
-                self._fill_general(first, skip, out_k, out_v)
+            if self._mapped:
+                self._fill_mapped(first, buf)
             else:
-                # One view per block, made by one unbind each for K and V: block j -> [j*bs, (j+1)*bs).
-                kviews = out_k[:, :, : n * bs].unflatten(2, (n, bs)).unbind(2)
-                vviews = out_v[:, :, : n * bs].unflatten(2, (n, bs)).unbind(2)
-                self.store.get_blocks(self._kkeys[first:] + self._vkeys[first:], out=kviews + vviews)
-        pos = max(0, n * bs - skip)
-        tail_skip = max(0, skip - n * bs)
-        if tail > tail_skip:
-            out_k[:, :, pos : pos + tail - tail_skip].copy_(self._tail_k[:, :, tail_skip:tail])
-            out_v[:, :, pos : pos + tail - tail_skip].copy_(self._tail_v[:, :, tail_skip:tail])
+                self.store.get_blocks(
+                    self._kkeys[first:] + self._vkeys[first:], out=buf.key_blocks[:n] + buf.value_blocks[:n]
+                )
+        pos = n * bs
+        if tail:
+            out_k[:, :, pos : pos + tail].copy_(self._tail_k[:, :, :tail])
+            out_v[:, :, pos : pos + tail].copy_(self._tail_v[:, :, :tail])
         if q:
-            out_k[:, :, total - q :].copy_(key_states)
-            out_v[:, :, total - q :].copy_(value_states)
-        return out_k, out_v
+            out_k[:, :, pos + tail : end].copy_(key_states)
+            out_v[:, :, pos + tail : end].copy_(value_states)
+        return out_k[:, :, skip:end], out_v[:, :, skip:end]
 
-    def _fill_general(self, first: int, skip: int, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
-        """Blocks ``first..`` into ``out`` when the first one is only partly visible (``skip`` tokens
-        before the window) or blocks carry row maps: those go through a temporary block."""
-        bs = self.block_size
-        blocks = self._blocks[first:]
+    def _fill_mapped(self, first: int, buf: StatesBuffer) -> None:
+        """Blocks ``first..`` into ``buf`` when some carry row maps (beam search, batch repetition):
+        those are read into a temporary block of their stored rows and gathered into place."""
         targets_k, targets_v, posts = [], [], []
-        for j, block in enumerate(blocks):
-            lo = j * bs - skip
-            dst_k, dst_v = out_k[:, :, max(0, lo) : lo + bs], out_v[:, :, max(0, lo) : lo + bs]
-            if lo >= 0 and block.rows is None:
-                targets_k.append(dst_k)
-                targets_v.append(dst_v)
+        for j, block in enumerate(self._blocks[first:]):
+            if block.rows is None:
+                targets_k.append(buf.key_blocks[j])
+                targets_v.append(buf.value_blocks[j])
                 continue
-            tmp_k = out_k.new_empty((block.stored_batch, self._shape_k[0], bs, self._shape_k[1]))
-            tmp_v = out_v.new_empty((block.stored_batch, self._shape_v[0], bs, self._shape_v[1]))
+            tmp_k = buf.keys.new_empty((block.stored_batch, *buf.key_blocks[j].shape[1:]))
+            tmp_v = buf.values.new_empty((block.stored_batch, *buf.value_blocks[j].shape[1:]))
             targets_k.append(tmp_k)
             targets_v.append(tmp_v)
-            posts.append((block, max(0, -lo), tmp_k, tmp_v, dst_k, dst_v))
+            posts.append((block, j, tmp_k, tmp_v))
         self.store.get_blocks(self._kkeys[first:] + self._vkeys[first:], out=targets_k + targets_v)
-        for block, cut, tmp_k, tmp_v, dst_k, dst_v in posts:
-            dst_k.copy_(block.view(tmp_k)[:, :, cut:])
-            dst_v.copy_(block.view(tmp_v)[:, :, cut:])
+        for block, j, tmp_k, tmp_v in posts:
+            buf.key_blocks[j].copy_(block.view(tmp_k))
+            buf.value_blocks[j].copy_(block.view(tmp_v))
 
     def _new_serial(self) -> int:
         serial = self._next_serial
@@ -415,12 +414,12 @@ class TieredKVLayer(CacheLayerMixin):
     def keys(self) -> torch.Tensor | None:
         """Cached keys attention would see next (a fresh tensor read from the tiers), or ``None``
         before the first update."""
-        return self._assemble(None, None, fresh=True)[0] if self.is_initialized else None
+        return self._assemble(None, None, fresh=True)[0].contiguous() if self.is_initialized else None
 
     @property
     def values(self) -> torch.Tensor | None:
         """Cached values attention would see next (a fresh tensor read from the tiers), or ``None``."""
-        return self._assemble(None, None, fresh=True)[1] if self.is_initialized else None
+        return self._assemble(None, None, fresh=True)[1].contiguous() if self.is_initialized else None
 
     def offload(self) -> None:
         """No-op: blocks already live in the tiercache; the tail is one block."""
@@ -494,7 +493,7 @@ class TieredKVLayer(CacheLayerMixin):
             n_keep = (new_length - self._first_pos) // self.block_size
             keep = new_length - (self._first_pos + n_keep * self.block_size)
             if keep > 0:
-                ks, vs = self._fetch(self._blocks[n_keep : n_keep + 1])
+                ks, vs = self._fetch(self._blocks[n_keep : n_keep + 1])  # fresh tensors: not the shared buffer
                 self._tail_k[:, :, :keep].copy_(ks[0][:, :, :keep])
                 self._tail_v[:, :, :keep].copy_(vs[0][:, :, :keep])
             self._tail_len = keep

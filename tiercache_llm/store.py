@@ -305,7 +305,7 @@ class BlockStore:
             ) from exc
         self.counters.fetch_seconds += time.perf_counter() - start
         self.counters.blocks_fetched += len(tensors)
-        self.counters.bytes_fetched += sum(t.numel() * t.element_size() for t in tensors)
+        self.counters.bytes_fetched += sum([t.nbytes for t in tensors])
         return tensors
 
     def _get_into(self, keys: list[Any], out: list[torch.Tensor]) -> list[torch.Tensor]:
