@@ -263,3 +263,58 @@ def test_split_full_blocks():
     assert all(b.is_contiguous() for b in blocks)
     with pytest.raises(ValueError):
         split_full_blocks(t, 0)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_sliding_window_past_recording_rolls_back_like_dynamic_cache(seed, make_config):
+    """Speculative decoding on sliding layers: propose k tokens, reject some with crop(-n), crop(0)."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    window = rng.choice([3, 4, 6])
+    config = make_config("mistral", sliding_window=window)
+    ref = DynamicCache(config=config)
+    got = TieredKVCache(config, block_size=rng.choice([1, 2, 3, 4]), host="1MiB")
+    prompt = rng.randint(1, 12)
+    for layer in range(2):
+        k, v = states(2, prompt, gen)
+        ref.update(k, v, layer)
+        got.update(k, v, layer)
+    ref.activate_past_recording()
+    got.activate_past_recording()
+    assert all(layer.record_past for layer in got.layers)
+    for step in range(15):
+        seq = rng.randint(1, 4)
+        for layer in range(2):
+            assert ref.get_mask_sizes(seq, layer) == got.get_mask_sizes(seq, layer)
+            k, v = states(2, seq, gen)
+            rk, rv = ref.update(k, v, layer)
+            gk, gv = got.update(k, v, layer)
+            assert torch.equal(rk, gk) and torch.equal(rv, gv), (step, layer)
+        n = -rng.randint(0, seq)  # reject up to all of the new tokens
+        ref.crop(n)
+        got.crop(n)
+        assert ref.get_seq_length() == got.get_seq_length()
+        # after a crop only the window's blocks stay stored
+        block = got.settings.block_size
+        assert all(len(layer._blocks) <= window // block + 2 for layer in got.layers), step
+    got.close()
+
+
+def test_sliding_window_crop_needs_past_recording_once_the_window_is_full(make_config):
+    config = make_config("mistral", sliding_window=4)
+    got = TieredKVCache(config, block_size=2, host="1MiB")
+    ref = DynamicCache(config=config)
+    for cache in (ref, got):
+        for layer in range(2):
+            cache.update(*states(1, 6, torch.Generator().manual_seed(0)), layer)
+    for cache in (ref, got):
+        with pytest.raises(RuntimeError, match="activate_past_recording"):
+            cache.crop(-1)
+        cache.activate_past_recording()
+        with pytest.raises(RuntimeError, match="negative"):
+            cache.crop(1)
+    # tokens that expired before recording started cannot come back (DynamicCache would silently return
+    # a window shorter than its mask says)
+    with pytest.raises(RuntimeError, match="before past recording"):
+        got.crop(-2)
+    got.close()
