@@ -219,6 +219,7 @@ def test_lost_block_raises_instead_of_wrong_attention(tmp_path, make_config):
         (dict(mode="sparse"), NotImplementedError),
         (dict(mode="fast"), ValueError),
         (dict(prefetch="yes"), TypeError),
+        (dict(direct_io=1), TypeError),
     ],
 )
 def test_settings_validation(kwargs, error, make_config):
@@ -226,6 +227,15 @@ def test_settings_validation(kwargs, error, make_config):
         TieredKVSettings(**kwargs)
     with pytest.raises(error):
         TieredKVCache(make_config(), **kwargs)
+
+
+def test_direct_io_defaults_on_and_is_a_tiercache_option(make_config):
+    assert TieredKVSettings().direct_io is True
+    with TieredKVCache(make_config(), direct_io=False, host="1MiB") as cache:
+        assert cache.settings.direct_io is False
+    with tiercache.Cache(host="1MiB") as shared:
+        with pytest.raises(ValueError, match="direct_io"):
+            TieredKVCache(make_config(), cache=shared, direct_io=False)
 
 
 def test_constructor_validation(make_config):
