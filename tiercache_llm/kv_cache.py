@@ -165,9 +165,9 @@ class TieredKVLayer(CacheLayerMixin):
         return self._tail_len
 
     @property
-    def buffer_bytes(self) -> int:
-        """Bytes this layer holds beside the tiers: its tail buffers (the shared :class:`DecodeBuffer`
-        is counted by the cache)."""
+    def tail_bytes(self) -> int:
+        """Bytes of this layer's one-block tail buffers (K and V), held beside the tiers (the shared
+        :class:`DecodeBuffer` is counted by the cache)."""
         if self._tail_k is None:
             return 0
         return self._tail_k.nbytes + self._tail_v.nbytes
@@ -730,7 +730,7 @@ class TieredKVCache(Cache):
             layers=len(self.layers),
             block_size=self.settings.block_size,
             blocks=sum(len(layer._blocks) for layer in self.layers),
-            tail_bytes=sum(layer.buffer_bytes for layer in self.layers),
+            tail_bytes=sum(layer.tail_bytes for layer in self.layers),
             buffer_bytes=self.buffer.nbytes,
             buffer_peak_bytes=self.buffer.peak_bytes,
         )
