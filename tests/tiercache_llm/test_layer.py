@@ -304,6 +304,10 @@ def test_sliding_window_past_recording_rolls_back_like_dynamic_cache(seed, make_
         ref.crop(n)
         got.crop(n)
         assert ref.get_seq_length() == got.get_seq_length()
+        if rng.random() < 0.3:  # beam reordering between steps: row-mapped blocks
+            idx = torch.tensor([rng.randrange(2), rng.randrange(2)])
+            ref.reorder_cache(idx)
+            got.reorder_cache(idx)
         # after a crop only the window's blocks stay stored
         block = got.settings.block_size
         assert all(len(layer._blocks) <= window // block + 2 for layer in got.layers), step
