@@ -332,3 +332,16 @@ def test_sliding_window_crop_needs_past_recording_once_the_window_is_full(make_c
     with pytest.raises(RuntimeError, match="before past recording"):
         got.crop(-2)
     got.close()
+
+
+def test_streaming_policy_rank_ignores_reads():
+    """kv-stream ranks by insertion only, so it tells tiercache a hit never needs a re-rank."""
+    from types import SimpleNamespace
+
+    from tiercache_llm.policies import StreamingKVPolicy
+
+    policy = StreamingKVPolicy()
+    assert policy.rank_reads_access is False
+    a = SimpleNamespace(inserted=3, last_access=3, hits=0)
+    b = SimpleNamespace(inserted=3, last_access=99, hits=50)
+    assert policy.rank(a) == policy.rank(b) and not policy.promote(b, "disk", "host")
