@@ -221,6 +221,8 @@ class TieredKVLayer(CacheLayerMixin):
         if n:
             if self._mapped:
                 self._fill_mapped(first, buf)
+            elif self.store.out_lists is False:
+                self._fill_from_packed(first, buf)
             else:
                 self.store.get_blocks(
                     self._kkeys[first:] + self._vkeys[first:], out=buf.key_blocks[:n] + buf.value_blocks[:n]
@@ -233,6 +235,22 @@ class TieredKVLayer(CacheLayerMixin):
             out_k[:, :, pos + tail : end].copy_(key_states)
             out_v[:, :, pos + tail : end].copy_(value_states)
         return out_k[:, :, skip:end], out_v[:, :, skip:end]
+
+    def _fill_from_packed(self, first: int, buf: StatesBuffer) -> None:
+        """Blocks ``first..`` into ``buf`` through a tiercache that only packs (before contract C5):
+        ``get_many`` packs values in key order at 256-byte multiples, so equal blocks whose size is a
+        multiple of 256 bytes form one dense ``(n, batch, heads, block, head_dim)`` array per K and V,
+        copied into place with one strided copy each; other sizes are copied block by block."""
+        n = len(self._blocks) - first
+        tensors = self.store.get_blocks(self._kkeys[first:] + self._vkeys[first:], device=self.device)
+        for half, whole in ((tensors[:n], buf.keys), (tensors[n:], buf.values)):
+            head = half[0]
+            if half[-1].data_ptr() - head.data_ptr() == (n - 1) * head.nbytes:
+                packed = head.as_strided((n, *head.shape), (head.numel(), *head.stride()))
+                whole[:, :, : n * self.block_size].unflatten(2, (n, self.block_size)).copy_(packed.permute(1, 2, 0, 3, 4))
+            else:
+                blocks = buf.key_blocks if whole is buf.keys else buf.value_blocks
+                torch._foreach_copy_(blocks[:n], half)
 
     def _fill_mapped(self, first: int, buf: StatesBuffer) -> None:
         """Blocks ``first..`` into ``buf`` when some carry row maps (beam search, batch repetition):

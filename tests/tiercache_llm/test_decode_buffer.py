@@ -69,12 +69,15 @@ def test_get_blocks_writes_into_the_given_tensors(backend):
         store.close()
 
 
+# block_size 4: a K block is 3 x 2 x 4 x 8 x 4 B = 768 B, a multiple of 256, so a packing tiercache's
+# results form one dense array (one strided copy); block_size 3: 576 B, copied block by block.
+@pytest.mark.parametrize("block_size", [3, 4])
 @pytest.mark.parametrize("backend", [ListOutCache, PackedOnlyCache])
-def test_decode_through_both_get_many_paths_matches_dynamic_cache(backend, make_config):
+def test_decode_through_both_get_many_paths_matches_dynamic_cache(backend, block_size, make_config):
     config = make_config()
     gen = torch.Generator().manual_seed(0)
     with backend(host="4MiB") as shared:
-        got = TieredKVCache(config, cache=shared, block_size=4)
+        got = TieredKVCache(config, cache=shared, block_size=block_size)
         ref = DynamicCache(config=config)
         for step, seq in enumerate([11, 1, 1, 3, 1, 1, 1, 1, 9, 1]):
             for layer in range(2):
