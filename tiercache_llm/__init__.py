@@ -8,6 +8,7 @@ Supported transformers: ``>=5.17,<6``.
 """
 
 from .blocks import BlockRef, block_key
+from .decode_buffer import DecodeBuffer
 from .errors import KVCapacityError, TieredKVError, UnsupportedModelError
 from .kv_cache import SUPPORTED_TRANSFORMERS, TieredKVCache, TieredKVLayer, TieredKVSettings
 from .store import BlockStore, KVCounters
@@ -16,6 +17,7 @@ __all__ = [
     "SUPPORTED_TRANSFORMERS",
     "BlockRef",
     "BlockStore",
+    "DecodeBuffer",
     "KVCapacityError",
     "KVCounters",
     "TieredKVCache",

@@ -12,6 +12,8 @@ and statistics.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
 import uuid
 from dataclasses import dataclass
@@ -21,7 +23,8 @@ import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .blocks import BlockRef, block_key, split_full_blocks
+from .blocks import BlockRef, block_key
+from .decode_buffer import DecodeBuffer, StatesBuffer
 from .errors import UnsupportedModelError
 from .store import BlockStore
 
@@ -49,6 +52,9 @@ class TieredKVSettings:
             blocks (the next step's layer 0 after the last layer) while this layer computes.  Off
             by default: tiercache's prefetch promotes into the fastest tier, which in exact mode
             with a fast tier smaller than the context demotes blocks the next layers need.
+        direct_io: disk tier reads/writes bypass the OS page cache (tiercache
+            ``CacheConfig.direct_io``), so the host budget is not silently extended by the page
+            cache.  Recorded here; not yet passed to the tiercache.
     """
 
     block_size: int = 64
@@ -60,6 +66,7 @@ class TieredKVSettings:
     policy: Any = "kv-stream"
     compression: str | None = None
     prefetch: bool = False
+    direct_io: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
@@ -72,26 +79,39 @@ class TieredKVSettings:
             raise ValueError(f"mode must be 'exact', got {self.mode!r}")
         if not isinstance(self.prefetch, bool):
             raise TypeError("prefetch must be a bool")
+        if not isinstance(self.direct_io, bool):
+            raise TypeError("direct_io must be a bool")
 
 
 class TieredKVLayer(CacheLayerMixin):
     """One attention layer's K/V, cut into blocks stored in a :class:`BlockStore`.
 
     Full blocks live in the tiercache; the partially filled tail (``< block_size`` tokens) is kept
-    in memory as ``(batch, kv_heads, tail_len, head_dim)`` tensors on the model's device.
+    beside the model in a one-block buffer per K and V on the model's device, written in place.
     ``update`` returns the keys/values attention must see (all tokens for full attention, the last
     ``sliding_window - 1`` cached tokens plus the new ones for sliding-window layers), bit-identical
     to what ``DynamicLayer`` / ``DynamicSlidingWindowLayer`` return.
 
-    ``keys`` / ``values`` are properties that materialise the cached states (reading every visible
-    block); meant for inspection and tests, not for the decode loop.
+    **Validity of returned tensors.**  ``update`` assembles its result in the :class:`DecodeBuffer`
+    shared by the layers of its cache (each block written once, straight from the tiers, into its
+    slice), so the returned tensors are overwritten by the next ``update`` of any layer of the same
+    cache.  Attention consumes them before that; copy them to keep them longer.
+
+    ``keys`` / ``values`` are properties that materialise the cached states into fresh tensors
+    (reading every visible block); meant for inspection and tests, not for the decode loop.
     """
 
     is_compileable = False
     is_croppable = True
 
     def __init__(
-        self, store: BlockStore, cache_uid: str, layer_idx: int, block_size: int, sliding_window: int | None = None
+        self,
+        store: BlockStore,
+        cache_uid: str,
+        layer_idx: int,
+        block_size: int,
+        sliding_window: int | None = None,
+        buffer: DecodeBuffer | None = None,
     ) -> None:
         # CacheLayerMixin.__init__ assigns self.keys/self.values, which are read-only properties here.
         self.is_initialized = False
@@ -103,12 +123,23 @@ class TieredKVLayer(CacheLayerMixin):
             raise ValueError(f"sliding_window must be an int > 1 or None, got {sliding_window!r}")
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
+        # While True (generate's assisted/prompt-lookup decoding), sliding layers keep blocks that left
+        # the window until the next crop, so a rejected guess can be rolled back (DynamicSlidingWindowLayer's
+        # protocol; generate may also reset the flag directly).
+        self.record_past = False
+        self.buffer = buffer if buffer is not None else DecodeBuffer()
         self._blocks: list[BlockRef] = []
+        # Tiercache keys of self._blocks' K and V entries, kept beside them so a decode step builds its
+        # key list by slicing, without per-block work.
+        self._kkeys: list[tuple] = []
+        self._vkeys: list[tuple] = []
+        self._mapped = False  # some block carries a row map (beam search / batch repetition)
         self._first_pos = 0  # token position where self._blocks[0] starts (sliding layers drop old blocks)
         self._length = 0  # tokens seen (positions), including tokens of dropped blocks
         self._next_serial = 0
-        self._tail_k: torch.Tensor | None = None
+        self._tail_k: torch.Tensor | None = None  # (batch, kv_heads, block_size, head_dim); first _tail_len valid
         self._tail_v: torch.Tensor | None = None
+        self._tail_len = 0
         self.dtype: torch.dtype | None = None
         self.device: torch.device | None = None
         self._batch = 0
@@ -118,15 +149,28 @@ class TieredKVLayer(CacheLayerMixin):
     def __repr__(self) -> str:
         return (
             f"TieredKVLayer(layer={self.layer_idx}, tokens={self._length}, blocks={len(self._blocks)}, "
-            f"tail={0 if self._tail_k is None else self._tail_k.shape[-2]})"
+            f"tail={self._tail_len})"
+        )
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        raise TypeError(
+            "a TieredKVLayer cannot be pickled or copied on its own: its blocks live in its cache's tiercache; "
+            "use copy.deepcopy on the TieredKVCache"
         )
 
     # --------------------------------------------------------------------------------- helpers
-    def _keys_of(self, blocks: list[BlockRef]) -> tuple[list, list]:
-        return (
-            [block_key(self.cache_uid, self.layer_idx, "k", b.serial) for b in blocks],
-            [block_key(self.cache_uid, self.layer_idx, "v", b.serial) for b in blocks],
-        )
+    @property
+    def tail_length(self) -> int:
+        """Tokens held in the in-memory tail (not yet a full stored block)."""
+        return self._tail_len
+
+    @property
+    def tail_bytes(self) -> int:
+        """Bytes of this layer's one-block tail buffers (K and V), held beside the tiers (the shared
+        :class:`DecodeBuffer` is counted by the cache)."""
+        if self._tail_k is None:
+            return 0
+        return self._tail_k.nbytes + self._tail_v.nbytes
 
     def _tail_start(self) -> int:
         return self._first_pos + len(self._blocks) * self.block_size
@@ -137,54 +181,166 @@ class TieredKVLayer(CacheLayerMixin):
             return 0
         return max(0, length - (self.sliding_window - 1))
 
-    def _first_visible_block(self) -> int:
-        start = self._visible_start(self._length)
-        return min(len(self._blocks), max(0, (start - self._first_pos) // self.block_size))
-
     def _fetch(self, blocks: list[BlockRef]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        kkeys, vkeys = self._keys_of(blocks)
+        """Fresh tensors of ``blocks`` as attention sees them (row maps applied); for the rare paths
+        (crop, batch compaction, copies), not for decode."""
+        kkeys = [block_key(self.cache_uid, self.layer_idx, "k", b.serial) for b in blocks]
+        vkeys = [block_key(self.cache_uid, self.layer_idx, "v", b.serial) for b in blocks]
         tensors = self.store.get_blocks(kkeys + vkeys, device=self.device)
         n = len(blocks)
         ks = [b.view(t) for b, t in zip(blocks, tensors[:n])]
         vs = [b.view(t) for b, t in zip(blocks, tensors[n:])]
         return ks, vs
 
-    def _past_states(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cached states attention sees (visible blocks + tail), fetched from the tiers."""
-        first = self._first_visible_block()
+    def _assemble(
+        self, key_states: torch.Tensor | None, value_states: torch.Tensor | None, *, fresh: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached states attention sees (visible blocks + tail) followed by the new states: views of
+        the shared buffer (``fresh``: of newly allocated tensors).  The ``j``-th visible block is written
+        once, by the tiercache, into tokens ``[j * block_size, (j + 1) * block_size)``; the tail and the
+        new states are copied behind them; the view starts where the window starts."""
+        bs = self.block_size
         start = self._visible_start(self._length)
-        needed = self._blocks[first:]
-        ks, vs = self._fetch(needed)
-        keys = torch.cat([*ks, self._tail_k], dim=-2) if ks else self._tail_k
-        values = torch.cat([*vs, self._tail_v], dim=-2) if vs else self._tail_v
-        offset = start - (self._first_pos + first * self.block_size)
-        if offset > 0:
-            keys, values = keys[..., offset:, :], values[..., offset:, :]
-        return keys, values
+        first = min(len(self._blocks), max(0, (start - self._first_pos) // bs))
+        n = len(self._blocks) - first
+        skip = start - (self._first_pos + first * bs)  # tokens before the window in the first block / tail
+        tail = self._tail_len
+        q = 0 if key_states is None else key_states.shape[-2]
+        end = n * bs + tail + q
+        shape_k = (self._batch, *self._shape_k)
+        shape_v = (self._batch, *self._shape_v)
+        if fresh:
+            buf = StatesBuffer(
+                torch.empty((shape_k[0], shape_k[1], n * bs + tail, shape_k[2]), dtype=self.dtype, device=self.device),
+                torch.empty((shape_v[0], shape_v[1], n * bs + tail, shape_v[2]), dtype=self.dtype, device=self.device),
+                bs,
+            )
+        else:
+            buf = self.buffer.get(end, shape_k, shape_v, self.dtype, self.device, bs)
+        out_k, out_v = buf.keys, buf.values
+        if n:
+            if self._mapped:
+                self._fill_mapped(first, buf)
+            elif self.store.out_lists is False:
+                self._fill_from_packed(first, buf)
+            else:
+                self.store.get_blocks(
+                    self._kkeys[first:] + self._vkeys[first:], out=buf.key_blocks[:n] + buf.value_blocks[:n]
+                )
+        pos = n * bs
+        if tail:
+            out_k[:, :, pos : pos + tail].copy_(self._tail_k[:, :, :tail])
+            out_v[:, :, pos : pos + tail].copy_(self._tail_v[:, :, :tail])
+        if q:
+            out_k[:, :, pos + tail : end].copy_(key_states)
+            out_v[:, :, pos + tail : end].copy_(value_states)
+        return out_k[:, :, skip:end], out_v[:, :, skip:end]
+
+    def _fill_from_packed(self, first: int, buf: StatesBuffer) -> None:
+        """Blocks ``first..`` into ``buf`` through a tiercache that only packs (before contract C5):
+        ``get_many`` packs values in key order at 256-byte multiples, so equal blocks whose size is a
+        multiple of 256 bytes form one dense ``(n, batch, heads, block, head_dim)`` array per K and V,
+        copied into place with one strided copy each; other sizes are copied block by block."""
+        n = len(self._blocks) - first
+        tensors = self.store.get_blocks(self._kkeys[first:] + self._vkeys[first:], device=self.device)
+        for half, whole in ((tensors[:n], buf.keys), (tensors[n:], buf.values)):
+            head = half[0]
+            if half[-1].data_ptr() - head.data_ptr() == (n - 1) * head.nbytes:
+                packed = head.as_strided((n, *head.shape), (head.numel(), *head.stride()))
+                whole[:, :, : n * self.block_size].unflatten(2, (n, self.block_size)).copy_(packed.permute(1, 2, 0, 3, 4))
+            else:
+                blocks = buf.key_blocks if whole is buf.keys else buf.value_blocks
+                torch._foreach_copy_(blocks[:n], half)
+
+    def _fill_mapped(self, first: int, buf: StatesBuffer) -> None:
+        """Blocks ``first..`` into ``buf`` when some carry row maps (beam search, batch repetition):
+        those are read into a temporary block of their stored rows and gathered into place."""
+        targets_k, targets_v, posts = [], [], []
+        for j, block in enumerate(self._blocks[first:]):
+            if block.rows is None:
+                targets_k.append(buf.key_blocks[j])
+                targets_v.append(buf.value_blocks[j])
+                continue
+            tmp_k = buf.keys.new_empty((block.stored_batch, *buf.key_blocks[j].shape[1:]))
+            tmp_v = buf.values.new_empty((block.stored_batch, *buf.value_blocks[j].shape[1:]))
+            targets_k.append(tmp_k)
+            targets_v.append(tmp_v)
+            posts.append((block, j, tmp_k, tmp_v))
+        self.store.get_blocks(self._kkeys[first:] + self._vkeys[first:], out=targets_k + targets_v)
+        for block, j, tmp_k, tmp_v in posts:
+            buf.key_blocks[j].copy_(block.view(tmp_k))
+            buf.value_blocks[j].copy_(block.view(tmp_v))
 
     def _new_serial(self) -> int:
         serial = self._next_serial
         self._next_serial += 1
         return serial
 
-    def _store_blocks(self, kblocks: list[torch.Tensor], vblocks: list[torch.Tensor]) -> list[BlockRef]:
-        refs, items = [], []
+    def _store_blocks(self, kblocks: list[torch.Tensor], vblocks: list[torch.Tensor]) -> tuple[list, list, list]:
+        """Put full blocks under fresh serials; returns their refs and K and V keys (not yet attached)."""
+        refs, kkeys, vkeys, items = [], [], [], []
         for kb, vb in zip(kblocks, vblocks):
             ref = BlockRef(
                 serial=self._new_serial(),
                 stored_batch=kb.shape[0],
                 nbytes=kb.numel() * kb.element_size() + vb.numel() * vb.element_size(),
             )
-            items.append((block_key(self.cache_uid, self.layer_idx, "k", ref.serial), kb))
-            items.append((block_key(self.cache_uid, self.layer_idx, "v", ref.serial), vb))
+            kkey = block_key(self.cache_uid, self.layer_idx, "k", ref.serial)
+            vkey = block_key(self.cache_uid, self.layer_idx, "v", ref.serial)
+            items.append((kkey, kb))
+            items.append((vkey, vb))
             refs.append(ref)
+            kkeys.append(kkey)
+            vkeys.append(vkey)
         self.store.put_blocks(items)
-        return refs
+        return refs, kkeys, vkeys
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Write new states behind the tail (in place); every block they complete goes to the tiers."""
+        bs, t, q = self.block_size, self._tail_len, key_states.shape[-2]
+        if t + q < bs:
+            self._tail_k[:, :, t : t + q].copy_(key_states)
+            self._tail_v[:, :, t : t + q].copy_(value_states)
+            self._tail_len = t + q
+            return
+        kblocks, vblocks = [], []
+        pos = 0
+        if t:
+            pos = bs - t
+            self._tail_k[:, :, t:].copy_(key_states[:, :, :pos])
+            self._tail_v[:, :, t:].copy_(value_states[:, :, :pos])
+            kblocks.append(self._tail_k)
+            vblocks.append(self._tail_v)
+        n_full = (q - pos) // bs
+        for i in range(n_full):
+            kblocks.append(key_states[:, :, pos + i * bs : pos + (i + 1) * bs])
+            vblocks.append(value_states[:, :, pos + i * bs : pos + (i + 1) * bs])
+        pos += n_full * bs
+        refs, kkeys, vkeys = self._store_blocks(kblocks, vblocks)  # the tiers copy; the tail buffer is free again
+        self._blocks.extend(refs)
+        self._kkeys.extend(kkeys)
+        self._vkeys.extend(vkeys)
+        rest = q - pos
+        if rest:
+            self._tail_k[:, :, :rest].copy_(key_states[:, :, pos:])
+            self._tail_v[:, :, :rest].copy_(value_states[:, :, pos:])
+        self._tail_len = rest
 
     def _delete(self, blocks: list[BlockRef]) -> None:
         if blocks:
-            kkeys, vkeys = self._keys_of(blocks)
+            kkeys = [block_key(self.cache_uid, self.layer_idx, "k", b.serial) for b in blocks]
+            vkeys = [block_key(self.cache_uid, self.layer_idx, "v", b.serial) for b in blocks]
             self.store.delete_blocks(kkeys + vkeys)
+
+    def _keep_blocks(self, start: int, stop: int) -> None:
+        """Keep ``self._blocks[start:stop]`` (and their keys); delete the others from the tiers."""
+        dropped = self._blocks[:start] + self._blocks[stop:]
+        self._blocks = self._blocks[start:stop]
+        self._kkeys = self._kkeys[start:stop]
+        self._vkeys = self._vkeys[start:stop]
+        self._first_pos += start * self.block_size
+        self._mapped = any(b.rows is not None for b in self._blocks)
+        self._delete(dropped)
 
     def _drop_expired(self) -> None:
         """Sliding-window layers: delete blocks no future step can see."""
@@ -193,9 +349,7 @@ class TieredKVLayer(CacheLayerMixin):
         start = self._visible_start(self._length)
         n_expired = max(0, (start - self._first_pos) // self.block_size)
         if n_expired:
-            expired, self._blocks = self._blocks[:n_expired], self._blocks[n_expired:]
-            self._first_pos += n_expired * self.block_size
-            self._delete(expired)
+            self._keep_blocks(n_expired, len(self._blocks))
 
     # ----------------------------------------------------------------------------- the contract
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -213,14 +367,15 @@ class TieredKVLayer(CacheLayerMixin):
         self._batch = key_states.shape[0]
         self._shape_k = (key_states.shape[1], key_states.shape[3])
         self._shape_v = (value_states.shape[1], value_states.shape[3])
-        self._tail_k = key_states.new_empty((self._batch, *self._shape_k[:1], 0, self._shape_k[1]))
-        self._tail_v = value_states.new_empty((self._batch, *self._shape_v[:1], 0, self._shape_v[1]))
+        self._tail_k = key_states.new_empty((self._batch, self._shape_k[0], self.block_size, self._shape_k[1]))
+        self._tail_v = value_states.new_empty((self._batch, self._shape_v[0], self.block_size, self._shape_v[1]))
+        self._tail_len = 0
         self.is_initialized = True
 
     def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         expected_k = (self._batch, self._shape_k[0], key_states.shape[2], self._shape_k[1])
         expected_v = (self._batch, self._shape_v[0], key_states.shape[2], self._shape_v[1])
-        if tuple(key_states.shape) != expected_k or tuple(value_states.shape) != expected_v:
+        if key_states.shape != expected_k or value_states.shape != expected_v:
             raise ValueError(
                 f"layer {self.layer_idx}: states of shape {tuple(key_states.shape)}/{tuple(value_states.shape)} do "
                 f"not match the cache ({expected_k}/{expected_v}); batch size, heads and head_dim must not change "
@@ -236,26 +391,24 @@ class TieredKVLayer(CacheLayerMixin):
 
         Full attention: every cached token followed by the new ones.  Sliding window ``W``: the last
         ``W - 1`` cached tokens followed by all new ones (the mask restricts further), as
-        ``DynamicSlidingWindowLayer`` does.  New full blocks are written to the tiercache.
+        ``DynamicSlidingWindowLayer`` does.  New full blocks are written to the tiercache.  The
+        returned tensors are valid until the next ``update`` of any layer of this cache (see the
+        class docstring).
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._check_states(key_states, value_states)
-        past_k, past_v = self._past_states()
-        out_k = torch.cat([past_k, key_states], dim=-2)
-        out_v = torch.cat([past_v, value_states], dim=-2)
-
-        # Extend the tail and move every completed block into the tiercache.
-        tail_k = torch.cat([self._tail_k, key_states], dim=-2)
-        tail_v = torch.cat([self._tail_v, value_states], dim=-2)
-        kblocks, new_tail_k = split_full_blocks(tail_k, self.block_size)
-        vblocks, new_tail_v = split_full_blocks(tail_v, self.block_size)
-        if kblocks:
-            self._blocks.extend(self._store_blocks(kblocks, vblocks))
-        self._tail_k, self._tail_v = new_tail_k, new_tail_v
+        out = self._assemble(key_states, value_states)
+        self._append(key_states, value_states)
         self._length += key_states.shape[-2]
-        self._drop_expired()
-        return out_k, out_v
+        if not self.record_past:
+            self._drop_expired()
+        return out
+
+    def activate_past_recording(self) -> None:
+        """Keep the blocks that leave a sliding window until the next :meth:`crop`, so ``crop`` can
+        roll back rejected candidate tokens (assisted and prompt-lookup decoding call this)."""
+        self.record_past = True
 
     def get_seq_length(self) -> int:
         """Tokens processed so far (for sliding layers: including tokens that left the window)."""
@@ -277,66 +430,92 @@ class TieredKVLayer(CacheLayerMixin):
 
     @property
     def keys(self) -> torch.Tensor | None:
-        """Cached keys attention would see next (materialised from the tiers), or ``None`` before the
-        first update."""
-        return self._past_states()[0] if self.is_initialized else None
+        """Cached keys attention would see next (a fresh tensor read from the tiers), or ``None``
+        before the first update."""
+        return self._assemble(None, None, fresh=True)[0].contiguous() if self.is_initialized else None
 
     @property
     def values(self) -> torch.Tensor | None:
-        """Cached values attention would see next (materialised from the tiers), or ``None``."""
-        return self._past_states()[1] if self.is_initialized else None
+        """Cached values attention would see next (a fresh tensor read from the tiers), or ``None``."""
+        return self._assemble(None, None, fresh=True)[1].contiguous() if self.is_initialized else None
 
     def offload(self) -> None:
-        """No-op: blocks already live in the tiercache; the tail is a fraction of one block."""
+        """No-op: blocks already live in the tiercache; the tail is one block."""
 
     def prefetch(self) -> None:
         """Ask the tiercache to stage this layer's visible blocks toward its fastest tier."""
         if not self.is_initialized or not self._blocks:
             return
-        first = self._first_visible_block()
-        kkeys, vkeys = self._keys_of(self._blocks[first:])
-        self.store.prefetch(kkeys + vkeys)
+        start = self._visible_start(self._length)
+        first = min(len(self._blocks), max(0, (start - self._first_pos) // self.block_size))
+        self.store.prefetch(self._kkeys[first:] + self._vkeys[first:])
 
     def reset(self) -> None:
         """Delete every stored block and forget the states (the layer re-initialises on next update)."""
         self._delete(self._blocks)
-        self._blocks = []
+        self._blocks, self._kkeys, self._vkeys = [], [], []
+        self._mapped = False
         self._first_pos = 0
         self._length = 0
         self._tail_k = self._tail_v = None
+        self._tail_len = 0
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last ``-tokens_to_remove`` tokens (transformers >= 5.17 passes a negative count;
-        a positive value raises ``ValueError`` like ``DynamicLayer``).  Blocks past the new end are
-        deleted; the block holding the new end is fetched back and becomes the in-memory tail."""
-        if tokens_to_remove > 0:
+        a positive value raises like ``DynamicLayer``).  Blocks past the new end are deleted; the block
+        holding the new end is fetched back and becomes the in-memory tail.
+
+        Sliding-window layers, as ``DynamicSlidingWindowLayer``: once the window is full, cropping needs
+        past recording (:meth:`activate_past_recording`), and every crop (``crop(0)`` included) then
+        deletes the blocks that left the window of the new length."""
+        if not self.is_initialized:
+            if tokens_to_remove > 0:
+                raise ValueError(
+                    f"Calling `crop` with a positive value (`{tokens_to_remove}`) is not supported. "
+                    "Please use a negative integer to remove that number of tokens from the cache instead."
+                )
+            return
+        if self.sliding_window is not None and self._length >= self.sliding_window:
+            if not self.record_past:
+                raise RuntimeError(
+                    f"layer {self.layer_idx}: cannot crop a sliding-window layer ({self.sliding_window}) that already "
+                    "dropped tokens outside its window; call activate_past_recording() before the tokens to roll "
+                    "back are added (generate does so for assisted and prompt-lookup decoding)"
+                )
+            if tokens_to_remove > 0:
+                raise RuntimeError(
+                    f"layer {self.layer_idx}: once the sliding window is full, crop only takes a negative number "
+                    f"of tokens to remove, got {tokens_to_remove}"
+                )
+        elif tokens_to_remove > 0:
             raise ValueError(
                 f"Calling `crop` with a positive value (`{tokens_to_remove}`) is not supported. "
                 "Please use a negative integer to remove that number of tokens from the cache instead."
             )
-        if tokens_to_remove == 0 or not self.is_initialized:
-            return
-        if self.sliding_window is not None and self._length >= self.sliding_window:
-            raise RuntimeError(
-                f"layer {self.layer_idx}: cannot crop a sliding-window layer ({self.sliding_window}) that already "
-                "dropped tokens outside its window; TieredKVCache does not record past states"
-            )
-        new_length = max(0, self._length - abs(tokens_to_remove))
-        n_keep = (new_length - self._first_pos) // self.block_size
-        if new_length >= self._tail_start():
-            keep = new_length - self._tail_start()
-            self._tail_k, self._tail_v = self._tail_k[..., :keep, :].clone(), self._tail_v[..., :keep, :].clone()
+        if tokens_to_remove:
+            new_length = max(0, self._length - abs(tokens_to_remove))
+            if self._visible_start(new_length) < self._first_pos:
+                raise RuntimeError(
+                    f"layer {self.layer_idx}: cannot roll back {abs(tokens_to_remove)} tokens: tokens the window "
+                    "would see again were dropped before past recording was activated"
+                )
+            self._truncate(new_length)
+        self._drop_expired()
+
+    def _truncate(self, new_length: int) -> None:
+        tail_start = self._tail_start()
+        if new_length >= tail_start:
+            self._tail_len = new_length - tail_start
         else:
-            boundary = self._blocks[n_keep : n_keep + 1]
+            n_keep = (new_length - self._first_pos) // self.block_size
             keep = new_length - (self._first_pos + n_keep * self.block_size)
             if keep > 0:
-                ks, vs = self._fetch(boundary)
-                self._tail_k, self._tail_v = ks[0][..., :keep, :].clone(), vs[0][..., :keep, :].clone()
-            else:
-                self._tail_k, self._tail_v = self._tail_k[..., :0, :], self._tail_v[..., :0, :]
-            dropped, self._blocks = self._blocks[n_keep:], self._blocks[:n_keep]
-            self._delete(dropped)
+                ks, vs = self._fetch(self._blocks[n_keep : n_keep + 1])  # fresh tensors: not the shared buffer
+                self._tail_k[:, :, :keep].copy_(ks[0][:, :, :keep])
+                self._tail_v[:, :, :keep].copy_(vs[0][:, :, :keep])
+            self._tail_len = keep
+            self._keep_blocks(0, n_keep)
         self._length = new_length
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -375,13 +554,40 @@ class TieredKVLayer(CacheLayerMixin):
             block.compose(index)
         self._batch = index.numel()
         if compact:
-            stale = [b for b in self._blocks if b.rows is not None and b.rows.numel() < b.stored_batch]
+            stale = [i for i, b in enumerate(self._blocks) if b.rows is not None and b.rows.numel() < b.stored_batch]
             if stale:
-                ks, vs = self._fetch(stale)
-                self._delete(stale)
-                stale_ids = {id(b) for b in stale}
-                fresh = iter(self._store_blocks(ks, vs))
-                self._blocks = [next(fresh) if id(b) in stale_ids else b for b in self._blocks]
+                ks, vs = self._fetch([self._blocks[i] for i in stale])
+                self._delete([self._blocks[i] for i in stale])
+                refs, kkeys, vkeys = self._store_blocks(ks, vs)
+                for i, ref, kkey, vkey in zip(stale, refs, kkeys, vkeys):
+                    self._blocks[i], self._kkeys[i], self._vkeys[i] = ref, kkey, vkey
+        self._mapped = any(b.rows is not None for b in self._blocks)
+
+    def _copy_to(self, store: BlockStore, cache_uid: str, buffer: DecodeBuffer) -> "TieredKVLayer":
+        """An independent layer with the same contents, its blocks copied into ``store`` under
+        ``cache_uid`` (same serials; row maps kept, stored rows copied as stored)."""
+        new = TieredKVLayer(store, cache_uid, self.layer_idx, self.block_size, self.sliding_window, buffer)
+        for name in ("record_past", "_first_pos", "_length", "_next_serial", "_tail_len", "dtype", "device",
+                     "_batch", "_shape_k", "_shape_v", "_mapped", "is_initialized"):
+            setattr(new, name, getattr(self, name))
+        if self._tail_k is not None:
+            new._tail_k, new._tail_v = self._tail_k.clone(), self._tail_v.clone()
+        chunk = 64  # blocks per batched read, to bound the memory a copy holds at once
+        for lo in range(0, len(self._blocks), chunk):
+            keys = self._kkeys[lo : lo + chunk] + self._vkeys[lo : lo + chunk]
+            tensors = self.store.get_blocks(keys, device=self.device)
+            items = []
+            for key, tensor in zip(keys, tensors):
+                items.append((block_key(cache_uid, self.layer_idx, key[3], key[4]), tensor))
+            store.put_blocks(items)
+            n = len(keys) // 2
+            new._kkeys.extend(key for key, _ in items[:n])
+            new._vkeys.extend(key for key, _ in items[n:])
+        new._blocks = [
+            BlockRef(b.serial, b.stored_batch, b.nbytes, None if b.rows is None else b.rows.clone())
+            for b in self._blocks
+        ]
+        return new
 
 
 def _layer_windows(config: PretrainedConfig) -> list[int | None]:
@@ -418,7 +624,7 @@ class TieredKVCache(Cache):
     Args:
         config: the model's config (``model.config``); its decoder text config decides the number
             of layers and which are sliding-window layers.
-        gpu, host, disk, path, block_size, mode, policy, compression, prefetch: see
+        gpu, host, disk, path, block_size, mode, policy, compression, prefetch, direct_io: see
             :class:`TieredKVSettings` (defaults: 64-token blocks, exact mode, a 4 GiB host tier, no
             disk tier).
         cache: an existing ``tiercache.Cache`` to store blocks in instead of creating one (then the
@@ -426,13 +632,16 @@ class TieredKVCache(Cache):
             this KV cache's entries are deleted from it.
         settings: a complete :class:`TieredKVSettings` instead of the individual keywords.
 
-    Exact mode returns, for each layer and forward pass, the concatenation of every visible block
-    (fetched with one batched ``get_many``) and the in-memory tail, so attention, logits and greedy
-    tokens equal ``DynamicCache``'s.  When the tiers cannot hold the context,
-    :class:`~tiercache_llm.errors.KVCapacityError` is raised (never a truncated context).
+    Exact mode returns, for each layer and forward pass, every visible block (written by one batched
+    ``get_many`` straight into its slice of a buffer shared by the layers), the in-memory tail and the
+    new states, so attention, logits and greedy tokens equal ``DynamicCache``'s.  The returned tensors
+    are valid until the next ``update`` of this cache (see :class:`TieredKVLayer`).  When the tiers
+    cannot hold the context, :class:`~tiercache_llm.errors.KVCapacityError` is raised (never a
+    truncated context).
 
-    Use as a context manager or call :meth:`close` to release the tiers (a temporary disk directory
-    is removed then).
+    ``copy.deepcopy`` gives an independent cache with the same contents (transformers' prompt-reuse
+    recipe); pickling is refused.  Use as a context manager or call :meth:`close` to release the
+    tiers (a temporary disk directory is removed then).
     """
 
     def __init__(
@@ -448,6 +657,7 @@ class TieredKVCache(Cache):
         policy: Any = _UNSET,
         compression: str | None = _UNSET,
         prefetch: bool = _UNSET,
+        direct_io: bool = _UNSET,
         cache: Any = None,
         settings: TieredKVSettings | None = None,
     ) -> None:
@@ -459,7 +669,7 @@ class TieredKVCache(Cache):
             name: value
             for name, value in dict(
                 gpu=gpu, host=host, disk=disk, path=path, block_size=block_size, mode=mode, policy=policy,
-                compression=compression, prefetch=prefetch,
+                compression=compression, prefetch=prefetch, direct_io=direct_io,
             ).items()
             if value is not _UNSET
         }
@@ -470,7 +680,7 @@ class TieredKVCache(Cache):
                 raise ValueError(f"pass either settings or individual options, not both (got {sorted(given)})")
         else:
             settings = TieredKVSettings(**given)
-        budget_args = sorted(set(given) & {"gpu", "host", "disk", "path", "policy", "compression"})
+        budget_args = sorted(set(given) & {"gpu", "host", "disk", "path", "policy", "compression", "direct_io"})
         if cache is not None and budget_args:
             raise ValueError(
                 f"{budget_args} configure a new tiercache; leave them out when passing an existing cache="
@@ -486,8 +696,9 @@ class TieredKVCache(Cache):
                 policy=settings.policy, compression=settings.compression,
             )
         self.cache_uid = uuid.uuid4().hex
+        self.buffer = DecodeBuffer()
         layers = [
-            TieredKVLayer(self.store, self.cache_uid, i, settings.block_size, sliding_window=w)
+            TieredKVLayer(self.store, self.cache_uid, i, settings.block_size, sliding_window=w, buffer=self.buffer)
             for i, w in enumerate(windows)
         ]
         super().__init__(layers=layers)
@@ -523,8 +734,11 @@ class TieredKVCache(Cache):
     def stats(self) -> dict:
         """JSON-serialisable figures: ``{"kv": ..., "tiercache": ...}``.
 
-        ``kv`` holds this cache's own accounting (tokens, blocks, ``held_bytes`` stored in the tiers,
-        ``tail_bytes`` kept beside the model, and the :class:`~tiercache_llm.store.KVCounters`);
+        ``kv`` holds this cache's own accounting: tokens, blocks, ``held_bytes`` stored in the tiers,
+        the memory held beside the tiers (``tail_bytes``: the one-block tail buffers of every layer;
+        ``buffer_bytes`` / ``buffer_peak_bytes``: the decode buffer shared by the layers, about one
+        layer's visible K and V; ``beside_tiers_bytes``: their sum), and the
+        :class:`~tiercache_llm.store.KVCounters`;
         ``tiercache`` is ``tiercache.Cache.stats()`` (per-tier capacity, use, hits, misses, bytes
         moved between tiers, evictions).  See docs/tiercache_llm.md.
         """
@@ -534,11 +748,65 @@ class TieredKVCache(Cache):
             layers=len(self.layers),
             block_size=self.settings.block_size,
             blocks=sum(len(layer._blocks) for layer in self.layers),
-            tail_bytes=sum(
-                0 if layer._tail_k is None else layer._tail_k.nbytes + layer._tail_v.nbytes for layer in self.layers
-            ),
+            tail_bytes=sum(layer.tail_bytes for layer in self.layers),
+            buffer_bytes=self.buffer.nbytes,
+            buffer_peak_bytes=self.buffer.peak_bytes,
         )
+        out["kv"]["beside_tiers_bytes"] = out["kv"]["tail_bytes"] + out["kv"]["buffer_bytes"]
         return out
+
+    def release_buffers(self) -> None:
+        """Free the shared decode buffer (it is allocated again by the next ``update``); e.g. between
+        requests of a long-lived cache."""
+        self.buffer.release()
+
+    def reset(self) -> None:
+        """Delete every layer's blocks and free the decode buffer."""
+        super().reset()
+        self.buffer.release()
+
+    # ----------------------------------------------------------------------------------- copies
+    def __deepcopy__(self, memo: dict) -> "TieredKVCache":
+        """An independent cache with the same contents (tokens, blocks, tails, row maps, recording).
+
+        A cache that owns its tiercache gets a fresh one with the same budgets and policy (its disk
+        tier, if any, in a new temporary directory: two tiercaches cannot share a path); a cache on a
+        borrowed tiercache copies its blocks into that tiercache under a new uid.  Each block is
+        read and written once; :class:`~tiercache_llm.errors.KVCapacityError` if the copy does not fit.
+        """
+        self.store._check_open()
+        settings = self.settings
+        if self.store.owns:
+            if not isinstance(settings.policy, str):
+                settings = dataclasses.replace(settings, policy=copy.deepcopy(settings.policy, memo))
+            if settings.path is not None:
+                settings = dataclasses.replace(settings, path=None)
+            store = BlockStore.open(
+                gpu=settings.gpu, host=settings.host, disk=settings.disk, path=settings.path,
+                policy=settings.policy, compression=settings.compression,
+            )
+        else:
+            store = BlockStore(self.store.cache, owns=False)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        skip = {"store", "layers", "cache_uid", "buffer", "settings"}
+        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k not in skip})
+        new.settings, new.store, new.cache_uid, new.buffer = settings, store, uuid.uuid4().hex, DecodeBuffer()
+        try:
+            new.layers = [layer._copy_to(store, new.cache_uid, new.buffer) for layer in self.layers]
+        except BaseException:
+            store.close()
+            raise
+        return new
+
+    def __copy__(self) -> "TieredKVCache":
+        raise TypeError("a shallow copy of a TieredKVCache would share its blocks; use copy.deepcopy")
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        raise TypeError(
+            "a TieredKVCache cannot be pickled: its blocks live in this process's tiercache (host memory, "
+            "GPU, disk files it deletes on close); use copy.deepcopy for an independent copy in this process"
+        )
 
     def close(self) -> None:
         """Release the tiers (idempotent).  The cache cannot be used afterwards."""

@@ -20,6 +20,10 @@ class StreamingKVPolicy:
     """
 
     name = "kv-stream"
+    # The rank is the insertion order: a hit cannot change it, so tiercache may skip re-ranking on every
+    # read (exact decode reads every block of every layer each step).  Ignored by a tiercache that
+    # predates the attribute.
+    rank_reads_access = False
 
     def rank(self, info: Any) -> Any:
         return info.inserted

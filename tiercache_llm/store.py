@@ -96,6 +96,8 @@ class BlockStore:
         self._held_bytes = 0
         self._held_charge = 0  # what this store's entries may occupy in the tiers (Cache.charge of each)
         self._futures: list[concurrent.futures.Future] = []
+        # Whether cache.get_many writes into a list of out tensors (C5): None until first tried.
+        self.out_lists: bool | None = None
         self._lock = threading.Lock()
         self._closed = False
         stats = cache.stats()
@@ -269,14 +271,33 @@ class BlockStore:
                 "possible. Raise the budgets, or do not share the tiercache with other users."
             )
 
-    def get_blocks(self, keys: Sequence[Any], device: torch.device | str | None = None) -> list[torch.Tensor]:
-        """Fetch entries (batched); a missing entry raises :class:`KVCapacityError`."""
+    def get_blocks(
+        self,
+        keys: Sequence[Any],
+        device: torch.device | str | None = None,
+        *,
+        out: Sequence[torch.Tensor] | None = None,
+    ) -> list[torch.Tensor]:
+        """Fetch entries (batched); a missing entry raises :class:`KVCapacityError`.
+
+        ``out``: one tensor per key (the entry's dtype and number of elements, any shape and strides,
+        e.g. slices of a larger buffer, all on one device, which is the target): the values are written
+        into them and ``out`` is returned as a list.  With a tiercache whose ``get_many`` takes a list
+        ``out`` (contract C5) the tiers write each value straight into its tensor; an older tiercache
+        refuses a list ``out`` with ``TypeError`` before touching anything, and the values are then
+        fetched into one packed buffer and copied over (detected on the first call).
+        """
         self._check_open()
+        if out is not None and len(out) != len(keys):
+            raise ValueError(f"{len(out)} out tensors for {len(keys)} keys")
         if not keys:
             return []
         start = time.perf_counter()
         try:
-            tensors = self.cache.get_many(list(keys), device=device)
+            if out is None:
+                tensors = self.cache.get_many(list(keys), device=device)
+            else:
+                tensors = self._get_into(list(keys), list(out))
         except KeyError as exc:
             raise KVCapacityError(
                 f"KV block {exc.args[0]!r} is no longer in the tiercache (evicted or corrupt); "
@@ -284,8 +305,33 @@ class BlockStore:
             ) from exc
         self.counters.fetch_seconds += time.perf_counter() - start
         self.counters.blocks_fetched += len(tensors)
-        self.counters.bytes_fetched += sum(t.numel() * t.element_size() for t in tensors)
+        self.counters.bytes_fetched += sum([t.nbytes for t in tensors])
         return tensors
+
+    def _get_into(self, keys: list[Any], out: list[torch.Tensor]) -> list[torch.Tensor]:
+        device = out[0].device
+        if self.out_lists is not False:
+            try:
+                self.cache.get_many(keys, device=device, out=out)
+            except TypeError:
+                if self.out_lists is not None:
+                    raise
+                self.out_lists = False  # a tiercache before C5: only a packed ``out`` tensor
+            else:
+                self.out_lists = True
+                return out
+        tensors = self.cache.get_many(keys, device=device)
+        sources = []
+        for key, src, dst in zip(keys, tensors, out):
+            if src.shape != dst.shape:
+                if src.numel() != dst.numel():
+                    raise ValueError(f"out tensor for {key!r} holds {dst.numel()} elements, the entry {src.numel()}")
+                src = src.view(dst.shape)
+            if src.dtype != dst.dtype:
+                raise ValueError(f"out tensor for {key!r} is {dst.dtype}, the entry {src.dtype}")
+            sources.append(src)
+        torch._foreach_copy_(out, sources)
+        return out
 
     def _account(self, key: Any, nbytes: int) -> None:
         self._unaccount(key)

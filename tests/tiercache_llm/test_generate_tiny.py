@@ -105,3 +105,37 @@ def test_cache_can_be_reused_after_reset(make_model, tmp_path):
                             pad_token_id=0, past_key_values=cache)
     assert torch.equal(first, second)
     cache.close()
+
+
+def test_prompt_lookup_past_a_sliding_window(make_model, monkeypatch):
+    """Issue 7 item 17: speculative decoding rolls sliding-window layers back past their window."""
+    crops = []
+    original = TieredKVCache.crop
+    monkeypatch.setattr(TieredKVCache, "crop", lambda self, n: (crops.append(n), original(self, n))[1])
+    model = make_model("mistral", seed=0, sliding_window=4)
+    ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5]])
+    common = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False,
+                  pad_token_id=0)
+    ref = model.generate(past_key_values=DynamicCache(config=model.config), prompt_lookup_num_tokens=2, **common)
+    assert torch.equal(ref, model.generate(**common))
+    cache = TieredKVCache(model.config, block_size=2)
+    got = model.generate(prompt_lookup_num_tokens=2, past_key_values=cache, **common)
+    assert torch.equal(ref, got)
+    assert any(n < 0 for n in crops)  # candidates were rejected and rolled back past the window
+    assert all(len(layer._blocks) <= 4 // 2 + 2 for layer in cache.layers)  # expired blocks freed at each crop
+    cache.close()
+
+
+def test_assisted_decoding_with_sliding_window_models(make_model):
+    model = make_model("mistral", seed=1, sliding_window=5)
+    assistant = make_model("mistral", seed=2, sliding_window=5)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 128, (1, 11), generator=gen)
+    common = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, do_sample=False,
+                  pad_token_id=0, assistant_model=assistant)
+    ref = model.generate(past_key_values=DynamicCache(config=model.config), **common)
+    assert torch.equal(ref, model.generate(**{k: v for k, v in common.items() if k != "assistant_model"}))
+    cache = TieredKVCache(model.config, block_size=3)
+    got = model.generate(past_key_values=cache, **common)
+    assert torch.equal(ref, got)
+    cache.close()

@@ -123,7 +123,7 @@ def test_blocks_are_stored_under_stable_keys_and_spill_to_disk(tmp_path, make_co
     assert keys == {block_key(cache.cache_uid, l, kind, s) for l in range(2) for kind in "kv" for s in range(2)}
     tiers = cache.stats()["tiercache"]["tiers"]
     assert tiers["disk"]["entries"] > 0 and tiers["host"]["entries"] > 0
-    assert cache.layers[0]._tail_k.shape[-2] == 2  # 10 tokens = 2 blocks of 4 + a tail of 2
+    assert cache.layers[0].tail_length == 2  # 10 tokens = 2 blocks of 4 + a tail of 2
     cache.close()
 
 
@@ -219,6 +219,7 @@ def test_lost_block_raises_instead_of_wrong_attention(tmp_path, make_config):
         (dict(mode="sparse"), NotImplementedError),
         (dict(mode="fast"), ValueError),
         (dict(prefetch="yes"), TypeError),
+        (dict(direct_io=1), TypeError),
     ],
 )
 def test_settings_validation(kwargs, error, make_config):
@@ -226,6 +227,15 @@ def test_settings_validation(kwargs, error, make_config):
         TieredKVSettings(**kwargs)
     with pytest.raises(error):
         TieredKVCache(make_config(), **kwargs)
+
+
+def test_direct_io_defaults_on_and_is_a_tiercache_option(make_config):
+    assert TieredKVSettings().direct_io is True
+    with TieredKVCache(make_config(), direct_io=False, host="1MiB") as cache:
+        assert cache.settings.direct_io is False
+    with tiercache.Cache(host="1MiB") as shared:
+        with pytest.raises(ValueError, match="direct_io"):
+            TieredKVCache(make_config(), cache=shared, direct_io=False)
 
 
 def test_constructor_validation(make_config):
@@ -263,3 +273,75 @@ def test_split_full_blocks():
     assert all(b.is_contiguous() for b in blocks)
     with pytest.raises(ValueError):
         split_full_blocks(t, 0)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_sliding_window_past_recording_rolls_back_like_dynamic_cache(seed, make_config):
+    """Speculative decoding on sliding layers: propose k tokens, reject some with crop(-n), crop(0)."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    window = rng.choice([3, 4, 6])
+    config = make_config("mistral", sliding_window=window)
+    ref = DynamicCache(config=config)
+    got = TieredKVCache(config, block_size=rng.choice([1, 2, 3, 4]), host="1MiB")
+    prompt = rng.randint(1, 12)
+    for layer in range(2):
+        k, v = states(2, prompt, gen)
+        ref.update(k, v, layer)
+        got.update(k, v, layer)
+    ref.activate_past_recording()
+    got.activate_past_recording()
+    assert all(layer.record_past for layer in got.layers)
+    for step in range(15):
+        seq = rng.randint(1, 4)
+        for layer in range(2):
+            assert ref.get_mask_sizes(seq, layer) == got.get_mask_sizes(seq, layer)
+            k, v = states(2, seq, gen)
+            rk, rv = ref.update(k, v, layer)
+            gk, gv = got.update(k, v, layer)
+            assert torch.equal(rk, gk) and torch.equal(rv, gv), (step, layer)
+        n = -rng.randint(0, seq)  # reject up to all of the new tokens
+        ref.crop(n)
+        got.crop(n)
+        assert ref.get_seq_length() == got.get_seq_length()
+        if rng.random() < 0.3:  # beam reordering between steps: row-mapped blocks
+            idx = torch.tensor([rng.randrange(2), rng.randrange(2)])
+            ref.reorder_cache(idx)
+            got.reorder_cache(idx)
+        # after a crop only the window's blocks stay stored
+        block = got.settings.block_size
+        assert all(len(layer._blocks) <= window // block + 2 for layer in got.layers), step
+    got.close()
+
+
+def test_sliding_window_crop_needs_past_recording_once_the_window_is_full(make_config):
+    config = make_config("mistral", sliding_window=4)
+    got = TieredKVCache(config, block_size=2, host="1MiB")
+    ref = DynamicCache(config=config)
+    for cache in (ref, got):
+        for layer in range(2):
+            cache.update(*states(1, 6, torch.Generator().manual_seed(0)), layer)
+    for cache in (ref, got):
+        with pytest.raises(RuntimeError, match="activate_past_recording"):
+            cache.crop(-1)
+        cache.activate_past_recording()
+        with pytest.raises(RuntimeError, match="negative"):
+            cache.crop(1)
+    # tokens that expired before recording started cannot come back (DynamicCache would silently return
+    # a window shorter than its mask says)
+    with pytest.raises(RuntimeError, match="before past recording"):
+        got.crop(-2)
+    got.close()
+
+
+def test_streaming_policy_rank_ignores_reads():
+    """kv-stream ranks by insertion only, so it tells tiercache a hit never needs a re-rank."""
+    from types import SimpleNamespace
+
+    from tiercache_llm.policies import StreamingKVPolicy
+
+    policy = StreamingKVPolicy()
+    assert policy.rank_reads_access is False
+    a = SimpleNamespace(inserted=3, last_access=3, hits=0)
+    b = SimpleNamespace(inserted=3, last_access=99, hits=50)
+    assert policy.rank(a) == policy.rank(b) and not policy.promote(b, "disk", "host")

@@ -1,0 +1,137 @@
+"""The decode buffer and BlockStore.get_blocks(out=): one copy per block, both tiercache paths."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import tiercache
+from tiercache_llm import TieredKVCache
+from tiercache_llm.decode_buffer import DecodeBuffer
+from tiercache_llm.store import BlockStore
+
+
+class ListOutCache(tiercache.Cache):
+    """A tiercache with contract C5: ``get_many(keys, out=[tensor per key])`` writes into the tensors.
+    Records every list it was given."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.out_lists_seen = []
+
+    def get_many(self, keys, device=None, *, out=None):
+        if not isinstance(out, (list, tuple)):
+            return super().get_many(keys, device, out=out)
+        keys = list(keys)
+        values = super().get_many(keys, device)
+        for key, value, target in zip(keys, values, out):
+            if value.dtype != target.dtype or value.numel() != target.numel():
+                raise ValueError(f"out tensor for {key!r} does not match the entry")
+            target.copy_(value.view(target.shape))
+        self.out_lists_seen.append(list(out))
+        return list(out)
+
+
+class PackedOnlyCache(tiercache.Cache):
+    """A tiercache before C5: a list ``out`` is refused with TypeError before anything is read."""
+
+    calls = 0
+
+    def get_many(self, keys, device=None, *, out=None):
+        self.calls += 1
+        if out is not None and not isinstance(out, torch.Tensor):
+            raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+        return super().get_many(keys, device, out=out)
+
+
+def states(batch, seq, gen, heads=2, dim=8):
+    return (torch.randn(batch, heads, seq, dim, generator=gen), torch.randn(batch, heads, seq, dim, generator=gen))
+
+
+@pytest.mark.parametrize("backend", [ListOutCache, PackedOnlyCache])
+def test_get_blocks_writes_into_the_given_tensors(backend):
+    with backend(host="1MiB") as cache:
+        store = BlockStore(cache)
+        values = [torch.randn(2, 3, 4) for _ in range(3)]
+        store.put_blocks([(("b", i), v) for i, v in enumerate(values)])
+        buf = torch.zeros(2, 3, 12 + 5)
+        out = [buf[:, :, 4 * i : 4 * i + 4] for i in range(3)]  # strided slices of one buffer
+        got = store.get_blocks([("b", i) for i in range(3)], out=out)
+        assert all(g is o for g, o in zip(got, out))
+        for i, v in enumerate(values):
+            assert torch.equal(buf[:, :, 4 * i : 4 * i + 4], v)
+        assert torch.count_nonzero(buf[:, :, 12:]) == 0
+        assert store.out_lists is (backend is ListOutCache)
+        assert store.counters.bytes_fetched == sum(v.nbytes for v in values)
+        with pytest.raises(ValueError, match="out tensors for"):
+            store.get_blocks([("b", 0)], out=out)
+        with pytest.raises(ValueError, match=r"\('b', 0\)"):
+            store.get_blocks([("b", 0)], out=[torch.zeros(5)])
+        store.close()
+
+
+# block_size 4: a K block is 3 x 2 x 4 x 8 x 4 B = 768 B, a multiple of 256, so a packing tiercache's
+# results form one dense array (one strided copy); block_size 3: 576 B, copied block by block.
+@pytest.mark.parametrize("block_size", [3, 4])
+@pytest.mark.parametrize("backend", [ListOutCache, PackedOnlyCache])
+def test_decode_through_both_get_many_paths_matches_dynamic_cache(backend, block_size, make_config):
+    config = make_config()
+    gen = torch.Generator().manual_seed(0)
+    with backend(host="4MiB") as shared:
+        got = TieredKVCache(config, cache=shared, block_size=block_size)
+        ref = DynamicCache(config=config)
+        for step, seq in enumerate([11, 1, 1, 3, 1, 1, 1, 1, 9, 1]):
+            for layer in range(2):
+                k, v = states(3, seq, gen)
+                rk, rv = ref.update(k, v, layer)
+                gk, gv = got.update(k, v, layer)
+                assert torch.equal(rk, gk) and torch.equal(rv, gv), (step, layer)
+            if step == 4:
+                if backend is ListOutCache:
+                    # the blocks were written straight into the decode buffer (one storage for K, one for V)
+                    storages = {t.untyped_storage().data_ptr() for t in shared.out_lists_seen[-1]}
+                    assert storages == {gk.untyped_storage().data_ptr(), gv.untyped_storage().data_ptr()}
+                idx = torch.tensor([2, 0, 0])  # beam reorder: row-mapped blocks take the temporary path
+                ref.reorder_cache(idx)
+                got.reorder_cache(idx)
+        if backend is ListOutCache:
+            assert got.store.out_lists is True and shared.out_lists_seen
+        else:
+            assert got.store.out_lists is False and shared.calls > 0
+        got.close()
+
+
+def test_returned_states_are_views_of_one_buffer_shared_by_the_layers(make_config):
+    config = make_config(num_hidden_layers=3)
+    gen = torch.Generator().manual_seed(1)
+    cache = TieredKVCache(config, block_size=4, host="1MiB")
+    outs = []
+    for layer in range(3):
+        k, v = states(1, 10, gen)
+        gk, gv = cache.update(k, v, layer)
+        outs.append(gk)
+        assert gk.stride(-1) == 1 and torch.equal(gk[:, :, -10:], k)
+    assert len({t.untyped_storage().data_ptr() for t in outs}) == 1
+    kv = cache.stats()["kv"]
+    one_layer = 2 * 1 * 2 * 12 * 8 * 4  # K and V, capacity rounded up to whole blocks (12 tokens)
+    assert kv["buffer_bytes"] == one_layer
+    assert kv["tail_bytes"] == 3 * 2 * (1 * 2 * 4 * 8 * 4)  # a one-block tail buffer per layer for K and V
+    assert kv["beside_tiers_bytes"] == kv["buffer_bytes"] + kv["tail_bytes"]
+    cache.release_buffers()
+    assert cache.stats()["kv"]["buffer_bytes"] == 0 and cache.stats()["kv"]["buffer_peak_bytes"] == one_layer
+    cache.close()
+
+
+def test_buffer_grows_geometrically():
+    buffer = DecodeBuffer()
+    sizes = []
+    for tokens in range(1, 400):
+        buf = buffer.get(tokens, (1, 2, 8), (1, 2, 8), torch.float32, torch.device("cpu"), 4)
+        assert buf.capacity >= tokens and buf.capacity % 4 == 0
+        assert len(buf.key_blocks) == buf.capacity // 4
+        if not sizes or sizes[-1] != buf.capacity:
+            sizes.append(buf.capacity)
+    assert len(sizes) <= 15  # O(log n) reallocations, not one per token
+    assert all(b >= 1.4 * a for a, b in zip(sizes[1:], sizes[2:]))
+    # a batch change retires the buffers of the old batch size
+    buffer.get(10, (2, 2, 8), (2, 2, 8), torch.float32, torch.device("cpu"), 4)
+    assert buffer.nbytes == 2 * 2 * 2 * 12 * 8 * 4
