@@ -1,34 +1,158 @@
-"""Batched reads for :class:`tiercache.Cache`: N entries moved as one operation (``Cache.get_many``).
+"""The cache's data paths: ``put``, ``get``, ``get_many`` (N entries moved as one operation), ``delete``
+and ``update_scores``.
 
-A mixin over the facade's bookkeeping: it pins every source slot under the index lock, copies outside it
-with one gather (on CUDA one kernel launch through ``tiercache.transfer.CopyEngine``), then counts, promotes
-and unpins exactly as ``Cache.get`` does.  Kept apart from ``cache.py`` so the facade's single-entry paths
-and the batched transfer path each stay readable.
+Each pins its source slots under the index lock, copies outside it (``get_many``: one gather, on CUDA one
+kernel launch through ``tiercache.transfer.CopyEngine``), then counts, promotes and unpins.
 """
 
 from __future__ import annotations
 
-import logging
 import time
-from typing import TYPE_CHECKING, Hashable, Iterable
+from typing import Hashable, Iterable
 
 import torch
 
-from .errors import CorruptEntryError
-from .keys import check_key
+from .errors import CorruptEntryError, TierCacheError
+from .index import Entry
+from .keys import check_key, encode_key
+from .moves import Moves
+from .policies import EntryInfo
+from .sizes import format_size
+from .state import Release, log
 from .tiers.base import EntryHeader, Slot
 from .tiers.disk import DiskTier
 from .transfer import CopyEngine, chunk_file_bytes, packed_layout, read_chunk_into
-
-if TYPE_CHECKING:
-    from .index import Entry
-
-log = logging.getLogger("tiercache.cache")
-_Release = tuple[int, Slot]
+from .values import check_score, restore, tensor_bytes
 
 
-class BatchedReads:
-    """Mixed into :class:`tiercache.Cache`; relies on its lock, index, pins, tiers and counters."""
+class BatchedReads(Moves):
+    """The data paths of :class:`tiercache.Cache` (``put``, ``get``, ``get_many``, ``delete``,
+    ``update_scores``), built on its shared state (:class:`tiercache.state.CacheState`)."""
+
+    def _put_impl(self, key: Hashable, value: torch.Tensor, *, score: float | None = None) -> None:
+        key_bytes = encode_key(key)
+        data, dtype_name, shape = tensor_bytes(value)
+        nbytes = data.numel()
+        if score is not None:
+            check_score(score)
+        with self._lock:
+            self._check_open()
+            largest = max(t.max_nbytes for t in self._tiers)
+        if nbytes > largest:
+            raise ValueError(
+                f"value of {format_size(nbytes)} is larger than every tier "
+                f"(the largest slot holds {format_size(max(largest, 0))})"
+            )
+        for tier_index, tier in enumerate(self._tiers):
+            slot = self._reserve(tier_index, nbytes)
+            if slot is not None:
+                break
+        else:
+            raise TierCacheError(f"no tier could make room for {format_size(nbytes)}: every candidate is being moved")
+        with self._lock:
+            self._seq += 1
+            header = EntryHeader(key_bytes, dtype_name, shape, nbytes, self._seq)
+        try:
+            self._timed_write(tier_index, slot, data, header)
+        except BaseException:
+            with self._lock:
+                tier.free(slot)
+                self._counters.errors["put_io"] += 1
+            raise
+        with self._lock:
+            old = self._index.get(key)
+            if old is not None and old.header.seq > header.seq:  # a later put of the key already landed
+                releases = [(tier_index, slot)]
+            else:
+                now = self._tick()
+                previous_score = old.info.score if old is not None else 0.0
+                info = EntryInfo(key, nbytes, tier.name, now, now, 0, float(score) if score is not None else previous_score)
+                releases = self._unlink(old) if old is not None else []
+                entry = Entry(key, header, tier_index, slot, info)
+                self._index[key] = entry
+                self._queues[tier_index].add(entry)
+                self._rerank(entry)
+                self._counters.puts += 1
+        self._finish(releases)
+
+    def _get_impl(self, key: Hashable, device: torch.device | str | None = None) -> torch.Tensor:
+        check_key(key)
+        target = torch.device(device) if device is not None else torch.device("cpu")
+        with self._lock:
+            self._check_open()
+            self._counters.gets += 1
+            entry = self._index.get(key)
+            if entry is None:
+                self._counters.misses += 1
+                for counters in self._counters.tiers.values():
+                    counters.misses += 1
+                raise KeyError(key)
+            src, slot, header = entry.tier, entry.slot, entry.header
+            for tier in self._tiers[:src]:
+                self._counters.tiers[tier.name].misses += 1
+            self._counters.tiers[self._tiers[src].name].hits += 1
+            entry.info.hits += 1
+            entry.info.last_access = self._tick()
+            self._rerank(entry)
+            self._pin(src, slot)
+        releases: list[Release] = []
+        tier = self._tiers[src]
+        try:
+            start = time.perf_counter()
+            raw = tier.read(slot, header)
+            elapsed = time.perf_counter() - start
+            result = restore(raw, header, target, aliasing=not tier.persistent)
+        except CorruptEntryError as exc:
+            log.warning("tiercache: entry %r is damaged and was dropped: %s", key, exc)
+            with self._lock:
+                releases = self._unpin(src, slot)
+                if self._index.get(key) is entry:
+                    self._counters.corruptions += 1
+                    releases += self._drop_entry(entry, "corrupt")
+            self._finish(releases)
+            raise KeyError(key) from None
+        except BaseException:
+            with self._lock:
+                releases = self._unpin(src, slot)
+            self._finish(releases)
+            raise
+        if src > 0 and self._policy.promote(entry.info, tier.name, self._tiers[0].name):
+            self._promote(entry, src, raw)  # raw stays valid: its slot is still pinned by us
+        with self._lock:
+            counters = self._counters.tiers[tier.name]
+            counters.bytes_read += slot.nbytes
+            counters.read_seconds += elapsed
+            releases = self._unpin(src, slot)
+        if releases or self._evicted:
+            self._finish(releases)
+        return result
+
+
+    def _delete_impl(self, key: Hashable) -> bool:
+        check_key(key)
+        with self._lock:
+            self._check_open()
+            entry = self._index.get(key)
+            if entry is None:
+                return False
+            releases = self._unlink(entry)
+        self._finish(releases)
+        return True
+
+    def _update_scores_impl(self, scores: dict[Hashable, float]) -> int:
+        checked = {key: check_score(score) for key, score in scores.items()}  # all valid, or none applied
+        updated = 0
+        with self._lock:
+            self._check_open()
+            for key, score in checked.items():
+                entry = self._index.get(key)
+                if entry is None:
+                    continue
+                entry.info.score = score
+                self._rerank(entry)
+                updated += 1
+        return updated
+
 
     def _get_many_impl(
         self,
@@ -134,7 +258,7 @@ class BatchedReads:
         except CorruptEntryError as exc:
             bad: Entry | None = failed[0] if failed is not None else getattr(exc, "tiercache_entry", None)
             with self._lock:
-                releases: list[_Release] = []
+                releases: list[Release] = []
                 for entry, src, slot, header in items:
                     releases += self._unpin(src, slot)
                 if bad is not None and self._index.get(bad.key) is bad:
