@@ -1,14 +1,21 @@
-"""The cache's data paths: ``put``, ``get``, ``get_many`` (N entries moved as one operation), ``delete``
-and ``update_scores``.
+"""The cache's data paths, batch first: ``put_many``/``get_many``/``delete_many`` over N keys do O(1)
+index-lock round trips and counter updates per batch plus a tight loop per key; ``put``, ``get`` and
+``delete`` are the same paths with N = 1.
 
-Each pins its source slots under the index lock, copies outside it (``get_many``: one gather, on CUDA one
-kernel launch through ``tiercache.transfer.CopyEngine``), then counts, promotes and unpins.
+Per batch: every item is validated before anything changes; the index lock is taken once to look up and
+pin every source slot (or reserve every destination slot), once to publish or count, once to unpin.
+Bytes move outside the lock: memory-tier values are copied once, in their own dtype, straight between
+the arena and the destination tensor; disk-tier values are read (verified) through the tier's batched
+``read_into`` when it has one.  Entry headers were checked when the entry was created, so a read only
+views the payload as the stored dtype and shape.  Policy bookkeeping on a hit is skipped when the
+policy declares that a hit cannot change its rank (``rank_reads_access = False``).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Hashable, Iterable
+from functools import partial
+from typing import Callable, Hashable, Sequence
 
 import torch
 
@@ -16,128 +23,398 @@ from .errors import CorruptEntryError, TierCacheError
 from .index import Entry
 from .keys import check_key, encode_key
 from .moves import Moves
-from .policies import EntryInfo
+from .policies import EntryInfo, reranks_on_access
 from .sizes import format_size
 from .state import Release, log
 from .tiers.base import EntryHeader, Slot
 from .tiers.disk import DiskTier
+from .tiers.memory import ArenaTier
 from .transfer import CopyEngine, chunk_file_bytes, packed_layout, read_chunk_into
-from .values import check_score, restore, tensor_bytes
+from .values import as_bytes, check_score, copy_payload, tensor_data
+
+_Pinned = tuple[Entry, int, Slot, EntryHeader]  # an entry, the tier and slot pinned for it, its header
 
 
-class BatchedReads(Moves):
-    """The data paths of :class:`tiercache.Cache` (``put``, ``get``, ``get_many``, ``delete``,
-    ``update_scores``), built on its shared state (:class:`tiercache.state.CacheState`)."""
+class DataPaths(Moves):
+    """``put``/``get``/``delete`` and their batched forms, on :class:`tiercache.state.CacheState`."""
 
-    def _put_impl(self, key: Hashable, value: torch.Tensor, *, score: float | None = None) -> None:
-        key_bytes = encode_key(key)
-        data, dtype_name, shape = tensor_bytes(value)
-        nbytes = data.numel()
-        if score is not None:
-            check_score(score)
+    # -- put ------------------------------------------------------------------------------------------
+    def _put_batch(self, items: Sequence[tuple[Hashable, torch.Tensor]], scores: Sequence[float | None]) -> None:
+        """Store every ``(key, value)``.  Every item is validated first (nothing is stored if one is
+        invalid); then runs of items whose slots can be allocated without making room are reserved under
+        one lock, written outside it and published under one lock; an item that needs room made goes
+        through ``_reserve`` (demotion) on its own.  On an I/O or capacity error the items before the
+        failing one stay stored and the rest are not."""
+        prepared = []
+        for (key, value), score in zip(items, scores):
+            key_bytes = encode_key(key)
+            data, dtype, shape = tensor_data(value)
+            if score is not None:
+                score = check_score(score)
+            prepared.append((key, key_bytes, data, dtype, shape, data.numel() * dtype.itemsize, score))
+        if not prepared:
+            with self._lock:
+                self._check_open()
+            return
+        tiers = self._tiers
         with self._lock:
             self._check_open()
-            largest = max(t.max_nbytes for t in self._tiers)
-        if nbytes > largest:
-            raise ValueError(
-                f"value of {format_size(nbytes)} is larger than every tier "
-                f"(the largest slot holds {format_size(max(largest, 0))})"
-            )
-        for tier_index, tier in enumerate(self._tiers):
-            slot = self._reserve(tier_index, nbytes)
-            if slot is not None:
-                break
-        else:
-            raise TierCacheError(f"no tier could make room for {format_size(nbytes)}: every candidate is being moved")
-        with self._lock:
-            self._seq += 1
-            header = EntryHeader(key_bytes, dtype_name, shape, nbytes, self._seq)
-        try:
-            self._timed_write(tier_index, slot, data, header)
-        except BaseException:
+            limits = [tier.max_nbytes for tier in tiers]
+        largest = max(limits)
+        homes = []  # the fastest tier that can hold each value at all
+        for item in prepared:
+            nbytes = item[5]
+            if nbytes > largest:
+                raise ValueError(
+                    f"value of {format_size(nbytes)} is larger than every tier "
+                    f"(the largest slot holds {format_size(max(largest, 0))})"
+                )
+            homes.append(next(t for t, limit in enumerate(limits) if nbytes <= limit))
+        position, count = 0, len(prepared)
+        while position < count:
+            run: list[tuple[int, Slot, EntryHeader]] = []  # (tier, slot, header) for prepared[position:]
             with self._lock:
-                tier.free(slot)
+                self._check_open()
+                while position + len(run) < count:
+                    at = position + len(run)
+                    item, home = prepared[at], homes[at]
+                    slot = tiers[home].allocate(item[5])
+                    if slot is None:
+                        break
+                    self._seq += 1
+                    run.append((home, slot, EntryHeader(item[1], _dtype_name(item[3]), item[4], item[5], self._seq)))
+            if not run:  # the next item needs room made (demotion): the single-entry slow path
+                item = prepared[position]
+                for home in range(homes[position], len(tiers)):
+                    slot = self._reserve(home, item[5])
+                    if slot is not None:
+                        break
+                else:
+                    raise TierCacheError(
+                        f"no tier could make room for {format_size(item[5])}: every candidate is being moved"
+                    )
+                with self._lock:
+                    self._seq += 1
+                    header = EntryHeader(item[1], _dtype_name(item[3]), item[4], item[5], self._seq)
+                run.append((home, slot, header))
+            written, error = self._write_run(run, prepared, position)
+            self._publish(run[:written], prepared, position)
+            if error is not None:
+                raise error
+            position += len(run)
+
+    def _write_run(
+        self, run: list[tuple[int, Slot, EntryHeader]], prepared: list, position: int
+    ) -> tuple[int, BaseException | None]:
+        """Outside the lock: write each reserved slot.  Returns how many were written and the error that
+        stopped the run (the slots from the failed one on are freed then)."""
+        tiers = self._tiers
+        seconds = [0.0] * len(tiers)
+        nbytes = [0] * len(tiers)
+        done, error = 0, None
+        try:
+            for tier_index, slot, header in run:
+                data = prepared[position + done][2]
+                tier = tiers[tier_index]
+                start = time.perf_counter()
+                # Memory tiers copy in the value's dtype (C1); other tiers are handed its bytes.
+                tier.write(slot, data if isinstance(tier, ArenaTier) else as_bytes(data), header)
+                seconds[tier_index] += time.perf_counter() - start
+                nbytes[tier_index] += slot.nbytes
+                done += 1
+        except BaseException as exc:
+            error = exc
+            with self._lock:
+                for tier_index, slot, _ in run[done:]:
+                    tiers[tier_index].free(slot)
                 self._counters.errors["put_io"] += 1
-            raise
         with self._lock:
-            old = self._index.get(key)
-            if old is not None and old.header.seq > header.seq:  # a later put of the key already landed
-                releases = [(tier_index, slot)]
-            else:
-                now = self._tick()
-                previous_score = old.info.score if old is not None else 0.0
-                info = EntryInfo(key, nbytes, tier.name, now, now, 0, float(score) if score is not None else previous_score)
-                releases = self._unlink(old) if old is not None else []
-                entry = Entry(key, header, tier_index, slot, info)
-                self._index[key] = entry
-                self._queues[tier_index].add(entry)
-                self._rerank(entry)
-                self._counters.puts += 1
-        self._finish(releases)
+            for tier_index, tier in enumerate(tiers):
+                if nbytes[tier_index]:
+                    counters = self._counters.tiers[tier.name]
+                    counters.bytes_written += nbytes[tier_index]
+                    counters.write_seconds += seconds[tier_index]
+        return done, error
 
-    def _get_impl(self, key: Hashable, device: torch.device | str | None = None) -> torch.Tensor:
-        check_key(key)
-        target = torch.device(device) if device is not None else torch.device("cpu")
-        with self._lock:
-            self._check_open()
-            self._counters.gets += 1
-            entry = self._index.get(key)
-            if entry is None:
-                self._counters.misses += 1
-                for counters in self._counters.tiers.values():
-                    counters.misses += 1
-                raise KeyError(key)
-            src, slot, header = entry.tier, entry.slot, entry.header
-            for tier in self._tiers[:src]:
-                self._counters.tiers[tier.name].misses += 1
-            self._counters.tiers[self._tiers[src].name].hits += 1
-            entry.info.hits += 1
-            entry.info.last_access = self._tick()
-            self._rerank(entry)
-            self._pin(src, slot)
+    def _publish(self, run: list[tuple[int, Slot, EntryHeader]], prepared: list, position: int) -> None:
+        """Under one lock: make written slots the current entries of their keys (unless a later put of a
+        key already landed), then give back what they replaced."""
+        if not run:
+            return
         releases: list[Release] = []
-        tier = self._tiers[src]
-        try:
-            start = time.perf_counter()
-            raw = tier.read(slot, header)
-            elapsed = time.perf_counter() - start
-            result = restore(raw, header, target, aliasing=not tier.persistent)
-        except CorruptEntryError as exc:
-            log.warning("tiercache: entry %r is damaged and was dropped: %s", key, exc)
-            with self._lock:
-                releases = self._unpin(src, slot)
-                if self._index.get(key) is entry:
-                    self._counters.corruptions += 1
-                    releases += self._drop_entry(entry, "corrupt")
-            self._finish(releases)
-            raise KeyError(key) from None
-        except BaseException:
-            with self._lock:
-                releases = self._unpin(src, slot)
-            self._finish(releases)
-            raise
-        if src > 0 and self._policy.promote(entry.info, tier.name, self._tiers[0].name):
-            self._promote(entry, src, raw)  # raw stays valid: its slot is still pinned by us
         with self._lock:
-            counters = self._counters.tiers[tier.name]
-            counters.bytes_read += slot.nbytes
-            counters.read_seconds += elapsed
-            releases = self._unpin(src, slot)
-        if releases or self._evicted:
-            self._finish(releases)
-        return result
+            index, queues, tiers, rank = self._index, self._queues, self._tiers, self._policy.rank
+            for (tier_index, slot, header), item in zip(run, prepared[position:]):
+                key, score = item[0], item[6]
+                old = index.get(key)
+                if old is not None and old.header.seq > header.seq:
+                    releases.append((tier_index, slot))
+                    continue
+                self._clock += 1
+                now = self._clock
+                info = EntryInfo(key, header.nbytes, tiers[tier_index].name, now, now, 0,
+                                 score if score is not None else (old.info.score if old is not None else 0.0))
+                if old is not None:
+                    releases += self._unlink(old)
+                entry = Entry(key, header, tier_index, slot, info, item[3])
+                index[key] = entry
+                queue = queues[tier_index]
+                queue.add(entry)
+                entry.version += 1
+                queue.push(entry, rank(info))
+            self._counters.puts += len(run)
+        self._finish(releases)
 
-
-    def _delete_impl(self, key: Hashable) -> bool:
-        check_key(key)
+    # -- get ------------------------------------------------------------------------------------------
+    def _lookup_and_pin(
+        self, keys: list[Hashable], check: Callable[[list[Entry]], None] | None = None
+    ) -> list[_Pinned]:
+        """Under one lock: every key's entry, counted as a hit (or, if one is absent, one get and one miss
+        and ``KeyError``: all or nothing), touched for the policy and pinned.  ``check(entries)`` runs
+        before anything is counted; what it raises propagates with nothing changed."""
         with self._lock:
             self._check_open()
-            entry = self._index.get(key)
-            if entry is None:
-                return False
-            releases = self._unlink(entry)
-        self._finish(releases)
-        return True
+            index = self._index
+            found = []
+            for key in keys:
+                entry = index.get(key)
+                if entry is None:
+                    counters = self._counters
+                    counters.gets += 1
+                    counters.misses += 1
+                    for tier_counters in counters.tiers.values():
+                        tier_counters.misses += 1
+                    raise KeyError(key)
+                found.append(entry)
+            if check is not None:
+                check(found)
+            hits = [0] * len(self._tiers)
+            pins = self._pins
+            rerank = reranks_on_access(self._policy)
+            clock = self._clock
+            pinned: list[_Pinned] = []
+            for entry in found:
+                src, slot = entry.tier, entry.slot
+                hits[src] += 1
+                info = entry.info
+                info.hits += 1
+                clock += 1
+                info.last_access = clock
+                if rerank:
+                    self._clock = clock
+                    self._rerank(entry)
+                token = id(slot)
+                pins[token] = pins.get(token, 0) + 1
+                pinned.append((entry, src, slot, entry.header))
+            self._clock = clock
+            counters = self._counters
+            counters.gets += len(found)
+            below = len(found)
+            for tier_index, tier in enumerate(self._tiers):
+                tier_counters = counters.tiers[tier.name]
+                tier_counters.hits += hits[tier_index]
+                below -= hits[tier_index]
+                tier_counters.misses += below
+            return pinned
+
+    def _get_batch(
+        self,
+        keys: list[Hashable],
+        target: torch.device,
+        dsts: list[torch.Tensor] | None = None,
+        packed: torch.Tensor | None = None,
+        *,
+        pack: bool = False,
+    ) -> list[torch.Tensor]:
+        """The values of ``keys`` (pinned, counted, promoted and unpinned here): copied into ``dsts``
+        (caller tensors, one per key, on ``target``); with ``pack``, packed into the byte buffer
+        ``packed`` (a fresh one on ``target`` when None) and returned as views of it; otherwise copied
+        into fresh tensors on ``target``."""
+        for key in keys:
+            check_key(key)
+        if dsts is not None:
+            check = partial(_check_destinations, dsts=dsts)
+        elif pack and packed is not None:
+            check = partial(_check_packed_room, packed=packed)
+        else:
+            check = None
+        pinned = self._lookup_and_pin(keys, check)
+        bad: Entry | None = None
+        try:
+            try:
+                if dsts is not None:
+                    results = dsts
+                    copies = self._copy_each(pinned, dsts)
+                elif pack:
+                    results, copies = self._copy_packed(pinned, target, packed)
+                else:
+                    dsts = [torch.empty(e.header.shape, dtype=e.dtype, device=target) for e, *_ in pinned]
+                    results = dsts
+                    copies = self._copy_each(pinned, dsts)
+            except CorruptEntryError as exc:
+                where = getattr(exc, "tiercache_index", None)
+                bad = pinned[where][0] if where is not None else None
+                if bad is None:
+                    raise
+                log.warning("tiercache: entry %r is damaged and was dropped: %s", bad.key, exc)
+                raise KeyError(bad.key) from None
+            fast = self._tiers[0]
+            promote = self._policy.promote
+            for (entry, src, slot, header), data in zip(pinned, copies):
+                if src > 0 and promote(entry.info, self._tiers[src].name, fast.name):
+                    self._promote(entry, src, data)  # the source slot is still pinned by us
+        finally:
+            with self._lock:
+                releases = self._unpin_all([(src, slot) for _, src, slot, _ in pinned])
+                if bad is not None and self._index.get(bad.key) is bad:
+                    self._counters.corruptions += 1
+                    releases += self._drop_entry(bad, "corrupt")
+            if releases or self._evicted:
+                self._finish(releases)
+        return results
+
+    def _copy_each(self, pinned: list[_Pinned], dsts: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Outside the lock: copy each pinned payload into its destination.  Memory tiers: one copy from
+        the arena in the value's dtype.  Other tiers: ``read_into`` (batched, straight into a contiguous
+        CPU destination) when the tier has it, else ``read`` + copy.  Returns, per item, a 1-D uint8 tensor
+        holding the payload that a promotion may copy from (``None``: re-read from the source slot)."""
+        tiers = self._tiers
+        seconds = [0.0] * len(tiers)
+        nbytes = [0] * len(tiers)
+        copies: list[torch.Tensor | None] = [None] * len(pinned)
+        batched: dict[int, list[int]] = {}  # tier -> positions read through read_into
+        for i, (entry, src, slot, header) in enumerate(pinned):
+            tier = tiers[src]
+            start = time.perf_counter()
+            if isinstance(tier, ArenaTier):
+                source = tier.typed_view(slot, entry.dtype)
+                dst = dsts[i]
+                dst.copy_(source if dst.dim() == 1 else source.view(dst.shape))
+                copies[i] = as_bytes(source)
+            elif hasattr(tier, "read_into"):
+                batched.setdefault(src, []).append(i)
+                continue
+            else:
+                try:
+                    raw = tier.read(slot, header)
+                except CorruptEntryError as exc:
+                    exc.tiercache_index = i  # type: ignore[attr-defined]
+                    raise
+                copy_payload(dsts[i], raw, entry.dtype)
+                copies[i] = raw
+            seconds[src] += time.perf_counter() - start
+            nbytes[src] += header.nbytes
+        for src, positions in batched.items():
+            start = time.perf_counter()
+            requests, landing = [], []
+            for i in positions:
+                entry, _, slot, header = pinned[i]
+                dst = dsts[i]
+                direct = dst.device.type == "cpu" and dst.is_contiguous()
+                buf = as_bytes(dst.view(-1)) if direct else torch.empty(header.nbytes, dtype=torch.uint8)
+                requests.append((slot, header, buf))
+                landing.append((i, buf, direct))
+                nbytes[src] += header.nbytes
+            try:
+                tiers[src].read_into(requests)  # type: ignore[attr-defined]
+            except CorruptEntryError as exc:
+                where = getattr(exc, "tiercache_index", None)
+                exc.tiercache_index = positions[where] if where is not None else None  # type: ignore[attr-defined]
+                raise
+            for i, buf, direct in landing:
+                if not direct:
+                    copy_payload(dsts[i], buf, pinned[i][0].dtype)
+                copies[i] = buf
+            seconds[src] += time.perf_counter() - start
+        self._count_reads(nbytes, seconds)
+        return copies
+
+    def _count_reads(self, nbytes: list[int], seconds: list[float]) -> None:
+        with self._lock:
+            for tier_index, tier in enumerate(self._tiers):
+                if nbytes[tier_index]:
+                    counters = self._counters.tiers[tier.name]
+                    counters.bytes_read += nbytes[tier_index]
+                    counters.read_seconds += seconds[tier_index]
+
+    def _copy_packed(
+        self, pinned: list[_Pinned], target: torch.device, packed: torch.Tensor | None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Pack the payloads into one byte buffer (``packed``, or a fresh one on ``target``) at
+        ``packed_layout`` offsets; results are typed views of it.  On CUDA one gather (kernel launch)
+        moves every memory-tier payload and every staged disk payload; on the CPU each is copied once."""
+        sizes = [header.nbytes for _, _, _, header in pinned]
+        offsets, total = packed_layout(sizes)
+        buffer = packed if packed is not None else torch.empty(total, dtype=torch.uint8, device=target)
+        results = [
+            buffer[offset : offset + header.nbytes].view(entry.dtype).view(header.shape)
+            for (entry, _, _, header), offset in zip(pinned, offsets)
+        ]
+        if target.type != "cuda":
+            copies = self._copy_each(pinned, [r.view(-1) for r in results])
+            return results, copies
+        with self._lock:
+            engine = self._engines.get(target)
+            if engine is None:
+                engine = self._engines[target] = CopyEngine(target)
+        try:
+            sources, read_seconds = self._batch_sources(pinned, target)
+        except CorruptEntryError as exc:
+            culprit = getattr(exc, "tiercache_entry", None)
+            exc.tiercache_index = next(  # type: ignore[attr-defined]
+                (i for i, item in enumerate(pinned) if item[0] is culprit), None
+            )
+            raise
+        arenas: list[torch.Tensor] = []
+        arena_ids: list[int] = []
+        src_offsets: list[int] = []
+        seen: dict[int, int] = {}
+        for arena, offset in sources:
+            index = seen.get(id(arena))
+            if index is None:
+                index = seen[id(arena)] = len(arenas)
+                arenas.append(arena)
+            arena_ids.append(index)
+            src_offsets.append(offset)
+        start = time.perf_counter()
+        try:
+            engine.gather(arenas, arena_ids, src_offsets, sizes, buffer, offsets).wait()
+        except BaseException:
+            engine.synchronize()  # nothing may still read the pinned slots once they are released
+            raise
+        share = (time.perf_counter() - start) / max(total, 1)
+        nbytes = [0] * len(self._tiers)
+        seconds = [0.0] * len(self._tiers)
+        for (_, src, _, header), spent in zip(pinned, read_seconds):
+            nbytes[src] += header.nbytes
+            seconds[src] += spent + share * header.nbytes
+        self._count_reads(nbytes, seconds)
+        fast = self._tiers[0]
+        copies: list[torch.Tensor | None] = []
+        for (_, _, _, header), (arena, offset), position in zip(pinned, sources, offsets):
+            # Promote from the copy already made when it sits on the fast tier's device.
+            data, at = (buffer, position) if buffer.device == fast.device else (arena, offset)
+            copies.append(data[at : at + header.nbytes])
+        return results, copies
+
+    # -- delete / scores ------------------------------------------------------------------------------
+    def _delete_batch(self, keys: list[Hashable]) -> list[bool]:
+        """Remove every key under one lock; per key whether it was present."""
+        for key in keys:
+            check_key(key)
+        found: list[bool] = []
+        releases: list[Release] = []
+        with self._lock:
+            self._check_open()
+            index = self._index
+            for key in keys:
+                entry = index.get(key)
+                found.append(entry is not None)
+                if entry is not None:
+                    releases += self._unlink(entry)
+        if releases:
+            self._finish(releases)
+        return found
 
     def _update_scores_impl(self, scores: dict[Hashable, float]) -> int:
         checked = {key: check_score(score) for key, score in scores.items()}  # all valid, or none applied
@@ -153,138 +430,8 @@ class BatchedReads(Moves):
                 updated += 1
         return updated
 
-
-    def _get_many_impl(
-        self,
-        keys: Iterable[Hashable],
-        device: torch.device | str | None = None,
-        *,
-        out: torch.Tensor | None = None,
-    ) -> list[torch.Tensor]:
-        keys = list(keys)
-        for key in keys:
-            check_key(key)
-        flat: torch.Tensor | None = None
-        if out is not None:
-            if not isinstance(out, torch.Tensor):
-                raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-            if not out.is_contiguous() or out.layout != torch.strided:
-                raise ValueError("out must be a dense contiguous tensor")
-            target = _normal_device(out.device)
-            if device is not None and _normal_device(torch.device(device)) != target:
-                raise ValueError(f"out is on {out.device} but device={device!r} was requested")
-            flat = out.detach().reshape(-1).view(torch.uint8)
-            if flat.data_ptr() % 16:
-                raise ValueError("out must start at a 16-byte aligned address (offset views may not)")
-        else:
-            target = _normal_device(torch.device(device) if device is not None else torch.device("cpu"))
-        with self._lock:
-            self._check_open()
-            found: list[Entry] = []
-            for key in keys:
-                entry = self._index.get(key)
-                if entry is None:
-                    self._counters.gets += 1
-                    self._counters.misses += 1
-                    for counters in self._counters.tiers.values():
-                        counters.misses += 1
-                    raise KeyError(key)
-                found.append(entry)
-            sizes = [entry.header.nbytes for entry in found]
-            offsets, total = packed_layout(sizes)
-            if flat is not None and flat.numel() < total:
-                raise ValueError(
-                    f"out holds {flat.numel()} bytes but these {len(keys)} values need {total} "
-                    f"(packed at 256-byte alignment)"
-                )
-            engine = self._engines.get(target)
-            if engine is None:
-                engine = self._engines[target] = CopyEngine(target)
-            items: list[tuple[Entry, int, Slot, EntryHeader]] = []
-            for entry in found:
-                src = entry.tier
-                for tier in self._tiers[:src]:
-                    self._counters.tiers[tier.name].misses += 1
-                self._counters.tiers[self._tiers[src].name].hits += 1
-                self._counters.gets += 1
-                entry.info.hits += 1
-                entry.info.last_access = self._tick()
-                self._rerank(entry)
-                self._pin(src, entry.slot)
-                items.append((entry, src, entry.slot, entry.header))
-        failed: tuple[Entry, CorruptEntryError] | None = None
-        try:
-            buffer = flat if flat is not None else torch.empty(total, dtype=torch.uint8, device=target)
-            sources, read_seconds = self._batch_sources(items, target)
-            arenas: list[torch.Tensor] = []
-            arena_ids: list[int] = []
-            src_offsets: list[int] = []
-            seen: dict[int, int] = {}
-            for arena, offset in sources:
-                index = seen.get(id(arena))
-                if index is None:
-                    index = seen[id(arena)] = len(arenas)
-                    arenas.append(arena)
-                arena_ids.append(index)
-                src_offsets.append(offset)
-            start = time.perf_counter()
-            try:
-                engine.gather(arenas, arena_ids, src_offsets, sizes, buffer, offsets).wait()
-            except BaseException:
-                engine.synchronize()  # nothing may still read the pinned slots once they are released
-                raise
-            share = (time.perf_counter() - start) / max(total, 1)
-            results = []
-            for (entry, src, slot, header), offset in zip(items, offsets):
-                dtype = getattr(torch, header.dtype, None)
-                if not isinstance(dtype, torch.dtype):
-                    failed = (entry, CorruptEntryError(f"unknown dtype {header.dtype!r} in entry header"))
-                    raise failed[1]
-                view = buffer[offset : offset + header.nbytes]
-                results.append((view.view(dtype) if dtype != torch.uint8 else view).reshape(header.shape))
-            with self._lock:
-                for (entry, src, slot, header), seconds in zip(items, read_seconds):
-                    counters = self._counters.tiers[self._tiers[src].name]
-                    counters.bytes_read += header.nbytes
-                    counters.read_seconds += seconds + share * header.nbytes
-            fast = self._tiers[0]
-            for (entry, src, slot, header), (arena, offset), position in zip(items, sources, offsets):
-                if src > 0 and self._policy.promote(entry.info, self._tiers[src].name, fast.name):
-                    # Promote from the copy already made when it sits on the fast tier's device; the
-                    # source slot is still pinned by us either way.
-                    data = buffer if buffer.device == fast.device else arena
-                    start_at = position if data is buffer else offset
-                    self._promote(entry, src, data[start_at : start_at + header.nbytes])
-        except CorruptEntryError as exc:
-            bad: Entry | None = failed[0] if failed is not None else getattr(exc, "tiercache_entry", None)
-            with self._lock:
-                releases: list[Release] = []
-                for entry, src, slot, header in items:
-                    releases += self._unpin(src, slot)
-                if bad is not None and self._index.get(bad.key) is bad:
-                    log.warning("tiercache: entry %r is damaged and was dropped: %s", bad.key, exc)
-                    self._counters.corruptions += 1
-                    releases += self._drop_entry(bad, "corrupt")
-            self._finish(releases)
-            if bad is None:
-                raise
-            raise KeyError(bad.key) from None
-        except BaseException:
-            with self._lock:
-                releases = []
-                for entry, src, slot, header in items:
-                    releases += self._unpin(src, slot)
-            self._finish(releases)
-            raise
-        with self._lock:
-            releases = []
-            for entry, src, slot, header in items:
-                releases += self._unpin(src, slot)
-        self._finish(releases)
-        return results
-
     def _batch_sources(
-        self, items: list[tuple[Entry, int, Slot, EntryHeader]], target: torch.device
+        self, items: list[_Pinned], target: torch.device
     ) -> tuple[list[tuple[torch.Tensor, int]], list[float]]:
         """Outside the lock, for pinned ``items``: where each payload can be read by a batched copy, as
         ``(1-D uint8 tensor, byte offset)``, and the seconds spent reading it here.  Arena tiers are
@@ -333,3 +480,32 @@ def _normal_device(device: torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_packed_room(entries: list[Entry], packed: torch.Tensor) -> None:
+    offsets, total = packed_layout([entry.header.nbytes for entry in entries])
+    if packed.numel() < total:
+        raise ValueError(
+            f"out holds {packed.numel()} bytes but these {len(entries)} values need {total} "
+            f"(packed at 256-byte alignment)"
+        )
+
+
+def _check_destinations(entries: list[Entry], dsts: list[torch.Tensor]) -> None:
+    """C5: each caller tensor must have the stored dtype and number of elements (``ValueError`` naming
+    the key otherwise)."""
+    if len(dsts) != len(entries):
+        raise ValueError(f"out has {len(dsts)} tensors for {len(entries)} keys")
+    for entry, dst in zip(entries, dsts):
+        header = entry.header
+        if dst.dtype != entry.dtype:
+            raise ValueError(f"out tensor for key {entry.key!r} has dtype {dst.dtype}, the value is {entry.dtype}")
+        if dst.numel() * dst.element_size() != header.nbytes:
+            raise ValueError(
+                f"out tensor for key {entry.key!r} has {dst.numel()} elements, the value has shape "
+                f"{list(header.shape)}"
+            )

@@ -23,7 +23,7 @@ from typing import Any, Hashable, Iterable, Iterator, Sequence
 
 import torch
 
-from .batched import BatchedReads
+from .batched import DataPaths, _normal_device
 from .config import CacheConfig
 from .errors import CacheLockedError
 from .index import RankedQueue
@@ -36,7 +36,9 @@ from .tiers.base import Tier
 from .tiers.disk import DiskTier
 from .tiers.memory import gpu_tier, host_tier
 
-class Cache(BatchedReads, Persistence):
+_CPU = torch.device("cpu")
+
+class Cache(DataPaths, Persistence):
     """A tiered tensor cache: ``gpu`` (HBM), ``host`` (DRAM, pinned with CUDA) and ``disk`` (zarr v3).
 
     ``Cache(host="256MiB", disk="4GiB", path="/data/tc")`` or ``Cache(CacheConfig(...))`` or
@@ -131,16 +133,37 @@ class Cache(BatchedReads, Persistence):
             os.close(self._lock_file)  # closing drops the flock
             self._lock_file = None
 
-    # -- public operations: each runs inside _operation so close() can wait for it -------------------
+    # -- public operations: each runs inside _begin/_end so close() can wait for it -------------------
     def put(self, key: Hashable, value: torch.Tensor, *, score: float | None = None) -> None:
-        """Store a copy of ``value`` under ``key``, replacing any previous value.
+        """Store a copy of ``value`` under ``key``, replacing any previous value.  A conjugate or negative
+        view is stored resolved (the values it shows).
 
-        Raises ``TypeError`` for a non-tensor value or unsupported key, ``ValueError`` when the value is
-        larger than every tier, ``TierIOError`` when the storage fails (e.g. the disk is full; the previous
-        value, if any, is kept), ``TierCacheError`` when no tier can make room right now."""
+        Raises ``TypeError`` for a non-tensor value, a non-strided one (sparse, nested, quantized, meta) or
+        an unsupported key (see ``tiercache.keys``), ``ValueError`` for a key longer than
+        ``tiercache.keys.MAX_KEY_BYTES`` encoded, a value of more than ``tiercache.keys.MAX_DIMS``
+        dimensions or larger than every tier, ``TierIOError`` when the storage fails (e.g. the disk is
+        full; the previous value, if any, is kept), ``TierCacheError`` when no tier can make room right
+        now."""
         self._begin()
         try:
-            self._put_impl(key, value, score=score)
+            self._put_batch(((key, value),), (score,))
+        finally:
+            self._end()
+
+    def put_many(
+        self, items: Iterable[tuple[Hashable, torch.Tensor]], *, scores: Iterable[float] | None = None
+    ) -> None:
+        """``put`` for each ``(key, tensor)``, as one batch: every key, value and score is checked before
+        anything is stored (an invalid one raises and stores nothing); then the values are stored in
+        order (a later duplicate key wins).  An I/O or capacity error stops the batch at that item: the
+        items before it stay stored, it and the rest are not."""
+        items = list(items)
+        score_list = list(scores) if scores is not None else [None] * len(items)
+        if len(score_list) != len(items):
+            raise ValueError(f"{len(score_list)} scores for {len(items)} items")
+        self._begin()
+        try:
+            self._put_batch(items, score_list)
         finally:
             self._end()
 
@@ -148,9 +171,10 @@ class Cache(BatchedReads, Persistence):
         """A fresh copy of the value stored under ``key`` (on ``device``, CPU by default).
 
         Raises ``KeyError`` when the key is absent, was evicted, or its stored bytes failed verification."""
+        target = _normal_device(torch.device(device)) if device is not None else _CPU
         self._begin()
         try:
-            return self._get_impl(key, device)
+            return self._get_batch([key], target)[0]
         finally:
             self._end()
 
@@ -159,46 +183,90 @@ class Cache(BatchedReads, Persistence):
         keys: Iterable[Hashable],
         device: torch.device | str | None = None,
         *,
-        out: torch.Tensor | None = None,
+        out: torch.Tensor | Sequence[torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
         """The values of ``keys``, in key order, moved as one batched operation.
 
         All or nothing: the first absent key raises ``KeyError`` before anything is copied (counted as one
         get and one miss); a value whose stored bytes fail verification is dropped (as ``get`` does) and
-        raises ``KeyError`` for its key.  The values are packed into one byte buffer in key order, each at a
-        multiple of 256 bytes (``tiercache.transfer.packed_layout([nbytes, ...])`` gives the offsets and the
-        total): ``out`` when given (any contiguous tensor of at least that many bytes starting at a 16-byte
-        aligned address; its device is the target, and ``device``, if also given, must match; else
-        ``ValueError``), otherwise a fresh buffer on ``device`` (CPU by default).  Each result is a view of
-        that buffer with the stored dtype and shape, so the results share one allocation (``out``'s when
-        given).
+        raises ``KeyError`` for its key.
 
-        Host- and GPU-tier values are copied by one gather (on CUDA one kernel launch reading pinned host
-        memory by address); disk values are read and crc-checked in pinned staging memory, then gathered
-        with them.  On CUDA the copy runs on the cache's copy-engine stream after the caller's current
-        stream; this call returns once the copy is complete.  Every source slot stays pinned until then, so
-        a concurrent delete or demotion never frees bytes being read.  Hits, misses and promotions are
+        Where the values land:
+
+        - ``out`` a list or tuple of tensors, one per key: each must have the stored dtype and number of
+          elements (any shape and strides, e.g. a slice of a larger buffer) and all must be on one device,
+          the target (``device``, if also given, must match); else ``ValueError`` naming the key.  Each
+          value is copied straight into its tensor (memory-tier values: one copy from the tier, in the
+          value's dtype; disk values are read into it when it is a contiguous CPU tensor) and ``out`` is
+          returned as a list.
+        - ``out`` one tensor, or ``out=None``: the values are packed into one byte buffer in key order,
+          each at a multiple of 256 bytes (``tiercache.transfer.packed_layout([nbytes, ...])`` gives the
+          offsets and the total): ``out`` when given (any contiguous tensor of at least that many bytes
+          starting at a 16-byte aligned address; its device is the target, and ``device``, if also given,
+          must match; else ``ValueError``), otherwise a fresh buffer on ``device`` (CPU by default).  Each
+          result is a view of that buffer with the stored dtype and shape, so the results share one
+          allocation.  On CUDA, host- and GPU-tier values are copied by one gather (one kernel launch
+          reading pinned host memory by address); disk values are read and crc-checked in pinned staging
+          memory, then gathered with them, on the cache's copy-engine stream after the caller's current
+          stream.
+
+        This call returns once every copy is complete.  Every source slot stays pinned until then, so a
+        concurrent delete or demotion never frees bytes being read.  Hits, misses and promotions are
         counted and applied as ``get`` does.  Thread-safe."""
-        with self._operation():
-            return self._get_many_impl(keys, device, out=out)
-
+        keys = list(keys)
+        dsts: list[torch.Tensor] | None = None
+        packed: torch.Tensor | None = None
+        asked = _normal_device(torch.device(device)) if device is not None else None
+        if isinstance(out, (list, tuple)):
+            dsts = list(out)
+            for i, dst in enumerate(dsts):
+                if not isinstance(dst, torch.Tensor) or dst.layout != torch.strided or dst.is_nested:
+                    raise TypeError(f"out[{i}] must be a dense torch.Tensor, got {type(dst).__name__}")
+            devices = {_normal_device(dst.device) for dst in dsts}
+            if len(devices) > 1:
+                raise ValueError(f"out tensors are on several devices: {sorted(map(str, devices))}")
+            target = devices.pop() if devices else (asked or _CPU)
+            if asked is not None and asked != target:
+                raise ValueError(f"out is on {target} but device={device!r} was requested")
+        elif out is not None:
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"out must be a torch.Tensor or a list of them, got {type(out).__name__}")
+            if not out.is_contiguous() or out.layout != torch.strided:
+                raise ValueError("out must be a dense contiguous tensor")
+            target = _normal_device(out.device)
+            if asked is not None and asked != target:
+                raise ValueError(f"out is on {out.device} but device={device!r} was requested")
+            packed = out.detach().reshape(-1).view(torch.uint8)
+            if packed.data_ptr() % 16:
+                raise ValueError("out must start at a 16-byte aligned address (offset views may not)")
+        else:
+            target = asked or _CPU
+        self._begin()
+        try:
+            return self._get_batch(keys, target, dsts, packed, pack=dsts is None)
+        finally:
+            self._end()
 
     def delete(self, key: Hashable) -> bool:
-        with self._operation():
-            return self._delete_impl(key)
+        """Remove ``key``; whether it was present.  Its slot is freed once no reader holds it."""
+        self._begin()
+        try:
+            return self._delete_batch([key])[0]
+        finally:
+            self._end()
+
+    def delete_many(self, keys: Iterable[Hashable]) -> int:
+        """Remove every key (as one batch); how many were present."""
+        keys = list(keys)
+        self._begin()
+        try:
+            return sum(self._delete_batch(keys))
+        finally:
+            self._end()
 
     def update_scores(self, scores: dict[Hashable, float]) -> int:
         with self._operation():
             return self._update_scores_impl(scores)
-
-    def put_many(self, items: Iterable[tuple[Hashable, torch.Tensor]], *, scores: Iterable[float] | None = None) -> None:
-        """``put`` for each ``(key, tensor)``; stops at the first error (earlier items stay stored)."""
-        items = list(items)
-        score_list = list(scores) if scores is not None else [None] * len(items)
-        if len(score_list) != len(items):
-            raise ValueError(f"{len(score_list)} scores for {len(items)} items")
-        for (key, value), score in zip(items, score_list):
-            self.put(key, value, score=score)
 
     def prefetch(self, keys: Iterable[Hashable], device: torch.device | str | None = None) -> Future[int]:
         """Stage ``keys`` in the background into the fastest tier, or with ``device`` into the fastest tier

@@ -18,6 +18,9 @@ from .tiers.base import EntryHeader, Slot
 class Entry:
     """One live key: its header (dtype, shape, seq), the tier index and slot holding its bytes.
 
+    The header is decoded and checked once (at ``put`` or recovery); ``dtype`` is its dtype resolved, so
+    reads view the payload without looking anything up or validating again.
+
     ``moving`` is set while a mover (demotion, promotion, flush) copies it to another tier; such an entry
     is not chosen as a victim again.  ``version`` invalidates stale queue items (lazy deletion)."""
 
@@ -26,6 +29,7 @@ class Entry:
     tier: int
     slot: Slot
     info: EntryInfo
+    dtype: Any  # torch.dtype of the payload
     moving: bool = False
     version: int = 0
 
@@ -64,6 +68,15 @@ class RankedQueue:
         if len(self._heap) > 64 and len(self._heap) > 4 * max(self.live, 1):
             self._heap = [item for item in self._heap if self._current(item)]
             heapq.heapify(self._heap)
+
+    def load(self, ranked: list[tuple[Any, Entry]]) -> None:
+        """Count and rank many entries at once (recovery): one heapify instead of a push per entry."""
+        heap = self._heap
+        for rank, entry in ranked:
+            self.live += 1
+            self.payload += entry.header.nbytes
+            heap.append(_Item(rank, next(self._counter), entry, entry.version))
+        heapq.heapify(heap)
 
     def _current(self, item: _Item) -> bool:
         return item.version == item.entry.version and item.entry.tier == self.tier

@@ -1,8 +1,10 @@
 """Cache keys: validation and a stable, process-independent byte encoding.
 
-A key is a ``str``, ``bytes``, ``int`` (not ``bool``) or a tuple of keys (nesting allowed).  The encoding
-is canonical (equal keys encode equally) and never uses Python's salted ``hash()``, so keys persisted by
-one process are found by another.
+A key is a ``str``, ``bytes``, ``int`` or a tuple of keys (nesting allowed) — of exactly those types:
+subclasses (``bool``, ``IntEnum`` members, ``str`` subclasses, ``namedtuple``s) are refused, because a
+persisted key must come back after a restart as an equal key of the *same* type.  The encoding is
+canonical (equal keys encode equally) and never uses Python's salted ``hash()``, so keys persisted by one
+process are found by another.
 """
 
 from __future__ import annotations
@@ -12,29 +14,41 @@ from typing import Hashable, TypeAlias
 
 Key: TypeAlias = Hashable
 MAX_KEY_BYTES = 2048
+MAX_DIMS = 64  # most tensor dimensions an entry may have (the disk header holds this many)
+
+
+def _refuse(key: object) -> TypeError:
+    kind = type(key)
+    name = f"{kind.__module__}.{kind.__qualname__}" if kind.__module__ != "builtins" else kind.__name__
+    if isinstance(key, bool):
+        return TypeError("bool is not a supported key type (ambiguous with int); use an int or a str")
+    for base, convert in ((int, "int(key)"), (str, "str(key)"), (bytes, "bytes(key)"), (tuple, "tuple(key)")):
+        if isinstance(key, base):
+            return TypeError(
+                f"key type {name} is a subclass of {base.__name__}; only exact str, bytes, int and tuple keys "
+                f"are accepted (a subclass would not come back as itself after a restart): pass {convert}"
+            )
+    return TypeError(f"unsupported key type {name}: keys are str, bytes, int or tuples of those")
 
 
 def _encode(key: object, out: bytearray, depth: int) -> None:
     if depth > 32:
         raise TypeError("key nesting is deeper than 32 tuples")
-    if isinstance(key, bool):
-        raise TypeError("bool is not a supported key type (ambiguous with int); use an int or a str")
-    if isinstance(key, str):
-        data = key.encode("utf-8", "surrogatepass")
+    kind = type(key)
+    if kind is str:
+        data = key.encode("utf-8", "surrogatepass")  # type: ignore[attr-defined]
         out += b"s" + struct.pack("<I", len(data)) + data
-    elif isinstance(key, bytes):
-        out += b"b" + struct.pack("<I", len(key)) + key
-    elif isinstance(key, int):
+    elif kind is bytes:
+        out += b"b" + struct.pack("<I", len(key)) + key  # type: ignore[arg-type, operator]
+    elif kind is int:
         text = str(key).encode("ascii")
         out += b"i" + struct.pack("<I", len(text)) + text
-    elif isinstance(key, tuple):
-        out += b"t" + struct.pack("<I", len(key))
-        for item in key:
+    elif kind is tuple:
+        out += b"t" + struct.pack("<I", len(key))  # type: ignore[arg-type]
+        for item in key:  # type: ignore[attr-defined]
             _encode(item, out, depth + 1)
     else:
-        raise TypeError(
-            f"unsupported key type {type(key).__name__}: keys are str, bytes, int or tuples of those"
-        )
+        raise _refuse(key)
 
 
 def encode_key(key: object) -> bytes:

@@ -16,6 +16,7 @@ from .errors import CorruptEntryError, TierCacheError
 from .index import Entry
 from .state import CacheState, log
 from .tiers.base import Slot
+from .tiers.memory import ArenaTier
 
 
 class Moves(CacheState):
@@ -94,6 +95,11 @@ class Moves(CacheState):
         try:
             if data is None:
                 data = self._timed_read(src, entry.slot, entry.header)
+            if isinstance(self._tiers[dst], ArenaTier) and data.dtype != entry.dtype:
+                try:
+                    data = data.view(entry.dtype)  # memory tiers copy in the value's own dtype
+                except RuntimeError:  # not aligned for it: bytes are fine
+                    pass
             self._timed_write(dst, slot, data, entry.header)
         except BaseException as exc:
             with self._lock:

@@ -4,45 +4,58 @@
 
 from __future__ import annotations
 
-from .errors import TierIOError
+from typing import Hashable
+
+from .errors import CorruptEntryError, TierIOError
 from .index import Entry
 from .keys import decode_key
 from .moves import Moves
 from .policies import EntryInfo
 from .state import Release, log
+from .values import check_header
 
 
 class Persistence(Moves):
     def _recover(self) -> None:
+        """Rebuild the index from the persistent tiers (once, at open).  Each recovered header is checked
+        here, once: an unreadable key or a dtype/shape/size disagreement costs that entry (counted as a
+        corruption), never the store.  Entries are ranked in bulk (one heapify per tier)."""
+        rank = self._policy.rank
         for tier_index, tier in enumerate(self._tiers):
             if not tier.persistent:
                 continue
+            loaded: dict[Hashable, Entry] = {}  # this tier's entries, ranked in bulk below
+            seq = self._seq
             for found in tier.recover():
+                header = found.header
                 try:
-                    key = decode_key(found.header.key)
-                except ValueError as exc:  # a damaged header must cost one entry, not the whole store
-                    log.warning("tiercache: dropping a %s entry with an unreadable key: %s", tier.name, exc)
+                    key = decode_key(header.key)
+                    dtype = check_header(header)
+                except (ValueError, CorruptEntryError) as exc:  # one damaged header costs one entry
+                    log.warning("tiercache: dropping a damaged %s entry: %s", tier.name, exc)
                     self._counters.corruptions += 1
                     tier.discard(found.slot)
                     tier.free(found.slot)
                     continue
-                self._seq = max(self._seq, found.header.seq)
-                info = EntryInfo(key, found.header.nbytes, tier.name, 0, 0)
-                previous = self._index.get(key)
-                if previous is not None:  # two persistent tiers both hold it: keep the newer copy
-                    older = previous if previous.header.seq < found.header.seq else None
-                    if older is None:
+                if header.seq > seq:
+                    seq = header.seq
+                previous = loaded.get(key) or self._index.get(key)
+                if previous is not None:  # two copies of a key: keep the newer one
+                    if previous.header.seq >= header.seq:
                         tier.discard(found.slot)
                         tier.free(found.slot)
                         continue
-                    self._tiers[older.tier].discard(older.slot)
-                    self._tiers[older.tier].free(older.slot)
-                    self._queues[older.tier].remove(older)
-                    older.version += 1  # its queue item is stale now
-                entry = Entry(key, found.header, tier_index, found.slot, info)
+                    self._tiers[previous.tier].discard(previous.slot)
+                    self._tiers[previous.tier].free(previous.slot)
+                    if loaded.get(key) is not previous:  # already ranked in an earlier tier's queue
+                        self._queues[previous.tier].remove(previous)
+                        previous.version += 1  # its queue item is stale now
+                info = EntryInfo(key, header.nbytes, tier.name, 0, 0)
+                entry = Entry(key, header, tier_index, found.slot, info, dtype)
+                loaded[key] = entry
                 self._index[key] = entry
-                self._queues[tier_index].add(entry)
-                self._rerank(entry)
+            self._seq = seq
+            self._queues[tier_index].load([(rank(entry.info), entry) for entry in loaded.values()])
             corrupt = getattr(tier, "corrupt_on_open", 0)
             self._counters.corruptions += corrupt
             # A store reopened with a smaller budget sheds its lowest-ranked entries.  Their slots are only

@@ -18,7 +18,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any, Hashable, Iterator
+from typing import Hashable, Iterator
 
 import torch
 
@@ -47,8 +47,8 @@ class CacheState:
     _closing: bool  # close() has begun: no new operations start
     _active: int  # public operations in flight; close() waits for them
     _index: dict[Hashable, Entry]
-    _pins: dict[tuple[int, Any], int]  # (tier, slot.ref) -> readers/movers holding it
-    _deferred: dict[tuple[int, Any], Slot]  # released while pinned: freed when the last pin goes
+    _pins: dict[int, int]  # id(slot) -> readers/movers holding it
+    _deferred: dict[int, Release]  # id(slot) -> a release made while pinned, done when the last pin goes
     _clock: int
     _seq: int
     _executor: ThreadPoolExecutor | None
@@ -113,25 +113,42 @@ class CacheState:
         entry.info.tier = self._tiers[entry.tier].name
         self._queues[entry.tier].push(entry, self._policy.rank(entry.info))
 
+    # Pins are keyed by the Slot object's identity: every pin, unpin and release of a slot goes through the
+    # one Slot object its entry holds (a reader keeps it alive while pinned), and an identity key hashes
+    # in C where the slot's ``ref`` (a dataclass) would hash in Python.
     def _pin(self, tier: int, slot: Slot) -> None:
-        token = (tier, slot.ref)
+        token = id(slot)
         self._pins[token] = self._pins.get(token, 0) + 1
 
     def _unpin(self, tier: int, slot: Slot) -> list[Release]:
-        token = (tier, slot.ref)
+        token = id(slot)
         count = self._pins[token] - 1
         if count:
             self._pins[token] = count
             return []
         del self._pins[token]
         deferred = self._deferred.pop(token, None)
-        return [(tier, deferred)] if deferred is not None else []
+        return [deferred] if deferred is not None else []
+
+    def _unpin_all(self, pinned: list[tuple[int, Slot]]) -> list[Release]:
+        """``_unpin`` for each ``(tier, slot)`` of a batch."""
+        pins, releases = self._pins, []
+        for tier, slot in pinned:
+            token = id(slot)
+            count = pins[token] - 1
+            if count:
+                pins[token] = count
+                continue
+            del pins[token]
+            deferred = self._deferred.pop(token, None)
+            if deferred is not None:
+                releases.append(deferred)
+        return releases
 
     def _release(self, tier: int, slot: Slot) -> list[Release]:
         """Give a slot back: now if nobody has it pinned, else when the last pin goes."""
-        token = (tier, slot.ref)
-        if self._pins.get(token):
-            self._deferred[token] = slot
+        if id(slot) in self._pins:
+            self._deferred[id(slot)] = (tier, slot)
             return []
         return [(tier, slot)]
 

@@ -1,5 +1,6 @@
-"""Values going in and out of the cache: what ``put`` accepts (dense tensors; their bytes, dtype and
-shape), turning a tier's bytes back into a caller-owned tensor, and score validation.
+"""Values going in and out of the cache: what ``put`` accepts (dense tensors of at most ``MAX_DIMS``
+dimensions; conjugate and negative views are resolved), the dtype names stored in entry headers, copying
+stored bytes into a destination tensor, and score validation.
 """
 
 from __future__ import annotations
@@ -9,7 +10,12 @@ import math
 import torch
 
 from .errors import CorruptEntryError
+from .keys import MAX_DIMS
 from .tiers.base import EntryHeader
+
+_DTYPES: dict[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
+}
 
 
 def check_score(score: object) -> float:
@@ -20,33 +26,72 @@ def check_score(score: object) -> float:
     return float(score)
 
 
-def tensor_bytes(value: object) -> tuple[torch.Tensor, str, tuple[int, ...]]:
-    """The tensor's bytes as 1-D contiguous uint8 (no copy when already contiguous), its dtype, shape."""
+def dtype_named(name: str) -> torch.dtype:
+    """The torch dtype an entry header names (``"float32"``); ``CorruptEntryError`` for an unknown name."""
+    dtype = _DTYPES.get(name)
+    if dtype is None:
+        raise CorruptEntryError(f"unknown dtype {name!r} in entry header")
+    return dtype
+
+
+def check_header(header: EntryHeader) -> torch.dtype:
+    """The header's dtype after checking that dtype, shape and payload size agree (``CorruptEntryError``
+    otherwise), so that later reads can view the payload as ``dtype`` and ``shape`` without checking."""
+    dtype = dtype_named(header.dtype)
+    if len(header.shape) > MAX_DIMS or any(not isinstance(n, int) or n < 0 for n in header.shape):
+        raise CorruptEntryError(f"impossible shape {header.shape!r} in entry header")
+    numel = math.prod(header.shape)
+    if numel * dtype.itemsize != header.nbytes:
+        raise CorruptEntryError(
+            f"entry header says {header.dtype}{list(header.shape)} ({numel * dtype.itemsize} bytes) "
+            f"but the payload holds {header.nbytes}"
+        )
+    return dtype
+
+
+def tensor_data(value: object) -> tuple[torch.Tensor, torch.dtype, tuple[int, ...]]:
+    """``value``'s elements as a 1-D contiguous tensor of its own dtype (no copy when it is already
+    contiguous and resolved), with its dtype and shape.
+
+    Conjugate and negative views (``t.conj()``) are resolved: the stored values are the ones the view
+    shows.  Raises ``TypeError`` for a non-tensor and for tensors without a plain strided layout (sparse,
+    nested, quantized, meta) and ``ValueError`` for more than ``MAX_DIMS`` dimensions."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"values must be torch.Tensor, got {type(value).__name__}")
+    if value.is_nested:
+        raise TypeError("nested tensors cannot be cached; store each component tensor under its own key")
     if value.layout != torch.strided:
-        raise TypeError(f"only dense (strided) tensors can be cached, got layout {value.layout}")
+        raise TypeError(f"only dense (strided) tensors can be cached, got layout {value.layout}; "
+                        f"convert with .to_dense()")
     if value.device.type == "meta":
         raise TypeError("meta tensors have no data to cache")
     if value.is_quantized:
         raise TypeError("quantized tensors are not supported; dequantize first")
+    if value.dim() > MAX_DIMS:
+        raise ValueError(f"a value may have at most {MAX_DIMS} dimensions, got {value.dim()}")
     tensor = value.detach()
+    if tensor.is_conj():
+        tensor = tensor.resolve_conj()
+    if tensor.is_neg():
+        tensor = tensor.resolve_neg()
     if not tensor.is_contiguous():
         tensor = tensor.contiguous()
-    flat = tensor.reshape(-1)
-    data = flat.view(torch.uint8) if flat.dtype != torch.uint8 else flat
-    return data, str(value.dtype).removeprefix("torch."), tuple(value.shape)
+    return tensor.view(-1), tensor.dtype, tuple(value.shape)
 
 
-def restore(raw: torch.Tensor, header: EntryHeader, device: torch.device, *, aliasing: bool) -> torch.Tensor:
-    """A caller-owned tensor from a tier's bytes: copied when ``raw`` may alias tier storage."""
-    dtype = getattr(torch, header.dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        raise CorruptEntryError(f"unknown dtype {header.dtype!r} in entry header")
-    if raw.device == device:
-        out = raw.clone() if aliasing else raw
-    else:
-        out = raw.to(device)
-    if dtype != torch.uint8:
-        out = out.view(dtype)
-    return out.reshape(header.shape)
+def as_bytes(flat: torch.Tensor) -> torch.Tensor:
+    """A 1-D contiguous tensor's bytes as uint8 (a view)."""
+    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
+def copy_payload(dst: torch.Tensor, raw: torch.Tensor, dtype: torch.dtype) -> None:
+    """Copy a payload given as 1-D uint8 ``raw`` into ``dst`` (``dtype``, same number of elements, any
+    shape and strides, any device), in ``dtype`` when ``raw`` is aligned for it."""
+    try:
+        src = raw if dtype == torch.uint8 else raw.view(dtype)
+    except RuntimeError:  # raw starts at an offset not aligned to the item size: copy bytes instead
+        if dst.is_contiguous():
+            as_bytes(dst.view(-1)).copy_(raw)
+            return
+        src = raw.clone().view(dtype)
+    dst.copy_(src.view(dst.shape))
