@@ -32,6 +32,7 @@ from .tiers.memory import ArenaTier
 from .transfer import CopyEngine, chunk_file_bytes, packed_layout, read_chunk_into
 from .values import as_bytes, check_score, copy_payload, tensor_data
 
+_CPU = torch.device("cpu")
 _Pinned = tuple[Entry, int, Slot, EntryHeader]  # an entry, the tier and slot pinned for it, its header
 
 
@@ -242,15 +243,10 @@ class DataPaths(Moves):
         bad: Entry | None = None
         try:
             try:
-                if dsts is not None:
-                    results = dsts
-                    copies = self._copy_each(pinned, dsts)
-                elif pack:
+                if pack:
                     results, copies = self._copy_packed(pinned, target, packed)
                 else:
-                    dsts = [torch.empty(e.header.shape, dtype=e.dtype, device=target) for e, *_ in pinned]
-                    results = dsts
-                    copies = self._copy_each(pinned, dsts)
+                    results, copies = self._copy_each(pinned, dsts, target)
             except CorruptEntryError as exc:
                 where = getattr(exc, "tiercache_index", None)
                 bad = pinned[where][0] if where is not None else None
@@ -273,14 +269,19 @@ class DataPaths(Moves):
                 self._finish(releases)
         return results
 
-    def _copy_each(self, pinned: list[_Pinned], dsts: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """Outside the lock: copy each pinned payload into its destination.  Memory tiers: one copy from
-        the arena in the value's dtype.  Other tiers: ``read_into`` (batched, straight into a contiguous
-        CPU destination) when the tier has it, else ``read`` + copy.  Returns, per item, a 1-D uint8 tensor
-        holding the payload that a promotion may copy from (``None``: re-read from the source slot)."""
+    def _copy_each(
+        self, pinned: list[_Pinned], dsts: list[torch.Tensor] | None, target: torch.device = _CPU
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Outside the lock: copy each pinned payload into its destination (``dsts``, or fresh tensors of
+        the stored shape on ``target`` when None); returns the results and, per item, a 1-D tensor
+        holding the payload that a promotion may copy from (``None``: re-read from the source slot).
+
+        Memory tiers: one copy from the arena, in the value's dtype.  Other tiers: ``read_into`` (batched,
+        straight into a contiguous CPU destination) when the tier has it, else ``read`` + copy."""
         tiers = self._tiers
         seconds = [0.0] * len(tiers)
         nbytes = [0] * len(tiers)
+        results: list[torch.Tensor] = dsts if dsts is not None else [None] * len(pinned)  # type: ignore[list-item]
         copies: list[torch.Tensor | None] = [None] * len(pinned)
         batched: dict[int, list[int]] = {}  # tier -> positions read through read_into
         for i, (entry, src, slot, header) in enumerate(pinned):
@@ -288,10 +289,16 @@ class DataPaths(Moves):
             start = time.perf_counter()
             if isinstance(tier, ArenaTier):
                 source = tier.typed_view(slot, entry.dtype)
-                dst = dsts[i]
-                dst.copy_(source if dst.dim() == 1 else source.view(dst.shape))
-                copies[i] = as_bytes(source)
+                if dsts is None:
+                    fresh = source.clone() if tier.device == target else source.to(target)
+                    results[i] = fresh.view(header.shape)
+                else:
+                    dst = dsts[i]
+                    dst.copy_(source if dst.dim() == 1 else source.view(dst.shape))
+                copies[i] = source
             elif hasattr(tier, "read_into"):
+                if dsts is None:
+                    results[i] = torch.empty(header.shape, dtype=entry.dtype, device=target)
                 batched.setdefault(src, []).append(i)
                 continue
             else:
@@ -300,7 +307,9 @@ class DataPaths(Moves):
                 except CorruptEntryError as exc:
                     exc.tiercache_index = i  # type: ignore[attr-defined]
                     raise
-                copy_payload(dsts[i], raw, entry.dtype)
+                if dsts is None:
+                    results[i] = torch.empty(header.shape, dtype=entry.dtype, device=target)
+                copy_payload(results[i], raw, entry.dtype)
                 copies[i] = raw
             seconds[src] += time.perf_counter() - start
             nbytes[src] += header.nbytes
@@ -309,7 +318,7 @@ class DataPaths(Moves):
             requests, landing = [], []
             for i in positions:
                 entry, _, slot, header = pinned[i]
-                dst = dsts[i]
+                dst = results[i]
                 direct = dst.device.type == "cpu" and dst.is_contiguous()
                 buf = as_bytes(dst.view(-1)) if direct else torch.empty(header.nbytes, dtype=torch.uint8)
                 requests.append((slot, header, buf))
@@ -323,11 +332,11 @@ class DataPaths(Moves):
                 raise
             for i, buf, direct in landing:
                 if not direct:
-                    copy_payload(dsts[i], buf, pinned[i][0].dtype)
+                    copy_payload(results[i], buf, pinned[i][0].dtype)
                 copies[i] = buf
             seconds[src] += time.perf_counter() - start
         self._count_reads(nbytes, seconds)
-        return copies
+        return results, copies
 
     def _count_reads(self, nbytes: list[int], seconds: list[float]) -> None:
         with self._lock:
@@ -351,7 +360,7 @@ class DataPaths(Moves):
             for (entry, _, _, header), offset in zip(pinned, offsets)
         ]
         if target.type != "cuda":
-            copies = self._copy_each(pinned, [r.view(-1) for r in results])
+            _, copies = self._copy_each(pinned, [r.view(-1) for r in results])
             return results, copies
         with self._lock:
             engine = self._engines.get(target)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Hashable, Iterator
 
 from .policies import EntryInfo
@@ -34,12 +34,9 @@ class Entry:
     version: int = 0
 
 
-@dataclass(order=True, slots=True)
-class _Item:
-    rank: Any
-    tiebreak: int
-    entry: Entry = field(compare=False)
-    version: int = field(compare=False)
+# Queue items are plain tuples ``(rank, tiebreak, version, entry)``: heap comparisons then run in C (a
+# unique tiebreak means version and entry are never compared).
+_Item = tuple  # (rank: Any, tiebreak: int, version: int, entry: Entry)
 
 
 class RankedQueue:
@@ -64,7 +61,7 @@ class RankedQueue:
         self.payload -= entry.header.nbytes
 
     def push(self, entry: Entry, rank: Any) -> None:
-        heapq.heappush(self._heap, _Item(rank, next(self._counter), entry, entry.version))
+        heapq.heappush(self._heap, (rank, next(self._counter), entry.version, entry))
         if len(self._heap) > 64 and len(self._heap) > 4 * max(self.live, 1):
             self._heap = [item for item in self._heap if self._current(item)]
             heapq.heapify(self._heap)
@@ -75,11 +72,12 @@ class RankedQueue:
         for rank, entry in ranked:
             self.live += 1
             self.payload += entry.header.nbytes
-            heap.append(_Item(rank, next(self._counter), entry, entry.version))
+            heap.append((rank, next(self._counter), entry.version, entry))
         heapq.heapify(heap)
 
     def _current(self, item: _Item) -> bool:
-        return item.version == item.entry.version and item.entry.tier == self.tier
+        entry = item[3]
+        return item[2] == entry.version and entry.tier == self.tier
 
     def pop_victims(self, index: dict[Hashable, Entry], need: int) -> list[Entry]:
         """Lowest-ranked entries of this tier that are live and not moving, until their charged bytes
@@ -89,7 +87,7 @@ class RankedQueue:
         freed = 0
         while self._heap and (freed < need or not victims):
             item = heapq.heappop(self._heap)
-            entry = item.entry
+            entry = item[3]
             if not self._current(item) or index.get(entry.key) is not entry:
                 continue
             if entry.moving:
@@ -104,8 +102,8 @@ class RankedQueue:
     def ordered(self, index: dict[Hashable, Entry]) -> Iterator[Entry]:
         """Live entries of this tier in eviction order (a snapshot; does not consume the queue)."""
         seen: set[int] = set()
-        for item in sorted(self._heap):
-            entry = item.entry
+        for item in sorted(self._heap, key=lambda item: item[:2]):
+            entry = item[3]
             if self._current(item) and index.get(entry.key) is entry and id(entry) not in seen:
                 seen.add(id(entry))
                 yield entry

@@ -17,6 +17,7 @@ from .index import Entry
 from .state import CacheState, log
 from .tiers.base import Slot
 from .tiers.memory import ArenaTier
+from .values import as_bytes
 
 
 class Moves(CacheState):
@@ -95,7 +96,9 @@ class Moves(CacheState):
         try:
             if data is None:
                 data = self._timed_read(src, entry.slot, entry.header)
-            if isinstance(self._tiers[dst], ArenaTier) and data.dtype != entry.dtype:
+            if not isinstance(self._tiers[dst], ArenaTier):
+                data = as_bytes(data)  # other tiers are handed bytes
+            elif data.dtype != entry.dtype:
                 try:
                     data = data.view(entry.dtype)  # memory tiers copy in the value's own dtype
                 except RuntimeError:  # not aligned for it: bytes are fine

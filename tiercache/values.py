@@ -69,7 +69,7 @@ def tensor_data(value: object) -> tuple[torch.Tensor, torch.dtype, tuple[int, ..
         raise TypeError("quantized tensors are not supported; dequantize first")
     if value.dim() > MAX_DIMS:
         raise ValueError(f"a value may have at most {MAX_DIMS} dimensions, got {value.dim()}")
-    tensor = value.detach()
+    tensor = value.detach() if value.requires_grad else value
     if tensor.is_conj():
         tensor = tensor.resolve_conj()
     if tensor.is_neg():
