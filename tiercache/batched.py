@@ -98,28 +98,34 @@ class DataPaths(Moves):
                     self._seq += 1
                     header = EntryHeader(item[1], _dtype_name(item[3]), item[4], item[5], self._seq)
                 run.append((home, slot, header))
-            written, error = self._write_run(run, prepared, position)
-            self._publish(run[:written], prepared, position)
+            written, error, views = self._write_run(run, prepared, position)
+            self._publish(run[:written], prepared, position, views)
             if error is not None:
                 raise error
             position += len(run)
 
     def _write_run(
         self, run: list[tuple[int, Slot, EntryHeader]], prepared: list, position: int
-    ) -> tuple[int, BaseException | None]:
-        """Outside the lock: write each reserved slot.  Returns how many were written and the error that
-        stopped the run (the slots from the failed one on are freed then)."""
+    ) -> tuple[int, BaseException | None, list[torch.Tensor | None]]:
+        """Outside the lock: write each reserved slot.  Returns how many were written, the error that
+        stopped the run (the slots from the failed one on are freed then) and, per item, the typed view
+        of a memory-tier slot (``Entry.view``)."""
         tiers = self._tiers
         seconds = [0.0] * len(tiers)
         nbytes = [0] * len(tiers)
         done, error = 0, None
+        views: list[torch.Tensor | None] = [None] * len(run)
         try:
             for tier_index, slot, header in run:
                 data = prepared[position + done][2]
                 tier = tiers[tier_index]
                 start = time.perf_counter()
-                # Memory tiers copy in the value's dtype (C1); other tiers are handed its bytes.
-                tier.write(slot, data if isinstance(tier, ArenaTier) else as_bytes(data), header)
+                if isinstance(tier, ArenaTier):  # copy in the value's dtype (C1), keep the view for reads
+                    view = tier.typed_view(slot, data.dtype)
+                    view.copy_(data)
+                    views[done] = view.view(header.shape)
+                else:  # other tiers are handed the value's bytes
+                    tier.write(slot, as_bytes(data), header)
                 seconds[tier_index] += time.perf_counter() - start
                 nbytes[tier_index] += slot.nbytes
                 done += 1
@@ -135,9 +141,11 @@ class DataPaths(Moves):
                     counters = self._counters.tiers[tier.name]
                     counters.bytes_written += nbytes[tier_index]
                     counters.write_seconds += seconds[tier_index]
-        return done, error
+        return done, error, views
 
-    def _publish(self, run: list[tuple[int, Slot, EntryHeader]], prepared: list, position: int) -> None:
+    def _publish(
+        self, run: list[tuple[int, Slot, EntryHeader]], prepared: list, position: int, views: list
+    ) -> None:
         """Under one lock: make written slots the current entries of their keys (unless a later put of a
         key already landed), then give back what they replaced."""
         if not run:
@@ -145,7 +153,7 @@ class DataPaths(Moves):
         releases: list[Release] = []
         with self._lock:
             index, queues, tiers, rank = self._index, self._queues, self._tiers, self._policy.rank
-            for (tier_index, slot, header), item in zip(run, prepared[position:]):
+            for (tier_index, slot, header), item, view in zip(run, prepared[position:], views):
                 key, score = item[0], item[6]
                 old = index.get(key)
                 if old is not None and old.header.seq > header.seq:
@@ -157,7 +165,7 @@ class DataPaths(Moves):
                                  score if score is not None else (old.info.score if old is not None else 0.0))
                 if old is not None:
                     releases += self._unlink(old)
-                entry = Entry(key, header, tier_index, slot, info, item[3])
+                entry = Entry(key, header, tier_index, slot, info, item[3], view)
                 index[key] = entry
                 queue = queues[tier_index]
                 queue.add(entry)
@@ -169,7 +177,7 @@ class DataPaths(Moves):
     # -- get ------------------------------------------------------------------------------------------
     def _lookup_and_pin(
         self, keys: list[Hashable], check: Callable[[list[Entry]], None] | None = None
-    ) -> list[_Pinned]:
+    ) -> tuple[list[_Pinned], list[torch.Tensor | None]]:
         """Under one lock: every key's entry, counted as a hit (or, if one is absent, one get and one miss
         and ``KeyError``: all or nothing), touched for the policy and pinned.  ``check(entries)`` runs
         before anything is counted; what it raises propagates with nothing changed."""
@@ -194,6 +202,7 @@ class DataPaths(Moves):
             rerank = reranks_on_access(self._policy)
             clock = self._clock
             pinned: list[_Pinned] = []
+            views = []
             for entry in found:
                 src, slot = entry.tier, entry.slot
                 hits[src] += 1
@@ -207,6 +216,7 @@ class DataPaths(Moves):
                 token = id(slot)
                 pins[token] = pins.get(token, 0) + 1
                 pinned.append((entry, src, slot, entry.header))
+                views.append(entry.view)
             self._clock = clock
             counters = self._counters
             counters.gets += len(found)
@@ -216,7 +226,7 @@ class DataPaths(Moves):
                 tier_counters.hits += hits[tier_index]
                 below -= hits[tier_index]
                 tier_counters.misses += below
-            return pinned
+            return pinned, views
 
     def _get_batch(
         self,
@@ -239,14 +249,14 @@ class DataPaths(Moves):
             check = partial(_check_packed_room, packed=packed)
         else:
             check = None
-        pinned = self._lookup_and_pin(keys, check)
+        pinned, views = self._lookup_and_pin(keys, check)
         bad: Entry | None = None
         try:
             try:
                 if pack:
-                    results, copies = self._copy_packed(pinned, target, packed)
+                    results, copies = self._copy_packed(pinned, views, target, packed)
                 else:
-                    results, copies = self._copy_each(pinned, dsts, target)
+                    results, copies = self._copy_each(pinned, views, dsts, target)
             except CorruptEntryError as exc:
                 where = getattr(exc, "tiercache_index", None)
                 bad = pinned[where][0] if where is not None else None
@@ -270,49 +280,68 @@ class DataPaths(Moves):
         return results
 
     def _copy_each(
-        self, pinned: list[_Pinned], dsts: list[torch.Tensor] | None, target: torch.device = _CPU
+        self,
+        pinned: list[_Pinned],
+        views: list[torch.Tensor | None],
+        dsts: list[torch.Tensor] | None,
+        target: torch.device = _CPU,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """Outside the lock: copy each pinned payload into its destination (``dsts``, or fresh tensors of
         the stored shape on ``target`` when None); returns the results and, per item, a 1-D tensor
         holding the payload that a promotion may copy from (``None``: re-read from the source slot).
 
-        Memory tiers: one copy from the arena, in the value's dtype.  Other tiers: ``read_into`` (batched,
+        Memory tiers: one copy from the slot's typed view (``views``), in the value's dtype; into caller
+        tensors all of them in one ``torch._foreach_copy_``.  Other tiers: ``read_into`` (batched,
         straight into a contiguous CPU destination) when the tier has it, else ``read`` + copy."""
         tiers = self._tiers
         seconds = [0.0] * len(tiers)
         nbytes = [0] * len(tiers)
         results: list[torch.Tensor] = dsts if dsts is not None else [None] * len(pinned)  # type: ignore[list-item]
-        copies: list[torch.Tensor | None] = [None] * len(pinned)
+        copies: list[torch.Tensor | None] = list(views)
         batched: dict[int, list[int]] = {}  # tier -> positions read through read_into
+        to_dsts: list[torch.Tensor] = []
+        from_views: list[torch.Tensor] = []
+        in_memory = 0
+        start = time.perf_counter()
         for i, (entry, src, slot, header) in enumerate(pinned):
-            tier = tiers[src]
-            start = time.perf_counter()
-            if isinstance(tier, ArenaTier):
-                source = tier.typed_view(slot, entry.dtype)
+            view = views[i]
+            if view is not None:
                 if dsts is None:
-                    fresh = source.clone() if tier.device == target else source.to(target)
-                    results[i] = fresh.view(header.shape)
+                    results[i] = view.clone() if view.device == target else view.to(target)
                 else:
                     dst = dsts[i]
-                    dst.copy_(source if dst.dim() == 1 else source.view(dst.shape))
-                copies[i] = source
-            elif hasattr(tier, "read_into"):
+                    to_dsts.append(dst)
+                    from_views.append(view if dst.shape == view.shape else view.reshape(dst.shape))
+                nbytes[src] += header.nbytes
+                in_memory += header.nbytes
+                continue
+            tier = tiers[src]
+            if hasattr(tier, "read_into"):
                 if dsts is None:
                     results[i] = torch.empty(header.shape, dtype=entry.dtype, device=target)
                 batched.setdefault(src, []).append(i)
                 continue
-            else:
-                try:
-                    raw = tier.read(slot, header)
-                except CorruptEntryError as exc:
-                    exc.tiercache_index = i  # type: ignore[attr-defined]
-                    raise
-                if dsts is None:
-                    results[i] = torch.empty(header.shape, dtype=entry.dtype, device=target)
-                copy_payload(results[i], raw, entry.dtype)
-                copies[i] = raw
-            seconds[src] += time.perf_counter() - start
+            began = time.perf_counter()
+            try:
+                raw = tier.read(slot, header)
+            except CorruptEntryError as exc:
+                exc.tiercache_index = i  # type: ignore[attr-defined]
+                raise
+            if dsts is None:
+                results[i] = torch.empty(header.shape, dtype=entry.dtype, device=target)
+            copy_payload(results[i], raw, entry.dtype)
+            copies[i] = raw
+            spent = time.perf_counter() - began
+            seconds[src] += spent
+            start += spent  # not memory-tier time
             nbytes[src] += header.nbytes
+        if to_dsts:
+            torch._foreach_copy_(to_dsts, from_views)
+        if in_memory:  # memory-tier copy time, shared among the memory tiers by bytes
+            spent = time.perf_counter() - start
+            for i, (entry, src, slot, header) in enumerate(pinned):
+                if views[i] is not None:
+                    seconds[src] += spent * header.nbytes / in_memory
         for src, positions in batched.items():
             start = time.perf_counter()
             requests, landing = [], []
@@ -347,7 +376,11 @@ class DataPaths(Moves):
                     counters.read_seconds += seconds[tier_index]
 
     def _copy_packed(
-        self, pinned: list[_Pinned], target: torch.device, packed: torch.Tensor | None
+        self,
+        pinned: list[_Pinned],
+        views: list[torch.Tensor | None],
+        target: torch.device,
+        packed: torch.Tensor | None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """Pack the payloads into one byte buffer (``packed``, or a fresh one on ``target``) at
         ``packed_layout`` offsets; results are typed views of it.  On CUDA one gather (kernel launch)
@@ -355,12 +388,18 @@ class DataPaths(Moves):
         sizes = [header.nbytes for _, _, _, header in pinned]
         offsets, total = packed_layout(sizes)
         buffer = packed if packed is not None else torch.empty(total, dtype=torch.uint8, device=target)
-        results = [
-            buffer[offset : offset + header.nbytes].view(entry.dtype).view(header.shape)
-            for (entry, _, _, header), offset in zip(pinned, offsets)
-        ]
+        typed: dict[torch.dtype, torch.Tensor] = {}  # the buffer viewed as each dtype (offsets are aligned)
+        results = []
+        for (entry, _, _, header), offset in zip(pinned, offsets):
+            dtype = entry.dtype
+            whole = typed.get(dtype)
+            if whole is None:
+                whole = typed[dtype] = buffer[: total - total % dtype.itemsize].view(dtype)
+            size = dtype.itemsize
+            piece = whole[offset // size : (offset + header.nbytes) // size]
+            results.append(piece if len(header.shape) == 1 else piece.view(header.shape))
         if target.type != "cuda":
-            _, copies = self._copy_each(pinned, [r.view(-1) for r in results])
+            _, copies = self._copy_each(pinned, views, results)
             return results, copies
         with self._lock:
             engine = self._engines.get(target)

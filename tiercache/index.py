@@ -18,8 +18,10 @@ from .tiers.base import EntryHeader, Slot
 class Entry:
     """One live key: its header (dtype, shape, seq), the tier index and slot holding its bytes.
 
-    The header is decoded and checked once (at ``put`` or recovery); ``dtype`` is its dtype resolved, so
-    reads view the payload without looking anything up or validating again.
+    The header is decoded and checked once (at ``put`` or recovery); ``dtype`` is its dtype resolved, and
+    for a memory-tier slot ``view`` is the payload in place, typed and shaped, so reads copy from it
+    without looking anything up, validating or building a view again.  ``slot`` and ``view`` change
+    together, under the index lock.
 
     ``moving`` is set while a mover (demotion, promotion, flush) copies it to another tier; such an entry
     is not chosen as a victim again.  ``version`` invalidates stale queue items (lazy deletion)."""
@@ -30,6 +32,7 @@ class Entry:
     slot: Slot
     info: EntryInfo
     dtype: Any  # torch.dtype of the payload
+    view: Any = None  # memory tiers: the slot's bytes in place, as a tensor of dtype and shape (else None)
     moving: bool = False
     version: int = 0
 

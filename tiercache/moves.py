@@ -17,7 +17,7 @@ from .index import Entry
 from .state import CacheState, log
 from .tiers.base import Slot
 from .tiers.memory import ArenaTier
-from .values import as_bytes
+from .values import as_bytes, slot_view
 
 
 class Moves(CacheState):
@@ -96,6 +96,7 @@ class Moves(CacheState):
         try:
             if data is None:
                 data = self._timed_read(src, entry.slot, entry.header)
+            data = data.reshape(-1)  # a typed slot view has the value's shape; tiers take 1-D data
             if not isinstance(self._tiers[dst], ArenaTier):
                 data = as_bytes(data)  # other tiers are handed bytes
             elif data.dtype != entry.dtype:
@@ -131,6 +132,7 @@ class Moves(CacheState):
                 self._queues[src].remove(entry)
                 self._queues[dst].add(entry)
                 entry.tier, entry.slot = dst, slot
+                entry.view = slot_view(self._tiers[dst], slot, entry)
                 self._rerank(entry)
                 self._counters.bytes_moved[f"{self._tiers[src].name}->{self._tiers[dst].name}"] += slot.nbytes
                 moved = True

@@ -79,6 +79,15 @@ def tensor_data(value: object) -> tuple[torch.Tensor, torch.dtype, tuple[int, ..
     return tensor.view(-1), tensor.dtype, tuple(value.shape)
 
 
+def slot_view(tier: object, slot: object, entry: object) -> torch.Tensor | None:
+    """For a memory tier, ``entry``'s payload in place in ``slot`` as a tensor of its dtype and shape (see
+    ``Entry.view``); ``None`` for other tiers."""
+    typed_view = getattr(tier, "typed_view", None)
+    if typed_view is None:
+        return None
+    return typed_view(slot, entry.dtype).view(entry.header.shape)  # type: ignore[attr-defined]
+
+
 def as_bytes(flat: torch.Tensor) -> torch.Tensor:
     """A 1-D contiguous tensor's bytes as uint8 (a view)."""
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
