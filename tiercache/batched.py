@@ -58,9 +58,7 @@ class DataPaths(Moves):
                 self._check_open()
             return
         tiers = self._tiers
-        with self._lock:
-            self._check_open()
-            limits = [tier.max_nbytes for tier in tiers]
+        limits = [tier.max_nbytes for tier in tiers]  # fixed per tier: read without the lock
         largest = max(limits)
         homes = []  # the fastest tier that can hold each value at all
         for item in prepared:
@@ -98,18 +96,19 @@ class DataPaths(Moves):
                     self._seq += 1
                     header = EntryHeader(item[1], _dtype_name(item[3]), item[4], item[5], self._seq)
                 run.append((home, slot, header))
-            written, error, views = self._write_run(run, prepared, position)
-            self._publish(run[:written], prepared, position, views)
+            written, error, views, spent = self._write_run(run, prepared, position)
+            self._publish(run[:written], prepared, position, views, spent)
             if error is not None:
                 raise error
             position += len(run)
 
     def _write_run(
         self, run: list[tuple[int, Slot, EntryHeader]], prepared: list, position: int
-    ) -> tuple[int, BaseException | None, list[torch.Tensor | None]]:
+    ) -> tuple[int, BaseException | None, list[torch.Tensor | None], tuple[list[int], list[float]] | None]:
         """Outside the lock: write each reserved slot.  Returns how many were written, the error that
-        stopped the run (the slots from the failed one on are freed then) and, per item, the typed view
-        of a memory-tier slot (``Entry.view``)."""
+        stopped the run (the slots from the failed one on are freed then), per item the typed view of a
+        memory-tier slot (``Entry.view``), and the bytes and seconds written per tier for ``_publish`` to
+        count (None when counted here, after a failure)."""
         tiers = self._tiers
         seconds = [0.0] * len(tiers)
         nbytes = [0] * len(tiers)
@@ -123,7 +122,7 @@ class DataPaths(Moves):
                 if isinstance(tier, ArenaTier):  # copy in the value's dtype (C1), keep the view for reads
                     view = tier.typed_view(slot, data.dtype)
                     view.copy_(data)
-                    views[done] = view.view(header.shape)
+                    views[done] = view if len(header.shape) == 1 else view.view(header.shape)
                 else:  # other tiers are handed the value's bytes
                     tier.write(slot, as_bytes(data), header)
                 seconds[tier_index] += time.perf_counter() - start
@@ -135,16 +134,26 @@ class DataPaths(Moves):
                 for tier_index, slot, _ in run[done:]:
                     tiers[tier_index].free(slot)
                 self._counters.errors["put_io"] += 1
+        if error is not None or not done:  # _publish counts the writes of a run that went through
+            self._count_writes(nbytes, seconds)
+            return done, error, views, None
+        return done, error, views, (nbytes, seconds)
+
+    def _count_writes(self, nbytes: list[int], seconds: list[float]) -> None:
         with self._lock:
-            for tier_index, tier in enumerate(tiers):
+            for tier_index, tier in enumerate(self._tiers):
                 if nbytes[tier_index]:
                     counters = self._counters.tiers[tier.name]
                     counters.bytes_written += nbytes[tier_index]
                     counters.write_seconds += seconds[tier_index]
-        return done, error, views
 
     def _publish(
-        self, run: list[tuple[int, Slot, EntryHeader]], prepared: list, position: int, views: list
+        self,
+        run: list[tuple[int, Slot, EntryHeader]],
+        prepared: list,
+        position: int,
+        views: list,
+        written: tuple[list[int], list[float]] | None,
     ) -> None:
         """Under one lock: make written slots the current entries of their keys (unless a later put of a
         key already landed), then give back what they replaced."""
@@ -152,6 +161,12 @@ class DataPaths(Moves):
             return
         releases: list[Release] = []
         with self._lock:
+            if written is not None:
+                for tier_index, tier in enumerate(self._tiers):
+                    if written[0][tier_index]:
+                        counters = self._counters.tiers[tier.name]
+                        counters.bytes_written += written[0][tier_index]
+                        counters.write_seconds += written[1][tier_index]
             index, queues, tiers, rank = self._index, self._queues, self._tiers, self._policy.rank
             for (tier_index, slot, header), item, view in zip(run, prepared[position:], views):
                 key, score = item[0], item[6]
@@ -172,7 +187,9 @@ class DataPaths(Moves):
                 entry.version += 1
                 queue.push(entry, rank(info))
             self._counters.puts += len(run)
-        self._finish(releases)
+            releases = self._free_volatile(releases)
+        if releases or self._evicted:
+            self._finish(releases)
 
     # -- get ------------------------------------------------------------------------------------------
     def _lookup_and_pin(

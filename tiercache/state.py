@@ -164,6 +164,18 @@ class CacheState:
         self._evicted.append((entry.key, reason))
         return self._unlink(entry)
 
+    def _free_volatile(self, releases: list[Release]) -> list[Release]:
+        """With the lock held: free the released slots of volatile tiers now (their ``discard`` is a
+        no-op, so there is no I/O to do outside the lock); returns the rest, for ``_finish``."""
+        rest = []
+        for tier_index, slot in releases:
+            tier = self._tiers[tier_index]
+            if tier.persistent:
+                rest.append((tier_index, slot))
+            else:
+                tier.free(slot)
+        return rest
+
     def _finish(self, releases: list[Release]) -> None:
         """Outside the lock: discard released slots' contents, then return them to their tiers."""
         done: list[Release] = []
