@@ -14,9 +14,12 @@ module named for them:
 
 from __future__ import annotations
 
+import atexit
 import errno
 import fcntl
 import os
+import warnings
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Hashable, Iterable, Iterator, Sequence
@@ -87,6 +90,8 @@ class Cache(DataPaths, Persistence):
         except BaseException:
             self._release_path_lock()
             raise
+        self._opened = True  # from here on, dropping the cache unclosed warns (ResourceWarning)
+        _OPEN.add(self)
 
     # -- construction ---------------------------------------------------------------------------------
     def _build_tiers(self, cfg: CacheConfig) -> list[Tier]:
@@ -291,24 +296,34 @@ class Cache(DataPaths, Persistence):
         raise ValueError(f"no tier of this cache lives on {device} (tiers: {[t.name for t in self._tiers]})")
 
     def __contains__(self, key: object) -> bool:
+        """Whether ``key`` is stored.  ``CacheClosedError`` after ``close()``."""
         with self._lock:
+            self._check_open()
             return key in self._index
 
     def __len__(self) -> int:
+        """How many entries are stored.  ``CacheClosedError`` after ``close()``."""
         with self._lock:
+            self._check_open()
             return len(self._index)
 
+    def __bool__(self) -> bool:
+        return True  # a Cache is an object, not a container that is "empty": `if cache:` never raises
+
     def keys(self) -> list[Hashable]:
-        """A snapshot of the stored keys."""
+        """A snapshot of the stored keys.  ``CacheClosedError`` after ``close()``."""
         with self._lock:
+            self._check_open()
             return list(self._index)
 
     def __iter__(self) -> Iterator[Hashable]:
         return iter(self.keys())
 
     def tier_of(self, key: Hashable) -> str | None:
-        """Name of the tier currently holding ``key`` (``None`` if absent)."""
+        """Name of the tier currently holding ``key`` (``None`` if absent).  ``CacheClosedError`` after
+        ``close()``."""
         with self._lock:
+            self._check_open()
             entry = self._index.get(key)
             return self._tiers[entry.tier].name if entry is not None else None
 
@@ -323,7 +338,9 @@ class Cache(DataPaths, Persistence):
         return list(self._tiers)
 
     def stats(self) -> dict[str, Any]:
-        """A JSON-serialisable snapshot of usage and counters (see docs/api.md for each field)."""
+        """A JSON-serialisable snapshot of usage and counters (see docs/api.md for each field).  Tiers with
+        a ``describe()`` method add their own items to their row.  Still answers after ``close()``
+        (``"closed": True``, no entries, the final counters)."""
         with self._lock:
             per_tier: dict[str, Any] = {}
             for index, tier in enumerate(self._tiers):
@@ -334,6 +351,9 @@ class Cache(DataPaths, Persistence):
                     "payload_bytes": self._queues[index].payload,
                 }
                 row.update(self._counters.tiers[tier.name].export())
+                describe = getattr(tier, "describe", None)
+                if describe is not None and not self._closed:
+                    row.update(describe())
                 per_tier[tier.name] = row
             c = self._counters
             return {
@@ -348,6 +368,7 @@ class Cache(DataPaths, Persistence):
                 "bytes_moved": dict(c.bytes_moved),
                 "errors": dict(c.errors),
                 "policy": getattr(self._policy, "name", type(self._policy).__name__),
+                "closed": self._closed,
             }
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -359,7 +380,11 @@ class Cache(DataPaths, Persistence):
 
     def close(self) -> None:
         """Wait for background work, persist what fits to the disk tier, release memory and the path
-        lock.  Idempotent.  Raises ``TierIOError`` (after closing) if persisting failed."""
+        lock.  Idempotent.  Raises ``TierIOError`` (after closing) if persisting failed.
+
+        Afterwards the cache holds nothing: every method that reads or changes entries (``put``, ``get``,
+        ``in``, ``len``, ``keys``, ``tier_of``, ``prefetch``, ``flush``, ...) raises ``CacheClosedError``;
+        ``stats()``, ``charge()``, ``tiers`` and ``repr`` still answer."""
         with self._lock:
             if self._closed or self._closing:
                 return
@@ -367,6 +392,7 @@ class Cache(DataPaths, Persistence):
             while self._active:
                 self._idle.wait()
             executor, self._executor = self._executor, None
+        _OPEN.discard(self)
         if executor is not None:
             executor.shutdown(wait=True)
         try:
@@ -374,6 +400,10 @@ class Cache(DataPaths, Persistence):
         finally:
             with self._lock:
                 self._closed = True
+                # Whatever was not persisted is gone with the tiers' memory: the index must not claim it.
+                self._index.clear()
+                for index, queue in enumerate(self._queues):
+                    self._queues[index] = RankedQueue(index)
             for tier in self._tiers:
                 tier.close()
             self._release_path_lock()
@@ -384,10 +414,47 @@ class Cache(DataPaths, Persistence):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def _unflushed(self) -> str | None:
+        """What an unclosed cache would lose now (for the ResourceWarning), or None."""
+        if not getattr(self, "_opened", False) or self._closed or self._closing:
+            return None
+        lost = sum(q.live for q, tier in zip(self._queues, self._tiers) if not tier.persistent)
+        disks = [tier.name for tier in self._tiers if tier.persistent]
+        parts = []
+        if lost:
+            parts.append(f"{lost} entries in volatile tiers are lost")
+        if disks:
+            parts.append(f"the {'/'.join(disks)} tier was not closed (entries written since the last flush "
+                         f"may be incomplete)")
+        return " and ".join(parts) or None
+
+    def _warn_unclosed(self, when: str) -> None:
+        what = self._unflushed()
+        if what is not None:
+            warnings.warn(
+                f"unclosed {self!r} {when}: {what}; call close() or use `with tiercache.Cache(...)`",
+                ResourceWarning,
+                source=self,
+                stacklevel=2,
+            )
+
     def __del__(self) -> None:
-        if getattr(self, "_lock_file", None) is not None:
-            self._release_path_lock()
+        try:
+            self._warn_unclosed("garbage-collected")
+        finally:
+            if getattr(self, "_lock_file", None) is not None:
+                self._release_path_lock()
 
     def __repr__(self) -> str:
         tiers = ", ".join(f"{t.name}={format_size(t.capacity)}" for t in self._tiers)
-        return f"tiercache.Cache({tiers}, policy={getattr(self._policy, 'name', self._policy)!r}, entries={len(self)})"
+        state = "closed" if self._closed else f"entries={len(self._index)}"
+        return f"tiercache.Cache({tiers}, policy={getattr(self._policy, 'name', self._policy)!r}, {state})"
+
+
+_OPEN: "weakref.WeakSet[Cache]" = weakref.WeakSet()  # caches not closed yet, for the exit-time warning
+
+
+@atexit.register
+def _warn_unclosed_at_exit() -> None:
+    for cache in list(_OPEN):
+        cache._warn_unclosed("at interpreter exit")
