@@ -80,10 +80,15 @@ def validate_key(key: object) -> Key:
     return key
 
 
+_LENGTH = struct.Struct("<I")
+_S, _B, _I, _T = b"sbit"  # tag bytes as ints
+
+
 def decode_key(data: bytes) -> Key:
     """Inverse of :func:`encode_key`; raises ``ValueError`` on malformed input."""
+    data = bytes(data)
     try:
-        key, end = _decode(memoryview(data), 0)
+        key, end = _decode(data, 0)
     except (struct.error, IndexError, UnicodeDecodeError) as exc:
         raise ValueError(f"malformed key encoding: {exc}") from None
     if end != len(data):
@@ -91,24 +96,26 @@ def decode_key(data: bytes) -> Key:
     return key
 
 
-def _decode(data: memoryview, pos: int) -> tuple[Key, int]:
-    tag = bytes(data[pos : pos + 1])
-    (length,) = struct.unpack_from("<I", data, pos + 1)
+def _decode(data: bytes, pos: int) -> tuple[Key, int]:
+    tag = data[pos]
+    (length,) = _LENGTH.unpack_from(data, pos + 1)
     pos += 5
-    if tag == b"t":
+    if tag == _T:
         items = []
         for _ in range(length):
             item, pos = _decode(data, pos)
             items.append(item)
         return tuple(items), pos
-    raw = bytes(data[pos : pos + length])
-    if len(raw) != length:
+    end = pos + length
+    if end > len(data):
         raise ValueError("malformed key encoding: truncated")
-    pos += length
-    if tag == b"s":
-        return raw.decode("utf-8", "surrogatepass"), pos
-    if tag == b"b":
-        return raw, pos
-    if tag == b"i":
-        return int(raw.decode("ascii")), pos
-    raise ValueError(f"malformed key encoding: unknown tag {tag!r}")
+    if tag == _S:
+        return data[pos:end].decode("utf-8", "surrogatepass"), end
+    if tag == _B:
+        return data[pos:end], end
+    if tag == _I:
+        text = data[pos:end]
+        if not text or not text.lstrip(b"-").isdigit() or text.startswith(b"+"):
+            raise ValueError(f"malformed key encoding: bad int {text[:20]!r}")
+        return int(text), end
+    raise ValueError(f"malformed key encoding: unknown tag {bytes([tag])!r}")

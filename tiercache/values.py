@@ -38,9 +38,14 @@ def check_header(header: EntryHeader) -> torch.dtype:
     """The header's dtype after checking that dtype, shape and payload size agree (``CorruptEntryError``
     otherwise), so that later reads can view the payload as ``dtype`` and ``shape`` without checking."""
     dtype = dtype_named(header.dtype)
-    if len(header.shape) > MAX_DIMS or any(not isinstance(n, int) or n < 0 for n in header.shape):
-        raise CorruptEntryError(f"impossible shape {header.shape!r} in entry header")
-    numel = math.prod(header.shape)
+    shape = header.shape
+    if len(shape) > MAX_DIMS:
+        raise CorruptEntryError(f"impossible shape {shape!r} in entry header")
+    numel = 1
+    for n in shape:
+        if type(n) is not int or n < 0:
+            raise CorruptEntryError(f"impossible shape {shape!r} in entry header")
+        numel *= n
     if numel * dtype.itemsize != header.nbytes:
         raise CorruptEntryError(
             f"entry header says {header.dtype}{list(header.shape)} ({numel * dtype.itemsize} bytes) "
