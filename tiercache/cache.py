@@ -441,6 +441,8 @@ class Cache(DataPaths, Persistence):
     def __del__(self) -> None:
         try:
             self._warn_unclosed("garbage-collected")
+        except Exception:  # at interpreter shutdown module globals may already be gone
+            pass
         finally:
             if getattr(self, "_lock_file", None) is not None:
                 self._release_path_lock()
@@ -458,3 +460,4 @@ _OPEN: "weakref.WeakSet[Cache]" = weakref.WeakSet()  # caches not closed yet, fo
 def _warn_unclosed_at_exit() -> None:
     for cache in list(_OPEN):
         cache._warn_unclosed("at interpreter exit")
+        cache._opened = False  # warned once: not again when it is collected during shutdown
