@@ -745,3 +745,51 @@ def test_memory_tier_copies_run_in_the_value_dtype(monkeypatch):
         cache.put("x", torch.randn(16, dtype=torch.bfloat16))
         assert torch.equal(cache.get("x"), cache.get("x"))
     assert seen == [torch.bfloat16]
+
+
+def test_disk_reads_go_through_read_into_when_the_tier_has_it(tmp_path):
+    """C2: one batched ``read_into`` call per tier and batch, straight into contiguous CPU destinations;
+    a damaged entry reported by position is dropped and raises KeyError for its key."""
+    from tiercache.errors import CorruptEntryError
+    from tiercache.tiers import DiskTier
+
+    class BatchedDisk(DiskTier):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.calls, self.damaged = [], set()
+
+        def read_into(self, items):
+            self.calls.append(len(items))
+            for i, (slot, header, buf) in enumerate(items):
+                assert buf.dtype == torch.uint8 and buf.is_contiguous() and buf.numel() == slot.nbytes
+                if header.key in self.damaged:
+                    exc = CorruptEntryError("injected")
+                    exc.tiercache_index = i
+                    raise exc
+                buf.copy_(self.read(slot, header))
+
+    disk = BatchedDisk(tmp_path / "s", 1 << 20)
+    from tiercache.keys import encode_key
+    from tiercache.tiers import ArenaTier
+
+    with Cache(tiers=[ArenaTier("host", 0), disk], policy="lru") as cache:
+        values = {i: torch.randn(3, 5) for i in range(6)}
+        cache.put_many(values.items())
+        outs = [torch.empty(3, 5) for _ in values]
+        cache.get_many(list(values), out=outs)
+        assert disk.calls == [6]
+        assert all(torch.equal(o, values[k]) for o, k in zip(outs, values))
+        assert torch.equal(cache.get(2), values[2]) and disk.calls[-1] == 1
+        disk.damaged.add(encode_key(4))
+        with pytest.raises(KeyError) as info:
+            cache.get_many([1, 4, 5])
+        assert info.value.args[0] == 4
+        assert 4 not in cache and cache.stats()["corruptions"] == 1 and not cache._pins
+
+
+def test_tier_describe_items_are_merged_into_stats():
+    with Cache(host="1MiB") as cache:
+        row = cache.stats()["tiers"]["host"]
+        assert row["chunks"] == 1 and row["largest_free_bytes"] == row["capacity_bytes"]
+        assert row["pinned"] is torch.cuda.is_available()
+        json.dumps(cache.stats())
