@@ -30,7 +30,7 @@ from .tiers.base import EntryHeader, Slot
 from .tiers.disk import DiskTier
 from .tiers.memory import ArenaTier
 from .transfer import CopyEngine, chunk_file_bytes, packed_layout, read_chunk_into
-from .values import as_bytes, check_score, copy_payload, tensor_data
+from .values import as_bytes, check_score, copy_payload, flat, tensor_data
 
 _CPU = torch.device("cpu")
 _Pinned = tuple[Entry, int, Slot, EntryHeader]  # an entry, the tier and slot pinned for it, its header
@@ -53,6 +53,7 @@ class DataPaths(Moves):
             if score is not None:
                 score = check_score(score)
             prepared.append((key, key_bytes, data, dtype, shape, data.numel() * dtype.itemsize, score))
+            # prepared item: (key, encoded key, tensor, dtype, shape, nbytes, score)
         if not prepared:
             with self._lock:
                 self._check_open()
@@ -119,12 +120,16 @@ class DataPaths(Moves):
                 data = prepared[position + done][2]
                 tier = tiers[tier_index]
                 start = time.perf_counter()
-                if isinstance(tier, ArenaTier):  # copy in the value's dtype (C1), keep the view for reads
+                if isinstance(tier, ArenaTier):
+                    # One copy in the value's dtype (C1) and shape, from any strides; the view is kept
+                    # for reads (Entry.view).
                     view = tier.typed_view(slot, data.dtype)
+                    if len(header.shape) != 1:
+                        view = view.view(header.shape)
                     view.copy_(data)
-                    views[done] = view if len(header.shape) == 1 else view.view(header.shape)
+                    views[done] = view
                 else:  # other tiers are handed the value's bytes
-                    tier.write(slot, as_bytes(data), header)
+                    tier.write(slot, as_bytes(flat(data)), header)
                 seconds[tier_index] += time.perf_counter() - start
                 nbytes[tier_index] += slot.nbytes
                 done += 1

@@ -55,33 +55,37 @@ def check_header(header: EntryHeader) -> torch.dtype:
 
 
 def tensor_data(value: object) -> tuple[torch.Tensor, torch.dtype, tuple[int, ...]]:
-    """``value``'s elements as a 1-D contiguous tensor of its own dtype (no copy when it is already
-    contiguous and resolved), with its dtype and shape.
+    """``value`` ready to be copied from (detached; conjugate and negative views resolved, so the stored
+    values are the ones the view shows; *not* made contiguous: a copy into a memory slot handles any
+    strides, see :func:`flat`), with its dtype and shape.
 
-    Conjugate and negative views (``t.conj()``) are resolved: the stored values are the ones the view
-    shows.  Raises ``TypeError`` for a non-tensor and for tensors without a plain strided layout (sparse,
+    Raises ``TypeError`` for a non-tensor and for tensors without a plain strided layout (sparse,
     nested, quantized, meta) and ``ValueError`` for more than ``MAX_DIMS`` dimensions."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"values must be torch.Tensor, got {type(value).__name__}")
-    if value.is_nested:
-        raise TypeError("nested tensors cannot be cached; store each component tensor under its own key")
-    if value.layout != torch.strided:
-        raise TypeError(f"only dense (strided) tensors can be cached, got layout {value.layout}; "
-                        f"convert with .to_dense()")
-    if value.device.type == "meta":
-        raise TypeError("meta tensors have no data to cache")
-    if value.is_quantized:
+    if value.layout != torch.strided or value.is_nested or value.is_quantized or value.is_meta:
+        if value.is_nested:
+            raise TypeError("nested tensors cannot be cached; store each component tensor under its own key")
+        if value.layout != torch.strided:
+            raise TypeError(f"only dense (strided) tensors can be cached, got layout {value.layout}; "
+                            f"convert with .to_dense()")
+        if value.is_meta:
+            raise TypeError("meta tensors have no data to cache")
         raise TypeError("quantized tensors are not supported; dequantize first")
-    if value.dim() > MAX_DIMS:
-        raise ValueError(f"a value may have at most {MAX_DIMS} dimensions, got {value.dim()}")
+    shape = value.shape
+    if len(shape) > MAX_DIMS:
+        raise ValueError(f"a value may have at most {MAX_DIMS} dimensions, got {len(shape)}")
     tensor = value.detach() if value.requires_grad else value
     if tensor.is_conj():
         tensor = tensor.resolve_conj()
     if tensor.is_neg():
         tensor = tensor.resolve_neg()
-    if not tensor.is_contiguous():
-        tensor = tensor.contiguous()
-    return tensor.view(-1), tensor.dtype, tuple(value.shape)
+    return tensor, tensor.dtype, tuple(shape)
+
+
+def flat(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s elements as a 1-D contiguous tensor of its dtype (a view when already contiguous)."""
+    return tensor.reshape(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)
 
 
 def slot_view(tier: object, slot: object, entry: object) -> torch.Tensor | None:

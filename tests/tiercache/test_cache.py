@@ -793,3 +793,20 @@ def test_tier_describe_items_are_merged_into_stats():
         assert row["chunks"] == 1 and row["largest_free_bytes"] == row["capacity_bytes"]
         assert row["pinned"] is torch.cuda.is_available()
         json.dumps(cache.stats())
+
+
+@pytest.mark.parametrize("disk", [False, True])
+def test_strided_values_are_stored_as_the_values_they_show(tmp_path, disk):
+    kwargs = dict(host=None, disk="1MiB", path=tmp_path / "s") if disk else dict(host="1MiB")
+    values = {
+        "t": torch.arange(12.0).view(3, 4).t(),
+        "expanded": torch.tensor([1.0, 2.0]).expand(3, 2),  # stride 0
+        "sliced": torch.arange(20, dtype=torch.int16)[::3],
+        "scalar": torch.tensor(7, dtype=torch.int64),
+    }
+    with Cache(**kwargs) as cache:
+        cache.put_many(values.items())
+        for key, value in values.items():
+            got = cache.get(key)
+            assert got.shape == value.shape and got.dtype == value.dtype and torch.equal(got, value)
+            assert got.is_contiguous()
