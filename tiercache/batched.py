@@ -19,7 +19,7 @@ from typing import Callable, Hashable, Sequence
 
 import torch
 
-from .errors import CorruptEntryError, TierCacheError
+from .errors import CacheClosedError, CorruptEntryError, TierCacheError
 from .index import Entry
 from .keys import check_key, encode_key
 from .moves import Moves
@@ -198,13 +198,16 @@ class DataPaths(Moves):
 
     # -- get ------------------------------------------------------------------------------------------
     def _lookup_and_pin(
-        self, keys: list[Hashable], check: Callable[[list[Entry]], None] | None = None
+        self, keys: list[Hashable], check: Callable[[list[Entry]], None] | None = None, bracket: bool = False
     ) -> tuple[list[_Pinned], list[torch.Tensor | None]]:
         """Under one lock: every key's entry, counted as a hit (or, if one is absent, one get and one miss
         and ``KeyError``: all or nothing), touched for the policy and pinned.  ``check(entries)`` runs
-        before anything is counted; what it raises propagates with nothing changed."""
+        before anything is counted; what it raises propagates with nothing changed.  With ``bracket`` it
+        also begins the public operation (``close`` waits for it; the caller ends it, see ``_get_batch``)
+        in the same lock round trip."""
         with self._lock:
-            self._check_open()
+            if self._closing or self._closed:
+                raise CacheClosedError("this tiercache.Cache is closed")
             index = self._index
             found = []
             for key in keys:
@@ -248,6 +251,8 @@ class DataPaths(Moves):
                 tier_counters.hits += hits[tier_index]
                 below -= hits[tier_index]
                 tier_counters.misses += below
+            if bracket:
+                self._active += 1
             return pinned, views
 
     def _get_batch(
@@ -258,11 +263,13 @@ class DataPaths(Moves):
         packed: torch.Tensor | None = None,
         *,
         pack: bool = False,
+        bracket: bool = False,
     ) -> list[torch.Tensor]:
         """The values of ``keys`` (pinned, counted, promoted and unpinned here): copied into ``dsts``
         (caller tensors, one per key, on ``target``); with ``pack``, packed into the byte buffer
         ``packed`` (a fresh one on ``target`` when None) and returned as views of it; otherwise copied
-        into fresh tensors on ``target``."""
+        into fresh tensors on ``target``.  With ``bracket`` this call is the public operation's
+        ``_begin``/``_end`` (folded into its first and last lock round trips)."""
         for key in keys:
             check_key(key)
         if dsts is not None:
@@ -271,14 +278,15 @@ class DataPaths(Moves):
             check = partial(_check_packed_room, packed=packed)
         else:
             check = None
-        pinned, views = self._lookup_and_pin(keys, check)
+        pinned, views = self._lookup_and_pin(keys, check, bracket)
         bad: Entry | None = None
+        reads: list[tuple[list[int], list[float]]] = []  # (bytes, seconds) per tier, counted at the end
         try:
             try:
                 if pack:
-                    results, copies = self._copy_packed(pinned, views, target, packed)
+                    results, copies = self._copy_packed(pinned, views, target, packed, reads)
                 else:
-                    results, copies = self._copy_each(pinned, views, dsts, target)
+                    results, copies = self._copy_each(pinned, views, dsts, target, reads)
             except CorruptEntryError as exc:
                 where = getattr(exc, "tiercache_index", None)
                 bad = pinned[where][0] if where is not None else None
@@ -297,6 +305,17 @@ class DataPaths(Moves):
                 if bad is not None and self._index.get(bad.key) is bad:
                     self._counters.corruptions += 1
                     releases += self._drop_entry(bad, "corrupt")
+                for nbytes, seconds in reads:
+                    for tier_index, tier in enumerate(self._tiers):
+                        if nbytes[tier_index]:
+                            counters = self._counters.tiers[tier.name]
+                            counters.bytes_read += nbytes[tier_index]
+                            counters.read_seconds += seconds[tier_index]
+                releases = self._free_volatile(releases)
+                if bracket:
+                    self._active -= 1
+                    if not self._active:
+                        self._idle.notify_all()
             if releases or self._evicted:
                 self._finish(releases)
         return results
@@ -306,7 +325,8 @@ class DataPaths(Moves):
         pinned: list[_Pinned],
         views: list[torch.Tensor | None],
         dsts: list[torch.Tensor] | None,
-        target: torch.device = _CPU,
+        target: torch.device,
+        reads: list[tuple[list[int], list[float]]],
     ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """Outside the lock: copy each pinned payload into its destination (``dsts``, or fresh tensors of
         the stored shape on ``target`` when None); returns the results and, per item, a 1-D tensor
@@ -386,16 +406,8 @@ class DataPaths(Moves):
                     copy_payload(results[i], buf, pinned[i][0].dtype)
                 copies[i] = buf
             seconds[src] += time.perf_counter() - start
-        self._count_reads(nbytes, seconds)
+        reads.append((nbytes, seconds))
         return results, copies
-
-    def _count_reads(self, nbytes: list[int], seconds: list[float]) -> None:
-        with self._lock:
-            for tier_index, tier in enumerate(self._tiers):
-                if nbytes[tier_index]:
-                    counters = self._counters.tiers[tier.name]
-                    counters.bytes_read += nbytes[tier_index]
-                    counters.read_seconds += seconds[tier_index]
 
     def _copy_packed(
         self,
@@ -403,6 +415,7 @@ class DataPaths(Moves):
         views: list[torch.Tensor | None],
         target: torch.device,
         packed: torch.Tensor | None,
+        reads: list[tuple[list[int], list[float]]],
     ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """Pack the payloads into one byte buffer (``packed``, or a fresh one on ``target``) at
         ``packed_layout`` offsets; results are typed views of it.  On CUDA one gather (kernel launch)
@@ -421,7 +434,7 @@ class DataPaths(Moves):
             piece = whole[offset // size : (offset + header.nbytes) // size]
             results.append(piece if len(header.shape) == 1 else piece.view(header.shape))
         if target.type != "cuda":
-            _, copies = self._copy_each(pinned, views, results)
+            _, copies = self._copy_each(pinned, views, results, target, reads)
             return results, copies
         with self._lock:
             engine = self._engines.get(target)
@@ -458,7 +471,7 @@ class DataPaths(Moves):
         for (_, src, _, header), spent in zip(pinned, read_seconds):
             nbytes[src] += header.nbytes
             seconds[src] += spent + share * header.nbytes
-        self._count_reads(nbytes, seconds)
+        reads.append((nbytes, seconds))
         fast = self._tiers[0]
         copies: list[torch.Tensor | None] = []
         for (_, _, _, header), (arena, offset), position in zip(pinned, sources, offsets):

@@ -177,11 +177,7 @@ class Cache(DataPaths, Persistence):
 
         Raises ``KeyError`` when the key is absent, was evicted, or its stored bytes failed verification."""
         target = _normal_device(torch.device(device)) if device is not None else _CPU
-        self._begin()
-        try:
-            return self._get_batch([key], target)[0]
-        finally:
-            self._end()
+        return self._get_batch([key], target, bracket=True)[0]
 
     def get_many(
         self,
@@ -246,11 +242,7 @@ class Cache(DataPaths, Persistence):
                 raise ValueError("out must start at a 16-byte aligned address (offset views may not)")
         else:
             target = asked or _CPU
-        self._begin()
-        try:
-            return self._get_batch(keys, target, dsts, packed, pack=dsts is None)
-        finally:
-            self._end()
+        return self._get_batch(keys, target, dsts, packed, pack=dsts is None, bracket=True)
 
     def delete(self, key: Hashable) -> bool:
         """Remove ``key``; whether it was present.  Its slot is freed once no reader holds it."""
