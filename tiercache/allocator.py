@@ -8,8 +8,12 @@ power-of-two buddy system would lose a quarter of the arena to 48 KiB blocks).  
 free ranges too small for a request; the cache then demotes more victims until one fits.
 
 No system allocator is called per allocation, and ``used`` counts what is really reserved, so a tier
-budget is never exceeded.  O(log n) search plus O(n) list insertion (memmove) in the number of free
-ranges.  Not thread-safe: callers hold their own lock.
+budget is never exceeded.  Free ranges are binned by exact size: an allocation that finds a free range of
+its own size (the steady state of uniform values, however many ranges are free) and every ``free`` cost
+O(1) dict operations; otherwise the smallest larger size is found by binary search over the *distinct*
+free sizes (O(log d)), and that sorted list changes (O(d) memmove) only when a size's bin appears or
+empties.  Cost therefore does not grow with the number of free ranges.  Not thread-safe: callers hold
+their own lock.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ class ArenaAllocator:
         self.used = 0
         self._free_at: dict[int, int] = {}  # start of a free range -> its size
         self._free_until: dict[int, int] = {}  # end of a free range -> its start
-        self._by_size: list[tuple[int, int]] = []  # (size, start) of free ranges, sorted
+        self._bins: dict[int, dict[int, None]] = {}  # size -> starts of the free ranges of that size
+        self._sizes: list[int] = []  # the keys of _bins, sorted
         self._allocated: dict[int, int] = {}  # offset -> size
         if self.capacity:
             self._add_free(0, self.capacity)
@@ -53,15 +58,19 @@ class ArenaAllocator:
         return self.capacity
 
     def largest_free(self) -> int:
-        return self._by_size[-1][0] if self._by_size else 0
+        return self._sizes[-1] if self._sizes else 0
 
     def alloc(self, nbytes: int) -> Block | None:
-        """A block of at least ``nbytes``, or ``None`` when no free range is large enough."""
+        """A block of at least ``nbytes`` carved from the smallest free range that holds it, or ``None``
+        when no free range is large enough."""
         want = self.block_size(nbytes, self.min_block)
-        index = bisect.bisect_left(self._by_size, (want, -1))
-        if index == len(self._by_size):
-            return None
-        size, start = self._by_size[index]
+        size = want
+        if want not in self._bins:
+            index = bisect.bisect_left(self._sizes, want)
+            if index == len(self._sizes):
+                return None
+            size = self._sizes[index]
+        start = next(iter(self._bins[size]))  # the longest-free range of that size
         self._remove_free(start, size)
         if size > want:
             self._add_free(start + want, size - want)
@@ -89,10 +98,17 @@ class ArenaAllocator:
     def _add_free(self, start: int, size: int) -> None:
         self._free_at[start] = size
         self._free_until[start + size] = start
-        bisect.insort(self._by_size, (size, start))
+        starts = self._bins.get(size)
+        if starts is None:
+            starts = self._bins[size] = {}
+            bisect.insort(self._sizes, size)
+        starts[start] = None
 
     def _remove_free(self, start: int, size: int) -> None:
         del self._free_at[start]
         del self._free_until[start + size]
-        index = bisect.bisect_left(self._by_size, (size, start))
-        del self._by_size[index]
+        starts = self._bins[size]
+        del starts[start]
+        if not starts:
+            del self._bins[size]
+            del self._sizes[bisect.bisect_left(self._sizes, size)]

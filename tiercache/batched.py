@@ -1,166 +1,520 @@
-"""Batched reads for :class:`tiercache.Cache`: N entries moved as one operation (``Cache.get_many``).
+"""The cache's data paths, batch first: ``put_many``/``get_many``/``delete_many`` over N keys do O(1)
+index-lock round trips and counter updates per batch plus a tight loop per key; ``put``, ``get`` and
+``delete`` are the same paths with N = 1.
 
-A mixin over the facade's bookkeeping: it pins every source slot under the index lock, copies outside it
-with one gather (on CUDA one kernel launch through ``tiercache.transfer.CopyEngine``), then counts, promotes
-and unpins exactly as ``Cache.get`` does.  Kept apart from ``cache.py`` so the facade's single-entry paths
-and the batched transfer path each stay readable.
+Per batch: every item is validated before anything changes; the index lock is taken once to look up and
+pin every source slot (or reserve every destination slot), once to publish or count, once to unpin.
+Bytes move outside the lock: memory-tier values are copied once, in their own dtype, straight between
+the arena and the destination tensor; disk-tier values are read (verified) through the tier's batched
+``read_into`` when it has one.  Entry headers were checked when the entry was created, so a read only
+views the payload as the stored dtype and shape.  Policy bookkeeping on a hit is skipped when the
+policy declares that a hit cannot change its rank (``rank_reads_access = False``).
 """
 
 from __future__ import annotations
 
-import logging
 import time
-from typing import TYPE_CHECKING, Hashable, Iterable
+from functools import partial
+from typing import Callable, Hashable, Sequence
 
 import torch
 
-from .errors import CorruptEntryError
-from .keys import check_key
+from .errors import CacheClosedError, CorruptEntryError, TierCacheError
+from .index import Entry
+from .keys import check_key, encode_key
+from .moves import Moves
+from .policies import EntryInfo, reranks_on_access
+from .sizes import format_size
+from .state import Release, log
 from .tiers.base import EntryHeader, Slot
 from .tiers.disk import DiskTier
+from .tiers.memory import ArenaTier
 from .transfer import CopyEngine, chunk_file_bytes, packed_layout, read_chunk_into
+from .values import as_bytes, check_score, copy_payload, flat, tensor_data
 
-if TYPE_CHECKING:
-    from .index import Entry
-
-log = logging.getLogger("tiercache.cache")
-_Release = tuple[int, Slot]
+_CPU = torch.device("cpu")
+_Pinned = tuple[Entry, int, Slot, EntryHeader]  # an entry, the tier and slot pinned for it, its header
 
 
-class BatchedReads:
-    """Mixed into :class:`tiercache.Cache`; relies on its lock, index, pins, tiers and counters."""
+class DataPaths(Moves):
+    """``put``/``get``/``delete`` and their batched forms, on :class:`tiercache.state.CacheState`."""
 
-    def _get_many_impl(
-        self,
-        keys: Iterable[Hashable],
-        device: torch.device | str | None = None,
-        *,
-        out: torch.Tensor | None = None,
-    ) -> list[torch.Tensor]:
-        keys = list(keys)
-        for key in keys:
-            check_key(key)
-        flat: torch.Tensor | None = None
-        if out is not None:
-            if not isinstance(out, torch.Tensor):
-                raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-            if not out.is_contiguous() or out.layout != torch.strided:
-                raise ValueError("out must be a dense contiguous tensor")
-            target = _normal_device(out.device)
-            if device is not None and _normal_device(torch.device(device)) != target:
-                raise ValueError(f"out is on {out.device} but device={device!r} was requested")
-            flat = out.detach().reshape(-1).view(torch.uint8)
-            if flat.data_ptr() % 16:
-                raise ValueError("out must start at a 16-byte aligned address (offset views may not)")
-        else:
-            target = _normal_device(torch.device(device) if device is not None else torch.device("cpu"))
+    # -- put ------------------------------------------------------------------------------------------
+    def _put_batch(self, items: Sequence[tuple[Hashable, torch.Tensor]], scores: Sequence[float | None]) -> None:
+        """Store every ``(key, value)``.  Every item is validated first (nothing is stored if one is
+        invalid); then runs of items whose slots can be allocated without making room are reserved under
+        one lock, written outside it and published under one lock; an item that needs room made goes
+        through ``_reserve`` (demotion) on its own.  On an I/O or capacity error the items before the
+        failing one stay stored and the rest are not."""
+        prepared = []
+        for (key, value), score in zip(items, scores):
+            key_bytes = encode_key(key)
+            data, dtype, shape = tensor_data(value)
+            if score is not None:
+                score = check_score(score)
+            prepared.append((key, key_bytes, data, dtype, shape, data.numel() * dtype.itemsize, score))
+            # prepared item: (key, encoded key, tensor, dtype, shape, nbytes, score)
+        if not prepared:
+            with self._lock:
+                self._check_open()
+            return
+        tiers = self._tiers
+        limits = [tier.max_nbytes for tier in tiers]  # fixed per tier: read without the lock
+        largest = max(limits)
+        homes = []  # the fastest tier that can hold each value at all
+        for item in prepared:
+            nbytes = item[5]
+            if nbytes > largest:
+                raise ValueError(
+                    f"value of {format_size(nbytes)} is larger than every tier "
+                    f"(the largest slot holds {format_size(max(largest, 0))})"
+                )
+            homes.append(next(t for t, limit in enumerate(limits) if nbytes <= limit))
+        position, count = 0, len(prepared)
+        while position < count:
+            run: list[tuple[int, Slot, EntryHeader]] = []  # (tier, slot, header) for prepared[position:]
+            with self._lock:
+                self._check_open()
+                while position + len(run) < count:
+                    at = position + len(run)
+                    item, home = prepared[at], homes[at]
+                    slot = tiers[home].allocate(item[5])
+                    if slot is None:
+                        break
+                    self._seq += 1
+                    run.append((home, slot, EntryHeader(item[1], _dtype_name(item[3]), item[4], item[5], self._seq)))
+            if not run:  # the next item needs room made (demotion): the single-entry slow path
+                item = prepared[position]
+                for home in range(homes[position], len(tiers)):
+                    slot = self._reserve(home, item[5])
+                    if slot is not None:
+                        break
+                else:
+                    raise TierCacheError(
+                        f"no tier could make room for {format_size(item[5])}: every candidate is being moved"
+                    )
+                with self._lock:
+                    self._seq += 1
+                    header = EntryHeader(item[1], _dtype_name(item[3]), item[4], item[5], self._seq)
+                run.append((home, slot, header))
+            written, error, views, spent = self._write_run(run, prepared, position)
+            self._publish(run[:written], prepared, position, views, spent)
+            if error is not None:
+                raise error
+            position += len(run)
+
+    def _write_run(
+        self, run: list[tuple[int, Slot, EntryHeader]], prepared: list, position: int
+    ) -> tuple[int, BaseException | None, list[torch.Tensor | None], tuple[list[int], list[float]] | None]:
+        """Outside the lock: write each reserved slot.  Returns how many were written, the error that
+        stopped the run (the slots from the failed one on are freed then), per item the typed view of a
+        memory-tier slot (``Entry.view``), and the bytes and seconds written per tier for ``_publish`` to
+        count (None when counted here, after a failure)."""
+        tiers = self._tiers
+        seconds = [0.0] * len(tiers)
+        nbytes = [0] * len(tiers)
+        done, error = 0, None
+        views: list[torch.Tensor | None] = [None] * len(run)
+        try:
+            for tier_index, slot, header in run:
+                data = prepared[position + done][2]
+                tier = tiers[tier_index]
+                start = time.perf_counter()
+                if isinstance(tier, ArenaTier):
+                    # One copy in the value's dtype (C1) and shape, from any strides; the view is kept
+                    # for reads (Entry.view).
+                    view = tier.typed_view(slot, data.dtype)
+                    if len(header.shape) != 1:
+                        view = view.view(header.shape)
+                    view.copy_(data)
+                    views[done] = view
+                else:  # other tiers are handed the value's bytes
+                    tier.write(slot, as_bytes(flat(data)), header)
+                seconds[tier_index] += time.perf_counter() - start
+                nbytes[tier_index] += slot.nbytes
+                done += 1
+        except BaseException as exc:
+            error = exc
+            with self._lock:
+                for tier_index, slot, _ in run[done:]:
+                    tiers[tier_index].free(slot)
+                self._counters.errors["put_io"] += 1
+        if error is not None or not done:  # _publish counts the writes of a run that went through
+            self._count_writes(nbytes, seconds)
+            return done, error, views, None
+        return done, error, views, (nbytes, seconds)
+
+    def _count_writes(self, nbytes: list[int], seconds: list[float]) -> None:
         with self._lock:
-            self._check_open()
-            found: list[Entry] = []
+            for tier_index, tier in enumerate(self._tiers):
+                if nbytes[tier_index]:
+                    counters = self._counters.tiers[tier.name]
+                    counters.bytes_written += nbytes[tier_index]
+                    counters.write_seconds += seconds[tier_index]
+
+    def _publish(
+        self,
+        run: list[tuple[int, Slot, EntryHeader]],
+        prepared: list,
+        position: int,
+        views: list,
+        written: tuple[list[int], list[float]] | None,
+    ) -> None:
+        """Under one lock: make written slots the current entries of their keys (unless a later put of a
+        key already landed), then give back what they replaced."""
+        if not run:
+            return
+        releases: list[Release] = []
+        with self._lock:
+            if written is not None:
+                for tier_index, tier in enumerate(self._tiers):
+                    if written[0][tier_index]:
+                        counters = self._counters.tiers[tier.name]
+                        counters.bytes_written += written[0][tier_index]
+                        counters.write_seconds += written[1][tier_index]
+            index, queues, tiers, rank = self._index, self._queues, self._tiers, self._policy.rank
+            for (tier_index, slot, header), item, view in zip(run, prepared[position:], views):
+                key, score = item[0], item[6]
+                old = index.get(key)
+                if old is not None and old.header.seq > header.seq:
+                    releases.append((tier_index, slot))
+                    continue
+                self._clock += 1
+                now = self._clock
+                info = EntryInfo(key, header.nbytes, tiers[tier_index].name, now, now, 0,
+                                 score if score is not None else (old.info.score if old is not None else 0.0))
+                if old is not None:
+                    releases += self._unlink(old)
+                entry = Entry(key, header, tier_index, slot, info, item[3], view)
+                index[key] = entry
+                queue = queues[tier_index]
+                queue.add(entry)
+                entry.version += 1
+                queue.push(entry, rank(info))
+            self._counters.puts += len(run)
+            releases = self._free_volatile(releases)
+        if releases or self._evicted:
+            self._finish(releases)
+
+    # -- get ------------------------------------------------------------------------------------------
+    def _lookup_and_pin(
+        self, keys: list[Hashable], check: Callable[[list[Entry]], None] | None = None, bracket: bool = False
+    ) -> tuple[list[_Pinned], list[torch.Tensor | None]]:
+        """Under one lock: every key's entry, counted as a hit (or, if one is absent, one get and one miss
+        and ``KeyError``: all or nothing), touched for the policy and pinned.  ``check(entries)`` runs
+        before anything is counted; what it raises propagates with nothing changed.  With ``bracket`` it
+        also begins the public operation (``close`` waits for it; the caller ends it, see ``_get_batch``)
+        in the same lock round trip."""
+        with self._lock:
+            if self._closing or self._closed:
+                raise CacheClosedError("this tiercache.Cache is closed")
+            index = self._index
+            found = []
             for key in keys:
-                entry = self._index.get(key)
+                entry = index.get(key)
                 if entry is None:
-                    self._counters.gets += 1
-                    self._counters.misses += 1
-                    for counters in self._counters.tiers.values():
-                        counters.misses += 1
+                    counters = self._counters
+                    counters.gets += 1
+                    counters.misses += 1
+                    for tier_counters in counters.tiers.values():
+                        tier_counters.misses += 1
                     raise KeyError(key)
                 found.append(entry)
-            sizes = [entry.header.nbytes for entry in found]
-            offsets, total = packed_layout(sizes)
-            if flat is not None and flat.numel() < total:
-                raise ValueError(
-                    f"out holds {flat.numel()} bytes but these {len(keys)} values need {total} "
-                    f"(packed at 256-byte alignment)"
-                )
+            if check is not None:
+                check(found)
+            hits = [0] * len(self._tiers)
+            pins = self._pins
+            rerank = reranks_on_access(self._policy)
+            clock = self._clock
+            pinned: list[_Pinned] = []
+            views = []
+            for entry in found:
+                src, slot = entry.tier, entry.slot
+                hits[src] += 1
+                info = entry.info
+                info.hits += 1
+                clock += 1
+                info.last_access = clock
+                if rerank:
+                    self._clock = clock
+                    self._rerank(entry)
+                token = id(slot)
+                pins[token] = pins.get(token, 0) + 1
+                pinned.append((entry, src, slot, entry.header))
+                views.append(entry.view)
+            self._clock = clock
+            counters = self._counters
+            counters.gets += len(found)
+            below = len(found)
+            for tier_index, tier in enumerate(self._tiers):
+                tier_counters = counters.tiers[tier.name]
+                tier_counters.hits += hits[tier_index]
+                below -= hits[tier_index]
+                tier_counters.misses += below
+            if bracket:
+                self._active += 1
+            return pinned, views
+
+    def _get_batch(
+        self,
+        keys: list[Hashable],
+        target: torch.device,
+        dsts: list[torch.Tensor] | None = None,
+        packed: torch.Tensor | None = None,
+        *,
+        pack: bool = False,
+        bracket: bool = False,
+    ) -> list[torch.Tensor]:
+        """The values of ``keys`` (pinned, counted, promoted and unpinned here): copied into ``dsts``
+        (caller tensors, one per key, on ``target``); with ``pack``, packed into the byte buffer
+        ``packed`` (a fresh one on ``target`` when None) and returned as views of it; otherwise copied
+        into fresh tensors on ``target``.  With ``bracket`` this call is the public operation's
+        ``_begin``/``_end`` (folded into its first and last lock round trips)."""
+        for key in keys:
+            check_key(key)
+        if dsts is not None:
+            check = partial(_check_destinations, dsts=dsts)
+        elif pack and packed is not None:
+            check = partial(_check_packed_room, packed=packed)
+        else:
+            check = None
+        pinned, views = self._lookup_and_pin(keys, check, bracket)
+        bad: Entry | None = None
+        reads: list[tuple[list[int], list[float]]] = []  # (bytes, seconds) per tier, counted at the end
+        try:
+            try:
+                if pack:
+                    results, copies = self._copy_packed(pinned, views, target, packed, reads)
+                else:
+                    results, copies = self._copy_each(pinned, views, dsts, target, reads)
+            except CorruptEntryError as exc:
+                where = getattr(exc, "tiercache_index", None)
+                bad = pinned[where][0] if where is not None else None
+                if bad is None:
+                    raise
+                log.warning("tiercache: entry %r is damaged and was dropped: %s", bad.key, exc)
+                raise KeyError(bad.key) from None
+            fast = self._tiers[0]
+            promote = self._policy.promote
+            for (entry, src, slot, header), data in zip(pinned, copies):
+                if src > 0 and promote(entry.info, self._tiers[src].name, fast.name):
+                    self._promote(entry, src, data)  # the source slot is still pinned by us
+        finally:
+            with self._lock:
+                releases = self._unpin_all([(src, slot) for _, src, slot, _ in pinned])
+                if bad is not None and self._index.get(bad.key) is bad:
+                    self._counters.corruptions += 1
+                    releases += self._drop_entry(bad, "corrupt")
+                for nbytes, seconds in reads:
+                    for tier_index, tier in enumerate(self._tiers):
+                        if nbytes[tier_index]:
+                            counters = self._counters.tiers[tier.name]
+                            counters.bytes_read += nbytes[tier_index]
+                            counters.read_seconds += seconds[tier_index]
+                releases = self._free_volatile(releases)
+                if bracket:
+                    self._active -= 1
+                    if not self._active:
+                        self._idle.notify_all()
+            if releases or self._evicted:
+                self._finish(releases)
+        return results
+
+    def _copy_each(
+        self,
+        pinned: list[_Pinned],
+        views: list[torch.Tensor | None],
+        dsts: list[torch.Tensor] | None,
+        target: torch.device,
+        reads: list[tuple[list[int], list[float]]],
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Outside the lock: copy each pinned payload into its destination (``dsts``, or fresh tensors of
+        the stored shape on ``target`` when None); returns the results and, per item, a 1-D tensor
+        holding the payload that a promotion may copy from (``None``: re-read from the source slot).
+
+        Memory tiers: one copy from the slot's typed view (``views``), in the value's dtype; into caller
+        tensors all of them in one ``torch._foreach_copy_``.  Other tiers: ``read_into`` (batched,
+        straight into a contiguous CPU destination) when the tier has it, else ``read`` + copy."""
+        tiers = self._tiers
+        seconds = [0.0] * len(tiers)
+        nbytes = [0] * len(tiers)
+        results: list[torch.Tensor] = dsts if dsts is not None else [None] * len(pinned)  # type: ignore[list-item]
+        copies: list[torch.Tensor | None] = list(views)
+        batched: dict[int, list[int]] = {}  # tier -> positions read through read_into
+        to_dsts: list[torch.Tensor] = []
+        from_views: list[torch.Tensor] = []
+        in_memory = 0
+        start = time.perf_counter()
+        for i, (entry, src, slot, header) in enumerate(pinned):
+            view = views[i]
+            if view is not None:
+                if dsts is None:
+                    results[i] = view.clone() if view.device == target else view.to(target)
+                else:
+                    dst = dsts[i]
+                    to_dsts.append(dst)
+                    from_views.append(view if dst.shape == view.shape else view.reshape(dst.shape))
+                nbytes[src] += header.nbytes
+                in_memory += header.nbytes
+                continue
+            tier = tiers[src]
+            if hasattr(tier, "read_into"):
+                if dsts is None:
+                    results[i] = torch.empty(header.shape, dtype=entry.dtype, device=target)
+                batched.setdefault(src, []).append(i)
+                continue
+            began = time.perf_counter()
+            try:
+                raw = tier.read(slot, header)
+            except CorruptEntryError as exc:
+                exc.tiercache_index = i  # type: ignore[attr-defined]
+                raise
+            if dsts is None:
+                results[i] = torch.empty(header.shape, dtype=entry.dtype, device=target)
+            copy_payload(results[i], raw, entry.dtype)
+            copies[i] = raw
+            spent = time.perf_counter() - began
+            seconds[src] += spent
+            start += spent  # not memory-tier time
+            nbytes[src] += header.nbytes
+        if to_dsts:
+            torch._foreach_copy_(to_dsts, from_views)
+        if in_memory:  # memory-tier copy time, shared among the memory tiers by bytes
+            spent = time.perf_counter() - start
+            for i, (entry, src, slot, header) in enumerate(pinned):
+                if views[i] is not None:
+                    seconds[src] += spent * header.nbytes / in_memory
+        for src, positions in batched.items():
+            start = time.perf_counter()
+            requests, landing = [], []
+            for i in positions:
+                entry, _, slot, header = pinned[i]
+                dst = results[i]
+                direct = dst.device.type == "cpu" and dst.is_contiguous()
+                buf = as_bytes(dst.view(-1)) if direct else torch.empty(header.nbytes, dtype=torch.uint8)
+                requests.append((slot, header, buf))
+                landing.append((i, buf, direct))
+                nbytes[src] += header.nbytes
+            try:
+                tiers[src].read_into(requests)  # type: ignore[attr-defined]
+            except CorruptEntryError as exc:
+                where = getattr(exc, "tiercache_index", None)
+                exc.tiercache_index = positions[where] if where is not None else None  # type: ignore[attr-defined]
+                raise
+            for i, buf, direct in landing:
+                if not direct:
+                    copy_payload(results[i], buf, pinned[i][0].dtype)
+                copies[i] = buf
+            seconds[src] += time.perf_counter() - start
+        reads.append((nbytes, seconds))
+        return results, copies
+
+    def _copy_packed(
+        self,
+        pinned: list[_Pinned],
+        views: list[torch.Tensor | None],
+        target: torch.device,
+        packed: torch.Tensor | None,
+        reads: list[tuple[list[int], list[float]]],
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Pack the payloads into one byte buffer (``packed``, or a fresh one on ``target``) at
+        ``packed_layout`` offsets; results are typed views of it.  On CUDA one gather (kernel launch)
+        moves every memory-tier payload and every staged disk payload; on the CPU each is copied once."""
+        sizes = [header.nbytes for _, _, _, header in pinned]
+        offsets, total = packed_layout(sizes)
+        buffer = packed if packed is not None else torch.empty(total, dtype=torch.uint8, device=target)
+        typed: dict[torch.dtype, torch.Tensor] = {}  # the buffer viewed as each dtype (offsets are aligned)
+        results = []
+        for (entry, _, _, header), offset in zip(pinned, offsets):
+            dtype = entry.dtype
+            whole = typed.get(dtype)
+            if whole is None:
+                whole = typed[dtype] = buffer[: total - total % dtype.itemsize].view(dtype)
+            size = dtype.itemsize
+            piece = whole[offset // size : (offset + header.nbytes) // size]
+            results.append(piece if len(header.shape) == 1 else piece.view(header.shape))
+        if target.type != "cuda":
+            _, copies = self._copy_each(pinned, views, results, target, reads)
+            return results, copies
+        with self._lock:
             engine = self._engines.get(target)
             if engine is None:
                 engine = self._engines[target] = CopyEngine(target)
-            items: list[tuple[Entry, int, Slot, EntryHeader]] = []
-            for entry in found:
-                src = entry.tier
-                for tier in self._tiers[:src]:
-                    self._counters.tiers[tier.name].misses += 1
-                self._counters.tiers[self._tiers[src].name].hits += 1
-                self._counters.gets += 1
-                entry.info.hits += 1
-                entry.info.last_access = self._tick()
-                self._rerank(entry)
-                self._pin(src, entry.slot)
-                items.append((entry, src, entry.slot, entry.header))
-        failed: tuple[Entry, CorruptEntryError] | None = None
         try:
-            buffer = flat if flat is not None else torch.empty(total, dtype=torch.uint8, device=target)
-            sources, read_seconds = self._batch_sources(items, target)
-            arenas: list[torch.Tensor] = []
-            arena_ids: list[int] = []
-            src_offsets: list[int] = []
-            seen: dict[int, int] = {}
-            for arena, offset in sources:
-                index = seen.get(id(arena))
-                if index is None:
-                    index = seen[id(arena)] = len(arenas)
-                    arenas.append(arena)
-                arena_ids.append(index)
-                src_offsets.append(offset)
-            start = time.perf_counter()
-            try:
-                engine.gather(arenas, arena_ids, src_offsets, sizes, buffer, offsets).wait()
-            except BaseException:
-                engine.synchronize()  # nothing may still read the pinned slots once they are released
-                raise
-            share = (time.perf_counter() - start) / max(total, 1)
-            results = []
-            for (entry, src, slot, header), offset in zip(items, offsets):
-                dtype = getattr(torch, header.dtype, None)
-                if not isinstance(dtype, torch.dtype):
-                    failed = (entry, CorruptEntryError(f"unknown dtype {header.dtype!r} in entry header"))
-                    raise failed[1]
-                view = buffer[offset : offset + header.nbytes]
-                results.append((view.view(dtype) if dtype != torch.uint8 else view).reshape(header.shape))
-            with self._lock:
-                for (entry, src, slot, header), seconds in zip(items, read_seconds):
-                    counters = self._counters.tiers[self._tiers[src].name]
-                    counters.bytes_read += header.nbytes
-                    counters.read_seconds += seconds + share * header.nbytes
-            fast = self._tiers[0]
-            for (entry, src, slot, header), (arena, offset), position in zip(items, sources, offsets):
-                if src > 0 and self._policy.promote(entry.info, self._tiers[src].name, fast.name):
-                    # Promote from the copy already made when it sits on the fast tier's device; the
-                    # source slot is still pinned by us either way.
-                    data = buffer if buffer.device == fast.device else arena
-                    start_at = position if data is buffer else offset
-                    self._promote(entry, src, data[start_at : start_at + header.nbytes])
+            sources, read_seconds = self._batch_sources(pinned, target)
         except CorruptEntryError as exc:
-            bad: Entry | None = failed[0] if failed is not None else getattr(exc, "tiercache_entry", None)
-            with self._lock:
-                releases: list[_Release] = []
-                for entry, src, slot, header in items:
-                    releases += self._unpin(src, slot)
-                if bad is not None and self._index.get(bad.key) is bad:
-                    log.warning("tiercache: entry %r is damaged and was dropped: %s", bad.key, exc)
-                    self._counters.corruptions += 1
-                    releases += self._drop_entry(bad, "corrupt")
-            self._finish(releases)
-            if bad is None:
-                raise
-            raise KeyError(bad.key) from None
-        except BaseException:
-            with self._lock:
-                releases = []
-                for entry, src, slot, header in items:
-                    releases += self._unpin(src, slot)
-            self._finish(releases)
+            culprit = getattr(exc, "tiercache_entry", None)
+            exc.tiercache_index = next(  # type: ignore[attr-defined]
+                (i for i, item in enumerate(pinned) if item[0] is culprit), None
+            )
             raise
+        arenas: list[torch.Tensor] = []
+        arena_ids: list[int] = []
+        src_offsets: list[int] = []
+        seen: dict[int, int] = {}
+        for arena, offset in sources:
+            index = seen.get(id(arena))
+            if index is None:
+                index = seen[id(arena)] = len(arenas)
+                arenas.append(arena)
+            arena_ids.append(index)
+            src_offsets.append(offset)
+        start = time.perf_counter()
+        try:
+            engine.gather(arenas, arena_ids, src_offsets, sizes, buffer, offsets).wait()
+        except BaseException:
+            engine.synchronize()  # nothing may still read the pinned slots once they are released
+            raise
+        share = (time.perf_counter() - start) / max(total, 1)
+        nbytes = [0] * len(self._tiers)
+        seconds = [0.0] * len(self._tiers)
+        for (_, src, _, header), spent in zip(pinned, read_seconds):
+            nbytes[src] += header.nbytes
+            seconds[src] += spent + share * header.nbytes
+        reads.append((nbytes, seconds))
+        fast = self._tiers[0]
+        copies: list[torch.Tensor | None] = []
+        for (_, _, _, header), (arena, offset), position in zip(pinned, sources, offsets):
+            # Promote from the copy already made when it sits on the fast tier's device.
+            data, at = (buffer, position) if buffer.device == fast.device else (arena, offset)
+            copies.append(data[at : at + header.nbytes])
+        return results, copies
+
+    # -- delete / scores ------------------------------------------------------------------------------
+    def _delete_batch(self, keys: list[Hashable]) -> list[bool]:
+        """Remove every key under one lock; per key whether it was present."""
+        for key in keys:
+            check_key(key)
+        found: list[bool] = []
+        releases: list[Release] = []
         with self._lock:
-            releases = []
-            for entry, src, slot, header in items:
-                releases += self._unpin(src, slot)
-        self._finish(releases)
-        return results
+            self._check_open()
+            index = self._index
+            for key in keys:
+                entry = index.get(key)
+                found.append(entry is not None)
+                if entry is not None:
+                    releases += self._unlink(entry)
+        if releases:
+            self._finish(releases)
+        return found
+
+    def _update_scores_impl(self, scores: dict[Hashable, float]) -> int:
+        checked = {key: check_score(score) for key, score in scores.items()}  # all valid, or none applied
+        updated = 0
+        with self._lock:
+            self._check_open()
+            for key, score in checked.items():
+                entry = self._index.get(key)
+                if entry is None:
+                    continue
+                entry.info.score = score
+                self._rerank(entry)
+                updated += 1
+        return updated
 
     def _batch_sources(
-        self, items: list[tuple[Entry, int, Slot, EntryHeader]], target: torch.device
+        self, items: list[_Pinned], target: torch.device
     ) -> tuple[list[tuple[torch.Tensor, int]], list[float]]:
         """Outside the lock, for pinned ``items``: where each payload can be read by a batched copy, as
         ``(1-D uint8 tensor, byte offset)``, and the seconds spent reading it here.  Arena tiers are
@@ -209,3 +563,32 @@ def _normal_device(device: torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_packed_room(entries: list[Entry], packed: torch.Tensor) -> None:
+    offsets, total = packed_layout([entry.header.nbytes for entry in entries])
+    if packed.numel() < total:
+        raise ValueError(
+            f"out holds {packed.numel()} bytes but these {len(entries)} values need {total} "
+            f"(packed at 256-byte alignment)"
+        )
+
+
+def _check_destinations(entries: list[Entry], dsts: list[torch.Tensor]) -> None:
+    """C5: each caller tensor must have the stored dtype and number of elements (``ValueError`` naming
+    the key otherwise)."""
+    if len(dsts) != len(entries):
+        raise ValueError(f"out has {len(dsts)} tensors for {len(entries)} keys")
+    for entry, dst in zip(entries, dsts):
+        header = entry.header
+        if dst.dtype != entry.dtype:
+            raise ValueError(f"out tensor for key {entry.key!r} has dtype {dst.dtype}, the value is {entry.dtype}")
+        if dst.numel() * dst.element_size() != header.nbytes:
+            raise ValueError(
+                f"out tensor for key {entry.key!r} has {dst.numel()} elements, the value has shape "
+                f"{list(header.shape)}"
+            )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Hashable, Iterator
 
 from .policies import EntryInfo
@@ -18,6 +18,11 @@ from .tiers.base import EntryHeader, Slot
 class Entry:
     """One live key: its header (dtype, shape, seq), the tier index and slot holding its bytes.
 
+    The header is decoded and checked once (at ``put`` or recovery); ``dtype`` is its dtype resolved, and
+    for a memory-tier slot ``view`` is the payload in place, typed and shaped, so reads copy from it
+    without looking anything up, validating or building a view again.  ``slot`` and ``view`` change
+    together, under the index lock.
+
     ``moving`` is set while a mover (demotion, promotion, flush) copies it to another tier; such an entry
     is not chosen as a victim again.  ``version`` invalidates stale queue items (lazy deletion)."""
 
@@ -26,16 +31,15 @@ class Entry:
     tier: int
     slot: Slot
     info: EntryInfo
+    dtype: Any  # torch.dtype of the payload
+    view: Any = None  # memory tiers: the slot's bytes in place, as a tensor of dtype and shape (else None)
     moving: bool = False
     version: int = 0
 
 
-@dataclass(order=True, slots=True)
-class _Item:
-    rank: Any
-    tiebreak: int
-    entry: Entry = field(compare=False)
-    version: int = field(compare=False)
+# Queue items are plain tuples ``(rank, tiebreak, version, entry)``: heap comparisons then run in C (a
+# unique tiebreak means version and entry are never compared).
+_Item = tuple  # (rank: Any, tiebreak: int, version: int, entry: Entry)
 
 
 class RankedQueue:
@@ -60,13 +64,23 @@ class RankedQueue:
         self.payload -= entry.header.nbytes
 
     def push(self, entry: Entry, rank: Any) -> None:
-        heapq.heappush(self._heap, _Item(rank, next(self._counter), entry, entry.version))
+        heapq.heappush(self._heap, (rank, next(self._counter), entry.version, entry))
         if len(self._heap) > 64 and len(self._heap) > 4 * max(self.live, 1):
             self._heap = [item for item in self._heap if self._current(item)]
             heapq.heapify(self._heap)
 
+    def load(self, ranked: list[tuple[Any, Entry]]) -> None:
+        """Count and rank many entries at once (recovery): one heapify instead of a push per entry."""
+        heap = self._heap
+        for rank, entry in ranked:
+            self.live += 1
+            self.payload += entry.header.nbytes
+            heap.append((rank, next(self._counter), entry.version, entry))
+        heapq.heapify(heap)
+
     def _current(self, item: _Item) -> bool:
-        return item.version == item.entry.version and item.entry.tier == self.tier
+        entry = item[3]
+        return item[2] == entry.version and entry.tier == self.tier
 
     def pop_victims(self, index: dict[Hashable, Entry], need: int) -> list[Entry]:
         """Lowest-ranked entries of this tier that are live and not moving, until their charged bytes
@@ -76,7 +90,7 @@ class RankedQueue:
         freed = 0
         while self._heap and (freed < need or not victims):
             item = heapq.heappop(self._heap)
-            entry = item.entry
+            entry = item[3]
             if not self._current(item) or index.get(entry.key) is not entry:
                 continue
             if entry.moving:
@@ -91,8 +105,8 @@ class RankedQueue:
     def ordered(self, index: dict[Hashable, Entry]) -> Iterator[Entry]:
         """Live entries of this tier in eviction order (a snapshot; does not consume the queue)."""
         seen: set[int] = set()
-        for item in sorted(self._heap):
-            entry = item.entry
+        for item in sorted(self._heap, key=lambda item: item[:2]):
+            entry = item[3]
             if self._current(item) and index.get(entry.key) is entry and id(entry) not in seen:
                 seen.add(id(entry))
                 yield entry

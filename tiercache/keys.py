@@ -1,8 +1,10 @@
 """Cache keys: validation and a stable, process-independent byte encoding.
 
-A key is a ``str``, ``bytes``, ``int`` (not ``bool``) or a tuple of keys (nesting allowed).  The encoding
-is canonical (equal keys encode equally) and never uses Python's salted ``hash()``, so keys persisted by
-one process are found by another.
+A key is a ``str``, ``bytes``, ``int`` or a tuple of keys (nesting allowed) — of exactly those types:
+subclasses (``bool``, ``IntEnum`` members, ``str`` subclasses, ``namedtuple``s) are refused, because a
+persisted key must come back after a restart as an equal key of the *same* type.  The encoding is
+canonical (equal keys encode equally) and never uses Python's salted ``hash()``, so keys persisted by one
+process are found by another.
 """
 
 from __future__ import annotations
@@ -12,29 +14,41 @@ from typing import Hashable, TypeAlias
 
 Key: TypeAlias = Hashable
 MAX_KEY_BYTES = 2048
+MAX_DIMS = 64  # most tensor dimensions an entry may have (the disk header holds this many)
+
+
+def _refuse(key: object) -> TypeError:
+    kind = type(key)
+    name = f"{kind.__module__}.{kind.__qualname__}" if kind.__module__ != "builtins" else kind.__name__
+    if isinstance(key, bool):
+        return TypeError("bool is not a supported key type (ambiguous with int); use an int or a str")
+    for base, convert in ((int, "int(key)"), (str, "str(key)"), (bytes, "bytes(key)"), (tuple, "tuple(key)")):
+        if isinstance(key, base):
+            return TypeError(
+                f"key type {name} is a subclass of {base.__name__}; only exact str, bytes, int and tuple keys "
+                f"are accepted (a subclass would not come back as itself after a restart): pass {convert}"
+            )
+    return TypeError(f"unsupported key type {name}: keys are str, bytes, int or tuples of those")
 
 
 def _encode(key: object, out: bytearray, depth: int) -> None:
     if depth > 32:
         raise TypeError("key nesting is deeper than 32 tuples")
-    if isinstance(key, bool):
-        raise TypeError("bool is not a supported key type (ambiguous with int); use an int or a str")
-    if isinstance(key, str):
-        data = key.encode("utf-8", "surrogatepass")
+    kind = type(key)
+    if kind is str:
+        data = key.encode("utf-8", "surrogatepass")  # type: ignore[attr-defined]
         out += b"s" + struct.pack("<I", len(data)) + data
-    elif isinstance(key, bytes):
-        out += b"b" + struct.pack("<I", len(key)) + key
-    elif isinstance(key, int):
+    elif kind is bytes:
+        out += b"b" + struct.pack("<I", len(key)) + key  # type: ignore[arg-type, operator]
+    elif kind is int:
         text = str(key).encode("ascii")
         out += b"i" + struct.pack("<I", len(text)) + text
-    elif isinstance(key, tuple):
-        out += b"t" + struct.pack("<I", len(key))
-        for item in key:
+    elif kind is tuple:
+        out += b"t" + struct.pack("<I", len(key))  # type: ignore[arg-type]
+        for item in key:  # type: ignore[attr-defined]
             _encode(item, out, depth + 1)
     else:
-        raise TypeError(
-            f"unsupported key type {type(key).__name__}: keys are str, bytes, int or tuples of those"
-        )
+        raise _refuse(key)
 
 
 def encode_key(key: object) -> bytes:
@@ -66,10 +80,15 @@ def validate_key(key: object) -> Key:
     return key
 
 
+_LENGTH = struct.Struct("<I")
+_S, _B, _I, _T = b"sbit"  # tag bytes as ints
+
+
 def decode_key(data: bytes) -> Key:
     """Inverse of :func:`encode_key`; raises ``ValueError`` on malformed input."""
+    data = bytes(data)
     try:
-        key, end = _decode(memoryview(data), 0)
+        key, end = _decode(data, 0)
     except (struct.error, IndexError, UnicodeDecodeError) as exc:
         raise ValueError(f"malformed key encoding: {exc}") from None
     if end != len(data):
@@ -77,24 +96,26 @@ def decode_key(data: bytes) -> Key:
     return key
 
 
-def _decode(data: memoryview, pos: int) -> tuple[Key, int]:
-    tag = bytes(data[pos : pos + 1])
-    (length,) = struct.unpack_from("<I", data, pos + 1)
+def _decode(data: bytes, pos: int) -> tuple[Key, int]:
+    tag = data[pos]
+    (length,) = _LENGTH.unpack_from(data, pos + 1)
     pos += 5
-    if tag == b"t":
+    if tag == _T:
         items = []
         for _ in range(length):
             item, pos = _decode(data, pos)
             items.append(item)
         return tuple(items), pos
-    raw = bytes(data[pos : pos + length])
-    if len(raw) != length:
+    end = pos + length
+    if end > len(data):
         raise ValueError("malformed key encoding: truncated")
-    pos += length
-    if tag == b"s":
-        return raw.decode("utf-8", "surrogatepass"), pos
-    if tag == b"b":
-        return raw, pos
-    if tag == b"i":
-        return int(raw.decode("ascii")), pos
-    raise ValueError(f"malformed key encoding: unknown tag {tag!r}")
+    if tag == _S:
+        return data[pos:end].decode("utf-8", "surrogatepass"), end
+    if tag == _B:
+        return data[pos:end], end
+    if tag == _I:
+        text = data[pos:end]
+        if not text or not text.lstrip(b"-").isdigit() or text.startswith(b"+"):
+            raise ValueError(f"malformed key encoding: bad int {text[:20]!r}")
+        return int(text), end
+    raise ValueError(f"malformed key encoding: unknown tag {bytes([tag])!r}")

@@ -11,6 +11,11 @@ A user-defined policy is one small class::
         name = "biggest-first"
         def rank(self, info): return (-info.nbytes, info.last_access)
         def promote(self, info, src, dst): return True
+
+Optional attribute ``rank_reads_access: bool`` (default True): whether ``rank`` reads ``last_access`` or
+``hits``.  A policy whose rank ignores both (e.g. insertion order: ``rank = info.inserted``) sets it to
+False, and the cache then skips re-ranking on every hit (the entry's info is still updated, so
+``promote`` sees current hits).  Use :func:`reranks_on_access` to read it.
 """
 
 from __future__ import annotations
@@ -44,6 +49,12 @@ class Policy(Protocol):
     def promote(self, info: EntryInfo, src: str, dst: str) -> bool:
         """Whether an entry found in tier ``src`` by a get should move up to the faster tier ``dst``."""
         ...
+
+
+def reranks_on_access(policy: object) -> bool:
+    """Whether a hit can change ``policy``'s rank of an entry (its optional ``rank_reads_access``
+    attribute; True when absent, the safe default)."""
+    return bool(getattr(policy, "rank_reads_access", True))
 
 
 class LRUPolicy:

@@ -122,3 +122,53 @@ def test_property_no_overlap_within_capacity_and_full_free_coalesces(capacity, o
     assert a.largest_free() == a.capacity
     if a.capacity:
         assert a.alloc(a.capacity) == Block(0, a.capacity)
+
+
+def _free_ranges(capacity: int, live: list[Block]) -> list[tuple[int, int]]:
+    """(start, size) of the gaps between live blocks: what a coalescing allocator must have free."""
+    gaps, at = [], 0
+    for block in sorted(live, key=lambda b: b.offset):
+        if block.offset > at:
+            gaps.append((at, block.offset - at))
+        at = block.offset + block.size
+    if capacity > at:
+        gaps.append((at, capacity - at))
+    return gaps
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    ops=st.lists(st.tuples(st.booleans(), st.integers(min_value=1, max_value=12), st.integers(0, 10**6)),
+                 max_size=80),
+)
+def test_property_best_fit_carves_the_smallest_gap_that_holds_the_request(ops):
+    a = ArenaAllocator(64 * 64, min_block=64)
+    live: list[Block] = []
+    for is_alloc, units, pick in ops:
+        if is_alloc or not live:
+            gaps = _free_ranges(a.capacity, live)
+            fitting = [size for _, size in gaps if size >= units * 64]
+            block = a.alloc(units * 64)
+            if not fitting:
+                assert block is None
+                continue
+            assert block is not None
+            holder = next(size for start, size in gaps if start <= block.offset < start + size)
+            assert holder == min(fitting), "not the best fit"
+            live.append(block)
+        else:
+            a.free(live.pop(pick % len(live)))
+        assert a.largest_free() == max((size for _, size in _free_ranges(a.capacity, live)), default=0)
+
+
+def test_churned_uniform_arena_keeps_one_size_bin():
+    # Freeing every other block of a full arena leaves thousands of equal holes: they share one bin, so
+    # allocating into them does not walk or shift a list of free ranges.
+    a = ArenaAllocator(10_000 * 256, min_block=256)
+    blocks = [a.alloc(256) for _ in range(10_000)]
+    for block in blocks[::2]:
+        a.free(block)
+    assert len(a._sizes) == 1 and len(a._bins[256]) == 5_000
+    again = [a.alloc(200) for _ in range(5_000)]
+    assert {b.offset for b in again} == {b.offset for b in blocks[::2]}
+    assert a.alloc(1) is None and not a._sizes

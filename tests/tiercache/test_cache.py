@@ -612,3 +612,201 @@ def test_errors_hierarchy():
     assert issubclass(tiercache.TierIOError, OSError)
     assert issubclass(tiercache.CacheLockedError, TierCacheError)
     assert issubclass(tiercache.CorruptEntryError, TierCacheError)
+
+
+# -- values that are views or unusual layouts (issue 7, item 11) --------------------------------------------
+def test_put_of_a_conjugate_or_negative_view_stores_the_values_it_shows():
+    with Cache(host="1MiB") as cache:
+        z = torch.tensor([1 + 2j, 3 - 4j])
+        cache.put("conj", z.conj())
+        cache.put("neg", torch.tensor([1 + 2j]).conj().imag)  # a negative view
+        got = cache.get("conj")
+        assert not got.is_conj() and torch.equal(got, torch.tensor([1 - 2j, 3 + 4j]))
+        assert torch.equal(cache.get("neg"), torch.tensor([-2.0]))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]),
+    lambda: torch.eye(3).to_sparse(),
+    lambda: torch.eye(3).to_sparse_csr(),
+])
+def test_non_strided_values_are_refused_with_type_error(make):
+    with Cache(host="1MiB") as cache:
+        with pytest.raises(TypeError):
+            cache.put("x", make())
+        assert len(cache) == 0
+
+
+def test_values_of_more_than_max_dims_are_refused():
+    from tiercache.keys import MAX_DIMS
+
+    with Cache(host="1MiB") as cache:
+        cache.put("ok", torch.ones([1] * MAX_DIMS))
+        assert cache.get("ok").shape == (1,) * MAX_DIMS
+        with pytest.raises(ValueError, match="dimensions"):
+            cache.put("too many", torch.ones([1] * (MAX_DIMS + 1)))
+
+
+# -- batch-first paths and get_many(out=[...]) (C5) ----------------------------------------------------------
+@pytest.mark.parametrize("disk", [False, True])
+def test_get_many_into_caller_views_of_any_shape_and_strides(tmp_path, disk):
+    kwargs = dict(host="4KiB", disk="4MiB", path=tmp_path / "s") if disk else dict(host="1MiB")
+    with Cache(**kwargs) as cache:
+        values = {f"k{i}": torch.randn(4, 8, dtype=torch.float64) for i in range(40)}  # host holds some
+        cache.put_many(values.items())
+        keys = list(values)
+        if disk:
+            assert {cache.tier_of(k) for k in keys} == {"host", "disk"}
+        big = torch.zeros(len(keys), 8, 4, dtype=torch.float64)
+        outs = [big[i].t() for i in range(len(keys))]  # non-contiguous (8,4)^T views: shape (4, 8)
+        got = cache.get_many(keys, out=outs)
+        assert all(g is o for g, o in zip(got, outs))
+        for key, out in zip(keys, outs):
+            assert torch.equal(out, values[key])
+        flat = [torch.empty(32, dtype=torch.float64) for _ in keys]  # another shape, same numel
+        cache.get_many(keys, out=flat)
+        assert all(torch.equal(f.view(4, 8), values[k]) for f, k in zip(flat, keys))
+
+
+def test_get_many_out_list_checks_each_tensor_and_copies_nothing_on_error():
+    with Cache(host="1MiB") as cache:
+        cache.put("a", torch.ones(3))
+        cache.put("b", torch.ones(2, dtype=torch.int32))
+        before = cache.stats()
+        with pytest.raises(ValueError, match="'b'.*dtype"):
+            cache.get_many(["a", "b"], out=[torch.zeros(3), torch.zeros(2)])
+        with pytest.raises(ValueError, match="'a'.*elements"):
+            cache.get_many(["a", "b"], out=[torch.zeros(4), torch.zeros(2, dtype=torch.int32)])
+        with pytest.raises(ValueError, match="2 keys"):
+            cache.get_many(["a", "b"], out=[torch.zeros(3)])
+        with pytest.raises(ValueError, match="requested"):
+            cache.get_many(["a"], device="meta", out=[torch.zeros(3)])
+        out = [torch.zeros(3), torch.zeros(2, dtype=torch.int32)]
+        with pytest.raises(KeyError):
+            cache.get_many(["a", "missing"], out=out[:1] + [torch.zeros(1)])
+        assert cache.stats()["hits"] == before["hits"]  # refused calls counted no hits
+        assert not cache._pins
+
+
+def test_put_many_validates_every_item_before_storing_any():
+    with Cache(host="1MiB") as cache:
+        with pytest.raises(TypeError):
+            cache.put_many([("a", torch.ones(1)), ("b", "not a tensor")])
+        assert len(cache) == 0
+        cache.put_many([("a", torch.ones(1)), ("a", torch.full((1,), 2.0))])  # a later duplicate wins
+        assert cache.get("a").item() == 2.0 and cache.stats()["puts"] == 2
+
+
+def test_delete_many_counts_what_was_present():
+    with Cache(host="1MiB") as cache:
+        cache.put_many([(i, torch.ones(4)) for i in range(5)])
+        assert cache.delete_many([0, 2, 99, 2]) == 2
+        assert sorted(cache.keys()) == [1, 3, 4]
+
+
+class InsertionOrder:
+    name = "insertion"
+    rank_reads_access = False
+
+    def __init__(self):
+        self.ranked = 0
+
+    def rank(self, info):
+        self.ranked += 1
+        return info.inserted
+
+    def promote(self, info, src, dst):
+        return False
+
+
+def test_a_policy_whose_rank_ignores_access_is_not_reranked_on_hits():
+    policy = InsertionOrder()
+    with Cache(host="1MiB", policy=policy) as cache:
+        cache.put_many([(i, torch.ones(4)) for i in range(10)])
+        ranked = policy.ranked
+        cache.get_many(list(range(10)))
+        cache.get(3)
+        assert policy.ranked == ranked  # no queue push per hit
+        assert cache._index[3].info.hits == 2  # but the info promote() sees is current
+
+
+def test_memory_tier_copies_run_in_the_value_dtype(monkeypatch):
+    from tiercache.tiers.memory import ArenaTier
+
+    seen = []
+    real = ArenaTier.typed_view
+
+    def spy(self, slot, dtype):
+        seen.append(dtype)
+        return real(self, slot, dtype)
+
+    monkeypatch.setattr(ArenaTier, "typed_view", spy)
+    with Cache(host="1MiB") as cache:
+        cache.put("x", torch.randn(16, dtype=torch.bfloat16))
+        assert torch.equal(cache.get("x"), cache.get("x"))
+    assert seen == [torch.bfloat16]
+
+
+def test_disk_reads_go_through_read_into_when_the_tier_has_it(tmp_path):
+    """C2: one batched ``read_into`` call per tier and batch, straight into contiguous CPU destinations;
+    a damaged entry reported by position is dropped and raises KeyError for its key."""
+    from tiercache.errors import CorruptEntryError
+    from tiercache.tiers import DiskTier
+
+    class BatchedDisk(DiskTier):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.calls, self.damaged = [], set()
+
+        def read_into(self, items):
+            self.calls.append(len(items))
+            for i, (slot, header, buf) in enumerate(items):
+                assert buf.dtype == torch.uint8 and buf.is_contiguous() and buf.numel() == slot.nbytes
+                if header.key in self.damaged:
+                    exc = CorruptEntryError("injected")
+                    exc.tiercache_index = i
+                    raise exc
+                buf.copy_(self.read(slot, header))
+
+    disk = BatchedDisk(tmp_path / "s", 1 << 20)
+    from tiercache.keys import encode_key
+    from tiercache.tiers import ArenaTier
+
+    with Cache(tiers=[ArenaTier("host", 0), disk], policy="lru") as cache:
+        values = {i: torch.randn(3, 5) for i in range(6)}
+        cache.put_many(values.items())
+        outs = [torch.empty(3, 5) for _ in values]
+        cache.get_many(list(values), out=outs)
+        assert disk.calls == [6]
+        assert all(torch.equal(o, values[k]) for o, k in zip(outs, values))
+        assert torch.equal(cache.get(2), values[2]) and disk.calls[-1] == 1
+        disk.damaged.add(encode_key(4))
+        with pytest.raises(KeyError) as info:
+            cache.get_many([1, 4, 5])
+        assert info.value.args[0] == 4
+        assert 4 not in cache and cache.stats()["corruptions"] == 1 and not cache._pins
+
+
+def test_tier_describe_items_are_merged_into_stats():
+    with Cache(host="1MiB") as cache:
+        row = cache.stats()["tiers"]["host"]
+        assert row["chunks"] == 1 and row["largest_free_bytes"] == row["capacity_bytes"]
+        assert row["pinned"] is torch.cuda.is_available()
+        json.dumps(cache.stats())
+
+
+@pytest.mark.parametrize("disk", [False, True])
+def test_strided_values_are_stored_as_the_values_they_show(tmp_path, disk):
+    kwargs = dict(host=None, disk="1MiB", path=tmp_path / "s") if disk else dict(host="1MiB")
+    values = {
+        "t": torch.arange(12.0).view(3, 4).t(),
+        "expanded": torch.tensor([1.0, 2.0]).expand(3, 2),  # stride 0
+        "sliced": torch.arange(20, dtype=torch.int16)[::3],
+        "scalar": torch.tensor(7, dtype=torch.int64),
+    }
+    with Cache(**kwargs) as cache:
+        cache.put_many(values.items())
+        for key, value in values.items():
+            got = cache.get(key)
+            assert got.shape == value.shape and got.dtype == value.dtype and torch.equal(got, value)
+            assert got.is_contiguous()

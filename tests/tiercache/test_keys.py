@@ -104,3 +104,64 @@ def test_check_key_rejects_what_encode_key_rejects_without_encoding():
     for bad in (True, 1.5, ["a"], ("a", 2.0), (("x", None),)):
         with pytest.raises(TypeError):
             check_key(bad)
+
+
+# -- C6: exact types only, and every accepted key comes back as itself ------------------------------------
+import enum  # noqa: E402
+from collections import namedtuple  # noqa: E402
+
+from tiercache.keys import check_key  # noqa: E402
+
+any_text = st.text(st.characters(exclude_categories=()), max_size=20)  # lone surrogates included
+exact_scalars = st.one_of(any_text, st.binary(max_size=20), st.integers(min_value=-(10**600), max_value=10**600))
+exact_keys = st.recursive(exact_scalars, lambda children: st.lists(children, max_size=4).map(tuple), max_leaves=10)
+
+
+def _same_types(a, b) -> bool:
+    if type(a) is not type(b):
+        return False
+    if type(a) is tuple:
+        return len(a) == len(b) and all(_same_types(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@settings(max_examples=300, deadline=None)
+@given(exact_keys)
+def test_every_accepted_key_round_trips_with_the_same_type_at_every_level(key):
+    try:
+        data = encode_key(key)
+    except ValueError:  # too long: refused, which is allowed
+        return
+    assert _same_types(decode_key(data), key)
+
+
+class Color(enum.IntEnum):
+    RED = 1
+
+
+class Name(str):
+    pass
+
+
+class Blob(bytes):
+    pass
+
+
+Point = namedtuple("Point", "x y")
+
+
+@pytest.mark.parametrize("bad, hint", [
+    (Color.RED, "int(key)"), (Name("a"), "str(key)"), (Blob(b"a"), "bytes(key)"), (Point(1, 2), "tuple(key)"),
+    (("ok", Color.RED), "int(key)"),
+])
+def test_key_subclasses_are_refused_with_a_conversion_hint(bad, hint):
+    for check in (encode_key, check_key):
+        with pytest.raises(TypeError, match="subclass") as info:
+            check(bad)
+        assert hint in str(info.value) and type(bad).__name__ in str(info.value)
+
+
+def test_max_dims_is_exported():
+    from tiercache.keys import MAX_DIMS
+
+    assert MAX_DIMS == 64

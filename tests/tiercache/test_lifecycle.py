@@ -134,3 +134,80 @@ def test_prefetch_to_a_device_stages_into_the_tier_on_that_device(tmp_path):
         assert all(torch.equal(cache.get(k), torch.full((2048,), k, dtype=torch.int32)) for k in range(20))
         with pytest.raises(ValueError, match="no tier of this cache lives on"):
             cache.prefetch([0], device="meta")
+
+
+# -- after close (issue 7, item 12) and unclosed caches (item 13) ------------------------------------------
+def test_every_entry_query_refuses_after_close_and_stats_still_answer():
+    cache = Cache(host="1MiB")
+    cache.put("k", torch.ones(2))
+    cache.close()
+    for call in (lambda: "k" in cache, lambda: len(cache), cache.keys, lambda: cache.tier_of("k"),
+                 lambda: list(cache), lambda: cache.get("k"), lambda: cache.put("j", torch.ones(1)),
+                 lambda: cache.get_many(["k"]), lambda: cache.delete("k"), lambda: cache.delete_many(["k"]),
+                 lambda: cache.put_many([]), lambda: cache.prefetch(["k"]), cache.flush,
+                 lambda: cache.update_scores({"k": 1.0})):
+        with pytest.raises(CacheClosedError):
+            call()
+    stats = cache.stats()
+    assert stats["closed"] is True and stats["entries"] == 0 and stats["puts"] == 1
+    assert bool(cache) and "closed" in repr(cache)
+    cache.close()  # idempotent
+
+
+def test_a_cache_dropped_unclosed_with_volatile_entries_warns(recwarn):
+    import gc
+    import warnings
+
+    warnings.simplefilter("always", ResourceWarning)
+    cache = Cache(host="1MiB")
+    cache.put("k", torch.ones(2))
+    del cache
+    gc.collect()
+    messages = [str(w.message) for w in recwarn if issubclass(w.category, ResourceWarning)]
+    assert any("unclosed" in m and "1 entries in volatile tiers are lost" in m for m in messages), messages
+
+
+def test_closed_or_empty_host_caches_do_not_warn(recwarn):
+    import gc
+    import warnings
+
+    warnings.simplefilter("always", ResourceWarning)
+    closed = Cache(host="1MiB")
+    closed.put("k", torch.ones(2))
+    closed.close()
+    empty = Cache(host="1MiB")
+    del closed, empty
+    gc.collect()
+    assert not [w for w in recwarn if issubclass(w.category, ResourceWarning)]
+
+
+def test_an_unclosed_cache_warns_at_interpreter_exit(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, tiercache\n"
+        f"c = tiercache.Cache(host='1MiB', disk='1MiB', path={str(tmp_path / 's')!r})\n"
+        "c.put('k', torch.ones(2))\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "kernels")]))
+    done = subprocess.run([sys.executable, "-W", "always::ResourceWarning", "-c", code],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "ResourceWarning" in done.stderr and "at interpreter exit" in done.stderr
+    assert "disk tier was not closed" in done.stderr
+
+
+def test_keys_of_every_accepted_kind_come_back_after_reopen_with_their_types(tmp_path):
+    keys = ["plain", "\ud800 lone surrogate", b"\x00bytes", -(10**40), 0, ("nested", (1, b"x", ("deep",))), ()]
+    with Cache(host=None, disk="4MiB", path=tmp_path / "s") as cache:
+        for i, key in enumerate(keys):
+            cache.put(key, torch.full((2,), float(i)))
+    with Cache(host=None, disk="4MiB", path=tmp_path / "s") as cache:
+        assert cache.stats()["corruptions"] == 0
+        back = cache.keys()
+        assert sorted(map(repr, back)) == sorted(map(repr, keys))
+        for i, key in enumerate(keys):
+            assert cache.get(key)[0].item() == i

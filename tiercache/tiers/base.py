@@ -64,8 +64,14 @@ class Tier(Protocol):
         is disabled)."""
         ...
 
-    # Optional: ``charge(nbytes) -> int``, the budget bytes a payload of ``nbytes`` occupies (used by
-    # ``Cache.charge``; the payload size is assumed when a tier does not define it).
+    # Optional methods, detected with ``hasattr`` by the cache:
+    # - ``charge(nbytes) -> int``: the budget bytes a payload of ``nbytes`` occupies (used by
+    #   ``Cache.charge``; the payload size is assumed when a tier does not define it).
+    # - ``read_into(items: Sequence[tuple[Slot, EntryHeader, torch.Tensor]]) -> None``: fill each 1-D
+    #   contiguous uint8 CPU tensor (exactly ``slot.nbytes``) with the verified payload; may read in
+    #   parallel; raises ``CorruptEntryError`` with ``exc.tiercache_index`` (position in ``items``) on
+    #   damage.  ``get``/``get_many`` use it instead of one ``read`` per entry.
+    # - ``describe() -> dict``: JSON-able tier-specific facts, merged into ``Cache.stats()["tiers"][name]``.
 
     def allocate(self, nbytes: int) -> Slot | None:
         """Reserve room for ``nbytes``; ``None`` when the budget (or fragmentation) does not allow it."""
@@ -76,7 +82,9 @@ class Tier(Protocol):
         ...
 
     def write(self, slot: Slot, data: torch.Tensor, header: EntryHeader) -> None:
-        """Store ``data`` (1-D contiguous uint8 of ``slot.nbytes`` bytes, any device) in ``slot``.
+        """Store ``data`` (1-D contiguous, exactly ``slot.nbytes`` bytes, in *any* dtype — the value's own,
+        flattened — on any device) in ``slot``.  Copy it in its own dtype: a uint8 view of a float tensor
+        crosses torch's multi-threaded copy threshold sooner and stalls under load.
         Raises ``OSError`` on I/O failure, leaving no readable partial entry behind."""
         ...
 

@@ -55,6 +55,9 @@ class ArenaTier:
             self._allocators.append(allocator)
             remaining -= allocator.capacity
         self.capacity = sum(a.capacity for a in self._allocators)
+        # A slot lies within one chunk of the arena; chunks never change size.
+        self._max_nbytes = max((a.max_block for a in self._allocators), default=0) or -1
+        self._typed: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # (chunk, dtype) -> arena viewed as dtype
         self.pinned = pin_memory
         if pin_memory and self.capacity:
             log.info("tiercache: pinned %d bytes of host memory in %d chunk(s) in %.2f s",
@@ -66,8 +69,7 @@ class ArenaTier:
 
     @property
     def max_nbytes(self) -> int:
-        # A slot lies within one chunk of the arena.
-        return max((a.max_block for a in self._allocators), default=0) or -1
+        return self._max_nbytes
 
     def largest_free(self) -> int:
         return max((a.largest_free() for a in self._allocators), default=0)
@@ -99,8 +101,30 @@ class ArenaTier:
         index, block = slot.ref  # type: ignore[misc]
         return self._arenas[index], block.offset
 
+    def typed_view(self, slot: Slot, dtype: torch.dtype) -> torch.Tensor:
+        """The slot's bytes in place as a 1-D tensor of ``dtype`` (``slot.nbytes`` must be a multiple of
+        its item size).  Slots start at multiples of ``min_block`` (256) bytes, so every dtype is aligned;
+        copying through this view runs in the value's own dtype, not byte by byte.  Valid until the slot
+        is freed."""
+        index, block = slot.ref  # type: ignore[misc]
+        typed = self._typed.get((index, dtype))
+        if typed is None:
+            typed = self._typed[(index, dtype)] = self._arenas[index].view(dtype)
+        size = dtype.itemsize
+        return typed[block.offset // size : (block.offset + slot.nbytes) // size]
+
     def write(self, slot: Slot, data: torch.Tensor, header: EntryHeader) -> None:
-        self.view(slot).copy_(data, non_blocking=False)
+        """Copy ``data`` (1-D contiguous, any dtype, ``slot.nbytes`` bytes, any device) into the slot, in
+        ``data``'s own dtype."""
+        self.typed_view(slot, data.dtype).copy_(data)
+
+    def describe(self) -> dict[str, object]:
+        """Tier-specific facts for ``Cache.stats()``: pinning, arena chunks, free-space fragmentation."""
+        return {
+            "pinned": self.pinned,
+            "chunks": len(self._allocators),
+            "largest_free_bytes": self.largest_free(),
+        }
 
     def read(self, slot: Slot, header: EntryHeader) -> torch.Tensor:
         return self.view(slot)
@@ -113,6 +137,7 @@ class ArenaTier:
 
     def close(self) -> None:
         self._arenas.clear()
+        self._typed.clear()
 
 
 def host_tier(capacity: int, **kwargs: object) -> ArenaTier:

@@ -1,0 +1,136 @@
+"""Persistence: recovering the index from persistent tiers on open, and moving what fits to the last
+(persistent) tier on ``flush``/``close``.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Hashable
+
+from .errors import CorruptEntryError, TierIOError
+from .index import Entry
+from .keys import decode_key
+from .moves import Moves
+from .policies import EntryInfo
+from .state import Release, log
+from .values import check_header
+
+
+class Persistence(Moves):
+    def _recover(self) -> None:
+        """Rebuild the index from the persistent tiers (once, at open).  Each recovered header is checked
+        here, once: an unreadable key or a dtype/shape/size disagreement costs that entry (counted as a
+        corruption), never the store.  Entries are ranked in bulk (one heapify per tier).
+
+        Python's cyclic garbage collector is paused meanwhile (process-wide, for the duration of the
+        open): building 100K index entries otherwise triggers repeated full collections that cost about
+        as much as the rebuild itself.  Nothing built here forms a reference cycle."""
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            self._rebuild_index()
+        finally:
+            if paused:
+                gc.enable()
+
+    def _rebuild_index(self) -> None:
+        rank = self._policy.rank
+        for tier_index, tier in enumerate(self._tiers):
+            if not tier.persistent:
+                continue
+            loaded: dict[Hashable, Entry] = {}  # this tier's entries, ranked in bulk below
+            seq = self._seq
+            for found in tier.recover():
+                header = found.header
+                try:
+                    key = decode_key(header.key)
+                    dtype = check_header(header)
+                except (ValueError, CorruptEntryError) as exc:  # one damaged header costs one entry
+                    log.warning("tiercache: dropping a damaged %s entry: %s", tier.name, exc)
+                    self._counters.corruptions += 1
+                    tier.discard(found.slot)
+                    tier.free(found.slot)
+                    continue
+                if header.seq > seq:
+                    seq = header.seq
+                previous = loaded.get(key) or self._index.get(key)
+                if previous is not None:  # two copies of a key: keep the newer one
+                    if previous.header.seq >= header.seq:
+                        tier.discard(found.slot)
+                        tier.free(found.slot)
+                        continue
+                    self._tiers[previous.tier].discard(previous.slot)
+                    self._tiers[previous.tier].free(previous.slot)
+                    if loaded.get(key) is not previous:  # already ranked in an earlier tier's queue
+                        self._queues[previous.tier].remove(previous)
+                        previous.version += 1  # its queue item is stale now
+                info = EntryInfo(key, header.nbytes, tier.name, 0, 0)
+                entry = Entry(key, header, tier_index, found.slot, info, dtype)
+                loaded[key] = entry
+                self._index[key] = entry
+            self._seq = seq
+            self._queues[tier_index].load([(rank(entry.info), entry) for entry in loaded.values()])
+            corrupt = getattr(tier, "corrupt_on_open", 0)
+            self._counters.corruptions += corrupt
+            # A store reopened with a smaller budget sheds its lowest-ranked entries.  Their slots are only
+            # freed by _flush_finish_later below, so count what is already shed instead of re-reading used.
+            excess = tier.used - tier.capacity
+            while excess > 0:
+                victims = self._queues[tier_index].pop_victims(self._index, excess)
+                if not victims:
+                    break
+                for victim in victims:
+                    excess -= victim.slot.charged
+                    self._finish_later(self._drop_entry(victim, "capacity"))
+        self._flush_finish_later()
+
+
+    def _persist(self, reason: str) -> int:
+        """Move upper-tier entries to the last (persistent) tier, highest rank first, dropping the
+        lowest-ranked entries that do not fit.  Returns how many entries could not be kept."""
+        last = len(self._tiers) - 1
+        disk = self._tiers[last]
+        if not disk.persistent:
+            return 0
+        with self._lock:
+            ranked = sorted(self._index.values(), key=lambda e: self._policy.rank(e.info), reverse=True)
+            budget, keep = disk.capacity, set()
+            for entry in ranked:
+                charge = getattr(disk, "charge", lambda n: n)(entry.header.nbytes)
+                if charge <= budget and entry.header.nbytes <= disk.max_nbytes:
+                    keep.add(id(entry))
+                    budget -= charge
+            releases: list[Release] = []
+            lost = 0
+            for entry in ranked:
+                if id(entry) not in keep and not entry.moving:
+                    lost += entry.tier != last
+                    releases += self._drop_entry(entry, reason)
+            movers = [e for e in ranked if id(e) in keep and e.tier != last and not e.moving]
+            for entry in movers:
+                entry.moving = True
+                self._pin(entry.tier, entry.slot)
+        self._finish(releases)
+        failures: list[BaseException] = []
+        for entry in movers:
+            with self._lock:
+                slot = disk.allocate(entry.header.nbytes)
+            if slot is None:  # cannot happen for a non-fragmenting disk tier; stay correct anyway
+                slot = self._reserve(last, entry.header.nbytes)
+            if slot is None:
+                with self._lock:
+                    entry.moving = False
+                    self._finish_later(self._unpin(entry.tier, entry.slot))
+                lost += 1
+                continue
+            try:
+                self._move(entry, entry.tier, last, slot, None)
+            except BaseException as exc:
+                failures.append(exc)
+        self._flush_finish_later()
+        if lost:
+            log.warning("tiercache: %d entries did not fit the disk tier and were not persisted", lost)
+        if failures:
+            raise TierIOError(f"persisting to the disk tier failed for {len(failures)} entries: {failures[0]}")
+        return lost
+

@@ -1,0 +1,235 @@
+"""The cache's shared bookkeeping and its primitives: the index lock, the operation bracket that ``close``
+waits on, the logical clock, pins and deferred releases, and the timed tier I/O wrappers.
+
+:class:`CacheState` declares the state that :class:`tiercache.Cache` creates in ``__init__``; the mixins
+that implement the cache's concerns (``moves``, ``persistence``, ``batched``) build on it.
+
+Concurrency design.  One index lock guards the bookkeeping (which key lives in which slot, queues,
+counters).  Every byte copy and file operation runs outside it, in two phases: *prepare* under the lock
+(reserve a slot, pin the source, mark a mover) and *complete* under the lock (publish the new location,
+release the old slot) or roll back.  A slot that a reader or mover has pinned is released only when its
+last pin goes, so a concurrent delete or overwrite never frees bytes still being copied.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Hashable, Iterator
+
+import torch
+
+from .config import CacheConfig
+from .errors import CacheClosedError
+from .index import Entry, RankedQueue
+from .policies import Policy
+from .stats import CacheCounters
+from .tiers.base import EntryHeader, Slot, Tier
+from .transfer import CopyEngine
+
+log = logging.getLogger("tiercache.cache")
+
+Release = tuple[int, Slot]
+"""A slot to give back to tier ``[0]`` once its pins are gone (see ``CacheState._finish``)."""
+
+
+class CacheState:
+    """State shared by the cache's concerns.  All of it is guarded by ``_lock`` unless stated."""
+
+    config: CacheConfig
+    _policy: Policy
+    _lock: threading.RLock
+    _idle: threading.Condition  # notified when ``_active`` drops to 0
+    _closed: bool
+    _closing: bool  # close() has begun: no new operations start
+    _active: int  # public operations in flight; close() waits for them
+    _index: dict[Hashable, Entry]
+    _pins: dict[int, int]  # id(slot) -> readers/movers holding it
+    _deferred: dict[int, Release]  # id(slot) -> a release made while pinned, done when the last pin goes
+    _clock: int
+    _seq: int
+    _executor: ThreadPoolExecutor | None
+    _engines: dict[torch.device, CopyEngine]  # batched copiers, one per target device
+    _evicted: list[tuple[Hashable, str]]  # drops not yet reported to on_evict
+    _later: list[Release]  # releases collected under the lock, finished after it
+    _tiers: list[Tier]
+    _queues: list[RankedQueue]
+    _counters: CacheCounters
+
+    def _init_state(self, config: CacheConfig, policy: Policy) -> None:
+        self.config = config
+        self._policy = policy
+        self._lock = threading.RLock()
+        self._idle = threading.Condition(self._lock)
+        self._closed = False
+        self._closing = False
+        self._active = 0
+        self._index = {}
+        self._pins = {}
+        self._deferred = {}
+        self._clock = 0
+        self._seq = 0
+        self._executor = None
+        self._engines = {}
+        self._evicted = []
+        self._later = []
+
+    # -- helpers (call with the lock held unless stated) ----------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CacheClosedError("this tiercache.Cache is closed")
+
+    def _begin(self) -> None:
+        """Start a public operation (``close`` waits for it before persisting); pair with ``_end``."""
+        with self._lock:
+            if self._closing or self._closed:
+                raise CacheClosedError("this tiercache.Cache is closed")
+            self._active += 1
+
+    def _end(self) -> None:
+        with self._lock:
+            self._active -= 1
+            if not self._active:
+                self._idle.notify_all()
+
+    @contextmanager
+    def _operation(self) -> Iterator[None]:
+        """``_begin``/``_end`` as a context manager, for the operations that are not on the hot path."""
+        self._begin()
+        try:
+            yield
+        finally:
+            self._end()
+
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def _rerank(self, entry: Entry) -> None:
+        entry.version += 1
+        entry.info.tier = self._tiers[entry.tier].name
+        self._queues[entry.tier].push(entry, self._policy.rank(entry.info))
+
+    # Pins are keyed by the Slot object's identity: every pin, unpin and release of a slot goes through the
+    # one Slot object its entry holds (a reader keeps it alive while pinned), and an identity key hashes
+    # in C where the slot's ``ref`` (a dataclass) would hash in Python.
+    def _pin(self, tier: int, slot: Slot) -> None:
+        token = id(slot)
+        self._pins[token] = self._pins.get(token, 0) + 1
+
+    def _unpin(self, tier: int, slot: Slot) -> list[Release]:
+        token = id(slot)
+        count = self._pins[token] - 1
+        if count:
+            self._pins[token] = count
+            return []
+        del self._pins[token]
+        deferred = self._deferred.pop(token, None)
+        return [deferred] if deferred is not None else []
+
+    def _unpin_all(self, pinned: list[tuple[int, Slot]]) -> list[Release]:
+        """``_unpin`` for each ``(tier, slot)`` of a batch."""
+        pins, releases = self._pins, []
+        for tier, slot in pinned:
+            token = id(slot)
+            count = pins[token] - 1
+            if count:
+                pins[token] = count
+                continue
+            del pins[token]
+            deferred = self._deferred.pop(token, None)
+            if deferred is not None:
+                releases.append(deferred)
+        return releases
+
+    def _release(self, tier: int, slot: Slot) -> list[Release]:
+        """Give a slot back: now if nobody has it pinned, else when the last pin goes."""
+        if id(slot) in self._pins:
+            self._deferred[id(slot)] = (tier, slot)
+            return []
+        return [(tier, slot)]
+
+    def _unlink(self, entry: Entry) -> list[Release]:
+        """Remove ``entry`` from the index (it must be the current one for its key)."""
+        del self._index[entry.key]
+        self._queues[entry.tier].remove(entry)
+        entry.version += 1
+        return self._release(entry.tier, entry.slot)
+
+    def _drop_entry(self, entry: Entry, reason: str) -> list[Release]:
+        self._counters.evictions += reason == "capacity"
+        self._evicted.append((entry.key, reason))
+        return self._unlink(entry)
+
+    def _free_volatile(self, releases: list[Release]) -> list[Release]:
+        """With the lock held: free the released slots of volatile tiers now (their ``discard`` is a
+        no-op, so there is no I/O to do outside the lock); returns the rest, for ``_finish``."""
+        rest = []
+        for tier_index, slot in releases:
+            tier = self._tiers[tier_index]
+            if tier.persistent:
+                rest.append((tier_index, slot))
+            else:
+                tier.free(slot)
+        return rest
+
+    def _finish(self, releases: list[Release]) -> None:
+        """Outside the lock: discard released slots' contents, then return them to their tiers."""
+        done: list[Release] = []
+        for tier_index, slot in releases:
+            try:
+                self._tiers[tier_index].discard(slot)
+            except OSError as exc:  # the slot is reused later anyway: a rewrite replaces the file
+                log.warning("tiercache: %s", exc)
+                with self._lock:
+                    self._counters.errors["discard"] += 1
+            done.append((tier_index, slot))
+        if done:
+            with self._lock:
+                for tier_index, slot in done:
+                    self._tiers[tier_index].free(slot)
+        self._notify_evictions()
+
+    def _notify_evictions(self) -> None:
+        if not self._evicted:
+            return
+        with self._lock:
+            events, self._evicted = self._evicted, []
+        callback = self.config.on_evict
+        if callback is not None:
+            for key, reason in events:
+                try:
+                    callback(key, reason)
+                except Exception:  # a user callback must not break cache invariants
+                    log.exception("tiercache: on_evict callback failed")
+
+    def _timed_write(self, tier_index: int, slot: Slot, data: torch.Tensor, header: EntryHeader) -> None:
+        start = time.perf_counter()
+        self._tiers[tier_index].write(slot, data, header)
+        elapsed = time.perf_counter() - start
+        with self._lock:
+            counters = self._counters.tiers[self._tiers[tier_index].name]
+            counters.bytes_written += slot.nbytes
+            counters.write_seconds += elapsed
+
+    def _timed_read(self, tier_index: int, slot: Slot, header: EntryHeader) -> torch.Tensor:
+        start = time.perf_counter()
+        data = self._tiers[tier_index].read(slot, header)
+        elapsed = time.perf_counter() - start
+        with self._lock:
+            counters = self._counters.tiers[self._tiers[tier_index].name]
+            counters.bytes_read += slot.nbytes
+            counters.read_seconds += elapsed
+        return data
+
+    def _finish_later(self, releases: list[Release]) -> None:
+        self._later.extend(releases)
+
+    def _flush_finish_later(self) -> None:
+        with self._lock:
+            releases, self._later = self._later, []
+        self._finish(releases)
+

@@ -1,0 +1,115 @@
+"""Values going in and out of the cache: what ``put`` accepts (dense tensors of at most ``MAX_DIMS``
+dimensions; conjugate and negative views are resolved), the dtype names stored in entry headers, copying
+stored bytes into a destination tensor, and score validation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .errors import CorruptEntryError
+from .keys import MAX_DIMS
+from .tiers.base import EntryHeader
+
+_DTYPES: dict[str, torch.dtype] = {
+    str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)
+}
+
+
+def check_score(score: object) -> float:
+    if isinstance(score, bool) or not isinstance(score, (int, float)):
+        raise TypeError(f"score must be a number, got {type(score).__name__}")
+    if math.isnan(score):
+        raise ValueError("score must not be NaN (it would break the eviction order)")
+    return float(score)
+
+
+def dtype_named(name: str) -> torch.dtype:
+    """The torch dtype an entry header names (``"float32"``); ``CorruptEntryError`` for an unknown name."""
+    dtype = _DTYPES.get(name)
+    if dtype is None:
+        raise CorruptEntryError(f"unknown dtype {name!r} in entry header")
+    return dtype
+
+
+def check_header(header: EntryHeader) -> torch.dtype:
+    """The header's dtype after checking that dtype, shape and payload size agree (``CorruptEntryError``
+    otherwise), so that later reads can view the payload as ``dtype`` and ``shape`` without checking."""
+    dtype = dtype_named(header.dtype)
+    shape = header.shape
+    if len(shape) > MAX_DIMS:
+        raise CorruptEntryError(f"impossible shape {shape!r} in entry header")
+    numel = 1
+    for n in shape:
+        if type(n) is not int or n < 0:
+            raise CorruptEntryError(f"impossible shape {shape!r} in entry header")
+        numel *= n
+    if numel * dtype.itemsize != header.nbytes:
+        raise CorruptEntryError(
+            f"entry header says {header.dtype}{list(header.shape)} ({numel * dtype.itemsize} bytes) "
+            f"but the payload holds {header.nbytes}"
+        )
+    return dtype
+
+
+def tensor_data(value: object) -> tuple[torch.Tensor, torch.dtype, tuple[int, ...]]:
+    """``value`` ready to be copied from (detached; conjugate and negative views resolved, so the stored
+    values are the ones the view shows; *not* made contiguous: a copy into a memory slot handles any
+    strides, see :func:`flat`), with its dtype and shape.
+
+    Raises ``TypeError`` for a non-tensor and for tensors without a plain strided layout (sparse,
+    nested, quantized, meta) and ``ValueError`` for more than ``MAX_DIMS`` dimensions."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"values must be torch.Tensor, got {type(value).__name__}")
+    if value.layout != torch.strided or value.is_nested or value.is_quantized or value.is_meta:
+        if value.is_nested:
+            raise TypeError("nested tensors cannot be cached; store each component tensor under its own key")
+        if value.layout != torch.strided:
+            raise TypeError(f"only dense (strided) tensors can be cached, got layout {value.layout}; "
+                            f"convert with .to_dense()")
+        if value.is_meta:
+            raise TypeError("meta tensors have no data to cache")
+        raise TypeError("quantized tensors are not supported; dequantize first")
+    shape = value.shape
+    if len(shape) > MAX_DIMS:
+        raise ValueError(f"a value may have at most {MAX_DIMS} dimensions, got {len(shape)}")
+    tensor = value.detach() if value.requires_grad else value
+    if tensor.is_conj():
+        tensor = tensor.resolve_conj()
+    if tensor.is_neg():
+        tensor = tensor.resolve_neg()
+    return tensor, tensor.dtype, tuple(shape)
+
+
+def flat(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s elements as a 1-D contiguous tensor of its dtype (a view when already contiguous)."""
+    return tensor.reshape(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)
+
+
+def slot_view(tier: object, slot: object, entry: object) -> torch.Tensor | None:
+    """For a memory tier, ``entry``'s payload in place in ``slot`` as a tensor of its dtype and shape (see
+    ``Entry.view``); ``None`` for other tiers."""
+    typed_view = getattr(tier, "typed_view", None)
+    if typed_view is None:
+        return None
+    return typed_view(slot, entry.dtype).view(entry.header.shape)  # type: ignore[attr-defined]
+
+
+def as_bytes(flat: torch.Tensor) -> torch.Tensor:
+    """A 1-D contiguous tensor's bytes as uint8 (a view)."""
+    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
+def copy_payload(dst: torch.Tensor, raw: torch.Tensor, dtype: torch.dtype) -> None:
+    """Copy a payload given as 1-D uint8 ``raw`` into ``dst`` (``dtype``, same number of elements, any
+    shape and strides, any device), in ``dtype`` when ``raw`` is aligned for it."""
+    try:
+        src = raw if dtype == torch.uint8 else raw.view(dtype)
+    except RuntimeError:  # raw starts at an offset not aligned to the item size: copy bytes instead
+        if dst.is_contiguous():
+            as_bytes(dst.view(-1)).copy_(raw)
+            return
+        src = raw.clone().view(dtype)
+    dst.copy_(src.view(dst.shape))
