@@ -12,6 +12,7 @@ from typing import Hashable, TypeAlias
 
 Key: TypeAlias = Hashable
 MAX_KEY_BYTES = 2048
+MAX_DIMS = 64  # most tensor dimensions an entry may have (the disk header holds this many)
 
 
 def _encode(key: object, out: bytearray, depth: int) -> None:

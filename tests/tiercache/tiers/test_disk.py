@@ -181,11 +181,12 @@ def test_leftover_temp_files_are_removed_on_recovery(tmp_path):
     tier = DiskTier(tmp_path / "d", 1 << 20)
     slot = tier.allocate(100)
     tier.write(slot, _payload(100), _header("a", 100))
-    tmp = tier.chunk_path(slot).with_name("0.12345.tmp")
-    tmp.write_bytes(b"half a chunk")
     tier.close()
+    tmp = tier.chunk_path(slot).with_name("0.12345.tmp")
+    tmp.write_bytes(b"half a chunk")  # after the clean close: the index is stale now and the open scans
     again = DiskTier(tmp_path / "d", 1 << 20)
     assert [f.header.key for f in again.recover()] == [encode_key("a")]
+    assert again.describe()["index"].startswith("scanned")
     assert not tmp.exists()
 
 
