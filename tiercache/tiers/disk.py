@@ -376,11 +376,17 @@ class DiskTier:
                 journal.fsync_dir(self._root)
                 self._index_live = False
 
-    def _class_mtimes(self) -> dict[int, int]:
+    def _class_stamp(self, pages: int) -> tuple[int, int]:
+        """What changes when a size class's files do: its directory's and its ``zarr.json``'s mtimes."""
+        class_dir = os.path.join(self._slots_dir, str(pages))
+        meta = os.path.join(class_dir, "zarr.json")
+        return os.stat(class_dir).st_mtime_ns, (os.stat(meta).st_mtime_ns if os.path.exists(meta) else 0)
+
+    def _class_mtimes(self) -> dict[int, tuple[int, int]]:
         out = {}
         for pages in self._arrays:
             try:
-                out[pages] = os.stat(os.path.join(self._slots_dir, str(pages))).st_mtime_ns
+                out[pages] = self._class_stamp(pages)
             except FileNotFoundError:
                 pass
         return out
@@ -402,7 +408,7 @@ class DiskTier:
             if classes != sorted(loaded.class_mtimes):
                 raise CorruptEntryError("size-class directories changed since the index was written")
             for pages, mtime in loaded.class_mtimes.items():
-                if os.stat(os.path.join(self._slots_dir, str(pages))).st_mtime_ns != mtime:
+                if self._class_stamp(pages) != mtime:
                     raise CorruptEntryError(f"slots/{pages} changed since the index was written")
         except (CorruptEntryError, OSError, ValueError) as exc:
             _unlink_quiet(self._index_path)

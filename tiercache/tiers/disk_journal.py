@@ -6,7 +6,7 @@ of reading every chunk header; a missing, stale (a size-class directory changed 
 falls back to the full scan.  Layout (little-endian), followed by a crc32c of everything before it::
 
     "TCINDEX2" | seq_high_water u64 | classes u32 | entries u64
-    | classes x (pages u32, dir mtime_ns u64)
+    | classes x (pages u32, dir mtime_ns u64, its zarr.json's mtime_ns u64)
     | entries x (pages u32, row u32, seq u64, nbytes u64, key_len u16, ndim u8, dtype_len u8,
                  key, dtype name, shape ndim x u64)
 
@@ -31,7 +31,7 @@ INDEX_NAME = "index.tc"
 TOMBSTONES_NAME = "tombstones.tc"
 _INDEX_MAGIC = b"TCINDEX2"
 _INDEX_HEAD = struct.Struct("<8sQIQ")
-_CLASS = struct.Struct("<IQ")
+_CLASS = struct.Struct("<IQQ")  # pages, dir mtime_ns, zarr.json mtime_ns
 _RECORD = struct.Struct("<IIQQHBB")
 _TOMB = struct.Struct("<IIQ")
 _TOMB_BYTES = _TOMB.size + 4
@@ -42,7 +42,7 @@ Crc = Callable[..., int]
 @dataclass
 class LoadedIndex:
     seq_high_water: int
-    class_mtimes: dict[int, int]
+    class_mtimes: dict[int, tuple[int, int]]
     entries: list[tuple[int, int, EntryHeader]]  # (pages, row, header)
 
 
@@ -71,11 +71,12 @@ def write_atomic(path: str, data: bytes) -> None:
 
 
 def encode_index(
-    entries: Iterable[tuple[int, int, EntryHeader]], class_mtimes: dict[int, int], seq_high_water: int, crc: Crc
+    entries: Iterable[tuple[int, int, EntryHeader]], class_mtimes: dict[int, tuple[int, int]], seq_high_water: int,
+    crc: Crc,
 ) -> bytes:
     items = list(entries)
     parts = [_INDEX_HEAD.pack(_INDEX_MAGIC, seq_high_water, len(class_mtimes), len(items))]
-    parts += [_CLASS.pack(p, m) for p, m in sorted(class_mtimes.items())]
+    parts += [_CLASS.pack(p, *m) for p, m in sorted(class_mtimes.items())]
     for pages, row, h in items:
         dtype = h.dtype.encode("ascii")
         parts.append(_RECORD.pack(pages, row, h.seq, h.nbytes, len(h.key), len(h.shape), len(dtype)))
@@ -95,8 +96,8 @@ def decode_index(raw: bytes, crc: Crc) -> LoadedIndex:
         pos = _INDEX_HEAD.size
         mtimes = {}
         for _ in range(n_classes):
-            pages, mtime = _CLASS.unpack_from(raw, pos)
-            mtimes[pages] = mtime
+            pages, dir_mtime, meta_mtime = _CLASS.unpack_from(raw, pos)
+            mtimes[pages] = (dir_mtime, meta_mtime)
             pos += _CLASS.size
         entries = []
         unpack, rsize = _RECORD.unpack_from, _RECORD.size

@@ -21,6 +21,13 @@ class TestDiskTierConformance(TierConformance):
         return DiskTier(path, capacity)
 
 
+class TestDiskTierDirectIOConformance(TierConformance):
+    capacity = 160 * 1024
+
+    def make_tier(self, path, capacity):
+        return DiskTier(path, capacity, direct_io=True)
+
+
 class TestDiskTierZstdConformance(TierConformance):
     capacity = 160 * 1024
 
@@ -49,14 +56,14 @@ def test_header_too_long_is_rejected():
         encode_header(EntryHeader(b"x" * 2048, "float32", tuple(range(1000)), 4, 1))
 
 
-@pytest.mark.parametrize("damage", ["magic", "version", "json", "truncated", "zeros"])
+@pytest.mark.parametrize("damage", ["magic", "version", "fields", "truncated", "zeros"])
 def test_damaged_header_is_corrupt(damage):
     raw = bytearray(encode_header(_header("k", 10)))
     if damage == "magic":
         raw[0] ^= 0xFF
     elif damage == "version":
         raw[8] = 99
-    elif damage == "json":
+    elif damage == "fields":
         raw[40:48] = b"}}}}{{{{"
     elif damage == "truncated":
         raw = raw[:20]
