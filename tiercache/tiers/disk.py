@@ -28,6 +28,7 @@ The hot path encodes chunks itself (the same bytes zarr would write: tests read 
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging
 import mmap
@@ -116,6 +117,12 @@ def _is_creation_leftover(name: str) -> bool:
     return name.endswith(".partial") or (name.startswith("zarr.json.") and name.endswith(".tmp"))
 
 
+def _may_precede_creation(name: str) -> bool:
+    """Names a folder may hold before the store's ``zarr.json`` exists: dot files (``.lock``), the
+    owner records directory (contract C7) and creation leftovers."""
+    return name.startswith(".") or name == "owners" or _is_creation_leftover(name)
+
+
 def prepare_store_dir(path: str | os.PathLike[str]) -> tuple[str, bool]:
     """Check ``path`` can hold a store *before* anything is created there, then create the directory if
     needed.  Returns ``(state, created_dir)``: state ``"store"`` (ours), ``"new"`` (empty but for dot
@@ -142,13 +149,13 @@ def prepare_store_dir(path: str | os.PathLike[str]) -> tuple[str, bool]:
         attrs = _read_root_attrs(root)
         if attrs is not None:
             state = "store"
-        elif ".lock" in names and all(n.startswith(".") or n == "zarr.json" or _is_creation_leftover(n) for n in names):
+        elif ".lock" in names and all(n == "zarr.json" or _may_precede_creation(n) for n in names):
             state = "half"  # a zarr group whose tiercache attributes were never written (older creation order)
         else:
             raise ValueError(f"{root} holds a zarr group that is not a tiercache store")
     else:
         visible = [n for n in names if not n.startswith(".")]
-        if visible and ".lock" in names and all(_is_creation_leftover(n) for n in visible):
+        if visible and ".lock" in names and all(_may_precede_creation(n) for n in visible):
             state = "half"
         elif visible:
             raise ValueError(f"{root} is not empty and is not a tiercache store; use an empty directory")
@@ -420,11 +427,19 @@ class DiskTier:
         self._arrays.update(loaded.class_mtimes)
         self._index_live = True
         self.index_state = "loaded"
-        per = PAGE
-        return [
-            RecoveredEntry(h, Slot((pages, row), h.nbytes, pages * per + CRC_BYTES))
-            for pages, row, h in loaded.entries
+        if len(set(loaded.pages)) <= 1:
+            if loaded.pages:
+                self._taken[loaded.pages[0]] = set(loaded.rows)
+        else:
+            for p, r in zip(loaded.pages, loaded.rows):
+                self._taken.setdefault(p, set()).add(r)
+        new_entry, new_slot = journal.fast_constructor(RecoveredEntry), journal.fast_constructor(Slot)
+        entries = [
+            new_entry(h, new_slot((p, r), h.nbytes, p * PAGE + CRC_BYTES))
+            for p, r, h in zip(loaded.pages, loaded.rows, loaded.headers)
         ]
+        self._headers = {e.slot.ref: e.header for e in entries}  # type: ignore[misc]
+        return entries
 
     # -- I/O ------------------------------------------------------------------------------------------
     def write(self, slot: Slot, data: torch.Tensor, header: EntryHeader) -> None:
@@ -672,17 +687,26 @@ class DiskTier:
         """The entries of the store: from ``index.tc`` when it is valid, else by scanning the chunk files
         (the newest valid copy of each key wins; stale, damaged and tombstoned files are deleted).  Raises
         :class:`DiskOverBudgetError` before yielding anything when they exceed the budget."""
-        entries = self._load_index()
-        if entries is None:
-            entries = self._scan()
+        collecting = gc.isenabled()
+        gc.disable()  # building ~1e5 small objects: generation-2 passes would cost more than the load
+        try:
+            entries = self._load_index()
+            if entries is None:
+                entries = self._scan()
+        finally:
+            if collecting:
+                gc.enable()
         stored = sum(e.slot.charged for e in entries)
         if stored > self.capacity:
+            self._taken.clear()
+            self._headers.clear()
             raise DiskOverBudgetError(self.root, stored, self.capacity)
-        for entry in entries:
-            pages, row = entry.slot.ref  # type: ignore[misc]
-            self._taken.setdefault(pages, set()).add(row)
-            self._headers[(pages, row)] = entry.header
-            self._seq_high = max(self._seq_high, entry.header.seq)
+        if self.index_state != "loaded":  # the index path filled these in bulk
+            for entry in entries:
+                pages, row = entry.slot.ref  # type: ignore[misc]
+                self._taken.setdefault(pages, set()).add(row)
+                self._headers[(pages, row)] = entry.header
+                self._seq_high = max(self._seq_high, entry.header.seq)
         self._used = stored
         self._complete = True
         yield from entries

@@ -56,8 +56,6 @@ def check_header(header: EntryHeader) -> None:
     limits (dtype known, ``prod(shape) * itemsize == nbytes``, at most ``MAX_DIMS`` dims)."""
     if len(header.shape) > MAX_DIMS:
         raise CorruptEntryError(f"entry header has {len(header.shape)} dimensions, the format holds {MAX_DIMS}")
-    if any(d < 0 for d in header.shape):
-        raise CorruptEntryError(f"entry header has a negative dimension: {header.shape}")
     expected = math.prod(header.shape) * itemsize(header.dtype)
     if expected != header.nbytes:
         raise CorruptEntryError(
