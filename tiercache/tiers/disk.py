@@ -247,6 +247,9 @@ class DiskTier:
         self.corrupt_on_open = 0
         self.metadata_repaired = 0
         self.tombstoned = 0
+        # Slots whose chunk could not be removed (a tombstone names them): never reused until a scan has
+        # removed the file and compacted the journal, so a tombstone can only ever match the deleted entry.
+        self._tomb_rows: set[tuple[int, int]] = set()
         self.index_state = "none"
         self._io_threads = max(1, int(io_threads))
         self._pool: ThreadPoolExecutor | None = None
@@ -365,7 +368,8 @@ class DiskTier:
 
     def free(self, slot: Slot) -> None:
         pages, row = slot.ref  # type: ignore[misc]
-        self._free_rows.setdefault(pages, []).append(row)
+        if (pages, row) not in self._tomb_rows:
+            self._free_rows.setdefault(pages, []).append(row)
         self._used -= slot.charged
 
     # -- the persisted index ----------------------------------------------------------------------------
@@ -672,6 +676,8 @@ class DiskTier:
             if header is not None:
                 try:
                     journal.append_tombstone(self._tomb_path, pages, row, header.seq, self._crc)
+                    with self._lock:
+                        self._tomb_rows.add((pages, row))
                     log.warning("tiercache: deleting %s failed (%s); recorded a tombstone instead", path, exc.strerror)
                     self.tombstoned += 1
                     return
@@ -701,6 +707,10 @@ class DiskTier:
             self._taken.clear()
             self._headers.clear()
             raise DiskOverBudgetError(self.root, stored, self.capacity)
+        if self.index_state == "loaded":
+            self._tomb_rows = set(journal.read_tombstones(self._tomb_path, self._crc))
+        for pages, row in self._tomb_rows:
+            self._taken.setdefault(pages, set()).add(row)
         if self.index_state != "loaded":  # the index path filled these in bulk
             for entry in entries:
                 pages, row = entry.slot.ref  # type: ignore[misc]
@@ -774,9 +784,11 @@ class DiskTier:
         return list(best.values())
 
     def _rewrite_tombstones(self, tombs: dict[tuple[int, int], int]) -> None:
-        """Keep only the tombstones whose file still exists (its removal failed again)."""
+        """Keep only the tombstones whose file still exists (its removal failed again); their slots stay
+        out of use."""
         left = {ref: seq for ref, seq in tombs.items()
                 if os.path.exists(f"{self._slots_dir}/{ref[0]}/{chunk_name(ref[1])}")}
+        self._tomb_rows = set(left)
         try:
             if not left:
                 os.unlink(self._tomb_path)

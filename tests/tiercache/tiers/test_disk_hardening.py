@@ -216,6 +216,32 @@ def test_delete_with_a_failing_unlink_does_not_come_back(tmp_path, monkeypatch, 
         assert same_tensor(cache.get(1), value(7))  # a newer write in that slot is not tombstoned
 
 
+def test_a_tombstoned_slot_is_not_reused_until_the_file_is_gone(tmp_path, monkeypatch):
+    """The sequence counter restarts from the newest entry found, which can be below a tombstone's: a new
+    entry written into the tombstoned slot would then be 'deleted' by the next scan.  So the slot stays
+    out of use until a scan has removed the file."""
+    store = tmp_path / "s"
+    real_unlink = os.unlink
+    with Cache(host=None, disk="1MiB", path=store) as cache:
+        for i in range(3):
+            cache.put(i, value(i))
+        monkeypatch.setattr(os, "unlink", lambda p, *a, **k: (_ for _ in ()).throw(OSError(errno.EIO, "EIO"))
+                            if "/slots/" in os.fspath(p) else real_unlink(p, *a, **k))
+        cache.delete(2)  # the newest entry: its sequence number is the highest
+        cache.put(3, value(3))  # while open: the freed slot must not be handed out again
+    monkeypatch.undo()
+    with Cache(host=None, disk="1MiB", path=store) as cache:  # by the index
+        assert sorted(cache.keys()) == [0, 1, 3]
+        for i in range(4, 8):
+            cache.put(i, value(i))
+    (store / "index.tc").unlink()
+    with Cache(host=None, disk="1MiB", path=store) as cache:  # by the scan, which applies the tombstone
+        assert sorted(cache.keys()) == [0, 1, 3, 4, 5, 6, 7]
+        for i in (3, 4, 5, 6, 7):
+            assert same_tensor(cache.get(i), value(i))
+    assert not (store / "tombstones.tc").exists()  # compacted: the file is gone now
+
+
 def test_a_delete_that_cannot_be_made_durable_is_loud(tmp_path, monkeypatch):
     tier = DiskTier(tmp_path / "d", 1 << 20)
     list(tier.recover())
