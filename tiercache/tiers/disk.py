@@ -44,6 +44,7 @@ import torch
 from ..errors import CorruptEntryError, FingerprintMismatchError, TierCacheError, TierIOError
 from . import disk_journal as journal
 from .base import EntryHeader, RecoveredEntry, Slot
+from .disk_fds import FdCache
 from .disk_format import (
     CRC_BYTES,
     FORMAT_VERSION,
@@ -57,6 +58,7 @@ from .disk_format import (
     decode_header,
     encode_header,
     group_metadata,
+    header_prefix,
     parse_chunk_name,
 )
 
@@ -265,11 +267,14 @@ class DiskTier:
         self._complete = state != "store"
         self.direct_io_requested = bool(direct_io)
         self.direct_io = False
+        self._fds = FdCache(os.O_RDONLY)
         if self.direct_io_requested and self._codec is not None:
             warnings.warn("tiercache: direct_io applies to uncompressed disk tiers; using buffered I/O",
                           RuntimeWarning, stacklevel=2)
         elif self.direct_io_requested:
             self.direct_io = self._probe_direct_io()
+            if self.direct_io:
+                self._fds = FdCache(os.O_RDONLY | os.O_DIRECT)
 
     # -- metadata -------------------------------------------------------------------------------------
     def _init_group(self, state: str, compression: str | None, level: int, fingerprint: str | None) -> None:
@@ -478,6 +483,7 @@ class DiskTier:
                 encoded = self._codec.encode(b"".join((head, payload, bytes(pad_len))))
                 _write_file(tmp, [encoded, self._crc(encoded).to_bytes(4, "little")])
             os.replace(tmp, final)
+            self._fds.forget(slot.ref)  # a cached descriptor would still read the replaced file
         except OSError as exc:
             try:
                 os.unlink(tmp)
@@ -528,12 +534,19 @@ class DiskTier:
             except OSError:
                 pass
 
-    def _read_chunk(self, path: str, pages: int, payload: memoryview | None, nbytes: int) -> tuple[bytes | memoryview, memoryview | None]:
+    def _read_chunk(
+        self, path: str, pages: int, payload: memoryview | None, nbytes: int, ref: tuple[int, int] | None = None
+    ) -> tuple[bytes | memoryview, memoryview | None]:
         """Read and checksum an uncompressed chunk.  The payload goes into ``payload`` (``nbytes`` bytes)
-        when given; returns ``(header page, payload view or None)``.  One positional vectored read."""
+        when given; returns ``(header page, payload view)``.  One positional vectored read, through the
+        descriptor cache when ``ref`` (the slot's) is given."""
         size = pages * PAGE + CRC_BYTES
         try:
-            fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if self.direct_io else 0))
+            if ref is not None:
+                handle = self._fds.acquire(ref, path)
+                fd = handle.fd
+            else:
+                handle, fd = None, os.open(path, self._fds.flags)
         except FileNotFoundError:
             raise CorruptEntryError(f"{path} is missing") from None
         try:
@@ -560,7 +573,10 @@ class DiskTier:
                 tail_crc = tail[-1 - CRC_BYTES : -1]
                 body = payload
         finally:
-            os.close(fd)
+            if handle is not None:
+                self._fds.release(handle)
+            else:
+                os.close(fd)
         if crc != int.from_bytes(tail_crc, "little"):
             raise CorruptEntryError(f"{path} failed its crc32c checksum")
         return head, body
@@ -584,15 +600,18 @@ class DiskTier:
         return view
 
     def _check_stored(self, path: str, head: bytes | memoryview, header: EntryHeader, nbytes: int) -> None:
-        stored = decode_header(head)
-        if stored != header or stored.nbytes != nbytes:
+        """The stored header must be ``header``: its encoding is compared byte for byte (what follows it in
+        the page is padding), so no decoding is needed on the hot path."""
+        expected = header_prefix(header)
+        if header.nbytes != nbytes or head[: len(expected)] != expected:
+            decode_header(head)  # a damaged header says so in the error
             raise CorruptEntryError(f"{path} holds another entry than the index expects")
 
     def _read_payload_into(self, slot: Slot, header: EntryHeader, out: memoryview) -> None:
         pages, _ = slot.ref  # type: ignore[misc]
         path = self._chunk_file(slot)
         if self._codec is None:
-            head, _ = self._read_chunk(path, pages, out, slot.nbytes)
+            head, _ = self._read_chunk(path, pages, out, slot.nbytes, slot.ref)  # type: ignore[arg-type]
         else:
             body = self._read_compressed(path, pages)
             head = body[:HEADER_BYTES]
@@ -666,6 +685,7 @@ class DiskTier:
         pages, row = slot.ref  # type: ignore[misc]
         path = self._chunk_file(slot)
         self._before_change()
+        self._fds.forget(slot.ref)
         with self._lock:
             header = self._headers.pop((pages, row), None)
         try:
@@ -857,6 +877,7 @@ class DiskTier:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        self._fds.clear()
         os.sync()  # a clean close is durable across power loss, not only process death
         if self._index_live or not self._complete:
             return  # nothing changed since the index was loaded / never recovered: no full picture to write

@@ -64,10 +64,10 @@ def check_header(header: EntryHeader) -> None:
         )
 
 
-def encode_header(header: EntryHeader) -> bytes:
-    """The :data:`HEADER_BYTES` header page for ``header``.  ``ValueError`` for a header the format cannot
-    hold (a key over ``MAX_KEY_BYTES``, more than ``MAX_DIMS`` dims, a dtype name over 255 bytes); the
-    facade refuses such values at ``put`` already."""
+def header_prefix(header: EntryHeader) -> bytes:
+    """The header record without its zero padding.  ``ValueError`` for a header the format cannot hold
+    (a key over ``MAX_KEY_BYTES``, more than ``MAX_DIMS`` dims, a dtype name over 255 bytes); the facade
+    refuses such values at ``put`` already."""
     key, dtype = header.key, header.dtype.encode("ascii")
     if len(key) > MAX_KEY_BYTES:
         raise ValueError(f"key of {len(key)} encoded bytes exceeds the format's {MAX_KEY_BYTES}")
@@ -75,10 +75,15 @@ def encode_header(header: EntryHeader) -> bytes:
         raise ValueError(f"{len(header.shape)} dimensions exceed the format's {MAX_DIMS}")
     if len(dtype) > MAX_DTYPE_NAME:
         raise ValueError(f"dtype name {header.dtype!r} is longer than {MAX_DTYPE_NAME} bytes")
-    raw = b"".join((
+    return b"".join((
         _FIXED.pack(MAGIC, FORMAT_VERSION, header.seq, header.nbytes, len(key), len(header.shape), len(dtype)),
         key, dtype, struct.pack(f"<{len(header.shape)}Q", *header.shape),
     ))
+
+
+def encode_header(header: EntryHeader) -> bytes:
+    """The :data:`HEADER_BYTES` header page for ``header`` (see :func:`header_prefix`)."""
+    raw = header_prefix(header)
     return raw + bytes(HEADER_BYTES - len(raw))
 
 

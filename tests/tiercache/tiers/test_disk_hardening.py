@@ -420,3 +420,42 @@ def test_direct_io_on_tmpfs_is_used_or_refused_with_a_warning(tmp_path):
             assert cache.tiers[0].describe()["direct_io"] is supported
             cache.put("a", value(1))
             assert same_tensor(cache.get("a"), value(1))
+
+
+# -- the descriptor cache -------------------------------------------------------------------------------
+def test_fd_cache_never_closes_a_descriptor_in_use(tmp_path):
+    from tiercache.tiers.disk_fds import FdCache
+
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"f{i}")
+        files[-1].write_bytes(bytes([i]) * 8)
+    cache = FdCache(os.O_RDONLY, limit=1)
+    held = cache.acquire("a", str(files[0]))
+    other = cache.acquire("b", str(files[1]))  # evicts "a" from the cache, but it is in use
+    assert os.pread(held.fd, 8, 0) == bytes([0]) * 8
+    cache.release(held)
+    with pytest.raises(OSError):
+        os.fstat(held.fd)  # closed once released
+    cache.forget("b")
+    assert os.pread(other.fd, 1, 0) == b"\x01"  # still open for its reader
+    cache.release(other)
+    again = cache.acquire("b", str(files[2]))  # forgotten: opened afresh
+    assert os.pread(again.fd, 1, 0) == b"\x02"
+    cache.release(again)
+    cache.clear()
+
+
+def test_rewriting_a_slot_is_never_read_through_a_stale_descriptor(tmp_path):
+    tier = DiskTier(tmp_path / "d", 1 << 20)
+    slot = tier.allocate(100)
+    first, second = header_for("a", 100, seq=1), header_for("a", 100, seq=2)
+    tier.write(slot, value(1, 100), first)
+    assert torch.equal(tier.read(slot, first), value(1, 100))  # caches the descriptor
+    tier.write(slot, value(2, 100), second)  # rename over the file
+    assert torch.equal(tier.read(slot, second), value(2, 100))
+    with pytest.raises(CorruptEntryError):
+        tier.read(slot, first)
+    tier.discard(slot)
+    with pytest.raises(CorruptEntryError, match="missing"):
+        tier.read(slot, second)
