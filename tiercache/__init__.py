@@ -15,6 +15,7 @@ from .errors import (
     CacheLockedError,
     CorruptEntryError,
     FingerprintMismatchError,
+    OverBudgetError,
     TierCacheError,
     TierIOError,
 )
@@ -26,6 +27,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArenaTier", "Cache", "CacheClosedError", "CacheConfig", "CacheLockedError", "CorruptEntryError", "DiskTier",
-    "EntryInfo", "FingerprintMismatchError", "LFUPolicy", "LRUPolicy", "Policy", "ScorePolicy", "Slot", "Tier",
+    "EntryInfo", "FingerprintMismatchError", "LFUPolicy", "LRUPolicy", "OverBudgetError", "Policy", "ScorePolicy", "Slot", "Tier",
     "TierCacheError", "TierIOError", "format_size", "make_policy", "parse_size",
 ]

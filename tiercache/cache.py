@@ -36,7 +36,7 @@ from .policies import make_policy
 from .sizes import format_size, parse_size
 from .stats import CacheCounters, TierCounters
 from .tiers.base import Tier
-from .tiers.disk import DiskTier
+from .tiers.disk import DiskTier, check_capacity as check_disk_capacity
 from .tiers.memory import gpu_tier, host_tier
 
 _CPU = torch.device("cpu")
@@ -109,21 +109,34 @@ class Cache(DataPaths, Persistence):
             tiers.append(host_tier(host))
         if disk:
             assert cfg.path is not None
+            check_disk_capacity(disk)  # before anything is created at the path
             self._acquire_path_lock(Path(cfg.path))
             try:
-                tiers.append(DiskTier(cfg.path, disk, compression=cfg.compression, fingerprint=cfg.fingerprint))
+                tiers.append(DiskTier(
+                    cfg.path, disk, compression=cfg.compression, fingerprint=cfg.fingerprint,
+                    direct_io=getattr(cfg, "direct_io", False), io_threads=cfg.io_threads,
+                ))
             except BaseException:
-                self._release_path_lock()
+                self._release_path_lock(refused=True)
                 raise
         elif cfg.compression is not None:
             raise ValueError("compression applies to the disk tier, which is disabled")
         return tiers
 
     def _acquire_path_lock(self, path: Path) -> None:
-        from .tiers.disk import _ensure_writable_dir
+        """Lock ``path`` for this Cache.  The folder is checked first (``prepare_store_dir``: a file, a
+        non-empty non-store folder or a foreign zarr group is refused before anything is created), and a
+        refused open removes the ``.lock`` file and folder it created (``_release_path_lock(refused=True)``)."""
+        from .tiers.disk import prepare_store_dir
 
-        _ensure_writable_dir(path)
-        fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        _, created_dir = prepare_store_dir(path)
+        lock_path = path / ".lock"
+        created_lock = False
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            created_lock = True
+        except FileExistsError:
+            fd = os.open(lock_path, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -132,9 +145,21 @@ class Cache(DataPaths, Persistence):
                 raise CacheLockedError(f"{path} is in use by another open tiercache.Cache") from None
             raise
         self._lock_file = fd
+        self._lock_created = (lock_path, path if created_dir else None) if created_lock else None
 
-    def _release_path_lock(self) -> None:
+    def _release_path_lock(self, refused: bool = False) -> None:
+        """Drop the path lock.  ``refused``: the open failed, so remove the ``.lock`` file (and the folder)
+        this open created, leaving no trace in the user's folder."""
         if self._lock_file is not None:
+            created = getattr(self, "_lock_created", None)
+            if refused and created is not None:
+                lock_path, created_dir = created
+                try:
+                    os.unlink(lock_path)  # while still held: nobody can have locked it meanwhile
+                    if created_dir is not None:
+                        created_dir.rmdir()
+                except OSError:
+                    pass
             os.close(self._lock_file)  # closing drops the flock
             self._lock_file = None
 

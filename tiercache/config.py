@@ -19,7 +19,9 @@ class CacheConfig:
     the disk tier.  ``fingerprint`` is recorded in a new store and must match when reopening one.
     ``on_evict(key, reason)`` is called (outside the cache lock) whenever an entry is dropped rather than
     demoted: ``reason`` is ``"capacity"``, ``"corrupt"`` or ``"close"``.  ``io_threads`` sizes the pool
-    that runs ``prefetch``.
+    that runs ``prefetch`` (and the disk tier's batched reads).  ``direct_io`` makes the disk tier read and
+    write with ``O_DIRECT``, past the OS page cache (falls back to buffered I/O with a ``RuntimeWarning``
+    where the filesystem refuses it, e.g. tmpfs; ``stats()["tiers"]["disk"]["direct_io"]`` says which).
     """
 
     gpu: int | str | None = None
@@ -32,3 +34,4 @@ class CacheConfig:
     on_evict: Callable[[Hashable, str], None] | None = None
     io_threads: int = 4
     gpu_device: str = "cuda"
+    direct_io: bool = False

@@ -35,3 +35,14 @@ class TierIOError(TierCacheError, OSError):
 
     def __str__(self) -> str:  # OSError's (errno, msg) formatting hides our message otherwise
         return self.message
+
+
+class OverBudgetError(TierCacheError, ValueError):
+    """A persistent tier was reopened with a budget smaller than the bytes it already holds.  Nothing was
+    changed or deleted: reopen with a budget of at least ``stored`` bytes (then delete entries to shrink
+    it).  A budget never costs stored data."""
+
+    def __init__(self, message: str, stored: int, budget: int) -> None:
+        super().__init__(message)
+        self.stored, self.budget = stored, budget
+

@@ -7,7 +7,7 @@ from __future__ import annotations
 import gc
 from typing import Hashable
 
-from .errors import CorruptEntryError, TierIOError
+from .errors import CorruptEntryError, OverBudgetError, TierIOError
 from .index import Entry
 from .keys import decode_key
 from .moves import Moves
@@ -72,16 +72,13 @@ class Persistence(Moves):
             self._queues[tier_index].load([(rank(entry.info), entry) for entry in loaded.values()])
             corrupt = getattr(tier, "corrupt_on_open", 0)
             self._counters.corruptions += corrupt
-            # A store reopened with a smaller budget sheds its lowest-ranked entries.  Their slots are only
-            # freed by _flush_finish_later below, so count what is already shed instead of re-reading used.
-            excess = tier.used - tier.capacity
-            while excess > 0:
-                victims = self._queues[tier_index].pop_victims(self._index, excess)
-                if not victims:
-                    break
-                for victim in victims:
-                    excess -= victim.slot.charged
-                    self._finish_later(self._drop_entry(victim, "capacity"))
+            if tier.used > tier.capacity:  # never shed stored data because of a budget (DiskTier refuses first)
+                raise OverBudgetError(
+                    f"the {tier.name} tier holds {tier.used} bytes of entries, more than its budget of "
+                    f"{tier.capacity} bytes; reopen with a budget of at least {tier.used} bytes (then delete "
+                    "entries to shrink it): a smaller budget never deletes data",
+                    tier.used, tier.capacity,
+                )
         self._flush_finish_later()
 
 

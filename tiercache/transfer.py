@@ -214,20 +214,21 @@ def chunk_file_bytes(slot: Slot) -> int:
 
 
 def read_chunk_into(tier: Any, slot: Slot, header: EntryHeader, staging: torch.Tensor) -> torch.Tensor:
-    """Read the DiskTier chunk of ``slot`` into ``staging`` and return its verified payload (a view of
+    """Read the verified payload of the DiskTier chunk of ``slot`` into ``staging`` and return it (a view of
     ``staging``, ``slot.nbytes`` bytes).
 
     ``staging``: 1-D contiguous uint8 CPU tensor (pinned, so that a gather kernel can read the payload by
-    address) of at least :func:`chunk_file_bytes` bytes; the caller owns it.  The whole chunk's crc32c
-    and its header (key, sequence number, size) are checked before anything is returned (by
-    ``DiskTier.read``): raises ``CorruptEntryError`` otherwise, never returning unverified bytes, and
-    ``ValueError`` for an unsuitable ``staging``.  Runs on the calling thread (plain POSIX reads); safe to
-    call concurrently for distinct slots and buffers."""
+    address) of at least ``slot.nbytes`` bytes; the caller owns it (buffers sized by
+    :func:`chunk_file_bytes` also fit).  The payload is read straight into it with one positional vectored
+    read; the whole chunk's crc32c and its header (key, sequence number, dtype, shape, size) are checked
+    before anything is returned (by ``DiskTier.read``): raises ``CorruptEntryError`` otherwise, never
+    returning unverified bytes, and ``ValueError`` for an unsuitable ``staging``.  Runs on the calling
+    thread; safe to call concurrently for distinct slots and buffers.  For many chunks at once prefer
+    ``DiskTier.read_into``, which spreads the reads over the tier's I/O threads."""
     if staging.device.type != "cpu" or staging.dtype != torch.uint8 or staging.dim() != 1 or not staging.is_contiguous():
         raise ValueError("staging must be a 1-D contiguous uint8 CPU tensor")
-    need = slot.nbytes if getattr(tier, "compression", None) is not None else chunk_file_bytes(slot)
-    if staging.numel() < need:
-        raise ValueError(f"staging holds {staging.numel()} bytes, the chunk needs {need}")
+    if staging.numel() < slot.nbytes:
+        raise ValueError(f"staging holds {staging.numel()} bytes, the payload needs {slot.nbytes}")
     return tier.read(slot, header, into=staging)
 
 

@@ -396,18 +396,39 @@ def test_deleted_entries_do_not_come_back(store):
         assert sorted(cache.keys()) == [0, 1, 3, 4]
 
 
-def test_reopen_with_a_smaller_disk_sheds_entries_and_reports_them(store):
+def test_reopen_with_a_smaller_budget_is_refused_and_loses_nothing(store):
     with Cache(host=None, disk="1MiB", path=store) as cache:
         for i in range(10):
             cache.put(i, block(i, 4096))
         charge = cache.tiers[0].charge(4096)
     dropped = Evictions()
-    with Cache(host=None, disk=4 * charge, path=store, on_evict=dropped) as cache:
-        assert len(cache) == 4 and cache.tiers[0].used <= cache.tiers[0].capacity
-        assert sorted(k for k, _ in dropped) == sorted(set(range(10)) - set(cache.keys()))
-        assert {r for _, r in dropped} == {"capacity"}
+    with pytest.raises(tiercache.OverBudgetError, match="never deletes data"):
+        Cache(host=None, disk=4 * charge, path=store, on_evict=dropped)
+    assert dropped == []
+    with Cache(host=None, disk="1MiB", path=store) as cache:  # the refused open released the path lock
+        assert sorted(cache.keys()) == list(range(10))
         for key in cache.keys():
             assert same_tensor(cache.get(key), block(key, 4096))
+
+
+def test_the_facade_refuses_a_persistent_tier_recovered_over_its_budget(store):
+    from tiercache.tiers.disk import DiskTier
+
+    with Cache(host=None, disk="1MiB", path=store) as cache:
+        for i in range(4):
+            cache.put(i, block(i, 4096))
+    tier = DiskTier(store, 1 << 20)
+    real_recover = tier.recover
+
+    def recover_then_shrink():
+        yield from real_recover()
+        tier.capacity = 8192 + 4  # smaller than the four entries it just yielded
+    tier.recover = recover_then_shrink
+    with pytest.raises(tiercache.OverBudgetError, match="disk tier holds"):
+        Cache(tiers=[tier])
+    tier.close()
+    with Cache(host=None, disk="1MiB", path=store) as cache:
+        assert sorted(cache.keys()) == [0, 1, 2, 3]
 
 
 def test_close_reports_entries_that_do_not_fit_the_disk(store):

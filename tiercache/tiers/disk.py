@@ -6,45 +6,83 @@ Layout under ``path``::
     slots/<P>/zarr.json            uint8 array of shape (2**31, P * 4096), chunks (1, P * 4096): size class P
     slots/<P>/c.<i>.0              chunk i of class P = one entry (written only by this tier); the "."
                                    chunk-key separator keeps a class's chunks in one directory
+    index.tc, tombstones.tc        the persisted index and the delete journal (``disk_journal``)
+    .lock                          the facade's path lock
 
 Each chunk is ``[4 KiB header | payload | zero padding]`` encoded with the array's codecs: ``bytes``,
-optionally a compressor (``zstd`` via numcodecs), then ``crc32c``.  The header holds a magic, the format
-version, the entry's canonical key, dtype, shape, byte count and write sequence number, so the chunk files
-*are* the index: reopening scans them, and the newest valid copy of each key wins.  The payload starts at
-a 4 KiB offset so direct/GPUDirect reads stay aligned.  Chunks are written to a temporary name and renamed,
-so a crash leaves either the complete chunk or nothing; any damage is caught by the crc32c checksum.
+optionally a compressor (``zstd`` via numcodecs), then ``crc32c``.  The header (``disk_format``) holds the
+entry's canonical key, dtype, shape, byte count and write sequence number, so the chunk files *are* the
+index: a reopen without a valid ``index.tc`` scans them, and the newest valid copy of each key wins.  The
+payload starts at a 4 KiB offset so direct/GPUDirect reads stay aligned.  Chunks are written to a temporary
+name and renamed, so a crash leaves either the complete chunk or nothing; any damage is caught by the
+crc32c checksum, and a header that contradicts itself counts as damage.
 
-The hot path encodes chunks itself (same bytes zarr would write: ``tests`` read them back through
-``zarr.open_array``) to avoid zarr's per-call overhead; zarr creates the metadata.
+The store is created by one atomic rename of a complete root ``zarr.json``; a folder left by a creation
+that was killed before it (our ``.lock`` plus temporary files, or zarr's ``*.partial`` files, or a root
+group without our attributes, and no ``slots/``) holds no entries and is finished on the next open.
+
+The hot path encodes chunks itself (the same bytes zarr would write: tests read them back through
+``zarr.open_array``) and writes the zarr metadata documents itself.
 """
 
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging
+import mmap
 import os
-import struct
 import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
-from ..errors import CorruptEntryError, FingerprintMismatchError, TierIOError
+from ..errors import CorruptEntryError, FingerprintMismatchError, OverBudgetError, TierCacheError, TierIOError
+from . import disk_journal as journal
 from .base import EntryHeader, RecoveredEntry, Slot
+from .disk_fds import FdCache
+from .disk_format import (
+    CRC_BYTES,
+    FORMAT_VERSION,
+    HEADER_BYTES,
+    PAGE,
+    SLOT_ROWS,
+    array_metadata,
+    array_metadata_ok,
+    chunk_name,
+    class_pages,
+    decode_header,
+    encode_header,
+    group_metadata,
+    header_prefix,
+    parse_chunk_name,
+)
+
+__all__ = [
+    "DiskTier", "DiskOverBudgetError", "FORMAT_VERSION", "PAGE", "HEADER_BYTES", "CRC_BYTES", "SLOT_ROWS",
+    "class_pages", "decode_header", "encode_header", "prepare_store_dir",
+]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-PAGE = 4096
-HEADER_BYTES = PAGE
-CRC_BYTES = 4
-READ_PIECE = 1 << 20  # bytes per read call when loading a chunk (checksummed piece by piece)
-MAGIC = b"TIERCACH"
-_FIXED = struct.Struct("<8sIIQQ")  # magic, version, meta length, seq, nbytes
-SLOT_ROWS = 2**31
 COMPRESSIONS = (None, "zstd")
+MIN_CAPACITY = PAGE + CRC_BYTES  # the smallest entry: an empty value's header page and checksum
+
+
+class DiskOverBudgetError(OverBudgetError):
+    """A store was reopened with a disk budget smaller than the bytes it holds.  Nothing was changed or
+    deleted: reopen with ``disk`` of at least ``stored`` bytes (then delete entries to shrink it)."""
+
+    def __init__(self, path: object, stored: int, budget: int) -> None:
+        super().__init__(
+            f"{path} holds {stored} bytes of entries, more than the disk budget of {budget} bytes asked for; "
+            f"reopen with disk >= {stored} (and delete entries to shrink it): a smaller budget never deletes data",
+            stored, budget,
+        )
 
 
 def _crc32c():
@@ -53,41 +91,125 @@ def _crc32c():
     return crc32c.crc32c
 
 
-def encode_header(header: EntryHeader) -> bytes:
-    meta = json.dumps(
-        {"key": header.key.hex(), "dtype": header.dtype, "shape": list(header.shape)}, separators=(",", ":")
-    ).encode()
-    raw = _FIXED.pack(MAGIC, FORMAT_VERSION, len(meta), header.seq, header.nbytes) + meta
-    if len(raw) > HEADER_BYTES:
-        raise ValueError(f"entry header of {len(raw)} bytes exceeds {HEADER_BYTES} (key or shape too long)")
-    return raw + bytes(HEADER_BYTES - len(raw))
+def check_capacity(capacity: object) -> int:
+    """``capacity`` as bytes, or ``ValueError`` when it cannot hold even one (empty) entry."""
+    if isinstance(capacity, bool) or not isinstance(capacity, int):
+        raise TypeError(f"disk capacity must be an int number of bytes, got {type(capacity).__name__}")
+    if capacity < MIN_CAPACITY:
+        raise ValueError(
+            f"disk capacity of {capacity} bytes holds no entry: the smallest is {MIN_CAPACITY} bytes "
+            f"(a {PAGE}-byte header page and a {CRC_BYTES}-byte checksum; a non-empty value needs "
+            f"{2 * PAGE + CRC_BYTES})"
+        )
+    return capacity
 
 
-def decode_header(raw: bytes | memoryview) -> EntryHeader:
+# -- the store directory ----------------------------------------------------------------------------------
+def _read_root_attrs(root: Path) -> dict | None:
+    """The tiercache attributes of ``root/zarr.json``; ``None`` when it is a zarr node without them."""
     try:
-        magic, version, meta_len, seq, nbytes = _FIXED.unpack_from(raw, 0)
-        if magic != MAGIC:
-            raise CorruptEntryError("bad magic")
-        if version != FORMAT_VERSION:
-            raise CorruptEntryError(f"unsupported entry format version {version}")
-        meta = json.loads(bytes(raw[_FIXED.size : _FIXED.size + meta_len]))
-        return EntryHeader(bytes.fromhex(meta["key"]), meta["dtype"], tuple(meta["shape"]), nbytes, seq)
-    except (struct.error, ValueError, KeyError, TypeError) as exc:
-        raise CorruptEntryError(f"unreadable entry header: {exc}") from None
+        doc = json.loads((root / "zarr.json").read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{root}/zarr.json is unreadable ({exc}): not a tiercache store") from None
+    attrs = doc.get("attributes", {}).get("tiercache") if isinstance(doc, dict) else None
+    return attrs if isinstance(attrs, dict) else None
 
 
-def class_pages(nbytes: int) -> int:
-    """Pages (4 KiB) of the size class that holds a payload of ``nbytes`` plus its header."""
-    return 1 + -(-nbytes // PAGE)
+def _is_creation_leftover(name: str) -> bool:
+    return name.endswith(".partial") or (name.startswith("zarr.json.") and name.endswith(".tmp"))
+
+
+def _may_precede_creation(name: str) -> bool:
+    """Names a folder may hold before the store's ``zarr.json`` exists: dot files (``.lock``), the
+    owner records directory (contract C7) and creation leftovers."""
+    return name.startswith(".") or name == "owners" or _is_creation_leftover(name)
+
+
+def prepare_store_dir(path: str | os.PathLike[str]) -> tuple[str, bool]:
+    """Check ``path`` can hold a store *before* anything is created there, then create the directory if
+    needed.  Returns ``(state, created_dir)``: state ``"store"`` (ours), ``"new"`` (empty but for dot
+    files) or ``"half"`` (a creation killed before it finished: our ``.lock`` and leftovers, no entries).
+    Raises ``ValueError`` for a file, an unwritable folder, a non-empty folder or a zarr group that is not a
+    tiercache store, leaving no trace."""
+    root = Path(path)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"disk path {root} exists and is not a directory")
+    created = False
+    if not root.exists():
+        try:
+            root.mkdir(parents=True)
+            created = True
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise ValueError(f"cannot create disk path {root}: {exc.strerror}") from None
+        if not root.is_dir():
+            raise ValueError(f"disk path {root} exists and is not a directory")
+    names = set(os.listdir(root))
+    state = "new"
+    if "zarr.json" in names:
+        attrs = _read_root_attrs(root)
+        if attrs is not None:
+            state = "store"
+        elif ".lock" in names and all(n == "zarr.json" or _may_precede_creation(n) for n in names):
+            state = "half"  # a zarr group whose tiercache attributes were never written (older creation order)
+        else:
+            raise ValueError(f"{root} holds a zarr group that is not a tiercache store")
+    else:
+        visible = [n for n in names if not n.startswith(".")]
+        if visible and ".lock" in names and all(_may_precede_creation(n) for n in visible):
+            state = "half"
+        elif visible:
+            raise ValueError(f"{root} is not empty and is not a tiercache store; use an empty directory")
+    if not os.access(root, os.W_OK | os.X_OK):
+        if created:
+            root.rmdir()
+        raise ValueError(f"disk path {root} is not writable")
+    return state, created
+
+
+def _ensure_writable_dir(path: Path) -> None:
+    """Kept for callers of the old name: :func:`prepare_store_dir` without the result."""
+    prepare_store_dir(path)
+
+
+class _Scratch(threading.local):
+    """Per-thread buffers: a header page and a tail (padding + checksum) for buffered reads, and
+    page-aligned anonymous mmaps for direct I/O (kept up to 1 MiB; larger ones are made per call)."""
+
+    def __init__(self) -> None:
+        self.head = memoryview(bytearray(HEADER_BYTES))
+        self.tail = memoryview(bytearray(PAGE + CRC_BYTES + 1))
+        self.aligned: dict[int, mmap.mmap] = {}
+
+    def get(self, size: int) -> memoryview:
+        size = -(-size // PAGE) * PAGE
+        buf = self.aligned.get(size)
+        if buf is None:
+            buf = mmap.mmap(-1, size)
+            if size <= 1 << 20:
+                if len(self.aligned) > 8:
+                    self.aligned.clear()
+                self.aligned[size] = buf
+        return memoryview(buf)
 
 
 class DiskTier:
     """Persistent tier in a zarr v3 store at ``path`` (see the module docstring for the format).
 
-    ``capacity`` bounds the bytes of chunk files (header, padding and checksum included).  Writes use
-    POSIX I/O; a CUDA build routes GPU buffers through ``tiercache.transfer`` (kvikio) instead.
-    ``fingerprint`` (any string, e.g. a model/layout hash) is recorded on creation and must match on
-    reopen: a cache written for different weights is never served.
+    ``capacity`` bounds the bytes of chunk files (header, padding and checksum included); it must be at
+    least :data:`MIN_CAPACITY` (``ValueError`` otherwise).  A store reopened with a budget smaller than what
+    it holds raises :class:`DiskOverBudgetError` from :meth:`recover` before yielding anything (nothing is
+    deleted).  ``fingerprint`` (any string, e.g. a model/layout hash) is recorded on creation and must
+    match on reopen: a cache written for different weights is never served.
+
+    ``direct_io=True`` reads and writes chunk files with ``O_DIRECT`` through page-aligned buffers, past
+    the OS page cache (so the host budget is the only DRAM cache); where the filesystem refuses it (tmpfs)
+    the tier warns once (``RuntimeWarning``) and uses buffered I/O.  :meth:`describe` says what is in
+    effect.  ``io_threads`` sizes the pool :meth:`read_into` spreads reads over.
+
+    Thread safety: as the :class:`~tiercache.tiers.base.Tier` protocol; ``read``, ``read_into``, ``write``
+    and ``discard`` may run concurrently for distinct slots.
     """
 
     persistent = True
@@ -102,35 +224,70 @@ class DiskTier:
         compression_level: int = 1,
         fingerprint: str | None = None,
         name: str = "disk",
+        direct_io: bool = False,
+        io_threads: int = 4,
     ) -> None:
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
         self.name = name
-        self.capacity = capacity
+        self.capacity = check_capacity(capacity)
         self.root = Path(path)
+        self._root = os.fspath(path)
+        self._slots_dir = os.path.join(self._root, "slots")
+        self._index_path = os.path.join(self._root, journal.INDEX_NAME)
+        self._tomb_path = os.path.join(self._root, journal.TOMBSTONES_NAME)
         self._used = 0
-        self._free_rows: dict[int, list[int]] = {}
-        self._next_row: dict[int, int] = {}
+        self._free_rows: dict[int, list[int]] = {}  # rows freed since open, per size class
+        self._next_row: dict[int, int] = {}  # allocation cursor per size class
+        self._taken: dict[int, set[int]] = {}  # rows recovery found occupied (the cursor skips them)
+        self._headers: dict[tuple[int, int], EntryHeader] = {}  # live chunk files: what the index persists
         self._arrays: set[int] = set()
-        self._arrays_lock = threading.Lock()
-        self._slots_dir = os.path.join(os.fspath(path), "slots")  # writers create size-class arrays on first use
+        self._lock = threading.Lock()
+        self._index_live = os.path.exists(self._index_path)  # remove index.tc before the first change
+        self._complete = False  # _headers holds every live chunk (recovered, or a new store): index may be written
+        self._seq_high = 0
         self.corrupt_on_open = 0
-        _ensure_writable_dir(self.root)
-        self._init_group(compression, compression_level, fingerprint)
+        self.metadata_repaired = 0
+        self.tombstoned = 0
+        # Slots whose chunk could not be removed (a tombstone names them): never reused until a scan has
+        # removed the file and compacted the journal, so a tombstone can only ever match the deleted entry.
+        self._tomb_rows: set[tuple[int, int]] = set()
+        self.index_state = "none"
+        self._io_threads = max(1, int(io_threads))
+        self._pool: ThreadPoolExecutor | None = None
+        self._scratch = _Scratch()
         self._crc = _crc32c()
+        state, created = prepare_store_dir(self.root)
+        try:
+            self._init_group(state, compression, compression_level, fingerprint)
+        except BaseException:
+            if created:
+                _remove_created(self.root)
+            raise
+        self._complete = state != "store"
+        self.direct_io_requested = bool(direct_io)
+        self.direct_io = False
+        self._fds = FdCache(os.O_RDONLY)
+        if self.direct_io_requested and self._codec is not None:
+            warnings.warn("tiercache: direct_io applies to uncompressed disk tiers; using buffered I/O",
+                          RuntimeWarning, stacklevel=2)
+        elif self.direct_io_requested:
+            self.direct_io = self._probe_direct_io()
+            if self.direct_io:
+                self._fds = FdCache(os.O_RDONLY | os.O_DIRECT)
 
     # -- metadata -------------------------------------------------------------------------------------
-    def _init_group(self, compression: str | None, level: int, fingerprint: str | None) -> None:
-        import zarr
-
-        meta_path = self.root / "zarr.json"
-        if meta_path.exists():
-            group = zarr.open_group(str(self.root), mode="r+", zarr_format=3)
-            attrs = dict(group.attrs).get("tiercache")
-            if not isinstance(attrs, dict):
-                raise ValueError(f"{self.root} holds a zarr group that is not a tiercache store")
-            if attrs.get("format_version") != FORMAT_VERSION:
-                raise ValueError(f"{self.root}: unsupported tiercache format version {attrs.get('format_version')}")
+    def _init_group(self, state: str, compression: str | None, level: int, fingerprint: str | None) -> None:
+        if state == "store":
+            attrs = _read_root_attrs(self.root)
+            assert attrs is not None
+            version = attrs.get("format_version")
+            if version != FORMAT_VERSION:
+                raise ValueError(
+                    f"{self.root}: tiercache store format version {version} is not readable by this version "
+                    f"(format {FORMAT_VERSION}; format 1 stores had no users and are not converted): "
+                    "delete the folder or use another path"
+                )
             if fingerprint is not None and attrs.get("fingerprint") != fingerprint:
                 raise FingerprintMismatchError(
                     f"{self.root} was written with fingerprint {attrs.get('fingerprint')!r}, not {fingerprint!r}"
@@ -140,19 +297,21 @@ class DiskTier:
             self.compression_level = int(attrs.get("compression_level", level))
             self.fingerprint = attrs.get("fingerprint")
         else:
-            if any(p for p in self.root.iterdir() if not p.name.startswith(".")):
-                raise ValueError(f"{self.root} is not empty and is not a tiercache store; use an empty directory")
-            # Not mode="w": that empties the directory, deleting the facade's ``.lock`` file while it is held
-            # (a second Cache would then lock a fresh file and both would write the same store).
-            group = zarr.open_group(str(self.root), mode="a", zarr_format=3)
-            group.attrs["tiercache"] = {
+            if state == "half":
+                log.warning("tiercache: %s holds an unfinished store creation (no entries); finishing it", self.root)
+                for name in os.listdir(self.root):
+                    if _is_creation_leftover(name):
+                        os.unlink(os.path.join(self._root, name))
+            attrs = {
                 "format_version": FORMAT_VERSION,
                 "compression": compression,
                 "compression_level": level,
                 "fingerprint": fingerprint,
             }
+            # One atomic rename creates the store complete with its attributes: a crash before it leaves
+            # no store (an empty folder), after it a valid empty store.
+            journal.write_atomic(os.path.join(self._root, "zarr.json"), group_metadata(attrs))
             self.compression, self.compression_level, self.fingerprint = compression, level, fingerprint
-        self._group = group
         self._codec = None
         if self.compression == "zstd":
             import numcodecs
@@ -162,22 +321,14 @@ class DiskTier:
     def _ensure_array(self, pages: int) -> None:
         if pages in self._arrays:
             return
-        with self._arrays_lock:
+        with self._lock:
             if pages not in self._arrays:
-                self._create_array(pages)
-
-    def _create_array(self, pages: int) -> None:
-        if not (self.root / "slots" / str(pages) / "zarr.json").exists():
-            from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
-
-            compressors = [ZstdCodec(level=self.compression_level, checksum=False)] if self._codec else []
-            self._group.create_array(
-                f"slots/{pages}", shape=(SLOT_ROWS, pages * PAGE), chunks=(1, pages * PAGE), dtype="uint8",
-                serializer=BytesCodec(), compressors=[*compressors, Crc32cCodec()], filters=None,
-                fill_value=0, overwrite=False,
-                chunk_key_encoding={"name": "default", "separator": "."},
-            )
-        self._arrays.add(pages)
+                class_dir = os.path.join(self._slots_dir, str(pages))
+                os.makedirs(class_dir, exist_ok=True)
+                meta = os.path.join(class_dir, "zarr.json")
+                if not os.path.exists(meta):
+                    journal.write_atomic(meta, array_metadata(pages, self.compression, self.compression_level))
+                self._arrays.add(pages)
 
     def chunk_path(self, slot: Slot) -> Path:
         return Path(self._chunk_file(slot))
@@ -211,39 +362,128 @@ class DiskTier:
             row = rows.pop()
         else:
             row = self._next_row.get(pages, 0)
+            taken = self._taken.get(pages)
+            while taken and row in taken:  # occupied at recovery: handed out through the free list only
+                row += 1
+            if row >= SLOT_ROWS:
+                return None
             self._next_row[pages] = row + 1
         self._used += charged
         return Slot((pages, row), nbytes, charged)
 
     def free(self, slot: Slot) -> None:
         pages, row = slot.ref  # type: ignore[misc]
-        self._free_rows.setdefault(pages, []).append(row)
+        if (pages, row) not in self._tomb_rows:
+            self._free_rows.setdefault(pages, []).append(row)
         self._used -= slot.charged
+
+    # -- the persisted index ----------------------------------------------------------------------------
+    def _before_change(self) -> None:
+        """Remove ``index.tc`` durably before the first file change after an open that loaded or found it:
+        a crash from here on must fall back to the full scan."""
+        if not self._index_live:
+            return
+        with self._lock:
+            if self._index_live:
+                try:
+                    os.unlink(self._index_path)
+                except FileNotFoundError:
+                    pass
+                journal.fsync_dir(self._root)
+                self._index_live = False
+
+    def _class_stamp(self, pages: int) -> tuple[int, int]:
+        """What changes when a size class's files do: its directory's and its ``zarr.json``'s mtimes."""
+        class_dir = os.path.join(self._slots_dir, str(pages))
+        meta = os.path.join(class_dir, "zarr.json")
+        return os.stat(class_dir).st_mtime_ns, (os.stat(meta).st_mtime_ns if os.path.exists(meta) else 0)
+
+    def _class_mtimes(self) -> dict[int, tuple[int, int]]:
+        out = {}
+        for pages in self._arrays:
+            try:
+                out[pages] = self._class_stamp(pages)
+            except FileNotFoundError:
+                pass
+        return out
+
+    def _load_index(self) -> list[RecoveredEntry] | None:
+        try:
+            with open(self._index_path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            self._index_live = False
+            self.index_state = "scanned (no index)"
+            log.info("tiercache: %s has no index (not closed cleanly, or new): scanning chunk files", self.root)
+            return None
+        try:
+            loaded = journal.decode_index(raw, self._crc)
+            classes = sorted(
+                int(n) for n in os.listdir(self._slots_dir) if n.isdigit()
+            ) if os.path.isdir(self._slots_dir) else []
+            if classes != sorted(loaded.class_mtimes):
+                raise CorruptEntryError("size-class directories changed since the index was written")
+            for pages, mtime in loaded.class_mtimes.items():
+                if self._class_stamp(pages) != mtime:
+                    raise CorruptEntryError(f"slots/{pages} changed since the index was written")
+        except (CorruptEntryError, OSError, ValueError) as exc:
+            _unlink_quiet(self._index_path)
+            self._index_live = False
+            self.index_state = "scanned (stale or damaged index)"
+            log.warning("tiercache: ignoring the index of %s (%s): scanning chunk files", self.root, exc)
+            return None
+        self._seq_high = loaded.seq_high_water
+        self._arrays.update(loaded.class_mtimes)
+        self._index_live = True
+        self.index_state = "loaded"
+        if len(set(loaded.pages)) <= 1:
+            if loaded.pages:
+                self._taken[loaded.pages[0]] = set(loaded.rows)
+        else:
+            for p, r in zip(loaded.pages, loaded.rows):
+                self._taken.setdefault(p, set()).add(r)
+        new_entry, new_slot = journal.fast_constructor(RecoveredEntry), journal.fast_constructor(Slot)
+        entries = [
+            new_entry(h, new_slot((p, r), h.nbytes, p * PAGE + CRC_BYTES))
+            for p, r, h in zip(loaded.pages, loaded.rows, loaded.headers)
+        ]
+        self._headers = {e.slot.ref: e.header for e in entries}  # type: ignore[misc]
+        return entries
 
     # -- I/O ------------------------------------------------------------------------------------------
     def write(self, slot: Slot, data: torch.Tensor, header: EntryHeader) -> None:
-        pages, _ = slot.ref  # type: ignore[misc]
-        payload = memoryview(data.detach().to("cpu").contiguous().numpy()).cast("B")
+        """Store ``data`` (1-D contiguous, any dtype and device, ``slot.nbytes`` bytes: contract C1)."""
+        pages, row = slot.ref  # type: ignore[misc]
+        tensor = data.detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.to("cpu")
+        if not tensor.is_contiguous():
+            tensor = tensor.contiguous()
+        raw = tensor.reshape(-1)
+        if raw.dtype != torch.uint8:
+            raw = raw.view(torch.uint8)
+        payload = memoryview(raw.numpy()).cast("B")
         if payload.nbytes != slot.nbytes:
             raise ValueError(f"payload of {payload.nbytes} bytes written to a slot of {slot.nbytes}")
         head = encode_header(header)
-        pad = bytes(pages * PAGE - HEADER_BYTES - payload.nbytes)
-        if self._codec is None:
-            crc = self._crc(pad, self._crc(payload, self._crc(head)))
-            parts: list[bytes | memoryview] = [head, payload, pad, crc.to_bytes(4, "little")]
-        else:
-            encoded = self._codec.encode(b"".join((head, payload, pad)))
-            parts = [encoded, self._crc(encoded).to_bytes(4, "little")]
+        pad_len = pages * PAGE - HEADER_BYTES - payload.nbytes
         final = self._chunk_file(slot)
         tmp = f"{final}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
+            self._before_change()
             self._ensure_array(pages)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                _write_all(fd, parts)
-            finally:
-                os.close(fd)
+            if self._codec is None:
+                crc = self._crc(bytes(pad_len), self._crc(payload, self._crc(head)))
+                if self.direct_io:
+                    self._write_direct(tmp, head, payload, pad_len, crc)
+                else:
+                    parts: list[bytes | memoryview] = [head, payload, bytes(pad_len), crc.to_bytes(4, "little")]
+                    _write_file(tmp, parts)
+            else:
+                encoded = self._codec.encode(b"".join((head, payload, bytes(pad_len))))
+                _write_file(tmp, [encoded, self._crc(encoded).to_bytes(4, "little")])
             os.replace(tmp, final)
+            self._fds.forget(slot.ref)  # a cached descriptor would still read the replaced file
         except OSError as exc:
             try:
                 os.unlink(tmp)
@@ -251,72 +491,186 @@ class DiskTier:
                 pass
             reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
             raise TierIOError(f"disk tier: writing {final} failed: {reason}", exc.errno) from exc
+        with self._lock:
+            self._headers[(pages, row)] = header
+            self._seq_high = max(self._seq_high, header.seq)
 
-    def _read_verified(self, path: str | Path, pages: int, into: torch.Tensor | None = None) -> torch.Tensor:
-        """The decoded chunk (header + payload + padding) as a uint8 tensor, after checking its size and
-        checksum.  Uncompressed chunks are read into ``into`` when given (a 1-D contiguous uint8 CPU
-        tensor of at least the file's size, e.g. pinned staging memory) and returned as a view of it;
-        otherwise into a fresh tensor."""
+    def _write_direct(self, tmp: str, head: bytes, payload: memoryview, pad_len: int, crc: int) -> None:
+        size = HEADER_BYTES + payload.nbytes + pad_len  # whole pages
+        buf = self._scratch.get(size + PAGE)
+        buf[:HEADER_BYTES] = head
+        buf[HEADER_BYTES : HEADER_BYTES + payload.nbytes] = payload
+        buf[HEADER_BYTES + payload.nbytes : size] = bytes(pad_len)
+        buf[size : size + CRC_BYTES] = crc.to_bytes(4, "little")
+        buf[size + CRC_BYTES : size + PAGE] = bytes(PAGE - CRC_BYTES)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
         try:
-            with open(path, "rb", buffering=0) as f:
-                size = os.fstat(f.fileno()).st_size
-                if size < CRC_BYTES or (self._codec is None and size != pages * PAGE + CRC_BYTES):
-                    raise CorruptEntryError(f"{path} has the wrong size ({size} bytes): truncated or overwritten")
-                if into is not None and self._codec is None:
-                    if into.numel() < size:
-                        raise ValueError(f"the read buffer holds {into.numel()} bytes, {path} needs {size}")
-                    buffer = into[:size]
-                else:
-                    buffer = torch.empty(size, dtype=torch.uint8)
-                view = memoryview(buffer.numpy())
-                # Checksum each piece as it arrives: the pass runs while the kernel reads ahead, and on
-                # the bytes while they are still in the CPU cache.
-                body_len, crc, got = size - CRC_BYTES, 0, 0
-                while got < size:
-                    left = size - got  # a small remainder rides with the last piece: one call fewer
-                    n = f.readinto(view[got : got + (left if left <= 2 * READ_PIECE else READ_PIECE)])
-                    if not n:
-                        raise CorruptEntryError(f"{path} shrank while being read")
-                    if got < body_len:
-                        crc = self._crc(view[got : min(got + n, body_len)], crc)
-                    got += n
+            view, offset = buf[: size + PAGE], 0
+            while offset < view.nbytes:
+                offset += os.pwrite(fd, view[offset:], offset)
+            os.ftruncate(fd, size + CRC_BYTES)  # the file ends after the checksum, as zarr expects
+        finally:
+            os.close(fd)
+
+    def _probe_direct_io(self) -> bool:
+        probe = os.path.join(self._root, f".direct-io-probe.{os.getpid()}.{threading.get_ident()}")
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+            try:
+                os.pwrite(fd, self._scratch.get(PAGE), 0)
+            finally:
+                os.close(fd)
+            return True
+        except OSError as exc:
+            warnings.warn(
+                f"tiercache: {self.root} does not support O_DIRECT ({exc.strerror}); the disk tier uses "
+                "buffered I/O (the OS page cache acts as an extra, unbudgeted cache tier)",
+                RuntimeWarning, stacklevel=3,
+            )
+            return False
+        finally:
+            try:
+                os.unlink(probe)
+            except OSError:
+                pass
+
+    def _read_chunk(
+        self, path: str, pages: int, payload: memoryview | None, nbytes: int, ref: tuple[int, int] | None = None
+    ) -> tuple[bytes | memoryview, memoryview | None]:
+        """Read and checksum an uncompressed chunk.  The payload goes into ``payload`` (``nbytes`` bytes)
+        when given; returns ``(header page, payload view)``.  One positional vectored read, through the
+        descriptor cache when ``ref`` (the slot's) is given."""
+        size = pages * PAGE + CRC_BYTES
+        try:
+            if ref is not None:
+                handle = self._fds.acquire(ref, path)
+                fd = handle.fd
+            else:
+                handle, fd = None, os.open(path, self._fds.flags)
         except FileNotFoundError:
             raise CorruptEntryError(f"{path} is missing") from None
-        body = view[:-CRC_BYTES]
-        if crc != int.from_bytes(view[-CRC_BYTES:], "little"):
-            raise CorruptEntryError(f"{path} failed its crc32c checksum")
-        if self._codec is None:
-            return buffer[:-CRC_BYTES]
         try:
-            decoded = self._codec.decode(body)
+            if self.direct_io:
+                buf = self._scratch.get(size + PAGE)  # room to see a file longer than expected
+                got = os.preadv(fd, [buf], 0)
+                if got != size:
+                    raise CorruptEntryError(f"{path} has the wrong size ({got} bytes read): truncated or overwritten")
+                crc = self._crc(buf[: size - CRC_BYTES])
+                head, tail_crc = buf[:HEADER_BYTES], buf[size - CRC_BYTES : size]
+                body = buf[HEADER_BYTES : HEADER_BYTES + nbytes]
+                if payload is not None:
+                    payload[:] = body
+                    body = payload
+            else:
+                head = self._scratch.head
+                if payload is None:
+                    payload = memoryview(bytearray(nbytes))
+                tail = self._scratch.tail[: size - HEADER_BYTES - nbytes + 1]
+                got = os.preadv(fd, [head, payload, tail], 0)
+                if got != size:  # the extra tail byte catches a file longer than its class
+                    raise CorruptEntryError(f"{path} has the wrong size ({got} bytes read): truncated or overwritten")
+                crc = self._crc(tail[: -1 - CRC_BYTES], self._crc(payload, self._crc(head)))
+                tail_crc = tail[-1 - CRC_BYTES : -1]
+                body = payload
+        finally:
+            if handle is not None:
+                self._fds.release(handle)
+            else:
+                os.close(fd)
+        if crc != int.from_bytes(tail_crc, "little"):
+            raise CorruptEntryError(f"{path} failed its crc32c checksum")
+        return head, body
+
+    def _read_compressed(self, path: str, pages: int) -> memoryview:
+        """The decoded chunk (header + payload + padding) of a compressed store, checksum verified."""
+        try:
+            with open(path, "rb", buffering=0) as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raise CorruptEntryError(f"{path} is missing") from None
+        if len(raw) < CRC_BYTES or self._crc(memoryview(raw)[:-CRC_BYTES]) != int.from_bytes(raw[-CRC_BYTES:], "little"):
+            raise CorruptEntryError(f"{path} failed its crc32c checksum")
+        try:
+            decoded = self._codec.decode(memoryview(raw)[:-CRC_BYTES])  # type: ignore[union-attr]
         except Exception as exc:  # a checksum collision on garbage: still never return it
             raise CorruptEntryError(f"{path} does not decompress: {exc}") from None
-        out = torch.frombuffer(bytearray(decoded), dtype=torch.uint8)
-        if out.numel() != pages * PAGE:
-            raise CorruptEntryError(f"{path} decodes to {out.numel()} bytes, expected {pages * PAGE}")
-        return out
+        view = memoryview(decoded).cast("B")
+        if view.nbytes != pages * PAGE:
+            raise CorruptEntryError(f"{path} decodes to {view.nbytes} bytes, expected {pages * PAGE}")
+        return view
 
-    def read(self, slot: Slot, header: EntryHeader, into: torch.Tensor | None = None) -> torch.Tensor:
-        """The verified payload.  With ``into`` (1-D contiguous uint8 CPU, at least
-        :meth:`chunk_bytes` long) the result is a view of ``into``: an uncompressed chunk is read straight
-        into it, a compressed one is decoded and copied there."""
+    def _check_stored(self, path: str, head: bytes | memoryview, header: EntryHeader, nbytes: int) -> None:
+        """The stored header must be ``header``: its encoding is compared byte for byte (what follows it in
+        the page is padding), so no decoding is needed on the hot path."""
+        expected = header_prefix(header)
+        if header.nbytes != nbytes or head[: len(expected)] != expected:
+            decode_header(head)  # a damaged header says so in the error
+            raise CorruptEntryError(f"{path} holds another entry than the index expects")
+
+    def _read_payload_into(self, slot: Slot, header: EntryHeader, out: memoryview) -> None:
         pages, _ = slot.ref  # type: ignore[misc]
         path = self._chunk_file(slot)
-        if into is not None and (
-            into.device.type != "cpu" or into.dtype != torch.uint8 or into.dim() != 1 or not into.is_contiguous()
-        ):
-            raise ValueError("the read buffer must be a 1-D contiguous uint8 CPU tensor")
-        body = self._read_verified(path, pages, into)
-        stored = decode_header(memoryview(body[:HEADER_BYTES].numpy()))
-        if stored.key != header.key or stored.seq != header.seq or stored.nbytes != slot.nbytes:
-            raise CorruptEntryError(f"{path} holds another entry than the index expects")
-        payload = body[HEADER_BYTES : HEADER_BYTES + slot.nbytes]
-        if into is None or self._codec is None:
-            return payload
-        if into.numel() < slot.nbytes:
-            raise ValueError(f"the read buffer holds {into.numel()} bytes, the payload needs {slot.nbytes}")
-        into[: slot.nbytes].copy_(payload)
-        return into[: slot.nbytes]
+        if self._codec is None:
+            head, _ = self._read_chunk(path, pages, out, slot.nbytes, slot.ref)  # type: ignore[arg-type]
+        else:
+            body = self._read_compressed(path, pages)
+            head = body[:HEADER_BYTES]
+            out[:] = body[HEADER_BYTES : HEADER_BYTES + slot.nbytes]
+        self._check_stored(path, head, header, slot.nbytes)
+
+    def read(self, slot: Slot, header: EntryHeader, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The verified payload (checksum, and the stored header must equal ``header``).  With ``into``
+        (1-D contiguous uint8 CPU, at least ``slot.nbytes`` long) the payload is read into it and a view
+        of it returned; otherwise into a fresh tensor."""
+        if into is not None:
+            if into.device.type != "cpu" or into.dtype != torch.uint8 or into.dim() != 1 or not into.is_contiguous():
+                raise ValueError("the read buffer must be a 1-D contiguous uint8 CPU tensor")
+            if into.numel() < slot.nbytes:
+                raise ValueError(f"the read buffer holds {into.numel()} bytes, the payload needs {slot.nbytes}")
+            out = into[: slot.nbytes]
+        else:
+            out = torch.empty(slot.nbytes, dtype=torch.uint8)
+        self._read_payload_into(slot, header, memoryview(out.numpy()))
+        return out
+
+    def read_into(self, items: Sequence[tuple[Slot, EntryHeader, torch.Tensor]]) -> None:
+        """Fill each ``(slot, header, out)``'s ``out`` (1-D contiguous uint8 CPU, exactly ``slot.nbytes``)
+        with the verified payload (contract C2), spreading the reads over ``io_threads`` threads.  On
+        damage raises ``CorruptEntryError`` with ``tiercache_index`` = the first damaged item's position;
+        other I/O failures raise ``OSError``.  Thread-safe for distinct slots."""
+        for i, (slot, _, out) in enumerate(items):
+            if out.device.type != "cpu" or out.dtype != torch.uint8 or out.dim() != 1 or not out.is_contiguous() \
+                    or out.numel() != slot.nbytes:
+                raise ValueError(f"read_into item {i}: out must be 1-D contiguous uint8 CPU of {slot.nbytes} bytes")
+
+        def run(lo: int, hi: int) -> None:
+            for i in range(lo, hi):
+                slot, header, out = items[i]
+                try:
+                    self._read_payload_into(slot, header, memoryview(out.numpy()))
+                except CorruptEntryError as exc:
+                    exc.tiercache_index = i  # type: ignore[attr-defined]
+                    raise
+
+        n = len(items)
+        workers = min(self._io_threads, n)
+        if workers <= 1:
+            run(0, n)
+            return
+        if self._pool is None:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(self._io_threads, thread_name_prefix="tiercache-disk")
+        step = -(-n // workers)
+        futures = [self._pool.submit(run, lo, min(lo + step, n)) for lo in range(0, n, step)]
+        errors = []
+        for future in futures:
+            exc = future.exception()
+            if exc is not None:
+                errors.append(exc)
+        if errors:
+            corrupt = [e for e in errors if isinstance(e, CorruptEntryError)]
+            raise min(corrupt, key=lambda e: e.tiercache_index) if corrupt else errors[0]  # type: ignore[attr-defined]
 
     @staticmethod
     def chunk_bytes(slot: Slot) -> int:
@@ -325,94 +679,232 @@ class DiskTier:
         return int(pages) * PAGE + CRC_BYTES
 
     def discard(self, slot: Slot) -> None:
+        """Delete the slot's chunk file.  If removing it fails, a tombstone is appended (fsynced) to
+        ``tombstones.tc`` so the entry stays deleted after a reopen; only when that fails too does this
+        raise ``TierIOError``."""
+        pages, row = slot.ref  # type: ignore[misc]
         path = self._chunk_file(slot)
+        self._before_change()
+        self._fds.forget(slot.ref)
+        with self._lock:
+            header = self._headers.pop((pages, row), None)
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
         except OSError as exc:
+            if header is not None:
+                try:
+                    journal.append_tombstone(self._tomb_path, pages, row, header.seq, self._crc)
+                    with self._lock:
+                        self._tomb_rows.add((pages, row))
+                    log.warning("tiercache: deleting %s failed (%s); recorded a tombstone instead", path, exc.strerror)
+                    self.tombstoned += 1
+                    return
+                except OSError as exc2:
+                    raise TierIOError(
+                        f"disk tier: deleting {path} failed ({exc.strerror}) and so did recording its tombstone "
+                        f"({exc2.strerror}): the entry may come back after a reopen", exc.errno
+                    ) from exc
             raise TierIOError(f"disk tier: deleting {path} failed: {exc.strerror}", exc.errno) from exc
 
+    # -- recovery -------------------------------------------------------------------------------------
     def recover(self) -> Iterator[RecoveredEntry]:
-        """Scan chunk files; yield the newest valid copy of each key, delete stale and damaged ones.
+        """The entries of the store: from ``index.tc`` when it is valid, else by scanning the chunk files
+        (the newest valid copy of each key wins; stale, damaged and tombstoned files are deleted).  Raises
+        :class:`DiskOverBudgetError` before yielding anything when they exceed the budget."""
+        collecting = gc.isenabled()
+        gc.disable()  # building ~1e5 small objects: generation-2 passes would cost more than the load
+        try:
+            entries = self._load_index()
+            if entries is None:
+                entries = self._scan()
+        finally:
+            if collecting:
+                gc.enable()
+        stored = sum(e.slot.charged for e in entries)
+        if stored > self.capacity:
+            self._taken.clear()
+            self._headers.clear()
+            raise DiskOverBudgetError(self.root, stored, self.capacity)
+        if self.index_state == "loaded":
+            self._tomb_rows = set(journal.read_tombstones(self._tomb_path, self._crc))
+        for pages, row in self._tomb_rows:
+            self._taken.setdefault(pages, set()).add(row)
+        if self.index_state != "loaded":  # the index path filled these in bulk
+            for entry in entries:
+                pages, row = entry.slot.ref  # type: ignore[misc]
+                self._taken.setdefault(pages, set()).add(row)
+                self._headers[(pages, row)] = entry.header
+                self._seq_high = max(self._seq_high, entry.header.seq)
+        self._used = stored
+        self._complete = True
+        yield from entries
 
-        Uncompressed chunks are checked by size and header here and by checksum when read; compressed
-        ones are fully verified here (their header is inside the compressed stream)."""
-        slots_dir = self.root / "slots"
-        if not slots_dir.is_dir():
-            return
+    @property
+    def seq_high_water(self) -> int:
+        """The highest write sequence number this store has seen (persisted in the index at close)."""
+        return self._seq_high
+
+    def _scan(self) -> list[RecoveredEntry]:
         found: list[RecoveredEntry] = []
-        for class_dir in sorted(slots_dir.iterdir()):
-            if not class_dir.name.isdigit() or not (class_dir / "zarr.json").exists():
-                continue
-            pages = int(class_dir.name)
-            self._arrays.add(pages)
-            rows = []
-            for child in class_dir.iterdir():
-                parts = child.name.split(".")
-                if child.name.endswith(".tmp"):
-                    child.unlink(missing_ok=True)  # a write that never reached its rename
-                elif len(parts) == 3 and parts[0] == "c" and parts[1].isdigit() and parts[2] == "0":
-                    rows.append(int(parts[1]))
-            rows.sort()
-            self._next_row[pages] = (rows[-1] + 1) if rows else 0
-            for row in rows:
-                path = class_dir / f"c.{row}.0"
-                if not path.exists():
+        tombs = journal.read_tombstones(self._tomb_path, self._crc)
+        if os.path.isdir(self._slots_dir):
+            for class_name in sorted(os.listdir(self._slots_dir)):
+                class_dir = os.path.join(self._slots_dir, class_name)
+                pages = int(class_name) if class_name.isdigit() and class_name.isascii() else 0
+                if pages < 1 or str(pages) != class_name or not os.path.isdir(class_dir):
+                    log.warning("tiercache: %s is not a size class of this store; ignored", class_dir)
+                    self.corrupt_on_open += 1
                     continue
-                try:
-                    header = self._scan_header(path, pages)
-                except CorruptEntryError as exc:
-                    self._drop_damaged(path, exc)
-                    continue
-                found.append(RecoveredEntry(header, Slot((pages, row), header.nbytes, pages * PAGE + CRC_BYTES)))
+                self._check_class_metadata(class_dir, pages)
+                self._arrays.add(pages)
+                for name in os.listdir(class_dir):
+                    if name == "zarr.json":
+                        continue
+                    path = os.path.join(class_dir, name)
+                    if name.endswith(".tmp") or name.endswith(".partial"):
+                        _unlink_quiet(path)  # a write that never reached its rename
+                        continue
+                    row = parse_chunk_name(name)
+                    if row is None:
+                        self._drop_damaged(path, CorruptEntryError("not a chunk name this store writes"))
+                        continue
+                    try:
+                        header = self._scan_header(path, pages)
+                    except CorruptEntryError as exc:
+                        self._drop_damaged(path, exc)
+                        continue
+                    if tombs.get((pages, row), -1) >= header.seq:
+                        _unlink_quiet(path)  # deleted, though removing the file failed back then
+                        continue
+                    found.append(RecoveredEntry(header, Slot((pages, row), header.nbytes, pages * PAGE + CRC_BYTES)))
         # The newest copy of a key wins, but only once its checksum is verified: a damaged header naming
         # another key must not cost that key its good copy.
         best: dict[bytes, RecoveredEntry] = {}
         verified: set[bytes] = set()  # keys whose winning copy passed a full checksum check
         for entry in sorted(found, key=lambda e: e.header.seq, reverse=True):
-            if entry.header.key not in best:
-                best[entry.header.key] = entry
+            key = entry.header.key
+            if key not in best:
+                best[key] = entry
                 continue
-            winner = best[entry.header.key]
-            if self._codec is None and entry.header.key not in verified:
+            winner = best[key]
+            if self._codec is None and key not in verified:
                 try:
-                    self._read_verified(self.chunk_path(winner.slot), winner.slot.ref[0])  # type: ignore[index]
-                    verified.add(entry.header.key)
+                    pages, _ = winner.slot.ref  # type: ignore[misc]
+                    self._read_chunk(self._chunk_file(winner.slot), pages, None, winner.slot.nbytes)
+                    verified.add(key)
                 except CorruptEntryError as exc:
-                    self._drop_damaged(self.chunk_path(winner.slot), exc)
-                    best[entry.header.key] = entry
+                    self._drop_damaged(self._chunk_file(winner.slot), exc)
+                    best[key] = entry
                     continue
-            self.chunk_path(entry.slot).unlink(missing_ok=True)  # an older, superseded copy
-        occupied: dict[int, set[int]] = {}
-        for entry in best.values():
-            pages, row = entry.slot.ref  # type: ignore[misc]
-            occupied.setdefault(pages, set()).add(row)
-        for pages, next_row in self._next_row.items():
-            rows_used = occupied.get(pages, set())
-            self._free_rows[pages] = [r for r in range(next_row) if r not in rows_used]
-        for entry in best.values():
-            self._used += entry.slot.charged
-            yield entry
+            _unlink_quiet(self._chunk_file(entry.slot))  # an older, superseded copy
+        if tombs:
+            self._rewrite_tombstones(tombs)
+        return list(best.values())
 
-    def _drop_damaged(self, path: Path, exc: Exception) -> None:
+    def _rewrite_tombstones(self, tombs: dict[tuple[int, int], int]) -> None:
+        """Keep only the tombstones whose file still exists (its removal failed again); their slots stay
+        out of use."""
+        left = {ref: seq for ref, seq in tombs.items()
+                if os.path.exists(f"{self._slots_dir}/{ref[0]}/{chunk_name(ref[1])}")}
+        self._tomb_rows = set(left)
+        try:
+            if not left:
+                os.unlink(self._tomb_path)
+            else:
+                tmp = f"{self._tomb_path}.rewrite"
+                _unlink_quiet(tmp)
+                for (pages, row), seq in left.items():
+                    journal.append_tombstone(tmp, pages, row, seq, self._crc)
+                os.replace(tmp, self._tomb_path)
+            journal.fsync_dir(self._root)
+        except OSError as exc:
+            log.warning("tiercache: could not compact %s: %s", self._tomb_path, exc)
+
+    def _check_class_metadata(self, class_dir: str, pages: int) -> None:
+        """A size class whose ``zarr.json`` is missing or unreadable keeps its (self-describing, checksummed)
+        chunks: the metadata is rewritten, logged and counted as a corruption."""
+        meta = os.path.join(class_dir, "zarr.json")
+        try:
+            with open(meta, "rb") as f:
+                ok = array_metadata_ok(f.read(), pages, self.compression)
+            problem = "unreadable or not this store's"
+        except FileNotFoundError:
+            ok, problem = False, "missing"
+        if not ok:
+            log.warning("tiercache: %s was %s; rewrote it (its chunks are kept and verified)", meta, problem)
+            journal.write_atomic(meta, array_metadata(pages, self.compression, self.compression_level))
+            self.metadata_repaired += 1
+            self.corrupt_on_open += 1
+
+    def _drop_damaged(self, path: str, exc: Exception) -> None:
         log.warning("tiercache: dropping damaged chunk %s: %s", path, exc)
         self.corrupt_on_open += 1
-        path.unlink(missing_ok=True)
+        _unlink_quiet(path)
 
-    def _scan_header(self, path: Path, pages: int) -> EntryHeader:
+    def _scan_header(self, path: str, pages: int) -> EntryHeader:
         if self._codec is not None:
-            return decode_header(memoryview(self._read_verified(path, pages)[:HEADER_BYTES].numpy()))
-        if path.stat().st_size != pages * PAGE + CRC_BYTES:
-            raise CorruptEntryError("wrong size: truncated or overwritten")
-        with open(path, "rb") as f:
-            header = decode_header(f.read(HEADER_BYTES))
+            header = decode_header(self._read_compressed(path, pages)[:HEADER_BYTES])
+        else:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise CorruptEntryError("missing") from None
+            try:
+                if os.fstat(fd).st_size != pages * PAGE + CRC_BYTES:
+                    raise CorruptEntryError("wrong size: truncated or overwritten")
+                header = decode_header(os.pread(fd, HEADER_BYTES, 0))
+            finally:
+                os.close(fd)
         if class_pages(header.nbytes) != pages:
             raise CorruptEntryError("header size does not match its size class")
         return header
 
+    # -- lifecycle ------------------------------------------------------------------------------------
+    def describe(self) -> dict[str, object]:
+        """Tier-specific facts for ``Cache.stats()`` (contract C4)."""
+        return {
+            "direct_io": self.direct_io,
+            "direct_io_requested": self.direct_io_requested,
+            "index": self.index_state,
+            "metadata_repaired": self.metadata_repaired,
+            "tombstones": self.tombstoned,
+        }
+
     def close(self) -> None:
+        """Make everything durable (``os.sync``) and write ``index.tc`` for a fast reopen."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._fds.clear()
         os.sync()  # a clean close is durable across power loss, not only process death
+        if self._index_live or not self._complete:
+            return  # nothing changed since the index was loaded / never recovered: no full picture to write
+        try:
+            with self._lock:
+                newest: dict[bytes, tuple[int, int, EntryHeader]] = {}
+                for (p, r), h in self._headers.items():
+                    other = newest.get(h.key)
+                    if other is None or other[2].seq < h.seq:
+                        newest[h.key] = (p, r, h)
+                        if other is not None:
+                            _unlink_quiet(f"{self._slots_dir}/{other[0]}/{chunk_name(other[1])}")  # superseded
+                    else:
+                        _unlink_quiet(f"{self._slots_dir}/{p}/{chunk_name(r)}")
+                records = list(newest.values())
+            data = journal.encode_index(records, self._class_mtimes(), self._seq_high, self._crc)
+            journal.write_atomic(self._index_path, data)
+        except OSError as exc:
+            log.warning("tiercache: could not write the index of %s (%s); the next open scans", self.root, exc)
+
+
+def _write_file(path: str, parts: list[bytes | memoryview]) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        _write_all(fd, parts)
+    finally:
+        os.close(fd)
 
 
 def _write_all(fd: int, parts: list[bytes | memoryview]) -> None:
@@ -428,18 +920,18 @@ def _write_all(fd: int, parts: list[bytes | memoryview]) -> None:
                 written = 0
 
 
-def _ensure_writable_dir(path: Path) -> None:
+def _unlink_quiet(path: str) -> None:
     try:
-        path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise ValueError(f"disk path {path} exists and is not a directory") from None
-    except OSError as exc:
-        raise ValueError(f"cannot create disk path {path}: {exc.strerror}") from None
-    if not path.is_dir():
-        raise ValueError(f"disk path {path} is not a directory")
-    probe = path / f".tiercache-write-probe.{os.getpid()}"
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _remove_created(root: Path) -> None:
+    """Undo a refused creation: remove what this open created in a directory it created."""
+    for name in ("zarr.json",):
+        _unlink_quiet(os.path.join(root, name))
     try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ValueError(f"disk path {path} is not writable: {exc.strerror}") from None
+        root.rmdir()
+    except OSError:
+        pass

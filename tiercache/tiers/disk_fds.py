@@ -1,0 +1,82 @@
+"""A bounded cache of open read-only file descriptors, so repeated reads of a chunk skip open/close.
+
+Each cached descriptor carries a user count: one evicted (or forgotten) while a read is using it is closed
+when that read releases it, never under it (a closed descriptor number can be reused by an unrelated open
+at once, and a read through it would see another file).  The owner must :meth:`forget` a key before the
+file behind it is replaced or removed (the disk tier does so in ``write`` after the rename and in
+``discard`` before the unlink); until then a cached descriptor keeps reading the file it opened.
+Thread-safe.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+from collections import OrderedDict
+from typing import Hashable
+
+
+class _Handle:
+    __slots__ = ("fd", "users", "dead")
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.users, self.dead = fd, 1, False
+
+
+def default_limit() -> int:
+    """A quarter of the process's open-file limit, at most 1024."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, min(1024, (soft if soft != resource.RLIM_INFINITY else 4096) // 4))
+
+
+class FdCache:
+    def __init__(self, flags: int, limit: int | None = None) -> None:
+        self.flags = flags
+        self.limit = default_limit() if limit is None else limit
+        self._open: OrderedDict[Hashable, _Handle] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def acquire(self, key: Hashable, path: str) -> _Handle:
+        """An open descriptor for ``path``; pair with :meth:`release`.  Raises ``OSError`` from ``open``."""
+        with self._lock:
+            handle = self._open.get(key)
+            if handle is not None:
+                handle.users += 1
+                self._open.move_to_end(key)
+                return handle
+        fd = os.open(path, self.flags)
+        with self._lock:
+            raced = self._open.get(key)
+            if raced is not None:  # another reader opened it meanwhile: use theirs
+                raced.users += 1
+                os.close(fd)
+                return raced
+            handle = self._open[key] = _Handle(fd)
+            while len(self._open) > self.limit:
+                _, old = self._open.popitem(last=False)
+                self._retire(old)
+            return handle
+
+    def release(self, handle: _Handle) -> None:
+        with self._lock:
+            handle.users -= 1
+            if handle.dead and not handle.users:
+                os.close(handle.fd)
+
+    def forget(self, key: Hashable) -> None:
+        """Stop caching ``key``'s descriptor (closed now, or when its last reader releases it)."""
+        with self._lock:
+            handle = self._open.pop(key, None)
+            if handle is not None:
+                self._retire(handle)
+
+    def clear(self) -> None:
+        with self._lock:
+            while self._open:
+                self._retire(self._open.popitem()[1])
+
+    def _retire(self, handle: _Handle) -> None:
+        handle.dead = True
+        if not handle.users:
+            os.close(handle.fd)
