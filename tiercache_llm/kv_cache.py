@@ -54,7 +54,8 @@ class TieredKVSettings:
             with a fast tier smaller than the context demotes blocks the next layers need.
         direct_io: disk tier reads/writes bypass the OS page cache (tiercache
             ``CacheConfig.direct_io``), so the host budget is not silently extended by the page
-            cache.  Recorded here; not yet passed to the tiercache.
+            cache (falls back to buffered I/O with a warning where the filesystem refuses O_DIRECT,
+            e.g. tmpfs; ``stats()["tiercache"]["tiers"]["disk"]["direct_io"]`` says which).
     """
 
     block_size: int = 64
@@ -693,7 +694,7 @@ class TieredKVCache(Cache):
         else:
             self.store = BlockStore.open(
                 gpu=settings.gpu, host=settings.host, disk=settings.disk, path=settings.path,
-                policy=settings.policy, compression=settings.compression,
+                policy=settings.policy, compression=settings.compression, direct_io=settings.direct_io,
             )
         self.cache_uid = uuid.uuid4().hex
         self.buffer = DecodeBuffer()
@@ -783,7 +784,7 @@ class TieredKVCache(Cache):
                 settings = dataclasses.replace(settings, path=None)
             store = BlockStore.open(
                 gpu=settings.gpu, host=settings.host, disk=settings.disk, path=settings.path,
-                policy=settings.policy, compression=settings.compression,
+                policy=settings.policy, compression=settings.compression, direct_io=settings.direct_io,
             )
         else:
             store = BlockStore(self.store.cache, owns=False)

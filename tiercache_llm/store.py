@@ -122,9 +122,12 @@ class BlockStore:
         path: str | os.PathLike | None,
         policy: Any = "kv-stream",
         compression: str | None = None,
+        direct_io: bool = False,
     ) -> "BlockStore":
         """Create a tiercache with the given budgets.  A disk budget without ``path`` uses a fresh
-        temporary directory that :meth:`close` removes.
+        temporary directory that :meth:`close` removes.  ``direct_io`` is tiercache's
+        ``CacheConfig.direct_io`` (disk reads and writes bypass the OS page cache); it only applies when
+        there is a disk tier.
 
         With a ``path`` of the caller's, the blocks of dead KV caches left in the store (a killed
         process) are deleted first (:func:`tiercache.owners.reclaim`; logged on the ``tiercache_llm``
@@ -139,6 +142,8 @@ class BlockStore:
         kwargs: dict[str, Any] = dict(gpu=gpu, host=host, disk=disk, path=path, policy=policy)
         if compression is not None:
             kwargs["compression"] = compression
+        if direct_io and disk not in (None, 0):
+            kwargs["direct_io"] = True
         try:
             cache = tiercache.Cache(**kwargs)
         except BaseException:

@@ -238,6 +238,14 @@ def test_direct_io_defaults_on_and_is_a_tiercache_option(make_config):
             TieredKVCache(make_config(), cache=shared, direct_io=False)
 
 
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_direct_io_reaches_the_disk_tier(make_config, tmp_path, direct_io):
+    with TieredKVCache(make_config(), host=None, disk="8MiB", path=tmp_path / "kv", direct_io=direct_io) as cache:
+        disk = cache.stats()["tiercache"]["tiers"]["disk"]
+        assert disk["direct_io_requested"] is direct_io
+        assert disk["direct_io"] is direct_io  # tmp_path is not tmpfs on the machines we test on
+
+
 def test_constructor_validation(make_config):
     with pytest.raises(TypeError, match="PretrainedConfig"):
         TieredKVCache({"num_hidden_layers": 2})
