@@ -496,7 +496,7 @@ class DataPaths(Moves):
                 if entry is not None:
                     releases += self._unlink(entry)
         if releases:
-            self._finish(releases)
+            self._finish(releases, loud=True)
         return found
 
     def _update_scores_impl(self, scores: dict[Hashable, float]) -> int:

@@ -68,7 +68,9 @@ class Persistence(Moves):
                 entry = Entry(key, header, tier_index, found.slot, info, dtype)
                 loaded[key] = entry
                 self._index[key] = entry
-            self._seq = seq
+            # A tier that persists its sequence high-water mark keeps the counter from restarting below
+            # the newest write it ever acknowledged, even when that entry's file is gone.
+            self._seq = max(seq, int(getattr(tier, "seq_high_water", 0) or 0))
             self._queues[tier_index].load([(rank(entry.info), entry) for entry in loaded.values()])
             corrupt = getattr(tier, "corrupt_on_open", 0)
             self._counters.corruptions += corrupt

@@ -23,7 +23,7 @@ from typing import Hashable, Iterator
 import torch
 
 from .config import CacheConfig
-from .errors import CacheClosedError
+from .errors import CacheClosedError, TierIOError
 from .index import Entry, RankedQueue
 from .policies import Policy
 from .stats import CacheCounters
@@ -176,22 +176,33 @@ class CacheState:
                 tier.free(slot)
         return rest
 
-    def _finish(self, releases: list[Release]) -> None:
-        """Outside the lock: discard released slots' contents, then return them to their tiers."""
+    def _finish(self, releases: list[Release], *, loud: bool = False) -> None:
+        """Outside the lock: discard released slots' contents, then return them to their tiers.
+
+        A failed discard is logged and counted (the slot is reused later anyway: a rewrite replaces the
+        file).  With ``loud`` (an explicit delete) the first such failure is raised as ``TierIOError`` once
+        every slot is back: the entry is gone from the index but its bytes may reappear after a reopen, and
+        the caller was promised otherwise."""
         done: list[Release] = []
+        failure: OSError | None = None
         for tier_index, slot in releases:
             try:
                 self._tiers[tier_index].discard(slot)
-            except OSError as exc:  # the slot is reused later anyway: a rewrite replaces the file
+            except OSError as exc:
                 log.warning("tiercache: %s", exc)
                 with self._lock:
                     self._counters.errors["discard"] += 1
+                failure = failure or exc
             done.append((tier_index, slot))
         if done:
             with self._lock:
                 for tier_index, slot in done:
                     self._tiers[tier_index].free(slot)
         self._notify_evictions()
+        if loud and failure is not None:
+            if isinstance(failure, TierIOError):
+                raise failure
+            raise TierIOError(f"deleting an entry failed: {failure}; it may come back after a reopen", failure.errno)
 
     def _notify_evictions(self) -> None:
         if not self._evicted:

@@ -253,6 +253,37 @@ def test_a_delete_that_cannot_be_made_durable_is_loud(tmp_path, monkeypatch):
         tier.discard(slot)
 
 
+def test_cache_delete_that_cannot_be_made_durable_raises(tmp_path, monkeypatch):
+    """Through the facade: a delete whose unlink and tombstone both fail is not reported as done."""
+    with Cache(host=None, disk="1MiB", path=tmp_path / "s") as cache:
+        cache.put("a", value(0))
+        cache.put("b", value(1))
+        with monkeypatch.context() as patch:
+            patch.setattr("tiercache.tiers.disk.os.unlink", lambda p: (_ for _ in ()).throw(OSError(errno.EIO, "EIO")))
+            patch.setattr("tiercache.tiers.disk_journal.os.fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "EIO")))
+            with pytest.raises(TierIOError, match="may come back"):
+                cache.delete("a")
+        assert cache.stats()["errors"]["discard"] == 1
+        assert "b" in cache and same_tensor(cache.get("b"), value(1))  # the cache goes on working
+        cache.delete("b")  # a healthy delete returns normally
+
+
+def test_the_sequence_counter_never_restarts_below_the_high_water_mark(tmp_path):
+    """Deleting the newest entries must not let the next writes reuse their sequence numbers."""
+    store = tmp_path / "s"
+    with Cache(host=None, disk="1MiB", path=store) as cache:
+        for i in range(5):
+            cache.put(i, value(i))
+        for i in range(1, 5):
+            cache.delete(i)
+        high = cache._seq
+    with Cache(host=None, disk="1MiB", path=store) as cache:
+        assert cache.tiers[0].seq_high_water >= high
+        assert cache._seq >= high
+        cache.put("new", value(9))
+        assert cache._index["new"].header.seq > high
+
+
 # -- item 7: a creation killed half-way is finished on the next open ------------------------------------
 @pytest.mark.parametrize("state", ["lock only", "lock and partial", "group without attributes", "lock and tmp"])
 def test_half_created_store_is_finished_on_open(tmp_path, state):
