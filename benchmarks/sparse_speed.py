@@ -158,7 +158,7 @@ class Run:
     bytes_fetched: list[float] = field(default_factory=list)  # per step: bytes the cache fetched from its tiers
     disk_bytes: list[float] = field(default_factory=list)  # per step: bytes read from the disk tier
     host_bytes: list[float] = field(default_factory=list)  # per step: fetched - disk (served by the host tier)
-    per_step: list[dict[str, float]] = field(default_factory=list)  # selection/reuse/seconds counters per step
+    per_step: list[dict[str, dict[str, float]]] = field(default_factory=list)  # {"delta": counters, "now": rates} per step
     reuse_rate: float | None = None
     tokens: list[list[int]] = field(default_factory=list)
     stats: dict[str, Any] | None = None
@@ -215,14 +215,17 @@ def time_run(model: Any, cache: Any, last: torch.Tensor, run: Run, steps: int, s
                 continue
             run.step_ms.append(1000 * elapsed)
             if tiered:
-                delta = stats_delta(before, cache.stats())
+                after = cache.stats()
+                delta = stats_delta(before, after)
                 fetched = float(delta["kv"].get("bytes_fetched", 0))
                 disk = float(tier_row(delta, "disk").get("bytes_read", 0))
                 run.bytes_fetched.append(fetched)
                 run.disk_bytes.append(disk)
                 run.host_bytes.append(max(0.0, fetched - disk))
-                run.per_step.append(find_numbers({k: v for k, v in delta.items() if k != "tiercache"},
-                                                 "reuse", "select", "resident", "seconds", "bytes"))
+                # counters as this step's increments; rates and per-step figures as the cache reports them now
+                own = lambda d: {k: v for k, v in d.items() if k != "tiercache"}  # noqa: E731
+                run.per_step.append({"delta": find_numbers(own(delta), "select", "resident", "seconds", "bytes", "fetch"),
+                                     "now": find_numbers(own(after), "reuse", "rate", "last")})
     if tiered:
         run.stats = cache.stats()
         run.reuse_rate = reuse_rate(run.stats)
