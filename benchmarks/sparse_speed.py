@@ -257,6 +257,10 @@ def run_all(s: Settings, workdir: Path, *, show_progress: bool = True) -> tuple[
     longest = min(max(s.contexts), max_pos - s.steps - 2)
     rows = max(s.batches)
     info: dict[str, Any] = {"kv_bytes_per_token": kv_cache_bytes(model.config, 1, 1, model.dtype)}
+    info["estimated_seconds"] = estimate_seconds(s, info["kv_bytes_per_token"])
+    print(f"sparse_speed: contexts {s.contexts}, batches {s.batches}, threads {s.threads}, {len(configurations(s))} "
+          f"configurations, {s.steps} steps x {s.repeats} repeats; estimated runtime ~{info['estimated_seconds'] / 60:.0f} min "
+          "(rough; see estimate_seconds)", flush=True)
     with torch_threads(DEFAULT_THREADS):
         t0 = time.perf_counter()
         ids = prompt_rows(tokenizer, rows, longest, model.config.vocab_size)
@@ -531,10 +535,6 @@ def main(argv: list[str] | None = None) -> int:
     fstype = filesystem_of(workdir)
     if fstype in ("tmpfs", "ramfs"):
         print(f"warning: {workdir} is on {fstype}: the disk tier will not touch a disk", file=sys.stderr)
-    kv_per_token = 30 * 2 * 3 * 64 * 4 if s.model == "smollm2" else 2 * 2 * 2 * 16 * 4
-    print(f"sparse_speed: contexts {s.contexts}, batches {s.batches}, threads {s.threads}, {len(configurations(s))} "
-          f"configurations, {s.steps} steps x {s.repeats} repeats; estimated runtime ~{estimate_seconds(s, kv_per_token) / 60:.0f} min",
-          flush=True)
     available, why = sparse_available()
     load_start = os.getloadavg()
     start = time.perf_counter()
