@@ -33,6 +33,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -185,6 +186,11 @@ def close(cache: Any) -> None:
         cache.close()
 
 
+def failed(exc: BaseException) -> dict[str, Any]:
+    """The record of a sparse run that raised: no figures, the error and its traceback."""
+    return {"available": False, "note": f"error: {type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+
+
 def label(config: str | float) -> str:
     return config if isinstance(config, str) else f"sparse {100 * config:g}%"
 
@@ -279,9 +285,13 @@ def run(s: Settings, workdir: Path, *, show_progress: bool = True) -> dict[str, 
                     if config != FULL:
                         stats = cache.stats()
                         result.update(reuse_rate=reuse_rate(stats), stats=stats)
+                    row["runs"][label(config)] = {"available": True, **result}
+                except Exception as exc:  # noqa: BLE001 - a sparse failure is reported, the run goes on
+                    if config in (FULL, EXACT):
+                        raise
+                    row["runs"][label(config)] = failed(exc)
                 finally:
                     close(cache)
-                row["runs"][label(config)] = {"available": True, **result}
             bar.update(1)
 
     # Part 2.
@@ -299,6 +309,11 @@ def run(s: Settings, workdir: Path, *, show_progress: bool = True) -> dict[str, 
             bar.update(1)
             logp, per_step = teacher_forced(model, ids, s.tf_prefix, cache, on_step=lambda t: bar.update(1))
             stats = cache.stats() if config != FULL else None
+        except Exception as exc:  # noqa: BLE001 - a sparse failure is reported, the run goes on
+            if config in (FULL, EXACT):
+                raise
+            tf["runs"][label(config)] = failed(exc)
+            continue
         finally:
             close(cache)
         if config == FULL:
@@ -320,8 +335,9 @@ def summarise(results: dict[str, Any], s: Settings) -> list[dict[str, Any]]:
         name = label(b)
         runs = [(r["runs"][FULL], r["runs"].get(name, {})) for r in results["passkey"]]
         if not all(sp.get("available") for _, sp in runs):
+            note = next(sp.get("note") for _, sp in runs if not sp.get("available"))
             lines.append({"what": f"passkey, {name}", "figure": None, "target": "sparse ⊇ full successes", "met": None,
-                          "note": results["sparse_note"]})
+                          "note": note})
             continue
         full_ok = sum(f["success"] for f, _ in runs)
         both = sum(f["success"] and sp["success"] for f, sp in runs)
@@ -357,7 +373,7 @@ def _fmt(v: Any) -> str:
 
 def _short(note: str | None) -> str:
     """A table cell for a row that was not measured (the full reason is in the header and the JSON)."""
-    return SPARSE_UNAVAILABLE if note and note.startswith(SPARSE_UNAVAILABLE) else (note or "–")
+    return SPARSE_UNAVAILABLE if note and note.startswith(SPARSE_UNAVAILABLE) else (note or "–")[:100]
 
 
 def write_results(results: dict[str, Any], summary: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> None:

@@ -38,6 +38,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,7 @@ class Run:
     reuse_rate: float | None = None
     tokens: list[list[int]] = field(default_factory=list)
     stats: dict[str, Any] | None = None
+    error: str | None = None  # traceback of a sparse run that failed (its note says "error: ...")
 
 
 def build_cache(model: Any, system: str, state: str | None, kv: list[tuple[torch.Tensor, torch.Tensor]],
@@ -235,17 +237,22 @@ def measure(model: Any, system: str, state: str | None, kv: Any, last: torch.Ten
             run: Run) -> Run:
     store = workdir / "kv"
     shutil.rmtree(store, ignore_errors=True)
+    cache = None
     try:
         cache = build_cache(model, system, state, kv, s, store)
-    except SparseUnavailable as exc:
-        run.available, run.note = False, str(exc)
-        return run
-    try:
         if state == "cold":
             run.cold_method = "direct_io" if tier_row(cache.stats(), "disk").get("direct_io") else "fadvise"
         time_run(model, cache, last, run, s.steps, store)
+    except SparseUnavailable as exc:
+        run.available, run.note = False, str(exc)
+    except Exception as exc:  # noqa: BLE001 - a sparse failure is reported in the results, the run goes on
+        if system in (DYNAMIC, EXACT):
+            raise
+        run.available, run.note = False, f"error: {type(exc).__name__}: {exc}"
+        run.error = traceback.format_exc()
+        run.step_ms.clear()
     finally:
-        if hasattr(cache, "close"):
+        if cache is not None and hasattr(cache, "close"):
             cache.close()
         shutil.rmtree(store, ignore_errors=True)
     return run
@@ -286,8 +293,8 @@ def run_all(s: Settings, workdir: Path, *, show_progress: bool = True) -> tuple[
                 else:
                     with torch_threads(t):
                         measure(model, system, state, kv, last, s, workdir, run)
-                    if not run.available:
-                        skip[system] = run.note or SPARSE_UNAVAILABLE
+                    if not run.available and (run.note or "").startswith(SPARSE_UNAVAILABLE):
+                        skip[system] = run.note  # the mode is absent: asking again at every point is pointless
                 runs.append(run)
                 bar.update(1)
         del kv
@@ -372,7 +379,7 @@ def _mib(v: float | None) -> str:
 
 
 def _short(note: str | None) -> str:
-    return SPARSE_UNAVAILABLE if note and note.startswith(SPARSE_UNAVAILABLE) else (note or "n/a")
+    return SPARSE_UNAVAILABLE if note and note.startswith(SPARSE_UNAVAILABLE) else (note or "n/a")[:100]
 
 
 def table(rows: list[Row]) -> list[str]:
@@ -543,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     rows = summarise(runs)
-    unavailable = next((r.note for r in runs if not r.available), None)
+    unavailable = next((r.note for r in runs if not r.available and (r.note or "").startswith(SPARSE_UNAVAILABLE)), None)
     meta = machine_meta()
     meta.update(command=" ".join(["python", "benchmarks/sparse_speed.py", *(argv if argv is not None else sys.argv[1:])]),
                 runtime_s=time.perf_counter() - start, settings=asdict(s), quick=args.quick, workdir_filesystem=fstype,

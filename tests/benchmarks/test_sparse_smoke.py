@@ -242,3 +242,23 @@ def test_stats_readers(common):
     assert common.reuse_rate(after) == 0.75
     assert common.reuse_rate({"kv": {"x": 1}}) is None
     assert common.tier_row({"tiercache": {"tiers": {"disk": {"bytes_read": 3}}}}, "disk") == {"bytes_read": 3}
+
+
+def test_speed_reports_a_failing_sparse_run_and_goes_on(speed, tmp_path, monkeypatch):
+    """A sparse cache that raises is recorded as an error (with its traceback), never as figures, and the
+    other configurations still run; a mode that is merely absent is asked for once, not at every point."""
+    real = speed.make_tiered
+
+    def broken(model, mode, **options):
+        if mode == "sparse":
+            raise RuntimeError("boom")
+        return real(model, mode, **options)
+
+    monkeypatch.setattr(speed, "make_tiered", broken)
+    s = speed.Settings.quick()
+    s.contexts, s.batches, s.warm = (128, 160), (1,), False
+    runs, _ = speed.run_all(s, tmp_path, show_progress=False)
+    sparse = [r for r in runs if r.system in (speed.FETCH, speed.AWARE)]
+    assert len(sparse) == 4 and all(not r.available and r.note == "error: RuntimeError: boom" and "boom" in r.error
+                                    and r.step_ms == [] for r in sparse)
+    assert all(r.available and len(r.step_ms) == s.steps for r in runs if r.system in (speed.DYNAMIC, speed.EXACT))
