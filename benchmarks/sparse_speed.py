@@ -31,7 +31,6 @@ byte counts, the caches' stats, machine, versions, settings, runtime), ``sparse_
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shutil
