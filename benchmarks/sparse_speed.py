@@ -321,7 +321,8 @@ class Row:
     host_bytes: float
     reuse_rate: float | None
     samples_ms: list[float]
-    tokens_match_dynamic: bool | None
+    tokens_match_dynamic: bool | None  # exact tiered: greedy tokens equal DynamicCache's (they must)
+    token_agreement: float | None = None  # fraction of greedy tokens equal to DynamicCache's (sparse: a sanity figure)
 
 
 def summarise(runs: list[Run]) -> list[Row]:
@@ -333,15 +334,19 @@ def summarise(runs: list[Run]) -> list[Row]:
     for key, group in groups.items():
         ok = [g for g in group if g.available]
         samples = [ms for g in ok for ms in g.step_ms]
-        match = None
-        if ok and key[4] == EXACT:  # exact attention must produce DynamicCache's greedy tokens
-            ref = dyn_tokens.get((key[0], key[2], key[3]))
-            match = bool(ref) and all(g.tokens == ref[0] for g in ok)
+        match, agreement = None, None
+        ref = dyn_tokens.get((key[0], key[2], key[3]))
+        if ok and ref and key[4] != DYNAMIC:
+            pairs = [(a, b) for g in ok for step, ref_step in zip(g.tokens, ref[0]) for a, b in zip(step, ref_step)]
+            agreement = sum(a == b for a, b in pairs) / len(pairs) if pairs else None
+            if key[4] == EXACT:  # exact attention must produce DynamicCache's greedy tokens
+                match = all(g.tokens == ref[0] for g in ok)
         reuse = [g.reuse_rate for g in ok if g.reuse_rate is not None]
         rows.append(Row(key[0], key[1], key[2], key[3], key[4], key[5], bool(ok), None if ok else group[0].note,
                         ok[0].cold_method if ok else None, median(samples),
                         median([x for g in ok for x in g.bytes_fetched]), median([x for g in ok for x in g.disk_bytes]),
-                        median([x for g in ok for x in g.host_bytes]), median(reuse) if reuse else None, samples, match))
+                        median([x for g in ok for x in g.host_bytes]), median(reuse) if reuse else None, samples, match,
+                        agreement))
     return rows
 
 

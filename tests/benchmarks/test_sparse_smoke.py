@@ -160,7 +160,7 @@ def test_speed_quick_runs_every_configuration(speed, tmp_path):
         assert len(r["samples_ms"]) == s.steps * s.repeats and all(ms > 0 for ms in r["samples_ms"]), r
         if system == speed.DYNAMIC:
             continue
-        assert r["bytes_fetched"] > 0
+        assert r["bytes_fetched"] > 0 and 0.0 <= r["token_agreement"] <= 1.0
         if state == "cold":
             assert r["cold_method"] in ("direct_io", "fadvise")
             assert r["disk_bytes"] > 0  # the host tier holds 25 % of the KV: the rest is read from disk
