@@ -447,12 +447,16 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax2.plot(xs, [r["top1_agreement"] for _, r in runs], "o-", label="top-1 agreement")
         ax2.axhline(0.99, color="gray", ls="--", lw=0.8, label="target at 25% (0.99)")
         ax2.set_xscale("log", base=2)
+        ax2.set_xticks(xs)
+        ax2.set_xticklabels([f"{x:g}%" for x in xs])
+        ax2.minorticks_off()
         ax2.set_xlabel("budget (% of context)")
         ax2.set_ylabel("top-1 agreement with full attention")
         axk = ax2.twinx()
         axk.plot(xs, [r["mean_kl"] for _, r in runs], "s--", color="tab:red", label="mean KL (nats)")
         axk.set_ylabel("mean KL(full || sparse)")
-        ax2.legend(loc="lower right", fontsize=7)
+        handles = ax2.get_legend_handles_labels()[0] + axk.get_legend_handles_labels()[0]
+        ax2.legend(handles=handles, loc="lower right", fontsize=7)
     else:
         ax2.text(0.5, 0.5, results.get("sparse_note") or "no sparse runs", ha="center", va="center", wrap=True)
     ax2.set_title("teacher-forced agreement")
