@@ -71,6 +71,7 @@ class Settings:
     host_fraction: float = 0.25
     block_size: int | None = None  # None: the cache's default
     warm: bool = True  # also run every tiered configuration with the page cache warm
+    fill: str = "update"  # how tiered caches get the prompt: "update" (copy of the prefill) or "model" (prefill each)
 
     @classmethod
     def quick(cls) -> "Settings":
@@ -166,7 +167,12 @@ class Run:
 
 
 def build_cache(model: Any, system: str, state: str | None, kv: list[tuple[torch.Tensor, torch.Tensor]],
-                s: Settings, store: Path) -> Any:
+                s: Settings, store: Path, prompt: torch.Tensor | None = None) -> Any:
+    """A fresh cache of ``system`` holding ``kv`` (per layer ``(B, H, T, D)`` keys and values).
+
+    ``s.fill == "update"``: the K/V are handed to ``Cache.update`` layer by layer (what a prefill does);
+    ``"model"``: ``prompt`` (``(B, T)`` ids) is prefilled through the model into the cache instead, in
+    2048-token chunks (slower; for a cache that must see the prefill through the model)."""
     from transformers import DynamicCache
     from tiercache_llm import TieredKVSettings
 
@@ -187,8 +193,13 @@ def build_cache(model: Any, system: str, state: str | None, kv: list[tuple[torch
         else:
             cache = make_tiered(model, "sparse", budget=s.budget, strategy=system, **opts)
     try:
-        for i, (k, v) in enumerate(kv):
-            cache.update(k, v, i)
+        if s.fill == "model" and system != DYNAMIC:
+            with torch.no_grad():
+                for start in range(0, prompt.shape[-1], 2048):
+                    model(input_ids=prompt[:, start:start + 2048], past_key_values=cache, use_cache=True)
+        else:
+            for i, (k, v) in enumerate(kv):
+                cache.update(k, v, i)
     except BaseException:
         if hasattr(cache, "close"):
             cache.close()
@@ -232,13 +243,16 @@ def time_run(model: Any, cache: Any, last: torch.Tensor, run: Run, steps: int, s
         run.reuse_rate = reuse_rate(run.stats)
 
 
-def measure(model: Any, system: str, state: str | None, kv: Any, last: torch.Tensor, s: Settings, workdir: Path,
+def measure(model: Any, system: str, state: str | None, kv: Any, prompt: torch.Tensor, s: Settings, workdir: Path,
             run: Run) -> Run:
+    """Build the cache from the prefilled ``kv`` (``prompt`` is ``(B, T + 1)``: the prefilled tokens and the
+    last prompt token, which the first, untimed, step consumes), time its decode steps into ``run``."""
+    last = prompt[:, -1:]
     store = workdir / "kv"
     shutil.rmtree(store, ignore_errors=True)
     cache = None
     try:
-        cache = build_cache(model, system, state, kv, s, store)
+        cache = build_cache(model, system, state, kv, s, store, prompt[:, :-1])
         if state == "cold":
             run.cold_method = "direct_io" if tier_row(cache.stats(), "disk").get("direct_io") else "fadvise"
         time_run(model, cache, last, run, s.steps, store)
@@ -281,7 +295,6 @@ def run_all(s: Settings, workdir: Path, *, show_progress: bool = True) -> tuple[
     for c, b, t in points:
         context = min(c, ids.shape[-1])
         kv = sliced(prefilled, b, context - 1)
-        last = ids[:b, context - 1:context]
         for r in range(s.repeats):
             order = configs[r % len(configs):] + configs[:r % len(configs)]  # rotate: no system always first
             for system, state in order:
@@ -291,7 +304,7 @@ def run_all(s: Settings, workdir: Path, *, show_progress: bool = True) -> tuple[
                     run.available, run.note = False, skip[system]
                 else:
                     with torch_threads(t):
-                        measure(model, system, state, kv, last, s, workdir, run)
+                        measure(model, system, state, kv, ids[:b, :context], s, workdir, run)
                     if not run.available and (run.note or "").startswith(SPARSE_UNAVAILABLE):
                         skip[system] = run.note  # the mode is absent: asking again at every point is pointless
                 runs.append(run)
@@ -528,10 +541,13 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"torch thread counts (default 1,{DEFAULT_THREADS})")
     parser.add_argument("--budget", type=float, default=None, help="sparse budget, a fraction in (0, 1] (default 0.25)")
     parser.add_argument("--no-warm", action="store_true", help="skip the warm-page-cache runs")
+    parser.add_argument("--fill", choices=("update", "model"), default=None,
+                        help="how tiered caches get the prompt: Cache.update with the prefilled K/V (default) or a "
+                             "prefill through the model for every run (slow)")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory on the disk under test")
     args = parser.parse_args(argv)
     s = Settings.quick() if args.quick else Settings()
-    for name in ("model", "contexts", "batches", "steps", "repeats", "budget"):
+    for name in ("model", "contexts", "batches", "steps", "repeats", "budget", "fill"):
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
     if args.threads is not None:

@@ -262,3 +262,15 @@ def test_speed_reports_a_failing_sparse_run_and_goes_on(speed, tmp_path, monkeyp
     assert len(sparse) == 4 and all(not r.available and r.note == "error: RuntimeError: boom" and "boom" in r.error
                                     and r.step_ms == [] for r in sparse)
     assert all(r.available and len(r.step_ms) == s.steps for r in runs if r.system in (speed.DYNAMIC, speed.EXACT))
+
+
+def test_speed_fill_through_the_model(speed, tmp_path):
+    """--fill model prefills every tiered cache through the model instead of copying the K/V in: exact
+    tiered still decodes DynamicCache's tokens, reading the same bytes."""
+    assert speed.main(["--quick", "--fill", "model", "--contexts", "130", "--batches", "2", "--no-warm",
+                       "--out", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "sparse_speed.json").read_text())
+    assert saved["meta"]["settings"]["fill"] == "model"
+    exact = next(r for r in saved["rows"] if r["system"] == speed.EXACT)
+    assert exact["tokens_match_dynamic"] is True and exact["disk_bytes"] > 0
+    assert [r["state"] for r in saved["rows"] if r["system"] == speed.EXACT] == ["cold"]
