@@ -258,15 +258,21 @@ def run(s: Settings, workdir: Path, *, show_progress: bool = True) -> dict[str, 
     n_jobs = len(cases) * (2 + len(s.passkey_budgets)) + (2 + len(s.tf_budgets)) * (s.tf_steps + 1)
     bar = tqdm(total=n_jobs, desc="sparse accuracy", unit="job", disable=not show_progress)
 
-    def tiered(config: str | float, tokens: int, extra: int) -> Any | None:
+    def tiered(config: str | float, tokens: int, extra: int) -> tuple[Any | None, dict[str, Any] | None]:
+        """``(cache, None)``, or ``(None, record)`` for a sparse configuration that is not available or
+        whose construction raised (full and exact errors propagate)."""
         nonlocal sparse_note
         if config not in (FULL, EXACT) and sparse_note is not None:
-            return None
+            return None, {"available": False, "note": sparse_note}
         try:
-            return factory.make(config, tokens, extra)
+            return factory.make(config, tokens, extra), None
         except SparseUnavailable as exc:
             sparse_note = str(exc)
-            return None
+            return None, {"available": False, "note": sparse_note}
+        except Exception as exc:  # noqa: BLE001 - e.g. an option the sparse mode refuses: reported, run goes on
+            if config in (FULL, EXACT):
+                raise
+            return None, failed(exc)
 
     # Part 1.  References (full, exact) for every case first, then sparse: a sparse run prepares the model
     # (for_model), and the reference must not depend on whether that preparation is undone correctly.
@@ -276,9 +282,9 @@ def run(s: Settings, workdir: Path, *, show_progress: bool = True) -> dict[str, 
     for config in configs_pk:
         for row, case in zip(passkey, cases):
             bar.set_postfix_str(f"passkey {label(config)} ctx {case.context} depth {case.depth:g}")
-            cache = tiered(config, case.input_ids.shape[-1], s.new_tokens)
+            cache, record = tiered(config, case.input_ids.shape[-1], s.new_tokens)
             if cache is None:
-                row["runs"][label(config)] = {"available": False, "note": sparse_note}
+                row["runs"][label(config)] = record
             else:
                 try:
                     result = run_passkey(model, tokenizer, case, cache, s.new_tokens)
@@ -300,9 +306,9 @@ def run(s: Settings, workdir: Path, *, show_progress: bool = True) -> dict[str, 
     reference = None
     for config in [FULL, EXACT, *s.tf_budgets]:
         bar.set_postfix_str(f"teacher forcing {label(config)}")
-        cache = tiered(config, s.tf_prefix, s.tf_steps)
+        cache, record = tiered(config, s.tf_prefix, s.tf_steps)
         if cache is None:
-            tf["runs"][label(config)] = {"available": False, "note": sparse_note}
+            tf["runs"][label(config)] = record
             bar.update(s.tf_steps + 1)
             continue
         try:

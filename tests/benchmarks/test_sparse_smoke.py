@@ -274,3 +274,23 @@ def test_speed_fill_through_the_model(speed, tmp_path):
     exact = next(r for r in saved["rows"] if r["system"] == speed.EXACT)
     assert exact["tokens_match_dynamic"] is True and exact["disk_bytes"] > 0
     assert [r["state"] for r in saved["rows"] if r["system"] == speed.EXACT] == ["cold"]
+
+
+def test_accuracy_reports_a_failing_sparse_cache_and_goes_on(accuracy, tmp_path, monkeypatch):
+    real = accuracy.make_tiered
+
+    def broken(model, mode, **options):
+        if mode == "sparse":
+            raise TypeError("unexpected option")
+        return real(model, mode, **options)
+
+    monkeypatch.setattr(accuracy, "make_tiered", broken)
+    monkeypatch.setattr(accuracy, "sparse_available", lambda: (True, ""))
+    s = accuracy.Settings.quick()
+    s.passkey_contexts, s.passkey_depths, s.tf_steps, s.tf_budgets = (96,), (0.5,), 3, (0.25,)
+    results = accuracy.run(s, tmp_path, show_progress=False)
+    failed = [results["teacher_forcing"]["runs"]["sparse 25%"], *(results["passkey"][0]["runs"][f"sparse {b}%"]
+                                                                  for b in ("12.5", "25"))]
+    assert all(r["available"] is False and r["note"] == "error: TypeError: unexpected option" and r["traceback"]
+               for r in failed)
+    assert results["teacher_forcing"]["runs"]["exact"]["top1_agreement"] == 1.0  # the rest still ran
