@@ -179,8 +179,8 @@ def build_cache(model: Any, system: str, state: str | None, kv: list[tuple[torch
     if system == DYNAMIC:
         cache = DynamicCache(config=model.config)
     else:
-        kv_bytes = sum(k.nbytes + v.nbytes for k, v in kv)
-        tokens = kv[0][0].shape[2]
+        batch, tokens = kv[0][0].shape[0], kv[0][0].shape[2]
+        kv_bytes = kv_cache_bytes(model.config, tokens, batch, kv[0][0].dtype)  # the cap is 25 % of this
         grow = kv_bytes * (s.steps + 2 + 64) // max(1, tokens)
         opts: dict[str, Any] = dict(host=max(64 * 1024, int(s.host_fraction * kv_bytes)),
                                     disk=2 * (kv_bytes + grow) + 64 * MiB, path=store)
