@@ -254,11 +254,9 @@ def stats_delta(before: Any, after: Any) -> Any:
 
 
 def reuse_rate(stats: dict[str, Any]) -> float | None:
-    """The cache's own reuse rate (selected blocks already in the fastest tier / selected blocks) read
-    defensively from ``stats()``: a number under a key containing ``reuse`` (preferring ``reuse_rate``),
-    else ``None``."""
+    """The cache's own overall reuse rate (selected blocks already in the fastest tier / selected blocks)
+    read defensively from ``stats()``: a number under a key containing ``reuse``, preferring one named
+    ``reuse_rate``, then one under a ``total`` section, and not a ``last_step`` one; else ``None``."""
     found = find_numbers(stats, "reuse")
-    for path, value in found.items():
-        if path.endswith("reuse_rate"):
-            return value
-    return next(iter(found.values()), None)
+    ranked = sorted(found, key=lambda p: (not p.endswith("reuse_rate"), "total" not in p, "last" in p))
+    return found[ranked[0]] if ranked else None

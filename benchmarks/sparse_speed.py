@@ -31,6 +31,7 @@ byte counts, the caches' stats, machine, versions, settings, runtime), ``sparse_
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -71,7 +72,7 @@ class Settings:
     host_fraction: float = 0.25
     block_size: int | None = None  # None: the cache's default
     warm: bool = True  # also run every tiered configuration with the page cache warm
-    fill: str = "update"  # how tiered caches get the prompt: "update" (copy of the prefill) or "model" (prefill each)
+    fill: str = "update"  # how exact tiered caches get the prompt: "update" (the prefilled K/V) or "model" (prefill each run)
 
     @classmethod
     def quick(cls) -> "Settings":
@@ -164,15 +165,15 @@ class Run:
     tokens: list[list[int]] = field(default_factory=list)
     stats: dict[str, Any] | None = None
     error: str | None = None  # traceback of a sparse run that failed (its note says "error: ...")
+    bytes_source: str | None = None  # "cache": the cache's own per-tier counters; "counters": kv + disk tier
 
 
 def build_cache(model: Any, system: str, state: str | None, kv: list[tuple[torch.Tensor, torch.Tensor]],
-                s: Settings, store: Path, prompt: torch.Tensor | None = None) -> Any:
-    """A fresh cache of ``system`` holding ``kv`` (per layer ``(B, H, T, D)`` keys and values).
-
-    ``s.fill == "update"``: the K/V are handed to ``Cache.update`` layer by layer (what a prefill does);
-    ``"model"``: ``prompt`` (``(B, T)`` ids) is prefilled through the model into the cache instead, in
-    2048-token chunks (slower; for a cache that must see the prefill through the model)."""
+                s: Settings, store: Path, prompt: torch.Tensor | None = None, *, through_model: bool = False) -> Any:
+    """A fresh cache of ``system`` holding the prompt: ``kv`` (per layer ``(B, H, T, D)`` keys and values)
+    handed to ``Cache.update`` layer by layer (what a prefill does), or with ``through_model`` ``prompt``
+    (``(B, T)`` ids) prefilled through the model in 2048-token chunks (sparse caches need this: their
+    digests are built by the model's attention)."""
     from transformers import DynamicCache
     from tiercache_llm import TieredKVSettings
 
@@ -193,7 +194,7 @@ def build_cache(model: Any, system: str, state: str | None, kv: list[tuple[torch
         else:
             cache = make_tiered(model, "sparse", budget=s.budget, strategy=system, **opts)
     try:
-        if s.fill == "model" and system != DYNAMIC:
+        if through_model:
             with torch.no_grad():
                 for start in range(0, prompt.shape[-1], 2048):
                     model(input_ids=prompt[:, start:start + 2048], past_key_values=cache, use_cache=True)
@@ -205,6 +206,17 @@ def build_cache(model: Any, system: str, state: str | None, kv: list[tuple[torch
             cache.close()
         raise
     return cache
+
+
+def tier_bytes(delta: dict[str, Any]) -> dict[str, float]:
+    """``{tier: bytes}`` fetched during one step according to the cache's own cumulative per-tier counters
+    (``...total.bytes_fetched.<tier>`` in a sparse cache's ``stats()``), or ``{}`` when it has none."""
+    out: dict[str, float] = {}
+    for path, value in find_numbers({k: v for k, v in delta.items() if k != "tiercache"}, "bytes_fetched.").items():
+        head, _, tier = path.rpartition(".")
+        if head.endswith("bytes_fetched") and "last" not in head:
+            out[tier] = out.get(tier, 0.0) + value
+    return out
 
 
 def time_run(model: Any, cache: Any, last: torch.Tensor, run: Run, steps: int, store: Path) -> None:
@@ -229,11 +241,20 @@ def time_run(model: Any, cache: Any, last: torch.Tensor, run: Run, steps: int, s
             if tiered:
                 after = cache.stats()
                 delta = stats_delta(before, after)
-                fetched = float(delta["kv"].get("bytes_fetched", 0))
-                disk = float(tier_row(delta, "disk").get("bytes_read", 0))
+                per_tier = tier_bytes(delta)
+                if per_tier:  # the cache's own bytes per tier (sparse mode)
+                    run.bytes_source = "cache"
+                    disk = sum(v for k, v in per_tier.items() if k == "disk")
+                    host = sum(v for k, v in per_tier.items() if k != "disk")
+                    fetched = disk + host
+                else:  # exact mode: what the KV layer fetched, split by the disk tier's reads
+                    run.bytes_source = "counters"
+                    fetched = float(delta["kv"].get("bytes_fetched", 0))
+                    disk = float(tier_row(delta, "disk").get("bytes_read", 0))
+                    host = max(0.0, fetched - disk)
                 run.bytes_fetched.append(fetched)
                 run.disk_bytes.append(disk)
-                run.host_bytes.append(max(0.0, fetched - disk))
+                run.host_bytes.append(host)
                 # counters as this step's increments; rates and per-step figures as the cache reports them now
                 own = lambda d: {k: v for k, v in d.items() if k != "tiercache"}  # noqa: E731
                 run.per_step.append({"delta": find_numbers(own(delta), "select", "resident", "seconds", "bytes", "fetch"),
@@ -244,15 +265,26 @@ def time_run(model: Any, cache: Any, last: torch.Tensor, run: Run, steps: int, s
 
 
 def measure(model: Any, system: str, state: str | None, kv: Any, prompt: torch.Tensor, s: Settings, workdir: Path,
-            run: Run) -> Run:
-    """Build the cache from the prefilled ``kv`` (``prompt`` is ``(B, T + 1)``: the prefilled tokens and the
-    last prompt token, which the first, untimed, step consumes), time its decode steps into ``run``."""
+            run: Run, base: Any = None) -> Run:
+    """Time one run into ``run``.  The cache is ``copy.deepcopy(base)`` when a prefilled ``base`` cache is
+    given (sparse systems; the copy's disk tier lands in ``workdir/copies``), else a fresh cache built from
+    the prefilled ``kv`` (``prompt`` is ``(B, T + 1)``: the prefilled tokens and the last prompt token,
+    which the first, untimed, step consumes)."""
     last = prompt[:, -1:]
-    store = workdir / "kv"
+    store = workdir / ("copies" if base is not None else "kv")
     shutil.rmtree(store, ignore_errors=True)
+    store.mkdir(parents=True, exist_ok=True)
     cache = None
     try:
-        cache = build_cache(model, system, state, kv, s, store, prompt[:, :-1])
+        if base is not None:
+            tempfile.tempdir, before = str(store), tempfile.tempdir  # where a copy's temporary disk tier goes
+            try:
+                cache = copy.deepcopy(base)
+            finally:
+                tempfile.tempdir = before
+        else:
+            cache = build_cache(model, system, state, kv, s, store / "kv", prompt[:, :-1],
+                                through_model=s.fill == "model" and system != DYNAMIC)
         if state == "cold":
             run.cold_method = "direct_io" if tier_row(cache.stats(), "disk").get("direct_io") else "fadvise"
         time_run(model, cache, last, run, s.steps, store)
@@ -261,9 +293,7 @@ def measure(model: Any, system: str, state: str | None, kv: Any, prompt: torch.T
     except Exception as exc:  # noqa: BLE001 - a sparse failure is reported in the results, the run goes on
         if system in (DYNAMIC, EXACT):
             raise
-        run.available, run.note = False, f"error: {type(exc).__name__}: {exc}"
-        run.error = traceback.format_exc()
-        run.step_ms.clear()
+        fail(run, exc)
     finally:
         if cache is not None and hasattr(cache, "close"):
             cache.close()
@@ -271,7 +301,17 @@ def measure(model: Any, system: str, state: str | None, kv: Any, prompt: torch.T
     return run
 
 
+def fail(run: Run, exc: BaseException) -> None:
+    run.available, run.note = False, f"error: {type(exc).__name__}: {exc}"
+    run.error = "".join(traceback.format_exception(exc))
+    run.step_ms.clear()
+
+
 def run_all(s: Settings, workdir: Path, *, show_progress: bool = True) -> tuple[list[Run], dict[str, Any]]:
+    """Every point and configuration.  Sparse caches build their key digests in the model's attention
+    during prefill, so they cannot be handed prefilled K/V through ``Cache.update``: for each (context,
+    batch) every sparse (system, cold/warm) gets one *base* cache prefilled through the model (torch's
+    default threads, untimed), and each of its runs decodes from a ``copy.deepcopy`` of it."""
     model, tokenizer = load_bench_model(s.model)
     max_pos = getattr(model.config, "max_position_embeddings", None) or 1 << 30
     longest = min(max(s.contexts), max_pos - s.steps - 2)
@@ -287,29 +327,61 @@ def run_all(s: Settings, workdir: Path, *, show_progress: bool = True) -> tuple[
         prefilled = prefill_rows(model, ids)
         info["prefill_seconds"] = time.perf_counter() - t0
     info["prompt_tokens"] = int(ids.shape[-1])
+    info["base_prefill_seconds"] = 0.0
     configs = configurations(s)
-    points = [(c, b, t) for t in s.threads for c in s.contexts for b in s.batches]
     runs: list[Run] = []
     skip: dict[str, str] = {}  # system -> why it is unavailable (asked once)
-    bar = tqdm(total=len(points) * s.repeats * len(configs), desc="sparse speed", unit="run", disable=not show_progress)
-    for c, b, t in points:
+    total = len(s.contexts) * len(s.batches) * len(s.threads) * s.repeats * len(configs)
+    bar = tqdm(total=total, desc="sparse speed", unit="run", disable=not show_progress)
+    for c in s.contexts:
         context = min(c, ids.shape[-1])
-        kv = sliced(prefilled, b, context - 1)
-        for r in range(s.repeats):
-            order = configs[r % len(configs):] + configs[:r % len(configs)]  # rotate: no system always first
-            for system, state in order:
-                run = Run(context, c, b, t, system, state, r)
-                bar.set_postfix_str(f"ctx {context} batch {b} {t}t {system} {state or ''} #{r + 1}")
-                if system in skip:
-                    run.available, run.note = False, skip[system]
-                else:
-                    with torch_threads(t):
-                        measure(model, system, state, kv, ids[:b, :context], s, workdir, run)
-                    if not run.available and (run.note or "").startswith(SPARSE_UNAVAILABLE):
-                        skip[system] = run.note  # the mode is absent: asking again at every point is pointless
-                runs.append(run)
-                bar.update(1)
-        del kv
+        for b in s.batches:
+            kv = sliced(prefilled, b, context - 1)
+            prompt = ids[:b, :context]
+            bases: dict[tuple[str, str | None], Any] = {}  # (system, state) -> base cache or the exception
+
+            def base_for(system: str, state: str | None) -> Any:
+                if (system, state) not in bases:
+                    bar.set_postfix_str(f"ctx {context} batch {b} prefill {system} {state}")
+                    t0 = time.perf_counter()
+                    try:
+                        with torch_threads(DEFAULT_THREADS):
+                            bases[(system, state)] = build_cache(
+                                model, system, state, kv, s, workdir / f"base-{system}-{state}", prompt[:, :-1],
+                                through_model=True)
+                    except Exception as exc:  # noqa: BLE001 - recorded per run below
+                        bases[(system, state)] = exc
+                    info["base_prefill_seconds"] += time.perf_counter() - t0
+                return bases[(system, state)]
+
+            try:
+                for t in s.threads:
+                    for r in range(s.repeats):
+                        order = configs[r % len(configs):] + configs[:r % len(configs)]  # rotate the order
+                        for system, state in order:
+                            run = Run(context, c, b, t, system, state, r)
+                            bar.set_postfix_str(f"ctx {context} batch {b} {t}t {system} {state or ''} #{r + 1}")
+                            base = base_for(system, state) if system in (FETCH, AWARE) and system not in skip else None
+                            if system in skip:
+                                run.available, run.note = False, skip[system]
+                            elif isinstance(base, SparseUnavailable):
+                                run.available, run.note = False, str(base)
+                            elif isinstance(base, Exception):
+                                fail(run, base)
+                            else:
+                                with torch_threads(t):
+                                    measure(model, system, state, kv, prompt, s, workdir, run, base)
+                            if not run.available and (run.note or "").startswith(SPARSE_UNAVAILABLE):
+                                skip[system] = run.note  # the mode is absent: asking again is pointless
+                            runs.append(run)
+                            bar.update(1)
+            finally:
+                for base in bases.values():
+                    if hasattr(base, "close"):
+                        base.close()
+                for system, state in bases:
+                    shutil.rmtree(workdir / f"base-{system}-{state}", ignore_errors=True)
+            del kv
     bar.close()
     return runs, info
 
@@ -542,8 +614,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=None, help="sparse budget, a fraction in (0, 1] (default 0.25)")
     parser.add_argument("--no-warm", action="store_true", help="skip the warm-page-cache runs")
     parser.add_argument("--fill", choices=("update", "model"), default=None,
-                        help="how tiered caches get the prompt: Cache.update with the prefilled K/V (default) or a "
-                             "prefill through the model for every run (slow)")
+                        help="how exact tiered caches get the prompt: Cache.update with the prefilled K/V (default) or "
+                             "a prefill through the model for every run (slow); sparse caches always copy a base "
+                             "cache prefilled through the model")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory on the disk under test")
     args = parser.parse_args(argv)
     s = Settings.quick() if args.quick else Settings()
