@@ -19,8 +19,9 @@ the real disk, not tmpfs).  Each tiered configuration runs **cold** (disk reads 
 the disk tier's ``direct_io`` where it is in effect, else the store is dropped from the page cache before
 every step — the label says which) and **warm** (page cache left alone).  The prompt is prefilled once
 per run (every context is a prefix of the longest; every batch takes the first rows) into a
-``DynamicCache`` and copied into each configuration's cache with ``Cache.update``, so no timing includes
-a prefill.  The first decode step (consuming the last prompt token) is untimed; then ``--steps`` steps
+``DynamicCache`` and copied into each dynamic / exact run's cache with ``Cache.update``; sparse runs
+decode from a ``copy.deepcopy`` of a base cache prefilled through the model once per point (see
+``run_all``), so no timing includes a prefill.  The first decode step (consuming the last prompt token) is untimed; then ``--steps`` steps
 are timed one by one (greedy tokens).  Figures are medians over every timed step of every repeat.
 Targets (8K context, batch 4, budget 25 %, cold): attention-aware ≥ 1.74× faster than
 fetch-every-step and ≥ 3× faster than exact tiered.  Writes ``sparse_speed.json`` (every sample, per-step
