@@ -93,7 +93,8 @@ def configurations(s: Settings) -> list[tuple[str, str | None]]:
 def estimate_seconds(s: Settings, kv_per_token: int) -> float:
     """A rough runtime estimate for SmolLM2 on a 2-core CPU: prefill ≈ 2.5 ms/token; a DynamicCache step ≈
     70 ms + 16 ms per 1K tokens of context × batch; tiered reads ≈ 1.1 ms/MB (exact reads the whole KV,
-    sparse about the budget); filling a tiered cache ≈ 3 ms/MB.  The tiny model is ~100× faster."""
+    sparse about the budget); filling or copying a tiered cache ≈ 3 ms/MB; each sparse (strategy, cold/warm)
+    prefills a base cache through the model once per point.  The tiny model is ~100× faster."""
     total = 2.5e-3 * max(s.contexts) * max(s.batches)
     for c in s.contexts:
         for b in s.batches:
@@ -102,8 +103,9 @@ def estimate_seconds(s: Settings, kv_per_token: int) -> float:
             runs = {DYNAMIC: base, EXACT: base + 1.1e-3 * mb, FETCH: base + 1.1e-3 * mb * s.budget,
                     AWARE: base + 0.5e-3 * mb * s.budget}
             for system, state in configurations(s):
-                total += (s.steps + 1) * runs[system] + (0 if system == DYNAMIC else 3e-3 * mb)
-    total *= s.repeats * len(s.threads)
+                total += s.repeats * len(s.threads) * ((s.steps + 1) * runs[system] + (0 if system == DYNAMIC else 3e-3 * mb))
+            bases = sum(system in (FETCH, AWARE) for system, _ in configurations(s))
+            total += bases * 2.5e-3 * c * b  # sparse base caches prefilled through the model
     return total / (100 if s.model == "tiny" else 1)
 
 
