@@ -82,7 +82,8 @@ class Settings:
 
 def estimate_seconds(s: Settings) -> float:
     """A rough runtime estimate for SmolLM2 on a 2-core CPU (prefill ≈ 1.5 ms/token, a decode step ≈
-    80 ms + 30 ms per 1K context, tiered construction ≈ 1 ms/token); the tiny model is ~100× faster."""
+    80 ms + 30 ms per 1K context, tiered construction ≈ 1 ms/token); the tiny model is ~100× faster.
+    It assumes sparse runs cost about what dense ones do; every run's own seconds are in the JSON."""
     def run(tokens: int, steps: int) -> float:
         return 2.5e-3 * tokens + steps * (0.08 + 0.03 * tokens / 1024)
 
@@ -287,7 +288,9 @@ def run(s: Settings, workdir: Path, *, show_progress: bool = True) -> dict[str, 
                 row["runs"][label(config)] = record
             else:
                 try:
+                    t0 = time.perf_counter()
                     result = run_passkey(model, tokenizer, case, cache, s.new_tokens)
+                    result["seconds"] = time.perf_counter() - t0
                     if config != FULL:
                         stats = cache.stats()
                         result.update(reuse_rate=reuse_rate(stats), stats=stats)
@@ -313,7 +316,9 @@ def run(s: Settings, workdir: Path, *, show_progress: bool = True) -> dict[str, 
             continue
         try:
             bar.update(1)
+            t0 = time.perf_counter()
             logp, per_step = teacher_forced(model, ids, s.tf_prefix, cache, on_step=lambda t: bar.update(1))
+            seconds = time.perf_counter() - t0
             stats = cache.stats() if config != FULL else None
         except Exception as exc:  # noqa: BLE001 - a sparse failure is reported, the run goes on
             if config in (FULL, EXACT):
@@ -324,9 +329,10 @@ def run(s: Settings, workdir: Path, *, show_progress: bool = True) -> dict[str, 
             close(cache)
         if config == FULL:
             reference = logp
-            tf["runs"][FULL] = {"available": True, "next_token_accuracy": float((logp.argmax(-1) == targets).float().mean())}
+            tf["runs"][FULL] = {"available": True, "seconds": seconds,
+                                "next_token_accuracy": float((logp.argmax(-1) == targets).float().mean())}
             continue
-        tf["runs"][label(config)] = {"available": True, "budget": None if config == EXACT else config,
+        tf["runs"][label(config)] = {"available": True, "budget": None if config == EXACT else config, "seconds": seconds,
                                      **compare(reference, logp, targets), "reuse_rate": reuse_rate(stats),
                                      "per_step": per_step, "stats": stats}
     bar.close()
