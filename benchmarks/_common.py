@@ -1,4 +1,4 @@
-"""Helpers shared by the CPU benchmarks (``storage.py``, ``hotpath.py``).
+"""Helpers shared by the CPU benchmarks (``storage.py``, ``hotpath.py``, ``sparse_accuracy.py``, ``sparse_speed.py``).
 
 Nothing here times anything itself: it builds inputs, controls the page cache and the torch thread
 count, and describes the machine, so every benchmark states the same facts the same way.
@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -140,3 +140,123 @@ def machine_meta() -> dict[str, object]:
 def has_field(cls: type, name: str) -> bool:
     """Whether dataclass ``cls`` has a field ``name`` (feature detection across versions)."""
     return dataclasses.is_dataclass(cls) and any(f.name == name for f in dataclasses.fields(cls))
+
+
+# -- models, tiered caches and their stats (sparse_accuracy.py, sparse_speed.py) ---------------------------
+class SparseUnavailable(RuntimeError):
+    """The installed ``tiercache_llm`` has no sparse mode (no ``TieredKVCache.for_model``, or it
+    refuses ``mode="sparse"``).  Benchmarks mark such rows "sparse mode not available"; they never
+    substitute another mode's figures."""
+
+
+SPARSE_UNAVAILABLE = "sparse mode not available"
+
+
+def tiny_llama(vocab: int = 128, layers: int = 2, seed: int = 0) -> Any:
+    """A random 2-layer Llama (GQA: 4 query heads, 2 KV heads, head dim 16) for smoke tests."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def load_bench_model(name: str) -> tuple[Any, Any]:
+    """``(model, tokenizer_or_None)``: ``"smollm2"`` (SmolLM2-135M-Instruct, float32, CPU) or ``"tiny"``
+    (:func:`tiny_llama`, no tokenizer)."""
+    if name == "smollm2":
+        from tiercache_llm.models import load_smollm2
+
+        return load_smollm2()
+    if name == "tiny":
+        return tiny_llama(), None
+    raise ValueError(f"unknown model {name!r}: use 'smollm2' or 'tiny'")
+
+
+def kv_cache_bytes(config: Any, tokens: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of a full K/V cache: layers × 2 (K and V) × KV heads × head dim × dtype size × tokens × batch."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return text.num_hidden_layers * 2 * heads * head_dim * itemsize * tokens * batch
+
+
+def sparse_available() -> tuple[bool, str]:
+    """``(True, "")`` when ``TieredKVCache.for_model`` exists (sparse mode may still refuse at
+    construction: :func:`make_tiered` raises :class:`SparseUnavailable` then), else ``(False, why)``."""
+    from tiercache_llm import TieredKVCache
+
+    if not hasattr(TieredKVCache, "for_model"):
+        return False, f"{SPARSE_UNAVAILABLE}: the installed tiercache_llm has no TieredKVCache.for_model"
+    return True, ""
+
+
+def make_tiered(model: Any, mode: str, **options: Any) -> Any:
+    """A ``TieredKVCache`` for ``model`` in ``mode`` (``"exact"`` or ``"sparse"``).
+
+    Uses ``TieredKVCache.for_model(model, mode=..., **options)`` where it exists (it prepares the
+    model for the mode); without it exact mode is built with ``TieredKVCache(model.config, **options)``
+    and sparse mode raises :class:`SparseUnavailable`, as it does when the cache refuses
+    ``mode="sparse"`` (``NotImplementedError``, or a ``TypeError``/``ValueError`` about the mode).
+    Other errors (bad options) propagate."""
+    from tiercache_llm import TieredKVCache
+
+    if hasattr(TieredKVCache, "for_model"):
+        try:
+            return TieredKVCache.for_model(model, mode=mode, **options)
+        except NotImplementedError as exc:
+            if mode == "sparse":
+                raise SparseUnavailable(f"{SPARSE_UNAVAILABLE}: {exc}") from exc
+            raise
+    if mode == "exact":
+        return TieredKVCache(model.config, **options)
+    available, why = sparse_available()
+    raise SparseUnavailable(why)
+
+
+def find_numbers(stats: Any, *fragments: str, prefix: str = "") -> dict[str, float]:
+    """Every number in the nested dict ``stats`` whose dotted path contains one of ``fragments``
+    (case-insensitive), e.g. ``find_numbers(cache.stats(), "reuse")`` → ``{"sparse.reuse_rate": 0.8}``.
+    Used to read figures whose exact key names a benchmark cannot rely on."""
+    out: dict[str, float] = {}
+    if isinstance(stats, dict):
+        for key, value in stats.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if isinstance(value, dict):
+                out.update(find_numbers(value, *fragments, prefix=path))
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                if any(f.lower() in path.lower() for f in fragments):
+                    out[path] = float(value)
+    return out
+
+
+def tier_row(stats: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The per-tier row of ``kind`` ("gpu" / "host" / "disk") in a ``TieredKVCache.stats()`` (its
+    ``tiercache`` part) or a ``tiercache.Cache.stats()``, or ``{}``."""
+    tiers = stats.get("tiercache", stats).get("tiers", {})
+    if kind in tiers:
+        return tiers[kind]
+    return next((row for name, row in tiers.items() if kind in name), {})
+
+
+def stats_delta(before: Any, after: Any) -> Any:
+    """``after - before`` for every number of two nested stats dicts (missing in ``before``: taken
+    as 0); non-numbers are taken from ``after``."""
+    if isinstance(after, dict):
+        base = before if isinstance(before, dict) else {}
+        return {k: stats_delta(base.get(k), v) for k, v in after.items()}
+    if isinstance(after, (int, float)) and not isinstance(after, bool):
+        return after - before if isinstance(before, (int, float)) and not isinstance(before, bool) else after
+    return after
+
+
+def reuse_rate(stats: dict[str, Any]) -> float | None:
+    """The cache's own overall reuse rate (selected blocks already in the fastest tier / selected blocks)
+    read defensively from ``stats()``: a number under a key containing ``reuse``, preferring one named
+    ``reuse_rate``, then one under a ``total`` section, and not a ``last_step`` one; else ``None``."""
+    found = find_numbers(stats, "reuse")
+    ranked = sorted(found, key=lambda p: (not p.endswith("reuse_rate"), "total" not in p, "last" in p))
+    return found[ranked[0]] if ranked else None
