@@ -33,7 +33,7 @@ from tiercache.sizes import format_size as _fmt
 
 from .blocks import KEY_PREFIX
 from .errors import KVCapacityError
-from .policies import StreamingKVPolicy
+from .policies import AttentionPlacementPolicy, StreamingKVPolicy
 
 log = logging.getLogger("tiercache_llm")
 
@@ -132,6 +132,8 @@ class BlockStore:
         of their blocks from then on."""
         if isinstance(policy, str) and policy == StreamingKVPolicy.name:
             policy = StreamingKVPolicy()
+        elif isinstance(policy, str) and policy == AttentionPlacementPolicy.name:
+            policy = AttentionPlacementPolicy()
         tmpdir = None
         if disk not in (None, 0) and path is None:
             tmpdir = tempfile.mkdtemp(prefix="tiercache-kv-")
@@ -332,6 +334,23 @@ class BlockStore:
             sources.append(src)
         torch._foreach_copy_(out, sources)
         return out
+
+    def tiers_of(self, keys: Sequence[Any]) -> list[str | None]:
+        """Name of the tier holding each key (``None`` when absent), e.g. to count reuse before a fetch."""
+        tier_of = self.cache.tier_of
+        return [tier_of(key) for key in keys]
+
+    @property
+    def fastest_tier(self) -> str:
+        """Name of the tiercache's fastest tier."""
+        return self.cache.tiers[0].name
+
+    def update_scores(self, scores: dict[Any, float]) -> int:
+        """Set tiercache scores (one batched call); absent keys are skipped.  Returns how many applied."""
+        if not scores:
+            return 0
+        self._check_open()
+        return self.cache.update_scores(scores)
 
     def _account(self, key: Any, nbytes: int) -> None:
         self._unaccount(key)
