@@ -133,7 +133,7 @@ def _post_hook(module, args, kwargs, output):
     if token is not None:
         _RUNNING.reset(token)
     if getattr(cache, "_sparse", None) is not None:
-        cache._end_forward()
+        cache._end_forward(failed=output is None)  # None: the pass raised (always_call hook)
     return None
 
 

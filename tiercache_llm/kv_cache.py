@@ -810,12 +810,13 @@ class TieredKVCache(Cache):
 
             restore_model(model)
 
-    def _end_forward(self) -> None:
-        """Called by the prepared model after each forward pass with this cache."""
+    def _end_forward(self, failed: bool = False) -> None:
+        """Called by the prepared model after each forward pass with this cache (``failed``: the pass
+        raised; its exception is the one that propagates)."""
         ctrl = self._sparse
         step = ctrl.last_step
         try:
-            ctrl.end_forward(self.layers, self.store)
+            ctrl.end_forward(self.layers, self.store, check=not failed)
         finally:
             if step.layer_steps:
                 step.steps = 1

@@ -123,7 +123,7 @@ class SparseController:
         self.announced = True
         self.hook_name = hook_name
 
-    def end_forward(self, layers: list["TieredKVLayer"], store: Any) -> None:
+    def end_forward(self, layers: list["TieredKVLayer"], store: Any, check: bool = True) -> None:
         """After a forward pass: every pending decode record must have been consumed by the hook, and
         the step's scores go to the tiercache in one call."""
         self.announced = False
@@ -132,7 +132,7 @@ class SparseController:
         for layer in layers:
             if layer.sparse is not None:
                 layer.sparse.pending = None
-        if stale:
+        if stale and check:
             raise SparseModeError(
                 f"layers {stale} of a sparse TieredKVCache were not attended by the sparse attention function: "
                 "the model's attention implementation was changed after TieredKVCache.for_model"

@@ -277,7 +277,7 @@ def test_scores_follow_mass_through_crop_reorder_and_batch_selection(make_model)
 
 def _reuse(model, strategy, ids):
     with TieredKVCache.for_model(model, mode="sparse", strategy=strategy, budget=24, sink=4, recent=4, block_size=4,
-                                 host="12KiB", disk="16MiB") as cache:
+                                 host="32KiB", disk="16MiB") as cache:  # host: ~30% of the KV
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
                        pad_token_id=0, past_key_values=cache)
         stats = cache.stats()
