@@ -42,8 +42,9 @@ class AttentionPlacementPolicy:
 
     - ``rank`` = ``(score, inserted)``: in a full tier the block with the least decayed mass is demoted
       first (never-attended blocks, score 0, oldest first);
-    - ``promote``: a hit in a slower tier moves up when its score exceeds ``promote_threshold`` (default
-      0: any block attention has used).  A block selected for the first time has score 0 when it is
+    - ``promote``: a hit in a slower tier moves up when attention has used it (score > 0) and its score
+      is at least ``promote_threshold`` (default 0; a sparse KV cache raises it every step to the mass of
+      the least attended block that still belongs in the fastest tier, so promotions do not churn).  A block selected for the first time has score 0 when it is
       fetched, so it is promoted at its *second* use, once attention confirmed it matters.
 
     Decay is applied by the KV cache by inflating new contributions (``mass * decay ** -step``), so a
@@ -61,4 +62,4 @@ class AttentionPlacementPolicy:
         return (info.score, info.inserted)
 
     def promote(self, info: Any, src: str, dst: str) -> bool:
-        return info.score > self.promote_threshold
+        return info.score > 0.0 and info.score >= self.promote_threshold

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from .errors import TieredKVError
+from .policies import AttentionPlacementPolicy
 from .sparse.attention import sparse_attention_reference
 from .sparse.digests import KeyDigests
 from .sparse.selection import SelectionConfig, select
@@ -138,6 +139,36 @@ class SparseController:
                 "the model's attention implementation was changed after TieredKVCache.for_model"
             )
         self.flush_scores(store)
+        if check:
+            self.admit(layers, store)
+
+    def admit(self, layers: list["TieredKVLayer"], store: Any) -> None:
+        """Admission control for promotion: with an :class:`~.policies.AttentionPlacementPolicy` this
+        store created, set its ``promote_threshold`` to the decayed mass of the ``M``-th most attended
+        stored block (``M`` = blocks the fastest tier holds), so only blocks that belong among the
+        fastest tier's top ``M`` are promoted.  Without it every block attention uses twice would be
+        promoted, and with a fast tier smaller than a step's selection each promotion would demote
+        another selected block (a disk write) only to fetch it back next step."""
+        policy = getattr(store, "policy", None)
+        if self.strategy != "attention-aware" or not isinstance(policy, AttentionPlacementPolicy):
+            return
+        masses, entry = [], 0
+        for layer in layers:
+            if layer.sparse is not None and layer._blocks:
+                masses.append(layer.sparse.mass[: len(layer._blocks)])
+                entry = max(entry, layer._blocks[0].nbytes // 2)
+        if not masses or not entry:
+            return
+        start = time.perf_counter()
+        every = torch.cat(masses)
+        room = store.fastest_tier_entries(entry) // 2  # K and V entries per block
+        if room <= 0:
+            policy.promote_threshold = math.inf
+        elif every.numel() <= room:
+            policy.promote_threshold = 0.0
+        else:
+            policy.promote_threshold = max(0.0, float(torch.topk(every, room).values[-1]))
+        self.total.placement_seconds += time.perf_counter() - start
 
     def flush_scores(self, store: Any) -> None:
         if self.pending_scores:

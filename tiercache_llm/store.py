@@ -98,6 +98,9 @@ class BlockStore:
         self._futures: list[concurrent.futures.Future] = []
         # Whether cache.get_many writes into a list of out tensors (C5): None until first tried.
         self.out_lists: bool | None = None
+        # The placement policy object when this store created it (``open``); the sparse KV cache tunes an
+        # AttentionPlacementPolicy's promotion threshold through it.  None for a borrowed cache.
+        self.policy: Any = None
         self._lock = threading.Lock()
         self._closed = False
         stats = cache.stats()
@@ -148,6 +151,7 @@ class BlockStore:
                 shutil.rmtree(tmpdir, ignore_errors=True)
             raise
         store = cls(cache, owns=True, tmpdir=tmpdir)
+        store.policy = policy
         if path is not None and tmpdir is None:
             try:
                 store._start_owner_records(os.fspath(path))
@@ -344,6 +348,11 @@ class BlockStore:
     def fastest_tier(self) -> str:
         """Name of the tiercache's fastest tier."""
         return self.cache.tiers[0].name
+
+    def fastest_tier_entries(self, nbytes: int) -> int:
+        """How many entries of ``nbytes`` bytes the fastest tier holds at most (its capacity over
+        ``Cache.charge``)."""
+        return int(self.cache.tiers[0].capacity // max(1, self.cache.charge(nbytes)))
 
     def update_scores(self, scores: dict[Any, float]) -> int:
         """Set tiercache scores (one batched call); absent keys are skipped.  Returns how many applied."""
