@@ -678,9 +678,11 @@ class TieredKVCache(Cache):
     Args:
         config: the model's config (``model.config``); its decoder text config decides the number
             of layers and which are sliding-window layers.
-        gpu, host, disk, path, block_size, mode, policy, compression, prefetch, direct_io: see
-            :class:`TieredKVSettings` (defaults: 64-token blocks, exact mode, a 4 GiB host tier, no
-            disk tier).
+        gpu, host, disk, path, block_size, mode, policy, compression, prefetch, direct_io, budget, sink,
+            recent, strategy, decay: see :class:`TieredKVSettings` (defaults: 64-token blocks, exact
+            mode, a 4 GiB host tier, no disk tier; sparse: ``budget=0.25, sink=4, recent=64,
+            strategy="attention-aware", decay=0.9``).  Sparse mode needs the model prepared: build it
+            with :meth:`for_model`.
         cache: an existing ``tiercache.Cache`` to store blocks in instead of creating one (then the
             budget arguments must be left out).  A borrowed cache is not closed by :meth:`close`;
             this KV cache's entries are deleted from it.
