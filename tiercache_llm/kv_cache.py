@@ -833,6 +833,7 @@ class TieredKVCache(Cache):
                 if needs_rescale(ctrl):
                     ctrl.rescale(self.layers)
                     ctrl.flush_scores(self.store)
+                    ctrl.admit(self.layers, self.store)
                 ctrl.last_step = type(step)()
                 self._last_step_stats = step.as_dict()
 

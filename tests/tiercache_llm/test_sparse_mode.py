@@ -319,3 +319,53 @@ def test_stats_are_json(make_model):
     assert last["steps"] == 1 and last["layer_steps"] == 2
     for key in ("scoring_seconds", "fetch_seconds", "attention_seconds"):
         assert stats["sparse"]["total"][key] > 0
+
+
+def test_plain_forward_calls_decode_sparsely(make_model):
+    """model(ids, past_key_values=cache) step by step, no attention mask: dense budget == DynamicCache."""
+    model = make_model("llama", seed=11)
+    ids = torch.randint(3, 128, (2, 23), generator=torch.Generator().manual_seed(11))
+    with TieredKVCache.for_model(model, mode="sparse", budget=DENSE, block_size=4, host="1MiB") as cache:
+        ref_cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            a = model(ids, past_key_values=ref_cache).logits
+            b = model(ids, past_key_values=cache).logits
+            torch.testing.assert_close(a, b)
+            for _ in range(6):
+                nxt = a[:, -1:].argmax(-1)
+                a = model(nxt, past_key_values=ref_cache).logits
+                b = model(nxt, past_key_values=cache).logits
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert cache.stats()["sparse"]["total"]["steps"] == 6
+        cache.restore_model()
+
+
+def test_sliding_window_layers_stay_exact(make_model):
+    model = make_model("mistral", seed=12, sliding_window=8)
+    ids, mask = left_padded_batch(seed=12)
+    ref = gen(model, DynamicCache(config=model.config), ids, mask)
+    with TieredKVCache.for_model(model, mode="sparse", budget=4, block_size=4, host="1MiB") as cache:
+        assert all(layer.sparse is None for layer in cache.layers)  # every layer slides: nothing to select
+        got = gen(model, cache, ids, mask)
+        cache.restore_model()
+    assert_same(ref, got)
+
+
+def test_fast_decay_rescales_scores_and_keeps_them_consistent(make_model):
+    """decay=0.01 inflates contributions 100x per step: the cache rescales before float64 overflows and
+    resends every score."""
+    model = make_model("llama", seed=13)
+    ids, mask = left_padded_batch(seed=13)
+    cache = TieredKVCache.for_model(model, mode="sparse", budget=8, sink=2, recent=4, decay=0.01, block_size=4,
+                                    host="1MiB")
+    sent = _score_spy(cache)
+    gen(model, cache, ids, mask, n=30)
+    assert cache._sparse.clock < 29  # it was reset
+    for layer in cache.layers:
+        mass = layer.sparse.mass
+        assert torch.isfinite(mass).all() and float(mass.max()) < 1e31
+        for j, kk in enumerate(layer._kkeys):
+            if float(mass[j]) > 0:
+                assert sent[kk] == pytest.approx(float(mass[j]))
+    cache.restore_model()
+    cache.close()
