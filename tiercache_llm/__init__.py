@@ -4,6 +4,9 @@
     cache = TieredKVCache(model.config, host="2GiB", disk="200GiB", path="/nvme/kv")
     out = model.generate(input_ids, past_key_values=cache, max_new_tokens=256)
 
+    # sparse decode with attention-aware placement (prepares the model's attention, reversibly)
+    cache = TieredKVCache.for_model(model, mode="sparse", budget=0.25, host="2GiB", disk="200GiB", path="/nvme/kv")
+
 Supported transformers: ``>=5.17,<6``.
 """
 
@@ -11,10 +14,15 @@ from .blocks import BlockRef, block_key
 from .decode_buffer import DecodeBuffer
 from .errors import KVCapacityError, TieredKVError, UnsupportedModelError
 from .kv_cache import SUPPORTED_TRANSFORMERS, TieredKVCache, TieredKVLayer, TieredKVSettings
+from .policies import AttentionPlacementPolicy, StreamingKVPolicy
+from .sparse_layer import SparseModeError
 from .store import BlockStore, KVCounters
 
 __all__ = [
     "SUPPORTED_TRANSFORMERS",
+    "AttentionPlacementPolicy",
+    "SparseModeError",
+    "StreamingKVPolicy",
     "BlockRef",
     "BlockStore",
     "DecodeBuffer",

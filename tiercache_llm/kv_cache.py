@@ -5,9 +5,10 @@ Plug it into ``generate``::
     cache = TieredKVCache(model.config, host="1GiB", disk="16GiB", path="/nvme/kv")
     out = model.generate(input_ids, past_key_values=cache, max_new_tokens=256)
 
-Exact mode (the only mode so far): every forward pass attends over every block, so greedy decoding is
-token-identical to ``DynamicCache``.  See ``docs/tiercache_llm.md`` for the block layout, budgets
-and statistics.
+Exact mode (default): every forward pass attends over every block, so greedy decoding is
+token-identical to ``DynamicCache``.  Sparse mode (``TieredKVCache.for_model(model, mode="sparse",
+budget=0.25)``): decode steps attend over a budget of blocks chosen per step and KV head, and the
+attention those blocks receive decides which tier they live in.  See ``docs/tiercache_llm.md``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .blocks import BlockRef, block_key
 from .decode_buffer import DecodeBuffer, StatesBuffer
 from .errors import UnsupportedModelError
+from .sparse.selection import SelectionConfig
+from .sparse_layer import STRATEGIES, SparseController, SparseLayerState, SparseModeError, check_decay, needs_rescale
 from .store import BlockStore
 
 SUPPORTED_TRANSFORMERS = ">=5.17,<6"
@@ -39,14 +42,26 @@ class TieredKVSettings:
     Attributes:
         block_size: tokens per stored block (> 0).  Smaller blocks waste less tail memory and move
             in finer units; larger blocks mean fewer tiercache entries and larger transfers.
-        mode: ``"exact"`` (attention over every block).  ``"sparse"`` is planned, not implemented.
+        mode: ``"exact"`` (attention over every block) or ``"sparse"`` (decode steps attend over a
+            per-step selection of blocks; needs a model prepared by :meth:`TieredKVCache.for_model`).
+        budget, sink, recent: sparse mode: tokens attended per row, layer and KV head besides the new
+            token (``int``), or a fraction in (0, 1] of each row's valid context (``float``; default
+            ``0.25``); ``sink`` leading (default 4) and ``recent`` trailing (default 64) valid tokens are
+            always attended.  A budget >= the context gives exactly dense attention.
+        strategy: sparse mode: ``"attention-aware"`` (default: the attention mass blocks receive goes
+            into their tiercache scores under the ``"attention-aware"`` policy, so they are promoted and
+            kept close) or ``"fetch-every-step"`` (same selection, every selected block read from its
+            home tier every step under ``"kv-stream"``: no promotion, no reuse).
+        decay: sparse, attention-aware: per decode step decay of the accumulated mass (default 0.9).
         gpu, host, disk: tier budgets (bytes or strings like ``"512MiB"``; ``None``/0 disables the
             tier).  Ignored when an existing ``tiercache.Cache`` is passed to the cache.
         path: directory of the disk tier.  ``None`` with a disk budget: a temporary directory that
             :meth:`TieredKVCache.close` removes.
         policy: tiercache placement policy: ``"kv-stream"`` (default,
             :class:`~tiercache_llm.policies.StreamingKVPolicy`: no promotion, oldest blocks demoted
-            first), or any tiercache policy (``"lru"``, ``"lfu"``, ``"score"``, a Policy object).
+            first), ``"attention-aware"`` (:class:`~tiercache_llm.policies.AttentionPlacementPolicy`, the
+            default of sparse attention-aware caches), or any tiercache policy (``"lru"``, ``"lfu"``,
+            ``"score"``, a Policy object).  ``None``: the mode's default.
         compression: tiercache compression codec for the disk tier (``None``: none).
         prefetch: after a layer fetches its blocks, ask the tiercache to stage the next layer's
             blocks (the next step's layer 0 after the last layer) while this layer computes.  Off
@@ -59,25 +74,48 @@ class TieredKVSettings:
     """
 
     block_size: int = 64
-    mode: Literal["exact"] = "exact"
+    mode: Literal["exact", "sparse"] = "exact"
     gpu: int | str | None = None
     host: int | str | None = "4GiB"
     disk: int | str | None = None
     path: str | os.PathLike | None = None
-    policy: Any = "kv-stream"
+    policy: Any = None
     compression: str | None = None
     prefetch: bool = False
     direct_io: bool = True
+    budget: int | float | None = None
+    sink: int | None = None
+    recent: int | None = None
+    strategy: str | None = None
+    decay: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
             raise TypeError(f"block_size must be an int, not {type(self.block_size).__name__}")
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
-        if self.mode == "sparse":
-            raise NotImplementedError("sparse (attention-aware) mode is not implemented yet; use mode='exact'")
-        if self.mode != "exact":
-            raise ValueError(f"mode must be 'exact', got {self.mode!r}")
+        if self.mode not in ("exact", "sparse"):
+            raise ValueError(f"mode must be 'exact' or 'sparse', got {self.mode!r}")
+        sparse_opts = {k: getattr(self, k) for k in ("budget", "sink", "recent", "strategy", "decay")}
+        if self.mode == "exact":
+            given = sorted(k for k, v in sparse_opts.items() if v is not None)
+            if given:
+                raise ValueError(f"{given} apply to mode='sparse' only")
+            if self.policy is None:
+                object.__setattr__(self, "policy", "kv-stream")
+        else:
+            defaults = dict(budget=0.25, sink=4, recent=64, strategy="attention-aware", decay=0.9)
+            for k, v in defaults.items():
+                if sparse_opts[k] is None:
+                    object.__setattr__(self, k, v)
+            SelectionConfig(budget=self.budget, sink=self.sink, recent=self.recent)  # validates
+            if self.strategy not in STRATEGIES:
+                raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+            object.__setattr__(self, "decay", check_decay(self.decay))
+            if self.policy is None:
+                object.__setattr__(self, "policy", "kv-stream" if self.strategy == "fetch-every-step" else "attention-aware")
+            elif self.strategy == "fetch-every-step" and self.policy != "kv-stream":
+                raise ValueError("strategy='fetch-every-step' is defined with the 'kv-stream' policy (no promotion)")
         if not isinstance(self.prefetch, bool):
             raise TypeError("prefetch must be a bool")
         if not isinstance(self.direct_io, bool):
@@ -146,6 +184,7 @@ class TieredKVLayer(CacheLayerMixin):
         self._batch = 0
         self._shape_k: tuple[int, int] = (0, 0)  # (kv_heads, head_dim)
         self._shape_v: tuple[int, int] = (0, 0)
+        self.sparse: SparseLayerState | None = None  # set by a sparse TieredKVCache on full-attention layers
 
     def __repr__(self) -> str:
         return (
@@ -396,6 +435,13 @@ class TieredKVLayer(CacheLayerMixin):
         returned tensors are valid until the next ``update`` of any layer of this cache (see the
         class docstring).
         """
+        if self.sparse is not None:
+            return self.sparse.update(self, key_states, value_states)
+        return self._update_exact(key_states, value_states)
+
+    def _update_exact(
+        self, key_states: torch.Tensor, value_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._check_states(key_states, value_states)
@@ -461,6 +507,8 @@ class TieredKVLayer(CacheLayerMixin):
         self._tail_k = self._tail_v = None
         self._tail_len = 0
         self.is_initialized = False
+        if self.sparse is not None:
+            self.sparse.reset()
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last ``-tokens_to_remove`` tokens (transformers >= 5.17 passes a negative count;
@@ -502,6 +550,8 @@ class TieredKVLayer(CacheLayerMixin):
                     "would see again were dropped before past recording was activated"
                 )
             self._truncate(new_length)
+            if self.sparse is not None:
+                self.sparse.crop(self, new_length)
         self._drop_expired()
 
     def _truncate(self, new_length: int) -> None:
@@ -554,6 +604,8 @@ class TieredKVLayer(CacheLayerMixin):
         for block in self._blocks:
             block.compose(index)
         self._batch = index.numel()
+        if self.sparse is not None:
+            self.sparse.select_rows(index)
         if compact:
             stale = [i for i, b in enumerate(self._blocks) if b.rows is not None and b.rows.numel() < b.stored_batch]
             if stale:
@@ -562,6 +614,8 @@ class TieredKVLayer(CacheLayerMixin):
                 refs, kkeys, vkeys = self._store_blocks(ks, vs)
                 for i, ref, kkey, vkey in zip(stale, refs, kkeys, vkeys):
                     self._blocks[i], self._kkeys[i], self._vkeys[i] = ref, kkey, vkey
+                if self.sparse is not None:
+                    self.sparse.push_all_scores(self)
         self._mapped = any(b.rows is not None for b in self._blocks)
 
     def _copy_to(self, store: BlockStore, cache_uid: str, buffer: DecodeBuffer) -> "TieredKVLayer":
@@ -625,9 +679,11 @@ class TieredKVCache(Cache):
     Args:
         config: the model's config (``model.config``); its decoder text config decides the number
             of layers and which are sliding-window layers.
-        gpu, host, disk, path, block_size, mode, policy, compression, prefetch, direct_io: see
-            :class:`TieredKVSettings` (defaults: 64-token blocks, exact mode, a 4 GiB host tier, no
-            disk tier).
+        gpu, host, disk, path, block_size, mode, policy, compression, prefetch, direct_io, budget, sink,
+            recent, strategy, decay: see :class:`TieredKVSettings` (defaults: 64-token blocks, exact
+            mode, a 4 GiB host tier, no disk tier; sparse: ``budget=0.25, sink=4, recent=64,
+            strategy="attention-aware", decay=0.9``).  Sparse mode needs the model prepared: build it
+            with :meth:`for_model`.
         cache: an existing ``tiercache.Cache`` to store blocks in instead of creating one (then the
             budget arguments must be left out).  A borrowed cache is not closed by :meth:`close`;
             this KV cache's entries are deleted from it.
@@ -659,6 +715,11 @@ class TieredKVCache(Cache):
         compression: str | None = _UNSET,
         prefetch: bool = _UNSET,
         direct_io: bool = _UNSET,
+        budget: int | float = _UNSET,
+        sink: int = _UNSET,
+        recent: int = _UNSET,
+        strategy: str = _UNSET,
+        decay: float = _UNSET,
         cache: Any = None,
         settings: TieredKVSettings | None = None,
     ) -> None:
@@ -670,7 +731,8 @@ class TieredKVCache(Cache):
             name: value
             for name, value in dict(
                 gpu=gpu, host=host, disk=disk, path=path, block_size=block_size, mode=mode, policy=policy,
-                compression=compression, prefetch=prefetch, direct_io=direct_io,
+                compression=compression, prefetch=prefetch, direct_io=direct_io, budget=budget, sink=sink,
+                recent=recent, strategy=strategy, decay=decay,
             ).items()
             if value is not _UNSET
         }
@@ -703,6 +765,78 @@ class TieredKVCache(Cache):
             for i, w in enumerate(windows)
         ]
         super().__init__(layers=layers)
+        self._sparse: SparseController | None = None
+        self._prepared_model: Any = None
+        if settings.mode == "sparse":
+            self._sparse = SparseController(
+                SelectionConfig(budget=settings.budget, sink=settings.sink, recent=settings.recent),
+                settings.strategy, settings.decay,
+            )
+            for layer in layers:
+                if layer.sliding_window is None:  # sliding-window layers stay exact (their window is the budget)
+                    layer.sparse = SparseLayerState(self._sparse)
+                    layer.sparse._block_size = settings.block_size
+
+    @classmethod
+    def for_model(cls, model: Any, **options: Any) -> "TieredKVCache":
+        """A cache built from ``model.config`` with ``options`` (see the class), the model prepared for
+        its mode.
+
+        Exact mode leaves the model as it is.  Sparse mode switches the model's attention to
+        ``tiercache_sparse_<sdpa|eager>`` (registered through transformers' ``AttentionInterface``
+        together with the matching ``AttentionMaskInterface`` mask function) and hooks its decoder to
+        publish the running cache (see :mod:`tiercache_llm.attention_hook`).  The prepared model behaves
+        exactly like before for any other cache (``DynamicCache``, exact ``TieredKVCache``, none), so
+        it can serve caches of different modes in turn.  Undo with :meth:`restore_model` (or
+        :func:`tiercache_llm.attention_hook.restore_model`).
+        """
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+            raise TypeError(f"for_model takes a transformers model, not {type(model).__name__}")
+        cache = cls(model.config, **options)
+        if cache._sparse is not None:
+            from .attention_hook import prepare_model
+
+            try:
+                prepare_model(model)
+            except BaseException:
+                cache.close()
+                raise
+            cache._prepared_model = model
+        return cache
+
+    def restore_model(self) -> None:
+        """Give the model prepared by :meth:`for_model` its original attention back (no-op in exact mode
+        or when already restored).  This cache cannot decode sparsely with it afterwards."""
+        model, self._prepared_model = self._prepared_model, None
+        if model is not None:
+            from .attention_hook import restore_model
+
+            restore_model(model)
+
+    def _end_forward(self, failed: bool = False) -> None:
+        """Called by the prepared model after each forward pass with this cache (``failed``: the pass
+        raised; its exception is the one that propagates)."""
+        ctrl = self._sparse
+        step = ctrl.last_step
+        try:
+            ctrl.end_forward(self.layers, self.store, check=not failed)
+        finally:
+            if step.layer_steps:
+                step.steps = 1
+                total = ctrl.total
+                for name, value in step.__dict__.items():
+                    if name == "bytes_fetched":
+                        for tier, n in value.items():
+                            total.bytes_fetched[tier] = total.bytes_fetched.get(tier, 0) + n
+                    else:
+                        setattr(total, name, getattr(total, name) + value)
+                ctrl.clock += 1
+                if needs_rescale(ctrl):
+                    ctrl.rescale(self.layers)
+                    ctrl.flush_scores(self.store)
+                    ctrl.admit(self.layers, self.store)
+                ctrl.last_step = type(step)()
+                self._last_step_stats = step.as_dict()
 
     def __repr__(self) -> str:
         return (
@@ -754,6 +888,16 @@ class TieredKVCache(Cache):
             buffer_peak_bytes=self.buffer.peak_bytes,
         )
         out["kv"]["beside_tiers_bytes"] = out["kv"]["tail_bytes"] + out["kv"]["buffer_bytes"]
+        if self._sparse is not None:
+            digest_bytes = sum(layer.sparse.nbytes for layer in self.layers if layer.sparse is not None)
+            out["kv"]["digest_bytes"] = digest_bytes
+            out["kv"]["beside_tiers_bytes"] += digest_bytes
+            out["sparse"] = {
+                "settings": dict(budget=self.settings.budget, sink=self.settings.sink, recent=self.settings.recent,
+                                 strategy=self.settings.strategy, decay=self.settings.decay),
+                "total": self._sparse.total.as_dict(),
+                "last_step": getattr(self, "_last_step_stats", None),
+            }
         return out
 
     def release_buffers(self) -> None:
@@ -790,14 +934,21 @@ class TieredKVCache(Cache):
             store = BlockStore(self.store.cache, owns=False)
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        skip = {"store", "layers", "cache_uid", "buffer", "settings"}
+        skip = {"store", "layers", "cache_uid", "buffer", "settings", "_prepared_model"}
         new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k not in skip})
         new.settings, new.store, new.cache_uid, new.buffer = settings, store, uuid.uuid4().hex, DecodeBuffer()
+        new._prepared_model = self._prepared_model  # the same model object, prepared once
         try:
             new.layers = [layer._copy_to(store, new.cache_uid, new.buffer) for layer in self.layers]
         except BaseException:
             store.close()
             raise
+        if self._sparse is not None:
+            for old, layer in zip(self.layers, new.layers):
+                if old.sparse is not None:
+                    layer.sparse = old.sparse.copy_for(new._sparse)
+                    layer.sparse.push_all_scores(layer)
+            new._sparse.flush_scores(store)
         return new
 
     def __copy__(self) -> "TieredKVCache":

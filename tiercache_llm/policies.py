@@ -30,3 +30,36 @@ class StreamingKVPolicy:
 
     def promote(self, info: Any, src: str, dst: str) -> bool:
         return False
+
+
+class AttentionPlacementPolicy:
+    """Placement for sparse decode (``strategy="attention-aware"``): blocks attention keeps returning to
+    stay in (and move up to) the fastest tier; blocks it abandoned leave first.
+
+    The KV cache feeds each block's *decayed attention mass* into the tiercache score
+    (``Cache.update_scores``, one batched call per forward pass; see
+    :class:`tiercache_llm.sparse_layer.SparseController`).  This policy only reads that number:
+
+    - ``rank`` = ``(score, inserted)``: in a full tier the block with the least decayed mass is demoted
+      first (never-attended blocks, score 0, oldest first);
+    - ``promote``: a hit in a slower tier moves up when attention has used it (score > 0) and its score
+      is at least ``promote_threshold`` (default 0; a sparse KV cache raises it every step to the mass of
+      the least attended block that still belongs in the fastest tier, so promotions do not churn).  A block selected for the first time has score 0 when it is
+      fetched, so it is promoted at its *second* use, once attention confirmed it matters.
+
+    Decay is applied by the KV cache by inflating new contributions (``mass * decay ** -step``), so a
+    block's score never needs rewriting when attention stops using it: newer contributions simply
+    outgrow it.  The tiercache itself learns nothing about attention.
+    """
+
+    name = "attention-aware"
+    rank_reads_access = False  # rank depends on the score and insertion order only, never on reads
+
+    def __init__(self, promote_threshold: float = 0.0) -> None:
+        self.promote_threshold = float(promote_threshold)
+
+    def rank(self, info: Any) -> Any:
+        return (info.score, info.inserted)
+
+    def promote(self, info: Any, src: str, dst: str) -> bool:
+        return info.score > 0.0 and info.score >= self.promote_threshold

@@ -33,7 +33,7 @@ from tiercache.sizes import format_size as _fmt
 
 from .blocks import KEY_PREFIX
 from .errors import KVCapacityError
-from .policies import StreamingKVPolicy
+from .policies import AttentionPlacementPolicy, StreamingKVPolicy
 
 log = logging.getLogger("tiercache_llm")
 
@@ -98,6 +98,9 @@ class BlockStore:
         self._futures: list[concurrent.futures.Future] = []
         # Whether cache.get_many writes into a list of out tensors (C5): None until first tried.
         self.out_lists: bool | None = None
+        # The placement policy object when this store created it (``open``); the sparse KV cache tunes an
+        # AttentionPlacementPolicy's promotion threshold through it.  None for a borrowed cache.
+        self.policy: Any = None
         self._lock = threading.Lock()
         self._closed = False
         stats = cache.stats()
@@ -135,6 +138,8 @@ class BlockStore:
         of their blocks from then on."""
         if isinstance(policy, str) and policy == StreamingKVPolicy.name:
             policy = StreamingKVPolicy()
+        elif isinstance(policy, str) and policy == AttentionPlacementPolicy.name:
+            policy = AttentionPlacementPolicy()
         tmpdir = None
         if disk not in (None, 0) and path is None:
             tmpdir = tempfile.mkdtemp(prefix="tiercache-kv-")
@@ -151,6 +156,7 @@ class BlockStore:
                 shutil.rmtree(tmpdir, ignore_errors=True)
             raise
         store = cls(cache, owns=True, tmpdir=tmpdir)
+        store.policy = policy
         if path is not None and tmpdir is None:
             try:
                 store._start_owner_records(os.fspath(path))
@@ -337,6 +343,28 @@ class BlockStore:
             sources.append(src)
         torch._foreach_copy_(out, sources)
         return out
+
+    def tiers_of(self, keys: Sequence[Any]) -> list[str | None]:
+        """Name of the tier holding each key (``None`` when absent), e.g. to count reuse before a fetch."""
+        tier_of = self.cache.tier_of
+        return [tier_of(key) for key in keys]
+
+    @property
+    def fastest_tier(self) -> str:
+        """Name of the tiercache's fastest tier."""
+        return self.cache.tiers[0].name
+
+    def fastest_tier_entries(self, nbytes: int) -> int:
+        """How many entries of ``nbytes`` bytes the fastest tier holds at most (its capacity over
+        ``Cache.charge``)."""
+        return int(self.cache.tiers[0].capacity // max(1, self.cache.charge(nbytes)))
+
+    def update_scores(self, scores: dict[Any, float]) -> int:
+        """Set tiercache scores (one batched call); absent keys are skipped.  Returns how many applied."""
+        if not scores:
+            return 0
+        self._check_open()
+        return self.cache.update_scores(scores)
 
     def _account(self, key: Any, nbytes: int) -> None:
         self._unaccount(key)

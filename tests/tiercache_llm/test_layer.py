@@ -216,7 +216,12 @@ def test_lost_block_raises_instead_of_wrong_attention(tmp_path, make_config):
         (dict(block_size=-3), ValueError),
         (dict(block_size=True), TypeError),
         (dict(block_size="64"), TypeError),
-        (dict(mode="sparse"), NotImplementedError),
+        (dict(mode="sparse", budget=-1), ValueError),
+        (dict(mode="sparse", budget=1.5), ValueError),
+        (dict(mode="sparse", strategy="nope"), ValueError),
+        (dict(mode="sparse", decay=0.0), ValueError),
+        (dict(mode="sparse", strategy="fetch-every-step", policy="lru"), ValueError),
+        (dict(budget=16), ValueError),  # sparse options in exact mode
         (dict(mode="fast"), ValueError),
         (dict(prefetch="yes"), TypeError),
         (dict(direct_io=1), TypeError),

@@ -1,4 +1,4 @@
-"""Building blocks of the coming sparse decode mode (not yet wired into ``TieredKVCache``).
+"""Building blocks of sparse decode (used by ``TieredKVCache``'s sparse mode, see :mod:`tiercache_llm.sparse_layer`).
 
 - :mod:`.digests`: Quest-style per-block key min/max digests (upper bounds of q·k), incremental.
 - :mod:`.selection`: block scoring, sink/recent forcing, per-row token budgets, per-KV-head selection

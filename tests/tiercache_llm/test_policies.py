@@ -1,0 +1,42 @@
+"""Placement policies for KV blocks, on a real tiercache."""
+
+import torch
+import tiercache
+
+from tiercache.policies import EntryInfo
+from tiercache_llm.policies import AttentionPlacementPolicy, StreamingKVPolicy
+
+
+def info(score=0.0, inserted=0):
+    return EntryInfo(key="k", nbytes=1, tier="disk", inserted=inserted, last_access=inserted, score=score)
+
+
+def test_attention_policy_rank_and_promote():
+    p = AttentionPlacementPolicy()
+    assert p.rank(info(0.0, 5)) < p.rank(info(0.0, 9)) < p.rank(info(0.1, 1))  # least mass, then oldest, leaves first
+    assert not p.promote(info(0.0), "disk", "host")  # never attended
+    assert p.promote(info(0.5), "disk", "host")
+    p.promote_threshold = 1.0
+    assert not p.promote(info(0.5), "disk", "host") and p.promote(info(1.0), "disk", "host")
+    assert p.rank_reads_access is False and StreamingKVPolicy.rank_reads_access is False
+
+
+def test_attended_blocks_move_up_and_abandoned_ones_down(tmp_path):
+    value = torch.zeros(256)  # 1 KiB
+    with tiercache.Cache(host="4KiB", disk="1MiB", path=tmp_path / "c", policy=AttentionPlacementPolicy()) as cache:
+        for i in range(12):
+            cache.put(i, value)
+        assert cache.tier_of(0) == "disk" and cache.tier_of(11) == "host"
+        cache.update_scores({0: 5.0, 1: 4.0})  # attention uses the two oldest blocks
+        cache.get_many([0, 1])
+        assert cache.tier_of(0) == "host" and cache.tier_of(1) == "host"
+        cache.update_scores({2: 9.0, 3: 8.0, 4: 7.0, 5: 6.0})  # newer contributions outgrow 0 and 1
+        cache.get_many([2, 3, 4, 5])
+        assert {cache.tier_of(k) for k in (2, 3, 4, 5)} == {"host"}
+        assert cache.tier_of(0) == "disk" and cache.tier_of(1) == "disk"
+        # fetch-every-step's policy never promotes
+    with tiercache.Cache(host="4KiB", disk="1MiB", path=tmp_path / "d", policy=StreamingKVPolicy()) as cache:
+        for i in range(12):
+            cache.put(i, value)
+        cache.get_many([0, 1])
+        assert cache.tier_of(0) == "disk"

@@ -1,0 +1,197 @@
+"""Preparing a transformers model for sparse :class:`~tiercache_llm.TieredKVCache` decoding.
+
+:func:`prepare_model` (called by ``TieredKVCache.for_model(model, mode="sparse", ...)``):
+
+1. registers, once per process, an attention function named ``tiercache_sparse_<base>`` through
+   ``transformers.AttentionInterface`` and the *same* mask function as ``<base>`` under that name
+   through ``AttentionMaskInterface`` (registering only the attention would silently drop the causal
+   and padding mask), where ``<base>`` is the model's current implementation (``"sdpa"`` or
+   ``"eager"``);
+2. switches the model to it with ``model.set_attn_implementation``;
+3. adds a forward pre-hook and post-hook (``always_call``) on the model's decoder module that publish
+   the ``past_key_values`` of the running forward pass to the attention function (transformers does
+   not pass the cache to attention functions) and announce the pass to a sparse cache.
+
+The attention function behaves exactly like the base implementation (it calls it) whenever the
+running pass's cache is not a sparse ``TieredKVCache`` -- a ``DynamicCache``, an exact
+``TieredKVCache``, no cache -- and for every layer/step the sparse cache handles exactly (prefill,
+multi-token steps, sliding-window layers), so one prepared model serves all of them in turn.
+
+:func:`restore_model` undoes 2 and 3 (the registrations stay: they are inert names).  The
+preparation is idempotent and reference-free: preparing twice is a no-op, restoring an unprepared
+model is a no-op.  Thread safety: the running cache is held in a ``contextvars.ContextVar``, so
+concurrent forward passes in different threads each see their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import sys
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from transformers.cache_utils import Cache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+__all__ = ["PREFIX", "is_prepared", "prepare_model", "restore_model", "sparse_attention"]
+
+PREFIX = "tiercache_sparse_"
+BASES = ("sdpa", "eager")
+_ATTR = "_tiercache_sparse_preparation"
+_RUNNING: contextvars.ContextVar[Any] = contextvars.ContextVar("tiercache_running_cache", default=None)
+
+
+@dataclass
+class _Preparation:
+    original: str
+    name: str
+    handles: list
+
+
+def _base_function(base: str, module: torch.nn.Module):
+    if base == "eager":
+        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if fn is None:
+            raise RuntimeError(f"{type(module).__name__}'s module defines no eager_attention_forward")
+        return fn
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+def _make_attention(base: str):
+    def tiercache_sparse_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+        cache = _RUNNING.get()
+        layer_idx = getattr(module, "layer_idx", None)
+        state = None
+        if cache is not None and getattr(cache, "_sparse", None) is not None and layer_idx is not None:
+            layer = cache.layers[layer_idx]
+            state = layer.sparse
+        if state is None or state.pending is None:
+            return _base_function(base, module)(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        kind, arg = state.pending
+        state.pending = None
+        if kind == "exact":
+            q = arg
+            valid = _valid(attention_mask, key.shape[0], q, key.device)
+            state.append(key[:, :, -q:], valid)
+            return _base_function(base, module)(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+        ctx = arg
+        if query.shape[2] != 1:
+            raise RuntimeError(f"sparse decode expects one query position, got {query.shape[2]}")
+        out = state.decode(layer, query, key, value, ctx, scaling)
+        state.append(key, _valid(attention_mask, key.shape[0], 1, key.device))
+        return out.transpose(1, 2).contiguous(), None
+
+    tiercache_sparse_attention.__qualname__ = f"tiercache_sparse_attention[{base}]"
+    return tiercache_sparse_attention
+
+
+def _valid(mask, batch, q, device):
+    from .sparse_layer import valid_from_mask
+
+    return valid_from_mask(mask, batch, q, device)
+
+
+def _register(base: str) -> str:
+    name = PREFIX + base
+    if name not in ALL_ATTENTION_FUNCTIONS.valid_keys():
+        AttentionInterface.register(name, _make_attention(base))
+    if name not in ALL_MASK_ATTENTION_FUNCTIONS.valid_keys():
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+def _find_cache(args: tuple, kwargs: dict) -> Any:
+    cache = kwargs.get("past_key_values")
+    if cache is None:
+        cache = next((a for a in args if isinstance(a, Cache)), None)
+    return cache
+
+
+def _pre_hook(module, args, kwargs):
+    cache = _find_cache(args, kwargs)
+    token = _RUNNING.set(cache)
+    module.__dict__.setdefault("_tiercache_tokens", []).append(token)
+    ctrl = getattr(cache, "_sparse", None)
+    if ctrl is not None:
+        impl = module.config._attn_implementation
+        if not (isinstance(impl, str) and impl.startswith(PREFIX)):
+            raise RuntimeError(
+                f"a sparse TieredKVCache needs the model's attention prepared by TieredKVCache.for_model; the model "
+                f"uses {impl!r} now (was set_attn_implementation called afterwards?)"
+            )
+        ctrl.begin_forward(impl)
+    return None
+
+
+def _post_hook(module, args, kwargs, output):
+    tokens = module.__dict__.get("_tiercache_tokens")
+    token = tokens.pop() if tokens else None
+    cache = _RUNNING.get()
+    if token is not None:
+        _RUNNING.reset(token)
+    if getattr(cache, "_sparse", None) is not None:
+        cache._end_forward(failed=output is None)  # None: the pass raised (always_call hook)
+    return None
+
+
+def _decoder(model: torch.nn.Module) -> torch.nn.Module:
+    get = getattr(model, "get_decoder", None)
+    decoder = get() if callable(get) else None
+    return decoder if isinstance(decoder, torch.nn.Module) else model
+
+
+def is_prepared(model: torch.nn.Module) -> bool:
+    return getattr(model, _ATTR, None) is not None
+
+
+def prepare_model(model: torch.nn.Module) -> str:
+    """Switch ``model`` to the sparse-capable attention (see the module docstring); returns its name.
+    Idempotent.  Raises ``ValueError`` for an implementation other than sdpa/eager (flash, flex)."""
+    prep = getattr(model, _ATTR, None)
+    if prep is not None:
+        return prep.name
+    original = model.config._attn_implementation
+    if original not in BASES:
+        raise ValueError(
+            f"sparse TieredKVCache decoding wraps the 'sdpa' or 'eager' attention; this model uses {original!r}. "
+            "Load it with attn_implementation='sdpa' (or call model.set_attn_implementation('sdpa')) first"
+        )
+    name = _register(original)
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        raise RuntimeError(f"{type(model).__name__} refused attention implementation {name!r}")
+    target = _decoder(model)
+    handles = [
+        target.register_forward_pre_hook(_pre_hook, with_kwargs=True),
+        target.register_forward_hook(_post_hook, with_kwargs=True, always_call=True),
+    ]
+    setattr(model, _ATTR, _Preparation(original, name, handles))
+    return name
+
+
+def restore_model(model: torch.nn.Module) -> None:
+    """Undo :func:`prepare_model`: the original attention implementation and no hooks.  No-op when the
+    model is not prepared."""
+    prep = getattr(model, _ATTR, None)
+    if prep is None:
+        return
+    for handle in prep.handles:
+        handle.remove()
+    model.set_attn_implementation(prep.original)
+    delattr(model, _ATTR)
+
+
+@contextlib.contextmanager
+def sparse_attention(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``with sparse_attention(model): ...`` prepares ``model`` and restores it on exit (when it was not
+    prepared before)."""
+    was = is_prepared(model)
+    prepare_model(model)
+    try:
+        yield model
+    finally:
+        if not was:
+            restore_model(model)

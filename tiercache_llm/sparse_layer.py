@@ -1,0 +1,400 @@
+"""Sparse decode inside :class:`~tiercache_llm.TieredKVCache`: per-layer digests, selection, the fetch
+of the selected blocks, attention over them, and attention-aware placement.
+
+Division of work with transformers (see :mod:`.attention_hook`):
+
+1. ``Cache.update`` (receives only K/V) appends the new states to the layer's blocks as exact mode
+   does.  In a *decode step* (one new token, a non-empty context, a full-attention layer) it returns
+   just the new states and leaves a pending record; in any other step (prefill, multi-token steps
+   after it, sliding-window layers) it returns exactly what exact mode returns.
+2. The registered attention function (it sees the query and the mask) finds the pending record of
+   its layer: for an exact step it appends the new keys to the digests (padding taken from the mask)
+   and runs the model's original attention; for a decode step it calls :meth:`SparseLayerState.decode`:
+   score the digests, select per KV head, fetch the union of selected blocks (only those), attend,
+   and record the attention mass each block received.
+3. After the forward pass the controller sends the decayed masses to the tiercache in one
+   ``update_scores`` call (``strategy="attention-aware"``).
+
+Thread safety: one forward pass at a time per cache (as for every transformers cache).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from .errors import TieredKVError
+from .policies import AttentionPlacementPolicy
+from .sparse.attention import sparse_attention_reference
+from .sparse.digests import KeyDigests
+from .sparse.selection import SelectionConfig, select
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .kv_cache import TieredKVLayer
+
+Strategy = Literal["attention-aware", "fetch-every-step"]
+STRATEGIES = ("attention-aware", "fetch-every-step")
+
+
+class SparseModeError(TieredKVError, RuntimeError):
+    """A sparse :class:`~tiercache_llm.TieredKVCache` cannot attend correctly: the model was not prepared
+    with :meth:`~tiercache_llm.TieredKVCache.for_model`, its attention was switched away, or the
+    digests are out of step with the stored blocks.  Raised instead of attending densely or over a
+    truncated context."""
+
+
+def valid_from_mask(mask: Any, batch: int, q: int, device: torch.device) -> torch.Tensor:
+    """``(batch, q)`` bool: which of the ``q`` newest key positions may be attended, read from the
+    mask transformers built for this step (its last query row: for left or no padding the last token
+    is real and sees every non-padded key).  ``None`` (sdpa's causal skip) means all valid."""
+    if mask is None:
+        return torch.ones(batch, q, dtype=torch.bool, device=device)
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        raise SparseModeError(
+            f"sparse mode needs a 4-D attention mask (sdpa/eager style), got {type(mask).__name__} "
+            f"{tuple(getattr(mask, 'shape', ()))}"
+        )
+    row = mask[:, 0, -1, -q:]
+    if row.dtype != torch.bool:
+        row = row > torch.finfo(row.dtype).min / 2
+    return row.expand(batch, q).to(device)
+
+
+@dataclass
+class SparseStats:
+    """Counters of sparse decode (monotonic until :meth:`SparseController.reset_stats`).
+
+    Attributes:
+        steps: decode steps that ran sparse (counted at layer 0).
+        layer_steps: (layer, step) pairs that ran sparse.
+        blocks_selected: stored blocks fetched (union over heads and rows), summed over layer steps.
+        blocks_resident: of those, blocks whose K and V were already in the fastest tier when fetched.
+        tail_selected: selections of the in-memory tail block (not fetched from the tiers).
+        tokens_attended: valid context tokens attended, summed over rows, KV heads and layer steps.
+        tokens_context: valid context tokens present, same sum (``tokens_attended / tokens_context`` is the
+            realised budget).
+        bytes_fetched: ``{tier name: bytes}`` read for the selected blocks, by the tier they were in.
+        scoring_seconds / fetch_seconds / attention_seconds / placement_seconds: wall-clock time in
+            digest scoring + selection, the tier fetch, the attention, and score bookkeeping.
+    """
+
+    steps: int = 0
+    layer_steps: int = 0
+    blocks_selected: int = 0
+    blocks_resident: int = 0
+    tail_selected: int = 0
+    tokens_attended: int = 0
+    tokens_context: int = 0
+    bytes_fetched: dict = field(default_factory=dict)
+    scoring_seconds: float = 0.0
+    fetch_seconds: float = 0.0
+    attention_seconds: float = 0.0
+    placement_seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
+        out["reuse_rate"] = self.blocks_resident / self.blocks_selected if self.blocks_selected else None
+        return out
+
+
+class SparseController:
+    """Cache-wide sparse state: the selection rule, the strategy, the decay clock, the forward-pass
+    announcement made by the prepared model, the scores waiting to be sent, and the statistics."""
+
+    def __init__(self, selection: SelectionConfig, strategy: Strategy, decay: float) -> None:
+        self.selection = selection
+        self.strategy = strategy
+        self.decay = decay
+        self.announced = False  # set by the prepared model's forward pre-hook, cleared after the pass
+        self.hook_name: str | None = None
+        self.clock = 0  # decode steps seen: contributions are scaled by decay ** -clock
+        self.pending_scores: dict = {}
+        self.total = SparseStats()
+        self.last_step = SparseStats()
+
+    @property
+    def scale(self) -> float:
+        return self.decay ** (-self.clock)
+
+    def begin_forward(self, hook_name: str) -> None:
+        self.announced = True
+        self.hook_name = hook_name
+
+    def end_forward(self, layers: list["TieredKVLayer"], store: Any, check: bool = True) -> None:
+        """After a forward pass: every pending decode record must have been consumed by the hook, and
+        the step's scores go to the tiercache in one call."""
+        self.announced = False
+        stale = [layer.layer_idx for layer in layers if layer.sparse is not None and layer.sparse.pending is not None
+                 and layer.sparse.pending[0] == "decode"]
+        for layer in layers:
+            if layer.sparse is not None:
+                layer.sparse.pending = None
+        if stale and check:
+            raise SparseModeError(
+                f"layers {stale} of a sparse TieredKVCache were not attended by the sparse attention function: "
+                "the model's attention implementation was changed after TieredKVCache.for_model"
+            )
+        self.flush_scores(store)
+        if check:
+            self.admit(layers, store)
+
+    def admit(self, layers: list["TieredKVLayer"], store: Any) -> None:
+        """Admission control for promotion: with an :class:`~.policies.AttentionPlacementPolicy` this
+        store created, set its ``promote_threshold`` to the decayed mass of the ``M``-th most attended
+        stored block (``M`` = blocks the fastest tier holds), so only blocks that belong among the
+        fastest tier's top ``M`` are promoted.  Without it every block attention uses twice would be
+        promoted, and with a fast tier smaller than a step's selection each promotion would demote
+        another selected block (a disk write) only to fetch it back next step."""
+        policy = getattr(store, "policy", None)
+        if self.strategy != "attention-aware" or not isinstance(policy, AttentionPlacementPolicy):
+            return
+        masses, entry = [], 0
+        for layer in layers:
+            if layer.sparse is not None and layer._blocks:
+                masses.append(layer.sparse.mass[: len(layer._blocks)])
+                entry = max(entry, layer._blocks[0].nbytes // 2)
+        if not masses or not entry:
+            return
+        start = time.perf_counter()
+        every = torch.cat(masses)
+        room = store.fastest_tier_entries(entry) // 2  # K and V entries per block
+        if room <= 0:
+            policy.promote_threshold = math.inf
+        elif every.numel() <= room:
+            policy.promote_threshold = 0.0
+        else:
+            policy.promote_threshold = max(0.0, float(torch.topk(every, room).values[-1]))
+        self.total.placement_seconds += time.perf_counter() - start
+
+    def flush_scores(self, store: Any) -> None:
+        if self.pending_scores:
+            start = time.perf_counter()
+            store.update_scores(self.pending_scores)
+            self.pending_scores = {}
+            self.total.placement_seconds += time.perf_counter() - start
+
+    def check_announced(self, layer_idx: int) -> None:
+        if not self.announced:
+            raise SparseModeError(
+                f"layer {layer_idx}: a decode step reached a sparse TieredKVCache, but the model was not prepared for "
+                "sparse attention (its attention would see only the new token). Build the cache with "
+                "TieredKVCache.for_model(model, mode='sparse', ...) and keep the model prepared while decoding"
+            )
+
+    def rescale(self, layers: list["TieredKVLayer"]) -> None:
+        """Keep scores finite: once the inflation factor is large, divide every mass by it and restart the
+        clock (every stored block's score is resent)."""
+        factor = self.scale
+        self.clock = 0
+        for layer in layers:
+            if layer.sparse is not None:
+                layer.sparse.mass /= factor
+                layer.sparse.push_all_scores(layer)
+
+    def reset_stats(self) -> None:
+        self.total = SparseStats()
+        self.last_step = SparseStats()
+
+
+class SparseLayerState:
+    """One full-attention layer's sparse state: digests of every stored token (tail included), the
+    per-token validity (padding), and the decayed attention mass per block (float64, scaled by the
+    controller's clock).  Lives beside the model, outside the tier budgets."""
+
+    def __init__(self, controller: SparseController) -> None:
+        self.ctrl = controller
+        self.digests: KeyDigests | None = None
+        self.valid: torch.Tensor | None = None  # (B, capacity) bool; first digests.length used
+        self.mass = torch.zeros(0, dtype=torch.float64)
+        self.pending: tuple | None = None
+
+    @property
+    def nbytes(self) -> int:
+        if self.digests is None:
+            return 0
+        d = self.digests
+        return d.lo.nbytes + d.hi.nbytes + d.count.nbytes + self.valid.nbytes + self.mass.nbytes
+
+    def reset(self) -> None:
+        self.digests, self.valid, self.pending = None, None, None
+        self.mass = torch.zeros(0, dtype=torch.float64)
+
+    # ------------------------------------------------------------------------------- update side
+    def update(self, layer: "TieredKVLayer", key_states: torch.Tensor, value_states: torch.Tensor):
+        q = key_states.shape[-2]
+        ctx = layer._length
+        if q == 1 and ctx > 0 and layer.is_initialized:
+            self.ctrl.check_announced(layer.layer_idx)
+            if self.digests is None or self.digests.length != ctx:
+                raise SparseModeError(
+                    f"layer {layer.layer_idx}: the key digests cover {0 if self.digests is None else self.digests.length} "
+                    f"tokens but the layer holds {ctx}: earlier forward passes ran without the sparse attention function"
+                )
+            layer._check_states(key_states, value_states)
+            layer._append(key_states, value_states)
+            layer._length += 1
+            self.pending = ("decode", ctx)
+            return key_states, value_states
+        out = layer._update_exact(key_states, value_states)
+        self.pending = ("exact", q)
+        return out
+
+    # ------------------------------------------------------------------------------- hook side
+    def append(self, keys: torch.Tensor, valid: torch.Tensor) -> None:
+        """Digests and validity of new keys ``(B, H, q, D)``."""
+        b, h, q, d = keys.shape
+        if self.digests is None:
+            self.digests = KeyDigests.empty(b, h, d, self._block_size, dtype=keys.dtype, device=keys.device)
+            self.valid = torch.zeros(b, 0, dtype=torch.bool, device=keys.device)
+        start = self.digests.length
+        if start + q > self.valid.shape[1]:
+            grown = torch.zeros(b, max(2 * self.valid.shape[1], start + q, 64), dtype=torch.bool, device=keys.device)
+            grown[:, :start] = self.valid[:, :start]
+            self.valid = grown
+        self.valid[:, start : start + q] = valid
+        self.digests.append(keys, valid)
+        n = self.digests.n_blocks
+        if self.mass.numel() < n:
+            self.mass = torch.cat((self.mass, torch.zeros(n - self.mass.numel(), dtype=torch.float64)))
+
+    _block_size = 0  # set by the layer
+
+    def decode(self, layer: "TieredKVLayer", query: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+               ctx: int, scaling: float | None) -> torch.Tensor:
+        """Sparse attention of one decode step; returns ``(B, Hq, 1, D)``."""
+        ctrl, stats = self.ctrl, self.ctrl.last_step
+        bs = layer.block_size
+        t0 = time.perf_counter()
+        sel = select(query, self.digests, ctrl.selection)
+        fetch = sel.fetch.tolist()
+        t1 = time.perf_counter()
+        n_stored = len(layer._blocks)
+        stored = [j for j in fetch if j < n_stored]
+        b = layer._batch
+        hk, dk = layer._shape_k
+        hv, dv = layer._shape_v
+        u = len(fetch)
+        kbuf = torch.empty((u, b, hk, bs, dk), dtype=layer.dtype, device=layer.device)
+        vbuf = torch.empty((u, b, hv, bs, dv), dtype=layer.dtype, device=layer.device)
+        if stored:
+            kkeys = [layer._kkeys[j] for j in stored]
+            vkeys = [layer._vkeys[j] for j in stored]
+            tiers = layer.store.tiers_of(kkeys + vkeys)
+            fastest = layer.store.fastest_tier
+            ns = len(stored)
+            resident = sum(1 for i in range(ns) if tiers[i] == fastest and tiers[ns + i] == fastest)
+            outs_k, outs_v, posts = [], [], []
+            for i, j in enumerate(stored):
+                block = layer._blocks[j]
+                if block.rows is None:
+                    outs_k.append(kbuf[i])
+                    outs_v.append(vbuf[i])
+                else:
+                    tk = kbuf.new_empty((block.stored_batch, hk, bs, dk))
+                    tv = vbuf.new_empty((block.stored_batch, hv, bs, dv))
+                    outs_k.append(tk)
+                    outs_v.append(tv)
+                    posts.append((i, block, tk, tv))
+            layer.store.get_blocks(kkeys + vkeys, out=outs_k + outs_v)
+            for i, block, tk, tv in posts:
+                kbuf[i].copy_(block.view(tk))
+                vbuf[i].copy_(block.view(tv))
+            for tier, out in zip(tiers, outs_k + outs_v):
+                stats.bytes_fetched[str(tier)] = stats.bytes_fetched.get(str(tier), 0) + out.nbytes
+            stats.blocks_selected += ns
+            stats.blocks_resident += resident
+        if len(stored) < u:  # the in-memory tail block (it already holds the new token; masked below)
+            kbuf[len(stored)].copy_(layer._tail_k)
+            vbuf[len(stored)].copy_(layer._tail_v)
+            stats.tail_selected += 1
+        t2 = time.perf_counter()
+        fetch_t = sel.fetch.to(self.valid.device)
+        pos = fetch_t.view(-1, 1) * bs + torch.arange(bs, device=fetch_t.device)
+        token_valid = self.valid[:, pos.clamp(max=self.valid.shape[1] - 1)] & (pos < ctx)
+        res = sparse_attention_reference(
+            query, kbuf.permute(1, 2, 0, 3, 4), vbuf.permute(1, 2, 0, 3, 4), sel.fetch_head_mask.to(kbuf.device),
+            token_valid, k_new, v_new, scale=scaling,
+        )
+        t3 = time.perf_counter()
+        count = self.digests.count
+        stats.tokens_attended += int(sel.selected_tokens(count).sum())
+        stats.tokens_context += int(count.sum()) * hk
+        if ctrl.strategy == "attention-aware" and u:
+            block_mass = res.kv_head_mass(hk).sum(dim=(0, 1)).double().cpu()  # (U,) summed over rows and heads
+            self.mass[sel.fetch.cpu()] += block_mass * ctrl.scale
+            for i, j in enumerate(stored):
+                score = float(self.mass[j])
+                ctrl.pending_scores[layer._kkeys[j]] = score
+                ctrl.pending_scores[layer._vkeys[j]] = score
+        t4 = time.perf_counter()
+        stats.scoring_seconds += t1 - t0
+        stats.fetch_seconds += t2 - t1
+        stats.attention_seconds += t3 - t2
+        stats.placement_seconds += t4 - t3
+        stats.layer_steps += 1
+        return res.output
+
+    def copy_for(self, controller: SparseController) -> "SparseLayerState":
+        """An independent copy attached to ``controller`` (deepcopy of a cache)."""
+        new = SparseLayerState(controller)
+        new._block_size = self._block_size
+        if self.digests is not None:
+            d = self.digests
+            new.digests = KeyDigests(d.block_size, d.lo.clone(), d.hi.clone(), d.count.clone(), d.length)
+            new.valid = self.valid.clone()
+        new.mass = self.mass.clone()
+        return new
+
+    # ------------------------------------------------------------------------ consistency
+    def push_all_scores(self, layer: "TieredKVLayer") -> None:
+        """Queue the current mass of every stored block (after blocks were rewritten or rescaled)."""
+        if self.ctrl.strategy != "attention-aware":
+            return
+        for j in range(min(len(layer._blocks), self.mass.numel())):
+            score = float(self.mass[j])
+            self.ctrl.pending_scores[layer._kkeys[j]] = score
+            self.ctrl.pending_scores[layer._vkeys[j]] = score
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Beam reorder / batch repetition / batch selection: ``new_row[i] = old_row[index[i]]``.  The
+        masses are per block (summed over rows) and stay."""
+        if self.digests is not None:
+            self.digests.select_rows(index)
+            self.valid = self.valid.index_select(0, index.to(self.valid.device))
+
+    def crop(self, layer: "TieredKVLayer", length: int) -> None:
+        """After the layer was cut to ``length`` tokens: digests rebuilt for the cut block from the
+        layer's tail (which now holds that block's remaining keys), masses of removed blocks dropped."""
+        if self.digests is None:
+            return
+        if length > self.digests.length:
+            raise SparseModeError(f"cannot crop digests of {self.digests.length} tokens to {length}")
+        rest = length % layer.block_size
+        tail_keys = layer._tail_k[:, :, :rest] if rest else None
+        keep_valid = self.valid[:, :length].clone()
+        tail_valid = keep_valid[:, length - rest : length] if rest else None
+        self.digests.crop(length, tail_keys, tail_valid)
+        n = self.digests.n_blocks
+        self.mass = self.mass[:n].clone()
+        self.valid[:, length:] = False
+
+
+def selection_config(budget: int | float, sink: int, recent: int) -> SelectionConfig:
+    return SelectionConfig(budget=budget, sink=sink, recent=recent)
+
+
+def check_decay(decay: float) -> float:
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not (0.0 < float(decay) <= 1.0):
+        raise ValueError(f"decay must be a float in (0, 1], got {decay!r}")
+    return float(decay)
+
+
+MAX_SCALE = 1e30  # the controller rescales once contributions are inflated this much (float64 headroom)
+
+
+def needs_rescale(ctrl: SparseController) -> bool:
+    return ctrl.decay < 1.0 and ctrl.clock * -math.log(ctrl.decay) > math.log(MAX_SCALE)
