@@ -69,7 +69,7 @@ class DataPaths(Moves):
                     f"value of {format_size(nbytes)} is larger than every tier "
                     f"(the largest slot holds {format_size(max(largest, 0))})"
                 )
-            homes.append(next(t for t, limit in enumerate(limits) if nbytes <= limit))
+            homes.append(0 if nbytes <= limits[0] else next(t for t, limit in enumerate(limits) if nbytes <= limit))
         position, count = 0, len(prepared)
         while position < count:
             run: list[tuple[int, Slot, EntryHeader]] = []  # (tier, slot, header) for prepared[position:]
@@ -583,8 +583,14 @@ def _normal_device(device: torch.device) -> torch.device:
     return device
 
 
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
 
 
 def _check_packed_room(entries: list[Entry], packed: torch.Tensor) -> None:
