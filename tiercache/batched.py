@@ -328,7 +328,8 @@ class DataPaths(Moves):
                             counters = self._counters.tiers[tier.name]
                             counters.bytes_read += nbytes[tier_index]
                             counters.read_seconds += seconds[tier_index]
-                releases = self._free_volatile(releases)
+                if releases:
+                    releases = self._free_volatile(releases)
                 if bracket:
                     self._active -= 1
                     if not self._active:
@@ -361,12 +362,15 @@ class DataPaths(Moves):
         to_dsts: list[torch.Tensor] = []
         from_views: list[torch.Tensor] = []
         in_memory = [0] * len(tiers)  # memory-tier bytes copied, per tier
+        to_cpu = target.type == "cpu"
         start = time.perf_counter()
         for i, (entry, src, slot, header) in enumerate(pinned):
             view = views[i]
             if view is not None:
                 if dsts is None:
-                    results[i] = view.clone() if view.device == target else view.to(target)
+                    # (is_cpu is a flag read; view.device would build a device object per key)
+                    same = view.is_cpu if to_cpu else view.device == target
+                    results[i] = view.clone() if same else view.to(target)
                 else:
                     dst = dsts[i]
                     to_dsts.append(dst)
