@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import shutil
@@ -407,11 +408,16 @@ def host_vs_dict(values: Sequence[torch.Tensor]) -> dict[str, float]:
     as a dict get's clone allocates), and the same with a dict of clones (the baseline of both)."""
     nbytes = sum(v.nbytes for v in values)
     times: dict[str, float] = {}
+    # gc.collect() before each timed phase: a phase pays for the garbage-collector passes its own
+    # allocations trigger, not for a full pass owed by the phase before it (whose timing would otherwise
+    # depend on where the collector's thresholds happened to fall).
+    gc.collect()
     with tiercache.Cache(host=2 * nbytes + 16 * MiB, disk=None) as cache:
         start = time.perf_counter()
         for i, v in enumerate(values):
             cache.put(i, v)
         times["put"] = time.perf_counter() - start
+        gc.collect()
         start = time.perf_counter()
         for i in range(len(values)):
             cache.get(i)
@@ -420,18 +426,22 @@ def host_vs_dict(values: Sequence[torch.Tensor]) -> dict[str, float]:
     # every value, one get_many of every key, into a fresh cache (so both variants start from an empty
     # arena).
     keys = list(range(len(values)))
+    gc.collect()
     with tiercache.Cache(host=2 * nbytes + 16 * MiB, disk=None) as cache:
         start = time.perf_counter()
         cache.put_many(zip(keys, values))
         times["put_many"] = time.perf_counter() - start
+        gc.collect()
         start = time.perf_counter()
         cache.get_many(keys, out=[torch.empty_like(v) for v in values])
         times["get_many"] = time.perf_counter() - start
     store: dict[int, torch.Tensor] = {}
+    gc.collect()
     start = time.perf_counter()
     for i, v in enumerate(values):
         store[i] = v.clone()
     times["dict_put"] = time.perf_counter() - start
+    gc.collect()
     start = time.perf_counter()
     for i in range(len(values)):
         store[i].clone()
