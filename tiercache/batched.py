@@ -69,7 +69,7 @@ class DataPaths(Moves):
                     f"value of {format_size(nbytes)} is larger than every tier "
                     f"(the largest slot holds {format_size(max(largest, 0))})"
                 )
-            homes.append(next(t for t, limit in enumerate(limits) if nbytes <= limit))
+            homes.append(0 if nbytes <= limits[0] else next(t for t, limit in enumerate(limits) if nbytes <= limit))
         position, count = 0, len(prepared)
         while position < count:
             run: list[tuple[int, Slot, EntryHeader]] = []  # (tier, slot, header) for prepared[position:]
@@ -211,8 +211,13 @@ class DataPaths(Moves):
             index = self._index
             found = []
             for key in keys:
+                kind = type(key)
+                if kind is not int and kind is not str and kind is not bytes:
+                    check_key(key)  # TypeError for a key of another type (an equal one could be present)
                 entry = index.get(key)
                 if entry is None:
+                    for other in keys:  # a bad key anywhere in the batch raises TypeError, not KeyError
+                        check_key(other)
                     counters = self._counters
                     counters.gets += 1
                     counters.misses += 1
@@ -222,31 +227,45 @@ class DataPaths(Moves):
                 found.append(entry)
             if check is not None:
                 check(found)
-            hits = [0] * len(self._tiers)
+            tiers = self._tiers
+            hits = [0] * len(tiers)
             pins = self._pins
-            rerank = reranks_on_access(self._policy)
             clock = self._clock
             pinned: list[_Pinned] = []
             views = []
-            for entry in found:
-                src, slot = entry.tier, entry.slot
-                hits[src] += 1
-                info = entry.info
-                info.hits += 1
-                clock += 1
-                info.last_access = clock
-                if rerank:
-                    self._clock = clock
-                    self._rerank(entry)
-                token = id(slot)
-                pins[token] = pins.get(token, 0) + 1
-                pinned.append((entry, src, slot, entry.header))
-                views.append(entry.view)
+            if reranks_on_access(self._policy):
+                queues, rank = self._queues, self._policy.rank
+                for entry in found:  # _rerank, inlined: the tier of a hit is unchanged
+                    src, slot = entry.tier, entry.slot
+                    hits[src] += 1
+                    info = entry.info
+                    info.hits += 1
+                    clock += 1
+                    info.last_access = clock
+                    entry.version += 1
+                    info.tier = tiers[src].name
+                    queues[src].push(entry, rank(info))
+                    token = id(slot)
+                    pins[token] = pins.get(token, 0) + 1
+                    pinned.append((entry, src, slot, entry.header))
+                    views.append(entry.view)
+            else:
+                for entry in found:
+                    src, slot = entry.tier, entry.slot
+                    hits[src] += 1
+                    info = entry.info
+                    info.hits += 1
+                    clock += 1
+                    info.last_access = clock
+                    token = id(slot)
+                    pins[token] = pins.get(token, 0) + 1
+                    pinned.append((entry, src, slot, entry.header))
+                    views.append(entry.view)
             self._clock = clock
             counters = self._counters
             counters.gets += len(found)
             below = len(found)
-            for tier_index, tier in enumerate(self._tiers):
+            for tier_index, tier in enumerate(tiers):
                 tier_counters = counters.tiers[tier.name]
                 tier_counters.hits += hits[tier_index]
                 below -= hits[tier_index]
@@ -270,9 +289,7 @@ class DataPaths(Moves):
         ``packed`` (a fresh one on ``target`` when None) and returned as views of it; otherwise copied
         into fresh tensors on ``target``.  With ``bracket`` this call is the public operation's
         ``_begin``/``_end`` (folded into its first and last lock round trips)."""
-        for key in keys:
-            check_key(key)
-        if dsts is not None:
+        if dsts is not None:  # keys are checked in _lookup_and_pin (their types only on a miss or an odd type)
             check = partial(_check_destinations, dsts=dsts)
         elif pack and packed is not None:
             check = partial(_check_packed_room, packed=packed)
@@ -301,7 +318,7 @@ class DataPaths(Moves):
                     self._promote(entry, src, data)  # the source slot is still pinned by us
         finally:
             with self._lock:
-                releases = self._unpin_all([(src, slot) for _, src, slot, _ in pinned])
+                releases = self._unpin_all(pinned)
                 if bad is not None and self._index.get(bad.key) is bad:
                     self._counters.corruptions += 1
                     releases += self._drop_entry(bad, "corrupt")
@@ -311,7 +328,8 @@ class DataPaths(Moves):
                             counters = self._counters.tiers[tier.name]
                             counters.bytes_read += nbytes[tier_index]
                             counters.read_seconds += seconds[tier_index]
-                releases = self._free_volatile(releases)
+                if releases:
+                    releases = self._free_volatile(releases)
                 if bracket:
                     self._active -= 1
                     if not self._active:
@@ -343,19 +361,21 @@ class DataPaths(Moves):
         batched: dict[int, list[int]] = {}  # tier -> positions read through read_into
         to_dsts: list[torch.Tensor] = []
         from_views: list[torch.Tensor] = []
-        in_memory = 0
+        in_memory = [0] * len(tiers)  # memory-tier bytes copied, per tier
+        to_cpu = target.type == "cpu"
         start = time.perf_counter()
         for i, (entry, src, slot, header) in enumerate(pinned):
             view = views[i]
             if view is not None:
                 if dsts is None:
-                    results[i] = view.clone() if view.device == target else view.to(target)
+                    # (is_cpu is a flag read; view.device would build a device object per key)
+                    same = view.is_cpu if to_cpu else view.device == target
+                    results[i] = view.clone() if same else view.to(target)
                 else:
                     dst = dsts[i]
                     to_dsts.append(dst)
                     from_views.append(view if dst.shape == view.shape else view.reshape(dst.shape))
-                nbytes[src] += header.nbytes
-                in_memory += header.nbytes
+                in_memory[src] += header.nbytes
                 continue
             tier = tiers[src]
             if hasattr(tier, "read_into"):
@@ -379,11 +399,13 @@ class DataPaths(Moves):
             nbytes[src] += header.nbytes
         if to_dsts:
             torch._foreach_copy_(to_dsts, from_views)
-        if in_memory:  # memory-tier copy time, shared among the memory tiers by bytes
+        memory_bytes = sum(in_memory)
+        if memory_bytes:  # memory-tier copy time, shared among the memory tiers by bytes
             spent = time.perf_counter() - start
-            for i, (entry, src, slot, header) in enumerate(pinned):
-                if views[i] is not None:
-                    seconds[src] += spent * header.nbytes / in_memory
+            for src, copied in enumerate(in_memory):
+                if copied:
+                    nbytes[src] += copied
+                    seconds[src] += spent * copied / memory_bytes
         for src, positions in batched.items():
             start = time.perf_counter()
             requests, landing = [], []
@@ -565,8 +587,14 @@ def _normal_device(device: torch.device) -> torch.device:
     return device
 
 
+_DTYPE_NAMES: dict[torch.dtype, str] = {}
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
 
 
 def _check_packed_room(entries: list[Entry], packed: torch.Tensor) -> None:

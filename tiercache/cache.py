@@ -248,7 +248,7 @@ class Cache(DataPaths, Persistence):
             for i, dst in enumerate(dsts):
                 if not isinstance(dst, torch.Tensor) or dst.layout != torch.strided or dst.is_nested:
                     raise TypeError(f"out[{i}] must be a dense torch.Tensor, got {type(dst).__name__}")
-            devices = {_normal_device(dst.device) for dst in dsts}
+            devices = {_normal_device(device) for device in {dst.device for dst in dsts}}
             if len(devices) > 1:
                 raise ValueError(f"out tensors are on several devices: {sorted(map(str, devices))}")
             target = devices.pop() if devices else (asked or _CPU)

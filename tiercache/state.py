@@ -130,11 +130,12 @@ class CacheState:
         deferred = self._deferred.pop(token, None)
         return [deferred] if deferred is not None else []
 
-    def _unpin_all(self, pinned: list[tuple[int, Slot]]) -> list[Release]:
-        """``_unpin`` for each ``(tier, slot)`` of a batch."""
+    def _unpin_all(self, pinned: list[tuple]) -> list[Release]:
+        """``_unpin`` for each item of a batch: ``(entry, tier, slot, header)`` as ``_lookup_and_pin``
+        returns them (only the slot is used)."""
         pins, releases = self._pins, []
-        for tier, slot in pinned:
-            token = id(slot)
+        for item in pinned:
+            token = id(item[2])
             count = pins[token] - 1
             if count:
                 pins[token] = count

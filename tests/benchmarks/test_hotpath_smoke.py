@@ -60,8 +60,12 @@ def test_every_row_runs_with_a_same_run_baseline_and_writes_its_files(hotpath, t
         assert r.extra["plain"][0]["disk_files"] == round(r.extra["disk_hits_per_step"])
     cold = next(r for r in decode if "cold" in r.name)
     assert cold.extra["cold_method"] in ("fadvise", "direct_io")
-    # rows 3-5 each measure put and get (row 5: two value sizes); rows 6 warm and cold; row 7 once.
-    assert [sum(r.row == n for r in results) for n in (3, 4, 5, 6, 7)] == [2, 2, 2, 2, 1]
+    # rows 3-4 measure put and get, single-key and batched; row 5 get at two value sizes; rows 6 warm
+    # and cold; row 7 once.
+    assert [sum(r.row == n for r in results) for n in (3, 4, 5, 6, 7)] == [4, 4, 2, 2, 1]
+    for n in (3, 4):
+        names = [r.name for r in results if r.row == n]
+        assert sum("batched" in name for name in names) == 2, names  # put_many and get_many beside put/get
 
     meta = {"command": "test", "machine": "m", "cpus": 1, "date_utc": "now", "runtime_s": 1.0}
     out = tmp_path / "out"

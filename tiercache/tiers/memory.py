@@ -78,40 +78,42 @@ class ArenaTier:
         """Budget bytes a payload of ``nbytes`` occupies (rounded up to the allocator's minimum block)."""
         return ArenaAllocator.block_size(nbytes, self._allocators[0].min_block) if self._allocators else nbytes
 
+    # A slot's ``ref`` is ``(chunk index, byte offset)``: a tuple of ints, which Python's cyclic GC stops
+    # tracking, so a tier holding many entries adds no GC work for its handles (the block's size is
+    # ``slot.charged``).
     def allocate(self, nbytes: int) -> Slot | None:
         for index, allocator in enumerate(self._allocators):
             block = allocator.alloc(nbytes)
             if block is not None:
-                return Slot((index, block), nbytes, block.size)
+                return Slot((index, block.offset), nbytes, block.size)
         return None
 
     def free(self, slot: Slot) -> None:
-        index, block = slot.ref  # type: ignore[misc]
-        self._allocators[index].free(block)
+        index, offset = slot.ref  # type: ignore[misc]
+        self._allocators[index].free(Block(offset, slot.charged))
 
     def view(self, slot: Slot) -> torch.Tensor:
         """The slot's bytes in place (1-D uint8, ``slot.nbytes`` long)."""
-        index, block = slot.ref  # type: ignore[misc]
-        assert isinstance(block, Block)
-        return self._arenas[index][block.offset : block.offset + slot.nbytes]
+        index, offset = slot.ref  # type: ignore[misc]
+        return self._arenas[index][offset : offset + slot.nbytes]
 
     def locate(self, slot: Slot) -> tuple[torch.Tensor, int]:
         """The arena holding the slot (1-D uint8 on ``device``) and the slot's byte offset in it, so a
         batched copy can address many slots without a view per slot.  Valid until the slot is freed."""
-        index, block = slot.ref  # type: ignore[misc]
-        return self._arenas[index], block.offset
+        index, offset = slot.ref  # type: ignore[misc]
+        return self._arenas[index], offset
 
     def typed_view(self, slot: Slot, dtype: torch.dtype) -> torch.Tensor:
         """The slot's bytes in place as a 1-D tensor of ``dtype`` (``slot.nbytes`` must be a multiple of
         its item size).  Slots start at multiples of ``min_block`` (256) bytes, so every dtype is aligned;
         copying through this view runs in the value's own dtype, not byte by byte.  Valid until the slot
         is freed."""
-        index, block = slot.ref  # type: ignore[misc]
+        index, offset = slot.ref  # type: ignore[misc]
         typed = self._typed.get((index, dtype))
         if typed is None:
             typed = self._typed[(index, dtype)] = self._arenas[index].view(dtype)
         size = dtype.itemsize
-        return typed[block.offset // size : (block.offset + slot.nbytes) // size]
+        return typed[offset // size : (offset + slot.nbytes) // size]
 
     def write(self, slot: Slot, data: torch.Tensor, header: EntryHeader) -> None:
         """Copy ``data`` (1-D contiguous, any dtype, ``slot.nbytes`` bytes, any device) into the slot, in
