@@ -712,7 +712,7 @@ def write_results(results: Sequence[Result], meta: dict[str, Any], out: Path) ->
     out.mkdir(parents=True, exist_ok=True)
     (out / "hotpath.json").write_text(json.dumps({"meta": meta, "results": [r.to_json() for r in results]},
                                                  indent=1, default=str))
-    lines = ["# Hot-path benchmark (CPU, issue 8)", "",
+    lines = ["# Hot-path benchmark (CPU)", "",
              f"`{meta['command']}` on {meta['machine']} ({meta['cpus']} CPUs), {meta['date_utc']} UTC, "
              f"{meta['runtime_s']:.0f} s in all; load average {_load(meta, 'load_average_start')} at the start, "
              f"{_load(meta, 'load_average')} at the end (1/5/15 min).",

@@ -397,7 +397,7 @@ def write_results(results: dict[str, Any], summary: list[dict[str, Any]], meta: 
                                                          indent=1, default=str))
     s = meta["settings"]
     tf = results["teacher_forcing"]
-    lines = ["# Sparse decode accuracy (CPU, issue 9)", "",
+    lines = ["# Sparse decode accuracy (CPU)", "",
              f"`{meta['command']}` on {meta['machine']} ({meta['cpus']} CPUs), {meta['date_utc']} UTC, "
              f"{meta['runtime_s']:.0f} s; model {s['model']}, strategy {s['strategy']}, torch threads {s['threads']}. "
              "Reference: full attention (`DynamicCache`); control: exact `TieredKVCache`. Tiered caches hold "

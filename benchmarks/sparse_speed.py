@@ -526,7 +526,7 @@ def write_results(runs: list[Run], rows: list[Row], meta: dict[str, Any], out: P
         {"meta": meta, "targets": goals, "rows": [asdict(r) for r in rows], "runs": [asdict(r) for r in runs]},
         indent=1, default=str))
     s = meta["settings"]
-    lines = ["# Sparse decode speed (CPU, issue 9)", "",
+    lines = ["# Sparse decode speed (CPU)", "",
              f"`{meta['command']}` on {meta['machine']} ({meta['cpus']} CPUs), {meta['date_utc']} UTC, "
              f"{meta['runtime_s']:.0f} s in all (prefill {meta['prefill_seconds']:.0f} s); model {s['model']}, "
              f"budget {100 * s['budget']:g}%, host tier {100 * s['host_fraction']:g}% of the KV size, disk tier the rest "
