@@ -6,6 +6,8 @@ count, and describes the machine, so every benchmark states the same facts the s
 
 from __future__ import annotations
 
+import argparse
+
 import contextlib
 import dataclasses
 import os
@@ -260,3 +262,15 @@ def reuse_rate(stats: dict[str, Any]) -> float | None:
     found = find_numbers(stats, "reuse")
     ranked = sorted(found, key=lambda p: (not p.endswith("reuse_rate"), "total" not in p, "last" in p))
     return found[ranked[0]] if ranked else None
+
+
+def parse_ints(text: str, name: str) -> tuple[int, ...]:
+    """A command-line list of positive integers (``"1,2,6"``); ``argparse.ArgumentTypeError`` naming
+    ``name`` otherwise."""
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} must be comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{name} must be positive integers, got {text!r}")
+    return values

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402  (the benchmarks directory is not a package)
+    parse_ints,
     KiB, MiB, drop_page_cache, filesystem_of, has_field, machine_meta, median, read_files, torch_threads,
     write_files,
 )
@@ -762,16 +763,6 @@ def plot(results: Sequence[Result], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def parse_ints(text: str, name: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{name} must be comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"{name} must be positive integers, got {text!r}")
-    return values
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402  (the benchmarks directory is not a package)
+    parse_ints,
     MiB, SPARSE_UNAVAILABLE, SparseUnavailable, drop_page_cache, filesystem_of, find_numbers, has_field,
     kv_cache_bytes, load_bench_model, machine_meta, make_tiered, median, reuse_rate, sparse_available,
     stats_delta, tier_row, torch_threads,
@@ -592,27 +593,17 @@ def plot(rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
-def _ints(text: str, name: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{name} must be comma-separated integers, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"{name} must be positive integers, got {text!r}")
-    return values
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None,
                         help="results directory (default benchmarks/results; --quick: a temp directory)")
     parser.add_argument("--quick", action="store_true", help="tiny random model and sizes (smoke test)")
     parser.add_argument("--model", choices=("smollm2", "tiny"), default=None)
-    parser.add_argument("--contexts", type=lambda t: _ints(t, "--contexts"), default=None, help="default 2048,4096,8192")
-    parser.add_argument("--batches", type=lambda t: _ints(t, "--batches"), default=None, help="default 1,4,8")
-    parser.add_argument("--steps", type=lambda t: _ints(t, "--steps")[0], default=None, help="timed decode steps per run (default 4)")
-    parser.add_argument("--repeats", type=lambda t: _ints(t, "--repeats")[0], default=None, help="default 3")
-    parser.add_argument("--threads", type=lambda t: _ints(t, "--threads"), default=None,
+    parser.add_argument("--contexts", type=lambda t: parse_ints(t, "--contexts"), default=None, help="default 2048,4096,8192")
+    parser.add_argument("--batches", type=lambda t: parse_ints(t, "--batches"), default=None, help="default 1,4,8")
+    parser.add_argument("--steps", type=lambda t: parse_ints(t, "--steps")[0], default=None, help="timed decode steps per run (default 4)")
+    parser.add_argument("--repeats", type=lambda t: parse_ints(t, "--repeats")[0], default=None, help="default 3")
+    parser.add_argument("--threads", type=lambda t: parse_ints(t, "--threads"), default=None,
                         help=f"torch thread counts (default 1,{DEFAULT_THREADS})")
     parser.add_argument("--budget", type=float, default=None, help="sparse budget, a fraction in (0, 1] (default 0.25)")
     parser.add_argument("--no-warm", action="store_true", help="skip the warm-page-cache runs")
