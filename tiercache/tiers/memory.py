@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Iterator
 
 import torch
 
 from ..allocator import ArenaAllocator, Block
+from ..sizes import format_size
 from .base import EntryHeader, RecoveredEntry, Slot
 
 log = logging.getLogger(__name__)
@@ -142,8 +144,25 @@ class ArenaTier:
         self._typed.clear()
 
 
+def physical_memory() -> int | None:
+    """This machine's physical memory in bytes, or ``None`` where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def host_tier(capacity: int, **kwargs: object) -> ArenaTier:
-    """The host DRAM tier: pinned when CUDA is available (so host<->GPU copies run at full speed)."""
+    """The host DRAM tier: pinned when CUDA is available (so host<->GPU copies run at full speed).
+
+    Raises ``ValueError`` when ``capacity`` exceeds the machine's physical memory: such a budget can only
+    be honoured by swapping (or, pinned, not at all), so it is refused up front rather than failing later."""
+    physical = physical_memory()
+    if physical is not None and capacity > physical:
+        raise ValueError(
+            f"host budget of {format_size(capacity)} exceeds this machine's physical memory "
+            f"({format_size(physical)}); give a smaller host budget (and a disk tier for the rest)"
+        )
     pin = torch.cuda.is_available()
     return ArenaTier("host", capacity, "cpu", pin_memory=pin, **kwargs)  # type: ignore[arg-type]
 

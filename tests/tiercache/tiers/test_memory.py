@@ -82,3 +82,14 @@ def test_gpu_arena_round_trip():
     tier.write(slot, data, _header(1000))
     got = tier.read(slot, _header(1000))
     assert got.device.type == "cuda" and torch.equal(got.cpu(), data)
+
+
+def test_a_host_budget_above_physical_memory_is_refused(monkeypatch):
+    import tiercache
+    from tiercache.tiers import memory
+
+    monkeypatch.setattr(memory, "physical_memory", lambda: 64 << 20)
+    with pytest.raises(ValueError, match="exceeds this machine's physical memory"):
+        tiercache.Cache(host="65MiB")
+    with tiercache.Cache(host="64MiB") as cache:  # up to the physical size is accepted
+        assert cache.tiers[0].capacity == 64 << 20
