@@ -17,23 +17,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
 
 
-def run(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:  # argparse
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(err, *needles):
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err and "error:" in lines[0]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 @pytest.mark.parametrize(
     "argv, needles",
     [
@@ -52,39 +35,39 @@ def assert_one_line_error(err, *needles):
         (["bogus"], ["invalid choice"]),
     ],
 )
-def test_usage_errors_are_one_line_exit_2(capsys, argv, needles):
-    code, out, err = run(capsys, *argv)
+def test_usage_errors_are_one_line_exit_2(argv, needles, run_cli, assert_one_line_error):
+    code, out, err = run_cli(main, *argv)
     assert code == 2
     assert_one_line_error(err, *needles)
 
 
-def test_path_that_is_a_file_or_foreign_folder(capsys, tmp_path):
+def test_path_that_is_a_file_or_foreign_folder(tmp_path, run_cli, assert_one_line_error):
     f = tmp_path / "file"
     f.write_text("mine")
-    code, _, err = run(capsys, "demo", "--path", str(f), "--count", "1")
+    code, _, err = run_cli(main, "demo", "--path", str(f), "--count", "1")
     assert code == 2 and f.read_text() == "mine"
     assert_one_line_error(err, "not a directory")
     folder = tmp_path / "folder"
     folder.mkdir()
     (folder / "notes.txt").write_text("keep")
-    code, _, err = run(capsys, "demo", "--path", str(folder), "--count", "1")
+    code, _, err = run_cli(main, "demo", "--path", str(folder), "--count", "1")
     assert code == 2 and (folder / "notes.txt").read_text() == "keep"
     assert_one_line_error(err, "not empty and is not a tiercache store")
-    code, _, err = run(capsys, "gc", str(folder))
+    code, _, err = run_cli(main, "gc", str(folder))
     assert code == 2
     assert_one_line_error(err, "not a tiercache store")
 
 
-def test_lock_held_by_another_run_is_a_runtime_error(capsys, tmp_path):
+def test_lock_held_by_another_run_is_a_runtime_error(tmp_path, run_cli, assert_one_line_error):
     path = tmp_path / "s"
     with tiercache.Cache(host=0, disk="4MiB", path=path):
         for argv in (["demo", "--path", str(path), "--count", "1"], ["gc", str(path)]):
-            code, _, err = run(capsys, *argv)
+            code, _, err = run_cli(main, *argv)
             assert code == 1
             assert_one_line_error(err, "in use by another open tiercache.Cache", "--debug")
 
 
-def test_debug_shows_the_traceback(capsys, tmp_path):
+def test_debug_shows_the_traceback(tmp_path):
     path = tmp_path / "s"
     with tiercache.Cache(host=0, disk="4MiB", path=path):
         with pytest.raises(tiercache.CacheLockedError):
@@ -93,19 +76,19 @@ def test_debug_shows_the_traceback(capsys, tmp_path):
             main(["demo", "--debug", "--path", str(path), "--count", "1"])
 
 
-def test_demo_host_only_and_persisted(capsys, tmp_path):
-    code, out, err = run(capsys, "demo", "--disk", "0", "--count", "3", "--value-size", "4KiB", "--no-progress")
+def test_demo_host_only_and_persisted(tmp_path, run_cli):
+    code, out, err = run_cli(main, "demo", "--disk", "0", "--count", "3", "--value-size", "4KiB", "--no-progress")
     assert code == 0, err
     assert "3 bit-exact" in out and "disk=off" in out and "path" not in err
     path = tmp_path / "s"
-    code, out, err = run(capsys, "demo", "--host", "64KiB", "--disk", "1MiB", "--path", str(path), "--count", "40",
+    code, out, err = run_cli(main, "demo", "--host", "64KiB", "--disk", "1MiB", "--path", str(path), "--count", "40",
                          "--value-size", "16KiB", "--no-progress")
     assert code == 0, err
     assert "40 bit-exact" in out and "reopened" in out and "40 entries persisted" in out
     assert "host->disk" in out and "KiB" in out.split("moved between tiers:")[1]  # human units, not raw ints
 
 
-def test_demo_does_not_keep_values_in_ram(monkeypatch, capsys):
+def test_demo_does_not_keep_values_in_ram(monkeypatch, run_cli):
     """Verification regenerates each value from its seed, so at most a couple of values are alive at once."""
     import weakref
 
@@ -122,13 +105,13 @@ def test_demo_does_not_keep_values_in_ram(monkeypatch, capsys):
         return t
 
     monkeypatch.setattr(cli, "_value", tracked)
-    code, out, _ = run(capsys, "demo", "--disk", "0", "--count", "50", "--value-size", "4KiB", "--no-progress")
+    code, out, _ = run_cli(main, "demo", "--disk", "0", "--count", "50", "--value-size", "4KiB", "--no-progress")
     assert code == 0 and "50 bit-exact" in out
     assert len(refs) == 100  # generated once to put and once more to verify
     assert most_alive <= 2
 
 
-def test_gc_reclaims_dead_owners_and_prints_human_units(capsys, tmp_path):
+def test_gc_reclaims_dead_owners_and_prints_human_units(tmp_path, run_cli):
     path = tmp_path / "s"
     with tiercache.Cache(host=0, disk="8MiB", path=path) as cache:
         code = textwrap.dedent(f"""
@@ -140,7 +123,7 @@ def test_gc_reclaims_dead_owners_and_prints_human_units(capsys, tmp_path):
         for i in range(4):
             cache.put(("dead1", i), torch.ones(64 * 1024 // 4))
         cache.put(("other", 0), torch.ones(4))
-    code, out, err = run(capsys, "gc", str(path))
+    code, out, err = run_cli(main, "gc", str(path))
     assert code == 0, err
     assert "reclaimed 4 entries" in out and "KiB" in out and "1 dead owner" in out and "1 entries remain" in out
     with tiercache.Cache(host=0, disk="8MiB", path=path) as cache:

@@ -141,23 +141,6 @@ def test_failed_conversion_leaves_nothing(fake_gguf, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- CLI errors
-def run_main(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:  # argparse
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(err, *needles):
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err and "error:" in lines[0]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 @pytest.mark.parametrize(
     "argv, needles",
     [
@@ -171,58 +154,58 @@ def assert_one_line_error(err, *needles):
         (["--disk", "0", "--path", "/tmp/somewhere"], ["--disk 0 disables"]),
     ],
 )
-def test_usage_errors_are_one_line_exit_2_before_loading_anything(capsys, monkeypatch, argv, needles):
+def test_usage_errors_are_one_line_exit_2_before_loading_anything(monkeypatch, argv, needles, run_cli, assert_one_line_error):
     monkeypatch.setattr(models, "ensure_smollm2", lambda *a, **k: pytest.fail("the model must not be touched"))
-    code, out, err = run_main(capsys, "demo", *argv)
+    code, out, err = run_cli(main, "demo", *argv)
     assert code == 2 and out == ""
     assert_one_line_error(err, *needles)
 
 
-def test_usage_errors_as_a_subprocess():
+def test_usage_errors_as_a_subprocess(assert_one_line_error):
     done = subprocess.run([sys.executable, "-m", "tiercache_llm", "demo", "--host", "abc"], capture_output=True, text=True)
     assert done.returncode == 2
     assert_one_line_error(done.stderr, "--host")
 
 
-def test_bad_paths_and_locks(capsys, monkeypatch, tmp_path):
+def test_bad_paths_and_locks(monkeypatch, tmp_path, run_cli, assert_one_line_error):
     monkeypatch.setattr(models, "ensure_smollm2", lambda *a, **k: pytest.fail("the model must not be touched"))
     f = tmp_path / "file"
     f.write_text("mine")
-    code, _, err = run_main(capsys, "demo", "--path", str(f))
+    code, _, err = run_cli(main, "demo", "--path", str(f))
     assert code == 2 and f.read_text() == "mine"
     assert_one_line_error(err, "--path", "not a directory")
     folder = tmp_path / "folder"
     folder.mkdir()
     (folder / "notes.txt").write_text("keep")
-    code, _, err = run_main(capsys, "demo", "--path", str(folder))
+    code, _, err = run_cli(main, "demo", "--path", str(folder))
     assert code == 2 and (folder / "notes.txt").read_text() == "keep"
     assert_one_line_error(err, "not empty and is not a tiercache store")
     with tiercache.Cache(host=0, disk="1MiB", path=tmp_path / "busy"):
-        code, _, err = run_main(capsys, "demo", "--path", str(tmp_path / "busy"))
+        code, _, err = run_cli(main, "demo", "--path", str(tmp_path / "busy"))
         assert code == 1
         assert_one_line_error(err, "in use by another open tiercache.Cache", "--debug")
         with pytest.raises(tiercache.CacheLockedError):
             main(["demo", "--debug", "--path", str(tmp_path / "busy")])
 
 
-def test_model_cache_refusal_is_one_line(capsys, tmp_path):
+def test_model_cache_refusal_is_one_line(tmp_path, run_cli, assert_one_line_error):
     (tmp_path / models.MODEL_DIR_NAME).mkdir()
     (tmp_path / models.MODEL_DIR_NAME / "x").write_text("user")
-    code, _, err = run_main(capsys, "demo", "--model-cache", str(tmp_path))
+    code, _, err = run_cli(main, "demo", "--model-cache", str(tmp_path))
     assert code == 2
     assert_one_line_error(err, "--model-cache", "refusing to touch it")
 
 
-def test_budget_too_small_is_refused_before_loading_weights(smollm2, capsys, monkeypatch):
+def test_budget_too_small_is_refused_before_loading_weights(smollm2, monkeypatch, run_cli, assert_one_line_error):
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
-    code, _, err = run_main(capsys, "demo", "--host", "1MiB", "--disk", "0", "--tokens", "1500")
+    code, _, err = run_cli(main, "demo", "--host", "1MiB", "--disk", "0", "--tokens", "1500")
     assert code == 2
     assert_one_line_error(err, "needs at least", "MiB", "--host 1.0 MiB")
 
 
-def test_ctrl_c_exits_130_and_leaves_no_blocks(smollm2, capsys, monkeypatch, tmp_path):
+def test_ctrl_c_exits_130_and_leaves_no_blocks(smollm2, monkeypatch, tmp_path, run_cli):
     from tiercache_llm.kv_cache import TieredKVCache
 
     real_update = TieredKVCache.update
@@ -236,14 +219,14 @@ def test_ctrl_c_exits_130_and_leaves_no_blocks(smollm2, capsys, monkeypatch, tmp
 
     monkeypatch.setattr(TieredKVCache, "update", interrupted)
     path = tmp_path / "kv"
-    code, out, err = run_main(capsys, "demo", "--tokens", "300", "--host", "1MiB", "--path", str(path))
+    code, out, err = run_cli(main, "demo", "--tokens", "300", "--host", "1MiB", "--path", str(path))
     assert code == 130 and "interrupted" in err and "Traceback" not in err and out == ""
     assert owners.list_owners(path) == []
     with tiercache.Cache(host=0, disk="512MiB", path=path) as raw:
         assert len(raw) == 0  # the KV cache deleted its blocks on the way out
 
 
-def test_capacity_error_while_running_is_one_line_exit_1(smollm2, capsys, monkeypatch):
+def test_capacity_error_while_running_is_one_line_exit_1(smollm2, monkeypatch, run_cli, assert_one_line_error):
     from tiercache_llm.errors import KVCapacityError
     from tiercache_llm.kv_cache import TieredKVCache
 
@@ -251,7 +234,7 @@ def test_capacity_error_while_running_is_one_line_exit_1(smollm2, capsys, monkey
         raise KVCapacityError("storing 1.0 MiB more of KV blocks needs more than the 0 B left free in the tiers")
 
     monkeypatch.setattr(TieredKVCache, "update", full)
-    code, out, err = run_main(capsys, "demo", "--tokens", "100", "--no-progress")
+    code, out, err = run_cli(main, "demo", "--tokens", "100", "--no-progress")
     assert code == 1 and out == ""
     assert_one_line_error(err, "left free in the tiers", "--debug")
 
