@@ -5,29 +5,17 @@ reads from disk), never speed: the speed targets live in the benchmark's own out
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
-def hotpath():
-    return _load("hotpath")
+def hotpath(load_benchmark):
+    return load_benchmark("hotpath")
 
 
 def tiny_settings(hotpath):
@@ -104,8 +92,8 @@ def test_cli_rejects_bad_options(hotpath, tmp_path, argv):
     assert exc.value.code == 2
 
 
-def test_storage_quick_runs(tmp_path):
-    storage = _load("storage")
+def test_storage_quick_runs(tmp_path, load_benchmark):
+    storage = load_benchmark("storage")
     assert storage.main(["--quick", "--sizes", "16KiB", "--total", "256KiB", "--out", str(tmp_path)]) == 0
     saved = json.loads((tmp_path / "storage.json").read_text())
     assert {r["tier"] for r in saved["results"]} == {"host", "disk"}
@@ -113,8 +101,8 @@ def test_storage_quick_runs(tmp_path):
     assert (tmp_path / "storage.md").exists() and (tmp_path / "storage.png").exists()
 
 
-def test_drop_page_cache_visits_every_file(tmp_path):
-    common = _load("_common")
+def test_drop_page_cache_visits_every_file(tmp_path, load_benchmark):
+    common = load_benchmark("_common")
     common.write_files(tmp_path / "a" / "b", 3, 4096)
     common.write_files(tmp_path / "c", 2, 100)
     assert common.drop_page_cache(tmp_path) == 5

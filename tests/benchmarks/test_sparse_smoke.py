@@ -7,7 +7,6 @@ without sparse mode in the installed ``tiercache_llm``."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -19,27 +18,19 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def accuracy(load_benchmark):
+    return load_benchmark("sparse_accuracy")
 
 
 @pytest.fixture(scope="module")
-def accuracy():
-    return _load("sparse_accuracy")
+def speed(load_benchmark):
+    return load_benchmark("sparse_speed")
 
 
 @pytest.fixture(scope="module")
-def speed():
-    return _load("sparse_speed")
-
-
-@pytest.fixture(scope="module")
-def common():
-    return _load("_common")
+def common(load_benchmark):
+    return load_benchmark("_common")
 
 
 def _sparse_ok(run: dict) -> bool:
