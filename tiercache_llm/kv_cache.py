@@ -50,8 +50,10 @@ class TieredKVSettings:
             always attended.  A budget >= the context gives exactly dense attention.
         strategy: sparse mode: ``"attention-aware"`` (default: the attention mass blocks receive goes
             into their tiercache scores under the ``"attention-aware"`` policy, so they are promoted and
-            kept close) or ``"fetch-every-step"`` (same selection, every selected block read from its
-            home tier every step under ``"kv-stream"``: no promotion, no reuse).
+            kept close), ``"fetch-every-step"`` (same selection, every selected block read from its
+            home tier every step under ``"kv-stream"``: no promotion, no reuse) or
+            ``"reuse-layer-ahead"`` (same selection under ``"kv-stream"``, reusing the previous step's
+            fetched blocks and prefetching one layer ahead; no attention-aware placement, no disk staging).
         decay: sparse, attention-aware: per decode step decay of the accumulated mass (default 0.9).
         gpu, host, disk: tier budgets (bytes or strings like ``"512MiB"``; ``None``/0 disables the
             tier).  Ignored when an existing ``tiercache.Cache`` is passed to the cache.
@@ -113,9 +115,9 @@ class TieredKVSettings:
                 raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
             object.__setattr__(self, "decay", check_decay(self.decay))
             if self.policy is None:
-                object.__setattr__(self, "policy", "kv-stream" if self.strategy == "fetch-every-step" else "attention-aware")
-            elif self.strategy == "fetch-every-step" and self.policy != "kv-stream":
-                raise ValueError("strategy='fetch-every-step' is defined with the 'kv-stream' policy (no promotion)")
+                object.__setattr__(self, "policy", "attention-aware" if self.strategy == "attention-aware" else "kv-stream")
+            elif self.strategy != "attention-aware" and self.policy != "kv-stream":
+                raise ValueError(f"strategy={self.strategy!r} is defined with the 'kv-stream' policy (no promotion)")
         if not isinstance(self.prefetch, bool):
             raise TypeError("prefetch must be a bool")
         if not isinstance(self.direct_io, bool):

@@ -31,13 +31,15 @@ from .errors import TieredKVError
 from .policies import AttentionPlacementPolicy
 from .sparse.attention import sparse_attention_reference
 from .sparse.digests import KeyDigests
+from .sparse.fetch import fetch_selected
+from .sparse.placement import record_attention
 from .sparse.selection import SelectionConfig, select
 
 if TYPE_CHECKING:  # pragma: no cover
     from .kv_cache import TieredKVLayer
 
-Strategy = Literal["attention-aware", "fetch-every-step"]
-STRATEGIES = ("attention-aware", "fetch-every-step")
+Strategy = Literal["attention-aware", "fetch-every-step", "reuse-layer-ahead"]
+STRATEGIES = ("attention-aware", "fetch-every-step", "reuse-layer-ahead")
 
 
 class SparseModeError(TieredKVError, RuntimeError):
@@ -268,49 +270,11 @@ class SparseLayerState:
         """Sparse attention of one decode step; returns ``(B, Hq, 1, D)``."""
         ctrl, stats = self.ctrl, self.ctrl.last_step
         bs = layer.block_size
+        hk = layer._shape_k[0]
         t0 = time.perf_counter()
         sel = select(query, self.digests, ctrl.selection)
-        fetch = sel.fetch.tolist()
         t1 = time.perf_counter()
-        n_stored = len(layer._blocks)
-        stored = [j for j in fetch if j < n_stored]
-        b = layer._batch
-        hk, dk = layer._shape_k
-        hv, dv = layer._shape_v
-        u = len(fetch)
-        kbuf = torch.empty((u, b, hk, bs, dk), dtype=layer.dtype, device=layer.device)
-        vbuf = torch.empty((u, b, hv, bs, dv), dtype=layer.dtype, device=layer.device)
-        if stored:
-            kkeys = [layer._kkeys[j] for j in stored]
-            vkeys = [layer._vkeys[j] for j in stored]
-            tiers = layer.store.tiers_of(kkeys + vkeys)
-            fastest = layer.store.fastest_tier
-            ns = len(stored)
-            resident = sum(1 for i in range(ns) if tiers[i] == fastest and tiers[ns + i] == fastest)
-            outs_k, outs_v, posts = [], [], []
-            for i, j in enumerate(stored):
-                block = layer._blocks[j]
-                if block.rows is None:
-                    outs_k.append(kbuf[i])
-                    outs_v.append(vbuf[i])
-                else:
-                    tk = kbuf.new_empty((block.stored_batch, hk, bs, dk))
-                    tv = vbuf.new_empty((block.stored_batch, hv, bs, dv))
-                    outs_k.append(tk)
-                    outs_v.append(tv)
-                    posts.append((i, block, tk, tv))
-            layer.store.get_blocks(kkeys + vkeys, out=outs_k + outs_v)
-            for i, block, tk, tv in posts:
-                kbuf[i].copy_(block.view(tk))
-                vbuf[i].copy_(block.view(tv))
-            for tier, out in zip(tiers, outs_k + outs_v):
-                stats.bytes_fetched[str(tier)] = stats.bytes_fetched.get(str(tier), 0) + out.nbytes
-            stats.blocks_selected += ns
-            stats.blocks_resident += resident
-        if len(stored) < u:  # the in-memory tail block (it already holds the new token; masked below)
-            kbuf[len(stored)].copy_(layer._tail_k)
-            vbuf[len(stored)].copy_(layer._tail_v)
-            stats.tail_selected += 1
+        kbuf, vbuf = fetch_selected(self, layer, sel, query, stats)
         t2 = time.perf_counter()
         fetch_t = sel.fetch.to(self.valid.device)
         pos = fetch_t.view(-1, 1) * bs + torch.arange(bs, device=fetch_t.device)
@@ -323,13 +287,7 @@ class SparseLayerState:
         count = self.digests.count
         stats.tokens_attended += int(sel.selected_tokens(count).sum())
         stats.tokens_context += int(count.sum()) * hk
-        if ctrl.strategy == "attention-aware" and u:
-            block_mass = res.kv_head_mass(hk).sum(dim=(0, 1)).double().cpu()  # (U,) summed over rows and heads
-            self.mass[sel.fetch.cpu()] += block_mass * ctrl.scale
-            for i, j in enumerate(stored):
-                score = float(self.mass[j])
-                ctrl.pending_scores[layer._kkeys[j]] = score
-                ctrl.pending_scores[layer._vkeys[j]] = score
+        record_attention(self, layer, sel, res, stats)
         t4 = time.perf_counter()
         stats.scoring_seconds += t1 - t0
         stats.fetch_seconds += t2 - t1

@@ -1,0 +1,71 @@
+"""The fetch stage of a sparse decode step: materialise exactly the selected blocks of one layer.
+
+Seam between selection/attention (:mod:`tiercache_llm.sparse_layer`) and the data movement (tiers,
+prefetch, staging).  Only the blocks in ``sel.fetch`` are ever read; the in-memory tail block is
+copied from the layer's tail.
+
+Thread safety: called from the forward pass (one per cache at a time).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..kv_cache import TieredKVLayer
+    from ..sparse_layer import SparseLayerState, SparseStats
+    from .selection import BlockSelection
+
+
+def fetch_selected(state: "SparseLayerState", layer: "TieredKVLayer", sel: "BlockSelection",
+                   query: torch.Tensor, stats: "SparseStats") -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of the blocks ``sel.fetch`` (ascending block indices; the last may be the tail
+    block, which is not stored yet) as ``(U, B, H, block_size, D)`` buffers in ``sel.fetch`` order.
+
+    ``query`` (``(B, Hq, 1, D)``) is this layer's decode query, for stages that predict what later
+    layers will need.  Counts blocks selected/resident, tail selections and bytes per tier into
+    ``stats``."""
+    fetch = sel.fetch.tolist()
+    bs = layer.block_size
+    n_stored = len(layer._blocks)
+    stored = [j for j in fetch if j < n_stored]
+    b = layer._batch
+    hk, dk = layer._shape_k
+    hv, dv = layer._shape_v
+    u = len(fetch)
+    kbuf = torch.empty((u, b, hk, bs, dk), dtype=layer.dtype, device=layer.device)
+    vbuf = torch.empty((u, b, hv, bs, dv), dtype=layer.dtype, device=layer.device)
+    if stored:
+        kkeys = [layer._kkeys[j] for j in stored]
+        vkeys = [layer._vkeys[j] for j in stored]
+        tiers = layer.store.tiers_of(kkeys + vkeys)
+        fastest = layer.store.fastest_tier
+        ns = len(stored)
+        resident = sum(1 for i in range(ns) if tiers[i] == fastest and tiers[ns + i] == fastest)
+        outs_k, outs_v, posts = [], [], []
+        for i, j in enumerate(stored):
+            block = layer._blocks[j]
+            if block.rows is None:
+                outs_k.append(kbuf[i])
+                outs_v.append(vbuf[i])
+            else:
+                tk = kbuf.new_empty((block.stored_batch, hk, bs, dk))
+                tv = vbuf.new_empty((block.stored_batch, hv, bs, dv))
+                outs_k.append(tk)
+                outs_v.append(tv)
+                posts.append((i, block, tk, tv))
+        layer.store.get_blocks(kkeys + vkeys, out=outs_k + outs_v)
+        for i, block, tk, tv in posts:
+            kbuf[i].copy_(block.view(tk))
+            vbuf[i].copy_(block.view(tv))
+        for tier, out in zip(tiers, outs_k + outs_v):
+            stats.bytes_fetched[str(tier)] = stats.bytes_fetched.get(str(tier), 0) + out.nbytes
+        stats.blocks_selected += ns
+        stats.blocks_resident += resident
+    if len(stored) < u:  # the in-memory tail block (it already holds the new token; masked below)
+        kbuf[len(stored)].copy_(layer._tail_k)
+        vbuf[len(stored)].copy_(layer._tail_v)
+        stats.tail_selected += 1
+    return kbuf, vbuf
