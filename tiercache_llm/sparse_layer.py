@@ -29,7 +29,7 @@ import torch
 
 from .errors import TieredKVError
 from .policies import AttentionPlacementPolicy
-from .sparse.attention import sparse_attention_reference
+from .sparse.attention import sparse_attention
 from .sparse.digests import KeyDigests
 from .sparse.fetch import fetch_selected
 from .sparse.placement import record_attention
@@ -279,7 +279,7 @@ class SparseLayerState:
         fetch_t = sel.fetch.to(self.valid.device)
         pos = fetch_t.view(-1, 1) * bs + torch.arange(bs, device=fetch_t.device)
         token_valid = self.valid[:, pos.clamp(max=self.valid.shape[1] - 1)] & (pos < ctx)
-        res = sparse_attention_reference(
+        res = sparse_attention(
             query, kbuf.permute(1, 2, 0, 3, 4), vbuf.permute(1, 2, 0, 3, 4), sel.fetch_head_mask.to(kbuf.device),
             token_valid, k_new, v_new, scale=scaling,
         )

@@ -26,6 +26,7 @@ __all__ = [
     "SparseAttentionOutput",
     "paged_decode_attention",
     "paged_decode_attention_reference",
+    "sparse_attention",
     "sparse_attention_reference",
 ]
 
@@ -211,3 +212,24 @@ def paged_decode_attention(
     _check_paged(query, k_pool, v_pool, pool_valid, block_table, lengths)
     return block_attention_triton(query, k_pool, v_pool, pool_valid, block_table, lengths, scale=scale,
                                   num_splits=num_splits)
+
+
+def sparse_attention(
+    query: torch.Tensor,
+    block_keys: torch.Tensor,
+    block_values: torch.Tensor,
+    block_mask: torch.Tensor,
+    token_valid: torch.Tensor | None = None,
+    new_keys: torch.Tensor | None = None,
+    new_values: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> SparseAttentionOutput:
+    """What sparse decode calls: :func:`sparse_attention_reference`'s contract (same arguments, same
+    result), computed by the fastest implementation for the tensors' device.  ``backend``: ``"torch"``
+    (the reference), or ``"auto"`` (the default: currently the reference on every device)."""
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"backend must be 'auto' or 'torch', got {backend!r}")
+    return sparse_attention_reference(query, block_keys, block_values, block_mask, token_valid, new_keys,
+                                      new_values, scale=scale)
