@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
 
 from ..errors import CorruptEntryError, FingerprintMismatchError, OverBudgetError, TierCacheError, TierIOError
@@ -64,12 +65,20 @@ from .disk_format import (
 
 __all__ = [
     "DiskTier", "DiskOverBudgetError", "FORMAT_VERSION", "PAGE", "HEADER_BYTES", "CRC_BYTES", "SLOT_ROWS",
-    "class_pages", "decode_header", "encode_header", "prepare_store_dir",
+    "byte_parts", "class_pages", "decode_header", "encode_header", "prepare_store_dir",
 ]
 
 log = logging.getLogger(__name__)
 
 COMPRESSIONS = (None, "zstd")
+# A payload of at least PIPELINE_BYTES is read in PIPELINE_PIECE pieces on PIPELINE_THREADS threads while
+# the reading thread checksums the pieces already in (one read then one crc pass leaves a core idle).
+PIPELINE_BYTES = 4 << 20
+PIPELINE_PIECE = 1 << 20
+PIPELINE_THREADS = 2
+# read_into spreads a batch over its threads only with at least this many bytes per thread: below it, the
+# hand-offs cost more than the reads they overlap.
+MIN_BYTES_PER_THREAD = 256 << 10
 MIN_CAPACITY = PAGE + CRC_BYTES  # the smallest entry: an empty value's header page and checksum
 
 
@@ -89,6 +98,38 @@ def _crc32c():
     import crc32c  # numcodecs/zarr use the same package for the zarr v3 crc32c codec
 
     return crc32c.crc32c
+
+
+def byte_parts(out: torch.Tensor, nbytes: int, index: int = 0) -> list[memoryview]:
+    """Writable byte views of ``out``'s memory in element order, for a vectored read of ``nbytes``.
+
+    ``out`` is a CPU tensor of exactly ``nbytes`` bytes: 1-D contiguous uint8 (one view, the common case),
+    any contiguous tensor (one view), or any tensor whose last dimension is contiguous, e.g. the block
+    ``buf[:, :, j * B:(j + 1) * B]`` of a ``(batch, heads, tokens, head_dim)`` buffer (one view per run of
+    contiguous memory: ``batch * heads`` here).  ``ValueError`` naming item ``index`` otherwise."""
+    if not out.is_cpu:
+        raise ValueError(f"read_into item {index}: out must be a CPU tensor, not on {out.device}")
+    if out.dtype is torch.uint8 and out.dim() == 1 and out.is_contiguous():
+        if out.shape[0] != nbytes:
+            raise ValueError(f"read_into item {index}: out holds {out.shape[0]} bytes, the payload is {nbytes}")
+        return [memoryview(out.numpy())] if nbytes else []
+    if out.numel() * out.element_size() != nbytes:
+        raise ValueError(
+            f"read_into item {index}: out holds {out.numel() * out.element_size()} bytes, the payload is {nbytes}")
+    if not nbytes:
+        return []
+    if out.is_contiguous():
+        return [memoryview(out.reshape(-1).view(torch.uint8).numpy())]
+    if out.stride(-1) != 1:
+        raise ValueError(f"read_into item {index}: out's last dimension must be contiguous (stride 1)")
+    arr = out.view(torch.uint8).numpy()
+    k, inner = arr.ndim - 1, arr.shape[-1]
+    while k > 0 and (arr.strides[k - 1] == inner or arr.shape[k - 1] == 1):
+        inner *= arr.shape[k - 1]
+        k -= 1
+    outer = arr.shape[:k]
+    rows = arr.reshape(outer + (inner,))
+    return [memoryview(rows[idx]) for idx in np.ndindex(*outer)]
 
 
 def check_capacity(capacity: object) -> int:
@@ -255,6 +296,8 @@ class DiskTier:
         self.index_state = "none"
         self._io_threads = max(1, int(io_threads))
         self._pool: ThreadPoolExecutor | None = None
+        self._piece_pool: ThreadPoolExecutor | None = None  # pieces of large reads (_pread_pipelined)
+        self._prefixes: dict[tuple[int, int], tuple[EntryHeader, bytes]] = {}  # _expected_prefix's cache
         self._scratch = _Scratch()
         self._crc = _crc32c()
         state, created = prepare_store_dir(self.root)
@@ -465,7 +508,8 @@ class DiskTier:
         payload = memoryview(raw.numpy()).cast("B")
         if payload.nbytes != slot.nbytes:
             raise ValueError(f"payload of {payload.nbytes} bytes written to a slot of {slot.nbytes}")
-        head = encode_header(header)
+        prefix = header_prefix(header)
+        head = prefix + bytes(HEADER_BYTES - len(prefix))
         pad_len = pages * PAGE - HEADER_BYTES - payload.nbytes
         final = self._chunk_file(slot)
         tmp = f"{final}.{os.getpid()}.{threading.get_ident()}.tmp"
@@ -493,6 +537,7 @@ class DiskTier:
             raise TierIOError(f"disk tier: writing {final} failed: {reason}", exc.errno) from exc
         with self._lock:
             self._headers[(pages, row)] = header
+            self._prefixes[(pages, row)] = (header, prefix)
             self._seq_high = max(self._seq_high, header.seq)
 
     def _write_direct(self, tmp: str, head: bytes, payload: memoryview, pad_len: int, crc: int) -> None:
@@ -538,9 +583,10 @@ class DiskTier:
         self, path: str, pages: int, payload: memoryview | None, nbytes: int, ref: tuple[int, int] | None = None
     ) -> tuple[bytes | memoryview, memoryview | None]:
         """Read and checksum an uncompressed chunk.  The payload goes into ``payload`` (``nbytes`` bytes)
-        when given; returns ``(header page, payload view)``.  One positional vectored read, through the
-        descriptor cache when ``ref`` (the slot's) is given."""
-        size = pages * PAGE + CRC_BYTES
+        when given; returns ``(header page, payload view)``.  Through the descriptor cache when ``ref``
+        (the slot's) is given."""
+        if payload is None:
+            payload = memoryview(bytearray(nbytes))
         try:
             if ref is not None:
                 handle = self._fds.acquire(ref, path)
@@ -550,36 +596,93 @@ class DiskTier:
         except FileNotFoundError:
             raise CorruptEntryError(f"{path} is missing") from None
         try:
-            if self.direct_io:
-                buf = self._scratch.get(size + PAGE)  # room to see a file longer than expected
-                got = os.preadv(fd, [buf], 0)
-                if got != size:
-                    raise CorruptEntryError(f"{path} has the wrong size ({got} bytes read): truncated or overwritten")
-                crc = self._crc(buf[: size - CRC_BYTES])
-                head, tail_crc = buf[:HEADER_BYTES], buf[size - CRC_BYTES : size]
-                body = buf[HEADER_BYTES : HEADER_BYTES + nbytes]
-                if payload is not None:
-                    payload[:] = body
-                    body = payload
-            else:
-                head = self._scratch.head
-                if payload is None:
-                    payload = memoryview(bytearray(nbytes))
-                tail = self._scratch.tail[: size - HEADER_BYTES - nbytes + 1]
-                got = os.preadv(fd, [head, payload, tail], 0)
-                if got != size:  # the extra tail byte catches a file longer than its class
-                    raise CorruptEntryError(f"{path} has the wrong size ({got} bytes read): truncated or overwritten")
-                crc = self._crc(tail[: -1 - CRC_BYTES], self._crc(payload, self._crc(head)))
-                tail_crc = tail[-1 - CRC_BYTES : -1]
-                body = payload
+            head, problem = self._pread_checked(fd, pages, [payload] if nbytes else [], nbytes)
         finally:
             if handle is not None:
                 self._fds.release(handle)
             else:
                 os.close(fd)
+        if problem is not None:
+            raise CorruptEntryError(f"{path} {problem}")
+        return head, payload
+
+    def _pread_checked(
+        self, fd: int, pages: int, parts: list[memoryview], nbytes: int
+    ) -> tuple[bytes | memoryview, str | None]:
+        """Read the chunk behind ``fd`` with its payload scattered into ``parts`` (byte views totalling
+        ``nbytes``, in order) and check its size and crc32c.  Returns ``(header page, problem)``:
+        ``problem`` is ``None`` for a sound chunk, else what is wrong (the caller names the file)."""
+        size = pages * PAGE + CRC_BYTES
+        if self.direct_io:
+            buf = self._scratch.get(size + PAGE)  # room to see a file longer than expected
+            got = os.preadv(fd, [buf], 0)
+            if got != size:
+                return buf[:HEADER_BYTES], f"has the wrong size ({got} bytes read): truncated or overwritten"
+            crc = self._crc(buf[: size - CRC_BYTES])
+            pos = HEADER_BYTES
+            for part in parts:
+                part[:] = buf[pos : pos + part.nbytes]
+                pos += part.nbytes
+            head, tail_crc = buf[:HEADER_BYTES], buf[size - CRC_BYTES : size]
+        else:
+            scratch = self._scratch
+            head = scratch.head
+            tail = scratch.tail[: size - HEADER_BYTES - nbytes + 1]  # one byte more: sees a longer file
+            if nbytes >= PIPELINE_BYTES:
+                got, crc = self._pread_pipelined(fd, [head, *parts, tail])
+            else:
+                got = os.preadv(fd, [head, *parts, tail], 0)
+                crc = self._crc(head)
+                for part in parts:
+                    crc = self._crc(part, crc)
+                crc = self._crc(tail[: -1 - CRC_BYTES], crc)
+            if got != size:
+                return head, f"has the wrong size ({got} bytes read): truncated or overwritten"
+            tail_crc = tail[-1 - CRC_BYTES : -1]
         if crc != int.from_bytes(tail_crc, "little"):
-            raise CorruptEntryError(f"{path} failed its crc32c checksum")
-        return head, body
+            return head, "failed its crc32c checksum"
+        return head, None
+
+    def _pread_pipelined(self, fd: int, views: list[memoryview]) -> tuple[int, int]:
+        """A large read as :data:`PIPELINE_PIECE` pieces: the pieces are read on the piece pool (several
+        at once) while this thread checksums the ones already in (``pread`` and crc32c both release the
+        GIL).  The crc of everything but the last view's final ``1 + CRC_BYTES`` bytes (the stored crc and
+        the longer-file probe byte).  Returns ``(bytes read, crc)``; reading stops counting at the first
+        short piece."""
+        pieces: list[tuple[memoryview, int]] = []
+        offset = 0
+        for view in views:
+            for lo in range(0, view.nbytes, PIPELINE_PIECE):
+                piece = view[lo : lo + PIPELINE_PIECE]
+                pieces.append((piece, offset + lo))
+            offset += view.nbytes
+        pool = self._piece_pool
+        if pool is None:
+            with self._lock:
+                if self._piece_pool is None:
+                    self._piece_pool = ThreadPoolExecutor(PIPELINE_THREADS, thread_name_prefix="tiercache-disk-piece")
+                pool = self._piece_pool
+        futures = [pool.submit(os.preadv, fd, [piece], at) for piece, at in pieces]
+        got, crc, short = 0, 0, False
+        end = offset - 1 - CRC_BYTES  # what the crc covers
+        try:
+            for (piece, at), future in zip(pieces, futures):
+                n = future.result()
+                if short:
+                    continue
+                got += n
+                if n != piece.nbytes:
+                    short = True  # a truncated file (or the probe byte of the tail: checked by the caller)
+                covered = min(n, max(0, end - at))
+                if covered:
+                    crc = self._crc(piece[:covered], crc)
+        finally:
+            for future in futures:
+                future.cancel()
+            for future in futures:
+                if not future.cancelled():
+                    future.exception()  # never leave a read running into a buffer the caller reuses
+        return got, crc
 
     def _read_compressed(self, path: str, pages: int) -> memoryview:
         """The decoded chunk (header + payload + padding) of a compressed store, checksum verified."""
@@ -599,24 +702,52 @@ class DiskTier:
             raise CorruptEntryError(f"{path} decodes to {view.nbytes} bytes, expected {pages * PAGE}")
         return view
 
-    def _check_stored(self, path: str, head: bytes | memoryview, header: EntryHeader, nbytes: int) -> None:
+    def _expected_prefix(self, ref: tuple[int, int], header: EntryHeader) -> bytes:
+        """The header record ``ref``'s chunk must start with, cached per slot (made at ``write``, or at the
+        first read after a reopen) so a read compares bytes instead of encoding the header again."""
+        cached = self._prefixes.get(ref)
+        if cached is not None and (cached[0] is header or cached[0] == header):
+            return cached[1]
+        prefix = header_prefix(header)
+        self._prefixes[ref] = (header, prefix)
+        return prefix
+
+    def _check_stored(self, slot: Slot, head: bytes | memoryview, header: EntryHeader) -> None:
         """The stored header must be ``header``: its encoding is compared byte for byte (what follows it in
         the page is padding), so no decoding is needed on the hot path."""
-        expected = header_prefix(header)
-        if header.nbytes != nbytes or head[: len(expected)] != expected:
+        expected = self._expected_prefix(slot.ref, header)  # type: ignore[arg-type]
+        if header.nbytes != slot.nbytes or head[: len(expected)] != expected:
             decode_header(head)  # a damaged header says so in the error
-            raise CorruptEntryError(f"{path} holds another entry than the index expects")
+            raise CorruptEntryError(f"{self._chunk_file(slot)} holds another entry than the index expects")
 
-    def _read_payload_into(self, slot: Slot, header: EntryHeader, out: memoryview) -> None:
-        pages, _ = slot.ref  # type: ignore[misc]
-        path = self._chunk_file(slot)
-        if self._codec is None:
-            head, _ = self._read_chunk(path, pages, out, slot.nbytes, slot.ref)  # type: ignore[arg-type]
-        else:
+    def _read_payload_into(self, slot: Slot, header: EntryHeader, parts: list[memoryview]) -> None:
+        """Read ``slot``'s verified payload into ``parts`` (byte views totalling ``slot.nbytes``)."""
+        ref = slot.ref
+        pages = ref[0]  # type: ignore[index]
+        if self._codec is not None:
+            path = self._chunk_file(slot)
             body = self._read_compressed(path, pages)
             head = body[:HEADER_BYTES]
-            out[:] = body[HEADER_BYTES : HEADER_BYTES + slot.nbytes]
-        self._check_stored(path, head, header, slot.nbytes)
+            pos = HEADER_BYTES
+            for part in parts:
+                part[:] = body[pos : pos + part.nbytes]
+                pos += part.nbytes
+        else:
+            fds = self._fds
+            handle = fds.lookup(ref)
+            if handle is None:
+                path = self._chunk_file(slot)
+                try:
+                    handle = fds.acquire(ref, path)
+                except FileNotFoundError:
+                    raise CorruptEntryError(f"{path} is missing") from None
+            try:
+                head, problem = self._pread_checked(handle.fd, pages, parts, slot.nbytes)
+            finally:
+                fds.release(handle)
+            if problem is not None:
+                raise CorruptEntryError(f"{self._chunk_file(slot)} {problem}")
+        self._check_stored(slot, head, header)
 
     def read(self, slot: Slot, header: EntryHeader, into: torch.Tensor | None = None) -> torch.Tensor:
         """The verified payload (checksum, and the stored header must equal ``header``).  With ``into``
@@ -630,30 +761,34 @@ class DiskTier:
             out = into[: slot.nbytes]
         else:
             out = torch.empty(slot.nbytes, dtype=torch.uint8)
-        self._read_payload_into(slot, header, memoryview(out.numpy()))
+        self._read_payload_into(slot, header, [memoryview(out.numpy())] if slot.nbytes else [])
         return out
 
+    #: ``read_into`` also takes row-contiguous destinations of any dtype (see :func:`byte_parts`), e.g. a
+    #: block slice of a larger ``(batch, heads, tokens, head_dim)`` buffer, reading into them in place.
+    reads_strided = True
+
     def read_into(self, items: Sequence[tuple[Slot, EntryHeader, torch.Tensor]]) -> None:
-        """Fill each ``(slot, header, out)``'s ``out`` (1-D contiguous uint8 CPU, exactly ``slot.nbytes``)
-        with the verified payload (contract C2), spreading the reads over ``io_threads`` threads.  On
-        damage raises ``CorruptEntryError`` with ``tiercache_index`` = the first damaged item's position;
-        other I/O failures raise ``OSError``.  Thread-safe for distinct slots."""
-        for i, (slot, _, out) in enumerate(items):
-            if out.device.type != "cpu" or out.dtype != torch.uint8 or out.dim() != 1 or not out.is_contiguous() \
-                    or out.numel() != slot.nbytes:
-                raise ValueError(f"read_into item {i}: out must be 1-D contiguous uint8 CPU of {slot.nbytes} bytes")
+        """Fill each ``(slot, header, out)``'s ``out`` with the verified payload (contract C2), spreading
+        the reads over ``io_threads`` threads.  ``out`` is a CPU tensor of exactly ``slot.nbytes`` bytes:
+        1-D contiguous uint8 (C2), or any dtype and shape whose last dimension is contiguous (its rows are
+        filled by one vectored read; ``reads_strided``).  On damage raises ``CorruptEntryError`` with
+        ``tiercache_index`` = the first damaged item's position; other I/O failures raise ``OSError``.
+        Thread-safe for distinct slots."""
+        parts = [byte_parts(out, slot.nbytes, i) for i, (slot, _, out) in enumerate(items)]
 
         def run(lo: int, hi: int) -> None:
+            read = self._read_payload_into
             for i in range(lo, hi):
-                slot, header, out = items[i]
+                slot, header, _ = items[i]
                 try:
-                    self._read_payload_into(slot, header, memoryview(out.numpy()))
+                    read(slot, header, parts[i])
                 except CorruptEntryError as exc:
                     exc.tiercache_index = i  # type: ignore[attr-defined]
                     raise
 
         n = len(items)
-        workers = min(self._io_threads, n)
+        workers = min(self._io_threads, n, max(1, sum(s.nbytes for s, _, _ in items) // MIN_BYTES_PER_THREAD))
         if workers <= 1:
             run(0, n)
             return
@@ -662,8 +797,12 @@ class DiskTier:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(self._io_threads, thread_name_prefix="tiercache-disk")
         step = -(-n // workers)
-        futures = [self._pool.submit(run, lo, min(lo + step, n)) for lo in range(0, n, step)]
+        futures = [self._pool.submit(run, lo, min(lo + step, n)) for lo in range(step, n, step)]
         errors = []
+        try:
+            run(0, min(step, n))  # this thread takes the first share instead of waiting idle
+        except BaseException as exc:
+            errors.append(exc)
         for future in futures:
             exc = future.exception()
             if exc is not None:
@@ -688,6 +827,7 @@ class DiskTier:
         self._fds.forget(slot.ref)
         with self._lock:
             header = self._headers.pop((pages, row), None)
+            self._prefixes.pop((pages, row), None)
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -874,9 +1014,10 @@ class DiskTier:
 
     def close(self) -> None:
         """Make everything durable (``os.sync``) and write ``index.tc`` for a fast reopen."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        for pool in (self._pool, self._piece_pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._pool = self._piece_pool = None
         self._fds.clear()
         os.sync()  # a clean close is durable across power loss, not only process death
         if self._index_live or not self._complete:

@@ -40,6 +40,16 @@ class FdCache:
         self._open: OrderedDict[Hashable, _Handle] = OrderedDict()
         self._lock = threading.Lock()
 
+    def lookup(self, key: Hashable) -> _Handle | None:
+        """The cached descriptor of ``key`` (pair with :meth:`release`), or ``None`` when it is not open:
+        the hot path asks this first so it builds the file's path only on a miss."""
+        with self._lock:
+            handle = self._open.get(key)
+            if handle is not None:
+                handle.users += 1
+                self._open.move_to_end(key)
+            return handle
+
     def acquire(self, key: Hashable, path: str) -> _Handle:
         """An open descriptor for ``path``; pair with :meth:`release`.  Raises ``OSError`` from ``open``."""
         with self._lock:
