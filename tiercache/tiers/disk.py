@@ -752,6 +752,14 @@ class DiskTier:
         filled by one vectored read; ``reads_strided``).  On damage raises ``CorruptEntryError`` with
         ``tiercache_index`` = the first damaged item's position; other I/O failures raise ``OSError``.
         Thread-safe for distinct slots."""
+        if len(items) == 1:  # a single get: no closure, no thread bookkeeping
+            slot, header, out = items[0]
+            try:
+                self._read_payload_into(slot, header, byte_parts(out, slot.nbytes))
+            except CorruptEntryError as exc:
+                exc.tiercache_index = 0  # type: ignore[attr-defined]
+                raise
+            return
         parts = [byte_parts(out, slot.nbytes, i) for i, (slot, _, out) in enumerate(items)]
 
         def run(lo: int, hi: int) -> None:

@@ -192,3 +192,14 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_a_single_damaged_read_into_names_position_zero(tmp_path):
+    tier = DiskTier(tmp_path / "d", 1 << 20)
+    list(tier.recover())
+    slot, head = store(tier, "one", make_value(torch.uint8, (5000,), 9))
+    flip(tier.chunk_path(slot), PAGE + 100)
+    with pytest.raises(CorruptEntryError) as info:
+        tier.read_into([(slot, head, torch.empty(5000, dtype=torch.uint8))])
+    assert info.value.tiercache_index == 0
+    tier.close()
