@@ -273,11 +273,12 @@ class Budget:
     fill_rate: dict[str, float] = field(default_factory=lambda: {"gpu": 4e9, "host": 2e9, "disk": 0.8e9})
     read_rate: dict[str, float] = field(default_factory=lambda: {"gpu": 200e9, "host": 10e9, "disk": 1.0e9})
     step_floor: float = 0.05  # seconds for a decode step whatever the cache (weights, Python)
+    pin_rate: float = 4e9  # bytes/s of pinned host allocation (0 cost on a CPU-only run: nothing is pinned)
 
     def estimate(self, cfg: Config, s: Settings, kv: int) -> float:
-        host_part = max(0, kv - cfg.gpu - (cfg.host if cfg.disk else kv))
         disk = max(0, kv - cfg.gpu - cfg.host) if cfg.disk else 0
-        fill = kv / self.fill_rate["host"] + disk / self.fill_rate["disk"]
+        # pinning the host tier (cudaHostAlloc, at construction) is paid by every tiered run
+        fill = kv / self.fill_rate["host"] + disk / self.fill_rate["disk"] + cfg.host / self.pin_rate
         if cfg.system == DYNAMIC:
             fill, read = kv / self.fill_rate["gpu"], kv / self.read_rate["gpu"]
         elif cfg.system == OFFLOAD:
@@ -287,7 +288,6 @@ class Budget:
         else:
             frac = min(1.0, s.budget / cfg.context)
             read = frac * ((kv - disk) / self.read_rate["host"] + disk / self.read_rate["disk"])
-        del host_part
         return 5.0 + fill + (s.steps + 1) * (self.step_floor + read)
 
     def refuse(self, cfg: Config, s: Settings, kv: int, weights: int, device: torch.device) -> str | None:
@@ -308,6 +308,28 @@ class Budget:
         return None
 
 
+def dry_run(s: Settings, gpu_free: float = 62 * GiB, host: float = 120 * GiB, disk: float = 60 * GiB) -> list[str]:
+    """The plan on an assumed H100 machine (80 GB GPU minus 16 GiB of weights, 120 GiB of host memory free,
+    60 GiB of disk) with the default throughput assumptions: which configurations would run, the
+    estimated seconds of each, and which would be skipped and why.  Nothing is allocated."""
+    budget = Budget(deadline=time.monotonic() + s.time_budget - 30.0, gpu_free=int(gpu_free), host_avail=int(host),
+                    disk_free=int(disk))  # 30 s: model construction
+    itemsize = torch.empty((), dtype=getattr(torch, s.dtype)).element_size()
+    lines, spent = [], 30.0
+    for cfg in plan(s, torch.device("cuda")):
+        kv = s.shape.kv_bytes_per_token(itemsize) * cfg.context * cfg.batch
+        why = budget.refuse(cfg, s, kv, 0, torch.device("cuda"))
+        if why is None:
+            need = budget.estimate(cfg, s, kv)
+            budget.deadline -= need  # as if it had run
+            spent += need
+            lines.append(f"run   {cfg.label}: ~{need:.0f} s")
+        else:
+            lines.append(f"skip  {cfg.label}: {why}")
+    lines.append(f"estimated total: {spent:.0f} s")
+    return lines
+
+
 def _host_available() -> int:
     try:
         with open("/proc/meminfo") as f:
@@ -325,6 +347,7 @@ def run_one(model: Any, cfg: Config, s: Settings, device: torch.device, workdir:
     rec: dict[str, Any] = {"config": asdict(cfg), "label": cfg.label, "kv_bytes": kv}
     cache = None
     try:
+        t_build = time.perf_counter()
         cache = make_cache(model, cfg, s, workdir)
         _sync(device)
         t0 = time.perf_counter()
@@ -332,6 +355,7 @@ def run_one(model: Any, cfg: Config, s: Settings, device: torch.device, workdir:
             fill(cache, cfg, s, device)
         _sync(device)
         rec["fill_seconds"] = time.perf_counter() - t0
+        rec["build_seconds"] = t0 - t_build
         times, tokens, before = decode(model, cache, cfg, s, device, budget.deadline)
         if len(times) < s.steps:
             rec["note"] = f"stopped after {len(times)} timed steps: time budget reached"
@@ -384,6 +408,8 @@ def run_all(s: Settings, out_dir: Path, workdir: Path | None, device: torch.devi
                         disk_free=shutil.disk_usage(workdir).free)
         if s.tiny:
             budget.step_floor = 0.01
+        if device.type != "cuda":
+            budget.pin_rate = math.inf
         for cfg in plan(s, device):
             kv = s.shape.kv_bytes_per_token(itemsize) * cfg.context * cfg.batch
             why = budget.refuse(cfg, s, kv, weights, device)
@@ -474,7 +500,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="folder for gpu_e2e.json and gpu_e2e.md")
+    p.add_argument("--out", type=Path, help="folder for gpu_e2e.json and gpu_e2e.md (required unless --dry-run)")
     p.add_argument("--tiny", action="store_true", help="small config and contexts; runs on CPU (CI smoke test)")
     p.add_argument("--contexts", type=lambda t: parse_ints(t, "--contexts"))
     p.add_argument("--batches", type=lambda t: parse_ints(t, "--batches"))
@@ -482,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=int, help="sparse budget, tokens per row, layer and KV head")
     p.add_argument("--time-budget", type=float, help="seconds for the whole run (default 540; tiny 240)")
     p.add_argument("--workdir", type=Path, help="where the SSD tier's files go (default: a temp dir)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and time estimates for an H100 machine; run nothing")
     args = p.parse_args(argv)
     s = Settings.tiny_settings() if args.tiny else Settings()
     for name in ("contexts", "batches", "steps", "budget", "time_budget"):
@@ -489,6 +516,11 @@ def main(argv: list[str] | None = None) -> int:
             setattr(s, name, getattr(args, name))
     if s.steps < 1:
         p.error("--steps must be >= 1")
+    if args.dry_run:
+        print("\n".join(dry_run(s)))
+        return 0
+    if args.out is None:
+        p.error("--out is required")
     if not args.tiny and not torch.cuda.is_available():
         print("gpu_e2e: CUDA is not available (use --tiny for the CPU smoke run)", file=sys.stderr)
         return 2

@@ -72,6 +72,18 @@ def test_a_run_over_its_time_budget_records_skips(e2e, tmp_path):
     assert runs and all(r["status"] == "skipped" and "time budget" in r["reason"] for r in runs)
 
 
+def test_dry_run_plans_within_the_time_budget(e2e, capsys):
+    """The default plan, priced with the script's own estimates on an assumed H100 machine: the largest
+    points are refused for memory, and what is planned fits the 540 s budget."""
+    assert e2e.main(["--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    runs = [line for line in lines if line.startswith("run ")]
+    assert any("attention-aware @ 32K x1 [gpu+host+ssd]" in line for line in runs)
+    assert any(line.startswith("skip  exact @ 128K x8") and "host memory" in line for line in lines)
+    total = float(lines[-1].split(":")[1].split()[0])
+    assert total <= 540
+
+
 @pytest.mark.gpu
 def test_llama8b_shape_short_run_on_gpu(e2e, tmp_path):
     code = e2e.main(["--contexts", "4096", "--batches", "1", "--steps", "2", "--time-budget", "240",
