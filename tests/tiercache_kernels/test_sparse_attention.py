@@ -112,3 +112,52 @@ def test_bad_backend_and_shapes_are_refused():
         sparse_attention(args[0], args[1], args[2], args[3][:, :, :0], backend="triton")
     with pytest.raises(ValueError, match="new_keys"):
         sparse_attention(*args[:5], args[5], None, backend="triton")
+
+
+def test_sparse_decode_of_a_real_model_through_the_kernel(monkeypatch):
+    """transformers generate() with a sparse TieredKVCache (left-padded batch, GQA 2:1, a budget below the
+    context so heads select different blocks, the tail block partial): the attention of every decode
+    step run by the Triton kernel (interpreted) gives the torch path's scores and tokens."""
+    pytest.importorskip("triton")
+    from tiercache_kernels.triton_support import interpreter_active
+
+    if not interpreter_active():
+        pytest.skip("needs the Triton interpreter (CPU)")
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import tiercache_llm.sparse_layer as sparse_layer
+    from tiercache_llm import TieredKVCache
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 128, (3, 30), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :7], mask[2, :19] = 0, 0
+    ids[mask == 0] = 0
+
+    def run():
+        with TieredKVCache.for_model(model, mode="sparse", budget=12, sink=2, recent=4, block_size=4,
+                                     host="64KiB") as cache:
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                                 past_key_values=cache, return_dict_in_generate=True, output_scores=True)
+            steps = cache.stats()["sparse"]["total"]["layer_steps"]
+            cache.restore_model()
+        return out, steps
+
+    ref, steps = run()
+    assert steps == 5 * 2
+    calls = []
+
+    def through_kernel(*args, **kwargs):
+        calls.append(1)
+        return sparse_attention(*args, **{**kwargs, "backend": "triton"})
+
+    monkeypatch.setattr(sparse_layer, "sparse_attention", through_kernel)
+    got, _ = run()
+    assert len(calls) == steps
+    assert torch.equal(ref.sequences, got.sequences)
+    for a, b in zip(ref.scores, got.scores):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
