@@ -330,6 +330,52 @@ def dry_run(s: Settings, gpu_free: float = 62 * GiB, host: float = 120 * GiB, di
     return lines
 
 
+def attention_microbench(s: Settings, device: torch.device, repeats: int = 20) -> list[dict[str, Any]]:
+    """``sparse_attention`` alone at this config's decode shapes (one layer): the torch reference and, on
+    CUDA, the Triton kernel; the blocks laid out as the fetch stage hands them over (``(U, B, H, S, D)``
+    permuted), ``U`` = twice the blocks one head selects (the union over heads is larger than one
+    selection), 70 % of them selected per head.  Median ms per call (CUDA events around each call)."""
+    from tiercache_llm.sparse.attention import sparse_attention
+
+    sh, dtype = s.shape, getattr(torch, s.dtype)
+    backends = ["torch"]
+    if device.type == "cuda":
+        from tiercache_kernels.triton_support import compiled_triton_usable
+
+        if compiled_triton_usable(device):
+            backends.append("triton")
+    out = []
+    for b in s.batches:
+        u = max(1, 2 * s.budget // s.block_size)
+        gen = torch.Generator(device=device).manual_seed(b)
+        kb = torch.randn(u, b, sh.kv_heads, s.block_size, sh.head_dim, generator=gen, device=device, dtype=dtype)
+        vb = torch.randn_like(kb)
+        q = torch.randn(b, sh.heads, 1, sh.head_dim, generator=gen, device=device, dtype=dtype)
+        mask = torch.rand(b, sh.kv_heads, u, generator=gen, device=device) < 0.7
+        valid = torch.ones(b, u, s.block_size, dtype=torch.bool, device=device)
+        valid[:, -1, s.block_size // 2:] = False
+        nk = torch.randn(b, sh.kv_heads, 1, sh.head_dim, generator=gen, device=device, dtype=dtype)
+        args = (q, kb.permute(1, 2, 0, 3, 4), vb.permute(1, 2, 0, 3, 4), mask, valid, nk, torch.randn_like(nk))
+        row: dict[str, Any] = {"batch": b, "blocks": u, "block_size": s.block_size}
+        results = {}
+        for backend in backends:
+            times = []
+            for i in range(repeats + 2):
+                _sync(device)
+                t0 = time.perf_counter()
+                res = sparse_attention(*args, backend=backend)
+                _sync(device)
+                if i >= 2:
+                    times.append(time.perf_counter() - t0)
+            row[f"{backend}_ms"] = 1e3 * median(times)
+            results[backend] = res
+        if "triton" in results:
+            row["max_abs_diff"] = float((results["triton"].output.float() - results["torch"].output.float()).abs().max())
+            row["speedup"] = row["torch_ms"] / row["triton_ms"]
+        out.append(row)
+    return out
+
+
 def _host_available() -> int:
     try:
         with open("/proc/meminfo") as f:
@@ -399,6 +445,7 @@ def run_all(s: Settings, out_dir: Path, workdir: Path | None, device: torch.devi
     itemsize = torch.empty((), dtype=dtype).element_size()
     weights = s.shape.weight_bytes(itemsize)
     records: list[dict[str, Any]] = []
+    attention: list[dict[str, Any]] = []
     try:
         t0 = time.perf_counter()
         model = build_model(s, device)
@@ -406,6 +453,10 @@ def run_all(s: Settings, out_dir: Path, workdir: Path | None, device: torch.devi
         gpu_free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
         budget = Budget(deadline=start + s.time_budget, gpu_free=gpu_free, host_avail=_host_available(),
                         disk_free=shutil.disk_usage(workdir).free)
+        attention = attention_microbench(s, device)
+        for row in attention:
+            print(f"attention b={row['batch']}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()
+                                                             if k.endswith("_ms") or k == "speedup"), flush=True)
         if s.tiny:
             budget.step_floor = 0.01
         if device.type != "cuda":
@@ -428,7 +479,7 @@ def run_all(s: Settings, out_dir: Path, workdir: Path | None, device: torch.devi
     result = {
         "benchmark": "gpu_e2e", "settings": asdict(s), "device": str(device), "fill": FILL_NOTE,
         "kv_bytes_per_token_row": s.shape.kv_bytes_per_token(itemsize), "weight_bytes": weights,
-        "model_build_seconds": build_s, "runtime_seconds": time.monotonic() - start, "machine": machine_meta(),
+        "model_build_seconds": build_s, "attention_microbench": attention, "runtime_seconds": time.monotonic() - start, "machine": machine_meta(),
         "versions": versions(), "runs": records,
     }
     (out_dir / "gpu_e2e.json").write_text(json.dumps(result, indent=1, default=str))
@@ -495,6 +546,15 @@ def markdown(result: dict[str, Any]) -> str:
         else:
             lines.append(f"| {c['context']} | {c['batch']} | {c['system']} | {c['tiers']} | {r['kv_bytes'] / GiB:.2f} | "
                          f"- | - | - | - | {r['status']}: {r.get('reason', '')} |")
+    if result.get("attention_microbench"):
+        lines += ["", "Sparse attention alone, one layer (`sparse_attention`, median ms per call; blocks as fetched):", "",
+                  "| batch | blocks | torch ms | triton ms | speed-up | max abs diff |", "|---|---|---|---|---|---|"]
+        for row in result["attention_microbench"]:
+            tri = row.get("triton_ms")
+            triton_cell = "-" if tri is None else f"{tri:.3f}"
+            speed_cell = "-" if tri is None else f"{row['speedup']:.1f}x"
+            diff_cell = "-" if tri is None else f"{row['max_abs_diff']:.1e}"
+            lines.append(f"| {row['batch']} | {row['blocks']} | {row['torch_ms']:.3f} | {triton_cell} | {speed_cell} | {diff_cell} |")
     return "\n".join(lines) + "\n"
 
 

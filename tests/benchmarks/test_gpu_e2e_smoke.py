@@ -53,6 +53,8 @@ def test_tiny_run_on_cpu_writes_json_and_markdown(e2e, tmp_path, capsys):
     assert {r["config"]["system"] for r in result["runs"]} == {"dynamic", "exact", "fetch-every-step",
                                                                "reuse-layer-ahead", "attention-aware"}
     _check(result, ssd=True)
+    assert [row["batch"] for row in result["attention_microbench"]] == [1, 2]
+    assert all(row["torch_ms"] > 0 and "triton_ms" not in row for row in result["attention_microbench"])
     md = (tmp_path / "gpu_e2e.md").read_text()
     assert md.count("\n| 128 |") == len(result["runs"])
 
@@ -93,3 +95,5 @@ def test_llama8b_shape_short_run_on_gpu(e2e, tmp_path):
     assert result["device"].startswith("cuda")
     _check(result, ssd=True)
     assert any(r["config"]["system"] == "dynamic-offload" and r["status"] == "ok" for r in result["runs"])
+    (row,) = result["attention_microbench"]
+    assert row["triton_ms"] > 0 and row["max_abs_diff"] < 5e-2  # bf16 output, float32 accumulation
