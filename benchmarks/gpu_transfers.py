@@ -5,7 +5,8 @@ measured in the same run.
 
 writes ``gpu_transfers.json`` (all figures, GPU name, library versions), ``gpu_transfers.md`` (figure,
 target, measured, yardstick, ratio, pass/fail) and ``gpu_transfers.png``.  Without CUDA it exits with
-status 2.  GPU times come from CUDA events on the stream doing the work (medians after warm-ups);
+status 2.  GPU times come from CUDA events on the stream doing the work (medians after warm-ups; for the
+batched gather/scatter a spin kernel queued first keeps the host's launch work out of the GPU figure);
 "end-to-end" figures are host wall clocks including the Python launch overhead.
 
 Figures (targets from the issue):
@@ -53,11 +54,25 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def _median_cuda(fn: Callable[[], Any], stream: torch.cuda.Stream, *, warmup: int = 3, iters: int = 10) -> float:
-    """Median seconds of ``fn`` between events recorded on ``stream`` around it."""
+HIDE_LAUNCH_CYCLES = 50_000_000
+"""GPU clock cycles (about 25-35 ms) of a spin kernel queued ahead of a timed call (``hide_launch``)."""
+
+
+def _median_cuda(fn: Callable[[], Any], stream: torch.cuda.Stream, *, warmup: int = 3, iters: int = 10,
+                 hide_launch: bool = False) -> float:
+    """Median seconds of ``fn`` between events recorded on ``stream`` around it.
+
+    Events on an idle stream also time the host's work between them: the start event fires at once and
+    the copy starts only when ``fn`` has validated its arguments and launched.  ``hide_launch`` queues a
+    spin kernel on ``stream`` first, so the start event fires after the host has enqueued the copy and
+    the figure is the GPU's time alone (for the batched gather/scatter, whose host cost is reported
+    separately as the wall-clock figure)."""
     times = []
     for i in range(warmup + iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if hide_launch:
+            with torch.cuda.stream(stream):
+                torch.cuda._sleep(HIDE_LAUNCH_CYCLES)
         start.record(stream)
         fn()
         end.record(stream)
@@ -102,11 +117,12 @@ def bench_host_gpu(report: Report, engine: Any, n: int, block: int, rng: random.
     sizes = [block] * n
     out = torch.empty(total, dtype=torch.uint8, device="cuda")
     stream = engine.stream
-    gather_s = _median_cuda(lambda: engine.gather([arena], [0] * n, offsets, sizes, out), stream)
+    gather_s = _median_cuda(lambda: engine.gather([arena], [0] * n, offsets, sizes, out), stream, hide_launch=True)
     gather_wall = _median_wall(lambda: engine.gather([arena], [0] * n, offsets, sizes, out).wait())
     expected = torch.cat([arena[o : o + block] for o in offsets[:8]])
     assert torch.equal(out[: 8 * block].cpu(), expected), "gather produced wrong bytes"
-    scatter_s = _median_cuda(lambda: engine.scatter(out, None, sizes, [arena], [0] * n, offsets), stream)
+    scatter_s = _median_cuda(lambda: engine.scatter(out, None, sizes, [arena], [0] * n, offsets), stream,
+                             hide_launch=True)
     current = torch.cuda.current_stream()
     bulk_h2d = _median_cuda(lambda: out.copy_(arena[:total], non_blocking=True), current)
     bulk_d2h = _median_cuda(lambda: arena[:total].copy_(out, non_blocking=True), current)

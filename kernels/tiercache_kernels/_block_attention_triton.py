@@ -10,9 +10,9 @@ def _block_attention_body(
     acc_ptr, m_ptr, l_ptr, lse_ptr,
     H, G, D, S, M, PER_SPLIT, NUM_SPLITS, scale,
     sq_b, sq_h, sq_d,
-    sk_p, sk_h, sk_s, sk_d,
-    sv_p, sv_h, sv_s, sv_d,
-    sm_p, sm_s,
+    sk_b, sk_p, sk_h, sk_s, sk_d,
+    sv_b, sv_p, sv_h, sv_s, sv_d,
+    sm_b, sm_h, sm_p, sm_s,
     st_b, st_h, st_m,
     sn_b, sn_h,
     BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -20,10 +20,11 @@ def _block_attention_body(
     # One program: one (row, KV head) and one split of its table entries; all G query heads of the group
     # at once (a (G, S) score tile per block).  Writes the split's online-softmax state (running max m,
     # sum l, unnormalised output acc) and each entry's log-sum-exp, from which the host combines splits
-    # and derives per-block attention mass.
+    # and derives per-block attention mass.  The pool may be shared by all rows (row strides sk_b = sv_b =
+    # sm_b = 0) or per row (e.g. fetched blocks (B, U, H, S, D)); validity may be per KV head (sm_h).
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    b = pid // H
+    b = (pid // H).to(tl.int64)
     h = pid % H
     offs_g = tl.arange(0, BLOCK_G)
     offs_s = tl.arange(0, BLOCK_S)
@@ -42,12 +43,12 @@ def _block_attention_body(
     row_heads = b * H * G + heads  # (b, q head) flattened
     for e in range(start, end):
         slot = tl.load(table_ptr + b * st_b + h * st_h + e * st_m).to(tl.int64)
-        ok = tl.load(valid_ptr + slot * sm_p + offs_s * sm_s, mask=offs_s < S, other=0) != 0
+        ok = tl.load(valid_ptr + b * sm_b + h * sm_h + slot * sm_p + offs_s * sm_s, mask=offs_s < S, other=0) != 0
         tile = ok[:, None] & mask_d[None, :]
         # Hidden tokens are never read (masked loads give 0), so garbage or NaN in them cannot leak.
-        k = tl.load(k_ptr + slot * sk_p + h * sk_h + offs_s[:, None] * sk_s + offs_d[None, :] * sk_d,
+        k = tl.load(k_ptr + b * sk_b + slot * sk_p + h * sk_h + offs_s[:, None] * sk_s + offs_d[None, :] * sk_d,
                     mask=tile, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + slot * sv_p + h * sv_h + offs_s[:, None] * sv_s + offs_d[None, :] * sv_d,
+        v = tl.load(v_ptr + b * sv_b + slot * sv_p + h * sv_h + offs_s[:, None] * sv_s + offs_d[None, :] * sv_d,
                     mask=tile, other=0.0).to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
         s = tl.where(ok[None, :], s, float("-inf"))

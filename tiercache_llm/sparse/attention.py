@@ -61,27 +61,10 @@ def _softmax_safe(scores: torch.Tensor) -> torch.Tensor:
     return e / e.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
 
 
-def sparse_attention_reference(
-    query: torch.Tensor,
-    block_keys: torch.Tensor,
-    block_values: torch.Tensor,
-    block_mask: torch.Tensor,
-    token_valid: torch.Tensor | None = None,
-    new_keys: torch.Tensor | None = None,
-    new_values: torch.Tensor | None = None,
-    *,
-    scale: float | None = None,
-) -> SparseAttentionOutput:
-    """Attention of ``query`` over the selected blocks and the new tokens.
-
-    Args:
-        query: ``(B, Hq, Q, D)``.
-        block_keys, block_values: ``(B, H, U, S, D)``, the gathered blocks (e.g. the union to fetch).
-        block_mask: ``(B, H, U)`` bool, the blocks each (row, KV head) attends.
-        token_valid: ``(B, U, S)`` or ``(B, H, U, S)`` bool; default all valid.
-        new_keys, new_values: ``(B, H, Q, D)`` or ``None``: the new tokens (causal among themselves).
-        scale: softmax scale, default ``D ** -0.5``.
-    """
+def _check_sparse(query, block_keys, block_values, block_mask, token_valid, new_keys, new_values):
+    """Validate :func:`sparse_attention_reference`'s arguments; returns ``(b, hq, q, d, h, u, s, tv)`` with
+    ``tv`` the token validity as bool ``(B, 1 or H, U, S)`` (or ``None``).  Shape checks only (no host
+    synchronisation)."""
     if query.dim() != 4 or block_keys.dim() != 5 or block_keys.shape != block_values.shape:
         raise ValueError(
             f"expected query (B, Hq, Q, D) and block K/V (B, H, U, S, D) of equal shape, got "
@@ -93,38 +76,112 @@ def sparse_attention_reference(
         raise ValueError(f"query {tuple(query.shape)} does not match blocks {tuple(block_keys.shape)}")
     if tuple(block_mask.shape) != (b, h, u):
         raise ValueError(f"block_mask must be {(b, h, u)}, got {tuple(block_mask.shape)}")
-    g = hq // h
-    scale = d ** -0.5 if scale is None else scale
-    allowed = block_mask.bool().unsqueeze(-1).expand(b, h, u, s)
+    tv = None
     if token_valid is not None:
         tv = token_valid.bool()
         if tv.dim() == 3:
             tv = tv.unsqueeze(1)
-        if tv.shape[0] != b or tuple(tv.shape[2:]) != (u, s) or tv.shape[1] not in (1, h):
+        if tv.dim() != 4 or tv.shape[0] != b or tuple(tv.shape[2:]) != (u, s) or tv.shape[1] not in (1, h):
             raise ValueError(f"token_valid must be (B, U, S) or (B, H, U, S), got {tuple(token_valid.shape)}")
-        allowed = allowed & tv
-    qf = query.float().reshape(b, h, g * q, d) * scale
-    k = block_keys.float().reshape(b, h, u * s, d)
-    # Hidden tokens' values are zeroed, not just weighted 0: an unfilled slot may hold NaN garbage.
-    v = block_values.float().reshape(b, h, u * s, d).masked_fill(~allowed.reshape(b, h, u * s, 1), 0.0)
-    ctx = (qf @ k.transpose(-1, -2)).masked_fill(~allowed.reshape(b, h, 1, u * s), float("-inf"))
-    parts = [ctx]
-    if new_keys is not None:
-        if new_values is None or tuple(new_keys.shape) != (b, h, q, d) or new_values.shape != new_keys.shape:
+    if new_keys is not None or new_values is not None:
+        if (new_keys is None or new_values is None or tuple(new_keys.shape) != (b, h, q, d)
+                or new_values.shape != new_keys.shape):
             raise ValueError(f"new_keys and new_values must both be {(b, h, q, d)}")
-        causal = torch.ones(q, q, dtype=torch.bool, device=query.device).tril()
-        new = (qf @ new_keys.float().transpose(-1, -2)).view(b, h, g, q, q)
-        parts.append(new.masked_fill(~causal, float("-inf")).view(b, h, g * q, q))
-    p = _softmax_safe(torch.cat(parts, dim=-1))
-    p_ctx = p[..., : u * s]
-    out = p_ctx @ v
+    return b, hq, q, d, h, u, s, tv
+
+
+def _new_token_scores(qf: torch.Tensor, new_keys: torch.Tensor, g: int) -> torch.Tensor:
+    """``(B, H, G * Q, Q)`` scaled scores of the queries against the new tokens, causal (``-inf`` above
+    the diagonal); ``qf`` is the scaled float32 query ``(B, H, G * Q, D)``."""
+    b, h, gq, _ = qf.shape
+    q = gq // g
+    causal = torch.ones(q, q, dtype=torch.bool, device=qf.device).tril()
+    new = (qf @ new_keys.float().transpose(-1, -2)).view(b, h, g, q, q)
+    return new.masked_fill(~causal, float("-inf")).view(b, h, gq, q)
+
+
+def sparse_attention_reference(
+    query: torch.Tensor,
+    block_keys: torch.Tensor,
+    block_values: torch.Tensor,
+    block_mask: torch.Tensor,
+    token_valid: torch.Tensor | None = None,
+    new_keys: torch.Tensor | None = None,
+    new_values: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+) -> SparseAttentionOutput:
+    """Attention of ``query`` over the selected blocks and the new tokens (torch, float32).
+
+    Args:
+        query: ``(B, Hq, Q, D)``.
+        block_keys, block_values: ``(B, H, U, S, D)``, the gathered blocks (e.g. the union to fetch),
+            any strides; the fetched ``(U, B, H, S, D)`` buffers permuted are read without a copy
+            (float32) or converted once (fp16 / bf16).
+        block_mask: ``(B, H, U)`` bool, the blocks each (row, KV head) attends.
+        token_valid: ``(B, U, S)`` or ``(B, H, U, S)`` bool; default all valid.
+        new_keys, new_values: ``(B, H, Q, D)`` or ``None``: the new tokens (causal among themselves).
+        scale: softmax scale, default ``D ** -0.5``.
+
+    Computed per block, in the ``(U, B, H)`` batch order of the fetched buffers: scores
+    ``(U, B, H, G*Q, S)``, one softmax over all blocks' tokens and the new tokens, then each block's
+    ``p @ v`` summed over blocks.  Hidden tokens never reach the output: their scores are ``-inf``,
+    blocks a head does not attend contribute nothing, and in blocks with some hidden tokens those
+    tokens' values are replaced by zeros before ``p @ v`` (they may hold NaN).
+    """
+    b, hq, q, d, h, u, s, tv = _check_sparse(query, block_keys, block_values, block_mask, token_valid,
+                                             new_keys, new_values)
+    g = hq // h
+    gq = g * q
+    scale = d ** -0.5 if scale is None else scale
+    dev = query.device
+    mask = block_mask.bool()
+    qf = query.float().reshape(b, h, gq, d) * scale
+    # (U, B, H, S, D) views; contiguous when the blocks came from a (U, B, H, S, D) fetch buffer.
+    k = block_keys.float().permute(2, 0, 1, 3, 4)
+    v = block_values.float().permute(2, 0, 1, 3, 4)
+    allowed = None  # (U, B, H, S) tokens attended, where not every token of every attended block is
+    if tv is not None:
+        allowed = (mask.unsqueeze(-1) & tv).permute(2, 0, 1, 3)
+    ctx = torch.matmul(qf.unsqueeze(0), k.transpose(-1, -2))  # (U, B, H, G*Q, S)
+    if allowed is not None:
+        ctx.masked_fill_(~allowed.unsqueeze(3), float("-inf"))
+    else:
+        ctx.masked_fill_(~mask.permute(2, 0, 1)[..., None, None], float("-inf"))
+    top = torch.full((b, h, gq), float("-inf"), device=dev)
+    if ctx.numel():
+        top = ctx.amax(dim=(0, 4))
+    new = None
     if new_keys is not None:
-        p_new = p[..., u * s :]
-        out = out + p_new @ new_values.float()
+        new = _new_token_scores(qf, new_keys, g)
+        top = torch.maximum(top, new.amax(dim=-1))
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    ctx.sub_(top.unsqueeze(0).unsqueeze(-1)).exp_()  # unnormalised weights
+    block_sum = ctx.sum(dim=-1)  # (U, B, H, G*Q)
+    total = block_sum.sum(dim=0)
+    if new is not None:
+        new = torch.exp(new - top.unsqueeze(-1))
+        total = total + new.sum(dim=-1)
+    inv = 1.0 / total.clamp_min(torch.finfo(torch.float32).tiny)
+    ctx.mul_(inv.unsqueeze(0).unsqueeze(-1))  # softmax weights
+    per_block = torch.matmul(ctx, v)  # (U, B, H, G*Q, D)
+    if allowed is not None:
+        # Hidden tokens' values may be NaN and 0 * NaN = NaN: redo the blocks that hide some tokens
+        # with those values zeroed (few: padding and the partial tail), and zero unattended blocks.
+        partial = mask.permute(2, 0, 1) & ~allowed.all(dim=-1)
+        if bool(partial.any()):
+            idx = partial.nonzero(as_tuple=True)
+            vs = v[idx].masked_fill(~allowed[idx].unsqueeze(-1), 0.0)
+            per_block[idx] = torch.matmul(ctx[idx], vs)
+    per_block = per_block.masked_fill(~mask.permute(2, 0, 1)[..., None, None], 0.0)
+    out = per_block.sum(dim=0)
+    if new is not None:
+        p_new = new * inv.unsqueeze(-1)
+        out = out.view(b, h, g, q, d) + p_new.view(b, h, g, q, q) @ new_values.float().unsqueeze(2)
         new_mass = p_new.sum(-1).view(b, h, g, q).mean(-1).reshape(b, hq)
     else:
-        new_mass = torch.zeros(b, hq, device=query.device)
-    block_mass = p_ctx.view(b, h, g, q, u, s).sum(-1).mean(3).reshape(b, hq, u)
+        new_mass = torch.zeros(b, hq, device=dev)
+    block_mass = (block_sum * inv.unsqueeze(0)).view(u, b, h, g, q).mean(4).permute(1, 2, 3, 0).reshape(b, hq, u)
     output = out.view(b, h, g, q, d).reshape(b, hq, q, d).to(query.dtype)
     return SparseAttentionOutput(output, block_mass, new_mass)
 
@@ -225,11 +282,76 @@ def sparse_attention(
     *,
     scale: float | None = None,
     backend: str = "auto",
+    num_splits: int | None = None,
 ) -> SparseAttentionOutput:
     """What sparse decode calls: :func:`sparse_attention_reference`'s contract (same arguments, same
-    result), computed by the fastest implementation for the tensors' device.  ``backend``: ``"torch"``
-    (the reference), or ``"auto"`` (the default: currently the reference on every device)."""
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"backend must be 'auto' or 'torch', got {backend!r}")
-    return sparse_attention_reference(query, block_keys, block_values, block_mask, token_valid, new_keys,
-                                      new_values, scale=scale)
+    result up to float32 summation order), computed by the fastest implementation for the device.
+
+    ``backend``: ``"torch"`` (the reference), ``"triton"`` (the block-table kernel; compiled on CUDA,
+    interpreted on CPU under ``TRITON_INTERPRET=1``), or ``"auto"`` (the default: compiled Triton on
+    CUDA when it is usable, the reference otherwise).  ``num_splits``: Triton only, programs per
+    (row, KV head) (default: enough to fill the GPU).
+
+    The Triton path reads the blocks in place: ``block_keys`` / ``block_values`` ``(B, H, U, S, D)``
+    (any strides, e.g. the fetched ``(U, B, H, S, D)`` buffers permuted) become a per-row pool indexed
+    by ``u``, ``block_mask`` becomes a block table (each (row, KV head)'s selected ``u`` in ascending
+    order; built on the device, no host synchronisation), ``token_valid`` is the pool's validity, and
+    the query positions of a group are the kernel's query rows.  The new tokens (causal) are one more
+    partial softmax state computed with torch and merged with the kernel's splits.
+    """
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "auto":
+        from tiercache_kernels.triton_support import compiled_triton_usable
+
+        backend = "triton" if query.is_cuda and compiled_triton_usable(query.device) else "torch"
+    if backend == "torch":
+        return sparse_attention_reference(query, block_keys, block_values, block_mask, token_valid, new_keys,
+                                          new_values, scale=scale)
+    return _sparse_attention_triton(query, block_keys, block_values, block_mask, token_valid, new_keys,
+                                    new_values, scale=scale, num_splits=num_splits)
+
+
+def _sparse_attention_triton(query, block_keys, block_values, block_mask, token_valid, new_keys, new_values, *,
+                             scale, num_splits) -> SparseAttentionOutput:
+    from tiercache_kernels.block_attention import block_attention_partials, entry_mass, merge_partials
+
+    b, hq, q, d, h, u, s, tv = _check_sparse(query, block_keys, block_values, block_mask, token_valid,
+                                             new_keys, new_values)
+    g = hq // h
+    gq = g * q
+    scale = d ** -0.5 if scale is None else float(scale)
+    dev = query.device
+    mask = block_mask.to(device=dev, dtype=torch.bool)
+    # Block table: the selected u of each (row, KV head) first, ascending (a stable sort of ~mask).
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    lengths = mask.sum(dim=-1, dtype=torch.int32)
+    if tv is None:
+        tv = torch.ones(b, 1, u, s, dtype=torch.bool, device=dev)
+    valid = tv[:, 0] if tv.shape[1] == 1 else tv.permute(0, 2, 1, 3)  # (B, U, S) or (B, U, H, S)
+    # Query positions of a group are extra query rows: (B, Hq, Q, D) -> (B, Hq * Q, D), G' = G * Q.
+    parts = block_attention_partials(
+        query.reshape(b, hq * q, d), block_keys.permute(0, 2, 1, 3, 4), block_values.permute(0, 2, 1, 3, 4),
+        valid, order, lengths, scale=scale, num_splits=num_splits,
+    )
+    acc, m_part, l_part = parts.acc, parts.m, parts.l  # (B, Hq * Q, K, ...)
+    if new_keys is not None:
+        qf = query.float().reshape(b, h, gq, d) * scale
+        new = _new_token_scores(qf, new_keys, g)  # (B, H, G * Q, Q)
+        top = new.amax(dim=-1)  # finite: position i always sees new token i
+        e = torch.exp(new - top.unsqueeze(-1))
+        acc_new = (e.view(b, h, g, q, q) @ new_values.float().unsqueeze(2)).reshape(b, hq * q, 1, d)
+        acc = torch.cat((acc, acc_new), dim=2)
+        m_part = torch.cat((m_part, top.reshape(b, hq * q, 1)), dim=2)
+        l_part = torch.cat((l_part, e.sum(-1).reshape(b, hq * q, 1)), dim=2)
+    out, lse_total, attended = merge_partials(acc, m_part, l_part)
+    mass = entry_mass(parts.lse, lse_total, attended).view(b, hq, q, u).mean(dim=2)  # table order
+    # Table entry e of (row, KV head) is block order[e]: scatter back (a permutation per row and head).
+    block_mass = torch.zeros_like(mass).scatter_(2, order.long().repeat_interleave(g, dim=1), mass)
+    if new_keys is not None:
+        new_mass = torch.where(attended, torch.exp(m_part[..., -1] - torch.where(attended, lse_total, 0.0))
+                               * l_part[..., -1], 0.0)
+        new_mass = new_mass.view(b, hq, q).mean(dim=2)
+    else:
+        new_mass = torch.zeros(b, hq, device=dev)
+    return SparseAttentionOutput(out.view(b, hq, q, d).to(query.dtype), block_mass, new_mass)
