@@ -68,6 +68,7 @@ class Settings:
     block_size: int | None = None  # None: the cache's default
     sink: int | None = None  # None: the cache's default
     recent: int | None = None
+    page_size: int | None = None  # None: the cache's default
     threads: int = DEFAULT_THREADS
 
     @classmethod
@@ -81,14 +82,14 @@ class Settings:
 
 
 def estimate_seconds(s: Settings) -> float:
-    """A rough runtime estimate for SmolLM2 on a 2-core CPU (prefill ≈ 1.5 ms/token, a decode step ≈
-    80 ms + 30 ms per 1K context, tiered construction ≈ 1 ms/token); the tiny model is ~100× faster.
-    It assumes sparse runs cost about what dense ones do; every run's own seconds are in the JSON."""
+    """A rough runtime estimate for SmolLM2 on an idle 2-core CPU (prefill + tiered writes ≈ 5 ms/token, a
+    tiered decode step ≈ 0.1 s + 0.15 s per 1K tokens in the batch's context); the tiny model is ~100×
+    faster.  Passkey cases of one context run as one batch.  Every run's own seconds are in the JSON."""
     def run(tokens: int, steps: int) -> float:
-        return 2.5e-3 * tokens + steps * (0.08 + 0.03 * tokens / 1024)
+        return 5e-3 * tokens + steps * (0.1 + 0.15 * tokens / 1024)
 
-    per_case = sum(run(c, s.new_tokens) for c in s.passkey_contexts) * len(s.passkey_depths)
-    total = per_case * (2 + len(s.passkey_budgets)) + run(s.tf_prefix, s.tf_steps) * (2 + len(s.tf_budgets))
+    per_group = sum(run(c * len(s.passkey_depths), s.new_tokens) for c in s.passkey_contexts)
+    total = per_group * (2 + len(s.passkey_budgets)) + run(s.tf_prefix, s.tf_steps) * (2 + len(s.tf_budgets))
     return total / (100 if s.model == "tiny" else 1)
 
 
@@ -159,9 +160,9 @@ class CacheFactory:
         self.model, self.s, self.workdir = model, s, workdir
         self._n = 0
 
-    def options(self, tokens: int, extra_tokens: int) -> dict[str, Any]:
-        kv = kv_cache_bytes(self.model.config, tokens, 1, self.model.dtype)
-        total = kv_cache_bytes(self.model.config, tokens + extra_tokens + 256, 1, self.model.dtype)
+    def options(self, tokens: int, extra_tokens: int, batch: int = 1) -> dict[str, Any]:
+        kv = kv_cache_bytes(self.model.config, tokens, batch, self.model.dtype)
+        total = kv_cache_bytes(self.model.config, tokens + extra_tokens + 256, batch, self.model.dtype)
         self._n += 1
         opts: dict[str, Any] = dict(host=max(1 * MiB, int(kv * self.s.host_fraction)), disk=4 * total + 64 * MiB,
                                     path=self.workdir / f"kv{self._n}")
@@ -169,16 +170,17 @@ class CacheFactory:
             opts["block_size"] = self.s.block_size
         return opts
 
-    def make(self, config: str | float, tokens: int, extra_tokens: int) -> Any:
+    def make(self, config: str | float, tokens: int, extra_tokens: int, batch: int = 1) -> Any:
         from transformers import DynamicCache
 
         if config == FULL:
             return DynamicCache(config=self.model.config)
-        opts = self.options(tokens, extra_tokens)
+        opts = self.options(tokens, extra_tokens, batch)
         if config == EXACT:
             return make_tiered(self.model, "exact", **opts)
         sparse = dict(budget=float(config), strategy=self.s.strategy)
-        sparse.update({k: v for k, v in (("sink", self.s.sink), ("recent", self.s.recent)) if v is not None})
+        sparse.update({k: v for k, v in (("sink", self.s.sink), ("recent", self.s.recent), ("page_size", self.s.page_size))
+                       if v is not None})
         return make_tiered(self.model, "sparse", **sparse, **opts)
 
 
@@ -197,21 +199,43 @@ def label(config: str | float) -> str:
 
 
 # -- part 1: passkey ------------------------------------------------------------------------------------
-def run_passkey(model: Any, tokenizer: Any, case: PasskeyCase, cache: Any, new_tokens: int) -> dict[str, Any]:
-    """Greedy answer of one case with ``cache``; success when the key is in it."""
+def pad_id(model: Any) -> int:
     eos = model.config.eos_token_id
+    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    return eos if eos is not None else 0
+
+
+def batch_cases(cases: list[PasskeyCase], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cases' prompts as one left-padded batch ``(ids, attention_mask)``."""
+    width = max(c.input_ids.shape[-1] for c in cases)
+    ids = torch.full((len(cases), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(cases), width), dtype=torch.long)
+    for i, c in enumerate(cases):
+        n = c.input_ids.shape[-1]
+        ids[i, width - n:] = c.input_ids[0]
+        mask[i, width - n:] = c.attention_mask[0]
+    return ids, mask
+
+
+def run_passkey(model: Any, tokenizer: Any, cases: list[PasskeyCase], cache: Any, new_tokens: int) -> list[dict[str, Any]]:
+    """Greedy answers of ``cases`` decoded as one left-padded batch with ``cache``; a case succeeds when
+    its key is in its answer."""
+    ids, mask = batch_cases(cases, pad_id(model))
     with torch.no_grad():
-        out = model.generate(case.input_ids, attention_mask=case.attention_mask, past_key_values=cache,
-                             do_sample=False, max_new_tokens=new_tokens, pad_token_id=eos if eos is not None else 0)
-    new = out[0, case.input_ids.shape[-1]:].tolist()
-    if tokenizer is not None:
-        answer = tokenizer.decode(new, skip_special_tokens=True)
-        success = case.passkey in answer
-    else:
-        answer = " ".join(map(str, new))
-        k = case.needle_ids
-        success = any(new[i:i + len(k)] == k for i in range(len(new) - len(k) + 1))
-    return {"answer": answer, "success": success}
+        out = model.generate(ids, attention_mask=mask, past_key_values=cache, do_sample=False,
+                             max_new_tokens=new_tokens, pad_token_id=pad_id(model))
+    results = []
+    for row, case in enumerate(cases):
+        new = out[row, ids.shape[-1]:].tolist()
+        if tokenizer is not None:
+            answer = tokenizer.decode(new, skip_special_tokens=True)
+            success = case.passkey in answer
+        else:
+            answer = " ".join(map(str, new))
+            k = case.needle_ids
+            success = any(new[i:i + len(k)] == k for i in range(len(new) - len(k) + 1))
+        results.append({"answer": answer, "success": success})
+    return results
 
 
 # -- part 2: teacher forcing ----------------------------------------------------------------------------
@@ -256,17 +280,20 @@ def run(s: Settings, workdir: Path, *, show_progress: bool = True) -> dict[str, 
     factory = CacheFactory(model, s, workdir)
     sparse_note: str | None = None if available else why
 
-    n_jobs = len(cases) * (2 + len(s.passkey_budgets)) + (2 + len(s.tf_budgets)) * (s.tf_steps + 1)
+    groups: dict[int, list[int]] = {}  # passkey cases of one context are decoded as one batch
+    for i, c in enumerate(cases):
+        groups.setdefault(c.context, []).append(i)
+    n_jobs = len(groups) * (2 + len(s.passkey_budgets)) + (2 + len(s.tf_budgets)) * (s.tf_steps + 1)
     bar = tqdm(total=n_jobs, desc="sparse accuracy", unit="job", disable=not show_progress)
 
-    def tiered(config: str | float, tokens: int, extra: int) -> tuple[Any | None, dict[str, Any] | None]:
+    def tiered(config: str | float, tokens: int, extra: int, batch: int = 1) -> tuple[Any | None, dict[str, Any] | None]:
         """``(cache, None)``, or ``(None, record)`` for a sparse configuration that is not available or
         whose construction raised (full and exact errors propagate)."""
         nonlocal sparse_note
         if config not in (FULL, EXACT) and sparse_note is not None:
             return None, {"available": False, "note": sparse_note}
         try:
-            return factory.make(config, tokens, extra), None
+            return factory.make(config, tokens, extra, batch), None
         except SparseUnavailable as exc:
             sparse_note = str(exc)
             return None, {"available": False, "note": sparse_note}
@@ -281,24 +308,29 @@ def run(s: Settings, workdir: Path, *, show_progress: bool = True) -> dict[str, 
                                       "seed": c.seed, "passkey": c.passkey, "runs": {}} for c in cases]
     configs_pk: list[str | float] = [FULL, EXACT, *s.passkey_budgets]
     for config in configs_pk:
-        for row, case in zip(passkey, cases):
-            bar.set_postfix_str(f"passkey {label(config)} ctx {case.context} depth {case.depth:g}")
-            cache, record = tiered(config, case.input_ids.shape[-1], s.new_tokens)
+        for context, members in groups.items():
+            bar.set_postfix_str(f"passkey {label(config)} ctx {context} x {len(members)}")
+            batch = [cases[i] for i in members]
+            width = max(c.input_ids.shape[-1] for c in batch)
+            cache, record = tiered(config, width, s.new_tokens, len(batch))
             if cache is None:
-                row["runs"][label(config)] = record
+                for i in members:
+                    passkey[i]["runs"][label(config)] = record
             else:
                 try:
                     t0 = time.perf_counter()
-                    result = run_passkey(model, tokenizer, case, cache, s.new_tokens)
-                    result["seconds"] = time.perf_counter() - t0
+                    answers = run_passkey(model, tokenizer, batch, cache, s.new_tokens)
+                    extra: dict[str, Any] = {"seconds_batch": time.perf_counter() - t0, "batch": len(batch)}
                     if config != FULL:
                         stats = cache.stats()
-                        result.update(reuse_rate=reuse_rate(stats), stats=stats)
-                    row["runs"][label(config)] = {"available": True, **result}
+                        extra.update(reuse_rate=reuse_rate(stats), stats=stats)
+                    for i, result in zip(members, answers):
+                        passkey[i]["runs"][label(config)] = {"available": True, **result, **extra}
                 except Exception as exc:  # noqa: BLE001 - a sparse failure is reported, the run goes on
                     if config in (FULL, EXACT):
                         raise
-                    row["runs"][label(config)] = failed(exc)
+                    for i in members:
+                        passkey[i]["runs"][label(config)] = failed(exc)
                 finally:
                     close(cache)
             bar.update(1)
@@ -516,13 +548,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", type=int, default=None, help="teacher-forcing prefix tokens (default 4096)")
     parser.add_argument("--steps", type=int, default=None, help="teacher-forced decode steps (default 256)")
     parser.add_argument("--strategy", choices=("attention-aware", "fetch-every-step"), default=None)
+    parser.add_argument("--page-size", type=int, default=None, help="sparse selection page (default: the cache's)")
     parser.add_argument("--threads", type=int, default=None, help=f"torch threads (default {DEFAULT_THREADS})")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory for the disk tier")
     args = parser.parse_args(argv)
     s = Settings.quick() if args.quick else Settings()
     for name, attr in (("model", "model"), ("contexts", "passkey_contexts"), ("depths", "passkey_depths"),
                        ("budgets", "tf_budgets"), ("passkey_budgets", "passkey_budgets"), ("prefix", "tf_prefix"),
-                       ("steps", "tf_steps"), ("strategy", "strategy"), ("threads", "threads")):
+                       ("steps", "tf_steps"), ("strategy", "strategy"), ("threads", "threads"),
+                       ("page_size", "page_size")):
         if getattr(args, name) is not None:
             setattr(s, attr, getattr(args, name))
     if any(not 0 < b <= 1 for b in (*s.tf_budgets, *s.passkey_budgets)):
