@@ -11,7 +11,8 @@ layers' keys and values as in real decode, so the figures are those of the step-
 same rule; a variant costs one 256-token forward pass instead of 256 decode steps, which is what makes
 comparing many rules affordable.  The real cache's figures come from ``sparse_accuracy.py``.
 
-Variants (``--variants``, comma separated names ``page<P>[-blocksink][-dense<L>][-sum][-oracle]``):
+Variants (``--variants``, comma separated names ``page<P>[-sub<Q>][-mean|-boundmean|-pagemax][-blocksink]
+[-dense<L>][-sum][-norm][-oracle]``):
 
 - ``page<P>``: digests and selection per ``P``-token page (``P`` divides the 64-token storage block);
   the fetch is the union of 64-token blocks holding a selected page, attention masked to the pages.
@@ -22,6 +23,12 @@ Variants (``--variants``, comma separated names ``page<P>[-blocksink][-dense<L>]
 - ``-sum``: GQA aggregation by the group's sum of bounds instead of the max.
 - ``-oracle``: token-granular top-k by the true max-over-group ``q . k`` (a ceiling, not buildable
   without reading every key).
+- ``-sub<Q>``: score a page by the max of the Quest bounds of its ``Q``-token sub-pages (tighter bound,
+  digests ``P / Q`` times larger).
+- ``-mean``: score by ``q . mean key`` (landmark) only; ``-boundmean``: ``0.5 * bound + 0.5 * q . mean``
+  per query head (the cache's ``"bound+landmark"``); ``-pagemax``: the true max ``q . k`` of the page
+  (a ceiling).
+- ``-norm``: subtract each query head's max score before the GQA max.
 
 Reports per variant and budget: top-1 agreement and mean KL(full || sparse) against the same chunk run
 densely, the realised budget (tokens attended / context, averaged over layers, heads and steps), and
