@@ -28,7 +28,10 @@ from .blocks import BlockRef, block_key
 from .decode_buffer import DecodeBuffer, StatesBuffer
 from .errors import UnsupportedModelError
 from .sparse.selection import SelectionConfig
-from .sparse_layer import STRATEGIES, SparseController, SparseLayerState, SparseModeError, check_decay, needs_rescale
+from .sparse_layer import (
+    STRATEGIES, SparseController, SparseLayerState, SparseModeError, check_decay, check_page_size, default_page_size,
+    needs_rescale, selection_config,
+)
 from .store import BlockStore
 
 SUPPORTED_TRANSFORMERS = ">=5.17,<6"
@@ -55,6 +58,11 @@ class TieredKVSettings:
             ``"reuse-layer-ahead"`` (same selection under ``"kv-stream"``, reusing the previous step's
             fetched blocks and prefetching one layer ahead; no attention-aware placement, no disk staging).
         decay: sparse, attention-aware: per decode step decay of the accumulated mass (default 0.9).
+        page_size: sparse mode: tokens per selection page (divides ``block_size``; default the largest
+            power of two <= 8 dividing it, i.e. 8 for 64-token blocks).  Digests, scores and the budget
+            are per page; a storage block is fetched when any of its pages is selected and attention
+            is masked to the selected pages (docs/sparse.md: finer pages are far more accurate at
+            small budgets, at the price of touching more blocks per token attended).
         gpu, host, disk: tier budgets (bytes or strings like ``"512MiB"``; ``None``/0 disables the
             tier).  Ignored when an existing ``tiercache.Cache`` is passed to the cache.
         path: directory of the disk tier.  ``None`` with a disk budget: a temporary directory that
@@ -90,6 +98,7 @@ class TieredKVSettings:
     recent: int | None = None
     strategy: str | None = None
     decay: float | None = None
+    page_size: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
@@ -98,7 +107,7 @@ class TieredKVSettings:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.mode not in ("exact", "sparse"):
             raise ValueError(f"mode must be 'exact' or 'sparse', got {self.mode!r}")
-        sparse_opts = {k: getattr(self, k) for k in ("budget", "sink", "recent", "strategy", "decay")}
+        sparse_opts = {k: getattr(self, k) for k in ("budget", "sink", "recent", "strategy", "decay", "page_size")}
         if self.mode == "exact":
             given = sorted(k for k, v in sparse_opts.items() if v is not None)
             if given:
@@ -106,7 +115,8 @@ class TieredKVSettings:
             if self.policy is None:
                 object.__setattr__(self, "policy", "kv-stream")
         else:
-            defaults = dict(budget=0.25, sink=4, recent=64, strategy="attention-aware", decay=0.9)
+            defaults = dict(budget=0.25, sink=4, recent=64, strategy="attention-aware", decay=0.9,
+                            page_size=default_page_size(self.block_size))
             for k, v in defaults.items():
                 if sparse_opts[k] is None:
                     object.__setattr__(self, k, v)
@@ -114,6 +124,7 @@ class TieredKVSettings:
             if self.strategy not in STRATEGIES:
                 raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
             object.__setattr__(self, "decay", check_decay(self.decay))
+            check_page_size(self.page_size, self.block_size)
             if self.policy is None:
                 object.__setattr__(self, "policy", "attention-aware" if self.strategy == "attention-aware" else "kv-stream")
             elif self.strategy != "attention-aware" and self.policy != "kv-stream":
@@ -682,9 +693,9 @@ class TieredKVCache(Cache):
         config: the model's config (``model.config``); its decoder text config decides the number
             of layers and which are sliding-window layers.
         gpu, host, disk, path, block_size, mode, policy, compression, prefetch, direct_io, budget, sink,
-            recent, strategy, decay: see :class:`TieredKVSettings` (defaults: 64-token blocks, exact
-            mode, a 4 GiB host tier, no disk tier; sparse: ``budget=0.25, sink=4, recent=64,
-            strategy="attention-aware", decay=0.9``).  Sparse mode needs the model prepared: build it
+            recent, strategy, decay, page_size: see :class:`TieredKVSettings` (defaults: 64-token blocks,
+            exact mode, a 4 GiB host tier, no disk tier; sparse: ``budget=0.25, sink=4, recent=64,
+            strategy="attention-aware", decay=0.9, page_size=8``).  Sparse mode needs the model prepared: build it
             with :meth:`for_model`.
         cache: an existing ``tiercache.Cache`` to store blocks in instead of creating one (then the
             budget arguments must be left out).  A borrowed cache is not closed by :meth:`close`;
@@ -722,6 +733,7 @@ class TieredKVCache(Cache):
         recent: int = _UNSET,
         strategy: str = _UNSET,
         decay: float = _UNSET,
+        page_size: int = _UNSET,
         cache: Any = None,
         settings: TieredKVSettings | None = None,
     ) -> None:
@@ -734,7 +746,7 @@ class TieredKVCache(Cache):
             for name, value in dict(
                 gpu=gpu, host=host, disk=disk, path=path, block_size=block_size, mode=mode, policy=policy,
                 compression=compression, prefetch=prefetch, direct_io=direct_io, budget=budget, sink=sink,
-                recent=recent, strategy=strategy, decay=decay,
+                recent=recent, strategy=strategy, decay=decay, page_size=page_size,
             ).items()
             if value is not _UNSET
         }
@@ -771,13 +783,14 @@ class TieredKVCache(Cache):
         self._prepared_model: Any = None
         if settings.mode == "sparse":
             self._sparse = SparseController(
-                SelectionConfig(budget=settings.budget, sink=settings.sink, recent=settings.recent),
+                selection_config(settings.budget, settings.sink, settings.recent),
                 settings.strategy, settings.decay,
             )
             for layer in layers:
                 if layer.sliding_window is None:  # sliding-window layers stay exact (their window is the budget)
                     layer.sparse = SparseLayerState(self._sparse)
                     layer.sparse._block_size = settings.block_size
+                    layer.sparse._page_size = settings.page_size
 
     @classmethod
     def for_model(cls, model: Any, **options: Any) -> "TieredKVCache":

@@ -250,7 +250,7 @@ class SparseLayerState:
         """Digests and validity of new keys ``(B, H, q, D)``."""
         b, h, q, d = keys.shape
         if self.digests is None:
-            self.digests = KeyDigests.empty(b, h, d, self._block_size, dtype=keys.dtype, device=keys.device)
+            self.digests = KeyDigests.empty(b, h, d, self.page_size, dtype=keys.dtype, device=keys.device)
             self.valid = torch.zeros(b, 0, dtype=torch.bool, device=keys.device)
         start = self.digests.length
         if start + q > self.valid.shape[1]:
@@ -263,7 +263,12 @@ class SparseLayerState:
         if self.mass.numel() < n:
             self.mass = torch.cat((self.mass, torch.zeros(n - self.mass.numel(), dtype=torch.float64)))
 
-    _block_size = 0  # set by the layer
+    _block_size = 0  # storage block size, set by the layer
+    _page_size = 0  # digest / selection granularity (divides _block_size); 0: the block size
+
+    @property
+    def page_size(self) -> int:
+        return self._page_size or self._block_size
 
     def decode(self, layer: "TieredKVLayer", query: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                ctx: int, scaling: float | None) -> torch.Tensor:
@@ -272,13 +277,16 @@ class SparseLayerState:
         bs = layer.block_size
         hk = layer._shape_k[0]
         t0 = time.perf_counter()
-        sel = select(query, self.digests, ctrl.selection)
+        sel = select(query, self.digests, ctrl.selection, pages_per_block=bs // self.page_size)
         t1 = time.perf_counter()
         kbuf, vbuf = fetch_selected(self, layer, sel, query, stats)
         t2 = time.perf_counter()
         fetch_t = sel.fetch.to(self.valid.device)
         pos = fetch_t.view(-1, 1) * bs + torch.arange(bs, device=fetch_t.device)
         token_valid = self.valid[:, pos.clamp(max=self.valid.shape[1] - 1)] & (pos < ctx)
+        pages = sel.token_mask(bs)
+        if pages is not None:  # (B, H, U, S): each head attends only the tokens of its own pages
+            token_valid = token_valid.unsqueeze(1) & pages.to(token_valid.device)
         res = sparse_attention(
             query, kbuf.permute(1, 2, 0, 3, 4), vbuf.permute(1, 2, 0, 3, 4), sel.fetch_head_mask.to(kbuf.device),
             token_valid, k_new, v_new, scale=scaling,
@@ -299,10 +307,11 @@ class SparseLayerState:
     def copy_for(self, controller: SparseController) -> "SparseLayerState":
         """An independent copy attached to ``controller`` (deepcopy of a cache)."""
         new = SparseLayerState(controller)
-        new._block_size = self._block_size
+        new._block_size, new._page_size = self._block_size, self._page_size
         if self.digests is not None:
             d = self.digests
-            new.digests = KeyDigests(d.block_size, d.lo.clone(), d.hi.clone(), d.count.clone(), d.length)
+            new.digests = KeyDigests(d.block_size, d.lo.clone(), d.hi.clone(), d.count.clone(), d.length,
+                                     None if d.total is None else d.total.clone())
             new.valid = self.valid.clone()
         new.mass = self.mass.clone()
         return new
@@ -331,18 +340,38 @@ class SparseLayerState:
             return
         if length > self.digests.length:
             raise SparseModeError(f"cannot crop digests of {self.digests.length} tokens to {length}")
-        rest = length % layer.block_size
-        tail_keys = layer._tail_k[:, :, :rest] if rest else None
+        rest = length % layer.block_size  # the layer's tail now holds these keys of the cut block
+        cut = length % self.page_size  # the digests need the cut page's (a suffix of them)
+        tail_keys = layer._tail_k[:, :, rest - cut : rest] if cut else None
         keep_valid = self.valid[:, :length].clone()
-        tail_valid = keep_valid[:, length - rest : length] if rest else None
+        tail_valid = keep_valid[:, length - cut : length] if cut else None
         self.digests.crop(length, tail_keys, tail_valid)
         n = self.digests.n_blocks
         self.mass = self.mass[:n].clone()
         self.valid[:, length:] = False
 
 
+DEFAULT_SCORE = "bound+landmark"  # measured in benchmarks/sparse_selection_study.py (docs/sparse.md)
+MAX_DEFAULT_PAGE = 8
+
+
+def default_page_size(block_size: int) -> int:
+    """The default selection page: the largest power of two <= 8 dividing the storage block (8 for
+    64-token blocks); docs/sparse.md gives the measurements behind it."""
+    return math.gcd(block_size, MAX_DEFAULT_PAGE)
+
+
+def check_page_size(page_size: int, block_size: int) -> int:
+    if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size <= 0:
+        raise ValueError(f"page_size must be a positive int, got {page_size!r}")
+    if block_size % page_size:
+        raise ValueError(f"page_size ({page_size}) must divide block_size ({block_size})")
+    return page_size
+
+
 def selection_config(budget: int | float, sink: int, recent: int) -> SelectionConfig:
-    return SelectionConfig(budget=budget, sink=sink, recent=recent)
+    """The sparse cache's selection rule: pages scored by the Quest bound blended with the landmark."""
+    return SelectionConfig(budget=budget, sink=sink, recent=recent, score=DEFAULT_SCORE)
 
 
 def check_decay(decay: float) -> float:

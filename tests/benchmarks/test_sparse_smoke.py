@@ -42,6 +42,30 @@ def _sparse_ok(run: dict) -> bool:
 
 
 # -- accuracy ------------------------------------------------------------------------------------------------
+def test_accuracy_two_jobs_merge_both_parts(tmp_path):
+    """``--jobs 2`` (passkey part in a spawned process) gives the same records as one process."""
+    import os
+    import subprocess
+
+    root = BENCHMARKS.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / "kernels"), os.environ.get("PYTHONPATH", "")]))
+    outs = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / jobs
+        subprocess.run([sys.executable, str(BENCHMARKS / "sparse_accuracy.py"), "--quick", "--threads", "1", "--jobs", jobs,
+                        "--out", str(out)], check=True, cwd=root, env=env, capture_output=True)
+        outs[jobs] = json.loads((out / "sparse_accuracy.json").read_text())
+    one, two = outs["1"], outs["2"]
+    assert two["configs"] == one["configs"] and len(two["passkey"]) == len(one["passkey"])
+    for a, b in zip(one["passkey"], two["passkey"]):
+        assert {k: v["answer"] for k, v in a["runs"].items() if v["available"]} == \
+            {k: v["answer"] for k, v in b["runs"].items() if v["available"]}
+    for name, run in one["teacher_forcing"]["runs"].items():
+        if run.get("available") and "top1_agreement" in run:
+            assert two["teacher_forcing"]["runs"][name]["top1_agreement"] == run["top1_agreement"]
+    assert two["sparse_available"] == one["sparse_available"]
+
+
 def test_accuracy_quick_runs_every_configuration(accuracy, tmp_path):
     assert accuracy.main(["--quick", "--out", str(tmp_path), "--threads", "1"]) == 0
     saved = json.loads((tmp_path / "sparse_accuracy.json").read_text())

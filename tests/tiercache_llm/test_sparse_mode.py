@@ -35,10 +35,11 @@ def digests_match_keys(cache):
         keys = layer.keys
         n = keys.shape[2]
         assert state.digests.length == n == layer.get_seq_length()
-        ref = KeyDigests.from_keys(keys, layer.block_size, state.valid[:, :n])
+        ref = KeyDigests.from_keys(keys, state.page_size, state.valid[:, :n])
         assert torch.equal(state.digests.count, ref.count)
         torch.testing.assert_close(state.digests.lo, ref.lo, rtol=0, atol=0)
         torch.testing.assert_close(state.digests.hi, ref.hi, rtol=0, atol=0)
+        torch.testing.assert_close(state.digests.total, ref.total, rtol=1e-5, atol=1e-5)
         assert state.mass.numel() == state.digests.n_blocks
 
 
@@ -369,3 +370,99 @@ def test_fast_decay_rescales_scores_and_keeps_them_consistent(make_model):
                 assert sent[kk] == pytest.approx(float(mass[j]))
     cache.restore_model()
     cache.close()
+
+
+def test_update_outside_a_prepared_forward_pass_raises_at_once(make_model):
+    """Cache.update of a decode step that is not part of a prepared model's forward pass raises
+    SparseModeError before it changes anything (no silent dense or truncated attention)."""
+    model = make_model("llama")
+    ids, mask = left_padded_batch()
+    with TieredKVCache.for_model(model, mode="sparse", budget=16, block_size=4, host="1MiB") as cache:
+        model(ids, attention_mask=mask, past_key_values=cache)  # prefill through the prepared model
+        layer = cache.layers[0]
+        length = layer.get_seq_length()
+        k = torch.randn(ids.shape[0], layer._shape_k[0], 1, layer._shape_k[1])
+        with pytest.raises(SparseModeError, match="not prepared"):
+            cache.update(k, torch.randn_like(k), 0)
+        assert layer.get_seq_length() == length and layer.sparse.digests.length == length
+        cache.restore_model()
+
+
+@pytest.mark.parametrize("page", [1, 2, 4])
+def test_pages_at_dense_budget_equal_dynamic_cache(make_model, page):
+    model = make_model("llama", seed=21)
+    ids, mask = left_padded_batch(seed=21)
+    ref = gen(model, DynamicCache(config=model.config), ids, mask, n=14)
+    with TieredKVCache.for_model(model, mode="sparse", budget=DENSE, block_size=8, page_size=page, host="8KiB",
+                                 disk="16MiB") as cache:
+        got = gen(model, cache, ids, mask, n=14)
+        stats = cache.stats()["sparse"]["total"]
+        digests_match_keys(cache)
+        cache.restore_model()
+    assert_same(ref, got)
+    assert stats["tokens_attended"] == stats["tokens_context"]
+
+
+def test_pages_attend_only_their_tokens_within_the_budget(make_model, monkeypatch):
+    """Small pages inside larger blocks: each (row, KV head) attends exactly the valid tokens of its
+    selected pages (token mask passed to attention), never more than max(budget, forced pages), always
+    its sink and recent pages, never padding; fetched blocks are the union of blocks holding a page."""
+    import tiercache_llm.sparse_layer as sl
+
+    model = make_model("llama", seed=22)
+    bs, page, sink, recent, budget = 8, 2, 3, 5, 10
+    ids, mask = left_padded_batch(seed=22, lengths=(40, 27, 13))
+    pads = (mask == 0).sum(1)
+    seen = []
+    original = sl.sparse_attention
+
+    def spy(query, keys, values, block_mask, token_valid, *args, **kw):
+        seen.append((block_mask.clone(), token_valid.clone()))
+        return original(query, keys, values, block_mask, token_valid, *args, **kw)
+
+    sels = []
+    original_select = sl.select
+
+    def spy_select(query, digests, config, **kw):
+        sel = original_select(query, digests, config, **kw)
+        sels.append((sel, digests.length, digests.count.clone()))
+        return sel
+
+    monkeypatch.setattr(sl, "sparse_attention", spy)
+    monkeypatch.setattr(sl, "select", spy_select)
+    with TieredKVCache.for_model(model, mode="sparse", budget=budget, sink=sink, recent=recent, block_size=bs,
+                                 page_size=page, host="1MiB") as cache:
+        gen(model, cache, ids, mask, n=8)
+        cache.restore_model()
+    assert len(seen) == len(sels) == 7 * 2
+    for (block_mask, token_valid), (sel, length, count) in zip(seen, sels):
+        assert sel.pages_per_block == bs // page and token_valid.dim() == 4
+        attended = token_valid & block_mask.unsqueeze(-1)  # (B, H, U, S)
+        fetch = sel.fetch.tolist()
+        for row in range(ids.shape[0]):
+            first = int(pads[row])
+            tokens = {fetch[u] * bs + i for u in range(len(fetch)) for i in range(bs)}
+            for head in range(attended.shape[1]):
+                got = {fetch[u] * bs + i for u in range(len(fetch)) for i in range(bs) if attended[row, head, u, i]}
+                want = {t for t in range(length) if t >= first and bool(sel.page_mask[row, head, t // page])}
+                assert got == want, (row, head)
+                assert all(t >= first for t in got)  # never padding
+                forced = set(range(first, first + sink)) | set(range(length - recent, length))
+                assert forced <= got
+                forced_pages = {t // page for t in forced}
+                forced_cost = sum(int(count[row, p]) for p in forced_pages)
+                assert len(got) <= max(budget, forced_cost)
+            assert {t // bs for t in range(length) if bool(sel.page_mask[row, :, t // page].any()) and t >= first} \
+                <= {t // bs for t in tokens}
+
+
+def test_page_size_must_divide_the_block_and_is_sparse_only(make_model):
+    model = make_model("llama")
+    with pytest.raises(ValueError, match="divide"):
+        TieredKVCache(model.config, mode="sparse", block_size=8, page_size=3, host="1MiB")
+    with pytest.raises(ValueError, match="sparse"):
+        TieredKVCache(model.config, block_size=8, page_size=2, host="1MiB")
+    with TieredKVCache(model.config, mode="sparse", block_size=64, host="1MiB") as cache:
+        assert cache.settings.page_size == 8
+    with TieredKVCache(model.config, mode="sparse", block_size=4, host="1MiB") as cache:
+        assert cache.settings.page_size == 4

@@ -33,12 +33,13 @@ op = st.one_of(
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(ops=st.lists(op, min_size=1, max_size=10), budget=st.sampled_from([DENSE, 6]))
-def test_operations_keep_digests_and_dense_logits(ops, budget):
+@given(ops=st.lists(op, min_size=1, max_size=10), budget=st.sampled_from([DENSE, 6]), page=st.sampled_from([2, 4]))
+def test_operations_keep_digests_and_dense_logits(ops, budget, page):
     m = model()
     ids, mask = left_padded_batch(lengths=(14, 11, 6), seed=14)
     ref = DynamicCache(config=m.config)
-    cache = TieredKVCache.for_model(m, mode="sparse", budget=budget, sink=2, recent=3, block_size=4, host="1MiB")
+    cache = TieredKVCache.for_model(m, mode="sparse", budget=budget, sink=2, recent=3, block_size=4,
+                                     page_size=page, host="1MiB")
     try:
         with torch.no_grad():
             m(ids, attention_mask=mask, past_key_values=ref)

@@ -1,8 +1,9 @@
 """Building blocks of sparse decode (used by ``TieredKVCache``'s sparse mode, see :mod:`tiercache_llm.sparse_layer`).
 
-- :mod:`.digests`: Quest-style per-block key min/max digests (upper bounds of q·k), incremental.
-- :mod:`.selection`: block scoring, sink/recent forcing, per-row token budgets, per-KV-head selection
-  and the union of blocks to fetch.
+- :mod:`.digests`: Quest-style per-page key min/max digests (upper bounds of q·k) and key sums
+  (landmarks), incremental.
+- :mod:`.selection`: page scoring, sink/recent forcing, per-row token budgets, per-KV-head selection
+  and the union of storage blocks to fetch.
 - :mod:`.attention`: decode attention over selected blocks (torch reference and block-table form),
   returning the attention mass per block.
 
@@ -17,6 +18,7 @@ from .selection import (
     block_table,
     forced_blocks,
     score_blocks,
+    score_blocks_landmark,
     score_blocks_reference,
     select,
     select_blocks,
@@ -34,6 +36,7 @@ __all__ = [
     "paged_decode_attention",
     "paged_decode_attention_reference",
     "score_blocks",
+    "score_blocks_landmark",
     "score_blocks_reference",
     "select",
     "select_blocks",

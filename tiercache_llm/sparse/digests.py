@@ -13,9 +13,15 @@ position that must never be attended).  Invalid tokens never contribute to a dig
 valid token has ``count == 0`` and digests of zeros (finite, so that scoring never forms ``0 * inf``);
 scoring gives such blocks ``-inf`` and selection never picks them.
 
+Beside the bounds, every block keeps the float32 **sum** of its valid keys (``total``): ``total / count``
+is the block's mean key, a ShadowKV-style *landmark*.  ``q . mean`` is not a bound but an estimate of
+the block's typical score; selection can blend it with the bound (``SelectionConfig.score``).
+
 Shapes (``B`` batch rows, ``H`` KV heads, ``N`` blocks, ``D`` head dim, ``S`` block size):
 ``lo``/``hi`` are ``(B, H, N, D)`` in the keys' dtype (min and max are exact in any dtype);
-``count`` is ``(B, N)`` int64, the valid tokens of each row in each block.
+``total`` is ``(B, H, N, D)`` float32; ``count`` is ``(B, N)`` int64, the valid tokens of each row in
+each block.  The "blocks" of a digest are the selection's *pages*, which may be finer than the
+cache's storage blocks (see :mod:`.selection`).
 
 Ownership and thread safety: a :class:`KeyDigests` owns its tensors and updates them in place (do not
 share them with another object); it is a plain mutable object, one writer at a time.
@@ -59,9 +65,10 @@ def _reduce(keys: torch.Tensor, valid: torch.Tensor, offset: int, block_size: in
     big = torch.finfo(k.dtype).max
     lo = k.masked_fill(~v, big).amin(dim=3)
     hi = k.masked_fill(~v, -big).amax(dim=3)
+    total = k.float().masked_fill(~v, 0.0).sum(dim=3)
     count = v.view(b, n, block_size).sum(dim=2)
     empty = (count == 0).view(b, 1, n, 1)
-    return lo.masked_fill(empty, 0), hi.masked_fill(empty, 0), count
+    return lo.masked_fill(empty, 0), hi.masked_fill(empty, 0), count, total
 
 
 def _reduce_one(keys: torch.Tensor, valid: torch.Tensor):
@@ -73,7 +80,8 @@ def _reduce_one(keys: torch.Tensor, valid: torch.Tensor):
     empty = (count == 0).view(b, 1, 1, 1)
     lo = keys.masked_fill(~v, big).amin(dim=2, keepdim=True).masked_fill(empty, 0)
     hi = keys.masked_fill(~v, -big).amax(dim=2, keepdim=True).masked_fill(empty, 0)
-    return lo, hi, count
+    total = keys.float().masked_fill(~v, 0.0).sum(dim=2, keepdim=True)
+    return lo, hi, count, total
 
 
 def block_digests(keys: torch.Tensor, block_size: int, valid: torch.Tensor | None = None):
@@ -90,7 +98,7 @@ def block_digests(keys: torch.Tensor, block_size: int, valid: torch.Tensor | Non
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     valid = _check_keys(keys, valid)
-    return _reduce(keys, valid, 0, block_size)
+    return _reduce(keys, valid, 0, block_size)[:3]
 
 
 @dataclass
@@ -104,6 +112,8 @@ class KeyDigests:
         count: ``(B, N)`` valid tokens per row and block.
         length: tokens (valid or not) covered so far; block ``N - 1`` is partial when
             ``length % block_size != 0`` and is completed by later appends.
+        total: ``(B, H, N, D)`` float32 sum of each block's valid keys (landmark numerator), or
+            ``None`` for digests built without it (then landmark scoring raises).
     """
 
     block_size: int
@@ -111,6 +121,13 @@ class KeyDigests:
     hi: torch.Tensor
     count: torch.Tensor
     length: int
+    total: torch.Tensor | None = None
+
+    def landmarks(self) -> torch.Tensor:
+        """``(B, H, N, D)`` float32 mean valid key of every block (zeros for empty blocks)."""
+        if self.total is None:
+            raise ValueError("these digests were built without key sums: no landmarks")
+        return self.total / self.count.clamp(min=1).view(*self.count.shape[:1], 1, -1, 1).to(self.total.dtype)
 
     @classmethod
     def empty(cls, batch: int, kv_heads: int, head_dim: int, block_size: int, *,
@@ -118,13 +135,16 @@ class KeyDigests:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         lo = torch.zeros(batch, kv_heads, 0, head_dim, dtype=dtype, device=device)
-        return cls(block_size, lo, lo.clone(), torch.zeros(batch, 0, dtype=torch.long, device=device), 0)
+        total = torch.zeros(batch, kv_heads, 0, head_dim, dtype=torch.float32, device=device)
+        return cls(block_size, lo, lo.clone(), torch.zeros(batch, 0, dtype=torch.long, device=device), 0, total)
 
     @classmethod
     def from_keys(cls, keys: torch.Tensor, block_size: int, valid: torch.Tensor | None = None) -> "KeyDigests":
         """Digests of ``keys`` (``(B, H, T, D)``, post-RoPE) from position 0; see :func:`block_digests`."""
-        lo, hi, count = block_digests(keys, block_size, valid)
-        return cls(block_size, lo, hi, count, keys.shape[2])
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        lo, hi, count, total = _reduce(keys, _check_keys(keys, valid), 0, block_size)
+        return cls(block_size, lo, hi, count, keys.shape[2], total)
 
     @property
     def n_blocks(self) -> int:
@@ -150,9 +170,9 @@ class KeyDigests:
         offset = self.length % self.block_size
         keys = keys.to(self.lo.dtype)
         if offset and offset + keys.shape[2] <= self.block_size:
-            lo, hi, count = _reduce_one(keys, valid)  # decode: the keys stay inside the partial block
+            lo, hi, count, total = _reduce_one(keys, valid)  # decode: the keys stay inside the partial block
         else:
-            lo, hi, count = _reduce(keys, valid, offset, self.block_size)
+            lo, hi, count, total = _reduce(keys, valid, offset, self.block_size)
         if offset:  # the first reduced block continues the current partial block: merge it in place
             prev_has = (self.count[:, -1] > 0).view(b, 1, 1)
             new_has = (count[:, 0] > 0).view(b, 1, 1)
@@ -161,11 +181,15 @@ class KeyDigests:
             last_lo.copy_(torch.where(both, torch.minimum(last_lo, lo[:, :, 0]), torch.where(prev_has, last_lo, lo[:, :, 0])))
             last_hi.copy_(torch.where(both, torch.maximum(last_hi, hi[:, :, 0]), torch.where(prev_has, last_hi, hi[:, :, 0])))
             self.count[:, -1] += count[:, 0]
-            lo, hi, count = lo[:, :, 1:], hi[:, :, 1:], count[:, 1:]
+            if self.total is not None:
+                self.total[:, :, -1] += total[:, :, 0]
+            lo, hi, count, total = lo[:, :, 1:], hi[:, :, 1:], count[:, 1:], total[:, :, 1:]
         if count.shape[1]:  # new blocks: one concatenation per block_size tokens in decode
             self.lo = torch.cat((self.lo, lo), dim=2)
             self.hi = torch.cat((self.hi, hi), dim=2)
             self.count = torch.cat((self.count, count), dim=1)
+            if self.total is not None:
+                self.total = torch.cat((self.total, total), dim=2)
         self.length += keys.shape[2]
 
     def select_rows(self, index: torch.Tensor) -> None:
@@ -174,6 +198,8 @@ class KeyDigests:
         self.lo = self.lo.index_select(0, index)
         self.hi = self.hi.index_select(0, index)
         self.count = self.count.index_select(0, index)
+        if self.total is not None:
+            self.total = self.total.index_select(0, index)
 
     def crop(self, length: int, tail_keys: torch.Tensor | None = None, tail_valid: torch.Tensor | None = None) -> None:
         """Keep the first ``length`` tokens.  Whole blocks are dropped without touching keys; when
@@ -183,6 +209,8 @@ class KeyDigests:
             raise ValueError(f"crop length must be in [0, {self.length}], got {length}")
         keep, rest = divmod(length, self.block_size)
         self.lo, self.hi, self.count = self.lo[:, :, :keep], self.hi[:, :, :keep], self.count[:, :keep]
+        if self.total is not None:
+            self.total = self.total[:, :, :keep]
         self.length = keep * self.block_size
         if rest:
             if tail_keys is None or tail_keys.shape[2] != rest:

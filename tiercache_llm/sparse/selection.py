@@ -24,6 +24,15 @@ Rules (see docs/sparse.md):
   block holding a valid token.
 - **Padding**: blocks without valid tokens are never selected; padded tokens inside a selected block
   are masked at attention time (``token_valid``).
+- **Pages** (``pages_per_block > 1``): the digests may be kept per *page*, a fixed fraction of the
+  cache's storage block.  Then every rule above applies to pages (scores, forced pages, budget, cost);
+  a storage block is fetched when any of its pages is selected, and attention is masked to the
+  selected pages (:meth:`BlockSelection.token_mask`).  Tokens attended stay within the budget; bytes
+  fetched grow with the number of blocks touched.
+- **Score** variants (``SelectionConfig.score``): ``"bound"`` (Quest), or ``"bound+landmark"``:
+  ``(1 - w) * bound + w * q . mean_key`` per query head before the GQA max (``w = landmark_weight``,
+  the mean key being the page's landmark); not a bound any more, but it ranks pages far better at
+  small budgets (docs/sparse.md has the measurements behind the choice).
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ __all__ = [
     "block_table",
     "forced_blocks",
     "score_blocks",
+    "score_blocks_landmark",
     "score_blocks_reference",
     "select",
     "select_blocks",
@@ -48,6 +58,7 @@ __all__ = [
 ]
 
 GqaReduce = Literal["max", "sum"]
+ScoreRule = Literal["bound", "bound+landmark"]
 
 
 @dataclass(frozen=True)
@@ -60,12 +71,17 @@ class SelectionConfig:
         sink: leading valid tokens always attended (attention sinks).
         recent: trailing valid tokens always attended (the local window).
         gqa: ``"max"`` (default; an upper bound for every head of the group) or ``"sum"``.
+        score: ``"bound"`` (default here: the Quest upper bound) or ``"bound+landmark"`` (the bound
+            blended with ``q . mean key``; needs digests with key sums).
+        landmark_weight: weight of ``q . mean key`` in ``"bound+landmark"``, in [0, 1].
     """
 
     budget: int | float
     sink: int = 4
     recent: int = 64
     gqa: GqaReduce = "max"
+    score: ScoreRule = "bound"
+    landmark_weight: float = 0.5
 
     def __post_init__(self) -> None:
         b = self.budget
@@ -81,6 +97,11 @@ class SelectionConfig:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
         if self.gqa not in ("max", "sum"):
             raise ValueError(f"gqa must be 'max' or 'sum', got {self.gqa!r}")
+        if self.score not in ("bound", "bound+landmark"):
+            raise ValueError(f"score must be 'bound' or 'bound+landmark', got {self.score!r}")
+        w = self.landmark_weight
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= float(w) <= 1.0:
+            raise ValueError(f"landmark_weight must be a number in [0, 1], got {w!r}")
 
 
 def _check_digests(query: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor) -> tuple[int, ...]:
@@ -130,6 +151,19 @@ def score_blocks(query: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, count:
 
     _check_digests(query, lo, hi, count)
     return block_scores_triton(query, lo, hi, count, gqa)
+
+
+def score_blocks_landmark(query: torch.Tensor, digests: KeyDigests, weight: float,
+                          gqa: GqaReduce = "max") -> torch.Tensor:
+    """``(B, H, N)`` float32: per query head ``(1 - weight) * bound + weight * q . mean_key``, reduced over
+    the group like :func:`score_blocks_reference`; ``-inf`` for empty blocks."""
+    lo, hi, count = digests.lo, digests.hi, digests.count
+    b, h, g, q, n, d = _check_digests(query, lo, hi, count)
+    qf = query.float().reshape(b, h, g * q, d)
+    bound = qf.clamp(min=0) @ hi.float().transpose(-1, -2) + qf.clamp(max=0) @ lo.float().transpose(-1, -2)
+    s = (1.0 - weight) * bound + weight * (qf @ digests.landmarks().transpose(-1, -2))
+    agg = s.amax(dim=2) if gqa == "max" else s.sum(dim=2)
+    return agg.masked_fill((count == 0).unsqueeze(1), float("-inf"))
 
 
 def _compiled_triton_usable(device: torch.device) -> bool:
@@ -189,12 +223,15 @@ class BlockSelection:
     """One layer's selection at one decode step.
 
     Attributes:
-        head_mask: ``(B, H, N)`` bool, the blocks each row's KV head attends.
+        head_mask: ``(B, H, N)`` bool, the (storage) blocks each row's KV head attends (any of its pages).
         row_mask: ``(B, N)`` bool, union over heads (the blocks each row needs).
         fetch: ``(U,)`` int64 ascending block indices, union over heads and rows: the entries to fetch
             (one entry holds every row and head of a block).
-        scores: ``(B, H, N)`` float32 block scores.
+        scores: ``(B, H, P)`` float32 page scores (``P = N`` when pages are blocks).
         budget: ``(B,)`` int64 token budget per row.
+        page_mask: ``(B, H, P)`` bool, the pages each row's KV head attends (``head_mask`` itself when
+            pages are blocks).
+        pages_per_block: pages per storage block (page ``p`` lies in block ``p // pages_per_block``).
     """
 
     head_mask: torch.Tensor
@@ -202,6 +239,12 @@ class BlockSelection:
     fetch: torch.Tensor
     scores: torch.Tensor
     budget: torch.Tensor
+    page_mask: torch.Tensor | None = None
+    pages_per_block: int = 1
+
+    @property
+    def pages(self) -> torch.Tensor:
+        return self.head_mask if self.page_mask is None else self.page_mask
 
     @property
     def fetch_head_mask(self) -> torch.Tensor:
@@ -210,20 +253,47 @@ class BlockSelection:
         return self.head_mask.index_select(2, self.fetch)
 
     def selected_tokens(self, count: torch.Tensor) -> torch.Tensor:
-        """``(B, H)`` valid tokens selected per row and KV head."""
-        return (self.head_mask * count.unsqueeze(1)).sum(dim=-1)
+        """``(B, H)`` valid tokens selected per row and KV head (``count``: ``(B, P)`` valid tokens per
+        page, i.e. the digests' ``count``)."""
+        return (self.pages * count.unsqueeze(1)).sum(dim=-1)
+
+    def token_mask(self, block_size: int) -> torch.Tensor | None:
+        """``(B, H, U, block_size)`` bool: the tokens of the fetched blocks each (row, KV head) attends
+        by page, or ``None`` when pages are blocks (``fetch_head_mask`` says it all)."""
+        if self.pages_per_block == 1:
+            return None
+        k = self.pages_per_block
+        b, h, p = self.page_mask.shape
+        n = self.head_mask.shape[-1]
+        pm = torch.nn.functional.pad(self.page_mask, (0, n * k - p)).view(b, h, n, k)
+        pm = pm.index_select(2, self.fetch.to(pm.device))
+        return pm.repeat_interleave(block_size // k, dim=-1)
 
 
 def select(query: torch.Tensor, digests: KeyDigests, config: SelectionConfig, *,
-           backend: str = "auto") -> BlockSelection:
-    """Score ``digests`` against ``query`` (``(B, Hq, Q, D)``) and select blocks under ``config``."""
-    scores = score_blocks(query, digests.lo, digests.hi, digests.count, config.gqa, backend=backend)
+           backend: str = "auto", pages_per_block: int = 1) -> BlockSelection:
+    """Score ``digests`` against ``query`` (``(B, Hq, Q, D)``) and select under ``config``.
+
+    ``pages_per_block``: how many digest blocks ("pages") make one storage block; the selection is made
+    per page and the storage blocks holding a selected page are fetched."""
+    if isinstance(pages_per_block, bool) or not isinstance(pages_per_block, int) or pages_per_block < 1:
+        raise ValueError(f"pages_per_block must be a positive int, got {pages_per_block!r}")
+    if config.score == "bound+landmark":
+        scores = score_blocks_landmark(query, digests, float(config.landmark_weight), config.gqa)
+    else:
+        scores = score_blocks(query, digests.lo, digests.hi, digests.count, config.gqa, backend=backend)
     budget = token_budget(digests.count, config.budget)
     forced = forced_blocks(digests.count, config.sink, config.recent)
-    head_mask = select_blocks(scores, digests.count, budget, forced)
+    page_mask = select_blocks(scores, digests.count, budget, forced)
+    if pages_per_block == 1:
+        head_mask, page_mask = page_mask, None
+    else:
+        b, h, p = page_mask.shape
+        n = -(-p // pages_per_block)
+        head_mask = torch.nn.functional.pad(page_mask, (0, n * pages_per_block - p)).view(b, h, n, pages_per_block).any(-1)
     row_mask = head_mask.any(dim=1)
     fetch = row_mask.any(dim=0).nonzero().flatten()
-    return BlockSelection(head_mask, row_mask, fetch, scores, budget)
+    return BlockSelection(head_mask, row_mask, fetch, scores, budget, page_mask, pages_per_block)
 
 
 def block_table(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -89,6 +89,22 @@ def test_incremental_append_equals_from_scratch(case, cuts):
         pos = end
     assert inc.length == whole.length == t
     assert torch.equal(inc.lo, whole.lo) and torch.equal(inc.hi, whole.hi) and torch.equal(inc.count, whole.count)
+    torch.testing.assert_close(inc.total, whole.total, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(cases())
+def test_landmarks_are_the_mean_of_each_blocks_valid_keys(case):
+    keys, _, valid, s = case
+    d = KeyDigests.from_keys(keys, s, valid)
+    b, h, t, dim = keys.shape
+    marks = d.landmarks()
+    for row in range(b):
+        for j in range(d.n_blocks):
+            sl = slice(j * s, min(t, (j + 1) * s))
+            v = valid[row, sl]
+            want = keys[row, :, sl][:, v].mean(dim=1) if v.any() else torch.zeros(h, dim)
+            torch.testing.assert_close(marks[row, :, j], want, rtol=1e-5, atol=1e-5)
 
 
 def test_select_rows_and_crop_match_rebuilt_digests():
@@ -100,9 +116,11 @@ def test_select_rows_and_crop_match_rebuilt_digests():
     d.select_rows(index)
     want = KeyDigests.from_keys(keys[index], 4, valid[index])
     assert torch.equal(d.lo, want.lo) and torch.equal(d.hi, want.hi) and torch.equal(d.count, want.count)
+    assert torch.equal(d.total, want.total)
     d.crop(10, keys[index][:, :, 8:10], valid[index][:, 8:10])
     want = KeyDigests.from_keys(keys[index][:, :, :10], 4, valid[index][:, :10])
     assert d.length == 10 and torch.equal(d.lo, want.lo) and torch.equal(d.count, want.count)
+    torch.testing.assert_close(d.total, want.total)
     d.crop(8)
     assert d.n_blocks == 2 and d.length == 8
     with pytest.raises(ValueError, match="tail_keys"):

@@ -15,6 +15,7 @@ from tiercache_llm.sparse import (
     SelectionConfig,
     block_table,
     forced_blocks,
+    score_blocks_landmark,
     score_blocks_reference,
     select,
     token_budget,
@@ -127,6 +128,50 @@ def test_gqa_max_ranks_the_block_one_head_needs():
     scores_sum = score_blocks_reference(query, d.lo, d.hi, d.count, "sum")
     assert scores_max.argmax().item() == 0  # head 0's 10 beats head 1's 2
     assert scores_sum.argmax().item() == 1  # -30 + 10 < 0 + 2: the sum loses head 0's peak
+
+
+@settings(max_examples=80, deadline=None)
+@given(caches(), st.sampled_from([2, 3, 4]))
+def test_pages_select_by_the_rules_and_fetch_the_blocks_holding_them(case, k):
+    """With ``pages_per_block = k`` the digests' blocks are pages: the page selection follows the rules
+    (the same naive loop), a storage block is attended by a head iff one of its pages is, the fetch is
+    the union, and the token mask is each head's pages spread over the fetched blocks."""
+    digests, query, valid, config = case
+    sel = select(query, digests, config, backend="torch", pages_per_block=k)
+    want = naive_select(sel.scores, digests.count, config)
+    assert torch.equal(sel.page_mask, want)
+    b, h, p = want.shape
+    n = -(-p // k)
+    for blk in range(n):
+        assert torch.equal(sel.head_mask[:, :, blk], want[:, :, blk * k:(blk + 1) * k].any(-1))
+    assert sel.fetch.tolist() == sel.head_mask.any(1).any(0).nonzero().flatten().tolist()
+    page = digests.block_size
+    tm = sel.token_mask(k * page)
+    assert tm.shape == (b, h, len(sel.fetch), k * page)
+    for u, blk in enumerate(sel.fetch.tolist()):
+        for i in range(k):
+            pg = blk * k + i
+            expect = want[:, :, pg] if pg < p else torch.zeros(b, h, dtype=torch.bool)
+            assert torch.equal(tm[:, :, u, i * page:(i + 1) * page], expect.unsqueeze(-1).expand(b, h, page))
+    assert torch.equal(sel.selected_tokens(digests.count), (want * digests.count.unsqueeze(1)).sum(-1))
+
+
+def test_landmark_score_blends_the_bound_with_the_mean_key():
+    gen = torch.Generator().manual_seed(3)
+    keys = torch.randn(2, 2, 13, 4, generator=gen)
+    valid = torch.ones(2, 13, dtype=torch.bool)
+    valid[1, :5] = False
+    d = KeyDigests.from_keys(keys, 4, valid)
+    query = torch.randn(2, 6, 1, 4, generator=gen)
+    bound = score_blocks_reference(query, d.lo, d.hi, d.count, "max")
+    torch.testing.assert_close(score_blocks_landmark(query, d, 0.0), bound)
+    mean = (query.view(2, 2, 3, 4) @ d.landmarks().transpose(-1, -2)).amax(2)
+    mean = mean.masked_fill((d.count == 0).unsqueeze(1), float("-inf"))
+    torch.testing.assert_close(score_blocks_landmark(query, d, 1.0), mean)
+    assert torch.isneginf(score_blocks_landmark(query, d, 0.5)[1, :, 0]).all()  # padding-only block
+    cfg = SelectionConfig(budget=4, sink=0, recent=0, score="bound+landmark", landmark_weight=1.0)
+    sel = select(query, d, cfg, backend="torch")
+    assert sel.scores.shape == bound.shape and sel.selected_tokens(d.count).max() <= 4
 
 
 def test_block_table_lists_each_selection_in_order():

@@ -1,0 +1,277 @@
+"""Which selection rule makes sparse decode accurate at small budgets? (a study, not the system)
+
+    python benchmarks/sparse_selection_study.py --prefix 4096 --steps 256 --out benchmarks/results
+
+Teacher-forced sparse decode *simulated* in one forward pass: the prefix is prefilled exactly once into
+a ``DynamicCache``; then, per selection variant, the ``steps`` teacher-forced tokens are fed as one
+chunk whose attention function gives every chunk position ``p`` exactly what a sparse decode step at
+position ``p`` attends: the tokens of ``[0, p)`` its selection picks (scored from digests of complete
+pages, as the cache scores complete blocks), plus itself.  Lower layers' sparse outputs feed upper
+layers' keys and values as in real decode, so the figures are those of the step-by-step decode of the
+same rule; a variant costs one 256-token forward pass instead of 256 decode steps, which is what makes
+comparing many rules affordable.  The real cache's figures come from ``sparse_accuracy.py``.
+
+Variants (``--variants``, comma separated names ``page<P>[-sub<Q>][-mean|-boundmean|-pagemax][-blocksink]
+[-dense<L>][-sum][-norm][-oracle]``):
+
+- ``page<P>``: digests and selection per ``P``-token page (``P`` divides the 64-token storage block);
+  the fetch is the union of 64-token blocks holding a selected page, attention masked to the pages.
+- sink / recent accounting: token-granular by default (the first ``sink`` and last ``recent`` tokens
+  cost exactly their tokens); ``-blocksink`` forces (and pays for) whole 64-token blocks holding them,
+  the cache's rule before this study.
+- ``-dense<L>``: the first ``L`` layers attend densely (counted in the realised budget).
+- ``-sum``: GQA aggregation by the group's sum of bounds instead of the max.
+- ``-oracle``: token-granular top-k by the true max-over-group ``q . k`` (a ceiling, not buildable
+  without reading every key).
+- ``-sub<Q>``: score a page by the max of the Quest bounds of its ``Q``-token sub-pages (tighter bound,
+  digests ``P / Q`` times larger).
+- ``-mean``: score by ``q . mean key`` (landmark) only; ``-boundmean``: ``0.5 * bound + 0.5 * q . mean``
+  per query head (the cache's ``"bound+landmark"``); ``-pagemax``: the true max ``q . k`` of the page
+  (a ceiling).
+- ``-norm``: subtract each query head's max score before the GQA max.
+
+Reports per variant and budget: top-1 agreement and mean KL(full || sparse) against the same chunk run
+densely, the realised budget (tokens attended / context, averaged over layers, heads and steps), and
+fetched tokens per attended token (64-token blocks touched, union over KV heads, over tokens attended
+per head).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+STORAGE_BLOCK = 64
+NAME = "tiercache_selection_study"
+
+
+@dataclass(frozen=True)
+class Variant:
+    page: int = 64
+    block_sink: bool = False
+    dense_layers: int = 0
+    gqa: str = "max"
+    oracle: bool = False
+    sub: int = 0  # >0: score a page by the max of its sub-pages' bounds (digests per sub-page of this size)
+    norm: bool = False  # subtract each query head's max score before the GQA max
+    score: str = "bound"  # "bound" (Quest min/max), "mean" (q . mean key), "pagemax" (true max q . k per page: a ceiling)
+
+    @classmethod
+    def parse(cls, name: str) -> "Variant":
+        parts = name.split("-")
+        if not parts[0].startswith("page"):
+            raise ValueError(f"variant {name!r} must start with page<P>")
+        kw: dict = {"page": int(parts[0][4:])}
+        for p in parts[1:]:
+            if p == "blocksink":
+                kw["block_sink"] = True
+            elif p.startswith("dense"):
+                kw["dense_layers"] = int(p[5:])
+            elif p == "sum":
+                kw["gqa"] = "sum"
+            elif p == "oracle":
+                kw["oracle"] = True
+            elif p.startswith("sub"):
+                kw["sub"] = int(p[3:])
+            elif p == "norm":
+                kw["norm"] = True
+            elif p in ("mean", "pagemax", "boundmean"):
+                kw["score"] = p
+            else:
+                raise ValueError(f"unknown variant part {p!r} in {name!r}")
+        if STORAGE_BLOCK % kw["page"]:
+            raise ValueError(f"page size must divide {STORAGE_BLOCK}")
+        return cls(**kw)
+
+
+class Sim:
+    """State shared with the registered attention function during one chunk pass."""
+
+    variant: Variant | None = None  # None: dense (causal) attention for the chunk
+    budget: float = 1.0
+    sink: int = 4
+    recent: int = 64
+    prefix: int = 0
+    attended: list = []  # per layer: mean tokens attended per (head, step) / context
+    fetched: list = []  # per layer: mean fetched tokens / attended tokens
+
+
+def chunk_mask(query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
+    """``(1, H, Q, T)`` bool: what each chunk position attends under ``Sim.variant``."""
+    v = Sim.variant
+    _, hq, q, d = query.shape
+    _, h, t, _ = key.shape
+    g = hq // h
+    dev = query.device
+    pos = Sim.prefix + torch.arange(q, device=dev)  # absolute position of each query row
+    tok = torch.arange(t, device=dev)
+    causal = tok.view(1, t) < pos.view(q, 1)  # context [0, p)
+    itself = tok.view(1, t) == pos.view(q, 1)
+    if v is None or layer < v.dense_layers:
+        mask = (causal | itself).view(1, 1, q, t).expand(1, h, q, t)
+        Sim.attended.append(1.0)
+        Sim.fetched.append(1.0)
+        return mask
+    ctx = pos.double()
+    budget = torch.ceil(ctx * Sim.budget - 1e-9).long()  # (Q,)
+    qf = query[0].float().view(h, g, q, d)
+    kf = key[0].float()
+    forced_tok = causal & ((tok.view(1, t) < Sim.sink) | (tok.view(1, t) >= (pos - Sim.recent).view(q, 1)))
+    if v.oracle:
+        s = qf @ kf.transpose(-1, -2).unsqueeze(1)  # (H, G, Q, T)
+        if v.norm:
+            s = s - s.masked_fill(~causal, float("-inf")).amax(-1, keepdim=True)
+        s = s.amax(dim=1)
+        s = s.masked_fill(~causal, float("-inf")).masked_fill(forced_tok, float("inf"))
+        order = s.argsort(dim=-1, descending=True)
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(t, device=dev).expand_as(order))
+        take = (rank < budget.view(1, q, 1)) & causal
+        sel = take | forced_tok
+    else:
+        p = v.page
+        n = -(-t // p)
+        kp = torch.nn.functional.pad(kf, (0, 0, 0, n * p - t)).view(h, n, p, d)
+        # pad rows get the block's own values (min/max unaffected): repeat the last real key
+        if n * p > t:
+            kp[:, -1, t - (n - 1) * p:] = kf[:, -1:].expand(h, n * p - t, d)
+        lo, hi = kp.amin(dim=2), kp.amax(dim=2)  # (H, N, D)
+        if v.score == "pagemax":
+            s = (qf @ kp.view(h, n * p, d).transpose(-1, -2).unsqueeze(1)).view(h, g, q, n, p).amax(-1)
+        elif v.score == "mean":
+            s = qf @ kp.mean(dim=2).transpose(-1, -2).unsqueeze(1)
+        else:
+            s = qf.clamp(min=0) @ hi.transpose(-1, -2).unsqueeze(1) + qf.clamp(max=0) @ lo.transpose(-1, -2).unsqueeze(1)
+            if v.sub:
+                sp = kf.new_zeros(h, n * p, d)
+                sp[:, :t] = kf
+                sp[:, t:] = kf[:, -1:]
+                sp = sp.view(h, n * p // v.sub, v.sub, d)
+                slo, shi = sp.amin(2), sp.amax(2)
+                ss = qf.clamp(min=0) @ shi.transpose(-1, -2).unsqueeze(1) + qf.clamp(max=0) @ slo.transpose(-1, -2).unsqueeze(1)
+                s = ss.view(h, g, q, n, p // v.sub).amax(-1)
+            if v.score == "boundmean":
+                s = 0.5 * s + 0.5 * (qf @ kp.mean(dim=2).transpose(-1, -2).unsqueeze(1))
+        page_end = (torch.arange(n, device=dev) + 1) * p
+        if v.norm:
+            okp = (page_end.view(1, n) <= pos.view(q, 1)).view(1, 1, q, n)
+            s = s - s.masked_fill(~okp, float("-inf")).amax(-1, keepdim=True).clamp(min=-1e30)
+        s = s.amax(dim=1) if v.gqa == "max" else s.sum(dim=1)  # (H, Q, N)
+        page_end = (torch.arange(n, device=dev) + 1) * p
+        complete = page_end.view(1, n) <= pos.view(q, 1)  # (Q, N)
+        if v.block_sink:  # whole storage blocks holding a forced token are forced
+            blk = tok // STORAGE_BLOCK
+            nb = -(-t // STORAGE_BLOCK)
+            fb = torch.zeros(q, nb, dtype=torch.bool, device=dev).scatter_reduce(
+                1, blk.expand(q, t), forced_tok, reduce="amax")
+            forced_tok = fb[:, blk] & causal
+        # page cost: its non-forced context tokens
+        pt = torch.nn.functional.pad(causal & ~forced_tok, (0, n * p - t)).view(q, n, p)
+        cost = pt.sum(-1)  # (Q, N)
+        remaining = (budget - forced_tok.sum(-1)).clamp(min=0)  # (Q,)
+        key_ = s.masked_fill(~complete.unsqueeze(0), float("-inf"))
+        order = key_.argsort(dim=-1, descending=True, stable=True)
+        sc = cost.unsqueeze(0).expand(h, q, n).gather(-1, order)
+        ok = complete.unsqueeze(0).expand(h, q, n).gather(-1, order)
+        take_sorted = ok & (sc.cumsum(-1) <= remaining.view(1, q, 1))
+        take = torch.zeros_like(take_sorted).scatter(-1, order, take_sorted)  # (H, Q, N)
+        sel = take.repeat_interleave(p, dim=-1)[..., :t] & causal | forced_tok
+    mask = sel | itself
+    ctxn = pos.float().clamp(min=1)
+    Sim.attended.append(float(((sel & causal).sum(-1).float() / ctxn).mean()))
+    blocks = torch.nn.functional.pad(sel.any(0), (0, -(-t // STORAGE_BLOCK) * STORAGE_BLOCK - t))
+    blocks = blocks.view(q, -1, STORAGE_BLOCK).any(-1).sum(-1).float() * STORAGE_BLOCK  # union over heads
+    Sim.fetched.append(float((blocks / (sel & causal).sum(-1).float().mean(0).clamp(min=1)).mean()))
+    return mask.unsqueeze(0)
+
+
+def study_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    q = query.shape[2]
+    if q == key.shape[2] or Sim.prefix == 0:  # prefill: plain causal
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                                               enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+    mask = chunk_mask(query, key, module.layer_idx)
+    h = key.shape[1]
+    g = query.shape[1] // h
+    mask = mask.repeat_interleave(g, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                                           enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prefix", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=256)
+    ap.add_argument("--budgets", default="0.0625,0.125,0.25,0.5")
+    ap.add_argument("--sink", type=int, default=4)
+    ap.add_argument("--recent", type=int, default=64)
+    ap.add_argument("--variants", default="page64-blocksink,page64,page32,page16,page16-dense1,page16-dense2,page16-sum,page16-oracle")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import AttentionInterface, DynamicCache
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    from _common import load_bench_model
+    from _texts import english_prose
+
+    AttentionInterface.register(NAME, study_attention)
+    AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model, tok = load_bench_model("smollm2")
+    model.set_attn_implementation(NAME)
+    need = args.prefix + args.steps + 1
+    text, _ = english_prose(8 * need)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :need]
+    assert ids.shape[1] == need, ids.shape
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        Sim.prefix = 0
+        pre = DynamicCache(config=model.config)
+        model(ids[:, :args.prefix], past_key_values=pre, use_cache=True)
+        print(f"prefill {args.prefix} tokens: {time.perf_counter() - t0:.1f} s", flush=True)
+        chunk = ids[:, args.prefix:args.prefix + args.steps]
+
+        def run(variant, budget):
+            Sim.variant, Sim.budget, Sim.sink, Sim.recent, Sim.prefix = variant, budget, args.sink, args.recent, args.prefix
+            Sim.attended, Sim.fetched = [], []
+            cache = copy.deepcopy(pre)
+            logits = model(chunk, past_key_values=cache, use_cache=True).logits[0].float()
+            return torch.log_softmax(logits, -1), sum(Sim.attended) / len(Sim.attended), sum(Sim.fetched) / len(Sim.fetched)
+
+        ref, _, _ = run(None, 1.0)
+        rows = []
+        for name in args.variants.split(","):
+            v = Variant.parse(name)
+            for b in [float(x) for x in args.budgets.split(",")]:
+                t1 = time.perf_counter()
+                lp, att, fet = run(v, b)
+                kl = (ref.exp() * (ref - lp)).sum(-1).clamp_min(0)
+                top1 = float((ref.argmax(-1) == lp.argmax(-1)).float().mean())
+                row = dict(variant=name, budget=b, top1=top1, mean_kl=float(kl.mean()), realised_budget=att,
+                           fetched_per_attended=fet, seconds=time.perf_counter() - t1)
+                rows.append(row)
+                print(f"{name:24s} {100 * b:6.2f}%  top1 {top1:.4f}  KL {row['mean_kl']:.4f}  realised {att:.3f}  "
+                      f"fetched/attended {fet:.2f}  ({row['seconds']:.1f} s)", flush=True)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "sparse_selection_study.json").write_text(json.dumps(
+            {"command": " ".join(["python", "benchmarks/sparse_selection_study.py", *(argv or sys.argv[1:])]),
+             "prefix": args.prefix, "steps": args.steps, "sink": args.sink, "recent": args.recent, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
