@@ -28,7 +28,7 @@ from .sizes import format_size
 from .state import Release, log
 from .tiers.base import EntryHeader, Slot
 from .tiers.disk import DiskTier
-from .tiers.memory import ArenaTier
+from .tiers.memory import MEMMOVE_MAX_BYTES, ArenaTier, memmove
 from .transfer import CopyEngine, chunk_file_bytes, packed_layout, read_chunk_into
 from .values import as_bytes, check_score, copy_payload, flat, tensor_data
 
@@ -120,14 +120,19 @@ class DataPaths(Moves):
                 data = prepared[position + done][2]
                 tier = tiers[tier_index]
                 start = time.perf_counter()
-                if isinstance(tier, ArenaTier):
-                    # One copy in the value's dtype (C1) and shape, from any strides; the view is kept
-                    # for reads (Entry.view).
-                    view = tier.typed_view(slot, data.dtype)
-                    if len(header.shape) != 1:
-                        view = view.view(header.shape)
-                    view.copy_(data)
-                    views[done] = view
+                if type(tier) is ArenaTier or isinstance(tier, ArenaTier):
+                    nbytes_ = slot.nbytes
+                    if tier.addressable and nbytes_ <= MEMMOVE_MAX_BYTES and data.is_cpu and data.is_contiguous():
+                        if nbytes_:  # a KV-block-sized CPU value: one memmove, no torch op
+                            memmove(tier.address(slot), data.data_ptr(), nbytes_)
+                    else:
+                        # One copy in the value's dtype (C1) and shape, from any strides.
+                        view = tier.typed_view(slot, data.dtype)
+                        if len(header.shape) != 1:
+                            view = view.view(header.shape)
+                        view.copy_(data)
+                        if not tier.addressable:
+                            views[done] = view  # kept for reads (Entry.view); CPU arenas are read by address
                 else:  # other tiers are handed the value's bytes
                     tier.write(slot, as_bytes(flat(data)), header)
                 seconds[tier_index] += time.perf_counter() - start
@@ -363,8 +368,32 @@ class DataPaths(Moves):
         from_views: list[torch.Tensor] = []
         in_memory = [0] * len(tiers)  # memory-tier bytes copied, per tier
         to_cpu = target.type == "cpu"
+        # Per tier: the CPU arena whose slots are read by address (one memmove each), else None.
+        by_address = [tier if getattr(tier, "addressable", False) else None for tier in tiers]
         start = time.perf_counter()
         for i, (entry, src, slot, header) in enumerate(pinned):
+            arena = by_address[src]
+            if arena is not None:
+                nbytes_ = header.nbytes
+                if dsts is None:
+                    if to_cpu and nbytes_ <= MEMMOVE_MAX_BYTES:
+                        result = results[i] = torch.empty(header.shape, dtype=entry.dtype)
+                        if nbytes_:
+                            memmove(result.data_ptr(), arena.address(slot), nbytes_)
+                    else:
+                        view = arena.typed_view(slot, entry.dtype).view(header.shape)
+                        results[i] = view.clone() if to_cpu else view.to(target)
+                else:
+                    dst = dsts[i]
+                    if nbytes_ <= MEMMOVE_MAX_BYTES and dst.is_cpu and dst.is_contiguous():
+                        if nbytes_:
+                            memmove(dst.data_ptr(), arena.address(slot), nbytes_)
+                    else:
+                        to_dsts.append(dst)
+                        from_views.append(arena.typed_view(slot, entry.dtype).view(dst.shape))
+                in_memory[src] += nbytes_
+                copies[i] = None  # a promotion re-reads the pinned source slot
+                continue
             view = views[i]
             if view is not None:
                 if dsts is None:

@@ -18,10 +18,11 @@ from .tiers.base import EntryHeader, Slot
 class Entry:
     """One live key: its header (dtype, shape, seq), the tier index and slot holding its bytes.
 
-    The header is decoded and checked once (at ``put`` or recovery); ``dtype`` is its dtype resolved, and
-    for a memory-tier slot ``view`` is the payload in place, typed and shaped, so reads copy from it
-    without looking anything up, validating or building a view again.  ``slot`` and ``view`` change
-    together, under the index lock.
+    The header is decoded and checked once (at ``put`` or recovery); ``dtype`` is its dtype resolved.  For
+    a slot of a memory tier that is not read by address (a GPU arena) ``view`` is the payload in place,
+    typed and shaped, so reads copy from it without building a view again; CPU arena slots are copied by
+    address (``ArenaTier.address``) and keep no view.  ``slot`` and ``view`` change together, under the
+    index lock.
 
     ``moving`` is set while a mover (demotion, promotion, flush) copies it to another tier; such an entry
     is not chosen as a victim again.  ``version`` invalidates stale queue items (lazy deletion)."""

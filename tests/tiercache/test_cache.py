@@ -7,6 +7,7 @@ from concurrent.futures import Future
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import tiercache
 from tiercache import (
@@ -751,21 +752,41 @@ def test_a_policy_whose_rank_ignores_access_is_not_reranked_on_hits():
         assert cache._index[3].info.hits == 2  # but the info promote() sees is current
 
 
-def test_memory_tier_copies_run_in_the_value_dtype(monkeypatch):
-    from tiercache.tiers.memory import ArenaTier
+class _CopySpy(TorchDispatchMode):
+    """Records the dtype of every ``copy_`` torch runs (a uint8 view of a float tensor would show here)."""
 
-    seen = []
-    real = ArenaTier.typed_view
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
 
-    def spy(self, slot, dtype):
-        seen.append(dtype)
-        return real(self, slot, dtype)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.copy_.default:
+            self.dtypes.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
 
-    monkeypatch.setattr(ArenaTier, "typed_view", spy)
-    with Cache(host="1MiB") as cache:
-        cache.put("x", torch.randn(16, dtype=torch.bfloat16))
-        assert torch.equal(cache.get("x"), cache.get("x"))
-    assert seen == [torch.bfloat16]
+
+def test_memory_tier_copies_run_in_the_value_dtype():
+    """C1: small contiguous CPU values move with one memmove (no torch copy at all); a strided value and a
+    large one are copied by torch in the value's own dtype, never through a uint8 view."""
+    from tiercache.tiers.memory import MEMMOVE_MAX_BYTES
+
+    small = torch.randn(16, dtype=torch.bfloat16)
+    strided = torch.randn(8, 6, dtype=torch.bfloat16)[:, ::2]
+    large = torch.randn(MEMMOVE_MAX_BYTES // 2 + 8, dtype=torch.bfloat16)  # just over the memmove limit
+    with Cache(host="8MiB") as cache:
+        with _CopySpy() as spy:
+            cache.put("small", small)
+            got_small = cache.get("small")
+        assert spy.dtypes == []
+        with _CopySpy() as spy:
+            cache.put("strided", strided)
+            cache.put("large", large)
+            got_large = cache.get("large")
+            outs = [torch.empty(16, dtype=torch.bfloat16), torch.empty(8, 3, dtype=torch.bfloat16)]
+            cache.get_many(["small", "strided"], out=outs)
+        assert spy.dtypes and set(spy.dtypes) == {torch.bfloat16}
+    assert torch.equal(got_small, small) and torch.equal(got_large, large)
+    assert torch.equal(outs[0], small) and torch.equal(outs[1], strided)
 
 
 def test_disk_reads_go_through_read_into_when_the_tier_has_it(tmp_path):
