@@ -8,7 +8,9 @@ Bytes move outside the lock: memory-tier values are copied once, in their own dt
 the arena and the destination tensor; disk-tier values are read (verified) through the tier's batched
 ``read_into`` when it has one.  Entry headers were checked when the entry was created, so a read only
 views the payload as the stored dtype and shape.  Policy bookkeeping on a hit is skipped when the
-policy declares that a hit cannot change its rank (``rank_reads_access = False``).
+policy declares that a hit cannot change its rank (``rank_reads_access = False``), and deferred to
+eviction time when it declares that a hit can only raise it (``rank_grows_on_access``, the built-in
+policies): a hit then only updates the entry's info.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .errors import CacheClosedError, CorruptEntryError, TierCacheError
 from .index import Entry
 from .keys import check_key, encode_key
 from .moves import Moves
-from .policies import EntryInfo, reranks_on_access
+from .policies import EntryInfo
 from .sizes import format_size
 from .state import Release, log
 from .tiers.base import EntryHeader, Slot
@@ -238,7 +240,7 @@ class DataPaths(Moves):
             clock = self._clock
             pinned: list[_Pinned] = []
             views = []
-            if reranks_on_access(self._policy):
+            if self._rerank_hits:
                 queues, rank = self._queues, self._policy.rank
                 for entry in found:  # _rerank, inlined: the tier of a hit is unchanged
                     src, slot = entry.tier, entry.slot

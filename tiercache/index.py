@@ -8,7 +8,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from dataclasses import dataclass
-from typing import Any, Hashable, Iterator
+from typing import Any, Callable, Hashable, Iterator
 
 from .policies import EntryInfo
 from .tiers.base import EntryHeader, Slot
@@ -83,17 +83,29 @@ class RankedQueue:
         entry = item[3]
         return item[2] == entry.version and entry.tier == self.tier
 
-    def pop_victims(self, index: dict[Hashable, Entry], need: int) -> list[Entry]:
+    def pop_victims(
+        self, index: dict[Hashable, Entry], need: int, rank: Callable[[Any], Any] | None = None
+    ) -> list[Entry]:
         """Lowest-ranked entries of this tier that are live and not moving, until their charged bytes
-        reach ``need`` (at least one if any is eligible).  Returned entries are removed from the queue."""
+        reach ``need`` (at least one if any is eligible).  Returned entries are removed from the queue.
+
+        With ``rank`` (the policy's, when it re-ranks hits lazily: ranks only grow on access) an item
+        whose queued rank is below the entry's current ``rank(entry.info)`` is re-queued at its current
+        rank instead of being taken, so the victims are the entries of smallest current rank."""
         victims: list[Entry] = []
         skipped: list[_Item] = []
         freed = 0
-        while self._heap and (freed < need or not victims):
-            item = heapq.heappop(self._heap)
+        heap = self._heap
+        while heap and (freed < need or not victims):
+            item = heapq.heappop(heap)
             entry = item[3]
             if not self._current(item) or index.get(entry.key) is not entry:
                 continue
+            if rank is not None:
+                now = rank(entry.info)
+                if now != item[0]:
+                    heapq.heappush(heap, (now, next(self._counter), item[2], entry))
+                    continue
             if entry.moving:
                 skipped.append(item)
                 continue
@@ -103,10 +115,12 @@ class RankedQueue:
             heapq.heappush(self._heap, item)
         return victims
 
-    def ordered(self, index: dict[Hashable, Entry]) -> Iterator[Entry]:
-        """Live entries of this tier in eviction order (a snapshot; does not consume the queue)."""
+    def ordered(self, index: dict[Hashable, Entry], rank: Callable[[Any], Any] | None = None) -> Iterator[Entry]:
+        """Live entries of this tier in eviction order (a snapshot; does not consume the queue); with
+        ``rank`` (lazy re-ranking, see ``pop_victims``) by their current rank."""
         seen: set[int] = set()
-        for item in sorted(self._heap, key=lambda item: item[:2]):
+        key = (lambda item: (rank(item[3].info), item[1])) if rank is not None else (lambda item: item[:2])
+        for item in sorted(self._heap, key=key):
             entry = item[3]
             if self._current(item) and index.get(entry.key) is entry and id(entry) not in seen:
                 seen.add(id(entry))

@@ -41,7 +41,7 @@ class Moves(CacheState):
                 if last and not allow_drop:
                     return None
                 need = nbytes - (tier.capacity - tier.used)
-                victims = self._queues[tier_index].pop_victims(self._index, max(need, 1))
+                victims = self._queues[tier_index].pop_victims(self._index, max(need, 1), self._lazy_rank)
                 if not victims:
                     return None
                 for victim in victims:

@@ -18,14 +18,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Hashable, Iterator
+from typing import Any, Hashable, Iterator
 
 import torch
 
 from .config import CacheConfig
 from .errors import CacheClosedError, TierIOError
 from .index import Entry, RankedQueue
-from .policies import Policy
+from .policies import Policy, reranks_lazily, reranks_on_access
 from .stats import CacheCounters
 from .tiers.base import EntryHeader, Slot, Tier
 from .transfer import CopyEngine
@@ -41,6 +41,8 @@ class CacheState:
 
     config: CacheConfig
     _policy: Policy
+    _lazy_rank: Any  # policy.rank when hits are re-ranked lazily, else None
+    _rerank_hits: bool
     _lock: threading.RLock
     _idle: threading.Condition  # notified when ``_active`` drops to 0
     _closed: bool
@@ -62,6 +64,9 @@ class CacheState:
     def _init_state(self, config: CacheConfig, policy: Policy) -> None:
         self.config = config
         self._policy = policy
+        # The policy's rank when hits are re-ranked lazily (see policies.reranks_lazily), else None.
+        self._lazy_rank = policy.rank if reranks_lazily(policy) else None
+        self._rerank_hits = reranks_on_access(policy) and self._lazy_rank is None  # a queue push per hit
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
         self._closed = False
