@@ -11,7 +11,7 @@ from typing import Iterator
 
 import torch
 
-from ..allocator import ArenaAllocator, Block
+from ..allocator import ArenaAllocator
 from ..sizes import format_size
 from .base import EntryHeader, RecoveredEntry, Slot
 
@@ -148,14 +148,14 @@ class ArenaTier:
     # ``slot.charged``).
     def allocate(self, nbytes: int) -> Slot | None:
         for index, allocator in enumerate(self._allocators):
-            block = allocator.alloc(nbytes)
-            if block is not None:
-                return Slot((index, block.offset), nbytes, block.size)
+            found = allocator.alloc_range(nbytes)
+            if found is not None:
+                return Slot((index, found[0]), nbytes, found[1])
         return None
 
     def free(self, slot: Slot) -> None:
         index, offset = slot.ref  # type: ignore[misc]
-        self._allocators[index].free(Block(offset, slot.charged))
+        self._allocators[index].free_range(offset, slot.charged)
 
     def view(self, slot: Slot) -> torch.Tensor:
         """The slot's bytes in place (1-D uint8, ``slot.nbytes`` long)."""
