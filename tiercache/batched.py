@@ -42,91 +42,123 @@ class DataPaths(Moves):
     """``put``/``get``/``delete`` and their batched forms, on :class:`tiercache.state.CacheState`."""
 
     # -- put ------------------------------------------------------------------------------------------
-    def _put_batch(self, items: Sequence[tuple[Hashable, torch.Tensor]], scores: Sequence[float | None]) -> None:
+    def _put_batch(
+        self,
+        items: Sequence[tuple[Hashable, torch.Tensor]],
+        scores: Sequence[float | None],
+        *,
+        bracket: bool = False,
+    ) -> None:
         """Store every ``(key, value)``.  Every item is validated first (nothing is stored if one is
         invalid); then runs of items whose slots can be allocated without making room are reserved under
         one lock, written outside it and published under one lock; an item that needs room made goes
         through ``_reserve`` (demotion) on its own.  On an I/O or capacity error the items before the
-        failing one stay stored and the rest are not."""
+        failing one stay stored and the rest are not.  With ``bracket`` this call is the public
+        operation's ``_begin``/``_end``, folded into its first and last lock round trips (a single-value
+        put takes the index lock twice)."""
         prepared = []
-        for (key, value), score in zip(items, scores):
-            key_bytes = encode_key(key)
-            data, dtype, shape = tensor_data(value)
-            if score is not None:
-                score = check_score(score)
-            prepared.append((key, key_bytes, data, dtype, shape, data.numel() * dtype.itemsize, score))
-            # prepared item: (key, encoded key, tensor, dtype, shape, nbytes, score)
+        try:
+            for (key, value), score in zip(items, scores):
+                key_bytes = encode_key(key)
+                data, dtype, shape = tensor_data(value)
+                if score is not None:
+                    score = check_score(score)
+                prepared.append((key, key_bytes, data, dtype, shape, data.numel() * dtype.itemsize, score))
+                # prepared item: (key, encoded key, tensor, dtype, shape, nbytes, score)
+        except (TypeError, ValueError):
+            if bracket and (self._closing or self._closed):  # a closed cache says so first
+                raise CacheClosedError("this tiercache.Cache is closed") from None
+            raise
         if not prepared:
             with self._lock:
                 self._check_open()
             return
         tiers = self._tiers
-        limits = [tier.max_nbytes for tier in tiers]  # fixed per tier: read without the lock
-        largest = max(limits)
+        limits = self._limits  # fixed per tier: read without the lock
+        largest = self._largest_limit
+        first = limits[0]
         homes = []  # the fastest tier that can hold each value at all
         for item in prepared:
             nbytes = item[5]
+            if nbytes <= first:
+                homes.append(0)
+                continue
             if nbytes > largest:
                 raise ValueError(
                     f"value of {format_size(nbytes)} is larger than every tier "
                     f"(the largest slot holds {format_size(max(largest, 0))})"
                 )
-            homes.append(0 if nbytes <= limits[0] else next(t for t, limit in enumerate(limits) if nbytes <= limit))
+            homes.append(next(t for t, limit in enumerate(limits) if nbytes <= limit))
         position, count = 0, len(prepared)
-        while position < count:
-            run: list[tuple[int, Slot, EntryHeader]] = []  # (tier, slot, header) for prepared[position:]
-            with self._lock:
-                self._check_open()
-                while position + len(run) < count:
-                    at = position + len(run)
-                    item, home = prepared[at], homes[at]
-                    slot = tiers[home].allocate(item[5])
-                    if slot is None:
-                        break
-                    self._seq += 1
-                    run.append((home, slot, EntryHeader(item[1], _dtype_name(item[3]), item[4], item[5], self._seq)))
-            if not run:  # the next item needs room made (demotion): the single-entry slow path
-                item = prepared[position]
-                for home in range(homes[position], len(tiers)):
-                    slot = self._reserve(home, item[5])
-                    if slot is not None:
-                        break
-                else:
-                    raise TierCacheError(
-                        f"no tier could make room for {format_size(item[5])}: every candidate is being moved"
-                    )
+        begun = ended = False
+        try:
+            while position < count:
+                run: list[tuple[int, Slot, EntryHeader]] = []  # (tier, slot, header) for prepared[position:]
                 with self._lock:
-                    self._seq += 1
-                    header = EntryHeader(item[1], _dtype_name(item[3]), item[4], item[5], self._seq)
-                run.append((home, slot, header))
-            written, error, views, spent = self._write_run(run, prepared, position)
-            self._publish(run[:written], prepared, position, views, spent)
-            if error is not None:
-                raise error
-            position += len(run)
+                    if bracket and not begun:
+                        if self._closing or self._closed:
+                            raise CacheClosedError("this tiercache.Cache is closed")
+                        self._active += 1
+                        begun = True
+                    else:
+                        self._check_open()
+                    seq = self._seq
+                    at = position
+                    while at < count:
+                        item = prepared[at]
+                        slot = tiers[homes[at]].allocate(item[5])
+                        if slot is None:
+                            break
+                        seq += 1
+                        run.append((homes[at], slot, EntryHeader(item[1], _dtype_name(item[3]), item[4], item[5], seq)))
+                        at += 1
+                    self._seq = seq
+                if not run:  # the next item needs room made (demotion): the single-entry slow path
+                    item = prepared[position]
+                    for home in range(homes[position], len(tiers)):
+                        slot = self._reserve(home, item[5])
+                        if slot is not None:
+                            break
+                    else:
+                        raise TierCacheError(
+                            f"no tier could make room for {format_size(item[5])}: every candidate is being moved"
+                        )
+                    with self._lock:
+                        self._seq += 1
+                        header = EntryHeader(item[1], _dtype_name(item[3]), item[4], item[5], self._seq)
+                    run.append((home, slot, header))
+                written, error, views, spent = self._write_run(run, prepared, position)
+                last = error is None and position + len(run) == count
+                ended = self._publish(run[:written], prepared, position, views, spent, end=begun and last)
+                if error is not None:
+                    raise error
+                position += len(run)
+        finally:
+            if begun and not ended:
+                self._end()
 
     def _write_run(
         self, run: list[tuple[int, Slot, EntryHeader]], prepared: list, position: int
     ) -> tuple[int, BaseException | None, list[torch.Tensor | None], tuple[list[int], list[float]] | None]:
         """Outside the lock: write each reserved slot.  Returns how many were written, the error that
         stopped the run (the slots from the failed one on are freed then), per item the typed view of a
-        memory-tier slot (``Entry.view``), and the bytes and seconds written per tier for ``_publish`` to
-        count (None when counted here, after a failure)."""
+        memory-tier slot that is not read by address (``Entry.view``), and the bytes and seconds written
+        per tier for ``_publish`` to count (None when counted here, after a failure).  The run's time is
+        shared among its tiers by bytes."""
         tiers = self._tiers
-        seconds = [0.0] * len(tiers)
         nbytes = [0] * len(tiers)
         done, error = 0, None
         views: list[torch.Tensor | None] = [None] * len(run)
+        start = time.perf_counter()
         try:
             for tier_index, slot, header in run:
                 data = prepared[position + done][2]
                 tier = tiers[tier_index]
-                start = time.perf_counter()
+                size = slot.nbytes
                 if type(tier) is ArenaTier or isinstance(tier, ArenaTier):
-                    nbytes_ = slot.nbytes
-                    if tier.addressable and nbytes_ <= MEMMOVE_MAX_BYTES and data.is_cpu and data.is_contiguous():
-                        if nbytes_:  # a KV-block-sized CPU value: one memmove, no torch op
-                            memmove(tier.address(slot), data.data_ptr(), nbytes_)
+                    if tier.addressable and size <= MEMMOVE_MAX_BYTES and data.is_cpu and data.is_contiguous():
+                        if size:  # a KV-block-sized CPU value: one memmove, no torch op
+                            memmove(tier.address(slot), data.data_ptr(), size)
                     else:
                         # One copy in the value's dtype (C1) and shape, from any strides.
                         view = tier.typed_view(slot, data.dtype)
@@ -137,8 +169,7 @@ class DataPaths(Moves):
                             views[done] = view  # kept for reads (Entry.view); CPU arenas are read by address
                 else:  # other tiers are handed the value's bytes
                     tier.write(slot, as_bytes(flat(data)), header)
-                seconds[tier_index] += time.perf_counter() - start
-                nbytes[tier_index] += slot.nbytes
+                nbytes[tier_index] += size
                 done += 1
         except BaseException as exc:
             error = exc
@@ -146,6 +177,9 @@ class DataPaths(Moves):
                 for tier_index, slot, _ in run[done:]:
                     tiers[tier_index].free(slot)
                 self._counters.errors["put_io"] += 1
+        spent = time.perf_counter() - start
+        total = sum(nbytes)
+        seconds = [spent * n / total if total else 0.0 for n in nbytes] if len(tiers) > 1 else [spent]
         if error is not None or not done:  # _publish counts the writes of a run that went through
             self._count_writes(nbytes, seconds)
             return done, error, views, None
@@ -166,11 +200,14 @@ class DataPaths(Moves):
         position: int,
         views: list,
         written: tuple[list[int], list[float]] | None,
-    ) -> None:
+        *,
+        end: bool = False,
+    ) -> bool:
         """Under one lock: make written slots the current entries of their keys (unless a later put of a
-        key already landed), then give back what they replaced."""
+        key already landed), then give back what they replaced.  With ``end`` the public operation ends
+        in the same lock round trip (see ``_put_batch``); returns whether it did."""
         if not run:
-            return
+            return False
         releases: list[Release] = []
         with self._lock:
             if written is not None:
@@ -180,28 +217,37 @@ class DataPaths(Moves):
                         counters.bytes_written += written[0][tier_index]
                         counters.write_seconds += written[1][tier_index]
             index, queues, tiers, rank = self._index, self._queues, self._tiers, self._policy.rank
+            clock = self._clock
             for (tier_index, slot, header), item, view in zip(run, prepared[position:], views):
                 key, score = item[0], item[6]
                 old = index.get(key)
-                if old is not None and old.header.seq > header.seq:
-                    releases.append((tier_index, slot))
-                    continue
-                self._clock += 1
-                now = self._clock
-                info = EntryInfo(key, header.nbytes, tiers[tier_index].name, now, now, 0,
-                                 score if score is not None else (old.info.score if old is not None else 0.0))
                 if old is not None:
+                    if old.header.seq > header.seq:
+                        releases.append((tier_index, slot))
+                        continue
+                    if score is None:
+                        score = old.info.score
                     releases += self._unlink(old)
-                entry = Entry(key, header, tier_index, slot, info, item[3], view)
+                clock += 1
+                info = EntryInfo(key, header.nbytes, tiers[tier_index].name, clock, clock, 0,
+                                 score if score is not None else 0.0)
+                entry = Entry(key, header, tier_index, slot, info, item[3], view, False, 1)
                 index[key] = entry
                 queue = queues[tier_index]
-                queue.add(entry)
-                entry.version += 1
+                queue.live += 1
+                queue.payload += header.nbytes
                 queue.push(entry, rank(info))
+            self._clock = clock
             self._counters.puts += len(run)
-            releases = self._free_volatile(releases)
+            if releases:
+                releases = self._free_volatile(releases)
+            if end:
+                self._active -= 1
+                if not self._active:
+                    self._idle.notify_all()
         if releases or self._evicted:
             self._finish(releases)
+        return end
 
     # -- get ------------------------------------------------------------------------------------------
     def _lookup_and_pin(

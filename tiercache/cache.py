@@ -84,6 +84,8 @@ class Cache(DataPaths, Persistence):
         if len(set(names)) != len(names):
             raise ValueError(f"tier names must be unique, got {names}")
         self._queues = [RankedQueue(i) for i in range(len(self._tiers))]
+        self._limits = [tier.max_nbytes for tier in self._tiers]  # the largest slot per tier (fixed)
+        self._largest_limit = max(self._limits)
         self._counters = CacheCounters({t.name: TierCounters() for t in self._tiers})
         try:
             self._recover()
@@ -174,11 +176,7 @@ class Cache(DataPaths, Persistence):
         dimensions or larger than every tier, ``TierIOError`` when the storage fails (e.g. the disk is
         full; the previous value, if any, is kept), ``TierCacheError`` when no tier can make room right
         now."""
-        self._begin()
-        try:
-            self._put_batch(((key, value),), (score,))
-        finally:
-            self._end()
+        self._put_batch(((key, value),), (score,), bracket=True)
 
     def put_many(
         self, items: Iterable[tuple[Hashable, torch.Tensor]], *, scores: Iterable[float] | None = None
@@ -191,11 +189,7 @@ class Cache(DataPaths, Persistence):
         score_list = list(scores) if scores is not None else [None] * len(items)
         if len(score_list) != len(items):
             raise ValueError(f"{len(score_list)} scores for {len(items)} items")
-        self._begin()
-        try:
-            self._put_batch(items, score_list)
-        finally:
-            self._end()
+        self._put_batch(items, score_list, bracket=True)
 
     def get(self, key: Hashable, device: torch.device | str | None = None) -> torch.Tensor:
         """A fresh copy of the value stored under ``key`` (on ``device``, CPU by default).

@@ -59,6 +59,8 @@ class CacheState:
     _later: list[Release]  # releases collected under the lock, finished after it
     _tiers: list[Tier]
     _queues: list[RankedQueue]
+    _limits: list[int]  # each tier's max_nbytes (fixed once the tiers exist)
+    _largest_limit: int
     _counters: CacheCounters
 
     def _init_state(self, config: CacheConfig, policy: Policy) -> None:
