@@ -243,7 +243,7 @@ class DataPaths(Moves):
                 releases = self._free_volatile(releases)
             if end:
                 self._active -= 1
-                if not self._active:
+                if not self._active and self._closing:  # only close() waits for it
                     self._idle.notify_all()
         if releases or self._evicted:
             self._finish(releases)
@@ -251,13 +251,26 @@ class DataPaths(Moves):
 
     # -- get ------------------------------------------------------------------------------------------
     def _lookup_and_pin(
-        self, keys: list[Hashable], check: Callable[[list[Entry]], None] | None = None, bracket: bool = False
-    ) -> tuple[list[_Pinned], list[torch.Tensor | None]]:
+        self,
+        keys: list[Hashable],
+        check: Callable[[list[Entry]], None] | None = None,
+        bracket: bool = False,
+        direct: list[torch.Tensor | None] | None = None,
+        dsts: list[torch.Tensor] | None = None,
+    ) -> tuple[list[_Pinned], list[torch.Tensor | None], list[int]]:
         """Under one lock: every key's entry, counted as a hit (or, if one is absent, one get and one miss
         and ``KeyError``: all or nothing), touched for the policy and pinned.  ``check(entries)`` runs
-        before anything is counted; what it raises propagates with nothing changed.  With ``bracket`` it
-        also begins the public operation (``close`` waits for it; the caller ends it, see ``_get_batch``)
-        in the same lock round trip."""
+        before anything is counted; what it raises propagates with nothing changed.
+
+        ``direct`` (a list of one slot per key, for a CPU target that is not packed): values of the fastest
+        tier held in a CPU arena, of at most ``MEMMOVE_MAX_BYTES``, are copied right here, under the lock
+        (one ``memmove`` each, into ``dsts[i]`` when it is a contiguous CPU tensor, else into a fresh
+        tensor stored in ``direct[i]``), so they need no pin, no second lock round trip and no
+        promotion.  Returns the pinned rest, their ``Entry.view``s and their positions in ``keys``.
+
+        With ``bracket`` it also begins the public operation (``close`` waits for it; the caller ends it,
+        see ``_get_batch``) in the same lock round trip, unless nothing was left pinned: the operation
+        is then complete."""
         with self._lock:
             if self._closing or self._closed:
                 raise CacheClosedError("this tiercache.Cache is closed")
@@ -286,36 +299,50 @@ class DataPaths(Moves):
             clock = self._clock
             pinned: list[_Pinned] = []
             views = []
-            if self._rerank_hits:
+            positions: list[int] = []
+            rerank = self._rerank_hits
+            if rerank:
                 queues, rank = self._queues, self._policy.rank
-                for entry in found:  # _rerank, inlined: the tier of a hit is unchanged
-                    src, slot = entry.tier, entry.slot
-                    hits[src] += 1
-                    info = entry.info
-                    info.hits += 1
-                    clock += 1
-                    info.last_access = clock
+            arena = tiers[0] if direct is not None and getattr(tiers[0], "addressable", False) else None
+            copied = 0
+            start = time.perf_counter() if arena is not None else 0.0
+            for i, entry in enumerate(found):
+                src, slot = entry.tier, entry.slot
+                hits[src] += 1
+                info = entry.info
+                info.hits += 1
+                clock += 1
+                info.last_access = clock
+                if rerank:  # _rerank, inlined: the tier of a hit is unchanged
                     entry.version += 1
                     info.tier = tiers[src].name
                     queues[src].push(entry, rank(info))
-                    token = id(slot)
-                    pins[token] = pins.get(token, 0) + 1
-                    pinned.append((entry, src, slot, entry.header))
-                    views.append(entry.view)
-            else:
-                for entry in found:
-                    src, slot = entry.tier, entry.slot
-                    hits[src] += 1
-                    info = entry.info
-                    info.hits += 1
-                    clock += 1
-                    info.last_access = clock
-                    token = id(slot)
-                    pins[token] = pins.get(token, 0) + 1
-                    pinned.append((entry, src, slot, entry.header))
-                    views.append(entry.view)
+                if src == 0 and arena is not None:
+                    header = entry.header
+                    size = header.nbytes
+                    if size <= MEMMOVE_MAX_BYTES:
+                        if dsts is None:
+                            dst = direct[i] = torch.empty(header.shape, dtype=entry.dtype)  # type: ignore[index]
+                        else:
+                            dst = dsts[i]
+                        if dst.is_cpu and dst.is_contiguous():
+                            if size:
+                                memmove(dst.data_ptr(), arena.address(slot), size)
+                            copied += size
+                            continue
+                        if dsts is None:
+                            direct[i] = None  # type: ignore[index]
+                token = id(slot)
+                pins[token] = pins.get(token, 0) + 1
+                pinned.append((entry, src, slot, entry.header))
+                views.append(entry.view)
+                positions.append(i)
             self._clock = clock
             counters = self._counters
+            if copied:
+                tier_counters = counters.tiers[tiers[0].name]
+                tier_counters.bytes_read += copied
+                tier_counters.read_seconds += time.perf_counter() - start
             counters.gets += len(found)
             below = len(found)
             for tier_index, tier in enumerate(tiers):
@@ -323,9 +350,9 @@ class DataPaths(Moves):
                 tier_counters.hits += hits[tier_index]
                 below -= hits[tier_index]
                 tier_counters.misses += below
-            if bracket:
+            if bracket and (pinned or direct is None):
                 self._active += 1
-            return pinned, views
+            return pinned, views, positions
 
     def _get_batch(
         self,
@@ -341,14 +368,39 @@ class DataPaths(Moves):
         (caller tensors, one per key, on ``target``); with ``pack``, packed into the byte buffer
         ``packed`` (a fresh one on ``target`` when None) and returned as views of it; otherwise copied
         into fresh tensors on ``target``.  With ``bracket`` this call is the public operation's
-        ``_begin``/``_end`` (folded into its first and last lock round trips)."""
+        ``_begin``/``_end`` (folded into its first and last lock round trips).  Small values of the
+        fastest tier are copied during the lookup (see ``_lookup_and_pin``): a batch of only those takes
+        the index lock once."""
         if dsts is not None:  # keys are checked in _lookup_and_pin (their types only on a miss or an odd type)
             check = partial(_check_destinations, dsts=dsts)
         elif pack and packed is not None:
             check = partial(_check_packed_room, packed=packed)
         else:
             check = None
-        pinned, views = self._lookup_and_pin(keys, check, bracket)
+        direct = [None] * len(keys) if not pack and target.type == "cpu" else None
+        pinned, views, positions = self._lookup_and_pin(keys, check, bracket, direct, dsts)
+        if not pinned and direct is not None:  # all copied during the lookup: the operation is complete
+            return dsts if dsts is not None else direct  # type: ignore[return-value]
+        if direct is not None and len(positions) < len(keys):  # some were copied during the lookup
+            whole = dsts if dsts is not None else direct
+            rest = self._get_pinned(pinned, views, target, [dsts[i] for i in positions] if dsts is not None
+                                    else None, packed, pack, bracket)
+            for i, value in zip(positions, rest):
+                whole[i] = value  # type: ignore[index]
+            return whole  # type: ignore[return-value]
+        return self._get_pinned(pinned, views, target, dsts, packed, pack, bracket)
+
+    def _get_pinned(
+        self,
+        pinned: list[_Pinned],
+        views: list[torch.Tensor | None],
+        target: torch.device,
+        dsts: list[torch.Tensor] | None,
+        packed: torch.Tensor | None,
+        pack: bool,
+        bracket: bool,
+    ) -> list[torch.Tensor]:
+        """``_get_batch`` for the pinned entries: copy, promote, then unpin (and end the operation)."""
         bad: Entry | None = None
         reads: list[tuple[list[int], list[float]]] = []  # (bytes, seconds) per tier, counted at the end
         try:
@@ -385,7 +437,7 @@ class DataPaths(Moves):
                     releases = self._free_volatile(releases)
                 if bracket:
                     self._active -= 1
-                    if not self._active:
+                    if not self._active and self._closing:  # only close() waits for it
                         self._idle.notify_all()
             if releases or self._evicted:
                 self._finish(releases)

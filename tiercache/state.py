@@ -99,7 +99,7 @@ class CacheState:
     def _end(self) -> None:
         with self._lock:
             self._active -= 1
-            if not self._active:
+            if not self._active and self._closing:  # only close() waits for it (after setting _closing)
                 self._idle.notify_all()
 
     @contextmanager
