@@ -91,6 +91,7 @@ class DataPaths(Moves):
             homes.append(next(t for t, limit in enumerate(limits) if nbytes <= limit))
         position, count = 0, len(prepared)
         begun = ended = False
+        direct = self._direct_tiers if any(self._direct_tiers) else None
         try:
             while position < count:
                 run: list[tuple[int, Slot, EntryHeader]] = []  # (tier, slot, header) for prepared[position:]
@@ -102,8 +103,16 @@ class DataPaths(Moves):
                         begun = True
                     else:
                         self._check_open()
-                    seq = self._seq
                     at = position
+                    if direct is not None:  # small CPU values bound for a CPU arena: stored right here
+                        at = self._put_direct(prepared, homes, position, direct)
+                        if at == count and begun and not self._later_releases and not self._evicted:
+                            self._active -= 1
+                            ended = True
+                            if not self._active and self._closing:  # only close() waits for it
+                                self._idle.notify_all()
+                    position = at
+                    seq = self._seq
                     while at < count:
                         item = prepared[at]
                         slot = tiers[homes[at]].allocate(item[5])
@@ -113,6 +122,10 @@ class DataPaths(Moves):
                         run.append((homes[at], slot, EntryHeader(item[1], _dtype_name(item[3]), item[4], item[5], seq)))
                         at += 1
                     self._seq = seq
+                if self._later_releases:
+                    self._finish_direct()
+                if position == count:
+                    break
                 if not run:  # the next item needs room made (demotion): the single-entry slow path
                     item = prepared[position]
                     for home in range(homes[position], len(tiers)):
@@ -136,6 +149,69 @@ class DataPaths(Moves):
         finally:
             if begun and not ended:
                 self._end()
+
+    def _put_direct(self, prepared: list, homes: list[int], position: int, direct: list[bool]) -> int:
+        """Under the lock: store ``prepared[position:]`` while each is a contiguous CPU value of at most
+        ``MEMMOVE_MAX_BYTES`` whose home is a CPU arena with room: reserve, one ``memmove``, publish,
+        with no second lock round trip.  Returns the position of the first item not stored (the rest
+        take the reserve / write / publish path).  Releases of replaced entries of persistent tiers are
+        left in ``_later_releases`` for ``_finish_direct``."""
+        tiers, index, queues, rank = self._tiers, self._index, self._queues, self._policy.rank
+        count = len(prepared)
+        at = position
+        seq, clock = self._seq, self._clock
+        releases: list[Release] = []
+        written = [0] * len(tiers)
+        start = time.perf_counter()
+        while at < count:
+            item = prepared[at]
+            home = homes[at]
+            data, size = item[2], item[5]
+            if not direct[home] or size > MEMMOVE_MAX_BYTES or not data.is_cpu or not data.is_contiguous():
+                break
+            tier = tiers[home]
+            slot = tier.allocate(size)
+            if slot is None:
+                break
+            if size:
+                memmove(tier.address(slot), data.data_ptr(), size)
+            written[home] += size
+            seq += 1
+            clock += 1
+            key, score = item[0], item[6]
+            header = EntryHeader(item[1], _dtype_name(item[3]), item[4], size, seq)
+            old = index.get(key)
+            if old is not None:
+                if score is None:
+                    score = old.info.score
+                releases += self._unlink(old)
+            info = EntryInfo(key, size, tier.name, clock, clock, 0, score if score is not None else 0.0)
+            entry = index[key] = Entry(key, header, home, slot, info, item[3], None, False, 1)
+            queue = queues[home]
+            queue.live += 1
+            queue.payload += size
+            queue.push(entry, rank(info))
+            at += 1
+        if at > position:
+            self._seq, self._clock = seq, clock
+            spent = time.perf_counter() - start
+            total = sum(written)
+            for tier_index, tier in enumerate(tiers):
+                if written[tier_index]:
+                    tier_counters = self._counters.tiers[tier.name]
+                    tier_counters.bytes_written += written[tier_index]
+                    tier_counters.write_seconds += spent * written[tier_index] / total
+            self._counters.puts += at - position
+            if releases:
+                self._later_releases += self._free_volatile(releases)
+        return at
+
+    def _finish_direct(self) -> None:
+        """Outside the lock: finish the releases ``_put_direct`` left (slots of persistent tiers)."""
+        with self._lock:
+            releases, self._later_releases = self._later_releases, []
+        if releases or self._evicted:
+            self._finish(releases)
 
     def _write_run(
         self, run: list[tuple[int, Slot, EntryHeader]], prepared: list, position: int
@@ -241,6 +317,7 @@ class DataPaths(Moves):
             self._counters.puts += len(run)
             if releases:
                 releases = self._free_volatile(releases)
+            end = end and not releases and not self._evicted  # else _end after _finish (close waits for it)
             if end:
                 self._active -= 1
                 if not self._active and self._closing:  # only close() waits for it

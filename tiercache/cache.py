@@ -86,6 +86,7 @@ class Cache(DataPaths, Persistence):
         self._queues = [RankedQueue(i) for i in range(len(self._tiers))]
         self._limits = [tier.max_nbytes for tier in self._tiers]  # the largest slot per tier (fixed)
         self._largest_limit = max(self._limits)
+        self._direct_tiers = [bool(getattr(tier, "addressable", False)) for tier in self._tiers]
         self._counters = CacheCounters({t.name: TierCounters() for t in self._tiers})
         try:
             self._recover()

@@ -57,6 +57,8 @@ class CacheState:
     _engines: dict[torch.device, CopyEngine]  # batched copiers, one per target device
     _evicted: list[tuple[Hashable, str]]  # drops not yet reported to on_evict
     _later: list[Release]  # releases collected under the lock, finished after it
+    _later_releases: list[Release]  # the same, left by the data paths' direct puts (see batched._put_direct)
+    _direct_tiers: list[bool]  # per tier: a CPU arena that small CPU values are copied into under the lock
     _tiers: list[Tier]
     _queues: list[RankedQueue]
     _limits: list[int]  # each tier's max_nbytes (fixed once the tiers exist)
@@ -83,6 +85,7 @@ class CacheState:
         self._engines = {}
         self._evicted = []
         self._later = []
+        self._later_releases = []
 
     # -- helpers (call with the lock held unless stated) ----------------------------------------------
     def _check_open(self) -> None:
