@@ -29,6 +29,9 @@ in their own dtype, where its multi-threaded copy pays off."""
 
 memmove = ctypes.memmove
 
+_CHUNK_SHIFT = 48  # a slot's ref: chunk index << 48 | byte offset in the chunk (chunks are < 2**48 bytes)
+_OFFSET_MASK = (1 << _CHUNK_SHIFT) - 1
+
 
 class ArenaPool:
     """Freed CPU arena chunks kept for the next memory tier that asks for a chunk of the same size (a
@@ -143,35 +146,39 @@ class ArenaTier:
         """Budget bytes a payload of ``nbytes`` occupies (rounded up to the allocator's minimum block)."""
         return ArenaAllocator.block_size(nbytes, self._allocators[0].min_block) if self._allocators else nbytes
 
-    # A slot's ``ref`` is ``(chunk index, byte offset)``: a tuple of ints, which Python's cyclic GC stops
-    # tracking, so a tier holding many entries adds no GC work for its handles (the block's size is
-    # ``slot.charged``).
+    # A slot's ``ref`` is one int, ``chunk index << _CHUNK_SHIFT | byte offset``: an int is not tracked by
+    # Python's cyclic GC, so a tier holding many entries adds no GC work for its handles (the block's
+    # size is ``slot.charged``).
     def allocate(self, nbytes: int) -> Slot | None:
         for index, allocator in enumerate(self._allocators):
             found = allocator.alloc_range(nbytes)
             if found is not None:
-                return Slot((index, found[0]), nbytes, found[1])
+                return Slot(index << _CHUNK_SHIFT | found[0], nbytes, found[1])
         return None
 
     def free(self, slot: Slot) -> None:
-        index, offset = slot.ref  # type: ignore[misc]
+        ref: int = slot.ref  # type: ignore[assignment]
+        index, offset = ref >> _CHUNK_SHIFT, ref & _OFFSET_MASK
         self._allocators[index].free_range(offset, slot.charged)
 
     def view(self, slot: Slot) -> torch.Tensor:
         """The slot's bytes in place (1-D uint8, ``slot.nbytes`` long)."""
-        index, offset = slot.ref  # type: ignore[misc]
+        ref: int = slot.ref  # type: ignore[assignment]
+        index, offset = ref >> _CHUNK_SHIFT, ref & _OFFSET_MASK
         return self._arenas[index][offset : offset + slot.nbytes]
 
     def locate(self, slot: Slot) -> tuple[torch.Tensor, int]:
         """The arena holding the slot (1-D uint8 on ``device``) and the slot's byte offset in it, so a
         batched copy can address many slots without a view per slot.  Valid until the slot is freed."""
-        index, offset = slot.ref  # type: ignore[misc]
+        ref: int = slot.ref  # type: ignore[assignment]
+        index, offset = ref >> _CHUNK_SHIFT, ref & _OFFSET_MASK
         return self._arenas[index], offset
 
     def address(self, slot: Slot) -> int:
         """CPU arenas (``addressable``): the address of the slot's first byte, for a ``memmove`` of its
         ``slot.nbytes`` bytes.  Valid until the slot is freed (and the tier closed)."""
-        index, offset = slot.ref  # type: ignore[misc]
+        ref: int = slot.ref  # type: ignore[assignment]
+        index, offset = ref >> _CHUNK_SHIFT, ref & _OFFSET_MASK
         return self._bases[index] + offset
 
     def typed_view(self, slot: Slot, dtype: torch.dtype) -> torch.Tensor:
@@ -179,7 +186,8 @@ class ArenaTier:
         its item size).  Slots start at multiples of ``min_block`` (256) bytes, so every dtype is aligned;
         copying through this view runs in the value's own dtype, not byte by byte.  Valid until the slot
         is freed."""
-        index, offset = slot.ref  # type: ignore[misc]
+        ref: int = slot.ref  # type: ignore[assignment]
+        index, offset = ref >> _CHUNK_SHIFT, ref & _OFFSET_MASK
         typed = self._typed.get((index, dtype))
         if typed is None:
             typed = self._typed[(index, dtype)] = self._arenas[index].view(dtype)
