@@ -852,3 +852,36 @@ def test_strided_values_are_stored_as_the_values_they_show(tmp_path, disk):
             got = cache.get(key)
             assert got.shape == value.shape and got.dtype == value.dtype and torch.equal(got, value)
             assert got.is_contiguous()
+
+
+def test_a_batch_mixing_values_copied_during_the_lookup_with_pinned_ones_is_exact_and_counted(tmp_path):
+    """get_many over host values (copied under the lock, no pin) and disk values (pinned, read after):
+    every value lands in its own slot of ``out``, hits and bytes read are counted for both tiers, and
+    nothing stays pinned."""
+    with Cache(host="4KiB", disk="1MiB", path=tmp_path / "s", policy="lru") as cache:
+        values = {i: torch.randn(64) for i in range(40)}  # 256 B each: 16 fit in the host tier
+        cache.put_many(values.items())
+        tiers = {key: cache.tier_of(key) for key in values}
+        assert set(tiers.values()) == {"host", "disk"}
+        before = cache.stats()
+        keys = list(values)[::-1]
+        outs = [torch.empty(64) for _ in keys]
+        got = cache.get_many(keys, out=outs)
+        assert got == outs and all(torch.equal(o, values[k]) for k, o in zip(keys, outs))
+        fresh = cache.get_many(keys)  # fresh tensors, same split
+        assert all(torch.equal(f, values[k]) for k, f in zip(keys, fresh))
+        after = cache.stats()
+        assert after["gets"] - before["gets"] == 2 * len(keys)
+        host_hits = sum(1 for k in keys if tiers[k] == "host")
+        assert after["tiers"]["host"]["hits"] - before["tiers"]["host"]["hits"] >= host_hits
+        assert after["tiers"]["host"]["bytes_read"] > before["tiers"]["host"]["bytes_read"]
+        assert not cache._pins and not cache._deferred
+
+
+def test_put_many_stores_direct_and_torch_copied_values_in_order_and_a_later_duplicate_wins():
+    strided = torch.arange(48.0).view(8, 6)[:, ::2]  # not contiguous: copied by torch after the lock
+    with Cache(host="1MiB") as cache:
+        cache.put_many([("a", torch.ones(4)), ("b", strided), ("a", torch.full((4,), 2.0)), ("c", strided.t())])
+        assert torch.equal(cache.get("a"), torch.full((4,), 2.0))
+        assert torch.equal(cache.get("b"), strided) and torch.equal(cache.get("c"), strided.t())
+        assert len(cache) == 3 and cache.stats()["puts"] == 4
