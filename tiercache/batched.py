@@ -25,7 +25,6 @@ from .errors import CacheClosedError, CorruptEntryError, TierCacheError
 from .index import Entry
 from .keys import check_key, encode_key
 from .moves import Moves
-from .policies import EntryInfo
 from .sizes import format_size
 from .state import Release, log
 from .tiers.base import EntryHeader, Slot
@@ -185,12 +184,12 @@ class DataPaths(Moves):
                 if score is None:
                     score = old.info.score
                 releases += self._unlink(old)
-            info = EntryInfo(key, size, tier.name, clock, clock, 0, score if score is not None else 0.0)
-            entry = index[key] = Entry(key, header, home, slot, info, item[3], None, False, 1)
+            entry = index[key] = Entry(key, size, tier.name, clock, clock, 0, score if score is not None else 0.0,
+                                       header, home, slot, item[3], None, False, 1)
             queue = queues[home]
             queue.live += 1
             queue.payload += size
-            queue.push(entry, rank(info))
+            queue.push(entry, rank(entry))
             at += 1
         if at > position:
             self._seq, self._clock = seq, clock
@@ -305,9 +304,9 @@ class DataPaths(Moves):
                         score = old.info.score
                     releases += self._unlink(old)
                 clock += 1
-                info = EntryInfo(key, header.nbytes, tiers[tier_index].name, clock, clock, 0,
-                                 score if score is not None else 0.0)
-                entry = Entry(key, header, tier_index, slot, info, item[3], view, False, 1)
+                entry = Entry(key, header.nbytes, tiers[tier_index].name, clock, clock, 0,
+                              score if score is not None else 0.0, header, tier_index, slot, item[3], view, False, 1)
+                info = entry
                 index[key] = entry
                 queue = queues[tier_index]
                 queue.live += 1
@@ -384,7 +383,7 @@ class DataPaths(Moves):
             copied = 0
             start = time.perf_counter() if arena is not None else 0.0
             for i, entry in enumerate(found):
-                src, slot = entry.tier, entry.slot
+                src, slot = entry.level, entry.slot
                 hits[src] += 1
                 info = entry.info
                 info.hits += 1

@@ -337,7 +337,7 @@ class Cache(DataPaths, Persistence):
         with self._lock:
             self._check_open()
             entry = self._index.get(key)
-            return self._tiers[entry.tier].name if entry is not None else None
+            return self._tiers[entry.level].name if entry is not None else None
 
     def charge(self, nbytes: int) -> int:
         """The most budget bytes any tier charges for a value of ``nbytes`` bytes (slot rounding, headers,

@@ -15,8 +15,12 @@ from .tiers.base import EntryHeader, Slot
 
 
 @dataclass(slots=True, eq=False)
-class Entry:
-    """One live key: its header (dtype, shape, seq), the tier index and slot holding its bytes.
+class Entry(EntryInfo):
+    """One live key: the policy's metadata (it *is* the :class:`EntryInfo` the policy ranks: ``key``,
+    ``nbytes``, ``tier`` — the tier's *name* —, ``inserted``, ``last_access``, ``hits``, ``score``), its
+    header (dtype, shape, seq), and the tier index (``level``) and slot holding its bytes.  One object per
+    entry, so a cache of many entries costs Python's cyclic GC as little as possible; ``info`` returns
+    the entry itself.
 
     The header is decoded and checked once (at ``put`` or recovery); ``dtype`` is its dtype resolved.  For
     a slot of a memory tier that is not read by address (a GPU arena) ``view`` is the payload in place,
@@ -28,15 +32,18 @@ class Entry:
     is not chosen as a victim again.  ``version`` is the token of its current queue item (see
     ``RankedQueue``); bumping it invalidates every queued item (lazy deletion)."""
 
-    key: Hashable
-    header: EntryHeader
-    tier: int
-    slot: Slot
-    info: EntryInfo
-    dtype: Any  # torch.dtype of the payload
+    header: EntryHeader = None  # type: ignore[assignment]
+    level: int = 0
+    slot: Slot = None  # type: ignore[assignment]
+    dtype: Any = None  # torch.dtype of the payload
     view: Any = None  # memory tiers: the slot's bytes in place, as a tensor of dtype and shape (else None)
     moving: bool = False
     version: int = 0
+
+    @property
+    def info(self) -> "Entry":
+        """The policy's view of this entry: the entry itself (an :class:`EntryInfo`)."""
+        return self
 
 
 # Queue items are plain tuples ``(rank, token)``: heap comparisons run in C (tokens are unique, so ranks
@@ -99,7 +106,7 @@ class RankedQueue:
 
     def _current(self, item: _Item) -> bool:
         entry = self._owners.get(item[1])
-        return entry is not None and entry.version == item[1] and entry.tier == self.tier
+        return entry is not None and entry.version == item[1] and entry.level == self.tier
 
     def pop_victims(
         self, index: dict[Hashable, Entry], need: int, rank: Callable[[Any], Any] | None = None
@@ -118,7 +125,7 @@ class RankedQueue:
             item = heapq.heappop(heap)
             token = item[1]
             entry = owners.pop(token, None)
-            if entry is None or entry.version != token or entry.tier != self.tier or index.get(entry.key) is not entry:
+            if entry is None or entry.version != token or entry.level != self.tier or index.get(entry.key) is not entry:
                 continue
             if rank is not None:
                 now = rank(entry.info)

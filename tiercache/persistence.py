@@ -11,7 +11,6 @@ from .errors import CorruptEntryError, OverBudgetError, TierIOError
 from .index import Entry
 from .keys import decode_key
 from .moves import Moves
-from .policies import EntryInfo
 from .state import Release, log
 from .values import check_header
 
@@ -59,13 +58,12 @@ class Persistence(Moves):
                         tier.discard(found.slot)
                         tier.free(found.slot)
                         continue
-                    self._tiers[previous.tier].discard(previous.slot)
-                    self._tiers[previous.tier].free(previous.slot)
+                    self._tiers[previous.level].discard(previous.slot)
+                    self._tiers[previous.level].free(previous.slot)
                     if loaded.get(key) is not previous:  # already ranked in an earlier tier's queue
-                        self._queues[previous.tier].remove(previous)
+                        self._queues[previous.level].remove(previous)
                         previous.version += 1  # its queue item is stale now
-                info = EntryInfo(key, header.nbytes, tier.name, 0, 0)
-                entry = Entry(key, header, tier_index, found.slot, info, dtype)
+                entry = Entry(key, header.nbytes, tier.name, 0, 0, 0, 0.0, header, tier_index, found.slot, dtype)
                 loaded[key] = entry
                 self._index[key] = entry
             # A tier that persists its sequence high-water mark keeps the counter from restarting below
@@ -103,12 +101,12 @@ class Persistence(Moves):
             lost = 0
             for entry in ranked:
                 if id(entry) not in keep and not entry.moving:
-                    lost += entry.tier != last
+                    lost += entry.level != last
                     releases += self._drop_entry(entry, reason)
-            movers = [e for e in ranked if id(e) in keep and e.tier != last and not e.moving]
+            movers = [e for e in ranked if id(e) in keep and e.level != last and not e.moving]
             for entry in movers:
                 entry.moving = True
-                self._pin(entry.tier, entry.slot)
+                self._pin(entry.level, entry.slot)
         self._finish(releases)
         failures: list[BaseException] = []
         for entry in movers:
@@ -119,11 +117,11 @@ class Persistence(Moves):
             if slot is None:
                 with self._lock:
                     entry.moving = False
-                    self._finish_later(self._unpin(entry.tier, entry.slot))
+                    self._finish_later(self._unpin(entry.level, entry.slot))
                 lost += 1
                 continue
             try:
-                self._move(entry, entry.tier, last, slot, None)
+                self._move(entry, entry.level, last, slot, None)
             except BaseException as exc:
                 failures.append(exc)
         self._flush_finish_later()

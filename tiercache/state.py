@@ -120,8 +120,8 @@ class CacheState:
 
     def _rerank(self, entry: Entry) -> None:
         entry.version += 1
-        entry.info.tier = self._tiers[entry.tier].name
-        self._queues[entry.tier].push(entry, self._policy.rank(entry.info))
+        entry.info.tier = self._tiers[entry.level].name
+        self._queues[entry.level].push(entry, self._policy.rank(entry.info))
 
     # Pins are keyed by the Slot object's identity: every pin, unpin and release of a slot goes through the
     # one Slot object its entry holds (a reader keeps it alive while pinned), and an identity key hashes
@@ -166,9 +166,9 @@ class CacheState:
     def _unlink(self, entry: Entry) -> list[Release]:
         """Remove ``entry`` from the index (it must be the current one for its key)."""
         del self._index[entry.key]
-        self._queues[entry.tier].remove(entry)
+        self._queues[entry.level].remove(entry)
         entry.version += 1
-        return self._release(entry.tier, entry.slot)
+        return self._release(entry.level, entry.slot)
 
     def _drop_entry(self, entry: Entry, reason: str) -> list[Release]:
         self._counters.evictions += reason == "capacity"
