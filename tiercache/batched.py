@@ -22,7 +22,7 @@ from typing import Callable, Hashable, Sequence
 import torch
 
 from .errors import CacheClosedError, CorruptEntryError, TierCacheError
-from .index import Entry
+from .index import Entry, dtype_name
 from .keys import check_key, encode_key
 from .moves import Moves
 from .sizes import format_size
@@ -118,7 +118,7 @@ class DataPaths(Moves):
                         if slot is None:
                             break
                         seq += 1
-                        run.append((homes[at], slot, EntryHeader(item[1], _dtype_name(item[3]), item[4], item[5], seq)))
+                        run.append((homes[at], slot, EntryHeader(item[1], dtype_name(item[3]), item[4], item[5], seq)))
                         at += 1
                     self._seq = seq
                 if self._later_releases:
@@ -137,7 +137,7 @@ class DataPaths(Moves):
                         )
                     with self._lock:
                         self._seq += 1
-                        header = EntryHeader(item[1], _dtype_name(item[3]), item[4], item[5], self._seq)
+                        header = EntryHeader(item[1], dtype_name(item[3]), item[4], item[5], self._seq)
                     run.append((home, slot, header))
                 written, error, views, spent = self._write_run(run, prepared, position)
                 last = error is None and position + len(run) == count
@@ -178,14 +178,13 @@ class DataPaths(Moves):
             seq += 1
             clock += 1
             key, score = item[0], item[6]
-            header = EntryHeader(item[1], _dtype_name(item[3]), item[4], size, seq)
             old = index.get(key)
             if old is not None:
                 if score is None:
                     score = old.info.score
                 releases += self._unlink(old)
             entry = index[key] = Entry(key, size, tier.name, clock, clock, 0, score if score is not None else 0.0,
-                                       header, home, slot, item[3], None, False, 1)
+                                       item[1], item[3], item[4], seq, home, slot, None, False, 1)
             queue = queues[home]
             queue.live += 1
             queue.payload += size
@@ -297,7 +296,7 @@ class DataPaths(Moves):
                 key, score = item[0], item[6]
                 old = index.get(key)
                 if old is not None:
-                    if old.header.seq > header.seq:
+                    if old.seq > header.seq:
                         releases.append((tier_index, slot))
                         continue
                     if score is None:
@@ -305,7 +304,8 @@ class DataPaths(Moves):
                     releases += self._unlink(old)
                 clock += 1
                 entry = Entry(key, header.nbytes, tiers[tier_index].name, clock, clock, 0,
-                              score if score is not None else 0.0, header, tier_index, slot, item[3], view, False, 1)
+                              score if score is not None else 0.0, header.key, item[3], header.shape, header.seq,
+                              tier_index, slot, view, False, 1)
                 info = entry
                 index[key] = entry
                 queue = queues[tier_index]
@@ -394,11 +394,10 @@ class DataPaths(Moves):
                     info.tier = tiers[src].name
                     queues[src].push(entry, rank(info))
                 if src == 0 and arena is not None:
-                    header = entry.header
-                    size = header.nbytes
+                    size = entry.nbytes
                     if size <= MEMMOVE_MAX_BYTES:
                         if dsts is None:
-                            dst = direct[i] = torch.empty(header.shape, dtype=entry.dtype)  # type: ignore[index]
+                            dst = direct[i] = torch.empty(entry.shape, dtype=entry.dtype)  # type: ignore[index]
                         else:
                             dst = dsts[i]
                         if dst.is_cpu and dst.is_contiguous():
@@ -792,18 +791,8 @@ def _normal_device(device: torch.device) -> torch.device:
     return device
 
 
-_DTYPE_NAMES: dict[torch.dtype, str] = {}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    name = _DTYPE_NAMES.get(dtype)
-    if name is None:
-        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
-    return name
-
-
 def _check_packed_room(entries: list[Entry], packed: torch.Tensor) -> None:
-    offsets, total = packed_layout([entry.header.nbytes for entry in entries])
+    offsets, total = packed_layout([entry.nbytes for entry in entries])
     if packed.numel() < total:
         raise ValueError(
             f"out holds {packed.numel()} bytes but these {len(entries)} values need {total} "
@@ -817,11 +806,10 @@ def _check_destinations(entries: list[Entry], dsts: list[torch.Tensor]) -> None:
     if len(dsts) != len(entries):
         raise ValueError(f"out has {len(dsts)} tensors for {len(entries)} keys")
     for entry, dst in zip(entries, dsts):
-        header = entry.header
         if dst.dtype != entry.dtype:
             raise ValueError(f"out tensor for key {entry.key!r} has dtype {dst.dtype}, the value is {entry.dtype}")
-        if dst.numel() * dst.element_size() != header.nbytes:
+        if dst.numel() * dst.element_size() != entry.nbytes:
             raise ValueError(
                 f"out tensor for key {entry.key!r} has {dst.numel()} elements, the value has shape "
-                f"{list(header.shape)}"
+                f"{list(entry.shape)}"
             )

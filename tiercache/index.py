@@ -32,10 +32,12 @@ class Entry(EntryInfo):
     is not chosen as a victim again.  ``version`` is the token of its current queue item (see
     ``RankedQueue``); bumping it invalidates every queued item (lazy deletion)."""
 
-    header: EntryHeader = None  # type: ignore[assignment]
+    key_bytes: bytes = b""  # the header's fields, kept flat (see ``header``)
+    dtype: Any = None  # torch.dtype of the payload
+    shape: tuple[int, ...] = ()
+    seq: int = 0
     level: int = 0
     slot: Slot = None  # type: ignore[assignment]
-    dtype: Any = None  # torch.dtype of the payload
     view: Any = None  # memory tiers: the slot's bytes in place, as a tensor of dtype and shape (else None)
     moving: bool = False
     version: int = 0
@@ -44,6 +46,23 @@ class Entry(EntryInfo):
     def info(self) -> "Entry":
         """The policy's view of this entry: the entry itself (an :class:`EntryInfo`)."""
         return self
+
+    @property
+    def header(self) -> EntryHeader:
+        """The entry's header, built from its fields on each access (for tier calls, off the hot path):
+        not keeping an :class:`EntryHeader` object per entry is one GC-tracked object less each."""
+        return EntryHeader(self.key_bytes, dtype_name(self.dtype), self.shape, self.nbytes, self.seq)
+
+
+_DTYPE_NAMES: dict[Any, str] = {}
+
+
+def dtype_name(dtype: Any) -> str:
+    """The name an entry header gives ``dtype`` (``torch.float32`` -> ``"float32"``)."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
 
 
 # Queue items are plain tuples ``(rank, token)``: heap comparisons run in C (tokens are unique, so ranks
@@ -73,12 +92,12 @@ class RankedQueue:
     def add(self, entry: Entry) -> None:
         """Count ``entry`` as living in this tier (rank it with ``push``)."""
         self.live += 1
-        self.payload += entry.header.nbytes
+        self.payload += entry.nbytes
 
     def remove(self, entry: Entry) -> None:
         """``entry`` left this tier; its queue items go stale (the caller bumps its version)."""
         self.live -= 1
-        self.payload -= entry.header.nbytes
+        self.payload -= entry.nbytes
 
     def push(self, entry: Entry, rank: Any) -> None:
         token = next(self._counter)
@@ -97,7 +116,7 @@ class RankedQueue:
         heap, owners, counter = self._heap, self._owners, self._counter
         for rank, entry in ranked:
             self.live += 1
-            self.payload += entry.header.nbytes
+            self.payload += entry.nbytes
             token = next(counter)
             entry.version = token
             owners[token] = entry

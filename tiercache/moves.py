@@ -73,7 +73,7 @@ class Moves(CacheState):
         ``allow_drop`` a victim that could only be dropped is handed back instead; returns False then."""
         src = victim.level
         dst = src + 1
-        slot = self._reserve(dst, victim.header.nbytes, allow_drop=allow_drop) if dst < len(self._tiers) else None
+        slot = self._reserve(dst, victim.nbytes, allow_drop=allow_drop) if dst < len(self._tiers) else None
         if slot is None:
             with self._lock:
                 victim.moving = False
@@ -151,7 +151,7 @@ class Moves(CacheState):
         slot: Slot | None = None
         try:
             for dst in (range(src) if targets is None else targets):
-                slot = self._reserve(dst, entry.header.nbytes, allow_drop=False)
+                slot = self._reserve(dst, entry.nbytes, allow_drop=False)
                 if slot is not None:
                     break
         except (OSError, TierCacheError) as exc:

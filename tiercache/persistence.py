@@ -54,7 +54,7 @@ class Persistence(Moves):
                     seq = header.seq
                 previous = loaded.get(key) or self._index.get(key)
                 if previous is not None:  # two copies of a key: keep the newer one
-                    if previous.header.seq >= header.seq:
+                    if previous.seq >= header.seq:
                         tier.discard(found.slot)
                         tier.free(found.slot)
                         continue
@@ -63,7 +63,8 @@ class Persistence(Moves):
                     if loaded.get(key) is not previous:  # already ranked in an earlier tier's queue
                         self._queues[previous.level].remove(previous)
                         previous.version += 1  # its queue item is stale now
-                entry = Entry(key, header.nbytes, tier.name, 0, 0, 0, 0.0, header, tier_index, found.slot, dtype)
+                entry = Entry(key, header.nbytes, tier.name, 0, 0, 0, 0.0, header.key, dtype, tuple(header.shape), header.seq,
+                              tier_index, found.slot)
                 loaded[key] = entry
                 self._index[key] = entry
             # A tier that persists its sequence high-water mark keeps the counter from restarting below
@@ -93,8 +94,8 @@ class Persistence(Moves):
             ranked = sorted(self._index.values(), key=lambda e: self._policy.rank(e.info), reverse=True)
             budget, keep = disk.capacity, set()
             for entry in ranked:
-                charge = getattr(disk, "charge", lambda n: n)(entry.header.nbytes)
-                if charge <= budget and entry.header.nbytes <= disk.max_nbytes:
+                charge = getattr(disk, "charge", lambda n: n)(entry.nbytes)
+                if charge <= budget and entry.nbytes <= disk.max_nbytes:
                     keep.add(id(entry))
                     budget -= charge
             releases: list[Release] = []
@@ -111,9 +112,9 @@ class Persistence(Moves):
         failures: list[BaseException] = []
         for entry in movers:
             with self._lock:
-                slot = disk.allocate(entry.header.nbytes)
+                slot = disk.allocate(entry.nbytes)
             if slot is None:  # cannot happen for a non-fragmenting disk tier; stay correct anyway
-                slot = self._reserve(last, entry.header.nbytes)
+                slot = self._reserve(last, entry.nbytes)
             if slot is None:
                 with self._lock:
                     entry.moving = False

@@ -95,7 +95,7 @@ def slot_view(tier: object, slot: object, entry: object) -> torch.Tensor | None:
     typed_view = getattr(tier, "typed_view", None)
     if typed_view is None or getattr(tier, "addressable", False):
         return None
-    return typed_view(slot, entry.dtype).view(entry.header.shape)  # type: ignore[attr-defined]
+    return typed_view(slot, entry.dtype).view(entry.shape)  # type: ignore[attr-defined]
 
 
 def as_bytes(flat: torch.Tensor) -> torch.Tensor:
