@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from typing import Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import torch
 
@@ -34,7 +34,7 @@ from .transfer import CopyEngine, chunk_file_bytes, packed_layout, read_chunk_in
 from .values import as_bytes, check_score, copy_payload, flat, tensor_data
 
 _CPU = torch.device("cpu")
-_Pinned = tuple[Entry, int, Slot, EntryHeader]  # an entry, the tier and slot pinned for it, its header
+_Pinned = tuple[Entry, int, Slot, Any]  # an entry, the tier and slot pinned for it, its header (arena tiers: the entry, which has nbytes and shape)
 
 
 class DataPaths(Moves):
@@ -377,6 +377,7 @@ class DataPaths(Moves):
             views = []
             positions: list[int] = []
             rerank = self._rerank_hits
+            arena_tiers = self._arena_tiers
             if rerank:
                 queues, rank = self._queues, self._policy.rank
             arena = tiers[0] if direct is not None and getattr(tiers[0], "addressable", False) else None
@@ -409,8 +410,16 @@ class DataPaths(Moves):
                             direct[i] = None  # type: ignore[index]
                 token = id(slot)
                 pins[token] = pins.get(token, 0) + 1
-                pinned.append((entry, src, slot, entry.header))
-                views.append(entry.view)
+                # Arena tiers only read the header's nbytes and shape, which the entry has itself: no
+                # EntryHeader is built per key for them (disk reads get the real one, to verify).
+                pinned.append((entry, src, slot, entry if arena_tiers[src] else entry.header))
+                view = entry.view
+                if view is None and dsts is not None and self._direct_tiers[src]:
+                    # A CPU arena value read into a strided destination (e.g. a slice of a decode
+                    # buffer) is copied by torch from a typed view: build it once and keep it (it
+                    # changes with the slot, under this lock), so later reads reuse it.
+                    view = entry.view = tiers[src].typed_view(slot, entry.dtype).view(entry.shape)
+                views.append(view)
                 positions.append(i)
             self._clock = clock
             counters = self._counters
@@ -565,7 +574,10 @@ class DataPaths(Moves):
                             memmove(dst.data_ptr(), arena.address(slot), nbytes_)
                     else:
                         to_dsts.append(dst)
-                        from_views.append(arena.typed_view(slot, entry.dtype).view(dst.shape))
+                        view = views[i]
+                        if view is None:
+                            view = arena.typed_view(slot, entry.dtype).view(entry.shape)
+                        from_views.append(view if view.shape == dst.shape else view.reshape(dst.shape))
                 in_memory[src] += nbytes_
                 copies[i] = None  # a promotion re-reads the pinned source slot
                 continue

@@ -37,7 +37,7 @@ from .sizes import format_size, parse_size
 from .stats import CacheCounters, TierCounters
 from .tiers.base import Tier
 from .tiers.disk import DiskTier, check_capacity as check_disk_capacity
-from .tiers.memory import gpu_tier, host_tier
+from .tiers.memory import ArenaTier, gpu_tier, host_tier
 
 _CPU = torch.device("cpu")
 
@@ -87,6 +87,7 @@ class Cache(DataPaths, Persistence):
         self._limits = [tier.max_nbytes for tier in self._tiers]  # the largest slot per tier (fixed)
         self._largest_limit = max(self._limits)
         self._direct_tiers = [bool(getattr(tier, "addressable", False)) for tier in self._tiers]
+        self._arena_tiers = [isinstance(tier, ArenaTier) for tier in self._tiers]
         self._counters = CacheCounters({t.name: TierCounters() for t in self._tiers})
         try:
             self._recover()

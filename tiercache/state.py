@@ -58,6 +58,7 @@ class CacheState:
     _evicted: list[tuple[Hashable, str]]  # drops not yet reported to on_evict
     _later: list[Release]  # releases collected under the lock, finished after it
     _later_releases: list[Release]  # the same, left by the data paths' direct puts (see batched._put_direct)
+    _arena_tiers: list[bool]  # per tier: an ArenaTier (its reads need no EntryHeader)
     _direct_tiers: list[bool]  # per tier: a CPU arena that small CPU values are copied into under the lock
     _tiers: list[Tier]
     _queues: list[RankedQueue]
