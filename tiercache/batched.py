@@ -34,6 +34,7 @@ from .transfer import CopyEngine, chunk_file_bytes, packed_layout, read_chunk_in
 from .values import as_bytes, check_score, copy_payload, flat, tensor_data
 
 _CPU = torch.device("cpu")
+_FLAT_KEY_TYPES = frozenset((int, str, bytes))  # a tuple of only these is a valid key (no check_key walk)
 _Pinned = tuple[Entry, int, Slot, Any]  # an entry, the tier and slot pinned for it, its header (arena tiers: the entry, which has nbytes and shape)
 
 
@@ -354,7 +355,9 @@ class DataPaths(Moves):
             found = []
             for key in keys:
                 kind = type(key)
-                if kind is not int and kind is not str and kind is not bytes:
+                if kind is not int and kind is not str and kind is not bytes and (
+                    kind is not tuple or not _FLAT_KEY_TYPES.issuperset(map(type, key))
+                ):
                     check_key(key)  # TypeError for a key of another type (an equal one could be present)
                 entry = index.get(key)
                 if entry is None:
