@@ -12,8 +12,11 @@ budget is never exceeded.  Free ranges are binned by exact size: an allocation t
 its own size (the steady state of uniform values, however many ranges are free) and every ``free`` cost
 O(1) dict operations; otherwise the smallest larger size is found by binary search over the *distinct*
 free sizes (O(log d)), and that sorted list changes (O(d) memmove) only when a size's bin appears or
-empties.  Cost therefore does not grow with the number of free ranges.  Not thread-safe: callers hold
-their own lock.
+empties.  The never-used end of the arena (the *tail*) is kept apart from the bins and carved by bumping
+its start, so filling a fresh arena costs O(1) per allocation too; it is just another free range for the
+best-fit choice (a binned range is taken when it is the smaller fit: freed ranges, whose pages are
+already touched, are reused before fresh ones of a larger size).  Cost therefore does not grow with the
+number of free ranges.  Not thread-safe: callers hold their own lock.
 """
 
 from __future__ import annotations
@@ -44,8 +47,7 @@ class ArenaAllocator:
         self._bins: dict[int, dict[int, None]] = {}  # size -> starts of the free ranges of that size
         self._sizes: list[int] = []  # the keys of _bins, sorted
         self._allocated: dict[int, int] = {}  # offset -> size
-        if self.capacity:
-            self._add_free(0, self.capacity)
+        self._tail = 0  # start of the tail: [_tail, capacity) is free and in no bin
 
     @staticmethod
     def block_size(nbytes: int, min_block: int) -> int:
@@ -58,37 +60,63 @@ class ArenaAllocator:
         return self.capacity
 
     def largest_free(self) -> int:
-        return self._sizes[-1] if self._sizes else 0
+        binned = self._sizes[-1] if self._sizes else 0
+        return max(binned, self.capacity - self._tail)
 
     def alloc(self, nbytes: int) -> Block | None:
         """A block of at least ``nbytes`` carved from the smallest free range that holds it, or ``None``
         when no free range is large enough."""
-        want = self.block_size(nbytes, self.min_block)
-        size = want
-        if want not in self._bins:
-            index = bisect.bisect_left(self._sizes, want)
-            if index == len(self._sizes):
+        found = self.alloc_range(nbytes)
+        return Block(*found) if found is not None else None
+
+    def alloc_range(self, nbytes: int) -> tuple[int, int] | None:
+        """``alloc`` as ``(offset, size)`` (no :class:`Block` built: the memory tiers' hot path)."""
+        min_block = self.min_block
+        want = -(-(nbytes or 1) // min_block) * min_block
+        bins = self._bins
+        starts = bins.get(want)
+        if starts is None:
+            sizes = self._sizes
+            index = bisect.bisect_left(sizes, want) if sizes else 0
+            tail = self.capacity - self._tail
+            if tail >= want and (index == len(sizes) or tail < sizes[index]):  # the tail is the best fit
+                start = self._tail
+                self._tail = start + want
+                self._allocated[start] = want
+                self.used += want
+                return start, want
+            if index == len(sizes):
                 return None
-            size = self._sizes[index]
-        start = next(iter(self._bins[size]))  # the longest-free range of that size
+            size = sizes[index]
+            starts = bins[size]
+        else:
+            size = want
+        start = next(iter(starts))  # the longest-free range of that size
         self._remove_free(start, size)
         if size > want:
             self._add_free(start + want, size - want)
         self._allocated[start] = want
         self.used += want
-        return Block(start, want)
+        return start, want
 
     def free(self, block: Block) -> None:
-        if self._allocated.get(block.offset) != block.size:
-            raise ValueError(f"{block} is not an allocated block of this arena")
-        del self._allocated[block.offset]
-        self.used -= block.size
-        start, size = block.offset, block.size
+        self.free_range(block.offset, block.size)
+
+    def free_range(self, offset: int, size: int) -> None:
+        """``free`` of the block at ``offset`` of ``size`` bytes."""
+        if self._allocated.get(offset) != size:
+            raise ValueError(f"{Block(offset, size)} is not an allocated block of this arena")
+        del self._allocated[offset]
+        self.used -= size
+        start = offset
         before = self._free_until.get(start)
         if before is not None:
             before_size = self._free_at[before]
             self._remove_free(before, before_size)
             start, size = before, size + before_size
+        if start + size == self._tail:  # back into the tail
+            self._tail = start
+            return
         after_size = self._free_at.get(start + size)
         if after_size is not None:
             self._remove_free(start + size, after_size)

@@ -8,130 +8,243 @@ Bytes move outside the lock: memory-tier values are copied once, in their own dt
 the arena and the destination tensor; disk-tier values are read (verified) through the tier's batched
 ``read_into`` when it has one.  Entry headers were checked when the entry was created, so a read only
 views the payload as the stored dtype and shape.  Policy bookkeeping on a hit is skipped when the
-policy declares that a hit cannot change its rank (``rank_reads_access = False``).
+policy declares that a hit cannot change its rank (``rank_reads_access = False``), and deferred to
+eviction time when it declares that a hit can only raise it (``rank_grows_on_access``, the built-in
+policies): a hit then only updates the entry's info.
 """
 
 from __future__ import annotations
 
 import time
 from functools import partial
-from typing import Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import torch
 
 from .errors import CacheClosedError, CorruptEntryError, TierCacheError
-from .index import Entry
+from .index import Entry, dtype_name
 from .keys import check_key, encode_key
 from .moves import Moves
-from .policies import EntryInfo, reranks_on_access
 from .sizes import format_size
 from .state import Release, log
 from .tiers.base import EntryHeader, Slot
 from .tiers.disk import DiskTier
-from .tiers.memory import ArenaTier
+from .tiers.memory import MEMMOVE_MAX_BYTES, ArenaTier, memmove
 from .transfer import CopyEngine, chunk_file_bytes, packed_layout, read_chunk_into
 from .values import as_bytes, check_score, copy_payload, flat, tensor_data
 
 _CPU = torch.device("cpu")
-_Pinned = tuple[Entry, int, Slot, EntryHeader]  # an entry, the tier and slot pinned for it, its header
+_FLAT_KEY_TYPES = frozenset((int, str, bytes))  # a tuple of only these is a valid key (no check_key walk)
+_Pinned = tuple[Entry, int, Slot, Any]  # an entry, the tier and slot pinned for it, its header (arena tiers: the entry, which has nbytes and shape)
 
 
 class DataPaths(Moves):
     """``put``/``get``/``delete`` and their batched forms, on :class:`tiercache.state.CacheState`."""
 
     # -- put ------------------------------------------------------------------------------------------
-    def _put_batch(self, items: Sequence[tuple[Hashable, torch.Tensor]], scores: Sequence[float | None]) -> None:
+    def _put_batch(
+        self,
+        items: Sequence[tuple[Hashable, torch.Tensor]],
+        scores: Sequence[float | None],
+        *,
+        bracket: bool = False,
+    ) -> None:
         """Store every ``(key, value)``.  Every item is validated first (nothing is stored if one is
         invalid); then runs of items whose slots can be allocated without making room are reserved under
         one lock, written outside it and published under one lock; an item that needs room made goes
         through ``_reserve`` (demotion) on its own.  On an I/O or capacity error the items before the
-        failing one stay stored and the rest are not."""
+        failing one stay stored and the rest are not.  With ``bracket`` this call is the public
+        operation's ``_begin``/``_end``, folded into its first and last lock round trips (a single-value
+        put takes the index lock twice)."""
         prepared = []
-        for (key, value), score in zip(items, scores):
-            key_bytes = encode_key(key)
-            data, dtype, shape = tensor_data(value)
-            if score is not None:
-                score = check_score(score)
-            prepared.append((key, key_bytes, data, dtype, shape, data.numel() * dtype.itemsize, score))
-            # prepared item: (key, encoded key, tensor, dtype, shape, nbytes, score)
+        try:
+            for (key, value), score in zip(items, scores):
+                key_bytes = encode_key(key)
+                data, dtype, shape = tensor_data(value)
+                if score is not None:
+                    score = check_score(score)
+                prepared.append((key, key_bytes, data, dtype, shape, data.numel() * dtype.itemsize, score))
+                # prepared item: (key, encoded key, tensor, dtype, shape, nbytes, score)
+        except (TypeError, ValueError):
+            if bracket and (self._closing or self._closed):  # a closed cache says so first
+                raise CacheClosedError("this tiercache.Cache is closed") from None
+            raise
         if not prepared:
             with self._lock:
                 self._check_open()
             return
         tiers = self._tiers
-        limits = [tier.max_nbytes for tier in tiers]  # fixed per tier: read without the lock
-        largest = max(limits)
+        limits = self._limits  # fixed per tier: read without the lock
+        largest = self._largest_limit
+        first = limits[0]
         homes = []  # the fastest tier that can hold each value at all
         for item in prepared:
             nbytes = item[5]
+            if nbytes <= first:
+                homes.append(0)
+                continue
             if nbytes > largest:
                 raise ValueError(
                     f"value of {format_size(nbytes)} is larger than every tier "
                     f"(the largest slot holds {format_size(max(largest, 0))})"
                 )
-            homes.append(0 if nbytes <= limits[0] else next(t for t, limit in enumerate(limits) if nbytes <= limit))
+            homes.append(next(t for t, limit in enumerate(limits) if nbytes <= limit))
         position, count = 0, len(prepared)
-        while position < count:
-            run: list[tuple[int, Slot, EntryHeader]] = []  # (tier, slot, header) for prepared[position:]
-            with self._lock:
-                self._check_open()
-                while position + len(run) < count:
-                    at = position + len(run)
-                    item, home = prepared[at], homes[at]
-                    slot = tiers[home].allocate(item[5])
-                    if slot is None:
-                        break
-                    self._seq += 1
-                    run.append((home, slot, EntryHeader(item[1], _dtype_name(item[3]), item[4], item[5], self._seq)))
-            if not run:  # the next item needs room made (demotion): the single-entry slow path
-                item = prepared[position]
-                for home in range(homes[position], len(tiers)):
-                    slot = self._reserve(home, item[5])
-                    if slot is not None:
-                        break
-                else:
-                    raise TierCacheError(
-                        f"no tier could make room for {format_size(item[5])}: every candidate is being moved"
-                    )
+        begun = ended = False
+        direct = self._direct_tiers if any(self._direct_tiers) else None
+        try:
+            while position < count:
+                run: list[tuple[int, Slot, EntryHeader]] = []  # (tier, slot, header) for prepared[position:]
                 with self._lock:
-                    self._seq += 1
-                    header = EntryHeader(item[1], _dtype_name(item[3]), item[4], item[5], self._seq)
-                run.append((home, slot, header))
-            written, error, views, spent = self._write_run(run, prepared, position)
-            self._publish(run[:written], prepared, position, views, spent)
-            if error is not None:
-                raise error
-            position += len(run)
+                    if bracket and not begun:
+                        if self._closing or self._closed:
+                            raise CacheClosedError("this tiercache.Cache is closed")
+                        self._active += 1
+                        begun = True
+                    else:
+                        self._check_open()
+                    at = position
+                    if direct is not None:  # small CPU values bound for a CPU arena: stored right here
+                        at = self._put_direct(prepared, homes, position, direct)
+                        if at == count and begun and not self._later_releases and not self._evicted:
+                            self._active -= 1
+                            ended = True
+                            if not self._active and self._closing:  # only close() waits for it
+                                self._idle.notify_all()
+                    position = at
+                    seq = self._seq
+                    while at < count:
+                        item = prepared[at]
+                        slot = tiers[homes[at]].allocate(item[5])
+                        if slot is None:
+                            break
+                        seq += 1
+                        run.append((homes[at], slot, EntryHeader(item[1], dtype_name(item[3]), item[4], item[5], seq)))
+                        at += 1
+                    self._seq = seq
+                if self._later_releases:
+                    self._finish_direct()
+                if position == count:
+                    break
+                if not run:  # the next item needs room made (demotion): the single-entry slow path
+                    item = prepared[position]
+                    for home in range(homes[position], len(tiers)):
+                        slot = self._reserve(home, item[5])
+                        if slot is not None:
+                            break
+                    else:
+                        raise TierCacheError(
+                            f"no tier could make room for {format_size(item[5])}: every candidate is being moved"
+                        )
+                    with self._lock:
+                        self._seq += 1
+                        header = EntryHeader(item[1], dtype_name(item[3]), item[4], item[5], self._seq)
+                    run.append((home, slot, header))
+                written, error, views, spent = self._write_run(run, prepared, position)
+                last = error is None and position + len(run) == count
+                ended = self._publish(run[:written], prepared, position, views, spent, end=begun and last)
+                if error is not None:
+                    raise error
+                position += len(run)
+        finally:
+            if begun and not ended:
+                self._end()
+
+    def _put_direct(self, prepared: list, homes: list[int], position: int, direct: list[bool]) -> int:
+        """Under the lock: store ``prepared[position:]`` while each is a contiguous CPU value of at most
+        ``MEMMOVE_MAX_BYTES`` whose home is a CPU arena with room: reserve, one ``memmove``, publish,
+        with no second lock round trip.  Returns the position of the first item not stored (the rest
+        take the reserve / write / publish path).  Releases of replaced entries of persistent tiers are
+        left in ``_later_releases`` for ``_finish_direct``."""
+        tiers, index, queues, rank = self._tiers, self._index, self._queues, self._policy.rank
+        count = len(prepared)
+        at = position
+        seq, clock = self._seq, self._clock
+        releases: list[Release] = []
+        written = [0] * len(tiers)
+        start = time.perf_counter()
+        while at < count:
+            item = prepared[at]
+            home = homes[at]
+            data, size = item[2], item[5]
+            if not direct[home] or size > MEMMOVE_MAX_BYTES or not data.is_cpu or not data.is_contiguous():
+                break
+            tier = tiers[home]
+            slot = tier.allocate(size)
+            if slot is None:
+                break
+            if size:
+                memmove(tier.address(slot), data.data_ptr(), size)
+            written[home] += size
+            seq += 1
+            clock += 1
+            key, score = item[0], item[6]
+            old = index.get(key)
+            if old is not None:
+                if score is None:
+                    score = old.info.score
+                releases += self._unlink(old)
+            entry = index[key] = Entry(key, size, tier.name, clock, clock, 0, score if score is not None else 0.0,
+                                       item[1], item[3], item[4], seq, home, slot, None, False, 1)
+            queue = queues[home]
+            queue.live += 1
+            queue.payload += size
+            queue.push(entry, rank(entry))
+            at += 1
+        if at > position:
+            self._seq, self._clock = seq, clock
+            spent = time.perf_counter() - start
+            total = sum(written)
+            for tier_index, tier in enumerate(tiers):
+                if written[tier_index]:
+                    tier_counters = self._counters.tiers[tier.name]
+                    tier_counters.bytes_written += written[tier_index]
+                    tier_counters.write_seconds += spent * written[tier_index] / total
+            self._counters.puts += at - position
+            if releases:
+                self._later_releases += self._free_volatile(releases)
+        return at
+
+    def _finish_direct(self) -> None:
+        """Outside the lock: finish the releases ``_put_direct`` left (slots of persistent tiers)."""
+        with self._lock:
+            releases, self._later_releases = self._later_releases, []
+        if releases or self._evicted:
+            self._finish(releases)
 
     def _write_run(
         self, run: list[tuple[int, Slot, EntryHeader]], prepared: list, position: int
     ) -> tuple[int, BaseException | None, list[torch.Tensor | None], tuple[list[int], list[float]] | None]:
         """Outside the lock: write each reserved slot.  Returns how many were written, the error that
         stopped the run (the slots from the failed one on are freed then), per item the typed view of a
-        memory-tier slot (``Entry.view``), and the bytes and seconds written per tier for ``_publish`` to
-        count (None when counted here, after a failure)."""
+        memory-tier slot that is not read by address (``Entry.view``), and the bytes and seconds written
+        per tier for ``_publish`` to count (None when counted here, after a failure).  The run's time is
+        shared among its tiers by bytes."""
         tiers = self._tiers
-        seconds = [0.0] * len(tiers)
         nbytes = [0] * len(tiers)
         done, error = 0, None
         views: list[torch.Tensor | None] = [None] * len(run)
+        start = time.perf_counter()
         try:
             for tier_index, slot, header in run:
                 data = prepared[position + done][2]
                 tier = tiers[tier_index]
-                start = time.perf_counter()
-                if isinstance(tier, ArenaTier):
-                    # One copy in the value's dtype (C1) and shape, from any strides; the view is kept
-                    # for reads (Entry.view).
-                    view = tier.typed_view(slot, data.dtype)
-                    if len(header.shape) != 1:
-                        view = view.view(header.shape)
-                    view.copy_(data)
-                    views[done] = view
+                size = slot.nbytes
+                if type(tier) is ArenaTier or isinstance(tier, ArenaTier):
+                    if tier.addressable and size <= MEMMOVE_MAX_BYTES and data.is_cpu and data.is_contiguous():
+                        if size:  # a KV-block-sized CPU value: one memmove, no torch op
+                            memmove(tier.address(slot), data.data_ptr(), size)
+                    else:
+                        # One copy in the value's dtype (C1) and shape, from any strides.
+                        view = tier.typed_view(slot, data.dtype)
+                        if len(header.shape) != 1:
+                            view = view.view(header.shape)
+                        view.copy_(data)
+                        if not tier.addressable:
+                            views[done] = view  # kept for reads (Entry.view); CPU arenas are read by address
                 else:  # other tiers are handed the value's bytes
                     tier.write(slot, as_bytes(flat(data)), header)
-                seconds[tier_index] += time.perf_counter() - start
-                nbytes[tier_index] += slot.nbytes
+                nbytes[tier_index] += size
                 done += 1
         except BaseException as exc:
             error = exc
@@ -139,6 +252,9 @@ class DataPaths(Moves):
                 for tier_index, slot, _ in run[done:]:
                     tiers[tier_index].free(slot)
                 self._counters.errors["put_io"] += 1
+        spent = time.perf_counter() - start
+        total = sum(nbytes)
+        seconds = [spent * n / total if total else 0.0 for n in nbytes] if len(tiers) > 1 else [spent]
         if error is not None or not done:  # _publish counts the writes of a run that went through
             self._count_writes(nbytes, seconds)
             return done, error, views, None
@@ -159,11 +275,14 @@ class DataPaths(Moves):
         position: int,
         views: list,
         written: tuple[list[int], list[float]] | None,
-    ) -> None:
+        *,
+        end: bool = False,
+    ) -> bool:
         """Under one lock: make written slots the current entries of their keys (unless a later put of a
-        key already landed), then give back what they replaced."""
+        key already landed), then give back what they replaced.  With ``end`` the public operation ends
+        in the same lock round trip (see ``_put_batch``); returns whether it did."""
         if not run:
-            return
+            return False
         releases: list[Release] = []
         with self._lock:
             if written is not None:
@@ -173,38 +292,62 @@ class DataPaths(Moves):
                         counters.bytes_written += written[0][tier_index]
                         counters.write_seconds += written[1][tier_index]
             index, queues, tiers, rank = self._index, self._queues, self._tiers, self._policy.rank
+            clock = self._clock
             for (tier_index, slot, header), item, view in zip(run, prepared[position:], views):
                 key, score = item[0], item[6]
                 old = index.get(key)
-                if old is not None and old.header.seq > header.seq:
-                    releases.append((tier_index, slot))
-                    continue
-                self._clock += 1
-                now = self._clock
-                info = EntryInfo(key, header.nbytes, tiers[tier_index].name, now, now, 0,
-                                 score if score is not None else (old.info.score if old is not None else 0.0))
                 if old is not None:
+                    if old.seq > header.seq:
+                        releases.append((tier_index, slot))
+                        continue
+                    if score is None:
+                        score = old.info.score
                     releases += self._unlink(old)
-                entry = Entry(key, header, tier_index, slot, info, item[3], view)
+                clock += 1
+                entry = Entry(key, header.nbytes, tiers[tier_index].name, clock, clock, 0,
+                              score if score is not None else 0.0, header.key, item[3], header.shape, header.seq,
+                              tier_index, slot, view, False, 1)
+                info = entry
                 index[key] = entry
                 queue = queues[tier_index]
-                queue.add(entry)
-                entry.version += 1
+                queue.live += 1
+                queue.payload += header.nbytes
                 queue.push(entry, rank(info))
+            self._clock = clock
             self._counters.puts += len(run)
-            releases = self._free_volatile(releases)
+            if releases:
+                releases = self._free_volatile(releases)
+            end = end and not releases and not self._evicted  # else _end after _finish (close waits for it)
+            if end:
+                self._active -= 1
+                if not self._active and self._closing:  # only close() waits for it
+                    self._idle.notify_all()
         if releases or self._evicted:
             self._finish(releases)
+        return end
 
     # -- get ------------------------------------------------------------------------------------------
     def _lookup_and_pin(
-        self, keys: list[Hashable], check: Callable[[list[Entry]], None] | None = None, bracket: bool = False
-    ) -> tuple[list[_Pinned], list[torch.Tensor | None]]:
+        self,
+        keys: list[Hashable],
+        check: Callable[[list[Entry]], None] | None = None,
+        bracket: bool = False,
+        direct: list[torch.Tensor | None] | None = None,
+        dsts: list[torch.Tensor] | None = None,
+    ) -> tuple[list[_Pinned], list[torch.Tensor | None], list[int]]:
         """Under one lock: every key's entry, counted as a hit (or, if one is absent, one get and one miss
         and ``KeyError``: all or nothing), touched for the policy and pinned.  ``check(entries)`` runs
-        before anything is counted; what it raises propagates with nothing changed.  With ``bracket`` it
-        also begins the public operation (``close`` waits for it; the caller ends it, see ``_get_batch``)
-        in the same lock round trip."""
+        before anything is counted; what it raises propagates with nothing changed.
+
+        ``direct`` (a list of one slot per key, for a CPU target that is not packed): values of the fastest
+        tier held in a CPU arena, of at most ``MEMMOVE_MAX_BYTES``, are copied right here, under the lock
+        (one ``memmove`` each, into ``dsts[i]`` when it is a contiguous CPU tensor, else into a fresh
+        tensor stored in ``direct[i]``), so they need no pin, no second lock round trip and no
+        promotion.  Returns the pinned rest, their ``Entry.view``s and their positions in ``keys``.
+
+        With ``bracket`` it also begins the public operation (``close`` waits for it; the caller ends it,
+        see ``_get_batch``) in the same lock round trip, unless nothing was left pinned: the operation
+        is then complete."""
         with self._lock:
             if self._closing or self._closed:
                 raise CacheClosedError("this tiercache.Cache is closed")
@@ -212,7 +355,9 @@ class DataPaths(Moves):
             found = []
             for key in keys:
                 kind = type(key)
-                if kind is not int and kind is not str and kind is not bytes:
+                if kind is not int and kind is not str and kind is not bytes and (
+                    kind is not tuple or not _FLAT_KEY_TYPES.issuperset(map(type, key))
+                ):
                     check_key(key)  # TypeError for a key of another type (an equal one could be present)
                 entry = index.get(key)
                 if entry is None:
@@ -233,36 +378,58 @@ class DataPaths(Moves):
             clock = self._clock
             pinned: list[_Pinned] = []
             views = []
-            if reranks_on_access(self._policy):
+            positions: list[int] = []
+            rerank = self._rerank_hits
+            arena_tiers = self._arena_tiers
+            if rerank:
                 queues, rank = self._queues, self._policy.rank
-                for entry in found:  # _rerank, inlined: the tier of a hit is unchanged
-                    src, slot = entry.tier, entry.slot
-                    hits[src] += 1
-                    info = entry.info
-                    info.hits += 1
-                    clock += 1
-                    info.last_access = clock
+            arena = tiers[0] if direct is not None and getattr(tiers[0], "addressable", False) else None
+            copied = 0
+            start = time.perf_counter() if arena is not None else 0.0
+            for i, entry in enumerate(found):
+                src, slot = entry.level, entry.slot
+                hits[src] += 1
+                info = entry.info
+                info.hits += 1
+                clock += 1
+                info.last_access = clock
+                if rerank:  # _rerank, inlined: the tier of a hit is unchanged
                     entry.version += 1
                     info.tier = tiers[src].name
                     queues[src].push(entry, rank(info))
-                    token = id(slot)
-                    pins[token] = pins.get(token, 0) + 1
-                    pinned.append((entry, src, slot, entry.header))
-                    views.append(entry.view)
-            else:
-                for entry in found:
-                    src, slot = entry.tier, entry.slot
-                    hits[src] += 1
-                    info = entry.info
-                    info.hits += 1
-                    clock += 1
-                    info.last_access = clock
-                    token = id(slot)
-                    pins[token] = pins.get(token, 0) + 1
-                    pinned.append((entry, src, slot, entry.header))
-                    views.append(entry.view)
+                if src == 0 and arena is not None:
+                    size = entry.nbytes
+                    if size <= MEMMOVE_MAX_BYTES:
+                        if dsts is None:
+                            dst = direct[i] = torch.empty(entry.shape, dtype=entry.dtype)  # type: ignore[index]
+                        else:
+                            dst = dsts[i]
+                        if dst.is_cpu and dst.is_contiguous():
+                            if size:
+                                memmove(dst.data_ptr(), arena.address(slot), size)
+                            copied += size
+                            continue
+                        if dsts is None:
+                            direct[i] = None  # type: ignore[index]
+                token = id(slot)
+                pins[token] = pins.get(token, 0) + 1
+                # Arena tiers only read the header's nbytes and shape, which the entry has itself: no
+                # EntryHeader is built per key for them (disk reads get the real one, to verify).
+                pinned.append((entry, src, slot, entry if arena_tiers[src] else entry.header))
+                view = entry.view
+                if view is None and dsts is not None and self._direct_tiers[src]:
+                    # A CPU arena value read into a strided destination (e.g. a slice of a decode
+                    # buffer) is copied by torch from a typed view: build it once and keep it (it
+                    # changes with the slot, under this lock), so later reads reuse it.
+                    view = entry.view = tiers[src].typed_view(slot, entry.dtype).view(entry.shape)
+                views.append(view)
+                positions.append(i)
             self._clock = clock
             counters = self._counters
+            if copied:
+                tier_counters = counters.tiers[tiers[0].name]
+                tier_counters.bytes_read += copied
+                tier_counters.read_seconds += time.perf_counter() - start
             counters.gets += len(found)
             below = len(found)
             for tier_index, tier in enumerate(tiers):
@@ -270,9 +437,9 @@ class DataPaths(Moves):
                 tier_counters.hits += hits[tier_index]
                 below -= hits[tier_index]
                 tier_counters.misses += below
-            if bracket:
+            if bracket and (pinned or direct is None):
                 self._active += 1
-            return pinned, views
+            return pinned, views, positions
 
     def _get_batch(
         self,
@@ -288,14 +455,39 @@ class DataPaths(Moves):
         (caller tensors, one per key, on ``target``); with ``pack``, packed into the byte buffer
         ``packed`` (a fresh one on ``target`` when None) and returned as views of it; otherwise copied
         into fresh tensors on ``target``.  With ``bracket`` this call is the public operation's
-        ``_begin``/``_end`` (folded into its first and last lock round trips)."""
+        ``_begin``/``_end`` (folded into its first and last lock round trips).  Small values of the
+        fastest tier are copied during the lookup (see ``_lookup_and_pin``): a batch of only those takes
+        the index lock once."""
         if dsts is not None:  # keys are checked in _lookup_and_pin (their types only on a miss or an odd type)
             check = partial(_check_destinations, dsts=dsts)
         elif pack and packed is not None:
             check = partial(_check_packed_room, packed=packed)
         else:
             check = None
-        pinned, views = self._lookup_and_pin(keys, check, bracket)
+        direct = [None] * len(keys) if not pack and target.type == "cpu" else None
+        pinned, views, positions = self._lookup_and_pin(keys, check, bracket, direct, dsts)
+        if not pinned and direct is not None:  # all copied during the lookup: the operation is complete
+            return dsts if dsts is not None else direct  # type: ignore[return-value]
+        if direct is not None and len(positions) < len(keys):  # some were copied during the lookup
+            whole = dsts if dsts is not None else direct
+            rest = self._get_pinned(pinned, views, target, [dsts[i] for i in positions] if dsts is not None
+                                    else None, packed, pack, bracket)
+            for i, value in zip(positions, rest):
+                whole[i] = value  # type: ignore[index]
+            return whole  # type: ignore[return-value]
+        return self._get_pinned(pinned, views, target, dsts, packed, pack, bracket)
+
+    def _get_pinned(
+        self,
+        pinned: list[_Pinned],
+        views: list[torch.Tensor | None],
+        target: torch.device,
+        dsts: list[torch.Tensor] | None,
+        packed: torch.Tensor | None,
+        pack: bool,
+        bracket: bool,
+    ) -> list[torch.Tensor]:
+        """``_get_batch`` for the pinned entries: copy, promote, then unpin (and end the operation)."""
         bad: Entry | None = None
         reads: list[tuple[list[int], list[float]]] = []  # (bytes, seconds) per tier, counted at the end
         try:
@@ -332,7 +524,7 @@ class DataPaths(Moves):
                     releases = self._free_volatile(releases)
                 if bracket:
                     self._active -= 1
-                    if not self._active:
+                    if not self._active and self._closing:  # only close() waits for it
                         self._idle.notify_all()
             if releases or self._evicted:
                 self._finish(releases)
@@ -363,8 +555,35 @@ class DataPaths(Moves):
         from_views: list[torch.Tensor] = []
         in_memory = [0] * len(tiers)  # memory-tier bytes copied, per tier
         to_cpu = target.type == "cpu"
+        # Per tier: the CPU arena whose slots are read by address (one memmove each), else None.
+        by_address = [tier if getattr(tier, "addressable", False) else None for tier in tiers]
         start = time.perf_counter()
         for i, (entry, src, slot, header) in enumerate(pinned):
+            arena = by_address[src]
+            if arena is not None:
+                nbytes_ = header.nbytes
+                if dsts is None:
+                    if to_cpu and nbytes_ <= MEMMOVE_MAX_BYTES:
+                        result = results[i] = torch.empty(header.shape, dtype=entry.dtype)
+                        if nbytes_:
+                            memmove(result.data_ptr(), arena.address(slot), nbytes_)
+                    else:
+                        view = arena.typed_view(slot, entry.dtype).view(header.shape)
+                        results[i] = view.clone() if to_cpu else view.to(target)
+                else:
+                    dst = dsts[i]
+                    if nbytes_ <= MEMMOVE_MAX_BYTES and dst.is_cpu and dst.is_contiguous():
+                        if nbytes_:
+                            memmove(dst.data_ptr(), arena.address(slot), nbytes_)
+                    else:
+                        to_dsts.append(dst)
+                        view = views[i]
+                        if view is None:
+                            view = arena.typed_view(slot, entry.dtype).view(entry.shape)
+                        from_views.append(view if view.shape == dst.shape else view.reshape(dst.shape))
+                in_memory[src] += nbytes_
+                copies[i] = None  # a promotion re-reads the pinned source slot
+                continue
             view = views[i]
             if view is not None:
                 if dsts is None:
@@ -587,18 +806,8 @@ def _normal_device(device: torch.device) -> torch.device:
     return device
 
 
-_DTYPE_NAMES: dict[torch.dtype, str] = {}
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    name = _DTYPE_NAMES.get(dtype)
-    if name is None:
-        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
-    return name
-
-
 def _check_packed_room(entries: list[Entry], packed: torch.Tensor) -> None:
-    offsets, total = packed_layout([entry.header.nbytes for entry in entries])
+    offsets, total = packed_layout([entry.nbytes for entry in entries])
     if packed.numel() < total:
         raise ValueError(
             f"out holds {packed.numel()} bytes but these {len(entries)} values need {total} "
@@ -612,11 +821,10 @@ def _check_destinations(entries: list[Entry], dsts: list[torch.Tensor]) -> None:
     if len(dsts) != len(entries):
         raise ValueError(f"out has {len(dsts)} tensors for {len(entries)} keys")
     for entry, dst in zip(entries, dsts):
-        header = entry.header
         if dst.dtype != entry.dtype:
             raise ValueError(f"out tensor for key {entry.key!r} has dtype {dst.dtype}, the value is {entry.dtype}")
-        if dst.numel() * dst.element_size() != header.nbytes:
+        if dst.numel() * dst.element_size() != entry.nbytes:
             raise ValueError(
                 f"out tensor for key {entry.key!r} has {dst.numel()} elements, the value has shape "
-                f"{list(header.shape)}"
+                f"{list(entry.shape)}"
             )

@@ -37,7 +37,7 @@ from .sizes import format_size, parse_size
 from .stats import CacheCounters, TierCounters
 from .tiers.base import Tier
 from .tiers.disk import DiskTier, check_capacity as check_disk_capacity
-from .tiers.memory import gpu_tier, host_tier
+from .tiers.memory import ArenaTier, gpu_tier, host_tier
 
 _CPU = torch.device("cpu")
 
@@ -84,6 +84,10 @@ class Cache(DataPaths, Persistence):
         if len(set(names)) != len(names):
             raise ValueError(f"tier names must be unique, got {names}")
         self._queues = [RankedQueue(i) for i in range(len(self._tiers))]
+        self._limits = [tier.max_nbytes for tier in self._tiers]  # the largest slot per tier (fixed)
+        self._largest_limit = max(self._limits)
+        self._direct_tiers = [bool(getattr(tier, "addressable", False)) for tier in self._tiers]
+        self._arena_tiers = [isinstance(tier, ArenaTier) for tier in self._tiers]
         self._counters = CacheCounters({t.name: TierCounters() for t in self._tiers})
         try:
             self._recover()
@@ -174,11 +178,7 @@ class Cache(DataPaths, Persistence):
         dimensions or larger than every tier, ``TierIOError`` when the storage fails (e.g. the disk is
         full; the previous value, if any, is kept), ``TierCacheError`` when no tier can make room right
         now."""
-        self._begin()
-        try:
-            self._put_batch(((key, value),), (score,))
-        finally:
-            self._end()
+        self._put_batch(((key, value),), (score,), bracket=True)
 
     def put_many(
         self, items: Iterable[tuple[Hashable, torch.Tensor]], *, scores: Iterable[float] | None = None
@@ -191,11 +191,7 @@ class Cache(DataPaths, Persistence):
         score_list = list(scores) if scores is not None else [None] * len(items)
         if len(score_list) != len(items):
             raise ValueError(f"{len(score_list)} scores for {len(items)} items")
-        self._begin()
-        try:
-            self._put_batch(items, score_list)
-        finally:
-            self._end()
+        self._put_batch(items, score_list, bracket=True)
 
     def get(self, key: Hashable, device: torch.device | str | None = None) -> torch.Tensor:
         """A fresh copy of the value stored under ``key`` (on ``device``, CPU by default).
@@ -342,7 +338,7 @@ class Cache(DataPaths, Persistence):
         with self._lock:
             self._check_open()
             entry = self._index.get(key)
-            return self._tiers[entry.tier].name if entry is not None else None
+            return self._tiers[entry.level].name if entry is not None else None
 
     def charge(self, nbytes: int) -> int:
         """The most budget bytes any tier charges for a value of ``nbytes`` bytes (slot rounding, headers,

@@ -8,38 +8,73 @@ from __future__ import annotations
 import heapq
 import itertools
 from dataclasses import dataclass
-from typing import Any, Hashable, Iterator
+from typing import Any, Callable, Hashable, Iterator
 
 from .policies import EntryInfo
 from .tiers.base import EntryHeader, Slot
 
 
 @dataclass(slots=True, eq=False)
-class Entry:
-    """One live key: its header (dtype, shape, seq), the tier index and slot holding its bytes.
+class Entry(EntryInfo):
+    """One live key: the policy's metadata (it *is* the :class:`EntryInfo` the policy ranks: ``key``,
+    ``nbytes``, ``tier`` — the tier's *name* —, ``inserted``, ``last_access``, ``hits``, ``score``), its
+    header (dtype, shape, seq), and the tier index (``level``) and slot holding its bytes.  One object per
+    entry, so a cache of many entries costs Python's cyclic GC as little as possible; ``info`` returns
+    the entry itself.
 
-    The header is decoded and checked once (at ``put`` or recovery); ``dtype`` is its dtype resolved, and
-    for a memory-tier slot ``view`` is the payload in place, typed and shaped, so reads copy from it
-    without looking anything up, validating or building a view again.  ``slot`` and ``view`` change
-    together, under the index lock.
+    The header is decoded and checked once (at ``put`` or recovery); ``dtype`` is its dtype resolved.  For
+    a slot of a memory tier that is not read by address (a GPU arena) ``view`` is the payload in place,
+    typed and shaped, so reads copy from it without building a view again; CPU arena slots are copied by
+    address (``ArenaTier.address``) and keep no view.  ``slot`` and ``view`` change together, under the
+    index lock.
 
     ``moving`` is set while a mover (demotion, promotion, flush) copies it to another tier; such an entry
-    is not chosen as a victim again.  ``version`` invalidates stale queue items (lazy deletion)."""
+    is not chosen as a victim again.  ``version`` is the token of its current queue item (see
+    ``RankedQueue``); bumping it invalidates every queued item (lazy deletion)."""
 
-    key: Hashable
-    header: EntryHeader
-    tier: int
-    slot: Slot
-    info: EntryInfo
-    dtype: Any  # torch.dtype of the payload
+    key_bytes: bytes = b""  # the header's fields, kept flat (see ``header``)
+    dtype: Any = None  # torch.dtype of the payload
+    shape: tuple[int, ...] = ()
+    seq: int = 0
+    level: int = 0
+    slot: Slot = None  # type: ignore[assignment]
     view: Any = None  # memory tiers: the slot's bytes in place, as a tensor of dtype and shape (else None)
     moving: bool = False
     version: int = 0
 
+    @property
+    def info(self) -> "Entry":
+        """The policy's view of this entry: the entry itself (an :class:`EntryInfo`)."""
+        return self
 
-# Queue items are plain tuples ``(rank, tiebreak, version, entry)``: heap comparisons then run in C (a
-# unique tiebreak means version and entry are never compared).
-_Item = tuple  # (rank: Any, tiebreak: int, version: int, entry: Entry)
+    @property
+    def header(self) -> EntryHeader:
+        """The entry's header, built from its fields on each access (for tier calls, off the hot path):
+        not keeping an :class:`EntryHeader` object per entry is one GC-tracked object less each."""
+        return EntryHeader(self.key_bytes, dtype_name(self.dtype), self.shape, self.nbytes, self.seq)
+
+
+_DTYPE_NAMES: dict[Any, str] = {}
+
+
+def dtype_name(dtype: Any) -> str:
+    """The name an entry header gives ``dtype`` (``torch.float32`` -> ``"float32"``)."""
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
+
+
+# Queue items are plain tuples ``(rank, token)``: heap comparisons run in C (tokens are unique, so ranks
+# that tie are ordered by push order), and a rank of ints or floats makes the item a tuple of atomic values,
+# which Python's cyclic GC stops tracking: a queue of many entries adds no GC work per item.  The token
+# maps to its entry through ``RankedQueue._owners``; the item is current while ``entry.version`` is
+# still that token (``push`` sets it; bumping ``version`` anywhere makes every queued item stale).
+_Item = tuple  # (rank: Any, token: int)
+
+# One token sequence for every queue: an entry's latest token is the largest it ever had, so bumping its
+# version past it can never make one of its older items (in any queue) current again.
+_TOKENS = itertools.count(1)
 
 
 class RankedQueue:
@@ -49,64 +84,93 @@ class RankedQueue:
     def __init__(self, tier: int) -> None:
         self.tier = tier
         self._heap: list[_Item] = []
-        self._counter = itertools.count()
+        self._owners: dict[int, Entry] = {}  # token -> the entry it was pushed for (current or stale)
+        self._counter = _TOKENS
         self.live = 0  # entries living in this tier
         self.payload = 0  # their payload bytes
 
     def add(self, entry: Entry) -> None:
         """Count ``entry`` as living in this tier (rank it with ``push``)."""
         self.live += 1
-        self.payload += entry.header.nbytes
+        self.payload += entry.nbytes
 
     def remove(self, entry: Entry) -> None:
-        """``entry`` left this tier; its queue items go stale through its version."""
+        """``entry`` left this tier; its queue items go stale (the caller bumps its version)."""
         self.live -= 1
-        self.payload -= entry.header.nbytes
+        self.payload -= entry.nbytes
 
     def push(self, entry: Entry, rank: Any) -> None:
-        heapq.heappush(self._heap, (rank, next(self._counter), entry.version, entry))
-        if len(self._heap) > 64 and len(self._heap) > 4 * max(self.live, 1):
-            self._heap = [item for item in self._heap if self._current(item)]
+        token = next(self._counter)
+        entry.version = token
+        self._owners[token] = entry
+        heap = self._heap
+        heapq.heappush(heap, (rank, token))
+        if len(heap) > 64 and len(heap) > 4 * self.live + 4:
+            self._heap = [item for item in heap if self._current(item)]
             heapq.heapify(self._heap)
+            owners = self._owners
+            self._owners = {token: owners[token] for _, token in self._heap}
 
     def load(self, ranked: list[tuple[Any, Entry]]) -> None:
         """Count and rank many entries at once (recovery): one heapify instead of a push per entry."""
-        heap = self._heap
+        heap, owners, counter = self._heap, self._owners, self._counter
         for rank, entry in ranked:
             self.live += 1
-            self.payload += entry.header.nbytes
-            heap.append((rank, next(self._counter), entry.version, entry))
+            self.payload += entry.nbytes
+            token = next(counter)
+            entry.version = token
+            owners[token] = entry
+            heap.append((rank, token))
         heapq.heapify(heap)
 
     def _current(self, item: _Item) -> bool:
-        entry = item[3]
-        return item[2] == entry.version and entry.tier == self.tier
+        entry = self._owners.get(item[1])
+        return entry is not None and entry.version == item[1] and entry.level == self.tier
 
-    def pop_victims(self, index: dict[Hashable, Entry], need: int) -> list[Entry]:
+    def pop_victims(
+        self, index: dict[Hashable, Entry], need: int, rank: Callable[[Any], Any] | None = None
+    ) -> list[Entry]:
         """Lowest-ranked entries of this tier that are live and not moving, until their charged bytes
-        reach ``need`` (at least one if any is eligible).  Returned entries are removed from the queue."""
+        reach ``need`` (at least one if any is eligible).  Returned entries are removed from the queue.
+
+        With ``rank`` (the policy's, when it re-ranks hits lazily: ranks only grow on access) an item
+        whose queued rank is below the entry's current ``rank(entry.info)`` is re-queued at its current
+        rank instead of being taken, so the victims are the entries of smallest current rank."""
         victims: list[Entry] = []
-        skipped: list[_Item] = []
+        skipped: list[tuple[_Item, Entry]] = []
         freed = 0
-        while self._heap and (freed < need or not victims):
-            item = heapq.heappop(self._heap)
-            entry = item[3]
-            if not self._current(item) or index.get(entry.key) is not entry:
+        heap, owners = self._heap, self._owners
+        while heap and (freed < need or not victims):
+            item = heapq.heappop(heap)
+            token = item[1]
+            entry = owners.pop(token, None)
+            if entry is None or entry.version != token or entry.level != self.tier or index.get(entry.key) is not entry:
                 continue
+            if rank is not None:
+                now = rank(entry.info)
+                if now != item[0]:
+                    self.push(entry, now)
+                    heap = self._heap  # push may have compacted it
+                    continue
             if entry.moving:
-                skipped.append(item)
+                skipped.append((item, entry))
                 continue
             victims.append(entry)
             freed += entry.slot.charged
-        for item in skipped:
+        for item, entry in skipped:
+            self._owners[item[1]] = entry
             heapq.heappush(self._heap, item)
         return victims
 
-    def ordered(self, index: dict[Hashable, Entry]) -> Iterator[Entry]:
-        """Live entries of this tier in eviction order (a snapshot; does not consume the queue)."""
+    def ordered(self, index: dict[Hashable, Entry], rank: Callable[[Any], Any] | None = None) -> Iterator[Entry]:
+        """Live entries of this tier in eviction order (a snapshot; does not consume the queue); with
+        ``rank`` (lazy re-ranking, see ``pop_victims``) by their current rank."""
         seen: set[int] = set()
-        for item in sorted(self._heap, key=lambda item: item[:2]):
-            entry = item[3]
-            if self._current(item) and index.get(entry.key) is entry and id(entry) not in seen:
+        owners = self._owners
+        current = [item for item in self._heap if self._current(item)]
+        key = (lambda item: (rank(owners[item[1]].info), item[1])) if rank is not None else (lambda item: item)
+        for item in sorted(current, key=key):
+            entry = owners[item[1]]
+            if index.get(entry.key) is entry and id(entry) not in seen:
                 seen.add(id(entry))
                 yield entry

@@ -17,6 +17,9 @@ MAX_KEY_BYTES = 2048
 MAX_DIMS = 64  # most tensor dimensions an entry may have (the disk header holds this many)
 
 
+_U32 = struct.Struct("<I")
+
+
 def _refuse(key: object) -> TypeError:
     kind = type(key)
     name = f"{kind.__module__}.{kind.__qualname__}" if kind.__module__ != "builtins" else kind.__name__
@@ -54,6 +57,11 @@ def _encode(key: object, out: bytearray, depth: int) -> None:
 def encode_key(key: object) -> bytes:
     """Canonical bytes for ``key``; raises ``TypeError`` for unsupported key types and ``ValueError`` when
     the encoding exceeds :data:`MAX_KEY_BYTES` (keys are stored in a fixed-size on-disk header)."""
+    kind = type(key)
+    if kind is int or kind is str:  # the common keys, without building a bytearray
+        data = str(key).encode("ascii") if kind is int else key.encode("utf-8", "surrogatepass")  # type: ignore[attr-defined]
+        if len(data) + 5 <= MAX_KEY_BYTES:
+            return (b"i" if kind is int else b"s") + _U32.pack(len(data)) + data
     out = bytearray()
     _encode(key, out, 0)
     if len(out) > MAX_KEY_BYTES:

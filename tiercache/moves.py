@@ -41,7 +41,7 @@ class Moves(CacheState):
                 if last and not allow_drop:
                     return None
                 need = nbytes - (tier.capacity - tier.used)
-                victims = self._queues[tier_index].pop_victims(self._index, max(need, 1))
+                victims = self._queues[tier_index].pop_victims(self._index, max(need, 1), self._lazy_rank)
                 if not victims:
                     return None
                 for victim in victims:
@@ -59,7 +59,7 @@ class Moves(CacheState):
                         for rest in victims[position + 1 :]:
                             rest.moving = False
                             self._rerank(rest)
-                            self._finish_later(self._unpin(rest.tier, rest.slot))
+                            self._finish_later(self._unpin(rest.level, rest.slot))
                     break
             self._flush_finish_later()
             if error is not None:
@@ -71,9 +71,9 @@ class Moves(CacheState):
     def _demote(self, victim: Entry, allow_drop: bool = True) -> bool:
         """Move a pinned, ``moving`` victim one tier down, or drop it from the last tier.  Without
         ``allow_drop`` a victim that could only be dropped is handed back instead; returns False then."""
-        src = victim.tier
+        src = victim.level
         dst = src + 1
-        slot = self._reserve(dst, victim.header.nbytes, allow_drop=allow_drop) if dst < len(self._tiers) else None
+        slot = self._reserve(dst, victim.nbytes, allow_drop=allow_drop) if dst < len(self._tiers) else None
         if slot is None:
             with self._lock:
                 victim.moving = False
@@ -131,7 +131,7 @@ class Moves(CacheState):
                 releases += self._release(src, entry.slot)
                 self._queues[src].remove(entry)
                 self._queues[dst].add(entry)
-                entry.tier, entry.slot = dst, slot
+                entry.level, entry.slot = dst, slot
                 entry.view = slot_view(self._tiers[dst], slot, entry)
                 self._rerank(entry)
                 self._counters.bytes_moved[f"{self._tiers[src].name}->{self._tiers[dst].name}"] += slot.nbytes
@@ -144,14 +144,14 @@ class Moves(CacheState):
         """Best effort: move ``entry`` from ``src`` to the first of ``targets`` (default: every faster tier,
         fastest first) that can make room for it without dropping anything."""
         with self._lock:
-            if self._closed or self._index.get(entry.key) is not entry or entry.moving or entry.tier != src:
+            if self._closed or self._index.get(entry.key) is not entry or entry.moving or entry.level != src:
                 return False
             entry.moving = True
             self._pin(src, entry.slot)
         slot: Slot | None = None
         try:
             for dst in (range(src) if targets is None else targets):
-                slot = self._reserve(dst, entry.header.nbytes, allow_drop=False)
+                slot = self._reserve(dst, entry.nbytes, allow_drop=False)
                 if slot is not None:
                     break
         except (OSError, TierCacheError) as exc:
@@ -188,9 +188,9 @@ class Moves(CacheState):
                 # the first victim of the next one staged (under LRU, a batch would evict itself).
                 entry.info.last_access = self._tick()
                 self._rerank(entry)
-                src = entry.tier
+                src = entry.level
             if src > target:
                 self._promote(entry, src, None, [target])
         with self._lock:  # "resident when it completes", as documented: later stagings may have demoted some
-            return sum(1 for key in keys if (e := self._index.get(key)) is not None and e.tier <= target)
+            return sum(1 for key in keys if (e := self._index.get(key)) is not None and e.level <= target)
 

@@ -11,7 +11,6 @@ from .errors import CorruptEntryError, OverBudgetError, TierIOError
 from .index import Entry
 from .keys import decode_key
 from .moves import Moves
-from .policies import EntryInfo
 from .state import Release, log
 from .values import check_header
 
@@ -55,17 +54,17 @@ class Persistence(Moves):
                     seq = header.seq
                 previous = loaded.get(key) or self._index.get(key)
                 if previous is not None:  # two copies of a key: keep the newer one
-                    if previous.header.seq >= header.seq:
+                    if previous.seq >= header.seq:
                         tier.discard(found.slot)
                         tier.free(found.slot)
                         continue
-                    self._tiers[previous.tier].discard(previous.slot)
-                    self._tiers[previous.tier].free(previous.slot)
+                    self._tiers[previous.level].discard(previous.slot)
+                    self._tiers[previous.level].free(previous.slot)
                     if loaded.get(key) is not previous:  # already ranked in an earlier tier's queue
-                        self._queues[previous.tier].remove(previous)
+                        self._queues[previous.level].remove(previous)
                         previous.version += 1  # its queue item is stale now
-                info = EntryInfo(key, header.nbytes, tier.name, 0, 0)
-                entry = Entry(key, header, tier_index, found.slot, info, dtype)
+                entry = Entry(key, header.nbytes, tier.name, 0, 0, 0, 0.0, header.key, dtype, tuple(header.shape), header.seq,
+                              tier_index, found.slot)
                 loaded[key] = entry
                 self._index[key] = entry
             # A tier that persists its sequence high-water mark keeps the counter from restarting below
@@ -95,35 +94,35 @@ class Persistence(Moves):
             ranked = sorted(self._index.values(), key=lambda e: self._policy.rank(e.info), reverse=True)
             budget, keep = disk.capacity, set()
             for entry in ranked:
-                charge = getattr(disk, "charge", lambda n: n)(entry.header.nbytes)
-                if charge <= budget and entry.header.nbytes <= disk.max_nbytes:
+                charge = getattr(disk, "charge", lambda n: n)(entry.nbytes)
+                if charge <= budget and entry.nbytes <= disk.max_nbytes:
                     keep.add(id(entry))
                     budget -= charge
             releases: list[Release] = []
             lost = 0
             for entry in ranked:
                 if id(entry) not in keep and not entry.moving:
-                    lost += entry.tier != last
+                    lost += entry.level != last
                     releases += self._drop_entry(entry, reason)
-            movers = [e for e in ranked if id(e) in keep and e.tier != last and not e.moving]
+            movers = [e for e in ranked if id(e) in keep and e.level != last and not e.moving]
             for entry in movers:
                 entry.moving = True
-                self._pin(entry.tier, entry.slot)
+                self._pin(entry.level, entry.slot)
         self._finish(releases)
         failures: list[BaseException] = []
         for entry in movers:
             with self._lock:
-                slot = disk.allocate(entry.header.nbytes)
+                slot = disk.allocate(entry.nbytes)
             if slot is None:  # cannot happen for a non-fragmenting disk tier; stay correct anyway
-                slot = self._reserve(last, entry.header.nbytes)
+                slot = self._reserve(last, entry.nbytes)
             if slot is None:
                 with self._lock:
                     entry.moving = False
-                    self._finish_later(self._unpin(entry.tier, entry.slot))
+                    self._finish_later(self._unpin(entry.level, entry.slot))
                 lost += 1
                 continue
             try:
-                self._move(entry, entry.tier, last, slot, None)
+                self._move(entry, entry.level, last, slot, None)
             except BaseException as exc:
                 failures.append(exc)
         self._flush_finish_later()

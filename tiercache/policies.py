@@ -16,6 +16,13 @@ Optional attribute ``rank_reads_access: bool`` (default True): whether ``rank`` 
 ``hits``.  A policy whose rank ignores both (e.g. insertion order: ``rank = info.inserted``) sets it to
 False, and the cache then skips re-ranking on every hit (the entry's info is still updated, so
 ``promote`` sees current hits).  Use :func:`reranks_on_access` to read it.
+
+Optional attribute ``rank_grows_on_access: bool`` (default False): a hit can only *raise* the rank (it
+reads ``last_access``/``hits`` only in ways that grow with them, like every built-in policy).  The cache
+then re-ranks lazily: a hit only updates the info, and an entry whose queued rank is out of date is
+re-queued when it comes up as a victim.  The victims chosen are the same as with a queue push per hit
+(the entry with the smallest *current* rank leaves first), at one push per eviction instead of one per
+hit.  Use :func:`reranks_lazily` to read it.
 """
 
 from __future__ import annotations
@@ -57,10 +64,17 @@ def reranks_on_access(policy: object) -> bool:
     return bool(getattr(policy, "rank_reads_access", True))
 
 
+def reranks_lazily(policy: object) -> bool:
+    """Whether ``policy`` declares that a hit can only raise its rank (``rank_grows_on_access``), so the
+    cache may re-rank hits lazily, when they come up as victims."""
+    return bool(getattr(policy, "rank_grows_on_access", False))
+
+
 class LRUPolicy:
     """Least recently used leaves first; every hit is promoted."""
 
     name = "lru"
+    rank_grows_on_access = True
 
     def rank(self, info: EntryInfo) -> Any:
         return info.last_access
@@ -74,6 +88,7 @@ class LFUPolicy:
     single scan does not flush the fast tiers."""
 
     name = "lfu"
+    rank_grows_on_access = True
 
     def rank(self, info: EntryInfo) -> Any:
         return (info.hits, info.last_access)
@@ -88,6 +103,7 @@ class ScorePolicy:
     A hit is promoted when its score is at least ``promote_threshold``."""
 
     name = "score"
+    rank_grows_on_access = True
 
     def __init__(self, promote_threshold: float = float("-inf")) -> None:
         self.promote_threshold = promote_threshold

@@ -18,14 +18,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Hashable, Iterator
+from typing import Any, Hashable, Iterator
 
 import torch
 
 from .config import CacheConfig
 from .errors import CacheClosedError, TierIOError
 from .index import Entry, RankedQueue
-from .policies import Policy
+from .policies import Policy, reranks_lazily, reranks_on_access
 from .stats import CacheCounters
 from .tiers.base import EntryHeader, Slot, Tier
 from .transfer import CopyEngine
@@ -41,6 +41,8 @@ class CacheState:
 
     config: CacheConfig
     _policy: Policy
+    _lazy_rank: Any  # policy.rank when hits are re-ranked lazily, else None
+    _rerank_hits: bool
     _lock: threading.RLock
     _idle: threading.Condition  # notified when ``_active`` drops to 0
     _closed: bool
@@ -55,13 +57,21 @@ class CacheState:
     _engines: dict[torch.device, CopyEngine]  # batched copiers, one per target device
     _evicted: list[tuple[Hashable, str]]  # drops not yet reported to on_evict
     _later: list[Release]  # releases collected under the lock, finished after it
+    _later_releases: list[Release]  # the same, left by the data paths' direct puts (see batched._put_direct)
+    _arena_tiers: list[bool]  # per tier: an ArenaTier (its reads need no EntryHeader)
+    _direct_tiers: list[bool]  # per tier: a CPU arena that small CPU values are copied into under the lock
     _tiers: list[Tier]
     _queues: list[RankedQueue]
+    _limits: list[int]  # each tier's max_nbytes (fixed once the tiers exist)
+    _largest_limit: int
     _counters: CacheCounters
 
     def _init_state(self, config: CacheConfig, policy: Policy) -> None:
         self.config = config
         self._policy = policy
+        # The policy's rank when hits are re-ranked lazily (see policies.reranks_lazily), else None.
+        self._lazy_rank = policy.rank if reranks_lazily(policy) else None
+        self._rerank_hits = reranks_on_access(policy) and self._lazy_rank is None  # a queue push per hit
         self._lock = threading.RLock()
         self._idle = threading.Condition(self._lock)
         self._closed = False
@@ -76,6 +86,7 @@ class CacheState:
         self._engines = {}
         self._evicted = []
         self._later = []
+        self._later_releases = []
 
     # -- helpers (call with the lock held unless stated) ----------------------------------------------
     def _check_open(self) -> None:
@@ -92,7 +103,7 @@ class CacheState:
     def _end(self) -> None:
         with self._lock:
             self._active -= 1
-            if not self._active:
+            if not self._active and self._closing:  # only close() waits for it (after setting _closing)
                 self._idle.notify_all()
 
     @contextmanager
@@ -110,8 +121,8 @@ class CacheState:
 
     def _rerank(self, entry: Entry) -> None:
         entry.version += 1
-        entry.info.tier = self._tiers[entry.tier].name
-        self._queues[entry.tier].push(entry, self._policy.rank(entry.info))
+        entry.info.tier = self._tiers[entry.level].name
+        self._queues[entry.level].push(entry, self._policy.rank(entry.info))
 
     # Pins are keyed by the Slot object's identity: every pin, unpin and release of a slot goes through the
     # one Slot object its entry holds (a reader keeps it alive while pinned), and an identity key hashes
@@ -156,9 +167,9 @@ class CacheState:
     def _unlink(self, entry: Entry) -> list[Release]:
         """Remove ``entry`` from the index (it must be the current one for its key)."""
         del self._index[entry.key]
-        self._queues[entry.tier].remove(entry)
+        self._queues[entry.level].remove(entry)
         entry.version += 1
-        return self._release(entry.tier, entry.slot)
+        return self._release(entry.level, entry.slot)
 
     def _drop_entry(self, entry: Entry, reason: str) -> list[Release]:
         self._counters.evictions += reason == "capacity"

@@ -89,12 +89,13 @@ def flat(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def slot_view(tier: object, slot: object, entry: object) -> torch.Tensor | None:
-    """For a memory tier, ``entry``'s payload in place in ``slot`` as a tensor of its dtype and shape (see
-    ``Entry.view``); ``None`` for other tiers."""
+    """For a memory tier that is not read by address, ``entry``'s payload in place in ``slot`` as a tensor
+    of its dtype and shape (see ``Entry.view``); ``None`` for other tiers and for CPU arenas (read with one
+    ``memmove`` from ``tier.address(slot)``, so no view is kept per entry)."""
     typed_view = getattr(tier, "typed_view", None)
-    if typed_view is None:
+    if typed_view is None or getattr(tier, "addressable", False):
         return None
-    return typed_view(slot, entry.dtype).view(entry.header.shape)  # type: ignore[attr-defined]
+    return typed_view(slot, entry.dtype).view(entry.shape)  # type: ignore[attr-defined]
 
 
 def as_bytes(flat: torch.Tensor) -> torch.Tensor:

@@ -172,3 +172,20 @@ def test_churned_uniform_arena_keeps_one_size_bin():
     again = [a.alloc(200) for _ in range(5_000)]
     assert {b.offset for b in again} == {b.offset for b in blocks[::2]}
     assert a.alloc(1) is None and not a._sizes
+
+
+def test_fresh_arena_is_carved_from_the_tail_and_freed_ranges_are_reused_first():
+    # Filling a fresh arena bumps the tail (no bin appears or empties per allocation); a freed block of
+    # the requested size is reused (its pages are already touched) before fresh tail bytes, and freeing
+    # the last block gives its bytes back to the tail.
+    a = ArenaAllocator(1000 * 256, min_block=256)
+    blocks = [a.alloc(256) for _ in range(10)]
+    assert [b.offset for b in blocks] == [256 * i for i in range(10)] and not a._sizes
+    a.free(blocks[3])
+    assert a.alloc(200) == Block(3 * 256, 256)
+    a.free(blocks[9])
+    assert a.largest_free() == a.capacity - 9 * 256 and not a._sizes
+    assert a.alloc_range(300) == (9 * 256, 512)
+    a.free_range(9 * 256, 512)
+    with pytest.raises(ValueError, match="not an allocated block"):
+        a.free_range(9 * 256, 512)

@@ -7,6 +7,7 @@ from concurrent.futures import Future
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import tiercache
 from tiercache import (
@@ -751,21 +752,41 @@ def test_a_policy_whose_rank_ignores_access_is_not_reranked_on_hits():
         assert cache._index[3].info.hits == 2  # but the info promote() sees is current
 
 
-def test_memory_tier_copies_run_in_the_value_dtype(monkeypatch):
-    from tiercache.tiers.memory import ArenaTier
+class _CopySpy(TorchDispatchMode):
+    """Records the dtype of every ``copy_`` torch runs (a uint8 view of a float tensor would show here)."""
 
-    seen = []
-    real = ArenaTier.typed_view
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
 
-    def spy(self, slot, dtype):
-        seen.append(dtype)
-        return real(self, slot, dtype)
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.copy_.default:
+            self.dtypes.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
 
-    monkeypatch.setattr(ArenaTier, "typed_view", spy)
-    with Cache(host="1MiB") as cache:
-        cache.put("x", torch.randn(16, dtype=torch.bfloat16))
-        assert torch.equal(cache.get("x"), cache.get("x"))
-    assert seen == [torch.bfloat16]
+
+def test_memory_tier_copies_run_in_the_value_dtype():
+    """C1: small contiguous CPU values move with one memmove (no torch copy at all); a strided value and a
+    large one are copied by torch in the value's own dtype, never through a uint8 view."""
+    from tiercache.tiers.memory import MEMMOVE_MAX_BYTES
+
+    small = torch.randn(16, dtype=torch.bfloat16)
+    strided = torch.randn(8, 6, dtype=torch.bfloat16)[:, ::2]
+    large = torch.randn(MEMMOVE_MAX_BYTES // 2 + 8, dtype=torch.bfloat16)  # just over the memmove limit
+    with Cache(host="8MiB") as cache:
+        with _CopySpy() as spy:
+            cache.put("small", small)
+            got_small = cache.get("small")
+        assert spy.dtypes == []
+        with _CopySpy() as spy:
+            cache.put("strided", strided)
+            cache.put("large", large)
+            got_large = cache.get("large")
+            outs = [torch.empty(16, dtype=torch.bfloat16), torch.empty(8, 3, dtype=torch.bfloat16)]
+            cache.get_many(["small", "strided"], out=outs)
+        assert spy.dtypes and set(spy.dtypes) == {torch.bfloat16}
+    assert torch.equal(got_small, small) and torch.equal(got_large, large)
+    assert torch.equal(outs[0], small) and torch.equal(outs[1], strided)
 
 
 def test_disk_reads_go_through_read_into_when_the_tier_has_it(tmp_path):
@@ -831,3 +852,36 @@ def test_strided_values_are_stored_as_the_values_they_show(tmp_path, disk):
             got = cache.get(key)
             assert got.shape == value.shape and got.dtype == value.dtype and torch.equal(got, value)
             assert got.is_contiguous()
+
+
+def test_a_batch_mixing_values_copied_during_the_lookup_with_pinned_ones_is_exact_and_counted(tmp_path):
+    """get_many over host values (copied under the lock, no pin) and disk values (pinned, read after):
+    every value lands in its own slot of ``out``, hits and bytes read are counted for both tiers, and
+    nothing stays pinned."""
+    with Cache(host="4KiB", disk="1MiB", path=tmp_path / "s", policy="lru") as cache:
+        values = {i: torch.randn(64) for i in range(40)}  # 256 B each: 16 fit in the host tier
+        cache.put_many(values.items())
+        tiers = {key: cache.tier_of(key) for key in values}
+        assert set(tiers.values()) == {"host", "disk"}
+        before = cache.stats()
+        keys = list(values)[::-1]
+        outs = [torch.empty(64) for _ in keys]
+        got = cache.get_many(keys, out=outs)
+        assert got == outs and all(torch.equal(o, values[k]) for k, o in zip(keys, outs))
+        fresh = cache.get_many(keys)  # fresh tensors, same split
+        assert all(torch.equal(f, values[k]) for k, f in zip(keys, fresh))
+        after = cache.stats()
+        assert after["gets"] - before["gets"] == 2 * len(keys)
+        host_hits = sum(1 for k in keys if tiers[k] == "host")
+        assert after["tiers"]["host"]["hits"] - before["tiers"]["host"]["hits"] >= host_hits
+        assert after["tiers"]["host"]["bytes_read"] > before["tiers"]["host"]["bytes_read"]
+        assert not cache._pins and not cache._deferred
+
+
+def test_put_many_stores_direct_and_torch_copied_values_in_order_and_a_later_duplicate_wins():
+    strided = torch.arange(48.0).view(8, 6)[:, ::2]  # not contiguous: copied by torch after the lock
+    with Cache(host="1MiB") as cache:
+        cache.put_many([("a", torch.ones(4)), ("b", strided), ("a", torch.full((4,), 2.0)), ("c", strided.t())])
+        assert torch.equal(cache.get("a"), torch.full((4,), 2.0))
+        assert torch.equal(cache.get("b"), strided) and torch.equal(cache.get("c"), strided.t())
+        assert len(cache) == 3 and cache.stats()["puts"] == 4

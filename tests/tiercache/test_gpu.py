@@ -175,7 +175,7 @@ def test_disk_staging_to_gpu_is_verified(tmp_path):
         value = torch.randn(70_000)
         cache.put("x", value)
         entry = cache._index["x"]
-        tier = cache.tiers[entry.tier]
+        tier = cache.tiers[entry.level]
         staging = torch.empty(chunk_file_bytes(entry.slot), dtype=torch.uint8).pin_memory()
         payload = read_chunk_into(tier, entry.slot, entry.header, staging)
         out = torch.empty(payload.numel(), dtype=torch.uint8, device="cuda")
@@ -191,6 +191,6 @@ def test_kvikio_payload_read_matches(tmp_path):
         cache.put("x", value)
         entry = cache._index["x"]
         out = torch.empty(entry.slot.nbytes, dtype=torch.uint8, device="cuda")
-        future = kvikio_read_payload(cache.tiers[entry.tier], entry.slot, out)
+        future = kvikio_read_payload(cache.tiers[entry.level], entry.slot, out)
         assert future.get() == entry.slot.nbytes
         assert torch.equal(out.view(torch.float32).cpu(), value)

@@ -67,3 +67,58 @@ def test_make_policy_accepts_a_custom_object_and_rejects_junk():
         make_policy(object())
     with pytest.raises(TypeError):
         make_policy(42)  # type: ignore[arg-type]
+
+
+# -- lazy re-ranking of hits (rank_grows_on_access) -------------------------------------------------------
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+import torch  # noqa: E402
+
+from tiercache import Cache  # noqa: E402
+from tiercache.policies import reranks_lazily  # noqa: E402
+
+
+def _eager(policy_cls):
+    """The same policy, re-ranked by a queue push on every hit (the reference behaviour)."""
+    return type(f"Eager{policy_cls.__name__}", (policy_cls,), {"rank_grows_on_access": False})
+
+
+def test_builtin_policies_declare_that_hits_only_raise_their_rank():
+    assert all(reranks_lazily(cls()) for cls in (LRUPolicy, LFUPolicy, ScorePolicy))
+    assert not reranks_lazily(_eager(LRUPolicy)()) and not reranks_lazily(object())
+
+
+_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), st.integers(0, 11), st.integers(1, 3)),
+        st.tuples(st.just("get"), st.integers(0, 11), st.just(0)),
+        st.tuples(st.just("score"), st.integers(0, 11), st.integers(-3, 3)),
+        st.tuples(st.just("delete"), st.integers(0, 11), st.just(0)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ops=_ops, which=st.sampled_from([LRUPolicy, LFUPolicy, ScorePolicy]))
+def test_lazy_reranking_evicts_exactly_what_a_push_per_hit_evicts(ops, which):
+    """Hits re-ranked when they come up as victims choose the same victims, in the same order, as a queue
+    push per hit; the tier contents stay the same after every operation."""
+
+    def run(policy):
+        events = []
+        with Cache(host=4 * 256, policy=policy, on_evict=lambda key, reason: events.append(key)) as cache:
+            trace = []
+            for op, key, arg in ops:
+                if op == "put":
+                    cache.put(key, torch.full((arg * 16,), key, dtype=torch.float32))
+                elif op == "get" and key in cache:
+                    cache.get(key)
+                elif op == "score":
+                    cache.update_scores({key: float(arg)})
+                elif op == "delete":
+                    cache.delete(key)
+                trace.append(sorted(cache.keys()))
+        return events, trace
+
+    assert run(which()) == run(_eager(which)())

@@ -174,7 +174,7 @@ def test_read_chunk_into_verifies_and_rejects_damage(tmp_path):
     value = torch.randn(1000)
     cache.put("k", value)
     entry = cache._index["k"]
-    tier = cache.tiers[entry.tier]
+    tier = cache.tiers[entry.level]
     staging = torch.empty(chunk_file_bytes(entry.slot), dtype=torch.uint8)
     payload = read_chunk_into(tier, entry.slot, entry.header, staging)
     assert torch.equal(payload.view(torch.float32), value)
@@ -266,7 +266,7 @@ def test_get_many_drops_a_corrupt_entry_and_releases_pins(tmp_path):
         cache.put("good", torch.ones(500))
         cache.put("bad", torch.zeros(500))
         entry = cache._index["bad"]
-        path = cache.tiers[entry.tier].chunk_path(entry.slot)
+        path = cache.tiers[entry.level].chunk_path(entry.slot)
         raw = bytearray(path.read_bytes())
         raw[4200] ^= 0xFF
         path.write_bytes(bytes(raw))

@@ -103,3 +103,23 @@ class Tier(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def _fast_frozen_init(cls: type) -> None:
+    """Give a frozen ``slots=True`` dataclass an ``__init__`` that stores its fields through their slot
+    descriptors.  The generated dataclass ``__init__`` routes every field through ``object.__setattr__``
+    (the price of ``frozen``), which made building a :class:`Slot` and an :class:`EntryHeader` a
+    noticeable part of every ``put``.  Same signature (positional or keyword, no defaults), same
+    immutability afterwards (``__setattr__`` still refuses)."""
+    names = list(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+    namespace: dict[str, object] = {f"set_{name}": cls.__dict__[name].__set__ for name in names}
+    body = "".join(f"    set_{name}(self, {name})\n" for name in names)
+    exec(f"def __init__(self, {', '.join(names)}):\n{body}", namespace)
+    init = namespace["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"  # type: ignore[attr-defined]
+    cls.__init__ = init  # type: ignore[misc]
+
+
+for _cls in (Slot, EntryHeader, RecoveredEntry):
+    _fast_frozen_init(_cls)
+del _cls

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import threading
 import time
 from typing import Iterator
 
 import torch
 
-from ..allocator import ArenaAllocator, Block
+from ..allocator import ArenaAllocator
 from ..sizes import format_size
 from .base import EntryHeader, RecoveredEntry, Slot
 
@@ -18,6 +20,65 @@ log = logging.getLogger(__name__)
 DEFAULT_CHUNK_BYTES = 1 << 30
 """Pinned memory is allocated in chunks of at most this size: a single huge ``cudaHostAlloc`` can fail
 and pinning takes time, so a host tier of N GiB is N separate 1 GiB arenas."""
+
+MEMMOVE_MAX_BYTES = 1 << 20
+"""CPU arena copies of contiguous CPU payloads up to this size are one ``memmove`` (single-threaded, no
+torch dispatch, the GIL released): for a KV-block-sized value the torch op around a copy (building a
+slot view, dispatching ``copy_``) costs more than moving the bytes.  Larger payloads are copied by torch
+in their own dtype, where its multi-threaded copy pays off."""
+
+memmove = ctypes.memmove
+
+_CHUNK_SHIFT = 48  # a slot's ref: chunk index << 48 | byte offset in the chunk (chunks are < 2**48 bytes)
+_OFFSET_MASK = (1 << _CHUNK_SHIFT) - 1
+
+
+class ArenaPool:
+    """Freed CPU arena chunks kept for the next memory tier that asks for a chunk of the same size (a
+    caching allocator for arenas, like glibc's free lists for ``malloc``): a fresh arena's pages are only
+    faulted in by their first write, which costs more than the copy itself for KV-block-sized values, and
+    pinning fresh host memory takes time.  At most ``limit_bytes`` are kept in all (oldest dropped first);
+    an arena is only taken back when nothing else references its storage (no view escaped).
+    Thread-safe."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self._lock = threading.Lock()
+        self._free: list[tuple[int, bool, torch.Tensor]] = []  # (bytes, pinned, arena), oldest first
+
+    def take(self, nbytes: int, pinned: bool) -> torch.Tensor | None:
+        with self._lock:
+            for i, (size, was_pinned, arena) in enumerate(self._free):
+                if size == nbytes and was_pinned == pinned:
+                    del self._free[i]
+                    return arena
+        return None
+
+    def give(self, arena: torch.Tensor, pinned: bool, uses: int) -> None:
+        """Keep ``arena`` (a CPU chunk) if nothing but its tensor uses its storage (``uses``: the storage's
+        use count when the arena was made) and it fits the limit."""
+        if arena.device.type != "cpu" or arena.numel() > self.limit_bytes or _storage_uses(arena) != uses:
+            return
+        with self._lock:
+            self._free.append((arena.numel(), pinned, arena))
+            while sum(item[0] for item in self._free) > self.limit_bytes:
+                self._free.pop(0)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+
+
+def _storage_uses(tensor: torch.Tensor) -> int:
+    try:
+        return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
+    except (AttributeError, RuntimeError):  # not exposed by this torch: never recycle
+        return -1
+
+
+ARENA_POOL = ArenaPool(1 << 30)
+"""The process-wide pool of freed CPU arena chunks (1 GiB at most; ``ARENA_POOL.clear()`` gives them
+back, ``ARENA_POOL.limit_bytes = 0`` turns recycling off)."""
 
 
 class ArenaTier:
@@ -51,15 +112,20 @@ class ArenaTier:
             allocator = ArenaAllocator(size, min_block)
             if allocator.capacity == 0:
                 break
-            self._arenas.append(
-                torch.empty(allocator.capacity, dtype=torch.uint8, device=self.device, pin_memory=pin_memory)
-            )
+            arena = ARENA_POOL.take(allocator.capacity, pin_memory) if self.device.type == "cpu" else None
+            if arena is None:
+                arena = torch.empty(allocator.capacity, dtype=torch.uint8, device=self.device, pin_memory=pin_memory)
+            self._arenas.append(arena)
             self._allocators.append(allocator)
             remaining -= allocator.capacity
         self.capacity = sum(a.capacity for a in self._allocators)
         # A slot lies within one chunk of the arena; chunks never change size.
         self._max_nbytes = max((a.max_block for a in self._allocators), default=0) or -1
         self._typed: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # (chunk, dtype) -> arena viewed as dtype
+        self._uses = [_storage_uses(arena) for arena in self._arenas]  # for ArenaPool.give at close
+        # CPU arenas: each chunk's base address, so a copy of a slot is one memmove (see ``address``).
+        self.addressable = self.device.type == "cpu"
+        self._bases = [arena.data_ptr() for arena in self._arenas] if self.addressable else []
         self.pinned = pin_memory
         if pin_memory and self.capacity:
             log.info("tiercache: pinned %d bytes of host memory in %d chunk(s) in %.2f s",
@@ -80,37 +146,48 @@ class ArenaTier:
         """Budget bytes a payload of ``nbytes`` occupies (rounded up to the allocator's minimum block)."""
         return ArenaAllocator.block_size(nbytes, self._allocators[0].min_block) if self._allocators else nbytes
 
-    # A slot's ``ref`` is ``(chunk index, byte offset)``: a tuple of ints, which Python's cyclic GC stops
-    # tracking, so a tier holding many entries adds no GC work for its handles (the block's size is
-    # ``slot.charged``).
+    # A slot's ``ref`` is one int, ``chunk index << _CHUNK_SHIFT | byte offset``: an int is not tracked by
+    # Python's cyclic GC, so a tier holding many entries adds no GC work for its handles (the block's
+    # size is ``slot.charged``).
     def allocate(self, nbytes: int) -> Slot | None:
         for index, allocator in enumerate(self._allocators):
-            block = allocator.alloc(nbytes)
-            if block is not None:
-                return Slot((index, block.offset), nbytes, block.size)
+            found = allocator.alloc_range(nbytes)
+            if found is not None:
+                return Slot(index << _CHUNK_SHIFT | found[0], nbytes, found[1])
         return None
 
     def free(self, slot: Slot) -> None:
-        index, offset = slot.ref  # type: ignore[misc]
-        self._allocators[index].free(Block(offset, slot.charged))
+        ref: int = slot.ref  # type: ignore[assignment]
+        index, offset = ref >> _CHUNK_SHIFT, ref & _OFFSET_MASK
+        self._allocators[index].free_range(offset, slot.charged)
 
     def view(self, slot: Slot) -> torch.Tensor:
         """The slot's bytes in place (1-D uint8, ``slot.nbytes`` long)."""
-        index, offset = slot.ref  # type: ignore[misc]
+        ref: int = slot.ref  # type: ignore[assignment]
+        index, offset = ref >> _CHUNK_SHIFT, ref & _OFFSET_MASK
         return self._arenas[index][offset : offset + slot.nbytes]
 
     def locate(self, slot: Slot) -> tuple[torch.Tensor, int]:
         """The arena holding the slot (1-D uint8 on ``device``) and the slot's byte offset in it, so a
         batched copy can address many slots without a view per slot.  Valid until the slot is freed."""
-        index, offset = slot.ref  # type: ignore[misc]
+        ref: int = slot.ref  # type: ignore[assignment]
+        index, offset = ref >> _CHUNK_SHIFT, ref & _OFFSET_MASK
         return self._arenas[index], offset
+
+    def address(self, slot: Slot) -> int:
+        """CPU arenas (``addressable``): the address of the slot's first byte, for a ``memmove`` of its
+        ``slot.nbytes`` bytes.  Valid until the slot is freed (and the tier closed)."""
+        ref: int = slot.ref  # type: ignore[assignment]
+        index, offset = ref >> _CHUNK_SHIFT, ref & _OFFSET_MASK
+        return self._bases[index] + offset
 
     def typed_view(self, slot: Slot, dtype: torch.dtype) -> torch.Tensor:
         """The slot's bytes in place as a 1-D tensor of ``dtype`` (``slot.nbytes`` must be a multiple of
         its item size).  Slots start at multiples of ``min_block`` (256) bytes, so every dtype is aligned;
         copying through this view runs in the value's own dtype, not byte by byte.  Valid until the slot
         is freed."""
-        index, offset = slot.ref  # type: ignore[misc]
+        ref: int = slot.ref  # type: ignore[assignment]
+        index, offset = ref >> _CHUNK_SHIFT, ref & _OFFSET_MASK
         typed = self._typed.get((index, dtype))
         if typed is None:
             typed = self._typed[(index, dtype)] = self._arenas[index].view(dtype)
@@ -119,7 +196,12 @@ class ArenaTier:
 
     def write(self, slot: Slot, data: torch.Tensor, header: EntryHeader) -> None:
         """Copy ``data`` (1-D contiguous, any dtype, ``slot.nbytes`` bytes, any device) into the slot, in
-        ``data``'s own dtype."""
+        ``data``'s own dtype (or, for a CPU arena and a CPU payload of at most ``MEMMOVE_MAX_BYTES``, one
+        ``memmove``)."""
+        if self.addressable and slot.nbytes <= MEMMOVE_MAX_BYTES and data.is_cpu and data.is_contiguous():
+            if slot.nbytes:
+                memmove(self.address(slot), data.data_ptr(), slot.nbytes)
+            return
         self.typed_view(slot, data.dtype).copy_(data)
 
     def describe(self) -> dict[str, object]:
@@ -140,8 +222,10 @@ class ArenaTier:
         return iter(())
 
     def close(self) -> None:
-        self._arenas.clear()
         self._typed.clear()
+        arenas, self._arenas, self._bases = self._arenas, [], []
+        for arena, uses in zip(arenas, self._uses):
+            ARENA_POOL.give(arena, self.pinned, uses)
 
 
 def physical_memory() -> int | None:

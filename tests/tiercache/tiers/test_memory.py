@@ -93,3 +93,49 @@ def test_a_host_budget_above_physical_memory_is_refused(monkeypatch):
         tiercache.Cache(host="65MiB")
     with tiercache.Cache(host="64MiB") as cache:  # up to the physical size is accepted
         assert cache.tiers[0].capacity == 64 << 20
+
+
+# -- arena recycling and addressing ------------------------------------------------------------------
+from tiercache.tiers import memory as memory_module  # noqa: E402
+
+
+@pytest.fixture
+def pool(monkeypatch):
+    fresh = memory_module.ArenaPool(1 << 24)
+    monkeypatch.setattr(memory_module, "ARENA_POOL", fresh)
+    return fresh
+
+
+def test_a_closed_tiers_arena_is_reused_by_the_next_tier_of_that_chunk_size(pool):
+    first = ArenaTier("host", 1 << 20, "cpu")
+    address = first.address(first.allocate(100))
+    first.close()
+    other_size = ArenaTier("host", 1 << 19, "cpu")  # a different chunk size does not take it
+    assert other_size.address(other_size.allocate(100)) != address
+    second = ArenaTier("host", 1 << 20, "cpu")
+    assert second.address(second.allocate(100)) == address  # the same (already touched) memory
+    assert pool.take(1 << 20, False) is None  # handed out once
+
+
+def test_an_arena_whose_view_escaped_is_not_recycled_and_the_limit_holds(pool):
+    tier = ArenaTier("host", 1 << 20, "cpu")
+    slot = tier.allocate(64)
+    kept = tier.read(slot, _header(64))  # aliases the arena
+    tier.close()
+    assert pool.take(1 << 20, False) is None and kept.numel() == 64
+    pool.limit_bytes = 1 << 19
+    small = ArenaTier("host", 1 << 20, "cpu")
+    small.close()
+    assert pool.take(1 << 20, False) is None  # over the limit: dropped
+
+
+def test_slots_are_addressed_by_pointer_and_writes_match_the_typed_view(pool):
+    tier = ArenaTier("host", 1 << 16, "cpu", chunk_bytes=1 << 15)
+    slots = [tier.allocate(1 << 14) for _ in range(4)]  # spans both chunks
+    assert len({s.ref >> memory_module._CHUNK_SHIFT for s in slots}) == 2
+    assert all(isinstance(s.ref, int) for s in slots)
+    for i, slot in enumerate(slots):
+        value = torch.full((1 << 12,), float(i))
+        tier.write(slot, value, _header(1 << 14))
+        assert torch.equal(tier.typed_view(slot, torch.float32), value)
+        assert tier.address(slot) == tier.typed_view(slot, torch.float32).data_ptr()
