@@ -628,11 +628,17 @@ class DataPaths(Moves):
         for src, positions in batched.items():
             start = time.perf_counter()
             requests, landing = [], []
+            strided = getattr(tiers[src], "reads_strided", False)
             for i in positions:
                 entry, _, slot, header = pinned[i]
                 dst = results[i]
-                direct = dst.device.type == "cpu" and dst.is_contiguous()
-                buf = as_bytes(dst.view(-1)) if direct else torch.empty(header.nbytes, dtype=torch.uint8)
+                on_cpu = dst.device.type == "cpu"
+                if on_cpu and dst.is_contiguous():
+                    buf, direct = as_bytes(dst.view(-1)), True
+                elif on_cpu and strided and dst.dim() and dst.stride(-1) == 1:
+                    buf, direct = dst, True  # the tier reads the rows in place
+                else:
+                    buf, direct = torch.empty(header.nbytes, dtype=torch.uint8), False
                 requests.append((slot, header, buf))
                 landing.append((i, buf, direct))
                 nbytes[src] += header.nbytes
@@ -645,7 +651,7 @@ class DataPaths(Moves):
             for i, buf, direct in landing:
                 if not direct:
                     copy_payload(results[i], buf, pinned[i][0].dtype)
-                copies[i] = buf
+                copies[i] = buf if buf.dim() == 1 and buf.is_contiguous() else None
             seconds[src] += time.perf_counter() - start
         reads.append((nbytes, seconds))
         return results, copies
