@@ -74,7 +74,7 @@ class Settings:
     batches: tuple[int, ...] = (1, 4, 8)
     full_points: tuple[tuple[int, int], ...] = ((8192, 4),)  # every budget, warm runs, bandwidth, checks
     budgets: tuple[int | float, ...] = (2048, 0.0625, 0.25)  # int: tokens; float: fraction of the context
-    max_kv_gib: float = 1.5  # (context, batch) points whose float32 KV exceeds this are not run
+    max_kv_gib: float = 1.0  # (context, batch) points whose float32 KV exceeds this are not run
     steps: int = 2  # timed decode steps per configuration per round
     warmup: int = 1  # untimed steps per configuration before the first round
     repeats: int = 3  # rounds (per thread count)
@@ -912,7 +912,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="CONTEXTxBATCH points with every budget, warm runs, bandwidth and checks (default 8192x4)")
     parser.add_argument("--budgets", type=lambda t: tuple(_budget(x) for x in t.split(",")), default=None,
                         help="sparse budgets at the full points: token counts and/or fractions (default 2048,0.0625,0.25)")
-    parser.add_argument("--max-kv-gib", type=float, default=None, help="skip points whose KV is larger (default 1.5)")
+    parser.add_argument("--max-kv-gib", type=float, default=None, help="skip points whose float32 KV is larger, in GiB (default 1.0: 4K x 8 and 8K x 8 are skipped)")
     parser.add_argument("--steps", type=lambda t: parse_ints(t, "--steps")[0], default=None, help="timed steps per round (default 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps before the first round (default 1)")
     parser.add_argument("--repeats", type=lambda t: parse_ints(t, "--repeats")[0], default=None, help="rounds (default 3)")
