@@ -135,14 +135,24 @@ def distinct_budgets(budgets: tuple[int | float, ...], context: int, block: int)
 
 def configurations(s: Settings, full: bool, context: int, block: int) -> tuple[list[Config], dict[str, str]]:
     """Configurations of one point in run order (the reference, ``DynamicCache``, first)."""
-    out = [Config(DYNAMIC), Config(EXACT, None, "cold")]
+    groups, merged = config_groups(s, full, context, block)
+    return [cfg for group in groups for cfg in group], merged
+
+
+def config_groups(s: Settings, full: bool, context: int, block: int) -> tuple[list[list[Config]], dict[str, str]]:
+    """The configurations of one point in groups whose caches are alive at the same time (each disk tier
+    keeps up to 4096 files open; a dozen caches exceed the open-file limit): the first holds the reference
+    (``DynamicCache``), exact cold and the three sparse strategies at the headline budget, cold, so the
+    issue-9 ratios are taken between interleaved runs; then one group per other budget (its three
+    strategies, interleaved); then the warm runs.  ``{merged budget label: kept label}``."""
     budgets, merged = distinct_budgets(s.budgets if full else (HEADLINE_BUDGET,), context, block)
     headline = next((b for b in budgets if budget_label(b) == budget_label(HEADLINE_BUDGET)
                      or merged.get(budget_label(HEADLINE_BUDGET)) == budget_label(b)), budgets[0])
-    out += [Config(system, b, "cold") for b in budgets for system in SPARSE]
+    groups = [[Config(DYNAMIC), Config(EXACT, None, "cold")] + [Config(system, headline, "cold") for system in SPARSE]]
+    groups += [[Config(system, b, "cold") for system in SPARSE] for b in budgets if b != headline]
     if full and s.warm:
-        out += [Config(EXACT, None, "warm")] + [Config(system, headline, "warm") for system in SPARSE]
-    return out, merged
+        groups.append([Config(EXACT, None, "warm")] + [Config(system, headline, "warm") for system in SPARSE])
+    return groups, merged
 
 
 def points(s: Settings, kv_per_token: int) -> list[tuple[int, int]]:
@@ -351,7 +361,9 @@ class Point:
     """All configurations of one (context, batch) point, decoding in lock-step (see the module docstring)."""
 
     def __init__(self, model: Any, name: str, kv: list, last: torch.Tensor, prompt: torch.Tensor | None,
-                 configs: list[Config], s: Settings, workdir: Path, requested: int) -> None:
+                 groups: list[list[Config]], s: Settings, workdir: Path, requested: int) -> None:
+        configs = [cfg for group in groups for cfg in group]
+        self.groups = groups
         self.model, self.name, self.kv, self.last, self.prompt = model, name, kv, last, prompt
         self.configs, self.s, self.workdir = configs, s, workdir
         self.context, self.batch = kv[0][0].shape[2] + 1, kv[0][0].shape[0]
@@ -365,8 +377,8 @@ class Point:
     def store(self, cfg: Config) -> Path:
         return self.workdir / f"{cfg.system}-{cfg.budget}-{cfg.state}"
 
-    def build(self, skip: dict[str, str]) -> None:
-        for cfg in self.configs:
+    def build(self, group: list[Config], skip: dict[str, str]) -> None:
+        for cfg in group:
             run = self.runs[cfg]
             if cfg.system in skip:
                 run.available, run.note = False, skip[cfg.system]
@@ -426,10 +438,13 @@ class Point:
                 raise
             fail(run, exc)
 
-    def run(self, bar: Any) -> None:
+    def run(self, group: list[Config], bar: Any) -> None:
+        """Warm-up and timed rounds of ``group`` (the reference, if in it, first in every round; a group
+        without it decodes the tokens the reference decoded in the first group)."""
         s = self.s
-        ref, others = self.configs[0], self.configs[1:]
-        for cfg in self.configs:  # warm-up (untimed), the reference first
+        ref = [cfg for cfg in group if cfg == self.configs[0]]
+        others = [cfg for cfg in group if cfg != self.configs[0]]
+        for cfg in ref + others:  # warm-up (untimed)
             bar.set_postfix_str(f"{self.name} ctx {self.context} b {self.batch} warm-up {cfg.label}")
             self.advance(cfg, s.warmup, None, None)
         k = 0
@@ -437,21 +452,22 @@ class Point:
             for t in s.threads:
                 order = others[k % max(1, len(others)):] + others[:k % max(1, len(others))]
                 k += 1
-                for cfg in [ref, *order]:
+                for cfg in [*ref, *order]:
                     bar.set_postfix_str(f"{self.name} ctx {self.context} b {self.batch} {t}t #{rnd + 1} {cfg.label}")
                     self.advance(cfg, s.steps, t, rnd)
                     bar.update(1)
-        for cfg, cache in self.caches.items():
-            if hasattr(cache, "stats") and self.runs[cfg].available:
+        for cfg in group:
+            cache = self.caches.get(cfg)
+            if cache is not None and hasattr(cache, "stats") and self.runs[cfg].available:
                 self.runs[cfg].stats = cache.stats()
                 self.runs[cfg].reuse_rate = reuse_rate(self.runs[cfg].stats)
 
-    def close(self) -> None:
-        for cfg, cache in self.caches.items():
-            if hasattr(cache, "close"):
+    def close_group(self, group: list[Config]) -> None:
+        for cfg in group:
+            cache = self.caches.pop(cfg, None)
+            if cache is not None and hasattr(cache, "close"):
                 cache.close()
             shutil.rmtree(self.store(cfg), ignore_errors=True)
-        self.caches.clear()
 
 
 def fail(run: Run, exc: BaseException) -> None:
@@ -539,31 +555,37 @@ def run_all(s: Settings, workdir: Path, *, show_progress: bool = True) -> tuple[
     plans = []
     for c, b in pts:
         context = min(c, max_pos - horizon, ids.shape[-1])
-        configs, merged = configurations(s, (c, b) in s.full_points, context - 1, block)
+        groups, merged = config_groups(s, (c, b) in s.full_points, context - 1, block)
         info["budget_merges"][f"{c}x{b}"] = merged
-        plans.append(("smollm2" if s.model == "smollm2" else s.model, c, b, context, configs))
+        plans.append(("smollm2" if s.model == "smollm2" else s.model, c, b, context, groups))
     deep = deep_model(s.synthetic_layers, max(s.synthetic, default=0) + horizon + 8) if s.synthetic else None
     for c in s.synthetic:
-        configs, merged = configurations(s, False, c - 1, block)
-        plans.append(("synthetic", c, 1, c, configs))
-    total = sum(len(p[4]) * s.repeats * len(s.threads) for p in plans)
+        groups, merged = config_groups(s, False, c - 1, block)
+        plans.append(("synthetic", c, 1, c, groups))
+    total = sum(len(g) for p in plans for g in p[4]) * s.repeats * len(s.threads)
     bar = tqdm(total=total, desc="sparse speed", unit="run", disable=not show_progress)
-    for name, c, b, context, configs in plans:
+    for name, c, b, context, groups in plans:
         if name == "synthetic":
             net, kv = deep, synthetic_kv(deep, context - 1, seed=c)
             last, prompt = torch.randint(3, 1024, (1, 1), generator=torch.Generator().manual_seed(c)), None
         else:
             net, kv = model, point_kv(prefilled, b, context - 1)
             last, prompt = ids[:b, context - 1:context], ids[:b, :context - 1]
-        point = Point(net, name, kv, last, prompt, configs, s, workdir, c)
+        point = Point(net, name, kv, last, prompt, groups, s, workdir, c)
         try:
-            bar.set_postfix_str(f"{name} ctx {context} b {b}: filling {len(configs)} caches")
-            point.build(skip)
-            point.run(bar)
-            if name != "synthetic" and (c, b) in s.full_points:
-                info["bandwidth"][f"{c}x{b}"] = bandwidth(point)
+            for i, group in enumerate(groups):
+                bar.set_postfix_str(f"{name} ctx {context} b {b}: filling {len(group)} caches")
+                try:
+                    point.build(group, skip)
+                    if i == len(groups) - 1:
+                        point.kv = kv = None  # DynamicCache's own copies are replaced at its first step
+                    point.run(group, bar)
+                    if i == 0 and name != "synthetic" and (c, b) in s.full_points:
+                        info["bandwidth"][f"{c}x{b}"] = bandwidth(point)
+                finally:
+                    point.close_group(group)
         finally:
-            point.close()
+            point.close_group(point.configs)
         runs.extend(point.runs.values())
         del kv, point
     bar.close()
@@ -674,7 +696,7 @@ def targets(rows: list[Row], info: dict[str, Any], s: Settings) -> list[dict[str
                     "baseline_ms": slow.ms_per_step if ok else None, "ratio": ratio, "target": f">= {target:g}x",
                     "met": None if ratio is None else ratio >= target, "note": why or note})
 
-    threads = sorted({r.threads for r in rows}) or list(s.threads)
+    threads = list(s.threads)
     for c, b in s.full_points:
         key = f"{c}x{b}"
         merges = info.get("budget_merges", {}).get(key, {})

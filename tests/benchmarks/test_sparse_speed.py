@@ -123,7 +123,7 @@ def test_targets_are_judged_on_ratios(speed):
         fields.update(kw)
         return speed.Row(**fields)
 
-    s = speed.Settings(budgets=(0.25,))
+    s = speed.Settings(budgets=(0.25,), threads=(1,))
     info = {"budget_merges": {"8192x4": {}}, "kv_bytes_per_token": 46080,
             "bandwidth": {"8192x4": {"disk": {"bytes_per_s": 300 * 2**20 / 0.5}, "host_bytes_per_s": {"1": 100 * 2**20 / 0.1},
                                      "host_capacity": 2**28}}}
