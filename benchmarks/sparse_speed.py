@@ -21,10 +21,10 @@ says ``fadvise``), **warm** = ``direct_io=False`` with the page cache left alone
 How it is timed (see docs/benchmarks.md, "Sparse decode speed"): the prompt rows are prefilled **once**
 through the model into ``DynamicCache``s; every (context, batch) point takes a prefix / the first rows
 of them, and every configuration's cache is filled with those K/V (``Cache.update``; a sparse cache's key
-digests are appended from the same keys, see :func:`fill_cache`).  All caches of a point stay alive and
-decode the *same* tokens in lock-step: the reference configuration (``DynamicCache``) runs first in each
-round and its greedy tokens are fed to every other configuration (teacher forcing), whose logits are
-compared with the reference's at the same step.  ``--warmup`` untimed steps, then ``--repeats`` rounds ×
+digests are appended from the same keys, see :func:`fill_cache`).  The caches of a point decode the
+*same* tokens in lock-step, in groups alive together (:func:`config_groups`): the reference
+(``DynamicCache``) runs first in each round of the first group and its greedy tokens are fed to every
+other configuration (teacher forcing), whose logits are compared with the reference's at the same step.  ``--warmup`` untimed steps, then ``--repeats`` rounds ×
 thread counts, each timing ``--steps`` steps per configuration, the order of the tiered configurations
 rotated every round.  Figures are medians over every timed step.  Writes ``sparse_speed.json``, ``.md``
 and ``.png`` under ``--out``.
