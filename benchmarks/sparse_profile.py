@@ -8,7 +8,8 @@ the same prefilled K/V (host tier ``--host-fraction`` of the KV, disk the rest w
 ``sparse_speed.py``), decodes ``--warmup`` untimed steps, then ``--steps`` steps under ``cProfile`` at
 ``--threads`` torch threads.  Writes per strategy ``sparse_profile_<strategy>.txt`` (the top functions by
 own time and by cumulative time, as ``pstats`` prints them) and ``sparse_profile.json`` (per strategy:
-wall seconds per step, the cache's per-stage seconds per step, and the top functions with their share of
+wall seconds per step, the cache's per-stage seconds per step, its rates (reuse, prefetch hit, prediction
+recall; cumulative since the fill, warm-up included), and the top functions with their share of
 the profiled wall time), and prints a summary.  ``--distinct-rows N`` prefills only N distinct prompt rows
 and repeats them up to the batch (prefill is the slow part on a 2-core machine; repeated rows select the
 same blocks, so the union over rows is smaller than with distinct rows: say so when quoting figures).
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                         feed = model(input_ids=feed, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
                     prof.disable()
                     wall = time.perf_counter() - start
-                    delta = stats_delta(before, cache.stats())
+                    after = cache.stats()
+                    delta = stats_delta(before, after)
             finally:
                 cache.close()
                 shutil.rmtree(workdir / strategy, ignore_errors=True)
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             stages = {k: v / args.steps for k, v in find_numbers(own, "seconds").items() if "last_step" not in k}
             summary["strategies"][strategy] = {
                 "fill_s": fill, "wall_s_per_step": wall / args.steps, "stages_s_per_step": stages,
-                "rates": find_numbers(own, "rate", "recall", "precision"), "top_own": top_functions(prof, wall)}
+                "rates": find_numbers({k: v for k, v in after.items() if k != "tiercache"}, "rate", "recall", "precision"), "top_own": top_functions(prof, wall)}
             print(f"\n== {strategy}: {1000 * wall / args.steps:.0f} ms/step under cProfile (fill {fill:.0f} s)")
             for k, v in sorted(stages.items(), key=lambda kv: -kv[1])[:10]:
                 print(f"   stage {k}: {1000 * v:.1f} ms/step ({100 * v * args.steps / wall:.0f}%)")
