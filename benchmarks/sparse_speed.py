@@ -760,6 +760,7 @@ def _short(note: str | None) -> str:
 
 
 STAGE_NAMES = ("scoring_seconds", "fetch_seconds", "attention_seconds", "placement_seconds")
+STAGE_SHORT = {"scoring_seconds": "score", "fetch_seconds": "fetch", "attention_seconds": "attn", "placement_seconds": "place"}
 
 
 def _stages(r: Row) -> str:
@@ -769,10 +770,11 @@ def _stages(r: Row) -> str:
     for name in STAGE_NAMES:
         hit = [v for k, v in r.stages_ms.items() if k.startswith("sparse.total.") and k.endswith(name)]
         if hit:
-            parts.append(f"{name.split('_')[0][:5]} {hit[0]:.3g}")
+            parts.append(f"{STAGE_SHORT[name]} {hit[0]:.3g}")
     if r.system == EXACT:
         parts += [f"fetch {v:.3g}" for k, v in r.stages_ms.items() if k == "kv.fetch_seconds"]
-    pipe = {k.split(".", 1)[1]: v for k, v in r.stages_ms.items() if k.startswith("pipeline.")}
+    pipe = {k.split(".", 1)[1]: v for k, v in r.stages_ms.items() if k.startswith("pipeline.")
+            and not k.startswith("pipeline.stages.") and any(w in k for w in ("sync", "wait", "copy", "background"))}
     for k, v in sorted(pipe.items()):
         if v >= 0.05:
             parts.append(f"{k.replace('_seconds', '')} {v:.2g}")
@@ -781,7 +783,7 @@ def _stages(r: Row) -> str:
 
 def table(rows: list[Row], acc: dict[str, dict[str, float]]) -> list[str]:
     lines = ["| model | context | batch | threads | configuration | ms/step | tokens/s | MiB/step host + disk | "
-             "stage ms/step | reuse | top-1 vs DynamicCache (teacher-forced, this run) | accuracy run top-1 / KL |",
+             "stage ms/step (pipeline: sync / copy / wait / background) | reuse | top-1 vs DynamicCache (teacher-forced, this run) | accuracy run top-1 / KL |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r.model != "smollm2", r.requested_context, r.batch, r.threads,
                                          SYSTEMS.index(r.system), str(r.budget), str(r.state))):
