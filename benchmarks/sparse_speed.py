@@ -373,6 +373,7 @@ class Point:
         self.pos: dict[Config, int] = {cfg: 0 for cfg in configs}
         self.feed: list[torch.Tensor] = [last]  # input ids of step i (the reference's greedy tokens)
         self.ref_logits: list[torch.Tensor] = []
+        self.last_stats: dict[Config, dict[str, Any]] = {}
 
     def store(self, cfg: Config) -> Path:
         return self.workdir / f"{cfg.system}-{cfg.budget}-{cfg.state}"
@@ -428,7 +429,13 @@ class Point:
                                               "top1": float((last.argmax(-1) == ref.argmax(-1)).float().mean()),
                                               "max_abs_logit_diff": float((last - ref).abs().max())}
                     if tiered:
-                        record.update(step_record(before, cache.stats()))
+                        after = cache.stats()
+                        record.update(step_record(before, after))
+                        # the disk tier's reads since this cache's previous step ended: background reads
+                        # (staging ahead) that ran after a step are attributed to the next one
+                        since = stats_delta(self.last_stats.get(cfg, before), after)
+                        record["disk_tier_bytes"] = float(tier_row(since, "disk").get("bytes_read", 0))
+                        self.last_stats[cfg] = after
                     if threads is not None:
                         run.steps.append(record)
                     elif not reference:
@@ -635,6 +642,7 @@ class Row:
     max_abs_logit_diff: float | None
     samples_ms: list[float]
     pipeline: dict[str, float] = field(default_factory=dict)
+    disk_tier_bytes: float = float("nan")  # everything the disk tier read per step, background staging included
 
 
 def summarise(runs: list[Run]) -> list[Row]:
@@ -655,7 +663,9 @@ def summarise(runs: list[Run]) -> list[Row]:
                             run.batch * 1000 / ms if ms == ms and ms > 0 else float("nan"),
                             median([st.get("host_bytes", 0.0) for st in steps]) if run.system != DYNAMIC else float("nan"),
                             median([st.get("disk_bytes", 0.0) for st in steps]) if run.system != DYNAMIC else float("nan"),
-                            stages, run.reuse_rate, top1, diff, [st["ms"] for st in steps], pipe))
+                            stages, run.reuse_rate, top1, diff, [st["ms"] for st in steps], pipe,
+                            median([st.get("disk_tier_bytes", float("nan")) for st in steps]) if run.system != DYNAMIC
+                            else float("nan")))
     return rows
 
 
@@ -782,7 +792,7 @@ def _stages(r: Row) -> str:
 
 
 def table(rows: list[Row], acc: dict[str, dict[str, float]]) -> list[str]:
-    lines = ["| model | context | batch | threads | configuration | ms/step | tokens/s | MiB/step host + disk | "
+    lines = ["| model | context | batch | threads | configuration | ms/step | tokens/s | MiB/step fetched host + disk (disk tier read, background included) | "
              "stage ms/step (pipeline: sync / copy / wait / background) | reuse | top-1 vs DynamicCache (teacher-forced, this run) | accuracy run top-1 / KL |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r.model != "smollm2", r.requested_context, r.batch, r.threads,
@@ -792,7 +802,7 @@ def table(rows: list[Row], acc: dict[str, dict[str, float]]) -> list[str]:
             lines.append(f"| {r.model} | {ctx} | {r.batch} | {r.threads} | {r.label} | {_short(r.note)} | | | | | | |")
             continue
         label = r.label + (f" ({r.cold_method})" if r.state == "cold" and r.cold_method == "fadvise" else "")
-        io = "–" if r.system == DYNAMIC else f"{_mib(r.host_bytes)} + {_mib(r.disk_bytes)}"
+        io = "–" if r.system == DYNAMIC else f"{_mib(r.host_bytes)} + {_mib(r.disk_bytes)} ({_mib(r.disk_tier_bytes)})"
         a = acc.get(budget_label(r.budget)) if r.budget is not None else None
         accs = f"{a['top1_agreement']:.4f} / {a['mean_kl']:.3g}" if a else "–"
         agree = "ref" if r.system == DYNAMIC else (f"{r.top1_vs_reference:.3f}" if r.top1_vs_reference is not None else "–")

@@ -56,6 +56,7 @@ def test_quick_run_covers_every_row(speed, tmp_path):
         if r["state"] == "cold":
             assert r["cold_method"] in ("direct_io", "fadvise")
             assert r["disk_bytes"] > 0  # the host tier holds 25 % of the KV: the rest is read from disk
+            assert r["disk_tier_bytes"] >= r["disk_bytes"]  # reads since the previous step include the step's
         assert r["stages_ms"], r
         if r["system"] == speed.EXACT:
             kv = kv_per_token * r["context"] * r["batch"] if r["model"] == "tiny" else None
