@@ -55,7 +55,8 @@ def test_quick_run_covers_every_row(speed, tmp_path):
             continue
         if r["state"] == "cold":
             assert r["cold_method"] in ("direct_io", "fadvise")
-            assert r["disk_bytes"] > 0  # the host tier holds 25 % of the KV: the rest is read from disk
+            if r["system"] in (speed.EXACT, speed.FETCH):  # (3b) and (4) may serve a step from staged / reused blocks
+                assert r["disk_bytes"] > 0  # the host tier holds 25 % of the KV: the rest is read from disk
             assert r["disk_tier_bytes"] >= r["disk_bytes"]  # reads since the previous step include the step's
         assert r["stages_ms"], r
         if r["system"] == speed.EXACT:
