@@ -1,45 +1,48 @@
-"""Sparse-decode speed benchmark (CPU, SmolLM2; issue 9): ms per decode step and bytes read per tier.
+"""Sparse-decode speed benchmark (CPU): ms per decode step, tokens/s, bytes per tier and per-stage time.
 
-    python benchmarks/sparse_speed.py --out benchmarks/results               # full run (SmolLM2)
-    python benchmarks/sparse_speed.py --quick                                # tiny random model, seconds
-    python benchmarks/sparse_speed.py --contexts 8192 --batches 4 --threads 1 --steps 4 --repeats 3
+    python benchmarks/sparse_speed.py --out benchmarks/results     # full run (SmolLM2 + a deep random config)
+    python benchmarks/sparse_speed.py --quick                      # tiny random model, seconds
+    python benchmarks/sparse_speed.py --contexts 8192 --batches 4 --synthetic none   # the headline point only
 
-For every context × batch × torch thread count, side by side in one run and interleaved within each
-repeat (the order rotates between repeats):
+Rows, side by side in one run (the numbering of the end-to-end issue):
 
-- ``dynamic``: transformers ``DynamicCache``, everything in RAM (no tiers);
-- ``exact``: exact ``TieredKVCache``;
-- ``fetch-every-step``: sparse, ``strategy="fetch-every-step"`` (every selected block fetched from its
-  home tier every step: the published offloaders' design);
-- ``attention-aware``: sparse, ``strategy="attention-aware"`` (this project's design).
+1. ``dynamic``: transformers ``DynamicCache``, everything in RAM, where it fits;
+2. ``exact``: exact ``TieredKVCache``;
+3. ``fetch-every-step``: sparse, every selected block read from its home tier every step;
+3b. ``reuse-layer-ahead``: sparse, reuse of the previous step's hits + one-layer-ahead prefetch, no
+   attention-aware placement, no disk staging (the ShadowKV / InfiniGen class);
+4. ``attention-aware``: sparse, the full system (attention-aware placement + pipeline + disk staging).
 
-Tiered caches get a host tier of 25 % of the KV size (layers × 2 × KV heads × head dim × dtype size ×
-tokens × batch) and a disk tier for the rest under ``--workdir`` (default: a temp directory; keep it on
-the real disk, not tmpfs).  Each tiered configuration runs **cold** (disk reads bypass the page cache:
-the disk tier's ``direct_io`` where it is in effect, else the store is dropped from the page cache before
-every step — the label says which) and **warm** (page cache left alone).  The prompt is prefilled once
-per run (every context is a prefix of the longest; every batch takes the first rows) into a
-``DynamicCache`` and copied into each dynamic / exact run's cache with ``Cache.update``; sparse runs
-decode from a ``copy.deepcopy`` of a base cache prefilled through the model once per point (see
-``run_all``), so no timing includes a prefill.  The first decode step (consuming the last prompt token) is untimed; then ``--steps`` steps
-are timed one by one (greedy tokens).  Figures are medians over every timed step of every repeat.
-Targets (8K context, batch 4, budget 25 %, cold): attention-aware ≥ 1.74× faster than
-fetch-every-step and ≥ 3× faster than exact tiered.  Writes ``sparse_speed.json`` (every sample, per-step
-byte counts, the caches' stats, machine, versions, settings, runtime), ``sparse_speed.md`` and
-``sparse_speed.png`` under ``--out``.
+Tiered caches hold ``--host-fraction`` (25 %) of the KV in the host tier and the rest in a disk tier
+under ``--workdir``; **cold** = the disk tier's ``direct_io`` (reads bypass the page cache; where the
+filesystem refuses O_DIRECT the store is dropped from the page cache before every step, and the label
+says ``fadvise``), **warm** = ``direct_io=False`` with the page cache left alone.
+
+How it is timed (see docs/benchmarks.md, "Sparse decode speed"): the prompt rows are prefilled **once**
+through the model into ``DynamicCache``s; every (context, batch) point takes a prefix / the first rows
+of them, and every configuration's cache is filled with those K/V (``Cache.update``; a sparse cache's key
+digests are appended from the same keys, see :func:`fill_cache`).  The caches of a point decode the
+*same* tokens in lock-step, in groups alive together (:func:`config_groups`): the reference
+(``DynamicCache``) runs first in each round of the first group and its greedy tokens are fed to every
+other configuration (teacher forcing), whose logits are compared with the reference's at the same step.  ``--warmup`` untimed steps, then ``--repeats`` rounds ×
+thread counts, each timing ``--steps`` steps per configuration, the order of the tiered configurations
+rotated every round.  Figures are medians over every timed step.  Writes ``sparse_speed.json``, ``.md``
+and ``.png`` under ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import math
+import mmap
 import os
 import shutil
 import sys
 import tempfile
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,68 +52,141 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402  (the benchmarks directory is not a package)
-    parse_ints,
-    MiB, SPARSE_UNAVAILABLE, SparseUnavailable, drop_page_cache, filesystem_of, find_numbers, has_field,
-    kv_cache_bytes, load_bench_model, machine_meta, make_tiered, median, reuse_rate, sparse_available,
+    GiB, MiB, SPARSE_UNAVAILABLE, SparseUnavailable, drop_page_cache, filesystem_of, find_numbers, has_field,
+    kv_cache_bytes, load_bench_model, machine_meta, make_tiered, median, parse_ints, reuse_rate, sparse_available,
     stats_delta, tier_row, torch_threads,
 )
 
 DEFAULT_THREADS = torch.get_num_threads()
-DYNAMIC, EXACT, FETCH, AWARE = "dynamic", "exact", "fetch-every-step", "attention-aware"
-SYSTEMS = (DYNAMIC, EXACT, FETCH, AWARE)
-TARGETS = {FETCH: 1.74, EXACT: 3.0}  # attention-aware speed-up over these, at TARGET_POINT
-TARGET_POINT = (8192, 4)  # (requested context, batch)
+DYNAMIC, EXACT, FETCH, REUSE, AWARE = "dynamic", "exact", "fetch-every-step", "reuse-layer-ahead", "attention-aware"
+SYSTEMS = (DYNAMIC, EXACT, FETCH, REUSE, AWARE)
+SPARSE = (FETCH, REUSE, AWARE)
+ROW = {DYNAMIC: "1", EXACT: "2", FETCH: "3", REUSE: "3b", AWARE: "4"}
+HEADLINE_BUDGET = 0.25
+LOGIT_TOL = 1e-3  # exact tiered vs DynamicCache: max |logit difference| (float32 attention reorderings)
 
 
+# -- settings ---------------------------------------------------------------------------------------------
 @dataclass
 class Settings:
     model: str = "smollm2"
     contexts: tuple[int, ...] = (2048, 4096, 8192)
     batches: tuple[int, ...] = (1, 4, 8)
-    steps: int = 4  # timed decode steps per run
-    repeats: int = 3
+    full_points: tuple[tuple[int, int], ...] = ((8192, 4),)  # every budget, warm runs, bandwidth, checks
+    budgets: tuple[int | float, ...] = (2048, 0.0625, 0.25)  # int: tokens; float: fraction of the context
+    max_kv_gib: float = 1.0  # (context, batch) points whose float32 KV exceeds this are not run
+    steps: int = 2  # timed decode steps per configuration per round
+    warmup: int = 1  # untimed steps per configuration before the first round
+    repeats: int = 3  # rounds (per thread count)
     threads: tuple[int, ...] = field(default_factory=lambda: tuple(dict.fromkeys((1, DEFAULT_THREADS))))
-    budget: float = 0.25
     host_fraction: float = 0.25
-    block_size: int | None = None  # None: the cache's default
-    warm: bool = True  # also run every tiered configuration with the page cache warm
-    fill: str = "update"  # how exact tiered caches get the prompt: "update" (the prefilled K/V) or "model" (prefill each run)
+    block_size: int | None = None  # None: the cache's default (64)
+    warm: bool = True  # warm-page-cache runs at the full points (exact and the headline budget)
+    synthetic: tuple[int, ...] = (16384, 32768)  # contexts of the deep random config (batch 1); () skips it
+    synthetic_layers: int = 48
+    accuracy: str | None = None  # sparse_accuracy.json to show beside the budgets (None: --out's)
 
     @classmethod
     def quick(cls) -> "Settings":
-        return cls(model="tiny", contexts=(256, 512), batches=(1, 2), steps=2, repeats=1, threads=(1,), block_size=16)
+        return cls(model="tiny", contexts=(256, 512), batches=(1, 2), full_points=((512, 2),), budgets=(96, 0.0625, 0.25),
+                   steps=2, warmup=1, repeats=1, threads=(1,), block_size=16, synthetic=(1024,), synthetic_layers=4)
 
 
-def configurations(s: Settings) -> list[tuple[str, str | None]]:
-    """``(system, "cold" | "warm" | None)`` in run order (dynamic has no page-cache state)."""
-    out: list[tuple[str, str | None]] = [(DYNAMIC, None)]
-    for system in (EXACT, FETCH, AWARE):
-        out.append((system, "cold"))
-        if s.warm:
-            out.append((system, "warm"))
-    return out
+@dataclass(frozen=True)
+class Config:
+    """One cache configuration: a system, its sparse budget (``None`` for dense systems) and page-cache
+    state (``None`` for ``DynamicCache``)."""
+
+    system: str
+    budget: int | float | None = None
+    state: str | None = None
+
+    @property
+    def label(self) -> str:
+        parts = [f"({ROW[self.system]}) {self.system}"]
+        if self.budget is not None:
+            parts.append(budget_label(self.budget))
+        if self.state:
+            parts.append(self.state)
+        return " ".join(parts)
+
+
+def budget_label(b: int | float) -> str:
+    return f"{b} tokens" if isinstance(b, int) else f"{100 * b:g}%"
+
+
+def budget_tokens(b: int | float, context: int) -> int:
+    return b if isinstance(b, int) else math.ceil(b * context)
+
+
+def distinct_budgets(budgets: tuple[int | float, ...], context: int, block: int) -> tuple[list[int | float], dict[str, str]]:
+    """``budgets`` without those within one block of an earlier one at ``context`` (fractions first), and
+    ``{merged label: kept label}`` (at 8K, 2048 tokens and 25 % differ by a few tokens: one configuration)."""
+    kept: list[int | float] = []
+    merged: dict[str, str] = {}
+    for b in sorted(budgets, key=lambda x: isinstance(x, int)):
+        same = next((k for k in kept if abs(budget_tokens(k, context) - budget_tokens(b, context)) < block), None)
+        if same is None:
+            kept.append(b)
+        else:
+            merged[budget_label(b)] = budget_label(same)
+    return kept, merged
+
+
+def configurations(s: Settings, full: bool, context: int, block: int) -> tuple[list[Config], dict[str, str]]:
+    """Configurations of one point in run order (the reference, ``DynamicCache``, first)."""
+    groups, merged = config_groups(s, full, context, block)
+    return [cfg for group in groups for cfg in group], merged
+
+
+def config_groups(s: Settings, full: bool, context: int, block: int) -> tuple[list[list[Config]], dict[str, str]]:
+    """The configurations of one point in groups whose caches are alive at the same time (each disk tier
+    keeps up to 4096 files open; a dozen caches exceed the open-file limit): the first holds the reference
+    (``DynamicCache``), exact cold and the three sparse strategies at the headline budget, cold, so the
+    issue-9 ratios are taken between interleaved runs; then one group per other budget (its three
+    strategies, interleaved); then the warm runs.  ``{merged budget label: kept label}``."""
+    budgets, merged = distinct_budgets(s.budgets if full else (HEADLINE_BUDGET,), context, block)
+    headline = next((b for b in budgets if budget_label(b) == budget_label(HEADLINE_BUDGET)
+                     or merged.get(budget_label(HEADLINE_BUDGET)) == budget_label(b)), budgets[0])
+    groups = [[Config(DYNAMIC), Config(EXACT, None, "cold")] + [Config(system, headline, "cold") for system in SPARSE]]
+    groups += [[Config(system, b, "cold") for system in SPARSE] for b in budgets if b != headline]
+    if full and s.warm:
+        groups.append([Config(EXACT, None, "warm")] + [Config(system, headline, "warm") for system in SPARSE])
+    return groups, merged
+
+
+def points(s: Settings, kv_per_token: int) -> list[tuple[int, int]]:
+    """(requested context, batch) points whose KV fits ``max_kv_gib`` (full points always run)."""
+    return [(c, b) for c in s.contexts for b in s.batches
+            if (c, b) in s.full_points or kv_per_token * c * b <= s.max_kv_gib * GiB]
 
 
 def estimate_seconds(s: Settings, kv_per_token: int) -> float:
-    """A rough runtime estimate for SmolLM2 on a 2-core CPU: prefill ≈ 2.5 ms/token; a DynamicCache step ≈
-    70 ms + 16 ms per 1K tokens of context × batch; tiered reads ≈ 1.1 ms/MB (exact reads the whole KV,
-    sparse about the budget); filling or copying a tiered cache ≈ 3 ms/MB; each sparse (strategy, cold/warm)
-    prefills a base cache through the model once per point.  The tiny model is ~100× faster."""
-    total = 2.5e-3 * max(s.contexts) * max(s.batches)
-    for c in s.contexts:
-        for b in s.batches:
-            mb = kv_per_token * c * b / 1e6
-            base = 0.07 + 0.016 * c * b / 1024
-            runs = {DYNAMIC: base, EXACT: base + 1.1e-3 * mb, FETCH: base + 1.1e-3 * mb * s.budget,
-                    AWARE: base + 0.5e-3 * mb * s.budget}
-            for system, state in configurations(s):
-                total += s.repeats * len(s.threads) * ((s.steps + 1) * runs[system] + (0 if system == DYNAMIC else 3e-3 * mb))
-            bases = sum(system in (FETCH, AWARE) for system, _ in configurations(s))
-            total += bases * 2.5e-3 * c * b  # sparse base caches prefilled through the model
-    return total / (100 if s.model == "tiny" else 1)
+    """Rough runtime on the idle 2-core development machine (SmolLM2; tiny: / 10): prefill ≈ 5.5 ms per
+    token per row at 8K (chunked, quadratic part included); filling a tiered cache ≈ 15 ms per MiB (host
+    copy + direct-I/O writes of the disk part); a step ≈ 60 ms + 0.05 ms per 1K context tokens × batch
+    (dense) plus reads at ≈ 1 ms per MiB (sparse: about the budget's share)."""
+    pts = points(s, kv_per_token)
+    rows_ctx: dict[int, int] = {}
+    for c, b in pts:
+        for r in range(b):
+            rows_ctx[r] = max(rows_ctx.get(r, 0), c)
+    total = sum(5.5e-3 * c * (1 + c / 16384) for c in rows_ctx.values())
+    for c, b in pts:
+        full = (c, b) in s.full_points
+        configs, _ = configurations(s, full, c, s.block_size or 64)
+        mib = kv_per_token * c * b / MiB
+        for cfg in configs:
+            frac = 1.0 if cfg.system in (DYNAMIC, EXACT) else min(1.0, budget_tokens(cfg.budget, c) / c)
+            step = 0.06 + 0.05e-3 * c * b + (0 if cfg.system == DYNAMIC else 1e-3 * mib * frac)
+            total += (0 if cfg.system == DYNAMIC else 15e-3 * mib) + step * (s.warmup + s.steps * s.repeats * len(s.threads))
+    for c in s.synthetic:
+        mib = 24 * 1024 * c / MiB * s.synthetic_layers / 48
+        total += 4 * 15e-3 * mib + 5 * (0.05 + 1e-3 * mib) * (s.warmup + s.steps * s.repeats * len(s.threads))
+    return total / (10 if s.model == "tiny" else 1)
 
 
-# -- prompts and prefill ----------------------------------------------------------------------------------
+# -- prompts, prefill, synthetic model ----------------------------------------------------------------------
 def prompt_rows(tokenizer: Any, rows: int, tokens: int, vocab: int) -> torch.Tensor:
     """``(rows, n)`` prompt ids, ``n <= tokens`` equal for every row (no padding): passkey haystacks with
     different keys and depths per row for a real tokenizer, seeded random ids without one."""
@@ -123,98 +199,138 @@ def prompt_rows(tokenizer: Any, rows: int, tokens: int, vocab: int) -> torch.Ten
     return torch.stack([x[:n] for x in ids])
 
 
-def prefill_rows(model: Any, ids: torch.Tensor, chunk: int = 2048) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer ``(keys, values)`` of ``ids[:, :-1]`` (every row prefilled alone, in chunks, so memory
-    stays at one row's activations), concatenated over rows."""
+def prefill_rows(model: Any, ids: torch.Tensor, lengths: list[int], chunk: int = 2048) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per row ``r``: per-layer ``(keys, values)`` (``(1, H, lengths[r], D)``) of ``ids[r, :lengths[r]]``,
+    each row prefilled alone in ``chunk``-token pieces (memory stays at one row's activations)."""
     from transformers import DynamicCache
 
-    per_row = []
+    out = []
     with torch.no_grad():
-        for r in range(ids.shape[0]):
+        for r, n in enumerate(lengths):
             cache = DynamicCache(config=model.config)
-            row = ids[r:r + 1, :-1]
-            for start in range(0, row.shape[-1], chunk):
-                model(input_ids=row[:, start:start + chunk], past_key_values=cache, use_cache=True)
-            per_row.append([(layer.keys, layer.values) for layer in cache.layers])
-    return [(torch.cat([row[i][0] for row in per_row]), torch.cat([row[i][1] for row in per_row]))
-            for i in range(len(per_row[0]))]
+            for start in range(0, n, chunk):
+                model(input_ids=ids[r:r + 1, start:min(n, start + chunk)], past_key_values=cache, use_cache=True)
+            out.append([(layer.keys, layer.values) for layer in cache.layers])
+    return out
 
 
-def sliced(prefilled: list[tuple[torch.Tensor, torch.Tensor]], batch: int, tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first ``batch`` rows and ``tokens`` positions of every layer (contiguous copies)."""
-    return [(k[:batch, :, :tokens].contiguous(), v[:batch, :, :tokens].contiguous()) for k, v in prefilled]
+def point_kv(rows: list[list[tuple[torch.Tensor, torch.Tensor]]], batch: int, tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``batch`` rows' first ``tokens`` positions of every layer, as ``(B, H, T, D)`` tensors
+    (the K/V of a prefix do not depend on what follows)."""
+    return [(torch.cat([row[i][0][:, :, :tokens] for row in rows[:batch]]).contiguous(),
+             torch.cat([row[i][1][:, :, :tokens] for row in rows[:batch]]).contiguous()) for i in range(len(rows[0]))]
 
 
-# -- one run ----------------------------------------------------------------------------------------------
-@dataclass
-class Run:
-    """One configuration's timed steps at one point."""
+def deep_model(layers: int, max_positions: int, seed: int = 0) -> Any:
+    """A deeper random Llama for the scaling points: ``layers`` layers, hidden 128, 2 query heads, 1 KV
+    head of dim 64 (24 KiB of float32 KV per token at 48 layers), vocab 1024."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    context: int
-    requested_context: int
-    batch: int
-    threads: int
-    system: str
-    state: str | None  # "cold" / "warm" / None (dynamic)
-    repeat: int
-    available: bool = True
-    note: str | None = None
-    cold_method: str | None = None  # "direct_io" / "fadvise" for cold runs
-    step_ms: list[float] = field(default_factory=list)
-    bytes_fetched: list[float] = field(default_factory=list)  # per step: bytes the cache fetched from its tiers
-    disk_bytes: list[float] = field(default_factory=list)  # per step: bytes read from the disk tier
-    host_bytes: list[float] = field(default_factory=list)  # per step: fetched - disk (served by the host tier)
-    per_step: list[dict[str, dict[str, float]]] = field(default_factory=list)  # {"delta": counters, "now": rates} per step
-    reuse_rate: float | None = None
-    tokens: list[list[int]] = field(default_factory=list)
-    stats: dict[str, Any] | None = None
-    error: str | None = None  # traceback of a sparse run that failed (its note says "error: ...")
-    bytes_source: str | None = None  # "cache": the cache's own per-tier counters; "counters": kv + disk tier
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=max_positions,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, attn_implementation="sdpa")
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
 
 
-def build_cache(model: Any, system: str, state: str | None, kv: list[tuple[torch.Tensor, torch.Tensor]],
-                s: Settings, store: Path, prompt: torch.Tensor | None = None, *, through_model: bool = False) -> Any:
-    """A fresh cache of ``system`` holding the prompt: ``kv`` (per layer ``(B, H, T, D)`` keys and values)
-    handed to ``Cache.update`` layer by layer (what a prefill does), or with ``through_model`` ``prompt``
-    (``(B, T)`` ids) prefilled through the model in 2048-token chunks (sparse caches need this: their
-    digests are built by the model's attention)."""
+def synthetic_kv(model: Any, tokens: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Random ``(1, H, tokens, D)`` K/V per layer (the weights are random too: only timing is measured)."""
+    cfg = model.config
+    gen = torch.Generator().manual_seed(seed)
+    shape = (1, cfg.num_key_value_heads, tokens, cfg.head_dim)
+    return [(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)) for _ in range(cfg.num_hidden_layers)]
+
+
+# -- caches -------------------------------------------------------------------------------------------------
+def fill_cache(cache: Any, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Give ``cache`` the prompt's K/V layer by layer through ``Cache.update`` (what a prefill does).
+
+    A sparse ``TieredKVCache`` also keeps per-block key digests, which its prepared model's attention
+    function appends during a forward pass (``tiercache_llm.attention_hook``); no public API appends
+    them outside one, so this does what that function does for an exact (prefill) step: consume the
+    layer's pending record and append the keys' digests (no padding).  It checks afterwards that every
+    sparse layer's digests cover exactly its tokens, and raises ``RuntimeError`` otherwise (the
+    benchmark then prefills through the model instead, see :func:`build_cache`)."""
+    for i, (k, v) in enumerate(kv):
+        cache.update(k, v, i)
+        state = getattr(cache.layers[i], "sparse", None)
+        if state is not None:
+            state.pending = None
+            state.append(k, torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device))
+    for layer in cache.layers:
+        state = getattr(layer, "sparse", None)
+        if state is not None and (state.digests is None or state.digests.length != layer.get_seq_length()):
+            raise RuntimeError(f"layer {layer.layer_idx}: digests do not cover the filled tokens")
+
+
+def build_cache(model: Any, cfg: Config, kv: list[tuple[torch.Tensor, torch.Tensor]], s: Settings, store: Path,
+                prompt: torch.Tensor | None = None, *, extra_tokens: int = 64) -> Any:
+    """A fresh cache of ``cfg`` holding ``kv`` (per layer ``(B, H, T, D)``).  Tiered caches: host tier
+    ``host_fraction`` of the KV bytes, disk tier twice the rest, store in ``store``.  If a sparse cache
+    cannot be filled with :func:`fill_cache`, ``prompt`` (``(B, T)`` ids) is prefilled through the model."""
     from transformers import DynamicCache
     from tiercache_llm import TieredKVSettings
 
-    if system == DYNAMIC:
+    if cfg.system == DYNAMIC:
         cache = DynamicCache(config=model.config)
-    else:
-        batch, tokens = kv[0][0].shape[0], kv[0][0].shape[2]
-        kv_bytes = kv_cache_bytes(model.config, tokens, batch, kv[0][0].dtype)  # the cap is 25 % of this
-        grow = kv_bytes * (s.steps + 2 + 64) // max(1, tokens)
-        opts: dict[str, Any] = dict(host=max(64 * 1024, int(s.host_fraction * kv_bytes)),
-                                    disk=2 * (kv_bytes + grow) + 64 * MiB, path=store)
-        if has_field(TieredKVSettings, "direct_io"):
-            opts["direct_io"] = state == "cold"
-        if s.block_size is not None:
-            opts["block_size"] = s.block_size
-        if system == EXACT:
-            cache = make_tiered(model, "exact", **opts)
-        else:
-            cache = make_tiered(model, "sparse", budget=s.budget, strategy=system, **opts)
+        for i, (k, v) in enumerate(kv):
+            cache.update(k, v, i)
+        return cache
+    batch, tokens = kv[0][0].shape[0], kv[0][0].shape[2]
+    kv_bytes = kv_cache_bytes(model.config, tokens, batch, kv[0][0].dtype)
+    grow = kv_bytes * extra_tokens // max(1, tokens)
+    opts: dict[str, Any] = dict(host=max(64 * 1024, int(s.host_fraction * kv_bytes)), disk=2 * (kv_bytes + grow) + 64 * MiB,
+                                path=store)
+    if has_field(TieredKVSettings, "direct_io"):
+        opts["direct_io"] = cfg.state == "cold"
+    if s.block_size is not None:
+        opts["block_size"] = s.block_size
+    cache = make_tiered(model, "exact", **opts) if cfg.system == EXACT else \
+        make_tiered(model, "sparse", budget=cfg.budget, strategy=cfg.system, **opts)
     try:
-        if through_model:
+        try:
+            fill_cache(cache, kv)
+        except (AttributeError, RuntimeError):
+            if cfg.system == EXACT or prompt is None:
+                raise
+            cache.close()
+            shutil.rmtree(store, ignore_errors=True)
+            cache = make_tiered(model, "sparse", budget=cfg.budget, strategy=cfg.system, **opts)
             with torch.no_grad():
                 for start in range(0, prompt.shape[-1], 2048):
                     model(input_ids=prompt[:, start:start + 2048], past_key_values=cache, use_cache=True)
-        else:
-            for i, (k, v) in enumerate(kv):
-                cache.update(k, v, i)
     except BaseException:
-        if hasattr(cache, "close"):
-            cache.close()
+        cache.close()
         raise
     return cache
 
 
+# -- one point ----------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """Every timed step of one configuration at one point (all thread counts and rounds)."""
+
+    model: str
+    context: int
+    requested_context: int
+    batch: int
+    system: str
+    budget: int | float | None
+    state: str | None
+    label: str
+    available: bool = True
+    note: str | None = None
+    error: str | None = None
+    cold_method: str | None = None  # "direct_io" / "fadvise" for cold runs
+    fill_seconds: float | None = None
+    steps: list[dict[str, Any]] = field(default_factory=list)  # threads, round, ms, bytes, stages, agreement
+    reuse_rate: float | None = None
+    stats: dict[str, Any] | None = None
+
+
 def tier_bytes(delta: dict[str, Any]) -> dict[str, float]:
-    """``{tier: bytes}`` fetched during one step according to the cache's own cumulative per-tier counters
-    (``...total.bytes_fetched.<tier>`` in a sparse cache's ``stats()``), or ``{}`` when it has none."""
+    """``{tier: bytes}`` fetched in one step according to the cache's own cumulative per-tier counters
+    (sparse: ``sparse.total.bytes_fetched.<tier>``), or ``{}`` when it has none."""
     out: dict[str, float] = {}
     for path, value in find_numbers({k: v for k, v in delta.items() if k != "tiercache"}, "bytes_fetched.").items():
         head, _, tier = path.rpartition(".")
@@ -223,246 +339,424 @@ def tier_bytes(delta: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def time_run(model: Any, cache: Any, last: torch.Tensor, run: Run, steps: int, store: Path) -> None:
-    """Decode ``steps + 1`` greedy tokens from ``last`` (``(B, 1)``, the last prompt token); time steps
-    2.. one by one; between steps (untimed) drop the store from the page cache when the run is cold by
-    fadvise, and read the cache's counters."""
-    tiered = hasattr(cache, "stats")
-    ids = last
-    with torch.no_grad():
-        for step in range(steps + 1):
-            if run.cold_method == "fadvise":
-                drop_page_cache(store)
-            before = cache.stats() if tiered and step else None
-            start = time.perf_counter()
-            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
-            elapsed = time.perf_counter() - start
-            ids = logits[:, -1].argmax(-1, keepdim=True)
-            run.tokens.append(ids[:, 0].tolist())
-            if step == 0:
+def step_record(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Bytes per tier and per-stage seconds of one step, from two ``stats()``."""
+    delta = stats_delta(before, after)
+    per_tier = tier_bytes(delta)
+    if per_tier:
+        disk = sum(v for k, v in per_tier.items() if k == "disk")
+        host = sum(v for k, v in per_tier.items() if k != "disk")
+        source = "cache"
+    else:  # exact: what the KV layer fetched, split by the disk tier's reads
+        fetched = float(delta["kv"].get("bytes_fetched", 0))
+        disk = float(tier_row(delta, "disk").get("bytes_read", 0))
+        host, source = max(0.0, fetched - disk), "counters"
+    own = {k: v for k, v in delta.items() if k != "tiercache"}
+    stages = {k: v for k, v in find_numbers(own, "seconds").items() if "last_step" not in k}
+    return {"host_bytes": host, "disk_bytes": disk, "bytes_source": source, "stages": stages,
+            "disk_bytes_read": float(tier_row(delta, "disk").get("bytes_read", 0))}
+
+
+class Point:
+    """All configurations of one (context, batch) point, decoding in lock-step (see the module docstring)."""
+
+    def __init__(self, model: Any, name: str, kv: list, last: torch.Tensor, prompt: torch.Tensor | None,
+                 groups: list[list[Config]], s: Settings, workdir: Path, requested: int) -> None:
+        configs = [cfg for group in groups for cfg in group]
+        self.groups = groups
+        self.model, self.name, self.kv, self.last, self.prompt = model, name, kv, last, prompt
+        self.configs, self.s, self.workdir = configs, s, workdir
+        self.context, self.batch = kv[0][0].shape[2] + 1, kv[0][0].shape[0]
+        self.runs = {cfg: Run(name, self.context, requested, self.batch, cfg.system, cfg.budget, cfg.state, cfg.label)
+                     for cfg in configs}
+        self.caches: dict[Config, Any] = {}
+        self.pos: dict[Config, int] = {cfg: 0 for cfg in configs}
+        self.feed: list[torch.Tensor] = [last]  # input ids of step i (the reference's greedy tokens)
+        self.ref_logits: list[torch.Tensor] = []
+        self.last_stats: dict[Config, dict[str, Any]] = {}
+
+    def store(self, cfg: Config) -> Path:
+        return self.workdir / f"{cfg.system}-{cfg.budget}-{cfg.state}"
+
+    def build(self, group: list[Config], skip: dict[str, str]) -> None:
+        for cfg in group:
+            run = self.runs[cfg]
+            if cfg.system in skip:
+                run.available, run.note = False, skip[cfg.system]
                 continue
-            run.step_ms.append(1000 * elapsed)
-            if tiered:
-                after = cache.stats()
-                delta = stats_delta(before, after)
-                per_tier = tier_bytes(delta)
-                if per_tier:  # the cache's own bytes per tier (sparse mode)
-                    run.bytes_source = "cache"
-                    disk = sum(v for k, v in per_tier.items() if k == "disk")
-                    host = sum(v for k, v in per_tier.items() if k != "disk")
-                    fetched = disk + host
-                else:  # exact mode: what the KV layer fetched, split by the disk tier's reads
-                    run.bytes_source = "counters"
-                    fetched = float(delta["kv"].get("bytes_fetched", 0))
-                    disk = float(tier_row(delta, "disk").get("bytes_read", 0))
-                    host = max(0.0, fetched - disk)
-                run.bytes_fetched.append(fetched)
-                run.disk_bytes.append(disk)
-                run.host_bytes.append(host)
-                # counters as this step's increments; rates and per-step figures as the cache reports them now
-                own = lambda d: {k: v for k, v in d.items() if k != "tiercache"}  # noqa: E731
-                run.per_step.append({"delta": find_numbers(own(delta), "select", "resident", "seconds", "bytes", "fetch"),
-                                     "now": find_numbers(own(after), "reuse", "rate", "last")})
-    if tiered:
-        run.stats = cache.stats()
-        run.reuse_rate = reuse_rate(run.stats)
-
-
-def measure(model: Any, system: str, state: str | None, kv: Any, prompt: torch.Tensor, s: Settings, workdir: Path,
-            run: Run, base: Any = None) -> Run:
-    """Time one run into ``run``.  The cache is ``copy.deepcopy(base)`` when a prefilled ``base`` cache is
-    given (sparse systems; the copy's disk tier lands in ``workdir/copies``), else a fresh cache built from
-    the prefilled ``kv`` (``prompt`` is ``(B, T + 1)``: the prefilled tokens and the last prompt token,
-    which the first, untimed, step consumes)."""
-    last = prompt[:, -1:]
-    store = workdir / ("copies" if base is not None else "kv")
-    shutil.rmtree(store, ignore_errors=True)
-    store.mkdir(parents=True, exist_ok=True)
-    cache = None
-    try:
-        if base is not None:
-            tempfile.tempdir, before = str(store), tempfile.tempdir  # where a copy's temporary disk tier goes
+            t0 = time.perf_counter()
             try:
-                cache = copy.deepcopy(base)
-            finally:
-                tempfile.tempdir = before
-        else:
-            cache = build_cache(model, system, state, kv, s, store / "kv", prompt[:, :-1],
-                                through_model=s.fill == "model" and system != DYNAMIC)
-        if state == "cold":
-            run.cold_method = "direct_io" if tier_row(cache.stats(), "disk").get("direct_io") else "fadvise"
-        time_run(model, cache, last, run, s.steps, store)
-    except SparseUnavailable as exc:
-        run.available, run.note = False, str(exc)
-    except Exception as exc:  # noqa: BLE001 - a sparse failure is reported in the results, the run goes on
-        if system in (DYNAMIC, EXACT):
-            raise
-        fail(run, exc)
-    finally:
-        if cache is not None and hasattr(cache, "close"):
-            cache.close()
-        shutil.rmtree(store, ignore_errors=True)
-    return run
+                with torch_threads(DEFAULT_THREADS):
+                    cache = build_cache(self.model, cfg, self.kv, self.s, self.store(cfg), self.prompt)
+            except SparseUnavailable as exc:
+                run.available, run.note = False, str(exc)
+                skip[cfg.system] = str(exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - a sparse failure is reported; the others must work
+                if cfg.system in (DYNAMIC, EXACT):
+                    raise
+                fail(run, exc)
+                continue
+            run.fill_seconds = time.perf_counter() - t0
+            if cfg.state == "cold":
+                run.cold_method = "direct_io" if tier_row(cache.stats(), "disk").get("direct_io") else "fadvise"
+            self.caches[cfg] = cache
+
+    def advance(self, cfg: Config, n: int, threads: int | None, rnd: int | None) -> None:
+        """``n`` decode steps of ``cfg`` (timed when ``threads`` is given), fed the reference's tokens."""
+        cache, run = self.caches.get(cfg), self.runs[cfg]
+        if cache is None or not run.available:
+            return
+        tiered = hasattr(cache, "stats")
+        reference = cfg == self.configs[0]
+        try:
+            with torch.no_grad(), torch_threads(threads or DEFAULT_THREADS):
+                for _ in range(n):
+                    i = self.pos[cfg]
+                    if run.cold_method == "fadvise":
+                        drop_page_cache(self.store(cfg))
+                    before = cache.stats() if tiered else None
+                    start = time.perf_counter()
+                    logits = self.model(input_ids=self.feed[i], past_key_values=cache, use_cache=True).logits
+                    elapsed = time.perf_counter() - start
+                    last = logits[:, -1].float()
+                    self.pos[cfg] = i + 1
+                    if reference:
+                        self.ref_logits.append(last)
+                        self.feed.append(last.argmax(-1, keepdim=True))
+                    ref = self.ref_logits[i]
+                    record: dict[str, Any] = {"step": i, "threads": threads, "round": rnd, "ms": 1000 * elapsed,
+                                              "top1": float((last.argmax(-1) == ref.argmax(-1)).float().mean()),
+                                              "max_abs_logit_diff": float((last - ref).abs().max())}
+                    if tiered:
+                        after = cache.stats()
+                        record.update(step_record(before, after))
+                        # the disk tier's reads since this cache's previous step ended: background reads
+                        # (staging ahead) that ran after a step are attributed to the next one
+                        since = stats_delta(self.last_stats.get(cfg, before), after)
+                        record["disk_tier_bytes"] = float(tier_row(since, "disk").get("bytes_read", 0))
+                        self.last_stats[cfg] = after
+                    if threads is not None:
+                        run.steps.append(record)
+                    elif not reference:
+                        run.steps.append({**record, "warmup": True})
+        except Exception as exc:  # noqa: BLE001
+            if cfg.system in (DYNAMIC, EXACT):
+                raise
+            fail(run, exc)
+
+    def run(self, group: list[Config], bar: Any) -> None:
+        """Warm-up and timed rounds of ``group`` (the reference, if in it, first in every round; a group
+        without it decodes the tokens the reference decoded in the first group)."""
+        s = self.s
+        ref = [cfg for cfg in group if cfg == self.configs[0]]
+        others = [cfg for cfg in group if cfg != self.configs[0]]
+        for cfg in ref + others:  # warm-up (untimed)
+            bar.set_postfix_str(f"{self.name} ctx {self.context} b {self.batch} warm-up {cfg.label}")
+            self.advance(cfg, s.warmup, None, None)
+        k = 0
+        for rnd in range(s.repeats):
+            for t in s.threads:
+                order = others[k % max(1, len(others)):] + others[:k % max(1, len(others))]
+                k += 1
+                for cfg in [*ref, *order]:
+                    bar.set_postfix_str(f"{self.name} ctx {self.context} b {self.batch} {t}t #{rnd + 1} {cfg.label}")
+                    self.advance(cfg, s.steps, t, rnd)
+                    bar.update(1)
+        for cfg in group:
+            cache = self.caches.get(cfg)
+            if cache is not None and hasattr(cache, "stats") and self.runs[cfg].available:
+                self.runs[cfg].stats = cache.stats()
+                self.runs[cfg].reuse_rate = reuse_rate(self.runs[cfg].stats)
+
+    def close_group(self, group: list[Config]) -> None:
+        for cfg in group:
+            cache = self.caches.pop(cfg, None)
+            if cache is not None and hasattr(cache, "close"):
+                cache.close()
+            shutil.rmtree(self.store(cfg), ignore_errors=True)
 
 
 def fail(run: Run, exc: BaseException) -> None:
     run.available, run.note = False, f"error: {type(exc).__name__}: {exc}"
     run.error = "".join(traceback.format_exception(exc))
-    run.step_ms.clear()
+    run.steps.clear()
 
 
+# -- raw bandwidth ------------------------------------------------------------------------------------------
+def raw_disk_bandwidth(root: Path, workers: tuple[int, ...] = (1, 4)) -> dict[str, Any]:
+    """Read every file under ``root`` once with ``O_DIRECT`` (page-aligned buffers, ``preadv``), with each
+    worker count; bytes/s of the best.  ``{}`` where O_DIRECT is refused."""
+    files = [Path(d) / f for d, _, fs in os.walk(root) for f in fs]
+    sizes = {p: p.stat().st_size for p in files}
+    if not files:
+        return {}
+    biggest = -(-max(sizes.values()) // 4096) * 4096 or 4096
+
+    def read_some(paths: list[Path]) -> int:
+        buf = mmap.mmap(-1, biggest)
+        done = 0
+        try:
+            for p in paths:
+                fd = os.open(p, os.O_RDONLY | os.O_DIRECT)
+                try:
+                    done += os.preadv(fd, [buf], 0)
+                finally:
+                    os.close(fd)
+        finally:
+            buf.close()
+        return done
+
+    out: dict[str, Any] = {"files": len(files), "bytes": sum(sizes.values()), "by_workers": {}}
+    try:
+        for w in workers:
+            parts = [files[i::w] for i in range(w)]
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(w) as pool:
+                done = sum(pool.map(read_some, parts))
+            out["by_workers"][w] = done / (time.perf_counter() - t0)
+    except OSError as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    out["bytes_per_s"] = max(out["by_workers"].values())
+    return out
+
+
+def host_copy_bandwidth(nbytes: int, threads: int, repeats: int = 3) -> float:
+    """Bytes/s of copying ``nbytes`` of float32 between two preallocated tensors (the host tier's bound)."""
+    n = max(1, nbytes // 4)
+    src, dst = torch.randn(n), torch.empty(n)
+    best = math.inf
+    with torch_threads(threads):
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            best = min(best, time.perf_counter() - t0)
+    return n * 4 / best
+
+
+# -- the whole run ------------------------------------------------------------------------------------------
 def run_all(s: Settings, workdir: Path, *, show_progress: bool = True) -> tuple[list[Run], dict[str, Any]]:
-    """Every point and configuration.  Sparse caches build their key digests in the model's attention
-    during prefill, so they cannot be handed prefilled K/V through ``Cache.update``: for each (context,
-    batch) every sparse (system, cold/warm) gets one *base* cache prefilled through the model (torch's
-    default threads, untimed), and each of its runs decodes from a ``copy.deepcopy`` of it."""
     model, tokenizer = load_bench_model(s.model)
+    kv_per_token = kv_cache_bytes(model.config, 1, 1, model.dtype)
+    pts = points(s, kv_per_token)
+    block = s.block_size or 64
+    info: dict[str, Any] = {"kv_bytes_per_token": kv_per_token, "points": pts, "budget_merges": {}, "bandwidth": {},
+                            "skipped_points": [(c, b) for c in s.contexts for b in s.batches if (c, b) not in pts]}
+    info["estimated_seconds"] = estimate_seconds(s, kv_per_token)
+    print(f"sparse_speed: points {pts} + synthetic {s.synthetic}, threads {s.threads}, {s.steps} steps x {s.repeats} "
+          f"rounds; estimated ~{info['estimated_seconds'] / 60:.0f} min on an idle 2-core machine (see estimate_seconds)",
+          flush=True)
     max_pos = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-    longest = min(max(s.contexts), max_pos - s.steps - 2)
-    rows = max(s.batches)
-    info: dict[str, Any] = {"kv_bytes_per_token": kv_cache_bytes(model.config, 1, 1, model.dtype)}
-    info["estimated_seconds"] = estimate_seconds(s, info["kv_bytes_per_token"])
-    print(f"sparse_speed: contexts {s.contexts}, batches {s.batches}, threads {s.threads}, {len(configurations(s))} "
-          f"configurations, {s.steps} steps x {s.repeats} repeats; estimated runtime ~{info['estimated_seconds'] / 60:.0f} min "
-          "(rough; see estimate_seconds)", flush=True)
+    horizon = s.warmup + s.steps * s.repeats * len(s.threads) + 2
+    rows_ctx: dict[int, int] = {}
+    for c, b in pts:
+        for r in range(b):
+            rows_ctx[r] = max(rows_ctx.get(r, 0), min(c, max_pos - horizon))
+    t0 = time.perf_counter()
+    ids = prompt_rows(tokenizer, len(rows_ctx), max(rows_ctx.values()), model.config.vocab_size) if pts else None
     with torch_threads(DEFAULT_THREADS):
-        t0 = time.perf_counter()
-        ids = prompt_rows(tokenizer, rows, longest, model.config.vocab_size)
-        prefilled = prefill_rows(model, ids)
-        info["prefill_seconds"] = time.perf_counter() - t0
-    info["prompt_tokens"] = int(ids.shape[-1])
-    info["base_prefill_seconds"] = 0.0
-    configs = configurations(s)
+        prefilled = prefill_rows(model, ids, [min(rows_ctx[r], ids.shape[-1]) - 1 for r in range(len(rows_ctx))]) if pts else []
+    info["prefill_seconds"] = time.perf_counter() - t0
     runs: list[Run] = []
-    skip: dict[str, str] = {}  # system -> why it is unavailable (asked once)
-    total = len(s.contexts) * len(s.batches) * len(s.threads) * s.repeats * len(configs)
+    skip: dict[str, str] = {}
+    plans = []
+    for c, b in pts:
+        context = min(c, max_pos - horizon, ids.shape[-1])
+        groups, merged = config_groups(s, (c, b) in s.full_points, context - 1, block)
+        info["budget_merges"][f"{c}x{b}"] = merged
+        plans.append(("smollm2" if s.model == "smollm2" else s.model, c, b, context, groups))
+    deep = deep_model(s.synthetic_layers, max(s.synthetic, default=0) + horizon + 8) if s.synthetic else None
+    for c in s.synthetic:
+        groups, merged = config_groups(s, False, c - 1, block)
+        plans.append(("synthetic", c, 1, c, groups))
+    total = sum(len(g) for p in plans for g in p[4]) * s.repeats * len(s.threads)
     bar = tqdm(total=total, desc="sparse speed", unit="run", disable=not show_progress)
-    for c in s.contexts:
-        context = min(c, ids.shape[-1])
-        for b in s.batches:
-            kv = sliced(prefilled, b, context - 1)
-            prompt = ids[:b, :context]
-            bases: dict[tuple[str, str | None], Any] = {}  # (system, state) -> base cache or the exception
-
-            def base_for(system: str, state: str | None) -> Any:
-                if (system, state) not in bases:
-                    bar.set_postfix_str(f"ctx {context} batch {b} prefill {system} {state}")
-                    t0 = time.perf_counter()
-                    try:
-                        with torch_threads(DEFAULT_THREADS):
-                            bases[(system, state)] = build_cache(
-                                model, system, state, kv, s, workdir / f"base-{system}-{state}", prompt[:, :-1],
-                                through_model=True)
-                    except Exception as exc:  # noqa: BLE001 - recorded per run below
-                        bases[(system, state)] = exc
-                    info["base_prefill_seconds"] += time.perf_counter() - t0
-                return bases[(system, state)]
-
-            try:
-                for t in s.threads:
-                    for r in range(s.repeats):
-                        order = configs[r % len(configs):] + configs[:r % len(configs)]  # rotate the order
-                        for system, state in order:
-                            run = Run(context, c, b, t, system, state, r)
-                            bar.set_postfix_str(f"ctx {context} batch {b} {t}t {system} {state or ''} #{r + 1}")
-                            base = base_for(system, state) if system in (FETCH, AWARE) and system not in skip else None
-                            if system in skip:
-                                run.available, run.note = False, skip[system]
-                            elif isinstance(base, SparseUnavailable):
-                                run.available, run.note = False, str(base)
-                            elif isinstance(base, Exception):
-                                fail(run, base)
-                            else:
-                                with torch_threads(t):
-                                    measure(model, system, state, kv, prompt, s, workdir, run, base)
-                            if not run.available and (run.note or "").startswith(SPARSE_UNAVAILABLE):
-                                skip[system] = run.note  # the mode is absent: asking again is pointless
-                            runs.append(run)
-                            bar.update(1)
-            finally:
-                for base in bases.values():
-                    if hasattr(base, "close"):
-                        base.close()
-                for system, state in bases:
-                    shutil.rmtree(workdir / f"base-{system}-{state}", ignore_errors=True)
-            del kv
+    for name, c, b, context, groups in plans:
+        if name == "synthetic":
+            net, kv = deep, synthetic_kv(deep, context - 1, seed=c)
+            last, prompt = torch.randint(3, 1024, (1, 1), generator=torch.Generator().manual_seed(c)), None
+        else:
+            net, kv = model, point_kv(prefilled, b, context - 1)
+            last, prompt = ids[:b, context - 1:context], ids[:b, :context - 1]
+        point = Point(net, name, kv, last, prompt, groups, s, workdir, c)
+        try:
+            for i, group in enumerate(groups):
+                bar.set_postfix_str(f"{name} ctx {context} b {b}: filling {len(group)} caches")
+                try:
+                    point.build(group, skip)
+                    if i == len(groups) - 1:
+                        point.kv = kv = None  # DynamicCache's own copies are replaced at its first step
+                    point.run(group, bar)
+                    if i == 0 and name != "synthetic" and (c, b) in s.full_points:
+                        info["bandwidth"][f"{c}x{b}"] = bandwidth(point)
+                finally:
+                    point.close_group(group)
+        finally:
+            point.close_group(point.configs)
+        runs.extend(point.runs.values())
+        del kv, point
     bar.close()
+    if deep is not None:
+        info["synthetic_config"] = {k: getattr(deep.config, k) for k in (
+            "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")}
     return runs, info
+
+
+def bandwidth(point: Point) -> dict[str, Any]:
+    """Raw read bandwidth of the exact cold cache's store files (O_DIRECT) and of a host copy of its host
+    tier's size, measured right after the point's rounds."""
+    cfg = Config(EXACT, None, "cold")
+    cache = point.caches.get(cfg)
+    if cache is None:
+        return {}
+    host_cap = tier_row(cache.stats(), "host").get("capacity_bytes") or tier_row(cache.stats(), "host").get("capacity") or 0
+    disk = raw_disk_bandwidth(point.store(cfg))
+    host = {t: host_copy_bandwidth(max(int(host_cap), 64 * MiB), t) for t in point.s.threads}
+    return {"disk": disk, "host_bytes_per_s": host, "host_capacity": host_cap}
 
 
 # -- summary ------------------------------------------------------------------------------------------------
 @dataclass
 class Row:
-    """Medians of one (context, batch, threads, system, state)."""
+    """Medians of one (model, context, batch, threads, configuration)."""
 
+    model: str
     context: int
     requested_context: int
     batch: int
     threads: int
+    label: str
     system: str
+    budget: int | float | None
     state: str | None
     available: bool
     note: str | None
     cold_method: str | None
     ms_per_step: float
-    bytes_fetched: float
-    disk_bytes: float
+    tokens_per_s: float
     host_bytes: float
+    disk_bytes: float
+    stages_ms: dict[str, float]
     reuse_rate: float | None
+    top1_vs_reference: float | None  # teacher-forced top-1 agreement with DynamicCache over every step
+    max_abs_logit_diff: float | None
     samples_ms: list[float]
-    tokens_match_dynamic: bool | None  # exact tiered: greedy tokens equal DynamicCache's (they must)
-    token_agreement: float | None = None  # fraction of greedy tokens equal to DynamicCache's (sparse: a sanity figure)
+    pipeline: dict[str, float] = field(default_factory=dict)
+    disk_tier_bytes: float = float("nan")  # everything the disk tier read per step, background staging included
 
 
 def summarise(runs: list[Run]) -> list[Row]:
-    groups: dict[tuple, list[Run]] = {}
-    for run in runs:
-        groups.setdefault((run.context, run.requested_context, run.batch, run.threads, run.system, run.state), []).append(run)
-    dyn_tokens = {(k[0], k[2], k[3]): [r.tokens for r in g] for k, g in groups.items() if k[4] == DYNAMIC}
     rows = []
-    for key, group in groups.items():
-        ok = [g for g in group if g.available]
-        samples = [ms for g in ok for ms in g.step_ms]
-        match, agreement = None, None
-        ref = dyn_tokens.get((key[0], key[2], key[3]))
-        if ok and ref and key[4] != DYNAMIC:
-            pairs = [(a, b) for g in ok for step, ref_step in zip(g.tokens, ref[0]) for a, b in zip(step, ref_step)]
-            agreement = sum(a == b for a, b in pairs) / len(pairs) if pairs else None
-            if key[4] == EXACT:  # exact attention must produce DynamicCache's greedy tokens
-                match = all(g.tokens == ref[0] for g in ok)
-        reuse = [g.reuse_rate for g in ok if g.reuse_rate is not None]
-        rows.append(Row(key[0], key[1], key[2], key[3], key[4], key[5], bool(ok), None if ok else group[0].note,
-                        ok[0].cold_method if ok else None, median(samples),
-                        median([x for g in ok for x in g.bytes_fetched]), median([x for g in ok for x in g.disk_bytes]),
-                        median([x for g in ok for x in g.host_bytes]), median(reuse) if reuse else None, samples, match,
-                        agreement))
+    for run in runs:
+        threads = sorted({st["threads"] for st in run.steps if st.get("threads") is not None}) or [None]
+        all_steps = [st for st in run.steps]
+        top1 = sum(st["top1"] for st in all_steps) / len(all_steps) if all_steps and run.system != DYNAMIC else None
+        diff = max((st["max_abs_logit_diff"] for st in all_steps), default=None) if run.system != DYNAMIC else None
+        pipe = find_numbers((run.stats or {}).get("pipeline", {}), "rate", "recall", "precision") if run.stats else {}
+        for t in threads:
+            steps = [st for st in run.steps if st.get("threads") == t and not st.get("warmup")]
+            ms = median([st["ms"] for st in steps])
+            stage_names = sorted({k for st in steps for k in st.get("stages", {})})
+            stages = {k: 1000 * median([st["stages"].get(k, 0.0) for st in steps]) for k in stage_names}
+            rows.append(Row(run.model, run.context, run.requested_context, run.batch, t or 0, run.label, run.system,
+                            run.budget, run.state, run.available and bool(steps), run.note, run.cold_method, ms,
+                            run.batch * 1000 / ms if ms == ms and ms > 0 else float("nan"),
+                            median([st.get("host_bytes", 0.0) for st in steps]) if run.system != DYNAMIC else float("nan"),
+                            median([st.get("disk_bytes", 0.0) for st in steps]) if run.system != DYNAMIC else float("nan"),
+                            stages, run.reuse_rate, top1, diff, [st["ms"] for st in steps], pipe,
+                            median([st.get("disk_tier_bytes", float("nan")) for st in steps]) if run.system != DYNAMIC
+                            else float("nan")))
     return rows
 
 
-def targets(rows: list[Row]) -> list[dict[str, Any]]:
-    """The issue's two ratios at 8K × batch 4 (cold runs), per thread count; ``met`` is None when a side
-    is missing (sparse not available, or the point was not run)."""
-    out = []
-    index = {(r.requested_context, r.batch, r.threads, r.system, r.state): r for r in rows}
-    for threads in sorted({r.threads for r in rows}):
-        aware = index.get((*TARGET_POINT, threads, AWARE, "cold"))
-        for system, target in TARGETS.items():
-            base = index.get((*TARGET_POINT, threads, system, "cold"))
-            ratio = None
-            if aware and base and aware.available and base.available:
-                ratio = base.ms_per_step / aware.ms_per_step
-            note = None
-            if aware is None or base is None:
-                note = f"{TARGET_POINT[0]} x batch {TARGET_POINT[1]} not in this run"
-            elif not (aware.available and base.available):
-                note = (aware.note if not aware.available else base.note) or SPARSE_UNAVAILABLE
-            out.append({"what": f"attention-aware vs {system}, ctx {TARGET_POINT[0]}, batch {TARGET_POINT[1]}, cold",
-                        "threads": threads, "figure_ms": aware.ms_per_step if aware and aware.available else None,
-                        "baseline_ms": base.ms_per_step if base and base.available else None, "ratio": ratio,
-                        "target": target, "met": None if ratio is None else ratio >= target, "note": note})
+def accuracy_beside(path: Path) -> dict[str, dict[str, float]]:
+    """``{budget label: {"top1_agreement", "mean_kl"}}`` from a ``sparse_accuracy.json`` (teacher forcing),
+    or ``{}`` when it is absent or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    out = {}
+    for run in data.get("teacher_forcing", {}).get("runs", {}).values():
+        if isinstance(run, dict) and run.get("budget") is not None and "top1_agreement" in run:
+            out[budget_label(run["budget"])] = {"top1_agreement": run["top1_agreement"], "mean_kl": run.get("mean_kl")}
     return out
 
 
+def _index(rows: list[Row]) -> dict[tuple, Row]:
+    return {(r.model, r.requested_context, r.batch, r.threads, r.system, budget_label(r.budget) if r.budget is not None else None,
+             r.state): r for r in rows}
+
+
+def targets(rows: list[Row], info: dict[str, Any], s: Settings) -> list[dict[str, Any]]:
+    """Every target at the full points, per thread count, from this run's medians (cold runs)."""
+    index = _index(rows)
+    out = []
+    model = "smollm2" if s.model == "smollm2" else s.model
+
+    def get(c, b, t, system, budget, state="cold"):
+        return index.get((model, c, b, t, system, budget, state))
+
+    def ratio_line(what, c, b, t, fast, slow, target, note=""):
+        ok = fast and slow and fast.available and slow.available
+        ratio = slow.ms_per_step / fast.ms_per_step if ok else None
+        why = None if ok else (f"{c} x batch {b} not in this run" if not (fast and slow) else
+                               (fast.note if fast and not fast.available else slow.note if slow else None) or "not measured")
+        out.append({"what": what, "point": f"{c}x{b}", "threads": t, "figure_ms": fast.ms_per_step if ok else None,
+                    "baseline_ms": slow.ms_per_step if ok else None, "ratio": ratio, "target": f">= {target:g}x",
+                    "met": None if ratio is None else ratio >= target, "note": why or note})
+
+    threads = list(s.threads)
+    for c, b in s.full_points:
+        key = f"{c}x{b}"
+        merges = info.get("budget_merges", {}).get(key, {})
+        for t in threads:
+            h = budget_label(HEADLINE_BUDGET)
+            h = merges.get(h, h)
+            ratio_line(f"issue 9: (4) attention-aware vs (3) fetch-every-step, {h}", c, b, t, get(c, b, t, AWARE, h),
+                       get(c, b, t, FETCH, h), 1.74)
+            ratio_line(f"issue 9: (4) attention-aware vs (2) exact tiered, {h}", c, b, t, get(c, b, t, AWARE, h),
+                       get(c, b, t, EXACT, None), 3.0)
+            for bud in s.budgets:
+                label = merges.get(budget_label(bud), budget_label(bud))
+                if label != h:  # at the headline budget issue 10's (4) vs (3) is issue 9's line above
+                        ratio_line(f"issue 10: (4) vs (3), {budget_label(bud)}", c, b, t, get(c, b, t, AWARE, label),
+                               get(c, b, t, FETCH, label), 1.74)
+                ratio_line(f"issue 10: (4) vs (3b) reuse-layer-ahead, {budget_label(bud)}" +
+                           (f" (= {label})" if label != budget_label(bud) else ""),
+                           c, b, t, get(c, b, t, AWARE, label), get(c, b, t, REUSE, label), 1.3)
+            exact = get(c, b, t, EXACT, None)
+            bw = info.get("bandwidth", {}).get(key, {})
+            disk_bw = bw.get("disk", {}).get("bytes_per_s")
+            host_bw = bw.get("host_bytes_per_s", {}).get(t) or bw.get("host_bytes_per_s", {}).get(str(t))
+            once = None
+            if exact and exact.available and disk_bw and host_bw:
+                once = 1000 * (exact.host_bytes / host_bw + exact.disk_bytes / disk_bw)
+            ratio = exact.ms_per_step / once if once else None
+            out.append({"what": "issue 10: (2) exact tiered vs reading the whole KV once at the raw bandwidth", "point": key,
+                        "threads": t, "figure_ms": exact.ms_per_step if exact and exact.available else None,
+                        "baseline_ms": once, "ratio": ratio, "target": "<= 1.2x", "met": None if ratio is None else ratio <= 1.2,
+                        "note": None if once else "bandwidth not measured"})
+        exact = get(c, b, threads[0], EXACT, None)
+        kv_bytes = info.get("kv_bytes_per_token", 0) * c * b
+        host = info.get("bandwidth", {}).get(key, {}).get("host_capacity")
+        ok = None
+        note = "exact cold run missing"
+        if exact and exact.available:
+            direct = exact.cold_method == "direct_io"
+            diff = exact.max_abs_logit_diff
+            ok = bool(direct and exact.disk_bytes > 0 and diff is not None and diff <= LOGIT_TOL and exact.top1_vs_reference == 1.0)
+            note = (f"KV {_mib(kv_bytes)} MiB, host budget {_mib(host or 0)} MiB, page cache "
+                    f"{'bypassed (direct_io)' if direct else 'dropped before every step (fadvise)'}; disk served "
+                    f"{_mib(exact.disk_bytes)} MiB/step; max |logit diff| vs "
+                    f"DynamicCache {diff:.2g} (tol {LOGIT_TOL:g}); top-1 agreement {exact.top1_vs_reference:.3f}")
+        out.append({"what": "issue 10: KV larger than host budget + page cache decodes correctly", "point": key,
+                    "threads": threads[0], "figure_ms": None, "baseline_ms": None, "ratio": None, "target": "exact = DynamicCache",
+                    "met": ok, "note": note})
+    return out
+
+
+# -- output -------------------------------------------------------------------------------------------------
 def _ms(v: float | None) -> str:
     return "–" if v is None or v != v else (f"{v:.3g}" if v < 1000 else f"{v:.0f}")
 
@@ -472,46 +766,48 @@ def _mib(v: float | None) -> str:
 
 
 def _short(note: str | None) -> str:
-    return SPARSE_UNAVAILABLE if note and note.startswith(SPARSE_UNAVAILABLE) else (note or "n/a")[:100]
+    return SPARSE_UNAVAILABLE if note and note.startswith(SPARSE_UNAVAILABLE) else (note or "n/a")[:90]
 
 
-def table(rows: list[Row]) -> list[str]:
-    """One line per (context, batch, threads): each system's ms/step (cold; warm beside it) and the
-    bytes read per step from host / disk, and the ratios the targets use."""
-    index = {(r.context, r.batch, r.threads, r.system, r.state): r for r in rows}
-    points = sorted({(r.context, r.requested_context, r.batch, r.threads) for r in rows}, key=lambda p: (p[3], p[1], p[2]))
-    lines = ["| context | batch | threads | DynamicCache ms | exact ms cold / warm | fetch-every-step ms cold / warm | "
-             "attention-aware ms cold / warm | MiB/step host+disk (exact / fetch-every-step / attention-aware, cold) | "
-             "reuse rate | fetch-every-step ÷ aware | exact ÷ aware |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for c, rc, b, t in points:
-        get = lambda system, state: index.get((c, b, t, system, state))  # noqa: E731
-        cells = []
-        dyn = get(DYNAMIC, None)
-        cells.append(_ms(dyn.ms_per_step) if dyn else "–")
-        for system in (EXACT, FETCH, AWARE):
-            cold, warm = get(system, "cold"), get(system, "warm")
-            if cold is not None and not cold.available:
-                cells.append(_short(cold.note))
-                continue
-            text = _ms(cold.ms_per_step) if cold else "–"
-            if cold and cold.cold_method:
-                text += f" ({cold.cold_method})"
-            if warm is not None and warm.available:
-                text += f" / {_ms(warm.ms_per_step)}"
-            cells.append(text)
-        io = []
-        for system in (EXACT, FETCH, AWARE):
-            r = get(system, "cold")
-            io.append(f"{_mib(r.host_bytes)}+{_mib(r.disk_bytes)}" if r and r.available else "–")
-        cells.append(" / ".join(io))
-        aware, fetch, exact = get(AWARE, "cold"), get(FETCH, "cold"), get(EXACT, "cold")
-        cells.append(f"{aware.reuse_rate:.3f}" if aware and aware.available and aware.reuse_rate is not None else "–")
-        for base in (fetch, exact):
-            ok = aware and base and aware.available and base.available
-            cells.append(f"{base.ms_per_step / aware.ms_per_step:.2f}×" if ok else "–")
-        label = f"{c}" if c == rc else f"{c} ({rc} requested)"
-        lines.append(f"| {label} | {b} | {t} | " + " | ".join(cells) + " |")
+STAGE_NAMES = ("scoring_seconds", "fetch_seconds", "attention_seconds", "placement_seconds")
+STAGE_SHORT = {"scoring_seconds": "score", "fetch_seconds": "fetch", "attention_seconds": "attn", "placement_seconds": "place"}
+
+
+def _stages(r: Row) -> str:
+    if r.system == DYNAMIC:
+        return "–"
+    parts = []
+    for name in STAGE_NAMES:
+        hit = [v for k, v in r.stages_ms.items() if k.startswith("sparse.total.") and k.endswith(name)]
+        if hit:
+            parts.append(f"{STAGE_SHORT[name]} {hit[0]:.3g}")
+    if r.system == EXACT:
+        parts += [f"fetch {v:.3g}" for k, v in r.stages_ms.items() if k == "kv.fetch_seconds"]
+    pipe = {k.split(".", 1)[1]: v for k, v in r.stages_ms.items() if k.startswith("pipeline.")
+            and not k.startswith("pipeline.stages.") and any(w in k for w in ("sync", "wait", "copy", "background"))}
+    for k, v in sorted(pipe.items()):
+        if v >= 0.05:
+            parts.append(f"{k.replace('_seconds', '')} {v:.2g}")
+    return ", ".join(parts) or "–"
+
+
+def table(rows: list[Row], acc: dict[str, dict[str, float]]) -> list[str]:
+    lines = ["| model | context | batch | threads | configuration | ms/step | tokens/s | MiB/step fetched host + disk (disk tier read, background included) | "
+             "stage ms/step (pipeline: sync / copy / wait / background) | reuse | top-1 vs DynamicCache (teacher-forced, this run) | accuracy run top-1 / KL |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r.model != "smollm2", r.requested_context, r.batch, r.threads,
+                                         SYSTEMS.index(r.system), str(r.budget), str(r.state))):
+        ctx = f"{r.context}" if r.context == r.requested_context else f"{r.context} ({r.requested_context})"
+        if not r.available:
+            lines.append(f"| {r.model} | {ctx} | {r.batch} | {r.threads} | {r.label} | {_short(r.note)} | | | | | | |")
+            continue
+        label = r.label + (f" ({r.cold_method})" if r.state == "cold" and r.cold_method == "fadvise" else "")
+        io = "–" if r.system == DYNAMIC else f"{_mib(r.host_bytes)} + {_mib(r.disk_bytes)} ({_mib(r.disk_tier_bytes)})"
+        a = acc.get(budget_label(r.budget)) if r.budget is not None else None
+        accs = f"{a['top1_agreement']:.4f} / {a['mean_kl']:.3g}" if a else "–"
+        agree = "ref" if r.system == DYNAMIC else (f"{r.top1_vs_reference:.3f}" if r.top1_vs_reference is not None else "–")
+        lines.append(f"| {r.model} | {ctx} | {r.batch} | {r.threads} | {label} | {_ms(r.ms_per_step)} | {r.tokens_per_s:.3g} | "
+                     f"{io} | {_stages(r)} | {f'{r.reuse_rate:.3f}' if r.reuse_rate is not None else '–'} | {agree} | {accs} |")
     return lines
 
 
@@ -520,109 +816,162 @@ def _load(meta: dict[str, Any], key: str) -> str:
     return "/".join(f"{x:.1f}" for x in value) if value else "?"
 
 
-def write_results(runs: list[Run], rows: list[Row], meta: dict[str, Any], out: Path) -> None:
+def write_results(runs: list[Run], rows: list[Row], meta: dict[str, Any], info: dict[str, Any], s: Settings, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    goals = targets(rows)
+    goals = targets(rows, info, s)
+    acc_path = Path(s.accuracy) if s.accuracy else out / "sparse_accuracy.json"
+    acc = accuracy_beside(acc_path)
     (out / "sparse_speed.json").write_text(json.dumps(
-        {"meta": meta, "targets": goals, "rows": [asdict(r) for r in rows], "runs": [asdict(r) for r in runs]},
-        indent=1, default=str))
-    s = meta["settings"]
+        {"meta": meta, "targets": goals, "accuracy": {"source": str(acc_path) if acc else None, "by_budget": acc},
+         "rows": [asdict(r) for r in rows], "runs": [asdict(r) for r in runs]}, indent=1, default=str))
     lines = ["# Sparse decode speed (CPU)", "",
              f"`{meta['command']}` on {meta['machine']} ({meta['cpus']} CPUs), {meta['date_utc']} UTC, "
-             f"{meta['runtime_s']:.0f} s in all (prefill {meta['prefill_seconds']:.0f} s); model {s['model']}, "
-             f"budget {100 * s['budget']:g}%, host tier {100 * s['host_fraction']:g}% of the KV size, disk tier the rest "
-             f"on {meta['workdir_filesystem']}; {s['steps']} timed steps x {s['repeats']} repeats, medians; "
-             f"load average {_load(meta, 'load_average_start')} at the start, {_load(meta, 'load_average')} at the end "
-             "(1/5/15 min).",
-             "Cold: disk reads bypass the page cache (`direct_io` where the disk tier has it in effect, else "
-             "`fadvise` = the store dropped from the page cache before every step); warm: page cache left alone. "
-             "MiB/step: bytes fetched from the tiers per step split into host (fetched − disk) and disk "
-             "(the disk tier's `bytes_read`). See docs/benchmarks.md, \"Sparse decode\".", ""]
+             f"{meta['runtime_s']:.0f} s in all (prefill {info['prefill_seconds']:.0f} s); host tier "
+             f"{100 * s.host_fraction:g}% of the KV, disk tier the rest on {meta['workdir_filesystem']}; "
+             f"{s.warmup} warm-up + {s.steps} timed steps x {s.repeats} rounds per thread count, medians; load average "
+             f"{_load(meta, 'load_average_start')} at the start, {_load(meta, 'load_average')} at the end (1/5/15 min).",
+             "Cold: `direct_io` (disk reads bypass the page cache); warm: page cache left alone. Every configuration "
+             "decodes DynamicCache's greedy tokens (teacher forcing); 'top-1' = agreement of its next-token argmax with "
+             "DynamicCache's at the same step. See docs/benchmarks.md, \"Sparse decode speed\".", ""]
     if meta.get("quick"):
-        lines += ["**Quick run**: tiny random model and sizes; the figures say the code runs, not how fast it is.", ""]
-    if not meta.get("sparse_available", True):
-        lines += [f"**{meta.get('sparse_note')}** — sparse columns are marked, not measured.", ""]
-    lines += ["## Targets", "", "| what | threads | figure | baseline | ratio | target | met |", "|---|---|---|---|---|---|---|"]
+        lines += ["**Quick run**: tiny random models and sizes; the figures say the code runs, not how fast it is.", ""]
+    if info.get("skipped_points"):
+        lines += [f"Points not run (float32 KV above {s.max_kv_gib:g} GiB; `--max-kv-gib`): "
+                  + ", ".join(f"{c} x {b}" for c, b in info["skipped_points"]), ""]
+    merges = {k: v for k, v in info.get("budget_merges", {}).items() if v}
+    if merges:
+        lines += ["Budgets within one block of each other are one configuration: " + "; ".join(
+            f"{p}: " + ", ".join(f"{a} = {b}" for a, b in m.items()) for p, m in merges.items()), ""]
+    lines += ["## Targets", "", "| what | point | threads | figure ms | baseline ms | ratio | target | met | note |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for g in goals:
         met = {True: "met", False: "**not met**", None: "–"}[g["met"]]
-        ratio = f"{g['ratio']:.2f}×" if g["ratio"] is not None else _short(g["note"])
-        lines.append(f"| {g['what']} | {g['threads']} | {_ms(g['figure_ms'])} ms | {_ms(g['baseline_ms'])} ms | {ratio} "
-                     f"| ≥ {g['target']:g}× | {met} |")
-    lines += ["", "## Every point", ""] + table(rows)
-    bad = [r for r in rows if r.tokens_match_dynamic is False]
-    if bad:
-        lines += ["", "**Exact tiered tokens differ from DynamicCache's** at: " +
-                  ", ".join(f"ctx {r.context} batch {r.batch} {r.threads}t {r.state}" for r in bad)]
+        ratio = f"{g['ratio']:.2f}×" if g["ratio"] is not None else "–"
+        lines.append(f"| {g['what']} | {g['point']} | {g['threads']} | {_ms(g['figure_ms'])} | {_ms(g['baseline_ms'])} | "
+                     f"{ratio} | {g['target']} | {met} | {g['note'] if 'page cache' in g['what'] else _short(g['note']) if g['note'] else ''} |")
+    for key, bw in info.get("bandwidth", {}).items():
+        d = bw.get("disk", {})
+        if d.get("bytes_per_s"):
+            lines += ["", f"Raw bandwidth at {key} (same run): O_DIRECT read of the exact cache's {d['files']} store files "
+                      f"({d['bytes'] / MiB:.0f} MiB): " + ", ".join(f"{w} worker(s) {v / GiB:.2f} GiB/s" for w, v in d["by_workers"].items())
+                      + "; host copy: " + ", ".join(f"{t} thread(s) {v / GiB:.2f} GiB/s" for t, v in bw["host_bytes_per_s"].items())]
+    lines += ["", "## Accuracy of each budget", ""]
+    if acc:
+        lines += [f"From `{acc_path}` (teacher-forced over natural text, the accuracy benchmark): "
+                  + "; ".join(f"{k}: top-1 {v['top1_agreement']:.4f}, KL {v['mean_kl']:.3g}" for k, v in acc.items())]
+    else:
+        lines += [f"No `{acc_path.name}` beside the results: the only accuracy figure is this run's own teacher-forced "
+                  "top-1 agreement with DynamicCache over the timed steps (the 'top-1' column; a few steps on a passkey "
+                  "prompt, far weaker than the accuracy benchmark)."]
+    lines += ["", "## Every point", ""] + table(rows, acc)
+    if info.get("synthetic_config"):
+        lines += ["", "Synthetic rows: random weights and random K/V (timing only), config " +
+                  ", ".join(f"{k} {v}" for k, v in info["synthetic_config"].items()) + "."]
     (out / "sparse_speed.md").write_text("\n".join(lines) + "\n")
     plot(rows, out / "sparse_speed.png")
 
 
 def plot(rows: list[Row], path: Path) -> None:
-    """Per thread count: ms/step of every system per (context, batch), cold solid, warm hatched."""
+    """Per thread count: ms/step of every configuration per point (log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    threads = sorted({r.threads for r in rows})
-    fig, axes = plt.subplots(len(threads), 1, figsize=(12, 4 * len(threads)), squeeze=False)
-    colors = {DYNAMIC: "tab:gray", EXACT: "tab:blue", FETCH: "tab:orange", AWARE: "tab:green"}
-    bars = [(DYNAMIC, None), (EXACT, "cold"), (EXACT, "warm"), (FETCH, "cold"), (FETCH, "warm"), (AWARE, "cold"), (AWARE, "warm")]
+    threads = sorted({r.threads for r in rows}) or [0]
+    fig, axes = plt.subplots(len(threads), 1, figsize=(14, 4.5 * len(threads)), squeeze=False)
+    colors = {DYNAMIC: "tab:gray", EXACT: "tab:blue", FETCH: "tab:orange", REUSE: "tab:purple", AWARE: "tab:green"}
     for ax, t in zip(axes[:, 0], threads):
-        points = sorted({(r.context, r.batch) for r in rows if r.threads == t})
-        index = {(r.context, r.batch, r.system, r.state): r for r in rows if r.threads == t}
-        width = 0.8 / len(bars)
-        for j, (system, state) in enumerate(bars):
+        sub = [r for r in rows if r.threads == t and r.available and (r.budget is None or budget_label(r.budget) ==
+                                                                      budget_label(HEADLINE_BUDGET) or r.state == "cold")]
+        pts = sorted({(r.model != "smollm2", r.requested_context, r.batch) for r in sub})
+        labels = sorted({(SYSTEMS.index(r.system), str(r.budget), str(r.state), r.label) for r in sub})
+        width = 0.85 / max(1, len(labels))
+        for j, (_, _, state, label) in enumerate(labels):
             xs, ys = [], []
-            for i, (c, b) in enumerate(points):
-                r = index.get((c, b, system, state))
-                if r is not None and r.available:
-                    xs.append(i + (j - len(bars) / 2) * width)
+            for i, p in enumerate(pts):
+                r = next((r for r in sub if (r.model != "smollm2", r.requested_context, r.batch) == p and r.label == label), None)
+                if r is not None:
+                    xs.append(i + (j - len(labels) / 2) * width)
                     ys.append(r.ms_per_step)
-            ax.bar(xs, ys, width, color=colors[system], hatch="//" if state == "warm" else None,
-                   alpha=0.5 if state == "warm" else 0.9, label=f"{system}{' ' + state if state else ''}")
-        ax.set_xticks(range(len(points)))
-        ax.set_xticklabels([f"{c} × {b}" for c, b in points])
+            system = next(r.system for r in sub if r.label == label)
+            ax.bar(xs, ys, width, color=colors[system], hatch="//" if state == "warm" else (".." if "%" not in label and "token" in label else None),
+                   alpha=0.5 if state == "warm" else 0.9, label=label, edgecolor="black", linewidth=0.2)
+        ax.set_xticks(range(len(pts)))
+        ax.set_xticklabels([f"{'synth ' if p[0] else ''}{p[1]} × {p[2]}" for p in pts], fontsize=8)
         ax.set_yscale("log")
         ax.set_ylabel("ms per decode step (median)")
-        ax.set_xlabel("context × batch")
-        ax.set_title(f"sparse decode speed, {t} torch thread(s) (missing bars: not available)")
-        ax.legend(fontsize=7, ncol=4)
+        ax.set_title(f"sparse decode speed, {t} torch thread(s) (missing bars: not run / not available)")
+        ax.legend(fontsize=6, ncol=4)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _budget(text: str) -> int | float:
+    try:
+        value: int | float = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--budgets: {text!r} is neither a token count nor a fraction") from None
+        if not 0 < value <= 1:
+            raise argparse.ArgumentTypeError(f"--budgets: a fraction must be in (0, 1], got {text}")
+        return value
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--budgets: a token budget must be >= 1, got {text}")
+    return value
+
+
+def _points(text: str) -> tuple[tuple[int, int], ...]:
+    out = []
+    for part in text.split(","):
+        c, sep, b = part.strip().partition("x")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"--full-points: use CONTEXTxBATCH[,...], got {part!r}")
+        out.append((parse_ints(c, "--full-points")[0], parse_ints(b, "--full-points")[0]))
+    return tuple(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None,
                         help="results directory (default benchmarks/results; --quick: a temp directory)")
-    parser.add_argument("--quick", action="store_true", help="tiny random model and sizes (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="tiny random models and sizes (smoke test)")
     parser.add_argument("--model", choices=("smollm2", "tiny"), default=None)
     parser.add_argument("--contexts", type=lambda t: parse_ints(t, "--contexts"), default=None, help="default 2048,4096,8192")
     parser.add_argument("--batches", type=lambda t: parse_ints(t, "--batches"), default=None, help="default 1,4,8")
-    parser.add_argument("--steps", type=lambda t: parse_ints(t, "--steps")[0], default=None, help="timed decode steps per run (default 4)")
-    parser.add_argument("--repeats", type=lambda t: parse_ints(t, "--repeats")[0], default=None, help="default 3")
+    parser.add_argument("--full-points", type=_points, default=None,
+                        help="CONTEXTxBATCH points with every budget, warm runs, bandwidth and checks (default 8192x4)")
+    parser.add_argument("--budgets", type=lambda t: tuple(_budget(x) for x in t.split(",")), default=None,
+                        help="sparse budgets at the full points: token counts and/or fractions (default 2048,0.0625,0.25)")
+    parser.add_argument("--max-kv-gib", type=float, default=None, help="skip points whose float32 KV is larger, in GiB (default 1.0: 4K x 8 and 8K x 8 are skipped)")
+    parser.add_argument("--steps", type=lambda t: parse_ints(t, "--steps")[0], default=None, help="timed steps per round (default 2)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps before the first round (default 1)")
+    parser.add_argument("--repeats", type=lambda t: parse_ints(t, "--repeats")[0], default=None, help="rounds (default 3)")
     parser.add_argument("--threads", type=lambda t: parse_ints(t, "--threads"), default=None,
                         help=f"torch thread counts (default 1,{DEFAULT_THREADS})")
-    parser.add_argument("--budget", type=float, default=None, help="sparse budget, a fraction in (0, 1] (default 0.25)")
+    parser.add_argument("--synthetic", default=None,
+                        help="contexts of the deep random config, batch 1 (default 16384,32768; 'none' skips it)")
+    parser.add_argument("--synthetic-layers", type=lambda t: parse_ints(t, "--synthetic-layers")[0], default=None)
     parser.add_argument("--no-warm", action="store_true", help="skip the warm-page-cache runs")
-    parser.add_argument("--fill", choices=("update", "model"), default=None,
-                        help="how exact tiered caches get the prompt: Cache.update with the prefilled K/V (default) or "
-                             "a prefill through the model for every run (slow); sparse caches always copy a base "
-                             "cache prefilled through the model")
+    parser.add_argument("--accuracy", default=None, help="sparse_accuracy.json to show beside the budgets (default: --out's)")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory on the disk under test")
     args = parser.parse_args(argv)
     s = Settings.quick() if args.quick else Settings()
-    for name in ("model", "contexts", "batches", "steps", "repeats", "budget", "fill"):
+    for name in ("model", "contexts", "batches", "full_points", "budgets", "max_kv_gib", "steps", "warmup", "repeats",
+                 "synthetic_layers", "accuracy"):
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
+    if args.synthetic is not None:
+        s.synthetic = () if args.synthetic.strip().lower() in ("none", "") else parse_ints(args.synthetic, "--synthetic")
     if args.threads is not None:
         s.threads = tuple(dict.fromkeys(args.threads))
     if args.no_warm:
         s.warm = False
-    if not 0 < s.budget <= 1:
-        parser.error("--budget must be a fraction in (0, 1]")
+    if s.warmup is None or s.warmup < 0:
+        parser.error("--warmup must be >= 0")
     if args.out is None:
         args.out = Path(tempfile.gettempdir()) / "tiercache-sparse-speed-quick" if args.quick else Path("benchmarks/results")
     workdir = Path(tempfile.mkdtemp(prefix="tiercache-sparse-speed-", dir=args.workdir))
@@ -642,14 +991,11 @@ def main(argv: list[str] | None = None) -> int:
     meta.update(command=" ".join(["python", "benchmarks/sparse_speed.py", *(argv if argv is not None else sys.argv[1:])]),
                 runtime_s=time.perf_counter() - start, settings=asdict(s), quick=args.quick, workdir_filesystem=fstype,
                 load_average_start=load_start, sparse_available=available and unavailable is None,
-                sparse_note=unavailable or why or None, **info)
-    write_results(runs, rows, meta, args.out)
-    print("\n".join(table(rows)))
-    for g in targets(rows):
-        ratio = f"{g['ratio']:.2f}x" if g["ratio"] is not None else _short(g["note"])
-        print(f"{g['what']} ({g['threads']}t): {ratio} (target >= {g['target']:g}x: "
-              f"{({True: 'met', False: 'NOT met', None: '-'})[g['met']]})")
-    print(f"wrote {args.out / 'sparse_speed.json'}, .md, .png ({meta['runtime_s']:.0f} s)")
+                sparse_note=unavailable or why or None, info=info)
+    write_results(runs, rows, meta, info, s, args.out)
+    print((args.out / "sparse_speed.md").read_text())
+    print(f"wrote {args.out / 'sparse_speed.json'}, .md, .png ({meta['runtime_s']:.0f} s; estimated "
+          f"{info['estimated_seconds']:.0f} s)")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Smoke tests of benchmarks/sparse_accuracy.py and benchmarks/sparse_speed.py at tiny sizes (a random
+"""Smoke tests of benchmarks/sparse_accuracy.py (and the helpers it shares with sparse_speed.py) at tiny sizes (a random
 2-layer Llama): every configuration runs end to end and writes its JSON, markdown and plot.  They assert
 structure and sanity, never speed or accuracy targets (those live in the benchmarks' own output):
 exact tiered decoding equals full attention, the disk tier is really read, and sparse rows are either
@@ -21,11 +21,6 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 @pytest.fixture(scope="module")
 def accuracy(load_benchmark):
     return load_benchmark("sparse_accuracy")
-
-
-@pytest.fixture(scope="module")
-def speed(load_benchmark):
-    return load_benchmark("sparse_speed")
 
 
 @pytest.fixture(scope="module")
@@ -155,69 +150,6 @@ def test_english_prose_is_prose():
     assert sum(c.isalpha() or c.isspace() for c in text) > 0.9 * len(text)
 
 
-# -- speed ---------------------------------------------------------------------------------------------------
-def test_speed_quick_runs_every_configuration(speed, tmp_path):
-    assert speed.main(["--quick", "--contexts", "160,256", "--batches", "1,2", "--out", str(tmp_path)]) == 0
-    saved = json.loads((tmp_path / "sparse_speed.json").read_text())
-    s = speed.Settings.quick()
-    rows = saved["rows"]
-    points = {(r["context"], r["batch"]) for r in rows}
-    assert points == {(160, 1), (160, 2), (256, 1), (256, 2)}
-    assert len(rows) == len(points) * len(speed.configurations(s))
-    assert len(saved["runs"]) == len(rows) * s.repeats
-    by = {(r["context"], r["batch"], r["system"], r["state"]): r for r in rows}
-    measured_sparse = False
-    for (c, b, system, state), r in by.items():
-        if system in (speed.FETCH, speed.AWARE) and not _sparse_ok(r):
-            assert math.isnan(r["ms_per_step"]) and r["samples_ms"] == []
-            continue
-        measured_sparse |= system in (speed.FETCH, speed.AWARE)
-        assert len(r["samples_ms"]) == s.steps * s.repeats and all(ms > 0 for ms in r["samples_ms"]), r
-        if system == speed.DYNAMIC:
-            continue
-        assert r["bytes_fetched"] > 0 and 0.0 <= r["token_agreement"] <= 1.0
-        if state == "cold":
-            assert r["cold_method"] in ("direct_io", "fadvise")
-            assert r["disk_bytes"] > 0  # the host tier holds 25 % of the KV: the rest is read from disk
-        if system == speed.EXACT:
-            kv = b * c * 2 * 2 * 2 * 16 * 4  # tiny model: layers x K,V x kv heads x head dim x float32
-            assert r["tokens_match_dynamic"] is True
-            assert kv * 0.9 <= r["bytes_fetched"] <= kv * 1.1  # exact reads the whole cache every step
-        else:
-            exact = by[(c, b, speed.EXACT, state)]
-            assert r["bytes_fetched"] < exact["bytes_fetched"]  # a 25 % budget reads less than exact
-    assert saved["meta"]["sparse_available"] == measured_sparse
-    assert saved["meta"]["settings"]["steps"] == s.steps and saved["meta"]["runtime_s"] > 0
-    md = (tmp_path / "sparse_speed.md").read_text()
-    assert "Quick run" in md and md.count("\n| 160 |") == 2 and md.count("\n| 256 |") == 2
-    assert "8192 x batch 4 not in this run" in md  # the targets say why they are not judged
-    assert (tmp_path / "sparse_speed.png").stat().st_size > 0
-
-
-def test_speed_targets_are_judged_on_ratios(speed):
-    def row(system, state, ms, available=True):
-        return speed.Row(8190, 8192, 4, 1, system, state, available, None if available else "sparse mode not available: x",
-                         "fadvise" if state == "cold" else None, ms, 0, 0, 0, None, [ms], None)
-
-    rows = [row(speed.EXACT, "cold", 900.0), row(speed.FETCH, "cold", 400.0), row(speed.AWARE, "cold", 200.0)]
-    goals = {g["what"].split(",")[0]: g for g in speed.targets(rows)}
-    fetch, exact = goals["attention-aware vs fetch-every-step"], goals["attention-aware vs exact"]
-    assert fetch["ratio"] == pytest.approx(2.0) and fetch["met"] is True
-    assert exact["ratio"] == pytest.approx(4.5) and exact["met"] is True
-    rows[2] = row(speed.AWARE, "cold", 300.0)
-    assert [g["met"] for g in speed.targets(rows)] == [False, True]  # 1.33x < 1.74x; 3.0x >= 3x
-    rows[2] = row(speed.AWARE, "cold", float("nan"), available=False)
-    assert all(g["met"] is None and g["note"].startswith("sparse mode not available") for g in speed.targets(rows))
-
-
-@pytest.mark.parametrize("argv", [["--budget", "0"], ["--budget", "2"], ["--contexts", "x"], ["--batches", "0"],
-                                  ["--steps", "0"], ["--repeats", "0"], ["--threads", "0"]])
-def test_speed_cli_rejects_bad_options(speed, tmp_path, argv):
-    with pytest.raises(SystemExit) as exc:
-        speed.main(["--quick", *argv, "--out", str(tmp_path)])
-    assert exc.value.code == 2
-
-
 # -- shared helpers ------------------------------------------------------------------------------------------
 def test_kv_cache_bytes_matches_a_real_cache(common):
     from transformers import DynamicCache
@@ -257,38 +189,6 @@ def test_stats_readers(common):
     assert common.reuse_rate(after) == 0.75
     assert common.reuse_rate({"kv": {"x": 1}}) is None
     assert common.tier_row({"tiercache": {"tiers": {"disk": {"bytes_read": 3}}}}, "disk") == {"bytes_read": 3}
-
-
-def test_speed_reports_a_failing_sparse_run_and_goes_on(speed, tmp_path, monkeypatch):
-    """A sparse cache that raises is recorded as an error (with its traceback), never as figures, and the
-    other configurations still run; a mode that is merely absent is asked for once, not at every point."""
-    real = speed.make_tiered
-
-    def broken(model, mode, **options):
-        if mode == "sparse":
-            raise RuntimeError("boom")
-        return real(model, mode, **options)
-
-    monkeypatch.setattr(speed, "make_tiered", broken)
-    s = speed.Settings.quick()
-    s.contexts, s.batches, s.warm = (128, 160), (1,), False
-    runs, _ = speed.run_all(s, tmp_path, show_progress=False)
-    sparse = [r for r in runs if r.system in (speed.FETCH, speed.AWARE)]
-    assert len(sparse) == 4 and all(not r.available and r.note == "error: RuntimeError: boom" and "boom" in r.error
-                                    and r.step_ms == [] for r in sparse)
-    assert all(r.available and len(r.step_ms) == s.steps for r in runs if r.system in (speed.DYNAMIC, speed.EXACT))
-
-
-def test_speed_fill_through_the_model(speed, tmp_path):
-    """--fill model prefills every tiered cache through the model instead of copying the K/V in: exact
-    tiered still decodes DynamicCache's tokens, reading the same bytes."""
-    assert speed.main(["--quick", "--fill", "model", "--contexts", "130", "--batches", "2", "--no-warm",
-                       "--out", str(tmp_path)]) == 0
-    saved = json.loads((tmp_path / "sparse_speed.json").read_text())
-    assert saved["meta"]["settings"]["fill"] == "model"
-    exact = next(r for r in saved["rows"] if r["system"] == speed.EXACT)
-    assert exact["tokens_match_dynamic"] is True and exact["disk_bytes"] > 0
-    assert [r["state"] for r in saved["rows"] if r["system"] == speed.EXACT] == ["cold"]
 
 
 def test_accuracy_reports_a_failing_sparse_cache_and_goes_on(accuracy, tmp_path, monkeypatch):

@@ -1,0 +1,132 @@
+"""Where a sparse decode step spends its time: cProfile of a few steps per strategy (CPU, SmolLM2).
+
+    python benchmarks/sparse_profile.py --out /tmp/sparse-profile                  # 8K x batch 4, 25 %, 3 steps
+    python benchmarks/sparse_profile.py --context 2048 --batch 1 --distinct-rows 1 --steps 2
+
+For each strategy (``--strategies``, default every sparse one) a sparse ``TieredKVCache`` is filled with
+the same prefilled K/V (host tier ``--host-fraction`` of the KV, disk the rest with ``direct_io``, as in
+``sparse_speed.py``), decodes ``--warmup`` untimed steps, then ``--steps`` steps under ``cProfile`` at
+``--threads`` torch threads.  Writes per strategy ``sparse_profile_<strategy>.txt`` (the top functions by
+own time and by cumulative time, as ``pstats`` prints them) and ``sparse_profile.json`` (per strategy:
+wall seconds per step, the cache's per-stage seconds per step, its rates (reuse, prefetch hit, prediction
+recall; cumulative since the fill, warm-up included), and the top functions with their share of
+the profiled wall time), and prints a summary.  ``--distinct-rows N`` prefills only N distinct prompt rows
+and repeats them up to the batch (prefill is the slow part on a 2-core machine; repeated rows select the
+same blocks, so the union over rows is smaller than with distinct rows: say so when quoting figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import find_numbers, load_bench_model, parse_ints, stats_delta, torch_threads  # noqa: E402
+import sparse_speed as sp  # noqa: E402
+
+
+def top_functions(profile: cProfile.Profile, wall: float, n: int = 25) -> list[dict]:
+    st = pstats.Stats(profile)
+    rows = []
+    for (file, line, name), (cc, nc, tt, ct, _) in st.stats.items():  # type: ignore[attr-defined]
+        rows.append({"function": f"{Path(file).name}:{line}({name})", "calls": nc, "own_s": tt, "cumulative_s": ct,
+                     "own_pct": 100 * tt / wall, "cumulative_pct": 100 * ct / wall})
+    rows.sort(key=lambda r: -r["own_s"])
+    return rows[:n]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
+    parser.add_argument("--context", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--distinct-rows", type=int, default=None, help="prompt rows prefilled (default: the batch)")
+    parser.add_argument("--budget", type=sp._budget, default=0.25)
+    parser.add_argument("--strategies", default=",".join(sp.SPARSE))
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=lambda t: parse_ints(t, "--threads")[0], default=1)
+    parser.add_argument("--host-fraction", type=float, default=0.25)
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "tiercache-sparse-profile")
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    strategies = [x.strip() for x in args.strategies.split(",") if x.strip()]
+    bad = [x for x in strategies if x not in sp.SPARSE]
+    if bad:
+        parser.error(f"--strategies: unknown {bad}; choose from {sp.SPARSE}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_bench_model(args.model)
+    max_pos = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+    context = min(args.context, max_pos - args.steps - args.warmup - 2)
+    distinct = min(args.batch, args.distinct_rows or args.batch)
+    t0 = time.perf_counter()
+    ids = sp.prompt_rows(tokenizer, distinct, context, model.config.vocab_size)
+    context = min(context, ids.shape[-1])
+    with torch_threads(sp.DEFAULT_THREADS):
+        rows = sp.prefill_rows(model, ids, [context - 1] * distinct)
+    rows = [rows[r % distinct] for r in range(args.batch)]
+    ids = ids[[r % distinct for r in range(args.batch)]]
+    print(f"prefill {time.perf_counter() - t0:.0f} s ({distinct} distinct rows of {context - 1} tokens)", flush=True)
+    kv = sp.point_kv(rows, args.batch, context - 1)
+    s = sp.Settings(host_fraction=args.host_fraction)
+    workdir = Path(tempfile.mkdtemp(prefix="tiercache-sparse-profile-", dir=args.workdir))
+    summary: dict = {"context": context, "batch": args.batch, "distinct_rows": distinct, "budget": args.budget,
+                     "threads": args.threads, "steps": args.steps, "strategies": {}}
+    try:
+        for strategy in strategies:
+            cfg = sp.Config(strategy, args.budget, "cold")
+            t0 = time.perf_counter()
+            cache = sp.build_cache(model, cfg, kv, s, workdir / strategy)
+            fill = time.perf_counter() - t0
+            feed = ids[:, context - 1:context]
+            try:
+                with torch.no_grad(), torch_threads(args.threads):
+                    for _ in range(args.warmup):
+                        feed = model(input_ids=feed, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
+                    before = cache.stats()
+                    prof = cProfile.Profile()
+                    start = time.perf_counter()
+                    prof.enable()
+                    for _ in range(args.steps):
+                        feed = model(input_ids=feed, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
+                    prof.disable()
+                    wall = time.perf_counter() - start
+                    after = cache.stats()
+                    delta = stats_delta(before, after)
+            finally:
+                cache.close()
+                shutil.rmtree(workdir / strategy, ignore_errors=True)
+            text = io.StringIO()
+            st = pstats.Stats(prof, stream=text)
+            st.sort_stats("tottime").print_stats(30)
+            st.sort_stats("cumulative").print_stats(30)
+            (args.out / f"sparse_profile_{strategy}.txt").write_text(text.getvalue())
+            own = {k: v for k, v in delta.items() if k != "tiercache"}
+            stages = {k: v / args.steps for k, v in find_numbers(own, "seconds").items() if "last_step" not in k}
+            summary["strategies"][strategy] = {
+                "fill_s": fill, "wall_s_per_step": wall / args.steps, "stages_s_per_step": stages,
+                "rates": find_numbers({k: v for k, v in after.items() if k != "tiercache"}, "rate", "recall", "precision"), "top_own": top_functions(prof, wall)}
+            print(f"\n== {strategy}: {1000 * wall / args.steps:.0f} ms/step under cProfile (fill {fill:.0f} s)")
+            for k, v in sorted(stages.items(), key=lambda kv: -kv[1])[:10]:
+                print(f"   stage {k}: {1000 * v:.1f} ms/step ({100 * v * args.steps / wall:.0f}%)")
+            for r in summary["strategies"][strategy]["top_own"][:12]:
+                print(f"   {r['own_pct']:5.1f}% own {r['cumulative_pct']:5.1f}% cum  {r['calls']:>7}  {r['function']}")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    (args.out / "sparse_profile.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(f"wrote {args.out}/sparse_profile.json and sparse_profile_<strategy>.txt")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

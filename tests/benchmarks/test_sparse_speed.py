@@ -1,0 +1,200 @@
+"""Smoke tests of benchmarks/sparse_speed.py at tiny sizes (random models): every row runs end to end and
+writes its JSON, markdown and plot.  They assert structure and sanity -- exact tiered decodes
+DynamicCache's logits, the disk tier is really read, a 25 % budget reads fewer bytes than exact, sparse
+rows are measured or marked, never filled with other figures -- and never speed targets (those live in
+the benchmark's own output)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def speed(load_benchmark):
+    return load_benchmark("sparse_speed")
+
+
+def _sparse_ok(run: dict) -> bool:
+    if run["available"]:
+        return True
+    assert run["note"].startswith(("sparse mode not available", "error: ")), run
+    return False
+
+
+def test_quick_run_covers_every_row(speed, tmp_path):
+    argv = ["--quick", "--contexts", "160,256", "--batches", "1,2", "--full-points", "256x2", "--synthetic", "200",
+            "--synthetic-layers", "3", "--out", str(tmp_path)]
+    assert speed.main(argv) == 0
+    saved = json.loads((tmp_path / "sparse_speed.json").read_text())
+    rows = saved["rows"]
+    s = speed.Settings.quick()
+    smol = {(r["requested_context"], r["batch"]) for r in rows if r["model"] == "tiny"}
+    assert smol == {(160, 1), (160, 2), (256, 1), (256, 2)}
+    assert {(r["requested_context"], r["batch"]) for r in rows if r["model"] == "synthetic"} == {(200, 1)}
+    full = [r for r in rows if r["model"] == "tiny" and (r["requested_context"], r["batch"]) == (256, 2)]
+    light = [r for r in rows if r["model"] == "tiny" and (r["requested_context"], r["batch"]) == (160, 1)]
+    # the full point: every system, every distinct budget, warm runs; the light one: the headline budget, cold
+    assert {r["system"] for r in full} == set(speed.SYSTEMS) and {r["system"] for r in light} == set(speed.SYSTEMS)
+    assert {r["state"] for r in full} == {None, "cold", "warm"} and {r["state"] for r in light} == {None, "cold"}
+    budgets = {speed.budget_label(r["budget"]) for r in full if r["budget"] is not None}
+    assert budgets == {"96 tokens", "6.25%", "25%"}
+    assert {speed.budget_label(r["budget"]) for r in light if r["budget"] is not None} == {"25%"}
+    kv_per_token = saved["meta"]["info"]["kv_bytes_per_token"]
+    by = {(r["model"], r["requested_context"], r["batch"], r["system"], str(r["budget"]), r["state"]): r for r in rows}
+    for key, r in by.items():
+        if r["system"] in speed.SPARSE and not _sparse_ok(r):
+            assert math.isnan(r["ms_per_step"]) and r["samples_ms"] == []
+            continue
+        assert len(r["samples_ms"]) == s.steps * s.repeats and all(ms > 0 for ms in r["samples_ms"]), r
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] * 1000 / r["ms_per_step"])
+        if r["system"] == speed.DYNAMIC:
+            continue
+        if r["state"] == "cold":
+            assert r["cold_method"] in ("direct_io", "fadvise")
+            if r["system"] in (speed.EXACT, speed.FETCH):  # (3b) and (4) may serve a step from staged / reused blocks
+                assert r["disk_bytes"] > 0  # the host tier holds 25 % of the KV: the rest is read from disk
+            assert r["disk_tier_bytes"] >= r["disk_bytes"]  # reads since the previous step include the step's
+        assert r["stages_ms"], r
+        if r["system"] == speed.EXACT:
+            kv = kv_per_token * r["context"] * r["batch"] if r["model"] == "tiny" else None
+            assert r["top1_vs_reference"] == 1.0 and r["max_abs_logit_diff"] <= speed.LOGIT_TOL
+            if kv:
+                assert kv * 0.85 <= r["host_bytes"] + r["disk_bytes"] <= kv * 1.1  # exact reads the whole KV per step
+        elif r["model"] == "tiny" and r["budget"] == 0.25:
+            exact = by[(r["model"], r["requested_context"], r["batch"], speed.EXACT, "None", "cold")]
+            assert r["host_bytes"] + r["disk_bytes"] < exact["host_bytes"] + exact["disk_bytes"]
+    goals = saved["targets"]
+    whats = [g["what"] for g in goals]
+    assert any("(4) attention-aware vs (3) fetch-every-step" in w for w in whats)
+    assert any("(3b)" in w for w in whats) and any("raw bandwidth" in w for w in whats)
+    check = next(g for g in goals if "page cache decodes correctly" in g["what"])
+    assert check["met"] is True, check  # exact, direct_io: disk-served and equal to DynamicCache
+    bw = saved["meta"]["info"]["bandwidth"]["256x2"]
+    assert bw["disk"]["bytes"] > 0 and bw["disk"]["bytes_per_s"] > 0 and bw["host_bytes_per_s"]
+    md = (tmp_path / "sparse_speed.md").read_text()
+    assert "Quick run" in md and "## Targets" in md and "(3b) reuse-layer-ahead" in md and "synthetic" in md
+    assert (tmp_path / "sparse_speed.png").stat().st_size > 0
+
+
+def test_fill_cache_equals_prefill_through_the_model(speed, tmp_path):
+    """A sparse cache given prefilled K/V by fill_cache decodes exactly like one prefilled by the model."""
+    from _common import tiny_llama  # the conftest loader put benchmarks/ on sys.path
+    from transformers import DynamicCache
+
+    model = tiny_llama()
+    ids = torch.randint(3, 100, (2, 300), generator=torch.Generator().manual_seed(1))
+    dyn = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids[:, :-1], past_key_values=dyn)
+    kv = [(layer.keys.clone(), layer.values.clone()) for layer in dyn.layers]
+    s = speed.Settings.quick()
+    cfg = speed.Config(speed.FETCH, 0.25, "cold")
+    filled = speed.build_cache(model, cfg, kv, s, tmp_path / "a")
+    prefilled = speed.build_cache(model, speed.Config(speed.EXACT, None, "cold"), kv, s, tmp_path / "b")
+    prefilled.close()
+    from _common import make_tiered
+
+    through = make_tiered(model, "sparse", budget=0.25, strategy=speed.FETCH, host=1 << 20, disk=1 << 26,
+                          path=tmp_path / "c", block_size=s.block_size)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids[:, :-1], past_key_values=through)
+            feed = ids[:, -1:]
+            for _ in range(3):
+                a = model(input_ids=feed, past_key_values=filled).logits[:, -1]
+                b = model(input_ids=feed, past_key_values=through).logits[:, -1]
+                torch.testing.assert_close(a, b)
+                feed = a.argmax(-1, keepdim=True)
+        assert filled.stats()["sparse"]["total"]["steps"] == 3
+    finally:
+        filled.close()
+        through.close()
+
+
+def test_targets_are_judged_on_ratios(speed):
+    def row(system, budget, ms, state="cold", available=True, **kw):
+        fields = dict(model="smollm2", context=8177, requested_context=8192, batch=4, threads=1, label=system,
+                      system=system, budget=budget, state=state, available=available,
+                      note=None if available else "sparse mode not available: x", cold_method="direct_io",
+                      ms_per_step=ms, tokens_per_s=4000 / ms, host_bytes=100 * 2**20, disk_bytes=300 * 2**20,
+                      stages_ms={}, reuse_rate=None, top1_vs_reference=1.0, max_abs_logit_diff=0.0, samples_ms=[ms])
+        fields.update(kw)
+        return speed.Row(**fields)
+
+    s = speed.Settings(budgets=(0.25,), threads=(1,))
+    info = {"budget_merges": {"8192x4": {}}, "kv_bytes_per_token": 46080,
+            "bandwidth": {"8192x4": {"disk": {"bytes_per_s": 300 * 2**20 / 0.5}, "host_bytes_per_s": {"1": 100 * 2**20 / 0.1},
+                                     "host_capacity": 2**28}}}
+    rows = [row(speed.EXACT, None, 900.0), row(speed.FETCH, 0.25, 400.0), row(speed.REUSE, 0.25, 300.0),
+            row(speed.AWARE, 0.25, 200.0)]
+    goals = speed.targets(rows, info, s)
+    got = {g["what"]: g for g in goals}
+    fetch = got["issue 9: (4) attention-aware vs (3) fetch-every-step, 25%"]
+    exact = got["issue 9: (4) attention-aware vs (2) exact tiered, 25%"]
+    reuse = got["issue 10: (4) vs (3b) reuse-layer-ahead, 25%"]
+    bound = next(g for g in goals if "raw bandwidth" in g["what"])
+    assert fetch["ratio"] == pytest.approx(2.0) and fetch["met"] is True
+    assert exact["ratio"] == pytest.approx(4.5) and exact["met"] is True
+    assert reuse["ratio"] == pytest.approx(1.5) and reuse["met"] is True
+    assert bound["baseline_ms"] == pytest.approx(600.0) and bound["ratio"] == pytest.approx(1.5) and bound["met"] is False
+    check = next(g for g in goals if "page cache" in g["what"])
+    assert check["met"] is True
+    rows[3] = row(speed.AWARE, 0.25, 300.0)
+    got = {g["what"]: g["met"] for g in speed.targets(rows, info, s)}
+    assert got["issue 9: (4) attention-aware vs (3) fetch-every-step, 25%"] is False  # 1.33x < 1.74x
+    assert got["issue 9: (4) attention-aware vs (2) exact tiered, 25%"] is True  # 3.0x >= 3x
+    assert got["issue 10: (4) vs (3b) reuse-layer-ahead, 25%"] is False  # 1.0x < 1.3x
+    rows[0] = row(speed.EXACT, None, 900.0, max_abs_logit_diff=0.5)
+    assert next(g for g in speed.targets(rows, info, s) if "page cache" in g["what"])["met"] is False
+    rows[3] = row(speed.AWARE, 0.25, float("nan"), available=False)
+    for g in speed.targets(rows, info, s):
+        if "(4)" in g["what"]:
+            assert g["met"] is None and g["note"].startswith("sparse mode not available")
+
+
+def test_budgets_within_a_block_are_one_configuration(speed):
+    kept, merged = speed.distinct_budgets((2048, 0.0625, 0.25), 8177, 64)
+    assert kept == [0.0625, 0.25] and merged == {"2048 tokens": "25%"}
+    kept, merged = speed.distinct_budgets((2048, 0.0625, 0.25), 4095, 64)
+    assert kept == [0.0625, 0.25, 2048] and merged == {}
+
+
+def test_a_failing_sparse_cache_is_reported_and_the_rest_runs(speed, tmp_path, monkeypatch):
+    real = speed.make_tiered
+
+    def broken(model, mode, **options):
+        if mode == "sparse" and options.get("strategy") == speed.REUSE:
+            raise RuntimeError("boom")
+        return real(model, mode, **options)
+
+    monkeypatch.setattr(speed, "make_tiered", broken)
+    s = speed.Settings.quick()
+    s.contexts, s.batches, s.full_points, s.synthetic = (128,), (1,), (), ()
+    runs, _ = speed.run_all(s, tmp_path, show_progress=False)
+    failed = [r for r in runs if r.system == speed.REUSE]
+    assert failed and all(not r.available and r.note == "error: RuntimeError: boom" and "boom" in r.error and not r.steps
+                          for r in failed)
+    assert all(r.available and r.steps for r in runs if r.system in (speed.DYNAMIC, speed.EXACT, speed.FETCH))
+
+
+def test_raw_disk_bandwidth_reads_every_byte(speed, tmp_path):
+    for i in range(5):
+        (tmp_path / f"f{i}").write_bytes(bytes(range(256)) * 64 * (i + 1))
+    got = speed.raw_disk_bandwidth(tmp_path, workers=(1, 2))
+    if "error" in got:  # a filesystem that refuses O_DIRECT (tmpfs)
+        pytest.skip(got["error"])
+    assert got["files"] == 5 and got["bytes"] == sum(16384 * (i + 1) for i in range(5))
+    assert set(got["by_workers"]) == {1, 2} and got["bytes_per_s"] > 0
+
+
+@pytest.mark.parametrize("argv", [["--budgets", "0"], ["--budgets", "1.5"], ["--budgets", "x"], ["--contexts", "x"],
+                                  ["--batches", "0"], ["--steps", "0"], ["--repeats", "0"], ["--threads", "0"],
+                                  ["--full-points", "8192"], ["--warmup", "-1"]])
+def test_cli_rejects_bad_options(speed, tmp_path, argv):
+    with pytest.raises(SystemExit) as exc:
+        speed.main(["--quick", *argv, "--out", str(tmp_path)])
+    assert exc.value.code == 2
