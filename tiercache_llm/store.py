@@ -314,9 +314,11 @@ class BlockStore:
                 f"KV block {exc.args[0]!r} is no longer in the tiercache (evicted or corrupt); "
                 f"exact attention is impossible ({self._budget_text()}, this cache holds {_fmt(self._held_bytes)})"
             ) from exc
-        self.counters.fetch_seconds += time.perf_counter() - start
-        self.counters.blocks_fetched += len(tensors)
-        self.counters.bytes_fetched += sum([t.nbytes for t in tensors])
+        elapsed, nbytes = time.perf_counter() - start, sum([t.nbytes for t in tensors])
+        with self._lock:  # background staging reads count here too
+            self.counters.fetch_seconds += elapsed
+            self.counters.blocks_fetched += len(tensors)
+            self.counters.bytes_fetched += nbytes
         return tensors
 
     def _get_into(self, keys: list[Any], out: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -30,3 +30,6 @@ def record_attention(state: "SparseLayerState", layer: "TieredKVLayer", sel: "Bl
             score = float(state.mass[j])
             ctrl.pending_scores[layer._kkeys[j]] = score
             ctrl.pending_scores[layer._vkeys[j]] = score
+    pipeline = getattr(layer, "pipeline", None)
+    if pipeline is not None:
+        pipeline.after_attention(state, layer)  # disk staging ahead (attention-aware), in the background
