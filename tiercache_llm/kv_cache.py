@@ -813,6 +813,19 @@ class TieredKVCache(Cache):
         policy = self.store.policy
         if config.defer_promotions and hasattr(policy, "defer_promotions"):
             policy.defer_promotions = True
+        if config.write_behind_bytes:
+            self.store.enable_write_behind(config.write_behind_bytes)
+
+    def _pipeline_admission(self) -> None:
+        """After the controller's admission control: the pipeline's threshold when it has its own rule (the
+        fastest tier complementing a reuse buffer); then the pipeline's end-of-step staging."""
+        pipe, policy = self._pipeline, self.store.policy
+        if pipe is None or self._sparse.strategy != "attention-aware" or not hasattr(policy, "promote_threshold"):
+            return
+        threshold = pipe.admission_threshold(self.layers)
+        if threshold is not None:
+            policy.promote_threshold = threshold
+        pipe.end_step()  # disk staging ahead, under the scores and threshold just set
 
     def _invalidate_pipeline(self) -> None:
         if getattr(self, "_pipeline", None) is not None:
@@ -877,6 +890,11 @@ class TieredKVCache(Cache):
         step = ctrl.last_step
         try:
             ctrl.end_forward(self.layers, self.store, check=not failed)
+            self._pipeline_admission()
+            if not step.layer_steps and not failed:
+                # A prefill (or other exact pass) queued its blocks for write-behind: they are written before
+                # decoding starts, as every strategy writes them, so decode steps never compete with them.
+                self.store.flush_writes()
         finally:
             if step.layer_steps:
                 step.steps = 1
@@ -978,6 +996,8 @@ class TieredKVCache(Cache):
             "attention_seconds": total.attention_seconds,
             "placement_seconds": total.placement_seconds,
             "write_seconds": store_stats["kv"]["put_seconds"],
+            "write_enqueue_seconds": store_stats["kv"]["enqueue_seconds"],
+            "write_backpressure_seconds": store_stats["kv"]["backpressure_seconds"],
             "background_read_seconds": staging.get("background_seconds", 0.0),
         }
         return out

@@ -2,13 +2,17 @@
 
 What each strategy runs (:meth:`PipelineConfig.for_strategy`):
 
-==================== =========== ============ ============= ======================
-strategy             reuse buffer layer-ahead  disk staging  deferred promotions
-==================== =========== ============ ============= ======================
-fetch-every-step     -           -            -             -
-reuse-layer-ahead    yes         yes          -             -  (policy kv-stream)
-attention-aware      -           yes          yes           yes (policy attention-aware)
-==================== =========== ============ ============= ======================
+================== ============ =========== ============ ============ ========== ============
+strategy           reuse buffer layer-ahead predictor    disk staging deferred   write-behind
+                                                                      promotions
+================== ============ =========== ============ ============ ========== ============
+fetch-every-step   -            -           -            -            -          -
+reuse-layer-ahead  yes          yes         query        -            -          -
+attention-aware    yes          yes         query        yes          yes        64 MiB
+================== ============ =========== ============ ============ ========== ============
+
+(``reuse-layer-ahead`` runs under the ``kv-stream`` policy, ``attention-aware`` under the
+``attention-aware`` policy with its scores.)
 
 - **Layer-ahead prefetch.**  When layer ``l`` fetches, the entries layer ``l+1`` is predicted to need and
   that are not in the fastest tier are read into the :class:`~.staging.StagingArea` on the I/O pool
@@ -37,6 +41,7 @@ on the pool; :meth:`close` may be called from any thread.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -71,6 +76,11 @@ class PipelineConfig:
             parallelises one batch further).
         stage_ahead: blocks per layer and step staged by disk staging.
         wait_timeout: seconds a layer waits for an in-flight entry before reading it itself.
+        complement_reuse: attention-aware placement with a reuse buffer: the fastest tier complements the
+            buffer (:meth:`DecodePipeline.placement_scores`) instead of holding the most attended blocks.
+        write_behind_bytes: ``> 0``: new blocks are written by a writer thread through a queue of at most
+            this many bytes (:meth:`~tiercache_llm.store.BlockStore.enable_write_behind`); ``0``: writes
+            are synchronous.
     """
 
     reuse: bool = False
@@ -82,6 +92,8 @@ class PipelineConfig:
     io_workers: int = 2
     stage_ahead: int = 4
     wait_timeout: float = 30.0
+    write_behind_bytes: int = 0
+    complement_reuse: bool = False
 
     def __post_init__(self) -> None:
         if self.predictor not in ("previous", "query"):
@@ -90,6 +102,9 @@ class PipelineConfig:
             raise ValueError(f"staging_bytes must be an int >= 0, got {self.staging_bytes!r}")
         if not isinstance(self.io_workers, int) or self.io_workers < 1:
             raise ValueError(f"io_workers must be an int >= 1, got {self.io_workers!r}")
+        if isinstance(self.write_behind_bytes, bool) or not isinstance(self.write_behind_bytes, int) \
+                or self.write_behind_bytes < 0:
+            raise ValueError(f"write_behind_bytes must be an int >= 0, got {self.write_behind_bytes!r}")
         if not isinstance(self.stage_ahead, int) or self.stage_ahead < 0:
             raise ValueError(f"stage_ahead must be an int >= 0, got {self.stage_ahead!r}")
 
@@ -104,7 +119,8 @@ class PipelineConfig:
         elif strategy == "reuse-layer-ahead":
             base = cls(reuse=True, layer_ahead=True, predictor="query")
         elif strategy == "attention-aware":
-            base = cls(reuse=True, layer_ahead=True, disk_staging=True, defer_promotions=True, predictor="query")
+            base = cls(reuse=True, layer_ahead=True, disk_staging=True, defer_promotions=True, predictor="query",
+                       write_behind_bytes=64 * MiB)
         else:
             raise ValueError(f"unknown strategy {strategy!r}")
         return cls(**{**asdict(base), **overrides})
@@ -184,6 +200,7 @@ class DecodePipeline:
             self.staging = StagingArea(config.staging_bytes, self._executor,
                                        max_age=2 if config.disk_staging else 1, wait_timeout=config.wait_timeout)
         self._last: dict[int, list[int]] = {}  # layer -> stored blocks it fetched at its last step
+        self._left: dict[int, list[int]] = {}  # layer -> blocks of the step before that it no longer selected
         self._predicted: dict[int, set] = {}  # layer -> entries predicted for its coming fetch
         self._reuse: dict[int, _Reuse] = {}
         self.stats = PipelineStats()
@@ -210,6 +227,12 @@ class DecodePipeline:
             with ctx:
                 self.store.get_blocks(keys, out=outs)
 
+    def _read_scored(self, scores: dict, keys: list, outs: list[torch.Tensor]) -> None:
+        """A background read that may promote: first bring the entries' tiercache scores up to their current
+        decayed mass (scores sent when a block left the selection fall behind the growing decay scale)."""
+        self.store.update_scores({k: scores[k] for k in keys if k in scores})
+        self._read(keys, outs)
+
     def _stage_blocks(self, layer: "TieredKVLayer", blocks: list[int]) -> tuple[int, int]:
         """Stage the K and V entries of ``blocks`` of ``layer`` that are outside the fastest tier (and not
         staged yet); returns (entries outside the fastest tier, entries submitted)."""
@@ -225,7 +248,15 @@ class DecodePipeline:
         todo = [k for k, t in zip(keys, self.store.tiers_of(keys)) if t is not None and t != fastest]
         if not todo:
             return 0, 0
-        return len(todo), self.staging.stage(todo, lambda k: self._entry_tensor(layer, *refs[k]), self._read)
+        read = self._read
+        if self._policy_context() is not None and layer.sparse is not None:
+            mass, n = layer.sparse.mass, layer.sparse.mass.numel()
+            scores = {}
+            for j in blocks:
+                if j < n:
+                    scores[layer._kkeys[j]] = scores[layer._vkeys[j]] = float(mass[j])
+            read = functools.partial(self._read_scored, scores)
+        return len(todo), self.staging.stage(todo, lambda k: self._entry_tensor(layer, *refs[k]), read)
 
     # ------------------------------------------------------------------------------ stages
     def predict_next(self, layer: "TieredKVLayer", query: torch.Tensor) -> None:
@@ -294,6 +325,7 @@ class DecodePipeline:
             dsts = [kbuf[i] for i in range(ns)] + [vbuf[i] for i in range(ns)]
             blocks = [layer._blocks[j] for j in stored] * 2
             sync: dict[str, list[int]] = {}
+            reused_blocks = 0
             t0 = time.perf_counter()
             for e, key in enumerate(keys):
                 j = stored[e % ns]
@@ -301,6 +333,8 @@ class DecodePipeline:
                     src = reuse.k if e < ns else reuse.v
                     dsts[e].copy_(src[reuse.slots[j]])
                     ps.reused += 1
+                    if e < ns:
+                        reused_blocks += 1
                     continue
                 staged = self.staging.take(key) if self.staging is not None else None
                 if staged is not None:
@@ -313,6 +347,10 @@ class DecodePipeline:
                     continue
                 sync.setdefault(str(tiers[e]), []).append(e)
             ps.copy_seconds += time.perf_counter() - t0
+            # A block served from the reuse buffer is as close as the fastest tier (it is on the compute
+            # device): it counts as resident, whatever tier its entries sit in.
+            stats.blocks_resident += sum(1 for i in range(ns) if reuse is not None and stored[i] in reuse.slots
+                                         and not (tiers[i] == fastest and tiers[ns + i] == fastest))
             for tier, idx in sync.items():
                 t1 = time.perf_counter()
                 outs, posts = [], []
@@ -334,6 +372,7 @@ class DecodePipeline:
             kbuf[len(stored)].copy_(layer._tail_k)
             vbuf[len(stored)].copy_(layer._tail_v)
             stats.tail_selected += 1
+        self._left[layer.layer_idx] = [j for j in self._last.get(layer.layer_idx, []) if j not in set(stored)]
         self._last[layer.layer_idx] = stored
         if self.config.reuse:
             old = self._reuse.get(layer.layer_idx)
@@ -343,17 +382,74 @@ class DecodePipeline:
             self._reuse[layer.layer_idx] = new
         return kbuf, vbuf
 
-    def after_attention(self, state: "SparseLayerState", layer: "TieredKVLayer") -> None:
-        """Disk staging ahead: the layer's highest-mass stored blocks outside the fastest tier."""
+    def placement_scores(self, state: "SparseLayerState", layer: "TieredKVLayer", stored: list[int]) -> dict | None:
+        """Tiercache scores of this step (attention-aware placement), or ``None`` to keep the plain rule
+        (every fetched block's decayed mass).  With a reuse buffer the fastest tier complements it: the
+        blocks just fetched (which the buffer holds for the next step) score 0, so they leave the tier
+        first and are never promoted, and the blocks the layer stopped selecting score their decayed mass,
+        so the tier keeps the blocks attention is likely to return to that the buffer does not hold."""
+        if not (self.config.reuse and self.config.complement_reuse):
+            return None
+        scores = {}
+        for j in stored:
+            scores[layer._kkeys[j]] = 0.0
+            scores[layer._vkeys[j]] = 0.0
+        for j in self._left.pop(layer.layer_idx, []):
+            if j < len(layer._blocks) and j < state.mass.numel():
+                score = float(state.mass[j])
+                scores[layer._kkeys[j]] = score
+                scores[layer._vkeys[j]] = score
+        return scores
+
+    def admission_threshold(self, layers: list["TieredKVLayer"]) -> float | None:
+        """With a reuse buffer: the promotion threshold of the attention-aware policy, the decayed mass of the
+        ``M``-th most attended stored block *outside the reuse buffers* (``M`` = blocks the fastest tier
+        holds); ``None`` to keep the controller's rule."""
+        if not (self.config.reuse and self.config.complement_reuse):
+            return None
+        masses, entry = [], 0
+        for layer in layers:
+            if layer.sparse is None or not layer._blocks:
+                continue
+            n = min(len(layer._blocks), layer.sparse.mass.numel())
+            mass = layer.sparse.mass[:n].clone()
+            reuse = self._reuse.get(layer.layer_idx)
+            if reuse is not None and reuse.slots:
+                held = torch.tensor([j for j in reuse.slots if j < n], dtype=torch.long)
+                mass[held] = -1.0
+            masses.append(mass)
+            entry = max(entry, layer._blocks[0].nbytes // 2)
+        if not masses or not entry:
+            return None
+        every = torch.cat(masses)
+        every = every[every >= 0]
+        room = self.store.fastest_tier_entries(entry) // 2
+        if room <= 0:
+            return float("inf")
+        if every.numel() <= room:
+            return 0.0
+        return max(0.0, float(torch.topk(every, room).values[-1]))
+
+    def end_step(self) -> None:
+        """After a decode step's forward pass (scores flushed, promotion threshold set): disk staging ahead
+        for every sparse layer."""
         if not self.config.disk_staging or self.config.stage_ahead <= 0 or self._closed:
             return
+        for idx in self.sparse_ids:
+            layer = self.layers[idx]
+            if layer._blocks:
+                self._stage_ahead(layer.sparse, layer)
+
+    def _stage_ahead(self, state: "SparseLayerState", layer: "TieredKVLayer") -> None:
+        """The layer's highest-mass stored blocks outside the fastest tier and the reuse buffer."""
         n = min(len(layer._blocks), state.mass.numel())
         if n == 0:
             return
         reuse = self._reuse.get(layer.layer_idx)
         held = reuse.slots if reuse is not None else {}
         k = min(n, 4 * self.config.stage_ahead + len(held))
-        top = [j for j in torch.topk(state.mass[:n], k).indices.tolist() if j not in held]
+        values, indices = torch.topk(state.mass[:n], k)
+        top = [j for j, m in zip(indices.tolist(), values.tolist()) if m > 0 and j not in held]
         fastest = self.store.fastest_tier
         tiers = self.store.tiers_of([layer._kkeys[j] for j in top])
         picked = [j for j, t in zip(top, tiers) if t is not None and t != fastest][: self.config.stage_ahead]
