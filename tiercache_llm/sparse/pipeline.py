@@ -404,8 +404,11 @@ class DecodePipeline:
     def admission_threshold(self, layers: list["TieredKVLayer"]) -> float | None:
         """With a reuse buffer: the promotion threshold of the attention-aware policy, the decayed mass of the
         ``M``-th most attended stored block *outside the reuse buffers* (``M`` = blocks the fastest tier
-        holds); ``None`` to keep the controller's rule."""
-        if not (self.config.reuse and self.config.complement_reuse):
+        holds); ``None`` to keep the controller's rule.  The blocks a buffer holds are never read from a
+        tier while they stay selected, so the controller's rule (the ``M``-th most attended block overall)
+        would reserve the fastest tier for them and never promote the blocks attention returns to after
+        leaving them."""
+        if not self.config.reuse:
             return None
         masses, entry = [], 0
         for layer in layers:
