@@ -260,14 +260,15 @@ class DecodePipeline:
 
     # ------------------------------------------------------------------------------ stages
     def predict_next(self, layer: "TieredKVLayer", query: torch.Tensor) -> None:
-        """Layer-ahead prefetch: called by ``layer`` as it starts fetching."""
-        if not self.config.layer_ahead or self._closed:
-            return
-        start = time.perf_counter()
+        """Layer-ahead prefetch, called by ``layer`` as it starts fetching (the first sparse layer also
+        starts a new step: untaken staged entries age)."""
         if layer.layer_idx == self.sparse_ids[0]:
             self.stats.steps += 1
             if self.staging is not None:
                 self.staging.advance()
+        if not self.config.layer_ahead or self._closed:
+            return
+        start = time.perf_counter()
         nxt_idx = self._next.get(layer.layer_idx)
         if nxt_idx is None:
             return
