@@ -27,6 +27,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .blocks import BlockRef, block_key
 from .decode_buffer import DecodeBuffer, StatesBuffer
 from .errors import UnsupportedModelError
+from .sparse.pipeline import DecodePipeline, PipelineConfig
 from .sparse.selection import SelectionConfig
 from .sparse_layer import (
     STRATEGIES, SparseController, SparseLayerState, SparseModeError, check_decay, check_page_size, default_page_size,
@@ -81,6 +82,10 @@ class TieredKVSettings:
             ``CacheConfig.direct_io``), so the host budget is not silently extended by the page
             cache (falls back to buffered I/O with a warning where the filesystem refuses O_DIRECT,
             e.g. tmpfs; ``stats()["tiercache"]["tiers"]["disk"]["direct_io"]`` says which).
+        pipeline: sparse mode: overrides of the strategy's decode pipeline
+            (:class:`~tiercache_llm.sparse.pipeline.PipelineConfig` fields as a dict, e.g.
+            ``{"staging_bytes": 64 << 20, "predictor": "query"}``, or a whole ``PipelineConfig``);
+            ``None``: the strategy's defaults (see docs/sparse.md "Decode pipeline").
     """
 
     block_size: int = 64
@@ -99,6 +104,7 @@ class TieredKVSettings:
     strategy: str | None = None
     decay: float | None = None
     page_size: int | None = None
+    pipeline: Any = None
 
     def __post_init__(self) -> None:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
@@ -129,6 +135,14 @@ class TieredKVSettings:
                 object.__setattr__(self, "policy", "attention-aware" if self.strategy == "attention-aware" else "kv-stream")
             elif self.strategy != "attention-aware" and self.policy != "kv-stream":
                 raise ValueError(f"strategy={self.strategy!r} is defined with the 'kv-stream' policy (no promotion)")
+        if self.pipeline is not None:
+            if self.mode != "sparse":
+                raise ValueError("pipeline applies to mode='sparse' only")
+            if isinstance(self.pipeline, dict):
+                object.__setattr__(self, "pipeline", PipelineConfig.for_strategy(self.strategy, **self.pipeline))
+            elif not isinstance(self.pipeline, PipelineConfig):
+                raise TypeError(f"pipeline must be a dict of PipelineConfig fields or a PipelineConfig, "
+                                f"not {type(self.pipeline).__name__}")
         if not isinstance(self.prefetch, bool):
             raise TypeError("prefetch must be a bool")
         if not isinstance(self.direct_io, bool):
@@ -734,6 +748,7 @@ class TieredKVCache(Cache):
         strategy: str = _UNSET,
         decay: float = _UNSET,
         page_size: int = _UNSET,
+        pipeline: Any = _UNSET,
         cache: Any = None,
         settings: TieredKVSettings | None = None,
     ) -> None:
@@ -746,7 +761,7 @@ class TieredKVCache(Cache):
             for name, value in dict(
                 gpu=gpu, host=host, disk=disk, path=path, block_size=block_size, mode=mode, policy=policy,
                 compression=compression, prefetch=prefetch, direct_io=direct_io, budget=budget, sink=sink,
-                recent=recent, strategy=strategy, decay=decay, page_size=page_size,
+                recent=recent, strategy=strategy, decay=decay, page_size=page_size, pipeline=pipeline,
             ).items()
             if value is not _UNSET
         }
@@ -791,6 +806,59 @@ class TieredKVCache(Cache):
                     layer.sparse = SparseLayerState(self._sparse)
                     layer.sparse._block_size = settings.block_size
                     layer.sparse._page_size = settings.page_size
+        self._pipeline: DecodePipeline | None = None
+        self._start_pipeline()
+
+    # ------------------------------------------------------------------------- decode pipeline
+    def _start_pipeline(self) -> None:
+        """Sparse mode: the decode pipeline of the strategy (docs/sparse.md "Decode pipeline"), shared by
+        the sparse layers through ``layer.pipeline``; with deferred promotions, the store's attention-aware
+        policy promotes only on the pipeline's background reads."""
+        self._pipeline = None
+        if self._sparse is None or not any(layer.sparse is not None for layer in self.layers):
+            return
+        settings = self.settings
+        config = settings.pipeline if settings.pipeline is not None else PipelineConfig.for_strategy(settings.strategy)
+        self._pipeline = DecodePipeline(config, self.layers, self.store)
+        for layer in self.layers:
+            if layer.sparse is not None:
+                layer.pipeline = self._pipeline
+        policy = self.store.policy
+        if config.defer_promotions and hasattr(policy, "defer_promotions"):
+            policy.defer_promotions = True
+        if config.write_behind_bytes:
+            self.store.enable_write_behind(config.write_behind_bytes)
+
+    def _pipeline_admission(self) -> None:
+        """After the controller's admission control: the pipeline's threshold when it has its own rule (the
+        fastest tier complementing a reuse buffer); then the pipeline's end-of-step staging."""
+        pipe, policy = self._pipeline, self.store.policy
+        if pipe is None or self._sparse.strategy != "attention-aware" or not hasattr(policy, "promote_threshold"):
+            return
+        threshold = pipe.admission_threshold(self.layers)
+        if threshold is not None:
+            policy.promote_threshold = threshold
+        pipe.end_step()  # disk staging ahead, under the scores and threshold just set
+
+    def _invalidate_pipeline(self) -> None:
+        if getattr(self, "_pipeline", None) is not None:
+            self._pipeline.invalidate()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._invalidate_pipeline()  # the reuse buffers hold rows in the old order
+        super().reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._invalidate_pipeline()
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._invalidate_pipeline()
+        super().batch_select_indices(indices)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self._invalidate_pipeline()
+        super().crop(tokens_to_remove)
 
     @classmethod
     def for_model(cls, model: Any, **options: Any) -> "TieredKVCache":
@@ -835,6 +903,11 @@ class TieredKVCache(Cache):
         step = ctrl.last_step
         try:
             ctrl.end_forward(self.layers, self.store, check=not failed)
+            self._pipeline_admission()
+            if not step.layer_steps and not failed:
+                # A prefill (or other exact pass) queued its blocks for write-behind: they are written before
+                # decoding starts, as every strategy writes them, so decode steps never compete with them.
+                self.store.flush_writes()
         finally:
             if step.layer_steps:
                 step.steps = 1
@@ -903,6 +976,10 @@ class TieredKVCache(Cache):
             buffer_peak_bytes=self.buffer.peak_bytes,
         )
         out["kv"]["beside_tiers_bytes"] = out["kv"]["tail_bytes"] + out["kv"]["buffer_bytes"]
+        if self._pipeline is not None:
+            out["pipeline"] = self._pipeline_stats(out)
+            out["kv"]["beside_tiers_bytes"] += out["pipeline"]["reuse_bytes"] + out["pipeline"].get(
+                "staging", {}).get("bytes", 0)
         if self._sparse is not None:
             digest_bytes = sum(layer.sparse.nbytes for layer in self.layers if layer.sparse is not None)
             out["kv"]["digest_bytes"] = digest_bytes
@@ -915,13 +992,37 @@ class TieredKVCache(Cache):
             }
         return out
 
+    def _pipeline_stats(self, store_stats: dict) -> dict:
+        """``stats()["pipeline"]``: the pipeline's counters plus ``stages``, seconds per stage of the
+        decode steps since construction (scoring, synchronous fetch per tier, copies from the reuse
+        buffer / staging, waits on prefetches, attention, placement, block writes, background reads)."""
+        out = self._pipeline.as_dict()
+        total = self._sparse.total
+        staging = out.get("staging", {})
+        out["stages"] = {
+            "scoring_seconds": total.scoring_seconds,
+            "fetch_seconds": total.fetch_seconds,
+            "fetch_sync_seconds_by_tier": dict(out["sync_seconds"]),
+            "copy_seconds": out["copy_seconds"],
+            "prefetch_wait_seconds": staging.get("wait_seconds", 0.0),
+            "predict_seconds": out["predict_seconds"],
+            "attention_seconds": total.attention_seconds,
+            "placement_seconds": total.placement_seconds,
+            "write_seconds": store_stats["kv"]["put_seconds"],
+            "write_enqueue_seconds": store_stats["kv"]["enqueue_seconds"],
+            "write_backpressure_seconds": store_stats["kv"]["backpressure_seconds"],
+            "background_read_seconds": staging.get("background_seconds", 0.0),
+        }
+        return out
+
     def release_buffers(self) -> None:
         """Free the shared decode buffer (it is allocated again by the next ``update``); e.g. between
         requests of a long-lived cache."""
         self.buffer.release()
 
     def reset(self) -> None:
-        """Delete every layer's blocks and free the decode buffer."""
+        """Delete every layer's blocks and free the decode buffer (and the pipeline's reuse / staging memory)."""
+        self._invalidate_pipeline()
         super().reset()
         self.buffer.release()
 
@@ -949,7 +1050,7 @@ class TieredKVCache(Cache):
             store = BlockStore(self.store.cache, owns=False)
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        skip = {"store", "layers", "cache_uid", "buffer", "settings", "_prepared_model"}
+        skip = {"store", "layers", "cache_uid", "buffer", "settings", "_prepared_model", "_pipeline"}
         new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k not in skip})
         new.settings, new.store, new.cache_uid, new.buffer = settings, store, uuid.uuid4().hex, DecodeBuffer()
         new._prepared_model = self._prepared_model  # the same model object, prepared once
@@ -964,6 +1065,7 @@ class TieredKVCache(Cache):
                     layer.sparse = old.sparse.copy_for(new._sparse)
                     layer.sparse.push_all_scores(layer)
             new._sparse.flush_scores(store)
+        new._start_pipeline()
         return new
 
     def __copy__(self) -> "TieredKVCache":
@@ -976,7 +1078,10 @@ class TieredKVCache(Cache):
         )
 
     def close(self) -> None:
-        """Release the tiers (idempotent).  The cache cannot be used afterwards."""
+        """Stop the decode pipeline (queued background reads cancelled, running ones awaited), then release
+        the tiers (idempotent).  The cache cannot be used afterwards."""
+        if getattr(self, "_pipeline", None) is not None:
+            self._pipeline.close()
         self.store.close()
 
     def __enter__(self) -> "TieredKVCache":

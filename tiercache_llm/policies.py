@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import threading
+from typing import Any, Iterator
 
 
 class StreamingKVPolicy:
@@ -50,16 +52,43 @@ class AttentionPlacementPolicy:
     Decay is applied by the KV cache by inflating new contributions (``mass * decay ** -step``), so a
     block's score never needs rewriting when attention stops using it: newer contributions simply
     outgrow it.  The tiercache itself learns nothing about attention.
+
+    - ``defer_promotions``: when True, a read promotes only on a thread inside :meth:`promoting` (the
+      sparse cache's background staging reads), so the forward pass's own reads never wait for the
+      demotion writes a promotion causes (:mod:`tiercache_llm.sparse.pipeline`).
     """
 
     name = "attention-aware"
     rank_reads_access = False  # rank depends on the score and insertion order only, never on reads
 
-    def __init__(self, promote_threshold: float = 0.0) -> None:
+    def __init__(self, promote_threshold: float = 0.0, defer_promotions: bool = False) -> None:
         self.promote_threshold = float(promote_threshold)
+        self.defer_promotions = bool(defer_promotions)
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_local", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def promoting(self) -> Iterator[None]:
+        """Reads made by this thread inside the block may promote (with ``defer_promotions``)."""
+        before = getattr(self._local, "on", False)
+        self._local.on = True
+        try:
+            yield
+        finally:
+            self._local.on = before
 
     def rank(self, info: Any) -> Any:
         return (info.score, info.inserted)
 
     def promote(self, info: Any, src: str, dst: str) -> bool:
+        if self.defer_promotions and not getattr(self._local, "on", False):
+            return False
         return info.score > 0.0 and info.score >= self.promote_threshold

@@ -32,10 +32,19 @@ from tiercache import owners as _owners
 from tiercache.sizes import format_size as _fmt
 
 from .blocks import KEY_PREFIX
-from .errors import KVCapacityError
+from .errors import KVCapacityError, TieredKVError
 from .policies import AttentionPlacementPolicy, StreamingKVPolicy
 
 log = logging.getLogger("tiercache_llm")
+
+WRITE_QUEUE = "write-queue"
+"""What :meth:`BlockStore.tiers_of` names for an entry still waiting in the write-behind queue."""
+
+
+class KVWriteError(TieredKVError, RuntimeError):
+    """A write-behind write of KV blocks failed (or the tiercache evicted a block meanwhile).  Raised by the
+    next call on the store after the failure; the blocks that were not written stay readable from the
+    queue (nothing is lost) and :meth:`BlockStore.flush_writes` retries them."""
 
 
 @dataclass
@@ -50,7 +59,13 @@ class KVCounters:
         prefetches: prefetch requests issued (one per layer per forward when ``prefetch`` is on).
         prefetch_errors: prefetch futures that finished with an exception (the following ``get``
             is what decides correctness; a failed prefetch only costs time).
-        fetch_seconds / put_seconds: wall-clock time spent inside ``get_many`` / ``put_many``.
+        fetch_seconds / put_seconds: wall-clock time spent inside ``get_many`` / ``put_many`` (with
+            write-behind, ``put_seconds`` is the writer thread's time and ``enqueue_seconds`` the
+            caller's: copying the blocks into the queue and waiting on back-pressure).
+        queued_puts / queue_hits: entries that went through the write-behind queue / were read back
+            from it before being written.
+        backpressure_waits / backpressure_seconds: puts that waited for the queue to drain, and how long.
+        write_errors: write-behind batches that failed (each raised at the next call).
     """
 
     blocks_put: int = 0
@@ -62,6 +77,12 @@ class KVCounters:
     prefetch_errors: int = 0
     fetch_seconds: float = 0.0
     put_seconds: float = 0.0
+    enqueue_seconds: float = 0.0
+    queued_puts: int = 0
+    queue_hits: int = 0
+    backpressure_waits: int = 0
+    backpressure_seconds: float = 0.0
+    write_errors: int = 0
 
 
 def _cleanup(cache: Any, owns: bool, tmpdir: str | None) -> None:
@@ -103,6 +124,14 @@ class BlockStore:
         self.policy: Any = None
         self._lock = threading.Lock()
         self._closed = False
+        # Write-behind (enable_write_behind): key -> [tensor, score] not yet written; guarded by _wcond.
+        self._wcond = threading.Condition()
+        self._pending: dict[Any, list] = {}
+        self._pending_bytes = 0
+        self._write_limit = 0
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._write_error: BaseException | None = None
+        self._failed: list[Any] = []  # keys of failed batches (still in _pending), retried by flush_writes
         stats = cache.stats()
         self._last_evictions = self._evictions(stats)
         self._capacities = {
@@ -253,6 +282,9 @@ class BlockStore:
                 "context / max_new_tokens)."
             )
         self._register_owners(items)  # before any block lands: a crash from here on leaves a record
+        if self._writer is not None:
+            self._enqueue(items, new_bytes)
+            return
         start = time.perf_counter()
         try:
             self.cache.put_many(list(items))
@@ -269,12 +301,127 @@ class BlockStore:
         self.counters.bytes_put += new_bytes
         self._check_evictions()
 
+    # ------------------------------------------------------------------------------ write-behind
+    def enable_write_behind(self, max_bytes: int) -> None:
+        """From now on, :meth:`put_blocks` copies the blocks into a queue and returns; one writer thread
+        stores them (``put_many``).  At most ``max_bytes`` wait in the queue: a put that would exceed it
+        waits until the writer catches up (back-pressure; a single batch larger than ``max_bytes`` is
+        admitted alone).  Until written, an entry is served by :meth:`get_blocks` from the queue and
+        :meth:`tiers_of` names it :data:`WRITE_QUEUE`.  A failed write raises :class:`KVWriteError` at the
+        next call and leaves its entries queued (readable; retried by :meth:`flush_writes`).  Capacity
+        checks and accounting happen at enqueue time, exactly as for a direct put.  ``0`` disables it
+        (after draining the queue)."""
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"max_bytes must be an int >= 0, got {max_bytes!r}")
+        self._check_open()
+        if max_bytes == 0:
+            self.flush_writes()
+            writer, self._writer = self._writer, None
+            if writer is not None:
+                writer.shutdown(wait=True)
+            return
+        self._write_limit = max_bytes
+        if self._writer is None:
+            self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tiercache-kv-writer")
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes of blocks waiting in the write-behind queue."""
+        return self._pending_bytes
+
+    def _raise_write_error(self) -> None:
+        with self._wcond:
+            exc, self._write_error = self._write_error, None
+        if exc is not None:
+            if isinstance(exc, KVCapacityError):
+                raise exc
+            raise KVWriteError(f"a write-behind write of KV blocks failed: {exc}; the blocks are kept in the "
+                               "queue (flush_writes() retries them)") from exc
+
+    def _enqueue(self, items: Sequence[tuple[Any, torch.Tensor]], nbytes: int) -> None:
+        start = time.perf_counter()
+        batch = [(key, tensor.detach().clone()) for key, tensor in items]  # callers reuse their buffers
+        with self._wcond:
+            if self._pending_bytes and self._pending_bytes + nbytes > self._write_limit:
+                self.counters.backpressure_waits += 1
+                waited = time.perf_counter()
+                while self._pending_bytes and self._pending_bytes + nbytes > self._write_limit:
+                    if self._write_error is not None or self._failed:
+                        break  # the writer is not draining: raise below instead of waiting forever
+                    self._wcond.wait()
+                self.counters.backpressure_seconds += time.perf_counter() - waited
+            for key, tensor in batch:
+                old = self._pending.pop(key, None)
+                if old is not None:
+                    self._pending_bytes -= old[0].nbytes
+                self._pending[key] = [tensor, None]
+                self._pending_bytes += tensor.nbytes
+        for key, tensor in batch:
+            self._account(key, tensor.numel() * tensor.element_size())
+        self.counters.blocks_put += len(batch)
+        self.counters.bytes_put += nbytes
+        self.counters.queued_puts += len(batch)
+        self.counters.enqueue_seconds += time.perf_counter() - start
+        self._writer.submit(self._write, [key for key, _ in batch])
+        self._raise_write_error()
+
+    def _write(self, keys: list[Any]) -> None:
+        """Writer thread: store ``keys`` (those still queued) and drop them from the queue."""
+        with self._wcond:
+            live = [(key, self._pending[key]) for key in keys if key in self._pending]
+        if not live:
+            return
+        start = time.perf_counter()
+        try:
+            self.cache.put_many([(key, slot[0]) for key, slot in live],
+                                scores=[slot[1] for key, slot in live])
+            with self._wcond:
+                latest = {key: slot[1] for key, slot in live if self._pending.get(key) is slot and slot[1] is not None}
+            if latest:  # scores set while the batch was being written
+                self.cache.update_scores(latest)
+            self._check_evictions()
+        except BaseException as exc:  # noqa: BLE001 - surfaced at the next call; the data stays queued
+            with self._wcond:
+                self._write_error = exc
+                self.counters.write_errors += 1
+                self._failed.extend(key for key, _ in live)
+                self._wcond.notify_all()
+            return
+        finally:
+            self.counters.put_seconds += time.perf_counter() - start
+        with self._wcond:
+            for key, slot in live:
+                if self._pending.get(key) is slot:
+                    del self._pending[key]
+                    self._pending_bytes -= slot[0].nbytes
+            self._wcond.notify_all()
+
+    def flush_writes(self) -> None:
+        """Wait until every queued block is written; retries blocks of failed batches once (raising
+        :class:`KVWriteError` if that fails again), then raises any failure not yet reported."""
+        if self._writer is None:
+            return
+        self._writer.submit(lambda: None).result()  # every batch submitted before this one has run
+        with self._wcond:
+            retry, self._failed = list(dict.fromkeys(self._failed)), []
+            if retry:
+                self._write_error = None
+        if retry:
+            self._write(retry)
+        self._raise_write_error()
+
+    def _queued(self, keys: Sequence[Any]) -> dict[Any, torch.Tensor]:
+        if not self._pending:
+            return {}
+        with self._wcond:
+            return {key: self._pending[key][0] for key in keys if key in self._pending}
+
     def _check_evictions(self) -> None:
         evictions = self._evictions(self.cache.stats())
         if evictions == self._last_evictions:
             return
         self._last_evictions = evictions
-        lost = [key for key in self._live if key not in self.cache]
+        lost = [key for key in list(self._live) if key not in self.cache]
         if lost:
             raise KVCapacityError(
                 f"the tiercache evicted {len(lost)} KV block entr{'y' if len(lost) == 1 else 'ies'} of this cache "
@@ -303,6 +450,10 @@ class BlockStore:
             raise ValueError(f"{len(out)} out tensors for {len(keys)} keys")
         if not keys:
             return []
+        self._raise_write_error()
+        queued = self._queued(keys)
+        if queued:
+            return self._get_with_queue(list(keys), device, out, queued)
         start = time.perf_counter()
         try:
             if out is None:
@@ -314,10 +465,42 @@ class BlockStore:
                 f"KV block {exc.args[0]!r} is no longer in the tiercache (evicted or corrupt); "
                 f"exact attention is impossible ({self._budget_text()}, this cache holds {_fmt(self._held_bytes)})"
             ) from exc
-        self.counters.fetch_seconds += time.perf_counter() - start
-        self.counters.blocks_fetched += len(tensors)
-        self.counters.bytes_fetched += sum([t.nbytes for t in tensors])
+        elapsed, nbytes = time.perf_counter() - start, sum([t.nbytes for t in tensors])
+        with self._lock:  # background staging reads count here too
+            self.counters.fetch_seconds += elapsed
+            self.counters.blocks_fetched += len(tensors)
+            self.counters.bytes_fetched += nbytes
         return tensors
+
+    def _get_with_queue(self, keys: list[Any], device: Any, out: Sequence[torch.Tensor] | None,
+                        queued: dict[Any, torch.Tensor]) -> list[torch.Tensor]:
+        """``get_blocks`` when some keys are still in the write-behind queue (their copies are the values)."""
+        rest = [i for i, key in enumerate(keys) if key not in queued]
+        if out is None:
+            target = torch.device(device) if device is not None else torch.device("cpu")
+            result: list[Any] = [None] * len(keys)
+            if rest:
+                for i, tensor in zip(rest, self.get_blocks([keys[i] for i in rest], device=device)):
+                    result[i] = tensor
+            for i, key in enumerate(keys):
+                if key in queued:
+                    result[i] = queued[key].to(target, copy=True)
+        else:
+            result = list(out)
+            if rest:
+                self.get_blocks([keys[i] for i in rest], out=[result[i] for i in rest])
+            for i, key in enumerate(keys):
+                if key in queued:
+                    src = queued[key]
+                    if src.numel() != result[i].numel() or src.dtype != result[i].dtype:
+                        raise ValueError(f"out tensor for {key!r} is {result[i].dtype} x {result[i].numel()}, "
+                                         f"the entry {src.dtype} x {src.numel()}")
+                    result[i].copy_(src.view(result[i].shape))
+        with self._lock:
+            self.counters.queue_hits += len(queued)
+            self.counters.blocks_fetched += len(queued)
+            self.counters.bytes_fetched += sum(t.nbytes for t in queued.values())
+        return result
 
     def _get_into(self, keys: list[Any], out: list[torch.Tensor]) -> list[torch.Tensor]:
         device = out[0].device
@@ -347,7 +530,8 @@ class BlockStore:
     def tiers_of(self, keys: Sequence[Any]) -> list[str | None]:
         """Name of the tier holding each key (``None`` when absent), e.g. to count reuse before a fetch."""
         tier_of = self.cache.tier_of
-        return [tier_of(key) for key in keys]
+        queued = self._queued(keys)
+        return [WRITE_QUEUE if key in queued else tier_of(key) for key in keys]
 
     @property
     def fastest_tier(self) -> str:
@@ -364,6 +548,13 @@ class BlockStore:
         if not scores:
             return 0
         self._check_open()
+        self._raise_write_error()
+        if self._pending:
+            with self._wcond:
+                for key, score in scores.items():
+                    slot = self._pending.get(key)
+                    if slot is not None:
+                        slot[1] = score  # written with the block (or re-applied right after it)
         return self.cache.update_scores(scores)
 
     def _account(self, key: Any, nbytes: int) -> None:
@@ -379,8 +570,10 @@ class BlockStore:
             self._held_charge -= self.cache.charge(nbytes)
 
     def delete_blocks(self, keys: Iterable[Any]) -> None:
-        """Remove entries (missing ones are ignored: they are gone either way)."""
+        """Remove entries (missing ones are ignored: they are gone either way).  Queued writes are
+        finished first (deletes are rare: crop, reset, batch selection, close)."""
         self._check_open()
+        self.flush_writes()
         self.wait_prefetches()
         for key in keys:
             self._unaccount(key)
@@ -415,6 +608,8 @@ class BlockStore:
     def stats(self) -> dict:
         """``{"kv": counters + held bytes/entries, "tiercache": tiercache.Cache.stats()}``."""
         kv = asdict(self.counters)
+        kv["queued_bytes"] = self._pending_bytes
+        kv["write_behind_limit_bytes"] = self._write_limit if self._writer is not None else 0
         kv["held_bytes"] = self._held_bytes
         kv["live_entries"] = len(self._live)
         return {"kv": kv, "tiercache": self.cache.stats()}
@@ -428,6 +623,15 @@ class BlockStore:
         if self._closed:
             return
         self.wait_prefetches()
+        writer, self._writer = self._writer, None
+        if writer is not None:  # queued blocks are about to be deleted: drop them, let a running batch finish
+            with self._wcond:
+                self._pending.clear()
+                self._pending_bytes = 0
+                self._failed = []
+                self._write_error = None
+                self._wcond.notify_all()
+            writer.shutdown(wait=True)
         # Delete first even when we own the tiercache: its close() would otherwise persist every
         # live entry to the disk tier, and KV blocks of a finished cache are never read again.
         self.delete_blocks(list(self._live))

@@ -40,3 +40,29 @@ def test_attended_blocks_move_up_and_abandoned_ones_down(tmp_path):
             cache.put(i, value)
         cache.get_many([0, 1])
         assert cache.tier_of(0) == "disk"
+
+
+def test_deferred_promotions_happen_only_inside_promoting(tmp_path):
+    """With defer_promotions, the forward pass's reads leave placement alone; a background read inside
+    promoting() promotes (and its thread's flag does not leak to other threads)."""
+    import copy
+    import threading
+
+    value = torch.zeros(256)
+    policy = AttentionPlacementPolicy(defer_promotions=True)
+    with tiercache.Cache(host="4KiB", disk="1MiB", path=tmp_path / "c", policy=policy) as cache:
+        for i in range(12):
+            cache.put(i, value)
+        cache.update_scores({0: 5.0, 1: 4.0})
+        cache.get_many([0])
+        assert cache.tier_of(0) == "disk"  # a foreground read: no promotion
+        seen = []
+        with policy.promoting():
+            other = threading.Thread(target=lambda: seen.append(policy.promote(info(5.0), "disk", "host")))
+            other.start()
+            other.join()
+            cache.get_many([0, 1])
+        assert seen == [False]
+        assert cache.tier_of(0) == "host" and cache.tier_of(1) == "host"
+    twin = copy.deepcopy(policy)  # thread-local state is not copied
+    assert twin.defer_promotions and not twin.promote(info(5.0), "disk", "host")

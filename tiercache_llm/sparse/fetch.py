@@ -26,7 +26,15 @@ def fetch_selected(state: "SparseLayerState", layer: "TieredKVLayer", sel: "Bloc
 
     ``query`` (``(B, Hq, 1, D)``) is this layer's decode query, for stages that predict what later
     layers will need.  Counts blocks selected/resident, tail selections and bytes per tier into
-    ``stats``."""
+    ``stats``.
+
+    A layer of a :class:`~tiercache_llm.TieredKVCache` carries the cache's
+    :class:`~.pipeline.DecodePipeline` (``layer.pipeline``), which does the work (reuse buffer, staged
+    entries, per-tier reads, layer-ahead prefetch); without one, every selected entry is read here in
+    one synchronous batch."""
+    pipeline = getattr(layer, "pipeline", None)
+    if pipeline is not None:
+        return pipeline.fetch(state, layer, sel, query, stats)
     fetch = sel.fetch.tolist()
     bs = layer.block_size
     n_stored = len(layer._blocks)

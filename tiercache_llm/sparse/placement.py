@@ -1,6 +1,7 @@
 """The placement stage of a sparse decode step: the attention mass each fetched block received goes,
 decayed, into the layer's per-block mass and (strategy ``"attention-aware"``) into the tiercache
-scores queued for the end of the forward pass.  The generic tiercache learns nothing about attention;
+scores queued for the end of the forward pass (with the decode pipeline's reuse buffer, the scores
+make the fastest tier complement the buffer: :meth:`~.pipeline.DecodePipeline.placement_scores`).  The generic tiercache learns nothing about attention;
 scores reach it through ``update_scores``.
 """
 
@@ -23,10 +24,15 @@ def record_attention(state: "SparseLayerState", layer: "TieredKVLayer", sel: "Bl
     u = int(sel.fetch.numel())
     n_stored = len(layer._blocks)
     stored = [j for j in sel.fetch.tolist() if j < n_stored]
+    pipeline = getattr(layer, "pipeline", None)
     if ctrl.strategy == "attention-aware" and u:
         block_mass = res.kv_head_mass(hk).sum(dim=(0, 1)).double().cpu()  # (U,) summed over rows and heads
         state.mass[sel.fetch.cpu()] += block_mass * ctrl.scale
-        for i, j in enumerate(stored):
-            score = float(state.mass[j])
-            ctrl.pending_scores[layer._kkeys[j]] = score
-            ctrl.pending_scores[layer._vkeys[j]] = score
+        scores = pipeline.placement_scores(state, layer, stored) if pipeline is not None else None
+        if scores is not None:  # the pipeline's reuse buffer holds the fetched blocks (see placement_scores)
+            ctrl.pending_scores.update(scores)
+        else:
+            for i, j in enumerate(stored):
+                score = float(state.mass[j])
+                ctrl.pending_scores[layer._kkeys[j]] = score
+                ctrl.pending_scores[layer._vkeys[j]] = score

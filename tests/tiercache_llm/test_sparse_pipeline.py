@@ -1,0 +1,248 @@
+"""The sparse decode pipeline (tiercache_llm/sparse/pipeline.py) inside TieredKVCache on tiny random models:
+every strategy gives the synchronous path's logits, whatever the background does."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from tiercache_llm import TieredKVCache
+from tiercache_llm.sparse.pipeline import DecodePipeline, PipelineConfig
+
+from .test_generate_tiny import left_padded_batch
+
+STRATEGIES = ("fetch-every-step", "reuse-layer-ahead", "attention-aware")
+SYNC = {"reuse": False, "layer_ahead": False, "disk_staging": False, "defer_promotions": False}
+
+
+def opts(tmp_path, strategy, **kw):
+    """Small host tier (most blocks on disk), 4-token blocks, a budget well below the context."""
+    base = dict(mode="sparse", budget=8, sink=2, recent=4, block_size=4, strategy=strategy, host="4KiB",
+                disk="4MiB", path=tmp_path / strategy / str(len(kw)), direct_io=False)
+    base.update(kw)
+    return base
+
+
+def decode_logits(model, cache, ids, mask, steps=10):
+    """Prefill, then ``steps`` greedy decode steps through plain forward calls; the logits of every step."""
+    out = []
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits[:, -1]
+        for _ in range(steps):
+            nxt = logits.argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+            logits = model(input_ids=nxt, attention_mask=mask, past_key_values=cache).logits[:, -1]
+            out.append(logits)
+    return torch.stack(out)
+
+
+@pytest.fixture
+def model(make_model):
+    return make_model("llama", seed=5, num_hidden_layers=3)
+
+
+@pytest.fixture
+def batch():
+    return left_padded_batch(seed=5, lengths=(40, 33, 27))
+
+
+def reference(model, batch, tmp_path):
+    ids, mask = batch
+    with TieredKVCache.for_model(model, **opts(tmp_path, "fetch-every-step", pipeline=SYNC)) as cache:
+        return decode_logits(model, cache, ids, mask)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_gives_the_synchronous_logits(model, batch, tmp_path, strategy):
+    ref = reference(model, batch, tmp_path)
+    ids, mask = batch
+    with TieredKVCache.for_model(model, **opts(tmp_path, strategy)) as cache:
+        got = decode_logits(model, cache, ids, mask)
+        stats = cache.stats()
+        pipe = stats["pipeline"]
+    assert torch.equal(ref, got)
+    assert pipe["needed"] > 0
+    # attention-aware writes new blocks (prefill and every 4th decode step here) through the write-behind queue
+    assert (stats["kv"]["queued_puts"] > 0) == (strategy == "attention-aware")
+    served = pipe["reused"] + pipe["staged"] + sum(pipe["sync"].values())
+    assert served == pipe["needed"]
+    if strategy == "fetch-every-step":
+        assert pipe["reused"] == pipe["staged"] == 0
+    else:
+        assert pipe["reused"] > 0  # consecutive steps select many of the same blocks
+        assert pipe["staging"]["jobs"] > 0
+
+
+def test_failed_prefetches_change_nothing(model, batch, tmp_path, monkeypatch):
+    ref = reference(model, batch, tmp_path)
+    ids, mask = batch
+
+    def broken(self, keys, outs):
+        raise OSError("injected prefetch failure")
+
+    monkeypatch.setattr(DecodePipeline, "_read", broken)
+    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware")) as cache:
+        got = decode_logits(model, cache, ids, mask)
+        pipe = cache.stats()["pipeline"]
+    assert torch.equal(ref, got)
+    assert pipe["staging"]["failed_jobs"] > 0 and pipe["staged"] == 0
+
+
+def test_slow_prefetches_change_nothing(model, batch, tmp_path, monkeypatch):
+    """Reads slower than the wait limit: the layer reads the entries itself."""
+    ref = reference(model, batch, tmp_path)
+    ids, mask = batch
+    original = DecodePipeline._read
+
+    def slow(self, keys, outs):
+        time.sleep(0.05)
+        original(self, keys, outs)
+
+    monkeypatch.setattr(DecodePipeline, "_read", slow)
+    with TieredKVCache.for_model(model, **opts(tmp_path, "reuse-layer-ahead",
+                                             pipeline={"wait_timeout": 0.001, "predictor": "previous",
+                                                       "reuse": False})) as cache:
+        got = decode_logits(model, cache, ids, mask)
+        pipe = cache.stats()["pipeline"]
+    assert torch.equal(ref, got)
+    assert pipe["staging"]["late"] > 0
+
+
+def test_staging_memory_is_bounded_and_counted(model, batch, tmp_path):
+    ids, mask = batch
+    entry = 3 * 2 * 4 * 16 * 4  # batch x kv heads x block x head_dim x float32
+    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware", pipeline={"staging_bytes": 2 * entry})) as cache:
+        decode_logits(model, cache, ids, mask)
+        stats = cache.stats()
+    staging = stats["pipeline"]["staging"]
+    assert staging["capacity_bytes"] == 2 * entry
+    assert 0 < staging["peak_bytes"] <= 2 * entry
+    assert staging["dropped"] > 0
+    assert stats["kv"]["beside_tiers_bytes"] >= stats["pipeline"]["reuse_bytes"] > 0
+
+
+@pytest.mark.parametrize("strategy", ["reuse-layer-ahead", "attention-aware"])
+def test_beam_search_and_prompt_lookup_with_prefetches_in_flight(model, tmp_path, strategy, monkeypatch):
+    """Reorder (beam search) and crop (prompt lookup) while slow background reads are still running give the
+    tokens of the synchronous path."""
+    original = DecodePipeline._read
+
+    def slow(self, keys, outs):
+        time.sleep(0.002)
+        original(self, keys, outs)
+
+    gen_ = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 128, (6,), generator=gen_).repeat(5).unsqueeze(0)
+    common = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                  pad_token_id=0)
+    outs = {}
+    for name, pipeline in (("sync", SYNC), ("pipe", None)):
+        if name == "pipe":
+            monkeypatch.setattr(DecodePipeline, "_read", slow)
+        kw = {} if pipeline is None else {"pipeline": pipeline}
+        with TieredKVCache.for_model(model, **opts(tmp_path / name, strategy, **kw)) as cache:
+            beams = model.generate(past_key_values=cache, num_beams=2, **common)
+        with TieredKVCache.for_model(model, **opts(tmp_path / (name + "-pl"), strategy, **kw)) as cache:
+            lookup = model.generate(past_key_values=cache, prompt_lookup_num_tokens=3, **common)
+        outs[name] = (beams, lookup)
+    assert torch.equal(outs["sync"][0], outs["pipe"][0])
+    assert torch.equal(outs["sync"][1], outs["pipe"][1])
+
+
+def test_batch_selection_between_steps_keeps_logits(model, batch, tmp_path):
+    ids, mask = batch
+    results = []
+    for pipeline in (SYNC, None):
+        kw = {} if pipeline is None else {"pipeline": pipeline}
+        with TieredKVCache.for_model(model, **opts(tmp_path / str(len(results)), "attention-aware", **kw)) as cache:
+            decode_logits(model, cache, ids, mask, steps=4)
+            cache.batch_select_indices(torch.tensor([0, 2]))
+            sub_ids = ids[[0, 2], -1:]
+            sub_mask = torch.cat([mask[[0, 2]], torch.ones(2, 5, dtype=mask.dtype)], dim=1)
+            results.append(decode_logits(model, cache, sub_ids, sub_mask, steps=4))
+    assert torch.equal(results[0], results[1])
+
+
+def test_close_while_prefetches_are_in_flight(model, batch, tmp_path, monkeypatch):
+    ids, mask = batch
+    started, release = threading.Event(), threading.Event()
+    original = DecodePipeline._read
+
+    def stuck(self, keys, outs):
+        started.set()
+        release.wait(10)
+        original(self, keys, outs)
+
+    monkeypatch.setattr(DecodePipeline, "_read", stuck)
+    cache = TieredKVCache.for_model(model, **opts(tmp_path, "reuse-layer-ahead",
+                                                  pipeline={"predictor": "previous", "reuse": False,
+                                                            "wait_timeout": 0.001}))
+    decode_logits(model, cache, ids, mask, steps=3)
+    assert started.wait(10)
+    threading.Timer(0.2, release.set).start()
+    cache.close()
+    assert cache._pipeline._executor._shutdown
+    assert cache.stats()["pipeline"]["staging"]["bytes"] == 0
+    cache.close()  # idempotent
+
+
+def test_deepcopy_gets_its_own_pipeline(model, batch, tmp_path):
+    import copy
+
+    ids, mask = batch
+    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware")) as cache:
+        decode_logits(model, cache, ids, mask, steps=2)
+        twin = copy.deepcopy(cache)
+        try:
+            assert twin._pipeline is not cache._pipeline
+            assert all(layer.pipeline is twin._pipeline for layer in twin.layers if layer.sparse is not None)
+        finally:
+            twin.close()
+
+
+def test_strategies_configure_their_pipelines():
+    assert not PipelineConfig.for_strategy("fetch-every-step").active
+    reuse = PipelineConfig.for_strategy("reuse-layer-ahead")
+    assert reuse.reuse and reuse.layer_ahead and not reuse.disk_staging and not reuse.defer_promotions
+    full = PipelineConfig.for_strategy("attention-aware")
+    assert full.reuse and full.layer_ahead and full.disk_staging and full.defer_promotions
+    with pytest.raises(ValueError, match="predictor"):
+        PipelineConfig(predictor="oracle")
+    with pytest.raises(ValueError, match="staging_bytes"):
+        PipelineConfig(staging_bytes=-1)
+
+
+def test_pipeline_option_is_sparse_only_and_typed(make_config):
+    with pytest.raises(ValueError, match="sparse"):
+        TieredKVCache(make_config(), pipeline={"reuse": True})
+    with pytest.raises(TypeError, match="pipeline"):
+        TieredKVCache(make_config(), mode="sparse", pipeline=3)
+    with pytest.raises(TypeError):
+        TieredKVCache(make_config(), mode="sparse", pipeline={"no_such_stage": True})
+
+
+
+def test_complement_placement_moves_blocks_not_logits(model, batch, tmp_path):
+    """complement_reuse: the blocks a reuse buffer holds score 0 in the tiercache (the fastest tier is left to
+    others); logits are unchanged."""
+    ref = reference(model, batch, tmp_path)
+    ids, mask = batch
+    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware", pipeline={"complement_reuse": True})) as cache:
+        got = decode_logits(model, cache, ids, mask)
+        pipe = cache._pipeline
+        for idx, reuse in pipe._reuse.items():
+            layer = cache.layers[idx]
+            for j in reuse.slots:
+                assert cache.store.cache._index[layer._kkeys[j]].info.score == 0.0
+    assert torch.equal(ref, got)
+
+
+def test_disk_staging_ahead_stages_high_mass_blocks_off_the_fast_tier(model, batch, tmp_path):
+    ids, mask = batch
+    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware",
+                                             pipeline={"layer_ahead": False, "stage_ahead": 2})) as cache:
+        decode_logits(model, cache, ids, mask)
+        pipe = cache.stats()["pipeline"]
+    assert pipe["stage_ahead_entries"] > 0 and pipe["staging"]["jobs"] > 0
+    assert pipe["predicted"] == 0  # no layer-ahead prediction in this configuration

@@ -1,0 +1,504 @@
+"""The overlapped decode pipeline of a sparse :class:`~tiercache_llm.TieredKVCache`.
+
+What each strategy runs (:meth:`PipelineConfig.for_strategy`):
+
+================== ============ =========== ============ ============ ========== ============
+strategy           reuse buffer layer-ahead predictor    disk staging deferred   write-behind
+                                                                      promotions
+================== ============ =========== ============ ============ ========== ============
+fetch-every-step   -            -           -            -            -          -
+reuse-layer-ahead  yes          yes         query        -            -          -
+attention-aware    yes          yes         query        yes          yes        64 MiB
+================== ============ =========== ============ ============ ========== ============
+
+(``reuse-layer-ahead`` runs under the ``kv-stream`` policy, ``attention-aware`` under the
+``attention-aware`` policy with its scores.)
+
+- **Layer-ahead prefetch.**  When layer ``l`` fetches, the entries layer ``l+1`` is predicted to need and
+  that are not in the fastest tier are read into the :class:`~.staging.StagingArea` on the I/O pool
+  (disk reads release the GIL) while layer ``l`` fetches and attends; the last sparse layer predicts the
+  next step's first.  The prediction is layer ``l+1``'s selection of the previous step
+  (``predictor="previous"``) or layer ``l+1``'s digests scored with layer ``l``'s query
+  (``"query"``).  Layer ``l+1`` takes what was staged and reads every other selected entry itself
+  (mispredictions are fetched, never skipped).
+- **Reuse buffer** (``reuse-layer-ahead``): each layer keeps the K/V buffers of its previous step's
+  stored blocks; a block selected again is copied from there instead of fetched.  At most one step's
+  selection per layer (bounded by the budget), released on crop / reorder / batch changes.
+- **Disk staging ahead** (``attention-aware``): after a layer attends, its highest-mass stored blocks
+  that are neither in the fastest tier nor in its reuse buffer (``stage_ahead`` of them) are read into
+  the staging area for its next step.
+- **Deferred promotions** (``attention-aware``): the forward pass's own reads do not promote (so they
+  never wait on the demotion writes a promotion causes); the background reads above do, under
+  :meth:`~tiercache_llm.policies.AttentionPlacementPolicy.promoting`.
+
+Correctness never depends on the background: a staged copy is a copy of an immutable entry (keys are
+never reused), a failed or late job is ignored, and a key deleted meanwhile simply fails its job.
+
+Thread safety: the forward pass calls :meth:`fetch` / :meth:`after_attention` from one thread; jobs run
+on the pool; :meth:`close` may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from .staging import StagingArea
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..kv_cache import TieredKVLayer
+    from ..sparse_layer import SparseLayerState, SparseStats
+    from .selection import BlockSelection
+
+Predictor = Literal["previous", "query"]
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Which pipeline stages run, and their bounds.
+
+    Attributes:
+        reuse: keep each layer's previous-step K/V buffers and copy re-selected blocks from them.
+        layer_ahead: stage the next layer's predicted entries in the background.
+        disk_staging: stage each layer's highest-mass entries outside the fastest tier for its next step.
+        defer_promotions: foreground reads never promote; background reads do (needs an
+            :class:`~tiercache_llm.policies.AttentionPlacementPolicy`).
+        predictor: ``"previous"`` (the next layer's selection of the previous step) or ``"query"``
+            (the next layer's digests scored with this layer's query).
+        staging_bytes: bound of staged plus in-flight entries, bytes.
+        io_workers: threads of the background pool (disk reads queue there; tiercache's own disk pool
+            parallelises one batch further).
+        stage_ahead: blocks per layer and step staged by disk staging.
+        wait_timeout: seconds a layer waits for an in-flight entry before reading it itself.
+        complement_reuse: attention-aware placement with a reuse buffer: the fastest tier complements the
+            buffer (:meth:`DecodePipeline.placement_scores`) instead of holding the most attended blocks.
+        write_behind_bytes: ``> 0``: new blocks are written by a writer thread through a queue of at most
+            this many bytes (:meth:`~tiercache_llm.store.BlockStore.enable_write_behind`); ``0``: writes
+            are synchronous.
+    """
+
+    reuse: bool = False
+    layer_ahead: bool = False
+    disk_staging: bool = False
+    defer_promotions: bool = False
+    predictor: Predictor = "previous"
+    staging_bytes: int = 256 * MiB
+    io_workers: int = 2
+    stage_ahead: int = 4
+    wait_timeout: float = 30.0
+    write_behind_bytes: int = 0
+    complement_reuse: bool = False
+
+    def __post_init__(self) -> None:
+        if self.predictor not in ("previous", "query"):
+            raise ValueError(f"predictor must be 'previous' or 'query', got {self.predictor!r}")
+        if isinstance(self.staging_bytes, bool) or not isinstance(self.staging_bytes, int) or self.staging_bytes < 0:
+            raise ValueError(f"staging_bytes must be an int >= 0, got {self.staging_bytes!r}")
+        if not isinstance(self.io_workers, int) or self.io_workers < 1:
+            raise ValueError(f"io_workers must be an int >= 1, got {self.io_workers!r}")
+        if isinstance(self.write_behind_bytes, bool) or not isinstance(self.write_behind_bytes, int) \
+                or self.write_behind_bytes < 0:
+            raise ValueError(f"write_behind_bytes must be an int >= 0, got {self.write_behind_bytes!r}")
+        if not isinstance(self.stage_ahead, int) or self.stage_ahead < 0:
+            raise ValueError(f"stage_ahead must be an int >= 0, got {self.stage_ahead!r}")
+
+    @property
+    def active(self) -> bool:
+        return self.reuse or self.layer_ahead or self.disk_staging
+
+    @classmethod
+    def for_strategy(cls, strategy: str, **overrides: Any) -> "PipelineConfig":
+        if strategy == "fetch-every-step":
+            base = cls()
+        elif strategy == "reuse-layer-ahead":
+            base = cls(reuse=True, layer_ahead=True, predictor="query")
+        elif strategy == "attention-aware":
+            base = cls(reuse=True, layer_ahead=True, disk_staging=True, defer_promotions=True, predictor="query",
+                       write_behind_bytes=64 * MiB)
+        else:
+            raise ValueError(f"unknown strategy {strategy!r}")
+        return cls(**{**asdict(base), **overrides})
+
+
+@dataclass
+class PipelineStats:
+    """Per-stage counters of the pipeline (monotonic until :meth:`DecodePipeline.reset_stats`).
+
+    Entries are tiercache entries (one K or one V block).  ``needed`` counts the stored entries layers
+    fetched; each was served from the reuse buffer (``reused``), the staging area (``staged``) or read
+    synchronously from its tier (``sync`` / ``sync_seconds`` per tier).  Of the needed entries not
+    reused, ``needed_nonresident`` were outside the fastest tier when the layer fetched, and
+    ``staged_nonresident`` of those came from staging: ``prefetch_hit_rate`` is their ratio (the share of
+    slow-tier reads taken off the critical path).  The layer-ahead predictor named ``predicted``
+    entries (``predicted_nonresident`` of them outside the fastest tier, the ones it stages); of the
+    ``predictable`` needed entries (those not reused, at layers it predicted for) ``predicted_hits``
+    were among them: ``prediction_recall = predicted_hits / predictable``,
+    ``prediction_precision = predicted_hits / predicted``.  ``copy_seconds``: reuse and staging lookups
+    and copies into the attention buffers, waits included (``staging.wait_seconds``);
+    ``predict_seconds``: the predictor and job submission; ``reuse_bytes``: memory of the reuse buffers
+    (at most one step's selection per layer)."""
+
+    steps: int = 0
+    needed: int = 0
+    reused: int = 0
+    staged: int = 0
+    sync: dict = field(default_factory=dict)
+    sync_seconds: dict = field(default_factory=dict)
+    needed_nonresident: int = 0
+    staged_nonresident: int = 0
+    predicted: int = 0
+    predicted_hits: int = 0
+    predictable: int = 0
+    predicted_nonresident: int = 0
+    stage_ahead_entries: int = 0
+    copy_seconds: float = 0.0
+    predict_seconds: float = 0.0
+    reuse_bytes: int = 0
+    reuse_peak_bytes: int = 0
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["prediction_recall"] = self.predicted_hits / self.predictable if self.predictable else None
+        out["prediction_precision"] = self.predicted_hits / self.predicted if self.predicted else None
+        out["prefetch_hit_rate"] = (self.staged_nonresident / self.needed_nonresident
+                                    if self.needed_nonresident else None)
+        return out
+
+
+class _Reuse:
+    """One layer's previous-step buffers: block index -> slot of ``k`` / ``v`` (``(U, B, H, S, D)``)."""
+
+    __slots__ = ("slots", "k", "v")
+
+    def __init__(self, slots: dict[int, int], k: torch.Tensor, v: torch.Tensor) -> None:
+        self.slots, self.k, self.v = slots, k, v
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class DecodePipeline:
+    """Drives the fetch stage of every sparse layer of one cache (see module doc)."""
+
+    def __init__(self, config: PipelineConfig, layers: list["TieredKVLayer"], store: Any) -> None:
+        self.config = config
+        self.store = store
+        self.layers = layers
+        self.sparse_ids = [layer.layer_idx for layer in layers if layer.sparse is not None]
+        self._next = {a: b for a, b in zip(self.sparse_ids, self.sparse_ids[1:] + self.sparse_ids[:1])}
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self.staging: StagingArea | None = None
+        if config.layer_ahead or config.disk_staging:
+            self._executor = concurrent.futures.ThreadPoolExecutor(config.io_workers, thread_name_prefix="tiercache-kv-stage")
+            self.staging = StagingArea(config.staging_bytes, self._executor,
+                                       max_age=2 if config.disk_staging else 1, wait_timeout=config.wait_timeout)
+        self._last: dict[int, list[int]] = {}  # layer -> stored blocks it fetched at its last step
+        self._left: dict[int, list[int]] = {}  # layer -> blocks of the step before that it no longer selected
+        self._predicted: dict[int, set] = {}  # layer -> entries predicted for its coming fetch
+        self._reuse: dict[int, _Reuse] = {}
+        self.stats = PipelineStats()
+        self._closed = False
+
+    # ----------------------------------------------------------------------------- helpers
+    @staticmethod
+    def _entry_tensor(layer: "TieredKVLayer", block: Any, kind: str) -> torch.Tensor:
+        """A tensor the stored entry of ``block`` (``kind`` "k" or "v") is read into: its stored rows."""
+        h, d = layer._shape_k if kind == "k" else layer._shape_v
+        return torch.empty((block.stored_batch, h, layer.block_size, d), dtype=layer.dtype, device=layer.device)
+
+    def _policy_context(self) -> Any:
+        policy = getattr(self.store, "policy", None)
+        if self.config.defer_promotions and hasattr(policy, "promoting"):
+            return policy.promoting()
+        return None
+
+    def _read(self, keys: list, outs: list[torch.Tensor]) -> None:
+        ctx = self._policy_context()
+        if ctx is None:
+            self.store.get_blocks(keys, out=outs)
+        else:
+            with ctx:
+                self.store.get_blocks(keys, out=outs)
+
+    def _read_scored(self, scores: dict, keys: list, outs: list[torch.Tensor]) -> None:
+        """A background read that may promote: first bring the entries' tiercache scores up to their current
+        decayed mass (scores sent when a block left the selection fall behind the growing decay scale)."""
+        self.store.update_scores({k: scores[k] for k in keys if k in scores})
+        self._read(keys, outs)
+
+    def _stage_blocks(self, layer: "TieredKVLayer", blocks: list[int]) -> tuple[int, int]:
+        """Stage the K and V entries of ``blocks`` of ``layer`` that are outside the fastest tier (and not
+        staged yet); returns (entries outside the fastest tier, entries submitted)."""
+        if self.staging is None or not blocks or self._closed:
+            return 0, 0
+        refs = {}
+        for j in blocks:
+            block = layer._blocks[j]
+            refs[layer._kkeys[j]] = (block, "k")
+            refs[layer._vkeys[j]] = (block, "v")
+        keys = list(refs)
+        fastest = self.store.fastest_tier
+        todo = [k for k, t in zip(keys, self.store.tiers_of(keys)) if t is not None and t != fastest]
+        if not todo:
+            return 0, 0
+        read = self._read
+        if self._policy_context() is not None and layer.sparse is not None:
+            mass, n = layer.sparse.mass, layer.sparse.mass.numel()
+            scores = {}
+            for j in blocks:
+                if j < n:
+                    scores[layer._kkeys[j]] = scores[layer._vkeys[j]] = float(mass[j])
+            read = functools.partial(self._read_scored, scores)
+        return len(todo), self.staging.stage(todo, lambda k: self._entry_tensor(layer, *refs[k]), read)
+
+    # ------------------------------------------------------------------------------ stages
+    def predict_next(self, layer: "TieredKVLayer", query: torch.Tensor) -> None:
+        """Layer-ahead prefetch, called by ``layer`` as it starts fetching (the first sparse layer also
+        starts a new step: untaken staged entries age)."""
+        if layer.layer_idx == self.sparse_ids[0]:
+            self.stats.steps += 1
+            if self.staging is not None:
+                self.staging.advance()
+        if not self.config.layer_ahead or self._closed:
+            return
+        start = time.perf_counter()
+        nxt_idx = self._next.get(layer.layer_idx)
+        if nxt_idx is None:
+            return
+        nxt = self.layers[nxt_idx]
+        n_stored = len(nxt._blocks)
+        if self.config.predictor == "query" and nxt_idx != self.sparse_ids[0] and nxt.sparse.digests is not None \
+                and nxt.sparse.digests.length > 0:
+            from .selection import select
+
+            sel = select(query, nxt.sparse.digests, nxt.sparse.ctrl.selection)
+            blocks = [j for j in sel.fetch.tolist() if j < n_stored]
+        else:
+            blocks = [j for j in self._last.get(nxt_idx, []) if j < n_stored]
+        reuse = self._reuse.get(nxt_idx)
+        if reuse is not None:
+            blocks = [j for j in blocks if j not in reuse.slots]
+        self._predicted[nxt_idx] = set(layer_keys(nxt, blocks))
+        nonresident, _ = self._stage_blocks(nxt, blocks)
+        self.stats.predicted += 2 * len(blocks)
+        self.stats.predicted_nonresident += nonresident
+        self.stats.predict_seconds += time.perf_counter() - start
+
+    def fetch(self, state: "SparseLayerState", layer: "TieredKVLayer", sel: "BlockSelection", query: torch.Tensor,
+              stats: "SparseStats") -> tuple[torch.Tensor, torch.Tensor]:
+        """The fetch stage with reuse, staging and per-tier reads (see :func:`~.fetch.fetch_selected`)."""
+        self.predict_next(layer, query)
+        fetch = sel.fetch.tolist()
+        bs = layer.block_size
+        n_stored = len(layer._blocks)
+        stored = [j for j in fetch if j < n_stored]
+        b = layer._batch
+        hk, dk = layer._shape_k
+        hv, dv = layer._shape_v
+        u = len(fetch)
+        kbuf = torch.empty((u, b, hk, bs, dk), dtype=layer.dtype, device=layer.device)
+        vbuf = torch.empty((u, b, hv, bs, dv), dtype=layer.dtype, device=layer.device)
+        ps = self.stats
+        if stored:
+            ns = len(stored)
+            kkeys = [layer._kkeys[j] for j in stored]
+            vkeys = [layer._vkeys[j] for j in stored]
+            keys = kkeys + vkeys
+            tiers = self.store.tiers_of(keys)
+            fastest = self.store.fastest_tier
+            stats.blocks_resident += sum(1 for i in range(ns) if tiers[i] == fastest and tiers[ns + i] == fastest)
+            stats.blocks_selected += ns
+            predicted = self._predicted.pop(layer.layer_idx, None)
+            reuse = self._reuse.get(layer.layer_idx)
+            not_reused = [e for e in range(2 * ns) if reuse is None or stored[e % ns] not in reuse.slots]
+            if predicted is not None:
+                ps.predicted_hits += sum(1 for e in not_reused if keys[e] in predicted)
+                ps.predictable += len(not_reused)
+            ps.needed += 2 * ns
+            ps.needed_nonresident += sum(1 for e in not_reused if tiers[e] != fastest)
+            dsts = [kbuf[i] for i in range(ns)] + [vbuf[i] for i in range(ns)]
+            blocks = [layer._blocks[j] for j in stored] * 2
+            sync: dict[str, list[int]] = {}
+            reused_blocks = 0
+            t0 = time.perf_counter()
+            for e, key in enumerate(keys):
+                j = stored[e % ns]
+                if reuse is not None and j in reuse.slots:
+                    src = reuse.k if e < ns else reuse.v
+                    dsts[e].copy_(src[reuse.slots[j]])
+                    ps.reused += 1
+                    if e < ns:
+                        reused_blocks += 1
+                    continue
+                staged = self.staging.take(key) if self.staging is not None else None
+                if staged is not None:
+                    dsts[e].copy_(blocks[e].view(staged))
+                    ps.staged += 1
+                    if tiers[e] != fastest:
+                        ps.staged_nonresident += 1
+                    tier = "disk" if tiers[e] is None else tiers[e]
+                    stats.bytes_fetched[str(tier)] = stats.bytes_fetched.get(str(tier), 0) + staged.nbytes
+                    continue
+                sync.setdefault(str(tiers[e]), []).append(e)
+            ps.copy_seconds += time.perf_counter() - t0
+            # A block served from the reuse buffer is as close as the fastest tier (it is on the compute
+            # device): it counts as resident, whatever tier its entries sit in.
+            stats.blocks_resident += sum(1 for i in range(ns) if reuse is not None and stored[i] in reuse.slots
+                                         and not (tiers[i] == fastest and tiers[ns + i] == fastest))
+            for tier, idx in sync.items():
+                t1 = time.perf_counter()
+                outs, posts = [], []
+                for e in idx:
+                    block = blocks[e]
+                    if block.rows is None:
+                        outs.append(dsts[e])
+                    else:
+                        tmp = dsts[e].new_empty((block.stored_batch, *dsts[e].shape[1:]))
+                        outs.append(tmp)
+                        posts.append((e, tmp))
+                self.store.get_blocks([keys[e] for e in idx], out=outs)
+                for e, tmp in posts:
+                    dsts[e].copy_(blocks[e].view(tmp))
+                ps.sync[tier] = ps.sync.get(tier, 0) + len(idx)
+                ps.sync_seconds[tier] = ps.sync_seconds.get(tier, 0.0) + time.perf_counter() - t1
+                stats.bytes_fetched[tier] = stats.bytes_fetched.get(tier, 0) + sum(o.nbytes for o in outs)
+        if len(stored) < u:
+            kbuf[len(stored)].copy_(layer._tail_k)
+            vbuf[len(stored)].copy_(layer._tail_v)
+            stats.tail_selected += 1
+        self._left[layer.layer_idx] = [j for j in self._last.get(layer.layer_idx, []) if j not in set(stored)]
+        self._last[layer.layer_idx] = stored
+        if self.config.reuse:
+            old = self._reuse.get(layer.layer_idx)
+            new = _Reuse({j: i for i, j in enumerate(stored)}, kbuf, vbuf)
+            ps.reuse_bytes += new.nbytes - (old.nbytes if old is not None else 0)
+            ps.reuse_peak_bytes = max(ps.reuse_peak_bytes, ps.reuse_bytes)
+            self._reuse[layer.layer_idx] = new
+        return kbuf, vbuf
+
+    def placement_scores(self, state: "SparseLayerState", layer: "TieredKVLayer", stored: list[int]) -> dict | None:
+        """Tiercache scores of this step (attention-aware placement), or ``None`` to keep the plain rule
+        (every fetched block's decayed mass).  With a reuse buffer the fastest tier complements it: the
+        blocks just fetched (which the buffer holds for the next step) score 0, so they leave the tier
+        first and are never promoted, and the blocks the layer stopped selecting score their decayed mass,
+        so the tier keeps the blocks attention is likely to return to that the buffer does not hold."""
+        if not (self.config.reuse and self.config.complement_reuse):
+            return None
+        scores = {}
+        for j in stored:
+            scores[layer._kkeys[j]] = 0.0
+            scores[layer._vkeys[j]] = 0.0
+        for j in self._left.pop(layer.layer_idx, []):
+            if j < len(layer._blocks) and j < state.mass.numel():
+                score = float(state.mass[j])
+                scores[layer._kkeys[j]] = score
+                scores[layer._vkeys[j]] = score
+        return scores
+
+    def admission_threshold(self, layers: list["TieredKVLayer"]) -> float | None:
+        """With a reuse buffer: the promotion threshold of the attention-aware policy, the decayed mass of the
+        ``M``-th most attended stored block *outside the reuse buffers* (``M`` = blocks the fastest tier
+        holds); ``None`` to keep the controller's rule.  The blocks a buffer holds are never read from a
+        tier while they stay selected, so the controller's rule (the ``M``-th most attended block overall)
+        would reserve the fastest tier for them and never promote the blocks attention returns to after
+        leaving them."""
+        if not self.config.reuse:
+            return None
+        masses, entry = [], 0
+        for layer in layers:
+            if layer.sparse is None or not layer._blocks:
+                continue
+            n = min(len(layer._blocks), layer.sparse.mass.numel())
+            mass = layer.sparse.mass[:n].clone()
+            reuse = self._reuse.get(layer.layer_idx)
+            if reuse is not None and reuse.slots:
+                held = torch.tensor([j for j in reuse.slots if j < n], dtype=torch.long)
+                mass[held] = -1.0
+            masses.append(mass)
+            entry = max(entry, layer._blocks[0].nbytes // 2)
+        if not masses or not entry:
+            return None
+        every = torch.cat(masses)
+        every = every[every >= 0]
+        room = self.store.fastest_tier_entries(entry) // 2
+        if room <= 0:
+            return float("inf")
+        if every.numel() <= room:
+            return 0.0
+        return max(0.0, float(torch.topk(every, room).values[-1]))
+
+    def end_step(self) -> None:
+        """After a decode step's forward pass (scores flushed, promotion threshold set): disk staging ahead
+        for every sparse layer."""
+        if not self.config.disk_staging or self.config.stage_ahead <= 0 or self._closed:
+            return
+        for idx in self.sparse_ids:
+            layer = self.layers[idx]
+            if layer._blocks:
+                self._stage_ahead(layer.sparse, layer)
+
+    def _stage_ahead(self, state: "SparseLayerState", layer: "TieredKVLayer") -> None:
+        """The layer's highest-mass stored blocks outside the fastest tier and the reuse buffer."""
+        n = min(len(layer._blocks), state.mass.numel())
+        if n == 0:
+            return
+        reuse = self._reuse.get(layer.layer_idx)
+        held = reuse.slots if reuse is not None else {}
+        k = min(n, 4 * self.config.stage_ahead + len(held))
+        values, indices = torch.topk(state.mass[:n], k)
+        top = [j for j, m in zip(indices.tolist(), values.tolist()) if m > 0 and j not in held]
+        fastest = self.store.fastest_tier
+        tiers = self.store.tiers_of([layer._kkeys[j] for j in top])
+        picked = [j for j, t in zip(top, tiers) if t is not None and t != fastest][: self.config.stage_ahead]
+        _, submitted = self._stage_blocks(layer, picked)
+        self.stats.stage_ahead_entries += submitted
+
+    # --------------------------------------------------------------------------- lifecycle
+    def invalidate(self) -> None:
+        """Rows or blocks changed (crop, reorder, batch selection, reset): drop the reuse buffers,
+        predictions and staged entries (in-flight jobs finish into released tensors)."""
+        self._reuse.clear()
+        self.stats.reuse_bytes = 0
+        self._last.clear()
+        self._predicted.clear()
+        if self.staging is not None:
+            self.staging.discard()
+
+    def discard_keys(self, keys: list) -> None:
+        if self.staging is not None:
+            self.staging.discard(keys)
+
+    def reset_stats(self) -> None:
+        reuse = self.stats.reuse_bytes
+        self.stats = PipelineStats(reuse_bytes=reuse, reuse_peak_bytes=reuse)
+
+    def close(self) -> None:
+        """Cancel queued jobs, wait for running ones, release staging and reuse memory.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.staging is not None:
+            self.staging.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        self.invalidate()
+
+    def as_dict(self) -> dict:
+        out: dict[str, Any] = {"config": asdict(self.config), **self.stats.as_dict()}
+        if self.staging is not None:
+            out["staging"] = asdict(self.staging.counters)
+            out["staging"]["bytes"] = self.staging.nbytes
+            out["staging"]["capacity_bytes"] = self.staging.capacity
+        return out
+
+
+def layer_keys(layer: "TieredKVLayer", blocks: list[int]) -> list:
+    return [layer._kkeys[j] for j in blocks] + [layer._vkeys[j] for j in blocks]
+
