@@ -33,15 +33,18 @@ def _check(result: dict, *, ssd: bool) -> None:
             sparse = r["stats"]["sparse"]
             assert sparse["settings"]["strategy"] == r["config"]["system"]
             assert sparse["total"]["steps"] >= 2  # the untimed step and the timed ones ran sparse
-            assert sum(r["sparse_bytes_fetched"].values()) > 0
-        if r["config"]["tiers"] != "-":
-            assert sum(r["bytes_read_per_tier"].values()) > 0
+            assert sparse["total"]["blocks_selected"] > 0, r["label"]
+            if r["config"]["system"] == "fetch-every-step":  # the others may serve a step from reused/staged blocks
+                assert sum(r["sparse_bytes_fetched"].values()) > 0, r["label"]
+        if r["config"]["tiers"] != "-" and r["config"]["system"] in ("exact", "fetch-every-step"):
+            assert sum(r["bytes_read_per_tier"].values()) > 0, r["label"]
     if ssd:
         ssd_runs = [r for r in runs if "ssd" in r["config"]["tiers"] and r["status"] == "ok"]
         assert {r["config"]["system"] for r in ssd_runs} == {"exact", "fetch-every-step", "reuse-layer-ahead",
                                                               "attention-aware"}
-        for r in ssd_runs:
-            assert r["bytes_read_per_tier"].get("disk", 0) > 0, r["label"]
+        for r in ssd_runs:  # (3b)/(4) may serve the few timed steps of a tiny context from reused blocks
+            if r["config"]["system"] in ("exact", "fetch-every-step"):
+                assert r["bytes_read_per_tier"].get("disk", 0) > 0, r["label"]
 
 
 def test_tiny_run_on_cpu_writes_json_and_markdown(e2e, tmp_path, capsys):
