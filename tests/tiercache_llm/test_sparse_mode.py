@@ -301,9 +301,8 @@ def test_attention_aware_reuses_more_than_fetch_every_step(make_model):
     up = lambda s: sum(v for k, v in s["tiercache"]["bytes_moved"].items() if k.startswith("disk"))  # noqa: E731
     assert up(every) == 0  # fetch-every-step never promotes
     assert up(aware) > 0
-    # the disk share of the bytes fetched falls with placement
-    disk_share = lambda t: t["bytes_fetched"].get("disk", 0) / sum(t["bytes_fetched"].values())  # noqa: E731
-    assert disk_share(a) < disk_share(e)
+    # placement (and the pipeline's reuse, which needs no read at all) cuts what the disk serves to the fetch
+    assert a["bytes_fetched"].get("disk", 0) < e["bytes_fetched"].get("disk", 0), (a["bytes_fetched"], e["bytes_fetched"])
 
 
 def test_stats_are_json(make_model):
