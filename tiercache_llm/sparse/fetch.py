@@ -19,6 +19,20 @@ if TYPE_CHECKING:  # pragma: no cover
     from .selection import BlockSelection
 
 
+def selected_buffers(layer: "TieredKVLayer", sel: "BlockSelection") -> tuple[list[int], list[int], torch.Tensor, torch.Tensor]:
+    """``(fetch, stored, kbuf, vbuf)``: the selected block indices, those already stored (the rest is the
+    tail block), and empty ``(U, B, H, block_size, D)`` K and V buffers for them."""
+    fetch = sel.fetch.tolist()
+    n_stored = len(layer._blocks)
+    stored = [j for j in fetch if j < n_stored]
+    hk, dk = layer._shape_k
+    hv, dv = layer._shape_v
+    bs, b, u = layer.block_size, layer._batch, len(fetch)
+    kbuf = torch.empty((u, b, hk, bs, dk), dtype=layer.dtype, device=layer.device)
+    vbuf = torch.empty((u, b, hv, bs, dv), dtype=layer.dtype, device=layer.device)
+    return fetch, stored, kbuf, vbuf
+
+
 def fetch_selected(state: "SparseLayerState", layer: "TieredKVLayer", sel: "BlockSelection",
                    query: torch.Tensor, stats: "SparseStats") -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of the blocks ``sel.fetch`` (ascending block indices; the last may be the tail
@@ -35,16 +49,12 @@ def fetch_selected(state: "SparseLayerState", layer: "TieredKVLayer", sel: "Bloc
     pipeline = getattr(layer, "pipeline", None)
     if pipeline is not None:
         return pipeline.fetch(state, layer, sel, query, stats)
-    fetch = sel.fetch.tolist()
+    fetch, stored, kbuf, vbuf = selected_buffers(layer, sel)
     bs = layer.block_size
-    n_stored = len(layer._blocks)
-    stored = [j for j in fetch if j < n_stored]
     b = layer._batch
     hk, dk = layer._shape_k
     hv, dv = layer._shape_v
     u = len(fetch)
-    kbuf = torch.empty((u, b, hk, bs, dk), dtype=layer.dtype, device=layer.device)
-    vbuf = torch.empty((u, b, hv, bs, dv), dtype=layer.dtype, device=layer.device)
     if stored:
         kkeys = [layer._kkeys[j] for j in stored]
         vkeys = [layer._vkeys[j] for j in stored]

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from .fetch import selected_buffers
 from .staging import StagingArea
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -295,16 +296,12 @@ class DecodePipeline:
               stats: "SparseStats") -> tuple[torch.Tensor, torch.Tensor]:
         """The fetch stage with reuse, staging and per-tier reads (see :func:`~.fetch.fetch_selected`)."""
         self.predict_next(layer, query)
-        fetch = sel.fetch.tolist()
+        fetch, stored, kbuf, vbuf = selected_buffers(layer, sel)
         bs = layer.block_size
-        n_stored = len(layer._blocks)
-        stored = [j for j in fetch if j < n_stored]
         b = layer._batch
         hk, dk = layer._shape_k
         hv, dv = layer._shape_v
         u = len(fetch)
-        kbuf = torch.empty((u, b, hk, bs, dk), dtype=layer.dtype, device=layer.device)
-        vbuf = torch.empty((u, b, hv, bs, dv), dtype=layer.dtype, device=layer.device)
         ps = self.stats
         if stored:
             ns = len(stored)
