@@ -12,6 +12,25 @@ def test_kernels_ship_as_tiercache_kernels_a_regular_package():
 
 
 def test_transformers_does_not_mistake_our_kernels_folder_for_the_kernels_package(monkeypatch):
+    """Our ``kernels/`` folder holds only ``tiercache_kernels``: run from the repository root, the name
+    ``kernels`` must resolve to the Hugging Face ``kernels`` distribution where it is installed (recent
+    transformers releases require it) and to nothing otherwise, never to our folder."""
+    import importlib.metadata
+    import importlib.util
+    from pathlib import Path
+
     transformers_utils = pytest.importorskip("transformers.utils")
-    monkeypatch.syspath_prepend(".")  # as when running from the repository root, where kernels/ lives
-    assert transformers_utils.is_kernels_available() is False
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root))  # as when running from the repository root, where kernels/ lives
+    spec = importlib.util.find_spec("kernels")
+    try:
+        importlib.metadata.version("kernels")
+        installed = True
+    except importlib.metadata.PackageNotFoundError:
+        installed = False
+    if spec is not None:
+        assert installed, f"'kernels' resolves to {spec.origin} without the kernels distribution installed"
+        origin = Path(spec.origin or next(iter(spec.submodule_search_locations or [""]), "")).resolve()
+        assert root / "kernels" not in (origin, *origin.parents), f"'kernels' resolves to our folder: {origin}"
+    if not installed:
+        assert transformers_utils.is_kernels_available() is False

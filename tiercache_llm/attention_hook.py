@@ -105,6 +105,8 @@ def _register(base: str) -> str:
 
 def _find_cache(args: tuple, kwargs: dict) -> Any:
     cache = kwargs.get("past_key_values")
+    if cache is None:  # transformers >= 5.25 passes it as ``cache`` (``past_key_values`` is deprecated)
+        cache = kwargs.get("cache")
     if cache is None:
         cache = next((a for a in args if isinstance(a, Cache)), None)
     return cache

@@ -479,9 +479,11 @@ class TieredKVLayer(CacheLayerMixin):
             self._drop_expired()
         return out
 
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, **kwargs: Any) -> None:
         """Keep the blocks that leave a sliding window until the next :meth:`crop`, so ``crop`` can
-        roll back rejected candidate tokens (assisted and prompt-lookup decoding call this)."""
+        roll back rejected candidate tokens (assisted and prompt-lookup decoding call this).  Keyword
+        arguments of newer transformers releases (``recurrent_states_to_keep``, for recurrent layers) do
+        not apply to attention layers and are ignored."""
         self.record_past = True
 
     def get_seq_length(self) -> int:

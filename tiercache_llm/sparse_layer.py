@@ -29,9 +29,10 @@ import torch
 
 from .errors import TieredKVError
 from .policies import AttentionPlacementPolicy
-from .sparse.attention import sparse_attention
+from .sparse.attention import SparseAttentionOutput, sparse_attention
 from .sparse.digests import KeyDigests
 from .sparse.fetch import fetch_selected
+from .sparse.page_table import build_page_table, entry_mass_to_blocks, page_table_attention
 from .sparse.placement import record_attention
 from .sparse.selection import SelectionConfig, select
 
@@ -281,16 +282,8 @@ class SparseLayerState:
         t1 = time.perf_counter()
         kbuf, vbuf = fetch_selected(self, layer, sel, query, stats)
         t2 = time.perf_counter()
-        fetch_t = sel.fetch.to(self.valid.device)
-        pos = fetch_t.view(-1, 1) * bs + torch.arange(bs, device=fetch_t.device)
-        token_valid = self.valid[:, pos.clamp(max=self.valid.shape[1] - 1)] & (pos < ctx)
-        pages = sel.token_mask(bs)
-        if pages is not None:  # (B, H, U, S): each head attends only the tokens of its own pages
-            token_valid = token_valid.unsqueeze(1) & pages.to(token_valid.device)
-        res = sparse_attention(
-            query, kbuf.permute(1, 2, 0, 3, 4), vbuf.permute(1, 2, 0, 3, 4), sel.fetch_head_mask.to(kbuf.device),
-            token_valid, k_new, v_new, scale=scaling,
-        )
+        res = attend_selected(query, kbuf, vbuf, torch.arange(kbuf.shape[0], device=kbuf.device), sel,
+                              self.valid, ctx, bs, k_new, v_new, scaling)
         t3 = time.perf_counter()
         count = self.digests.count
         stats.tokens_attended += int(sel.selected_tokens(count).sum())
@@ -349,6 +342,43 @@ class SparseLayerState:
         n = self.digests.n_blocks
         self.mass = self.mass[:n].clone()
         self.valid[:, length:] = False
+
+
+def attend_selected(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slot_of_fetch: torch.Tensor,
+                    sel: Any, valid: torch.Tensor, ctx: int, block_size: int, k_new: torch.Tensor,
+                    v_new: torch.Tensor, scaling: float | None, *, backend: str = "auto") -> SparseAttentionOutput:
+    """Attention of one decode step over the selection's pages, read from the pool the fetch filled.
+
+    ``k_pool`` / ``v_pool``: ``(N, B, H, block_size, D)`` slots; ``slot_of_fetch``: ``(U,)`` slot of each
+    block of ``sel.fetch``; ``valid``: ``(B, >= ctx)`` token validity (padding); ``ctx``: context tokens
+    before the new one.  ``backend``: ``"pages"`` (the page-table path of :mod:`.sparse.page_table`:
+    exactly each head's pages), ``"triton"`` (the block-table kernel over each head's blocks with a
+    token mask; compiled on CUDA, interpreted on CPU under ``TRITON_INTERPRET=1``), or ``"auto"``
+    (Triton on CUDA where it is usable, pages otherwise).  Returns block masses in ``sel.fetch`` order."""
+    if backend not in ("auto", "pages", "triton"):
+        raise ValueError(f"backend must be 'auto', 'pages' or 'triton', got {backend!r}")
+    dev = valid.device
+    fetch_t = sel.fetch.to(dev)
+    pos = fetch_t.view(-1, 1) * block_size + torch.arange(block_size, device=dev)
+    token_ok = valid[:, pos.clamp(max=valid.shape[1] - 1)] & (pos < ctx)  # (B, U, S)
+    if backend == "auto":
+        backend = "pages"
+        if query.is_cuda:
+            from tiercache_kernels.triton_support import compiled_triton_usable
+
+            backend = "triton" if compiled_triton_usable(query.device) else "pages"
+    if backend == "triton":
+        kbuf = k_pool.index_select(0, slot_of_fetch.to(k_pool.device))
+        vbuf = v_pool.index_select(0, slot_of_fetch.to(v_pool.device))
+        pages = sel.token_mask(block_size)
+        token_valid = token_ok if pages is None else token_ok.unsqueeze(1) & pages.to(dev)
+        return sparse_attention(query, kbuf.permute(1, 2, 0, 3, 4), vbuf.permute(1, 2, 0, 3, 4),
+                                sel.fetch_head_mask.to(kbuf.device), token_valid, k_new, v_new, scale=scaling,
+                                backend="triton")
+    table = build_page_table(sel, slot_of_fetch, token_ok, block_size)
+    res = page_table_attention(query, k_pool, v_pool, table, k_new, v_new, scale=scaling)
+    return SparseAttentionOutput(res.output, entry_mass_to_blocks(res.block_mass, table, int(fetch_t.numel())),
+                                 res.new_mass)
 
 
 DEFAULT_SCORE = "bound+landmark"  # measured in benchmarks/sparse_selection_study.py (docs/sparse.md)

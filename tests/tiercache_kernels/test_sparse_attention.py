@@ -151,11 +151,13 @@ def test_sparse_decode_of_a_real_model_through_the_kernel(monkeypatch):
     assert steps == 5 * 2
     calls = []
 
+    original = sparse_layer.attend_selected
+
     def through_kernel(*args, **kwargs):
         calls.append(1)
-        return sparse_attention(*args, **{**kwargs, "backend": "triton"})
+        return original(*args, **{**kwargs, "backend": "triton"})
 
-    monkeypatch.setattr(sparse_layer, "sparse_attention", through_kernel)
+    monkeypatch.setattr(sparse_layer, "attend_selected", through_kernel)
     got, _ = run()
     assert len(calls) == steps
     assert torch.equal(ref.sequences, got.sequences)

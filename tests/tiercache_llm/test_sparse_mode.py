@@ -413,11 +413,12 @@ def test_pages_attend_only_their_tokens_within_the_budget(make_model, monkeypatc
     ids, mask = left_padded_batch(seed=22, lengths=(40, 27, 13))
     pads = (mask == 0).sum(1)
     seen = []
-    original = sl.sparse_attention
+    original = sl.build_page_table
 
-    def spy(query, keys, values, block_mask, token_valid, *args, **kw):
-        seen.append((block_mask.clone(), token_valid.clone()))
-        return original(query, keys, values, block_mask, token_valid, *args, **kw)
+    def spy(sel, slot_of_fetch, token_ok, block_size):
+        table = original(sel, slot_of_fetch, token_ok, block_size)
+        seen.append(table)
+        return table
 
     sels = []
     original_select = sl.select
@@ -427,22 +428,24 @@ def test_pages_attend_only_their_tokens_within_the_budget(make_model, monkeypatc
         sels.append((sel, digests.length, digests.count.clone()))
         return sel
 
-    monkeypatch.setattr(sl, "sparse_attention", spy)
+    monkeypatch.setattr(sl, "build_page_table", spy)
     monkeypatch.setattr(sl, "select", spy_select)
     with TieredKVCache.for_model(model, mode="sparse", budget=budget, sink=sink, recent=recent, block_size=bs,
                                  page_size=page, host="1MiB") as cache:
         gen(model, cache, ids, mask, n=8)
         cache.restore_model()
     assert len(seen) == len(sels) == 7 * 2
-    for (block_mask, token_valid), (sel, length, count) in zip(seen, sels):
-        assert sel.pages_per_block == bs // page and token_valid.dim() == 4
-        attended = token_valid & block_mask.unsqueeze(-1)  # (B, H, U, S)
+    for table, (sel, length, count) in zip(seen, sels):
+        assert sel.pages_per_block == bs // page and table.page_size == page
         fetch = sel.fetch.tolist()
         for row in range(ids.shape[0]):
             first = int(pads[row])
             tokens = {fetch[u] * bs + i for u in range(len(fetch)) for i in range(bs)}
-            for head in range(attended.shape[1]):
-                got = {fetch[u] * bs + i for u in range(len(fetch)) for i in range(bs) if attended[row, head, u, i]}
+            for head in range(table.slots.shape[1]):
+                got = [fetch[int(table.fetch_pos[row, head, m])] * bs + int(table.pages[row, head, m]) * page + i
+                       for m in range(table.slots.shape[2]) for i in range(page) if table.valid[row, head, m, i]]
+                assert len(got) == len(set(got))  # no token attended twice
+                got = set(got)
                 want = {t for t in range(length) if t >= first and bool(sel.page_mask[row, head, t // page])}
                 assert got == want, (row, head)
                 assert all(t >= first for t in got)  # never padding
