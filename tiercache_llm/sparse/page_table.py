@@ -6,7 +6,8 @@ fetched storage block (``S`` tokens, every row and KV head of the block, as one 
 them).  A selection page is ``page`` consecutive tokens of a block (``S % page == 0``).  The table names,
 per (row ``b``, KV head ``h``), ``M`` entries ``(slot, page)``; entry ``m`` contributes the tokens
 ``k_pool[slot, b, h, page * P : (page + 1) * P]`` where ``valid[b, h, m]`` is ``True``.  Rows/heads with
-fewer pages than ``M`` pad with any in-range ``(slot, page)`` and all-``False`` validity.
+fewer pages than ``M`` pad with any in-range ``(slot, page)`` (slot 0 when the pool is empty) and
+all-``False`` validity.
 
 Contract of :func:`page_table_attention` (the torch path here; a Triton kernel may implement the same
 contract on CUDA): exactly dense softmax attention over the attended tokens plus the new tokens (causal
@@ -16,11 +17,13 @@ mass per table entry (the signal of attention-aware placement).
 
 Shapes: ``Hq = G * H`` query heads (query head ``q`` reads KV head ``q // G``), ``Q`` query positions.
 
-Thread safety: pure functions of their arguments.
+Thread safety: pure functions of their arguments (the CPU path's scratch buffers are per thread).
 """
 
 from __future__ import annotations
 
+import math
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -66,10 +69,18 @@ def build_page_table(sel: "BlockSelection", slot_of_fetch: torch.Tensor, token_o
         block_size: tokens per storage block (``S``).
     """
     k = sel.pages_per_block
+    if block_size <= 0 or block_size % k:
+        raise ValueError(f"block_size ({block_size}) must be a positive multiple of the selection's "
+                         f"pages_per_block ({k})")
     page_size = block_size // k
     pm = sel.pages  # (B, H, P) pages (or blocks when k == 1)
     b, h, p = pm.shape
     dev = pm.device
+    u = int(sel.fetch.numel())
+    if tuple(slot_of_fetch.shape) != (u,):
+        raise ValueError(f"slot_of_fetch must be ({u},) (one slot per fetched block), got {tuple(slot_of_fetch.shape)}")
+    if tuple(token_ok.shape) != (b, u, block_size):
+        raise ValueError(f"token_ok must be (B, U, block_size) = {(b, u, block_size)}, got {tuple(token_ok.shape)}")
     counts = pm.sum(dim=-1)
     m = max(1, int(counts.max())) if counts.numel() else 1
     order = torch.argsort((~pm).to(torch.int8), dim=-1, stable=True)[..., :m]  # selected pages first, ascending
@@ -102,28 +113,28 @@ def page_table_attention(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
 
     Torch path: one gather of the attended pages per (row, head) (``B * H * M * page_size * D`` elements
     for K and for V), then one score and one value matmul per (row, KV head) over all of them."""
-    b, hq, q, d = query.shape
-    n, bp, h, s, dp = k_pool.shape
+    b, hq, q, d, h, m = check_page_table_args(query, k_pool, v_pool, table, new_keys, new_values)
     ps = table.page_size
-    if bp != b or dp != d or hq % h or s % ps or v_pool.shape != k_pool.shape:
-        raise ValueError(f"query {tuple(query.shape)} does not match the pools {tuple(k_pool.shape)}, {tuple(v_pool.shape)}")
-    m = table.slots.shape[-1]
-    if tuple(table.slots.shape) != (b, h, m) or tuple(table.valid.shape) != (b, h, m, ps):
-        raise ValueError(f"page table {tuple(table.slots.shape)} / {tuple(table.valid.shape)} does not match "
-                         f"B={b}, H={h}, page_size={ps}")
     g = hq // h
     gq = g * q
+    t = m * ps
     scale = d ** -0.5 if scale is None else float(scale)
     dev = query.device
-    keys = _gather_pages(k_pool, table, ps).view(b, h, m * ps, d)  # gathered copies
-    values = _gather_pages(v_pool, table, ps).view(b, h, m * ps, d)
-    valid = table.valid.reshape(b, h, 1, m * ps)
-    if keys.dtype != torch.float32:
-        keys, values = keys.float(), values.float()
-    values = values.masked_fill_(~valid.view(b, h, m * ps, 1), 0.0)  # hidden values may be NaN
+    keys = _gather_pages(k_pool, table, ps, "k").view(b, h, t, d)  # float32 scratch copies
+    values = _gather_pages(v_pool, table, ps, "v").view(b, h, t, d)
+    hidden = ~table.valid.reshape(b, h, 1, t)
+    # Hidden values may be NaN (0 * NaN = NaN in p @ v): zero them.  On CPU only the hidden rows are
+    # written (padding entries, left padding, the partial tail: a small part of the table).
+    if dev.type == "cpu":
+        rows = hidden.view(-1).nonzero().squeeze(1)
+        if rows.numel():
+            values.view(-1, d).index_fill_(0, rows, 0.0)
+    else:
+        values.masked_fill_(hidden.view(b, h, t, 1), 0.0)
     qf = query.float().reshape(b, h, gq, d) * scale
-    ctx = (qf @ keys.transpose(-1, -2)).masked_fill_(~valid, float("-inf"))  # (B, H, G*Q, M*ps)
-    top = ctx.amax(dim=-1) if m * ps else torch.full((b, h, gq), float("-inf"), device=dev)
+    ctx = torch.matmul(qf, keys.transpose(-1, -2), out=_scratch("s", (b, h, gq, t), dev))
+    ctx.masked_fill_(hidden, float("-inf"))  # (B, H, G*Q, M*ps)
+    top = ctx.amax(dim=-1) if t else torch.full((b, h, gq), float("-inf"), device=dev)
     new = None
     if new_keys is not None:
         new = _new_token_scores(qf, new_keys, g)
@@ -136,7 +147,7 @@ def page_table_attention(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
         total = total + new.sum(dim=-1)
     inv = 1.0 / total.clamp_min(torch.finfo(torch.float32).tiny)
     ctx.mul_(inv.unsqueeze(-1))
-    out = ctx @ values  # (B, H, G*Q, D)
+    out = ctx @ values  # (B, H, G*Q, D), a fresh tensor (never scratch)
     if new is not None:
         p_new = new * inv.unsqueeze(-1)
         out = out.view(b, h, g, q, d) + p_new.view(b, h, g, q, q) @ new_values.float().unsqueeze(2)
@@ -148,26 +159,91 @@ def page_table_attention(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
     return SparseAttentionOutput(output, mass, new_mass)
 
 
-def _gather_pages(pool: torch.Tensor, table: PageTable, ps: int) -> torch.Tensor:
-    """``(B, H, M, ps, D)`` copy of the table's pages: one ``index_select`` over the contiguous pool's
-    ``(slot, row, head, page)`` rows (a plain memcpy per page), advanced indexing otherwise."""
+def check_page_table_args(query, k_pool, v_pool, table: PageTable, new_keys, new_values):
+    """Validate :func:`page_table_attention`'s arguments (shapes only, no host synchronisation);
+    returns ``(B, Hq, Q, D, H, M)``."""
+    if query.dim() != 4 or k_pool.dim() != 5 or v_pool.shape != k_pool.shape:
+        raise ValueError(f"expected query (B, Hq, Q, D) and pools (N, B, H, S, D) of equal shape; query "
+                         f"{tuple(query.shape)} does not match the pools {tuple(k_pool.shape)}, {tuple(v_pool.shape)}")
+    b, hq, q, d = query.shape
+    n, bp, h, s, dp = k_pool.shape
+    if bp != b or dp != d or h == 0 or hq % h:
+        raise ValueError(f"query {tuple(query.shape)} does not match the pools {tuple(k_pool.shape)}")
+    ps = table.page_size
+    if ps <= 0 or s % ps:
+        raise ValueError(f"the table's page_size ({ps}) must divide the pool's block size ({s})")
+    m = table.slots.shape[-1] if table.slots.dim() == 3 else -1
+    shapes = (tuple(table.slots.shape), tuple(table.pages.shape), tuple(table.fetch_pos.shape))
+    if shapes != ((b, h, m),) * 3 or tuple(table.valid.shape) != (b, h, m, ps) or table.valid.dtype != torch.bool:
+        raise ValueError(f"page table slots/pages/fetch_pos {shapes}, valid {table.valid.dtype} "
+                         f"{tuple(table.valid.shape)} does not match B={b}, H={h}, page_size={ps}")
+    if new_keys is not None or new_values is not None:
+        if (new_keys is None or new_values is None or tuple(new_keys.shape) != (b, h, q, d)
+                or new_values.shape != new_keys.shape):
+            raise ValueError(f"new_keys and new_values must both be {(b, h, q, d)}")
+    return b, hq, q, d, h, m
+
+
+# Scratch buffers of the CPU path, one set per thread.  Fresh multi-MB temporaries cost more than the
+# attention itself on CPU: glibc hands large freed blocks back to the kernel, so every call page-faults
+# its gathered K/V in again (measured: 11 ms of page faults against 1 ms of copying per gather at 8K x
+# batch 4, 25 %; benchmarks/attention_micro.py).  CUDA's caching allocator already reuses memory.
+_SCRATCH_LIMIT = 1 << 26  # elements per buffer kept (256 MiB of float32); larger ones are not kept
+_tls = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32
+             ) -> torch.Tensor:
+    """An uninitialised ``shape`` tensor: on CPU a view of this thread's reusable buffer ``name`` (valid
+    until the next call asking for ``name`` on this thread: never hand it to a caller), else fresh."""
+    numel = math.prod(shape)
+    if device.type != "cpu" or numel > _SCRATCH_LIMIT:
+        return torch.empty(shape, dtype=dtype, device=device)
+    bufs = getattr(_tls, "bufs", None)
+    if bufs is None:
+        bufs = _tls.bufs = {}
+    buf = bufs.get((name, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = bufs[(name, dtype)] = torch.empty(max(numel, 1 << 16), dtype=dtype)
+    return buf[:numel].view(shape)
+
+
+def _gather_pages(pool: torch.Tensor, table: PageTable, ps: int, name: str) -> torch.Tensor:
+    """``(B, H, M, ps, D)`` float32 copy of the table's pages (scratch ``name``): one ``index_select``
+    over the contiguous pool's ``(slot, row, head, page)`` rows (a plain memcpy per page), advanced
+    indexing otherwise; fp16 / bf16 pages are gathered, then converted once."""
     n, b, h, s, d = pool.shape
     k = s // ps
     m = table.slots.shape[-1]
     dev = pool.device
+    out = _scratch(name, (b, h, m, ps, d), dev)
+    if n == 0:  # nothing fetched: the table holds only padding entries
+        return out.zero_()
     rows = torch.arange(b, device=dev).view(b, 1, 1)
     heads = torch.arange(h, device=dev).view(1, h, 1)
     if pool.is_contiguous():
-        flat = ((table.slots * b + rows) * h + heads) * k + table.pages
-        return pool.view(n * b * h * k, ps * d).index_select(0, flat.view(-1)).view(b, h, m, ps, d)
-    return pool.unflatten(3, (k, ps))[table.slots, rows, heads, table.pages]
+        flat = (((table.slots * b + rows) * h + heads) * k + table.pages).view(-1)
+        src = pool.view(n * b * h * k, ps * d)
+        if pool.dtype == torch.float32:
+            torch.index_select(src, 0, flat, out=out.view(-1, ps * d))
+        else:
+            low = _scratch(name + "_low", (flat.numel(), ps * d), dev, pool.dtype)
+            out.view(-1, ps * d).copy_(torch.index_select(src, 0, flat, out=low))
+        return out
+    out.copy_(pool.unflatten(3, (k, ps))[table.slots, rows, heads, table.pages])
+    return out
 
 
 def entry_mass_to_blocks(entry_mass: torch.Tensor, table: PageTable, n_fetch: int) -> torch.Tensor:
     """``(B, Hq, U)``: per-entry masses ``(B, Hq, M)`` summed onto the blocks of the selection's ``fetch``
     order (what :class:`~.attention.SparseAttentionOutput` carries for a block-form attention)."""
-    b, hq, m = entry_mass.shape
     h = table.fetch_pos.shape[1]
+    if entry_mass.dim() != 3 or entry_mass.shape[0] != table.fetch_pos.shape[0] or entry_mass.shape[1] % h \
+            or entry_mass.shape[2] != table.fetch_pos.shape[2]:
+        raise ValueError(f"entry_mass {tuple(entry_mass.shape)} does not match the table {tuple(table.fetch_pos.shape)}")
+    b, hq, m = entry_mass.shape
     pos = table.fetch_pos.repeat_interleave(hq // h, dim=1)
     out = torch.zeros(b, hq, n_fetch, dtype=entry_mass.dtype, device=entry_mass.device)
+    if n_fetch == 0:  # nothing fetched: every entry is padding (zero mass)
+        return out
     return out.scatter_add_(2, pos, entry_mass)

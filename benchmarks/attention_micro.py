@@ -1,0 +1,218 @@
+"""Sparse decode attention alone (one layer, CPU): the page-table path against the block-union reference.
+
+    python benchmarks/attention_micro.py --out benchmarks/results            # ~1-2 min
+    python benchmarks/attention_micro.py --quick                              # a smoke run
+    python benchmarks/attention_micro.py --baseline-rev c3ebf24 --out DIR     # also an older page_table.py
+
+SmolLM2 decode shapes (Hq = 9 query heads, H = 3 KV heads, D = 64, float32, 64-token storage blocks,
+8-token pages), batch 1 / 4 / 8, contexts 2K / 8K, budgets 6.25 % / 25 % of the context, 1 and 2 torch
+threads.  Per (row, KV head) the selection is the top pages of a score that is 70 % shared by the heads
+of a row and 30 % their own (heads overlap, as real heads do, yet select different pages), plus the
+sink page and the recent pages; each head's page count differs (budget x U(0.85, 1.15)).  Row 0 is
+left-padded by 100 tokens and the last block is partial.  The pool is the fetch buffer
+``(U, B, H, S, D)`` with the identity slot map (what ``SparseLayerState.decode`` passes today).
+
+Timed, interleaved in one process (each rep runs every path once, in turn), medians of wall time and
+of process CPU time:
+
+- ``reference``: what decode ran before the page table: the token mask of the selection and
+  ``sparse_attention_reference`` over the union of fetched blocks (every head computes over every
+  fetched block, masked);
+- ``pages``: ``sparse_layer.attend_selected(backend="pages")``: token validity, ``build_page_table``,
+  ``page_table_attention``, ``entry_mass_to_blocks``;
+- ``table``: ``build_page_table`` alone (part of ``pages``);
+- ``pages@REV`` with ``--baseline-rev``: the same path with ``tiercache_llm/sparse/page_table.py`` of a
+  git revision.
+
+Each config also checks that ``pages`` gives the reference's output and block masses.  Writes
+``attention_micro.json`` and ``attention_micro.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "kernels", ROOT / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import torch  # noqa: E402
+
+from _common import machine_meta, median, torch_threads  # noqa: E402
+from tiercache_llm.sparse.attention import sparse_attention_reference  # noqa: E402
+from tiercache_llm.sparse.page_table import build_page_table  # noqa: E402
+from tiercache_llm.sparse.selection import BlockSelection  # noqa: E402
+from tiercache_llm import sparse_layer  # noqa: E402
+
+HQ, H, D, S, PAGE = 9, 3, 64, 64, 8
+
+
+def make_inputs(batch: int, context: int, budget: float, seed: int = 0) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(seed)
+    k = S // PAGE
+    n = -(-context // S)
+    p = -(-context // PAGE)
+    per_head = max(1, round(budget * context / PAGE))
+    shared = torch.rand(batch, 1, p, generator=gen)
+    scores = 0.7 * shared + 0.3 * torch.rand(batch, H, p, generator=gen)
+    scores[..., 0] = 2.0  # sink page
+    scores[..., -4:] = 2.0  # recent pages
+    counts = (per_head * (0.85 + 0.3 * torch.rand(batch, H, generator=gen))).round().long().clamp(1, p)
+    rank = scores.argsort(dim=-1, descending=True).argsort(dim=-1)
+    pm = rank < counts.unsqueeze(-1)
+    hm = torch.nn.functional.pad(pm, (0, n * k - p)).view(batch, H, n, k).any(-1)
+    fetch = hm.any(1).any(0).nonzero().flatten()
+    sel = BlockSelection(hm, hm.any(1), fetch, scores, torch.zeros(batch, dtype=torch.long), pm, k)
+    u = int(fetch.numel())
+    k_pool = torch.randn(u, batch, H, S, D, generator=gen)
+    v_pool = torch.randn(u, batch, H, S, D, generator=gen)
+    valid = torch.ones(batch, context, dtype=torch.bool)
+    valid[0, :100] = False
+    query = torch.randn(batch, HQ, 1, D, generator=gen)
+    k_new = torch.randn(batch, H, 1, D, generator=gen)
+    v_new = torch.randn(batch, H, 1, D, generator=gen)
+    ctx = context - S // 2  # the last block is half full
+    return dict(sel=sel, k_pool=k_pool, v_pool=v_pool, valid=valid, ctx=ctx, query=query, k_new=k_new,
+                v_new=v_new, slot=torch.arange(u), u=u, tokens=int(pm.sum()) * PAGE)
+
+
+def reference_path(x: dict[str, Any]):
+    sel, dev = x["sel"], x["valid"].device
+    pos = sel.fetch.view(-1, 1) * S + torch.arange(S, device=dev)
+    token_ok = x["valid"][:, pos.clamp(max=x["valid"].shape[1] - 1)] & (pos < x["ctx"])
+    tv = token_ok.unsqueeze(1) & sel.token_mask(S)
+    return sparse_attention_reference(x["query"], x["k_pool"].permute(1, 2, 0, 3, 4), x["v_pool"].permute(1, 2, 0, 3, 4),
+                                      sel.fetch_head_mask, tv, x["k_new"], x["v_new"])
+
+
+def pages_path(x: dict[str, Any]):
+    return sparse_layer.attend_selected(x["query"], x["k_pool"], x["v_pool"], x["slot"], x["sel"], x["valid"],
+                                        x["ctx"], S, x["k_new"], x["v_new"], None, backend="pages")
+
+
+def table_path(x: dict[str, Any]):
+    sel = x["sel"]
+    pos = sel.fetch.view(-1, 1) * S + torch.arange(S)
+    token_ok = x["valid"][:, pos.clamp(max=x["valid"].shape[1] - 1)] & (pos < x["ctx"])
+    return build_page_table(sel, x["slot"], token_ok, S)
+
+
+def load_revision(rev: str) -> Callable[[dict[str, Any]], Any]:
+    """``pages_path`` with ``page_table.py`` of git revision ``rev`` (the rest of the tree as it is)."""
+    src = subprocess.run(["git", "show", f"{rev}:tiercache_llm/sparse/page_table.py"], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout
+    path = Path(tempfile.mkdtemp()) / "page_table_rev.py"
+    path.write_text(src)
+    name = "tiercache_llm.sparse._page_table_rev"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+
+    def run(x):
+        from tiercache_llm.sparse.attention import SparseAttentionOutput
+
+        sel = x["sel"]
+        pos = sel.fetch.view(-1, 1) * S + torch.arange(S)
+        token_ok = x["valid"][:, pos.clamp(max=x["valid"].shape[1] - 1)] & (pos < x["ctx"])
+        table = mod.build_page_table(sel, x["slot"], token_ok, S)
+        res = mod.page_table_attention(x["query"], x["k_pool"], x["v_pool"], table, x["k_new"], x["v_new"])
+        return SparseAttentionOutput(res.output, mod.entry_mass_to_blocks(res.block_mass, table, x["u"]), res.new_mass)
+
+    return run
+
+
+def measure(paths: dict[str, Callable], x: dict[str, Any], reps: int, budget_s: float) -> dict[str, dict[str, float]]:
+    for f in paths.values():  # warm-up (allocations, thread pool)
+        f(x)
+    wall: dict[str, list[float]] = {k: [] for k in paths}
+    cpu: dict[str, list[float]] = {k: [] for k in paths}
+    deadline = time.monotonic() + budget_s
+    for i in range(reps):
+        for name, f in paths.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            f(x)
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+        if i >= 4 and time.monotonic() > deadline:
+            break
+    return {k: {"wall_ms": 1e3 * median(wall[k]), "cpu_ms": 1e3 * median(cpu[k]), "reps": len(wall[k])} for k in paths}
+
+
+def run(quick: bool, baseline_rev: str | None) -> dict[str, Any]:
+    batches, contexts, budgets, threads = ([1, 4], [2048], [0.25], [1]) if quick else ([1, 4, 8], [2048, 8192],
+                                                                                     [0.0625, 0.25], [1, 2])
+    paths: dict[str, Callable] = {"reference": reference_path, "pages": pages_path, "table": table_path}
+    if baseline_rev:
+        paths[f"pages@{baseline_rev}"] = load_revision(baseline_rev)
+    rows = []
+    start = time.monotonic()
+    for context in contexts:
+        for batch in batches:
+            for budget in budgets:
+                x = make_inputs(batch, context, budget, seed=batch * 7 + context)
+                want, got = reference_path(x), pages_path(x)
+                err = float((want.output - got.output).abs().max())
+                mass_err = float((want.block_mass - got.block_mass).abs().max())
+                if err > 1e-4 or mass_err > 1e-5:
+                    raise AssertionError(f"pages differ from the reference: {err}, {mass_err}")
+                for n in threads:
+                    with torch_threads(n):
+                        t = measure(paths, x, reps=5 if quick else 15, budget_s=1.0 if quick else 2.5)
+                    row = {"context": context, "batch": batch, "budget": budget, "threads": n, "fetched_blocks": x["u"],
+                           "tokens_attended_per_head": x["tokens"] / (batch * H), "max_abs_diff": err,
+                           "max_mass_diff": mass_err, "timings": t,
+                           "speedup_wall": t["reference"]["wall_ms"] / t["pages"]["wall_ms"],
+                           "speedup_cpu": t["reference"]["cpu_ms"] / t["pages"]["cpu_ms"]}
+                    rows.append(row)
+                    print(f"ctx {context} b {batch} budget {budget:.4f} threads {n}: " + ", ".join(
+                        f"{k} {v['wall_ms']:.2f} ms ({v['cpu_ms']:.2f} cpu)" for k, v in t.items())
+                        + f"  x{row['speedup_wall']:.1f}", flush=True)
+    return {"benchmark": "attention_micro", "shape": {"query_heads": HQ, "kv_heads": H, "head_dim": D,
+                                                      "block_size": S, "page_size": PAGE, "dtype": "float32"},
+            "rows": rows, "runtime_seconds": time.monotonic() - start, "machine": machine_meta()}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    names = list(result["rows"][0]["timings"]) if result["rows"] else []
+    lines = ["# Sparse decode attention alone, one layer (CPU)", "",
+             f"Command: `{' '.join(result['machine']['argv'])}`; load average at the end "
+             f"{result['machine'].get('load_average')}; {result['runtime_seconds']:.0f} s.", "",
+             "Median wall ms per call (process CPU ms in brackets), interleaved in one process; `reference` = "
+             "block-union `sparse_attention_reference`, `pages` = `attend_selected(backend=\"pages\")` "
+             "(table build included), `table` = `build_page_table` alone.", "",
+             "| context | batch | budget | threads | blocks | " + " | ".join(names) + " | speed-up (wall / cpu) |",
+             "|---|---|---|---|---|" + "---|" * len(names) + "---|"]
+    for r in result["rows"]:
+        cells = " | ".join(f"{r['timings'][k]['wall_ms']:.2f} ({r['timings'][k]['cpu_ms']:.2f})" for k in names)
+        lines.append(f"| {r['context']} | {r['batch']} | {r['budget'] * 100:g}% | {r['threads']} | {r['fetched_blocks']} | "
+                     f"{cells} | {r['speedup_wall']:.1f}x / {r['speedup_cpu']:.1f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, help="folder for attention_micro.json / .md")
+    ap.add_argument("--quick", action="store_true", help="a few small configs (smoke run)")
+    ap.add_argument("--baseline-rev", help="also time page_table.py of this git revision")
+    args = ap.parse_args(argv)
+    result = run(args.quick, args.baseline_rev)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "attention_micro.json").write_text(json.dumps(result, indent=1))
+        (args.out / "attention_micro.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""The page-table contract (``tiercache_llm.sparse.page_table``): ``build_page_table`` +
+``page_table_attention`` + ``entry_mass_to_blocks`` give ``sparse_attention_reference``'s result over the
+same selection (each KV head its own pages), whatever the pool layout: random shapes, GQA 1..4, pages
+dividing the block, left padding, a partial tail, heads with different page counts, empty selections,
+NaN in every hidden token, fp32/fp16/bf16 pools, permuted slot maps with unused slots, one or several
+new tokens."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tiercache_llm.sparse import sparse_attention_reference
+from tiercache_llm.sparse.page_table import (
+    PageTable,
+    build_page_table,
+    entry_mass_to_blocks,
+    page_table_attention,
+)
+from tiercache_llm.sparse.selection import BlockSelection
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+
+def selection_of(page_mask: torch.Tensor, pages_per_block: int, n_blocks: int) -> BlockSelection:
+    """A ``BlockSelection`` with these pages (``(B, H, P)``, ``P <= n_blocks * pages_per_block``)."""
+    b, h, p = page_mask.shape
+    k = pages_per_block
+    head_mask = F.pad(page_mask, (0, n_blocks * k - p)).view(b, h, n_blocks, k).any(-1)
+    row_mask = head_mask.any(1)
+    fetch = row_mask.any(0).nonzero().flatten()
+    return BlockSelection(head_mask, row_mask, fetch, torch.zeros(b, h, p), torch.zeros(b, dtype=torch.long),
+                          page_mask if k > 1 else None, k)
+
+
+def make_case(draw_or_params, seed: int):
+    """Random case from a dict of parameters; returns a namespace of everything the tests use."""
+    c = SimpleNamespace(**draw_or_params)
+    gen = torch.Generator().manual_seed(seed)
+    b, h, g, d, s, page, q = c.b, c.h, c.g, c.d, c.s, c.page, c.q
+    k = s // page
+    n = c.n_blocks
+    t = n * s - c.tail_cut  # context tokens before the new ones (the last block may be partial)
+    p = -(-t // page)  # digest pages (the last may be partial)
+    valid = torch.ones(b, t, dtype=torch.bool)
+    for row in range(b):
+        valid[row, : int(torch.randint(0, t, (1,), generator=gen))] = False  # left padding
+    # Heads select different numbers of pages (densities differ per (row, head)).
+    density = torch.rand(b, h, 1, generator=gen) * c.density
+    pm = torch.rand(b, h, p, generator=gen) < density
+    if c.density >= 1:  # everything selected
+        pm[:] = True
+    if c.empty_head and b * h > 1:
+        pm[-1, -1] = False
+    if c.empty_all:
+        pm[:] = False
+    sel = selection_of(pm, k, n)
+    u = int(sel.fetch.numel())
+    n_slots = u + c.extra_slots
+    slot_of_fetch = torch.randperm(n_slots, generator=gen)[:u] if c.permute else torch.arange(u)
+    keys = torch.randn(b, h, n * s, d, generator=gen) * c.key_scale
+    values = torch.randn(b, h, n * s, d, generator=gen)
+    k_pool = torch.full((n_slots, b, h, s, d), float("nan"))
+    v_pool = torch.full((n_slots, b, h, s, d), float("nan"))
+    kb, vb = keys.view(b, h, n, s, d), values.view(b, h, n, s, d)
+    for i, blk in enumerate(sel.fetch.tolist()):
+        k_pool[slot_of_fetch[i]] = kb[:, :, blk]
+        v_pool[slot_of_fetch[i]] = vb[:, :, blk]
+    pos = sel.fetch.view(-1, 1) * s + torch.arange(s)
+    token_ok = valid[:, pos.clamp(max=t - 1)] & (pos < t)  # (B, U, S), as attend_selected builds it
+    tm = sel.token_mask(s)
+    attended = token_ok.unsqueeze(1) & sel.fetch_head_mask.unsqueeze(-1)
+    if tm is not None:
+        attended &= tm
+    # Poison every pool token that is not attended by its (row, head): it must never reach the output.
+    hidden = torch.ones(n_slots, b, h, s, dtype=torch.bool)
+    hidden[slot_of_fetch] = ~attended.permute(2, 0, 1, 3)
+    k_pool[hidden], v_pool[hidden] = float("nan"), float("nan")
+    query = torch.randn(b, h * g, q, d, generator=gen)
+    nk = torch.randn(b, h, q, d, generator=gen) if c.new else None
+    nv = torch.randn(b, h, q, d, generator=gen) if c.new else None
+    dt = c.dtype
+    c.__dict__.update(
+        sel=sel, u=u, slot_of_fetch=slot_of_fetch, token_ok=token_ok, attended=attended,
+        k_pool=k_pool.to(dt), v_pool=v_pool.to(dt), query=query.to(dt),
+        nk=None if nk is None else nk.to(dt), nv=None if nv is None else nv.to(dt),
+    )
+    return c
+
+
+def reference(c):
+    """``sparse_attention_reference`` over the fetched blocks in ``fetch`` order (gathered from the pool)."""
+    kbuf = c.k_pool[c.slot_of_fetch].permute(1, 2, 0, 3, 4)
+    vbuf = c.v_pool[c.slot_of_fetch].permute(1, 2, 0, 3, 4)
+    return sparse_attention_reference(c.query, kbuf, vbuf, c.sel.fetch_head_mask, c.attended, c.nk, c.nv,
+                                      scale=c.scale)
+
+
+def through_table(c):
+    table = build_page_table(c.sel, c.slot_of_fetch, c.token_ok, c.s)
+    res = page_table_attention(c.query, c.k_pool, c.v_pool, table, c.nk, c.nv, scale=c.scale)
+    return table, res, entry_mass_to_blocks(res.block_mass, table, c.u)
+
+
+def check(c):
+    table, res, mass = through_table(c)
+    want = reference(c)
+    b, hq = c.b, c.h * c.g
+    assert res.output.dtype == c.dtype and res.output.shape == (b, hq, c.q, c.d)
+    assert res.block_mass.dtype == torch.float32 and res.block_mass.shape == (b, hq, table.slots.shape[-1])
+    assert not bool(torch.isnan(res.output).any())
+    tol = TOL[c.dtype]
+    torch.testing.assert_close(res.output.float(), want.output.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(mass, want.block_mass, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(res.new_mass, want.new_mass, rtol=1e-4, atol=1e-6)
+    total = res.block_mass.sum(-1) + res.new_mass
+    something = c.attended.any(-1).any(-1).repeat_interleave(c.g, 1) | (c.nk is not None)
+    torch.testing.assert_close(total[something], torch.ones_like(total[something]))
+    assert not bool(total[~something].any()) and not bool(res.output[~something].any())
+    return table, res
+
+
+@st.composite
+def cases(draw):
+    s = draw(st.sampled_from([4, 8, 12, 16]))
+    params = dict(
+        b=draw(st.integers(1, 3)), h=draw(st.integers(1, 3)), g=draw(st.integers(1, 4)),
+        d=draw(st.sampled_from([4, 8, 16])), s=s,
+        page=draw(st.sampled_from([x for x in (1, 2, 3, 4, 8, 16) if s % x == 0])),
+        q=draw(st.sampled_from([1, 1, 2, 3])), n_blocks=draw(st.integers(1, 6)),
+        tail_cut=draw(st.integers(0, s - 1)), density=draw(st.sampled_from([0.3, 0.7, 0.99, 1.0])),
+        empty_head=draw(st.booleans()), empty_all=draw(st.integers(0, 9)) == 0,
+        extra_slots=draw(st.integers(0, 3)), permute=draw(st.booleans()),
+        key_scale=draw(st.sampled_from([0.5, 3.0])), new=draw(st.integers(0, 4)) > 0,
+        dtype=draw(st.sampled_from([torch.float32, torch.float32, torch.float16, torch.bfloat16])),
+        scale=draw(st.sampled_from([None, 0.3])),
+    )
+    return make_case(params, draw(st.integers(0, 2**31 - 1)))
+
+
+@settings(max_examples=70, deadline=None)
+@given(cases())
+def test_page_table_attention_is_the_reference_over_each_heads_pages(c):
+    check(c)
+
+
+@settings(max_examples=40, deadline=None)
+@given(cases())
+def test_the_table_names_exactly_each_heads_attended_tokens(c):
+    """Every attended token appears once in its (row, head)'s table, nothing else is valid there, the
+    entries of a (row, head) come first in ascending page order, and padding entries hold in-range
+    (slot, page) and no valid token."""
+    table = build_page_table(c.sel, c.slot_of_fetch, c.token_ok, c.s)
+    b, h, m = table.slots.shape
+    assert table.page_size == c.page and table.valid.shape == (b, h, m, c.page)
+    n_slots = c.k_pool.shape[0]
+    assert bool((table.slots >= 0).all() and (table.slots < max(n_slots, 1)).all())  # 0 for an empty pool
+    assert bool((table.pages >= 0).all() and (table.pages < c.s // c.page).all())
+    fetch = c.sel.fetch.tolist()
+    slot_to_u = {int(sl): i for i, sl in enumerate(c.slot_of_fetch.tolist())}
+    counts = c.sel.pages.sum(-1)
+    for row in range(b):
+        for head in range(h):
+            n_used = int(counts[row, head])
+            assert not bool(table.valid[row, head, n_used:].any())
+            got, prev = [], -1
+            for e in range(n_used):
+                u = slot_to_u[int(table.slots[row, head, e])]
+                assert u == int(table.fetch_pos[row, head, e])
+                page_id = fetch[u] * (c.s // c.page) + int(table.pages[row, head, e])
+                assert page_id > prev and bool(c.sel.pages[row, head, page_id])
+                prev = page_id
+                got += [fetch[u] * c.s + int(table.pages[row, head, e]) * c.page + i
+                        for i in range(c.page) if table.valid[row, head, e, i]]
+            want = [fetch[u] * c.s + i for u in range(c.u) for i in range(c.s) if c.attended[row, head, u, i]]
+            assert sorted(got) == want
+
+
+BASE = dict(b=2, h=2, g=3, d=8, s=8, page=2, q=1, n_blocks=4, tail_cut=3, density=0.7, empty_head=True,
+            empty_all=False, extra_slots=2, permute=True, key_scale=1.0, new=True, dtype=torch.float32, scale=None)
+
+
+@pytest.mark.parametrize("new", [True, False])
+def test_empty_selection_attends_only_the_new_tokens_or_nothing(new):
+    c = make_case({**BASE, "empty_all": True, "new": new, "q": 2}, 1)
+    table, res = check(c)
+    assert c.u == 0 and table.slots.shape[-1] == 1 and not bool(table.valid.any())
+    if new:
+        torch.testing.assert_close(res.new_mass, torch.ones_like(res.new_mass))
+    else:
+        assert not bool(res.output.any()) and not bool(res.new_mass.any()) and not bool(res.block_mass.any())
+
+
+def test_a_budget_covering_the_context_is_dense_attention():
+    """Every page selected: the output is SDPA over all valid context tokens and the new tokens."""
+    c = make_case({**BASE, "density": 1.0, "empty_head": False, "q": 2, "tail_cut": 0, "permute": True}, 4)
+    _, res, mass = through_table(c)
+    b, h, g, q, d, s, u = c.b, c.h, c.g, c.q, c.d, c.s, c.u
+    assert u == c.n_blocks
+    keys = c.k_pool[c.slot_of_fetch].permute(1, 2, 0, 3, 4).reshape(b, h, u * s, d)
+    values = c.v_pool[c.slot_of_fetch].permute(1, 2, 0, 3, 4).reshape(b, h, u * s, d)
+    ok = c.token_ok.reshape(b, 1, u * s)
+    keys, values = keys.nan_to_num(), values.nan_to_num()
+    mask = torch.cat((ok[:, :, None, :].expand(b, h * g, q, u * s), torch.ones(q, q, dtype=torch.bool).tril().expand(b, h * g, q, q)), -1)
+    want = F.scaled_dot_product_attention(c.query, torch.cat((keys, c.nk), 2), torch.cat((values, c.nv), 2),
+                                          attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(res.output, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mass.sum(-1) + res.new_mass, torch.ones(b, h * g))
+
+
+def test_fp32_pools_need_no_conversion_and_results_do_not_depend_on_the_slot_order():
+    c = make_case({**BASE, "permute": False, "extra_slots": 0}, 5)
+    _, res_a, mass_a = through_table(c)
+    perm = torch.randperm(c.k_pool.shape[0], generator=torch.Generator().manual_seed(0))
+    inv = torch.argsort(perm)
+    c2 = SimpleNamespace(**{**c.__dict__, "k_pool": c.k_pool[perm], "v_pool": c.v_pool[perm],
+                            "slot_of_fetch": inv[c.slot_of_fetch]})
+    _, res_b, mass_b = through_table(c2)
+    torch.testing.assert_close(res_a.output, res_b.output, rtol=0, atol=1e-6)
+    torch.testing.assert_close(mass_a, mass_b, rtol=0, atol=1e-7)
+
+
+def test_non_contiguous_pools_give_the_same_result():
+    c = make_case({**BASE, "d": 16}, 6)
+    _, res, mass = through_table(c)
+    wide_k = torch.stack((c.k_pool, c.k_pool), dim=-1)[..., 0]  # same values, strided
+    wide_v = torch.stack((c.v_pool, c.v_pool), dim=-1)[..., 1]
+    c2 = SimpleNamespace(**{**c.__dict__, "k_pool": wide_k, "v_pool": wide_v})
+    assert not wide_k.is_contiguous()
+    _, res2, mass2 = through_table(c2)
+    torch.testing.assert_close(res2.output, res.output, rtol=0, atol=1e-6)
+    torch.testing.assert_close(mass2, mass, rtol=0, atol=1e-7)
+
+
+def test_bad_shapes_are_refused_with_clear_errors():
+    c = make_case(BASE, 7)
+    table = build_page_table(c.sel, c.slot_of_fetch, c.token_ok, c.s)
+    run = lambda **kw: page_table_attention(**{"query": c.query, "k_pool": c.k_pool, "v_pool": c.v_pool,  # noqa: E731
+                                               "table": table, "new_keys": c.nk, "new_values": c.nv, **kw})
+    with pytest.raises(ValueError, match="does not match the pools"):
+        run(query=c.query[..., :4])
+    with pytest.raises(ValueError, match="does not match the pools"):
+        run(v_pool=c.v_pool[:-1])
+    with pytest.raises(ValueError, match="does not match the pools"):
+        run(query=c.query[:, :5])  # Hq not a multiple of H
+    with pytest.raises(ValueError, match="pool"):
+        run(k_pool=c.k_pool[0])
+    with pytest.raises(ValueError, match="page table"):
+        run(table=PageTable(table.slots[:1], table.pages[:1], table.valid[:1], table.fetch_pos[:1], table.page_size))
+    with pytest.raises(ValueError, match="page table"):
+        run(table=PageTable(table.slots, table.pages, table.valid[..., :1], table.fetch_pos, table.page_size))
+    with pytest.raises(ValueError, match="page_size"):
+        run(table=PageTable(table.slots, table.pages, table.valid, table.fetch_pos, 3))
+    with pytest.raises(ValueError, match="new_keys"):
+        run(new_values=None)
+    with pytest.raises(ValueError, match="new_keys"):
+        run(new_keys=c.nk[:, :, :0], new_values=c.nv[:, :, :0])
+    with pytest.raises(ValueError, match="slot_of_fetch"):
+        build_page_table(c.sel, c.slot_of_fetch[:-1], c.token_ok, c.s)
+    with pytest.raises(ValueError, match="token_ok"):
+        build_page_table(c.sel, c.slot_of_fetch, c.token_ok[:, :, :-1], c.s)
+    with pytest.raises(ValueError, match="block_size"):
+        build_page_table(c.sel, c.slot_of_fetch, c.token_ok, c.s + 1)
+    with pytest.raises(ValueError, match="entry_mass"):
+        entry_mass_to_blocks(torch.zeros(c.b, c.h * c.g, table.slots.shape[-1] + 1), table, c.u)
