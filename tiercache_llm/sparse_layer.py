@@ -351,12 +351,22 @@ def attend_selected(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
 
     ``k_pool`` / ``v_pool``: ``(N, B, H, block_size, D)`` slots; ``slot_of_fetch``: ``(U,)`` slot of each
     block of ``sel.fetch``; ``valid``: ``(B, >= ctx)`` token validity (padding); ``ctx``: context tokens
-    before the new one.  ``backend``: ``"pages"`` (the page-table path of :mod:`.sparse.page_table`:
-    exactly each head's pages), ``"triton"`` (the block-table kernel over each head's blocks with a
-    token mask; compiled on CUDA, interpreted on CPU under ``TRITON_INTERPRET=1``), or ``"auto"``
-    (Triton on CUDA where it is usable, pages otherwise).  Returns block masses in ``sel.fetch`` order."""
-    if backend not in ("auto", "pages", "triton"):
-        raise ValueError(f"backend must be 'auto', 'pages' or 'triton', got {backend!r}")
+    before the new one.  ``backend``:
+
+    - ``"pages"``: the page table of :mod:`.sparse.page_table`, torch path (exactly each head's pages,
+      one gather and two matmuls per (row, head));
+    - ``"pages-triton"``: the same page table through the Triton page-table kernel
+      (``tiercache_kernels.page_attention``: pages read in place from the pool);
+    - ``"blocks-triton"`` (old name ``"triton"``): the block-table kernel over each head's blocks of the
+      union with a token mask (``tiercache_kernels.block_attention``);
+    - ``"auto"``: ``"pages-triton"`` on CUDA where compiled Triton is usable, ``"pages"`` otherwise.
+
+    The Triton backends run compiled on CUDA, interpreted on CPU under ``TRITON_INTERPRET=1``.  Returns
+    block masses in ``sel.fetch`` order."""
+    if backend == "triton":
+        backend = "blocks-triton"
+    if backend not in ("auto", "pages", "pages-triton", "blocks-triton"):
+        raise ValueError(f"backend must be 'auto', 'pages', 'pages-triton' or 'blocks-triton' ('triton'), got {backend!r}")
     dev = valid.device
     fetch_t = sel.fetch.to(dev)
     pos = fetch_t.view(-1, 1) * block_size + torch.arange(block_size, device=dev)
@@ -366,8 +376,8 @@ def attend_selected(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
         if query.is_cuda:
             from tiercache_kernels.triton_support import compiled_triton_usable
 
-            backend = "triton" if compiled_triton_usable(query.device) else "pages"
-    if backend == "triton":
+            backend = "pages-triton" if compiled_triton_usable(query.device) else "pages"
+    if backend == "blocks-triton":
         kbuf = k_pool.index_select(0, slot_of_fetch.to(k_pool.device))
         vbuf = v_pool.index_select(0, slot_of_fetch.to(v_pool.device))
         pages = sel.token_mask(block_size)
@@ -376,7 +386,8 @@ def attend_selected(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
                                 sel.fetch_head_mask.to(kbuf.device), token_valid, k_new, v_new, scale=scaling,
                                 backend="triton")
     table = build_page_table(sel, slot_of_fetch, token_ok, block_size)
-    res = page_table_attention(query, k_pool, v_pool, table, k_new, v_new, scale=scaling)
+    res = page_table_attention(query, k_pool, v_pool, table, k_new, v_new, scale=scaling,
+                               backend="triton" if backend == "pages-triton" else "torch")
     return SparseAttentionOutput(res.output, entry_mass_to_blocks(res.block_mass, table, int(fetch_t.numel())),
                                  res.new_mass)
 

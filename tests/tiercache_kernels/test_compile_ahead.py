@@ -1,4 +1,4 @@
-"""Both Triton kernels compile for an H100 (sm_90) down to a cubin, without a GPU: catches compile-time
+"""The Triton kernels compile for an H100 (sm_90) down to a cubin, without a GPU: catches compile-time
 errors (types, tl.dot shapes, loop-carried values) on CPU-only machines.  Runtime correctness on a GPU is
 the ``gpu``-marked tests' job."""
 
@@ -21,6 +21,7 @@ SCRIPT = textwrap.dedent("""
     from triton.runtime.jit import JITFunction
     from tiercache_kernels._block_attention_triton import block_attention_kernel
     from tiercache_kernels._block_scores_triton import block_scores_kernel
+    from tiercache_kernels._page_attention_triton import page_attention_kernel
 
     def build(body, types, consts):
         fn = JITFunction(body)
@@ -33,6 +34,12 @@ SCRIPT = textwrap.dedent("""
                  "len_ptr": "*i32", "acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "lse_ptr": "*fp32",
                  "scale": "fp32"}
         build(block_attention_kernel.fn, types, {"BLOCK_G": 16, "BLOCK_S": 64, "BLOCK_D": 64})
+    for dt, page in (("fp32", 8), ("bf16", 1)):
+        types = {"q_ptr": "*" + dt, "k_ptr": "*" + dt, "v_ptr": "*" + dt, "slot_ptr": "*i64", "page_ptr": "*i64",
+                 "valid_ptr": "*u8", "cnt_ptr": "*i64", "acc_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32",
+                 "lse_ptr": "*fp32", "scale": "fp32"}
+        build(page_attention_kernel.fn, types, {"BLOCK_G": 16, "BLOCK_E": max(1, 64 // page), "BLOCK_P": page,
+                                                "BLOCK_D": 64})
     types = {"q_ptr": "*fp16", "lo_ptr": "*fp16", "hi_ptr": "*fp16", "cnt_ptr": "*i64", "out_ptr": "*fp32"}
     build(block_scores_kernel.fn, types, {"IS_MAX": True, "BLOCK_N": 64, "BLOCK_D": 64})
     print("compiled")

@@ -114,10 +114,12 @@ def test_bad_backend_and_shapes_are_refused():
         sparse_attention(*args[:5], args[5], None, backend="triton")
 
 
-def test_sparse_decode_of_a_real_model_through_the_kernel(monkeypatch):
+@pytest.mark.parametrize("backend", ["blocks-triton", "pages-triton"])
+def test_sparse_decode_of_a_real_model_through_the_kernel(monkeypatch, backend):
     """transformers generate() with a sparse TieredKVCache (left-padded batch, GQA 2:1, a budget below the
     context so heads select different blocks, the tail block partial): the attention of every decode
-    step run by the Triton kernel (interpreted) gives the torch path's scores and tokens."""
+    step run by a Triton kernel (interpreted; the block-table kernel, or the page-table kernel) gives
+    the torch page-table path's scores and tokens."""
     pytest.importorskip("triton")
     from tiercache_kernels.triton_support import interpreter_active
 
@@ -155,7 +157,7 @@ def test_sparse_decode_of_a_real_model_through_the_kernel(monkeypatch):
 
     def through_kernel(*args, **kwargs):
         calls.append(1)
-        return original(*args, **{**kwargs, "backend": "triton"})
+        return original(*args, **{**kwargs, "backend": backend})
 
     monkeypatch.setattr(sparse_layer, "attend_selected", through_kernel)
     got, _ = run()

@@ -48,6 +48,8 @@ class PageTable:
         fetch_pos: ``(B, H, M)`` int64 position of the entry's block in the selection's ``fetch`` order
             (``u``), for folding entry masses back onto blocks.
         page_size: tokens per page.
+        counts: ``(B, H)`` int64 used entries per (row, KV head) (the first ``counts`` entries; the rest
+            are padding), or ``None``: then every entry may be used.  Kernels skip the padding with it.
     """
 
     slots: torch.Tensor
@@ -55,6 +57,7 @@ class PageTable:
     valid: torch.Tensor
     fetch_pos: torch.Tensor
     page_size: int
+    counts: torch.Tensor | None = None
 
 
 def build_page_table(sel: "BlockSelection", slot_of_fetch: torch.Tensor, token_ok: torch.Tensor,
@@ -100,20 +103,37 @@ def build_page_table(sel: "BlockSelection", slot_of_fetch: torch.Tensor, token_o
     ok = token_ok.view(b, -1, k, page_size) if fetch.numel() else torch.zeros(b, 1, k, page_size, dtype=torch.bool, device=dev)
     rows = torch.arange(b, device=dev).view(b, 1, 1)
     valid = ok[rows, fetch_pos, page] & used.unsqueeze(-1)
-    return PageTable(slots, page, valid, fetch_pos, page_size)
+    return PageTable(slots, page, valid, fetch_pos, page_size, counts)
 
 
 def page_table_attention(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: PageTable,
                          new_keys: torch.Tensor | None = None, new_values: torch.Tensor | None = None, *,
-                         scale: float | None = None) -> SparseAttentionOutput:
+                         scale: float | None = None, backend: str = "auto",
+                         num_splits: int | None = None) -> SparseAttentionOutput:
     """Attention of ``query`` ``(B, Hq, Q, D)`` over ``table``'s pages of the pool and the new tokens
     ``(B, H, Q, D)``.  Returns :class:`~.attention.SparseAttentionOutput` whose ``block_mass`` is
     ``(B, Hq, M)``: the mass of each *table entry* (fold it onto blocks with
     :func:`entry_mass_to_blocks`).
 
+    ``backend``: ``"torch"`` (below), ``"triton"`` (``tiercache_kernels.page_attention``: the pages read in
+    place; compiled on CUDA, interpreted on CPU under ``TRITON_INTERPRET=1``), or ``"auto"`` (compiled
+    Triton for CUDA tensors where it is usable, torch otherwise).  ``num_splits``: Triton only, programs
+    per (row, KV head) (default: enough to fill the GPU).
+
     Torch path: one gather of the attended pages per (row, head) (``B * H * M * page_size * D`` elements
     for K and for V), then one score and one value matmul per (row, KV head) over all of them."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     b, hq, q, d, h, m = check_page_table_args(query, k_pool, v_pool, table, new_keys, new_values)
+    if backend == "auto":
+        backend = "torch"
+        if query.is_cuda:
+            from tiercache_kernels.triton_support import compiled_triton_usable
+
+            backend = "triton" if compiled_triton_usable(query.device) else "torch"
+    if backend == "triton":
+        return _page_table_attention_triton(query, k_pool, v_pool, table, new_keys, new_values, scale=scale,
+                                            num_splits=num_splits)
     ps = table.page_size
     g = hq // h
     gq = g * q
@@ -159,6 +179,45 @@ def page_table_attention(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
     return SparseAttentionOutput(output, mass, new_mass)
 
 
+def _page_table_attention_triton(query, k_pool, v_pool, table: PageTable, new_keys, new_values, *, scale,
+                                 num_splits) -> SparseAttentionOutput:
+    """:func:`page_table_attention` through the Triton kernel; the new tokens (causal) are one more
+    partial softmax state, computed with torch and merged with the kernel's splits (as
+    ``attention._sparse_attention_triton`` does)."""
+    from tiercache_kernels.block_attention import entry_mass, merge_partials
+    from tiercache_kernels.page_attention import page_attention_partials
+
+    b, hq, q, d = query.shape
+    h, m = table.slots.shape[1], table.slots.shape[2]
+    g = hq // h
+    gq = g * q
+    scale = d ** -0.5 if scale is None else float(scale)
+    dev = query.device
+    counts = table.counts if table.counts is not None else torch.full((b, h), m, dtype=torch.long, device=dev)
+    # Query positions of a group are extra query rows: (B, Hq, Q, D) -> (B, Hq * Q, D), G' = G * Q.
+    parts = page_attention_partials(query.reshape(b, hq * q, d), k_pool, v_pool, table.slots, table.pages,
+                                    table.valid, counts, scale=scale, num_splits=num_splits)
+    acc, m_part, l_part = parts.acc, parts.m, parts.l  # (B, Hq * Q, K, ...)
+    if new_keys is not None:
+        qf = query.float().reshape(b, h, gq, d) * scale
+        new = _new_token_scores(qf, new_keys, g)  # (B, H, G * Q, Q)
+        top = new.amax(dim=-1)  # finite: position i always sees new token i
+        e = torch.exp(new - top.unsqueeze(-1))
+        acc_new = (e.view(b, h, g, q, q) @ new_values.float().unsqueeze(2)).reshape(b, hq * q, 1, d)
+        acc = torch.cat((acc, acc_new), dim=2)
+        m_part = torch.cat((m_part, top.reshape(b, hq * q, 1)), dim=2)
+        l_part = torch.cat((l_part, e.sum(-1).reshape(b, hq * q, 1)), dim=2)
+    out, lse_total, attended = merge_partials(acc, m_part, l_part)
+    mass = entry_mass(parts.lse, lse_total, attended).view(b, hq, q, m).mean(dim=2)
+    if new_keys is not None:
+        new_mass = torch.where(attended, torch.exp(m_part[..., -1] - torch.where(attended, lse_total, 0.0))
+                               * l_part[..., -1], 0.0)
+        new_mass = new_mass.view(b, hq, q).mean(dim=2)
+    else:
+        new_mass = torch.zeros(b, hq, device=dev)
+    return SparseAttentionOutput(out.view(b, hq, q, d).to(query.dtype), mass, new_mass)
+
+
 def check_page_table_args(query, k_pool, v_pool, table: PageTable, new_keys, new_values):
     """Validate :func:`page_table_attention`'s arguments (shapes only, no host synchronisation);
     returns ``(B, Hq, Q, D, H, M)``."""
@@ -174,6 +233,8 @@ def check_page_table_args(query, k_pool, v_pool, table: PageTable, new_keys, new
         raise ValueError(f"the table's page_size ({ps}) must divide the pool's block size ({s})")
     m = table.slots.shape[-1] if table.slots.dim() == 3 else -1
     shapes = (tuple(table.slots.shape), tuple(table.pages.shape), tuple(table.fetch_pos.shape))
+    if table.counts is not None and tuple(table.counts.shape) != (b, h):
+        raise ValueError(f"page table counts must be (B, H) = {(b, h)}, got {tuple(table.counts.shape)}")
     if shapes != ((b, h, m),) * 3 or tuple(table.valid.shape) != (b, h, m, ps) or table.valid.dtype != torch.bool:
         raise ValueError(f"page table slots/pages/fetch_pos {shapes}, valid {table.valid.dtype} "
                          f"{tuple(table.valid.shape)} does not match B={b}, H={h}, page_size={ps}")
