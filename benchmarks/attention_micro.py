@@ -12,8 +12,9 @@ sink page and the recent pages; each head's page count differs (budget x U(0.85,
 left-padded by 100 tokens and the last block is partial.  The pool is the fetch buffer
 ``(U, B, H, S, D)`` with the identity slot map (what ``SparseLayerState.decode`` passes today).
 
-Timed, interleaved in one process (each rep runs every path once, in turn), medians of wall time and
-of process CPU time:
+Timed, interleaved in one process (each rep runs every path once, in turn), medians of wall time, of
+process CPU time (robust on a shared machine: waits for a core are not counted) and of minor page
+faults per call (fresh multi-MB temporaries are faulted in again on every call):
 
 - ``reference``: what decode ran before the page table: the token mask of the selection and
   ``sparse_attention_reference`` over the union of fetched blocks (every head computes over every
@@ -24,6 +25,9 @@ of process CPU time:
 - ``pages@REV`` with ``--baseline-rev``: the same path with ``tiercache_llm/sparse/page_table.py`` of a
   git revision.
 
+The ``pages`` paths are also timed *alone* (consecutive calls of one path, as a decode loop calls it):
+interleaved, a path can reuse the memory the reference just freed, alone it cannot.
+
 Each config also checks that ``pages`` gives the reference's output and block masses.  Writes
 ``attention_micro.json`` and ``attention_micro.md`` under ``--out``.
 """
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -136,16 +141,20 @@ def measure(paths: dict[str, Callable], x: dict[str, Any], reps: int, budget_s: 
         f(x)
     wall: dict[str, list[float]] = {k: [] for k in paths}
     cpu: dict[str, list[float]] = {k: [] for k in paths}
+    faults: dict[str, list[float]] = {k: [] for k in paths}
     deadline = time.monotonic() + budget_s
     for i in range(reps):
         for name, f in paths.items():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             c0, t0 = time.process_time(), time.perf_counter()
             f(x)
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
         if i >= 4 and time.monotonic() > deadline:
             break
-    return {k: {"wall_ms": 1e3 * median(wall[k]), "cpu_ms": 1e3 * median(cpu[k]), "reps": len(wall[k])} for k in paths}
+    return {k: {"wall_ms": 1e3 * median(wall[k]), "cpu_ms": 1e3 * median(cpu[k]), "page_faults": median(faults[k]),
+                "reps": len(wall[k])} for k in paths}
 
 
 def run(quick: bool, baseline_rev: str | None) -> dict[str, Any]:
@@ -168,15 +177,19 @@ def run(quick: bool, baseline_rev: str | None) -> dict[str, Any]:
                 for n in threads:
                     with torch_threads(n):
                         t = measure(paths, x, reps=5 if quick else 15, budget_s=1.0 if quick else 2.5)
+                        alone = {k: measure({k: f}, x, reps=5 if quick else 9, budget_s=0.5 if quick else 1.0)[k]
+                                 for k, f in paths.items() if k.startswith("pages")}
                     row = {"context": context, "batch": batch, "budget": budget, "threads": n, "fetched_blocks": x["u"],
                            "tokens_attended_per_head": x["tokens"] / (batch * H), "max_abs_diff": err,
-                           "max_mass_diff": mass_err, "timings": t,
+                           "max_mass_diff": mass_err, "timings": t, "alone": alone,
                            "speedup_wall": t["reference"]["wall_ms"] / t["pages"]["wall_ms"],
                            "speedup_cpu": t["reference"]["cpu_ms"] / t["pages"]["cpu_ms"]}
                     rows.append(row)
                     print(f"ctx {context} b {batch} budget {budget:.4f} threads {n}: " + ", ".join(
-                        f"{k} {v['wall_ms']:.2f} ms ({v['cpu_ms']:.2f} cpu)" for k, v in t.items())
-                        + f"  x{row['speedup_wall']:.1f}", flush=True)
+                        f"{k} {v['wall_ms']:.2f} ms ({v['cpu_ms']:.2f} cpu, {v['page_faults']:.0f} faults)" for k, v in t.items())
+                        + f"  x{row['speedup_wall']:.1f}; alone: " + ", ".join(
+                        f"{k} {v['wall_ms']:.2f} ms ({v['cpu_ms']:.2f} cpu, {v['page_faults']:.0f} faults)"
+                        for k, v in alone.items()), flush=True)
     return {"benchmark": "attention_micro", "shape": {"query_heads": HQ, "kv_heads": H, "head_dim": D,
                                                       "block_size": S, "page_size": PAGE, "dtype": "float32"},
             "rows": rows, "runtime_seconds": time.monotonic() - start, "machine": machine_meta()}
@@ -184,18 +197,23 @@ def run(quick: bool, baseline_rev: str | None) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     names = list(result["rows"][0]["timings"]) if result["rows"] else []
+    alone = list(result["rows"][0]["alone"]) if result["rows"] else []
     lines = ["# Sparse decode attention alone, one layer (CPU)", "",
              f"Command: `{' '.join(result['machine']['argv'])}`; load average at the end "
              f"{result['machine'].get('load_average')}; {result['runtime_seconds']:.0f} s.", "",
              "Median wall ms per call (process CPU ms in brackets), interleaved in one process; `reference` = "
              "block-union `sparse_attention_reference`, `pages` = `attend_selected(backend=\"pages\")` "
              "(table build included), `table` = `build_page_table` alone.", "",
-             "| context | batch | budget | threads | blocks | " + " | ".join(names) + " | speed-up (wall / cpu) |",
-             "|---|---|---|---|---|" + "---|" * len(names) + "---|"]
+             "Last columns: the page paths alone (consecutive calls), wall ms (cpu ms) [minor page faults per call].", "",
+             "| context | batch | budget | threads | blocks | " + " | ".join(names) + " | speed-up (wall / cpu) | "
+             + " | ".join(f"{k} alone" for k in alone) + " |",
+             "|---|---|---|---|---|" + "---|" * (len(names) + 1 + len(alone))]
     for r in result["rows"]:
         cells = " | ".join(f"{r['timings'][k]['wall_ms']:.2f} ({r['timings'][k]['cpu_ms']:.2f})" for k in names)
         lines.append(f"| {r['context']} | {r['batch']} | {r['budget'] * 100:g}% | {r['threads']} | {r['fetched_blocks']} | "
-                     f"{cells} | {r['speedup_wall']:.1f}x / {r['speedup_cpu']:.1f}x |")
+                     f"{cells} | {r['speedup_wall']:.1f}x / {r['speedup_cpu']:.1f}x | " + " | ".join(
+                         f"{r['alone'][k]['wall_ms']:.2f} ({r['alone'][k]['cpu_ms']:.2f}) [{r['alone'][k]['page_faults']:.0f}]"
+                         for k in alone) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -331,47 +331,79 @@ def dry_run(s: Settings, gpu_free: float = 62 * GiB, host: float = 120 * GiB, di
 
 
 def attention_microbench(s: Settings, device: torch.device, repeats: int = 20) -> list[dict[str, Any]]:
-    """``sparse_attention`` alone at this config's decode shapes (one layer): the torch reference and, on
-    CUDA, the Triton kernel; the blocks laid out as the fetch stage hands them over (``(U, B, H, S, D)``
-    permuted), ``U`` = twice the blocks one head selects (the union over heads is larger than one
-    selection), 70 % of them selected per head.  Median ms per call (CUDA events around each call)."""
+    """Sparse decode attention alone at this config's decode shapes (one layer), every path on the same
+    inputs: ``U`` = twice the blocks one head selects (the union over heads is larger than one
+    selection), 70 % of them selected per head, in each selected block 60 % of its 8-token pages (at
+    least one); the pool is the fetch buffer ``(U, B, H, S, D)``.  Paths: ``torch`` / ``triton``:
+    ``sparse_attention`` over the union of blocks with a token mask (reference; block-table kernel);
+    ``pages`` / ``pages_triton``: ``attend_selected(backend="pages" / "pages-triton")`` (page table
+    built per call; torch path; Triton page-table kernel reading pages in place).  Triton paths on CUDA
+    only.  Median ms per call (synchronised around each call)."""
+    import math as _math
+
     from tiercache_llm.sparse.attention import sparse_attention
+    from tiercache_llm.sparse.selection import BlockSelection
+    from tiercache_llm.sparse_layer import attend_selected
 
     sh, dtype = s.shape, getattr(torch, s.dtype)
-    backends = ["torch"]
+    triton_ok = False
     if device.type == "cuda":
         from tiercache_kernels.triton_support import compiled_triton_usable
 
-        if compiled_triton_usable(device):
-            backends.append("triton")
+        triton_ok = compiled_triton_usable(device)
     out = []
     for b in s.batches:
         u = max(1, 2 * s.budget // s.block_size)
+        k = s.block_size // _math.gcd(s.block_size, 8)
         gen = torch.Generator(device=device).manual_seed(b)
         kb = torch.randn(u, b, sh.kv_heads, s.block_size, sh.head_dim, generator=gen, device=device, dtype=dtype)
         vb = torch.randn_like(kb)
         q = torch.randn(b, sh.heads, 1, sh.head_dim, generator=gen, device=device, dtype=dtype)
         mask = torch.rand(b, sh.kv_heads, u, generator=gen, device=device) < 0.7
-        valid = torch.ones(b, u, s.block_size, dtype=torch.bool, device=device)
-        valid[:, -1, s.block_size // 2:] = False
+        pages = (torch.rand(b, sh.kv_heads, u, k, generator=gen, device=device) < 0.6)
+        pages[..., 0] |= ~pages.any(-1)
+        pm = (pages & mask.unsqueeze(-1)).view(b, sh.kv_heads, u * k)
+        sel = BlockSelection(mask, mask.any(1), torch.arange(u, device=device), torch.zeros(b, sh.kv_heads, u * k, device=device),
+                             torch.zeros(b, dtype=torch.long, device=device), pm, k)
+        ctx = u * s.block_size - s.block_size // 2  # the last block half full
+        valid = torch.ones(b, ctx, dtype=torch.bool, device=device)
+        pos = torch.arange(u * s.block_size, device=device).view(u, s.block_size)
+        token_valid = (pos < ctx).unsqueeze(0).unsqueeze(0) & sel.token_mask(s.block_size)
         nk = torch.randn(b, sh.kv_heads, 1, sh.head_dim, generator=gen, device=device, dtype=dtype)
-        args = (q, kb.permute(1, 2, 0, 3, 4), vb.permute(1, 2, 0, 3, 4), mask, valid, nk, torch.randn_like(nk))
-        row: dict[str, Any] = {"batch": b, "blocks": u, "block_size": s.block_size}
+        nv = torch.randn_like(nk)
+        slots = torch.arange(u, device=device)
+        paths = {
+            "torch": lambda: sparse_attention(q, kb.permute(1, 2, 0, 3, 4), vb.permute(1, 2, 0, 3, 4), mask, token_valid,
+                                              nk, nv, backend="torch"),
+            "pages": lambda: attend_selected(q, kb, vb, slots, sel, valid, ctx, s.block_size, nk, nv, None, backend="pages"),
+        }
+        if triton_ok:
+            paths["triton"] = lambda: sparse_attention(q, kb.permute(1, 2, 0, 3, 4), vb.permute(1, 2, 0, 3, 4), mask,
+                                                       token_valid, nk, nv, backend="triton")
+            paths["pages_triton"] = lambda: attend_selected(q, kb, vb, slots, sel, valid, ctx, s.block_size, nk, nv, None,
+                                                            backend="pages-triton")
+        row: dict[str, Any] = {"batch": b, "blocks": u, "block_size": s.block_size, "page_size": s.block_size // k}
+        times: dict[str, list[float]] = {name: [] for name in paths}
         results = {}
-        for backend in backends:
-            times = []
-            for i in range(repeats + 2):
+        for i in range(repeats + 2):
+            for name, f in paths.items():  # interleaved
                 _sync(device)
                 t0 = time.perf_counter()
-                res = sparse_attention(*args, backend=backend)
+                res = f()
                 _sync(device)
                 if i >= 2:
-                    times.append(time.perf_counter() - t0)
-            row[f"{backend}_ms"] = 1e3 * median(times)
-            results[backend] = res
-        if "triton" in results:
-            row["max_abs_diff"] = float((results["triton"].output.float() - results["torch"].output.float()).abs().max())
-            row["speedup"] = row["torch_ms"] / row["triton_ms"]
+                    times[name].append(time.perf_counter() - t0)
+                results[name] = res
+        for name in paths:
+            row[f"{name}_ms"] = 1e3 * median(times[name])
+        ref = results["torch"]
+        for name in paths:
+            if name != "torch":
+                key = "max_abs_diff" if name == "triton" else f"{name}_max_abs_diff"
+                row[key] = float((results[name].output.float() - ref.output.float()).abs().max())
+                row[f"{name}_speedup"] = row["torch_ms"] / row[f"{name}_ms"]
+        if "triton" in paths:
+            row["speedup"] = row.pop("triton_speedup")
         out.append(row)
     return out
 
@@ -547,14 +579,19 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {c['context']} | {c['batch']} | {c['system']} | {c['tiers']} | {r['kv_bytes'] / GiB:.2f} | "
                          f"- | - | - | - | {r['status']}: {r.get('reason', '')} |")
     if result.get("attention_microbench"):
-        lines += ["", "Sparse attention alone, one layer (`sparse_attention`, median ms per call; blocks as fetched):", "",
-                  "| batch | blocks | torch ms | triton ms | speed-up | max abs diff |", "|---|---|---|---|---|---|"]
+        lines += ["", "Sparse attention alone, one layer (median ms per call; `torch` / `triton`: union of blocks "
+                  "with a token mask, reference / block-table kernel; `pages` / `pages triton`: page table, torch "
+                  "path / page-table kernel):", "",
+                  "| batch | blocks | torch ms | triton ms | pages ms | pages triton ms | best speed-up | max abs diff |",
+                  "|---|---|---|---|---|---|---|---|"]
         for row in result["attention_microbench"]:
-            tri = row.get("triton_ms")
-            triton_cell = "-" if tri is None else f"{tri:.3f}"
-            speed_cell = "-" if tri is None else f"{row['speedup']:.1f}x"
-            diff_cell = "-" if tri is None else f"{row['max_abs_diff']:.1e}"
-            lines.append(f"| {row['batch']} | {row['blocks']} | {row['torch_ms']:.3f} | {triton_cell} | {speed_cell} | {diff_cell} |")
+            cell = lambda key: "-" if row.get(key) is None else f"{row[key]:.3f}"  # noqa: E731
+            others = [row[k] for k in ("triton_ms", "pages_ms", "pages_triton_ms") if row.get(k)]
+            best = row["torch_ms"] / min(others) if others else None
+            diffs = [row[k] for k in ("max_abs_diff", "pages_max_abs_diff", "pages_triton_max_abs_diff") if k in row]
+            lines.append(f"| {row['batch']} | {row['blocks']} | {row['torch_ms']:.3f} | {cell('triton_ms')} | "
+                         f"{cell('pages_ms')} | {cell('pages_triton_ms')} | {'-' if best is None else f'{best:.1f}x'} | "
+                         f"{'-' if not diffs else f'{max(diffs):.1e}'} |")
     return "\n".join(lines) + "\n"
 
 

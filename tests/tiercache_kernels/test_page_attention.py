@@ -79,8 +79,7 @@ def _check(args, splits, dtype):
     return got
 
 
-@pytest.mark.parametrize("seed", range(2))
-@pytest.mark.parametrize("g", [1, 3, 4])
+@pytest.mark.parametrize("seed,g", [(0, 1), (1, 3), (2, 4), (3, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_page_kernel_matches_the_torch_path(device, seed, g, dtype):
     args, splits = _case(seed, dtype, device, g=g)

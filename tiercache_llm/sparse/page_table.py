@@ -84,25 +84,33 @@ def build_page_table(sel: "BlockSelection", slot_of_fetch: torch.Tensor, token_o
         raise ValueError(f"slot_of_fetch must be ({u},) (one slot per fetched block), got {tuple(slot_of_fetch.shape)}")
     if tuple(token_ok.shape) != (b, u, block_size):
         raise ValueError(f"token_ok must be (B, U, block_size) = {(b, u, block_size)}, got {tuple(token_ok.shape)}")
-    counts = pm.sum(dim=-1)
+    # Entry e of (row, head) is its e-th selected page: scatter each selected page to its rank (a cumsum),
+    # unselected ones to a dump column past M (cheaper than a sort).
+    rank = pm.cumsum(dim=-1)
+    counts = rank[..., -1] if p else torch.zeros(b, h, dtype=torch.long, device=dev)
     m = max(1, int(counts.max())) if counts.numel() else 1
-    order = torch.argsort((~pm).to(torch.int8), dim=-1, stable=True)[..., :m]  # selected pages first, ascending
-    if order.shape[-1] < m:
-        order = torch.nn.functional.pad(order, (0, m - order.shape[-1]))
+    order = torch.zeros(b, h, m + 1, dtype=torch.long, device=dev)
+    if p:
+        order.scatter_(2, torch.where(pm, rank - 1, m), torch.arange(p, device=dev).expand(b, h, p))
+    order = order[..., :m]  # padding entries: page 0 (in range)
     used = torch.arange(m, device=dev) < counts.unsqueeze(-1)  # (B, H, M)
     block = torch.div(order, k, rounding_mode="floor")
     page = order - block * k
     n_blocks = int(sel.head_mask.shape[-1])
     fetch = sel.fetch.to(dev)
     u_of_block = torch.zeros(max(n_blocks, 1), dtype=torch.long, device=dev)
-    u_of_block[fetch] = torch.arange(fetch.numel(), device=dev)
+    u_of_block[fetch] = torch.arange(u, device=dev)
     fetch_pos = torch.where(used, u_of_block[block.clamp(max=max(n_blocks - 1, 0))], 0)
-    slots = slot_of_fetch.to(dev)[fetch_pos] if fetch.numel() else torch.zeros_like(fetch_pos)
     page = torch.where(used, page, 0)
-    # Token validity of each entry: (B, U, S) -> (B, U, k, page_size) gathered at (fetch_pos, page).
-    ok = token_ok.view(b, -1, k, page_size) if fetch.numel() else torch.zeros(b, 1, k, page_size, dtype=torch.bool, device=dev)
-    rows = torch.arange(b, device=dev).view(b, 1, 1)
-    valid = ok[rows, fetch_pos, page] & used.unsqueeze(-1)
+    if u:
+        slots = slot_of_fetch.to(dev)[fetch_pos]
+        # Token validity of each entry: rows (b, u, page) of token_ok viewed as (B * U * k, page_size).
+        flat = (torch.arange(b, device=dev).view(b, 1, 1) * u + fetch_pos) * k + page
+        valid = token_ok.reshape(b * u * k, page_size).index_select(0, flat.view(-1)).view(b, h, m, page_size)
+        valid &= used.unsqueeze(-1)
+    else:
+        slots = torch.zeros_like(fetch_pos)
+        valid = torch.zeros(b, h, m, page_size, dtype=torch.bool, device=dev)
     return PageTable(slots, page, valid, fetch_pos, page_size, counts)
 
 

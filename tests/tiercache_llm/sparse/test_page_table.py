@@ -143,13 +143,13 @@ def cases(draw):
     return make_case(params, draw(st.integers(0, 2**31 - 1)))
 
 
-@settings(max_examples=70, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(cases())
 def test_page_table_attention_is_the_reference_over_each_heads_pages(c):
     check(c)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(cases())
 def test_the_table_names_exactly_each_heads_attended_tokens(c):
     """Every attended token appears once in its (row, head)'s table, nothing else is valid there, the
