@@ -339,8 +339,6 @@ def attention_microbench(s: Settings, device: torch.device, repeats: int = 20) -
     ``pages`` / ``pages_triton``: ``attend_selected(backend="pages" / "pages-triton")`` (page table
     built per call; torch path; Triton page-table kernel reading pages in place).  Triton paths on CUDA
     only.  Median ms per call (synchronised around each call)."""
-    import math as _math
-
     from tiercache_llm.sparse.attention import sparse_attention
     from tiercache_llm.sparse.selection import BlockSelection
     from tiercache_llm.sparse_layer import attend_selected
@@ -354,7 +352,7 @@ def attention_microbench(s: Settings, device: torch.device, repeats: int = 20) -
     out = []
     for b in s.batches:
         u = max(1, 2 * s.budget // s.block_size)
-        k = s.block_size // _math.gcd(s.block_size, 8)
+        k = s.block_size // math.gcd(s.block_size, 8)
         gen = torch.Generator(device=device).manual_seed(b)
         kb = torch.randn(u, b, sh.kv_heads, s.block_size, sh.head_dim, generator=gen, device=device, dtype=dtype)
         vb = torch.randn_like(kb)

@@ -9,8 +9,8 @@ per (row ``b``, KV head ``h``), ``M`` entries ``(slot, page)``; entry ``m`` cont
 fewer pages than ``M`` pad with any in-range ``(slot, page)`` (slot 0 when the pool is empty) and
 all-``False`` validity.
 
-Contract of :func:`page_table_attention` (the torch path here; a Triton kernel may implement the same
-contract on CUDA): exactly dense softmax attention over the attended tokens plus the new tokens (causal
+Contract of :func:`page_table_attention` (two implementations: the torch path here, and the Triton
+kernel ``tiercache_kernels.page_attention`` that reads the pages in place, the default on CUDA): exactly dense softmax attention over the attended tokens plus the new tokens (causal
 among themselves), in float32; hidden tokens may hold any bytes (NaN included) and never reach the
 output; a (row, head) with nothing to attend and no new tokens gets zeros.  Also returns the softmax
 mass per table entry (the signal of attention-aware placement).
@@ -49,7 +49,8 @@ class PageTable:
             (``u``), for folding entry masses back onto blocks.
         page_size: tokens per page.
         counts: ``(B, H)`` int64 used entries per (row, KV head) (the first ``counts`` entries; the rest
-            are padding), or ``None``: then every entry may be used.  Kernels skip the padding with it.
+            are padding and must have all-``False`` validity), or ``None``: then every entry may be used.
+            The Triton kernel skips the padding with it; the torch path reads only ``valid``.
     """
 
     slots: torch.Tensor
