@@ -86,7 +86,7 @@ def make_case(draw_or_params, seed: int):
     nv = torch.randn(b, h, q, d, generator=gen) if c.new else None
     dt = c.dtype
     c.__dict__.update(
-        sel=sel, u=u, slot_of_fetch=slot_of_fetch, token_ok=token_ok, attended=attended,
+        sel=sel, u=u, slot_of_fetch=slot_of_fetch, token_ok=token_ok, attended=attended, valid=valid, t=t,
         k_pool=k_pool.to(dt), v_pool=v_pool.to(dt), query=query.to(dt),
         nk=None if nk is None else nk.to(dt), nv=None if nv is None else nv.to(dt),
     )
@@ -268,3 +268,25 @@ def test_bad_shapes_are_refused_with_clear_errors():
         build_page_table(c.sel, c.slot_of_fetch, c.token_ok, c.s + 1)
     with pytest.raises(ValueError, match="entry_mass"):
         entry_mass_to_blocks(torch.zeros(c.b, c.h * c.g, table.slots.shape[-1] + 1), table, c.u)
+
+
+def test_attend_selected_is_the_page_table_path_on_cpu():
+    """``sparse_layer.attend_selected`` (what decode calls): token validity from the row's padding and the
+    context length, the page table, block masses in ``fetch`` order; ``"auto"`` is ``"pages"`` on CPU."""
+    from tiercache_llm.sparse_layer import attend_selected
+
+    c = make_case({**BASE, "q": 1, "tail_cut": 3}, 8)
+    t = c.t
+    # validity longer than the context (as the layer's grown buffer is): the tail is cut by ctx
+    valid = torch.cat((c.valid, torch.ones(c.b, 5, dtype=torch.bool)), dim=1)
+    assert bool(c.valid[:, 0].logical_not().any())  # some row is left-padded
+    want = reference(c)
+    for backend in ("auto", "pages"):
+        got = attend_selected(c.query, c.k_pool, c.v_pool, c.slot_of_fetch, c.sel, valid, t, c.s, c.nk, c.nv, None,
+                              backend=backend)
+        torch.testing.assert_close(got.output, want.output, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.block_mass, want.block_mass, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got.new_mass, want.new_mass, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="backend"):
+        attend_selected(c.query, c.k_pool, c.v_pool, c.slot_of_fetch, c.sel, valid, t, c.s, c.nk, c.nv, None,
+                        backend="cuda")
