@@ -19,7 +19,7 @@ def _case(seed: int, dtype: torch.dtype, device: torch.device, *, g: int | None 
           page: int | None = None, new: bool = True, strided: bool = False, empty: bool = False):
     gen = torch.Generator().manual_seed(seed)
     pick = lambda *xs: xs[int(torch.randint(len(xs), (1,), generator=gen))]  # noqa: E731
-    b, h, d = pick(1, 2, 3), pick(1, 2, 3), pick(8, 32, 64)
+    b, h, d = pick(1, 2, 3), pick(1, 2, 3), pick(8, 24, 32, 64)
     g = pick(1, 3, 4) if g is None else g
     ps = pick(1, 4, 8, 16) if page is None else page
     k = pick(1, 2, 4)
@@ -91,6 +91,16 @@ def test_page_sizes_several_query_positions_and_strided_pools(device, page):
     args, splits = _case(40 + page, torch.float32, device, q=2, page=page, strided=True)
     assert not args[1].is_contiguous()
     _check(args, splits, torch.float32)
+
+
+def test_more_query_rows_than_one_tile_and_an_odd_head_dim(device):
+    """G * Q = 8 * 3 = 24 query rows per KV head (a 32-row tile), D = 24 (a 32-wide tile)."""
+    args, _ = _case(25, torch.float32, device, g=8, q=3)
+    query, k_pool, v_pool, table, nk, nv = args
+    d = 24
+    assert query.shape[-1] > d and query.shape[1] == 8 * k_pool.shape[2]
+    sl = lambda x: None if x is None else x[..., :d].contiguous()  # noqa: E731
+    _check((sl(query), sl(k_pool), sl(v_pool), table, sl(nk), sl(nv)), 2, torch.float32)
 
 
 @pytest.mark.parametrize("new", [True, False])
