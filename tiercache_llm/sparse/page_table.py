@@ -149,8 +149,12 @@ def page_table_attention(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
     t = m * ps
     scale = d ** -0.5 if scale is None else float(scale)
     dev = query.device
-    keys = _gather_pages(k_pool, table, ps, "k").view(b, h, t, d)  # float32 scratch copies
-    values = _gather_pages(v_pool, table, ps, "v").view(b, h, t, d)
+    # Scratch buffers (and out= ops) only where autograd is not recording: out= refuses inputs that
+    # require grad (a plain forward of the model outside no_grad).
+    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                           for x in (query, k_pool, v_pool, new_keys, new_values))
+    keys = _gather_pages(k_pool, table, ps, None if grad else "k").view(b, h, t, d)  # float32 copies
+    values = _gather_pages(v_pool, table, ps, None if grad else "v").view(b, h, t, d)
     hidden = ~table.valid.reshape(b, h, 1, t)
     # Hidden values may be NaN (0 * NaN = NaN in p @ v): zero them.  On CPU only the hidden rows are
     # written (padding entries, left padding, the partial tail: a small part of the table).
@@ -161,7 +165,10 @@ def page_table_attention(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
     else:
         values.masked_fill_(hidden.view(b, h, t, 1), 0.0)
     qf = query.float().reshape(b, h, gq, d) * scale
-    ctx = torch.matmul(qf, keys.transpose(-1, -2), out=_scratch("s", (b, h, gq, t), dev))
+    if grad:
+        ctx = qf @ keys.transpose(-1, -2)
+    else:
+        ctx = torch.matmul(qf, keys.transpose(-1, -2), out=_scratch("s", (b, h, gq, t), dev))
     ctx.masked_fill_(hidden, float("-inf"))  # (B, H, G*Q, M*ps)
     top = ctx.amax(dim=-1) if t else torch.full((b, h, gq), float("-inf"), device=dev)
     new = None
@@ -262,12 +269,13 @@ _SCRATCH_LIMIT = 1 << 26  # elements per buffer kept (256 MiB of float32); large
 _tls = threading.local()
 
 
-def _scratch(name: str, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32
+def _scratch(name: str | None, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32
              ) -> torch.Tensor:
     """An uninitialised ``shape`` tensor: on CPU a view of this thread's reusable buffer ``name`` (valid
-    until the next call asking for ``name`` on this thread: never hand it to a caller), else fresh."""
+    until the next call asking for ``name`` on this thread: never hand it to a caller), else (or for
+    ``name=None``) fresh."""
     numel = math.prod(shape)
-    if device.type != "cpu" or numel > _SCRATCH_LIMIT:
+    if name is None or device.type != "cpu" or numel > _SCRATCH_LIMIT:
         return torch.empty(shape, dtype=dtype, device=device)
     bufs = getattr(_tls, "bufs", None)
     if bufs is None:
@@ -278,19 +286,21 @@ def _scratch(name: str, shape: tuple[int, ...], device: torch.device, dtype: tor
     return buf[:numel].view(shape)
 
 
-def _gather_pages(pool: torch.Tensor, table: PageTable, ps: int, name: str) -> torch.Tensor:
-    """``(B, H, M, ps, D)`` float32 copy of the table's pages (scratch ``name``): one ``index_select``
-    over the contiguous pool's ``(slot, row, head, page)`` rows (a plain memcpy per page), advanced
-    indexing otherwise; fp16 / bf16 pages are gathered, then converted once."""
+def _gather_pages(pool: torch.Tensor, table: PageTable, ps: int, name: str | None) -> torch.Tensor:
+    """``(B, H, M, ps, D)`` float32 copy of the table's pages (scratch ``name``; fresh for ``None``): one
+    ``index_select`` over the contiguous pool's ``(slot, row, head, page)`` rows (a plain memcpy per
+    page), advanced indexing otherwise; fp16 / bf16 pages are gathered, then converted once."""
     n, b, h, s, d = pool.shape
     k = s // ps
     m = table.slots.shape[-1]
     dev = pool.device
-    out = _scratch(name, (b, h, m, ps, d), dev)
     if n == 0:  # nothing fetched: the table holds only padding entries
-        return out.zero_()
+        return torch.zeros(b, h, m, ps, d, device=dev)
     rows = torch.arange(b, device=dev).view(b, 1, 1)
     heads = torch.arange(h, device=dev).view(1, h, 1)
+    if name is None:
+        return pool.unflatten(3, (k, ps))[table.slots, rows, heads, table.pages].float()
+    out = _scratch(name, (b, h, m, ps, d), dev)
     if pool.is_contiguous():
         flat = (((table.slots * b + rows) * h + heads) * k + table.pages).view(-1)
         src = pool.view(n * b * h * k, ps * d)

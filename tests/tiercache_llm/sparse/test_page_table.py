@@ -237,6 +237,21 @@ def test_non_contiguous_pools_give_the_same_result():
     torch.testing.assert_close(mass2, mass, rtol=0, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inputs_that_require_grad_give_the_same_result(dtype):
+    """A plain forward outside no_grad: the query and new tokens require grad (the CPU path's scratch
+    buffers and out= ops are not used then)."""
+    c = make_case({**BASE, "dtype": dtype}, 9)
+    _, want, want_mass = through_table(c)
+    query = c.query.detach().clone().requires_grad_()
+    nk = c.nk.detach().clone().requires_grad_()
+    c2 = SimpleNamespace(**{**c.__dict__, "query": query, "nk": nk})
+    _, got, got_mass = through_table(c2)
+    assert got.output.requires_grad
+    torch.testing.assert_close(got.output.detach(), want.output, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_mass.detach(), want_mass, rtol=1e-6, atol=1e-7)
+
+
 def test_bad_shapes_are_refused_with_clear_errors():
     c = make_case(BASE, 7)
     table = build_page_table(c.sel, c.slot_of_fetch, c.token_ok, c.s)
