@@ -261,11 +261,13 @@ def check_page_table_args(query, k_pool, v_pool, table: PageTable, new_keys, new
     return b, hq, q, d, h, m
 
 
-# Scratch buffers of the CPU path, one set per thread.  Fresh multi-MB temporaries cost more than the
-# attention itself on CPU: glibc hands large freed blocks back to the kernel, so every call page-faults
-# its gathered K/V in again (measured: 11 ms of page faults against 1 ms of copying per gather at 8K x
-# batch 4, 25 %; benchmarks/attention_micro.py).  CUDA's caching allocator already reuses memory.
-_SCRATCH_LIMIT = 1 << 26  # elements per buffer kept (256 MiB of float32); larger ones are not kept
+# Scratch buffers of the CPU path, one set per thread.  Fresh multi-MB temporaries can cost more than the
+# attention itself on CPU: past glibc's dynamic mmap threshold (at most 32 MiB) every call maps and
+# page-faults its gathered K/V in again (measured: 32K x batch 8 x 25 %, 28k faults and 96 ms CPU per
+# call with fresh buffers, none and 50 ms with these; benchmarks/attention_micro.py).  CUDA's caching
+# allocator already reuses memory.  Kept per thread: K, V (float32), the scores, and for fp16 / bf16
+# pools their low-precision copies, each at most _SCRATCH_LIMIT elements (64 MiB of float32).
+_SCRATCH_LIMIT = 1 << 24
 _tls = threading.local()
 
 
