@@ -314,7 +314,7 @@ class TieredKVLayer(CacheLayerMixin):
             if read is not None and error is None:
                 done = self._use_read_ahead(read, first, n, buf)
         if n > done:
-            self._read_blocks(first, done, n, buf)
+            self._read_blocks(first, done, n, buf, count=not fresh)
         out_k, out_v = buf.keys, buf.values
         pos = n * bs
         if tail:
@@ -343,8 +343,9 @@ class TieredKVLayer(CacheLayerMixin):
         counters.blocks_ahead += 2 * m
         return m
 
-    def _read_blocks(self, first: int, lo: int, n: int, buf: StatesBuffer) -> None:
-        """Read visible blocks ``lo..n-1`` (stored blocks ``first + lo..``) into their slices of ``buf``."""
+    def _read_blocks(self, first: int, lo: int, n: int, buf: StatesBuffer, count: bool = True) -> None:
+        """Read visible blocks ``lo..n-1`` (stored blocks ``first + lo..``) into their slices of ``buf``
+        (``count``: in the decode buffer's ``blocks_sync`` / ``sync_seconds``)."""
         start = time.perf_counter()
         a = first + lo
         if self._mapped:
@@ -355,9 +356,10 @@ class TieredKVLayer(CacheLayerMixin):
             self._fill_from_packed(first, lo, buf)
         else:
             self.store.get_blocks(self._kkeys[a:] + self._vkeys[a:], out=buf.key_blocks[lo:n] + buf.value_blocks[lo:n])
-        counters = self.buffer.counters
-        counters.sync_seconds += time.perf_counter() - start
-        counters.blocks_sync += 2 * (n - lo)
+        if count:
+            counters = self.buffer.counters
+            counters.sync_seconds += time.perf_counter() - start
+            counters.blocks_sync += 2 * (n - lo)
 
     def _fill_from_packed(self, first: int, lo: int, buf: StatesBuffer) -> None:
         """Blocks ``first + lo..`` into ``buf`` (from block slice ``lo``) through a tiercache that only packs
