@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--path", default=None,
                       help="disk tier folder: empty, or a store of an earlier run (default: a temporary folder, removed after)")
     demo.add_argument("--seed", type=int, default=0, help="chooses the passkey (default %(default)s)")
-    demo.add_argument("--prefetch", action="store_true", help="stage the next layer's blocks while a layer computes")
+    demo.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
+                      help="read the next layer's blocks ahead while a layer computes (default on)")
     demo.add_argument("--check", action="store_true", help="also run DynamicCache and compare the generated tokens")
     demo.add_argument(
         "--model-cache", metavar="DIR", default=None,

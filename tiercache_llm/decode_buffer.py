@@ -1,4 +1,4 @@
-"""The buffer exact decode assembles each layer's attention states in.
+"""The buffers exact decode assembles each layer's attention states in, and the layer-ahead reads into them.
 
 Every forward pass, a :class:`~tiercache_llm.TieredKVLayer` must hand attention its keys and values as
 ``(batch, kv_heads, length, head_dim)`` tensors.  Instead of gathering the blocks, concatenating the
@@ -10,23 +10,37 @@ block), copies the tail and the new tokens in place behind them, and returns a v
 capacity).  Capacity grows geometrically, and the per-block views of a buffer are made once per
 allocation, so a decode step does no per-block tensor bookkeeping.
 
-One buffer pair is shared by all layers of a :class:`~tiercache_llm.TieredKVCache`: a model runs the
-attention of layer ``l`` to completion before it updates layer ``l + 1``, so the states of one layer
-at a time are all that must exist beside the tiers.  The price is a validity rule: **a tensor returned
-by ``update`` stays valid until the next ``update`` of any layer of the same cache** (the next layer's
-states overwrite it).  Keeping every layer's context resident instead would turn the host budget
-into a fiction.
+**Two slots, shared by all layers.**  A model runs the attention of layer ``l`` to completion before it
+updates layer ``l + 1``, so the states of one layer are all that attention needs at a time.  A
+:class:`DecodeBuffer` keeps two buffers (*slots*) per geometry: while layer ``l``'s attention reads its
+states in one slot, the blocks of layer ``l + 1`` are read in the background into the other
+(*layer-ahead read*, :class:`ReadAhead`; after the last layer, the next forward pass's first layer),
+so that layer's ``update`` finds them there and only waits for what is still missing.  Memory beside
+the tiers: at most two layers' visible K and V (each up to 1.5x for growth), plus, with row-mapped
+blocks (beam search), one temporary copy of the stored rows of the layer being read ahead.  The
+validity rule: **a tensor returned by ``update`` stays valid until the next ``update`` of any layer of
+the same cache** (that update starts reading the following layer into the slot it occupies).
+Keeping every layer's context resident instead would turn the host budget into a fiction.
+
+Correctness never depends on a read ahead: the consuming ``update`` checks that the read is of its
+current blocks (a crop, reorder, batch change or reset in between discards it), uses what it delivered
+and reads every other block itself; a read ahead that failed is redone synchronously, where a real
+error raises.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import concurrent.futures
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
 
 import torch
 
 # Growth factor of the capacity: O(log context) reallocations while holding at most 1.5x the largest
 # layer's visible states.
 GROWTH = 1.5
+SLOTS = 2
 
 
 @dataclass(eq=False)
@@ -61,16 +75,94 @@ class StatesBuffer:
         return self.keys.nbytes + self.values.nbytes
 
 
-class DecodeBuffer:
-    """Grows-only :class:`StatesBuffer` s, one per layer geometry (device, dtype, batch, heads,
-    head_dim, block size), shared by the layers of a cache.
+@dataclass(eq=False)
+class ReadAhead:
+    """One layer-ahead read: the visible blocks of ``layer`` as of its ``epoch``, ``first`` to ``first + n``,
+    being written into ``buf`` (slot ``slot``) by the reader thread.
 
-    Not thread-safe (a cache is updated by one thread at a time, as transformers' caches are).
+    Attributes:
+        kkeys, vkeys: the entries read (K then V, ``n`` each).
+        posts: row-mapped blocks, read into temporaries of their stored rows:
+            ``(block index in the buffer, BlockRef, tmp_k, tmp_v)``; the consuming update gathers them
+            into place.
+        nbytes: bytes the read asks for.
+        future: the read (its exception, if any, is the read's failure).
     """
 
-    def __init__(self) -> None:
+    layer: Any
+    epoch: int
+    first: int
+    n: int
+    slot: int
+    buf: StatesBuffer
+    kkeys: list
+    vkeys: list
+    posts: list
+    nbytes: int
+    future: concurrent.futures.Future | None = None
+
+    @property
+    def temp_bytes(self) -> int:
+        return sum(tk.nbytes + tv.nbytes for _, _, tk, tv in self.posts)
+
+
+@dataclass
+class ReadAheadCounters:
+    """What the layer-ahead reads did (monotonic; ``stats()["prefetch"]`` of a cache).
+
+    Attributes:
+        started: reads started (one per layer per forward pass, when the next layer has stored blocks).
+        used: updates that found (some of) their blocks read ahead.
+        blocks_ahead: entries updates took from a read ahead (one K or one V block each).
+        blocks_sync: entries updates read themselves: none read ahead (first step, after a discard),
+            blocks the read did not cover, blocks of a failed read.
+        discarded: reads thrown away unused (crop, reorder, batch change or reset in between, a read
+            of another layer in the way, release or close).
+        failed: reads that raised (their blocks were read again synchronously).
+        bytes_ahead: bytes of the reads started.
+        wait_seconds: time updates waited for their read ahead to finish (the part of the read not
+            hidden behind compute).
+        sync_seconds: time updates spent reading blocks themselves.
+        background_seconds: time the reader thread spent reading.
+    """
+
+    started: int = 0
+    used: int = 0
+    blocks_ahead: int = 0
+    blocks_sync: int = 0
+    discarded: int = 0
+    failed: int = 0
+    bytes_ahead: int = 0
+    wait_seconds: float = 0.0
+    sync_seconds: float = 0.0
+    background_seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        total = self.blocks_ahead + self.blocks_sync
+        out["hit_rate"] = self.blocks_ahead / total if total else None
+        return out
+
+
+class DecodeBuffer:
+    """Grows-only :class:`StatesBuffer` s, two slots per layer geometry (device, dtype, batch, heads,
+    head_dim, block size), shared by the layers of a cache, and the layer-ahead reads into them.
+
+    ``read_ahead``: whether the layers of the cache start :class:`ReadAhead` s (the cache decides; the
+    buffer only keeps them apart from the states attention is using).
+
+    Not thread-safe (a cache is updated by one thread at a time, as transformers' caches are); the
+    reads ahead run on one reader thread of the buffer, in the order they were started.
+    """
+
+    def __init__(self, read_ahead: bool = False) -> None:
         self._buffers: dict[tuple, StatesBuffer] = {}
         self.peak_bytes = 0
+        self.read_ahead = read_ahead
+        self.slot = 0  # the slot of the states returned last
+        self.counters = ReadAheadCounters()
+        self._pending: dict[int, ReadAhead] = {}  # id(layer) -> its read ahead (at most one per layer)
+        self._reader: concurrent.futures.ThreadPoolExecutor | None = None
 
     def get(
         self,
@@ -80,10 +172,12 @@ class DecodeBuffer:
         dtype: torch.dtype,
         device: torch.device,
         block_size: int,
+        slot: int = 0,
     ) -> StatesBuffer:
-        """A buffer pair holding at least ``tokens`` tokens; ``shape_k``/``shape_v`` are
-        ``(batch, heads, head_dim)``.  Contents are undefined (earlier views are overwritten)."""
-        geometry = (device, dtype, shape_k, shape_v, block_size)
+        """The buffer pair of ``slot`` holding at least ``tokens`` tokens; ``shape_k``/``shape_v`` are
+        ``(batch, heads, head_dim)``.  Contents are undefined (earlier views are overwritten; a
+        reallocated buffer starts empty, the old one stays alive while referenced)."""
+        geometry = (device, dtype, shape_k, shape_v, block_size, slot)
         buf = self._buffers.get(geometry)
         if buf is not None and buf.capacity >= tokens:
             return buf
@@ -104,9 +198,92 @@ class DecodeBuffer:
 
     @property
     def nbytes(self) -> int:
-        """Bytes currently allocated."""
-        return sum(buf.nbytes for buf in self._buffers.values())
+        """Bytes currently allocated (both slots, and the temporaries of reads ahead of row-mapped blocks)."""
+        return sum(buf.nbytes for buf in self._buffers.values()) + sum(p.temp_bytes for p in self._pending.values())
+
+    # ----------------------------------------------------------------------------- reads ahead
+    def slot_for(self, layer: Any) -> int:
+        """The slot ``layer``'s next update assembles in: its read ahead's, else one no other read ahead
+        is writing (the slot of the last states when free, so a cache without reads ahead uses one)."""
+        mine = self._pending.get(id(layer))
+        if mine is not None:
+            return mine.slot
+        busy = {p.slot for p in self._pending.values()}
+        for slot in (self.slot, 1 - self.slot):
+            if slot not in busy:
+                return slot
+        self.discard()
+        return self.slot
+
+    def clear_for(self, layer: Any, slot: int) -> None:
+        """Before reading ``layer`` ahead into ``slot``: discard its earlier read ahead and any read into
+        that slot."""
+        for key, p in list(self._pending.items()):
+            if key == id(layer) or p.slot == slot:
+                self._drop(key)
+
+    def start(self, read: ReadAhead, run: Callable[[], Any]) -> None:
+        """Run ``run`` (the read of ``read``) on the reader thread; :meth:`take` hands it to the layer."""
+        if self._reader is None:
+            self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tiercache-kv-ahead")
+        counters = self.counters
+
+        def timed() -> Any:
+            start = time.perf_counter()
+            try:
+                return run()
+            finally:
+                counters.background_seconds += time.perf_counter() - start
+
+        read.future = self._reader.submit(timed)
+        self._pending[id(read.layer)] = read
+        counters.started += 1
+        counters.bytes_ahead += read.nbytes
+        self.peak_bytes = max(self.peak_bytes, self.nbytes)
+
+    def take(self, layer: Any) -> tuple[ReadAhead | None, BaseException | None]:
+        """``layer``'s read ahead, once finished (the wait is counted), and the exception it raised
+        (``None`` if it succeeded); ``(None, None)`` when there is none."""
+        read = self._pending.pop(id(layer), None)
+        if read is None:
+            return None, None
+        start = time.perf_counter()
+        try:
+            read.future.result()
+            error = None
+        except BaseException as exc:  # noqa: BLE001 - the layer reads these blocks itself
+            error = exc
+        self.counters.wait_seconds += time.perf_counter() - start
+        if error is not None:
+            self.counters.failed += 1
+        return read, error
+
+    def forget(self, layer: Any) -> None:
+        """Discard ``layer``'s read ahead (its blocks or row maps are about to change)."""
+        if self._pending:
+            self._drop(id(layer))
+
+    def discard(self) -> None:
+        """Discard every read ahead (waiting for those running: nothing writes into a slot afterwards)."""
+        for key in list(self._pending):
+            self._drop(key)
+
+    def _drop(self, key: int) -> None:
+        read = self._pending.pop(key, None)
+        if read is None:
+            return
+        self.counters.discarded += 1
+        if not read.future.cancel():
+            concurrent.futures.wait([read.future])
 
     def release(self) -> None:
-        """Free the storage (the next :meth:`get` allocates again)."""
+        """Free the storage (the next :meth:`get` allocates again); reads ahead are discarded first."""
+        self.discard()
         self._buffers.clear()
+
+    def close(self) -> None:
+        """Discard the reads ahead and stop the reader thread (idempotent)."""
+        self.discard()
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.shutdown(wait=True)

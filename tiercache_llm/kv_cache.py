@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -25,7 +26,7 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .blocks import BlockRef, block_key
-from .decode_buffer import DecodeBuffer, StatesBuffer
+from .decode_buffer import DecodeBuffer, ReadAhead, StatesBuffer
 from .errors import UnsupportedModelError
 from .sparse.pipeline import DecodePipeline, PipelineConfig
 from .sparse.selection import SelectionConfig
@@ -74,10 +75,15 @@ class TieredKVSettings:
             default of sparse attention-aware caches), or any tiercache policy (``"lru"``, ``"lfu"``,
             ``"score"``, a Policy object).  ``None``: the mode's default.
         compression: tiercache compression codec for the disk tier (``None``: none).
-        prefetch: after a layer fetches its blocks, ask the tiercache to stage the next layer's
-            blocks (the next step's layer 0 after the last layer) while this layer computes.  Off
-            by default: tiercache's prefetch promotes into the fastest tier, which in exact mode
-            with a fast tier smaller than the context demotes blocks the next layers need.
+        prefetch: exact mode: layer-ahead reads (default ``True``).  As a layer's ``update`` starts, the
+            stored blocks the next layer will attend over (the next forward pass's first layer after
+            the last layer) are read in the background, on one reader thread, straight into the
+            second slot of the decode buffer (:mod:`tiercache_llm.decode_buffer`), so the reads
+            overlap this layer's attention and the next layer's update only waits for what is still
+            missing.  Nothing is promoted (placement is unchanged); correctness never depends on a
+            read ahead (one made stale by a crop, reorder or batch change is discarded, a failed one
+            is redone synchronously).  ``stats()["prefetch"]`` has its counters.  Sparse mode has its own
+            pipeline (``pipeline=``) and refuses ``prefetch=True``.
         direct_io: disk tier reads/writes bypass the OS page cache (tiercache
             ``CacheConfig.direct_io``), so the host budget is not silently extended by the page
             cache (falls back to buffered I/O with a warning where the filesystem refuses O_DIRECT,
@@ -96,7 +102,7 @@ class TieredKVSettings:
     path: str | os.PathLike | None = None
     policy: Any = None
     compression: str | None = None
-    prefetch: bool = False
+    prefetch: bool | None = None
     direct_io: bool = True
     budget: int | float | None = None
     sink: int | None = None
@@ -113,6 +119,11 @@ class TieredKVSettings:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.mode not in ("exact", "sparse"):
             raise ValueError(f"mode must be 'exact' or 'sparse', got {self.mode!r}")
+        if self.prefetch is None:
+            object.__setattr__(self, "prefetch", self.mode == "exact")
+        elif self.prefetch is True and self.mode == "sparse":
+            raise ValueError("prefetch=True is for mode='exact'; sparse mode prefetches through its decode pipeline "
+                             "(pipeline=...)")
         sparse_opts = {k: getattr(self, k) for k in ("budget", "sink", "recent", "strategy", "decay", "page_size")}
         if self.mode == "exact":
             given = sorted(k for k, v in sparse_opts.items() if v is not None)
@@ -158,10 +169,12 @@ class TieredKVLayer(CacheLayerMixin):
     ``sliding_window - 1`` cached tokens plus the new ones for sliding-window layers), bit-identical
     to what ``DynamicLayer`` / ``DynamicSlidingWindowLayer`` return.
 
-    **Validity of returned tensors.**  ``update`` assembles its result in the :class:`DecodeBuffer`
-    shared by the layers of its cache (each block written once, straight from the tiers, into its
-    slice), so the returned tensors are overwritten by the next ``update`` of any layer of the same
-    cache.  Attention consumes them before that; copy them to keep them longer.
+    **Validity of returned tensors.**  ``update`` assembles its result in one of the two slots of the
+    :class:`DecodeBuffer` shared by the layers of its cache (each block written once, straight from the
+    tiers, into its slice; with layer-ahead reads, by the reader thread before the update), so the
+    returned tensors are overwritten once the next ``update`` of any layer of the same cache starts
+    (it reads the following layer ahead into the slot they occupy).  Attention consumes them before
+    that; copy them to keep them longer.
 
     ``keys`` / ``values`` are properties that materialise the cached states into fresh tensors
     (reading every visible block); meant for inspection and tests, not for the decode loop.
@@ -200,6 +213,9 @@ class TieredKVLayer(CacheLayerMixin):
         self._kkeys: list[tuple] = []
         self._vkeys: list[tuple] = []
         self._mapped = False  # some block carries a row map (beam search / batch repetition)
+        # Bumped whenever stored blocks are dropped or their row maps change (appends leave it): a read
+        # ahead of an older epoch is discarded.
+        self._epoch = 0
         self._first_pos = 0  # token position where self._blocks[0] starts (sliding layers drop old blocks)
         self._length = 0  # tokens seen (positions), including tokens of dropped blocks
         self._next_serial = 0
@@ -259,23 +275,30 @@ class TieredKVLayer(CacheLayerMixin):
         vs = [b.view(t) for b, t in zip(blocks, tensors[n:])]
         return ks, vs
 
+    def _visible_blocks(self) -> tuple[int, int, int]:
+        """``(first, n, skip)``: the first visible stored block, how many there are, and the tokens
+        before the window in the first block (or the tail)."""
+        bs = self.block_size
+        start = self._visible_start(self._length)
+        first = min(len(self._blocks), max(0, (start - self._first_pos) // bs))
+        return first, len(self._blocks) - first, start - (self._first_pos + first * bs)
+
     def _assemble(
         self, key_states: torch.Tensor | None, value_states: torch.Tensor | None, *, fresh: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached states attention sees (visible blocks + tail) followed by the new states: views of
         the shared buffer (``fresh``: of newly allocated tensors).  The ``j``-th visible block is written
-        once, by the tiercache, into tokens ``[j * block_size, (j + 1) * block_size)``; the tail and the
-        new states are copied behind them; the view starts where the window starts."""
+        once, by the tiercache, into tokens ``[j * block_size, (j + 1) * block_size)`` (by the reader
+        thread when this layer was read ahead: the blocks it delivered are used, the others read here);
+        the tail and the new states are copied behind them; the view starts where the window starts."""
         bs = self.block_size
-        start = self._visible_start(self._length)
-        first = min(len(self._blocks), max(0, (start - self._first_pos) // bs))
-        n = len(self._blocks) - first
-        skip = start - (self._first_pos + first * bs)  # tokens before the window in the first block / tail
+        first, n, skip = self._visible_blocks()
         tail = self._tail_len
         q = 0 if key_states is None else key_states.shape[-2]
         end = n * bs + tail + q
         shape_k = (self._batch, *self._shape_k)
         shape_v = (self._batch, *self._shape_v)
+        done = 0
         if fresh:
             buf = StatesBuffer(
                 torch.empty((shape_k[0], shape_k[1], n * bs + tail, shape_k[2]), dtype=self.dtype, device=self.device),
@@ -283,17 +306,16 @@ class TieredKVLayer(CacheLayerMixin):
                 bs,
             )
         else:
-            buf = self.buffer.get(end, shape_k, shape_v, self.dtype, self.device, bs)
+            buffer = self.buffer
+            slot = buffer.slot_for(self)
+            read, error = buffer.take(self)
+            buf = buffer.get(end, shape_k, shape_v, self.dtype, self.device, bs, slot)
+            buffer.slot = slot
+            if read is not None and error is None:
+                done = self._use_read_ahead(read, first, n, buf)
+        if n > done:
+            self._read_blocks(first, done, n, buf, count=not fresh)
         out_k, out_v = buf.keys, buf.values
-        if n:
-            if self._mapped:
-                self._fill_mapped(first, buf)
-            elif self.store.out_lists is False:
-                self._fill_from_packed(first, buf)
-            else:
-                self.store.get_blocks(
-                    self._kkeys[first:] + self._vkeys[first:], out=buf.key_blocks[:n] + buf.value_blocks[:n]
-                )
         pos = n * bs
         if tail:
             out_k[:, :, pos : pos + tail].copy_(self._tail_k[:, :, :tail])
@@ -303,27 +325,68 @@ class TieredKVLayer(CacheLayerMixin):
             out_v[:, :, pos + tail : end].copy_(value_states)
         return out_k[:, :, skip:end], out_v[:, :, skip:end]
 
-    def _fill_from_packed(self, first: int, buf: StatesBuffer) -> None:
-        """Blocks ``first..`` into ``buf`` through a tiercache that only packs (before contract C5):
-        ``get_many`` packs values in key order at 256-byte multiples, so equal blocks whose size is a
-        multiple of 256 bytes form one dense ``(n, batch, heads, block, head_dim)`` array per K and V,
-        copied into place with one strided copy each; other sizes are copied block by block."""
-        n = len(self._blocks) - first
-        tensors = self.store.get_blocks(self._kkeys[first:] + self._vkeys[first:], device=self.device)
-        for half, whole in ((tensors[:n], buf.keys), (tensors[n:], buf.values)):
-            head = half[0]
-            if half[-1].data_ptr() - head.data_ptr() == (n - 1) * head.nbytes:
-                packed = head.as_strided((n, *head.shape), (head.numel(), *head.stride()))
-                whole[:, :, : n * self.block_size].unflatten(2, (n, self.block_size)).copy_(packed.permute(1, 2, 0, 3, 4))
-            else:
-                blocks = buf.key_blocks if whole is buf.keys else buf.value_blocks
-                torch._foreach_copy_(blocks[:n], half)
+    def _use_read_ahead(self, read: ReadAhead, first: int, n: int, buf: StatesBuffer) -> int:
+        """How many leading visible blocks ``read`` (finished, successful) delivered into ``buf``: its
+        blocks if it read this layer's current blocks (same epoch, window and keys), else 0 (discarded)."""
+        counters = self.buffer.counters
+        m = read.n
+        if (read.epoch != self._epoch or read.first != first or m > n
+                or self._kkeys[first : first + m] != read.kkeys or self._vkeys[first : first + m] != read.vkeys):
+            counters.discarded += 1
+            return 0
+        if read.buf is not buf:  # the slot grew since (more new tokens than the read planned for)
+            span = m * self.block_size
+            buf.keys[:, :, :span].copy_(read.buf.keys[:, :, :span])
+            buf.values[:, :, :span].copy_(read.buf.values[:, :, :span])
+        self._gather_mapped(read.posts, buf)
+        counters.used += 1
+        counters.blocks_ahead += 2 * m
+        return m
 
-    def _fill_mapped(self, first: int, buf: StatesBuffer) -> None:
-        """Blocks ``first..`` into ``buf`` when some carry row maps (beam search, batch repetition):
-        those are read into a temporary block of their stored rows and gathered into place."""
+    def _read_blocks(self, first: int, lo: int, n: int, buf: StatesBuffer, count: bool = True) -> None:
+        """Read visible blocks ``lo..n-1`` (stored blocks ``first + lo..``) into their slices of ``buf``
+        (``count``: in the decode buffer's ``blocks_sync`` / ``sync_seconds``)."""
+        start = time.perf_counter()
+        a = first + lo
+        if self._mapped:
+            targets_k, targets_v, posts = self._targets(first, lo, n, buf)
+            self.store.get_blocks(self._kkeys[a:] + self._vkeys[a:], out=targets_k + targets_v)
+            self._gather_mapped(posts, buf)
+        elif self.store.out_lists is False:
+            self._fill_from_packed(first, lo, buf)
+        else:
+            self.store.get_blocks(self._kkeys[a:] + self._vkeys[a:], out=buf.key_blocks[lo:n] + buf.value_blocks[lo:n])
+        if count:
+            counters = self.buffer.counters
+            counters.sync_seconds += time.perf_counter() - start
+            counters.blocks_sync += 2 * (n - lo)
+
+    def _fill_from_packed(self, first: int, lo: int, buf: StatesBuffer) -> None:
+        """Blocks ``first + lo..`` into ``buf`` (from block slice ``lo``) through a tiercache that only packs
+        (before contract C5): ``get_many`` packs values in key order at 256-byte multiples, so equal
+        blocks whose size is a multiple of 256 bytes form one dense ``(k, batch, heads, block, head_dim)``
+        array per K and V, copied into place with one strided copy each; other sizes are copied block by
+        block."""
+        bs = self.block_size
+        n = len(self._blocks) - first
+        k = n - lo
+        tensors = self.store.get_blocks(self._kkeys[first + lo :] + self._vkeys[first + lo :], device=self.device)
+        for half, whole, blocks in ((tensors[:k], buf.keys, buf.key_blocks), (tensors[k:], buf.values, buf.value_blocks)):
+            head = half[0]
+            if half[-1].data_ptr() - head.data_ptr() == (k - 1) * head.nbytes:
+                packed = head.as_strided((k, *head.shape), (head.numel(), *head.stride()))
+                whole[:, :, lo * bs : n * bs].unflatten(2, (k, bs)).copy_(packed.permute(1, 2, 0, 3, 4))
+            else:
+                torch._foreach_copy_(blocks[lo:n], half)
+
+    def _targets(self, first: int, lo: int, n: int, buf: StatesBuffer) -> tuple[list, list, list]:
+        """Where visible blocks ``lo..n-1`` are read to when some carry row maps (beam search, batch
+        repetition): plain blocks straight into their slices of ``buf``, row-mapped ones into a temporary
+        block of their stored rows, gathered into place by :meth:`_gather_mapped` (``posts``)."""
         targets_k, targets_v, posts = [], [], []
-        for j, block in enumerate(self._blocks[first:]):
+        blocks = self._blocks
+        for j in range(lo, n):
+            block = blocks[first + j]
             if block.rows is None:
                 targets_k.append(buf.key_blocks[j])
                 targets_v.append(buf.value_blocks[j])
@@ -332,9 +395,12 @@ class TieredKVLayer(CacheLayerMixin):
             tmp_v = buf.values.new_empty((block.stored_batch, *buf.value_blocks[j].shape[1:]))
             targets_k.append(tmp_k)
             targets_v.append(tmp_v)
-            posts.append((block, j, tmp_k, tmp_v))
-        self.store.get_blocks(self._kkeys[first:] + self._vkeys[first:], out=targets_k + targets_v)
-        for block, j, tmp_k, tmp_v in posts:
+            posts.append((j, block, tmp_k, tmp_v))
+        return targets_k, targets_v, posts
+
+    @staticmethod
+    def _gather_mapped(posts: list, buf: StatesBuffer) -> None:
+        for j, block, tmp_k, tmp_v in posts:
             buf.key_blocks[j].copy_(block.view(tmp_k))
             buf.value_blocks[j].copy_(block.view(tmp_v))
 
@@ -399,8 +465,14 @@ class TieredKVLayer(CacheLayerMixin):
             vkeys = [block_key(self.cache_uid, self.layer_idx, "v", b.serial) for b in blocks]
             self.store.delete_blocks(kkeys + vkeys)
 
+    def _changing(self) -> None:
+        """Stored blocks are about to be dropped or re-mapped: a read ahead of this layer is stale."""
+        self._epoch += 1
+        self.buffer.forget(self)
+
     def _keep_blocks(self, start: int, stop: int) -> None:
         """Keep ``self._blocks[start:stop]`` (and their keys); delete the others from the tiers."""
+        self._changing()
         dropped = self._blocks[:start] + self._blocks[stop:]
         self._blocks = self._blocks[start:stop]
         self._kkeys = self._kkeys[start:stop]
@@ -518,16 +590,38 @@ class TieredKVLayer(CacheLayerMixin):
     def offload(self) -> None:
         """No-op: blocks already live in the tiercache; the tail is one block."""
 
-    def prefetch(self) -> None:
-        """Ask the tiercache to stage this layer's visible blocks toward its fastest tier."""
-        if not self.is_initialized or not self._blocks:
-            return
-        start = self._visible_start(self._length)
-        first = min(len(self._blocks), max(0, (start - self._first_pos) // self.block_size))
-        self.store.prefetch(self._kkeys[first:] + self._vkeys[first:])
+    def prefetch(self, slot: int | None = None) -> bool:
+        """Start the layer-ahead read of this layer: its visible stored blocks are read in the background
+        into slot ``slot`` of the decode buffer (default: the slot not holding the states returned last),
+        where its next ``update`` takes them (see :mod:`tiercache_llm.decode_buffer`).  A read ahead of
+        this layer or into that slot still pending is discarded first.  Returns whether a read started
+        (not for an empty or sparse layer, nor through a tiercache without list ``out``)."""
+        buffer = self.buffer
+        if slot is None:
+            slot = 1 - buffer.slot
+        if not self.is_initialized or self.sparse is not None or self.store.out_lists is False or self.store.closed:
+            return False
+        buffer.clear_for(self, slot)
+        first, n, _ = self._visible_blocks()
+        if n <= 0:
+            return False
+        bs = self.block_size
+        buf = buffer.get(n * bs + self._tail_len + 1, (self._batch, *self._shape_k), (self._batch, *self._shape_v),
+                         self.dtype, self.device, bs, slot)
+        kkeys, vkeys = self._kkeys[first:], self._vkeys[first:]
+        if self._mapped:
+            targets_k, targets_v, posts = self._targets(first, 0, n, buf)
+        else:
+            targets_k, targets_v, posts = buf.key_blocks[:n], buf.value_blocks[:n], []
+        keys, targets, store = kkeys + vkeys, targets_k + targets_v, self.store
+        nbytes = sum([b.nbytes for b in self._blocks[first:]])
+        read = ReadAhead(self, self._epoch, first, n, slot, buf, kkeys, vkeys, posts, nbytes)
+        buffer.start(read, lambda: store.get_blocks(keys, out=targets, background=True))
+        return True
 
     def reset(self) -> None:
         """Delete every stored block and forget the states (the layer re-initialises on next update)."""
+        self._changing()
         self._delete(self._blocks)
         self._blocks, self._kkeys, self._vkeys = [], [], []
         self._mapped = False
@@ -628,6 +722,7 @@ class TieredKVLayer(CacheLayerMixin):
         index = index.to(device=self.device, dtype=torch.long)
         if index.dim() != 1 or (index.numel() and (int(index.min()) < 0 or int(index.max()) >= self._batch)):
             raise IndexError(f"batch indices {index.tolist()} out of range for batch size {self._batch}")
+        self._changing()
         self._tail_k = self._tail_k.index_select(0, index)
         self._tail_v = self._tail_v.index_select(0, index)
         for block in self._blocks:
@@ -721,7 +816,9 @@ class TieredKVCache(Cache):
     Exact mode returns, for each layer and forward pass, every visible block (written by one batched
     ``get_many`` straight into its slice of a buffer shared by the layers), the in-memory tail and the
     new states, so attention, logits and greedy tokens equal ``DynamicCache``'s.  The returned tensors
-    are valid until the next ``update`` of this cache (see :class:`TieredKVLayer`).  When the tiers
+    are valid until the next ``update`` of this cache (see :class:`TieredKVLayer`).  By default each
+    ``update`` first starts reading the next layer's blocks in the background (``prefetch``, see
+    :class:`TieredKVSettings`), so the reads overlap compute.  When the tiers
     cannot hold the context, :class:`~tiercache_llm.errors.KVCapacityError` is raised (never a
     truncated context).
 
@@ -790,7 +887,7 @@ class TieredKVCache(Cache):
                 policy=settings.policy, compression=settings.compression, direct_io=settings.direct_io,
             )
         self.cache_uid = uuid.uuid4().hex
-        self.buffer = DecodeBuffer()
+        self.buffer = DecodeBuffer(read_ahead=settings.prefetch)
         layers = [
             TieredKVLayer(self.store, self.cache_uid, i, settings.block_size, sliding_window=w, buffer=self.buffer)
             for i, w in enumerate(windows)
@@ -843,6 +940,9 @@ class TieredKVCache(Cache):
         pipe.end_step()  # disk staging ahead, under the scores and threshold just set
 
     def _invalidate_pipeline(self) -> None:
+        """Before blocks, rows or the batch change: drop the layer-ahead reads (exact) and the pipeline's
+        reuse buffers and staging (sparse)."""
+        self.buffer.discard()
         if getattr(self, "_pipeline", None) is not None:
             self._pipeline.invalidate()
 
@@ -937,13 +1037,21 @@ class TieredKVCache(Cache):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new states of ``layer_idx`` and return what its attention must see; then start
-        staging the next layer's blocks (the next pass's first layer after the last one)."""
-        if not 0 <= layer_idx < len(self.layers):
-            raise IndexError(f"layer_idx {layer_idx} out of range for a cache of {len(self.layers)} layers")
-        keys, values = self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
-        if self.settings.prefetch and len(self.layers) > 1:
-            self.layers[(layer_idx + 1) % len(self.layers)].prefetch()
+        """Store the new states of ``layer_idx`` and return what its attention must see.
+
+        With layer-ahead reads (``prefetch``, exact mode), first start reading the next layer's blocks
+        (the next pass's first layer after the last one) into the decode buffer slot this layer does
+        not use, so the read overlaps this layer's update and attention."""
+        n_layers = len(self.layers)
+        if not 0 <= layer_idx < n_layers:
+            raise IndexError(f"layer_idx {layer_idx} out of range for a cache of {n_layers} layers")
+        layer = self.layers[layer_idx]
+        ahead = self.buffer.read_ahead and layer.sparse is None
+        if ahead and n_layers > 1:
+            self.layers[(layer_idx + 1) % n_layers].prefetch(1 - self.buffer.slot_for(layer))
+        keys, values = layer.update(key_states, value_states, *args, **kwargs)
+        if ahead and n_layers == 1:
+            layer.prefetch(1 - self.buffer.slot)
         return keys, values
 
     @property
@@ -962,8 +1070,12 @@ class TieredKVCache(Cache):
         ``kv`` holds this cache's own accounting: tokens, blocks, ``held_bytes`` stored in the tiers,
         the memory held beside the tiers (``tail_bytes``: the one-block tail buffers of every layer;
         ``buffer_bytes`` / ``buffer_peak_bytes``: the decode buffer shared by the layers, about one
-        layer's visible K and V; ``beside_tiers_bytes``: their sum), and the
-        :class:`~tiercache_llm.store.KVCounters`;
+        layer's visible K and V per slot in use (two with layer-ahead reads); ``beside_tiers_bytes``:
+        their sum), and the :class:`~tiercache_llm.store.KVCounters`;
+        ``prefetch``: ``enabled`` and the layer-ahead reads' counters
+        (:class:`~tiercache_llm.decode_buffer.ReadAheadCounters`: reads started / used / discarded /
+        failed, entries taken from them vs read by the updates themselves and ``hit_rate``, bytes, the
+        seconds updates waited for them, read themselves, and the reader thread read);
         ``tiercache`` is ``tiercache.Cache.stats()`` (per-tier capacity, use, hits, misses, bytes
         moved between tiers, evictions).  See docs/tiercache_llm.md.
         """
@@ -978,6 +1090,7 @@ class TieredKVCache(Cache):
             buffer_peak_bytes=self.buffer.peak_bytes,
         )
         out["kv"]["beside_tiers_bytes"] = out["kv"]["tail_bytes"] + out["kv"]["buffer_bytes"]
+        out["prefetch"] = {"enabled": self.buffer.read_ahead, **self.buffer.counters.as_dict()}
         if self._pipeline is not None:
             out["pipeline"] = self._pipeline_stats(out)
             out["kv"]["beside_tiers_bytes"] += out["pipeline"]["reuse_bytes"] + out["pipeline"].get(
@@ -1018,8 +1131,8 @@ class TieredKVCache(Cache):
         return out
 
     def release_buffers(self) -> None:
-        """Free the shared decode buffer (it is allocated again by the next ``update``); e.g. between
-        requests of a long-lived cache."""
+        """Free the shared decode buffer (it is allocated again by the next ``update``; pending
+        layer-ahead reads are discarded); e.g. between requests of a long-lived cache."""
         self.buffer.release()
 
     def reset(self) -> None:
@@ -1054,7 +1167,8 @@ class TieredKVCache(Cache):
         memo[id(self)] = new
         skip = {"store", "layers", "cache_uid", "buffer", "settings", "_prepared_model", "_pipeline"}
         new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k not in skip})
-        new.settings, new.store, new.cache_uid, new.buffer = settings, store, uuid.uuid4().hex, DecodeBuffer()
+        new.settings, new.store, new.cache_uid = settings, store, uuid.uuid4().hex
+        new.buffer = DecodeBuffer(read_ahead=self.buffer.read_ahead)
         new._prepared_model = self._prepared_model  # the same model object, prepared once
         try:
             new.layers = [layer._copy_to(store, new.cache_uid, new.buffer) for layer in self.layers]
@@ -1080,8 +1194,9 @@ class TieredKVCache(Cache):
         )
 
     def close(self) -> None:
-        """Stop the decode pipeline (queued background reads cancelled, running ones awaited), then release
-        the tiers (idempotent).  The cache cannot be used afterwards."""
+        """Stop the layer-ahead reader and the decode pipeline (queued background reads cancelled, running
+        ones awaited), then release the tiers (idempotent).  The cache cannot be used afterwards."""
+        self.buffer.close()
         if getattr(self, "_pipeline", None) is not None:
             self._pipeline.close()
         self.store.close()

@@ -435,8 +435,10 @@ class BlockStore:
         device: torch.device | str | None = None,
         *,
         out: Sequence[torch.Tensor] | None = None,
+        background: bool = False,
     ) -> list[torch.Tensor]:
-        """Fetch entries (batched); a missing entry raises :class:`KVCapacityError`.
+        """Fetch entries (batched); a missing entry raises :class:`KVCapacityError`.  Thread-safe (the
+        layer-ahead reads of exact decode call it from a reader thread).
 
         ``out``: one tensor per key (the entry's dtype and number of elements, any shape and strides,
         e.g. slices of a larger buffer, all on one device, which is the target): the values are written
@@ -444,16 +446,20 @@ class BlockStore:
         ``out`` (contract C5) the tiers write each value straight into its tensor; an older tiercache
         refuses a list ``out`` with ``TypeError`` before touching anything, and the values are then
         fetched into one packed buffer and copied over (detected on the first call).
+
+        ``background``: a read on behalf of the store's user from another thread (a read ahead): a
+        pending write-behind failure is left for the user's next call instead of being raised here.
         """
         self._check_open()
         if out is not None and len(out) != len(keys):
             raise ValueError(f"{len(out)} out tensors for {len(keys)} keys")
         if not keys:
             return []
-        self._raise_write_error()
+        if not background:
+            self._raise_write_error()
         queued = self._queued(keys)
         if queued:
-            return self._get_with_queue(list(keys), device, out, queued)
+            return self._get_with_queue(list(keys), device, out, queued, background)
         start = time.perf_counter()
         try:
             if out is None:
@@ -473,14 +479,15 @@ class BlockStore:
         return tensors
 
     def _get_with_queue(self, keys: list[Any], device: Any, out: Sequence[torch.Tensor] | None,
-                        queued: dict[Any, torch.Tensor]) -> list[torch.Tensor]:
+                        queued: dict[Any, torch.Tensor], background: bool = False) -> list[torch.Tensor]:
         """``get_blocks`` when some keys are still in the write-behind queue (their copies are the values)."""
         rest = [i for i, key in enumerate(keys) if key not in queued]
         if out is None:
             target = torch.device(device) if device is not None else torch.device("cpu")
             result: list[Any] = [None] * len(keys)
             if rest:
-                for i, tensor in zip(rest, self.get_blocks([keys[i] for i in rest], device=device)):
+                for i, tensor in zip(rest, self.get_blocks([keys[i] for i in rest], device=device,
+                                                           background=background)):
                     result[i] = tensor
             for i, key in enumerate(keys):
                 if key in queued:
@@ -488,7 +495,7 @@ class BlockStore:
         else:
             result = list(out)
             if rest:
-                self.get_blocks([keys[i] for i in rest], out=[result[i] for i in rest])
+                self.get_blocks([keys[i] for i in rest], out=[result[i] for i in rest], background=background)
             for i, key in enumerate(keys):
                 if key in queued:
                     src = queued[key]

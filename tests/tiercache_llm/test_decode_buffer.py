@@ -87,9 +87,14 @@ def test_decode_through_both_get_many_paths_matches_dynamic_cache(backend, block
                 assert torch.equal(rk, gk) and torch.equal(rv, gv), (step, layer)
             if step == 4:
                 if backend is ListOutCache:
-                    # the blocks were written straight into the decode buffer (one storage for K, one for V)
-                    storages = {t.untyped_storage().data_ptr() for t in shared.out_lists_seen[-1]}
-                    assert storages == {gk.untyped_storage().data_ptr(), gv.untyped_storage().data_ptr()}
+                    # the blocks were written straight into the decode buffer (one storage for K, one for V per
+                    # slot; the last read is the next step's layer 0, read ahead into the other slot)
+                    slots = {t.untyped_storage().data_ptr() for buf in got.buffer._buffers.values()
+                             for t in (buf.keys, buf.values)}
+                    for seen in shared.out_lists_seen[-2:]:
+                        assert len({t.untyped_storage().data_ptr() for t in seen}) == 2
+                        assert {t.untyped_storage().data_ptr() for t in seen} <= slots
+                    assert {gk.untyped_storage().data_ptr(), gv.untyped_storage().data_ptr()} <= slots
                 idx = torch.tensor([2, 0, 0])  # beam reorder: row-mapped blocks take the temporary path
                 ref.reorder_cache(idx)
                 got.reorder_cache(idx)
@@ -100,24 +105,28 @@ def test_decode_through_both_get_many_paths_matches_dynamic_cache(backend, block
         got.close()
 
 
-def test_returned_states_are_views_of_one_buffer_shared_by_the_layers(make_config):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_returned_states_are_views_of_one_buffer_shared_by_the_layers(make_config, prefetch):
     config = make_config(num_hidden_layers=3)
     gen = torch.Generator().manual_seed(1)
-    cache = TieredKVCache(config, block_size=4, host="1MiB")
+    cache = TieredKVCache(config, block_size=4, host="1MiB", prefetch=prefetch)
     outs = []
     for layer in range(3):
         k, v = states(1, 10, gen)
         gk, gv = cache.update(k, v, layer)
         outs.append(gk)
         assert gk.stride(-1) == 1 and torch.equal(gk[:, :, -10:], k)
-    assert len({t.untyped_storage().data_ptr() for t in outs}) == 1
+    assert len({t.untyped_storage().data_ptr() for t in outs}) == 1  # nothing stored yet: nothing read ahead
     kv = cache.stats()["kv"]
     one_layer = 2 * 1 * 2 * 12 * 8 * 4  # K and V, capacity rounded up to whole blocks (12 tokens)
-    assert kv["buffer_bytes"] == one_layer
+    # with layer-ahead reads, the last layer started reading layer 0's blocks into the second slot
+    assert kv["buffer_bytes"] == (2 if prefetch else 1) * one_layer
+    assert cache.stats()["prefetch"]["started"] == int(prefetch)
     assert kv["tail_bytes"] == 3 * 2 * (1 * 2 * 4 * 8 * 4)  # a one-block tail buffer per layer for K and V
     assert kv["beside_tiers_bytes"] == kv["buffer_bytes"] + kv["tail_bytes"]
     cache.release_buffers()
-    assert cache.stats()["kv"]["buffer_bytes"] == 0 and cache.stats()["kv"]["buffer_peak_bytes"] == one_layer
+    kv = cache.stats()["kv"]
+    assert kv["buffer_bytes"] == 0 and kv["buffer_peak_bytes"] == (2 if prefetch else 1) * one_layer
     cache.close()
 
 

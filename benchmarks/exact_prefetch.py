@@ -1,0 +1,195 @@
+"""Exact tiered decode with and without layer-ahead reads (``prefetch``), beside DynamicCache and raw reads.
+
+    python benchmarks/exact_prefetch.py --contexts 1024,2048,4096 --batch 1 --host 16MiB   # issue 8 row 2 sizes
+    python benchmarks/exact_prefetch.py --contexts 8192 --batch 4 --host-fraction 0.25    # issue 10 row (2) point
+    python benchmarks/exact_prefetch.py --quick                                            # tiny model, seconds
+
+Per context: SmolLM2 prefills the prompt rows once into a ``DynamicCache``; every configuration's cache is
+filled with those K/V (``Cache.update``); then the caches decode the same tokens in lock-step, one
+torch thread: each step ``DynamicCache`` runs first and its greedy token is fed to the others (teacher
+forcing; their logits are compared with its), the order of the tiered configurations rotated every step.
+Tiered caches: host tier ``--host`` (or ``--host-fraction`` of the KV bytes), the rest on a disk tier
+under ``--workdir`` with ``direct_io`` (reads bypass the page cache: "cold").  Configurations:
+``dynamic``; ``exact-sync`` (``prefetch=False``: every block read when its layer's update runs);
+``exact-ahead`` (``prefetch=True``, the default: the next layer's blocks read in the background).
+After the steps, the time to read the KV once from its tiers: an O_DIRECT read of the exact cache's
+store files (1 and 4 workers, the best) plus a copy of its host tier's bytes (1 thread), at the
+bandwidths measured then.  Medians over the timed steps.  Prints a markdown table; ``--out`` writes
+``exact_prefetch.json`` and ``.md`` there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (  # noqa: E402  (the benchmarks directory is not a package)
+    MiB, kv_cache_bytes, load_bench_model, machine_meta, median, parse_ints, stats_delta, tier_row, torch_threads,
+)
+from sparse_speed import host_copy_bandwidth, point_kv, prefill_rows, prompt_rows, raw_disk_bandwidth  # noqa: E402
+
+CONFIGS = ("dynamic", "exact-sync", "exact-ahead")
+
+
+def build(model: Any, config: str, kv: list, host: int, store: Path) -> Any:
+    from transformers import DynamicCache
+    from tiercache_llm import TieredKVCache
+
+    if config == "dynamic":
+        cache = DynamicCache(config=model.config)
+    else:
+        batch, tokens = kv[0][0].shape[0], kv[0][0].shape[2]
+        kv_bytes = kv_cache_bytes(model.config, tokens, batch)
+        cache = TieredKVCache(model.config, host=host, disk=2 * kv_bytes + 64 * MiB, path=store, direct_io=True,
+                              prefetch=config == "exact-ahead")
+    for i, (k, v) in enumerate(kv):
+        cache.update(k.clone(), v.clone(), i)
+    return cache
+
+
+def step(model: Any, cache: Any, token: torch.Tensor) -> tuple[torch.Tensor, float]:
+    start = time.perf_counter()
+    with torch.no_grad():
+        logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+    return logits, time.perf_counter() - start
+
+
+def run_point(model: Any, kv: list, last: torch.Tensor, host: int, steps: int, warmup: int,
+              workdir: Path) -> dict[str, Any]:
+    caches = {c: build(model, c, kv, host, workdir / c) for c in CONFIGS}
+    records: dict[str, list[dict[str, Any]]] = {c: [] for c in CONFIGS}
+    diffs: dict[str, float] = {c: 0.0 for c in CONFIGS[1:]}
+    token = last
+    tiered = list(CONFIGS[1:])
+    try:
+        with torch_threads(1):
+            for i in range(warmup + steps):
+                ref, ms = step(model, caches["dynamic"], token)
+                records["dynamic"].append({"ms": 1000 * ms, "warmup": i < warmup})
+                for config in tiered[i % 2:] + tiered[: i % 2]:
+                    cache = caches[config]
+                    before = cache.stats()
+                    logits, ms = step(model, cache, token)
+                    delta = stats_delta(before, cache.stats())
+                    diffs[config] = max(diffs[config], float((logits - ref).abs().max()))
+                    ahead = delta["prefetch"]
+                    records[config].append({
+                        "ms": 1000 * ms, "warmup": i < warmup,
+                        "fetch_ms": 1000 * delta["kv"]["fetch_seconds"],
+                        "wait_ms": 1000 * ahead["wait_seconds"], "sync_read_ms": 1000 * ahead["sync_seconds"],
+                        "background_ms": 1000 * ahead["background_seconds"],
+                        "host_mib": tier_row(delta, "host").get("bytes_read", 0) / MiB,
+                        "disk_mib": tier_row(delta, "disk").get("bytes_read", 0) / MiB,
+                        "entries_ahead": ahead["blocks_ahead"], "entries_sync": ahead["blocks_sync"],
+                    })
+                token = ref.argmax(-1, keepdim=True)
+        exact = caches["exact-ahead"]
+        host_cap = tier_row(exact.stats(), "host").get("capacity_bytes", 0)
+        disk_row = tier_row(exact.stats(), "disk")
+        disk_bw = raw_disk_bandwidth(workdir / "exact-ahead")
+        host_bw = host_copy_bandwidth(max(int(host_cap), 64 * MiB), 1)
+    finally:
+        for config, cache in caches.items():
+            if config != "dynamic":
+                cache.close()
+    out: dict[str, Any] = {"configs": {}, "max_abs_logit_diff": diffs, "direct_io": disk_row.get("direct_io"),
+                           "raw_disk": disk_bw, "host_copy_bytes_per_s": host_bw}
+    for config, recs in records.items():
+        timed = [r for r in recs if not r["warmup"]]
+        out["configs"][config] = {k: median([r[k] for r in timed]) for k in timed[0] if k != "warmup"}
+        out["configs"][config]["samples_ms"] = [r["ms"] for r in timed]
+    a = out["configs"]["exact-ahead"]
+    if disk_bw.get("bytes_per_s"):
+        once = 1000 * (a["disk_mib"] * MiB / disk_bw["bytes_per_s"] + a["host_mib"] * MiB / host_bw)
+        out["read_once_ms"] = once
+    return out
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = ["| context x batch | config | ms/step | vs DynamicCache | vs read-once | fetch ms (all threads) | "
+             "wait ms | sync read ms | disk MiB | host MiB | read ahead / sync entries | max abs logit diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        dyn = res["configs"]["dynamic"]["ms"]
+        once = res.get("read_once_ms")
+        for config, row in res["configs"].items():
+            if config == "dynamic":
+                lines.append(f"| {res['context']} x {res['batch']} | dynamic | {row['ms']:.0f} | 1.00 | | | | | | | | |")
+                continue
+            vs_once = f"{row['ms'] / once:.2f}" if once else "n/a"
+            lines.append(
+                f"| {res['context']} x {res['batch']} | {config} | {row['ms']:.0f} | {row['ms'] / dyn:.2f} | {vs_once} | "
+                f"{row['fetch_ms']:.0f} | {row['wait_ms']:.0f} | {row['sync_read_ms']:.0f} | {row['disk_mib']:.0f} | "
+                f"{row['host_mib']:.0f} | {row['entries_ahead']:.0f} / {row['entries_sync']:.0f} | "
+                f"{res['max_abs_logit_diff'][config]:.2g} |")
+    for res in results:
+        d = res["raw_disk"]
+        if d.get("bytes_per_s"):
+            by = ", ".join(f"{w} worker(s) {v / 2**30:.2f} GiB/s" for w, v in d["by_workers"].items())
+            lines.append(f"\n{res['context']} x {res['batch']}: raw O_DIRECT read of {d['files']} store files "
+                         f"({d['bytes'] / MiB:.0f} MiB): {by}; host copy {res['host_copy_bytes_per_s'] / 2**30:.2f} GiB/s "
+                         f"(1 thread); read once (exact-ahead's bytes per step) = {res['read_once_ms']:.0f} ms; "
+                         f"disk tier direct_io: {res['direct_io']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny random model, 256-token context")
+    parser.add_argument("--contexts", type=lambda t: parse_ints(t, "--contexts"), default=(1024, 2048, 4096))
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--host", default=None, help="host tier budget, e.g. 16MiB (default: --host-fraction)")
+    parser.add_argument("--host-fraction", type=float, default=0.25, help="host tier as a fraction of the KV bytes")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--workdir", type=Path, default=None, help="scratch directory on the disk under test")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    from tiercache.sizes import parse_size
+
+    model, tokenizer = load_bench_model("tiny" if args.quick else "smollm2")
+    contexts = (256,) if args.quick else args.contexts
+    ids = prompt_rows(tokenizer, args.batch, max(contexts), model.config.vocab_size)
+    t0 = time.perf_counter()
+    rows = prefill_rows(model, ids, [min(max(contexts), ids.shape[-1]) - 1] * args.batch)
+    print(f"prefill {args.batch} x {ids.shape[-1] - 1} tokens: {time.perf_counter() - t0:.0f} s", flush=True)
+    workdir = Path(tempfile.mkdtemp(prefix="tiercache-exact-prefetch-", dir=args.workdir))
+    results = []
+    start = time.perf_counter()
+    try:
+        for c in contexts:
+            c = min(c, ids.shape[-1])
+            kv = point_kv(rows, args.batch, c - 1)
+            kv_bytes = kv_cache_bytes(model.config, c - 1, args.batch)
+            host = parse_size(args.host) if args.host else max(64 * 1024, int(args.host_fraction * kv_bytes))
+            res = run_point(model, kv, ids[: args.batch, c - 1 : c], host, args.steps, args.warmup, workdir)
+            res.update(context=c, batch=args.batch, kv_mib=kv_bytes / MiB, host_budget_mib=host / MiB)
+            results.append(res)
+            print(table([res]), flush=True)
+            shutil.rmtree(workdir, ignore_errors=True)
+            workdir.mkdir()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    text = table(results)
+    print("\n" + text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        meta = machine_meta()
+        meta.update(runtime_s=time.perf_counter() - start, load_average_end=os.getloadavg())
+        (args.out / "exact_prefetch.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
+        (args.out / "exact_prefetch.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,225 @@
+"""Layer-ahead reads of exact decode (``prefetch``): same results as DynamicCache, failures fall back to
+synchronous reads, stale reads are discarded, and no read overwrites states attention still holds."""
+
+import threading
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from tiercache_llm import KVCapacityError, TieredKVCache, TieredKVSettings
+from tiercache_llm.blocks import block_key
+
+
+def states(batch, seq, gen, heads=2, dim=8):
+    return (torch.randn(batch, heads, seq, dim, generator=gen), torch.randn(batch, heads, seq, dim, generator=gen))
+
+
+def left_padded_batch(vocab=128, lengths=(20, 15, 9), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, width - n :] = torch.randint(3, vocab, (n,), generator=gen)
+        mask[row, width - n :] = 1
+    return ids, mask
+
+
+def test_prefetch_defaults_on_for_exact_and_off_for_sparse(make_config):
+    assert TieredKVSettings().prefetch is True
+    assert TieredKVSettings(prefetch=False).prefetch is False
+    assert TieredKVSettings(mode="sparse").prefetch is False
+    with pytest.raises(ValueError, match="pipeline"):
+        TieredKVSettings(mode="sparse", prefetch=True)
+    with pytest.raises(TypeError):
+        TieredKVSettings(prefetch=1)
+    cache = TieredKVCache(make_config(), host="1MiB")
+    assert cache.stats()["prefetch"]["enabled"] is True and cache.buffer.read_ahead
+    cache.close()
+
+
+SCENARIOS = {
+    "greedy-left-padded": dict(kind="llama", seed=0, gen=dict()),
+    "beam-search": dict(kind="llama", seed=1, gen=dict(num_beams=2, num_return_sequences=2)),
+    "prompt-lookup": dict(kind="llama", seed=3, gen=dict(prompt_lookup_num_tokens=3), repetitive=True),
+    "sliding-window": dict(kind="mistral", seed=4, gen=dict(), model=dict(sliding_window=12)),
+}
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_generate_with_read_ahead_matches_dynamic_cache(make_model, tmp_path, scenario):
+    spec = SCENARIOS[scenario]
+    model = make_model(spec["kind"], seed=spec["seed"], num_hidden_layers=3, **spec.get("model", {}))
+    if spec.get("repetitive"):
+        pattern = torch.randint(3, 128, (6,), generator=torch.Generator().manual_seed(3))
+        ids = pattern.repeat(4).unsqueeze(0)
+        mask = torch.ones_like(ids)
+    else:
+        ids, mask = left_padded_batch(seed=spec["seed"])
+    common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=14, pad_token_id=0, do_sample=False,
+                  return_dict_in_generate=True, output_scores=True, **spec["gen"])
+    ref = model.generate(past_key_values=DynamicCache(config=model.config), **common)
+    for prefetch in (True, False) if scenario == "greedy-left-padded" else (True,):
+        cache = TieredKVCache(model.config, block_size=4, host="8KiB", disk="16MiB", path=tmp_path / f"kv{prefetch}",
+                              prefetch=prefetch)
+        got = model.generate(past_key_values=cache, **common)
+        stats = cache.stats()
+        cache.close()
+        assert torch.equal(ref.sequences, got.sequences), prefetch
+        for a, b in zip(ref.scores, got.scores):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        ahead = stats["prefetch"]
+        assert stats["tiercache"]["tiers"]["disk"]["hits"] > 0  # blocks really came from disk
+        if not prefetch:
+            assert ahead["started"] == 0 and ahead["blocks_ahead"] == 0
+            continue
+        assert ahead["failed"] == 0
+        assert ahead["used"] > 0 and ahead["blocks_ahead"] > 0
+        if scenario in ("greedy-left-padded", "sliding-window"):
+            # nothing invalidates a read between steps: only the first forward pass reads for itself
+            assert ahead["discarded"] == 0
+            assert ahead["hit_rate"] > 0.9
+        if scenario in ("beam-search", "prompt-lookup"):
+            assert ahead["discarded"] > 0  # reorder / crop between steps made the next step's layer 0 stale
+
+
+def test_read_ahead_of_every_block_the_next_update_needs(make_config):
+    """In steady decode every visible block of layers 1.. and of the next step's layer 0 is read ahead,
+    including the block the step's layer 0 just completed."""
+    config = make_config(num_hidden_layers=3)
+    gen = torch.Generator().manual_seed(0)
+    ref, got = DynamicCache(config=config), TieredKVCache(config, block_size=4, host="1MiB")
+    for step, seq in enumerate([10, 1, 1, 1, 1, 1, 1, 1, 1]):
+        before = dict(got.stats()["prefetch"])
+        for layer in range(3):
+            k, v = states(2, seq, gen)
+            rk, rv = ref.update(k, v, layer)
+            gk, gv = got.update(k, v, layer)
+            assert torch.equal(rk, gk) and torch.equal(rv, gv)
+        after = got.stats()["prefetch"]
+        if step >= 1:
+            # steps 2 and 6 complete a block in every layer (tokens 12 and 16): layer 0's read ahead (started by
+            # the previous step's last layer) already holds the blocks layer 0 wrote in that step
+            assert after["blocks_sync"] == before["blocks_sync"], step
+            assert after["used"] - before["used"] == 3
+    got.close()
+
+
+class FailingReads:
+    """Wraps ``store.get_blocks``: background (read-ahead) reads raise while ``fail`` is set."""
+
+    def __init__(self, store):
+        self.store, self.original, self.fail, self.failures = store, store.get_blocks, True, 0
+        store.get_blocks = self
+
+    def __call__(self, keys, device=None, *, out=None, background=False):
+        if background and self.fail:
+            self.failures += 1
+            if out:
+                out[0].fill_(float("nan"))  # a read that failed half way: garbage in the buffer
+            raise OSError("injected read failure")
+        return self.original(keys, device, out=out, background=background)
+
+
+def test_failed_read_ahead_is_redone_synchronously(make_model, tmp_path):
+    model = make_model("llama", seed=0, num_hidden_layers=3)
+    ids, mask = left_padded_batch()
+    common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0, do_sample=False)
+    ref = model.generate(past_key_values=DynamicCache(config=model.config), **common)
+    cache = TieredKVCache(model.config, block_size=4, host="8KiB", disk="16MiB", path=tmp_path / "kv")
+    reads = FailingReads(cache.store)
+    got = model.generate(past_key_values=cache, **common)
+    assert torch.equal(ref, got)
+    ahead = cache.stats()["prefetch"]
+    still_pending = len(cache.buffer._pending)  # the read for a next step that never came
+    assert reads.failures > 0 and ahead["failed"] + still_pending == reads.failures
+    assert ahead["blocks_ahead"] == 0 and ahead["blocks_sync"] > 0
+    cache.close()
+
+
+def test_a_real_error_raises_from_the_synchronous_read(make_config):
+    config = make_config(num_hidden_layers=2)
+    gen = torch.Generator().manual_seed(0)
+    cache = TieredKVCache(config, block_size=4, host="1MiB")
+    for layer in range(2):
+        cache.update(*states(1, 9, gen), layer)  # the last layer starts reading layer 0 ahead
+    cache.buffer.discard()
+    # a block lost from the tiercache (what an eviction by another user of a shared tiercache does)
+    cache.store.cache.delete(block_key(cache.cache_uid, 1, "v", 0))
+    cache.update(*states(1, 1, gen), 0)  # starts layer 1's read ahead, which fails on the missing block
+    with pytest.raises(KVCapacityError, match="no longer in the tiercache"):
+        cache.update(*states(1, 1, gen), 1)
+    assert cache.stats()["prefetch"]["failed"] == 1
+    cache.close()
+
+
+class SlowReads:
+    """Background reads wait for ``go`` before reading, so a test can act while they are in flight."""
+
+    def __init__(self, store):
+        self.original, self.go = store.get_blocks, threading.Event()
+        store.get_blocks = self
+
+    def __call__(self, keys, device=None, *, out=None, background=False):
+        if background:
+            assert self.go.wait(30)
+        return self.original(keys, device, out=out, background=background)
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_no_read_ahead_overwrites_states_attention_holds(make_config, layers):
+    """While layer l's returned states are alive (until the next update), the read ahead of layer l + 1
+    writes elsewhere: the states are unchanged after it finished.  Covers row-mapped blocks (beam
+    reorder), batch changes, crops and slot growth (more new tokens than a read ahead planned for)."""
+    config = make_config(num_hidden_layers=layers)
+    gen = torch.Generator().manual_seed(layers)
+    ref, got = DynamicCache(config=config), TieredKVCache(config, block_size=4, host="1MiB")
+    slow = SlowReads(got.store)
+    batch = 3
+    plan = [9, 1, 1, 1, "reorder", 1, 1, 7, 1, "crop", 1, 1, "select", 1, 30, 1, 1]
+    for step in plan:
+        if step == "reorder":
+            idx = torch.tensor([2, 0, 0])
+            ref.reorder_cache(idx), got.reorder_cache(idx)
+            continue
+        if step == "crop":
+            ref.crop(-5), got.crop(-5)
+            continue
+        if step == "select":
+            ref.batch_select_indices(torch.tensor([0, 2])), got.batch_select_indices(torch.tensor([0, 2]))
+            batch = 2
+            continue
+        for layer in range(layers):
+            slow.go.clear()
+            k, v = states(batch, step, gen)
+            rk, rv = ref.update(k, v, layer)
+            gk, gv = got.update(k, v, layer)
+            snapshot = gk.clone(), gv.clone()
+            pending = list(got.buffer._pending.values())
+            for read in pending:  # the read in flight targets the other slot
+                assert read.buf.keys.untyped_storage().data_ptr() != gk.untyped_storage().data_ptr()
+            slow.go.set()
+            for read in pending:
+                read.future.result(timeout=30)
+            assert torch.equal(gk, snapshot[0]) and torch.equal(gv, snapshot[1])
+            assert torch.equal(rk, gk) and torch.equal(rv, gv), (step, layer)
+    slow.go.set()
+    ahead = got.stats()["prefetch"]
+    assert ahead["used"] > 0 and ahead["failed"] == 0
+    assert ahead["discarded"] >= 2  # reorder, crop and select each discarded the read of the next layer 0
+    got.close()
+
+
+def test_close_with_a_read_ahead_in_flight(make_config):
+    config = make_config(num_hidden_layers=2)
+    gen = torch.Generator().manual_seed(0)
+    cache = TieredKVCache(config, block_size=4, host="1MiB")
+    slow = SlowReads(cache.store)
+    for layer in range(2):
+        cache.update(*states(1, 9, gen), layer)
+    (read,) = cache.buffer._pending.values()
+    threading.Timer(0.2, slow.go.set).start()
+    cache.close()  # waits for the read, then stops the reader thread and releases the tiers
+    assert read.future.done() and cache.buffer._reader is None
+    assert cache.store.closed
