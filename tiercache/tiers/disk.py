@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import itertools
 import json
 import logging
 import mmap
@@ -65,7 +66,7 @@ from .disk_format import (
 
 __all__ = [
     "DiskTier", "DiskOverBudgetError", "FORMAT_VERSION", "PAGE", "HEADER_BYTES", "CRC_BYTES", "SLOT_ROWS",
-    "byte_parts", "class_pages", "decode_header", "encode_header", "prepare_store_dir",
+    "byte_parts", "class_pages", "decode_header", "dio_aligned", "encode_header", "prepare_store_dir",
 ]
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,26 @@ def byte_parts(out: torch.Tensor, nbytes: int, index: int = 0) -> list[memoryvie
     outer = arr.shape[:k]
     rows = arr.reshape(outer + (inner,))
     return [memoryview(rows[idx]) for idx in np.ndindex(*outer)]
+
+
+def dio_aligned(out: torch.Tensor, nbytes: int, align: int) -> bool:
+    """True when a direct (``O_DIRECT``) read may land ``nbytes`` straight in ``out``'s memory: every run
+    :func:`byte_parts` makes of it starts on an ``align``-byte boundary and is a multiple of ``align`` long
+    (the kernel's rule for the memory and the length of each segment of a direct read)."""
+    if not nbytes or nbytes % align or out.data_ptr() % align:
+        return False
+    if out.is_contiguous():
+        return True
+    size = out.element_size()
+    run = size  # bytes of the contiguous run at the end, as byte_parts merges it
+    for dim, stride in zip(reversed(out.shape), reversed(out.stride())):
+        if dim == 1:
+            continue
+        if stride * size == run:
+            run *= dim
+        elif (stride * size) % align:
+            return False
+    return run % align == 0
 
 
 def check_capacity(capacity: object) -> int:
@@ -222,6 +243,10 @@ class _Scratch(threading.local):
         self.head = memoryview(bytearray(HEADER_BYTES))
         self.tail = memoryview(bytearray(PAGE + CRC_BYTES + 1))
         self.aligned: dict[int, mmap.mmap] = {}
+        # Direct reads straight into the caller's memory land the header page and the tail (padding,
+        # checksum, and room to see a longer file) here: page-aligned, as O_DIRECT needs.
+        self.dhead = memoryview(mmap.mmap(-1, HEADER_BYTES))
+        self.dtail = memoryview(mmap.mmap(-1, 2 * PAGE))
 
     def get(self, size: int) -> memoryview:
         size = -(-size // PAGE) * PAGE
@@ -310,6 +335,11 @@ class DiskTier:
         self.direct_io_requested = bool(direct_io)
         self.direct_io = False
         self._fds = FdCache(os.O_RDONLY)
+        # Direct reads into the caller's memory need its runs aligned to the device's logical block (512
+        # bytes nearly everywhere; the kernel refuses a misaligned one with EINVAL, and then this grows
+        # to a page, then gives up and reads through the bounce buffer).
+        self.dio_align = 512
+        self._dio_into = True
         if self.direct_io_requested and self._codec is not None:
             warnings.warn("tiercache: direct_io applies to uncompressed disk tiers; using buffered I/O",
                           RuntimeWarning, stacklevel=2)
@@ -556,6 +586,16 @@ class DiskTier:
         finally:
             os.close(fd)
 
+    def _refuse_dio_alignment(self) -> None:
+        if self.dio_align < PAGE:
+            log.info("tiercache: %s refused a %d-byte aligned direct read; aligning to %d", self.root,
+                     self.dio_align, PAGE)
+            self.dio_align = PAGE
+        else:
+            log.info("tiercache: %s refused a page-aligned direct read into the caller's memory; "
+                     "reading through a bounce buffer", self.root)
+            self._dio_into = False
+
     def _probe_direct_io(self) -> bool:
         probe = os.path.join(self._root, f".direct-io-probe.{os.getpid()}.{threading.get_ident()}")
         try:
@@ -606,22 +646,52 @@ class DiskTier:
         return head, payload
 
     def _pread_checked(
-        self, fd: int, pages: int, parts: list[memoryview], nbytes: int
+        self, fd: int, pages: int, parts: list[memoryview], nbytes: int, aligned: bool = False
     ) -> tuple[bytes | memoryview, str | None]:
         """Read the chunk behind ``fd`` with its payload scattered into ``parts`` (byte views totalling
         ``nbytes``, in order) and check its size and crc32c.  Returns ``(header page, problem)``:
-        ``problem`` is ``None`` for a sound chunk, else what is wrong (the caller names the file)."""
+        ``problem`` is ``None`` for a sound chunk, else what is wrong (the caller names the file).
+        ``aligned``: every part starts and ends on a :attr:`dio_align` boundary (see :func:`dio_aligned`),
+        so a direct read may land the payload in them without a bounce buffer."""
         size = pages * PAGE + CRC_BYTES
         if self.direct_io:
+            if aligned and self._dio_into:
+                scratch = self._scratch
+                pad = size - CRC_BYTES - HEADER_BYTES - nbytes  # a multiple of dio_align, as nbytes is
+                tail = scratch.dtail[: pad + PAGE]  # padding, checksum, and room to see a longer file
+                try:
+                    got = os.preadv(fd, [scratch.dhead, *parts, tail], 0)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    self._refuse_dio_alignment()
+                    got = -1
+                if got >= 0:
+                    head = scratch.dhead
+                    if got != size:
+                        return head, f"has the wrong size ({got} bytes read): truncated or overwritten"
+                    crc = self._crc(head)
+                    for part in parts:
+                        crc = self._crc(part, crc)
+                    if pad:
+                        crc = self._crc(tail[:pad], crc)
+                    if crc != int.from_bytes(tail[pad : pad + CRC_BYTES], "little"):
+                        return head, "failed its crc32c checksum"
+                    return head, None
             buf = self._scratch.get(size + PAGE)  # room to see a file longer than expected
             got = os.preadv(fd, [buf], 0)
             if got != size:
                 return buf[:HEADER_BYTES], f"has the wrong size ({got} bytes read): truncated or overwritten"
             crc = self._crc(buf[: size - CRC_BYTES])
-            pos = HEADER_BYTES
-            for part in parts:
-                part[:] = buf[pos : pos + part.nbytes]
-                pos += part.nbytes
+            if parts:
+                # numpy copies without the GIL (a memoryview slice assignment holds it): the other I/O
+                # threads keep issuing reads meanwhile.
+                src = np.frombuffer(buf, np.uint8, nbytes, HEADER_BYTES)
+                pos = 0
+                for part in parts:
+                    n = part.nbytes
+                    np.copyto(np.frombuffer(part, np.uint8), src[pos : pos + n])
+                    pos += n
             head, tail_crc = buf[:HEADER_BYTES], buf[size - CRC_BYTES : size]
         else:
             scratch = self._scratch
@@ -698,8 +768,11 @@ class DiskTier:
             decode_header(head)  # a damaged header says so in the error
             raise CorruptEntryError(f"{self._chunk_file(slot)} holds another entry than the index expects")
 
-    def _read_payload_into(self, slot: Slot, header: EntryHeader, parts: list[memoryview]) -> None:
-        """Read ``slot``'s verified payload into ``parts`` (byte views totalling ``slot.nbytes``)."""
+    def _read_payload_into(
+        self, slot: Slot, header: EntryHeader, parts: list[memoryview], aligned: bool = False
+    ) -> None:
+        """Read ``slot``'s verified payload into ``parts`` (byte views totalling ``slot.nbytes``;
+        ``aligned`` as in :meth:`_pread_checked`)."""
         ref = slot.ref
         pages = ref[0]  # type: ignore[index]
         if self._codec is not None:
@@ -720,7 +793,7 @@ class DiskTier:
                 except FileNotFoundError:
                     raise CorruptEntryError(f"{path} is missing") from None
             try:
-                head, problem = self._pread_checked(handle.fd, pages, parts, slot.nbytes)
+                head, problem = self._pread_checked(handle.fd, pages, parts, slot.nbytes, aligned)
             finally:
                 fds.release(handle)
             if problem is not None:
@@ -753,40 +826,52 @@ class DiskTier:
         filled by one vectored read; ``reads_strided``).  On damage raises ``CorruptEntryError`` with
         ``tiercache_index`` = the first damaged item's position; other I/O failures raise ``OSError``.
         Thread-safe for distinct slots."""
+        direct = self.direct_io and self._dio_into  # payloads may land in out without a bounce copy
+        align = self.dio_align
         if len(items) == 1:  # a single get: no closure, no thread bookkeeping
             slot, header, out = items[0]
             try:
-                self._read_payload_into(slot, header, byte_parts(out, slot.nbytes))
+                self._read_payload_into(slot, header, byte_parts(out, slot.nbytes),
+                                        direct and dio_aligned(out, slot.nbytes, align))
             except CorruptEntryError as exc:
                 exc.tiercache_index = 0  # type: ignore[attr-defined]
                 raise
             return
         parts = [byte_parts(out, slot.nbytes, i) for i, (slot, _, out) in enumerate(items)]
+        aligned = ([dio_aligned(out, slot.nbytes, align) for slot, _, out in items] if direct
+                   else [False] * len(items))
+        n = len(items)
+        # Each thread takes the next unread item (itertools.count's next is atomic under the GIL) rather
+        # than a fixed share: on a busy machine a descheduled thread's share would otherwise wait for it
+        # while the others idle.  Items are taken in order, so the lowest failed position is the first
+        # damaged item: every item before it was taken, and read, by some thread.
+        taken = itertools.count()
 
-        def run(lo: int, hi: int) -> None:
+        def run() -> None:
             read = self._read_payload_into
-            for i in range(lo, hi):
+            while True:
+                i = next(taken)
+                if i >= n:
+                    return
                 slot, header, _ = items[i]
                 try:
-                    read(slot, header, parts[i])
+                    read(slot, header, parts[i], aligned[i])
                 except CorruptEntryError as exc:
                     exc.tiercache_index = i  # type: ignore[attr-defined]
                     raise
 
-        n = len(items)
         workers = min(self._io_threads, n, max(1, sum(s.nbytes for s, _, _ in items) // MIN_BYTES_PER_THREAD))
         if workers <= 1:
-            run(0, n)
+            run()
             return
         if self._pool is None:
             with self._lock:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(self._io_threads, thread_name_prefix="tiercache-disk")
-        step = -(-n // workers)
-        futures = [self._pool.submit(run, lo, min(lo + step, n)) for lo in range(step, n, step)]
+        futures = [self._pool.submit(run) for _ in range(workers - 1)]
         errors = []
         try:
-            run(0, min(step, n))  # this thread takes the first share instead of waiting idle
+            run()  # this thread reads too instead of waiting idle
         except BaseException as exc:
             errors.append(exc)
         for future in futures:

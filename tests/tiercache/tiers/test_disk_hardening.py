@@ -454,8 +454,11 @@ def test_direct_io_on_tmpfs_is_used_or_refused_with_a_warning(tmp_path):
 
 
 # -- the descriptor cache -------------------------------------------------------------------------------
-def test_fd_cache_never_closes_a_descriptor_in_use(tmp_path):
+def test_fd_cache_never_closes_a_descriptor_in_use(tmp_path, monkeypatch):
+    from tiercache.tiers import disk_fds
     from tiercache.tiers.disk_fds import FdCache
+
+    monkeypatch.setattr(disk_fds, "REPLACE_EVERY", 1)  # plain LRU: every miss of a full cache evicts
 
     files = []
     for i in range(3):
@@ -475,6 +478,36 @@ def test_fd_cache_never_closes_a_descriptor_in_use(tmp_path):
     assert os.pread(again.fd, 1, 0) == b"\x02"
     cache.release(again)
     cache.clear()
+
+
+def test_a_full_fd_cache_keeps_most_of_its_descriptors_through_a_cyclic_scan(tmp_path):
+    from tiercache.tiers.disk_fds import REPLACE_EVERY, FdCache
+
+    files = [tmp_path / f"f{i}" for i in range(40)]
+    for i, f in enumerate(files):
+        f.write_bytes(bytes([i]))
+    cache = FdCache(os.O_RDONLY, limit=20)
+    hits = 0
+    for sweep in range(3):  # the same 40 files in the same order, twice the cache's size
+        for i, f in enumerate(files):
+            handle = cache.lookup(i)
+            hits += handle is not None and sweep > 0
+            if handle is None:
+                handle = cache.acquire(i, str(f))
+            assert os.pread(handle.fd, 1, 0) == bytes([i])  # never another file's descriptor
+            cache.release(handle)
+        assert len(cache._open) == 20
+    # LRU would hit nothing here; most of the resident set survives each sweep
+    assert hits >= 2 * 20 * (1 - 2 * 20 / (REPLACE_EVERY * 20)) - 1
+    uncached = cache.acquire("x", str(files[0]))  # a transient descriptor is closed by its release
+    if "x" not in cache._open:
+        cache.release(uncached)
+        with pytest.raises(OSError):
+            os.fstat(uncached.fd)
+    else:
+        cache.release(uncached)
+    cache.clear()
+    assert not cache._open
 
 
 def test_rewriting_a_slot_is_never_read_through_a_stale_descriptor(tmp_path):
