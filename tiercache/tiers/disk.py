@@ -108,19 +108,29 @@ def byte_parts(out: torch.Tensor, nbytes: int, index: int = 0) -> list[memoryvie
     any contiguous tensor (one view), or any tensor whose last dimension is contiguous, e.g. the block
     ``buf[:, :, j * B:(j + 1) * B]`` of a ``(batch, heads, tokens, head_dim)`` buffer (one view per run of
     contiguous memory: ``batch * heads`` here).  ``ValueError`` naming item ``index`` otherwise."""
+    return _parts_and_rows(out, nbytes, index)[0]
+
+
+def _parts_and_rows(out: torch.Tensor, nbytes: int, index: int = 0) -> tuple[list[memoryview], np.ndarray | None]:
+    """:func:`byte_parts` and the uint8 array they are views of: 1-D, or ``outer + (run,)`` for a strided
+    ``out`` (one copy into it fills every run at once); ``None`` when ``nbytes`` is 0."""
     if not out.is_cpu:
         raise ValueError(f"read_into item {index}: out must be a CPU tensor, not on {out.device}")
     if out.dtype is torch.uint8 and out.dim() == 1 and out.is_contiguous():
         if out.shape[0] != nbytes:
             raise ValueError(f"read_into item {index}: out holds {out.shape[0]} bytes, the payload is {nbytes}")
-        return [memoryview(out.numpy())] if nbytes else []
+        if not nbytes:
+            return [], None
+        arr = out.numpy()
+        return [memoryview(arr)], arr
     if out.numel() * out.element_size() != nbytes:
         raise ValueError(
             f"read_into item {index}: out holds {out.numel() * out.element_size()} bytes, the payload is {nbytes}")
     if not nbytes:
-        return []
+        return [], None
     if out.is_contiguous():
-        return [memoryview(out.reshape(-1).view(torch.uint8).numpy())]
+        arr = out.reshape(-1).view(torch.uint8).numpy()
+        return [memoryview(arr)], arr
     if out.stride(-1) != 1:
         raise ValueError(f"read_into item {index}: out's last dimension must be contiguous (stride 1)")
     arr = out.view(torch.uint8).numpy()
@@ -130,14 +140,16 @@ def byte_parts(out: torch.Tensor, nbytes: int, index: int = 0) -> list[memoryvie
         k -= 1
     outer = arr.shape[:k]
     rows = arr.reshape(outer + (inner,))
-    return [memoryview(rows[idx]) for idx in np.ndindex(*outer)]
+    return [memoryview(rows[idx]) for idx in np.ndindex(*outer)], rows
 
 
-def dio_aligned(out: torch.Tensor, nbytes: int, align: int) -> bool:
+def dio_aligned(out: torch.Tensor, nbytes: int, align: int, mem_align: int | None = None) -> bool:
     """True when a direct (``O_DIRECT``) read may land ``nbytes`` straight in ``out``'s memory: every run
-    :func:`byte_parts` makes of it starts on an ``align``-byte boundary and is a multiple of ``align`` long
-    (the kernel's rule for the memory and the length of each segment of a direct read)."""
-    if not nbytes or nbytes % align or out.data_ptr() % align:
+    :func:`byte_parts` makes of it is a multiple of ``align`` long and starts on a ``mem_align``-byte
+    boundary (default ``align``): the kernel's rule for each segment of a direct read (Linux reports both
+    through ``statx(STATX_DIOALIGN)``: 512 and 512 on most disks, 512 and 4 on NVMe)."""
+    mem_align = align if mem_align is None else mem_align
+    if not nbytes or nbytes % align or out.data_ptr() % mem_align:
         return False
     if out.is_contiguous():
         return True
@@ -148,9 +160,33 @@ def dio_aligned(out: torch.Tensor, nbytes: int, align: int) -> bool:
             continue
         if stride * size == run:
             run *= dim
-        elif (stride * size) % align:
+        elif (stride * size) % mem_align:
             return False
     return run % align == 0
+
+
+_STATX_DIOALIGN = 0x2000
+
+
+def dio_alignment(path: str) -> tuple[int, int] | None:
+    """``(memory, offset)`` alignment a direct read of the file at ``path`` needs, from
+    ``statx(STATX_DIOALIGN)`` (Linux 6.1+); ``None`` where the kernel or filesystem does not say."""
+    try:
+        import ctypes
+        import struct
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        statx = libc.statx
+    except (OSError, AttributeError):
+        return None
+    buf = ctypes.create_string_buffer(256)  # struct statx
+    if statx(-100, os.fsencode(path), 0, _STATX_DIOALIGN, buf) != 0:  # AT_FDCWD
+        return None
+    (mask,) = struct.unpack_from("<I", buf, 0)
+    mem, offset = struct.unpack_from("<II", buf, 152)  # stx_dio_mem_align, stx_dio_offset_align
+    if not mask & _STATX_DIOALIGN or not mem or not offset:
+        return None
+    return mem, offset
 
 
 def check_capacity(capacity: object) -> int:
@@ -339,6 +375,7 @@ class DiskTier:
         # bytes nearly everywhere; the kernel refuses a misaligned one with EINVAL, and then this grows
         # to a page, then gives up and reads through the bounce buffer).
         self.dio_align = 512
+        self.dio_mem_align = 512
         self._dio_into = True
         if self.direct_io_requested and self._codec is not None:
             warnings.warn("tiercache: direct_io applies to uncompressed disk tiers; using buffered I/O",
@@ -587,10 +624,14 @@ class DiskTier:
             os.close(fd)
 
     def _refuse_dio_alignment(self) -> None:
-        if self.dio_align < PAGE:
+        if self.dio_mem_align < 512:
+            log.info("tiercache: %s refused a direct read into %d-byte aligned memory; aligning to 512",
+                     self.root, self.dio_mem_align)
+            self.dio_mem_align = 512
+        elif self.dio_align < PAGE or self.dio_mem_align < PAGE:
             log.info("tiercache: %s refused a %d-byte aligned direct read; aligning to %d", self.root,
                      self.dio_align, PAGE)
-            self.dio_align = PAGE
+            self.dio_align = self.dio_mem_align = PAGE
         else:
             log.info("tiercache: %s refused a page-aligned direct read into the caller's memory; "
                      "reading through a bounce buffer", self.root)
@@ -604,6 +645,9 @@ class DiskTier:
                 os.pwrite(fd, self._scratch.get(PAGE), 0)
             finally:
                 os.close(fd)
+            found = dio_alignment(probe)
+            if found is not None and found[1] <= PAGE:
+                self.dio_mem_align, self.dio_align = max(found[0], 1), max(found[1], 512)
             return True
         except OSError as exc:
             warnings.warn(
@@ -646,13 +690,15 @@ class DiskTier:
         return head, payload
 
     def _pread_checked(
-        self, fd: int, pages: int, parts: list[memoryview], nbytes: int, aligned: bool = False
+        self, fd: int, pages: int, parts: list[memoryview], nbytes: int, aligned: bool = False,
+        rows: np.ndarray | None = None,
     ) -> tuple[bytes | memoryview, str | None]:
         """Read the chunk behind ``fd`` with its payload scattered into ``parts`` (byte views totalling
         ``nbytes``, in order) and check its size and crc32c.  Returns ``(header page, problem)``:
         ``problem`` is ``None`` for a sound chunk, else what is wrong (the caller names the file).
         ``aligned``: every part starts and ends on a :attr:`dio_align` boundary (see :func:`dio_aligned`),
-        so a direct read may land the payload in them without a bounce buffer."""
+        so a direct read may land the payload in them without a bounce buffer.  ``rows``: the array
+        ``parts`` are views of (see :func:`_parts_and_rows`), so a bounce buffer is copied out in one go."""
         size = pages * PAGE + CRC_BYTES
         if self.direct_io:
             if aligned and self._dio_into:
@@ -685,13 +731,16 @@ class DiskTier:
             crc = self._crc(buf[: size - CRC_BYTES])
             if parts:
                 # numpy copies without the GIL (a memoryview slice assignment holds it): the other I/O
-                # threads keep issuing reads meanwhile.
+                # threads keep issuing reads meanwhile; and one call fills every run of a strided out.
                 src = np.frombuffer(buf, np.uint8, nbytes, HEADER_BYTES)
-                pos = 0
-                for part in parts:
-                    n = part.nbytes
-                    np.copyto(np.frombuffer(part, np.uint8), src[pos : pos + n])
-                    pos += n
+                if rows is not None:
+                    np.copyto(rows, src.reshape(rows.shape))
+                else:
+                    pos = 0
+                    for part in parts:
+                        n = part.nbytes
+                        np.copyto(np.frombuffer(part, np.uint8), src[pos : pos + n])
+                        pos += n
             head, tail_crc = buf[:HEADER_BYTES], buf[size - CRC_BYTES : size]
         else:
             scratch = self._scratch
@@ -769,7 +818,8 @@ class DiskTier:
             raise CorruptEntryError(f"{self._chunk_file(slot)} holds another entry than the index expects")
 
     def _read_payload_into(
-        self, slot: Slot, header: EntryHeader, parts: list[memoryview], aligned: bool = False
+        self, slot: Slot, header: EntryHeader, parts: list[memoryview], aligned: bool = False,
+        rows: np.ndarray | None = None,
     ) -> None:
         """Read ``slot``'s verified payload into ``parts`` (byte views totalling ``slot.nbytes``;
         ``aligned`` as in :meth:`_pread_checked`)."""
@@ -793,7 +843,7 @@ class DiskTier:
                 except FileNotFoundError:
                     raise CorruptEntryError(f"{path} is missing") from None
             try:
-                head, problem = self._pread_checked(handle.fd, pages, parts, slot.nbytes, aligned)
+                head, problem = self._pread_checked(handle.fd, pages, parts, slot.nbytes, aligned, rows)
             finally:
                 fds.release(handle)
             if problem is not None:
@@ -827,18 +877,18 @@ class DiskTier:
         ``tiercache_index`` = the first damaged item's position; other I/O failures raise ``OSError``.
         Thread-safe for distinct slots."""
         direct = self.direct_io and self._dio_into  # payloads may land in out without a bounce copy
-        align = self.dio_align
+        align, mem_align = self.dio_align, self.dio_mem_align
         if len(items) == 1:  # a single get: no closure, no thread bookkeeping
             slot, header, out = items[0]
+            parts, rows = _parts_and_rows(out, slot.nbytes)
             try:
-                self._read_payload_into(slot, header, byte_parts(out, slot.nbytes),
-                                        direct and dio_aligned(out, slot.nbytes, align))
+                self._read_payload_into(slot, header, parts, direct and dio_aligned(out, slot.nbytes, align, mem_align), rows)
             except CorruptEntryError as exc:
                 exc.tiercache_index = 0  # type: ignore[attr-defined]
                 raise
             return
-        parts = [byte_parts(out, slot.nbytes, i) for i, (slot, _, out) in enumerate(items)]
-        aligned = ([dio_aligned(out, slot.nbytes, align) for slot, _, out in items] if direct
+        parts, rows = zip(*[_parts_and_rows(out, slot.nbytes, i) for i, (slot, _, out) in enumerate(items)])
+        aligned = ([dio_aligned(out, slot.nbytes, align, mem_align) for slot, _, out in items] if direct
                    else [False] * len(items))
         n = len(items)
         # Each thread takes the next unread item (itertools.count's next is atomic under the GIL) rather
@@ -855,7 +905,7 @@ class DiskTier:
                     return
                 slot, header, _ = items[i]
                 try:
-                    read(slot, header, parts[i], aligned[i])
+                    read(slot, header, parts[i], aligned[i], rows[i])
                 except CorruptEntryError as exc:
                     exc.tiercache_index = i  # type: ignore[attr-defined]
                     raise

@@ -217,8 +217,12 @@ def _aligned(shape, dtype=torch.float32):
     return torch.frombuffer(raw, dtype=torch.uint8)[: count * dtype.itemsize].view(dtype).view(shape)
 
 
-def test_dio_aligned_says_which_destinations_a_direct_read_may_fill():
-    from tiercache.tiers.disk import dio_aligned
+def test_dio_aligned_says_which_destinations_a_direct_read_may_fill(tmp_path):
+    from tiercache.tiers.disk import dio_aligned, dio_alignment
+
+    (tmp_path / "f").write_bytes(b"x")
+    found = dio_alignment(str(tmp_path / "f"))  # None where the kernel or filesystem does not say
+    assert found is None or (found[0] >= 1 and found[1] >= 1)
 
     whole = _aligned((2, 3, 64, 64))  # rows of 16 KiB, page-aligned base
     assert whole.data_ptr() % PAGE == 0
@@ -226,6 +230,8 @@ def test_dio_aligned_says_which_destinations_a_direct_read_may_fill():
     assert dio_aligned(whole[:, :, 16:32], 2 * 3 * 16 * 64 * 4, 512)  # runs of 4 KiB at 4 KiB offsets
     assert not dio_aligned(whole[:, :, 1:3], 2 * 3 * 2 * 64 * 4, 512)  # 512-byte runs at 256-byte offsets
     assert not dio_aligned(whole.view(-1)[16 : 16 + 1024], 4096, 512)  # base 64 bytes past a boundary
+    assert dio_aligned(whole.view(-1)[16 : 16 + 1024], 4096, 512, 4)  # fine where memory needs 4 (NVMe)
+    assert dio_aligned(whole[:, :, 1:9], 2 * 3 * 8 * 64 * 4, 512, 4)  # 2 KiB runs at 256-byte offsets
     assert not dio_aligned(whole.view(-1)[:100], 400, 512)  # a length the device cannot read directly
     assert not dio_aligned(whole.view(-1)[:0], 0, 512)
 
@@ -300,6 +306,7 @@ def test_a_device_refusing_the_alignment_falls_back_to_pages_then_to_the_bounce_
     import errno
 
     tier = _direct_tier(tmp_path)
+    tier.dio_align = tier.dio_mem_align = 512  # what statx reports for most disks
     data = make_value(torch.float32, (1024,), 6)  # 4 KiB
     slot, head = store(tier, "v", data)
     real = os.preadv
