@@ -15,6 +15,16 @@ from .state import Release, log
 from .values import check_header
 
 
+def _fast_key(data: bytes) -> Hashable:
+    """:func:`~tiercache.keys.decode_key`, with the common int key (``b"i" | u32 length | ascii digits``)
+    decoded inline: the same result and the same ``ValueError`` for anything malformed."""
+    if type(data) is bytes and data[:1] == b"i" and len(data) > 5 and int.from_bytes(data[1:5], "little") == len(data) - 5:
+        text = data[5:]
+        if text[:1] != b"-" and text.isdigit():  # canonical non-negative digits (isdigit: ASCII only)
+            return int(text)
+    return decode_key(data)
+
+
 class Persistence(Moves):
     def _recover(self) -> None:
         """Rebuild the index from the persistent tiers (once, at open).  Each recovered header is checked
@@ -34,16 +44,22 @@ class Persistence(Moves):
 
     def _rebuild_index(self) -> None:
         rank = self._policy.rank
+        index = self._index
         for tier_index, tier in enumerate(self._tiers):
             if not tier.persistent:
                 continue
             loaded: dict[Hashable, Entry] = {}  # this tier's entries, ranked in bulk below
             seq = self._seq
+            # check_header depends only on (dtype, shape, nbytes), which most entries share: checked once each
+            forms: dict[tuple[str, tuple[int, ...], int], object] = {}
             for found in tier.recover():
                 header = found.header
                 try:
-                    key = decode_key(header.key)
-                    dtype = check_header(header)
+                    key = _fast_key(header.key)
+                    form = (header.dtype, header.shape, header.nbytes)
+                    dtype = forms.get(form)
+                    if dtype is None:
+                        dtype = forms[form] = check_header(header)
                 except (ValueError, CorruptEntryError) as exc:  # one damaged header costs one entry
                     log.warning("tiercache: dropping a damaged %s entry: %s", tier.name, exc)
                     self._counters.corruptions += 1
@@ -52,7 +68,7 @@ class Persistence(Moves):
                     continue
                 if header.seq > seq:
                     seq = header.seq
-                previous = loaded.get(key) or self._index.get(key)
+                previous = loaded.get(key) or (index.get(key) if index else None)
                 if previous is not None:  # two copies of a key: keep the newer one
                     if previous.seq >= header.seq:
                         tier.discard(found.slot)

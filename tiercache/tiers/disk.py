@@ -339,6 +339,7 @@ class DiskTier:
         self._index_path = os.path.join(self._root, journal.INDEX_NAME)
         self._tomb_path = os.path.join(self._root, journal.TOMBSTONES_NAME)
         self._used = 0
+        self._loaded_bytes = 0  # what the entries of a loaded index charge (their sum, computed in bulk)
         self._free_rows: dict[int, list[int]] = {}  # rows freed since open, per size class
         self._next_row: dict[int, int] = {}  # allocation cursor per size class
         self._taken: dict[int, set[int]] = {}  # rows recovery found occupied (the cursor skips them)
@@ -535,6 +536,8 @@ class DiskTier:
             for pages, mtime in loaded.class_mtimes.items():
                 if self._class_stamp(pages) != mtime:
                     raise CorruptEntryError(f"slots/{pages} changed since the index was written")
+            if not set(loaded.pages) <= loaded.class_mtimes.keys():
+                raise CorruptEntryError("the index names a size class it does not list")
         except (CorruptEntryError, OSError, ValueError) as exc:
             _unlink_quiet(self._index_path)
             self._index_live = False
@@ -552,11 +555,17 @@ class DiskTier:
             for p, r in zip(loaded.pages, loaded.rows):
                 self._taken.setdefault(p, set()).add(r)
         new_entry, new_slot = journal.fast_constructor(RecoveredEntry), journal.fast_constructor(Slot)
+        new_header, blob, forms = journal.new_header, loaded.blob, loaded.forms
+        charged = {p: p * PAGE + CRC_BYTES for p in loaded.class_mtimes}
+        # One pass builds each header, slot and entry (a comprehension's "for x in (y,)" is an assignment).
         entries = [
-            new_entry(h, new_slot((p, r), h.nbytes, p * PAGE + CRC_BYTES))
-            for p, r, h in zip(loaded.pages, loaded.rows, loaded.headers)
+            new_entry(new_header(blob[a:b], dtype, shape, nbytes, s), new_slot((p, r), nbytes, charged[p]))
+            for p, r, a, b, f, s in zip(loaded.pages, loaded.rows, loaded.starts, loaded.ends, loaded.form_ids,
+                                        loaded.seqs)
+            for dtype, shape, nbytes in (forms[f],)
         ]
         self._headers = {e.slot.ref: e.header for e in entries}  # type: ignore[misc]
+        self._loaded_bytes = PAGE * sum(loaded.pages) + CRC_BYTES * len(entries)
         return entries
 
     # -- I/O ------------------------------------------------------------------------------------------
@@ -983,7 +992,7 @@ class DiskTier:
         finally:
             if collecting:
                 gc.enable()
-        stored = sum(e.slot.charged for e in entries)
+        stored = self._loaded_bytes if self.index_state == "loaded" else sum(e.slot.charged for e in entries)
         if stored > self.capacity:
             self._taken.clear()
             self._headers.clear()
