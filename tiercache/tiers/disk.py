@@ -37,6 +37,7 @@ import os
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -65,7 +66,7 @@ from .disk_format import (
 )
 
 __all__ = [
-    "DiskTier", "DiskOverBudgetError", "FORMAT_VERSION", "PAGE", "HEADER_BYTES", "CRC_BYTES", "SLOT_ROWS",
+    "DiskTier", "DiskOverBudgetError", "RecoveredColumns", "FORMAT_VERSION", "PAGE", "HEADER_BYTES", "CRC_BYTES", "SLOT_ROWS",
     "byte_parts", "class_pages", "decode_header", "dio_aligned", "encode_header", "prepare_store_dir",
 ]
 
@@ -81,6 +82,21 @@ PIPELINE_PIECE = 1 << 20
 # hand-offs cost more than the reads they overlap.
 MIN_BYTES_PER_THREAD = 256 << 10
 MIN_CAPACITY = PAGE + CRC_BYTES  # the smallest entry: an empty value's header page and checksum
+
+
+@dataclass
+class RecoveredColumns:
+    """The entries of a store whose index was loaded, column-wise (:meth:`DiskTier.recover_columns`):
+    entry ``i`` has key encoding ``keys[i]``, header form ``forms[form_ids[i]]`` = ``(dtype, shape,
+    nbytes)`` (each form validated with ``check_header`` when the index was read), sequence number
+    ``seqs[i]`` and slot ``slots[i]``.  What :meth:`DiskTier.recover` yields, without one header object and
+    one ``RecoveredEntry`` per entry."""
+
+    keys: list[bytes]
+    forms: list[tuple[str, tuple[int, ...], int]]
+    form_ids: list[int]
+    seqs: list[int]
+    slots: list[Slot]
 
 
 class DiskOverBudgetError(OverBudgetError):
@@ -343,7 +359,9 @@ class DiskTier:
         self._free_rows: dict[int, list[int]] = {}  # rows freed since open, per size class
         self._next_row: dict[int, int] = {}  # allocation cursor per size class
         self._taken: dict[int, set[int]] = {}  # rows recovery found occupied (the cursor skips them)
-        self._headers: dict[tuple[int, int], EntryHeader] = {}  # live chunk files: what the index persists
+        # live chunk files: what the index persists (a value is a position in _loaded after recover_columns)
+        self._headers: dict[tuple[int, int], EntryHeader | int] = {}
+        self._loaded: journal.LoadedIndex | None = None
         self._arrays: set[int] = set()
         self._lock = threading.Lock()
         self._index_live = os.path.exists(self._index_path)  # remove index.tc before the first change
@@ -517,7 +535,7 @@ class DiskTier:
                 pass
         return out
 
-    def _load_index(self) -> list[RecoveredEntry] | None:
+    def _load_index(self, columns: bool = False) -> list[RecoveredEntry] | RecoveredColumns | None:
         try:
             with open(self._index_path, "rb") as f:
                 raw = f.read()
@@ -557,6 +575,16 @@ class DiskTier:
         new_entry, new_slot = journal.fast_constructor(RecoveredEntry), journal.fast_constructor(Slot)
         new_header, blob, forms = journal.new_header, loaded.blob, loaded.forms
         charged = {p: p * PAGE + CRC_BYTES for p in loaded.class_mtimes}
+        self._loaded_bytes = PAGE * sum(loaded.pages) + CRC_BYTES * len(loaded.pages)
+        if columns:
+            # _headers holds each entry's position in the index; _header_of builds its header when needed
+            self._loaded = loaded
+            self._headers = dict(zip(zip(loaded.pages, loaded.rows), range(len(loaded.pages))))  # type: ignore[arg-type]
+            form_nbytes = [form[2] for form in forms]
+            slots = [new_slot((p, r), form_nbytes[f], charged[p])
+                     for p, r, f in zip(loaded.pages, loaded.rows, loaded.form_ids)]
+            return RecoveredColumns([blob[a:b] for a, b in zip(loaded.starts, loaded.ends)], forms,
+                                    loaded.form_ids, loaded.seqs, slots)
         # One pass builds each header, slot and entry (a comprehension's "for x in (y,)" is an assignment).
         entries = [
             new_entry(new_header(blob[a:b], dtype, shape, nbytes, s), new_slot((p, r), nbytes, charged[p]))
@@ -565,8 +593,11 @@ class DiskTier:
             for dtype, shape, nbytes in (forms[f],)
         ]
         self._headers = {e.slot.ref: e.header for e in entries}  # type: ignore[misc]
-        self._loaded_bytes = PAGE * sum(loaded.pages) + CRC_BYTES * len(entries)
         return entries
+
+    def _header_of(self, stored: EntryHeader | int) -> EntryHeader:
+        """A value of ``_headers``: a header, or (after :meth:`recover_columns`) a position in the index."""
+        return self._loaded.header(stored) if type(stored) is int else stored  # type: ignore[union-attr,arg-type]
 
     # -- I/O ------------------------------------------------------------------------------------------
     def write(self, slot: Slot, data: torch.Tensor, header: EntryHeader) -> None:
@@ -957,6 +988,8 @@ class DiskTier:
         self._fds.forget(slot.ref)
         with self._lock:
             header = self._headers.pop((pages, row), None)
+            if header is not None:
+                header = self._header_of(header)
             self._prefixes.pop((pages, row), None)
         try:
             os.unlink(path)
@@ -983,16 +1016,25 @@ class DiskTier:
         """The entries of the store: from ``index.tc`` when it is valid, else by scanning the chunk files
         (the newest valid copy of each key wins; stale, damaged and tombstoned files are deleted).  Raises
         :class:`DiskOverBudgetError` before yielding anything when they exceed the budget."""
+        yield from self._recover(False)[1]
+
+    def recover_columns(self) -> tuple[RecoveredColumns | None, list[RecoveredEntry]]:
+        """:meth:`recover` for a caller that takes columns: ``(columns, [])`` when ``index.tc`` was loaded
+        (no header object is built per entry), else ``(None, entries)`` (what :meth:`recover` yields).
+        The same checks and effects; :class:`DiskOverBudgetError` likewise, raised here."""
+        return self._recover(True)
+
+    def _recover(self, columns: bool) -> tuple[RecoveredColumns | None, list[RecoveredEntry]]:
         collecting = gc.isenabled()
         gc.disable()  # building ~1e5 small objects: generation-2 passes would cost more than the load
         try:
-            entries = self._load_index()
+            entries = self._load_index(columns)
             if entries is None:
                 entries = self._scan()
         finally:
             if collecting:
                 gc.enable()
-        stored = self._loaded_bytes if self.index_state == "loaded" else sum(e.slot.charged for e in entries)
+        stored = self._loaded_bytes if self.index_state == "loaded" else sum(e.slot.charged for e in entries)  # type: ignore[union-attr]
         if stored > self.capacity:
             self._taken.clear()
             self._headers.clear()
@@ -1002,14 +1044,16 @@ class DiskTier:
         for pages, row in self._tomb_rows:
             self._taken.setdefault(pages, set()).add(row)
         if self.index_state != "loaded":  # the index path filled these in bulk
-            for entry in entries:
+            for entry in entries:  # type: ignore[union-attr]
                 pages, row = entry.slot.ref  # type: ignore[misc]
                 self._taken.setdefault(pages, set()).add(row)
                 self._headers[(pages, row)] = entry.header
                 self._seq_high = max(self._seq_high, entry.header.seq)
         self._used = stored
         self._complete = True
-        yield from entries
+        if isinstance(entries, RecoveredColumns):
+            return entries, []
+        return None, entries  # type: ignore[return-value]
 
     @property
     def seq_high_water(self) -> int:
@@ -1154,7 +1198,9 @@ class DiskTier:
         try:
             with self._lock:
                 newest: dict[bytes, tuple[int, int, EntryHeader]] = {}
+                header_of = self._header_of
                 for (p, r), h in self._headers.items():
+                    h = header_of(h)
                     other = newest.get(h.key)
                     if other is None or other[2].seq < h.seq:
                         newest[h.key] = (p, r, h)

@@ -62,7 +62,7 @@ new_header = _new_header
 class LoadedIndex:
     """A decoded index, column-wise: entry ``i`` is in slot ``(pages[i], rows[i])`` with key
     ``blob[starts[i]:ends[i]]``, sequence number ``seqs[i]`` and form ``forms[form_ids[i]]`` (dtype, shape,
-    nbytes); :attr:`headers` builds its :class:`EntryHeader`\ s (the disk tier builds them along with its
+    nbytes); :attr:`headers` builds their headers (the disk tier builds them along with its
     entries, in one pass)."""
 
     seq_high_water: int
@@ -75,6 +75,10 @@ class LoadedIndex:
     starts: list[int]
     ends: list[int]
     blob: bytes
+
+    def header(self, i: int) -> EntryHeader:
+        """Entry ``i``'s header."""
+        return _new_header(self.blob[self.starts[i] : self.ends[i]], *self.forms[self.form_ids[i]], self.seqs[i])
 
     @property
     def headers(self) -> list[EntryHeader]:

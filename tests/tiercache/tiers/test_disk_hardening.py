@@ -523,3 +523,47 @@ def test_rewriting_a_slot_is_never_read_through_a_stale_descriptor(tmp_path):
     tier.discard(slot)
     with pytest.raises(CorruptEntryError, match="missing"):
         tier.read(slot, second)
+
+
+def test_recover_columns_is_recover_without_per_entry_headers(tmp_path, monkeypatch):
+    from tiercache.tiers import disk as disk_module
+
+    tier, items = _filled_tier(tmp_path / "d", 5)
+    tier.close()
+    plain = DiskTier(tmp_path / "d", 1 << 22)
+    expected = {f.header.key: f for f in plain.recover()}
+    plain.close()  # unchanged: the index stays
+    bulk = DiskTier(tmp_path / "d", 1 << 22)
+    columns, rest = bulk.recover_columns()
+    assert rest == [] and columns is not None and bulk.describe()["index"] == "loaded"
+    got = {k: (EntryHeader(k, *columns.forms[f], s), slot)
+           for k, f, s, slot in zip(columns.keys, columns.form_ids, columns.seqs, columns.slots)}
+    assert {k: (e.header, e.slot) for k, e in expected.items()} == got
+    assert bulk.used == sum(e.slot.charged for e in expected.values())
+    # a loaded entry's header is built when a delete needs it (the tombstone records its seq) ...
+    victim = got[encode_key(2)][1]
+    real_unlink = os.unlink
+
+    def refuse(path, *a, **kw):
+        if str(path).endswith(disk_module.chunk_name(victim.ref[1])) and f"/{victim.ref[0]}/" in str(path):
+            raise PermissionError(13, "Permission denied")
+        return real_unlink(path, *a, **kw)
+
+    monkeypatch.setattr(disk_module.os, "unlink", refuse)
+    bulk.discard(victim)
+    bulk.free(victim)
+    monkeypatch.setattr(disk_module.os, "unlink", real_unlink)
+    assert bulk.tombstoned == 1
+    slot = bulk.allocate(10)
+    bulk.write(slot, value(7, 10), header_for("new", 10, seq=50))
+    bulk.close()  # ... and when close writes the index again
+    again = DiskTier(tmp_path / "d", 1 << 22)
+    found = {f.header.key: f.header for f in again.recover()}
+    assert found == {**{k: e.header for k, e in expected.items() if k != encode_key(2)},
+                     encode_key("new"): header_for("new", 10, seq=50)}
+    again.close()
+    last = DiskTier(tmp_path / "d", 1 << 22)
+    columns, rest = last.recover_columns()
+    assert last.describe()["index"] == "loaded" and columns is not None
+    assert set(columns.keys) == set(found)
+    last.close()
