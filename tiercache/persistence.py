@@ -105,7 +105,6 @@ class Persistence(Moves):
                 )
         self._flush_finish_later()
 
-
     def _load_columns(self, tier, tier_index: int, columns, loaded: dict[Hashable, Entry], seq: int) -> int:
         """``_rebuild_index``'s loop over a persistent tier's entries given column-wise (the disk tier's
         loaded index, ``DiskTier.recover_columns``): the same checks and outcome, without a header object per
@@ -119,11 +118,13 @@ class Persistence(Moves):
             except CorruptEntryError as exc:
                 dtypes.append(exc)
         forms = columns.forms
+        bad_forms = {i for i, d in enumerate(dtypes) if isinstance(d, CorruptEntryError)}
+        others = bool(index)  # entries of earlier tiers a key may duplicate (else only this tier's)
         for key_bytes, form_id, entry_seq, slot in zip(columns.keys, columns.form_ids, columns.seqs, columns.slots):
             dtype = dtypes[form_id]
             try:
-                if isinstance(dtype, CorruptEntryError):
-                    raise dtype
+                if bad_forms and form_id in bad_forms:
+                    raise dtype  # type: ignore[misc]
                 # decode_key, with the common int key inlined (see _fast_key)
                 if key_bytes[:1] == b"i" and int.from_bytes(key_bytes[1:5], "little") == len(key_bytes) - 5 \
                         and key_bytes[5:6] != b"-" and key_bytes[5:].isdigit():
@@ -138,7 +139,9 @@ class Persistence(Moves):
                 continue
             if entry_seq > seq:
                 seq = entry_seq
-            previous = loaded.get(key) or (index.get(key) if index else None)
+            previous = loaded.get(key)
+            if previous is None and others:
+                previous = index.get(key)
             if previous is not None:  # two copies of a key: keep the newer one
                 if previous.seq >= entry_seq:
                     tier.discard(slot)
@@ -150,9 +153,12 @@ class Persistence(Moves):
                     self._queues[previous.level].remove(previous)
                     previous.version += 1  # its queue item is stale now
             _, shape, nbytes = forms[form_id]
-            entry = Entry(key, nbytes, name, 0, 0, 0, 0.0, key_bytes, dtype, shape, entry_seq, tier_index, slot)
-            loaded[key] = entry
-            index[key] = entry
+            loaded[key] = entry = Entry(key, nbytes, name, 0, 0, 0, 0.0, key_bytes, dtype, shape, entry_seq,
+                                        tier_index, slot)
+            if others:
+                index[key] = entry
+        if not others:
+            index.update(loaded)
         return seq
 
     def _persist(self, reason: str) -> int:
