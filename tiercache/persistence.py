@@ -19,9 +19,9 @@ from .values import check_header
 def _fast_key(data: bytes) -> Hashable:
     """:func:`~tiercache.keys.decode_key`, with the common int key (``b"i" | u32 length | ascii digits``)
     decoded inline: the same result and the same ``ValueError`` for anything malformed."""
-    if type(data) is bytes and data[:1] == b"i" and len(data) > 5 and int.from_bytes(data[1:5], "little") == len(data) - 5:
+    if type(data) is bytes and data[:1] == b"i" and int.from_bytes(data[1:5], "little") == len(data) - 5:
         text = data[5:]
-        if text[:1] != b"-" and text.isdigit():  # canonical non-negative digits (isdigit: ASCII only)
+        if text[:1] != b"-" and text.isdigit():  # ASCII digits (bytes.isdigit): int() reads them as decode_key does
             return int(text)
     return decode_key(data)
 

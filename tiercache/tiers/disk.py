@@ -66,8 +66,8 @@ from .disk_format import (
 )
 
 __all__ = [
-    "DiskTier", "DiskOverBudgetError", "RecoveredColumns", "FORMAT_VERSION", "PAGE", "HEADER_BYTES", "CRC_BYTES", "SLOT_ROWS",
-    "byte_parts", "class_pages", "decode_header", "dio_aligned", "encode_header", "prepare_store_dir",
+    "DiskTier", "DiskOverBudgetError", "RecoveredColumns", "FORMAT_VERSION", "PAGE", "HEADER_BYTES", "CRC_BYTES",
+    "SLOT_ROWS", "byte_parts", "class_pages", "decode_header", "dio_aligned", "encode_header", "prepare_store_dir",
 ]
 
 log = logging.getLogger(__name__)
@@ -124,29 +124,19 @@ def byte_parts(out: torch.Tensor, nbytes: int, index: int = 0) -> list[memoryvie
     any contiguous tensor (one view), or any tensor whose last dimension is contiguous, e.g. the block
     ``buf[:, :, j * B:(j + 1) * B]`` of a ``(batch, heads, tokens, head_dim)`` buffer (one view per run of
     contiguous memory: ``batch * heads`` here).  ``ValueError`` naming item ``index`` otherwise."""
-    return _parts_and_rows(out, nbytes, index)[0]
-
-
-def _parts_and_rows(out: torch.Tensor, nbytes: int, index: int = 0) -> tuple[list[memoryview], np.ndarray | None]:
-    """:func:`byte_parts` and the uint8 array they are views of: 1-D, or ``outer + (run,)`` for a strided
-    ``out`` (one copy into it fills every run at once); ``None`` when ``nbytes`` is 0."""
     if not out.is_cpu:
         raise ValueError(f"read_into item {index}: out must be a CPU tensor, not on {out.device}")
     if out.dtype is torch.uint8 and out.dim() == 1 and out.is_contiguous():
         if out.shape[0] != nbytes:
             raise ValueError(f"read_into item {index}: out holds {out.shape[0]} bytes, the payload is {nbytes}")
-        if not nbytes:
-            return [], None
-        arr = out.numpy()
-        return [memoryview(arr)], arr
+        return [memoryview(out.numpy())] if nbytes else []
     if out.numel() * out.element_size() != nbytes:
         raise ValueError(
             f"read_into item {index}: out holds {out.numel() * out.element_size()} bytes, the payload is {nbytes}")
     if not nbytes:
-        return [], None
+        return []
     if out.is_contiguous():
-        arr = out.reshape(-1).view(torch.uint8).numpy()
-        return [memoryview(arr)], arr
+        return [memoryview(out.reshape(-1).view(torch.uint8).numpy())]
     if out.stride(-1) != 1:
         raise ValueError(f"read_into item {index}: out's last dimension must be contiguous (stride 1)")
     arr = out.view(torch.uint8).numpy()
@@ -156,7 +146,7 @@ def _parts_and_rows(out: torch.Tensor, nbytes: int, index: int = 0) -> tuple[lis
         k -= 1
     outer = arr.shape[:k]
     rows = arr.reshape(outer + (inner,))
-    return [memoryview(rows[idx]) for idx in np.ndindex(*outer)], rows
+    return [memoryview(rows[idx]) for idx in np.ndindex(*outer)]
 
 
 def dio_aligned(out: torch.Tensor, nbytes: int, align: int, mem_align: int | None = None) -> bool:
@@ -579,13 +569,14 @@ class DiskTier:
         if columns:
             # _headers holds each entry's position in the index; _header_of builds its header when needed
             self._loaded = loaded
-            self._headers = dict(zip(zip(loaded.pages, loaded.rows), range(len(loaded.pages))))  # type: ignore[arg-type]
+            refs = zip(loaded.pages, loaded.rows)
+            self._headers = dict(zip(refs, range(len(loaded.pages))))  # type: ignore[arg-type]
             form_nbytes = [form[2] for form in forms]
             slots = [new_slot((p, r), form_nbytes[f], charged[p])
                      for p, r, f in zip(loaded.pages, loaded.rows, loaded.form_ids)]
             return RecoveredColumns([blob[a:b] for a, b in zip(loaded.starts, loaded.ends)], forms,
                                     loaded.form_ids, loaded.seqs, slots)
-        # One pass builds each header, slot and entry (a comprehension's "for x in (y,)" is an assignment).
+        # One pass builds each header, slot and entry ("for ... in (forms[f],)" unpacks the entry's form).
         entries = [
             new_entry(new_header(blob[a:b], dtype, shape, nbytes, s), new_slot((p, r), nbytes, charged[p]))
             for p, r, a, b, f, s in zip(loaded.pages, loaded.rows, loaded.starts, loaded.ends, loaded.form_ids,
@@ -730,15 +721,13 @@ class DiskTier:
         return head, payload
 
     def _pread_checked(
-        self, fd: int, pages: int, parts: list[memoryview], nbytes: int, aligned: bool = False,
-        rows: np.ndarray | None = None,
+        self, fd: int, pages: int, parts: list[memoryview], nbytes: int, aligned: bool = False
     ) -> tuple[bytes | memoryview, str | None]:
         """Read the chunk behind ``fd`` with its payload scattered into ``parts`` (byte views totalling
         ``nbytes``, in order) and check its size and crc32c.  Returns ``(header page, problem)``:
         ``problem`` is ``None`` for a sound chunk, else what is wrong (the caller names the file).
         ``aligned``: every part starts and ends on a :attr:`dio_align` boundary (see :func:`dio_aligned`),
-        so a direct read may land the payload in them without a bounce buffer.  ``rows``: the array
-        ``parts`` are views of (see :func:`_parts_and_rows`), so a bounce buffer is copied out in one go."""
+        so a direct read may land the payload in them without a bounce buffer."""
         size = pages * PAGE + CRC_BYTES
         if self.direct_io:
             if aligned and self._dio_into:
@@ -769,18 +758,12 @@ class DiskTier:
             if got != size:
                 return buf[:HEADER_BYTES], f"has the wrong size ({got} bytes read): truncated or overwritten"
             crc = self._crc(buf[: size - CRC_BYTES])
-            if parts:
-                # numpy copies without the GIL (a memoryview slice assignment holds it): the other I/O
-                # threads keep issuing reads meanwhile; and one call fills every run of a strided out.
-                src = np.frombuffer(buf, np.uint8, nbytes, HEADER_BYTES)
-                if rows is not None:
-                    np.copyto(rows, src.reshape(rows.shape))
-                else:
-                    pos = 0
-                    for part in parts:
-                        n = part.nbytes
-                        np.copyto(np.frombuffer(part, np.uint8), src[pos : pos + n])
-                        pos += n
+            # (a slice assignment holds the GIL for the copy; numpy's copy releases it, which measured
+            # slower here with four I/O threads on two busy cores: each copy then waits to take it back)
+            pos = HEADER_BYTES
+            for part in parts:
+                part[:] = buf[pos : pos + part.nbytes]
+                pos += part.nbytes
             head, tail_crc = buf[:HEADER_BYTES], buf[size - CRC_BYTES : size]
         else:
             scratch = self._scratch
@@ -858,8 +841,7 @@ class DiskTier:
             raise CorruptEntryError(f"{self._chunk_file(slot)} holds another entry than the index expects")
 
     def _read_payload_into(
-        self, slot: Slot, header: EntryHeader, parts: list[memoryview], aligned: bool = False,
-        rows: np.ndarray | None = None,
+        self, slot: Slot, header: EntryHeader, parts: list[memoryview], aligned: bool = False
     ) -> None:
         """Read ``slot``'s verified payload into ``parts`` (byte views totalling ``slot.nbytes``;
         ``aligned`` as in :meth:`_pread_checked`)."""
@@ -883,7 +865,7 @@ class DiskTier:
                 except FileNotFoundError:
                     raise CorruptEntryError(f"{path} is missing") from None
             try:
-                head, problem = self._pread_checked(handle.fd, pages, parts, slot.nbytes, aligned, rows)
+                head, problem = self._pread_checked(handle.fd, pages, parts, slot.nbytes, aligned)
             finally:
                 fds.release(handle)
             if problem is not None:
@@ -920,14 +902,15 @@ class DiskTier:
         align, mem_align = self.dio_align, self.dio_mem_align
         if len(items) == 1:  # a single get: no closure, no thread bookkeeping
             slot, header, out = items[0]
-            parts, rows = _parts_and_rows(out, slot.nbytes)
+            parts = byte_parts(out, slot.nbytes)
             try:
-                self._read_payload_into(slot, header, parts, direct and dio_aligned(out, slot.nbytes, align, mem_align), rows)
+                aligned = direct and dio_aligned(out, slot.nbytes, align, mem_align)
+                self._read_payload_into(slot, header, parts, aligned)
             except CorruptEntryError as exc:
                 exc.tiercache_index = 0  # type: ignore[attr-defined]
                 raise
             return
-        parts, rows = zip(*[_parts_and_rows(out, slot.nbytes, i) for i, (slot, _, out) in enumerate(items)])
+        parts = [byte_parts(out, slot.nbytes, i) for i, (slot, _, out) in enumerate(items)]
         aligned = ([dio_aligned(out, slot.nbytes, align, mem_align) for slot, _, out in items] if direct
                    else [False] * len(items))
         n = len(items)
@@ -945,7 +928,7 @@ class DiskTier:
                     return
                 slot, header, _ = items[i]
                 try:
-                    read(slot, header, parts[i], aligned[i], rows[i])
+                    read(slot, header, parts[i], aligned[i])
                 except CorruptEntryError as exc:
                     exc.tiercache_index = i  # type: ignore[attr-defined]
                     raise
@@ -1034,7 +1017,10 @@ class DiskTier:
         finally:
             if collecting:
                 gc.enable()
-        stored = self._loaded_bytes if self.index_state == "loaded" else sum(e.slot.charged for e in entries)  # type: ignore[union-attr]
+        if self.index_state == "loaded":
+            stored = self._loaded_bytes
+        else:
+            stored = sum(e.slot.charged for e in entries)  # type: ignore[union-attr]
         if stored > self.capacity:
             self._taken.clear()
             self._headers.clear()
