@@ -10,9 +10,20 @@ from typing import Hashable
 from .errors import CorruptEntryError, OverBudgetError, TierIOError
 from .index import Entry
 from .keys import decode_key
+from .tiers.base import EntryHeader
 from .moves import Moves
 from .state import Release, log
 from .values import check_header
+
+
+def _fast_key(data: bytes) -> Hashable:
+    """:func:`~tiercache.keys.decode_key`, with the common int key (``b"i" | u32 length | ascii digits``)
+    decoded inline: the same result and the same ``ValueError`` for anything malformed."""
+    if type(data) is bytes and data[:1] == b"i" and int.from_bytes(data[1:5], "little") == len(data) - 5:
+        text = data[5:]
+        if text[:1] != b"-" and text.isdigit():  # ASCII digits (bytes.isdigit): int() reads them as decode_key does
+            return int(text)
+    return decode_key(data)
 
 
 class Persistence(Moves):
@@ -34,16 +45,28 @@ class Persistence(Moves):
 
     def _rebuild_index(self) -> None:
         rank = self._policy.rank
+        index = self._index
         for tier_index, tier in enumerate(self._tiers):
             if not tier.persistent:
                 continue
             loaded: dict[Hashable, Entry] = {}  # this tier's entries, ranked in bulk below
             seq = self._seq
-            for found in tier.recover():
+            # check_header depends only on (dtype, shape, nbytes), which most entries share: checked once each
+            forms: dict[tuple[str, tuple[int, ...], int], object] = {}
+            # Column-wise where the tier offers it, unless its recover was replaced on the instance (a
+            # wrapper around recover must still see every entry).
+            bulk = getattr(tier, "recover_columns", None) if "recover" not in vars(tier) else None
+            columns, found_entries = bulk() if bulk is not None else (None, tier.recover())
+            if columns is not None:
+                seq = self._load_columns(tier, tier_index, columns, loaded, seq)
+            for found in found_entries:
                 header = found.header
                 try:
-                    key = decode_key(header.key)
-                    dtype = check_header(header)
+                    key = _fast_key(header.key)
+                    form = (header.dtype, header.shape, header.nbytes)
+                    dtype = forms.get(form)
+                    if dtype is None:
+                        dtype = forms[form] = check_header(header)
                 except (ValueError, CorruptEntryError) as exc:  # one damaged header costs one entry
                     log.warning("tiercache: dropping a damaged %s entry: %s", tier.name, exc)
                     self._counters.corruptions += 1
@@ -52,7 +75,7 @@ class Persistence(Moves):
                     continue
                 if header.seq > seq:
                     seq = header.seq
-                previous = loaded.get(key) or self._index.get(key)
+                previous = loaded.get(key) or (index.get(key) if index else None)
                 if previous is not None:  # two copies of a key: keep the newer one
                     if previous.seq >= header.seq:
                         tier.discard(found.slot)
@@ -82,6 +105,61 @@ class Persistence(Moves):
                 )
         self._flush_finish_later()
 
+    def _load_columns(self, tier, tier_index: int, columns, loaded: dict[Hashable, Entry], seq: int) -> int:
+        """``_rebuild_index``'s loop over a persistent tier's entries given column-wise (the disk tier's
+        loaded index, ``DiskTier.recover_columns``): the same checks and outcome, without a header object per
+        entry.  Returns the highest sequence number seen (at least ``seq``)."""
+        index = self._index
+        name = tier.name
+        dtypes: list[object] = []  # per form: its dtype, or the error that makes its entries damaged
+        for dtype_name, shape, nbytes in columns.forms:
+            try:
+                dtypes.append(check_header(EntryHeader(b"", dtype_name, shape, nbytes, 0)))
+            except CorruptEntryError as exc:
+                dtypes.append(exc)
+        forms = columns.forms
+        bad_forms = {i for i, d in enumerate(dtypes) if isinstance(d, CorruptEntryError)}
+        others = bool(index)  # entries of earlier tiers a key may duplicate (else only this tier's)
+        for key_bytes, form_id, entry_seq, slot in zip(columns.keys, columns.form_ids, columns.seqs, columns.slots):
+            dtype = dtypes[form_id]
+            try:
+                if bad_forms and form_id in bad_forms:
+                    raise dtype  # type: ignore[misc]
+                # decode_key, with the common int key inlined (see _fast_key)
+                if key_bytes[:1] == b"i" and int.from_bytes(key_bytes[1:5], "little") == len(key_bytes) - 5 \
+                        and key_bytes[5:6] != b"-" and key_bytes[5:].isdigit():
+                    key = int(key_bytes[5:])
+                else:
+                    key = decode_key(key_bytes)
+            except (ValueError, CorruptEntryError) as exc:  # one damaged header costs one entry
+                log.warning("tiercache: dropping a damaged %s entry: %s", name, exc)
+                self._counters.corruptions += 1
+                tier.discard(slot)
+                tier.free(slot)
+                continue
+            if entry_seq > seq:
+                seq = entry_seq
+            previous = loaded.get(key)
+            if previous is None and others:
+                previous = index.get(key)
+            if previous is not None:  # two copies of a key: keep the newer one
+                if previous.seq >= entry_seq:
+                    tier.discard(slot)
+                    tier.free(slot)
+                    continue
+                self._tiers[previous.level].discard(previous.slot)
+                self._tiers[previous.level].free(previous.slot)
+                if loaded.get(key) is not previous:  # already ranked in an earlier tier's queue
+                    self._queues[previous.level].remove(previous)
+                    previous.version += 1  # its queue item is stale now
+            _, shape, nbytes = forms[form_id]
+            loaded[key] = entry = Entry(key, nbytes, name, 0, 0, 0, 0.0, key_bytes, dtype, shape, entry_seq,
+                                        tier_index, slot)
+            if others:
+                index[key] = entry
+        if not others:
+            index.update(loaded)
+        return seq
 
     def _persist(self, reason: str) -> int:
         """Move upper-tier entries to the last (persistent) tier, highest rank first, dropping the

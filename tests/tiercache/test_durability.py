@@ -310,3 +310,37 @@ def test_damaged_chunk_after_reopen_is_never_served(tmp_path, how, compression):
         remaining = {k: v for k, v in values.items() if k != lost}
     with Cache(host="4KiB", disk="1MiB", path=store, compression=compression) as cache:
         check_all(cache, remaining)
+
+
+def test_a_damaged_key_in_a_loaded_index_costs_that_entry_only(tmp_path):
+    """The reopen path that takes the index column-wise checks each key as the scan would: one that does
+    not decode is a damaged entry (dropped, counted, its chunk removed), never a store that fails to open."""
+    from tiercache.tiers import disk_journal as journal
+    from tiercache.tiers.disk import _crc32c
+
+    store = tmp_path / "s"
+    keys = [0, 1, "two", ("t", 3), 4]
+    with Cache(host=None, disk="4MiB", path=store) as cache:
+        for i, key in enumerate(keys):
+            cache.put(key, value_for(i))
+    crc = _crc32c()
+    loaded = journal.decode_index((store / "index.tc").read_bytes(), crc)
+    headers = loaded.headers
+    bad = next(i for i, h in enumerate(headers) if h.key == encode_key(1))
+    headers[bad] = EntryHeader(b"i\x02\x00\x00\x00x1", headers[bad].dtype, headers[bad].shape, headers[bad].nbytes,
+                               headers[bad].seq)  # an int key that is not digits: passes the index's own checks
+    victim = store / "slots" / str(loaded.pages[bad]) / f"c.{loaded.rows[bad]}.0"
+    mtime = os.stat(victim.parent).st_mtime_ns
+    data = journal.encode_index(zip(loaded.pages, loaded.rows, headers), loaded.class_mtimes, loaded.seq_high_water, crc)
+    (store / "index.tc").write_bytes(data)
+    assert os.stat(victim.parent).st_mtime_ns == mtime  # the index still matches the size classes
+    with Cache(host=None, disk="4MiB", path=store) as cache:
+        assert cache.stats()["tiers"]["disk"]["index"] == "loaded"
+        assert sorted(map(str, cache.keys())) == sorted(str(k) for k in keys if k != 1)
+        assert cache.stats()["corruptions"] >= 1
+        assert not victim.exists()
+        for i, key in enumerate(keys):
+            if key != 1:
+                assert same_tensor(cache.get(key), value_for(i))
+    with Cache(host=None, disk="4MiB", path=store) as cache:
+        assert sorted(map(str, cache.keys())) == sorted(str(k) for k in keys if k != 1)

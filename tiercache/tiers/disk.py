@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import itertools
 import json
 import logging
 import mmap
@@ -36,6 +37,7 @@ import os
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -64,8 +66,8 @@ from .disk_format import (
 )
 
 __all__ = [
-    "DiskTier", "DiskOverBudgetError", "FORMAT_VERSION", "PAGE", "HEADER_BYTES", "CRC_BYTES", "SLOT_ROWS",
-    "byte_parts", "class_pages", "decode_header", "encode_header", "prepare_store_dir",
+    "DiskTier", "DiskOverBudgetError", "RecoveredColumns", "FORMAT_VERSION", "PAGE", "HEADER_BYTES", "CRC_BYTES",
+    "SLOT_ROWS", "byte_parts", "class_pages", "decode_header", "dio_aligned", "encode_header", "prepare_store_dir",
 ]
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,21 @@ PIPELINE_PIECE = 1 << 20
 # hand-offs cost more than the reads they overlap.
 MIN_BYTES_PER_THREAD = 256 << 10
 MIN_CAPACITY = PAGE + CRC_BYTES  # the smallest entry: an empty value's header page and checksum
+
+
+@dataclass
+class RecoveredColumns:
+    """The entries of a store whose index was loaded, column-wise (:meth:`DiskTier.recover_columns`):
+    entry ``i`` has key encoding ``keys[i]``, header form ``forms[form_ids[i]]`` = ``(dtype, shape,
+    nbytes)`` (each form validated with ``check_header`` when the index was read), sequence number
+    ``seqs[i]`` and slot ``slots[i]``.  What :meth:`DiskTier.recover` yields, without one header object and
+    one ``RecoveredEntry`` per entry."""
+
+    keys: list[bytes]
+    forms: list[tuple[str, tuple[int, ...], int]]
+    form_ids: list[int]
+    seqs: list[int]
+    slots: list[Slot]
 
 
 class DiskOverBudgetError(OverBudgetError):
@@ -130,6 +147,52 @@ def byte_parts(out: torch.Tensor, nbytes: int, index: int = 0) -> list[memoryvie
     outer = arr.shape[:k]
     rows = arr.reshape(outer + (inner,))
     return [memoryview(rows[idx]) for idx in np.ndindex(*outer)]
+
+
+def dio_aligned(out: torch.Tensor, nbytes: int, align: int, mem_align: int | None = None) -> bool:
+    """True when a direct (``O_DIRECT``) read may land ``nbytes`` straight in ``out``'s memory: every run
+    :func:`byte_parts` makes of it is a multiple of ``align`` long and starts on a ``mem_align``-byte
+    boundary (default ``align``): the kernel's rule for each segment of a direct read (Linux reports both
+    through ``statx(STATX_DIOALIGN)``: 512 and 512 on most disks, 512 and 4 on NVMe)."""
+    mem_align = align if mem_align is None else mem_align
+    if not nbytes or nbytes % align or out.data_ptr() % mem_align:
+        return False
+    if out.is_contiguous():
+        return True
+    size = out.element_size()
+    run = size  # bytes of the contiguous run at the end, as byte_parts merges it
+    for dim, stride in zip(reversed(out.shape), reversed(out.stride())):
+        if dim == 1:
+            continue
+        if stride * size == run:
+            run *= dim
+        elif (stride * size) % mem_align:
+            return False
+    return run % align == 0
+
+
+_STATX_DIOALIGN = 0x2000
+
+
+def dio_alignment(path: str) -> tuple[int, int] | None:
+    """``(memory, offset)`` alignment a direct read of the file at ``path`` needs, from
+    ``statx(STATX_DIOALIGN)`` (Linux 6.1+); ``None`` where the kernel or filesystem does not say."""
+    try:
+        import ctypes
+        import struct
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        statx = libc.statx
+    except (OSError, AttributeError):
+        return None
+    buf = ctypes.create_string_buffer(256)  # struct statx
+    if statx(-100, os.fsencode(path), 0, _STATX_DIOALIGN, buf) != 0:  # AT_FDCWD
+        return None
+    (mask,) = struct.unpack_from("<I", buf, 0)
+    mem, offset = struct.unpack_from("<II", buf, 152)  # stx_dio_mem_align, stx_dio_offset_align
+    if not mask & _STATX_DIOALIGN or not mem or not offset:
+        return None
+    return mem, offset
 
 
 def check_capacity(capacity: object) -> int:
@@ -222,6 +285,10 @@ class _Scratch(threading.local):
         self.head = memoryview(bytearray(HEADER_BYTES))
         self.tail = memoryview(bytearray(PAGE + CRC_BYTES + 1))
         self.aligned: dict[int, mmap.mmap] = {}
+        # Direct reads straight into the caller's memory land the header page and the tail (padding,
+        # checksum, and room to see a longer file) here: page-aligned, as O_DIRECT needs.
+        self.dhead = memoryview(mmap.mmap(-1, HEADER_BYTES))
+        self.dtail = memoryview(mmap.mmap(-1, 2 * PAGE))
 
     def get(self, size: int) -> memoryview:
         size = -(-size // PAGE) * PAGE
@@ -278,10 +345,13 @@ class DiskTier:
         self._index_path = os.path.join(self._root, journal.INDEX_NAME)
         self._tomb_path = os.path.join(self._root, journal.TOMBSTONES_NAME)
         self._used = 0
+        self._loaded_bytes = 0  # what the entries of a loaded index charge (their sum, computed in bulk)
         self._free_rows: dict[int, list[int]] = {}  # rows freed since open, per size class
         self._next_row: dict[int, int] = {}  # allocation cursor per size class
         self._taken: dict[int, set[int]] = {}  # rows recovery found occupied (the cursor skips them)
-        self._headers: dict[tuple[int, int], EntryHeader] = {}  # live chunk files: what the index persists
+        # live chunk files: what the index persists (a value is a position in _loaded after recover_columns)
+        self._headers: dict[tuple[int, int], EntryHeader | int] = {}
+        self._loaded: journal.LoadedIndex | None = None
         self._arrays: set[int] = set()
         self._lock = threading.Lock()
         self._index_live = os.path.exists(self._index_path)  # remove index.tc before the first change
@@ -310,6 +380,12 @@ class DiskTier:
         self.direct_io_requested = bool(direct_io)
         self.direct_io = False
         self._fds = FdCache(os.O_RDONLY)
+        # Direct reads into the caller's memory need its runs aligned to the device's logical block (512
+        # bytes nearly everywhere; the kernel refuses a misaligned one with EINVAL, and then this grows
+        # to a page, then gives up and reads through the bounce buffer).
+        self.dio_align = 512
+        self.dio_mem_align = 512
+        self._dio_into = True
         if self.direct_io_requested and self._codec is not None:
             warnings.warn("tiercache: direct_io applies to uncompressed disk tiers; using buffered I/O",
                           RuntimeWarning, stacklevel=2)
@@ -449,7 +525,7 @@ class DiskTier:
                 pass
         return out
 
-    def _load_index(self) -> list[RecoveredEntry] | None:
+    def _load_index(self, columns: bool = False) -> list[RecoveredEntry] | RecoveredColumns | None:
         try:
             with open(self._index_path, "rb") as f:
                 raw = f.read()
@@ -468,6 +544,8 @@ class DiskTier:
             for pages, mtime in loaded.class_mtimes.items():
                 if self._class_stamp(pages) != mtime:
                     raise CorruptEntryError(f"slots/{pages} changed since the index was written")
+            if not set(loaded.pages) <= loaded.class_mtimes.keys():
+                raise CorruptEntryError("the index names a size class it does not list")
         except (CorruptEntryError, OSError, ValueError) as exc:
             _unlink_quiet(self._index_path)
             self._index_live = False
@@ -485,12 +563,32 @@ class DiskTier:
             for p, r in zip(loaded.pages, loaded.rows):
                 self._taken.setdefault(p, set()).add(r)
         new_entry, new_slot = journal.fast_constructor(RecoveredEntry), journal.fast_constructor(Slot)
+        new_header, blob, forms = journal.new_header, loaded.blob, loaded.forms
+        charged = {p: p * PAGE + CRC_BYTES for p in loaded.class_mtimes}
+        self._loaded_bytes = PAGE * sum(loaded.pages) + CRC_BYTES * len(loaded.pages)
+        if columns:
+            # _headers holds each entry's position in the index; _header_of builds its header when needed
+            self._loaded = loaded
+            refs = zip(loaded.pages, loaded.rows)
+            self._headers = dict(zip(refs, range(len(loaded.pages))))  # type: ignore[arg-type]
+            form_nbytes = [form[2] for form in forms]
+            slots = [new_slot((p, r), form_nbytes[f], charged[p])
+                     for p, r, f in zip(loaded.pages, loaded.rows, loaded.form_ids)]
+            return RecoveredColumns([blob[a:b] for a, b in zip(loaded.starts, loaded.ends)], forms,
+                                    loaded.form_ids, loaded.seqs, slots)
+        # One pass builds each header, slot and entry ("for ... in (forms[f],)" unpacks the entry's form).
         entries = [
-            new_entry(h, new_slot((p, r), h.nbytes, p * PAGE + CRC_BYTES))
-            for p, r, h in zip(loaded.pages, loaded.rows, loaded.headers)
+            new_entry(new_header(blob[a:b], dtype, shape, nbytes, s), new_slot((p, r), nbytes, charged[p]))
+            for p, r, a, b, f, s in zip(loaded.pages, loaded.rows, loaded.starts, loaded.ends, loaded.form_ids,
+                                        loaded.seqs)
+            for dtype, shape, nbytes in (forms[f],)
         ]
         self._headers = {e.slot.ref: e.header for e in entries}  # type: ignore[misc]
         return entries
+
+    def _header_of(self, stored: EntryHeader | int) -> EntryHeader:
+        """A value of ``_headers``: a header, or (after :meth:`recover_columns`) a position in the index."""
+        return self._loaded.header(stored) if type(stored) is int else stored  # type: ignore[union-attr,arg-type]
 
     # -- I/O ------------------------------------------------------------------------------------------
     def write(self, slot: Slot, data: torch.Tensor, header: EntryHeader) -> None:
@@ -556,6 +654,20 @@ class DiskTier:
         finally:
             os.close(fd)
 
+    def _refuse_dio_alignment(self) -> None:
+        if self.dio_mem_align < 512:
+            log.info("tiercache: %s refused a direct read into %d-byte aligned memory; aligning to 512",
+                     self.root, self.dio_mem_align)
+            self.dio_mem_align = 512
+        elif self.dio_align < PAGE or self.dio_mem_align < PAGE:
+            log.info("tiercache: %s refused a %d-byte aligned direct read; aligning to %d", self.root,
+                     self.dio_align, PAGE)
+            self.dio_align = self.dio_mem_align = PAGE
+        else:
+            log.info("tiercache: %s refused a page-aligned direct read into the caller's memory; "
+                     "reading through a bounce buffer", self.root)
+            self._dio_into = False
+
     def _probe_direct_io(self) -> bool:
         probe = os.path.join(self._root, f".direct-io-probe.{os.getpid()}.{threading.get_ident()}")
         try:
@@ -564,6 +676,9 @@ class DiskTier:
                 os.pwrite(fd, self._scratch.get(PAGE), 0)
             finally:
                 os.close(fd)
+            found = dio_alignment(probe)
+            if found is not None and found[1] <= PAGE:
+                self.dio_mem_align, self.dio_align = max(found[0], 1), max(found[1], 512)
             return True
         except OSError as exc:
             warnings.warn(
@@ -606,18 +721,45 @@ class DiskTier:
         return head, payload
 
     def _pread_checked(
-        self, fd: int, pages: int, parts: list[memoryview], nbytes: int
+        self, fd: int, pages: int, parts: list[memoryview], nbytes: int, aligned: bool = False
     ) -> tuple[bytes | memoryview, str | None]:
         """Read the chunk behind ``fd`` with its payload scattered into ``parts`` (byte views totalling
         ``nbytes``, in order) and check its size and crc32c.  Returns ``(header page, problem)``:
-        ``problem`` is ``None`` for a sound chunk, else what is wrong (the caller names the file)."""
+        ``problem`` is ``None`` for a sound chunk, else what is wrong (the caller names the file).
+        ``aligned``: every part starts and ends on a :attr:`dio_align` boundary (see :func:`dio_aligned`),
+        so a direct read may land the payload in them without a bounce buffer."""
         size = pages * PAGE + CRC_BYTES
         if self.direct_io:
+            if aligned and self._dio_into:
+                scratch = self._scratch
+                pad = size - CRC_BYTES - HEADER_BYTES - nbytes  # a multiple of dio_align, as nbytes is
+                tail = scratch.dtail[: pad + PAGE]  # padding, checksum, and room to see a longer file
+                try:
+                    got = os.preadv(fd, [scratch.dhead, *parts, tail], 0)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    self._refuse_dio_alignment()
+                    got = -1
+                if got >= 0:
+                    head = scratch.dhead
+                    if got != size:
+                        return head, f"has the wrong size ({got} bytes read): truncated or overwritten"
+                    crc = self._crc(head)
+                    for part in parts:
+                        crc = self._crc(part, crc)
+                    if pad:
+                        crc = self._crc(tail[:pad], crc)
+                    if crc != int.from_bytes(tail[pad : pad + CRC_BYTES], "little"):
+                        return head, "failed its crc32c checksum"
+                    return head, None
             buf = self._scratch.get(size + PAGE)  # room to see a file longer than expected
             got = os.preadv(fd, [buf], 0)
             if got != size:
                 return buf[:HEADER_BYTES], f"has the wrong size ({got} bytes read): truncated or overwritten"
             crc = self._crc(buf[: size - CRC_BYTES])
+            # (a slice assignment holds the GIL for the copy; numpy's copy releases it, which measured
+            # slower here with four I/O threads on two busy cores: each copy then waits to take it back)
             pos = HEADER_BYTES
             for part in parts:
                 part[:] = buf[pos : pos + part.nbytes]
@@ -698,8 +840,11 @@ class DiskTier:
             decode_header(head)  # a damaged header says so in the error
             raise CorruptEntryError(f"{self._chunk_file(slot)} holds another entry than the index expects")
 
-    def _read_payload_into(self, slot: Slot, header: EntryHeader, parts: list[memoryview]) -> None:
-        """Read ``slot``'s verified payload into ``parts`` (byte views totalling ``slot.nbytes``)."""
+    def _read_payload_into(
+        self, slot: Slot, header: EntryHeader, parts: list[memoryview], aligned: bool = False
+    ) -> None:
+        """Read ``slot``'s verified payload into ``parts`` (byte views totalling ``slot.nbytes``;
+        ``aligned`` as in :meth:`_pread_checked`)."""
         ref = slot.ref
         pages = ref[0]  # type: ignore[index]
         if self._codec is not None:
@@ -720,7 +865,7 @@ class DiskTier:
                 except FileNotFoundError:
                     raise CorruptEntryError(f"{path} is missing") from None
             try:
-                head, problem = self._pread_checked(handle.fd, pages, parts, slot.nbytes)
+                head, problem = self._pread_checked(handle.fd, pages, parts, slot.nbytes, aligned)
             finally:
                 fds.release(handle)
             if problem is not None:
@@ -753,40 +898,53 @@ class DiskTier:
         filled by one vectored read; ``reads_strided``).  On damage raises ``CorruptEntryError`` with
         ``tiercache_index`` = the first damaged item's position; other I/O failures raise ``OSError``.
         Thread-safe for distinct slots."""
+        direct = self.direct_io and self._dio_into  # payloads may land in out without a bounce copy
+        align, mem_align = self.dio_align, self.dio_mem_align
         if len(items) == 1:  # a single get: no closure, no thread bookkeeping
             slot, header, out = items[0]
+            parts = byte_parts(out, slot.nbytes)
             try:
-                self._read_payload_into(slot, header, byte_parts(out, slot.nbytes))
+                aligned = direct and dio_aligned(out, slot.nbytes, align, mem_align)
+                self._read_payload_into(slot, header, parts, aligned)
             except CorruptEntryError as exc:
                 exc.tiercache_index = 0  # type: ignore[attr-defined]
                 raise
             return
         parts = [byte_parts(out, slot.nbytes, i) for i, (slot, _, out) in enumerate(items)]
+        aligned = ([dio_aligned(out, slot.nbytes, align, mem_align) for slot, _, out in items] if direct
+                   else [False] * len(items))
+        n = len(items)
+        # Each thread takes the next unread item (itertools.count's next is atomic under the GIL) rather
+        # than a fixed share: on a busy machine a descheduled thread's share would otherwise wait for it
+        # while the others idle.  Items are taken in order, so the lowest failed position is the first
+        # damaged item: every item before it was taken, and read, by some thread.
+        taken = itertools.count()
 
-        def run(lo: int, hi: int) -> None:
+        def run() -> None:
             read = self._read_payload_into
-            for i in range(lo, hi):
+            while True:
+                i = next(taken)
+                if i >= n:
+                    return
                 slot, header, _ = items[i]
                 try:
-                    read(slot, header, parts[i])
+                    read(slot, header, parts[i], aligned[i])
                 except CorruptEntryError as exc:
                     exc.tiercache_index = i  # type: ignore[attr-defined]
                     raise
 
-        n = len(items)
         workers = min(self._io_threads, n, max(1, sum(s.nbytes for s, _, _ in items) // MIN_BYTES_PER_THREAD))
         if workers <= 1:
-            run(0, n)
+            run()
             return
         if self._pool is None:
             with self._lock:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(self._io_threads, thread_name_prefix="tiercache-disk")
-        step = -(-n // workers)
-        futures = [self._pool.submit(run, lo, min(lo + step, n)) for lo in range(step, n, step)]
+        futures = [self._pool.submit(run) for _ in range(workers - 1)]
         errors = []
         try:
-            run(0, min(step, n))  # this thread takes the first share instead of waiting idle
+            run()  # this thread reads too instead of waiting idle
         except BaseException as exc:
             errors.append(exc)
         for future in futures:
@@ -813,6 +971,8 @@ class DiskTier:
         self._fds.forget(slot.ref)
         with self._lock:
             header = self._headers.pop((pages, row), None)
+            if header is not None:
+                header = self._header_of(header)
             self._prefixes.pop((pages, row), None)
         try:
             os.unlink(path)
@@ -839,16 +999,28 @@ class DiskTier:
         """The entries of the store: from ``index.tc`` when it is valid, else by scanning the chunk files
         (the newest valid copy of each key wins; stale, damaged and tombstoned files are deleted).  Raises
         :class:`DiskOverBudgetError` before yielding anything when they exceed the budget."""
+        yield from self._recover(False)[1]
+
+    def recover_columns(self) -> tuple[RecoveredColumns | None, list[RecoveredEntry]]:
+        """:meth:`recover` for a caller that takes columns: ``(columns, [])`` when ``index.tc`` was loaded
+        (no header object is built per entry), else ``(None, entries)`` (what :meth:`recover` yields).
+        The same checks and effects; :class:`DiskOverBudgetError` likewise, raised here."""
+        return self._recover(True)
+
+    def _recover(self, columns: bool) -> tuple[RecoveredColumns | None, list[RecoveredEntry]]:
         collecting = gc.isenabled()
         gc.disable()  # building ~1e5 small objects: generation-2 passes would cost more than the load
         try:
-            entries = self._load_index()
+            entries = self._load_index(columns)
             if entries is None:
                 entries = self._scan()
         finally:
             if collecting:
                 gc.enable()
-        stored = sum(e.slot.charged for e in entries)
+        if self.index_state == "loaded":
+            stored = self._loaded_bytes
+        else:
+            stored = sum(e.slot.charged for e in entries)  # type: ignore[union-attr]
         if stored > self.capacity:
             self._taken.clear()
             self._headers.clear()
@@ -858,14 +1030,16 @@ class DiskTier:
         for pages, row in self._tomb_rows:
             self._taken.setdefault(pages, set()).add(row)
         if self.index_state != "loaded":  # the index path filled these in bulk
-            for entry in entries:
+            for entry in entries:  # type: ignore[union-attr]
                 pages, row = entry.slot.ref  # type: ignore[misc]
                 self._taken.setdefault(pages, set()).add(row)
                 self._headers[(pages, row)] = entry.header
                 self._seq_high = max(self._seq_high, entry.header.seq)
         self._used = stored
         self._complete = True
-        yield from entries
+        if isinstance(entries, RecoveredColumns):
+            return entries, []
+        return None, entries  # type: ignore[return-value]
 
     @property
     def seq_high_water(self) -> int:
@@ -1010,7 +1184,9 @@ class DiskTier:
         try:
             with self._lock:
                 newest: dict[bytes, tuple[int, int, EntryHeader]] = {}
+                header_of = self._header_of
                 for (p, r), h in self._headers.items():
+                    h = header_of(h)
                     other = newest.get(h.key)
                     if other is None or other[2].seq < h.seq:
                         newest[h.key] = (p, r, h)

@@ -55,15 +55,35 @@ def fast_constructor(cls: type) -> Callable[..., object]:
 
 
 _new_header = fast_constructor(EntryHeader)
+new_header = _new_header
 
 
 @dataclass
 class LoadedIndex:
+    """A decoded index, column-wise: entry ``i`` is in slot ``(pages[i], rows[i])`` with key
+    ``blob[starts[i]:ends[i]]``, sequence number ``seqs[i]`` and form ``forms[form_ids[i]]`` (dtype, shape,
+    nbytes); :attr:`headers` builds their headers (the disk tier builds them along with its
+    entries, in one pass)."""
+
     seq_high_water: int
     class_mtimes: dict[int, tuple[int, int]]
     pages: list[int]
     rows: list[int]
-    headers: list[EntryHeader]
+    forms: list[tuple[str, tuple[int, ...], int]]
+    form_ids: list[int]
+    seqs: list[int]
+    starts: list[int]
+    ends: list[int]
+    blob: bytes
+
+    def header(self, i: int) -> EntryHeader:
+        """Entry ``i``'s header."""
+        return _new_header(self.blob[self.starts[i] : self.ends[i]], *self.forms[self.form_ids[i]], self.seqs[i])
+
+    @property
+    def headers(self) -> list[EntryHeader]:
+        blob, forms, make = self.blob, self.forms, _new_header
+        return [make(blob[a:b], *forms[f], s) for a, b, f, s in zip(self.starts, self.ends, self.form_ids, self.seqs)]
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -170,12 +190,9 @@ def decode_index(raw: bytes, crc: Crc) -> LoadedIndex:
         if n and (int(form_col.max()) >= n_forms or int(ends[-1]) != key_bytes or bool((np.diff(ends) < 0).any())):
             raise CorruptEntryError("index columns are inconsistent")
         blob = raw[pos : pos + key_bytes]
-        starts = [0, *ends[:-1].tolist()]
-        make = _new_header
-        headers = [
-            make(blob[a:b], *forms[f], s) for a, b, f, s in zip(starts, ends.tolist(), form_col.tolist(), seqs.tolist())
-        ]
-        return LoadedIndex(high, mtimes, pages_col.tolist(), rows_col.tolist(), headers)
+        ends_list = ends.tolist()
+        return LoadedIndex(high, mtimes, pages_col.tolist(), rows_col.tolist(), forms, form_col.tolist(),
+                           seqs.tolist(), [0, *ends_list[:-1]], ends_list, blob)
     except (struct.error, ValueError) as exc:
         raise CorruptEntryError(f"unreadable index: {exc}") from None
 

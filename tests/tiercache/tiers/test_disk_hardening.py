@@ -454,8 +454,11 @@ def test_direct_io_on_tmpfs_is_used_or_refused_with_a_warning(tmp_path):
 
 
 # -- the descriptor cache -------------------------------------------------------------------------------
-def test_fd_cache_never_closes_a_descriptor_in_use(tmp_path):
+def test_fd_cache_never_closes_a_descriptor_in_use(tmp_path, monkeypatch):
+    from tiercache.tiers import disk_fds
     from tiercache.tiers.disk_fds import FdCache
+
+    monkeypatch.setattr(disk_fds, "REPLACE_EVERY", 1)  # plain LRU: every miss of a full cache evicts
 
     files = []
     for i in range(3):
@@ -477,6 +480,37 @@ def test_fd_cache_never_closes_a_descriptor_in_use(tmp_path):
     cache.clear()
 
 
+def test_a_full_fd_cache_keeps_most_of_its_descriptors_through_a_cyclic_scan(tmp_path):
+    from tiercache.tiers.disk_fds import REPLACE_EVERY, FdCache
+
+    files = [tmp_path / f"f{i}" for i in range(40)]
+    for i, f in enumerate(files):
+        f.write_bytes(bytes([i]))
+    cache = FdCache(os.O_RDONLY, limit=20)
+    hits = 0
+    for sweep in range(3):  # the same 40 files in the same order, twice the cache's size
+        for i, f in enumerate(files):
+            handle = cache.lookup(i)
+            hits += handle is not None and sweep > 0
+            if handle is None:
+                handle = cache.acquire(i, str(f))
+            assert os.pread(handle.fd, 1, 0) == bytes([i])  # never another file's descriptor
+            cache.release(handle)
+        assert len(cache._open) == 20
+    # LRU would hit nothing here (every descriptor is evicted before its reuse); most of the resident set
+    # survives each sweep: of 40 reads per sweep, 20 are resident, less a few replaced per sweep
+    assert hits >= 2 * (20 - 2 * 20 // REPLACE_EVERY - 1)
+    uncached = cache.acquire("x", str(files[0]))  # a transient descriptor is closed by its release
+    if "x" not in cache._open:
+        cache.release(uncached)
+        with pytest.raises(OSError):
+            os.fstat(uncached.fd)
+    else:
+        cache.release(uncached)
+    cache.clear()
+    assert not cache._open
+
+
 def test_rewriting_a_slot_is_never_read_through_a_stale_descriptor(tmp_path):
     tier = DiskTier(tmp_path / "d", 1 << 20)
     slot = tier.allocate(100)
@@ -490,3 +524,47 @@ def test_rewriting_a_slot_is_never_read_through_a_stale_descriptor(tmp_path):
     tier.discard(slot)
     with pytest.raises(CorruptEntryError, match="missing"):
         tier.read(slot, second)
+
+
+def test_recover_columns_is_recover_without_per_entry_headers(tmp_path, monkeypatch):
+    from tiercache.tiers import disk as disk_module
+
+    tier, items = _filled_tier(tmp_path / "d", 5)
+    tier.close()
+    plain = DiskTier(tmp_path / "d", 1 << 22)
+    expected = {f.header.key: f for f in plain.recover()}
+    plain.close()  # unchanged: the index stays
+    bulk = DiskTier(tmp_path / "d", 1 << 22)
+    columns, rest = bulk.recover_columns()
+    assert rest == [] and columns is not None and bulk.describe()["index"] == "loaded"
+    got = {k: (EntryHeader(k, *columns.forms[f], s), slot)
+           for k, f, s, slot in zip(columns.keys, columns.form_ids, columns.seqs, columns.slots)}
+    assert {k: (e.header, e.slot) for k, e in expected.items()} == got
+    assert bulk.used == sum(e.slot.charged for e in expected.values())
+    # a loaded entry's header is built when a delete needs it (the tombstone records its seq) ...
+    victim = got[encode_key(2)][1]
+    real_unlink = os.unlink
+
+    def refuse(path, *a, **kw):
+        if str(path).endswith(disk_module.chunk_name(victim.ref[1])) and f"/{victim.ref[0]}/" in str(path):
+            raise PermissionError(13, "Permission denied")
+        return real_unlink(path, *a, **kw)
+
+    monkeypatch.setattr(disk_module.os, "unlink", refuse)
+    bulk.discard(victim)
+    bulk.free(victim)
+    monkeypatch.setattr(disk_module.os, "unlink", real_unlink)
+    assert bulk.tombstoned == 1
+    slot = bulk.allocate(10)
+    bulk.write(slot, value(7, 10), header_for("new", 10, seq=50))
+    bulk.close()  # ... and when close writes the index again
+    again = DiskTier(tmp_path / "d", 1 << 22)
+    found = {f.header.key: f.header for f in again.recover()}
+    assert found == {**{k: e.header for k, e in expected.items() if k != encode_key(2)},
+                     encode_key("new"): header_for("new", 10, seq=50)}
+    again.close()
+    last = DiskTier(tmp_path / "d", 1 << 22)
+    columns, rest = last.recover_columns()
+    assert last.describe()["index"] == "loaded" and columns is not None
+    assert set(columns.keys) == set(found)
+    last.close()

@@ -203,3 +203,126 @@ def test_a_single_damaged_read_into_names_position_zero(tmp_path):
         tier.read_into([(slot, head, torch.empty(5000, dtype=torch.uint8))])
     assert info.value.tiercache_index == 0
     tier.close()
+
+
+# -- direct reads straight into aligned destinations --------------------------------------------------------
+def _aligned(shape, dtype=torch.float32):
+    """A page-aligned tensor (anonymous mmap), as O_DIRECT needs to land reads in it."""
+    import mmap
+
+    count = 1
+    for d in shape:
+        count *= d
+    raw = mmap.mmap(-1, max(1, count * dtype.itemsize) + PAGE)
+    return torch.frombuffer(raw, dtype=torch.uint8)[: count * dtype.itemsize].view(dtype).view(shape)
+
+
+def test_dio_aligned_says_which_destinations_a_direct_read_may_fill(tmp_path):
+    from tiercache.tiers.disk import dio_aligned, dio_alignment
+
+    (tmp_path / "f").write_bytes(b"x")
+    found = dio_alignment(str(tmp_path / "f"))  # None where the kernel or filesystem does not say
+    assert found is None or (found[0] >= 1 and found[1] >= 1)
+
+    whole = _aligned((2, 3, 64, 64))  # rows of 16 KiB, page-aligned base
+    assert whole.data_ptr() % PAGE == 0
+    assert dio_aligned(whole, whole.nbytes, 512)
+    assert dio_aligned(whole[:, :, 16:32], 2 * 3 * 16 * 64 * 4, 512)  # runs of 4 KiB at 4 KiB offsets
+    assert not dio_aligned(whole[:, :, 1:3], 2 * 3 * 2 * 64 * 4, 512)  # 512-byte runs at 256-byte offsets
+    assert not dio_aligned(whole.view(-1)[16 : 16 + 1024], 4096, 512)  # base 64 bytes past a boundary
+    assert dio_aligned(whole.view(-1)[16 : 16 + 1024], 4096, 512, 4)  # fine where memory needs 4 (NVMe)
+    assert dio_aligned(whole[:, :, 1:9], 2 * 3 * 8 * 64 * 4, 512, 4)  # 2 KiB runs at 256-byte offsets
+    assert not dio_aligned(whole.view(-1)[:100], 400, 512)  # a length the device cannot read directly
+    assert not dio_aligned(whole.view(-1)[:0], 0, 512)
+
+
+def _direct_tier(tmp_path, **options):
+    if not _direct_io_ok(tmp_path):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    tier = DiskTier(tmp_path / "d", 1 << 24, direct_io=True, **options)
+    list(tier.recover())
+    assert tier.direct_io
+    return tier
+
+
+def _count_preadv(monkeypatch):
+    """Record how many buffers each preadv of the disk module is given (1: the bounce buffer)."""
+    seen = []
+    real = os.preadv
+
+    def spy(fd, buffers, offset, *rest):
+        seen.append(len(buffers))
+        return real(fd, buffers, offset, *rest)
+
+    monkeypatch.setattr(disk_module.os, "preadv", spy)
+    return seen
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "block_slices"])
+def test_direct_reads_land_in_aligned_destinations_and_still_catch_damage(tmp_path, monkeypatch, strided):
+    tier = _direct_tier(tmp_path, io_threads=2)
+    blocks = [make_value(torch.float32, (2, 3, 16, 64), 70 + j) for j in range(6)]  # 24 KiB each
+    items = [store(tier, ("k", j), b, seq=j + 1) for j, b in enumerate(blocks)]
+    if strided:
+        buf = _aligned((2, 3, 6 * 16, 64))
+        outs = [buf[:, :, 16 * j : 16 * (j + 1)] for j in range(6)]
+    else:
+        outs = [_aligned((2, 3, 16, 64)) for _ in range(6)]
+    seen = _count_preadv(monkeypatch)
+    tier.read_into([(s, h, o) for (s, h), o in zip(items, outs)])
+    assert all(n > 1 for n in seen) and len(seen) == 6  # no bounce buffer: header, payload run(s), tail
+    for out, block in zip(outs, blocks):
+        assert torch.equal(out.view(torch.int32), block.view(torch.int32))
+    flip(tier.chunk_path(items[4][0]), PAGE + 777)  # the payload
+    flip(tier.chunk_path(items[5][0]), 100)  # the header
+    with pytest.raises(CorruptEntryError) as info:
+        tier.read_into([(s, h, o) for (s, h), o in zip(items, outs)])
+    assert info.value.tiercache_index == 4
+    with pytest.raises(CorruptEntryError, match="crc32c"):
+        tier.read_into([(items[5][0], items[5][1], outs[5])])
+    path = tier.chunk_path(items[2][0])
+    os.truncate(path, os.path.getsize(path) - 1)  # the checksum's last byte gone
+    with pytest.raises(CorruptEntryError, match="wrong size"):
+        tier.read_into([(items[2][0], items[2][1], outs[2])])
+    with open(path, "ab") as f:
+        f.write(b"\0\0")  # one byte too many
+    with pytest.raises(CorruptEntryError, match="wrong size"):
+        tier.read_into([(items[2][0], items[2][1], outs[2])])
+    tier.close()
+
+
+def test_unaligned_destinations_are_read_through_the_bounce_buffer(tmp_path, monkeypatch):
+    tier = _direct_tier(tmp_path)
+    data = make_value(torch.float32, (3, 1000), 5)  # 12000 bytes: not a multiple of 512
+    slot, head = store(tier, "odd", data)
+    seen = _count_preadv(monkeypatch)
+    out = torch.empty(3, 1000)
+    tier.read_into([(slot, head, out)])
+    assert seen == [1] and torch.equal(out.view(torch.int32), data.view(torch.int32))
+    tier.close()
+
+
+def test_a_device_refusing_the_alignment_falls_back_to_pages_then_to_the_bounce_buffer(tmp_path, monkeypatch):
+    import errno
+
+    tier = _direct_tier(tmp_path)
+    tier.dio_align = tier.dio_mem_align = 512  # what statx reports for most disks
+    data = make_value(torch.float32, (1024,), 6)  # 4 KiB
+    slot, head = store(tier, "v", data)
+    real = os.preadv
+    refuse = {"below": PAGE}  # first refuse 512-byte alignment, then everything but the bounce buffer
+
+    def picky(fd, buffers, offset, *rest):
+        if len(buffers) > 1 and tier.dio_align < refuse["below"]:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, buffers, offset, *rest)
+
+    monkeypatch.setattr(disk_module.os, "preadv", picky)
+    out = _aligned((1024,))
+    tier.read_into([(slot, head, out)])
+    assert tier.dio_align == PAGE and torch.equal(out.view(torch.int32), data.view(torch.int32))
+    refuse["below"] = PAGE + 1
+    out2 = _aligned((1024,))
+    tier.read_into([(slot, head, out2)])
+    assert tier._dio_into is False and torch.equal(out2.view(torch.int32), data.view(torch.int32))
+    tier.close()
