@@ -31,7 +31,7 @@ from .tiers.base import EntryHeader, Slot
 from .tiers.disk import DiskTier
 from .tiers.memory import MEMMOVE_MAX_BYTES, ArenaTier, memmove
 from .transfer import CopyEngine, chunk_file_bytes, packed_layout, read_chunk_into
-from .values import as_bytes, check_score, copy_payload, flat, tensor_data
+from .values import as_bytes, check_score, copy_payload, flat, new_tensor, tensor_data
 
 _CPU = torch.device("cpu")
 _FLAT_KEY_TYPES = frozenset((int, str, bytes))  # a tuple of only these is a valid key (no check_key walk)
@@ -340,10 +340,11 @@ class DataPaths(Moves):
         before anything is counted; what it raises propagates with nothing changed.
 
         ``direct`` (a list of one slot per key, for a CPU target that is not packed): values of the fastest
-        tier held in a CPU arena, of at most ``MEMMOVE_MAX_BYTES``, are copied right here, under the lock
-        (one ``memmove`` each, into ``dsts[i]`` when it is a contiguous CPU tensor, else into a fresh
-        tensor stored in ``direct[i]``), so they need no pin, no second lock round trip and no
-        promotion.  Returns the pinned rest, their ``Entry.view``s and their positions in ``keys``.
+        tier held in a CPU arena, of at most ``MEMMOVE_MAX_BYTES``, are copied right here, under the lock,
+        so they need no pin, no second lock round trip and no promotion: without ``dsts`` into a fresh
+        tensor stored in ``direct[i]`` (one ``memmove``); into ``dsts[i]`` (on the CPU) with one
+        ``memmove`` when it is contiguous, else by torch from a typed view of the slot, in the value's
+        dtype (the strided copies of the batch in one ``torch._foreach_copy_``).  Returns the pinned rest, their ``Entry.view``s and their positions in ``keys``.
 
         With ``bracket`` it also begins the public operation (``close`` waits for it; the caller ends it,
         see ``_get_batch``) in the same lock round trip, unless nothing was left pinned: the operation
@@ -373,73 +374,125 @@ class DataPaths(Moves):
             if check is not None:
                 check(found)
             tiers = self._tiers
+            pins, arena_tiers, direct_tiers = self._pins, self._arena_tiers, self._direct_tiers
             hits = [0] * len(tiers)
-            pins = self._pins
             clock = self._clock
             pinned: list[_Pinned] = []
             views = []
             positions: list[int] = []
             rerank = self._rerank_hits
-            arena_tiers = self._arena_tiers
             if rerank:
                 queues, rank = self._queues, self._policy.rank
-            arena = tiers[0] if direct is not None and getattr(tiers[0], "addressable", False) else None
+            # The fastest tier when it is a CPU arena and the target is the CPU (not packed): its values of
+            # at most MEMMOVE_MAX_BYTES are copied right here (see the docstring).
+            arena = self._direct_arena if direct is not None else None
             copied = 0
+            strided_dsts: list[torch.Tensor] = []
+            strided_views: list[torch.Tensor] = []
             start = time.perf_counter() if arena is not None else 0.0
             for i, entry in enumerate(found):
-                src, slot = entry.level, entry.slot
+                src = entry.level
                 hits[src] += 1
-                info = entry.info
-                info.hits += 1
+                entry.hits += 1  # the entry is its policy info (Entry.info)
                 clock += 1
-                info.last_access = clock
+                entry.last_access = clock
                 if rerank:  # _rerank, inlined: the tier of a hit is unchanged
                     entry.version += 1
-                    info.tier = tiers[src].name
-                    queues[src].push(entry, rank(info))
+                    entry.tier = tiers[src].name
+                    queues[src].push(entry, rank(entry))
                 if src == 0 and arena is not None:
                     size = entry.nbytes
                     if size <= MEMMOVE_MAX_BYTES:
                         if dsts is None:
-                            dst = direct[i] = torch.empty(entry.shape, dtype=entry.dtype)  # type: ignore[index]
-                        else:
-                            dst = dsts[i]
-                        if dst.is_cpu and dst.is_contiguous():
+                            dst = direct[i] = new_tensor(entry.shape, entry.dtype)  # type: ignore[index]
                             if size:
-                                memmove(dst.data_ptr(), arena.address(slot), size)
+                                memmove(dst.data_ptr(), arena.address(entry.slot), size)
                             copied += size
                             continue
-                        if dsts is None:
-                            direct[i] = None  # type: ignore[index]
+                        dst = dsts[i]  # on the CPU (the target), checked by get_many
+                        if dst.is_contiguous():
+                            if size:
+                                memmove(dst.data_ptr(), arena.address(entry.slot), size)
+                        else:
+                            # A strided destination (e.g. a block's slice of a decode buffer): copied
+                            # by torch from a typed view of the slot, all of them in one
+                            # ``_foreach_copy_`` below.  The view is kept on the entry (it changes with
+                            # the slot, under this lock), so later reads reuse it.
+                            view = entry.view
+                            if view is None:
+                                view = entry.view = arena.typed_view(entry.slot, entry.dtype).view(entry.shape)
+                            strided_dsts.append(dst)
+                            strided_views.append(view if view.shape == dst.shape else view.reshape(dst.shape))
+                        copied += size
+                        continue
+                slot = entry.slot
                 token = id(slot)
                 pins[token] = pins.get(token, 0) + 1
                 # Arena tiers only read the header's nbytes and shape, which the entry has itself: no
                 # EntryHeader is built per key for them (disk reads get the real one, to verify).
                 pinned.append((entry, src, slot, entry if arena_tiers[src] else entry.header))
                 view = entry.view
-                if view is None and dsts is not None and self._direct_tiers[src]:
-                    # A CPU arena value read into a strided destination (e.g. a slice of a decode
-                    # buffer) is copied by torch from a typed view: build it once and keep it (it
-                    # changes with the slot, under this lock), so later reads reuse it.
+                if view is None and dsts is not None and direct_tiers[src]:
+                    # As above: a CPU arena value read into a strided destination is copied from a
+                    # typed view kept on the entry.
                     view = entry.view = tiers[src].typed_view(slot, entry.dtype).view(entry.shape)
                 views.append(view)
                 positions.append(i)
+            if strided_dsts:
+                torch._foreach_copy_(strided_dsts, strided_views)
             self._clock = clock
             counters = self._counters
+            tier_counters = self._tier_counters
             if copied:
-                tier_counters = counters.tiers[tiers[0].name]
-                tier_counters.bytes_read += copied
-                tier_counters.read_seconds += time.perf_counter() - start
+                first = tier_counters[0]
+                first.bytes_read += copied
+                first.read_seconds += time.perf_counter() - start
             counters.gets += len(found)
-            below = len(found)
-            for tier_index, tier in enumerate(tiers):
-                tier_counters = counters.tiers[tier.name]
-                tier_counters.hits += hits[tier_index]
-                below -= hits[tier_index]
-                tier_counters.misses += below
+            if len(tiers) == 1:
+                tier_counters[0].hits += len(found)
+            else:
+                below = len(found)
+                for tier_index, counted in enumerate(hits):
+                    counted_tier = tier_counters[tier_index]
+                    counted_tier.hits += counted
+                    below -= counted
+                    counted_tier.misses += below
             if bracket and (pinned or direct is None):
                 self._active += 1
             return pinned, views, positions
+
+    def _get_one(self, key: Hashable) -> torch.Tensor:
+        """``_get_batch([key], cpu, bracket=True)[0]`` (the same checks, counts and policy bookkeeping)
+        for the common case of ``get``: a key of a plain type whose value is a small one
+        (``MEMMOVE_MAX_BYTES``) in the fastest tier, a CPU arena: one lock round trip, one fresh tensor,
+        one ``memmove``, and none of the batch's lists.  Every other case takes the batch path."""
+        arena = self._direct_arena
+        kind = type(key)
+        if arena is not None and (kind is int or kind is str or kind is bytes):
+            with self._lock:
+                if self._closing or self._closed:
+                    raise CacheClosedError("this tiercache.Cache is closed")
+                entry = self._index.get(key)
+                if entry is not None and entry.level == 0 and entry.nbytes <= MEMMOVE_MAX_BYTES:
+                    start = time.perf_counter()
+                    clock = self._clock = self._clock + 1
+                    entry.hits += 1  # the entry is its policy info (Entry.info)
+                    entry.last_access = clock
+                    if self._rerank_hits:  # _rerank, inlined: the tier of a hit is unchanged
+                        entry.version += 1
+                        entry.tier = arena.name
+                        self._queues[0].push(entry, self._policy.rank(entry))
+                    size = entry.nbytes
+                    result = new_tensor(entry.shape, entry.dtype)
+                    if size:
+                        memmove(result.data_ptr(), arena.address(entry.slot), size)
+                    self._counters.gets += 1
+                    counters = self._tier_counters[0]
+                    counters.hits += 1
+                    counters.bytes_read += size
+                    counters.read_seconds += time.perf_counter() - start
+                    return result
+        return self._get_batch([key], _CPU, bracket=True)[0]
 
     def _get_batch(
         self,

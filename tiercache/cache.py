@@ -89,6 +89,9 @@ class Cache(DataPaths, Persistence):
         self._direct_tiers = [bool(getattr(tier, "addressable", False)) for tier in self._tiers]
         self._arena_tiers = [isinstance(tier, ArenaTier) for tier in self._tiers]
         self._counters = CacheCounters({t.name: TierCounters() for t in self._tiers})
+        self._tier_counters = [self._counters.tiers[t.name] for t in self._tiers]  # by tier index
+        # The fastest tier when it is a CPU arena: small values are copied to and from it under the lock.
+        self._direct_arena = self._tiers[0] if self._direct_tiers[0] else None
         try:
             self._recover()
         except BaseException:
@@ -197,8 +200,9 @@ class Cache(DataPaths, Persistence):
         """A fresh copy of the value stored under ``key`` (on ``device``, CPU by default).
 
         Raises ``KeyError`` when the key is absent, was evicted, or its stored bytes failed verification."""
-        target = _normal_device(torch.device(device)) if device is not None else _CPU
-        return self._get_batch([key], target, bracket=True)[0]
+        if device is None:
+            return self._get_one(key)
+        return self._get_batch([key], _normal_device(torch.device(device)), bracket=True)[0]
 
     def get_many(
         self,
