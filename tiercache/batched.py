@@ -150,6 +150,67 @@ class DataPaths(Moves):
             if begun and not ended:
                 self._end()
 
+    def _put_one(self, key: Hashable, value: torch.Tensor, score: float | None) -> None:
+        """``_put_batch(((key, value),), (score,), bracket=True)`` (the same checks, counts and policy
+        bookkeeping) for the common case of ``put``: a contiguous CPU value of at most
+        ``MEMMOVE_MAX_BYTES`` whose home is the fastest tier, a CPU arena with room: validated, then
+        reserved, copied (one ``memmove``) and published in one lock round trip, with none of the batch's
+        lists.  Every other case takes the batch path."""
+        try:
+            key_bytes = encode_key(key)
+            data, dtype, shape = tensor_data(value)
+            if score is not None:
+                score = check_score(score)
+        except (TypeError, ValueError):
+            if self._closing or self._closed:  # a closed cache says so first
+                raise CacheClosedError("this tiercache.Cache is closed") from None
+            raise
+        arena = self._direct_arena
+        size = data.numel() * dtype.itemsize
+        if (arena is None or size > MEMMOVE_MAX_BYTES or size > self._limits[0] or not data.is_cpu
+                or not data.is_contiguous()):
+            self._put_batch(((key, value),), (score,), bracket=True)
+            return
+        releases: list[Release] = []
+        with self._lock:
+            if self._closing or self._closed:
+                raise CacheClosedError("this tiercache.Cache is closed")
+            slot = arena.allocate(size)
+            if slot is not None:
+                start = time.perf_counter()
+                if size:
+                    memmove(arena.address(slot), data.data_ptr(), size)
+                seq = self._seq = self._seq + 1
+                clock = self._clock = self._clock + 1
+                index = self._index
+                old = index.get(key)
+                if old is not None:
+                    if score is None:
+                        score = old.score
+                    releases = self._unlink(old)
+                entry = index[key] = Entry(key, size, arena.name, clock, clock, 0, score if score is not None else 0.0,
+                                           key_bytes, dtype, shape, seq, 0, slot, None, False, 1)
+                queue = self._queues[0]
+                queue.live += 1
+                queue.payload += size
+                queue.push(entry, self._policy.rank(entry))
+                self._counters.puts += 1
+                counters = self._tier_counters[0]
+                counters.bytes_written += size
+                counters.write_seconds += time.perf_counter() - start
+                if releases:
+                    releases = self._free_volatile(releases)  # what is left is a persistent tier's
+                if not releases and not self._evicted:
+                    return
+                self._active += 1  # finishing the releases is part of this operation (close waits for it)
+        if slot is None:  # the fastest tier needs room made: the batch path demotes
+            self._put_batch(((key, value),), (score,), bracket=True)
+            return
+        try:
+            self._finish(releases)
+        finally:
+            self._end()
+
     def _put_direct(self, prepared: list, homes: list[int], position: int, direct: list[bool]) -> int:
         """Under the lock: store ``prepared[position:]`` while each is a contiguous CPU value of at most
         ``MEMMOVE_MAX_BYTES`` whose home is a CPU arena with room: reserve, one ``memmove``, publish,

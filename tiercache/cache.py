@@ -181,7 +181,7 @@ class Cache(DataPaths, Persistence):
         dimensions or larger than every tier, ``TierIOError`` when the storage fails (e.g. the disk is
         full; the previous value, if any, is kept), ``TierCacheError`` when no tier can make room right
         now."""
-        self._put_batch(((key, value),), (score,), bracket=True)
+        self._put_one(key, value, score)
 
     def put_many(
         self, items: Iterable[tuple[Hashable, torch.Tensor]], *, scores: Iterable[float] | None = None
