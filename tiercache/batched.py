@@ -405,7 +405,8 @@ class DataPaths(Moves):
         so they need no pin, no second lock round trip and no promotion: without ``dsts`` into a fresh
         tensor stored in ``direct[i]`` (one ``memmove``); into ``dsts[i]`` (on the CPU) with one
         ``memmove`` when it is contiguous, else by torch from a typed view of the slot, in the value's
-        dtype (the strided copies of the batch in one ``torch._foreach_copy_``).  Returns the pinned rest, their ``Entry.view``s and their positions in ``keys``.
+        dtype (the strided copies of the batch in one ``torch._foreach_copy_``).  Returns the pinned rest,
+        their ``Entry.view``s and their positions in ``keys``.
 
         With ``bracket`` it also begins the public operation (``close`` waits for it; the caller ends it,
         see ``_get_batch``) in the same lock round trip, unless nothing was left pinned: the operation
@@ -941,9 +942,9 @@ def _check_destinations(entries: list[Entry], dsts: list[torch.Tensor]) -> None:
     if len(dsts) != len(entries):
         raise ValueError(f"out has {len(dsts)} tensors for {len(entries)} keys")
     for entry, dst in zip(entries, dsts):
-        if dst.dtype != entry.dtype:
+        if dst.dtype is not entry.dtype:  # torch dtypes are singletons
             raise ValueError(f"out tensor for key {entry.key!r} has dtype {dst.dtype}, the value is {entry.dtype}")
-        if dst.numel() * dst.element_size() != entry.nbytes:
+        if dst.nbytes != entry.nbytes:
             raise ValueError(
                 f"out tensor for key {entry.key!r} has {dst.numel()} elements, the value has shape "
                 f"{list(entry.shape)}"
