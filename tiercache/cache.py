@@ -40,6 +40,7 @@ from .tiers.disk import DiskTier, check_capacity as check_disk_capacity
 from .tiers.memory import ArenaTier, gpu_tier, host_tier
 
 _CPU = torch.device("cpu")
+_STRIDED = torch.strided
 
 class Cache(DataPaths, Persistence):
     """A tiered tensor cache: ``gpu`` (HBM), ``host`` (DRAM, pinned with CUDA) and ``disk`` (zarr v3).
@@ -245,10 +246,15 @@ class Cache(DataPaths, Persistence):
         asked = _normal_device(torch.device(device)) if device is not None else None
         if isinstance(out, (list, tuple)):
             dsts = list(out)
+            on_cpu = True
             for i, dst in enumerate(dsts):
-                if not isinstance(dst, torch.Tensor) or dst.layout != torch.strided or dst.is_nested:
+                if not isinstance(dst, torch.Tensor) or dst.layout is not _STRIDED or dst.is_nested:
                     raise TypeError(f"out[{i}] must be a dense torch.Tensor, got {type(dst).__name__}")
-            devices = {_normal_device(device) for device in {dst.device for dst in dsts}}
+                on_cpu = on_cpu and dst.is_cpu  # (a flag read; dst.device builds an object per tensor)
+            if on_cpu and dsts:
+                devices = {_CPU}
+            else:
+                devices = {_normal_device(device) for device in {dst.device for dst in dsts}}
             if len(devices) > 1:
                 raise ValueError(f"out tensors are on several devices: {sorted(map(str, devices))}")
             target = devices.pop() if devices else (asked or _CPU)
