@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import torch
 
@@ -44,7 +44,7 @@ class DataPaths(Moves):
     # -- put ------------------------------------------------------------------------------------------
     def _put_batch(
         self,
-        items: Sequence[tuple[Hashable, torch.Tensor]],
+        items: Iterable[tuple[Hashable, torch.Tensor]],
         scores: Sequence[float | None],
         *,
         bracket: bool = False,
@@ -57,14 +57,16 @@ class DataPaths(Moves):
         operation's ``_begin``/``_end``, folded into its first and last lock round trips (a single-value
         put takes the index lock twice)."""
         prepared = []
+        datas: list[torch.Tensor] = []  # the tensors apart, so that items of atomic values go untracked by the GC
         try:
             for (key, value), score in zip(items, scores):
                 key_bytes = encode_key(key)
                 data, dtype, shape = tensor_data(value)
                 if score is not None:
                     score = check_score(score)
-                prepared.append((key, key_bytes, data, dtype, shape, data.numel() * dtype.itemsize, score))
-                # prepared item: (key, encoded key, tensor, dtype, shape, nbytes, score)
+                datas.append(data)
+                prepared.append((key, key_bytes, None, dtype, shape, data.numel() * dtype.itemsize, score))
+                # prepared item: (key, encoded key, None (the tensor is datas[i]), dtype, shape, nbytes, score)
         except (TypeError, ValueError):
             if bracket and (self._closing or self._closed):  # a closed cache says so first
                 raise CacheClosedError("this tiercache.Cache is closed") from None
@@ -105,7 +107,7 @@ class DataPaths(Moves):
                         self._check_open()
                     at = position
                     if direct is not None:  # small CPU values bound for a CPU arena: stored right here
-                        at = self._put_direct(prepared, homes, position, direct)
+                        at = self._put_direct(prepared, datas, homes, position, direct)
                         if at == count and begun and not self._later_releases and not self._evicted:
                             self._active -= 1
                             ended = True
@@ -140,7 +142,7 @@ class DataPaths(Moves):
                         self._seq += 1
                         header = EntryHeader(item[1], dtype_name(item[3]), item[4], item[5], self._seq)
                     run.append((home, slot, header))
-                written, error, views, spent = self._write_run(run, prepared, position)
+                written, error, views, spent = self._write_run(run, prepared, datas, position)
                 last = error is None and position + len(run) == count
                 ended = self._publish(run[:written], prepared, position, views, spent, end=begun and last)
                 if error is not None:
@@ -211,7 +213,9 @@ class DataPaths(Moves):
         finally:
             self._end()
 
-    def _put_direct(self, prepared: list, homes: list[int], position: int, direct: list[bool]) -> int:
+    def _put_direct(
+        self, prepared: list, datas: list[torch.Tensor], homes: list[int], position: int, direct: list[bool]
+    ) -> int:
         """Under the lock: store ``prepared[position:]`` while each is a contiguous CPU value of at most
         ``MEMMOVE_MAX_BYTES`` whose home is a CPU arena with room: reserve, one ``memmove``, publish,
         with no second lock round trip.  Returns the position of the first item not stored (the rest
@@ -227,7 +231,7 @@ class DataPaths(Moves):
         while at < count:
             item = prepared[at]
             home = homes[at]
-            data, size = item[2], item[5]
+            data, size = datas[at], item[5]
             if not direct[home] or size > MEMMOVE_MAX_BYTES or not data.is_cpu or not data.is_contiguous():
                 break
             tier = tiers[home]
@@ -274,7 +278,7 @@ class DataPaths(Moves):
             self._finish(releases)
 
     def _write_run(
-        self, run: list[tuple[int, Slot, EntryHeader]], prepared: list, position: int
+        self, run: list[tuple[int, Slot, EntryHeader]], prepared: list, datas: list[torch.Tensor], position: int
     ) -> tuple[int, BaseException | None, list[torch.Tensor | None], tuple[list[int], list[float]] | None]:
         """Outside the lock: write each reserved slot.  Returns how many were written, the error that
         stopped the run (the slots from the failed one on are freed then), per item the typed view of a
@@ -288,7 +292,7 @@ class DataPaths(Moves):
         start = time.perf_counter()
         try:
             for tier_index, slot, header in run:
-                data = prepared[position + done][2]
+                data = datas[position + done]
                 tier = tiers[tier_index]
                 size = slot.nbytes
                 if type(tier) is ArenaTier or isinstance(tier, ArenaTier):

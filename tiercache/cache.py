@@ -28,7 +28,7 @@ import torch
 
 from .batched import DataPaths, _normal_device
 from .config import CacheConfig
-from .errors import CacheLockedError
+from .errors import CacheClosedError, CacheLockedError
 from .index import RankedQueue
 from .keys import check_key
 from .persistence import Persistence
@@ -191,11 +191,22 @@ class Cache(DataPaths, Persistence):
         anything is stored (an invalid one raises and stores nothing); then the values are stored in
         order (a later duplicate key wins).  An I/O or capacity error stops the batch at that item: the
         items before it stay stored, it and the rest are not."""
-        items = list(items)
-        score_list = list(scores) if scores is not None else [None] * len(items)
-        if len(score_list) != len(items):
-            raise ValueError(f"{len(score_list)} scores for {len(items)} items")
-        self._put_batch(items, score_list, bracket=True)
+        # Keys and values in two lists, not a list of pairs: a pair holds a tensor, so Python's cyclic GC
+        # keeps tracking it, and a large batch's surviving pairs could trigger a full collection.
+        keys: list[Hashable] = []
+        values: list[torch.Tensor] = []
+        try:
+            for key, value in items:
+                keys.append(key)
+                values.append(value)
+        except (TypeError, ValueError):  # not (key, value) pairs
+            if self._closing or self._closed:  # a closed cache says so first
+                raise CacheClosedError("this tiercache.Cache is closed") from None
+            raise
+        score_list = list(scores) if scores is not None else [None] * len(keys)
+        if len(score_list) != len(keys):
+            raise ValueError(f"{len(score_list)} scores for {len(keys)} items")
+        self._put_batch(zip(keys, values), score_list, bracket=True)
 
     def get(self, key: Hashable, device: torch.device | str | None = None) -> torch.Tensor:
         """A fresh copy of the value stored under ``key`` (on ``device``, CPU by default).

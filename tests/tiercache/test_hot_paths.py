@@ -100,3 +100,16 @@ def test_allocator_reuses_the_most_recently_freed_range_of_a_size():
     assert a.alloc(256) == blocks[86]
     a.free(blocks[1])  # coalesces with its free neighbours 0 and 2: a 768-byte range
     assert a.alloc(256) == blocks[84]
+
+
+def test_put_many_takes_any_iterable_of_pairs_and_checks_them_all_first():
+    with tiercache.Cache(host="1MiB", disk=None) as cache:
+        cache.put_many(zip(range(3), (torch.full((4,), float(i)) for i in range(3))), scores=iter([1, 2, 3]))
+        assert all(torch.equal(cache.get(i), torch.full((4,), float(i))) for i in range(3))
+        with pytest.raises((TypeError, ValueError)):
+            cache.put_many([(10, torch.ones(2)), 11])  # not a pair: nothing stored
+        with pytest.raises(ValueError, match="scores"):
+            cache.put_many([(10, torch.ones(2))], scores=[1, 2])
+        assert 10 not in cache and len(cache) == 3
+    with pytest.raises(CacheClosedError):
+        cache.put_many([(10, torch.ones(2)), 11])
