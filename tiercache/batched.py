@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import torch
 
@@ -31,7 +31,7 @@ from .tiers.base import EntryHeader, Slot
 from .tiers.disk import DiskTier
 from .tiers.memory import MEMMOVE_MAX_BYTES, ArenaTier, memmove
 from .transfer import CopyEngine, chunk_file_bytes, packed_layout, read_chunk_into
-from .values import as_bytes, check_score, copy_payload, flat, tensor_data
+from .values import as_bytes, check_score, copy_payload, flat, new_tensor, tensor_data
 
 _CPU = torch.device("cpu")
 _FLAT_KEY_TYPES = frozenset((int, str, bytes))  # a tuple of only these is a valid key (no check_key walk)
@@ -44,7 +44,7 @@ class DataPaths(Moves):
     # -- put ------------------------------------------------------------------------------------------
     def _put_batch(
         self,
-        items: Sequence[tuple[Hashable, torch.Tensor]],
+        items: Iterable[tuple[Hashable, torch.Tensor]],
         scores: Sequence[float | None],
         *,
         bracket: bool = False,
@@ -57,14 +57,16 @@ class DataPaths(Moves):
         operation's ``_begin``/``_end``, folded into its first and last lock round trips (a single-value
         put takes the index lock twice)."""
         prepared = []
+        datas: list[torch.Tensor] = []  # the tensors apart, so that items of atomic values go untracked by the GC
         try:
             for (key, value), score in zip(items, scores):
                 key_bytes = encode_key(key)
                 data, dtype, shape = tensor_data(value)
                 if score is not None:
                     score = check_score(score)
-                prepared.append((key, key_bytes, data, dtype, shape, data.numel() * dtype.itemsize, score))
-                # prepared item: (key, encoded key, tensor, dtype, shape, nbytes, score)
+                datas.append(data)
+                prepared.append((key, key_bytes, None, dtype, shape, data.numel() * dtype.itemsize, score))
+                # prepared item: (key, encoded key, None (the tensor is datas[i]), dtype, shape, nbytes, score)
         except (TypeError, ValueError):
             if bracket and (self._closing or self._closed):  # a closed cache says so first
                 raise CacheClosedError("this tiercache.Cache is closed") from None
@@ -105,7 +107,7 @@ class DataPaths(Moves):
                         self._check_open()
                     at = position
                     if direct is not None:  # small CPU values bound for a CPU arena: stored right here
-                        at = self._put_direct(prepared, homes, position, direct)
+                        at = self._put_direct(prepared, datas, homes, position, direct)
                         if at == count and begun and not self._later_releases and not self._evicted:
                             self._active -= 1
                             ended = True
@@ -140,7 +142,7 @@ class DataPaths(Moves):
                         self._seq += 1
                         header = EntryHeader(item[1], dtype_name(item[3]), item[4], item[5], self._seq)
                     run.append((home, slot, header))
-                written, error, views, spent = self._write_run(run, prepared, position)
+                written, error, views, spent = self._write_run(run, prepared, datas, position)
                 last = error is None and position + len(run) == count
                 ended = self._publish(run[:written], prepared, position, views, spent, end=begun and last)
                 if error is not None:
@@ -150,7 +152,70 @@ class DataPaths(Moves):
             if begun and not ended:
                 self._end()
 
-    def _put_direct(self, prepared: list, homes: list[int], position: int, direct: list[bool]) -> int:
+    def _put_one(self, key: Hashable, value: torch.Tensor, score: float | None) -> None:
+        """``_put_batch(((key, value),), (score,), bracket=True)`` (the same checks, counts and policy
+        bookkeeping) for the common case of ``put``: a contiguous CPU value of at most
+        ``MEMMOVE_MAX_BYTES`` whose home is the fastest tier, a CPU arena with room: validated, then
+        reserved, copied (one ``memmove``) and published in one lock round trip, with none of the batch's
+        lists.  Every other case takes the batch path."""
+        try:
+            key_bytes = encode_key(key)
+            data, dtype, shape = tensor_data(value)
+            if score is not None:
+                score = check_score(score)
+        except (TypeError, ValueError):
+            if self._closing or self._closed:  # a closed cache says so first
+                raise CacheClosedError("this tiercache.Cache is closed") from None
+            raise
+        arena = self._direct_arena
+        size = data.numel() * dtype.itemsize
+        if (arena is None or size > MEMMOVE_MAX_BYTES or size > self._limits[0] or not data.is_cpu
+                or not data.is_contiguous()):
+            self._put_batch(((key, value),), (score,), bracket=True)
+            return
+        releases: list[Release] = []
+        with self._lock:
+            if self._closing or self._closed:
+                raise CacheClosedError("this tiercache.Cache is closed")
+            slot = arena.allocate(size)
+            if slot is not None:
+                start = time.perf_counter()
+                if size:
+                    memmove(arena.address(slot), data.data_ptr(), size)
+                seq = self._seq = self._seq + 1
+                clock = self._clock = self._clock + 1
+                index = self._index
+                old = index.get(key)
+                if old is not None:
+                    if score is None:
+                        score = old.score
+                    releases = self._unlink(old)
+                entry = index[key] = Entry(key, size, arena.name, clock, clock, 0, score if score is not None else 0.0,
+                                           key_bytes, dtype, shape, seq, 0, slot, None, False, 1)
+                queue = self._queues[0]
+                queue.live += 1
+                queue.payload += size
+                queue.push(entry, self._policy.rank(entry))
+                self._counters.puts += 1
+                counters = self._tier_counters[0]
+                counters.bytes_written += size
+                counters.write_seconds += time.perf_counter() - start
+                if releases:
+                    releases = self._free_volatile(releases)  # what is left is a persistent tier's
+                if not releases and not self._evicted:
+                    return
+                self._active += 1  # finishing the releases is part of this operation (close waits for it)
+        if slot is None:  # the fastest tier needs room made: the batch path demotes
+            self._put_batch(((key, value),), (score,), bracket=True)
+            return
+        try:
+            self._finish(releases)
+        finally:
+            self._end()
+
+    def _put_direct(
+        self, prepared: list, datas: list[torch.Tensor], homes: list[int], position: int, direct: list[bool]
+    ) -> int:
         """Under the lock: store ``prepared[position:]`` while each is a contiguous CPU value of at most
         ``MEMMOVE_MAX_BYTES`` whose home is a CPU arena with room: reserve, one ``memmove``, publish,
         with no second lock round trip.  Returns the position of the first item not stored (the rest
@@ -166,7 +231,7 @@ class DataPaths(Moves):
         while at < count:
             item = prepared[at]
             home = homes[at]
-            data, size = item[2], item[5]
+            data, size = datas[at], item[5]
             if not direct[home] or size > MEMMOVE_MAX_BYTES or not data.is_cpu or not data.is_contiguous():
                 break
             tier = tiers[home]
@@ -213,7 +278,7 @@ class DataPaths(Moves):
             self._finish(releases)
 
     def _write_run(
-        self, run: list[tuple[int, Slot, EntryHeader]], prepared: list, position: int
+        self, run: list[tuple[int, Slot, EntryHeader]], prepared: list, datas: list[torch.Tensor], position: int
     ) -> tuple[int, BaseException | None, list[torch.Tensor | None], tuple[list[int], list[float]] | None]:
         """Outside the lock: write each reserved slot.  Returns how many were written, the error that
         stopped the run (the slots from the failed one on are freed then), per item the typed view of a
@@ -227,7 +292,7 @@ class DataPaths(Moves):
         start = time.perf_counter()
         try:
             for tier_index, slot, header in run:
-                data = prepared[position + done][2]
+                data = datas[position + done]
                 tier = tiers[tier_index]
                 size = slot.nbytes
                 if type(tier) is ArenaTier or isinstance(tier, ArenaTier):
@@ -340,10 +405,12 @@ class DataPaths(Moves):
         before anything is counted; what it raises propagates with nothing changed.
 
         ``direct`` (a list of one slot per key, for a CPU target that is not packed): values of the fastest
-        tier held in a CPU arena, of at most ``MEMMOVE_MAX_BYTES``, are copied right here, under the lock
-        (one ``memmove`` each, into ``dsts[i]`` when it is a contiguous CPU tensor, else into a fresh
-        tensor stored in ``direct[i]``), so they need no pin, no second lock round trip and no
-        promotion.  Returns the pinned rest, their ``Entry.view``s and their positions in ``keys``.
+        tier held in a CPU arena, of at most ``MEMMOVE_MAX_BYTES``, are copied right here, under the lock,
+        so they need no pin, no second lock round trip and no promotion: without ``dsts`` into a fresh
+        tensor stored in ``direct[i]`` (one ``memmove``); into ``dsts[i]`` (on the CPU) with one
+        ``memmove`` when it is contiguous, else by torch from a typed view of the slot, in the value's
+        dtype (the strided copies of the batch in one ``torch._foreach_copy_``).  Returns the pinned rest,
+        their ``Entry.view``s and their positions in ``keys``.
 
         With ``bracket`` it also begins the public operation (``close`` waits for it; the caller ends it,
         see ``_get_batch``) in the same lock round trip, unless nothing was left pinned: the operation
@@ -373,73 +440,125 @@ class DataPaths(Moves):
             if check is not None:
                 check(found)
             tiers = self._tiers
+            pins, arena_tiers, direct_tiers = self._pins, self._arena_tiers, self._direct_tiers
             hits = [0] * len(tiers)
-            pins = self._pins
             clock = self._clock
             pinned: list[_Pinned] = []
             views = []
             positions: list[int] = []
             rerank = self._rerank_hits
-            arena_tiers = self._arena_tiers
             if rerank:
                 queues, rank = self._queues, self._policy.rank
-            arena = tiers[0] if direct is not None and getattr(tiers[0], "addressable", False) else None
+            # The fastest tier when it is a CPU arena and the target is the CPU (not packed): its values of
+            # at most MEMMOVE_MAX_BYTES are copied right here (see the docstring).
+            arena = self._direct_arena if direct is not None else None
             copied = 0
+            strided_dsts: list[torch.Tensor] = []
+            strided_views: list[torch.Tensor] = []
             start = time.perf_counter() if arena is not None else 0.0
             for i, entry in enumerate(found):
-                src, slot = entry.level, entry.slot
+                src = entry.level
                 hits[src] += 1
-                info = entry.info
-                info.hits += 1
+                entry.hits += 1  # the entry is its policy info (Entry.info)
                 clock += 1
-                info.last_access = clock
+                entry.last_access = clock
                 if rerank:  # _rerank, inlined: the tier of a hit is unchanged
                     entry.version += 1
-                    info.tier = tiers[src].name
-                    queues[src].push(entry, rank(info))
+                    entry.tier = tiers[src].name
+                    queues[src].push(entry, rank(entry))
                 if src == 0 and arena is not None:
                     size = entry.nbytes
                     if size <= MEMMOVE_MAX_BYTES:
                         if dsts is None:
-                            dst = direct[i] = torch.empty(entry.shape, dtype=entry.dtype)  # type: ignore[index]
-                        else:
-                            dst = dsts[i]
-                        if dst.is_cpu and dst.is_contiguous():
+                            dst = direct[i] = new_tensor(entry.shape, entry.dtype)  # type: ignore[index]
                             if size:
-                                memmove(dst.data_ptr(), arena.address(slot), size)
+                                memmove(dst.data_ptr(), arena.address(entry.slot), size)
                             copied += size
                             continue
-                        if dsts is None:
-                            direct[i] = None  # type: ignore[index]
+                        dst = dsts[i]  # on the CPU (the target), checked by get_many
+                        if dst.is_contiguous():
+                            if size:
+                                memmove(dst.data_ptr(), arena.address(entry.slot), size)
+                        else:
+                            # A strided destination (e.g. a block's slice of a decode buffer): copied
+                            # by torch from a typed view of the slot, all of them in one
+                            # ``_foreach_copy_`` below.  The view is kept on the entry (it changes with
+                            # the slot, under this lock), so later reads reuse it.
+                            view = entry.view
+                            if view is None:
+                                view = entry.view = arena.typed_view(entry.slot, entry.dtype).view(entry.shape)
+                            strided_dsts.append(dst)
+                            strided_views.append(view if view.shape == dst.shape else view.reshape(dst.shape))
+                        copied += size
+                        continue
+                slot = entry.slot
                 token = id(slot)
                 pins[token] = pins.get(token, 0) + 1
                 # Arena tiers only read the header's nbytes and shape, which the entry has itself: no
                 # EntryHeader is built per key for them (disk reads get the real one, to verify).
                 pinned.append((entry, src, slot, entry if arena_tiers[src] else entry.header))
                 view = entry.view
-                if view is None and dsts is not None and self._direct_tiers[src]:
-                    # A CPU arena value read into a strided destination (e.g. a slice of a decode
-                    # buffer) is copied by torch from a typed view: build it once and keep it (it
-                    # changes with the slot, under this lock), so later reads reuse it.
+                if view is None and dsts is not None and direct_tiers[src]:
+                    # As above: a CPU arena value read into a strided destination is copied from a
+                    # typed view kept on the entry.
                     view = entry.view = tiers[src].typed_view(slot, entry.dtype).view(entry.shape)
                 views.append(view)
                 positions.append(i)
+            if strided_dsts:
+                torch._foreach_copy_(strided_dsts, strided_views)
             self._clock = clock
             counters = self._counters
+            tier_counters = self._tier_counters
             if copied:
-                tier_counters = counters.tiers[tiers[0].name]
-                tier_counters.bytes_read += copied
-                tier_counters.read_seconds += time.perf_counter() - start
+                first = tier_counters[0]
+                first.bytes_read += copied
+                first.read_seconds += time.perf_counter() - start
             counters.gets += len(found)
-            below = len(found)
-            for tier_index, tier in enumerate(tiers):
-                tier_counters = counters.tiers[tier.name]
-                tier_counters.hits += hits[tier_index]
-                below -= hits[tier_index]
-                tier_counters.misses += below
+            if len(tiers) == 1:
+                tier_counters[0].hits += len(found)
+            else:
+                below = len(found)
+                for tier_index, counted in enumerate(hits):
+                    counted_tier = tier_counters[tier_index]
+                    counted_tier.hits += counted
+                    below -= counted
+                    counted_tier.misses += below
             if bracket and (pinned or direct is None):
                 self._active += 1
             return pinned, views, positions
+
+    def _get_one(self, key: Hashable) -> torch.Tensor:
+        """``_get_batch([key], cpu, bracket=True)[0]`` (the same checks, counts and policy bookkeeping)
+        for the common case of ``get``: a key of a plain type whose value is a small one
+        (``MEMMOVE_MAX_BYTES``) in the fastest tier, a CPU arena: one lock round trip, one fresh tensor,
+        one ``memmove``, and none of the batch's lists.  Every other case takes the batch path."""
+        arena = self._direct_arena
+        kind = type(key)
+        if arena is not None and (kind is int or kind is str or kind is bytes):
+            with self._lock:
+                if self._closing or self._closed:
+                    raise CacheClosedError("this tiercache.Cache is closed")
+                entry = self._index.get(key)
+                if entry is not None and entry.level == 0 and entry.nbytes <= MEMMOVE_MAX_BYTES:
+                    start = time.perf_counter()
+                    clock = self._clock = self._clock + 1
+                    entry.hits += 1  # the entry is its policy info (Entry.info)
+                    entry.last_access = clock
+                    if self._rerank_hits:  # _rerank, inlined: the tier of a hit is unchanged
+                        entry.version += 1
+                        entry.tier = arena.name
+                        self._queues[0].push(entry, self._policy.rank(entry))
+                    size = entry.nbytes
+                    result = new_tensor(entry.shape, entry.dtype)
+                    if size:
+                        memmove(result.data_ptr(), arena.address(entry.slot), size)
+                    self._counters.gets += 1
+                    counters = self._tier_counters[0]
+                    counters.hits += 1
+                    counters.bytes_read += size
+                    counters.read_seconds += time.perf_counter() - start
+                    return result
+        return self._get_batch([key], _CPU, bracket=True)[0]
 
     def _get_batch(
         self,
@@ -827,9 +946,9 @@ def _check_destinations(entries: list[Entry], dsts: list[torch.Tensor]) -> None:
     if len(dsts) != len(entries):
         raise ValueError(f"out has {len(dsts)} tensors for {len(entries)} keys")
     for entry, dst in zip(entries, dsts):
-        if dst.dtype != entry.dtype:
+        if dst.dtype is not entry.dtype:  # torch dtypes are singletons
             raise ValueError(f"out tensor for key {entry.key!r} has dtype {dst.dtype}, the value is {entry.dtype}")
-        if dst.numel() * dst.element_size() != entry.nbytes:
+        if dst.nbytes != entry.nbytes:
             raise ValueError(
                 f"out tensor for key {entry.key!r} has {dst.numel()} elements, the value has shape "
                 f"{list(entry.shape)}"

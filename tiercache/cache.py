@@ -28,7 +28,7 @@ import torch
 
 from .batched import DataPaths, _normal_device
 from .config import CacheConfig
-from .errors import CacheLockedError
+from .errors import CacheClosedError, CacheLockedError
 from .index import RankedQueue
 from .keys import check_key
 from .persistence import Persistence
@@ -40,6 +40,7 @@ from .tiers.disk import DiskTier, check_capacity as check_disk_capacity
 from .tiers.memory import ArenaTier, gpu_tier, host_tier
 
 _CPU = torch.device("cpu")
+_STRIDED = torch.strided
 
 class Cache(DataPaths, Persistence):
     """A tiered tensor cache: ``gpu`` (HBM), ``host`` (DRAM, pinned with CUDA) and ``disk`` (zarr v3).
@@ -89,6 +90,9 @@ class Cache(DataPaths, Persistence):
         self._direct_tiers = [bool(getattr(tier, "addressable", False)) for tier in self._tiers]
         self._arena_tiers = [isinstance(tier, ArenaTier) for tier in self._tiers]
         self._counters = CacheCounters({t.name: TierCounters() for t in self._tiers})
+        self._tier_counters = [self._counters.tiers[t.name] for t in self._tiers]  # by tier index
+        # The fastest tier when it is a CPU arena: small values are copied to and from it under the lock.
+        self._direct_arena = self._tiers[0] if self._direct_tiers[0] else None
         try:
             self._recover()
         except BaseException:
@@ -178,7 +182,7 @@ class Cache(DataPaths, Persistence):
         dimensions or larger than every tier, ``TierIOError`` when the storage fails (e.g. the disk is
         full; the previous value, if any, is kept), ``TierCacheError`` when no tier can make room right
         now."""
-        self._put_batch(((key, value),), (score,), bracket=True)
+        self._put_one(key, value, score)
 
     def put_many(
         self, items: Iterable[tuple[Hashable, torch.Tensor]], *, scores: Iterable[float] | None = None
@@ -187,18 +191,30 @@ class Cache(DataPaths, Persistence):
         anything is stored (an invalid one raises and stores nothing); then the values are stored in
         order (a later duplicate key wins).  An I/O or capacity error stops the batch at that item: the
         items before it stay stored, it and the rest are not."""
-        items = list(items)
-        score_list = list(scores) if scores is not None else [None] * len(items)
-        if len(score_list) != len(items):
-            raise ValueError(f"{len(score_list)} scores for {len(items)} items")
-        self._put_batch(items, score_list, bracket=True)
+        # Keys and values in two lists, not a list of pairs: a pair holds a tensor, so Python's cyclic GC
+        # keeps tracking it, and a large batch's surviving pairs could trigger a full collection.
+        keys: list[Hashable] = []
+        values: list[torch.Tensor] = []
+        try:
+            for key, value in items:
+                keys.append(key)
+                values.append(value)
+        except (TypeError, ValueError):  # not (key, value) pairs
+            if self._closing or self._closed:  # a closed cache says so first
+                raise CacheClosedError("this tiercache.Cache is closed") from None
+            raise
+        score_list = list(scores) if scores is not None else [None] * len(keys)
+        if len(score_list) != len(keys):
+            raise ValueError(f"{len(score_list)} scores for {len(keys)} items")
+        self._put_batch(zip(keys, values), score_list, bracket=True)
 
     def get(self, key: Hashable, device: torch.device | str | None = None) -> torch.Tensor:
         """A fresh copy of the value stored under ``key`` (on ``device``, CPU by default).
 
         Raises ``KeyError`` when the key is absent, was evicted, or its stored bytes failed verification."""
-        target = _normal_device(torch.device(device)) if device is not None else _CPU
-        return self._get_batch([key], target, bracket=True)[0]
+        if device is None:
+            return self._get_one(key)
+        return self._get_batch([key], _normal_device(torch.device(device)), bracket=True)[0]
 
     def get_many(
         self,
@@ -241,10 +257,15 @@ class Cache(DataPaths, Persistence):
         asked = _normal_device(torch.device(device)) if device is not None else None
         if isinstance(out, (list, tuple)):
             dsts = list(out)
+            on_cpu = True
             for i, dst in enumerate(dsts):
-                if not isinstance(dst, torch.Tensor) or dst.layout != torch.strided or dst.is_nested:
+                if not isinstance(dst, torch.Tensor) or dst.layout is not _STRIDED or dst.is_nested:
                     raise TypeError(f"out[{i}] must be a dense torch.Tensor, got {type(dst).__name__}")
-            devices = {_normal_device(device) for device in {dst.device for dst in dsts}}
+                on_cpu = on_cpu and dst.is_cpu  # (a flag read; dst.device builds an object per tensor)
+            if on_cpu and dsts:
+                devices = {_CPU}
+            else:
+                devices = {_normal_device(device) for device in {dst.device for dst in dsts}}
             if len(devices) > 1:
                 raise ValueError(f"out tensors are on several devices: {sorted(map(str, devices))}")
             target = devices.pop() if devices else (asked or _CPU)

@@ -25,7 +25,8 @@ class Entry(EntryInfo):
     The header is decoded and checked once (at ``put`` or recovery); ``dtype`` is its dtype resolved.  For
     a slot of a memory tier that is not read by address (a GPU arena) ``view`` is the payload in place,
     typed and shaped, so reads copy from it without building a view again; CPU arena slots are copied by
-    address (``ArenaTier.address``) and keep no view.  ``slot`` and ``view`` change together, under the
+    address (``ArenaTier.address``) and get a view only once a read copies them into a strided
+    destination (``get_many`` into slices of a buffer).  ``slot`` and ``view`` change together, under the
     index lock.
 
     ``moving`` is set while a mover (demotion, promotion, flush) copies it to another tier; such an entry

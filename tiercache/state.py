@@ -65,6 +65,8 @@ class CacheState:
     _limits: list[int]  # each tier's max_nbytes (fixed once the tiers exist)
     _largest_limit: int
     _counters: CacheCounters
+    _tier_counters: list[Any]  # _counters.tiers by tier index (TierCounters)
+    _direct_arena: Any  # tiers[0] when it is a CPU arena (``_direct_tiers[0]``), else None
 
     def _init_state(self, config: CacheConfig, policy: Policy) -> None:
         self.config = config

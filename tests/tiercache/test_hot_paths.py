@@ -1,0 +1,115 @@
+"""The single-key fast paths of ``put``/``get`` and the in-lookup copies of ``get_many`` keep the batch
+path's semantics: the same values, counters, policy bookkeeping and releases."""
+
+import pytest
+import torch
+
+import tiercache
+from tiercache import CacheClosedError
+from tiercache.allocator import ArenaAllocator
+from tiercache.values import new_tensor
+
+
+def _counts(cache):
+    s = cache.stats()
+    return s["gets"], s["hits"], s["misses"], s["puts"], {
+        name: (t["hits"], t["misses"], t["bytes_read"], t["bytes_written"]) for name, t in s["tiers"].items()
+    }
+
+
+def test_single_get_and_put_count_as_their_batched_forms(tmp_path):
+    value = torch.arange(300, dtype=torch.float32).view(3, 100)
+    with tiercache.Cache(host="1MiB", disk=None) as one, tiercache.Cache(host="1MiB", disk=None) as many:
+        one.put("a", value)
+        many.put_many([("a", value)])
+        got = one.get("a")
+        (want,) = many.get_many(["a"], out=[torch.empty(3, 100)])
+        assert torch.equal(got, value) and torch.equal(want, value)
+        assert got.is_contiguous() and got.stride() == value.stride() and got.dtype == value.dtype
+        assert _counts(one) == _counts(many)
+        with pytest.raises(KeyError):
+            one.get("b")
+        with pytest.raises(KeyError):
+            many.get_many(["b"])
+        assert _counts(one) == _counts(many)
+
+
+def test_single_put_replacing_keeps_the_score_and_frees_the_old_slot(tmp_path):
+    with tiercache.Cache(host="64KiB", disk="1MiB", path=tmp_path / "s", policy="score") as cache:
+        cache.put("k", torch.ones(16), score=5.0)
+        used = cache.stats()["tiers"]["host"]["used_bytes"]
+        cache.put("k", torch.zeros(16))  # no score: the old one is kept
+        assert cache._index["k"].score == 5.0
+        assert cache.stats()["tiers"]["host"]["used_bytes"] == used
+        assert torch.equal(cache.get("k"), torch.zeros(16))
+        # An entry living on the disk tier, replaced by a small put: its disk slot is released.
+        big = torch.ones(32 * 1024)  # 128 KiB: larger than the host tier
+        cache.put("d", big)
+        assert cache.tier_of("d") == "disk"
+        cache.put("d", torch.full((4,), 2.0))
+        assert cache.tier_of("d") == "host"
+        assert cache.stats()["tiers"]["disk"]["entries"] == 0
+        assert torch.equal(cache.get("d"), torch.full((4,), 2.0))
+    with tiercache.Cache(host="64KiB", disk="1MiB", path=tmp_path / "s") as cache:
+        assert torch.equal(cache.get("d"), torch.full((4,), 2.0))  # persisted at close: the new value
+
+
+def test_single_put_that_needs_room_demotes_and_bad_input_on_a_closed_cache(tmp_path):
+    with tiercache.Cache(host="4KiB", disk="1MiB", path=tmp_path / "s") as cache:
+        for i in range(8):
+            cache.put(i, torch.full((256,), float(i)))  # 1 KiB each: the host tier holds 4
+        assert len(cache) == 8 and sum(cache.tier_of(i) == "disk" for i in range(8)) >= 4
+        assert all(torch.equal(cache.get(i), torch.full((256,), float(i))) for i in range(8))
+    with pytest.raises(CacheClosedError):
+        cache.put("x", "not a tensor")
+    with pytest.raises(CacheClosedError):
+        cache.get("x")
+
+
+def test_get_many_into_strided_outs_copies_under_the_lookup_and_leaves_no_pins():
+    blocks = [torch.randn(1, 3, 8, 4) for _ in range(5)]
+    with tiercache.Cache(host="1MiB", disk=None) as cache:
+        cache.put_many([(("b", i), b) for i, b in enumerate(blocks)])
+        buf = torch.zeros(1, 3, 5 * 8 + 2, 4)
+        outs = list(buf[:, :, :40].unflatten(2, (5, 8)).unbind(2))
+        assert not any(o.is_contiguous() for o in outs)
+        got = cache.get_many([("b", i) for i in range(5)], out=outs)
+        assert all(g is o for g, o in zip(got, outs))
+        assert torch.equal(buf[:, :, :40], torch.cat(blocks, dim=2)) and not buf[:, :, 40:].any()
+        assert not cache._pins and cache.stats()["hits"] == 5
+        with pytest.raises(ValueError, match="dtype"):
+            cache.get_many([("b", 0)], out=[outs[0].double()])
+
+
+@pytest.mark.parametrize("shape", [(), (0,), (1,), (1, 1), (3, 0, 2), (2, 1, 3), (1, 3, 1, 1), (2, 3, 4, 5, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool])
+def test_new_tensor_is_like_torch_empty(shape, dtype):
+    for _ in range(2):  # the second call uses the cached template
+        t = new_tensor(shape, dtype)
+        ref = torch.empty(shape, dtype=dtype)
+        assert (t.shape, t.stride(), t.dtype, t.device) == (ref.shape, ref.stride(), ref.dtype, ref.device)
+        assert t.is_contiguous() and t.untyped_storage().nbytes() == ref.untyped_storage().nbytes()
+
+
+def test_allocator_reuses_the_most_recently_freed_range_of_a_size():
+    a = ArenaAllocator(1000 * 256, min_block=256)
+    blocks = [a.alloc(256) for _ in range(100)]
+    for block in blocks[:90:2]:
+        a.free(block)
+    assert a.alloc(256) == blocks[88]
+    assert a.alloc(256) == blocks[86]
+    a.free(blocks[1])  # coalesces with its free neighbours 0 and 2: a 768-byte range
+    assert a.alloc(256) == blocks[84]
+
+
+def test_put_many_takes_any_iterable_of_pairs_and_checks_them_all_first():
+    with tiercache.Cache(host="1MiB", disk=None) as cache:
+        cache.put_many(zip(range(3), (torch.full((4,), float(i)) for i in range(3))), scores=iter([1, 2, 3]))
+        assert all(torch.equal(cache.get(i), torch.full((4,), float(i))) for i in range(3))
+        with pytest.raises((TypeError, ValueError)):
+            cache.put_many([(10, torch.ones(2)), 11])  # not a pair: nothing stored
+        with pytest.raises(ValueError, match="scores"):
+            cache.put_many([(10, torch.ones(2))], scores=[1, 2])
+        assert 10 not in cache and len(cache) == 3
+    with pytest.raises(CacheClosedError):
+        cache.put_many([(10, torch.ones(2)), 11])
