@@ -37,6 +37,8 @@ from typing import Any, Callable
 
 import torch
 
+from tiercache.buffers import aligned_empty
+
 # Growth factor of the capacity: O(log context) reallocations while holding at most 1.5x the largest
 # layer's visible states.
 GROWTH = 1.5
@@ -189,9 +191,9 @@ class DecodeBuffer:
         del buf  # release the old storage before allocating the larger one
         self._buffers.pop(geometry, None)
         b, h, d = shape_k
-        keys = torch.empty((b, h, capacity, d), dtype=dtype, device=device)
+        keys = aligned_empty((b, h, capacity, d), dtype=dtype, device=device)  # disk reads land without a copy
         b, h, d = shape_v
-        values = torch.empty((b, h, capacity, d), dtype=dtype, device=device)
+        values = aligned_empty((b, h, capacity, d), dtype=dtype, device=device)
         new = self._buffers[geometry] = StatesBuffer(keys, values, block_size)
         self.peak_bytes = max(self.peak_bytes, self.nbytes)
         return new
