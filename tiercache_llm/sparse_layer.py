@@ -280,10 +280,9 @@ class SparseLayerState:
         t0 = time.perf_counter()
         sel = select(query, self.digests, ctrl.selection, pages_per_block=bs // self.page_size)
         t1 = time.perf_counter()
-        kbuf, vbuf = fetch_selected(self, layer, sel, query, stats)
+        k_pool, v_pool, slot_of_fetch = fetch_selected(self, layer, sel, query, stats)
         t2 = time.perf_counter()
-        res = attend_selected(query, kbuf, vbuf, torch.arange(kbuf.shape[0], device=kbuf.device), sel,
-                              self.valid, ctx, bs, k_new, v_new, scaling)
+        res = attend_selected(query, k_pool, v_pool, slot_of_fetch, sel, self.valid, ctx, bs, k_new, v_new, scaling)
         t3 = time.perf_counter()
         count = self.digests.count
         stats.tokens_attended += int(sel.selected_tokens(count).sum())

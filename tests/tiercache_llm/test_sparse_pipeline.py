@@ -224,16 +224,18 @@ def test_pipeline_option_is_sparse_only_and_typed(make_config):
 
 
 def test_complement_placement_moves_blocks_not_logits(model, batch, tmp_path):
-    """complement_reuse: the blocks a reuse buffer holds score 0 in the tiercache (the fastest tier is left to
+    """complement_reuse: the blocks a resident pool holds from the last step score 0 in the tiercache (the fastest tier is left to
     others); logits are unchanged."""
     ref = reference(model, batch, tmp_path)
     ids, mask = batch
     with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware", pipeline={"complement_reuse": True})) as cache:
         got = decode_logits(model, cache, ids, mask)
         pipe = cache._pipeline
-        for idx, reuse in pipe._reuse.items():
+        assert pipe._last
+        for idx, last in pipe._last.items():  # the blocks of each layer's last step, held by its pool
             layer = cache.layers[idx]
-            for j in reuse.slots:
+            for j in last:
+                assert pipe._pools[idx].holds(j, layer._kkeys[j])
                 assert cache.store.cache._index[layer._kkeys[j]].info.score == 0.0
     assert torch.equal(ref, got)
 
@@ -241,7 +243,8 @@ def test_complement_placement_moves_blocks_not_logits(model, batch, tmp_path):
 def test_disk_staging_ahead_stages_high_mass_blocks_off_the_fast_tier(model, batch, tmp_path):
     ids, mask = batch
     with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware",
-                                             pipeline={"layer_ahead": False, "stage_ahead": 2})) as cache:
+                                             pipeline={"layer_ahead": False, "stage_ahead": 2,
+                                                       "pool_blocks_factor": 1.0})) as cache:
         decode_logits(model, cache, ids, mask)
         pipe = cache.stats()["pipeline"]
     assert pipe["stage_ahead_entries"] > 0 and pipe["staging"]["jobs"] > 0
