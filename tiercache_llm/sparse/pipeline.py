@@ -358,7 +358,8 @@ class DecodePipeline:
             pool.v[tail_slot].copy_(layer._tail_v)
             ps.copy_seconds += time.perf_counter() - t0
             stats.tail_selected += 1
-        self._left[layer.layer_idx] = [j for j in self._last.get(layer.layer_idx, []) if j not in set(stored)]
+        now = set(stored)
+        self._left[layer.layer_idx] = [j for j in self._last.get(layer.layer_idx, []) if j not in now]
         self._last[layer.layer_idx] = stored
         slot_of_fetch = torch.tensor(slots + ([tail_slot] if tail else []), dtype=torch.long)
         return pool.k, pool.v, slot_of_fetch

@@ -19,9 +19,9 @@ Each slot remembers the tiercache key of the block it holds, and a block whose k
 shifted) is a miss, so a stale slot can never be attended.  Rows or blocks changing in place (crop,
 reorder, batch selection, reset) must :meth:`clear` the pool (the pipeline's ``invalidate``).
 
-Growth: when a step needs more slots than are free after evicting every block outside its union (or, for
-``"mass"``, when ``N`` is below ``factor`` x the union), ``N`` grows geometrically (at least x1.25) and the
-held slots are copied once into the new tensors.  The pool never shrinks except through :meth:`clear`.
+Growth: the first allocation is 1.25 x the step's need; when a union no longer fits (for ``"mass"``: when
+``N`` is below ``factor`` x the union), ``N`` grows geometrically (at least x1.25) and the old slots are
+copied once into the new tensors.  The pool never shrinks except through :meth:`clear`.
 
 Thread safety: used by the forward pass only (one step of one layer at a time).
 """
@@ -107,8 +107,10 @@ class ResidentPool:
         # Every block outside the union can be evicted, so ``union`` slots always suffice; "mass" keeps
         # room for ``factor`` x the union so blocks outside it can stay.
         target = math.ceil(self.factor * union) if self.retention == "mass" else union
-        if self.k is None or self.capacity < target:
-            self._grow(max(target, 1, math.ceil(GROWTH * self.capacity)), shape_k, shape_v, dtype, device)
+        if self.k is None:  # headroom from the start: unions grow by a block or two over the first steps
+            self._grow(max(1, math.ceil(GROWTH * target)), shape_k, shape_v, dtype, device)
+        elif self.capacity < target:
+            self._grow(max(target, math.ceil(GROWTH * self.capacity)), shape_k, shape_v, dtype, device)
         if len(self._free) < need:
             others = [j for j in self.slot_of if j not in want]
             if self.retention == "mass" and mass is not None and len(others) > need - len(self._free):
@@ -148,10 +150,9 @@ class ResidentPool:
         old = self.capacity
         k = torch.empty((n, *shape_k), dtype=dtype, device=device)
         v = torch.empty((n, *shape_v), dtype=dtype, device=device)
-        if old and self.slot_of:
-            held = torch.tensor(sorted(self.slot_of.values()), dtype=torch.long, device=device)
-            k.index_copy_(0, held, self.k.index_select(0, held))
-            v.index_copy_(0, held, self.v.index_select(0, held))
+        if old and self.slot_of:  # one plain copy of the old slots (most of them are held)
+            k[:old].copy_(self.k)
+            v[:old].copy_(self.v)
         self.k, self.v = k, v
         self._free.extend(range(n - 1, old - 1, -1))  # pop() hands out the lowest new slot first
         self.grows += 1

@@ -35,7 +35,7 @@ def test_previous_retention_keeps_exactly_the_last_selection():
     assert slots2[:2] == slots[1:]
     assert torch.all(pool.k[slots2[0]] == 2) and torch.all(pool.v[slots2[1]] == -3)
     assert set(pool.slot_of) == {2, 3, 4}  # 1 was evicted: only the previous step's selection stays
-    assert pool.capacity == 4  # one union (3 blocks + tail); never more than needed here
+    assert pool.capacity == 5  # 1.25 x one union (3 blocks + tail)
 
 
 def test_none_retention_rereads_everything():
@@ -47,7 +47,7 @@ def test_none_retention_rereads_everything():
 
 
 def test_mass_retention_keeps_blocks_outside_the_selection_and_evicts_lowest_mass_first():
-    pool = ResidentPool("mass", factor=2.0)
+    pool = ResidentPool("mass", factor=1.5)
     slots, missing, _ = assign(pool, [0, 1])
     fill(pool, [0, 1], slots, missing)
     slots, missing, _ = assign(pool, [2, 3])
@@ -66,7 +66,7 @@ def test_growth_keeps_held_blocks_and_never_shrinks():
     pool = ResidentPool("mass", factor=1.5)
     slots, missing, _ = assign(pool, [0, 1])
     fill(pool, [0, 1], slots, missing)
-    assert pool.capacity == 3
+    assert pool.capacity == 4  # ceil(1.25 * ceil(1.5 * 2))
     slots2, missing2, _ = assign(pool, [0, 1, 2, 3, 4], tail=True)
     assert pool.grows == 2 and pool.capacity == 9  # ceil(1.5 * 6)
     assert missing2 == [2, 3, 4] and slots2[:2] == slots
@@ -79,8 +79,11 @@ def test_growth_keeps_held_blocks_and_never_shrinks():
 def test_growth_is_geometric():
     pool = ResidentPool("previous")
     assign(pool, list(range(8)))
-    assign(pool, list(range(9)))
-    assert pool.capacity == 10  # 1.25 x 8, not 9: the next few larger unions need no reallocation
+    assert pool.capacity == 10
+    assign(pool, list(range(10)))
+    assert pool.grows == 1
+    assign(pool, list(range(11)))
+    assert pool.capacity == 13 and pool.grows == 2  # 1.25 x 10, not 11: the next larger unions fit
 
 
 def test_stale_keys_and_layout_changes_are_misses():
