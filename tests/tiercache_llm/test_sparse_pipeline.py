@@ -80,7 +80,7 @@ def test_every_strategy_gives_the_synchronous_logits(model, batch, tmp_path, str
         assert pipe["reused"] == pipe["staged"] == 0
     else:
         assert pipe["reused"] > 0  # consecutive steps select many of the same blocks
-        assert pipe["staging"]["jobs"] > 0
+        assert (pipe["staging"]["jobs"] > 0) == pipe["config"]["layer_ahead"]  # the pool holds what stage_ahead would
 
 
 def test_failed_prefetches_change_nothing(model, batch, tmp_path, monkeypatch):
@@ -91,7 +91,7 @@ def test_failed_prefetches_change_nothing(model, batch, tmp_path, monkeypatch):
         raise OSError("injected prefetch failure")
 
     monkeypatch.setattr(DecodePipeline, "_read", broken)
-    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware")) as cache:
+    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware", pipeline={"layer_ahead": True})) as cache:
         got = decode_logits(model, cache, ids, mask)
         pipe = cache.stats()["pipeline"]
     assert torch.equal(ref, got)
@@ -121,7 +121,8 @@ def test_slow_prefetches_change_nothing(model, batch, tmp_path, monkeypatch):
 def test_staging_memory_is_bounded_and_counted(model, batch, tmp_path):
     ids, mask = batch
     entry = 3 * 2 * 4 * 16 * 4  # batch x kv heads x block x head_dim x float32
-    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware", pipeline={"staging_bytes": 2 * entry})) as cache:
+    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware", pipeline={"staging_bytes": 2 * entry,
+                                                                                    "layer_ahead": True})) as cache:
         decode_logits(model, cache, ids, mask)
         stats = cache.stats()
     staging = stats["pipeline"]["staging"]
@@ -146,7 +147,8 @@ def test_beam_search_and_prompt_lookup_with_prefetches_in_flight(model, tmp_path
     common = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                   pad_token_id=0)
     outs = {}
-    for name, pipeline in (("sync", SYNC), ("pipe", None)):
+    ahead = {"layer_ahead": True} if strategy == "attention-aware" else None  # background reads in flight
+    for name, pipeline in (("sync", SYNC), ("pipe", ahead)):
         if name == "pipe":
             monkeypatch.setattr(DecodePipeline, "_read", slow)
         kw = {} if pipeline is None else {"pipeline": pipeline}
@@ -217,7 +219,11 @@ def test_strategies_configure_their_pipelines():
     reuse = PipelineConfig.for_strategy("reuse-layer-ahead")
     assert reuse.reuse and reuse.layer_ahead and not reuse.disk_staging and not reuse.defer_promotions
     full = PipelineConfig.for_strategy("attention-aware")
-    assert full.reuse and full.layer_ahead and full.disk_staging and full.defer_promotions
+    assert full.reuse and not full.layer_ahead and full.disk_staging and full.defer_promotions  # layer-ahead: opt-in
+    assert (full.retention, reuse.retention, PipelineConfig.for_strategy("fetch-every-step").retention) == (
+        "mass", "previous", "none")
+    with pytest.raises(ValueError, match="pool_blocks_factor"):
+        PipelineConfig(pool_blocks_factor=0.5)
     with pytest.raises(ValueError, match="predictor"):
         PipelineConfig(predictor="oracle")
     with pytest.raises(ValueError, match="staging_bytes"):

@@ -8,11 +8,18 @@ strategy           pool retention layer-ahead predictor    disk staging deferred
 ================== ============== =========== ============ ============ ========== ============
 fetch-every-step   none           -           -            -            -          -
 reuse-layer-ahead  previous step  yes         query        -            -          -
-attention-aware    mass, x1.5     yes         query        yes          yes        64 MiB
+attention-aware    mass, x1.5     - (*)       query        yes          yes        64 MiB
 ================== ============== =========== ============ ============ ========== ============
 
 (``reuse-layer-ahead`` runs under the ``kv-stream`` policy, ``attention-aware`` under the
 ``attention-aware`` policy with its scores.)
+
+(*) ``attention-aware`` turns layer-ahead prefetch off by default (``layer_ahead=True`` turns it on): with
+the resident pool it serves ~93 % of the selected blocks from the pool or the host tier, and the query
+predictor costs a second digest scoring per layer plus background reads that compete with the forward
+pass for the CPU.  Measured on the 2-core benchmark machine (SmolLM2, ``benchmarks/sparse_profile.py``,
+1 torch thread, loaded machine): 2K x batch 4, 4 steps: 495 ms/step without vs 760-831 ms/step with it;
+4K x batch 4, 2 steps: without was faster in both runs (docs/sparse.md "Decode pipeline").
 
 - **Layer-ahead prefetch.**  When layer ``l`` fetches, the entries layer ``l+1`` is predicted to need and
   that are not in the fastest tier are read into the :class:`~.staging.StagingArea` on the I/O pool
@@ -139,7 +146,7 @@ class PipelineConfig:
         elif strategy == "reuse-layer-ahead":
             base = cls(reuse=True, layer_ahead=True, predictor="query")
         elif strategy == "attention-aware":
-            base = cls(reuse=True, layer_ahead=True, disk_staging=True, defer_promotions=True, predictor="query",
+            base = cls(reuse=True, layer_ahead=False, disk_staging=True, defer_promotions=True, predictor="query",
                        write_behind_bytes=64 * MiB, pool_blocks_factor=1.5)
         else:
             raise ValueError(f"unknown strategy {strategy!r}")
