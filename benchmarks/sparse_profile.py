@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 cache = sp.build_cache(model, cfg, kv, s, workdir / str(n_run))
             finally:
                 sp.make_tiered = make_tiered
-            strategy = label
+            strategy = label if label not in summary["strategies"] else f"{label}#{n_run}"
             fill = time.perf_counter() - t0
             feed = ids[:, context - 1:context]
             try:
