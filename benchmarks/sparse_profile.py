@@ -13,6 +13,10 @@ recall; cumulative since the fill, warm-up included), and the top functions with
 the profiled wall time), and prints a summary.  ``--distinct-rows N`` prefills only N distinct prompt rows
 and repeats them up to the batch (prefill is the slow part on a 2-core machine; repeated rows select the
 same blocks, so the union over rows is smaller than with distinct rows: say so when quoting figures).
+``--variant STRATEGY:FIELD=VALUE:...`` (repeatable) adds a run of ``STRATEGY`` with those
+:class:`~tiercache_llm.sparse.pipeline.PipelineConfig` overrides (values parsed as JSON), e.g.
+``--variant attention-aware:stage_ahead=0 --variant attention-aware:pool_blocks_factor=1.0``, on the same
+prefill.
 """
 
 from __future__ import annotations
@@ -45,6 +49,21 @@ def top_functions(profile: cProfile.Profile, wall: float, n: int = 25) -> list[d
     return rows[:n]
 
 
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """``"attention-aware:stage_ahead=0:layer_ahead=false"`` -> ``("attention-aware", {...})``."""
+    name, *fields = spec.split(":")
+    overrides = {}
+    for f in fields:
+        key, sep, value = f.partition("=")
+        if not sep:
+            raise ValueError(f"--variant {spec!r}: expected FIELD=VALUE, got {f!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return name, overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
@@ -53,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distinct-rows", type=int, default=None, help="prompt rows prefilled (default: the batch)")
     parser.add_argument("--budget", type=sp._budget, default=0.25)
     parser.add_argument("--strategies", default=",".join(sp.SPARSE))
+    parser.add_argument("--variant", action="append", default=[],
+                        help="STRATEGY:FIELD=VALUE:... a strategy with pipeline overrides (repeatable)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=lambda t: parse_ints(t, "--threads")[0], default=1)
@@ -60,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "tiercache-sparse-profile")
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args(argv)
-    strategies = [x.strip() for x in args.strategies.split(",") if x.strip()]
-    bad = [x for x in strategies if x not in sp.SPARSE]
+    runs = [(x.strip(), x.strip(), {}) for x in args.strategies.split(",") if x.strip()]
+    runs += [(spec, *parse_variant(spec)) for spec in args.variant]
+    bad = [name for _, name, _ in runs if name not in sp.SPARSE]
     if bad:
         parser.error(f"--strategies: unknown {bad}; choose from {sp.SPARSE}")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -83,10 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict = {"context": context, "batch": args.batch, "distinct_rows": distinct, "budget": args.budget,
                      "threads": args.threads, "steps": args.steps, "strategies": {}}
     try:
-        for strategy in strategies:
-            cfg = sp.Config(strategy, args.budget, "cold")
+        make_tiered = sp.make_tiered
+        for n_run, (label, name, overrides) in enumerate(runs):
+            cfg = sp.Config(name, args.budget, "cold")
             t0 = time.perf_counter()
-            cache = sp.build_cache(model, cfg, kv, s, workdir / strategy)
+            sp.make_tiered = (lambda model_, mode_, _o=overrides, **o: make_tiered(model_, mode_, pipeline=_o, **o)) \
+                if overrides else make_tiered
+            try:
+                cache = sp.build_cache(model, cfg, kv, s, workdir / str(n_run))
+            finally:
+                sp.make_tiered = make_tiered
+            strategy = label if label not in summary["strategies"] else f"{label}#{n_run}"
             fill = time.perf_counter() - t0
             feed = ids[:, context - 1:context]
             try:
@@ -105,12 +134,12 @@ def main(argv: list[str] | None = None) -> int:
                     delta = stats_delta(before, after)
             finally:
                 cache.close()
-                shutil.rmtree(workdir / strategy, ignore_errors=True)
+                shutil.rmtree(workdir / str(n_run), ignore_errors=True)
             text = io.StringIO()
             st = pstats.Stats(prof, stream=text)
             st.sort_stats("tottime").print_stats(30)
             st.sort_stats("cumulative").print_stats(30)
-            (args.out / f"sparse_profile_{strategy}.txt").write_text(text.getvalue())
+            (args.out / f"sparse_profile_{strategy.replace(':', '_')}.txt").write_text(text.getvalue())
             own = {k: v for k, v in delta.items() if k != "tiercache"}
             stages = {k: v / args.steps for k, v in find_numbers(own, "seconds").items() if "last_step" not in k}
             summary["strategies"][strategy] = {

@@ -75,7 +75,8 @@ class SparseStats:
         steps: decode steps that ran sparse (counted at layer 0).
         layer_steps: (layer, step) pairs that ran sparse.
         blocks_selected: stored blocks fetched (union over heads and rows), summed over layer steps.
-        blocks_resident: of those, blocks whose K and V were already in the fastest tier when fetched.
+        blocks_resident: of those, blocks served from the layer's resident pool (no read, no copy) or whose
+            K and V were already in the fastest tier when fetched.
         tail_selected: selections of the in-memory tail block (not fetched from the tiers).
         tokens_attended: valid context tokens attended, summed over rows, KV heads and layer steps.
         tokens_context: valid context tokens present, same sum (``tokens_attended / tokens_context`` is the
@@ -280,10 +281,9 @@ class SparseLayerState:
         t0 = time.perf_counter()
         sel = select(query, self.digests, ctrl.selection, pages_per_block=bs // self.page_size)
         t1 = time.perf_counter()
-        kbuf, vbuf = fetch_selected(self, layer, sel, query, stats)
+        k_pool, v_pool, slot_of_fetch = fetch_selected(self, layer, sel, query, stats)
         t2 = time.perf_counter()
-        res = attend_selected(query, kbuf, vbuf, torch.arange(kbuf.shape[0], device=kbuf.device), sel,
-                              self.valid, ctx, bs, k_new, v_new, scaling)
+        res = attend_selected(query, k_pool, v_pool, slot_of_fetch, sel, self.valid, ctx, bs, k_new, v_new, scaling)
         t3 = time.perf_counter()
         count = self.digests.count
         stats.tokens_attended += int(sel.selected_tokens(count).sum())

@@ -47,9 +47,18 @@ def batch():
     return left_padded_batch(seed=5, lengths=(40, 33, 27))
 
 
+def without_pipeline(cache):
+    """The sparse layers fetch through fetch_selected's own synchronous path (a fresh buffer per step, no
+    resident pool): the reference the pipeline's pools must reproduce exactly."""
+    for layer in cache.layers:
+        if layer.sparse is not None:
+            layer.pipeline = None
+    return cache
+
+
 def reference(model, batch, tmp_path):
     ids, mask = batch
-    with TieredKVCache.for_model(model, **opts(tmp_path, "fetch-every-step", pipeline=SYNC)) as cache:
+    with without_pipeline(TieredKVCache.for_model(model, **opts(tmp_path, "fetch-every-step", pipeline=SYNC))) as cache:
         return decode_logits(model, cache, ids, mask)
 
 
@@ -71,7 +80,7 @@ def test_every_strategy_gives_the_synchronous_logits(model, batch, tmp_path, str
         assert pipe["reused"] == pipe["staged"] == 0
     else:
         assert pipe["reused"] > 0  # consecutive steps select many of the same blocks
-        assert pipe["staging"]["jobs"] > 0
+        assert (pipe["staging"]["jobs"] > 0) == pipe["config"]["layer_ahead"]  # the pool holds what stage_ahead would
 
 
 def test_failed_prefetches_change_nothing(model, batch, tmp_path, monkeypatch):
@@ -82,7 +91,7 @@ def test_failed_prefetches_change_nothing(model, batch, tmp_path, monkeypatch):
         raise OSError("injected prefetch failure")
 
     monkeypatch.setattr(DecodePipeline, "_read", broken)
-    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware")) as cache:
+    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware", pipeline={"layer_ahead": True})) as cache:
         got = decode_logits(model, cache, ids, mask)
         pipe = cache.stats()["pipeline"]
     assert torch.equal(ref, got)
@@ -112,7 +121,8 @@ def test_slow_prefetches_change_nothing(model, batch, tmp_path, monkeypatch):
 def test_staging_memory_is_bounded_and_counted(model, batch, tmp_path):
     ids, mask = batch
     entry = 3 * 2 * 4 * 16 * 4  # batch x kv heads x block x head_dim x float32
-    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware", pipeline={"staging_bytes": 2 * entry})) as cache:
+    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware", pipeline={"staging_bytes": 2 * entry,
+                                                                                    "layer_ahead": True})) as cache:
         decode_logits(model, cache, ids, mask)
         stats = cache.stats()
     staging = stats["pipeline"]["staging"]
@@ -122,10 +132,10 @@ def test_staging_memory_is_bounded_and_counted(model, batch, tmp_path):
     assert stats["kv"]["beside_tiers_bytes"] >= stats["pipeline"]["reuse_bytes"] > 0
 
 
-@pytest.mark.parametrize("strategy", ["reuse-layer-ahead", "attention-aware"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_beam_search_and_prompt_lookup_with_prefetches_in_flight(model, tmp_path, strategy, monkeypatch):
     """Reorder (beam search) and crop (prompt lookup) while slow background reads are still running give the
-    tokens of the synchronous path."""
+    tokens of the synchronous path (no pipeline, no resident pool)."""
     original = DecodePipeline._read
 
     def slow(self, keys, outs):
@@ -137,13 +147,15 @@ def test_beam_search_and_prompt_lookup_with_prefetches_in_flight(model, tmp_path
     common = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
                   pad_token_id=0)
     outs = {}
-    for name, pipeline in (("sync", SYNC), ("pipe", None)):
+    ahead = {"layer_ahead": True} if strategy == "attention-aware" else None  # background reads in flight
+    for name, pipeline in (("sync", SYNC), ("pipe", ahead)):
         if name == "pipe":
             monkeypatch.setattr(DecodePipeline, "_read", slow)
         kw = {} if pipeline is None else {"pipeline": pipeline}
-        with TieredKVCache.for_model(model, **opts(tmp_path / name, strategy, **kw)) as cache:
+        prep = without_pipeline if name == "sync" else (lambda c: c)
+        with prep(TieredKVCache.for_model(model, **opts(tmp_path / name, strategy, **kw))) as cache:
             beams = model.generate(past_key_values=cache, num_beams=2, **common)
-        with TieredKVCache.for_model(model, **opts(tmp_path / (name + "-pl"), strategy, **kw)) as cache:
+        with prep(TieredKVCache.for_model(model, **opts(tmp_path / (name + "-pl"), strategy, **kw))) as cache:
             lookup = model.generate(past_key_values=cache, prompt_lookup_num_tokens=3, **common)
         outs[name] = (beams, lookup)
     assert torch.equal(outs["sync"][0], outs["pipe"][0])
@@ -155,7 +167,8 @@ def test_batch_selection_between_steps_keeps_logits(model, batch, tmp_path):
     results = []
     for pipeline in (SYNC, None):
         kw = {} if pipeline is None else {"pipeline": pipeline}
-        with TieredKVCache.for_model(model, **opts(tmp_path / str(len(results)), "attention-aware", **kw)) as cache:
+        prep = without_pipeline if pipeline is SYNC else (lambda c: c)
+        with prep(TieredKVCache.for_model(model, **opts(tmp_path / str(len(results)), "attention-aware", **kw))) as cache:
             decode_logits(model, cache, ids, mask, steps=4)
             cache.batch_select_indices(torch.tensor([0, 2]))
             sub_ids = ids[[0, 2], -1:]
@@ -206,7 +219,11 @@ def test_strategies_configure_their_pipelines():
     reuse = PipelineConfig.for_strategy("reuse-layer-ahead")
     assert reuse.reuse and reuse.layer_ahead and not reuse.disk_staging and not reuse.defer_promotions
     full = PipelineConfig.for_strategy("attention-aware")
-    assert full.reuse and full.layer_ahead and full.disk_staging and full.defer_promotions
+    assert full.reuse and not full.layer_ahead and full.disk_staging and full.defer_promotions  # layer-ahead: opt-in
+    assert (full.retention, reuse.retention, PipelineConfig.for_strategy("fetch-every-step").retention) == (
+        "mass", "previous", "none")
+    with pytest.raises(ValueError, match="pool_blocks_factor"):
+        PipelineConfig(pool_blocks_factor=0.5)
     with pytest.raises(ValueError, match="predictor"):
         PipelineConfig(predictor="oracle")
     with pytest.raises(ValueError, match="staging_bytes"):
@@ -224,16 +241,18 @@ def test_pipeline_option_is_sparse_only_and_typed(make_config):
 
 
 def test_complement_placement_moves_blocks_not_logits(model, batch, tmp_path):
-    """complement_reuse: the blocks a reuse buffer holds score 0 in the tiercache (the fastest tier is left to
+    """complement_reuse: the blocks a resident pool holds from the last step score 0 in the tiercache (the fastest tier is left to
     others); logits are unchanged."""
     ref = reference(model, batch, tmp_path)
     ids, mask = batch
     with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware", pipeline={"complement_reuse": True})) as cache:
         got = decode_logits(model, cache, ids, mask)
         pipe = cache._pipeline
-        for idx, reuse in pipe._reuse.items():
+        assert pipe._last
+        for idx, last in pipe._last.items():  # the blocks of each layer's last step, held by its pool
             layer = cache.layers[idx]
-            for j in reuse.slots:
+            for j in last:
+                assert pipe._pools[idx].holds(j, layer._kkeys[j])
                 assert cache.store.cache._index[layer._kkeys[j]].info.score == 0.0
     assert torch.equal(ref, got)
 
@@ -241,7 +260,8 @@ def test_complement_placement_moves_blocks_not_logits(model, batch, tmp_path):
 def test_disk_staging_ahead_stages_high_mass_blocks_off_the_fast_tier(model, batch, tmp_path):
     ids, mask = batch
     with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware",
-                                             pipeline={"layer_ahead": False, "stage_ahead": 2})) as cache:
+                                             pipeline={"layer_ahead": False, "stage_ahead": 2,
+                                                       "pool_blocks_factor": 1.0})) as cache:
         decode_logits(model, cache, ids, mask)
         pipe = cache.stats()["pipeline"]
     assert pipe["stage_ahead_entries"] > 0 and pipe["staging"]["jobs"] > 0

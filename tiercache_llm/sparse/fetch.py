@@ -1,8 +1,9 @@
 """The fetch stage of a sparse decode step: materialise exactly the selected blocks of one layer.
 
 Seam between selection/attention (:mod:`tiercache_llm.sparse_layer`) and the data movement (tiers,
-prefetch, staging).  Only the blocks in ``sel.fetch`` are ever read; the in-memory tail block is
-copied from the layer's tail.
+prefetch, staging, the resident pool).  Only the blocks in ``sel.fetch`` are ever read; the in-memory
+tail block is copied from the layer's tail.  The result is a pool ``(N, B, H, S, D)`` plus the slot of
+each fetched block, which attention reads through a page table (:mod:`.page_table`).
 
 Thread safety: called from the forward pass (one per cache at a time).
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+
+from .pool import identity_pool
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..kv_cache import TieredKVLayer
@@ -34,18 +37,20 @@ def selected_buffers(layer: "TieredKVLayer", sel: "BlockSelection") -> tuple[lis
 
 
 def fetch_selected(state: "SparseLayerState", layer: "TieredKVLayer", sel: "BlockSelection",
-                   query: torch.Tensor, stats: "SparseStats") -> tuple[torch.Tensor, torch.Tensor]:
+                   query: torch.Tensor, stats: "SparseStats") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keys and values of the blocks ``sel.fetch`` (ascending block indices; the last may be the tail
-    block, which is not stored yet) as ``(U, B, H, block_size, D)`` buffers in ``sel.fetch`` order.
+    block, which is not stored yet) as ``(k_pool, v_pool, slot_of_fetch)``: pools ``(N, B, H, block_size,
+    D)`` (contiguous) and the ``(U,)`` int64 slot holding each block of ``sel.fetch``.  The pools stay
+    valid until the layer's next fetch (the pipeline's pools persist and are rewritten then).
 
     ``query`` (``(B, Hq, 1, D)``) is this layer's decode query, for stages that predict what later
     layers will need.  Counts blocks selected/resident, tail selections and bytes per tier into
     ``stats``.
 
     A layer of a :class:`~tiercache_llm.TieredKVCache` carries the cache's
-    :class:`~.pipeline.DecodePipeline` (``layer.pipeline``), which does the work (reuse buffer, staged
-    entries, per-tier reads, layer-ahead prefetch); without one, every selected entry is read here in
-    one synchronous batch."""
+    :class:`~.pipeline.DecodePipeline` (``layer.pipeline``), which does the work (its per-layer
+    :class:`~.pool.ResidentPool`, staged entries, per-tier reads, layer-ahead prefetch); without one, every
+    selected entry is read here in one synchronous batch into a fresh pool with identity slots."""
     pipeline = getattr(layer, "pipeline", None)
     if pipeline is not None:
         return pipeline.fetch(state, layer, sel, query, stats)
@@ -86,4 +91,4 @@ def fetch_selected(state: "SparseLayerState", layer: "TieredKVLayer", sel: "Bloc
         kbuf[len(stored)].copy_(layer._tail_k)
         vbuf[len(stored)].copy_(layer._tail_v)
         stats.tail_selected += 1
-    return kbuf, vbuf
+    return identity_pool(kbuf, vbuf)

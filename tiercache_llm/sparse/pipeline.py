@@ -2,17 +2,24 @@
 
 What each strategy runs (:meth:`PipelineConfig.for_strategy`):
 
-================== ============ =========== ============ ============ ========== ============
-strategy           reuse buffer layer-ahead predictor    disk staging deferred   write-behind
-                                                                      promotions
-================== ============ =========== ============ ============ ========== ============
-fetch-every-step   -            -           -            -            -          -
-reuse-layer-ahead  yes          yes         query        -            -          -
-attention-aware    yes          yes         query        yes          yes        64 MiB
-================== ============ =========== ============ ============ ========== ============
+================== ============== =========== ============ ============ ========== ============
+strategy           pool retention layer-ahead predictor    disk staging deferred   write-behind
+                                                                        promotions
+================== ============== =========== ============ ============ ========== ============
+fetch-every-step   none           -           -            -            -          -
+reuse-layer-ahead  previous step  yes         query        -            -          -
+attention-aware    mass, x1.5     - (*)       query        yes          yes        64 MiB
+================== ============== =========== ============ ============ ========== ============
 
 (``reuse-layer-ahead`` runs under the ``kv-stream`` policy, ``attention-aware`` under the
 ``attention-aware`` policy with its scores.)
+
+(*) ``attention-aware`` turns layer-ahead prefetch off by default (``layer_ahead=True`` turns it on): with
+the resident pool it serves ~93 % of the selected blocks from the pool or the host tier, and the query
+predictor costs a second digest scoring per layer plus background reads that compete with the forward
+pass for the CPU.  Measured on the 2-core benchmark machine (SmolLM2, ``benchmarks/sparse_profile.py``,
+1 torch thread, loaded machine): 2K x batch 4, 4 steps: 495 ms/step without vs 760-831 ms/step with it;
+4K x batch 4, 2 steps: without was faster in both runs (docs/sparse.md "Decode pipeline").
 
 - **Layer-ahead prefetch.**  When layer ``l`` fetches, the entries layer ``l+1`` is predicted to need and
   that are not in the fastest tier are read into the :class:`~.staging.StagingArea` on the I/O pool
@@ -21,11 +28,16 @@ attention-aware    yes          yes         query        yes          yes       
   (``predictor="previous"``) or layer ``l+1``'s digests scored with layer ``l``'s query
   (``"query"``).  Layer ``l+1`` takes what was staged and reads every other selected entry itself
   (mispredictions are fetched, never skipped).
-- **Reuse buffer** (``reuse-layer-ahead``): each layer keeps the K/V buffers of its previous step's
-  stored blocks; a block selected again is copied from there instead of fetched.  At most one step's
-  selection per layer (bounded by the budget), released on crop / reorder / batch changes.
+- **Resident pool** (:class:`~.pool.ResidentPool`, one per sparse layer): the selected blocks are read
+  straight into slots of a persistent ``(N, B, H, S, D)`` pool and attention reads them there through a
+  page table, so a block still resident when it is selected again costs no read and no copy.  What stays
+  resident between steps (``retention``): nothing (``fetch-every-step``, the honest baseline: every
+  selected block is read from its tier every step), exactly the previous step's selection
+  (``reuse-layer-ahead``), or a pool of ``pool_blocks_factor`` x the largest union so far whose blocks
+  outside the current selection are evicted lowest decayed attention mass first (``attention-aware``:
+  attention-aware placement at the level closest to compute).  Released on crop / reorder / batch changes.
 - **Disk staging ahead** (``attention-aware``): after a layer attends, its highest-mass stored blocks
-  that are neither in the fastest tier nor in its reuse buffer (``stage_ahead`` of them) are read into
+  that are neither in the fastest tier nor in its pool (``stage_ahead`` of them) are read into
   the staging area for its next step.
 - **Deferred promotions** (``attention-aware``): the forward pass's own reads do not promote (so they
   never wait on the demotion writes a promotion causes); the background reads above do, under
@@ -48,7 +60,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from .fetch import selected_buffers
+from .pool import ResidentPool, Retention
 from .staging import StagingArea
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,7 +77,10 @@ class PipelineConfig:
     """Which pipeline stages run, and their bounds.
 
     Attributes:
-        reuse: keep each layer's previous-step K/V buffers and copy re-selected blocks from them.
+        reuse: blocks stay in the layer's resident pool between steps (``False``: retention ``"none"``).
+        pool_blocks_factor: with ``reuse``, ``1.0`` keeps exactly the previous step's selection
+            (retention ``"previous"``); ``> 1.0`` sizes the pool to this many times the largest union of
+            selected blocks so far and evicts the lowest decayed attention mass first (retention ``"mass"``).
         layer_ahead: stage the next layer's predicted entries in the background.
         disk_staging: stage each layer's highest-mass entries outside the fastest tier for its next step.
         defer_promotions: foreground reads never promote; background reads do (needs an
@@ -77,8 +92,8 @@ class PipelineConfig:
             parallelises one batch further).
         stage_ahead: blocks per layer and step staged by disk staging.
         wait_timeout: seconds a layer waits for an in-flight entry before reading it itself.
-        complement_reuse: attention-aware placement with a reuse buffer: the fastest tier complements the
-            buffer (:meth:`DecodePipeline.placement_scores`) instead of holding the most attended blocks.
+        complement_reuse: attention-aware placement with resident pools: the fastest tier complements the
+            pool (:meth:`DecodePipeline.placement_scores`) instead of holding the most attended blocks.
         write_behind_bytes: ``> 0``: new blocks are written by a writer thread through a queue of at most
             this many bytes (:meth:`~tiercache_llm.store.BlockStore.enable_write_behind`); ``0``: writes
             are synchronous.
@@ -95,8 +110,12 @@ class PipelineConfig:
     wait_timeout: float = 30.0
     write_behind_bytes: int = 0
     complement_reuse: bool = False
+    pool_blocks_factor: float = 1.0
 
     def __post_init__(self) -> None:
+        f = self.pool_blocks_factor
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not f >= 1.0:
+            raise ValueError(f"pool_blocks_factor must be a number >= 1.0, got {f!r}")
         if self.predictor not in ("previous", "query"):
             raise ValueError(f"predictor must be 'previous' or 'query', got {self.predictor!r}")
         if isinstance(self.staging_bytes, bool) or not isinstance(self.staging_bytes, int) or self.staging_bytes < 0:
@@ -113,6 +132,13 @@ class PipelineConfig:
     def active(self) -> bool:
         return self.reuse or self.layer_ahead or self.disk_staging
 
+    @property
+    def retention(self) -> Retention:
+        """The resident pool's retention rule (see the module doc)."""
+        if not self.reuse:
+            return "none"
+        return "mass" if self.pool_blocks_factor > 1.0 else "previous"
+
     @classmethod
     def for_strategy(cls, strategy: str, **overrides: Any) -> "PipelineConfig":
         if strategy == "fetch-every-step":
@@ -120,8 +146,8 @@ class PipelineConfig:
         elif strategy == "reuse-layer-ahead":
             base = cls(reuse=True, layer_ahead=True, predictor="query")
         elif strategy == "attention-aware":
-            base = cls(reuse=True, layer_ahead=True, disk_staging=True, defer_promotions=True, predictor="query",
-                       write_behind_bytes=64 * MiB)
+            base = cls(reuse=True, layer_ahead=False, disk_staging=True, defer_promotions=True, predictor="query",
+                       write_behind_bytes=64 * MiB, pool_blocks_factor=1.5)
         else:
             raise ValueError(f"unknown strategy {strategy!r}")
         return cls(**{**asdict(base), **overrides})
@@ -132,7 +158,8 @@ class PipelineStats:
     """Per-stage counters of the pipeline (monotonic until :meth:`DecodePipeline.reset_stats`).
 
     Entries are tiercache entries (one K or one V block).  ``needed`` counts the stored entries layers
-    fetched; each was served from the reuse buffer (``reused``), the staging area (``staged``) or read
+    fetched; each was served in place from the layer's resident pool (``reused``: no read, no copy), the
+    staging area (``staged``, copied into its pool slot) or read
     synchronously from its tier (``sync`` / ``sync_seconds`` per tier).  Of the needed entries not
     reused, ``needed_nonresident`` were outside the fastest tier when the layer fetched, and
     ``staged_nonresident`` of those came from staging: ``prefetch_hit_rate`` is their ratio (the share of
@@ -140,10 +167,12 @@ class PipelineStats:
     entries (``predicted_nonresident`` of them outside the fastest tier, the ones it stages); of the
     ``predictable`` needed entries (those not reused, at layers it predicted for) ``predicted_hits``
     were among them: ``prediction_recall = predicted_hits / predictable``,
-    ``prediction_precision = predicted_hits / predicted``.  ``copy_seconds``: reuse and staging lookups
-    and copies into the attention buffers, waits included (``staging.wait_seconds``);
-    ``predict_seconds``: the predictor and job submission; ``reuse_bytes``: memory of the reuse buffers
-    (at most one step's selection per layer)."""
+    ``prediction_precision = predicted_hits / predicted``.  ``copy_seconds``: real copies only (staged
+    entries into their slots, waits included (``staging.wait_seconds``); the tail block; the held slots
+    when a pool grows) plus the pool's slot bookkeeping; ``predict_seconds``: the predictor and job
+    submission; ``reuse_bytes`` / ``reuse_peak_bytes``: memory of the resident pools (every slot, free or
+    not); ``pool_slots`` / ``pool_grows`` / ``pool_evicted``: their slots, reallocations and evictions
+    for room (filled in by :meth:`DecodePipeline.as_dict`)."""
 
     steps: int = 0
     needed: int = 0
@@ -162,6 +191,9 @@ class PipelineStats:
     predict_seconds: float = 0.0
     reuse_bytes: int = 0
     reuse_peak_bytes: int = 0
+    pool_slots: int = 0
+    pool_grows: int = 0
+    pool_evicted: int = 0
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -170,19 +202,6 @@ class PipelineStats:
         out["prefetch_hit_rate"] = (self.staged_nonresident / self.needed_nonresident
                                     if self.needed_nonresident else None)
         return out
-
-
-class _Reuse:
-    """One layer's previous-step buffers: block index -> slot of ``k`` / ``v`` (``(U, B, H, S, D)``)."""
-
-    __slots__ = ("slots", "k", "v")
-
-    def __init__(self, slots: dict[int, int], k: torch.Tensor, v: torch.Tensor) -> None:
-        self.slots, self.k, self.v = slots, k, v
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
 
 
 class DecodePipeline:
@@ -203,7 +222,7 @@ class DecodePipeline:
         self._last: dict[int, list[int]] = {}  # layer -> stored blocks it fetched at its last step
         self._left: dict[int, list[int]] = {}  # layer -> blocks of the step before that it no longer selected
         self._predicted: dict[int, set] = {}  # layer -> entries predicted for its coming fetch
-        self._reuse: dict[int, _Reuse] = {}
+        self._pools: dict[int, ResidentPool] = {}  # layer -> its resident block pool
         self.stats = PipelineStats()
         self._closed = False
 
@@ -283,109 +302,130 @@ class DecodePipeline:
             blocks = [j for j in sel.fetch.tolist() if j < n_stored]
         else:
             blocks = [j for j in self._last.get(nxt_idx, []) if j < n_stored]
-        reuse = self._reuse.get(nxt_idx)
-        if reuse is not None:
-            blocks = [j for j in blocks if j not in reuse.slots]
+        blocks = [j for j in blocks if not self._reusable(nxt, j)]
         self._predicted[nxt_idx] = set(layer_keys(nxt, blocks))
         nonresident, _ = self._stage_blocks(nxt, blocks)
         self.stats.predicted += 2 * len(blocks)
         self.stats.predicted_nonresident += nonresident
         self.stats.predict_seconds += time.perf_counter() - start
 
+    def _pool_of(self, layer_idx: int) -> ResidentPool:
+        pool = self._pools.get(layer_idx)
+        if pool is None:
+            pool = self._pools[layer_idx] = ResidentPool(self.config.retention, self.config.pool_blocks_factor)
+        return pool
+
+    def _reusable(self, layer: "TieredKVLayer", j: int) -> bool:
+        """Whether block ``j`` of ``layer`` would be served from its pool if selected at its next fetch."""
+        pool = self._pools.get(layer.layer_idx)
+        return pool is not None and pool.retention != "none" and pool.holds(j, layer._kkeys[j])
+
+    def _count_pool_bytes(self) -> None:
+        ps = self.stats
+        ps.reuse_bytes = sum(p.nbytes for p in self._pools.values())
+        ps.reuse_peak_bytes = max(ps.reuse_peak_bytes, ps.reuse_bytes)
+
     def fetch(self, state: "SparseLayerState", layer: "TieredKVLayer", sel: "BlockSelection", query: torch.Tensor,
-              stats: "SparseStats") -> tuple[torch.Tensor, torch.Tensor]:
-        """The fetch stage with reuse, staging and per-tier reads (see :func:`~.fetch.fetch_selected`)."""
+              stats: "SparseStats") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fetch stage into the layer's :class:`~.pool.ResidentPool` (see :func:`~.fetch.fetch_selected`):
+        resident selected blocks are used in place, the others get slots and are filled from the staging
+        area or read from their tiers straight into their slots; returns ``(k_pool, v_pool, slot_of_fetch)``."""
         self.predict_next(layer, query)
-        fetch, stored, kbuf, vbuf = selected_buffers(layer, sel)
-        bs = layer.block_size
-        b = layer._batch
+        fetch = sel.fetch.tolist()
+        n_stored = len(layer._blocks)
+        stored = [j for j in fetch if j < n_stored]
+        tail = len(stored) < len(fetch)
+        ns = len(stored)
+        b, bs = layer._batch, layer.block_size
         hk, dk = layer._shape_k
         hv, dv = layer._shape_v
-        u = len(fetch)
         ps = self.stats
-        if stored:
-            ns = len(stored)
-            kkeys = [layer._kkeys[j] for j in stored]
-            vkeys = [layer._vkeys[j] for j in stored]
-            keys = kkeys + vkeys
-            tiers = self.store.tiers_of(keys)
-            fastest = self.store.fastest_tier
-            stats.blocks_resident += sum(1 for i in range(ns) if tiers[i] == fastest and tiers[ns + i] == fastest)
-            stats.blocks_selected += ns
-            predicted = self._predicted.pop(layer.layer_idx, None)
-            reuse = self._reuse.get(layer.layer_idx)
-            not_reused = [e for e in range(2 * ns) if reuse is None or stored[e % ns] not in reuse.slots]
-            if predicted is not None:
-                ps.predicted_hits += sum(1 for e in not_reused if keys[e] in predicted)
-                ps.predictable += len(not_reused)
-            ps.needed += 2 * ns
-            ps.needed_nonresident += sum(1 for e in not_reused if tiers[e] != fastest)
-            dsts = [kbuf[i] for i in range(ns)] + [vbuf[i] for i in range(ns)]
-            blocks = [layer._blocks[j] for j in stored] * 2
-            sync: dict[str, list[int]] = {}
-            reused_blocks = 0
+        pool = self._pool_of(layer.layer_idx)
+        kkeys = [layer._kkeys[j] for j in stored]
+        t0 = time.perf_counter()
+        slots, missing, tail_slot = pool.assign(stored, kkeys, tail, (b, hk, bs, dk), (b, hv, bs, dv), layer.dtype,
+                                                layer.device, state.mass)
+        ps.copy_seconds += time.perf_counter() - t0  # a growth copies the held slots once
+        self._count_pool_bytes()
+        stats.blocks_selected += ns
+        ps.needed += 2 * ns
+        ps.reused += 2 * (ns - len(missing))
+        predicted = self._predicted.pop(layer.layer_idx, None)
+        if missing:
+            try:
+                self._fill(layer, stored, missing, slots, kkeys, pool, predicted, stats)
+            except BaseException:
+                pool.drop([stored[i] for i in missing])  # never leave a slot that claims a block it lacks
+                raise
+        else:
+            stats.blocks_resident += ns
+        if tail:
             t0 = time.perf_counter()
-            for e, key in enumerate(keys):
-                j = stored[e % ns]
-                if reuse is not None and j in reuse.slots:
-                    src = reuse.k if e < ns else reuse.v
-                    dsts[e].copy_(src[reuse.slots[j]])
-                    ps.reused += 1
-                    if e < ns:
-                        reused_blocks += 1
-                    continue
-                staged = self.staging.take(key) if self.staging is not None else None
-                if staged is not None:
-                    dsts[e].copy_(blocks[e].view(staged))
-                    ps.staged += 1
-                    if tiers[e] != fastest:
-                        ps.staged_nonresident += 1
-                    tier = "disk" if tiers[e] is None else tiers[e]
-                    stats.bytes_fetched[str(tier)] = stats.bytes_fetched.get(str(tier), 0) + staged.nbytes
-                    continue
-                sync.setdefault(str(tiers[e]), []).append(e)
+            pool.k[tail_slot].copy_(layer._tail_k)
+            pool.v[tail_slot].copy_(layer._tail_v)
             ps.copy_seconds += time.perf_counter() - t0
-            # A block served from the reuse buffer is as close as the fastest tier (it is on the compute
-            # device): it counts as resident, whatever tier its entries sit in.
-            stats.blocks_resident += sum(1 for i in range(ns) if reuse is not None and stored[i] in reuse.slots
-                                         and not (tiers[i] == fastest and tiers[ns + i] == fastest))
-            for tier, idx in sync.items():
-                t1 = time.perf_counter()
-                outs, posts = [], []
-                for e in idx:
-                    block = blocks[e]
-                    if block.rows is None:
-                        outs.append(dsts[e])
-                    else:
-                        tmp = dsts[e].new_empty((block.stored_batch, *dsts[e].shape[1:]))
-                        outs.append(tmp)
-                        posts.append((e, tmp))
-                self.store.get_blocks([keys[e] for e in idx], out=outs)
-                for e, tmp in posts:
-                    dsts[e].copy_(blocks[e].view(tmp))
-                ps.sync[tier] = ps.sync.get(tier, 0) + len(idx)
-                ps.sync_seconds[tier] = ps.sync_seconds.get(tier, 0.0) + time.perf_counter() - t1
-                stats.bytes_fetched[tier] = stats.bytes_fetched.get(tier, 0) + sum(o.nbytes for o in outs)
-        if len(stored) < u:
-            kbuf[len(stored)].copy_(layer._tail_k)
-            vbuf[len(stored)].copy_(layer._tail_v)
             stats.tail_selected += 1
-        self._left[layer.layer_idx] = [j for j in self._last.get(layer.layer_idx, []) if j not in set(stored)]
+        now = set(stored)
+        self._left[layer.layer_idx] = [j for j in self._last.get(layer.layer_idx, []) if j not in now]
         self._last[layer.layer_idx] = stored
-        if self.config.reuse:
-            old = self._reuse.get(layer.layer_idx)
-            new = _Reuse({j: i for i, j in enumerate(stored)}, kbuf, vbuf)
-            ps.reuse_bytes += new.nbytes - (old.nbytes if old is not None else 0)
-            ps.reuse_peak_bytes = max(ps.reuse_peak_bytes, ps.reuse_bytes)
-            self._reuse[layer.layer_idx] = new
-        return kbuf, vbuf
+        slot_of_fetch = torch.tensor(slots + ([tail_slot] if tail else []), dtype=torch.long)
+        return pool.k, pool.v, slot_of_fetch
+
+    def _fill(self, layer: "TieredKVLayer", stored: list[int], missing: list[int], slots: list[int], kkeys: list,
+              pool: ResidentPool, predicted: set | None, stats: "SparseStats") -> None:
+        """Fill the slots of ``stored[i]`` for ``i`` in ``missing``: from staging, else read from the tiers
+        straight into the slots (a block with a row map is read into a temporary and viewed)."""
+        ps = self.stats
+        nm = len(missing)
+        keys = [kkeys[i] for i in missing] + [layer._vkeys[stored[i]] for i in missing]
+        dsts = [pool.k[slots[i]] for i in missing] + [pool.v[slots[i]] for i in missing]
+        blocks = [layer._blocks[stored[i]] for i in missing] * 2
+        tiers = self.store.tiers_of(keys)
+        fastest = self.store.fastest_tier
+        hits = len(stored) - nm
+        stats.blocks_resident += hits + sum(1 for i in range(nm) if tiers[i] == fastest and tiers[nm + i] == fastest)
+        if predicted is not None:
+            ps.predicted_hits += sum(1 for key in keys if key in predicted)
+            ps.predictable += len(keys)
+        ps.needed_nonresident += sum(1 for t in tiers if t != fastest)
+        sync: dict[str, list[int]] = {}
+        t0 = time.perf_counter()
+        for e, key in enumerate(keys):
+            staged = self.staging.take(key) if self.staging is not None else None
+            if staged is not None:
+                dsts[e].copy_(blocks[e].view(staged))
+                ps.staged += 1
+                if tiers[e] != fastest:
+                    ps.staged_nonresident += 1
+                tier = "disk" if tiers[e] is None else tiers[e]
+                stats.bytes_fetched[str(tier)] = stats.bytes_fetched.get(str(tier), 0) + staged.nbytes
+                continue
+            sync.setdefault(str(tiers[e]), []).append(e)
+        ps.copy_seconds += time.perf_counter() - t0
+        for tier, idx in sync.items():
+            t1 = time.perf_counter()
+            outs, posts = [], []
+            for e in idx:
+                block = blocks[e]
+                if block.rows is None:
+                    outs.append(dsts[e])
+                else:
+                    tmp = dsts[e].new_empty((block.stored_batch, *dsts[e].shape[1:]))
+                    outs.append(tmp)
+                    posts.append((e, tmp))
+            self.store.get_blocks([keys[e] for e in idx], out=outs)
+            for e, tmp in posts:
+                dsts[e].copy_(blocks[e].view(tmp))
+            ps.sync[tier] = ps.sync.get(tier, 0) + len(idx)
+            ps.sync_seconds[tier] = ps.sync_seconds.get(tier, 0.0) + time.perf_counter() - t1
+            stats.bytes_fetched[tier] = stats.bytes_fetched.get(tier, 0) + sum(o.nbytes for o in outs)
 
     def placement_scores(self, state: "SparseLayerState", layer: "TieredKVLayer", stored: list[int]) -> dict | None:
         """Tiercache scores of this step (attention-aware placement), or ``None`` to keep the plain rule
-        (every fetched block's decayed mass).  With a reuse buffer the fastest tier complements it: the
-        blocks just fetched (which the buffer holds for the next step) score 0, so they leave the tier
+        (every fetched block's decayed mass).  With a resident pool the fastest tier complements it: the
+        blocks just fetched (which the pool holds for the next step) score 0, so they leave the tier
         first and are never promoted, and the blocks the layer stopped selecting score their decayed mass,
-        so the tier keeps the blocks attention is likely to return to that the buffer does not hold."""
+        so the tier keeps the blocks attention is likely to return to that the pool does not hold."""
         if not (self.config.reuse and self.config.complement_reuse):
             return None
         scores = {}
@@ -400,9 +440,9 @@ class DecodePipeline:
         return scores
 
     def admission_threshold(self, layers: list["TieredKVLayer"]) -> float | None:
-        """With a reuse buffer: the promotion threshold of the attention-aware policy, the decayed mass of the
-        ``M``-th most attended stored block *outside the reuse buffers* (``M`` = blocks the fastest tier
-        holds); ``None`` to keep the controller's rule.  The blocks a buffer holds are never read from a
+        """With resident pools: the promotion threshold of the attention-aware policy, the decayed mass of the
+        ``M``-th most attended stored block *outside the pools* (``M`` = blocks the fastest tier
+        holds); ``None`` to keep the controller's rule.  The blocks a pool holds are never read from a
         tier while they stay selected, so the controller's rule (the ``M``-th most attended block overall)
         would reserve the fastest tier for them and never promote the blocks attention returns to after
         leaving them."""
@@ -414,9 +454,9 @@ class DecodePipeline:
                 continue
             n = min(len(layer._blocks), layer.sparse.mass.numel())
             mass = layer.sparse.mass[:n].clone()
-            reuse = self._reuse.get(layer.layer_idx)
-            if reuse is not None and reuse.slots:
-                held = torch.tensor([j for j in reuse.slots if j < n], dtype=torch.long)
+            pool = self._pools.get(layer.layer_idx)
+            if pool is not None and pool.slot_of:
+                held = torch.tensor([j for j in pool.slot_of if j < n], dtype=torch.long)
                 mass[held] = -1.0
             masses.append(mass)
             entry = max(entry, layer._blocks[0].nbytes // 2)
@@ -442,12 +482,12 @@ class DecodePipeline:
                 self._stage_ahead(layer.sparse, layer)
 
     def _stage_ahead(self, state: "SparseLayerState", layer: "TieredKVLayer") -> None:
-        """The layer's highest-mass stored blocks outside the fastest tier and the reuse buffer."""
+        """The layer's highest-mass stored blocks outside the fastest tier and its resident pool."""
         n = min(len(layer._blocks), state.mass.numel())
         if n == 0:
             return
-        reuse = self._reuse.get(layer.layer_idx)
-        held = reuse.slots if reuse is not None else {}
+        pool = self._pools.get(layer.layer_idx)
+        held = pool.slot_of if pool is not None and pool.retention != "none" else {}
         k = min(n, 4 * self.config.stage_ahead + len(held))
         values, indices = torch.topk(state.mass[:n], k)
         top = [j for j, m in zip(indices.tolist(), values.tolist()) if m > 0 and j not in held]
@@ -459,9 +499,11 @@ class DecodePipeline:
 
     # --------------------------------------------------------------------------- lifecycle
     def invalidate(self) -> None:
-        """Rows or blocks changed (crop, reorder, batch selection, reset): drop the reuse buffers,
+        """Rows or blocks changed (crop, reorder, batch selection, reset): drop the resident pools,
         predictions and staged entries (in-flight jobs finish into released tensors)."""
-        self._reuse.clear()
+        for pool in self._pools.values():
+            pool.clear()
+        self._pools.clear()
         self.stats.reuse_bytes = 0
         self._last.clear()
         self._predicted.clear()
@@ -477,7 +519,7 @@ class DecodePipeline:
         self.stats = PipelineStats(reuse_bytes=reuse, reuse_peak_bytes=reuse)
 
     def close(self) -> None:
-        """Cancel queued jobs, wait for running ones, release staging and reuse memory.  Idempotent."""
+        """Cancel queued jobs, wait for running ones, release staging and pool memory.  Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -488,6 +530,7 @@ class DecodePipeline:
         self.invalidate()
 
     def as_dict(self) -> dict:
+        self.stats.pool_slots = sum(p.capacity for p in self._pools.values())
         out: dict[str, Any] = {"config": asdict(self.config), **self.stats.as_dict()}
         if self.staging is not None:
             out["staging"] = asdict(self.staging.counters)

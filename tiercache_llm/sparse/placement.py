@@ -1,7 +1,7 @@
 """The placement stage of a sparse decode step: the attention mass each fetched block received goes,
 decayed, into the layer's per-block mass and (strategy ``"attention-aware"``) into the tiercache
-scores queued for the end of the forward pass (with the decode pipeline's reuse buffer, the scores
-make the fastest tier complement the buffer: :meth:`~.pipeline.DecodePipeline.placement_scores`).  The generic tiercache learns nothing about attention;
+scores queued for the end of the forward pass (with ``complement_reuse``, the scores make the fastest
+tier complement the decode pipeline's resident pools: :meth:`~.pipeline.DecodePipeline.placement_scores`).  The generic tiercache learns nothing about attention;
 scores reach it through ``update_scores``.
 """
 
@@ -29,7 +29,7 @@ def record_attention(state: "SparseLayerState", layer: "TieredKVLayer", sel: "Bl
         block_mass = res.kv_head_mass(hk).sum(dim=(0, 1)).double().cpu()  # (U,) summed over rows and heads
         state.mass[sel.fetch.cpu()] += block_mass * ctrl.scale
         scores = pipeline.placement_scores(state, layer, stored) if pipeline is not None else None
-        if scores is not None:  # the pipeline's reuse buffer holds the fetched blocks (see placement_scores)
+        if scores is not None:  # the pipeline's resident pool holds the fetched blocks (see placement_scores)
             ctrl.pending_scores.update(scores)
         else:
             for i, j in enumerate(stored):

@@ -1,0 +1,166 @@
+"""A persistent per-layer resident block pool: the K/V of selected blocks stay where they were read.
+
+:class:`ResidentPool` holds contiguous ``k`` / ``v`` tensors ``(N, B, H, S, D)`` (``N`` slots of one
+stored block each, all batch rows and KV heads), a map ``block index -> slot`` and a free list.  The
+decode pipeline (:mod:`.pipeline`) fills it: at each step the selected blocks already resident are used
+in place (no copy, no read), the missing ones get slots and are read straight into them, and attention
+reads the pool through a page table (``slot_of_fetch``; :mod:`.page_table`).  The in-memory tail block
+(partial, changing every step) gets a slot refreshed at every step; it is never retained.
+
+Retention (which blocks outlive a step) is the strategy's:
+
+- ``"none"`` (``fetch-every-step``): nothing survives a step, every selected block is read from its tier
+  each step; the pool is only a persistent destination (no per-step allocation).
+- ``"previous"`` (``reuse-layer-ahead``): exactly the previous step's selection is kept.
+- ``"mass"`` (``attention-aware``): the pool has room for ``factor`` x the largest union so far; blocks
+  not selected this step stay until their slot is needed, the lowest decayed attention mass evicted first.
+
+Each slot remembers the tiercache key of the block it holds, and a block whose key changed (rewritten,
+shifted) is a miss, so a stale slot can never be attended.  Rows or blocks changing in place (crop,
+reorder, batch selection, reset) must :meth:`clear` the pool (the pipeline's ``invalidate``).
+
+Growth: the first allocation is 1.25 x the step's need; when a union no longer fits (for ``"mass"``: when
+``N`` is below ``factor`` x the union), ``N`` grows geometrically (at least x1.25) and the old slots are
+copied once into the new tensors.  The pool never shrinks except through :meth:`clear`.
+
+Thread safety: used by the forward pass only (one step of one layer at a time).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Hashable, Literal, Sequence
+
+import torch
+
+Retention = Literal["none", "previous", "mass"]
+GROWTH = 1.25
+
+
+class ResidentPool:
+    """One sparse layer's resident blocks (see module doc).
+
+    Attributes:
+        k / v: ``(N, B, Hk, S, Dk)`` / ``(N, B, Hv, S, Dv)`` (``None`` until the first :meth:`assign`).
+        slot_of: block index -> slot of the stored blocks held.
+        grows: times the tensors were reallocated larger; evicted: blocks evicted for room.
+    """
+
+    def __init__(self, retention: Retention = "previous", factor: float = 1.0) -> None:
+        if retention not in ("none", "previous", "mass"):
+            raise ValueError(f"retention must be 'none', 'previous' or 'mass', got {retention!r}")
+        if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor >= 1.0):
+            raise ValueError(f"pool factor must be a number >= 1.0, got {factor!r}")
+        self.retention = retention
+        self.factor = float(factor)
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.slot_of: dict[int, int] = {}
+        self._key_of: dict[int, Hashable] = {}  # slot -> tiercache key of the K entry it holds
+        self._free: list[int] = []
+        self.tail_slot: int | None = None
+        self.grows = 0
+        self.evicted = 0
+
+    # ----------------------------------------------------------------------------- queries
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k is None else int(self.k.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.k is None else self.k.nbytes + self.v.nbytes
+
+    def holds(self, block: int, key: Hashable) -> bool:
+        """Whether ``block`` (its K entry ``key``) is resident and current."""
+        slot = self.slot_of.get(block)
+        return slot is not None and self._key_of.get(slot) == key
+
+    # ----------------------------------------------------------------------------- steps
+    def assign(self, stored: Sequence[int], keys: Sequence[Hashable], tail: bool,
+               shape_k: tuple, shape_v: tuple, dtype: torch.dtype, device: torch.device,
+               mass: torch.Tensor | None = None) -> tuple[list[int], list[int], int | None]:
+        """Slots for one step whose union is the stored blocks ``stored`` (K keys ``keys``) plus the tail
+        block when ``tail``.  ``shape_k`` / ``shape_v``: ``(B, H, S, D)`` of one slot; ``mass``: per-block
+        decayed attention mass (``"mass"`` retention's eviction order).
+
+        Returns ``(slots, missing, tail_slot)``: the slot of each stored block (in ``stored`` order), the
+        positions in ``stored`` whose slot does not hold the block yet (the caller must fill them before
+        attention, or :meth:`drop` them on failure), and the tail's slot (``None`` without a tail).  The
+        other positions hold their block already and must not be written."""
+        if self.k is not None and (tuple(self.k.shape[1:]) != tuple(shape_k) or tuple(self.v.shape[1:]) != tuple(shape_v)
+                                   or self.k.dtype != dtype or self.k.device != torch.device(device)):
+            self.clear()  # batch size or layout changed: nothing held is usable
+        if self.tail_slot is not None:
+            self._free.append(self.tail_slot)
+            self.tail_slot = None
+        if self.retention == "none":
+            self._evict(list(self.slot_of), count=False)
+        want = set(stored)
+        stale = [j for j, key in zip(stored, keys) if j in self.slot_of and self._key_of.get(self.slot_of[j]) != key]
+        self._evict(stale, count=False)
+        if self.retention == "previous":
+            self._evict([j for j in self.slot_of if j not in want])
+        missing = [i for i, j in enumerate(stored) if j not in self.slot_of]
+        need = len(missing) + (1 if tail else 0)
+        union = len(stored) + (1 if tail else 0)
+        # Every block outside the union can be evicted, so ``union`` slots always suffice; "mass" keeps
+        # room for ``factor`` x the union so blocks outside it can stay.
+        target = math.ceil(self.factor * union) if self.retention == "mass" else union
+        if self.k is None:  # headroom from the start: unions grow by a block or two over the first steps
+            self._grow(max(1, math.ceil(GROWTH * target)), shape_k, shape_v, dtype, device)
+        elif self.capacity < target:
+            self._grow(max(target, math.ceil(GROWTH * self.capacity)), shape_k, shape_v, dtype, device)
+        if len(self._free) < need:
+            others = [j for j in self.slot_of if j not in want]
+            if self.retention == "mass" and mass is not None and len(others) > need - len(self._free):
+                values = mass.tolist()
+                others.sort(key=lambda j: values[j] if j < len(values) else 0.0)
+            self._evict(others[: need - len(self._free)])
+        for i in missing:
+            slot = self._free.pop()
+            self.slot_of[stored[i]] = slot
+            self._key_of[slot] = keys[i]
+        if tail:
+            self.tail_slot = self._free.pop()
+        return [self.slot_of[j] for j in stored], missing, self.tail_slot
+
+    def drop(self, blocks: Sequence[int]) -> None:
+        """Forget ``blocks`` (e.g. their read failed): their slots become free."""
+        self._evict([j for j in blocks if j in self.slot_of], count=False)
+
+    def clear(self) -> None:
+        """Release everything (crop, reorder, batch selection, reset)."""
+        self.k = self.v = None
+        self.slot_of.clear()
+        self._key_of.clear()
+        self._free = []
+        self.tail_slot = None
+
+    # ----------------------------------------------------------------------------- internals
+    def _evict(self, blocks: list[int], count: bool = True) -> None:
+        for j in blocks:
+            slot = self.slot_of.pop(j)
+            self._key_of.pop(slot, None)
+            self._free.append(slot)
+        if count:
+            self.evicted += len(blocks)
+
+    def _grow(self, n: int, shape_k: tuple, shape_v: tuple, dtype: torch.dtype, device: torch.device) -> None:
+        old = self.capacity
+        k = torch.empty((n, *shape_k), dtype=dtype, device=device)
+        v = torch.empty((n, *shape_v), dtype=dtype, device=device)
+        if old and self.slot_of:  # one plain copy of the old slots (most of them are held)
+            k[:old].copy_(self.k)
+            v[:old].copy_(self.v)
+        self.k, self.v = k, v
+        self._free.extend(range(n - 1, old - 1, -1))  # pop() hands out the lowest new slot first
+        self.grows += 1
+
+
+def identity_pool(kbuf: torch.Tensor, vbuf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(k_pool, v_pool, slot_of_fetch)`` of buffers already in ``sel.fetch`` order (slot ``u`` = entry ``u``)."""
+    return kbuf, vbuf, torch.arange(kbuf.shape[0], dtype=torch.long, device=kbuf.device)
+
+
+__all__ = ["ResidentPool", "Retention", "identity_pool"]
