@@ -33,6 +33,8 @@ from typing import Hashable, Literal, Sequence
 
 import torch
 
+from tiercache.buffers import aligned_empty
+
 Retention = Literal["none", "previous", "mass"]
 GROWTH = 1.25
 
@@ -148,8 +150,9 @@ class ResidentPool:
 
     def _grow(self, n: int, shape_k: tuple, shape_v: tuple, dtype: torch.dtype, device: torch.device) -> None:
         old = self.capacity
-        k = torch.empty((n, *shape_k), dtype=dtype, device=device)
-        v = torch.empty((n, *shape_v), dtype=dtype, device=device)
+        # Page-aligned slots (entries are 512-byte multiples): direct disk reads land in them, no bounce copy.
+        k = aligned_empty((n, *shape_k), dtype=dtype, device=device)
+        v = aligned_empty((n, *shape_v), dtype=dtype, device=device)
         if old and self.slot_of:  # one plain copy of the old slots (most of them are held)
             k[:old].copy_(self.k)
             v[:old].copy_(self.v)
