@@ -26,7 +26,7 @@ digests are appended from the same keys, see :func:`fill_cache`).  The caches of
 (``DynamicCache``) runs first in each round of the first group and its greedy tokens are fed to every
 other configuration (teacher forcing), whose logits are compared with the reference's at the same step.  ``--warmup`` untimed steps, then ``--repeats`` rounds ×
 thread counts, each timing ``--steps`` steps per configuration, the order of the tiered configurations
-rotated every round.  Figures are medians over every timed step.  Writes ``sparse_speed.json``, ``.md``
+rotated every round.  Times are medians over every timed step, bytes per step means (exact mode's bytes are counted by the layer updates that use them, read ahead or not).  Writes ``sparse_speed.json``, ``.md``
 and ``.png`` under ``--out``.
 """
 
@@ -339,6 +339,10 @@ def tier_bytes(delta: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
 def step_record(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """Bytes per tier and per-stage seconds of one step, from two ``stats()``."""
     delta = stats_delta(before, after)
@@ -348,7 +352,11 @@ def step_record(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]
         host = sum(v for k, v in per_tier.items() if k != "disk")
         source = "cache"
     else:  # exact: what the KV layer fetched, split by the disk tier's reads
-        fetched = float(delta["kv"].get("bytes_fetched", 0))
+        ahead = delta.get("prefetch", {})
+        if "bytes_taken" in ahead:  # layer-ahead reads: bytes counted by the updates that used them
+            fetched = float(ahead["bytes_taken"] + ahead["bytes_sync"])
+        else:
+            fetched = float(delta["kv"].get("bytes_fetched", 0))
         disk = float(tier_row(delta, "disk").get("bytes_read", 0))
         host, source = max(0.0, fetched - disk), "counters"
     own = {k: v for k, v in delta.items() if k != "tiercache"}
@@ -432,7 +440,8 @@ class Point:
                         after = cache.stats()
                         record.update(step_record(before, after))
                         # the disk tier's reads since this cache's previous step ended: background reads
-                        # (staging ahead) that ran after a step are attributed to the next one
+                        # (staging ahead, exact mode's read of the next step's first layer) that finish
+                        # between two steps are attributed to the next one instead of to neither
                         since = stats_delta(self.last_stats.get(cfg, before), after)
                         record["disk_tier_bytes"] = float(tier_row(since, "disk").get("bytes_read", 0))
                         self.last_stats[cfg] = after
@@ -661,10 +670,12 @@ def summarise(runs: list[Run]) -> list[Row]:
             rows.append(Row(run.model, run.context, run.requested_context, run.batch, t or 0, run.label, run.system,
                             run.budget, run.state, run.available and bool(steps), run.note, run.cold_method, ms,
                             run.batch * 1000 / ms if ms == ms and ms > 0 else float("nan"),
-                            median([st.get("host_bytes", 0.0) for st in steps]) if run.system != DYNAMIC else float("nan"),
-                            median([st.get("disk_bytes", 0.0) for st in steps]) if run.system != DYNAMIC else float("nan"),
+                            # Bytes: the mean over the steps (a background read finishing near a step's end
+                            # lands in one of two neighbouring steps; the mean is exact, a median is not).
+                            _mean([st.get("host_bytes", 0.0) for st in steps]) if run.system != DYNAMIC else float("nan"),
+                            _mean([st.get("disk_bytes", 0.0) for st in steps]) if run.system != DYNAMIC else float("nan"),
                             stages, run.reuse_rate, top1, diff, [st["ms"] for st in steps], pipe,
-                            median([st.get("disk_tier_bytes", float("nan")) for st in steps]) if run.system != DYNAMIC
+                            _mean([st.get("disk_tier_bytes", float("nan")) for st in steps]) if run.system != DYNAMIC
                             else float("nan")))
     return rows
 
@@ -828,7 +839,7 @@ def write_results(runs: list[Run], rows: list[Row], meta: dict[str, Any], info: 
              f"`{meta['command']}` on {meta['machine']} ({meta['cpus']} CPUs), {meta['date_utc']} UTC, "
              f"{meta['runtime_s']:.0f} s in all (prefill {info['prefill_seconds']:.0f} s); host tier "
              f"{100 * s.host_fraction:g}% of the KV, disk tier the rest on {meta['workdir_filesystem']}; "
-             f"{s.warmup} warm-up + {s.steps} timed steps x {s.repeats} rounds per thread count, medians; load average "
+             f"{s.warmup} warm-up + {s.steps} timed steps x {s.repeats} rounds per thread count, times medians, bytes means; load average "
              f"{_load(meta, 'load_average_start')} at the start, {_load(meta, 'load_average')} at the end (1/5/15 min).",
              "Cold: `direct_io` (disk reads bypass the page cache); warm: page cache left alone. Every configuration "
              "decodes DynamicCache's greedy tokens (teacher forcing); 'top-1' = agreement of its next-token argmax with "

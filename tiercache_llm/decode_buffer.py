@@ -122,6 +122,8 @@ class ReadAheadCounters:
             of another layer in the way, release or close).
         failed: reads that raised (their blocks were read again synchronously).
         bytes_ahead: bytes of the reads started.
+        bytes_taken / bytes_sync: bytes of the entries updates took from reads ahead / read themselves
+            (counted by the update that uses them, so a step's share is exact whenever its reads ran).
         wait_seconds: time updates waited for their read ahead to finish (the part of the read not
             hidden behind compute).
         sync_seconds: time updates spent reading blocks themselves.
@@ -135,6 +137,8 @@ class ReadAheadCounters:
     discarded: int = 0
     failed: int = 0
     bytes_ahead: int = 0
+    bytes_taken: int = 0
+    bytes_sync: int = 0
     wait_seconds: float = 0.0
     sync_seconds: float = 0.0
     background_seconds: float = 0.0

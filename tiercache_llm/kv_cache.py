@@ -341,6 +341,7 @@ class TieredKVLayer(CacheLayerMixin):
         self._gather_mapped(read.posts, buf)
         counters.used += 1
         counters.blocks_ahead += 2 * m
+        counters.bytes_taken += sum([b.nbytes for b in self._blocks[first : first + m]])
         return m
 
     def _read_blocks(self, first: int, lo: int, n: int, buf: StatesBuffer, count: bool = True) -> None:
@@ -360,6 +361,7 @@ class TieredKVLayer(CacheLayerMixin):
             counters = self.buffer.counters
             counters.sync_seconds += time.perf_counter() - start
             counters.blocks_sync += 2 * (n - lo)
+            counters.bytes_sync += sum([b.nbytes for b in self._blocks[a : first + n]])
 
     def _fill_from_packed(self, first: int, lo: int, buf: StatesBuffer) -> None:
         """Blocks ``first + lo..`` into ``buf`` (from block slice ``lo``) through a tiercache that only packs
