@@ -33,6 +33,12 @@ Rules (see docs/sparse.md):
   ``(1 - w) * bound + w * q . mean_key`` per query head before the GQA max (``w = landmark_weight``,
   the mean key being the page's landmark); not a bound any more, but it ranks pages far better at
   small budgets (docs/sparse.md has the measurements behind the choice).
+- **Rank** (``SelectionConfig.rank``): with ``"mass"`` (the default for ``"bound+landmark"``, the
+  cache's rule) each query head's page scores become estimated log shares of that head's softmax
+  (normalised by the landmarks' logsumexp) before the GQA max, so the group compares shares of
+  attention, not raw logits (:func:`score_blocks_mass`).  The budget stays per KV head: every head of
+  a layer attends at most ``budget`` tokens (besides forced pages in excess), so a layer attends at
+  most ``H * budget`` per row.
 """
 
 from __future__ import annotations
@@ -175,23 +181,26 @@ def score_blocks(query: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, count:
     return block_scores_triton(query, lo, hi, count, gqa)
 
 
-def _query_head_scores(query: torch.Tensor, digests: KeyDigests, score: ScoreRule, weight: float) -> torch.Tensor:
+def _query_head_scores(query: torch.Tensor, digests: KeyDigests, score: ScoreRule, weight: float,
+                       landmark: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(B, H, G * Q, N)`` float32 scores of every page per query head (and query position), before
-    the GQA reduction; empty pages are not masked here."""
+    the GQA reduction (empty pages are not masked here), and ``q . mean key`` of the same shape when
+    ``landmark`` or the score needs it (else ``None``)."""
     lo, hi, count = digests.lo, digests.hi, digests.count
     b, h, g, q, n, d = _check_digests(query, lo, hi, count)
     qf = query.float().reshape(b, h, g * q, d)
     s = qf.clamp(min=0) @ hi.float().transpose(-1, -2) + qf.clamp(max=0) @ lo.float().transpose(-1, -2)
+    lm = qf @ digests.landmarks().transpose(-1, -2) if landmark or score == "bound+landmark" else None
     if score == "bound+landmark":
-        s = (1.0 - weight) * s + weight * (qf @ digests.landmarks().transpose(-1, -2))
-    return s
+        s = (1.0 - weight) * s + weight * lm
+    return s, lm
 
 
 def score_blocks_landmark(query: torch.Tensor, digests: KeyDigests, weight: float,
                           gqa: GqaReduce = "max") -> torch.Tensor:
     """``(B, H, N)`` float32: per query head ``(1 - weight) * bound + weight * q . mean_key``, reduced over
     the group like :func:`score_blocks_reference`; ``-inf`` for empty blocks."""
-    s = _query_head_scores(query, digests, "bound+landmark", weight)
+    s, _ = _query_head_scores(query, digests, "bound+landmark", weight)
     agg = s.amax(dim=2) if gqa == "max" else s.sum(dim=2)
     return agg.masked_fill((digests.count == 0).unsqueeze(1), float("-inf"))
 
@@ -208,14 +217,13 @@ def score_blocks_mass(query: torch.Tensor, digests: KeyDigests, score: ScoreRule
     each head's softmax instead of raw ``q . k``, so a head whose attention is spread over many pages is
     not outranked by a sibling with larger but irrelevant logits.  ``-inf`` for empty pages.  Needs
     digests with key sums (landmarks)."""
-    s = _query_head_scores(query, digests, score, weight)
+    s, lm = _query_head_scores(query, digests, score, weight, landmark=True)
     if scale is None:
         scale = query.shape[-1] ** -0.5
     b, h, gq, n = s.shape
     empty = (digests.count == 0).view(b, 1, 1, n)
     logc = digests.count.float().clamp(min=1).log().view(b, 1, 1, n)
-    qf = query.float().reshape(b, h, gq, -1)
-    zn = ((qf @ digests.landmarks().transpose(-1, -2)) * float(scale) + logc).masked_fill(empty, float("-inf"))
+    zn = (lm * float(scale) + logc).masked_fill(empty, float("-inf"))
     lse = zn.logsumexp(dim=-1, keepdim=True).clamp(min=-1e30)  # a row without pages: no NaN
     z = s * float(scale) + logc - lse
     return z.amax(dim=2).masked_fill(empty.view(b, 1, n), float("-inf"))
