@@ -39,9 +39,10 @@ Variants (``--variants``, comma separated names ``page<P>[-sub<Q>][-mean|-boundm
   partial page of ``[0, p)`` included, as the cache's digests hold it: ``SelectionConfig(rank="mass")``,
   the cache's rule), ``-lseb`` by that of the Quest bounds; ``-klse`` normalises after the GQA max (per
   KV head).  With ``-oracle``, ``-lse`` ranks tokens by their true log softmax weight per query head.
-- ``-layershare``: layer ``l`` attends ``budget * span_l / mean span`` (at most everything), ``span_l``
-  the dense reference's mean effective attention span ``exp(entropy)`` in that layer: a *ceiling* of
-  shifting budget across layers (it reads the dense run), reported with its realised budget.
+- ``-layershare<A>``: layer ``l`` attends the fraction ``c * span_l ** A`` of the context (at most all
+  of it; ``c`` makes the layers' mean the budget), ``span_l`` the dense reference's mean effective
+  attention span ``exp(entropy)`` in that layer: shifting budget across layers by how spread their
+  attention is (it reads the dense run, so it is an optimistic test of the idea).
 - ``-pool``: one budget per row and *layer*: the ``H x budget`` tokens are filled jointly over the KV
   heads' pages in descending (normalised) score, so a head may get more or fewer than ``budget``.
 
@@ -82,7 +83,7 @@ class Variant:
     norm: bool = False  # subtract each query head's max score before the GQA max
     score: str = "bound"  # "bound" (Quest min/max), "mean" (q . mean key), "pagemax" (true max q . k per page: a ceiling)
     weight: float = 0.5  # landmark weight of "boundmean"
-    layer_share: bool = False  # per-layer budgets proportional to the dense run's effective attention span (a ceiling)
+    layer_share: float = 0.0  # > 0: per-layer budget shares proportional to span ** layer_share (water-filled);  per-layer budgets proportional to the dense run's effective attention span (a ceiling)
     pool: bool = False  # one budget of H x budget tokens per row shared by the layer's KV heads
     lse: str = ""  # "", "lse": per query head, "lsem": per query head with the normaliser from q . mean key, "klse": per KV head after the GQA max; rank by estimated log attention mass: scale * s + log(tokens) - logsumexp over the head's pages
 
@@ -107,8 +108,8 @@ class Variant:
                 kw["sub"] = int(p[3:])
             elif p == "norm":
                 kw["norm"] = True
-            elif p == "layershare":
-                kw["layer_share"] = True
+            elif p.startswith("layershare"):
+                kw["layer_share"] = float(p[10:] or 1.0)
             elif p == "pool":
                 kw["pool"] = True
             elif p in ("lse", "lsem", "klse", "lseb", "lseu"):
@@ -137,10 +138,16 @@ class Sim:
     span: dict = {}  # layer -> mean exp(entropy) of the dense chunk's attention (tokens), from the reference run
 
     @classmethod
-    def share(cls, layer: int) -> float:
-        """Layer's budget multiplier: proportional to its effective span, mean 1 over layers."""
-        mean = sum(cls.span.values()) / len(cls.span)
-        return cls.span[layer] / mean
+    def layer_fraction(cls, layer: int, alpha: float) -> float:
+        """Layer's budget fraction: ``c * span ** alpha`` capped at 1, ``c`` chosen (water-filling) so
+        that the layers' fractions average ``budget``."""
+        w = {k: v ** alpha for k, v in cls.span.items()}
+        lo, hi = 0.0, 1e9
+        for _ in range(200):
+            c = (lo + hi) / 2
+            mean = sum(min(1.0, c * x) for x in w.values()) / len(w)
+            lo, hi = (c, hi) if mean < cls.budget else (lo, c)
+        return min(1.0, lo * w[layer])
 
 
 def _take(key_: torch.Tensor, cost: torch.Tensor, ok: torch.Tensor, remaining: torch.Tensor, pool: bool) -> torch.Tensor:
@@ -182,7 +189,7 @@ def chunk_mask(query: torch.Tensor, key: torch.Tensor, layer: int, scaling: floa
     ctx = pos.double()
     frac = Sim.budget
     if v.layer_share and Sim.span:
-        frac = min(1.0, Sim.budget * Sim.share(layer))
+        frac = Sim.layer_fraction(layer, v.layer_share)
     budget = torch.ceil(ctx * frac - 1e-9).long()  # (Q,)
     qf = query[0].float().view(h, g, q, d)
     scale = scaling if scaling is not None else d ** -0.5
