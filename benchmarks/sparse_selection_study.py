@@ -11,8 +11,8 @@ layers' keys and values as in real decode, so the figures are those of the step-
 same rule; a variant costs one 256-token forward pass instead of 256 decode steps, which is what makes
 comparing many rules affordable.  The real cache's figures come from ``sparse_accuracy.py``.
 
-Variants (``--variants``, comma separated names ``page<P>[-sub<Q>][-mean|-boundmean|-pagemax][-blocksink]
-[-dense<L>][-sum][-norm][-oracle]``):
+Variants (``--variants``, comma separated names ``page<P>[-sub<Q>][-mean|-boundmean|-pagemax][-w<W>]
+[-blocksink|-pagesink][-dense<L>][-sum][-norm][-lse|-lsem|-lseb|-klse][-pool][-layershare][-oracle]``):
 
 - ``page<P>``: digests and selection per ``P``-token page (``P`` divides the 64-token storage block);
   the fetch is the union of 64-token blocks holding a selected page, attention masked to the pages.
@@ -29,6 +29,22 @@ Variants (``--variants``, comma separated names ``page<P>[-sub<Q>][-mean|-boundm
   per query head (the cache's ``"bound+landmark"``); ``-pagemax``: the true max ``q . k`` of the page
   (a ceiling).
 - ``-norm``: subtract each query head's max score before the GQA max.
+- ``-w<W>``: landmark weight of ``-boundmean`` (default 0.5).
+- ``-pagesink``: whole pages holding a sink / recent token are forced and paid for: exactly the
+  cache's rule (``selection.select`` with ``pages_per_block``); without it the sink / recent tokens
+  are forced token by token (at most 7 + 7 tokens of difference at 8-token pages).
+- Ranking by *estimated attention share* (each query head's page scores turned into log softmax
+  shares before the GQA max, softmax scale ``head_dim ** -0.5``): ``-lse`` normalises by the
+  logsumexp of the page scores themselves, ``-lsem`` by that of the landmarks ``q . mean key`` (the
+  partial page of ``[0, p)`` included, as the cache's digests hold it: ``SelectionConfig(rank="mass")``,
+  the cache's rule), ``-lseb`` by that of the Quest bounds; ``-klse`` normalises after the GQA max (per
+  KV head).  With ``-oracle``, ``-lse`` ranks tokens by their true log softmax weight per query head.
+- ``-layershare<A>``: layer ``l`` attends the fraction ``c * span_l ** A`` of the context (at most all
+  of it; ``c`` makes the layers' mean the budget), ``span_l`` the dense reference's mean effective
+  attention span ``exp(entropy)`` in that layer: shifting budget across layers by how spread their
+  attention is (it reads the dense run, so it is an optimistic test of the idea).
+- ``-pool``: one budget per row and *layer*: the ``H x budget`` tokens are filled jointly over the KV
+  heads' pages in descending (normalised) score, so a head may get more or fewer than ``budget``.
 
 Reports per variant and budget: top-1 agreement and mean KL(full || sparse) against the same chunk run
 densely, the realised budget (tokens attended / context, averaged over layers, heads and steps), and
@@ -59,12 +75,17 @@ NAME = "tiercache_selection_study"
 class Variant:
     page: int = 64
     block_sink: bool = False
+    page_sink: bool = False  # whole pages holding a sink / recent token are forced (and paid): the cache's rule
     dense_layers: int = 0
     gqa: str = "max"
     oracle: bool = False
     sub: int = 0  # >0: score a page by the max of its sub-pages' bounds (digests per sub-page of this size)
     norm: bool = False  # subtract each query head's max score before the GQA max
     score: str = "bound"  # "bound" (Quest min/max), "mean" (q . mean key), "pagemax" (true max q . k per page: a ceiling)
+    weight: float = 0.5  # landmark weight of "boundmean"
+    layer_share: float = 0.0  # > 0: per-layer budget shares proportional to span ** layer_share (water-filled);  per-layer budgets proportional to the dense run's effective attention span (a ceiling)
+    pool: bool = False  # one budget of H x budget tokens per row shared by the layer's KV heads
+    lse: str = ""  # "", "lse": per query head, "lsem": per query head with the normaliser from q . mean key, "klse": per KV head after the GQA max; rank by estimated log attention mass: scale * s + log(tokens) - logsumexp over the head's pages
 
     @classmethod
     def parse(cls, name: str) -> "Variant":
@@ -75,6 +96,8 @@ class Variant:
         for p in parts[1:]:
             if p == "blocksink":
                 kw["block_sink"] = True
+            elif p == "pagesink":
+                kw["page_sink"] = True
             elif p.startswith("dense"):
                 kw["dense_layers"] = int(p[5:])
             elif p == "sum":
@@ -85,6 +108,14 @@ class Variant:
                 kw["sub"] = int(p[3:])
             elif p == "norm":
                 kw["norm"] = True
+            elif p.startswith("layershare"):
+                kw["layer_share"] = float(p[10:] or 1.0)
+            elif p == "pool":
+                kw["pool"] = True
+            elif p in ("lse", "lsem", "klse", "lseb", "lseu"):
+                kw["lse"] = p
+            elif p.startswith("w") and p[1:].replace(".", "", 1).isdigit():
+                kw["weight"] = float(p[1:])
             elif p in ("mean", "pagemax", "boundmean"):
                 kw["score"] = p
             else:
@@ -104,9 +135,42 @@ class Sim:
     prefix: int = 0
     attended: list = []  # per layer: mean tokens attended per (head, step) / context
     fetched: list = []  # per layer: mean fetched tokens / attended tokens
+    span: dict = {}  # layer -> mean exp(entropy) of the dense chunk's attention (tokens), from the reference run
+
+    @classmethod
+    def layer_fraction(cls, layer: int, alpha: float) -> float:
+        """Layer's budget fraction: ``c * span ** alpha`` capped at 1, ``c`` chosen (water-filling) so
+        that the layers' fractions average ``budget``."""
+        w = {k: v ** alpha for k, v in cls.span.items()}
+        lo, hi = 0.0, 1e9
+        for _ in range(200):
+            c = (lo + hi) / 2
+            mean = sum(min(1.0, c * x) for x in w.values()) / len(w)
+            lo, hi = (c, hi) if mean < cls.budget else (lo, c)
+        return min(1.0, lo * w[layer])
 
 
-def chunk_mask(query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tensor:
+def _take(key_: torch.Tensor, cost: torch.Tensor, ok: torch.Tensor, remaining: torch.Tensor, pool: bool) -> torch.Tensor:
+    """``(H, Q, N)`` bool: per (head, query) or, pooled, per query over all heads jointly, the best
+    ``key_`` entries whose cumulated ``cost`` stays within ``remaining`` (``(Q,)`` per head; pooled: the
+    heads' sum)."""
+    h, q, n = key_.shape
+    if pool:
+        key_ = key_.permute(1, 0, 2).reshape(q, h * n)
+        cost = cost.permute(1, 0, 2).reshape(q, h * n)
+        ok = ok.permute(1, 0, 2).reshape(q, h * n)
+        lim = (remaining * h).view(q, 1)
+    else:
+        lim = remaining.view(1, q, 1)
+    order = key_.argsort(dim=-1, descending=True, stable=True)
+    take_sorted = ok.gather(-1, order) & (cost.gather(-1, order).cumsum(-1) <= lim)
+    take = torch.zeros_like(take_sorted).scatter(-1, order, take_sorted)
+    if pool:
+        take = take.view(q, h, n).permute(1, 0, 2)
+    return take
+
+
+def chunk_mask(query: torch.Tensor, key: torch.Tensor, layer: int, scaling: float | None = None) -> torch.Tensor:
     """``(1, H, Q, T)`` bool: what each chunk position attends under ``Sim.variant``."""
     v = Sim.variant
     _, hq, q, d = query.shape
@@ -123,19 +187,26 @@ def chunk_mask(query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tens
         Sim.fetched.append(1.0)
         return mask
     ctx = pos.double()
-    budget = torch.ceil(ctx * Sim.budget - 1e-9).long()  # (Q,)
+    frac = Sim.budget
+    if v.layer_share and Sim.span:
+        frac = Sim.layer_fraction(layer, v.layer_share)
+    budget = torch.ceil(ctx * frac - 1e-9).long()  # (Q,)
     qf = query[0].float().view(h, g, q, d)
+    scale = scaling if scaling is not None else d ** -0.5
     kf = key[0].float()
     forced_tok = causal & ((tok.view(1, t) < Sim.sink) | (tok.view(1, t) >= (pos - Sim.recent).view(q, 1)))
     if v.oracle:
         s = qf @ kf.transpose(-1, -2).unsqueeze(1)  # (H, G, Q, T)
         if v.norm:
             s = s - s.masked_fill(~causal, float("-inf")).amax(-1, keepdim=True)
+        if v.lse:  # true log attention weight of each token over [0, p)
+            z = s * scale
+            s = z - z.masked_fill(~causal, float("-inf")).logsumexp(-1, keepdim=True)
         s = s.amax(dim=1)
-        s = s.masked_fill(~causal, float("-inf")).masked_fill(forced_tok, float("inf"))
-        order = s.argsort(dim=-1, descending=True)
-        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(t, device=dev).expand_as(order))
-        take = (rank < budget.view(1, q, 1)) & causal
+        s = s.masked_fill(~causal, float("-inf"))
+        free = (causal & ~forced_tok).unsqueeze(0).expand(h, q, t)
+        remaining = (budget - forced_tok.sum(-1)).clamp(min=0)
+        take = _take(s.masked_fill(~free, float("-inf")), free.long(), free, remaining, v.pool)
         sel = take | forced_tok
     else:
         p = v.page
@@ -160,17 +231,42 @@ def chunk_mask(query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tens
                 ss = qf.clamp(min=0) @ shi.transpose(-1, -2).unsqueeze(1) + qf.clamp(max=0) @ slo.transpose(-1, -2).unsqueeze(1)
                 s = ss.view(h, g, q, n, p // v.sub).amax(-1)
             if v.score == "boundmean":
-                s = 0.5 * s + 0.5 * (qf @ kp.mean(dim=2).transpose(-1, -2).unsqueeze(1))
+                s = (1 - v.weight) * s + v.weight * (qf @ kp.mean(dim=2).transpose(-1, -2).unsqueeze(1))
         page_end = (torch.arange(n, device=dev) + 1) * p
+        okp = (page_end.view(1, n) <= pos.view(q, 1)).view(1, 1, q, n)
+        if v.lse in ("lse", "lsem", "lseb", "lseu"):  # estimated log mass of each page in the query head's softmax over complete pages
+            z = s * scale + math.log(p)
+            if v.lse == "lse":
+                zn = z
+            elif v.lse == "lsem":  # normaliser from the landmarks (a Jensen lower bound of the true one)
+                zn = (qf @ kp.mean(dim=2).transpose(-1, -2).unsqueeze(1)) * scale + math.log(p)
+                # the cache's digests also hold the partial page of [0, p): its landmark joins the normaliser
+                cs = torch.nn.functional.pad(kf.double().cumsum(1), (0, 0, 1, 0))  # (H, T + 1, D)
+                start = (pos // p) * p
+                cnt = (pos - start).clamp(min=1)
+                part = ((cs[:, pos] - cs[:, start]) / cnt.view(1, q, 1)).float()  # (H, Q, D)
+                zp = (qf * part.unsqueeze(1)).sum(-1) * scale + cnt.float().log()  # (H, G, Q)
+                zp = zp.masked_fill((pos == start).view(1, 1, q), float("-inf"))
+                zn = torch.cat((zn.masked_fill(~okp, float("-inf")), zp.unsqueeze(-1)), dim=-1)
+            else:  # from the Quest bound: one token per page at its bound ("lseb") or every token ("lseu", an upper bound)
+                bnd = qf.clamp(min=0) @ hi.transpose(-1, -2).unsqueeze(1) + qf.clamp(max=0) @ lo.transpose(-1, -2).unsqueeze(1)
+                zn = bnd * scale + (math.log(p) if v.lse == "lseu" else 0.0)
+            if v.lse != "lsem":
+                zn = zn.masked_fill(~okp, float("-inf"))
+            s = z - zn.logsumexp(-1, keepdim=True).clamp(min=-1e30)
         if v.norm:
             okp = (page_end.view(1, n) <= pos.view(q, 1)).view(1, 1, q, n)
             s = s - s.masked_fill(~okp, float("-inf")).amax(-1, keepdim=True).clamp(min=-1e30)
         s = s.amax(dim=1) if v.gqa == "max" else s.sum(dim=1)  # (H, Q, N)
+        if v.lse == "klse":
+            z = s * scale + math.log(p)
+            s = z - z.masked_fill(~okp[0], float("-inf")).logsumexp(-1, keepdim=True).clamp(min=-1e30)
         page_end = (torch.arange(n, device=dev) + 1) * p
         complete = page_end.view(1, n) <= pos.view(q, 1)  # (Q, N)
-        if v.block_sink:  # whole storage blocks holding a forced token are forced
-            blk = tok // STORAGE_BLOCK
-            nb = -(-t // STORAGE_BLOCK)
+        if v.block_sink or v.page_sink:  # whole storage blocks (pages) holding a forced token are forced
+            unit = STORAGE_BLOCK if v.block_sink else p
+            blk = tok // unit
+            nb = -(-t // unit)
             fb = torch.zeros(q, nb, dtype=torch.bool, device=dev).scatter_reduce(
                 1, blk.expand(q, t), forced_tok, reduce="amax")
             forced_tok = fb[:, blk] & causal
@@ -179,11 +275,7 @@ def chunk_mask(query: torch.Tensor, key: torch.Tensor, layer: int) -> torch.Tens
         cost = pt.sum(-1)  # (Q, N)
         remaining = (budget - forced_tok.sum(-1)).clamp(min=0)  # (Q,)
         key_ = s.masked_fill(~complete.unsqueeze(0), float("-inf"))
-        order = key_.argsort(dim=-1, descending=True, stable=True)
-        sc = cost.unsqueeze(0).expand(h, q, n).gather(-1, order)
-        ok = complete.unsqueeze(0).expand(h, q, n).gather(-1, order)
-        take_sorted = ok & (sc.cumsum(-1) <= remaining.view(1, q, 1))
-        take = torch.zeros_like(take_sorted).scatter(-1, order, take_sorted)  # (H, Q, N)
+        take = _take(key_, cost.unsqueeze(0).expand(h, q, n), complete.unsqueeze(0).expand(h, q, n), remaining, v.pool)
         sel = take.repeat_interleave(p, dim=-1)[..., :t] & causal | forced_tok
     mask = sel | itself
     ctxn = pos.float().clamp(min=1)
@@ -200,7 +292,14 @@ def study_attention(module, query, key, value, attention_mask, scaling=None, dro
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
                                                                enable_gqa=True)
         return out.transpose(1, 2).contiguous(), None
-    mask = chunk_mask(query, key, module.layer_idx)
+    if Sim.variant is None:  # the dense reference: record each layer's effective attention span
+        w = torch.softmax((query.float() @ key.float().repeat_interleave(query.shape[1] // key.shape[1], 1)
+                           .transpose(-1, -2)) * (scaling or query.shape[-1] ** -0.5)
+                          + torch.where(torch.ones(q, key.shape[2], dtype=torch.bool).tril(key.shape[2] - q), 0.0,
+                                        float("-inf")), -1)
+        ent = -(w * w.clamp_min(1e-30).log()).sum(-1)
+        Sim.span[module.layer_idx] = float(ent.exp().mean())
+    mask = chunk_mask(query, key, module.layer_idx, scaling)
     h = key.shape[1]
     g = query.shape[1] // h
     mask = mask.repeat_interleave(g, dim=1)
@@ -252,6 +351,8 @@ def main(argv=None) -> int:
             return torch.log_softmax(logits, -1), sum(Sim.attended) / len(Sim.attended), sum(Sim.fetched) / len(Sim.fetched)
 
         ref, _, _ = run(None, 1.0)
+        print("effective attention span per layer (dense, tokens): "
+              + " ".join(f"{Sim.span[k]:.0f}" for k in sorted(Sim.span)), flush=True)
         rows = []
         for name in args.variants.split(","):
             v = Variant.parse(name)

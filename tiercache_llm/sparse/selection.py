@@ -33,10 +33,17 @@ Rules (see docs/sparse.md):
   ``(1 - w) * bound + w * q . mean_key`` per query head before the GQA max (``w = landmark_weight``,
   the mean key being the page's landmark); not a bound any more, but it ranks pages far better at
   small budgets (docs/sparse.md has the measurements behind the choice).
+- **Rank** (``SelectionConfig.rank``): with ``"mass"`` (the default for ``"bound+landmark"``, the
+  cache's rule) each query head's page scores become estimated log shares of that head's softmax
+  (normalised by the landmarks' logsumexp) before the GQA max, so the group compares shares of
+  attention, not raw logits (:func:`score_blocks_mass`).  The budget stays per KV head: every head of
+  a layer attends at most ``budget`` tokens (besides forced pages in excess), so a layer attends at
+  most ``H * budget`` per row.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -51,6 +58,7 @@ __all__ = [
     "forced_blocks",
     "score_blocks",
     "score_blocks_landmark",
+    "score_blocks_mass",
     "score_blocks_reference",
     "select",
     "select_blocks",
@@ -59,6 +67,7 @@ __all__ = [
 
 GqaReduce = Literal["max", "sum"]
 ScoreRule = Literal["bound", "bound+landmark"]
+Rank = Literal["auto", "score", "mass"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,13 @@ class SelectionConfig:
         score: ``"bound"`` (default here: the Quest upper bound) or ``"bound+landmark"`` (the bound
             blended with ``q . mean key``; needs digests with key sums).
         landmark_weight: weight of ``q . mean key`` in ``"bound+landmark"``, in [0, 1].
+        rank: how a KV head's pages are ranked.  ``"score"``: by the GQA reduction of the raw scores.
+            ``"mass"``: by their *estimated share of attention* (:func:`score_blocks_mass`): each query
+            head's scores are turned into log softmax shares, normalised by the landmarks' estimate of
+            that head's softmax denominator, before the group's max; needs ``gqa="max"`` and digests
+            with key sums.  ``"auto"`` (default): ``"mass"`` for ``score="bound+landmark"`` with
+            ``gqa="max"`` (the cache's rule), ``"score"`` otherwise.
+        scale: softmax scale of ``q . k`` used by ``rank="mass"``; ``None``: ``head_dim ** -0.5``.
     """
 
     budget: int | float
@@ -82,6 +98,8 @@ class SelectionConfig:
     gqa: GqaReduce = "max"
     score: ScoreRule = "bound"
     landmark_weight: float = 0.5
+    rank: Rank = "auto"
+    scale: float | None = None
 
     def __post_init__(self) -> None:
         b = self.budget
@@ -102,6 +120,16 @@ class SelectionConfig:
         w = self.landmark_weight
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0.0 <= float(w) <= 1.0:
             raise ValueError(f"landmark_weight must be a number in [0, 1], got {w!r}")
+        if self.rank not in ("auto", "score", "mass"):
+            raise ValueError(f"rank must be 'auto', 'score' or 'mass', got {self.rank!r}")
+        if self.rank == "auto":
+            auto = "mass" if self.score == "bound+landmark" and self.gqa == "max" else "score"
+            object.__setattr__(self, "rank", auto)
+        if self.rank == "mass" and self.gqa != "max":
+            raise ValueError("rank='mass' needs gqa='max' (a sum of log shares is no share)")
+        c = self.scale
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0):
+            raise ValueError(f"scale must be a positive number or None, got {c!r}")
 
 
 def _check_digests(query: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor) -> tuple[int, ...]:
@@ -153,17 +181,52 @@ def score_blocks(query: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, count:
     return block_scores_triton(query, lo, hi, count, gqa)
 
 
+def _query_head_scores(query: torch.Tensor, digests: KeyDigests, score: ScoreRule, weight: float,
+                       landmark: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(B, H, G * Q, N)`` float32 scores of every page per query head (and query position), before
+    the GQA reduction (empty pages are not masked here), and ``q . mean key`` of the same shape when
+    ``landmark`` or the score needs it (else ``None``)."""
+    lo, hi, count = digests.lo, digests.hi, digests.count
+    b, h, g, q, n, d = _check_digests(query, lo, hi, count)
+    qf = query.float().reshape(b, h, g * q, d)
+    s = qf.clamp(min=0) @ hi.float().transpose(-1, -2) + qf.clamp(max=0) @ lo.float().transpose(-1, -2)
+    lm = qf @ digests.landmarks().transpose(-1, -2) if landmark or score == "bound+landmark" else None
+    if score == "bound+landmark":
+        s = (1.0 - weight) * s + weight * lm
+    return s, lm
+
+
 def score_blocks_landmark(query: torch.Tensor, digests: KeyDigests, weight: float,
                           gqa: GqaReduce = "max") -> torch.Tensor:
     """``(B, H, N)`` float32: per query head ``(1 - weight) * bound + weight * q . mean_key``, reduced over
     the group like :func:`score_blocks_reference`; ``-inf`` for empty blocks."""
-    lo, hi, count = digests.lo, digests.hi, digests.count
-    b, h, g, q, n, d = _check_digests(query, lo, hi, count)
-    qf = query.float().reshape(b, h, g * q, d)
-    bound = qf.clamp(min=0) @ hi.float().transpose(-1, -2) + qf.clamp(max=0) @ lo.float().transpose(-1, -2)
-    s = (1.0 - weight) * bound + weight * (qf @ digests.landmarks().transpose(-1, -2))
+    s, _ = _query_head_scores(query, digests, "bound+landmark", weight)
     agg = s.amax(dim=2) if gqa == "max" else s.sum(dim=2)
-    return agg.masked_fill((count == 0).unsqueeze(1), float("-inf"))
+    return agg.masked_fill((digests.count == 0).unsqueeze(1), float("-inf"))
+
+
+def score_blocks_mass(query: torch.Tensor, digests: KeyDigests, score: ScoreRule = "bound+landmark",
+                      weight: float = 0.5, scale: float | None = None) -> torch.Tensor:
+    """``(B, H, N)`` float32 *estimated log attention mass* of every page, per KV head.
+
+    Per query head (and query position): ``z = scale * s + log(count)`` with ``s`` the page score of
+    ``score``, minus an estimate of the head's softmax normaliser, the logsumexp over the row's
+    non-empty pages of ``scale * q . mean_key + log(count)`` (the landmarks'; a lower bound of the true
+    normaliser by Jensen's inequality); then the max over the group's query heads.  Within one query
+    head this ranks pages exactly as ``s``; across the query heads of a group it compares shares of
+    each head's softmax instead of raw ``q . k``, so a head whose attention is spread over many pages is
+    not outranked by a sibling with larger but irrelevant logits.  ``-inf`` for empty pages.  Needs
+    digests with key sums (landmarks)."""
+    s, lm = _query_head_scores(query, digests, score, weight, landmark=True)
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    b, h, gq, n = s.shape
+    empty = (digests.count == 0).view(b, 1, 1, n)
+    logc = digests.count.float().clamp(min=1).log().view(b, 1, 1, n)
+    zn = (lm * float(scale) + logc).masked_fill(empty, float("-inf"))
+    lse = zn.logsumexp(dim=-1, keepdim=True).clamp(min=-1e30)  # a row without pages: no NaN
+    z = s * float(scale) + logc - lse
+    return z.amax(dim=2).masked_fill(empty.view(b, 1, n), float("-inf"))
 
 
 def _compiled_triton_usable(device: torch.device) -> bool:
@@ -201,8 +264,8 @@ def select_blocks(scores: torch.Tensor, count: torch.Tensor, budget: torch.Tenso
     Args:
         scores: ``(B, H, N)`` block scores (``-inf`` or anything where ``count == 0``).
         count: ``(B, N)`` valid tokens per block (a block's cost).
-        budget: ``(B,)`` tokens per row.
-        forced: ``(B, N)`` blocks always selected.
+        budget: ``(B,)`` tokens per row and KV head.
+        forced: ``(B, N)`` blocks always selected (for every head).
     """
     b, h, n = scores.shape
     has = (count > 0).unsqueeze(1).expand(b, h, n)
@@ -278,7 +341,9 @@ def select(query: torch.Tensor, digests: KeyDigests, config: SelectionConfig, *,
     per page and the storage blocks holding a selected page are fetched."""
     if isinstance(pages_per_block, bool) or not isinstance(pages_per_block, int) or pages_per_block < 1:
         raise ValueError(f"pages_per_block must be a positive int, got {pages_per_block!r}")
-    if config.score == "bound+landmark":
+    if config.rank == "mass":
+        scores = score_blocks_mass(query, digests, config.score, float(config.landmark_weight), config.scale)
+    elif config.score == "bound+landmark":
         scores = score_blocks_landmark(query, digests, float(config.landmark_weight), config.gqa)
     else:
         scores = score_blocks(query, digests.lo, digests.hi, digests.count, config.gqa, backend=backend)

@@ -20,6 +20,7 @@ from tiercache_llm.sparse import (
     select,
     token_budget,
 )
+from tiercache_llm.sparse.selection import score_blocks_mass
 
 
 @st.composite
@@ -38,8 +39,10 @@ def caches(draw):
     for row in range(b):  # left padding, a different amount per row
         valid[row, : draw(st.integers(0, t - 1))] = False
     budget = draw(st.one_of(st.integers(0, 80), st.floats(0.01, 1.0)))
+    gqa = draw(st.sampled_from(["max", "sum"]))
     config = SelectionConfig(budget=budget, sink=draw(st.integers(0, 6)), recent=draw(st.integers(0, 10)),
-                             gqa=draw(st.sampled_from(["max", "sum"])))
+                             gqa=gqa, score=draw(st.sampled_from(["bound", "bound+landmark"])),
+                             rank="mass" if gqa == "max" and draw(st.booleans()) else "score")
     return KeyDigests.from_keys(keys, s, valid), query, valid, config
 
 
@@ -100,7 +103,7 @@ def test_selection_follows_the_rules(case):
 def test_budget_at_or_above_the_context_selects_every_valid_block(case, kind):
     digests, query, _, config = case
     big = int(digests.count.sum(1).max()) if kind == "int" else 1.0
-    config = SelectionConfig(budget=big, sink=0, recent=0, gqa=config.gqa)
+    config = SelectionConfig(budget=big, sink=0, recent=0, gqa=config.gqa, score=config.score, rank=config.rank)
     sel = select(query, digests, config, backend="torch")
     assert torch.equal(sel.head_mask, (digests.count > 0).unsqueeze(1).expand_as(sel.head_mask))
 
@@ -174,6 +177,60 @@ def test_landmark_score_blends_the_bound_with_the_mean_key():
     assert sel.scores.shape == bound.shape and sel.selected_tokens(d.count).max() <= 4
 
 
+def naive_mass(query, d, weight, scale):
+    """score_blocks_mass written out per row, query head and page."""
+    b, hq, _, _ = query.shape
+    h, n = d.lo.shape[1], d.lo.shape[2]
+    g = hq // h
+    out = torch.full((b, h, n), float("-inf"))
+    for row in range(b):
+        pages = [j for j in range(n) if d.count[row, j] > 0]
+        for qh in range(hq):
+            kv = qh // g
+            qv = query[row, qh, 0]
+            norm = torch.logsumexp(torch.tensor([scale * float(qv @ d.landmarks()[row, kv, j])
+                                                 + math.log(int(d.count[row, j])) for j in pages]), 0)
+            for j in pages:
+                bound = float(sum(max(qv[i] * d.lo[row, kv, j, i], qv[i] * d.hi[row, kv, j, i]) for i in range(qv.shape[0])))
+                s = (1 - weight) * bound + weight * float(qv @ d.landmarks()[row, kv, j])
+                z = scale * s + math.log(int(d.count[row, j])) - float(norm)
+                out[row, kv, j] = max(float(out[row, kv, j]), z)
+    return out
+
+
+def test_mass_rank_is_each_query_heads_estimated_share_then_the_group_max():
+    gen = torch.Generator().manual_seed(5)
+    keys = torch.randn(2, 2, 13, 4, generator=gen) * 3
+    valid = torch.ones(2, 13, dtype=torch.bool)
+    valid[1, :6] = False  # row 1: a partly padded page and an empty one
+    d = KeyDigests.from_keys(keys, 4, valid)
+    query = torch.randn(2, 6, 1, 4, generator=gen)
+    got = score_blocks_mass(query, d, "bound+landmark", 0.3, 0.7)
+    torch.testing.assert_close(got, naive_mass(query, d, 0.3, 0.7), rtol=1e-4, atol=1e-4)
+    assert torch.isneginf(got[1, :, 0]).all()  # the padding-only page
+    cfg = SelectionConfig(budget=4, sink=0, recent=0, score="bound+landmark")
+    assert cfg.rank == "mass"  # the cache's rule ranks by estimated share
+    torch.testing.assert_close(select(query, d, cfg).scores, score_blocks_mass(query, d, "bound+landmark", 0.5, 0.5))
+    assert SelectionConfig(budget=4).rank == "score" and SelectionConfig(budget=4, score="bound+landmark", gqa="sum").rank == "score"
+
+
+def test_mass_rank_picks_the_page_a_spread_head_needs_over_a_peaked_heads_leftovers():
+    # one KV head, two query heads.  Head 0 puts almost all its attention on page 0 (logit 40) and
+    # scores page 1 at 20: a big raw score, a negligible share.  Head 1's logits are small, and page 2
+    # (logit 3 against 0 elsewhere) holds most of its attention.  Raw scores pick page 1, shares page 2.
+    keys = torch.zeros(1, 1, 6, 2)
+    keys[0, 0, 0:2] = torch.tensor([40.0, 0.0])
+    keys[0, 0, 2:4] = torch.tensor([20.0, 0.0])
+    keys[0, 0, 4:6] = torch.tensor([0.0, 3.0])
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(1, 2, 1, 2)
+    d = KeyDigests.from_keys(keys, 2)
+    forced_first = dict(budget=4, sink=1, recent=0, score="bound+landmark", scale=1.0)
+    raw = select(query, d, SelectionConfig(rank="score", **forced_first))
+    mass = select(query, d, SelectionConfig(rank="mass", **forced_first))
+    assert raw.head_mask[0, 0].tolist() == [True, True, False]
+    assert mass.head_mask[0, 0].tolist() == [True, False, True]
+
+
 def test_block_table_lists_each_selection_in_order():
     mask = torch.tensor([[[True, False, True, True], [False, False, False, False]]])
     table, lengths = block_table(mask)
@@ -190,6 +247,13 @@ def test_config_rejects_bad_values():
         SelectionConfig(budget=4, sink=-1)
     with pytest.raises(ValueError, match="gqa"):
         SelectionConfig(budget=4, gqa="mean")
+    with pytest.raises(ValueError, match="rank"):
+        SelectionConfig(budget=4, rank="entropy")
+    with pytest.raises(ValueError, match="gqa='max'"):
+        SelectionConfig(budget=4, rank="mass", gqa="sum")
+    for bad in (0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="scale"):
+            SelectionConfig(budget=4, scale=bad)
     d = KeyDigests.from_keys(torch.randn(1, 2, 8, 4), 4)
     with pytest.raises(ValueError, match="multiple of KV heads"):
         select(torch.randn(1, 3, 1, 4), d, SelectionConfig(budget=4))
