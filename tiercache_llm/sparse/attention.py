@@ -19,6 +19,7 @@ attend gets a zero output and zero masses (dense SDPA would give NaN).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -314,12 +315,11 @@ def sparse_attention(
 
 def _sparse_attention_triton(query, block_keys, block_values, block_mask, token_valid, new_keys, new_values, *,
                              scale, num_splits) -> SparseAttentionOutput:
-    from tiercache_kernels.block_attention import block_attention_partials, entry_mass, merge_partials
+    from tiercache_kernels.block_attention import block_attention_partials
 
     b, hq, q, d, h, u, s, tv = _check_sparse(query, block_keys, block_values, block_mask, token_valid,
                                              new_keys, new_values)
     g = hq // h
-    gq = g * q
     scale = d ** -0.5 if scale is None else float(scale)
     dev = query.device
     mask = block_mask.to(device=dev, dtype=torch.bool)
@@ -334,24 +334,39 @@ def _sparse_attention_triton(query, block_keys, block_values, block_mask, token_
         query.reshape(b, hq * q, d), block_keys.permute(0, 2, 1, 3, 4), block_values.permute(0, 2, 1, 3, 4),
         valid, order, lengths, scale=scale, num_splits=num_splits,
     )
-    acc, m_part, l_part = parts.acc, parts.m, parts.l  # (B, Hq * Q, K, ...)
+    out, mass, new_mass = merge_with_new_tokens(query, parts, new_keys, new_values, h, scale)  # table order
+    # Table entry e of (row, KV head) is block order[e]: scatter back (a permutation per row and head).
+    block_mass = torch.zeros_like(mass).scatter_(2, order.long().repeat_interleave(g, dim=1), mass)
+    return SparseAttentionOutput(out, block_mass, new_mass)
+
+
+def merge_with_new_tokens(query: torch.Tensor, parts: Any, new_keys: torch.Tensor | None,
+                          new_values: torch.Tensor | None, kv_heads: int,
+                          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Triton kernels' last step: merge their per-split softmax states ``parts`` (``acc``, ``m``, ``l``
+    ``(B, Hq * Q, K, ...)`` and per-entry ``lse``) with one more state for the new tokens (causal, computed
+    here with torch).  Returns ``(output (B, Hq, Q, D) in the query's dtype, per-entry mass (B, Hq, M)
+    averaged over query positions, new-token mass (B, Hq))``."""
+    from tiercache_kernels.block_attention import entry_mass, merge_partials
+
+    b, hq, q, d = query.shape
+    g = hq // kv_heads
+    acc, m_part, l_part = parts.acc, parts.m, parts.l
     if new_keys is not None:
-        qf = query.float().reshape(b, h, gq, d) * scale
+        qf = query.float().reshape(b, kv_heads, g * q, d) * scale
         new = _new_token_scores(qf, new_keys, g)  # (B, H, G * Q, Q)
         top = new.amax(dim=-1)  # finite: position i always sees new token i
         e = torch.exp(new - top.unsqueeze(-1))
-        acc_new = (e.view(b, h, g, q, q) @ new_values.float().unsqueeze(2)).reshape(b, hq * q, 1, d)
+        acc_new = (e.view(b, kv_heads, g, q, q) @ new_values.float().unsqueeze(2)).reshape(b, hq * q, 1, d)
         acc = torch.cat((acc, acc_new), dim=2)
         m_part = torch.cat((m_part, top.reshape(b, hq * q, 1)), dim=2)
         l_part = torch.cat((l_part, e.sum(-1).reshape(b, hq * q, 1)), dim=2)
     out, lse_total, attended = merge_partials(acc, m_part, l_part)
-    mass = entry_mass(parts.lse, lse_total, attended).view(b, hq, q, u).mean(dim=2)  # table order
-    # Table entry e of (row, KV head) is block order[e]: scatter back (a permutation per row and head).
-    block_mass = torch.zeros_like(mass).scatter_(2, order.long().repeat_interleave(g, dim=1), mass)
+    mass = entry_mass(parts.lse, lse_total, attended).view(b, hq, q, -1).mean(dim=2)
     if new_keys is not None:
         new_mass = torch.where(attended, torch.exp(m_part[..., -1] - torch.where(attended, lse_total, 0.0))
                                * l_part[..., -1], 0.0)
         new_mass = new_mass.view(b, hq, q).mean(dim=2)
     else:
-        new_mass = torch.zeros(b, hq, device=dev)
-    return SparseAttentionOutput(out.view(b, hq, q, d).to(query.dtype), block_mass, new_mass)
+        new_mass = torch.zeros(b, hq, device=query.device)
+    return out.view(b, hq, q, d).to(query.dtype), mass, new_mass

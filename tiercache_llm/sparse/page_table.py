@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .attention import SparseAttentionOutput, _new_token_scores
+from .attention import SparseAttentionOutput, _new_token_scores, merge_with_new_tokens
 
 if TYPE_CHECKING:  # pragma: no cover
     from .selection import BlockSelection
@@ -200,38 +200,18 @@ def _page_table_attention_triton(query, k_pool, v_pool, table: PageTable, new_ke
     """:func:`page_table_attention` through the Triton kernel; the new tokens (causal) are one more
     partial softmax state, computed with torch and merged with the kernel's splits (as
     ``attention._sparse_attention_triton`` does)."""
-    from tiercache_kernels.block_attention import entry_mass, merge_partials
     from tiercache_kernels.page_attention import page_attention_partials
 
     b, hq, q, d = query.shape
     h, m = table.slots.shape[1], table.slots.shape[2]
-    g = hq // h
-    gq = g * q
     scale = d ** -0.5 if scale is None else float(scale)
     dev = query.device
     counts = table.counts if table.counts is not None else torch.full((b, h), m, dtype=torch.long, device=dev)
     # Query positions of a group are extra query rows: (B, Hq, Q, D) -> (B, Hq * Q, D), G' = G * Q.
     parts = page_attention_partials(query.reshape(b, hq * q, d), k_pool, v_pool, table.slots, table.pages,
                                     table.valid, counts, scale=scale, num_splits=num_splits)
-    acc, m_part, l_part = parts.acc, parts.m, parts.l  # (B, Hq * Q, K, ...)
-    if new_keys is not None:
-        qf = query.float().reshape(b, h, gq, d) * scale
-        new = _new_token_scores(qf, new_keys, g)  # (B, H, G * Q, Q)
-        top = new.amax(dim=-1)  # finite: position i always sees new token i
-        e = torch.exp(new - top.unsqueeze(-1))
-        acc_new = (e.view(b, h, g, q, q) @ new_values.float().unsqueeze(2)).reshape(b, hq * q, 1, d)
-        acc = torch.cat((acc, acc_new), dim=2)
-        m_part = torch.cat((m_part, top.reshape(b, hq * q, 1)), dim=2)
-        l_part = torch.cat((l_part, e.sum(-1).reshape(b, hq * q, 1)), dim=2)
-    out, lse_total, attended = merge_partials(acc, m_part, l_part)
-    mass = entry_mass(parts.lse, lse_total, attended).view(b, hq, q, m).mean(dim=2)
-    if new_keys is not None:
-        new_mass = torch.where(attended, torch.exp(m_part[..., -1] - torch.where(attended, lse_total, 0.0))
-                               * l_part[..., -1], 0.0)
-        new_mass = new_mass.view(b, hq, q).mean(dim=2)
-    else:
-        new_mass = torch.zeros(b, hq, device=dev)
-    return SparseAttentionOutput(out.view(b, hq, q, d).to(query.dtype), mass, new_mass)
+    out, mass, new_mass = merge_with_new_tokens(query, parts, new_keys, new_values, h, scale)
+    return SparseAttentionOutput(out, mass, new_mass)
 
 
 def check_page_table_args(query, k_pool, v_pool, table: PageTable, new_keys, new_values):
