@@ -28,9 +28,9 @@ def test_transformers_does_not_mistake_our_kernels_folder_for_the_kernels_packag
         installed = True
     except importlib.metadata.PackageNotFoundError:
         installed = False
-    if spec is not None:
-        assert installed, f"'kernels' resolves to {spec.origin} without the kernels distribution installed"
-        origin = Path(spec.origin or next(iter(spec.submodule_search_locations or [""]), "")).resolve()
+    if installed:  # the distribution, not our folder, is what the name resolves to
+        assert spec is not None and spec.origin is not None, spec
+        origin = Path(spec.origin).resolve()
         assert root / "kernels" not in (origin, *origin.parents), f"'kernels' resolves to our folder: {origin}"
-    if not installed:
+    else:  # our folder may resolve as a namespace package, but transformers must not take it for the package
         assert transformers_utils.is_kernels_available() is False

@@ -22,10 +22,16 @@ def aligned_empty(shape: tuple[int, ...], *, dtype: torch.dtype, device: torch.d
                   alignment: int = PAGE) -> torch.Tensor:
     """An uninitialised contiguous tensor whose first byte is ``alignment``-aligned (CPU tensors; other
     devices get a plain ``torch.empty``).  Costs at most ``alignment`` extra bytes; the tensor owns its
-    storage like any other (freed with the last reference)."""
+    storage like any other (freed with the last reference).  Always a normal tensor, also when called
+    under ``torch.inference_mode`` (such buffers outlive the call and are written in place later)."""
     if alignment <= 0 or alignment & (alignment - 1):
         raise ValueError(f"alignment must be a positive power of two, got {alignment!r}")
     device = torch.device("cpu") if device is None else torch.device(device)
+    with torch.inference_mode(False):
+        return _aligned_empty(tuple(shape), dtype, device, alignment)
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, alignment: int) -> torch.Tensor:
     if device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
     size = torch.empty((), dtype=dtype).element_size()

@@ -26,6 +26,7 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .blocks import BlockRef, block_key
+from .tensor_modes import with_normal_tensors
 from .decode_buffer import DecodeBuffer, ReadAhead, StatesBuffer
 from .errors import UnsupportedModelError
 from .sparse.pipeline import DecodePipeline, PipelineConfig
@@ -642,7 +643,9 @@ class TieredKVLayer(CacheLayerMixin):
 
         Sliding-window layers, as ``DynamicSlidingWindowLayer``: once the window is full, cropping needs
         past recording (:meth:`activate_past_recording`), and every crop (``crop(0)`` included) then
-        deletes the blocks that left the window of the new length."""
+        deletes the blocks that left the window of the new length.  ``tokens_to_remove`` may be a 0-d
+        tensor (transformers 5.17's assisted decoding passes one)."""
+        tokens_to_remove = int(tokens_to_remove)
         if not self.is_initialized:
             if tokens_to_remove > 0:
                 raise ValueError(
@@ -948,18 +951,22 @@ class TieredKVCache(Cache):
         if getattr(self, "_pipeline", None) is not None:
             self._pipeline.invalidate()
 
+    @with_normal_tensors
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._invalidate_pipeline()  # the reuse buffers hold rows in the old order
         super().reorder_cache(beam_idx)
 
+    @with_normal_tensors
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._invalidate_pipeline()
         super().batch_repeat_interleave(repeats)
 
+    @with_normal_tensors
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._invalidate_pipeline()
         super().batch_select_indices(indices)
 
+    @with_normal_tensors
     def crop(self, tokens_to_remove: int) -> None:
         self._invalidate_pipeline()
         super().crop(tokens_to_remove)
@@ -1000,6 +1007,7 @@ class TieredKVCache(Cache):
 
             restore_model(model)
 
+    @with_normal_tensors
     def _end_forward(self, failed: bool = False) -> None:
         """Called by the prepared model after each forward pass with this cache (``failed``: the pass
         raised; its exception is the one that propagates)."""
@@ -1036,6 +1044,7 @@ class TieredKVCache(Cache):
             f"block_size={self.settings.block_size}, held={self.store.held_bytes} B)"
         )
 
+    @with_normal_tensors
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:

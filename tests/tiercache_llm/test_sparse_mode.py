@@ -468,3 +468,32 @@ def test_page_size_must_divide_the_block_and_is_sparse_only(make_model):
         assert cache.settings.page_size == 8
     with TieredKVCache(model.config, mode="sparse", block_size=4, host="1MiB") as cache:
         assert cache.settings.page_size == 4
+
+
+@pytest.mark.parametrize("mode", ["sparse", "exact"])
+def test_decoding_continues_outside_inference_mode(make_model, mode):
+    """Buffers first allocated under torch.inference_mode (decode buffers, resident pools, attention
+    scratch) are written again by steps run outside it (here under no_grad) and give the tokens of a run
+    entirely under no_grad; an inference tensor there would raise on its first in-place write."""
+    model = make_model("llama", seed=31)
+    ids, mask = left_padded_batch(seed=31, lengths=(40, 27))
+    options = {"budget": 16, "block_size": 8} if mode == "sparse" else {"block_size": 8}
+
+    def run(first_mode):
+        with TieredKVCache.for_model(model, mode=mode, host="1MiB", **options) as cache:
+            tokens, attn = ids, mask
+            out = []
+            for step in range(6):
+                ctx = first_mode() if step < 3 else torch.no_grad()
+                with ctx:
+                    logits = model(input_ids=tokens, attention_mask=attn, past_key_values=cache).logits[:, -1]
+                out.append(logits.clone())
+                tokens = logits.argmax(-1, keepdim=True)
+                attn = torch.cat((attn, torch.ones_like(tokens)), dim=1)
+            cache.restore_model()
+        return out
+
+    want = run(torch.no_grad)
+    got = run(torch.inference_mode)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

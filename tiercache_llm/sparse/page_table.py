@@ -264,7 +264,10 @@ def _scratch(name: str | None, shape: tuple[int, ...], device: torch.device, dty
         bufs = _tls.bufs = {}
     buf = bufs.get((name, dtype))
     if buf is None or buf.numel() < numel:
-        buf = bufs[(name, dtype)] = torch.empty(max(numel, 1 << 16), dtype=dtype)
+        # A normal tensor even when first asked for under torch.inference_mode (generate may run there):
+        # an inference tensor could not be written by a later call outside it.
+        with torch.inference_mode(False):
+            buf = bufs[(name, dtype)] = torch.empty(max(numel, 1 << 16), dtype=dtype)
     return buf[:numel].view(shape)
 
 
