@@ -36,7 +36,6 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from .tensor_modes import normal_tensors
 
 __all__ = ["PREFIX", "is_prepared", "prepare_model", "restore_model", "sparse_attention"]
 
@@ -77,15 +76,13 @@ def _make_attention(base: str):
         if kind == "exact":
             q = arg
             valid = _valid(attention_mask, key.shape[0], q, key.device)
-            with normal_tensors():
-                state.append(key[:, :, -q:], valid)
+            state.append(key[:, :, -q:], valid)
             return _base_function(base, module)(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         ctx = arg
         if query.shape[2] != 1:
             raise RuntimeError(f"sparse decode expects one query position, got {query.shape[2]}")
-        with normal_tensors():  # the cache's state must stay writable outside inference mode
-            out = state.decode(layer, query, key, value, ctx, scaling)
-            state.append(key, _valid(attention_mask, key.shape[0], 1, key.device))
+        out = state.decode(layer, query, key, value, ctx, scaling)  # both keep the cache's state normal
+        state.append(key, _valid(attention_mask, key.shape[0], 1, key.device))  # tensors (tensor_modes)
         return out.transpose(1, 2).contiguous(), None
 
     tiercache_sparse_attention.__qualname__ = f"tiercache_sparse_attention[{base}]"

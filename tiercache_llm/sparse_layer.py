@@ -29,6 +29,7 @@ import torch
 
 from .errors import TieredKVError
 from .policies import AttentionPlacementPolicy
+from .tensor_modes import with_normal_tensors
 from .sparse.attention import SparseAttentionOutput, sparse_attention
 from .sparse.digests import KeyDigests
 from .sparse.fetch import fetch_selected
@@ -248,6 +249,7 @@ class SparseLayerState:
         return out
 
     # ------------------------------------------------------------------------------- hook side
+    @with_normal_tensors
     def append(self, keys: torch.Tensor, valid: torch.Tensor) -> None:
         """Digests and validity of new keys ``(B, H, q, D)``."""
         b, h, q, d = keys.shape
@@ -272,6 +274,7 @@ class SparseLayerState:
     def page_size(self) -> int:
         return self._page_size or self._block_size
 
+    @with_normal_tensors
     def decode(self, layer: "TieredKVLayer", query: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                ctx: int, scaling: float | None) -> torch.Tensor:
         """Sparse attention of one decode step; returns ``(B, Hq, 1, D)``."""
@@ -319,6 +322,7 @@ class SparseLayerState:
             self.ctrl.pending_scores[layer._kkeys[j]] = score
             self.ctrl.pending_scores[layer._vkeys[j]] = score
 
+    @with_normal_tensors
     def select_rows(self, index: torch.Tensor) -> None:
         """Beam reorder / batch repetition / batch selection: ``new_row[i] = old_row[index[i]]``.  The
         masses are per block (summed over rows) and stay."""
@@ -326,6 +330,7 @@ class SparseLayerState:
             self.digests.select_rows(index)
             self.valid = self.valid.index_select(0, index.to(self.valid.device))
 
+    @with_normal_tensors
     def crop(self, layer: "TieredKVLayer", length: int) -> None:
         """After the layer was cut to ``length`` tokens: digests rebuilt for the cut block from the
         layer's tail (which now holds that block's remaining keys), masses of removed blocks dropped."""
