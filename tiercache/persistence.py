@@ -76,16 +76,8 @@ class Persistence(Moves):
                 if header.seq > seq:
                     seq = header.seq
                 previous = loaded.get(key) or (index.get(key) if index else None)
-                if previous is not None:  # two copies of a key: keep the newer one
-                    if previous.seq >= header.seq:
-                        tier.discard(found.slot)
-                        tier.free(found.slot)
-                        continue
-                    self._tiers[previous.level].discard(previous.slot)
-                    self._tiers[previous.level].free(previous.slot)
-                    if loaded.get(key) is not previous:  # already ranked in an earlier tier's queue
-                        self._queues[previous.level].remove(previous)
-                        previous.version += 1  # its queue item is stale now
+                if previous is not None and not self._keep_newer(previous, header.seq, tier, found.slot, loaded, key):
+                    continue
                 entry = Entry(key, header.nbytes, tier.name, 0, 0, 0, 0.0, header.key, dtype, tuple(header.shape), header.seq,
                               tier_index, found.slot)
                 loaded[key] = entry
@@ -142,16 +134,8 @@ class Persistence(Moves):
             previous = loaded.get(key)
             if previous is None and others:
                 previous = index.get(key)
-            if previous is not None:  # two copies of a key: keep the newer one
-                if previous.seq >= entry_seq:
-                    tier.discard(slot)
-                    tier.free(slot)
-                    continue
-                self._tiers[previous.level].discard(previous.slot)
-                self._tiers[previous.level].free(previous.slot)
-                if loaded.get(key) is not previous:  # already ranked in an earlier tier's queue
-                    self._queues[previous.level].remove(previous)
-                    previous.version += 1  # its queue item is stale now
+            if previous is not None and not self._keep_newer(previous, entry_seq, tier, slot, loaded, key):
+                continue
             _, shape, nbytes = forms[form_id]
             loaded[key] = entry = Entry(key, nbytes, name, 0, 0, 0, 0.0, key_bytes, dtype, shape, entry_seq,
                                         tier_index, slot)
@@ -160,6 +144,21 @@ class Persistence(Moves):
         if not others:
             index.update(loaded)
         return seq
+
+    def _keep_newer(self, previous: Entry, seq: int, tier, slot, loaded: dict[Hashable, Entry], key: Hashable) -> bool:
+        """Two copies of ``key`` found while recovering: ``True`` when the one just found (``seq`` in ``slot``
+        of ``tier``) is newer, after releasing ``previous``'s slot (and its queue rank, if it was ranked in
+        an earlier tier's queue); ``False`` after releasing the found one's slot."""
+        if previous.seq >= seq:
+            tier.discard(slot)
+            tier.free(slot)
+            return False
+        self._tiers[previous.level].discard(previous.slot)
+        self._tiers[previous.level].free(previous.slot)
+        if loaded.get(key) is not previous:  # already ranked in an earlier tier's queue
+            self._queues[previous.level].remove(previous)
+            previous.version += 1  # its queue item is stale now
+        return True
 
     def _persist(self, reason: str) -> int:
         """Move upper-tier entries to the last (persistent) tier, highest rank first, dropping the

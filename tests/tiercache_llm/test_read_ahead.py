@@ -10,20 +10,11 @@ from transformers import DynamicCache
 from tiercache_llm import KVCapacityError, TieredKVCache, TieredKVSettings
 from tiercache_llm.blocks import block_key
 
+from .test_generate_tiny import left_padded_batch
+
 
 def states(batch, seq, gen, heads=2, dim=8):
     return (torch.randn(batch, heads, seq, dim, generator=gen), torch.randn(batch, heads, seq, dim, generator=gen))
-
-
-def left_padded_batch(vocab=128, lengths=(20, 15, 9), seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n :] = torch.randint(3, vocab, (n,), generator=gen)
-        mask[row, width - n :] = 1
-    return ids, mask
 
 
 def test_prefetch_defaults_on_for_exact_and_off_for_sparse(make_config):
