@@ -101,6 +101,21 @@ def _new_token_scores(qf: torch.Tensor, new_keys: torch.Tensor, g: int) -> torch
     return new.masked_fill(~causal, float("-inf")).view(b, h, gq, q)
 
 
+def add_new_tokens(out: torch.Tensor, new: torch.Tensor | None, inv: torch.Tensor, new_values: torch.Tensor | None,
+                   g: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch paths' last step: ``out`` ``(B, H, G * Q, D)`` (the context's weighted values, already
+    normalised by ``inv`` ``(B, H, G * Q)``) plus the new tokens' share, from their unnormalised weights
+    ``new`` ``(B, H, G * Q, Q)`` (``None``: no new tokens).  Returns ``(out (B, H, G, Q, D) float32, new-token
+    mass (B, Hq) averaged over query positions)``."""
+    b, h, gq, d = out.shape
+    q = gq // g
+    if new is None:
+        return out.view(b, h, g, q, d), torch.zeros(b, h * g, device=out.device)
+    p_new = new * inv.unsqueeze(-1)
+    out = out.view(b, h, g, q, d) + p_new.view(b, h, g, q, q) @ new_values.float().unsqueeze(2)
+    return out, p_new.sum(-1).view(b, h, g, q).mean(-1).reshape(b, h * g)
+
+
 def sparse_attention_reference(
     query: torch.Tensor,
     block_keys: torch.Tensor,
@@ -175,13 +190,7 @@ def sparse_attention_reference(
             vs = v[idx].masked_fill(~allowed[idx].unsqueeze(-1), 0.0)
             per_block[idx] = torch.matmul(ctx[idx], vs)
     per_block = per_block.masked_fill(~mask.permute(2, 0, 1)[..., None, None], 0.0)
-    out = per_block.sum(dim=0)
-    if new is not None:
-        p_new = new * inv.unsqueeze(-1)
-        out = out.view(b, h, g, q, d) + p_new.view(b, h, g, q, q) @ new_values.float().unsqueeze(2)
-        new_mass = p_new.sum(-1).view(b, h, g, q).mean(-1).reshape(b, hq)
-    else:
-        new_mass = torch.zeros(b, hq, device=dev)
+    out, new_mass = add_new_tokens(per_block.sum(dim=0), new, inv, new_values, g)
     block_mass = (block_sum * inv.unsqueeze(0)).view(u, b, h, g, q).mean(4).permute(1, 2, 3, 0).reshape(b, hq, u)
     output = out.view(b, h, g, q, d).reshape(b, hq, q, d).to(query.dtype)
     return SparseAttentionOutput(output, block_mass, new_mass)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .attention import SparseAttentionOutput, _new_token_scores, merge_with_new_tokens
+from .attention import SparseAttentionOutput, _new_token_scores, add_new_tokens, merge_with_new_tokens
 
 if TYPE_CHECKING:  # pragma: no cover
     from .selection import BlockSelection
@@ -183,13 +183,7 @@ def page_table_attention(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
         total = total + new.sum(dim=-1)
     inv = 1.0 / total.clamp_min(torch.finfo(torch.float32).tiny)
     ctx.mul_(inv.unsqueeze(-1))
-    out = ctx @ values  # (B, H, G*Q, D), a fresh tensor (never scratch)
-    if new is not None:
-        p_new = new * inv.unsqueeze(-1)
-        out = out.view(b, h, g, q, d) + p_new.view(b, h, g, q, q) @ new_values.float().unsqueeze(2)
-        new_mass = p_new.sum(-1).view(b, h, g, q).mean(-1).reshape(b, hq)
-    else:
-        new_mass = torch.zeros(b, hq, device=dev)
+    out, new_mass = add_new_tokens(ctx @ values, new, inv, new_values, g)  # ctx @ values: fresh (never scratch)
     mass = ctx.view(b, h, g, q, m, ps).sum(-1).mean(3).reshape(b, hq, m)
     output = out.reshape(b, h, g, q, d).reshape(b, hq, q, d).to(query.dtype)
     return SparseAttentionOutput(output, mass, new_mass)
