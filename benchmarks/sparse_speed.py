@@ -357,8 +357,11 @@ def step_record(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]
             fetched = float(ahead["bytes_taken"] + ahead["bytes_sync"])
         else:
             fetched = float(delta["kv"].get("bytes_fetched", 0))
-        disk = float(tier_row(delta, "disk").get("bytes_read", 0))
-        host, source = max(0.0, fetched - disk), "counters"
+        # The disk tier's reads in this step's window include reads ahead for the next step (and any the
+        # cache discarded), so they can exceed what this step used: the step's disk share is capped at
+        # what it fetched, and the tier's own reads stay in ``disk_bytes_read``.
+        disk = min(fetched, float(tier_row(delta, "disk").get("bytes_read", 0)))
+        host, source = fetched - disk, "counters"
     own = {k: v for k, v in delta.items() if k != "tiercache"}
     stages = {k: v for k, v in find_numbers(own, "seconds").items() if "last_step" not in k}
     return {"host_bytes": host, "disk_bytes": disk, "bytes_source": source, "stages": stages,
