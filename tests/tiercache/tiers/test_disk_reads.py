@@ -326,3 +326,64 @@ def test_a_device_refusing_the_alignment_falls_back_to_pages_then_to_the_bounce_
     tier.read_into([(slot, head, out2)])
     assert tier._dio_into is False and torch.equal(out2.view(torch.int32), data.view(torch.int32))
     tier.close()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.arange(2 * 5 * 12 * 4, dtype=torch.float32).view(2, 5, 12, 4)[:, 1:4, 3:9],  # block slice
+    lambda: torch.arange(3 * 4 * 6, dtype=torch.int16).view(3, 4, 6)[:, :, :4].transpose(0, 1),  # permuted rows
+    lambda: torch.arange(4 * 8, dtype=torch.float64).view(4, 8)[::2, 2:5],  # a step over rows
+    lambda: torch.arange(6, dtype=torch.float32).view(6, 1)[1:].expand(5, 3)[:, :1],  # stride-0 rows read as many
+])
+def test_byte_parts_are_the_element_order_bytes_of_any_row_contiguous_layout(make):
+    """Each layout's runs, concatenated, are its elements' bytes in element order, and writing through the
+    views fills exactly its elements (the run layouts are cached per shape and strides: asked twice)."""
+    for _ in range(2):
+        out = make()
+        nbytes = out.numel() * out.element_size()
+        parts = byte_parts(out, nbytes)
+        assert b"".join(bytes(p) for p in parts) == out.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+    if out.stride(0) != 0:
+        data = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
+        pos = 0
+        for part in parts:
+            part[:] = data[pos : pos + part.nbytes].numpy().tobytes()
+            pos += part.nbytes
+        assert torch.equal(out.contiguous().view(-1).view(torch.uint8), data)
+
+
+def test_byte_parts_views_keep_their_tensor_alive():
+    parts = byte_parts(torch.full((256,), 7, dtype=torch.int32)[::1], 1024)
+    churn = [torch.zeros(256, dtype=torch.int32) for _ in range(64)]  # would reuse freed memory
+    assert bytes(parts[0]) == torch.full((256,), 7, dtype=torch.int32).numpy().tobytes()
+    del churn
+
+
+def test_single_key_get_from_disk_counts_promotes_and_drops_damage(tmp_path):
+    """``get`` of a value held by a disk tier (its own path): hit counted in the disk tier and as a miss
+    in the faster one, the value promoted when the policy says so, and a damaged chunk dropped,
+    counted and reported as ``KeyError``, never returned."""
+    from tiercache import Cache
+    from tiercache.tiers import ArenaTier
+
+    disk = DiskTier(tmp_path / "s", 1 << 22)
+    with Cache(tiers=[ArenaTier("host", 20_000), disk], policy="lru") as cache:
+        values = {i: torch.randn(40, 50) for i in range(8)}  # 8 KB each: most of them land on disk
+        cache.put_many(values.items())
+        on_disk = [k for k in values if cache.tier_of(k) == "disk"]
+        assert len(on_disk) >= 3
+        before = cache.stats()["tiers"]
+        key = on_disk[0]
+        got = cache.get(key)
+        assert torch.equal(got, values[key]) and got.shape == (40, 50)
+        after = cache.stats()["tiers"]
+        assert after["disk"]["hits"] == before["disk"]["hits"] + 1
+        assert after["host"]["misses"] == before["host"]["misses"] + 1
+        assert cache.tier_of(key) == "host"  # lru promotes a hit
+        bad = next(k for k in on_disk[1:] if cache.tier_of(k) == "disk")
+        slot = cache._index[bad].slot
+        flip(disk.chunk_path(slot), PAGE + 3)
+        with pytest.raises(KeyError):
+            cache.get(bad)
+        assert bad not in cache and cache.stats()["corruptions"] == 1
+        assert all(torch.equal(cache.get(k), values[k]) for k in values if k != bad)
+        assert not cache._pins
