@@ -827,31 +827,31 @@ class DataPaths(Moves):
                     seconds[src] += spent * copied / memory_bytes
         for src, positions in batched.items():
             start = time.perf_counter()
-            requests, landing = [], []
+            requests, staged = [], []
             strided = getattr(tiers[src], "reads_strided", False)
+            read_bytes = 0
             for i in positions:
                 entry, _, slot, header = pinned[i]
                 dst = results[i]
-                on_cpu = dst.device.type == "cpu"
-                if on_cpu and dst.is_contiguous():
-                    buf, direct = as_bytes(dst.view(-1)), True
-                elif on_cpu and strided and dst.dim() and dst.stride(-1) == 1:
-                    buf, direct = dst, True  # the tier reads the rows in place
+                # (is_cpu is a flag read; dst.device would build a device object per key)
+                if dst.is_cpu and dst.is_contiguous():
+                    buf = copies[i] = as_bytes(dst.view(-1))  # 1-D: what a promotion may copy from
+                elif dst.is_cpu and strided and dst.dim() and dst.stride(-1) == 1:
+                    buf, copies[i] = dst, None  # the tier reads the rows in place (a promotion re-reads the slot)
                 else:
-                    buf, direct = torch.empty(header.nbytes, dtype=torch.uint8), False
+                    buf = copies[i] = torch.empty(header.nbytes, dtype=torch.uint8)
+                    staged.append((i, buf))
                 requests.append((slot, header, buf))
-                landing.append((i, buf, direct))
-                nbytes[src] += header.nbytes
+                read_bytes += header.nbytes
+            nbytes[src] += read_bytes
             try:
                 tiers[src].read_into(requests)  # type: ignore[attr-defined]
             except CorruptEntryError as exc:
                 where = getattr(exc, "tiercache_index", None)
                 exc.tiercache_index = positions[where] if where is not None else None  # type: ignore[attr-defined]
                 raise
-            for i, buf, direct in landing:
-                if not direct:
-                    copy_payload(results[i], buf, pinned[i][0].dtype)
-                copies[i] = buf if buf.dim() == 1 and buf.is_contiguous() else None
+            for i, buf in staged:
+                copy_payload(results[i], buf, pinned[i][0].dtype)
             seconds[src] += time.perf_counter() - start
         reads.append((nbytes, seconds))
         return results, copies

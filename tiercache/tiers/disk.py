@@ -82,6 +82,7 @@ PIPELINE_PIECE = 1 << 20
 # read_into spreads a batch over its threads only with at least this many bytes per thread: below it, the
 # hand-offs cost more than the reads they overlap.
 MIN_BYTES_PER_THREAD = 256 << 10
+_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 MIN_CAPACITY = PAGE + CRC_BYTES  # the smallest entry: an empty value's header page and checksum
 
 
@@ -344,7 +345,8 @@ class DiskTier:
     ``direct_io=True`` reads and writes chunk files with ``O_DIRECT`` through page-aligned buffers, past
     the OS page cache (so the host budget is the only DRAM cache); where the filesystem refuses it (tmpfs)
     the tier warns once (``RuntimeWarning``) and uses buffered I/O.  :meth:`describe` says what is in
-    effect.  ``io_threads`` sizes the pool :meth:`read_into` spreads reads over.
+    effect.  ``io_threads`` sizes the pool :meth:`read_into` spreads reads over (buffered reads use at most
+    one thread per CPU: they are memory copies, not waits).
 
     Thread safety: as the :class:`~tiercache.tiers.base.Tier` protocol; ``read``, ``read_into``, ``write``
     and ``discard`` may run concurrently for distinct slots.
@@ -968,7 +970,11 @@ class DiskTier:
                     exc.tiercache_index = i  # type: ignore[attr-defined]
                     raise
 
-        workers = min(self._io_threads, n, max(1, sum(s.nbytes for s, _, _ in items) // MIN_BYTES_PER_THREAD))
+        # Buffered reads of warm chunks are memory copies and checksums, CPU work: more threads than CPUs
+        # only contend for them (and for the GIL between reads).  Direct reads wait on the device, where
+        # more reads in flight help, up to io_threads.
+        limit = self._io_threads if self.direct_io else min(self._io_threads, _CPUS)
+        workers = min(limit, n, max(1, sum([s.nbytes for s, _, _ in items]) // MIN_BYTES_PER_THREAD))
         if workers <= 1:
             run()
             return

@@ -80,7 +80,8 @@ def test_read_into_fills_block_slices_of_a_larger_buffer_in_place(tmp_path, opti
     tier.close()
 
 
-def test_a_damaged_chunk_read_into_a_slice_is_reported_with_its_position(tmp_path):
+def test_a_damaged_chunk_read_into_a_slice_is_reported_with_its_position(tmp_path, monkeypatch):
+    monkeypatch.setattr(disk_module, "_CPUS", 3)  # buffered reads use one thread per CPU: three, whatever runs this
     tier = DiskTier(tmp_path / "d", 1 << 24, io_threads=3)
     list(tier.recover())
     blocks = [make_value(torch.float32, (1, 3, 16, 64), j) for j in range(40)]  # 480 KiB: spread over threads
@@ -387,3 +388,28 @@ def test_single_key_get_from_disk_counts_promotes_and_drops_damage(tmp_path):
         assert bad not in cache and cache.stats()["corruptions"] == 1
         assert all(torch.equal(cache.get(k), values[k]) for k in values if k != bad)
         assert not cache._pins
+
+
+def test_buffered_batch_reads_use_at_most_one_thread_per_cpu(tmp_path, monkeypatch):
+    """A warm buffered read is CPU work: ``read_into`` spreads it over ``min(io_threads, CPUs)`` threads
+    (the calling one included), and the values still land where they belong."""
+    import threading
+
+    monkeypatch.setattr(disk_module, "_CPUS", 2)
+    tier = DiskTier(tmp_path / "d", 1 << 24, io_threads=4)
+    list(tier.recover())
+    blocks = [make_value(torch.float32, (1, 3, 16, 64), j) for j in range(40)]  # 480 KiB: worth 4 threads
+    items = [store(tier, ("k", j), b, seq=j + 1) for j, b in enumerate(blocks)]
+    seen = set()
+    read = tier._read_payload_into
+
+    def counting(*args, **kwargs):
+        seen.add(threading.get_ident())
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(tier, "_read_payload_into", counting)
+    buf = torch.zeros(1, 3, 40 * 16, 64)
+    tier.read_into([(s, h, buf[:, :, 16 * j : 16 * (j + 1)]) for j, (s, h) in enumerate(items)])
+    assert torch.equal(buf.view(torch.int32), torch.cat(blocks, dim=2).view(torch.int32))
+    assert 1 <= len(seen) <= 2
+    tier.close()
