@@ -605,7 +605,9 @@ class DataPaths(Moves):
         try:
             start = time.perf_counter()
             result = new_tensor(entry.shape, entry.dtype)
-            raw = as_bytes(result.view(-1))  # C2: read_into fills 1-D uint8 buffers
+            # C2 read_into fills 1-D uint8 buffers; a tier that reads into typed row-contiguous tensors
+            # (reads_strided, the disk tier) takes the result itself, without two views per get.
+            raw = result if getattr(tier, "reads_strided", False) else as_bytes(result.view(-1))
             try:
                 tier.read_into([(slot, entry.header, raw)])
             except CorruptEntryError as exc:
@@ -614,7 +616,7 @@ class DataPaths(Moves):
                 raise KeyError(entry.key) from None
             seconds, nbytes = time.perf_counter() - start, entry.nbytes
             if src > 0 and self._policy.promote(entry.info, tier.name, tiers[0].name):
-                self._promote(entry, src, raw)  # the source slot is still pinned by us
+                self._promote(entry, src, as_bytes(result.view(-1)))  # the source slot is still pinned by us
         finally:
             with self._lock:
                 count = pins[token] - 1
