@@ -34,6 +34,7 @@ from .transfer import CopyEngine, chunk_file_bytes, packed_layout, read_chunk_in
 from .values import as_bytes, check_score, copy_payload, flat, new_tensor, tensor_data
 
 _CPU = torch.device("cpu")
+_DISK_READ_INTO = DiskTier.read_into
 _FLAT_KEY_TYPES = frozenset((int, str, bytes))  # a tuple of only these is a valid key (no check_key walk)
 _Pinned = tuple[Entry, int, Slot, Any]  # an entry, the tier and slot pinned for it, its header (arena tiers: the entry, which has nbytes and shape)
 
@@ -605,9 +606,9 @@ class DataPaths(Moves):
         try:
             start = time.perf_counter()
             result = new_tensor(entry.shape, entry.dtype)
-            # C2 read_into fills 1-D uint8 buffers; a tier that reads into typed row-contiguous tensors
-            # (reads_strided, the disk tier) takes the result itself, without two views per get.
-            raw = result if getattr(tier, "reads_strided", False) else as_bytes(result.view(-1))
+            # C2 read_into fills 1-D uint8 buffers; DiskTier's own read_into also fills typed tensors
+            # (reads_strided), so it takes the result itself, without two views per get.
+            raw = result if type(tier).read_into is _DISK_READ_INTO else as_bytes(result.view(-1))
             try:
                 tier.read_into([(slot, entry.header, raw)])
             except CorruptEntryError as exc:
