@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
 import torch
 
 from ..errors import CorruptEntryError, FingerprintMismatchError, OverBudgetError, TierCacheError, TierIOError
@@ -862,8 +861,11 @@ class DiskTier:
             known = cached[0]
             # The facade builds a header per read from its entry's fields (the same key, shape and dtype
             # name objects each time): identity first, then equality.
-            if known is header or (known.seq == header.seq and known.key is header.key and known.shape is header.shape
-                                   and known.dtype is header.dtype and known.nbytes == header.nbytes) or known == header:
+            same = known is header or (
+                known.key is header.key and known.shape is header.shape and known.dtype is header.dtype
+                and known.seq == header.seq and known.nbytes == header.nbytes
+            )
+            if same or known == header:
                 return cached[1]
         prefix = header_prefix(header)
         self._prefixes[ref] = (header, prefix)
