@@ -305,9 +305,7 @@ class SparseLayerState:
         new = SparseLayerState(controller)
         new._block_size, new._page_size = self._block_size, self._page_size
         if self.digests is not None:
-            d = self.digests
-            new.digests = KeyDigests(d.block_size, d.lo.clone(), d.hi.clone(), d.count.clone(), d.length,
-                                     None if d.total is None else d.total.clone())
+            new.digests = self.digests.clone()
             new.valid = self.valid.clone()
         new.mass = self.mass.clone()
         return new

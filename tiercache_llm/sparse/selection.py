@@ -185,14 +185,26 @@ def _query_head_scores(query: torch.Tensor, digests: KeyDigests, score: ScoreRul
                        landmark: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(B, H, G * Q, N)`` float32 scores of every page per query head (and query position), before
     the GQA reduction (empty pages are not masked here), and ``q . mean key`` of the same shape when
-    ``landmark`` or the score needs it (else ``None``)."""
-    lo, hi, count = digests.lo, digests.hi, digests.count
-    b, h, g, q, n, d = _check_digests(query, lo, hi, count)
+    ``landmark`` or the score needs it (else ``None``).  Both are fresh tensors (callers may modify
+    them in place).
+
+    The query heads of a group share their KV head's digests through one batched matmul per digest
+    (``(G * Q, D) @ (D, N)`` per row and KV head, no ``repeat_kv``); the digests are read in the
+    transposed layout they are stored in (:meth:`KeyDigests.transposed`), so no transpose or copy is
+    made per step."""
+    lo_t, hi_t, mean_t = digests.transposed()
+    b, h, g, q, n, d = _check_digests(query, digests.lo, digests.hi, digests.count)
     qf = query.float().reshape(b, h, g * q, d)
-    s = qf.clamp(min=0) @ hi.float().transpose(-1, -2) + qf.clamp(max=0) @ lo.float().transpose(-1, -2)
-    lm = qf @ digests.landmarks().transpose(-1, -2) if landmark or score == "bound+landmark" else None
+    s = torch.matmul(qf.clamp(min=0), hi_t.float())
+    s += torch.matmul(qf.clamp(max=0), lo_t.float())
+    lm = None
+    if landmark or score == "bound+landmark":
+        if mean_t is None:
+            raise ValueError("these digests were built without key sums: no landmarks")
+        lm = torch.matmul(qf, mean_t)
     if score == "bound+landmark":
-        s = (1.0 - weight) * s + weight * lm
+        s.mul_(1.0 - weight)
+        s += weight * lm
     return s, lm
 
 
@@ -222,11 +234,13 @@ def score_blocks_mass(query: torch.Tensor, digests: KeyDigests, score: ScoreRule
         scale = query.shape[-1] ** -0.5
     b, h, gq, n = s.shape
     empty = (digests.count == 0).view(b, 1, 1, n)
-    logc = digests.count.float().clamp(min=1).log().view(b, 1, 1, n)
-    zn = (lm * float(scale) + logc).masked_fill(empty, float("-inf"))
-    lse = zn.logsumexp(dim=-1, keepdim=True).clamp(min=-1e30)  # a row without pages: no NaN
-    z = s * float(scale) + logc - lse
-    return z.amax(dim=2).masked_fill(empty.view(b, 1, n), float("-inf"))
+    logc = digests.count.float().clamp_(min=1).log_().view(b, 1, 1, n)
+    # In place, but the same float32 operations in the same order as the written-out rule
+    # ``z = scale * s + logc - logsumexp(scale * lm + logc)`` (the selection must not move).
+    zn = lm.mul_(float(scale)).add_(logc).masked_fill_(empty, float("-inf"))
+    lse = zn.logsumexp(dim=-1, keepdim=True).clamp_(min=-1e30)  # a row without pages: no NaN
+    z = s.mul_(float(scale)).add_(logc).sub_(lse)
+    return z.amax(dim=2).masked_fill_(empty.view(b, 1, n), float("-inf"))
 
 
 def _compiled_triton_usable(device: torch.device) -> bool:
@@ -266,19 +280,31 @@ def select_blocks(scores: torch.Tensor, count: torch.Tensor, budget: torch.Tenso
         count: ``(B, N)`` valid tokens per block (a block's cost).
         budget: ``(B,)`` tokens per row and KV head.
         forced: ``(B, N)`` blocks always selected (for every head).
-    """
+
+    The blocks are ranked by score (forced ones first), and the longest prefix of the ranking whose
+    cost fits ``max(budget, forced cost)`` is taken.  Only the head of the ranking that can fit is
+    ordered: a prefix within the limit holds at most ``limit // c`` blocks of ``c`` or more tokens (``c``
+    the largest block's count in the row) plus the row's smaller blocks, so a ``topk`` of that many
+    replaces a full sort.  Equal scores rank in an unspecified order."""
     b, h, n = scores.shape
-    has = (count > 0).unsqueeze(1).expand(b, h, n)
-    forced3 = (forced & (count > 0)).unsqueeze(1).expand(b, h, n)
-    key = scores.float().masked_fill(forced3, float("inf")).masked_fill(~has, float("-inf"))
-    key = torch.nan_to_num(key, nan=float("-inf"), posinf=float("inf"))
-    order = torch.argsort(key, dim=-1, descending=True, stable=True)
-    cost = count.unsqueeze(1).expand(b, h, n)
-    sorted_cost = cost.gather(-1, order)
-    forced_cost = (cost * forced3).sum(dim=-1, keepdim=True)
-    limit = torch.maximum(budget.view(b, 1, 1).to(cost.dtype), forced_cost)
-    take = has.gather(-1, order) & (sorted_cost.cumsum(dim=-1) <= limit)
-    return torch.zeros_like(take).scatter(-1, order, take)
+    has = count > 0
+    forced = forced & has
+    key = torch.nan_to_num(scores.float(), nan=float("-inf"), posinf=float("inf"))
+    # Non-empty blocks stay above empty ones even at -inf (empty blocks cost 0 and are never taken,
+    # so this changes no choice, only keeps the kept head of the ranking free of them).
+    key = key.clamp(min=torch.finfo(key.dtype).min).masked_fill_(~has.unsqueeze(1), float("-inf"))
+    key.masked_fill_(forced.unsqueeze(1), float("inf"))
+    forced_cost = (count * forced).sum(dim=-1)
+    limit = torch.maximum(budget.to(count.dtype), forced_cost)  # (B,)
+    if n == 0:
+        return torch.zeros(b, h, n, dtype=torch.bool, device=scores.device)
+    big = count.amax(dim=-1).clamp(min=1)
+    fit = torch.minimum(limit // big + (has & (count < big.unsqueeze(-1))).sum(dim=-1), has.sum(dim=-1))
+    k = max(1, min(n, int(fit.max())))
+    top = torch.topk(key, k, dim=-1, largest=True, sorted=True).indices  # (B, H, k)
+    cost = count.unsqueeze(1).expand(b, h, n).gather(-1, top)
+    take = (cost.cumsum(dim=-1) <= limit.view(b, 1, 1)) & (cost > 0)
+    return torch.zeros(b, h, n, dtype=torch.bool, device=scores.device).scatter_(-1, top, take)
 
 
 @dataclass(frozen=True)
