@@ -229,12 +229,20 @@ def score_blocks_mass(query: torch.Tensor, digests: KeyDigests, score: ScoreRule
     each head's softmax instead of raw ``q . k``, so a head whose attention is spread over many pages is
     not outranked by a sibling with larger but irrelevant logits.  ``-inf`` for empty pages.  Needs
     digests with key sums (landmarks)."""
+    b, n = digests.count.shape
+    empty = (digests.count == 0).view(b, 1, 1, n)
+    logc = digests.count.float().clamp_(min=1).log_().view(b, 1, 1, n)
+    return _mass_scores(query, digests, score, weight, scale, empty, logc)
+
+
+def _mass_scores(query: torch.Tensor, digests: KeyDigests, score: ScoreRule, weight: float, scale: float | None,
+                 empty: torch.Tensor, logc: torch.Tensor) -> torch.Tensor:
+    """:func:`score_blocks_mass` with the count terms given: ``empty`` ``(B, 1, 1, N)`` bool (``count ==
+    0``) and ``logc`` ``(B, 1, 1, N)`` float32 (``log(max(count, 1))``); both only read."""
     s, lm = _query_head_scores(query, digests, score, weight, landmark=True)
     if scale is None:
         scale = query.shape[-1] ** -0.5
     b, h, gq, n = s.shape
-    empty = (digests.count == 0).view(b, 1, 1, n)
-    logc = digests.count.float().clamp_(min=1).log_().view(b, 1, 1, n)
     # In place, but the same float32 operations in the same order as the written-out rule
     # ``z = scale * s + logc - logsumexp(scale * lm + logc)`` (the selection must not move).
     zn = lm.mul_(float(scale)).add_(logc).masked_fill_(empty, float("-inf"))
@@ -282,29 +290,96 @@ def select_blocks(scores: torch.Tensor, count: torch.Tensor, budget: torch.Tenso
         forced: ``(B, N)`` blocks always selected (for every head).
 
     The blocks are ranked by score (forced ones first), and the longest prefix of the ranking whose
-    cost fits ``max(budget, forced cost)`` is taken.  Only the head of the ranking that can fit is
-    ordered: a prefix within the limit holds at most ``limit // c`` blocks of ``c`` or more tokens (``c``
-    the largest block's count in the row) plus the row's smaller blocks, so a ``topk`` of that many
-    replaces a full sort.  Equal scores rank in an unspecified order."""
-    b, h, n = scores.shape
+    cost fits ``max(budget, forced cost)`` is taken (see :func:`_take_top` for how without a full
+    sort).  Equal scores rank in an unspecified order."""
     has = count > 0
     forced = forced & has
+    limit = torch.maximum(budget.to(count.dtype), (count * forced).sum(dim=-1))
+    head, k = _ranking_bounds(count, has, limit)
+    return _take_top(scores, count, has, forced, limit, head, k)
+
+
+def _ranking_bounds(count: torch.Tensor, has: torch.Tensor, limit: torch.Tensor) -> tuple[int, int]:
+    """``(head, k)``: in every row the first ``head`` blocks of the ranking fit the limit whatever they
+    are, and no prefix longer than ``k`` does.  A block costs at most ``c``, the row's largest count, so
+    any ``limit // c`` blocks fit; a prefix within the limit holds at most ``limit // c`` blocks of ``c``
+    tokens plus the row's smaller blocks (the partial last page, left-padded first pages)."""
+    n = count.shape[-1]
+    if n == 0 or count.shape[0] == 0:
+        return 0, 0
+    big = count.amax(dim=-1).clamp(min=1)
+    fits = limit // big
+    small = (has & (count < big.unsqueeze(-1))).sum(dim=-1)
+    bounds = torch.stack((fits.min(), torch.minimum(fits + small, has.sum(dim=-1)).max())).tolist()
+    k = max(1, min(n, bounds[1]))
+    return max(0, min(k, bounds[0])), k
+
+
+def _take_top(scores: torch.Tensor, count: torch.Tensor, has: torch.Tensor, forced: torch.Tensor,
+              limit: torch.Tensor, head: int, k: int) -> torch.Tensor:
+    """The selection rule of :func:`select_blocks` given its terms (``forced`` within ``has``, ``limit``
+    ``(B,)``, ``head``/``k`` from :func:`_ranking_bounds`).
+
+    Only what can matter is ordered: an unordered ``topk`` of ``k`` finds the blocks that may fit; its
+    first ``head`` ranks fit whatever their order, so only the ``k - head`` lowest of the ``k`` (a
+    handful: the row's partial pages) are sorted and walked with the running cost."""
+    b, h, n = scores.shape
+    out = torch.zeros(b, h, n, dtype=torch.bool, device=scores.device)
+    if n == 0:
+        return out
     key = torch.nan_to_num(scores.float(), nan=float("-inf"), posinf=float("inf"))
     # Non-empty blocks stay above empty ones even at -inf (empty blocks cost 0 and are never taken,
-    # so this changes no choice, only keeps the kept head of the ranking free of them).
-    key = key.clamp(min=torch.finfo(key.dtype).min).masked_fill_(~has.unsqueeze(1), float("-inf"))
+    # so this changes no choice, only keeps them out of the head of the ranking).
+    key = key.clamp_(min=torch.finfo(key.dtype).min).masked_fill_(~has.unsqueeze(1), float("-inf"))
     key.masked_fill_(forced.unsqueeze(1), float("inf"))
-    forced_cost = (count * forced).sum(dim=-1)
-    limit = torch.maximum(budget.to(count.dtype), forced_cost)  # (B,)
-    if n == 0:
-        return torch.zeros(b, h, n, dtype=torch.bool, device=scores.device)
-    big = count.amax(dim=-1).clamp(min=1)
-    fit = torch.minimum(limit // big + (has & (count < big.unsqueeze(-1))).sum(dim=-1), has.sum(dim=-1))
-    k = max(1, min(n, int(fit.max())))
-    top = torch.topk(key, k, dim=-1, largest=True, sorted=True).indices  # (B, H, k)
+    vals, top = torch.topk(key, k, dim=-1, largest=True, sorted=False)  # (B, H, k)
     cost = count.unsqueeze(1).expand(b, h, n).gather(-1, top)
-    take = (cost.cumsum(dim=-1) <= limit.view(b, 1, 1)) & (cost > 0)
-    return torch.zeros(b, h, n, dtype=torch.bool, device=scores.device).scatter_(-1, top, take)
+    take = cost > 0
+    tail = k - head
+    if tail:
+        low = torch.topk(vals, tail, dim=-1, largest=False, sorted=True).indices.flip(-1)  # ranks head..k-1
+        low_cost = cost.gather(-1, low)
+        spent = cost.sum(dim=-1, keepdim=True) - low_cost.sum(dim=-1, keepdim=True)  # the first `head` ranks
+        fit = (low_cost.cumsum(dim=-1) + spent <= limit.view(b, 1, 1)) & (low_cost > 0)
+        take.scatter_(-1, low, fit)
+    return out.scatter_(-1, top, take)
+
+
+@dataclass(frozen=True)
+class _PageTerms:
+    """What a selection derives from the page counts and the config alone.  Every layer of a decode
+    step has the same counts, so :func:`_page_terms` computes these once per step, not per layer.
+    Shared between calls: never modified."""
+
+    empty: torch.Tensor  # (B, 1, 1, N) bool, count == 0
+    logc: torch.Tensor  # (B, 1, 1, N) float32, log(max(count, 1))
+    has: torch.Tensor  # (B, N) bool
+    forced: torch.Tensor  # (B, N) bool, forced pages holding tokens
+    budget: torch.Tensor  # (B,) int64
+    limit: torch.Tensor  # (B,) int64, max(budget, forced cost)
+    head: int
+    k: int
+
+
+_last_terms: tuple | None = None  # (key, count copy, _PageTerms): the last step's, reused while counts match
+
+
+def _page_terms(count: torch.Tensor, config: SelectionConfig) -> _PageTerms:
+    global _last_terms
+    key = (type(config.budget), config.budget, config.sink, config.recent, count.device, count.dtype)
+    last = _last_terms  # one read: another thread may replace it, never modify it
+    if last is not None and last[0] == key and last[1].shape == count.shape and torch.equal(last[1], count):
+        return last[2]
+    b, n = count.shape
+    has = count > 0
+    budget = token_budget(count, config.budget)
+    forced = forced_blocks(count, config.sink, config.recent)  # within has
+    limit = torch.maximum(budget.to(count.dtype), (count * forced).sum(dim=-1))
+    head, k = _ranking_bounds(count, has, limit)
+    terms = _PageTerms((~has).view(b, 1, 1, n), count.float().clamp_(min=1).log_().view(b, 1, 1, n), has, forced,
+                       budget, limit, head, k)
+    _last_terms = (key, count.clone(), terms)
+    return terms
 
 
 @dataclass(frozen=True)
@@ -367,15 +442,16 @@ def select(query: torch.Tensor, digests: KeyDigests, config: SelectionConfig, *,
     per page and the storage blocks holding a selected page are fetched."""
     if isinstance(pages_per_block, bool) or not isinstance(pages_per_block, int) or pages_per_block < 1:
         raise ValueError(f"pages_per_block must be a positive int, got {pages_per_block!r}")
+    terms = _page_terms(digests.count, config)
     if config.rank == "mass":
-        scores = score_blocks_mass(query, digests, config.score, float(config.landmark_weight), config.scale)
+        scores = _mass_scores(query, digests, config.score, float(config.landmark_weight), config.scale,
+                              terms.empty, terms.logc)
     elif config.score == "bound+landmark":
         scores = score_blocks_landmark(query, digests, float(config.landmark_weight), config.gqa)
     else:
         scores = score_blocks(query, digests.lo, digests.hi, digests.count, config.gqa, backend=backend)
-    budget = token_budget(digests.count, config.budget)
-    forced = forced_blocks(digests.count, config.sink, config.recent)
-    page_mask = select_blocks(scores, digests.count, budget, forced)
+    page_mask = _take_top(scores, digests.count, terms.has, terms.forced, terms.limit, terms.head, terms.k)
+    budget = terms.budget
     if pages_per_block == 1:
         head_mask, page_mask = page_mask, None
     else:
