@@ -133,14 +133,24 @@ class SelectionConfig:
 
 
 def _check_digests(query: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor) -> tuple[int, ...]:
+    return _check_shapes(query, tuple(lo.shape), tuple(hi.shape), count)
+
+
+def _check_kept(query: torch.Tensor, digests: KeyDigests) -> tuple[int, ...]:
+    """:func:`_check_digests` for a :class:`KeyDigests` (from its stored shapes, no views made)."""
+    b, h, d, n = digests.transposed()[0].shape
+    return _check_shapes(query, (b, h, n, d), (b, h, n, d), digests.count)
+
+
+def _check_shapes(query: torch.Tensor, lo: tuple[int, ...], hi: tuple[int, ...], count: torch.Tensor) -> tuple[int, ...]:
     if query.dim() != 4:
         raise ValueError(f"query must be (batch, q_heads, q_len, head_dim), got shape {tuple(query.shape)}")
-    if lo.dim() != 4 or lo.shape != hi.shape:
-        raise ValueError(f"lo and hi must both be (batch, kv_heads, n_blocks, head_dim), got {tuple(lo.shape)} and {tuple(hi.shape)}")
+    if len(lo) != 4 or lo != hi:
+        raise ValueError(f"lo and hi must both be (batch, kv_heads, n_blocks, head_dim), got {lo} and {hi}")
     b, hq, q, d = query.shape
-    _, h, n, dk = lo.shape
-    if lo.shape[0] != b or dk != d:
-        raise ValueError(f"query {tuple(query.shape)} does not match digests {tuple(lo.shape)}")
+    _, h, n, dk = lo
+    if lo[0] != b or dk != d:
+        raise ValueError(f"query {tuple(query.shape)} does not match digests {lo}")
     if hq % h:
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({h})")
     if tuple(count.shape) != (b, n):
@@ -193,7 +203,7 @@ def _query_head_scores(query: torch.Tensor, digests: KeyDigests, score: ScoreRul
     transposed layout they are stored in (:meth:`KeyDigests.transposed`), so no transpose or copy is
     made per step."""
     lo_t, hi_t, mean_t = digests.transposed()
-    b, h, g, q, n, d = _check_digests(query, digests.lo, digests.hi, digests.count)
+    b, h, g, q, n, d = _check_kept(query, digests)
     qf = query.float().reshape(b, h, g * q, d)
     s = torch.matmul(qf.clamp(min=0), hi_t.float())
     s += torch.matmul(qf.clamp(max=0), lo_t.float())
@@ -327,11 +337,11 @@ def _take_top(scores: torch.Tensor, count: torch.Tensor, has: torch.Tensor, forc
     out = torch.zeros(b, h, n, dtype=torch.bool, device=scores.device)
     if n == 0:
         return out
-    key = torch.nan_to_num(scores.float(), nan=float("-inf"), posinf=float("inf"))
-    # Non-empty blocks stay above empty ones even at -inf (empty blocks cost 0 and are never taken,
-    # so this changes no choice, only keeps them out of the head of the ranking).
-    key = key.clamp_(min=torch.finfo(key.dtype).min).masked_fill_(~has.unsqueeze(1), float("-inf"))
-    key.masked_fill_(forced.unsqueeze(1), float("inf"))
+    # NaN ranks last; non-empty blocks stay above empty ones even at -inf (empty blocks cost 0 and are
+    # never taken, so this changes no choice, only keeps them out of the head of the ranking).
+    low = torch.finfo(torch.float32).min
+    key = torch.nan_to_num(scores.float(), nan=low, posinf=float("inf"), neginf=low)
+    key.masked_fill_(~has.unsqueeze(1), float("-inf")).masked_fill_(forced.unsqueeze(1), float("inf"))
     vals, top = torch.topk(key, k, dim=-1, largest=True, sorted=False)  # (B, H, k)
     cost = count.unsqueeze(1).expand(b, h, n).gather(-1, top)
     take = cost > 0
@@ -442,6 +452,7 @@ def select(query: torch.Tensor, digests: KeyDigests, config: SelectionConfig, *,
     per page and the storage blocks holding a selected page are fetched."""
     if isinstance(pages_per_block, bool) or not isinstance(pages_per_block, int) or pages_per_block < 1:
         raise ValueError(f"pages_per_block must be a positive int, got {pages_per_block!r}")
+    _check_kept(query, digests)
     terms = _page_terms(digests.count, config)
     if config.rank == "mass":
         scores = _mass_scores(query, digests, config.score, float(config.landmark_weight), config.scale,
@@ -457,7 +468,8 @@ def select(query: torch.Tensor, digests: KeyDigests, config: SelectionConfig, *,
     else:
         b, h, p = page_mask.shape
         n = -(-p // pages_per_block)
-        head_mask = torch.nn.functional.pad(page_mask, (0, n * pages_per_block - p)).view(b, h, n, pages_per_block).any(-1)
+        padded = page_mask if n * pages_per_block == p else torch.nn.functional.pad(page_mask, (0, n * pages_per_block - p))
+        head_mask = padded.view(b, h, n, pages_per_block).any(-1)
     row_mask = head_mask.any(dim=1)
     fetch = row_mask.any(dim=0).nonzero().flatten()
     return BlockSelection(head_mask, row_mask, fetch, scores, budget, page_mask, pages_per_block)
