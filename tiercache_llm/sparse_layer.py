@@ -222,7 +222,7 @@ class SparseLayerState:
         if self.digests is None:
             return 0
         d = self.digests
-        return d.lo.nbytes + d.hi.nbytes + d.count.nbytes + self.valid.nbytes + self.mass.nbytes
+        return d.nbytes + self.valid.nbytes + self.mass.nbytes
 
     def reset(self) -> None:
         self.digests, self.valid, self.pending = None, None, None

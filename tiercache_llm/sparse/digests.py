@@ -194,6 +194,12 @@ class KeyDigests:
             out[:, :, -1] = self._tail
         return out
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the bounds and landmarks with their spare capacity, the counts, the last sum."""
+        held = [self._lo_t, self._hi_t, self.count, self._mean_t, self._tail]
+        return sum(t.nbytes for t in held if t is not None)
+
     def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(lo^T, hi^T, landmarks^T)``: ``(B, H, D, N)`` views with the blocks along the last (unit
         stride) dimension, the layout of the scoring matmuls; landmarks ``None`` without key sums.

@@ -151,6 +151,9 @@ def test_storage_is_transposed_for_scoring_and_grows_in_place():
     assert lo_t.shape == (2, 3, 4, 16) and lo_t.stride(-1) == 1 and mean_t.stride(-1) == 1
     assert torch.equal(lo_t.transpose(-1, -2), d.lo) and torch.equal(mean_t.transpose(-1, -2), d.landmarks())
     storage = lo_t.untyped_storage().data_ptr()
+    held = d.nbytes  # bounds, landmarks and counts, spare capacity included
+    assert held >= d.lo.nbytes + d.hi.nbytes + d.landmarks().nbytes + d.count.nbytes
+    assert held == sum(t.untyped_storage().nbytes() for t in (lo_t, hi_t, mean_t)) + d.count.nbytes + 2 * 3 * 4 * 4
     for t in range(64, 70):  # two more pages, within the spare capacity
         d.append(keys[:, :, t:t + 1])
     assert d.transposed()[0].untyped_storage().data_ptr() == storage
