@@ -269,8 +269,8 @@ class KeyDigests:
             return
         offset = self.length % self.block_size
         keys = keys.to(self._lo_t.dtype)
-        if offset and offset + keys.shape[2] <= self.block_size:
-            lo, hi, count, total = _reduce_one(keys, valid)  # decode: the keys stay inside the partial block
+        if (offset and offset + keys.shape[2] <= self.block_size) or keys.shape[2] == 1:
+            lo, hi, count, total = _reduce_one(keys, valid)  # decode: the keys stay inside one block
         else:
             lo, hi, count, total = _reduce(keys, valid, offset, self.block_size)
         if offset:  # the first reduced block continues the current partial block: merge it in place
