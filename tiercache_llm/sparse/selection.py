@@ -402,7 +402,8 @@ class BlockSelection:
         fetch: ``(U,)`` int64 ascending block indices, union over heads and rows: the entries to fetch
             (one entry holds every row and head of a block).
         scores: ``(B, H, P)`` float32 page scores (``P = N`` when pages are blocks).
-        budget: ``(B,)`` int64 token budget per row.
+        budget: ``(B,)`` int64 token budget per row (shared by the selections of one step's layers:
+            read only).
         page_mask: ``(B, H, P)`` bool, the pages each row's KV head attends (``head_mask`` itself when
             pages are blocks).
         pages_per_block: pages per storage block (page ``p`` lies in block ``p // pages_per_block``).
