@@ -222,7 +222,7 @@ class SparseLayerState:
         if self.digests is None:
             return 0
         d = self.digests
-        return d.lo.nbytes + d.hi.nbytes + d.count.nbytes + self.valid.nbytes + self.mass.nbytes
+        return d.nbytes + self.valid.nbytes + self.mass.nbytes
 
     def reset(self) -> None:
         self.digests, self.valid, self.pending = None, None, None
@@ -305,9 +305,7 @@ class SparseLayerState:
         new = SparseLayerState(controller)
         new._block_size, new._page_size = self._block_size, self._page_size
         if self.digests is not None:
-            d = self.digests
-            new.digests = KeyDigests(d.block_size, d.lo.clone(), d.hi.clone(), d.count.clone(), d.length,
-                                     None if d.total is None else d.total.clone())
+            new.digests = self.digests.clone()
             new.valid = self.valid.clone()
         new.mass = self.mass.clone()
         return new

@@ -29,8 +29,6 @@ share them with another object); it is a plain mutable object, one writer at a t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 __all__ = ["KeyDigests", "block_digests"]
@@ -101,34 +99,136 @@ def block_digests(keys: torch.Tensor, block_size: int, valid: torch.Tensor | Non
     return _reduce(keys, valid, 0, block_size)[:3]
 
 
-@dataclass
 class KeyDigests:
     """The digests of one layer's keys, kept up to date as tokens are appended.
 
-    Attributes:
+    Attributes (read-only views; change them only through the methods):
         block_size: tokens per block.
         lo, hi: ``(B, H, N, D)`` element-wise min / max over each block's valid keys (zeros where a
             block has no valid key).
         count: ``(B, N)`` valid tokens per row and block.
         length: tokens (valid or not) covered so far; block ``N - 1`` is partial when
             ``length % block_size != 0`` and is completed by later appends.
-        total: ``(B, H, N, D)`` float32 sum of each block's valid keys (landmark numerator), or
-            ``None`` for digests built without it (then landmark scoring raises).
+        total: ``(B, H, N, D)`` float32 sum of each block's valid keys, or ``None`` for digests built
+            without it (then landmark scoring raises).  Derived (``mean * count``): exact for the last
+            block and wherever ``count`` is a power of two, else within float32 rounding.
+
+    Storage (what scoring wants, see :mod:`.selection`): ``lo``, ``hi`` and the landmarks (mean keys)
+    live transposed, ``(B, H, D, capacity)`` with the blocks along the last dimension, so the scoring
+    matmuls ``q @ digest^T`` read them with unit stride and no per-step transpose or copy; the
+    attributes above are views of them.  The landmarks are kept rather than the key sums: ``total /
+    count`` is computed once per block (when its keys arrive, with the same float32 division
+    :meth:`landmarks` always used), not per step; the exact sum of the last block is kept beside them
+    so that later appends merge into it exactly.  ``capacity`` grows by about an eighth ahead of need,
+    so a decode step appends in place instead of concatenating the whole layer's digests once per block.
     """
 
-    block_size: int
-    lo: torch.Tensor
-    hi: torch.Tensor
-    count: torch.Tensor
-    length: int
-    total: torch.Tensor | None = None
+    __slots__ = ("block_size", "count", "length", "_lo_t", "_hi_t", "_mean_t", "_tail", "_n")
+
+    def __init__(self, block_size: int, lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor, length: int,
+                 total: torch.Tensor | None = None) -> None:
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        if lo.dim() != 4 or lo.shape != hi.shape:
+            raise ValueError(f"lo and hi must both be (batch, kv_heads, n_blocks, head_dim), got {tuple(lo.shape)} and {tuple(hi.shape)}")
+        b, h, n, d = lo.shape
+        if tuple(count.shape) != (b, n):
+            raise ValueError(f"count must be (batch, n_blocks) = {(b, n)}, got {tuple(count.shape)}")
+        if total is not None and tuple(total.shape) != tuple(lo.shape):
+            raise ValueError(f"total must have the shape of lo {tuple(lo.shape)}, got {tuple(total.shape)}")
+        self.block_size = block_size
+        self.count = count
+        self.length = int(length)
+        self._n = 0
+        self._lo_t = lo.new_zeros(b, h, d, 0)
+        self._hi_t = hi.new_zeros(b, h, d, 0)
+        self._mean_t = None if total is None else torch.zeros(b, h, d, 0, dtype=torch.float32, device=lo.device)
+        self._tail = None if total is None else torch.zeros(b, h, d, dtype=torch.float32, device=lo.device)
+        self._put(lo, hi, count, None if total is None else total.float())
+
+    # ------------------------------------------------------------------------------ storage
+    def _reserve(self, n: int) -> None:
+        """Capacity for ``n`` blocks (contents of the first ``self._n`` kept)."""
+        cap = self._lo_t.shape[-1]
+        if n <= cap:
+            return
+        cap = n + n // 8 + 16
+        def grow(t: torch.Tensor) -> torch.Tensor:
+            out = t.new_zeros(*t.shape[:-1], cap)
+            out[..., : self._n] = t[..., : self._n]
+            return out
+        self._lo_t, self._hi_t = grow(self._lo_t), grow(self._hi_t)
+        if self._mean_t is not None:
+            self._mean_t = grow(self._mean_t)
+
+    def _put(self, lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor, total: torch.Tensor | None) -> None:
+        """Append complete digests of new blocks (``count`` is appended by the caller unless empty)."""
+        k = lo.shape[2]
+        if k == 0:
+            return
+        start = self._n
+        self._reserve(start + k)
+        self._lo_t[..., start : start + k] = lo.transpose(-1, -2)
+        self._hi_t[..., start : start + k] = hi.transpose(-1, -2)
+        if self._mean_t is not None:
+            if total is None:
+                raise ValueError("these digests keep key sums: new blocks need them too")
+            self._mean_t[..., start : start + k] = _mean(total, count).transpose(-1, -2)
+            self._tail.copy_(total[:, :, -1])
+        self._n = start + k
+
+    @property
+    def lo(self) -> torch.Tensor:
+        return self._lo_t[..., : self._n].transpose(-1, -2)
+
+    @property
+    def hi(self) -> torch.Tensor:
+        return self._hi_t[..., : self._n].transpose(-1, -2)
+
+    @property
+    def total(self) -> torch.Tensor | None:
+        if self._mean_t is None:
+            return None
+        out = self.landmarks() * self.count.view(self.count.shape[0], 1, -1, 1).to(torch.float32)
+        if self._n and self.length % self.block_size:
+            out[:, :, -1] = self._tail
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the bounds and landmarks with their spare capacity, the counts, the last sum."""
+        held = [self._lo_t, self._hi_t, self.count, self._mean_t, self._tail]
+        return sum(t.nbytes for t in held if t is not None)
+
+    def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(lo^T, hi^T, landmarks^T)``: ``(B, H, D, N)`` views with the blocks along the last (unit
+        stride) dimension, the layout of the scoring matmuls; landmarks ``None`` without key sums.
+        Views of the storage: do not modify."""
+        n = self._n
+        return self._lo_t[..., :n], self._hi_t[..., :n], None if self._mean_t is None else self._mean_t[..., :n]
 
     def landmarks(self) -> torch.Tensor:
-        """``(B, H, N, D)`` float32 mean valid key of every block (zeros for empty blocks)."""
-        if self.total is None:
+        """``(B, H, N, D)`` float32 mean valid key of every block (zeros for empty blocks): a view of the
+        kept landmarks (do not modify), equal to ``total / count`` with the sums exact."""
+        if self._mean_t is None:
             raise ValueError("these digests were built without key sums: no landmarks")
-        return self.total / self.count.clamp(min=1).view(*self.count.shape[:1], 1, -1, 1).to(self.total.dtype)
+        return self._mean_t[..., : self._n].transpose(-1, -2)
 
+    def clone(self) -> "KeyDigests":
+        """An independent copy (the landmarks and the last block's exact sum copied as they are)."""
+        new = KeyDigests.__new__(KeyDigests)
+        new.block_size, new.count, new.length, new._n = self.block_size, self.count.clone(), self.length, self._n
+        new._lo_t, new._hi_t = self._lo_t.clone(), self._hi_t.clone()
+        new._mean_t = None if self._mean_t is None else self._mean_t.clone()
+        new._tail = None if self._tail is None else self._tail.clone()
+        return new
+
+    def __repr__(self) -> str:
+        b, h, d, _ = self._lo_t.shape
+        return (f"KeyDigests(block_size={self.block_size}, batch={b}, kv_heads={h}, n_blocks={self._n}, "
+                f"head_dim={d}, length={self.length}, dtype={self._lo_t.dtype}, landmarks={self._mean_t is not None})")
+
+    # ------------------------------------------------------------------------------ building
     @classmethod
     def empty(cls, batch: int, kv_heads: int, head_dim: int, block_size: int, *,
               dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "KeyDigests":
@@ -136,7 +236,7 @@ class KeyDigests:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         lo = torch.zeros(batch, kv_heads, 0, head_dim, dtype=dtype, device=device)
         total = torch.zeros(batch, kv_heads, 0, head_dim, dtype=torch.float32, device=device)
-        return cls(block_size, lo, lo.clone(), torch.zeros(batch, 0, dtype=torch.long, device=device), 0, total)
+        return cls(block_size, lo, lo, torch.zeros(batch, 0, dtype=torch.long, device=device), 0, total)
 
     @classmethod
     def from_keys(cls, keys: torch.Tensor, block_size: int, valid: torch.Tensor | None = None) -> "KeyDigests":
@@ -148,7 +248,7 @@ class KeyDigests:
 
     @property
     def n_blocks(self) -> int:
-        return self.lo.shape[2]
+        return self._n
 
     @property
     def token_count(self) -> torch.Tensor:
@@ -159,47 +259,47 @@ class KeyDigests:
         """Extend by ``keys`` ``(B, H, T, D)`` (positions ``length .. length + T - 1``).
 
         The partial last block is merged with the new keys in place (min of mins, max of maxes, sum of
-        counts); new blocks are reduced at once and appended.  A decode step (``T = 1``) inside a block
-        touches one block's digest; the arrays grow once per ``block_size`` tokens."""
+        counts and of keys, its landmark recomputed); new blocks are reduced at once and written into
+        the spare capacity.  A decode step (``T = 1``) inside a block touches one block's digest."""
         valid = _check_keys(keys, valid)
         b, h, _, d = keys.shape
-        if (b, h, d) != (self.lo.shape[0], self.lo.shape[1], self.lo.shape[3]):
+        if (b, h, d) != (self._lo_t.shape[0], self._lo_t.shape[1], self._lo_t.shape[2]):
             raise ValueError(f"keys of shape {tuple(keys.shape)} do not match digests of shape {tuple(self.lo.shape)}")
         if keys.shape[2] == 0:
             return
         offset = self.length % self.block_size
-        keys = keys.to(self.lo.dtype)
-        if offset and offset + keys.shape[2] <= self.block_size:
-            lo, hi, count, total = _reduce_one(keys, valid)  # decode: the keys stay inside the partial block
+        keys = keys.to(self._lo_t.dtype)
+        if (offset and offset + keys.shape[2] <= self.block_size) or keys.shape[2] == 1:
+            lo, hi, count, total = _reduce_one(keys, valid)  # decode: the keys stay inside one block
         else:
             lo, hi, count, total = _reduce(keys, valid, offset, self.block_size)
         if offset:  # the first reduced block continues the current partial block: merge it in place
             prev_has = (self.count[:, -1] > 0).view(b, 1, 1)
             new_has = (count[:, 0] > 0).view(b, 1, 1)
             both = prev_has & new_has
-            last_lo, last_hi = self.lo[:, :, -1], self.hi[:, :, -1]
+            last = self._n - 1
+            last_lo, last_hi = self._lo_t[..., last], self._hi_t[..., last]
             last_lo.copy_(torch.where(both, torch.minimum(last_lo, lo[:, :, 0]), torch.where(prev_has, last_lo, lo[:, :, 0])))
             last_hi.copy_(torch.where(both, torch.maximum(last_hi, hi[:, :, 0]), torch.where(prev_has, last_hi, hi[:, :, 0])))
             self.count[:, -1] += count[:, 0]
-            if self.total is not None:
-                self.total[:, :, -1] += total[:, :, 0]
+            if self._mean_t is not None:
+                self._tail += total[:, :, 0]
+                self._mean_t[..., last] = _mean(self._tail.unsqueeze(2), self.count[:, -1:]).squeeze(2)
             lo, hi, count, total = lo[:, :, 1:], hi[:, :, 1:], count[:, 1:], total[:, :, 1:]
-        if count.shape[1]:  # new blocks: one concatenation per block_size tokens in decode
-            self.lo = torch.cat((self.lo, lo), dim=2)
-            self.hi = torch.cat((self.hi, hi), dim=2)
+        if count.shape[1]:  # new blocks
+            self._put(lo, hi, count, total)
             self.count = torch.cat((self.count, count), dim=1)
-            if self.total is not None:
-                self.total = torch.cat((self.total, total), dim=2)
         self.length += keys.shape[2]
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Apply a batch gather ``new_row[i] = old_row[index[i]]`` (beam reorder, batch repeat/select)."""
-        index = index.to(device=self.lo.device, dtype=torch.long)
-        self.lo = self.lo.index_select(0, index)
-        self.hi = self.hi.index_select(0, index)
+        index = index.to(device=self._lo_t.device, dtype=torch.long)
+        self._lo_t = self._lo_t.index_select(0, index)
+        self._hi_t = self._hi_t.index_select(0, index)
         self.count = self.count.index_select(0, index)
-        if self.total is not None:
-            self.total = self.total.index_select(0, index)
+        if self._mean_t is not None:
+            self._mean_t = self._mean_t.index_select(0, index)
+            self._tail = self._tail.index_select(0, index)
 
     def crop(self, length: int, tail_keys: torch.Tensor | None = None, tail_valid: torch.Tensor | None = None) -> None:
         """Keep the first ``length`` tokens.  Whole blocks are dropped without touching keys; when
@@ -208,11 +308,17 @@ class KeyDigests:
         if not 0 <= length <= self.length:
             raise ValueError(f"crop length must be in [0, {self.length}], got {length}")
         keep, rest = divmod(length, self.block_size)
-        self.lo, self.hi, self.count = self.lo[:, :, :keep], self.hi[:, :, :keep], self.count[:, :keep]
-        if self.total is not None:
-            self.total = self.total[:, :, :keep]
+        if rest and (tail_keys is None or tail_keys.shape[2] != rest):
+            raise ValueError(f"cropping to {length} cuts a block: pass the {rest} remaining keys of it as tail_keys")
+        self._n = min(self._n, keep)
+        self.count = self.count[:, :keep]
+        # the last kept block is complete (length is a multiple of block_size now): no append merges
+        # into it, so the exact sum kept for the last block is not needed until a new block starts.
         self.length = keep * self.block_size
         if rest:
-            if tail_keys is None or tail_keys.shape[2] != rest:
-                raise ValueError(f"cropping to {length} cuts a block: pass the {rest} remaining keys of it as tail_keys")
             self.append(tail_keys, tail_valid)
+
+
+def _mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``(B, H, K, D)`` float32 mean keys from sums ``total`` and ``count`` ``(B, K)`` (zeros where empty)."""
+    return total / count.clamp(min=1).view(*count.shape[:1], 1, -1, 1).to(total.dtype)

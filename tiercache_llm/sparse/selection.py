@@ -133,14 +133,24 @@ class SelectionConfig:
 
 
 def _check_digests(query: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor) -> tuple[int, ...]:
+    return _check_shapes(query, tuple(lo.shape), tuple(hi.shape), count)
+
+
+def _check_kept(query: torch.Tensor, digests: KeyDigests) -> tuple[int, ...]:
+    """:func:`_check_digests` for a :class:`KeyDigests` (from its stored shapes, no views made)."""
+    b, h, d, n = digests.transposed()[0].shape
+    return _check_shapes(query, (b, h, n, d), (b, h, n, d), digests.count)
+
+
+def _check_shapes(query: torch.Tensor, lo: tuple[int, ...], hi: tuple[int, ...], count: torch.Tensor) -> tuple[int, ...]:
     if query.dim() != 4:
         raise ValueError(f"query must be (batch, q_heads, q_len, head_dim), got shape {tuple(query.shape)}")
-    if lo.dim() != 4 or lo.shape != hi.shape:
-        raise ValueError(f"lo and hi must both be (batch, kv_heads, n_blocks, head_dim), got {tuple(lo.shape)} and {tuple(hi.shape)}")
+    if len(lo) != 4 or lo != hi:
+        raise ValueError(f"lo and hi must both be (batch, kv_heads, n_blocks, head_dim), got {lo} and {hi}")
     b, hq, q, d = query.shape
-    _, h, n, dk = lo.shape
-    if lo.shape[0] != b or dk != d:
-        raise ValueError(f"query {tuple(query.shape)} does not match digests {tuple(lo.shape)}")
+    _, h, n, dk = lo
+    if lo[0] != b or dk != d:
+        raise ValueError(f"query {tuple(query.shape)} does not match digests {lo}")
     if hq % h:
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({h})")
     if tuple(count.shape) != (b, n):
@@ -185,14 +195,26 @@ def _query_head_scores(query: torch.Tensor, digests: KeyDigests, score: ScoreRul
                        landmark: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(B, H, G * Q, N)`` float32 scores of every page per query head (and query position), before
     the GQA reduction (empty pages are not masked here), and ``q . mean key`` of the same shape when
-    ``landmark`` or the score needs it (else ``None``)."""
-    lo, hi, count = digests.lo, digests.hi, digests.count
-    b, h, g, q, n, d = _check_digests(query, lo, hi, count)
+    ``landmark`` or the score needs it (else ``None``).  Both are fresh tensors (callers may modify
+    them in place).
+
+    The query heads of a group share their KV head's digests through one batched matmul per digest
+    (``(G * Q, D) @ (D, N)`` per row and KV head, no ``repeat_kv``); the digests are read in the
+    transposed layout they are stored in (:meth:`KeyDigests.transposed`), so no transpose or copy is
+    made per step."""
+    lo_t, hi_t, mean_t = digests.transposed()
+    b, h, g, q, n, d = _check_kept(query, digests)
     qf = query.float().reshape(b, h, g * q, d)
-    s = qf.clamp(min=0) @ hi.float().transpose(-1, -2) + qf.clamp(max=0) @ lo.float().transpose(-1, -2)
-    lm = qf @ digests.landmarks().transpose(-1, -2) if landmark or score == "bound+landmark" else None
+    s = torch.matmul(qf.clamp(min=0), hi_t.float())
+    s += torch.matmul(qf.clamp(max=0), lo_t.float())
+    lm = None
+    if landmark or score == "bound+landmark":
+        if mean_t is None:
+            raise ValueError("these digests were built without key sums: no landmarks")
+        lm = torch.matmul(qf, mean_t)
     if score == "bound+landmark":
-        s = (1.0 - weight) * s + weight * lm
+        s.mul_(1.0 - weight)
+        s += weight * lm
     return s, lm
 
 
@@ -217,16 +239,26 @@ def score_blocks_mass(query: torch.Tensor, digests: KeyDigests, score: ScoreRule
     each head's softmax instead of raw ``q . k``, so a head whose attention is spread over many pages is
     not outranked by a sibling with larger but irrelevant logits.  ``-inf`` for empty pages.  Needs
     digests with key sums (landmarks)."""
+    b, n = digests.count.shape
+    empty = (digests.count == 0).view(b, 1, 1, n)
+    logc = digests.count.float().clamp_(min=1).log_().view(b, 1, 1, n)
+    return _mass_scores(query, digests, score, weight, scale, empty, logc)
+
+
+def _mass_scores(query: torch.Tensor, digests: KeyDigests, score: ScoreRule, weight: float, scale: float | None,
+                 empty: torch.Tensor, logc: torch.Tensor) -> torch.Tensor:
+    """:func:`score_blocks_mass` with the count terms given: ``empty`` ``(B, 1, 1, N)`` bool (``count ==
+    0``) and ``logc`` ``(B, 1, 1, N)`` float32 (``log(max(count, 1))``); both only read."""
     s, lm = _query_head_scores(query, digests, score, weight, landmark=True)
     if scale is None:
         scale = query.shape[-1] ** -0.5
     b, h, gq, n = s.shape
-    empty = (digests.count == 0).view(b, 1, 1, n)
-    logc = digests.count.float().clamp(min=1).log().view(b, 1, 1, n)
-    zn = (lm * float(scale) + logc).masked_fill(empty, float("-inf"))
-    lse = zn.logsumexp(dim=-1, keepdim=True).clamp(min=-1e30)  # a row without pages: no NaN
-    z = s * float(scale) + logc - lse
-    return z.amax(dim=2).masked_fill(empty.view(b, 1, n), float("-inf"))
+    # In place, but the same float32 operations in the same order as the written-out rule
+    # ``z = scale * s + logc - logsumexp(scale * lm + logc)`` (the selection must not move).
+    zn = lm.mul_(float(scale)).add_(logc).masked_fill_(empty, float("-inf"))
+    lse = zn.logsumexp(dim=-1, keepdim=True).clamp_(min=-1e30)  # a row without pages: no NaN
+    z = s.mul_(float(scale)).add_(logc).sub_(lse)
+    return z.amax(dim=2).masked_fill_(empty.view(b, 1, n), float("-inf"))
 
 
 def _compiled_triton_usable(device: torch.device) -> bool:
@@ -266,19 +298,98 @@ def select_blocks(scores: torch.Tensor, count: torch.Tensor, budget: torch.Tenso
         count: ``(B, N)`` valid tokens per block (a block's cost).
         budget: ``(B,)`` tokens per row and KV head.
         forced: ``(B, N)`` blocks always selected (for every head).
-    """
+
+    The blocks are ranked by score (forced ones first), and the longest prefix of the ranking whose
+    cost fits ``max(budget, forced cost)`` is taken (see :func:`_take_top` for how without a full
+    sort).  Equal scores rank in an unspecified order."""
+    has = count > 0
+    forced = forced & has
+    limit = torch.maximum(budget.to(count.dtype), (count * forced).sum(dim=-1))
+    head, k = _ranking_bounds(count, has, limit)
+    return _take_top(scores, count, has, forced, limit, head, k)
+
+
+def _ranking_bounds(count: torch.Tensor, has: torch.Tensor, limit: torch.Tensor) -> tuple[int, int]:
+    """``(head, k)``: in every row the first ``head`` blocks of the ranking fit the limit whatever they
+    are, and no prefix longer than ``k`` does.  A block costs at most ``c``, the row's largest count, so
+    any ``limit // c`` blocks fit; a prefix within the limit holds at most ``limit // c`` blocks of ``c``
+    tokens plus the row's smaller blocks (the partial last page, left-padded first pages)."""
+    n = count.shape[-1]
+    if n == 0 or count.shape[0] == 0:
+        return 0, 0
+    big = count.amax(dim=-1).clamp(min=1)
+    fits = limit // big
+    small = (has & (count < big.unsqueeze(-1))).sum(dim=-1)
+    bounds = torch.stack((fits.min(), torch.minimum(fits + small, has.sum(dim=-1)).max())).tolist()
+    k = max(1, min(n, bounds[1]))
+    return max(0, min(k, bounds[0])), k
+
+
+def _take_top(scores: torch.Tensor, count: torch.Tensor, has: torch.Tensor, forced: torch.Tensor,
+              limit: torch.Tensor, head: int, k: int) -> torch.Tensor:
+    """The selection rule of :func:`select_blocks` given its terms (``forced`` within ``has``, ``limit``
+    ``(B,)``, ``head``/``k`` from :func:`_ranking_bounds`).
+
+    Only what can matter is ordered: an unordered ``topk`` of ``k`` finds the blocks that may fit; its
+    first ``head`` ranks fit whatever their order, so only the ``k - head`` lowest of the ``k`` (a
+    handful: the row's partial pages) are sorted and walked with the running cost."""
     b, h, n = scores.shape
-    has = (count > 0).unsqueeze(1).expand(b, h, n)
-    forced3 = (forced & (count > 0)).unsqueeze(1).expand(b, h, n)
-    key = scores.float().masked_fill(forced3, float("inf")).masked_fill(~has, float("-inf"))
-    key = torch.nan_to_num(key, nan=float("-inf"), posinf=float("inf"))
-    order = torch.argsort(key, dim=-1, descending=True, stable=True)
-    cost = count.unsqueeze(1).expand(b, h, n)
-    sorted_cost = cost.gather(-1, order)
-    forced_cost = (cost * forced3).sum(dim=-1, keepdim=True)
-    limit = torch.maximum(budget.view(b, 1, 1).to(cost.dtype), forced_cost)
-    take = has.gather(-1, order) & (sorted_cost.cumsum(dim=-1) <= limit)
-    return torch.zeros_like(take).scatter(-1, order, take)
+    out = torch.zeros(b, h, n, dtype=torch.bool, device=scores.device)
+    if n == 0:
+        return out
+    # NaN ranks last; non-empty blocks stay above empty ones even at -inf (empty blocks cost 0 and are
+    # never taken, so this changes no choice, only keeps them out of the head of the ranking).
+    low = torch.finfo(torch.float32).min
+    key = torch.nan_to_num(scores.float(), nan=low, posinf=float("inf"), neginf=low)
+    key.masked_fill_(~has.unsqueeze(1), float("-inf")).masked_fill_(forced.unsqueeze(1), float("inf"))
+    vals, top = torch.topk(key, k, dim=-1, largest=True, sorted=False)  # (B, H, k)
+    cost = count.unsqueeze(1).expand(b, h, n).gather(-1, top)
+    take = cost > 0
+    tail = k - head
+    if tail:
+        low = torch.topk(vals, tail, dim=-1, largest=False, sorted=True).indices.flip(-1)  # ranks head..k-1
+        low_cost = cost.gather(-1, low)
+        spent = cost.sum(dim=-1, keepdim=True) - low_cost.sum(dim=-1, keepdim=True)  # the first `head` ranks
+        fit = (low_cost.cumsum(dim=-1) + spent <= limit.view(b, 1, 1)) & (low_cost > 0)
+        take.scatter_(-1, low, fit)
+    return out.scatter_(-1, top, take)
+
+
+@dataclass(frozen=True)
+class _PageTerms:
+    """What a selection derives from the page counts and the config alone.  Every layer of a decode
+    step has the same counts, so :func:`_page_terms` computes these once per step, not per layer.
+    Shared between calls: never modified."""
+
+    empty: torch.Tensor  # (B, 1, 1, N) bool, count == 0
+    logc: torch.Tensor  # (B, 1, 1, N) float32, log(max(count, 1))
+    has: torch.Tensor  # (B, N) bool
+    forced: torch.Tensor  # (B, N) bool, forced pages holding tokens
+    budget: torch.Tensor  # (B,) int64
+    limit: torch.Tensor  # (B,) int64, max(budget, forced cost)
+    head: int
+    k: int
+
+
+_last_terms: tuple | None = None  # (key, count copy, _PageTerms): the last step's, reused while counts match
+
+
+def _page_terms(count: torch.Tensor, config: SelectionConfig) -> _PageTerms:
+    global _last_terms
+    key = (type(config.budget), config.budget, config.sink, config.recent, count.device, count.dtype)
+    last = _last_terms  # one read: another thread may replace it, never modify it
+    if last is not None and last[0] == key and last[1].shape == count.shape and torch.equal(last[1], count):
+        return last[2]
+    b, n = count.shape
+    has = count > 0
+    budget = token_budget(count, config.budget)
+    forced = forced_blocks(count, config.sink, config.recent)  # within has
+    limit = torch.maximum(budget.to(count.dtype), (count * forced).sum(dim=-1))
+    head, k = _ranking_bounds(count, has, limit)
+    terms = _PageTerms((~has).view(b, 1, 1, n), count.float().clamp_(min=1).log_().view(b, 1, 1, n), has, forced,
+                       budget, limit, head, k)
+    _last_terms = (key, count.clone(), terms)
+    return terms
 
 
 @dataclass(frozen=True)
@@ -291,7 +402,8 @@ class BlockSelection:
         fetch: ``(U,)`` int64 ascending block indices, union over heads and rows: the entries to fetch
             (one entry holds every row and head of a block).
         scores: ``(B, H, P)`` float32 page scores (``P = N`` when pages are blocks).
-        budget: ``(B,)`` int64 token budget per row.
+        budget: ``(B,)`` int64 token budget per row (shared by the selections of one step's layers:
+            read only).
         page_mask: ``(B, H, P)`` bool, the pages each row's KV head attends (``head_mask`` itself when
             pages are blocks).
         pages_per_block: pages per storage block (page ``p`` lies in block ``p // pages_per_block``).
@@ -341,21 +453,24 @@ def select(query: torch.Tensor, digests: KeyDigests, config: SelectionConfig, *,
     per page and the storage blocks holding a selected page are fetched."""
     if isinstance(pages_per_block, bool) or not isinstance(pages_per_block, int) or pages_per_block < 1:
         raise ValueError(f"pages_per_block must be a positive int, got {pages_per_block!r}")
+    _check_kept(query, digests)
+    terms = _page_terms(digests.count, config)
     if config.rank == "mass":
-        scores = score_blocks_mass(query, digests, config.score, float(config.landmark_weight), config.scale)
+        scores = _mass_scores(query, digests, config.score, float(config.landmark_weight), config.scale,
+                              terms.empty, terms.logc)
     elif config.score == "bound+landmark":
         scores = score_blocks_landmark(query, digests, float(config.landmark_weight), config.gqa)
     else:
         scores = score_blocks(query, digests.lo, digests.hi, digests.count, config.gqa, backend=backend)
-    budget = token_budget(digests.count, config.budget)
-    forced = forced_blocks(digests.count, config.sink, config.recent)
-    page_mask = select_blocks(scores, digests.count, budget, forced)
+    page_mask = _take_top(scores, digests.count, terms.has, terms.forced, terms.limit, terms.head, terms.k)
+    budget = terms.budget
     if pages_per_block == 1:
         head_mask, page_mask = page_mask, None
     else:
         b, h, p = page_mask.shape
         n = -(-p // pages_per_block)
-        head_mask = torch.nn.functional.pad(page_mask, (0, n * pages_per_block - p)).view(b, h, n, pages_per_block).any(-1)
+        padded = page_mask if n * pages_per_block == p else torch.nn.functional.pad(page_mask, (0, n * pages_per_block - p))
+        head_mask = padded.view(b, h, n, pages_per_block).any(-1)
     row_mask = head_mask.any(dim=1)
     fetch = row_mask.any(dim=0).nonzero().flatten()
     return BlockSelection(head_mask, row_mask, fetch, scores, budget, page_mask, pages_per_block)

@@ -139,3 +139,67 @@ def test_bad_input_is_named():
     d = KeyDigests.empty(1, 2, 4, 4)
     with pytest.raises(ValueError, match="do not match"):
         d.append(torch.randn(1, 3, 2, 4))
+
+
+def test_storage_is_transposed_for_scoring_and_grows_in_place():
+    """lo/hi/landmarks are views of (B, H, D, capacity) buffers with the pages along the unit-stride
+    dimension; decode appends fill the spare capacity (the buffers are replaced only when it runs out)."""
+    keys = torch.randn(2, 3, 70, 4)
+    d = KeyDigests.empty(2, 3, 4, 4)
+    d.append(keys[:, :, :64])
+    lo_t, hi_t, mean_t = d.transposed()
+    assert lo_t.shape == (2, 3, 4, 16) and lo_t.stride(-1) == 1 and mean_t.stride(-1) == 1
+    assert torch.equal(lo_t.transpose(-1, -2), d.lo) and torch.equal(mean_t.transpose(-1, -2), d.landmarks())
+    storage = lo_t.untyped_storage().data_ptr()
+    held = d.nbytes  # bounds, landmarks and counts, spare capacity included
+    assert held >= d.lo.nbytes + d.hi.nbytes + d.landmarks().nbytes + d.count.nbytes
+    assert held == sum(t.untyped_storage().nbytes() for t in (lo_t, hi_t, mean_t)) + d.count.nbytes + 2 * 3 * 4 * 4
+    for t in range(64, 70):  # two more pages, within the spare capacity
+        d.append(keys[:, :, t:t + 1])
+    assert d.transposed()[0].untyped_storage().data_ptr() == storage
+    want = KeyDigests.from_keys(keys, 4)
+    assert torch.equal(d.lo, want.lo) and torch.equal(d.hi, want.hi) and torch.equal(d.count, want.count)
+    torch.testing.assert_close(d.landmarks(), want.landmarks())
+    more = torch.randn(2, 3, 200, 4)
+    for t in range(0, 200, 3):  # past the capacity: the buffers grow, the contents stay
+        d.append(more[:, :, t:t + 3])
+    want = KeyDigests.from_keys(torch.cat((keys, more), dim=2), 4)
+    assert torch.equal(d.lo, want.lo) and torch.equal(d.hi, want.hi) and torch.equal(d.count, want.count)
+    torch.testing.assert_close(d.landmarks(), want.landmarks())
+    torch.testing.assert_close(d.total, want.total, rtol=1e-5, atol=1e-5)
+
+
+def test_landmarks_are_divided_once_from_exact_sums():
+    """The kept landmark of a page equals ``sum / count`` of its exact running sum (what landmarks()
+    always computed), also for the partial last page across decode appends and left padding."""
+    keys = torch.randn(2, 2, 23, 8) * 3
+    valid = torch.ones(2, 23, dtype=torch.bool)
+    valid[1, :9] = False
+    d = KeyDigests.empty(2, 2, 8, 5)
+    d.append(keys[:, :, :13], valid[:, :13])
+    running = keys[:, :, 10:13].sum(dim=2)  # page 2 holds tokens 10..14; 10..12 came in the first append
+    for t in range(13, 23):
+        d.append(keys[:, :, t:t + 1], valid[:, t:t + 1])
+        if t < 15:
+            running = running + keys[:, :, t]
+    # page 2 was completed by decode appends: its landmark is the running sum over the count
+    torch.testing.assert_close(d.landmarks()[:, :, 2], running / 5, rtol=1e-6, atol=1e-6)
+    # the partial last page (tokens 20..22) keeps its exact sum
+    last = keys[:, :, 20] + keys[:, :, 21] + keys[:, :, 22]
+    assert torch.equal(d.total[:, :, -1], last)
+    assert torch.equal(d.landmarks()[:, :, -1], last / 3)
+
+
+def test_clone_is_independent_and_crop_that_fails_changes_nothing():
+    keys = torch.randn(1, 2, 11, 4)
+    d = KeyDigests.from_keys(keys, 4)
+    c = d.clone()
+    d.append(torch.randn(1, 2, 3, 4))
+    want = KeyDigests.from_keys(keys, 4)
+    assert c.length == 11 and torch.equal(c.lo, want.lo) and torch.equal(c.landmarks(), want.landmarks())
+    assert torch.equal(c.count, want.count)
+    with pytest.raises(ValueError, match="tail_keys"):
+        c.crop(6)
+    assert c.length == 11 and c.n_blocks == 3 and torch.equal(c.hi, want.hi)
+    with pytest.raises(ValueError, match="count"):
+        KeyDigests(4, want.lo, want.hi, want.count[:, :2], 11)
