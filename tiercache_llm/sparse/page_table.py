@@ -129,8 +129,13 @@ def page_table_attention(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
     Triton for CUDA tensors where it is usable, torch otherwise).  ``num_splits``: Triton only, programs
     per (row, KV head) (default: enough to fill the GPU).
 
-    Torch path: one gather of the attended pages per (row, head) (``B * H * M * page_size * D`` elements
-    for K and for V), then one score and one value matmul per (row, KV head) over all of them."""
+    Torch path on CPU (contiguous pools, autograd not recording; what decode runs there): chunk by chunk
+    over (row, KV head)s, a gather of the chunk's used pages (``index_select`` of page rows) and one
+    matmul with its query rows, so the gathered pages are read while they are in cache; one softmax over
+    context and new tokens; the values the same way (see :func:`_page_table_attention_cpu`).  Elsewhere
+    (CUDA without Triton, inputs that require grad, strided pools): one gather of every table entry per
+    (row, head) (``B * H * M * page_size * D`` elements for K and for V), then one score and one value
+    matmul per (row, KV head) over all of them."""
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     b, hq, q, d, h, m = check_page_table_args(query, k_pool, v_pool, table, new_keys, new_values)
