@@ -23,6 +23,8 @@ faults per call (fresh multi-MB temporaries are faulted in again on every call):
 - ``pages``: ``sparse_layer.attend_selected(backend="pages")``: token validity, ``build_page_table``,
   ``page_table_attention``, ``entry_mass_to_blocks``;
 - ``table``: ``build_page_table`` alone (part of ``pages``);
+- ``dense``: the yardstick, what a ``DynamicCache`` decode step's attention does per layer: SDPA (GQA) of
+  the query over the whole context, K/V ``(B, H, context, D)`` contiguous (timed only);
 - ``pages@REV`` with ``--baseline-rev``: the same path with ``tiercache_llm/sparse/page_table.py`` of a
   git revision.
 
@@ -112,6 +114,15 @@ def table_path(x: dict[str, Any]):
     return build_page_table(sel, x["slot"], token_ok, S)
 
 
+def dense_path(x: dict[str, Any]):
+    if "dense_k" not in x:  # made on first use (the yardstick's K/V: (B, H, context, D) each)
+        gen = torch.Generator().manual_seed(1)
+        b, _, _, d = x["query"].shape
+        x["dense_k"] = torch.randn(b, H, x["ctx"] + 1, d, generator=gen)
+        x["dense_v"] = torch.randn(b, H, x["ctx"] + 1, d, generator=gen)
+    return torch.nn.functional.scaled_dot_product_attention(x["query"], x["dense_k"], x["dense_v"], enable_gqa=True)
+
+
 def load_revision(rev: str) -> Callable[[dict[str, Any]], Any]:
     """``pages_path`` with ``page_table.py`` of git revision ``rev`` (the rest of the tree as it is)."""
     src = subprocess.run(["git", "show", f"{rev}:tiercache_llm/sparse/page_table.py"], cwd=ROOT, check=True,
@@ -161,7 +172,8 @@ def measure(paths: dict[str, Callable], x: dict[str, Any], reps: int, budget_s: 
 def run(quick: bool, baseline_rev: str | None) -> dict[str, Any]:
     batches, contexts, budgets, threads = ([1, 4], [2048], [0.25], [1]) if quick else ([1, 4, 8], [2048, 8192],
                                                                                      [0.0625, 0.25], [1, 2])
-    paths: dict[str, Callable] = {"reference": reference_path, "pages": pages_path, "table": table_path}
+    paths: dict[str, Callable] = {"reference": reference_path, "pages": pages_path, "table": table_path,
+                                  "dense": dense_path}
     if baseline_rev:
         paths[f"pages@{baseline_rev}"] = load_revision(baseline_rev)
     rows = []
@@ -205,7 +217,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"{result['machine'].get('load_average')}; {result['runtime_seconds']:.0f} s.", "",
              "Median wall ms per call (process CPU ms in brackets), interleaved in one process; `reference` = "
              "block-union `sparse_attention_reference`, `pages` = `attend_selected(backend=\"pages\")` "
-             "(table build included), `table` = `build_page_table` alone.", "",
+             "(table build included), `table` = `build_page_table` alone, `dense` = SDPA over the whole context "
+             "(a `DynamicCache` step's attention per layer, the yardstick).", "",
              "Last columns: the page paths alone (consecutive calls), wall ms (cpu ms) [minor page faults per call].", "",
              "| context | batch | budget | threads | blocks | " + " | ".join(names) + " | speed-up (wall / cpu) | "
              + " | ".join(f"{k} alone" for k in alone) + " |",
