@@ -129,11 +129,13 @@ def page_table_attention(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
     Triton for CUDA tensors where it is usable, torch otherwise).  ``num_splits``: Triton only, programs
     per (row, KV head) (default: enough to fill the GPU).
 
-    Torch path on CPU (contiguous pools, autograd not recording; what decode runs there): chunk by chunk
+    Torch path on CPU with one intra-op thread (contiguous pools, autograd not recording; what decode
+    runs there in the benchmarks): chunk by chunk
     over (row, KV head)s, a gather of the chunk's used pages (``index_select`` of page rows) and one
     matmul with its query rows, so the gathered pages are read while they are in cache; one softmax over
     context and new tokens; the values the same way (see :func:`_page_table_attention_cpu`).  Elsewhere
-    (CUDA without Triton, inputs that require grad, strided pools): one gather of every table entry per
+    (several torch threads, CUDA without Triton, inputs that require grad, strided pools): one gather of
+    every table entry per
     (row, head) (``B * H * M * page_size * D`` elements for K and for V), then one score and one value
     matmul per (row, KV head) over all of them."""
     if backend not in ("auto", "torch", "triton"):
@@ -158,8 +160,11 @@ def page_table_attention(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
     # require grad (a plain forward of the model outside no_grad).
     grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad
                                            for x in (query, k_pool, v_pool, new_keys, new_values))
-    if (dev.type == "cpu" and not grad and k_pool.shape[0] and k_pool.is_contiguous() and v_pool.is_contiguous()
-            and k_pool.dtype == v_pool.dtype):
+    # The chunked path runs many small ops: with several intra-op threads each one is a parallel region,
+    # and with the cores shared each region waits for its slowest thread (measured on the loaded 2-core
+    # machine: 2x slower than the batched path below at 2 threads, 1.3-1.6x faster at 1).
+    if (dev.type == "cpu" and not grad and torch.get_num_threads() == 1 and k_pool.shape[0]
+            and k_pool.is_contiguous() and v_pool.is_contiguous() and k_pool.dtype == v_pool.dtype):
         return _page_table_attention_cpu(query, k_pool, v_pool, table, new_keys, new_values, scale)
     keys = _gather_pages(k_pool, table, ps, None if grad else "k").view(b, h, t, d)  # float32 copies
     values = _gather_pages(v_pool, table, ps, None if grad else "v").view(b, h, t, d)

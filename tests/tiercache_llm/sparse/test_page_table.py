@@ -7,6 +7,7 @@ new tokens."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -144,10 +145,23 @@ def cases(draw):
     return make_case(params, draw(st.integers(0, 2**31 - 1)))
 
 
+@contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @settings(max_examples=60, deadline=None)
 @given(cases())
 def test_page_table_attention_is_the_reference_over_each_heads_pages(c):
-    check(c)
+    """Both CPU torch paths: chunked (one intra-op thread) and batched (several)."""
+    for threads in (1, 2):
+        with torch_threads(threads):
+            check(c)
 
 
 @settings(max_examples=30, deadline=None)
@@ -317,6 +331,7 @@ def test_cpu_chunks_of_any_size_give_the_reference(monkeypatch, chunk_bytes, see
     from tiercache_llm.sparse import page_table
 
     monkeypatch.setattr(page_table, "_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # the chunked path
     gen = torch.Generator().manual_seed(seed)
     pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=gen))]  # noqa: E731
     params = {**BASE, "b": pick([2, 3]), "h": pick([2, 3]), "g": pick([1, 3]), "q": pick([1, 2]),
