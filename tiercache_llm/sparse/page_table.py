@@ -249,15 +249,14 @@ def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool:
         # Hidden tokens among the gathered ones: padding entries of members with fewer entries, or hidden
         # tokens inside used entries (left padding, the partial last page).
         some_hidden = any(n_hidden[r] > (m - used) * ps for r in range(i, j))
-        chunks.append((i, j, used, some_hidden))
+        chunks.append((i, j, used, some_hidden, flat[i:j, :used].reshape(-1) if used else None))
     krows = k_pool.view(-1, ps * d)
     vrows = v_pool.view(-1, ps * d)
     low = k_pool.dtype != torch.float32
     buf = _scratch("kv", (per * m, ps * d), dev)
     lowbuf = _scratch("kv_low", (per * m, ps * d), dev, k_pool.dtype) if low else None
 
-    def gather(rows: torch.Tensor, i: int, j: int, used: int) -> torch.Tensor:
-        idx = flat[i:j, :used].reshape(-1)
+    def gather(rows: torch.Tensor, i: int, j: int, used: int, idx: torch.Tensor) -> torch.Tensor:
         if not low:
             return torch.index_select(rows, 0, idx, out=buf[: idx.numel()]).view(j - i, used * ps, d)
         chunk = torch.index_select(rows, 0, idx, out=lowbuf[: idx.numel()])
@@ -265,18 +264,18 @@ def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool:
 
     qf = query.float().reshape(bh, gq, d) * scale
     scores = _scratch("s", (bh, gq, t + nq), dev)
-    for i, j, used, _ in chunks:
+    for i, j, used, _, idx in chunks:
         if used:
-            torch.bmm(qf[i:j], gather(krows, i, j, used).transpose(1, 2), out=scores[i:j, :, : used * ps])
+            torch.bmm(qf[i:j], gather(krows, i, j, used, idx).transpose(1, 2), out=scores[i:j, :, : used * ps])
     ctx = scores[..., :t]
     ctx.masked_fill_(hidden.view(bh, 1, t), float("-inf"))  # also the never-written padding columns
     if nq:
         scores[..., t:] = _new_token_scores(qf.view(b, h, gq, d), new_keys, g).view(bh, gq, q)
     weights = torch.ops.aten._softmax.out(scores, -1, False, out=_scratch("p", scores.shape, dev))
     out = torch.empty(bh, gq, d, device=dev)
-    for i, j, used, some_hidden in chunks:
+    for i, j, used, some_hidden, idx in chunks:
         if used:
-            values = gather(vrows, i, j, used)
+            values = gather(vrows, i, j, used, idx)
             if some_hidden:
                 rows = hidden[i:j, : used * ps].reshape(-1).nonzero().squeeze(1)
                 values.view(-1, d).index_fill_(0, rows, 0.0)
