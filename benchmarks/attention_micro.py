@@ -21,7 +21,8 @@ faults per call (fresh multi-MB temporaries are faulted in again on every call):
   ``sparse_attention_reference`` over the union of fetched blocks (every head computes over every
   fetched block, masked);
 - ``pages``: ``sparse_layer.attend_selected(backend="pages")``: token validity, ``build_page_table``,
-  ``page_table_attention``, ``entry_mass_to_blocks``;
+  ``page_table_attention``, ``entry_mass_to_blocks`` (at 1 thread its chunked CPU path, at 2 the batched
+  one);
 - ``table``: ``build_page_table`` alone (part of ``pages``);
 - ``dense``: the yardstick, what a ``DynamicCache`` decode step's attention does per layer: SDPA (GQA) of
   the query over the whole context, K/V ``(B, H, context, D)`` contiguous (timed only);
