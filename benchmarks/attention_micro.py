@@ -3,6 +3,7 @@
     python benchmarks/attention_micro.py --out benchmarks/results            # ~1-2 min
     python benchmarks/attention_micro.py --quick                              # a smoke run
     python benchmarks/attention_micro.py --baseline-rev c3ebf24 --out DIR     # also an older page_table.py
+    python benchmarks/attention_micro.py --model-ab 2d5ec75 --out DIR         # in a real decode (~2 min)
 
 SmolLM2 decode shapes (Hq = 9 query heads, H = 3 KV heads, D = 64, float32, 64-token storage blocks,
 8-token pages), batch 1 / 4 / 8, contexts 2K / 8K, budgets 6.25 % / 25 % of the context, 1 and 2 torch
@@ -21,8 +22,11 @@ faults per call (fresh multi-MB temporaries are faulted in again on every call):
   ``sparse_attention_reference`` over the union of fetched blocks (every head computes over every
   fetched block, masked);
 - ``pages``: ``sparse_layer.attend_selected(backend="pages")``: token validity, ``build_page_table``,
-  ``page_table_attention``, ``entry_mass_to_blocks``;
+  ``page_table_attention``, ``entry_mass_to_blocks`` (at 1 thread its chunked CPU path, at 2 the batched
+  one);
 - ``table``: ``build_page_table`` alone (part of ``pages``);
+- ``dense``: the yardstick, what a ``DynamicCache`` decode step's attention does per layer: SDPA (GQA) of
+  the query over the whole context, K/V ``(B, H, context, D)`` contiguous (timed only);
 - ``pages@REV`` with ``--baseline-rev``: the same path with ``tiercache_llm/sparse/page_table.py`` of a
   git revision.
 
@@ -112,6 +116,15 @@ def table_path(x: dict[str, Any]):
     return build_page_table(sel, x["slot"], token_ok, S)
 
 
+def dense_path(x: dict[str, Any]):
+    if "dense_k" not in x:  # made on first use (the yardstick's K/V: (B, H, context, D) each)
+        gen = torch.Generator().manual_seed(1)
+        b, _, _, d = x["query"].shape
+        x["dense_k"] = torch.randn(b, H, x["ctx"] + 1, d, generator=gen)
+        x["dense_v"] = torch.randn(b, H, x["ctx"] + 1, d, generator=gen)
+    return torch.nn.functional.scaled_dot_product_attention(x["query"], x["dense_k"], x["dense_v"], enable_gqa=True)
+
+
 def load_revision(rev: str) -> Callable[[dict[str, Any]], Any]:
     """``pages_path`` with ``page_table.py`` of git revision ``rev`` (the rest of the tree as it is)."""
     src = subprocess.run(["git", "show", f"{rev}:tiercache_llm/sparse/page_table.py"], cwd=ROOT, check=True,
@@ -134,7 +147,71 @@ def load_revision(rev: str) -> Callable[[dict[str, Any]], Any]:
         res = mod.page_table_attention(x["query"], x["k_pool"], x["v_pool"], table, x["k_new"], x["v_new"])
         return SparseAttentionOutput(res.output, mod.entry_mass_to_blocks(res.block_mass, table, x["u"]), res.new_mass)
 
+    run.module = mod  # type: ignore[attr-defined]
     return run
+
+
+def model_ab(rev: str, context: int = 8192, batch: int = 4, steps: int = 16, budget: float = 0.25) -> dict[str, Any]:
+    """The per-step attention of a real decode, old against new: SmolLM2 (30 layers) with a sparse
+    ``attention-aware`` cache (host tier 25 % of the KV, the rest on disk, as ``sparse_speed.py``), its K/V
+    random (timing only: no prefill), decoding ``steps`` steps that alternate between
+    ``page_table.py`` of git revision ``rev`` and the tree's.  Per step: the main thread's CPU time inside
+    ``sparse_layer.attend_selected`` summed over layers (``time.thread_time``: robust to a shared machine,
+    and the pipeline's background threads are not counted), and the step's wall time."""
+    import shutil
+    import sparse_speed as ss
+    from _common import load_bench_model
+
+    old = load_revision(rev).module
+    new = sys.modules["tiercache_llm.sparse.page_table"]
+    model, _ = load_bench_model("smollm2")
+    cfg = model.config
+    gen = torch.Generator().manual_seed(0)
+    shape = (batch, cfg.num_key_value_heads, context - 1, cfg.head_dim)
+    kv = [(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)) for _ in range(cfg.num_hidden_layers)]
+    work = Path(tempfile.mkdtemp(prefix="attention_ab_"))
+    cache = ss.build_cache(model, ss.Config(ss.AWARE, budget, "cold"), kv, ss.Settings(), work / "store")
+    del kv
+    spent = [0.0]
+    attend = sparse_layer.attend_selected
+
+    def timed(*args, **kwargs):
+        t0 = time.thread_time()
+        try:
+            return attend(*args, **kwargs)
+        finally:
+            spent[0] += time.thread_time() - t0
+
+    names = ("build_page_table", "page_table_attention", "entry_mass_to_blocks")
+    saved = {n: getattr(sparse_layer, n) for n in names}
+    attn: dict[str, list[float]] = {"old": [], "new": []}
+    wall: dict[str, list[float]] = {"old": [], "new": []}
+    ids = torch.randint(3, cfg.vocab_size, (batch, 1), generator=gen)
+    sparse_layer.attend_selected = timed
+    try:
+        with torch.no_grad(), torch_threads(1):
+            for i in range(steps + 2):  # the first two (one per side) warm up
+                which = "old" if i % 2 == 0 else "new"
+                for n in names:
+                    setattr(sparse_layer, n, getattr(old if which == "old" else new, n))
+                spent[0] = 0.0
+                t0 = time.perf_counter()
+                ids = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                if i >= 2:
+                    wall[which].append(time.perf_counter() - t0)
+                    attn[which].append(spent[0])
+    finally:
+        sparse_layer.attend_selected = attend
+        for n, f in saved.items():
+            setattr(sparse_layer, n, f)
+        cache.close()
+        shutil.rmtree(work, ignore_errors=True)
+    layers = cfg.num_hidden_layers
+    out = {"context": context, "batch": batch, "budget": budget, "steps_each": steps // 2, "layers": layers}
+    for k in ("old", "new"):
+        out[k] = {"attention_ms_per_step": 1e3 * median(attn[k]), "attention_ms_per_layer": 1e3 * median(attn[k]) / layers,
+                  "step_wall_ms": 1e3 * median(wall[k])}
+    return out
 
 
 def measure(paths: dict[str, Callable], x: dict[str, Any], reps: int, budget_s: float) -> dict[str, dict[str, float]]:
@@ -161,7 +238,8 @@ def measure(paths: dict[str, Callable], x: dict[str, Any], reps: int, budget_s: 
 def run(quick: bool, baseline_rev: str | None) -> dict[str, Any]:
     batches, contexts, budgets, threads = ([1, 4], [2048], [0.25], [1]) if quick else ([1, 4, 8], [2048, 8192],
                                                                                      [0.0625, 0.25], [1, 2])
-    paths: dict[str, Callable] = {"reference": reference_path, "pages": pages_path, "table": table_path}
+    paths: dict[str, Callable] = {"reference": reference_path, "pages": pages_path, "table": table_path,
+                                  "dense": dense_path}
     if baseline_rev:
         paths[f"pages@{baseline_rev}"] = load_revision(baseline_rev)
     rows = []
@@ -205,7 +283,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"{result['machine'].get('load_average')}; {result['runtime_seconds']:.0f} s.", "",
              "Median wall ms per call (process CPU ms in brackets), interleaved in one process; `reference` = "
              "block-union `sparse_attention_reference`, `pages` = `attend_selected(backend=\"pages\")` "
-             "(table build included), `table` = `build_page_table` alone.", "",
+             "(table build included), `table` = `build_page_table` alone, `dense` = SDPA over the whole context "
+             "(a `DynamicCache` step's attention per layer, the yardstick).", "",
              "Last columns: the page paths alone (consecutive calls), wall ms (cpu ms) [minor page faults per call].", "",
              "| context | batch | budget | threads | blocks | " + " | ".join(names) + " | speed-up (wall / cpu) | "
              + " | ".join(f"{k} alone" for k in alone) + " |",
@@ -224,7 +303,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="folder for attention_micro.json / .md")
     ap.add_argument("--quick", action="store_true", help="a few small configs (smoke run)")
     ap.add_argument("--baseline-rev", help="also time page_table.py of this git revision")
+    ap.add_argument("--model-ab", metavar="REV", help="instead: a SmolLM2 decode at 8K x batch 4, 25 %% budget "
+                    "(attention-aware), steps alternating page_table.py of REV and the tree's (model_ab)")
+    ap.add_argument("--steps", type=int, default=16, help="--model-ab: timed steps (half each side)")
     args = ap.parse_args(argv)
+    if args.model_ab:
+        result = model_ab(args.model_ab, steps=args.steps)
+        result["machine"] = machine_meta()
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "attention_model_ab.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1))
+        return 0
     result = run(args.quick, args.baseline_rev)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -356,8 +356,9 @@ def attend_selected(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
     block of ``sel.fetch``; ``valid``: ``(B, >= ctx)`` token validity (padding); ``ctx``: context tokens
     before the new one.  ``backend``:
 
-    - ``"pages"``: the page table of :mod:`.sparse.page_table`, torch path (exactly each head's pages,
-      one gather and two matmuls per (row, head));
+    - ``"pages"``: the page table of :mod:`.sparse.page_table`, torch path (exactly each head's pages;
+      on CPU with one torch thread gathered and multiplied chunk by chunk of (row, head)s so each gathered
+      chunk is read from cache, else one gather and two matmuls per (row, head));
     - ``"pages-triton"``: the same page table through the Triton page-table kernel
       (``tiercache_kernels.page_attention``: pages read in place from the pool);
     - ``"blocks-triton"`` (old name ``"triton"``): the block-table kernel over each head's blocks of the

@@ -7,6 +7,7 @@ new tokens."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -49,7 +50,8 @@ def make_case(draw_or_params, seed: int):
     p = -(-t // page)  # digest pages (the last may be partial)
     valid = torch.ones(b, t, dtype=torch.bool)
     for row in range(b):
-        valid[row, : int(torch.randint(0, t, (1,), generator=gen))] = False  # left padding
+        if c.__dict__.get("pad", True):
+            valid[row, : int(torch.randint(0, t, (1,), generator=gen))] = False  # left padding
     # Heads select different numbers of pages (densities differ per (row, head)).
     density = torch.rand(b, h, 1, generator=gen) * c.density
     pm = torch.rand(b, h, p, generator=gen) < density
@@ -143,10 +145,23 @@ def cases(draw):
     return make_case(params, draw(st.integers(0, 2**31 - 1)))
 
 
+@contextmanager
+def torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @settings(max_examples=60, deadline=None)
 @given(cases())
 def test_page_table_attention_is_the_reference_over_each_heads_pages(c):
-    check(c)
+    """Both CPU torch paths: chunked (one intra-op thread) and batched (several)."""
+    for threads in (1, 2):
+        with torch_threads(threads):
+            check(c)
 
 
 @settings(max_examples=30, deadline=None)
@@ -305,3 +320,24 @@ def test_attend_selected_is_the_page_table_path_on_cpu():
     with pytest.raises(ValueError, match="backend"):
         attend_selected(c.query, c.k_pool, c.v_pool, c.slot_of_fetch, c.sel, valid, t, c.s, c.nk, c.nv, None,
                         backend="cuda")
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2500])
+@pytest.mark.parametrize("seed", range(6))
+def test_cpu_chunks_of_any_size_give_the_reference(monkeypatch, chunk_bytes, seed):
+    """The CPU path gathers and multiplies chunk by chunk over (row, KV head)s: one (row, head) per chunk
+    (``chunk_bytes=1``) or a few, whose used-entry counts differ (padding entries inside a chunk), with
+    and without left padding and a partial tail, NaN in every hidden token."""
+    from tiercache_llm.sparse import page_table
+
+    monkeypatch.setattr(page_table, "_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # the chunked path
+    gen = torch.Generator().manual_seed(seed)
+    pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=gen))]  # noqa: E731
+    params = {**BASE, "b": pick([2, 3]), "h": pick([2, 3]), "g": pick([1, 3]), "q": pick([1, 2]),
+              "n_blocks": 5, "density": pick([0.5, 0.9]), "empty_head": seed % 2 == 0,
+              "new": seed != 3, "dtype": pick([torch.float32, torch.float32, torch.bfloat16])}
+    check(make_case(params, seed))
+    # No padding and a full last block: the only hidden tokens a chunk gathers are the padding entries of
+    # its (row, head)s with fewer entries than the chunk's largest.
+    check(make_case({**params, "pad": False, "tail_cut": 0}, seed))
