@@ -15,6 +15,7 @@ policies): a hit then only updates the entry's info.
 
 from __future__ import annotations
 
+import threading
 import time
 from functools import partial
 from typing import Any, Callable, Hashable, Iterable, Sequence
@@ -505,7 +506,7 @@ class DataPaths(Moves):
                 views.append(view)
                 positions.append(i)
             if strided_dsts:
-                torch._foreach_copy_(strided_dsts, strided_views)
+                copy_pairs(strided_dsts, strided_views)
             self._clock = clock
             counters = self._counters
             tier_counters = self._tier_counters
@@ -736,7 +737,7 @@ class DataPaths(Moves):
             start += spent  # not memory-tier time
             nbytes[src] += header.nbytes
         if to_dsts:
-            torch._foreach_copy_(to_dsts, from_views)
+            copy_pairs(to_dsts, from_views)
         memory_bytes = sum(in_memory)
         if memory_bytes:  # memory-tier copy time, shared among the memory tiers by bytes
             spent = time.perf_counter() - start
@@ -922,6 +923,89 @@ class DataPaths(Moves):
             sources.append((payload, 0))
             seconds.append(time.perf_counter() - start)
         return sources, seconds
+
+
+COALESCE_COPIES = True
+"""Whether :func:`copy_pairs` merges runs of evenly spaced pairs into one strided copy (a switch for
+benchmarks that measure the difference; results are identical either way)."""
+_GRAIN = 32768  # torch's intra-op grain (elements): a CPU copy of at most this many stays on the calling thread
+_MAIN_THREAD = threading.main_thread()
+
+
+def copy_pairs(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    """``dsts[i].copy_(srcs[i])`` for every ``i`` (same shapes and dtypes), in as few torch copies as the
+    layout allows.
+
+    A run of consecutive pairs whose destinations all advance by one constant byte step and whose
+    sources all advance by another (the block slices of a decode buffer, read from slots laid out at a
+    constant stride in one arena chunk, as a batch of puts leaves them) is one strided copy over views of
+    the first pair's storages (bounds-checked: a run that would leave a storage is not merged); the
+    remaining pairs go through one ``torch._foreach_copy_``.  The bytes written are exactly those of
+    the per-pair copies.
+
+    Threads: a merged copy issued by the main thread (the one driving the model) may use torch's
+    intra-op threads, as ``DynamicCache``'s ``torch.cat`` of the same bytes does; from any other thread
+    (a read ahead, the I/O pool) merged copies are cut into pieces of at most torch's grain, so they
+    stay on that thread and never open a second parallel team on cores the model is using."""
+    n = len(dsts)
+    if n < 2 or not COALESCE_COPIES:
+        if n:
+            torch._foreach_copy_(dsts, srcs)
+        return
+    dptr = [d.data_ptr() for d in dsts]
+    sptr = [s.data_ptr() for s in srcs]
+    cap = None if threading.current_thread() is _MAIN_THREAD else _GRAIN
+    rest_d: list[torch.Tensor] = []
+    rest_s: list[torch.Tensor] = []
+    i = 0
+    while i < n:
+        j = i + 1
+        d0, s0 = dsts[i], srcs[i]
+        if j < n:
+            dd, ds = dptr[j] - dptr[i], sptr[j] - sptr[i]
+            shape, dstride, sstride = d0.shape, d0.stride(), s0.stride()
+            if dd > 0 and ds > 0 and s0.dtype is d0.dtype and s0.shape == shape:
+                while (j < n and dptr[j] - dptr[j - 1] == dd and sptr[j] - sptr[j - 1] == ds
+                       and dsts[j].shape == shape and dsts[j].stride() == dstride
+                       and srcs[j].stride() == sstride and srcs[j].dtype is d0.dtype):
+                    j += 1
+        if j - i >= 2 and _copy_run(d0, s0, j - i, dptr[i + 1] - dptr[i], sptr[i + 1] - sptr[i], cap):
+            i = j
+            continue
+        rest_d.extend(dsts[i:j])
+        rest_s.extend(srcs[i:j])
+        i = j
+    if rest_d:
+        torch._foreach_copy_(rest_d, rest_s)
+
+
+def _run_view(t: torch.Tensor, count: int, step: int) -> torch.Tensor | None:
+    """``count`` copies of ``t``'s view, ``step`` bytes apart, as one tensor over ``t``'s storage (None if
+    the step is not a whole number of elements or the run would leave the storage)."""
+    size = t.element_size()
+    if step % size:
+        return None
+    step //= size
+    span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s)
+    if t.storage_offset() + (count - 1) * step + span > t.untyped_storage().nbytes() // size:
+        return None
+    return t.as_strided((count, *t.shape), (step, *t.stride()))
+
+
+def _copy_run(d0: torch.Tensor, s0: torch.Tensor, count: int, dd: int, ds: int, cap: int | None) -> bool:
+    """One run of :func:`copy_pairs` (False: not mergeable, copy it pair by pair)."""
+    if d0.numel() == 0:
+        return False
+    dview, sview = _run_view(d0, count, dd), _run_view(s0, count, ds)
+    if dview is None or sview is None:
+        return False
+    if cap is None or count * d0.numel() <= cap:
+        dview.copy_(sview)
+        return True
+    per = max(1, cap // d0.numel())
+    for a in range(0, count, per):
+        dview[a : a + per].copy_(sview[a : a + per])
+    return True
 
 
 def _normal_device(device: torch.device) -> torch.device:

@@ -113,3 +113,49 @@ def test_put_many_takes_any_iterable_of_pairs_and_checks_them_all_first():
         assert 10 not in cache and len(cache) == 3
     with pytest.raises(CacheClosedError):
         cache.put_many([(10, torch.ones(2)), 11])
+
+
+@pytest.mark.parametrize("on_main", [True, False])
+def test_copy_pairs_merges_evenly_spaced_runs_and_writes_exactly_the_pairs(on_main, monkeypatch):
+    """Runs of evenly spaced pairs become one copy (cut to torch's grain off the main thread); pairs that
+    break the spacing, change strides or would leave a storage are copied one by one; the bytes written
+    are exactly the per-pair copies' and nothing beside them."""
+    import threading
+
+    from tiercache import batched
+
+    gen = torch.Generator().manual_seed(0)
+    arena = torch.randn(40 * 3 * 8 * 4, generator=gen)
+    slot = 3 * 8 * 4
+    # slots 0,2,4,6 (a run), 9, 11 (a run of 2 with another spacing), then a tensor in another storage
+    starts = [0, 2, 4, 6, 9, 11]
+    srcs = [arena[k * slot:(k + 1) * slot].view(1, 3, 8, 4) for k in starts] + [torch.randn(1, 3, 8, 4, generator=gen)]
+    buf = torch.zeros(1, 3, 8 * 8 + 5, 4)
+    dsts = [buf[:, :, j * 8:(j + 1) * 8] for j in range(len(srcs))]
+    expect = buf.clone()
+    for d, s in zip(expect[:, :, :8 * len(srcs)].unflatten(2, (len(srcs), 8)).unbind(2), srcs):
+        d.copy_(s)
+    merged = []
+    original = batched._copy_run
+
+    def spy(*args):
+        ok = original(*args)
+        merged.append((args[2], ok))
+        return ok
+
+    monkeypatch.setattr(batched, "_GRAIN", 2 * 3 * 8 * 4)  # off the main thread: the run goes in pieces of 2
+    batched._copy_run = spy
+    try:
+        if on_main:
+            batched.copy_pairs(dsts, srcs)
+        else:
+            t = threading.Thread(target=batched.copy_pairs, args=(dsts, srcs))
+            t.start()
+            t.join()
+    finally:
+        batched._copy_run = original
+    assert torch.equal(buf, expect)
+    assert (4, True) in merged  # slots 0..6 went as one run
+    # a run whose last view would leave the arena is refused (bounds-checked), not copied out of bounds
+    tail = [arena[-slot:].view(1, 3, 8, 4)]
+    assert batched._run_view(tail[0], 2, slot * 4) is None
