@@ -15,6 +15,7 @@ policies): a hit then only updates the entry's info.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from functools import partial
@@ -926,10 +927,20 @@ class DataPaths(Moves):
 
 
 COALESCE_COPIES = True
-"""Whether :func:`copy_pairs` merges runs of evenly spaced pairs into one strided copy (a switch for
+"""Whether :func:`copy_pairs` may merge runs of evenly spaced pairs into one strided copy (a switch for
 benchmarks that measure the difference; results are identical either way)."""
-_GRAIN = 32768  # torch's intra-op grain (elements): a CPU copy of at most this many stays on the calling thread
 _MAIN_THREAD = threading.main_thread()
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+_idle = [0.0, False]  # [when last checked, whether the machine looked idle]
+
+
+def _machine_idle() -> bool:
+    """Whether the 1-minute load average leaves the cores to this process (checked at most twice a
+    second): below the core count plus half a core, i.e. little runs beside our own threads."""
+    now = time.monotonic()
+    if now - _idle[0] > 0.5:
+        _idle[0], _idle[1] = now, os.getloadavg()[0] < _CORES + 0.5
+    return _idle[1]
 
 
 def copy_pairs(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
@@ -943,18 +954,20 @@ def copy_pairs(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
     remaining pairs go through one ``torch._foreach_copy_``.  The bytes written are exactly those of
     the per-pair copies.
 
-    Threads: a merged copy issued by the main thread (the one driving the model) may use torch's
-    intra-op threads, as ``DynamicCache``'s ``torch.cat`` of the same bytes does; from any other thread
-    (a read ahead, the I/O pool) merged copies are cut into pieces of at most torch's grain, so they
-    stay on that thread and never open a second parallel team on cores the model is using."""
+    Runs are merged only on the main thread (the one driving the model), and with more than one torch
+    thread only while the machine looks idle (:func:`_machine_idle`): a merged copy of a context's
+    blocks is large enough to take torch's multi-threaded path, as ``DynamicCache``'s ``torch.cat`` of
+    the same bytes does, and that path stalls when other work holds the cores.  Otherwise every pair
+    is copied by one ``_foreach_copy_`` (block-sized copies stay on the calling thread), so a read
+    ahead or an I/O thread never opens a second parallel team on the cores the model is using."""
     n = len(dsts)
-    if n < 2 or not COALESCE_COPIES:
+    if (n < 2 or not COALESCE_COPIES or threading.current_thread() is not _MAIN_THREAD
+            or (torch.get_num_threads() > 1 and not _machine_idle())):
         if n:
             torch._foreach_copy_(dsts, srcs)
         return
     dptr = [d.data_ptr() for d in dsts]
     sptr = [s.data_ptr() for s in srcs]
-    cap = None if threading.current_thread() is _MAIN_THREAD else _GRAIN
     rest_d: list[torch.Tensor] = []
     rest_s: list[torch.Tensor] = []
     i = 0
@@ -969,7 +982,7 @@ def copy_pairs(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
                        and dsts[j].shape == shape and dsts[j].stride() == dstride
                        and srcs[j].stride() == sstride and srcs[j].dtype is d0.dtype):
                     j += 1
-        if j - i >= 2 and _copy_run(d0, s0, j - i, dptr[i + 1] - dptr[i], sptr[i + 1] - sptr[i], cap):
+        if j - i >= 2 and _copy_run(d0, s0, j - i, dptr[i + 1] - dptr[i], sptr[i + 1] - sptr[i]):
             i = j
             continue
         rest_d.extend(dsts[i:j])
@@ -992,19 +1005,14 @@ def _run_view(t: torch.Tensor, count: int, step: int) -> torch.Tensor | None:
     return t.as_strided((count, *t.shape), (step, *t.stride()))
 
 
-def _copy_run(d0: torch.Tensor, s0: torch.Tensor, count: int, dd: int, ds: int, cap: int | None) -> bool:
-    """One run of :func:`copy_pairs` (False: not mergeable, copy it pair by pair)."""
+def _copy_run(d0: torch.Tensor, s0: torch.Tensor, count: int, dd: int, ds: int) -> bool:
+    """One run of :func:`copy_pairs` as one copy (False: not mergeable, copy it pair by pair)."""
     if d0.numel() == 0:
         return False
     dview, sview = _run_view(d0, count, dd), _run_view(s0, count, ds)
     if dview is None or sview is None:
         return False
-    if cap is None or count * d0.numel() <= cap:
-        dview.copy_(sview)
-        return True
-    per = max(1, cap // d0.numel())
-    for a in range(0, count, per):
-        dview[a : a + per].copy_(sview[a : a + per])
+    dview.copy_(sview)
     return True
 
 

@@ -88,8 +88,9 @@ class TieredKVSettings:
             is redone synchronously).  With every tier in memory (no disk tier) the reads are memory
             copies, which only overlap compute on a core torch's intra-op threads leave free: when
             ``torch.get_num_threads()`` covers every core of the process, updates copy their blocks
-            themselves instead, in merged copies that use torch's threads (``stats()["prefetch"]
-            ["inline"]`` counts them).  ``stats()["prefetch"]`` has its counters.  Sparse mode has its
+            themselves instead (``stats()["prefetch"]["inline"]`` counts them), a run of evenly laid out
+            blocks as one copy that may use torch's threads while the machine is otherwise idle
+            (:func:`tiercache.batched.copy_pairs`).  ``stats()["prefetch"]`` has its counters.  Sparse mode has its
             own pipeline (``pipeline=``) and refuses ``prefetch=True``.
         direct_io: disk tier reads/writes bypass the OS page cache (tiercache
             ``CacheConfig.direct_io``), so the host budget is not silently extended by the page
@@ -1076,8 +1077,8 @@ class TieredKVCache(Cache):
         """Whether a layer-ahead read can run beside the model's compute: always with a disk tier (reads
         wait on the device); with memory tiers only, when torch's intra-op threads leave a core free.
         Otherwise the reader thread's copies only take turns with torch's threads on the same cores
-        (and stall their parallel regions), so each layer's ``update`` copies its blocks itself, with
-        merged copies that use those threads (:func:`tiercache.batched.copy_pairs`)."""
+        (and stall their parallel regions), so each layer's ``update`` copies its blocks itself (merged
+        into copies that use those threads while the machine is idle, :func:`tiercache.batched.copy_pairs`)."""
         if not self.store.memory_only or torch.get_num_threads() < _CORES:
             return True
         self.buffer.counters.inline += 1

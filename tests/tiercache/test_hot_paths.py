@@ -115,11 +115,12 @@ def test_put_many_takes_any_iterable_of_pairs_and_checks_them_all_first():
         cache.put_many([(10, torch.ones(2)), 11])
 
 
-@pytest.mark.parametrize("on_main", [True, False])
-def test_copy_pairs_merges_evenly_spaced_runs_and_writes_exactly_the_pairs(on_main, monkeypatch):
-    """Runs of evenly spaced pairs become one copy (cut to torch's grain off the main thread); pairs that
-    break the spacing, change strides or would leave a storage are copied one by one; the bytes written
-    are exactly the per-pair copies' and nothing beside them."""
+@pytest.mark.parametrize("where", ["main", "main-busy", "thread"])
+def test_copy_pairs_merges_evenly_spaced_runs_and_writes_exactly_the_pairs(where, monkeypatch):
+    """On the main thread of an idle machine, runs of evenly spaced pairs become one copy; pairs that
+    break the spacing, change strides or would leave a storage are copied one by one; off the main
+    thread, or with several torch threads on a busy machine, nothing is merged.  The bytes written are
+    exactly the per-pair copies' and nothing beside them."""
     import threading
 
     from tiercache import batched
@@ -143,19 +144,19 @@ def test_copy_pairs_merges_evenly_spaced_runs_and_writes_exactly_the_pairs(on_ma
         merged.append((args[2], ok))
         return ok
 
-    monkeypatch.setattr(batched, "_GRAIN", 2 * 3 * 8 * 4)  # off the main thread: the run goes in pieces of 2
-    batched._copy_run = spy
-    try:
-        if on_main:
-            batched.copy_pairs(dsts, srcs)
-        else:
-            t = threading.Thread(target=batched.copy_pairs, args=(dsts, srcs))
-            t.start()
-            t.join()
-    finally:
-        batched._copy_run = original
+    monkeypatch.setattr(batched, "_copy_run", spy)
+    monkeypatch.setattr(batched, "_idle", [float("inf"), where != "main-busy"])  # the cached load check
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    if where == "thread":
+        t = threading.Thread(target=batched.copy_pairs, args=(dsts, srcs))
+        t.start()
+        t.join()
+    else:
+        batched.copy_pairs(dsts, srcs)
     assert torch.equal(buf, expect)
-    assert (4, True) in merged  # slots 0..6 went as one run
+    if where == "main":
+        assert (4, True) in merged and (2, True) in merged  # slots 0..6 and 9, 11 went as runs
+    else:
+        assert merged == []
     # a run whose last view would leave the arena is refused (bounds-checked), not copied out of bounds
-    tail = [arena[-slot:].view(1, 3, 8, 4)]
-    assert batched._run_view(tail[0], 2, slot * 4) is None
+    assert batched._run_view(arena[-slot:].view(1, 3, 8, 4), 2, slot * 4) is None
