@@ -307,6 +307,9 @@ def decode_run(model: Any, ids: torch.Tensor, prefilled: Any, config: str, setti
                 disk_hits_per_step=(_tier_stats(last["tiercache"], "disk").get("hits", 0)
                                     - _tier_stats(first["tiercache"], "disk").get("hits", 0)) / n,
                 disk_tier=_tier_stats(last["tiercache"], "disk"),
+                # which path the timed steps took: reads ahead (started) or inline copies (inline)
+                read_ahead={k: last["prefetch"].get(k, 0) - first["prefetch"].get(k, 0)
+                            for k in ("started", "inline", "blocks_ahead", "blocks_sync", "wait_seconds")},
             )
         return out
     finally:

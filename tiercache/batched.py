@@ -15,6 +15,8 @@ policies): a hit then only updates the entry's info.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from functools import partial
 from typing import Any, Callable, Hashable, Iterable, Sequence
@@ -506,7 +508,7 @@ class DataPaths(Moves):
                 views.append(view)
                 positions.append(i)
             if strided_dsts:
-                torch._foreach_copy_(strided_dsts, strided_views)
+                copy_pairs(strided_dsts, strided_views)
             self._clock = clock
             counters = self._counters
             tier_counters = self._tier_counters
@@ -820,7 +822,7 @@ class DataPaths(Moves):
             start += spent  # not memory-tier time
             nbytes[src] += header.nbytes
         if to_dsts:
-            torch._foreach_copy_(to_dsts, from_views)
+            copy_pairs(to_dsts, from_views)
         memory_bytes = sum(in_memory)
         if memory_bytes:  # memory-tier copy time, shared among the memory tiers by bytes
             spent = time.perf_counter() - start
@@ -1006,6 +1008,96 @@ class DataPaths(Moves):
             sources.append((payload, 0))
             seconds.append(time.perf_counter() - start)
         return sources, seconds
+
+
+COALESCE_COPIES = True
+"""Whether :func:`copy_pairs` may merge runs of evenly spaced pairs into one strided copy (a switch for
+benchmarks that measure the difference; results are identical either way)."""
+_MAIN_THREAD = threading.main_thread()
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+_idle = [0.0, False]  # [when last checked, whether the machine looked idle]
+
+
+def _machine_idle() -> bool:
+    """Whether the 1-minute load average leaves the cores to this process (checked at most twice a
+    second): below the core count plus half a core, i.e. little runs beside our own threads."""
+    now = time.monotonic()
+    if now - _idle[0] > 0.5:
+        _idle[0], _idle[1] = now, os.getloadavg()[0] < _CORES + 0.5
+    return _idle[1]
+
+
+def copy_pairs(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+    """``dsts[i].copy_(srcs[i])`` for every ``i`` (same shapes and dtypes), in as few torch copies as the
+    layout allows.
+
+    A run of consecutive pairs whose destinations all advance by one constant byte step and whose
+    sources all advance by another (the block slices of a decode buffer, read from slots laid out at a
+    constant stride in one arena chunk, as a batch of puts leaves them) is one strided copy over views of
+    the first pair's storages (bounds-checked: a run that would leave a storage is not merged); the
+    remaining pairs go through one ``torch._foreach_copy_``.  The bytes written are exactly those of
+    the per-pair copies.
+
+    Runs are merged only on the main thread (the one driving the model), and with more than one torch
+    thread only while the machine looks idle (:func:`_machine_idle`): a merged copy of a context's
+    blocks is large enough to take torch's multi-threaded path, as ``DynamicCache``'s ``torch.cat`` of
+    the same bytes does, and that path stalls when other work holds the cores.  Otherwise every pair
+    is copied by one ``_foreach_copy_`` (block-sized copies stay on the calling thread), so a read
+    ahead or an I/O thread never opens a second parallel team on the cores the model is using."""
+    n = len(dsts)
+    if (n < 2 or not COALESCE_COPIES or threading.current_thread() is not _MAIN_THREAD
+            or (torch.get_num_threads() > 1 and not _machine_idle())):
+        if n:
+            torch._foreach_copy_(dsts, srcs)
+        return
+    dptr = [d.data_ptr() for d in dsts]
+    sptr = [s.data_ptr() for s in srcs]
+    rest_d: list[torch.Tensor] = []
+    rest_s: list[torch.Tensor] = []
+    i = 0
+    while i < n:
+        j = i + 1
+        d0, s0 = dsts[i], srcs[i]
+        if j < n:
+            dd, ds = dptr[j] - dptr[i], sptr[j] - sptr[i]
+            shape, dstride, sstride = d0.shape, d0.stride(), s0.stride()
+            if dd > 0 and ds > 0 and s0.dtype is d0.dtype and s0.shape == shape:
+                while (j < n and dptr[j] - dptr[j - 1] == dd and sptr[j] - sptr[j - 1] == ds
+                       and dsts[j].shape == shape and dsts[j].stride() == dstride
+                       and srcs[j].stride() == sstride and srcs[j].dtype is d0.dtype):
+                    j += 1
+        if j - i >= 2 and _copy_run(d0, s0, j - i, dptr[i + 1] - dptr[i], sptr[i + 1] - sptr[i]):
+            i = j
+            continue
+        rest_d.extend(dsts[i:j])
+        rest_s.extend(srcs[i:j])
+        i = j
+    if rest_d:
+        torch._foreach_copy_(rest_d, rest_s)
+
+
+def _run_view(t: torch.Tensor, count: int, step: int) -> torch.Tensor | None:
+    """``count`` copies of ``t``'s view, ``step`` bytes apart, as one tensor over ``t``'s storage (None if
+    the step is not a whole number of elements or the run would leave the storage)."""
+    size = t.element_size()
+    if step % size:
+        return None
+    step //= size
+    span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s)
+    if t.storage_offset() + (count - 1) * step + span > t.untyped_storage().nbytes() // size:
+        return None
+    return t.as_strided((count, *t.shape), (step, *t.stride()))
+
+
+def _copy_run(d0: torch.Tensor, s0: torch.Tensor, count: int, dd: int, ds: int) -> bool:
+    """One run of :func:`copy_pairs` as one copy (False: not mergeable, copy it pair by pair)."""
+    if d0.numel() == 0:
+        return False
+    dview, sview = _run_view(d0, count, dd), _run_view(s0, count, ds)
+    if dview is None or sview is None:
+        return False
+    dview.copy_(sview)
+    return True
 
 
 def _normal_device(device: torch.device) -> torch.device:

@@ -128,6 +128,8 @@ class ReadAheadCounters:
             hidden behind compute).
         sync_seconds: time updates spent reading blocks themselves.
         background_seconds: time the reader thread spent reading.
+        inline: updates that started no read ahead because every tier is memory and torch's intra-op
+            threads occupy every core (the update's own copies use those threads instead).
     """
 
     started: int = 0
@@ -142,6 +144,7 @@ class ReadAheadCounters:
     wait_seconds: float = 0.0
     sync_seconds: float = 0.0
     background_seconds: float = 0.0
+    inline: int = 0
 
     def as_dict(self) -> dict:
         out = asdict(self)

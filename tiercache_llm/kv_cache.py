@@ -39,6 +39,8 @@ from .store import BlockStore
 
 SUPPORTED_TRANSFORMERS = ">=5.17,<6"
 _UNSET: Any = object()
+# Cores this process may run on (layer-ahead reads of memory-only tiers need one beside torch's threads).
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -83,8 +85,13 @@ class TieredKVSettings:
             overlap this layer's attention and the next layer's update only waits for what is still
             missing.  Nothing is promoted (placement is unchanged); correctness never depends on a
             read ahead (one made stale by a crop, reorder or batch change is discarded, a failed one
-            is redone synchronously).  ``stats()["prefetch"]`` has its counters.  Sparse mode has its own
-            pipeline (``pipeline=``) and refuses ``prefetch=True``.
+            is redone synchronously).  With every tier in memory (no disk tier) the reads are memory
+            copies, which only overlap compute on a core torch's intra-op threads leave free: when
+            ``torch.get_num_threads()`` covers every core of the process, updates copy their blocks
+            themselves instead (``stats()["prefetch"]["inline"]`` counts them), a run of evenly laid out
+            blocks as one copy that may use torch's threads while the machine is otherwise idle
+            (:func:`tiercache.batched.copy_pairs`).  ``stats()["prefetch"]`` has its counters.  Sparse mode has its
+            own pipeline (``pipeline=``) and refuses ``prefetch=True``.
         direct_io: disk tier reads/writes bypass the OS page cache (tiercache
             ``CacheConfig.direct_io``), so the host budget is not silently extended by the page
             cache (falls back to buffered I/O with a warning where the filesystem refuses O_DIRECT,
@@ -1052,18 +1059,30 @@ class TieredKVCache(Cache):
 
         With layer-ahead reads (``prefetch``, exact mode), first start reading the next layer's blocks
         (the next pass's first layer after the last one) into the decode buffer slot this layer does
-        not use, so the read overlaps this layer's update and attention."""
+        not use, so the read overlaps this layer's update and attention (not for memory-only tiers
+        when torch's threads fill every core, see :meth:`_ahead_overlaps`)."""
         n_layers = len(self.layers)
         if not 0 <= layer_idx < n_layers:
             raise IndexError(f"layer_idx {layer_idx} out of range for a cache of {n_layers} layers")
         layer = self.layers[layer_idx]
-        ahead = self.buffer.read_ahead and layer.sparse is None
+        ahead = self.buffer.read_ahead and layer.sparse is None and self._ahead_overlaps()
         if ahead and n_layers > 1:
             self.layers[(layer_idx + 1) % n_layers].prefetch(1 - self.buffer.slot_for(layer))
         keys, values = layer.update(key_states, value_states, *args, **kwargs)
         if ahead and n_layers == 1:
             layer.prefetch(1 - self.buffer.slot)
         return keys, values
+
+    def _ahead_overlaps(self) -> bool:
+        """Whether a layer-ahead read can run beside the model's compute: always with a disk tier (reads
+        wait on the device); with memory tiers only, when torch's intra-op threads leave a core free.
+        Otherwise the reader thread's copies only take turns with torch's threads on the same cores
+        (and stall their parallel regions), so each layer's ``update`` copies its blocks itself (merged
+        into copies that use those threads while the machine is idle, :func:`tiercache.batched.copy_pairs`)."""
+        if not self.store.memory_only or torch.get_num_threads() < _CORES:
+            return True
+        self.buffer.counters.inline += 1
+        return False
 
     @property
     def batch_size(self) -> int:

@@ -30,6 +30,7 @@ import torch
 import tiercache
 from tiercache import owners as _owners
 from tiercache.sizes import format_size as _fmt
+from tiercache.tiers.memory import ArenaTier
 
 from .blocks import KEY_PREFIX
 from .errors import KVCapacityError, TieredKVError
@@ -139,6 +140,9 @@ class BlockStore:
             for name, t in stats.get("tiers", {}).items()
             if t.get("capacity_bytes", 0)
         }
+        # Whether every tier holds its bytes in memory (no disk tier): a read of any entry is a memory copy.
+        tiers = getattr(cache, "tiers", None)
+        self.memory_only = tiers is not None and all(isinstance(t, ArenaTier) for t in tiers)
         self._owner_root: str | None = None  # the store path owners are recorded under (None: not recorded)
         self._owners: dict[str, _owners.Owner] = {}  # cache uid -> its registration
         self.reclaimed: _owners.ReclaimReport | None = None  # what open() reclaimed from dead owners

@@ -113,3 +113,50 @@ def test_put_many_takes_any_iterable_of_pairs_and_checks_them_all_first():
         assert 10 not in cache and len(cache) == 3
     with pytest.raises(CacheClosedError):
         cache.put_many([(10, torch.ones(2)), 11])
+
+
+@pytest.mark.parametrize("where", ["main", "main-busy", "thread"])
+def test_copy_pairs_merges_evenly_spaced_runs_and_writes_exactly_the_pairs(where, monkeypatch):
+    """On the main thread of an idle machine, runs of evenly spaced pairs become one copy; pairs that
+    break the spacing, change strides or would leave a storage are copied one by one; off the main
+    thread, or with several torch threads on a busy machine, nothing is merged.  The bytes written are
+    exactly the per-pair copies' and nothing beside them."""
+    import threading
+
+    from tiercache import batched
+
+    gen = torch.Generator().manual_seed(0)
+    arena = torch.randn(40 * 3 * 8 * 4, generator=gen)
+    slot = 3 * 8 * 4
+    # slots 0,2,4,6 (a run), 9, 11 (a run of 2 with another spacing), then a tensor in another storage
+    starts = [0, 2, 4, 6, 9, 11]
+    srcs = [arena[k * slot:(k + 1) * slot].view(1, 3, 8, 4) for k in starts] + [torch.randn(1, 3, 8, 4, generator=gen)]
+    buf = torch.zeros(1, 3, 8 * 8 + 5, 4)
+    dsts = [buf[:, :, j * 8:(j + 1) * 8] for j in range(len(srcs))]
+    expect = buf.clone()
+    for d, s in zip(expect[:, :, :8 * len(srcs)].unflatten(2, (len(srcs), 8)).unbind(2), srcs):
+        d.copy_(s)
+    merged = []
+    original = batched._copy_run
+
+    def spy(*args):
+        ok = original(*args)
+        merged.append((args[2], ok))
+        return ok
+
+    monkeypatch.setattr(batched, "_copy_run", spy)
+    monkeypatch.setattr(batched, "_idle", [float("inf"), where != "main-busy"])  # the cached load check
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    if where == "thread":
+        t = threading.Thread(target=batched.copy_pairs, args=(dsts, srcs))
+        t.start()
+        t.join()
+    else:
+        batched.copy_pairs(dsts, srcs)
+    assert torch.equal(buf, expect)
+    if where == "main":
+        assert (4, True) in merged and (2, True) in merged  # slots 0..6 and 9, 11 went as runs
+    else:
+        assert merged == []
+    # a run whose last view would leave the arena is refused (bounds-checked), not copied out of bounds
+    assert batched._run_view(arena[-slot:].view(1, 3, 8, 4), 2, slot * 4) is None

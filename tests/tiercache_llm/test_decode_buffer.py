@@ -6,6 +6,7 @@ from transformers import DynamicCache
 
 import tiercache
 from tiercache_llm import TieredKVCache
+from tiercache_llm import kv_cache as kv_cache_module
 from tiercache_llm.decode_buffer import DecodeBuffer
 from tiercache_llm.store import BlockStore
 
@@ -106,7 +107,8 @@ def test_decode_through_both_get_many_paths_matches_dynamic_cache(backend, block
 
 
 @pytest.mark.parametrize("prefetch", [False, True])
-def test_returned_states_are_views_of_one_buffer_shared_by_the_layers(make_config, prefetch):
+def test_returned_states_are_views_of_one_buffer_shared_by_the_layers(make_config, prefetch, monkeypatch):
+    monkeypatch.setattr(kv_cache_module, "_CORES", torch.get_num_threads() + 1)  # reads ahead even in memory
     config = make_config(num_hidden_layers=3)
     gen = torch.Generator().manual_seed(1)
     cache = TieredKVCache(config, block_size=4, host="1MiB", prefetch=prefetch)

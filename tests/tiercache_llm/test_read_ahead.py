@@ -8,9 +8,18 @@ import torch
 from transformers import DynamicCache
 
 from tiercache_llm import KVCapacityError, TieredKVCache, TieredKVSettings
+from tiercache_llm import kv_cache as kv_cache_module
 from tiercache_llm.blocks import block_key
 
 from .test_generate_tiny import left_padded_batch
+
+
+@pytest.fixture(autouse=True)
+def spare_cores(monkeypatch):
+    """These tests exercise the reads ahead: pretend a core is free beside torch's threads, as with one
+    torch thread on a multi-core machine (memory-only caches read inline otherwise, see
+    ``test_memory_only_cache_reads_inline_when_torch_threads_fill_the_cores``)."""
+    monkeypatch.setattr(kv_cache_module, "_CORES", torch.get_num_threads() + 1)
 
 
 def states(batch, seq, gen, heads=2, dim=8):
@@ -214,3 +223,27 @@ def test_close_with_a_read_ahead_in_flight(make_config):
     cache.close()  # waits for the read, then stops the reader thread and releases the tiers
     assert read.future.done() and cache.buffer._reader is None
     assert cache.store.closed
+
+
+def test_memory_only_cache_reads_inline_when_torch_threads_fill_the_cores(make_config, monkeypatch, tmp_path):
+    """With every tier in memory and torch's intra-op threads on every core, no read ahead starts (each
+    update copies its blocks itself); a disk tier keeps them; results equal DynamicCache's either way."""
+    monkeypatch.setattr(kv_cache_module, "_CORES", torch.get_num_threads())
+    config = make_config(num_hidden_layers=3)
+    gen = torch.Generator().manual_seed(1)
+    ref = DynamicCache(config=config)
+    memory = TieredKVCache(config, block_size=4, host="1MiB")
+    disk = TieredKVCache(config, block_size=4, host="4KiB", disk="4MiB", path=tmp_path / "kv")
+    for seq in [10, 1, 1, 1, 1, 1, 1]:
+        for layer in range(3):
+            k, v = states(2, seq, gen)
+            rk, rv = ref.update(k, v, layer)
+            for got in (memory, disk):
+                gk, gv = got.update(k, v, layer)
+                assert torch.equal(rk, gk) and torch.equal(rv, gv)
+    inline, ahead = memory.stats()["prefetch"], disk.stats()["prefetch"]
+    assert memory.store.memory_only and not disk.store.memory_only
+    assert inline["started"] == 0 and inline["inline"] == 7 * 3 and inline["blocks_sync"] > 0
+    assert ahead["started"] > 0 and ahead["inline"] == 0 and ahead["hit_rate"] > 0.8
+    memory.close()
+    disk.close()
