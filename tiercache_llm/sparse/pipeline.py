@@ -54,13 +54,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from .pool import ResidentPool, Retention
+from tiercache.buffers import aligned_empty
+
+from .pool import GROWTH, ResidentPool, Retention
 from .staging import StagingArea
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -171,8 +174,9 @@ class PipelineStats:
     entries into their slots, waits included (``staging.wait_seconds``); the tail block; the held slots
     when a pool grows) plus the pool's slot bookkeeping; ``predict_seconds``: the predictor and job
     submission; ``reuse_bytes`` / ``reuse_peak_bytes``: memory of the resident pools (every slot, free or
-    not); ``pool_slots`` / ``pool_grows`` / ``pool_evicted``: their slots, reallocations and evictions
-    for room (filled in by :meth:`DecodePipeline.as_dict`)."""
+    not); ``pool_slots`` / ``pool_grows`` / ``pool_reallocs`` / ``pool_evicted``: their slots, capacity
+    growths, reallocations (held slots copied; a growth within the CPU reservation copies nothing) and
+    evictions for room (filled in by :meth:`DecodePipeline.as_dict`)."""
 
     steps: int = 0
     needed: int = 0
@@ -193,6 +197,7 @@ class PipelineStats:
     reuse_peak_bytes: int = 0
     pool_slots: int = 0
     pool_grows: int = 0
+    pool_reallocs: int = 0
     pool_evicted: int = 0
 
     def as_dict(self) -> dict:
@@ -223,15 +228,34 @@ class DecodePipeline:
         self._left: dict[int, list[int]] = {}  # layer -> blocks of the step before that it no longer selected
         self._predicted: dict[int, set] = {}  # layer -> entries predicted for its coming fetch
         self._pools: dict[int, ResidentPool] = {}  # layer -> its resident block pool
+        self._spare: dict[tuple, list[torch.Tensor]] = {}  # (shape, dtype, device) -> staging tensors to reuse
+        self._spare_bytes = 0
         self.stats = PipelineStats()
         self._closed = False
 
     # ----------------------------------------------------------------------------- helpers
-    @staticmethod
-    def _entry_tensor(layer: "TieredKVLayer", block: Any, kind: str) -> torch.Tensor:
-        """A tensor the stored entry of ``block`` (``kind`` "k" or "v") is read into: its stored rows."""
+    def _entry_tensor(self, layer: "TieredKVLayer", block: Any, kind: str) -> torch.Tensor:
+        """A tensor the stored entry of ``block`` (``kind`` "k" or "v") is read into: its stored rows.
+        A spare one (:meth:`_recycle`) when there is one, else a fresh page-aligned one (a direct disk read
+        lands in it without a bounce copy)."""
         h, d = layer._shape_k if kind == "k" else layer._shape_v
-        return torch.empty((block.stored_batch, h, layer.block_size, d), dtype=layer.dtype, device=layer.device)
+        shape = (block.stored_batch, h, layer.block_size, d)
+        spare = self._spare.get((shape, layer.dtype, torch.device(layer.device)))
+        if spare:
+            tensor = spare.pop()
+            self._spare_bytes -= tensor.nbytes
+            return tensor
+        return aligned_empty(shape, dtype=layer.dtype, device=layer.device)
+
+    def _recycle(self, tensor: torch.Tensor) -> None:
+        """Keep a staged tensor whose contents were copied out for the next staging read (its pages are
+        mapped already: a fresh one costs page faults and zeroing), as long as staged plus spare bytes stay
+        within ``staging_bytes``."""
+        staging = self.staging
+        if staging is None or staging.nbytes + self._spare_bytes + tensor.nbytes > staging.capacity:
+            return
+        self._spare.setdefault((tuple(tensor.shape), tensor.dtype, tensor.device), []).append(tensor)
+        self._spare_bytes += tensor.nbytes
 
     def _policy_context(self) -> Any:
         policy = getattr(self.store, "policy", None)
@@ -320,9 +344,11 @@ class DecodePipeline:
         pool = self._pools.get(layer.layer_idx)
         return pool is not None and pool.retention != "none" and pool.holds(j, layer._kkeys[j])
 
-    def _count_pool_bytes(self) -> None:
+    def _count_pool_bytes(self, pool: ResidentPool, before: int) -> None:
+        """``pool``'s bytes changed from ``before``: update the total (kept incrementally, not summed over
+        every layer's pool at every fetch)."""
         ps = self.stats
-        ps.reuse_bytes = sum(p.nbytes for p in self._pools.values())
+        ps.reuse_bytes += pool.nbytes - before
         ps.reuse_peak_bytes = max(ps.reuse_peak_bytes, ps.reuse_bytes)
 
     def fetch(self, state: "SparseLayerState", layer: "TieredKVLayer", sel: "BlockSelection", query: torch.Tensor,
@@ -343,10 +369,14 @@ class DecodePipeline:
         pool = self._pool_of(layer.layer_idx)
         kkeys = [layer._kkeys[j] for j in stored]
         t0 = time.perf_counter()
+        pool_bytes = pool.nbytes
+        # The layer's blocks bound the slots it can use; the reservation leaves room for the blocks decoding adds.
         slots, missing, tail_slot = pool.assign(stored, kkeys, tail, (b, hk, bs, dk), (b, hv, bs, dv), layer.dtype,
-                                                layer.device, state.mass)
+                                                layer.device, state.mass, reserve=math.ceil(GROWTH * (n_stored + 1)),
+                                                limit=n_stored + 1)
         ps.copy_seconds += time.perf_counter() - t0  # a growth copies the held slots once
-        self._count_pool_bytes()
+        if pool.nbytes != pool_bytes:
+            self._count_pool_bytes(pool, pool_bytes)
         stats.blocks_selected += ns
         ps.needed += 2 * ns
         ps.reused += 2 * (ns - len(missing))
@@ -394,6 +424,7 @@ class DecodePipeline:
             staged = self.staging.take(key) if self.staging is not None else None
             if staged is not None:
                 dsts[e].copy_(blocks[e].view(staged))
+                self._recycle(staged)
                 ps.staged += 1
                 if tiers[e] != fastest:
                     ps.staged_nonresident += 1
@@ -509,6 +540,8 @@ class DecodePipeline:
         self._predicted.clear()
         if self.staging is not None:
             self.staging.discard()
+        self._spare.clear()
+        self._spare_bytes = 0
 
     def discard_keys(self, keys: list) -> None:
         if self.staging is not None:
@@ -530,12 +563,17 @@ class DecodePipeline:
         self.invalidate()
 
     def as_dict(self) -> dict:
-        self.stats.pool_slots = sum(p.capacity for p in self._pools.values())
+        pools = self._pools.values()
+        self.stats.pool_slots = sum(p.capacity for p in pools)
+        self.stats.pool_grows = sum(p.grows for p in pools)
+        self.stats.pool_reallocs = sum(p.reallocs for p in pools)
+        self.stats.pool_evicted = sum(p.evicted for p in pools)
         out: dict[str, Any] = {"config": asdict(self.config), **self.stats.as_dict()}
         if self.staging is not None:
             out["staging"] = asdict(self.staging.counters)
             out["staging"]["bytes"] = self.staging.nbytes
             out["staging"]["capacity_bytes"] = self.staging.capacity
+            out["staging"]["spare_bytes"] = self._spare_bytes
         return out
 
 
