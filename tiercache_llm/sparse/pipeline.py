@@ -391,8 +391,7 @@ class DecodePipeline:
             stats.blocks_resident += ns
         if tail:
             t0 = time.perf_counter()
-            pool.k[tail_slot].copy_(layer._tail_k)
-            pool.v[tail_slot].copy_(layer._tail_v)
+            torch._foreach_copy_([pool.k[tail_slot], pool.v[tail_slot]], [layer._tail_k, layer._tail_v])
             ps.copy_seconds += time.perf_counter() - t0
             stats.tail_selected += 1
         now = set(stored)
@@ -420,11 +419,15 @@ class DecodePipeline:
         ps.needed_nonresident += sum(1 for t in tiers if t != fastest)
         sync: dict[str, list[int]] = {}
         t0 = time.perf_counter()
+        to_slots: list[torch.Tensor] = []
+        from_staged: list[torch.Tensor] = []
+        taken: list[torch.Tensor] = []
         for e, key in enumerate(keys):
             staged = self.staging.take(key) if self.staging is not None else None
             if staged is not None:
-                dsts[e].copy_(blocks[e].view(staged))
-                self._recycle(staged)
+                to_slots.append(dsts[e])
+                from_staged.append(blocks[e].view(staged))
+                taken.append(staged)
                 ps.staged += 1
                 if tiers[e] != fastest:
                     ps.staged_nonresident += 1
@@ -432,6 +435,12 @@ class DecodePipeline:
                 stats.bytes_fetched[str(tier)] = stats.bytes_fetched.get(str(tier), 0) + staged.nbytes
                 continue
             sync.setdefault(str(tiers[e]), []).append(e)
+        if to_slots:
+            # One batched copy: each separate op releases and re-takes the GIL, and with background reads
+            # running every re-take can wait out their switch interval.
+            torch._foreach_copy_(to_slots, from_staged)
+            for staged in taken:
+                self._recycle(staged)
         ps.copy_seconds += time.perf_counter() - t0
         for tier, idx in sync.items():
             t1 = time.perf_counter()
