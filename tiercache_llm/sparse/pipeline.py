@@ -33,9 +33,9 @@ pass for the CPU.  Measured on the 2-core benchmark machine (SmolLM2, ``benchmar
   page table, so a block still resident when it is selected again costs no read and no copy.  What stays
   resident between steps (``retention``): nothing (``fetch-every-step``, the honest baseline: every
   selected block is read from its tier every step), exactly the previous step's selection
-  (``reuse-layer-ahead``), or a pool of ``pool_blocks_factor`` x the largest union so far whose blocks
-  outside the current selection are evicted lowest decayed attention mass first (``attention-aware``:
-  attention-aware placement at the level closest to compute).  Released on crop / reorder / batch changes.
+  (``reuse-layer-ahead``), or a pool of ``pool_blocks_factor`` x the largest union so far (at most the
+  layer's blocks) whose blocks outside the current selection are evicted lowest decayed attention mass
+  first (``attention-aware``: attention-aware placement at the level closest to compute).  Released on crop / reorder / batch changes.
 - **Disk staging ahead** (``attention-aware``): after a layer attends, its highest-mass stored blocks
   that are neither in the fastest tier nor in its pool (``stage_ahead`` of them) are read into
   the staging area for its next step.

@@ -12,8 +12,9 @@ Retention (which blocks outlive a step) is the strategy's:
 - ``"none"`` (``fetch-every-step``): nothing survives a step, every selected block is read from its tier
   each step; the pool is only a persistent destination (no per-step allocation).
 - ``"previous"`` (``reuse-layer-ahead``): exactly the previous step's selection is kept.
-- ``"mass"`` (``attention-aware``): the pool has room for ``factor`` x the largest union so far; blocks
-  not selected this step stay until their slot is needed, the lowest decayed attention mass evicted first.
+- ``"mass"`` (``attention-aware``): the pool has room for ``factor`` x the largest union so far (on the
+  CPU at most the layer's blocks: more could never be held); blocks not selected this step stay until
+  their slot is needed, the lowest decayed attention mass evicted first.
 
 Each slot remembers the tiercache key of the block it holds, and a block whose key changed (rewritten,
 shifted) is a miss, so a stale slot can never be attended.  Rows or blocks changing in place (crop,
@@ -22,7 +23,7 @@ reorder, batch selection, reset) must :meth:`clear` the pool (the pipeline's ``i
 Growth: the first capacity is 1.25 x the step's need; when a union no longer fits (for ``"mass"``: when
 the capacity is below ``factor`` x the union), it grows geometrically (at least x1.25).  The pool never
 shrinks except through :meth:`clear`.  On the CPU the tensors are allocated once with ``reserve`` rows
-(the caller's bound on the slots the layer can use, e.g. ``factor`` x its blocks, with headroom): rows
+(the caller's bound on the slots the layer will use, e.g. 1.25 x its blocks: room for decoding's new ones): rows
 beyond the capacity are never handed out, so the allocator's untouched pages stay virtual and memory is
 the capacity's, and a growth within the reservation is a free-list extension, not a copy of every held
 slot (measured: ~90 ms per growth of a SmolLM2 layer at 8K x batch 4, several growths per step while
