@@ -117,6 +117,6 @@ try:
         if prof:
             out = io.StringIO(); ps = pstats.Stats(prof, stream=out)
             ps.sort_stats("tottime").print_stats(40); ps.print_callers(25)
-            Path(f"{a.profile}_{strat}.txt").write_text(out.getvalue())
+            Path(f"{a.profile}_{strat}.txt").write_text(out.getvalue()); prof.dump_stats(f"{a.profile}_{strat}.prof")
 finally:
     shutil.rmtree(work, ignore_errors=True)

@@ -326,7 +326,9 @@ class DecodePipeline:
             blocks = [j for j in sel.fetch.tolist() if j < n_stored]
         else:
             blocks = [j for j in self._last.get(nxt_idx, []) if j < n_stored]
-        blocks = [j for j in blocks if not self._reusable(nxt, j)]
+        pool = self._pools.get(nxt_idx)
+        if pool is not None and pool.retention != "none":
+            blocks = pool.not_held(blocks, nxt._kkeys)
         self._predicted[nxt_idx] = set(layer_keys(nxt, blocks))
         nonresident, _ = self._stage_blocks(nxt, blocks)
         self.stats.predicted += 2 * len(blocks)
@@ -338,11 +340,6 @@ class DecodePipeline:
         if pool is None:
             pool = self._pools[layer_idx] = ResidentPool(self.config.retention, self.config.pool_blocks_factor)
         return pool
-
-    def _reusable(self, layer: "TieredKVLayer", j: int) -> bool:
-        """Whether block ``j`` of ``layer`` would be served from its pool if selected at its next fetch."""
-        pool = self._pools.get(layer.layer_idx)
-        return pool is not None and pool.retention != "none" and pool.holds(j, layer._kkeys[j])
 
     def _count_pool_bytes(self, pool: ResidentPool, before: int) -> None:
         """``pool``'s bytes changed from ``before``: update the total (kept incrementally, not summed over

@@ -92,6 +92,11 @@ class ResidentPool:
         slot = self.slot_of.get(block)
         return slot is not None and self._key_of.get(slot) == key
 
+    def not_held(self, blocks: Sequence[int], kkeys: Sequence[Hashable]) -> list[int]:
+        """The blocks of ``blocks`` not resident and current (``kkeys[j]``: block ``j``'s K key), in order."""
+        slot_of, key_of = self.slot_of, self._key_of
+        return [j for j in blocks if (slot := slot_of.get(j)) is None or key_of.get(slot) != kkeys[j]]
+
     # ----------------------------------------------------------------------------- steps
     def assign(self, stored: Sequence[int], keys: Sequence[Hashable], tail: bool,
                shape_k: tuple, shape_v: tuple, dtype: torch.dtype, device: torch.device,

@@ -113,6 +113,8 @@ def test_stale_keys_and_layout_changes_are_misses():
     _, missing, _ = pool.assign([1, 2], [("k", 1), ("other", 2)], False, SHAPE, SHAPE, torch.float32,
                                 torch.device("cpu"))
     assert missing == [1]  # block 2's key changed: its slot is not trusted
+    assert pool.not_held([1, 2, 5], {1: ("k", 1), 2: ("other", 2), 5: ("k", 5)}) == [5]  # 5 was never held
+    assert pool.not_held([1, 2], {1: ("k", 1), 2: ("k", 2)}) == [2]  # 2 holds the other key
     assign(pool, [1, 2])
     _, missing, _ = pool.assign([1, 2], [("k", 1), ("k", 2)], False, (3, 1, 4, 3), (3, 1, 4, 3), torch.float32,
                                 torch.device("cpu"))
