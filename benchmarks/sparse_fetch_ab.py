@@ -21,7 +21,6 @@ sys.path.insert(0, str(WT / "benchmarks"))
 from _common import load_bench_model, torch_threads, stats_delta, find_numbers
 import sparse_speed as sp
 import tiercache_llm.kv_cache as kvc
-import tiercache_llm.sparse as sparse_pkg
 
 p = argparse.ArgumentParser()
 p.add_argument("--kv", required=True); p.add_argument("--prefill-context", type=int, default=8192)
