@@ -266,3 +266,28 @@ def test_disk_staging_ahead_stages_high_mass_blocks_off_the_fast_tier(model, bat
         pipe = cache.stats()["pipeline"]
     assert pipe["stage_ahead_entries"] > 0 and pipe["staging"]["jobs"] > 0
     assert pipe["predicted"] == 0  # no layer-ahead prediction in this configuration
+    staging = pipe["staging"]
+    assert staging["bytes"] + staging["spare_bytes"] <= staging["capacity_bytes"]  # recycled tensors are bounded
+
+
+def test_staged_tensors_are_recycled_within_the_staging_bound(model, batch, tmp_path):
+    ids, mask = batch
+    # No pool retention: the layer-ahead predictor stages every step's selection off the fast tier again.
+    with TieredKVCache.for_model(model, **opts(tmp_path, "fetch-every-step",
+                                             pipeline={"layer_ahead": True, "predictor": "previous"})) as cache:
+        pipe = cache._pipeline
+        made = []
+        original = pipe._entry_tensor
+
+        def entry_tensor(*args):
+            t = original(*args)
+            made.append(t.data_ptr())
+            return t
+
+        pipe._entry_tensor = entry_tensor
+        decode_logits(model, cache, ids, mask)
+        stats = cache.stats()["pipeline"]
+        assert stats["staged"] > 0 and len(set(made)) < len(made)  # taken tensors were staged into again
+        assert stats["staging"]["bytes"] + stats["staging"]["spare_bytes"] <= stats["staging"]["capacity_bytes"]
+        cache.reset()
+        assert cache.stats()["pipeline"]["staging"]["spare_bytes"] == 0

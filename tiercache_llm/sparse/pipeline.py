@@ -33,9 +33,9 @@ pass for the CPU.  Measured on the 2-core benchmark machine (SmolLM2, ``benchmar
   page table, so a block still resident when it is selected again costs no read and no copy.  What stays
   resident between steps (``retention``): nothing (``fetch-every-step``, the honest baseline: every
   selected block is read from its tier every step), exactly the previous step's selection
-  (``reuse-layer-ahead``), or a pool of ``pool_blocks_factor`` x the largest union so far whose blocks
-  outside the current selection are evicted lowest decayed attention mass first (``attention-aware``:
-  attention-aware placement at the level closest to compute).  Released on crop / reorder / batch changes.
+  (``reuse-layer-ahead``), or a pool of ``pool_blocks_factor`` x the largest union so far (at most the
+  layer's blocks) whose blocks outside the current selection are evicted lowest decayed attention mass
+  first (``attention-aware``: attention-aware placement at the level closest to compute).  Released on crop / reorder / batch changes.
 - **Disk staging ahead** (``attention-aware``): after a layer attends, its highest-mass stored blocks
   that are neither in the fastest tier nor in its pool (``stage_ahead`` of them) are read into
   the staging area for its next step.
@@ -54,13 +54,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from .pool import ResidentPool, Retention
+from tiercache.buffers import aligned_empty
+
+from .pool import GROWTH, ResidentPool, Retention
 from .staging import StagingArea
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -171,8 +174,9 @@ class PipelineStats:
     entries into their slots, waits included (``staging.wait_seconds``); the tail block; the held slots
     when a pool grows) plus the pool's slot bookkeeping; ``predict_seconds``: the predictor and job
     submission; ``reuse_bytes`` / ``reuse_peak_bytes``: memory of the resident pools (every slot, free or
-    not); ``pool_slots`` / ``pool_grows`` / ``pool_evicted``: their slots, reallocations and evictions
-    for room (filled in by :meth:`DecodePipeline.as_dict`)."""
+    not); ``pool_slots`` / ``pool_grows`` / ``pool_reallocs`` / ``pool_evicted``: their slots, capacity
+    growths, reallocations (held slots copied; a growth within the CPU reservation copies nothing) and
+    evictions for room (filled in by :meth:`DecodePipeline.as_dict`)."""
 
     steps: int = 0
     needed: int = 0
@@ -193,6 +197,7 @@ class PipelineStats:
     reuse_peak_bytes: int = 0
     pool_slots: int = 0
     pool_grows: int = 0
+    pool_reallocs: int = 0
     pool_evicted: int = 0
 
     def as_dict(self) -> dict:
@@ -223,15 +228,34 @@ class DecodePipeline:
         self._left: dict[int, list[int]] = {}  # layer -> blocks of the step before that it no longer selected
         self._predicted: dict[int, set] = {}  # layer -> entries predicted for its coming fetch
         self._pools: dict[int, ResidentPool] = {}  # layer -> its resident block pool
+        self._spare: dict[tuple, list[torch.Tensor]] = {}  # (shape, dtype, device) -> staging tensors to reuse
+        self._spare_bytes = 0
         self.stats = PipelineStats()
         self._closed = False
 
     # ----------------------------------------------------------------------------- helpers
-    @staticmethod
-    def _entry_tensor(layer: "TieredKVLayer", block: Any, kind: str) -> torch.Tensor:
-        """A tensor the stored entry of ``block`` (``kind`` "k" or "v") is read into: its stored rows."""
+    def _entry_tensor(self, layer: "TieredKVLayer", block: Any, kind: str) -> torch.Tensor:
+        """A tensor the stored entry of ``block`` (``kind`` "k" or "v") is read into: its stored rows.
+        A spare one (:meth:`_recycle`) when there is one, else a fresh page-aligned one (a direct disk read
+        lands in it without a bounce copy)."""
         h, d = layer._shape_k if kind == "k" else layer._shape_v
-        return torch.empty((block.stored_batch, h, layer.block_size, d), dtype=layer.dtype, device=layer.device)
+        shape = (block.stored_batch, h, layer.block_size, d)
+        spare = self._spare.get((shape, layer.dtype, torch.device(layer.device)))
+        if spare:
+            tensor = spare.pop()
+            self._spare_bytes -= tensor.nbytes
+            return tensor
+        return aligned_empty(shape, dtype=layer.dtype, device=layer.device)
+
+    def _recycle(self, tensor: torch.Tensor) -> None:
+        """Keep a staged tensor whose contents were copied out for the next staging read (its pages are
+        mapped already: a fresh one costs page faults and zeroing), as long as staged plus spare bytes stay
+        within ``staging_bytes``."""
+        staging = self.staging
+        if staging is None or staging.nbytes + self._spare_bytes + tensor.nbytes > staging.capacity:
+            return
+        self._spare.setdefault((tuple(tensor.shape), tensor.dtype, tensor.device), []).append(tensor)
+        self._spare_bytes += tensor.nbytes
 
     def _policy_context(self) -> Any:
         policy = getattr(self.store, "policy", None)
@@ -302,7 +326,9 @@ class DecodePipeline:
             blocks = [j for j in sel.fetch.tolist() if j < n_stored]
         else:
             blocks = [j for j in self._last.get(nxt_idx, []) if j < n_stored]
-        blocks = [j for j in blocks if not self._reusable(nxt, j)]
+        pool = self._pools.get(nxt_idx)
+        if pool is not None and pool.retention != "none":
+            blocks = pool.not_held(blocks, nxt._kkeys)
         self._predicted[nxt_idx] = set(layer_keys(nxt, blocks))
         nonresident, _ = self._stage_blocks(nxt, blocks)
         self.stats.predicted += 2 * len(blocks)
@@ -315,14 +341,11 @@ class DecodePipeline:
             pool = self._pools[layer_idx] = ResidentPool(self.config.retention, self.config.pool_blocks_factor)
         return pool
 
-    def _reusable(self, layer: "TieredKVLayer", j: int) -> bool:
-        """Whether block ``j`` of ``layer`` would be served from its pool if selected at its next fetch."""
-        pool = self._pools.get(layer.layer_idx)
-        return pool is not None and pool.retention != "none" and pool.holds(j, layer._kkeys[j])
-
-    def _count_pool_bytes(self) -> None:
+    def _count_pool_bytes(self, pool: ResidentPool, before: int) -> None:
+        """``pool``'s bytes changed from ``before``: update the total (kept incrementally, not summed over
+        every layer's pool at every fetch)."""
         ps = self.stats
-        ps.reuse_bytes = sum(p.nbytes for p in self._pools.values())
+        ps.reuse_bytes += pool.nbytes - before
         ps.reuse_peak_bytes = max(ps.reuse_peak_bytes, ps.reuse_bytes)
 
     def fetch(self, state: "SparseLayerState", layer: "TieredKVLayer", sel: "BlockSelection", query: torch.Tensor,
@@ -343,10 +366,14 @@ class DecodePipeline:
         pool = self._pool_of(layer.layer_idx)
         kkeys = [layer._kkeys[j] for j in stored]
         t0 = time.perf_counter()
+        pool_bytes = pool.nbytes
+        # The layer's blocks bound the slots it can use; the reservation leaves room for the blocks decoding adds.
         slots, missing, tail_slot = pool.assign(stored, kkeys, tail, (b, hk, bs, dk), (b, hv, bs, dv), layer.dtype,
-                                                layer.device, state.mass)
+                                                layer.device, state.mass, reserve=math.ceil(GROWTH * (n_stored + 1)),
+                                                limit=n_stored + 1)
         ps.copy_seconds += time.perf_counter() - t0  # a growth copies the held slots once
-        self._count_pool_bytes()
+        if pool.nbytes != pool_bytes:
+            self._count_pool_bytes(pool, pool_bytes)
         stats.blocks_selected += ns
         ps.needed += 2 * ns
         ps.reused += 2 * (ns - len(missing))
@@ -361,8 +388,7 @@ class DecodePipeline:
             stats.blocks_resident += ns
         if tail:
             t0 = time.perf_counter()
-            pool.k[tail_slot].copy_(layer._tail_k)
-            pool.v[tail_slot].copy_(layer._tail_v)
+            torch._foreach_copy_([pool.k[tail_slot], pool.v[tail_slot]], [layer._tail_k, layer._tail_v])
             ps.copy_seconds += time.perf_counter() - t0
             stats.tail_selected += 1
         now = set(stored)
@@ -390,10 +416,15 @@ class DecodePipeline:
         ps.needed_nonresident += sum(1 for t in tiers if t != fastest)
         sync: dict[str, list[int]] = {}
         t0 = time.perf_counter()
+        to_slots: list[torch.Tensor] = []
+        from_staged: list[torch.Tensor] = []
+        taken: list[torch.Tensor] = []
         for e, key in enumerate(keys):
             staged = self.staging.take(key) if self.staging is not None else None
             if staged is not None:
-                dsts[e].copy_(blocks[e].view(staged))
+                to_slots.append(dsts[e])
+                from_staged.append(blocks[e].view(staged))
+                taken.append(staged)
                 ps.staged += 1
                 if tiers[e] != fastest:
                     ps.staged_nonresident += 1
@@ -401,6 +432,12 @@ class DecodePipeline:
                 stats.bytes_fetched[str(tier)] = stats.bytes_fetched.get(str(tier), 0) + staged.nbytes
                 continue
             sync.setdefault(str(tiers[e]), []).append(e)
+        if to_slots:
+            # One batched copy: each separate op releases and re-takes the GIL, and with background reads
+            # running every re-take can wait out their switch interval.
+            torch._foreach_copy_(to_slots, from_staged)
+            for staged in taken:
+                self._recycle(staged)
         ps.copy_seconds += time.perf_counter() - t0
         for tier, idx in sync.items():
             t1 = time.perf_counter()
@@ -509,6 +546,8 @@ class DecodePipeline:
         self._predicted.clear()
         if self.staging is not None:
             self.staging.discard()
+        self._spare.clear()
+        self._spare_bytes = 0
 
     def discard_keys(self, keys: list) -> None:
         if self.staging is not None:
@@ -530,12 +569,17 @@ class DecodePipeline:
         self.invalidate()
 
     def as_dict(self) -> dict:
-        self.stats.pool_slots = sum(p.capacity for p in self._pools.values())
+        pools = self._pools.values()
+        self.stats.pool_slots = sum(p.capacity for p in pools)
+        self.stats.pool_grows = sum(p.grows for p in pools)
+        self.stats.pool_reallocs = sum(p.reallocs for p in pools)
+        self.stats.pool_evicted = sum(p.evicted for p in pools)
         out: dict[str, Any] = {"config": asdict(self.config), **self.stats.as_dict()}
         if self.staging is not None:
             out["staging"] = asdict(self.staging.counters)
             out["staging"]["bytes"] = self.staging.nbytes
             out["staging"]["capacity_bytes"] = self.staging.capacity
+            out["staging"]["spare_bytes"] = self._spare_bytes
         return out
 
 

@@ -86,12 +86,35 @@ def test_growth_is_geometric():
     assert pool.capacity == 13 and pool.grows == 2  # 1.25 x 10, not 11: the next larger unions fit
 
 
+def test_growth_within_the_reservation_copies_nothing_and_counts_only_the_capacity():
+    pool = ResidentPool("mass", factor=1.5)
+    keys = lambda blocks: [("k", j) for j in blocks]  # noqa: E731
+    slots, missing, _ = pool.assign([0, 1], keys([0, 1]), False, SHAPE, SHAPE, torch.float32, torch.device("cpu"),
+                                    reserve=20)
+    fill(pool, [0, 1], slots, missing)
+    k = pool.k
+    assert k.shape[0] == 20 and pool.capacity == 4 and pool.nbytes == 2 * 4 * 2 * 1 * 4 * 3 * 4
+    blocks = list(range(8))
+    slots2, missing2, _ = pool.assign(blocks, keys(blocks), True, SHAPE, SHAPE, torch.float32, torch.device("cpu"),
+                                      reserve=20)
+    assert pool.k is k and pool.grows == 2 and pool.reallocs == 0  # grown in place: no copy
+    assert pool.capacity == 14 and max(slots2) < pool.capacity  # ceil(1.5 * 9); rows beyond it are never used
+    assert slots2[:2] == slots and torch.all(pool.k[slots2[1]] == 1)
+    blocks = list(range(20))
+    slots3, _, _ = pool.assign(blocks, keys(blocks), False, SHAPE, SHAPE, torch.float32, torch.device("cpu"),
+                               reserve=20)
+    assert pool.reallocs == 1 and pool.k.shape[0] == pool.capacity == 30  # beyond the reservation: reallocated
+    assert slots3[:2] == slots and torch.all(pool.k[slots3[0]] == 0) and torch.all(pool.v[slots3[1]] == -1)
+
+
 def test_stale_keys_and_layout_changes_are_misses():
     pool = ResidentPool("previous")
     slots, missing, _ = assign(pool, [1, 2])
     _, missing, _ = pool.assign([1, 2], [("k", 1), ("other", 2)], False, SHAPE, SHAPE, torch.float32,
                                 torch.device("cpu"))
     assert missing == [1]  # block 2's key changed: its slot is not trusted
+    assert pool.not_held([1, 2, 5], {1: ("k", 1), 2: ("other", 2), 5: ("k", 5)}) == [5]  # 5 was never held
+    assert pool.not_held([1, 2], {1: ("k", 1), 2: ("k", 2)}) == [2]  # 2 holds the other key
     assign(pool, [1, 2])
     _, missing, _ = pool.assign([1, 2], [("k", 1), ("k", 2)], False, (3, 1, 4, 3), (3, 1, 4, 3), torch.float32,
                                 torch.device("cpu"))
@@ -148,6 +171,12 @@ def test_a_reselected_block_is_not_read_again(model, tmp_path, monkeypatch, stra
                     assert not (keys & selected & set(reads))  # resident and selected again: never read
                     reselected += len(keys & selected)
         stats = cache.stats()["pipeline"]
+        pools = pipe._pools.values()
+        assert stats["reuse_bytes"] == sum(p.nbytes for p in pools) > 0  # kept incrementally, must match
+        assert stats["pool_slots"] == sum(p.capacity for p in pools)
+        for idx, pool in pipe._pools.items():  # the capacity never exceeds the layer's blocks (stored + tail)
+            assert pool.capacity <= len(cache.layers[idx]._blocks) + 1
+            assert all(slot < pool.capacity for slot in pool.slot_of.values())
     assert reselected > 0 and stats["reused"] > 0
 
 
