@@ -447,6 +447,7 @@ class Point:
                         # between two steps are attributed to the next one instead of to neither
                         since = stats_delta(self.last_stats.get(cfg, before), after)
                         record["disk_tier_bytes"] = float(tier_row(since, "disk").get("bytes_read", 0))
+                        record["beside_tiers_bytes"] = float(after.get("kv", {}).get("beside_tiers_bytes", 0))
                         self.last_stats[cfg] = after
                     if threads is not None:
                         run.steps.append(record)
@@ -655,6 +656,9 @@ class Row:
     samples_ms: list[float]
     pipeline: dict[str, float] = field(default_factory=dict)
     disk_tier_bytes: float = float("nan")  # everything the disk tier read per step, background staging included
+    # the most host memory the cache held outside its tier budgets after a step: resident pools, staging,
+    # digests, decode buffers and tails (stats()["kv"]["beside_tiers_bytes"])
+    beside_tiers_bytes: float = float("nan")
 
 
 def summarise(runs: list[Run]) -> list[Row]:
@@ -679,7 +683,9 @@ def summarise(runs: list[Run]) -> list[Row]:
                             _mean([st.get("disk_bytes", 0.0) for st in steps]) if run.system != DYNAMIC else float("nan"),
                             stages, run.reuse_rate, top1, diff, [st["ms"] for st in steps], pipe,
                             _mean([st.get("disk_tier_bytes", float("nan")) for st in steps]) if run.system != DYNAMIC
-                            else float("nan")))
+                            else float("nan"),
+                            max((st.get("beside_tiers_bytes", float("nan")) for st in steps), default=float("nan"))
+                            if run.system != DYNAMIC else float("nan")))
     return rows
 
 
@@ -807,13 +813,13 @@ def _stages(r: Row) -> str:
 
 def table(rows: list[Row], acc: dict[str, dict[str, float]]) -> list[str]:
     lines = ["| model | context | batch | threads | configuration | ms/step | tokens/s | MiB/step fetched host + disk (disk tier read, background included) | "
-             "stage ms/step (pipeline: sync / copy / wait / background) | reuse | top-1 vs DynamicCache (teacher-forced, this run) | accuracy run top-1 / KL |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "stage ms/step (pipeline: sync / copy / wait / background) | MiB beside the tier budgets (pools, staging, digests, buffers) | reuse | top-1 vs DynamicCache (teacher-forced, this run) | accuracy run top-1 / KL |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r.model != "smollm2", r.requested_context, r.batch, r.threads,
                                          SYSTEMS.index(r.system), str(r.budget), str(r.state))):
         ctx = f"{r.context}" if r.context == r.requested_context else f"{r.context} ({r.requested_context})"
         if not r.available:
-            lines.append(f"| {r.model} | {ctx} | {r.batch} | {r.threads} | {r.label} | {_short(r.note)} | | | | | | |")
+            lines.append(f"| {r.model} | {ctx} | {r.batch} | {r.threads} | {r.label} | {_short(r.note)} | | | | | | | |")
             continue
         label = r.label + (f" ({r.cold_method})" if r.state == "cold" and r.cold_method == "fadvise" else "")
         io = "–" if r.system == DYNAMIC else f"{_mib(r.host_bytes)} + {_mib(r.disk_bytes)} ({_mib(r.disk_tier_bytes)})"
@@ -821,7 +827,7 @@ def table(rows: list[Row], acc: dict[str, dict[str, float]]) -> list[str]:
         accs = f"{a['top1_agreement']:.4f} / {a['mean_kl']:.3g}" if a else "–"
         agree = "ref" if r.system == DYNAMIC else (f"{r.top1_vs_reference:.3f}" if r.top1_vs_reference is not None else "–")
         lines.append(f"| {r.model} | {ctx} | {r.batch} | {r.threads} | {label} | {_ms(r.ms_per_step)} | {r.tokens_per_s:.3g} | "
-                     f"{io} | {_stages(r)} | {f'{r.reuse_rate:.3f}' if r.reuse_rate is not None else '–'} | {agree} | {accs} |")
+                     f"{io} | {_stages(r)} | {'–' if r.system == DYNAMIC else _mib(r.beside_tiers_bytes)} | {f'{r.reuse_rate:.3f}' if r.reuse_rate is not None else '–'} | {agree} | {accs} |")
     return lines
 
 

@@ -291,3 +291,36 @@ def test_staged_tensors_are_recycled_within_the_staging_bound(model, batch, tmp_
         assert stats["staging"]["bytes"] + stats["staging"]["spare_bytes"] <= stats["staging"]["capacity_bytes"]
         cache.reset()
         assert cache.stats()["pipeline"]["staging"]["spare_bytes"] == 0
+
+
+def test_query_predictor_predicts_blocks_not_pages(model, batch, tmp_path, monkeypatch):
+    """The layer-ahead "query" predictor (reuse-layer-ahead) selects over the next layer's digests with that
+    layer's pages per block, so what it stages are block ids (with pages smaller than blocks, page ids
+    taken for block ids would stage the wrong blocks and drop every page id past the block count)."""
+    import tiercache_llm.sparse.selection as selection
+
+    calls = []
+    real = selection.select
+
+    def spy(query, digests, config, **kw):
+        sel = real(query, digests, config, **kw)
+        calls.append((kw.get("pages_per_block", 1), sel))
+        return sel
+
+    monkeypatch.setattr(selection, "select", spy)  # predict_next imports it at call time; decode does not
+    ids, mask = batch
+    staged = []
+    real_stage = DecodePipeline._stage_blocks
+
+    def stage(self, layer, blocks):
+        staged.append((len(layer._blocks), list(blocks)))
+        return real_stage(self, layer, blocks)
+
+    monkeypatch.setattr(DecodePipeline, "_stage_blocks", stage)
+    with TieredKVCache.for_model(model, **opts(tmp_path, "reuse-layer-ahead", block_size=8, page_size=2)) as cache:
+        assert cache.stats()["sparse"]["settings"]["strategy"] == "reuse-layer-ahead"
+        decode_logits(model, cache, ids, mask, steps=4)
+    assert calls, "the query predictor never ran"
+    assert all(k == 4 for k, _ in calls)  # block_size // page_size
+    assert all(bool((sel.fetch < sel.head_mask.shape[-1]).all()) for _, sel in calls)
+    assert staged and all(j < n for n, blocks in staged for j in blocks)

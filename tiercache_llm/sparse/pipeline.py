@@ -322,7 +322,9 @@ class DecodePipeline:
                 and nxt.sparse.digests.length > 0:
             from .selection import select
 
-            sel = select(query, nxt.sparse.digests, nxt.sparse.ctrl.selection)
+            # the same call as the layer's own selection (sparse_layer.decode): ``fetch`` holds block ids
+            sel = select(query, nxt.sparse.digests, nxt.sparse.ctrl.selection,
+                         pages_per_block=nxt.block_size // nxt.sparse.page_size)
             blocks = [j for j in sel.fetch.tolist() if j < n_stored]
         else:
             blocks = [j for j in self._last.get(nxt_idx, []) if j < n_stored]
