@@ -105,7 +105,11 @@ def test_slow_prefetches_change_nothing(model, batch, tmp_path, monkeypatch):
     original = DecodePipeline._read
 
     def slow(self, keys, outs):
-        time.sleep(0.05)
+        # Slower than the wait limit by construction: a read finishes only once a consumer has given up on an
+        # entry (a fixed 50 ms sleep races the model's compute: a descheduled consumer may find every read done).
+        deadline = time.monotonic() + 30
+        while not self.staging.counters.late and time.monotonic() < deadline:
+            time.sleep(0.001)
         original(self, keys, outs)
 
     monkeypatch.setattr(DecodePipeline, "_read", slow)
