@@ -251,6 +251,7 @@ def test_complement_placement_moves_blocks_not_logits(model, batch, tmp_path):
     ids, mask = batch
     with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware", pipeline={"complement_reuse": True})) as cache:
         got = decode_logits(model, cache, ids, mask)
+        cache.store.flush_writes()  # a block the writer thread has not stored yet is not in the index
         pipe = cache._pipeline
         assert pipe._last
         for idx, last in pipe._last.items():  # the blocks of each layer's last step, held by its pool
