@@ -343,8 +343,9 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def step_record(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
-    """Bytes per tier and per-stage seconds of one step, from two ``stats()``."""
+def step_record(before: dict[str, Any], after: dict[str, Any], previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Bytes per tier and per-stage seconds of one step, from two ``stats()``; ``previous``: the cache's
+    ``stats()`` when its previous step ended (default ``before``), where exact's disk reads are counted from."""
     delta = stats_delta(before, after)
     per_tier = tier_bytes(delta)
     if per_tier:
@@ -357,10 +358,13 @@ def step_record(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]
             fetched = float(ahead["bytes_taken"] + ahead["bytes_sync"])
         else:
             fetched = float(delta["kv"].get("bytes_fetched", 0))
-        # The disk tier's reads in this step's window include reads ahead for the next step (and any the
-        # cache discarded), so they can exceed what this step used: the step's disk share is capped at
-        # what it fetched, and the tier's own reads stay in ``disk_bytes_read``.
-        disk = min(fetched, float(tier_row(delta, "disk").get("bytes_read", 0)))
+        # The disk tier's reads since the previous step ended: this step's first layer is read ahead in the
+        # background before the step starts (in its own window only when the reader thread ran late, so a
+        # window-only count was anything from 0 to all of the step's disk reads), and reads ahead for the
+        # next step (or discarded ones) can fall in it, so the share is capped at what the step fetched.
+        # The tier's own reads in the step's window stay in ``disk_bytes_read``.
+        since = stats_delta(previous, after) if previous is not None else delta
+        disk = min(fetched, float(tier_row(since, "disk").get("bytes_read", 0)))
         host, source = fetched - disk, "counters"
     own = {k: v for k, v in delta.items() if k != "tiercache"}
     stages = {k: v for k, v in find_numbers(own, "seconds").items() if "last_step" not in k}
@@ -441,11 +445,12 @@ class Point:
                                               "max_abs_logit_diff": float((last - ref).abs().max())}
                     if tiered:
                         after = cache.stats()
-                        record.update(step_record(before, after))
+                        previous = self.last_stats.get(cfg, before)
+                        record.update(step_record(before, after, previous))
                         # the disk tier's reads since this cache's previous step ended: background reads
                         # (staging ahead, exact mode's read of the next step's first layer) that finish
                         # between two steps are attributed to the next one instead of to neither
-                        since = stats_delta(self.last_stats.get(cfg, before), after)
+                        since = stats_delta(previous, after)
                         record["disk_tier_bytes"] = float(tier_row(since, "disk").get("bytes_read", 0))
                         record["beside_tiers_bytes"] = float(after.get("kv", {}).get("beside_tiers_bytes", 0))
                         self.last_stats[cfg] = after

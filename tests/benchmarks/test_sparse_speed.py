@@ -57,7 +57,8 @@ def test_quick_run_covers_every_row(speed, tmp_path):
             assert r["cold_method"] in ("direct_io", "fadvise")
             if r["system"] in (speed.EXACT, speed.FETCH):  # (3b) and (4) may serve a step from staged / reused blocks
                 assert r["disk_bytes"] > 0  # the host tier holds 25 % of the KV: the rest is read from disk
-            assert r["disk_tier_bytes"] >= r["disk_bytes"]  # reads since the previous step include the step's
+                # no reads for a later step outside its own (exact: capped at the reads since the last step)
+                assert r["disk_tier_bytes"] >= r["disk_bytes"]  # reads since the previous step include the step's
         assert r["stages_ms"], r
         if r["system"] == speed.EXACT:
             kv = kv_per_token * r["context"] * r["batch"] if r["model"] == "tiny" else None
@@ -67,14 +68,25 @@ def test_quick_run_covers_every_row(speed, tmp_path):
         elif r["model"] == "tiny" and r["budget"] == 0.25:
             exact = by[(r["model"], r["requested_context"], r["batch"], speed.EXACT, "None", "cold")]
             assert r["host_bytes"] + r["disk_bytes"] < exact["host_bytes"] + exact["disk_bytes"]
+    # (3b) and (4) read blocks for the next step in the background: one can finish inside the previous step's
+    # (or the warm-up's) span, so a row's two timed steps can count more disk bytes than the tier read in
+    # them.  Over a run's every step the tier must have read at least what the steps counted as disk.
+    for run in saved["runs"]:
+        if run["state"] == "cold" and run["steps"]:
+            tier_read = sum(st["disk_tier_bytes"] for st in run["steps"])
+            assert tier_read >= sum(st["disk_bytes"] for st in run["steps"]), run["label"]
     goals = saved["targets"]
     whats = [g["what"] for g in goals]
     assert any("(4) attention-aware vs (3) fetch-every-step" in w for w in whats)
     assert any("(3b)" in w for w in whats) and any("raw bandwidth" in w for w in whats)
     check = next(g for g in goals if "page cache decodes correctly" in g["what"])
-    assert check["met"] is True, check  # exact, direct_io: disk-served and equal to DynamicCache
+    # exact, direct_io: disk-served and equal to DynamicCache; a filesystem that refuses O_DIRECT (tmpfs
+    # before Linux 6.6) makes the cold runs drop the page cache instead, which the target does not accept
+    direct = by[("tiny", 256, 2, speed.EXACT, "None", "cold")]["cold_method"] == "direct_io"
+    assert check["met"] is direct, check
     bw = saved["meta"]["info"]["bandwidth"]["256x2"]
-    assert bw["disk"]["bytes"] > 0 and bw["disk"]["bytes_per_s"] > 0 and bw["host_bytes_per_s"]
+    assert ("error" not in bw["disk"]) is direct, bw
+    assert bw["host_bytes_per_s"] and (not direct or bw["disk"]["bytes"] > 0 and bw["disk"]["bytes_per_s"] > 0)
     md = (tmp_path / "sparse_speed.md").read_text()
     assert "Quick run" in md and "## Targets" in md and "(3b) reuse-layer-ahead" in md and "synthetic" in md
     assert (tmp_path / "sparse_speed.png").stat().st_size > 0

@@ -105,7 +105,11 @@ def test_slow_prefetches_change_nothing(model, batch, tmp_path, monkeypatch):
     original = DecodePipeline._read
 
     def slow(self, keys, outs):
-        time.sleep(0.05)
+        # Slower than the wait limit by construction: a read finishes only once a consumer has given up on an
+        # entry (a fixed 50 ms sleep races the model's compute: a descheduled consumer may find every read done).
+        deadline = time.monotonic() + 30
+        while not self.staging.counters.late and time.monotonic() < deadline:
+            time.sleep(0.001)
         original(self, keys, outs)
 
     monkeypatch.setattr(DecodePipeline, "_read", slow)
@@ -247,6 +251,7 @@ def test_complement_placement_moves_blocks_not_logits(model, batch, tmp_path):
     ids, mask = batch
     with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware", pipeline={"complement_reuse": True})) as cache:
         got = decode_logits(model, cache, ids, mask)
+        cache.store.flush_writes()  # a block the writer thread has not stored yet is not in the index
         pipe = cache._pipeline
         assert pipe._last
         for idx, last in pipe._last.items():  # the blocks of each layer's last step, held by its pool

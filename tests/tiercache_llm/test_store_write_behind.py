@@ -21,6 +21,14 @@ def store():
     s.close()
 
 
+def wait_for(condition, timeout=30.0):
+    """Poll ``condition`` until true; fail after ``timeout`` s (generous: CI machines are slow and shared)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the background writer"
+        time.sleep(0.005)
+
+
 def gate(store):
     """Make the tiercache's put_many wait until the returned event is set."""
     release = threading.Event()
@@ -62,7 +70,9 @@ def test_back_pressure_blocks_a_put_until_the_writer_catches_up(store):
     done = threading.Event()
     t = threading.Thread(target=lambda: (store.put_blocks([(("kv", "u", 0, "k", 1), block(1))]), done.set()))
     t.start()
-    time.sleep(0.3)
+    # the put counts its wait before it waits: poll for that, not a fixed sleep (on a loaded machine the
+    # thread may not reach the put within any fixed time, and the release would then let it through unwaited)
+    wait_for(lambda: store.counters.backpressure_waits == 1)
     assert not done.is_set()  # waiting: the queue is full
     assert store.queued_bytes <= entry
     release.set()
@@ -90,10 +100,7 @@ def test_a_failed_write_raises_at_the_next_call_and_loses_nothing(store):
     key = ("kv", "u", 0, "v", 3)
     store.put_blocks([(key, block(3))])  # returns before the write fails
     release.set()
-    for _ in range(100):  # the writer runs in the background
-        if store.counters.write_errors:
-            break
-        time.sleep(0.01)
+    wait_for(lambda: store.counters.write_errors)  # the writer runs in the background
     with pytest.raises(KVWriteError, match="injected write failure"):
         store.get_blocks([key])
     assert torch.equal(store.get_blocks([key])[0], block(3))  # still served from the queue

@@ -2,7 +2,6 @@
 
 import concurrent.futures
 import threading
-import time
 
 import pytest
 import torch
@@ -72,17 +71,17 @@ def test_failed_job_is_counted_and_the_consumer_reads_itself(pool):
 
 
 def test_late_job_is_given_up_after_the_wait_limit(pool):
-    release = threading.Event()
+    release, finished = threading.Event(), threading.Event()
 
     def slow(keys, outs):
-        release.wait(5)
+        release.wait(60)
         fill(keys, outs)
+        finished.set()
 
     area = StagingArea(10 * ENTRY, pool, wait_timeout=0.05)
     area.stage([7], make, slow)
-    start = time.perf_counter()
     assert area.take(7) is None
-    assert time.perf_counter() - start < 2
+    assert not finished.is_set()  # given up while the job still ran (no wall-clock bound: CI is slow)
     assert area.counters.late == 1 and area.counters.waits == 1
     release.set()
 
