@@ -1023,7 +1023,11 @@ def _machine_idle() -> bool:
     second): below the core count plus half a core, i.e. little runs beside our own threads."""
     now = time.monotonic()
     if now - _idle[0] > 0.5:
-        _idle[0], _idle[1] = now, os.getloadavg()[0] < _CORES + 0.5
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):  # no load average on this platform: assume the cores are shared
+            load = float("inf")
+        _idle[0], _idle[1] = now, load < _CORES + 0.5
     return _idle[1]
 
 

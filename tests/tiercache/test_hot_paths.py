@@ -160,3 +160,19 @@ def test_copy_pairs_merges_evenly_spaced_runs_and_writes_exactly_the_pairs(where
         assert merged == []
     # a run whose last view would leave the arena is refused (bounds-checked), not copied out of bounds
     assert batched._run_view(arena[-slot:].view(1, 3, 8, 4), 2, slot * 4) is None
+
+
+def test_machine_idle_reads_the_load_average_and_assumes_busy_without_one(monkeypatch):
+    import os
+
+    from tiercache import batched
+
+    monkeypatch.setattr(batched, "_idle", [float("-inf"), False])
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert batched._machine_idle() is True
+    monkeypatch.setattr(batched, "_idle", [float("-inf"), True])
+    monkeypatch.setattr(os, "getloadavg", lambda: (batched._CORES + 1.0, 0.0, 0.0))
+    assert batched._machine_idle() is False
+    monkeypatch.setattr(batched, "_idle", [float("-inf"), True])
+    monkeypatch.delattr(os, "getloadavg")
+    assert batched._machine_idle() is False
