@@ -585,17 +585,12 @@ class DataPaths(Moves):
             tier = tiers[src]
             if not isinstance(tier, DiskTier):
                 return None
-            clock = self._clock = self._clock + 1
             entry.hits += 1  # the entry is its policy info (Entry.info)
-            entry.last_access = clock
-            if self._rerank_hits:  # _rerank, inlined: the tier of a hit is unchanged
-                entry.version += 1
-                entry.tier = tier.name
-                self._queues[src].push(entry, self._policy.rank(entry))
+            entry.last_access = self._tick()
+            if self._rerank_hits:
+                self._rerank(entry)
             slot = entry.slot
-            token = id(slot)
-            pins = self._pins
-            pins[token] = pins.get(token, 0) + 1
+            self._pin(src, slot)
             self._counters.gets += 1
             tier_counters = self._tier_counters
             tier_counters[src].hits += 1
@@ -622,14 +617,7 @@ class DataPaths(Moves):
                 self._promote(entry, src, as_bytes(result.view(-1)))  # the source slot is still pinned by us
         finally:
             with self._lock:
-                count = pins[token] - 1
-                if count:
-                    pins[token] = count
-                else:
-                    del pins[token]
-                    deferred = self._deferred.pop(token, None)
-                    if deferred is not None:
-                        releases.append(deferred)
+                releases += self._unpin(src, slot)
                 if bad and self._index.get(entry.key) is entry:
                     self._counters.corruptions += 1
                     releases += self._drop_entry(entry, "corrupt")
