@@ -345,8 +345,12 @@ def _mean(values: list[float]) -> float:
 
 def step_record(before: dict[str, Any], after: dict[str, Any], previous: dict[str, Any] | None = None) -> dict[str, Any]:
     """Bytes per tier and per-stage seconds of one step, from two ``stats()``; ``previous``: the cache's
-    ``stats()`` when its previous step ended (default ``before``), where exact's disk reads are counted from."""
+    ``stats()`` when its previous step ended (default ``before``), where exact's disk reads and
+    ``disk_tier_bytes`` are counted from: background reads (staging ahead, exact mode's read of the next
+    step's first layer) that finish between two steps are attributed to the next one instead of to neither."""
     delta = stats_delta(before, after)
+    since = stats_delta(previous, after) if previous is not None else delta
+    disk_since = float(tier_row(since, "disk").get("bytes_read", 0))
     per_tier = tier_bytes(delta)
     if per_tier:
         disk = sum(v for k, v in per_tier.items() if k == "disk")
@@ -363,13 +367,12 @@ def step_record(before: dict[str, Any], after: dict[str, Any], previous: dict[st
         # window-only count was anything from 0 to all of the step's disk reads), and reads ahead for the
         # next step (or discarded ones) can fall in it, so the share is capped at what the step fetched.
         # The tier's own reads in the step's window stay in ``disk_bytes_read``.
-        since = stats_delta(previous, after) if previous is not None else delta
-        disk = min(fetched, float(tier_row(since, "disk").get("bytes_read", 0)))
+        disk = min(fetched, disk_since)
         host, source = fetched - disk, "counters"
     own = {k: v for k, v in delta.items() if k != "tiercache"}
     stages = {k: v for k, v in find_numbers(own, "seconds").items() if "last_step" not in k}
     return {"host_bytes": host, "disk_bytes": disk, "bytes_source": source, "stages": stages,
-            "disk_bytes_read": float(tier_row(delta, "disk").get("bytes_read", 0))}
+            "disk_bytes_read": float(tier_row(delta, "disk").get("bytes_read", 0)), "disk_tier_bytes": disk_since}
 
 
 class Point:
@@ -447,11 +450,6 @@ class Point:
                         after = cache.stats()
                         previous = self.last_stats.get(cfg, before)
                         record.update(step_record(before, after, previous))
-                        # the disk tier's reads since this cache's previous step ended: background reads
-                        # (staging ahead, exact mode's read of the next step's first layer) that finish
-                        # between two steps are attributed to the next one instead of to neither
-                        since = stats_delta(previous, after)
-                        record["disk_tier_bytes"] = float(tier_row(since, "disk").get("bytes_read", 0))
                         record["beside_tiers_bytes"] = float(after.get("kv", {}).get("beside_tiers_bytes", 0))
                         self.last_stats[cfg] = after
                     if threads is not None:
