@@ -65,6 +65,9 @@ __all__ = [
     "token_budget",
 ]
 
+_LOW = torch.finfo(torch.float32).min  # the ranking key of NaN and -inf scores of non-empty pages
+_HIGH = torch.finfo(torch.float32).max  # ... of +inf scores (forced pages rank above them, at +inf)
+
 GqaReduce = Literal["max", "sum"]
 ScoreRule = Literal["bound", "bound+landmark"]
 Rank = Literal["auto", "score", "mass"]
@@ -239,26 +242,54 @@ def score_blocks_mass(query: torch.Tensor, digests: KeyDigests, score: ScoreRule
     each head's softmax instead of raw ``q . k``, so a head whose attention is spread over many pages is
     not outranked by a sibling with larger but irrelevant logits.  ``-inf`` for empty pages.  Needs
     digests with key sums (landmarks)."""
-    b, n = digests.count.shape
+    b, h, g, q, n, d = _check_kept(query, digests)
     empty = (digests.count == 0).view(b, 1, 1, n)
     logc = digests.count.float().clamp_(min=1).log_().view(b, 1, 1, n)
-    return _mass_scores(query, digests, score, weight, scale, empty, logc)
+    qf = query.float().reshape(b, h, g * q, d)
+    z = _mass_scores(qf, digests.transposed(), score, weight, scale, logc.masked_fill(empty, float("-inf")))
+    return z.masked_fill_(empty.view(b, 1, n), float("-inf"))  # also for a query that is not finite
 
 
-def _mass_scores(query: torch.Tensor, digests: KeyDigests, score: ScoreRule, weight: float, scale: float | None,
-                 empty: torch.Tensor, logc: torch.Tensor) -> torch.Tensor:
-    """:func:`score_blocks_mass` with the count terms given: ``empty`` ``(B, 1, 1, N)`` bool (``count ==
-    0``) and ``logc`` ``(B, 1, 1, N)`` float32 (``log(max(count, 1))``); both only read."""
-    s, lm = _query_head_scores(query, digests, score, weight, landmark=True)
+def _mass_scores(qf: torch.Tensor, digests_t: tuple, score: ScoreRule, weight: float, scale: float | None,
+                 logc_or_empty: torch.Tensor) -> torch.Tensor:
+    """:func:`score_blocks_mass` of the grouped query ``qf`` ``(B, H, G * Q, D)`` float32 against the
+    digests' transposed views ``(lo^T, hi^T, mean^T)`` (:meth:`KeyDigests.transposed`), with the count
+    term given: ``logc_or_empty`` ``(B, 1, 1, N)`` float32, ``log(max(count, 1))`` and ``-inf`` where
+    ``count == 0`` (only read).  Empty pages score ``-inf`` for a finite query (their digests are zeros);
+    a query with an infinite or NaN entry may leave NaN there instead (selection never takes an empty
+    page whatever its score).
+
+    The same float32 operations in the same order as the rule written out (``s = relu(q) hi + min(q,
+    0) lo``, blended ``(1 - w) s + w lm``, ``z = scale s + logc - logsumexp(scale lm + logc)``), so the
+    scores are those of :func:`_query_head_scores` and the plain expressions bit for bit; what is saved
+    is temporaries and passes: in-place updates of the matmuls' outputs, the second bound matmul
+    accumulated by ``baddbmm``, the empty pages' ``-inf`` carried by ``logc_or_empty`` instead of
+    masked fills."""
+    lo_t, hi_t, mean_t = digests_t
+    if mean_t is None:
+        raise ValueError("these digests were built without key sums: no landmarks")
     if scale is None:
-        scale = query.shape[-1] ** -0.5
-    b, h, gq, n = s.shape
-    # In place, but the same float32 operations in the same order as the written-out rule
-    # ``z = scale * s + logc - logsumexp(scale * lm + logc)`` (the selection must not move).
-    zn = lm.mul_(float(scale)).add_(logc).masked_fill_(empty, float("-inf"))
+        scale = qf.shape[-1] ** -0.5
+    scale = float(scale)
+    b, h, gq, d = qf.shape
+    n = lo_t.shape[-1]
+    # The landmark matmul first and its terms at once, while its output is still in cache (each matmul
+    # streams megabytes of digests through it).
+    lm = torch.matmul(qf, mean_t)
+    wlm = weight * lm if score == "bound+landmark" else None
+    zn = lm.mul_(scale).add_(logc_or_empty)  # -inf on empty pages: left out of the normaliser
     lse = zn.logsumexp(dim=-1, keepdim=True).clamp_(min=-1e30)  # a row without pages: no NaN
-    z = s.mul_(float(scale)).add_(logc).sub_(lse)
-    return z.amax(dim=2).masked_fill_(empty.view(b, 1, n), float("-inf"))
+    s = torch.matmul(qf.clamp(min=0), hi_t.float())
+    # s + min(q, 0) lo in the matmul's epilogue: the product is summed as in its own matmul, then added
+    # once (checked bit for bit against the two-matmul form, test_selection_equivalence.py).
+    s = torch.baddbmm(s.view(b * h, gq, n), qf.clamp(max=0).view(b * h, gq, d),
+                      lo_t.float().reshape(b * h, d, n)).view(b, h, gq, n)
+    if wlm is not None:
+        s.mul_(1.0 - weight)
+        s += wlm
+    # logc_or_empty: an empty page's digests are zeros, so for a finite query its z is -inf already
+    z = s.mul_(scale).add_(logc_or_empty).sub_(lse)
+    return z.amax(dim=2)
 
 
 def _compiled_triton_usable(device: torch.device) -> bool:
@@ -306,7 +337,17 @@ def select_blocks(scores: torch.Tensor, count: torch.Tensor, budget: torch.Tenso
     forced = forced & has
     limit = torch.maximum(budget.to(count.dtype), (count * forced).sum(dim=-1))
     head, k = _ranking_bounds(count, has, limit)
-    return _take_top(scores, count, has, forced, limit, head, k)
+    fixed, fixed_key = _fixed_ranks(has, forced)
+    return _take_top(scores, count, fixed, fixed_key, limit, head, k)
+
+
+def _fixed_ranks(has: torch.Tensor, forced: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fixed, fixed_key)``, both ``(B, 1, N)``: the pages ranked by rule rather than by score (forced
+    ones, ``forced`` within ``has``, and empty ones) and their ranking key (``+inf`` / ``-inf``)."""
+    b, n = has.shape
+    fixed = (forced | ~has).view(b, 1, n)
+    key = torch.full((b, 1, n), float("-inf"), device=has.device).masked_fill_(forced.view(b, 1, n), float("inf"))
+    return fixed, key
 
 
 def _ranking_bounds(count: torch.Tensor, has: torch.Tensor, limit: torch.Tensor) -> tuple[int, int]:
@@ -325,23 +366,22 @@ def _ranking_bounds(count: torch.Tensor, has: torch.Tensor, limit: torch.Tensor)
     return max(0, min(k, bounds[0])), k
 
 
-def _take_top(scores: torch.Tensor, count: torch.Tensor, has: torch.Tensor, forced: torch.Tensor,
+def _take_top(scores: torch.Tensor, count: torch.Tensor, fixed: torch.Tensor, fixed_key: torch.Tensor,
               limit: torch.Tensor, head: int, k: int) -> torch.Tensor:
-    """The selection rule of :func:`select_blocks` given its terms (``forced`` within ``has``, ``limit``
-    ``(B,)``, ``head``/``k`` from :func:`_ranking_bounds`).
+    """The selection rule of :func:`select_blocks` given its terms (``fixed``/``fixed_key`` from
+    :func:`_fixed_ranks`, ``limit`` ``(B,)``, ``head``/``k`` from :func:`_ranking_bounds`).
 
     Only what can matter is ordered: an unordered ``topk`` of ``k`` finds the blocks that may fit; its
     first ``head`` ranks fit whatever their order, so only the ``k - head`` lowest of the ``k`` (a
     handful: the row's partial pages) are sorted and walked with the running cost."""
     b, h, n = scores.shape
-    out = torch.zeros(b, h, n, dtype=torch.bool, device=scores.device)
     if n == 0:
-        return out
+        return torch.zeros(b, h, n, dtype=torch.bool, device=scores.device)
     # NaN ranks last; non-empty blocks stay above empty ones even at -inf (empty blocks cost 0 and are
-    # never taken, so this changes no choice, only keeps them out of the head of the ranking).
-    low = torch.finfo(torch.float32).min
-    key = torch.nan_to_num(scores.float(), nan=low, posinf=float("inf"), neginf=low)
-    key.masked_fill_(~has.unsqueeze(1), float("-inf")).masked_fill_(forced.unsqueeze(1), float("inf"))
+    # never taken, so this changes no choice, only keeps them out of the head of the ranking), and below
+    # forced ones even at +inf (so that the forced blocks are the head of the ranking).
+    key = torch.nan_to_num(scores.float(), nan=_LOW, posinf=_HIGH, neginf=_LOW)
+    key = torch.where(fixed, fixed_key, key)
     vals, top = torch.topk(key, k, dim=-1, largest=True, sorted=False)  # (B, H, k)
     cost = count.unsqueeze(1).expand(b, h, n).gather(-1, top)
     take = cost > 0
@@ -352,7 +392,7 @@ def _take_top(scores: torch.Tensor, count: torch.Tensor, has: torch.Tensor, forc
         spent = cost.sum(dim=-1, keepdim=True) - low_cost.sum(dim=-1, keepdim=True)  # the first `head` ranks
         fit = (low_cost.cumsum(dim=-1) + spent <= limit.view(b, 1, 1)) & (low_cost > 0)
         take.scatter_(-1, low, fit)
-    return out.scatter_(-1, top, take)
+    return torch.zeros(b, h, n, dtype=torch.bool, device=scores.device).scatter_(-1, top, take)
 
 
 @dataclass(frozen=True)
@@ -361,22 +401,30 @@ class _PageTerms:
     step has the same counts, so :func:`_page_terms` computes these once per step, not per layer.
     Shared between calls: never modified."""
 
-    empty: torch.Tensor  # (B, 1, 1, N) bool, count == 0
-    logc: torch.Tensor  # (B, 1, 1, N) float32, log(max(count, 1))
+    logc_or_empty: torch.Tensor  # (B, 1, 1, N) float32, logc, -inf where count == 0
     has: torch.Tensor  # (B, N) bool
     forced: torch.Tensor  # (B, N) bool, forced pages holding tokens
+    fixed: torch.Tensor  # (B, 1, N) bool, forced or empty: ranked by rule, not by score
+    fixed_key: torch.Tensor  # (B, 1, N) float32, their ranking key: +inf forced, -inf empty
     budget: torch.Tensor  # (B,) int64
     limit: torch.Tensor  # (B,) int64, max(budget, forced cost)
     head: int
     k: int
+    # Uniform costs (see _uniform_take): every row's pages that are neither forced nor empty cost the
+    # same, so a row takes its forced pages and the best ``m[b] - forced`` others.  Then ``take`` is the
+    # largest ``m`` and ``fill`` ``(B, 1, E)`` float32 the ranking keys appended to every row: ``take -
+    # m[b]`` of ``+inf`` (they fill the row's surplus of the top ``take``), then ``-inf``; else ``None``.
+    take: int
+    fill: torch.Tensor | None
+    width: int  # pages rounded up to whole storage blocks (the mask's page columns before ``fill``)
 
 
 _last_terms: tuple | None = None  # (key, count copy, _PageTerms): the last step's, reused while counts match
 
 
-def _page_terms(count: torch.Tensor, config: SelectionConfig) -> _PageTerms:
+def _page_terms(count: torch.Tensor, config: SelectionConfig, pages_per_block: int = 1) -> _PageTerms:
     global _last_terms
-    key = (type(config.budget), config.budget, config.sink, config.recent, count.device, count.dtype)
+    key = (type(config.budget), config.budget, config.sink, config.recent, pages_per_block, count.device, count.dtype)
     last = _last_terms  # one read: another thread may replace it, never modify it
     if last is not None and last[0] == key and last[1].shape == count.shape and torch.equal(last[1], count):
         return last[2]
@@ -386,10 +434,54 @@ def _page_terms(count: torch.Tensor, config: SelectionConfig) -> _PageTerms:
     forced = forced_blocks(count, config.sink, config.recent)  # within has
     limit = torch.maximum(budget.to(count.dtype), (count * forced).sum(dim=-1))
     head, k = _ranking_bounds(count, has, limit)
-    terms = _PageTerms((~has).view(b, 1, 1, n), count.float().clamp_(min=1).log_().view(b, 1, 1, n), has, forced,
-                       budget, limit, head, k)
+    logc_or_empty = count.float().clamp_(min=1).log_().masked_fill_(~has, float("-inf")).view(b, 1, 1, n)
+    fixed, fixed_key = _fixed_ranks(has, forced)
+    width = -(-n // pages_per_block) * pages_per_block
+    take, fill = _uniform_take(count, has, forced, limit, width - n)
+    terms = _PageTerms(logc_or_empty, has, forced, fixed, fixed_key, budget, limit, head, k, take, fill, width)
     _last_terms = (key, count.clone(), terms)
     return terms
+
+
+def _uniform_take(count: torch.Tensor, has: torch.Tensor, forced: torch.Tensor, limit: torch.Tensor,
+                  pad: int) -> tuple[int, torch.Tensor | None]:
+    """``(take, fill)`` of :class:`_PageTerms` when every row's free pages (holding tokens, not forced)
+    cost the same (the rule with the cache's ``sink`` and ``recent`` > 0 and left padding only: a
+    partial page is the first or the last valid one, and both are forced); ``(0, None)`` otherwise.
+
+    Then the rule's longest fitting prefix of a row's ranking is its ``f`` forced pages and the best
+    ``m - f`` free ones, ``m = f + min(free, (limit - forced cost) // c)``; ``fill`` starts with ``pad``
+    ``-inf`` columns (the mask's columns up to whole storage blocks, never taken)."""
+    b, n = count.shape
+    free = has & ~forced
+    big = torch.iinfo(count.dtype).max
+    cost_hi = torch.where(free, count, 0).amax(dim=-1) if n else torch.zeros(b, dtype=count.dtype)
+    cost_lo = torch.where(free, count, big).amin(dim=-1) if n else torch.zeros(b, dtype=count.dtype)
+    n_free = free.sum(dim=-1)
+    if bool(((cost_hi != cost_lo) & (n_free > 0)).any()):
+        return 0, None
+    spare = limit - (count * forced).sum(dim=-1)  # >= 0: the limit covers the forced pages
+    m = forced.sum(dim=-1) + torch.minimum(n_free, spare // cost_hi.clamp(min=1))
+    take = int(m.max()) if b else 0
+    surplus = (take - m).view(b, 1, 1)
+    cols = torch.arange(pad + take - (int(m.min()) if b else 0), device=count.device) - pad
+    fill = torch.where((cols >= 0) & (cols < surplus), float("inf"), float("-inf")).to(torch.float32)
+    return take, fill
+
+
+def _uniform_top(scores: torch.Tensor, terms: _PageTerms) -> torch.Tensor:
+    """``(B, H, width)`` bool page mask of the rule when costs are uniform (:func:`_uniform_take`): one
+    unordered ``topk`` of ``take`` over the keys with ``fill`` appended (a row taking fewer pages takes
+    the surplus from its ``+inf`` fill columns, cut off here), no cost walk.  The columns past the pages
+    are ``False``."""
+    b, h, n = scores.shape
+    out = torch.zeros(b, h, n + terms.fill.shape[-1], dtype=torch.bool, device=scores.device)
+    if terms.take == 0:
+        return out[..., : terms.width]
+    key = torch.nan_to_num(scores.float(), nan=_LOW, posinf=_HIGH, neginf=_LOW)
+    key = torch.cat((torch.where(terms.fixed, terms.fixed_key, key), terms.fill.expand(b, h, -1)), dim=-1)
+    top = torch.topk(key, terms.take, dim=-1, largest=True, sorted=False).indices
+    return out.scatter_(-1, top, True)[..., : terms.width]
 
 
 @dataclass(frozen=True)
@@ -453,24 +545,27 @@ def select(query: torch.Tensor, digests: KeyDigests, config: SelectionConfig, *,
     per page and the storage blocks holding a selected page are fetched."""
     if isinstance(pages_per_block, bool) or not isinstance(pages_per_block, int) or pages_per_block < 1:
         raise ValueError(f"pages_per_block must be a positive int, got {pages_per_block!r}")
-    _check_kept(query, digests)
-    terms = _page_terms(digests.count, config)
+    b, h, g, q, _, d = _check_kept(query, digests)
+    terms = _page_terms(digests.count, config, pages_per_block)
     if config.rank == "mass":
-        scores = _mass_scores(query, digests, config.score, float(config.landmark_weight), config.scale,
-                              terms.empty, terms.logc)
+        scores = _mass_scores(query.float().reshape(b, h, g * q, d), digests.transposed(), config.score,
+                              float(config.landmark_weight), config.scale, terms.logc_or_empty)
     elif config.score == "bound+landmark":
         scores = score_blocks_landmark(query, digests, float(config.landmark_weight), config.gqa)
     else:
         scores = score_blocks(query, digests.lo, digests.hi, digests.count, config.gqa, backend=backend)
-    page_mask = _take_top(scores, digests.count, terms.has, terms.forced, terms.limit, terms.head, terms.k)
     budget = terms.budget
+    p = scores.shape[-1]
+    if terms.fill is not None:
+        padded = _uniform_top(scores, terms)  # (B, H, width): the pages, then False up to whole blocks
+        page_mask = padded[..., :p].contiguous()
+    else:
+        page_mask = _take_top(scores, digests.count, terms.fixed, terms.fixed_key, terms.limit, terms.head, terms.k)
+        padded = page_mask if terms.width == p else torch.nn.functional.pad(page_mask, (0, terms.width - p))
     if pages_per_block == 1:
         head_mask, page_mask = page_mask, None
     else:
-        b, h, p = page_mask.shape
-        n = -(-p // pages_per_block)
-        padded = page_mask if n * pages_per_block == p else torch.nn.functional.pad(page_mask, (0, n * pages_per_block - p))
-        head_mask = padded.view(b, h, n, pages_per_block).any(-1)
+        head_mask = padded.view(b, h, terms.width // pages_per_block, pages_per_block).any(-1)
     row_mask = head_mask.any(dim=1)
     fetch = row_mask.any(dim=0).nonzero().flatten()
     return BlockSelection(head_mask, row_mask, fetch, scores, budget, page_mask, pages_per_block)

@@ -257,3 +257,67 @@ def test_config_rejects_bad_values():
     d = KeyDigests.from_keys(torch.randn(1, 2, 8, 4), 4)
     with pytest.raises(ValueError, match="multiple of KV heads"):
         select(torch.randn(1, 3, 1, 4), d, SelectionConfig(budget=4))
+
+
+def _random_counts(gen, b, n, page, pads, tail):
+    """``(B, N)`` page counts of left-padded rows (``pads`` tokens each) with a partial last page."""
+    tokens = torch.arange(n * page).view(1, n, page)
+    valid = (tokens >= torch.tensor(pads).view(b, 1, 1)) & (tokens < n * page - tail)
+    return valid.sum(-1)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 3), st.integers(2, 60), st.sampled_from([1, 4, 8]),
+       st.lists(st.integers(0, 40), min_size=4, max_size=4), st.integers(0, 7),
+       st.one_of(st.integers(0, 300), st.floats(0.01, 1.0)), st.integers(1, 6), st.integers(1, 24),
+       st.integers(0, 2**31 - 1), st.booleans())
+def test_the_uniform_cost_ranking_takes_what_the_cost_walk_takes(b, h, n, page, pads, tail, budget, sink, recent,
+                                                                 seed, special):
+    """With ``sink`` and ``recent`` > 0 and only left padding, every partial page is forced, so ``select``
+    ranks with one ``topk`` and no cost walk (``_uniform_top``): it must take exactly the pages of the
+    general path (``_take_top``) and of the rule (``naive_select``), rows of different budgets included,
+    with +inf, -inf and NaN scores on free pages (``special``)."""
+    from tiercache_llm.sparse import selection as S
+
+    gen = torch.Generator().manual_seed(seed)
+    count = _random_counts(gen, b, n, page, [min(p, n * page - tail - 1) for p in pads[:b]], min(tail, page - 1))
+    config = SelectionConfig(budget=budget, sink=sink, recent=recent)
+    terms = S._page_terms(count, config)
+    assert terms.fill is not None  # the uniform case
+    scores = torch.randn(b, h, n, generator=gen)
+    if special:
+        pick = torch.rand(b, h, n, generator=gen)
+        scores[pick < 0.1] = float("inf")
+        scores[(pick >= 0.1) & (pick < 0.2)] = float("-inf")
+        scores[(pick >= 0.2) & (pick < 0.3)] = float("nan")
+    fast = S._uniform_top(scores, terms)
+    general = S._take_top(scores, count, terms.fixed, terms.fixed_key, terms.limit, terms.head, terms.k)
+    if not special:  # (ties among equal special scores may be broken either way)
+        assert torch.equal(fast, general)
+        assert torch.equal(fast, naive_select(scores, count, config))
+    forced = forced_blocks(count, sink, recent).unsqueeze(1).expand(b, h, n)
+    for mask in (fast, general):
+        assert bool(mask[forced].all())  # an +inf score never displaces a forced page
+        assert not bool(mask[(count == 0).unsqueeze(1).expand(b, h, n)].any())
+        assert torch.equal(mask.sum(-1), naive_select(scores.nan_to_num(nan=-1e30), count, config).sum(-1))
+        if special:  # a free NaN page is taken only once every finite and +inf free page is
+            nan_taken = (mask & scores.isnan() & ~forced).any(-1)
+            finite_left = (~mask & ~scores.isnan() & ~torch.isneginf(scores) & (count > 0).unsqueeze(1)).any(-1)
+            assert not bool((nan_taken & finite_left).any())
+
+
+def test_selection_uses_the_uniform_ranking_at_the_cache_shape():
+    """SmolLM2 decode (8-token pages, 64-token blocks, left-padded rows, the cache's sink and recent):
+    the uniform path, with the page mask padded to whole blocks."""
+    from tiercache_llm.sparse import selection as S
+
+    keys = torch.randn(2, 3, 1000, 8)
+    valid = torch.ones(2, 1000, dtype=torch.bool)
+    valid[1, :37] = False
+    d = KeyDigests.from_keys(keys, 8, valid)
+    config = SelectionConfig(budget=0.25, sink=4, recent=64, score="bound+landmark")
+    sel = select(torch.randn(2, 9, 1, 8), d, config, pages_per_block=8)
+    terms = S._page_terms(d.count, config, 8)
+    assert terms.fill is not None and terms.width == 128 and sel.page_mask.is_contiguous()
+    assert torch.equal(sel.page_mask, naive_select(sel.scores, d.count, config))
+    assert torch.equal(sel.head_mask, torch.nn.functional.pad(sel.page_mask, (0, 3)).view(2, 3, 16, 8).any(-1))
