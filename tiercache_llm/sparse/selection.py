@@ -39,6 +39,19 @@ Rules (see docs/sparse.md):
   attention, not raw logits (:func:`score_blocks_mass`).  The budget stays per KV head: every head of
   a layer attends at most ``budget`` tokens (besides forced pages in excess), so a layer attends at
   most ``H * budget`` per row.
+- **Ties**: pages of exactly equal score rank in an unspecified order (each ``topk`` breaks a tie at the
+  budget boundary its own way); forced pages rank above every scored page, ``+inf`` scores included,
+  and NaN or ``-inf`` scores of non-empty pages rank below every other non-empty page.
+
+Cost (one layer of a decode step, ``select``): the scores are three float32 matmuls over the digests
+(``relu(q) hi``, ``min(q, 0) lo`` accumulated by ``baddbmm``, ``q mean``) and a dozen elementwise passes
+in the order of the rule as written, bit for bit (test_selection_equivalence.py); what depends only on
+the page counts is derived once per step (:func:`_page_terms`).  With the cache's ``sink`` and
+``recent`` > 0 and only left padding, every partial page is forced, so every other page costs the same
+and the rule is "the forced pages plus the best ``m[row]`` others": one unordered ``topk`` over keys
+padded per row (:func:`_uniform_top`), no sort and no cost walk; otherwise :func:`_take_top` walks the
+costs of the few ranks that can matter.  At SmolLM2's 8K x batch 4 the matmuls alone read 9 MB of
+digests per layer and take about two thirds of the time (``benchmarks/selection_micro.py``).
 """
 
 from __future__ import annotations
@@ -273,17 +286,18 @@ def _mass_scores(qf: torch.Tensor, digests_t: tuple, score: ScoreRule, weight: f
     scale = float(scale)
     b, h, gq, d = qf.shape
     n = lo_t.shape[-1]
+    # bmm on (B * H)-batched views: what matmul runs, without its reshapes (the digests' views fold).
+    q3 = qf.reshape(b * h, gq, d)
     # The landmark matmul first and its terms at once, while its output is still in cache (each matmul
     # streams megabytes of digests through it).
-    lm = torch.matmul(qf, mean_t)
+    lm = torch.bmm(q3, mean_t.reshape(b * h, d, n)).view(b, h, gq, n)
     wlm = weight * lm if score == "bound+landmark" else None
     zn = lm.mul_(scale).add_(logc_or_empty)  # -inf on empty pages: left out of the normaliser
     lse = zn.logsumexp(dim=-1, keepdim=True).clamp_(min=-1e30)  # a row without pages: no NaN
-    s = torch.matmul(qf.clamp(min=0), hi_t.float())
-    # s + min(q, 0) lo in the matmul's epilogue: the product is summed as in its own matmul, then added
-    # once (checked bit for bit against the two-matmul form, test_selection_equivalence.py).
-    s = torch.baddbmm(s.view(b * h, gq, n), qf.clamp(max=0).view(b * h, gq, d),
-                      lo_t.float().reshape(b * h, d, n)).view(b, h, gq, n)
+    # s = relu(q) hi + min(q, 0) lo, the second product added in the matmul's epilogue (summed as in
+    # its own matmul, then added once: bit for bit the two-matmul form, test_selection_equivalence.py).
+    s = torch.bmm(q3.clamp(min=0), hi_t.float().reshape(b * h, d, n))
+    s = torch.baddbmm(s, q3.clamp(max=0), lo_t.float().reshape(b * h, d, n)).view(b, h, gq, n)
     if wlm is not None:
         s.mul_(1.0 - weight)
         s += wlm
