@@ -44,7 +44,7 @@ Rules (see docs/sparse.md):
   and NaN or ``-inf`` scores of non-empty pages rank below every other non-empty page.
 
 Cost (one layer of a decode step, ``select``): the scores are three float32 matmuls over the digests
-(``relu(q) hi``, ``min(q, 0) lo`` accumulated by ``baddbmm``, ``q mean``) and a dozen elementwise passes
+(``relu(q) hi``, ``min(q, 0) lo``, ``q mean``) and a dozen elementwise passes
 in the order of the rule as written, bit for bit (test_selection_equivalence.py); what depends only on
 the page counts is derived once per step (:func:`_page_terms`).  With the cache's ``sink`` and
 ``recent`` > 0 and only left padding, every partial page is forced, so every other page costs the same
@@ -275,9 +275,8 @@ def _mass_scores(qf: torch.Tensor, digests_t: tuple, score: ScoreRule, weight: f
     The same float32 operations in the same order as the rule written out (``s = relu(q) hi + min(q,
     0) lo``, blended ``(1 - w) s + w lm``, ``z = scale s + logc - logsumexp(scale lm + logc)``), so the
     scores are those of :func:`_query_head_scores` and the plain expressions bit for bit; what is saved
-    is temporaries and passes: in-place updates of the matmuls' outputs, the second bound matmul
-    accumulated by ``baddbmm``, the empty pages' ``-inf`` carried by ``logc_or_empty`` instead of
-    masked fills."""
+    is temporaries and passes: in-place updates of the matmuls' outputs, the empty pages' ``-inf``
+    carried by ``logc_or_empty`` instead of masked fills."""
     lo_t, hi_t, mean_t = digests_t
     if mean_t is None:
         raise ValueError("these digests were built without key sums: no landmarks")
@@ -294,10 +293,10 @@ def _mass_scores(qf: torch.Tensor, digests_t: tuple, score: ScoreRule, weight: f
     wlm = weight * lm if score == "bound+landmark" else None
     zn = lm.mul_(scale).add_(logc_or_empty)  # -inf on empty pages: left out of the normaliser
     lse = zn.logsumexp(dim=-1, keepdim=True).clamp_(min=-1e30)  # a row without pages: no NaN
-    # s = relu(q) hi + min(q, 0) lo, the second product added in the matmul's epilogue (summed as in
-    # its own matmul, then added once: bit for bit the two-matmul form, test_selection_equivalence.py).
-    s = torch.bmm(q3.clamp(min=0), hi_t.float().reshape(b * h, d, n))
-    s = torch.baddbmm(s, q3.clamp(max=0), lo_t.float().reshape(b * h, d, n)).view(b, h, gq, n)
+    # s = relu(q) hi + min(q, 0) lo.  Not baddbmm: MKL's beta = 1 epilogue gives the same bits here,
+    # but whether it adds once or accumulates into s is the kernel's choice, per CPU and shape.
+    s = torch.bmm(q3.clamp(min=0), hi_t.float().reshape(b * h, d, n)).view(b, h, gq, n)
+    s += torch.bmm(q3.clamp(max=0), lo_t.float().reshape(b * h, d, n)).view(b, h, gq, n)
     if wlm is not None:
         s.mul_(1.0 - weight)
         s += wlm
