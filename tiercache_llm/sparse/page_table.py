@@ -113,9 +113,11 @@ def build_page_table_from_valid(sel: "BlockSelection", slot_of_fetch: torch.Tens
     # Entry e of (row, head) is global page order[e] = tokens order[e] * page_size + [0, page_size): one row of
     # the context's validity viewed as (B * P, page_size), positions at or past ctx made False.
     span = p * page_size
-    tok = valid[:, : min(span, ctx)].to(dev)
-    if tok.shape[1] < span:
-        tok = torch.nn.functional.pad(tok, (0, span - tok.shape[1]))
+    if ctx >= span:
+        tok = valid[:, :span].to(dev)
+    else:
+        tok = torch.zeros(b, span, dtype=torch.bool, device=dev)
+        tok[:, :ctx] = valid[:, :ctx]
     flat = torch.arange(b, device=dev).view(b, 1, 1) * p + order
     entry_valid = tok.reshape(b * p, page_size).index_select(0, flat.view(-1)).view(b, h, m, page_size)
     entry_valid &= used.unsqueeze(-1)
@@ -271,9 +273,10 @@ def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool:
     2. the new tokens' scores in the last ``Q`` columns, hidden tokens ``-inf``, one softmax over the row
        (float32): the weights, the entry masses (sums over each entry's tokens) and the new tokens' mass all
        come from it;
-    3. per chunk: gather the values (same buffer), zero the hidden tokens among them (they may hold NaN
-       and ``0 * NaN = NaN``; only chunks that have some), one ``bmm`` with the weights; the new tokens'
-       values added with one ``baddbmm``.
+    3. per chunk: gather the values (same buffer), one ``bmm`` with the weights (hidden tokens weigh
+       exactly 0); only where that gave NaN (a hidden value NaN or infinite: ``0 * inf = NaN``) the
+       chunk again with its hidden tokens' values zeroed; the new tokens' values added with one
+       ``baddbmm``.
 
     Every per-layer tensor it writes besides the returned ones is a per-thread scratch buffer."""
     n, b, h, s, d = k_pool.shape
@@ -324,7 +327,7 @@ def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool:
     for i, j, used, _, idx in chunks:
         if used:
             torch.bmm(qf[i:j], gather(krows, i, j, used, idx).transpose(1, 2), out=scores[i:j, :, : used * ps])
-    # Hidden tokens and the never-written padding columns: -inf.
+    # Hidden tokens and the never-written padding columns: -inf (NaN among hidden keys included).
     hidden = None
     if any_hidden or min(cnts) < m:
         hidden = torch.logical_not(valid, out=_scratch("hidden", (bh, t), dev, torch.bool))
@@ -337,15 +340,23 @@ def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool:
             scores[..., t:] = _new_token_scores(qf.view(b, h, gq, d), new_keys, g).view(bh, gq, q)
     weights = torch.ops.aten._softmax.out(scores, -1, False, out=_scratch("p", scores.shape, dev))
     out = torch.empty(bh, gq, d, device=dev)
-    for i, j, used, some_hidden, idx in chunks:
+    for i, j, used, _, idx in chunks:
         if used:
-            values = gather(vrows, i, j, used, idx)
-            if some_hidden:
-                rows = hidden[i:j, : used * ps].reshape(-1).nonzero().squeeze(1)
-                values.view(-1, d).index_fill_(0, rows, 0.0)
-            torch.bmm(weights[i:j, :, : used * ps], values, out=out[i:j])
+            torch.bmm(weights[i:j, :, : used * ps], gather(vrows, i, j, used, idx), out=out[i:j])
         else:
             out[i:j].zero_()
+    # Hidden tokens have weight exactly 0, which hides any finite value; a NaN or an infinity among them
+    # (0 * inf = NaN) shows as NaN in its chunk's output: only then redo those chunks with the hidden
+    # tokens' values zeroed (the pools' hidden bytes are rarely non-finite; chunks without hidden tokens
+    # are left as they are, their NaN is the reference's).
+    if any_hidden and bool(out.isnan().any()):
+        bad = out.view(bh, -1).isnan().any(1).tolist()
+        for i, j, used, some_hidden, idx in chunks:
+            if used and some_hidden and any(bad[i:j]):
+                values = gather(vrows, i, j, used, idx)
+                rows = hidden[i:j, : used * ps].reshape(-1).nonzero().squeeze(1)
+                values.view(-1, d).index_fill_(0, rows, 0.0)
+                torch.bmm(weights[i:j, :, : used * ps], values, out=out[i:j])
     if not nq:  # a (row, head) with nothing to attend: softmax over only -inf gave NaN; it gets zeros
         for r in range(bh):
             if n_ok[r] == 0:
