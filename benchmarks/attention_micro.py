@@ -21,10 +21,10 @@ faults per call (fresh multi-MB temporaries are faulted in again on every call):
 - ``reference``: what decode ran before the page table: the token mask of the selection and
   ``sparse_attention_reference`` over the union of fetched blocks (every head computes over every
   fetched block, masked);
-- ``pages``: ``sparse_layer.attend_selected(backend="pages")``: token validity, ``build_page_table``,
+- ``pages``: ``sparse_layer.attend_selected(backend="pages")``: ``build_page_table_from_valid``,
   ``page_table_attention``, ``entry_mass_to_blocks`` (at 1 thread its chunked CPU path, at 2 the batched
   one);
-- ``table``: ``build_page_table`` alone (part of ``pages``);
+- ``table``: ``build_page_table_from_valid`` alone (part of ``pages``);
 - ``dense``: the yardstick, what a ``DynamicCache`` decode step's attention does per layer: SDPA (GQA) of
   the query over the whole context, K/V ``(B, H, context, D)`` contiguous (timed only);
 - ``pages@REV`` with ``--baseline-rev``: the same path with ``tiercache_llm/sparse/page_table.py`` of a
@@ -59,7 +59,7 @@ import torch  # noqa: E402
 
 from _common import machine_meta, median, torch_threads  # noqa: E402
 from tiercache_llm.sparse.attention import sparse_attention_reference  # noqa: E402
-from tiercache_llm.sparse.page_table import build_page_table  # noqa: E402
+from tiercache_llm.sparse.page_table import build_page_table_from_valid  # noqa: E402
 from tiercache_llm.sparse.selection import BlockSelection  # noqa: E402
 from tiercache_llm import sparse_layer  # noqa: E402
 
@@ -110,10 +110,7 @@ def pages_path(x: dict[str, Any]):
 
 
 def table_path(x: dict[str, Any]):
-    sel = x["sel"]
-    pos = sel.fetch.view(-1, 1) * S + torch.arange(S)
-    token_ok = x["valid"][:, pos.clamp(max=x["valid"].shape[1] - 1)] & (pos < x["ctx"])
-    return build_page_table(sel, x["slot"], token_ok, S)
+    return build_page_table_from_valid(x["sel"], x["slot"], x["valid"], x["ctx"], S)
 
 
 def dense_path(x: dict[str, Any]):
@@ -212,7 +209,8 @@ def model_ab(rev: str, context: int = 8192, batch: int = 4, steps: int = 16, bud
         cache.close()
         shutil.rmtree(work, ignore_errors=True)
     layers = cfg.num_hidden_layers
-    out = {"context": context, "batch": batch, "budget": budget, "steps_each": steps // 2, "layers": layers}
+    out = {"context": context, "batch": batch, "budget": budget, "steps_each": steps // 2, "layers": layers,
+           "baseline_rev": rev}
     for k in ("old", "new"):
         out[k] = {"attention_ms_per_step": 1e3 * median(attn[k]), "attention_ms_per_layer": 1e3 * median(attn[k]) / layers,
                   "step_wall_ms": 1e3 * median(wall[k])}
@@ -288,7 +286,7 @@ def markdown(result: dict[str, Any]) -> str:
              f"{result['machine'].get('load_average')}; {result['runtime_seconds']:.0f} s.", "",
              "Median wall ms per call (process CPU ms in brackets), interleaved in one process; `reference` = "
              "block-union `sparse_attention_reference`, `pages` = `attend_selected(backend=\"pages\")` "
-             "(table build included), `table` = `build_page_table` alone, `dense` = SDPA over the whole context "
+             "(table build included), `table` = `build_page_table_from_valid` alone, `dense` = SDPA over the whole context "
              "(a `DynamicCache` step's attention per layer, the yardstick).", "",
              "Last columns: the page paths alone (consecutive calls), wall ms (cpu ms) [minor page faults per call].", "",
              "| context | batch | budget | threads | blocks | " + " | ".join(names) + " | speed-up (wall / cpu) | "
