@@ -118,7 +118,7 @@ def build_page_table_from_valid(sel: "BlockSelection", slot_of_fetch: torch.Tens
     else:
         tok = torch.zeros(b, span, dtype=torch.bool, device=dev)
         tok[:, :ctx] = valid[:, :ctx]
-    flat = torch.arange(b, device=dev).view(b, 1, 1) * p + order
+    flat = torch.arange(0, b * p, p, device=dev).view(b, 1, 1) + order
     entry_valid = tok.reshape(b * p, page_size).index_select(0, flat.view(-1)).view(b, h, m, page_size)
     entry_valid &= used.unsqueeze(-1)
     return PageTable(slots, page, entry_valid, fetch_pos, page_size, counts)
@@ -144,24 +144,23 @@ def _table_entries(sel: "BlockSelection", slot_of_fetch: torch.Tensor):
     b, h, p = pm.shape
     dev = pm.device
     u = int(sel.fetch.numel())
-    # Entry e of (row, head) is its e-th selected page: scatter each selected page to its rank (a cumsum),
-    # unselected ones to a dump column past M (cheaper than a sort).
+    # Entry e of (row, head) is its e-th selected page: scatter each selected page to column e + 1 (its rank,
+    # a cumsum), unselected ones to a dump column 0 (cheaper than a sort).
     rank = pm.cumsum(dim=-1)
     counts = rank[..., -1].clone() if p else torch.zeros(b, h, dtype=torch.long, device=dev)
     m = max(1, int(counts.max())) if counts.numel() else 1
     order = torch.zeros(b, h, m + 1, dtype=torch.long, device=dev)
     if p:
-        rank.sub_(1).masked_fill_(~pm, m)
-        order.scatter_(2, rank, torch.arange(p, device=dev).expand(b, h, p))
-    order = order[..., :m]  # padding entries: page 0 (in range)
+        order.scatter_(2, rank.mul_(pm), torch.arange(p, device=dev).expand(b, h, p))
+    order = order[..., 1:]  # padding entries: page 0 (in range)
     used = torch.arange(m, device=dev) < counts.unsqueeze(-1)  # (B, H, M)
     block = torch.div(order, k, rounding_mode="floor")
-    page = order - block * k
+    page = order.remainder(k)
     n_blocks = int(sel.head_mask.shape[-1])
     # sel.fetch is ascending: block 0, when fetched, is u = 0, so padding entries (block 0) map to u = 0.
     u_of_block = torch.zeros(max(n_blocks, 1), dtype=torch.long, device=dev)
     u_of_block[sel.fetch.to(dev)] = torch.arange(u, device=dev)
-    fetch_pos = u_of_block[block.clamp_(max=max(n_blocks - 1, 0))]
+    fetch_pos = u_of_block[block]  # every selected page's block is fetched (the selection's contract)
     slots = slot_of_fetch.to(dev)[fetch_pos] if u else torch.zeros_like(fetch_pos)
     return order, used, counts, fetch_pos, page, slots
 
