@@ -33,7 +33,7 @@ from .tensor_modes import with_normal_tensors
 from .sparse.attention import SparseAttentionOutput, sparse_attention
 from .sparse.digests import KeyDigests
 from .sparse.fetch import fetch_selected
-from .sparse.page_table import build_page_table, build_page_table_from_valid, entry_mass_to_blocks, page_table_attention
+from .sparse.page_table import build_page_table_from_valid, entry_mass_to_blocks, page_table_attention
 from .sparse.placement import record_attention
 from .sparse.selection import SelectionConfig, select
 
@@ -355,6 +355,10 @@ def attend_selected(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
     ``k_pool`` / ``v_pool``: ``(N, B, H, block_size, D)`` slots; ``slot_of_fetch``: ``(U,)`` slot of each
     block of ``sel.fetch``; ``valid``: ``(B, >= ctx)`` token validity (padding); ``ctx``: context tokens
     before the new one.  ``backend``:
+
+    The ``"pages"`` backends build the page table from ``valid`` and ``ctx`` directly
+    (``build_page_table_from_valid``: the table ``build_page_table`` makes from the fetched blocks' token
+    validity).
 
     - ``"pages"``: the page table of :mod:`.sparse.page_table`, torch path (exactly each head's pages;
       on CPU with one torch thread gathered and multiplied chunk by chunk of (row, head)s so each gathered
