@@ -21,10 +21,10 @@ faults per call (fresh multi-MB temporaries are faulted in again on every call):
 - ``reference``: what decode ran before the page table: the token mask of the selection and
   ``sparse_attention_reference`` over the union of fetched blocks (every head computes over every
   fetched block, masked);
-- ``pages``: ``sparse_layer.attend_selected(backend="pages")``: token validity, ``build_page_table``,
+- ``pages``: ``sparse_layer.attend_selected(backend="pages")``: ``build_page_table_from_valid``,
   ``page_table_attention``, ``entry_mass_to_blocks`` (at 1 thread its chunked CPU path, at 2 the batched
   one);
-- ``table``: ``build_page_table`` alone (part of ``pages``);
+- ``table``: ``build_page_table_from_valid`` alone (part of ``pages``);
 - ``dense``: the yardstick, what a ``DynamicCache`` decode step's attention does per layer: SDPA (GQA) of
   the query over the whole context, K/V ``(B, H, context, D)`` contiguous (timed only);
 - ``pages@REV`` with ``--baseline-rev``: the same path with ``tiercache_llm/sparse/page_table.py`` of a
@@ -59,7 +59,7 @@ import torch  # noqa: E402
 
 from _common import machine_meta, median, torch_threads  # noqa: E402
 from tiercache_llm.sparse.attention import sparse_attention_reference  # noqa: E402
-from tiercache_llm.sparse.page_table import build_page_table  # noqa: E402
+from tiercache_llm.sparse.page_table import build_page_table_from_valid  # noqa: E402
 from tiercache_llm.sparse.selection import BlockSelection  # noqa: E402
 from tiercache_llm import sparse_layer  # noqa: E402
 
@@ -110,10 +110,7 @@ def pages_path(x: dict[str, Any]):
 
 
 def table_path(x: dict[str, Any]):
-    sel = x["sel"]
-    pos = sel.fetch.view(-1, 1) * S + torch.arange(S)
-    token_ok = x["valid"][:, pos.clamp(max=x["valid"].shape[1] - 1)] & (pos < x["ctx"])
-    return build_page_table(sel, x["slot"], token_ok, S)
+    return build_page_table_from_valid(x["sel"], x["slot"], x["valid"], x["ctx"], S)
 
 
 def dense_path(x: dict[str, Any]):
@@ -137,17 +134,25 @@ def load_revision(rev: str) -> Callable[[dict[str, Any]], Any]:
     sys.modules[name] = mod
     spec.loader.exec_module(mod)
 
-    def run(x):
+    def attend(query, k_pool, v_pool, slot_of_fetch, sel, valid, ctx, block_size, k_new, v_new, scaling, **_):
+        """``sparse_layer.attend_selected(backend="pages")`` as it was before ``build_page_table_from_valid``
+        (token validity of the fetched blocks, ``build_page_table``), with ``rev``'s functions."""
         from tiercache_llm.sparse.attention import SparseAttentionOutput
 
-        sel = x["sel"]
-        pos = sel.fetch.view(-1, 1) * S + torch.arange(S)
-        token_ok = x["valid"][:, pos.clamp(max=x["valid"].shape[1] - 1)] & (pos < x["ctx"])
-        table = mod.build_page_table(sel, x["slot"], token_ok, S)
-        res = mod.page_table_attention(x["query"], x["k_pool"], x["v_pool"], table, x["k_new"], x["v_new"])
-        return SparseAttentionOutput(res.output, mod.entry_mass_to_blocks(res.block_mass, table, x["u"]), res.new_mass)
+        dev = valid.device
+        pos = sel.fetch.to(dev).view(-1, 1) * block_size + torch.arange(block_size, device=dev)
+        token_ok = valid[:, pos.clamp(max=valid.shape[1] - 1)] & (pos < ctx)
+        table = mod.build_page_table(sel, slot_of_fetch, token_ok, block_size)
+        res = mod.page_table_attention(query, k_pool, v_pool, table, k_new, v_new, scale=scaling)
+        return SparseAttentionOutput(res.output, mod.entry_mass_to_blocks(res.block_mass, table, int(sel.fetch.numel())),
+                                     res.new_mass)
+
+    def run(x):
+        return attend(x["query"], x["k_pool"], x["v_pool"], x["slot"], x["sel"], x["valid"], x["ctx"], S, x["k_new"],
+                      x["v_new"], None)
 
     run.module = mod  # type: ignore[attr-defined]
+    run.attend = attend  # type: ignore[attr-defined]
     return run
 
 
@@ -156,14 +161,14 @@ def model_ab(rev: str, context: int = 8192, batch: int = 4, steps: int = 16, bud
     ``attention-aware`` cache (host tier 25 % of the KV, the rest on disk, as ``sparse_speed.py``), its K/V
     random (timing only: no prefill), decoding ``steps`` steps that alternate between
     ``page_table.py`` of git revision ``rev`` and the tree's.  Per step: the main thread's CPU time inside
-    ``sparse_layer.attend_selected`` summed over layers (``time.thread_time``: robust to a shared machine,
+    ``sparse_layer.attend_selected`` summed over layers (the old side: ``attend_selected``'s page path
+    as it was before ``build_page_table_from_valid``, with ``rev``'s ``page_table.py``) (``time.thread_time``: robust to a shared machine,
     and the pipeline's background threads are not counted), and the step's wall time."""
     import shutil
     import sparse_speed as ss
     from _common import load_bench_model
 
-    old = load_revision(rev).module
-    new = sys.modules["tiercache_llm.sparse.page_table"]
+    old_attend = load_revision(rev).attend
     model, _ = load_bench_model("smollm2")
     cfg = model.config
     gen = torch.Generator().manual_seed(0)
@@ -174,16 +179,16 @@ def model_ab(rev: str, context: int = 8192, batch: int = 4, steps: int = 16, bud
     del kv
     spent = [0.0]
     attend = sparse_layer.attend_selected
+    side = {"old": old_attend, "new": attend}
+    current = [attend]
 
     def timed(*args, **kwargs):
         t0 = time.thread_time()
         try:
-            return attend(*args, **kwargs)
+            return current[0](*args, **kwargs)
         finally:
             spent[0] += time.thread_time() - t0
 
-    names = ("build_page_table", "page_table_attention", "entry_mass_to_blocks")
-    saved = {n: getattr(sparse_layer, n) for n in names}
     attn: dict[str, list[float]] = {"old": [], "new": []}
     wall: dict[str, list[float]] = {"old": [], "new": []}
     ids = torch.randint(3, cfg.vocab_size, (batch, 1), generator=gen)
@@ -192,8 +197,7 @@ def model_ab(rev: str, context: int = 8192, batch: int = 4, steps: int = 16, bud
         with torch.no_grad(), torch_threads(1):
             for i in range(steps + 2):  # the first two (one per side) warm up
                 which = "old" if i % 2 == 0 else "new"
-                for n in names:
-                    setattr(sparse_layer, n, getattr(old if which == "old" else new, n))
+                current[0] = side[which]
                 spent[0] = 0.0
                 t0 = time.perf_counter()
                 ids = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
@@ -202,12 +206,11 @@ def model_ab(rev: str, context: int = 8192, batch: int = 4, steps: int = 16, bud
                     attn[which].append(spent[0])
     finally:
         sparse_layer.attend_selected = attend
-        for n, f in saved.items():
-            setattr(sparse_layer, n, f)
         cache.close()
         shutil.rmtree(work, ignore_errors=True)
     layers = cfg.num_hidden_layers
-    out = {"context": context, "batch": batch, "budget": budget, "steps_each": steps // 2, "layers": layers}
+    out = {"context": context, "batch": batch, "budget": budget, "steps_each": steps // 2, "layers": layers,
+           "baseline_rev": rev}
     for k in ("old", "new"):
         out[k] = {"attention_ms_per_step": 1e3 * median(attn[k]), "attention_ms_per_layer": 1e3 * median(attn[k]) / layers,
                   "step_wall_ms": 1e3 * median(wall[k])}
@@ -283,7 +286,7 @@ def markdown(result: dict[str, Any]) -> str:
              f"{result['machine'].get('load_average')}; {result['runtime_seconds']:.0f} s.", "",
              "Median wall ms per call (process CPU ms in brackets), interleaved in one process; `reference` = "
              "block-union `sparse_attention_reference`, `pages` = `attend_selected(backend=\"pages\")` "
-             "(table build included), `table` = `build_page_table` alone, `dense` = SDPA over the whole context "
+             "(table build included), `table` = `build_page_table_from_valid` alone, `dense` = SDPA over the whole context "
              "(a `DynamicCache` step's attention per layer, the yardstick).", "",
              "Last columns: the page paths alone (consecutive calls), wall ms (cpu ms) [minor page faults per call].", "",
              "| context | batch | budget | threads | blocks | " + " | ".join(names) + " | speed-up (wall / cpu) | "

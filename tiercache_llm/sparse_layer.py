@@ -33,7 +33,7 @@ from .tensor_modes import with_normal_tensors
 from .sparse.attention import SparseAttentionOutput, sparse_attention
 from .sparse.digests import KeyDigests
 from .sparse.fetch import fetch_selected
-from .sparse.page_table import build_page_table, entry_mass_to_blocks, page_table_attention
+from .sparse.page_table import build_page_table_from_valid, entry_mass_to_blocks, page_table_attention
 from .sparse.placement import record_attention
 from .sparse.selection import SelectionConfig, select
 
@@ -356,6 +356,10 @@ def attend_selected(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
     block of ``sel.fetch``; ``valid``: ``(B, >= ctx)`` token validity (padding); ``ctx``: context tokens
     before the new one.  ``backend``:
 
+    The ``"pages"`` backends build the page table from ``valid`` and ``ctx`` directly
+    (``build_page_table_from_valid``: the table ``build_page_table`` makes from the fetched blocks' token
+    validity).
+
     - ``"pages"``: the page table of :mod:`.sparse.page_table`, torch path (exactly each head's pages;
       on CPU with one torch thread gathered and multiplied chunk by chunk of (row, head)s so each gathered
       chunk is read from cache, else one gather and two matmuls per (row, head));
@@ -372,9 +376,6 @@ def attend_selected(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
     if backend not in ("auto", "pages", "pages-triton", "blocks-triton"):
         raise ValueError(f"backend must be 'auto', 'pages', 'pages-triton' or 'blocks-triton' ('triton'), got {backend!r}")
     dev = valid.device
-    fetch_t = sel.fetch.to(dev)
-    pos = fetch_t.view(-1, 1) * block_size + torch.arange(block_size, device=dev)
-    token_ok = valid[:, pos.clamp(max=valid.shape[1] - 1)] & (pos < ctx)  # (B, U, S)
     if backend == "auto":
         backend = "pages"
         if query.is_cuda:
@@ -382,6 +383,9 @@ def attend_selected(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
 
             backend = "pages-triton" if compiled_triton_usable(query.device) else "pages"
     if backend == "blocks-triton":
+        fetch_t = sel.fetch.to(dev)
+        pos = fetch_t.view(-1, 1) * block_size + torch.arange(block_size, device=dev)
+        token_ok = valid[:, pos.clamp(max=valid.shape[1] - 1)] & (pos < ctx)  # (B, U, S)
         kbuf = k_pool.index_select(0, slot_of_fetch.to(k_pool.device))
         vbuf = v_pool.index_select(0, slot_of_fetch.to(v_pool.device))
         pages = sel.token_mask(block_size)
@@ -389,10 +393,10 @@ def attend_selected(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
         return sparse_attention(query, kbuf.permute(1, 2, 0, 3, 4), vbuf.permute(1, 2, 0, 3, 4),
                                 sel.fetch_head_mask.to(kbuf.device), token_valid, k_new, v_new, scale=scaling,
                                 backend="triton")
-    table = build_page_table(sel, slot_of_fetch, token_ok, block_size)
+    table = build_page_table_from_valid(sel, slot_of_fetch, valid, ctx, block_size)
     res = page_table_attention(query, k_pool, v_pool, table, k_new, v_new, scale=scaling,
                                backend="triton" if backend == "pages-triton" else "torch")
-    return SparseAttentionOutput(res.output, entry_mass_to_blocks(res.block_mass, table, int(fetch_t.numel())),
+    return SparseAttentionOutput(res.output, entry_mass_to_blocks(res.block_mass, table, int(sel.fetch.numel())),
                                  res.new_mass)
 
 

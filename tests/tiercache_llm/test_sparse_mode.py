@@ -413,10 +413,10 @@ def test_pages_attend_only_their_tokens_within_the_budget(make_model, monkeypatc
     ids, mask = left_padded_batch(seed=22, lengths=(40, 27, 13))
     pads = (mask == 0).sum(1)
     seen = []
-    original = sl.build_page_table
+    original = sl.build_page_table_from_valid
 
-    def spy(sel, slot_of_fetch, token_ok, block_size):
-        table = original(sel, slot_of_fetch, token_ok, block_size)
+    def spy(sel, slot_of_fetch, valid, ctx, block_size):
+        table = original(sel, slot_of_fetch, valid, ctx, block_size)
         seen.append(table)
         return table
 
@@ -428,7 +428,7 @@ def test_pages_attend_only_their_tokens_within_the_budget(make_model, monkeypatc
         sels.append((sel, digests.length, digests.count.clone()))
         return sel
 
-    monkeypatch.setattr(sl, "build_page_table", spy)
+    monkeypatch.setattr(sl, "build_page_table_from_valid", spy)
     monkeypatch.setattr(sl, "select", spy_select)
     with TieredKVCache.for_model(model, mode="sparse", budget=budget, sink=sink, recent=recent, block_size=bs,
                                  page_size=page, host="1MiB") as cache:

@@ -34,7 +34,7 @@ from .attention import SparseAttentionOutput, _new_token_scores, add_new_tokens,
 if TYPE_CHECKING:  # pragma: no cover
     from .selection import BlockSelection
 
-__all__ = ["PageTable", "build_page_table", "page_table_attention", "entry_mass_to_blocks"]
+__all__ = ["PageTable", "build_page_table", "build_page_table_from_valid", "page_table_attention", "entry_mass_to_blocks"]
 
 
 @dataclass(frozen=True)
@@ -71,48 +71,98 @@ def build_page_table(sel: "BlockSelection", slot_of_fetch: torch.Tensor, token_o
         token_ok: ``(B, U, block_size)`` bool, tokens of the fetched blocks that exist and are not padding
             (in ``sel.fetch`` order).
         block_size: tokens per storage block (``S``).
-    """
-    k = sel.pages_per_block
-    if block_size <= 0 or block_size % k:
-        raise ValueError(f"block_size ({block_size}) must be a positive multiple of the selection's "
-                         f"pages_per_block ({k})")
-    page_size = block_size // k
-    pm = sel.pages  # (B, H, P) pages (or blocks when k == 1)
-    b, h, p = pm.shape
-    dev = pm.device
-    u = int(sel.fetch.numel())
-    if tuple(slot_of_fetch.shape) != (u,):
-        raise ValueError(f"slot_of_fetch must be ({u},) (one slot per fetched block), got {tuple(slot_of_fetch.shape)}")
+
+    :func:`build_page_table_from_valid` builds the same table from the per-token validity of the
+    context (what decode holds), without the ``(B, U, block_size)`` detour."""
+    b, u = _check_table_args(sel, slot_of_fetch, block_size)
     if tuple(token_ok.shape) != (b, u, block_size):
         raise ValueError(f"token_ok must be (B, U, block_size) = {(b, u, block_size)}, got {tuple(token_ok.shape)}")
-    # Entry e of (row, head) is its e-th selected page: scatter each selected page to its rank (a cumsum),
-    # unselected ones to a dump column past M (cheaper than a sort).
-    rank = pm.cumsum(dim=-1)
-    counts = rank[..., -1] if p else torch.zeros(b, h, dtype=torch.long, device=dev)
-    m = max(1, int(counts.max())) if counts.numel() else 1
-    order = torch.zeros(b, h, m + 1, dtype=torch.long, device=dev)
-    if p:
-        order.scatter_(2, torch.where(pm, rank - 1, m), torch.arange(p, device=dev).expand(b, h, p))
-    order = order[..., :m]  # padding entries: page 0 (in range)
-    used = torch.arange(m, device=dev) < counts.unsqueeze(-1)  # (B, H, M)
-    block = torch.div(order, k, rounding_mode="floor")
-    page = order - block * k
-    n_blocks = int(sel.head_mask.shape[-1])
-    fetch = sel.fetch.to(dev)
-    u_of_block = torch.zeros(max(n_blocks, 1), dtype=torch.long, device=dev)
-    u_of_block[fetch] = torch.arange(u, device=dev)
-    fetch_pos = torch.where(used, u_of_block[block.clamp(max=max(n_blocks - 1, 0))], 0)
-    page = torch.where(used, page, 0)
+    k = sel.pages_per_block
+    page_size = block_size // k
+    order, used, counts, fetch_pos, page, slots = _table_entries(sel, slot_of_fetch)
+    b, h, m = order.shape
+    dev = order.device
     if u:
-        slots = slot_of_fetch.to(dev)[fetch_pos]
         # Token validity of each entry: rows (b, u, page) of token_ok viewed as (B * U * k, page_size).
         flat = (torch.arange(b, device=dev).view(b, 1, 1) * u + fetch_pos) * k + page
         valid = token_ok.reshape(b * u * k, page_size).index_select(0, flat.view(-1)).view(b, h, m, page_size)
         valid &= used.unsqueeze(-1)
     else:
-        slots = torch.zeros_like(fetch_pos)
         valid = torch.zeros(b, h, m, page_size, dtype=torch.bool, device=dev)
     return PageTable(slots, page, valid, fetch_pos, page_size, counts)
+
+
+def build_page_table_from_valid(sel: "BlockSelection", slot_of_fetch: torch.Tensor, valid: torch.Tensor, ctx: int,
+                                block_size: int) -> PageTable:
+    """:func:`build_page_table` with the token validity given as the context's: ``valid`` ``(B, >= ctx)``
+    bool (``False`` = padding), ``ctx`` the context's length (tokens at or past it are never attended).
+    The same table as ``build_page_table(sel, slot_of_fetch, token_ok, block_size)`` with
+    ``token_ok[b, u, i] = valid[b, sel.fetch[u] * block_size + i]`` for positions below ``ctx`` (else
+    ``False``), computed with one gather of the entries' token rows."""
+    b, u = _check_table_args(sel, slot_of_fetch, block_size)
+    if valid.dim() != 2 or valid.shape[0] != b or valid.dtype != torch.bool or valid.shape[1] < ctx or ctx < 0:
+        raise ValueError(f"valid must be (B, >= ctx) = ({b}, >= {ctx}) bool, got {valid.dtype} {tuple(valid.shape)}")
+    page_size = block_size // sel.pages_per_block
+    order, used, counts, fetch_pos, page, slots = _table_entries(sel, slot_of_fetch)
+    b, h, m = order.shape
+    p = int(sel.pages.shape[-1])
+    dev = order.device
+    if not u or not p:
+        return PageTable(slots, page, torch.zeros(b, h, m, page_size, dtype=torch.bool, device=dev), fetch_pos,
+                         page_size, counts)
+    # Entry e of (row, head) is global page order[e] = tokens order[e] * page_size + [0, page_size): one row of
+    # the context's validity viewed as (B * P, page_size), positions at or past ctx made False.
+    span = p * page_size
+    if ctx >= span:
+        tok = valid[:, :span].to(dev)
+    else:
+        tok = torch.zeros(b, span, dtype=torch.bool, device=dev)
+        tok[:, :ctx] = valid[:, :ctx]
+    flat = torch.arange(0, b * p, p, device=dev).view(b, 1, 1) + order
+    entry_valid = tok.reshape(b * p, page_size).index_select(0, flat.view(-1)).view(b, h, m, page_size)
+    entry_valid &= used.unsqueeze(-1)
+    return PageTable(slots, page, entry_valid, fetch_pos, page_size, counts)
+
+
+def _check_table_args(sel: "BlockSelection", slot_of_fetch: torch.Tensor, block_size: int) -> tuple[int, int]:
+    k = sel.pages_per_block
+    if block_size <= 0 or block_size % k:
+        raise ValueError(f"block_size ({block_size}) must be a positive multiple of the selection's "
+                         f"pages_per_block ({k})")
+    u = int(sel.fetch.numel())
+    if tuple(slot_of_fetch.shape) != (u,):
+        raise ValueError(f"slot_of_fetch must be ({u},) (one slot per fetched block), got {tuple(slot_of_fetch.shape)}")
+    return int(sel.pages.shape[0]), u
+
+
+def _table_entries(sel: "BlockSelection", slot_of_fetch: torch.Tensor):
+    """``(order, used, counts, fetch_pos, page, slots)`` of the table: ``order`` ``(B, H, M)`` the global page
+    of each entry (padding: page 0), ``used`` its mask, ``counts`` ``(B, H)``, the entries' positions in
+    ``sel.fetch``, pages within their block and pool slots (padding: fetch position 0, page 0)."""
+    k = sel.pages_per_block
+    pm = sel.pages  # (B, H, P) pages (or blocks when k == 1)
+    b, h, p = pm.shape
+    dev = pm.device
+    u = int(sel.fetch.numel())
+    # Entry e of (row, head) is its e-th selected page: scatter each selected page to column e + 1 (its rank,
+    # a cumsum), unselected ones to a dump column 0 (cheaper than a sort).
+    rank = pm.cumsum(dim=-1)
+    counts = rank[..., -1].clone() if p else torch.zeros(b, h, dtype=torch.long, device=dev)
+    m = max(1, int(counts.max())) if counts.numel() else 1
+    order = torch.zeros(b, h, m + 1, dtype=torch.long, device=dev)
+    if p:
+        order.scatter_(2, rank.mul_(pm), torch.arange(p, device=dev).expand(b, h, p))
+    order = order[..., 1:]  # padding entries: page 0 (in range)
+    used = torch.arange(m, device=dev) < counts.unsqueeze(-1)  # (B, H, M)
+    block = torch.div(order, k, rounding_mode="floor")
+    page = order.remainder(k)
+    n_blocks = int(sel.head_mask.shape[-1])
+    # sel.fetch is ascending: block 0, when fetched, is u = 0, so padding entries (block 0) map to u = 0.
+    u_of_block = torch.zeros(max(n_blocks, 1), dtype=torch.long, device=dev)
+    u_of_block[sel.fetch.to(dev)] = torch.arange(u, device=dev)
+    fetch_pos = u_of_block[block]  # every selected page's block is fetched (the selection's contract)
+    slots = slot_of_fetch.to(dev)[fetch_pos] if u else torch.zeros_like(fetch_pos)
+    return order, used, counts, fetch_pos, page, slots
 
 
 def page_table_attention(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: PageTable,
@@ -216,14 +266,18 @@ def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool:
     while it is still in cache, and only the used entries of a chunk are gathered (padding entries beyond
     the chunk's largest count never are).
 
-    1. per chunk: gather the used pages' keys (one ``index_select`` of page rows), one ``bmm`` with the
-       group's query rows (GQA: the ``G * Q`` query rows of a KV head are the matmul's rows; no repeat)
-       into the scores ``(B * H, G * Q, M * page + Q)``;
+    1. per chunk: gather the used pages' keys (one ``index_select`` of page rows into a scratch buffer
+       that stays in cache), one ``bmm`` with the group's query rows (GQA: the ``G * Q`` query rows of a
+       KV head are the matmul's rows; no repeat) into the scores ``(B * H, G * Q, M * page + Q)``;
     2. the new tokens' scores in the last ``Q`` columns, hidden tokens ``-inf``, one softmax over the row
        (float32): the weights, the entry masses (sums over each entry's tokens) and the new tokens' mass all
        come from it;
-    3. per chunk: gather the values, zero the hidden tokens among them (they may hold NaN and
-       ``0 * NaN = NaN``), one ``bmm`` with the weights."""
+    3. per chunk: gather the values (same buffer), one ``bmm`` with the weights (hidden tokens weigh
+       exactly 0); only where that gave NaN (a hidden value NaN or infinite: ``0 * inf = NaN``) the
+       chunk again with its hidden tokens' values zeroed; the new tokens' values added with one
+       ``baddbmm``.
+
+    Every per-layer tensor it writes besides the returned ones is a per-thread scratch buffer."""
     n, b, h, s, d = k_pool.shape
     hq, q = query.shape[1], query.shape[2]
     g = hq // h
@@ -236,19 +290,24 @@ def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool:
     dev = query.device
     nq = q if new_keys is not None else 0
     # Page row of each entry in the pools viewed as (N * B * H * kpp, ps * D).
-    flat = (((table.slots * b + torch.arange(b, device=dev).view(b, 1, 1)) * h
-             + torch.arange(h, device=dev).view(1, h, 1)) * kpp + table.pages).view(bh, m)
-    hidden = ~table.valid.view(bh, t)
-    counts = table.counts.reshape(bh) if table.counts is not None else torch.full((bh,), m, dtype=torch.long)
-    cnts, n_hidden = torch.stack((counts.to(torch.long), hidden.sum(1))).tolist()  # one host read (CPU: no sync)
+    flat = ((table.slots * (b * h * kpp) + table.pages)
+            + (torch.arange(bh, device=dev) * kpp).view(b, h, 1)).view(bh, m)
+    valid = table.valid.view(bh, t)
+    n_valid = valid.sum(1)
+    if table.counts is not None:
+        cnts, n_ok = torch.stack((table.counts.reshape(bh), n_valid)).tolist()  # one host read (CPU: no sync)
+    else:
+        cnts, n_ok = [m] * bh, n_valid.tolist()
     per = max(1, _CHUNK_BYTES // max(1, m * ps * d * 4))  # (row, head)s per chunk
     chunks = []
+    any_hidden = False
     for i in range(0, bh, per):
         j = min(bh, i + per)
         used = max(cnts[i:j])
         # Hidden tokens among the gathered ones: padding entries of members with fewer entries, or hidden
         # tokens inside used entries (left padding, the partial last page).
-        some_hidden = any(n_hidden[r] > (m - used) * ps for r in range(i, j))
+        some_hidden = any(n_ok[r] < used * ps for r in range(i, j))
+        any_hidden |= some_hidden
         chunks.append((i, j, used, some_hidden, flat[i:j, :used].reshape(-1) if used else None))
     krows = k_pool.view(-1, ps * d)
     vrows = v_pool.view(-1, ps * d)
@@ -262,40 +321,60 @@ def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool:
         chunk = torch.index_select(rows, 0, idx, out=lowbuf[: idx.numel()])
         return buf[: idx.numel()].copy_(chunk).view(j - i, used * ps, d)
 
-    qf = query.float().reshape(bh, gq, d) * scale
+    qf = torch.mul(query.reshape(bh, gq, d).to(torch.float32), scale, out=_scratch("q", (bh, gq, d), dev))
     scores = _scratch("s", (bh, gq, t + nq), dev)
     for i, j, used, _, idx in chunks:
         if used:
             torch.bmm(qf[i:j], gather(krows, i, j, used, idx).transpose(1, 2), out=scores[i:j, :, : used * ps])
-    ctx = scores[..., :t]
-    ctx.masked_fill_(hidden.view(bh, 1, t), float("-inf"))  # also the never-written padding columns
+    # Hidden tokens and the never-written padding columns: -inf (NaN among hidden keys included).
+    hidden = None
+    if any_hidden or min(cnts) < m:
+        hidden = torch.logical_not(valid, out=_scratch("hidden", (bh, t), dev, torch.bool))
+        scores[..., :t].masked_fill_(hidden.view(bh, 1, t), float("-inf"))
     if nq:
-        scores[..., t:] = _new_token_scores(qf.view(b, h, gq, d), new_keys, g).view(bh, gq, q)
+        nk = new_keys.reshape(bh, q, d).to(torch.float32)
+        if q == 1:
+            torch.bmm(qf, nk.transpose(1, 2), out=scores[..., t:])
+        else:
+            scores[..., t:] = _new_token_scores(qf.view(b, h, gq, d), new_keys, g).view(bh, gq, q)
     weights = torch.ops.aten._softmax.out(scores, -1, False, out=_scratch("p", scores.shape, dev))
     out = torch.empty(bh, gq, d, device=dev)
-    for i, j, used, some_hidden, idx in chunks:
+    for i, j, used, _, idx in chunks:
         if used:
-            values = gather(vrows, i, j, used, idx)
-            if some_hidden:
-                rows = hidden[i:j, : used * ps].reshape(-1).nonzero().squeeze(1)
-                values.view(-1, d).index_fill_(0, rows, 0.0)
-            torch.bmm(weights[i:j, :, : used * ps], values, out=out[i:j])
+            torch.bmm(weights[i:j, :, : used * ps], gather(vrows, i, j, used, idx), out=out[i:j])
         else:
             out[i:j].zero_()
+    # Hidden tokens have weight exactly 0, which hides any finite value; a NaN or an infinity among them
+    # (0 * inf = NaN) shows as NaN in its chunk's output: only then redo those chunks with the hidden
+    # tokens' values zeroed (the pools' hidden bytes are rarely non-finite; chunks without hidden tokens
+    # are left as they are, their NaN is the reference's).
+    if any_hidden and bool(out.isnan().any()):
+        bad = out.view(bh, -1).isnan().any(1).tolist()
+        for i, j, used, some_hidden, idx in chunks:
+            if used and some_hidden and any(bad[i:j]):
+                values = gather(vrows, i, j, used, idx)
+                rows = hidden[i:j, : used * ps].reshape(-1).nonzero().squeeze(1)
+                values.view(-1, d).index_fill_(0, rows, 0.0)
+                torch.bmm(weights[i:j, :, : used * ps], values, out=out[i:j])
     if not nq:  # a (row, head) with nothing to attend: softmax over only -inf gave NaN; it gets zeros
         for r in range(bh):
-            if n_hidden[r] == t:
+            if n_ok[r] == 0:
                 weights[r].zero_()
                 out[r].zero_()
-    mass = weights[..., :t].reshape(b, h, g, q, m, ps).sum(-1).mean(3).reshape(b, hq, m)
-    out = out.view(b, h, g, q, d)
+    mass = weights[..., :t].view(bh, gq, m, ps).sum(-1)
+    if q > 1:
+        mass = mass.view(b, h, g, q, m).mean(3)
+    mass = mass.reshape(b, hq, m)
     if nq:
-        p_new = weights[..., t:].reshape(b, h, g, q, q)
-        out = out + p_new @ new_values.float().unsqueeze(2)
-        new_mass = p_new.sum(-1).mean(-1).reshape(b, hq)
+        p_new = weights[..., t:]
+        out.baddbmm_(p_new, new_values.reshape(bh, q, d).to(torch.float32))
+        new_mass = p_new.sum(-1)
+        if q > 1:
+            new_mass = new_mass.view(b, h, g, q).mean(-1)
+        new_mass = new_mass.reshape(b, hq)
     else:
         new_mass = torch.zeros(b, hq, device=dev)
-    return SparseAttentionOutput(out.reshape(b, hq, q, d).to(query.dtype), mass, new_mass)
+    return SparseAttentionOutput(out.view(b, hq, q, d).to(query.dtype), mass, new_mass)
 
 
 def _page_table_attention_triton(query, k_pool, v_pool, table: PageTable, new_keys, new_values, *, scale,
@@ -410,8 +489,10 @@ def entry_mass_to_blocks(entry_mass: torch.Tensor, table: PageTable, n_fetch: in
             or entry_mass.shape[2] != table.fetch_pos.shape[2]:
         raise ValueError(f"entry_mass {tuple(entry_mass.shape)} does not match the table {tuple(table.fetch_pos.shape)}")
     b, hq, m = entry_mass.shape
-    pos = table.fetch_pos.repeat_interleave(hq // h, dim=1)
-    out = torch.zeros(b, hq, n_fetch, dtype=entry_mass.dtype, device=entry_mass.device)
+    g = hq // h
+    out = torch.zeros(b, h, g, n_fetch, dtype=entry_mass.dtype, device=entry_mass.device)
     if n_fetch == 0:  # nothing fetched: every entry is padding (zero mass)
-        return out
-    return out.scatter_add_(2, pos, entry_mass)
+        return out.view(b, hq, 0)
+    # Query head q reads KV head q // g: the g query heads of a KV head share its entries' positions.
+    out.scatter_add_(3, table.fetch_pos.unsqueeze(2).expand(b, h, g, m), entry_mass.reshape(b, h, g, m))
+    return out.view(b, hq, n_fetch)

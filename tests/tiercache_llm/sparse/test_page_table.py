@@ -20,6 +20,7 @@ from tiercache_llm.sparse import sparse_attention_reference
 from tiercache_llm.sparse.page_table import (
     PageTable,
     build_page_table,
+    build_page_table_from_valid,
     entry_mass_to_blocks,
     page_table_attention,
 )
@@ -196,6 +197,20 @@ def test_the_table_names_exactly_each_heads_attended_tokens(c):
             assert sorted(got) == want
 
 
+@settings(max_examples=40, deadline=None)
+@given(cases(), st.integers(0, 9))
+def test_the_table_from_the_contexts_validity_is_the_same_table(c, extra):
+    """``build_page_table_from_valid`` (decode's path: the context's validity and length) builds exactly
+    ``build_page_table``'s table from the fetched blocks' token validity, also when the validity buffer
+    runs past the context (tokens there are never attended, whatever it says)."""
+    want = build_page_table(c.sel, c.slot_of_fetch, c.token_ok, c.s)
+    valid = torch.cat((c.valid, torch.ones(c.b, extra, dtype=torch.bool)), dim=1)
+    got = build_page_table_from_valid(c.sel, c.slot_of_fetch, valid, c.t, c.s)
+    for name in ("slots", "pages", "valid", "fetch_pos", "counts"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert got.page_size == want.page_size
+
+
 BASE = dict(b=2, h=2, g=3, d=8, s=8, page=2, q=1, n_blocks=4, tail_cut=3, density=0.7, empty_head=True,
             empty_all=False, extra_slots=2, permute=True, key_scale=1.0, new=True, dtype=torch.float32, scale=None)
 
@@ -296,6 +311,12 @@ def test_bad_shapes_are_refused_with_clear_errors():
         build_page_table(c.sel, c.slot_of_fetch, c.token_ok[:, :, :-1], c.s)
     with pytest.raises(ValueError, match="block_size"):
         build_page_table(c.sel, c.slot_of_fetch, c.token_ok, c.s + 1)
+    with pytest.raises(ValueError, match="valid"):
+        build_page_table_from_valid(c.sel, c.slot_of_fetch, c.valid[:, :-1], c.t, c.s)  # shorter than ctx
+    with pytest.raises(ValueError, match="valid"):
+        build_page_table_from_valid(c.sel, c.slot_of_fetch, c.valid.long(), c.t, c.s)
+    with pytest.raises(ValueError, match="slot_of_fetch"):
+        build_page_table_from_valid(c.sel, c.slot_of_fetch[:-1], c.valid, c.t, c.s)
     with pytest.raises(ValueError, match="entry_mass"):
         entry_mass_to_blocks(torch.zeros(c.b, c.h * c.g, table.slots.shape[-1] + 1), table, c.u)
 
