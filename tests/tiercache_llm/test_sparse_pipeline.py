@@ -80,7 +80,8 @@ def test_every_strategy_gives_the_synchronous_logits(model, batch, tmp_path, str
         assert pipe["reused"] == pipe["staged"] == 0
     else:
         assert pipe["reused"] > 0  # consecutive steps select many of the same blocks
-        assert (pipe["staging"]["jobs"] > 0) == pipe["config"]["layer_ahead"]  # the pool holds what stage_ahead would
+        # the pool holds what stage_ahead would; near misses (attention-aware) are staged from outside it
+        assert (pipe["staging"]["jobs"] > 0) == (pipe["config"]["layer_ahead"] or pipe["config"]["stage_near"] > 0)
 
 
 def test_failed_prefetches_change_nothing(model, batch, tmp_path, monkeypatch):
