@@ -346,9 +346,11 @@ def test_near_miss_staging_takes_disk_reads_off_the_step_and_keeps_logits(model,
     assert pipe["stage_ahead_entries"] > 0 and pipe["staging"]["renewed"] > 0
 
 
-def test_near_misses_rank_unselected_blocks_by_their_gap_to_the_cut(model, batch, tmp_path):
+@pytest.mark.parametrize("layout", [{}, {"block_size": 8, "page_size": 2}])
+def test_near_misses_rank_unselected_blocks_by_their_gap_to_the_cut(model, batch, tmp_path, layout):
     ids, mask = batch
-    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware", pipeline={"stage_near": 4})) as cache:
+    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware", pipeline={"stage_near": 4},
+                                             **layout)) as cache:
         decode_logits(model, cache, ids, mask, steps=3)
         pipe = cache._pipeline
         checked = 0
