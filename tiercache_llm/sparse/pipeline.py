@@ -383,6 +383,13 @@ class DecodePipeline:
         self.store.update_scores({k: scores[k] for k in keys if k in scores})
         self._read(keys, outs)
 
+    def _read_massed(self, mass: torch.Tensor, block_of: dict, keys: list, outs: list[torch.Tensor]) -> None:
+        """:meth:`_read_scored` with each entry's score its block's decayed ``mass`` (``block_of``: key ->
+        block index; blocks beyond ``mass`` keep their score)."""
+        values = mass.tolist()
+        n = len(values)
+        self._read_scored({k: values[block_of[k]] for k in keys if block_of.get(k, n) < n}, keys, outs)
+
     def _stage_blocks(self, layer: "TieredKVLayer", blocks: list[int]) -> tuple[int, int]:
         """Stage the K and V entries of ``blocks`` of ``layer`` that are outside the fastest tier (and not
         staged yet); returns (entries outside the fastest tier, entries submitted)."""
@@ -400,12 +407,11 @@ class DecodePipeline:
             return 0, 0
         read = self._read
         if self._policy_context() is not None and layer.sparse is not None:
-            mass, n = layer.sparse.mass, layer.sparse.mass.numel()
-            scores = {}
+            # The scores are looked up by the job (off the forward thread), from the mass at that time.
+            block_of = {}
             for j in blocks:
-                if j < n:
-                    scores[layer._kkeys[j]] = scores[layer._vkeys[j]] = float(mass[j])
-            read = functools.partial(self._read_scored, scores)
+                block_of[layer._kkeys[j]] = block_of[layer._vkeys[j]] = j
+            read = functools.partial(self._read_massed, layer.sparse.mass, block_of)
         return len(todo), self.staging.stage(todo, lambda k: self._entry_tensor(layer, *refs[k]), read)
 
     # ------------------------------------------------------------------------------ stages
