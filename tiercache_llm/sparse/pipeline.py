@@ -633,19 +633,23 @@ class DecodePipeline:
                 or self._closed:
             return
         start = time.perf_counter()
-        for idx in self.sparse_ids:
-            layer = self.layers[idx]
-            if layer._blocks:
-                self._stage_ahead(layer.sparse, layer)
+        # Every layer's choice first, then the jobs: a job started early would run Python (and hold the GIL)
+        # while the later layers' choices run torch ops, each of which must take the GIL back.
+        chosen = [(layer, self._stage_ahead(layer.sparse, layer)) for layer in
+                  (self.layers[idx] for idx in self.sparse_ids) if layer._blocks]
+        for layer, blocks in chosen:
+            _, submitted = self._stage_blocks(layer, blocks)
+            self.stats.stage_ahead_entries += submitted
         self.stats.stage_ahead_seconds += time.perf_counter() - start
 
-    def _stage_ahead(self, state: "SparseLayerState", layer: "TieredKVLayer") -> None:
-        """The layer's ``stage_ahead`` highest-mass stored blocks outside the fastest tier and its resident
-        pool, then its ``stage_near`` near misses (:meth:`near_misses`) outside the pool, most likely first
-        (what does not fit the staging area is dropped from the end)."""
+    def _stage_ahead(self, state: "SparseLayerState", layer: "TieredKVLayer") -> list[int]:
+        """The blocks disk staging ahead stages for ``layer``: its ``stage_ahead`` highest-mass stored blocks
+        outside the fastest tier and its resident pool, then its ``stage_near`` near misses
+        (:meth:`near_misses`) outside the pool, most likely first (what does not fit the staging area is
+        dropped from the end)."""
         n = min(len(layer._blocks), state.mass.numel())
         if n == 0:
-            return
+            return []
         pool = self._pools.get(layer.layer_idx)
         held = pool.slot_of if pool is not None and pool.retention != "none" else {}
         picked: list[int] = []
@@ -659,8 +663,7 @@ class DecodePipeline:
         if self.config.stage_near:
             chosen = set(picked)
             picked += [j for j in self.near_misses(layer, held, self.config.stage_near) if j not in chosen]
-        _, submitted = self._stage_blocks(layer, picked)
-        self.stats.stage_ahead_entries += submitted
+        return picked
 
     def near_misses(self, layer: "TieredKVLayer", held: Any, count: int) -> list[int]:
         """Up to ``count`` stored blocks of ``layer`` outside ``held`` that its last selection ranked
