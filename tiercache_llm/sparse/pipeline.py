@@ -111,9 +111,9 @@ class PipelineConfig:
             (:meth:`DecodePipeline.near_misses`: the blocks its last selection ranked closest to its cut)
             outside its pool; those on the fastest tier are not read.  Staged again at every step, they stay
             staged while they remain near misses (:class:`~.staging.StagingArea` renewal).
-        prefault_pool: a resident pool's new slots are faulted in (``MADV_POPULATE_WRITE``, huge pages
-            where the kernel allows) on the I/O pool as soon as the pool grows, so the forward pass does not
-            pay a page fault per 4 KiB of every first read into a slot (CPU, Linux; needs the I/O pool).
+        prefault_pool: a resident pool's new slots are faulted in (``MADV_POPULATE_WRITE``) on a background
+            thread as soon as the pool grows, so the forward pass does not pay a page fault per 4 KiB of
+            every first read into a slot (CPU, Linux >= 5.14; only in pipelines with an I/O pool).
         wait_timeout: seconds a layer waits for an in-flight entry before reading it itself.
         complement_reuse: attention-aware placement with resident pools: the fastest tier complements the
             pool (:meth:`DecodePipeline.placement_scores`) instead of holding the most attended blocks.
@@ -261,8 +261,9 @@ def _madvise() -> Any:
 
 def populate(tensor: torch.Tensor) -> int:
     """Map every whole page inside ``tensor``'s (contiguous, CPU) bytes for writing without changing its
-    contents (``MADV_POPULATE_WRITE``); returns the bytes covered, 0 when there is no whole page, ``-1``
-    when the kernel refuses (then never tried again in this process)."""
+    contents (``MADV_POPULATE_WRITE``); returns the bytes covered, 0 when there is no whole page or the
+    tensor is not a contiguous CPU one, ``-1`` off Linux or when the kernel refuses (then never tried again
+    in this process)."""
     fn = _madvise()
     if fn is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
         return -1 if fn is None else 0
@@ -687,7 +688,7 @@ class DecodePipeline:
         if nb * ppb != p:
             gap = torch.nn.functional.pad(gap, (0, nb * ppb - p), value=inf)
         block = gap.reshape(b * h, nb, ppb).amin(dim=-1).amin(dim=0)[:n].clone()
-        out = [j for j in held if j < n]
+        out = [j for j in held if j < block.numel()]
         if out:
             block[torch.tensor(out, dtype=torch.long)] = inf
         values, indices = torch.topk(block, min(count, block.numel()), largest=False, sorted=True)
