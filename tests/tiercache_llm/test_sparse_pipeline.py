@@ -80,7 +80,8 @@ def test_every_strategy_gives_the_synchronous_logits(model, batch, tmp_path, str
         assert pipe["reused"] == pipe["staged"] == 0
     else:
         assert pipe["reused"] > 0  # consecutive steps select many of the same blocks
-        assert (pipe["staging"]["jobs"] > 0) == pipe["config"]["layer_ahead"]  # the pool holds what stage_ahead would
+        # the pool holds what stage_ahead would; near misses (attention-aware) are staged from outside it
+        assert (pipe["staging"]["jobs"] > 0) == (pipe["config"]["layer_ahead"] or pipe["config"]["stage_near"] > 0)
 
 
 def test_failed_prefetches_change_nothing(model, batch, tmp_path, monkeypatch):
@@ -329,3 +330,77 @@ def test_query_predictor_predicts_blocks_not_pages(model, batch, tmp_path, monke
     assert all(k == 4 for k, _ in calls)  # block_size // page_size
     assert all(bool((sel.fetch < sel.head_mask.shape[-1]).all()) for _, sel in calls)
     assert staged and all(j < n for n, blocks in staged for j in blocks)
+
+
+def test_near_miss_staging_takes_disk_reads_off_the_step_and_keeps_logits(model, batch, tmp_path):
+    """Disk staging ahead of near misses (attention-aware's ``stage_near``) reads blocks outside the pool in
+    the background and the logits stay the synchronous path's (whether a staged entry is taken or not)."""
+    ref = reference(model, batch, tmp_path)
+    ids, mask = batch
+    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware",
+                                             pipeline={"stage_ahead": 0, "stage_near": 64,
+                                                       "pool_blocks_factor": 1.0})) as cache:
+        got = decode_logits(model, cache, ids, mask)
+        pipe = cache.stats()["pipeline"]
+    assert torch.equal(ref, got)
+    assert pipe["stage_ahead_entries"] > 0 and pipe["staging"]["renewed"] > 0
+
+
+@pytest.mark.parametrize("layout", [{}, {"block_size": 8, "page_size": 2}])
+def test_near_misses_rank_unselected_blocks_by_their_gap_to_the_cut(model, batch, tmp_path, layout):
+    ids, mask = batch
+    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware", pipeline={"stage_near": 4},
+                                             **layout)) as cache:
+        decode_logits(model, cache, ids, mask, steps=3)
+        pipe = cache._pipeline
+        checked = 0
+        for idx, (scores, pages, ppb, count) in pipe._last_sel.items():
+            layer = cache.layers[idx]
+            n = len(layer._blocks)
+            held = set(pipe._pools[idx].slot_of)
+            got = pipe.near_misses(layer, held, n)
+            # brute force: per row and KV head, the lowest selected score minus each unselected valid page's
+            b, h, p = scores.shape
+            gap = {}
+            for r in range(b):
+                for kh in range(h):
+                    chosen = [float(scores[r, kh, q]) for q in range(p) if pages[r, kh, q]]
+                    if not chosen:
+                        continue
+                    for q in range(p):
+                        if not pages[r, kh, q] and count[r, q] > 0 and q // ppb < n:
+                            g = min(chosen) - float(scores[r, kh, q])
+                            gap[q // ppb] = min(gap.get(q // ppb, float("inf")), g)
+            want = {j for j, g in gap.items() if j not in held and g != float("inf")}
+            assert set(got) == want
+            assert [gap[j] for j in got] == sorted(gap[j] for j in got)
+            assert pipe.near_misses(layer, held, 2) == got[:2]
+            checked += bool(got)
+        assert checked > 0
+
+
+def test_populate_maps_pages_without_changing_contents():
+    import sys
+
+    from tiercache_llm.sparse.pipeline import populate
+
+    t = torch.arange(1 << 16, dtype=torch.float32)  # 256 KiB: whole pages inside it whatever its alignment
+    before = t.clone()
+    done = populate(t)
+    assert torch.equal(t, before)
+    if sys.platform.startswith("linux"):
+        assert done == -1 or 0 < done <= t.nbytes  # -1: a kernel before 5.14 refuses MADV_POPULATE_WRITE
+    assert populate(t[::2]) == 0 or populate(t[::2]) == -1  # not contiguous: nothing done
+
+
+def test_prefaulted_pools_keep_logits(model, batch, tmp_path):
+    ref = reference(model, batch, tmp_path)
+    ids, mask = batch
+    for prefault in (True, False):
+        with TieredKVCache.for_model(model, **opts(tmp_path / str(prefault), "reuse-layer-ahead",
+                                                 pipeline={"prefault_pool": prefault})) as cache:
+            got = decode_logits(model, cache, ids, mask)
+            pipe = cache.stats()["pipeline"]
+        assert torch.equal(ref, got)
+        if not prefault:
+            assert pipe["prefault_bytes"] == 0

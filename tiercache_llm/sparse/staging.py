@@ -16,6 +16,8 @@ Contract:
   never raised into the forward pass.
 - **Thread safety.** All methods may be called from any thread; jobs run on the pool given at
   construction.  :meth:`close` cancels queued jobs and waits for running ones.
+- **Renewal.** Asking again for a key already staged (or in flight) reads nothing and restarts its age:
+  a window of entries requested at every step stays staged for as long as it is requested.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class StagingCounters:
     entries_requested: int = 0  # entries submitted for staging (after dedup and the capacity cut)
     bytes_requested: int = 0
     dropped: int = 0  # entries not staged because the area was full
+    renewed: int = 0  # requests for entries already staged or in flight (their age restarts; nothing is read)
     failed_jobs: int = 0
     failed_entries: int = 0
     hits: int = 0  # entries taken ready (or after a wait)
@@ -105,7 +108,8 @@ class StagingArea:
         """Start one background job reading the entries ``keys`` not already staged, as many as fit.
 
         ``make(key)`` allocates the tensor a key is read into (its stored dtype and element count);
-        ``read(keys, outs)`` performs the read on the pool.  Returns how many entries were submitted."""
+        ``read(keys, outs)`` performs the read on the pool.  A key already staged or in flight is not read
+        again; its age restarts (see :meth:`advance`).  Returns how many entries were submitted."""
         if not keys:
             return 0
         todo: list[Hashable] = []
@@ -115,7 +119,10 @@ class StagingArea:
             if self._closed:
                 return 0
             for key in keys:
-                if key in self._slots:
+                slot = self._slots.get(key)
+                if slot is not None:
+                    slot.step = self._step
+                    self.counters.renewed += 1
                     continue
                 tensor = make(key)
                 if self._bytes + tensor.nbytes > self.capacity:

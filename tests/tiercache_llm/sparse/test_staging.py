@@ -97,6 +97,26 @@ def test_untaken_entries_expire_after_max_age_steps(pool):
     assert area.counters.expired == 1
 
 
+def test_asking_again_renews_an_entry_without_reading_it(pool):
+    reads = []
+
+    def counted(keys, outs):
+        reads.extend(keys)
+        fill(keys, outs)
+
+    area = StagingArea(10 * ENTRY, pool, max_age=1)
+    area.stage([1, 2], make, counted)
+    area.wait_idle()
+    for _ in range(3):  # 1 is asked for at every step: it stays; 2 is not: it expires
+        area.advance()
+        assert area.stage([1], make, counted) == 0
+    assert 1 in area and 2 not in area
+    assert sorted(reads) == [1, 2]  # nothing read twice
+    assert area.counters.renewed == 3 and area.counters.expired == 1
+    got = area.take(1)
+    assert got is not None and torch.equal(got, torch.full((1024,), 1.0))
+
+
 def test_discard_releases_named_or_all_entries(pool):
     area = StagingArea(10 * ENTRY, pool)
     area.stage([1, 2, 3], make, fill)
