@@ -63,7 +63,7 @@ import torch
 
 from tiercache.buffers import aligned_empty
 
-from .pool import GROWTH, ResidentPool, Retention
+from .pool import GROWTH, PoolArena, ResidentPool, Retention, check_pool_bytes
 from .staging import StagingArea
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -100,6 +100,12 @@ class PipelineConfig:
         write_behind_bytes: ``> 0``: new blocks are written by a writer thread through a queue of at most
             this many bytes (:meth:`~tiercache_llm.store.BlockStore.enable_write_behind`); ``0``: writes
             are synchronous.
+        pool_bytes: bound of the resident pools of all layers together (one shared
+            :class:`~.pool.PoolArena`), bytes or a size string (``"512MiB"``); ``None``: unbounded (each
+            layer keeps its own allowance).  When the bound is reached, a fetching layer evicts blocks
+            other layers hold (lowest decayed mass first for ``attention-aware``, farthest next use for
+            the others); a single layer's union larger than the bound grows the pools past it with a
+            warning (``pool_over_budget``).  Only what is resident changes, never what is attended.
     """
 
     reuse: bool = False
@@ -114,8 +120,10 @@ class PipelineConfig:
     write_behind_bytes: int = 0
     complement_reuse: bool = False
     pool_blocks_factor: float = 1.0
+    pool_bytes: int | str | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "pool_bytes", check_pool_bytes(self.pool_bytes))
         f = self.pool_blocks_factor
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not f >= 1.0:
             raise ValueError(f"pool_blocks_factor must be a number >= 1.0, got {f!r}")
@@ -173,10 +181,14 @@ class PipelineStats:
     ``prediction_precision = predicted_hits / predicted``.  ``copy_seconds``: real copies only (staged
     entries into their slots, waits included (``staging.wait_seconds``); the tail block; the held slots
     when a pool grows) plus the pool's slot bookkeeping; ``predict_seconds``: the predictor and job
-    submission; ``reuse_bytes`` / ``reuse_peak_bytes``: memory of the resident pools (every slot, free or
-    not); ``pool_slots`` / ``pool_grows`` / ``pool_reallocs`` / ``pool_evicted``: their slots, capacity
-    growths, reallocations (held slots copied; a growth within the CPU reservation copies nothing) and
-    evictions for room (filled in by :meth:`DecodePipeline.as_dict`)."""
+    submission; ``reuse_bytes`` / ``reuse_peak_bytes``: memory of the resident pools' shared arena (every
+    slot, free or not; fetch-every-step's fetch buffer included); ``pool_slots`` / ``pool_held`` /
+    ``pool_grows`` / ``pool_reallocs`` / ``pool_evicted``: its slots, the stored blocks held in them,
+    capacity growths, reallocations (held slots copied; a growth within the CPU reservation copies
+    nothing) and evictions for room, since the cache was made; ``pool_bound_bytes``: ``pool_bytes``
+    (``None``: unbounded), ``pool_slot_bytes``: one slot's K plus V, ``pool_over_budget``: fetches whose
+    union alone did not fit the bound (the arena grew past it) (filled in by
+    :meth:`DecodePipeline.as_dict`)."""
 
     steps: int = 0
     needed: int = 0
@@ -199,6 +211,10 @@ class PipelineStats:
     pool_grows: int = 0
     pool_reallocs: int = 0
     pool_evicted: int = 0
+    pool_held: int = 0
+    pool_over_budget: int = 0
+    pool_bound_bytes: int | None = None
+    pool_slot_bytes: int = 0
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -227,7 +243,8 @@ class DecodePipeline:
         self._last: dict[int, list[int]] = {}  # layer -> stored blocks it fetched at its last step
         self._left: dict[int, list[int]] = {}  # layer -> blocks of the step before that it no longer selected
         self._predicted: dict[int, set] = {}  # layer -> entries predicted for its coming fetch
-        self._pools: dict[int, ResidentPool] = {}  # layer -> its resident block pool
+        self._arena = PoolArena(config.retention, config.pool_blocks_factor, config.pool_bytes)  # shared slots
+        self._pools: dict[int, ResidentPool] = {}  # layer -> its view of the arena
         self._spare: dict[tuple, list[torch.Tensor]] = {}  # (shape, dtype, device) -> staging tensors to reuse
         self._spare_bytes = 0
         self.stats = PipelineStats()
@@ -340,12 +357,11 @@ class DecodePipeline:
     def _pool_of(self, layer_idx: int) -> ResidentPool:
         pool = self._pools.get(layer_idx)
         if pool is None:
-            pool = self._pools[layer_idx] = ResidentPool(self.config.retention, self.config.pool_blocks_factor)
+            pool = self._pools[layer_idx] = self._arena.pool()
         return pool
 
     def _count_pool_bytes(self, pool: ResidentPool, before: int) -> None:
-        """``pool``'s bytes changed from ``before``: update the total (kept incrementally, not summed over
-        every layer's pool at every fetch)."""
+        """The arena's bytes (``pool.nbytes``) changed from ``before``: update the total."""
         ps = self.stats
         ps.reuse_bytes += pool.nbytes - before
         ps.reuse_peak_bytes = max(ps.reuse_peak_bytes, ps.reuse_bytes)
@@ -540,8 +556,8 @@ class DecodePipeline:
     def invalidate(self) -> None:
         """Rows or blocks changed (crop, reorder, batch selection, reset): drop the resident pools,
         predictions and staged entries (in-flight jobs finish into released tensors)."""
-        for pool in self._pools.values():
-            pool.clear()
+        self._arena.clear()
+        self._arena.pools.clear()
         self._pools.clear()
         self.stats.reuse_bytes = 0
         self._last.clear()
@@ -571,12 +587,17 @@ class DecodePipeline:
         self.invalidate()
 
     def as_dict(self) -> dict:
-        pools = self._pools.values()
-        self.stats.pool_slots = sum(p.capacity for p in pools)
-        self.stats.pool_grows = sum(p.grows for p in pools)
-        self.stats.pool_reallocs = sum(p.reallocs for p in pools)
-        self.stats.pool_evicted = sum(p.evicted for p in pools)
-        out: dict[str, Any] = {"config": asdict(self.config), **self.stats.as_dict()}
+        arena = self._arena
+        ps = self.stats
+        ps.pool_slots = arena.capacity
+        ps.pool_held = arena.held
+        ps.pool_grows = arena.grows
+        ps.pool_reallocs = arena.reallocs
+        ps.pool_evicted = arena.evicted
+        ps.pool_over_budget = arena.over_budget
+        ps.pool_bound_bytes = arena.max_bytes
+        ps.pool_slot_bytes = arena.slot_bytes
+        out: dict[str, Any] = {"config": asdict(self.config), **ps.as_dict()}
         if self.staging is not None:
             out["staging"] = asdict(self.staging.counters)
             out["staging"]["bytes"] = self.staging.nbytes
