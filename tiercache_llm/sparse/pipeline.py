@@ -106,6 +106,9 @@ class PipelineConfig:
             other layers hold (lowest decayed mass first for ``attention-aware``, farthest next use for
             the others); a single layer's union larger than the bound grows the pools past it with a
             warning (``pool_over_budget``).  Only what is resident changes, never what is attended.
+        pool_eviction: which held blocks a layer short of slots evicts (from any layer): ``"mass"`` (lowest
+            decayed attention mass), ``"distance"`` (the layer whose next fetch is farthest away first, its
+            lowest-mass blocks first); ``None``: ``"mass"`` for mass retention, else ``"distance"``.
     """
 
     reuse: bool = False
@@ -121,9 +124,12 @@ class PipelineConfig:
     complement_reuse: bool = False
     pool_blocks_factor: float = 1.0
     pool_bytes: int | str | None = None
+    pool_eviction: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pool_bytes", check_pool_bytes(self.pool_bytes))
+        if self.pool_eviction not in (None, "mass", "distance"):
+            raise ValueError(f"pool_eviction must be None, 'mass' or 'distance', got {self.pool_eviction!r}")
         f = self.pool_blocks_factor
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not f >= 1.0:
             raise ValueError(f"pool_blocks_factor must be a number >= 1.0, got {f!r}")
@@ -243,7 +249,7 @@ class DecodePipeline:
         self._last: dict[int, list[int]] = {}  # layer -> stored blocks it fetched at its last step
         self._left: dict[int, list[int]] = {}  # layer -> blocks of the step before that it no longer selected
         self._predicted: dict[int, set] = {}  # layer -> entries predicted for its coming fetch
-        self._arena = PoolArena(config.retention, config.pool_blocks_factor, config.pool_bytes)  # shared slots
+        self._arena = PoolArena(config.retention, config.pool_blocks_factor, config.pool_bytes, config.pool_eviction)  # shared slots
         self._pools: dict[int, ResidentPool] = {}  # layer -> its view of the arena
         self._spare: dict[tuple, list[torch.Tensor]] = {}  # (shape, dtype, device) -> staging tensors to reuse
         self._spare_bytes = 0

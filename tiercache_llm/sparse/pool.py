@@ -69,6 +69,7 @@ from tiercache.buffers import aligned_empty
 from tiercache.sizes import format_size, parse_size
 
 Retention = Literal["none", "previous", "mass"]
+Eviction = Literal["mass", "distance"]
 GROWTH = 1.25
 
 
@@ -98,9 +99,14 @@ class PoolArena:
     """
 
     def __init__(self, retention: Retention = "previous", factor: float = 1.0,
-                 max_bytes: int | str | None = None) -> None:
+                 max_bytes: int | str | None = None, eviction: Eviction | None = None) -> None:
         if retention not in ("none", "previous", "mass"):
             raise ValueError(f"retention must be 'none', 'previous' or 'mass', got {retention!r}")
+        if eviction is None:
+            eviction = "mass" if retention == "mass" else "distance"
+        if eviction not in ("mass", "distance"):
+            raise ValueError(f"pool eviction must be 'mass' or 'distance', got {eviction!r}")
+        self.eviction = eviction
         if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor >= 1.0):
             raise ValueError(f"pool factor must be a number >= 1.0, got {factor!r}")
         self.retention = retention
@@ -122,7 +128,7 @@ class PoolArena:
 
     def pool(self) -> "ResidentPool":
         """A new layer view (layers fetch in the order their views were made)."""
-        view = ResidentPool(self.retention, self.factor, arena=self)
+        view = ResidentPool(arena=self)
         return view
 
     # ----------------------------------------------------------------------------- queries
@@ -279,14 +285,14 @@ class PoolArena:
     def _own_order(self, view: "ResidentPool", want: set) -> list[int]:
         """``view``'s blocks outside ``want``, in the order they are evicted."""
         others = [j for j in view.slot_of if j not in want]
-        if self.retention == "mass" and view._mass is not None and len(others) > 1:
+        if view._mass is not None and len(others) > 1 and self.retention != "none":
             values = view._mass.tolist()
             others.sort(key=lambda j: values[j] if j < len(values) else 0.0)
         return others
 
     def _victims(self, view: "ResidentPool", want: set, count: int) -> list[tuple["ResidentPool", int]]:
         """Up to ``count`` held blocks to evict for the fetching ``view`` (never one it selected)."""
-        if self.retention == "mass":
+        if self.eviction == "mass":
             cands = []
             for pi, p in enumerate(self.pools):
                 if not p.slot_of:
@@ -297,17 +303,20 @@ class PoolArena:
                 cands.extend((values[j] if j < n else 0.0, pi, j, p) for j in p.slot_of
                              if not (mine and j in want))
             return [(p, j) for _, _, j, p in heapq.nsmallest(count, cands, key=lambda c: (c[0], c[1], c[2]))]
-        # Farthest next fetch first: the layers just before the fetching one (cyclic order), then itself.
+        # Farthest next fetch first: the layers just before the fetching one (cyclic order), then itself;
+        # within a layer the lowest mass first (when its mass is known).
         n = len(self.pools)
         me = self.pools.index(view)
         out: list[tuple[ResidentPool, int]] = []
         for d in range(n - 1, -1, -1):
             p = self.pools[(me + d) % n]
-            for j in p.slot_of:
-                if not (p is view and j in want):
-                    out.append((p, j))
-                    if len(out) == count:
-                        return out
+            if not p.slot_of:
+                continue
+            blocks = self._own_order(p, want) if p is view else self._own_order(p, set())
+            for j in blocks:
+                out.append((p, j))
+                if len(out) == count:
+                    return out
         return out
 
     def _grow(self, n: int, shape_k: tuple, shape_v: tuple, dtype: torch.dtype, device: torch.device,
@@ -443,4 +452,4 @@ def identity_pool(kbuf: torch.Tensor, vbuf: torch.Tensor) -> tuple[torch.Tensor,
     return kbuf, vbuf, torch.arange(kbuf.shape[0], dtype=torch.long, device=kbuf.device)
 
 
-__all__ = ["PoolArena", "ResidentPool", "Retention", "check_pool_bytes", "identity_pool"]
+__all__ = ["Eviction", "PoolArena", "ResidentPool", "Retention", "check_pool_bytes", "identity_pool"]
