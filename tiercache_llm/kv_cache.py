@@ -1151,7 +1151,8 @@ class TieredKVCache(Cache):
             out["kv"]["beside_tiers_bytes"] += digest_bytes
             out["sparse"] = {
                 "settings": dict(budget=self.settings.budget, sink=self.settings.sink, recent=self.settings.recent,
-                                 strategy=self.settings.strategy, decay=self.settings.decay),
+                                 strategy=self.settings.strategy, decay=self.settings.decay,
+                                 pool_bytes=self._pipeline.config.pool_bytes if self._pipeline is not None else None),
                 "total": self._sparse.total.as_dict(),
                 "last_step": getattr(self, "_last_step_stats", None),
             }

@@ -103,12 +103,12 @@ class PipelineConfig:
         pool_bytes: bound of the resident pools of all layers together (one shared
             :class:`~.pool.PoolArena`), bytes or a size string (``"512MiB"``); ``None``: unbounded (each
             layer keeps its own allowance).  When the bound is reached, a fetching layer evicts blocks
-            other layers hold (lowest decayed mass first for ``attention-aware``, farthest next use for
-            the others); a single layer's union larger than the bound grows the pools past it with a
+            other layers hold (``pool_eviction``); a single layer's union larger than the bound grows the pools past it with a
             warning (``pool_over_budget``).  Only what is resident changes, never what is attended.
         pool_eviction: which held blocks a layer short of slots evicts (from any layer): ``"mass"`` (lowest
             decayed attention mass), ``"distance"`` (the layer whose next fetch is farthest away first, its
-            lowest-mass blocks first); ``None``: ``"mass"`` for mass retention, else ``"distance"``.
+            lowest-mass blocks first); ``None``: ``"distance"`` (more pool hits in our measurement,
+            docs/sparse.md "Pool budget").
     """
 
     reuse: bool = False

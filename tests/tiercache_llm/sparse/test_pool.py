@@ -234,7 +234,7 @@ def fill_arena(view, blocks, slots, missing, tag):
 
 
 def test_a_bounded_arena_evicts_other_layers_lowest_mass_first():
-    arena = PoolArena("mass", factor=1.5, max_bytes=5 * SLOT_BYTES)
+    arena = PoolArena("mass", factor=1.5, max_bytes=5 * SLOT_BYTES, eviction="mass")
     a, b = arena.pool(), arena.pool()
     mass_a = torch.tensor([0.1, 9.0, 0.2, 0.0], dtype=torch.float64)
     mass_b = torch.tensor([5.0, 0.15, 0.05, 0.0], dtype=torch.float64)
@@ -392,3 +392,17 @@ def test_a_bounded_pool_is_released_on_row_changes_and_logits_follow(model, tmp_
                     m = torch.cat([m, torch.ones_like(feed)], dim=1)
             runs.append(torch.stack(out))
     assert torch.equal(runs[0], runs[1])
+
+
+def test_distance_eviction_takes_the_layer_used_longest_ago_lowest_mass_first():
+    arena = PoolArena("mass", factor=1.5, max_bytes=6 * SLOT_BYTES, eviction="distance")
+    views = [arena.pool() for _ in range(3)]
+    masses = [torch.tensor([9.0, 0.1, 5.0, 0.0], dtype=torch.float64) for _ in range(3)]
+    arena_assign(views[0], [0, 1], mass=masses[0])
+    arena_assign(views[1], [0, 1], mass=masses[1])
+    arena_assign(views[2], [0, 1, 2], mass=masses[2])  # 1 short: layer 1 is fetched last from here, its 0.1 goes
+    assert set(views[0].slot_of) == {0, 1} and set(views[1].slot_of) == {0} and set(views[2].slot_of) == {0, 1, 2}
+    with pytest.raises(ValueError, match="pool_eviction"):
+        PipelineConfig(pool_eviction="lru")
+    with pytest.raises(ValueError, match="eviction"):
+        PoolArena("mass", eviction="lru")
