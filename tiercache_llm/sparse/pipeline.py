@@ -28,9 +28,10 @@ pass for the CPU.  Measured on the 2-core benchmark machine (SmolLM2, ``benchmar
   (``predictor="previous"``) or layer ``l+1``'s digests scored with layer ``l``'s query
   (``"query"``).  Layer ``l+1`` takes what was staged and reads every other selected entry itself
   (mispredictions are fetched, never skipped).
-- **Resident pool** (:class:`~.pool.ResidentPool`, one per sparse layer): the selected blocks are read
-  straight into slots of a persistent ``(N, B, H, S, D)`` pool and attention reads them there through a
-  page table, so a block still resident when it is selected again costs no read and no copy.  What stays
+- **Resident pool** (:class:`~.pool.ResidentPool`, one per sparse layer, all views of one shared
+  :class:`~.pool.PoolArena` bounded by ``pool_bytes``): the selected blocks are read straight into slots
+  of a persistent ``(N, B, H, S, D)`` pool and attention reads them there through a page table, so a
+  block still resident when it is selected again costs no read and no copy.  What stays
   resident between steps (``retention``): nothing (``fetch-every-step``, the honest baseline: every
   selected block is read from its tier every step), exactly the previous step's selection
   (``reuse-layer-ahead``), or a pool of ``pool_blocks_factor`` x the largest union so far (at most the

@@ -291,7 +291,7 @@ def test_pool_budget_option_plumbing(make_config):
     assert PipelineConfig(pool_bytes="2KiB").pool_bytes == 2048
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_the_bound_holds_and_held_slots_keep_their_blocks(data):
     """Random selections of several layers: the arena never exceeds the bound while each union fits, no two
@@ -406,3 +406,15 @@ def test_distance_eviction_takes_the_layer_used_longest_ago_lowest_mass_first():
         PipelineConfig(pool_eviction="lru")
     with pytest.raises(ValueError, match="eviction"):
         PoolArena("mass", eviction="lru")
+
+
+def test_off_the_cpu_a_bounded_arena_takes_its_bound_at_once_and_an_unbounded_one_grows_geometrically():
+    """Devices that commit memory on allocation (checked on ``meta``, which follows the same path as CUDA)."""
+    meta = torch.device("meta")
+    for bound, first, second in ((8, 8, 8), (None, 4, 9)):
+        arena = PoolArena("previous", max_bytes=None if bound is None else bound * SLOT_BYTES)
+        a, b = arena.pool(), arena.pool()
+        a.assign([0, 1, 2], [0, 1, 2], False, SHAPE, SHAPE, torch.float32, meta, reserve=4)
+        assert arena.capacity == first and arena.k.device == meta
+        b.assign([0, 1, 2, 3], [0, 1, 2, 3], False, SHAPE, SHAPE, torch.float32, meta, reserve=5)
+        assert arena.capacity == second and arena.reallocs == (bound is None)
