@@ -9,8 +9,10 @@ the same prefilled K/V (host tier ``--host-fraction`` of the KV, disk the rest w
 ``--threads`` torch threads.  Writes per strategy ``sparse_profile_<strategy>.txt`` (the top functions by
 own time and by cumulative time, as ``pstats`` prints them) and ``sparse_profile.json`` (per strategy:
 wall seconds per step, the cache's per-stage seconds per step, its rates (reuse, prefetch hit, prediction
-recall; cumulative since the fill, warm-up included), and the top functions with their share of
-the profiled wall time), and prints a summary.  ``--distinct-rows N`` prefills only N distinct prompt rows
+recall; cumulative since the fill, warm-up included), the reuse rate of the timed steps (``timed_reuse_rate``:
+pools or the fastest tier; ``timed_pool_reuse_rate``: entries served from the pools), ``memory`` (pools and
+their bound, bytes beside the tiers, KV held) and the top functions with their share of the profiled wall
+time), and prints a summary.  ``--distinct-rows N`` prefills only N distinct prompt rows
 and repeats them up to the batch (prefill is the slow part on a 2-core machine; repeated rows select the
 same blocks, so the union over rows is smaller than with distinct rows: say so when quoting figures).
 ``--variant STRATEGY:FIELD=VALUE:...`` (repeatable) adds a run of ``STRATEGY`` with those

@@ -28,9 +28,9 @@ allowances (``factor`` x union per layer for ``"mass"``, the union for ``"previo
 the layer whose next fetch is farthest away first (layers fetch in a cycle, so that is the layer just
 before the current one: Belady's rule for a cyclic order), its lowest decayed attention mass first; or
 (``"mass"``) the lowest decayed attention mass of any layer (the masses of all layers are on one scale).
-Measured at SmolLM2 4K x 4, 25 % budget, pools bounded at 25 % of the KV: 31.6 % of the needed entries
-served from the pools with ``"distance"``, 28.3 % with ``"mass"`` (docs/sparse.md "Pool budget").  Blocks the fetching layer selected are never evicted, so one step of
-one layer needs its whole union (stored blocks plus the tail) at once: a union larger than the bound
+Measured at SmolLM2 4K x 4, 25 % budget, pools bounded at 25 % of the KV: 25.2 % of the needed entries
+served from the pools with ``"distance"``, 21.9 % with ``"mass"`` (docs/sparse.md "Pool budget, measured").
+Blocks the fetching layer selected are never evicted, so one step of one layer needs its whole union (stored blocks plus the tail) at once: a union larger than the bound
 grows the arena past it to exactly that union (it never shrinks until :meth:`PoolArena.clear`), warns
 once per arena and is counted in ``over_budget`` (steps) and ``peak_slots`` -- correctness first, a
 decode step never fails for memory the user could not have predicted (a union depends on what the rows
