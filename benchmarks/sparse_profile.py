@@ -9,8 +9,10 @@ the same prefilled K/V (host tier ``--host-fraction`` of the KV, disk the rest w
 ``--threads`` torch threads.  Writes per strategy ``sparse_profile_<strategy>.txt`` (the top functions by
 own time and by cumulative time, as ``pstats`` prints them) and ``sparse_profile.json`` (per strategy:
 wall seconds per step, the cache's per-stage seconds per step, its rates (reuse, prefetch hit, prediction
-recall; cumulative since the fill, warm-up included), and the top functions with their share of
-the profiled wall time), and prints a summary.  ``--distinct-rows N`` prefills only N distinct prompt rows
+recall; cumulative since the fill, warm-up included), the reuse rate of the timed steps (``timed_reuse_rate``:
+pools or the fastest tier; ``timed_pool_reuse_rate``: entries served from the pools), ``memory`` (pools and
+their bound, bytes beside the tiers, KV held) and the top functions with their share of the profiled wall
+time), and prints a summary.  ``--distinct-rows N`` prefills only N distinct prompt rows
 and repeats them up to the batch (prefill is the slow part on a 2-core machine; repeated rows select the
 same blocks, so the union over rows is smaller than with distinct rows: say so when quoting figures).
 ``--variant STRATEGY:FIELD=VALUE:...`` (repeatable) adds a run of ``STRATEGY`` with those
@@ -142,10 +144,27 @@ def main(argv: list[str] | None = None) -> int:
             (args.out / f"sparse_profile_{strategy.replace(':', '_')}.txt").write_text(text.getvalue())
             own = {k: v for k, v in delta.items() if k != "tiercache"}
             stages = {k: v / args.steps for k, v in find_numbers(own, "seconds").items() if "last_step" not in k}
+            sel = delta.get("sparse", {}).get("total", {})
+            pipe_after = after.get("pipeline", {})
+            memory = {"kv_held_bytes": after["kv"].get("held_bytes"),
+                      "beside_tiers_bytes": after["kv"].get("beside_tiers_bytes"),
+                      "reuse_bytes": pipe_after.get("reuse_bytes"), "reuse_peak_bytes": pipe_after.get("reuse_peak_bytes"),
+                      "pool_bound_bytes": pipe_after.get("pool_bound_bytes"),
+                      "pool_over_budget": pipe_after.get("pool_over_budget")}
+            # reuse rate of the timed steps: selected blocks served without a read from a slower tier
+            timed_reuse = (sel["blocks_resident"] / sel["blocks_selected"]
+                           if isinstance(sel, dict) and sel.get("blocks_selected") else None)
+            dp = delta.get("pipeline", {})
+            pool_reuse = dp["reused"] / dp["needed"] if dp.get("needed") else None  # served from the pool itself
             summary["strategies"][strategy] = {
+                "overrides": overrides, "memory": memory, "timed_reuse_rate": timed_reuse,
+                "timed_pool_reuse_rate": pool_reuse,
                 "fill_s": fill, "wall_s_per_step": wall / args.steps, "stages_s_per_step": stages,
                 "rates": find_numbers({k: v for k, v in after.items() if k != "tiercache"}, "rate", "recall", "precision"), "top_own": top_functions(prof, wall)}
             print(f"\n== {strategy}: {1000 * wall / args.steps:.0f} ms/step under cProfile (fill {fill:.0f} s)")
+            print(f"   reuse rate (timed steps) {timed_reuse}, from the pools {pool_reuse}; pools {memory['reuse_bytes']} B "
+                  f"(peak {memory['reuse_peak_bytes']}, bound {memory['pool_bound_bytes']}), beside the tiers "
+                  f"{memory['beside_tiers_bytes']} B, KV held {memory['kv_held_bytes']} B")
             for k, v in sorted(stages.items(), key=lambda kv: -kv[1])[:10]:
                 print(f"   stage {k}: {1000 * v:.1f} ms/step ({100 * v * args.steps / wall:.0f}%)")
             for r in summary["strategies"][strategy]["top_own"][:12]:

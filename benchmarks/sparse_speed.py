@@ -85,6 +85,7 @@ class Settings:
     synthetic: tuple[int, ...] = (16384, 32768)  # contexts of the deep random config (batch 1); () skips it
     synthetic_layers: int = 48
     accuracy: str | None = None  # sparse_accuracy.json to show beside the budgets (None: --out's)
+    pool_fractions: tuple[float, ...] = ()  # opt-in: pool budgets (fractions of the KV) at the full points
 
     @classmethod
     def quick(cls) -> "Settings":
@@ -100,6 +101,7 @@ class Config:
     system: str
     budget: int | float | None = None
     state: str | None = None
+    pool: float | None = None  # pool_bytes as a fraction of the KV (inf: unbounded, named; None: the default)
 
     @property
     def label(self) -> str:
@@ -108,7 +110,18 @@ class Config:
             parts.append(budget_label(self.budget))
         if self.state:
             parts.append(self.state)
+        if self.pool is not None:
+            parts.append(pool_label(self.pool))
         return " ".join(parts)
+
+    @property
+    def run_state(self) -> str | None:
+        """The state a run and its row carry: rows with a pool budget never stand in for the default's."""
+        return self.state if self.pool is None else f"{self.state}, {pool_label(self.pool)}"
+
+
+def pool_label(pool: float) -> str:
+    return "pool unbounded" if math.isinf(pool) else f"pool {100 * pool:g}% of KV"
 
 
 def budget_label(b: int | float) -> str:
@@ -152,6 +165,10 @@ def config_groups(s: Settings, full: bool, context: int, block: int) -> tuple[li
     groups += [[Config(system, b, "cold") for system in SPARSE] for b in budgets if b != headline]
     if full and s.warm:
         groups.append([Config(EXACT, None, "warm")] + [Config(system, headline, "warm") for system in SPARSE])
+    if full and s.pool_fractions:
+        # Pool budgets (opt-in): the retaining strategies at each budget beside themselves unbounded, interleaved.
+        groups.append([Config(system, headline, "cold", pool) for pool in (math.inf, *s.pool_fractions)
+                       for system in (REUSE, AWARE)])
     return groups, merged
 
 
@@ -285,6 +302,8 @@ def build_cache(model: Any, cfg: Config, kv: list[tuple[torch.Tensor, torch.Tens
         opts["direct_io"] = cfg.state == "cold"
     if s.block_size is not None:
         opts["block_size"] = s.block_size
+    if cfg.pool is not None and not math.isinf(cfg.pool):
+        opts["pool_bytes"] = max(1, int(cfg.pool * kv_bytes))
     cache = make_tiered(model, "exact", **opts) if cfg.system == EXACT else \
         make_tiered(model, "sparse", budget=cfg.budget, strategy=cfg.system, **opts)
     try:
@@ -385,7 +404,7 @@ class Point:
         self.model, self.name, self.kv, self.last, self.prompt = model, name, kv, last, prompt
         self.configs, self.s, self.workdir = configs, s, workdir
         self.context, self.batch = kv[0][0].shape[2] + 1, kv[0][0].shape[0]
-        self.runs = {cfg: Run(name, self.context, requested, self.batch, cfg.system, cfg.budget, cfg.state, cfg.label)
+        self.runs = {cfg: Run(name, self.context, requested, self.batch, cfg.system, cfg.budget, cfg.run_state, cfg.label)
                      for cfg in configs}
         self.caches: dict[Config, Any] = {}
         self.pos: dict[Config, int] = {cfg: 0 for cfg in configs}
@@ -394,7 +413,7 @@ class Point:
         self.last_stats: dict[Config, dict[str, Any]] = {}
 
     def store(self, cfg: Config) -> Path:
-        return self.workdir / f"{cfg.system}-{cfg.budget}-{cfg.state}"
+        return self.workdir / f"{cfg.system}-{cfg.budget}-{cfg.state}-{cfg.pool}"
 
     def build(self, group: list[Config], skip: dict[str, str]) -> None:
         for cfg in group:
@@ -981,10 +1000,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-warm", action="store_true", help="skip the warm-page-cache runs")
     parser.add_argument("--accuracy", default=None, help="sparse_accuracy.json to show beside the budgets (default: --out's)")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory on the disk under test")
+    parser.add_argument("--pool-fractions", type=lambda t: tuple(float(x) for x in t.split(",")), default=None,
+                        help="opt-in: also run (3b) and (4) at the headline budget of the full points with pool_bytes "
+                             "these fractions of the KV (e.g. 0.5,0.25), interleaved with both unbounded")
     args = parser.parse_args(argv)
     s = Settings.quick() if args.quick else Settings()
     for name in ("model", "contexts", "batches", "full_points", "budgets", "max_kv_gib", "steps", "warmup", "repeats",
-                 "synthetic_layers", "accuracy"):
+                 "synthetic_layers", "accuracy", "pool_fractions"):
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
     if args.synthetic is not None:

@@ -30,6 +30,7 @@ from .tensor_modes import with_normal_tensors
 from .decode_buffer import DecodeBuffer, ReadAhead, StatesBuffer
 from .errors import UnsupportedModelError
 from .sparse.pipeline import DecodePipeline, PipelineConfig
+from .sparse.pool import check_pool_bytes
 from .sparse.selection import SelectionConfig
 from .sparse_layer import (
     STRATEGIES, SparseController, SparseLayerState, SparseModeError, check_decay, check_page_size, default_page_size,
@@ -100,6 +101,13 @@ class TieredKVSettings:
             (:class:`~tiercache_llm.sparse.pipeline.PipelineConfig` fields as a dict, e.g.
             ``{"staging_bytes": 64 << 20, "predictor": "query"}``, or a whole ``PipelineConfig``);
             ``None``: the strategy's defaults (see docs/sparse.md "Decode pipeline").
+        pool_bytes: sparse mode: bound of the resident block pools of all sparse layers together (bytes or
+            a size string like ``"256MiB"``; sets ``PipelineConfig.pool_bytes``).  They live on the model's
+            device beside the tier budgets (``stats()["pipeline"]["reuse_bytes"]``, part of
+            ``beside_tiers_bytes``).  ``None`` (default): unbounded, each layer keeps up to 1.5 x its
+            selection (``attention-aware``), so at batch 4 the pools approach the whole KV; a bound trades
+            reuse for memory (docs/sparse.md "Pool budget" has the measured cost).  One layer's selection
+            must fit: a smaller bound is exceeded with a warning (``pool_over_budget``).  Not a float, not 0.
     """
 
     block_size: int = 64
@@ -119,6 +127,7 @@ class TieredKVSettings:
     decay: float | None = None
     page_size: int | None = None
     pipeline: Any = None
+    pool_bytes: int | str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
@@ -162,6 +171,15 @@ class TieredKVSettings:
             elif not isinstance(self.pipeline, PipelineConfig):
                 raise TypeError(f"pipeline must be a dict of PipelineConfig fields or a PipelineConfig, "
                                 f"not {type(self.pipeline).__name__}")
+        if self.pool_bytes is not None:
+            if self.mode != "sparse":
+                raise ValueError("pool_bytes applies to mode='sparse' only")
+            base = self.pipeline if self.pipeline is not None else PipelineConfig.for_strategy(self.strategy)
+            bound = check_pool_bytes(self.pool_bytes)
+            if base.pool_bytes is not None and base.pool_bytes != bound:
+                raise ValueError(f"pool_bytes={self.pool_bytes!r} contradicts pipeline's pool_bytes={base.pool_bytes}")
+            object.__setattr__(self, "pool_bytes", bound)
+            object.__setattr__(self, "pipeline", dataclasses.replace(base, pool_bytes=bound))
         if not isinstance(self.prefetch, bool):
             raise TypeError("prefetch must be a bool")
         if not isinstance(self.direct_io, bool):
@@ -860,6 +878,7 @@ class TieredKVCache(Cache):
         decay: float = _UNSET,
         page_size: int = _UNSET,
         pipeline: Any = _UNSET,
+        pool_bytes: int | str | None = _UNSET,
         cache: Any = None,
         settings: TieredKVSettings | None = None,
     ) -> None:
@@ -873,6 +892,7 @@ class TieredKVCache(Cache):
                 gpu=gpu, host=host, disk=disk, path=path, block_size=block_size, mode=mode, policy=policy,
                 compression=compression, prefetch=prefetch, direct_io=direct_io, budget=budget, sink=sink,
                 recent=recent, strategy=strategy, decay=decay, page_size=page_size, pipeline=pipeline,
+                pool_bytes=pool_bytes,
             ).items()
             if value is not _UNSET
         }
@@ -1131,7 +1151,8 @@ class TieredKVCache(Cache):
             out["kv"]["beside_tiers_bytes"] += digest_bytes
             out["sparse"] = {
                 "settings": dict(budget=self.settings.budget, sink=self.settings.sink, recent=self.settings.recent,
-                                 strategy=self.settings.strategy, decay=self.settings.decay),
+                                 strategy=self.settings.strategy, decay=self.settings.decay,
+                                 pool_bytes=self._pipeline.config.pool_bytes if self._pipeline is not None else None),
                 "total": self._sparse.total.as_dict(),
                 "last_step": getattr(self, "_last_step_stats", None),
             }

@@ -41,7 +41,8 @@ def fetch_selected(state: "SparseLayerState", layer: "TieredKVLayer", sel: "Bloc
     """Keys and values of the blocks ``sel.fetch`` (ascending block indices; the last may be the tail
     block, which is not stored yet) as ``(k_pool, v_pool, slot_of_fetch)``: pools ``(N, B, H, block_size,
     D)`` (contiguous) and the ``(U,)`` int64 slot holding each block of ``sel.fetch``.  The pools stay
-    valid until the layer's next fetch (the pipeline's pools persist and are rewritten then).
+    valid until the next fetch of any layer of the same cache (the pipeline's layers share one persistent
+    arena of slots, rewritten then).
 
     ``query`` (``(B, Hq, 1, D)``) is this layer's decode query, for stages that predict what later
     layers will need.  Counts blocks selected/resident, tail selections and bytes per tier into

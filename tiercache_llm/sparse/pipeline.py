@@ -28,9 +28,10 @@ pass for the CPU.  Measured on the 2-core benchmark machine (SmolLM2, ``benchmar
   (``predictor="previous"``) or layer ``l+1``'s digests scored with layer ``l``'s query
   (``"query"``).  Layer ``l+1`` takes what was staged and reads every other selected entry itself
   (mispredictions are fetched, never skipped).
-- **Resident pool** (:class:`~.pool.ResidentPool`, one per sparse layer): the selected blocks are read
-  straight into slots of a persistent ``(N, B, H, S, D)`` pool and attention reads them there through a
-  page table, so a block still resident when it is selected again costs no read and no copy.  What stays
+- **Resident pool** (:class:`~.pool.ResidentPool`, one per sparse layer, all views of one shared
+  :class:`~.pool.PoolArena` bounded by ``pool_bytes``): the selected blocks are read straight into slots
+  of a persistent ``(N, B, H, S, D)`` pool and attention reads them there through a page table, so a
+  block still resident when it is selected again costs no read and no copy.  What stays
   resident between steps (``retention``): nothing (``fetch-every-step``, the honest baseline: every
   selected block is read from its tier every step), exactly the previous step's selection
   (``reuse-layer-ahead``), or a pool of ``pool_blocks_factor`` x the largest union so far (at most the
@@ -75,7 +76,7 @@ import torch
 
 from tiercache.buffers import aligned_empty
 
-from .pool import GROWTH, ResidentPool, Retention
+from .pool import GROWTH, PoolArena, ResidentPool, Retention, check_pool_bytes
 from .staging import StagingArea
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -120,6 +121,15 @@ class PipelineConfig:
         write_behind_bytes: ``> 0``: new blocks are written by a writer thread through a queue of at most
             this many bytes (:meth:`~tiercache_llm.store.BlockStore.enable_write_behind`); ``0``: writes
             are synchronous.
+        pool_bytes: bound of the resident pools of all layers together (one shared
+            :class:`~.pool.PoolArena`), bytes or a size string (``"512MiB"``); ``None``: unbounded (each
+            layer keeps its own allowance).  When the bound is reached, a fetching layer evicts blocks
+            other layers hold (``pool_eviction``); a single layer's union larger than the bound grows the pools past it with a
+            warning (``pool_over_budget``).  Only what is resident changes, never what is attended.
+        pool_eviction: which held blocks a layer short of slots evicts (from any layer): ``"mass"`` (lowest
+            decayed attention mass), ``"distance"`` (the layer whose next fetch is farthest away first, its
+            lowest-mass blocks first); ``None``: ``"distance"`` (more pool hits in our measurement,
+            docs/sparse.md "Pool budget").
     """
 
     reuse: bool = False
@@ -136,8 +146,13 @@ class PipelineConfig:
     write_behind_bytes: int = 0
     complement_reuse: bool = False
     pool_blocks_factor: float = 1.0
+    pool_bytes: int | str | None = None
+    pool_eviction: str | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "pool_bytes", check_pool_bytes(self.pool_bytes))
+        if self.pool_eviction not in (None, "mass", "distance"):
+            raise ValueError(f"pool_eviction must be None, 'mass' or 'distance', got {self.pool_eviction!r}")
         f = self.pool_blocks_factor
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not f >= 1.0:
             raise ValueError(f"pool_blocks_factor must be a number >= 1.0, got {f!r}")
@@ -200,10 +215,14 @@ class PipelineStats:
     submission; ``stage_ahead_entries`` / ``stage_ahead_seconds``: entries disk staging ahead submitted and
     the forward thread's time choosing them (after each step); ``prefault_bytes`` / ``prefault_seconds``:
     pool memory faulted in by the background prefaulter and its time there; ``reuse_bytes`` /
-    ``reuse_peak_bytes``: memory of the resident pools (every slot, free or
-    not); ``pool_slots`` / ``pool_grows`` / ``pool_reallocs`` / ``pool_evicted``: their slots, capacity
-    growths, reallocations (held slots copied; a growth within the CPU reservation copies nothing) and
-    evictions for room (filled in by :meth:`DecodePipeline.as_dict`)."""
+    ``reuse_peak_bytes``: memory of the resident pools' shared arena (every
+    slot, free or not; fetch-every-step's fetch buffer included); ``pool_slots`` / ``pool_held`` /
+    ``pool_grows`` / ``pool_reallocs`` / ``pool_evicted``: its slots, the stored blocks held in them,
+    capacity growths, reallocations (held slots copied; a growth within the CPU reservation copies
+    nothing) and evictions for room, since the cache was made; ``pool_bound_bytes``: ``pool_bytes``
+    (``None``: unbounded), ``pool_slot_bytes``: one slot's K plus V, ``pool_over_budget``: fetches whose
+    union alone did not fit the bound (the arena grew past it) (filled in by
+    :meth:`DecodePipeline.as_dict`)."""
 
     steps: int = 0
     needed: int = 0
@@ -229,6 +248,10 @@ class PipelineStats:
     pool_grows: int = 0
     pool_reallocs: int = 0
     pool_evicted: int = 0
+    pool_held: int = 0
+    pool_over_budget: int = 0
+    pool_bound_bytes: int | None = None
+    pool_slot_bytes: int = 0
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -298,7 +321,8 @@ class DecodePipeline:
         self._last: dict[int, list[int]] = {}  # layer -> stored blocks it fetched at its last step
         self._left: dict[int, list[int]] = {}  # layer -> blocks of the step before that it no longer selected
         self._predicted: dict[int, set] = {}  # layer -> entries predicted for its coming fetch
-        self._pools: dict[int, ResidentPool] = {}  # layer -> its resident block pool
+        self._arena = PoolArena(config.retention, config.pool_blocks_factor, config.pool_bytes, config.pool_eviction)  # shared slots
+        self._pools: dict[int, ResidentPool] = {}  # layer -> its view of the arena
         # layer -> (scores, pages, pages_per_block, digests' count) of its last selection (near misses)
         self._last_sel: dict[int, tuple] = {}
         self._prefaulter: concurrent.futures.ThreadPoolExecutor | None = None
@@ -453,12 +477,11 @@ class DecodePipeline:
     def _pool_of(self, layer_idx: int) -> ResidentPool:
         pool = self._pools.get(layer_idx)
         if pool is None:
-            pool = self._pools[layer_idx] = ResidentPool(self.config.retention, self.config.pool_blocks_factor)
+            pool = self._pools[layer_idx] = self._arena.pool()
         return pool
 
     def _count_pool_bytes(self, pool: ResidentPool, before: int) -> None:
-        """``pool``'s bytes changed from ``before``: update the total (kept incrementally, not summed over
-        every layer's pool at every fetch)."""
+        """The arena's bytes (``pool.nbytes``) changed from ``before``: update the total."""
         ps = self.stats
         ps.reuse_bytes += pool.nbytes - before
         ps.reuse_peak_bytes = max(ps.reuse_peak_bytes, ps.reuse_bytes)
@@ -698,8 +721,8 @@ class DecodePipeline:
     def invalidate(self) -> None:
         """Rows or blocks changed (crop, reorder, batch selection, reset): drop the resident pools,
         predictions and staged entries (in-flight jobs finish into released tensors)."""
-        for pool in self._pools.values():
-            pool.clear()
+        self._arena.clear()
+        self._arena.pools.clear()
         self._pools.clear()
         self.stats.reuse_bytes = 0
         self._last.clear()
@@ -732,12 +755,17 @@ class DecodePipeline:
         self.invalidate()
 
     def as_dict(self) -> dict:
-        pools = self._pools.values()
-        self.stats.pool_slots = sum(p.capacity for p in pools)
-        self.stats.pool_grows = sum(p.grows for p in pools)
-        self.stats.pool_reallocs = sum(p.reallocs for p in pools)
-        self.stats.pool_evicted = sum(p.evicted for p in pools)
-        out: dict[str, Any] = {"config": asdict(self.config), **self.stats.as_dict()}
+        arena = self._arena
+        ps = self.stats
+        ps.pool_slots = arena.capacity
+        ps.pool_held = arena.held
+        ps.pool_grows = arena.grows
+        ps.pool_reallocs = arena.reallocs
+        ps.pool_evicted = arena.evicted
+        ps.pool_over_budget = arena.over_budget
+        ps.pool_bound_bytes = arena.max_bytes
+        ps.pool_slot_bytes = arena.slot_bytes
+        out: dict[str, Any] = {"config": asdict(self.config), **ps.as_dict()}
         if self.staging is not None:
             out["staging"] = asdict(self.staging.counters)
             out["staging"]["bytes"] = self.staging.nbytes

@@ -1,73 +1,122 @@
-"""A persistent per-layer resident block pool: the K/V of selected blocks stay where they were read.
+"""Resident block pools: the K/V of selected blocks stay where they were read, in slots shared by every layer.
 
-:class:`ResidentPool` holds contiguous ``k`` / ``v`` tensors ``(N, B, H, S, D)`` (``N`` slots of one
-stored block each, all batch rows and KV heads), a map ``block index -> slot`` and a free list.  The
-decode pipeline (:mod:`.pipeline`) fills it: at each step the selected blocks already resident are used
-in place (no copy, no read), the missing ones get slots and are read straight into them, and attention
-reads the pool through a page table (``slot_of_fetch``; :mod:`.page_table`).  The in-memory tail block
-(partial, changing every step) gets a slot refreshed at every step; it is never retained.
+A :class:`PoolArena` holds contiguous ``k`` / ``v`` tensors ``(N, B, H, S, D)`` (``N`` slots of one stored
+block each, all batch rows and KV heads) and a free list; every sparse layer of a cache has a
+:class:`ResidentPool`, its view of the arena: a map ``block index -> slot`` of the blocks it holds.  The
+decode pipeline (:mod:`.pipeline`) fills them: at each step the selected blocks already resident are
+used in place (no copy, no read), the missing ones get slots and are read straight into them, and
+attention reads the arena through a page table (``slot_of_fetch``; :mod:`.page_table`).  The in-memory
+tail block (partial, changing every step) gets a slot refreshed at every step; it is never retained.
+
+**Validity.** The tensors a layer's fetch returns hold its selection until the next fetch of *any* layer
+of the arena (which may evict its blocks or reuse its tail slot); attention consumes them before that.
 
 Retention (which blocks outlive a step) is the strategy's:
 
 - ``"none"`` (``fetch-every-step``): nothing survives a step, every selected block is read from its tier
-  each step; the pool is only a persistent destination (no per-step allocation).
-- ``"previous"`` (``reuse-layer-ahead``): exactly the previous step's selection is kept.
-- ``"mass"`` (``attention-aware``): the pool has room for ``factor`` x the largest union so far (on the
-  CPU at most the layer's blocks: more could never be held); blocks not selected this step stay until
-  their slot is needed, the lowest decayed attention mass evicted first.
+  each step; the arena is one layer-sized destination shared by all layers (no per-step allocation).
+- ``"previous"`` (``reuse-layer-ahead``): exactly each layer's previous selection is kept.
+- ``"mass"`` (``attention-aware``): a layer may hold up to ``factor`` x its largest union so far (on the
+  CPU at most its blocks: more could never be held); its blocks not selected this step stay until their
+  slot is needed, the lowest decayed attention mass evicted first.
+
+**Budget** (``max_bytes``, ``None``: unbounded).  Unbounded, the arena grows to the sum of the layers'
+allowances (``factor`` x union per layer for ``"mass"``, the union for ``"previous"``, one union for
+``"none"``), so each layer behaves as if it had a pool of its own.  Bounded, the arena never grows past
+``max_bytes // slot_bytes`` slots: when a layer needs slots and none is free, blocks the other layers hold
+(and its own blocks it did not select) are evicted (``eviction``): by default (``"distance"``) those of
+the layer whose next fetch is farthest away first (layers fetch in a cycle, so that is the layer just
+before the current one: Belady's rule for a cyclic order), its lowest decayed attention mass first; or
+(``"mass"``) the lowest decayed attention mass of any layer (the masses of all layers are on one scale).
+Measured at SmolLM2 4K x 4, 25 % budget, pools bounded at 25 % of the KV: 25.2 % of the needed entries
+served from the pools with ``"distance"``, 21.9 % with ``"mass"`` (docs/sparse.md "Pool budget, measured").
+Blocks the fetching layer selected are never evicted, so one step of one layer needs its whole union (stored blocks plus the tail) at once: a union larger than the bound
+grows the arena past it to exactly that union (it never shrinks until :meth:`PoolArena.clear`), warns
+once per arena and is counted in ``over_budget`` (steps) and ``peak_slots`` -- correctness first, a
+decode step never fails for memory the user could not have predicted (a union depends on what the rows
+and heads select).  A bound that is not a positive byte count is a ``ValueError``
+(:func:`check_pool_bytes`).
 
 Each slot remembers the tiercache key of the block it holds, and a block whose key changed (rewritten,
 shifted) is a miss, so a stale slot can never be attended.  Rows or blocks changing in place (crop,
-reorder, batch selection, reset) must :meth:`clear` the pool (the pipeline's ``invalidate``).
+reorder, batch selection, reset) must clear the arena (the pipeline's ``invalidate``); a slot shape,
+dtype or device change (e.g. a batch change) clears it too.  The sparse layers of the supported models
+share one slot shape; layers of different shapes would still be correct, but would clear the shared
+arena at every change of shape.
 
-Growth: the first capacity is 1.25 x the step's need; when a union no longer fits (for ``"mass"``: when
-the capacity is below ``factor`` x the union), it grows geometrically (at least x1.25).  The pool never
-shrinks except through :meth:`clear`.  On the CPU the tensors are allocated once with ``reserve`` rows
-(the caller's bound on the slots the layer will use, e.g. 1.25 x its blocks: room for decoding's new ones): rows
-beyond the capacity are never handed out, so the allocator's untouched pages stay virtual and memory is
-the capacity's, and a growth within the reservation is a free-list extension, not a copy of every held
-slot (measured: ~90 ms per growth of a SmolLM2 layer at 8K x batch 4, several growths per step while
-unions grow).  Beyond the reservation (or on other devices, where memory is not committed lazily) the
-tensors are reallocated and the held slots copied once.
+Growth: a layer's allowance starts at 1.25 x its first need and grows geometrically (at least x1.25);
+on the CPU the arena's capacity follows the sum of the allowances (never past the bound), elsewhere it
+grows geometrically, and a bounded arena off the CPU takes the bound (at most the reservation) at its
+first allocation.  On the CPU the tensors are allocated once with
+``reserve`` rows (the caller's bound on the slots a layer will use, e.g. 1.25 x its blocks, times the
+layers that retain, capped by the bound): rows beyond the capacity are never handed out, so the
+allocator's untouched pages stay virtual and memory is the capacity's, and a growth within the
+reservation is a free-list extension, not a copy of every held slot (measured: ~90 ms per growth of a
+SmolLM2 layer at 8K x batch 4).  Beyond the reservation (or on other devices, where memory is not
+committed lazily) the tensors are reallocated and the held slots copied once.
 
 Thread safety: used by the forward pass only (one step of one layer at a time).
 """
 
 from __future__ import annotations
 
+import heapq
 import math
+import warnings
 from typing import Hashable, Literal, Sequence
 
 import torch
 
 from tiercache.buffers import aligned_empty
+from tiercache.sizes import format_size, parse_size
 
 Retention = Literal["none", "previous", "mass"]
+Eviction = Literal["mass", "distance"]
 GROWTH = 1.25
 
 
-class ResidentPool:
-    """One sparse layer's resident blocks (see module doc).
+def check_pool_bytes(value: int | str | None, what: str = "pool_bytes") -> int | None:
+    """``value`` as a positive byte count, or ``None`` (unbounded).  Accepts an ``int`` or a size string
+    (``"512MiB"``); ``0``, negative numbers, floats, bools and anything else raise ``ValueError``."""
+    if value is None:
+        return None
+    if isinstance(value, float):
+        raise ValueError(f"{what} must be a byte count or a size string like '512MiB', not a float ({value!r})")
+    n = parse_size(value, what)
+    if n <= 0:
+        raise ValueError(f"{what} must be positive (None: unbounded), got {value!r}")
+    return n
+
+
+class PoolArena:
+    """The slots shared by the :class:`ResidentPool` of every layer of one cache (see module doc).
 
     Attributes:
-        k / v: ``(N, B, Hk, S, Dk)`` / ``(N, B, Hv, S, Dv)`` (``None`` until the first :meth:`assign`);
-            ``N >= capacity``, slots ``>= capacity`` are never used.
-        slot_of: block index -> slot of the stored blocks held.
+        k / v: ``(N, B, Hk, S, Dk)`` / ``(N, B, Hv, S, Dv)`` (``None`` until the first assign); ``N >=
+            capacity``, slots ``>= capacity`` are never used.
+        max_bytes: the bound (``None``: unbounded).
         grows: times the capacity grew; reallocs: times the tensors were reallocated (held slots copied);
-        evicted: blocks evicted for room.
+        evicted: blocks evicted for room (by any layer, from any layer); over_budget: assigns whose union
+        did not fit the bound (the arena grew past it); peak_slots: the largest capacity so far.
     """
 
-    def __init__(self, retention: Retention = "previous", factor: float = 1.0) -> None:
+    def __init__(self, retention: Retention = "previous", factor: float = 1.0,
+                 max_bytes: int | str | None = None, eviction: Eviction | None = None) -> None:
         if retention not in ("none", "previous", "mass"):
             raise ValueError(f"retention must be 'none', 'previous' or 'mass', got {retention!r}")
+        if eviction is None:
+            eviction = "distance"
+        if eviction not in ("mass", "distance"):
+            raise ValueError(f"pool eviction must be 'mass' or 'distance', got {eviction!r}")
+        self.eviction = eviction
         if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor >= 1.0):
             raise ValueError(f"pool factor must be a number >= 1.0, got {factor!r}")
         self.retention = retention
         self.factor = float(factor)
+        self.max_bytes = check_pool_bytes(max_bytes, "pool max_bytes")
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
-        self.slot_of: dict[int, int] = {}
-        self._key_of: dict[int, Hashable] = {}  # slot -> tiercache key of the K entry it holds
+        self.pools: list["ResidentPool"] = []  # in fetch order (the order the layers were created in)
         self._free: list[int] = []
         self.tail_slot: int | None = None
         self._capacity = 0
@@ -75,6 +124,14 @@ class ResidentPool:
         self.grows = 0
         self.reallocs = 0
         self.evicted = 0
+        self.over_budget = 0
+        self.peak_slots = 0
+        self._warned = False
+
+    def pool(self) -> "ResidentPool":
+        """A new layer view (layers fetch in the order their views were made)."""
+        view = ResidentPool(arena=self)
+        return view
 
     # ----------------------------------------------------------------------------- queries
     @property
@@ -86,6 +143,263 @@ class ResidentPool:
     def nbytes(self) -> int:
         """Memory of the ``capacity`` slots."""
         return self._capacity * self._slot_bytes
+
+    @property
+    def slot_bytes(self) -> int:
+        return self._slot_bytes
+
+    @property
+    def bound_slots(self) -> int | None:
+        """The bound in slots (``None`` when unbounded or before the first assign fixed the slot size)."""
+        if self.max_bytes is None or not self._slot_bytes:
+            return None
+        return self.max_bytes // self._slot_bytes
+
+    @property
+    def held(self) -> int:
+        """Stored blocks held by all layers."""
+        return sum(len(p.slot_of) for p in self.pools)
+
+    # ----------------------------------------------------------------------------- steps
+    def assign(self, view: "ResidentPool", stored: Sequence[int], keys: Sequence[Hashable], tail: bool,
+               shape_k: tuple, shape_v: tuple, dtype: torch.dtype, device: torch.device,
+               mass: torch.Tensor | None = None, reserve: int = 0,
+               limit: int | None = None) -> tuple[list[int], list[int], int | None]:
+        """See :meth:`ResidentPool.assign` (``reserve`` is per layer here)."""
+        device = torch.device(device)
+        if self.k is not None and (tuple(self.k.shape[1:]) != tuple(shape_k) or tuple(self.v.shape[1:]) != tuple(shape_v)
+                                   or self.k.dtype != dtype or self.k.device != device):
+            self.clear()  # batch size or layout changed: nothing held is usable
+        if self.tail_slot is not None:  # every layer's tail slot is done with once another fetch starts
+            self._free.append(self.tail_slot)
+            self.tail_slot = None
+        if mass is not None:
+            view._mass = mass
+        if self.retention == "none":
+            for p in self.pools:
+                p._release(list(p.slot_of), count=False)
+        want = set(stored)
+        slot_of, key_of = view.slot_of, view._key_of
+        stale = [j for j, key in zip(stored, keys) if j in slot_of and key_of.get(slot_of[j]) != key]
+        view._release(stale, count=False)
+        if self.retention == "previous":
+            view._release([j for j in slot_of if j not in want])
+        missing = [i for i, j in enumerate(stored) if j not in slot_of]
+        need = len(missing) + (1 if tail else 0)
+        union = len(stored) + (1 if tail else 0)
+        # Every block outside the union can be evicted, so ``union`` slots always suffice; "mass" gives a
+        # layer room for ``factor`` x its union so blocks outside it can stay.  The allowance grows like a
+        # pool of its own would: 1.25 x the first need, then geometrically, never past the layer's limit.
+        target = math.ceil(self.factor * union) if self.retention == "mass" else union
+        cpu = device.type == "cpu"
+        cap = max(union, limit) if limit is not None and cpu else None
+        view._limit = cap
+        if view.allowance == 0:
+            grown = max(1, math.ceil(GROWTH * target))
+        elif view.allowance < target:
+            grown = max(target, math.ceil(GROWTH * view.allowance))
+        else:
+            grown = view.allowance
+        view.allowance = max(union, min(grown, cap)) if cap is not None else grown
+        # The layer's own share first: beyond its allowance it evicts its own unselected blocks.
+        over = len(slot_of) + need - view.allowance
+        if over > 0:
+            view._release(self._own_order(view, want)[:over])
+        self._make_room(view, want, need, cpu, reserve, shape_k, shape_v, dtype, device)
+        for i in missing:
+            slot = self._free.pop()
+            slot_of[stored[i]] = slot
+            key_of[slot] = keys[i]
+        if tail:
+            self.tail_slot = self._free.pop()
+        return [slot_of[j] for j in stored], missing, self.tail_slot
+
+    def clear(self) -> None:
+        """Release everything, in every layer (crop, reorder, batch selection, reset)."""
+        self.k = self.v = None
+        for p in self.pools:
+            p.slot_of.clear()
+            p._key_of.clear()
+            p.allowance = 0
+        self._free = []
+        self.tail_slot = None
+        self._capacity = 0
+
+    # ----------------------------------------------------------------------------- internals
+    def _target(self) -> int:
+        """Slots the arena would hold unbounded: the layers' allowances (one layer's for ``"none"``)."""
+        allowances = [p.allowance for p in self.pools]
+        return (max(allowances) if self.retention == "none" else sum(allowances)) if allowances else 0
+
+    def _limit_total(self) -> int | None:
+        limits = [p._limit for p in self.pools if p.allowance]
+        if not limits or any(x is None for x in limits):
+            return None
+        return max(limits) if self.retention == "none" else sum(limits)
+
+    def _make_room(self, view: "ResidentPool", want: set, need: int, cpu: bool, reserve: int,
+                   shape_k: tuple, shape_v: tuple, dtype: torch.dtype, device: torch.device) -> None:
+        if len(self._free) >= need:
+            return
+        if self.k is None:
+            probe_k = torch.empty(shape_k, dtype=dtype, device="meta")
+            probe_v = torch.empty(shape_v, dtype=dtype, device="meta")
+            self._slot_bytes = probe_k.numel() * probe_k.element_size() + probe_v.numel() * probe_v.element_size()
+        bound = self.bound_slots
+        target = self._target()
+        cap = self._limit_total() if cpu else None
+        if cap is not None:
+            target = min(target, cap)
+        if bound is not None:
+            target = min(target, bound)
+        if self._capacity < target:
+            # On the CPU growth within the reservation copies nothing, so the capacity follows the layers'
+            # allowances exactly; elsewhere a growth reallocates, so it is geometric.
+            n = target if cpu or self.k is None else max(target, math.ceil(GROWTH * self._capacity))
+            if cap is not None:
+                n = min(n, max(cap, target))
+            layers = 1 if self.retention == "none" else max(1, len(self.pools))
+            rows = int(reserve) * layers
+            if bound is not None:
+                rows = min(rows, bound)
+                if not cpu and self.k is None:
+                    # Memory is committed on allocation here and every growth copies the held slots: take
+                    # the bound (or the reservation, if smaller) at once, it is what the caller budgeted.
+                    n = max(n, rows)
+                n = min(n, bound)
+            self._grow(n, shape_k, shape_v, dtype, device, rows)
+        short = need - len(self._free)
+        if short > 0:
+            for p, j in self._victims(view, want, short):
+                p._release([j])
+            short = need - len(self._free)
+        if short > 0:  # the union itself does not fit the bound
+            self.over_budget += 1
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"sparse decode: one layer's selected blocks need {self._capacity + short} pool slots "
+                    f"({format_size((self._capacity + short) * self._slot_bytes)}), more than pool_bytes="
+                    f"{format_size(self.max_bytes)} allows; the pool grows past its bound to hold them "
+                    f"(stats()['pipeline']['pool_over_budget'] counts such steps)", RuntimeWarning, stacklevel=6)
+            self._grow(self._capacity + short, shape_k, shape_v, dtype, device, 0)
+
+    def _own_order(self, view: "ResidentPool", want: set) -> list[int]:
+        """``view``'s blocks outside ``want``, in the order they are evicted."""
+        others = [j for j in view.slot_of if j not in want]
+        if view._mass is not None and len(others) > 1 and self.retention != "none":
+            values = view._mass.tolist()
+            others.sort(key=lambda j: values[j] if j < len(values) else 0.0)
+        return others
+
+    def _victims(self, view: "ResidentPool", want: set, count: int) -> list[tuple["ResidentPool", int]]:
+        """Up to ``count`` held blocks to evict for the fetching ``view`` (never one it selected)."""
+        if self.eviction == "mass":
+            cands = []
+            for pi, p in enumerate(self.pools):
+                if not p.slot_of:
+                    continue
+                values = p._mass.tolist() if p._mass is not None else []
+                n = len(values)
+                mine = p is view
+                cands.extend((values[j] if j < n else 0.0, pi, j, p) for j in p.slot_of
+                             if not (mine and j in want))
+            return [(p, j) for _, _, j, p in heapq.nsmallest(count, cands, key=lambda c: (c[0], c[1], c[2]))]
+        # Farthest next fetch first: the layers just before the fetching one (cyclic order), then itself;
+        # within a layer the lowest mass first (when its mass is known).
+        n = len(self.pools)
+        me = self.pools.index(view)
+        out: list[tuple[ResidentPool, int]] = []
+        for d in range(n - 1, -1, -1):
+            p = self.pools[(me + d) % n]
+            if not p.slot_of:
+                continue
+            blocks = self._own_order(p, want) if p is view else self._own_order(p, set())
+            for j in blocks:
+                out.append((p, j))
+                if len(out) == count:
+                    return out
+        return out
+
+    def _grow(self, n: int, shape_k: tuple, shape_v: tuple, dtype: torch.dtype, device: torch.device,
+              reserve: int = 0) -> None:
+        old = self._capacity
+        if self.k is None or n > self.k.shape[0]:
+            rows = max(n, int(reserve)) if torch.device(device).type == "cpu" else n
+            # Page-aligned slots (entries are 512-byte multiples): direct disk reads land in them, no bounce copy.
+            k = aligned_empty((rows, *shape_k), dtype=dtype, device=device)
+            v = aligned_empty((rows, *shape_v), dtype=dtype, device=device)
+            if old and any(p.slot_of for p in self.pools):  # one plain copy of the old slots (most are held)
+                k[:old].copy_(self.k[:old])
+                v[:old].copy_(self.v[:old])
+            if self.k is not None:
+                self.reallocs += 1
+            self.k, self.v = k, v
+            self._slot_bytes = (k.nbytes + v.nbytes) // rows
+        self._capacity = n
+        self.peak_slots = max(self.peak_slots, n)
+        self._free.extend(range(n - 1, old - 1, -1))  # pop() hands out the lowest new slot first
+        self.grows += 1
+
+
+class ResidentPool:
+    """One sparse layer's resident blocks: its view of a :class:`PoolArena` (see module doc).  Made
+    without an arena, it has one of its own (a single-layer pool).
+
+    Attributes:
+        k / v: the arena's tensors.
+        slot_of: block index -> slot of the stored blocks this layer holds.
+        allowance: the most slots this layer may hold (its share when unbounded).
+    """
+
+    def __init__(self, retention: Retention = "previous", factor: float = 1.0, arena: PoolArena | None = None,
+                 max_bytes: int | str | None = None) -> None:
+        if arena is None:
+            arena = PoolArena(retention, factor, max_bytes)
+        self.arena = arena
+        self.retention = arena.retention
+        self.factor = arena.factor
+        self.slot_of: dict[int, int] = {}
+        self._key_of: dict[int, Hashable] = {}  # slot -> tiercache key of the K entry it holds
+        self._mass: torch.Tensor | None = None  # the layer's decayed mass (updated in place by placement)
+        self._limit: int | None = None
+        self.allowance = 0
+        arena.pools.append(self)
+
+    # ----------------------------------------------------------------------------- queries
+    @property
+    def k(self) -> torch.Tensor | None:
+        return self.arena.k
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        return self.arena.v
+
+    @property
+    def tail_slot(self) -> int | None:
+        return self.arena.tail_slot
+
+    @property
+    def capacity(self) -> int:
+        """The arena's slots (shared by every layer)."""
+        return self.arena.capacity
+
+    @property
+    def nbytes(self) -> int:
+        """The arena's memory (shared by every layer)."""
+        return self.arena.nbytes
+
+    @property
+    def grows(self) -> int:
+        return self.arena.grows
+
+    @property
+    def reallocs(self) -> int:
+        return self.arena.reallocs
+
+    @property
+    def evicted(self) -> int:
+        return self.arena.evicted
 
     def holds(self, block: int, key: Hashable) -> bool:
         """Whether ``block`` (its K entry ``key``) is resident and current."""
@@ -102,103 +416,37 @@ class ResidentPool:
                shape_k: tuple, shape_v: tuple, dtype: torch.dtype, device: torch.device,
                mass: torch.Tensor | None = None, reserve: int = 0,
                limit: int | None = None) -> tuple[list[int], list[int], int | None]:
-        """Slots for one step whose union is the stored blocks ``stored`` (K keys ``keys``) plus the tail
-        block when ``tail``.  ``shape_k`` / ``shape_v``: ``(B, H, S, D)`` of one slot; ``mass``: per-block
-        decayed attention mass (``"mass"`` retention's eviction order); ``reserve``: rows worth allocating
-        when the tensors are (re)allocated on the CPU (see the module doc; it changes no slot decision);
-        ``limit``: the most blocks the layer can select (its stored blocks plus the tail).  On the CPU the
-        capacity never exceeds it (more slots could never be used at once, so no eviction depends on them).
+        """Slots for one step of this layer whose union is the stored blocks ``stored`` (K keys ``keys``)
+        plus the tail block when ``tail``.  ``shape_k`` / ``shape_v``: ``(B, H, S, D)`` of one slot;
+        ``mass``: the layer's per-block decayed attention mass (``"mass"`` retention's eviction order;
+        kept by reference, so in-place updates count); ``reserve``: rows worth allocating per layer when
+        the tensors are (re)allocated on the CPU (see the module doc; it changes no slot decision);
+        ``limit``: the most blocks the layer can select (its stored blocks plus the tail).  On the CPU a
+        layer's allowance never exceeds it (more slots could never be used at once).
 
         Returns ``(slots, missing, tail_slot)``: the slot of each stored block (in ``stored`` order), the
         positions in ``stored`` whose slot does not hold the block yet (the caller must fill them before
         attention, or :meth:`drop` them on failure), and the tail's slot (``None`` without a tail).  The
-        other positions hold their block already and must not be written."""
-        if self.k is not None and (tuple(self.k.shape[1:]) != tuple(shape_k) or tuple(self.v.shape[1:]) != tuple(shape_v)
-                                   or self.k.dtype != dtype or self.k.device != torch.device(device)):
-            self.clear()  # batch size or layout changed: nothing held is usable
-        if self.tail_slot is not None:
-            self._free.append(self.tail_slot)
-            self.tail_slot = None
-        if self.retention == "none":
-            self._evict(list(self.slot_of), count=False)
-        want = set(stored)
-        stale = [j for j, key in zip(stored, keys) if j in self.slot_of and self._key_of.get(self.slot_of[j]) != key]
-        self._evict(stale, count=False)
-        if self.retention == "previous":
-            self._evict([j for j in self.slot_of if j not in want])
-        missing = [i for i, j in enumerate(stored) if j not in self.slot_of]
-        need = len(missing) + (1 if tail else 0)
-        union = len(stored) + (1 if tail else 0)
-        # Every block outside the union can be evicted, so ``union`` slots always suffice; "mass" keeps
-        # room for ``factor`` x the union so blocks outside it can stay.
-        target = math.ceil(self.factor * union) if self.retention == "mass" else union
-        if limit is not None and torch.device(device).type == "cpu":
-            # Growing to the limit later is a free-list extension within the reservation (no copy).
-            target = min(target, max(union, limit))
-            cap = max(union, limit)
-        else:
-            cap = None
-        n = 0
-        if self.k is None:  # headroom from the start: unions grow by a block or two over the first steps
-            n = max(1, math.ceil(GROWTH * target))
-        elif self._capacity < target:
-            n = max(target, math.ceil(GROWTH * self._capacity))
-        if n:
-            self._grow(n if cap is None else min(n, cap), shape_k, shape_v, dtype, device, reserve)
-        if len(self._free) < need:
-            others = [j for j in self.slot_of if j not in want]
-            if self.retention == "mass" and mass is not None and len(others) > need - len(self._free):
-                values = mass.tolist()
-                others.sort(key=lambda j: values[j] if j < len(values) else 0.0)
-            self._evict(others[: need - len(self._free)])
-        for i in missing:
-            slot = self._free.pop()
-            self.slot_of[stored[i]] = slot
-            self._key_of[slot] = keys[i]
-        if tail:
-            self.tail_slot = self._free.pop()
-        return [self.slot_of[j] for j in stored], missing, self.tail_slot
+        other positions hold their block already and must not be written.  May evict other layers'
+        blocks (see the module doc)."""
+        return self.arena.assign(self, stored, keys, tail, shape_k, shape_v, dtype, device, mass, reserve, limit)
 
     def drop(self, blocks: Sequence[int]) -> None:
         """Forget ``blocks`` (e.g. their read failed): their slots become free."""
-        self._evict([j for j in blocks if j in self.slot_of], count=False)
+        self._release([j for j in blocks if j in self.slot_of], count=False)
 
     def clear(self) -> None:
-        """Release everything (crop, reorder, batch selection, reset)."""
-        self.k = self.v = None
-        self.slot_of.clear()
-        self._key_of.clear()
-        self._free = []
-        self.tail_slot = None
-        self._capacity = 0
+        """Release everything of the arena (every layer: crop, reorder, batch selection, reset)."""
+        self.arena.clear()
 
-    # ----------------------------------------------------------------------------- internals
-    def _evict(self, blocks: list[int], count: bool = True) -> None:
+    def _release(self, blocks: list[int], count: bool = True) -> None:
+        free = self.arena._free
         for j in blocks:
             slot = self.slot_of.pop(j)
             self._key_of.pop(slot, None)
-            self._free.append(slot)
+            free.append(slot)
         if count:
-            self.evicted += len(blocks)
-
-    def _grow(self, n: int, shape_k: tuple, shape_v: tuple, dtype: torch.dtype, device: torch.device,
-              reserve: int = 0) -> None:
-        old = self._capacity
-        if self.k is None or n > self.k.shape[0]:
-            rows = max(n, int(reserve)) if torch.device(device).type == "cpu" else n
-            # Page-aligned slots (entries are 512-byte multiples): direct disk reads land in them, no bounce copy.
-            k = aligned_empty((rows, *shape_k), dtype=dtype, device=device)
-            v = aligned_empty((rows, *shape_v), dtype=dtype, device=device)
-            if old and self.slot_of:  # one plain copy of the old slots (most of them are held)
-                k[:old].copy_(self.k[:old])
-                v[:old].copy_(self.v[:old])
-            if self.k is not None:
-                self.reallocs += 1
-            self.k, self.v = k, v
-            self._slot_bytes = (k.nbytes + v.nbytes) // rows
-        self._capacity = n
-        self._free.extend(range(n - 1, old - 1, -1))  # pop() hands out the lowest new slot first
-        self.grows += 1
+            self.arena.evicted += len(blocks)
 
 
 def identity_pool(kbuf: torch.Tensor, vbuf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -206,4 +454,4 @@ def identity_pool(kbuf: torch.Tensor, vbuf: torch.Tensor) -> tuple[torch.Tensor,
     return kbuf, vbuf, torch.arange(kbuf.shape[0], dtype=torch.long, device=kbuf.device)
 
 
-__all__ = ["ResidentPool", "Retention", "identity_pool"]
+__all__ = ["Eviction", "PoolArena", "ResidentPool", "Retention", "check_pool_bytes", "identity_pool"]

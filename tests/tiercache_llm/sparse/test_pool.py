@@ -2,11 +2,17 @@
 inside a TieredKVCache: a block re-selected while resident is never read again, and the pools are dropped
 when rows or blocks change."""
 
+import warnings
+
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tiercache_llm import TieredKVCache
-from tiercache_llm.sparse.pool import ResidentPool
+from tiercache_llm.kv_cache import TieredKVSettings
+from tiercache_llm.sparse.pipeline import PipelineConfig
+from tiercache_llm.sparse.pool import PoolArena, ResidentPool
 
 from ..test_generate_tiny import left_padded_batch
 from ..test_sparse_pipeline import decode_logits, opts
@@ -171,12 +177,13 @@ def test_a_reselected_block_is_not_read_again(model, tmp_path, monkeypatch, stra
                     assert not (keys & selected & set(reads))  # resident and selected again: never read
                     reselected += len(keys & selected)
         stats = cache.stats()["pipeline"]
-        pools = pipe._pools.values()
-        assert stats["reuse_bytes"] == sum(p.nbytes for p in pools) > 0  # kept incrementally, must match
-        assert stats["pool_slots"] == sum(p.capacity for p in pools)
-        for idx, pool in pipe._pools.items():  # the capacity never exceeds the layer's blocks (stored + tail)
-            assert pool.capacity <= len(cache.layers[idx]._blocks) + 1
-            assert all(slot < pool.capacity for slot in pool.slot_of.values())
+        arena = pipe._arena  # the slots every layer's pool shares
+        assert stats["reuse_bytes"] == arena.nbytes > 0  # kept incrementally, must match
+        assert stats["pool_slots"] == arena.capacity and stats["pool_held"] == arena.held
+        # the capacity never exceeds the layers' blocks (stored + tail each)
+        assert arena.capacity <= sum(len(cache.layers[idx]._blocks) + 1 for idx in pipe._pools)
+        held = [slot for pool in pipe._pools.values() for slot in pool.slot_of.values()]
+        assert len(held) == len(set(held)) and all(slot < arena.capacity for slot in held)
     assert reselected > 0 and stats["reused"] > 0
 
 
@@ -210,3 +217,204 @@ def test_pools_are_dropped_when_rows_or_blocks_change(model, tmp_path, change):
             cache.reset()
         assert not cache._pipeline._pools
         assert cache.stats()["pipeline"]["reuse_bytes"] == 0
+
+
+# --------------------------------------------------------------------------------------- the shared arena, bounded
+SLOT_BYTES = 2 * 2 * 1 * 4 * 3 * 4  # K + V of one SHAPE slot, float32
+
+
+def arena_assign(view, blocks, tail=False, mass=None, limit=None):
+    keys = [("k", id(view), j) for j in blocks]
+    return view.assign(blocks, keys, tail, SHAPE, SHAPE, torch.float32, torch.device("cpu"), mass, limit=limit)
+
+
+def fill_arena(view, blocks, slots, missing, tag):
+    for i in missing:
+        view.k[slots[i]].fill_(tag * 1000 + blocks[i])
+
+
+def test_a_bounded_arena_evicts_other_layers_lowest_mass_first():
+    arena = PoolArena("mass", factor=1.5, max_bytes=5 * SLOT_BYTES, eviction="mass")
+    a, b = arena.pool(), arena.pool()
+    mass_a = torch.tensor([0.1, 9.0, 0.2, 0.0], dtype=torch.float64)
+    mass_b = torch.tensor([5.0, 0.15, 0.05, 0.0], dtype=torch.float64)
+    slots, missing, _ = arena_assign(a, [0, 1, 2], mass=mass_a)
+    fill_arena(a, [0, 1, 2], slots, missing, 1)
+    assert arena.capacity == 5 and not arena.over_budget  # the bound, not 1.25 x 1.5 x 3 + ...
+    slots, missing, _ = arena_assign(b, [0, 1, 2], mass=mass_b)  # needs 3, 2 free: evicts a's lowest (block 0)
+    fill_arena(b, [0, 1, 2], slots, missing, 2)
+    assert set(a.slot_of) == {1, 2} and set(b.slot_of) == {0, 1, 2} and arena.evicted == 1
+    slots, missing, _ = arena_assign(a, [1, 3], mass=mass_a)  # block 1 still resident; 3 evicts b's block 2 (0.05)
+    assert missing == [1] and set(b.slot_of) == {0, 1} and set(a.slot_of) == {1, 2, 3}
+    assert torch.all(a.k[slots[0]] == 1001)  # the kept block was never overwritten
+    assert arena.capacity == 5 and arena.nbytes == 5 * SLOT_BYTES
+
+
+def test_a_bounded_arena_without_mass_evicts_the_layer_used_longest_ago():
+    arena = PoolArena("previous", max_bytes=4 * SLOT_BYTES)
+    views = [arena.pool() for _ in range(3)]
+    for tag, view in enumerate(views):  # layers 0, 1, 2 fetch in turn, 2 blocks each
+        arena_assign(view, [tag, tag + 10])
+    # 6 blocks do not fit in 4 slots: layer 2 evicted layer 1's blocks (the farthest next fetch after 2 is 1's)
+    assert set(views[0].slot_of) == {0, 10} and not views[1].slot_of and set(views[2].slot_of) == {2, 12}
+    _, missing, _ = arena_assign(views[0], [0, 10])  # the next step: layer 0 finds its blocks resident
+    assert missing == []
+
+
+def test_a_union_larger_than_the_bound_grows_past_it_with_a_warning():
+    arena = PoolArena("mass", factor=1.5, max_bytes=3 * SLOT_BYTES)
+    view = arena.pool()
+    with pytest.warns(RuntimeWarning, match="pool_bytes"):
+        slots, missing, tail = arena_assign(view, [0, 1, 2, 3], tail=True)
+    assert arena.capacity == 5 and arena.over_budget == 1 and len(set(slots) | {tail}) == 5
+    arena_assign(view, [0, 1])  # fits again: no growth, nothing counted
+    assert arena.capacity == 5 and arena.over_budget == 1 and arena.peak_slots == 5
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "lots", [1]])
+def test_bad_pool_budgets_are_rejected(value, make_config):
+    with pytest.raises(ValueError, match="pool_bytes"):
+        PipelineConfig(pool_bytes=value)
+    with pytest.raises(ValueError, match="pool_bytes"):
+        TieredKVCache(make_config(), mode="sparse", pool_bytes=value)
+
+
+def test_pool_budget_option_plumbing(make_config):
+    with pytest.raises(ValueError, match="sparse"):
+        TieredKVCache(make_config(), pool_bytes="1MiB")
+    with pytest.raises(ValueError, match="contradicts"):
+        TieredKVCache(make_config(), mode="sparse", pool_bytes="1MiB", pipeline={"pool_bytes": 4096})
+    settings = TieredKVSettings(mode="sparse", strategy="reuse-layer-ahead", pool_bytes="1MiB",
+                                pipeline={"stage_ahead": 1})
+    assert settings.pool_bytes == settings.pipeline.pool_bytes == 1 << 20 and settings.pipeline.stage_ahead == 1
+    assert settings.pipeline.retention == "previous"  # the strategy's own pipeline, bounded
+    assert PipelineConfig(pool_bytes="2KiB").pool_bytes == 2048
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_the_bound_holds_and_held_slots_keep_their_blocks(data):
+    """Random selections of several layers: the arena never exceeds the bound while each union fits, no two
+    held blocks share a slot, a block reported resident still holds what was written for it, and the
+    tail slot is never a held block's."""
+    retention = data.draw(st.sampled_from(["none", "previous", "mass"]))
+    n_layers, n_blocks = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 12))
+    bound = data.draw(st.integers(1, 40))
+    arena = PoolArena(retention, factor=data.draw(st.sampled_from([1.0, 1.5, 2.0])), max_bytes=bound * SLOT_BYTES)
+    views = [arena.pool() for _ in range(n_layers)]
+    masses = [torch.rand(n_blocks, dtype=torch.float64) for _ in range(n_layers)]
+    fits = True
+    for _ in range(data.draw(st.integers(1, 6))):
+        for tag, view in enumerate(views):
+            stored = sorted(data.draw(st.sets(st.integers(0, n_blocks - 1), max_size=n_blocks)))
+            tail = data.draw(st.booleans())
+            fits = fits and len(stored) + tail <= bound
+            before = {j: view.k[s].clone() for j, s in view.slot_of.items() if j in stored} \
+                if view.k is not None and retention != "none" else {}  # "none" rereads everything
+            slots, missing, tail_slot = arena_assign(view, stored, tail, mass=masses[tag], limit=n_blocks + 1)
+            assert sorted(i for i in range(len(stored)) if stored[i] not in before) == missing
+            for i, j in enumerate(stored):
+                if j in before:  # resident: used in place, contents untouched
+                    assert torch.equal(view.k[slots[i]], before[j])
+                    assert torch.all(view.k[slots[i]] == tag * 1000 + j)
+            fill_arena(view, stored, slots, missing, tag)
+            masses[tag].mul_(0.9)[torch.tensor(stored, dtype=torch.long)] += 1.0
+            held = [s for v in views for s in v.slot_of.values()] + ([tail_slot] if tail else [])
+            assert len(held) == len(set(held)) and all(s < arena.capacity for s in held)
+            assert (tail_slot is not None) == tail
+            if fits:
+                assert arena.capacity <= bound and arena.over_budget == 0
+            else:
+                assert arena.capacity <= max(bound, n_blocks + 1)
+            if retention == "none":
+                assert all(not v.slot_of for v in views if v is not view)
+
+
+# --------------------------------------------------------------------------------------- bounded, in a cache
+@pytest.mark.parametrize("strategy", ["fetch-every-step", "reuse-layer-ahead", "attention-aware"])
+def test_a_pool_budget_changes_what_is_resident_not_the_logits(model, tmp_path, strategy):
+    ids, mask = left_padded_batch(seed=5, lengths=(40, 33, 27))
+    with TieredKVCache.for_model(model, **opts(tmp_path, strategy)) as cache:
+        ref = decode_logits(model, cache, ids, mask, steps=8)
+        free = cache.stats()["pipeline"]
+    slot = free["pool_slot_bytes"]
+    bound = 12 * slot  # a few unions of the 3 layers (about 9 blocks + the tail each), far below their sum
+    with TieredKVCache.for_model(model, **opts(tmp_path / "b", strategy, pool_bytes=bound)) as cache:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # every union fits: never past the bound
+            got = decode_logits(model, cache, ids, mask, steps=8)
+        stats = cache.stats()
+        pipe = stats["pipeline"]
+    assert torch.equal(ref, got)
+    assert pipe["pool_bound_bytes"] == bound and pipe["pool_over_budget"] == 0
+    assert pipe["reuse_peak_bytes"] <= bound and pipe["reuse_bytes"] == pipe["pool_slots"] * slot
+    assert stats["kv"]["beside_tiers_bytes"] >= pipe["reuse_bytes"]
+    if strategy == "fetch-every-step":  # one union's buffer for every layer, bounded or not
+        assert free["reuse_peak_bytes"] <= 12 * slot and pipe["reused"] == free["reused"] == 0
+    else:
+        assert free["reuse_peak_bytes"] > bound  # the bound did bind
+        assert pipe["pool_evicted"] > free["pool_evicted"] and 0 < pipe["reused"] < free["reused"]
+
+
+@pytest.mark.parametrize("change", ["reorder", "crop", "select"])
+def test_a_bounded_pool_is_released_on_row_changes_and_logits_follow(model, tmp_path, change):
+    ids, mask = left_padded_batch(seed=5, lengths=(40, 33, 27))
+    runs, slot = [], None
+    for bounded in (False, True):
+        kw = {"pool_bytes": 10 * slot} if bounded else {}
+        with TieredKVCache.for_model(model, **opts(tmp_path / str(bounded), "attention-aware", **kw)) as cache:
+            decode_logits(model, cache, ids, mask, steps=3)
+            slot = cache._pipeline._arena.slot_bytes
+            assert cache._pipeline._arena.held > 0
+            if bounded:
+                assert cache.stats()["pipeline"]["pool_evicted"] > 0
+            m = mask
+            if change == "reorder":
+                cache.reorder_cache(torch.tensor([2, 0, 1]))
+                rows = [2, 0, 1]
+            elif change == "crop":
+                cache.crop(-3)
+                rows = [0, 1, 2]
+            else:
+                cache.batch_select_indices(torch.tensor([0, 2]))
+                rows = [0, 2]
+            assert cache._pipeline._arena.held == 0 and cache.stats()["pipeline"]["reuse_bytes"] == 0
+            n = cache.get_seq_length()
+            feed = ids[rows, -1:]
+            m = torch.ones(len(rows), n + 1, dtype=mask.dtype)
+            m[:, : mask.shape[1]] = mask[rows]
+            out = []
+            with torch.no_grad():
+                for _ in range(3):
+                    logits = model(input_ids=feed, attention_mask=m, past_key_values=cache).logits[:, -1]
+                    out.append(logits)
+                    feed = logits.argmax(-1, keepdim=True)
+                    m = torch.cat([m, torch.ones_like(feed)], dim=1)
+            runs.append(torch.stack(out))
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_distance_eviction_takes_the_layer_used_longest_ago_lowest_mass_first():
+    arena = PoolArena("mass", factor=1.5, max_bytes=6 * SLOT_BYTES, eviction="distance")
+    views = [arena.pool() for _ in range(3)]
+    masses = [torch.tensor([9.0, 0.1, 5.0, 0.0], dtype=torch.float64) for _ in range(3)]
+    arena_assign(views[0], [0, 1], mass=masses[0])
+    arena_assign(views[1], [0, 1], mass=masses[1])
+    arena_assign(views[2], [0, 1, 2], mass=masses[2])  # 1 short: layer 1 is fetched last from here, its 0.1 goes
+    assert set(views[0].slot_of) == {0, 1} and set(views[1].slot_of) == {0} and set(views[2].slot_of) == {0, 1, 2}
+    with pytest.raises(ValueError, match="pool_eviction"):
+        PipelineConfig(pool_eviction="lru")
+    with pytest.raises(ValueError, match="eviction"):
+        PoolArena("mass", eviction="lru")
+
+
+def test_off_the_cpu_a_bounded_arena_takes_its_bound_at_once_and_an_unbounded_one_grows_geometrically():
+    """Devices that commit memory on allocation (checked on ``meta``, which follows the same path as CUDA)."""
+    meta = torch.device("meta")
+    for bound, first, second in ((8, 8, 8), (None, 4, 9)):
+        arena = PoolArena("previous", max_bytes=None if bound is None else bound * SLOT_BYTES)
+        a, b = arena.pool(), arena.pool()
+        a.assign([0, 1, 2], [0, 1, 2], False, SHAPE, SHAPE, torch.float32, meta, reserve=4)
+        assert arena.capacity == first and arena.k.device == meta
+        b.assign([0, 1, 2, 3], [0, 1, 2, 3], False, SHAPE, SHAPE, torch.float32, meta, reserve=5)
+        assert arena.capacity == second and arena.reallocs == (bound is None)
