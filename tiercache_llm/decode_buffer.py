@@ -12,21 +12,21 @@ allocation, so a decode step does no per-block tensor bookkeeping.
 
 **Slots, shared by all layers.**  A model runs the attention of layer ``l`` to completion before it
 updates layer ``l + 1``, so the states of one layer are all that attention needs at a time.  A
-:class:`DecodeBuffer` keeps two buffers (*slots*) per geometry: while layer ``l``'s attention reads its
-states in one slot, the blocks of layer ``l + 1`` are read in the background into the other
+:class:`DecodeBuffer` keeps one buffer per *slot* and geometry: while layer ``l``'s attention reads its
+states in one slot, the blocks of layer ``l + 1`` are read in the background into another
 (*layer-ahead read*, :class:`ReadAhead`; after the last layer, the next forward pass's first layer),
 so that layer's ``update`` finds them there and only waits for what is still missing.  **Deeper reads
-ahead**: the cache may also read layers ``l + 2 .. l + max_depth`` ahead, each into a slot of its own,
-while the bytes of the reads pending plus the new one stay within ``ahead_bytes``, so the
-device keeps reading where a layer's compute is long (the step's end: the last layer, the LM head,
-sampling) instead of idling after one layer's read; with KV-sized layers above ``ahead_bytes`` this is
-the one-layer read ahead above.  Reads run one after another on the reader thread, in the order started.
-Memory beside the tiers: at most ``max_depth + 1`` layers' visible K and V (each up to 1.5x for growth;
-two without deeper reads), plus, with row-mapped
-blocks (beam search), one temporary copy of the stored rows of the layer being read ahead.  The
+ahead**: the cache also reads layers ``l + 2 .. l + max_depth`` ahead, each into a slot of its own,
+while the bytes of the reads pending (but layer ``l``'s, taken now) plus the new one stay within
+``ahead_bytes``, so the device keeps reading where compute is long (the step's end: the last layer, the
+LM head, sampling) instead of idling after one layer's read; layers whose blocks exceed ``ahead_bytes``
+are read one ahead only.  Reads run one after another on the reader thread, in the order started.
+Memory beside the tiers: two layers' visible K and V (each up to 1.5x for growth), plus, for deeper
+reads, up to ``max_depth - 1`` more slots of layers that fit in ``ahead_bytes``, plus, with row-mapped
+blocks (beam search), one temporary copy of the stored rows of each layer being read ahead.  The
 validity rule: **a tensor returned by ``update`` stays valid until the next ``update`` of any layer of
-the same cache** (that update starts reading the following layer into the slot it occupies).
-Keeping every layer's context resident instead would turn the host budget into a fiction.
+the same cache** (that update starts reading the following layers into slots other than the one it
+returns).  Keeping every layer's context resident instead would turn the host budget into a fiction.
 
 Correctness never depends on a read ahead: the consuming ``update`` checks that the read is of its
 current blocks (a crop, reorder, batch change or reset in between discards it), uses what it delivered
@@ -50,7 +50,7 @@ from tiercache.buffers import aligned_empty
 GROWTH = 1.5
 SLOTS = 2  # without deeper reads ahead: the states attention uses, and the next layer's read ahead
 #: Layers read ahead at most (``DecodeBuffer.max_depth``' default): each needs a slot of its own.
-MAX_DEPTH = 3
+MAX_DEPTH = 2
 #: Bytes of reads ahead in flight beyond the first (``DecodeBuffer.ahead_bytes``' default): a layer further
 #: ahead than the next one is only read when the reads pending plus its own stay within this.
 AHEAD_BYTES = 32 << 20
