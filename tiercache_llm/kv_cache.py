@@ -86,9 +86,9 @@ class TieredKVSettings:
             further ahead (up to ``decode_buffer.MAX_DEPTH`` = 2 ahead) are read too, each into a slot of
             its own, while the reads pending stay within ``decode_buffer.AHEAD_BYTES`` (32 MiB), so the
             disk keeps reading through long stretches of compute (the step's end: the last layer, the
-            LM head, sampling); layers larger than that are read one ahead.  Nothing is promoted (placement is unchanged); correctness never depends on a
-            read ahead (one made stale by a crop, reorder or batch change is discarded, a failed one
-            is redone synchronously).  With every tier in memory (no disk tier) the reads are memory
+            LM head, sampling); layers larger than that are read one ahead.  Nothing is promoted
+            (placement is unchanged); correctness never depends on a read ahead (one made stale by a
+            crop, reorder or batch change is discarded, a failed one is redone synchronously).  With every tier in memory (no disk tier) the reads are memory
             copies, which only overlap compute on a core torch's intra-op threads leave free: when
             ``torch.get_num_threads()`` covers every core of the process, updates copy their blocks
             themselves instead (``stats()["prefetch"]["inline"]`` counts them), a run of evenly laid out
@@ -606,8 +606,8 @@ class TieredKVLayer(CacheLayerMixin):
     def prefetch(self, slot: int | None = None, max_bytes: int | None = None) -> bool:
         """Start the layer-ahead read of this layer: its visible stored blocks are read in the background
         into slot ``slot`` of the decode buffer (default: a free slot other than the one holding the states
-        returned last, else the next one),
-        where its next ``update`` takes them (see :mod:`tiercache_llm.decode_buffer`).  A read ahead of
+        returned last, else the next one), where its next ``update`` takes them (see
+        :mod:`tiercache_llm.decode_buffer`).  A read ahead of
         this layer or into that slot still pending is discarded first.  Returns whether a read started
         (not for an empty or sparse layer, nor through a tiercache without list ``out``, nor when the
         blocks' bytes exceed ``max_bytes``: then nothing is discarded either)."""
