@@ -82,9 +82,9 @@ PIPELINE_PIECE = 1 << 20
 # hand-offs cost more than the reads they overlap.
 MIN_BYTES_PER_THREAD = 256 << 10
 # Direct (O_DIRECT) reads sleep in the kernel until the device answers, so more of them in flight than
-# CPUs helps: 48-56 KiB random O_DIRECT reads on this project's 2-CPU box measured 0.35-0.39 GiB/s with one
-# thread, 0.8-1.1 with 4 and 1.1-1.5 with 8-16 (/tmp/exactio/diobw.py in the helper report).  read_into's
-# pool for direct reads has at least this many threads (``direct_read_threads``' default).
+# CPUs helps: random 56 KiB O_DIRECT preadv of one file on this project's 2-CPU box measured 0.38-0.39 GiB/s
+# with one thread, 0.79-0.83 with 4, 0.95-1.27 with 8 and 1.22-1.43 with 16 (2026-12-05, other jobs running).
+# read_into's pool for direct reads has at least this many threads (``direct_read_threads``' default).
 DIRECT_READ_THREADS = 8
 _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 MIN_CAPACITY = PAGE + CRC_BYTES  # the smallest entry: an empty value's header page and checksum
@@ -454,7 +454,8 @@ class DiskTier:
         self._io_threads = max(1, int(io_threads))
         if direct_read_threads is None:
             direct_read_threads = max(self._io_threads, DIRECT_READ_THREADS)
-        if not isinstance(direct_read_threads, int) or direct_read_threads < 1:
+        if (not isinstance(direct_read_threads, int) or isinstance(direct_read_threads, bool)
+                or direct_read_threads < 1):
             raise ValueError(f"direct_read_threads must be a positive int, got {direct_read_threads!r}")
         self._direct_threads = direct_read_threads
         self._pool: ThreadPoolExecutor | None = None
