@@ -10,17 +10,23 @@ block), copies the tail and the new tokens in place behind them, and returns a v
 capacity).  Capacity grows geometrically, and the per-block views of a buffer are made once per
 allocation, so a decode step does no per-block tensor bookkeeping.
 
-**Two slots, shared by all layers.**  A model runs the attention of layer ``l`` to completion before it
+**Slots, shared by all layers.**  A model runs the attention of layer ``l`` to completion before it
 updates layer ``l + 1``, so the states of one layer are all that attention needs at a time.  A
-:class:`DecodeBuffer` keeps two buffers (*slots*) per geometry: while layer ``l``'s attention reads its
-states in one slot, the blocks of layer ``l + 1`` are read in the background into the other
+:class:`DecodeBuffer` keeps one buffer per *slot* and geometry: while layer ``l``'s attention reads its
+states in one slot, the blocks of layer ``l + 1`` are read in the background into another
 (*layer-ahead read*, :class:`ReadAhead`; after the last layer, the next forward pass's first layer),
-so that layer's ``update`` finds them there and only waits for what is still missing.  Memory beside
-the tiers: at most two layers' visible K and V (each up to 1.5x for growth), plus, with row-mapped
-blocks (beam search), one temporary copy of the stored rows of the layer being read ahead.  The
+so that layer's ``update`` finds them there and only waits for what is still missing.  **Deeper reads
+ahead**: the cache also reads layers ``l + 2 .. l + max_depth`` ahead, each into a slot of its own,
+while the bytes of the reads pending (but layer ``l``'s, taken now) plus the new one stay within
+``ahead_bytes``, so the device keeps reading where compute is long (the step's end: the last layer, the
+LM head, sampling) instead of idling after one layer's read; layers whose blocks exceed ``ahead_bytes``
+are read one ahead only.  Reads run one after another on the reader thread, in the order started.
+Memory beside the tiers: two layers' visible K and V (each up to 1.5x for growth), plus, for deeper
+reads, up to ``max_depth - 1`` more slots of layers that fit in ``ahead_bytes``, plus, with row-mapped
+blocks (beam search), one temporary copy of the stored rows of each layer being read ahead.  The
 validity rule: **a tensor returned by ``update`` stays valid until the next ``update`` of any layer of
-the same cache** (that update starts reading the following layer into the slot it occupies).
-Keeping every layer's context resident instead would turn the host budget into a fiction.
+the same cache** (that update starts reading the following layers into slots other than the one it
+returns).  Keeping every layer's context resident instead would turn the host budget into a fiction.
 
 Correctness never depends on a read ahead: the consuming ``update`` checks that the read is of its
 current blocks (a crop, reorder, batch change or reset in between discards it), uses what it delivered
@@ -42,7 +48,12 @@ from tiercache.buffers import aligned_empty
 # Growth factor of the capacity: O(log context) reallocations while holding at most 1.5x the largest
 # layer's visible states.
 GROWTH = 1.5
-SLOTS = 2
+SLOTS = 2  # without deeper reads ahead: the states attention uses, and the next layer's read ahead
+#: Layers read ahead at most (``DecodeBuffer.max_depth``' default): each needs a slot of its own.
+MAX_DEPTH = 2
+#: Bytes of reads ahead in flight beyond the first (``DecodeBuffer.ahead_bytes``' default): a layer further
+#: ahead than the next one is only read when the reads pending plus its own stay within this.
+AHEAD_BYTES = 32 << 20
 
 
 @dataclass(eq=False)
@@ -158,13 +169,24 @@ class DecodeBuffer:
     head_dim, block size), shared by the layers of a cache, and the layer-ahead reads into them.
 
     ``read_ahead``: whether the layers of the cache start :class:`ReadAhead` s (the cache decides; the
-    buffer only keeps them apart from the states attention is using).
+    buffer only keeps them apart from the states attention is using).  ``max_depth`` (default
+    :data:`MAX_DEPTH`): layers read ahead at most, one slot each (``max_depth + 1`` slots);
+    ``ahead_bytes`` (default :data:`AHEAD_BYTES`): the bound :meth:`ahead_room` keeps reads beyond the
+    next layer's within.
 
     Not thread-safe (a cache is updated by one thread at a time, as transformers' caches are); the
     reads ahead run on one reader thread of the buffer, in the order they were started.
     """
 
-    def __init__(self, read_ahead: bool = False) -> None:
+    def __init__(self, read_ahead: bool = False, max_depth: int | None = None, ahead_bytes: int | None = None) -> None:
+        max_depth = MAX_DEPTH if max_depth is None else max_depth
+        ahead_bytes = AHEAD_BYTES if ahead_bytes is None else ahead_bytes
+        if not isinstance(max_depth, int) or isinstance(max_depth, bool) or max_depth < 1:
+            raise ValueError(f"max_depth must be a positive int, got {max_depth!r}")
+        if not isinstance(ahead_bytes, int) or isinstance(ahead_bytes, bool) or ahead_bytes < 0:
+            raise ValueError(f"ahead_bytes must be a non-negative int, got {ahead_bytes!r}")
+        self.max_depth = max_depth
+        self.ahead_bytes = ahead_bytes
         self._buffers: dict[tuple, StatesBuffer] = {}
         self.peak_bytes = 0
         self.read_ahead = read_ahead
@@ -218,11 +240,36 @@ class DecodeBuffer:
         if mine is not None:
             return mine.slot
         busy = {p.slot for p in self._pending.values()}
-        for slot in (self.slot, 1 - self.slot):
+        for slot in (self.slot, *range(self.max_depth + 1)):
             if slot not in busy:
                 return slot
         self.discard()
         return self.slot
+
+    def pending(self, layer: Any) -> bool:
+        """Whether ``layer`` has a read ahead not yet taken."""
+        return id(layer) in self._pending
+
+    def free_slot(self, exclude: int) -> int | None:
+        """A slot neither ``exclude`` (the states being assembled) nor any pending read ahead uses, or
+        ``None`` when all ``max_depth + 1`` are taken."""
+        busy = {p.slot for p in self._pending.values()}
+        busy.add(exclude)
+        for slot in range(self.max_depth + 1):
+            if slot not in busy:
+                return slot
+        return None
+
+    def other_slot(self, slot: int) -> int:
+        """The slot after ``slot`` (cyclically): where a read ahead goes when every slot is taken (the read
+        pending there is discarded)."""
+        return (slot + 1) % (self.max_depth + 1)
+
+    def ahead_room(self, updating: Any = None) -> int:
+        """Bytes a read ahead beyond the next layer's may ask for: ``ahead_bytes`` less the reads pending
+        but ``updating``'s (the layer being updated takes its read now), negative when they exceed it."""
+        skip = id(updating)
+        return self.ahead_bytes - sum([p.nbytes for key, p in self._pending.items() if key != skip])
 
     def clear_for(self, layer: Any, slot: int) -> None:
         """Before reading ``layer`` ahead into ``slot``: discard its earlier read ahead and any read into

@@ -81,12 +81,15 @@ class TieredKVSettings:
         compression: tiercache compression codec for the disk tier (``None``: none).
         prefetch: exact mode: layer-ahead reads (default ``True``).  As a layer's ``update`` starts, the
             stored blocks the next layer will attend over (the next forward pass's first layer after
-            the last layer) are read in the background, on one reader thread, straight into the
-            second slot of the decode buffer (:mod:`tiercache_llm.decode_buffer`), so the reads
-            overlap this layer's attention and the next layer's update only waits for what is still
-            missing.  Nothing is promoted (placement is unchanged); correctness never depends on a
-            read ahead (one made stale by a crop, reorder or batch change is discarded, a failed one
-            is redone synchronously).  With every tier in memory (no disk tier) the reads are memory
+            the last layer) are read in the background, on one reader thread, straight into another
+            slot of the decode buffer (:mod:`tiercache_llm.decode_buffer`), so the reads overlap this
+            layer's attention and the next layer's update only waits for what is still missing.  Layers
+            further ahead (up to ``decode_buffer.MAX_DEPTH`` = 2 ahead) are read too, each into a slot of
+            its own, while the reads pending stay within ``decode_buffer.AHEAD_BYTES`` (32 MiB), so the
+            disk keeps reading through long stretches of compute (the step's end: the last layer, the
+            LM head, sampling); layers larger than that are read one ahead.  Nothing is promoted
+            (placement is unchanged); correctness never depends on a read ahead (one made stale by a
+            crop, reorder or batch change is discarded, a failed one is redone synchronously).  With every tier in memory (no disk tier) the reads are memory
             copies, which only overlap compute on a core torch's intra-op threads leave free: when
             ``torch.get_num_threads()`` covers every core of the process, updates copy their blocks
             themselves instead (``stats()["prefetch"]["inline"]`` counts them), a run of evenly laid out
@@ -618,21 +621,27 @@ class TieredKVLayer(CacheLayerMixin):
     def offload(self) -> None:
         """No-op: blocks already live in the tiercache; the tail is one block."""
 
-    def prefetch(self, slot: int | None = None) -> bool:
+    def prefetch(self, slot: int | None = None, max_bytes: int | None = None) -> bool:
         """Start the layer-ahead read of this layer: its visible stored blocks are read in the background
-        into slot ``slot`` of the decode buffer (default: the slot not holding the states returned last),
-        where its next ``update`` takes them (see :mod:`tiercache_llm.decode_buffer`).  A read ahead of
+        into slot ``slot`` of the decode buffer (default: a free slot other than the one holding the states
+        returned last, else the next one), where its next ``update`` takes them (see
+        :mod:`tiercache_llm.decode_buffer`).  A read ahead of
         this layer or into that slot still pending is discarded first.  Returns whether a read started
-        (not for an empty or sparse layer, nor through a tiercache without list ``out``)."""
+        (not for an empty or sparse layer, nor through a tiercache without list ``out``, nor when the
+        blocks' bytes exceed ``max_bytes``: then nothing is discarded either)."""
         buffer = self.buffer
         if slot is None:
-            slot = 1 - buffer.slot
+            slot = buffer.free_slot(buffer.slot)
+            slot = buffer.other_slot(buffer.slot) if slot is None else slot
         if not self.is_initialized or self.sparse is not None or self.store.out_lists is False or self.store.closed:
             return False
-        buffer.clear_for(self, slot)
         first, n, _ = self._visible_blocks()
         if n <= 0:
             return False
+        nbytes = sum([b.nbytes for b in self._blocks[first:]])
+        if max_bytes is not None and nbytes > max_bytes:
+            return False
+        buffer.clear_for(self, slot)
         bs = self.block_size
         buf = buffer.get(n * bs + self._tail_len + 1, (self._batch, *self._shape_k), (self._batch, *self._shape_v),
                          self.dtype, self.device, bs, slot)
@@ -642,7 +651,6 @@ class TieredKVLayer(CacheLayerMixin):
         else:
             targets_k, targets_v, posts = buf.key_blocks[:n], buf.value_blocks[:n], []
         keys, targets, store = kkeys + vkeys, targets_k + targets_v, self.store
-        nbytes = sum([b.nbytes for b in self._blocks[first:]])
         read = ReadAhead(self, self._epoch, first, n, slot, buf, kkeys, vkeys, posts, nbytes)
         buffer.start(read, lambda: store.get_blocks(keys, out=targets, background=True))
         return True
@@ -1087,11 +1095,33 @@ class TieredKVCache(Cache):
         layer = self.layers[layer_idx]
         ahead = self.buffer.read_ahead and layer.sparse is None and self._ahead_overlaps()
         if ahead and n_layers > 1:
-            self.layers[(layer_idx + 1) % n_layers].prefetch(1 - self.buffer.slot_for(layer))
+            self._read_ahead(layer_idx)
         keys, values = layer.update(key_states, value_states, *args, **kwargs)
         if ahead and n_layers == 1:
-            layer.prefetch(1 - self.buffer.slot)
+            layer.prefetch()
         return keys, values
+
+    def _read_ahead(self, layer_idx: int) -> None:
+        """Before layer ``layer_idx``'s update: start reading the next layer into a slot that update does
+        not use (discarding an older read of it), then layers further ahead (wrapping to the next pass)
+        that have no read pending, each into a free slot, while :meth:`DecodeBuffer.ahead_room` has room
+        for its bytes and at most ``max_depth`` layers ahead (see :mod:`tiercache_llm.decode_buffer`)."""
+        buffer, layers = self.buffer, self.layers
+        n_layers = len(layers)
+        layer = layers[layer_idx]
+        mine = buffer.slot_for(layer)
+        nxt = layers[(layer_idx + 1) % n_layers]
+        if not buffer.pending(nxt):
+            slot = buffer.free_slot(mine)
+            nxt.prefetch(slot if slot is not None else buffer.other_slot(mine))
+        for d in range(2, min(buffer.max_depth, n_layers - 1) + 1):
+            further = layers[(layer_idx + d) % n_layers]
+            if buffer.pending(further):
+                continue
+            room = buffer.ahead_room(layer)
+            slot = buffer.free_slot(mine)
+            if slot is None or room <= 0 or not further.prefetch(slot, max_bytes=room):
+                return
 
     def _ahead_overlaps(self) -> bool:
         """Whether a layer-ahead read can run beside the model's compute: always with a disk tier (reads
@@ -1219,7 +1249,8 @@ class TieredKVCache(Cache):
         skip = {"store", "layers", "cache_uid", "buffer", "settings", "_prepared_model", "_pipeline"}
         new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k not in skip})
         new.settings, new.store, new.cache_uid = settings, store, uuid.uuid4().hex
-        new.buffer = DecodeBuffer(read_ahead=self.buffer.read_ahead)
+        new.buffer = DecodeBuffer(read_ahead=self.buffer.read_ahead, max_depth=self.buffer.max_depth,
+                                  ahead_bytes=self.buffer.ahead_bytes)
         new._prepared_model = self._prepared_model  # the same model object, prepared once
         try:
             new.layers = [layer._copy_to(store, new.cache_uid, new.buffer) for layer in self.layers]

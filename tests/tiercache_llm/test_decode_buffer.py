@@ -7,6 +7,7 @@ from transformers import DynamicCache
 import tiercache
 from tiercache_llm import TieredKVCache
 from tiercache_llm import kv_cache as kv_cache_module
+from tiercache_llm import decode_buffer as decode_buffer_module
 from tiercache_llm.decode_buffer import DecodeBuffer
 from tiercache_llm.store import BlockStore
 
@@ -121,14 +122,16 @@ def test_returned_states_are_views_of_one_buffer_shared_by_the_layers(make_confi
     assert len({t.untyped_storage().data_ptr() for t in outs}) == 1  # nothing stored yet: nothing read ahead
     kv = cache.stats()["kv"]
     one_layer = 2 * 1 * 2 * 12 * 8 * 4  # K and V, capacity rounded up to whole blocks (12 tokens)
-    # with layer-ahead reads, the last layer started reading layer 0's blocks into the second slot
-    assert kv["buffer_bytes"] == (2 if prefetch else 1) * one_layer
-    assert cache.stats()["prefetch"]["started"] == int(prefetch)
+    # with layer-ahead reads, the last layer started reading the next pass's layers 0 and 1 (a read ahead
+    # of two layers: 3 layers, MAX_DEPTH >= 2, 2 layers well within AHEAD_BYTES), each into a slot of its own
+    ahead = min(decode_buffer_module.MAX_DEPTH, 2) if prefetch else 0
+    assert kv["buffer_bytes"] == (1 + ahead) * one_layer
+    assert cache.stats()["prefetch"]["started"] == ahead
     assert kv["tail_bytes"] == 3 * 2 * (1 * 2 * 4 * 8 * 4)  # a one-block tail buffer per layer for K and V
     assert kv["beside_tiers_bytes"] == kv["buffer_bytes"] + kv["tail_bytes"]
     cache.release_buffers()
     kv = cache.stats()["kv"]
-    assert kv["buffer_bytes"] == 0 and kv["buffer_peak_bytes"] == (2 if prefetch else 1) * one_layer
+    assert kv["buffer_bytes"] == 0 and kv["buffer_peak_bytes"] == (1 + ahead) * one_layer
     cache.close()
 
 

@@ -250,3 +250,63 @@ def test_memory_only_cache_reads_inline_when_torch_threads_fill_the_cores(make_c
     assert ahead["started"] > 0 and ahead["inline"] == 0 and ahead["hit_rate"] > 0.8
     memory.close()
     disk.close()
+
+
+@pytest.mark.parametrize("ahead_bytes", ["none", "one", "all"])
+def test_reads_ahead_beyond_the_next_layer_stay_within_ahead_bytes(make_config, ahead_bytes):
+    """Layers further ahead than the next one are read only while the reads pending plus theirs fit in
+    ``ahead_bytes`` and at most ``max_depth`` layers ahead, each into a slot neither the states being
+    returned nor another read uses; the states always equal DynamicCache's."""
+    layers = 5
+    config = make_config(num_hidden_layers=layers)
+    gen = torch.Generator().manual_seed(3)
+    ref, got = DynamicCache(config=config), TieredKVCache(config, block_size=4, host="1MiB")
+    one = 3 * 2 * (2 * 2 * 4 * 8 * 4)  # a layer's 3 blocks (K and V) after the first update (4 from token 16)
+    got.buffer.max_depth = 3
+    got.buffer.ahead_bytes = {"none": 0, "one": 2 * one, "all": 10 * one}[ahead_bytes]
+    deepest = 0
+    for step, seq in enumerate([13, 1, 1, 1, 1, 1]):
+        for layer in range(layers):
+            k, v = states(2, seq, gen)
+            rk, rv = ref.update(k, v, layer)
+            gk, gv = got.update(k, v, layer)
+            assert torch.equal(rk, gk) and torch.equal(rv, gv), (step, layer)
+            if step == 0:
+                continue
+            pending = list(got.buffer._pending.values())
+            slots = [p.slot for p in pending]
+            assert len(set(slots)) == len(slots) and got.buffer.slot not in slots
+            assert all(0 <= s <= 3 for s in slots)
+            ahead = sorted((p.layer.layer_idx - layer) % layers for p in pending)
+            assert ahead == list(range(1, len(ahead) + 1))  # the next layers, in order
+            if len(pending) > 1:
+                assert sum(p.nbytes for p in pending) <= got.buffer.ahead_bytes
+            deepest = max(deepest, len(pending))
+    assert deepest == {"none": 1, "one": 2, "all": 3}[ahead_bytes]
+    ahead = got.stats()["prefetch"]
+    assert ahead["failed"] == 0 and ahead["used"] > 0
+    got.close()
+
+
+class FlakyReads(FailingReads):
+    """Every other background read fails after writing garbage into its first block."""
+
+    def __call__(self, keys, device=None, *, out=None, background=False):
+        self.fail = background and not self.fail
+        return super().__call__(keys, device, out=out, background=background)
+
+
+def test_failed_deep_reads_ahead_never_yield_wrong_states(make_model, tmp_path):
+    model = make_model("llama", seed=0, num_hidden_layers=4)
+    ids, mask = left_padded_batch()
+    common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0, do_sample=False)
+    ref = model.generate(past_key_values=DynamicCache(config=model.config), **common)
+    cache = TieredKVCache(model.config, block_size=4, host="8KiB", disk="16MiB", path=tmp_path / "kv")
+    cache.buffer.max_depth, cache.buffer.ahead_bytes = 3, 1 << 30
+    reads = FlakyReads(cache.store)
+    reads.fail = False
+    got = model.generate(past_key_values=cache, **common)
+    assert torch.equal(ref, got)
+    ahead = cache.stats()["prefetch"]
+    assert reads.failures > 0 and ahead["failed"] > 0 and ahead["blocks_ahead"] > 0 and ahead["blocks_sync"] > 0
+    cache.close()
