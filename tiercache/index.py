@@ -241,17 +241,19 @@ def rescore(entries: list[Entry | None], scores: list[float], rank: Callable[[An
     no heap push, same eviction order; a lower rank, or an entry being moved, is pushed as
     ``CacheState._rerank`` does.  ``names`` are the tiers' names by index."""
     updated = 0
+    tokens = _TOKENS
     for entry, score in zip(entries, scores):
         if entry is None:
             continue
         entry.score = score
         new = rank(entry)
         old = entry.queued_rank
-        queue = queues[entry.level]
         if entry.moving or old is None or new < old:
             entry.tier = names[entry.level]
-            queue.push(entry, new)
-        else:
-            queue.defer(entry, new)
+            queues[entry.level].push(entry, new)
+        else:  # RankedQueue.defer, inlined (this loop runs for thousands of keys per decode step)
+            entry.version = next(tokens)
+            entry.queued_rank = new
+            entry.rank_deferred = True
         updated += 1
     return updated
