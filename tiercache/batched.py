@@ -24,7 +24,7 @@ from typing import Any, Callable, Hashable, Iterable, Sequence
 import torch
 
 from .errors import CacheClosedError, CorruptEntryError, TierCacheError
-from .index import Entry, dtype_name
+from .index import Entry, dtype_name, rescore
 from .keys import check_key, encode_key
 from .moves import Moves
 from .sizes import format_size
@@ -33,7 +33,7 @@ from .tiers.base import EntryHeader, Slot
 from .tiers.disk import DiskTier
 from .tiers.memory import MEMMOVE_MAX_BYTES, ArenaTier, memmove
 from .transfer import CopyEngine, chunk_file_bytes, packed_layout, read_chunk_into
-from .values import as_bytes, check_score, copy_payload, flat, new_tensor, tensor_data
+from .values import as_bytes, check_score, check_scores, copy_payload, flat, new_tensor, tensor_data
 
 _CPU = torch.device("cpu")
 _DISK_READ_INTO = DiskTier.read_into
@@ -940,18 +940,16 @@ class DataPaths(Moves):
         return found
 
     def _update_scores_impl(self, scores: dict[Hashable, float]) -> int:
-        checked = {key: check_score(score) for key, score in scores.items()}  # all valid, or none applied
-        updated = 0
+        """Set the scores of the stored keys among ``scores`` under one lock; how many were stored.  Every
+        score is checked first (all valid, or none applied).  Re-ranking goes through ``index.rescore``:
+        an entry whose rank did not drop keeps its heap item as a stand-in (no push), in the same
+        eviction order as a push per key."""
+        keys = list(scores)
+        values = check_scores(list(scores.values()))
         with self._lock:
             self._check_open()
-            for key, score in checked.items():
-                entry = self._index.get(key)
-                if entry is None:
-                    continue
-                entry.info.score = score
-                self._rerank(entry)
-                updated += 1
-        return updated
+            entries = list(map(self._index.get, keys))
+            return rescore(entries, values, self._policy.rank, self._queues, [tier.name for tier in self._tiers])
 
     def _batch_sources(
         self, items: list[_Pinned], target: torch.device

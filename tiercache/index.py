@@ -31,7 +31,9 @@ class Entry(EntryInfo):
 
     ``moving`` is set while a mover (demotion, promotion, flush) copies it to another tier; such an entry
     is not chosen as a victim again.  ``version`` is the token of its current queue item (see
-    ``RankedQueue``); bumping it invalidates every queued item (lazy deletion)."""
+    ``RankedQueue``); bumping it invalidates every queued item (lazy deletion).  ``queued_rank`` is the
+    rank of that item; with ``rank_deferred`` the item is not in the heap yet: an older item of the entry
+    with a smaller key stands in for it until it comes up (see ``RankedQueue.defer``)."""
 
     key_bytes: bytes = b""  # the header's fields, kept flat (see ``header``)
     dtype: Any = None  # torch.dtype of the payload
@@ -42,6 +44,8 @@ class Entry(EntryInfo):
     view: Any = None  # memory tiers: the slot's bytes in place, as a tensor of dtype and shape (else None)
     moving: bool = False
     version: int = 0
+    queued_rank: Any = None
+    rank_deferred: bool = False
 
     @property
     def info(self) -> "Entry":
@@ -80,7 +84,15 @@ _TOKENS = itertools.count(1)
 
 class RankedQueue:
     """Entries of one tier, smallest rank first.  Re-ranking pushes a new item; stale items are skipped
-    when popped and compacted away when they outnumber live ones."""
+    when popped and compacted away when they outnumber live ones.
+
+    An entry's place in the queue is its *key* ``(entry.queued_rank, entry.version)``: its rank, ties
+    broken by the order of re-ranking (every re-rank takes a fresh token).  A re-rank that does not
+    lower the rank may be *deferred* (:meth:`defer`, used by batched score updates): the entry takes its
+    new key at once, but no item is pushed; the item it already has in the heap, whose key is smaller,
+    stands in for it.  When a stand-in comes up (:meth:`pop_victims`) or the heap is compacted, the
+    entry's current key is pushed in its place.  Nothing whose key lies between the stand-in's and the
+    entry's can leave before that push, so entries leave in exactly the order eager pushes give."""
 
     def __init__(self, tier: int) -> None:
         self.tier = tier
@@ -99,18 +111,46 @@ class RankedQueue:
         """``entry`` left this tier; its queue items go stale (the caller bumps its version)."""
         self.live -= 1
         self.payload -= entry.nbytes
+        entry.rank_deferred = False  # its stand-in must not be pushed back for it
 
     def push(self, entry: Entry, rank: Any) -> None:
         token = next(self._counter)
         entry.version = token
+        entry.queued_rank = rank
+        entry.rank_deferred = False
         self._owners[token] = entry
         heap = self._heap
         heapq.heappush(heap, (rank, token))
         if len(heap) > 64 and len(heap) > 4 * self.live + 4:
-            self._heap = [item for item in heap if self._current(item)]
-            heapq.heapify(self._heap)
-            owners = self._owners
-            self._owners = {token: owners[token] for _, token in self._heap}
+            self._compact()
+
+    def defer(self, entry: Entry, rank: Any) -> None:
+        """Re-rank ``entry`` at ``rank`` without a heap push (see the class doc).  Only for an entry that
+        lives in this tier, is not ``moving`` (a mover took its item out of the heap) and has a
+        ``queued_rank`` that ``rank`` is not below: its item in the heap is then a valid stand-in."""
+        entry.version = next(self._counter)
+        entry.queued_rank = rank
+        entry.rank_deferred = True
+
+    def _compact(self) -> None:
+        """Rebuild the heap from the live entries' current keys (a deferred entry's key replaces its
+        stand-in)."""
+        owners, tier = self._owners, self.tier
+        heap: list[_Item] = []
+        kept: dict[int, Entry] = {}
+        for item in self._heap:
+            entry = owners.get(item[1])
+            if entry is None or entry.level != tier:
+                continue
+            if entry.version != item[1]:
+                if not entry.rank_deferred:
+                    continue
+                entry.rank_deferred = False
+                item = (entry.queued_rank, entry.version)
+            heap.append(item)
+            kept[item[1]] = entry
+        heapq.heapify(heap)
+        self._heap, self._owners = heap, kept
 
     def load(self, ranked: list[tuple[Any, Entry]]) -> None:
         """Count and rank many entries at once (recovery): one heapify instead of a push per entry."""
@@ -120,6 +160,8 @@ class RankedQueue:
             self.payload += entry.nbytes
             token = next(counter)
             entry.version = token
+            entry.queued_rank = rank
+            entry.rank_deferred = False
             owners[token] = entry
             heap.append((rank, token))
         heapq.heapify(heap)
@@ -145,7 +187,13 @@ class RankedQueue:
             item = heapq.heappop(heap)
             token = item[1]
             entry = owners.pop(token, None)
-            if entry is None or entry.version != token or entry.level != self.tier or index.get(entry.key) is not entry:
+            if entry is None or entry.level != self.tier or index.get(entry.key) is not entry:
+                continue
+            if entry.version != token:
+                if entry.rank_deferred:  # a stand-in came up: queue the entry at its current key
+                    entry.rank_deferred = False
+                    owners[entry.version] = entry
+                    heapq.heappush(heap, (entry.queued_rank, entry.version))
                 continue
             if rank is not None:
                 now = rank(entry.info)
@@ -167,11 +215,45 @@ class RankedQueue:
         """Live entries of this tier in eviction order (a snapshot; does not consume the queue); with
         ``rank`` (lazy re-ranking, see ``pop_victims``) by their current rank."""
         seen: set[int] = set()
-        owners = self._owners
-        current = [item for item in self._heap if self._current(item)]
-        key = (lambda item: (rank(owners[item[1]].info), item[1])) if rank is not None else (lambda item: item)
-        for item in sorted(current, key=key):
-            entry = owners[item[1]]
+        owners, tier = self._owners, self.tier
+        current: list[tuple[_Item, Entry]] = []
+        for item in self._heap:
+            entry = owners.get(item[1])
+            if entry is None or entry.level != tier:
+                continue
+            if entry.version == item[1]:
+                current.append((item, entry))
+            elif entry.rank_deferred:  # its stand-in: the entry's place is its current key
+                current.append(((entry.queued_rank, entry.version), entry))
+        if rank is not None:
+            current = [((rank(entry.info), item[1]), entry) for item, entry in current]
+        current.sort(key=lambda pair: pair[0])
+        for _, entry in current:
             if index.get(entry.key) is entry and id(entry) not in seen:
                 seen.add(id(entry))
                 yield entry
+
+
+def rescore(entries: list[Entry | None], scores: list[float], rank: Callable[[Any], Any],
+            queues: list[RankedQueue], names: list[str]) -> int:
+    """Set ``entries[i].score = scores[i]`` and re-rank each entry (``None``: skipped); returns how many
+    were updated.  Under the index lock.  A rank that did not drop is deferred (``RankedQueue.defer``):
+    no heap push, same eviction order; a lower rank, or an entry being moved, is pushed as
+    ``CacheState._rerank`` does.  ``names`` are the tiers' names by index."""
+    updated = 0
+    tokens = _TOKENS
+    for entry, score in zip(entries, scores):
+        if entry is None:
+            continue
+        entry.score = score
+        new = rank(entry)
+        old = entry.queued_rank
+        if entry.moving or old is None or new < old:
+            entry.tier = names[entry.level]
+            queues[entry.level].push(entry, new)
+        else:  # RankedQueue.defer, inlined (this loop runs for thousands of keys per decode step)
+            entry.version = next(tokens)
+            entry.queued_rank = new
+            entry.rank_deferred = True
+        updated += 1
+    return updated

@@ -26,6 +26,22 @@ def check_score(score: object) -> float:
     return float(score)
 
 
+_FLOAT = {float}
+
+
+def check_scores(scores: list) -> list[float]:
+    """:func:`check_score` of every item, in order (the first bad one raises): the scores as floats.
+
+    A list of plain floats none of which is NaN is returned as it is, checked in C (the types as a
+    set; NaN through their sum, which is NaN when one is, or when ``inf`` meets ``-inf``: then each is
+    checked)."""
+    if set(map(type, scores)) <= _FLOAT:
+        total = sum(scores)
+        if total == total:
+            return scores
+    return [check_score(score) for score in scores]
+
+
 def dtype_named(name: str) -> torch.dtype:
     """The torch dtype an entry header names (``"float32"``); ``CorruptEntryError`` for an unknown name."""
     dtype = _DTYPES.get(name)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -315,10 +316,10 @@ class SparseLayerState:
         """Queue the current mass of every stored block (after blocks were rewritten or rescaled)."""
         if self.ctrl.strategy != "attention-aware":
             return
-        for j in range(min(len(layer._blocks), self.mass.numel())):
-            score = float(self.mass[j])
-            self.ctrl.pending_scores[layer._kkeys[j]] = score
-            self.ctrl.pending_scores[layer._vkeys[j]] = score
+        n = min(len(layer._blocks), self.mass.numel())
+        masses = self.mass[:n].tolist()
+        keys = chain.from_iterable(zip(layer._kkeys[:n], layer._vkeys[:n]))
+        self.ctrl.pending_scores.update(zip(keys, chain.from_iterable(zip(masses, masses))))
 
     @with_normal_tensors
     def select_rows(self, index: torch.Tensor) -> None:

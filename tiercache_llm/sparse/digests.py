@@ -267,8 +267,47 @@ class KeyDigests:
             raise ValueError(f"keys of shape {tuple(keys.shape)} do not match digests of shape {tuple(self.lo.shape)}")
         if keys.shape[2] == 0:
             return
-        offset = self.length % self.block_size
         keys = keys.to(self._lo_t.dtype)
+        if keys.shape[2] == 1:
+            self._append_token(keys[:, :, 0], valid[:, 0])
+        else:
+            self._append_keys(keys, valid)
+        self.length += keys.shape[2]
+
+    def _append_token(self, key: torch.Tensor, valid: torch.Tensor) -> None:
+        """``append`` of one token (a decode step): ``key`` ``(B, H, D)`` in the digests' dtype, ``valid``
+        ``(B,)``.  The same digests as :meth:`_append_keys` with a fraction of its tensor operations:
+        a single key is its own min, max and sum (a row whose token is invalid keeps its digest)."""
+        b = key.shape[0]
+        v = valid.view(b, 1, 1)
+        if self.length % self.block_size:  # inside the partial last block: merge
+            last = self._n - 1
+            lo, hi, count = self._lo_t[..., last], self._hi_t[..., last], self.count[:, last]  # views
+            has = (count > 0).view(b, 1, 1)  # else its digest is zeros, not a bound
+            lo.copy_(torch.where(v, torch.where(has, torch.minimum(lo, key), key), lo))
+            hi.copy_(torch.where(v, torch.where(has, torch.maximum(hi, key), key), hi))
+            count += valid
+            if self._mean_t is not None:
+                self._tail += key.float().masked_fill(~v, 0.0)
+                # _mean of the exact sum, written in place
+                torch.div(self._tail, count.clamp(min=1).view(b, 1, 1).to(torch.float32), out=self._mean_t[..., last])
+            return
+        n = self._n  # a new block
+        self._reserve(n + 1)
+        first = key.masked_fill(~v, 0)
+        self._lo_t[..., n] = first
+        self._hi_t[..., n] = first
+        if self._mean_t is not None:
+            self._tail.copy_(first)  # the sum of the block's one key; the mean of it (count 1, or 0: zeros)
+            self._mean_t[..., n] = self._tail
+        self._n = n + 1
+        self.count = torch.cat((self.count, valid.view(b, 1).to(self.count.dtype)), dim=1)
+
+    def _append_keys(self, keys: torch.Tensor, valid: torch.Tensor) -> None:
+        """``append`` of ``keys`` ``(B, H, T, D)`` (any ``T >= 1``; checked, in the digests' dtype) and
+        ``valid`` ``(B, T)``, except ``length``, which the caller advances."""
+        b = keys.shape[0]
+        offset = self.length % self.block_size
         if (offset and offset + keys.shape[2] <= self.block_size) or keys.shape[2] == 1:
             lo, hi, count, total = _reduce_one(keys, valid)  # decode: the keys stay inside one block
         else:
@@ -289,7 +328,6 @@ class KeyDigests:
         if count.shape[1]:  # new blocks
             self._put(lo, hi, count, total)
             self.count = torch.cat((self.count, count), dim=1)
-        self.length += keys.shape[2]
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Apply a batch gather ``new_row[i] = old_row[index[i]]`` (beam reorder, batch repeat/select)."""

@@ -7,6 +7,7 @@ scores reach it through ``update_scores``.
 
 from __future__ import annotations
 
+from itertools import chain
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -18,21 +19,28 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def record_attention(state: "SparseLayerState", layer: "TieredKVLayer", sel: "BlockSelection",
                      res: "SparseAttentionOutput", stats: "SparseStats") -> None:
-    """Accumulate the mass ``res`` gave each block of ``sel.fetch`` and queue the stored blocks' scores."""
+    """Accumulate the mass ``res`` gave each block of ``sel.fetch`` (scaled by the controller's decay
+    clock) into ``state.mass``, and queue each stored fetched block's new mass as the score of its K and
+    V entries (strategy ``"attention-aware"``; other strategies keep no mass).  Vectorised: one
+    ``index_add_`` for the masses, one ``tolist`` for the scores; the keys are queued K, V block by
+    block in ``sel.fetch`` order."""
     ctrl = state.ctrl
+    if ctrl.strategy != "attention-aware" or not sel.fetch.numel():
+        return
     hk = layer._shape_k[0]
-    u = int(sel.fetch.numel())
+    fetch = sel.fetch.cpu()
+    block_mass = res.kv_head_mass(hk).sum(dim=(0, 1)).double().cpu()  # (U,) summed over rows and heads
+    state.mass.index_add_(0, fetch, block_mass * ctrl.scale)
     n_stored = len(layer._blocks)
-    stored = [j for j in sel.fetch.tolist() if j < n_stored]
+    if int(fetch[-1]) >= n_stored:  # ascending: only the in-memory tail block can lie past the stored ones
+        fetch = fetch[: int((fetch < n_stored).sum())]
+    stored = fetch.tolist()
     pipeline = getattr(layer, "pipeline", None)
-    if ctrl.strategy == "attention-aware" and u:
-        block_mass = res.kv_head_mass(hk).sum(dim=(0, 1)).double().cpu()  # (U,) summed over rows and heads
-        state.mass[sel.fetch.cpu()] += block_mass * ctrl.scale
-        scores = pipeline.placement_scores(state, layer, stored) if pipeline is not None else None
-        if scores is not None:  # the pipeline's resident pool holds the fetched blocks (see placement_scores)
-            ctrl.pending_scores.update(scores)
-        else:
-            for i, j in enumerate(stored):
-                score = float(state.mass[j])
-                ctrl.pending_scores[layer._kkeys[j]] = score
-                ctrl.pending_scores[layer._vkeys[j]] = score
+    scores = pipeline.placement_scores(state, layer, stored) if pipeline is not None else None
+    if scores is not None:  # the pipeline's resident pool holds the fetched blocks (see placement_scores)
+        ctrl.pending_scores.update(scores)
+        return
+    kkeys, vkeys = layer._kkeys, layer._vkeys
+    masses = state.mass[fetch].tolist()
+    keys = chain.from_iterable(zip([kkeys[j] for j in stored], [vkeys[j] for j in stored]))
+    ctrl.pending_scores.update(zip(keys, chain.from_iterable(zip(masses, masses))))
