@@ -281,10 +281,12 @@ def fill_cache(cache: Any, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
 
 
 def build_cache(model: Any, cfg: Config, kv: list[tuple[torch.Tensor, torch.Tensor]], s: Settings, store: Path,
-                prompt: torch.Tensor | None = None, *, extra_tokens: int = 64) -> Any:
+                prompt: torch.Tensor | None = None, *, extra_tokens: int = 64, pipeline: dict | None = None) -> Any:
     """A fresh cache of ``cfg`` holding ``kv`` (per layer ``(B, H, T, D)``).  Tiered caches: host tier
     ``host_fraction`` of the KV bytes, disk tier twice the rest, store in ``store``.  If a sparse cache
-    cannot be filled with :func:`fill_cache`, ``prompt`` (``(B, T)`` ids) is prefilled through the model."""
+    cannot be filled with :func:`fill_cache`, ``prompt`` (``(B, T)`` ids) is prefilled through the model.
+    ``pipeline`` (sparse configurations only; ignored otherwise): ``PipelineConfig`` overrides passed to
+    the cache as ``pipeline=``; ``None`` or empty passes nothing (the cache's defaults)."""
     from transformers import DynamicCache
     from tiercache_llm import TieredKVSettings
 
@@ -304,8 +306,9 @@ def build_cache(model: Any, cfg: Config, kv: list[tuple[torch.Tensor, torch.Tens
         opts["block_size"] = s.block_size
     if cfg.pool is not None and not math.isinf(cfg.pool):
         opts["pool_bytes"] = max(1, int(cfg.pool * kv_bytes))
+    sparse_opts = dict(budget=cfg.budget, strategy=cfg.system, **({"pipeline": pipeline} if pipeline else {}))
     cache = make_tiered(model, "exact", **opts) if cfg.system == EXACT else \
-        make_tiered(model, "sparse", budget=cfg.budget, strategy=cfg.system, **opts)
+        make_tiered(model, "sparse", **sparse_opts, **opts)
     try:
         try:
             fill_cache(cache, kv)
@@ -314,7 +317,7 @@ def build_cache(model: Any, cfg: Config, kv: list[tuple[torch.Tensor, torch.Tens
                 raise
             cache.close()
             shutil.rmtree(store, ignore_errors=True)
-            cache = make_tiered(model, "sparse", budget=cfg.budget, strategy=cfg.system, **opts)
+            cache = make_tiered(model, "sparse", **sparse_opts, **opts)
             with torch.no_grad():
                 for start in range(0, prompt.shape[-1], 2048):
                     model(input_ids=prompt[:, start:start + 2048], past_key_values=cache, use_cache=True)
