@@ -239,7 +239,7 @@ class PoolArena:
 
     def _make_room(self, view: "ResidentPool", want: set, need: int, cpu: bool, reserve: int,
                    shape_k: tuple, shape_v: tuple, dtype: torch.dtype, device: torch.device) -> None:
-        if len(self._free) >= need:
+        if len(self._free) >= need and self.k is not None:
             return
         if self.k is None:
             probe_k = torch.empty(shape_k, dtype=dtype, device="meta")
@@ -283,6 +283,8 @@ class PoolArena:
                     f"{format_size(self.max_bytes)} allows; the pool grows past its bound to hold them "
                     f"(stats()['pipeline']['pool_over_budget'] counts such steps)", RuntimeWarning, stacklevel=6)
             self._grow(self._capacity + short, shape_k, shape_v, dtype, device, 0)
+        if self.k is None:  # an empty union (e.g. a context cropped to nothing): attention still needs the tensors
+            self._grow(self._capacity, shape_k, shape_v, dtype, device, 0)
 
     def _own_order(self, view: "ResidentPool", want: set) -> list[int]:
         """``view``'s blocks outside ``want``, in the order they are evicted."""

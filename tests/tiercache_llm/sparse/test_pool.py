@@ -44,6 +44,16 @@ def test_previous_retention_keeps_exactly_the_last_selection():
     assert pool.capacity == 5  # 1.25 x one union (3 blocks + tail)
 
 
+@pytest.mark.parametrize("retention", ["none", "previous", "mass"])
+def test_an_empty_union_still_gives_the_pool_tensors(retention):
+    # A context cropped to nothing selects no block and has no tail; attention still takes the pools.
+    pool = ResidentPool(retention, 1.5 if retention == "mass" else 1.0)
+    slots, missing, tail = assign(pool, [])
+    assert slots == [] and missing == [] and tail is None
+    assert pool.k is not None and pool.v is not None
+    assert tuple(pool.k.shape[1:]) == SHAPE and pool.k.dtype == torch.float32
+
+
 def test_none_retention_rereads_everything():
     pool = ResidentPool("none")
     slots, missing, _ = assign(pool, [1, 2])
