@@ -165,8 +165,9 @@ class ReadAheadCounters:
 
 
 class DecodeBuffer:
-    """Grows-only :class:`StatesBuffer` s, two slots per layer geometry (device, dtype, batch, heads,
-    head_dim, block size), shared by the layers of a cache, and the layer-ahead reads into them.
+    """Grows-only :class:`StatesBuffer` s, up to ``max_depth + 1`` slots per layer geometry (device,
+    dtype, batch, heads, head_dim, block size), shared by the layers of a cache, and the layer-ahead
+    reads into them.
 
     ``read_ahead``: whether the layers of the cache start :class:`ReadAhead` s (the cache decides; the
     buffer only keeps them apart from the states attention is using).  ``max_depth`` (default
