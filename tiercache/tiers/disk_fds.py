@@ -5,11 +5,17 @@ when that read releases it, never under it (a closed descriptor number can be re
 at once, and a read through it would see another file).  The owner must :meth:`forget` a key before the
 file behind it is replaced or removed (the disk tier does so in ``write`` after the rename and in
 ``discard`` before the unlink); until then a cached descriptor keeps reading the file it opened.
-Thread-safe.
+
+Every cache of the process draws on one shared budget of cached descriptors (:func:`default_limit`), so
+many disk tiers open at once (several caches in one program) never cache more than that together; a
+cache whose own bound or the shared one is reached reads through one-off descriptors.  If ``open`` still
+fails for want of descriptors (``EMFILE`` / ``ENFILE``, e.g. the program holds many files of its own), the
+cache closes its idle descriptors and tries once more.  Thread-safe.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import threading
@@ -33,6 +39,32 @@ def default_limit() -> int:
     is 341."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return max(16, min(8192, (soft if soft != resource.RLIM_INFINITY else 8192 * 3) // 3))
+
+
+class _SharedBudget:
+    """The cached descriptors of every :class:`FdCache` of the process, bounded by ``limit``
+    (:func:`default_limit` when first needed)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()  # give() may run from a collected cache's __del__ inside take()
+        self.count = 0
+        self.limit: int | None = None
+
+    def take(self) -> bool:
+        with self.lock:
+            if self.limit is None:
+                self.limit = default_limit()
+            if self.count >= self.limit:
+                return False
+            self.count += 1
+            return True
+
+    def give(self, n: int = 1) -> None:
+        with self.lock:
+            self.count -= n
+
+
+_SHARED = _SharedBudget()
 
 
 #: When the cache is full, one miss in this many replaces the least recently used descriptor; the others
@@ -71,24 +103,33 @@ class FdCache:
                 handle.users += 1
                 self._open.move_to_end(key)
                 return handle
-        fd = os.open(path, self.flags)
+        fd = self._open_fd(path)
         with self._lock:
             raced = self._open.get(key)
             if raced is not None:  # another reader opened it meanwhile: use theirs
                 raced.users += 1
                 os.close(fd)
                 return raced
-            if len(self._open) >= self.limit:
+            full = len(self._open) >= self.limit or not _SHARED.take()
+            if full:
                 self._full_misses += 1
-                if self._full_misses % REPLACE_EVERY:
+                if self._full_misses % REPLACE_EVERY or not self._open:
                     handle = _Handle(fd)  # not cached: closed by its release
                     handle.dead = True
                     return handle
-            handle = self._open[key] = _Handle(fd)
-            while len(self._open) > self.limit:
-                _, old = self._open.popitem(last=False)
+                _, old = self._open.popitem(last=False)  # takes the place (and budget share) of the oldest
                 self._retire(old)
+            handle = self._open[key] = _Handle(fd)
             return handle
+
+    def _open_fd(self, path: str) -> int:
+        try:
+            return os.open(path, self.flags)
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+        self.clear()  # cached descriptors are only a speed-up: give them back and try once more
+        return os.open(path, self.flags)
 
     def release(self, handle: _Handle) -> None:
         with self._lock:
@@ -101,12 +142,20 @@ class FdCache:
         with self._lock:
             handle = self._open.pop(key, None)
             if handle is not None:
+                _SHARED.give()
                 self._retire(handle)
 
     def clear(self) -> None:
         with self._lock:
+            _SHARED.give(len(self._open))
             while self._open:
                 self._retire(self._open.popitem()[1])
+
+    def __del__(self) -> None:  # a tier dropped without close(): its share of the budget comes back
+        try:
+            self.clear()
+        except Exception:  # interpreter shutdown
+            pass
 
     def _retire(self, handle: _Handle) -> None:
         handle.dead = True

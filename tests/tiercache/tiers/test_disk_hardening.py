@@ -480,6 +480,70 @@ def test_fd_cache_never_closes_a_descriptor_in_use(tmp_path, monkeypatch):
     cache.clear()
 
 
+def test_fd_caches_share_one_process_budget(tmp_path, monkeypatch):
+    # Many disk tiers in one process (several caches) must not together cache more descriptors than the
+    # shared budget: each one's own limit alone would exhaust the open-file limit.
+    from tiercache.tiers import disk_fds
+    from tiercache.tiers.disk_fds import FdCache
+
+    shared = disk_fds._SharedBudget()
+    shared.limit = 10
+    monkeypatch.setattr(disk_fds, "_SHARED", shared)
+    files = [tmp_path / f"f{i}" for i in range(12)]
+    for i, f in enumerate(files):
+        f.write_bytes(bytes([i]))
+    caches = [FdCache(os.O_RDONLY, limit=8) for _ in range(3)]
+    for n, cache in enumerate(caches):
+        for i, f in enumerate(files):
+            handle = cache.acquire(i, str(f))
+            assert os.pread(handle.fd, 1, 0) == bytes([i])
+            cache.release(handle)
+        assert len(cache._open) <= 8
+    assert sum(len(c._open) for c in caches) == shared.count <= 10
+    caches[0].forget(0)
+    caches[0].clear()
+    assert shared.count == sum(len(c._open) for c in caches[1:])
+    del caches[1]  # dropped without clear(): its share comes back
+    import gc
+    gc.collect()
+    assert shared.count == len(caches[-1]._open)
+    caches[-1].clear()
+    assert shared.count == 0
+
+
+def test_fd_cache_gives_back_its_descriptors_when_the_process_runs_out(tmp_path, monkeypatch):
+    import errno
+
+    from tiercache.tiers import disk_fds
+    from tiercache.tiers.disk_fds import FdCache
+
+    files = [tmp_path / f"f{i}" for i in range(3)]
+    for i, f in enumerate(files):
+        f.write_bytes(bytes([i]))
+    cache = FdCache(os.O_RDONLY, limit=8)
+    for i in range(2):
+        cache.release(cache.acquire(i, str(files[i])))
+    cached = [h.fd for h in cache._open.values()]
+    real_open, calls = os.open, []
+
+    def open_once_out_of_files(path, flags, *args):
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(errno.EMFILE, "Too many open files", path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(disk_fds.os, "open", open_once_out_of_files)
+    handle = cache.acquire(2, str(files[2]))
+    assert os.pread(handle.fd, 1, 0) == b"\x02" and len(calls) == 2
+    cache.release(handle)
+    for fd in cached:  # the idle cached descriptors were closed to make room
+        if fd != handle.fd:
+            with pytest.raises(OSError):
+                os.fstat(fd)
+    monkeypatch.setattr(disk_fds.os, "open", real_open)
+    cache.clear()
+
+
 def test_a_full_fd_cache_keeps_most_of_its_descriptors_through_a_cyclic_scan(tmp_path):
     from tiercache.tiers.disk_fds import REPLACE_EVERY, FdCache
 
