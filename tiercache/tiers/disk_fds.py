@@ -6,11 +6,12 @@ at once, and a read through it would see another file).  The owner must :meth:`f
 file behind it is replaced or removed (the disk tier does so in ``write`` after the rename and in
 ``discard`` before the unlink); until then a cached descriptor keeps reading the file it opened.
 
-Every cache of the process draws on one shared budget of cached descriptors (:func:`default_limit`), so
-many disk tiers open at once (several caches in one program) never cache more than that together; a
-cache whose own bound or the shared one is reached reads through one-off descriptors.  If ``open`` still
-fails for want of descriptors (``EMFILE`` / ``ENFILE``, e.g. the program holds many files of its own), the
-cache closes its idle descriptors and tries once more.  Thread-safe.
+Every cache of the process draws on one shared budget of cached descriptors (:func:`shared_limit`, half
+the open-file limit), besides its own bound (:func:`default_limit`, a third), so many disk tiers open at
+once (several caches in one program) never cache more than that together; a cache whose own bound or the
+shared one is reached reads through one-off descriptors.  If ``open`` still fails for want of descriptors
+(``EMFILE`` / ``ENFILE``, e.g. the program holds many files of its own), every cache of the process closes
+its idle descriptors and the open is tried once more.  Thread-safe.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import errno
 import os
 import resource
 import threading
+import weakref
 from collections import OrderedDict
 from typing import Hashable
 
@@ -28,6 +30,14 @@ class _Handle:
 
     def __init__(self, fd: int) -> None:
         self.fd, self.users, self.dead = fd, 1, False
+
+
+def shared_limit() -> int:
+    """Descriptors all the caches of the process may keep open together: half the open-file limit, at most
+    16384 (several caches are often open at once, e.g. a benchmark comparing configurations; each one's
+    own bound is :func:`default_limit`)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, min(16384, (soft if soft != resource.RLIM_INFINITY else 16384 * 2) // 2))
 
 
 def default_limit() -> int:
@@ -49,11 +59,12 @@ class _SharedBudget:
         self.lock = threading.RLock()  # give() may run from a collected cache's __del__ inside take()
         self.count = 0
         self.limit: int | None = None
+        self.caches: weakref.WeakSet = weakref.WeakSet()
 
     def take(self) -> bool:
         with self.lock:
             if self.limit is None:
-                self.limit = default_limit()
+                self.limit = shared_limit()
             if self.count >= self.limit:
                 return False
             self.count += 1
@@ -84,6 +95,7 @@ class FdCache:
         self._open: OrderedDict[Hashable, _Handle] = OrderedDict()
         self._lock = threading.Lock()
         self._full_misses = 0
+        _SHARED.caches.add(self)
 
     def lookup(self, key: Hashable) -> _Handle | None:
         """The cached descriptor of ``key`` (pair with :meth:`release`), or ``None`` when it is not open:
@@ -128,7 +140,9 @@ class FdCache:
         except OSError as exc:
             if exc.errno not in (errno.EMFILE, errno.ENFILE):
                 raise
-        self.clear()  # cached descriptors are only a speed-up: give them back and try once more
+        # Cached descriptors are only a speed-up: every cache gives its idle ones back, then one more try.
+        for cache in list(_SHARED.caches):
+            cache.clear()
         return os.open(path, self.flags)
 
     def release(self, handle: _Handle) -> None:
