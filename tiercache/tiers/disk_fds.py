@@ -32,12 +32,17 @@ class _Handle:
         self.fd, self.users, self.dead = fd, 1, False
 
 
+def _share_of_open_files(divisor: int, cap: int) -> int:
+    """``1 / divisor`` of the process's soft open-file limit, at most ``cap`` (at least 16)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, min(cap, (soft if soft != resource.RLIM_INFINITY else cap * divisor) // divisor))
+
+
 def shared_limit() -> int:
     """Descriptors all the caches of the process may keep open together: half the open-file limit, at most
     16384 (several caches are often open at once, e.g. a benchmark comparing configurations; each one's
     own bound is :func:`default_limit`)."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return max(16, min(16384, (soft if soft != resource.RLIM_INFINITY else 16384 * 2) // 2))
+    return _share_of_open_files(2, 16384)
 
 
 def default_limit() -> int:
@@ -47,13 +52,12 @@ def default_limit() -> int:
     40 % of a warm batched read of 48 KiB entries here), and an 8K-token batch-4 one ~5,500 (a quarter of
     them opened and closed per step under the former cap of 4096); with the usual soft limit of 1024 this
     is 341."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return max(16, min(8192, (soft if soft != resource.RLIM_INFINITY else 8192 * 3) // 3))
+    return _share_of_open_files(3, 8192)
 
 
 class _SharedBudget:
     """The cached descriptors of every :class:`FdCache` of the process, bounded by ``limit``
-    (:func:`default_limit` when first needed)."""
+    (:func:`shared_limit` when first needed)."""
 
     def __init__(self) -> None:
         self.lock = threading.RLock()  # give() may run from a collected cache's __del__ inside take()
