@@ -107,16 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict = {"context": context, "batch": args.batch, "distinct_rows": distinct, "budget": args.budget,
                      "threads": args.threads, "steps": args.steps, "strategies": {}}
     try:
-        make_tiered = sp.make_tiered
         for n_run, (label, name, overrides) in enumerate(runs):
             cfg = sp.Config(name, args.budget, "cold")
             t0 = time.perf_counter()
-            sp.make_tiered = (lambda model_, mode_, _o=overrides, **o: make_tiered(model_, mode_, pipeline=_o, **o)) \
-                if overrides else make_tiered
-            try:
-                cache = sp.build_cache(model, cfg, kv, s, workdir / str(n_run))
-            finally:
-                sp.make_tiered = make_tiered
+            cache = sp.build_cache(model, cfg, kv, s, workdir / str(n_run), pipeline=overrides)
             strategy = label if label not in summary["strategies"] else f"{label}#{n_run}"
             fill = time.perf_counter() - t0
             feed = ids[:, context - 1:context]
