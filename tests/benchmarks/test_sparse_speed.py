@@ -153,6 +153,10 @@ def test_targets_are_judged_on_ratios(speed):
     assert exact["ratio"] == pytest.approx(4.5) and exact["met"] is True
     assert reuse["ratio"] == pytest.approx(1.5) and reuse["met"] is True
     assert bound["baseline_ms"] == pytest.approx(600.0) and bound["ratio"] == pytest.approx(1.5) and bound["met"] is False
+    assert bound["note"] is None  # no step without disk reads in this run: no floor to state
+    floor_rows = rows + [row(speed.DYNAMIC, None, 840.0, state=None), row(speed.EXACT, None, 780.0, state="warm")]
+    floor = next(g for g in speed.targets(floor_rows, info, s) if "raw bandwidth" in g["what"])
+    assert "exact warm, 780 ms" in floor["note"] and "1.30x the read-once time (600 ms)" in floor["note"]
     check = next(g for g in goals if "page cache" in g["what"])
     assert check["met"] is True
     rows[3] = row(speed.AWARE, 0.25, 300.0)
