@@ -4,6 +4,9 @@
     python benchmarks/attention_micro.py --quick                              # a smoke run
     python benchmarks/attention_micro.py --baseline-rev c3ebf24 --out DIR     # also an older page_table.py
     python benchmarks/attention_micro.py --model-ab 2d5ec75 --out DIR         # in a real decode (~2 min)
+    python benchmarks/attention_micro.py --model-ab HEAD --prefill-cache DIR  # the same with the model's own K/V
+                                                                              # (real selections; first run
+                                                                              # prefills 8K x 4, ~13 min loaded)
 
 SmolLM2 decode shapes (Hq = 9 query heads, H = 3 KV heads, D = 64, float32, 64-token storage blocks,
 8-token pages), batch 1 / 4 / 8, contexts 2K / 8K, budgets 6.25 % / 25 % of the context, 1 and 2 torch
@@ -156,24 +159,38 @@ def load_revision(rev: str) -> Callable[[dict[str, Any]], Any]:
     return run
 
 
-def model_ab(rev: str, context: int = 8192, batch: int = 4, steps: int = 16, budget: float = 0.25) -> dict[str, Any]:
+def model_ab(rev: str, context: int = 8192, batch: int = 4, steps: int = 16, budget: float = 0.25,
+             prefill_cache: Path | None = None) -> dict[str, Any]:
     """The per-step attention of a real decode, old against new: SmolLM2 (30 layers) with a sparse
     ``attention-aware`` cache (host tier 25 % of the KV, the rest on disk, as ``sparse_speed.py``), its K/V
     random (timing only: no prefill), decoding ``steps`` steps that alternate between
     ``page_table.py`` of git revision ``rev`` and the tree's.  Per step: the main thread's CPU time inside
     ``sparse_layer.attend_selected`` summed over layers (the old side: ``attend_selected``'s page path
     as it was before ``build_page_table_from_valid``, with ``rev``'s ``page_table.py``) (``time.thread_time``: robust to a shared machine,
-    and the pipeline's background threads are not counted), and the step's wall time."""
+    and the pipeline's background threads are not counted), and the step's wall time.
+
+    ``prefill_cache``: a folder (``sparse_variants.py --prefill-cache``): the K/V are instead the model's own
+    over ``sparse_speed.py``'s prompts (prefilled once, minutes, then loaded from the folder), so the
+    selection has the structure of real attention (runs of pages, whole blocks) instead of random keys'."""
     import shutil
     import sparse_speed as ss
     from _common import load_bench_model
 
     old_attend = load_revision(rev).attend
-    model, _ = load_bench_model("smollm2")
+    model, _ = load_bench_model("smollm2")  # _: the tokenizer
     cfg = model.config
     gen = torch.Generator().manual_seed(0)
-    shape = (batch, cfg.num_key_value_heads, context - 1, cfg.head_dim)
-    kv = [(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)) for _ in range(cfg.num_hidden_layers)]
+    if prefill_cache is not None:
+        from sparse_variants import cached_prefill
+
+        model_ids = ss.prompt_rows(_, batch, context, cfg.vocab_size)
+        context = min(context, model_ids.shape[-1])
+        rows = cached_prefill(model, model_ids, [context - 1] * batch, prefill_cache)
+        kv = ss.point_kv(rows, batch, context - 1)
+        del rows
+    else:
+        shape = (batch, cfg.num_key_value_heads, context - 1, cfg.head_dim)
+        kv = [(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)) for _ in range(cfg.num_hidden_layers)]
     work = Path(tempfile.mkdtemp(prefix="attention_ab_"))
     cache = ss.build_cache(model, ss.Config(ss.AWARE, budget, "cold"), kv, ss.Settings(), work / "store")
     del kv
@@ -191,7 +208,8 @@ def model_ab(rev: str, context: int = 8192, batch: int = 4, steps: int = 16, bud
 
     attn: dict[str, list[float]] = {"old": [], "new": []}
     wall: dict[str, list[float]] = {"old": [], "new": []}
-    ids = torch.randint(3, cfg.vocab_size, (batch, 1), generator=gen)
+    ids = model_ids[:, context - 1:context] if prefill_cache is not None else \
+        torch.randint(3, cfg.vocab_size, (batch, 1), generator=gen)
     sparse_layer.attend_selected = timed
     try:
         with torch.no_grad(), torch_threads(1):
@@ -210,7 +228,7 @@ def model_ab(rev: str, context: int = 8192, batch: int = 4, steps: int = 16, bud
         shutil.rmtree(work, ignore_errors=True)
     layers = cfg.num_hidden_layers
     out = {"context": context, "batch": batch, "budget": budget, "steps_each": steps // 2, "layers": layers,
-           "baseline_rev": rev}
+           "baseline_rev": rev, "kv": "prefilled prompts" if prefill_cache is not None else "random"}
     for k in ("old", "new"):
         out[k] = {"attention_ms_per_step": 1e3 * median(attn[k]), "attention_ms_per_layer": 1e3 * median(attn[k]) / layers,
                   "step_wall_ms": 1e3 * median(wall[k])}
@@ -309,9 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-ab", metavar="REV", help="instead: a SmolLM2 decode at 8K x batch 4, 25 %% budget "
                     "(attention-aware), steps alternating page_table.py of REV and the tree's (model_ab)")
     ap.add_argument("--steps", type=int, default=16, help="--model-ab: timed steps (half each side)")
+    ap.add_argument("--prefill-cache", type=Path, help="--model-ab: the model's own K/V over sparse_speed's prompts, "
+                    "prefilled once into this folder (minutes) instead of random K/V (model_ab)")
     args = ap.parse_args(argv)
     if args.model_ab:
-        result = model_ab(args.model_ab, steps=args.steps)
+        result = model_ab(args.model_ab, steps=args.steps, prefill_cache=args.prefill_cache)
         result["machine"] = machine_meta()
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
