@@ -193,7 +193,7 @@ class KeyDigests:
         if self._st.dtype != torch.float16:
             return
         big = torch.finfo(torch.float16).max
-        if any(bool((x.abs() > big).any()) for x in bounds if x.numel()):
+        if any(float(x.abs().amax()) > big for x in bounds if x.numel()):
             self._st = self._st.float()
 
     def _put(self, lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor, total: torch.Tensor | None) -> None:
@@ -338,8 +338,7 @@ class KeyDigests:
         v = valid.view(b, 1, 1)
         key = key.masked_fill(~v, 0)  # an invalid token's key takes no part (and cannot overflow)
         self._fit(key)
-        dt = self._st.dtype
-        down, up = round_down(key, dt), round_up(key, dt)
+        down, up = _outward(key, self._st.dtype)
         if self.length % self.block_size:  # inside the partial last block: merge
             last = self._n - 1
             lo, hi, count = self._lo_t[..., last], self._hi_t[..., last], self.count[:, last]  # views
@@ -437,6 +436,25 @@ def round_down(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``x`` in ``dtype``, each value the smallest representable one ``>= x`` (NaN stays NaN)."""
     return _round_outward(x, dtype, float("inf"))
+
+
+_TOWARD: dict = {}
+
+
+def _outward(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(round_down(x, dtype), round_up(x, dtype))`` with one conversion (a decode token's key: few
+    tensor operations)."""
+    y = x.to(dtype)
+    if x.dtype == dtype or (dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+        return y, y
+    wide = torch.float64 if torch.float64 in (x.dtype, dtype) else torch.float32
+    yw, xw = y.to(wide), x.to(wide)
+    key = (dtype, y.device)
+    if key not in _TOWARD:
+        _TOWARD[key] = (torch.tensor(float("-inf"), dtype=dtype, device=y.device),
+                        torch.tensor(float("inf"), dtype=dtype, device=y.device))
+    neg, pos = _TOWARD[key]
+    return torch.where(yw > xw, torch.nextafter(y, neg), y), torch.where(yw < xw, torch.nextafter(y, pos), y)
 
 
 def _round_outward(x: torch.Tensor, dtype: torch.dtype, toward: float) -> torch.Tensor:
