@@ -186,8 +186,9 @@ def matmuls(query: torch.Tensor, dg) -> None:
 
 
 def stream(query: torch.Tensor, dg) -> None:
-    """One read of the layer's digests (bounds and landmarks, in their storage dtype), nothing computed."""
-    dg.stacked().sum()
+    """One read of the layer's digests (bounds and landmarks, in their storage dtype, spare capacity
+    included: one contiguous buffer), nothing computed."""
+    dg.buffer().sum()
 
 
 def tie_only(x, y) -> bool:

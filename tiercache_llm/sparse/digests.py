@@ -18,8 +18,9 @@ is the block's mean key, a ShadowKV-style *landmark*.  ``q . mean`` is not a bou
 the block's typical score; selection can blend it with the bound (``SelectionConfig.score``).
 
 Shapes (``B`` batch rows, ``H`` KV heads, ``N`` blocks, ``D`` head dim, ``S`` block size):
-``lo``/``hi`` are ``(B, H, N, D)`` in the keys' dtype (min and max are exact in any dtype);
-``total`` is ``(B, H, N, D)`` float32; ``count`` is ``(B, N)`` int64, the valid tokens of each row in
+``lo``/``hi`` are ``(B, H, N, D)`` in the storage dtype (float32: the exact min and max of keys of any
+float dtype up to float32; float16: rounded outward, see :class:`KeyDigests`); ``total`` is ``(B, H,
+N, D)`` float32; ``count`` is ``(B, N)`` int64, the valid tokens of each row in
 each block.  The "blocks" of a digest are the selection's *pages*, which may be finer than the
 cache's storage blocks (see :mod:`.selection`).
 

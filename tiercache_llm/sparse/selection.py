@@ -43,15 +43,18 @@ Rules (see docs/sparse.md):
   budget boundary its own way); forced pages rank above every scored page, ``+inf`` scores included,
   and NaN or ``-inf`` scores of non-empty pages rank below every other non-empty page.
 
-Cost (one layer of a decode step, ``select``): the scores are three float32 matmuls over the digests
-(``relu(q) hi``, ``min(q, 0) lo``, ``q mean``) and a dozen elementwise passes
-in the order of the rule as written, bit for bit (test_selection_equivalence.py); what depends only on
+Cost (one layer of a decode step, ``select``): the scores are three float32 matmuls over float32
+digests (``relu(q) hi``, ``min(q, 0) lo``, ``q mean``), or over float16 digests (the cache's default)
+an upcast of L2-sized slabs and one float32 matmul per slab (:func:`_products16`), and a dozen
+elementwise passes in the order of the rule as written (bit for bit with float32 digests:
+test_selection_equivalence.py); what depends only on
 the page counts is derived once per step (:func:`_page_terms`).  With the cache's ``sink`` and
 ``recent`` > 0 and only left padding, every partial page is forced, so every other page costs the same
 and the rule is "the forced pages plus the best ``m[row]`` others": one unordered ``topk`` over keys
 padded per row (:func:`_uniform_top`), no sort and no cost walk; otherwise :func:`_take_top` walks the
 costs of the few ranks that can matter.  At SmolLM2's 8K x batch 4 the matmuls alone read 9 MB of
-digests per layer and take about two thirds of the time (``benchmarks/selection_micro.py``).
+digests per layer (4.5 MB in float16) and take about two thirds of the time
+(``benchmarks/selection_micro.py``).
 """
 
 from __future__ import annotations
