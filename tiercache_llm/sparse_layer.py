@@ -255,7 +255,8 @@ class SparseLayerState:
         """Digests and validity of new keys ``(B, H, q, D)``."""
         b, h, q, d = keys.shape
         if self.digests is None:
-            self.digests = KeyDigests.empty(b, h, d, self.page_size, dtype=keys.dtype, device=keys.device)
+            self.digests = KeyDigests.empty(b, h, d, self.page_size, dtype=keys.dtype, device=keys.device,
+                                            storage=getattr(torch, self.ctrl.selection.digests))
             self.valid = torch.zeros(b, 0, dtype=torch.bool, device=keys.device)
         start = self.digests.length
         if start + q > self.valid.shape[1]:

@@ -35,11 +35,13 @@ def digests_match_keys(cache):
         keys = layer.keys
         n = keys.shape[2]
         assert state.digests.length == n == layer.get_seq_length()
-        ref = KeyDigests.from_keys(keys, state.page_size, state.valid[:, :n])
+        ref = KeyDigests.from_keys(keys, state.page_size, state.valid[:, :n], storage=state.digests.dtype)
         assert torch.equal(state.digests.count, ref.count)
         torch.testing.assert_close(state.digests.lo, ref.lo, rtol=0, atol=0)
         torch.testing.assert_close(state.digests.hi, ref.hi, rtol=0, atol=0)
-        torch.testing.assert_close(state.digests.total, ref.total, rtol=1e-5, atol=1e-5)
+        # float16 landmarks: one rounding of float32 sums that may differ in their last bits
+        tol = 1e-5 if state.digests.dtype == torch.float32 else 2e-3
+        torch.testing.assert_close(state.digests.total, ref.total, rtol=tol, atol=tol)
         assert state.mass.numel() == state.digests.n_blocks
 
 

@@ -18,8 +18,9 @@ is the block's mean key, a ShadowKV-style *landmark*.  ``q . mean`` is not a bou
 the block's typical score; selection can blend it with the bound (``SelectionConfig.score``).
 
 Shapes (``B`` batch rows, ``H`` KV heads, ``N`` blocks, ``D`` head dim, ``S`` block size):
-``lo``/``hi`` are ``(B, H, N, D)`` in the keys' dtype (min and max are exact in any dtype);
-``total`` is ``(B, H, N, D)`` float32; ``count`` is ``(B, N)`` int64, the valid tokens of each row in
+``lo``/``hi`` are ``(B, H, N, D)`` in the storage dtype (float32: the exact min and max of keys of any
+float dtype up to float32; float16: rounded outward, see :class:`KeyDigests`); ``total`` is ``(B, H,
+N, D)`` float32; ``count`` is ``(B, N)`` int64, the valid tokens of each row in
 each block.  The "blocks" of a digest are the selection's *pages*, which may be finer than the
 cache's storage blocks (see :mod:`.selection`).
 
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["KeyDigests", "block_digests"]
+__all__ = ["KeyDigests", "block_digests", "round_down", "round_up"]
 
 
 def _check_keys(keys: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
@@ -104,29 +105,42 @@ class KeyDigests:
 
     Attributes (read-only views; change them only through the methods):
         block_size: tokens per block.
-        lo, hi: ``(B, H, N, D)`` element-wise min / max over each block's valid keys (zeros where a
-            block has no valid key).
+        lo, hi: ``(B, H, N, D)`` element-wise lower / upper bounds of each block's valid keys (zeros
+            where a block has no valid key), in the storage dtype.  With float32 storage they are the
+            exact min / max; with float16 storage the min rounded *down* and the max rounded *up* to
+            the nearest float16 (outward), so ``lo <= k <= hi`` still holds for every valid key and the
+            scores stay upper bounds of q·k.
         count: ``(B, N)`` valid tokens per row and block.
         length: tokens (valid or not) covered so far; block ``N - 1`` is partial when
             ``length % block_size != 0`` and is completed by later appends.
         total: ``(B, H, N, D)`` float32 sum of each block's valid keys, or ``None`` for digests built
-            without it (then landmark scoring raises).  Derived (``mean * count``): exact for the last
-            block and wherever ``count`` is a power of two, else within float32 rounding.
+            without it (then landmark scoring raises).  Derived (``mean * count``) from the kept means,
+            so within their rounding (float32: exact where ``count`` is a power of two; float16: about
+            ``2**-11`` relative), except the last block's, which is exact.
+        dtype: the storage dtype, ``torch.float32`` or ``torch.float16``.
 
-    Storage (what scoring wants, see :mod:`.selection`): ``lo``, ``hi`` and the landmarks (mean keys)
-    live transposed, ``(B, H, D, capacity)`` with the blocks along the last dimension, so the scoring
-    matmuls ``q @ digest^T`` read them with unit stride and no per-step transpose or copy; the
-    attributes above are views of them.  The landmarks are kept rather than the key sums: ``total /
-    count`` is computed once per block (when its keys arrive, with the same float32 division
-    :meth:`landmarks` always used), not per step; the exact sum of the last block is kept beside them
-    so that later appends merge into it exactly.  ``capacity`` grows by about an eighth ahead of need,
-    so a decode step appends in place instead of concatenating the whole layer's digests once per block.
+    Storage: ``storage=torch.float32`` (the default here) or ``torch.float16`` (the sparse cache's
+    default, ``SelectionConfig.digests``: half the bytes, and scoring reads half as much).  Keys of any
+    floating dtype are accepted; float32 holds bfloat16/float16 keys exactly.  Float16 holds ``|x| <=
+    65504``: when a new bound would not fit (an overflow to infinity would turn ``0 * inf`` into NaN in
+    scoring), the digests switch to float32 storage for good, keeping every bound held so far (a
+    float16 value is exact in float32), so a bound is never lost.  The landmarks (mean keys) are
+    rounded to nearest (they estimate, they do not bound); the last block's key sum is kept exactly in
+    float32 beside them, so later appends merge into it exactly.
+
+    Layout (what scoring wants, see :mod:`.selection`): one ``(B, H, R, capacity)`` buffer per layer,
+    rows ``[0, D)`` the lower bounds, ``[D, 2D)`` the upper bounds, ``[2D, 3D)`` the landmarks (``R =
+    3D``; ``2D`` without landmarks), the blocks along the last (unit-stride) dimension, so the scoring
+    matmuls ``q @ digest^T`` read them with no per-step transpose or copy and one call can stream all
+    three (:meth:`stacked`); the attributes above are views of it.  ``capacity`` grows by about an
+    eighth ahead of need, so a decode step appends in place instead of concatenating the whole layer's
+    digests once per block.
     """
 
-    __slots__ = ("block_size", "count", "length", "_lo_t", "_hi_t", "_mean_t", "_tail", "_n")
+    __slots__ = ("block_size", "count", "length", "_st", "_d", "_tail", "_n")
 
     def __init__(self, block_size: int, lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor, length: int,
-                 total: torch.Tensor | None = None) -> None:
+                 total: torch.Tensor | None = None, *, storage: torch.dtype = torch.float32) -> None:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         if lo.dim() != 4 or lo.shape != hi.shape:
@@ -136,43 +150,67 @@ class KeyDigests:
             raise ValueError(f"count must be (batch, n_blocks) = {(b, n)}, got {tuple(count.shape)}")
         if total is not None and tuple(total.shape) != tuple(lo.shape):
             raise ValueError(f"total must have the shape of lo {tuple(lo.shape)}, got {tuple(total.shape)}")
+        storage = check_storage(storage)
         self.block_size = block_size
         self.count = count
         self.length = int(length)
         self._n = 0
-        self._lo_t = lo.new_zeros(b, h, d, 0)
-        self._hi_t = hi.new_zeros(b, h, d, 0)
-        self._mean_t = None if total is None else torch.zeros(b, h, d, 0, dtype=torch.float32, device=lo.device)
+        self._d = d
+        rows = 2 * d if total is None else 3 * d
+        self._st = torch.zeros(b, h, rows, 0, dtype=storage, device=lo.device)
         self._tail = None if total is None else torch.zeros(b, h, d, dtype=torch.float32, device=lo.device)
         self._put(lo, hi, count, None if total is None else total.float())
 
     # ------------------------------------------------------------------------------ storage
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._st.dtype
+
+    @property
+    def _lo_t(self) -> torch.Tensor:
+        return self._st[:, :, : self._d]
+
+    @property
+    def _hi_t(self) -> torch.Tensor:
+        return self._st[:, :, self._d : 2 * self._d]
+
+    @property
+    def _mean_t(self) -> torch.Tensor | None:
+        return None if self._tail is None else self._st[:, :, 2 * self._d :]
+
     def _reserve(self, n: int) -> None:
         """Capacity for ``n`` blocks (contents of the first ``self._n`` kept)."""
-        cap = self._lo_t.shape[-1]
+        cap = self._st.shape[-1]
         if n <= cap:
             return
         cap = n + n // 8 + 16
-        def grow(t: torch.Tensor) -> torch.Tensor:
-            out = t.new_zeros(*t.shape[:-1], cap)
-            out[..., : self._n] = t[..., : self._n]
-            return out
-        self._lo_t, self._hi_t = grow(self._lo_t), grow(self._hi_t)
-        if self._mean_t is not None:
-            self._mean_t = grow(self._mean_t)
+        out = self._st.new_zeros(*self._st.shape[:-1], cap)
+        out[..., : self._n] = self._st[..., : self._n]
+        self._st = out
+
+    def _fit(self, *bounds: torch.Tensor) -> None:
+        """Switch float16 storage to float32 if any of ``bounds`` (float32 or wider, finite or not) does
+        not round to a finite float16 (see the class docstring)."""
+        if self._st.dtype != torch.float16:
+            return
+        big = torch.finfo(torch.float16).max
+        if any(float(x.abs().amax()) > big for x in bounds if x.numel()):
+            self._st = self._st.float()
 
     def _put(self, lo: torch.Tensor, hi: torch.Tensor, count: torch.Tensor, total: torch.Tensor | None) -> None:
         """Append complete digests of new blocks (``count`` is appended by the caller unless empty)."""
         k = lo.shape[2]
         if k == 0:
             return
+        if self._tail is not None and total is None:
+            raise ValueError("these digests keep key sums: new blocks need them too")
+        self._fit(lo, hi)
         start = self._n
         self._reserve(start + k)
-        self._lo_t[..., start : start + k] = lo.transpose(-1, -2)
-        self._hi_t[..., start : start + k] = hi.transpose(-1, -2)
-        if self._mean_t is not None:
-            if total is None:
-                raise ValueError("these digests keep key sums: new blocks need them too")
+        dt = self._st.dtype
+        self._lo_t[..., start : start + k] = round_down(lo, dt).transpose(-1, -2)
+        self._hi_t[..., start : start + k] = round_up(hi, dt).transpose(-1, -2)
+        if self._tail is not None:
             self._mean_t[..., start : start + k] = _mean(total, count).transpose(-1, -2)
             self._tail.copy_(total[:, :, -1])
         self._n = start + k
@@ -187,7 +225,7 @@ class KeyDigests:
 
     @property
     def total(self) -> torch.Tensor | None:
-        if self._mean_t is None:
+        if self._tail is None:
             return None
         out = self.landmarks() * self.count.view(self.count.shape[0], 1, -1, 1).to(torch.float32)
         if self._n and self.length % self.block_size:
@@ -197,54 +235,73 @@ class KeyDigests:
     @property
     def nbytes(self) -> int:
         """Bytes held: the bounds and landmarks with their spare capacity, the counts, the last sum."""
-        held = [self._lo_t, self._hi_t, self.count, self._mean_t, self._tail]
+        held = [self._st, self.count, self._tail]
         return sum(t.nbytes for t in held if t is not None)
+
+    def stacked(self) -> torch.Tensor:
+        """``(B, H, R, N)`` view of the storage (see the class docstring: rows ``[lo^T; hi^T; mean^T]``,
+        ``R = 3D``, or ``2D`` without landmarks), in the storage dtype, blocks along the unit-stride
+        dimension.  Do not modify."""
+        return self._st[..., : self._n]
+
+    def buffer(self) -> torch.Tensor:
+        """``(B, H, R, capacity)``: the whole storage buffer of which :meth:`stacked` is the first
+        ``n_blocks`` columns; the columns past them are spare capacity (zeros, or stale digests of
+        cropped blocks: never a digest of this object).  Do not modify."""
+        return self._st
 
     def transposed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(lo^T, hi^T, landmarks^T)``: ``(B, H, D, N)`` views with the blocks along the last (unit
-        stride) dimension, the layout of the scoring matmuls; landmarks ``None`` without key sums.
-        Views of the storage: do not modify."""
+        stride) dimension, the layout of the scoring matmuls, in the storage dtype; landmarks ``None``
+        without key sums.  Views of the storage: do not modify."""
         n = self._n
-        return self._lo_t[..., :n], self._hi_t[..., :n], None if self._mean_t is None else self._mean_t[..., :n]
+        mean_t = self._mean_t
+        return self._lo_t[..., :n], self._hi_t[..., :n], None if mean_t is None else mean_t[..., :n]
 
     def landmarks(self) -> torch.Tensor:
-        """``(B, H, N, D)`` float32 mean valid key of every block (zeros for empty blocks): a view of the
-        kept landmarks (do not modify), equal to ``total / count`` with the sums exact."""
-        if self._mean_t is None:
+        """``(B, H, N, D)`` float32 mean valid key of every block (zeros for empty blocks), equal to
+        ``total / count`` with the sums exact, rounded to the storage dtype: a view of the kept
+        landmarks with float32 storage (do not modify), a float32 copy of them with float16."""
+        if self._tail is None:
             raise ValueError("these digests were built without key sums: no landmarks")
-        return self._mean_t[..., : self._n].transpose(-1, -2)
+        return self._mean_t[..., : self._n].transpose(-1, -2).float()
 
     def clone(self) -> "KeyDigests":
         """An independent copy (the landmarks and the last block's exact sum copied as they are)."""
         new = KeyDigests.__new__(KeyDigests)
         new.block_size, new.count, new.length, new._n = self.block_size, self.count.clone(), self.length, self._n
-        new._lo_t, new._hi_t = self._lo_t.clone(), self._hi_t.clone()
-        new._mean_t = None if self._mean_t is None else self._mean_t.clone()
+        new._st, new._d = self._st.clone(), self._d
         new._tail = None if self._tail is None else self._tail.clone()
         return new
 
     def __repr__(self) -> str:
-        b, h, d, _ = self._lo_t.shape
+        b, h = self._st.shape[:2]
         return (f"KeyDigests(block_size={self.block_size}, batch={b}, kv_heads={h}, n_blocks={self._n}, "
-                f"head_dim={d}, length={self.length}, dtype={self._lo_t.dtype}, landmarks={self._mean_t is not None})")
+                f"head_dim={self._d}, length={self.length}, dtype={self._st.dtype}, landmarks={self._tail is not None})")
 
     # ------------------------------------------------------------------------------ building
     @classmethod
     def empty(cls, batch: int, kv_heads: int, head_dim: int, block_size: int, *,
-              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "KeyDigests":
+              dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+              storage: torch.dtype = torch.float32) -> "KeyDigests":
+        """Empty digests (with landmarks) for keys of ``dtype``, stored in ``storage`` (float32 or
+        float16; see the class docstring)."""
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         lo = torch.zeros(batch, kv_heads, 0, head_dim, dtype=dtype, device=device)
         total = torch.zeros(batch, kv_heads, 0, head_dim, dtype=torch.float32, device=device)
-        return cls(block_size, lo, lo, torch.zeros(batch, 0, dtype=torch.long, device=device), 0, total)
+        return cls(block_size, lo, lo, torch.zeros(batch, 0, dtype=torch.long, device=device), 0, total,
+                   storage=storage)
 
     @classmethod
-    def from_keys(cls, keys: torch.Tensor, block_size: int, valid: torch.Tensor | None = None) -> "KeyDigests":
-        """Digests of ``keys`` (``(B, H, T, D)``, post-RoPE) from position 0; see :func:`block_digests`."""
+    def from_keys(cls, keys: torch.Tensor, block_size: int, valid: torch.Tensor | None = None, *,
+                  storage: torch.dtype = torch.float32) -> "KeyDigests":
+        """Digests of ``keys`` (``(B, H, T, D)``, post-RoPE) from position 0, stored in ``storage``; see
+        :func:`block_digests`."""
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         lo, hi, count, total = _reduce(keys, _check_keys(keys, valid), 0, block_size)
-        return cls(block_size, lo, hi, count, keys.shape[2], total)
+        return cls(block_size, lo, hi, count, keys.shape[2], total, storage=storage)
 
     @property
     def n_blocks(self) -> int:
@@ -263,11 +320,11 @@ class KeyDigests:
         the spare capacity.  A decode step (``T = 1``) inside a block touches one block's digest."""
         valid = _check_keys(keys, valid)
         b, h, _, d = keys.shape
-        if (b, h, d) != (self._lo_t.shape[0], self._lo_t.shape[1], self._lo_t.shape[2]):
+        if (b, h, d) != (self._st.shape[0], self._st.shape[1], self._d):
             raise ValueError(f"keys of shape {tuple(keys.shape)} do not match digests of shape {tuple(self.lo.shape)}")
         if keys.shape[2] == 0:
             return
-        keys = keys.to(self._lo_t.dtype)
+        keys = keys.to(device=self._st.device)
         if keys.shape[2] == 1:
             self._append_token(keys[:, :, 0], valid[:, 0])
         else:
@@ -275,37 +332,39 @@ class KeyDigests:
         self.length += keys.shape[2]
 
     def _append_token(self, key: torch.Tensor, valid: torch.Tensor) -> None:
-        """``append`` of one token (a decode step): ``key`` ``(B, H, D)`` in the digests' dtype, ``valid``
-        ``(B,)``.  The same digests as :meth:`_append_keys` with a fraction of its tensor operations:
-        a single key is its own min, max and sum (a row whose token is invalid keeps its digest)."""
+        """``append`` of one token (a decode step): ``key`` ``(B, H, D)``, ``valid`` ``(B,)``.  The same
+        digests as :meth:`_append_keys` with a fraction of its tensor operations: a single key is its
+        own min, max and sum (a row whose token is invalid keeps its digest)."""
         b = key.shape[0]
         v = valid.view(b, 1, 1)
+        key = key.masked_fill(~v, 0)  # an invalid token's key takes no part (and cannot overflow)
+        self._fit(key)
+        down, up = _outward(key, self._st.dtype)
         if self.length % self.block_size:  # inside the partial last block: merge
             last = self._n - 1
             lo, hi, count = self._lo_t[..., last], self._hi_t[..., last], self.count[:, last]  # views
             has = (count > 0).view(b, 1, 1)  # else its digest is zeros, not a bound
-            lo.copy_(torch.where(v, torch.where(has, torch.minimum(lo, key), key), lo))
-            hi.copy_(torch.where(v, torch.where(has, torch.maximum(hi, key), key), hi))
+            lo.copy_(torch.where(v, torch.where(has, torch.minimum(lo, down), down), lo))
+            hi.copy_(torch.where(v, torch.where(has, torch.maximum(hi, up), up), hi))
             count += valid
             if self._mean_t is not None:
-                self._tail += key.float().masked_fill(~v, 0.0)
-                # _mean of the exact sum, written in place
-                torch.div(self._tail, count.clamp(min=1).view(b, 1, 1).to(torch.float32), out=self._mean_t[..., last])
+                self._tail += key.float()
+                # _mean of the exact sum (the same float32 division), rounded to the storage
+                self._mean_t[..., last] = self._tail / count.clamp(min=1).view(b, 1, 1).to(torch.float32)
             return
         n = self._n  # a new block
         self._reserve(n + 1)
-        first = key.masked_fill(~v, 0)
-        self._lo_t[..., n] = first
-        self._hi_t[..., n] = first
-        if self._mean_t is not None:
-            self._tail.copy_(first)  # the sum of the block's one key; the mean of it (count 1, or 0: zeros)
+        self._lo_t[..., n] = down
+        self._hi_t[..., n] = up
+        if self._tail is not None:
+            self._tail.copy_(key)  # the sum of the block's one key; the mean of it (count 1, or 0: zeros)
             self._mean_t[..., n] = self._tail
         self._n = n + 1
         self.count = torch.cat((self.count, valid.view(b, 1).to(self.count.dtype)), dim=1)
 
     def _append_keys(self, keys: torch.Tensor, valid: torch.Tensor) -> None:
-        """``append`` of ``keys`` ``(B, H, T, D)`` (any ``T >= 1``; checked, in the digests' dtype) and
-        ``valid`` ``(B, T)``, except ``length``, which the caller advances."""
+        """``append`` of ``keys`` ``(B, H, T, D)`` (any ``T >= 1``; checked) and ``valid`` ``(B, T)``,
+        except ``length``, which the caller advances."""
         b = keys.shape[0]
         offset = self.length % self.block_size
         if (offset and offset + keys.shape[2] <= self.block_size) or keys.shape[2] == 1:
@@ -316,10 +375,13 @@ class KeyDigests:
             prev_has = (self.count[:, -1] > 0).view(b, 1, 1)
             new_has = (count[:, 0] > 0).view(b, 1, 1)
             both = prev_has & new_has
+            self._fit(lo[:, :, 0], hi[:, :, 0])
+            dt = self._st.dtype
+            lo0, hi0 = round_down(lo[:, :, 0], dt), round_up(hi[:, :, 0], dt)
             last = self._n - 1
             last_lo, last_hi = self._lo_t[..., last], self._hi_t[..., last]
-            last_lo.copy_(torch.where(both, torch.minimum(last_lo, lo[:, :, 0]), torch.where(prev_has, last_lo, lo[:, :, 0])))
-            last_hi.copy_(torch.where(both, torch.maximum(last_hi, hi[:, :, 0]), torch.where(prev_has, last_hi, hi[:, :, 0])))
+            last_lo.copy_(torch.where(both, torch.minimum(last_lo, lo0), torch.where(prev_has, last_lo, lo0)))
+            last_hi.copy_(torch.where(both, torch.maximum(last_hi, hi0), torch.where(prev_has, last_hi, hi0)))
             self.count[:, -1] += count[:, 0]
             if self._mean_t is not None:
                 self._tail += total[:, :, 0]
@@ -331,12 +393,10 @@ class KeyDigests:
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Apply a batch gather ``new_row[i] = old_row[index[i]]`` (beam reorder, batch repeat/select)."""
-        index = index.to(device=self._lo_t.device, dtype=torch.long)
-        self._lo_t = self._lo_t.index_select(0, index)
-        self._hi_t = self._hi_t.index_select(0, index)
+        index = index.to(device=self._st.device, dtype=torch.long)
+        self._st = self._st.index_select(0, index)
         self.count = self.count.index_select(0, index)
-        if self._mean_t is not None:
-            self._mean_t = self._mean_t.index_select(0, index)
+        if self._tail is not None:
             self._tail = self._tail.index_select(0, index)
 
     def crop(self, length: int, tail_keys: torch.Tensor | None = None, tail_valid: torch.Tensor | None = None) -> None:
@@ -355,6 +415,57 @@ class KeyDigests:
         self.length = keep * self.block_size
         if rest:
             self.append(tail_keys, tail_valid)
+
+
+STORAGE_DTYPES = (torch.float32, torch.float16)
+
+
+def check_storage(storage) -> torch.dtype:
+    """``storage`` as a digest storage dtype (``torch.float32`` / ``torch.float16`` or their names)."""
+    if isinstance(storage, str):
+        storage = getattr(torch, storage, None) if storage in ("float32", "float16") else storage
+    if storage not in STORAGE_DTYPES:
+        raise ValueError(f"digest storage must be torch.float32 or torch.float16, got {storage!r}")
+    return storage
+
+
+def round_down(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype``, each value the largest representable one ``<= x`` (NaN stays NaN)."""
+    return _round_outward(x, dtype, float("-inf"))
+
+
+def round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype``, each value the smallest representable one ``>= x`` (NaN stays NaN)."""
+    return _round_outward(x, dtype, float("inf"))
+
+
+_TOWARD: dict = {}
+
+
+def _outward(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(round_down(x, dtype), round_up(x, dtype))`` with one conversion (a decode token's key: few
+    tensor operations)."""
+    y = x.to(dtype)
+    if x.dtype == dtype or (dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+        return y, y
+    wide = torch.float64 if torch.float64 in (x.dtype, dtype) else torch.float32
+    yw, xw = y.to(wide), x.to(wide)
+    key = (dtype, y.device)
+    if key not in _TOWARD:
+        _TOWARD[key] = (torch.tensor(float("-inf"), dtype=dtype, device=y.device),
+                        torch.tensor(float("inf"), dtype=dtype, device=y.device))
+    neg, pos = _TOWARD[key]
+    return torch.where(yw > xw, torch.nextafter(y, neg), y), torch.where(yw < xw, torch.nextafter(y, pos), y)
+
+
+def _round_outward(x: torch.Tensor, dtype: torch.dtype, toward: float) -> torch.Tensor:
+    y = x.to(dtype)
+    if x.dtype == dtype or (dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)):
+        return y  # exact
+    wide = torch.float64 if torch.float64 in (x.dtype, dtype) else torch.float32
+    yw, xw = y.to(wide), x.to(wide)
+    wrong = yw < xw if toward > 0 else yw > xw  # rounded to nearest on the wrong side
+    return torch.where(wrong, torch.nextafter(y, torch.full_like(y, toward)), y)
 
 
 def _mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:

@@ -43,20 +43,24 @@ Rules (see docs/sparse.md):
   budget boundary its own way); forced pages rank above every scored page, ``+inf`` scores included,
   and NaN or ``-inf`` scores of non-empty pages rank below every other non-empty page.
 
-Cost (one layer of a decode step, ``select``): the scores are three float32 matmuls over the digests
-(``relu(q) hi``, ``min(q, 0) lo``, ``q mean``) and a dozen elementwise passes
-in the order of the rule as written, bit for bit (test_selection_equivalence.py); what depends only on
+Cost (one layer of a decode step, ``select``): the scores are three float32 matmuls over float32
+digests (``relu(q) hi``, ``min(q, 0) lo``, ``q mean``), or over float16 digests (the cache's default)
+an upcast of L2-sized slabs and one float32 matmul per slab (:func:`_products16`), and a dozen
+elementwise passes in the order of the rule as written (bit for bit with float32 digests:
+test_selection_equivalence.py); what depends only on
 the page counts is derived once per step (:func:`_page_terms`).  With the cache's ``sink`` and
 ``recent`` > 0 and only left padding, every partial page is forced, so every other page costs the same
 and the rule is "the forced pages plus the best ``m[row]`` others": one unordered ``topk`` over keys
 padded per row (:func:`_uniform_top`), no sort and no cost walk; otherwise :func:`_take_top` walks the
 costs of the few ranks that can matter.  At SmolLM2's 8K x batch 4 the matmuls alone read 9 MB of
-digests per layer and take about two thirds of the time (``benchmarks/selection_micro.py``).
+digests per layer (4.5 MB in float16) and take about two thirds of the time
+(``benchmarks/selection_micro.py``).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
@@ -84,6 +88,7 @@ _HIGH = torch.finfo(torch.float32).max  # ... of +inf scores (forced pages rank 
 GqaReduce = Literal["max", "sum"]
 ScoreRule = Literal["bound", "bound+landmark"]
 Rank = Literal["auto", "score", "mass"]
+DigestStorage = Literal["float16", "float32"]
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,10 @@ class SelectionConfig:
             with key sums.  ``"auto"`` (default): ``"mass"`` for ``score="bound+landmark"`` with
             ``gqa="max"`` (the cache's rule), ``"score"`` otherwise.
         scale: softmax scale of ``q . k`` used by ``rank="mass"``; ``None``: ``head_dim ** -0.5``.
+        digests: storage of the key digests a cache builds for this rule (:class:`.KeyDigests`):
+            ``"float16"`` (default: bounds rounded outward, so still upper bounds; half the bytes and
+            a faster scoring, see :func:`_products16`) or ``"float32"`` (exact min / max).  ``select``
+            itself scores whatever digests it is given.
     """
 
     budget: int | float
@@ -116,6 +125,7 @@ class SelectionConfig:
     landmark_weight: float = 0.5
     rank: Rank = "auto"
     scale: float | None = None
+    digests: DigestStorage = "float16"
 
     def __post_init__(self) -> None:
         b = self.budget
@@ -143,6 +153,8 @@ class SelectionConfig:
             object.__setattr__(self, "rank", auto)
         if self.rank == "mass" and self.gqa != "max":
             raise ValueError("rank='mass' needs gqa='max' (a sum of log shares is no share)")
+        if self.digests not in ("float16", "float32"):
+            raise ValueError(f"digests must be 'float16' or 'float32', got {self.digests!r}")
         c = self.scale
         if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c) or c <= 0):
             raise ValueError(f"scale must be a positive number or None, got {c!r}")
@@ -227,7 +239,7 @@ def _query_head_scores(query: torch.Tensor, digests: KeyDigests, score: ScoreRul
     if landmark or score == "bound+landmark":
         if mean_t is None:
             raise ValueError("these digests were built without key sums: no landmarks")
-        lm = torch.matmul(qf, mean_t)
+        lm = torch.matmul(qf, mean_t.float())
     if score == "bound+landmark":
         s.mul_(1.0 - weight)
         s += weight * lm
@@ -259,25 +271,26 @@ def score_blocks_mass(query: torch.Tensor, digests: KeyDigests, score: ScoreRule
     empty = (digests.count == 0).view(b, 1, 1, n)
     logc = digests.count.float().clamp_(min=1).log_().view(b, 1, 1, n)
     qf = query.float().reshape(b, h, g * q, d)
-    z = _mass_scores(qf, digests.transposed(), score, weight, scale, logc.masked_fill(empty, float("-inf")))
+    z = _mass_scores(qf, digests, score, weight, scale, logc.masked_fill(empty, float("-inf")))
     return z.masked_fill_(empty.view(b, 1, n), float("-inf"))  # also for a query that is not finite
 
 
-def _mass_scores(qf: torch.Tensor, digests_t: tuple, score: ScoreRule, weight: float, scale: float | None,
+def _mass_scores(qf: torch.Tensor, digests: KeyDigests, score: ScoreRule, weight: float, scale: float | None,
                  logc_or_empty: torch.Tensor) -> torch.Tensor:
-    """:func:`score_blocks_mass` of the grouped query ``qf`` ``(B, H, G * Q, D)`` float32 against the
-    digests' transposed views ``(lo^T, hi^T, mean^T)`` (:meth:`KeyDigests.transposed`), with the count
-    term given: ``logc_or_empty`` ``(B, 1, 1, N)`` float32, ``log(max(count, 1))`` and ``-inf`` where
-    ``count == 0`` (only read).  Empty pages score ``-inf`` for a finite query (their digests are zeros);
-    a query with an infinite or NaN entry may leave NaN there instead (selection never takes an empty
-    page whatever its score).
+    """:func:`score_blocks_mass` of the grouped query ``qf`` ``(B, H, G * Q, D)`` float32 against
+    ``digests``, with the count term given: ``logc_or_empty`` ``(B, 1, 1, N)`` float32, ``log(max(count,
+    1))`` and ``-inf`` where ``count == 0`` (only read).  Empty pages score ``-inf`` for a finite query
+    (their digests are zeros); a query with an infinite or NaN entry may leave NaN there instead
+    (selection never takes an empty page whatever its score).
 
-    The same float32 operations in the same order as the rule written out (``s = relu(q) hi + min(q,
-    0) lo``, blended ``(1 - w) s + w lm``, ``z = scale s + logc - logsumexp(scale lm + logc)``), so the
-    scores are those of :func:`_query_head_scores` and the plain expressions bit for bit; what is saved
-    is temporaries and passes: in-place updates of the matmuls' outputs, the empty pages' ``-inf``
-    carried by ``logc_or_empty`` instead of masked fills."""
-    lo_t, hi_t, mean_t = digests_t
+    Float32 digests: the same float32 operations in the same order as the rule written out (``s =
+    relu(q) hi + min(q, 0) lo``, blended ``(1 - w) s + w lm``, ``z = scale s + logc - logsumexp(scale lm
+    + logc)``), so the scores are those of :func:`_query_head_scores` and the plain expressions bit for
+    bit; what is saved is temporaries and passes: in-place updates of the matmuls' outputs, the empty
+    pages' ``-inf`` carried by ``logc_or_empty`` instead of masked fills.  Float16 digests: the same
+    rule with the blend folded into the query (:func:`_products16`), float32 all the same, within
+    float32 rounding of it."""
+    lo_t, hi_t, mean_t = digests.transposed()
     if mean_t is None:
         raise ValueError("these digests were built without key sums: no landmarks")
     if scale is None:
@@ -285,24 +298,94 @@ def _mass_scores(qf: torch.Tensor, digests_t: tuple, score: ScoreRule, weight: f
     scale = float(scale)
     b, h, gq, d = qf.shape
     n = lo_t.shape[-1]
+    blend = score == "bound+landmark"
+    if lo_t.dtype != torch.float32:
+        s, lm = _products16(qf, digests.buffer(), n, weight if blend else 0.0)
+        zn = lm.mul_(scale).add_(logc_or_empty)
+        lse = zn.logsumexp(dim=-1, keepdim=True).clamp_(min=-1e30)
+        return s.mul_(scale).add_(logc_or_empty).sub_(lse).amax(dim=2)
     # bmm on (B * H)-batched views: what matmul runs, without its reshapes (the digests' views fold).
     q3 = qf.reshape(b * h, gq, d)
     # The landmark matmul first and its terms at once, while its output is still in cache (each matmul
     # streams megabytes of digests through it).
     lm = torch.bmm(q3, mean_t.reshape(b * h, d, n)).view(b, h, gq, n)
-    wlm = weight * lm if score == "bound+landmark" else None
+    wlm = weight * lm if blend else None
     zn = lm.mul_(scale).add_(logc_or_empty)  # -inf on empty pages: left out of the normaliser
     lse = zn.logsumexp(dim=-1, keepdim=True).clamp_(min=-1e30)  # a row without pages: no NaN
     # s = relu(q) hi + min(q, 0) lo.  Not baddbmm: MKL's beta = 1 epilogue gives the same bits here,
     # but whether it adds once or accumulates into s is the kernel's choice, per CPU and shape.
-    s = torch.bmm(q3.clamp(min=0), hi_t.float().reshape(b * h, d, n)).view(b, h, gq, n)
-    s += torch.bmm(q3.clamp(max=0), lo_t.float().reshape(b * h, d, n)).view(b, h, gq, n)
+    s = torch.bmm(q3.clamp(min=0), hi_t.reshape(b * h, d, n)).view(b, h, gq, n)
+    s += torch.bmm(q3.clamp(max=0), lo_t.reshape(b * h, d, n)).view(b, h, gq, n)
     if wlm is not None:
         s.mul_(1.0 - weight)
         s += wlm
     # logc_or_empty: an empty page's digests are zeros, so for a finite query its z is -inf already
     z = s.mul_(scale).add_(logc_or_empty).sub_(lse)
     return z.amax(dim=2)
+
+
+SCRATCH_BYTES = 1 << 20  # float32 digests upcast at a time by _products16: within a core's L2
+_scratch = threading.local()
+
+
+def _scratch_buffer(numel: int) -> torch.Tensor:
+    """A float32 buffer of at least ``numel`` elements, one per thread, reused across calls (so that
+    the upcast writes into memory that is already cached and mapped)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _scratch.buf = torch.empty(numel, dtype=torch.float32)
+    return buf
+
+
+def _products16(qf: torch.Tensor, buffer: torch.Tensor, n: int, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, lm)``, both ``(B, H, G * Q, n)`` float32 (fresh; views of one buffer): ``s = (1 - w) *
+    (relu(q) hi + min(q, 0) lo) + w * q . mean`` and ``lm = q . mean`` of the grouped query ``qf``
+    ``(B, H, G * Q, D)`` float32 against the first ``n`` pages of 16-bit digests ``buffer`` ``(B, H, 3D,
+    capacity)`` (:meth:`KeyDigests.buffer`: rows lo, hi, mean; columns past ``n`` are never used).
+
+    CPU BLAS has no float16 matmul with a float32 result (torch's returns float16, whose 11-bit
+    mantissa would tie pages), so the digests are upcast to float32 a slab at a time into a scratch
+    buffer that stays in the core's L2 (:data:`SCRATCH_BYTES`), and one float32 matmul per slab reads
+    all three digests with the query rows ``[(1 - w) min(q, 0), (1 - w) relu(q), w q]`` (``s``) and
+    ``[0, 0, q]`` (``lm``): the 16-bit digests are read from memory once, the float32 copy from cache.
+    A slab is whole (row, KV head) buffers, spare capacity included, so every upcast is one contiguous
+    copy (a strided one of just the ``n`` columns runs at a fraction of the speed); a (row, KV head)
+    larger than the scratch (very long contexts) goes by slabs of rows of the digests, the matmul
+    accumulating over them.  On CUDA the upcast of the whole layer is one kernel (no slabs)."""
+    b, h, gq, d = qf.shape
+    r, cap = buffer.shape[2], buffer.shape[3]
+    bh = b * h
+    q3 = qf.reshape(bh, gq, d)
+    qe = qf.new_zeros(bh, 2 * gq, r)
+    qe[:, :gq, :d] = q3.clamp(max=0).mul_(1.0 - weight)
+    qe[:, :gq, d : 2 * d] = q3.clamp(min=0).mul_(1.0 - weight)
+    qe[:, :gq, 2 * d :] = q3 * weight
+    qe[:, gq:, 2 * d :] = q3
+    st = buffer.reshape(bh, r, cap)  # a view: B and H are the storage's outer dimensions
+    out = torch.empty(bh, 2 * gq, n, dtype=torch.float32, device=qf.device)
+    if qf.is_cuda or n == 0:
+        torch.bmm(qe, st[..., :n].float(), out=out)
+    elif r * cap * 4 <= SCRATCH_BYTES:  # slabs of whole (row, KV head)s
+        per = SCRATCH_BYTES // (4 * r * cap)
+        scratch = _scratch_buffer(per * r * cap)
+        for i in range(0, bh, per):
+            j = min(bh, i + per)
+            sc = scratch[: (j - i) * r * cap].view(j - i, r, cap)
+            sc.copy_(st[i:j])
+            torch.bmm(qe[i:j], sc[..., :n], out=out[i:j])
+    else:  # slabs of digest rows of one (row, KV head), accumulated
+        per = max(1, SCRATCH_BYTES // (4 * cap))
+        scratch = _scratch_buffer(per * cap)
+        for i in range(bh):
+            for k0 in range(0, r, per):
+                k1 = min(r, k0 + per)
+                sc = scratch[: (k1 - k0) * cap].view(k1 - k0, cap)
+                sc.copy_(st[i, k0:k1])
+                if k0 == 0:
+                    torch.mm(qe[i, :, k0:k1], sc[:, :n], out=out[i])
+                else:
+                    out[i].addmm_(qe[i, :, k0:k1], sc[:, :n])
+    return out[:, :gq].view(b, h, gq, n), out[:, gq:].view(b, h, gq, n)
 
 
 def _compiled_triton_usable(device: torch.device) -> bool:
@@ -561,7 +644,7 @@ def select(query: torch.Tensor, digests: KeyDigests, config: SelectionConfig, *,
     b, h, g, q, _, d = _check_kept(query, digests)
     terms = _page_terms(digests.count, config, pages_per_block)
     if config.rank == "mass":
-        scores = _mass_scores(query.float().reshape(b, h, g * q, d), digests.transposed(), config.score,
+        scores = _mass_scores(query.float().reshape(b, h, g * q, d), digests, config.score,
                               float(config.landmark_weight), config.scale, terms.logc_or_empty)
     elif config.score == "bound+landmark":
         scores = score_blocks_landmark(query, digests, float(config.landmark_weight), config.gqa)

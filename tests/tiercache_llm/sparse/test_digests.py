@@ -153,7 +153,9 @@ def test_storage_is_transposed_for_scoring_and_grows_in_place():
     storage = lo_t.untyped_storage().data_ptr()
     held = d.nbytes  # bounds, landmarks and counts, spare capacity included
     assert held >= d.lo.nbytes + d.hi.nbytes + d.landmarks().nbytes + d.count.nbytes
-    assert held == sum(t.untyped_storage().nbytes() for t in (lo_t, hi_t, mean_t)) + d.count.nbytes + 2 * 3 * 4 * 4
+    # one buffer holds the bounds and the landmarks (rows lo, hi, mean), beside the counts and the last sum
+    assert all(t.untyped_storage().data_ptr() == d.stacked().untyped_storage().data_ptr() for t in (lo_t, hi_t, mean_t))
+    assert held == d.stacked().untyped_storage().nbytes() + d.count.nbytes + 2 * 3 * 4 * 4
     for t in range(64, 70):  # two more pages, within the spare capacity
         d.append(keys[:, :, t:t + 1])
     assert d.transposed()[0].untyped_storage().data_ptr() == storage
@@ -203,3 +205,50 @@ def test_clone_is_independent_and_crop_that_fails_changes_nothing():
     assert c.length == 11 and c.n_blocks == 3 and torch.equal(c.hi, want.hi)
     with pytest.raises(ValueError, match="count"):
         KeyDigests(4, want.lo, want.hi, want.count[:, :2], 11)
+
+
+@settings(max_examples=120, deadline=None)
+@given(cases(), st.sampled_from([1.0, 1e-6, 3e3, 3e4, 1e5]), st.sampled_from([torch.float32, torch.bfloat16]),
+       st.integers(0, 40))
+def test_float16_digests_are_rounded_outward_and_still_bound_every_key(case, mag, dtype, cut):
+    """16-bit storage: lo rounded down, hi rounded up, built at once or by appends (decode tokens
+    included), so the scores stay upper bounds of q·k; bounds float16 cannot hold switch the storage to
+    float32 instead of becoming infinite."""
+    keys, query, valid, s = case
+    keys = (keys * mag).to(dtype)
+    b, h, t, d = keys.shape
+    g = query.shape[1] // h
+    cut = min(cut, t)
+    d16 = KeyDigests.from_keys(keys[:, :, :cut], s, valid[:, :cut], storage=torch.float16)
+    for i in range(cut, t):
+        d16.append(keys[:, :, i : i + 1], valid[:, i : i + 1])
+    exact = KeyDigests.from_keys(keys, s, valid)
+    fits = bool((keys.float().abs() <= torch.finfo(torch.float16).max)[valid[:, None, :, None].expand_as(keys)].all())
+    assert d16.dtype == (torch.float16 if fits else torch.float32)
+    assert torch.equal(d16.count, exact.count) and d16.length == t
+    assert bool((d16.lo.double() <= exact.lo.double()).all()) and bool((d16.hi.double() >= exact.hi.double()).all())
+    assert bool(torch.isfinite(d16.lo).all()) and bool(torch.isfinite(d16.hi).all())
+    if d16.dtype == torch.float16:  # outward by at most one float16 step
+        assert torch.equal(torch.nextafter(d16.lo, torch.full_like(d16.lo, float("inf"))).double() > exact.lo.double(),
+                           torch.ones_like(d16.lo, dtype=torch.bool))
+    scores = score_blocks_reference(query, d16.lo, d16.hi, d16.count, gqa="max")
+    qk = torch.einsum("bhgqd,bhtd->bhgqt", query.view(b, h, g, -1, d).double(), keys.double())
+    bound = scores[:, :, torch.arange(t) // s].double()
+    ok = qk <= bound[:, :, None, None, :] + 1e-5 * (1 + qk.abs().amax())
+    assert bool(ok[valid[:, None, None, None, :].expand_as(ok)].all())
+    torch.testing.assert_close(d16.landmarks(), exact.landmarks(), rtol=2e-3, atol=1e-6 * mag + 6e-8)  # 6e-8: float16 subnormal step
+    torch.testing.assert_close(d16._tail, exact._tail, rtol=1e-5, atol=1e-5 * mag)  # the last page's exact sum
+
+
+def test_round_outward_is_the_nearest_value_on_the_right_side():
+    from tiercache_llm.sparse.digests import round_down, round_up
+
+    x = torch.cat((torch.randn(10000) * torch.logspace(-9, 5, 10000), torch.tensor([0.0, -0.0, 65504.0, 1e-8, -1e-8])))
+    lo, hi = round_down(x, torch.float16), round_up(x, torch.float16)
+    assert lo.dtype == hi.dtype == torch.float16
+    assert bool((lo.float() <= x).all()) and bool((hi.float() >= x).all())
+    assert bool((torch.nextafter(lo, torch.full_like(lo, float("inf"))).float() > x).all())
+    assert bool((torch.nextafter(hi, torch.full_like(hi, float("-inf"))).float() < x).all())
+    assert bool(((hi == lo) == (hi.float() == x)).all())  # equal exactly where x is a float16
+    with pytest.raises(ValueError, match="storage"):
+        KeyDigests.empty(1, 1, 4, 4, storage=torch.bfloat16)

@@ -321,3 +321,37 @@ def test_selection_uses_the_uniform_ranking_at_the_cache_shape():
     assert terms.fill is not None and terms.width == 128 and sel.page_mask.is_contiguous()
     assert torch.equal(sel.page_mask, naive_select(sel.scores, d.count, config))
     assert torch.equal(sel.head_mask, torch.nn.functional.pad(sel.page_mask, (0, 3)).view(2, 3, 16, 8).any(-1))
+
+
+@pytest.mark.parametrize("scratch", [1 << 20, 100_000, 4096, 1 << 9])  # all (row, head)s at once, 2 at a time, by rows
+def test_float16_digests_score_in_float32_like_their_float32_copy(monkeypatch, scratch):
+    """The 16-bit scoring path (upcast into a scratch, one matmul for bounds and landmarks) gives the
+    float32 rule's scores of the same (rounded) digests to float32 rounding, and its selection."""
+    from tiercache_llm.sparse import selection as sel_mod
+
+    monkeypatch.setattr(sel_mod, "SCRATCH_BYTES", scratch)
+    gen = torch.Generator().manual_seed(3)
+    b, h, g, t, d = 3, 2, 3, 700, 16
+    keys = torch.randn(b, h, t, d, generator=gen) * 2
+    valid = torch.ones(b, t, dtype=torch.bool)
+    valid[1, :41] = False
+    d16 = KeyDigests.from_keys(keys, 4, valid, storage=torch.float16)
+    assert d16.dtype == torch.float16 and d16.nbytes < KeyDigests.from_keys(keys, 4, valid).nbytes * 0.6
+    copy = KeyDigests(4, d16.lo.float(), d16.hi.float(), d16.count, t, d16.total)
+    copy.stacked()[:, :, 2 * d :] = d16.stacked()[:, :, 2 * d :]  # the same rounded landmarks
+    query = torch.randn(b, h * g, 1, d, generator=gen)
+    cfg = SelectionConfig(budget=0.25, score="bound+landmark")
+    fast, ref = select(query, d16, cfg, pages_per_block=4), select(query, copy, cfg, pages_per_block=4)
+    assert fast.scores.dtype == torch.float32
+    finite = torch.isfinite(ref.scores)
+    assert torch.equal(torch.isfinite(fast.scores), finite)
+    torch.testing.assert_close(fast.scores[finite], ref.scores[finite], rtol=1e-5, atol=1e-4)
+    agree = (fast.pages & ref.pages).sum() / ref.pages.sum()
+    assert agree > 0.99 and torch.equal(fast.pages.sum(-1), ref.pages.sum(-1))
+
+
+def test_digest_storage_knob_is_checked():
+    assert SelectionConfig(budget=0.25).digests == "float16"
+    assert SelectionConfig(budget=0.25, digests="float32").digests == "float32"
+    with pytest.raises(ValueError, match="digests"):
+        SelectionConfig(budget=0.25, digests="bfloat16")
