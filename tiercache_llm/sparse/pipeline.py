@@ -530,11 +530,18 @@ class DecodePipeline:
             stats.blocks_resident += ns
         if tail:
             t0 = time.perf_counter()
-            torch._foreach_copy_([pool.k[tail_slot], pool.v[tail_slot]], [layer._tail_k, layer._tail_v])
+            tk, tv, ks, vs = layer._tail_k, layer._tail_v, pool.k[tail_slot], pool.v[tail_slot]
+            if ks.device.type == "cpu":
+                # Only the tail's tokens: attention hides the positions past the context, and the CPU page-table
+                # attention never lets a hidden position's contents (whatever the slot held) reach its output.
+                n = layer._tail_len
+                tk, tv, ks, vs = tk[:, :, :n], tv[:, :, :n], ks[:, :, :n], vs[:, :, :n]
+            torch._foreach_copy_([ks, vs], [tk, tv])
             ps.copy_seconds += time.perf_counter() - t0
             stats.tail_selected += 1
-        now = set(stored)
-        self._left[layer.layer_idx] = [j for j in self._last.get(layer.layer_idx, []) if j not in now]
+        if self.config.reuse and self.config.complement_reuse:  # only placement_scores reads _left
+            now = set(stored)
+            self._left[layer.layer_idx] = [j for j in self._last.get(layer.layer_idx, []) if j not in now]
         self._last[layer.layer_idx] = stored
         slot_of_fetch = torch.tensor(slots + ([tail_slot] if tail else []), dtype=torch.long)
         return pool.k, pool.v, slot_of_fetch
@@ -627,21 +634,22 @@ class DecodePipeline:
         leaving them."""
         if not self.config.reuse:
             return None
-        masses, entry = [], 0
+        masses, entry, held, offset = [], 0, [], 0
         for layer in layers:
             if layer.sparse is None or not layer._blocks:
                 continue
             n = min(len(layer._blocks), layer.sparse.mass.numel())
-            mass = layer.sparse.mass[:n].clone()
+            masses.append(layer.sparse.mass[:n])
             pool = self._pools.get(layer.layer_idx)
             if pool is not None and pool.slot_of:
-                held = torch.tensor([j for j in pool.slot_of if j < n], dtype=torch.long)
-                mass[held] = -1.0
-            masses.append(mass)
+                held += [offset + j for j in pool.slot_of if j < n]
+            offset += n
             entry = max(entry, layer._blocks[0].nbytes // 2)
         if not masses or not entry:
             return None
-        every = torch.cat(masses)
+        every = torch.cat(masses)  # a copy: the layers' masses are left alone
+        if held:
+            every[torch.tensor(held, dtype=torch.long)] = -1.0
         every = every[every >= 0]
         room = self.store.fastest_tier_entries(entry) // 2
         if room <= 0:
@@ -657,20 +665,71 @@ class DecodePipeline:
                 or self._closed:
             return
         start = time.perf_counter()
+        layers = [layer for layer in (self.layers[idx] for idx in self.sparse_ids) if layer._blocks]
+        near = self._near_misses_of(layers) if self.config.stage_near else {}
         # Every layer's choice first, then the jobs: a job started early would run Python (and hold the GIL)
         # while the later layers' choices run torch ops, each of which must take the GIL back.
-        chosen = [(layer, self._stage_ahead(layer.sparse, layer)) for layer in
-                  (self.layers[idx] for idx in self.sparse_ids) if layer._blocks]
+        chosen = [(layer, self._stage_ahead(layer.sparse, layer, near.get(layer.layer_idx))) for layer in layers]
         for layer, blocks in chosen:
             _, submitted = self._stage_blocks(layer, blocks)
             self.stats.stage_ahead_entries += submitted
         self.stats.stage_ahead_seconds += time.perf_counter() - start
 
-    def _stage_ahead(self, state: "SparseLayerState", layer: "TieredKVLayer") -> list[int]:
+    def _held(self, layer: "TieredKVLayer") -> Any:
+        pool = self._pools.get(layer.layer_idx)
+        return pool.slot_of if pool is not None and pool.retention != "none" else {}
+
+    def _near_misses_of(self, layers: list["TieredKVLayer"]) -> dict[int, list[int]]:
+        """``{layer index: near_misses(layer, its pool's blocks, stage_near)}`` for ``layers``, the layers
+        whose last selections have the same shapes computed together (one set of tensor ops instead of
+        one per layer; the same values, so the same lists)."""
+        count = self.config.stage_near
+        out: dict[int, list[int]] = {}
+        groups: dict[tuple, list] = {}
+        for layer in layers:
+            last = self._last_sel.get(layer.layer_idx)
+            n = len(layer._blocks)
+            if last is None or n == 0 or count <= 0:
+                out[layer.layer_idx] = []
+                continue
+            scores, pages, ppb, valid = last
+            key = (tuple(scores.shape), scores.dtype, scores.device, ppb, valid.shape[0], n)
+            groups.setdefault(key, []).append((layer, last))
+        for (shape, _, _, ppb, _, n), members in groups.items():
+            if len(members) == 1:
+                layer = members[0][0]
+                out[layer.layer_idx] = self.near_misses(layer, self._held(layer), count)
+                continue
+            b, h, p = shape
+            inf = float("inf")
+            s = torch.nan_to_num(torch.stack([last[0] for _, last in members]).float(), nan=-inf)
+            pages = torch.stack([last[1] for _, last in members])
+            threshold = s.masked_fill(~pages, inf).amin(-1, keepdim=True)
+            empty = (torch.stack([last[3][:, :p] for _, last in members]) <= 0).unsqueeze(2)
+            gap = torch.nan_to_num(threshold - s, nan=inf).masked_fill_(pages | empty, inf)
+            nb = -(-p // ppb)
+            if nb * ppb != p:
+                gap = torch.nn.functional.pad(gap, (0, nb * ppb - p), value=inf)
+            blocks = gap.reshape(len(members), b * h, nb, ppb).amin(dim=-1).amin(dim=1)[:, :n].clone()
+            width = blocks.shape[1]
+            rows, cols = [], []
+            for r, (layer, _) in enumerate(members):
+                held = [j for j in self._held(layer) if j < width]
+                rows += [r] * len(held)
+                cols += held
+            if cols:
+                blocks[torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)] = inf
+            values, indices = torch.topk(blocks, min(count, width), dim=-1, largest=False, sorted=True)
+            for (layer, _), idx, val in zip(members, indices.tolist(), values.tolist()):
+                out[layer.layer_idx] = [j for j, g in zip(idx, val) if g != inf]
+        return out
+
+    def _stage_ahead(self, state: "SparseLayerState", layer: "TieredKVLayer",
+                     near: list[int] | None = None) -> list[int]:
         """The blocks disk staging ahead stages for ``layer``: its ``stage_ahead`` highest-mass stored blocks
         outside the fastest tier and its resident pool, then its ``stage_near`` near misses
-        (:meth:`near_misses`) outside the pool, most likely first (what does not fit the staging area is
-        dropped from the end)."""
+        (:meth:`near_misses`; ``near``: already computed) outside the pool, most likely first (what does not
+        fit the staging area is dropped from the end)."""
         n = min(len(layer._blocks), state.mass.numel())
         if n == 0:
             return []
@@ -686,7 +745,9 @@ class DecodePipeline:
             picked = [j for j, t in zip(top, tiers) if t is not None and t != fastest][: self.config.stage_ahead]
         if self.config.stage_near:
             chosen = set(picked)
-            picked += [j for j in self.near_misses(layer, held, self.config.stage_near) if j not in chosen]
+            if near is None:
+                near = self.near_misses(layer, held, self.config.stage_near)
+            picked += [j for j in near if j not in chosen]
         return picked
 
     def near_misses(self, layer: "TieredKVLayer", held: Any, count: int) -> list[int]:
