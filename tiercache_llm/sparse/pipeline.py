@@ -568,8 +568,8 @@ class DecodePipeline:
         to_slots: list[torch.Tensor] = []
         from_staged: list[torch.Tensor] = []
         taken: list[torch.Tensor] = []
-        for e, key in enumerate(keys):
-            staged = self.staging.take(key) if self.staging is not None else None
+        taken_all = self.staging.take_many(keys) if self.staging is not None else [None] * len(keys)
+        for e, staged in enumerate(taken_all):
             if staged is not None:
                 to_slots.append(dsts[e])
                 from_staged.append(blocks[e].view(staged))
