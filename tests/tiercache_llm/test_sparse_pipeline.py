@@ -404,17 +404,3 @@ def test_prefaulted_pools_keep_logits(model, batch, tmp_path):
         assert torch.equal(ref, got)
         if not prefault:
             assert pipe["prefault_bytes"] == 0
-
-
-def test_near_misses_of_all_layers_equal_each_layers_own(model, batch, tmp_path):
-    """End-of-step staging computes every layer's near misses together; the lists are each layer's own."""
-    ids, mask = batch
-    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware", pipeline={"stage_near": 5})) as cache:
-        decode_logits(model, cache, ids, mask, steps=3)
-        pipe = cache._pipeline
-        layers = [cache.layers[idx] for idx in pipe.sparse_ids]
-        together = pipe._near_misses_of(layers)
-        assert len(layers) > 1 and set(together) == {layer.layer_idx for layer in layers}
-        for layer in layers:
-            assert together[layer.layer_idx] == pipe.near_misses(layer, pipe._held(layer), 5)
-        assert any(together.values())

@@ -665,71 +665,22 @@ class DecodePipeline:
                 or self._closed:
             return
         start = time.perf_counter()
-        layers = [layer for layer in (self.layers[idx] for idx in self.sparse_ids) if layer._blocks]
-        near = self._near_misses_of(layers) if self.config.stage_near else {}
         # Every layer's choice first, then the jobs: a job started early would run Python (and hold the GIL)
-        # while the later layers' choices run torch ops, each of which must take the GIL back.
-        chosen = [(layer, self._stage_ahead(layer.sparse, layer, near.get(layer.layer_idx))) for layer in layers]
+        # while the later layers' choices run torch ops, each of which must take the GIL back.  Per layer, not
+        # stacked over the layers: stacked tensors are large enough for torch's intra-op threads, which cost far
+        # more than they save on a loaded machine (measured with 2 torch threads: 41-61 ms vs 6 ms per step).
+        chosen = [(layer, self._stage_ahead(layer.sparse, layer)) for layer in
+                  (self.layers[idx] for idx in self.sparse_ids) if layer._blocks]
         for layer, blocks in chosen:
             _, submitted = self._stage_blocks(layer, blocks)
             self.stats.stage_ahead_entries += submitted
         self.stats.stage_ahead_seconds += time.perf_counter() - start
 
-    def _held(self, layer: "TieredKVLayer") -> Any:
-        pool = self._pools.get(layer.layer_idx)
-        return pool.slot_of if pool is not None and pool.retention != "none" else {}
-
-    def _near_misses_of(self, layers: list["TieredKVLayer"]) -> dict[int, list[int]]:
-        """``{layer index: near_misses(layer, its pool's blocks, stage_near)}`` for ``layers``, the layers
-        whose last selections have the same shapes computed together (one set of tensor ops instead of
-        one per layer; the same values, so the same lists)."""
-        count = self.config.stage_near
-        out: dict[int, list[int]] = {}
-        groups: dict[tuple, list] = {}
-        for layer in layers:
-            last = self._last_sel.get(layer.layer_idx)
-            n = len(layer._blocks)
-            if last is None or n == 0 or count <= 0:
-                out[layer.layer_idx] = []
-                continue
-            scores, pages, ppb, valid = last
-            key = (tuple(scores.shape), scores.dtype, scores.device, ppb, valid.shape[0], n)
-            groups.setdefault(key, []).append((layer, last))
-        for (shape, _, _, ppb, _, n), members in groups.items():
-            if len(members) == 1:
-                layer = members[0][0]
-                out[layer.layer_idx] = self.near_misses(layer, self._held(layer), count)
-                continue
-            b, h, p = shape
-            inf = float("inf")
-            s = torch.nan_to_num(torch.stack([last[0] for _, last in members]).float(), nan=-inf)
-            pages = torch.stack([last[1] for _, last in members])
-            threshold = s.masked_fill(~pages, inf).amin(-1, keepdim=True)
-            empty = (torch.stack([last[3][:, :p] for _, last in members]) <= 0).unsqueeze(2)
-            gap = torch.nan_to_num(threshold - s, nan=inf).masked_fill_(pages | empty, inf)
-            nb = -(-p // ppb)
-            if nb * ppb != p:
-                gap = torch.nn.functional.pad(gap, (0, nb * ppb - p), value=inf)
-            blocks = gap.reshape(len(members), b * h, nb, ppb).amin(dim=-1).amin(dim=1)[:, :n].clone()
-            width = blocks.shape[1]
-            rows, cols = [], []
-            for r, (layer, _) in enumerate(members):
-                held = [j for j in self._held(layer) if j < width]
-                rows += [r] * len(held)
-                cols += held
-            if cols:
-                blocks[torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)] = inf
-            values, indices = torch.topk(blocks, min(count, width), dim=-1, largest=False, sorted=True)
-            for (layer, _), idx, val in zip(members, indices.tolist(), values.tolist()):
-                out[layer.layer_idx] = [j for j, g in zip(idx, val) if g != inf]
-        return out
-
-    def _stage_ahead(self, state: "SparseLayerState", layer: "TieredKVLayer",
-                     near: list[int] | None = None) -> list[int]:
+    def _stage_ahead(self, state: "SparseLayerState", layer: "TieredKVLayer") -> list[int]:
         """The blocks disk staging ahead stages for ``layer``: its ``stage_ahead`` highest-mass stored blocks
         outside the fastest tier and its resident pool, then its ``stage_near`` near misses
-        (:meth:`near_misses`; ``near``: already computed) outside the pool, most likely first (what does not
-        fit the staging area is dropped from the end)."""
+        (:meth:`near_misses`) outside the pool, most likely first (what does not fit the staging area is
+        dropped from the end)."""
         n = min(len(layer._blocks), state.mass.numel())
         if n == 0:
             return []
@@ -745,9 +696,7 @@ class DecodePipeline:
             picked = [j for j, t in zip(top, tiers) if t is not None and t != fastest][: self.config.stage_ahead]
         if self.config.stage_near:
             chosen = set(picked)
-            if near is None:
-                near = self.near_misses(layer, held, self.config.stage_near)
-            picked += [j for j in near if j not in chosen]
+            picked += [j for j in self.near_misses(layer, held, self.config.stage_near) if j not in chosen]
         return picked
 
     def near_misses(self, layer: "TieredKVLayer", held: Any, count: int) -> list[int]:
