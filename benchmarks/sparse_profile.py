@@ -7,7 +7,7 @@ For each strategy (``--strategies``, default every sparse one) a sparse ``Tiered
 the same prefilled K/V (host tier ``--host-fraction`` of the KV, disk the rest with ``direct_io``, as in
 ``sparse_speed.py``), decodes ``--warmup`` untimed steps, then ``--steps`` steps under ``cProfile`` at
 ``--threads`` torch threads.  Writes per strategy ``sparse_profile_<strategy>.txt`` (the top functions by
-own time and by cumulative time, as ``pstats`` prints them) and ``sparse_profile.json`` (per strategy:
+own time and by cumulative time, as ``pstats`` prints them; the raw profile beside it as ``.pstats``) and ``sparse_profile.json`` (per strategy:
 wall seconds per step, the cache's per-stage seconds per step, its rates (reuse, prefetch hit, prediction
 recall; cumulative since the fill, warm-up included), the reuse rate of the timed steps (``timed_reuse_rate``:
 pools or the fastest tier; ``timed_pool_reuse_rate``: entries served from the pools), ``memory`` (pools and
@@ -18,7 +18,7 @@ same blocks, so the union over rows is smaller than with distinct rows: say so w
 ``--variant STRATEGY:FIELD=VALUE:...`` (repeatable) adds a run of ``STRATEGY`` with those
 :class:`~tiercache_llm.sparse.pipeline.PipelineConfig` overrides (values parsed as JSON), e.g.
 ``--variant attention-aware:stage_ahead=0 --variant attention-aware:pool_blocks_factor=1.0``, on the same
-prefill.
+prefill.  ``--prefill-cache DIR`` keeps the prefill between runs (the same files as ``sparse_variants.py``).
 """
 
 from __future__ import annotations
@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host-fraction", type=float, default=0.25)
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "tiercache-sparse-profile")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--prefill-cache", type=Path, default=None,
+                        help="folder keeping prefilled K/V between runs (shared with sparse_variants.py)")
     args = parser.parse_args(argv)
     runs = [(x.strip(), x.strip(), {}) for x in args.strategies.split(",") if x.strip()]
     runs += [(spec, *parse_variant(spec)) for spec in args.variant]
@@ -96,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     ids = sp.prompt_rows(tokenizer, distinct, context, model.config.vocab_size)
     context = min(context, ids.shape[-1])
+    from sparse_variants import cached_prefill  # imports this module: not at the top
+
     with torch_threads(sp.DEFAULT_THREADS):
-        rows = sp.prefill_rows(model, ids, [context - 1] * distinct)
+        rows = cached_prefill(model, ids, [context - 1] * distinct, args.prefill_cache, args.model)
     rows = [rows[r % distinct] for r in range(args.batch)]
     ids = ids[[r % distinct for r in range(args.batch)]]
     print(f"prefill {time.perf_counter() - t0:.0f} s ({distinct} distinct rows of {context - 1} tokens)", flush=True)
@@ -136,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             st.sort_stats("tottime").print_stats(30)
             st.sort_stats("cumulative").print_stats(30)
             (args.out / f"sparse_profile_{strategy.replace(':', '_')}.txt").write_text(text.getvalue())
+            prof.dump_stats(str(args.out / f"sparse_profile_{strategy.replace(':', '_')}.pstats"))  # for pstats/snakeviz
             own = {k: v for k, v in delta.items() if k != "tiercache"}
             stages = {k: v / args.steps for k, v in find_numbers(own, "seconds").items() if "last_step" not in k}
             sel = delta.get("sparse", {}).get("total", {})

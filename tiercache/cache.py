@@ -361,6 +361,18 @@ class Cache(DataPaths, Persistence):
             entry = self._index.get(key)
             return self._tiers[entry.level].name if entry is not None else None
 
+    def tiers_of(self, keys: Iterable[Hashable]) -> list[str | None]:
+        """:meth:`tier_of` of each of ``keys``, in order, under one lock round trip (one snapshot of the
+        placement).  ``CacheClosedError`` after ``close()``."""
+        with self._lock:
+            self._check_open()
+            index, tiers = self._index, self._tiers
+            out: list[str | None] = []
+            for key in keys:
+                entry = index.get(key)
+                out.append(tiers[entry.level].name if entry is not None else None)
+            return out
+
     def charge(self, nbytes: int) -> int:
         """The most budget bytes any tier charges for a value of ``nbytes`` bytes (slot rounding, headers,
         checksums): an upper bound on what storing it consumes wherever it lands or is moved to.  Tiers

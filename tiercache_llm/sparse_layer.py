@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import TYPE_CHECKING, Any, Literal
@@ -52,21 +53,39 @@ class SparseModeError(TieredKVError, RuntimeError):
     truncated context."""
 
 
+_last_valid: tuple | None = None  # (weakref to the mask, batch, q, device, result) of the last call
+_all_valid: torch.Tensor | None = None  # the last all-valid answer (mask None)
+
+
 def valid_from_mask(mask: Any, batch: int, q: int, device: torch.device) -> torch.Tensor:
     """``(batch, q)`` bool: which of the ``q`` newest key positions may be attended, read from the
     mask transformers built for this step (its last query row: for left or no padding the last token
-    is real and sees every non-padded key).  ``None`` (sdpa's causal skip) means all valid."""
+    is real and sees every non-padded key).  ``None`` (sdpa's causal skip) means all valid.
+
+    The result must not be written: every layer of a forward pass gets the same mask object (or
+    ``None``), so the answer for the last mask seen is kept and returned again while that object lives
+    (transformers never writes a mask it built; one forward pass at a time, as for every transformers
+    cache)."""
+    global _last_valid, _all_valid
     if mask is None:
-        return torch.ones(batch, q, dtype=torch.bool, device=device)
+        ones = _all_valid
+        if ones is None or ones.shape != (batch, q) or ones.device != torch.device(device):
+            ones = _all_valid = torch.ones(batch, q, dtype=torch.bool, device=device)
+        return ones
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
         raise SparseModeError(
             f"sparse mode needs a 4-D attention mask (sdpa/eager style), got {type(mask).__name__} "
             f"{tuple(getattr(mask, 'shape', ()))}"
         )
+    last = _last_valid
+    if last is not None and last[0]() is mask and last[1] == batch and last[2] == q and last[3] == device:
+        return last[4]
     row = mask[:, 0, -1, -q:]
     if row.dtype != torch.bool:
         row = row > torch.finfo(row.dtype).min / 2
-    return row.expand(batch, q).to(device)
+    out = row.expand(batch, q).to(device)
+    _last_valid = (weakref.ref(mask), batch, q, device, out)
+    return out
 
 
 @dataclass

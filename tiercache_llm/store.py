@@ -540,9 +540,9 @@ class BlockStore:
 
     def tiers_of(self, keys: Sequence[Any]) -> list[str | None]:
         """Name of the tier holding each key (``None`` when absent), e.g. to count reuse before a fetch."""
-        tier_of = self.cache.tier_of
         queued = self._queued(keys)
-        return [WRITE_QUEUE if key in queued else tier_of(key) for key in keys]
+        tiers = self.cache.tiers_of(keys)  # one lock round trip for all of them
+        return [WRITE_QUEUE if key in queued else tier for key, tier in zip(keys, tiers)]
 
     @property
     def fastest_tier(self) -> str:

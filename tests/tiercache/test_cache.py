@@ -215,6 +215,17 @@ def test_value_too_big_for_host_goes_to_disk(store):
         assert cache.tier_of("big") == "disk"  # cannot be promoted: larger than the host tier
 
 
+def test_tiers_of_is_tier_of_of_each_key_in_order(store):
+    with Cache(host="4KiB", disk="1MiB", path=store) as cache:
+        cache.put("big", block(3, 16 * KIB))
+        cache.put(("s", 1), block(4, 512))
+        keys = [("s", 1), "absent", "big", ("s", 1)]
+        assert cache.tiers_of(keys) == [cache.tier_of(k) for k in keys] == ["host", None, "disk", "host"]
+        assert cache.tiers_of([]) == []
+    with pytest.raises(CacheClosedError):
+        cache.tiers_of(["big"])
+
+
 # -- bad input ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", [[1, 2], 3.0, None, "tensor", torch.ones(3).numpy()], ids=repr)
 def test_non_tensor_values_are_type_errors(value):

@@ -530,11 +530,18 @@ class DecodePipeline:
             stats.blocks_resident += ns
         if tail:
             t0 = time.perf_counter()
-            torch._foreach_copy_([pool.k[tail_slot], pool.v[tail_slot]], [layer._tail_k, layer._tail_v])
+            tk, tv, ks, vs = layer._tail_k, layer._tail_v, pool.k[tail_slot], pool.v[tail_slot]
+            if ks.device.type == "cpu":
+                # Only the tail's tokens: attention hides the positions past the context, and the CPU page-table
+                # attention never lets a hidden position's contents (whatever the slot held) reach its output.
+                n = layer._tail_len
+                tk, tv, ks, vs = tk[:, :, :n], tv[:, :, :n], ks[:, :, :n], vs[:, :, :n]
+            torch._foreach_copy_([ks, vs], [tk, tv])
             ps.copy_seconds += time.perf_counter() - t0
             stats.tail_selected += 1
-        now = set(stored)
-        self._left[layer.layer_idx] = [j for j in self._last.get(layer.layer_idx, []) if j not in now]
+        if self.config.reuse and self.config.complement_reuse:  # only placement_scores reads _left
+            now = set(stored)
+            self._left[layer.layer_idx] = [j for j in self._last.get(layer.layer_idx, []) if j not in now]
         self._last[layer.layer_idx] = stored
         slot_of_fetch = torch.tensor(slots + ([tail_slot] if tail else []), dtype=torch.long)
         return pool.k, pool.v, slot_of_fetch
@@ -561,8 +568,8 @@ class DecodePipeline:
         to_slots: list[torch.Tensor] = []
         from_staged: list[torch.Tensor] = []
         taken: list[torch.Tensor] = []
-        for e, key in enumerate(keys):
-            staged = self.staging.take(key) if self.staging is not None else None
+        taken_all = self.staging.take_many(keys) if self.staging is not None else [None] * len(keys)
+        for e, staged in enumerate(taken_all):
             if staged is not None:
                 to_slots.append(dsts[e])
                 from_staged.append(blocks[e].view(staged))
@@ -627,21 +634,22 @@ class DecodePipeline:
         leaving them."""
         if not self.config.reuse:
             return None
-        masses, entry = [], 0
+        masses, entry, held, offset = [], 0, [], 0
         for layer in layers:
             if layer.sparse is None or not layer._blocks:
                 continue
             n = min(len(layer._blocks), layer.sparse.mass.numel())
-            mass = layer.sparse.mass[:n].clone()
+            masses.append(layer.sparse.mass[:n])
             pool = self._pools.get(layer.layer_idx)
             if pool is not None and pool.slot_of:
-                held = torch.tensor([j for j in pool.slot_of if j < n], dtype=torch.long)
-                mass[held] = -1.0
-            masses.append(mass)
+                held += [offset + j for j in pool.slot_of if j < n]
+            offset += n
             entry = max(entry, layer._blocks[0].nbytes // 2)
         if not masses or not entry:
             return None
-        every = torch.cat(masses)
+        every = torch.cat(masses)  # a copy: the layers' masses are left alone
+        if held:
+            every[torch.tensor(held, dtype=torch.long)] = -1.0
         every = every[every >= 0]
         room = self.store.fastest_tier_entries(entry) // 2
         if room <= 0:
@@ -658,7 +666,9 @@ class DecodePipeline:
             return
         start = time.perf_counter()
         # Every layer's choice first, then the jobs: a job started early would run Python (and hold the GIL)
-        # while the later layers' choices run torch ops, each of which must take the GIL back.
+        # while the later layers' choices run torch ops, each of which must take the GIL back.  Per layer, not
+        # stacked over the layers: stacked tensors are large enough for torch's intra-op threads, which cost far
+        # more than they save on a loaded machine (measured with 2 torch threads: 41-61 ms vs 6 ms per step).
         chosen = [(layer, self._stage_ahead(layer.sparse, layer)) for layer in
                   (self.layers[idx] for idx in self.sparse_ids) if layer._blocks]
         for layer, blocks in chosen:

@@ -7,7 +7,7 @@ scores reach it through ``update_scores``.
 
 from __future__ import annotations
 
-from itertools import chain
+import bisect
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -30,11 +30,12 @@ def record_attention(state: "SparseLayerState", layer: "TieredKVLayer", sel: "Bl
     hk = layer._shape_k[0]
     fetch = sel.fetch.cpu()
     block_mass = res.kv_head_mass(hk).sum(dim=(0, 1)).double().cpu()  # (U,) summed over rows and heads
-    state.mass.index_add_(0, fetch, block_mass * ctrl.scale)
+    state.mass.index_add_(0, fetch, block_mass.mul_(ctrl.scale))
     n_stored = len(layer._blocks)
-    if int(fetch[-1]) >= n_stored:  # ascending: only the in-memory tail block can lie past the stored ones
-        fetch = fetch[: int((fetch < n_stored).sum())]
     stored = fetch.tolist()
+    if stored[-1] >= n_stored:  # ascending: only the in-memory tail block can lie past the stored ones
+        stored = stored[: bisect.bisect_left(stored, n_stored)]
+        fetch = fetch[: len(stored)]
     pipeline = getattr(layer, "pipeline", None)
     scores = pipeline.placement_scores(state, layer, stored) if pipeline is not None else None
     if scores is not None:  # the pipeline's resident pool holds the fetched blocks (see placement_scores)
@@ -42,5 +43,7 @@ def record_attention(state: "SparseLayerState", layer: "TieredKVLayer", sel: "Bl
         return
     kkeys, vkeys = layer._kkeys, layer._vkeys
     masses = state.mass[fetch].tolist()
-    keys = chain.from_iterable(zip([kkeys[j] for j in stored], [vkeys[j] for j in stored]))
-    ctrl.pending_scores.update(zip(keys, chain.from_iterable(zip(masses, masses))))
+    pending = ctrl.pending_scores
+    for j, m in zip(stored, masses):
+        pending[kkeys[j]] = m
+        pending[vkeys[j]] = m

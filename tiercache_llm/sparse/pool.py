@@ -180,11 +180,18 @@ class PoolArena:
                 p._release(list(p.slot_of), count=False)
         want = set(stored)
         slot_of, key_of = view.slot_of, view._key_of
-        stale = [j for j, key in zip(stored, keys) if j in slot_of and key_of.get(slot_of[j]) != key]
+        stale: list[int] = []
+        missing: list[int] = []  # not held, or held under another key (released just below)
+        for i, (j, key) in enumerate(zip(stored, keys)):
+            slot = slot_of.get(j)
+            if slot is None:
+                missing.append(i)
+            elif key_of.get(slot) != key:
+                stale.append(j)
+                missing.append(i)
         view._release(stale, count=False)
-        if self.retention == "previous":
+        if self.retention == "previous":  # blocks outside ``stored`` only: ``missing`` stays right
             view._release([j for j in slot_of if j not in want])
-        missing = [i for i, j in enumerate(stored) if j not in slot_of]
         need = len(missing) + (1 if tail else 0)
         union = len(stored) + (1 if tail else 0)
         # Every block outside the union can be evicted, so ``union`` slots always suffice; "mass" gives a

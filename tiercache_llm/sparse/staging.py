@@ -187,6 +187,46 @@ class StagingArea:
             self.counters.hits += 1
         return slot.tensor
 
+    def take_many(self, keys: Sequence[Hashable]) -> list[torch.Tensor | None]:
+        """:meth:`take` of each of ``keys``, in order (the entries leave the area under one lock round trip;
+        each in-flight one is then waited for as :meth:`take` waits)."""
+        if not keys:
+            return []
+        with self._lock:
+            slots = [self._slots.pop(key, None) for key in keys]
+            for slot in slots:
+                if slot is not None:
+                    self._bytes -= slot.tensor.nbytes
+        out: list[torch.Tensor | None] = []
+        hits = waits = late = 0
+        waited = 0.0
+        for slot in slots:
+            if slot is None:
+                out.append(None)
+                continue
+            job = slot.job
+            if not job.done.is_set():
+                start = time.perf_counter()
+                finished = job.done.wait(self.wait_timeout)
+                waits += 1
+                waited += time.perf_counter() - start
+                if not finished:
+                    late += 1
+                    out.append(None)
+                    continue
+            if job.error is not None:
+                out.append(None)
+                continue
+            hits += 1
+            out.append(slot.tensor)
+        if hits or waits:
+            with self._lock:
+                self.counters.hits += hits
+                self.counters.waits += waits
+                self.counters.wait_seconds += waited
+                self.counters.late += late
+        return out
+
     def discard(self, keys: Sequence[Hashable] | None = None) -> None:
         """Release the staged entries ``keys`` (all when ``None``), e.g. after their blocks were deleted.
         A job still writing into a released tensor finishes harmlessly (the tensor is no longer shared)."""

@@ -150,3 +150,24 @@ def test_close_while_in_flight_waits_and_refuses_new_jobs():
 def test_negative_capacity_is_refused(pool):
     with pytest.raises(ValueError, match="capacity"):
         StagingArea(-1, pool)
+
+
+def test_take_many_is_take_of_each_key_in_order(pool):
+    release = threading.Event()
+
+    def slow(keys, outs):
+        release.wait(5)
+        fill(keys, outs)
+
+    def broken(keys, outs):
+        raise OSError("read failed")
+
+    area = StagingArea(10 * ENTRY, pool)
+    area.stage([1, 2], make, fill)
+    area.stage([3], make, slow)
+    area.stage([4], make, broken)
+    threading.Timer(0.05, release.set).start()  # 3 is still in flight when taken: waited for
+    got = area.take_many([3, 99, 1, 4, 2, 1])
+    assert [None if g is None else float(g[0]) for g in got] == [3.0, None, 1.0, None, 2.0, None]
+    assert area.nbytes == 0 and area.take_many([]) == []
+    assert area.counters.hits == 3 and area.counters.waits >= 1 and area.counters.late == 0
