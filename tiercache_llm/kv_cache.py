@@ -69,6 +69,11 @@ class TieredKVSettings:
             are per page; a storage block is fetched when any of its pages is selected and attention
             is masked to the selected pages (docs/sparse.md: finer pages are far more accurate at
             small budgets, at the price of touching more blocks per token attended).
+        digests: sparse mode: storage of the key digests (``"float16"``, default: half the memory, lower
+            bounds rounded down and upper bounds rounded up so they still bound every ``q . k``; a layer
+            whose keys leave float16's range switches to float32; ``"float32"``: the exact min/max).
+            Measured on SmolLM2 at 8K: 99.97 % of the pages float32 digests select, the same accuracy
+            (docs/sparse.md "Digests").
         gpu, host, disk: tier budgets (bytes or strings like ``"512MiB"``; ``None``/0 disables the
             tier).  Ignored when an existing ``tiercache.Cache`` is passed to the cache.
         path: directory of the disk tier.  ``None`` with a disk budget: a temporary directory that
@@ -129,6 +134,7 @@ class TieredKVSettings:
     strategy: str | None = None
     decay: float | None = None
     page_size: int | None = None
+    digests: str | None = None
     pipeline: Any = None
     pool_bytes: int | str | None = None
 
@@ -144,7 +150,8 @@ class TieredKVSettings:
         elif self.prefetch is True and self.mode == "sparse":
             raise ValueError("prefetch=True is for mode='exact'; sparse mode prefetches through its decode pipeline "
                              "(pipeline=...)")
-        sparse_opts = {k: getattr(self, k) for k in ("budget", "sink", "recent", "strategy", "decay", "page_size")}
+        sparse_opts = {k: getattr(self, k) for k in ("budget", "sink", "recent", "strategy", "decay", "page_size",
+                                                          "digests")}
         if self.mode == "exact":
             given = sorted(k for k, v in sparse_opts.items() if v is not None)
             if given:
@@ -153,11 +160,11 @@ class TieredKVSettings:
                 object.__setattr__(self, "policy", "kv-stream")
         else:
             defaults = dict(budget=0.25, sink=4, recent=64, strategy="attention-aware", decay=0.9,
-                            page_size=default_page_size(self.block_size))
+                            page_size=default_page_size(self.block_size), digests="float16")
             for k, v in defaults.items():
                 if sparse_opts[k] is None:
                     object.__setattr__(self, k, v)
-            SelectionConfig(budget=self.budget, sink=self.sink, recent=self.recent)  # validates
+            SelectionConfig(budget=self.budget, sink=self.sink, recent=self.recent, digests=self.digests)  # validates
             if self.strategy not in STRATEGIES:
                 raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
             object.__setattr__(self, "decay", check_decay(self.decay))
@@ -842,9 +849,9 @@ class TieredKVCache(Cache):
         config: the model's config (``model.config``); its decoder text config decides the number
             of layers and which are sliding-window layers.
         gpu, host, disk, path, block_size, mode, policy, compression, prefetch, direct_io, budget, sink,
-            recent, strategy, decay, page_size: see :class:`TieredKVSettings` (defaults: 64-token blocks,
+            recent, strategy, decay, page_size, digests: see :class:`TieredKVSettings` (defaults: 64-token blocks,
             exact mode, a 4 GiB host tier, no disk tier; sparse: ``budget=0.25, sink=4, recent=64,
-            strategy="attention-aware", decay=0.9, page_size=8``).  Sparse mode needs the model prepared: build it
+            strategy="attention-aware", decay=0.9, page_size=8, digests="float16"``).  Sparse mode needs the model prepared: build it
             with :meth:`for_model`.
         cache: an existing ``tiercache.Cache`` to store blocks in instead of creating one (then the
             budget arguments must be left out).  A borrowed cache is not closed by :meth:`close`;
@@ -885,6 +892,7 @@ class TieredKVCache(Cache):
         strategy: str = _UNSET,
         decay: float = _UNSET,
         page_size: int = _UNSET,
+        digests: str = _UNSET,
         pipeline: Any = _UNSET,
         pool_bytes: int | str | None = _UNSET,
         cache: Any = None,
@@ -899,7 +907,7 @@ class TieredKVCache(Cache):
             for name, value in dict(
                 gpu=gpu, host=host, disk=disk, path=path, block_size=block_size, mode=mode, policy=policy,
                 compression=compression, prefetch=prefetch, direct_io=direct_io, budget=budget, sink=sink,
-                recent=recent, strategy=strategy, decay=decay, page_size=page_size, pipeline=pipeline,
+                recent=recent, strategy=strategy, decay=decay, page_size=page_size, digests=digests, pipeline=pipeline,
                 pool_bytes=pool_bytes,
             ).items()
             if value is not _UNSET
@@ -937,7 +945,7 @@ class TieredKVCache(Cache):
         self._prepared_model: Any = None
         if settings.mode == "sparse":
             self._sparse = SparseController(
-                selection_config(settings.budget, settings.sink, settings.recent),
+                selection_config(settings.budget, settings.sink, settings.recent, settings.digests),
                 settings.strategy, settings.decay,
             )
             for layer in layers:

@@ -439,9 +439,10 @@ def check_page_size(page_size: int, block_size: int) -> int:
     return page_size
 
 
-def selection_config(budget: int | float, sink: int, recent: int) -> SelectionConfig:
-    """The sparse cache's selection rule: pages scored by the Quest bound blended with the landmark."""
-    return SelectionConfig(budget=budget, sink=sink, recent=recent, score=DEFAULT_SCORE)
+def selection_config(budget: int | float, sink: int, recent: int, digests: str = "float16") -> SelectionConfig:
+    """The sparse cache's selection rule: pages scored by the Quest bound blended with the landmark, over
+    digests stored as ``digests`` (``"float16"``: outward-rounded bounds, the default; ``"float32"``)."""
+    return SelectionConfig(budget=budget, sink=sink, recent=recent, score=DEFAULT_SCORE, digests=digests)
 
 
 def check_decay(decay: float) -> float:

@@ -472,6 +472,24 @@ def test_page_size_must_divide_the_block_and_is_sparse_only(make_model):
         assert cache.settings.page_size == 4
 
 
+@pytest.mark.parametrize("storage", ["float16", "float32"])
+def test_digests_option_sets_the_digest_storage(make_model, storage):
+    model = make_model("llama")
+    ids, mask = left_padded_batch()
+    with TieredKVCache.for_model(model, mode="sparse", digests=storage, budget=0.5, block_size=4, host="8KiB",
+                                 disk="16MiB") as cache:
+        gen(model, cache, ids, mask, n=6)
+        dtypes = {layer.sparse.digests.dtype for layer in cache.layers if layer.sparse is not None}
+        assert dtypes == {getattr(torch, storage)}
+        digests_match_keys(cache)
+    with TieredKVCache(model.config, mode="sparse", host="1MiB") as default:
+        assert default.settings.digests == "float16"
+    with pytest.raises(ValueError, match="digests"):
+        TieredKVCache(model.config, mode="sparse", digests="bfloat16", host="1MiB")
+    with pytest.raises(ValueError, match="sparse"):
+        TieredKVCache(model.config, digests="float32", host="1MiB")
+
+
 @pytest.mark.parametrize("mode", ["sparse", "exact"])
 def test_decoding_continues_outside_inference_mode(make_model, mode):
     """Buffers first allocated under torch.inference_mode (decode buffers, resident pools, attention
