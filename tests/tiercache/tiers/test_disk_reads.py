@@ -176,26 +176,42 @@ def test_after_a_reopen_reads_are_checked_against_the_index_headers(tmp_path):
     tier.close()
 
 
-@pytest.mark.parametrize("batch", [1, 6], ids=["single", "batch"])
-def test_buffered_read_into_reports_every_kind_of_damage_with_its_position(tmp_path, batch):
-    """The buffered loop of ``read_into`` (one frame per batch) checks what ``_pread_checked`` and
-    ``_check_stored`` check: crc32c, the file's size, a missing file, and the header it expects."""
+@pytest.mark.parametrize("batch,contiguous", [(1, False), (1, True), (6, False)],
+                         ids=["single_slice", "single_small", "batch"])
+def test_buffered_read_into_reports_every_kind_of_damage_with_its_position(tmp_path, batch, contiguous):
+    """The buffered paths of ``read_into`` (one loop per batch; a whole-chunk read for one small value into
+    a contiguous tensor) check what ``_pread_checked`` and ``_check_stored`` check: crc32c, the file's
+    size, a missing file, and the header it expects."""
     tier = DiskTier(tmp_path / "d", 1 << 24)
     list(tier.recover())
-    blocks = [make_value(torch.float32, (1, 3, 16, 64), 90 + j) for j in range(6)]
+    blocks = [make_value(torch.float32, (1, 3, 16, 64), 90 + j) for j in range(6)]  # 12 KiB each
     items = [store(tier, ("k", j), b, seq=j + 1) for j, b in enumerate(blocks)]
     buf = torch.zeros(1, 3, 6 * 16, 64)
     outs = [buf[:, :, 16 * j : 16 * (j + 1)] for j in range(6)]
+    small = []
+    if contiguous:
+        outs = [torch.zeros(1, 3, 16, 64) for _ in range(6)]
+        real_small = tier._read_small
+        tier._read_small = lambda *args: small.append(1) or real_small(*args)
     last = batch - 1  # the damaged item: the last of the batch read
 
     def read():
+        outs[5].fill_(-7.0)
         with pytest.raises(CorruptEntryError) as info:
             tier.read_into([(s, h, o) for (s, h), o in zip(items[6 - batch :], outs[6 - batch :])])
         assert info.value.tiercache_index == last
+        if contiguous:  # the small path copies out only what it verified
+            assert (outs[5] == -7.0).all()
         return str(info.value)
 
     tier.read_into([(s, h, o) for (s, h), o in zip(items, outs)])
-    assert torch.equal(buf.view(torch.int32), torch.cat(blocks, dim=2).view(torch.int32))
+    for out, block in zip(outs, blocks):
+        assert torch.equal(out.view(torch.int32), block.view(torch.int32))
+    if contiguous:
+        for (s, h), out, block in zip(items, outs, blocks):
+            out.zero_()
+            tier.read_into([(s, h, out)])
+            assert torch.equal(out.view(torch.int32), block.view(torch.int32))
     slot, head = items[5]
     path = tier.chunk_path(slot)
     good = path.read_bytes()
@@ -215,6 +231,7 @@ def test_buffered_read_into_reports_every_kind_of_damage_with_its_position(tmp_p
     tier._fds.clear()  # drop the cached descriptor, as discard does before unlinking
     path.unlink()
     assert "missing" in read()
+    assert len(small) == (12 if contiguous else 0)  # every single read of a contiguous out took the small path
     tier.close()
 
 
