@@ -103,8 +103,9 @@ def spare_cpus() -> int:
     second): ``round(CPUs - load)``, at least 0.  A buffered :meth:`DiskTier.read_into` reads on the
     calling thread plus at most this many pool threads: its reads are CPU work (page-cache copies and
     checksums), so a pool thread beyond the idle CPUs only takes a core from another thread, such as
-    the model a read ahead overlaps (a 4K-token exact decode's per-layer reads ahead, 2-core box under
-    load: 195 ms of background read time per step with a second reader thread, 63 ms without).  The
+    the model a read ahead overlaps (30 layers of 64 48-KiB blocks read a layer ahead beside a Python +
+    torch loop, 2-core box under load: 195 ms of background read time per step with a second reader
+    thread, 63 ms without).  The
     caller itself counts in the load while it runs, so an otherwise idle 2-CPU machine reads with two
     threads."""
     now = time.monotonic()
@@ -224,8 +225,8 @@ def batch_parts(
     strided geometry (the block slices of a decode buffer), the runs and the alignment of that geometry are
     worked out once, and each item's parts are slices of one byte view of its storage at the item's address
     (one view per run of outs in one storage, e.g. the keys' buffer then the values'; each item is checked
-    to lie inside it, so every view is of memory the out that made the view keeps alive).  Any other batch takes :func:`byte_parts` / :func:`dio_aligned` item by item (same results,
-    same ``ValueError`` s)."""
+    to lie inside it, so every view is of memory the out that made the view keeps alive).  Any other batch
+    takes :func:`byte_parts` / :func:`dio_aligned` item by item (same results, same ``ValueError`` s)."""
     n = len(items)
     slot0, _, out0 = items[0]
     if n > 2 and out0.is_cpu and slot0.nbytes and not out0.is_contiguous():
@@ -1011,10 +1012,10 @@ class DiskTier:
 
     def _read_small(self, slot: Slot, header: EntryHeader, out: torch.Tensor) -> None:
         """:meth:`read_into` of one payload of at most ``SMALL_READ_BYTES`` (in a size class of at most
-        ``_SMALL_PAGES``) into the contiguous CPU tensor
-        ``out`` (buffered, uncompressed store): the whole chunk is read into this thread's buffer, checked
-        (size, crc32c, header: the same errors as :meth:`_read_buffered`, ``tiercache_index`` 0) and only
-        then its payload copied into ``out``, so ``out`` is never written from a damaged chunk."""
+        ``_SMALL_PAGES`` pages) into the contiguous CPU tensor ``out`` (buffered, uncompressed store): the
+        whole chunk is read into this thread's buffer, checked (size, crc32c, header: the same errors as
+        :meth:`_read_buffered`, ``tiercache_index`` 0) and only then its payload copied into ``out``, so
+        ``out`` is never written from a damaged chunk."""
         nbytes = slot.nbytes
         if out.numel() * out.element_size() != nbytes:
             raise ValueError(f"read_into item 0: out holds {out.numel() * out.element_size()} bytes, "
@@ -1039,7 +1040,8 @@ class DiskTier:
             if got != size:
                 raise CorruptEntryError(f"{self._chunk_file(slot)} has the wrong size ({got} bytes read): "
                                         "truncated or overwritten")
-            if self._crc(view[: size - CRC_BYTES], 0, 0) != int.from_bytes(view[size - CRC_BYTES : size], "little"):
+            crc = self._crc(view[: size - CRC_BYTES], 0, 0)  # keeps the GIL (see _read_buffered)
+            if crc != int.from_bytes(view[size - CRC_BYTES : size], "little"):
                 raise CorruptEntryError(f"{self._chunk_file(slot)} failed its crc32c checksum")
             self._check_stored(slot, view[:HEADER_BYTES], header)
         except CorruptEntryError as exc:
