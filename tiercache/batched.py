@@ -696,10 +696,12 @@ class DataPaths(Moves):
                     raise
                 log.warning("tiercache: entry %r is damaged and was dropped: %s", bad.key, exc)
                 raise KeyError(bad.key) from None
-            fast = self._tiers[0]
             promote = self._policy.promote
+            names = [tier.name for tier in self._tiers]
+            fast = names[0]
             for (entry, src, slot, header), data in zip(pinned, copies):
-                if src > 0 and promote(entry.info, self._tiers[src].name, fast.name):
+                # (the entry is its policy info: Entry.info returns it)
+                if src and promote(entry, names[src], fast):
                     self._promote(entry, src, data)  # the source slot is still pinned by us
         finally:
             with self._lock:
@@ -750,6 +752,7 @@ class DataPaths(Moves):
         to_cpu = target.type == "cpu"
         # Per tier: the CPU arena whose slots are read by address (one memmove each), else None.
         by_address = [tier if getattr(tier, "addressable", False) else None for tier in tiers]
+        batch_reads = [hasattr(tier, "read_into") for tier in tiers]
         start = time.perf_counter()
         for i, (entry, src, slot, header) in enumerate(pinned):
             arena = by_address[src]
@@ -790,7 +793,7 @@ class DataPaths(Moves):
                 in_memory[src] += header.nbytes
                 continue
             tier = tiers[src]
-            if hasattr(tier, "read_into"):
+            if batch_reads[src]:
                 if dsts is None:
                     results[i] = torch.empty(header.shape, dtype=entry.dtype, device=target)
                 batched.setdefault(src, []).append(i)

@@ -36,9 +36,11 @@ import logging
 import mmap
 import os
 import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -78,6 +80,11 @@ COMPRESSIONS = (None, "zstd")
 # verified reads, same run on a loaded 2-core box: 0.36-0.50 of raw readinto in one pass, 0.49-0.65 in pieces).
 PIPELINE_BYTES = 2 << 20
 PIPELINE_PIECE = 1 << 20
+# A single read_into of a payload of at most SMALL_READ_BYTES into a contiguous tensor reads the whole chunk
+# into a per-thread buffer (one read, one checksum pass) and copies the payload out with one memmove: for a
+# 4 KiB value, building byte views of the caller's tensor costs several times the extra copy.
+SMALL_READ_BYTES = 16 << 10
+_SMALL_PAGES = class_pages(SMALL_READ_BYTES)  # the largest size class whose chunk fits the buffer
 # read_into spreads a batch over its threads only with at least this many bytes per thread: below it, the
 # hand-offs cost more than the reads they overlap.
 MIN_BYTES_PER_THREAD = 256 << 10
@@ -88,6 +95,27 @@ MIN_BYTES_PER_THREAD = 256 << 10
 DIRECT_READ_THREADS = 8
 _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 MIN_CAPACITY = PAGE + CRC_BYTES  # the smallest entry: an empty value's header page and checksum
+_spare = [0.0, 0]  # [when last checked, idle CPUs then]
+
+
+def spare_cpus() -> int:
+    """CPUs that other runnable work leaves idle, by the 1-minute load average (checked at most twice a
+    second): ``round(CPUs - load)``, at least 0.  A buffered :meth:`DiskTier.read_into` reads on the
+    calling thread plus at most this many pool threads: its reads are CPU work (page-cache copies and
+    checksums), so a pool thread beyond the idle CPUs only takes a core from another thread, such as
+    the model a read ahead overlaps (30 layers of 64 48-KiB blocks read a layer ahead beside a Python +
+    torch loop, 2-core box under load: 195 ms of background read time per step with a second reader
+    thread, 63 ms without).  The
+    caller itself counts in the load while it runs, so an otherwise idle 2-CPU machine reads with two
+    threads."""
+    now = time.monotonic()
+    if now - _spare[0] > 0.5:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):  # no load average on this platform: assume the CPUs are shared
+            load = float(_CPUS)
+        _spare[0], _spare[1] = now, max(0, int(_CPUS - load + 0.5))
+    return _spare[1]
 
 
 @dataclass
@@ -195,10 +223,10 @@ def batch_parts(
     """``([byte_parts(out, slot.nbytes, i) ...], [direct and dio_aligned(out, ...) ...])`` for every item of a
     :meth:`DiskTier.read_into` batch, computed once per batch where it can be: when the outs share one
     strided geometry (the block slices of a decode buffer), the runs and the alignment of that geometry are
-    worked out once, and each item's parts are slices of one byte view of the first out's storage at the
-    item's address (checked to lie inside that storage, so every view is of memory the first out keeps
-    alive).  Any other batch takes :func:`byte_parts` / :func:`dio_aligned` item by item (same results,
-    same ``ValueError`` s)."""
+    worked out once, and each item's parts are slices of one byte view of its storage at the item's address
+    (one view per run of outs in one storage, e.g. the keys' buffer then the values'; each item is checked
+    to lie inside it, so every view is of memory the out that made the view keeps alive).  Any other batch
+    takes :func:`byte_parts` / :func:`dio_aligned` item by item (same results, same ``ValueError`` s)."""
     n = len(items)
     slot0, _, out0 = items[0]
     if n > 2 and out0.is_cpu and slot0.nbytes and not out0.is_contiguous():
@@ -209,22 +237,27 @@ def batch_parts(
             if layout is None:
                 layout = _runs(shape, strides, size, 0)
             span, inner, offsets = layout
-            storage = out0.untyped_storage()
-            base = storage.data_ptr()
-            room = storage.nbytes() - span
+            base, room = 0, -1  # the storage the last outs lay in (none yet)
             geometry_ok = direct and dio_aligned(out0, nbytes, align, mem_align)
             whole: memoryview | None = None
             parts: list[list[memoryview]] = []
             aligned: list[bool] = []
             for slot, _, out in items:
-                at = out.data_ptr() - base
-                if (slot.nbytes != nbytes or not 0 <= at <= room or out.dtype is not dtype
-                        or out.shape != shape or out.stride() != strides or not out.is_cpu):
+                address = out.data_ptr()
+                at = address - base
+                if not 0 <= at <= room:  # another storage (the keys' buffer, then the values'): view it once
+                    storage = out.untyped_storage()
+                    base = storage.data_ptr()
+                    room = storage.nbytes() - span
+                    at = address - base
+                    if not 0 <= at <= room:
+                        break
+                    whole = _bytes_at(out, 0, base, storage.nbytes())
+                if (slot.nbytes != nbytes or out.dtype is not dtype or out.shape != shape
+                        or out.stride() != strides or not out.is_cpu):
                     break
-                if whole is None:
-                    whole = _bytes_at(out0, 0, base, storage.nbytes())
                 parts.append([whole[at + o : at + o + inner] for o in offsets])
-                aligned.append(geometry_ok and (base + at) % mem_align == 0)
+                aligned.append(geometry_ok and address % mem_align == 0)
             else:
                 return parts, aligned
     parts = [byte_parts(out, slot.nbytes, i) for i, (slot, _, out) in enumerate(items)]
@@ -373,6 +406,10 @@ class _Scratch(threading.local):
         # checksum, and room to see a longer file) here: page-aligned, as O_DIRECT needs.
         self.dhead = memoryview(mmap.mmap(-1, HEADER_BYTES))
         self.dtail = memoryview(mmap.mmap(-1, 2 * PAGE))
+        # A whole small chunk (header, payload, padding, checksum, one byte more to see a longer file).
+        self.small = torch.empty(HEADER_BYTES + SMALL_READ_BYTES + CRC_BYTES + 1, dtype=torch.uint8)
+        self.small_view = _bytes_at(self.small, self.small.numel())
+        self.small_address = self.small.data_ptr()
 
     def get(self, size: int) -> memoryview:
         size = -(-size // PAGE) * PAGE
@@ -973,6 +1010,112 @@ class DiskTier:
                 raise CorruptEntryError(f"{self._chunk_file(slot)} {problem}")
         self._check_stored(slot, head, header)
 
+    def _read_small(self, slot: Slot, header: EntryHeader, out: torch.Tensor) -> None:
+        """:meth:`read_into` of one payload of at most ``SMALL_READ_BYTES`` (in a size class of at most
+        ``_SMALL_PAGES`` pages) into the contiguous CPU tensor ``out`` (buffered, uncompressed store): the
+        whole chunk is read into this thread's buffer, checked (size, crc32c, header: the same errors as
+        :meth:`_read_buffered`, ``tiercache_index`` 0) and only then its payload copied into ``out``, so
+        ``out`` is never written from a damaged chunk."""
+        nbytes = slot.nbytes
+        if out.numel() * out.element_size() != nbytes:
+            raise ValueError(f"read_into item 0: out holds {out.numel() * out.element_size()} bytes, "
+                             f"the payload is {nbytes}")
+        ref = slot.ref
+        size = ref[0] * PAGE + CRC_BYTES  # type: ignore[index]
+        scratch = self._scratch
+        try:
+            fds = self._fds
+            handle = fds.lookup(ref)
+            if handle is None:
+                path = self._chunk_file(slot)
+                try:
+                    handle = fds.acquire(ref, path)
+                except FileNotFoundError:
+                    raise CorruptEntryError(f"{path} is missing") from None
+            view = scratch.small_view
+            try:
+                got = os.preadv(handle.fd, [view[: size + 1]], 0)  # one byte more: sees a longer file
+            finally:
+                fds.release(handle)
+            if got != size:
+                raise CorruptEntryError(f"{self._chunk_file(slot)} has the wrong size ({got} bytes read): "
+                                        "truncated or overwritten")
+            crc = self._crc(view[: size - CRC_BYTES], 0, 0)  # keeps the GIL (see _read_buffered)
+            if crc != int.from_bytes(view[size - CRC_BYTES : size], "little"):
+                raise CorruptEntryError(f"{self._chunk_file(slot)} failed its crc32c checksum")
+            self._check_stored(slot, view[:HEADER_BYTES], header)
+        except CorruptEntryError as exc:
+            exc.tiercache_index = 0  # type: ignore[attr-defined]
+            raise
+        if nbytes:
+            ctypes.memmove(out.data_ptr(), scratch.small_address + HEADER_BYTES, nbytes)
+
+    def _read_buffered(
+        self, items: Sequence[tuple[Slot, EntryHeader, torch.Tensor]], parts: list[list[memoryview]],
+        taken: Iterator[int], n: int,
+    ) -> None:
+        """The loop of :meth:`read_into` for buffered reads of an uncompressed store: take the next item
+        (``next(taken)``) until ``n``, and read its chunk with the payload scattered into ``parts[i]``,
+        checking size, crc32c and header as :meth:`_pread_checked` and :meth:`_check_stored` do (the same
+        errors, with ``tiercache_index`` = ``i``).  One frame per batch instead of four calls per item;
+        the checksums of pieces below ``PIPELINE_BYTES`` keep the GIL (a few microseconds of CPU each):
+        releasing and retaking it twice per entry costs more than that whenever another thread, e.g. the
+        model a read ahead overlaps, holds it."""
+        fds = self._fds
+        lookup, release = fds.lookup, fds.release
+        crc32c = self._crc
+        scratch = self._scratch  # this thread's buffers
+        head, tail_buf = scratch.head, scratch.tail
+        prefixes = self._prefixes
+        preadv = os.preadv
+        while True:
+            i = next(taken)
+            if i >= n:
+                return
+            slot, header, _ = items[i]
+            nbytes = slot.nbytes
+            ref = slot.ref
+            try:
+                if nbytes >= PIPELINE_BYTES:
+                    self._read_payload_into(slot, header, parts[i])
+                    continue
+                handle = lookup(ref)
+                if handle is None:
+                    path = self._chunk_file(slot)
+                    try:
+                        handle = fds.acquire(ref, path)
+                    except FileNotFoundError:
+                        raise CorruptEntryError(f"{path} is missing") from None
+                size = ref[0] * PAGE + CRC_BYTES  # type: ignore[index]
+                tail = tail_buf[: size - HEADER_BYTES - nbytes + 1]  # one byte more: sees a longer file
+                try:
+                    got = preadv(handle.fd, [head, *parts[i], tail], 0)
+                finally:
+                    release(handle)
+                if got != size:
+                    raise CorruptEntryError(f"{self._chunk_file(slot)} has the wrong size ({got} bytes read): "
+                                            "truncated or overwritten")
+                crc = crc32c(head, 0, 0)
+                for part in parts[i]:
+                    crc = crc32c(part, crc, 0)
+                crc = crc32c(tail[: -1 - CRC_BYTES], crc, 0)
+                if crc != int.from_bytes(tail[-1 - CRC_BYTES : -1], "little"):
+                    raise CorruptEntryError(f"{self._chunk_file(slot)} failed its crc32c checksum")
+                cached = prefixes.get(ref)
+                known = cached[0] if cached is not None else None
+                if known is not None and (known is header or (  # _expected_prefix's test, inlined
+                        known.key is header.key and known.shape is header.shape and known.dtype is header.dtype
+                        and known.seq == header.seq and known.nbytes == header.nbytes)):
+                    expected = cached[1]  # type: ignore[index]
+                else:
+                    expected = self._expected_prefix(ref, header)  # type: ignore[arg-type]
+                if header.nbytes != nbytes or head[: len(expected)] != expected:
+                    decode_header(head)  # a damaged header says so in the error
+                    raise CorruptEntryError(f"{self._chunk_file(slot)} holds another entry than the index expects")
+            except CorruptEntryError as exc:
+                exc.tiercache_index = i  # type: ignore[attr-defined]
+                raise
+
     def read(self, slot: Slot, header: EntryHeader, into: torch.Tensor | None = None) -> torch.Tensor:
         """The verified payload (checksum, and the stored header must equal ``header``).  With ``into``
         (1-D contiguous uint8 CPU, at least ``slot.nbytes`` long) the payload is read into it and a view
@@ -1001,10 +1144,18 @@ class DiskTier:
         ``tiercache_index`` = the first damaged item's position; other I/O failures raise ``OSError``.
         Thread-safe for distinct slots."""
         direct = self.direct_io and self._dio_into  # payloads may land in out without a bounce copy
+        buffered = not self.direct_io and self._codec is None  # the common case: _read_buffered
         align, mem_align = self.dio_align, self.dio_mem_align
         if len(items) == 1:  # a single get: no closure, no thread bookkeeping
             slot, header, out = items[0]
+            if (buffered and slot.nbytes <= SMALL_READ_BYTES and out.is_cpu and out.is_contiguous()
+                    and slot.ref[0] <= _SMALL_PAGES):  # type: ignore[index]
+                self._read_small(slot, header, out)
+                return
             parts = byte_parts(out, slot.nbytes)
+            if buffered:
+                self._read_buffered(items, [parts], itertools.count(), 1)
+                return
             try:
                 aligned = direct and dio_aligned(out, slot.nbytes, align, mem_align)
                 self._read_payload_into(slot, header, parts, aligned)
@@ -1020,23 +1171,30 @@ class DiskTier:
         # damaged item: every item before it was taken, and read, by some thread.
         taken = itertools.count()
 
-        def run() -> None:
-            read = self._read_payload_into
-            while True:
-                i = next(taken)
-                if i >= n:
-                    return
-                slot, header, _ = items[i]
-                try:
-                    read(slot, header, parts[i], aligned[i])
-                except CorruptEntryError as exc:
-                    exc.tiercache_index = i  # type: ignore[attr-defined]
-                    raise
+        if buffered:
+            run = partial(self._read_buffered, items, parts, taken, n)
+        else:
+            def run() -> None:
+                read = self._read_payload_into
+                while True:
+                    i = next(taken)
+                    if i >= n:
+                        return
+                    slot, header, _ = items[i]
+                    try:
+                        read(slot, header, parts[i], aligned[i])
+                    except CorruptEntryError as exc:
+                        exc.tiercache_index = i  # type: ignore[attr-defined]
+                        raise
 
-        # Buffered reads of warm chunks are memory copies and checksums, CPU work: more threads than CPUs
-        # only contend for them (and for the GIL between reads).  Direct reads wait on the device, where
-        # more reads in flight help, up to direct_read_threads.
-        limit = self._direct_threads if self.direct_io else min(self._io_threads, _CPUS)
+        # Buffered reads of warm chunks are memory copies and checksums, CPU work: more threads than idle
+        # CPUs only contend for them (and for the GIL between reads) with whatever else runs, e.g. the
+        # model a read ahead overlaps (see spare_cpus).  Direct reads wait on the device, where more reads
+        # in flight help, up to direct_read_threads.
+        if self.direct_io:
+            limit = self._direct_threads
+        else:
+            limit = min(self._io_threads, _CPUS, 1 + spare_cpus())
         workers = min(limit, n, max(1, sum([s.nbytes for s, _, _ in items]) // MIN_BYTES_PER_THREAD))
         if workers <= 1:
             run()

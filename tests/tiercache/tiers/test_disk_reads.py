@@ -82,6 +82,7 @@ def test_read_into_fills_block_slices_of_a_larger_buffer_in_place(tmp_path, opti
 
 def test_a_damaged_chunk_read_into_a_slice_is_reported_with_its_position(tmp_path, monkeypatch):
     monkeypatch.setattr(disk_module, "_CPUS", 3)  # buffered reads use one thread per CPU: three, whatever runs this
+    monkeypatch.setattr(disk_module, "spare_cpus", lambda: 3)  # ... and idle ones
     tier = DiskTier(tmp_path / "d", 1 << 24, io_threads=3)
     list(tier.recover())
     blocks = [make_value(torch.float32, (1, 3, 16, 64), j) for j in range(40)]  # 480 KiB: spread over threads
@@ -172,6 +173,65 @@ def test_after_a_reopen_reads_are_checked_against_the_index_headers(tmp_path):
     assert torch.equal(tier.read(entry.slot, entry.header).view(torch.int32).reshape(8, 9), data.view(torch.int32))
     with pytest.raises(CorruptEntryError, match="another entry"):
         tier.read(entry.slot, EntryHeader(encode_key("y"), "float32", (8, 9), 288, 5))
+    tier.close()
+
+
+@pytest.mark.parametrize("batch,contiguous", [(1, False), (1, True), (6, False)],
+                         ids=["single_slice", "single_small", "batch"])
+def test_buffered_read_into_reports_every_kind_of_damage_with_its_position(tmp_path, batch, contiguous):
+    """The buffered paths of ``read_into`` (one loop per batch; a whole-chunk read for one small value into
+    a contiguous tensor) check what ``_pread_checked`` and ``_check_stored`` check: crc32c, the file's
+    size, a missing file, and the header it expects."""
+    tier = DiskTier(tmp_path / "d", 1 << 24)
+    list(tier.recover())
+    blocks = [make_value(torch.float32, (1, 3, 16, 64), 90 + j) for j in range(6)]  # 12 KiB each
+    items = [store(tier, ("k", j), b, seq=j + 1) for j, b in enumerate(blocks)]
+    buf = torch.zeros(1, 3, 6 * 16, 64)
+    outs = [buf[:, :, 16 * j : 16 * (j + 1)] for j in range(6)]
+    small = []
+    if contiguous:
+        outs = [torch.zeros(1, 3, 16, 64) for _ in range(6)]
+        real_small = tier._read_small
+        tier._read_small = lambda *args: small.append(1) or real_small(*args)
+    last = batch - 1  # the damaged item: the last of the batch read
+
+    def read():
+        outs[5].fill_(-7.0)
+        with pytest.raises(CorruptEntryError) as info:
+            tier.read_into([(s, h, o) for (s, h), o in zip(items[6 - batch :], outs[6 - batch :])])
+        assert info.value.tiercache_index == last
+        if contiguous:  # the small path copies out only what it verified
+            assert (outs[5] == -7.0).all()
+        return str(info.value)
+
+    tier.read_into([(s, h, o) for (s, h), o in zip(items, outs)])
+    for out, block in zip(outs, blocks):
+        assert torch.equal(out.view(torch.int32), block.view(torch.int32))
+    if contiguous:
+        for (s, h), out, block in zip(items, outs, blocks):
+            out.zero_()
+            tier.read_into([(s, h, out)])
+            assert torch.equal(out.view(torch.int32), block.view(torch.int32))
+    slot, head = items[5]
+    path = tier.chunk_path(slot)
+    good = path.read_bytes()
+    flip(path, PAGE + 4000)  # the payload
+    assert "crc32c" in read()
+    path.write_bytes(good)
+    flip(path, 10)  # the header
+    assert "crc32c" in read()
+    path.write_bytes(good[:-1])  # the checksum's last byte gone
+    assert "wrong size" in read()
+    path.write_bytes(good + b"\0")  # one byte too many
+    assert "wrong size" in read()
+    path.write_bytes(good)
+    items[5] = (slot, EntryHeader(head.key, head.dtype, head.shape, head.nbytes, head.seq + 1))  # another seq
+    assert "another entry" in read()
+    items[5] = (slot, head)
+    tier._fds.clear()  # drop the cached descriptor, as discard does before unlinking
+    path.unlink()
+    assert "missing" in read()
+    assert len(small) == (12 if contiguous else 0)  # every single read of a contiguous out took the small path
     tier.close()
 
 
@@ -391,27 +451,54 @@ def test_single_key_get_from_disk_counts_promotes_and_drops_damage(tmp_path):
 
 
 def test_buffered_batch_reads_use_at_most_one_thread_per_cpu(tmp_path, monkeypatch):
-    """A warm buffered read is CPU work: ``read_into`` spreads it over ``min(io_threads, CPUs)`` threads
-    (the calling one included), and the values still land where they belong."""
+    """A warm buffered read is CPU work: ``read_into`` spreads it over ``min(io_threads, CPUs, 1 + idle
+    CPUs)`` threads (the calling one included), and the values still land where they belong."""
     import threading
 
     monkeypatch.setattr(disk_module, "_CPUS", 2)
+    monkeypatch.setattr(disk_module, "spare_cpus", lambda: 2)  # an idle machine, whatever runs this
     tier = DiskTier(tmp_path / "d", 1 << 24, io_threads=4)
     list(tier.recover())
     blocks = [make_value(torch.float32, (1, 3, 16, 64), j) for j in range(40)]  # 480 KiB: worth 4 threads
     items = [store(tier, ("k", j), b, seq=j + 1) for j, b in enumerate(blocks)]
     seen = set()
-    read = tier._read_payload_into
+    real = os.preadv
 
-    def counting(*args, **kwargs):
+    def counting(*args):
         seen.add(threading.get_ident())
-        return read(*args, **kwargs)
+        return real(*args)
 
-    monkeypatch.setattr(tier, "_read_payload_into", counting)
+    monkeypatch.setattr(disk_module.os, "preadv", counting)
     buf = torch.zeros(1, 3, 40 * 16, 64)
     tier.read_into([(s, h, buf[:, :, 16 * j : 16 * (j + 1)]) for j, (s, h) in enumerate(items)])
     assert torch.equal(buf.view(torch.int32), torch.cat(blocks, dim=2).view(torch.int32))
     assert 1 <= len(seen) <= 2
+    tier.close()
+
+
+def test_buffered_batch_reads_stay_on_the_calling_thread_when_no_cpu_is_idle(tmp_path, monkeypatch):
+    """With every CPU busy (e.g. the model a read ahead overlaps) a buffered ``read_into`` reads on the
+    calling thread only: a pool thread would only take a core from the busy work."""
+    import threading
+
+    monkeypatch.setattr(disk_module, "_CPUS", 2)
+    monkeypatch.setattr(disk_module, "spare_cpus", lambda: 0)
+    tier = DiskTier(tmp_path / "d", 1 << 24, io_threads=4)
+    list(tier.recover())
+    blocks = [make_value(torch.float32, (1, 3, 16, 64), j) for j in range(40)]
+    items = [store(tier, ("k", j), b, seq=j + 1) for j, b in enumerate(blocks)]
+    seen = set()
+    real = os.preadv
+
+    def counting(*args):
+        seen.add(threading.get_ident())
+        return real(*args)
+
+    monkeypatch.setattr(disk_module.os, "preadv", counting)
+    buf = torch.zeros(1, 3, 40 * 16, 64)
+    tier.read_into([(s, h, buf[:, :, 16 * j : 16 * (j + 1)]) for j, (s, h) in enumerate(items)])
+    assert torch.equal(buf.view(torch.int32), torch.cat(blocks, dim=2).view(torch.int32))
+    assert seen == {threading.get_ident()}
     tier.close()
 
 
