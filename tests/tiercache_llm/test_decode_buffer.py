@@ -89,12 +89,14 @@ def test_decode_through_both_get_many_paths_matches_dynamic_cache(backend, block
                 assert torch.equal(rk, gk) and torch.equal(rv, gv), (step, layer)
             if step == 4:
                 if backend is ListOutCache:
-                    # the blocks were written straight into the decode buffer (one storage for K, one for V per
-                    # slot; the last read is the next step's layer 0, read ahead into the other slot)
+                    # the blocks were written straight into the decode buffer (exact mode stores K and V of a
+                    # block as one entry, read into one joint K/V storage per slot; the last read is the next
+                    # step's layer 0, read ahead into the other slot)
                     slots = {t.untyped_storage().data_ptr() for buf in got.buffer._buffers.values()
                              for t in (buf.keys, buf.values)}
                     for seen in shared.out_lists_seen[-2:]:
-                        assert len({t.untyped_storage().data_ptr() for t in seen}) == 2
+                        assert len({t.untyped_storage().data_ptr() for t in seen}) == 1
+                        assert all(t.shape[0] == 2 for t in seen)  # (2, batch, heads, block, head_dim) each
                         assert {t.untyped_storage().data_ptr() for t in seen} <= slots
                     assert {gk.untyped_storage().data_ptr(), gv.untyped_storage().data_ptr()} <= slots
                 idx = torch.tensor([2, 0, 0])  # beam reorder: row-mapped blocks take the temporary path
