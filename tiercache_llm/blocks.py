@@ -39,7 +39,7 @@ class BlockRef:
     Attributes:
         serial: unique (per cache) number naming the block's entries, see :func:`block_key`.
         stored_batch: number of batch rows physically stored in the entry.
-        nbytes: bytes of the K entry plus the V entry.
+        nbytes: bytes of the block's K plus its V (one joint entry or two).
         rows: ``None`` when the stored rows are the current batch rows in order; otherwise a 1-D
             long tensor, ``len(rows) == current batch``, selecting stored rows for each current row.
     """

@@ -194,6 +194,11 @@ class TieredKVLayer(CacheLayerMixin):
 
     Full blocks live in the tiercache; the partially filled tail (``< block_size`` tokens) is kept
     beside the model in a one-block buffer per K and V on the model's device, written in place.
+    With ``joint_entries`` (exact-mode caches) a block whose K and V have the same shape is stored as
+    one entry ``(2, batch, kv_heads, block_size, head_dim)`` under kind ``"kv"`` and read straight into
+    a joint K/V decode buffer, so a step reads one entry per block instead of two (the disk tier's cost
+    is mostly per entry: at 4K tokens, SmolLM2, batch 1, half the I/O CPU per step); otherwise K and V
+    are two entries, kinds ``"k"`` and ``"v"`` (sparse layers fetch them apart).
     ``update`` returns the keys/values attention must see (all tokens for full attention, the last
     ``sliding_window - 1`` cached tokens plus the new ones for sliding-window layers), bit-identical
     to what ``DynamicLayer`` / ``DynamicSlidingWindowLayer`` return.
