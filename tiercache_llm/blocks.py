@@ -22,12 +22,13 @@ KEY_PREFIX = "kv"
 
 
 def block_key(cache_uid: str, layer_idx: int, kind: str, serial: int) -> tuple:
-    """The tiercache key of one stored block: ``("kv", cache_uid, layer_idx, "k"|"v", serial)``.
+    """The tiercache key of one stored block: ``("kv", cache_uid, layer_idx, "k"|"v"|"kv", serial)``
+    (``"kv"``: K and V of the block in one entry, as exact mode stores them).
 
     Stable across processes (plain strings and ints, never Python's salted ``hash()``).
     """
-    if kind not in ("k", "v"):
-        raise ValueError(f"kind must be 'k' or 'v', not {kind!r}")
+    if kind not in ("k", "v", "kv"):
+        raise ValueError(f"kind must be 'k', 'v' or 'kv', not {kind!r}")
     return (KEY_PREFIX, cache_uid, int(layer_idx), kind, int(serial))
 
 
@@ -38,7 +39,7 @@ class BlockRef:
     Attributes:
         serial: unique (per cache) number naming the block's entries, see :func:`block_key`.
         stored_batch: number of batch rows physically stored in the entry.
-        nbytes: bytes of the K entry plus the V entry.
+        nbytes: bytes of the block's K plus its V (one joint entry or two).
         rows: ``None`` when the stored rows are the current batch rows in order; otherwise a 1-D
             long tensor, ``len(rows) == current batch``, selecting stored rows for each current row.
     """

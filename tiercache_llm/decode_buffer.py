@@ -63,21 +63,30 @@ class StatesBuffer:
     Attributes:
         keys, values: the buffers.
         block_size: tokens per block view.
+        joint: ``None``, or one ``(2, batch, heads, capacity, head_dim)`` storage whose ``[0]`` is ``keys``
+            and ``[1]`` is ``values`` (a *joint* buffer, for layers that store K and V of a block as one
+            entry).
         key_blocks, value_blocks: ``keys[:, :, j * block_size:(j + 1) * block_size]`` for every ``j``
             with ``(j + 1) * block_size <= capacity`` (and the same of ``values``).
+        joint_blocks: of a joint buffer, ``joint[:, :, :, j * block_size:(j + 1) * block_size]`` (K and V of
+            block ``j``, ``(2, batch, heads, block_size, head_dim)``, where one joint entry is read); else empty.
     """
 
     keys: torch.Tensor
     values: torch.Tensor
     block_size: int
+    joint: torch.Tensor | None = None
     key_blocks: list[torch.Tensor] = field(init=False)
     value_blocks: list[torch.Tensor] = field(init=False)
+    joint_blocks: list[torch.Tensor] = field(init=False)
 
     def __post_init__(self) -> None:
         n = self.capacity // self.block_size
         span = n * self.block_size
         self.key_blocks = list(self.keys[:, :, :span].unflatten(2, (n, self.block_size)).unbind(2))
         self.value_blocks = list(self.values[:, :, :span].unflatten(2, (n, self.block_size)).unbind(2))
+        self.joint_blocks = ([] if self.joint is None else
+                             list(self.joint[:, :, :, :span].unflatten(3, (n, self.block_size)).unbind(3)))
 
     @property
     def capacity(self) -> int:
@@ -205,11 +214,15 @@ class DecodeBuffer:
         device: torch.device,
         block_size: int,
         slot: int = 0,
+        joint: bool = False,
     ) -> StatesBuffer:
         """The buffer pair of ``slot`` holding at least ``tokens`` tokens; ``shape_k``/``shape_v`` are
-        ``(batch, heads, head_dim)``.  Contents are undefined (earlier views are overwritten; a
-        reallocated buffer starts empty, the old one stays alive while referenced)."""
-        geometry = (device, dtype, shape_k, shape_v, block_size, slot)
+        ``(batch, heads, head_dim)``.  ``joint`` (needs ``shape_k == shape_v``): K and V in one storage (see
+        :class:`StatesBuffer`).  Contents are undefined (earlier views are overwritten; a reallocated
+        buffer starts empty, the old one stays alive while referenced)."""
+        if joint and shape_k != shape_v:
+            raise ValueError(f"a joint buffer needs equal K and V shapes, got {shape_k} and {shape_v}")
+        geometry = (device, dtype, shape_k, shape_v, block_size, slot, joint)
         buf = self._buffers.get(geometry)
         if buf is not None and buf.capacity >= tokens:
             return buf
@@ -221,10 +234,15 @@ class DecodeBuffer:
         del buf  # release the old storage before allocating the larger one
         self._buffers.pop(geometry, None)
         b, h, d = shape_k
-        keys = aligned_empty((b, h, capacity, d), dtype=dtype, device=device)  # disk reads land without a copy
-        b, h, d = shape_v
-        values = aligned_empty((b, h, capacity, d), dtype=dtype, device=device)
-        new = self._buffers[geometry] = StatesBuffer(keys, values, block_size)
+        if joint:
+            both = aligned_empty((2, b, h, capacity, d), dtype=dtype, device=device)
+            new = StatesBuffer(both[0], both[1], block_size, both)
+        else:
+            keys = aligned_empty((b, h, capacity, d), dtype=dtype, device=device)  # disk reads land without a copy
+            b, h, d = shape_v
+            values = aligned_empty((b, h, capacity, d), dtype=dtype, device=device)
+            new = StatesBuffer(keys, values, block_size)
+        self._buffers[geometry] = new
         self.peak_bytes = max(self.peak_bytes, self.nbytes)
         return new
 

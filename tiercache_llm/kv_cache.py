@@ -201,6 +201,11 @@ class TieredKVLayer(CacheLayerMixin):
 
     Full blocks live in the tiercache; the partially filled tail (``< block_size`` tokens) is kept
     beside the model in a one-block buffer per K and V on the model's device, written in place.
+    With ``joint_entries`` (exact-mode caches) a block whose K and V have the same shape is stored as
+    one entry ``(2, batch, kv_heads, block_size, head_dim)`` under kind ``"kv"`` and read straight into
+    a joint K/V decode buffer, so a step reads one entry per block instead of two (the disk tier's cost
+    is mostly per entry: at 4K tokens, SmolLM2, batch 1, half the I/O CPU per step); otherwise K and V
+    are two entries, kinds ``"k"`` and ``"v"`` (sparse layers fetch them apart).
     ``update`` returns the keys/values attention must see (all tokens for full attention, the last
     ``sliding_window - 1`` cached tokens plus the new ones for sliding-window layers), bit-identical
     to what ``DynamicLayer`` / ``DynamicSlidingWindowLayer`` return.
@@ -227,6 +232,7 @@ class TieredKVLayer(CacheLayerMixin):
         block_size: int,
         sliding_window: int | None = None,
         buffer: DecodeBuffer | None = None,
+        joint_entries: bool = False,
     ) -> None:
         # CacheLayerMixin.__init__ assigns self.keys/self.values, which are read-only properties here.
         self.is_initialized = False
@@ -249,6 +255,11 @@ class TieredKVLayer(CacheLayerMixin):
         self._kkeys: list[tuple] = []
         self._vkeys: list[tuple] = []
         self._mapped = False  # some block carries a row map (beam search / batch repetition)
+        # joint_entries: store K and V of a block as one entry (when their shapes agree; decided at the first
+        # update, self._joint): half the entries per step, and the disk tier's cost is mostly per entry.
+        # Then self._kkeys and self._vkeys both hold the joint keys.
+        self.joint_entries = joint_entries
+        self._joint = False
         # Bumped whenever stored blocks are dropped or their row maps change (appends leave it): a read
         # ahead of an older epoch is discarded.
         self._epoch = 0
@@ -303,13 +314,26 @@ class TieredKVLayer(CacheLayerMixin):
     def _fetch(self, blocks: list[BlockRef]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Fresh tensors of ``blocks`` as attention sees them (row maps applied); for the rare paths
         (crop, batch compaction, copies), not for decode."""
-        kkeys = [block_key(self.cache_uid, self.layer_idx, "k", b.serial) for b in blocks]
-        vkeys = [block_key(self.cache_uid, self.layer_idx, "v", b.serial) for b in blocks]
-        tensors = self.store.get_blocks(kkeys + vkeys, device=self.device)
+        if self._joint:
+            tensors = self.store.get_blocks(self._keys_of(blocks), device=self.device)
+            return [b.view(t[0]) for b, t in zip(blocks, tensors)], [b.view(t[1]) for b, t in zip(blocks, tensors)]
+        tensors = self.store.get_blocks(self._keys_of(blocks), device=self.device)
         n = len(blocks)
         ks = [b.view(t) for b, t in zip(blocks, tensors[:n])]
         vs = [b.view(t) for b, t in zip(blocks, tensors[n:])]
         return ks, vs
+
+    def _keys_of(self, blocks: list[BlockRef]) -> list[tuple]:
+        """The tiercache keys of ``blocks``' entries: one joint entry each, else the K entries then the V."""
+        uid, layer = self.cache_uid, self.layer_idx
+        if self._joint:
+            return [block_key(uid, layer, "kv", b.serial) for b in blocks]
+        return ([block_key(uid, layer, "k", b.serial) for b in blocks]
+                + [block_key(uid, layer, "v", b.serial) for b in blocks])
+
+    def _entries_from(self, a: int) -> list[tuple]:
+        """The entry keys of stored blocks ``a..`` (joint keys, or K keys then V keys)."""
+        return self._kkeys[a:] if self._joint else self._kkeys[a:] + self._vkeys[a:]
 
     def _visible_blocks(self) -> tuple[int, int, int]:
         """``(first, n, skip)``: the first visible stored block, how many there are, and the tokens
@@ -335,7 +359,11 @@ class TieredKVLayer(CacheLayerMixin):
         shape_k = (self._batch, *self._shape_k)
         shape_v = (self._batch, *self._shape_v)
         done = 0
-        if fresh:
+        if fresh and self._joint:
+            both = torch.empty((2, shape_k[0], shape_k[1], n * bs + tail, shape_k[2]), dtype=self.dtype,
+                               device=self.device)
+            buf = StatesBuffer(both[0], both[1], bs, both)
+        elif fresh:
             buf = StatesBuffer(
                 torch.empty((shape_k[0], shape_k[1], n * bs + tail, shape_k[2]), dtype=self.dtype, device=self.device),
                 torch.empty((shape_v[0], shape_v[1], n * bs + tail, shape_v[2]), dtype=self.dtype, device=self.device),
@@ -345,7 +373,7 @@ class TieredKVLayer(CacheLayerMixin):
             buffer = self.buffer
             slot = buffer.slot_for(self)
             read, error = buffer.take(self)
-            buf = buffer.get(end, shape_k, shape_v, self.dtype, self.device, bs, slot)
+            buf = buffer.get(end, shape_k, shape_v, self.dtype, self.device, bs, slot, joint=self._joint)
             buffer.slot = slot
             if read is not None and error is None:
                 done = self._use_read_ahead(read, first, n, buf)
@@ -376,7 +404,7 @@ class TieredKVLayer(CacheLayerMixin):
             buf.values[:, :, :span].copy_(read.buf.values[:, :, :span])
         self._gather_mapped(read.posts, buf)
         counters.used += 1
-        counters.blocks_ahead += 2 * m
+        counters.blocks_ahead += m if self._joint else 2 * m
         counters.bytes_taken += sum([b.nbytes for b in self._blocks[first : first + m]])
         return m
 
@@ -387,16 +415,18 @@ class TieredKVLayer(CacheLayerMixin):
         a = first + lo
         if self._mapped:
             targets_k, targets_v, posts = self._targets(first, lo, n, buf)
-            self.store.get_blocks(self._kkeys[a:] + self._vkeys[a:], out=targets_k + targets_v)
+            self.store.get_blocks(self._entries_from(a), out=targets_k + targets_v)
             self._gather_mapped(posts, buf)
         elif self.store.out_lists is False:
             self._fill_from_packed(first, lo, buf)
+        elif self._joint:
+            self.store.get_blocks(self._kkeys[a:], out=buf.joint_blocks[lo:n])
         else:
             self.store.get_blocks(self._kkeys[a:] + self._vkeys[a:], out=buf.key_blocks[lo:n] + buf.value_blocks[lo:n])
         if count:
             counters = self.buffer.counters
             counters.sync_seconds += time.perf_counter() - start
-            counters.blocks_sync += 2 * (n - lo)
+            counters.blocks_sync += (n - lo) if self._joint else 2 * (n - lo)
             counters.bytes_sync += sum([b.nbytes for b in self._blocks[a : first + n]])
 
     def _fill_from_packed(self, first: int, lo: int, buf: StatesBuffer) -> None:
@@ -408,7 +438,10 @@ class TieredKVLayer(CacheLayerMixin):
         bs = self.block_size
         n = len(self._blocks) - first
         k = n - lo
-        tensors = self.store.get_blocks(self._kkeys[first + lo :] + self._vkeys[first + lo :], device=self.device)
+        tensors = self.store.get_blocks(self._entries_from(first + lo), device=self.device)
+        if self._joint:  # each a (2, batch, heads, block, head_dim) view of the packed buffer
+            torch._foreach_copy_(buf.joint_blocks[lo:n], tensors)
+            return
         for half, whole, blocks in ((tensors[:k], buf.keys, buf.key_blocks), (tensors[k:], buf.values, buf.value_blocks)):
             head = half[0]
             if half[-1].data_ptr() - head.data_ptr() == (k - 1) * head.nbytes:
@@ -423,6 +456,16 @@ class TieredKVLayer(CacheLayerMixin):
         block of their stored rows, gathered into place by :meth:`_gather_mapped` (``posts``)."""
         targets_k, targets_v, posts = [], [], []
         blocks = self._blocks
+        if self._joint:  # one target per joint entry (targets_v stays empty)
+            for j in range(lo, n):
+                block = blocks[first + j]
+                if block.rows is None:
+                    targets_k.append(buf.joint_blocks[j])
+                    continue
+                tmp = buf.keys.new_empty((2, block.stored_batch, *buf.key_blocks[j].shape[1:]))
+                targets_k.append(tmp)
+                posts.append((j, block, tmp[0], tmp[1]))
+            return targets_k, targets_v, posts
         for j in range(lo, n):
             block = blocks[first + j]
             if block.rows is None:
@@ -456,6 +499,12 @@ class TieredKVLayer(CacheLayerMixin):
                 stored_batch=kb.shape[0],
                 nbytes=kb.numel() * kb.element_size() + vb.numel() * vb.element_size(),
             )
+            if self._joint:
+                key = block_key(self.cache_uid, self.layer_idx, "kv", ref.serial)
+                items.append((key, torch.stack((kb, vb))))  # (2, batch, heads, block, head_dim)
+                refs.append(ref)
+                kkeys.append(key)
+                continue
             kkey = block_key(self.cache_uid, self.layer_idx, "k", ref.serial)
             vkey = block_key(self.cache_uid, self.layer_idx, "v", ref.serial)
             items.append((kkey, kb))
@@ -464,7 +513,7 @@ class TieredKVLayer(CacheLayerMixin):
             kkeys.append(kkey)
             vkeys.append(vkey)
         self.store.put_blocks(items)
-        return refs, kkeys, vkeys
+        return refs, kkeys, (list(kkeys) if self._joint else vkeys)
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Write new states behind the tail (in place); every block they complete goes to the tiers."""
@@ -499,9 +548,7 @@ class TieredKVLayer(CacheLayerMixin):
 
     def _delete(self, blocks: list[BlockRef]) -> None:
         if blocks:
-            kkeys = [block_key(self.cache_uid, self.layer_idx, "k", b.serial) for b in blocks]
-            vkeys = [block_key(self.cache_uid, self.layer_idx, "v", b.serial) for b in blocks]
-            self.store.delete_blocks(kkeys + vkeys)
+            self.store.delete_blocks(self._keys_of(blocks))
 
     def _changing(self) -> None:
         """Stored blocks are about to be dropped or re-mapped: a read ahead of this layer is stale."""
@@ -547,6 +594,7 @@ class TieredKVLayer(CacheLayerMixin):
         self._tail_k = key_states.new_empty((self._batch, self._shape_k[0], self.block_size, self._shape_k[1]))
         self._tail_v = value_states.new_empty((self._batch, self._shape_v[0], self.block_size, self._shape_v[1]))
         self._tail_len = 0
+        self._joint = self.joint_entries and self.sparse is None and self._shape_k == self._shape_v
         self.is_initialized = True
 
     def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -651,13 +699,16 @@ class TieredKVLayer(CacheLayerMixin):
         buffer.clear_for(self, slot)
         bs = self.block_size
         buf = buffer.get(n * bs + self._tail_len + 1, (self._batch, *self._shape_k), (self._batch, *self._shape_v),
-                         self.dtype, self.device, bs, slot)
+                         self.dtype, self.device, bs, slot, joint=self._joint)
         kkeys, vkeys = self._kkeys[first:], self._vkeys[first:]
         if self._mapped:
             targets_k, targets_v, posts = self._targets(first, 0, n, buf)
+        elif self._joint:
+            targets_k, targets_v, posts = buf.joint_blocks[:n], [], []
         else:
             targets_k, targets_v, posts = buf.key_blocks[:n], buf.value_blocks[:n], []
-        keys, targets, store = kkeys + vkeys, targets_k + targets_v, self.store
+        keys = kkeys if self._joint else kkeys + vkeys
+        targets, store = targets_k + targets_v, self.store
         read = ReadAhead(self, self._epoch, first, n, slot, buf, kkeys, vkeys, posts, nbytes)
         buffer.start(read, lambda: store.get_blocks(keys, out=targets, background=True))
         return True
@@ -790,23 +841,26 @@ class TieredKVLayer(CacheLayerMixin):
     def _copy_to(self, store: BlockStore, cache_uid: str, buffer: DecodeBuffer) -> "TieredKVLayer":
         """An independent layer with the same contents, its blocks copied into ``store`` under
         ``cache_uid`` (same serials; row maps kept, stored rows copied as stored)."""
-        new = TieredKVLayer(store, cache_uid, self.layer_idx, self.block_size, self.sliding_window, buffer)
+        new = TieredKVLayer(store, cache_uid, self.layer_idx, self.block_size, self.sliding_window, buffer,
+                            self.joint_entries)
         for name in ("record_past", "_first_pos", "_length", "_next_serial", "_tail_len", "dtype", "device",
-                     "_batch", "_shape_k", "_shape_v", "_mapped", "is_initialized"):
+                     "_batch", "_shape_k", "_shape_v", "_mapped", "is_initialized", "_joint"):
             setattr(new, name, getattr(self, name))
         if self._tail_k is not None:
             new._tail_k, new._tail_v = self._tail_k.clone(), self._tail_v.clone()
         chunk = 64  # blocks per batched read, to bound the memory a copy holds at once
         for lo in range(0, len(self._blocks), chunk):
-            keys = self._kkeys[lo : lo + chunk] + self._vkeys[lo : lo + chunk]
+            keys = self._kkeys[lo : lo + chunk]
+            if not self._joint:
+                keys = keys + self._vkeys[lo : lo + chunk]
             tensors = self.store.get_blocks(keys, device=self.device)
             items = []
             for key, tensor in zip(keys, tensors):
                 items.append((block_key(cache_uid, self.layer_idx, key[3], key[4]), tensor))
             store.put_blocks(items)
-            n = len(keys) // 2
+            n = len(items) if self._joint else len(keys) // 2
             new._kkeys.extend(key for key, _ in items[:n])
-            new._vkeys.extend(key for key, _ in items[n:])
+            new._vkeys.extend(key for key, _ in (items[:n] if self._joint else items[n:]))
         new._blocks = [
             BlockRef(b.serial, b.stored_batch, b.nbytes, None if b.rows is None else b.rows.clone())
             for b in self._blocks
@@ -937,7 +991,8 @@ class TieredKVCache(Cache):
         self.cache_uid = uuid.uuid4().hex
         self.buffer = DecodeBuffer(read_ahead=settings.prefetch)
         layers = [
-            TieredKVLayer(self.store, self.cache_uid, i, settings.block_size, sliding_window=w, buffer=self.buffer)
+            TieredKVLayer(self.store, self.cache_uid, i, settings.block_size, sliding_window=w, buffer=self.buffer,
+                          joint_entries=settings.mode == "exact")
             for i, w in enumerate(windows)
         ]
         super().__init__(layers=layers)

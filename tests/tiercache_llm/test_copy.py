@@ -40,7 +40,7 @@ def test_deepcopy_is_independent_with_the_same_contents(tmp_path, make_config, w
     for (k, v), layer in zip(before, twin.layers):
         assert torch.equal(k, layer.keys) and torch.equal(v, layer.values)
     if where == "borrowed":
-        assert twin.store.cache is shared and len(shared) == 2 * 2 * 2 * 2  # both caches' blocks in one tiercache
+        assert twin.store.cache is shared and len(shared) == 2 * 2 * 2  # both caches' blocks (one K+V entry each) in one tiercache
     elif where == "disk":
         assert twin.settings.path is None and twin.store.tmpdir is not None  # a tiercache cannot share a path
         assert twin.stats()["tiercache"]["tiers"]["disk"]["entries"] > 0

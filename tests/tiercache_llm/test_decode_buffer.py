@@ -1,5 +1,7 @@
 """The decode buffer and BlockStore.get_blocks(out=): one copy per block, both tiercache paths."""
 
+import copy
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -89,12 +91,14 @@ def test_decode_through_both_get_many_paths_matches_dynamic_cache(backend, block
                 assert torch.equal(rk, gk) and torch.equal(rv, gv), (step, layer)
             if step == 4:
                 if backend is ListOutCache:
-                    # the blocks were written straight into the decode buffer (one storage for K, one for V per
-                    # slot; the last read is the next step's layer 0, read ahead into the other slot)
+                    # the blocks were written straight into the decode buffer (exact mode stores K and V of a
+                    # block as one entry, read into one joint K/V storage per slot; the last read is the next
+                    # step's layer 0, read ahead into the other slot)
                     slots = {t.untyped_storage().data_ptr() for buf in got.buffer._buffers.values()
                              for t in (buf.keys, buf.values)}
                     for seen in shared.out_lists_seen[-2:]:
-                        assert len({t.untyped_storage().data_ptr() for t in seen}) == 2
+                        assert len({t.untyped_storage().data_ptr() for t in seen}) == 1
+                        assert all(t.shape[0] == 2 for t in seen)  # (2, batch, heads, block, head_dim) each
                         assert {t.untyped_storage().data_ptr() for t in seen} <= slots
                     assert {gk.untyped_storage().data_ptr(), gv.untyped_storage().data_ptr()} <= slots
                 idx = torch.tensor([2, 0, 0])  # beam reorder: row-mapped blocks take the temporary path
@@ -149,3 +153,41 @@ def test_buffer_grows_geometrically():
     # a batch change retires the buffers of the old batch size
     buffer.get(10, (2, 2, 8), (2, 2, 8), torch.float32, torch.device("cpu"), 4)
     assert buffer.nbytes == 2 * 2 * 2 * 12 * 8 * 4
+
+
+@pytest.mark.parametrize("dims", [(8, 8), (8, 6)])
+def test_exact_mode_stores_one_joint_entry_per_block_unless_k_and_v_shapes_differ(make_config, dims, tmp_path):
+    """Equal K and V shapes: one ``"kv"`` entry per block, read into one joint K/V storage (through the
+    disk tier, beam reorders' row-mapped temporaries, crops and copies); different head_dims: two entries."""
+    dk, dv = dims
+    joint = dk == dv
+    config = make_config(num_hidden_layers=2)
+    gen = torch.Generator().manual_seed(5)
+    ref = DynamicCache(config=config)
+    got = TieredKVCache(config, block_size=4, host="2KiB", disk="4MiB", path=tmp_path / "kv", direct_io=False)
+    for step, seq in enumerate([10, 1, 1, 1, 1, 6, 1, 1]):
+        for layer in range(2):
+            k = torch.randn(2, 2, seq, dk, generator=gen)
+            v = torch.randn(2, 2, seq, dv, generator=gen)
+            rk, rv = ref.update(k, v, layer)
+            gk, gv = got.update(k, v, layer)
+            assert torch.equal(rk, gk) and torch.equal(rv, gv), (step, layer)
+            assert (gk.untyped_storage().data_ptr() == gv.untyped_storage().data_ptr()) is joint
+        if step == 2:
+            ref.reorder_cache(torch.tensor([1, 1]))
+            got.reorder_cache(torch.tensor([1, 1]))
+        if step == 5:
+            ref.crop(-5)
+            got.crop(-5)
+    blocks = got.stats()["kv"]["blocks"]
+    kinds = {key[3] for key in got.store.cache.keys()}
+    assert kinds == ({"kv"} if joint else {"k", "v"})
+    assert len(got.store.cache) == (1 if joint else 2) * blocks
+    assert got.stats()["tiercache"]["tiers"]["disk"]["hits"] > 0
+    ahead = got.stats()["prefetch"]
+    assert ahead["blocks_ahead"] > 0 and ahead["failed"] == 0
+    twin = copy.deepcopy(got)
+    for a, b in zip(got.layers, twin.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) and b._joint is joint
+    twin.close()
+    got.close()

@@ -120,7 +120,8 @@ def test_blocks_are_stored_under_stable_keys_and_spill_to_disk(tmp_path, make_co
     for layer in range(2):
         cache.update(*states(1, 10, gen), layer)
     keys = set(cache.store.cache.keys())
-    assert keys == {block_key(cache.cache_uid, l, kind, s) for l in range(2) for kind in "kv" for s in range(2)}
+    # exact mode stores K and V of a block as one entry
+    assert keys == {block_key(cache.cache_uid, l, "kv", s) for l in range(2) for s in range(2)}
     tiers = cache.stats()["tiercache"]["tiers"]
     assert tiers["disk"]["entries"] > 0 and tiers["host"]["entries"] > 0
     assert cache.layers[0].tail_length == 2  # 10 tokens = 2 blocks of 4 + a tail of 2
@@ -147,7 +148,7 @@ def test_borrowed_tiercache_keeps_other_entries(tmp_path, make_config):
         cache = TieredKVCache(make_config(), cache=shared, block_size=2)
         for layer in range(2):
             cache.update(*states(1, 9, torch.Generator().manual_seed(0)), layer)
-        assert len(shared) == 1 + 2 * 2 * 4
+        assert len(shared) == 1 + 2 * 4  # one entry (K and V) per block, 4 blocks per layer
         cache.reset()
         assert len(shared) == 1 and cache.get_seq_length() == 0
         cache.update(*states(1, 4, torch.Generator()), 0)

@@ -149,7 +149,7 @@ def test_a_real_error_raises_from_the_synchronous_read(make_config):
         cache.update(*states(1, 9, gen), layer)  # the last layer starts reading layer 0 ahead
     cache.buffer.discard()
     # a block lost from the tiercache (what an eviction by another user of a shared tiercache does)
-    cache.store.cache.delete(block_key(cache.cache_uid, 1, "v", 0))
+    cache.store.cache.delete(block_key(cache.cache_uid, 1, "kv", 0))
     cache.update(*states(1, 1, gen), 0)  # starts layer 1's read ahead, which fails on the missing block
     with pytest.raises(KVCapacityError, match="no longer in the tiercache"):
         cache.update(*states(1, 1, gen), 1)

@@ -25,7 +25,7 @@ CHILD = textwrap.dedent("""
     cache = TieredKVCache(config, host=0, disk="16MiB", path=sys.argv[1], block_size=4)
     for layer in range(2):
         cache.update(torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16), layer)
-    print(cache.stats()["kv"]["live_entries"], flush=True)   # 2 layers x 10 blocks x (K, V) = 40
+    print(cache.stats()["kv"]["live_entries"], flush=True)   # 2 layers x 10 blocks (one K+V entry each) = 20
     time.sleep(600)
 """)
 
@@ -52,7 +52,7 @@ def _killed_run(path):
 def test_blocks_of_a_killed_process_are_reclaimed_on_next_open(tmp_path, caplog):
     path = tmp_path / "kv"
     stored = _killed_run(path)
-    assert stored == 40
+    assert stored == 20  # 2 layers x 10 blocks, K and V of a block in one entry (exact mode)
     with tiercache.Cache(host=0, disk="16MiB", path=path) as raw:  # the orphans are really there
         assert len(raw) == stored
     [dead] = owners.list_owners(path)
@@ -62,7 +62,7 @@ def test_blocks_of_a_killed_process_are_reclaimed_on_next_open(tmp_path, caplog)
         report = cache.store.reclaimed
         assert report.entries == stored and report.owners == [dead.owner_id] and report.bytes_freed > 0
         assert cache.stats()["tiercache"]["entries"] == 0
-        assert "reclaimed 40 KV block entries" in caplog.text
+        assert "reclaimed 20 KV block entries" in caplog.text
         # this run's own blocks are recorded under its own live owner
         cache.update(torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), 0)
         [mine] = owners.list_owners(path)
