@@ -136,6 +136,10 @@ def test_ctrl_c_exits_130_without_traceback(tmp_path):
         [sys.executable, "-m", "tiercache", "demo", "--disk", "0", "--host", "64MiB", "--count", "100000000",
          "--value-size", "4KiB"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+        # A shell running this suite in the background without job control starts it with SIGINT ignored, and
+        # an ignored SIGINT is inherited (Python then installs no KeyboardInterrupt handler): restore the
+        # default disposition of an interactive terminal.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stdout.readline().startswith("tiercache demo:")
     proc.send_signal(signal.SIGINT)
