@@ -978,6 +978,15 @@ class DiskTier:
             decode_header(head)  # a damaged header says so in the error
             raise CorruptEntryError(f"{self._chunk_file(slot)} holds another entry than the index expects")
 
+    def _acquire_fd(self, slot: Slot):
+        """Open ``slot``'s chunk through the descriptor cache (the slow path of ``self._fds.lookup``, which
+        found no open descriptor); the caller releases the handle.  A missing chunk file is damage."""
+        path = self._chunk_file(slot)
+        try:
+            return self._fds.acquire(slot.ref, path)
+        except FileNotFoundError:
+            raise CorruptEntryError(f"{path} is missing") from None
+
     def _read_payload_into(
         self, slot: Slot, header: EntryHeader, parts: list[memoryview], aligned: bool = False
     ) -> None:
@@ -997,11 +1006,7 @@ class DiskTier:
             fds = self._fds
             handle = fds.lookup(ref)
             if handle is None:
-                path = self._chunk_file(slot)
-                try:
-                    handle = fds.acquire(ref, path)
-                except FileNotFoundError:
-                    raise CorruptEntryError(f"{path} is missing") from None
+                handle = self._acquire_fd(slot)
             try:
                 head, problem = self._pread_checked(handle.fd, pages, parts, slot.nbytes, aligned)
             finally:
@@ -1027,11 +1032,7 @@ class DiskTier:
             fds = self._fds
             handle = fds.lookup(ref)
             if handle is None:
-                path = self._chunk_file(slot)
-                try:
-                    handle = fds.acquire(ref, path)
-                except FileNotFoundError:
-                    raise CorruptEntryError(f"{path} is missing") from None
+                handle = self._acquire_fd(slot)
             view = scratch.small_view
             try:
                 got = os.preadv(handle.fd, [view[: size + 1]], 0)  # one byte more: sees a longer file
@@ -1081,11 +1082,7 @@ class DiskTier:
                     continue
                 handle = lookup(ref)
                 if handle is None:
-                    path = self._chunk_file(slot)
-                    try:
-                        handle = fds.acquire(ref, path)
-                    except FileNotFoundError:
-                        raise CorruptEntryError(f"{path} is missing") from None
+                    handle = self._acquire_fd(slot)
                 size = ref[0] * PAGE + CRC_BYTES  # type: ignore[index]
                 tail = tail_buf[: size - HEADER_BYTES - nbytes + 1]  # one byte more: sees a longer file
                 try:
