@@ -314,10 +314,9 @@ class TieredKVLayer(CacheLayerMixin):
     def _fetch(self, blocks: list[BlockRef]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Fresh tensors of ``blocks`` as attention sees them (row maps applied); for the rare paths
         (crop, batch compaction, copies), not for decode."""
-        if self._joint:
-            tensors = self.store.get_blocks(self._keys_of(blocks), device=self.device)
-            return [b.view(t[0]) for b, t in zip(blocks, tensors)], [b.view(t[1]) for b, t in zip(blocks, tensors)]
         tensors = self.store.get_blocks(self._keys_of(blocks), device=self.device)
+        if self._joint:
+            return [b.view(t[0]) for b, t in zip(blocks, tensors)], [b.view(t[1]) for b, t in zip(blocks, tensors)]
         n = len(blocks)
         ks = [b.view(t) for b, t in zip(blocks, tensors[:n])]
         vs = [b.view(t) for b, t in zip(blocks, tensors[n:])]
@@ -330,6 +329,10 @@ class TieredKVLayer(CacheLayerMixin):
             return [block_key(uid, layer, "kv", b.serial) for b in blocks]
         return ([block_key(uid, layer, "k", b.serial) for b in blocks]
                 + [block_key(uid, layer, "v", b.serial) for b in blocks])
+
+    @property
+    def _entries_per_block(self) -> int:
+        return 1 if self._joint else 2
 
     def _entries_from(self, a: int) -> list[tuple]:
         """The entry keys of stored blocks ``a..`` (joint keys, or K keys then V keys)."""
@@ -404,7 +407,7 @@ class TieredKVLayer(CacheLayerMixin):
             buf.values[:, :, :span].copy_(read.buf.values[:, :, :span])
         self._gather_mapped(read.posts, buf)
         counters.used += 1
-        counters.blocks_ahead += m if self._joint else 2 * m
+        counters.blocks_ahead += m * self._entries_per_block
         counters.bytes_taken += sum([b.nbytes for b in self._blocks[first : first + m]])
         return m
 
@@ -419,14 +422,13 @@ class TieredKVLayer(CacheLayerMixin):
             self._gather_mapped(posts, buf)
         elif self.store.out_lists is False:
             self._fill_from_packed(first, lo, buf)
-        elif self._joint:
-            self.store.get_blocks(self._kkeys[a:], out=buf.joint_blocks[lo:n])
         else:
-            self.store.get_blocks(self._kkeys[a:] + self._vkeys[a:], out=buf.key_blocks[lo:n] + buf.value_blocks[lo:n])
+            out = buf.joint_blocks[lo:n] if self._joint else buf.key_blocks[lo:n] + buf.value_blocks[lo:n]
+            self.store.get_blocks(self._entries_from(a), out=out)
         if count:
             counters = self.buffer.counters
             counters.sync_seconds += time.perf_counter() - start
-            counters.blocks_sync += (n - lo) if self._joint else 2 * (n - lo)
+            counters.blocks_sync += (n - lo) * self._entries_per_block
             counters.bytes_sync += sum([b.nbytes for b in self._blocks[a : first + n]])
 
     def _fill_from_packed(self, first: int, lo: int, buf: StatesBuffer) -> None:
@@ -707,8 +709,7 @@ class TieredKVLayer(CacheLayerMixin):
             targets_k, targets_v, posts = buf.joint_blocks[:n], [], []
         else:
             targets_k, targets_v, posts = buf.key_blocks[:n], buf.value_blocks[:n], []
-        keys = kkeys if self._joint else kkeys + vkeys
-        targets, store = targets_k + targets_v, self.store
+        keys, targets, store = self._entries_from(first), targets_k + targets_v, self.store
         read = ReadAhead(self, self._epoch, first, n, slot, buf, kkeys, vkeys, posts, nbytes)
         buffer.start(read, lambda: store.get_blocks(keys, out=targets, background=True))
         return True
