@@ -96,6 +96,13 @@ DIRECT_READ_THREADS = 8
 _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 MIN_CAPACITY = PAGE + CRC_BYTES  # the smallest entry: an empty value's header page and checksum
 _spare = [0.0, 0]  # [when last checked, idle CPUs then]
+# How a read names damage (after the chunk's path), the same on every read path.
+BAD_CRC = "failed its crc32c checksum"
+OTHER_ENTRY = "holds another entry than the index expects"
+
+
+def _wrong_size(got: int) -> str:
+    return f"has the wrong size ({got} bytes read): truncated or overwritten"
 
 
 def spare_cpus() -> int:
@@ -874,19 +881,19 @@ class DiskTier:
                 if got >= 0:
                     head = scratch.dhead
                     if got != size:
-                        return head, f"has the wrong size ({got} bytes read): truncated or overwritten"
+                        return head, _wrong_size(got)
                     crc = self._crc(head)
                     for part in parts:
                         crc = self._crc(part, crc)
                     if pad:
                         crc = self._crc(tail[:pad], crc)
                     if crc != int.from_bytes(tail[pad : pad + CRC_BYTES], "little"):
-                        return head, "failed its crc32c checksum"
+                        return head, BAD_CRC
                     return head, None
             buf = self._scratch.get(size + PAGE)  # room to see a file longer than expected
             got = os.preadv(fd, [buf], 0)
             if got != size:
-                return buf[:HEADER_BYTES], f"has the wrong size ({got} bytes read): truncated or overwritten"
+                return buf[:HEADER_BYTES], _wrong_size(got)
             crc = self._crc(buf[: size - CRC_BYTES])
             # (a slice assignment holds the GIL for the copy; numpy's copy releases it, which measured
             # slower here with four I/O threads on two busy cores: each copy then waits to take it back)
@@ -908,10 +915,10 @@ class DiskTier:
                     crc = self._crc(part, crc)
                 crc = self._crc(tail[: -1 - CRC_BYTES], crc)
             if got != size:
-                return head, f"has the wrong size ({got} bytes read): truncated or overwritten"
+                return head, _wrong_size(got)
             tail_crc = tail[-1 - CRC_BYTES : -1]
         if crc != int.from_bytes(tail_crc, "little"):
-            return head, "failed its crc32c checksum"
+            return head, BAD_CRC
         return head, None
 
     def _pread_pipelined(self, fd: int, views: list[memoryview]) -> tuple[int, int]:
@@ -942,7 +949,7 @@ class DiskTier:
         except FileNotFoundError:
             raise CorruptEntryError(f"{path} is missing") from None
         if len(raw) < CRC_BYTES or self._crc(memoryview(raw)[:-CRC_BYTES]) != int.from_bytes(raw[-CRC_BYTES:], "little"):
-            raise CorruptEntryError(f"{path} failed its crc32c checksum")
+            raise CorruptEntryError(f"{path} {BAD_CRC}")
         try:
             decoded = self._codec.decode(memoryview(raw)[:-CRC_BYTES])  # type: ignore[union-attr]
         except Exception as exc:  # a checksum collision on garbage: still never return it
@@ -976,7 +983,7 @@ class DiskTier:
         expected = self._expected_prefix(slot.ref, header)  # type: ignore[arg-type]
         if header.nbytes != slot.nbytes or head[: len(expected)] != expected:
             decode_header(head)  # a damaged header says so in the error
-            raise CorruptEntryError(f"{self._chunk_file(slot)} holds another entry than the index expects")
+            raise CorruptEntryError(f"{self._chunk_file(slot)} {OTHER_ENTRY}")
 
     def _acquire_fd(self, slot: Slot):
         """Open ``slot``'s chunk through the descriptor cache (the slow path of ``self._fds.lookup``, which
@@ -1039,11 +1046,10 @@ class DiskTier:
             finally:
                 fds.release(handle)
             if got != size:
-                raise CorruptEntryError(f"{self._chunk_file(slot)} has the wrong size ({got} bytes read): "
-                                        "truncated or overwritten")
+                raise CorruptEntryError(f"{self._chunk_file(slot)} {_wrong_size(got)}")
             crc = self._crc(view[: size - CRC_BYTES], 0, 0)  # keeps the GIL (see _read_buffered)
             if crc != int.from_bytes(view[size - CRC_BYTES : size], "little"):
-                raise CorruptEntryError(f"{self._chunk_file(slot)} failed its crc32c checksum")
+                raise CorruptEntryError(f"{self._chunk_file(slot)} {BAD_CRC}")
             self._check_stored(slot, view[:HEADER_BYTES], header)
         except CorruptEntryError as exc:
             exc.tiercache_index = 0  # type: ignore[attr-defined]
@@ -1090,14 +1096,13 @@ class DiskTier:
                 finally:
                     release(handle)
                 if got != size:
-                    raise CorruptEntryError(f"{self._chunk_file(slot)} has the wrong size ({got} bytes read): "
-                                            "truncated or overwritten")
+                    raise CorruptEntryError(f"{self._chunk_file(slot)} {_wrong_size(got)}")
                 crc = crc32c(head, 0, 0)
                 for part in parts[i]:
                     crc = crc32c(part, crc, 0)
                 crc = crc32c(tail[: -1 - CRC_BYTES], crc, 0)
                 if crc != int.from_bytes(tail[-1 - CRC_BYTES : -1], "little"):
-                    raise CorruptEntryError(f"{self._chunk_file(slot)} failed its crc32c checksum")
+                    raise CorruptEntryError(f"{self._chunk_file(slot)} {BAD_CRC}")
                 cached = prefixes.get(ref)
                 known = cached[0] if cached is not None else None
                 if known is not None and (known is header or (  # _expected_prefix's test, inlined
@@ -1108,7 +1113,7 @@ class DiskTier:
                     expected = self._expected_prefix(ref, header)  # type: ignore[arg-type]
                 if header.nbytes != nbytes or head[: len(expected)] != expected:
                     decode_header(head)  # a damaged header says so in the error
-                    raise CorruptEntryError(f"{self._chunk_file(slot)} holds another entry than the index expects")
+                    raise CorruptEntryError(f"{self._chunk_file(slot)} {OTHER_ENTRY}")
             except CorruptEntryError as exc:
                 exc.tiercache_index = i  # type: ignore[attr-defined]
                 raise
