@@ -165,31 +165,11 @@ class StagingArea:
     def take(self, key: Hashable) -> torch.Tensor | None:
         """The staged copy of ``key`` (removed from the area), waiting for its job if it is in flight;
         ``None`` when it is not staged, its job failed, or it did not finish within ``wait_timeout``."""
-        with self._lock:
-            slot = self._slots.pop(key, None)
-            if slot is None:
-                return None
-            self._bytes -= slot.tensor.nbytes
-        job = slot.job
-        if not job.done.is_set():
-            start = time.perf_counter()
-            finished = job.done.wait(self.wait_timeout)
-            with self._lock:
-                self.counters.waits += 1
-                self.counters.wait_seconds += time.perf_counter() - start
-                if not finished:
-                    self.counters.late += 1
-            if not finished:
-                return None
-        if job.error is not None:
-            return None
-        with self._lock:
-            self.counters.hits += 1
-        return slot.tensor
+        return self.take_many((key,))[0]
 
     def take_many(self, keys: Sequence[Hashable]) -> list[torch.Tensor | None]:
-        """:meth:`take` of each of ``keys``, in order (the entries leave the area under one lock round trip;
-        each in-flight one is then waited for as :meth:`take` waits)."""
+        """:meth:`take` of each of ``keys``, in order: the entries leave the area under one lock round trip,
+        then each in-flight one is waited for (up to ``wait_timeout`` each); the counters are updated once."""
         if not keys:
             return []
         with self._lock:
