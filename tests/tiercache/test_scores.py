@@ -161,13 +161,18 @@ def test_update_scores_defers_rising_ranks_and_pushes_falling_ones():
         assert [e.key for e in queue.ordered(cache._index)] == [0, 2, 3, 1]
 
 
-def test_pop_victims_takes_a_deferred_entry_at_its_new_key():
+def _ranked(n: int) -> tuple[RankedQueue, list[Entry], dict]:
+    """A queue of ``n`` entries ranked (score 0, insertion order), the entries and their index."""
     queue = RankedQueue(0)
-    entries = [Entry(k, 10, "host", k, k, 0, 0.0, slot=_Slot(), level=0) for k in range(3)]
-    index = {e.key: e for e in entries}
+    entries = [Entry(k, 10, "host", k, k, 0, 0.0, slot=_Slot(), level=0) for k in range(n)]
     for e in entries:
         queue.add(e)
         queue.push(e, (0.0, e.inserted))
+    return queue, entries, {e.key: e for e in entries}
+
+
+def test_pop_victims_takes_a_deferred_entry_at_its_new_key():
+    queue, entries, index = _ranked(3)
     queue.defer(entries[0], (5.0, 0))  # 0 rises past 1 and 2
     assert [v.key for v in queue.pop_victims(index, 10)] == [1]
     assert [v.key for v in queue.pop_victims(index, 10)] == [2]
@@ -176,12 +181,7 @@ def test_pop_victims_takes_a_deferred_entry_at_its_new_key():
 
 
 def test_compaction_keeps_deferred_entries_at_their_new_key():
-    queue = RankedQueue(0)
-    entries = [Entry(k, 10, "host", k, k, 0, 0.0, slot=_Slot(), level=0) for k in range(4)]
-    index = {e.key: e for e in entries}
-    for e in entries:
-        queue.add(e)
-        queue.push(e, (0.0, e.inserted))
+    queue, entries, index = _ranked(4)
     queue.defer(entries[1], (9.0, 1))
     for _ in range(200):  # stale items of 3 pile up until the heap is compacted
         queue.push(entries[3], (1.0, 3))
