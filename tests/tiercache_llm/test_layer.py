@@ -217,6 +217,8 @@ def test_lost_block_raises_instead_of_wrong_attention(tmp_path, make_config):
         (dict(block_size=-3), ValueError),
         (dict(block_size=True), TypeError),
         (dict(block_size="64"), TypeError),
+        (dict(block_size=64.0), TypeError),
+        (dict(mode="sparse", block_size=0), ValueError),
         (dict(mode="sparse", budget=-1), ValueError),
         (dict(mode="sparse", budget=1.5), ValueError),
         (dict(mode="sparse", strategy="nope"), ValueError),
@@ -233,6 +235,28 @@ def test_settings_validation(kwargs, error, make_config):
         TieredKVSettings(**kwargs)
     with pytest.raises(error):
         TieredKVCache(make_config(), **kwargs)
+
+
+def test_block_size_defaults_per_mode_and_an_explicit_value_wins(make_config):
+    from tiercache_llm.kv_cache import EXACT_BLOCK_SIZE, SPARSE_BLOCK_SIZE, default_block_size
+
+    assert (default_block_size("exact"), default_block_size("sparse")) == (EXACT_BLOCK_SIZE, SPARSE_BLOCK_SIZE)
+    assert EXACT_BLOCK_SIZE > SPARSE_BLOCK_SIZE == 64
+    with pytest.raises(ValueError, match="mode"):
+        default_block_size("fast")
+    assert TieredKVSettings().block_size == TieredKVSettings(block_size=None).block_size == EXACT_BLOCK_SIZE
+    sparse = TieredKVSettings(mode="sparse")
+    assert (sparse.block_size, sparse.page_size) == (64, 8)  # the sparse default and its pages are unchanged
+    assert TieredKVSettings(block_size=16).block_size == 16
+    assert TieredKVSettings(mode="sparse", block_size=128).block_size == 128
+    gen = torch.Generator().manual_seed(0)
+    for given, want in ((None, EXACT_BLOCK_SIZE), (32, 32)):
+        options = {} if given is None else {"block_size": given}
+        with TieredKVCache(make_config(), host="8MiB", **options) as cache:
+            assert cache.settings.block_size == want and cache.layers[0].block_size == want
+            cache.update(*states(1, 2 * want + 5, gen), 0)
+            assert cache.stats()["kv"]["block_size"] == want
+            assert len(cache.layers[0]._blocks) == 2 and cache.layers[0]._tail_len == 5
 
 
 def test_direct_io_defaults_on_and_is_a_tiercache_option(make_config):
