@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--tokens", type=int_arg(64), default=DEFAULT_TOKENS, help="prompt length in tokens, >= 64 (default %(default)s)")
     demo.add_argument("--max-new-tokens", type=int_arg(1), default=16, help="tokens to generate (default %(default)s)")
-    demo.add_argument("--block-size", type=int_arg(1), default=64, help="tokens per KV block (default %(default)s)")
+    demo.add_argument("--block-size", type=int_arg(1), default=None,
+                      help="tokens per KV block (default: TieredKVCache's exact-mode default)")
     demo.add_argument("--host", type=size_arg(), default=DEFAULT_HOST, help="host tier budget, e.g. 16MiB; 0 disables (default %(default)s)")
     demo.add_argument("--disk", type=size_arg(), default=DEFAULT_DISK, help="disk tier budget; 0 disables (default %(default)s)")
     demo.add_argument("--path", default=None,
@@ -218,7 +219,7 @@ def run_demo(args: argparse.Namespace) -> dict:
 def _run(args: argparse.Namespace, torch: Any) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .kv_cache import TieredKVCache
+    from .kv_cache import TieredKVCache, default_block_size
     from .models import ModelCacheError, ensure_smollm2
     from .prompts import passkey_prompt
 
@@ -233,7 +234,8 @@ def _run(args: argparse.Namespace, torch: Any) -> dict:
     config = AutoConfig.from_pretrained(target)
     # A lower bound, so that only budgets that must fail are refused: the prompt has at least
     # --tokens - 64 tokens (passkey_prompt) and the prefill stores every full block of it.
-    stored = max(0, args.tokens - 64) // args.block_size * args.block_size
+    block = args.block_size or default_block_size("exact")
+    stored = max(0, args.tokens - 64) // block * block
     need = stored * _kv_bytes_per_token(config)
     if need > args.host + args.disk:
         raise UsageError(

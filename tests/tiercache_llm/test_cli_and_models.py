@@ -8,6 +8,7 @@ import tiercache
 from tiercache import owners
 from tiercache_llm import models
 from tiercache_llm.cli import _Progress, build_parser, format_report, main, run_demo
+from tiercache_llm.kv_cache import default_block_size
 
 
 def test_help_lists_the_demo():
@@ -24,6 +25,7 @@ def test_demo_spills_to_disk_and_finds_the_passkey(smollm2):
     )
     report = run_demo(args)
     assert report["passkey_found"] and report["identical_to_dynamic_cache"]
+    assert report["kv"]["block_size"] == default_block_size("exact")  # no --block-size: the cache's default
     assert report["tiers"]["disk"]["entries"] > 0 and report["tiers"]["disk"]["hits"] > 0
     assert report["bytes_moved"].get("host->disk", 0) > 0
     assert report["decode_tokens_per_s"] > 0 and report["prefill_seconds"] > 0
@@ -219,7 +221,8 @@ def test_ctrl_c_exits_130_and_leaves_no_blocks(smollm2, monkeypatch, tmp_path, r
 
     monkeypatch.setattr(TieredKVCache, "update", interrupted)
     path = tmp_path / "kv"
-    code, out, err = run_cli(main, "demo", "--tokens", "300", "--host", "1MiB", "--path", str(path))
+    # 64-token blocks: a ~300-token prompt stores several blocks per layer before the interrupt
+    code, out, err = run_cli(main, "demo", "--tokens", "300", "--block-size", "64", "--host", "1MiB", "--path", str(path))
     assert code == 130 and "interrupted" in err and "Traceback" not in err and out == ""
     assert owners.list_owners(path) == []
     with tiercache.Cache(host=0, disk="512MiB", path=path) as raw:
