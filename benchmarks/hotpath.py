@@ -59,7 +59,7 @@ class Settings:
     contexts: tuple[int, ...] = (1024, 2048, 4096)
     decode_steps: int = 8  # timed steps per run (median); 3 repeats x 2 thread counts keep the full run ~15 min
     decode_host: int = 16 * MiB  # host budget of row 2 (the rest of the KV goes to disk)
-    block_size: int = 64
+    block_size: int | None = None  # rows 1-2; None: TieredKVCache's default for exact mode (stated in each row)
     model: str = "smollm2"  # or "tiny": a random 2-layer Llama (tests)
     host_small_values: int = 20_000  # row 3: 4 KiB values per repeat
     host_large_values: int = 2048  # row 4: 64 KiB values per repeat (128 MiB)
@@ -258,16 +258,16 @@ def decode_run(model: Any, ids: torch.Tensor, prefilled: Any, config: str, setti
     kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in prefilled.layers)
     grow = 2 * (steps + 2) * kv_bytes // max(1, ids.shape[-1])  # room for the new tokens
     cold_method = None
+    blocks = {} if settings.block_size is None else {"block_size": settings.block_size}
     if config == "dynamic":
         cache = copy.deepcopy(prefilled)
     elif config == "host":
-        cache = _tiered_from(prefilled, model, dict(host=2 * (kv_bytes + grow) + 16 * MiB,
-                                                     block_size=settings.block_size))
+        cache = _tiered_from(prefilled, model, dict(host=2 * (kv_bytes + grow) + 16 * MiB, **blocks))
     elif config in ("disk-warm", "disk-cold"):
         cold = config == "disk-cold"
         cache = _tiered_from(prefilled, model, dict(
             host=settings.decode_host, disk=4 * (kv_bytes + grow) + 64 * MiB, path=store,
-            block_size=settings.block_size, **_direct_io_options(TieredKVSettings, cold)))
+            **blocks, **_direct_io_options(TieredKVSettings, cold)))
         if cold:
             disk_row = _tier_stats(cache.stats()["tiercache"], "disk")
             cold_method = "direct_io" if disk_row.get("direct_io") else "fadvise"
@@ -302,6 +302,7 @@ def decode_run(model: Any, ids: torch.Tensor, prefilled: Any, config: str, setti
                 fetch_ms_per_step=1000 * (kv1["fetch_seconds"] - kv0["fetch_seconds"]) / n,
                 entries_per_step=entries, bytes_per_step=nbytes,
                 entry_bytes=int(round(nbytes / entries)) if entries else 0,
+                block_size=last["kv"]["block_size"],
                 host_hits_per_step=(_tier_stats(last["tiercache"], "host").get("hits", 0)
                                     - _tier_stats(first["tiercache"], "host").get("hits", 0)) / n,
                 disk_hits_per_step=(_tier_stats(last["tiercache"], "disk").get("hits", 0)
@@ -372,10 +373,13 @@ def rows_decode(ctx: Context, threads: int, rows: Sequence[int]) -> list[Result]
         ref_tokens = runs["dynamic"][0]["tokens"]
         tokens = ids.shape[-1]
 
+        def blocks(config: str) -> str:
+            return f"{runs[config][0]['block_size']}-token blocks"
+
         def decode_result(row: int, config: str, label: str, target: float) -> Result:
             figs = [run["ms_per_step"] for run in runs[config]]
-            return Result(row, f"exact decode, {label}, {tokens}-token context", threads, "ms/step", median(figs),
-                          median(dyn), "DynamicCache ms/step", target, "<=", samples=figs, baseline_samples=dyn,
+            return Result(row, f"exact decode, {label}, {tokens}-token context, {blocks(config)}", threads,
+                          "ms/step", median(figs), median(dyn), "DynamicCache ms/step", target, "<=", samples=figs, baseline_samples=dyn,
                           extra={"tokens_match_dynamic": all(run["tokens"] == ref_tokens for run in runs[config]),
                                  "runs": runs[config], "dynamic_runs": runs["dynamic"],
                                  "decode_steps": s.decode_steps, "cold_method": runs[config][0]["cold_method"]})
@@ -391,7 +395,8 @@ def rows_decode(ctx: Context, threads: int, rows: Sequence[int]) -> list[Result]
                 base = [p["ms_per_step"] for p in plain[config]]
                 last = runs[config][-1]
                 results.append(Result(
-                    2, f"fetch per step, host {s.decode_host // MiB} MiB + disk, {label}, {tokens}-token context",
+                    2, f"fetch per step, host {s.decode_host // MiB} MiB + disk, {label}, {tokens}-token context, "
+                       f"{blocks(config)}",
                     threads, "ms/step", median(fetch), median(base), "plain reads + copies of the same bytes",
                     1.3, "<=", samples=fetch, baseline_samples=base,
                     extra={"entries_per_step": last["entries_per_step"], "disk_hits_per_step": last["disk_hits_per_step"],
@@ -803,6 +808,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="prompt lengths of rows 1-2 (default 1024,2048,4096)")
     parser.add_argument("--steps", type=int, default=None,
                         help="timed decode steps per run of rows 1-2 (default 8, quick 4)")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="tokens per KV block of rows 1-2 (default: TieredKVCache's exact-mode default)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="scratch directory on the disk under test (default: a temp dir under $TMPDIR)")
     args = parser.parse_args(argv)
@@ -825,6 +832,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.steps < 1:
             parser.error("--steps must be positive")
         settings.decode_steps = args.steps
+    if args.block_size is not None:
+        if args.block_size < 1:
+            parser.error("--block-size must be positive")
+        settings.block_size = args.block_size
     workdir = Path(tempfile.mkdtemp(prefix="tiercache-hotpath-", dir=args.workdir))
     fstype = filesystem_of(workdir)
     if fstype in ("tmpfs", "ramfs"):

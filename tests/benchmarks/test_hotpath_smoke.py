@@ -19,9 +19,10 @@ def hotpath(load_benchmark):
 
 
 def tiny_settings(hotpath):
-    """Smaller than --quick: a random 2-layer model, a 32 KiB host tier so the decode rows spill to disk."""
+    """Smaller than --quick: a random 2-layer model, a 32 KiB host tier and 32-token blocks (the exact-mode
+    default would store no block of a 130-token prompt) so the decode rows spill to disk."""
     return hotpath.Settings(
-        contexts=(130,), decode_steps=2, decode_host=32 * 1024, model="tiny", host_small_values=200,
+        contexts=(130,), decode_steps=2, decode_host=32 * 1024, block_size=32, model="tiny", host_small_values=200,
         host_large_values=16, disk_values={4096: 40, 65536: 8}, reopen_entries=(300,), churn_entries=400,
         churn_puts=50, repeats=2, threads=(1,),
     )
@@ -40,6 +41,7 @@ def test_every_row_runs_with_a_same_run_baseline_and_writes_its_files(hotpath, t
         assert r.figure == pytest.approx(statistics.median(r.samples))  # the figure is the median sample
     decode = [r for r in results if r.row in (1, 2) and r.name.startswith("exact decode")]
     assert len(decode) == 3  # host; disk warm; disk cold
+    assert all(r.name.endswith(", 32-token blocks") for r in results if r.row in (1, 2))  # the block size is stated
     assert all(r.extra["tokens_match_dynamic"] for r in decode)
     fetch = [r for r in results if r.name.startswith("fetch per step")]
     assert len(fetch) == 2
@@ -91,7 +93,19 @@ def test_cli_quick_subset_writes_results(hotpath, tmp_path):
     assert "Quick run" in (tmp_path / "hotpath.md").read_text()
 
 
-@pytest.mark.parametrize("argv", [["--rows", "8"], ["--rows", "x"], ["--threads", "0"], ["--repeats", "0"], ["--steps", "0"]])
+@pytest.mark.parametrize("block_size", [None, 16])
+def test_decode_rows_use_the_cache_default_block_size_unless_given(hotpath, tmp_path, block_size):
+    from tiercache_llm.kv_cache import default_block_size
+
+    settings = hotpath.Settings(contexts=(300,), decode_steps=1, model="tiny", block_size=block_size)
+    model, _ = hotpath.load_model("tiny")
+    ids = hotpath.prompt_ids(None, 300, model.config.vocab_size)
+    run = hotpath.decode_run(model, ids, hotpath.prefill(model, ids), "host", settings, tmp_path)
+    assert run["block_size"] == (block_size or default_block_size("exact"))
+
+
+@pytest.mark.parametrize("argv", [["--rows", "8"], ["--rows", "x"], ["--threads", "0"], ["--repeats", "0"], ["--steps", "0"],
+                                  ["--block-size", "0"]])
 def test_cli_rejects_bad_options(hotpath, tmp_path, argv):
     with pytest.raises(SystemExit) as exc:
         hotpath.main([*argv, "--model", "tiny", "--out", str(tmp_path)])
