@@ -45,10 +45,11 @@ Rules (see docs/sparse.md):
 
 Cost (one layer of a decode step, ``select``): the scores are three float32 matmuls over float32
 digests (``relu(q) hi``, ``min(q, 0) lo``, ``q mean``), or over float16 digests (the cache's default)
-an upcast of L2-sized slabs and one float32 matmul per slab (:func:`_products16`), and a dozen
+an upcast of 2 MiB slabs and one float32 matmul per slab (:func:`_products16`), and a dozen
 elementwise passes in the order of the rule as written (bit for bit with float32 digests:
 test_selection_equivalence.py); what depends only on
-the page counts is derived once per step (:func:`_page_terms`).  With the cache's ``sink`` and
+the page counts is derived once per step (:func:`_page_terms`), and the per-call buffers that do not
+escape (query rows, ranking keys, the upcast scratch) are per-thread and reused.  With the cache's ``sink`` and
 ``recent`` > 0 and only left padding, every partial page is forced, so every other page costs the same
 and the rule is "the forced pages plus the best ``m[row]`` others": one unordered ``topk`` over keys
 padded per row (:func:`_uniform_top`), no sort and no cost walk; otherwise :func:`_take_top` walks the
@@ -302,7 +303,8 @@ def _mass_scores(qf: torch.Tensor, digests: KeyDigests, score: ScoreRule, weight
         both = _products16(qf, digests.buffer(), n, weight if blend else 0.0)  # (B, H, 2 * G * Q, n)
         both.mul_(scale).add_(logc_or_empty)  # s and lm scaled and shifted in one pass each
         s, zn = both[:, :, :gq], both[:, :, gq:]
-        return s.sub_(_logsumexp_(zn)).amax(dim=2)
+        lse = zn.logsumexp(dim=-1, keepdim=True).clamp_(min=-1e30)  # a row without pages: no NaN
+        return s.sub_(lse).amax(dim=2)
     lo_t, hi_t, mean_t = digests.transposed()
     # bmm on (B * H)-batched views: what matmul runs, without its reshapes (the digests' views fold).
     q3 = qf.reshape(b * h, gq, d)
@@ -322,16 +324,6 @@ def _mass_scores(qf: torch.Tensor, digests: KeyDigests, score: ScoreRule, weight
     # logc_or_empty: an empty page's digests are zeros, so for a finite query its z is -inf already
     z = s.mul_(scale).add_(logc_or_empty).sub_(lse)
     return z.amax(dim=2)
-
-
-def _logsumexp_(x: torch.Tensor) -> torch.Tensor:
-    """``x.logsumexp(dim=-1, keepdim=True).clamp_(min=-1e30)`` (a row of ``-inf`` only: ``-1e30``, not
-    ``-inf``, so that subtracting it gives no NaN), computed in place in ``x``, which it overwrites: the
-    same float32 operations as torch's ``logsumexp`` (the max, set to 0 where infinite, subtracted; exp,
-    sum, log, the max added back), without its two temporaries of the size of ``x``."""
-    m = x.amax(dim=-1, keepdim=True)
-    m.masked_fill_(m.isinf(), 0)
-    return x.sub_(m).exp_().sum(dim=-1, keepdim=True).log_().add_(m).clamp_(min=-1e30)
 
 
 SCRATCH_BYTES = 2 << 20  # float32 digests upcast at a time by _products16 (see there)
@@ -610,7 +602,7 @@ def _uniform_top(scores: torch.Tensor, terms: _PageTerms) -> torch.Tensor:
         return out[..., : terms.width]
     key = _key_buffer(scores, terms)
     page_keys = key[..., :n]
-    torch.nan_to_num(scores, nan=_LOW, posinf=_HIGH, neginf=_LOW, out=page_keys)
+    torch.nan_to_num(scores.float(), nan=_LOW, posinf=_HIGH, neginf=_LOW, out=page_keys)
     torch.where(terms.fixed, terms.fixed_key, page_keys, out=page_keys)
     top = torch.topk(key, terms.take, dim=-1, largest=True, sorted=False).indices
     return out.scatter_(-1, top, True)[..., : terms.width]

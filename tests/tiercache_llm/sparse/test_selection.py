@@ -357,25 +357,6 @@ def test_digest_storage_knob_is_checked():
         SelectionConfig(budget=0.25, digests="bfloat16")
 
 
-def test_in_place_logsumexp_is_torchs_bit_for_bit():
-    """``_logsumexp_`` (the mass ranking's normaliser, computed in place) gives torch's ``logsumexp``
-    clamped at -1e30, bit for bit, rows of -inf only, with +inf and with NaN included."""
-    from tiercache_llm.sparse import selection as S
-
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(3, 2, 4, 37, generator=gen) * 30
-    x[0, 0, 0] = float("-inf")  # a row without pages
-    x[0, 0, 1, :5] = float("-inf")
-    x[1, 1, 2, 3] = float("inf")
-    x[2, 0, 3, 7] = float("nan")
-    view = torch.cat((x, x), dim=2)[:, :, 4:]  # a strided view, as in _mass_scores
-    want = x.logsumexp(dim=-1, keepdim=True).clamp(min=-1e30)
-    got = S._logsumexp_(view)
-    assert torch.equal(got.nan_to_num(nan=7.0), want.nan_to_num(nan=7.0))
-    assert torch.equal(got.isnan(), want.isnan()) and bool(got.isnan().any())
-    assert float(got[0, 0, 0]) == float(torch.tensor(-1e30))
-
-
 def test_reused_scoring_buffers_give_every_call_its_own_answer():
     """The per-thread buffers ``select`` reuses (query rows, ranking keys with the step's fill columns,
     upcast scratch) never carry one call's state into another: selections of caches of different shapes
