@@ -45,7 +45,7 @@ Rules (see docs/sparse.md):
 
 Cost (one layer of a decode step, ``select``): the scores are three float32 matmuls over float32
 digests (``relu(q) hi``, ``min(q, 0) lo``, ``q mean``), or over float16 digests (the cache's default)
-an upcast of 2 MiB slabs and one float32 matmul per slab (:func:`_products16`), and a dozen
+an upcast of 1 MiB slabs and one float32 matmul per slab (:func:`_products16`), and a dozen
 elementwise passes in the order of the rule as written (bit for bit with float32 digests:
 test_selection_equivalence.py); what depends only on
 the page counts is derived once per step (:func:`_page_terms`), and the per-call buffers that do not
@@ -326,7 +326,7 @@ def _mass_scores(qf: torch.Tensor, digests: KeyDigests, score: ScoreRule, weight
     return z.amax(dim=2)
 
 
-SCRATCH_BYTES = 2 << 20  # float32 digests upcast at a time by _products16 (see there)
+SCRATCH_BYTES = 1 << 20  # float32 digests upcast at a time by _products16 (see there; docs/sparse.md)
 _scratch = threading.local()
 
 
