@@ -22,13 +22,14 @@ rule cannot do without), and ``stream``, one pass reading each layer's digests (
 and landmarks: the memory traffic any exact scoring must do).  Process CPU time is the figure to read
 on a shared machine (a wait for a core is not counted); wall time is printed beside it.
 ``--storage`` (default ``float16``, the cache's default) is the storage of this tree's digests; the
-baseline revision's digests are built the way that revision builds them (float32 before float16
-digests existed).  With float32 on both sides, every step checks, for every layer, that both
-implementations give bit-identical scores and select the same pages, heads' blocks and fetch list; the
-script fails otherwise.  With float16 digests on this tree's side the scores differ by the outward
-rounding of the bounds and the rounding of the landmarks, so the script reports instead the fraction
-of the baseline's selected pages (per row, KV head and page) that this tree selects too, and the
-largest score difference; it fails only if a (row, KV head) selects a different number of pages.  The one allowed difference is
+baseline revision's digests are built in the same storage where that revision has the option, else
+in float32 (before float16 digests existed).  With the same storage on both sides, every step checks,
+for every layer, that both implementations give bit-identical scores and select the same pages, heads'
+blocks and fetch list; the script fails otherwise.  With float16 digests on this tree's side only, the
+scores differ by the outward rounding of the bounds and the rounding of the landmarks, so the script
+reports instead the fraction of the baseline's selected pages (per row, KV head and page) that this
+tree selects too, and the largest score difference; it fails only if a (row, KV head) selects a
+different number of pages.  The one allowed difference is
 counted and printed apart: two pages of exactly equal score straddling a row's budget boundary (the
 rule leaves the order of equal scores unspecified, and each implementation's ``topk`` breaks such a
 tie its own way; random scores at SmolLM2's shapes tie at the boundary about once in 500 layer calls).
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import statistics
 import subprocess
 import sys
@@ -88,13 +90,15 @@ def run(args) -> int:
         if row < b:
             valid[row, :pad] = False
     digests = {name: [] for name in impls}
+    # the baseline's digests in this tree's storage where that revision has the option (float32 before it)
+    base_storage = args.storage if "storage" in inspect.signature(impls["before"][0].KeyDigests.from_keys).parameters \
+        else "float32"
+    storage = {"before": base_storage, "after": args.storage}
     for _ in range(args.layers):
         keys = torch.randn(b, H, t, D, generator=gen)
         for name, (dmod, _) in impls.items():
-            if name == "after":
-                digests[name].append(dmod.KeyDigests.from_keys(keys, args.page, valid, storage=getattr(torch, args.storage)))
-            else:
-                digests[name].append(dmod.KeyDigests.from_keys(keys, args.page, valid))
+            kw = {"storage": getattr(torch, storage[name])} if storage[name] != "float32" else {}
+            digests[name].append(dmod.KeyDigests.from_keys(keys, args.page, valid, **kw))
         del keys
     config = {name: smod.SelectionConfig(budget=args.budget, sink=4, recent=64, score="bound+landmark")
               for name, (_, smod) in impls.items()}
@@ -103,7 +107,7 @@ def run(args) -> int:
     wall = {name: [] for name in names + yardsticks}
     cpu = {name: [] for name in names + yardsticks}
     mismatches = ties = scores_differ = 0
-    exact = args.storage == "float32"
+    exact = base_storage == args.storage
     same_pages = base_pages = count_differ = 0
     max_diff = 0.0
     for step in range(args.warmup + args.steps):
@@ -152,7 +156,7 @@ def run(args) -> int:
     n_pages = digests["after"][0].n_blocks
     print(f"select at SmolLM2 shapes: batch {b}, context {t} (+{args.warmup + args.steps} decoded), {n_pages} pages "
           f"of {args.page} tokens, this tree's digests in {args.storage} ({digests['after'][0].nbytes / 2**20:.1f} MiB/layer, "
-          f"baseline's {digests['before'][0].nbytes / 2**20:.1f} MiB/layer), "
+          f"baseline's in {base_storage}, {digests['before'][0].nbytes / 2**20:.1f} MiB/layer), "
           f"budget {args.budget}, {args.layers} layers, {args.threads} torch thread(s); before = {args.baseline_rev}, "
           f"after = this tree; {args.steps} steps (+{args.warmup} warm-up), medians")
     print(f"{'':8s} {'ms/step wall':>13s} {'ms/layer wall':>14s} {'ms/step cpu':>12s} {'ms/layer cpu':>13s}")

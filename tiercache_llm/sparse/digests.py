@@ -132,8 +132,9 @@ class KeyDigests:
     rows ``[0, D)`` the lower bounds, ``[D, 2D)`` the upper bounds, ``[2D, 3D)`` the landmarks (``R =
     3D``; ``2D`` without landmarks), the blocks along the last (unit-stride) dimension, so the scoring
     matmuls ``q @ digest^T`` read them with no per-step transpose or copy and one call can stream all
-    three (:meth:`stacked`); the attributes above are views of it.  ``capacity`` grows by about an
-    eighth ahead of need, so a decode step appends in place instead of concatenating the whole layer's
+    three (:meth:`stacked`); the attributes above are views of it.  ``capacity`` grows by about a
+    32nd ahead of need (:func:`_capacity`; spare columns cost every step: the CPU scoring upcasts whole
+    buffers), so a decode step appends in place instead of concatenating the whole layer's
     digests once per block.
     """
 
@@ -167,6 +168,17 @@ class KeyDigests:
         return self._st.dtype
 
     @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(B, H, N, D)``: the shape of :attr:`lo` and :attr:`hi` (no view made)."""
+        b, h = self._st.shape[:2]
+        return b, h, self._n, self._d
+
+    @property
+    def has_landmarks(self) -> bool:
+        """Whether these digests keep key sums (landmarks)."""
+        return self._tail is not None
+
+    @property
     def _lo_t(self) -> torch.Tensor:
         return self._st[:, :, : self._d]
 
@@ -183,7 +195,7 @@ class KeyDigests:
         cap = self._st.shape[-1]
         if n <= cap:
             return
-        cap = n + n // 8 + 16
+        cap = _capacity(n)
         out = self._st.new_zeros(*self._st.shape[:-1], cap)
         out[..., : self._n] = self._st[..., : self._n]
         self._st = out
@@ -415,6 +427,18 @@ class KeyDigests:
         self.length = keep * self.block_size
         if rest:
             self.append(tail_keys, tail_valid)
+
+
+def _capacity(n: int) -> int:
+    """Columns to allocate for ``n`` blocks: about a 32nd more (the CPU scoring upcasts whole buffers,
+    spare columns included, every step, so the slack is kept small; a decode step adds a block every
+    ``block_size`` tokens, so the buffer is replaced every ``n / 32 + 16`` blocks, at a cost of one copy
+    of it), rounded up to a multiple of 16 columns that is not one of 256 (the row stride of the
+    scoring matmuls: 64-byte float32 rows run MKL's matmul faster on the development machine, rows of a
+    multiple of 1 KiB slower - cache-set aliasing; the products are bit for bit the same whatever the
+    stride)."""
+    cap = -(-(n + n // 32 + 16) // 16) * 16
+    return cap + 16 if cap % 256 == 0 else cap
 
 
 STORAGE_DTYPES = (torch.float32, torch.float16)

@@ -45,10 +45,11 @@ Rules (see docs/sparse.md):
 
 Cost (one layer of a decode step, ``select``): the scores are three float32 matmuls over float32
 digests (``relu(q) hi``, ``min(q, 0) lo``, ``q mean``), or over float16 digests (the cache's default)
-an upcast of L2-sized slabs and one float32 matmul per slab (:func:`_products16`), and a dozen
+an upcast of 1 MiB slabs and one float32 matmul per slab (:func:`_products16`), and a dozen
 elementwise passes in the order of the rule as written (bit for bit with float32 digests:
 test_selection_equivalence.py); what depends only on
-the page counts is derived once per step (:func:`_page_terms`).  With the cache's ``sink`` and
+the page counts is derived once per step (:func:`_page_terms`), and the per-call buffers that do not
+escape (query rows, ranking keys, the upcast scratch) are per-thread and reused.  With the cache's ``sink`` and
 ``recent`` > 0 and only left padding, every partial page is forced, so every other page costs the same
 and the rule is "the forced pages plus the best ``m[row]`` others": one unordered ``topk`` over keys
 padded per row (:func:`_uniform_top`), no sort and no cost walk; otherwise :func:`_take_top` walks the
@@ -166,8 +167,8 @@ def _check_digests(query: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, coun
 
 def _check_kept(query: torch.Tensor, digests: KeyDigests) -> tuple[int, ...]:
     """:func:`_check_digests` for a :class:`KeyDigests` (from its stored shapes, no views made)."""
-    b, h, d, n = digests.transposed()[0].shape
-    return _check_shapes(query, (b, h, n, d), (b, h, n, d), digests.count)
+    shape = digests.shape
+    return _check_shapes(query, shape, shape, digests.count)
 
 
 def _check_shapes(query: torch.Tensor, lo: tuple[int, ...], hi: tuple[int, ...], count: torch.Tensor) -> tuple[int, ...]:
@@ -290,20 +291,21 @@ def _mass_scores(qf: torch.Tensor, digests: KeyDigests, score: ScoreRule, weight
     pages' ``-inf`` carried by ``logc_or_empty`` instead of masked fills.  Float16 digests: the same
     rule with the blend folded into the query (:func:`_products16`), float32 all the same, within
     float32 rounding of it."""
-    lo_t, hi_t, mean_t = digests.transposed()
-    if mean_t is None:
+    if not digests.has_landmarks:
         raise ValueError("these digests were built without key sums: no landmarks")
     if scale is None:
         scale = qf.shape[-1] ** -0.5
     scale = float(scale)
     b, h, gq, d = qf.shape
-    n = lo_t.shape[-1]
+    n = digests.n_blocks
     blend = score == "bound+landmark"
-    if lo_t.dtype != torch.float32:
-        s, lm = _products16(qf, digests.buffer(), n, weight if blend else 0.0)
-        zn = lm.mul_(scale).add_(logc_or_empty)
-        lse = zn.logsumexp(dim=-1, keepdim=True).clamp_(min=-1e30)
-        return s.mul_(scale).add_(logc_or_empty).sub_(lse).amax(dim=2)
+    if digests.dtype != torch.float32:
+        both = _products16(qf, digests.buffer(), n, weight if blend else 0.0)  # (B, H, 2 * G * Q, n)
+        both.mul_(scale).add_(logc_or_empty)  # s and lm scaled and shifted in one pass each
+        s, zn = both[:, :, :gq], both[:, :, gq:]
+        lse = zn.logsumexp(dim=-1, keepdim=True).clamp_(min=-1e30)  # a row without pages: no NaN
+        return s.sub_(lse).amax(dim=2)
+    lo_t, hi_t, mean_t = digests.transposed()
     # bmm on (B * H)-batched views: what matmul runs, without its reshapes (the digests' views fold).
     q3 = qf.reshape(b * h, gq, d)
     # The landmark matmul first and its terms at once, while its output is still in cache (each matmul
@@ -324,7 +326,7 @@ def _mass_scores(qf: torch.Tensor, digests: KeyDigests, score: ScoreRule, weight
     return z.amax(dim=2)
 
 
-SCRATCH_BYTES = 1 << 20  # float32 digests upcast at a time by _products16: within a core's L2
+SCRATCH_BYTES = 1 << 20  # float32 digests upcast at a time by _products16 (see there; docs/sparse.md)
 _scratch = threading.local()
 
 
@@ -337,42 +339,66 @@ def _scratch_buffer(numel: int) -> torch.Tensor:
     return buf
 
 
-def _products16(qf: torch.Tensor, buffer: torch.Tensor, n: int, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(s, lm)``, both ``(B, H, G * Q, n)`` float32 (fresh; views of one buffer): ``s = (1 - w) *
+def _query_rows(qf: torch.Tensor, r: int, weight: float) -> torch.Tensor:
+    """``(B * H, 2 * G * Q, r)`` float32 query rows of :func:`_products16` for the grouped query ``qf``
+    ``(B, H, G * Q, D)``: ``[(1 - w) min(q, 0), (1 - w) relu(q), w q]`` then ``[0, 0, q]``.
+
+    Written into a per-thread buffer reused across calls (only read by the matmuls of the caller, before
+    the next call on this thread): its zero blocks are zeroed once, when it is made, and each call writes
+    the four query blocks in place (the same float32 operations as building it afresh: ``clamp`` then
+    ``mul``)."""
+    b, h, gq, d = qf.shape
+    bh = b * h
+    shape = (bh, 2 * gq, r)
+    qe = getattr(_scratch, "qe", None)
+    if qe is None or tuple(qe.shape) != shape or qe.device != qf.device:
+        qe = _scratch.qe = qf.new_zeros(shape)
+    q3 = qf.reshape(bh, gq, d)
+    lo_rows, hi_rows = qe[:, :gq, :d], qe[:, :gq, d : 2 * d]
+    torch.clamp(q3, max=0, out=lo_rows).mul_(1.0 - weight)
+    torch.clamp(q3, min=0, out=hi_rows).mul_(1.0 - weight)
+    torch.mul(q3, weight, out=qe[:, :gq, 2 * d :])
+    qe[:, gq:, 2 * d :] = q3
+    return qe
+
+
+def _products16(qf: torch.Tensor, buffer: torch.Tensor, n: int, weight: float) -> torch.Tensor:
+    """``(B, H, 2 * G * Q, n)`` float32 (fresh): ``s`` then ``lm`` along the third dimension, ``s = (1 - w) *
     (relu(q) hi + min(q, 0) lo) + w * q . mean`` and ``lm = q . mean`` of the grouped query ``qf``
     ``(B, H, G * Q, D)`` float32 against the first ``n`` pages of 16-bit digests ``buffer`` ``(B, H, 3D,
     capacity)`` (:meth:`KeyDigests.buffer`: rows lo, hi, mean; columns past ``n`` are never used).
 
     CPU BLAS has no float16 matmul with a float32 result (torch's returns float16, whose 11-bit
     mantissa would tie pages), so the digests are upcast to float32 a slab at a time into a scratch
-    buffer that stays in the core's L2 (:data:`SCRATCH_BYTES`), and one float32 matmul per slab reads
-    all three digests with the query rows ``[(1 - w) min(q, 0), (1 - w) relu(q), w q]`` (``s``) and
-    ``[0, 0, q]`` (``lm``): the 16-bit digests are read from memory once, the float32 copy from cache.
-    A slab is whole (row, KV head) buffers, spare capacity included, so every upcast is one contiguous
-    copy (a strided one of just the ``n`` columns runs at a fraction of the speed); a (row, KV head)
-    larger than the scratch (very long contexts) goes by slabs of rows of the digests, the matmul
-    accumulating over them.  On CUDA the upcast of the whole layer is one kernel (no slabs)."""
+    buffer of :data:`SCRATCH_BYTES` (reused, so already mapped and mostly cached), and one float32
+    matmul per slab reads all three digests with the query rows ``[(1 - w) min(q, 0), (1 - w) relu(q),
+    w q]`` (``s``) and ``[0, 0, q]`` (``lm``) (:func:`_query_rows`): the 16-bit digests are read from
+    memory once, the float32 copy from cache.  A slab is whole (row, KV head) buffers, spare capacity
+    included, so every upcast is one contiguous copy (a strided one of just the ``n`` columns runs at a
+    fraction of the speed); a (row, KV head) larger than the scratch (very long contexts) goes by slabs
+    of rows of the digests, the matmul accumulating over them.  Each slab's matmul is the one of the
+    whole layer restricted to its (row, KV head)s (the same float32 products bit for bit, whatever the
+    slab size).  On CUDA the upcast of the whole layer is one kernel (no slabs)."""
     b, h, gq, d = qf.shape
     r, cap = buffer.shape[2], buffer.shape[3]
     bh = b * h
-    q3 = qf.reshape(bh, gq, d)
-    qe = qf.new_zeros(bh, 2 * gq, r)
-    qe[:, :gq, :d] = q3.clamp(max=0).mul_(1.0 - weight)
-    qe[:, :gq, d : 2 * d] = q3.clamp(min=0).mul_(1.0 - weight)
-    qe[:, :gq, 2 * d :] = q3 * weight
-    qe[:, gq:, 2 * d :] = q3
+    qe = _query_rows(qf, r, weight)
     st = buffer.reshape(bh, r, cap)  # a view: B and H are the storage's outer dimensions
     out = torch.empty(bh, 2 * gq, n, dtype=torch.float32, device=qf.device)
     if qf.is_cuda or n == 0:
         torch.bmm(qe, st[..., :n].float(), out=out)
     elif r * cap * 4 <= SCRATCH_BYTES:  # slabs of whole (row, KV head)s
-        per = SCRATCH_BYTES // (4 * r * cap)
-        scratch = _scratch_buffer(per * r * cap)
-        for i in range(0, bh, per):
-            j = min(bh, i + per)
-            sc = scratch[: (j - i) * r * cap].view(j - i, r, cap)
-            sc.copy_(st[i:j])
-            torch.bmm(qe[i:j], sc[..., :n], out=out[i:j])
+        per = min(bh, SCRATCH_BYTES // (4 * r * cap))
+        sc = _scratch_buffer(per * r * cap)[: per * r * cap].view(per, r, cap)
+        scn = sc[..., :n]
+        for src, q_part, o_part in zip(st.split(per), qe.split(per), out.split(per)):
+            m = src.shape[0]
+            if m == per:
+                sc.copy_(src)
+                torch.bmm(q_part, scn, out=o_part)
+            else:  # the last, partial slab
+                sc[:m].copy_(src)
+                torch.bmm(q_part, scn[:m], out=o_part)
     else:  # slabs of digest rows of one (row, KV head), accumulated
         per = max(1, SCRATCH_BYTES // (4 * cap))
         scratch = _scratch_buffer(per * cap)
@@ -385,7 +411,7 @@ def _products16(qf: torch.Tensor, buffer: torch.Tensor, n: int, weight: float) -
                     torch.mm(qe[i, :, k0:k1], sc[:, :n], out=out[i])
                 else:
                     out[i].addmm_(qe[i, :, k0:k1], sc[:, :n])
-    return out[:, :gq].view(b, h, gq, n), out[:, gq:].view(b, h, gq, n)
+    return out.view(b, h, 2 * gq, n)
 
 
 def _compiled_triton_usable(device: torch.device) -> bool:
@@ -574,10 +600,27 @@ def _uniform_top(scores: torch.Tensor, terms: _PageTerms) -> torch.Tensor:
     out = torch.zeros(b, h, n + terms.fill.shape[-1], dtype=torch.bool, device=scores.device)
     if terms.take == 0:
         return out[..., : terms.width]
-    key = torch.nan_to_num(scores.float(), nan=_LOW, posinf=_HIGH, neginf=_LOW)
-    key = torch.cat((torch.where(terms.fixed, terms.fixed_key, key), terms.fill.expand(b, h, -1)), dim=-1)
+    key = _key_buffer(scores, terms)
+    page_keys = key[..., :n]
+    torch.nan_to_num(scores.float(), nan=_LOW, posinf=_HIGH, neginf=_LOW, out=page_keys)
+    torch.where(terms.fixed, terms.fixed_key, page_keys, out=page_keys)
     top = torch.topk(key, terms.take, dim=-1, largest=True, sorted=False).indices
     return out.scatter_(-1, top, True)[..., : terms.width]
+
+
+def _key_buffer(scores: torch.Tensor, terms: _PageTerms) -> torch.Tensor:
+    """``(B, H, N + E)`` float32 ranking keys of :func:`_uniform_top`: a per-thread buffer reused across
+    calls whose last ``E`` columns hold ``terms.fill`` (written when the buffer or the terms change, so
+    once per step: every layer of a step shares its terms); the caller writes the first ``N``."""
+    b, h, n = scores.shape
+    shape = (b, h, n + terms.fill.shape[-1])
+    key = getattr(_scratch, "key", None)
+    if key is None or tuple(key.shape) != shape or key.device != scores.device or _scratch.key_terms is not terms:
+        if key is None or tuple(key.shape) != shape or key.device != scores.device:
+            key = _scratch.key = torch.empty(shape, dtype=torch.float32, device=scores.device)
+        key[..., n:] = terms.fill
+        _scratch.key_terms = terms
+    return key
 
 
 @dataclass(frozen=True)

@@ -171,6 +171,20 @@ def test_storage_is_transposed_for_scoring_and_grows_in_place():
     torch.testing.assert_close(d.total, want.total, rtol=1e-5, atol=1e-5)
 
 
+def test_capacity_is_a_little_slack_in_strides_of_16_columns():
+    """The storage's capacity (the row stride of the scoring matmuls): at least ``n + n // 32 + 16``
+    columns, a multiple of 16 but not of 256; ``shape`` and ``has_landmarks`` read without views."""
+    from tiercache_llm.sparse.digests import _capacity
+
+    for n in list(range(0, 600)) + [991, 4000, 8000, 2**15 - 40]:
+        cap = _capacity(n)
+        assert cap >= n + n // 32 + 16 and cap % 16 == 0 and cap % 256 != 0 and cap <= n + n // 32 + 48
+    d = KeyDigests.from_keys(torch.randn(2, 3, 4000, 8), 4, storage=torch.float16)
+    assert d.buffer().shape[-1] == _capacity(1000) and d.shape == tuple(d.lo.shape) == (2, 3, 1000, 8)
+    assert d.has_landmarks
+    assert not KeyDigests(4, d.lo, d.hi, d.count, 4000).has_landmarks
+
+
 def test_landmarks_are_divided_once_from_exact_sums():
     """The kept landmark of a page equals ``sum / count`` of its exact running sum (what landmarks()
     always computed), also for the partial last page across decode appends and left padding."""

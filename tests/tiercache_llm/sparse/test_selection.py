@@ -355,3 +355,47 @@ def test_digest_storage_knob_is_checked():
     assert SelectionConfig(budget=0.25, digests="float32").digests == "float32"
     with pytest.raises(ValueError, match="digests"):
         SelectionConfig(budget=0.25, digests="bfloat16")
+
+
+def test_reused_scoring_buffers_give_every_call_its_own_answer():
+    """The per-thread buffers ``select`` reuses (query rows, ranking keys with the step's fill columns,
+    upcast scratch) never carry one call's state into another: selections of caches of different shapes
+    and page counts, interleaved on one thread and run on two threads at once, equal each one's
+    selection made alone."""
+    import threading
+
+    def cache(seed, t, pads):
+        gen = torch.Generator().manual_seed(seed)
+        valid = torch.ones(len(pads), t, dtype=torch.bool)
+        for row, pad in enumerate(pads):
+            valid[row, :pad] = False
+        d = KeyDigests.from_keys(torch.randn(len(pads), 3, t, 16, generator=gen), 4, valid, storage=torch.float16)
+        return d, [torch.randn(len(pads), 9, 1, 16, generator=gen) for _ in range(3)]
+
+    # the padding swapped between rows: the same shapes (ranking keys included) but other terms, whose
+    # fill columns differ per row; and another shape
+    cases = [cache(1, 301, [0, 40]), cache(2, 301, [40, 0]), cache(3, 150, [0, 0, 7])]
+    cfg = SelectionConfig(budget=0.25, score="bound+landmark")
+
+    def run(d, qs):
+        return [select(q, d, cfg, pages_per_block=4) for q in qs]
+
+    alone = [run(d, qs) for d, qs in cases]
+    fields = ("scores", "pages", "head_mask", "row_mask", "fetch")
+
+    def same(x, y):
+        return all(torch.equal(getattr(a, f), getattr(b, f)) for a, b in zip(x, y) for f in fields)
+
+    interleaved = [[], [], []]
+    for i in range(3):
+        for c, (d, qs) in enumerate(cases):
+            interleaved[c].append(select(qs[i], d, cfg, pages_per_block=4))
+    assert all(same(a, b) for a, b in zip(alone, interleaved))
+    out = {}
+    threads = [threading.Thread(target=lambda c=c: out.__setitem__(c, [run(*cases[c]) for _ in range(5)]))
+               for c in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert all(same(alone[c], r) for c in range(3) for r in out[c])
