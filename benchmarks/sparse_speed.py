@@ -179,8 +179,8 @@ def points(s: Settings, kv_per_token: int) -> list[tuple[int, int]]:
 
 
 def estimate_seconds(s: Settings, kv_per_token: int) -> float:
-    """Rough runtime on the idle 2-core development machine (SmolLM2; tiny: / 10): prefill ≈ 5.5 ms per
-    token per row at 8K (chunked, quadratic part included); filling a tiered cache ≈ 6 ms per MiB (host
+    """Rough runtime on the idle 2-core development machine (SmolLM2; tiny: / 10): prefill ≈ 3 ms per
+    token per row at 8K (chunked, quadratic part included; the committed run's 117 s for four 8K and four 2K rows); filling a tiered cache ≈ 6 ms per MiB (host
     copy + direct-I/O writes of the disk part), once per round; a step ≈ 60 ms + 0.05 ms per 1K context
     tokens × batch (dense) plus reads at ≈ 1 ms per MiB (sparse: about the budget's share); the first
     step of a retaining strategy ((3b), (4)) ≈ 2.5 ms per MiB more (it stages and promotes)."""
@@ -189,7 +189,7 @@ def estimate_seconds(s: Settings, kv_per_token: int) -> float:
     for c, b in pts:
         for r in range(b):
             rows_ctx[r] = max(rows_ctx.get(r, 0), c)
-    total = sum(5.5e-3 * c * (1 + c / 16384) for c in rows_ctx.values())
+    total = sum(2e-3 * c * (1 + c / 16384) for c in rows_ctx.values())
     for c, b in pts:
         full = (c, b) in s.full_points
         configs, _ = configurations(s, full, c, s.block_size or 64)
@@ -383,6 +383,9 @@ class Run:
     steps: list[dict[str, Any]] = field(default_factory=list)
     reuse_rate: float | None = None
     stats: dict[str, Any] | None = None  # the last round's cache's stats() after its last step
+    # the largest process RSS / anonymous RSS sampled after this configuration's fills and steps (bytes)
+    max_rss_bytes: int = 0
+    max_anon_bytes: int = 0
 
 
 def tier_bytes(delta: dict[str, Any]) -> dict[str, float]:
@@ -452,11 +455,14 @@ class Point:
     def store(self, cfg: Config) -> Path:
         return self.workdir / f"{cfg.system}-{cfg.budget}-{cfg.state}-{cfg.pool}"
 
-    def sample_memory(self) -> None:
-        """Keep the largest RSS and anonymous RSS seen (sampled after every fill and step, untimed)."""
+    def sample_memory(self, run: Run) -> None:
+        """Keep the largest RSS and anonymous RSS seen, for the point and for ``run`` (sampled after every
+        fill and step, untimed)."""
         now = memory_status()
         for key in ("rss", "anon"):
-            self.memory[f"max_{key}_bytes"] = max(self.memory[f"max_{key}_bytes"], now.get(key, 0))
+            name = f"max_{key}_bytes"
+            self.memory[name] = max(self.memory[name], now.get(key, 0))
+            setattr(run, name, max(getattr(run, name), now.get(key, 0)))
 
     def build(self, cfg: Config, skip: dict[str, str]) -> Any:
         """A fresh cache of ``cfg`` filled from the point's saved K/V (untimed), or ``None`` where the
@@ -488,7 +494,7 @@ class Point:
         run.fill_seconds = median(run.fill_seconds_rounds)
         if cfg.state == "cold":
             run.cold_method = "direct_io" if tier_row(cache.stats(), "disk").get("direct_io") else "fadvise"
-        self.sample_memory()
+        self.sample_memory(run)
         return cache
 
     def decode(self, cfg: Config, cache: Any, rnd: int) -> None:
@@ -528,7 +534,7 @@ class Point:
                         record["beside_tiers_bytes"] = float(after.get("kv", {}).get("beside_tiers_bytes", 0))
                         previous = after
                     run.steps.append(record)
-                    self.sample_memory()
+                    self.sample_memory(run)
         except Exception as exc:  # noqa: BLE001
             if cfg.system in (DYNAMIC, EXACT):
                 raise

@@ -95,6 +95,7 @@ def test_quick_run_covers_every_row(speed, tmp_path):
     for run in saved["runs"]:
         if run["available"]:
             assert len(run["fill_seconds_rounds"]) == s.repeats, run["label"]
+            assert 0 < run["max_anon_bytes"] <= run["max_rss_bytes"], run["label"]
             firsts = [st for st in run["steps"] if st["step"] == 0]
             assert [st["round"] for st in firsts] == list(range(s.repeats)) and all(st.get("warmup") for st in firsts)
     memory = saved["meta"]["info"]["memory"]
