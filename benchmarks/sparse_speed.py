@@ -180,8 +180,9 @@ def points(s: Settings, kv_per_token: int) -> list[tuple[int, int]]:
 
 def estimate_seconds(s: Settings, kv_per_token: int) -> float:
     """Rough runtime on the idle 2-core development machine (SmolLM2; tiny: / 10): prefill ≈ 3 ms per
-    token per row at 8K (chunked, quadratic part included; the committed run's 117 s for four 8K and four 2K rows); filling a tiered cache ≈ 6 ms per MiB (host
-    copy + direct-I/O writes of the disk part), once per round; a step ≈ 60 ms + 0.05 ms per 1K context
+    token per row at 8K (chunked, quadratic part included; fitted to the committed run's 117 s for four
+    8K and four 2K rows); filling a tiered cache ≈ 6 ms per MiB (host copy + direct-I/O writes of the
+    disk part), once per round; a step ≈ 60 ms + 0.05 ms per 1K context
     tokens × batch (dense) plus reads at ≈ 1 ms per MiB (sparse: about the budget's share); the first
     step of a retaining strategy ((3b), (4)) ≈ 2.5 ms per MiB more (it stages and promotes)."""
     pts = points(s, kv_per_token)
