@@ -7,11 +7,12 @@ count, and describes the machine, so every benchmark states the same facts the s
 from __future__ import annotations
 
 import argparse
-
 import contextlib
 import dataclasses
+import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -139,6 +140,57 @@ def machine_meta() -> dict[str, object]:
     return meta
 
 
+def memory_status() -> dict[str, int]:
+    """This process's memory from ``/proc/self/status``, in bytes: ``rss`` (VmRSS), ``peak_rss`` (VmHWM,
+    since the start or the last :func:`reset_peak_rss`), ``anon`` (RssAnon), ``file`` (RssFile: mapped
+    file pages, which the kernel can drop) and ``shmem`` (RssShmem); ``{}`` where the file is missing."""
+    names = {"VmRSS": "rss", "VmHWM": "peak_rss", "RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}
+    out: dict[str, int] = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in names and rest.split():
+                    out[names[key]] = int(rest.split()[0]) * KiB
+    except OSError:
+        pass
+    return out
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (``/proc/self/clear_refs`` ← 5, Linux >= 4.0), so
+    :func:`memory_status`'s ``peak_rss`` covers what follows (``ru_maxrss`` is reset with it: read both
+    first to keep the peak so far); ``False`` where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def release_memory() -> None:
+    """Collect garbage and hand the C heap's free pages back to the kernel (glibc ``malloc_trim(0)``;
+    nothing where the C library has no such call), so memory freed by one run does not stay resident
+    into the next."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def max_rss_bytes() -> int:
+    """The largest RSS of this process (``getrusage(RUSAGE_SELF).ru_maxrss``); on Linux it reads the same
+    high-water mark as VmHWM, so :func:`reset_peak_rss` lowers it too."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KiB
+
+
 def has_field(cls: type, name: str) -> bool:
     """Whether dataclass ``cls`` has a field ``name`` (feature detection across versions)."""
     return dataclasses.is_dataclass(cls) and any(f.name == name for f in dataclasses.fields(cls))
@@ -217,6 +269,56 @@ def make_tiered(model: Any, mode: str, **options: Any) -> Any:
         return TieredKVCache(model.config, **options)
     available, why = sparse_available()
     raise SparseUnavailable(why)
+
+
+class MappedKV:
+    """Per-layer ``(keys, values)`` tensors kept in one file and mapped back on demand, so a benchmark can
+    hold a prompt's K/V without holding it in anonymous memory.
+
+    :meth:`write` streams the layers to ``path`` (one layer in memory at a time when given a generator);
+    :meth:`load` maps every tensor copy-on-write (``numpy.memmap`` mode ``"c"``): pages come from the page
+    cache as they are read and the kernel may drop them again, writes to a loaded tensor stay private
+    (the file never changes), and each tensor's mapping is released when the tensor is freed.  Only the
+    tensors' bytes are stored; shapes and dtypes live in the object."""
+
+    def __init__(self, path: Path, specs: list[tuple[tuple[int, ...], torch.dtype, int]]) -> None:
+        self.path, self.specs = Path(path), specs  # per tensor (K0, V0, K1, ...): shape, dtype, offset
+
+    @classmethod
+    def write(cls, path: str | os.PathLike[str], layers: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> "MappedKV":
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        specs: list[tuple[tuple[int, ...], torch.dtype, int]] = []
+        offset = 0
+        with open(path, "wb") as f:
+            for pair in layers:
+                for t in pair:
+                    flat = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                    f.write(memoryview(flat.numpy()))
+                    specs.append((tuple(t.shape), t.dtype, offset))
+                    offset += flat.numel()
+        return cls(path, specs)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype, _ in self.specs)
+
+    def load(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's ``(keys, values)``, mapped copy-on-write from the file (see the class)."""
+        import numpy as np
+
+        tensors = []
+        for shape, dtype, offset in self.specs:
+            n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if n == 0:
+                tensors.append(torch.empty(shape, dtype=dtype))
+                continue
+            raw = torch.from_numpy(np.memmap(self.path, dtype=np.uint8, mode="c", offset=offset, shape=(n,)))
+            tensors.append(raw.view(dtype).view(shape))
+        return [(tensors[i], tensors[i + 1]) for i in range(0, len(tensors), 2)]
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 def find_numbers(stats: Any, *fragments: str, prefix: str = "") -> dict[str, float]:

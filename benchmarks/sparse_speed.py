@@ -19,15 +19,21 @@ filesystem refuses O_DIRECT the store is dropped from the page cache before ever
 says ``fadvise``), **warm** = ``direct_io=False`` with the page cache left alone.
 
 How it is timed (see docs/benchmarks.md, "Sparse decode speed"): the prompt rows are prefilled **once**
-through the model into ``DynamicCache``s; every (context, batch) point takes a prefix / the first rows
-of them, and every configuration's cache is filled with those K/V (``Cache.update``; a sparse cache's key
-digests are appended from the same keys, see :func:`fill_cache`).  The caches of a point decode the
-*same* tokens in lock-step, in groups alive together (:func:`config_groups`): the reference
-(``DynamicCache``) runs first in each round of the first group and its greedy tokens are fed to every
-other configuration (teacher forcing), whose logits are compared with the reference's at the same step.  ``--warmup`` untimed steps, then ``--repeats`` rounds ×
-thread counts, each timing ``--steps`` steps per configuration, the order of the tiered configurations
-rotated every round.  Times are medians over every timed step, bytes per step means (exact mode's bytes are counted by the layer updates that use them, read ahead or not).  Writes ``sparse_speed.json``, ``.md``
-and ``.png`` under ``--out``.
+through the model, each row's K/V written to a file as soon as it is done (:func:`prefill_rows_to_files`);
+every (context, batch) point writes a prefix / the first rows of them to one file, its K/V
+(:func:`write_point_kv`), which every cache of the point is filled from (``Cache.update`` from a
+copy-on-write mapping of the file; a sparse cache's key digests are appended from the same keys, see
+:func:`fill_cache`).  Rounds (:meth:`Point.run`): ``--repeats`` times, every configuration of the point
+in turn -- the reference (``DynamicCache``) first, the others' order rotated by one every round -- gets a
+fresh cache filled from the file (untimed), decodes ``--warmup`` untimed steps (the first is the round's
+"first step", the time to the second token) and ``--steps`` timed steps per ``--threads`` value, and is
+closed (pools freed, disk store deleted) before the next is built.  So one cache is alive at a time
+(memory: the model, one cache, the mapped K/V pages the kernel can drop), every configuration decodes the
+same positions in every round, and no other cache's background work overlaps its timed steps.  The
+reference's greedy tokens (first round) are fed to every configuration (teacher forcing), whose logits
+are compared with the reference's at the same step.  Times are medians over every timed step, bytes per
+step means (exact mode's bytes are counted by the layer updates that use them, read ahead or not).
+Writes ``sparse_speed.json``, ``.md`` and ``.png`` under ``--out``, with the run's peak RSS.
 """
 
 from __future__ import annotations
@@ -45,16 +51,16 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402  (the benchmarks directory is not a package)
-    GiB, MiB, SPARSE_UNAVAILABLE, SparseUnavailable, drop_page_cache, filesystem_of, find_numbers, has_field,
-    kv_cache_bytes, load_bench_model, machine_meta, make_tiered, median, parse_ints, reuse_rate, sparse_available,
-    stats_delta, tier_row, torch_threads,
+    GiB, MiB, SPARSE_UNAVAILABLE, MappedKV, SparseUnavailable, drop_page_cache, filesystem_of, find_numbers,
+    has_field, kv_cache_bytes, load_bench_model, machine_meta, make_tiered, max_rss_bytes, median, memory_status,
+    parse_ints, release_memory, reset_peak_rss, reuse_rate, sparse_available, stats_delta, tier_row, torch_threads,
 )
 
 DEFAULT_THREADS = torch.get_num_threads()
@@ -74,10 +80,10 @@ class Settings:
     batches: tuple[int, ...] = (1, 4, 8)
     full_points: tuple[tuple[int, int], ...] = ((8192, 4),)  # every budget, warm runs, bandwidth, checks
     budgets: tuple[int | float, ...] = (2048, 0.0625, 0.25)  # int: tokens; float: fraction of the context
-    max_kv_gib: float = 1.0  # (context, batch) points whose float32 KV exceeds this are not run
-    steps: int = 2  # timed decode steps per configuration per round
-    warmup: int = 1  # untimed steps per configuration before the first round
-    repeats: int = 3  # rounds (per thread count)
+    max_kv_gib: float = 3.0  # (context, batch) points whose float32 KV exceeds this are not run (8K x 8: 2.8 GiB)
+    steps: int = 2  # timed decode steps per configuration, round and thread count
+    warmup: int = 1  # untimed steps per configuration and round, right after its cache is filled
+    repeats: int = 3  # rounds: every configuration's cache is built, decoded and closed once per round
     threads: tuple[int, ...] = field(default_factory=lambda: tuple(dict.fromkeys((1, DEFAULT_THREADS))))
     host_fraction: float = 0.25
     block_size: int | None = None  # None: the cache's default (64)
@@ -147,29 +153,23 @@ def distinct_budgets(budgets: tuple[int | float, ...], context: int, block: int)
 
 
 def configurations(s: Settings, full: bool, context: int, block: int) -> tuple[list[Config], dict[str, str]]:
-    """Configurations of one point in run order (the reference, ``DynamicCache``, first)."""
-    groups, merged = config_groups(s, full, context, block)
-    return [cfg for group in groups for cfg in group], merged
-
-
-def config_groups(s: Settings, full: bool, context: int, block: int) -> tuple[list[list[Config]], dict[str, str]]:
-    """The configurations of one point in groups whose caches are alive at the same time (each disk tier
-    keeps up to 4096 files open; a dozen caches exceed the open-file limit): the first holds the reference
-    (``DynamicCache``), exact cold and the three sparse strategies at the headline budget, cold, so the
-    issue-9 ratios are taken between interleaved runs; then one group per other budget (its three
-    strategies, interleaved); then the warm runs.  ``{merged budget label: kept label}``."""
+    """The configurations of one point in run order, and ``{merged budget label: kept label}``: the
+    reference (``DynamicCache``) first, then exact cold and the three sparse strategies at the headline
+    budget, cold (the issue-9 ratios); at the full points then the strategies at every other budget, the
+    warm runs and (opt-in) the pool budgets.  Every configuration of a point runs in every round
+    (:class:`Point`), so the order only fixes the reference's place and the rotation's start."""
     budgets, merged = distinct_budgets(s.budgets if full else (HEADLINE_BUDGET,), context, block)
     headline = next((b for b in budgets if budget_label(b) == budget_label(HEADLINE_BUDGET)
                      or merged.get(budget_label(HEADLINE_BUDGET)) == budget_label(b)), budgets[0])
-    groups = [[Config(DYNAMIC), Config(EXACT, None, "cold")] + [Config(system, headline, "cold") for system in SPARSE]]
-    groups += [[Config(system, b, "cold") for system in SPARSE] for b in budgets if b != headline]
+    configs = [Config(DYNAMIC), Config(EXACT, None, "cold")] + [Config(system, headline, "cold") for system in SPARSE]
+    configs += [Config(system, b, "cold") for b in budgets if b != headline for system in SPARSE]
     if full and s.warm:
-        groups.append([Config(EXACT, None, "warm")] + [Config(system, headline, "warm") for system in SPARSE])
+        configs += [Config(EXACT, None, "warm")] + [Config(system, headline, "warm") for system in SPARSE]
     if full and s.pool_fractions:
         # Pool budgets (opt-in): the retaining strategies at each budget beside themselves unbounded, interleaved.
-        groups.append([Config(system, headline, "cold", pool) for pool in (math.inf, *s.pool_fractions)
-                       for system in (REUSE, AWARE)])
-    return groups, merged
+        configs += [Config(system, headline, "cold", pool) for pool in (math.inf, *s.pool_fractions)
+                    for system in (REUSE, AWARE)]
+    return configs, merged
 
 
 def points(s: Settings, kv_per_token: int) -> list[tuple[int, int]]:
@@ -179,16 +179,18 @@ def points(s: Settings, kv_per_token: int) -> list[tuple[int, int]]:
 
 
 def estimate_seconds(s: Settings, kv_per_token: int) -> float:
-    """Rough runtime on the idle 2-core development machine (SmolLM2; tiny: / 10): prefill ≈ 5.5 ms per
-    token per row at 8K (chunked, quadratic part included); filling a tiered cache ≈ 15 ms per MiB (host
-    copy + direct-I/O writes of the disk part); a step ≈ 60 ms + 0.05 ms per 1K context tokens × batch
-    (dense) plus reads at ≈ 1 ms per MiB (sparse: about the budget's share)."""
+    """Rough runtime on the idle 2-core development machine (SmolLM2; tiny: / 10): prefill ≈ 3 ms per
+    token per row at 8K (chunked, quadratic part included; fitted to the committed run's 117 s for four
+    8K and four 2K rows); filling a tiered cache ≈ 6 ms per MiB (host copy + direct-I/O writes of the
+    disk part), once per round; a step ≈ 60 ms + 0.05 ms per 1K context
+    tokens × batch (dense) plus reads at ≈ 1 ms per MiB (sparse: about the budget's share); the first
+    step of a retaining strategy ((3b), (4)) ≈ 2.5 ms per MiB more (it stages and promotes)."""
     pts = points(s, kv_per_token)
     rows_ctx: dict[int, int] = {}
     for c, b in pts:
         for r in range(b):
             rows_ctx[r] = max(rows_ctx.get(r, 0), c)
-    total = sum(5.5e-3 * c * (1 + c / 16384) for c in rows_ctx.values())
+    total = sum(2e-3 * c * (1 + c / 16384) for c in rows_ctx.values())
     for c, b in pts:
         full = (c, b) in s.full_points
         configs, _ = configurations(s, full, c, s.block_size or 64)
@@ -196,10 +198,13 @@ def estimate_seconds(s: Settings, kv_per_token: int) -> float:
         for cfg in configs:
             frac = 1.0 if cfg.system in (DYNAMIC, EXACT) else min(1.0, budget_tokens(cfg.budget, c) / c)
             step = 0.06 + 0.05e-3 * c * b + (0 if cfg.system == DYNAMIC else 1e-3 * mib * frac)
-            total += (0 if cfg.system == DYNAMIC else 15e-3 * mib) + step * (s.warmup + s.steps * s.repeats * len(s.threads))
+            first = 2.5e-3 * mib if cfg.system in (REUSE, AWARE) else 0.0
+            total += s.repeats * ((0 if cfg.system == DYNAMIC else 6e-3 * mib) + first
+                                  + step * (s.warmup + s.steps * len(s.threads)))
     for c in s.synthetic:
         mib = 24 * 1024 * c / MiB * s.synthetic_layers / 48
-        total += 4 * 15e-3 * mib + 5 * (0.05 + 1e-3 * mib) * (s.warmup + s.steps * s.repeats * len(s.threads))
+        total += s.repeats * (4 * 6e-3 * mib + 2 * 2.5e-3 * mib
+                              + 5 * (0.05 + 1e-3 * mib) * (s.warmup + s.steps * len(s.threads)))
     return total / (10 if s.model == "tiny" else 1)
 
 
@@ -216,26 +221,49 @@ def prompt_rows(tokenizer: Any, rows: int, tokens: int, vocab: int) -> torch.Ten
     return torch.stack([x[:n] for x in ids])
 
 
-def prefill_rows(model: Any, ids: torch.Tensor, lengths: list[int], chunk: int = 2048) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Per row ``r``: per-layer ``(keys, values)`` (``(1, H, lengths[r], D)``) of ``ids[r, :lengths[r]]``,
-    each row prefilled alone in ``chunk``-token pieces (memory stays at one row's activations)."""
+def prefill_row(model: Any, ids: torch.Tensor, chunk: int = 2048) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer ``(keys, values)`` (``(1, H, n, D)``) of the ``(1, n)`` ids, prefilled through the model
+    into a ``DynamicCache`` in ``chunk``-token pieces (memory stays at one chunk's activations)."""
     from transformers import DynamicCache
 
-    out = []
+    cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        for r, n in enumerate(lengths):
-            cache = DynamicCache(config=model.config)
-            for start in range(0, n, chunk):
-                model(input_ids=ids[r:r + 1, start:min(n, start + chunk)], past_key_values=cache, use_cache=True)
-            out.append([(layer.keys, layer.values) for layer in cache.layers])
-    return out
+        for start in range(0, ids.shape[-1], chunk):
+            model(input_ids=ids[:, start:start + chunk], past_key_values=cache, use_cache=True)
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def prefill_rows(model: Any, ids: torch.Tensor, lengths: list[int], chunk: int = 2048) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Per row ``r``: per-layer ``(keys, values)`` (``(1, H, lengths[r], D)``) of ``ids[r, :lengths[r]]``,
+    each row prefilled alone (:func:`prefill_row`)."""
+    return [prefill_row(model, ids[r:r + 1, :n], chunk) for r, n in enumerate(lengths)]
+
+
+def prefill_rows_to_files(model: Any, ids: torch.Tensor, lengths: list[int], folder: Path,
+                          chunk: int = 2048) -> list[MappedKV]:
+    """:func:`prefill_rows`, each row written to ``folder/row<r>.kv`` as soon as it is prefilled, so only
+    one row's K/V is ever in anonymous memory; the rows as :class:`MappedKV`."""
+    return [MappedKV.write(folder / f"row{r}.kv", prefill_row(model, ids[r:r + 1, :n], chunk))
+            for r, n in enumerate(lengths)]
+
+
+def point_layers(rows: list[list[tuple[torch.Tensor, torch.Tensor]]], batch: int, tokens: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Layer by layer, the first ``batch`` rows' first ``tokens`` positions as ``(B, H, T, D)`` tensors
+    (the K/V of a prefix do not depend on what follows)."""
+    for i in range(len(rows[0])):
+        yield (torch.cat([row[i][0][:, :, :tokens] for row in rows[:batch]]),
+               torch.cat([row[i][1][:, :, :tokens] for row in rows[:batch]]))
 
 
 def point_kv(rows: list[list[tuple[torch.Tensor, torch.Tensor]]], batch: int, tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first ``batch`` rows' first ``tokens`` positions of every layer, as ``(B, H, T, D)`` tensors
-    (the K/V of a prefix do not depend on what follows)."""
-    return [(torch.cat([row[i][0][:, :, :tokens] for row in rows[:batch]]).contiguous(),
-             torch.cat([row[i][1][:, :, :tokens] for row in rows[:batch]]).contiguous()) for i in range(len(rows[0]))]
+    """:func:`point_layers` as a list (every layer in memory)."""
+    return list(point_layers(rows, batch, tokens))
+
+
+def write_point_kv(rows: list[MappedKV], batch: int, tokens: int, path: Path) -> MappedKV:
+    """:func:`point_layers` of the first ``batch`` spilled rows, written to ``path`` one layer at a time."""
+    maps = [row.load() for row in rows[:batch]]
+    return MappedKV.write(path, point_layers(maps, batch, tokens))
 
 
 def deep_model(layers: int, max_positions: int, seed: int = 0) -> Any:
@@ -265,15 +293,20 @@ def fill_cache(cache: Any, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     A sparse ``TieredKVCache`` also keeps per-block key digests, which its prepared model's attention
     function appends during a forward pass (``tiercache_llm.attention_hook``); no public API appends
     them outside one, so this does what that function does for an exact (prefill) step: consume the
-    layer's pending record and append the keys' digests (no padding).  It checks afterwards that every
-    sparse layer's digests cover exactly its tokens, and raises ``RuntimeError`` otherwise (the
-    benchmark then prefills through the model instead, see :func:`build_cache`)."""
+    layer's pending record and append the keys' digests (no padding).  Then it ends the pass as the
+    prepared model's post-forward hook ends a prefill (``TieredKVCache._end_forward``: scores, admission,
+    the pipeline's end-of-step staging, and the prompt's queued write-behind written before decoding
+    starts -- without it a fresh cache's first steps would race its own prompt writes).  It checks
+    afterwards that every sparse layer's digests cover exactly its tokens, and raises ``RuntimeError``
+    otherwise (the benchmark then prefills through the model instead, see :func:`build_cache`)."""
     for i, (k, v) in enumerate(kv):
         cache.update(k, v, i)
         state = getattr(cache.layers[i], "sparse", None)
         if state is not None:
             state.pending = None
             state.append(k, torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device))
+    if getattr(cache, "_sparse", None) is not None:
+        cache._end_forward()
     for layer in cache.layers:
         state = getattr(layer, "sparse", None)
         if state is not None and (state.digests is None or state.digests.length != layer.get_seq_length()):
@@ -344,10 +377,16 @@ class Run:
     note: str | None = None
     error: str | None = None
     cold_method: str | None = None  # "direct_io" / "fadvise" for cold runs
-    fill_seconds: float | None = None
-    steps: list[dict[str, Any]] = field(default_factory=list)  # threads, round, ms, bytes, stages, agreement
+    fill_seconds: float | None = None  # median over the rounds of filling the cache (untimed)
+    fill_seconds_rounds: list[float] = field(default_factory=list)
+    # every step of every round: step (0 = the first after the fill), round, threads (None: warm-up),
+    # torch_threads, ms, bytes, stages, agreement
+    steps: list[dict[str, Any]] = field(default_factory=list)
     reuse_rate: float | None = None
-    stats: dict[str, Any] | None = None
+    stats: dict[str, Any] | None = None  # the last round's cache's stats() after its last step
+    # the largest process RSS / anonymous RSS sampled after this configuration's fills and steps (bytes)
+    max_rss_bytes: int = 0
+    max_anon_bytes: int = 0
 
 
 def tier_bytes(delta: dict[str, Any]) -> dict[str, float]:
@@ -398,121 +437,140 @@ def step_record(before: dict[str, Any], after: dict[str, Any], previous: dict[st
 
 
 class Point:
-    """All configurations of one (context, batch) point, decoding in lock-step (see the module docstring)."""
+    """All configurations of one (context, batch) point, timed in interleaved rounds with one cache alive
+    at a time (see the module docstring and :meth:`run`)."""
 
-    def __init__(self, model: Any, name: str, kv: list, last: torch.Tensor, prompt: torch.Tensor | None,
-                 groups: list[list[Config]], s: Settings, workdir: Path, requested: int) -> None:
-        configs = [cfg for group in groups for cfg in group]
-        self.groups = groups
-        self.model, self.name, self.kv, self.last, self.prompt = model, name, kv, last, prompt
-        self.configs, self.s, self.workdir = configs, s, workdir
-        self.context, self.batch = kv[0][0].shape[2] + 1, kv[0][0].shape[0]
+    def __init__(self, model: Any, name: str, source: MappedKV, last: torch.Tensor, prompt: torch.Tensor | None,
+                 configs: list[Config], s: Settings, workdir: Path, requested: int, full: bool = False) -> None:
+        self.model, self.name, self.source, self.last, self.prompt = model, name, source, last, prompt
+        self.configs, self.s, self.workdir, self.full = configs, s, workdir, full
+        shape = source.specs[0][0]
+        self.context, self.batch = shape[2] + 1, shape[0]
         self.runs = {cfg: Run(name, self.context, requested, self.batch, cfg.system, cfg.budget, cfg.run_state, cfg.label)
                      for cfg in configs}
-        self.caches: dict[Config, Any] = {}
-        self.pos: dict[Config, int] = {cfg: 0 for cfg in configs}
         self.feed: list[torch.Tensor] = [last]  # input ids of step i (the reference's greedy tokens)
         self.ref_logits: list[torch.Tensor] = []
-        self.last_stats: dict[Config, dict[str, Any]] = {}
+        self.bandwidth: dict[str, Any] = {}
+        self.memory: dict[str, int] = {"max_rss_bytes": 0, "max_anon_bytes": 0}
 
     def store(self, cfg: Config) -> Path:
         return self.workdir / f"{cfg.system}-{cfg.budget}-{cfg.state}-{cfg.pool}"
 
-    def build(self, group: list[Config], skip: dict[str, str]) -> None:
-        for cfg in group:
-            run = self.runs[cfg]
-            if cfg.system in skip:
-                run.available, run.note = False, skip[cfg.system]
-                continue
-            t0 = time.perf_counter()
-            try:
-                with torch_threads(DEFAULT_THREADS):
-                    cache = build_cache(self.model, cfg, self.kv, self.s, self.store(cfg), self.prompt)
-            except SparseUnavailable as exc:
-                run.available, run.note = False, str(exc)
-                skip[cfg.system] = str(exc)
-                continue
-            except Exception as exc:  # noqa: BLE001 - a sparse failure is reported; the others must work
-                if cfg.system in (DYNAMIC, EXACT):
-                    raise
-                fail(run, exc)
-                continue
-            run.fill_seconds = time.perf_counter() - t0
-            if cfg.state == "cold":
-                run.cold_method = "direct_io" if tier_row(cache.stats(), "disk").get("direct_io") else "fadvise"
-            self.caches[cfg] = cache
+    def sample_memory(self, run: Run) -> None:
+        """Keep the largest RSS and anonymous RSS seen, for the point and for ``run`` (sampled after every
+        fill and step, untimed)."""
+        now = memory_status()
+        for key in ("rss", "anon"):
+            name = f"max_{key}_bytes"
+            self.memory[name] = max(self.memory[name], now.get(key, 0))
+            setattr(run, name, max(getattr(run, name), now.get(key, 0)))
 
-    def advance(self, cfg: Config, n: int, threads: int | None, rnd: int | None) -> None:
-        """``n`` decode steps of ``cfg`` (timed when ``threads`` is given), fed the reference's tokens."""
-        cache, run = self.caches.get(cfg), self.runs[cfg]
-        if cache is None or not run.available:
-            return
+    def build(self, cfg: Config, skip: dict[str, str]) -> Any:
+        """A fresh cache of ``cfg`` filled from the point's saved K/V (untimed), or ``None`` where the
+        configuration is unavailable or has failed."""
+        run = self.runs[cfg]
+        if not run.available:
+            return None
+        if cfg.system in skip:
+            run.available, run.note = False, skip[cfg.system]
+            return None
+        t0 = time.perf_counter()
+        kv = self.source.load()
+        try:
+            with torch_threads(DEFAULT_THREADS):
+                cache = build_cache(self.model, cfg, kv, self.s, self.store(cfg), self.prompt)
+        except SparseUnavailable as exc:
+            run.available, run.note = False, str(exc)
+            skip[cfg.system] = str(exc)
+            return None
+        except Exception as exc:  # noqa: BLE001 - a sparse failure is reported; the others must work
+            if cfg.system in (DYNAMIC, EXACT):
+                raise
+            fail(run, exc)
+            shutil.rmtree(self.store(cfg), ignore_errors=True)
+            return None
+        finally:
+            del kv  # the mappings go once the cache no longer refers to them (DynamicCache: after its first step)
+        run.fill_seconds_rounds.append(time.perf_counter() - t0)
+        run.fill_seconds = median(run.fill_seconds_rounds)
+        if cfg.state == "cold":
+            run.cold_method = "direct_io" if tier_row(cache.stats(), "disk").get("direct_io") else "fadvise"
+        self.sample_memory(run)
+        return cache
+
+    def decode(self, cfg: Config, cache: Any, rnd: int) -> None:
+        """One round of ``cfg`` on its freshly filled ``cache``: ``--warmup`` untimed steps at the first
+        thread count (the first of them is the round's first step after the fill), then ``--steps`` timed
+        steps per thread count, every step fed the reference's greedy tokens.  The reference records those
+        tokens and its logits in the first round."""
+        run = self.runs[cfg]
         tiered = hasattr(cache, "stats")
         reference = cfg == self.configs[0]
+        plan = [(self.s.threads[0], None)] * self.s.warmup + [(t, t) for t in self.s.threads for _ in range(self.s.steps)]
+        previous: dict[str, Any] | None = None
         try:
-            with torch.no_grad(), torch_threads(threads or DEFAULT_THREADS):
-                for _ in range(n):
-                    i = self.pos[cfg]
+            with torch.no_grad():
+                for i, (threads, timed) in enumerate(plan):
                     if run.cold_method == "fadvise":
                         drop_page_cache(self.store(cfg))
-                    before = cache.stats() if tiered else None
-                    start = time.perf_counter()
-                    logits = self.model(input_ids=self.feed[i], past_key_values=cache, use_cache=True).logits
-                    elapsed = time.perf_counter() - start
+                    with torch_threads(threads):
+                        before = cache.stats() if tiered else None
+                        start = time.perf_counter()
+                        logits = self.model(input_ids=self.feed[i], past_key_values=cache, use_cache=True).logits
+                        elapsed = time.perf_counter() - start
                     last = logits[:, -1].float()
-                    self.pos[cfg] = i + 1
-                    if reference:
+                    if reference and i == len(self.ref_logits):
                         self.ref_logits.append(last)
                         self.feed.append(last.argmax(-1, keepdim=True))
                     ref = self.ref_logits[i]
-                    record: dict[str, Any] = {"step": i, "threads": threads, "round": rnd, "ms": 1000 * elapsed,
+                    record: dict[str, Any] = {"step": i, "threads": timed, "torch_threads": threads, "round": rnd,
+                                              "ms": 1000 * elapsed,
                                               "top1": float((last.argmax(-1) == ref.argmax(-1)).float().mean()),
                                               "max_abs_logit_diff": float((last - ref).abs().max())}
+                    if timed is None:
+                        record["warmup"] = True
                     if tiered:
                         after = cache.stats()
-                        previous = self.last_stats.get(cfg, before)
-                        record.update(step_record(before, after, previous))
+                        record.update(step_record(before, after, previous if previous is not None else before))
                         record["beside_tiers_bytes"] = float(after.get("kv", {}).get("beside_tiers_bytes", 0))
-                        self.last_stats[cfg] = after
-                    if threads is not None:
-                        run.steps.append(record)
-                    elif not reference:
-                        run.steps.append({**record, "warmup": True})
+                        previous = after
+                    run.steps.append(record)
+                    self.sample_memory(run)
         except Exception as exc:  # noqa: BLE001
             if cfg.system in (DYNAMIC, EXACT):
                 raise
             fail(run, exc)
 
-    def run(self, group: list[Config], bar: Any) -> None:
-        """Warm-up and timed rounds of ``group`` (the reference, if in it, first in every round; a group
-        without it decodes the tokens the reference decoded in the first group)."""
+    def run(self, skip: dict[str, str], bar: Any) -> None:
+        """``--repeats`` rounds; in each, every configuration in turn (the reference first, the others'
+        order rotated by one every round) gets a fresh cache filled from the saved K/V, decodes its round
+        (:meth:`decode`) and is closed (its pools freed, its disk store deleted) before the next is built:
+        one cache is alive at a time, every timed step excludes the fill, and a configuration's timed
+        steps never overlap another cache's background work.  After the last round the cache's
+        ``stats()`` are kept, and at a full point the exact cold cache's store is read for the raw
+        bandwidth before it is closed."""
         s = self.s
-        ref = [cfg for cfg in group if cfg == self.configs[0]]
-        others = [cfg for cfg in group if cfg != self.configs[0]]
-        for cfg in ref + others:  # warm-up (untimed)
-            bar.set_postfix_str(f"{self.name} ctx {self.context} b {self.batch} warm-up {cfg.label}")
-            self.advance(cfg, s.warmup, None, None)
-        k = 0
+        ref, others = self.configs[0], self.configs[1:]
         for rnd in range(s.repeats):
-            for t in s.threads:
-                order = others[k % max(1, len(others)):] + others[:k % max(1, len(others))]
-                k += 1
-                for cfg in [*ref, *order]:
-                    bar.set_postfix_str(f"{self.name} ctx {self.context} b {self.batch} {t}t #{rnd + 1} {cfg.label}")
-                    self.advance(cfg, s.steps, t, rnd)
-                    bar.update(1)
-        for cfg in group:
-            cache = self.caches.get(cfg)
-            if cache is not None and hasattr(cache, "stats") and self.runs[cfg].available:
-                self.runs[cfg].stats = cache.stats()
-                self.runs[cfg].reuse_rate = reuse_rate(self.runs[cfg].stats)
-
-    def close_group(self, group: list[Config]) -> None:
-        for cfg in group:
-            cache = self.caches.pop(cfg, None)
-            if cache is not None and hasattr(cache, "close"):
-                cache.close()
-            shutil.rmtree(self.store(cfg), ignore_errors=True)
+            k = rnd % max(1, len(others))
+            for cfg in [ref, *others[k:], *others[:k]]:
+                bar.set_postfix_str(f"{self.name} ctx {self.context} b {self.batch} #{rnd + 1} {cfg.label}")
+                cache = self.build(cfg, skip)
+                if cache is not None:
+                    try:
+                        self.decode(cfg, cache, rnd)
+                        if rnd == s.repeats - 1 and hasattr(cache, "stats") and self.runs[cfg].available:
+                            self.runs[cfg].stats = cache.stats()
+                            self.runs[cfg].reuse_rate = reuse_rate(self.runs[cfg].stats)
+                            if self.full and cfg == Config(EXACT, None, "cold"):
+                                self.bandwidth = bandwidth(cache, self.store(cfg), s.threads)
+                    finally:
+                        if hasattr(cache, "close"):
+                            cache.close()
+                        del cache
+                        shutil.rmtree(self.store(cfg), ignore_errors=True)
+                        release_memory()
+                bar.update(len(s.threads))
 
 
 def fail(run: Run, exc: BaseException) -> None:
@@ -585,54 +643,71 @@ def run_all(s: Settings, workdir: Path, *, show_progress: bool = True) -> tuple[
           f"rounds; estimated ~{info['estimated_seconds'] / 60:.0f} min on an idle 2-core machine (see estimate_seconds)",
           flush=True)
     max_pos = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-    horizon = s.warmup + s.steps * s.repeats * len(s.threads) + 2
+    horizon = s.warmup + s.steps * len(s.threads) + 2  # steps a cache decodes in its round, + margin
     rows_ctx: dict[int, int] = {}
     for c, b in pts:
         for r in range(b):
             rows_ctx[r] = max(rows_ctx.get(r, 0), min(c, max_pos - horizon))
     t0 = time.perf_counter()
     ids = prompt_rows(tokenizer, len(rows_ctx), max(rows_ctx.values()), model.config.vocab_size) if pts else None
+    # VmHWM is reset at the start of the prefill and of every point (so each reports its own peak); resetting
+    # it also resets getrusage's ru_maxrss, so the run's peak is the largest of the readings taken before each reset.
+    memory: dict[str, Any] = {"peak_rss_bytes": 0, "points": {}, "after_model_load": memory_status()}
+    info["memory"] = memory
+
+    def peak_so_far() -> int:
+        value = max(memory_status().get("peak_rss", 0), max_rss_bytes())
+        memory["peak_rss_bytes"] = max(memory["peak_rss_bytes"], value)
+        return value
+
+    peak_so_far()
+    memory["peak_reset"] = reset_peak_rss()
     with torch_threads(DEFAULT_THREADS):
-        prefilled = prefill_rows(model, ids, [min(rows_ctx[r], ids.shape[-1]) - 1 for r in range(len(rows_ctx))]) if pts else []
+        prefilled = prefill_rows_to_files(model, ids, [min(rows_ctx[r], ids.shape[-1]) - 1 for r in range(len(rows_ctx))],
+                                          workdir / "prefill") if pts else []
     info["prefill_seconds"] = time.perf_counter() - t0
+    memory["prefill_peak_rss_bytes"] = peak_so_far()
     runs: list[Run] = []
     skip: dict[str, str] = {}
     plans = []
     for c, b in pts:
         context = min(c, max_pos - horizon, ids.shape[-1])
-        groups, merged = config_groups(s, (c, b) in s.full_points, context - 1, block)
+        configs, merged = configurations(s, (c, b) in s.full_points, context - 1, block)
         info["budget_merges"][f"{c}x{b}"] = merged
-        plans.append(("smollm2" if s.model == "smollm2" else s.model, c, b, context, groups))
+        plans.append(("smollm2" if s.model == "smollm2" else s.model, c, b, context, configs))
     deep = deep_model(s.synthetic_layers, max(s.synthetic, default=0) + horizon + 8) if s.synthetic else None
     for c in s.synthetic:
-        groups, merged = config_groups(s, False, c - 1, block)
-        plans.append(("synthetic", c, 1, c, groups))
-    total = sum(len(g) for p in plans for g in p[4]) * s.repeats * len(s.threads)
+        configs, merged = configurations(s, False, c - 1, block)
+        plans.append(("synthetic", c, 1, c, configs))
+    total = sum(len(p[4]) for p in plans) * s.repeats * len(s.threads)
     bar = tqdm(total=total, desc="sparse speed", unit="run", disable=not show_progress)
-    for name, c, b, context, groups in plans:
-        if name == "synthetic":
-            net, kv = deep, synthetic_kv(deep, context - 1, seed=c)
-            last, prompt = torch.randint(3, 1024, (1, 1), generator=torch.Generator().manual_seed(c)), None
-        else:
-            net, kv = model, point_kv(prefilled, b, context - 1)
-            last, prompt = ids[:b, context - 1:context], ids[:b, :context - 1]
-        point = Point(net, name, kv, last, prompt, groups, s, workdir, c)
-        try:
-            for i, group in enumerate(groups):
-                bar.set_postfix_str(f"{name} ctx {context} b {b}: filling {len(group)} caches")
-                try:
-                    point.build(group, skip)
-                    if i == len(groups) - 1:
-                        point.kv = kv = None  # DynamicCache's own copies are replaced at its first step
-                    point.run(group, bar)
-                    if i == 0 and name != "synthetic" and (c, b) in s.full_points:
-                        info["bandwidth"][f"{c}x{b}"] = bandwidth(point)
-                finally:
-                    point.close_group(group)
-        finally:
-            point.close_group(point.configs)
-        runs.extend(point.runs.values())
-        del kv, point
+    try:
+        for name, c, b, context, configs in plans:
+            peak_so_far()
+            reset_peak_rss()
+            full = name != "synthetic" and (c, b) in s.full_points
+            if name == "synthetic":
+                net = deep
+                source = MappedKV.write(workdir / f"point-synthetic-{c}.kv", synthetic_kv(deep, context - 1, seed=c))
+                last, prompt = torch.randint(3, 1024, (1, 1), generator=torch.Generator().manual_seed(c)), None
+            else:
+                net = model
+                source = write_point_kv(prefilled, b, context - 1, workdir / f"point-{c}x{b}.kv")
+                last, prompt = ids[:b, context - 1:context], ids[:b, :context - 1]
+            point = Point(net, name, source, last, prompt, configs, s, workdir, c, full=full)
+            try:
+                point.run(skip, bar)
+            finally:
+                source.remove()
+            if full:
+                info["bandwidth"][f"{c}x{b}"] = point.bandwidth
+            memory["points"][f"{name} {c}x{b}"] = {**point.memory, "kv_bytes": source.nbytes, "peak_rss_bytes": peak_so_far()}
+            runs.extend(point.runs.values())
+            del point
+    finally:
+        for row in prefilled:
+            row.remove()
+    peak_so_far()
     bar.close()
     if deep is not None:
         info["synthetic_config"] = {k: getattr(deep.config, k) for k in (
@@ -640,16 +715,12 @@ def run_all(s: Settings, workdir: Path, *, show_progress: bool = True) -> tuple[
     return runs, info
 
 
-def bandwidth(point: Point) -> dict[str, Any]:
-    """Raw read bandwidth of the exact cold cache's store files (O_DIRECT) and of a host copy of its host
-    tier's size, measured right after the point's rounds."""
-    cfg = Config(EXACT, None, "cold")
-    cache = point.caches.get(cfg)
-    if cache is None:
-        return {}
+def bandwidth(cache: Any, store: Path, threads: tuple[int, ...]) -> dict[str, Any]:
+    """Raw read bandwidth of an exact cold cache's store files in ``store`` (O_DIRECT) and of a host copy
+    of its host tier's size per thread count, measured right after the cache's last round."""
     host_cap = tier_row(cache.stats(), "host").get("capacity_bytes") or tier_row(cache.stats(), "host").get("capacity") or 0
-    disk = raw_disk_bandwidth(point.store(cfg))
-    host = {t: host_copy_bandwidth(max(int(host_cap), 64 * MiB), t) for t in point.s.threads}
+    disk = raw_disk_bandwidth(store)
+    host = {t: host_copy_bandwidth(max(int(host_cap), 64 * MiB), t) for t in threads}
     return {"disk": disk, "host_bytes_per_s": host, "host_capacity": host_cap}
 
 
@@ -684,6 +755,9 @@ class Row:
     # the most host memory the cache held outside its tier budgets after a step: resident pools, staging,
     # digests, decode buffers and tails (stats()["kv"]["beside_tiers_bytes"])
     beside_tiers_bytes: float = float("nan")
+    # median over the rounds of the first decode step after the cache was filled (the first warm-up step:
+    # time to the second token), on the rows of the thread count it ran at (the first of --threads)
+    first_step_ms: float = float("nan")
 
 
 def summarise(runs: list[Run]) -> list[Row]:
@@ -699,6 +773,7 @@ def summarise(runs: list[Run]) -> list[Row]:
             ms = median([st["ms"] for st in steps])
             stage_names = sorted({k for st in steps for k in st.get("stages", {})})
             stages = {k: 1000 * median([st["stages"].get(k, 0.0) for st in steps]) for k in stage_names}
+            first = median([st["ms"] for st in run.steps if st["step"] == 0 and st.get("torch_threads") == t])
             rows.append(Row(run.model, run.context, run.requested_context, run.batch, t or 0, run.label, run.system,
                             run.budget, run.state, run.available and bool(steps), run.note, run.cold_method, ms,
                             run.batch * 1000 / ms if ms == ms and ms > 0 else float("nan"),
@@ -710,7 +785,7 @@ def summarise(runs: list[Run]) -> list[Row]:
                             _mean([st.get("disk_tier_bytes", float("nan")) for st in steps]) if run.system != DYNAMIC
                             else float("nan"),
                             max((st.get("beside_tiers_bytes", float("nan")) for st in steps), default=float("nan"))
-                            if run.system != DYNAMIC else float("nan")))
+                            if run.system != DYNAMIC else float("nan"), first))
     return rows
 
 
@@ -851,21 +926,21 @@ def _stages(r: Row) -> str:
 
 
 def table(rows: list[Row], acc: dict[str, dict[str, float]]) -> list[str]:
-    lines = ["| model | context | batch | threads | configuration | ms/step | tokens/s | MiB/step fetched host + disk (disk tier read, background included) | "
+    lines = ["| model | context | batch | threads | configuration | ms/step | first step ms | tokens/s | MiB/step fetched host + disk (disk tier read, background included) | "
              "stage ms/step (pipeline: sync / copy / wait / background) | MiB beside the tier budgets (pools, staging, digests, buffers) | reuse | top-1 vs DynamicCache (teacher-forced, this run) | accuracy run top-1 / KL |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r.model != "smollm2", r.requested_context, r.batch, r.threads,
                                          SYSTEMS.index(r.system), str(r.budget), str(r.state))):
         ctx = f"{r.context}" if r.context == r.requested_context else f"{r.context} ({r.requested_context})"
         if not r.available:
-            lines.append(f"| {r.model} | {ctx} | {r.batch} | {r.threads} | {r.label} | {_short(r.note)} | | | | | | | |")
+            lines.append(f"| {r.model} | {ctx} | {r.batch} | {r.threads} | {r.label} | {_short(r.note)} | | | | | | | | |")
             continue
         label = r.label + (f" ({r.cold_method})" if r.state == "cold" and r.cold_method == "fadvise" else "")
         io = "–" if r.system == DYNAMIC else f"{_mib(r.host_bytes)} + {_mib(r.disk_bytes)} ({_mib(r.disk_tier_bytes)})"
         a = acc.get(budget_label(r.budget)) if r.budget is not None else None
         accs = f"{a['top1_agreement']:.4f} / {a['mean_kl']:.3g}" if a else "–"
         agree = "ref" if r.system == DYNAMIC else (f"{r.top1_vs_reference:.3f}" if r.top1_vs_reference is not None else "–")
-        lines.append(f"| {r.model} | {ctx} | {r.batch} | {r.threads} | {label} | {_ms(r.ms_per_step)} | {r.tokens_per_s:.3g} | "
+        lines.append(f"| {r.model} | {ctx} | {r.batch} | {r.threads} | {label} | {_ms(r.ms_per_step)} | {_ms(r.first_step_ms)} | {r.tokens_per_s:.3g} | "
                      f"{io} | {_stages(r)} | {'–' if r.system == DYNAMIC else _mib(r.beside_tiers_bytes)} | {f'{r.reuse_rate:.3f}' if r.reuse_rate is not None else '–'} | {agree} | {accs} |")
     return lines
 
@@ -886,14 +961,29 @@ def write_results(runs: list[Run], rows: list[Row], meta: dict[str, Any], info: 
     lines = ["# Sparse decode speed (CPU)", "",
              f"`{meta['command']}` on {meta['machine']} ({meta['cpus']} CPUs), {meta['date_utc']} UTC, "
              f"{meta['runtime_s']:.0f} s in all (prefill {info['prefill_seconds']:.0f} s); host tier "
-             f"{100 * s.host_fraction:g}% of the KV, disk tier the rest on {meta['workdir_filesystem']}; "
-             f"{s.warmup} warm-up + {s.steps} timed steps x {s.repeats} rounds per thread count, times medians, bytes means; load average "
+             f"{100 * s.host_fraction:g}% of the KV, disk tier the rest on {meta['workdir_filesystem']}; load average "
              f"{_load(meta, 'load_average_start')} at the start, {_load(meta, 'load_average')} at the end (1/5/15 min).",
+             f"Rounds: {s.repeats}. In each, every configuration of a point in turn (DynamicCache first, the others' order "
+             f"rotated by one per round) gets a fresh cache filled from the point's K/V (saved once per point; the fill "
+             f"is untimed), decodes {s.warmup} untimed warm-up step(s) at {s.threads[0]} thread(s) and {s.steps} timed "
+             f"step(s) per thread count ({', '.join(map(str, s.threads))}), and is closed (pools freed, disk store "
+             f"deleted) before the next is built: one cache alive at a time. Times are medians over the timed steps of "
+             f"every round, bytes means; 'first step ms' is the median over the rounds of the first step after the "
+             f"fill (the first warm-up step: time to the second token).",
              "Cold: `direct_io` (disk reads bypass the page cache); warm: page cache left alone. Every configuration "
              "decodes DynamicCache's greedy tokens (teacher forcing); 'top-1' = agreement of its next-token argmax with "
              "DynamicCache's at the same step. See docs/benchmarks.md, \"Sparse decode speed\".", ""]
     if meta.get("quick"):
         lines += ["**Quick run**: tiny random models and sizes; the figures say the code runs, not how fast it is.", ""]
+    mem = info.get("memory", {})
+    if mem.get("peak_rss_bytes"):
+        lines += [f"Peak RSS of the run: {mem['peak_rss_bytes'] / GiB:.2f} GiB (VmHWM / ru_maxrss; mapped pages of "
+                  f"the saved K/V files count, and the kernel can drop those); after the prefill "
+                  f"{(mem.get('prefill_peak_rss_bytes') or 0) / GiB:.2f} GiB. Per point (VmHWM reset at its start"
+                  + ("" if mem.get("peak_reset") else ", **not reset: the kernel refused, so each is the run's peak so far**")
+                  + "; largest RSS / anonymous RSS sampled after a fill or step; float32 KV): " + "; ".join(
+                      f"{k} {v['peak_rss_bytes'] / GiB:.2f} GiB ({v['max_rss_bytes'] / GiB:.2f} / {v['max_anon_bytes'] / GiB:.2f}; "
+                      f"KV {v['kv_bytes'] / GiB:.2f})" for k, v in mem.get("points", {}).items() if v.get("peak_rss_bytes")), ""]
     if info.get("skipped_points"):
         lines += [f"Points not run (float32 KV above {s.max_kv_gib:g} GiB; `--max-kv-gib`): "
                   + ", ".join(f"{c} x {b}" for c, b in info["skipped_points"]), ""]
@@ -1005,10 +1095,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="CONTEXTxBATCH points with every budget, warm runs, bandwidth and checks (default 8192x4)")
     parser.add_argument("--budgets", type=lambda t: tuple(_budget(x) for x in t.split(",")), default=None,
                         help="sparse budgets at the full points: token counts and/or fractions (default 2048,0.0625,0.25)")
-    parser.add_argument("--max-kv-gib", type=float, default=None, help="skip points whose float32 KV is larger, in GiB (default 1.0: 4K x 8 and 8K x 8 are skipped)")
-    parser.add_argument("--steps", type=lambda t: parse_ints(t, "--steps")[0], default=None, help="timed steps per round (default 2)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps before the first round (default 1)")
-    parser.add_argument("--repeats", type=lambda t: parse_ints(t, "--repeats")[0], default=None, help="rounds (default 3)")
+    parser.add_argument("--max-kv-gib", type=float, default=None,
+                        help="skip points whose float32 KV is larger, in GiB (default 3.0: every point runs; 8K x 8 is 2.8 GiB)")
+    parser.add_argument("--steps", type=lambda t: parse_ints(t, "--steps")[0], default=None,
+                        help="timed steps per configuration, round and thread count (default 2)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps per configuration and round after its cache is filled (default 1)")
+    parser.add_argument("--repeats", type=lambda t: parse_ints(t, "--repeats")[0], default=None,
+                        help="rounds; each builds, decodes and closes every configuration's cache once (default 3)")
     parser.add_argument("--threads", type=lambda t: parse_ints(t, "--threads"), default=None,
                         help=f"torch thread counts (default 1,{DEFAULT_THREADS})")
     parser.add_argument("--synthetic", default=None,

@@ -51,6 +51,7 @@ def test_quick_run_covers_every_row(speed, tmp_path):
             continue
         assert len(r["samples_ms"]) == s.steps * s.repeats and all(ms > 0 for ms in r["samples_ms"]), r
         assert r["tokens_per_s"] == pytest.approx(r["batch"] * 1000 / r["ms_per_step"])
+        assert r["first_step_ms"] > 0, r  # the first step after every round's fill (the warm-up step)
         if r["system"] == speed.DYNAMIC:
             continue
         if r["state"] == "cold":
@@ -69,12 +70,15 @@ def test_quick_run_covers_every_row(speed, tmp_path):
             exact = by[(r["model"], r["requested_context"], r["batch"], speed.EXACT, "None", "cold")]
             assert r["host_bytes"] + r["disk_bytes"] < exact["host_bytes"] + exact["disk_bytes"]
     # (3b) and (4) read blocks for the next step in the background: one can finish inside the previous step's
-    # (or the warm-up's) span, so a row's two timed steps can count more disk bytes than the tier read in
-    # them.  Over a run's every step the tier must have read at least what the steps counted as disk.
+    # span, or (staging started by the fill) before a fresh cache's first step, so steps can count more disk
+    # bytes than the tier read in them.  Over a cache's life (the last round's, whose stats() are kept) the
+    # tier must have read at least what its steps counted as disk.
+    from _common import tier_row
+
     for run in saved["runs"]:
         if run["state"] == "cold" and run["steps"]:
-            tier_read = sum(st["disk_tier_bytes"] for st in run["steps"])
-            assert tier_read >= sum(st["disk_bytes"] for st in run["steps"]), run["label"]
+            last = [st for st in run["steps"] if st["round"] == s.repeats - 1]
+            assert tier_row(run["stats"], "disk")["bytes_read"] >= sum(st["disk_bytes"] for st in last), run["label"]
     goals = saved["targets"]
     whats = [g["what"] for g in goals]
     assert any("(4) attention-aware vs (3) fetch-every-step" in w for w in whats)
@@ -87,7 +91,18 @@ def test_quick_run_covers_every_row(speed, tmp_path):
     bw = saved["meta"]["info"]["bandwidth"]["256x2"]
     assert ("error" not in bw["disk"]) is direct, bw
     assert bw["host_bytes_per_s"] and (not direct or bw["disk"]["bytes"] > 0 and bw["disk"]["bytes_per_s"] > 0)
+    # one fill per round, and every round's first step (the untimed warm-up) is recorded
+    for run in saved["runs"]:
+        if run["available"]:
+            assert len(run["fill_seconds_rounds"]) == s.repeats, run["label"]
+            assert 0 < run["max_anon_bytes"] <= run["max_rss_bytes"], run["label"]
+            firsts = [st for st in run["steps"] if st["step"] == 0]
+            assert [st["round"] for st in firsts] == list(range(s.repeats)) and all(st.get("warmup") for st in firsts)
+    memory = saved["meta"]["info"]["memory"]
+    assert memory["peak_rss_bytes"] >= max(p["peak_rss_bytes"] for p in memory["points"].values()) > 0
+    assert set(memory["points"]) == {"tiny 160x1", "tiny 160x2", "tiny 256x1", "tiny 256x2", "synthetic 200x1"}
     md = (tmp_path / "sparse_speed.md").read_text()
+    assert "Peak RSS of the run" in md and "first step ms" in md and "one cache alive at a time" in md
     assert "Quick run" in md and "## Targets" in md and "(3b) reuse-layer-ahead" in md and "synthetic" in md
     assert (tmp_path / "sparse_speed.png").stat().st_size > 0
 
@@ -214,3 +229,63 @@ def test_cli_rejects_bad_options(speed, tmp_path, argv):
     with pytest.raises(SystemExit) as exc:
         speed.main(["--quick", *argv, "--out", str(tmp_path)])
     assert exc.value.code == 2
+
+
+def test_one_cache_alive_at_a_time_rebuilt_every_round(speed, tmp_path, monkeypatch):
+    """Every configuration is filled once per round and closed before the next cache is built; the fill
+    is outside every recorded step (the build's clock never runs inside a step's)."""
+    real = speed.build_cache
+    live: list[object] = []
+    events: list[tuple[str, str]] = []
+
+    def counting(model, cfg, kv, s, store, prompt=None, **kw):
+        assert not live, f"{cfg.label} built while {len(live)} other cache(s) alive"
+        cache = real(model, cfg, kv, s, store, prompt, **kw)
+        live.append(cache)
+        events.append(("build", cfg.label))
+        close = getattr(cache, "close", None)
+
+        def closing():
+            live.remove(cache)
+            if close is not None:
+                close()
+
+        cache.close = closing  # DynamicCache has no close(): the benchmark drops it (checked below via hasattr)
+        return cache
+
+    monkeypatch.setattr(speed, "build_cache", counting)
+    s = speed.Settings.quick()
+    s.contexts, s.batches, s.full_points, s.synthetic, s.repeats, s.steps = (128,), (2,), (), (), 3, 1
+    runs, info = speed.run_all(s, tmp_path / "work", show_progress=False)
+    assert not live
+    labels = [r.label for r in runs]
+    assert len(events) == s.repeats * len(labels)
+    for rnd in range(s.repeats):  # the reference first in every round, the others' order rotated by one
+        order = [label for _, label in events[rnd * len(labels):(rnd + 1) * len(labels)]]
+        assert order[0] == labels[0] and sorted(order) == sorted(labels)
+        others = labels[1:]
+        k = rnd % len(others)
+        assert order[1:] == others[k:] + others[:k]
+    assert not list((tmp_path / "work").glob("*.kv")) and not list((tmp_path / "work").glob("prefill/*"))
+    for run in runs:
+        assert [st["step"] for st in run.steps] == [0, 1] * s.repeats  # 1 warm-up + 1 timed step, every round
+
+
+def test_mapped_kv_round_trip_is_copy_on_write(tmp_path):
+    from _common import MappedKV
+
+    gen = torch.Generator().manual_seed(0)
+    layers = [(torch.randn(2, 3, 5, 4, generator=gen), torch.randn(2, 3, 5, 4, generator=gen).to(torch.bfloat16)),
+              (torch.randn(1, 1, 0, 4), torch.arange(6, dtype=torch.int64).view(1, 1, 2, 3))]
+    saved = MappedKV.write(tmp_path / "kv", iter(layers))
+    assert saved.nbytes == sum(t.numel() * t.element_size() for pair in layers for t in pair)
+    assert (tmp_path / "kv").stat().st_size == saved.nbytes
+    loaded = saved.load()
+    for (k, v), (k2, v2) in zip(layers, loaded):
+        assert k2.dtype == k.dtype and v2.dtype == v.dtype
+        torch.testing.assert_close(k2, k, rtol=0, atol=0)
+        torch.testing.assert_close(v2, v, rtol=0, atol=0)
+    loaded[0][0].fill_(7.0)  # private to this mapping: the file and a fresh load are unchanged
+    torch.testing.assert_close(saved.load()[0][0], layers[0][0], rtol=0, atol=0)
+    saved.remove()
+    assert not (tmp_path / "kv").exists()
