@@ -62,6 +62,7 @@ from _common import (  # noqa: E402  (the benchmarks directory is not a package)
     has_field, kv_cache_bytes, load_bench_model, machine_meta, make_tiered, max_rss_bytes, median, memory_status,
     parse_ints, release_memory, reset_peak_rss, reuse_rate, sparse_available, stats_delta, tier_row, torch_threads,
 )
+from tiercache_llm.kv_cache import SPARSE_BLOCK_SIZE, default_block_size  # noqa: E402
 
 DEFAULT_THREADS = torch.get_num_threads()
 DYNAMIC, EXACT, FETCH, REUSE, AWARE = "dynamic", "exact", "fetch-every-step", "reuse-layer-ahead", "attention-aware"
@@ -86,7 +87,7 @@ class Settings:
     repeats: int = 3  # rounds: every configuration's cache is built, decoded and closed once per round
     threads: tuple[int, ...] = field(default_factory=lambda: tuple(dict.fromkeys((1, DEFAULT_THREADS))))
     host_fraction: float = 0.25
-    block_size: int | None = None  # None: the cache's default (64)
+    block_size: int | None = None  # None: each mode's default (default_block_size: exact 256, sparse 64)
     warm: bool = True  # warm-page-cache runs at the full points (exact and the headline budget)
     synthetic: tuple[int, ...] = (16384, 32768)  # contexts of the deep random config (batch 1); () skips it
     synthetic_layers: int = 48
@@ -193,7 +194,7 @@ def estimate_seconds(s: Settings, kv_per_token: int) -> float:
     total = sum(2e-3 * c * (1 + c / 16384) for c in rows_ctx.values())
     for c, b in pts:
         full = (c, b) in s.full_points
-        configs, _ = configurations(s, full, c, s.block_size or 64)
+        configs, _ = configurations(s, full, c, s.block_size or SPARSE_BLOCK_SIZE)
         mib = kv_per_token * c * b / MiB
         for cfg in configs:
             frac = 1.0 if cfg.system in (DYNAMIC, EXACT) else min(1.0, budget_tokens(cfg.budget, c) / c)
@@ -635,7 +636,7 @@ def run_all(s: Settings, workdir: Path, *, show_progress: bool = True) -> tuple[
     model, tokenizer = load_bench_model(s.model)
     kv_per_token = kv_cache_bytes(model.config, 1, 1, model.dtype)
     pts = points(s, kv_per_token)
-    block = s.block_size or 64
+    block = s.block_size or SPARSE_BLOCK_SIZE  # the unit a sparse selection fetches (budget merges)
     info: dict[str, Any] = {"kv_bytes_per_token": kv_per_token, "points": pts, "budget_merges": {}, "bandwidth": {},
                             "skipped_points": [(c, b) for c in s.contexts for b in s.batches if (c, b) not in pts]}
     info["estimated_seconds"] = estimate_seconds(s, kv_per_token)
@@ -961,7 +962,9 @@ def write_results(runs: list[Run], rows: list[Row], meta: dict[str, Any], info: 
     lines = ["# Sparse decode speed (CPU)", "",
              f"`{meta['command']}` on {meta['machine']} ({meta['cpus']} CPUs), {meta['date_utc']} UTC, "
              f"{meta['runtime_s']:.0f} s in all (prefill {info['prefill_seconds']:.0f} s); host tier "
-             f"{100 * s.host_fraction:g}% of the KV, disk tier the rest on {meta['workdir_filesystem']}; load average "
+             f"{100 * s.host_fraction:g}% of the KV, disk tier the rest on {meta['workdir_filesystem']}; blocks of "
+             f"{s.block_size or default_block_size('exact')} tokens in exact mode, {s.block_size or SPARSE_BLOCK_SIZE} "
+             f"in sparse mode; load average "
              f"{_load(meta, 'load_average_start')} at the start, {_load(meta, 'load_average')} at the end (1/5/15 min).",
              f"Rounds: {s.repeats}. In each, every configuration of a point in turn (DynamicCache first, the others' order "
              f"rotated by one per round) gets a fresh cache filled from the point's K/V (saved once per point; the fill "

@@ -13,8 +13,9 @@ appends across page boundaries, left padding, GQA, budgets, pages per block) tha
   ``D = 128``; on the AMD development machine SmolLM2's shape too: a third of the scores differ by up to
   ``1e-6`` relative), a difference of a few ulps that can only reorder pages whose scores tie to within
   it; where the scores come out bit-identical (SmolLM2's 3 query heads per KV head of dim 64 on the
-  machine this file was written on), the pages must be identical too.  Random float scores have no
-  ties, so "identical" means equal."""
+  machine this file was written on), the pages must be identical too, and at SmolLM2's cache shape (a
+  fixed seed whose scores have no near-ties) they must be identical whatever the BLAS summation order.
+  Random float scores have no ties, so "identical" means equal."""
 
 from __future__ import annotations
 
@@ -128,15 +129,16 @@ def build(b, h, d, page, t, seed, pad_rows, chunks):
     return new, ref, gen
 
 
-def check_same(new, ref, query, config, k):
+def check_same(new, ref, query, config, k, *, same_pages=False):
+    """``same_pages``: the pages must be those the first implementation selects from its own scores even
+    where the scores differ in the last ulps (a fixed case whose scores have no near-ties)."""
     sel = select(query, new, config, backend="torch", pages_per_block=k)
     assert torch.equal(new.landmarks(), ref.landmarks())
     assert torch.equal(new.lo, ref.lo) and torch.equal(new.hi, ref.hi) and torch.equal(new.count, ref.count)
     want_scores = ref_scores(query, ref, config)
     torch.testing.assert_close(sel.scores, want_scores, rtol=1e-5, atol=1e-5)
     assert torch.equal(sel.pages, ref_select(sel.scores, ref.count, config))
-    if torch.equal(sel.scores, want_scores):
-        assert torch.equal(sel.scores, want_scores)
+    if same_pages or torch.equal(sel.scores, want_scores):
         assert torch.equal(sel.pages, ref_select(want_scores, ref.count, config))
 
 
@@ -162,4 +164,4 @@ def test_select_matches_the_first_implementation_at_the_cache_shape(budget):
     new, ref, gen = build(4, 3, 64, 8, 2048 + 13, 7, [0, 100, 0, 333], [2048] + [1] * 12)
     config = SelectionConfig(budget=budget, sink=4, recent=64, score="bound+landmark")
     for _ in range(2):
-        check_same(new, ref, torch.randn(4, 9, 1, 64, generator=gen), config, 8)
+        check_same(new, ref, torch.randn(4, 9, 1, 64, generator=gen), config, 8, same_pages=True)
