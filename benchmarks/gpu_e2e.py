@@ -58,6 +58,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_meta, median, parse_ints  # noqa: E402  (the benchmarks directory is not a package)
+from tiercache_llm.kv_cache import default_block_size  # noqa: E402
 
 GiB = 1 << 30
 DYNAMIC, OFFLOAD, EXACT = "dynamic", "dynamic-offload", "exact"
@@ -95,7 +96,8 @@ class Settings:
     contexts: tuple[int, ...] = (32768, 65536, 131072)
     batches: tuple[int, ...] = (1, 4, 8)
     steps: int = 4
-    block_size: int = 64
+    block_size: int = 64  # sparse caches and the kernel rows
+    exact_block_size: int | None = None  # exact caches; None: the mode's default (default_block_size("exact"))
     budget: int = 2048  # sparse: tokens per row, layer and KV head
     gpu_fraction: float = 0.125  # GPU tier = this fraction of the KV size
     ssd_host_fraction: float = 0.25  # the SSD configuration's host tier
@@ -106,7 +108,8 @@ class Settings:
     @classmethod
     def tiny_settings(cls) -> "Settings":
         return cls(shape=ModelShape(layers=2, heads=4, kv_heads=2, head_dim=16, hidden=64, intermediate=128, vocab=256),
-                   contexts=(256, 512), batches=(1, 2), steps=2, block_size=16, budget=64, time_budget=240.0,
+                   contexts=(256, 512), batches=(1, 2), steps=2, block_size=16, exact_block_size=16, budget=64,
+                   time_budget=240.0,
                    dtype="float32", tiny=True)
 
 
@@ -180,12 +183,13 @@ def make_cache(model: Any, cfg: Config, s: Settings, workdir: Path) -> Any:
         return DynamicCache(config=model.config, offloading=True)
     from tiercache_llm import TieredKVCache
 
-    opts: dict[str, Any] = dict(block_size=s.block_size, gpu=cfg.gpu or None, host=cfg.host or None)
+    opts: dict[str, Any] = dict(gpu=cfg.gpu or None, host=cfg.host or None)
     if cfg.disk:
         opts.update(disk=cfg.disk, path=str(workdir / f"kv-{time.monotonic_ns()}"))
     if cfg.system == EXACT:
-        return TieredKVCache.for_model(model, mode="exact", **opts)
-    return TieredKVCache.for_model(model, mode="sparse", strategy=cfg.system, budget=s.budget, **opts)
+        return TieredKVCache.for_model(model, mode="exact", block_size=s.exact_block_size, **opts)
+    return TieredKVCache.for_model(model, mode="sparse", strategy=cfg.system, budget=s.budget,
+                                   block_size=s.block_size, **opts)
 
 
 def fill(cache: Any, cfg: Config, s: Settings, device: torch.device) -> None:
@@ -556,7 +560,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"triton {result['versions'].get('triton')}. Runtime {result['runtime_seconds']:.0f} s "
         f"(model build {result['model_build_seconds']:.1f} s). Model: {s['shape']['layers']} layers, "
         f"{s['shape']['heads']} q heads / {s['shape']['kv_heads']} KV heads, head dim {s['shape']['head_dim']}, "
-        f"{s['dtype']} random weights. Sparse budget {s['budget']} tokens; block {s['block_size']} tokens; "
+        f"{s['dtype']} random weights. Sparse budget {s['budget']} tokens; sparse blocks {s['block_size']} tokens, "
+        f"exact blocks {s.get('exact_block_size') or default_block_size('exact')}; "
         f"GPU tier {s['gpu_fraction']:.3g} of the KV; {s['steps']} timed steps after one untimed.", "",
         f"{result['fill']}", "",
         "| context | batch | system | tiers | KV GiB | ms/step | tokens/s | read per step by tier | reuse | note |",
