@@ -404,3 +404,46 @@ def test_prefaulted_pools_keep_logits(model, batch, tmp_path):
         assert torch.equal(ref, got)
         if not prefault:
             assert pipe["prefault_bytes"] == 0
+
+
+def _prefaulter_idle(pipe):
+    """Wait until every job queued on the pipeline's prefault thread (one thread, FIFO) has run."""
+    if pipe._prefaulter is not None:
+        pipe._prefaulter.submit(lambda: None).result()
+
+
+@pytest.mark.parametrize("strategy", ("reuse-layer-ahead", "attention-aware"))
+def test_first_step_reserves_every_layer_and_warms_the_next_layers_slots(model, batch, tmp_path, strategy):
+    """The first decode step makes every sparse layer's pool view before the arena's first allocation (so the
+    reservation covers all layers and the step never reallocates the arena, copying every held slot), and
+    with ``warm_first_step`` faults in the slots the next layers will take while the first layer reads; the
+    warm-up changes no logits, and without it nothing is warmed."""
+    from tiercache_llm.sparse.pool import populate
+
+    ref = reference(model, batch, tmp_path)
+    ids, mask = batch
+    can_populate = populate(torch.empty(1 << 14)) > 0
+    for warm in (True, False):
+        with TieredKVCache.for_model(model, **opts(tmp_path / str(warm), strategy,
+                                                 pipeline={"warm_first_step": warm})) as cache:
+            pipe = cache._pipeline
+            first: dict = {}
+            fetch = pipe.fetch
+
+            def spy(*args, **kwargs):
+                out = fetch(*args, **kwargs)
+                if not first and args[1].layer_idx == pipe.sparse_ids[-1]:  # the first decode step is done
+                    first.update(views=sorted(pipe._pools), ordered=[pipe._pools[i] for i in pipe.sparse_ids]
+                                 == pipe._arena.pools, reallocs=pipe._arena.reallocs)
+                return out
+
+            pipe.fetch = spy
+            got = decode_logits(model, cache, ids, mask)
+            _prefaulter_idle(pipe)
+            stats = cache.stats()["pipeline"]
+        assert first == {"views": pipe.sparse_ids, "ordered": True, "reallocs": 0}
+        assert torch.equal(ref, got)
+        if warm and can_populate:
+            assert 0 < stats["warm_bytes"] <= stats["prefault_bytes"]
+        if not warm:
+            assert stats["warm_bytes"] == 0

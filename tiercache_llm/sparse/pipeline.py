@@ -48,6 +48,11 @@ pass for the CPU.  Measured on the 2-core benchmark machine (SmolLM2, ``benchmar
   its new slots are faulted in on a background thread (``MADV_POPULATE_WRITE``), so the first read into a
   fresh slot does not pay a page fault per 4 KiB on the forward pass (~0.15 ms per 192 KiB entry measured
   on the benchmark VM).
+- **The first decode step** (every strategy with a resident pool): the arena is made at the step's first
+  fetch with every sparse layer's view, so its first allocation reserves rows for all of them (views made
+  one per layer as the step went reallocated it, copying every held slot, at most layers: 9 times, 2.2-3.1 s
+  at SmolLM2 4K x batch 4), and while the first layer reads, the slots the next layers will take are
+  faulted in on the prefault thread (``warm_first_step``).  None of it changes what is attended.
 - **Deferred promotions** (``attention-aware``): the forward pass's own reads do not promote (so they
   never wait on the demotion writes a promotion causes); the background reads above do, under
   :meth:`~tiercache_llm.policies.AttentionPlacementPolicy.promoting`.
@@ -62,11 +67,8 @@ on the pool; :meth:`close` may be called from any thread.
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import functools
 import math
-import mmap
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -76,7 +78,7 @@ import torch
 
 from tiercache.buffers import aligned_empty
 
-from .pool import GROWTH, PoolArena, ResidentPool, Retention, check_pool_bytes
+from .pool import GROWTH, PoolArena, ResidentPool, Retention, _madvise, check_pool_bytes, populate
 from .staging import StagingArea
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -115,6 +117,10 @@ class PipelineConfig:
         prefault_pool: a resident pool's new slots are faulted in (``MADV_POPULATE_WRITE``) on a background
             thread as soon as the pool grows, so the forward pass does not pay a page fault per 4 KiB of
             every first read into a slot (CPU, Linux >= 5.14; only in pipelines with an I/O pool).
+        warm_first_step: the first-step warm-up (with ``prefault_pool``): when the first fetch of a decode step
+            makes the pools' arena (the first step after a prefill, or after crop / reorder / a batch change),
+            the prefault thread faults in, lowest first, the slots the following layers are expected to take
+            (as many per layer as the first one took) while the first layer reads; ``warm_bytes`` counts them.
         wait_timeout: seconds a layer waits for an in-flight entry before reading it itself.
         complement_reuse: attention-aware placement with resident pools: the fastest tier complements the
             pool (:meth:`DecodePipeline.placement_scores`) instead of holding the most attended blocks.
@@ -142,6 +148,7 @@ class PipelineConfig:
     stage_ahead: int = 4
     stage_near: int = 0
     prefault_pool: bool = True
+    warm_first_step: bool = True
     wait_timeout: float = 30.0
     write_behind_bytes: int = 0
     complement_reuse: bool = False
@@ -214,7 +221,8 @@ class PipelineStats:
     when a pool grows) plus the pool's slot bookkeeping; ``predict_seconds``: the predictor and job
     submission; ``stage_ahead_entries`` / ``stage_ahead_seconds``: entries disk staging ahead submitted and
     the forward thread's time choosing them (after each step); ``prefault_bytes`` / ``prefault_seconds``:
-    pool memory faulted in by the background prefaulter and its time there; ``reuse_bytes`` /
+    pool memory faulted in by the background prefaulter and its time there (``warm_bytes``: of those, by the
+    first-step warm-up); ``reuse_bytes`` /
     ``reuse_peak_bytes``: memory of the resident pools' shared arena (every
     slot, free or not; fetch-every-step's fetch buffer included); ``pool_slots`` / ``pool_held`` /
     ``pool_grows`` / ``pool_reallocs`` / ``pool_evicted``: its slots, the stored blocks held in them,
@@ -240,6 +248,7 @@ class PipelineStats:
     stage_ahead_seconds: float = 0.0
     prefault_bytes: int = 0
     prefault_seconds: float = 0.0
+    warm_bytes: int = 0
     copy_seconds: float = 0.0
     predict_seconds: float = 0.0
     reuse_bytes: int = 0
@@ -262,47 +271,6 @@ class PipelineStats:
         return out
 
 
-_MADV_POPULATE_WRITE = 23  # Linux >= 5.14
-_madvise_fn: Any = None  # None: not looked up yet; False: unavailable
-
-
-def _madvise() -> Any:
-    """libc's ``madvise`` (called through ctypes, which releases the GIL), or ``None`` off Linux."""
-    global _madvise_fn
-    if _madvise_fn is None:
-        try:
-            if not sys.platform.startswith("linux"):
-                raise OSError("not Linux")
-            fn = ctypes.CDLL(None, use_errno=True).madvise
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            fn.restype = ctypes.c_int
-            _madvise_fn = fn
-        except (OSError, AttributeError):
-            _madvise_fn = False
-    return _madvise_fn or None
-
-
-def populate(tensor: torch.Tensor) -> int:
-    """Map every whole page inside ``tensor``'s (contiguous, CPU) bytes for writing without changing its
-    contents (``MADV_POPULATE_WRITE``); returns the bytes covered, 0 when there is no whole page or the
-    tensor is not a contiguous CPU one, ``-1`` off Linux or when the kernel refuses (then never tried again
-    in this process)."""
-    fn = _madvise()
-    if fn is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
-        return -1 if fn is None else 0
-    page = mmap.PAGESIZE
-    begin = tensor.data_ptr()
-    lo = -(-begin // page) * page
-    hi = (begin + tensor.nbytes) // page * page
-    if hi <= lo:
-        return 0
-    if fn(lo, hi - lo, _MADV_POPULATE_WRITE) != 0:
-        global _madvise_fn
-        _madvise_fn = False
-        return -1
-    return hi - lo
-
-
 class DecodePipeline:
     """Drives the fetch stage of every sparse layer of one cache (see module doc)."""
 
@@ -321,11 +289,14 @@ class DecodePipeline:
         self._last: dict[int, list[int]] = {}  # layer -> stored blocks it fetched at its last step
         self._left: dict[int, list[int]] = {}  # layer -> blocks of the step before that it no longer selected
         self._predicted: dict[int, set] = {}  # layer -> entries predicted for its coming fetch
-        self._arena = PoolArena(config.retention, config.pool_blocks_factor, config.pool_bytes, config.pool_eviction)  # shared slots
+        self._arena = PoolArena(config.retention, config.pool_blocks_factor, config.pool_bytes, config.pool_eviction)  # the slots shared by every layer
         self._pools: dict[int, ResidentPool] = {}  # layer -> its view of the arena
         # layer -> (scores, pages, pages_per_block, digests' count) of its last selection (near misses)
         self._last_sel: dict[int, tuple] = {}
         self._prefaulter: concurrent.futures.ThreadPoolExecutor | None = None
+        # (address of the arena's k, end slot) of the last first-step warm-up (an address, not the tensor: the
+        # arena's old memory is freed when it reallocates; a reused address only skips a prefault)
+        self._warmed: tuple[int, int] | None = None
         self._stats_lock = threading.Lock()
         self._spare: dict[tuple, list[torch.Tensor]] = {}  # (shape, dtype, device) -> staging tensors to reuse
         self._spare_bytes = 0
@@ -356,28 +327,34 @@ class DecodePipeline:
         self._spare.setdefault((tuple(tensor.shape), tensor.dtype, tensor.device), []).append(tensor)
         self._spare_bytes += tensor.nbytes
 
-    def _prefault(self, pool: ResidentPool, first: int) -> None:
-        """Fault in the slots ``first..capacity-1`` of ``pool`` in the background (``prefault_pool``): the
-        forward pass's first write into a slot then finds its pages mapped.  Only page tables change
-        (``MADV_POPULATE_WRITE`` never alters contents), so it may overlap the forward pass's writes
-        into the same slots; the job holds the tensors, which stay valid whatever the pool does meanwhile."""
+    def _prefault(self, pool: ResidentPool, first: int, end: int | None = None, warm: bool = False) -> None:
+        """Fault in the slots ``first..end-1`` (``end``: the capacity) of ``pool`` in the background
+        (``prefault_pool``): the forward pass's first write into a slot then finds its pages mapped.  Only page
+        tables change (``MADV_POPULATE_WRITE`` never alters contents), so it may overlap the forward pass's writes
+        into the same slots; the job holds the tensors, which stay valid whatever the pool does meanwhile.
+        ``warm``: the first-step warm-up (:meth:`fetch`): the slots beyond the capacity the next layers are
+        expected to take, lowest first (the order the layers take them); otherwise the highest first (the
+        fetching layer takes the lowest itself)."""
+        end = pool.capacity if end is None else min(end, pool.k.shape[0] if pool.k is not None else 0)
         if (not self.config.prefault_pool or self._executor is None or self._closed or pool.k is None
-                or pool.k.device.type != "cpu" or first >= pool.capacity or _madvise() is None):
+                or pool.k.device.type != "cpu" or first >= end or _madvise() is None):
             return
         if self._prefaulter is None:
             self._prefaulter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tiercache-kv-prefault")
         try:
-            self._prefaulter.submit(self._prefault_job, pool.k, pool.v, first, pool.capacity)
+            self._prefaulter.submit(self._prefault_job, pool.k, pool.v, first, end, warm)
         except RuntimeError:  # shut down by close(): nothing to do
             pass
 
-    def _prefault_job(self, k: torch.Tensor, v: torch.Tensor, first: int, end: int) -> None:
+    def _prefault_job(self, k: torch.Tensor, v: torch.Tensor, first: int, end: int, warm: bool = False) -> None:
         start = time.perf_counter()
         done = 0
         step = max(1, (4 * MiB) // max(1, k[0].nbytes))
+        # Growth: the highest slots first (the forward pass takes the lowest); warm-up: the lowest first.
+        ranges = [(lo, min(end, lo + step)) for lo in range(first, end, step)] if warm else \
+            [(max(first, hi - step), hi) for hi in range(end, first, -step)]
         try:
-            for hi in range(end, first, -step):  # the highest slots first: the forward pass takes the lowest
-                lo = max(first, hi - step)
+            for lo, hi in ranges:
                 for t in (k, v):
                     got = populate(t[lo:hi])
                     if got < 0 or self._closed:
@@ -387,6 +364,8 @@ class DecodePipeline:
             with self._stats_lock:
                 self.stats.prefault_bytes += done
                 self.stats.prefault_seconds += time.perf_counter() - start
+                if warm:
+                    self.stats.warm_bytes += done
 
     def _policy_context(self) -> Any:
         policy = getattr(self.store, "policy", None)
@@ -477,7 +456,13 @@ class DecodePipeline:
     def _pool_of(self, layer_idx: int) -> ResidentPool:
         pool = self._pools.get(layer_idx)
         if pool is None:
-            pool = self._pools[layer_idx] = self._arena.pool()
+            # Every sparse layer's view at once, in fetch order: the arena's first allocation reserves rows for
+            # as many layers as it has views, so views made one by one during the first step made it
+            # reallocate (copying every held slot) at most layers (9 times at SmolLM2 4K x 4: 2.2-3.1 s).
+            for idx in [*self.sparse_ids, layer_idx]:
+                if idx not in self._pools:
+                    self._pools[idx] = self._arena.pool()
+            pool = self._pools[layer_idx]
         return pool
 
     def _count_pool_bytes(self, pool: ResidentPool, before: int) -> None:
@@ -512,8 +497,18 @@ class DecodePipeline:
         ps.copy_seconds += time.perf_counter() - t0  # a growth copies the held slots once
         if pool.nbytes != pool_bytes:
             self._count_pool_bytes(pool, pool_bytes)
-        if pool.capacity > pool_capacity or pool.k is not pool_k:
-            self._prefault(pool, pool_capacity if pool.k is pool_k else 0)
+        if pool_k is None and pool.k is not None and self.config.warm_first_step and len(self.sparse_ids) > 1:
+            # The arena was just made (the first decode step after a prefill, or after crop / reorder / a batch
+            # change): while this layer reads into its slots, fault in those the next layers will take (as many
+            # again per layer as this one took), so the step's reads do not pay a page fault per 4 KiB.
+            end = pool.capacity * len(self.sparse_ids)
+            self._warmed = (pool.k.data_ptr(), end)
+            self._prefault(pool, pool.capacity, end, warm=True)
+        elif pool.capacity > pool_capacity or pool.k is not pool_k:
+            first = pool_capacity if pool.k is pool_k else 0
+            if self._warmed is not None and self._warmed[0] == pool.k.data_ptr():  # warmed already: skip those slots
+                first = max(first, self._warmed[1])
+            self._prefault(pool, first)
         if self.config.disk_staging and self.config.stage_near:
             self._last_sel[layer.layer_idx] = (sel.scores, sel.pages, sel.pages_per_block, state.digests.count)
         stats.blocks_selected += ns
@@ -733,6 +728,7 @@ class DecodePipeline:
         predictions and staged entries (in-flight jobs finish into released tensors)."""
         self._arena.clear()
         self._arena.pools.clear()
+        self._warmed = None
         self._pools.clear()
         self.stats.reuse_bytes = 0
         self._last.clear()

@@ -49,7 +49,8 @@ on the CPU the arena's capacity follows the sum of the allowances (never past th
 grows geometrically, and a bounded arena off the CPU takes the bound (at most the reservation) at its
 first allocation.  On the CPU the tensors are allocated once with
 ``reserve`` rows (the caller's bound on the slots a layer will use, e.g. 1.25 x its blocks, times the
-layers that retain, capped by the bound): rows beyond the capacity are never handed out, so the
+layers that retain, i.e. the views the arena has when it allocates -- the pipeline makes every layer's view
+before the first assign --, capped by the bound): rows beyond the capacity are never handed out, so the
 allocator's untouched pages stay virtual and memory is the capacity's, and a growth within the
 reservation is a free-list extension, not a copy of every held slot (measured: ~90 ms per growth of a
 SmolLM2 layer at 8K x batch 4).  Beyond the reservation (or on other devices, where memory is not
@@ -60,10 +61,13 @@ Thread safety: used by the forward pass only (one step of one layer at a time).
 
 from __future__ import annotations
 
+import ctypes
 import heapq
 import math
+import mmap
+import sys
 import warnings
-from typing import Hashable, Literal, Sequence
+from typing import Any, Hashable, Literal, Sequence
 
 import torch
 
@@ -73,6 +77,50 @@ from tiercache.sizes import format_size, parse_size
 Retention = Literal["none", "previous", "mass"]
 Eviction = Literal["mass", "distance"]
 GROWTH = 1.25
+
+
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14
+_madvise_fn: Any = None  # None: not looked up yet; False: unavailable
+_populate_ok = True  # False once the kernel refused MADV_POPULATE_WRITE (Linux < 5.14)
+
+
+def _madvise() -> Any:
+    """libc's ``madvise`` (called through ctypes, which releases the GIL), or ``None`` off Linux."""
+    global _madvise_fn
+    if _madvise_fn is None:
+        try:
+            if not sys.platform.startswith("linux"):
+                raise OSError("not Linux")
+            fn = ctypes.CDLL(None, use_errno=True).madvise
+            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            fn.restype = ctypes.c_int
+            _madvise_fn = fn
+        except (OSError, AttributeError):
+            _madvise_fn = False
+    return _madvise_fn or None
+
+
+def populate(tensor: torch.Tensor) -> int:
+    """Map every whole page inside ``tensor``'s (contiguous, CPU) bytes for writing without changing its
+    contents (``MADV_POPULATE_WRITE``); returns the bytes covered, 0 when there is no whole page or the
+    tensor is not a contiguous CPU one, ``-1`` off Linux or when the kernel refuses (then never tried again
+    in this process)."""
+    global _populate_ok
+    fn = _madvise()
+    if fn is None or not _populate_ok:
+        return -1
+    if tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return 0
+    page = mmap.PAGESIZE
+    begin = tensor.data_ptr()
+    lo = -(-begin // page) * page
+    hi = (begin + tensor.nbytes) // page * page
+    if hi <= lo:
+        return 0
+    if fn(lo, hi - lo, _MADV_POPULATE_WRITE) != 0:
+        _populate_ok = False
+        return -1
+    return hi - lo
 
 
 def check_pool_bytes(value: int | str | None, what: str = "pool_bytes") -> int | None:
@@ -463,4 +511,5 @@ def identity_pool(kbuf: torch.Tensor, vbuf: torch.Tensor) -> tuple[torch.Tensor,
     return kbuf, vbuf, torch.arange(kbuf.shape[0], dtype=torch.long, device=kbuf.device)
 
 
-__all__ = ["Eviction", "PoolArena", "ResidentPool", "Retention", "check_pool_bytes", "identity_pool"]
+__all__ = ["Eviction", "PoolArena", "ResidentPool", "Retention", "check_pool_bytes", "identity_pool",
+           "populate"]
