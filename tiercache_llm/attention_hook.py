@@ -43,6 +43,9 @@ PREFIX = "tiercache_sparse_"
 BASES = ("sdpa", "eager")
 _ATTR = "_tiercache_sparse_preparation"
 _RUNNING: contextvars.ContextVar[Any] = contextvars.ContextVar("tiercache_running_cache", default=None)
+# The caches of the enclosing (nested) forward passes, per context like _RUNNING: a stack kept on the module
+# was shared by threads, so one thread's post-hook popped another's ContextVar token and raised.
+_OUTER: contextvars.ContextVar[tuple] = contextvars.ContextVar("tiercache_outer_caches", default=())
 
 
 @dataclass
@@ -151,8 +154,8 @@ def _find_cache(args: tuple, kwargs: dict) -> Any:
 
 def _pre_hook(module, args, kwargs):
     cache = _find_cache(args, kwargs)
-    token = _RUNNING.set(cache)
-    module.__dict__.setdefault("_tiercache_tokens", []).append(token)
+    _OUTER.set(_OUTER.get() + (_RUNNING.get(),))
+    _RUNNING.set(cache)
     ctrl = getattr(cache, "_sparse", None)
     if ctrl is not None:
         impl = module.config._attn_implementation
@@ -166,11 +169,11 @@ def _pre_hook(module, args, kwargs):
 
 
 def _post_hook(module, args, kwargs, output):
-    tokens = module.__dict__.get("_tiercache_tokens")
-    token = tokens.pop() if tokens else None
     cache = _RUNNING.get()
-    if token is not None:
-        _RUNNING.reset(token)
+    outer = _OUTER.get()
+    if outer:
+        _RUNNING.set(outer[-1])
+        _OUTER.set(outer[:-1])
     if getattr(cache, "_sparse", None) is not None:
         cache._end_forward(failed=output is None)  # None: the pass raised (always_call hook)
     return None

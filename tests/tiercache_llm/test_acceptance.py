@@ -582,3 +582,40 @@ def test_smollm2_plain_forward_outside_no_grad_and_dense_budget(smollm2):
         from tiercache_llm.attention_hook import restore_model
 
         restore_model(model)
+
+
+def test_two_threads_decode_their_own_sparse_caches_on_one_model():
+    """Bug found: the docs promise concurrent forward passes in different threads each see their own
+    cache, but the decoder hooks kept the ContextVar tokens in one list on the module: one thread's
+    post-hook popped the other's token and raised "was created in a different Context".  Each thread's
+    logits must equal those of its cache decoded alone."""
+    import threading
+
+    model = build("llama", seed=6)
+    ids, mask = padded((30, 19, 11), seed=6)
+    toks = tokens_for(3, 30, seed=6)
+    opts = [dict(budget=6, sink=1, recent=2, block_size=4), dict(budget=0.5, strategy="fetch-every-step")]
+    alone = []
+    for o in opts:
+        with sparse(model, **o) as cache:
+            alone.append(forced(model, cache, ids, mask, toks)[0])
+    caches = [sparse(model, **o) for o in opts]
+    got, errors = [None, None], []
+
+    def work(i):
+        try:
+            got[i] = forced(model, caches[i], ids, mask, toks)[0]
+        except Exception as exc:  # reported below with the thread's index
+            errors.append((i, repr(exc)))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    caches[0].restore_model()
+    for cache in caches:
+        cache.close()
+    assert not errors
+    for i in range(2):
+        assert torch.equal(got[i], alone[i])
