@@ -216,6 +216,17 @@ def test_bad_options_raise_clearly(options, match):
     assert not is_prepared(model)
 
 
+def test_for_model_refuses_flex_attention_and_leaves_the_model_as_it_was():
+    model = build("llama")
+    try:
+        model.set_attn_implementation("flex_attention")
+    except Exception as exc:  # noqa: BLE001 - not available in this torch/transformers
+        pytest.skip(f"flex attention unavailable: {exc}")
+    with pytest.raises(ValueError, match="'sdpa' or 'eager'"):
+        TieredKVCache.for_model(model, mode="sparse", budget=8, host="1MiB")
+    assert not is_prepared(model) and model.config._attn_implementation == "flex_attention"
+
+
 def test_for_model_refuses_what_is_not_a_model():
     with pytest.raises(TypeError, match="transformers model"):
         TieredKVCache.for_model(object(), mode="sparse")
@@ -549,6 +560,28 @@ def test_stats_fields_are_present_sane_and_consistent():
     tiers = stats["tiercache"]["tiers"]
     assert tiers["host"]["used_bytes"] <= tiers["host"]["capacity_bytes"]
     assert tiers["disk"]["entries"] > 0  # the 4 KiB host tier could not hold the KV
+
+
+def _bad_numbers(tree, path=""):
+    if isinstance(tree, dict):
+        return [bad for k, v in tree.items() for bad in _bad_numbers(v, f"{path}.{k}")]
+    if isinstance(tree, (int, float)) and not isinstance(tree, bool) and not (0 <= tree < math.inf):
+        return [(path, tree)]
+    return []
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_figure_in_stats_is_finite_and_non_negative(strategy):
+    """stats() of each strategy after a decode with disk reads (kv, sparse, pipeline, tiercache)."""
+    model = build("llama")
+    ids, mask = padded()
+    with sparse(model, budget=6, sink=1, recent=2, block_size=4, host="2KiB", disk="1MiB", strategy=strategy) as cache:
+        forced(model, cache, ids, mask, tokens_for(3, 8))
+        stats = cache.stats()
+        cache.restore_model()
+    json.dumps(stats)
+    assert {"kv", "sparse", "pipeline", "tiercache"} <= set(stats)
+    assert _bad_numbers(stats) == []
 
 
 # ----------------------------------------------------------------------------------- the real model
