@@ -43,6 +43,9 @@ PREFIX = "tiercache_sparse_"
 BASES = ("sdpa", "eager")
 _ATTR = "_tiercache_sparse_preparation"
 _RUNNING: contextvars.ContextVar[Any] = contextvars.ContextVar("tiercache_running_cache", default=None)
+# The caches of the enclosing (nested) forward passes, per context like _RUNNING: a stack kept on the module
+# was shared by threads, so one thread's post-hook popped another's ContextVar token and raised.
+_OUTER: contextvars.ContextVar[tuple] = contextvars.ContextVar("tiercache_outer_caches", default=())
 
 
 @dataclass
@@ -79,6 +82,7 @@ def _make_attention(base: str):
             state.append(key[:, :, -q:], valid)
             return _base_function(base, module)(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         ctx = arg
+        _check_plain_attention(module, kwargs)
         if query.shape[2] != 1:
             raise RuntimeError(f"sparse decode expects one query position, got {query.shape[2]}")
         out = state.decode(layer, query, key, value, ctx, scaling)  # both keep the cache's state normal
@@ -87,6 +91,41 @@ def _make_attention(base: str):
 
     tiercache_sparse_attention.__qualname__ = f"tiercache_sparse_attention[{base}]"
     return tiercache_sparse_attention
+
+
+# Attention-function arguments that change the softmax itself (logit soft-capping as in Gemma 2, learned
+# attention sinks as in gpt-oss), which sparse decode does not implement: with them set, a sparse decode
+# step raises instead of returning attention that differs from the model's even at a dense budget.
+_UNSUPPORTED_KWARGS = {"softcap": "attention logit soft-capping", "s_aux": "attention sinks (s_aux)",
+                       "sinks": "attention sinks"}
+_UNSUPPORTED_CONFIG = {"attn_logit_softcapping": "attention logit soft-capping"}
+
+
+def _check_plain_attention(module, kwargs) -> None:
+    from .sparse_layer import SparseModeError
+
+    for name, what in _UNSUPPORTED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise SparseModeError(
+                f"{type(module).__name__} uses {what} ({name}=...), which sparse TieredKVCache decoding does not "
+                "implement; use mode='exact' for this model"
+            )
+    if kwargs.get("dropout", 0.0) and module.training:
+        raise SparseModeError("sparse TieredKVCache decoding does not implement attention dropout; call model.eval()")
+
+
+def unsupported_attention(model: torch.nn.Module) -> str | None:
+    """What in ``model`` sparse decoding cannot reproduce (see ``_UNSUPPORTED_KWARGS``), or ``None``:
+    read from its config (soft-capping) and its attention modules (a ``sinks`` parameter)."""
+    config = getattr(model, "config", None)
+    for cfg in (config, getattr(config, "get_text_config", lambda: None)()):
+        for name, what in _UNSUPPORTED_CONFIG.items():
+            if cfg is not None and getattr(cfg, name, None) is not None:
+                return f"{what} ({name}={getattr(cfg, name)!r})"
+    for module in model.modules():
+        if isinstance(getattr(module, "sinks", None), torch.nn.Parameter):
+            return f"attention sinks ({type(module).__name__}.sinks)"
+    return None
 
 
 def _valid(mask, batch, q, device):
@@ -115,8 +154,8 @@ def _find_cache(args: tuple, kwargs: dict) -> Any:
 
 def _pre_hook(module, args, kwargs):
     cache = _find_cache(args, kwargs)
-    token = _RUNNING.set(cache)
-    module.__dict__.setdefault("_tiercache_tokens", []).append(token)
+    _OUTER.set(_OUTER.get() + (_RUNNING.get(),))
+    _RUNNING.set(cache)
     ctrl = getattr(cache, "_sparse", None)
     if ctrl is not None:
         impl = module.config._attn_implementation
@@ -130,11 +169,11 @@ def _pre_hook(module, args, kwargs):
 
 
 def _post_hook(module, args, kwargs, output):
-    tokens = module.__dict__.get("_tiercache_tokens")
-    token = tokens.pop() if tokens else None
     cache = _RUNNING.get()
-    if token is not None:
-        _RUNNING.reset(token)
+    outer = _OUTER.get()
+    if outer:
+        _RUNNING.set(outer[-1])
+        _OUTER.set(outer[:-1])
     if getattr(cache, "_sparse", None) is not None:
         cache._end_forward(failed=output is None)  # None: the pass raised (always_call hook)
     return None
@@ -152,10 +191,20 @@ def is_prepared(model: torch.nn.Module) -> bool:
 
 def prepare_model(model: torch.nn.Module) -> str:
     """Switch ``model`` to the sparse-capable attention (see the module docstring); returns its name.
-    Idempotent.  Raises ``ValueError`` for an implementation other than sdpa/eager (flash, flex)."""
+    Idempotent.  Raises ``ValueError`` for an implementation other than sdpa/eager (flash, flex) and
+    ``UnsupportedModelError`` for attention sparse decoding does not implement (logit soft-capping,
+    attention sinks: :func:`unsupported_attention`)."""
     prep = getattr(model, _ATTR, None)
     if prep is not None:
         return prep.name
+    unsupported = unsupported_attention(model)
+    if unsupported is not None:
+        from .errors import UnsupportedModelError
+
+        raise UnsupportedModelError(
+            f"{type(model).__name__} uses {unsupported}, which sparse TieredKVCache decoding does not implement; "
+            "use mode='exact' for this model"
+        )
     original = model.config._attn_implementation
     if original not in BASES:
         raise ValueError(

@@ -898,6 +898,15 @@ class TieredKVLayer(CacheLayerMixin):
         return new
 
 
+def _ending_in(states: torch.Tensor, new: torch.Tensor, q: int) -> torch.Tensor:
+    """``states`` (whose last ``q`` positions hold the values of ``new``) with ``new`` itself in those
+    positions, so autograd reaches ``new``."""
+    n = states.shape[-2]
+    if n <= q:
+        return new if n == q else new[..., q - n :, :]
+    return torch.cat((states[..., : states.shape[-2] - q, :], new), dim=-2)
+
+
 def _layer_windows(config: PretrainedConfig) -> list[int | None]:
     """Per decoder layer: ``None`` (full attention) or its sliding window; raises for layer kinds the
     tiered cache cannot reproduce exactly."""
@@ -1182,7 +1191,17 @@ class TieredKVCache(Cache):
         With layer-ahead reads (``prefetch``, exact mode), first start reading the next layer's blocks
         (the next pass's first layer after the last one) into the decode buffer slot this layer does
         not use, so the read overlaps this layer's update and attention (not for memory-only tiers
-        when torch's threads fill every core, see :meth:`_ahead_overlaps`)."""
+        when torch's threads fill every core, see :meth:`_ahead_overlaps`).
+
+        Autograd: the cache's own state never records it (a plain forward outside ``no_grad`` would
+        otherwise tie tails, buffers and digests into the graph).  When the new states require grad, the
+        returned tensors end in those states themselves, so gradients reach this pass's keys and values;
+        earlier passes' tokens come from the tiers and are constants, as stored blocks are."""
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            with torch.no_grad():
+                keys, values = self.update(key_states.detach(), value_states.detach(), layer_idx, *args, **kwargs)
+            q = key_states.shape[-2]
+            return _ending_in(keys, key_states, q), _ending_in(values, value_states, q)
         n_layers = len(self.layers)
         if not 0 <= layer_idx < n_layers:
             raise IndexError(f"layer_idx {layer_idx} out of range for a cache of {n_layers} layers")

@@ -283,7 +283,7 @@ class SparseLayerState:
             grown[:, :start] = self.valid[:, :start]
             self.valid = grown
         self.valid[:, start : start + q] = valid
-        self.digests.append(keys, valid)
+        self.digests.append(keys.detach(), valid)  # digests never carry autograd history
         n = self.digests.n_blocks
         if self.mass.numel() < n:
             self.mass = torch.cat((self.mass, torch.zeros(n - self.mass.numel(), dtype=torch.float64)))
@@ -303,9 +303,11 @@ class SparseLayerState:
         bs = layer.block_size
         hk = layer._shape_k[0]
         t0 = time.perf_counter()
-        sel = select(query, self.digests, ctrl.selection, pages_per_block=bs // self.page_size)
+        # Selection is discrete: it never needs autograd (its out= kernels refuse inputs that require grad,
+        # as the query does in a plain forward of the model outside no_grad); attention keeps the graph.
+        sel = select(query.detach(), self.digests, ctrl.selection, pages_per_block=bs // self.page_size)
         t1 = time.perf_counter()
-        k_pool, v_pool, slot_of_fetch = fetch_selected(self, layer, sel, query, stats)
+        k_pool, v_pool, slot_of_fetch = fetch_selected(self, layer, sel, query.detach(), stats)
         t2 = time.perf_counter()
         res = attend_selected(query, k_pool, v_pool, slot_of_fetch, sel, self.valid, ctx, bs, k_new, v_new, scaling)
         t3 = time.perf_counter()

@@ -239,13 +239,16 @@ def page_table_attention(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
         new = _new_token_scores(qf, new_keys, g)
         top = torch.maximum(top, new.amax(dim=-1))
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    ctx.sub_(top.unsqueeze(-1)).exp_()
+    if grad:  # out of place: exp's backward needs its output unmodified
+        ctx = torch.exp(ctx - top.unsqueeze(-1))
+    else:
+        ctx.sub_(top.unsqueeze(-1)).exp_()
     total = ctx.sum(dim=-1)
     if new is not None:
         new = torch.exp(new - top.unsqueeze(-1))
         total = total + new.sum(dim=-1)
     inv = 1.0 / total.clamp_min(torch.finfo(torch.float32).tiny)
-    ctx.mul_(inv.unsqueeze(-1))
+    ctx = ctx * inv.unsqueeze(-1) if grad else ctx.mul_(inv.unsqueeze(-1))
     out, new_mass = add_new_tokens(ctx @ values, new, inv, new_values, g)  # ctx @ values: fresh (never scratch)
     mass = ctx.view(b, h, g, q, m, ps).sum(-1).mean(3).reshape(b, hq, m)
     output = out.reshape(b, h, g, q, d).reshape(b, hq, q, d).to(query.dtype)

@@ -29,7 +29,8 @@ def record_attention(state: "SparseLayerState", layer: "TieredKVLayer", sel: "Bl
         return
     hk = layer._shape_k[0]
     fetch = sel.fetch.cpu()
-    block_mass = res.kv_head_mass(hk).sum(dim=(0, 1)).double().cpu()  # (U,) summed over rows and heads
+    # detached: a pass with autograd on must not tie the masses (kept across steps) into its graph
+    block_mass = res.kv_head_mass(hk).detach().sum(dim=(0, 1)).double().cpu()  # (U,) summed over rows and heads
     state.mass.index_add_(0, fetch, block_mass.mul_(ctrl.scale))
     n_stored = len(layer._blocks)
     stored = fetch.tolist()
