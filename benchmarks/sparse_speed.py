@@ -82,9 +82,11 @@ class Settings:
     full_points: tuple[tuple[int, int], ...] = ((8192, 4),)  # every budget, warm runs, bandwidth, checks
     budgets: tuple[int | float, ...] = (2048, 0.0625, 0.25)  # int: tokens; float: fraction of the context
     max_kv_gib: float = 3.0  # (context, batch) points whose float32 KV exceeds this are not run (8K x 8: 2.8 GiB)
-    steps: int = 2  # timed decode steps per configuration, round and thread count
-    warmup: int = 1  # untimed steps per configuration and round, right after its cache is filled
-    repeats: int = 3  # rounds: every configuration's cache is built, decoded and closed once per round
+    steps: int = 3  # timed decode steps per configuration, round and thread count
+    # untimed steps per configuration and round, right after its cache is filled: the first is 'first step ms';
+    # the second still settles a retaining strategy's pools (0.9-2.3 s for reuse-layer-ahead at 4K x 4)
+    warmup: int = 2
+    repeats: int = 2  # rounds: every configuration's cache is built, decoded and closed once per round
     threads: tuple[int, ...] = field(default_factory=lambda: tuple(dict.fromkeys((1, DEFAULT_THREADS))))
     host_fraction: float = 0.25
     block_size: int | None = None  # None: each mode's default (default_block_size: exact 256, sparse 64)
