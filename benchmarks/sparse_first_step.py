@@ -35,9 +35,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import load_bench_model, machine_meta, median, stats_delta, torch_threads  # noqa: E402
-from sparse_profile import parse_variant  # noqa: E402
-from sparse_variants import cached_prefill, step_figures  # noqa: E402
+from _common import machine_meta, median, stats_delta, torch_threads  # noqa: E402
+from sparse_variants import parsed_variants, prefilled_point, step_figures, variant_parser  # noqa: E402
 import sparse_speed as sp  # noqa: E402
 
 FIRST_KEYS = ("sparse.total.fetch_seconds", "pipeline.sync_seconds.disk", "pipeline.sync_seconds.host",
@@ -124,43 +123,14 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
-    parser.add_argument("--context", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--budget", type=sp._budget, default=0.25)
+    parser = variant_parser(__doc__.split("\n\n")[0], context=4096)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4, help="later steps per variant and round")
-    parser.add_argument("--block-size", type=int, default=None)
-    parser.add_argument("--variant", action="append", default=[],
-                        help="STRATEGY:FIELD=VALUE:... a strategy with pipeline overrides (repeatable, at least one)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for sparse_first_step.json and .md")
-    parser.add_argument("--prefill-cache", type=Path, default=None, help="folder keeping prefilled K/V between runs")
-    parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args(argv)
-    if not args.variant:
-        parser.error("give at least one --variant")
     if args.rounds < 1 or args.steps < 1 or args.context < 2 or args.batch < 1:
         parser.error("need --rounds >= 1, --steps >= 1, --context >= 2, --batch >= 1")
-    try:
-        variants = [(spec, *parse_variant(spec)) for spec in args.variant]
-    except ValueError as exc:
-        parser.error(str(exc))
-    bad = [name for _, name, _ in variants if name not in sp.SPARSE]
-    if bad:
-        parser.error(f"--variant: unknown strategy {bad}; choose from {sp.SPARSE}")
-
-    model, tokenizer = load_bench_model(args.model)
-    max_pos = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-    context = min(args.context, max_pos - args.steps - 3)
-    ids = sp.prompt_rows(tokenizer, args.batch, context, model.config.vocab_size)
-    context = min(context, ids.shape[-1])
-    t0 = time.perf_counter()
-    with torch_threads(sp.DEFAULT_THREADS):
-        rows = cached_prefill(model, ids, [context - 1] * args.batch, args.prefill_cache, args.model)
-    print(f"prefill {time.perf_counter() - t0:.0f} s ({args.batch} rows of {context - 1} tokens)", flush=True)
-    kv = sp.point_kv(rows, args.batch, context - 1)
-    del rows
+    variants = parsed_variants(parser, args)
+    model, ids, context, kv = prefilled_point(args, args.steps + 1)
     s = sp.Settings(host_fraction=0.25, block_size=args.block_size)
     work = Path(tempfile.mkdtemp(prefix="tiercache-first-step-", dir=args.workdir))
     per: list[list[dict[str, Any]]] = [[] for _ in variants]

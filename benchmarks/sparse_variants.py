@@ -124,26 +124,29 @@ def markdown(meta: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def variant_parser(description: str, *, context: int) -> argparse.ArgumentParser:
+    """The options this script and ``sparse_first_step.py`` share: the model, the point (context, batch,
+    budget, block size), repeatable ``--variant STRATEGY:FIELD=VALUE:...``, ``--out``, ``--prefill-cache``
+    and ``--workdir``; each script adds its own."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
-    parser.add_argument("--context", type=int, default=8192)
+    parser.add_argument("--context", type=int, default=context)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--budget", type=sp._budget, default=0.25)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--block-size", type=int, default=None, help="cache block size (default: the cache's)")
     parser.add_argument("--variant", action="append", default=[],
                         help="STRATEGY:FIELD=VALUE:... a strategy with pipeline overrides (repeatable, at least one)")
-    parser.add_argument("--json", type=Path, default=None, help="write every step here (a list per variant)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for sparse_variants.json and sparse_variants.md")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the JSON and markdown results")
     parser.add_argument("--prefill-cache", type=Path, default=None, help="folder keeping prefilled K/V between runs")
     parser.add_argument("--workdir", type=Path, default=None)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def parsed_variants(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[tuple[str, str, dict]]:
+    """``args.variant`` as ``(spec, strategy, pipeline overrides)``; a parser error for none, a malformed
+    spec or a strategy that is not sparse."""
     if not args.variant:
         parser.error("give at least one --variant")
-    if args.steps < 1 or args.warmup < 0 or args.context < 2 or args.batch < 1:
-        parser.error("need --steps >= 1, --warmup >= 0, --context >= 2, --batch >= 1")
     try:
         variants = [(spec, *parse_variant(spec)) for spec in args.variant]
     except ValueError as exc:
@@ -151,18 +154,35 @@ def main(argv: list[str] | None = None) -> int:
     bad = [name for _, name, _ in variants if name not in sp.SPARSE]
     if bad:
         parser.error(f"--variant: unknown strategy {bad}; choose from {sp.SPARSE}")
+    return variants
 
+
+def prefilled_point(args: argparse.Namespace, decode_steps: int) -> tuple[Any, torch.Tensor, int, list]:
+    """``(model, ids, context, kv)``: the model, the prompt rows, the context (capped so ``decode_steps``
+    more positions fit the model) and the point's prefilled K/V (``sp.point_kv``), prefilled at torch's
+    default threads through ``cached_prefill``."""
     model, tokenizer = load_bench_model(args.model)
     max_pos = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-    context = min(args.context, max_pos - args.steps - args.warmup - 2)
+    context = min(args.context, max_pos - decode_steps - 2)
     ids = sp.prompt_rows(tokenizer, args.batch, context, model.config.vocab_size)
     context = min(context, ids.shape[-1])
     t0 = time.perf_counter()
     with torch_threads(sp.DEFAULT_THREADS):
         rows = cached_prefill(model, ids, [context - 1] * args.batch, args.prefill_cache, args.model)
     print(f"prefill {time.perf_counter() - t0:.0f} s ({args.batch} rows of {context - 1} tokens)", flush=True)
-    kv = sp.point_kv(rows, args.batch, context - 1)
-    del rows
+    return model, ids, context, sp.point_kv(rows, args.batch, context - 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = variant_parser(__doc__.split("\n\n")[0], context=8192)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None, help="write every step here (a list per variant)")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.context < 2 or args.batch < 1:
+        parser.error("need --steps >= 1, --warmup >= 0, --context >= 2, --batch >= 1")
+    variants = parsed_variants(parser, args)
+    model, ids, context, kv = prefilled_point(args, args.steps + args.warmup)
     s = sp.Settings(host_fraction=0.25, block_size=args.block_size)
     work = Path(tempfile.mkdtemp(prefix="tiercache-sparse-variants-", dir=args.workdir))
     caches: list[Any] = []
