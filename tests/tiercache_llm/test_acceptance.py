@@ -22,6 +22,8 @@ from tiercache_llm import TieredKVCache, UnsupportedModelError
 from tiercache_llm.attention_hook import PREFIX, is_prepared
 from tiercache_llm.sparse_layer import SparseModeError
 
+from .test_generate_tiny import left_padded_batch
+
 DENSE = 10**6
 STRATEGIES = ("attention-aware", "fetch-every-step", "reuse-layer-ahead")
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -51,14 +53,7 @@ def build(kind: str = "llama", seed: int = 0, dtype: torch.dtype | None = None, 
 
 
 def padded(lengths=(37, 22, 5), vocab=128, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n:] = torch.randint(3, vocab, (n,), generator=g)
-        mask[row, width - n:] = 1
-    return ids, mask
+    return left_padded_batch(vocab=vocab, lengths=lengths, seed=seed)
 
 
 def forced(model, cache, ids, mask, tokens):
