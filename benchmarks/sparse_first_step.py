@@ -22,9 +22,7 @@ variant's cache lives through a round (~1.3 GB each at 4K x 4).
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import shutil
 import sys
 import tempfile
@@ -36,7 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_meta, median, stats_delta, torch_threads  # noqa: E402
-from sparse_variants import parsed_variants, prefilled_point, step_figures, variant_parser  # noqa: E402
+from sparse_variants import (  # noqa: E402
+    parsed_variants, prefilled_point, step_figures, variant_parser, write_results,
+)
 import sparse_speed as sp  # noqa: E402
 
 FIRST_KEYS = ("sparse.total.fetch_seconds", "pipeline.sync_seconds.disk", "pipeline.sync_seconds.host",
@@ -168,10 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"model": args.model, "context": context, "batch": args.batch, "budget": args.budget, "rounds": args.rounds,
                 "steps": args.steps, "block_size": args.block_size, "host_fraction": s.host_fraction, "threads": 1,
                 "machine": machine_meta(), "command": " ".join(sys.argv)}
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "sparse_first_step.json").write_text(json.dumps({**meta, "variants": rows_out}, indent=1, default=str))
-        (args.out / "sparse_first_step.md").write_text(markdown(meta, rows_out))
-        print(f"wrote {args.out}/sparse_first_step.json and sparse_first_step.md")
+        write_results(args.out, "sparse_first_step", {**meta, "variants": rows_out}, markdown(meta, rows_out))
     return 0
 
 

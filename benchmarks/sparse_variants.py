@@ -173,6 +173,14 @@ def prefilled_point(args: argparse.Namespace, decode_steps: int) -> tuple[Any, t
     return model, ids, context, sp.point_kv(rows, args.batch, context - 1)
 
 
+def write_results(folder: Path, stem: str, payload: dict[str, Any], md: str) -> None:
+    """``folder/stem.json`` (``payload``) and ``folder/stem.md`` (``md``), the folder made if needed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps(payload, indent=1, default=str))
+    (folder / f"{stem}.md").write_text(md)
+    print(f"wrote {folder}/{stem}.json and {stem}.md")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = variant_parser(__doc__.split("\n\n")[0], context=8192)
     parser.add_argument("--steps", type=int, default=8)
@@ -207,10 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"model": args.model, "context": context, "batch": args.batch, "budget": args.budget, "steps": args.steps,
                 "warmup": args.warmup, "block_size": args.block_size, "host_fraction": s.host_fraction, "threads": 1,
                 "machine": machine_meta()}
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "sparse_variants.json").write_text(json.dumps({**meta, "variants": runs}, indent=1, default=str))
-        (args.out / "sparse_variants.md").write_text(markdown(meta, runs))
-        print(f"wrote {args.out}/sparse_variants.json and sparse_variants.md")
+        write_results(args.out, "sparse_variants", {**meta, "variants": runs}, markdown(meta, runs))
     return 0
 
 
