@@ -78,7 +78,7 @@ import torch
 
 from tiercache.buffers import aligned_empty
 
-from .pool import GROWTH, PoolArena, ResidentPool, Retention, _madvise, check_pool_bytes, populate
+from .pool import GROWTH, PoolArena, ResidentPool, Retention, can_populate, check_pool_bytes, populate
 from .staging import StagingArea
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -337,7 +337,7 @@ class DecodePipeline:
         fetching layer takes the lowest itself)."""
         end = pool.capacity if end is None else min(end, pool.k.shape[0] if pool.k is not None else 0)
         if (not self.config.prefault_pool or self._executor is None or self._closed or pool.k is None
-                or pool.k.device.type != "cpu" or first >= end or _madvise() is None):
+                or pool.k.device.type != "cpu" or first >= end or not can_populate()):
             return
         if self._prefaulter is None:
             self._prefaulter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tiercache-kv-prefault")

@@ -100,15 +100,21 @@ def _madvise() -> Any:
     return _madvise_fn or None
 
 
+def can_populate() -> bool:
+    """Whether :func:`populate` may still fault pages in: Linux with ``madvise`` whose kernel has not
+    refused ``MADV_POPULATE_WRITE`` in this process."""
+    return _populate_ok and _madvise() is not None
+
+
 def populate(tensor: torch.Tensor) -> int:
     """Map every whole page inside ``tensor``'s (contiguous, CPU) bytes for writing without changing its
     contents (``MADV_POPULATE_WRITE``); returns the bytes covered, 0 when there is no whole page or the
     tensor is not a contiguous CPU one, ``-1`` off Linux or when the kernel refuses (then never tried again
     in this process)."""
     global _populate_ok
-    fn = _madvise()
-    if fn is None or not _populate_ok:
+    if not can_populate():
         return -1
+    fn = _madvise()
     if tensor.device.type != "cpu" or not tensor.is_contiguous():
         return 0
     page = mmap.PAGESIZE
@@ -511,5 +517,5 @@ def identity_pool(kbuf: torch.Tensor, vbuf: torch.Tensor) -> tuple[torch.Tensor,
     return kbuf, vbuf, torch.arange(kbuf.shape[0], dtype=torch.long, device=kbuf.device)
 
 
-__all__ = ["Eviction", "PoolArena", "ResidentPool", "Retention", "check_pool_bytes", "identity_pool",
-           "populate"]
+__all__ = ["Eviction", "PoolArena", "ResidentPool", "Retention", "can_populate", "check_pool_bytes",
+           "identity_pool", "populate"]
