@@ -392,13 +392,9 @@ def _products16(qf: torch.Tensor, buffer: torch.Tensor, n: int, weight: float) -
         sc = _scratch_buffer(per * r * cap)[: per * r * cap].view(per, r, cap)
         scn = sc[..., :n]
         for src, q_part, o_part in zip(st.split(per), qe.split(per), out.split(per)):
-            m = src.shape[0]
-            if m == per:
-                sc.copy_(src)
-                torch.bmm(q_part, scn, out=o_part)
-            else:  # the last, partial slab
-                sc[:m].copy_(src)
-                torch.bmm(q_part, scn[:m], out=o_part)
+            m = src.shape[0]  # per, or fewer in the last slab
+            sc[:m].copy_(src)
+            torch.bmm(q_part, scn[:m], out=o_part)
     else:  # slabs of digest rows of one (row, KV head), accumulated
         per = max(1, SCRATCH_BYTES // (4 * cap))
         scratch = _scratch_buffer(per * cap)
@@ -615,9 +611,10 @@ def _key_buffer(scores: torch.Tensor, terms: _PageTerms) -> torch.Tensor:
     b, h, n = scores.shape
     shape = (b, h, n + terms.fill.shape[-1])
     key = getattr(_scratch, "key", None)
-    if key is None or tuple(key.shape) != shape or key.device != scores.device or _scratch.key_terms is not terms:
-        if key is None or tuple(key.shape) != shape or key.device != scores.device:
-            key = _scratch.key = torch.empty(shape, dtype=torch.float32, device=scores.device)
+    if key is None or tuple(key.shape) != shape or key.device != scores.device:
+        key = _scratch.key = torch.empty(shape, dtype=torch.float32, device=scores.device)
+        _scratch.key_terms = None
+    if _scratch.key_terms is not terms:
         key[..., n:] = terms.fill
         _scratch.key_terms = terms
     return key
