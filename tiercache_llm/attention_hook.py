@@ -102,16 +102,21 @@ _UNSUPPORTED_CONFIG = {"attn_logit_softcapping": "attention logit soft-capping"}
 
 
 def _check_plain_attention(module, kwargs) -> None:
-    from .sparse_layer import SparseModeError
-
+    """Raise ``SparseModeError`` when this layer call passes what sparse decode does not implement (runs
+    every sparse decode step and layer: the error's import is paid only when raising)."""
+    problem = None
     for name, what in _UNSUPPORTED_KWARGS.items():
         if kwargs.get(name) is not None:
-            raise SparseModeError(
-                f"{type(module).__name__} uses {what} ({name}=...), which sparse TieredKVCache decoding does not "
-                "implement; use mode='exact' for this model"
-            )
-    if kwargs.get("dropout", 0.0) and module.training:
-        raise SparseModeError("sparse TieredKVCache decoding does not implement attention dropout; call model.eval()")
+            problem = (f"{type(module).__name__} uses {what} ({name}=...), which sparse TieredKVCache decoding "
+                       "does not implement; use mode='exact' for this model")
+            break
+    else:
+        if kwargs.get("dropout", 0.0) and module.training:
+            problem = "sparse TieredKVCache decoding does not implement attention dropout; call model.eval()"
+    if problem is not None:
+        from .sparse_layer import SparseModeError
+
+        raise SparseModeError(problem)
 
 
 def unsupported_attention(model: torch.nn.Module) -> str | None:

@@ -904,7 +904,7 @@ def _ending_in(states: torch.Tensor, new: torch.Tensor, q: int) -> torch.Tensor:
     n = states.shape[-2]
     if n <= q:
         return new if n == q else new[..., q - n :, :]
-    return torch.cat((states[..., : states.shape[-2] - q, :], new), dim=-2)
+    return torch.cat((states[..., : n - q, :], new), dim=-2)
 
 
 def _layer_windows(config: PretrainedConfig) -> list[int | None]:
