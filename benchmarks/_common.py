@@ -299,9 +299,13 @@ class MappedKV:
                     offset += flat.numel()
         return cls(path, specs)
 
+    @staticmethod
+    def _bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        return math.prod(shape) * dtype.itemsize
+
     @property
     def nbytes(self) -> int:
-        return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype, _ in self.specs)
+        return sum(self._bytes(shape, dtype) for shape, dtype, _ in self.specs)
 
     def load(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every layer's ``(keys, values)``, mapped copy-on-write from the file (see the class)."""
@@ -309,7 +313,7 @@ class MappedKV:
 
         tensors = []
         for shape, dtype, offset in self.specs:
-            n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            n = self._bytes(shape, dtype)
             if n == 0:
                 tensors.append(torch.empty(shape, dtype=dtype))
                 continue
