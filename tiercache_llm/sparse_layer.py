@@ -309,7 +309,8 @@ class SparseLayerState:
         t1 = time.perf_counter()
         k_pool, v_pool, slot_of_fetch = fetch_selected(self, layer, sel, query.detach(), stats)
         t2 = time.perf_counter()
-        res = attend_selected(query, k_pool, v_pool, slot_of_fetch, sel, self.valid, ctx, bs, k_new, v_new, scaling)
+        res = attend_selected(query, k_pool, v_pool, slot_of_fetch, sel, self.valid, ctx, bs, k_new, v_new, scaling,
+                              mass=ctrl.strategy == "attention-aware")  # placement is the masses' only reader
         t3 = time.perf_counter()
         count = self.digests.count
         stats.tokens_attended += int(sel.selected_tokens(count).sum())
@@ -372,7 +373,8 @@ class SparseLayerState:
 
 def attend_selected(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slot_of_fetch: torch.Tensor,
                     sel: Any, valid: torch.Tensor, ctx: int, block_size: int, k_new: torch.Tensor,
-                    v_new: torch.Tensor, scaling: float | None, *, backend: str = "auto") -> SparseAttentionOutput:
+                    v_new: torch.Tensor, scaling: float | None, *, backend: str = "auto",
+                    mass: bool = True) -> SparseAttentionOutput:
     """Attention of one decode step over the selection's pages, read from the pool the fetch filled.
 
     ``k_pool`` / ``v_pool``: ``(N, B, H, block_size, D)`` slots; ``slot_of_fetch``: ``(U,)`` slot of each
@@ -393,7 +395,8 @@ def attend_selected(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
     - ``"auto"``: ``"pages-triton"`` on CUDA where compiled Triton is usable, ``"pages"`` otherwise.
 
     The Triton backends run compiled on CUDA, interpreted on CPU under ``TRITON_INTERPRET=1``.  Returns
-    block masses in ``sel.fetch`` order."""
+    block masses in ``sel.fetch`` order; ``mass=False`` (the caller does not read them): the ``"pages"``
+    path returns zeros there instead of computing them (``page_table_attention(mass=False)``)."""
     if backend == "triton":
         backend = "blocks-triton"
     if backend not in ("auto", "pages", "pages-triton", "blocks-triton"):
@@ -418,9 +421,11 @@ def attend_selected(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
                                 backend="triton")
     table = build_page_table_from_valid(sel, slot_of_fetch, valid, ctx, block_size)
     res = page_table_attention(query, k_pool, v_pool, table, k_new, v_new, scale=scaling,
-                               backend="triton" if backend == "pages-triton" else "torch")
-    return SparseAttentionOutput(res.output, entry_mass_to_blocks(res.block_mass, table, int(sel.fetch.numel())),
-                                 res.new_mass)
+                               backend="triton" if backend == "pages-triton" else "torch", mass=mass)
+    u = int(sel.fetch.numel())
+    block_mass = entry_mass_to_blocks(res.block_mass, table, u) if mass else res.block_mass.new_zeros(
+        res.block_mass.shape[0], res.block_mass.shape[1], u)
+    return SparseAttentionOutput(res.output, block_mass, res.new_mass)
 
 
 DEFAULT_SCORE = "bound+landmark"  # measured in benchmarks/sparse_selection_study.py (docs/sparse.md)

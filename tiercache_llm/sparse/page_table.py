@@ -168,7 +168,7 @@ def _table_entries(sel: "BlockSelection", slot_of_fetch: torch.Tensor):
 def page_table_attention(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: PageTable,
                          new_keys: torch.Tensor | None = None, new_values: torch.Tensor | None = None, *,
                          scale: float | None = None, backend: str = "auto",
-                         num_splits: int | None = None) -> SparseAttentionOutput:
+                         num_splits: int | None = None, mass: bool = True) -> SparseAttentionOutput:
     """Attention of ``query`` ``(B, Hq, Q, D)`` over ``table``'s pages of the pool and the new tokens
     ``(B, H, Q, D)``.  Returns :class:`~.attention.SparseAttentionOutput` whose ``block_mass`` is
     ``(B, Hq, M)``: the mass of each *table entry* (fold it onto blocks with
@@ -177,7 +177,9 @@ def page_table_attention(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
     ``backend``: ``"torch"`` (below), ``"triton"`` (``tiercache_kernels.page_attention``: the pages read in
     place; compiled on CUDA, interpreted on CPU under ``TRITON_INTERPRET=1``), or ``"auto"`` (compiled
     Triton for CUDA tensors where it is usable, torch otherwise).  ``num_splits``: Triton only, programs
-    per (row, KV head) (default: enough to fill the GPU).
+    per (row, KV head) (default: enough to fill the GPU).  ``mass=False``: the caller does not read
+    ``block_mass`` (strategies without attention-aware placement); the torch path then skips the
+    per-entry sums and returns zeros there (the output and ``new_mass`` are the same bits either way).
 
     Torch path on CPU with one intra-op thread (contiguous pools, autograd not recording; what decode
     runs there in the benchmarks): chunk by chunk
@@ -215,7 +217,7 @@ def page_table_attention(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
     # machine: 2x slower than the batched path below at 2 threads, 1.3-1.6x faster at 1).
     if (dev.type == "cpu" and not grad and torch.get_num_threads() == 1 and k_pool.shape[0]
             and k_pool.is_contiguous() and v_pool.is_contiguous() and k_pool.dtype == v_pool.dtype):
-        return _page_table_attention_cpu(query, k_pool, v_pool, table, new_keys, new_values, scale)
+        return _page_table_attention_cpu(query, k_pool, v_pool, table, new_keys, new_values, scale, mass)
     keys = _gather_pages(k_pool, table, ps, None if grad else "k").view(b, h, t, d)  # float32 copies
     values = _gather_pages(v_pool, table, ps, None if grad else "v").view(b, h, t, d)
     hidden = ~table.valid.reshape(b, h, 1, t)
@@ -250,9 +252,9 @@ def page_table_attention(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
     inv = 1.0 / total.clamp_min(torch.finfo(torch.float32).tiny)
     ctx = ctx * inv.unsqueeze(-1) if grad else ctx.mul_(inv.unsqueeze(-1))
     out, new_mass = add_new_tokens(ctx @ values, new, inv, new_values, g)  # ctx @ values: fresh (never scratch)
-    mass = ctx.view(b, h, g, q, m, ps).sum(-1).mean(3).reshape(b, hq, m)
+    entry_mass = ctx.view(b, h, g, q, m, ps).sum(-1).mean(3).reshape(b, hq, m) if mass else ctx.new_zeros(b, hq, m)
     output = out.reshape(b, h, g, q, d).reshape(b, hq, q, d).to(query.dtype)
-    return SparseAttentionOutput(output, mass, new_mass)
+    return SparseAttentionOutput(output, entry_mass, new_mass)
 
 
 # Bytes of gathered K (or V) per chunk of the CPU path: small enough to stay in a core's L2 between the
@@ -263,7 +265,7 @@ _CHUNK_BYTES = 1 << 19
 
 def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: PageTable,
                               new_keys: torch.Tensor | None, new_values: torch.Tensor | None,
-                              scale: float) -> SparseAttentionOutput:
+                              scale: float, want_mass: bool = True) -> SparseAttentionOutput:
     """The torch path on CPU (contiguous pools, autograd not recording): the same result as the batched
     path below, computed chunk by chunk over (row, KV head)s so each gathered chunk is read by its matmul
     while it is still in cache, and only the used entries of a chunk are gathered (padding entries beyond
@@ -364,10 +366,13 @@ def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool:
             if n_ok[r] == 0:
                 weights[r].zero_()
                 out[r].zero_()
-    mass = weights[..., :t].view(bh, gq, m, ps).sum(-1)
-    if q > 1:
-        mass = mass.view(b, h, g, q, m).mean(3)
-    mass = mass.reshape(b, hq, m)
+    if want_mass:
+        mass = weights[..., :t].view(bh, gq, m, ps).sum(-1)
+        if q > 1:
+            mass = mass.view(b, h, g, q, m).mean(3)
+        mass = mass.reshape(b, hq, m)
+    else:
+        mass = torch.zeros(b, hq, m, device=dev)
     if nq:
         p_new = weights[..., t:]
         out.baddbmm_(p_new, new_values.reshape(bh, q, d).to(torch.float32))

@@ -321,6 +321,28 @@ def test_bad_shapes_are_refused_with_clear_errors():
         entry_mass_to_blocks(torch.zeros(c.b, c.h * c.g, table.slots.shape[-1] + 1), table, c.u)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mass_false_skips_only_the_masses(threads, seed):
+    """``mass=False`` (strategies without attention-aware placement): the same output and new-token mass,
+    bit for bit, with zero block masses of the same shape (both CPU torch paths, and ``attend_selected``)."""
+    from tiercache_llm.sparse_layer import attend_selected
+
+    c = make_case({**BASE, "q": 1 + seed % 2, "tail_cut": 3}, seed)
+    table = build_page_table(c.sel, c.slot_of_fetch, c.token_ok, c.s)
+    with torch_threads(threads):
+        full = page_table_attention(c.query, c.k_pool, c.v_pool, table, c.nk, c.nv)
+        bare = page_table_attention(c.query, c.k_pool, c.v_pool, table, c.nk, c.nv, mass=False)
+        assert torch.equal(full.output, bare.output) and torch.equal(full.new_mass, bare.new_mass)
+        assert bare.block_mass.shape == full.block_mass.shape and not bool(bare.block_mass.any())
+        assert bool(full.block_mass.any())
+        if c.q == 1:
+            args = (c.query, c.k_pool, c.v_pool, c.slot_of_fetch, c.sel, c.valid, c.t, c.s, c.nk, c.nv, None)
+            a, b = attend_selected(*args), attend_selected(*args, mass=False)
+            assert torch.equal(a.output, b.output) and b.block_mass.shape == a.block_mass.shape
+            assert not bool(b.block_mass.any())
+
+
 def test_attend_selected_is_the_page_table_path_on_cpu():
     """``sparse_layer.attend_selected`` (what decode calls): token validity from the row's padding and the
     context length, the page table, block masses in ``fetch`` order; ``"auto"`` is ``"pages"`` on CPU."""
