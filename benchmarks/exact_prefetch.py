@@ -12,9 +12,11 @@ Tiered caches: host tier ``--host`` (or ``--host-fraction`` of the KV bytes), th
 under ``--workdir`` with ``direct_io`` (reads bypass the page cache: "cold").  Configurations:
 ``dynamic``; ``exact-sync`` (``prefetch=False``: every block read when its layer's update runs);
 ``exact-ahead`` (``prefetch=True``, the default: the next layer's blocks read in the background).
-After the steps, the time to read the KV once from its tiers: an O_DIRECT read of the exact cache's
-store files (1 and 4 workers, the best) plus a copy of its host tier's bytes (1 thread), at the
-bandwidths measured then.  Medians over the timed steps.  Prints a markdown table; ``--out`` writes
+The time to read the KV once from its tiers: an O_DIRECT read of the chunk files exact-ahead's step reads
+from its disk tier, in the step's order (``sparse_speed.read_in_decode_order``: 1 worker and the disk
+tier's direct-read threads), before the timed steps, amid them and after them, medians, the better worker
+count; plus a copy of its host tier's bytes (1 thread).  (The whole store read in directory order is
+reported beside it for reference.)  Medians over the timed steps.  Prints a markdown table; ``--out`` writes
 ``exact_prefetch.json`` and ``.md`` there.
 """
 
@@ -36,7 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402  (the benchmarks directory is not a package)
     MiB, kv_cache_bytes, load_bench_model, machine_meta, median, parse_ints, stats_delta, tier_row, torch_threads,
 )
-from sparse_speed import host_copy_bandwidth, point_kv, prefill_rows, prompt_rows, raw_disk_bandwidth  # noqa: E402
+from sparse_speed import (  # noqa: E402
+    host_copy_bandwidth, point_kv, prefill_rows, prompt_rows, raw_disk_bandwidth, read_in_decode_order,
+)
 
 CONFIGS = ("dynamic", "exact-sync", "exact-ahead")
 
@@ -71,9 +75,12 @@ def run_point(model: Any, kv: list, last: torch.Tensor, host: int, steps: int, w
     diffs: dict[str, float] = {c: 0.0 for c in CONFIGS[1:]}
     token = last
     tiered = list(CONFIGS[1:])
+    raw: list[dict[str, Any]] = []
     try:
         with torch_threads(1):
             for i in range(warmup + steps):
+                if i == warmup or i == warmup + steps // 2:  # the like-for-like baseline, between the steps
+                    raw.append(read_in_decode_order(caches["exact-ahead"], "before" if i == warmup else "middle", 0))
                 ref, ms = step(model, caches["dynamic"], token)
                 records["dynamic"].append({"ms": 1000 * ms, "warmup": i < warmup})
                 for config in tiered[i % 2:] + tiered[: i % 2]:
@@ -96,7 +103,9 @@ def run_point(model: Any, kv: list, last: torch.Tensor, host: int, steps: int, w
         exact = caches["exact-ahead"]
         host_cap = tier_row(exact.stats(), "host").get("capacity_bytes", 0)
         disk_row = tier_row(exact.stats(), "disk")
-        disk_bw = raw_disk_bandwidth(workdir / "exact-ahead")
+        raw.append(read_in_decode_order(exact, "after", 0))
+        disk_bw = _medians(raw)
+        disk_bw["walk_order"] = raw_disk_bandwidth(workdir / "exact-ahead")
         host_bw = host_copy_bandwidth(max(int(host_cap), 64 * MiB), 1)
     finally:
         for config, cache in caches.items():
@@ -113,6 +122,18 @@ def run_point(model: Any, kv: list, last: torch.Tensor, host: int, steps: int, w
         once = 1000 * (a["disk_mib"] * MiB / disk_bw["bytes_per_s"] + a["host_mib"] * MiB / host_bw)
         out["read_once_ms"] = once
     return out
+
+
+def _medians(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The samples of ``read_in_decode_order`` summed up: per worker count the median over them, and
+    ``bytes_per_s`` = the better of those (``{"error": ...}`` where O_DIRECT was refused)."""
+    good = [x for x in samples if x.get("by_workers")]
+    if not good:
+        return {"error": next((x["error"] for x in samples if x.get("error")), "no disk entries"), "samples": samples}
+    workers = sorted({w for x in good for w in x["by_workers"]})
+    by = {w: median([x["by_workers"][w] for x in good if w in x["by_workers"]]) for w in workers}
+    return {"files": good[-1]["files"], "bytes": good[-1]["bytes"], "by_workers": by,
+            "bytes_per_s": max(by.values()), "samples": samples}
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -136,8 +157,12 @@ def table(results: list[dict[str, Any]]) -> str:
         d = res["raw_disk"]
         if d.get("bytes_per_s"):
             by = ", ".join(f"{w} worker(s) {v / 2**30:.2f} GiB/s" for w, v in d["by_workers"].items())
-            lines.append(f"\n{res['context']} x {res['batch']}: raw O_DIRECT read of {d['files']} store files "
-                         f"({d['bytes'] / MiB:.0f} MiB): {by}; host copy {res['host_copy_bytes_per_s'] / 2**30:.2f} GiB/s "
+            walk = d.get("walk_order", {}).get("by_workers", {})
+            walk_text = ", ".join(f"{w} worker(s) {v / 2**30:.2f}" for w, v in walk.items())
+            lines.append(f"\n{res['context']} x {res['batch']}: raw O_DIRECT read of the {d['files']} chunk files exact-ahead's "
+                         f"step reads from disk ({d['bytes'] / MiB:.0f} MiB), in the step's order, before, amid and after "
+                         f"the timed steps, medians: {by} (the whole store in directory order after the steps: {walk_text}); "
+                         f"host copy {res['host_copy_bytes_per_s'] / 2**30:.2f} GiB/s "
                          f"(1 thread); read once (exact-ahead's bytes per step) = {res['read_once_ms']:.0f} ms; "
                          f"disk tier direct_io: {res['direct_io']}")
     return "\n".join(lines)
