@@ -13,6 +13,8 @@ measurements rotated every round, each of:
   one ``BlockStore.get_blocks`` of its visible entries into its slices of a decode buffer (the same
   entries, order, sizes, destinations and disk-tier threads as the decode); bytes of both tiers.
 - ``reader-disk``: the same, with only the entries the disk tier holds (the bytes the raw reads read).
+- ``reader-disk-2-in-flight``: those reads with two layers in flight (each in a slot of its own), as a
+  reader of two threads would make them: no barrier at the end of each layer's ``get_many``.
 - ``raw-1`` / ``raw-N``: ``sparse_speed.read_in_decode_order``'s read: the chunk files of those disk
   entries, in the step's order, O_DIRECT, one ``preadv`` each into one page-aligned buffer, no checksum,
   1 worker and the disk tier's direct-read thread count ``N``.
@@ -21,7 +23,9 @@ measurements rotated every round, each of:
   directory walk order, 1 and 4 workers.
 
 With ``--breakdown`` also, 1 thread each, the disk entries of the layers the disk tier holds entirely:
-``1t-whole`` (as raw-1), ``1t-strided`` (one ``preadv`` per chunk with the payload scattered into its block
+``1t-whole`` (as raw-1), ``1t-hot`` (header, payload and tail in three buffers, the payload always into the
+same region), ``1t-distinct`` (the payloads side by side in a layer-sized buffer: each entry's own memory,
+contiguous), ``1t-strided`` (one ``preadv`` per chunk with the payload scattered into its block
 slices of the decode buffer, as the tier does), ``1t-strided-crc`` (that plus the crc32c of every piece) and
 ``1t-tier`` (the disk tier's ``read_into`` with one thread): what each step of the tier's work costs.
 
@@ -42,6 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -73,15 +78,17 @@ def build(context: int, batch: int, host: str | None, host_fraction: float, root
     return cache
 
 
-def step_reads(cache: Any, disk_only: bool = False) -> list[tuple[list, list]]:
+def step_reads(cache: Any, disk_only: bool = False, slots: int = 1) -> list[tuple[list, list]]:
     """Per layer ``(keys, out tensors)`` of one decode step's reads, as ``TieredKVLayer.prefetch`` makes
-    them (slot 0 of the cache's decode buffer; ``disk_only``: only the entries the disk tier holds)."""
+    them (into the cache's decode buffer, the layers taking ``slots`` slots in turn; ``disk_only``: only
+    the entries the disk tier holds)."""
     store, out = cache.store, []
     for layer in cache.layers:
         first, n, _ = layer._visible_blocks()
         bs = layer.block_size
+        slot = len(out) % slots
         buf = cache.buffer.get(n * bs + layer._tail_len + 1, (layer._batch, *layer._shape_k),
-                               (layer._batch, *layer._shape_v), layer.dtype, layer.device, bs, 0, joint=layer._joint)
+                               (layer._batch, *layer._shape_v), layer.dtype, layer.device, bs, slot, joint=layer._joint)
         keys = layer._entries_from(first)
         dsts = buf.joint_blocks[:n] if layer._joint else buf.key_blocks[:n] + buf.value_blocks[:n]
         if disk_only:
@@ -92,12 +99,18 @@ def step_reads(cache: Any, disk_only: bool = False) -> list[tuple[list, list]]:
     return out
 
 
-def timed_reads(cache: Any, reads: list[tuple[list, list]]) -> float:
-    """Bytes/s of ``reads`` through the store, one layer after another (as the reader thread does)."""
+def timed_reads(cache: Any, reads: list[tuple[list, list]], lanes: int = 1) -> float:
+    """Bytes/s of ``reads`` through the store, one layer after another (as the reader thread does), or
+    with ``lanes`` layers in flight (the reads must then use at least ``lanes + 1`` slots in turn: two reads
+    into one destination at once would fail its checksums, and the tiercache would drop the entry)."""
     nbytes = sum(d.numel() * d.element_size() for _, dsts in reads for d in dsts)
     t0 = time.perf_counter()
-    for keys, dsts in reads:
-        cache.store.get_blocks(keys, out=dsts, background=True)
+    if lanes == 1:
+        for keys, dsts in reads:
+            cache.store.get_blocks(keys, out=dsts, background=True)
+    else:
+        with ThreadPoolExecutor(lanes) as pool:
+            list(pool.map(lambda kd: cache.store.get_blocks(kd[0], out=kd[1], background=True), reads))
     return nbytes / (time.perf_counter() - t0)
 
 
@@ -105,6 +118,7 @@ def breakdown(cache: Any) -> dict[str, Callable[[], float]]:
     """The 1-thread measurements of ``--breakdown`` over the layers the disk tier holds entirely."""
     import crc32c
 
+    from tiercache.buffers import aligned_empty
     from tiercache.tiers.disk import byte_parts
 
     reads = [(keys, dsts) for keys, dsts in step_reads(cache) if set(cache.store.tiers_of(keys)) == {"disk"}]
@@ -115,6 +129,9 @@ def breakdown(cache: Any) -> dict[str, Callable[[], float]]:
     with tc._lock:
         files = [[disk._chunk_file(tc._index[k].slot) for k in keys] for keys, _ in reads]
     parts = [[byte_parts(d, d.numel() * d.element_size()) for d in dsts] for _, dsts in reads]
+    payload = max(d.numel() * d.element_size() for _, dsts in reads for d in dsts)
+    side_by_side = memoryview(aligned_empty((max(len(d) for _, d in reads) * payload,), dtype=torch.uint8).numpy())
+    hot = [[side_by_side[: d.numel() * d.element_size()]] for d in reads[0][1]]  # one region, used by every read
     size = max(os.path.getsize(f) for fs in files for f in fs)
     whole, head, tail = mmap.mmap(-1, -(-size // 4096) * 4096 + 4096), mmap.mmap(-1, 4096), mmap.mmap(-1, 3 * 4096)
     nbytes = sum(os.path.getsize(f) for fs in files for f in fs)
@@ -128,6 +145,11 @@ def breakdown(cache: Any) -> dict[str, Callable[[], float]]:
                     if kind == "whole":
                         os.preadv(fd, [whole], 0)
                         continue
+                    if kind == "distinct":  # contiguous payloads side by side in a layer-sized buffer
+                        j = fs.index(f)
+                        p = [side_by_side[j * payload : j * payload + sum(x.nbytes for x in p)]]
+                    elif kind == "hot":
+                        p = hot[0]
                     rest = os.path.getsize(f) - 4096 - sum(x.nbytes for x in p)
                     os.preadv(fd, [head, *p, memoryview(tail)[: rest + 4096]], 0)
                     if kind == "crc":
@@ -145,7 +167,8 @@ def breakdown(cache: Any) -> dict[str, Callable[[], float]]:
         finally:
             disk._direct_threads = threads
 
-    return {"1t-whole": lambda: raw("whole"), "1t-strided": lambda: raw("strided"),
+    return {"1t-whole": lambda: raw("whole"), "1t-hot": lambda: raw("hot"), "1t-distinct": lambda: raw("distinct"),
+            "1t-strided": lambda: raw("strided"),
             "1t-strided-crc": lambda: raw("crc"), "1t-tier": tier}
 
 
@@ -159,9 +182,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         n = reader_threads(cache)
         shuffled = random.Random(0).sample(files, len(files))
         whole, disk_only = step_reads(cache), step_reads(cache, disk_only=True)
+        disk_slots = step_reads(cache, disk_only=True, slots=3)
         tests: dict[str, Callable[[], Any]] = {
             "reader": lambda: timed_reads(cache, whole),
             "reader-disk": lambda: timed_reads(cache, disk_only),
+            "reader-disk-2-in-flight": lambda: timed_reads(cache, disk_slots, lanes=2),
             "raw": lambda: _raw_read(files, tuple(sorted({1, n}))),
             "raw-1-shuffled": lambda: _raw_read(shuffled, (1,)),
             "walk": lambda: raw_disk_bandwidth(root / "store"),

@@ -20,8 +20,8 @@ def test_quick_run_measures_every_read(load_benchmark, tmp_path):
     res = json.loads((tmp_path / "out" / "exact_io.json").read_text())["result"]
     assert res["disk_payload_bytes"] > 0 and res["memory_payload_bytes"] > 0  # both tiers hold part of the step
     n = res["reader_threads"]
-    expected = {"reader", "reader-disk", "raw-1", f"raw-{n}", "raw-1-shuffled", "walk-1", "walk-4",
-                "1t-whole", "1t-strided", "1t-strided-crc", "1t-tier"}
+    expected = {"reader", "reader-disk", "reader-disk-2-in-flight", "raw-1", f"raw-{n}", "raw-1-shuffled", "walk-1", "walk-4",
+                "1t-whole", "1t-hot", "1t-distinct", "1t-strided", "1t-strided-crc", "1t-tier"}
     assert set(res["medians_gib_s"]) == expected
     assert all(len(v) == 2 and all(x > 0 for x in v) for v in res["samples_gib_s"].values())
     assert "reader-disk / best raw" in (tmp_path / "out" / "exact_io.md").read_text()
