@@ -19,8 +19,9 @@ under ``--workdir`` with ``direct_io`` (reads bypass the page cache: "cold").  C
 ``exact-ahead`` (``prefetch=True``, the default: the next layer's blocks read in the background).
 The time to read the KV once from its tiers: an O_DIRECT read of the chunk files exact-ahead's step reads
 from its disk tier, in the step's order (``sparse_speed.read_in_decode_order``: 1 worker and the disk
-tier's direct-read threads), before and after every round, medians, the better worker count; plus a copy of its host tier's bytes (1 thread).  (The whole store read in directory order is
-reported beside it for reference.)  Medians over the timed steps.  Prints a markdown table; ``--out`` writes
+tier's direct-read threads), before and after every round, medians, the better worker count; plus a copy
+of its host tier's bytes (1 thread).  (The whole store read in directory order is reported beside it for
+reference.)  Medians over the timed steps.  Prints a markdown table; ``--out`` writes
 ``exact_prefetch.json`` and ``.md`` there.
 """
 
