@@ -5,16 +5,23 @@
     python benchmarks/exact_prefetch.py --quick                                            # tiny model, seconds
 
 Per context: SmolLM2 prefills the prompt rows once into a ``DynamicCache``; every configuration's cache is
-filled with those K/V (``Cache.update``); then the caches decode the same tokens in lock-step, one
-torch thread: each step ``DynamicCache`` runs first and its greedy token is fed to the others (teacher
-forcing; their logits are compared with its), the order of the tiered configurations rotated every step.
+filled with those K/V (``Cache.update``); then the caches decode the same positions and tokens, one torch
+thread, in ``--rounds`` rounds: in each, ``DynamicCache`` decodes a block of steps first (its greedy tokens
+are fed to the others: teacher forcing; their logits are compared with its), then each tiered
+configuration decodes the same block, the order of the tiered configurations rotated every round.  A
+configuration's steps run back to back, as in a real decode, so its reads ahead of the next step's first
+layers overlap its own step's end and nothing else (interleaving the caches step by step would let them
+finish during the other caches' steps, for free); the first step of each block is untimed (it inherits
+reads ahead that finished meanwhile), the first round's first ``--warmup`` steps too.
 Tiered caches: host tier ``--host`` (or ``--host-fraction`` of the KV bytes), the rest on a disk tier
 under ``--workdir`` with ``direct_io`` (reads bypass the page cache: "cold").  Configurations:
 ``dynamic``; ``exact-sync`` (``prefetch=False``: every block read when its layer's update runs);
 ``exact-ahead`` (``prefetch=True``, the default: the next layer's blocks read in the background).
-After the steps, the time to read the KV once from its tiers: an O_DIRECT read of the exact cache's
-store files (1 and 4 workers, the best) plus a copy of its host tier's bytes (1 thread), at the
-bandwidths measured then.  Medians over the timed steps.  Prints a markdown table; ``--out`` writes
+The time to read the KV once from its tiers: an O_DIRECT read of the chunk files exact-ahead's step reads
+from its disk tier, in the step's order (``sparse_speed.read_in_decode_order``: 1 worker and the disk
+tier's direct-read threads), before and after every round, medians, the better worker count; plus a copy
+of its host tier's bytes (1 thread).  (The whole store read in directory order is reported beside it for
+reference.)  Medians over the timed steps.  Prints a markdown table; ``--out`` writes
 ``exact_prefetch.json`` and ``.md`` there.
 """
 
@@ -36,7 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402  (the benchmarks directory is not a package)
     MiB, kv_cache_bytes, load_bench_model, machine_meta, median, parse_ints, stats_delta, tier_row, torch_threads,
 )
-from sparse_speed import host_copy_bandwidth, point_kv, prefill_rows, prompt_rows, raw_disk_bandwidth  # noqa: E402
+from sparse_speed import (  # noqa: E402
+    host_copy_bandwidth, point_kv, prefill_rows, prompt_rows, raw_disk_bandwidth, read_in_decode_order,
+)
 
 CONFIGS = ("dynamic", "exact-sync", "exact-ahead")
 
@@ -65,38 +74,52 @@ def step(model: Any, cache: Any, token: torch.Tensor) -> tuple[torch.Tensor, flo
 
 
 def run_point(model: Any, kv: list, last: torch.Tensor, host: int, steps: int, warmup: int,
-              workdir: Path) -> dict[str, Any]:
+              workdir: Path, rounds: int = 2) -> dict[str, Any]:
+    """Decode every configuration over the same positions and tokens, in ``rounds`` rounds of consecutive
+    steps per configuration (see the module docstring); returns per-configuration medians, the logit
+    differences and the baselines."""
     caches = {c: build(model, c, kv, host, workdir / c) for c in CONFIGS}
     records: dict[str, list[dict[str, Any]]] = {c: [] for c in CONFIGS}
     diffs: dict[str, float] = {c: 0.0 for c in CONFIGS[1:]}
     token = last
     tiered = list(CONFIGS[1:])
+    raw: list[dict[str, Any]] = []
+    per_round = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
     try:
         with torch_threads(1):
-            for i in range(warmup + steps):
-                ref, ms = step(model, caches["dynamic"], token)
-                records["dynamic"].append({"ms": 1000 * ms, "warmup": i < warmup})
-                for config in tiered[i % 2:] + tiered[: i % 2]:
+            for rnd, timed in enumerate(per_round):
+                raw.append(read_in_decode_order(caches["exact-ahead"], "before", rnd))
+                untimed = warmup if rnd == 0 else 1
+                refs, tokens = [], []
+                for i in range(untimed + timed):  # the reference's block: its logits and greedy tokens
+                    tokens.append(token)
+                    ref, ms = step(model, caches["dynamic"], token)
+                    refs.append(ref)
+                    records["dynamic"].append({"ms": 1000 * ms, "warmup": i < untimed})
+                    token = ref.argmax(-1, keepdim=True)
+                for config in tiered[rnd % 2:] + tiered[: rnd % 2]:
                     cache = caches[config]
-                    before = cache.stats()
-                    logits, ms = step(model, cache, token)
-                    delta = stats_delta(before, cache.stats())
-                    diffs[config] = max(diffs[config], float((logits - ref).abs().max()))
-                    ahead = delta["prefetch"]
-                    records[config].append({
-                        "ms": 1000 * ms, "warmup": i < warmup,
-                        "fetch_ms": 1000 * delta["kv"]["fetch_seconds"],
-                        "wait_ms": 1000 * ahead["wait_seconds"], "sync_read_ms": 1000 * ahead["sync_seconds"],
-                        "background_ms": 1000 * ahead["background_seconds"],
-                        "host_mib": tier_row(delta, "host").get("bytes_read", 0) / MiB,
-                        "disk_mib": tier_row(delta, "disk").get("bytes_read", 0) / MiB,
-                        "entries_ahead": ahead["blocks_ahead"], "entries_sync": ahead["blocks_sync"],
-                    })
-                token = ref.argmax(-1, keepdim=True)
+                    for i, (tok, ref) in enumerate(zip(tokens, refs)):
+                        before = cache.stats()
+                        logits, ms = step(model, cache, tok)
+                        delta = stats_delta(before, cache.stats())
+                        diffs[config] = max(diffs[config], float((logits - ref).abs().max()))
+                        ahead = delta["prefetch"]
+                        records[config].append({
+                            "ms": 1000 * ms, "warmup": i < untimed,
+                            "fetch_ms": 1000 * delta["kv"]["fetch_seconds"],
+                            "wait_ms": 1000 * ahead["wait_seconds"], "sync_read_ms": 1000 * ahead["sync_seconds"],
+                            "background_ms": 1000 * ahead["background_seconds"],
+                            "host_mib": tier_row(delta, "host").get("bytes_read", 0) / MiB,
+                            "disk_mib": tier_row(delta, "disk").get("bytes_read", 0) / MiB,
+                            "entries_ahead": ahead["blocks_ahead"], "entries_sync": ahead["blocks_sync"],
+                        })
+                raw.append(read_in_decode_order(caches["exact-ahead"], "after", rnd))
         exact = caches["exact-ahead"]
         host_cap = tier_row(exact.stats(), "host").get("capacity_bytes", 0)
         disk_row = tier_row(exact.stats(), "disk")
-        disk_bw = raw_disk_bandwidth(workdir / "exact-ahead")
+        disk_bw = _medians(raw)
+        disk_bw["walk_order"] = raw_disk_bandwidth(workdir / "exact-ahead")
         host_bw = host_copy_bandwidth(max(int(host_cap), 64 * MiB), 1)
     finally:
         for config, cache in caches.items():
@@ -113,6 +136,18 @@ def run_point(model: Any, kv: list, last: torch.Tensor, host: int, steps: int, w
         once = 1000 * (a["disk_mib"] * MiB / disk_bw["bytes_per_s"] + a["host_mib"] * MiB / host_bw)
         out["read_once_ms"] = once
     return out
+
+
+def _medians(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The samples of ``read_in_decode_order`` summed up: per worker count the median over them, and
+    ``bytes_per_s`` = the better of those (``{"error": ...}`` where O_DIRECT was refused)."""
+    good = [x for x in samples if x.get("by_workers")]
+    if not good:
+        return {"error": next((x["error"] for x in samples if x.get("error")), "no disk entries"), "samples": samples}
+    workers = sorted({w for x in good for w in x["by_workers"]})
+    by = {w: median([x["by_workers"][w] for x in good if w in x["by_workers"]]) for w in workers}
+    return {"files": good[-1]["files"], "bytes": good[-1]["bytes"], "by_workers": by,
+            "bytes_per_s": max(by.values()), "samples": samples}
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -136,8 +171,12 @@ def table(results: list[dict[str, Any]]) -> str:
         d = res["raw_disk"]
         if d.get("bytes_per_s"):
             by = ", ".join(f"{w} worker(s) {v / 2**30:.2f} GiB/s" for w, v in d["by_workers"].items())
-            lines.append(f"\n{res['context']} x {res['batch']}: raw O_DIRECT read of {d['files']} store files "
-                         f"({d['bytes'] / MiB:.0f} MiB): {by}; host copy {res['host_copy_bytes_per_s'] / 2**30:.2f} GiB/s "
+            walk = d.get("walk_order", {}).get("by_workers", {})
+            walk_text = ", ".join(f"{w} worker(s) {v / 2**30:.2f}" for w, v in walk.items())
+            lines.append(f"\n{res['context']} x {res['batch']}: raw O_DIRECT read of the {d['files']} chunk files exact-ahead's "
+                         f"step reads from disk ({d['bytes'] / MiB:.0f} MiB), in the step's order, before and after "
+                         f"each round of steps, medians: {by} (the whole store in directory order after the steps: {walk_text}); "
+                         f"host copy {res['host_copy_bytes_per_s'] / 2**30:.2f} GiB/s "
                          f"(1 thread); read once (exact-ahead's bytes per step) = {res['read_once_ms']:.0f} ms; "
                          f"disk tier direct_io: {res['direct_io']}")
     return "\n".join(lines)
@@ -150,11 +189,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--host", default=None, help="host tier budget, e.g. 16MiB (default: --host-fraction)")
     parser.add_argument("--host-fraction", type=float, default=0.25, help="host tier as a fraction of the KV bytes")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per configuration")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per configuration (over all rounds)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each configuration's first round")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of consecutive steps per configuration")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory on the disk under test")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.steps < args.rounds or args.warmup < 1:
+        parser.error("need --rounds >= 1, --steps >= --rounds and --warmup >= 1")
     from tiercache.sizes import parse_size
 
     model, tokenizer = load_bench_model("tiny" if args.quick else "smollm2")
@@ -172,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
             kv = point_kv(rows, args.batch, c - 1)
             kv_bytes = kv_cache_bytes(model.config, c - 1, args.batch)
             host = parse_size(args.host) if args.host else max(64 * 1024, int(args.host_fraction * kv_bytes))
-            res = run_point(model, kv, ids[: args.batch, c - 1 : c], host, args.steps, args.warmup, workdir)
+            res = run_point(model, kv, ids[: args.batch, c - 1 : c], host, args.steps, args.warmup, workdir,
+                            args.rounds)
             res.update(context=c, batch=args.batch, kv_mib=kv_bytes / MiB, host_budget_mib=host / MiB)
             results.append(res)
             print(table([res]), flush=True)

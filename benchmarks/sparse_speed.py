@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import itertools
 import mmap
 import os
 import shutil
@@ -454,6 +455,7 @@ class Point:
         self.feed: list[torch.Tensor] = [last]  # input ids of step i (the reference's greedy tokens)
         self.ref_logits: list[torch.Tensor] = []
         self.bandwidth: dict[str, Any] = {}
+        self.raw_samples: list[dict[str, Any]] = []  # read_in_decode_order before and after each exact cold round
         self.memory: dict[str, int] = {"max_rss_bytes": 0, "max_anon_bytes": 0}
 
     def store(self, cfg: Config) -> Path:
@@ -550,8 +552,9 @@ class Point:
         (:meth:`decode`) and is closed (its pools freed, its disk store deleted) before the next is built:
         one cache is alive at a time, every timed step excludes the fill, and a configuration's timed
         steps never overlap another cache's background work.  After the last round the cache's
-        ``stats()`` are kept, and at a full point the exact cold cache's store is read for the raw
-        bandwidth before it is closed."""
+        ``stats()`` are kept.  At a full point the exact cold cache's disk entries are read raw right
+        before and right after each of its rounds (:func:`read_in_decode_order`), and the host copy rate
+        is measured after its last round (:func:`bandwidth`)."""
         s = self.s
         ref, others = self.configs[0], self.configs[1:]
         for rnd in range(s.repeats):
@@ -560,13 +563,18 @@ class Point:
                 bar.set_postfix_str(f"{self.name} ctx {self.context} b {self.batch} #{rnd + 1} {cfg.label}")
                 cache = self.build(cfg, skip)
                 if cache is not None:
+                    raw = self.full and cfg == Config(EXACT, None, "cold")
                     try:
+                        if raw:
+                            self.raw_samples.append(read_in_decode_order(cache, "before", rnd))
                         self.decode(cfg, cache, rnd)
+                        if raw:
+                            self.raw_samples.append(read_in_decode_order(cache, "after", rnd))
                         if rnd == s.repeats - 1 and hasattr(cache, "stats") and self.runs[cfg].available:
                             self.runs[cfg].stats = cache.stats()
                             self.runs[cfg].reuse_rate = reuse_rate(self.runs[cfg].stats)
-                            if self.full and cfg == Config(EXACT, None, "cold"):
-                                self.bandwidth = bandwidth(cache, self.store(cfg), s.threads)
+                            if raw:
+                                self.bandwidth = bandwidth(cache, self.store(cfg), s.threads, self.raw_samples)
                     finally:
                         if hasattr(cache, "close"):
                             cache.close()
@@ -584,20 +592,32 @@ def fail(run: Run, exc: BaseException) -> None:
 
 # -- raw bandwidth ------------------------------------------------------------------------------------------
 def raw_disk_bandwidth(root: Path, workers: tuple[int, ...] = (1, 4)) -> dict[str, Any]:
-    """Read every file under ``root`` once with ``O_DIRECT`` (page-aligned buffers, ``preadv``), with each
-    worker count; bytes/s of the best.  ``{}`` where O_DIRECT is refused."""
+    """Read every file under ``root`` once with ``O_DIRECT`` (page-aligned buffers, ``preadv``), in directory
+    walk order, with each worker count; bytes/s of the best.  ``{}`` where O_DIRECT is refused.  (The
+    earlier baseline of issue 10's (2); kept for reference beside :func:`read_in_decode_order`.)"""
     files = [Path(d) / f for d, _, fs in os.walk(root) for f in fs]
-    sizes = {p: p.stat().st_size for p in files}
     if not files:
         return {}
-    biggest = -(-max(sizes.values()) // 4096) * 4096 or 4096
+    return _raw_read(files, workers)
 
-    def read_some(paths: list[Path]) -> int:
+
+def _raw_read(files: list[Path] | list[str], workers: tuple[int, ...]) -> dict[str, Any]:
+    """``files`` read whole, once per worker count, with ``O_DIRECT``: one ``preadv`` per file into a
+    page-aligned buffer, no checksum, no copy.  The workers take the next file in list order (as
+    ``DiskTier.read_into``'s threads take the next entry), so one worker reads in exactly that order.
+    ``{"files", "bytes", "by_workers": {w: bytes/s}, "bytes_per_s": the best}``, or ``{"error": ...}``
+    where O_DIRECT is refused."""
+    sizes = [os.stat(p).st_size for p in files]
+    biggest = -(-max(sizes) // 4096) * 4096 or 4096
+
+    def read_some(taken: Iterator[int]) -> int:
         buf = mmap.mmap(-1, biggest)
         done = 0
         try:
-            for p in paths:
-                fd = os.open(p, os.O_RDONLY | os.O_DIRECT)
+            for i in taken:
+                if i >= len(files):
+                    return done
+                fd = os.open(files[i], os.O_RDONLY | os.O_DIRECT)
                 try:
                     done += os.preadv(fd, [buf], 0)
                 finally:
@@ -606,17 +626,66 @@ def raw_disk_bandwidth(root: Path, workers: tuple[int, ...] = (1, 4)) -> dict[st
             buf.close()
         return done
 
-    out: dict[str, Any] = {"files": len(files), "bytes": sum(sizes.values()), "by_workers": {}}
+    out: dict[str, Any] = {"files": len(files), "bytes": sum(sizes), "by_workers": {}}
     try:
         for w in workers:
-            parts = [files[i::w] for i in range(w)]
+            taken = itertools.count()  # next() is atomic under the GIL
             t0 = time.perf_counter()
-            with ThreadPoolExecutor(w) as pool:
-                done = sum(pool.map(read_some, parts))
+            if w == 1:
+                done = read_some(taken)
+            else:
+                with ThreadPoolExecutor(w) as pool:
+                    done = sum(pool.map(read_some, [taken] * w))
             out["by_workers"][w] = done / (time.perf_counter() - t0)
     except OSError as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
     out["bytes_per_s"] = max(out["by_workers"].values())
+    return out
+
+
+def decode_read_order(cache: Any) -> tuple[list[str], int, int]:
+    """``(files, disk bytes, memory bytes)`` of one exact decode step of ``cache``: the disk-tier chunk
+    files of every layer's visible blocks in the order the step reads them (layer by layer, each layer's
+    entries as its update or read ahead asks for them), the payload bytes of those, and the payload bytes
+    of the entries a memory tier holds.  Benchmark-only: it looks the entries up in the tiercache's index
+    (private) under the index lock."""
+    keys = []
+    for layer in cache.layers:
+        if layer.is_initialized and layer.sparse is None:
+            keys += layer._entries_from(layer._visible_blocks()[0])
+    tc = cache.store.cache
+    files, disk, memory = [], 0, 0
+    with tc._lock:
+        for key in keys:
+            entry = tc._index.get(key)
+            if entry is None:
+                continue
+            tier = tc._tiers[entry.level]
+            if hasattr(tier, "_chunk_file"):
+                files.append(tier._chunk_file(entry.slot))
+                disk += entry.nbytes
+            else:
+                memory += entry.nbytes
+    return files, disk, memory
+
+
+def reader_threads(cache: Any) -> int:
+    """How many threads the disk tier of ``cache`` spreads a batch of direct reads over at most (1 if none)."""
+    tiers = [t for t in cache.store.cache.tiers if hasattr(t, "read_into") and getattr(t, "direct_io", False)]
+    return max(1, int(getattr(tiers[0], "_direct_threads", 1))) if tiers else 1
+
+
+def read_in_decode_order(cache: Any, when: str, rnd: int) -> dict[str, Any]:
+    """Issue 10's (2) baseline, like for like: the chunk files an exact decode step of ``cache`` reads from
+    its disk tier (:func:`decode_read_order`: the same files, in the same order, on the same disk, with the
+    same recency, since the step reads them every step), read raw with ``O_DIRECT`` (:func:`_raw_read`)
+    with 1 worker and with the disk tier's direct-read thread count.  Measured right ``when`` = "before"
+    and "after" a round of the cache (so it sees the disk in the state the round did); ``round`` records
+    which."""
+    files, disk, memory = decode_read_order(cache)
+    out: dict[str, Any] = {"when": when, "round": rnd, "disk_payload_bytes": disk, "memory_payload_bytes": memory}
+    if files:
+        out.update(_raw_read(files, tuple(sorted({1, reader_threads(cache)}))))
     return out
 
 
@@ -718,13 +787,25 @@ def run_all(s: Settings, workdir: Path, *, show_progress: bool = True) -> tuple[
     return runs, info
 
 
-def bandwidth(cache: Any, store: Path, threads: tuple[int, ...]) -> dict[str, Any]:
-    """Raw read bandwidth of an exact cold cache's store files in ``store`` (O_DIRECT) and of a host copy
-    of its host tier's size per thread count, measured right after the cache's last round."""
+def bandwidth(cache: Any, store: Path, threads: tuple[int, ...], samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Raw read bandwidth of an exact cold cache's disk entries and of a host copy of its host tier's size
+    per thread count.  ``disk``: the samples of :func:`read_in_decode_order` (taken before and after every
+    round of the cache), the median of each worker count over them, and ``bytes_per_s`` = the better of
+    those medians; ``disk_walk_order``: the earlier baseline (every file of the store in directory order,
+    1 and 4 workers, :func:`raw_disk_bandwidth`), measured once now, for reference."""
     host_cap = tier_row(cache.stats(), "host").get("capacity_bytes") or tier_row(cache.stats(), "host").get("capacity") or 0
-    disk = raw_disk_bandwidth(store)
+    good = [x for x in samples if x.get("by_workers")]
+    disk: dict[str, Any] = {"order": "decode", "samples": samples}
+    if good:
+        workers = sorted({w for x in good for w in x["by_workers"]})
+        disk.update(files=good[-1]["files"], bytes=good[-1]["bytes"],
+                    by_workers={w: median([x["by_workers"][w] for x in good if w in x["by_workers"]]) for w in workers})
+        disk["bytes_per_s"] = max(disk["by_workers"].values())
+    elif samples and samples[-1].get("error"):
+        disk["error"] = samples[-1]["error"]
+    walk = raw_disk_bandwidth(store)
     host = {t: host_copy_bandwidth(max(int(host_cap), 64 * MiB), t) for t in threads}
-    return {"disk": disk, "host_bytes_per_s": host, "host_capacity": host_cap}
+    return {"disk": disk, "disk_walk_order": walk, "host_bytes_per_s": host, "host_capacity": host_cap}
 
 
 # -- summary ------------------------------------------------------------------------------------------------
@@ -1006,8 +1087,15 @@ def write_results(runs: list[Run], rows: list[Row], meta: dict[str, Any], info: 
     for key, bw in info.get("bandwidth", {}).items():
         d = bw.get("disk", {})
         if d.get("bytes_per_s"):
-            lines += ["", f"Raw bandwidth at {key} (same run): O_DIRECT read of the exact cache's {d['files']} store files "
-                      f"({d['bytes'] / MiB:.0f} MiB): " + ", ".join(f"{w} worker(s) {v / GiB:.2f} GiB/s" for w, v in d["by_workers"].items())
+            walk = bw.get("disk_walk_order", {})
+            n = sum(1 for x in d.get("samples", ()) if x.get("by_workers"))
+            lines += ["", f"Raw bandwidth at {key} (same run): O_DIRECT read of the {d['files']} chunk files the exact cold "
+                      f"cache's decode step reads from disk ({d['bytes'] / MiB:.0f} MiB), in the step's order, right before and "
+                      f"after each of its rounds, medians of {n}: "
+                      + ", ".join(f"{w} worker(s) {v / GiB:.2f} GiB/s" for w, v in d["by_workers"].items())
+                      + (" (every file of the store in directory order, once after the last round: "
+                         + ", ".join(f"{w} worker(s) {v / GiB:.2f}" for w, v in walk["by_workers"].items()) + ")"
+                         if walk.get("by_workers") else "")
                       + "; host copy: " + ", ".join(f"{t} thread(s) {v / GiB:.2f} GiB/s" for t, v in bw["host_bytes_per_s"].items())]
     lines += ["", "## Accuracy of each budget", ""]
     if acc:

@@ -289,3 +289,34 @@ def test_mapped_kv_round_trip_is_copy_on_write(tmp_path):
     torch.testing.assert_close(saved.load()[0][0], layers[0][0], rtol=0, atol=0)
     saved.remove()
     assert not (tmp_path / "kv").exists()
+
+
+def test_read_in_decode_order_reads_the_steps_disk_entries(speed, tmp_path):
+    """The like-for-like baseline lists exactly the disk-held entries of one exact step, in layer order
+    (each layer's visible blocks), and reads every byte of their chunk files."""
+    from _common import tiny_llama
+    from tiercache_llm import TieredKVCache
+
+    config = tiny_llama().config
+    cache = TieredKVCache(config, host=64 * 1024, disk=16 << 20, path=tmp_path / "s", block_size=16, direct_io=True)
+    try:
+        for i in range(config.num_hidden_layers):
+            cache.update(torch.randn(2, 2, 100, 16), torch.randn(2, 2, 100, 16), i)
+        files, disk, memory = speed.decode_read_order(cache)
+        keys = [k for layer in cache.layers for k in layer._entries_from(layer._visible_blocks()[0])]
+        tiers = cache.store.tiers_of(keys)
+        on_disk = [k for k, t in zip(keys, tiers) if t == "disk"]
+        assert on_disk and len(on_disk) < len(keys)  # both tiers hold some of the step's entries
+        assert len(files) == len(on_disk) and disk + memory == sum(cache.store._live[k] for k in keys)
+        with cache.store.cache._lock:  # the files in the step's order
+            index, disk_tier = cache.store.cache._index, cache.store.cache.tiers[-1]
+            assert files == [disk_tier._chunk_file(index[k].slot) for k in on_disk]
+        got = speed.read_in_decode_order(cache, "before", 0)
+        assert got["when"] == "before" and got["disk_payload_bytes"] == disk and got["memory_payload_bytes"] == memory
+        if "error" in got:  # a filesystem that refuses O_DIRECT (tmpfs)
+            pytest.skip(got["error"])
+        import os
+        assert got["files"] == len(files) and got["bytes"] == sum(os.path.getsize(f) for f in files)
+        assert set(got["by_workers"]) == {1, speed.reader_threads(cache)} and got["bytes_per_s"] > 0
+    finally:
+        cache.close()
