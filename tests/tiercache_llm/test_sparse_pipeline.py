@@ -476,9 +476,9 @@ def test_end_of_step_worker_sends_what_the_inline_path_sends(model, batch, tmp_p
             threads = set()
             original = cache._pipeline._stage_ahead_all
 
-            def stage_ahead_all():
+            def stage_ahead_all(*args, **kwargs):
                 threads.add(threading.current_thread().name)
-                original()
+                original(*args, **kwargs)
 
             cache._pipeline._stage_ahead_all = stage_ahead_all
             logits = decode_logits(model, cache, ids, mask)
@@ -530,10 +530,10 @@ def test_invalidate_and_close_wait_for_the_end_of_step_worker(model, batch, tmp_
     running = threading.Event()
     original = pipe._stage_ahead_all
 
-    def slow():
+    def slow(*args, **kwargs):
         running.set()
         time.sleep(0.2)
-        original()
+        original(*args, **kwargs)
 
     pipe._stage_ahead_all = slow
     decode_logits(model, cache, ids, mask, steps=2)

@@ -88,6 +88,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Predictor = Literal["previous", "query"]
 MiB = 1 << 20
+# The end-of-step worker is mostly Python (it holds the GIL): it sends scores in chunks of this many entries
+# and sleeps YIELD_SECONDS between chunks and layers, so a forward thread coming back from a torch op for
+# the GIL waits for one chunk instead of the interpreter's switch interval (5 ms) each time.
+SCORE_CHUNK = 512
+YIELD_SECONDS = 50e-6
 
 
 @dataclass(frozen=True)
@@ -731,8 +736,10 @@ class DecodePipeline:
     def _after_step_job(self, ctrl: Any, scores: dict) -> None:
         start = time.perf_counter()
         try:
-            if scores:
-                self.store.update_scores(scores)
+            items = list(scores.items())
+            for lo in range(0, len(items), SCORE_CHUNK):
+                self.store.update_scores(dict(items[lo : lo + SCORE_CHUNK]))
+                time.sleep(YIELD_SECONDS)
             policy = getattr(self.store, "policy", None)
             if ctrl.strategy == "attention-aware" and hasattr(policy, "promote_threshold"):
                 threshold = self._threshold(self.layers)
@@ -740,7 +747,7 @@ class DecodePipeline:
                     threshold = ctrl.threshold(self.layers, self.store)
                 if threshold is not None:
                     policy.promote_threshold = threshold
-                self._stage_ahead_all()
+                self._stage_ahead_all(pause=True)
         except BaseException as exc:  # noqa: BLE001 - raised on the forward thread by the next fence
             self._after_error = exc
         finally:
@@ -748,8 +755,9 @@ class DecodePipeline:
                 self.stats.after_step_jobs += 1
                 self.stats.after_step_seconds += time.perf_counter() - start
 
-    def _stage_ahead_all(self) -> None:
-        """Disk staging ahead for every sparse layer (see :meth:`end_step`)."""
+    def _stage_ahead_all(self, pause: bool = False) -> None:
+        """Disk staging ahead for every sparse layer (see :meth:`end_step`); ``pause`` (on the end-of-step
+        worker): sleep :data:`YIELD_SECONDS` after each layer, so the forward thread can take the GIL."""
         if not self.config.disk_staging or (self.config.stage_ahead <= 0 and self.config.stage_near <= 0) \
                 or self._closed:
             return
@@ -758,9 +766,17 @@ class DecodePipeline:
         # while the later layers' choices run torch ops, each of which must take the GIL back.  Per layer, not
         # stacked over the layers: stacked tensors are large enough for torch's intra-op threads, which cost far
         # more than they save on a loaded machine (measured with 2 torch threads: 41-61 ms vs 6 ms per step).
-        chosen = [(layer, self._stage_ahead(layer.sparse, layer)) for layer in
-                  (self.layers[idx] for idx in self.sparse_ids) if layer._blocks]
-        submitted = sum(self._stage_blocks(layer, blocks)[1] for layer, blocks in chosen)
+        chosen = []
+        for layer in (self.layers[idx] for idx in self.sparse_ids):
+            if layer._blocks:
+                chosen.append((layer, self._stage_ahead(layer.sparse, layer)))
+                if pause:
+                    time.sleep(YIELD_SECONDS)
+        submitted = 0
+        for layer, blocks in chosen:
+            submitted += self._stage_blocks(layer, blocks)[1]
+            if pause:
+                time.sleep(YIELD_SECONDS)
         with self._stats_lock:
             self.stats.stage_ahead_entries += submitted
             self.stats.stage_ahead_seconds += time.perf_counter() - start
