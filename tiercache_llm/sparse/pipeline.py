@@ -56,12 +56,19 @@ pass for the CPU.  Measured on the 2-core benchmark machine (SmolLM2, ``benchmar
 - **Deferred promotions** (``attention-aware``): the forward pass's own reads do not promote (so they
   never wait on the demotion writes a promotion causes); the background reads above do, under
   :meth:`~tiercache_llm.policies.AttentionPlacementPolicy.promoting`.
+- **End-of-step worker** (``background_end_step``, with disk staging): the work after a decode step (the
+  step's tiercache scores, the promotion threshold, disk staging ahead's choice of blocks and its jobs) runs
+  on a worker thread once the forward pass returns (:meth:`DecodePipeline.defer_end_of_step`), overlapping
+  the model's head and the next step; the forward thread waits for it only at :meth:`DecodePipeline.fence`
+  (the next step's end, row / block changes, the controller's own flushes, close).
 
 Correctness never depends on the background: a staged copy is a copy of an immutable entry (keys are
 never reused), a failed or late job is ignored, and a key deleted meanwhile simply fails its job.
 
-Thread safety: the forward pass calls :meth:`fetch` / :meth:`after_attention` from one thread; jobs run
-on the pool; :meth:`close` may be called from any thread.
+Thread safety: the forward pass calls :meth:`fetch` / :meth:`end_step` / :meth:`defer_end_of_step` from one
+thread; jobs run on the pool and the end-of-step worker (which reads the layers' masses, block lists and a
+snapshot of each pool's held blocks, and writes only the tiercache, the policy's threshold, the staging
+area and counters under locks); :meth:`close` may be called from any thread.
 """
 
 from __future__ import annotations
