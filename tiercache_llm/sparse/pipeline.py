@@ -675,7 +675,7 @@ class DecodePipeline:
             masses.append(layer.sparse.mass[:n])
             pool = self._pools.get(layer.layer_idx)
             if pool is not None and pool.slot_of:
-                held += [offset + j for j in pool.slot_of if j < n]
+                held += [offset + j for j in list(pool.slot_of) if j < n]  # a snapshot: see _stage_ahead
             offset += n
             entry = max(entry, layer._blocks[0].nbytes // 2)
         if not masses or not entry:
