@@ -138,8 +138,13 @@ class SparseController:
         self.hook_name: str | None = None
         self.clock = 0  # decode steps seen: contributions are scaled by decay ** -clock
         self.pending_scores: dict = {}
+        self._deferred_to: Any = None  # the pipeline that last took this controller's end-of-step work
         self.total = SparseStats()
         self.last_step = SparseStats()
+
+    def __getstate__(self) -> dict:
+        # A copy (deepcopy of a cache) gets its own pipeline: it must not fence this one's.
+        return {**self.__dict__, "_deferred_to": None}
 
     @property
     def scale(self) -> float:
@@ -151,7 +156,9 @@ class SparseController:
 
     def end_forward(self, layers: list["TieredKVLayer"], store: Any, check: bool = True) -> None:
         """After a forward pass: every pending decode record must have been consumed by the hook, and
-        the step's scores go to the tiercache in one call."""
+        the step's scores go to the tiercache in one call, with the promotion threshold after them (:meth:`admit`);
+        a decode pipeline with ``background_end_step`` takes both to its worker thread instead
+        (:meth:`~.sparse.pipeline.DecodePipeline.defer_end_of_step`)."""
         self.announced = False
         stale = [layer.layer_idx for layer in layers if layer.sparse is not None and layer.sparse.pending is not None
                  and layer.sparse.pending[0] == "decode"]
@@ -163,9 +170,18 @@ class SparseController:
                 f"layers {stale} of a sparse TieredKVCache were not attended by the sparse attention function: "
                 "the model's attention implementation was changed after TieredKVCache.for_model"
             )
+        pipeline = next((getattr(layer, "pipeline", None) for layer in layers if layer.sparse is not None), None)
+        if pipeline is not None and pipeline.defer_end_of_step(self, enabled=check):
+            self._deferred_to = pipeline
+            return
         self.flush_scores(store)
         if check:
             self.admit(layers, store)
+
+    def fence(self) -> None:
+        """Wait for the end-of-step work a pipeline took (:meth:`end_forward`), so scores sent now follow it."""
+        if self._deferred_to is not None:
+            self._deferred_to.fence()
 
     def admit(self, layers: list["TieredKVLayer"], store: Any) -> None:
         """Admission control for promotion: with an :class:`~.policies.AttentionPlacementPolicy` this
@@ -174,28 +190,36 @@ class SparseController:
         fastest tier's top ``M`` are promoted.  Without it every block attention uses twice would be
         promoted, and with a fast tier smaller than a step's selection each promotion would demote
         another selected block (a disk write) only to fetch it back next step."""
+        self.fence()
+        start = time.perf_counter()
+        threshold = self.threshold(layers, store)
+        if threshold is not None:
+            store.policy.promote_threshold = threshold
+            self.total.placement_seconds += time.perf_counter() - start
+
+    def threshold(self, layers: list["TieredKVLayer"], store: Any) -> float | None:
+        """The promotion threshold :meth:`admit` sets (``None``: it sets none).  Reads the layers' masses only
+        (safe on the pipeline's end-of-step worker)."""
         policy = getattr(store, "policy", None)
         if self.strategy != "attention-aware" or not isinstance(policy, AttentionPlacementPolicy):
-            return
+            return None
         masses, entry = [], 0
         for layer in layers:
             if layer.sparse is not None and layer._blocks:
                 masses.append(layer.sparse.mass[: len(layer._blocks)])
                 entry = max(entry, layer._blocks[0].nbytes // 2)
         if not masses or not entry:
-            return
-        start = time.perf_counter()
+            return None
         every = torch.cat(masses)
         room = store.fastest_tier_entries(entry) // 2  # K and V entries per block
         if room <= 0:
-            policy.promote_threshold = math.inf
-        elif every.numel() <= room:
-            policy.promote_threshold = 0.0
-        else:
-            policy.promote_threshold = max(0.0, float(torch.topk(every, room).values[-1]))
-        self.total.placement_seconds += time.perf_counter() - start
+            return math.inf
+        if every.numel() <= room:
+            return 0.0
+        return max(0.0, float(torch.topk(every, room).values[-1]))
 
     def flush_scores(self, store: Any) -> None:
+        self.fence()
         if self.pending_scores:
             start = time.perf_counter()
             store.update_scores(self.pending_scores)
@@ -213,6 +237,7 @@ class SparseController:
     def rescale(self, layers: list["TieredKVLayer"]) -> None:
         """Keep scores finite: once the inflation factor is large, divide every mass by it and restart the
         clock (every stored block's score is resent)."""
+        self.fence()  # the worker may still be sending scores on the old scale
         factor = self.scale
         self.clock = 0
         for layer in layers:

@@ -246,12 +246,19 @@ def _score_spy(cache):
     return sent
 
 
+def _settle(cache):
+    """Wait for the end-of-step work the pipeline's worker took (it sends each step's scores after the step)."""
+    if cache._pipeline is not None:
+        cache._pipeline.fence()
+
+
 def test_scores_follow_mass_through_crop_reorder_and_batch_selection(make_model):
     model = make_model("llama", seed=9)
     ids, mask = left_padded_batch(seed=9, lengths=(30, 22, 17))
     cache = TieredKVCache.for_model(model, mode="sparse", budget=8, sink=2, recent=4, block_size=4, host="1MiB")
     sent = _score_spy(cache)
     gen(model, cache, ids, mask, n=8)
+    _settle(cache)
 
     def check():
         digests_match_keys(cache)
@@ -362,6 +369,7 @@ def test_fast_decay_rescales_scores_and_keeps_them_consistent(make_model):
                                     host="1MiB")
     sent = _score_spy(cache)
     gen(model, cache, ids, mask, n=30)
+    _settle(cache)
     assert cache._sparse.clock < 29  # it was reset
     for layer in cache.layers:
         mass = layer.sparse.mass

@@ -233,6 +233,9 @@ def test_strategies_configure_their_pipelines():
         PipelineConfig(predictor="oracle")
     with pytest.raises(ValueError, match="staging_bytes"):
         PipelineConfig(staging_bytes=-1)
+    with pytest.raises(ValueError, match="background_end_step"):
+        PipelineConfig(background_end_step="yes")
+    assert full.background_end_step
 
 
 def test_pipeline_option_is_sparse_only_and_typed(make_config):
@@ -447,3 +450,95 @@ def test_first_step_reserves_every_layer_and_warms_the_next_layers_slots(model, 
             assert 0 < stats["warm_bytes"] <= stats["prefault_bytes"]
         if not warm:
             assert stats["warm_bytes"] == 0
+
+
+def _sent_scores(cache):
+    sent = {}
+    original = cache.store.update_scores
+
+    def spy(scores):
+        sent.update(scores)
+        return original(scores)
+
+    cache.store.update_scores = spy
+    return sent
+
+
+def test_end_of_step_worker_sends_what_the_inline_path_sends(model, batch, tmp_path):
+    """background_end_step moves the score flush, the promotion threshold and the staging choice to a worker:
+    the logits, the scores the tiercache ends up with and the threshold are those of the inline path."""
+    ids, mask = batch
+    got = {}
+    for background in (False, True):
+        with TieredKVCache.for_model(model, **opts(tmp_path / str(background), "attention-aware",
+                                                 pipeline={"background_end_step": background})) as cache:
+            sent = _sent_scores(cache)
+            threads = set()
+            original = cache._pipeline._stage_ahead_all
+
+            def stage_ahead_all(*args, **kwargs):
+                threads.add(threading.current_thread().name)
+                original(*args, **kwargs)
+
+            cache._pipeline._stage_ahead_all = stage_ahead_all
+            logits = decode_logits(model, cache, ids, mask)
+            cache._pipeline.fence()
+            pipe = cache.stats()["pipeline"]
+            got[background] = (logits, dict(sent), cache.store.policy.promote_threshold, threads, pipe)
+    (ref, ref_sent, ref_threshold, ref_threads, ref_pipe), (out, out_sent, threshold, out_threads, pipe) = \
+        got[False], got[True]
+    assert torch.equal(ref, out)
+    strip = lambda sent: {key[2:]: score for key, score in sent.items()}  # noqa: E731 - keys carry the cache's id
+    assert strip(out_sent) == strip(ref_sent) and len(out_sent) > 0
+    assert threshold == ref_threshold
+    assert ref_threads == {threading.main_thread().name} and ref_pipe["after_step_jobs"] == 0
+    assert all(name.startswith("tiercache-kv-after-step") for name in out_threads) and out_threads
+    assert pipe["after_step_jobs"] == 11 and pipe["stage_ahead_entries"] > 0  # after the prefill and 10 steps
+
+
+def test_end_of_step_worker_errors_surface_at_the_next_fence(model, batch, tmp_path):
+    """A failure of the worker's job (here the score flush) is never lost: the next fence raises it on the
+    forward thread, and the cache keeps decoding afterwards."""
+    ids, mask = batch
+    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware")) as cache:
+        original = cache.store.update_scores
+        calls = []
+
+        def failing(scores):
+            if threading.current_thread().name.startswith("tiercache-kv-after-step"):  # not the staging reads
+                calls.append(len(scores))
+                if len(calls) == 2:
+                    raise RuntimeError("flush failed")
+            return original(scores)
+
+        cache.store.update_scores = failing
+        with pytest.raises(RuntimeError, match="flush failed"):
+            decode_logits(model, cache, ids, mask, steps=4)
+        assert len(calls) == 2  # the step after the failed flush raised it at its own end
+        cache._pipeline.fence()  # raised once, then clear
+        with torch.no_grad():
+            model(input_ids=ids[:, -1:], past_key_values=cache)  # the next decode step runs
+        cache._pipeline.fence()
+        assert len(calls) == 3  # the step that raised left its scores queued: the next job sends them
+
+
+def test_invalidate_and_close_wait_for_the_end_of_step_worker(model, batch, tmp_path):
+    """Rows changing (reorder) and close() fence the worker: no job runs once they return."""
+    ids, mask = batch
+    cache = TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware"))
+    pipe = cache._pipeline
+    running = threading.Event()
+    original = pipe._stage_ahead_all
+
+    def slow(*args, **kwargs):
+        running.set()
+        time.sleep(0.2)
+        original(*args, **kwargs)
+
+    pipe._stage_ahead_all = slow
+    decode_logits(model, cache, ids, mask, steps=2)
+    assert running.wait(5)
+    cache.reorder_cache(torch.tensor([2, 0, 1]))
+    assert pipe._after is None  # fenced
+    cache.close()
+    assert pipe._after is None and pipe.stats.after_step_jobs >= 2

@@ -56,12 +56,19 @@ pass for the CPU.  Measured on the 2-core benchmark machine (SmolLM2, ``benchmar
 - **Deferred promotions** (``attention-aware``): the forward pass's own reads do not promote (so they
   never wait on the demotion writes a promotion causes); the background reads above do, under
   :meth:`~tiercache_llm.policies.AttentionPlacementPolicy.promoting`.
+- **End-of-step worker** (``background_end_step``, with disk staging): the work after a decode step (the
+  step's tiercache scores, the promotion threshold, disk staging ahead's choice of blocks and its jobs) runs
+  on a worker thread once the forward pass returns (:meth:`DecodePipeline.defer_end_of_step`), overlapping
+  the model's head and the next step; the forward thread waits for it only at :meth:`DecodePipeline.fence`
+  (the next step's end, row / block changes, the controller's own flushes, close).
 
 Correctness never depends on the background: a staged copy is a copy of an immutable entry (keys are
 never reused), a failed or late job is ignored, and a key deleted meanwhile simply fails its job.
 
-Thread safety: the forward pass calls :meth:`fetch` / :meth:`after_attention` from one thread; jobs run
-on the pool; :meth:`close` may be called from any thread.
+Thread safety: the forward pass calls :meth:`fetch` / :meth:`end_step` / :meth:`defer_end_of_step` from one
+thread; jobs run on the pool and the end-of-step worker (which reads the layers' masses, block lists and a
+snapshot of each pool's held blocks, and writes only the tiercache, the policy's threshold, the staging
+area and counters under locks); :meth:`close` may be called from any thread.
 """
 
 from __future__ import annotations
@@ -88,6 +95,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Predictor = Literal["previous", "query"]
 MiB = 1 << 20
+# The end-of-step worker is mostly Python (it holds the GIL): it sends scores in chunks of this many entries
+# and sleeps YIELD_SECONDS between chunks and layers, so a forward thread coming back from a torch op for
+# the GIL waits for one chunk instead of the interpreter's switch interval (5 ms) each time.
+SCORE_CHUNK = 512
+YIELD_SECONDS = 50e-6
 
 
 @dataclass(frozen=True)
@@ -136,6 +148,10 @@ class PipelineConfig:
             decayed attention mass), ``"distance"`` (the layer whose next fetch is farthest away first, its
             lowest-mass blocks first); ``None``: ``"distance"`` (more pool hits in our measurement,
             docs/sparse.md "Pool budget").
+        background_end_step: with disk staging, the work after each decode step (the step's tiercache scores,
+            the promotion threshold, disk staging ahead's choice of blocks and its jobs) runs on a worker
+            thread once the forward pass returns (:meth:`DecodePipeline.defer_end_of_step`), overlapping the
+            model's head and the next step's start, instead of on the forward thread.  ``False``: inline.
     """
 
     reuse: bool = False
@@ -155,6 +171,7 @@ class PipelineConfig:
     pool_blocks_factor: float = 1.0
     pool_bytes: int | str | None = None
     pool_eviction: str | None = None
+    background_end_step: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pool_bytes", check_pool_bytes(self.pool_bytes))
@@ -163,6 +180,8 @@ class PipelineConfig:
         f = self.pool_blocks_factor
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not f >= 1.0:
             raise ValueError(f"pool_blocks_factor must be a number >= 1.0, got {f!r}")
+        if not isinstance(self.background_end_step, bool):
+            raise ValueError(f"background_end_step must be a bool, got {self.background_end_step!r}")
         if self.predictor not in ("previous", "query"):
             raise ValueError(f"predictor must be 'previous' or 'query', got {self.predictor!r}")
         if isinstance(self.staging_bytes, bool) or not isinstance(self.staging_bytes, int) or self.staging_bytes < 0:
@@ -220,7 +239,10 @@ class PipelineStats:
     entries into their slots, waits included (``staging.wait_seconds``); the tail block; the held slots
     when a pool grows) plus the pool's slot bookkeeping; ``predict_seconds``: the predictor and job
     submission; ``stage_ahead_entries`` / ``stage_ahead_seconds``: entries disk staging ahead submitted and
-    the forward thread's time choosing them (after each step); ``prefault_bytes`` / ``prefault_seconds``:
+    the time choosing them (after each step; on the end-of-step worker with ``background_end_step``);
+    ``after_step_jobs`` / ``after_step_seconds``: end-of-step jobs the worker ran and their wall time (score
+    flush, threshold, staging choice); ``after_step_wait_seconds``: the forward thread's waits for them
+    (:meth:`DecodePipeline.fence`); ``prefault_bytes`` / ``prefault_seconds``:
     pool memory faulted in by the background prefaulter and its time there (``warm_bytes``: of those, by the
     first-step warm-up); ``reuse_bytes`` /
     ``reuse_peak_bytes``: memory of the resident pools' shared arena (every
@@ -246,6 +268,9 @@ class PipelineStats:
     predicted_nonresident: int = 0
     stage_ahead_entries: int = 0
     stage_ahead_seconds: float = 0.0
+    after_step_jobs: int = 0
+    after_step_seconds: float = 0.0
+    after_step_wait_seconds: float = 0.0
     prefault_bytes: int = 0
     prefault_seconds: float = 0.0
     warm_bytes: int = 0
@@ -300,6 +325,11 @@ class DecodePipeline:
         self._stats_lock = threading.Lock()
         self._spare: dict[tuple, list[torch.Tensor]] = {}  # (shape, dtype, device) -> staging tensors to reuse
         self._spare_bytes = 0
+        self._spare_lock = threading.Lock()  # the end-of-step worker takes spares, the forward thread returns them
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None  # the end-of-step worker
+        self._after: concurrent.futures.Future | None = None  # its last job
+        self._after_error: BaseException | None = None  # what its last job raised, for the next fence
+        self._handed = False  # this step's end-of-step work went to the worker
         self.stats = PipelineStats()
         self._closed = False
 
@@ -310,11 +340,12 @@ class DecodePipeline:
         lands in it without a bounce copy)."""
         h, d = layer._shape_k if kind == "k" else layer._shape_v
         shape = (block.stored_batch, h, layer.block_size, d)
-        spare = self._spare.get((shape, layer.dtype, torch.device(layer.device)))
-        if spare:
-            tensor = spare.pop()
-            self._spare_bytes -= tensor.nbytes
-            return tensor
+        with self._spare_lock:
+            spare = self._spare.get((shape, layer.dtype, torch.device(layer.device)))
+            if spare:
+                tensor = spare.pop()
+                self._spare_bytes -= tensor.nbytes
+                return tensor
         return aligned_empty(shape, dtype=layer.dtype, device=layer.device)
 
     def _recycle(self, tensor: torch.Tensor) -> None:
@@ -322,10 +353,11 @@ class DecodePipeline:
         mapped already: a fresh one costs page faults and zeroing), as long as staged plus spare bytes stay
         within ``staging_bytes``."""
         staging = self.staging
-        if staging is None or staging.nbytes + self._spare_bytes + tensor.nbytes > staging.capacity:
-            return
-        self._spare.setdefault((tuple(tensor.shape), tensor.dtype, tensor.device), []).append(tensor)
-        self._spare_bytes += tensor.nbytes
+        with self._spare_lock:
+            if staging is None or staging.nbytes + self._spare_bytes + tensor.nbytes > staging.capacity:
+                return
+            self._spare.setdefault((tuple(tensor.shape), tensor.dtype, tensor.device), []).append(tensor)
+            self._spare_bytes += tensor.nbytes
 
     def _prefault(self, pool: ResidentPool, first: int, end: int | None = None, warm: bool = False) -> None:
         """Fault in the slots ``first..end-1`` (``end``: the capacity) of ``pool`` in the background
@@ -626,7 +658,13 @@ class DecodePipeline:
         holds); ``None`` to keep the controller's rule.  The blocks a pool holds are never read from a
         tier while they stay selected, so the controller's rule (the ``M``-th most attended block overall)
         would reserve the fastest tier for them and never promote the blocks attention returns to after
-        leaving them."""
+        leaving them.  ``None`` too when this step's end-of-step work went to the worker
+        (:meth:`defer_end_of_step`), which sets the threshold itself."""
+        if self._handed:
+            return None
+        return self._threshold(layers)
+
+    def _threshold(self, layers: list["TieredKVLayer"]) -> float | None:
         if not self.config.reuse:
             return None
         masses, entry, held, offset = [], 0, [], 0
@@ -637,7 +675,7 @@ class DecodePipeline:
             masses.append(layer.sparse.mass[:n])
             pool = self._pools.get(layer.layer_idx)
             if pool is not None and pool.slot_of:
-                held += [offset + j for j in pool.slot_of if j < n]
+                held += [offset + j for j in list(pool.slot_of) if j < n]  # a snapshot: see _stage_ahead
             offset += n
             entry = max(entry, layer._blocks[0].nbytes // 2)
         if not masses or not entry:
@@ -655,7 +693,78 @@ class DecodePipeline:
 
     def end_step(self) -> None:
         """After a decode step's forward pass (scores flushed, promotion threshold set): disk staging ahead
-        for every sparse layer."""
+        for every sparse layer (nothing when this step's end-of-step work went to the worker:
+        :meth:`defer_end_of_step`)."""
+        if self._handed:
+            self._handed = False
+            return
+        self._stage_ahead_all()
+
+    def defer_end_of_step(self, ctrl: Any, enabled: bool = True) -> bool:
+        """Hand the end-of-step work of the decode step that just ran to the worker thread
+        (``background_end_step`` with disk staging): ``ctrl``'s pending tiercache scores (taken from it now,
+        so the next step queues into a fresh dict), then, for ``strategy="attention-aware"`` under a policy
+        with a ``promote_threshold``, the threshold (:meth:`admission_threshold`, else the controller's rule)
+        and disk staging ahead.  Returns whether it did; ``False`` (``enabled`` false, the config off, closed):
+        the caller does the work inline, as before.
+
+        The job runs after the forward pass returned, while the model's head and the next step's first layers
+        run; nothing the forward pass computes depends on it (scores and the threshold only steer placement,
+        staged copies are optional), so the forward thread waits for it only at :meth:`fence`: before the next
+        job (at most one in flight, and one step's scores reach the tiercache before the next step's), before
+        the rows or blocks change (:meth:`invalidate`), before the controller flushes or rescales scores
+        itself, and at :meth:`close`.  An exception in the job is raised by the next fence."""
+        self._handed = False
+        if not enabled or not (self.config.background_end_step and self.config.disk_staging) or self._closed:
+            return False
+        self.fence()
+        scores, ctrl.pending_scores = ctrl.pending_scores, {}
+        if self._worker is None:
+            self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tiercache-kv-after-step")
+        self._after = self._worker.submit(self._after_step_job, ctrl, scores)
+        self._handed = True
+        return True
+
+    def fence(self, raise_errors: bool = True) -> None:
+        """Wait until the end-of-step worker's job (:meth:`defer_end_of_step`) has finished; then raise what it
+        raised (``raise_errors``; otherwise the error waits for the next fence)."""
+        job = self._after
+        if job is not None:
+            if not job.done():
+                start = time.perf_counter()
+                concurrent.futures.wait([job])
+                with self._stats_lock:
+                    self.stats.after_step_wait_seconds += time.perf_counter() - start
+            self._after = None
+        if raise_errors and self._after_error is not None:
+            error, self._after_error = self._after_error, None
+            raise error
+
+    def _after_step_job(self, ctrl: Any, scores: dict) -> None:
+        start = time.perf_counter()
+        try:
+            items = list(scores.items())
+            for lo in range(0, len(items), SCORE_CHUNK):
+                self.store.update_scores(dict(items[lo : lo + SCORE_CHUNK]))
+                time.sleep(YIELD_SECONDS)
+            policy = getattr(self.store, "policy", None)
+            if ctrl.strategy == "attention-aware" and hasattr(policy, "promote_threshold"):
+                threshold = self._threshold(self.layers)
+                if threshold is None:
+                    threshold = ctrl.threshold(self.layers, self.store)
+                if threshold is not None:
+                    policy.promote_threshold = threshold
+                self._stage_ahead_all(pause=True)
+        except BaseException as exc:  # noqa: BLE001 - raised on the forward thread by the next fence
+            self._after_error = exc
+        finally:
+            with self._stats_lock:
+                self.stats.after_step_jobs += 1
+                self.stats.after_step_seconds += time.perf_counter() - start
+
+    def _stage_ahead_all(self, pause: bool = False) -> None:
+        """Disk staging ahead for every sparse layer (see :meth:`end_step`); ``pause`` (on the end-of-step
+        worker): sleep :data:`YIELD_SECONDS` after each layer, so the forward thread can take the GIL."""
         if not self.config.disk_staging or (self.config.stage_ahead <= 0 and self.config.stage_near <= 0) \
                 or self._closed:
             return
@@ -664,12 +773,20 @@ class DecodePipeline:
         # while the later layers' choices run torch ops, each of which must take the GIL back.  Per layer, not
         # stacked over the layers: stacked tensors are large enough for torch's intra-op threads, which cost far
         # more than they save on a loaded machine (measured with 2 torch threads: 41-61 ms vs 6 ms per step).
-        chosen = [(layer, self._stage_ahead(layer.sparse, layer)) for layer in
-                  (self.layers[idx] for idx in self.sparse_ids) if layer._blocks]
+        chosen = []
+        for layer in (self.layers[idx] for idx in self.sparse_ids):
+            if layer._blocks:
+                chosen.append((layer, self._stage_ahead(layer.sparse, layer)))
+                if pause:
+                    time.sleep(YIELD_SECONDS)
+        submitted = 0
         for layer, blocks in chosen:
-            _, submitted = self._stage_blocks(layer, blocks)
+            submitted += self._stage_blocks(layer, blocks)[1]
+            if pause:
+                time.sleep(YIELD_SECONDS)
+        with self._stats_lock:
             self.stats.stage_ahead_entries += submitted
-        self.stats.stage_ahead_seconds += time.perf_counter() - start
+            self.stats.stage_ahead_seconds += time.perf_counter() - start
 
     def _stage_ahead(self, state: "SparseLayerState", layer: "TieredKVLayer") -> list[int]:
         """The blocks disk staging ahead stages for ``layer``: its ``stage_ahead`` highest-mass stored blocks
@@ -680,7 +797,8 @@ class DecodePipeline:
         if n == 0:
             return []
         pool = self._pools.get(layer.layer_idx)
-        held = pool.slot_of if pool is not None and pool.retention != "none" else {}
+        # A snapshot (one C-level copy): on the end-of-step worker the forward thread may be assigning slots.
+        held = set(pool.slot_of) if pool is not None and pool.retention != "none" else set()
         picked: list[int] = []
         if self.config.stage_ahead:
             k = min(n, 4 * self.config.stage_ahead + len(held))
@@ -725,7 +843,9 @@ class DecodePipeline:
     # --------------------------------------------------------------------------- lifecycle
     def invalidate(self) -> None:
         """Rows or blocks changed (crop, reorder, batch selection, reset): drop the resident pools,
-        predictions and staged entries (in-flight jobs finish into released tensors)."""
+        predictions and staged entries (in-flight jobs finish into released tensors), after the end-of-step
+        worker's job (its error, if any, is kept for the next fence)."""
+        self.fence(raise_errors=False)
         self._arena.clear()
         self._arena.pools.clear()
         self._warmed = None
@@ -736,8 +856,9 @@ class DecodePipeline:
         self._predicted.clear()
         if self.staging is not None:
             self.staging.discard()
-        self._spare.clear()
-        self._spare_bytes = 0
+        with self._spare_lock:
+            self._spare.clear()
+            self._spare_bytes = 0
 
     def discard_keys(self, keys: list) -> None:
         if self.staging is not None:
@@ -751,7 +872,10 @@ class DecodePipeline:
         """Cancel queued jobs, wait for running ones, release staging and pool memory.  Idempotent."""
         if self._closed:
             return
+        self.fence(raise_errors=False)
         self._closed = True
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
         if self.staging is not None:
             self.staging.close()
         if self._executor is not None:
