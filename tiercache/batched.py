@@ -37,6 +37,7 @@ from .values import as_bytes, check_score, check_scores, copy_payload, flat, new
 
 _CPU = torch.device("cpu")
 _DISK_READ_INTO = DiskTier.read_into
+_perf_counter = time.perf_counter
 _FLAT_KEY_TYPES = frozenset((int, str, bytes))  # a tuple of only these is a valid key (no check_key walk)
 _Pinned = tuple[Entry, int, Slot, Any]  # an entry, the tier and slot pinned for it, its header (arena tiers: the entry, which has nbytes and shape)
 
@@ -532,36 +533,40 @@ class DataPaths(Moves):
 
     def _get_one(self, key: Hashable) -> torch.Tensor:
         """``_get_batch([key], cpu, bracket=True)[0]`` (the same checks, counts and policy bookkeeping)
-        for the common case of ``get``: a key of a plain type whose value is a small one
+        for the common cases of ``get``, a key of a plain type whose value is a small one
         (``MEMMOVE_MAX_BYTES``) in the fastest tier, a CPU arena: one lock round trip, one fresh tensor,
-        one ``memmove``, and none of the batch's lists.  Every other case takes the batch path."""
-        arena = self._direct_arena
+        one ``memmove``, and none of the batch's lists; or whose value is in a disk tier
+        (``_get_one_from_disk``).  Every other case takes the batch path."""
         kind = type(key)
-        if arena is not None and (kind is int or kind is str or kind is bytes):
-            with self._lock:
-                if self._closing or self._closed:
-                    raise CacheClosedError("this tiercache.Cache is closed")
-                entry = self._index.get(key)
-                if entry is not None and entry.level == 0 and entry.nbytes <= MEMMOVE_MAX_BYTES:
-                    start = time.perf_counter()
-                    clock = self._clock = self._clock + 1
-                    entry.hits += 1  # the entry is its policy info (Entry.info)
-                    entry.last_access = clock
-                    if self._rerank_hits:  # _rerank, inlined: the tier of a hit is unchanged
-                        entry.version += 1
-                        entry.tier = arena.name
-                        self._queues[0].push(entry, self._policy.rank(entry))
-                    size = entry.nbytes
-                    result = new_tensor(entry.shape, entry.dtype)
-                    if size:
-                        memmove(result.data_ptr(), arena.address(entry.slot), size)
-                    self._counters.gets += 1
-                    counters = self._tier_counters[0]
-                    counters.hits += 1
-                    counters.bytes_read += size
-                    counters.read_seconds += time.perf_counter() - start
-                    return result
         if kind is int or kind is str or kind is bytes:
+            arena = self._direct_arena
+            if arena is not None:
+                lock = self._lock
+                lock.acquire()  # (not ``with``: it costs a lookup and a bound method per special method)
+                try:
+                    if self._closing or self._closed:
+                        raise CacheClosedError("this tiercache.Cache is closed")
+                    entry = self._index.get(key)
+                    if entry is not None and not entry.level and entry.nbytes <= MEMMOVE_MAX_BYTES:
+                        start = _perf_counter()
+                        entry.hits += 1  # the entry is its policy info (Entry.info)
+                        entry.last_access = self._clock = self._clock + 1
+                        if self._rerank_hits:  # _rerank, inlined: the tier of a hit is unchanged
+                            entry.version += 1
+                            entry.tier = arena.name
+                            self._queues[0].push(entry, self._policy.rank(entry))
+                        size = entry.nbytes
+                        result = new_tensor(entry.shape, entry.dtype)
+                        if size:
+                            memmove(result.data_ptr(), arena.address(entry.slot), size)
+                        self._counters.gets += 1
+                        counters = self._tier_counters[0]
+                        counters.hits += 1
+                        counters.bytes_read += size
+                        counters.read_seconds += _perf_counter() - start
+                        return result
+                finally:
+                    lock.release()
             result = self._get_one_from_disk(key)
             if result is not None:
                 return result
@@ -569,54 +574,61 @@ class DataPaths(Moves):
 
     def _get_one_from_disk(self, key: Hashable) -> torch.Tensor | None:
         """``get`` of a key of a plain type whose value is in a disk tier, into a fresh CPU tensor: the
-        same checks, counts, policy bookkeeping, pin, verified read (the tier's ``read_into``), promotion
-        and corruption handling as ``_get_batch([key], cpu, bracket=True)``, without the batch's lists
-        and per-tier tables (about half of a warm 4 KiB disk ``get``).  ``None`` (nothing done, nothing
-        counted) when the key is absent or its value is in another kind of tier: the caller takes the
-        batch path."""
-        with self._lock:
+        same checks, counts, policy bookkeeping, pin, verified read, promotion and corruption handling as
+        ``_get_batch([key], cpu, bracket=True)``, without the batch's lists and per-tier tables, and read
+        with the tier's ``read_one`` (no header object, no batch set-up) unless a subclass replaced its
+        ``read_into``.  ``None`` (nothing done, nothing counted) when the key is absent or its value is in
+        another kind of tier: the caller takes the batch path."""
+        lock = self._lock
+        lock.acquire()  # (not ``with``: see _get_one)
+        try:
             if self._closing or self._closed:
                 raise CacheClosedError("this tiercache.Cache is closed")
             entry = self._index.get(key)
             if entry is None:
                 return None
             src = entry.level
-            tiers = self._tiers
-            tier = tiers[src]
+            tier = self._tiers[src]
             if not isinstance(tier, DiskTier):
                 return None
             entry.hits += 1  # the entry is its policy info (Entry.info)
-            entry.last_access = self._tick()
+            entry.last_access = self._clock = self._clock + 1
             if self._rerank_hits:
                 self._rerank(entry)
             slot = entry.slot
-            self._pin(src, slot)
+            pins = self._pins  # _pin, inlined
+            token = id(slot)
+            pins[token] = pins.get(token, 0) + 1
             self._counters.gets += 1
             tier_counters = self._tier_counters
             tier_counters[src].hits += 1
             for above in range(src):  # a hit in tier src is a miss in every faster tier
                 tier_counters[above].misses += 1
             self._active += 1
+        finally:
+            lock.release()
         bad = False
         releases: list[Release] = []
         nbytes, seconds = 0, 0.0
         try:
-            start = time.perf_counter()
-            result = new_tensor(entry.shape, entry.dtype)
-            # C2 read_into fills 1-D uint8 buffers; DiskTier's own read_into also fills typed tensors
-            # (reads_strided), so it takes the result itself, without two views per get.
-            raw = result if type(tier).read_into is _DISK_READ_INTO else as_bytes(result.view(-1))
+            start = _perf_counter()
+            dtype = entry.dtype
+            result = new_tensor(entry.shape, dtype)
             try:
-                tier.read_into([(slot, entry.header, raw)])
+                if type(tier).read_into is _DISK_READ_INTO:
+                    tier.read_one(slot, result, entry.key_bytes, dtype_name(dtype), entry.shape, entry.seq)
+                else:  # C2: read_into fills 1-D uint8 buffers
+                    tier.read_into([(slot, entry.header, as_bytes(result.view(-1)))])
             except CorruptEntryError as exc:
                 bad = True
                 log.warning("tiercache: entry %r is damaged and was dropped: %s", entry.key, exc)
                 raise KeyError(entry.key) from None
-            seconds, nbytes = time.perf_counter() - start, entry.nbytes
-            if src > 0 and self._policy.promote(entry.info, tier.name, tiers[0].name):
+            seconds, nbytes = _perf_counter() - start, entry.nbytes
+            if src > 0 and self._policy.promote(entry.info, tier.name, self._tiers[0].name):
                 self._promote(entry, src, as_bytes(result.view(-1)))  # the source slot is still pinned by us
         finally:
-            with self._lock:
+            lock.acquire()
+            try:
                 releases += self._unpin(src, slot)
                 if bad and self._index.get(entry.key) is entry:
                     self._counters.corruptions += 1
@@ -630,6 +642,8 @@ class DataPaths(Moves):
                 self._active -= 1
                 if not self._active and self._closing:  # only close() waits for it
                     self._idle.notify_all()
+            finally:
+                lock.release()
             if releases or self._evicted:
                 self._finish(releases)
         return result

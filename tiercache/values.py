@@ -101,20 +101,30 @@ def tensor_data(value: object) -> tuple[torch.Tensor, torch.dtype, tuple[int, ..
 
 _TEMPLATES: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = {}
 _MAX_TEMPLATES = 4096
-_CONTIGUOUS = torch.contiguous_format
+_empty_like = torch.empty_like
 
 
 def new_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """``torch.empty(shape, dtype=dtype)`` on the CPU (contiguous, standard strides), in about 60% of its
-    time for a (shape, dtype) seen before: ``empty_like`` of a cached zero-stride template (a 0-d tensor
-    expanded to ``shape``: no memory of its own) skips parsing the shape, which is a noticeable part of a
-    small ``get``.  At most ``_MAX_TEMPLATES`` templates are kept (all dropped when full).  Thread-safe."""
+    time for a (shape, dtype) seen before: ``empty_like`` of a cached template skips parsing the shape and
+    the dtype, which is a noticeable part of a small ``get``.  The template of a shape of two or more
+    elements is a 0-d tensor expanded to ``shape`` (no memory of its own): its zero strides are not dense,
+    so ``empty_like`` lays the result out as ``suggest_memory_format`` says, which is contiguous for zero
+    strides (torch treats a zero channel stride as NCHW), and needs no ``memory_format`` argument to
+    parse.  A shape of at most one element gets a real one-element (or empty) template, dense with
+    ``torch.empty``'s strides, which ``empty_like`` keeps.  At most ``_MAX_TEMPLATES`` templates are kept
+    (all dropped when full).  Thread-safe."""
     template = _TEMPLATES.get((shape, dtype))
     if template is None:
         if len(_TEMPLATES) >= _MAX_TEMPLATES:
             _TEMPLATES.clear()
-        template = _TEMPLATES[(shape, dtype)] = torch.empty((), dtype=dtype).expand(shape)
-    return torch.empty_like(template, memory_format=_CONTIGUOUS)
+        numel = 1
+        for n in shape:
+            numel *= n
+        template = (torch.empty(shape, dtype=dtype, device="cpu") if numel <= 1
+                    else torch.empty((), dtype=dtype, device="cpu").expand(shape))
+        _TEMPLATES[(shape, dtype)] = template
+    return _empty_like(template)
 
 
 def flat(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """The single-key fast paths of ``put``/``get`` and the in-lookup copies of ``get_many`` keep the batch
 path's semantics: the same values, counters, policy bookkeeping and releases."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -89,6 +91,15 @@ def test_new_tensor_is_like_torch_empty(shape, dtype):
         ref = torch.empty(shape, dtype=dtype)
         assert (t.shape, t.stride(), t.dtype, t.device) == (ref.shape, ref.stride(), ref.dtype, ref.device)
         assert t.is_contiguous() and t.untyped_storage().nbytes() == ref.untyped_storage().nbytes()
+
+
+def test_new_tensor_has_standard_strides_for_every_small_shape():
+    """``new_tensor`` relies on ``empty_like`` laying out a zero-stride template contiguously (never as
+    channels-last): every 1- to 5-dimensional shape of sizes 0-3, including size-1 channel dimensions."""
+    for ndim in range(1, 6):
+        for shape in itertools.product(range(4), repeat=ndim):
+            t, ref = new_tensor(shape, torch.float16), torch.empty(shape, dtype=torch.float16)
+            assert t.stride() == ref.stride() and t.untyped_storage().nbytes() == ref.untyped_storage().nbytes(), shape
 
 
 def test_allocator_reuses_the_most_recently_freed_range_of_a_size():

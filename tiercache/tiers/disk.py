@@ -406,7 +406,8 @@ class _Scratch(threading.local):
     page-aligned anonymous mmaps for direct I/O (kept up to 1 MiB; larger ones are made per call)."""
 
     def __init__(self) -> None:
-        self.head = memoryview(bytearray(HEADER_BYTES))
+        self.head_bytes = bytearray(HEADER_BYTES)  # (a bytearray compares with memcmp, a memoryview per item)
+        self.head = memoryview(self.head_bytes)
         self.tail = memoryview(bytearray(PAGE + CRC_BYTES + 1))
         self.aligned: dict[int, mmap.mmap] = {}
         # Direct reads straight into the caller's memory land the header page and the tail (padding,
@@ -414,9 +415,9 @@ class _Scratch(threading.local):
         self.dhead = memoryview(mmap.mmap(-1, HEADER_BYTES))
         self.dtail = memoryview(mmap.mmap(-1, 2 * PAGE))
         # A whole small chunk (header, payload, padding, checksum, one byte more to see a longer file).
-        self.small = torch.empty(HEADER_BYTES + SMALL_READ_BYTES + CRC_BYTES + 1, dtype=torch.uint8)
-        self.small_view = _bytes_at(self.small, self.small.numel())
-        self.small_address = self.small.data_ptr()
+        self.small_bytes = bytearray(HEADER_BYTES + SMALL_READ_BYTES + CRC_BYTES + 1)
+        self.small_view = memoryview(self.small_bytes)
+        self.small_address = ctypes.addressof(ctypes.c_char.from_buffer(self.small_bytes))  # fixed: views pin it
 
     def get(self, size: int) -> memoryview:
         size = -(-size // PAGE) * PAGE
@@ -1055,6 +1056,74 @@ class DiskTier:
             exc.tiercache_index = 0  # type: ignore[attr-defined]
             raise
         if nbytes:
+            ctypes.memmove(out.data_ptr(), scratch.small_address + HEADER_BYTES, nbytes)
+
+    def read_one(self, slot: Slot, out: torch.Tensor, key: bytes, dtype: str, shape: tuple[int, ...],
+                 seq: int) -> None:
+        """``read_into([(slot, EntryHeader(key, dtype, shape, slot.nbytes, seq), out)])`` for one contiguous
+        CPU tensor ``out`` of ``slot.nbytes`` bytes (``ValueError`` otherwise), with the same checks (size,
+        crc32c of the whole chunk, the stored header) and errors (``tiercache_index`` 0): the facade's single
+        ``get``.  The header comes as its fields, so a read whose slot was last read or written with the
+        same key, shape and dtype objects builds none; a buffered read of an uncompressed store below
+        ``PIPELINE_BYTES`` skips ``read_into``'s batch set-up: one ``preadv`` (the header page into this
+        thread's buffer, the payload straight into ``out``; a chunk of at most ``_SMALL_PAGES`` pages whole
+        into the buffer, its payload copied out once verified) and one crc32c pass over what was read.
+        Other reads take :meth:`read_into`."""
+        nbytes = slot.nbytes
+        if out.nbytes != nbytes or not out.is_cpu or not out.is_contiguous():
+            raise ValueError(f"read_one: out must be a contiguous CPU tensor of {nbytes} bytes, got "
+                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
+        if self.direct_io or self._codec is not None or nbytes >= PIPELINE_BYTES:
+            self.read_into([(slot, EntryHeader(key, dtype, shape, nbytes, seq), out)])
+            return
+        ref = slot.ref
+        cached = self._prefixes.get(ref)
+        known = cached[0] if cached is not None else None
+        if known is not None and (known.key is key and known.shape is shape and known.dtype is dtype
+                                  and known.seq == seq and known.nbytes == nbytes):
+            expected = cached[1]  # type: ignore[index]
+        else:
+            expected = self._expected_prefix(ref, EntryHeader(key, dtype, shape, nbytes, seq))  # type: ignore[arg-type]
+        pages = ref[0]  # type: ignore[index]
+        size = pages * PAGE + CRC_BYTES
+        scratch = self._scratch
+        fds = self._fds
+        small = pages <= _SMALL_PAGES
+        try:
+            handle = fds.lookup(ref)
+            if handle is None:
+                handle = self._acquire_fd(slot)
+            try:
+                if small:  # the whole chunk into this thread's buffer (one byte more: sees a longer file)
+                    buf, raw = scratch.small_view, scratch.small_bytes
+                    got = os.preadv(handle.fd, [buf[: size + 1]], 0)
+                else:
+                    buf, raw = scratch.head, scratch.head_bytes
+                    pad = size - CRC_BYTES - HEADER_BYTES - nbytes
+                    tail = scratch.tail[: pad + CRC_BYTES + 1]  # padding, checksum, one byte more
+                    payload = (ctypes.c_char * nbytes).from_address(out.data_ptr())  # out outlives the read
+                    got = os.preadv(handle.fd, [buf, payload, tail], 0)
+            finally:
+                fds.release(handle)
+            if got != size:
+                raise CorruptEntryError(f"{self._chunk_file(slot)} {_wrong_size(got)}")
+            crc32c = self._crc  # keeps the GIL (see _read_buffered)
+            if small:
+                crc, stored = crc32c(buf[: size - CRC_BYTES], 0, 0), buf[size - CRC_BYTES : size]
+            else:
+                crc = crc32c(payload, crc32c(buf, 0, 0), 0)
+                if pad:
+                    crc = crc32c(tail[:pad], crc, 0)
+                stored = tail[pad : pad + CRC_BYTES]
+            if crc != int.from_bytes(stored, "little"):
+                raise CorruptEntryError(f"{self._chunk_file(slot)} {BAD_CRC}")
+            if not raw.startswith(expected):  # (bytearray.startswith compares with memcmp)
+                decode_header(buf[:HEADER_BYTES])  # a damaged header says so in the error
+                raise CorruptEntryError(f"{self._chunk_file(slot)} {OTHER_ENTRY}")
+        except CorruptEntryError as exc:
+            exc.tiercache_index = 0  # type: ignore[attr-defined]
+            raise
+        if small and nbytes:
             ctypes.memmove(out.data_ptr(), scratch.small_address + HEADER_BYTES, nbytes)
 
     def _read_buffered(

@@ -104,12 +104,16 @@ class FdCache:
     def lookup(self, key: Hashable) -> _Handle | None:
         """The cached descriptor of ``key`` (pair with :meth:`release`), or ``None`` when it is not open:
         the hot path asks this first so it builds the file's path only on a miss."""
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # (not ``with``: it costs a lookup and a bound method per special method)
+        try:
             handle = self._open.get(key)
             if handle is not None:
                 handle.users += 1
                 self._open.move_to_end(key)
             return handle
+        finally:
+            lock.release()
 
     def acquire(self, key: Hashable, path: str) -> _Handle:
         """An open descriptor for ``path``; pair with :meth:`release`.  Raises ``OSError`` from ``open``."""
@@ -150,10 +154,14 @@ class FdCache:
         return os.open(path, self.flags)
 
     def release(self, handle: _Handle) -> None:
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # (see lookup)
+        try:
             handle.users -= 1
             if handle.dead and not handle.users:
                 os.close(handle.fd)
+        finally:
+            lock.release()
 
     def forget(self, key: Hashable) -> None:
         """Stop caching ``key``'s descriptor (closed now, or when its last reader releases it)."""

@@ -551,3 +551,81 @@ def test_direct_reads_use_their_own_pool_size(tmp_path):
     assert torch.equal(buf.view(torch.int32), torch.cat(blocks, dim=2).view(torch.int32))
     assert tier._pool._max_workers == tier._direct_threads
     tier.close()
+
+
+# -- read_one: the facade's single get ------------------------------------------------------------------------
+@pytest.mark.parametrize("elements", [1000, 4096, 16384, 16384 + 100],
+                         ids=["small", "small_unpadded", "medium_unpadded", "medium"])
+def test_read_one_checks_what_read_into_checks(tmp_path, elements):
+    """``read_one`` (a whole small chunk through this thread's buffer, or a larger payload straight into the
+    tensor) reads the value bit-exact, builds no header when the slot's cached one matches, and reports
+    every kind of damage as ``read_into`` does: crc32c (payload, header, padding), wrong size both ways,
+    another entry's header, a missing file; the small path never writes ``out`` from a damaged chunk."""
+    tier = DiskTier(tmp_path / "d", 1 << 24)
+    list(tier.recover())
+    value = make_value(torch.float32, (elements,), 3)
+    slot, head = store(tier, "one", value, seq=4)
+    small = slot.ref[0] <= disk_module._SMALL_PAGES
+
+    def read(h=head):
+        out = torch.full((elements,), -7.0)
+        tier.read_one(slot, out, h.key, h.dtype, h.shape, h.seq)
+        return out
+
+    assert torch.equal(read().view(torch.int32), value.view(torch.int32))
+    built = []
+    real = disk_module.EntryHeader
+    disk_module.EntryHeader = lambda *a: built.append(a) or real(*a)
+    try:
+        assert torch.equal(read().view(torch.int32), value.view(torch.int32))
+    finally:
+        disk_module.EntryHeader = real
+    assert not built  # the cached header of the slot matched: none was built
+
+    def damaged(h=head):
+        out = torch.full((elements,), -7.0)
+        with pytest.raises(CorruptEntryError) as info:
+            tier.read_one(slot, out, h.key, h.dtype, h.shape, h.seq)
+        assert info.value.tiercache_index == 0
+        if small:
+            assert (out == -7.0).all()
+        return str(info.value)
+
+    path = tier.chunk_path(slot)
+    good = path.read_bytes()
+    for offset in (PAGE + 4 * elements - 3, 10, len(good) - 10):  # payload, header, padding (or payload)
+        flip(path, offset)
+        assert "crc32c" in damaged()
+        path.write_bytes(good)
+    path.write_bytes(good[:-1])
+    assert "wrong size" in damaged()
+    path.write_bytes(good + b"\0")
+    assert "wrong size" in damaged()
+    path.write_bytes(good)
+    assert "another entry" in damaged(EntryHeader(head.key, head.dtype, head.shape, head.nbytes, head.seq + 1))
+    assert "another entry" in damaged(EntryHeader(encode_key("two"), head.dtype, head.shape, head.nbytes, head.seq))
+    assert torch.equal(read().view(torch.int32), value.view(torch.int32))
+    with pytest.raises(ValueError, match="contiguous CPU tensor"):
+        tier.read_one(slot, torch.empty(elements + 1), head.key, head.dtype, head.shape, head.seq)
+    with pytest.raises(ValueError, match="contiguous CPU tensor"):
+        tier.read_one(slot, torch.empty(elements, 2)[:, 0], head.key, head.dtype, head.shape, head.seq)
+    tier._fds.clear()
+    path.unlink()
+    assert "missing" in damaged()
+    tier.close()
+
+
+@pytest.mark.parametrize("options", [{"direct_io": True}, {"compression": "zstd"}])
+def test_read_one_of_other_stores_goes_through_read_into(tmp_path, options):
+    tier = DiskTier(tmp_path / "d", 1 << 24, **options)
+    list(tier.recover())
+    value = make_value(torch.bfloat16, (3, 5000), 8)
+    slot, head = store(tier, ("k", 1), value)
+    out = torch.empty(3, 5000, dtype=torch.bfloat16)
+    tier.read_one(slot, out, head.key, head.dtype, head.shape, head.seq)
+    assert torch.equal(out.view(torch.int16), value.view(torch.int16))
+    flip(tier.chunk_path(slot), PAGE + 100)
+    with pytest.raises(CorruptEntryError) as info:
+        tier.read_one(slot, out, head.key, head.dtype, head.shape, head.seq)
+    assert info.value.tiercache_index == 0
+    tier.close()
