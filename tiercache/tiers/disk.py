@@ -490,6 +490,9 @@ class DiskTier:
         self._complete = False  # _headers holds every live chunk (recovered, or a new store): index may be written
         self._seq_high = 0
         self.corrupt_on_open = 0
+        #: reads whose checksum failure a private re-read did not confirm (see ``read_into``)
+        self.confirmed_sound = 0
+        self._stats_lock = threading.Lock()
         self.metadata_repaired = 0
         self.tombstoned = 0
         # Slots whose chunk could not be removed (a tombstone names them): never reused until a scan has
@@ -1058,8 +1061,8 @@ class DiskTier:
         if nbytes:
             ctypes.memmove(out.data_ptr(), scratch.small_address + HEADER_BYTES, nbytes)
 
-    def read_one(self, slot: Slot, out: torch.Tensor, key: bytes, dtype: str, shape: tuple[int, ...],
-                 seq: int) -> None:
+    def _read_one(self, slot: Slot, out: torch.Tensor, key: bytes, dtype: str, shape: tuple[int, ...],
+                  seq: int) -> None:
         """``read_into([(slot, EntryHeader(key, dtype, shape, slot.nbytes, seq), out)])`` for one contiguous
         CPU tensor ``out`` of ``slot.nbytes`` bytes (``ValueError`` otherwise), with the same checks (size,
         crc32c of the whole chunk, the stored header) and errors (``tiercache_index`` 0): the facade's single
@@ -1187,6 +1190,64 @@ class DiskTier:
                 exc.tiercache_index = i  # type: ignore[attr-defined]
                 raise
 
+    def read_one(self, slot: Slot, out: torch.Tensor, key: bytes, dtype: str, shape: tuple[int, ...],
+                 seq: int) -> None:
+        """:meth:`_read_one` (the facade's single ``get``), a checksum failure confirmed before it is
+        reported: see :meth:`read_into`."""
+        try:
+            self._read_one(slot, out, key, dtype, shape, seq)
+        except CorruptEntryError as exc:
+            payload = self._confirm_damage(slot, EntryHeader(key, dtype, shape, slot.nbytes, seq), exc)
+            if slot.nbytes:  # sound: the caller gets the verified bytes
+                ctypes.memmove(out.data_ptr(), payload.data_ptr(), slot.nbytes)
+
+    def read_into(self, items: Sequence[tuple[Slot, EntryHeader, torch.Tensor]]) -> None:
+        """:meth:`_read_into` (its contract), with damage confirmed before it is reported: when an item
+        fails its checks, its chunk is read again into a private buffer.  Damaged there too, the
+        ``CorruptEntryError`` stands (the facade then drops the entry).  Sound there, the failure was not
+        the stored chunk's (a transient read fault, or the destination written while the read filled it,
+        e.g. two items or two calls sharing one ``out``): the batch is read once more, counted in
+        ``confirmed_sound``; if the same item fails again while its private read still verifies, a
+        ``TierIOError`` says so and the entry is kept: a good entry is never dropped for what happened to
+        its destination."""
+        try:
+            self._read_into(items)
+            return
+        except CorruptEntryError as exc:
+            first = exc
+        where = getattr(first, "tiercache_index", None)
+        if where is None:
+            raise first
+        slot, header, _ = items[where]
+        self._confirm_damage(slot, header, first)
+        try:
+            self._read_into(items)
+            return
+        except CorruptEntryError as exc:
+            again = exc
+        where2 = getattr(again, "tiercache_index", None)
+        if where2 is None:
+            raise again
+        slot, header, _ = items[where2]
+        self._confirm_damage(slot, header, again)
+        raise TierIOError(
+            f"{self._chunk_file(slot)}: reads into the caller's buffer keep failing their checks ({again}) while "
+            "a read into a private buffer verifies: is the destination written concurrently, or shared by "
+            "two items?") from again
+
+    def _confirm_damage(self, slot: Slot, header: EntryHeader, exc: CorruptEntryError) -> torch.Tensor:
+        """Read ``slot`` again into a private buffer: raise ``exc`` if it is damaged there too, else count
+        the sound re-read and return its payload (a fresh uint8 tensor)."""
+        try:
+            payload = self.read(slot, header)
+        except CorruptEntryError:
+            raise exc from None
+        with self._stats_lock:
+            self.confirmed_sound += 1
+        log.warning("tiercache: %s failed its checks (%s) but read again into a private buffer it verifies; "
+                    "kept", self._chunk_file(slot), exc)
+        return payload
+
     def read(self, slot: Slot, header: EntryHeader, into: torch.Tensor | None = None) -> torch.Tensor:
         """The verified payload (checksum, and the stored header must equal ``header``).  With ``into``
         (1-D contiguous uint8 CPU, at least ``slot.nbytes`` long) the payload is read into it and a view
@@ -1206,7 +1267,7 @@ class DiskTier:
     #: block slice of a larger ``(batch, heads, tokens, head_dim)`` buffer, reading into them in place.
     reads_strided = True
 
-    def read_into(self, items: Sequence[tuple[Slot, EntryHeader, torch.Tensor]]) -> None:
+    def _read_into(self, items: Sequence[tuple[Slot, EntryHeader, torch.Tensor]]) -> None:
         """Fill each ``(slot, header, out)``'s ``out`` with the verified payload (contract C2), spreading
         the reads over the tier's read threads (``io_threads``; ``direct_read_threads`` for direct reads).
         ``out`` is a CPU tensor of exactly ``slot.nbytes`` bytes: 1-D contiguous uint8 (C2), or any dtype
@@ -1504,6 +1565,7 @@ class DiskTier:
             "index": self.index_state,
             "metadata_repaired": self.metadata_repaired,
             "tombstones": self.tombstoned,
+            "confirmed_sound": self.confirmed_sound,
         }
 
     def close(self) -> None:

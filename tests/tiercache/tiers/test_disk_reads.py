@@ -2,6 +2,7 @@
 ``reads_strided``), pipelined large reads, the per-slot expected-header cache, and that each still reports
 damage as ``CorruptEntryError`` (never a wrong tensor)."""
 
+import ctypes
 import os
 
 import pytest
@@ -628,4 +629,81 @@ def test_read_one_of_other_stores_goes_through_read_into(tmp_path, options):
     with pytest.raises(CorruptEntryError) as info:
         tier.read_one(slot, out, head.key, head.dtype, head.shape, head.seq)
     assert info.value.tiercache_index == 0
+    tier.close()
+
+
+# -- a failed check is confirmed before the entry is dropped ------------------------------------------------
+def _scribbling_preadv(monkeypatch, target: torch.Tensor, times: int | None):
+    """Make ``os.preadv`` flip a byte of ``target`` right after it fills a view that starts at ``target``'s
+    address: the caller's destination written while the read fills it. ``times``: how many such reads
+    (``None``: every one). Reads into other buffers (a private re-read) are left alone. Returns the count."""
+    real = os.preadv
+    address = target.data_ptr()
+    done = [0]
+
+    def preadv(fd, views, offset):
+        got = real(fd, views, offset)
+        for view in views:
+            try:
+                start = ctypes.addressof(ctypes.c_char.from_buffer(view))
+            except TypeError:
+                continue
+            if start == address and (times is None or done[0] < times):
+                done[0] += 1
+                flat = target.view(-1).view(torch.uint8)
+                flat[0] ^= 0x40
+        return got
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    return done
+
+
+@pytest.mark.parametrize("nbytes", [3000, 192 << 10])  # a small chunk read whole, and a payload read in place
+def test_a_read_whose_destination_changed_under_it_keeps_the_entry(tmp_path, monkeypatch, nbytes):
+    from tiercache import Cache
+
+    value = make_value(torch.uint8, (nbytes,), 7)
+    with Cache(host=None, disk="4MiB", path=tmp_path / "s") as cache:
+        cache.put("k", value)
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        done = _scribbling_preadv(monkeypatch, out, times=1)
+        cache.get_many(["k"], out=[out])
+        disk = cache.stats()["tiers"]["disk"]
+        # a payload read in place lands in out; a small chunk is read whole into the tier's own buffer
+        assert done[0] == (1 if nbytes > 16 << 10 else 0)
+        assert disk["confirmed_sound"] == done[0]
+        assert torch.equal(out, value)
+        assert cache.stats()["corruptions"] == 0 and "k" in cache
+        monkeypatch.undo()
+        assert torch.equal(cache.get("k"), value)
+
+
+def test_a_destination_written_on_every_read_raises_an_io_error_and_keeps_the_entry(tmp_path, monkeypatch):
+    from tiercache import Cache
+    from tiercache.errors import TierIOError
+
+    value = make_value(torch.float32, (64, 1024), 3)  # 256 KiB: read straight into out
+    with Cache(host=None, disk="4MiB", path=tmp_path / "s") as cache:
+        cache.put("k", value)
+        out = torch.empty_like(value)
+        _scribbling_preadv(monkeypatch, out, times=None)
+        with pytest.raises(TierIOError, match="private buffer verifies"):
+            cache.get_many(["k"], out=[out])
+        monkeypatch.undo()
+        assert cache.stats()["corruptions"] == 0 and "k" in cache
+        assert cache.stats()["tiers"]["disk"]["confirmed_sound"] == 2
+        assert torch.equal(cache.get("k").view(torch.int32), value.view(torch.int32))  # (bit patterns: NaNs)
+
+
+def test_damage_that_a_private_read_confirms_still_drops_the_entry(tmp_path):
+    tier = DiskTier(tmp_path / "d", 1 << 24)
+    list(tier.recover())
+    data = make_value(torch.float32, (64, 1024), 4)
+    slot, head = store(tier, "k", data)
+    flip(tier.chunk_path(slot), PAGE + 100)
+    with pytest.raises(CorruptEntryError, match="crc32c"):
+        tier.read_into([(slot, head, torch.empty_like(data))])
+    with pytest.raises(CorruptEntryError, match="crc32c"):
+        tier.read_one(slot, torch.empty_like(data), head.key, head.dtype, head.shape, head.seq)
+    assert tier.confirmed_sound == 0
     tier.close()
