@@ -43,8 +43,15 @@ def test_every_row_runs_with_a_same_run_baseline_and_writes_its_files(hotpath, t
     assert len(decode) == 3  # host; disk warm; disk cold
     assert all(r.name.endswith(", 32-token blocks") for r in results if r.row in (1, 2))  # the block size is stated
     assert all(r.extra["tokens_match_dynamic"] for r in decode)
-    fetch = [r for r in results if r.name.startswith("fetch per step")]
+    fetch = [r for r in results if r.name.startswith("fetch per step, ")]
     assert len(fetch) == 2
+    # the same fetch measured alone and as the reader thread's CPU time, warm and cold, each beside its
+    # own baseline (plain reads' wall and CPU time)
+    alone = [r for r in results if r.name.startswith("fetch per step alone")]
+    cpu = [r for r in results if r.name.startswith("fetch CPU per step")]
+    assert len(alone) == 2 and len(cpu) == 2
+    assert all(r.baseline_name.startswith("CPU time of plain reads") for r in cpu)
+    assert all(len(r.extra["plain_crc_ms"]) == settings.repeats for r in fetch)
     for r in fetch:  # the 32 KiB host tier forces most blocks to disk: the baseline reads real files
         assert r.extra["disk_hits_per_step"] > 0
         # Each repeat's plain reads cover the files that repeat's decode read from disk (reads ahead may
