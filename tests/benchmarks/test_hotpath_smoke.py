@@ -128,6 +128,14 @@ def test_storage_quick_runs(tmp_path, load_benchmark):
     assert (tmp_path / "storage.md").exists() and (tmp_path / "storage.png").exists()
 
 
+def test_fetch_floor_runs_and_checks_what_it_read(tmp_path, load_benchmark, capsys):
+    fetch_floor = load_benchmark("fetch_floor")
+    assert fetch_floor.main(["--entries", "3", "--repeats", "1", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{name} " in out for name in ("tier", "plain", "plain+crc"))
+    assert list(tmp_path.iterdir()) == []  # its scratch directory is removed
+
+
 def test_drop_page_cache_visits_every_file(tmp_path, load_benchmark):
     common = load_benchmark("_common")
     common.write_files(tmp_path / "a" / "b", 3, 4096)
