@@ -1032,24 +1032,19 @@ def copy_pairs(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
     the per-pair copies.
 
     Runs are merged only on the main thread (the one driving the model), and with more than one torch
-    thread only while the machine looks idle (:func:`_machine_idle`) or when the pairs are too large to
-    be copied on one thread anyway: a merged copy of a context's blocks is large enough to take torch's
-    multi-threaded path, as ``DynamicCache``'s ``torch.cat`` of the same bytes does, and that path
-    stalls when other work holds the cores.  Otherwise the pairs are copied on the calling thread alone
-    (:func:`_copy_serial`), so a read ahead or an I/O thread never opens a second parallel team on the
-    cores the model is using, and a busy machine never sees one team per pair.  (A pair of at least
-    :data:`_COPY_GRAIN` elements, e.g. a 256-token block of exact decode, is above torch's grain: copied
-    by itself with several torch threads it opens a parallel team of its own, and on a busy machine
-    each team can stall for a scheduler time slice: with 2 torch threads on the loaded 2-core machine,
-    a 4K context's 15 blocks copied pair by pair took 2-9x the mean time of one merged copy.)"""
+    thread only while the machine looks idle (:func:`_machine_idle`) or when the pairs are above torch's
+    copy grain (:data:`_COPY_GRAIN` elements, e.g. exact decode's 256-token blocks): a merged copy of a
+    context's blocks is large enough to take torch's multi-threaded path, as ``DynamicCache``'s
+    ``torch.cat`` of the same bytes does, and that path stalls when other work holds the cores.
+    Otherwise every pair is copied by one ``_foreach_copy_``: pairs below the grain stay on the calling
+    thread, so a read ahead or an I/O thread never opens a second parallel team on the cores the model
+    is using.  (Pairs above the grain would each open a team of their own: on the main thread of a busy
+    machine that is one stall-prone team per block instead of one per run, so they are merged there.)"""
     n = len(dsts)
-    if not n:
-        return
-    threads = torch.get_num_threads()
-    big = threads > 1 and dsts[0].numel() >= _COPY_GRAIN
-    main = threading.current_thread() is _MAIN_THREAD
-    if n < 2 or not COALESCE_COPIES or not main or (threads > 1 and not big and not _machine_idle()):
-        _copy_serial(dsts, srcs) if big else torch._foreach_copy_(dsts, srcs)
+    if (n < 2 or not COALESCE_COPIES or threading.current_thread() is not _MAIN_THREAD
+            or (torch.get_num_threads() > 1 and dsts[0].numel() < _COPY_GRAIN and not _machine_idle())):
+        if n:
+            torch._foreach_copy_(dsts, srcs)
         return
     dptr = [d.data_ptr() for d in dsts]
     sptr = [s.data_ptr() for s in srcs]
@@ -1074,65 +1069,12 @@ def copy_pairs(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
         rest_s.extend(srcs[i:j])
         i = j
     if rest_d:
-        if big and not _machine_idle():
-            _copy_serial(rest_d, rest_s)
-        else:
-            torch._foreach_copy_(rest_d, rest_s)
+        torch._foreach_copy_(rest_d, rest_s)
 
 
 #: torch's ``at::internal::GRAIN_SIZE``: a CPU copy of at least this many elements runs on all of torch's
 #: intra-op threads (one parallel region), a smaller one on the calling thread.
 _COPY_GRAIN = 32768
-#: ``(shape, strides, itemsize) -> (run bytes, run offsets)`` of the row-contiguous destinations seen.
-_ROW_RUNS: dict[tuple, tuple[int, list[int]] | None] = {}
-
-
-def _row_runs(t: torch.Tensor) -> tuple[int, list[int]] | None:
-    """``(bytes per run, byte offset of each run)`` of ``t``'s contiguous runs of memory in element order,
-    or ``None`` when its last dimension is not contiguous (cached per geometry)."""
-    key = (t.shape, t.stride(), t.element_size())
-    if key in _ROW_RUNS:
-        return _ROW_RUNS[key]
-    shape, strides, size = key
-    layout: tuple[int, list[int]] | None = None
-    if len(shape) and strides[-1] == 1 and all(st > 0 or d == 1 for d, st in zip(shape, strides)):
-        k, inner = len(shape) - 1, shape[-1] * size  # trailing dimensions that continue a run merge into it
-        while k > 0 and (strides[k - 1] * size == inner or shape[k - 1] == 1):
-            inner *= shape[k - 1]
-            k -= 1
-        offsets = [0]
-        for dim in range(k):
-            if shape[dim] != 1:
-                step = strides[dim] * size
-                offsets = [o + j * step for o in offsets for j in range(shape[dim])]
-        layout = (inner, offsets)
-    if len(_ROW_RUNS) >= 256:
-        _ROW_RUNS.clear()
-    _ROW_RUNS[key] = layout
-    return layout
-
-
-def _copy_serial(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
-    """``dsts[i].copy_(srcs[i])`` on the calling thread alone, whatever torch's thread count: a contiguous
-    CPU source into a CPU destination whose last dimension is contiguous (a block slice of a decode buffer
-    from a slot) is copied by one ``memmove`` per run of the destination (a torch copy of it would open a
-    parallel team); other pairs by torch."""
-    rest_d: list[torch.Tensor] = []
-    rest_s: list[torch.Tensor] = []
-    for dst, src in zip(dsts, srcs):
-        if (dst.is_cpu and src.is_cpu and src.dtype is dst.dtype and src.is_contiguous()
-                and src.numel() == dst.numel() and src.shape == dst.shape):
-            layout = _row_runs(dst)
-            if layout is not None:
-                inner, offsets = layout
-                d, s = dst.data_ptr(), src.data_ptr()
-                for k, o in enumerate(offsets):
-                    memmove(d + o, s + k * inner, inner)
-                continue
-        rest_d.append(dst)
-        rest_s.append(src)
-    if rest_d:
-        torch._foreach_copy_(rest_d, rest_s)
 
 
 def _run_view(t: torch.Tensor, count: int, step: int) -> torch.Tensor | None:

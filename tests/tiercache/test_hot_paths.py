@@ -163,15 +163,15 @@ def test_copy_pairs_merges_evenly_spaced_runs_and_writes_exactly_the_pairs(where
 
 
 @pytest.mark.parametrize("where", ["main-busy", "thread"])
-def test_copy_pairs_of_pairs_above_the_grain_never_copy_pair_by_pair_with_several_threads(where, monkeypatch):
-    """Pairs of at least torch's grain (each would open a parallel team of its own) are merged on the main
-    thread even on a busy machine, and off the main thread copied on that thread alone by runs (one
-    ``memmove`` per contiguous run of the destination); the bytes written are exactly the pairs'."""
+def test_copy_pairs_merges_pairs_above_the_grain_on_a_busy_main_thread(where, monkeypatch):
+    """Pairs of at least torch's copy grain (each would open a parallel team of its own) are merged on
+    the main thread even on a busy machine; off the main thread they are still copied pair by pair.  The
+    bytes written are exactly the pairs'."""
     import threading
 
     from tiercache import batched
 
-    n, block = 4, batched._COPY_GRAIN // (3 * 16) + 1  # (1, 3, block, 16): just above the grain
+    n, block = 4, batched._COPY_GRAIN // (3 * 16) + 1  # (2, 1, 3, block, 16): above the grain
     gen = torch.Generator().manual_seed(1)
     arena = torch.randn(n + 1, 2, 1, 3, block, 16, generator=gen)
     srcs = list(arena.unbind(0))[:n]
@@ -181,28 +181,20 @@ def test_copy_pairs_of_pairs_above_the_grain_never_copy_pair_by_pair_with_severa
     expect = buf.clone()
     for d, s in zip(expect[:, :, :, :n * block].unflatten(3, (n, block)).unbind(3), srcs):
         d.copy_(s)
-    merged, serial = [], []
-    original_run, original_serial = batched._copy_run, batched._copy_serial
-    monkeypatch.setattr(batched, "_copy_run", lambda *a: merged.append(a[2]) or original_run(*a))
-    monkeypatch.setattr(batched, "_copy_serial", lambda d, s: serial.append(len(d)) or original_serial(d, s))
+    merged = []
+    original = batched._copy_run
+    monkeypatch.setattr(batched, "_copy_run", lambda *a: merged.append(a[2]) or original(*a))
     monkeypatch.setattr(batched, "_idle", [float("inf"), False])  # busy
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     if where == "thread":
         t = threading.Thread(target=batched.copy_pairs, args=(dsts, srcs))
         t.start()
         t.join()
-        assert serial == [n] and merged == []
+        assert merged == []
     else:
         batched.copy_pairs(dsts, srcs)
-        assert merged == [n] and serial == []
+        assert merged == [n]
     assert torch.equal(buf, expect)
-    # a non-contiguous source or a destination without contiguous rows falls back to torch's copy
-    out = torch.zeros(2, 3, 4)
-    batched._copy_serial([out.transpose(1, 2)], [torch.arange(24.0).view(2, 4, 3)])
-    assert torch.equal(out.transpose(1, 2), torch.arange(24.0).view(2, 4, 3))
-    out = torch.zeros(2, 3, 4)
-    batched._copy_serial([out], [torch.arange(24.0).view(2, 4, 3).transpose(1, 2)])
-    assert torch.equal(out, torch.arange(24.0).view(2, 4, 3).transpose(1, 2))
 
 
 def test_machine_idle_reads_the_load_average_and_assumes_busy_without_one(monkeypatch):
