@@ -147,7 +147,10 @@ class ReadAheadCounters:
         wait_seconds: time updates waited for their read ahead to finish (the part of the read not
             hidden behind compute).
         sync_seconds: time updates spent reading blocks themselves.
-        background_seconds: time the reader thread spent reading.
+        background_seconds: time the reader thread spent reading (wall time: beside a forward pass on
+            busy cores it includes the time the reader waits for a core or the GIL).
+        background_cpu_seconds: CPU time the reader thread spent reading (``time.thread_time``; the I/O
+            pool threads of a disk tier that a read spreads to are not included).
         inline: updates that started no read ahead because every tier is memory and torch's intra-op
             threads occupy every core (the update's own copies use those threads instead).
     """
@@ -164,6 +167,7 @@ class ReadAheadCounters:
     wait_seconds: float = 0.0
     sync_seconds: float = 0.0
     background_seconds: float = 0.0
+    background_cpu_seconds: float = 0.0
     inline: int = 0
 
     def as_dict(self) -> dict:
@@ -304,11 +308,12 @@ class DecodeBuffer:
         counters = self.counters
 
         def timed() -> Any:
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             try:
                 return run()
             finally:
                 counters.background_seconds += time.perf_counter() - start
+                counters.background_cpu_seconds += time.thread_time() - cpu
 
         read.future = self._reader.submit(timed)
         self._pending[id(read.layer)] = read

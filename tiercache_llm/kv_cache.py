@@ -125,8 +125,9 @@ class TieredKVSettings:
             copies, which only overlap compute on a core torch's intra-op threads leave free: when
             ``torch.get_num_threads()`` covers every core of the process, updates copy their blocks
             themselves instead (``stats()["prefetch"]["inline"]`` counts them), a run of evenly laid out
-            blocks as one copy that may use torch's threads while the machine is otherwise idle
-            (:func:`tiercache.batched.copy_pairs`).  ``stats()["prefetch"]`` has its counters.  Sparse mode has its
+            blocks as one copy that may use torch's threads while the machine is otherwise idle, or
+            whenever the blocks are too large to be copied on one thread anyway, as ``DynamicCache``'s
+            ``torch.cat`` does (:func:`tiercache.batched.copy_pairs`).  ``stats()["prefetch"]`` has its counters.  Sparse mode has its
             own pipeline (``pipeline=``) and refuses ``prefetch=True``.
         direct_io: disk tier reads/writes bypass the OS page cache (tiercache
             ``CacheConfig.direct_io``), so the host budget is not silently extended by the page
@@ -1241,7 +1242,8 @@ class TieredKVCache(Cache):
         wait on the device); with memory tiers only, when torch's intra-op threads leave a core free.
         Otherwise the reader thread's copies only take turns with torch's threads on the same cores
         (and stall their parallel regions), so each layer's ``update`` copies its blocks itself (merged
-        into copies that use those threads while the machine is idle, :func:`tiercache.batched.copy_pairs`)."""
+        into copies that use those threads while the machine is idle or when the blocks exceed torch's
+        copy grain, :func:`tiercache.batched.copy_pairs`)."""
         if not self.store.memory_only or torch.get_num_threads() < _CORES:
             return True
         self.buffer.counters.inline += 1

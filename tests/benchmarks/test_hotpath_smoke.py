@@ -43,8 +43,15 @@ def test_every_row_runs_with_a_same_run_baseline_and_writes_its_files(hotpath, t
     assert len(decode) == 3  # host; disk warm; disk cold
     assert all(r.name.endswith(", 32-token blocks") for r in results if r.row in (1, 2))  # the block size is stated
     assert all(r.extra["tokens_match_dynamic"] for r in decode)
-    fetch = [r for r in results if r.name.startswith("fetch per step")]
+    fetch = [r for r in results if r.name.startswith("fetch per step, ")]
     assert len(fetch) == 2
+    # the same fetch measured alone and as the reader thread's CPU time, warm and cold, each beside its
+    # own baseline (plain reads' wall and CPU time)
+    alone = [r for r in results if r.name.startswith("fetch per step alone")]
+    cpu = [r for r in results if r.name.startswith("fetch CPU per step")]
+    assert len(alone) == 2 and len(cpu) == 2
+    assert all(r.baseline_name.startswith("CPU time of plain reads") for r in cpu)
+    assert all(len(r.extra["plain_crc_ms"]) == settings.repeats for r in fetch)
     for r in fetch:  # the 32 KiB host tier forces most blocks to disk: the baseline reads real files
         assert r.extra["disk_hits_per_step"] > 0
         # Each repeat's plain reads cover the files that repeat's decode read from disk (reads ahead may
@@ -119,6 +126,14 @@ def test_storage_quick_runs(tmp_path, load_benchmark):
     assert {r["tier"] for r in saved["results"]} == {"host", "disk"}
     assert all(r["repeats"] == 1 for r in saved["results"])
     assert (tmp_path / "storage.md").exists() and (tmp_path / "storage.png").exists()
+
+
+def test_fetch_floor_runs_and_checks_what_it_read(tmp_path, load_benchmark, capsys):
+    fetch_floor = load_benchmark("fetch_floor")
+    assert fetch_floor.main(["--entries", "3", "--repeats", "1", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert all(f"{name} " in out for name in ("tier", "plain", "plain+crc"))
+    assert list(tmp_path.iterdir()) == []  # its scratch directory is removed
 
 
 def test_drop_page_cache_visits_every_file(tmp_path, load_benchmark):

@@ -173,6 +173,41 @@ def test_copy_pairs_merges_evenly_spaced_runs_and_writes_exactly_the_pairs(where
     assert batched._run_view(arena[-slot:].view(1, 3, 8, 4), 2, slot * 4) is None
 
 
+@pytest.mark.parametrize("where", ["main-busy", "thread"])
+def test_copy_pairs_merges_pairs_above_the_grain_on_a_busy_main_thread(where, monkeypatch):
+    """Pairs of at least torch's copy grain (each would open a parallel team of its own) are merged on
+    the main thread even on a busy machine; off the main thread they are still copied pair by pair.  The
+    bytes written are exactly the pairs'."""
+    import threading
+
+    from tiercache import batched
+
+    n, block = 4, batched._COPY_GRAIN // (3 * 16) + 1  # (2, 1, 3, block, 16): above the grain
+    gen = torch.Generator().manual_seed(1)
+    arena = torch.randn(n + 1, 2, 1, 3, block, 16, generator=gen)
+    srcs = list(arena.unbind(0))[:n]
+    buf = torch.zeros(2, 1, 3, n * block + 7, 16)
+    dsts = [buf[:, :, :, j * block:(j + 1) * block] for j in range(n)]
+    assert dsts[0].numel() >= batched._COPY_GRAIN
+    expect = buf.clone()
+    for d, s in zip(expect[:, :, :, :n * block].unflatten(3, (n, block)).unbind(3), srcs):
+        d.copy_(s)
+    merged = []
+    original = batched._copy_run
+    monkeypatch.setattr(batched, "_copy_run", lambda *a: merged.append(a[2]) or original(*a))
+    monkeypatch.setattr(batched, "_idle", [float("inf"), False])  # busy
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    if where == "thread":
+        t = threading.Thread(target=batched.copy_pairs, args=(dsts, srcs))
+        t.start()
+        t.join()
+        assert merged == []
+    else:
+        batched.copy_pairs(dsts, srcs)
+        assert merged == [n]
+    assert torch.equal(buf, expect)
+
+
 def test_machine_idle_reads_the_load_average_and_assumes_busy_without_one(monkeypatch):
     import os
 
