@@ -31,7 +31,7 @@ from .sizes import format_size
 from .state import Release, log
 from .tiers.base import EntryHeader, Slot
 from .tiers.disk import DiskTier
-from .tiers.memory import MEMMOVE_MAX_BYTES, ArenaTier, memmove
+from .tiers.memory import GIL_HELD_MAX_BYTES, MEMMOVE_MAX_BYTES, ArenaTier, memmove, memmove_holding_gil
 from .transfer import CopyEngine, chunk_file_bytes, packed_layout, read_chunk_into
 from .values import as_bytes, check_score, check_scores, copy_payload, flat, new_tensor, tensor_data
 
@@ -557,8 +557,11 @@ class DataPaths(Moves):
                             self._queues[0].push(entry, self._policy.rank(entry))
                         size = entry.nbytes
                         result = new_tensor(entry.shape, entry.dtype)
-                        if size:
-                            memmove(result.data_ptr(), arena.address(entry.slot), size)
+                        # (a CPU arena slot's ref is its address: ArenaTier.address)
+                        if 0 < size <= GIL_HELD_MAX_BYTES:
+                            memmove_holding_gil(result.data_ptr(), entry.slot.ref, size)
+                        elif size:
+                            memmove(result.data_ptr(), entry.slot.ref, size)
                         self._counters.gets += 1
                         counters = self._tier_counters[0]
                         counters.hits += 1
