@@ -140,3 +140,7 @@ def test_slots_are_addressed_by_pointer_and_writes_match_the_typed_view(pool):
         tier.write(slot, value, _header(1 << 14))
         assert torch.equal(tier.typed_view(slot, torch.float32), value)
         assert tier.address(slot) == tier.typed_view(slot, torch.float32).data_ptr()
+    for slot in slots:  # each slot goes back to its own chunk's allocator (whichever chunk's address is lower)
+        tier.free(slot)
+    assert tier.used == 0 and tier.largest_free() == 1 << 15
+    assert tier.allocate(1 << 16) is None and tier.allocate(1 << 15) is not None
