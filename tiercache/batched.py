@@ -31,7 +31,7 @@ from .sizes import format_size
 from .state import Release, log
 from .tiers.base import EntryHeader, Slot
 from .tiers.disk import DiskTier
-from .tiers.memory import MEMMOVE_MAX_BYTES, ArenaTier, memmove
+from .tiers.memory import GIL_HELD_MAX_BYTES, MEMMOVE_MAX_BYTES, ArenaTier, memmove, memmove_holding_gil
 from .transfer import CopyEngine, chunk_file_bytes, packed_layout, read_chunk_into
 from .values import as_bytes, check_score, check_scores, copy_payload, flat, new_tensor, tensor_data
 
@@ -531,46 +531,56 @@ class DataPaths(Moves):
                 self._active += 1
             return pinned, views, positions
 
-    def _get_one(self, key: Hashable) -> torch.Tensor:
-        """``_get_batch([key], cpu, bracket=True)[0]`` (the same checks, counts and policy bookkeeping)
-        for the common cases of ``get``, a key of a plain type whose value is a small one
-        (``MEMMOVE_MAX_BYTES``) in the fastest tier, a CPU arena: one lock round trip, one fresh tensor,
-        one ``memmove``, and none of the batch's lists; or whose value is in a disk tier
-        (``_get_one_from_disk``).  Every other case takes the batch path."""
-        kind = type(key)
-        if kind is int or kind is str or kind is bytes:
-            arena = self._direct_arena
-            if arena is not None:
-                lock = self._lock
-                lock.acquire()  # (not ``with``: it costs a lookup and a bound method per special method)
-                try:
-                    if self._closing or self._closed:
-                        raise CacheClosedError("this tiercache.Cache is closed")
-                    entry = self._index.get(key)
-                    if entry is not None and not entry.level and entry.nbytes <= MEMMOVE_MAX_BYTES:
-                        start = _perf_counter()
-                        entry.hits += 1  # the entry is its policy info (Entry.info)
-                        entry.last_access = self._clock = self._clock + 1
-                        if self._rerank_hits:  # _rerank, inlined: the tier of a hit is unchanged
-                            entry.version += 1
-                            entry.tier = arena.name
-                            self._queues[0].push(entry, self._policy.rank(entry))
-                        size = entry.nbytes
-                        result = new_tensor(entry.shape, entry.dtype)
-                        if size:
-                            memmove(result.data_ptr(), arena.address(entry.slot), size)
-                        self._counters.gets += 1
-                        counters = self._tier_counters[0]
-                        counters.hits += 1
-                        counters.bytes_read += size
-                        counters.read_seconds += _perf_counter() - start
-                        return result
-                finally:
-                    lock.release()
-            result = self._get_one_from_disk(key)
-            if result is not None:
-                return result
-        return self._get_batch([key], _CPU, bracket=True)[0]
+    def get(self, key: Hashable, device: torch.device | str | None = None) -> torch.Tensor:
+        """A fresh copy of the value stored under ``key`` (on ``device``, CPU by default).
+
+        Raises ``KeyError`` when the key is absent, was evicted, or its stored bytes failed verification.
+
+        (To the CPU this is ``_get_batch([key], cpu, bracket=True)[0]``, with the same checks, counts and
+        policy bookkeeping, done here for the common cases: a key of a plain type whose value is a small
+        one (``MEMMOVE_MAX_BYTES``) in the fastest tier, a CPU arena: one lock round trip, one fresh
+        tensor, one ``memmove``, and none of the batch's lists; or whose value is in a disk tier
+        (``_get_one_from_disk``).  Every other case takes the batch path.  This is ``Cache.get`` itself,
+        not a helper behind it: a call frame is a measurable part of a 64 KiB get.)"""
+        if device is None:
+            kind = type(key)
+            if kind is int or kind is str or kind is bytes:
+                arena = self._direct_arena
+                if arena is not None:
+                    lock = self._lock
+                    lock.acquire()  # (not ``with``: it costs a lookup and a bound method per special method)
+                    try:
+                        if self._closing or self._closed:
+                            raise CacheClosedError("this tiercache.Cache is closed")
+                        entry = self._index.get(key)
+                        if entry is not None and not entry.level and entry.nbytes <= MEMMOVE_MAX_BYTES:
+                            start = _perf_counter()
+                            entry.hits += 1  # the entry is its policy info (Entry.info)
+                            entry.last_access = self._clock = self._clock + 1
+                            if self._rerank_hits:  # _rerank, inlined: the tier of a hit is unchanged
+                                entry.version += 1
+                                entry.tier = arena.name
+                                self._queues[0].push(entry, self._policy.rank(entry))
+                            size = entry.nbytes
+                            result = new_tensor(entry.shape, entry.dtype)
+                            # (a CPU arena slot's ref is its address: ArenaTier.address)
+                            if 0 < size <= GIL_HELD_MAX_BYTES:
+                                memmove_holding_gil(result.data_ptr(), entry.slot.ref, size)
+                            elif size:
+                                memmove(result.data_ptr(), entry.slot.ref, size)
+                            self._counters.gets += 1
+                            counters = self._tier_counters[0]
+                            counters.hits += 1
+                            counters.bytes_read += size
+                            counters.read_seconds += _perf_counter() - start
+                            return result
+                    finally:
+                        lock.release()
+                result = self._get_one_from_disk(key)
+                if result is not None:
+                    return result
+            return self._get_batch([key], _CPU, bracket=True)[0]
+        return self._get_batch([key], _normal_device(torch.device(device)), bracket=True)[0]
 
     def _get_one_from_disk(self, key: Hashable) -> torch.Tensor | None:
         """``get`` of a key of a plain type whose value is in a disk tier, into a fresh CPU tensor: the
@@ -580,7 +590,7 @@ class DataPaths(Moves):
         ``read_into``.  ``None`` (nothing done, nothing counted) when the key is absent or its value is in
         another kind of tier: the caller takes the batch path."""
         lock = self._lock
-        lock.acquire()  # (not ``with``: see _get_one)
+        lock.acquire()  # (not ``with``: see get)
         try:
             if self._closing or self._closed:
                 raise CacheClosedError("this tiercache.Cache is closed")

@@ -208,14 +208,6 @@ class Cache(DataPaths, Persistence):
             raise ValueError(f"{len(score_list)} scores for {len(keys)} items")
         self._put_batch(zip(keys, values), score_list, bracket=True)
 
-    def get(self, key: Hashable, device: torch.device | str | None = None) -> torch.Tensor:
-        """A fresh copy of the value stored under ``key`` (on ``device``, CPU by default).
-
-        Raises ``KeyError`` when the key is absent, was evicted, or its stored bytes failed verification."""
-        if device is None:
-            return self._get_one(key)
-        return self._get_batch([key], _normal_device(torch.device(device)), bracket=True)[0]
-
     def get_many(
         self,
         keys: Iterable[Hashable],

@@ -36,6 +36,23 @@ def test_single_get_and_put_count_as_their_batched_forms(tmp_path):
         assert _counts(one) == _counts(many)
 
 
+@pytest.mark.parametrize("nbytes", [0, 4, (1 << 16) - 4, 1 << 16, (1 << 16) + 4, 1 << 20])
+def test_single_get_copies_every_size_of_the_memmove_fast_path_into_a_fresh_tensor(nbytes):
+    # (sizes around GIL_HELD_MAX_BYTES, where the copy switches from the GIL-holding memmove)
+    value = torch.arange(nbytes // 4, dtype=torch.int32)
+    with tiercache.Cache(host="8MiB", disk=None) as cache:
+        cache.put("a", value)
+        first, second = cache.get("a"), cache.get("a")
+        assert torch.equal(first, value) and torch.equal(second, value)
+        if nbytes:
+            assert first.data_ptr() != second.data_ptr()  # each get is a fresh, caller-owned tensor
+            first.fill_(-1)
+            assert torch.equal(cache.get("a"), value)
+        stats = cache.stats()
+        assert stats["gets"] == (3 if nbytes else 2)
+        assert stats["tiers"]["host"]["bytes_read"] == stats["gets"] * nbytes
+
+
 def test_single_put_replacing_keeps_the_score_and_frees_the_old_slot(tmp_path):
     with tiercache.Cache(host="64KiB", disk="1MiB", path=tmp_path / "s", policy="score") as cache:
         cache.put("k", torch.ones(16), score=5.0)

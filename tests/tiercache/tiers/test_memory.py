@@ -132,10 +132,15 @@ def test_an_arena_whose_view_escaped_is_not_recycled_and_the_limit_holds(pool):
 def test_slots_are_addressed_by_pointer_and_writes_match_the_typed_view(pool):
     tier = ArenaTier("host", 1 << 16, "cpu", chunk_bytes=1 << 15)
     slots = [tier.allocate(1 << 14) for _ in range(4)]  # spans both chunks
-    assert len({s.ref >> memory_module._CHUNK_SHIFT for s in slots}) == 2
+    assert {tier._chunk(s.ref)[0] for s in slots} == {0, 1}
     assert all(isinstance(s.ref, int) for s in slots)
+    assert all(tier.address(s) == s.ref for s in slots)  # a CPU slot's ref is its address
     for i, slot in enumerate(slots):
         value = torch.full((1 << 12,), float(i))
         tier.write(slot, value, _header(1 << 14))
         assert torch.equal(tier.typed_view(slot, torch.float32), value)
         assert tier.address(slot) == tier.typed_view(slot, torch.float32).data_ptr()
+    for slot in slots:  # each slot goes back to its own chunk's allocator (whichever chunk's address is lower)
+        tier.free(slot)
+    assert tier.used == 0 and tier.largest_free() == 1 << 15
+    assert tier.allocate(1 << 16) is None and tier.allocate(1 << 15) is not None
