@@ -1207,33 +1207,24 @@ class DiskTier:
         ``CorruptEntryError`` stands (the facade then drops the entry).  Sound there, the failure was not
         the stored chunk's (a transient read fault, or the destination written while the read filled it,
         e.g. two items or two calls sharing one ``out``): the batch is read once more, counted in
-        ``confirmed_sound``; if the same item fails again while its private read still verifies, a
+        ``confirmed_sound``; if that read fails again on an item whose private read verifies, a
         ``TierIOError`` says so and the entry is kept: a good entry is never dropped for what happened to
         its destination."""
-        try:
-            self._read_into(items)
-            return
-        except CorruptEntryError as exc:
-            first = exc
-        where = getattr(first, "tiercache_index", None)
-        if where is None:
-            raise first
-        slot, header, _ = items[where]
-        self._confirm_damage(slot, header, first)
-        try:
-            self._read_into(items)
-            return
-        except CorruptEntryError as exc:
-            again = exc
-        where2 = getattr(again, "tiercache_index", None)
-        if where2 is None:
-            raise again
-        slot, header, _ = items[where2]
-        self._confirm_damage(slot, header, again)
+        for _ in range(2):
+            try:
+                self._read_into(items)
+                return
+            except CorruptEntryError as exc:
+                where = getattr(exc, "tiercache_index", None)
+                if where is None:
+                    raise
+                slot, header, _ = items[where]
+                self._confirm_damage(slot, header, exc)  # raises exc when the chunk is damaged
+                failed = exc
         raise TierIOError(
-            f"{self._chunk_file(slot)}: reads into the caller's buffer keep failing their checks ({again}) while "
+            f"{self._chunk_file(slot)}: reads into the caller's buffer keep failing their checks ({failed}) while "
             "a read into a private buffer verifies: is the destination written concurrently, or shared by "
-            "two items?") from again
+            "two items?") from failed
 
     def _confirm_damage(self, slot: Slot, header: EntryHeader, exc: CorruptEntryError) -> torch.Tensor:
         """Read ``slot`` again into a private buffer: raise ``exc`` if it is damaged there too, else count
