@@ -11,6 +11,7 @@ from tiercache_llm import TieredKVCache
 from tiercache_llm.sparse.pipeline import DecodePipeline, PipelineConfig
 
 from .test_generate_tiny import left_padded_batch
+from .test_sparse_mode import _score_spy
 
 STRATEGIES = ("fetch-every-step", "reuse-layer-ahead", "attention-aware")
 SYNC = {"reuse": False, "layer_ahead": False, "disk_staging": False, "defer_promotions": False}
@@ -452,18 +453,6 @@ def test_first_step_reserves_every_layer_and_warms_the_next_layers_slots(model, 
             assert stats["warm_bytes"] == 0
 
 
-def _sent_scores(cache):
-    sent = {}
-    original = cache.store.update_scores
-
-    def spy(scores):
-        sent.update(scores)
-        return original(scores)
-
-    cache.store.update_scores = spy
-    return sent
-
-
 def test_end_of_step_worker_sends_what_the_inline_path_sends(model, batch, tmp_path):
     """background_end_step moves the score flush, the promotion threshold and the staging choice to a worker:
     the logits, the scores the tiercache ends up with and the threshold are those of the inline path."""
@@ -472,7 +461,7 @@ def test_end_of_step_worker_sends_what_the_inline_path_sends(model, batch, tmp_p
     for background in (False, True):
         with TieredKVCache.for_model(model, **opts(tmp_path / str(background), "attention-aware",
                                                  pipeline={"background_end_step": background})) as cache:
-            sent = _sent_scores(cache)
+            sent = _score_spy(cache)
             threads = set()
             original = cache._pipeline._stage_ahead_all
 
