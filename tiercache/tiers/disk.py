@@ -1028,14 +1028,22 @@ class DiskTier:
 
     def _read_small(self, slot: Slot, header: EntryHeader, out: torch.Tensor) -> None:
         """:meth:`read_into` of one payload of at most ``SMALL_READ_BYTES`` (in a size class of at most
-        ``_SMALL_PAGES`` pages) into the contiguous CPU tensor ``out`` (buffered, uncompressed store): the
-        whole chunk is read into this thread's buffer, checked (size, crc32c, header: the same errors as
-        :meth:`_read_buffered`, ``tiercache_index`` 0) and only then its payload copied into ``out``, so
-        ``out`` is never written from a damaged chunk."""
+        ``_SMALL_PAGES`` pages) into the contiguous CPU tensor ``out`` (buffered, uncompressed store): see
+        :meth:`_read_small_checked`."""
         nbytes = slot.nbytes
         if out.numel() * out.element_size() != nbytes:
             raise ValueError(f"read_into item 0: out holds {out.numel() * out.element_size()} bytes, "
                              f"the payload is {nbytes}")
+        expected = self._expected_prefix(slot.ref, header) if header.nbytes == nbytes else None  # type: ignore[arg-type]
+        self._read_small_checked(slot, out, expected)
+
+    def _read_small_checked(self, slot: Slot, out: torch.Tensor, expected: bytes | None) -> None:
+        """Read ``slot``'s whole chunk (at most ``_SMALL_PAGES`` pages) into this thread's buffer, check it
+        (size, crc32c, the stored header must start with ``expected``; ``None``: the header cannot match:
+        the same errors as :meth:`_read_buffered`, ``tiercache_index`` 0) and only then copy its payload
+        into ``out`` (a contiguous CPU tensor of ``slot.nbytes`` bytes), so ``out`` is never written from a
+        damaged chunk."""
+        nbytes = slot.nbytes
         ref = slot.ref
         size = ref[0] * PAGE + CRC_BYTES  # type: ignore[index]
         scratch = self._scratch
@@ -1054,7 +1062,9 @@ class DiskTier:
             crc = self._crc(view[: size - CRC_BYTES], 0, 0)  # keeps the GIL (see _read_buffered)
             if crc != int.from_bytes(view[size - CRC_BYTES : size], "little"):
                 raise CorruptEntryError(f"{self._chunk_file(slot)} {BAD_CRC}")
-            self._check_stored(slot, view[:HEADER_BYTES], header)
+            if expected is None or not scratch.small_bytes.startswith(expected):  # (memcmp)
+                decode_header(view[:HEADER_BYTES])  # a damaged header says so in the error
+                raise CorruptEntryError(f"{self._chunk_file(slot)} {OTHER_ENTRY}")
         except CorruptEntryError as exc:
             exc.tiercache_index = 0  # type: ignore[attr-defined]
             raise
@@ -1071,13 +1081,13 @@ class DiskTier:
         ``PIPELINE_BYTES`` skips ``read_into``'s batch set-up: one ``preadv`` (the header page into this
         thread's buffer, the payload straight into ``out``; a chunk of at most ``_SMALL_PAGES`` pages whole
         into the buffer, its payload copied out once verified) and one crc32c pass over what was read.
-        Other reads take :meth:`read_into`."""
+        Other reads take :meth:`_read_into` (:meth:`read_one` confirms a failure)."""
         nbytes = slot.nbytes
         if out.nbytes != nbytes or not out.is_cpu or not out.is_contiguous():
             raise ValueError(f"read_one: out must be a contiguous CPU tensor of {nbytes} bytes, got "
                              f"{tuple(out.shape)} {out.dtype} on {out.device}")
         if self.direct_io or self._codec is not None or nbytes >= PIPELINE_BYTES:
-            self.read_into([(slot, EntryHeader(key, dtype, shape, nbytes, seq), out)])
+            self._read_into([(slot, EntryHeader(key, dtype, shape, nbytes, seq), out)])  # (read_one confirms)
             return
         ref = slot.ref
         cached = self._prefixes.get(ref)
@@ -1088,46 +1098,38 @@ class DiskTier:
         else:
             expected = self._expected_prefix(ref, EntryHeader(key, dtype, shape, nbytes, seq))  # type: ignore[arg-type]
         pages = ref[0]  # type: ignore[index]
+        if pages <= _SMALL_PAGES:  # the whole chunk into this thread's buffer, its payload copied out once verified
+            self._read_small_checked(slot, out, expected)
+            return
         size = pages * PAGE + CRC_BYTES
         scratch = self._scratch
         fds = self._fds
-        small = pages <= _SMALL_PAGES
         try:
             handle = fds.lookup(ref)
             if handle is None:
                 handle = self._acquire_fd(slot)
             try:
-                if small:  # the whole chunk into this thread's buffer (one byte more: sees a longer file)
-                    buf, raw = scratch.small_view, scratch.small_bytes
-                    got = os.preadv(handle.fd, [buf[: size + 1]], 0)
-                else:
-                    buf, raw = scratch.head, scratch.head_bytes
-                    pad = size - CRC_BYTES - HEADER_BYTES - nbytes
-                    tail = scratch.tail[: pad + CRC_BYTES + 1]  # padding, checksum, one byte more
-                    payload = (ctypes.c_char * nbytes).from_address(out.data_ptr())  # out outlives the read
-                    got = os.preadv(handle.fd, [buf, payload, tail], 0)
+                head = scratch.head
+                pad = size - CRC_BYTES - HEADER_BYTES - nbytes
+                tail = scratch.tail[: pad + CRC_BYTES + 1]  # padding, checksum, one byte more: sees a longer file
+                payload = (ctypes.c_char * nbytes).from_address(out.data_ptr())  # out outlives the read
+                got = os.preadv(handle.fd, [head, payload, tail], 0)
             finally:
                 fds.release(handle)
             if got != size:
                 raise CorruptEntryError(f"{self._chunk_file(slot)} {_wrong_size(got)}")
             crc32c = self._crc  # keeps the GIL (see _read_buffered)
-            if small:
-                crc, stored = crc32c(buf[: size - CRC_BYTES], 0, 0), buf[size - CRC_BYTES : size]
-            else:
-                crc = crc32c(payload, crc32c(buf, 0, 0), 0)
-                if pad:
-                    crc = crc32c(tail[:pad], crc, 0)
-                stored = tail[pad : pad + CRC_BYTES]
-            if crc != int.from_bytes(stored, "little"):
+            crc = crc32c(payload, crc32c(head, 0, 0), 0)
+            if pad:
+                crc = crc32c(tail[:pad], crc, 0)
+            if crc != int.from_bytes(tail[pad : pad + CRC_BYTES], "little"):
                 raise CorruptEntryError(f"{self._chunk_file(slot)} {BAD_CRC}")
-            if not raw.startswith(expected):  # (bytearray.startswith compares with memcmp)
-                decode_header(buf[:HEADER_BYTES])  # a damaged header says so in the error
+            if not scratch.head_bytes.startswith(expected):  # (bytearray.startswith compares with memcmp)
+                decode_header(head)  # a damaged header says so in the error
                 raise CorruptEntryError(f"{self._chunk_file(slot)} {OTHER_ENTRY}")
         except CorruptEntryError as exc:
             exc.tiercache_index = 0  # type: ignore[attr-defined]
             raise
-        if small and nbytes:
-            ctypes.memmove(out.data_ptr(), scratch.small_address + HEADER_BYTES, nbytes)
 
     def _read_buffered(
         self, items: Sequence[tuple[Slot, EntryHeader, torch.Tensor]], parts: list[list[memoryview]],
