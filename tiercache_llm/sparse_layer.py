@@ -36,7 +36,7 @@ from .sparse.attention import SparseAttentionOutput, sparse_attention
 from .sparse.digests import KeyDigests
 from .sparse.fetch import fetch_selected
 from .sparse.page_table import build_page_table_from_valid, entry_mass_to_blocks, page_table_attention
-from .sparse.placement import record_attention
+from .sparse.placement import promotion_threshold, record_attention
 from .sparse.selection import SelectionConfig, select
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -210,13 +210,7 @@ class SparseController:
                 entry = max(entry, layer._blocks[0].nbytes // 2)
         if not masses or not entry:
             return None
-        every = torch.cat(masses)
-        room = store.fastest_tier_entries(entry) // 2  # K and V entries per block
-        if room <= 0:
-            return math.inf
-        if every.numel() <= room:
-            return 0.0
-        return max(0.0, float(torch.topk(every, room).values[-1]))
+        return promotion_threshold(torch.cat(masses), store.fastest_tier_entries(entry) // 2)  # K and V entries per block
 
     def flush_scores(self, store: Any) -> None:
         self.fence()

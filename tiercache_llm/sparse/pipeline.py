@@ -85,6 +85,7 @@ import torch
 
 from tiercache.buffers import aligned_empty
 
+from .placement import promotion_threshold
 from .pool import GROWTH, PoolArena, ResidentPool, Retention, can_populate, check_pool_bytes, populate
 from .staging import StagingArea
 
@@ -683,13 +684,7 @@ class DecodePipeline:
         every = torch.cat(masses)  # a copy: the layers' masses are left alone
         if held:
             every[torch.tensor(held, dtype=torch.long)] = -1.0
-        every = every[every >= 0]
-        room = self.store.fastest_tier_entries(entry) // 2
-        if room <= 0:
-            return float("inf")
-        if every.numel() <= room:
-            return 0.0
-        return max(0.0, float(torch.topk(every, room).values[-1]))
+        return promotion_threshold(every[every >= 0], self.store.fastest_tier_entries(entry) // 2)
 
     def end_step(self) -> None:
         """After a decode step's forward pass (scores flushed, promotion threshold set): disk staging ahead

@@ -8,7 +8,10 @@ scores reach it through ``update_scores``.
 from __future__ import annotations
 
 import bisect
+import math
 from typing import TYPE_CHECKING
+
+import torch
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..kv_cache import TieredKVLayer
@@ -48,3 +51,15 @@ def record_attention(state: "SparseLayerState", layer: "TieredKVLayer", sel: "Bl
     for j, m in zip(stored, masses):
         pending[kkeys[j]] = m
         pending[vkeys[j]] = m
+
+
+def promotion_threshold(masses: torch.Tensor, room: int) -> float:
+    """The attention-aware policy's promotion threshold: the decayed mass of the ``room``-th most attended
+    of ``masses`` (the candidate blocks' masses, 1-D), so that only blocks the fastest tier's ``room``
+    (its K and V entries per block) would hold are promoted; ``inf`` without room, ``0.0`` when every
+    candidate fits."""
+    if room <= 0:
+        return math.inf
+    if masses.numel() <= room:
+        return 0.0
+    return max(0.0, float(torch.topk(masses, room).values[-1]))
