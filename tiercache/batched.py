@@ -69,7 +69,7 @@ class DataPaths(Moves):
                 if score is not None:
                     score = check_score(score)
                 datas.append(data)
-                prepared.append((key, key_bytes, None, dtype, shape, data.numel() * dtype.itemsize, score))
+                prepared.append((key, key_bytes, None, dtype, shape, data.nbytes, score))
                 # prepared item: (key, encoded key, None (the tensor is datas[i]), dtype, shape, nbytes, score)
         except (TypeError, ValueError):
             if bracket and (self._closing or self._closed):  # a closed cache says so first
@@ -156,12 +156,23 @@ class DataPaths(Moves):
             if begun and not ended:
                 self._end()
 
-    def _put_one(self, key: Hashable, value: torch.Tensor, score: float | None) -> None:
-        """``_put_batch(((key, value),), (score,), bracket=True)`` (the same checks, counts and policy
-        bookkeeping) for the common case of ``put``: a contiguous CPU value of at most
+    def put(self, key: Hashable, value: torch.Tensor, *, score: float | None = None) -> None:
+        """Store a copy of ``value`` under ``key``, replacing any previous value.  A conjugate or negative
+        view is stored resolved (the values it shows).
+
+        Raises ``TypeError`` for a non-tensor value, a non-strided one (sparse, nested, quantized, meta) or
+        an unsupported key (see ``tiercache.keys``), ``ValueError`` for a key longer than
+        ``tiercache.keys.MAX_KEY_BYTES`` encoded, a value of more than ``tiercache.keys.MAX_DIMS``
+        dimensions or larger than every tier, ``TierIOError`` when the storage fails (e.g. the disk is
+        full; the previous value, if any, is kept), ``TierCacheError`` when no tier can make room right
+        now.
+
+        (This is ``_put_batch(((key, value),), (score,), bracket=True)``, with the same checks, counts and
+        policy bookkeeping, done here for the common case: a contiguous CPU value of at most
         ``MEMMOVE_MAX_BYTES`` whose home is the fastest tier, a CPU arena with room: validated, then
         reserved, copied (one ``memmove``) and published in one lock round trip, with none of the batch's
-        lists.  Every other case takes the batch path."""
+        lists.  Every other case takes the batch path.  Like ``get``, this is ``Cache.put`` itself, not a
+        helper behind it: a call frame is a measurable part of a 4 KiB put.)"""
         try:
             key_bytes = encode_key(key)
             data, dtype, shape = tensor_data(value)
@@ -172,20 +183,25 @@ class DataPaths(Moves):
                 raise CacheClosedError("this tiercache.Cache is closed") from None
             raise
         arena = self._direct_arena
-        size = data.numel() * dtype.itemsize
+        size = data.nbytes
         if (arena is None or size > MEMMOVE_MAX_BYTES or size > self._limits[0] or not data.is_cpu
                 or not data.is_contiguous()):
             self._put_batch(((key, value),), (score,), bracket=True)
             return
         releases: list[Release] = []
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # (not ``with``: see get)
+        try:
             if self._closing or self._closed:
                 raise CacheClosedError("this tiercache.Cache is closed")
             slot = arena.allocate(size)
             if slot is not None:
-                start = time.perf_counter()
-                if size:
-                    memmove(arena.address(slot), data.data_ptr(), size)
+                start = _perf_counter()
+                # (a CPU arena slot's ref is its address: ArenaTier.address)
+                if 0 < size <= GIL_HELD_MAX_BYTES:
+                    memmove_holding_gil(slot.ref, data.data_ptr(), size)
+                elif size:
+                    memmove(slot.ref, data.data_ptr(), size)
                 seq = self._seq = self._seq + 1
                 clock = self._clock = self._clock + 1
                 index = self._index
@@ -203,12 +219,14 @@ class DataPaths(Moves):
                 self._counters.puts += 1
                 counters = self._tier_counters[0]
                 counters.bytes_written += size
-                counters.write_seconds += time.perf_counter() - start
+                counters.write_seconds += _perf_counter() - start
                 if releases:
                     releases = self._free_volatile(releases)  # what is left is a persistent tier's
                 if not releases and not self._evicted:
                     return
                 self._active += 1  # finishing the releases is part of this operation (close waits for it)
+        finally:
+            lock.release()
         if slot is None:  # the fastest tier needs room made: the batch path demotes
             self._put_batch(((key, value),), (score,), bracket=True)
             return
@@ -242,8 +260,10 @@ class DataPaths(Moves):
             slot = tier.allocate(size)
             if slot is None:
                 break
-            if size:
-                memmove(tier.address(slot), data.data_ptr(), size)
+            if 0 < size <= GIL_HELD_MAX_BYTES:  # (a CPU arena slot's ref is its address)
+                memmove_holding_gil(slot.ref, data.data_ptr(), size)
+            elif size:
+                memmove(slot.ref, data.data_ptr(), size)
             written[home] += size
             seq += 1
             clock += 1

@@ -172,17 +172,8 @@ class Cache(DataPaths, Persistence):
             self._lock_file = None
 
     # -- public operations: each runs inside _begin/_end so close() can wait for it -------------------
-    def put(self, key: Hashable, value: torch.Tensor, *, score: float | None = None) -> None:
-        """Store a copy of ``value`` under ``key``, replacing any previous value.  A conjugate or negative
-        view is stored resolved (the values it shows).
-
-        Raises ``TypeError`` for a non-tensor value, a non-strided one (sparse, nested, quantized, meta) or
-        an unsupported key (see ``tiercache.keys``), ``ValueError`` for a key longer than
-        ``tiercache.keys.MAX_KEY_BYTES`` encoded, a value of more than ``tiercache.keys.MAX_DIMS``
-        dimensions or larger than every tier, ``TierIOError`` when the storage fails (e.g. the disk is
-        full; the previous value, if any, is kept), ``TierCacheError`` when no tier can make room right
-        now."""
-        self._put_one(key, value, score)
+    # put and get: see batched.DataPaths (each is the public method itself: a call frame is a measurable
+    # part of a 4 KiB put or get).
 
     def put_many(
         self, items: Iterable[tuple[Hashable, torch.Tensor]], *, scores: Iterable[float] | None = None

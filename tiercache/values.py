@@ -70,6 +70,11 @@ def check_header(header: EntryHeader) -> torch.dtype:
     return dtype
 
 
+_Tensor = torch.Tensor
+_STRIDED = torch.strided
+_COMPLEX = frozenset(d for d in _DTYPES.values() if d.is_complex)  # the only dtypes a conjugate view can have
+
+
 def tensor_data(value: object) -> tuple[torch.Tensor, torch.dtype, tuple[int, ...]]:
     """``value`` ready to be copied from (detached; conjugate and negative views resolved, so the stored
     values are the ones the view shows; *not* made contiguous: a copy into a memory slot handles any
@@ -77,9 +82,13 @@ def tensor_data(value: object) -> tuple[torch.Tensor, torch.dtype, tuple[int, ..
 
     Raises ``TypeError`` for a non-tensor and for tensors without a plain strided layout (sparse,
     nested, quantized, meta) and ``ValueError`` for more than ``MAX_DIMS`` dimensions."""
-    if not isinstance(value, torch.Tensor):
+    # Every ``put`` runs this: each tensor attribute read costs ~0.1-0.2 us, so the checks a plain tensor
+    # passes come first and the conjugate bit is only asked of complex tensors (torch sets it on no other
+    # dtype: ``conj()`` of a real tensor is the tensor itself, and a conjugate view cannot be viewed as
+    # another dtype).  The negative bit can be set on real tensors (``z.conj().imag``), so it is always read.
+    if value.__class__ is not _Tensor and not isinstance(value, _Tensor):
         raise TypeError(f"values must be torch.Tensor, got {type(value).__name__}")
-    if value.layout != torch.strided or value.is_nested or value.is_quantized or value.is_meta:
+    if value.layout is not _STRIDED or value.is_nested or value.is_quantized or value.is_meta:
         if value.is_nested:
             raise TypeError("nested tensors cannot be cached; store each component tensor under its own key")
         if value.layout != torch.strided:
@@ -88,15 +97,16 @@ def tensor_data(value: object) -> tuple[torch.Tensor, torch.dtype, tuple[int, ..
         if value.is_meta:
             raise TypeError("meta tensors have no data to cache")
         raise TypeError("quantized tensors are not supported; dequantize first")
-    shape = value.shape
+    shape = tuple(value.shape)
     if len(shape) > MAX_DIMS:
         raise ValueError(f"a value may have at most {MAX_DIMS} dimensions, got {len(shape)}")
     tensor = value.detach() if value.requires_grad else value
-    if tensor.is_conj():
+    dtype = tensor.dtype
+    if dtype in _COMPLEX and tensor.is_conj():
         tensor = tensor.resolve_conj()
     if tensor.is_neg():
         tensor = tensor.resolve_neg()
-    return tensor, tensor.dtype, tuple(shape)
+    return tensor, dtype, shape
 
 
 _TEMPLATES: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = {}

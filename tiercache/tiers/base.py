@@ -10,15 +10,18 @@ Threading contract, relied on by :class:`tiercache.Cache`:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Iterator, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
 
-@dataclass(frozen=True, slots=True)
-class Slot:
+class Slot(NamedTuple):
     """A reservation in one tier: ``charged`` bytes of the budget for a payload of ``nbytes``.
-    ``ref`` is the tier's own handle (an arena block, a chunk index, ...); callers treat it as opaque."""
+    ``ref`` is the tier's own handle (an arena block, a chunk index, ...); callers treat it as opaque.
+
+    Immutable.  A named tuple, not a frozen dataclass: one is made per stored value, and a tier's hot
+    path builds it with ``tuple.__new__(Slot, (ref, nbytes, charged))`` in a third of a frozen
+    dataclass's time."""
 
     ref: object
     nbytes: int
@@ -120,6 +123,6 @@ def _fast_frozen_init(cls: type) -> None:
     cls.__init__ = init  # type: ignore[misc]
 
 
-for _cls in (Slot, EntryHeader, RecoveredEntry):
+for _cls in (EntryHeader, RecoveredEntry):
     _fast_frozen_init(_cls)
 del _cls

@@ -703,7 +703,7 @@ class DiskTier:
         else:
             for p, r in zip(loaded.pages, loaded.rows):
                 self._taken.setdefault(p, set()).add(r)
-        new_entry, new_slot = journal.fast_constructor(RecoveredEntry), journal.fast_constructor(Slot)
+        new_entry, new_tuple = journal.fast_constructor(RecoveredEntry), tuple.__new__  # new_tuple(Slot, ...): a Slot
         new_header, blob, forms = journal.new_header, loaded.blob, loaded.forms
         charged = {p: p * PAGE + CRC_BYTES for p in loaded.class_mtimes}
         self._loaded_bytes = PAGE * sum(loaded.pages) + CRC_BYTES * len(loaded.pages)
@@ -713,13 +713,13 @@ class DiskTier:
             refs = zip(loaded.pages, loaded.rows)
             self._headers = dict(zip(refs, range(len(loaded.pages))))  # type: ignore[arg-type]
             form_nbytes = [form[2] for form in forms]
-            slots = [new_slot((p, r), form_nbytes[f], charged[p])
+            slots = [new_tuple(Slot, ((p, r), form_nbytes[f], charged[p]))
                      for p, r, f in zip(loaded.pages, loaded.rows, loaded.form_ids)]
             return RecoveredColumns([blob[a:b] for a, b in zip(loaded.starts, loaded.ends)], forms,
                                     loaded.form_ids, loaded.seqs, slots)
         # One pass builds each header, slot and entry ("for ... in (forms[f],)" unpacks the entry's form).
         entries = [
-            new_entry(new_header(blob[a:b], dtype, shape, nbytes, s), new_slot((p, r), nbytes, charged[p]))
+            new_entry(new_header(blob[a:b], dtype, shape, nbytes, s), new_tuple(Slot, ((p, r), nbytes, charged[p])))
             for p, r, a, b, f, s in zip(loaded.pages, loaded.rows, loaded.starts, loaded.ends, loaded.form_ids,
                                         loaded.seqs)
             for dtype, shape, nbytes in (forms[f],)

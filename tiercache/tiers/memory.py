@@ -39,6 +39,7 @@ nothing, which saves ``ctypes.memmove``'s release and re-take of the GIL and its
 
 GIL_HELD_MAX_BYTES = 1 << 16
 
+_new_tuple = tuple.__new__
 _CHUNK_SHIFT = 48  # the pseudo-base of chunk i of an arena that is not addressable: i << 48 (chunks are < 2**48 bytes)
 
 
@@ -168,7 +169,7 @@ class ArenaTier:
         for index, allocator in enumerate(self._allocators):
             found = allocator.alloc_range(nbytes)
             if found is not None:
-                return Slot(self._bases[index] + found[0], nbytes, found[1])
+                return _new_tuple(Slot, (self._bases[index] + found[0], nbytes, found[1]))  # Slot(...), faster
         return None
 
     def _chunk(self, ref: int) -> tuple[int, int]:
