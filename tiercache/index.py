@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import operator
+from collections import deque
+from itertools import repeat
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterator
 
@@ -80,6 +83,7 @@ _Item = tuple  # (rank: Any, token: int)
 # One token sequence for every queue: an entry's latest token is the largest it ever had, so bumping its
 # version past it can never make one of its older items (in any queue) current again.
 _TOKENS = itertools.count(1)
+_NBYTES = operator.attrgetter("nbytes")
 
 
 class RankedQueue:
@@ -152,19 +156,22 @@ class RankedQueue:
         heapq.heapify(heap)
         self._heap, self._owners = heap, kept
 
-    def load(self, ranked: list[tuple[Any, Entry]]) -> None:
-        """Count and rank many entries at once (recovery): one heapify instead of a push per entry."""
-        heap, owners, counter = self._heap, self._owners, self._counter
-        for rank, entry in ranked:
-            self.live += 1
-            self.payload += entry.nbytes
-            token = next(counter)
-            entry.version = token
-            entry.queued_rank = rank
-            entry.rank_deferred = False
-            owners[token] = entry
-            heap.append((rank, token))
-        heapq.heapify(heap)
+    def load(self, ranks: list[Any], entries: list[Entry]) -> None:
+        """Count and rank many entries at once (recovery), ``entries[i]`` at ``ranks[i]``: one heapify
+        instead of a push per entry."""
+        if not entries:
+            return
+        # Column-wise, with C-level maps (a reopen ranks 1e5 entries here): no bytecode per entry.
+        tokens = list(itertools.islice(self._counter, len(entries)))
+        setattr_ = setattr
+        deque(map(setattr_, entries, repeat("version"), tokens), maxlen=0)
+        deque(map(setattr_, entries, repeat("queued_rank"), ranks), maxlen=0)
+        deque(map(setattr_, entries, repeat("rank_deferred"), repeat(False)), maxlen=0)
+        self._owners.update(zip(tokens, entries))
+        self._heap.extend(zip(ranks, tokens))
+        self.live += len(entries)
+        self.payload += sum(map(_NBYTES, entries))
+        heapq.heapify(self._heap)
 
     def _current(self, item: _Item) -> bool:
         entry = self._owners.get(item[1])

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import gc
+from itertools import repeat
 from typing import Hashable
 
 from .errors import CorruptEntryError, OverBudgetError, TierIOError
@@ -85,7 +86,8 @@ class Persistence(Moves):
             # A tier that persists its sequence high-water mark keeps the counter from restarting below
             # the newest write it ever acknowledged, even when that entry's file is gone.
             self._seq = max(seq, int(getattr(tier, "seq_high_water", 0) or 0))
-            self._queues[tier_index].load([(rank(entry.info), entry) for entry in loaded.values()])
+            entries = list(loaded.values())
+            self._queues[tier_index].load(list(map(rank, entries)), entries)  # (an Entry is its own info)
             corrupt = getattr(tier, "corrupt_on_open", 0)
             self._counters.corruptions += corrupt
             if tier.used > tier.capacity:  # never shed stored data because of a budget (DiskTier refuses first)
@@ -112,17 +114,39 @@ class Persistence(Moves):
         forms = columns.forms
         bad_forms = {i for i, d in enumerate(dtypes) if isinstance(d, CorruptEntryError)}
         others = bool(index)  # entries of earlier tiers a key may duplicate (else only this tier's)
-        for key_bytes, form_id, entry_seq, slot in zip(columns.keys, columns.form_ids, columns.seqs, columns.slots):
+        int_keys = getattr(columns, "int_keys", None)
+        if int_keys and not bad_forms and not others and not loaded and min(int_keys) >= 0:
+            # Every key decoded in bulk by the tier, every form sound, no earlier tier: the entries are made
+            # by one C-level map (no bytecode per entry besides Entry's __init__).  A key found twice (two
+            # copies of it in the store) takes the loop below, which keeps the newer one.
+            if len(forms) == 1:
+                nbytes_of, dtype_of, shape_of = repeat(forms[0][2]), repeat(dtypes[0]), repeat(forms[0][1])
+            else:
+                form_ids = columns.form_ids
+                nbytes_of = map([f[2] for f in forms].__getitem__, form_ids)
+                dtype_of = map(dtypes.__getitem__, form_ids)
+                shape_of = map([f[1] for f in forms].__getitem__, form_ids)
+            made = dict(zip(int_keys, map(Entry, int_keys, nbytes_of, repeat(name), repeat(0), repeat(0), repeat(0),
+                                          repeat(0.0), columns.keys, dtype_of, shape_of, columns.seqs,
+                                          repeat(tier_index), columns.slots)))
+            if len(made) == len(int_keys):
+                loaded.update(made)
+                index.update(made)
+                return max(seq, max(columns.seqs))
+        if int_keys is None:
+            int_keys = repeat(-1)
+        for key_bytes, form_id, entry_seq, slot, key in zip(columns.keys, columns.form_ids, columns.seqs,
+                                                            columns.slots, int_keys):
             dtype = dtypes[form_id]
             try:
                 if bad_forms and form_id in bad_forms:
                     raise dtype  # type: ignore[misc]
-                # decode_key, with the common int key inlined (see _fast_key)
-                if key_bytes[:1] == b"i" and int.from_bytes(key_bytes[1:5], "little") == len(key_bytes) - 5 \
-                        and key_bytes[5:6] != b"-" and key_bytes[5:].isdigit():
-                    key = int(key_bytes[5:])
-                else:
-                    key = decode_key(key_bytes)
+                if key < 0:  # not decoded in bulk by the tier: decode_key, the common int key inlined (_fast_key)
+                    if key_bytes[:1] == b"i" and int.from_bytes(key_bytes[1:5], "little") == len(key_bytes) - 5 \
+                            and key_bytes[5:6] != b"-" and key_bytes[5:].isdigit():
+                        key = int(key_bytes[5:])
+                    else:
+                        key = decode_key(key_bytes)
             except (ValueError, CorruptEntryError) as exc:  # one damaged header costs one entry
                 log.warning("tiercache: dropping a damaged %s entry: %s", name, exc)
                 self._counters.corruptions += 1

@@ -344,3 +344,56 @@ def test_a_damaged_key_in_a_loaded_index_costs_that_entry_only(tmp_path):
                 assert same_tensor(cache.get(key), value_for(i))
     with Cache(host=None, disk="4MiB", path=store) as cache:
         assert sorted(map(str, cache.keys())) == sorted(str(k) for k in keys if k != 1)
+
+
+def test_a_key_listed_twice_in_a_loaded_index_keeps_the_newer_copy(tmp_path):
+    """Int keys are decoded in bulk from a loaded index and their entries made in one pass; a key found
+    twice (two chunks claim it) still goes through the per-entry loop: the newer copy wins, the older
+    chunk is removed."""
+    from tiercache.tiers import disk_journal as journal
+    from tiercache.tiers.disk import _crc32c
+
+    store = tmp_path / "s"
+    with Cache(host=None, disk="4MiB", path=store) as cache:
+        for key in range(6):
+            cache.put(key, value_for(key))
+    crc = _crc32c()
+    loaded = journal.decode_index((store / "index.tc").read_bytes(), crc)
+    assert loaded.int_keys is not None and sorted(loaded.int_keys) == list(range(6))
+    headers = loaded.headers
+    older = next(i for i, h in enumerate(headers) if h.key == encode_key(2))
+    newer = next(i for i, h in enumerate(headers) if h.key == encode_key(3))
+    assert headers[older].seq < headers[newer].seq
+    h = headers[older]
+    headers[older] = EntryHeader(encode_key(3), h.dtype, h.shape, h.nbytes, h.seq)  # an older copy of key 3
+    victim = store / "slots" / str(loaded.pages[older]) / f"c.{loaded.rows[older]}.0"
+    data = journal.encode_index(zip(loaded.pages, loaded.rows, headers), loaded.class_mtimes, loaded.seq_high_water, crc)
+    (store / "index.tc").write_bytes(data)
+    with Cache(host=None, disk="4MiB", path=store) as cache:
+        assert cache.stats()["tiers"]["disk"]["index"] == "loaded"
+        assert sorted(cache.keys()) == [0, 1, 3, 4, 5]
+        assert not victim.exists()
+        for key in (0, 1, 3, 4, 5):
+            assert same_tensor(cache.get(key), value_for(key))
+
+
+def test_plain_int_keys_decodes_what_decode_key_decodes_and_flags_the_rest():
+    import struct
+
+    import numpy as np
+
+    from tiercache.keys import decode_key
+    from tiercache.tiers.disk_journal import plain_int_keys
+
+    def raw(text: bytes, length: int | None = None) -> bytes:
+        return b"i" + struct.pack("<I", len(text) if length is None else length) + text
+
+    encoded = [encode_key(k) for k in (0, 7, 10**17, 10**18 - 1, 10**18, -5, "12", (1,), b"9")]
+    encoded += [raw(b"007"), raw(b"007", 4), raw(b"0a7"), raw(b"+07"), raw(b"/07"), raw(b":7"), raw(b"")]
+    ends = np.cumsum([len(e) for e in encoded]).astype(np.uint64)
+    got = plain_int_keys(np.frombuffer(b"".join(encoded), np.uint8), ends)
+    assert got == [0, 7, 10**17, 10**18 - 1, -1, -1, -1, -1, -1, 7, -1, -1, -1, -1, -1, -1]
+    for value, data in zip(got, encoded):
+        if value >= 0:
+            assert decode_key(data) == value and type(decode_key(data)) is int
+    assert plain_int_keys(np.frombuffer(b"", np.uint8), np.zeros(0, np.uint64)) == []

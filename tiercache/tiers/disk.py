@@ -131,13 +131,15 @@ class RecoveredColumns:
     entry ``i`` has key encoding ``keys[i]``, header form ``forms[form_ids[i]]`` = ``(dtype, shape,
     nbytes)`` (each form validated with ``check_header`` when the index was read), sequence number
     ``seqs[i]`` and slot ``slots[i]``.  What :meth:`DiskTier.recover` yields, without one header object and
-    one ``RecoveredEntry`` per entry."""
+    one ``RecoveredEntry`` per entry.  ``int_keys[i]``, when given, is ``keys[i]`` decoded when it encodes
+    an int key of at most 18 digits, else -1 (decode ``keys[i]``): see ``disk_journal.plain_int_keys``."""
 
     keys: list[bytes]
     forms: list[tuple[str, tuple[int, ...], int]]
     form_ids: list[int]
     seqs: list[int]
     slots: list[Slot]
+    int_keys: list[int] | None = None
 
 
 class DiskOverBudgetError(OverBudgetError):
@@ -710,13 +712,19 @@ class DiskTier:
         if columns:
             # _headers holds each entry's position in the index; _header_of builds its header when needed
             self._loaded = loaded
-            refs = zip(loaded.pages, loaded.rows)
-            self._headers = dict(zip(refs, range(len(loaded.pages))))  # type: ignore[arg-type]
+            refs = list(zip(loaded.pages, loaded.rows))  # one (pages, row) tuple per slot, shared with its Slot
+            self._headers = dict(zip(refs, range(len(refs))))  # type: ignore[arg-type]
             form_nbytes = [form[2] for form in forms]
-            slots = [new_tuple(Slot, ((p, r), form_nbytes[f], charged[p]))
-                     for p, r, f in zip(loaded.pages, loaded.rows, loaded.form_ids)]
-            return RecoveredColumns([blob[a:b] for a, b in zip(loaded.starts, loaded.ends)], forms,
-                                    loaded.form_ids, loaded.seqs, slots)
+            # Slot(ref, nbytes, charged) per entry and the key slices, built by C-level maps (no bytecode per
+            # entry): new_tuple(Slot, (ref, nbytes, charged)).
+            if len(forms) == 1:
+                nbytes_of = itertools.repeat(form_nbytes[0])
+            else:
+                nbytes_of = map(form_nbytes.__getitem__, loaded.form_ids)
+            charged_of = itertools.repeat(next(iter(charged.values()))) if len(charged) == 1 else map(charged.__getitem__, loaded.pages)
+            slots = list(map(new_tuple, itertools.repeat(Slot), zip(refs, nbytes_of, charged_of)))
+            keys = list(map(blob.__getitem__, map(slice, loaded.starts, loaded.ends)))
+            return RecoveredColumns(keys, forms, loaded.form_ids, loaded.seqs, slots, loaded.int_keys)
         # One pass builds each header, slot and entry ("for ... in (forms[f],)" unpacks the entry's form).
         entries = [
             new_entry(new_header(blob[a:b], dtype, shape, nbytes, s), new_tuple(Slot, ((p, r), nbytes, charged[p])))
