@@ -24,7 +24,7 @@ from typing import Any, Callable, Hashable, Iterable, Sequence
 import torch
 
 from .errors import CacheClosedError, CorruptEntryError, TierCacheError
-from .index import Entry, dtype_name, rescore
+from .index import _DTYPE_NAMES, Entry, dtype_name, rescore
 from .keys import check_key, encode_key
 from .moves import Moves
 from .sizes import format_size
@@ -646,7 +646,8 @@ class DataPaths(Moves):
             result = new_tensor(entry.shape, dtype)
             try:
                 if type(tier).read_into is _DISK_READ_INTO:
-                    tier.read_one(slot, result, entry.key_bytes, dtype_name(dtype), entry.shape, entry.seq)
+                    tier.read_one(slot, result, entry.key_bytes, _DTYPE_NAMES.get(dtype) or dtype_name(dtype),
+                                  entry.shape, entry.seq)
                 else:  # C2: read_into fills 1-D uint8 buffers
                     tier.read_into([(slot, entry.header, as_bytes(result.view(-1)))])
             except CorruptEntryError as exc:
@@ -659,7 +660,14 @@ class DataPaths(Moves):
         finally:
             lock.acquire()
             try:
-                releases += self._unpin(src, slot)
+                count = pins[token] - 1  # _unpin, inlined
+                if count:
+                    pins[token] = count
+                else:
+                    del pins[token]
+                    deferred = self._deferred.pop(token, None)
+                    if deferred is not None:
+                        releases.append(deferred)
                 if bad and self._index.get(entry.key) is entry:
                     self._counters.corruptions += 1
                     releases += self._drop_entry(entry, "corrupt")

@@ -35,6 +35,7 @@ import json
 import logging
 import mmap
 import os
+import struct
 import threading
 import time
 import warnings
@@ -401,6 +402,25 @@ def prepare_store_dir(path: str | os.PathLike[str]) -> tuple[str, bool]:
 def _ensure_writable_dir(path: Path) -> None:
     """Kept for callers of the old name: :func:`prepare_store_dir` without the result."""
     prepare_store_dir(path)
+
+
+_U32 = struct.Struct("<I")
+
+_memmove_gil = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)(ctypes._memmove_addr)
+"""``memmove(dst, src, n)`` keeping the GIL (no release and re-take around a copy of at most
+``SMALL_READ_BYTES``, no result int): see ``tiercache.tiers.memory.memmove_holding_gil``."""
+
+_CHAR_ARRAYS: dict[int, type] = {}
+
+
+def _char_array(nbytes: int) -> type:
+    """``ctypes.c_char * nbytes``, cached (a ``from_address`` view of a tensor's bytes per read)."""
+    kind = _CHAR_ARRAYS.get(nbytes)
+    if kind is None:
+        if len(_CHAR_ARRAYS) > 4096:
+            _CHAR_ARRAYS.clear()
+        kind = _CHAR_ARRAYS[nbytes] = ctypes.c_char * nbytes
+    return kind
 
 
 class _Scratch(threading.local):
@@ -1106,31 +1126,54 @@ class DiskTier:
         else:
             expected = self._expected_prefix(ref, EntryHeader(key, dtype, shape, nbytes, seq))  # type: ignore[arg-type]
         pages = ref[0]  # type: ignore[index]
-        if pages <= _SMALL_PAGES:  # the whole chunk into this thread's buffer, its payload copied out once verified
-            self._read_small_checked(slot, out, expected)
-            return
         size = pages * PAGE + CRC_BYTES
         scratch = self._scratch
+        # The rest is _read_small_checked (chunks of at most _SMALL_PAGES pages) or the three-piece read,
+        # with the descriptor cache's lookup and release inlined: one frame for the whole read (each call
+        # frame, lock round trip included, is a few percent of a 4 KiB get).
         fds = self._fds
+        fd_lock, fd_open = fds._lock, fds._open
         try:
-            handle = fds.lookup(ref)
+            fd_lock.acquire()  # FdCache.lookup
+            handle = fd_open.get(ref)
+            if handle is not None:
+                handle.users += 1
+                fd_open.move_to_end(ref)
+            fd_lock.release()
             if handle is None:
                 handle = self._acquire_fd(slot)
             try:
-                head = scratch.head
-                pad = size - CRC_BYTES - HEADER_BYTES - nbytes
-                tail = scratch.tail[: pad + CRC_BYTES + 1]  # padding, checksum, one byte more: sees a longer file
-                payload = (ctypes.c_char * nbytes).from_address(out.data_ptr())  # out outlives the read
-                got = os.preadv(handle.fd, [head, payload, tail], 0)
+                if pages <= _SMALL_PAGES:  # the whole chunk into this thread's buffer
+                    view = scratch.small_view
+                    got = os.preadv(handle.fd, [view[: size + 1]], 0)  # one byte more: sees a longer file
+                else:  # the header page and the tail into this thread's buffers, the payload straight into out
+                    head = scratch.head
+                    pad = size - CRC_BYTES - HEADER_BYTES - nbytes
+                    tail = scratch.tail[: pad + CRC_BYTES + 1]  # padding, checksum, one byte more
+                    payload = (_CHAR_ARRAYS.get(nbytes) or _char_array(nbytes)).from_address(out.data_ptr())  # out outlives the read
+                    got = os.preadv(handle.fd, [head, payload, tail], 0)
             finally:
-                fds.release(handle)
+                fd_lock.acquire()  # FdCache.release
+                handle.users -= 1
+                if handle.dead and not handle.users:
+                    os.close(handle.fd)
+                fd_lock.release()
             if got != size:
                 raise CorruptEntryError(f"{self._chunk_file(slot)} {_wrong_size(got)}")
             crc32c = self._crc  # keeps the GIL (see _read_buffered)
+            if pages <= _SMALL_PAGES:
+                if crc32c(view[: size - CRC_BYTES], 0, 0) != _U32.unpack_from(view, size - CRC_BYTES)[0]:
+                    raise CorruptEntryError(f"{self._chunk_file(slot)} {BAD_CRC}")
+                if not scratch.small_bytes.startswith(expected):  # (memcmp)
+                    decode_header(view[:HEADER_BYTES])  # a damaged header says so in the error
+                    raise CorruptEntryError(f"{self._chunk_file(slot)} {OTHER_ENTRY}")
+                if nbytes:  # only now is out written: never from a damaged chunk
+                    _memmove_gil(out.data_ptr(), scratch.small_address + HEADER_BYTES, nbytes)
+                return
             crc = crc32c(payload, crc32c(head, 0, 0), 0)
             if pad:
                 crc = crc32c(tail[:pad], crc, 0)
-            if crc != int.from_bytes(tail[pad : pad + CRC_BYTES], "little"):
+            if crc != _U32.unpack_from(tail, pad)[0]:
                 raise CorruptEntryError(f"{self._chunk_file(slot)} {BAD_CRC}")
             if not scratch.head_bytes.startswith(expected):  # (bytearray.startswith compares with memcmp)
                 decode_header(head)  # a damaged header says so in the error
