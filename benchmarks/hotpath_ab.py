@@ -1,0 +1,178 @@
+"""Old tree vs new tree on hot-path rows 3, 5 and 6, in one process, interleaved, medians (wall and CPU).
+
+    python benchmarks/hotpath_ab.py --old /work/main --new . --rows 3,5,6 --threads 1,2 --repeats 7
+
+Each tree's ``tiercache`` is imported under its own name (``tc_old`` / ``tc_new``), so both run in the same
+process; the order of old / new (and of the baseline) alternates between repeats and so do thread counts.
+Row 3: single-key ``put`` and ``get`` of 20,000 4 KiB values (host tier) vs a dict of clones.  Row 5: a
+warm single-key ``get`` from a disk-only store vs open + readinto + close of same-size files (each buffer
+dropped, as the get loop drops each result).  Row 6: reopen of a 100K-entry store of 256-byte values
+(warm; built once under ``--workdir``).  CPU time is ``time.thread_time`` (``process_time`` for row 6):
+on a loaded machine it is the steadier figure."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+MiB = 1 << 20
+
+
+def load_tree(name: str, root: Path) -> Any:
+    """``root``'s ``tiercache`` package imported as ``name`` (its relative imports resolve inside it)."""
+    spec = importlib.util.spec_from_file_location(name, root / "tiercache" / "__init__.py",
+                                                  submodule_search_locations=[str(root / "tiercache")])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def timed(fn: Callable[[], None], count: int, cpu: Callable[[], float] = time.thread_time) -> tuple[float, float]:
+    gc.collect()
+    c0, t0 = cpu(), time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) / count, (cpu() - c0) / count
+
+
+def row3(trees: dict[str, Any]) -> Callable[[str], dict[str, tuple[float, float]]]:
+    values = [torch.randn(1024) for _ in range(20_000)]
+    capacity = 2 * sum(v.nbytes for v in values) + 16 * MiB
+
+    def run(name: str) -> dict[str, tuple[float, float]]:
+        if name == "base":
+            store: dict[int, torch.Tensor] = {}
+            return {"put": timed(lambda: [store.__setitem__(i, v.clone()) for i, v in enumerate(values)], len(values))}
+        with trees[name].Cache(host=capacity, disk=None) as cache:
+            put = timed(lambda: [cache.put(i, v) for i, v in enumerate(values)], len(values))
+            get = timed(lambda: [cache.get(i) for i in range(len(values))], len(values))
+        return {"put": put, "get": get}
+    return run
+
+
+def row5(trees: dict[str, Any], workdir: Path, size: int, count: int) -> Callable[[str], dict[str, tuple[float, float]]]:
+    values = [torch.randn(size // 4) for _ in range(count)]
+    caches = {}
+    for name, tree in trees.items():
+        cache = tree.Cache(host=None, disk=4 * size * count + 64 * MiB, path=workdir / f"row5-{name}-{size}")
+        cache.put_many(list(enumerate(values)))
+        for i in range(count):
+            cache.get(i)
+        caches[name] = cache
+    raw = workdir / f"row5-raw-{size}"
+    raw.mkdir(exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = raw / str(i)
+        path.write_bytes(os.urandom(size))
+        paths.append(path)
+
+    def read_raw() -> None:
+        for path in paths:
+            buf = torch.empty(size, dtype=torch.uint8)
+            with open(path, "rb", buffering=0) as f:
+                f.readinto(memoryview(buf.numpy()))
+
+    def run(name: str) -> dict[str, tuple[float, float]]:
+        if name == "base":
+            return {f"get {size // 1024} KiB": timed(read_raw, count)}
+        cache = caches[name]
+        return {f"get {size // 1024} KiB": timed(lambda: [cache.get(i) for i in range(count)], count)}
+    run.caches = caches  # type: ignore[attr-defined]
+    return run
+
+
+def row6(trees: dict[str, Any], workdir: Path, entries: int = 100_000) -> Callable[[str], dict[str, tuple[float, float]]]:
+    path = workdir / f"row6-{entries}"
+    capacity = entries * 8192 + 64 * MiB
+    if not (path / "index.tc").exists():
+        value = torch.arange(64, dtype=torch.float32)
+        with trees["new"].Cache(host=None, disk=capacity, path=path) as cache:
+            for start in range(0, entries, 1000):
+                cache.put_many([(i, value) for i in range(start, min(entries, start + 1000))])
+
+    def run(name: str) -> dict[str, tuple[float, float]]:
+        if name == "base":
+            return {}
+        box: list[Any] = []
+        result = timed(lambda: box.append(trees[name].Cache(host=None, disk=capacity, path=path)), 1, time.process_time)
+        cache = box[0]
+        if len(cache) != entries or cache.stats()["tiers"]["disk"].get("index") != "loaded":
+            raise RuntimeError("the reopen did not load the index")
+        cache.close()
+        return {"reopen 100K warm": result}
+    return run
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--old", type=Path, required=True, help="root of the old tree (e.g. /work/main)")
+    parser.add_argument("--new", type=Path, default=Path("."), help="root of the new tree (default: .)")
+    parser.add_argument("--rows", default="3,5,6")
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temp dir)")
+    args = parser.parse_args()
+    sys.path.insert(0, str(args.new.resolve() / "kernels"))
+    trees = {"old": load_tree("tc_old", args.old.resolve()), "new": load_tree("tc_new", args.new.resolve())}
+    rows = [int(r) for r in args.rows.split(",")]
+    threads = [int(t) for t in args.threads.split(",")]
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tiercache-hotpath-ab-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    runs: list[tuple[int, Callable[[str], dict[str, tuple[float, float]]]]] = []
+    if 3 in rows:
+        runs.append((3, row3(trees)))
+    if 5 in rows:
+        runs += [(5, row5(trees, workdir, 4096, 8192)), (5, row5(trees, workdir, 65536, 1024))]
+    if 6 in rows:
+        runs.append((6, row6(trees, workdir)))
+    samples: dict[tuple[int, str, str, int], list[tuple[float, float]]] = {}
+    print(f"load average at the start: {os.getloadavg()}")
+    try:
+        for r in range(args.repeats):
+            for count in (threads if r % 2 else threads[::-1]):
+                torch.set_num_threads(count)
+                order = ("old", "new", "base") if r % 3 == 0 else (("new", "base", "old") if r % 3 == 1
+                                                                   else ("base", "old", "new"))
+                for row, run in runs:
+                    for name in order:
+                        for op, sample in run(name).items():
+                            samples.setdefault((row, op, name, count), []).append(sample)
+    finally:
+        for _, run in runs:
+            for cache in getattr(run, "caches", {}).values():
+                cache.close()
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(f"load average at the end: {os.getloadavg()}")
+    print("row | op | threads | old wall (cpu) | new wall (cpu) | new/old cpu | baseline wall (cpu)")
+    for (row, op, name, count), values in sorted(samples.items()):
+        if name != "old":
+            continue
+        old = [statistics.median(v[i] for v in values) for i in (0, 1)]
+        new = [statistics.median(v[i] for v in samples[(row, op, "new", count)]) for i in (0, 1)]
+        base_values = samples.get((row, op, "base", count))
+        base = "-"
+        if base_values:
+            b = [statistics.median(v[i] for v in base_values) for i in (0, 1)]
+            base = f"{b[0] * 1e6:.2f} us ({b[1] * 1e6:.2f})" if row != 6 else f"{b[0]:.3f} s ({b[1]:.3f})"
+        unit = (lambda x: f"{x * 1e6:.2f} us") if row != 6 else (lambda x: f"{x:.3f} s")
+        print(f"{row} | {op} | {count} | {unit(old[0])} ({unit(old[1])}) | {unit(new[0])} ({unit(new[1])}) | "
+              f"{new[1] / old[1]:.2f} | {base}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
