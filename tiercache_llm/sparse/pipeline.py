@@ -657,19 +657,14 @@ class DecodePipeline:
                 scores[layer._vkeys[j]] = score
         return scores
 
-    def admission_threshold(self, layers: list["TieredKVLayer"]) -> float | None:
+    def promotion_threshold(self, layers: list["TieredKVLayer"]) -> float | None:
         """With resident pools: the promotion threshold of the attention-aware policy, the decayed mass of the
         ``M``-th most attended stored block *outside the pools* (``M`` = blocks the fastest tier
         holds); ``None`` to keep the controller's rule.  The blocks a pool holds are never read from a
         tier while they stay selected, so the controller's rule (the ``M``-th most attended block overall)
         would reserve the fastest tier for them and never promote the blocks attention returns to after
-        leaving them.  ``None`` too when this step's end-of-step work went to the worker
-        (:meth:`defer_end_of_step`), which sets the threshold itself."""
-        if self._handed:
-            return None
-        return self._threshold(layers)
-
-    def _threshold(self, layers: list["TieredKVLayer"]) -> float | None:
+        leaving them.  :meth:`~tiercache_llm.sparse_layer.SparseController.threshold` asks this first.
+        Reads the layers' masses and a snapshot of each pool's blocks only (safe on the end-of-step worker)."""
         if not self.config.reuse:
             return None
         masses, entry, held, offset = [], 0, [], 0
@@ -691,9 +686,9 @@ class DecodePipeline:
         return promotion_threshold(every[every >= 0], self.store.fastest_tier_entries(entry) // 2)
 
     def end_step(self) -> None:
-        """After a decode step's forward pass (scores flushed, promotion threshold set): disk staging ahead
-        for every sparse layer (nothing when this step's end-of-step work went to the worker:
-        :meth:`defer_end_of_step`)."""
+        """After a decode step's forward pass (scores flushed, promotion threshold set by the controller's
+        :meth:`~tiercache_llm.sparse_layer.SparseController.admit`): disk staging ahead for every sparse layer
+        (nothing when this step's end-of-step work went to the worker: :meth:`defer_end_of_step`)."""
         if self._handed:
             self._handed = False
             return
@@ -703,7 +698,8 @@ class DecodePipeline:
         """Hand the end-of-step work of the decode step that just ran to the worker thread
         (``background_end_step`` with disk staging): ``ctrl``'s pending tiercache scores (taken from it now,
         so the next step queues into a fresh dict), then, for ``strategy="attention-aware"`` under a policy
-        with a ``promote_threshold``, the threshold (:meth:`admission_threshold`, else the controller's rule)
+        with a ``promote_threshold``, the threshold (the controller's
+        :meth:`~tiercache_llm.sparse_layer.SparseController.threshold`: :meth:`promotion_threshold` first)
         and disk staging ahead.  Returns whether it did; ``False`` (``enabled`` false, the config off, closed):
         the caller does the work inline, as before.
 
@@ -748,9 +744,7 @@ class DecodePipeline:
                 time.sleep(YIELD_SECONDS)
             policy = getattr(self.store, "policy", None)
             if ctrl.strategy == "attention-aware" and hasattr(policy, "promote_threshold"):
-                threshold = self._threshold(self.layers)
-                if threshold is None:
-                    threshold = ctrl.threshold(self.layers, self.store)
+                threshold = ctrl.threshold(self.layers, self.store)
                 if threshold is not None:
                     policy.promote_threshold = threshold
                 self._stage_ahead_all(pause=True)
