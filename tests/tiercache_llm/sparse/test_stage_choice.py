@@ -96,3 +96,22 @@ def test_top_mass_many_equals_the_per_layer_computation(seed):
 def test_empty_inputs():
     assert near_misses_many([], [], [], 4) == []
     assert top_mass_many([], [], [], 4) == []
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_block_gaps_in_chunks_equal_block_gaps_stacked(monkeypatch, threads):
+    """Above one torch thread the layers are stacked a few at a time (below the intra-op grain): same gaps."""
+    from tiercache_llm.sparse import stage_choice
+
+    gen = torch.Generator().manual_seed(7)
+    sels = [random_selection(gen, 2, 3, 37, 4, ties=True) for _ in range(7)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        whole = stage_choice.block_gaps(sels, 9)
+        monkeypatch.setattr(stage_choice, "GRAIN", 3 * sels[0].scores.numel())  # 2 layers per chunk
+        chunked = stage_choice.block_gaps(sels, 9)
+    finally:
+        torch.set_num_threads(before)
+    assert whole.shape == (7, 9) and torch.equal(whole, chunked)
+    assert stage_choice._chunk(7, sels[0].scores.numel()) == (7 if before <= 1 else 2)
