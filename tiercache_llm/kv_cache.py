@@ -1073,14 +1073,11 @@ class TieredKVCache(Cache):
             self.store.enable_write_behind(config.write_behind_bytes)
 
     def _pipeline_admission(self) -> None:
-        """After the controller's admission control: the pipeline's threshold when it has its own rule (the
-        fastest tier complementing a reuse buffer); then the pipeline's end-of-step staging."""
+        """After the controller's admission control (whose threshold is the pipeline's rule when it has one:
+        ``SparseController.threshold``): the pipeline's end-of-step staging."""
         pipe, policy = self._pipeline, self.store.policy
         if pipe is None or self._sparse.strategy != "attention-aware" or not hasattr(policy, "promote_threshold"):
             return
-        threshold = pipe.admission_threshold(self.layers)
-        if threshold is not None:
-            policy.promote_threshold = threshold
         pipe.end_step()  # disk staging ahead, under the scores and threshold just set
 
     def _invalidate_pipeline(self) -> None:

@@ -170,7 +170,7 @@ class SparseController:
                 f"layers {stale} of a sparse TieredKVCache were not attended by the sparse attention function: "
                 "the model's attention implementation was changed after TieredKVCache.for_model"
             )
-        pipeline = next((getattr(layer, "pipeline", None) for layer in layers if layer.sparse is not None), None)
+        pipeline = layers_pipeline(layers)
         if pipeline is not None and pipeline.defer_end_of_step(self, enabled=check):
             self._deferred_to = pipeline
             return
@@ -184,10 +184,10 @@ class SparseController:
             self._deferred_to.fence()
 
     def admit(self, layers: list["TieredKVLayer"], store: Any) -> None:
-        """Admission control for promotion: with an :class:`~.policies.AttentionPlacementPolicy` this
-        store created, set its ``promote_threshold`` to the decayed mass of the ``M``-th most attended
-        stored block (``M`` = blocks the fastest tier holds), so only blocks that belong among the
-        fastest tier's top ``M`` are promoted.  Without it every block attention uses twice would be
+        """Admission control for promotion: set the store policy's ``promote_threshold`` to :meth:`threshold`
+        (with an :class:`~.policies.AttentionPlacementPolicy` this store created and no decode pipeline
+        rule: the decayed mass of the ``M``-th most attended stored block, ``M`` = blocks the fastest tier
+        holds), so only blocks that belong among the fastest tier's top ``M`` are promoted.  Without it every block attention uses twice would be
         promoted, and with a fast tier smaller than a step's selection each promotion would demote
         another selected block (a disk write) only to fetch it back next step."""
         self.fence()
@@ -198,10 +198,21 @@ class SparseController:
             self.total.placement_seconds += time.perf_counter() - start
 
     def threshold(self, layers: list["TieredKVLayer"], store: Any) -> float | None:
-        """The promotion threshold :meth:`admit` sets (``None``: it sets none).  Reads the layers' masses only
-        (safe on the pipeline's end-of-step worker)."""
+        """The promotion threshold :meth:`admit` sets (``None``: it sets none), computed once: for
+        ``strategy="attention-aware"`` under a policy with a ``promote_threshold``, the decode pipeline's rule
+        when it has one (resident pools: :meth:`~.sparse.pipeline.DecodePipeline.promotion_threshold`), else,
+        under an :class:`~.policies.AttentionPlacementPolicy`, the controller's (the ``M``-th most attended
+        stored block).  Reads the layers' masses and the pools' blocks only (safe on the pipeline's
+        end-of-step worker)."""
         policy = getattr(store, "policy", None)
-        if self.strategy != "attention-aware" or not isinstance(policy, AttentionPlacementPolicy):
+        if self.strategy != "attention-aware" or not hasattr(policy, "promote_threshold"):
+            return None
+        pipeline = layers_pipeline(layers)
+        if pipeline is not None:
+            threshold = pipeline.promotion_threshold(layers)
+            if threshold is not None:
+                return threshold
+        if not isinstance(policy, AttentionPlacementPolicy):
             return None
         masses, entry = [], 0
         for layer in layers:
@@ -478,6 +489,11 @@ def check_decay(decay: float) -> float:
 
 
 MAX_SCALE = 1e30  # the controller rescales once contributions are inflated this much (float64 headroom)
+
+
+def layers_pipeline(layers: list["TieredKVLayer"]) -> Any:
+    """The decode pipeline of a cache's sparse ``layers`` (``None`` without one)."""
+    return next((getattr(layer, "pipeline", None) for layer in layers if layer.sparse is not None), None)
 
 
 def needs_rescale(ctrl: SparseController) -> bool:

@@ -531,3 +531,61 @@ def test_invalidate_and_close_wait_for_the_end_of_step_worker(model, batch, tmp_
     assert pipe._after is None  # fenced
     cache.close()
     assert pipe._after is None and pipe.stats.after_step_jobs >= 2
+
+
+def _controller_rule(cache):
+    """The controller's own promotion threshold: the M-th most attended stored block, pools or not."""
+    from tiercache_llm.sparse.placement import promotion_threshold
+
+    layers = [layer for layer in cache.layers if layer.sparse is not None and layer._blocks]
+    masses = torch.cat([layer.sparse.mass[: len(layer._blocks)] for layer in layers])
+    entry = max(layer._blocks[0].nbytes // 2 for layer in layers)
+    return promotion_threshold(masses, cache.store.fastest_tier_entries(entry) // 2)
+
+
+def test_inline_end_of_step_computes_the_promotion_threshold_once(model, batch, tmp_path, monkeypatch):
+    """Without the end-of-step worker, admission control asks the pipeline's rule first and computes one
+    threshold per forward pass (it used to compute the controller's, then the pipeline's over it)."""
+    import tiercache_llm.sparse.pipeline as pipeline_module
+    import tiercache_llm.sparse_layer as layer_module
+
+    calls = []
+    for module in (pipeline_module, layer_module):
+        original = module.promotion_threshold
+        monkeypatch.setattr(module, "promotion_threshold",
+                            lambda masses, room, original=original: calls.append(room) or original(masses, room))
+    ids, mask = batch
+    steps = 4
+    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware",
+                                             pipeline={"background_end_step": False})) as cache:
+        decode_logits(model, cache, ids, mask, steps=steps)
+        pipe = cache._pipeline
+        assert len(calls) == 1 + steps  # the prefill and each decode step
+        want = pipe.promotion_threshold(cache.layers)
+        assert want is not None and cache.store.policy.promote_threshold == want
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_rescale_step_keeps_the_pipelines_promotion_threshold(model, batch, tmp_path, monkeypatch, background):
+    """On a step that rescales the masses, the controller's admission control (after the resent scores) sets the
+    pipeline's threshold, not the controller's own rule over it."""
+    import tiercache_llm.kv_cache as kv_module
+
+    rescaled = []
+
+    def needs_rescale(ctrl):
+        if ctrl.clock == 3 and not rescaled:
+            rescaled.append(ctrl.clock)
+            return True
+        return False
+
+    monkeypatch.setattr(kv_module, "needs_rescale", needs_rescale)
+    ids, mask = batch
+    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware",
+                                             host="32KiB", pipeline={"background_end_step": background})) as cache:
+        decode_logits(model, cache, ids, mask, steps=3)  # the third step rescales at its end
+        assert rescaled == [3] and cache._sparse.clock == 0
+        cache._pipeline.fence()
+        want = cache._pipeline.promotion_threshold(cache.layers)
+        assert want is not None and want != _controller_rule(cache)  # the two rules differ here
+        assert cache.store.policy.promote_threshold == want

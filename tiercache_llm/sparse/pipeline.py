@@ -87,6 +87,7 @@ from tiercache.buffers import aligned_empty
 
 from .placement import promotion_threshold
 from .pool import GROWTH, PoolArena, ResidentPool, Retention, can_populate, check_pool_bytes, populate
+from .stage_choice import LastSelection, near_misses_many, top_mass_many
 from .staging import StagingArea
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -317,8 +318,7 @@ class DecodePipeline:
         self._predicted: dict[int, set] = {}  # layer -> entries predicted for its coming fetch
         self._arena = PoolArena(config.retention, config.pool_blocks_factor, config.pool_bytes, config.pool_eviction)  # the slots shared by every layer
         self._pools: dict[int, ResidentPool] = {}  # layer -> its view of the arena
-        # layer -> (scores, pages, pages_per_block, digests' count) of its last selection (near misses)
-        self._last_sel: dict[int, tuple] = {}
+        self._last_sel: dict[int, LastSelection] = {}  # layer -> its last selection (near misses)
         self._prefaulter: concurrent.futures.ThreadPoolExecutor | None = None
         # (address of the arena's k, end slot) of the last first-step warm-up (an address, not the tensor: the
         # arena's old memory is freed when it reallocates; a reused address only skips a prefault)
@@ -427,9 +427,10 @@ class DecodePipeline:
         n = len(values)
         self._read_scored({k: values[block_of[k]] for k in keys if block_of.get(k, n) < n}, keys, outs)
 
-    def _stage_blocks(self, layer: "TieredKVLayer", blocks: list[int]) -> tuple[int, int]:
+    def _stage_blocks(self, layer: "TieredKVLayer", blocks: list[int], tiers: list | None = None) -> tuple[int, int]:
         """Stage the K and V entries of ``blocks`` of ``layer`` that are outside the fastest tier (and not
-        staged yet); returns (entries outside the fastest tier, entries submitted)."""
+        staged yet); returns (entries outside the fastest tier, entries submitted).  ``tiers``: the tiers of
+        ``staged_keys(layer, blocks)`` when the caller looked them up already (``None``: looked up here)."""
         if self.staging is None or not blocks or self._closed:
             return 0, 0
         refs = {}
@@ -439,7 +440,9 @@ class DecodePipeline:
             refs[layer._vkeys[j]] = (block, "v")
         keys = list(refs)
         fastest = self.store.fastest_tier
-        todo = [k for k, t in zip(keys, self.store.tiers_of(keys)) if t is not None and t != fastest]
+        if tiers is None:
+            tiers = self.store.tiers_of(keys)
+        todo = [k for k, t in zip(keys, tiers) if t is not None and t != fastest]
         if not todo:
             return 0, 0
         read = self._read
@@ -543,7 +546,8 @@ class DecodePipeline:
                 first = max(first, self._warmed[1])
             self._prefault(pool, first)
         if self.config.disk_staging and self.config.stage_near:
-            self._last_sel[layer.layer_idx] = (sel.scores, sel.pages, sel.pages_per_block, state.digests.count)
+            self._last_sel[layer.layer_idx] = LastSelection(sel.scores, sel.pages, sel.pages_per_block,
+                                                            state.digests.count)
         stats.blocks_selected += ns
         ps.needed += 2 * ns
         ps.reused += 2 * (ns - len(missing))
@@ -653,19 +657,14 @@ class DecodePipeline:
                 scores[layer._vkeys[j]] = score
         return scores
 
-    def admission_threshold(self, layers: list["TieredKVLayer"]) -> float | None:
+    def promotion_threshold(self, layers: list["TieredKVLayer"]) -> float | None:
         """With resident pools: the promotion threshold of the attention-aware policy, the decayed mass of the
         ``M``-th most attended stored block *outside the pools* (``M`` = blocks the fastest tier
         holds); ``None`` to keep the controller's rule.  The blocks a pool holds are never read from a
         tier while they stay selected, so the controller's rule (the ``M``-th most attended block overall)
         would reserve the fastest tier for them and never promote the blocks attention returns to after
-        leaving them.  ``None`` too when this step's end-of-step work went to the worker
-        (:meth:`defer_end_of_step`), which sets the threshold itself."""
-        if self._handed:
-            return None
-        return self._threshold(layers)
-
-    def _threshold(self, layers: list["TieredKVLayer"]) -> float | None:
+        leaving them.  :meth:`~tiercache_llm.sparse_layer.SparseController.threshold` asks this first.
+        Reads the layers' masses and a snapshot of each pool's blocks only (safe on the end-of-step worker)."""
         if not self.config.reuse:
             return None
         masses, entry, held, offset = [], 0, [], 0
@@ -676,7 +675,7 @@ class DecodePipeline:
             masses.append(layer.sparse.mass[:n])
             pool = self._pools.get(layer.layer_idx)
             if pool is not None and pool.slot_of:
-                held += [offset + j for j in list(pool.slot_of) if j < n]  # a snapshot: see _stage_ahead
+                held += [offset + j for j in list(pool.slot_of) if j < n]  # a snapshot: see _stage_choice
             offset += n
             entry = max(entry, layer._blocks[0].nbytes // 2)
         if not masses or not entry:
@@ -687,9 +686,9 @@ class DecodePipeline:
         return promotion_threshold(every[every >= 0], self.store.fastest_tier_entries(entry) // 2)
 
     def end_step(self) -> None:
-        """After a decode step's forward pass (scores flushed, promotion threshold set): disk staging ahead
-        for every sparse layer (nothing when this step's end-of-step work went to the worker:
-        :meth:`defer_end_of_step`)."""
+        """After a decode step's forward pass (scores flushed, promotion threshold set by the controller's
+        :meth:`~tiercache_llm.sparse_layer.SparseController.admit`): disk staging ahead for every sparse layer
+        (nothing when this step's end-of-step work went to the worker: :meth:`defer_end_of_step`)."""
         if self._handed:
             self._handed = False
             return
@@ -699,7 +698,8 @@ class DecodePipeline:
         """Hand the end-of-step work of the decode step that just ran to the worker thread
         (``background_end_step`` with disk staging): ``ctrl``'s pending tiercache scores (taken from it now,
         so the next step queues into a fresh dict), then, for ``strategy="attention-aware"`` under a policy
-        with a ``promote_threshold``, the threshold (:meth:`admission_threshold`, else the controller's rule)
+        with a ``promote_threshold``, the threshold (the controller's
+        :meth:`~tiercache_llm.sparse_layer.SparseController.threshold`: :meth:`promotion_threshold` first)
         and disk staging ahead.  Returns whether it did; ``False`` (``enabled`` false, the config off, closed):
         the caller does the work inline, as before.
 
@@ -744,9 +744,7 @@ class DecodePipeline:
                 time.sleep(YIELD_SECONDS)
             policy = getattr(self.store, "policy", None)
             if ctrl.strategy == "attention-aware" and hasattr(policy, "promote_threshold"):
-                threshold = self._threshold(self.layers)
-                if threshold is None:
-                    threshold = ctrl.threshold(self.layers, self.store)
+                threshold = ctrl.threshold(self.layers, self.store)
                 if threshold is not None:
                     policy.promote_threshold = threshold
                 self._stage_ahead_all(pause=True)
@@ -759,81 +757,65 @@ class DecodePipeline:
 
     def _stage_ahead_all(self, pause: bool = False) -> None:
         """Disk staging ahead for every sparse layer (see :meth:`end_step`); ``pause`` (on the end-of-step
-        worker): sleep :data:`YIELD_SECONDS` after each layer, so the forward thread can take the GIL."""
+        worker): sleep :data:`YIELD_SECONDS` after each layer's job, so the forward thread can take the GIL."""
         if not self.config.disk_staging or (self.config.stage_ahead <= 0 and self.config.stage_near <= 0) \
                 or self._closed:
             return
         start = time.perf_counter()
-        # Every layer's choice first, then the jobs: a job started early would run Python (and hold the GIL)
-        # while the later layers' choices run torch ops, each of which must take the GIL back.  Per layer, not
-        # stacked over the layers: stacked tensors are large enough for torch's intra-op threads, which cost far
-        # more than they save on a loaded machine (measured with 2 torch threads: 41-61 ms vs 6 ms per step).
-        chosen = []
-        for layer in (self.layers[idx] for idx in self.sparse_ids):
-            if layer._blocks:
-                chosen.append((layer, self._stage_ahead(layer.sparse, layer)))
+        # Every layer's choice first (a few whole-array operations over all layers: stage_choice), then the
+        # jobs: a job started early would run Python (and hold the GIL) while the choice runs.
+        layers = [self.layers[idx] for idx in self.sparse_ids if self.layers[idx]._blocks]
+        chosen = self._stage_choice(layers)
+        keys = [staged_keys(layer, blocks) for layer, blocks in zip(layers, chosen)]
+        every = self.store.tiers_of([k for ks in keys for k in ks])  # one lock round trip for all layers
+        submitted, at = 0, 0
+        for layer, blocks, ks in zip(layers, chosen, keys):
+            tiers, at = every[at : at + len(ks)], at + len(ks)
+            if blocks:
+                submitted += self._stage_blocks(layer, blocks, tiers)[1]
                 if pause:
                     time.sleep(YIELD_SECONDS)
-        submitted = 0
-        for layer, blocks in chosen:
-            submitted += self._stage_blocks(layer, blocks)[1]
-            if pause:
-                time.sleep(YIELD_SECONDS)
         with self._stats_lock:
             self.stats.stage_ahead_entries += submitted
             self.stats.stage_ahead_seconds += time.perf_counter() - start
 
-    def _stage_ahead(self, state: "SparseLayerState", layer: "TieredKVLayer") -> list[int]:
-        """The blocks disk staging ahead stages for ``layer``: its ``stage_ahead`` highest-mass stored blocks
-        outside the fastest tier and its resident pool, then its ``stage_near`` near misses
+    def _stage_choice(self, layers: list["TieredKVLayer"]) -> list[list[int]]:
+        """The blocks disk staging ahead stages for each of ``layers``: its ``stage_ahead`` highest-mass stored
+        blocks outside the fastest tier and its resident pool, then its ``stage_near`` near misses
         (:meth:`near_misses`) outside the pool, most likely first (what does not fit the staging area is
-        dropped from the end)."""
-        n = min(len(layer._blocks), state.mass.numel())
-        if n == 0:
-            return []
-        pool = self._pools.get(layer.layer_idx)
-        # A snapshot (one C-level copy): on the end-of-step worker the forward thread may be assigning slots.
-        held = set(pool.slot_of) if pool is not None and pool.retention != "none" else set()
-        picked: list[int] = []
+        dropped from the end).  Computed for all layers together (:mod:`.stage_choice`)."""
+        ns = [min(len(layer._blocks), layer.sparse.mass.numel()) for layer in layers]
+        helds = []
+        for layer in layers:
+            pool = self._pools.get(layer.layer_idx)
+            # A snapshot (one C-level copy): on the end-of-step worker the forward thread may be assigning slots.
+            helds.append(set(pool.slot_of) if pool is not None and pool.retention != "none" else set())
+        picked: list[list[int]] = [[] for _ in layers]
         if self.config.stage_ahead:
-            k = min(n, 4 * self.config.stage_ahead + len(held))
-            values, indices = torch.topk(state.mass[:n], k)
-            top = [j for j, m in zip(indices.tolist(), values.tolist()) if m > 0 and j not in held]
+            tops = top_mass_many([layer.sparse.mass for layer in layers], ns, helds, 4 * self.config.stage_ahead)
             fastest = self.store.fastest_tier
-            tiers = self.store.tiers_of([layer._kkeys[j] for j in top])
-            picked = [j for j, t in zip(top, tiers) if t is not None and t != fastest][: self.config.stage_ahead]
+            tiers = self.store.tiers_of([layer._kkeys[j] for layer, top in zip(layers, tops) for j in top])
+            at = 0
+            for i, top in enumerate(tops):
+                mine, at = tiers[at : at + len(top)], at + len(top)
+                picked[i] = [j for j, t in zip(top, mine) if t is not None and t != fastest][: self.config.stage_ahead]
         if self.config.stage_near:
-            chosen = set(picked)
-            picked += [j for j in self.near_misses(layer, held, self.config.stage_near) if j not in chosen]
+            nears = near_misses_many([self._last_sel.get(layer.layer_idx) if n else None for layer, n in zip(layers, ns)],
+                                     [len(layer._blocks) for layer in layers], helds, self.config.stage_near)
+            for i, near in enumerate(nears):
+                chosen = set(picked[i])
+                picked[i] += [j for j in near if j not in chosen]
         return picked
 
     def near_misses(self, layer: "TieredKVLayer", held: Any, count: int) -> list[int]:
         """Up to ``count`` stored blocks of ``layer`` outside ``held`` that its last selection ranked
         closest to its cut, closest first: per row and KV head, an unselected page's gap is the score of
         the head's lowest selected page minus its own; a block's gap is the least over its pages, rows
-        and heads.  Queries drift slowly between steps, so the blocks entering a layer's next selection
-        are mostly these (measured: SmolLM2 8K x batch 4, 25 %: 16 per layer cover ~80 % of the blocks
-        later read from disk).  Empty if the layer has not selected yet."""
-        last = self._last_sel.get(layer.layer_idx)
-        n = len(layer._blocks)
-        if last is None or n == 0 or count <= 0:
-            return []
-        scores, pages, ppb, valid = last
-        b, h, p = scores.shape
-        inf = float("inf")
-        s = torch.nan_to_num(scores.float(), nan=-inf)
-        threshold = s.masked_fill(~pages, inf).amin(-1, keepdim=True)
-        empty = (valid[:, :p] <= 0).unsqueeze(1)
-        gap = torch.nan_to_num(threshold - s, nan=inf).masked_fill_(pages | empty, inf)
-        nb = -(-p // ppb)
-        if nb * ppb != p:
-            gap = torch.nn.functional.pad(gap, (0, nb * ppb - p), value=inf)
-        block = gap.reshape(b * h, nb, ppb).amin(dim=-1).amin(dim=0)[:n].clone()
-        out = [j for j in held if j < block.numel()]
-        if out:
-            block[torch.tensor(out, dtype=torch.long)] = inf
-        values, indices = torch.topk(block, min(count, block.numel()), largest=False, sorted=True)
-        return [j for j, g in zip(indices.tolist(), values.tolist()) if g != inf]
+        and heads (:func:`~.stage_choice.block_gaps`).  Queries drift slowly between steps, so the blocks
+        entering a layer's next selection are mostly these (measured: SmolLM2 8K x batch 4, 25 %: 16 per
+        layer cover ~80 % of the blocks later read from disk).  Empty if the layer has not selected yet.
+        :meth:`_stage_choice` computes it for every layer at once (:func:`~.stage_choice.near_misses_many`)."""
+        return near_misses_many([self._last_sel.get(layer.layer_idx)], [len(layer._blocks)], [held], count)[0]
 
     # --------------------------------------------------------------------------- lifecycle
     def invalidate(self) -> None:
@@ -901,4 +883,11 @@ class DecodePipeline:
 
 def layer_keys(layer: "TieredKVLayer", blocks: list[int]) -> list:
     return [layer._kkeys[j] for j in blocks] + [layer._vkeys[j] for j in blocks]
+
+
+def staged_keys(layer: "TieredKVLayer", blocks: list[int]) -> list:
+    """The K and V keys of ``blocks`` block by block, each once, in the order :meth:`DecodePipeline._stage_blocks`
+    stages them."""
+    kk, vk = layer._kkeys, layer._vkeys
+    return list(dict.fromkeys(k for j in blocks for k in (kk[j], vk[j])))
 
