@@ -383,3 +383,75 @@ def test_streaming_policy_rank_ignores_reads():
     a = SimpleNamespace(inserted=3, last_access=3, hits=0)
     b = SimpleNamespace(inserted=3, last_access=99, hits=50)
     assert policy.rank(a) == policy.rank(b) and not policy.promote(b, "disk", "host")
+
+
+class _Copies(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the element count of every tensor each copy op (``copy_`` / ``_foreach_copy_``) writes."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name == "copy_":
+            self.sizes.append(args[0].numel())
+        elif name == "_foreach_copy_":
+            self.sizes.extend(t.numel() for t in args[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_exact_decode_copies_its_tail_below_torchs_copy_grain(make_config, threads):
+    """With several torch threads, a decode step's tail copy (here 247 tokens x 3 heads x 64 = 47K elements per
+    K and V, above torch's 32K-element copy grain) goes in pieces below the grain, so it never opens a
+    parallel region of torch's threads (which stalls for milliseconds on busy cores); the states are
+    DynamicCache's either way."""
+    from tiercache_llm import kv_cache
+
+    config = make_config(num_attention_heads=6, num_key_value_heads=3, hidden_size=384)  # head_dim 64
+    gen = torch.Generator().manual_seed(0)
+    ref = DynamicCache(config=config)
+    got = TieredKVCache(config, block_size=256, host="16MiB", prefetch=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        prompt = (torch.randn(1, 3, 247, 64, generator=gen), torch.randn(1, 3, 247, 64, generator=gen))
+        ref.update(*prompt, 0)
+        got.update(*prompt, 0)
+        new = (torch.randn(1, 3, 1, 64, generator=gen), torch.randn(1, 3, 1, 64, generator=gen))
+        with _Copies() as copies:
+            gk, gv = got.update(*new, 0)
+        rk, rv = ref.update(*new, 0)
+        assert torch.equal(rk, gk) and torch.equal(rv, gv)
+        big = [n for n in copies.sizes if n >= kv_cache._COPY_GRAIN]
+        if threads == 1:  # nothing to keep off other threads: one copy each for K and V
+            assert len(big) == 2
+        else:
+            assert big == [] and sum(copies.sizes) >= 2 * 247 * 3 * 64
+    finally:
+        torch.set_num_threads(before)
+        got.close()
+
+
+def test_copy_on_caller_writes_what_copy_writes():
+    from tiercache_llm.kv_cache import _COPY_GRAIN, _CALLER_COPY_MAX, _copy_on_caller
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for shape in [(1, 3, 247, 64), (2, 5, 200, 64), (1, 1, 600, 64), (1, 600, 1, 64), (2, 3, 1000, 64)]:
+            src = torch.randn(shape)
+            buf = torch.zeros(shape[0], shape[1], shape[2] + 7, shape[3])
+            dst = buf[:, :, 3 : 3 + shape[2]]
+            with _Copies() as copies:
+                _copy_on_caller(dst, src)
+            assert torch.equal(dst, src) and not buf[:, :, :3].any() and not buf[:, :, 3 + shape[2]:].any()
+            n = src.numel()
+            per_token = n // shape[2]
+            if _COPY_GRAIN <= n <= _CALLER_COPY_MAX and per_token < _COPY_GRAIN:
+                assert max(copies.sizes) < _COPY_GRAIN, shape
+            else:  # below the grain anyway, too large to cut, or one token alone reaches it: one copy
+                assert copies.sizes == [n], shape
+    finally:
+        torch.set_num_threads(before)
