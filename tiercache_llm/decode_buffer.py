@@ -20,7 +20,12 @@ ahead**: the cache also reads layers ``l + 2 .. l + max_depth`` ahead, each into
 while the bytes of the reads pending (but layer ``l``'s, taken now) plus the new one stay within
 ``ahead_bytes``, so the device keeps reading where compute is long (the step's end: the last layer, the
 LM head, sampling) instead of idling after one layer's read; layers whose blocks exceed ``ahead_bytes``
-are read one ahead only.  Reads run one after another on the reader thread, in the order started.
+are read one ahead only.  **Concurrent reads**: up to ``readers`` reads ahead run at once, each on a
+reader thread of its own (started in order, each taking the oldest read queued), so the disk keeps
+reads in flight across a layer boundary: while one read copies its memory-tier blocks or waits on its
+last few chunks, the next layer's read already has its chunks in flight (one read at a time left the disk
+idle there, about a third of a cold 8K x 4 step).  A cache whose tiers are all memory uses one reader
+(its reads are copies that would only take turns on the cores).
 Memory beside the tiers: two layers' visible K and V (each up to 1.5x for growth), plus, for deeper
 reads, up to ``max_depth - 1`` more slots of layers that fit in ``ahead_bytes``, plus, with row-mapped
 blocks (beam search), one temporary copy of the stored rows of each layer being read ahead.  The
@@ -51,9 +56,12 @@ GROWTH = 1.5
 SLOTS = 2  # without deeper reads ahead: the states attention uses, and the next layer's read ahead
 #: Layers read ahead at most (``DecodeBuffer.max_depth``' default): each needs a slot of its own.
 MAX_DEPTH = 2
-#: Bytes of reads ahead in flight beyond the first (``DecodeBuffer.ahead_bytes``' default): a layer further
-#: ahead than the next one is only read when the reads pending plus its own stay within this.
-AHEAD_BYTES = 32 << 20
+#: Bytes of reads ahead pending (``DecodeBuffer.ahead_bytes``' default): a layer further ahead than the next
+#: one is only read when the reads pending (but the updating layer's) plus its own stay within this.  128 MiB
+#: reads two layers ahead up to 64 MiB of visible K/V per layer (SmolLM2 fp32 at 8K x 4 is 48 MiB).
+AHEAD_BYTES = 128 << 20
+#: Reads ahead running at once (``DecodeBuffer.readers``' default), one reader thread each.
+READERS = 2
 
 
 @dataclass(eq=False)
@@ -186,21 +194,27 @@ class DecodeBuffer:
     buffer only keeps them apart from the states attention is using).  ``max_depth`` (default
     :data:`MAX_DEPTH`): layers read ahead at most, one slot each (``max_depth + 1`` slots);
     ``ahead_bytes`` (default :data:`AHEAD_BYTES`): the bound :meth:`ahead_room` keeps reads beyond the
-    next layer's within.
+    next layer's within; ``readers`` (default :data:`READERS`): reads ahead running at once.
 
     Not thread-safe (a cache is updated by one thread at a time, as transformers' caches are); the
-    reads ahead run on one reader thread of the buffer, in the order they were started.
+    reads ahead run on the buffer's reader threads, started in the order they were submitted, up to
+    ``readers`` at once (each writes only its own slot).
     """
 
-    def __init__(self, read_ahead: bool = False, max_depth: int | None = None, ahead_bytes: int | None = None) -> None:
+    def __init__(self, read_ahead: bool = False, max_depth: int | None = None, ahead_bytes: int | None = None,
+                 readers: int | None = None) -> None:
         max_depth = MAX_DEPTH if max_depth is None else max_depth
         ahead_bytes = AHEAD_BYTES if ahead_bytes is None else ahead_bytes
+        readers = READERS if readers is None else readers
         if not isinstance(max_depth, int) or isinstance(max_depth, bool) or max_depth < 1:
             raise ValueError(f"max_depth must be a positive int, got {max_depth!r}")
         if not isinstance(ahead_bytes, int) or isinstance(ahead_bytes, bool) or ahead_bytes < 0:
             raise ValueError(f"ahead_bytes must be a non-negative int, got {ahead_bytes!r}")
+        if not isinstance(readers, int) or isinstance(readers, bool) or readers < 1:
+            raise ValueError(f"readers must be a positive int, got {readers!r}")
         self.max_depth = max_depth
         self.ahead_bytes = ahead_bytes
+        self.readers = readers
         self._buffers: dict[tuple, StatesBuffer] = {}
         self.peak_bytes = 0
         self.read_ahead = read_ahead
@@ -302,9 +316,9 @@ class DecodeBuffer:
                 self._drop(key)
 
     def start(self, read: ReadAhead, run: Callable[[], Any]) -> None:
-        """Run ``run`` (the read of ``read``) on the reader thread; :meth:`take` hands it to the layer."""
+        """Run ``run`` (the read of ``read``) on a reader thread; :meth:`take` hands it to the layer."""
         if self._reader is None:
-            self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tiercache-kv-ahead")
+            self._reader = concurrent.futures.ThreadPoolExecutor(self.readers, thread_name_prefix="tiercache-kv-ahead")
         counters = self.counters
 
         def timed() -> Any:

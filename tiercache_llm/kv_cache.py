@@ -1030,7 +1030,7 @@ class TieredKVCache(Cache):
                 policy=settings.policy, compression=settings.compression, direct_io=settings.direct_io,
             )
         self.cache_uid = uuid.uuid4().hex
-        self.buffer = DecodeBuffer(read_ahead=settings.prefetch)
+        self.buffer = DecodeBuffer(read_ahead=settings.prefetch, readers=1 if self.store.memory_only else None)
         layers = [
             TieredKVLayer(self.store, self.cache_uid, i, settings.block_size, sliding_window=w, buffer=self.buffer,
                           joint_entries=settings.mode == "exact")
@@ -1365,7 +1365,7 @@ class TieredKVCache(Cache):
         new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k not in skip})
         new.settings, new.store, new.cache_uid = settings, store, uuid.uuid4().hex
         new.buffer = DecodeBuffer(read_ahead=self.buffer.read_ahead, max_depth=self.buffer.max_depth,
-                                  ahead_bytes=self.buffer.ahead_bytes)
+                                  ahead_bytes=self.buffer.ahead_bytes, readers=self.buffer.readers)
         new._prepared_model = self._prepared_model  # the same model object, prepared once
         try:
             new.layers = [layer._copy_to(store, new.cache_uid, new.buffer) for layer in self.layers]
