@@ -5,8 +5,8 @@
     python benchmarks/exact_prefetch.py --quick                                            # tiny model, seconds
 
 Per context: SmolLM2 prefills the prompt rows once into a ``DynamicCache``; every configuration's cache is
-filled with those K/V (``Cache.update``); then the caches decode the same positions and tokens, one torch
-thread, in ``--rounds`` rounds: in each, ``DynamicCache`` decodes a block of steps first (its greedy tokens
+filled with those K/V (``Cache.update``); then the caches decode the same positions and tokens, ``--threads``
+torch threads (default 1), in ``--rounds`` rounds: in each, ``DynamicCache`` decodes a block of steps first (its greedy tokens
 are fed to the others: teacher forcing; their logits are compared with its), then each tiered
 configuration decodes the same block, the order of the tiered configurations rotated every round.  A
 configuration's steps run back to back, as in a real decode, so its reads ahead of the next step's first
@@ -175,7 +175,7 @@ def step(model: Any, cache: Any, token: torch.Tensor) -> tuple[torch.Tensor, flo
 
 
 def run_point(model: Any, kv: list, last: torch.Tensor, host: int, steps: int, warmup: int,
-              workdir: Path, rounds: int = 2, configs: tuple[str, ...] = CONFIGS) -> dict[str, Any]:
+              workdir: Path, rounds: int = 2, configs: tuple[str, ...] = CONFIGS, threads: int = 1) -> dict[str, Any]:
     """Decode every configuration over the same positions and tokens, in ``rounds`` rounds of consecutive
     steps per configuration (see the module docstring); returns per-configuration medians, the logit
     differences and the baselines."""
@@ -192,7 +192,7 @@ def run_point(model: Any, kv: list, last: torch.Tensor, host: int, steps: int, w
     raw: list[dict[str, Any]] = []
     per_round = [steps // rounds + (r < steps % rounds) for r in range(rounds)]
     try:
-        with torch_threads(1):
+        with torch_threads(threads):
             for rnd, timed in enumerate(per_round):
                 raw.append(read_in_decode_order(caches[baseline], "before", rnd))
                 untimed = warmup if rnd == 0 else 1
@@ -233,7 +233,7 @@ def run_point(model: Any, kv: list, last: torch.Tensor, host: int, steps: int, w
         disk_row = tier_row(exact.stats(), "disk")
         disk_bw = _medians(raw)
         disk_bw["walk_order"] = raw_disk_bandwidth(workdir / baseline)
-        host_bw = host_copy_bandwidth(max(int(host_cap), 64 * MiB), 1)
+        host_bw = host_copy_bandwidth(max(int(host_cap), 64 * MiB), threads)
     finally:
         timeline.remove()
         for config, cache in caches.items():
@@ -295,7 +295,7 @@ def table(results: list[dict[str, Any]]) -> str:
                          f"step reads from disk ({d['bytes'] / MiB:.0f} MiB), in the step's order, before and after "
                          f"each round of steps, medians: {by} (the whole store in directory order after the steps: {walk_text}); "
                          f"host copy {res['host_copy_bytes_per_s'] / 2**30:.2f} GiB/s "
-                         f"(1 thread); read once ({res['baseline_config']}'s bytes per step) = {res['read_once_ms']:.0f} ms; "
+                         f"({res['threads']} thread(s)); read once ({res['baseline_config']}'s bytes per step) = {res['read_once_ms']:.0f} ms; "
                          f"disk tier direct_io: {res['direct_io']}; load average {res['load_average'][0]:.1f} at the start, "
                          f"{res['load_average'][1]:.1f} at the end")
     return "\n".join(lines)
@@ -320,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each configuration's first round")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of consecutive steps per configuration")
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory on the disk under test")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the decode steps (default 1)")
     parser.add_argument("--configs", type=_configs, default=CONFIGS,
                         help=f"comma-separated, of {','.join(CONFIGS)} (dynamic always runs)")
     parser.add_argument("--out", type=Path, default=None)
@@ -345,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
             host = parse_size(args.host) if args.host else max(64 * 1024, int(args.host_fraction * kv_bytes))
             load = os.getloadavg()[0]
             res = run_point(model, kv, ids[: args.batch, c - 1 : c], host, args.steps, args.warmup, workdir,
-                            args.rounds, args.configs)
-            res.update(context=c, batch=args.batch, kv_mib=kv_bytes / MiB, host_budget_mib=host / MiB,
+                            args.rounds, args.configs, args.threads)
+            res.update(context=c, batch=args.batch, threads=args.threads, kv_mib=kv_bytes / MiB, host_budget_mib=host / MiB,
                        load_average=(load, os.getloadavg()[0]))
             results.append(res)
             print(table([res]), flush=True)
