@@ -42,6 +42,7 @@ error raises.
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -222,6 +223,7 @@ class DecodeBuffer:
         self.counters = ReadAheadCounters()
         self._pending: dict[int, ReadAhead] = {}  # id(layer) -> its read ahead (at most one per layer)
         self._reader: concurrent.futures.ThreadPoolExecutor | None = None
+        self._counters_lock = threading.Lock()
 
     def get(
         self,
@@ -319,15 +321,17 @@ class DecodeBuffer:
         """Run ``run`` (the read of ``read``) on a reader thread; :meth:`take` hands it to the layer."""
         if self._reader is None:
             self._reader = concurrent.futures.ThreadPoolExecutor(self.readers, thread_name_prefix="tiercache-kv-ahead")
-        counters = self.counters
+        counters, lock = self.counters, self._counters_lock
 
         def timed() -> Any:
             start, cpu = time.perf_counter(), time.thread_time()
             try:
                 return run()
             finally:
-                counters.background_seconds += time.perf_counter() - start
-                counters.background_cpu_seconds += time.thread_time() - cpu
+                wall, used = time.perf_counter() - start, time.thread_time() - cpu
+                with lock:  # reader threads finish concurrently
+                    counters.background_seconds += wall
+                    counters.background_cpu_seconds += used
 
         read.future = self._reader.submit(timed)
         self._pending[id(read.layer)] = read
