@@ -16,9 +16,9 @@ reads ahead that finished meanwhile), the first round's first ``--warmup`` steps
 Tiered caches: host tier ``--host`` (or ``--host-fraction`` of the KV bytes), the rest on a disk tier
 under ``--workdir`` with ``direct_io`` (reads bypass the page cache: "cold").  Configurations:
 ``dynamic``; ``exact-sync`` (``prefetch=False``: every block read when its layer's update runs);
-``exact-ahead-serial`` (the earlier schedule: one read ahead at a time, ``readers=1``, reads beyond the
-next layer's within 32 MiB); ``exact-ahead`` (``prefetch=True``, the defaults: up to two layers ahead,
-two reads at once).  ``--configs`` picks some (``dynamic`` always runs: it is the reference).
+``exact-ahead-serial`` (the earlier schedule: one read ahead at a time, at most two layers ahead,
+within 32 MiB); ``exact-ahead`` (``prefetch=True``, the defaults of a cache with a disk tier: two reads
+at once, past memory-held layers up to four layers and 192 MiB ahead).  ``--configs`` picks some (``dynamic`` always runs: it is the reference).
 Per step of the read-ahead configurations, a timeline (benchmark-only instrumentation: the disk tier's
 per-chunk read and the decode buffer's ``start``/``take`` are wrapped for the run): disk idle ms (step
 time with no chunk read in flight), mean chunk reads in flight, reader busy ms (some read ahead running),
@@ -55,7 +55,7 @@ from sparse_speed import (  # noqa: E402
 )
 
 CONFIGS = ("dynamic", "exact-sync", "exact-ahead-serial", "exact-ahead")
-SERIAL_AHEAD_BYTES = 32 * MiB  # decode_buffer.AHEAD_BYTES before reads ran concurrently
+SERIAL_AHEAD_BYTES = 32 * MiB  # the bound of reads ahead before disk-backed caches read concurrently
 
 
 class Timeline:
@@ -83,7 +83,7 @@ class Timeline:
             finally:
                 timeline.disk.append((t0, time.perf_counter()))
 
-        def traced_start(buffer: Any, read: Any, run: Any) -> None:
+        def traced_start(buffer: Any, read: Any, run: Any, **kwargs: Any) -> None:
             record = {"layer": read.layer.layer_idx, "submitted": time.perf_counter(), "bytes": read.nbytes}
 
             def timed() -> Any:
@@ -93,7 +93,7 @@ class Timeline:
                 finally:
                     record["finished"] = time.perf_counter()
                     timeline.reads.append(record)
-            start(buffer, read, timed)
+            start(buffer, read, timed, **kwargs)
 
         def traced_take(buffer: Any, layer: Any) -> Any:
             t0 = time.perf_counter()
@@ -159,7 +159,7 @@ def build(model: Any, config: str, kv: list, host: int, store: Path) -> Any:
         cache = TieredKVCache(model.config, host=host, disk=2 * kv_bytes + 64 * MiB, path=store, direct_io=True,
                               prefetch=config != "exact-sync")
         if config == "exact-ahead-serial":  # before the fill starts the reader
-            cache.buffer.readers, cache.buffer.ahead_bytes = 1, SERIAL_AHEAD_BYTES
+            cache.buffer.readers, cache.buffer.max_depth, cache.buffer.ahead_bytes = 1, 2, SERIAL_AHEAD_BYTES
     for i, (k, v) in enumerate(kv):
         cache.update(k.clone(), v.clone(), i)
     return cache
