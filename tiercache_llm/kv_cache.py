@@ -117,11 +117,12 @@ class TieredKVSettings:
             slot of the decode buffer (:mod:`tiercache_llm.decode_buffer`), so the reads overlap this
             layer's attention and the next layer's update only waits for what is still missing.  Layers
             further ahead (up to ``decode_buffer.MAX_DEPTH`` = 2 ahead) are read too, each into a slot of
-            its own, while the reads pending stay within ``decode_buffer.AHEAD_BYTES`` (128 MiB), so the
+            its own, while the reads pending stay within ``decode_buffer.AHEAD_BYTES`` (32 MiB), so the
             disk keeps reading through long stretches of compute (the step's end: the last layer, the
-            LM head, sampling); layers larger than half that are read one ahead.  With a disk tier two reads
-            ahead run at once (``decode_buffer.READERS`` reader threads), so chunks stay in flight across
-            layer boundaries; memory-only tiers read with one.  Nothing is promoted
+            LM head, sampling); layers larger than that are read one ahead.  With a disk tier the reads
+            are more eager (``DecodeBuffer.for_store``): two run at once, so chunks stay in flight across
+            layer boundaries, and the reads beyond the next layer pass over memory-held layers to the
+            disk-reading ones, up to 4 layers and 192 MiB ahead.  Nothing is promoted
             (placement is unchanged); correctness never depends on a read ahead (one made stale by a
             crop, reorder or batch change is discarded, a failed one is redone synchronously).  With every tier in memory (no disk tier) the reads are memory
             copies, which only overlap compute on a core torch's intra-op threads leave free: when
