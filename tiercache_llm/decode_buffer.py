@@ -20,7 +20,17 @@ ahead**: the cache also reads layers ``l + 2 .. l + max_depth`` ahead, each into
 while the bytes of the reads pending (but layer ``l``'s, taken now) plus the new one stay within
 ``ahead_bytes``, so the device keeps reading where compute is long (the step's end: the last layer, the
 LM head, sampling) instead of idling after one layer's read; layers whose blocks exceed ``ahead_bytes``
-are read one ahead only.  Reads run one after another on the reader thread, in the order started.
+are read one ahead only.  **Caches with a disk tier** (:meth:`DecodeBuffer.for_store`) read more
+eagerly, since their reads wait on the device rather than on a core: up to ``readers`` (2) reads ahead
+run at once, each on a reader thread of its own (started in order), so chunks stay in flight across a
+layer boundary (while one read copies its host-held blocks or waits on its last chunks, the next has
+its chunks in flight); layers further ahead whose blocks are all held in memory are passed over (each
+is read one ahead when its turn comes, on a copy thread of its own so it never queues behind disk
+reads) and the walk goes on to the layers that read the disk, up to a full pass ahead, within
+``max_depth`` (4) slots and ``ahead_bytes`` (192 MiB).  A cache filled layer by layer holds its last
+layers in the host tier: with one read at a time and two layers ahead, the disk sat idle through
+them and through every layer boundary (``benchmarks/exact_prefetch.py``'s timeline).  Memory-only
+caches keep one reader, two layers and 32 MiB (their reads are copies that take turns on the cores).
 Memory beside the tiers: two layers' visible K and V (each up to 1.5x for growth), plus, for deeper
 reads, up to ``max_depth - 1`` more slots of layers that fit in ``ahead_bytes``, plus, with row-mapped
 blocks (beam search), one temporary copy of the stored rows of each layer being read ahead.  The
@@ -37,6 +47,7 @@ error raises.
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -54,6 +65,13 @@ MAX_DEPTH = 2
 #: Bytes of reads ahead in flight beyond the first (``DecodeBuffer.ahead_bytes``' default): a layer further
 #: ahead than the next one is only read when the reads pending plus its own stay within this.
 AHEAD_BYTES = 32 << 20
+#: With a disk tier (:meth:`DecodeBuffer.for_store`): reads ahead running at once, one reader thread each ...
+READERS = 2
+#: ... layers read ahead at most, past memory-held layers (a slot each) ...
+DISK_MAX_DEPTH = 4
+#: ... and the bytes of the reads pending: 192 MiB reads four layers of up to 48 MiB of visible K/V ahead
+#: (SmolLM2 fp32 at 8K x 4), about the disk time of the host-held layers a cache filled layer by layer ends on.
+DISK_AHEAD_BYTES = 192 << 20
 
 
 @dataclass(eq=False)
@@ -186,21 +204,27 @@ class DecodeBuffer:
     buffer only keeps them apart from the states attention is using).  ``max_depth`` (default
     :data:`MAX_DEPTH`): layers read ahead at most, one slot each (``max_depth + 1`` slots);
     ``ahead_bytes`` (default :data:`AHEAD_BYTES`): the bound :meth:`ahead_room` keeps reads beyond the
-    next layer's within.
+    next layer's within; ``readers`` (default 1): reads ahead running at once.  :meth:`for_store` picks
+    them for a cache's tiers.
 
     Not thread-safe (a cache is updated by one thread at a time, as transformers' caches are); the
-    reads ahead run on one reader thread of the buffer, in the order they were started.
+    reads ahead run on the buffer's reader threads, started in the order they were submitted, up to
+    ``readers`` at once (each writes only its own slot).
     """
 
-    def __init__(self, read_ahead: bool = False, max_depth: int | None = None, ahead_bytes: int | None = None) -> None:
+    def __init__(self, read_ahead: bool = False, max_depth: int | None = None, ahead_bytes: int | None = None,
+                 readers: int = 1) -> None:
         max_depth = MAX_DEPTH if max_depth is None else max_depth
         ahead_bytes = AHEAD_BYTES if ahead_bytes is None else ahead_bytes
         if not isinstance(max_depth, int) or isinstance(max_depth, bool) or max_depth < 1:
             raise ValueError(f"max_depth must be a positive int, got {max_depth!r}")
         if not isinstance(ahead_bytes, int) or isinstance(ahead_bytes, bool) or ahead_bytes < 0:
             raise ValueError(f"ahead_bytes must be a non-negative int, got {ahead_bytes!r}")
+        if not isinstance(readers, int) or isinstance(readers, bool) or readers < 1:
+            raise ValueError(f"readers must be a positive int, got {readers!r}")
         self.max_depth = max_depth
         self.ahead_bytes = ahead_bytes
+        self.readers = readers
         self._buffers: dict[tuple, StatesBuffer] = {}
         self.peak_bytes = 0
         self.read_ahead = read_ahead
@@ -208,6 +232,17 @@ class DecodeBuffer:
         self.counters = ReadAheadCounters()
         self._pending: dict[int, ReadAhead] = {}  # id(layer) -> its read ahead (at most one per layer)
         self._reader: concurrent.futures.ThreadPoolExecutor | None = None
+        self._copier: concurrent.futures.ThreadPoolExecutor | None = None  # reads of memory-held layers
+        self._counters_lock = threading.Lock()
+
+    @classmethod
+    def for_store(cls, read_ahead: bool, memory_only: bool) -> "DecodeBuffer":
+        """The buffer of a cache: with a disk tier :data:`READERS` readers, :data:`DISK_MAX_DEPTH` layers
+        and :data:`DISK_AHEAD_BYTES` ahead (reads wait on the device: keep it busy); with memory tiers only
+        the defaults (one reader: the reads are copies, which only take turns on the cores)."""
+        if memory_only:
+            return cls(read_ahead)
+        return cls(read_ahead, max_depth=DISK_MAX_DEPTH, ahead_bytes=DISK_AHEAD_BYTES, readers=READERS)
 
     def get(
         self,
@@ -301,21 +336,32 @@ class DecodeBuffer:
             if key == id(layer) or p.slot == slot:
                 self._drop(key)
 
-    def start(self, read: ReadAhead, run: Callable[[], Any]) -> None:
-        """Run ``run`` (the read of ``read``) on the reader thread; :meth:`take` hands it to the layer."""
-        if self._reader is None:
-            self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tiercache-kv-ahead")
-        counters = self.counters
+    def start(self, read: ReadAhead, run: Callable[[], Any], memory: bool = False) -> None:
+        """Run ``run`` (the read of ``read``) on a reader thread; :meth:`take` hands it to the layer.
+        ``memory``: every block is held in memory (the read is a copy): it runs on a thread of its own, so
+        it never queues behind disk reads started earlier for layers further ahead."""
+        if memory and self.readers > 1:
+            if self._copier is None:
+                self._copier = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tiercache-kv-copy")
+            executor = self._copier
+        else:
+            if self._reader is None:
+                self._reader = concurrent.futures.ThreadPoolExecutor(self.readers,
+                                                                     thread_name_prefix="tiercache-kv-ahead")
+            executor = self._reader
+        counters, lock = self.counters, self._counters_lock
 
         def timed() -> Any:
             start, cpu = time.perf_counter(), time.thread_time()
             try:
                 return run()
             finally:
-                counters.background_seconds += time.perf_counter() - start
-                counters.background_cpu_seconds += time.thread_time() - cpu
+                wall, used = time.perf_counter() - start, time.thread_time() - cpu
+                with lock:  # reader threads finish concurrently
+                    counters.background_seconds += wall
+                    counters.background_cpu_seconds += used
 
-        read.future = self._reader.submit(timed)
+        read.future = executor.submit(timed)
         self._pending[id(read.layer)] = read
         counters.started += 1
         counters.bytes_ahead += read.nbytes
@@ -364,6 +410,7 @@ class DecodeBuffer:
     def close(self) -> None:
         """Discard the reads ahead and stop the reader thread (idempotent)."""
         self.discard()
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            reader.shutdown(wait=True)
+        for executor in (self._reader, self._copier):
+            if executor is not None:
+                executor.shutdown(wait=True)
+        self._reader = self._copier = None

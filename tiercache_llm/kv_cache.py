@@ -140,13 +140,16 @@ class TieredKVSettings:
         compression: tiercache compression codec for the disk tier (``None``: none).
         prefetch: exact mode: layer-ahead reads (default ``True``).  As a layer's ``update`` starts, the
             stored blocks the next layer will attend over (the next forward pass's first layer after
-            the last layer) are read in the background, on one reader thread, straight into another
+            the last layer) are read in the background, on a reader thread, straight into another
             slot of the decode buffer (:mod:`tiercache_llm.decode_buffer`), so the reads overlap this
             layer's attention and the next layer's update only waits for what is still missing.  Layers
             further ahead (up to ``decode_buffer.MAX_DEPTH`` = 2 ahead) are read too, each into a slot of
             its own, while the reads pending stay within ``decode_buffer.AHEAD_BYTES`` (32 MiB), so the
             disk keeps reading through long stretches of compute (the step's end: the last layer, the
-            LM head, sampling); layers larger than that are read one ahead.  Nothing is promoted
+            LM head, sampling); layers larger than that are read one ahead.  With a disk tier the reads
+            are more eager (``DecodeBuffer.for_store``): two run at once, so chunks stay in flight across
+            layer boundaries, and the reads beyond the next layer pass over memory-held layers to the
+            disk-reading ones, up to 4 layers and 192 MiB ahead.  Nothing is promoted
             (placement is unchanged); correctness never depends on a read ahead (one made stale by a
             crop, reorder or batch change is discarded, a failed one is redone synchronously).  With every tier in memory (no disk tier) the reads are memory
             copies, which only overlap compute on a core torch's intra-op threads leave free: when
@@ -768,8 +771,17 @@ class TieredKVLayer(CacheLayerMixin):
             targets_k, targets_v, posts = buf.key_blocks[:n], buf.value_blocks[:n], []
         keys, targets, store = self._entries_from(first), targets_k + targets_v, self.store
         read = ReadAhead(self, self._epoch, first, n, slot, buf, kkeys, vkeys, posts, nbytes)
-        buffer.start(read, lambda: store.get_blocks(keys, out=targets, background=True))
+        memory = buffer.readers > 1 and not store.memory_only and store.in_memory(keys)
+        buffer.start(read, lambda: store.get_blocks(keys, out=targets, background=True), memory=memory)
         return True
+
+    def held_in_memory(self) -> bool:
+        """Whether every visible stored block is held where a read is a memory copy (no disk read), as
+        of now (an empty layer is)."""
+        if not self.is_initialized:
+            return True
+        first, n, _ = self._visible_blocks()
+        return n <= 0 or self.store.in_memory(self._entries_from(first))
 
     def reset(self) -> None:
         """Delete every stored block and forget the states (the layer re-initialises on next update)."""
@@ -1057,7 +1069,7 @@ class TieredKVCache(Cache):
                 policy=settings.policy, compression=settings.compression, direct_io=settings.direct_io,
             )
         self.cache_uid = uuid.uuid4().hex
-        self.buffer = DecodeBuffer(read_ahead=settings.prefetch)
+        self.buffer = DecodeBuffer.for_store(settings.prefetch, self.store.memory_only)
         layers = [
             TieredKVLayer(self.store, self.cache_uid, i, settings.block_size, sliding_window=w, buffer=self.buffer,
                           joint_entries=settings.mode == "exact")
@@ -1243,7 +1255,14 @@ class TieredKVCache(Cache):
         """Before layer ``layer_idx``'s update: start reading the next layer into a slot that update does
         not use (discarding an older read of it), then layers further ahead (wrapping to the next pass)
         that have no read pending, each into a free slot, while :meth:`DecodeBuffer.ahead_room` has room
-        for its bytes and at most ``max_depth`` layers ahead (see :mod:`tiercache_llm.decode_buffer`)."""
+        for its bytes and at most ``max_depth`` layers ahead (see :mod:`tiercache_llm.decode_buffer`).
+
+        With a disk tier and concurrent readers, layers beyond the next one whose blocks are all held in
+        memory are passed over (each is read one ahead, a copy on a thread of its own, when its turn
+        comes) and the walk goes on to the layers that read the disk, up to a full pass ahead, bounded by
+        the free slots and ``ahead_bytes`` alone: the disk keeps reading through a run of memory-held
+        layers (a cache filled layer by layer holds its last layers in the host tier) instead of idling
+        until the next pass's first layer is next."""
         buffer, layers = self.buffer, self.layers
         n_layers = len(layers)
         layer = layers[layer_idx]
@@ -1252,13 +1271,18 @@ class TieredKVCache(Cache):
         if not buffer.pending(nxt):
             slot = buffer.free_slot(mine)
             nxt.prefetch(slot if slot is not None else buffer.other_slot(mine))
-        for d in range(2, min(buffer.max_depth, n_layers - 1) + 1):
+        past_memory = buffer.readers > 1 and not self.store.memory_only
+        for d in range(2, (n_layers - 1 if past_memory else min(buffer.max_depth, n_layers - 1)) + 1):
             further = layers[(layer_idx + d) % n_layers]
             if buffer.pending(further):
                 continue
             room = buffer.ahead_room(layer)
             slot = buffer.free_slot(mine)
-            if slot is None or room <= 0 or not further.prefetch(slot, max_bytes=room):
+            if slot is None or room <= 0:
+                return
+            if past_memory and further.held_in_memory():
+                continue
+            if not further.prefetch(slot, max_bytes=room):
                 return
 
     def _ahead_overlaps(self) -> bool:
@@ -1389,7 +1413,7 @@ class TieredKVCache(Cache):
         new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k not in skip})
         new.settings, new.store, new.cache_uid = settings, store, uuid.uuid4().hex
         new.buffer = DecodeBuffer(read_ahead=self.buffer.read_ahead, max_depth=self.buffer.max_depth,
-                                  ahead_bytes=self.buffer.ahead_bytes)
+                                  ahead_bytes=self.buffer.ahead_bytes, readers=self.buffer.readers)
         new._prepared_model = self._prepared_model  # the same model object, prepared once
         try:
             new.layers = [layer._copy_to(store, new.cache_uid, new.buffer) for layer in self.layers]

@@ -143,6 +143,8 @@ class BlockStore:
         # Whether every tier holds its bytes in memory (no disk tier): a read of any entry is a memory copy.
         tiers = getattr(cache, "tiers", None)
         self.memory_only = tiers is not None and all(isinstance(t, ArenaTier) for t in tiers)
+        # Names of the tiers whose reads are memory copies (and the write-behind queue's), for in_memory.
+        self._memory_tiers = frozenset([t.name for t in tiers or () if isinstance(t, ArenaTier)] + [WRITE_QUEUE])
         self._owner_root: str | None = None  # the store path owners are recorded under (None: not recorded)
         self._owners: dict[str, _owners.Owner] = {}  # cache uid -> its registration
         self.reclaimed: _owners.ReclaimReport | None = None  # what open() reclaimed from dead owners
@@ -537,6 +539,12 @@ class BlockStore:
             sources.append(src)
         torch._foreach_copy_(out, sources)
         return out
+
+    def in_memory(self, keys: Sequence[Any]) -> bool:
+        """Whether every one of ``keys`` is held where a read is a memory copy (a memory tier or the
+        write-behind queue), as of now: placement may change right after."""
+        memory = self._memory_tiers
+        return all([tier in memory for tier in self.tiers_of(keys)])
 
     def tiers_of(self, keys: Sequence[Any]) -> list[str | None]:
         """Name of the tier holding each key (``None`` when absent), e.g. to count reuse before a fetch."""

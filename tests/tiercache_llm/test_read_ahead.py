@@ -310,3 +310,97 @@ def test_failed_deep_reads_ahead_never_yield_wrong_states(make_model, tmp_path):
     ahead = cache.stats()["prefetch"]
     assert reads.failures > 0 and ahead["failed"] > 0 and ahead["blocks_ahead"] > 0 and ahead["blocks_sync"] > 0
     cache.close()
+
+
+class OverlappingReads:
+    """Counts background reads in flight at once; each waits (up to 5 s) for another to start beside it."""
+
+    def __init__(self, store):
+        self.original, self.lock = store.get_blocks, threading.Lock()
+        self.running = self.most = 0
+        self.second = threading.Event()
+        store.get_blocks = self
+
+    def __call__(self, keys, device=None, *, out=None, background=False):
+        if not background:
+            return self.original(keys, device, out=out, background=background)
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            if self.running > 1:
+                self.second.set()
+        try:
+            self.second.wait(5)
+            return self.original(keys, device, out=out, background=background)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+@pytest.mark.parametrize("tiers", ["disk", "memory"])
+def test_reads_ahead_run_concurrently_with_a_disk_tier(make_config, tmp_path, tiers):
+    """With a disk tier, reads ahead of two layers run at once (``readers`` = 2 reader threads: the next
+    layer's read has its chunks in flight while the previous one finishes); a memory-only cache reads
+    with one.  The states equal DynamicCache's either way."""
+    layers = 4
+    config = make_config(num_hidden_layers=layers)
+    gen = torch.Generator().manual_seed(5)
+    ref = DynamicCache(config=config)
+    if tiers == "disk":
+        got = TieredKVCache(config, block_size=4, host="4KiB", disk="4MiB", path=tmp_path / "kv")
+    else:
+        got = TieredKVCache(config, block_size=4, host="1MiB")
+    expected = 2 if tiers == "disk" else 1
+    assert got.buffer.readers == expected
+    reads = OverlappingReads(got.store)
+    if tiers == "memory":
+        reads.second.set()  # one reader: nothing would ever start beside a read
+    for seq in [13, 1, 1, 1, 1]:
+        for layer in range(layers):
+            k, v = states(2, seq, gen)
+            rk, rv = ref.update(k, v, layer)
+            gk, gv = got.update(k, v, layer)
+            assert torch.equal(rk, gk) and torch.equal(rv, gv)
+    ahead = got.stats()["prefetch"]
+    assert ahead["failed"] == 0 and ahead["used"] > 0
+    # with a disk tier, reads of memory-held layers run on a thread of their own beside the two readers
+    assert reads.most >= 2 if tiers == "disk" else reads.most == 1
+    got.close()
+
+
+def test_reads_ahead_pass_over_memory_held_layers_to_the_disk_ones(make_config, tmp_path, monkeypatch):
+    """With a disk tier, the reads beyond the next layer skip layers whose blocks are all in memory (read
+    one ahead when their turn comes) and go on to the next disk-reading layers, wrapping to the next pass,
+    within the free slots; the states equal DynamicCache's."""
+    layers = 6
+    config = make_config(num_hidden_layers=layers)
+    gen = torch.Generator().manual_seed(6)
+    ref = DynamicCache(config=config)
+    got = TieredKVCache(config, block_size=4, host="4KiB", disk="4MiB", path=tmp_path / "kv")
+    got.buffer.max_depth, got.buffer.ahead_bytes = 3, 1 << 30
+    for i in range(layers):  # as if the host tier held layers 3 and 4, the disk tier the others
+        monkeypatch.setattr(got.layers[i], "held_in_memory", lambda held=i in (3, 4): held)
+    seen = {}
+    for step, seq in enumerate([13, 1, 1, 1]):
+        for layer in range(layers):
+            k, v = states(2, seq, gen)
+            rk, rv = ref.update(k, v, layer)
+            gk, gv = got.update(k, v, layer)
+            assert torch.equal(rk, gk) and torch.equal(rv, gv), (step, layer)
+            if step:
+                seen[step, layer] = sorted(p.layer.layer_idx for p in got.buffer._pending.values())
+    # before layer 2's update: layer 3 next (read whatever holds it), 4 passed over, then 5 and the next pass's 0
+    assert all(seen[step, 2] == [0, 3, 5] for step in (2, 3)), seen
+    assert all(len(v) <= got.buffer.max_depth for v in seen.values())
+    ahead = got.stats()["prefetch"]
+    assert ahead["failed"] == 0 and ahead["blocks_ahead"] > 0
+    got.close()
+
+
+def test_readers_must_be_a_positive_int():
+    from tiercache_llm.decode_buffer import DecodeBuffer
+
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="readers"):
+            DecodeBuffer(readers=bad)
+    assert DecodeBuffer(readers=3).readers == 3
