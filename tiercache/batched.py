@@ -1085,7 +1085,7 @@ def copy_pairs(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
 
     Runs are merged only on the main thread (the one driving the model), and with more than one torch
     thread only while the machine looks idle (:func:`_machine_idle`) or when the pairs are above torch's
-    copy grain (:data:`_COPY_GRAIN` elements, e.g. exact decode's 256-token blocks): a merged copy of a
+    copy grain (:data:`INTRA_OP_GRAIN` elements, e.g. exact decode's 256-token blocks): a merged copy of a
     context's blocks is large enough to take torch's multi-threaded path, as ``DynamicCache``'s
     ``torch.cat`` of the same bytes does, and that path stalls when other work holds the cores.
     Otherwise every pair is copied by one ``_foreach_copy_``: pairs below the grain stay on the calling
@@ -1094,7 +1094,7 @@ def copy_pairs(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
     machine that is one stall-prone team per block instead of one per run, so they are merged there.)"""
     n = len(dsts)
     if (n < 2 or not COALESCE_COPIES or threading.current_thread() is not _MAIN_THREAD
-            or (torch.get_num_threads() > 1 and dsts[0].numel() < _COPY_GRAIN and not _machine_idle())):
+            or (torch.get_num_threads() > 1 and dsts[0].numel() < INTRA_OP_GRAIN and not _machine_idle())):
         if n:
             torch._foreach_copy_(dsts, srcs)
         return
@@ -1124,9 +1124,9 @@ def copy_pairs(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
         torch._foreach_copy_(rest_d, rest_s)
 
 
-#: torch's ``at::internal::GRAIN_SIZE``: a CPU copy of at least this many elements runs on all of torch's
-#: intra-op threads (one parallel region), a smaller one on the calling thread.
-_COPY_GRAIN = 32768
+#: torch's ``at::internal::GRAIN_SIZE``: a CPU copy (or elementwise op) of at least this many elements runs
+#: on all of torch's intra-op threads (one parallel region), a smaller one on the calling thread.
+INTRA_OP_GRAIN = 32768
 
 
 def _run_view(t: torch.Tensor, count: int, step: int) -> torch.Tensor | None:

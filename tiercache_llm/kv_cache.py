@@ -25,6 +25,8 @@ import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from tiercache.batched import INTRA_OP_GRAIN
+
 from .blocks import BlockRef, block_key
 from .tensor_modes import with_normal_tensors
 from .decode_buffer import DecodeBuffer, ReadAhead, StatesBuffer
@@ -45,16 +47,13 @@ EXACT_BLOCK_SIZE = 256
 SPARSE_BLOCK_SIZE = 64
 # Cores this process may run on (layer-ahead reads of memory-only tiers need one beside torch's threads).
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-#: torch's ``at::internal::GRAIN_SIZE``: a CPU copy of at least this many elements runs as one parallel region
-#: on all of torch's intra-op threads, a smaller one on the calling thread.
-_COPY_GRAIN = 32768
 #: Copies up to this many elements (1 MiB of float32) are cut below the grain by :func:`_copy_on_caller`.
-_CALLER_COPY_MAX = 8 * _COPY_GRAIN
+_CALLER_COPY_MAX = 8 * INTRA_OP_GRAIN
 
 
 def _copy_on_caller(dst: torch.Tensor, src: torch.Tensor) -> None:
     """``dst.copy_(src)`` (``(batch, heads, tokens, head_dim)`` views) on the calling thread: with more than one
-    torch thread, a CPU copy of ``_COPY_GRAIN`` to ``_CALLER_COPY_MAX`` elements is cut along the tokens into
+    torch thread, a CPU copy of ``INTRA_OP_GRAIN`` to ``_CALLER_COPY_MAX`` elements is cut along the tokens into
     pieces below the grain (one ``_foreach_copy_``); the bytes written are the same.
 
     Exact decode's tail copy is such a copy at every step and layer (up to ``block_size - 1`` tokens).  As one
@@ -63,11 +62,11 @@ def _copy_on_caller(dst: torch.Tensor, src: torch.Tensor) -> None:
     copy took 16 us median, 7.7 ms at the 90th percentile; cut in two, 9 and 14 us).  The context's blocks
     are still copied by one parallel copy per layer, as ``DynamicCache``'s ``torch.cat`` copies them."""
     n = dst.numel()
-    if n < _COPY_GRAIN or n > _CALLER_COPY_MAX or dst.device.type != "cpu" or torch.get_num_threads() == 1:
+    if n < INTRA_OP_GRAIN or n > _CALLER_COPY_MAX or dst.device.type != "cpu" or torch.get_num_threads() == 1:
         dst.copy_(src)
         return
     per_token = n // dst.shape[2]
-    step = (_COPY_GRAIN - 1) // per_token
+    step = (INTRA_OP_GRAIN - 1) // per_token
     if step == 0:  # one token alone reaches the grain: nothing to gain from cutting
         dst.copy_(src)
         return

@@ -199,13 +199,13 @@ def test_copy_pairs_merges_pairs_above_the_grain_on_a_busy_main_thread(where, mo
 
     from tiercache import batched
 
-    n, block = 4, batched._COPY_GRAIN // (3 * 16) + 1  # (2, 1, 3, block, 16): above the grain
+    n, block = 4, batched.INTRA_OP_GRAIN // (3 * 16) + 1  # (2, 1, 3, block, 16): above the grain
     gen = torch.Generator().manual_seed(1)
     arena = torch.randn(n + 1, 2, 1, 3, block, 16, generator=gen)
     srcs = list(arena.unbind(0))[:n]
     buf = torch.zeros(2, 1, 3, n * block + 7, 16)
     dsts = [buf[:, :, :, j * block:(j + 1) * block] for j in range(n)]
-    assert dsts[0].numel() >= batched._COPY_GRAIN
+    assert dsts[0].numel() >= batched.INTRA_OP_GRAIN
     expect = buf.clone()
     for d, s in zip(expect[:, :, :, :n * block].unflatten(3, (n, block)).unbind(3), srcs):
         d.copy_(s)

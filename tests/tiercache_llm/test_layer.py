@@ -424,7 +424,7 @@ def test_exact_decode_copies_its_tail_below_torchs_copy_grain(make_config, threa
             gk, gv = got.update(*new, 0)
         rk, rv = ref.update(*new, 0)
         assert torch.equal(rk, gk) and torch.equal(rv, gv)
-        big = [n for n in copies.sizes if n >= kv_cache._COPY_GRAIN]
+        big = [n for n in copies.sizes if n >= kv_cache.INTRA_OP_GRAIN]
         if threads == 1:  # nothing to keep off other threads: one copy each for K and V
             assert len(big) == 2
         else:
@@ -435,7 +435,7 @@ def test_exact_decode_copies_its_tail_below_torchs_copy_grain(make_config, threa
 
 
 def test_copy_on_caller_writes_what_copy_writes():
-    from tiercache_llm.kv_cache import _COPY_GRAIN, _CALLER_COPY_MAX, _copy_on_caller
+    from tiercache_llm.kv_cache import INTRA_OP_GRAIN, _CALLER_COPY_MAX, _copy_on_caller
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -449,8 +449,8 @@ def test_copy_on_caller_writes_what_copy_writes():
             assert torch.equal(dst, src) and not buf[:, :, :3].any() and not buf[:, :, 3 + shape[2]:].any()
             n = src.numel()
             per_token = n // shape[2]
-            if _COPY_GRAIN <= n <= _CALLER_COPY_MAX and per_token < _COPY_GRAIN:
-                assert max(copies.sizes) < _COPY_GRAIN, shape
+            if INTRA_OP_GRAIN <= n <= _CALLER_COPY_MAX and per_token < INTRA_OP_GRAIN:
+                assert max(copies.sizes) < INTRA_OP_GRAIN, shape
             else:  # below the grain anyway, too large to cut, or one token alone reaches it: one copy
                 assert copies.sizes == [n], shape
     finally:

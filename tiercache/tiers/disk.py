@@ -67,6 +67,7 @@ from .disk_format import (
     header_prefix,
     parse_chunk_name,
 )
+from .memory import memmove_holding_gil
 
 __all__ = [
     "DiskTier", "DiskOverBudgetError", "RecoveredColumns", "FORMAT_VERSION", "PAGE", "HEADER_BYTES", "CRC_BYTES",
@@ -406,9 +407,6 @@ def _ensure_writable_dir(path: Path) -> None:
 
 _U32 = struct.Struct("<I")
 
-_memmove_gil = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)(ctypes._memmove_addr)
-"""``memmove(dst, src, n)`` keeping the GIL (no release and re-take around a copy of at most
-``SMALL_READ_BYTES``, no result int): see ``tiercache.tiers.memory.memmove_holding_gil``."""
 
 _CHAR_ARRAYS: dict[int, type] = {}
 
@@ -1168,7 +1166,7 @@ class DiskTier:
                     decode_header(view[:HEADER_BYTES])  # a damaged header says so in the error
                     raise CorruptEntryError(f"{self._chunk_file(slot)} {OTHER_ENTRY}")
                 if nbytes:  # only now is out written: never from a damaged chunk
-                    _memmove_gil(out.data_ptr(), scratch.small_address + HEADER_BYTES, nbytes)
+                    memmove_holding_gil(out.data_ptr(), scratch.small_address + HEADER_BYTES, nbytes)
                 return
             crc = crc32c(payload, crc32c(head, 0, 0), 0)
             if pad:

@@ -25,6 +25,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from tiercache.batched import INTRA_OP_GRAIN
+
 
 class LastSelection(NamedTuple):
     """What a layer's last selection left for its near misses: the page ``scores`` ``(B, H, P)``, the
@@ -56,8 +58,7 @@ def _groups(keys: Sequence[object]) -> list[list[int]]:
     return list(out.values())
 
 
-# torch's intra-op grain (at::internal::GRAIN_SIZE): an operation on fewer elements runs on the calling thread
-GRAIN = 32768
+GRAIN = INTRA_OP_GRAIN  # an operation on fewer elements runs on the calling thread
 
 
 def _chunk(layers: int, per_layer: int) -> int:
