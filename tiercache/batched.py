@@ -626,9 +626,7 @@ class DataPaths(Moves):
             if self._rerank_hits:
                 self._rerank(entry)
             slot = entry.slot
-            pins = self._pins  # _pin, inlined
-            token = id(slot)
-            pins[token] = pins.get(token, 0) + 1
+            self._pin(src, slot)
             self._counters.gets += 1
             tier_counters = self._tier_counters
             tier_counters[src].hits += 1
@@ -638,7 +636,6 @@ class DataPaths(Moves):
         finally:
             lock.release()
         bad = False
-        releases: list[Release] = []
         nbytes, seconds = 0, 0.0
         try:
             start = _perf_counter()
@@ -660,14 +657,7 @@ class DataPaths(Moves):
         finally:
             lock.acquire()
             try:
-                count = pins[token] - 1  # _unpin, inlined
-                if count:
-                    pins[token] = count
-                else:
-                    del pins[token]
-                    deferred = self._deferred.pop(token, None)
-                    if deferred is not None:
-                        releases.append(deferred)
+                releases: list[Release] = self._unpin(src, slot)
                 if bad and self._index.get(entry.key) is entry:
                     self._counters.corruptions += 1
                     releases += self._drop_entry(entry, "corrupt")

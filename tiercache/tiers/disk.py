@@ -860,32 +860,20 @@ class DiskTier:
             except OSError:
                 pass
 
-    def _read_chunk(
-        self, path: str, pages: int, payload: memoryview | None, nbytes: int, ref: tuple[int, int] | None = None
-    ) -> tuple[bytes | memoryview, memoryview | None]:
-        """Read and checksum an uncompressed chunk.  The payload goes into ``payload`` (``nbytes`` bytes)
-        when given; returns ``(header page, payload view)``.  Through the descriptor cache when ``ref``
-        (the slot's) is given."""
-        if payload is None:
-            payload = memoryview(bytearray(nbytes))
+    def _read_chunk(self, path: str, pages: int, nbytes: int) -> None:
+        """Check the size and crc32c of the uncompressed chunk at ``path`` (``CorruptEntryError`` when it
+        is damaged or missing), opened for this read alone (recovery's check of a winning copy: its
+        descriptor is not worth caching)."""
         try:
-            if ref is not None:
-                handle = self._fds.acquire(ref, path)
-                fd = handle.fd
-            else:
-                handle, fd = None, os.open(path, self._fds.flags)
+            fd = os.open(path, self._fds.flags)
         except FileNotFoundError:
             raise CorruptEntryError(f"{path} is missing") from None
         try:
-            head, problem = self._pread_checked(fd, pages, [payload] if nbytes else [], nbytes)
+            _, problem = self._pread_checked(fd, pages, [memoryview(bytearray(nbytes))] if nbytes else [], nbytes)
         finally:
-            if handle is not None:
-                self._fds.release(handle)
-            else:
-                os.close(fd)
+            os.close(fd)
         if problem is not None:
             raise CorruptEntryError(f"{path} {problem}")
-        return head, payload
 
     def _pread_checked(
         self, fd: int, pages: int, parts: list[memoryview], nbytes: int, aligned: bool = False
@@ -1054,131 +1042,72 @@ class DiskTier:
 
     def _read_small(self, slot: Slot, header: EntryHeader, out: torch.Tensor) -> None:
         """:meth:`read_into` of one payload of at most ``SMALL_READ_BYTES`` (in a size class of at most
-        ``_SMALL_PAGES`` pages) into the contiguous CPU tensor ``out`` (buffered, uncompressed store): see
-        :meth:`_read_small_checked`."""
+        ``_SMALL_PAGES`` pages) into the contiguous CPU tensor ``out`` (buffered, uncompressed store): the
+        size of ``out`` checked, then :meth:`_read_checked`, which writes ``out`` only once the chunk is
+        verified (``out`` is the caller's)."""
         nbytes = slot.nbytes
         if out.numel() * out.element_size() != nbytes:
             raise ValueError(f"read_into item 0: out holds {out.numel() * out.element_size()} bytes, "
                              f"the payload is {nbytes}")
         expected = self._expected_prefix(slot.ref, header) if header.nbytes == nbytes else None  # type: ignore[arg-type]
-        self._read_small_checked(slot, out, expected)
+        self._read_checked(slot, out, expected, True)
 
-    def _read_small_checked(self, slot: Slot, out: torch.Tensor, expected: bytes | None) -> None:
-        """Read ``slot``'s whole chunk (at most ``_SMALL_PAGES`` pages) into this thread's buffer, check it
-        (size, crc32c, the stored header must start with ``expected``; ``None``: the header cannot match:
-        the same errors as :meth:`_read_buffered`, ``tiercache_index`` 0) and only then copy its payload
-        into ``out`` (a contiguous CPU tensor of ``slot.nbytes`` bytes), so ``out`` is never written from a
-        damaged chunk."""
+    def _read_checked(self, slot: Slot, out: torch.Tensor, expected: bytes | None, keep_out: bool) -> None:
+        """The verified read of one entry, which every single-entry read of a buffered, uncompressed store
+        is (:meth:`read_one`, a single small :meth:`read_into`): ``slot``'s chunk (payload below
+        ``PIPELINE_BYTES``) is read with one ``preadv`` through the descriptor cache, one byte more than
+        the chunk asked for (a longer file shows), and its size, its crc32c (header page, payload,
+        padding) and its stored header (it must start with ``expected``; ``None``: the caller's header
+        cannot match) are checked, with the same errors as :meth:`_read_buffered` (``tiercache_index``
+        0).  ``out`` is a contiguous CPU tensor of ``slot.nbytes`` bytes (not checked here).  The payload
+        lands straight in ``out`` (the header page and the tail in this thread's buffers), so ``out``
+        holds garbage after a failure; with ``keep_out``, a chunk of at most ``_SMALL_PAGES`` pages is
+        read whole into this thread's buffer instead and its payload copied into ``out`` only once
+        verified (``out`` is never written from a damaged chunk)."""
         nbytes = slot.nbytes
         ref = slot.ref
-        size = ref[0] * PAGE + CRC_BYTES  # type: ignore[index]
+        pages = ref[0]  # type: ignore[index]
+        size = pages * PAGE + CRC_BYTES
         scratch = self._scratch
+        whole = keep_out and pages <= _SMALL_PAGES
+        if whole:
+            chunk = scratch.small_view[: size + 1]
+            views = [chunk]
+        else:
+            head = scratch.head
+            pad = size - CRC_BYTES - HEADER_BYTES - nbytes
+            tail = scratch.tail[: pad + CRC_BYTES + 1]  # padding, checksum, one byte more
+            payload = (_CHAR_ARRAYS.get(nbytes) or _char_array(nbytes)).from_address(out.data_ptr())  # out outlives the read
+            views = [head, payload, tail]
+        fds = self._fds
         try:
-            fds = self._fds
-            handle = fds.lookup(ref)
-            if handle is None:
-                handle = self._acquire_fd(slot)
-            view = scratch.small_view
+            handle = fds.lookup(ref) or self._acquire_fd(slot)
             try:
-                got = os.preadv(handle.fd, [view[: size + 1]], 0)  # one byte more: sees a longer file
+                got = os.preadv(handle.fd, views, 0)
             finally:
                 fds.release(handle)
             if got != size:
                 raise CorruptEntryError(f"{self._chunk_file(slot)} {_wrong_size(got)}")
-            crc = self._crc(view[: size - CRC_BYTES], 0, 0)  # keeps the GIL (see _read_buffered)
-            if crc != int.from_bytes(view[size - CRC_BYTES : size], "little"):
-                raise CorruptEntryError(f"{self._chunk_file(slot)} {BAD_CRC}")
-            if expected is None or not scratch.small_bytes.startswith(expected):  # (memcmp)
-                decode_header(view[:HEADER_BYTES])  # a damaged header says so in the error
-                raise CorruptEntryError(f"{self._chunk_file(slot)} {OTHER_ENTRY}")
-        except CorruptEntryError as exc:
-            exc.tiercache_index = 0  # type: ignore[attr-defined]
-            raise
-        if nbytes:
-            ctypes.memmove(out.data_ptr(), scratch.small_address + HEADER_BYTES, nbytes)
-
-    def _read_one(self, slot: Slot, out: torch.Tensor, key: bytes, dtype: str, shape: tuple[int, ...],
-                  seq: int) -> None:
-        """``read_into([(slot, EntryHeader(key, dtype, shape, slot.nbytes, seq), out)])`` for one contiguous
-        CPU tensor ``out`` of ``slot.nbytes`` bytes (``ValueError`` otherwise), with the same checks (size,
-        crc32c of the whole chunk, the stored header) and errors (``tiercache_index`` 0): the facade's single
-        ``get``.  The header comes as its fields, so a read whose slot was last read or written with the
-        same key, shape and dtype objects builds none; a buffered read of an uncompressed store below
-        ``PIPELINE_BYTES`` skips ``read_into``'s batch set-up: one ``preadv`` (the header page into this
-        thread's buffer, the payload straight into ``out``; a chunk of at most ``_SMALL_PAGES`` pages whole
-        into the buffer, its payload copied out once verified) and one crc32c pass over what was read.
-        Other reads take :meth:`_read_into` (:meth:`read_one` confirms a failure)."""
-        nbytes = slot.nbytes
-        if out.nbytes != nbytes or not out.is_cpu or not out.is_contiguous():
-            raise ValueError(f"read_one: out must be a contiguous CPU tensor of {nbytes} bytes, got "
-                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
-        if self.direct_io or self._codec is not None or nbytes >= PIPELINE_BYTES:
-            self._read_into([(slot, EntryHeader(key, dtype, shape, nbytes, seq), out)])  # (read_one confirms)
-            return
-        ref = slot.ref
-        cached = self._prefixes.get(ref)
-        known = cached[0] if cached is not None else None
-        if known is not None and (known.key is key and known.shape is shape and known.dtype is dtype
-                                  and known.seq == seq and known.nbytes == nbytes):
-            expected = cached[1]  # type: ignore[index]
-        else:
-            expected = self._expected_prefix(ref, EntryHeader(key, dtype, shape, nbytes, seq))  # type: ignore[arg-type]
-        pages = ref[0]  # type: ignore[index]
-        size = pages * PAGE + CRC_BYTES
-        scratch = self._scratch
-        # The rest is _read_small_checked (chunks of at most _SMALL_PAGES pages) or the three-piece read,
-        # with the descriptor cache's lookup and release inlined: one frame for the whole read (each call
-        # frame, lock round trip included, is a few percent of a 4 KiB get).
-        fds = self._fds
-        fd_lock, fd_open = fds._lock, fds._open
-        try:
-            fd_lock.acquire()  # FdCache.lookup
-            handle = fd_open.get(ref)
-            if handle is not None:
-                handle.users += 1
-                fd_open.move_to_end(ref)
-            fd_lock.release()
-            if handle is None:
-                handle = self._acquire_fd(slot)
-            try:
-                if pages <= _SMALL_PAGES:  # the whole chunk into this thread's buffer
-                    view = scratch.small_view
-                    got = os.preadv(handle.fd, [view[: size + 1]], 0)  # one byte more: sees a longer file
-                else:  # the header page and the tail into this thread's buffers, the payload straight into out
-                    head = scratch.head
-                    pad = size - CRC_BYTES - HEADER_BYTES - nbytes
-                    tail = scratch.tail[: pad + CRC_BYTES + 1]  # padding, checksum, one byte more
-                    payload = (_CHAR_ARRAYS.get(nbytes) or _char_array(nbytes)).from_address(out.data_ptr())  # out outlives the read
-                    got = os.preadv(handle.fd, [head, payload, tail], 0)
-            finally:
-                fd_lock.acquire()  # FdCache.release
-                handle.users -= 1
-                if handle.dead and not handle.users:
-                    os.close(handle.fd)
-                fd_lock.release()
-            if got != size:
-                raise CorruptEntryError(f"{self._chunk_file(slot)} {_wrong_size(got)}")
             crc32c = self._crc  # keeps the GIL (see _read_buffered)
-            if pages <= _SMALL_PAGES:
-                if crc32c(view[: size - CRC_BYTES], 0, 0) != _U32.unpack_from(view, size - CRC_BYTES)[0]:
-                    raise CorruptEntryError(f"{self._chunk_file(slot)} {BAD_CRC}")
-                if not scratch.small_bytes.startswith(expected):  # (memcmp)
-                    decode_header(view[:HEADER_BYTES])  # a damaged header says so in the error
-                    raise CorruptEntryError(f"{self._chunk_file(slot)} {OTHER_ENTRY}")
-                if nbytes:  # only now is out written: never from a damaged chunk
-                    memmove_holding_gil(out.data_ptr(), scratch.small_address + HEADER_BYTES, nbytes)
-                return
-            crc = crc32c(payload, crc32c(head, 0, 0), 0)
-            if pad:
-                crc = crc32c(tail[:pad], crc, 0)
-            if crc != _U32.unpack_from(tail, pad)[0]:
+            if whole:
+                sound = crc32c(chunk[: size - CRC_BYTES], 0, 0) == _U32.unpack_from(chunk, size - CRC_BYTES)[0]
+                stored = chunk.obj
+            else:
+                crc = crc32c(payload, crc32c(head, 0, 0), 0)
+                if pad:
+                    crc = crc32c(tail[:pad], crc, 0)
+                sound = crc == _U32.unpack_from(tail, pad)[0]
+                stored = head.obj
+            if not sound:
                 raise CorruptEntryError(f"{self._chunk_file(slot)} {BAD_CRC}")
-            if not scratch.head_bytes.startswith(expected):  # (bytearray.startswith compares with memcmp)
-                decode_header(head)  # a damaged header says so in the error
+            if expected is None or not stored.startswith(expected):  # (bytearray.startswith: memcmp)
+                decode_header(memoryview(stored)[:HEADER_BYTES])  # a damaged header says so in the error
                 raise CorruptEntryError(f"{self._chunk_file(slot)} {OTHER_ENTRY}")
         except CorruptEntryError as exc:
             exc.tiercache_index = 0  # type: ignore[attr-defined]
             raise
+        if whole and nbytes:  # only now is out written
+            memmove_holding_gil(out.data_ptr(), scratch.small_address + HEADER_BYTES, nbytes)
 
     def _read_buffered(
         self, items: Sequence[tuple[Slot, EntryHeader, torch.Tensor]], parts: list[list[memoryview]],
@@ -1243,14 +1172,35 @@ class DiskTier:
 
     def read_one(self, slot: Slot, out: torch.Tensor, key: bytes, dtype: str, shape: tuple[int, ...],
                  seq: int) -> None:
-        """:meth:`_read_one` (the facade's single ``get``), a checksum failure confirmed before it is
-        reported: see :meth:`read_into`."""
+        """``read_into([(slot, EntryHeader(key, dtype, shape, slot.nbytes, seq), out)])`` for one contiguous
+        CPU tensor ``out`` of ``slot.nbytes`` bytes (``ValueError`` otherwise), with the same checks (size,
+        crc32c of the whole chunk, the stored header), errors (``tiercache_index`` 0) and confirmation of a
+        failure before it is reported: the facade's single ``get``.  The header comes as its fields, so a
+        read whose slot was last read or written with the same key, shape and dtype objects builds none.
+        A buffered read of an uncompressed store below ``PIPELINE_BYTES`` is :meth:`_read_checked`, its
+        payload read straight into ``out``; other reads take :meth:`_read_into`.  When it raises, ``out``
+        holds garbage (the facade's fresh tensor, dropped)."""
+        nbytes = slot.nbytes
+        if out.nbytes != nbytes or not out.is_cpu or not out.is_contiguous():
+            raise ValueError(f"read_one: out must be a contiguous CPU tensor of {nbytes} bytes, got "
+                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
         try:
-            self._read_one(slot, out, key, dtype, shape, seq)
+            if self.direct_io or self._codec is not None or nbytes >= PIPELINE_BYTES:
+                self._read_into([(slot, EntryHeader(key, dtype, shape, nbytes, seq), out)])
+                return
+            ref = slot.ref
+            cached = self._prefixes.get(ref)
+            known = cached[0] if cached is not None else None
+            if known is not None and (known.key is key and known.shape is shape and known.dtype is dtype
+                                      and known.seq == seq and known.nbytes == nbytes):
+                expected = cached[1]  # type: ignore[index]  # (_expected_prefix's identity test)
+            else:
+                expected = self._expected_prefix(ref, EntryHeader(key, dtype, shape, nbytes, seq))  # type: ignore[arg-type]
+            self._read_checked(slot, out, expected, False)  # (out is the facade's: it drops it on failure)
         except CorruptEntryError as exc:
-            payload = self._confirm_damage(slot, EntryHeader(key, dtype, shape, slot.nbytes, seq), exc)
-            if slot.nbytes:  # sound: the caller gets the verified bytes
-                ctypes.memmove(out.data_ptr(), payload.data_ptr(), slot.nbytes)
+            payload = self._confirm_damage(slot, EntryHeader(key, dtype, shape, nbytes, seq), exc)
+            if nbytes:  # sound: the caller gets the verified bytes
+                ctypes.memmove(out.data_ptr(), payload.data_ptr(), nbytes)
 
     def read_into(self, items: Sequence[tuple[Slot, EntryHeader, torch.Tensor]]) -> None:
         """:meth:`_read_into` (its contract), with damage confirmed before it is reported: when an item
@@ -1529,7 +1479,7 @@ class DiskTier:
             if self._codec is None and key not in verified:
                 try:
                     pages, _ = winner.slot.ref  # type: ignore[misc]
-                    self._read_chunk(self._chunk_file(winner.slot), pages, None, winner.slot.nbytes)
+                    self._read_chunk(self._chunk_file(winner.slot), pages, winner.slot.nbytes)
                     verified.add(key)
                 except CorruptEntryError as exc:
                     self._drop_damaged(self._chunk_file(winner.slot), exc)
