@@ -69,6 +69,9 @@ def test_every_row_runs_with_a_same_run_baseline_and_writes_its_files(hotpath, t
     for n in (3, 4):
         names = [r.name for r in results if r.row == n]
         assert sum("batched" in name for name in names) == 2, names  # put_many and get_many beside put/get
+    for r in (r for r in results if r.row == 5):  # the verified-read floor beside the row (no figures checked)
+        for name in ("chunk_open", "chunk_held", "chunk_held_nocrc", "raw_held"):
+            assert r.extra[f"{name}_gib_s"] > 0 and r.extra[f"{name}_ratio"] > 0
 
     meta = {"command": "test", "machine": "m", "cpus": 1, "date_utc": "now", "runtime_s": 1.0}
     out = tmp_path / "out"
