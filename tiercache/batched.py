@@ -606,9 +606,9 @@ class DataPaths(Moves):
         """``get`` of a key of a plain type whose value is in a disk tier, into a fresh CPU tensor: the
         same checks, counts, policy bookkeeping, pin, verified read, promotion and corruption handling as
         ``_get_batch([key], cpu, bracket=True)``, without the batch's lists and per-tier tables, and read
-        with the tier's ``read_one`` (no header object, no batch set-up) unless a subclass replaced its
-        ``read_into``.  ``None`` (nothing done, nothing counted) when the key is absent or its value is in
-        another kind of tier: the caller takes the batch path."""
+        with the tier's ``read_one`` (no header object, no batch set-up).  ``None`` (nothing done, nothing
+        counted) when the key is absent or its value is in another kind of tier, or in a disk tier whose
+        ``read_into`` a subclass replaced: the caller takes the batch path, which reads through it."""
         lock = self._lock
         lock.acquire()  # (not ``with``: see get)
         try:
@@ -619,7 +619,7 @@ class DataPaths(Moves):
                 return None
             src = entry.level
             tier = self._tiers[src]
-            if not isinstance(tier, DiskTier):
+            if not isinstance(tier, DiskTier) or type(tier).read_into is not _DISK_READ_INTO:
                 return None
             entry.hits += 1  # the entry is its policy info (Entry.info)
             entry.last_access = self._clock = self._clock + 1
@@ -642,11 +642,8 @@ class DataPaths(Moves):
             dtype = entry.dtype
             result = new_tensor(entry.shape, dtype)
             try:
-                if type(tier).read_into is _DISK_READ_INTO:
-                    tier.read_one(slot, result, entry.key_bytes, _DTYPE_NAMES.get(dtype) or dtype_name(dtype),
-                                  entry.shape, entry.seq)
-                else:  # C2: read_into fills 1-D uint8 buffers
-                    tier.read_into([(slot, entry.header, as_bytes(result.view(-1)))])
+                tier.read_one(slot, result, entry.key_bytes, _DTYPE_NAMES.get(dtype) or dtype_name(dtype),
+                              entry.shape, entry.seq)
             except CorruptEntryError as exc:
                 bad = True
                 log.warning("tiercache: entry %r is damaged and was dropped: %s", entry.key, exc)

@@ -1188,14 +1188,12 @@ class DiskTier:
             if self.direct_io or self._codec is not None or nbytes >= PIPELINE_BYTES:
                 self._read_into([(slot, EntryHeader(key, dtype, shape, nbytes, seq), out)])
                 return
-            ref = slot.ref
-            cached = self._prefixes.get(ref)
-            known = cached[0] if cached is not None else None
-            if known is not None and (known.key is key and known.shape is shape and known.dtype is dtype
-                                      and known.seq == seq and known.nbytes == nbytes):
-                expected = cached[1]  # type: ignore[index]  # (_expected_prefix's identity test)
+            cached = self._prefixes.get(slot.ref)
+            if cached is not None and ((known := cached[0]).key is key and known.shape is shape  # (identity first,
+                                       and known.dtype is dtype and known.seq == seq and known.nbytes == nbytes):  # as _expected_prefix)
+                expected = cached[1]
             else:
-                expected = self._expected_prefix(ref, EntryHeader(key, dtype, shape, nbytes, seq))  # type: ignore[arg-type]
+                expected = self._expected_prefix(slot.ref, EntryHeader(key, dtype, shape, nbytes, seq))  # type: ignore[arg-type]
             self._read_checked(slot, out, expected, False)  # (out is the facade's: it drops it on failure)
         except CorruptEntryError as exc:
             payload = self._confirm_damage(slot, EntryHeader(key, dtype, shape, nbytes, seq), exc)
