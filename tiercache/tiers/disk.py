@@ -1188,9 +1188,11 @@ class DiskTier:
             if self.direct_io or self._codec is not None or nbytes >= PIPELINE_BYTES:
                 self._read_into([(slot, EntryHeader(key, dtype, shape, nbytes, seq), out)])
                 return
+            # The slot's cached header record when its header has these very fields (identity first, as
+            # _expected_prefix tests): no header object is built.
             cached = self._prefixes.get(slot.ref)
-            if cached is not None and ((known := cached[0]).key is key and known.shape is shape  # (identity first,
-                                       and known.dtype is dtype and known.seq == seq and known.nbytes == nbytes):  # as _expected_prefix)
+            if cached is not None and ((known := cached[0]).key is key and known.shape is shape
+                                       and known.dtype is dtype and known.seq == seq and known.nbytes == nbytes):
                 expected = cached[1]
             else:
                 expected = self._expected_prefix(slot.ref, EntryHeader(key, dtype, shape, nbytes, seq))  # type: ignore[arg-type]
