@@ -8,13 +8,13 @@ interleaved in an order that alternates per repeat, at one torch thread:
 
 - ``get``: ``Cache.get`` from a disk-only store (descriptor cache, crc32c, header check, bookkeeping);
 - ``raw``: open / ``readinto`` a fresh tensor / close of files of the value's size (row 5's baseline);
-- ``raw held``: one ``preadv`` of those files into a fresh tensor on descriptors held open;
-- ``chunk open``: files of the store's chunk size (a 4 KiB header page, the payload, padding, a crc32c):
+- ``raw_held``: one ``preadv`` of those files into a fresh tensor on descriptors held open;
+- ``chunk_open``: files of the store's chunk size (a 4 KiB header page, the payload, padding, a crc32c):
   open, one ``preadv`` (header page and tail into reused buffers, the payload into a fresh tensor), a
   crc32c pass over all of it, close: the baseline's steps plus the bytes and the checksum the format adds;
-- ``chunk held``: the same on descriptors held open, as the tier's descriptor cache does: the least a
+- ``chunk_held``: the same on descriptors held open, as the tier's descriptor cache does: the least a
   verified get of this format costs from Python, with no bookkeeping at all;
-- ``chunk held, no crc``: the same without the checksum.
+- ``chunk_held_nocrc``: the same without the checksum.
 
 Prints the median CPU (``time.thread_time``) and wall µs per value of each, its ratio to ``raw`` as row
 5 states it (raw time / time: a throughput ratio, ≥ 0.8 is the 64 KiB goal) and the load average.
@@ -36,72 +36,29 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MiB, write_files  # noqa: E402  (the benchmarks directory is not a package)
+from _common import MiB, disk_floor_reads, read_files, write_files  # noqa: E402  (the benchmarks directory is not a package)
 
 import tiercache  # noqa: E402
-from crc32c import crc32c  # noqa: E402  (the disk tier's checksum package)
-from tiercache.tiers.disk_format import CRC_BYTES, HEADER_BYTES, PAGE, class_pages  # noqa: E402
 
 
 def steps(workdir: Path, size: int, count: int) -> tuple[dict[str, Callable[[], None]], Callable[[], None]]:
-    """The measured steps for ``count`` values of ``size`` bytes (files and store under ``workdir``) and a
-    clean-up function."""
+    """The measured steps for ``count`` values of ``size`` bytes (files and store under ``workdir``), each
+    run once (warm), and a clean-up function."""
     values = [torch.randn(size // 4) for _ in range(count)]
     cache = tiercache.Cache(host=None, disk=4 * size * count + 64 * MiB, path=workdir / "store")
     cache.put_many(list(enumerate(values)))
     raw_paths = write_files(workdir / "raw", count, size)
-    chunk_bytes = class_pages(size) * PAGE + CRC_BYTES
-    chunk_paths = write_files(workdir / "chunks", count, chunk_bytes)
-    raw_fds = [os.open(p, os.O_RDONLY) for p in raw_paths]
-    chunk_fds = [os.open(p, os.O_RDONLY) for p in chunk_paths]
-    head, tail = bytearray(HEADER_BYTES), bytearray(chunk_bytes - HEADER_BYTES - size)
-    tail_crc = memoryview(tail)[:-CRC_BYTES]
-
-    def chunk(fd: int, check: bool) -> None:
-        buf = torch.empty(size, dtype=torch.uint8)
-        payload = memoryview(buf.numpy())
-        os.preadv(fd, [head, payload, tail], 0)
-        if check:
-            crc32c(tail_crc, crc32c(payload, crc32c(head, 0, 0), 0), 0)
+    floors, close_floors = disk_floor_reads(workdir / "chunks", raw_paths, size)
 
     def get() -> None:
         for i in range(count):
             cache.get(i)
 
-    def raw() -> None:
-        for path in raw_paths:
-            buf = torch.empty(size, dtype=torch.uint8)
-            with open(path, "rb", buffering=0) as f:
-                f.readinto(memoryview(buf.numpy()))
-
-    def raw_held() -> None:
-        for fd in raw_fds:
-            buf = torch.empty(size, dtype=torch.uint8)
-            os.preadv(fd, [memoryview(buf.numpy())], 0)
-
-    def chunk_open() -> None:
-        for path in chunk_paths:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                chunk(fd, True)
-            finally:
-                os.close(fd)
-
-    def chunk_held() -> None:
-        for fd in chunk_fds:
-            chunk(fd, True)
-
-    def chunk_held_nocrc() -> None:
-        for fd in chunk_fds:
-            chunk(fd, False)
-
     def close() -> None:
         cache.close()
-        for fd in raw_fds + chunk_fds:
-            os.close(fd)
+        close_floors()
 
-    runs = {"get": get, "raw": raw, "raw held": raw_held, "chunk open": chunk_open, "chunk held": chunk_held,
-            "chunk held, no crc": chunk_held_nocrc}
+    runs = {"get": get, "raw": lambda: read_files(raw_paths, size, keep=False), **floors}
     for run in runs.values():  # warm the page cache (and the tier's descriptor and header caches)
         run()
     return runs, close

@@ -41,8 +41,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402  (the benchmarks directory is not a package)
     parse_ints,
-    KiB, MiB, drop_page_cache, filesystem_of, has_field, machine_meta, median, read_files, torch_threads,
-    write_files,
+    KiB, MiB, disk_floor_reads, drop_page_cache, filesystem_of, has_field, machine_meta, median, read_files,
+    torch_threads, write_files,
 )
 
 import tiercache  # noqa: E402
@@ -576,13 +576,8 @@ def disk_warm_get(values: Sequence[torch.Tensor], workdir: Path) -> dict[str, fl
     first-touch page faults of fresh memory; it was the row's baseline until 2026-12-06 and is reported
     beside the row.
 
-    The floor of a verified read, with no bookkeeping, on files of the store's chunk size (a 4 KiB header
-    page, the payload, padding to a page, a crc32c): ``chunk_open`` opens each, reads it with one
-    ``preadv`` (the header page and the tail into reused buffers, the payload into a fresh tensor),
-    checksums all of it and closes it (the baseline's steps plus what the format adds); ``chunk_held``
-    does the same on descriptors held open, as the tier's descriptor cache does (the least a get of
-    this format can cost from Python), ``chunk_held_nocrc`` without the checksum, and ``raw_held``
-    reads the plain files on held descriptors."""
+    Beside them, the floor of a verified read of the format with no bookkeeping
+    (:func:`_common.disk_floor_reads`: ``chunk_open``, ``chunk_held``, ``chunk_held_nocrc``, ``raw_held``)."""
     nbytes = sum(v.nbytes for v in values)
     size = values[0].nbytes
     store, raw = workdir / "row5-store", workdir / "row5-raw"
@@ -606,10 +601,7 @@ def disk_warm_get(values: Sequence[torch.Tensor], workdir: Path) -> dict[str, fl
         times["raw"] = time.perf_counter() - start
         gc.collect()
         start = time.perf_counter()
-        for path in paths:  # read_files' loop, each buffer dropped at once
-            buf = torch.empty(size, dtype=torch.uint8)
-            with open(path, "rb", buffering=0) as f:
-                f.readinto(memoryview(buf.numpy()))
+        read_files(paths, size, keep=False)
         times["raw_drop"] = time.perf_counter() - start
         times.update(_chunk_floor(workdir / "row5-chunks", paths, size))
     finally:
@@ -646,51 +638,20 @@ def row_disk(ctx: Context, threads: int) -> list[Result]:
 
 
 def _chunk_floor(directory: Path, raw_paths: Sequence[Path], size: int) -> dict[str, float]:
-    """Seconds for :func:`disk_warm_get`'s floor reads (see there) of ``len(raw_paths)`` chunk files of a
-    ``size``-byte payload (written here, read once before timing; removed after)."""
-    from crc32c import crc32c  # the disk tier's checksum package
-    from tiercache.tiers.disk_format import CRC_BYTES, HEADER_BYTES, PAGE, class_pages
-
-    chunk_bytes = class_pages(size) * PAGE + CRC_BYTES
-    paths = write_files(directory, len(raw_paths), chunk_bytes)
-    head, tail = bytearray(HEADER_BYTES), bytearray(chunk_bytes - HEADER_BYTES - size)
+    """Seconds for each of :func:`_common.disk_floor_reads`' steps (see :func:`disk_warm_get`), each read
+    once before timing."""
+    steps, close = disk_floor_reads(directory, raw_paths, size)
     times: dict[str, float] = {}
-    held = [os.open(path, os.O_RDONLY) for path in paths]
-    raw_held = [os.open(path, os.O_RDONLY) for path in raw_paths]
     try:
-        def chunk(fd: int, check: bool) -> None:
-            buf = torch.empty(size, dtype=torch.uint8)
-            payload = memoryview(buf.numpy())
-            os.preadv(fd, [head, payload, tail], 0)
-            if check:
-                crc32c(memoryview(tail)[:-CRC_BYTES], crc32c(payload, crc32c(head, 0, 0), 0), 0)
-
-        def chunk_open() -> None:
-            for path in paths:
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    chunk(fd, True)
-                finally:
-                    os.close(fd)
-
-        def raw() -> None:
-            for fd in raw_held:
-                buf = torch.empty(size, dtype=torch.uint8)
-                os.preadv(fd, [memoryview(buf.numpy())], 0)
-
-        runs = {"chunk_open": chunk_open, "chunk_held": lambda: [chunk(fd, True) for fd in held],
-                "chunk_held_nocrc": lambda: [chunk(fd, False) for fd in held], "raw_held": raw}
-        for run in runs.values():  # warm
-            run()
-        for name, run in runs.items():
+        for step in steps.values():  # warm
+            step()
+        for name, step in steps.items():
             gc.collect()
             start = time.perf_counter()
-            run()
+            step()
             times[name] = time.perf_counter() - start
     finally:
-        for fd in held + raw_held:
-            os.close(fd)
-        shutil.rmtree(directory, ignore_errors=True)
+        close()
     return times
 
 

@@ -26,7 +26,8 @@ from typing import Any, Callable
 
 import torch
 
-MiB = 1 << 20
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import MiB, read_files  # noqa: E402  (the benchmarks directory is not a package)
 
 
 def load_tree(name: str, root: Path) -> Any:
@@ -79,19 +80,13 @@ def row5(trees: dict[str, Any], workdir: Path, size: int, count: int) -> Callabl
         path.write_bytes(os.urandom(size))
         paths.append(path)
 
-    def read_raw() -> None:
-        for path in paths:
-            buf = torch.empty(size, dtype=torch.uint8)
-            with open(path, "rb", buffering=0) as f:
-                f.readinto(memoryview(buf.numpy()))
-
     def run(name: str) -> dict[str, tuple[float, float]]:
         if name == "base":
-            return {f"get {size // 1024} KiB": timed(read_raw, count)}
+            return {f"get {size // 1024} KiB": timed(lambda: read_files(paths, size, keep=False), count)}
         cache = caches[name]
 
         def get_each() -> None:
-            for i in range(count):  # each result dropped at once, as read_raw drops each buffer
+            for i in range(count):  # each result dropped at once, as the baseline drops each buffer
                 cache.get(i)
         return {f"get {size // 1024} KiB": timed(get_each, count)}
     run.caches = caches  # type: ignore[attr-defined]
