@@ -177,7 +177,8 @@ def step(model: Any, cache: Any, token: torch.Tensor) -> tuple[torch.Tensor, flo
 def run_point(model: Any, kv: list, last: torch.Tensor, host: int, steps: int, warmup: int,
               workdir: Path, rounds: int = 2, configs: tuple[str, ...] = CONFIGS, threads: int = 1) -> dict[str, Any]:
     """Decode every configuration over the same positions and tokens, in ``rounds`` rounds of consecutive
-    steps per configuration (see the module docstring); returns per-configuration medians, the logit
+    steps per configuration (see the module docstring); returns per-configuration medians (bytes and entry
+    counts: means, :data:`MEAN_KEYS`), the logit
     differences and the baselines."""
     configs = ("dynamic", *[c for c in configs if c != "dynamic"])
     caches = {c: build(model, c, kv, host, workdir / c) for c in configs}
@@ -244,13 +245,19 @@ def run_point(model: Any, kv: list, last: torch.Tensor, host: int, steps: int, w
                            "timeline": timelines}
     for config, recs in records.items():
         timed = [r for r in recs if not r["warmup"]]
-        out["configs"][config] = {k: median([r[k] for r in timed]) for k in timed[0] if k != "warmup"}
+        # Bytes and entry counts are means: reads ahead may fall in the previous step's window (on a small
+        # model a step can read nothing itself), times are medians.
+        out["configs"][config] = {k: (sum(r[k] for r in timed) / len(timed) if k in MEAN_KEYS else
+                                      median([r[k] for r in timed])) for k in timed[0] if k != "warmup"}
         out["configs"][config]["samples_ms"] = [r["ms"] for r in timed]
     a = out["configs"][baseline]
     if disk_bw.get("bytes_per_s"):
         once = 1000 * (a["disk_mib"] * MiB / disk_bw["bytes_per_s"] + a["host_mib"] * MiB / host_bw)
         out["read_once_ms"] = once
     return out
+
+
+MEAN_KEYS = ("host_mib", "disk_mib", "entries_ahead", "entries_sync")
 
 
 def _medians(samples: list[dict[str, Any]]) -> dict[str, Any]:
