@@ -178,7 +178,7 @@ def run_point(model: Any, kv: list, last: torch.Tensor, host: int, steps: int, w
               workdir: Path, rounds: int = 2, configs: tuple[str, ...] = CONFIGS, threads: int = 1) -> dict[str, Any]:
     """Decode every configuration over the same positions and tokens, in ``rounds`` rounds of consecutive
     steps per configuration (see the module docstring); returns per-configuration medians (bytes and entry
-    counts: means, :data:`MEAN_KEYS`), the logit
+    counts: means over every step, :data:`MEAN_KEYS`), the logit
     differences and the baselines."""
     configs = ("dynamic", *[c for c in configs if c != "dynamic"])
     caches = {c: build(model, c, kv, host, workdir / c) for c in configs}
@@ -245,9 +245,9 @@ def run_point(model: Any, kv: list, last: torch.Tensor, host: int, steps: int, w
                            "timeline": timelines}
     for config, recs in records.items():
         timed = [r for r in recs if not r["warmup"]]
-        # Bytes and entry counts are means: reads ahead may fall in the previous step's window (on a small
-        # model a step can read nothing itself), times are medians.
-        out["configs"][config] = {k: (sum(r[k] for r in timed) / len(timed) if k in MEAN_KEYS else
+        # Bytes and entry counts are means over every step, warm-up included: reads ahead cross step boundaries
+        # (on a small model a timed step can read nothing in its own window); times are medians of timed steps.
+        out["configs"][config] = {k: (sum(r[k] for r in recs) / len(recs) if k in MEAN_KEYS else
                                       median([r[k] for r in timed])) for k in timed[0] if k != "warmup"}
         out["configs"][config]["samples_ms"] = [r["ms"] for r in timed]
     a = out["configs"][baseline]

@@ -23,7 +23,9 @@ def test_quick_run_compares_the_schedules_with_a_timeline(load_benchmark, tmp_pa
     layers = {t["config"]: t["layers"] for t in res["timeline"]}
     assert set(layers) == {"exact-sync", "exact-ahead-serial", "exact-ahead"}
     ahead = layers["exact-ahead"]
-    assert {r["layer"] for r in ahead["reads"]} == {x["layer"] for x in ahead["needed"]}  # the tiny model's 2 layers
+    # Both of the tiny model's layers are needed; a read ahead may have run in the previous step's window.
+    assert {x["layer"] for x in ahead["needed"]} == {0, 1}
+    assert ahead["reads"] and {r["layer"] for r in ahead["reads"]} <= {0, 1}
     assert all(r["submitted"] <= r["started"] <= r["finished"] for r in ahead["reads"])
     assert "exact-ahead-serial" in (out / "exact_prefetch.md").read_text()
 
