@@ -17,6 +17,7 @@ that takes the machine as idle whatever its load (``NAME:SETTING=VALUE,...;...``
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import shutil
@@ -40,7 +41,7 @@ VARIANTS = {"old": OLD, "new": {}}
 for _spec in os.environ.get("AB_VARIANTS", "").split(";"):
     if _spec:
         _name, _, _body = _spec.partition(":")
-        VARIANTS[_name] = {k: eval(v) for k, v in (kv.split("=") for kv in _body.split(",") if kv)}
+        VARIANTS[_name] = {k: ast.literal_eval(v) for k, v in (kv.split("=") for kv in _body.split(",") if kv)}
 
 
 class CpuClock(hotpath.StepClock):
