@@ -147,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
                         raise SystemExit(f"{config}/{variant}: greedy tokens differ from DynamicCache's")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    lines = [f"load average {load_start} at the start, {os.getloadavg()} at the end", "",
+    command = " ".join(["python", "benchmarks/exact_threads_ab.py", *(argv if argv is not None else sys.argv[1:])])
+    if os.environ.get("AB_VARIANTS"):
+        command = f"AB_VARIANTS={os.environ['AB_VARIANTS']!r} {command}"
+    lines = [f"`{command}`: load average {load_start} at the start, {os.getloadavg()} at the end", "",
              "| context | threads | config | variant | ms/step | vs dynamic | CPU ms/step | fetch ms | fetch alone ms "
              "| plain ms | fetch / plain | alone / plain | reader CPU ms | waits ms |", "|" + "---|" * 14]
     for row in rows:
@@ -163,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         meta = machine_meta()
-        meta.update(command=" ".join(["python", "benchmarks/exact_threads_ab.py", *(argv or sys.argv[1:])]),
-                    load_average_start=load_start, load_average_end=os.getloadavg(), old=OLD)
+        meta.update(command=command, load_average_start=load_start, load_average_end=os.getloadavg(),
+                    variants=VARIANTS)
         (args.out / "exact_threads_ab.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
         (args.out / "exact_threads_ab.md").write_text("\n".join(lines) + "\n")
     return 0
