@@ -72,6 +72,10 @@ DISK_MAX_DEPTH = 4
 #: ... and the bytes of the reads pending: 192 MiB reads four layers of up to 48 MiB of visible K/V ahead
 #: (SmolLM2 fp32 at 8K x 4), about the disk time of the host-held layers a cache filled layer by layer ends on.
 DISK_AHEAD_BYTES = 192 << 20
+#: Whether a disk-backed cache reads inline, rather than ahead, the layers whose reads are copies (memory-held
+#: blocks, a buffered disk tier) while torch's threads fill every core of an otherwise idle machine
+#: (``TieredKVCache._ahead_overlaps``).
+INLINE_WHEN_BUSY = True
 
 
 @dataclass(eq=False)
@@ -165,12 +169,14 @@ class ReadAheadCounters:
         wait_seconds: time updates waited for their read ahead to finish (the part of the read not
             hidden behind compute).
         sync_seconds: time updates spent reading blocks themselves.
+        sync_cpu_seconds: CPU time of those reads (``time.thread_time`` of the updating thread).
         background_seconds: time the reader thread spent reading (wall time: beside a forward pass on
             busy cores it includes the time the reader waits for a core or the GIL).
         background_cpu_seconds: CPU time the reader thread spent reading (``time.thread_time``; the I/O
             pool threads of a disk tier that a read spreads to are not included).
-        inline: updates that started no read ahead because every tier is memory and torch's intra-op
-            threads occupy every core (the update's own copies use those threads instead).
+        inline: updates that started no read ahead because torch's intra-op threads occupy every core and
+            the reads are copies (every tier is memory, or a buffered disk tier): the update's own copies use
+            those threads instead (see ``TieredKVCache._ahead_overlaps``).
     """
 
     started: int = 0
@@ -184,6 +190,7 @@ class ReadAheadCounters:
     bytes_sync: int = 0
     wait_seconds: float = 0.0
     sync_seconds: float = 0.0
+    sync_cpu_seconds: float = 0.0
     background_seconds: float = 0.0
     background_cpu_seconds: float = 0.0
     inline: int = 0

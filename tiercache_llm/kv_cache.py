@@ -25,10 +25,11 @@ import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from tiercache.batched import INTRA_OP_GRAIN
+from tiercache.batched import INTRA_OP_GRAIN, _machine_idle
 
 from .blocks import BlockRef, block_key
 from .tensor_modes import with_normal_tensors
+from . import decode_buffer
 from .decode_buffer import DecodeBuffer, ReadAhead, StatesBuffer
 from .errors import UnsupportedModelError
 from .sparse.pipeline import DecodePipeline, PipelineConfig
@@ -49,6 +50,7 @@ SPARSE_BLOCK_SIZE = 64
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 #: Copies up to this many elements (1 MiB of float32) are cut below the grain by :func:`_copy_on_caller`.
 _CALLER_COPY_MAX = 8 * INTRA_OP_GRAIN
+_DEVICE_ONLY = "device"  # _ahead_overlaps: read ahead only the layers whose reads wait on a device
 
 
 def _copy_on_caller(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -473,7 +475,7 @@ class TieredKVLayer(CacheLayerMixin):
     def _read_blocks(self, first: int, lo: int, n: int, buf: StatesBuffer, count: bool = True) -> None:
         """Read visible blocks ``lo..n-1`` (stored blocks ``first + lo..``) into their slices of ``buf``
         (``count``: in the decode buffer's ``blocks_sync`` / ``sync_seconds``)."""
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         a = first + lo
         if self._mapped:
             targets_k, targets_v, posts = self._targets(first, lo, n, buf)
@@ -487,6 +489,7 @@ class TieredKVLayer(CacheLayerMixin):
         if count:
             counters = self.buffer.counters
             counters.sync_seconds += time.perf_counter() - start
+            counters.sync_cpu_seconds += time.thread_time() - cpu
             counters.blocks_sync += (n - lo) * self._entries_per_block
             counters.bytes_sync += sum([b.nbytes for b in self._blocks[a : first + n]])
 
@@ -1244,13 +1247,13 @@ class TieredKVCache(Cache):
         layer = self.layers[layer_idx]
         ahead = self.buffer.read_ahead and layer.sparse is None and self._ahead_overlaps()
         if ahead and n_layers > 1:
-            self._read_ahead(layer_idx)
+            self._read_ahead(layer_idx, device_only=ahead == _DEVICE_ONLY)
         keys, values = layer.update(key_states, value_states, *args, **kwargs)
-        if ahead and n_layers == 1:
+        if ahead and n_layers == 1 and (ahead is True or not layer.held_in_memory()):
             layer.prefetch()
         return keys, values
 
-    def _read_ahead(self, layer_idx: int) -> None:
+    def _read_ahead(self, layer_idx: int, device_only: bool = False) -> None:
         """Before layer ``layer_idx``'s update: start reading the next layer into a slot that update does
         not use (discarding an older read of it), then layers further ahead (wrapping to the next pass)
         that have no read pending, each into a free slot, while :meth:`DecodeBuffer.ahead_room` has room
@@ -1261,16 +1264,19 @@ class TieredKVCache(Cache):
         comes) and the walk goes on to the layers that read the disk, up to a full pass ahead, bounded by
         the free slots and ``ahead_bytes`` alone: the disk keeps reading through a run of memory-held
         layers (a cache filled layer by layer holds its last layers in the host tier) instead of idling
-        until the next pass's first layer is next."""
+        until the next pass's first layer is next.
+
+        ``device_only`` (torch's threads fill every core, see :meth:`_ahead_overlaps`): only layers that read
+        a device are read ahead; memory-held layers are left to their own update, like the layers beyond."""
         buffer, layers = self.buffer, self.layers
         n_layers = len(layers)
         layer = layers[layer_idx]
         mine = buffer.slot_for(layer)
         nxt = layers[(layer_idx + 1) % n_layers]
-        if not buffer.pending(nxt):
+        if not buffer.pending(nxt) and not (device_only and nxt.held_in_memory()):
             slot = buffer.free_slot(mine)
             nxt.prefetch(slot if slot is not None else buffer.other_slot(mine))
-        past_memory = buffer.readers > 1 and not self.store.memory_only
+        past_memory = (buffer.readers > 1 or device_only) and not self.store.memory_only
         for d in range(2, (n_layers - 1 if past_memory else min(buffer.max_depth, n_layers - 1)) + 1):
             further = layers[(layer_idx + d) % n_layers]
             if buffer.pending(further):
@@ -1284,15 +1290,30 @@ class TieredKVCache(Cache):
             if not further.prefetch(slot, max_bytes=room):
                 return
 
-    def _ahead_overlaps(self) -> bool:
-        """Whether a layer-ahead read can run beside the model's compute: always with a disk tier (reads
-        wait on the device); with memory tiers only, when torch's intra-op threads leave a core free.
-        Otherwise the reader thread's copies only take turns with torch's threads on the same cores
-        (and stall their parallel regions), so each layer's ``update`` copies its blocks itself (merged
-        into copies that use those threads while the machine is idle or when the blocks exceed torch's
-        copy grain, :func:`tiercache.batched.copy_pairs`)."""
-        if not self.store.memory_only or torch.get_num_threads() < _CORES:
+    def _ahead_overlaps(self) -> bool | str:
+        """Whether layer-ahead reads run beside the model's compute: ``True`` (every layer's), ``"device"``
+        (only layers with blocks on a disk tier reading past the page cache, ``direct_io``; memory-held
+        layers are read by their own update) or ``False`` (none: each ``update`` copies its blocks itself,
+        merged into copies that use torch's threads, :func:`tiercache.batched.copy_pairs`).
+
+        ``True`` while torch's intra-op threads leave a core free.  When they fill every core, a read that is
+        a copy (memory tiers, a buffered disk tier's page-cache copies) gains nothing from running beside the
+        model: it takes a core from torch's threads and stalls their parallel regions.  Memory-only caches then
+        read inline.  A disk-backed cache does so (``"device"`` with ``direct_io``, else ``False``) only while
+        the machine is otherwise idle (:func:`tiercache.batched._machine_idle`, the load average): beside other
+        processes, reads ahead measured far faster than inline reads, as DynamicCache itself slows several-fold
+        there (2-core box, SmolLM2 1K context, host 16 MiB + disk, 2 threads, load 4-6: 84-112 ms per step
+        reading ahead, 408-727 inline, DynamicCache 491-568; idle: within noise of each other, 1.2-1.7x
+        DynamicCache; ``benchmarks/exact_threads_ab.py``).  ``decode_buffer.INLINE_WHEN_BUSY = False`` keeps
+        every read of a disk-backed cache ahead."""
+        if torch.get_num_threads() < _CORES:
             return True
+        store = self.store
+        if not store.memory_only:
+            if not decode_buffer.INLINE_WHEN_BUSY or not _machine_idle():
+                return True
+            if store.device_reads:
+                return _DEVICE_ONLY
         self.buffer.counters.inline += 1
         return False
 

@@ -145,6 +145,9 @@ class BlockStore:
         self.memory_only = tiers is not None and all(isinstance(t, ArenaTier) for t in tiers)
         # Names of the tiers whose reads are memory copies (and the write-behind queue's), for in_memory.
         self._memory_tiers = frozenset([t.name for t in tiers or () if isinstance(t, ArenaTier)] + [WRITE_QUEUE])
+        # Whether some tier's reads wait on a device rather than copy from memory: a disk tier reading past
+        # the page cache (direct_io).  A buffered disk tier's reads are taken as page-cache copies, CPU work.
+        self.device_reads = any(getattr(t, "direct_io", False) for t in tiers or ())
         self._owner_root: str | None = None  # the store path owners are recorded under (None: not recorded)
         self._owners: dict[str, _owners.Owner] = {}  # cache uid -> its registration
         self.reclaimed: _owners.ReclaimReport | None = None  # what open() reclaimed from dead owners

@@ -156,9 +156,12 @@ def test_buffer_grows_geometrically():
 
 
 @pytest.mark.parametrize("dims", [(8, 8), (8, 6)])
-def test_exact_mode_stores_one_joint_entry_per_block_unless_k_and_v_shapes_differ(make_config, dims, tmp_path):
+def test_exact_mode_stores_one_joint_entry_per_block_unless_k_and_v_shapes_differ(make_config, dims, tmp_path,
+                                                                                    monkeypatch):
     """Equal K and V shapes: one ``"kv"`` entry per block, read into one joint K/V storage (through the
-    disk tier, beam reorders' row-mapped temporaries, crops and copies); different head_dims: two entries."""
+    disk tier, beam reorders' row-mapped temporaries, crops and copies); different head_dims: two entries.
+    (A core is left free beside torch's threads, so the buffered disk tier's blocks are read ahead too.)"""
+    monkeypatch.setattr(kv_cache_module, "_CORES", torch.get_num_threads() + 1)
     dk, dv = dims
     joint = dk == dv
     config = make_config(num_hidden_layers=2)
@@ -191,3 +194,4 @@ def test_exact_mode_stores_one_joint_entry_per_block_unless_k_and_v_shapes_diffe
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) and b._joint is joint
     twin.close()
     got.close()
+

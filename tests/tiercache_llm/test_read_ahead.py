@@ -229,27 +229,87 @@ def test_close_with_a_read_ahead_in_flight(make_config):
 
 
 def test_memory_only_cache_reads_inline_when_torch_threads_fill_the_cores(make_config, monkeypatch, tmp_path):
-    """With every tier in memory and torch's intra-op threads on every core, no read ahead starts (each
-    update copies its blocks itself); a disk tier keeps them; results equal DynamicCache's either way."""
+    """With torch's intra-op threads on every core, reads that are copies start no read ahead (each update
+    copies its blocks itself): every tier in memory, or a buffered disk tier (page-cache copies); a disk
+    tier with ``direct_io`` keeps reading ahead (its reads wait on the device); ``INLINE_WHEN_BUSY = False``
+    restores reads ahead for the buffered one.  Results equal DynamicCache's either way."""
+    from tiercache_llm import decode_buffer
+
     monkeypatch.setattr(kv_cache_module, "_CORES", torch.get_num_threads())
+    monkeypatch.setattr(kv_cache_module, "_machine_idle", lambda: True)
     config = make_config(num_hidden_layers=3)
     gen = torch.Generator().manual_seed(1)
     ref = DynamicCache(config=config)
     memory = TieredKVCache(config, block_size=4, host="1MiB")
-    disk = TieredKVCache(config, block_size=4, host="4KiB", disk="4MiB", path=tmp_path / "kv")
-    for seq in [10, 1, 1, 1, 1, 1, 1]:
+    disk = TieredKVCache(config, block_size=4, host="4KiB", disk="4MiB", path=tmp_path / "kv", direct_io=False)
+    direct = TieredKVCache(config, block_size=4, host="4KiB", disk="4MiB", path=tmp_path / "dio", direct_io=True)
+    caches = (memory, disk, direct)
+    for i, seq in enumerate([10, 1, 1, 1, 1, 1, 1, 1, 1]):
+        if i == 7:  # the earlier behaviour: a disk-backed cache reads every layer ahead
+            monkeypatch.setattr(decode_buffer, "INLINE_WHEN_BUSY", False)
+            before = disk.stats()["prefetch"]["started"]
         for layer in range(3):
             k, v = states(2, seq, gen)
             rk, rv = ref.update(k, v, layer)
-            for got in (memory, disk):
+            for got in caches:
                 gk, gv = got.update(k, v, layer)
                 assert torch.equal(rk, gk) and torch.equal(rv, gv)
-    inline, ahead = memory.stats()["prefetch"], disk.stats()["prefetch"]
+    inline, buffered, device = (c.stats()["prefetch"] for c in caches)
     assert memory.store.memory_only and not disk.store.memory_only
-    assert inline["started"] == 0 and inline["inline"] == 7 * 3 and inline["blocks_sync"] > 0
-    assert ahead["started"] > 0 and ahead["inline"] == 0 and ahead["hit_rate"] > 0.8
-    memory.close()
+    assert not memory.store.device_reads and not disk.store.device_reads
+    assert inline["started"] == 0 and inline["inline"] == 9 * 3 and inline["blocks_sync"] > 0
+    assert before == 0 and buffered["inline"] == 7 * 3 and buffered["started"] > 0
+    if direct.store.device_reads:  # O_DIRECT where the filesystem takes it (not tmpfs)
+        assert device["inline"] == 0 and device["started"] > 0 and device["hit_rate"] > 0.8
+    else:
+        assert device["inline"] == 7 * 3  # (then every layer ahead, as the buffered one)
+    for cache in caches:
+        cache.close()
+
+
+def test_disk_backed_cache_keeps_reading_ahead_beside_other_processes(make_config, monkeypatch, tmp_path):
+    """Torch's threads on every core of a machine other processes load: a disk-backed cache reads ahead as
+    with a core to spare (inline reads collapse there with torch's own), a memory-only one still inline."""
+    monkeypatch.setattr(kv_cache_module, "_CORES", torch.get_num_threads())
+    monkeypatch.setattr(kv_cache_module, "_machine_idle", lambda: False)
+    config = make_config(num_hidden_layers=2)
+    disk = TieredKVCache(config, block_size=4, host="4KiB", disk="4MiB", path=tmp_path / "kv", direct_io=False)
+    memory = TieredKVCache(config, block_size=4, host="1MiB")
+    assert disk._ahead_overlaps() is True and memory._ahead_overlaps() is False
     disk.close()
+    memory.close()
+
+
+def test_device_only_reads_ahead_leave_memory_held_layers_to_their_update(make_config, monkeypatch, tmp_path):
+    """Torch's threads on every core and a disk tier whose reads wait on the device: only layers with blocks
+    on the disk are read ahead; a layer whose blocks are all in memory is read by its own update."""
+    monkeypatch.setattr(kv_cache_module, "_CORES", torch.get_num_threads())
+    monkeypatch.setattr(kv_cache_module, "_machine_idle", lambda: True)
+    config = make_config(num_hidden_layers=4)
+    cache = TieredKVCache(config, block_size=4, host="1MiB", disk="4MiB", path=tmp_path / "kv", direct_io=False)
+    monkeypatch.setattr(cache.store, "device_reads", True)  # as with direct_io, on any filesystem
+    assert cache._ahead_overlaps() == "device"
+    gen = torch.Generator().manual_seed(2)
+    ref = DynamicCache(config=config)
+    started: list[int] = []
+    prefetch = kv_cache_module.TieredKVLayer.prefetch
+
+    def spy(layer, *args, **kwargs):
+        ok = prefetch(layer, *args, **kwargs)
+        if ok:
+            started.append(layer.layer_idx)
+        return ok
+
+    monkeypatch.setattr(kv_cache_module.TieredKVLayer, "prefetch", spy)
+    for seq in [12, 1, 1, 1]:
+        for layer in range(4):
+            k, v = states(1, seq, gen)
+            rk, rv = ref.update(k, v, layer)
+            gk, gv = cache.update(k, v, layer)
+            assert torch.equal(rk, gk) and torch.equal(rv, gv)
+    assert all(layer.held_in_memory() for layer in cache.layers)  # 1 MiB holds everything
+    assert started == [] and cache.stats()["prefetch"]["blocks_sync"] > 0
+    cache.close()
 
 
 @pytest.mark.parametrize("ahead_bytes", ["none", "one", "all"])

@@ -1,0 +1,177 @@
+"""Exact decode with a disk tier (hot-path row 2), earlier vs current read-ahead settings, in one process.
+
+    python benchmarks/exact_threads_ab.py --contexts 1024,2048 --threads 2 --repeats 5
+
+The settings that decide how exact decode's layer-ahead reads share the cores with the model
+(``tiercache_llm.decode_buffer.INLINE_WHEN_BUSY``: whether layers whose reads are copies are read inline
+while torch's threads fill the cores of an idle machine) are set to their earlier
+values (``old``) or left at the current defaults (``new``) for each cache, and both run in the same
+process on the same prefilled prompt, interleaved with ``DynamicCache`` and the plain-read baseline of
+``benchmarks/hotpath.py`` (its ``decode_run``, ``plain_fetch``), the order rotated per repeat.  Per
+configuration: ms per decode step (wall; median of each run's steps, then of the runs), the process's CPU
+ms per step (all threads), the fetch ms per step during decode and alone, and the reader threads' CPU.
+Greedy tokens must equal ``DynamicCache``'s (checked).  ``AB_VARIANTS="forced:IDLE=True"`` adds a variant
+that takes the machine as idle whatever its load (``NAME:SETTING=VALUE,...;...``: more variants).  Prints a markdown table; ``--out`` writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hotpath  # noqa: E402  (the benchmarks directory is not a package)
+from _common import machine_meta, median, parse_ints, torch_threads  # noqa: E402
+
+import tiercache_llm.decode_buffer as decode_buffer  # noqa: E402
+
+#: The earlier values of the settings this benchmark compares (before the 2-thread work of issue 8 row 2).
+OLD = {"INLINE_WHEN_BUSY": False}
+VARIANTS = {"old": OLD, "new": {}}
+for _spec in os.environ.get("AB_VARIANTS", "").split(";"):
+    if _spec:
+        _name, _, _body = _spec.partition(":")
+        VARIANTS[_name] = {k: ast.literal_eval(v) for k, v in (kv.split("=") for kv in _body.split(",") if kv)}
+
+
+class CpuClock(hotpath.StepClock):
+    """``StepClock`` that also records the process's CPU time of each step (every thread of the process)."""
+
+    def __init__(self, hook: Any = None) -> None:
+        super().__init__(hook)
+        self.cpu: list[float] = []
+        self._cpu0: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        now = time.process_time()
+        if self.puts > 0:
+            self.cpu.append(now - self._cpu0)  # type: ignore[operator]
+        super().put(value)
+        self._cpu0 = time.process_time()
+
+
+def run_one(model: Any, ids: torch.Tensor, prefilled: Any, config: str, variant: str,
+            settings: hotpath.Settings, workdir: Path) -> dict[str, Any]:
+    clocks: list[CpuClock] = []
+
+    def clock(hook: Any = None) -> CpuClock:
+        clocks.append(CpuClock(hook))
+        return clocks[-1]
+
+    saved = {name: getattr(decode_buffer, name) for name in OLD if hasattr(decode_buffer, name)}
+    hotpath.StepClock, plain_clock = clock, hotpath.StepClock  # type: ignore[assignment, misc]
+    from tiercache_llm import kv_cache
+    idle = kv_cache._machine_idle
+    if VARIANTS.get(variant, {}).get("IDLE") is not None:  # e.g. "forced:IDLE=True": as on an idle machine
+        kv_cache._machine_idle = lambda: VARIANTS[variant]["IDLE"]
+    try:
+        saved.update({name: getattr(decode_buffer, name) for name in VARIANTS.get(variant, {}) if hasattr(decode_buffer, name)})
+        for name, value in VARIANTS.get(variant, {}).items():
+            if name in saved:
+                setattr(decode_buffer, name, value)
+        out = hotpath.decode_run(model, ids, prefilled, config, settings, workdir)
+    finally:
+        hotpath.StepClock = plain_clock  # type: ignore[misc]
+        kv_cache._machine_idle = idle
+        for name, value in saved.items():
+            setattr(decode_buffer, name, value)
+    out["cpu_ms_per_step"] = 1000 * median(clocks[0].cpu[1:])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--contexts", type=lambda t: parse_ints(t, "--contexts"), default=(1024, 2048))
+    parser.add_argument("--threads", type=lambda t: parse_ints(t, "--threads"), default=(2,))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--configs", default="disk-warm,disk-cold", help="disk-warm and/or disk-cold")
+    parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    settings = hotpath.Settings.full()
+    settings.decode_steps, settings.model = args.steps, args.model
+    configs = [c for c in args.configs.split(",") if c]
+    model, tokenizer = hotpath.load_model(args.model)
+    workdir = Path(tempfile.mkdtemp(prefix="tiercache-threads-ab-"))
+    load_start = os.getloadavg()
+    rows: list[dict[str, Any]] = []
+    try:
+        for n_ctx in args.contexts:
+            ids = hotpath.prompt_ids(tokenizer, n_ctx, model.config.vocab_size)
+            prefilled = hotpath.prefill(model, ids)
+            for threads in args.threads:
+                jobs = [("dynamic", "-")] + [(c, v) for c in configs for v in VARIANTS] + [("plain", "-")]
+                runs: dict[tuple[str, str], list[dict[str, Any]]] = {job: [] for job in jobs}
+                with torch_threads(threads):
+                    for r in range(args.repeats):
+                        for config, variant in jobs[r % len(jobs):] + jobs[: r % len(jobs)]:
+                            if config == "plain":
+                                ref = next((x[-1] for (c, v), x in runs.items() if c == "disk-warm" and x), None)
+                                if ref is not None:
+                                    runs[(config, variant)].append(hotpath.plain_fetch(
+                                        ref["entries_per_step"], ref["disk_hits_per_step"], ref["entry_bytes"],
+                                        False, args.steps, workdir))
+                                continue
+                            runs[(config, variant)].append(run_one(model, ids, prefilled, config, variant,
+                                                                   settings, workdir))
+                dyn = median(run["ms_per_step"] for run in runs[("dynamic", "-")])
+                ref_tokens = runs[("dynamic", "-")][0]["tokens"]
+                plain = median(p["ms_per_step"] for p in runs[("plain", "-")]) if runs[("plain", "-")] else float("nan")
+                for (config, variant), xs in runs.items():
+                    if config == "plain" or not xs:
+                        continue
+                    row = {"context": ids.shape[-1], "threads": threads, "config": config, "variant": variant,
+                           "ms_per_step": median(x["ms_per_step"] for x in xs),
+                           "cpu_ms_per_step": median(x["cpu_ms_per_step"] for x in xs),
+                           "dynamic_ms_per_step": dyn, "plain_ms_per_step": plain,
+                           "tokens_match": all(x["tokens"] == ref_tokens for x in xs),
+                           "samples": [x["ms_per_step"] for x in xs]}
+                    if config != "dynamic":
+                        row.update(fetch_ms=median(x["fetch_ms_per_step"] for x in xs),
+                                   alone_ms=median(x["alone_ms_per_step"] for x in xs),
+                                   reader_cpu_ms=median(x["reader_cpu_ms_per_step"] for x in xs),
+                                   exposed_ms=median(x["exposed_ms_per_step"] for x in xs))
+                    rows.append(row)
+                    if not row["tokens_match"]:
+                        raise SystemExit(f"{config}/{variant}: greedy tokens differ from DynamicCache's")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    command = " ".join(["python", "benchmarks/exact_threads_ab.py", *(argv if argv is not None else sys.argv[1:])])
+    if os.environ.get("AB_VARIANTS"):
+        command = f"AB_VARIANTS={os.environ['AB_VARIANTS']!r} {command}"
+    lines = [f"`{command}`: load average {load_start} at the start, {os.getloadavg()} at the end", "",
+             "| context | threads | config | variant | ms/step | vs dynamic | CPU ms/step | fetch ms | fetch alone ms "
+             "| plain ms | fetch / plain | alone / plain | reader CPU ms | waits ms |", "|" + "---|" * 14]
+    for row in rows:
+        fetch = row.get("fetch_ms", float("nan"))
+        alone = row.get("alone_ms", float("nan"))
+        lines.append(
+            f"| {row['context']} | {row['threads']} | {row['config']} | {row['variant']} | {row['ms_per_step']:.1f} "
+            f"| {row['ms_per_step'] / row['dynamic_ms_per_step']:.2f}x | {row['cpu_ms_per_step']:.1f} | {fetch:.1f} "
+            f"| {alone:.1f} | {row['plain_ms_per_step']:.1f} | {fetch / row['plain_ms_per_step']:.2f}x "
+            f"| {alone / row['plain_ms_per_step']:.2f}x | {row.get('reader_cpu_ms', float('nan')):.1f} "
+            f"| {row.get('exposed_ms', float('nan')):.1f} |")
+    print("\n".join(lines))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        meta = machine_meta()
+        meta.update(command=command, load_average_start=load_start, load_average_end=os.getloadavg(),
+                    variants=VARIANTS)
+        (args.out / "exact_threads_ab.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        (args.out / "exact_threads_ab.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

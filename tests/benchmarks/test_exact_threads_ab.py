@@ -1,0 +1,21 @@
+"""Smoke test of benchmarks/exact_threads_ab.py with the tiny model: every variant decodes the same greedy
+tokens as DynamicCache (the script exits otherwise) and the outputs are written.  No speed is asserted."""
+
+from __future__ import annotations
+
+import json
+
+
+def test_tiny_run_compares_every_variant(load_benchmark, tmp_path, monkeypatch):
+    monkeypatch.setenv("AB_VARIANTS", "forced-idle:IDLE=True")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    bench = load_benchmark("exact_threads_ab")
+    assert bench.main(["--model", "tiny", "--contexts", "64", "--threads", "1", "--repeats", "1", "--steps", "2",
+                       "--out", str(tmp_path / "out")]) == 0
+    rows = json.loads((tmp_path / "out" / "exact_threads_ab.json").read_text())["rows"]
+    tiered = [r for r in rows if r["config"] != "dynamic"]
+    assert {(r["config"], r["variant"]) for r in tiered} == {
+        (c, v) for c in ("disk-warm", "disk-cold") for v in ("old", "new", "forced-idle")}
+    assert all(r["tokens_match"] for r in rows)
+    assert all(r["plain_ms_per_step"] > 0 for r in rows)
+    assert "| variant |" in (tmp_path / "out" / "exact_threads_ab.md").read_text()
