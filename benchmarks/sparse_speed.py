@@ -83,7 +83,10 @@ class Settings:
     full_points: tuple[tuple[int, int], ...] = ((8192, 4),)  # every budget, warm runs, bandwidth, checks
     budgets: tuple[int | float, ...] = (2048, 0.0625, 0.25)  # int: tokens; float: fraction of the context
     max_kv_gib: float = 3.0  # (context, batch) points whose float32 KV exceeds this are not run (8K x 8: 2.8 GiB)
-    steps: int = 3  # timed decode steps per configuration, round and thread count
+    # timed decode steps per configuration, round and thread count: the median of 8 stands for a long decode
+    # (a retaining strategy can still settle for a few steps after its fill; see 'steps 1-3 ms' and
+    # docs/benchmarks.md "How many steps")
+    steps: int = 8
     # untimed steps per configuration and round, right after its cache is filled: the first is 'first step ms';
     # the second still settles a retaining strategy's pools (0.9-2.3 s for reuse-layer-ahead at 4K x 4)
     warmup: int = 2
@@ -842,6 +845,22 @@ class Row:
     # median over the rounds of the first decode step after the cache was filled (the first warm-up step:
     # time to the second token), on the rows of the thread count it ran at (the first of --threads)
     first_step_ms: float = float("nan")
+    # median over the rounds of the mean of the EARLY_STEPS steps right after the first (steps 1..3 after the fill,
+    # warm-up or timed), at the first thread count: what a short decode pays per token while a strategy settles
+    early_ms: float = float("nan")
+
+
+EARLY_STEPS = 3  # the steps after the first one that 'steps 1-3 ms' averages
+
+
+def early_ms(steps: list[dict[str, Any]], threads: int | None) -> float:
+    """Median over the rounds of the mean ms of steps ``1..EARLY_STEPS`` after the fill at ``threads`` torch
+    threads (``nan`` unless a round recorded all of them)."""
+    per_round: dict[Any, list[float]] = {}
+    for st in steps:
+        if 1 <= st["step"] <= EARLY_STEPS and st.get("torch_threads") == threads:
+            per_round.setdefault(st.get("round"), []).append(st["ms"])
+    return median([sum(v) / len(v) for v in per_round.values() if len(v) == EARLY_STEPS])
 
 
 def summarise(runs: list[Run]) -> list[Row]:
@@ -869,7 +888,7 @@ def summarise(runs: list[Run]) -> list[Row]:
                             _mean([st.get("disk_tier_bytes", float("nan")) for st in steps]) if run.system != DYNAMIC
                             else float("nan"),
                             max((st.get("beside_tiers_bytes", float("nan")) for st in steps), default=float("nan"))
-                            if run.system != DYNAMIC else float("nan"), first))
+                            if run.system != DYNAMIC else float("nan"), first, early_ms(run.steps, t)))
     return rows
 
 
@@ -1010,21 +1029,21 @@ def _stages(r: Row) -> str:
 
 
 def table(rows: list[Row], acc: dict[str, dict[str, float]]) -> list[str]:
-    lines = ["| model | context | batch | threads | configuration | ms/step | first step ms | tokens/s | MiB/step fetched host + disk (disk tier read, background included) | "
+    lines = ["| model | context | batch | threads | configuration | ms/step | first step ms | steps 1-3 ms | tokens/s | MiB/step fetched host + disk (disk tier read, background included) | "
              "stage ms/step (pipeline: sync / copy / wait / background) | MiB beside the tier budgets (pools, staging, digests, buffers) | reuse | top-1 vs DynamicCache (teacher-forced, this run) | accuracy run top-1 / KL |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r.model != "smollm2", r.requested_context, r.batch, r.threads,
                                          SYSTEMS.index(r.system), str(r.budget), str(r.state))):
         ctx = f"{r.context}" if r.context == r.requested_context else f"{r.context} ({r.requested_context})"
         if not r.available:
-            lines.append(f"| {r.model} | {ctx} | {r.batch} | {r.threads} | {r.label} | {_short(r.note)} | | | | | | | | |")
+            lines.append(f"| {r.model} | {ctx} | {r.batch} | {r.threads} | {r.label} | {_short(r.note)} | | | | | | | | | |")
             continue
         label = r.label + (f" ({r.cold_method})" if r.state == "cold" and r.cold_method == "fadvise" else "")
         io = "–" if r.system == DYNAMIC else f"{_mib(r.host_bytes)} + {_mib(r.disk_bytes)} ({_mib(r.disk_tier_bytes)})"
         a = acc.get(budget_label(r.budget)) if r.budget is not None else None
         accs = f"{a['top1_agreement']:.4f} / {a['mean_kl']:.3g}" if a else "–"
         agree = "ref" if r.system == DYNAMIC else (f"{r.top1_vs_reference:.3f}" if r.top1_vs_reference is not None else "–")
-        lines.append(f"| {r.model} | {ctx} | {r.batch} | {r.threads} | {label} | {_ms(r.ms_per_step)} | {_ms(r.first_step_ms)} | {r.tokens_per_s:.3g} | "
+        lines.append(f"| {r.model} | {ctx} | {r.batch} | {r.threads} | {label} | {_ms(r.ms_per_step)} | {_ms(r.first_step_ms)} | {_ms(r.early_ms)} | {r.tokens_per_s:.3g} | "
                      f"{io} | {_stages(r)} | {'–' if r.system == DYNAMIC else _mib(r.beside_tiers_bytes)} | {f'{r.reuse_rate:.3f}' if r.reuse_rate is not None else '–'} | {agree} | {accs} |")
     return lines
 
@@ -1055,7 +1074,9 @@ def write_results(runs: list[Run], rows: list[Row], meta: dict[str, Any], info: 
              f"step(s) per thread count ({', '.join(map(str, s.threads))}), and is closed (pools freed, disk store "
              f"deleted) before the next is built: one cache alive at a time. Times are medians over the timed steps of "
              f"every round, bytes means; 'first step ms' is the median over the rounds of the first step after the "
-             f"fill (the first warm-up step: time to the second token).",
+             f"fill (the first warm-up step: time to the second token), 'steps 1-3 ms' the median over the rounds of "
+             f"the mean of the {EARLY_STEPS} steps after it (warm-up or timed): a strategy still settling after its "
+             f"fill shows there, not hidden by the median.",
              "Cold: `direct_io` (disk reads bypass the page cache); warm: page cache left alone. Every configuration "
              "decodes DynamicCache's greedy tokens (teacher forcing); 'top-1' = agreement of its next-token argmax with "
              "DynamicCache's at the same step. See docs/benchmarks.md, \"Sparse decode speed\".", ""]
@@ -1191,11 +1212,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-kv-gib", type=float, default=None,
                         help="skip points whose float32 KV is larger, in GiB (default 3.0: every point runs; 8K x 8 is 2.8 GiB)")
     parser.add_argument("--steps", type=lambda t: parse_ints(t, "--steps")[0], default=None,
-                        help="timed steps per configuration, round and thread count (default 2)")
+                        help=f"timed steps per configuration, round and thread count (default {Settings.steps})")
     parser.add_argument("--warmup", type=int, default=None,
-                        help="untimed steps per configuration and round after its cache is filled (default 1)")
+                        help=f"untimed steps per configuration and round after its cache is filled (default {Settings.warmup})")
     parser.add_argument("--repeats", type=lambda t: parse_ints(t, "--repeats")[0], default=None,
-                        help="rounds; each builds, decodes and closes every configuration's cache once (default 3)")
+                        help=f"rounds; each builds, decodes and closes every configuration's cache once (default {Settings.repeats})")
     parser.add_argument("--threads", type=lambda t: parse_ints(t, "--threads"), default=None,
                         help=f"torch thread counts (default 1,{DEFAULT_THREADS})")
     parser.add_argument("--synthetic", default=None,

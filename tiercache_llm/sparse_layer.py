@@ -294,8 +294,12 @@ class SparseLayerState:
             layer._length += 1
             self.pending = ("decode", ctx)
             return key_states, value_states
+        start = layer._length
         out = layer._update_exact(key_states, value_states)
         self.pending = ("exact", q)
+        pipeline = getattr(layer, "pipeline", None)
+        if pipeline is not None and layer.sliding_window is None:
+            pipeline.seed(layer, key_states, value_states, start)  # a prefill's blocks into the resident pool
         return out
 
     # ------------------------------------------------------------------------------- hook side

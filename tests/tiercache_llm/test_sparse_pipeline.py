@@ -11,7 +11,6 @@ from tiercache_llm import TieredKVCache
 from tiercache_llm.sparse.pipeline import DecodePipeline, PipelineConfig
 
 from .test_generate_tiny import left_padded_batch
-from .test_sparse_mode import _score_spy
 
 STRATEGIES = ("fetch-every-step", "reuse-layer-ahead", "attention-aware")
 SYNC = {"reuse": False, "layer_ahead": False, "disk_staging": False, "defer_promotions": False}
@@ -353,7 +352,7 @@ def test_near_miss_staging_takes_disk_reads_off_the_step_and_keeps_logits(model,
 @pytest.mark.parametrize("layout", [{}, {"block_size": 8, "page_size": 2}])
 def test_near_misses_rank_unselected_blocks_by_their_gap_to_the_cut(model, batch, tmp_path, layout):
     ids, mask = batch
-    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware", pipeline={"stage_near": 4},
+    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware", pipeline={"stage_near": 4, "seed_pool": False},
                                              **layout)) as cache:
         decode_logits(model, cache, ids, mask, steps=3)
         pipe = cache._pipeline
@@ -428,8 +427,9 @@ def test_first_step_reserves_every_layer_and_warms_the_next_layers_slots(model, 
     ids, mask = batch
     can_populate = populate(torch.empty(1 << 14)) > 0
     for warm in (True, False):
+        # (attention-aware seeds its pools at the prefill by default: the warm-up is for pools made by a step)
         with TieredKVCache.for_model(model, **opts(tmp_path / str(warm), strategy,
-                                                 pipeline={"warm_first_step": warm})) as cache:
+                                                 pipeline={"warm_first_step": warm, "seed_pool": False})) as cache:
             pipe = cache._pipeline
             first: dict = {}
             fetch = pipe.fetch
@@ -461,7 +461,18 @@ def test_end_of_step_worker_sends_what_the_inline_path_sends(model, batch, tmp_p
     for background in (False, True):
         with TieredKVCache.for_model(model, **opts(tmp_path / str(background), "attention-aware",
                                                  pipeline={"background_end_step": background})) as cache:
-            sent = _score_spy(cache)
+            # the end-of-step flush's scores only: a staging read refreshes its entries' scores from the masses
+            # when it runs, which differs with timing (with seeded pools few blocks are staged, and which
+            # depends on whether the worker runs before or during the next step)
+            sent = {}
+            flush = cache.store.update_scores
+
+            def spy(scores, sent=sent, flush=flush):
+                if not threading.current_thread().name.startswith("tiercache-kv-stage"):
+                    sent.update(scores)
+                return flush(scores)
+
+            cache.store.update_scores = spy
             threads = set()
             original = cache._pipeline._stage_ahead_all
 
@@ -589,3 +600,79 @@ def test_a_rescale_step_keeps_the_pipelines_promotion_threshold(model, batch, tm
         want = cache._pipeline.promotion_threshold(cache.layers)
         assert want is not None and want != _controller_rule(cache)  # the two rules differ here
         assert cache.store.policy.promote_threshold == want
+
+
+def _prefill_then(model, cache, ids, mask, chunks=(None,), steps=4):
+    """Prefill ``ids`` in chunks ending at ``chunks`` (``None``: the end), then ``steps`` greedy decode steps;
+    ``(logits of every step, pipeline stats after the prefill, after the first decode step)``."""
+    out, after = [], []
+    with torch.no_grad():
+        start = 0
+        for end in chunks:
+            end = ids.shape[1] if end is None else end
+            logits = model(input_ids=ids[:, start:end], attention_mask=mask[:, :end], past_key_values=cache).logits[:, -1]
+            start = end
+        after.append(cache.stats()["pipeline"])
+        for _ in range(steps):
+            nxt = logits.argmax(-1, keepdim=True)
+            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+            logits = model(input_ids=nxt, attention_mask=mask, past_key_values=cache).logits[:, -1]
+            out.append(logits)
+            if len(after) == 1:
+                after.append(cache.stats()["pipeline"])
+    return torch.stack(out), after[0], after[1]
+
+
+def test_prefill_seeds_the_pools_so_the_first_step_reads_nothing_and_logits_stay(model, batch, tmp_path):
+    """``seed_pool`` (attention-aware's default): the prefill copies the blocks it stores into the resident
+    pools, so the first decode step finds every selected prompt block resident (no tier read, no staging)
+    and the logits are those of the synchronous path; without it the first step reads them."""
+    ref = reference(model, batch, tmp_path)
+    ids, mask = batch
+    assert PipelineConfig.for_strategy("attention-aware").seed_pool
+    assert not PipelineConfig.for_strategy("reuse-layer-ahead").seed_pool
+    with pytest.raises(ValueError, match="seed_pool"):
+        PipelineConfig(seed_pool=1)
+    for seed in (True, False):
+        with TieredKVCache.for_model(model, **opts(tmp_path / str(seed), "attention-aware",
+                                                 pipeline={"seed_pool": seed})) as cache:
+            got, prefilled, first = _prefill_then(model, cache, ids, mask, steps=10)
+            blocks = sum(len(layer._blocks) for layer in cache.layers if layer.sparse is not None)
+        assert torch.equal(ref, got)
+        if seed:
+            assert prefilled["seeded"] == prefilled["pool_held"] > 0
+            assert prefilled["seeded"] <= blocks
+            assert first["needed"] > 0 and first["reused"] == first["needed"] and sum(first["sync"].values()) == 0
+        else:
+            assert prefilled["seeded"] == prefilled["pool_held"] == 0
+            assert sum(first["sync"].values()) > 0
+
+
+def test_a_prefill_in_chunks_seeds_every_whole_block_and_keeps_the_earlier_ones(model, batch, tmp_path):
+    """Chunks ending inside a block: each chunk seeds the blocks it covers whole (the block a chunk boundary
+    cuts is left to the tiers), and a later chunk keeps what an earlier one seeded; same logits as unseeded."""
+    ids, mask = batch
+    got, held = {}, set()
+    for seed in (True, False):
+        with TieredKVCache.for_model(model, **opts(tmp_path / str(seed), "attention-aware",
+                                                 pipeline={"seed_pool": seed})) as cache:
+            got[seed], prefilled, _ = _prefill_then(model, cache, ids, mask, chunks=(18, None))
+            pipe = cache._pipeline
+            layer = cache.layers[pipe.sparse_ids[0]]
+            if seed:
+                held = set(pipe._pools[layer.layer_idx].slot_of)
+        if seed:  # 40 tokens, 4-token blocks: the first chunk covers blocks 0-3, the second 5-9 (block 4 is cut)
+            assert ids.shape[1] == 40 and prefilled["seeded"] == len(pipe.sparse_ids) * 9
+    assert torch.equal(got[True], got[False])
+    assert {0, 1, 2, 3, 5, 6, 7, 8, 9} <= held  # decode steps may add block 4 and new ones, never drop a seeded one
+
+
+def test_a_pool_bound_limits_what_the_prefill_seeds(model, batch, tmp_path):
+    ids, mask = batch
+    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware", pool_bytes="12KiB")) as cache:
+        got, prefilled, _ = _prefill_then(model, cache, ids, mask)
+        pipe = cache._pipeline
+        slot = prefilled["pool_slot_bytes"]
+    share = (12 << 10) // slot // len(pipe.sparse_ids)
+    assert 0 < prefilled["seeded"] <= share * len(pipe.sparse_ids)
+    assert prefilled["reuse_bytes"] <= 12 << 10

@@ -8,7 +8,8 @@ strategy           pool retention layer-ahead predictor    disk staging deferred
 ================== ============== =========== ============ ============ ========== ============
 fetch-every-step   none           -           -            -            -          -
 reuse-layer-ahead  previous step  yes         query        -            -          -
-attention-aware    mass, x1.5     - (*)       query        yes (+near)  yes        64 MiB
+attention-aware    mass, x1.5,    - (*)       query        yes (+near)  yes        64 MiB
+                   seeded
 ================== ============== =========== ============ ============ ========== ============
 
 (``reuse-layer-ahead`` runs under the ``kv-stream`` policy, ``attention-aware`` under the
@@ -48,7 +49,11 @@ pass for the CPU.  Measured on the 2-core benchmark machine (SmolLM2, ``benchmar
   its new slots are faulted in on a background thread (``MADV_POPULATE_WRITE``), so the first read into a
   fresh slot does not pay a page fault per 4 KiB on the forward pass (~0.15 ms per 192 KiB entry measured
   on the benchmark VM).
-- **The first decode step** (every strategy with a resident pool): the arena is made at the step's first
+- **Pools seeded by the prefill** (``seed_pool``, ``attention-aware``): a prefill copies the blocks it stores
+  into the resident pools from the states it has in memory (:meth:`DecodePipeline.seed`), so decoding starts
+  with them resident instead of reading them back from the tiers and filling the pools through several steps
+  of misses and background staging reads beside the forward pass (docs/sparse.md "Pools seeded by the prefill").
+- **The first decode step** (every strategy with a resident pool, unless seeded): the arena is made at the step's first
   fetch with every sparse layer's view, so its first allocation reserves rows for all of them (views made
   one per layer as the step went reallocated it, copying every held slot, at most layers: 9 times, 2.2-3.1 s
   at SmolLM2 4K x batch 4), and while the first layer reads, the slots the next layers will take are
@@ -154,6 +159,11 @@ class PipelineConfig:
             the promotion threshold, disk staging ahead's choice of blocks and its jobs) runs on a worker
             thread once the forward pass returns (:meth:`DecodePipeline.defer_end_of_step`), overlapping the
             model's head and the next step's start, instead of on the forward thread.  ``False``: inline.
+        seed_pool: with ``"mass"`` retention, a prefill (any non-decode update) copies the blocks it stores into
+            the layer's resident pool from the states it has in memory (:meth:`DecodePipeline.seed`), so the
+            first decode steps find them resident instead of reading them back from the tiers and filling
+            the pool through several steps of misses and background staging reads (``attention-aware``'s
+            default; the pools then hold the prompt's K/V from the prefill on, within ``pool_bytes``).
     """
 
     reuse: bool = False
@@ -174,6 +184,7 @@ class PipelineConfig:
     pool_bytes: int | str | None = None
     pool_eviction: str | None = None
     background_end_step: bool = True
+    seed_pool: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pool_bytes", check_pool_bytes(self.pool_bytes))
@@ -182,6 +193,8 @@ class PipelineConfig:
         f = self.pool_blocks_factor
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not f >= 1.0:
             raise ValueError(f"pool_blocks_factor must be a number >= 1.0, got {f!r}")
+        if not isinstance(self.seed_pool, bool):
+            raise ValueError(f"seed_pool must be a bool, got {self.seed_pool!r}")
         if not isinstance(self.background_end_step, bool):
             raise ValueError(f"background_end_step must be a bool, got {self.background_end_step!r}")
         if self.predictor not in ("previous", "query"):
@@ -217,7 +230,7 @@ class PipelineConfig:
             base = cls(reuse=True, layer_ahead=True, predictor="query")
         elif strategy == "attention-aware":
             base = cls(reuse=True, layer_ahead=False, disk_staging=True, defer_promotions=True, predictor="query",
-                       write_behind_bytes=64 * MiB, pool_blocks_factor=1.5, stage_near=16)
+                       write_behind_bytes=64 * MiB, pool_blocks_factor=1.5, stage_near=16, seed_pool=True)
         else:
             raise ValueError(f"unknown strategy {strategy!r}")
         return cls(**{**asdict(base), **overrides})
@@ -244,7 +257,8 @@ class PipelineStats:
     the time choosing them (after each step; on the end-of-step worker with ``background_end_step``);
     ``after_step_jobs`` / ``after_step_seconds``: end-of-step jobs the worker ran and their wall time (score
     flush, threshold, staging choice); ``after_step_wait_seconds``: the forward thread's waits for them
-    (:meth:`DecodePipeline.fence`); ``prefault_bytes`` / ``prefault_seconds``:
+    (:meth:`DecodePipeline.fence`); ``seeded`` / ``seed_seconds``: blocks copied into the pools by prefills
+    (``seed_pool``) and the time it took; ``prefault_bytes`` / ``prefault_seconds``:
     pool memory faulted in by the background prefaulter and its time there (``warm_bytes``: of those, by the
     first-step warm-up); ``reuse_bytes`` /
     ``reuse_peak_bytes``: memory of the resident pools' shared arena (every
@@ -273,6 +287,8 @@ class PipelineStats:
     after_step_jobs: int = 0
     after_step_seconds: float = 0.0
     after_step_wait_seconds: float = 0.0
+    seeded: int = 0
+    seed_seconds: float = 0.0
     prefault_bytes: int = 0
     prefault_seconds: float = 0.0
     warm_bytes: int = 0
@@ -500,6 +516,66 @@ class DecodePipeline:
                     self._pools[idx] = self._arena.pool()
             pool = self._pools[layer_idx]
         return pool
+
+    def seed(self, layer: "TieredKVLayer", keys: torch.Tensor, values: torch.Tensor, start: int) -> int:
+        """``seed_pool``: a prefill-like (non-decode) update of ``layer`` just stored the states ``keys`` /
+        ``values`` ``(B, H, T, D)`` of positions ``start..start+T-1``: copy the stored blocks they cover whole
+        into the layer's resident pool (``"mass"`` retention only), so decoding never reads back from the
+        tiers what the prefill had in memory.  Without it the pool fills through the first steps' misses and
+        disk staging's reads, several steps of background reads that compete with the forward pass
+        (docs/sparse.md "Pools seeded by the prefill").  Only what is resident changes, never what is attended
+        (the slots receive the stored blocks' exact contents).  With ``pool_bytes`` each layer seeds at most
+        its share of the bound (its latest blocks).  Returns the blocks seeded."""
+        if (not self.config.seed_pool or self.config.retention != "mass" or self._closed or layer.sparse is None
+                or layer.layer_idx not in self._next):
+            return 0
+        bs, n_stored, t = layer.block_size, len(layer._blocks), keys.shape[-2]
+        first = -(-start // bs)  # the first block that starts inside this update
+        new = [j for j in range(first, n_stored) if (j + 1) * bs <= start + t
+               and layer._blocks[j].rows is None and layer._blocks[j].stored_batch == keys.shape[0]]
+        pool = self._pool_of(layer.layer_idx)
+        # Blocks an earlier update seeded stay in the union, so a prefill in chunks does not evict them.
+        held = [j for j in sorted(pool.slot_of) if j < first and pool.holds(j, layer._kkeys[j])]
+        bound = self._arena.max_bytes
+        if bound is not None:
+            slot_bytes = 2 * keys[:, :, :bs].numel() * keys.element_size()
+            share = bound // max(1, slot_bytes) // max(1, len(self.sparse_ids))
+            new = new[max(0, len(new) - share):]
+            held = held[max(0, len(held) - max(0, share - len(new))):]
+        if not new:
+            return 0
+        blocks = held + new
+        b, hk, dk = keys.shape[0], keys.shape[1], keys.shape[3]
+        hv, dv = values.shape[1], values.shape[3]
+        kkeys = [layer._kkeys[j] for j in blocks]
+        t0 = time.perf_counter()
+        pool_bytes = pool.nbytes
+        slots, missing, _ = pool.assign(blocks, kkeys, False, (b, hk, bs, dk), (b, hv, bs, dv), layer.dtype,
+                                        layer.device, layer.sparse.mass, reserve=math.ceil(GROWTH * (n_stored + 1)),
+                                        limit=n_stored + 1)
+        if pool.nbytes != pool_bytes:
+            self._count_pool_bytes(pool, pool_bytes)
+        stale = [blocks[i] for i in missing if i < len(held)]  # none: held blocks were checked current
+        if stale:
+            pool.drop(stale)  # never leave a slot that claims a block it lacks
+        missing = [i for i in missing if i >= len(held)]
+        if missing:
+            at = [slots[i] for i in missing]
+            if pool.k.device.type == "cpu" and can_populate():  # fault the slots in at once, not per 4 KiB
+                lo, hi = min(at), max(at) + 1
+                populate(pool.k[lo:hi])
+                populate(pool.v[lo:hi])
+            dst = [pool.k[s] for s in at] + [pool.v[s] for s in at]
+            src = [keys[:, :, blocks[i] * bs - start:(blocks[i] + 1) * bs - start] for i in missing] + \
+                  [values[:, :, blocks[i] * bs - start:(blocks[i] + 1) * bs - start] for i in missing]
+            try:
+                torch._foreach_copy_(dst, src)
+            except BaseException:
+                pool.drop([blocks[i] for i in missing])
+                raise
+        self.stats.seeded += len(missing)
+        self.stats.seed_seconds += time.perf_counter() - t0
+        return len(missing)
 
     def _count_pool_bytes(self, pool: ResidentPool, before: int) -> None:
         """The arena's bytes (``pool.nbytes``) changed from ``before``: update the total."""
