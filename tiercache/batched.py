@@ -1070,8 +1070,10 @@ def copy_pairs(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
     remaining pairs go through one ``torch._foreach_copy_``.  The bytes written are exactly those of
     the per-pair copies.
 
-    Runs are merged only on the main thread (the one driving the model), and with more than one torch
-    thread only while the machine looks idle (:func:`_machine_idle`) or when the pairs are above torch's
+    Runs are merged only with more than one torch thread (at one thread a merged copy is no faster than
+    ``_foreach_copy_`` and finding the runs costs Python work per pair: 8 blocks of 384 KiB took 288 µs
+    merged vs 261 µs by ``_foreach_copy_``), only on the main thread (the one driving the model), and
+    only while the machine looks idle (:func:`_machine_idle`) or when the pairs are above torch's
     copy grain (:data:`INTRA_OP_GRAIN` elements, e.g. exact decode's 256-token blocks): a merged copy of a
     context's blocks is large enough to take torch's multi-threaded path, as ``DynamicCache``'s
     ``torch.cat`` of the same bytes does, and that path stalls when other work holds the cores.
@@ -1080,8 +1082,8 @@ def copy_pairs(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
     is using.  (Pairs above the grain would each open a team of their own: on the main thread of a busy
     machine that is one stall-prone team per block instead of one per run, so they are merged there.)"""
     n = len(dsts)
-    if (n < 2 or not COALESCE_COPIES or threading.current_thread() is not _MAIN_THREAD
-            or (torch.get_num_threads() > 1 and dsts[0].numel() < INTRA_OP_GRAIN and not _machine_idle())):
+    if (n < 2 or not COALESCE_COPIES or torch.get_num_threads() == 1 or threading.current_thread() is not _MAIN_THREAD
+            or (dsts[0].numel() < INTRA_OP_GRAIN and not _machine_idle())):
         if n:
             torch._foreach_copy_(dsts, srcs)
         return

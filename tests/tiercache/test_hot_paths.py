@@ -225,6 +225,30 @@ def test_copy_pairs_merges_pairs_above_the_grain_on_a_busy_main_thread(where, mo
     assert torch.equal(buf, expect)
 
 
+def test_copy_pairs_does_not_merge_at_one_torch_thread(monkeypatch):
+    """At one torch thread every pair goes through one ``_foreach_copy_`` (merging only adds work there),
+    on the main thread of an idle machine too; the bytes written are exactly the pairs'."""
+    from tiercache import batched
+
+    n, block = 4, 8
+    arena = torch.randn(n, 1, 3, block, 4, generator=torch.Generator().manual_seed(2))
+    srcs = list(arena.unbind(0))
+    buf = torch.zeros(1, 3, n * block + 3, 4)
+    dsts = [buf[:, :, j * block:(j + 1) * block] for j in range(n)]
+    merged = []
+    original = batched._copy_run
+    monkeypatch.setattr(batched, "_copy_run", lambda *a: merged.append(a[2]) or original(*a))
+    monkeypatch.setattr(batched, "_idle", [float("inf"), True])  # idle
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    batched.copy_pairs(dsts, srcs)
+    assert merged == []
+    assert torch.equal(buf[:, :, : n * block], torch.cat(srcs, dim=2))
+    assert not buf[:, :, n * block :].any()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the same pairs are merged with two threads
+    batched.copy_pairs(dsts, srcs)
+    assert merged == [n]
+
+
 def test_machine_idle_reads_the_load_average_and_assumes_busy_without_one(monkeypatch):
     import os
 
