@@ -446,11 +446,20 @@ class DataPaths(Moves):
             found = []
             for key in keys:
                 kind = type(key)
-                if kind is not int and kind is not str and kind is not bytes and (
-                    kind is not tuple or not _FLAT_KEY_TYPES.issuperset(map(type, key))
-                ):
-                    check_key(key)  # TypeError for a key of another type (an equal one could be present)
-                entry = index.get(key)
+                if kind is tuple:
+                    try:
+                        entry = index.get(key)
+                    except TypeError:  # unhashable: check_key says what is wrong with it
+                        check_key(key)
+                        raise
+                    # The very object that was stored (checked by its put) needs no check: the common
+                    # case of a caller that keeps its keys, as exact decode does.
+                    if (entry is None or entry.key is not key) and not _FLAT_KEY_TYPES.issuperset(map(type, key)):
+                        check_key(key)  # TypeError for a key of another type (an equal one could be present)
+                else:
+                    if kind is not int and kind is not str and kind is not bytes:
+                        check_key(key)
+                    entry = index.get(key)
                 if entry is None:
                     for other in keys:  # a bad key anywhere in the batch raises TypeError, not KeyError
                         check_key(other)
@@ -512,7 +521,8 @@ class DataPaths(Moves):
                             if view is None:
                                 view = entry.view = arena.typed_view(entry.slot, entry.dtype).view(entry.shape)
                             strided_dsts.append(dst)
-                            strided_views.append(view if view.shape == dst.shape else view.reshape(dst.shape))
+                            # (an entry's view has the entry's shape: one torch.Size built, not two)
+                            strided_views.append(view if dst.shape == entry.shape else view.reshape(dst.shape))
                         copied += size
                         continue
                 slot = entry.slot

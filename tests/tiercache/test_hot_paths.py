@@ -263,3 +263,19 @@ def test_machine_idle_reads_the_load_average_and_assumes_busy_without_one(monkey
     monkeypatch.setattr(batched, "_idle", [float("-inf"), True])
     monkeypatch.delattr(os, "getloadavg")
     assert batched._machine_idle() is False
+
+
+def test_get_many_checks_tuple_keys_that_are_not_the_stored_object():
+    """A tuple key that is the stored object itself skips the type walk; an equal tuple of other types (a
+    float equal to a stored int) or an unhashable one still raises TypeError, with nothing counted."""
+    with tiercache.Cache(host="1MiB", disk=None) as cache:
+        key = ("a", 1, b"x")
+        cache.put(key, torch.ones(3))
+        assert torch.equal(cache.get_many([key])[0], torch.ones(3))
+        assert torch.equal(cache.get_many([("a", 1, b"x")])[0], torch.ones(3))  # an equal, new object
+        gets = cache.stats()["gets"]
+        with pytest.raises(TypeError, match="float"):
+            cache.get_many([key, ("a", 1.0, b"x")])
+        with pytest.raises(TypeError, match="list"):
+            cache.get_many([key, ("a", [1])])
+        assert cache.stats()["gets"] == gets
