@@ -1,10 +1,15 @@
-"""Old tree vs new tree on hot-path rows 3, 5 and 6, in one process, interleaved, medians (wall and CPU).
+"""Old tree vs new tree on hot-path rows 2, 3, 5 and 6, in one process, interleaved, medians (wall and CPU).
 
     python benchmarks/hotpath_ab.py --old /work/main --new . --rows 3,5,6 --threads 1,2 --repeats 7
+    python benchmarks/hotpath_ab.py --old /work/main --new . --rows 2 --threads 1 --repeats 9
 
 Each tree's ``tiercache`` is imported under its own name (``tc_old`` / ``tc_new``), so both run in the same
 process; the order of old / new (and of the baseline) alternates between repeats and so do thread counts.
-Row 3: single-key ``put`` and ``get`` of 20,000 4 KiB values (host tier) vs a dict of clones.  Row 5: a
+Row 2 (the fixed cost of exact decode's warm fetch): one ``get_many`` of ``--keys`` joint K/V entries of
+SmolLM2's block shape (``(2, 1, 3, 256, 64)`` float32, 384 KiB) into their slices of a decode buffer, as
+``tiercache_llm`` calls it (``out=`` a list, the keys the very tuples it stored), from a host tier
+(``host``) and from a disk-only store, page cache warm (``disk``), vs ``torch._foreach_copy_`` of the same
+tensors into the same slices (the bytes alone; the difference is the call's overhead).  Row 3: single-key ``put`` and ``get`` of 20,000 4 KiB values (host tier) vs a dict of clones.  Row 5: a
 warm single-key ``get`` from a disk-only store vs open + readinto + close of same-size files (each result
 and each buffer dropped at once, as in ``hotpath.py``).  Row 6: reopen of a 100K-entry store of 256-byte values
 (warm; built once under ``--workdir``).  CPU time is ``time.thread_time`` (``process_time`` for row 6):
@@ -60,6 +65,41 @@ def row3(trees: dict[str, Any]) -> Callable[[str], dict[str, tuple[float, float]
             put = timed(lambda: [cache.put(i, v) for i, v in enumerate(values)], len(values))
             get = timed(lambda: [cache.get(i) for i in range(len(values))], len(values))
         return {"put": put, "get": get}
+    return run
+
+
+def row2(trees: dict[str, Any], workdir: Path, keys: int) -> Callable[[str], dict[str, tuple[float, float]]]:
+    shape = (2, 1, 3, 256, 64)
+    values = [torch.randn(shape) for _ in range(keys)]
+    buffer = torch.zeros(2, 1, 3, keys * 256, 64)
+    out = list(buffer.unflatten(3, (keys, 256)).unbind(3))
+    names = [("kv", "bench", 0, "kv", i) for i in range(keys)]
+    caches: dict[tuple[str, str], Any] = {}
+    for name, tc in trees.items():
+        caches[(name, "host")] = tc.Cache(host=keys * 512 * 1024 + 16 * MiB, disk=None)
+        path = workdir / f"row2-{name}"
+        shutil.rmtree(path, ignore_errors=True)
+        caches[(name, "disk")] = tc.Cache(host=None, disk=keys * MiB + 64 * MiB, path=path)
+    for (name, where), cache in caches.items():
+        cache.put_many(zip(names, values))
+        assert cache.tiers_of(names) == [where] * keys, (name, where)
+    calls = max(20, 4000 // keys)
+
+    def run(name: str) -> dict[str, tuple[float, float]]:
+        label = f"{keys} x 384 KiB"
+        if name == "base":
+            copy = timed(lambda: [torch._foreach_copy_(out, values) for _ in range(calls)], calls)
+            return {f"get_many host {label}": copy, f"get_many disk {label}": copy}
+        result = {}
+        for where in ("host", "disk"):
+            cache = caches[(name, where)]
+            cache.get_many(names, out=out)  # warm
+            result[f"get_many {where} {label}"] = timed(
+                lambda: [cache.get_many(names, out=out) for _ in range(calls)], calls)
+        assert all(torch.equal(o, v) for o, v in zip(out, values))
+        return result
+
+    run.caches = caches  # type: ignore[attr-defined]
     return run
 
 
@@ -123,6 +163,7 @@ def main() -> int:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temp dir)")
+    parser.add_argument("--keys", type=int, default=8, help="row 2: entries per get_many (default 8)")
     args = parser.parse_args()
     sys.path.insert(0, str(args.new.resolve() / "kernels"))
     trees = {"old": load_tree("tc_old", args.old.resolve()), "new": load_tree("tc_new", args.new.resolve())}
@@ -131,6 +172,8 @@ def main() -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="tiercache-hotpath-ab-"))
     workdir.mkdir(parents=True, exist_ok=True)
     runs: list[tuple[int, Callable[[str], dict[str, tuple[float, float]]]]] = []
+    if 2 in rows:
+        runs.append((2, row2(trees, workdir, args.keys)))
     if 3 in rows:
         runs.append((3, row3(trees)))
     if 5 in rows:
