@@ -31,7 +31,7 @@ from .sizes import format_size
 from .state import Release, log
 from .tiers.base import EntryHeader, Slot
 from .tiers.disk import DiskTier
-from .tiers.memory import GIL_HELD_MAX_BYTES, MEMMOVE_MAX_BYTES, ArenaTier, memmove, memmove_holding_gil
+from .tiers.memory import MEMMOVE_MAX_BYTES, ArenaTier, copy_bytes, memmove
 from .transfer import CopyEngine, chunk_file_bytes, packed_layout, read_chunk_into
 from .values import as_bytes, check_score, check_scores, copy_payload, flat, new_tensor, tensor_data
 
@@ -197,11 +197,7 @@ class DataPaths(Moves):
             slot = arena.allocate(size)
             if slot is not None:
                 start = _perf_counter()
-                # (a CPU arena slot's ref is its address: ArenaTier.address)
-                if 0 < size <= GIL_HELD_MAX_BYTES:
-                    memmove_holding_gil(slot.ref, data.data_ptr(), size)
-                elif size:
-                    memmove(slot.ref, data.data_ptr(), size)
+                copy_bytes(slot.ref, data.data_ptr(), size)  # (a CPU arena slot's ref is its address)
                 seq = self._seq = self._seq + 1
                 clock = self._clock = self._clock + 1
                 index = self._index
@@ -260,10 +256,7 @@ class DataPaths(Moves):
             slot = tier.allocate(size)
             if slot is None:
                 break
-            if 0 < size <= GIL_HELD_MAX_BYTES:  # (a CPU arena slot's ref is its address)
-                memmove_holding_gil(slot.ref, data.data_ptr(), size)
-            elif size:
-                memmove(slot.ref, data.data_ptr(), size)
+            copy_bytes(slot.ref, data.data_ptr(), size)  # (a CPU arena slot's ref is its address)
             written[home] += size
             seq += 1
             clock += 1
@@ -594,10 +587,7 @@ class DataPaths(Moves):
                             size = entry.nbytes
                             result = new_tensor(entry.shape, entry.dtype)
                             # (a CPU arena slot's ref is its address: ArenaTier.address)
-                            if 0 < size <= GIL_HELD_MAX_BYTES:
-                                memmove_holding_gil(result.data_ptr(), entry.slot.ref, size)
-                            elif size:
-                                memmove(result.data_ptr(), entry.slot.ref, size)
+                            copy_bytes(result.data_ptr(), entry.slot.ref, size)
                             self._counters.gets += 1
                             counters = self._tier_counters[0]
                             counters.hits += 1

@@ -39,6 +39,15 @@ nothing, which saves ``ctypes.memmove``'s release and re-take of the GIL and its
 
 GIL_HELD_MAX_BYTES = 1 << 16
 
+
+def copy_bytes(dst: int, src: int, size: int) -> None:
+    """``memmove(dst, src, size)`` between addresses of CPU memory: :data:`memmove_holding_gil` up to
+    ``GIL_HELD_MAX_BYTES``, ``ctypes.memmove`` (the GIL released) above; nothing for ``size`` 0."""
+    if size > GIL_HELD_MAX_BYTES:
+        memmove(dst, src, size)
+    elif size:
+        memmove_holding_gil(dst, src, size)
+
 _new_tuple = tuple.__new__
 _CHUNK_SHIFT = 48  # the pseudo-base of chunk i of an arena that is not addressable: i << 48 (chunks are < 2**48 bytes)
 
