@@ -454,7 +454,7 @@ class DecodePipeline:
             block = layer._blocks[j]
             refs[layer._kkeys[j]] = (block, "k")
             refs[layer._vkeys[j]] = (block, "v")
-        keys = list(refs)
+        keys = staged_keys(layer, blocks)  # the order of the caller's ``tiers``
         fastest = self.store.fastest_tier
         if tiers is None:
             tiers = self.store.tiers_of(keys)
@@ -962,8 +962,8 @@ def layer_keys(layer: "TieredKVLayer", blocks: list[int]) -> list:
 
 
 def staged_keys(layer: "TieredKVLayer", blocks: list[int]) -> list:
-    """The K and V keys of ``blocks`` block by block, each once, in the order :meth:`DecodePipeline._stage_blocks`
-    stages them."""
+    """The K and V keys of ``blocks`` block by block, each once: the entries :meth:`DecodePipeline._stage_blocks`
+    stages, in its order (its ``tiers`` follow it)."""
     kk, vk = layer._kkeys, layer._vkeys
     return list(dict.fromkeys(k for j in blocks for k in (kk[j], vk[j])))
 
