@@ -61,6 +61,7 @@ for p in (ROOT, ROOT / "kernels", ROOT / "benchmarks"):
 import torch  # noqa: E402
 
 from _common import machine_meta, median, torch_threads  # noqa: E402
+from tiercache_llm.hf_kwargs import cache_kwargs  # noqa: E402
 from tiercache_llm.sparse.attention import sparse_attention_reference  # noqa: E402
 from tiercache_llm.sparse.page_table import build_page_table_from_valid  # noqa: E402
 from tiercache_llm.sparse.selection import BlockSelection  # noqa: E402
@@ -218,7 +219,7 @@ def model_ab(rev: str, context: int = 8192, batch: int = 4, steps: int = 16, bud
                 current[0] = side[which]
                 spent[0] = 0.0
                 t0 = time.perf_counter()
-                ids = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                ids = model(input_ids=ids, **cache_kwargs(cache, model), use_cache=True).logits[:, -1:].argmax(-1)
                 if i >= 2:
                     wall[which].append(time.perf_counter() - t0)
                     attn[which].append(spent[0])

@@ -43,6 +43,7 @@ for p in (ROOT, ROOT / "kernels", ROOT / "benchmarks"):
 import torch  # noqa: E402
 
 import sparse_speed as sp  # noqa: E402
+from tiercache_llm.hf_kwargs import cache_kwargs  # noqa: E402
 import tiercache_llm.sparse_layer as sparse_layer  # noqa: E402
 from _common import load_bench_model, machine_meta, median, torch_threads  # noqa: E402
 from tiercache_llm.sparse import selection as this_selection  # noqa: E402
@@ -158,7 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for name in (list(caches) if step % 2 == 0 else list(caches)[::-1]):
                     dispatch.active, dispatch.select_cpu, dispatch.attend_cpu = name, 0.0, 0.0
                     c0, t0 = time.thread_time(), time.perf_counter()
-                    logits[name] = model(input_ids=feed[name], past_key_values=caches[name]).logits[:, -1]
+                    logits[name] = model(input_ids=feed[name], **cache_kwargs(caches[name], model)).logits[:, -1]
                     wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
                     feed[name] = logits[name].argmax(-1, keepdim=True)
                     if not dispatch.verify:

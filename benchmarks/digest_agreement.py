@@ -28,6 +28,7 @@ for p in (ROOT, ROOT / "kernels", ROOT / "benchmarks"):
         sys.path.insert(0, str(p))
 
 import torch  # noqa: E402
+from tiercache_llm.hf_kwargs import cache_kwargs  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -90,11 +91,11 @@ def main(argv=None) -> int:
     assert ids.shape[1] == need, f"the text holds {ids.shape[1]} tokens, {need} needed"
     t0 = time.perf_counter()
     with torch.no_grad(), TieredKVCache.for_model(model, mode="sparse", budget=args.run_budget, host="2GiB") as cache:
-        model(ids[:, : args.context], past_key_values=cache, use_cache=True)
+        model(ids[:, : args.context], **cache_kwargs(cache, model), use_cache=True)
         print(f"prefill {args.context} tokens: {time.perf_counter() - t0:.1f} s", flush=True)
         active["on"] = True
         for s in range(args.steps):
-            model(ids[:, args.context + s : args.context + s + 1], past_key_values=cache, use_cache=True)
+            model(ids[:, args.context + s : args.context + s + 1], **cache_kwargs(cache, model), use_cache=True)
         st = cache.stats()
         d16 = sum(l.sparse.digests.nbytes for l in cache.layers if l.sparse is not None and l.sparse.digests is not None)
         d32 = sum(t.nbytes for t in twins.values())

@@ -46,6 +46,8 @@ from typing import Any
 
 import torch
 
+from tiercache_llm.hf_kwargs import cache_kwargs
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402  (the benchmarks directory is not a package)
     MiB, kv_cache_bytes, load_bench_model, machine_meta, median, parse_ints, stats_delta, tier_row, torch_threads,
@@ -169,7 +171,7 @@ def step(model: Any, cache: Any, token: torch.Tensor) -> tuple[torch.Tensor, flo
     """``(last logits, seconds, start, CPU seconds of this thread)`` of one forward pass."""
     start, cpu = time.perf_counter(), time.thread_time()
     with torch.no_grad():
-        logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=token, **cache_kwargs(cache, model), use_cache=True).logits[:, -1]
     end = time.perf_counter()
     return logits, end - start, start, time.thread_time() - cpu
 

@@ -24,7 +24,7 @@ tier at ``--ssd-host-fraction`` of the KV (default 1/4) and puts the rest on a d
 minutes per run, so the cache is filled directly: for every layer, one ``Cache.update`` with seeded
 random K/V of the whole context (the same K/V for every system at a point); sparse caches get their key
 digests from the same keys (what the prepared model's attention does during a prefill).  Decoding then
-runs the real model (``model(input_ids, past_key_values=cache)``, greedy): one untimed step, then
+runs the real model (``model(input_ids, **cache_kwargs(cache, model))``, greedy): one untimed step, then
 ``--steps`` timed steps (``cuda.synchronize`` around each).  Since the K/V are random, attention is
 spread evenly and sparse selection has no structure to find; the figures are speed, not accuracy
 (``benchmarks/sparse_accuracy.py`` measures accuracy on a real model).  ``exact`` must produce the same
@@ -58,6 +58,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_meta, median, parse_ints  # noqa: E402  (the benchmarks directory is not a package)
+from tiercache_llm.hf_kwargs import cache_kwargs  # noqa: E402
 from tiercache_llm.kv_cache import default_block_size  # noqa: E402
 
 GiB = 1 << 30
@@ -229,7 +230,7 @@ def decode(model: Any, cache: Any, cfg: Config, s: Settings, device: torch.devic
         for step in range(s.steps + 1):
             _sync(device)
             t0 = time.perf_counter()
-            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=token, **cache_kwargs(cache, model), use_cache=True).logits
             token = logits[:, -1:].argmax(-1)
             _sync(device)
             if step:

@@ -41,6 +41,7 @@ for p in (ROOT, ROOT / "kernels", ROOT / "benchmarks"):
 import torch  # noqa: E402
 
 import sparse_speed as sp  # noqa: E402
+from tiercache_llm.hf_kwargs import cache_kwargs  # noqa: E402
 import tiercache_llm.sparse_layer as sparse_layer  # noqa: E402
 from _common import load_bench_model, median, torch_threads  # noqa: E402
 from sparse_variants import cached_prefill, step_figures  # noqa: E402
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
                     dispatch.active, dispatch.cpu = name, 0.0
                     before = caches[name].stats()
                     c0, t0 = time.thread_time(), time.perf_counter()
-                    logits = model(input_ids=feed[name], past_key_values=caches[name]).logits
+                    logits = model(input_ids=feed[name], **cache_kwargs(caches[name], model)).logits
                     wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
                     feed[name] = logits[:, -1].argmax(-1, keepdim=True)
                     stages, _ = step_figures(before, caches[name].stats())

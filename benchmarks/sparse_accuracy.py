@@ -47,6 +47,8 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
+from tiercache_llm.hf_kwargs import cache_kwargs
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402  (the benchmarks directory is not a package)
     MiB, SPARSE_UNAVAILABLE, SparseUnavailable, filesystem_of, find_numbers, kv_cache_bytes, load_bench_model,
@@ -229,7 +231,7 @@ def run_passkey(model: Any, tokenizer: Any, cases: list[PasskeyCase], cache: Any
     its key is in its answer."""
     ids, mask = batch_cases(cases, pad_id(model))
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, past_key_values=cache, do_sample=False,
+        out = model.generate(ids, attention_mask=mask, **cache_kwargs(cache, model), do_sample=False,
                              max_new_tokens=new_tokens, pad_token_id=pad_id(model))
     results = []
     for row, case in enumerate(cases):
@@ -256,9 +258,9 @@ def teacher_forced(model: Any, ids: torch.Tensor, prefix: int, cache: Any,
     out = []
     per_step: list[dict[str, Any]] = []
     with torch.no_grad():
-        model(ids[:, :prefix], past_key_values=cache, use_cache=True)
+        model(ids[:, :prefix], **cache_kwargs(cache, model), use_cache=True)
         for t in range(steps):
-            logits = model(ids[:, prefix + t:prefix + t + 1], past_key_values=cache, use_cache=True).logits
+            logits = model(ids[:, prefix + t:prefix + t + 1], **cache_kwargs(cache, model), use_cache=True).logits
             out.append(torch.log_softmax(logits[0, -1].float(), dim=-1))
             if hasattr(cache, "stats"):
                 per_step.append(find_numbers(cache.stats(), "reuse", "select", "resident", "kv.bytes_fetched"))

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import find_numbers, median, stats_delta, torch_threads  # noqa: E402
 from sparse_variants import parsed_variants, prefilled_point, variant_parser  # noqa: E402
 import sparse_speed as sp  # noqa: E402
+from tiercache_llm.hf_kwargs import cache_kwargs  # noqa: E402
 from tiercache_llm.kv_cache import TieredKVCache  # noqa: E402
 
 END = {"wall": 0.0, "cpu": 0.0}
@@ -70,7 +71,7 @@ try:
     with torch.no_grad(), torch_threads(1):
         for r in runs:  # warm-up, not timed
             for _ in range(args.warmup):
-                r["feed"] = model(input_ids=r["feed"], past_key_values=r["cache"]).logits[:, -1].argmax(-1, keepdim=True)
+                r["feed"] = model(input_ids=r["feed"], **cache_kwargs(r["cache"], model)).logits[:, -1].argmax(-1, keepdim=True)
                 r["tokens"].append(r["feed"].view(-1).tolist())
             fence(r["cache"])
         for rnd in range(args.rounds):
@@ -81,7 +82,7 @@ try:
                 feeds = []
                 t, c = time.perf_counter(), time.thread_time()
                 for _ in range(args.run):
-                    r["feed"] = model(input_ids=r["feed"], past_key_values=r["cache"]).logits[:, -1].argmax(-1, keepdim=True)
+                    r["feed"] = model(input_ids=r["feed"], **cache_kwargs(r["cache"], model)).logits[:, -1].argmax(-1, keepdim=True)
                     feeds.append(r["feed"])
                 fence(r["cache"])
                 el, cp = time.perf_counter() - t, time.thread_time() - c

@@ -20,6 +20,7 @@ WT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(WT / "benchmarks"))
 from _common import load_bench_model, torch_threads, stats_delta, find_numbers
 import sparse_speed as sp
+from tiercache_llm.hf_kwargs import cache_kwargs  # noqa: E402
 import tiercache_llm.kv_cache as kvc
 
 p = argparse.ArgumentParser()
@@ -96,7 +97,7 @@ try:
                     before = c.stats()
                     if prof and name == "new" and step >= a.warmup: prof.enable()
                     t0 = time.perf_counter(); c0 = time.thread_time()
-                    logits[name] = model(input_ids=feed, past_key_values=c).logits[:, -1]
+                    logits[name] = model(input_ids=feed, **cache_kwargs(c, model)).logits[:, -1]
                     t = time.perf_counter() - t0; ct = time.thread_time() - c0
                     if prof and name == "new" and step >= a.warmup: prof.disable()
                     after = c.stats()

@@ -38,6 +38,7 @@ from sparse_variants import (  # noqa: E402
     parsed_variants, prefilled_point, step_figures, variant_parser, write_results,
 )
 import sparse_speed as sp  # noqa: E402
+from tiercache_llm.hf_kwargs import cache_kwargs  # noqa: E402
 
 FIRST_KEYS = ("sparse.total.fetch_seconds", "pipeline.sync_seconds.disk", "pipeline.sync_seconds.host",
               "pipeline.copy_seconds", "sparse.total.attention_seconds", "sparse.total.scoring_seconds",
@@ -82,7 +83,7 @@ def run_round(model: Any, variants: list[tuple[str, str, dict]], kv: list, s: An
                 fill = time.perf_counter() - t
                 before = cache.stats()
                 t = time.perf_counter()
-                nxt = model(input_ids=feed, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
+                nxt = model(input_ids=feed, **cache_kwargs(cache, model)).logits[:, -1].argmax(-1, keepdim=True)
                 first = time.perf_counter() - t
                 after = cache.stats()
                 stages, _ = step_figures(before, after)
@@ -97,7 +98,7 @@ def run_round(model: Any, variants: list[tuple[str, str, dict]], kv: list, s: An
                 for i in order[k:] + order[:k]:
                     r = runs[i]
                     t = time.perf_counter()
-                    r["feed"] = model(input_ids=r["feed"], past_key_values=r["cache"]).logits[:, -1].argmax(-1, keepdim=True)
+                    r["feed"] = model(input_ids=r["feed"], **cache_kwargs(r["cache"], model)).logits[:, -1].argmax(-1, keepdim=True)
                     r["later_ms"].append(1000 * (time.perf_counter() - t))
         for r in runs.values():
             pipe = r["cache"].stats()["pipeline"]

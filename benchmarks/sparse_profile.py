@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import find_numbers, load_bench_model, parse_ints, stats_delta, torch_threads  # noqa: E402
 import sparse_speed as sp  # noqa: E402
+from tiercache_llm.hf_kwargs import cache_kwargs  # noqa: E402
 
 
 def top_functions(profile: cProfile.Profile, wall: float, n: int = 25) -> list[dict]:
@@ -121,13 +122,13 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 with torch.no_grad(), torch_threads(args.threads):
                     for _ in range(args.warmup):
-                        feed = model(input_ids=feed, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
+                        feed = model(input_ids=feed, **cache_kwargs(cache, model)).logits[:, -1].argmax(-1, keepdim=True)
                     before = cache.stats()
                     prof = cProfile.Profile()
                     start = time.perf_counter()
                     prof.enable()
                     for _ in range(args.steps):
-                        feed = model(input_ids=feed, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
+                        feed = model(input_ids=feed, **cache_kwargs(cache, model)).logits[:, -1].argmax(-1, keepdim=True)
                     prof.disable()
                     wall = time.perf_counter() - start
                     after = cache.stats()

@@ -64,6 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tiercache_llm.hf_kwargs import cache_kwargs  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -339,7 +340,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         Sim.prefix = 0
         pre = DynamicCache(config=model.config)
-        model(ids[:, :args.prefix], past_key_values=pre, use_cache=True)
+        model(ids[:, :args.prefix], **cache_kwargs(pre, model), use_cache=True)
         print(f"prefill {args.prefix} tokens: {time.perf_counter() - t0:.1f} s", flush=True)
         chunk = ids[:, args.prefix:args.prefix + args.steps]
 
@@ -347,7 +348,7 @@ def main(argv=None) -> int:
             Sim.variant, Sim.budget, Sim.sink, Sim.recent, Sim.prefix = variant, budget, args.sink, args.recent, args.prefix
             Sim.attended, Sim.fetched = [], []
             cache = copy.deepcopy(pre)
-            logits = model(chunk, past_key_values=cache, use_cache=True).logits[0].float()
+            logits = model(chunk, **cache_kwargs(cache, model), use_cache=True).logits[0].float()
             return torch.log_softmax(logits, -1), sum(Sim.attended) / len(Sim.attended), sum(Sim.fetched) / len(Sim.fetched)
 
         ref, _, _ = run(None, 1.0)

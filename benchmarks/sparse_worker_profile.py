@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import torch_threads  # noqa: E402
 from sparse_variants import prefilled_point, variant_parser  # noqa: E402
 import sparse_speed as sp  # noqa: E402
+from tiercache_llm.hf_kwargs import cache_kwargs  # noqa: E402
 from tiercache_llm import store as store_module  # noqa: E402
 from tiercache_llm.sparse import pipeline as pipeline_module  # noqa: E402
 
@@ -97,7 +98,7 @@ def main() -> None:
                 if step == args.warmup:
                     TIMES.clear()
                     COPIES[:] = [0, 0.0, 0, 0]
-                feed = model(input_ids=feed, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
+                feed = model(input_ids=feed, **cache_kwargs(cache, model)).logits[:, -1].argmax(-1, keepdim=True)
                 pipe.fence()
     finally:
         cache.close()

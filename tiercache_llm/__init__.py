@@ -2,7 +2,8 @@
 
     from tiercache_llm import TieredKVCache
     cache = TieredKVCache(model.config, host="2GiB", disk="200GiB", path="/nvme/kv")
-    out = model.generate(input_ids, past_key_values=cache, max_new_tokens=256)
+    out = model.generate(input_ids, **cache_kwargs(cache, model), max_new_tokens=256)
+    # cache_kwargs: cache=cache on transformers >= 5.24, past_key_values=cache before (tiercache_llm.hf_kwargs)
 
     # sparse decode with attention-aware placement (prepares the model's attention, reversibly)
     cache = TieredKVCache.for_model(model, mode="sparse", budget=0.25, host="2GiB", disk="200GiB", path="/nvme/kv")
@@ -12,6 +13,7 @@ Supported transformers: ``>=5.17,<6``.
 
 from .blocks import BlockRef, block_key
 from .decode_buffer import DecodeBuffer
+from .hf_kwargs import cache_argument, cache_kwargs
 from .errors import KVCapacityError, TieredKVError, UnsupportedModelError
 from .kv_cache import SUPPORTED_TRANSFORMERS, TieredKVCache, TieredKVLayer, TieredKVSettings
 from .policies import AttentionPlacementPolicy, StreamingKVPolicy
@@ -34,4 +36,6 @@ __all__ = [
     "TieredKVSettings",
     "UnsupportedModelError",
     "block_key",
+    "cache_argument",
+    "cache_kwargs",
 ]

@@ -20,6 +20,8 @@ from typing import Any, Iterator, Sequence
 from tiercache import format_size
 from tiercache._cli import OneLineParser, UsageError, int_arg, run_guarded, size_arg
 
+from .hf_kwargs import cache_kwargs
+
 PROG = "python -m tiercache_llm"
 DEFAULT_TOKENS = 1500
 DEFAULT_HOST = "16MiB"
@@ -290,7 +292,7 @@ def _generate(args: argparse.Namespace, model: Any, tokenizer: Any, prompt: Any,
     import torch
 
     progress = _Progress(label, model, prompt.n_tokens, args.max_new_tokens, enabled=not args.no_progress)
-    extra = {} if cache is None else {"past_key_values": cache}
+    extra = cache_kwargs(cache, model)
     start = time.perf_counter()
     try:
         with torch.inference_mode():

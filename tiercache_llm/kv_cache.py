@@ -3,7 +3,7 @@
 Plug it into ``generate``::
 
     cache = TieredKVCache(model.config, host="1GiB", disk="16GiB", path="/nvme/kv")
-    out = model.generate(input_ids, past_key_values=cache, max_new_tokens=256)
+    out = model.generate(input_ids, cache=cache, max_new_tokens=256)  # past_key_values= before transformers 5.24
 
 Exact mode (default): every forward pass attends over every block, so greedy decoding is
 token-identical to ``DynamicCache``.  Sparse mode (``TieredKVCache.for_model(model, mode="sparse",
