@@ -554,7 +554,10 @@ class DecodePipeline:
         disk staging's reads, several steps of background reads that compete with the forward pass
         (docs/sparse.md "Pools seeded by the prefill").  Only what is resident changes, never what is attended
         (the slots receive the stored blocks' exact contents).  With ``pool_bytes`` each layer seeds at most
-        its share of the bound (its latest blocks).  Returns the blocks seeded."""
+        its share of the bound (its latest blocks).  Called for every prefill-like update of every strategy: it
+        resolves ``pool_bytes="auto"`` first.  Returns the blocks seeded."""
+        if self._auto_bound and layer.device is not None and layer.device.type != self._bound_device:
+            self._resolve_bound(layer.device)  # the bound in force from the first update on, for every strategy
         if (not self.config.seed_pool or self.config.retention != "mass" or self._closed or layer.sparse is None
                 or layer.layer_idx not in self._next):
             return 0
@@ -562,8 +565,6 @@ class DecodePipeline:
         first = -(-start // bs)  # the first block that starts inside this update
         new = [j for j in range(first, n_stored) if (j + 1) * bs <= start + t
                and layer._blocks[j].rows is None and layer._blocks[j].stored_batch == keys.shape[0]]
-        if self._auto_bound and layer.device.type != self._bound_device:
-            self._resolve_bound(layer.device)
         pool = self._pool_of(layer.layer_idx)
         # Blocks an earlier update seeded stay in the union, so a prefill in chunks does not evict them.
         held = [j for j in sorted(pool.slot_of) if j < first and pool.holds(j, layer._kkeys[j])]

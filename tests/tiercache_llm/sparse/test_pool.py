@@ -565,3 +565,14 @@ def test_decoding_under_the_default_bound_gives_the_unbounded_logits_and_selecti
     assert pipe["reuse_peak_bytes"] <= 36 << 10
     if strategy != "fetch-every-step":
         assert free["reuse_peak_bytes"] > 36 << 10 and pipe["pool_evicted"] > free["pool_evicted"]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_resolves_the_default_bound_at_the_prefill(model, tmp_path, strategy):
+    from ..test_sparse_pipeline import _prefill_then
+
+    ids, mask = left_padded_batch(seed=5, lengths=(40, 33, 27))
+    with TieredKVCache.for_model(model, **_no_pool_bytes(opts(tmp_path, strategy, host="36KiB"))) as cache:
+        _, prefilled, _ = _prefill_then(model, cache, ids, mask, steps=1)
+    assert prefilled["pool_bound_bytes"] == 36 << 10
+    assert prefilled["pool_bound_source"] == "auto: the host tier's budget (model on cpu)"
