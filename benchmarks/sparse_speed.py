@@ -98,7 +98,9 @@ class Settings:
     synthetic: tuple[int, ...] = (16384, 32768)  # contexts of the deep random config (batch 1); () skips it
     synthetic_layers: int = 48
     accuracy: str | None = None  # sparse_accuracy.json to show beside the budgets (None: --out's)
-    pool_fractions: tuple[float, ...] = ()  # opt-in: pool budgets (fractions of the KV) at the full points
+    # opt-in: pool budgets (fractions of the KV; inf: unbounded pools) at the full points, beside the default
+    # rows, which run under the cache's default bound (pool_bytes="auto": the host tier's budget here)
+    pool_fractions: tuple[float, ...] = ()
 
     @classmethod
     def quick(cls) -> "Settings":
@@ -114,7 +116,7 @@ class Config:
     system: str
     budget: int | float | None = None
     state: str | None = None
-    pool: float | None = None  # pool_bytes as a fraction of the KV (inf: unbounded, named; None: the default)
+    pool: float | None = None  # pool_bytes as a fraction of the KV (inf: unbounded, named; None: the default bound)
 
     @property
     def label(self) -> str:
@@ -173,9 +175,10 @@ def configurations(s: Settings, full: bool, context: int, block: int) -> tuple[l
     if full and s.warm:
         configs += [Config(EXACT, None, "warm")] + [Config(system, headline, "warm") for system in SPARSE]
     if full and s.pool_fractions:
-        # Pool budgets (opt-in): the retaining strategies at each budget beside themselves unbounded, interleaved.
-        configs += [Config(system, headline, "cold", pool) for pool in (math.inf, *s.pool_fractions)
-                    for system in (REUSE, AWARE)]
+        # Pool budgets (opt-in): the retaining strategies unbounded and at each fraction, interleaved with the
+        # default rows (which run under the default bound).
+        pools = [math.inf] + [p for p in dict.fromkeys(s.pool_fractions) if not math.isinf(p)]
+        configs += [Config(system, headline, "cold", pool) for pool in pools for system in (REUSE, AWARE)]
     return configs, merged
 
 
@@ -344,8 +347,9 @@ def build_cache(model: Any, cfg: Config, kv: list[tuple[torch.Tensor, torch.Tens
         opts["direct_io"] = cfg.state == "cold"
     if s.block_size is not None:
         opts["block_size"] = s.block_size
-    if cfg.pool is not None and not math.isinf(cfg.pool):
-        opts["pool_bytes"] = max(1, int(cfg.pool * kv_bytes))
+    if cfg.pool is not None and cfg.system not in (DYNAMIC, EXACT):
+        # inf: unbounded, asked for by name (None: "auto" is the default; on trees before it, None was)
+        opts["pool_bytes"] = None if math.isinf(cfg.pool) else max(1, int(cfg.pool * kv_bytes))
     sparse_opts = dict(budget=cfg.budget, strategy=cfg.system, **({"pipeline": pipeline} if pipeline else {}))
     cache = make_tiered(model, "exact", **opts) if cfg.system == EXACT else \
         make_tiered(model, "sparse", **sparse_opts, **opts)
@@ -848,6 +852,11 @@ class Row:
     # median over the rounds of the mean of the EARLY_STEPS steps right after the first (steps 1..3 after the fill,
     # warm-up or timed), at the first thread count: what a short decode pays per token while a strategy settles
     early_ms: float = float("nan")
+    # the resident pools' bound the run decoded under (stats()["pipeline"]["pool_bound_bytes"]; None: unbounded
+    # or no pools) and where it came from ("pool_bound_source": "auto: the host tier's budget (model on cpu)",
+    # "pool_bytes", "unbounded (pool_bytes=None)"; "" for caches without a pipeline)
+    pool_bound_bytes: float | None = None
+    pool_bound_source: str = ""
 
 
 EARLY_STEPS = 3  # the steps after the first one that 'steps 1-3 ms' averages
@@ -888,8 +897,30 @@ def summarise(runs: list[Run]) -> list[Row]:
                             _mean([st.get("disk_tier_bytes", float("nan")) for st in steps]) if run.system != DYNAMIC
                             else float("nan"),
                             max((st.get("beside_tiers_bytes", float("nan")) for st in steps), default=float("nan"))
-                            if run.system != DYNAMIC else float("nan"), first, early_ms(run.steps, t)))
+                            if run.system != DYNAMIC else float("nan"), first, early_ms(run.steps, t),
+                            *pool_bound(run.stats)))
     return rows
+
+
+def pool_bound(stats: dict[str, Any] | None) -> tuple[float | None, str]:
+    """``(bound bytes or None, source)`` of the resident pools a cache decoded under (its ``stats()``); ``(None,
+    "")`` without a decode pipeline (dense, exact).  A tree before ``pool_bound_source`` reported only the bound:
+    ``None`` there was unbounded."""
+    pipe = (stats or {}).get("pipeline")
+    if not pipe:
+        return None, ""
+    bound = pipe.get("pool_bound_bytes")
+    source = pipe.get("pool_bound_source") or ("unbounded (pool_bytes=None)" if bound is None else "pool_bytes")
+    return (None if bound is None else float(bound)), source
+
+
+def _pool(r: "Row") -> str:
+    """The table's pool bound: MiB and whether the default chose it (``auto``), or ``unbounded``."""
+    if not r.pool_bound_source:
+        return "–"
+    if r.pool_bound_bytes is None:
+        return "unbounded"
+    return f"{_mib(r.pool_bound_bytes)} ({'auto' if r.pool_bound_source.startswith('auto') else 'set'})"
 
 
 def accuracy_beside(path: Path) -> dict[str, dict[str, float]]:
@@ -1030,13 +1061,13 @@ def _stages(r: Row) -> str:
 
 def table(rows: list[Row], acc: dict[str, dict[str, float]]) -> list[str]:
     lines = ["| model | context | batch | threads | configuration | ms/step | first step ms | steps 1-3 ms | tokens/s | MiB/step fetched host + disk (disk tier read, background included) | "
-             "stage ms/step (pipeline: sync / copy / wait / background) | MiB beside the tier budgets (pools, staging, digests, buffers) | reuse | top-1 vs DynamicCache (teacher-forced, this run) | accuracy run top-1 / KL |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "stage ms/step (pipeline: sync / copy / wait / background) | MiB beside the tier budgets (pools, staging, digests, buffers) | pool bound MiB | reuse | top-1 vs DynamicCache (teacher-forced, this run) | accuracy run top-1 / KL |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r.model != "smollm2", r.requested_context, r.batch, r.threads,
                                          SYSTEMS.index(r.system), str(r.budget), str(r.state))):
         ctx = f"{r.context}" if r.context == r.requested_context else f"{r.context} ({r.requested_context})"
         if not r.available:
-            lines.append(f"| {r.model} | {ctx} | {r.batch} | {r.threads} | {r.label} | {_short(r.note)} | | | | | | | | | |")
+            lines.append(f"| {r.model} | {ctx} | {r.batch} | {r.threads} | {r.label} | {_short(r.note)} | | | | | | | | | | |")
             continue
         label = r.label + (f" ({r.cold_method})" if r.state == "cold" and r.cold_method == "fadvise" else "")
         io = "–" if r.system == DYNAMIC else f"{_mib(r.host_bytes)} + {_mib(r.disk_bytes)} ({_mib(r.disk_tier_bytes)})"
@@ -1044,7 +1075,7 @@ def table(rows: list[Row], acc: dict[str, dict[str, float]]) -> list[str]:
         accs = f"{a['top1_agreement']:.4f} / {a['mean_kl']:.3g}" if a else "–"
         agree = "ref" if r.system == DYNAMIC else (f"{r.top1_vs_reference:.3f}" if r.top1_vs_reference is not None else "–")
         lines.append(f"| {r.model} | {ctx} | {r.batch} | {r.threads} | {label} | {_ms(r.ms_per_step)} | {_ms(r.first_step_ms)} | {_ms(r.early_ms)} | {r.tokens_per_s:.3g} | "
-                     f"{io} | {_stages(r)} | {'–' if r.system == DYNAMIC else _mib(r.beside_tiers_bytes)} | {f'{r.reuse_rate:.3f}' if r.reuse_rate is not None else '–'} | {agree} | {accs} |")
+                     f"{io} | {_stages(r)} | {'–' if r.system == DYNAMIC else _mib(r.beside_tiers_bytes)} | {_pool(r)} | {f'{r.reuse_rate:.3f}' if r.reuse_rate is not None else '–'} | {agree} | {accs} |")
     return lines
 
 
@@ -1079,7 +1110,10 @@ def write_results(runs: list[Run], rows: list[Row], meta: dict[str, Any], info: 
              f"fill shows there, not hidden by the median.",
              "Cold: `direct_io` (disk reads bypass the page cache); warm: page cache left alone. Every configuration "
              "decodes DynamicCache's greedy tokens (teacher forcing); 'top-1' = agreement of its next-token argmax with "
-             "DynamicCache's at the same step. See docs/benchmarks.md, \"Sparse decode speed\".", ""]
+             "DynamicCache's at the same step. Sparse rows run under the cache's default pool bound (`pool_bytes=\"auto\"`: "
+             "the host tier's budget, 'pool bound MiB' says '(auto)'), so the pools beside the tiers hold at most that "
+             "much; rows named 'pool unbounded' (opt-in, `--pool-fractions inf`) ask for `pool_bytes=None`. See "
+             "docs/benchmarks.md, \"Sparse decode speed\".", ""]
     if meta.get("quick"):
         lines += ["**Quick run**: tiny random models and sizes; the figures say the code runs, not how fast it is.", ""]
     mem = info.get("memory", {})
@@ -1227,7 +1261,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory on the disk under test")
     parser.add_argument("--pool-fractions", type=lambda t: tuple(float(x) for x in t.split(",")), default=None,
                         help="opt-in: also run (3b) and (4) at the headline budget of the full points with pool_bytes "
-                             "these fractions of the KV (e.g. 0.5,0.25), interleaved with both unbounded")
+                             "these fractions of the KV (e.g. 0.5,0.25) and with unbounded pools (pool_bytes=None), "
+                             "interleaved with the default rows, which run under the default bound (pool_bytes='auto': "
+                             "the host tier's budget); 'inf' alone adds only the unbounded rows")
     args = parser.parse_args(argv)
     s = Settings.quick() if args.quick else Settings()
     for name in ("model", "contexts", "batches", "full_points", "budgets", "max_kv_gib", "steps", "warmup", "repeats",
@@ -1242,6 +1278,8 @@ def main(argv: list[str] | None = None) -> int:
         s.warm = False
     if s.warmup is None or s.warmup < 0:
         parser.error("--warmup must be >= 0")
+    if any(not p > 0 for p in s.pool_fractions):
+        parser.error("--pool-fractions: fractions of the KV must be > 0 ('inf': unbounded pools)")
     if args.out is None:
         args.out = Path(tempfile.gettempdir()) / "tiercache-sparse-speed-quick" if args.quick else Path("benchmarks/results")
     workdir = Path(tempfile.mkdtemp(prefix="tiercache-sparse-speed-", dir=args.workdir))

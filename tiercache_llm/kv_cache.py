@@ -33,7 +33,7 @@ from . import decode_buffer
 from .decode_buffer import DecodeBuffer, ReadAhead, StatesBuffer
 from .errors import UnsupportedModelError
 from .sparse.pipeline import DecodePipeline, PipelineConfig
-from .sparse.pool import check_pool_bytes
+from .sparse.pool import AUTO, check_pool_bytes
 from .sparse.selection import SelectionConfig
 from .sparse_layer import (
     STRATEGIES, SparseController, SparseLayerState, SparseModeError, check_decay, check_page_size, default_page_size,
@@ -168,13 +168,22 @@ class TieredKVSettings:
             (:class:`~tiercache_llm.sparse.pipeline.PipelineConfig` fields as a dict, e.g.
             ``{"staging_bytes": 64 << 20, "predictor": "query"}``, or a whole ``PipelineConfig``);
             ``None``: the strategy's defaults (see docs/sparse.md "Decode pipeline").
-        pool_bytes: sparse mode: bound of the resident block pools of all sparse layers together (bytes or
-            a size string like ``"256MiB"``; sets ``PipelineConfig.pool_bytes``).  They live on the model's
-            device beside the tier budgets (``stats()["pipeline"]["reuse_bytes"]``, part of
-            ``beside_tiers_bytes``).  ``None`` (default): unbounded, each layer keeps up to 1.5 x its
-            selection (``attention-aware``), so at batch 4 the pools approach the whole KV; a bound trades
+        pool_bytes: sparse mode: bound of the resident block pools of all sparse layers together
+            (``PipelineConfig.pool_bytes``).  They live on the model's device beside the tier budgets
+            (``stats()["pipeline"]["reuse_bytes"]``, part of ``beside_tiers_bytes``).  ``"auto"`` (default):
+            the budget of the memory tier on the model's device, i.e. the host tier's for a CPU model and
+            the gpu tier's for a CUDA one, or the other memory tier's when that tier is absent (the KV
+            memory a sparse cache holds then follows the budgets: at most the tiers plus as much again in
+            pools, plus digests; with an existing ``cache=``, the budgets of that cache's tiers); a cache with
+            neither a gpu nor a host tier refuses ``"auto"`` (``ValueError``: choose a bound or ``None``).
+            Resolved at the first update; ``stats()["pipeline"]["pool_bound_bytes"]`` /
+            ``["pool_bound_source"]`` say the bound in force and where it came from.  A byte count or a
+            size string like ``"256MiB"``: that bound.  ``None``: unbounded, each layer keeps up to 1.5 x its
+            selection (``attention-aware``), so at batch 4 the pools approach the whole KV.  A bound trades
             reuse for memory (docs/sparse.md "Pool budget" has the measured cost).  One layer's selection
-            must fit: a smaller bound is exceeded with a warning (``pool_over_budget``).  Not a float, not 0.
+            must fit: a smaller bound is exceeded with a warning (``pool_over_budget``).  Not a float, not
+            0.  The default (``"auto"``) gives way to an explicit bound in ``pipeline``; two explicit
+            bounds that differ are a ``ValueError``.  Exact mode takes only ``"auto"`` or ``None``.
     """
 
     block_size: int | None = None
@@ -195,7 +204,7 @@ class TieredKVSettings:
     page_size: int | None = None
     digests: str | None = None
     pipeline: Any = None
-    pool_bytes: int | str | None = None
+    pool_bytes: int | str | None = "auto"
 
     def __post_init__(self) -> None:
         if self.block_size is None:
@@ -242,15 +251,19 @@ class TieredKVSettings:
             elif not isinstance(self.pipeline, PipelineConfig):
                 raise TypeError(f"pipeline must be a dict of PipelineConfig fields or a PipelineConfig, "
                                 f"not {type(self.pipeline).__name__}")
-        if self.pool_bytes is not None:
-            if self.mode != "sparse":
+        pool = check_pool_bytes(self.pool_bytes, auto=True)
+        object.__setattr__(self, "pool_bytes", pool)
+        if self.mode != "sparse":
+            if pool not in (AUTO, None):
                 raise ValueError("pool_bytes applies to mode='sparse' only")
+        else:
             base = self.pipeline if self.pipeline is not None else PipelineConfig.for_strategy(self.strategy)
-            bound = check_pool_bytes(self.pool_bytes)
-            if base.pool_bytes is not None and base.pool_bytes != bound:
-                raise ValueError(f"pool_bytes={self.pool_bytes!r} contradicts pipeline's pool_bytes={base.pool_bytes}")
-            object.__setattr__(self, "pool_bytes", bound)
-            object.__setattr__(self, "pipeline", dataclasses.replace(base, pool_bytes=bound))
+            if pool == AUTO:  # the default gives way to the pipeline's own bound
+                object.__setattr__(self, "pool_bytes", base.pool_bytes)
+            elif base.pool_bytes not in (AUTO, pool):
+                raise ValueError(f"pool_bytes={self.pool_bytes!r} contradicts pipeline's pool_bytes={base.pool_bytes!r}")
+            elif base.pool_bytes != pool:
+                object.__setattr__(self, "pipeline", dataclasses.replace(base, pool_bytes=pool))
         if not isinstance(self.prefetch, bool):
             raise TypeError("prefetch must be a bool")
         if not isinstance(self.direct_io, bool):
@@ -1091,7 +1104,11 @@ class TieredKVCache(Cache):
                     layer.sparse._block_size = settings.block_size
                     layer.sparse._page_size = settings.page_size
         self._pipeline: DecodePipeline | None = None
-        self._start_pipeline()
+        try:
+            self._start_pipeline()  # refuses pool_bytes="auto" without a memory tier
+        except BaseException:
+            self.store.close()
+            raise
 
     # ------------------------------------------------------------------------- decode pipeline
     def _start_pipeline(self) -> None:

@@ -101,7 +101,15 @@ def test_quick_run_covers_every_row(speed, tmp_path):
     memory = saved["meta"]["info"]["memory"]
     assert memory["peak_rss_bytes"] >= max(p["peak_rss_bytes"] for p in memory["points"].values()) > 0
     assert set(memory["points"]) == {"tiny 160x1", "tiny 160x2", "tiny 256x1", "tiny 256x2", "synthetic 200x1"}
+    # every sparse row decodes under the default pool bound (the host tier's budget), and says so
+    for run in saved["runs"]:
+        if run["system"] in speed.SPARSE and run["stats"]:
+            pipe, host = run["stats"]["pipeline"], tier_row(run["stats"], "host")["capacity_bytes"]
+            assert pipe["pool_bound_bytes"] == host > 0 and pipe["pool_bound_source"].startswith("auto: the host"), run["label"]
+    for r in rows:
+        assert (r["pool_bound_source"] != "") == (r["system"] in speed.SPARSE and _sparse_ok(r)), r["label"]
     md = (tmp_path / "sparse_speed.md").read_text()
+    assert "pool bound MiB" in md and "(auto) |" in md
     assert "Peak RSS of the run" in md and "first step ms" in md and "one cache alive at a time" in md
     assert "Quick run" in md and "## Targets" in md and "(3b) reuse-layer-ahead" in md and "synthetic" in md
     assert (tmp_path / "sparse_speed.png").stat().st_size > 0
@@ -187,6 +195,36 @@ def test_targets_are_judged_on_ratios(speed):
             assert g["met"] is None and g["note"].startswith("sparse mode not available")
 
 
+def test_pool_rows_are_opt_in_and_unbounded_is_asked_for_by_name(speed, tmp_path):
+    """Default rows carry no pool (the cache's default bound); --pool-fractions adds (3b) and (4) unbounded
+    (pool_bytes=None, once however often 'inf' is given) and at each fraction; the table shows each bound."""
+    from _common import tiny_llama
+
+    plain, _ = speed.configurations(speed.Settings(budgets=(0.25,)), True, 4096, 64)
+    assert all(c.pool is None for c in plain)
+    s = speed.Settings(budgets=(0.25,), pool_fractions=(math.inf, 0.5, math.inf))
+    configs, _ = speed.configurations(s, True, 4096, 64)
+    pooled = [(c.system, c.pool) for c in configs if c.pool is not None]
+    assert sorted(pooled, key=str) == sorted([(sys_, p) for p in (math.inf, 0.5) for sys_ in (speed.REUSE, speed.AWARE)], key=str)
+    model = tiny_llama()
+    gen = torch.Generator().manual_seed(0)
+    shape = (2, model.config.num_key_value_heads, 200, model.config.hidden_size // model.config.num_attention_heads)
+    kv = [(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)) for _ in range(model.config.num_hidden_layers)]
+    quick = speed.Settings.quick()
+    got = {}
+    for pool in (None, math.inf, 0.5):
+        cache = speed.build_cache(model, speed.Config(speed.AWARE, 0.25, "cold", pool), kv, quick, tmp_path / str(pool))
+        try:
+            got[pool] = speed.pool_bound(cache.stats())
+            host = cache.stats()["tiercache"]["tiers"]["host"]["capacity_bytes"]
+        finally:
+            cache.close()
+    assert got[None] == (host, "auto: the host tier's budget (model on cpu)")
+    assert got[math.inf] == (None, "unbounded (pool_bytes=None)")
+    assert got[0.5][1] == "pool_bytes" and got[0.5][0] > host
+    assert speed.pool_bound(None) == (None, "")
+
+
 def test_budgets_within_a_block_are_one_configuration(speed):
     kept, merged = speed.distinct_budgets((2048, 0.0625, 0.25), 8177, 64)
     assert kept == [0.0625, 0.25] and merged == {"2048 tokens": "25%"}
@@ -224,7 +262,8 @@ def test_raw_disk_bandwidth_reads_every_byte(speed, tmp_path):
 
 @pytest.mark.parametrize("argv", [["--budgets", "0"], ["--budgets", "1.5"], ["--budgets", "x"], ["--contexts", "x"],
                                   ["--batches", "0"], ["--steps", "0"], ["--repeats", "0"], ["--threads", "0"],
-                                  ["--full-points", "8192"], ["--warmup", "-1"]])
+                                  ["--full-points", "8192"], ["--warmup", "-1"],
+                                  ["--pool-fractions", "0"], ["--pool-fractions", "0.5,-1"]])
 def test_cli_rejects_bad_options(speed, tmp_path, argv):
     with pytest.raises(SystemExit) as exc:
         speed.main(["--quick", *argv, "--out", str(tmp_path)])

@@ -17,9 +17,11 @@ SYNC = {"reuse": False, "layer_ahead": False, "disk_staging": False, "defer_prom
 
 
 def opts(tmp_path, strategy, **kw):
-    """Small host tier (most blocks on disk), 4-token blocks, a budget well below the context."""
+    """Small host tier (most blocks on disk), 4-token blocks, a budget well below the context; unbounded pools
+    (``pool_bytes=None``: the default bound, the 4 KiB host budget, would hold less than one layer's union;
+    tests/tiercache_llm/sparse/test_pool.py tests the default)."""
     base = dict(mode="sparse", budget=8, sink=2, recent=4, block_size=4, strategy=strategy, host="4KiB",
-                disk="4MiB", path=tmp_path / strategy / str(len(kw)), direct_io=False)
+                disk="4MiB", path=tmp_path / strategy / str(len(kw)), direct_io=False, pool_bytes=None)
     base.update(kw)
     return base
 

@@ -91,7 +91,8 @@ import torch
 from tiercache.buffers import aligned_empty
 
 from .placement import promotion_threshold
-from .pool import GROWTH, PoolArena, ResidentPool, Retention, can_populate, check_pool_bytes, populate
+from .pool import AUTO, GROWTH, PoolArena, ResidentPool, Retention, auto_pool_bytes, can_populate, check_pool_bytes, \
+    no_memory_tier_message, populate
 from .stage_choice import LastSelection, near_misses_many, top_mass_many
 from .staging import StagingArea
 
@@ -147,8 +148,11 @@ class PipelineConfig:
             this many bytes (:meth:`~tiercache_llm.store.BlockStore.enable_write_behind`); ``0``: writes
             are synchronous.
         pool_bytes: bound of the resident pools of all layers together (one shared
-            :class:`~.pool.PoolArena`), bytes or a size string (``"512MiB"``); ``None``: unbounded (each
-            layer keeps its own allowance).  When the bound is reached, a fetching layer evicts blocks
+            :class:`~.pool.PoolArena`), bytes or a size string (``"512MiB"``); ``"auto"`` (default): the
+            budget of the memory tier on the model's device (the host tier for a CPU model, the gpu tier
+            otherwise; the other memory tier's when that one is absent; resolved at the first update,
+            :func:`~.pool.auto_pool_bytes`; a cache with no memory tier refuses it); ``None``: unbounded
+            (each layer keeps its own allowance).  When the bound is reached, a fetching layer evicts blocks
             other layers hold (``pool_eviction``); a single layer's union larger than the bound grows the pools past it with a
             warning (``pool_over_budget``).  Only what is resident changes, never what is attended.
         pool_eviction: which held blocks a layer short of slots evicts (from any layer): ``"mass"`` (lowest
@@ -181,13 +185,13 @@ class PipelineConfig:
     write_behind_bytes: int = 0
     complement_reuse: bool = False
     pool_blocks_factor: float = 1.0
-    pool_bytes: int | str | None = None
+    pool_bytes: int | str | None = "auto"
     pool_eviction: str | None = None
     background_end_step: bool = True
     seed_pool: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "pool_bytes", check_pool_bytes(self.pool_bytes))
+        object.__setattr__(self, "pool_bytes", check_pool_bytes(self.pool_bytes, auto=True))
         if self.pool_eviction not in (None, "mass", "distance"):
             raise ValueError(f"pool_eviction must be None, 'mass' or 'distance', got {self.pool_eviction!r}")
         f = self.pool_blocks_factor
@@ -265,8 +269,10 @@ class PipelineStats:
     slot, free or not; fetch-every-step's fetch buffer included); ``pool_slots`` / ``pool_held`` /
     ``pool_grows`` / ``pool_reallocs`` / ``pool_evicted``: its slots, the stored blocks held in them,
     capacity growths, reallocations (held slots copied; a growth within the CPU reservation copies
-    nothing) and evictions for room, since the cache was made; ``pool_bound_bytes``: ``pool_bytes``
-    (``None``: unbounded), ``pool_slot_bytes``: one slot's K plus V, ``pool_over_budget``: fetches whose
+    nothing) and evictions for room, since the cache was made; ``pool_bound_bytes``: the bound in force
+    (``None``: unbounded, or ``"auto"`` not resolved yet), ``pool_bound_source``: where it came from
+    (``"pool_bytes"``, ``"unbounded (pool_bytes=None)"``, ``"auto: the host tier's budget (model on cpu)"``
+    and the like, :func:`~.pool.auto_pool_bytes`), ``pool_slot_bytes``: one slot's K plus V, ``pool_over_budget``: fetches whose
     union alone did not fit the bound (the arena grew past it) (filled in by
     :meth:`DecodePipeline.as_dict`)."""
 
@@ -303,6 +309,7 @@ class PipelineStats:
     pool_held: int = 0
     pool_over_budget: int = 0
     pool_bound_bytes: int | None = None
+    pool_bound_source: str = ""
     pool_slot_bytes: int = 0
 
     def as_dict(self) -> dict:
@@ -332,7 +339,18 @@ class DecodePipeline:
         self._last: dict[int, list[int]] = {}  # layer -> stored blocks it fetched at its last step
         self._left: dict[int, list[int]] = {}  # layer -> blocks of the step before that it no longer selected
         self._predicted: dict[int, set] = {}  # layer -> entries predicted for its coming fetch
-        self._arena = PoolArena(config.retention, config.pool_blocks_factor, config.pool_bytes, config.pool_eviction)  # the slots shared by every layer
+        # the slots shared by every layer; "auto" is resolved once the layers' device is known (_resolve_bound)
+        self._auto_bound = config.pool_bytes == AUTO
+        self._bound_device: str | None = None  # the device type "auto" was resolved for
+        if self._auto_bound:
+            caps = store.tier_capacities()
+            if not any(caps.get(t, 0) > 0 for t in ("gpu", "host")):
+                raise ValueError(no_memory_tier_message(caps))
+            self.pool_bound_source = "auto: not resolved yet (at the first update, from the model's device)"
+        else:
+            self.pool_bound_source = "unbounded (pool_bytes=None)" if config.pool_bytes is None else "pool_bytes"
+        self._arena = PoolArena(config.retention, config.pool_blocks_factor,
+                                None if self._auto_bound else config.pool_bytes, config.pool_eviction)
         self._pools: dict[int, ResidentPool] = {}  # layer -> its view of the arena
         self._last_sel: dict[int, LastSelection] = {}  # layer -> its last selection (near misses)
         self._prefaulter: concurrent.futures.ThreadPoolExecutor | None = None
@@ -517,6 +535,17 @@ class DecodePipeline:
             pool = self._pools[layer_idx]
         return pool
 
+    def _resolve_bound(self, device: torch.device | str) -> None:
+        """``pool_bytes="auto"``: the arena's bound for layers on ``device`` (:func:`~.pool.auto_pool_bytes`;
+        again if the device type changes, which clears the arena at its next assign anyway)."""
+        kind = torch.device(device).type
+        if kind == self._bound_device:
+            return
+        bound, self.pool_bound_source = auto_pool_bytes(self.store.tier_capacities(), kind,
+                                                        borrowed=not getattr(self.store, "owns", True))
+        self._arena.max_bytes = bound
+        self._bound_device = kind
+
     def seed(self, layer: "TieredKVLayer", keys: torch.Tensor, values: torch.Tensor, start: int) -> int:
         """``seed_pool``: a prefill-like (non-decode) update of ``layer`` just stored the states ``keys`` /
         ``values`` ``(B, H, T, D)`` of positions ``start..start+T-1``: copy the stored blocks they cover whole
@@ -525,7 +554,10 @@ class DecodePipeline:
         disk staging's reads, several steps of background reads that compete with the forward pass
         (docs/sparse.md "Pools seeded by the prefill").  Only what is resident changes, never what is attended
         (the slots receive the stored blocks' exact contents).  With ``pool_bytes`` each layer seeds at most
-        its share of the bound (its latest blocks).  Returns the blocks seeded."""
+        its share of the bound (its latest blocks).  Called for every prefill-like update of every strategy: it
+        resolves ``pool_bytes="auto"`` first.  Returns the blocks seeded."""
+        if self._auto_bound and layer.device is not None and layer.device.type != self._bound_device:
+            self._resolve_bound(layer.device)  # the bound in force from the first update on, for every strategy
         if (not self.config.seed_pool or self.config.retention != "mass" or self._closed or layer.sparse is None
                 or layer.layer_idx not in self._next):
             return 0
@@ -598,6 +630,8 @@ class DecodePipeline:
         hk, dk = layer._shape_k
         hv, dv = layer._shape_v
         ps = self.stats
+        if self._auto_bound and layer.device.type != self._bound_device:
+            self._resolve_bound(layer.device)
         pool = self._pool_of(layer.layer_idx)
         kkeys = [layer._kkeys[j] for j in stored]
         t0 = time.perf_counter()
@@ -947,6 +981,7 @@ class DecodePipeline:
         ps.pool_evicted = arena.evicted
         ps.pool_over_budget = arena.over_budget
         ps.pool_bound_bytes = arena.max_bytes
+        ps.pool_bound_source = self.pool_bound_source
         ps.pool_slot_bytes = arena.slot_bytes
         out: dict[str, Any] = {"config": asdict(self.config), **ps.as_dict()}
         if self.staging is not None:

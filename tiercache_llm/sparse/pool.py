@@ -35,7 +35,8 @@ grows the arena past it to exactly that union (it never shrinks until :meth:`Poo
 once per arena and is counted in ``over_budget`` (steps) and ``peak_slots`` -- correctness first, a
 decode step never fails for memory the user could not have predicted (a union depends on what the rows
 and heads select).  A bound that is not a positive byte count is a ``ValueError``
-(:func:`check_pool_bytes`).
+(:func:`check_pool_bytes`).  ``pool_bytes="auto"`` (the cache's default) is resolved by the pipeline, not
+here (:func:`auto_pool_bytes`: the budget of the memory tier on the model's device).
 
 Each slot remembers the tiercache key of the block it holds, and a block whose key changed (rewritten,
 shifted) is a miss, so a stale slot can never be attended.  Rows or blocks changing in place (crop,
@@ -129,17 +130,58 @@ def populate(tensor: torch.Tensor) -> int:
     return hi - lo
 
 
-def check_pool_bytes(value: int | str | None, what: str = "pool_bytes") -> int | None:
-    """``value`` as a positive byte count, or ``None`` (unbounded).  Accepts an ``int`` or a size string
+AUTO = "auto"
+
+
+def check_pool_bytes(value: int | str | None, what: str = "pool_bytes", auto: bool = False) -> int | str | None:
+    """``value`` as a positive byte count, or ``None`` (unbounded); with ``auto``, the string ``"auto"`` too
+    (returned as ``"auto"``: :func:`auto_pool_bytes` resolves it).  Accepts an ``int`` or a size string
     (``"512MiB"``); ``0``, negative numbers, floats, bools and anything else raise ``ValueError``."""
     if value is None:
         return None
+    if auto and isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    choices = ("'auto', None (unbounded), " if auto else "None (unbounded), ") + \
+        "a positive byte count or a size string like '512MiB'"
     if isinstance(value, float):
-        raise ValueError(f"{what} must be a byte count or a size string like '512MiB', not a float ({value!r})")
-    n = parse_size(value, what)
+        raise ValueError(f"{what} must be {choices}, not a float ({value!r})")
+    try:
+        n = parse_size(value, what)
+    except ValueError as exc:
+        raise ValueError(f"{exc} ({what} takes {choices})") from None
     if n <= 0:
-        raise ValueError(f"{what} must be positive (None: unbounded), got {value!r}")
+        raise ValueError(f"{what} must be {choices}; got {value!r}")
     return n
+
+
+def auto_pool_bytes(capacities: dict[str, int], device: torch.device | str, borrowed: bool = False) -> tuple[int, str]:
+    """The bound ``pool_bytes="auto"`` stands for, and where it came from (``stats()["pipeline"]
+    ["pool_bound_source"]``): the budget of the memory tier on the model's ``device`` (the ``"host"`` tier
+    for a CPU model, the ``"gpu"`` tier for any other device), or, when that tier is absent, the other
+    memory tier's.  ``capacities``: ``{tier name: bytes}`` of the enabled tiers
+    (:meth:`~tiercache_llm.store.BlockStore.tier_capacities`; for a borrowed ``tiercache.Cache``, its own
+    tiers: ``borrowed`` only changes the text).
+
+    Raises:
+        ValueError: neither memory tier has a budget (a disk-only cache): there is no memory budget to
+            follow, so the caller must choose ``pool_bytes`` (a bound, or ``None`` for unbounded).
+    """
+    kind = torch.device(device).type
+    order = ("host", "gpu") if kind == "cpu" else ("gpu", "host")
+    of = " of the given tiercache.Cache" if borrowed else ""
+    for i, tier in enumerate(order):
+        n = int(capacities.get(tier, 0) or 0)
+        if n > 0:
+            why = f"model on {kind}" if i == 0 else f"model on {kind}, no {order[0]} tier"
+            return n, f"auto: the {tier} tier's budget{of} ({why})"
+    raise ValueError(no_memory_tier_message(capacities))
+
+
+def no_memory_tier_message(capacities: dict[str, int]) -> str:
+    tiers = ", ".join(f"{k}={format_size(v)}" for k, v in capacities.items()) or "none"
+    return (f"pool_bytes='auto' (the default) bounds sparse decode's resident pools by the budget of a memory "
+            f"tier (gpu or host), and this cache has none (tiers: {tiers}); pass pool_bytes= a byte count or "
+            f"size string, or None for unbounded pools")
 
 
 class PoolArena:
@@ -517,5 +559,5 @@ def identity_pool(kbuf: torch.Tensor, vbuf: torch.Tensor) -> tuple[torch.Tensor,
     return kbuf, vbuf, torch.arange(kbuf.shape[0], dtype=torch.long, device=kbuf.device)
 
 
-__all__ = ["Eviction", "PoolArena", "ResidentPool", "Retention", "can_populate", "check_pool_bytes",
+__all__ = ["Eviction", "PoolArena", "ResidentPool", "Retention", "can_populate", "check_pool_bytes", "auto_pool_bytes", "AUTO",
            "identity_pool", "populate"]

@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from tiercache_llm import TieredKVCache
 from tiercache_llm.kv_cache import TieredKVSettings
 from tiercache_llm.sparse.pipeline import PipelineConfig
-from tiercache_llm.sparse.pool import PoolArena, ResidentPool
+from tiercache_llm.sparse.pool import PoolArena, ResidentPool, auto_pool_bytes
 
 from ..test_generate_tiny import left_padded_batch
-from ..test_sparse_pipeline import decode_logits, opts
+from ..test_sparse_pipeline import STRATEGIES, decode_logits, opts
 
 SHAPE = (2, 1, 4, 3)  # (B, H, S, D) of one slot
 
@@ -281,12 +281,16 @@ def test_a_union_larger_than_the_bound_grows_past_it_with_a_warning():
     assert arena.capacity == 5 and arena.over_budget == 1 and arena.peak_slots == 5
 
 
-@pytest.mark.parametrize("value", [0, -1, 1.5, True, "lots", [1]])
+@pytest.mark.parametrize("value", [0, -1, 1.5, 0.0, True, "lots", "", "autos", "0MiB", [1]])
 def test_bad_pool_budgets_are_rejected(value, make_config):
     with pytest.raises(ValueError, match="pool_bytes"):
         PipelineConfig(pool_bytes=value)
     with pytest.raises(ValueError, match="pool_bytes"):
         TieredKVCache(make_config(), mode="sparse", pool_bytes=value)
+    with pytest.raises(ValueError, match="pool_bytes"):
+        TieredKVSettings(pool_bytes=value)  # exact mode validates it too
+    with pytest.raises(ValueError, match="max_bytes"):
+        PoolArena("mass", max_bytes="auto" if value == "lots" else value)  # the arena takes a resolved bound only
 
 
 def test_pool_budget_option_plumbing(make_config):
@@ -299,6 +303,22 @@ def test_pool_budget_option_plumbing(make_config):
     assert settings.pool_bytes == settings.pipeline.pool_bytes == 1 << 20 and settings.pipeline.stage_ahead == 1
     assert settings.pipeline.retention == "previous"  # the strategy's own pipeline, bounded
     assert PipelineConfig(pool_bytes="2KiB").pool_bytes == 2048
+    # the default, everywhere: "auto"; None is the explicit spelling of unbounded
+    assert TieredKVSettings(mode="sparse").pool_bytes == PipelineConfig().pool_bytes == "auto"
+    assert all(PipelineConfig.for_strategy(s).pool_bytes == "auto" for s in STRATEGIES)
+    assert PipelineConfig(pool_bytes=" AUTO ").pool_bytes == "auto"
+    unbounded = TieredKVSettings(mode="sparse", pool_bytes=None)
+    assert unbounded.pool_bytes is None and unbounded.pipeline.pool_bytes is None
+    # the default gives way to an explicit bound in pipeline; two explicit bounds must agree
+    given = TieredKVSettings(mode="sparse", pipeline={"pool_bytes": 4096})
+    assert given.pool_bytes == given.pipeline.pool_bytes == 4096
+    assert TieredKVSettings(mode="sparse", pool_bytes=4096, pipeline={"pool_bytes": "4KiB"}).pool_bytes == 4096
+    with pytest.raises(ValueError, match="contradicts"):
+        TieredKVSettings(mode="sparse", pool_bytes=None, pipeline={"pool_bytes": 4096})
+    with pytest.raises(ValueError, match="contradicts"):
+        TieredKVSettings(mode="sparse", pool_bytes=4096, pipeline={"pool_bytes": None})
+    # exact mode has no pools: the default and None mean nothing there, a bound is an error
+    assert TieredKVSettings().pool_bytes == "auto" and TieredKVSettings(pool_bytes=None).pool_bytes is None
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -428,3 +448,131 @@ def test_off_the_cpu_a_bounded_arena_takes_its_bound_at_once_and_an_unbounded_on
         assert arena.capacity == first and arena.k.device == meta
         b.assign([0, 1, 2, 3], [0, 1, 2, 3], False, SHAPE, SHAPE, torch.float32, meta, reserve=5)
         assert arena.capacity == second and arena.reallocs == (bound is None)
+
+
+# --------------------------------------------------------------------------------------- the default bound
+def test_auto_is_the_budget_of_the_memory_tier_on_the_models_device():
+    both = {"gpu": 3 << 20, "host": 5 << 20, "disk": 1 << 30}
+    assert auto_pool_bytes(both, "cpu") == (5 << 20, "auto: the host tier's budget (model on cpu)")
+    assert auto_pool_bytes(both, torch.device("cuda", 1)) == (3 << 20, "auto: the gpu tier's budget (model on cuda)")
+    # that tier absent: the other memory tier's budget
+    assert auto_pool_bytes({"host": 5 << 20, "disk": 1 << 30}, "cuda") == \
+        (5 << 20, "auto: the host tier's budget (model on cuda, no gpu tier)")
+    assert auto_pool_bytes({"gpu": 3 << 20}, "cpu") == (3 << 20, "auto: the gpu tier's budget (model on cpu, no host tier)")
+    bound, source = auto_pool_bytes({"host": 5 << 20}, "cpu", borrowed=True)
+    assert bound == 5 << 20 and "given tiercache.Cache" in source
+    with pytest.raises(ValueError, match="pool_bytes='auto'.*None for unbounded"):
+        auto_pool_bytes({"disk": 1 << 30}, "cpu")
+
+
+def _no_pool_bytes(kw):
+    kw = dict(kw)
+    del kw["pool_bytes"]  # opts() asks for unbounded pools: these tests use the default
+    return kw
+
+
+def test_the_default_bound_of_a_cpu_model_is_the_host_budget_and_stats_say_so(model, tmp_path):
+    ids, mask = left_padded_batch(seed=5, lengths=(40, 33, 27))
+    with TieredKVCache.for_model(model, **_no_pool_bytes(opts(tmp_path, "attention-aware", host="48KiB"))) as cache:
+        assert cache.settings.pool_bytes == "auto"
+        before = cache.stats()["pipeline"]
+        assert before["pool_bound_bytes"] is None and "not resolved yet" in before["pool_bound_source"]
+        decode_logits(model, cache, ids, mask, steps=3)
+        stats = cache.stats()
+    pipe = stats["pipeline"]
+    assert pipe["pool_bound_bytes"] == 48 << 10 == stats["tiercache"]["tiers"]["host"]["capacity_bytes"]
+    assert pipe["pool_bound_source"] == "auto: the host tier's budget (model on cpu)"
+    assert pipe["config"]["pool_bytes"] == stats["sparse"]["settings"]["pool_bytes"] == "auto"
+    assert pipe["reuse_peak_bytes"] <= 48 << 10 and pipe["pool_over_budget"] == 0
+
+
+def test_explicit_bounds_and_unbounded_say_where_they_came_from(model, tmp_path):
+    ids, mask = left_padded_batch(seed=5, lengths=(40, 33, 27))
+    for kw, bound, source in (({"pool_bytes": None}, None, "unbounded (pool_bytes=None)"),
+                              ({"pool_bytes": "36KiB"}, 36 << 10, "pool_bytes")):
+        with TieredKVCache.for_model(model, **opts(tmp_path / str(bound), "reuse-layer-ahead", **kw)) as cache:
+            decode_logits(model, cache, ids, mask, steps=2)
+            pipe = cache.stats()["pipeline"]
+        assert pipe["pool_bound_bytes"] == bound and pipe["pool_bound_source"] == source
+
+
+def test_a_cache_without_a_memory_tier_refuses_the_default_bound(make_config, tmp_path):
+    with pytest.raises(ValueError, match=r"pool_bytes='auto'.*no.*pool_bytes="):
+        TieredKVCache(make_config(), mode="sparse", host=None, disk="4MiB", path=tmp_path / "a")
+    with TieredKVCache(make_config(), mode="sparse", host=None, disk="4MiB", path=tmp_path / "b", pool_bytes=None) as c:
+        assert c.stats()["pipeline"]["pool_bound_source"] == "unbounded (pool_bytes=None)"
+    with TieredKVCache(make_config(), host=None, disk="4MiB", path=tmp_path / "c"):  # exact mode: no pools
+        pass
+
+
+def test_over_an_existing_tiercache_the_default_follows_its_memory_tier(model, tmp_path):
+    import tiercache
+
+    ids, mask = left_padded_batch(seed=5, lengths=(40, 33, 27))
+    with tiercache.Cache(host="40KiB", disk="8MiB", path=tmp_path / "shared") as shared:
+        kw = {k: v for k, v in _no_pool_bytes(opts(tmp_path, "attention-aware")).items()
+              if k not in ("host", "disk", "path", "direct_io")}
+        with TieredKVCache.for_model(model, cache=shared, **kw) as cache:
+            decode_logits(model, cache, ids, mask, steps=2)
+            pipe = cache.stats()["pipeline"]
+        assert pipe["pool_bound_bytes"] == 40 << 10
+        assert pipe["pool_bound_source"] == "auto: the host tier's budget of the given tiercache.Cache (model on cpu)"
+    with tiercache.Cache(host=0, disk="8MiB", path=tmp_path / "disk-only") as shared:
+        with pytest.raises(ValueError, match="pool_bytes='auto'"):
+            TieredKVCache(model.config, mode="sparse", cache=shared)
+        shared.put("still-open", torch.zeros(4))  # the refusal left the borrowed cache open
+
+
+def test_the_seed_stays_within_the_default_bound(model, tmp_path):
+    from ..test_sparse_pipeline import _prefill_then
+
+    ids, mask = left_padded_batch(seed=5, lengths=(40, 33, 27))
+    with TieredKVCache.for_model(model, **_no_pool_bytes(opts(tmp_path, "attention-aware", host="24KiB"))) as cache:
+        _, prefilled, _ = _prefill_then(model, cache, ids, mask, steps=1)
+    assert prefilled["pool_bound_bytes"] == 24 << 10 and prefilled["pool_bound_source"].startswith("auto: the host")
+    assert 0 < prefilled["seeded"] and prefilled["reuse_bytes"] <= 24 << 10
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_decoding_under_the_default_bound_gives_the_unbounded_logits_and_selections(model, tmp_path, strategy):
+    """The default bound only changes what is resident: every step's logits and every layer's selection are
+    bitwise those of unbounded pools, while the bound binds (evictions) and is never exceeded."""
+    ids, mask = left_padded_batch(seed=5, lengths=(40, 33, 27))
+    runs = {}
+    for name in ("unbounded", "default"):
+        kw = opts(tmp_path / name, strategy, host="36KiB")  # 12 slots of 3 KiB: a few unions, far below their sum
+        if name == "default":
+            kw = _no_pool_bytes(kw)
+        selections = []
+        with TieredKVCache.for_model(model, **kw) as cache:
+            pipe = cache._pipeline
+            fetch = pipe.fetch
+
+            def recording(state, layer, sel, *args, **kwargs):
+                selections.append((layer.layer_idx, sel.fetch.clone(), sel.pages.clone()))
+                return fetch(state, layer, sel, *args, **kwargs)
+
+            pipe.fetch = recording
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)  # every union fits the default bound
+                logits = decode_logits(model, cache, ids, mask, steps=8)
+            runs[name] = (logits, selections, cache.stats()["pipeline"])
+    (ref, ref_sel, free), (got, got_sel, pipe) = runs["unbounded"], runs["default"]
+    assert torch.equal(ref, got)
+    assert len(ref_sel) == len(got_sel) > 0
+    assert all(a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(ref_sel, got_sel))
+    assert pipe["pool_bound_bytes"] == 36 << 10 and pipe["pool_over_budget"] == 0
+    assert pipe["reuse_peak_bytes"] <= 36 << 10
+    if strategy != "fetch-every-step":
+        assert free["reuse_peak_bytes"] > 36 << 10 and pipe["pool_evicted"] > free["pool_evicted"]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_resolves_the_default_bound_at_the_prefill(model, tmp_path, strategy):
+    from ..test_sparse_pipeline import _prefill_then
+
+    ids, mask = left_padded_batch(seed=5, lengths=(40, 33, 27))
+    with TieredKVCache.for_model(model, **_no_pool_bytes(opts(tmp_path, strategy, host="36KiB"))) as cache:
+        _, prefilled, _ = _prefill_then(model, cache, ids, mask, steps=1)
+    assert prefilled["pool_bound_bytes"] == 36 << 10
+    assert prefilled["pool_bound_source"] == "auto: the host tier's budget (model on cpu)"
