@@ -13,12 +13,13 @@ read the disk (``disk``):
   decode buffer's reader thread, then ``take`` (the layer-ahead read's round trip, one per layer);
 - ``inline``: each layer's ``_read_blocks`` on this thread (one ``get_many`` per layer, no round trip);
 - ``roundtrip``: an empty job through the same reader thread, once per layer (the thread handoff alone);
-- ``plain``: row 2's baseline for those bytes: the same number of files of one entry's size read with
-  open / ``readinto`` / close into buffers allocated once (``disk``), ``copy_`` of as many entries
-  (``mem``);
+- ``plain``: row 2's baseline for those bytes: as many files as the part has entries on disk, each of one
+  entry's size, read with open / ``readinto`` / close into buffers allocated once, plus a ``copy_`` per
+  entry held in memory;
 - ``plain+crc``: the plain reads plus a crc32c pass over what they read (the checksum the tier verifies);
 - ``floor``: the tier's own chunk files read on held descriptors with one ``preadv`` each straight into
-  the decode buffer's block slices, plus their crc32c: a verified read of this format with no bookkeeping.
+  the decode buffer's block slices, plus their crc32c (and the same copies): a verified read of this
+  format with no bookkeeping.
 
 Prints median CPU time (``time.process_time``: every thread of the process, so the reader threads count)
 and wall time per step of each, with the load average.  On a loaded machine read CPU: wall time then
@@ -117,29 +118,30 @@ def steps(cache: Any, workdir: Path) -> tuple[dict[str, dict[str, Callable[[], N
     ahead(cache.layers)()  # starts the reader threads
     tcache = cache.layers[0].store.cache
     disk = next(t for t in tcache.tiers if t.name == "disk")
-    entry_bytes = {}
-    counts = {}
+    entry_bytes = 4096
+    counts: dict[str, int] = {}
     floor_reads: list[tuple[str, list[memoryview], int]] = []
     head, tail = memoryview(bytearray(4096)), memoryview(bytearray(8192))
     from tiercache.tiers.disk import byte_parts
 
     for part, group in layers.items():
-        count = 0
+        on_disk = in_memory = 0
         for layer in group:
             first, n, buf = target(layer)
-            count += n
-            keys = layer._entries_from(first)
-            entry_bytes[part] = buf.joint_blocks[0].nbytes if layer._joint else buf.key_blocks[0].nbytes
-            if part == "disk":
-                for key, out in zip(keys, buf.joint_blocks[:n] if layer._joint else buf.key_blocks[:n]):
-                    entry = tcache._index[key]
-                    pages = entry.slot.ref[0]
-                    floor_reads.append((os.fspath(disk.chunk_path(entry.slot)), byte_parts(out, entry.nbytes),
-                                        pages * 4096 + 4 - 4096 - entry.nbytes))
-        counts[part] = count
+            outs = buf.joint_blocks[:n] if layer._joint else buf.key_blocks[:n] + buf.value_blocks[:n]
+            for key, out in zip(layer._entries_from(first), outs):
+                entry = tcache._index[key]
+                entry_bytes = entry.nbytes
+                if tcache.tiers[entry.level] is not disk:
+                    in_memory += 1
+                    continue
+                on_disk += 1
+                floor_reads.append((os.fspath(disk.chunk_path(entry.slot)), byte_parts(out, entry.nbytes),
+                                    entry.slot.ref[0] * 4096 + 4 - 4096 - entry.nbytes))
+        counts[f"{part}_disk"], counts[f"{part}_mem"] = on_disk, in_memory
     fds = [os.open(path, os.O_RDONLY) for path, _, _ in floor_reads]
 
-    def floor() -> None:
+    def floor_disk() -> None:
         for fd, (_, parts, rest) in zip(fds, floor_reads):
             t = tail[:rest]
             os.preadv(fd, [head, *parts, t], 0)
@@ -148,73 +150,89 @@ def steps(cache: Any, workdir: Path) -> tuple[dict[str, dict[str, Callable[[], N
                 crc = crc32c.crc32c(p, crc, 0)
             crc32c.crc32c(t[:-4], crc, 0)
 
-    paths = write_files(workdir / "plain", counts["disk"], entry_bytes.get("disk", 4096))
-    disk_out = [torch.zeros(entry_bytes.get("disk", 4096), dtype=torch.uint8) for _ in paths]
-    host_src = [torch.ones(entry_bytes.get("mem", 4) // 4) for _ in range(counts["mem"])]
+    paths = write_files(workdir / "plain", len(floor_reads), entry_bytes)
+    disk_out = [torch.zeros(entry_bytes, dtype=torch.uint8) for _ in paths]
+    most = max(counts["mem_mem"], counts["disk_mem"])
+    host_src = [torch.ones(entry_bytes // 4) for _ in range(most)]
     host_dst = [torch.zeros_like(t) for t in host_src]
 
-    def plain_disk(crc: bool) -> Callable[[], None]:
-        def run() -> None:
-            for path, out in zip(paths, disk_out):
-                with open(path, "rb", buffering=0) as f:
-                    f.readinto(memoryview(out.numpy()))
-            if crc:
-                for out in disk_out:
-                    crc32c.crc32c(memoryview(out.numpy()), 0, 0)
-        return run
-
-    def plain_mem() -> None:
-        for dst, src in zip(host_dst, host_src):
+    def copies(n: int) -> None:
+        for dst, src in zip(host_dst[:n], host_src[:n]):
             dst.copy_(src)
+
+    def plain(part: str, crc: bool = False, floor: bool = False) -> Callable[[], None]:
+        def run() -> None:
+            if part == "disk":
+                if floor:
+                    floor_disk()
+                else:
+                    for path, out in zip(paths, disk_out):
+                        with open(path, "rb", buffering=0) as f:
+                            f.readinto(memoryview(out.numpy()))
+                    if crc:
+                        for out in disk_out:
+                            crc32c.crc32c(memoryview(out.numpy()), 0, 0)
+            copies(counts[f"{part}_mem"])
+        return run
 
     methods = {
         "mem": {"ahead": ahead(layers["mem"]), "inline": inline(layers["mem"]),
-                "roundtrip": roundtrip(layers["mem"]), "plain": plain_mem},
+                "roundtrip": roundtrip(layers["mem"]), "plain": plain("mem")},
         "disk": {"ahead": ahead(layers["disk"]), "inline": inline(layers["disk"]),
-                 "roundtrip": roundtrip(layers["disk"]), "plain": plain_disk(False),
-                 "plain+crc": plain_disk(True), "floor": floor},
+                 "roundtrip": roundtrip(layers["disk"]), "plain": plain("disk"),
+                 "plain+crc": plain("disk", crc=True), "floor": plain("disk", floor=True)},
     }
-    methods["disk"]["plain"]()  # warm the plain files
+    plain("disk")()  # warm the plain files
     steps.close = lambda: [os.close(fd) for fd in fds]  # type: ignore[attr-defined]
     return methods, {**counts, "layers_mem": len(layers["mem"]), "layers_disk": len(layers["disk"])}
 
 
-def main() -> int:
+def measure(config: Any, context: int, threads: int, host: int, repeats: int
+            ) -> tuple[dict[tuple[str, str], tuple[float, float]], dict[str, int]]:
+    """``({(part, method): (median CPU ms, median wall ms) per step}, entry and layer counts)`` for one
+    context at ``threads`` torch threads (a fresh cache in a temp directory, removed after)."""
+    torch.set_num_threads(threads)
+    workdir = Path(tempfile.mkdtemp(prefix="tiercache-hotpath-fetch-"))
+    cache = build(config, context, host, workdir)
+    try:
+        methods, counts = steps(cache, workdir)
+        try:
+            flat = [(part, name, fn) for part, group in methods.items() for name, fn in group.items()]
+            samples: dict[tuple[str, str], list[tuple[float, float]]] = {}
+            for r in range(repeats):
+                for part, name, fn in (flat if r % 2 == 0 else flat[::-1]):
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    fn()
+                    samples.setdefault((part, name), []).append(
+                        (1e3 * (time.process_time() - c0), 1e3 * (time.perf_counter() - t0)))
+        finally:
+            steps.close()  # type: ignore[attr-defined]
+    finally:
+        cache.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {key: (statistics.median(v[0] for v in values), statistics.median(v[1] for v in values))
+            for key, values in samples.items()}, counts
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2", choices=("smollm2", "tiny"))
     parser.add_argument("--contexts", default="1015", help="tokens of prefilled KV (default 1015: row 2's 1K)")
     parser.add_argument("--threads", default="1")
     parser.add_argument("--host", type=int, default=16 * MiB, help="host tier bytes (default 16 MiB, row 2's)")
     parser.add_argument("--repeats", type=int, default=15)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     config = model_config(args.model)
     print(f"load average at the start: {os.getloadavg()}")
     for context in parse_ints(args.contexts, "--contexts"):
         for threads in parse_ints(args.threads, "--threads"):
-            torch.set_num_threads(threads)
-            workdir = Path(tempfile.mkdtemp(prefix="tiercache-hotpath-fetch-"))
-            cache = build(config, context, args.host, workdir)
-            try:
-                methods, counts = steps(cache, workdir)
-                flat = [(part, name, fn) for part, group in methods.items() for name, fn in group.items()]
-                samples: dict[tuple[str, str], list[tuple[float, float]]] = {}
-                for r in range(args.repeats):
-                    for part, name, fn in (flat if r % 2 == 0 else flat[::-1]):
-                        c0, t0 = time.process_time(), time.perf_counter()
-                        fn()
-                        samples.setdefault((part, name), []).append(
-                            (1e3 * (time.process_time() - c0), 1e3 * (time.perf_counter() - t0)))
-                steps.close()  # type: ignore[attr-defined]
-            finally:
-                cache.close()
-                shutil.rmtree(workdir, ignore_errors=True)
-            print(f"context {context}, {threads} torch thread(s): {counts['mem']} entries in memory "
-                  f"({counts['layers_mem']} layers), {counts['disk']} on disk ({counts['layers_disk']} layers); "
-                  f"ms per step, median of {args.repeats}; load {os.getloadavg()[0]:.2f}")
+            medians, counts = measure(config, context, threads, args.host, args.repeats)
+            print(f"context {context}, {threads} torch thread(s): {counts['layers_mem']} layers held in memory "
+                  f"({counts['mem_mem']} entries), {counts['layers_disk']} reading the disk ({counts['disk_disk']} "
+                  f"entries on disk, {counts['disk_mem']} in memory); ms per step, median of {args.repeats}; "
+                  f"load {os.getloadavg()[0]:.2f}")
             print("  part | method | CPU ms | wall ms")
-            for (part, name), values in samples.items():
-                cpu = statistics.median(v[0] for v in values)
-                wall = statistics.median(v[1] for v in values)
+            for (part, name), (cpu, wall) in medians.items():
                 print(f"  {part} | {name} | {cpu:.3f} | {wall:.3f}")
     print(f"load average at the end: {os.getloadavg()}")
     return 0
