@@ -93,6 +93,11 @@ class Cache(DataPaths, Persistence):
         self._tier_counters = [self._counters.tiers[t.name] for t in self._tiers]  # by tier index
         # The fastest tier when it is a CPU arena: small values are copied to and from it under the lock.
         self._direct_arena = self._tiers[0] if self._direct_tiers[0] else None
+        # Per-tier facts the read paths consult on every call (the tiers are fixed from here on).
+        self._tier_names = names
+        self._address_tiers = [tier if direct else None for tier, direct in zip(self._tiers, self._direct_tiers)]
+        self._batch_tiers = [hasattr(tier, "read_into") for tier in self._tiers]
+        self._strided_tiers = [bool(getattr(tier, "reads_strided", False)) for tier in self._tiers]
         try:
             self._recover()
         except BaseException:

@@ -67,6 +67,10 @@ class CacheState:
     _counters: CacheCounters
     _tier_counters: list[Any]  # _counters.tiers by tier index (TierCounters)
     _direct_arena: Any  # tiers[0] when it is a CPU arena (``_direct_tiers[0]``), else None
+    _tier_names: list[str]  # each tier's name, by index
+    _address_tiers: list[Any]  # per tier: the tier when its slots are read by address (a CPU arena), else None
+    _batch_tiers: list[bool]  # per tier: it reads batches (``read_into``)
+    _strided_tiers: list[bool]  # per tier: its ``read_into`` writes row-contiguous destinations in place
 
     def _init_state(self, config: CacheConfig, policy: Policy) -> None:
         self.config = config

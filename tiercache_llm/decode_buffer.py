@@ -372,7 +372,8 @@ class DecodeBuffer:
         self._pending[id(read.layer)] = read
         counters.started += 1
         counters.bytes_ahead += read.nbytes
-        self.peak_bytes = max(self.peak_bytes, self.nbytes)
+        if read.posts:  # its temporaries add to the bytes held (the buffers themselves are counted by get)
+            self.peak_bytes = max(self.peak_bytes, self.nbytes)
 
     def take(self, layer: Any) -> tuple[ReadAhead | None, BaseException | None]:
         """``layer``'s read ahead, once finished (the wait is counted), and the exception it raised

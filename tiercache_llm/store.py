@@ -519,10 +519,9 @@ class BlockStore:
         return result
 
     def _get_into(self, keys: list[Any], out: list[torch.Tensor]) -> list[torch.Tensor]:
-        device = out[0].device
         if self.out_lists is not False:
             try:
-                self.cache.get_many(keys, device=device, out=out)
+                self.cache.get_many(keys, out=out)  # (the out tensors' device is the target)
             except TypeError:
                 if self.out_lists is not None:
                     raise
@@ -530,7 +529,7 @@ class BlockStore:
             else:
                 self.out_lists = True
                 return out
-        tensors = self.cache.get_many(keys, device=device)
+        tensors = self.cache.get_many(keys, device=out[0].device)
         sources = []
         for key, src, dst in zip(keys, tensors, out):
             if src.shape != dst.shape:

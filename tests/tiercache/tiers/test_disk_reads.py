@@ -614,6 +614,25 @@ def test_read_one_checks_what_read_into_checks(tmp_path, elements):
     tier.close()
 
 
+def test_read_fresh_refuses_an_out_of_another_size(tmp_path):
+    """``read_fresh`` (the facade's single get, into the tensor it just made) skips ``read_one``'s device and
+    layout checks but never its size check: a smaller or larger ``out`` is refused before anything is read,
+    and left as it was (the read writes the payload's bytes at ``out``'s address)."""
+    tier = DiskTier(tmp_path / "d", 1 << 24)
+    list(tier.recover())
+    value = make_value(torch.float32, (5000,), 3)
+    slot, head = store(tier, "one", value, seq=4)
+    for elements in (4999, 5001):
+        out = torch.full((elements,), -7.0)
+        with pytest.raises(ValueError, match="read_fresh"):
+            tier.read_fresh(slot, out, head.key, head.dtype, head.shape, head.seq)
+        assert bool((out == -7.0).all())
+    out = torch.empty(5000)
+    tier.read_fresh(slot, out, head.key, head.dtype, head.shape, head.seq)
+    assert torch.equal(out.view(torch.int32), value.view(torch.int32))
+    tier.close()
+
+
 @pytest.mark.parametrize("options", [{"direct_io": True}, {"compression": "zstd"}])
 def test_read_one_of_other_stores_goes_through_read_into(tmp_path, options):
     tier = DiskTier(tmp_path / "d", 1 << 24, **options)
