@@ -58,7 +58,11 @@ def test_dense_budget_equals_dynamic_cache_left_padded(make_model, kind):
     sparse = stats["sparse"]["total"]
     assert sparse["steps"] == 19 and sparse["layer_steps"] == 19 * 2
     assert sparse["tokens_attended"] == sparse["tokens_context"]  # everything valid selected, nothing else
-    assert sparse["bytes_fetched"].get("disk", 0) > 0  # really fetched from the tiers
+    # Really fetched from the tiers: from disk, or from the write-behind queue while the writer lags (which
+    # of the two depends on the writer's timing); the 8 KiB host tier cannot have held the rest.
+    fetched = sparse["bytes_fetched"]
+    assert fetched.get("disk", 0) + fetched.get("write-queue", 0) > 0
+    assert stats["tiercache"]["tiers"]["disk"]["entries"] > 0
     assert stats["kv"]["digest_bytes"] > 0
 
 
