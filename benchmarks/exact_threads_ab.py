@@ -71,9 +71,9 @@ def run_one(model: Any, ids: torch.Tensor, prefilled: Any, config: str, variant:
     saved = {name: getattr(decode_buffer, name) for name in OLD if hasattr(decode_buffer, name)}
     hotpath.StepClock, plain_clock = clock, hotpath.StepClock  # type: ignore[assignment, misc]
     from tiercache_llm import kv_cache
-    idle = kv_cache._machine_idle
+    idle = kv_cache.machine_idle
     if VARIANTS.get(variant, {}).get("IDLE") is not None:  # e.g. "forced:IDLE=True": as on an idle machine
-        kv_cache._machine_idle = lambda: VARIANTS[variant]["IDLE"]
+        kv_cache.machine_idle = lambda: VARIANTS[variant]["IDLE"]
     try:
         saved.update({name: getattr(decode_buffer, name) for name in VARIANTS.get(variant, {}) if hasattr(decode_buffer, name)})
         for name, value in VARIANTS.get(variant, {}).items():
@@ -82,7 +82,7 @@ def run_one(model: Any, ids: torch.Tensor, prefilled: Any, config: str, variant:
         out = hotpath.decode_run(model, ids, prefilled, config, settings, workdir)
     finally:
         hotpath.StepClock = plain_clock  # type: ignore[misc]
-        kv_cache._machine_idle = idle
+        kv_cache.machine_idle = idle
         for name, value in saved.items():
             setattr(decode_buffer, name, value)
     out["cpu_ms_per_step"] = 1000 * median(clocks[0].cpu[1:])

@@ -1054,7 +1054,7 @@ _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
 _idle = [0.0, False]  # [when last checked, whether the machine looked idle]
 
 
-def _machine_idle() -> bool:
+def machine_idle() -> bool:
     """Whether the 1-minute load average leaves the cores to this process (checked at most twice a
     second): below the core count plus half a core, i.e. little runs beside our own threads."""
     now = time.monotonic()
@@ -1081,7 +1081,7 @@ def copy_pairs(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
     Runs are merged only with more than one torch thread (at one thread a merged copy is no faster than
     ``_foreach_copy_`` and finding the runs costs Python work per pair: 8 blocks of 384 KiB took 288 µs
     merged vs 261 µs by ``_foreach_copy_``), only on the main thread (the one driving the model), and
-    only while the machine looks idle (:func:`_machine_idle`) or when the pairs are above torch's
+    only while the machine looks idle (:func:`machine_idle`) or when the pairs are above torch's
     copy grain (:data:`INTRA_OP_GRAIN` elements, e.g. exact decode's 256-token blocks): a merged copy of a
     context's blocks is large enough to take torch's multi-threaded path, as ``DynamicCache``'s
     ``torch.cat`` of the same bytes does, and that path stalls when other work holds the cores.
@@ -1091,7 +1091,7 @@ def copy_pairs(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
     machine that is one stall-prone team per block instead of one per run, so they are merged there.)"""
     n = len(dsts)
     if (n < 2 or not COALESCE_COPIES or torch.get_num_threads() == 1 or threading.current_thread() is not _MAIN_THREAD
-            or (dsts[0].numel() < INTRA_OP_GRAIN and not _machine_idle())):
+            or (dsts[0].numel() < INTRA_OP_GRAIN and not machine_idle())):
         if n:
             torch._foreach_copy_(dsts, srcs)
         return

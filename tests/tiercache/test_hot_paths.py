@@ -256,13 +256,13 @@ def test_machine_idle_reads_the_load_average_and_assumes_busy_without_one(monkey
 
     monkeypatch.setattr(batched, "_idle", [float("-inf"), False])
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    assert batched._machine_idle() is True
+    assert batched.machine_idle() is True
     monkeypatch.setattr(batched, "_idle", [float("-inf"), True])
     monkeypatch.setattr(os, "getloadavg", lambda: (batched._CORES + 1.0, 0.0, 0.0))
-    assert batched._machine_idle() is False
+    assert batched.machine_idle() is False
     monkeypatch.setattr(batched, "_idle", [float("-inf"), True])
     monkeypatch.delattr(os, "getloadavg")
-    assert batched._machine_idle() is False
+    assert batched.machine_idle() is False
 
 
 def test_get_many_checks_tuple_keys_that_are_not_the_stored_object():

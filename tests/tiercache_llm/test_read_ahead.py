@@ -236,7 +236,7 @@ def test_memory_only_cache_reads_inline_when_torch_threads_fill_the_cores(make_c
     from tiercache_llm import decode_buffer
 
     monkeypatch.setattr(kv_cache_module, "_CORES", torch.get_num_threads())
-    monkeypatch.setattr(kv_cache_module, "_machine_idle", lambda: True)
+    monkeypatch.setattr(kv_cache_module, "machine_idle", lambda: True)
     config = make_config(num_hidden_layers=3)
     gen = torch.Generator().manual_seed(1)
     ref = DynamicCache(config=config)
@@ -271,7 +271,7 @@ def test_disk_backed_cache_keeps_reading_ahead_beside_other_processes(make_confi
     """Torch's threads on every core of a machine other processes load: a disk-backed cache reads ahead as
     with a core to spare (inline reads collapse there with torch's own), a memory-only one still inline."""
     monkeypatch.setattr(kv_cache_module, "_CORES", torch.get_num_threads())
-    monkeypatch.setattr(kv_cache_module, "_machine_idle", lambda: False)
+    monkeypatch.setattr(kv_cache_module, "machine_idle", lambda: False)
     config = make_config(num_hidden_layers=2)
     disk = TieredKVCache(config, block_size=4, host="4KiB", disk="4MiB", path=tmp_path / "kv", direct_io=False)
     memory = TieredKVCache(config, block_size=4, host="1MiB")
@@ -284,7 +284,7 @@ def test_device_only_reads_ahead_leave_memory_held_layers_to_their_update(make_c
     """Torch's threads on every core and a disk tier whose reads wait on the device: only layers with blocks
     on the disk are read ahead; a layer whose blocks are all in memory is read by its own update."""
     monkeypatch.setattr(kv_cache_module, "_CORES", torch.get_num_threads())
-    monkeypatch.setattr(kv_cache_module, "_machine_idle", lambda: True)
+    monkeypatch.setattr(kv_cache_module, "machine_idle", lambda: True)
     config = make_config(num_hidden_layers=4)
     cache = TieredKVCache(config, block_size=4, host="1MiB", disk="4MiB", path=tmp_path / "kv", direct_io=False)
     monkeypatch.setattr(cache.store, "device_reads", True)  # as with direct_io, on any filesystem
