@@ -18,9 +18,10 @@ under ``--workdir`` with ``direct_io`` (reads bypass the page cache: "cold").  C
 ``dynamic``; ``exact-sync`` (``prefetch=False``: every block read when its layer's update runs);
 ``exact-ahead-serial`` (the earlier schedule: one read ahead at a time, at most two layers ahead,
 within 32 MiB); ``exact-ahead`` (``prefetch=True``, the defaults of a cache with a disk tier: two reads
-at once, past memory-held layers up to four layers and 192 MiB ahead).  ``--configs`` picks some (``dynamic`` always runs: it is the reference).
+at once, past memory-held layers up to eight layers and 192 MiB ahead, layers beyond the next read four at a
+time with one job each).  ``--configs`` picks some (``dynamic`` always runs: it is the reference).
 Per step of the read-ahead configurations, a timeline (benchmark-only instrumentation: the disk tier's
-per-chunk read and the decode buffer's ``start``/``take`` are wrapped for the run): disk idle ms (step
+per-chunk read and the decode buffer's ``_submit``/``take`` are wrapped for the run): disk idle ms (step
 time with no chunk read in flight), mean chunk reads in flight, reader busy ms (some read ahead running),
 the forward pass's wait for reads ahead, and per layer when its read was submitted, started and finished
 and when its update needed it (``timeline`` in the JSON, one step per configuration and round).
@@ -63,7 +64,8 @@ SERIAL_AHEAD_BYTES = 32 * MiB  # the bound of reads ahead before disk-backed cac
 class Timeline:
     """Benchmark-only instrumentation of a run (installed by :meth:`install`, removed by :meth:`remove`):
     wall-clock intervals of every chunk read of any disk tier (``DiskTier._read_payload_into``, private)
-    and of every read ahead (``DecodeBuffer.start``), and each update's wait (``DecodeBuffer.take``)."""
+    and of every read ahead (``DecodeBuffer._submit``: reads submitted together share their job's
+    interval), and each update's wait (``DecodeBuffer.take``)."""
 
     def __init__(self) -> None:
         self.disk: list[tuple[float, float]] = []
@@ -76,7 +78,7 @@ class Timeline:
         from tiercache_llm.decode_buffer import DecodeBuffer
 
         timeline = self
-        read_chunk, start, take = DiskTier._read_payload_into, DecodeBuffer.start, DecodeBuffer.take
+        read_chunk, submit, take = DiskTier._read_payload_into, DecodeBuffer._submit, DecodeBuffer.take
 
         def traced_read(tier: Any, *args: Any, **kwargs: Any) -> Any:
             t0 = time.perf_counter()
@@ -85,17 +87,23 @@ class Timeline:
             finally:
                 timeline.disk.append((t0, time.perf_counter()))
 
-        def traced_start(buffer: Any, read: Any, run: Any, **kwargs: Any) -> None:
-            record = {"layer": read.layer.layer_idx, "submitted": time.perf_counter(), "bytes": read.nbytes}
+        def traced_submit(buffer: Any, reads: list) -> None:
+            now = time.perf_counter()
+            records = [{"layer": read.layer.layer_idx, "submitted": now, "bytes": read.nbytes} for read in reads]
+            fetch = reads[0].fetch
 
-            def timed() -> Any:
-                record["started"] = time.perf_counter()
+            def timed(*args: Any, **kwargs: Any) -> Any:
+                t0 = time.perf_counter()
                 try:
-                    return run()
+                    return fetch(*args, **kwargs)
                 finally:
-                    record["finished"] = time.perf_counter()
-                    timeline.reads.append(record)
-            start(buffer, read, timed, **kwargs)
+                    t1 = time.perf_counter()
+                    for record in records:
+                        record["started"], record["finished"] = t0, t1
+                    timeline.reads.extend(records)
+            for read in reads:
+                read.fetch = timed
+            submit(buffer, reads)
 
         def traced_take(buffer: Any, layer: Any) -> Any:
             t0 = time.perf_counter()
@@ -104,9 +112,9 @@ class Timeline:
                                    "read_ahead": out[0] is not None})
             return out
 
-        self._undo = [(DiskTier, "_read_payload_into", read_chunk), (DecodeBuffer, "start", start),
+        self._undo = [(DiskTier, "_read_payload_into", read_chunk), (DecodeBuffer, "_submit", submit),
                       (DecodeBuffer, "take", take)]
-        DiskTier._read_payload_into, DecodeBuffer.start, DecodeBuffer.take = traced_read, traced_start, traced_take
+        DiskTier._read_payload_into, DecodeBuffer._submit, DecodeBuffer.take = traced_read, traced_submit, traced_take
 
     def remove(self) -> None:
         for owner, name, original in self._undo:
@@ -162,6 +170,7 @@ def build(model: Any, config: str, kv: list, host: int, store: Path) -> Any:
                               prefetch=config != "exact-sync")
         if config == "exact-ahead-serial":  # before the fill starts the reader
             cache.buffer.readers, cache.buffer.max_depth, cache.buffer.ahead_bytes = 1, 2, SERIAL_AHEAD_BYTES
+            cache.buffer.group = 1
     for i, (k, v) in enumerate(kv):
         cache.update(k.clone(), v.clone(), i)
     return cache

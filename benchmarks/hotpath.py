@@ -334,29 +334,46 @@ def decode_run(model: Any, ids: torch.Tensor, prefilled: Any, config: str, setti
 def fetch_alone(cache: Any, repeats: int, before: Callable[[], None]) -> list[float]:
     """ms of one step's fetch with nothing running beside it: every layer's visible blocks read into the
     decode buffer as during decode at the current thread count (``TieredKVCache._ahead_overlaps``): by a
-    reader thread (``prefetch`` + ``take``) where decode reads the layer ahead, else inline on this thread
+    reader thread where decode reads the layer ahead (``prefetch`` + ``take``, ``buffer.group`` layers at a
+    time with one job and one ``get_many`` each, as decode reads layers beyond the next), else inline on this thread
     (the layer's own read, as its ``update`` does when torch's threads fill the cores), one layer after the
     other; ``before()`` runs outside the timing of each repeat (cold: drop the page cache).  The
     like-for-like counterpart of :func:`plain_fetch`, which also runs alone."""
     mode = cache._ahead_overlaps()
     buffer = cache.buffer
+    size = max(1, min(buffer.group, buffer.max_depth + 1))
+
+    def read_ahead(group: list[Any]) -> None:  # as decode reads layers beyond the next: together, a slot each
+        with buffer.together():
+            started = [layer for slot, layer in enumerate(group) if layer.prefetch(slot)]
+        for layer in started:
+            _, error = buffer.take(layer)
+            if error is not None:
+                raise error
+
     times = []
     for _ in range(repeats):
         before()
         start = time.perf_counter()
+        group: list[Any] = []
         for layer in cache.layers:
             if mode is True or (mode and not layer.held_in_memory()):
-                if layer.prefetch():
-                    _, error = buffer.take(layer)
-                    if error is not None:
-                        raise error
+                group.append(layer)
+                if len(group) == size:
+                    read_ahead(group)
+                    group = []
                 continue
+            if group:
+                read_ahead(group)
+                group = []
             first, n, _ = layer._visible_blocks()
             if n > 0:
                 buf = buffer.get(n * layer.block_size + layer._tail_len + 1, (layer._batch, *layer._shape_k),
                                  (layer._batch, *layer._shape_v), layer.dtype, layer.device, layer.block_size,
                                  buffer.slot_for(layer), joint=layer._joint)
                 layer._read_blocks(first, 0, n, buf, count=False)
+        if group:
+            read_ahead(group)
         times.append(1000 * (time.perf_counter() - start))
     return times
 

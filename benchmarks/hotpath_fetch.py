@@ -11,6 +11,9 @@ read the disk (``disk``):
 
 - ``ahead``: each layer's read as row 2's "fetch alone" does it at one thread: ``prefetch`` on the
   decode buffer's reader thread, then ``take`` (the layer-ahead read's round trip, one per layer);
+- ``grouped``: the layers read ahead ``group`` at a time (the decode buffer's ``group``, ``--group``), as
+  exact decode reads the layers beyond the next one: one reader job and one ``get_many`` for each group
+  (``DecodeBuffer.together``), then a ``take`` per layer;
 - ``inline``: each layer's ``_read_blocks`` on this thread (one ``get_many`` per layer, no round trip);
 - ``roundtrip``: an empty job through the same reader thread, once per layer (the thread handoff alone);
 - ``plain``: row 2's baseline for those bytes: as many files as the part has entries on disk, each of one
@@ -108,6 +111,19 @@ def steps(cache: Any, workdir: Path) -> tuple[dict[str, dict[str, Callable[[], N
                         raise error
         return run
 
+    def grouped(group: list[Any]) -> Callable[[], None]:
+        size = max(1, min(buffer.group, buffer.max_depth + 1))
+
+        def run() -> None:
+            for i in range(0, len(group), size):
+                with buffer.together():
+                    started = [layer for slot, layer in enumerate(group[i:i + size]) if layer.prefetch(slot)]
+                for layer in started:
+                    _, error = buffer.take(layer)
+                    if error is not None:
+                        raise error
+        return run
+
     def roundtrip(group: list[Any]) -> Callable[[], None]:
         def run() -> None:
             executor = buffer._reader
@@ -176,9 +192,9 @@ def steps(cache: Any, workdir: Path) -> tuple[dict[str, dict[str, Callable[[], N
         return run
 
     methods = {
-        "mem": {"ahead": ahead(layers["mem"]), "inline": inline(layers["mem"]),
+        "mem": {"ahead": ahead(layers["mem"]), "grouped": grouped(layers["mem"]), "inline": inline(layers["mem"]),
                 "roundtrip": roundtrip(layers["mem"]), "plain": plain("mem")},
-        "disk": {"ahead": ahead(layers["disk"]), "inline": inline(layers["disk"]),
+        "disk": {"ahead": ahead(layers["disk"]), "grouped": grouped(layers["disk"]), "inline": inline(layers["disk"]),
                  "roundtrip": roundtrip(layers["disk"]), "plain": plain("disk"),
                  "plain+crc": plain("disk", crc=True), "floor": plain("disk", floor=True)},
     }
@@ -187,13 +203,15 @@ def steps(cache: Any, workdir: Path) -> tuple[dict[str, dict[str, Callable[[], N
     return methods, {**counts, "layers_mem": len(layers["mem"]), "layers_disk": len(layers["disk"])}
 
 
-def measure(config: Any, context: int, threads: int, host: int, repeats: int
+def measure(config: Any, context: int, threads: int, host: int, repeats: int, group: int | None = None
             ) -> tuple[dict[tuple[str, str], tuple[float, float]], dict[str, int]]:
     """``({(part, method): (median CPU ms, median wall ms) per step}, entry and layer counts)`` for one
     context at ``threads`` torch threads (a fresh cache in a temp directory, removed after)."""
     torch.set_num_threads(threads)
     workdir = Path(tempfile.mkdtemp(prefix="tiercache-hotpath-fetch-"))
     cache = build(config, context, host, workdir)
+    if group is not None:
+        cache.buffer.group = group
     try:
         methods, counts = steps(cache, workdir)
         try:
@@ -221,12 +239,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="1")
     parser.add_argument("--host", type=int, default=16 * MiB, help="host tier bytes (default 16 MiB, row 2's)")
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--group", type=int, default=None,
+                        help="layers per grouped read (default: the cache's decode buffer's, DISK_GROUP)")
     args = parser.parse_args(argv)
     config = model_config(args.model)
     print(f"load average at the start: {os.getloadavg()}")
     for context in parse_ints(args.contexts, "--contexts"):
         for threads in parse_ints(args.threads, "--threads"):
-            medians, counts = measure(config, context, threads, args.host, args.repeats)
+            medians, counts = measure(config, context, threads, args.host, args.repeats, args.group)
             print(f"context {context}, {threads} torch thread(s): {counts['layers_mem']} layers held in memory "
                   f"({counts['mem_mem']} entries), {counts['layers_disk']} reading the disk ({counts['disk_disk']} "
                   f"entries on disk, {counts['disk_mem']} in memory); ms per step, median of {args.repeats}; "

@@ -27,7 +27,11 @@ layer boundary (while one read copies its host-held blocks or waits on its last 
 its chunks in flight); layers further ahead whose blocks are all held in memory are passed over (each
 is read one ahead when its turn comes, on a copy thread of its own so it never queues behind disk
 reads) and the walk goes on to the layers that read the disk, up to a full pass ahead, within
-``max_depth`` (4) slots and ``ahead_bytes`` (192 MiB).  A cache filled layer by layer holds its last
+``max_depth`` (4) slots and ``ahead_bytes`` (192 MiB), ``group`` (2) layers at a time: the reads beyond the next
+layer wait until that many slots are free and then go out as one job with one ``get_many`` for all their
+entries (:meth:`DecodeBuffer.together`), so a step makes about half the reader round trips and ``get_many``
+calls; the reads of a group share one future (discarding one waits for the job; a failure is redone by each layer).
+A cache filled layer by layer holds its last
 layers in the host tier: with one read at a time and two layers ahead, the disk sat idle through
 them and through every layer boundary (``benchmarks/exact_prefetch.py``'s timeline).  Memory-only
 caches keep one reader, two layers and 32 MiB (their reads are copies that take turns on the cores).
@@ -47,10 +51,11 @@ error raises.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -72,6 +77,10 @@ DISK_MAX_DEPTH = 4
 #: ... and the bytes of the reads pending: 192 MiB reads four layers of up to 48 MiB of visible K/V ahead
 #: (SmolLM2 fp32 at 8K x 4), about the disk time of the host-held layers a cache filled layer by layer ends on.
 DISK_AHEAD_BYTES = 192 << 20
+#: ... and layers read ahead together (``DecodeBuffer.group``): layers beyond the next one are only read once
+#: this many slots are free, all of them in one job (one reader round trip, one ``get_many``): the per-call
+#: Python of a read ahead and of ``get_many`` is most of a warm step at short contexts.
+DISK_GROUP = 2
 #: Whether a disk-backed cache reads inline, rather than ahead, the layers whose reads are copies (memory-held
 #: blocks, a buffered disk tier) while torch's threads fill every core of an otherwise idle machine
 #: (``TieredKVCache._ahead_overlaps``).
@@ -130,7 +139,12 @@ class ReadAhead:
             ``(block index in the buffer, BlockRef, tmp_k, tmp_v)``; the consuming update gathers them
             into place.
         nbytes: bytes the read asks for.
-        future: the read (its exception, if any, is the read's failure).
+        future: the read (its exception, if any, is the read's failure); reads started together
+            (:meth:`DecodeBuffer.together`) share one.  ``None`` while reserved, before it is submitted.
+        keys, targets: the tiercache entries read and the tensors they are written into.
+        fetch: ``fetch(keys, out=targets, background=True)`` reads them (a store's ``get_blocks``); reads
+            started together with equal ``fetch`` and ``memory`` are merged into one call.
+        memory: every block is held in memory (the read is a copy).
     """
 
     layer: Any
@@ -144,6 +158,10 @@ class ReadAhead:
     posts: list
     nbytes: int
     future: concurrent.futures.Future | None = None
+    keys: list = field(default_factory=list)
+    targets: list = field(default_factory=list)
+    fetch: Callable[..., Any] | None = None
+    memory: bool = False
 
     @property
     def temp_bytes(self) -> int:
@@ -211,8 +229,9 @@ class DecodeBuffer:
     buffer only keeps them apart from the states attention is using).  ``max_depth`` (default
     :data:`MAX_DEPTH`): layers read ahead at most, one slot each (``max_depth + 1`` slots);
     ``ahead_bytes`` (default :data:`AHEAD_BYTES`): the bound :meth:`ahead_room` keeps reads beyond the
-    next layer's within; ``readers`` (default 1): reads ahead running at once.  :meth:`for_store` picks
-    them for a cache's tiers.
+    next layer's within; ``readers`` (default 1): reads ahead running at once; ``group`` (default 1): the
+    free slots the cache waits for before it reads layers beyond the next one ahead, together in one job
+    (:meth:`together`).  :meth:`for_store` picks them for a cache's tiers.
 
     Not thread-safe (a cache is updated by one thread at a time, as transformers' caches are); the
     reads ahead run on the buffer's reader threads, started in the order they were submitted, up to
@@ -220,7 +239,7 @@ class DecodeBuffer:
     """
 
     def __init__(self, read_ahead: bool = False, max_depth: int | None = None, ahead_bytes: int | None = None,
-                 readers: int = 1) -> None:
+                 readers: int = 1, group: int = 1) -> None:
         max_depth = MAX_DEPTH if max_depth is None else max_depth
         ahead_bytes = AHEAD_BYTES if ahead_bytes is None else ahead_bytes
         if not isinstance(max_depth, int) or isinstance(max_depth, bool) or max_depth < 1:
@@ -229,6 +248,10 @@ class DecodeBuffer:
             raise ValueError(f"ahead_bytes must be a non-negative int, got {ahead_bytes!r}")
         if not isinstance(readers, int) or isinstance(readers, bool) or readers < 1:
             raise ValueError(f"readers must be a positive int, got {readers!r}")
+        if not isinstance(group, int) or isinstance(group, bool) or group < 1:
+            raise ValueError(f"group must be a positive int, got {group!r}")
+        self.group = group
+        self._held: list[ReadAhead] | None = None  # reads reserved inside together(), submitted on exit
         self.max_depth = max_depth
         self.ahead_bytes = ahead_bytes
         self.readers = readers
@@ -246,10 +269,12 @@ class DecodeBuffer:
     def for_store(cls, read_ahead: bool, memory_only: bool) -> "DecodeBuffer":
         """The buffer of a cache: with a disk tier :data:`READERS` readers, :data:`DISK_MAX_DEPTH` layers
         and :data:`DISK_AHEAD_BYTES` ahead (reads wait on the device: keep it busy); with memory tiers only
-        the defaults (one reader: the reads are copies, which only take turns on the cores)."""
+        the defaults (one reader: the reads are copies, which only take turns on the cores); with a disk tier
+        layers beyond the next are read :data:`DISK_GROUP` at a time."""
         if memory_only:
             return cls(read_ahead)
-        return cls(read_ahead, max_depth=DISK_MAX_DEPTH, ahead_bytes=DISK_AHEAD_BYTES, readers=READERS)
+        return cls(read_ahead, max_depth=DISK_MAX_DEPTH, ahead_bytes=DISK_AHEAD_BYTES, readers=READERS,
+                   group=DISK_GROUP)
 
     def get(
         self,
@@ -315,6 +340,12 @@ class DecodeBuffer:
         """Whether ``layer`` has a read ahead not yet taken."""
         return id(layer) in self._pending
 
+    def free_slots(self, exclude: int) -> int:
+        """How many slots neither ``exclude`` nor any pending read ahead uses."""
+        busy = {p.slot for p in self._pending.values()}
+        busy.add(exclude)
+        return sum(1 for slot in range(self.max_depth + 1) if slot not in busy)
+
     def free_slot(self, exclude: int) -> int | None:
         """A slot neither ``exclude`` (the states being assembled) nor any pending read ahead uses, or
         ``None`` when all ``max_depth + 1`` are taken."""
@@ -343,11 +374,46 @@ class DecodeBuffer:
             if key == id(layer) or p.slot == slot:
                 self._drop(key)
 
-    def start(self, read: ReadAhead, run: Callable[[], Any], memory: bool = False) -> None:
-        """Run ``run`` (the read of ``read``) on a reader thread; :meth:`take` hands it to the layer.
-        ``memory``: every block is held in memory (the read is a copy): it runs on a thread of its own, so
-        it never queues behind disk reads started earlier for layers further ahead."""
-        if memory and self.readers > 1:
+    def start(self, read: ReadAhead) -> None:
+        """Read ``read`` (``read.fetch(read.keys, out=read.targets, background=True)``) on a reader thread;
+        :meth:`take` hands it to the layer.  ``read.memory`` (every block is held in memory, the read is a
+        copy): it runs on a thread of its own, so it never queues behind disk reads started earlier for
+        layers further ahead.  Inside :meth:`together` the read is reserved (pending, its slot taken) and
+        submitted, merged with the others, when the block ends."""
+        self._pending[id(read.layer)] = read
+        self.counters.started += 1
+        self.counters.bytes_ahead += read.nbytes
+        if read.posts:  # its temporaries add to the bytes held (the buffers themselves are counted by get)
+            self.peak_bytes = max(self.peak_bytes, self.nbytes)
+        if self._held is not None:
+            self._held.append(read)
+        else:
+            self._submit([read])
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """Reads :meth:`start` ed inside the block are submitted as it ends, those with the same ``fetch``
+        and ``memory`` as one job that reads all their entries with one ``fetch`` call (they share its
+        future: a failure fails each of them, and each layer then reads its blocks itself).  Reentrant."""
+        if self._held is not None:
+            yield
+            return
+        self._held = held = []
+        try:
+            yield
+        finally:
+            self._held = None
+            jobs: dict[tuple, list[ReadAhead]] = {}
+            for read in held:
+                if self._pending.get(id(read.layer)) is read:  # not dropped inside the block
+                    jobs.setdefault((read.memory, read.fetch), []).append(read)
+            for reads in jobs.values():
+                self._submit(reads)
+
+    def _submit(self, reads: list[ReadAhead]) -> None:
+        """One job reading every entry of ``reads`` (same ``fetch`` and ``memory``) with one ``fetch`` call."""
+        first = reads[0]
+        if first.memory and self.readers > 1:
             if self._copier is None:
                 self._copier = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tiercache-kv-copy")
             executor = self._copier
@@ -356,30 +422,35 @@ class DecodeBuffer:
                 self._reader = concurrent.futures.ThreadPoolExecutor(self.readers,
                                                                      thread_name_prefix="tiercache-kv-ahead")
             executor = self._reader
-        counters, lock = self.counters, self._counters_lock
+        counters, lock, fetch = self.counters, self._counters_lock, first.fetch
+        if len(reads) == 1:
+            keys, targets = first.keys, first.targets
+        else:
+            keys = [key for read in reads for key in read.keys]
+            targets = [target for read in reads for target in read.targets]
 
         def timed() -> Any:
             start, cpu = time.perf_counter(), time.thread_time()
             try:
-                return run()
+                return fetch(keys, out=targets, background=True)
             finally:
                 wall, used = time.perf_counter() - start, time.thread_time() - cpu
                 with lock:  # reader threads finish concurrently
                     counters.background_seconds += wall
                     counters.background_cpu_seconds += used
 
-        read.future = executor.submit(timed)
-        self._pending[id(read.layer)] = read
-        counters.started += 1
-        counters.bytes_ahead += read.nbytes
-        if read.posts:  # its temporaries add to the bytes held (the buffers themselves are counted by get)
-            self.peak_bytes = max(self.peak_bytes, self.nbytes)
+        future = executor.submit(timed)
+        for read in reads:
+            read.future = future
 
     def take(self, layer: Any) -> tuple[ReadAhead | None, BaseException | None]:
         """``layer``'s read ahead, once finished (the wait is counted), and the exception it raised
         (``None`` if it succeeded); ``(None, None)`` when there is none."""
         read = self._pending.pop(id(layer), None)
         if read is None:
+            return None, None
+        if read.future is None:  # reserved inside together() and taken before it was submitted: nothing ran
+            self.counters.discarded += 1
             return None, None
         start = time.perf_counter()
         try:
@@ -407,8 +478,12 @@ class DecodeBuffer:
         if read is None:
             return
         self.counters.discarded += 1
-        if not read.future.cancel():
-            concurrent.futures.wait([read.future])
+        future = read.future
+        if future is None:  # reserved, not submitted: nothing will write its slot
+            return
+        shared = any(p.future is future for p in self._pending.values())
+        if shared or not future.cancel():  # a job shared with reads still pending runs for them
+            concurrent.futures.wait([future])
 
     def release(self) -> None:
         """Free the storage (the next :meth:`get` allocates again); reads ahead are discarded first."""

@@ -150,7 +150,8 @@ class TieredKVSettings:
             LM head, sampling); layers larger than that are read one ahead.  With a disk tier the reads
             are more eager (``DecodeBuffer.for_store``): two run at once, so chunks stay in flight across
             layer boundaries, and the reads beyond the next layer pass over memory-held layers to the
-            disk-reading ones, up to 4 layers and 192 MiB ahead.  Nothing is promoted
+            disk-reading ones, up to 4 layers and 192 MiB ahead, two layers at a time with one reader job
+            and one ``get_many`` (``decode_buffer.DISK_GROUP``).  Nothing is promoted
             (placement is unchanged); correctness never depends on a read ahead (one made stale by a
             crop, reorder or batch change is discarded, a failed one is redone synchronously).  With every tier in memory (no disk tier) the reads are memory
             copies, which only overlap compute on a core torch's intra-op threads leave free: when
@@ -784,10 +785,10 @@ class TieredKVLayer(CacheLayerMixin):
             targets_k, targets_v, posts = buf.joint_blocks[:n], [], []
         else:
             targets_k, targets_v, posts = buf.key_blocks[:n], buf.value_blocks[:n], []
-        keys, targets, store = self._entries_from(first), targets_k + targets_v, self.store
-        read = ReadAhead(self, self._epoch, first, n, slot, buf, kkeys, vkeys, posts, nbytes)
+        keys, store = self._entries_from(first), self.store
         memory = buffer.readers > 1 and not store.memory_only and store.in_memory(keys)
-        buffer.start(read, lambda: store.get_blocks(keys, out=targets, background=True), memory=memory)
+        buffer.start(ReadAhead(self, self._epoch, first, n, slot, buf, kkeys, vkeys, posts, nbytes,
+                               keys=keys, targets=targets_k + targets_v, fetch=store.get_blocks, memory=memory))
         return True
 
     def held_in_memory(self) -> bool:
@@ -1284,7 +1285,16 @@ class TieredKVCache(Cache):
         until the next pass's first layer is next.
 
         ``device_only`` (torch's threads fill every core, see :meth:`_ahead_overlaps`): only layers that read
-        a device are read ahead; memory-held layers are left to their own update, like the layers beyond."""
+        a device are read ahead; memory-held layers are left to their own update, like the layers beyond.
+
+        With ``buffer.group`` > 1 (a disk tier), layers beyond the next one wait until that many slots are
+        free, and the reads this call starts go out together (:meth:`DecodeBuffer.together`): one reader
+        round trip and one ``get_many`` for several layers instead of one per layer."""
+        buffer = self.buffer
+        with buffer.together():
+            self._walk_ahead(layer_idx, device_only)
+
+    def _walk_ahead(self, layer_idx: int, device_only: bool) -> None:
         buffer, layers = self.buffer, self.layers
         n_layers = len(layers)
         layer = layers[layer_idx]
@@ -1294,6 +1304,9 @@ class TieredKVCache(Cache):
             slot = buffer.free_slot(mine)
             nxt.prefetch(slot if slot is not None else buffer.other_slot(mine))
         past_memory = (buffer.readers > 1 or device_only) and not self.store.memory_only
+        group = min(buffer.group, buffer.max_depth - 1)  # with the next layer pending, at most max_depth - 1 free
+        if group > 1 and buffer.pending(nxt) and buffer.free_slots(mine) < group:
+            return
         for d in range(2, (n_layers - 1 if past_memory else min(buffer.max_depth, n_layers - 1)) + 1):
             further = layers[(layer_idx + d) % n_layers]
             if buffer.pending(further):
@@ -1450,7 +1463,8 @@ class TieredKVCache(Cache):
         new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items() if k not in skip})
         new.settings, new.store, new.cache_uid = settings, store, uuid.uuid4().hex
         new.buffer = DecodeBuffer(read_ahead=self.buffer.read_ahead, max_depth=self.buffer.max_depth,
-                                  ahead_bytes=self.buffer.ahead_bytes, readers=self.buffer.readers)
+                                  ahead_bytes=self.buffer.ahead_bytes, readers=self.buffer.readers,
+                                  group=self.buffer.group)
         new._prepared_model = self._prepared_model  # the same model object, prepared once
         try:
             new.layers = [layer._copy_to(store, new.cache_uid, new.buffer) for layer in self.layers]

@@ -438,6 +438,7 @@ def test_reads_ahead_pass_over_memory_held_layers_to_the_disk_ones(make_config, 
     ref = DynamicCache(config=config)
     got = TieredKVCache(config, block_size=4, host="4KiB", disk="4MiB", path=tmp_path / "kv")
     got.buffer.max_depth, got.buffer.ahead_bytes = 3, 1 << 30
+    got.buffer.group = 1  # one layer at a time (grouped reads: test_grouped_reads_ahead_...)
     for i in range(layers):  # as if the host tier held layers 3 and 4, the disk tier the others
         monkeypatch.setattr(got.layers[i], "held_in_memory", lambda held=i in (3, 4): held)
     seen = {}
@@ -455,6 +456,75 @@ def test_reads_ahead_pass_over_memory_held_layers_to_the_disk_ones(make_config, 
     ahead = got.stats()["prefetch"]
     assert ahead["failed"] == 0 and ahead["blocks_ahead"] > 0
     got.close()
+
+
+class CountingReads:
+    """Counts background ``get_blocks`` calls and the entries they read."""
+
+    def __init__(self, store):
+        self.original, self.lock = store.get_blocks, threading.Lock()
+        self.calls = self.entries = 0
+        store.get_blocks = self
+
+    def __call__(self, keys, device=None, *, out=None, background=False):
+        if background:
+            with self.lock:
+                self.calls += 1
+                self.entries += len(keys)
+        return self.original(keys, device, out=out, background=background)
+
+
+@pytest.mark.parametrize("flaky", [False, True])
+def test_grouped_reads_ahead_share_one_call_and_stay_exact(make_config, tmp_path, monkeypatch, flaky):
+    """With a disk tier, layers beyond the next one are read ahead ``group`` at a time, with one
+    ``get_blocks`` call for all their entries (so fewer calls than reads started), passing over the
+    memory-held layers; a crop between steps discards the reads ahead and a
+    failed grouped read is redone by each of its layers: the states always equal DynamicCache's."""
+    layers = 8
+    config = make_config(num_hidden_layers=layers)
+    gen = torch.Generator().manual_seed(8)
+    ref = DynamicCache(config=config)
+    got = TieredKVCache(config, block_size=4, host="4KiB", disk="4MiB", path=tmp_path / "kv")
+    assert got.buffer.group > 1 and got.buffer.max_depth > got.buffer.group
+    got.buffer.ahead_bytes = 1 << 30
+    for i in range(layers):  # as if the host tier held layers 5 to 7, the disk tier the others
+        monkeypatch.setattr(got.layers[i], "held_in_memory", lambda held=i >= 5: held)
+    if flaky:
+        reads = FlakyReads(got.store)
+        reads.fail = False
+    else:
+        reads = CountingReads(got.store)
+    shared = 0
+    for step, seq in enumerate([13, 1, 1, 1, 1, 1]):
+        if step == 4:
+            ref.crop(-3)
+            got.crop(-3)
+        for layer in range(layers):
+            k, v = states(2, seq, gen)
+            rk, rv = ref.update(k, v, layer)
+            gk, gv = got.update(k, v, layer)
+            assert torch.equal(rk, gk) and torch.equal(rv, gv), (step, layer)
+            pending = list(got.buffer._pending.values())
+            assert len({p.slot for p in pending}) == len(pending) and got.buffer.slot not in {p.slot for p in pending}
+            futures = [p.future for p in pending]
+            shared = max(shared, len(futures) - len(set(map(id, futures))))
+    ahead = got.stats()["prefetch"]
+    assert shared > 0 and ahead["blocks_ahead"] > 0
+    if flaky:
+        assert reads.failures > 0 and ahead["failed"] > 0 and ahead["blocks_sync"] > 0
+    else:
+        assert ahead["failed"] == 0 and ahead["discarded"] > 0
+        assert reads.calls < ahead["started"], (reads.calls, ahead)
+    got.close()
+
+
+def test_group_must_be_a_positive_int():
+    from tiercache_llm.decode_buffer import DecodeBuffer
+
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="group"):
+            DecodeBuffer(group=bad)
+    assert DecodeBuffer(group=3).group == 3
 
 
 def test_readers_must_be_a_positive_int():
