@@ -428,3 +428,20 @@ def test_off_the_cpu_a_bounded_arena_takes_its_bound_at_once_and_an_unbounded_on
         assert arena.capacity == first and arena.k.device == meta
         b.assign([0, 1, 2, 3], [0, 1, 2, 3], False, SHAPE, SHAPE, torch.float32, meta, reserve=5)
         assert arena.capacity == second and arena.reallocs == (bound is None)
+
+
+def test_a_bounded_arena_preferring_cheap_blocks_evicts_them_first():
+    """prefer_cheap (the pipeline's exclusive_pool): within the victim layer, blocks marked cheap to read again go
+    before the others, whatever their mass; unbounded or without the flag the order stays lowest mass first."""
+    for prefer, bound, expect in ((True, 4, {0, 2}), (False, 4, {1, 2}), (True, None, {0, 1, 2})):
+        arena = PoolArena("mass", factor=1.5, max_bytes=None if bound is None else bound * SLOT_BYTES)
+        arena.prefer_cheap = prefer
+        a, b = arena.pool(), arena.pool()
+        mass = torch.tensor([0.1, 9.0, 5.0, 0.0], dtype=torch.float64)
+        arena_assign(a, [0, 1, 2], mass=mass)
+        a.cheap.add(1)  # block 1's entries sat in the fastest tier: cheap to read again
+        arena_assign(b, [0, 1], mass=mass)  # 1 short when bounded: evicted from a (fetched longest ago)
+        assert set(a.slot_of) == expect, (prefer, bound)
+        assert a.cheap <= set(a.slot_of)  # an evicted block is no longer marked
+    arena.clear()
+    assert not a.cheap
