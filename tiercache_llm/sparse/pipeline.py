@@ -38,6 +38,14 @@ pass for the CPU.  Measured on the 2-core benchmark machine (SmolLM2, ``benchmar
   (``reuse-layer-ahead``), or a pool of ``pool_blocks_factor`` x the largest union so far (at most the
   layer's blocks) whose blocks outside the current selection are evicted lowest decayed attention mass
   first (``attention-aware``: attention-aware placement at the level closest to compute).  Released on crop / reorder / batch changes.
+- **Bounded pools, exclusive placement** (``exclusive_pool``, ``attention-aware``; only under ``pool_bytes``): the
+  blocks the pools hold at the end of a step score 0 in the tiercache, so the fastest tier demotes them first
+  and keeps blocks the pools do not hold (:meth:`DecodePipeline.pool_held_scores`); and the arena evicts,
+  within each layer, the blocks that were read from the fastest tier before the others
+  (:attr:`~.pool.PoolArena.prefer_cheap`), so the pools keep what only the slow tier holds.  Measured at
+  SmolLM2 8K x batch 4, 25 % selection, pools at 25 % / 50 % of the KV: disk entries per step read by the
+  forward pass or staged -19 % / -43 % (docs/sparse.md "Pool budget").  Layer-ahead reads
+  (``layer_ahead``, ``ahead`` layers ahead) never promote.
 - **Disk staging ahead** (``attention-aware``): after each step, every layer's highest-mass stored blocks
   that are neither in the fastest tier nor in its pool (``stage_ahead`` of them), then its ``stage_near``
   *near misses* (the unselected blocks its last selection ranked closest to its cut, outside its pool;
@@ -124,6 +132,10 @@ class PipelineConfig:
             :class:`~tiercache_llm.policies.AttentionPlacementPolicy`).
         predictor: ``"previous"`` (the next layer's selection of the previous step) or ``"query"``
             (the next layer's digests scored with this layer's query).
+        ahead: with ``layer_ahead``, how many layers ahead are staged: each layer's predicted entries are
+            submitted once, when the layer ``ahead`` fetches before it starts fetching (its previous
+            selection; the ``"query"`` predictor, which needs the preceding layer's query, serves the next
+            layer only), so slow reads have ``ahead`` layers of compute to land in.
         staging_bytes: bound of staged plus in-flight entries, bytes.
         io_workers: threads of the background pool (disk reads queue there; tiercache's own disk pool
             parallelises one batch further).
@@ -143,6 +155,9 @@ class PipelineConfig:
         wait_timeout: seconds a layer waits for an in-flight entry before reading it itself.
         complement_reuse: attention-aware placement with resident pools: the fastest tier complements the
             pool (:meth:`DecodePipeline.placement_scores`) instead of holding the most attended blocks.
+        exclusive_pool: with bounded pools (``pool_bytes``) and attention-aware placement, the blocks the pools
+            hold at the end of a step score 0 in the tiercache (:meth:`DecodePipeline.pool_held_scores`), so
+            the fastest tier holds blocks the pools do not; no effect on unbounded pools.
         write_behind_bytes: ``> 0``: new blocks are written by a writer thread through a queue of at most
             this many bytes (:meth:`~tiercache_llm.store.BlockStore.enable_write_behind`); ``0``: writes
             are synchronous.
@@ -175,6 +190,8 @@ class PipelineConfig:
     io_workers: int = 2
     stage_ahead: int = 4
     stage_near: int = 0
+    ahead: int = 1
+    exclusive_pool: bool = False
     prefault_pool: bool = True
     warm_first_step: bool = True
     wait_timeout: float = 30.0
@@ -206,6 +223,8 @@ class PipelineConfig:
         if isinstance(self.write_behind_bytes, bool) or not isinstance(self.write_behind_bytes, int) \
                 or self.write_behind_bytes < 0:
             raise ValueError(f"write_behind_bytes must be an int >= 0, got {self.write_behind_bytes!r}")
+        if isinstance(self.ahead, bool) or not isinstance(self.ahead, int) or self.ahead < 1:
+            raise ValueError(f"ahead must be an int >= 1, got {self.ahead!r}")
         for name in ("stage_ahead", "stage_near"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -230,7 +249,8 @@ class PipelineConfig:
             base = cls(reuse=True, layer_ahead=True, predictor="query")
         elif strategy == "attention-aware":
             base = cls(reuse=True, layer_ahead=False, disk_staging=True, defer_promotions=True, predictor="query",
-                       write_behind_bytes=64 * MiB, pool_blocks_factor=1.5, stage_near=16, seed_pool=True)
+                       write_behind_bytes=64 * MiB, pool_blocks_factor=1.5, stage_near=16, seed_pool=True,
+                       exclusive_pool=True)
         else:
             raise ValueError(f"unknown strategy {strategy!r}")
         return cls(**{**asdict(base), **overrides})
@@ -333,6 +353,7 @@ class DecodePipeline:
         self._left: dict[int, list[int]] = {}  # layer -> blocks of the step before that it no longer selected
         self._predicted: dict[int, set] = {}  # layer -> entries predicted for its coming fetch
         self._arena = PoolArena(config.retention, config.pool_blocks_factor, config.pool_bytes, config.pool_eviction)  # the slots shared by every layer
+        self._arena.prefer_cheap = config.exclusive_pool
         self._pools: dict[int, ResidentPool] = {}  # layer -> its view of the arena
         self._last_sel: dict[int, LastSelection] = {}  # layer -> its last selection (near misses)
         self._prefaulter: concurrent.futures.ThreadPoolExecutor | None = None
@@ -423,18 +444,23 @@ class DecodePipeline:
         return None
 
     def _read(self, keys: list, outs: list[torch.Tensor]) -> None:
+        """Every background read: ``keys`` into ``outs``; it promotes only inside :meth:`_read_promoting`."""
+        self.store.get_blocks(keys, out=outs)
+
+    def _read_promoting(self, keys: list, outs: list[torch.Tensor]) -> None:
+        """:meth:`_read` inside the policy's ``promoting`` context (``defer_promotions``): the read may promote."""
         ctx = self._policy_context()
         if ctx is None:
-            self.store.get_blocks(keys, out=outs)
+            self._read(keys, outs)
         else:
             with ctx:
-                self.store.get_blocks(keys, out=outs)
+                self._read(keys, outs)
 
     def _read_scored(self, scores: dict, keys: list, outs: list[torch.Tensor]) -> None:
         """A background read that may promote: first bring the entries' tiercache scores up to their current
         decayed mass (scores sent when a block left the selection fall behind the growing decay scale)."""
         self.store.update_scores({k: scores[k] for k in keys if k in scores})
-        self._read(keys, outs)
+        self._read_promoting(keys, outs)
 
     def _read_massed(self, mass: torch.Tensor, block_of: dict, keys: list, outs: list[torch.Tensor]) -> None:
         """:meth:`_read_scored` with each entry's score its block's decayed ``mass`` (``block_of``: key ->
@@ -443,10 +469,14 @@ class DecodePipeline:
         n = len(values)
         self._read_scored({k: values[block_of[k]] for k in keys if block_of.get(k, n) < n}, keys, outs)
 
-    def _stage_blocks(self, layer: "TieredKVLayer", blocks: list[int], tiers: list | None = None) -> tuple[int, int]:
+    def _stage_blocks(self, layer: "TieredKVLayer", blocks: list[int], tiers: list | None = None,
+                      promote: bool = True) -> tuple[int, int]:
         """Stage the K and V entries of ``blocks`` of ``layer`` that are outside the fastest tier (and not
         staged yet); returns (entries outside the fastest tier, entries submitted).  ``tiers``: the tiers of
-        ``staged_keys(layer, blocks)`` when the caller looked them up already (``None``: looked up here)."""
+        ``staged_keys(layer, blocks)`` when the caller looked them up already (``None``: looked up here).
+        ``promote=False``: the reads never promote, even with deferred promotions (layer-ahead prefetch: the
+        entries it reads are a layer's misses of every step under a bounded pool, and promoting them all
+        would demote as much back to disk each step)."""
         if self.staging is None or not blocks or self._closed:
             return 0, 0
         refs = {}
@@ -461,8 +491,8 @@ class DecodePipeline:
         todo = [k for k, t in zip(keys, tiers) if t is not None and t != fastest]
         if not todo:
             return 0, 0
-        read = self._read
-        if self._policy_context() is not None and layer.sparse is not None:
+        read = self._read_promoting if promote else self._read
+        if promote and self._policy_context() is not None and layer.sparse is not None:
             # The scores are looked up by the job (off the forward thread), from the mass at that time.
             block_of = {}
             for j in blocks:
@@ -484,10 +514,24 @@ class DecodePipeline:
         nxt_idx = self._next.get(layer.layer_idx)
         if nxt_idx is None:
             return
+        # ``ahead`` > 1: layers up to ``ahead`` fetches away are staged too, each once before its fetch (the
+        # first time it is within reach), from its previous selection; the next layer may use the query.
+        far = nxt_idx
+        for depth in range(2, min(self.config.ahead, len(self.sparse_ids)) + 1):
+            far = self._next[far]
+            if far != layer.layer_idx and far not in self._predicted:
+                self._predict_layer(far, None)
+        if nxt_idx not in self._predicted or self.config.predictor == "query":
+            self._predict_layer(nxt_idx, query)
+        self.stats.predict_seconds += time.perf_counter() - start
+
+    def _predict_layer(self, nxt_idx: int, query: torch.Tensor | None) -> None:
+        """Stage the entries layer ``nxt_idx`` is predicted to need that its pool does not hold (``query``:
+        this layer's query, for the ``"query"`` predictor; ``None``: the previous selection)."""
         nxt = self.layers[nxt_idx]
         n_stored = len(nxt._blocks)
-        if self.config.predictor == "query" and nxt_idx != self.sparse_ids[0] and nxt.sparse.digests is not None \
-                and nxt.sparse.digests.length > 0:
+        if query is not None and self.config.predictor == "query" and nxt_idx != self.sparse_ids[0] \
+                and nxt.sparse.digests is not None and nxt.sparse.digests.length > 0:
             from .selection import select
 
             # the same call as the layer's own selection (sparse_layer.decode): ``fetch`` holds block ids
@@ -500,10 +544,9 @@ class DecodePipeline:
         if pool is not None and pool.retention != "none":
             blocks = pool.not_held(blocks, nxt._kkeys)
         self._predicted[nxt_idx] = set(layer_keys(nxt, blocks))
-        nonresident, _ = self._stage_blocks(nxt, blocks)
+        nonresident, _ = self._stage_blocks(nxt, blocks, promote=False)
         self.stats.predicted += 2 * len(blocks)
         self.stats.predicted_nonresident += nonresident
-        self.stats.predict_seconds += time.perf_counter() - start
 
     def _pool_of(self, layer_idx: int) -> ResidentPool:
         pool = self._pools.get(layer_idx)
@@ -666,7 +709,10 @@ class DecodePipeline:
         tiers = self.store.tiers_of(keys)
         fastest = self.store.fastest_tier
         hits = len(stored) - nm
-        stats.blocks_resident += hits + sum(1 for i in range(nm) if tiers[i] == fastest and tiers[nm + i] == fastest)
+        cheap = [stored[missing[i]] for i in range(nm) if tiers[i] == fastest and tiers[nm + i] == fastest]
+        stats.blocks_resident += hits + len(cheap)
+        if pool.arena.prefer_cheap and pool.arena.max_bytes is not None:
+            pool.cheap.update(cheap)
         if predicted is not None:
             ps.predicted_hits += sum(1 for key in keys if key in predicted)
             ps.predictable += len(keys)
@@ -733,6 +779,26 @@ class DecodePipeline:
                 scores[layer._vkeys[j]] = score
         return scores
 
+    def pool_held_scores(self) -> dict:
+        """``exclusive_pool`` under a bound (``pool_bytes``): score 0 for the K and V entries of every block the
+        bounded pools hold now, so the fastest tier demotes them first and holds blocks the pools do not (a
+        block read while the pool holds it costs nothing; the same block in the fastest tier wastes its room).
+        Unbounded pools hold every selected block, so there is nothing to complement: empty.  The held sets
+        are snapshots (safe on the end-of-step worker); a block evicted later gets its mass back as its score
+        when it is next fetched.  Scores steer placement only, never what is attended."""
+        if not (self.config.exclusive_pool and self.config.reuse and self._arena.max_bytes is not None):
+            return {}
+        out = {}
+        for idx, pool in list(self._pools.items()):
+            layer = self.layers[idx]
+            kk, vk = layer._kkeys, layer._vkeys
+            n = min(len(kk), len(vk))
+            for j in list(pool.slot_of):  # a snapshot (one C-level copy), as in _stage_choice
+                if j < n:
+                    out[kk[j]] = 0.0
+                    out[vk[j]] = 0.0
+        return out
+
     def promotion_threshold(self, layers: list["TieredKVLayer"]) -> float | None:
         """With resident pools: the promotion threshold of the attention-aware policy, the decayed mass of the
         ``M``-th most attended stored block *outside the pools* (``M`` = blocks the fastest tier
@@ -763,11 +829,15 @@ class DecodePipeline:
 
     def end_step(self) -> None:
         """After a decode step's forward pass (scores flushed, promotion threshold set by the controller's
-        :meth:`~tiercache_llm.sparse_layer.SparseController.admit`): disk staging ahead for every sparse layer
+        :meth:`~tiercache_llm.sparse_layer.SparseController.admit`): the bounded pools' held blocks scored 0
+        (``exclusive_pool``: :meth:`pool_held_scores`), then disk staging ahead for every sparse layer
         (nothing when this step's end-of-step work went to the worker: :meth:`defer_end_of_step`)."""
         if self._handed:
             self._handed = False
             return
+        held = self.pool_held_scores()
+        if held:
+            self.store.update_scores(held)
         self._stage_ahead_all()
 
     def defer_end_of_step(self, ctrl: Any, enabled: bool = True) -> bool:
@@ -814,6 +884,8 @@ class DecodePipeline:
     def _after_step_job(self, ctrl: Any, scores: dict) -> None:
         start = time.perf_counter()
         try:
+            if ctrl.strategy == "attention-aware":
+                scores.update(self.pool_held_scores())
             items = list(scores.items())
             for lo in range(0, len(items), SCORE_CHUNK):
                 self.store.update_scores(dict(items[lo : lo + SCORE_CHUNK]))
