@@ -224,7 +224,8 @@ def test_strategies_configure_their_pipelines():
     reuse = PipelineConfig.for_strategy("reuse-layer-ahead")
     assert reuse.reuse and reuse.layer_ahead and not reuse.disk_staging and not reuse.defer_promotions
     full = PipelineConfig.for_strategy("attention-aware")
-    assert full.reuse and not full.layer_ahead and full.disk_staging and full.defer_promotions  # layer-ahead: opt-in
+    assert full.reuse and full.layer_ahead and full.disk_staging and full.defer_promotions
+    assert full.predictor == "previous" and reuse.predictor == "query"
     assert (full.retention, reuse.retention, PipelineConfig.for_strategy("fetch-every-step").retention) == (
         "mass", "previous", "none")
     with pytest.raises(ValueError, match="pool_blocks_factor"):
@@ -236,7 +237,7 @@ def test_strategies_configure_their_pipelines():
     with pytest.raises(ValueError, match="background_end_step"):
         PipelineConfig(background_end_step="yes")
     assert full.background_end_step
-    assert full.exclusive_pool and not reuse.exclusive_pool and full.ahead == reuse.ahead == 1
+    assert not full.exclusive_pool and not full.pool_prefer_cheap and full.ahead == reuse.ahead == 1  # opt-in
 
 
 def test_pipeline_option_is_sparse_only_and_typed(make_config):
@@ -717,7 +718,7 @@ def test_exclusive_pool_scores_what_bounded_pools_hold_zero_and_keeps_logits(mod
     fastest tier keeps blocks the pools do not; unbounded, it sends nothing extra.  Logits unchanged."""
     ref = reference(model, batch, tmp_path)
     ids, mask = batch
-    pipeline = {"exclusive_pool": True}
+    pipeline = {"exclusive_pool": True, "pool_prefer_cheap": True}
     with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware", pipeline=pipeline)) as free:
         got_free = decode_logits(model, free, ids, mask)
         free._pipeline.fence()
@@ -738,4 +739,38 @@ def test_exclusive_pool_scores_what_bounded_pools_hold_zero_and_keeps_logits(mod
             for j in pool.slot_of:
                 if layer._kkeys[j] in index:
                     assert index[layer._kkeys[j]].info.score == 0.0
+    assert torch.equal(ref, got) and torch.equal(ref, got_free)
+
+
+def test_a_binding_pool_bound_leaves_the_misses_to_layer_ahead_not_to_near_miss_staging(model, batch, tmp_path,
+                                                                                          monkeypatch):
+    """attention-aware's defaults under a pool bound the pools fill: disk staging ahead skips the near misses (the
+    layer-ahead "previous" predictor stages the misses, without promoting); unbounded, near misses are staged as
+    before.  Logits unchanged either way."""
+    import tiercache_llm.sparse.pipeline as pipeline_mod
+
+    ref = reference(model, batch, tmp_path)
+    ids, mask = batch
+    calls = []
+    real = pipeline_mod.near_misses_many
+
+    def spy(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(pipeline_mod, "near_misses_many", spy)
+    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware")) as free:
+        got_free = decode_logits(model, free, ids, mask)
+        free._pipeline.fence()
+        assert not free._pipeline.pools_at_bound() and calls
+        slot = free.stats()["pipeline"]["pool_slot_bytes"]
+    calls.clear()
+    with TieredKVCache.for_model(model, **opts(tmp_path / "b", "attention-aware", pool_bytes=12 * slot)) as cache:
+        got = decode_logits(model, cache, ids, mask)
+        pipe = cache._pipeline
+        pipe.fence()
+        assert pipe.pools_at_bound()
+        stats = cache.stats()["pipeline"]
+    assert stats["predicted"] > 0 and stats["staged"] > 0  # layer-ahead staged the bounded pools' misses
+    assert len(calls) < 10  # near misses only before the arena reached its bound (the first steps), 10 steps run
     assert torch.equal(ref, got) and torch.equal(ref, got_free)

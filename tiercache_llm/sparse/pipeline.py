@@ -8,19 +8,21 @@ strategy           pool retention layer-ahead predictor    disk staging deferred
 ================== ============== =========== ============ ============ ========== ============
 fetch-every-step   none           -           -            -            -          -
 reuse-layer-ahead  previous step  yes         query        -            -          -
-attention-aware    mass, x1.5,    - (*)       query        yes (+near)  yes        64 MiB
+attention-aware    mass, x1.5,    yes (*)     previous     yes (+near)  yes        64 MiB
                    seeded
 ================== ============== =========== ============ ============ ========== ============
 
 (``reuse-layer-ahead`` runs under the ``kv-stream`` policy, ``attention-aware`` under the
 ``attention-aware`` policy with its scores.)
 
-(*) ``attention-aware`` turns layer-ahead prefetch off by default (``layer_ahead=True`` turns it on): with
-the resident pool it serves ~93 % of the selected blocks from the pool or the host tier, and the query
-predictor costs a second digest scoring per layer plus background reads that compete with the forward
-pass for the CPU.  Measured on the 2-core benchmark machine (SmolLM2, ``benchmarks/sparse_profile.py``,
-1 torch thread, loaded machine): 2K x batch 4, 4 steps: 495 ms/step without vs 760-831 ms/step with it;
-4K x batch 4, 2 steps: without was faster in both runs (docs/sparse.md "Decode pipeline").
+(*) ``attention-aware``'s layer-ahead prefetch uses the ``"previous"`` predictor and its reads never promote.
+With unbounded pools it stages nothing (the pool holds the previous selection: no second digest scoring, no
+reads; the ``"query"`` predictor cost more than it hid on 2 cores, docs/sparse.md "Decode pipeline").  Under a
+pool bound the pools fill (``pool_bytes``), a layer's misses are mostly the blocks the pools evicted since its
+last fetch: the previous selection predicts them, and they are read one layer ahead off the forward thread;
+disk staging ahead then skips its near misses (:meth:`DecodePipeline.pools_at_bound`), promoting reads of
+blocks the bounded pool evicted again before use.  Measured at SmolLM2 8K x batch 4, 25 % selection, pools at
+25 % of the KV, one cache per process: 745 -> 552 ms/step, reuse-layer-ahead 646 (docs/sparse.md "Pool budget").
 
 - **Layer-ahead prefetch.**  When layer ``l`` fetches, the entries layer ``l+1`` is predicted to need and
   that are not in the fastest tier are read into the :class:`~.staging.StagingArea` on the I/O pool
@@ -38,14 +40,14 @@ pass for the CPU.  Measured on the 2-core benchmark machine (SmolLM2, ``benchmar
   (``reuse-layer-ahead``), or a pool of ``pool_blocks_factor`` x the largest union so far (at most the
   layer's blocks) whose blocks outside the current selection are evicted lowest decayed attention mass
   first (``attention-aware``: attention-aware placement at the level closest to compute).  Released on crop / reorder / batch changes.
-- **Bounded pools, exclusive placement** (``exclusive_pool``, ``attention-aware``; only under ``pool_bytes``): the
-  blocks the pools hold at the end of a step score 0 in the tiercache, so the fastest tier demotes them first
-  and keeps blocks the pools do not hold (:meth:`DecodePipeline.pool_held_scores`); and the arena evicts,
-  within each layer, the blocks that were read from the fastest tier before the others
-  (:attr:`~.pool.PoolArena.prefer_cheap`), so the pools keep what only the slow tier holds.  Measured at
-  SmolLM2 8K x batch 4, 25 % selection, pools at 25 % / 50 % of the KV: disk entries per step read by the
-  forward pass or staged -19 % / -43 % (docs/sparse.md "Pool budget").  Layer-ahead reads
-  (``layer_ahead``, ``ahead`` layers ahead) never promote.
+- **Bounded pools, exclusive placement** (opt-in, only under ``pool_bytes``): ``exclusive_pool`` scores the
+  blocks the pools hold at the end of a step 0 in the tiercache, so the fastest tier demotes them first and
+  keeps blocks the pools do not hold (:meth:`DecodePipeline.pool_held_scores`); ``pool_prefer_cheap`` makes
+  the arena evict, within each layer, the blocks that were read from the fastest tier before the others
+  (:attr:`~.pool.PoolArena.prefer_cheap`).  Both cut the disk reads (SmolLM2 8K x batch 4, 25 % selection,
+  pools at 25 % / 50 % of the KV: disk entries per step 2641 -> 2073 / 1276 -> 724) but were slower on the
+  2-core CPU machine (host-tier copies on the forward thread, promotions and demotions beside it; docs/sparse.md
+  "Pool budget"), hence off.
 - **Disk staging ahead** (``attention-aware``): after each step, every layer's highest-mass stored blocks
   that are neither in the fastest tier nor in its pool (``stage_ahead`` of them), then its ``stage_near``
   *near misses* (the unselected blocks its last selection ranked closest to its cut, outside its pool;
@@ -158,6 +160,8 @@ class PipelineConfig:
         exclusive_pool: with bounded pools (``pool_bytes``) and attention-aware placement, the blocks the pools
             hold at the end of a step score 0 in the tiercache (:meth:`DecodePipeline.pool_held_scores`), so
             the fastest tier holds blocks the pools do not; no effect on unbounded pools.
+        pool_prefer_cheap: with bounded pools, a layer's blocks read from the fastest tier are evicted before
+            its others (:attr:`~.pool.PoolArena.prefer_cheap`): the pools keep what only the slow tier holds.
         write_behind_bytes: ``> 0``: new blocks are written by a writer thread through a queue of at most
             this many bytes (:meth:`~tiercache_llm.store.BlockStore.enable_write_behind`); ``0``: writes
             are synchronous.
@@ -192,6 +196,7 @@ class PipelineConfig:
     stage_near: int = 0
     ahead: int = 1
     exclusive_pool: bool = False
+    pool_prefer_cheap: bool = False
     prefault_pool: bool = True
     warm_first_step: bool = True
     wait_timeout: float = 30.0
@@ -248,9 +253,8 @@ class PipelineConfig:
         elif strategy == "reuse-layer-ahead":
             base = cls(reuse=True, layer_ahead=True, predictor="query")
         elif strategy == "attention-aware":
-            base = cls(reuse=True, layer_ahead=False, disk_staging=True, defer_promotions=True, predictor="query",
-                       write_behind_bytes=64 * MiB, pool_blocks_factor=1.5, stage_near=16, seed_pool=True,
-                       exclusive_pool=True)
+            base = cls(reuse=True, layer_ahead=True, disk_staging=True, defer_promotions=True, predictor="previous",
+                       write_behind_bytes=64 * MiB, pool_blocks_factor=1.5, stage_near=16, seed_pool=True)
         else:
             raise ValueError(f"unknown strategy {strategy!r}")
         return cls(**{**asdict(base), **overrides})
@@ -353,7 +357,7 @@ class DecodePipeline:
         self._left: dict[int, list[int]] = {}  # layer -> blocks of the step before that it no longer selected
         self._predicted: dict[int, set] = {}  # layer -> entries predicted for its coming fetch
         self._arena = PoolArena(config.retention, config.pool_blocks_factor, config.pool_bytes, config.pool_eviction)  # the slots shared by every layer
-        self._arena.prefer_cheap = config.exclusive_pool
+        self._arena.prefer_cheap = config.pool_prefer_cheap
         self._pools: dict[int, ResidentPool] = {}  # layer -> its view of the arena
         self._last_sel: dict[int, LastSelection] = {}  # layer -> its last selection (near misses)
         self._prefaulter: concurrent.futures.ThreadPoolExecutor | None = None
@@ -947,13 +951,23 @@ class DecodePipeline:
             for i, top in enumerate(tops):
                 mine, at = tiers[at : at + len(top)], at + len(top)
                 picked[i] = [j for j, t in zip(top, mine) if t is not None and t != fastest][: self.config.stage_ahead]
-        if self.config.stage_near:
+        if self.config.stage_near and not self.pools_at_bound():
             nears = near_misses_many([self._last_sel.get(layer.layer_idx) if n else None for layer, n in zip(layers, ns)],
                                      [len(layer._blocks) for layer in layers], helds, self.config.stage_near)
             for i, near in enumerate(nears):
                 chosen = set(picked[i])
                 picked[i] += [j for j in near if j not in chosen]
         return picked
+
+    def pools_at_bound(self) -> bool:
+        """Whether the pools fill their bound (``pool_bytes``) and layer-ahead prefetch runs: then disk staging
+        ahead skips the near misses.  Under a binding bound a layer's misses are mostly the blocks the pools
+        evicted since its last fetch, which the layer-ahead ``"previous"`` predictor stages one layer ahead
+        without promoting; the near misses (outside the pool, so most of a layer's blocks) were promoting reads
+        of blocks evicted again before use (SmolLM2 8K x 4, 25 %, pools at 25 % of the KV: ~950 ms/step of
+        background reads beside the forward pass; docs/sparse.md "Pool budget")."""
+        bound = self._arena.bound_slots
+        return self.config.layer_ahead and bound is not None and self._arena.capacity >= bound
 
     def near_misses(self, layer: "TieredKVLayer", held: Any, count: int) -> list[int]:
         """Up to ``count`` stored blocks of ``layer`` outside ``held`` that its last selection ranked

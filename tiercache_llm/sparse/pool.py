@@ -30,10 +30,11 @@ before the current one: Belady's rule for a cyclic order), its lowest decayed at
 (``"mass"``) the lowest decayed attention mass of any layer (the masses of all layers are on one scale).
 Measured at SmolLM2 4K x 4, 25 % budget, pools bounded at 25 % of the KV: 25.2 % of the needed entries
 served from the pools with ``"distance"``, 21.9 % with ``"mass"`` (docs/sparse.md "Pool budget, measured").
-With ``prefer_cheap`` (the pipeline's ``exclusive_pool``), a bounded arena evicts, within each layer, the
+With ``prefer_cheap`` (the pipeline's ``pool_prefer_cheap``, opt-in), a bounded arena evicts, within each layer, the
 blocks marked cheap to read again (:attr:`ResidentPool.cheap`: their entries sat in the fastest tier when
 they were read) before the others, so the pools keep what only the slow tier holds and the two hold
-fewer blocks twice.
+fewer blocks twice (fewer disk reads, more host-tier copies: slower on the 2-core CPU machine, docs/sparse.md
+"Pool budget").
 Blocks the fetching layer selected are never evicted, so one step of one layer needs its whole union (stored blocks plus the tail) at once: a union larger than the bound
 grows the arena past it to exactly that union (it never shrinks until :meth:`PoolArena.clear`), warns
 once per arena and is counted in ``over_budget`` (steps) and ``peak_slots`` -- correctness first, a
