@@ -58,7 +58,9 @@ def test_dense_budget_equals_dynamic_cache_left_padded(make_model, kind):
     sparse = stats["sparse"]["total"]
     assert sparse["steps"] == 19 and sparse["layer_steps"] == 19 * 2
     assert sparse["tokens_attended"] == sparse["tokens_context"]  # everything valid selected, nothing else
-    assert sparse["bytes_fetched"].get("disk", 0) > 0  # really fetched from the tiers
+    # really fetched from the store (not served from memory): from disk, or from the write-behind queue when a
+    # loaded machine's writer thread has not stored the decode step's new blocks yet (timing-dependent)
+    assert sparse["bytes_fetched"].get("disk", 0) + sparse["bytes_fetched"].get("write-queue", 0) > 0
     assert stats["kv"]["digest_bytes"] > 0
 
 

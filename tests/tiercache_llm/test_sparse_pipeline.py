@@ -744,7 +744,7 @@ def test_exclusive_pool_scores_what_bounded_pools_hold_zero_and_keeps_logits(mod
 
 def test_a_binding_pool_bound_leaves_the_misses_to_layer_ahead_not_to_near_miss_staging(model, batch, tmp_path,
                                                                                           monkeypatch):
-    """attention-aware's defaults under a pool bound the pools fill: disk staging ahead skips the near misses (the
+    """attention-aware's defaults under a pool bound the pools fill: disk staging ahead stages nothing (the
     layer-ahead "previous" predictor stages the misses, without promoting); unbounded, near misses are staged as
     before.  Logits unchanged either way."""
     import tiercache_llm.sparse.pipeline as pipeline_mod

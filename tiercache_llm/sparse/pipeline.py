@@ -20,9 +20,10 @@ With unbounded pools it stages nothing (the pool holds the previous selection: n
 reads; the ``"query"`` predictor cost more than it hid on 2 cores, docs/sparse.md "Decode pipeline").  Under a
 pool bound the pools fill (``pool_bytes``), a layer's misses are mostly the blocks the pools evicted since its
 last fetch: the previous selection predicts them, and they are read one layer ahead off the forward thread;
-disk staging ahead then skips its near misses (:meth:`DecodePipeline.pools_at_bound`), promoting reads of
-blocks the bounded pool evicted again before use.  Measured at SmolLM2 8K x batch 4, 25 % selection, pools at
-25 % of the KV, one cache per process: 745 -> 552 ms/step, reuse-layer-ahead 646 (docs/sparse.md "Pool budget").
+disk staging ahead then stages nothing (:meth:`DecodePipeline.pools_at_bound`): its near misses and high-mass
+blocks were promoting reads beside the forward pass.  Measured at SmolLM2 8K x batch 4, 25 % selection
+(``sparse_speed.py``, one cache at a time): pools at 25 % of the KV 744 -> 526 ms/step (reuse-layer-ahead 591),
+at 50 % 654 -> 426 (407); unbounded 192 (docs/sparse.md "Pool budget").
 
 - **Layer-ahead prefetch.**  When layer ``l`` fetches, the entries layer ``l+1`` is predicted to need and
   that are not in the fastest tier are read into the :class:`~.staging.StagingArea` on the I/O pool
@@ -911,7 +912,7 @@ class DecodePipeline:
         """Disk staging ahead for every sparse layer (see :meth:`end_step`); ``pause`` (on the end-of-step
         worker): sleep :data:`YIELD_SECONDS` after each layer's job, so the forward thread can take the GIL."""
         if not self.config.disk_staging or (self.config.stage_ahead <= 0 and self.config.stage_near <= 0) \
-                or self._closed:
+                or self._closed or self.pools_at_bound():
             return
         start = time.perf_counter()
         # Every layer's choice first (a few whole-array operations over all layers: stage_choice), then the
@@ -951,7 +952,7 @@ class DecodePipeline:
             for i, top in enumerate(tops):
                 mine, at = tiers[at : at + len(top)], at + len(top)
                 picked[i] = [j for j, t in zip(top, mine) if t is not None and t != fastest][: self.config.stage_ahead]
-        if self.config.stage_near and not self.pools_at_bound():
+        if self.config.stage_near:
             nears = near_misses_many([self._last_sel.get(layer.layer_idx) if n else None for layer, n in zip(layers, ns)],
                                      [len(layer._blocks) for layer in layers], helds, self.config.stage_near)
             for i, near in enumerate(nears):
@@ -961,11 +962,13 @@ class DecodePipeline:
 
     def pools_at_bound(self) -> bool:
         """Whether the pools fill their bound (``pool_bytes``) and layer-ahead prefetch runs: then disk staging
-        ahead skips the near misses.  Under a binding bound a layer's misses are mostly the blocks the pools
-        evicted since its last fetch, which the layer-ahead ``"previous"`` predictor stages one layer ahead
-        without promoting; the near misses (outside the pool, so most of a layer's blocks) were promoting reads
-        of blocks evicted again before use (SmolLM2 8K x 4, 25 %, pools at 25 % of the KV: ~950 ms/step of
-        background reads beside the forward pass; docs/sparse.md "Pool budget")."""
+        ahead stages nothing (scores and the promotion threshold still reach the tiercache).  Under a binding
+        bound a layer's misses are mostly the blocks the pools evicted since its last fetch, which the
+        layer-ahead ``"previous"`` predictor stages one layer ahead without promoting; disk staging's near
+        misses (outside the pool, so most of a layer's blocks) and high-mass blocks were promoting reads beside
+        the forward pass (SmolLM2 8K x 4, 25 % selection, one cache per process: pools at 25 % of the KV, ~950
+        ms/step of background reads, 745 -> 524-552 ms/step without the near misses; pools at 50 %, 475 -> 406
+        without the high-mass reads; docs/sparse.md "Pool budget")."""
         bound = self._arena.bound_slots
         return self.config.layer_ahead and bound is not None and self._arena.capacity >= bound
 
