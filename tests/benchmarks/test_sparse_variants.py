@@ -61,7 +61,8 @@ def test_variants_tiny_run_writes_every_step(variants, tmp_path):
     saved = json.loads((tmp_path / "out" / "sparse_variants.json").read_text())
     assert saved["model"] == "tiny" and saved["batch"] == 2 and [v["spec"] for v in saved["variants"]] == specs
     for v in saved["variants"]:
-        assert len(v["ms"]) == len(v["stages"]) == len(v["pipe"]) == 2 and all(ms > 0 for ms in v["ms"])
+        assert len(v["ms"]) == len(v["cpu_ms"]) == len(v["stages"]) == len(v["pipe"]) == 2 and all(ms > 0 for ms in v["ms"])
+        assert all(0 < cpu for cpu in v["cpu_ms"]) and v["medians"]["cpu_ms_per_step"] > 0
         assert v["medians"]["ms_per_step"] > 0 and set(variants.KEYS) <= set(v["medians"])
         assert v["pipe"][-1]["needed"] > 0  # the pipeline ran
     steps = json.loads((tmp_path / "steps.json").read_text())

@@ -226,7 +226,8 @@ def test_strategies_configure_their_pipelines():
     reuse = PipelineConfig.for_strategy("reuse-layer-ahead")
     assert reuse.reuse and reuse.layer_ahead and not reuse.disk_staging and not reuse.defer_promotions
     full = PipelineConfig.for_strategy("attention-aware")
-    assert full.reuse and not full.layer_ahead and full.disk_staging and full.defer_promotions  # layer-ahead: opt-in
+    assert full.reuse and full.layer_ahead and full.disk_staging and full.defer_promotions
+    assert full.predictor == "previous" and reuse.predictor == "query"
     assert (full.retention, reuse.retention, PipelineConfig.for_strategy("fetch-every-step").retention) == (
         "mass", "previous", "none")
     with pytest.raises(ValueError, match="pool_blocks_factor"):
@@ -238,6 +239,7 @@ def test_strategies_configure_their_pipelines():
     with pytest.raises(ValueError, match="background_end_step"):
         PipelineConfig(background_end_step="yes")
     assert full.background_end_step
+    assert not full.exclusive_pool and not full.pool_prefer_cheap and full.ahead == reuse.ahead == 1  # opt-in
 
 
 def test_pipeline_option_is_sparse_only_and_typed(make_config):
@@ -323,9 +325,9 @@ def test_query_predictor_predicts_blocks_not_pages(model, batch, tmp_path, monke
     staged = []
     real_stage = DecodePipeline._stage_blocks
 
-    def stage(self, layer, blocks):
+    def stage(self, layer, blocks, *args, **kw):
         staged.append((len(layer._blocks), list(blocks)))
-        return real_stage(self, layer, blocks)
+        return real_stage(self, layer, blocks, *args, **kw)
 
     monkeypatch.setattr(DecodePipeline, "_stage_blocks", stage)
     with TieredKVCache.for_model(model, **opts(tmp_path, "reuse-layer-ahead", block_size=8, page_size=2)) as cache:
@@ -678,3 +680,99 @@ def test_a_pool_bound_limits_what_the_prefill_seeds(model, batch, tmp_path):
     share = (12 << 10) // slot // len(pipe.sparse_ids)
     assert 0 < prefilled["seeded"] <= share * len(pipe.sparse_ids)
     assert prefilled["reuse_bytes"] <= 12 << 10
+
+
+@pytest.mark.parametrize("ahead", [1, 2, 3])
+def test_layer_ahead_reads_never_promote_and_may_reach_further_ahead(make_model, batch, tmp_path, ahead, monkeypatch):
+    """attention-aware with layer-ahead prefetch (previous selections, ``ahead`` layers ahead, bounded pools so it
+    has misses to stage): its reads run outside the policy's ``promoting`` context (a bounded pool's misses would
+    otherwise be promoted, and as much demoted, every step), entries are staged and taken, and the logits are the
+    synchronous path's (6 layers: with 3, the layer 2 ahead is the one fetched just before, still held)."""
+    model = make_model("llama", seed=5, num_hidden_layers=6)
+    ref = reference(model, batch, tmp_path)
+    ids, mask = batch
+    pipeline = {"layer_ahead": True, "predictor": "previous", "ahead": ahead, "stage_ahead": 0, "stage_near": 0}
+    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware", pipeline=pipeline)) as free:
+        decode_logits(model, free, ids, mask)
+        slot = free.stats()["pipeline"]["pool_slot_bytes"]
+    entered = []
+    with TieredKVCache.for_model(model, **opts(tmp_path / "b", "attention-aware", pipeline=pipeline,
+                                              pool_bytes=12 * slot)) as cache:
+        policy = cache.store.policy
+        real = policy.promoting
+
+        def promoting():
+            entered.append(threading.current_thread().name)
+            return real()
+
+        monkeypatch.setattr(policy, "promoting", promoting)
+        got = decode_logits(model, cache, ids, mask)
+        pipe = cache.stats()["pipeline"]
+    assert torch.equal(ref, got)
+    assert pipe["predicted_nonresident"] > 0 and pipe["staged"] > 0
+    assert entered == []  # disk staging ahead is off here: nothing read under promoting()
+    with pytest.raises(ValueError, match="ahead"):
+        PipelineConfig(ahead=0)
+
+
+def test_exclusive_pool_scores_what_bounded_pools_hold_zero_and_keeps_logits(model, batch, tmp_path):
+    """exclusive_pool: under a pool bound, the end-of-step worker sends score 0 for the blocks the pools hold, so the
+    fastest tier keeps blocks the pools do not; unbounded, it sends nothing extra.  Logits unchanged."""
+    ref = reference(model, batch, tmp_path)
+    ids, mask = batch
+    pipeline = {"exclusive_pool": True, "pool_prefer_cheap": True}
+    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware", pipeline=pipeline)) as free:
+        got_free = decode_logits(model, free, ids, mask)
+        free._pipeline.fence()
+        assert free._pipeline.pool_held_scores() == {}  # unbounded: nothing to complement
+        slot = free.stats()["pipeline"]["pool_slot_bytes"]
+    with TieredKVCache.for_model(model, **opts(tmp_path / "b", "attention-aware", pipeline=pipeline,
+                                              pool_bytes=12 * slot)) as cache:
+        got = decode_logits(model, cache, ids, mask)
+        pipe = cache._pipeline
+        pipe.fence()
+        cache.store.flush_writes()
+        held = pipe.pool_held_scores()
+        assert held and set(held.values()) == {0.0}
+        assert pipe._arena.prefer_cheap
+        index = cache.store.cache._index
+        for idx, pool in pipe._pools.items():  # held at the end of the last step: scored 0 by its job
+            layer = cache.layers[idx]
+            for j in pool.slot_of:
+                if layer._kkeys[j] in index:
+                    assert index[layer._kkeys[j]].info.score == 0.0
+    assert torch.equal(ref, got) and torch.equal(ref, got_free)
+
+
+def test_a_binding_pool_bound_leaves_the_misses_to_layer_ahead_not_to_near_miss_staging(model, batch, tmp_path,
+                                                                                          monkeypatch):
+    """attention-aware's defaults under a pool bound the pools fill: disk staging ahead stages nothing (the
+    layer-ahead "previous" predictor stages the misses, without promoting); unbounded, near misses are staged as
+    before.  Logits unchanged either way."""
+    import tiercache_llm.sparse.pipeline as pipeline_mod
+
+    ref = reference(model, batch, tmp_path)
+    ids, mask = batch
+    calls = []
+    real = pipeline_mod.near_misses_many
+
+    def spy(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(pipeline_mod, "near_misses_many", spy)
+    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware")) as free:
+        got_free = decode_logits(model, free, ids, mask)
+        free._pipeline.fence()
+        assert not free._pipeline.pools_at_bound() and calls
+        slot = free.stats()["pipeline"]["pool_slot_bytes"]
+    calls.clear()
+    with TieredKVCache.for_model(model, **opts(tmp_path / "b", "attention-aware", pool_bytes=12 * slot)) as cache:
+        got = decode_logits(model, cache, ids, mask)
+        pipe = cache._pipeline
+        pipe.fence()
+        assert pipe.pools_at_bound()
+        stats = cache.stats()["pipeline"]
+    assert stats["predicted"] > 0 and stats["staged"] > 0  # layer-ahead staged the bounded pools' misses
+    assert len(calls) < 10  # near misses only before the arena reached its bound (the first steps), 10 steps run
+    assert torch.equal(ref, got) and torch.equal(ref, got_free)

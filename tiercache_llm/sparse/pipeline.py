@@ -8,19 +8,22 @@ strategy           pool retention layer-ahead predictor    disk staging deferred
 ================== ============== =========== ============ ============ ========== ============
 fetch-every-step   none           -           -            -            -          -
 reuse-layer-ahead  previous step  yes         query        -            -          -
-attention-aware    mass, x1.5,    - (*)       query        yes (+near)  yes        64 MiB
+attention-aware    mass, x1.5,    yes (*)     previous     yes (+near)  yes        64 MiB
                    seeded
 ================== ============== =========== ============ ============ ========== ============
 
 (``reuse-layer-ahead`` runs under the ``kv-stream`` policy, ``attention-aware`` under the
 ``attention-aware`` policy with its scores.)
 
-(*) ``attention-aware`` turns layer-ahead prefetch off by default (``layer_ahead=True`` turns it on): with
-the resident pool it serves ~93 % of the selected blocks from the pool or the host tier, and the query
-predictor costs a second digest scoring per layer plus background reads that compete with the forward
-pass for the CPU.  Measured on the 2-core benchmark machine (SmolLM2, ``benchmarks/sparse_profile.py``,
-1 torch thread, loaded machine): 2K x batch 4, 4 steps: 495 ms/step without vs 760-831 ms/step with it;
-4K x batch 4, 2 steps: without was faster in both runs (docs/sparse.md "Decode pipeline").
+(*) ``attention-aware``'s layer-ahead prefetch uses the ``"previous"`` predictor and its reads never promote.
+With unbounded pools it stages nothing (the pool holds the previous selection: no second digest scoring, no
+reads; the ``"query"`` predictor cost more than it hid on 2 cores, docs/sparse.md "Decode pipeline").  Under a
+pool bound the pools fill (``pool_bytes``), a layer's misses are mostly the blocks the pools evicted since its
+last fetch: the previous selection predicts them, and they are read one layer ahead off the forward thread;
+disk staging ahead then stages nothing (:meth:`DecodePipeline.pools_at_bound`): its near misses and high-mass
+blocks were promoting reads beside the forward pass.  Measured at SmolLM2 8K x batch 4, 25 % selection
+(``sparse_speed.py``, one cache at a time): pools at 25 % of the KV 744 -> 526 ms/step (reuse-layer-ahead 591),
+at 50 % 654 -> 426 (407); unbounded 192 (docs/sparse.md "Pool budget").
 
 - **Layer-ahead prefetch.**  When layer ``l`` fetches, the entries layer ``l+1`` is predicted to need and
   that are not in the fastest tier are read into the :class:`~.staging.StagingArea` on the I/O pool
@@ -38,6 +41,14 @@ pass for the CPU.  Measured on the 2-core benchmark machine (SmolLM2, ``benchmar
   (``reuse-layer-ahead``), or a pool of ``pool_blocks_factor`` x the largest union so far (at most the
   layer's blocks) whose blocks outside the current selection are evicted lowest decayed attention mass
   first (``attention-aware``: attention-aware placement at the level closest to compute).  Released on crop / reorder / batch changes.
+- **Bounded pools, exclusive placement** (opt-in, only under ``pool_bytes``): ``exclusive_pool`` scores the
+  blocks the pools hold at the end of a step 0 in the tiercache, so the fastest tier demotes them first and
+  keeps blocks the pools do not hold (:meth:`DecodePipeline.pool_held_scores`); ``pool_prefer_cheap`` makes
+  the arena evict, within each layer, the blocks that were read from the fastest tier before the others
+  (:attr:`~.pool.PoolArena.prefer_cheap`).  Both cut the disk reads (SmolLM2 8K x batch 4, 25 % selection,
+  pools at 25 % / 50 % of the KV: disk entries per step 2641 -> 2073 / 1276 -> 724) but were slower on the
+  2-core CPU machine (host-tier copies on the forward thread, promotions and demotions beside it; docs/sparse.md
+  "Pool budget"), hence off.
 - **Disk staging ahead** (``attention-aware``): after each step, every layer's highest-mass stored blocks
   that are neither in the fastest tier nor in its pool (``stage_ahead`` of them), then its ``stage_near``
   *near misses* (the unselected blocks its last selection ranked closest to its cut, outside its pool;
@@ -125,6 +136,10 @@ class PipelineConfig:
             :class:`~tiercache_llm.policies.AttentionPlacementPolicy`).
         predictor: ``"previous"`` (the next layer's selection of the previous step) or ``"query"``
             (the next layer's digests scored with this layer's query).
+        ahead: with ``layer_ahead``, how many layers ahead are staged: each layer's predicted entries are
+            submitted once, when the layer ``ahead`` fetches before it starts fetching (its previous
+            selection; the ``"query"`` predictor, which needs the preceding layer's query, serves the next
+            layer only), so slow reads have ``ahead`` layers of compute to land in.
         staging_bytes: bound of staged plus in-flight entries, bytes.
         io_workers: threads of the background pool (disk reads queue there; tiercache's own disk pool
             parallelises one batch further).
@@ -144,6 +159,11 @@ class PipelineConfig:
         wait_timeout: seconds a layer waits for an in-flight entry before reading it itself.
         complement_reuse: attention-aware placement with resident pools: the fastest tier complements the
             pool (:meth:`DecodePipeline.placement_scores`) instead of holding the most attended blocks.
+        exclusive_pool: with bounded pools (``pool_bytes``) and attention-aware placement, the blocks the pools
+            hold at the end of a step score 0 in the tiercache (:meth:`DecodePipeline.pool_held_scores`), so
+            the fastest tier holds blocks the pools do not; no effect on unbounded pools.
+        pool_prefer_cheap: with bounded pools, a layer's blocks read from the fastest tier are evicted before
+            its others (:attr:`~.pool.PoolArena.prefer_cheap`): the pools keep what only the slow tier holds.
         write_behind_bytes: ``> 0``: new blocks are written by a writer thread through a queue of at most
             this many bytes (:meth:`~tiercache_llm.store.BlockStore.enable_write_behind`); ``0``: writes
             are synchronous.
@@ -179,6 +199,9 @@ class PipelineConfig:
     io_workers: int = 2
     stage_ahead: int = 4
     stage_near: int = 0
+    ahead: int = 1
+    exclusive_pool: bool = False
+    pool_prefer_cheap: bool = False
     prefault_pool: bool = True
     warm_first_step: bool = True
     wait_timeout: float = 30.0
@@ -210,6 +233,8 @@ class PipelineConfig:
         if isinstance(self.write_behind_bytes, bool) or not isinstance(self.write_behind_bytes, int) \
                 or self.write_behind_bytes < 0:
             raise ValueError(f"write_behind_bytes must be an int >= 0, got {self.write_behind_bytes!r}")
+        if isinstance(self.ahead, bool) or not isinstance(self.ahead, int) or self.ahead < 1:
+            raise ValueError(f"ahead must be an int >= 1, got {self.ahead!r}")
         for name in ("stage_ahead", "stage_near"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -233,7 +258,7 @@ class PipelineConfig:
         elif strategy == "reuse-layer-ahead":
             base = cls(reuse=True, layer_ahead=True, predictor="query")
         elif strategy == "attention-aware":
-            base = cls(reuse=True, layer_ahead=False, disk_staging=True, defer_promotions=True, predictor="query",
+            base = cls(reuse=True, layer_ahead=True, disk_staging=True, defer_promotions=True, predictor="previous",
                        write_behind_bytes=64 * MiB, pool_blocks_factor=1.5, stage_near=16, seed_pool=True)
         else:
             raise ValueError(f"unknown strategy {strategy!r}")
@@ -351,6 +376,7 @@ class DecodePipeline:
             self.pool_bound_source = "unbounded (pool_bytes=None)" if config.pool_bytes is None else "pool_bytes"
         self._arena = PoolArena(config.retention, config.pool_blocks_factor,
                                 None if self._auto_bound else config.pool_bytes, config.pool_eviction)
+        self._arena.prefer_cheap = config.pool_prefer_cheap
         self._pools: dict[int, ResidentPool] = {}  # layer -> its view of the arena
         self._last_sel: dict[int, LastSelection] = {}  # layer -> its last selection (near misses)
         self._prefaulter: concurrent.futures.ThreadPoolExecutor | None = None
@@ -441,18 +467,23 @@ class DecodePipeline:
         return None
 
     def _read(self, keys: list, outs: list[torch.Tensor]) -> None:
+        """Every background read: ``keys`` into ``outs``; it promotes only inside :meth:`_read_promoting`."""
+        self.store.get_blocks(keys, out=outs)
+
+    def _read_promoting(self, keys: list, outs: list[torch.Tensor]) -> None:
+        """:meth:`_read` inside the policy's ``promoting`` context (``defer_promotions``): the read may promote."""
         ctx = self._policy_context()
         if ctx is None:
-            self.store.get_blocks(keys, out=outs)
+            self._read(keys, outs)
         else:
             with ctx:
-                self.store.get_blocks(keys, out=outs)
+                self._read(keys, outs)
 
     def _read_scored(self, scores: dict, keys: list, outs: list[torch.Tensor]) -> None:
         """A background read that may promote: first bring the entries' tiercache scores up to their current
         decayed mass (scores sent when a block left the selection fall behind the growing decay scale)."""
         self.store.update_scores({k: scores[k] for k in keys if k in scores})
-        self._read(keys, outs)
+        self._read_promoting(keys, outs)
 
     def _read_massed(self, mass: torch.Tensor, block_of: dict, keys: list, outs: list[torch.Tensor]) -> None:
         """:meth:`_read_scored` with each entry's score its block's decayed ``mass`` (``block_of``: key ->
@@ -461,10 +492,14 @@ class DecodePipeline:
         n = len(values)
         self._read_scored({k: values[block_of[k]] for k in keys if block_of.get(k, n) < n}, keys, outs)
 
-    def _stage_blocks(self, layer: "TieredKVLayer", blocks: list[int], tiers: list | None = None) -> tuple[int, int]:
+    def _stage_blocks(self, layer: "TieredKVLayer", blocks: list[int], tiers: list | None = None,
+                      promote: bool = True) -> tuple[int, int]:
         """Stage the K and V entries of ``blocks`` of ``layer`` that are outside the fastest tier (and not
         staged yet); returns (entries outside the fastest tier, entries submitted).  ``tiers``: the tiers of
-        ``staged_keys(layer, blocks)`` when the caller looked them up already (``None``: looked up here)."""
+        ``staged_keys(layer, blocks)`` when the caller looked them up already (``None``: looked up here).
+        ``promote=False``: the reads never promote, even with deferred promotions (layer-ahead prefetch: the
+        entries it reads are a layer's misses of every step under a bounded pool, and promoting them all
+        would demote as much back to disk each step)."""
         if self.staging is None or not blocks or self._closed:
             return 0, 0
         refs = {}
@@ -479,8 +514,8 @@ class DecodePipeline:
         todo = [k for k, t in zip(keys, tiers) if t is not None and t != fastest]
         if not todo:
             return 0, 0
-        read = self._read
-        if self._policy_context() is not None and layer.sparse is not None:
+        read = self._read_promoting if promote else self._read
+        if promote and self._policy_context() is not None and layer.sparse is not None:
             # The scores are looked up by the job (off the forward thread), from the mass at that time.
             block_of = {}
             for j in blocks:
@@ -502,10 +537,24 @@ class DecodePipeline:
         nxt_idx = self._next.get(layer.layer_idx)
         if nxt_idx is None:
             return
+        # ``ahead`` > 1: layers up to ``ahead`` fetches away are staged too, each once before its fetch (the
+        # first time it is within reach), from its previous selection; the next layer may use the query.
+        far = nxt_idx
+        for depth in range(2, min(self.config.ahead, len(self.sparse_ids)) + 1):
+            far = self._next[far]
+            if far != layer.layer_idx and far not in self._predicted:
+                self._predict_layer(far, None)
+        if nxt_idx not in self._predicted or self.config.predictor == "query":
+            self._predict_layer(nxt_idx, query)
+        self.stats.predict_seconds += time.perf_counter() - start
+
+    def _predict_layer(self, nxt_idx: int, query: torch.Tensor | None) -> None:
+        """Stage the entries layer ``nxt_idx`` is predicted to need that its pool does not hold (``query``:
+        this layer's query, for the ``"query"`` predictor; ``None``: the previous selection)."""
         nxt = self.layers[nxt_idx]
         n_stored = len(nxt._blocks)
-        if self.config.predictor == "query" and nxt_idx != self.sparse_ids[0] and nxt.sparse.digests is not None \
-                and nxt.sparse.digests.length > 0:
+        if query is not None and self.config.predictor == "query" and nxt_idx != self.sparse_ids[0] \
+                and nxt.sparse.digests is not None and nxt.sparse.digests.length > 0:
             from .selection import select
 
             # the same call as the layer's own selection (sparse_layer.decode): ``fetch`` holds block ids
@@ -518,10 +567,9 @@ class DecodePipeline:
         if pool is not None and pool.retention != "none":
             blocks = pool.not_held(blocks, nxt._kkeys)
         self._predicted[nxt_idx] = set(layer_keys(nxt, blocks))
-        nonresident, _ = self._stage_blocks(nxt, blocks)
+        nonresident, _ = self._stage_blocks(nxt, blocks, promote=False)
         self.stats.predicted += 2 * len(blocks)
         self.stats.predicted_nonresident += nonresident
-        self.stats.predict_seconds += time.perf_counter() - start
 
     def _pool_of(self, layer_idx: int) -> ResidentPool:
         pool = self._pools.get(layer_idx)
@@ -700,7 +748,10 @@ class DecodePipeline:
         tiers = self.store.tiers_of(keys)
         fastest = self.store.fastest_tier
         hits = len(stored) - nm
-        stats.blocks_resident += hits + sum(1 for i in range(nm) if tiers[i] == fastest and tiers[nm + i] == fastest)
+        cheap = [stored[missing[i]] for i in range(nm) if tiers[i] == fastest and tiers[nm + i] == fastest]
+        stats.blocks_resident += hits + len(cheap)
+        if pool.arena.prefer_cheap and pool.arena.max_bytes is not None:
+            pool.cheap.update(cheap)
         if predicted is not None:
             ps.predicted_hits += sum(1 for key in keys if key in predicted)
             ps.predictable += len(keys)
@@ -767,6 +818,26 @@ class DecodePipeline:
                 scores[layer._vkeys[j]] = score
         return scores
 
+    def pool_held_scores(self) -> dict:
+        """``exclusive_pool`` under a bound (``pool_bytes``): score 0 for the K and V entries of every block the
+        bounded pools hold now, so the fastest tier demotes them first and holds blocks the pools do not (a
+        block read while the pool holds it costs nothing; the same block in the fastest tier wastes its room).
+        Unbounded pools hold every selected block, so there is nothing to complement: empty.  The held sets
+        are snapshots (safe on the end-of-step worker); a block evicted later gets its mass back as its score
+        when it is next fetched.  Scores steer placement only, never what is attended."""
+        if not (self.config.exclusive_pool and self.config.reuse and self._arena.max_bytes is not None):
+            return {}
+        out = {}
+        for idx, pool in list(self._pools.items()):
+            layer = self.layers[idx]
+            kk, vk = layer._kkeys, layer._vkeys
+            n = min(len(kk), len(vk))
+            for j in list(pool.slot_of):  # a snapshot (one C-level copy), as in _stage_choice
+                if j < n:
+                    out[kk[j]] = 0.0
+                    out[vk[j]] = 0.0
+        return out
+
     def promotion_threshold(self, layers: list["TieredKVLayer"]) -> float | None:
         """With resident pools: the promotion threshold of the attention-aware policy, the decayed mass of the
         ``M``-th most attended stored block *outside the pools* (``M`` = blocks the fastest tier
@@ -797,11 +868,15 @@ class DecodePipeline:
 
     def end_step(self) -> None:
         """After a decode step's forward pass (scores flushed, promotion threshold set by the controller's
-        :meth:`~tiercache_llm.sparse_layer.SparseController.admit`): disk staging ahead for every sparse layer
+        :meth:`~tiercache_llm.sparse_layer.SparseController.admit`): the bounded pools' held blocks scored 0
+        (``exclusive_pool``: :meth:`pool_held_scores`), then disk staging ahead for every sparse layer
         (nothing when this step's end-of-step work went to the worker: :meth:`defer_end_of_step`)."""
         if self._handed:
             self._handed = False
             return
+        held = self.pool_held_scores()
+        if held:
+            self.store.update_scores(held)
         self._stage_ahead_all()
 
     def defer_end_of_step(self, ctrl: Any, enabled: bool = True) -> bool:
@@ -848,6 +923,8 @@ class DecodePipeline:
     def _after_step_job(self, ctrl: Any, scores: dict) -> None:
         start = time.perf_counter()
         try:
+            if ctrl.strategy == "attention-aware":
+                scores.update(self.pool_held_scores())
             items = list(scores.items())
             for lo in range(0, len(items), SCORE_CHUNK):
                 self.store.update_scores(dict(items[lo : lo + SCORE_CHUNK]))
@@ -869,7 +946,7 @@ class DecodePipeline:
         """Disk staging ahead for every sparse layer (see :meth:`end_step`); ``pause`` (on the end-of-step
         worker): sleep :data:`YIELD_SECONDS` after each layer's job, so the forward thread can take the GIL."""
         if not self.config.disk_staging or (self.config.stage_ahead <= 0 and self.config.stage_near <= 0) \
-                or self._closed:
+                or self._closed or self.pools_at_bound():
             return
         start = time.perf_counter()
         # Every layer's choice first (a few whole-array operations over all layers: stage_choice), then the
@@ -916,6 +993,18 @@ class DecodePipeline:
                 chosen = set(picked[i])
                 picked[i] += [j for j in near if j not in chosen]
         return picked
+
+    def pools_at_bound(self) -> bool:
+        """Whether the pools fill their bound (``pool_bytes``) and layer-ahead prefetch runs: then disk staging
+        ahead stages nothing (scores and the promotion threshold still reach the tiercache).  Under a binding
+        bound a layer's misses are mostly the blocks the pools evicted since its last fetch, which the
+        layer-ahead ``"previous"`` predictor stages one layer ahead without promoting; disk staging's near
+        misses (outside the pool, so most of a layer's blocks) and high-mass blocks were promoting reads beside
+        the forward pass (SmolLM2 8K x 4, 25 % selection, one cache per process: pools at 25 % of the KV, ~950
+        ms/step of background reads, 745 -> 524-552 ms/step without the near misses; pools at 50 %, 475 -> 406
+        without the high-mass reads; docs/sparse.md "Pool budget")."""
+        bound = self._arena.bound_slots
+        return self.config.layer_ahead and bound is not None and self._arena.capacity >= bound
 
     def near_misses(self, layer: "TieredKVLayer", held: Any, count: int) -> list[int]:
         """Up to ``count`` stored blocks of ``layer`` outside ``held`` that its last selection ranked

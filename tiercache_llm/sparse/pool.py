@@ -30,6 +30,11 @@ before the current one: Belady's rule for a cyclic order), its lowest decayed at
 (``"mass"``) the lowest decayed attention mass of any layer (the masses of all layers are on one scale).
 Measured at SmolLM2 4K x 4, 25 % budget, pools bounded at 25 % of the KV: 25.2 % of the needed entries
 served from the pools with ``"distance"``, 21.9 % with ``"mass"`` (docs/sparse.md "Pool budget, measured").
+With ``prefer_cheap`` (the pipeline's ``pool_prefer_cheap``, opt-in), a bounded arena evicts, within each layer, the
+blocks marked cheap to read again (:attr:`ResidentPool.cheap`: their entries sat in the fastest tier when
+they were read) before the others, so the pools keep what only the slow tier holds and the two hold
+fewer blocks twice (fewer disk reads, more host-tier copies: slower on the 2-core CPU machine, docs/sparse.md
+"Pool budget").
 Blocks the fetching layer selected are never evicted, so one step of one layer needs its whole union (stored blocks plus the tail) at once: a union larger than the bound
 grows the arena past it to exactly that union (it never shrinks until :meth:`PoolArena.clear`), warns
 once per arena and is counted in ``over_budget`` (steps) and ``peak_slots`` -- correctness first, a
@@ -205,6 +210,8 @@ class PoolArena:
         if eviction not in ("mass", "distance"):
             raise ValueError(f"pool eviction must be 'mass' or 'distance', got {eviction!r}")
         self.eviction = eviction
+        # Bounded: evict the blocks marked cheap to read again (ResidentPool.cheap) before the others (see module doc).
+        self.prefer_cheap = False
         if not (isinstance(factor, (int, float)) and not isinstance(factor, bool) and factor >= 1.0):
             raise ValueError(f"pool factor must be a number >= 1.0, got {factor!r}")
         self.retention = retention
@@ -323,6 +330,7 @@ class PoolArena:
         for p in self.pools:
             p.slot_of.clear()
             p._key_of.clear()
+            p.cheap.clear()
             p.allowance = 0
         self._free = []
         self.tail_slot = None
@@ -390,11 +398,17 @@ class PoolArena:
             self._grow(self._capacity, shape_k, shape_v, dtype, device, 0)
 
     def _own_order(self, view: "ResidentPool", want: set) -> list[int]:
-        """``view``'s blocks outside ``want``, in the order they are evicted."""
+        """``view``'s blocks outside ``want``, in the order they are evicted: lowest mass first; bounded with
+        ``prefer_cheap``, the blocks marked cheap (:attr:`ResidentPool.cheap`) before the others."""
         others = [j for j in view.slot_of if j not in want]
         if view._mass is not None and len(others) > 1 and self.retention != "none":
             values = view._mass.tolist()
-            others.sort(key=lambda j: values[j] if j < len(values) else 0.0)
+            n = len(values)
+            if self.prefer_cheap and self.max_bytes is not None and view.cheap:
+                cheap = view.cheap
+                others.sort(key=lambda j: (j not in cheap, values[j] if j < n else 0.0))
+            else:
+                others.sort(key=lambda j: values[j] if j < n else 0.0)
         return others
 
     def _victims(self, view: "ResidentPool", want: set, count: int) -> list[tuple["ResidentPool", int]]:
@@ -469,6 +483,9 @@ class ResidentPool:
         self._mass: torch.Tensor | None = None  # the layer's decayed mass (updated in place by placement)
         self._limit: int | None = None
         self.allowance = 0
+        # Blocks the caller marked cheap to read again (the pipeline: both entries were in the fastest tier when
+        # read); with the arena's ``prefer_cheap`` a bounded arena evicts them first.  Never affects contents.
+        self.cheap: set[int] = set()
         arena.pools.append(self)
 
     # ----------------------------------------------------------------------------- queries
@@ -546,9 +563,11 @@ class ResidentPool:
 
     def _release(self, blocks: list[int], count: bool = True) -> None:
         free = self.arena._free
+        cheap = self.cheap
         for j in blocks:
             slot = self.slot_of.pop(j)
             self._key_of.pop(slot, None)
+            cheap.discard(j)
             free.append(slot)
         if count:
             self.arena.evicted += len(blocks)

@@ -576,3 +576,20 @@ def test_every_strategy_resolves_the_default_bound_at_the_prefill(model, tmp_pat
         _, prefilled, _ = _prefill_then(model, cache, ids, mask, steps=1)
     assert prefilled["pool_bound_bytes"] == 36 << 10
     assert prefilled["pool_bound_source"] == "auto: the host tier's budget (model on cpu)"
+
+
+def test_a_bounded_arena_preferring_cheap_blocks_evicts_them_first():
+    """prefer_cheap (the pipeline's exclusive_pool): within the victim layer, blocks marked cheap to read again go
+    before the others, whatever their mass; unbounded or without the flag the order stays lowest mass first."""
+    for prefer, bound, expect in ((True, 4, {0, 2}), (False, 4, {1, 2}), (True, None, {0, 1, 2})):
+        arena = PoolArena("mass", factor=1.5, max_bytes=None if bound is None else bound * SLOT_BYTES)
+        arena.prefer_cheap = prefer
+        a, b = arena.pool(), arena.pool()
+        mass = torch.tensor([0.1, 9.0, 5.0, 0.0], dtype=torch.float64)
+        arena_assign(a, [0, 1, 2], mass=mass)
+        a.cheap.add(1)  # block 1's entries sat in the fastest tier: cheap to read again
+        arena_assign(b, [0, 1], mass=mass)  # 1 short when bounded: evicted from a (fetched longest ago)
+        assert set(a.slot_of) == expect, (prefer, bound)
+        assert a.cheap <= set(a.slot_of)  # an evicted block is no longer marked
+    arena.clear()
+    assert not a.cheap
