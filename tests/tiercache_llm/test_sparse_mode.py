@@ -289,9 +289,9 @@ def test_scores_follow_mass_through_crop_reorder_and_batch_selection(make_model)
     cache.close()
 
 
-def _reuse(model, strategy, ids):
+def _reuse(model, strategy, ids, **options):
     with TieredKVCache.for_model(model, mode="sparse", strategy=strategy, budget=24, sink=4, recent=4, block_size=4,
-                                 host="32KiB", disk="16MiB") as cache:  # host: ~30% of the KV
+                                 host="32KiB", disk="16MiB", **options) as cache:  # host: ~30% of the KV
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
                        pad_token_id=0, past_key_values=cache)
         stats = cache.stats()
@@ -313,9 +313,15 @@ def test_attention_aware_reuses_more_than_fetch_every_step(make_model):
     assert every["tiercache"]["policy"] == "kv-stream"
     up = lambda s: sum(v for k, v in s["tiercache"]["bytes_moved"].items() if k.startswith("disk"))  # noqa: E731
     assert up(every) == 0  # fetch-every-step never promotes
-    assert up(aware) > 0
     # placement (and the pipeline's reuse, which needs no read at all) cuts what the disk serves to the fetch
     assert a["bytes_fetched"].get("disk", 0) < e["bytes_fetched"].get("disk", 0), (a["bytes_fetched"], e["bytes_fetched"])
+    # Under the default bound (the 32 KiB host budget) the pools fill it, and disk staging ahead -- the reads
+    # that promote -- stages nothing (DecodePipeline.pools_at_bound); with unbounded pools it promotes.
+    assert aware["pipeline"]["pool_bound_bytes"] == 32 << 10
+    assert up(aware) == 0
+    unbounded = _reuse(model, "attention-aware", ids, pool_bytes=None)
+    assert up(unbounded) > 0
+    assert unbounded["sparse"]["total"]["reuse_rate"] > e["reuse_rate"]
 
 
 def test_stats_are_json(make_model):
