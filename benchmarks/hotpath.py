@@ -38,6 +38,8 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm import tqdm
 
+from tiercache_llm.hf_kwargs import cache_kwargs
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402  (the benchmarks directory is not a package)
     parse_ints,
@@ -229,7 +231,7 @@ def prefill(model: Any, ids: torch.Tensor) -> Any:
 
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
+        model(input_ids=ids[:, :-1], **cache_kwargs(cache, model), use_cache=True)
     return cache
 
 
@@ -285,7 +287,7 @@ def decode_run(model: Any, ids: torch.Tensor, prefilled: Any, config: str, setti
     clock = StepClock(hook)
     try:
         with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, do_sample=False,
+            model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache, model), do_sample=False,
                            max_new_tokens=steps + 1, min_new_tokens=steps + 1, streamer=clock,
                            pad_token_id=model.config.eos_token_id)
         out: dict[str, Any] = {"config": config, "ms_per_step": 1000 * median(clock.steps[1:]),

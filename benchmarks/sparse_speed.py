@@ -57,6 +57,8 @@ from typing import Any, Iterator
 import torch
 from tqdm import tqdm
 
+from tiercache_llm.hf_kwargs import cache_kwargs
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402  (the benchmarks directory is not a package)
     GiB, MiB, SPARSE_UNAVAILABLE, MappedKV, SparseUnavailable, drop_page_cache, filesystem_of, find_numbers,
@@ -239,7 +241,7 @@ def prefill_row(model: Any, ids: torch.Tensor, chunk: int = 2048) -> list[tuple[
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         for start in range(0, ids.shape[-1], chunk):
-            model(input_ids=ids[:, start:start + chunk], past_key_values=cache, use_cache=True)
+            model(input_ids=ids[:, start:start + chunk], **cache_kwargs(cache, model), use_cache=True)
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
@@ -364,7 +366,7 @@ def build_cache(model: Any, cfg: Config, kv: list[tuple[torch.Tensor, torch.Tens
             cache = make_tiered(model, "sparse", **sparse_opts, **opts)
             with torch.no_grad():
                 for start in range(0, prompt.shape[-1], 2048):
-                    model(input_ids=prompt[:, start:start + 2048], past_key_values=cache, use_cache=True)
+                    model(input_ids=prompt[:, start:start + 2048], **cache_kwargs(cache, model), use_cache=True)
     except BaseException:
         cache.close()
         raise
@@ -528,7 +530,7 @@ class Point:
                     with torch_threads(threads):
                         before = cache.stats() if tiered else None
                         start = time.perf_counter()
-                        logits = self.model(input_ids=self.feed[i], past_key_values=cache, use_cache=True).logits
+                        logits = self.model(input_ids=self.feed[i], **cache_kwargs(cache, self.model), use_cache=True).logits
                         elapsed = time.perf_counter() - start
                     last = logits[:, -1].float()
                     if reference and i == len(self.ref_logits):

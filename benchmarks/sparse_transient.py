@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from tiercache_llm.hf_kwargs import cache_kwargs
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine_meta, median, release_memory, stats_delta, torch_threads  # noqa: E402
 import sparse_speed as sp  # noqa: E402
@@ -140,7 +142,7 @@ def decode_round(model: Any, cache: Any, feed: torch.Tensor, steps: int, settle:
         settle_cpu["seeded"] = dotted(stats0, "pipeline.seeded")
         for i in range(steps):
             t0, f0 = time.perf_counter(), time.thread_time()
-            feed = model(input_ids=feed, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
+            feed = model(input_ids=feed, **cache_kwargs(cache, model)).logits[:, -1].argmax(-1, keepdim=True)
             wall, fwd = time.perf_counter() - t0, time.thread_time() - f0
             stats1, cpu1 = cache.stats(), thread_cpu()
             rec = {"step": i, "wall": 1e3 * wall, "fwd_cpu": 1e3 * fwd, **figures(stats0, stats1),

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from tiercache_llm.hf_kwargs import cache_kwargs
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import find_numbers, load_bench_model, machine_meta, median, stats_delta, torch_threads  # noqa: E402
 from sparse_profile import parse_variant  # noqa: E402
@@ -85,7 +87,7 @@ def run_variants(model: Any, caches: list[Any], feed: torch.Tensor, steps: int, 
             for r in runs[shift:] + runs[:shift]:
                 before = r["cache"].stats()
                 t, c = time.perf_counter(), time.thread_time()
-                r["feed"] = model(input_ids=r["feed"], past_key_values=r["cache"]).logits[:, -1].argmax(-1, keepdim=True)
+                r["feed"] = model(input_ids=r["feed"], **cache_kwargs(r["cache"], model)).logits[:, -1].argmax(-1, keepdim=True)
                 elapsed, cpu = time.perf_counter() - t, time.thread_time() - c
                 stages, pipe = step_figures(before, r["cache"].stats())
                 if step >= warmup:
