@@ -158,10 +158,11 @@ class FdCache:
         lock.acquire()  # (see lookup)
         try:
             handle.users -= 1
-            if handle.dead and not handle.users:
-                os.close(handle.fd)
+            closing = handle.dead and not handle.users
         finally:
             lock.release()
+        if closing:  # out of the cache and unused: nobody can take it again, so close it outside the lock
+            os.close(handle.fd)
 
     def forget(self, key: Hashable) -> None:
         """Stop caching ``key``'s descriptor (closed now, or when its last reader releases it)."""

@@ -353,6 +353,80 @@ def test_direct_reads_land_in_aligned_destinations_and_still_catch_damage(tmp_pa
     tier.close()
 
 
+@pytest.mark.parametrize("aligned", [True, False], ids=["in_place", "bounce"])
+def test_direct_batch_reads_report_every_kind_of_damage_with_its_position(tmp_path, monkeypatch, aligned):
+    """The direct loop of ``read_into`` (``_read_direct``) checks what ``_pread_checked`` and
+    ``_check_stored`` check, into aligned destinations and through the bounce buffer (which copies out
+    only what it verified), and names the damaged item's position."""
+    tier = _direct_tier(tmp_path, io_threads=1, direct_read_threads=1)
+    blocks = [make_value(torch.float32, (1, 3, 16, 64), 40 + j) for j in range(6)]  # 12 KiB each
+    items = [store(tier, ("k", j), b, seq=j + 1) for j, b in enumerate(blocks)]
+    if aligned:
+        buf = _aligned((1, 3, 6 * 16, 64))
+    else:  # every block slice 64 bytes past a 512-byte boundary
+        buf = _aligned((1 * 3 * 6 * 16 * 64 + 16,)).view(-1)[16:].view(1, 3, 6 * 16, 64)
+    outs = [buf[:, :, 16 * j : 16 * (j + 1)] for j in range(6)]
+    seen = _count_preadv(monkeypatch)
+    tier.read_into([(s, h, o) for (s, h), o in zip(items, outs)])
+    assert len(seen) == 6 and all((n > 1) == aligned for n in seen)
+    for out, block in zip(outs, blocks):
+        assert torch.equal(out.view(torch.int32), block.view(torch.int32))
+
+    def read():
+        outs[5].fill_(-7.0)
+        with pytest.raises(CorruptEntryError) as info:
+            tier.read_into([(s, h, o) for (s, h), o in zip(items, outs)])
+        assert info.value.tiercache_index == 5
+        if not aligned:
+            assert (outs[5] == -7.0).all()
+        return str(info.value)
+
+    slot, head = items[5]
+    path = tier.chunk_path(slot)
+    good = path.read_bytes()
+    flip(path, PAGE + 4000)  # the payload
+    assert "crc32c" in read()
+    path.write_bytes(good)
+    flip(path, 10)  # the header
+    assert "crc32c" in read()
+    path.write_bytes(good[:-1])  # the checksum's last byte gone
+    assert "wrong size" in read()
+    path.write_bytes(good + b"\0")  # one byte too many
+    assert "wrong size" in read()
+    path.write_bytes(good)
+    items[5] = (slot, EntryHeader(head.key, head.dtype, head.shape, head.nbytes, head.seq + 1))  # another seq
+    assert "another entry" in read()
+    items[5] = (slot, head)
+    tier._fds.clear()
+    path.unlink()
+    assert "missing" in read()
+    tier.close()
+
+
+def test_a_batch_whose_alignment_the_device_refuses_falls_back_and_reads_every_item(tmp_path, monkeypatch):
+    import errno
+
+    tier = _direct_tier(tmp_path, io_threads=1, direct_read_threads=1)
+    tier.dio_align = tier.dio_mem_align = 512
+    blocks = [make_value(torch.float32, (1, 3, 16, 64), 50 + j) for j in range(4)]
+    items = [store(tier, ("k", j), b, seq=j + 1) for j, b in enumerate(blocks)]
+    buf = _aligned((1, 3, 4 * 16, 64))
+    outs = [buf[:, :, 16 * j : 16 * (j + 1)] for j in range(4)]
+    real = os.preadv
+
+    def picky(fd, buffers, offset, *rest):
+        if len(buffers) > 1:  # only the bounce buffer is accepted
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, buffers, offset, *rest)
+
+    monkeypatch.setattr(disk_module.os, "preadv", picky)
+    tier.read_into([(s, h, o) for (s, h), o in zip(items, outs)])
+    for out, block in zip(outs, blocks):
+        assert torch.equal(out.view(torch.int32), block.view(torch.int32))
+    assert tier.dio_align == PAGE  # the first refusal
+    tier.close()
+
+
 def test_unaligned_destinations_are_read_through_the_bounce_buffer(tmp_path, monkeypatch):
     tier = _direct_tier(tmp_path)
     data = make_value(torch.float32, (3, 1000), 5)  # 12000 bytes: not a multiple of 512
