@@ -1008,7 +1008,7 @@ class DiskTier:
         found no open descriptor); the caller releases the handle.  A missing chunk file is damage."""
         path = self._chunk_file(slot)
         try:
-            return self._fds.acquire(slot.ref, path)
+            return self._fds.open_missing(slot.ref, path)
         except FileNotFoundError:
             raise CorruptEntryError(f"{path} is missing") from None
 

@@ -477,6 +477,13 @@ def test_fd_cache_never_closes_a_descriptor_in_use(tmp_path, monkeypatch):
     again = cache.acquire("b", str(files[2]))  # forgotten: opened afresh
     assert os.pread(again.fd, 1, 0) == b"\x02"
     cache.release(again)
+    idle = cache.acquire("a", str(files[0]))  # evicts the idle "b": closed at once (outside the lock)
+    with pytest.raises(OSError):
+        os.fstat(again.fd)
+    cache.release(idle)
+    cache.forget("a")  # idle: closed by forget itself
+    with pytest.raises(OSError):
+        os.fstat(idle.fd)
     cache.clear()
 
 
