@@ -1181,7 +1181,7 @@ class DiskTier:
         :meth:`_pread_checked` and :meth:`_check_stored` (``tiercache_index`` = ``i``).  Small direct reads
         are short waits on the device between a few microseconds of Python: one frame per batch, and the
         bounce buffer is found once per batch (the checksums release the GIL from 32 KiB, crc32c's default:
-        keeping it for a 48 KiB entry measured slower with 8 threads)."""
+        keeping it for 48 KiB entries measured no better with 8 threads)."""
         fds = self._fds
         lookup, release = fds.lookup, fds.release
         crc32c = self._crc
