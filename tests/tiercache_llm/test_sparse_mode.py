@@ -316,10 +316,12 @@ def test_attention_aware_reuses_more_than_fetch_every_step(make_model):
     # placement (and the pipeline's reuse, which needs no read at all) cuts what the disk serves to the fetch
     assert a["bytes_fetched"].get("disk", 0) < e["bytes_fetched"].get("disk", 0), (a["bytes_fetched"], e["bytes_fetched"])
     # Under the default bound (the 32 KiB host budget) the pools fill it, and disk staging ahead -- the reads
-    # that promote -- stages nothing (DecodePipeline.pools_at_bound); with unbounded pools it promotes.
+    # that promote -- stages nothing (DecodePipeline.pools_at_bound); with unbounded pools it promotes what
+    # the pools do not hold.
     assert aware["pipeline"]["pool_bound_bytes"] == 32 << 10
     assert up(aware) == 0
-    unbounded = _reuse(model, "attention-aware", ids, pool_bytes=None)
+    # unseeded, so the pools fill from the tiers and disk staging has blocks outside them to promote
+    unbounded = _reuse(model, "attention-aware", ids, pool_bytes=None, pipeline={"seed_pool": False})
     assert up(unbounded) > 0
     assert unbounded["sparse"]["total"]["reuse_rate"] > e["reuse_rate"]
 
