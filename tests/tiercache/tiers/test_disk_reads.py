@@ -36,6 +36,31 @@ def flip(path, offset):
 
 
 # -- byte_parts ---------------------------------------------------------------------------------------------
+def damage_each_way(tier, items, at, read):
+    """Damage ``items[at]``'s chunk in every way a read must catch (payload and header bits, a short and a
+    long file, a header of another entry, a missing file), checking the message ``read()`` returns for each;
+    ``items`` is the caller's list, which ``read`` reads (the header case swaps ``items[at]`` and restores it)."""
+    slot, head = items[at]
+    path = tier.chunk_path(slot)
+    good = path.read_bytes()
+    flip(path, PAGE + 4000)  # the payload
+    assert "crc32c" in read()
+    path.write_bytes(good)
+    flip(path, 10)  # the header
+    assert "crc32c" in read()
+    path.write_bytes(good[:-1])  # the checksum's last byte gone
+    assert "wrong size" in read()
+    path.write_bytes(good + b"\0")  # one byte too many
+    assert "wrong size" in read()
+    path.write_bytes(good)
+    items[at] = (slot, EntryHeader(head.key, head.dtype, head.shape, head.nbytes, head.seq + 1))  # another seq
+    assert "another entry" in read()
+    items[at] = (slot, head)
+    tier._fds.clear()  # drop the cached descriptor, as discard does before unlinking
+    path.unlink()
+    assert "missing" in read()
+
+
 def test_byte_parts_of_a_block_slice_are_its_rows_in_element_order():
     buf = torch.zeros(2, 3, 10, 4)
     block = buf[:, :, 4:8]  # (2, 3, 4, 4): 6 runs of 16 floats
@@ -213,25 +238,7 @@ def test_buffered_read_into_reports_every_kind_of_damage_with_its_position(tmp_p
             out.zero_()
             tier.read_into([(s, h, out)])
             assert torch.equal(out.view(torch.int32), block.view(torch.int32))
-    slot, head = items[5]
-    path = tier.chunk_path(slot)
-    good = path.read_bytes()
-    flip(path, PAGE + 4000)  # the payload
-    assert "crc32c" in read()
-    path.write_bytes(good)
-    flip(path, 10)  # the header
-    assert "crc32c" in read()
-    path.write_bytes(good[:-1])  # the checksum's last byte gone
-    assert "wrong size" in read()
-    path.write_bytes(good + b"\0")  # one byte too many
-    assert "wrong size" in read()
-    path.write_bytes(good)
-    items[5] = (slot, EntryHeader(head.key, head.dtype, head.shape, head.nbytes, head.seq + 1))  # another seq
-    assert "another entry" in read()
-    items[5] = (slot, head)
-    tier._fds.clear()  # drop the cached descriptor, as discard does before unlinking
-    path.unlink()
-    assert "missing" in read()
+    damage_each_way(tier, items, 5, read)
     assert len(small) == (12 if contiguous else 0)  # every single read of a contiguous out took the small path
     tier.close()
 
@@ -381,25 +388,7 @@ def test_direct_batch_reads_report_every_kind_of_damage_with_its_position(tmp_pa
             assert (outs[5] == -7.0).all()
         return str(info.value)
 
-    slot, head = items[5]
-    path = tier.chunk_path(slot)
-    good = path.read_bytes()
-    flip(path, PAGE + 4000)  # the payload
-    assert "crc32c" in read()
-    path.write_bytes(good)
-    flip(path, 10)  # the header
-    assert "crc32c" in read()
-    path.write_bytes(good[:-1])  # the checksum's last byte gone
-    assert "wrong size" in read()
-    path.write_bytes(good + b"\0")  # one byte too many
-    assert "wrong size" in read()
-    path.write_bytes(good)
-    items[5] = (slot, EntryHeader(head.key, head.dtype, head.shape, head.nbytes, head.seq + 1))  # another seq
-    assert "another entry" in read()
-    items[5] = (slot, head)
-    tier._fds.clear()
-    path.unlink()
-    assert "missing" in read()
+    damage_each_way(tier, items, 5, read)
     tier.close()
 
 
