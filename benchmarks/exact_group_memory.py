@@ -10,7 +10,8 @@ tokens of ``--batch`` sequences with a 16 MiB host tier and the rest on a disk t
 decode steps of one-token updates through every layer run (the first untimed); the variants alternate,
 order reversed every repeat.  Prints per variant the decode buffer's peak bytes (``DecodeBuffer.peak_bytes``:
 every slot buffer allocated, plus temporaries of reads ahead) and the median CPU and wall ms per step
-(cache work alone, no model), with the load average.
+(cache work alone, no model), with the load average; ``main`` returns them (``{variant: {"peak": bytes,
+"cpu": [ms...], "wall": [ms...]}}``).
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import MiB  # noqa: E402  (the benchmarks directory is not a package)
 import hotpath_fetch  # noqa: E402
+from exact_group_ab import parse_variants  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2", choices=("smollm2", "tiny"))
     parser.add_argument("--context", type=int, default=8192)
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--direct-io", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory on the real disk")
     args = parser.parse_args(argv)
-    variants = [tuple(int(x) for x in spec.split(":")) for spec in args.variants.split(",")]
+    variants = list(parse_variants(args.variants).values())
     torch.set_num_threads(1)
     from tiercache_llm import TieredKVCache
 
@@ -88,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, out in samples.items():
         print(f"  {name} | {out['peak'] / MiB:.0f} | {statistics.median(out['cpu']):.1f} | "
               f"{statistics.median(out['wall']):.1f}")
-    return 0
+    return samples
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()
