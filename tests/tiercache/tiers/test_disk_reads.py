@@ -729,7 +729,8 @@ def test_read_fresh_checks_what_read_one_checks(tmp_path, elements, cached):
     assert len(fallbacks) == (0 if cached else 1)  # a hit reads in read_fresh's own frame
     path = tier.chunk_path(slot)
     good = path.read_bytes()
-    for offset in (PAGE + 4 * elements - 3, 10, len(good) - 10):  # payload, header, padding (or payload)
+    # payload, header record, the header page's zero fill, padding (or payload)
+    for offset in (PAGE + 4 * elements - 3, 10, PAGE - 5, len(good) - 10):
         flip(path, offset)
         assert "crc32c" in damaged()
         path.write_bytes(good)
