@@ -36,7 +36,6 @@ from .transfer import CopyEngine, chunk_file_bytes, packed_layout, read_chunk_in
 from .values import as_bytes, check_score, check_scores, copy_payload, flat, new_tensor, tensor_data
 
 _CPU = torch.device("cpu")
-_DISK_READ_INTO = DiskTier.read_into
 _perf_counter = time.perf_counter
 _FLAT_KEY_TYPES = frozenset((int, str, bytes))  # a tuple of only these is a valid key (no check_key walk)
 _Pinned = tuple[Entry, int, Slot, Any]  # an entry, the tier and slot pinned for it, its header (arena tiers: the entry, which has nbytes and shape)
@@ -560,117 +559,105 @@ class DataPaths(Moves):
         Raises ``KeyError`` when the key is absent, was evicted, or its stored bytes failed verification.
 
         (To the CPU this is ``_get_batch([key], cpu, bracket=True)[0]``, with the same checks, counts and
-        policy bookkeeping, done here for the common cases: a key of a plain type whose value is a small
-        one (``MEMMOVE_MAX_BYTES``) in the fastest tier, a CPU arena: one lock round trip, one fresh
-        tensor, one ``memmove``, and none of the batch's lists; or whose value is in a disk tier
-        (``_get_one_from_disk``).  Every other case takes the batch path.  This is ``Cache.get`` itself,
-        not a helper behind it: a call frame is a measurable part of a 64 KiB get.)"""
-        if device is None:
-            kind = type(key)
-            if kind is int or kind is str or kind is bytes:
-                arena = self._direct_arena
-                if arena is not None:
-                    lock = self._lock
-                    lock.acquire()  # (not ``with``: it costs a lookup and a bound method per special method)
-                    try:
-                        if self._closing or self._closed:
-                            raise CacheClosedError("this tiercache.Cache is closed")
-                        entry = self._index.get(key)
-                        if entry is not None and not entry.level and entry.nbytes <= MEMMOVE_MAX_BYTES:
-                            start = _perf_counter()
-                            entry.hits += 1  # the entry is its policy info (Entry.info)
-                            entry.last_access = self._clock = self._clock + 1
-                            if self._rerank_hits:  # _rerank, inlined: the tier of a hit is unchanged
-                                entry.version += 1
-                                entry.tier = arena.name
-                                self._queues[0].push(entry, self._policy.rank(entry))
-                            size = entry.nbytes
-                            result = new_tensor(entry.shape, entry.dtype)
-                            # (a CPU arena slot's ref is its address: ArenaTier.address)
-                            copy_bytes(result.data_ptr(), entry.slot.ref, size)
-                            self._counters.gets += 1
-                            counters = self._tier_counters[0]
-                            counters.hits += 1
-                            counters.bytes_read += size
-                            counters.read_seconds += _perf_counter() - start
-                            return result
-                    finally:
-                        lock.release()
-                result = self._get_one_from_disk(key)
-                if result is not None:
-                    return result
+        policy bookkeeping, done here for the common cases of a key of a plain type, after one look-up
+        under the lock: a small value (``MEMMOVE_MAX_BYTES``) in the fastest tier, a CPU arena, is copied
+        there (one lock round trip, one fresh tensor, one ``memmove``, none of the batch's lists); a value
+        in a disk tier is pinned there, read with the tier's ``read_fresh`` outside the lock (no header
+        object, no batch set-up), then unpinned and counted in a second round trip.  Every other case
+        takes the batch path.  This is ``Cache.get`` itself, not a helper behind it: a call frame is a
+        measurable part of a 64 KiB get.)"""
+        if device is not None:
+            return self._get_batch([key], _normal_device(torch.device(device)), bracket=True)[0]
+        kind = type(key)
+        if kind is not int and kind is not str and kind is not bytes:
             return self._get_batch([key], _CPU, bracket=True)[0]
-        return self._get_batch([key], _normal_device(torch.device(device)), bracket=True)[0]
-
-    def _get_one_from_disk(self, key: Hashable) -> torch.Tensor | None:
-        """``get`` of a key of a plain type whose value is in a disk tier, into a fresh CPU tensor: the
-        same checks, counts, policy bookkeeping, pin, verified read, promotion and corruption handling as
-        ``_get_batch([key], cpu, bracket=True)``, without the batch's lists and per-tier tables, and read
-        with the tier's ``read_fresh`` (no header object, no batch set-up).  ``None`` (nothing done, nothing
-        counted) when the key is absent or its value is in another kind of tier, or in a disk tier whose
-        ``read_into`` a subclass replaced: the caller takes the batch path, which reads through it."""
         lock = self._lock
-        lock.acquire()  # (not ``with``: see get)
+        lock.acquire()  # (not ``with``: it costs a lookup and a bound method per special method)
         try:
             if self._closing or self._closed:
                 raise CacheClosedError("this tiercache.Cache is closed")
             entry = self._index.get(key)
             if entry is None:
-                return None
-            src = entry.level
-            tier = self._tiers[src]
-            if not isinstance(tier, DiskTier) or type(tier).read_into is not _DISK_READ_INTO:
-                return None
-            entry.hits += 1  # the entry is its policy info (Entry.info)
-            entry.last_access = self._clock = self._clock + 1
-            if self._rerank_hits:
-                self._rerank(entry)
-            slot = entry.slot
-            pins = self._pins  # _pin, inlined (a call frame is a measurable part of a 64 KiB get)
-            token = id(slot)
-            pins[token] = pins.get(token, 0) + 1
-            self._counters.gets += 1
-            tier_counters = self._tier_counters
-            tier_counters[src].hits += 1
-            for above in range(src):  # a hit in tier src is a miss in every faster tier
-                tier_counters[above].misses += 1
-            self._active += 1
+                tier = None
+            else:
+                src = entry.level
+                if not src and entry.nbytes <= MEMMOVE_MAX_BYTES and (arena := self._direct_arena) is not None:
+                    start = _perf_counter()
+                    entry.hits += 1  # the entry is its policy info (Entry.info)
+                    entry.last_access = self._clock = self._clock + 1
+                    if self._rerank_hits:  # _rerank, inlined: the tier of a hit is unchanged
+                        entry.version += 1
+                        entry.tier = arena.name
+                        self._queues[0].push(entry, self._policy.rank(entry))
+                    size = entry.nbytes
+                    result = new_tensor(entry.shape, entry.dtype)
+                    # (a CPU arena slot's ref is its address: ArenaTier.address)
+                    copy_bytes(result.data_ptr(), entry.slot.ref, size)
+                    self._counters.gets += 1
+                    counters = self._tier_counters[0]
+                    counters.hits += 1
+                    counters.bytes_read += size
+                    counters.read_seconds += _perf_counter() - start
+                    return result
+                tier = self._fresh_tiers[src]
+                if tier is not None:  # a disk tier: pin the slot, read it outside the lock
+                    entry.hits += 1
+                    entry.last_access = self._clock = self._clock + 1
+                    if self._rerank_hits:
+                        self._rerank(entry)
+                    slot = entry.slot
+                    pins = self._pins  # _pin, inlined
+                    token = id(slot)
+                    pins[token] = pins.get(token, 0) + 1
+                    self._active += 1
         finally:
             lock.release()
+        if tier is None:  # absent (the batch path counts the miss and raises), or in another kind of tier
+            return self._get_batch([key], _CPU, bracket=True)[0]
+        # The disk get is counted (gets, hits, misses above) when it ends, in the critical section that
+        # unpins: stats() may see it a read later, never a different total.
         bad = False
         nbytes, seconds = 0, 0.0
         try:
             start = _perf_counter()
             dtype = entry.dtype
-            result = new_tensor(entry.shape, dtype)
+            shape = entry.shape
+            result = new_tensor(shape, dtype)
             try:
                 tier.read_fresh(slot, result, entry.key_bytes, _DTYPE_NAMES.get(dtype) or dtype_name(dtype),
-                                entry.shape, entry.seq)
+                                shape, entry.seq)
             except CorruptEntryError as exc:
                 bad = True
                 log.warning("tiercache: entry %r is damaged and was dropped: %s", entry.key, exc)
                 raise KeyError(entry.key) from None
             seconds, nbytes = _perf_counter() - start, entry.nbytes
-            if src > 0 and self._policy.promote(entry.info, tier.name, self._tiers[0].name):
+            if src and self._policy.promote(entry.info, tier.name, self._tiers[0].name):
                 self._promote(entry, src, as_bytes(result.view(-1)))  # the source slot is still pinned by us
         finally:
+            releases: list[Release] | None = None
             lock.acquire()
             try:
                 count = pins[token] - 1  # _unpin, inlined
                 if count:
                     pins[token] = count
-                    releases: list[Release] = []
                 else:
                     del pins[token]
-                    deferred = self._deferred.pop(token, None)
-                    releases = [deferred] if deferred is not None else []
-                if bad and self._index.get(entry.key) is entry:
-                    self._counters.corruptions += 1
-                    releases += self._drop_entry(entry, "corrupt")
+                    if self._deferred:  # (a release made while pinned: rare)
+                        deferred = self._deferred.pop(token, None)
+                        if deferred is not None:
+                            releases = [deferred]
+                self._counters.gets += 1
+                counters = self._tier_counters[src]
+                counters.hits += 1
+                if src:  # a hit in tier src is a miss in every faster tier
+                    for above in self._tier_counters[:src]:
+                        above.misses += 1
                 if nbytes:
-                    counters = tier_counters[src]
                     counters.bytes_read += nbytes
                     counters.read_seconds += seconds
+                if bad and self._index.get(entry.key) is entry:
+                    self._counters.corruptions += 1
+                    releases = (releases or []) + self._drop_entry(entry, "corrupt")
                 if releases:
                     releases = self._free_volatile(releases)
                 self._active -= 1
@@ -679,7 +666,7 @@ class DataPaths(Moves):
             finally:
                 lock.release()
             if releases or self._evicted:
-                self._finish(releases)
+                self._finish(releases or [])
         return result
 
     def _get_batch(

@@ -98,6 +98,11 @@ class Cache(DataPaths, Persistence):
         self._address_tiers = [tier if direct else None for tier, direct in zip(self._tiers, self._direct_tiers)]
         self._batch_tiers = [hasattr(tier, "read_into") for tier in self._tiers]
         self._strided_tiers = [bool(getattr(tier, "reads_strided", False)) for tier in self._tiers]
+        # Per tier: the tier when a single get reads it with read_fresh (a disk tier whose read_into is
+        # DiskTier's own: a subclass that replaced it is read through it, by the batch path), else None.
+        self._fresh_tiers: list[DiskTier | None] = [
+            tier if isinstance(tier, DiskTier) and type(tier).read_into is DiskTier.read_into else None
+            for tier in self._tiers]
         try:
             self._recover()
         except BaseException:

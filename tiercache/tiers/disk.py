@@ -1079,13 +1079,15 @@ class DiskTier:
             tail = scratch.tail[: pad + CRC_BYTES + 1]  # padding, checksum, one byte more
             payload = (_CHAR_ARRAYS.get(nbytes) or _char_array(nbytes)).from_address(out.data_ptr())  # out outlives the read
             views = [head, payload, tail]
-        fds = self._fds
         try:
-            handle = fds.lookup(ref) or self._acquire_fd(slot)
-            try:
-                got = os.preadv(handle.fd, views, 0)
-            finally:
-                fds.release(handle)
+            got = self._fds.pread(ref, views, 0)
+            if got is None:  # no cached descriptor: open one
+                fds = self._fds
+                handle = self._acquire_fd(slot)
+                try:
+                    got = os.preadv(handle.fd, views, 0)
+                finally:
+                    fds.release(handle)
             if got != size:
                 raise CorruptEntryError(f"{self._chunk_file(slot)} {_wrong_size(got)}")
             crc32c = self._crc  # keeps the GIL (see _read_buffered)
@@ -1289,22 +1291,46 @@ class DiskTier:
         """:meth:`read_one` into an ``out`` its caller has just made for this read, a contiguous CPU tensor
         of the entry's shape and dtype (``torch.empty``): only its size is checked again (``ValueError``),
         not its device or layout: the facade's single ``get`` (those checks are a measurable part of a warm
-        64 KiB read).  The same reads, checks and errors as :meth:`read_one`."""
+        64 KiB read).  The same reads, checks and errors as :meth:`read_one`.
+
+        The common case is done here in one frame: a buffered, uncompressed chunk below ``PIPELINE_BYTES``
+        whose header record is cached with these very fields, read with one ``preadv`` on a cached
+        descriptor (:meth:`FdCache.pread`) and found sound (size, crc32c, header), as
+        :meth:`_read_checked` checks it.  Anything else (no cached descriptor or header record, a short
+        or long file, a checksum or header mismatch) is read again by :meth:`_read_fresh_checked`, which
+        opens, reports and confirms damage as :meth:`read_one` does; ``out`` is written again there."""
         nbytes = slot.nbytes
         if out.nbytes != nbytes:  # the read writes nbytes at out's address: never past its end
             raise ValueError(f"read_fresh: out holds {out.nbytes} bytes, the payload is {nbytes}")
+        ref = slot.ref
+        cached = self._prefixes.get(ref)
+        if (cached is not None and nbytes < PIPELINE_BYTES and not self.direct_io and self._codec is None
+                and (known := cached[0]).key is key and known.shape is shape and known.dtype is dtype
+                and known.seq == seq and known.nbytes == nbytes):
+            pages = ref[0]  # type: ignore[index]
+            pad = pages * PAGE - HEADER_BYTES - nbytes
+            scratch = self._scratch  # this thread's buffers
+            head, tail = scratch.head, scratch.tail[: pad + CRC_BYTES + 1]  # padding, checksum, one byte more
+            payload = (_CHAR_ARRAYS.get(nbytes) or _char_array(nbytes)).from_address(out.data_ptr())
+            if self._fds.pread(ref, [head, payload, tail], 0) == pages * PAGE + CRC_BYTES:
+                crc32c = self._crc  # keeps the GIL (see _read_buffered)
+                crc = crc32c(payload, crc32c(head, 0, 0), 0)
+                if pad:
+                    crc = crc32c(tail[:pad], crc, 0)
+                if crc == _U32.unpack_from(tail, pad)[0] and scratch.head_bytes.startswith(cached[1]):
+                    return
+        self._read_fresh_checked(slot, out, key, dtype, shape, seq)
+
+    def _read_fresh_checked(self, slot: Slot, out: torch.Tensor, key: bytes, dtype: str,
+                            shape: tuple[int, ...], seq: int) -> None:
+        """:meth:`read_fresh` through the general single-entry read (the reads, checks and errors of
+        :meth:`read_one`)."""
+        nbytes = slot.nbytes
         try:
             if self.direct_io or self._codec is not None or nbytes >= PIPELINE_BYTES:
                 self._read_into([(slot, EntryHeader(key, dtype, shape, nbytes, seq), out)])
                 return
-            # The slot's cached header record when its header has these very fields (identity first, as
-            # _expected_prefix tests): no header object is built.
-            cached = self._prefixes.get(slot.ref)
-            if cached is not None and ((known := cached[0]).key is key and known.shape is shape
-                                       and known.dtype is dtype and known.seq == seq and known.nbytes == nbytes):
-                expected = cached[1]
-            else:
-                expected = self._expected_prefix(slot.ref, EntryHeader(key, dtype, shape, nbytes, seq))  # type: ignore[arg-type]
+            expected = self._expected_prefix(slot.ref, EntryHeader(key, dtype, shape, nbytes, seq))  # type: ignore[arg-type]
             self._read_checked(slot, out, expected, False)  # (out is the facade's: it drops it on failure)
         except CorruptEntryError as exc:
             payload = self._confirm_damage(slot, EntryHeader(key, dtype, shape, nbytes, seq), exc)

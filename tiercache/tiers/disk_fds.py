@@ -115,6 +115,33 @@ class FdCache:
         finally:
             lock.release()
 
+    def pread(self, key: Hashable, views: list, offset: int) -> int | None:
+        """``os.preadv(fd, views, offset)`` through ``key``'s cached descriptor (held for the read, as
+        :meth:`lookup` and :meth:`release` hold it), or ``None`` with nothing read when none is open: the
+        hit path of a single read in one call (a call frame and two method look-ups are a measurable part
+        of a warm 64 KiB read).  Raises ``OSError`` from ``preadv``."""
+        lock = self._lock
+        lock.acquire()  # (see lookup)
+        try:
+            handle = self._open.get(key)
+            if handle is None:
+                return None
+            handle.users += 1
+            self._open.move_to_end(key)
+        finally:
+            lock.release()
+        try:
+            return os.preadv(handle.fd, views, offset)
+        finally:
+            lock.acquire()
+            try:
+                handle.users -= 1
+                closing = handle.dead and not handle.users
+            finally:
+                lock.release()
+            if closing:
+                os.close(handle.fd)
+
     def acquire(self, key: Hashable, path: str) -> _Handle:
         """An open descriptor for ``path``; pair with :meth:`release`.  Raises ``OSError`` from ``open``."""
         handle = self.lookup(key)

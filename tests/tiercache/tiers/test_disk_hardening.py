@@ -487,6 +487,42 @@ def test_fd_cache_never_closes_a_descriptor_in_use(tmp_path, monkeypatch):
     cache.clear()
 
 
+def test_fd_cache_pread_reads_only_through_a_cached_descriptor(tmp_path, monkeypatch):
+    # pread is lookup + preadv + release in one call: None (nothing opened, nothing cached) on a miss; on
+    # a hit the read goes through the cached descriptor, which stays cached; one evicted while a pread
+    # holds it is closed by that pread, not under it.
+    from tiercache.tiers import disk_fds
+    from tiercache.tiers.disk_fds import FdCache
+
+    monkeypatch.setattr(disk_fds, "REPLACE_EVERY", 1)  # plain LRU: every miss of a full cache evicts
+    files = [tmp_path / f"f{i}" for i in range(2)]
+    for i, f in enumerate(files):
+        f.write_bytes(bytes([i]) * 8)
+    cache = FdCache(os.O_RDONLY, limit=1)
+    buf = bytearray(8)
+    assert cache.pread("a", [buf], 0) is None and not cache._open
+    cache.release(cache.acquire("a", str(files[0])))
+    fd = cache._open["a"].fd
+    assert cache.pread("a", [buf], 4) == 4 and buf[:4] == bytes(4)
+    assert cache._open["a"].fd == fd and cache._open["a"].users == 0
+
+    real_preadv = disk_fds.os.preadv
+
+    def evicting_preadv(fd_, views, offset):  # another reader evicts "a" while this read holds it
+        cache.release(cache.acquire("b", str(files[1])))
+        os.fstat(fd_)  # still open under this read
+        return real_preadv(fd_, views, offset)
+
+    monkeypatch.setattr(disk_fds.os, "preadv", evicting_preadv)
+    assert cache.pread("a", [buf], 0) == 8
+    monkeypatch.setattr(disk_fds.os, "preadv", real_preadv)
+    assert list(cache._open) == ["b"]
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed by the pread that held it
+    assert cache.pread("a", [buf], 0) is None
+    cache.clear()
+
+
 def test_fd_caches_share_one_process_budget(tmp_path, monkeypatch):
     # Many disk tiers in one process (several caches) must not together cache more descriptors than the
     # shared budget: each one's own limit alone would exhaust the open-file limit.

@@ -696,6 +696,58 @@ def test_read_fresh_refuses_an_out_of_another_size(tmp_path):
     tier.close()
 
 
+@pytest.mark.parametrize("elements", [0, 1000, 16384, 16384 + 100], ids=["empty", "padded", "unpadded", "medium"])
+@pytest.mark.parametrize("cached", [True, False], ids=["hit", "cold"])
+def test_read_fresh_checks_what_read_one_checks(tmp_path, elements, cached):
+    """``read_fresh``'s one-frame read (a cached descriptor and header record) and its fallback (neither
+    cached) read the value bit-exact and report every kind of damage as ``read_one`` does, a damaged
+    chunk never returning: crc32c (payload, header, padding), wrong size both ways, another entry's
+    header, a missing file."""
+    tier = DiskTier(tmp_path / "d", 1 << 24)
+    list(tier.recover())
+    value = make_value(torch.float32, (elements,), 3)
+    slot, head = store(tier, "one", value, seq=4)
+
+    def read(h=head):
+        if not cached:
+            tier._fds.clear()
+            tier._prefixes.clear()
+        out = torch.full((elements,), -7.0)
+        tier.read_fresh(slot, out, h.key, h.dtype, h.shape, h.seq)
+        return out
+
+    def damaged(h=head):
+        with pytest.raises(CorruptEntryError) as info:
+            read(h)
+        return str(info.value)
+
+    assert torch.equal(read().view(torch.int32), value.view(torch.int32))
+    fallbacks = []
+    general = tier._read_fresh_checked
+    tier._read_fresh_checked = lambda *a: fallbacks.append(a) or general(*a)
+    assert torch.equal(read().view(torch.int32), value.view(torch.int32))
+    assert len(fallbacks) == (0 if cached else 1)  # a hit reads in read_fresh's own frame
+    path = tier.chunk_path(slot)
+    good = path.read_bytes()
+    # payload, header record, the header page's zero fill, padding (or payload)
+    for offset in (PAGE + 4 * elements - 3, 10, PAGE - 5, len(good) - 10):
+        flip(path, offset)
+        assert "crc32c" in damaged()
+        path.write_bytes(good)
+    path.write_bytes(good[:-1])
+    assert "wrong size" in damaged()
+    path.write_bytes(good + b"\0")
+    assert "wrong size" in damaged()
+    path.write_bytes(good)
+    assert "another entry" in damaged(EntryHeader(head.key, head.dtype, head.shape, head.nbytes, head.seq + 1))
+    assert "another entry" in damaged(EntryHeader(encode_key("two"), head.dtype, head.shape, head.nbytes, head.seq))
+    assert torch.equal(read().view(torch.int32), value.view(torch.int32))
+    tier._fds.clear()
+    path.unlink()
+    assert "missing" in damaged()
+    tier.close()
+
+
 @pytest.mark.parametrize("options", [{"direct_io": True}, {"compression": "zstd"}])
 def test_read_one_of_other_stores_goes_through_read_into(tmp_path, options):
     tier = DiskTier(tmp_path / "d", 1 << 24, **options)
