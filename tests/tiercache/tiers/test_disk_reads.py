@@ -61,6 +61,30 @@ def damage_each_way(tier, items, at, read):
     assert "missing" in read()
 
 
+def damage_one_read(tier, slot, head, value, offsets, read, damaged):
+    """Damage ``slot``'s chunk in every way a single-entry read must catch: a bit flipped at each of
+    ``offsets`` (crc32c), a short and a long file (wrong size), the header of another seq and of another key
+    (another entry), and at the end a missing file; ``damaged(header)`` returns the error message of a read
+    expecting ``header``, ``read()`` the value (checked bit-exact once the chunk is restored)."""
+    path = tier.chunk_path(slot)
+    good = path.read_bytes()
+    for offset in offsets:
+        flip(path, offset)
+        assert "crc32c" in damaged(head)
+        path.write_bytes(good)
+    path.write_bytes(good[:-1])
+    assert "wrong size" in damaged(head)
+    path.write_bytes(good + b"\0")
+    assert "wrong size" in damaged(head)
+    path.write_bytes(good)
+    assert "another entry" in damaged(EntryHeader(head.key, head.dtype, head.shape, head.nbytes, head.seq + 1))
+    assert "another entry" in damaged(EntryHeader(encode_key("two"), head.dtype, head.shape, head.nbytes, head.seq))
+    assert torch.equal(read().view(torch.int32), value.view(torch.int32))
+    tier._fds.clear()
+    path.unlink()
+    assert "missing" in damaged(head)
+
+
 def test_byte_parts_of_a_block_slice_are_its_rows_in_element_order():
     buf = torch.zeros(2, 3, 10, 4)
     block = buf[:, :, 4:8]  # (2, 3, 4, 4): 6 runs of 16 floats
@@ -652,28 +676,14 @@ def test_read_one_checks_what_read_into_checks(tmp_path, elements):
         assert info.value.tiercache_index == 0
         return str(info.value)
 
-    path = tier.chunk_path(slot)
-    good = path.read_bytes()
-    for offset in (PAGE + 4 * elements - 3, 10, len(good) - 10):  # payload, header, padding (or payload)
-        flip(path, offset)
-        assert "crc32c" in damaged()
-        path.write_bytes(good)
-    path.write_bytes(good[:-1])
-    assert "wrong size" in damaged()
-    path.write_bytes(good + b"\0")
-    assert "wrong size" in damaged()
-    path.write_bytes(good)
-    assert "another entry" in damaged(EntryHeader(head.key, head.dtype, head.shape, head.nbytes, head.seq + 1))
-    assert "another entry" in damaged(EntryHeader(encode_key("two"), head.dtype, head.shape, head.nbytes, head.seq))
-    assert torch.equal(read().view(torch.int32), value.view(torch.int32))
     with pytest.raises(ValueError, match="contiguous CPU tensor"):
         tier.read_one(slot, torch.empty(elements + 1), head.key, head.dtype, head.shape, head.seq)
     if elements:  # (an empty slice is contiguous)
         with pytest.raises(ValueError, match="contiguous CPU tensor"):
             tier.read_one(slot, torch.empty(elements, 2)[:, 0], head.key, head.dtype, head.shape, head.seq)
-    tier._fds.clear()
-    path.unlink()
-    assert "missing" in damaged()
+    size = tier.chunk_path(slot).stat().st_size
+    # payload, header, padding (or payload)
+    damage_one_read(tier, slot, head, value, (PAGE + 4 * elements - 3, 10, size - 10), read, damaged)
     tier.close()
 
 
@@ -727,24 +737,9 @@ def test_read_fresh_checks_what_read_one_checks(tmp_path, elements, cached):
     tier._read_fresh_checked = lambda *a: fallbacks.append(a) or general(*a)
     assert torch.equal(read().view(torch.int32), value.view(torch.int32))
     assert len(fallbacks) == (0 if cached else 1)  # a hit reads in read_fresh's own frame
-    path = tier.chunk_path(slot)
-    good = path.read_bytes()
+    size = tier.chunk_path(slot).stat().st_size
     # payload, header record, the header page's zero fill, padding (or payload)
-    for offset in (PAGE + 4 * elements - 3, 10, PAGE - 5, len(good) - 10):
-        flip(path, offset)
-        assert "crc32c" in damaged()
-        path.write_bytes(good)
-    path.write_bytes(good[:-1])
-    assert "wrong size" in damaged()
-    path.write_bytes(good + b"\0")
-    assert "wrong size" in damaged()
-    path.write_bytes(good)
-    assert "another entry" in damaged(EntryHeader(head.key, head.dtype, head.shape, head.nbytes, head.seq + 1))
-    assert "another entry" in damaged(EntryHeader(encode_key("two"), head.dtype, head.shape, head.nbytes, head.seq))
-    assert torch.equal(read().view(torch.int32), value.view(torch.int32))
-    tier._fds.clear()
-    path.unlink()
-    assert "missing" in damaged()
+    damage_one_read(tier, slot, head, value, (PAGE + 4 * elements - 3, 10, PAGE - 5, size - 10), read, damaged)
     tier.close()
 
 
