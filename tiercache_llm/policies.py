@@ -90,14 +90,18 @@ class AttentionPlacementPolicy:
         self._chosen_lock = threading.Lock()
 
     @contextlib.contextmanager
-    def promoting(self) -> Iterator[None]:
-        """Reads made by this thread inside the block may promote (with ``defer_promotions``)."""
-        before = getattr(self._local, "on", False)
-        self._local.on = True
+    def _thread_flag(self, name: str) -> Iterator[None]:
+        """Set this thread's flag ``name`` inside the block (nesting restores the outer value)."""
+        before = getattr(self._local, name, False)
+        setattr(self._local, name, True)
         try:
             yield
         finally:
-            self._local.on = before
+            setattr(self._local, name, before)
+
+    def promoting(self) -> contextlib.AbstractContextManager[None]:
+        """Reads made by this thread inside the block may promote (with ``defer_promotions``)."""
+        return self._thread_flag("on")
 
     def choose(self, keys: Iterable[Hashable]) -> None:
         """Replace the chosen set with ``keys`` (empty: none): each may be promoted once by a read inside
@@ -111,15 +115,9 @@ class AttentionPlacementPolicy:
         """How many chosen keys are still waiting for a read."""
         return len(self._chosen)
 
-    @contextlib.contextmanager
-    def chosen_reads(self) -> Iterator[None]:
+    def chosen_reads(self) -> contextlib.AbstractContextManager[None]:
         """Reads made by this thread inside the block promote the chosen keys they hit (:meth:`choose`)."""
-        before = getattr(self._local, "chosen", False)
-        self._local.chosen = True
-        try:
-            yield
-        finally:
-            self._local.chosen = before
+        return self._thread_flag("chosen")
 
     def rank(self, info: Any) -> Any:
         return (info.score, info.inserted)
