@@ -602,7 +602,6 @@ class DecodePipeline:
         else:
             blocks = [j for j in self._last.get(nxt_idx, []) if j < n_stored]
         pool = self._pools.get(nxt_idx)
-        predicted = blocks
         if pool is not None and pool.retention != "none":
             blocks = pool.not_held(blocks, nxt._kkeys)
         self._predicted[nxt_idx] = set(layer_keys(nxt, blocks))
@@ -613,13 +612,13 @@ class DecodePipeline:
             mine = self._pools.get(fetching.layer_idx)
             if mine is not None and selected:
                 protect = (mine, set(selected))
-            blocks, nonresident = self._read_into_slots(nxt, pool, blocks, protect, predicted)
+            blocks, nonresident = self._read_into_slots(nxt, pool, blocks, protect)
             self.stats.predicted_nonresident += nonresident
         nonresident, _ = self._stage_blocks(nxt, blocks, promote=False)
         self.stats.predicted_nonresident += nonresident
 
     def _read_into_slots(self, layer: "TieredKVLayer", pool: ResidentPool, blocks: list[int],
-                         protect: tuple[ResidentPool, set] | None, predicted: list[int] = ()) -> tuple[list[int], int]:
+                         protect: tuple[ResidentPool, set] | None) -> tuple[list[int], int]:
         """``stage_into_slots``: reserve slots of ``pool`` (``layer``'s) for the ``blocks`` with an entry outside
         the fastest tier and start one background read of their K and V entries straight into the slots (never
         promoting, as layer-ahead staging).  Returns ``(blocks left to stage, entries outside the fastest tier
@@ -651,7 +650,7 @@ class DecodePipeline:
             slow[j] = (tk != fastest) + (tv != fastest)
         if not fit:
             return rest, 0
-        got = pool.arena.reserve(pool, fit, [kk[j] for j in fit], protect, predicted)
+        got = pool.arena.reserve(pool, fit, [kk[j] for j in fit], protect)
         if len(got) < len(fit):
             left = fit[len(got):]
             rest += left

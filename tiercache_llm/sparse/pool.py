@@ -343,26 +343,22 @@ class PoolArena:
         return [slot_of[j] for j in stored], missing, self.tail_slot
 
     def reserve(self, view: "ResidentPool", blocks: Sequence[int], keys: Sequence[Hashable],
-                protect: tuple["ResidentPool", set] | None = None, keep: Sequence[int] = ()) -> list[tuple[int, int]]:
+                protect: tuple["ResidentPool", set] | None = None) -> list[tuple[int, int]]:
         """Slots for ``view``'s ``blocks`` (K keys ``keys``; none of them held by ``view``), ahead of its fetch,
         for a background read (:meth:`mark_pending`): ``(block, slot)`` pairs for the longest prefix of
         ``blocks`` that fits.  Only the arena's current tensors are used (nothing before the first assign, never
         a growth): the free slots, then, under a bound, the blocks :meth:`_victims` names for ``view`` (as its
         own fetch would evict), except those ``protect`` names (``(pool, blocks)``: the selection of the layer
-        fetching now, which its attention is about to read).  ``view`` stays within its allowance (its own
-        lowest-mass blocks outside ``blocks`` and ``keep`` make room; ``keep``: its other blocks predicted to be
-        selected, which no reservation evicts either).  The reserved blocks enter ``view``'s map (counted
+        fetching now, which its attention is about to read), and never ``view``'s own blocks (a prediction
+        evicting blocks its layer then selects would turn hits into reads): ``view`` gets at most its allowance
+        minus what it holds.  The reserved blocks enter ``view``'s map (counted
         against the bound) and :attr:`ResidentPool.fresh`; the caller must start their read or :meth:`~ResidentPool.drop`
         them."""
         n = len(blocks)
         if self.k is None or not n or not view.allowance or self.retention == "none":
             return []
-        want = set(blocks) | set(keep) if keep else set(blocks)
-        own = view.allowance - len(view.slot_of)
-        if own < n:
-            spare = [j for j in self._own_order(view, want) if view.slot_of[j] not in self._pending]
-            view._release(spare[: n - own])
-            n = min(n, view.allowance - len(view.slot_of))
+        want = set(blocks)
+        n = min(n, view.allowance - len(view.slot_of))  # a prediction never evicts the layer's own blocks
         if n <= 0:
             return []
         short = n - len(self._free)
@@ -375,8 +371,12 @@ class PoolArena:
                 self._grow(target, tuple(self.k.shape[1:]), tuple(self.v.shape[1:]), self.k.dtype, self.k.device)
             short = n - len(self._free)
         if short > 0 and self.max_bytes is not None:
-            for p, j in self._victims(view, want, short, protect):
-                p._release([j])
+            for p, j in self._victims(view, want, short + len(view.slot_of), protect):
+                if p is not view:
+                    p._release([j])
+                    short -= 1
+                    if not short:
+                        break
         n = min(n, len(self._free))
         out = []
         for j, key in zip(blocks[:n], keys[:n]):
