@@ -255,7 +255,10 @@ def test_row_changes_wait_for_slot_reads_in_flight_and_logits_follow(model, tmp_
         assert torch.equal(runs[0], runs[1])
 
 
-def test_stage_into_slots_is_a_typed_option():
-    assert PipelineConfig(stage_into_slots=True).stage_into_slots
+def test_stage_into_slots_is_a_typed_option_on_for_the_retaining_strategies():
+    assert PipelineConfig(stage_into_slots=True).stage_into_slots and not PipelineConfig().stage_into_slots
+    assert PipelineConfig.for_strategy("attention-aware").stage_into_slots
+    assert PipelineConfig.for_strategy("reuse-layer-ahead").stage_into_slots
+    assert not PipelineConfig.for_strategy("fetch-every-step").stage_into_slots
     with pytest.raises(ValueError, match="stage_into_slots"):
         PipelineConfig(stage_into_slots=1)
