@@ -199,6 +199,9 @@ class PipelineConfig:
             map, another batch size) or that find no slot are staged as before.  The fetch waits for a read
             into its slots still in flight (without ``wait_timeout``: the slot cannot be read into twice); a
             failed read drops the block, which is then read synchronously.
+        slots_from_fastest: with ``stage_into_slots``, predicted blocks whose entries are both on the fastest
+            tier are read into reserved slots too (their copy moves off the forward thread); otherwise the
+            fetch copies them.
     """
 
     reuse: bool = False
@@ -224,6 +227,7 @@ class PipelineConfig:
     background_end_step: bool = True
     seed_pool: bool = False
     stage_into_slots: bool = False
+    slots_from_fastest: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pool_bytes", check_pool_bytes(self.pool_bytes, auto=True))
@@ -234,6 +238,8 @@ class PipelineConfig:
             raise ValueError(f"pool_blocks_factor must be a number >= 1.0, got {f!r}")
         if not isinstance(self.seed_pool, bool):
             raise ValueError(f"seed_pool must be a bool, got {self.seed_pool!r}")
+        if not isinstance(self.slots_from_fastest, bool):
+            raise ValueError(f"slots_from_fastest must be a bool, got {self.slots_from_fastest!r}")
         if not isinstance(self.stage_into_slots, bool):
             raise ValueError(f"stage_into_slots must be a bool, got {self.stage_into_slots!r}")
         if not isinstance(self.background_end_step, bool):
@@ -643,7 +649,7 @@ class DecodePipeline:
         fit, rest, slow = [], [], {}
         for i, j in enumerate(blocks):
             tk, tv = tiers[2 * i], tiers[2 * i + 1]
-            if tk is None or tv is None or (tk == fastest and tv == fastest):
+            if tk is None or tv is None or (tk == fastest and tv == fastest and not self.config.slots_from_fastest):
                 rest.append(j)  # gone (a failed read would only cost time) or cheap: as before
                 continue
             block = layer._blocks[j]

@@ -113,10 +113,10 @@ def model(make_model):
     return make_model("llama", seed=5, num_hidden_layers=3)
 
 
-def _run(model, tmp_path, name, strategy="attention-aware", steps=8, **pipeline):
+def _run(model, tmp_path, name, strategy="attention-aware", steps=8, host="4KiB", **pipeline):
     ids, mask = left_padded_batch(seed=5, lengths=(40, 33, 27))
     selections = []
-    kw = opts(tmp_path / name, strategy, pool_bytes=12 * 3 * 1024, pipeline=pipeline)
+    kw = opts(tmp_path / name, strategy, pool_bytes=12 * 3 * 1024, host=host, pipeline=pipeline)
     with TieredKVCache.for_model(model, **kw) as cache:
         pipe = cache._pipeline
         fetch = pipe.fetch
@@ -134,10 +134,12 @@ def _run(model, tmp_path, name, strategy="attention-aware", steps=8, **pipeline)
     return logits, selections, stats
 
 
-@pytest.mark.parametrize("strategy", ["attention-aware", "reuse-layer-ahead"])
-def test_reading_into_slots_gives_the_logits_and_selections_of_staging(model, tmp_path, strategy):
-    ref, ref_sel, off = _run(model, tmp_path, "off", strategy, stage_into_slots=False)
-    got, got_sel, on = _run(model, tmp_path, "on", strategy, stage_into_slots=True)
+@pytest.mark.parametrize("strategy,fastest", [("attention-aware", False), ("reuse-layer-ahead", False),
+                                              ("attention-aware", True)])
+def test_reading_into_slots_gives_the_logits_and_selections_of_staging(model, tmp_path, strategy, fastest):
+    host = "48KiB" if fastest else "4KiB"  # room on the fastest tier for some blocks
+    ref, ref_sel, off = _run(model, tmp_path, "off", strategy, host=host, stage_into_slots=False)
+    got, got_sel, on = _run(model, tmp_path, "on", strategy, host=host, stage_into_slots=True, slots_from_fastest=fastest)
     assert torch.equal(ref, got)
     assert len(ref_sel) == len(got_sel) > 0
     assert all(a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(ref_sel, got_sel))
@@ -148,8 +150,9 @@ def test_reading_into_slots_gives_the_logits_and_selections_of_staging(model, tm
     assert p_on["pool_over_budget"] == 0 and p_on["reuse_peak_bytes"] <= 12 * 3 * 1024
     assert p_on["needed"] == p_off["needed"]
     assert p_on["staged"] >= 2 * p_on["slot_used"]  # selected blocks read into slots count as staged
-    print(strategy, {k: v for k, v in p_on.items() if k.startswith("slot")}, p_on["staged"], p_off["staged"],
-          p_on["reused"], p_off["reused"], p_on["sync"], p_off["sync"])
+    if fastest:  # blocks on the fastest tier were read into slots too: fewer synchronous copies from it
+        _, _, slow_only = _run(model, tmp_path, "slow-only", strategy, host=host, stage_into_slots=True)
+        assert p_on["slot_reserved"] > slow_only["pipeline"]["slot_reserved"]
 
 
 def test_failed_slot_reads_surface_as_synchronous_reads_and_are_counted(model, tmp_path, monkeypatch):
@@ -262,3 +265,6 @@ def test_stage_into_slots_is_a_typed_option_on_for_the_retaining_strategies():
     assert not PipelineConfig.for_strategy("fetch-every-step").stage_into_slots
     with pytest.raises(ValueError, match="stage_into_slots"):
         PipelineConfig(stage_into_slots=1)
+    with pytest.raises(ValueError, match="slots_from_fastest"):
+        PipelineConfig(slots_from_fastest="yes")
+    assert not PipelineConfig.for_strategy("attention-aware").slots_from_fastest
