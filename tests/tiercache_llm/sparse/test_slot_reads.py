@@ -7,6 +7,8 @@ import threading
 import warnings
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import torch
 
 from tiercache_llm import TieredKVCache
@@ -268,3 +270,48 @@ def test_stage_into_slots_is_a_typed_option_on_for_the_retaining_strategies():
     with pytest.raises(ValueError, match="slots_from_fastest"):
         PipelineConfig(slots_from_fastest="yes")
     assert not PipelineConfig.for_strategy("attention-aware").slots_from_fastest
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_reservations_keep_the_bound_the_fetching_selection_and_the_reads(data):
+    """Random fetches, each reserving the next layer's predicted blocks (reads that succeed or fail at random):
+    the arena never exceeds the bound, no slot is shared, the fetching layer's selection is never evicted for a
+    reservation, a settled block holds what its read wrote, and a failed read is never reported resident."""
+    retention = data.draw(st.sampled_from(["previous", "mass"]))
+    n_layers, n_blocks = data.draw(st.integers(2, 4)), data.draw(st.integers(1, 10))
+    bound = data.draw(st.integers(n_blocks + 1, 40))
+    arena = PoolArena(retention, factor=1.5 if retention == "mass" else 1.0, max_bytes=bound * SLOT_BYTES,
+                      eviction=data.draw(st.sampled_from(["mass", "distance"])))
+    views = [arena.pool() for _ in range(n_layers)]
+    masses = [torch.rand(16, dtype=torch.float64) for _ in range(n_layers)]
+    for _ in range(data.draw(st.integers(1, 4))):
+        for tag, view in enumerate(views):
+            stored = sorted(data.draw(st.sets(st.integers(0, n_blocks - 1), max_size=n_blocks)))
+            failed, _, _ = arena.settle(view)
+            fresh = set(view.fresh)
+            view.fresh.clear()
+            assert not set(failed) & set(view.slot_of)
+            slots, missing, _ = arena_assign(view, stored, masses[tag])
+            for i, j in enumerate(stored):
+                if i not in missing and j in fresh:  # read ahead into its slot: holds what the read wrote
+                    assert torch.all(view.k[slots[i]] == 500 + j)
+            fill(view, stored, slots, missing, 1000 * tag)
+            mine = {j: view.k[view.slot_of[j]].clone() for j in stored}
+            nxt = views[(tag + 1) % n_layers]
+            want = nxt.not_held(sorted(data.draw(st.sets(st.integers(0, n_blocks - 1)))), [("k", j) for j in range(16)])
+            got = arena.reserve(nxt, want, [("k", j) for j in want], protect=(view, set(stored)))
+            assert [j for j, _ in got] == want[: len(got)]
+            future = concurrent.futures.Future()
+            if data.draw(st.booleans()):
+                for j, s in got:
+                    arena.k[s].fill_(500 + j)
+                future.set_result(None)
+            else:
+                future.set_exception(OSError("read failed"))
+            arena.mark_pending([s for _, s in got], future)
+            assert set(view.slot_of) >= set(stored)  # the fetching layer's selection survived the reservation
+            assert all(torch.equal(view.k[view.slot_of[j]], mine[j]) for j in stored)
+            held = [s for v in views for s in v.slot_of.values()]
+            assert len(held) == len(set(held)) and arena.capacity <= bound and arena.over_budget == 0
+
