@@ -45,6 +45,7 @@ KEYS = ("sparse.total.fetch_seconds", "pipeline.sync_seconds.disk", "pipeline.sy
         "pipeline.staging.background_seconds", "pipeline.staging.wait_seconds", "pipeline.stage_ahead_seconds",
         "pipeline.slot_read_seconds", "pipeline.slot_wait_seconds")
 PIPE_KEYS = ("needed", "reused", "staged", "sync", "stage_ahead_entries", "needed_nonresident", "staged_nonresident",
+             "promote_candidates", "promote_chosen", "promote_skipped", "promoted", "promoted_bytes",
              "slot_reserved", "slot_used", "slot_unselected", "slot_fallback")
 STAGING_KEYS = ("hits", "expired", "dropped", "entries_requested", "waits", "late")
 
@@ -76,6 +77,8 @@ def step_figures(before: dict[str, Any], after: dict[str, Any]) -> tuple[dict[st
     pd = delta.get("pipeline", {})
     pipe: dict[str, Any] = {k: pd.get(k) for k in PIPE_KEYS}
     pipe["staging"] = {k: pd.get("staging", {}).get(k) for k in STAGING_KEYS}
+    fetched = delta.get("sparse", {}).get("total", {}).get("bytes_fetched", {})
+    pipe["mib_fetched"] = {tier: n / 2**20 for tier, n in fetched.items() if isinstance(n, (int, float))}
     return stages, pipe
 
 
@@ -104,12 +107,18 @@ def medians(run: dict[str, Any]) -> dict[str, float]:
     """``{"ms_per_step": ..., KEY: ms}``: medians over the timed steps (a stage absent from a step counts 0)."""
     out = {"ms_per_step": median(run["ms"]), "cpu_ms_per_step": median(run.get("cpu_ms") or [0.0])}
     out.update({k: 1000 * median(st.get(k, 0.0) for st in run["stages"]) for k in KEYS})
+    for tier in ("host", "disk"):
+        out[f"{tier}_mib_per_step"] = median((p.get("mib_fetched") or {}).get(tier, 0.0) for p in run["pipe"])
+    out["promoted_mib_per_step"] = median((p.get("promoted_bytes") or 0) / 2**20 for p in run["pipe"])
     return out
 
 
 def report(run: dict[str, Any]) -> None:
     med = run["medians"]
-    print(f"\n== {run['spec']}: median {med['ms_per_step']:.0f} ms/step (forward-thread CPU {med['cpu_ms_per_step']:.0f}); "
+    print(f"\n== {run['spec']}: median {med['ms_per_step']:.0f} ms/step "
+          f"(forward-thread CPU {med['cpu_ms_per_step']:.0f}; "
+          f"MiB/step host {med['host_mib_per_step']:.0f} disk {med['disk_mib_per_step']:.0f}, "
+          f"promoted {med['promoted_mib_per_step']:.0f}); "
           "steps " + " ".join(f"{x:.0f}" for x in run["ms"]))
     print("   " + ", ".join(f"{k.split('.', 1)[1]} {med[k]:.1f}" for k in KEYS))
     for label, key in (("fetch", "sparse.total.fetch_seconds"), ("sync.disk", "pipeline.sync_seconds.disk"),
@@ -122,11 +131,15 @@ def markdown(meta: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     lines = [f"# Sparse pipeline variants: {meta['model']}, context {meta['context']} x batch {meta['batch']}, "
              f"budget {meta['budget']}, {meta['steps']} interleaved steps after {meta['warmup']} warm-up, 1 thread, cold",
              "", "Medians over the timed steps, ms (stage columns: the cache's own per-stage seconds).", "",
-             "| variant | ms/step | forward-thread CPU ms/step | " + " | ".join(k.split(".", 1)[1] for k in KEYS) + " |",
-             "|---|---:|---:|" + "---:|" * len(KEYS)]
+             "| variant | ms/step | forward-thread CPU ms/step | MiB/step host + disk | promoted MiB/step | "
+             + " | ".join(k.split(".", 1)[1] for k in KEYS) + " |",
+             "|---|---:|---:|---:|---:|" + "---:|" * len(KEYS)]
     for r in runs:
         m = r["medians"]
-        lines.append(f"| `{r['spec']}` | {m['ms_per_step']:.0f} | {m['cpu_ms_per_step']:.0f} | " + " | ".join(f"{m[k]:.1f}" for k in KEYS) + " |")
+        lines.append(f"| `{r['spec']}` | {m['ms_per_step']:.0f} | {m['cpu_ms_per_step']:.0f} | "
+                     f"{m['host_mib_per_step']:.0f} + {m['disk_mib_per_step']:.0f} | "
+                     f"{m['promoted_mib_per_step']:.0f} | "
+                     + " | ".join(f"{m[k]:.1f}" for k in KEYS) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -788,6 +788,8 @@ class DataPaths(Moves):
         tensors all of them in one ``torch._foreach_copy_``.  Other tiers: ``read_into`` (batched,
         straight into a contiguous CPU destination) when the tier has it, else ``read`` + copy."""
         tiers = self._tiers
+        if dsts is not None and pinned and to_strided_reads(pinned, dsts, self._strided_tiers, self._address_tiers):
+            return self._read_rows(pinned, dsts, reads)
         seconds = [0.0] * len(tiers)
         nbytes = [0] * len(tiers)
         results: list[torch.Tensor] = dsts if dsts is not None else [None] * len(pinned)  # type: ignore[list-item]
@@ -898,6 +900,39 @@ class DataPaths(Moves):
             seconds[src] += time.perf_counter() - start
         reads.append((nbytes, seconds))
         return results, copies
+
+    def _read_rows(
+        self,
+        pinned: list[_Pinned],
+        dsts: list[torch.Tensor],
+        reads: list[tuple[list[int], list[float]]],
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """:meth:`_copy_each` of a batch that :func:`to_strided_reads` accepted (every value in one tier
+        that reads row-contiguous CPU destinations in place, e.g. exact decode's blocks on a disk tier read
+        into their slices of a decode buffer): one ``read_into`` of every item straight into its
+        destination (a contiguous one as its 1-D bytes), without the general path's sorting of items by
+        tier.  What a promotion copies from: a contiguous destination's bytes, else nothing (it re-reads
+        the pinned slot), as in :meth:`_copy_each`."""
+        src = pinned[0][1]
+        requests = []
+        copies: list[torch.Tensor | None] = []
+        read_bytes = 0
+        for (_, _, slot, header), dst in zip(pinned, dsts):
+            if dst.is_contiguous():  # read into as 1-D bytes (contract C2), which a promotion copies from
+                buf = as_bytes(dst.view(-1))
+                copies.append(buf)
+            else:  # rows read in place (``reads_strided``)
+                buf = dst
+                copies.append(None)
+            requests.append((slot, header, buf))
+            read_bytes += header.nbytes
+        start = time.perf_counter()
+        self._tiers[src].read_into(requests)  # type: ignore[attr-defined]
+        n = len(self._tiers)
+        nbytes, seconds = [0] * n, [0.0] * n
+        nbytes[src], seconds[src] = read_bytes, time.perf_counter() - start
+        reads.append((nbytes, seconds))
+        return dsts, copies
 
     def _copy_packed(
         self,
@@ -1124,6 +1159,20 @@ def copy_pairs(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
 #: torch's ``at::internal::GRAIN_SIZE``: a CPU copy (or elementwise op) of at least this many elements runs
 #: on all of torch's intra-op threads (one parallel region), a smaller one on the calling thread.
 INTRA_OP_GRAIN = 32768
+
+
+def to_strided_reads(pinned: list, dsts: list[torch.Tensor], strided: list[bool], by_address: list) -> bool:
+    """Whether ``DataPaths._copy_each`` may read the batch with one ``read_into`` straight into ``dsts``
+    (``DataPaths._read_rows``): every pinned value in one tier that reads row-contiguous destinations in
+    place (``reads_strided``; not a CPU arena, read by address), every destination a CPU tensor of at
+    least one dimension whose last is contiguous, as that ``read_into`` requires."""
+    src = pinned[0][1]
+    if not strided[src] or by_address[src] is not None:
+        return False
+    for item, dst in zip(pinned, dsts):
+        if item[1] != src or not dst.is_cpu or not dst.dim() or dst.stride(-1) != 1:
+            return False
+    return True
 
 
 def _run_view(t: torch.Tensor, count: int, step: int) -> torch.Tensor | None:

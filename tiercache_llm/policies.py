@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Iterator
+from typing import Any, Hashable, Iterable, Iterator
 
 
 class StreamingKVPolicy:
@@ -56,6 +56,13 @@ class AttentionPlacementPolicy:
     - ``defer_promotions``: when True, a read promotes only on a thread inside :meth:`promoting` (the
       sparse cache's background staging reads), so the forward pass's own reads never wait for the
       demotion writes a promotion causes (:mod:`tiercache_llm.sparse.pipeline`).
+    - **Chosen promotions** (:meth:`choose`): a set of keys the caller picked (the sparse cache's budgeted
+      promotion under a pool bound: the highest-mass blocks it reads from disk that beat the fastest tier's
+      demotion victims by a margin).  A read of a chosen key made by a thread inside :meth:`chosen_reads`
+      promotes it, whatever the threshold and the deferral say, at most once per :meth:`choose`; the
+      promotion reuses the bytes that read just brought (tiercache's promotion of a hit), so it costs no
+      second read.  :attr:`chosen_entries` / :attr:`chosen_bytes` count the promotions granted (monotonic;
+      tiercache's ``bytes_moved`` counts the moves that happened: one can still fail for want of room).
     """
 
     name = "attention-aware"
@@ -65,15 +72,22 @@ class AttentionPlacementPolicy:
         self.promote_threshold = float(promote_threshold)
         self.defer_promotions = bool(defer_promotions)
         self._local = threading.local()
+        self._chosen: set = set()
+        self._chosen_lock = threading.Lock()
+        self.chosen_entries = 0
+        self.chosen_bytes = 0
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state.pop("_local", None)
+        state.pop("_chosen_lock", None)
+        state["_chosen"] = set()
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._local = threading.local()
+        self._chosen_lock = threading.Lock()
 
     @contextlib.contextmanager
     def promoting(self) -> Iterator[None]:
@@ -85,10 +99,39 @@ class AttentionPlacementPolicy:
         finally:
             self._local.on = before
 
+    def choose(self, keys: Iterable[Hashable]) -> None:
+        """Replace the chosen set with ``keys`` (empty: none): each may be promoted once by a read inside
+        :meth:`chosen_reads`.  Thread-safe."""
+        chosen = set(keys)
+        with self._chosen_lock:
+            self._chosen = chosen
+
+    @property
+    def chosen(self) -> int:
+        """How many chosen keys are still waiting for a read."""
+        return len(self._chosen)
+
+    @contextlib.contextmanager
+    def chosen_reads(self) -> Iterator[None]:
+        """Reads made by this thread inside the block promote the chosen keys they hit (:meth:`choose`)."""
+        before = getattr(self._local, "chosen", False)
+        self._local.chosen = True
+        try:
+            yield
+        finally:
+            self._local.chosen = before
+
     def rank(self, info: Any) -> Any:
         return (info.score, info.inserted)
 
     def promote(self, info: Any, src: str, dst: str) -> bool:
+        if self._chosen and getattr(self._local, "chosen", False):
+            with self._chosen_lock:
+                if info.key in self._chosen:
+                    self._chosen.discard(info.key)
+                    self.chosen_entries += 1
+                    self.chosen_bytes += info.nbytes
+                    return True
         if self.defer_promotions and not getattr(self._local, "on", False):
             return False
         return info.score > 0.0 and info.score >= self.promote_threshold

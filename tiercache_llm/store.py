@@ -601,16 +601,19 @@ class BlockStore:
             self.cache.delete(key)  # False for an entry already gone: nothing to do
             self.counters.blocks_deleted += 1
 
-    def prefetch(self, keys: Sequence[Any]) -> None:
-        """Ask the tiercache to stage ``keys`` toward its fastest tier, without waiting."""
+    def prefetch(self, keys: Sequence[Any]) -> concurrent.futures.Future | None:
+        """Ask the tiercache to stage ``keys`` toward its fastest tier, without waiting; returns its future (its
+        result: how many of ``keys`` are in the fastest tier when it completes), ``None`` when nothing was asked.
+        Deletes and close wait for it (:meth:`wait_prefetches`)."""
         if self._closed or not keys:
-            return
+            return None
         future = self.cache.prefetch(list(keys))
         self.counters.prefetches += 1
         with self._lock:
             self._futures = [f for f in self._futures if not f.done()]
             self._futures.append(future)
         future.add_done_callback(self._prefetch_done)
+        return future
 
     def _prefetch_done(self, future: concurrent.futures.Future) -> None:
         if not future.cancelled() and future.exception() is not None:

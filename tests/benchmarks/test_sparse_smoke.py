@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiercache_llm.hf_kwargs import cache_kwargs
+
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
@@ -157,7 +159,7 @@ def test_kv_cache_bytes_matches_a_real_cache(common):
     model = common.tiny_llama()
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(torch.randint(3, 100, (3, 37)), past_key_values=cache)
+        model(torch.randint(3, 100, (3, 37)), **cache_kwargs(cache, model))
     real = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     assert common.kv_cache_bytes(model.config, 37, 3) == real
     assert common.kv_cache_bytes(model.config, 37, 3, torch.bfloat16) == real // 2

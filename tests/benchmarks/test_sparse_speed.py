@@ -12,6 +12,8 @@ import math
 import pytest
 import torch
 
+from tiercache_llm.hf_kwargs import cache_kwargs
+
 
 @pytest.fixture(scope="module")
 def speed(load_benchmark):
@@ -124,7 +126,7 @@ def test_fill_cache_equals_prefill_through_the_model(speed, tmp_path):
     ids = torch.randint(3, 100, (2, 300), generator=torch.Generator().manual_seed(1))
     dyn = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(input_ids=ids[:, :-1], past_key_values=dyn)
+        model(input_ids=ids[:, :-1], **cache_kwargs(dyn, model))
     kv = [(layer.keys.clone(), layer.values.clone()) for layer in dyn.layers]
     s = speed.Settings.quick()
     cfg = speed.Config(speed.FETCH, 0.25, "cold")
@@ -137,11 +139,11 @@ def test_fill_cache_equals_prefill_through_the_model(speed, tmp_path):
                           path=tmp_path / "c", block_size=s.block_size)
     try:
         with torch.no_grad():
-            model(input_ids=ids[:, :-1], past_key_values=through)
+            model(input_ids=ids[:, :-1], **cache_kwargs(through, model))
             feed = ids[:, -1:]
             for _ in range(3):
-                a = model(input_ids=feed, past_key_values=filled).logits[:, -1]
-                b = model(input_ids=feed, past_key_values=through).logits[:, -1]
+                a = model(input_ids=feed, **cache_kwargs(filled, model)).logits[:, -1]
+                b = model(input_ids=feed, **cache_kwargs(through, model)).logits[:, -1]
                 torch.testing.assert_close(a, b)
                 feed = a.argmax(-1, keepdim=True)
         assert filled.stats()["sparse"]["total"]["steps"] == 3

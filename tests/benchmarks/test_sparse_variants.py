@@ -65,6 +65,9 @@ def test_variants_tiny_run_writes_every_step(variants, tmp_path):
         assert all(0 < cpu for cpu in v["cpu_ms"]) and v["medians"]["cpu_ms_per_step"] > 0
         assert v["medians"]["ms_per_step"] > 0 and set(variants.KEYS) <= set(v["medians"])
         assert v["pipe"][-1]["needed"] > 0  # the pipeline ran
+        assert all("mib_fetched" in p for p in v["pipe"])  # MiB read per tier, per step
+        assert {"host_mib_per_step", "disk_mib_per_step"} <= set(v["medians"])
+        assert v["medians"]["promoted_mib_per_step"] == 0  # off by default
     steps = json.loads((tmp_path / "steps.json").read_text())
     assert [s["spec"] for s in steps] == specs and steps[0]["ms"] == saved["variants"][0]["ms"]
     md = (tmp_path / "out" / "sparse_variants.md").read_text()

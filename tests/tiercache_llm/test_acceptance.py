@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from tiercache_llm import TieredKVCache, UnsupportedModelError
 from tiercache_llm.attention_hook import PREFIX, is_prepared
+from tiercache_llm.hf_kwargs import cache_kwargs
 from tiercache_llm.sparse_layer import SparseModeError
 
 from .test_generate_tiny import left_padded_batch
@@ -60,10 +61,10 @@ def forced(model, cache, ids, mask, tokens):
     """Prefill then one forward per column of ``tokens`` (teacher forcing); last-position logits per pass."""
     out, m = [], mask
     with torch.no_grad():
-        out.append(model(ids, attention_mask=m, past_key_values=cache).logits[:, -1].float())
+        out.append(model(ids, attention_mask=m, **cache_kwargs(cache, model)).logits[:, -1].float())
         for col in tokens.T:
             m = torch.cat((m, torch.ones_like(m[:, :1])), 1)
-            out.append(model(col[:, None], attention_mask=m, past_key_values=cache).logits[:, -1].float())
+            out.append(model(col[:, None], attention_mask=m, **cache_kwargs(cache, model)).logits[:, -1].float())
     return torch.stack(out), m
 
 
@@ -72,7 +73,7 @@ def decode_more(model, cache, mask, tokens):
     with torch.no_grad():
         for col in tokens.T:
             m = torch.cat((m, torch.ones_like(m[:, :1])), 1)
-            out.append(model(col[:, None], attention_mask=m, past_key_values=cache).logits[:, -1].float())
+            out.append(model(col[:, None], attention_mask=m, **cache_kwargs(cache, model)).logits[:, -1].float())
     return torch.stack(out)
 
 
@@ -243,10 +244,10 @@ def test_plain_forward_outside_no_grad(mode):
     for grad in (False, True):
         with torch.set_grad_enabled(grad), TieredKVCache.for_model(model, mode=mode, block_size=8, host="1MiB",
                                                                    **options) as cache:
-            m, out = mask, [model(ids, attention_mask=mask, past_key_values=cache).logits[:, -1]]
+            m, out = mask, [model(ids, attention_mask=mask, **cache_kwargs(cache, model)).logits[:, -1]]
             for col in toks.T:
                 m = torch.cat((m, torch.ones_like(m[:, :1])), 1)
-                out.append(model(col[:, None], attention_mask=m, past_key_values=cache).logits[:, -1])
+                out.append(model(col[:, None], attention_mask=m, **cache_kwargs(cache, model)).logits[:, -1])
             assert out[-1].requires_grad == grad
             for layer in cache.layers:
                 held = [v for v in vars(layer).values() if isinstance(v, torch.Tensor)]
@@ -276,7 +277,7 @@ def test_gradient_of_one_decode_step_matches_dynamic_cache(mode):
         _, m = forced(model, cache, ids, mask, toks[:, :-1])
         m = torch.cat((m, torch.ones_like(m[:, :1])), 1)
         model.zero_grad()
-        logits = model(toks[:, -1:], attention_mask=m, past_key_values=cache).logits[:, -1]
+        logits = model(toks[:, -1:], attention_mask=m, **cache_kwargs(cache, model)).logits[:, -1]
         (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if "self_attn" in n})
         if which != "dynamic":
@@ -337,11 +338,11 @@ def test_budget_bounds_the_tokens_attended(budget, block_size, page_size, sink, 
     ids, mask = padded()
     with sparse(model, budget=budget, sink=sink, recent=recent, block_size=block_size, page_size=page_size) as cache:
         with torch.no_grad():
-            model(ids, attention_mask=mask, past_key_values=cache)
+            model(ids, attention_mask=mask, **cache_kwargs(cache, model))
             m, tok = mask, ids[:, -1:]
             for _ in range(10):
                 m = torch.cat((m, torch.ones_like(m[:, :1])), 1)
-                tok = model(tok, attention_mask=m, past_key_values=cache).logits[:, -1:].argmax(-1)
+                tok = model(tok, attention_mask=m, **cache_kwargs(cache, model)).logits[:, -1:].argmax(-1)
                 contexts = m[:, :-1].sum(1).tolist()
                 per_row = [min(n, math.ceil(budget * n) if isinstance(budget, float) else budget) for n in contexts]
                 last = cache.stats()["sparse"]["last_step"]
@@ -451,11 +452,11 @@ def test_one_model_serves_interleaved_sparse_caches_and_dynamic_cache():
     m = mask
     with torch.no_grad():
         for name, cache in (("a", a), ("b", b), ("d", d)):
-            outs[name].append(model(ids, attention_mask=m, past_key_values=cache).logits[:, -1])
+            outs[name].append(model(ids, attention_mask=m, **cache_kwargs(cache, model)).logits[:, -1])
         for col in toks.T:
             m = torch.cat((m, torch.ones_like(m[:, :1])), 1)
             for name, cache in (("a", a), ("d", d), ("b", b)):
-                outs[name].append(model(col[:, None], attention_mask=m, past_key_values=cache).logits[:, -1])
+                outs[name].append(model(col[:, None], attention_mask=m, **cache_kwargs(cache, model)).logits[:, -1])
     torch.testing.assert_close(torch.stack(outs["a"]), alone[0], rtol=0, atol=0)
     torch.testing.assert_close(torch.stack(outs["b"]), alone[1], rtol=0, atol=0)
     torch.testing.assert_close(torch.stack(outs["d"]), ref_dense, rtol=1e-6, atol=1e-6)
@@ -593,7 +594,7 @@ def test_smollm2_plain_forward_outside_no_grad_and_dense_budget(smollm2):
     def greedy(cache):
         out, cur = [], ids
         for _ in range(steps):
-            logits = model(cur, past_key_values=cache).logits[:, -1]
+            logits = model(cur, **cache_kwargs(cache, model)).logits[:, -1]
             cur = logits.argmax(-1, keepdim=True)
             out.append(int(cur))
         return out

@@ -9,6 +9,7 @@ from transformers import DynamicCache
 
 import tiercache
 from tiercache_llm import TieredKVCache
+from tiercache_llm.hf_kwargs import cache_kwargs
 
 
 def states(batch, seq, gen):
@@ -83,7 +84,7 @@ def test_prompt_reuse_recipe_gives_dynamic_cache_tokens(make_model, tmp_path):
 
     def answers(prefix_cache):
         with torch.no_grad():
-            model(input_ids=prefix, past_key_values=prefix_cache)
+            model(input_ids=prefix, **cache_kwargs(prefix_cache, model))
         out = []
         for suffix in suffixes:
             ids = torch.cat([prefix, suffix], dim=1)

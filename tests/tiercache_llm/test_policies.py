@@ -66,3 +66,37 @@ def test_deferred_promotions_happen_only_inside_promoting(tmp_path):
         assert cache.tier_of(0) == "host" and cache.tier_of(1) == "host"
     twin = copy.deepcopy(policy)  # thread-local state is not copied
     assert twin.defer_promotions and not twin.promote(info(5.0), "disk", "host")
+
+
+def test_chosen_keys_promote_once_inside_chosen_reads_reusing_the_read(tmp_path):
+    """choose(): a chosen key read inside chosen_reads() is promoted (whatever the threshold and the deferral say),
+    once; outside it, or unchosen, nothing moves; values read back are unchanged and the counters count it."""
+    import copy
+
+    policy = AttentionPlacementPolicy(defer_promotions=True)
+    policy.promote_threshold = 100.0
+    values = {i: torch.full((256,), float(i)) for i in range(12)}
+    with tiercache.Cache(host="4KiB", disk="1MiB", path=tmp_path / "c", policy=policy) as cache:
+        for i, v in values.items():
+            cache.put(i, v)
+        cache.update_scores({i: 1.0 for i in range(12)})
+        assert cache.tier_of(0) == "disk" and cache.tier_of(1) == "disk"
+        policy.choose([0, 1])
+        assert policy.chosen == 2
+        cache.get_many([0, 1])  # not inside chosen_reads: no promotion
+        assert cache.tier_of(0) == "disk" and policy.chosen == 2
+        with policy.chosen_reads():
+            got = cache.get_many([0, 2])  # 2 is not chosen
+        assert cache.tier_of(0) == "host" and cache.tier_of(2) == "disk" and cache.tier_of(1) == "disk"
+        assert torch.equal(got[0], values[0]) and policy.chosen == 1
+        assert policy.chosen_entries == 1 and policy.chosen_bytes == values[0].nbytes
+        assert cache.stats()["bytes_moved"]["disk->host"] == values[0].nbytes
+        policy.choose([])  # a new choice replaces the old one
+        with policy.chosen_reads():
+            cache.get_many([1])
+        assert cache.tier_of(1) == "disk" and policy.chosen_entries == 1
+        for i, v in values.items():  # nothing lost, nothing changed
+            assert torch.equal(cache.get(i), v)
+    policy.choose([5])
+    twin = copy.deepcopy(policy)  # the choice is not copied
+    assert twin.chosen == 0 and policy.chosen == 1

@@ -319,7 +319,15 @@ def test_attention_aware_reuses_more_than_fetch_every_step(make_model):
     # that promote -- stages nothing (DecodePipeline.pools_at_bound); with unbounded pools it promotes what
     # the pools do not hold.
     assert aware["pipeline"]["pool_bound_bytes"] == 32 << 10
-    assert up(aware) == 0
+    assert up(aware) == 0 and aware["pipeline"]["promoted"] == 0
+    # Budgeted promotion (opt-in, PipelineConfig.promote_bytes_per_step): the layer-ahead reads promote the
+    # highest-mass blocks they bring from disk, within the budget (6 layers: with 2, a layer's misses are evicted
+    # after the layer-ahead prefetch looked, so it reads nothing).
+    deep = make_model("llama", seed=10, num_hidden_layers=6)
+    budget = 4 * aware["pipeline"]["pool_slot_bytes"]
+    assert up(_reuse(deep, "attention-aware", ids)) == 0
+    promoting = _reuse(deep, "attention-aware", ids, pipeline={"promote_bytes_per_step": budget})
+    assert 0 < up(promoting) <= promoting["pipeline"]["promoted_bytes"] <= budget * promoting["pipeline"]["steps"]
     # unseeded, so the pools fill from the tiers and disk staging has blocks outside them to promote
     unbounded = _reuse(model, "attention-aware", ids, pool_bytes=None, pipeline={"seed_pool": False})
     assert up(unbounded) > 0

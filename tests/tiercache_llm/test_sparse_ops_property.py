@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from transformers import DynamicCache
 
 from tiercache_llm import TieredKVCache
+from tiercache_llm.hf_kwargs import cache_kwargs
 
 from .test_generate_tiny import left_padded_batch
 from .test_sparse_mode import DENSE, digests_match_keys
@@ -42,15 +43,15 @@ def test_operations_keep_digests_and_dense_logits(ops, budget, page):
                                      page_size=page, host="1MiB")
     try:
         with torch.no_grad():
-            m(ids, attention_mask=mask, past_key_values=ref)
-            m(ids, attention_mask=mask, past_key_values=cache)
+            m(ids, attention_mask=mask, **cache_kwargs(ref, m))
+            m(ids, attention_mask=mask, **cache_kwargs(cache, m))
             for kind, arg in ops:
                 batch = mask.shape[0]
                 if kind == "step":
                     nxt = torch.full((batch, 1), arg)
                     mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-                    a = m(nxt, attention_mask=mask, past_key_values=ref).logits
-                    b = m(nxt, attention_mask=mask, past_key_values=cache).logits
+                    a = m(nxt, attention_mask=mask, **cache_kwargs(ref, m)).logits
+                    b = m(nxt, attention_mask=mask, **cache_kwargs(cache, m)).logits
                     if budget == DENSE:
                         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
                     else:

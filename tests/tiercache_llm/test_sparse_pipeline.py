@@ -776,3 +776,104 @@ def test_a_binding_pool_bound_leaves_the_misses_to_layer_ahead_not_to_near_miss_
     assert stats["predicted"] > 0 and stats["staged"] > 0  # layer-ahead staged the bounded pools' misses
     assert len(calls) < 10  # near misses only before the arena reached its bound (the first steps), 10 steps run
     assert torch.equal(ref, got) and torch.equal(ref, got_free)
+
+
+def _block_values(cache):
+    """Every stored block's K and V of every layer, read back through the store (flushed first)."""
+    cache._pipeline.fence()
+    cache.store.flush_writes()
+    cache.store.wait_prefetches()
+    out = []
+    for layer in cache.layers:
+        keys = [k for pair in zip(layer._kkeys, layer._vkeys) for k in pair]
+        out.append([t.clone() for t in cache.store.get_blocks(keys)] if keys else [])
+    return out
+
+
+@pytest.mark.parametrize("reuse_read", [True, False])
+def test_budgeted_promotion_under_a_bound_promotes_within_budget_and_keeps_values_and_logits(make_model, batch,
+                                                                                              tmp_path, monkeypatch,
+                                                                                              reuse_read):
+    """promote_bytes_per_step: under a pool bound the pools fill, each step chooses at most the budget of the
+    highest-mass blocks the layer-ahead prefetch reads next step (on a slower tier, outside the pools), and those
+    reads promote them (``promote_reuse_read``: no read of its own) or a tiercache prefetch does at once.
+    Logits, and every stored value read back, equal those of the same cache without promotion; stats count what
+    was chosen and promoted."""
+    model = make_model("llama", seed=5, num_hidden_layers=6)
+    ref = reference(model, batch, tmp_path)
+    ids, mask = batch
+    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware")) as free:
+        decode_logits(model, free, ids, mask, steps=1)
+        slot = free.stats()["pipeline"]["pool_slot_bytes"]
+    budget = 3 * slot  # 3 blocks (K + V) a step
+    up = lambda s: sum(v for k, v in s["tiercache"]["bytes_moved"].items() if k.startswith("disk"))  # noqa: E731
+    with TieredKVCache.for_model(model, **opts(tmp_path / "a", "attention-aware", pool_bytes=12 * slot,
+                                            host="64KiB")) as off:
+        got_off = decode_logits(model, off, ids, mask)
+        values_off = _block_values(off)
+        stats_off = off.stats()
+    assert up(stats_off) == 0 and stats_off["pipeline"]["promote_chosen"] == 0  # off by default
+    with TieredKVCache.for_model(model, **opts(tmp_path / "b", "attention-aware", pool_bytes=12 * slot, host="64KiB",
+                                              pipeline={"promote_bytes_per_step": budget,
+                                                        "promote_reuse_read": reuse_read})) as cache:
+        policy = cache.store.policy
+        chosen = []
+        real = policy.choose
+
+        def choose(keys):
+            keys = list(keys)
+            chosen.append(keys)
+            return real(keys)
+
+        monkeypatch.setattr(policy, "choose", choose)
+        got = decode_logits(model, cache, ids, mask)
+        values = _block_values(cache)
+        stats = cache.stats()
+    pipe = stats["pipeline"]
+    entry = slot // 2
+    assert chosen and all(len(keys) * entry <= budget for keys in chosen)
+    if reuse_read:  # the policy's chosen set: the layer-ahead reads promote them
+        assert pipe["promote_chosen"] == sum(map(len, chosen)) > 0
+    else:  # the policy is left alone: a tiercache prefetch promotes them
+        assert not any(chosen) and pipe["promote_chosen"] > 0
+    assert pipe["promote_chosen"] * entry <= budget * pipe["steps"]
+    assert 0 < pipe["promoted"] <= pipe["promote_chosen"] and pipe["promoted_bytes"] == pipe["promoted"] * entry
+    assert pipe["promote_candidates"] >= pipe["promote_chosen"]
+    assert up(stats) > 0 and up(stats) <= pipe["promoted_bytes"]
+    assert torch.equal(ref, got) and torch.equal(ref, got_off)
+    assert len(values) == len(values_off)
+    for a, b in zip(values, values_off):
+        assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_budgeted_promotion_respects_the_margin_and_backs_off_when_the_writer_is_behind(make_model, batch, tmp_path,
+                                                                                        monkeypatch):
+    """Nothing is chosen when no candidate beats its victim by ``promote_margin`` (hysteresis), nor while the
+    write-behind queue is more than half full (back-pressure: ``promote_skipped``); bad values are refused."""
+    from tiercache_llm.store import BlockStore
+
+    model = make_model("llama", seed=5, num_hidden_layers=6)
+    ids, mask = batch
+    with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware")) as free:
+        decode_logits(model, free, ids, mask, steps=1)
+        slot = free.stats()["pipeline"]["pool_slot_bytes"]
+    chosen = {}
+    for margin in (1.0, 1e30):  # a full fastest tier (16 KiB): every promotion displaces a victim
+        pipeline = {"promote_bytes_per_step": 100 * slot, "promote_margin": margin}
+        with TieredKVCache.for_model(model, **opts(tmp_path / str(margin), "attention-aware", pool_bytes=12 * slot,
+                                                  host="16KiB", pipeline=pipeline)) as cache:
+            decode_logits(model, cache, ids, mask)
+            stats = cache.stats()
+        assert stats["pipeline"]["promote_candidates"] > 0
+        chosen[margin] = stats["pipeline"]["promote_chosen"]
+    assert chosen[1.0] > chosen[1e30]  # only free room and never-attended victims (mass 0) are displaced at 1e30
+    monkeypatch.setattr(BlockStore, "queued_bytes", property(lambda self: 1 << 40))
+    with TieredKVCache.for_model(model, **opts(tmp_path / "b", "attention-aware", pool_bytes=12 * slot, host="64KiB",
+                                              pipeline={"promote_bytes_per_step": 100 * slot})) as cache:
+        decode_logits(model, cache, ids, mask)
+        stats = cache.stats()
+    assert stats["pipeline"]["promote_skipped"] > 0 and stats["pipeline"]["promote_chosen"] == 0
+    for bad in ({"promote_bytes_per_step": -1}, {"promote_bytes_per_step": 1.5}, {"promote_margin": 0.5},
+                {"promote_margin": True}):
+        with pytest.raises(ValueError, match="promote_"):
+            PipelineConfig(**bad)

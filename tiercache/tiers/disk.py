@@ -999,7 +999,7 @@ class DiskTier:
         """The stored header must be ``header``: its encoding is compared byte for byte (what follows it in
         the page is padding), so no decoding is needed on the hot path."""
         expected = self._expected_prefix(slot.ref, header)  # type: ignore[arg-type]
-        if header.nbytes != slot.nbytes or head[: len(expected)] != expected:
+        if header.nbytes != slot.nbytes or bytes(head[: len(expected)]) != expected:  # (bytes: one memcmp)
             decode_header(head)  # a damaged header says so in the error
             raise CorruptEntryError(f"{self._chunk_file(slot)} {OTHER_ENTRY}")
 
@@ -1125,8 +1125,10 @@ class DiskTier:
         crc32c = self._crc
         scratch = self._scratch  # this thread's buffers
         head, tail_buf = scratch.head, scratch.tail
+        head_bytes = scratch.head_bytes  # head's bytearray: its startswith is one memcmp
         prefixes = self._prefixes
         preadv = os.preadv
+        unpack_from = _U32.unpack_from
         while True:
             i = next(taken)
             if i >= n:
@@ -1152,8 +1154,9 @@ class DiskTier:
                 crc = crc32c(head, 0, 0)
                 for part in parts[i]:
                     crc = crc32c(part, crc, 0)
-                crc = crc32c(tail[: -1 - CRC_BYTES], crc, 0)
-                if crc != int.from_bytes(tail[-1 - CRC_BYTES : -1], "little"):
+                stored_at = tail.nbytes - 1 - CRC_BYTES
+                crc = crc32c(tail[:stored_at], crc, 0)
+                if crc != unpack_from(tail, stored_at)[0]:
                     raise CorruptEntryError(f"{self._chunk_file(slot)} {BAD_CRC}")
                 cached = prefixes.get(ref)
                 known = cached[0] if cached is not None else None
@@ -1163,7 +1166,8 @@ class DiskTier:
                     expected = cached[1]  # type: ignore[index]
                 else:
                     expected = self._expected_prefix(ref, header)  # type: ignore[arg-type]
-                if header.nbytes != nbytes or head[: len(expected)] != expected:
+                # (bytearray.startswith is a memcmp; comparing a memoryview slice goes byte by byte)
+                if header.nbytes != nbytes or not head_bytes.startswith(expected):
                     decode_header(head)  # a damaged header says so in the error
                     raise CorruptEntryError(f"{self._chunk_file(slot)} {OTHER_ENTRY}")
             except CorruptEntryError as exc:
@@ -1189,6 +1193,7 @@ class DiskTier:
         dhead, dtail = scratch.dhead, scratch.dtail
         prefixes = self._prefixes
         preadv = os.preadv
+        unpack_from = _U32.unpack_from
         bounce, room = scratch.dhead, 0  # this thread's bounce buffer (none yet)
         while True:
             i = next(taken)
@@ -1236,11 +1241,11 @@ class DiskTier:
                         crc = crc32c(part, crc)
                     if pad:
                         crc = crc32c(tail[:pad], crc)
-                    stored = tail[pad : pad + CRC_BYTES]
+                    stored = unpack_from(tail, pad)[0]
                 else:
                     crc = crc32c(bounce[: size - CRC_BYTES])
-                    stored = bounce[size - CRC_BYTES : size]
-                if crc != int.from_bytes(stored, "little"):
+                    stored = unpack_from(bounce, size - CRC_BYTES)[0]
+                if crc != stored:
                     raise CorruptEntryError(f"{self._chunk_file(slot)} {BAD_CRC}")
                 cached = prefixes.get(ref)
                 known = cached[0] if cached is not None else None
@@ -1250,7 +1255,8 @@ class DiskTier:
                     expected = cached[1]  # type: ignore[index]
                 else:
                     expected = self._expected_prefix(ref, header)  # type: ignore[arg-type]
-                if header.nbytes != nbytes or head[: len(expected)] != expected:
+                # (as bytes: comparing a memoryview slice goes byte by byte)
+                if header.nbytes != nbytes or head[: len(expected)].tobytes() != expected:
                     decode_header(head[:HEADER_BYTES])  # a damaged header says so in the error
                     raise CorruptEntryError(f"{self._chunk_file(slot)} {OTHER_ENTRY}")
                 if not into:  # verified: now the caller's memory gets the payload

@@ -76,6 +76,17 @@ at 50 % 654 -> 426 (407); unbounded 192 (docs/sparse.md "Pool budget").
 - **Deferred promotions** (``attention-aware``): the forward pass's own reads do not promote (so they
   never wait on the demotion writes a promotion causes); the background reads above do, under
   :meth:`~tiercache_llm.policies.AttentionPlacementPolicy.promoting`.
+- **Budgeted promotion under a bound** (``promote_bytes_per_step``, opt-in): with the pools at their bound
+  nothing above promotes, so the fastest tier's contents are fixed by the prefill and by demotions.  After each
+  step :meth:`DecodePipeline.choose_promotions` picks, within the byte budget, the highest-mass blocks the
+  layer-ahead prefetch will read from a slower tier next step whose mass beats the fastest tier's lowest-mass
+  entries by ``promote_margin``, and hands their keys to the policy
+  (:meth:`~tiercache_llm.policies.AttentionPlacementPolicy.choose`); the background read that brings them
+  promotes them from the bytes it just read (no second read; the demotion write of the victim runs on that
+  I/O thread; ``promote_reuse_read=False``: a tiercache prefetch promotes them at once, reading them again).
+  Skipped while the write-behind queue is over half full.  Off by default: it converges without
+  ping-pong but did not move reads from disk to the host tier at SmolLM2 8K x 4 (docs/sparse.md "Budgeted
+  promotion under a bound").
 - **End-of-step worker** (``background_end_step``, with disk staging): the work after a decode step (the
   step's tiercache scores, the promotion threshold, disk staging ahead's choice of blocks and its jobs) runs
   on a worker thread once the forward pass returns (:meth:`DecodePipeline.defer_end_of_step`), overlapping
@@ -183,6 +194,22 @@ class PipelineConfig:
             decayed attention mass), ``"distance"`` (the layer whose next fetch is farthest away first, its
             lowest-mass blocks first); ``None``: ``"distance"`` (more pool hits in our measurement,
             docs/sparse.md "Pool budget").
+        promote_bytes_per_step: budgeted promotion under a pool bound (``attention-aware`` under an
+            :class:`~tiercache_llm.policies.AttentionPlacementPolicy`; ``0``: off): after each step, while the
+            pools fill their bound (:meth:`DecodePipeline.pools_at_bound`), the highest-mass blocks of the layers'
+            last selections that the pools no longer hold and that live on a slower tier (the blocks the
+            layer-ahead prefetch reads next step) are chosen for promotion to the fastest tier, at most this many
+            bytes, each only if its decayed mass beats the fastest tier's demotion victim it would displace
+            (its lowest-mass block, paired in order) by ``promote_margin``; the background read that brings
+            them promotes them, reusing its bytes (:meth:`DecodePipeline.choose_promotions`).
+        promote_margin: the hysteresis of budgeted promotion: a block is promoted only if its mass exceeds
+            ``promote_margin`` x the mass of the victim it displaces, so a block and its victim cannot swap
+            back and forth (the victim would have to beat it by the same factor); ``>= 1.0``.
+        promote_reuse_read: how chosen blocks are promoted: ``True``, by the layer-ahead read that brings them
+            next step, from its bytes (no second read, but that staging job waits for the victims' demotion
+            writes); ``False``, at once by the tiercache's own background thread (``Cache.prefetch``: a second read
+            of each, off the pipeline's jobs), so the next step finds them in the fastest tier; skipped while the
+            previous choice's prefetch is still running (``promote_skipped``).
         background_end_step: with disk staging, the work after each decode step (the step's tiercache scores,
             the promotion threshold, disk staging ahead's choice of blocks and its jobs) runs on a worker
             thread once the forward pass returns (:meth:`DecodePipeline.defer_end_of_step`), overlapping the
@@ -226,6 +253,9 @@ class PipelineConfig:
     pool_eviction: str | None = None
     background_end_step: bool = True
     seed_pool: bool = False
+    promote_bytes_per_step: int = 0
+    promote_margin: float = 2.0
+    promote_reuse_read: bool = True
     stage_into_slots: bool = False
     slots_from_fastest: bool = False
 
@@ -255,7 +285,12 @@ class PipelineConfig:
             raise ValueError(f"write_behind_bytes must be an int >= 0, got {self.write_behind_bytes!r}")
         if isinstance(self.ahead, bool) or not isinstance(self.ahead, int) or self.ahead < 1:
             raise ValueError(f"ahead must be an int >= 1, got {self.ahead!r}")
-        for name in ("stage_ahead", "stage_near"):
+        if not isinstance(self.promote_reuse_read, bool):
+            raise ValueError(f"promote_reuse_read must be a bool, got {self.promote_reuse_read!r}")
+        m = self.promote_margin
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not m >= 1.0:
+            raise ValueError(f"promote_margin must be a number >= 1.0, got {m!r}")
+        for name in ("stage_ahead", "stage_near", "promote_bytes_per_step"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -307,7 +342,12 @@ class PipelineStats:
     the time choosing them (after each step; on the end-of-step worker with ``background_end_step``);
     ``after_step_jobs`` / ``after_step_seconds``: end-of-step jobs the worker ran and their wall time (score
     flush, threshold, staging choice); ``after_step_wait_seconds``: the forward thread's waits for them
-    (:meth:`DecodePipeline.fence`); ``seeded`` / ``seed_seconds``: blocks copied into the pools by prefills
+    (:meth:`DecodePipeline.fence`); ``promote_candidates`` / ``promote_chosen`` / ``promote_skipped`` /
+    ``promote_seconds``: budgeted promotion (``promote_bytes_per_step``): entries considered (last selections
+    outside the pools, on a slower tier), entries chosen, steps skipped for back-pressure, time choosing;
+    ``promoted`` / ``promoted_bytes``: chosen entries the policy let a background read promote, or a promotion
+    prefetch moved (filled in by :meth:`DecodePipeline.as_dict`; tiercache's ``bytes_moved`` counts the moves
+    done); ``seeded`` / ``seed_seconds``: blocks copied into the pools by prefills
     (``seed_pool``) and the time it took; ``prefault_bytes`` / ``prefault_seconds``:
     pool memory faulted in by the background prefaulter and its time there (``warm_bytes``: of those, by the
     first-step warm-up); ``reuse_bytes`` /
@@ -352,6 +392,12 @@ class PipelineStats:
     after_step_jobs: int = 0
     after_step_seconds: float = 0.0
     after_step_wait_seconds: float = 0.0
+    promote_candidates: int = 0
+    promote_chosen: int = 0
+    promote_skipped: int = 0
+    promote_seconds: float = 0.0
+    promoted: int = 0
+    promoted_bytes: int = 0
     seeded: int = 0
     seed_seconds: float = 0.0
     prefault_bytes: int = 0
@@ -437,6 +483,11 @@ class DecodePipeline:
         self._after_error: BaseException | None = None  # what its last job raised, for the next fence
         self._handed = False  # this step's end-of-step work went to the worker
         self.stats = PipelineStats()
+        self._promote_future: concurrent.futures.Future | None = None  # the last promotion prefetch
+        self._prefetch_promoted = [0, 0]  # entries, bytes promoted by promotion prefetches
+        self._promote_entry_bytes = 0
+        self._promoted_base = self._policy_promoted()  # the policy's counters when the stats started
+        self._promote_late = 0  # the staging area's late entries at the last choice (back-pressure)
         self._closed = False
 
     # ----------------------------------------------------------------------------- helpers
@@ -512,8 +563,14 @@ class DecodePipeline:
         return None
 
     def _read(self, keys: list, outs: list[torch.Tensor]) -> None:
-        """Every background read: ``keys`` into ``outs``; it promotes only inside :meth:`_read_promoting`."""
-        self.store.get_blocks(keys, out=outs)
+        """Every background read: ``keys`` into ``outs``; it promotes only inside :meth:`_read_promoting`, and
+        the keys chosen by :meth:`choose_promotions` (reusing the bytes just read)."""
+        policy = getattr(self.store, "policy", None)
+        if not getattr(policy, "chosen", 0):
+            self.store.get_blocks(keys, out=outs)
+            return
+        with policy.chosen_reads():
+            self.store.get_blocks(keys, out=outs)
 
     def _read_promoting(self, keys: list, outs: list[torch.Tensor]) -> None:
         """:meth:`_read` inside the policy's ``promoting`` context (``defer_promotions``): the read may promote."""
@@ -1034,6 +1091,7 @@ class DecodePipeline:
         held = self.pool_held_scores()
         if held:
             self.store.update_scores(held)
+        self.choose_promotions()
         self._stage_ahead_all()
 
     def defer_end_of_step(self, ctrl: Any, enabled: bool = True) -> bool:
@@ -1091,6 +1149,7 @@ class DecodePipeline:
                 threshold = ctrl.threshold(self.layers, self.store)
                 if threshold is not None:
                     policy.promote_threshold = threshold
+                self.choose_promotions()
                 self._stage_ahead_all(pause=True)
         except BaseException as exc:  # noqa: BLE001 - raised on the forward thread by the next fence
             self._after_error = exc
@@ -1151,6 +1210,113 @@ class DecodePipeline:
                 picked[i] += [j for j in near if j not in chosen]
         return picked
 
+    def choose_promotions(self) -> list:
+        """Budgeted promotion (``promote_bytes_per_step``), after a step's scores reached the tiercache: choose
+        entries to promote to the fastest tier and hand them to the policy
+        (:meth:`~tiercache_llm.policies.AttentionPlacementPolicy.choose`, replacing the previous choice: the next
+        step's layer-ahead reads promote them) or, with ``promote_reuse_read=False``, to a tiercache prefetch
+        (:meth:`~tiercache_llm.store.BlockStore.prefetch`, which promotes them now); returns them.  Only while
+        the pools fill their bound (:meth:`pools_at_bound`; otherwise disk staging ahead promotes by the
+        threshold).
+
+        Candidates: the blocks of each layer's last selection that its pool no longer holds and that live on a
+        slower tier: the layer-ahead prefetch reads exactly those next step (if selected again), so their
+        promotion reuses that read.  Victims: the fastest tier's blocks by decayed mass, lowest first (the
+        attention-aware policy demotes by score, which is that mass), free room first.  The ``i``-th
+        highest-mass candidate is chosen while it beats the ``i``-th victim by ``promote_margin`` (hysteresis),
+        up to ``promote_bytes_per_step`` bytes.  Back-pressure: nothing is chosen (``promote_skipped``) while
+        the write-behind queue holds more than half its bound or when a staged entry came late since the last
+        choice (a read job slower than the forward pass's wait limit) or while the last promotion prefetch
+        runs.  Reads the layers' masses, block lists and pool snapshots only (safe on the end-of-step worker);
+        steers placement, never what is attended."""
+        policy = getattr(self.store, "policy", None)
+        budget = self.config.promote_bytes_per_step
+        if budget <= 0 or not callable(getattr(policy, "choose", None)) or self._closed:
+            return []
+        start = time.perf_counter()
+        chosen: list = []
+        try:
+            if not self.pools_at_bound():
+                return chosen
+            late = self.staging.counters.late if self.staging is not None else 0
+            queued, limit = getattr(self.store, "queued_bytes", 0), self.config.write_behind_bytes
+            running = self._promote_future is not None and not self._promote_future.done()
+            if late > self._promote_late or (limit and queued > limit // 2) or running:
+                self._promote_late = late
+                with self._stats_lock:
+                    self.stats.promote_skipped += 1
+                return chosen
+            chosen = self._promotion_choice(budget)
+            if chosen and not self.config.promote_reuse_read:
+                self._promote_future = self.store.prefetch(chosen)
+                if self._promote_future is not None:
+                    self._promote_future.add_done_callback(functools.partial(self._prefetched, len(chosen)))
+            return chosen
+        finally:
+            policy.choose(chosen if self.config.promote_reuse_read else [])
+            with self._stats_lock:
+                self.stats.promote_chosen += len(chosen)
+                self.stats.promote_seconds += time.perf_counter() - start
+
+    def _promotion_choice(self, budget: int) -> list:
+        """The keys :meth:`choose_promotions` chooses (see there), at most ``budget`` bytes."""
+        layers = [self.layers[idx] for idx in self.sparse_ids if self.layers[idx]._blocks]
+        ns = [min(len(layer._blocks), layer.sparse.mass.numel()) for layer in layers]
+        if not layers or not sum(ns):
+            return []
+        block_bytes = max(layer._blocks[0].nbytes for layer in layers)
+        self._promote_entry_bytes = block_bytes // 2
+        every = torch.cat([layer.sparse.mass[:n] for layer, n in zip(layers, ns)])  # a copy
+        # K keys then V keys of every block: the fastest tier's room and victims are counted in entries
+        keys = [k for layer, n in zip(layers, ns) for k in layer._kkeys[:n]]
+        keys += [k for layer, n in zip(layers, ns) for k in layer._vkeys[:n]]
+        tiers = self.store.tiers_of(keys)
+        total = len(every)
+        fastest = self.store.fastest_tier
+        slower = {tier.name for tier in self.store.cache.tiers[1:]}
+        where, offset = [], 0
+        for layer, n in zip(layers, ns):
+            pool = self._pools.get(layer.layer_idx)
+            held = set(pool.slot_of) if pool is not None else set()  # a snapshot, as in _stage_choice
+            where += [(layer, j, offset + j) for j in self._last.get(layer.layer_idx, [])
+                      if j < n and j not in held and tiers[offset + j] in slower
+                      and tiers[total + offset + j] in slower]
+            offset += n
+        with self._stats_lock:
+            self.stats.promote_candidates += 2 * len(where)
+        if not where:
+            return []
+        resident = [i % total for i, tier in enumerate(tiers) if tier == fastest]
+        room = max(0, self.store.fastest_tier_entries(block_bytes // 2) - len(resident))
+        # Entry victims, free room first, lowest mass first; a block (two entries) displaces two of them: it is
+        # compared with the second, the larger.
+        victims = torch.cat([torch.zeros(room, dtype=every.dtype),
+                             every[torch.tensor(resident, dtype=torch.long)].sort().values])[1::2]
+        cand, order = every[torch.tensor([i for _, _, i in where], dtype=torch.long)].sort(descending=True)
+        m = min(len(cand), len(victims), budget // block_bytes)
+        beats = (cand[:m] > self.config.promote_margin * victims[:m]) & (cand[:m] > 0)
+        k = m if bool(beats.all()) else int((~beats).nonzero()[0])
+        keys = []
+        for i in order[:k].tolist():
+            layer, j, _ = where[i]
+            keys += [layer._kkeys[j], layer._vkeys[j]]
+        return keys
+
+    def _prefetched(self, asked: int, future: concurrent.futures.Future) -> None:
+        """``promote_reuse_read=False``: count what a promotion prefetch moved (its keys were all on a slower tier
+        when chosen; its result counts those in the fastest tier at its end)."""
+        if future.cancelled() or future.exception() is not None:
+            return
+        entries = min(asked, future.result())
+        with self._stats_lock:
+            self._prefetch_promoted[0] += entries
+            self._prefetch_promoted[1] += entries * self._promote_entry_bytes
+
+    def _policy_promoted(self) -> tuple[int, int]:
+        policy = getattr(self.store, "policy", None)
+        return (getattr(policy, "chosen_entries", 0) + self._prefetch_promoted[0],
+                getattr(policy, "chosen_bytes", 0) + self._prefetch_promoted[1])
+
     def pools_at_bound(self) -> bool:
         """Whether the pools fill their bound (``pool_bytes``) and layer-ahead prefetch runs: then disk staging
         ahead stages nothing (scores and the promotion threshold still reach the tiercache).  Under a binding
@@ -1189,6 +1355,9 @@ class DecodePipeline:
         self._predicted.clear()
         if self.staging is not None:
             self.staging.discard()
+        policy = getattr(self.store, "policy", None)
+        if self.config.promote_bytes_per_step and callable(getattr(policy, "choose", None)):
+            policy.choose([])  # chosen keys of the old blocks
         with self._spare_lock:
             self._spare.clear()
             self._spare_bytes = 0
@@ -1200,6 +1369,7 @@ class DecodePipeline:
     def reset_stats(self) -> None:
         reuse = self.stats.reuse_bytes
         self.stats = PipelineStats(reuse_bytes=reuse, reuse_peak_bytes=reuse)
+        self._promoted_base = self._policy_promoted()
 
     def close(self) -> None:
         """Cancel queued jobs, wait for running ones, release staging and pool memory.  Idempotent."""
@@ -1229,6 +1399,8 @@ class DecodePipeline:
         ps.pool_bound_bytes = arena.max_bytes
         ps.pool_bound_source = self.pool_bound_source
         ps.pool_slot_bytes = arena.slot_bytes
+        entries, nbytes = self._policy_promoted()
+        ps.promoted, ps.promoted_bytes = entries - self._promoted_base[0], nbytes - self._promoted_base[1]
         ps.slot_evicted = arena.fresh_evicted
         ps.slot_release_waits = arena.pending_waits
         ps.slot_release_wait_seconds = arena.pending_wait_seconds
