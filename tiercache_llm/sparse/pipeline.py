@@ -225,7 +225,8 @@ class PipelineConfig:
             finds them resident and copies nothing; blocks whose entries cannot land in a slot as stored (a row
             map, another batch size) or that find no slot are staged as before.  The fetch waits for a read
             into its slots still in flight (without ``wait_timeout``: the slot cannot be read into twice); a
-            failed read drops the block, which is then read synchronously.
+            failed read drops the block, which is then read synchronously.  CPU pools only (a GPU pool stages as
+            before: a background write would have to be ordered after the kernels still reading the evicted block).
         slots_from_fastest: with ``stage_into_slots``, predicted blocks whose entries are both on the fastest
             tier are read into reserved slots too (their copy moves off the forward thread); otherwise the
             fetch copies them.
@@ -693,7 +694,9 @@ class DecodePipeline:
         among those reserved)``: blocks with both entries on the fastest tier are left out (their copy at the
         fetch costs what a staging copy would), so are blocks stored with a row map or another batch size and
         the blocks no slot was found for (counted in ``slot_fallback``)."""
-        if pool.k is None or self._executor is None or self._closed:
+        if pool.k is None or self._executor is None or self._closed or pool.k.device.type != "cpu":
+            # Off the CPU a background write into a slot would also have to wait for the kernels still reading
+            # the block it evicts (an event per layer's attention): not done, such pools stage as before.
             return blocks, 0
         b, bs = layer._batch, layer.block_size
         (hk, dk), (hv, dv) = layer._shape_k, layer._shape_v
