@@ -42,9 +42,11 @@ import sparse_speed as sp  # noqa: E402
 # Stages whose per-step medians are printed and tabulated (seconds in the stats; shown in ms).
 KEYS = ("sparse.total.fetch_seconds", "pipeline.sync_seconds.disk", "pipeline.sync_seconds.host", "pipeline.copy_seconds",
         "sparse.total.attention_seconds", "sparse.total.scoring_seconds", "sparse.total.placement_seconds",
-        "pipeline.staging.background_seconds", "pipeline.staging.wait_seconds", "pipeline.stage_ahead_seconds")
+        "pipeline.staging.background_seconds", "pipeline.staging.wait_seconds", "pipeline.stage_ahead_seconds",
+        "pipeline.slot_read_seconds", "pipeline.slot_wait_seconds")
 PIPE_KEYS = ("needed", "reused", "staged", "sync", "stage_ahead_entries", "needed_nonresident", "staged_nonresident",
-             "promote_candidates", "promote_chosen", "promote_skipped", "promoted", "promoted_bytes")
+             "promote_candidates", "promote_chosen", "promote_skipped", "promoted", "promoted_bytes",
+             "slot_reserved", "slot_used", "slot_unselected", "slot_fallback")
 STAGING_KEYS = ("hits", "expired", "dropped", "entries_requested", "waits", "late")
 
 

@@ -31,7 +31,11 @@ at 50 % 654 -> 426 (407); unbounded 192 (docs/sparse.md "Pool budget").
   next step's first.  The prediction is layer ``l+1``'s selection of the previous step
   (``predictor="previous"``) or layer ``l+1``'s digests scored with layer ``l``'s query
   (``"query"``).  Layer ``l+1`` takes what was staged and reads every other selected entry itself
-  (mispredictions are fetched, never skipped).
+  (mispredictions are fetched, never skipped).  With ``stage_into_slots`` (``reuse-layer-ahead`` and
+  ``attention-aware``) the predicted blocks get slots of layer ``l+1``'s pool instead and are read straight
+  into them (:meth:`DecodePipeline._read_into_slots`, :meth:`~.pool.PoolArena.reserve`): its fetch waits for
+  the read and copies nothing (SmolLM2 8K x batch 4, pools 25 % of the KV: copy 107-164 -> 16-18 ms/step,
+  forward-thread CPU 319-400 -> 270-306 ms/step for attention-aware; docs/sparse.md "Reads into reserved slots").
 - **Resident pool** (:class:`~.pool.ResidentPool`, one per sparse layer, all views of one shared
   :class:`~.pool.PoolArena` bounded by ``pool_bytes``): the selected blocks are read straight into slots
   of a persistent ``(N, B, H, S, D)`` pool and attention reads them there through a page table, so a
@@ -215,6 +219,17 @@ class PipelineConfig:
             first decode steps find them resident instead of reading them back from the tiers and filling
             the pool through several steps of misses and background staging reads (``attention-aware``'s
             default; the pools then hold the prompt's K/V from the prefill on, within ``pool_bytes``).
+        stage_into_slots: with ``layer_ahead`` and resident pools, the predicted blocks outside the next layer's
+            pool (and outside the fastest tier) get slots of its pool one layer ahead
+            (:meth:`~.pool.PoolArena.reserve`) and are read straight into them in the background, so its fetch
+            finds them resident and copies nothing; blocks whose entries cannot land in a slot as stored (a row
+            map, another batch size) or that find no slot are staged as before.  The fetch waits for a read
+            into its slots still in flight (without ``wait_timeout``: the slot cannot be read into twice); a
+            failed read drops the block, which is then read synchronously.  CPU pools only (a GPU pool stages as
+            before: a background write would have to be ordered after the kernels still reading the evicted block).
+        slots_from_fastest: with ``stage_into_slots``, predicted blocks whose entries are both on the fastest
+            tier are read into reserved slots too (their copy moves off the forward thread); otherwise the
+            fetch copies them.
     """
 
     reuse: bool = False
@@ -242,6 +257,8 @@ class PipelineConfig:
     promote_bytes_per_step: int = 0
     promote_margin: float = 2.0
     promote_reuse_read: bool = True
+    stage_into_slots: bool = False
+    slots_from_fastest: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pool_bytes", check_pool_bytes(self.pool_bytes, auto=True))
@@ -252,6 +269,10 @@ class PipelineConfig:
             raise ValueError(f"pool_blocks_factor must be a number >= 1.0, got {f!r}")
         if not isinstance(self.seed_pool, bool):
             raise ValueError(f"seed_pool must be a bool, got {self.seed_pool!r}")
+        if not isinstance(self.slots_from_fastest, bool):
+            raise ValueError(f"slots_from_fastest must be a bool, got {self.slots_from_fastest!r}")
+        if not isinstance(self.stage_into_slots, bool):
+            raise ValueError(f"stage_into_slots must be a bool, got {self.stage_into_slots!r}")
         if not isinstance(self.background_end_step, bool):
             raise ValueError(f"background_end_step must be a bool, got {self.background_end_step!r}")
         if self.predictor not in ("previous", "query"):
@@ -291,10 +312,11 @@ class PipelineConfig:
         if strategy == "fetch-every-step":
             base = cls()
         elif strategy == "reuse-layer-ahead":
-            base = cls(reuse=True, layer_ahead=True, predictor="query")
+            base = cls(reuse=True, layer_ahead=True, predictor="query", stage_into_slots=True)
         elif strategy == "attention-aware":
             base = cls(reuse=True, layer_ahead=True, disk_staging=True, defer_promotions=True, predictor="previous",
-                       write_behind_bytes=64 * MiB, pool_blocks_factor=1.5, stage_near=16, seed_pool=True)
+                       write_behind_bytes=64 * MiB, pool_blocks_factor=1.5, stage_near=16, seed_pool=True,
+                       stage_into_slots=True)
         else:
             raise ValueError(f"unknown strategy {strategy!r}")
         return cls(**{**asdict(base), **overrides})
@@ -339,7 +361,20 @@ class PipelineStats:
     (``"pool_bytes"``, ``"unbounded (pool_bytes=None)"``, ``"auto: the host tier's budget (model on cpu)"``
     and the like, :func:`~.pool.auto_pool_bytes`), ``pool_slot_bytes``: one slot's K plus V, ``pool_over_budget``: fetches whose
     union alone did not fit the bound (the arena grew past it) (filled in by
-    :meth:`DecodePipeline.as_dict`)."""
+    :meth:`DecodePipeline.as_dict`).
+
+    ``stage_into_slots``: ``slot_reserved`` blocks were given a slot of their layer's pool one layer ahead and
+    read into it in the background (``slot_read_seconds`` of job time); at the layer's fetch ``slot_used`` of
+    them were selected (their entries count as ``staged``, like entries copied from the staging area, not as
+    ``reused``), ``slot_unselected`` were not (they stay resident under ``"mass"`` retention, are released
+    under ``"previous"``), ``slot_failed`` had a failed read (released, read synchronously if selected),
+    ``slot_evicted`` were evicted before that fetch (mostly by the next reservation: blocks the layer being
+    fetched did not select; since the cache was made, not reset by :meth:`DecodePipeline.reset_stats`);
+    ``slot_waits`` / ``slot_wait_seconds``: fetches that waited for such a read still in flight;
+    ``slot_release_waits`` / ``slot_release_wait_seconds``: evictions, clears and reallocations that did;
+    ``slot_fallback``: predicted blocks outside the fastest tier staged instead (a row map, another slot
+    layout, no slot free within the bound).  ``reserved - used - unselected - failed - evicted`` are still
+    waiting for their layer's fetch."""
 
     steps: int = 0
     needed: int = 0
@@ -382,6 +417,17 @@ class PipelineStats:
     pool_bound_bytes: int | None = None
     pool_bound_source: str = ""
     pool_slot_bytes: int = 0
+    slot_reserved: int = 0
+    slot_used: int = 0
+    slot_unselected: int = 0
+    slot_failed: int = 0
+    slot_fallback: int = 0
+    slot_waits: int = 0
+    slot_wait_seconds: float = 0.0
+    slot_read_seconds: float = 0.0
+    slot_evicted: int = 0
+    slot_release_waits: int = 0
+    slot_release_wait_seconds: float = 0.0
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -581,9 +627,10 @@ class DecodePipeline:
         return len(todo), self.staging.stage(todo, lambda k: self._entry_tensor(layer, *refs[k]), read)
 
     # ------------------------------------------------------------------------------ stages
-    def predict_next(self, layer: "TieredKVLayer", query: torch.Tensor) -> None:
+    def predict_next(self, layer: "TieredKVLayer", query: torch.Tensor, selected: list[int] | None = None) -> None:
         """Layer-ahead prefetch, called by ``layer`` as it starts fetching (the first sparse layer also
-        starts a new step: untaken staged entries age)."""
+        starts a new step: untaken staged entries age); ``selected``: ``layer``'s stored blocks of this fetch
+        (``stage_into_slots`` never evicts them for a reservation: its attention is about to read them)."""
         if layer.layer_idx == self.sparse_ids[0]:
             self.stats.steps += 1
             if self.staging is not None:
@@ -600,14 +647,17 @@ class DecodePipeline:
         for depth in range(2, min(self.config.ahead, len(self.sparse_ids)) + 1):
             far = self._next[far]
             if far != layer.layer_idx and far not in self._predicted:
-                self._predict_layer(far, None)
+                self._predict_layer(far, None, layer, selected)
         if nxt_idx not in self._predicted or self.config.predictor == "query":
-            self._predict_layer(nxt_idx, query)
+            self._predict_layer(nxt_idx, query, layer, selected)
         self.stats.predict_seconds += time.perf_counter() - start
 
-    def _predict_layer(self, nxt_idx: int, query: torch.Tensor | None) -> None:
+    def _predict_layer(self, nxt_idx: int, query: torch.Tensor | None, fetching: "TieredKVLayer | None" = None,
+                       selected: list[int] | None = None) -> None:
         """Stage the entries layer ``nxt_idx`` is predicted to need that its pool does not hold (``query``:
-        this layer's query, for the ``"query"`` predictor; ``None``: the previous selection)."""
+        this layer's query, for the ``"query"`` predictor; ``None``: the previous selection): into slots of its
+        pool (``stage_into_slots``, :meth:`_read_into_slots`; ``fetching`` / ``selected``: the layer fetching
+        now and its selection, which reservations leave alone), the rest into the staging area."""
         nxt = self.layers[nxt_idx]
         n_stored = len(nxt._blocks)
         if query is not None and self.config.predictor == "query" and nxt_idx != self.sparse_ids[0] \
@@ -624,9 +674,80 @@ class DecodePipeline:
         if pool is not None and pool.retention != "none":
             blocks = pool.not_held(blocks, nxt._kkeys)
         self._predicted[nxt_idx] = set(layer_keys(nxt, blocks))
-        nonresident, _ = self._stage_blocks(nxt, blocks, promote=False)
         self.stats.predicted += 2 * len(blocks)
+        if (self.config.stage_into_slots and pool is not None and pool.retention != "none" and blocks
+                and fetching is not None and nxt_idx != fetching.layer_idx):
+            protect = None
+            mine = self._pools.get(fetching.layer_idx)
+            if mine is not None and selected:
+                protect = (mine, set(selected))
+            blocks, nonresident = self._read_into_slots(nxt, pool, blocks, protect)
+            self.stats.predicted_nonresident += nonresident
+        nonresident, _ = self._stage_blocks(nxt, blocks, promote=False)
         self.stats.predicted_nonresident += nonresident
+
+    def _read_into_slots(self, layer: "TieredKVLayer", pool: ResidentPool, blocks: list[int],
+                         protect: tuple[ResidentPool, set] | None) -> tuple[list[int], int]:
+        """``stage_into_slots``: reserve slots of ``pool`` (``layer``'s) for the ``blocks`` with an entry outside
+        the fastest tier and start one background read of their K and V entries straight into the slots (never
+        promoting, as layer-ahead staging).  Returns ``(blocks left to stage, entries outside the fastest tier
+        among those reserved)``: blocks with both entries on the fastest tier are left out (their copy at the
+        fetch costs what a staging copy would), so are blocks stored with a row map or another batch size and
+        the blocks no slot was found for (counted in ``slot_fallback``)."""
+        if pool.k is None or self._executor is None or self._closed or pool.k.device.type != "cpu":
+            # Off the CPU a background write into a slot would also have to wait for the kernels still reading
+            # the block it evicts (an event per layer's attention): not done, such pools stage as before.
+            return blocks, 0
+        b, bs = layer._batch, layer.block_size
+        (hk, dk), (hv, dv) = layer._shape_k, layer._shape_v
+        if (tuple(pool.k.shape[1:]) != (b, hk, bs, dk) or tuple(pool.v.shape[1:]) != (b, hv, bs, dv)
+                or pool.k.dtype != layer.dtype or pool.k.device != torch.device(layer.device)):
+            return blocks, 0
+        kk, vk = layer._kkeys, layer._vkeys
+        tiers = self.store.tiers_of([k for j in blocks for k in (kk[j], vk[j])])
+        fastest = self.store.fastest_tier
+        fit, rest, slow = [], [], {}
+        for i, j in enumerate(blocks):
+            tk, tv = tiers[2 * i], tiers[2 * i + 1]
+            if tk is None or tv is None or (tk == fastest and tv == fastest and not self.config.slots_from_fastest):
+                rest.append(j)  # gone (a failed read would only cost time) or cheap: as before
+                continue
+            block = layer._blocks[j]
+            if block.rows is not None or block.stored_batch != b:
+                rest.append(j)
+                self.stats.slot_fallback += 1
+                continue
+            fit.append(j)
+            slow[j] = (tk != fastest) + (tv != fastest)
+        if not fit:
+            return rest, 0
+        got = pool.arena.reserve(pool, fit, [kk[j] for j in fit], protect)
+        if len(got) < len(fit):
+            left = fit[len(got):]
+            rest += left
+            self.stats.slot_fallback += len(left)
+        if not got:
+            return rest, 0
+        keys = [kk[j] for j, _ in got] + [vk[j] for j, _ in got]
+        outs = [pool.k[s] for _, s in got] + [pool.v[s] for _, s in got]
+        try:
+            read = self._executor.submit(self._slot_job, keys, outs)
+        except RuntimeError:  # the pool was shut down (close): nothing reserved
+            pool.drop([j for j, _ in got])
+            return rest, 0
+        pool.arena.mark_pending([s for _, s in got], read)
+        self.stats.slot_reserved += len(got)
+        return rest, sum(slow[j] for j, _ in got)
+
+    def _slot_job(self, keys: list, outs: list[torch.Tensor]) -> None:
+        """A background read into reserved slots (:meth:`_read_into_slots`); what it raises is kept in its
+        future (the layer's fetch then drops the blocks and reads them itself)."""
+        start = time.perf_counter()
+        try:
+            self._read(keys, outs)
+        finally:
+            with self._stats_lock:
+                self.stats.slot_read_seconds += time.perf_counter() - start
 
     def _pool_of(self, layer_idx: int) -> ResidentPool:
         pool = self._pools.get(layer_idx)
@@ -725,10 +846,10 @@ class DecodePipeline:
         """The fetch stage into the layer's :class:`~.pool.ResidentPool` (see :func:`~.fetch.fetch_selected`):
         resident selected blocks are used in place, the others get slots and are filled from the staging
         area or read from their tiers straight into their slots; returns ``(k_pool, v_pool, slot_of_fetch)``."""
-        self.predict_next(layer, query)
         fetch = sel.fetch.tolist()
         n_stored = len(layer._blocks)
         stored = [j for j in fetch if j < n_stored]
+        self.predict_next(layer, query, stored)
         tail = len(stored) < len(fetch)
         ns = len(stored)
         b, bs = layer._batch, layer.block_size
@@ -739,6 +860,7 @@ class DecodePipeline:
             self._resolve_bound(layer.device)
         pool = self._pool_of(layer.layer_idx)
         kkeys = [layer._kkeys[j] for j in stored]
+        fresh = self._settle(pool, stored) if pool.fresh else ()
         t0 = time.perf_counter()
         pool_bytes, pool_k, pool_capacity = pool.nbytes, pool.k, pool.capacity
         # The layer's blocks bound the slots it can use; the reservation leaves room for the blocks decoding adds.
@@ -765,11 +887,17 @@ class DecodePipeline:
                                                             state.digests.count)
         stats.blocks_selected += ns
         ps.needed += 2 * ns
-        ps.reused += 2 * (ns - len(missing))
+        # Selected blocks read into their reserved slots in the background count as staged, not reused.
+        if fresh:
+            lost = set(missing)  # a cleared arena or a rewritten block: read again like any miss
+            pre = [i for i, j in enumerate(stored) if j in fresh and i not in lost]
+        else:
+            pre = []
+        ps.reused += 2 * (ns - len(missing) - len(pre))
         predicted = self._predicted.pop(layer.layer_idx, None)
-        if missing:
+        if missing or pre:
             try:
-                self._fill(layer, stored, missing, slots, kkeys, pool, predicted, stats)
+                self._fill(layer, stored, missing, slots, kkeys, pool, predicted, stats, pre)
             except BaseException:
                 pool.drop([stored[i] for i in missing])  # never leave a slot that claims a block it lacks
                 raise
@@ -793,26 +921,58 @@ class DecodePipeline:
         slot_of_fetch = torch.tensor(slots + ([tail_slot] if tail else []), dtype=torch.long)
         return pool.k, pool.v, slot_of_fetch
 
+    def _settle(self, pool: ResidentPool, stored: list[int]) -> set:
+        """Before a layer's fetch (``stage_into_slots``): wait for the background reads into its reserved slots
+        (:meth:`~.pool.PoolArena.settle`; failed ones are released, so the fetch reads them itself); returns the
+        blocks read into slots (then no longer fresh), counted as used or unselected by ``stored``."""
+        ps = self.stats
+        t0 = time.perf_counter()
+        failed, waits, waited = pool.arena.settle(pool)
+        fresh = set(pool.fresh)
+        pool.fresh.clear()
+        chosen = fresh.intersection(stored)
+        ps.slot_failed += len(failed)
+        ps.slot_waits += waits
+        ps.slot_wait_seconds += waited
+        ps.slot_used += len(chosen)
+        ps.slot_unselected += len(fresh) - len(chosen)
+        ps.copy_seconds += time.perf_counter() - t0  # the waits, as staging's waits are
+        return chosen
+
     def _fill(self, layer: "TieredKVLayer", stored: list[int], missing: list[int], slots: list[int], kkeys: list,
-              pool: ResidentPool, predicted: set | None, stats: "SparseStats") -> None:
+              pool: ResidentPool, predicted: set | None, stats: "SparseStats", pre: list[int] = ()) -> None:
         """Fill the slots of ``stored[i]`` for ``i`` in ``missing``: from staging, else read from the tiers
-        straight into the slots (a block with a row map is read into a temporary and viewed)."""
+        straight into the slots (a block with a row map is read into a temporary and viewed).  ``pre``: the
+        positions of blocks read into their reserved slots ahead (``stage_into_slots``): nothing to do but
+        count them as the staging area's entries are counted."""
         ps = self.stats
         nm = len(missing)
         keys = [kkeys[i] for i in missing] + [layer._vkeys[stored[i]] for i in missing]
         dsts = [pool.k[slots[i]] for i in missing] + [pool.v[slots[i]] for i in missing]
         blocks = [layer._blocks[stored[i]] for i in missing] * 2
-        tiers = self.store.tiers_of(keys)
+        np_ = len(pre)
+        pkeys = [kkeys[i] for i in pre] + [layer._vkeys[stored[i]] for i in pre]
+        every = self.store.tiers_of(keys + pkeys)
+        tiers, ptiers = every[: 2 * nm], every[2 * nm :]
         fastest = self.store.fastest_tier
-        hits = len(stored) - nm
+        hits = len(stored) - nm - np_
         cheap = [stored[missing[i]] for i in range(nm) if tiers[i] == fastest and tiers[nm + i] == fastest]
-        stats.blocks_resident += hits + len(cheap)
+        pcheap = sum(1 for i in range(np_) if ptiers[i] == fastest and ptiers[np_ + i] == fastest)
+        stats.blocks_resident += hits + len(cheap) + pcheap
         if pool.arena.prefer_cheap and pool.arena.max_bytes is not None:
             pool.cheap.update(cheap)
         if predicted is not None:
-            ps.predicted_hits += sum(1 for key in keys if key in predicted)
-            ps.predictable += len(keys)
-        ps.needed_nonresident += sum(1 for t in tiers if t != fastest)
+            ps.predicted_hits += sum(1 for key in keys if key in predicted) + sum(1 for key in pkeys if key in predicted)
+            ps.predictable += len(keys) + len(pkeys)
+        ps.needed_nonresident += sum(1 for t in every if t != fastest)
+        for e, tier in enumerate(ptiers):
+            ps.staged += 1
+            if tier != fastest:
+                ps.staged_nonresident += 1
+            slot = slots[pre[e % np_]]
+            nbytes = (pool.k if e < np_ else pool.v)[slot].nbytes
+            name = str("disk" if tier is None else tier)
+            stats.bytes_fetched[name] = stats.bytes_fetched.get(name, 0) + nbytes
         sync: dict[str, list[int]] = {}
         t0 = time.perf_counter()
         to_slots: list[torch.Tensor] = []
@@ -1244,6 +1404,9 @@ class DecodePipeline:
         ps.pool_slot_bytes = arena.slot_bytes
         entries, nbytes = self._policy_promoted()
         ps.promoted, ps.promoted_bytes = entries - self._promoted_base[0], nbytes - self._promoted_base[1]
+        ps.slot_evicted = arena.fresh_evicted
+        ps.slot_release_waits = arena.pending_waits
+        ps.slot_release_wait_seconds = arena.pending_wait_seconds
         out: dict[str, Any] = {"config": asdict(self.config), **ps.as_dict()}
         if self.staging is not None:
             out["staging"] = asdict(self.staging.counters)

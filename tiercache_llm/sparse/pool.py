@@ -62,16 +62,30 @@ reservation is a free-list extension, not a copy of every held slot (measured: ~
 SmolLM2 layer at 8K x batch 4).  Beyond the reservation (or on other devices, where memory is not
 committed lazily) the tensors are reallocated and the held slots copied once.
 
-Thread safety: used by the forward pass only (one step of one layer at a time).
+**Reads into reserved slots** (the pipeline's ``stage_into_slots``): :meth:`PoolArena.reserve` gives a layer
+slots for blocks it is predicted to select *before* its fetch, and the caller starts a background read into
+them (:meth:`PoolArena.mark_pending`).  Such a slot is in the layer's map (its key recorded, so it counts
+against the bound and the layer's allowance, and no other layer is handed it) and in
+:attr:`ResidentPool.fresh` until the layer's fetch settles it (:meth:`PoolArena.settle`: waits for the read,
+drops the blocks whose read failed).  Any release of a slot whose read is in flight (eviction by another
+layer, a stale key, :meth:`ResidentPool.drop`) waits for the read first, and :meth:`PoolArena.clear` and a
+reallocation wait for every read (or cancel it before it starts), so a read never lands in a slot that was
+handed on, and tensors a read targets are never freed or copied before it finished.  Nothing else changes:
+attention only ever reads a layer's slots after its own fetch settled them.
+
+Thread safety: used by the forward pass only (one step of one layer at a time); background reads write only
+into the slots reserved for them.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import heapq
 import math
 import mmap
 import sys
+import time
 import warnings
 from typing import Any, Hashable, Literal, Sequence
 
@@ -230,6 +244,10 @@ class PoolArena:
         self.over_budget = 0
         self.peak_slots = 0
         self._warned = False
+        self._pending: dict[int, concurrent.futures.Future] = {}  # slot -> the background read landing in it
+        self.pending_waits = 0  # releases, clears and reallocations that waited for a read in flight
+        self.pending_wait_seconds = 0.0
+        self.fresh_evicted = 0  # reserved blocks (ResidentPool.fresh) evicted before their layer's fetch
 
     def pool(self) -> "ResidentPool":
         """A new layer view (layers fetch in the order their views were made)."""
@@ -324,13 +342,99 @@ class PoolArena:
             self.tail_slot = self._free.pop()
         return [slot_of[j] for j in stored], missing, self.tail_slot
 
+    def reserve(self, view: "ResidentPool", blocks: Sequence[int], keys: Sequence[Hashable],
+                protect: tuple["ResidentPool", set] | None = None) -> list[tuple[int, int]]:
+        """Slots for ``view``'s ``blocks`` (K keys ``keys``; none of them held by ``view``), ahead of its fetch,
+        for a background read (:meth:`mark_pending`): ``(block, slot)`` pairs for the longest prefix of
+        ``blocks`` that fits.  Only the arena's current tensors are used (nothing before the first assign, never
+        a growth): the free slots, then, under a bound, the blocks :meth:`_victims` names for ``view`` (as its
+        own fetch would evict), except those ``protect`` names (``(pool, blocks)``: the selection of the layer
+        fetching now, which its attention is about to read), and never ``view``'s own blocks (a prediction
+        evicting blocks its layer then selects would turn hits into reads): ``view`` gets at most its allowance
+        minus what it holds.  The reserved blocks enter ``view``'s map (counted
+        against the bound) and :attr:`ResidentPool.fresh`; the caller must start their read or :meth:`~ResidentPool.drop`
+        them."""
+        n = len(blocks)
+        if self.k is None or not n or not view.allowance or self.retention == "none":
+            return []
+        want = set(blocks)
+        n = min(n, view.allowance - len(view.slot_of))  # a prediction never evicts the layer's own blocks
+        if n <= 0:
+            return []
+        short = n - len(self._free)
+        if short > 0:  # grow as a fetch would (within the layers' allowances and the bound), never reallocating
+            target = min(self._target(), self.k.shape[0])
+            cap = self._limit_total() if self.k.device.type == "cpu" else None
+            bound = self.bound_slots
+            target = min(target, cap if cap is not None else target, bound if bound is not None else target)
+            if target > self._capacity:
+                self._grow(target, tuple(self.k.shape[1:]), tuple(self.v.shape[1:]), self.k.dtype, self.k.device)
+            short = n - len(self._free)
+        if short > 0 and self.max_bytes is not None:
+            for p, j in self._victims(view, want, short + len(view.slot_of), protect):
+                if p is not view:
+                    p._release([j])
+                    short -= 1
+                    if not short:
+                        break
+        n = min(n, len(self._free))
+        out = []
+        for j, key in zip(blocks[:n], keys[:n]):
+            slot = self._free.pop()
+            view.slot_of[j] = slot
+            view._key_of[slot] = key
+            view.fresh.add(j)
+            out.append((j, slot))
+        return out
+
+    def mark_pending(self, slots: Sequence[int], read: concurrent.futures.Future) -> None:
+        """``read`` (a future) writes into ``slots`` (reserved by :meth:`reserve`): until it is settled, releasing
+        one of them waits for it."""
+        for slot in slots:
+            self._pending[slot] = read
+
+    def settle(self, view: "ResidentPool") -> tuple[list[int], int, float]:
+        """Before ``view``'s fetch: wait for the reads into its reserved slots; the blocks whose read failed (or
+        was cancelled) are released (never attended).  Returns ``(failed blocks, waits, seconds waited)``; the
+        blocks read stay in :attr:`ResidentPool.fresh` for the caller to account."""
+        failed: list[int] = []
+        waits, waited = 0, 0.0
+        for j in list(view.fresh):
+            slot = view.slot_of.get(j)
+            read = self._pending.pop(slot, None) if slot is not None else None
+            if read is None:
+                continue
+            if not read.done():
+                t0 = time.perf_counter()
+                concurrent.futures.wait([read])
+                waits += 1
+                waited += time.perf_counter() - t0
+            if read.cancelled() or read.exception() is not None:
+                failed.append(j)
+        if failed:
+            view._release(failed, count=False)
+        return failed, waits, waited
+
+    def _wait_pending(self, reads: list, cancel: bool = False) -> None:
+        """Wait for ``reads`` (cancelling those not started with ``cancel``)."""
+        todo = [r for r in dict.fromkeys(reads) if not (cancel and r.cancel()) and not r.done()]
+        if todo:
+            t0 = time.perf_counter()
+            concurrent.futures.wait(todo)
+            self.pending_waits += 1
+            self.pending_wait_seconds += time.perf_counter() - t0
+
     def clear(self) -> None:
-        """Release everything, in every layer (crop, reorder, batch selection, reset)."""
+        """Release everything, in every layer (crop, reorder, batch selection, reset); reads into reserved
+        slots are cancelled if they have not started, else waited for."""
+        self._wait_pending(list(self._pending.values()), cancel=True)
+        self._pending.clear()
         self.k = self.v = None
         for p in self.pools:
             p.slot_of.clear()
             p._key_of.clear()
             p.cheap.clear()
+            p.fresh.clear()
             p.allowance = 0
         self._free = []
         self.tail_slot = None
@@ -411,8 +515,14 @@ class PoolArena:
                 others.sort(key=lambda j: values[j] if j < n else 0.0)
         return others
 
-    def _victims(self, view: "ResidentPool", want: set, count: int) -> list[tuple["ResidentPool", int]]:
-        """Up to ``count`` held blocks to evict for the fetching ``view`` (never one it selected)."""
+    def _victims(self, view: "ResidentPool", want: set, count: int,
+                 protect: tuple["ResidentPool", set] | None = None) -> list[tuple["ResidentPool", int]]:
+        """Up to ``count`` held blocks to evict for the fetching ``view`` (never one it selected, nor one of
+        ``protect``'s blocks: ``(pool, blocks)``)."""
+        if protect is not None:
+            guarded, keep = protect
+            return [(p, j) for p, j in self._victims(view, want, count + len(keep))
+                    if not (p is guarded and j in keep)][:count]
         if self.eviction == "mass":
             cands = []
             for pi, p in enumerate(self.pools):
@@ -444,6 +554,7 @@ class PoolArena:
               reserve: int = 0) -> None:
         old = self._capacity
         if self.k is None or n > self.k.shape[0]:
+            self._wait_pending(list(self._pending.values()))  # reads land in the old tensors: copy them whole
             rows = max(n, int(reserve)) if torch.device(device).type == "cpu" else n
             # Page-aligned slots (entries are 512-byte multiples): direct disk reads land in them, no bounce copy.
             k = aligned_empty((rows, *shape_k), dtype=dtype, device=device)
@@ -486,6 +597,9 @@ class ResidentPool:
         # Blocks the caller marked cheap to read again (the pipeline: both entries were in the fastest tier when
         # read); with the arena's ``prefer_cheap`` a bounded arena evicts them first.  Never affects contents.
         self.cheap: set[int] = set()
+        # Blocks given slots ahead of this layer's fetch for a background read (PoolArena.reserve), not yet
+        # settled and accounted by a fetch of this layer.
+        self.fresh: set[int] = set()
         arena.pools.append(self)
 
     # ----------------------------------------------------------------------------- queries
@@ -562,12 +676,21 @@ class ResidentPool:
         self.arena.clear()
 
     def _release(self, blocks: list[int], count: bool = True) -> None:
-        free = self.arena._free
-        cheap = self.cheap
+        arena = self.arena
+        free, pending = arena._free, arena._pending
+        cheap, fresh = self.cheap, self.fresh
         for j in blocks:
             slot = self.slot_of.pop(j)
+            if pending:
+                read = pending.pop(slot, None)
+                if read is not None:  # a read lands in this slot: never hand it on before it finished
+                    arena._wait_pending([read])
             self._key_of.pop(slot, None)
             cheap.discard(j)
+            if j in fresh:
+                fresh.discard(j)
+                if count:
+                    arena.fresh_evicted += 1
             free.append(slot)
         if count:
             self.arena.evicted += len(blocks)

@@ -1,0 +1,317 @@
+"""Layer-ahead reads straight into reserved pool slots (``PipelineConfig.stage_into_slots``): a reserved slot
+is never handed on while its read is in flight, a failed read is never attended, and decoding gives the same
+logits and selections with it on and off."""
+
+import concurrent.futures
+import threading
+import warnings
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+import torch
+
+from tiercache_llm import TieredKVCache
+from tiercache_llm.sparse.pipeline import DecodePipeline, PipelineConfig
+from tiercache_llm.sparse.pool import PoolArena
+
+from ..test_generate_tiny import left_padded_batch
+from ..test_sparse_pipeline import decode_logits, opts
+
+SHAPE = (2, 1, 4, 3)  # (B, H, S, D) of one slot
+SLOT_BYTES = 2 * 2 * 1 * 4 * 3 * 4
+
+
+def arena_assign(view, blocks, mass=None):
+    keys = [("k", j) for j in blocks]
+    return view.assign(blocks, keys, False, SHAPE, SHAPE, torch.float32, torch.device("cpu"), mass, reserve=16, limit=16)
+
+
+def fill(view, blocks, slots, missing, tag):
+    for i in missing:
+        view.k[slots[i]].fill_(tag + blocks[i])
+
+
+# ------------------------------------------------------------------------------------------ the arena alone
+def test_a_slot_with_a_read_in_flight_is_never_handed_on_before_the_read_finished():
+    arena = PoolArena("mass", factor=1.5, max_bytes=6 * SLOT_BYTES, eviction="distance")
+    a, b = arena.pool(), arena.pool()
+    mass = torch.zeros(16, dtype=torch.float64)
+    slots, missing, _ = arena_assign(a, [0, 1, 2], mass)
+    fill(a, [0, 1, 2], slots, missing, 100)
+    slots, missing, _ = arena_assign(b, [5, 6, 7], mass)
+    fill(b, [5, 6, 7], slots, missing, 200)
+    assert arena.capacity == 6 and not arena._free  # at the bound
+    # b reserves slots for blocks it will select; a fetches now: its selected block 0 is protected, and b's own
+    # blocks are never evicted for a prediction
+    assert arena.reserve(b, [8, 9, 11], [("k", 8), ("k", 9), ("k", 11)], protect=(a, {0, 1, 2})) == []
+    got = arena.reserve(b, [8, 9], [("k", 8), ("k", 9)], protect=(a, {0}))
+    assert [j for j, _ in got] == [8, 9] and b.fresh == {8, 9}
+    assert set(a.slot_of) == {0} and set(b.slot_of) == {5, 6, 7, 8, 9}
+    assert arena.held == 6 and arena.capacity == 6  # the bound holds, reservations count against it
+    release = threading.Event()
+    landed = []
+
+    def read():
+        release.wait(5)
+        for _, s in got:
+            arena.k[s].fill_(300)
+        landed.append(True)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(read)
+        arena.mark_pending([s for _, s in got], future)
+        # a needs every slot: evicting b's reserved blocks must wait for the read into them
+        threading.Timer(0.2, release.set).start()
+        slots, missing, _ = arena_assign(a, [0, 1, 2, 3, 4, 10], mass)
+        # b's blocks went (the layer just before a in the cycle), its reserved ones only after their read landed
+        assert landed and arena.pending_waits == 1 and not b.slot_of and not b.fresh
+        assert arena.fresh_evicted == 2 and not arena._pending
+        assert set(slots) == set(range(6))
+        fill(a, [0, 1, 2, 3, 4, 10], slots, missing, 400)
+        held = [s for v in (a, b) for s in v.slot_of.values()]
+        assert len(held) == len(set(held)) <= 6
+
+
+def test_settle_waits_and_drops_a_failed_read():
+    arena = PoolArena("mass", factor=1.5)
+    a, b = arena.pool(), arena.pool()
+    arena_assign(a, [0, 1])
+    arena_assign(b, [0, 1])
+    got = arena.reserve(b, [4], [("k", 4)])
+    assert got and b.fresh == {4}
+    future = concurrent.futures.Future()
+    arena.mark_pending([got[0][1]], future)
+    future.set_exception(OSError("disk gone"))
+    failed, waits, _ = arena.settle(b)
+    assert failed == [4] and 4 not in b.slot_of and 4 not in b.fresh
+    _, missing, _ = arena_assign(b, [0, 1, 4])
+    assert missing == [2]  # read again: the failed slot is never attended as it is
+
+
+def test_clear_waits_for_reads_in_flight():
+    arena = PoolArena("mass", factor=1.5)
+    a, b = arena.pool(), arena.pool()
+    arena_assign(a, [0, 1])
+    arena_assign(b, [0, 1])
+    got = arena.reserve(b, [4, 5], [("k", 4), ("k", 5)])
+    done = []
+
+    def read():
+        threading.Event().wait(0.2)
+        done.append(True)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(read)
+        arena.mark_pending([s for _, s in got], future)
+        arena.clear()
+        assert done or future.cancelled()
+    assert not b.fresh and not b.slot_of and not arena._pending
+
+
+# ------------------------------------------------------------------------------------------ in a cache
+@pytest.fixture
+def model(make_model):
+    return make_model("llama", seed=5, num_hidden_layers=3)
+
+
+def _run(model, tmp_path, name, strategy="attention-aware", steps=8, host="4KiB", **pipeline):
+    ids, mask = left_padded_batch(seed=5, lengths=(40, 33, 27))
+    selections = []
+    kw = opts(tmp_path / name, strategy, pool_bytes=12 * 3 * 1024, host=host, pipeline=pipeline)
+    with TieredKVCache.for_model(model, **kw) as cache:
+        pipe = cache._pipeline
+        fetch = pipe.fetch
+
+        def recording(state, layer, sel, *args, **kwargs):
+            selections.append((layer.layer_idx, sel.fetch.clone(), sel.pages.clone()))
+            return fetch(state, layer, sel, *args, **kwargs)
+
+        pipe.fetch = recording
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            logits = decode_logits(model, cache, ids, mask, steps=steps)
+        pipe.fetch = fetch
+        stats = cache.stats()
+    return logits, selections, stats
+
+
+@pytest.mark.parametrize("strategy,fastest", [("attention-aware", False), ("reuse-layer-ahead", False),
+                                              ("attention-aware", True)])
+def test_reading_into_slots_gives_the_logits_and_selections_of_staging(model, tmp_path, strategy, fastest):
+    host = "48KiB" if fastest else "4KiB"  # room on the fastest tier for some blocks
+    ref, ref_sel, off = _run(model, tmp_path, "off", strategy, host=host, stage_into_slots=False)
+    got, got_sel, on = _run(model, tmp_path, "on", strategy, host=host, stage_into_slots=True, slots_from_fastest=fastest)
+    assert torch.equal(ref, got)
+    assert len(ref_sel) == len(got_sel) > 0
+    assert all(a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(ref_sel, got_sel))
+    p_off, p_on = off["pipeline"], on["pipeline"]
+    assert p_off["slot_reserved"] == 0
+    assert p_on["slot_reserved"] > 0 and p_on["slot_used"] > 0
+    assert p_on["slot_used"] + p_on["slot_unselected"] + p_on["slot_failed"] + p_on["slot_evicted"] <= p_on["slot_reserved"]
+    assert p_on["pool_over_budget"] == 0 and p_on["reuse_peak_bytes"] <= 12 * 3 * 1024
+    assert p_on["needed"] == p_off["needed"]
+    assert p_on["staged"] >= 2 * p_on["slot_used"]  # selected blocks read into slots count as staged
+    if fastest:  # blocks on the fastest tier were read into slots too: fewer synchronous copies from it
+        _, _, slow_only = _run(model, tmp_path, "slow-only", strategy, host=host, stage_into_slots=True)
+        assert p_on["slot_reserved"] > slow_only["pipeline"]["slot_reserved"]
+
+
+def test_failed_slot_reads_surface_as_synchronous_reads_and_are_counted(model, tmp_path, monkeypatch):
+    ref, _, _ = _run(model, tmp_path, "ref", stage_into_slots=False)
+
+    def broken(self, keys, outs):
+        for out in outs:
+            out.fill_(float("nan"))  # a read that wrote garbage, then failed
+        raise OSError("injected slot read failure")
+
+    monkeypatch.setattr(DecodePipeline, "_read", broken)
+    got, _, stats = _run(model, tmp_path, "broken", stage_into_slots=True)
+    assert torch.equal(ref, got)
+    pipe = stats["pipeline"]
+    assert pipe["slot_failed"] > 0 and pipe["slot_used"] == 0
+
+
+def test_a_persistent_read_error_is_raised(model, tmp_path, monkeypatch):
+    ids, mask = left_padded_batch(seed=5, lengths=(40, 33, 27))
+    kw = opts(tmp_path, "attention-aware", pool_bytes=12 * 3 * 1024, pipeline={"stage_into_slots": True})
+    with TieredKVCache.for_model(model, **kw) as cache:
+        decode_logits(model, cache, ids, mask, steps=3)
+        assert cache.stats()["pipeline"]["slot_reserved"] > 0
+
+        def broken(keys, *args, **kwargs):
+            raise OSError("injected persistent failure")
+
+        monkeypatch.setattr(cache.store, "get_blocks", broken)
+        with pytest.raises(OSError, match="injected persistent failure"):
+            decode_logits(model, cache, ids, mask, steps=3)
+
+
+def test_a_fetch_waits_for_slow_slot_reads(model, tmp_path, monkeypatch):
+    ref, _, _ = _run(model, tmp_path, "ref", stage_into_slots=False)
+    original = DecodePipeline._read
+
+    def slow(self, keys, outs):
+        threading.Event().wait(0.02)  # lands after the next layer started fetching, mostly
+        original(self, keys, outs)
+
+    monkeypatch.setattr(DecodePipeline, "_read", slow)
+    got, _, stats = _run(model, tmp_path, "slow", stage_into_slots=True)
+    assert torch.equal(ref, got)
+    pipe = stats["pipeline"]
+    assert pipe["slot_used"] > 0 and pipe["slot_waits"] > 0 and pipe["slot_failed"] == 0
+
+
+@pytest.mark.parametrize("change", ["reorder", "crop", "select", "reset"])
+def test_row_changes_wait_for_slot_reads_in_flight_and_logits_follow(model, tmp_path, monkeypatch, change):
+    ids, mask = left_padded_batch(seed=5, lengths=(40, 33, 27))
+    original = DecodePipeline._read
+    gate = threading.Event()
+
+    def held_back(self, keys, outs):
+        gate.wait(0.3)
+        original(self, keys, outs)
+
+    monkeypatch.setattr(DecodePipeline, "_read", held_back)
+    runs = []
+    for slots in (False, True):
+        kw = opts(tmp_path / str(slots), "attention-aware", pool_bytes=12 * 3 * 1024,
+                  pipeline={"stage_into_slots": slots})
+        with TieredKVCache.for_model(model, **kw) as cache:
+            decode_logits(model, cache, ids, mask, steps=3)
+            arena = cache._pipeline._arena
+            if slots:
+                assert arena._pending  # the last layer reserved the first layer's blocks for the next step
+                futures = set(arena._pending.values())
+            if change == "reorder":
+                cache.reorder_cache(torch.tensor([2, 0, 1]))
+                rows = [2, 0, 1]
+            elif change == "crop":
+                cache.crop(-3)
+                rows = [0, 1, 2]
+            elif change == "select":
+                cache.batch_select_indices(torch.tensor([0, 2]))
+                rows = [0, 2]
+            else:
+                cache.reset()
+                runs.append(None)
+                assert not arena._pending and arena.held == 0
+                if slots:
+                    assert all(f.done() for f in futures)
+                continue
+            assert not arena._pending and arena.held == 0
+            if slots:
+                assert all(f.done() for f in futures)  # waited for (or cancelled), never left writing
+            n = cache.get_seq_length()
+            feed = ids[rows, -1:]
+            m = torch.ones(len(rows), n + 1, dtype=mask.dtype)
+            m[:, : mask.shape[1]] = mask[rows]
+            out = []
+            with torch.no_grad():
+                for _ in range(3):
+                    logits = model(input_ids=feed, attention_mask=m, past_key_values=cache).logits[:, -1]
+                    out.append(logits)
+                    feed = logits.argmax(-1, keepdim=True)
+                    m = torch.cat([m, torch.ones_like(feed)], dim=1)
+            runs.append(torch.stack(out))
+        gate.set()
+        gate.clear()
+    if runs[0] is not None:
+        assert torch.equal(runs[0], runs[1])
+
+
+def test_stage_into_slots_is_a_typed_option_on_for_the_retaining_strategies():
+    assert PipelineConfig(stage_into_slots=True).stage_into_slots and not PipelineConfig().stage_into_slots
+    assert PipelineConfig.for_strategy("attention-aware").stage_into_slots
+    assert PipelineConfig.for_strategy("reuse-layer-ahead").stage_into_slots
+    assert not PipelineConfig.for_strategy("fetch-every-step").stage_into_slots
+    with pytest.raises(ValueError, match="stage_into_slots"):
+        PipelineConfig(stage_into_slots=1)
+    with pytest.raises(ValueError, match="slots_from_fastest"):
+        PipelineConfig(slots_from_fastest="yes")
+    assert not PipelineConfig.for_strategy("attention-aware").slots_from_fastest
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_reservations_keep_the_bound_the_fetching_selection_and_the_reads(data):
+    """Random fetches, each reserving the next layer's predicted blocks (reads that succeed or fail at random):
+    the arena never exceeds the bound, no slot is shared, the fetching layer's selection is never evicted for a
+    reservation, a settled block holds what its read wrote, and a failed read is never reported resident."""
+    retention = data.draw(st.sampled_from(["previous", "mass"]))
+    n_layers, n_blocks = data.draw(st.integers(2, 4)), data.draw(st.integers(1, 10))
+    bound = data.draw(st.integers(n_blocks + 1, 40))
+    arena = PoolArena(retention, factor=1.5 if retention == "mass" else 1.0, max_bytes=bound * SLOT_BYTES,
+                      eviction=data.draw(st.sampled_from(["mass", "distance"])))
+    views = [arena.pool() for _ in range(n_layers)]
+    masses = [torch.rand(16, dtype=torch.float64) for _ in range(n_layers)]
+    for _ in range(data.draw(st.integers(1, 4))):
+        for tag, view in enumerate(views):
+            stored = sorted(data.draw(st.sets(st.integers(0, n_blocks - 1), max_size=n_blocks)))
+            failed, _, _ = arena.settle(view)
+            fresh = set(view.fresh)
+            view.fresh.clear()
+            assert not set(failed) & set(view.slot_of)
+            slots, missing, _ = arena_assign(view, stored, masses[tag])
+            for i, j in enumerate(stored):
+                if i not in missing and j in fresh:  # read ahead into its slot: holds what the read wrote
+                    assert torch.all(view.k[slots[i]] == 500 + j)
+            fill(view, stored, slots, missing, 1000 * tag)
+            mine = {j: view.k[view.slot_of[j]].clone() for j in stored}
+            nxt = views[(tag + 1) % n_layers]
+            want = nxt.not_held(sorted(data.draw(st.sets(st.integers(0, n_blocks - 1)))), [("k", j) for j in range(16)])
+            got = arena.reserve(nxt, want, [("k", j) for j in want], protect=(view, set(stored)))
+            assert [j for j, _ in got] == want[: len(got)]
+            future = concurrent.futures.Future()
+            if data.draw(st.booleans()):
+                for j, s in got:
+                    arena.k[s].fill_(500 + j)
+                future.set_result(None)
+            else:
+                future.set_exception(OSError("read failed"))
+            arena.mark_pending([s for _, s in got], future)
+            assert set(view.slot_of) >= set(stored)  # the fetching layer's selection survived the reservation
+            assert all(torch.equal(view.k[view.slot_of[j]], mine[j]) for j in stored)
+            held = [s for v in views for s in v.slot_of.values()]
+            assert len(held) == len(set(held)) and arena.capacity <= bound and arena.over_budget == 0
+
