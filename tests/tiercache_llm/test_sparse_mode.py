@@ -6,6 +6,7 @@ from transformers import DynamicCache
 
 from tiercache_llm import TieredKVCache
 from tiercache_llm.attention_hook import PREFIX, is_prepared, restore_model, sparse_attention
+from tiercache_llm.hf_kwargs import cache_kwargs
 from tiercache_llm.sparse import KeyDigests
 from tiercache_llm.sparse_layer import SparseModeError
 
@@ -98,9 +99,9 @@ def test_unprepared_model_raises_at_first_decode_step(make_model):
     cache.close()
     # plain forward: prefill works (exact), the first decode step raises
     cache = TieredKVCache(model.config, mode="sparse", budget=16, block_size=4, host="1MiB")
-    model(ids, attention_mask=mask, past_key_values=cache)
+    model(ids, attention_mask=mask, **cache_kwargs(cache, model))
     with pytest.raises(SparseModeError):
-        model(ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), past_key_values=cache)
+        model(ids[:, :1], attention_mask=torch.cat([mask, mask[:, :1]], 1), **cache_kwargs(cache, model))
     cache.close()
 
 
@@ -108,10 +109,10 @@ def test_restored_model_refuses_sparse_decode(make_model):
     model = make_model("llama")
     ids, mask = left_padded_batch()
     cache = TieredKVCache.for_model(model, mode="sparse", budget=16, block_size=4, host="1MiB")
-    model(ids, attention_mask=mask, past_key_values=cache)  # prefill while prepared
+    model(ids, attention_mask=mask, **cache_kwargs(cache, model))  # prefill while prepared
     cache.restore_model()
     with pytest.raises(SparseModeError):
-        model(ids[:, -1:], attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1])], 1), past_key_values=cache)
+        model(ids[:, -1:], attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1])], 1), **cache_kwargs(cache, model))
     cache.close()
 
 
@@ -357,13 +358,13 @@ def test_plain_forward_calls_decode_sparsely(make_model):
     with TieredKVCache.for_model(model, mode="sparse", budget=DENSE, block_size=4, host="1MiB") as cache:
         ref_cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            a = model(ids, past_key_values=ref_cache).logits
-            b = model(ids, past_key_values=cache).logits
+            a = model(ids, **cache_kwargs(ref_cache, model)).logits
+            b = model(ids, **cache_kwargs(cache, model)).logits
             torch.testing.assert_close(a, b)
             for _ in range(6):
                 nxt = a[:, -1:].argmax(-1)
-                a = model(nxt, past_key_values=ref_cache).logits
-                b = model(nxt, past_key_values=cache).logits
+                a = model(nxt, **cache_kwargs(ref_cache, model)).logits
+                b = model(nxt, **cache_kwargs(cache, model)).logits
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         assert cache.stats()["sparse"]["total"]["steps"] == 6
         cache.restore_model()
@@ -407,7 +408,7 @@ def test_update_outside_a_prepared_forward_pass_raises_at_once(make_model):
     model = make_model("llama")
     ids, mask = left_padded_batch()
     with TieredKVCache.for_model(model, mode="sparse", budget=16, block_size=4, host="1MiB") as cache:
-        model(ids, attention_mask=mask, past_key_values=cache)  # prefill through the prepared model
+        model(ids, attention_mask=mask, **cache_kwargs(cache, model))  # prefill through the prepared model
         layer = cache.layers[0]
         length = layer.get_seq_length()
         k = torch.randn(ids.shape[0], layer._shape_k[0], 1, layer._shape_k[1])
@@ -534,7 +535,7 @@ def test_decoding_continues_outside_inference_mode(make_model, mode):
             for step in range(6):
                 ctx = first_mode() if step < 3 else torch.no_grad()
                 with ctx:
-                    logits = model(input_ids=tokens, attention_mask=attn, past_key_values=cache).logits[:, -1]
+                    logits = model(input_ids=tokens, attention_mask=attn, **cache_kwargs(cache, model)).logits[:, -1]
                 out.append(logits.clone())
                 tokens = logits.argmax(-1, keepdim=True)
                 attn = torch.cat((attn, torch.ones_like(tokens)), dim=1)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tiercache_llm import TieredKVCache
+from tiercache_llm.hf_kwargs import cache_kwargs
 from tiercache_llm.sparse.pipeline import DecodePipeline, PipelineConfig
 
 from .test_generate_tiny import left_padded_batch
@@ -30,11 +31,11 @@ def decode_logits(model, cache, ids, mask, steps=10):
     """Prefill, then ``steps`` greedy decode steps through plain forward calls; the logits of every step."""
     out = []
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits[:, -1]
+        logits = model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache, model)).logits[:, -1]
         for _ in range(steps):
             nxt = logits.argmax(-1, keepdim=True)
             mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-            logits = model(input_ids=nxt, attention_mask=mask, past_key_values=cache).logits[:, -1]
+            logits = model(input_ids=nxt, attention_mask=mask, **cache_kwargs(cache, model)).logits[:, -1]
             out.append(logits)
     return torch.stack(out)
 
@@ -521,7 +522,7 @@ def test_end_of_step_worker_errors_surface_at_the_next_fence(model, batch, tmp_p
         assert len(calls) == 2  # the step after the failed flush raised it at its own end
         cache._pipeline.fence()  # raised once, then clear
         with torch.no_grad():
-            model(input_ids=ids[:, -1:], past_key_values=cache)  # the next decode step runs
+            model(input_ids=ids[:, -1:], **cache_kwargs(cache, model))  # the next decode step runs
         cache._pipeline.fence()
         assert len(calls) == 3  # the step that raised left its scores queued: the next job sends them
 
@@ -614,13 +615,13 @@ def _prefill_then(model, cache, ids, mask, chunks=(None,), steps=4):
         start = 0
         for end in chunks:
             end = ids.shape[1] if end is None else end
-            logits = model(input_ids=ids[:, start:end], attention_mask=mask[:, :end], past_key_values=cache).logits[:, -1]
+            logits = model(input_ids=ids[:, start:end], attention_mask=mask[:, :end], **cache_kwargs(cache, model)).logits[:, -1]
             start = end
         after.append(cache.stats()["pipeline"])
         for _ in range(steps):
             nxt = logits.argmax(-1, keepdim=True)
             mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-            logits = model(input_ids=nxt, attention_mask=mask, past_key_values=cache).logits[:, -1]
+            logits = model(input_ids=nxt, attention_mask=mask, **cache_kwargs(cache, model)).logits[:, -1]
             out.append(logits)
             if len(after) == 1:
                 after.append(cache.stats()["pipeline"])
