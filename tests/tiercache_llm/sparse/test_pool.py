@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tiercache_llm import TieredKVCache
+from tiercache_llm.hf_kwargs import cache_kwargs
 from tiercache_llm.kv_cache import TieredKVSettings
 from tiercache_llm.sparse.pipeline import PipelineConfig
 from tiercache_llm.sparse.pool import PoolArena, ResidentPool, auto_pool_bytes
@@ -181,7 +182,7 @@ def test_a_reselected_block_is_not_read_again(model, tmp_path, monkeypatch, stra
                 held = {idx: {cache.layers[idx]._kkeys[j] for j in pool.slot_of} for idx, pool in pipe._pools.items()}
                 reads.clear()
                 mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)
-                model(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=cache)
+                model(input_ids=ids[:, -1:], attention_mask=mask, **cache_kwargs(cache, model))
                 for idx, keys in held.items():
                     selected = {cache.layers[idx]._kkeys[j] for j in pipe._last[idx]}
                     assert not (keys & selected & set(reads))  # resident and selected again: never read
@@ -205,7 +206,7 @@ def test_fetch_every_step_reads_every_selected_block(model, tmp_path, monkeypatc
         reads = recording(cache, monkeypatch)
         mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)
         with torch.no_grad():
-            model(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=cache)
+            model(input_ids=ids[:, -1:], attention_mask=mask, **cache_kwargs(cache, model))
         selected = [cache.layers[i]._kkeys[j] for i, last in pipe._last.items() for j in last]
         assert selected and set(selected) <= set(reads)  # every selected block was read this step
         assert cache.stats()["pipeline"]["reused"] == 0
@@ -416,7 +417,7 @@ def test_a_bounded_pool_is_released_on_row_changes_and_logits_follow(model, tmp_
             out = []
             with torch.no_grad():
                 for _ in range(3):
-                    logits = model(input_ids=feed, attention_mask=m, past_key_values=cache).logits[:, -1]
+                    logits = model(input_ids=feed, attention_mask=m, **cache_kwargs(cache, model)).logits[:, -1]
                     out.append(logits)
                     feed = logits.argmax(-1, keepdim=True)
                     m = torch.cat([m, torch.ones_like(feed)], dim=1)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import torch
 
 from tiercache_llm import TieredKVCache
+from tiercache_llm.hf_kwargs import cache_kwargs
 from tiercache_llm.sparse.pipeline import DecodePipeline, PipelineConfig
 from tiercache_llm.sparse.pool import PoolArena
 
@@ -249,7 +250,7 @@ def test_row_changes_wait_for_slot_reads_in_flight_and_logits_follow(model, tmp_
             out = []
             with torch.no_grad():
                 for _ in range(3):
-                    logits = model(input_ids=feed, attention_mask=m, past_key_values=cache).logits[:, -1]
+                    logits = model(input_ids=feed, attention_mask=m, **cache_kwargs(cache, model)).logits[:, -1]
                     out.append(logits)
                     feed = logits.argmax(-1, keepdim=True)
                     m = torch.cat([m, torch.ones_like(feed)], dim=1)
