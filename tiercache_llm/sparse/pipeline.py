@@ -31,7 +31,8 @@ at 50 % 654 -> 426 (407); unbounded 192 (docs/sparse.md "Pool budget").
   next step's first.  The prediction is layer ``l+1``'s selection of the previous step
   (``predictor="previous"``), layer ``l+1``'s digests scored with layer ``l``'s query
   (``"query"``), or the previous selection plus its nearest misses (``"near"``, opt-in: recall 0.90 -> 0.95,
-  synchronous disk entries per step 257-259 -> 110-123, slower in 2 of 3 runs on 2 cores; docs/sparse.md).  Layer ``l+1`` takes what was staged and reads every other selected entry itself
+  synchronous disk entries per step 257-259 -> 110-123, slower in 3 of 4 runs on 2 cores; docs/sparse.md).
+  Layer ``l+1`` takes what was staged and reads every other selected entry itself
   (mispredictions are fetched, never skipped).  With ``stage_into_slots`` (``reuse-layer-ahead`` and
   ``attention-aware``) the predicted blocks get slots of layer ``l+1``'s pool instead and are read straight
   into them (:meth:`DecodePipeline._read_into_slots`, :meth:`~.pool.PoolArena.reserve`): its fetch waits for
