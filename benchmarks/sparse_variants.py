@@ -46,7 +46,8 @@ KEYS = ("sparse.total.fetch_seconds", "pipeline.sync_seconds.disk", "pipeline.sy
         "pipeline.slot_read_seconds", "pipeline.slot_wait_seconds")
 PIPE_KEYS = ("needed", "reused", "staged", "sync", "stage_ahead_entries", "needed_nonresident", "staged_nonresident",
              "promote_candidates", "promote_chosen", "promote_skipped", "promoted", "promoted_bytes",
-             "slot_reserved", "slot_used", "slot_unselected", "slot_fallback")
+             "slot_reserved", "slot_used", "slot_unselected", "slot_fallback", "predicted", "predicted_hits", "predictable",
+             "mispredicted_nonresident")
 STAGING_KEYS = ("hits", "expired", "dropped", "entries_requested", "waits", "late")
 
 

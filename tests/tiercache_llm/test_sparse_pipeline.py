@@ -878,3 +878,49 @@ def test_budgeted_promotion_respects_the_margin_and_backs_off_when_the_writer_is
                 {"promote_margin": True}):
         with pytest.raises(ValueError, match="promote_"):
             PipelineConfig(**bad)
+
+
+def test_near_predictor_adds_near_misses_outside_the_pool_and_keeps_logits(model, batch, tmp_path, monkeypatch):
+    """predictor="near" (attention-aware under a pool bound): each prediction is the next layer's previous
+    selection plus up to ``predict_near`` of its near misses that neither that selection nor its pool holds;
+    what it misses is still read before attention (logits are the synchronous path's), and the hit counters
+    add up; on this run it predicts at least the share of the misses "previous" predicts."""
+    ref = reference(model, batch, tmp_path)
+    ids, mask = batch
+    extra = []
+    real_layer = DecodePipeline._predict_layer
+
+    def predict_layer(self, nxt_idx, query, *args, **kw):
+        prev = set(self._last.get(nxt_idx, ()))
+        pool = self._pools.get(nxt_idx)
+        held = set(pool.slot_of) if pool is not None else set()
+        real_layer(self, nxt_idx, query, *args, **kw)
+        layer = self.layers[nxt_idx]
+        got = {j for j, key in enumerate(layer._kkeys) if key in self._predicted.get(nxt_idx, ())}
+        added = got - prev
+        assert not added & held and len(added) <= self.config.predict_near
+        extra.append(len(added))
+
+    monkeypatch.setattr(DecodePipeline, "_predict_layer", predict_layer)
+    with TieredKVCache.for_model(model, **opts(tmp_path / "s", "attention-aware")) as free:
+        decode_logits(model, free, ids, mask, steps=2)
+        slot = free.stats()["pipeline"]["pool_slot_bytes"]
+    runs = {}
+    for predictor in ("previous", "near"):
+        extra.clear()
+        with TieredKVCache.for_model(model, **opts(tmp_path / predictor, "attention-aware", pool_bytes=12 * slot,
+                                                   pipeline={"predictor": predictor, "predict_near": 4})) as cache:
+            got = decode_logits(model, cache, ids, mask)
+            stats = cache.stats()["pipeline"]
+        assert torch.equal(ref, got)
+        assert 0 < stats["predicted_hits"] <= stats["predictable"]
+        assert stats["mispredicted_nonresident"] <= stats["predictable"] - stats["predicted_hits"]
+        runs[predictor] = (sum(extra), stats)
+    assert runs["previous"][0] == 0 and runs["near"][0] > 0  # only "near" adds blocks to the previous selection
+    assert runs["near"][1]["prediction_recall"] >= runs["previous"][1]["prediction_recall"]
+
+
+def test_predict_near_must_be_a_count():
+    with pytest.raises(ValueError, match="predict_near"):
+        PipelineConfig(predict_near=-1)
+    assert PipelineConfig.for_strategy("attention-aware", predictor="near").predictor == "near"

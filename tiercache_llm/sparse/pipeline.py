@@ -29,8 +29,10 @@ at 50 % 654 -> 426 (407); unbounded 192 (docs/sparse.md "Pool budget").
   that are not in the fastest tier are read into the :class:`~.staging.StagingArea` on the I/O pool
   (disk reads release the GIL) while layer ``l`` fetches and attends; the last sparse layer predicts the
   next step's first.  The prediction is layer ``l+1``'s selection of the previous step
-  (``predictor="previous"``) or layer ``l+1``'s digests scored with layer ``l``'s query
-  (``"query"``).  Layer ``l+1`` takes what was staged and reads every other selected entry itself
+  (``predictor="previous"``), layer ``l+1``'s digests scored with layer ``l``'s query
+  (``"query"``), or the previous selection plus its nearest misses (``"near"``, opt-in: recall 0.90 -> 0.95,
+  synchronous disk entries per step 257-259 -> 110-123, slower in 3 of 4 runs on 2 cores; docs/sparse.md).
+  Layer ``l+1`` takes what was staged and reads every other selected entry itself
   (mispredictions are fetched, never skipped).  With ``stage_into_slots`` (``reuse-layer-ahead`` and
   ``attention-aware``) the predicted blocks get slots of layer ``l+1``'s pool instead and are read straight
   into them (:meth:`DecodePipeline._read_into_slots`, :meth:`~.pool.PoolArena.reserve`): its fetch waits for
@@ -127,7 +129,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..sparse_layer import SparseLayerState, SparseStats
     from .selection import BlockSelection
 
-Predictor = Literal["previous", "query"]
+Predictor = Literal["previous", "query", "near"]
 MiB = 1 << 20
 # The end-of-step worker is mostly Python (it holds the GIL): it sends scores in chunks of this many entries
 # and sleeps YIELD_SECONDS between chunks and layers, so a forward thread coming back from a torch op for
@@ -149,8 +151,11 @@ class PipelineConfig:
         disk_staging: stage each layer's highest-mass entries outside the fastest tier for its next step.
         defer_promotions: foreground reads never promote; background reads do (needs an
             :class:`~tiercache_llm.policies.AttentionPlacementPolicy`).
-        predictor: ``"previous"`` (the next layer's selection of the previous step) or ``"query"``
-            (the next layer's digests scored with this layer's query).
+        predictor: ``"previous"`` (the next layer's selection of the previous step), ``"query"``
+            (the next layer's digests scored with this layer's query) or ``"near"`` (``"previous"`` plus the
+            next layer's ``predict_near`` near misses of its previous selection outside its pool,
+            :meth:`DecodePipeline.near_misses`: the blocks about to cross its cut; no second scoring).
+        predict_near: with ``predictor="near"``, near misses added to each layer's prediction.
         ahead: with ``layer_ahead``, how many layers ahead are staged: each layer's predicted entries are
             submitted once, when the layer ``ahead`` fetches before it starts fetching (its previous
             selection; the ``"query"`` predictor, which needs the preceding layer's query, serves the next
@@ -237,6 +242,7 @@ class PipelineConfig:
     disk_staging: bool = False
     defer_promotions: bool = False
     predictor: Predictor = "previous"
+    predict_near: int = 8
     staging_bytes: int = 256 * MiB
     io_workers: int = 2
     stage_ahead: int = 4
@@ -275,8 +281,8 @@ class PipelineConfig:
             raise ValueError(f"stage_into_slots must be a bool, got {self.stage_into_slots!r}")
         if not isinstance(self.background_end_step, bool):
             raise ValueError(f"background_end_step must be a bool, got {self.background_end_step!r}")
-        if self.predictor not in ("previous", "query"):
-            raise ValueError(f"predictor must be 'previous' or 'query', got {self.predictor!r}")
+        if self.predictor not in ("previous", "query", "near"):
+            raise ValueError(f"predictor must be 'previous', 'query' or 'near', got {self.predictor!r}")
         if isinstance(self.staging_bytes, bool) or not isinstance(self.staging_bytes, int) or self.staging_bytes < 0:
             raise ValueError(f"staging_bytes must be an int >= 0, got {self.staging_bytes!r}")
         if not isinstance(self.io_workers, int) or self.io_workers < 1:
@@ -291,7 +297,7 @@ class PipelineConfig:
         m = self.promote_margin
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not m >= 1.0:
             raise ValueError(f"promote_margin must be a number >= 1.0, got {m!r}")
-        for name in ("stage_ahead", "stage_near", "promote_bytes_per_step"):
+        for name in ("stage_ahead", "stage_near", "promote_bytes_per_step", "predict_near"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -336,7 +342,8 @@ class PipelineStats:
     entries (``predicted_nonresident`` of them outside the fastest tier, the ones it stages); of the
     ``predictable`` needed entries (those not reused, at layers it predicted for) ``predicted_hits``
     were among them: ``prediction_recall = predicted_hits / predictable``,
-    ``prediction_precision = predicted_hits / predicted``.  ``copy_seconds``: real copies only (staged
+    ``prediction_precision = predicted_hits / predicted``; ``mispredicted_nonresident``: those needed entries
+    outside the fastest tier it missed (read by the fetch itself unless disk staging had them).  ``copy_seconds``: real copies only (staged
     entries into their slots, waits included (``staging.wait_seconds``); the tail block; the held slots
     when a pool grows) plus the pool's slot bookkeeping; ``predict_seconds``: the predictor and job
     submission; ``stage_ahead_entries`` / ``stage_ahead_seconds``: entries disk staging ahead submitted and
@@ -388,6 +395,7 @@ class PipelineStats:
     predicted_hits: int = 0
     predictable: int = 0
     predicted_nonresident: int = 0
+    mispredicted_nonresident: int = 0
     stage_ahead_entries: int = 0
     stage_ahead_seconds: float = 0.0
     after_step_jobs: int = 0
@@ -671,8 +679,16 @@ class DecodePipeline:
         else:
             blocks = [j for j in self._last.get(nxt_idx, []) if j < n_stored]
         pool = self._pools.get(nxt_idx)
-        if pool is not None and pool.retention != "none":
+        held = pool is not None and pool.retention != "none"
+        if held:
             blocks = pool.not_held(blocks, nxt._kkeys)
+        if self.config.predictor == "near" and self.config.predict_near and nxt_idx in self._last_sel:
+            # The blocks entering a layer's selection are mostly those its last selection ranked just below
+            # its cut; the ones its pool holds or the previous selection already names need no read.
+            skip = set(self._last.get(nxt_idx, ()))
+            if held:
+                skip.update(pool.slot_of)
+            blocks += near_misses_many([self._last_sel[nxt_idx]], [n_stored], [skip], self.config.predict_near)[0]
         self._predicted[nxt_idx] = set(layer_keys(nxt, blocks))
         self.stats.predicted += 2 * len(blocks)
         if (self.config.stage_into_slots and pool is not None and pool.retention != "none" and blocks
@@ -882,7 +898,7 @@ class DecodePipeline:
             if self._warmed is not None and self._warmed[0] == pool.k.data_ptr():  # warmed already: skip those slots
                 first = max(first, self._warmed[1])
             self._prefault(pool, first)
-        if self.config.disk_staging and self.config.stage_near:
+        if (self.config.disk_staging and self.config.stage_near) or self.config.predictor == "near":
             self._last_sel[layer.layer_idx] = LastSelection(sel.scores, sel.pages, sel.pages_per_block,
                                                             state.digests.count)
         stats.blocks_selected += ns
@@ -964,6 +980,8 @@ class DecodePipeline:
         if predicted is not None:
             ps.predicted_hits += sum(1 for key in keys if key in predicted) + sum(1 for key in pkeys if key in predicted)
             ps.predictable += len(keys) + len(pkeys)
+            ps.mispredicted_nonresident += sum(1 for key, t in zip(keys + pkeys, every)
+                                               if t != fastest and key not in predicted)
         ps.needed_nonresident += sum(1 for t in every if t != fastest)
         for e, tier in enumerate(ptiers):
             ps.staged += 1
