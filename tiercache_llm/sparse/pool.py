@@ -371,7 +371,9 @@ class PoolArena:
                 self._grow(target, tuple(self.k.shape[1:]), tuple(self.v.shape[1:]), self.k.dtype, self.k.device)
             short = n - len(self._free)
         if short > 0 and self.max_bytes is not None:
-            for p, j in self._victims(view, want, short + len(view.slot_of), protect):
+            # Never a slot whose read is in flight (waiting would stall the forward thread for another layer's
+            # read): a block left without a slot is staged instead.
+            for p, j in self._victims(view, want, short + len(view.slot_of), protect, in_flight=False):
                 if p is not view:
                     p._release([j])
                     short -= 1
@@ -515,14 +517,24 @@ class PoolArena:
                 others.sort(key=lambda j: values[j] if j < n else 0.0)
         return others
 
+    def _in_flight(self, pool: "ResidentPool", block: int) -> bool:
+        """Whether a background read into ``pool``'s slot of ``block`` has not finished (releasing it would wait)."""
+        read = self._pending.get(pool.slot_of[block])
+        return read is not None and not read.done()
+
     def _victims(self, view: "ResidentPool", want: set, count: int,
-                 protect: tuple["ResidentPool", set] | None = None) -> list[tuple["ResidentPool", int]]:
+                 protect: tuple["ResidentPool", set] | None = None,
+                 in_flight: bool = True) -> list[tuple["ResidentPool", int]]:
         """Up to ``count`` held blocks to evict for the fetching ``view`` (never one it selected, nor one of
-        ``protect``'s blocks: ``(pool, blocks)``)."""
+        ``protect``'s blocks: ``(pool, blocks)``), in eviction order, except that blocks whose slot has a read in
+        flight (:meth:`mark_pending`, not finished) come after every other candidate (releasing one waits for
+        the read), or with ``in_flight=False`` are never named.  Only what stays resident changes."""
         if protect is not None:
             guarded, keep = protect
-            return [(p, j) for p, j in self._victims(view, want, count + len(keep))
+            return [(p, j) for p, j in self._victims(view, want, count + len(keep), in_flight=in_flight)
                     if not (p is guarded and j in keep)][:count]
+        busy: list[tuple[ResidentPool, int]] = []  # candidates whose read is in flight, in eviction order
+        check = bool(self._pending)
         if self.eviction == "mass":
             cands = []
             for pi, p in enumerate(self.pools):
@@ -533,21 +545,31 @@ class PoolArena:
                 mine = p is view
                 cands.extend((values[j] if j < n else 0.0, pi, j, p) for j in p.slot_of
                              if not (mine and j in want))
-            return [(p, j) for _, _, j, p in heapq.nsmallest(count, cands, key=lambda c: (c[0], c[1], c[2]))]
-        # Farthest next fetch first: the layers just before the fetching one (cyclic order), then itself;
-        # within a layer the lowest mass first (when its mass is known).
-        n = len(self.pools)
-        me = self.pools.index(view)
-        out: list[tuple[ResidentPool, int]] = []
-        for d in range(n - 1, -1, -1):
-            p = self.pools[(me + d) % n]
-            if not p.slot_of:
-                continue
-            blocks = self._own_order(p, want) if p is view else self._own_order(p, set())
-            for j in blocks:
-                out.append((p, j))
-                if len(out) == count:
-                    return out
+            order = lambda c: (c[0], c[1], c[2])  # noqa: E731
+            if check:
+                busy = [(p, j) for _, _, j, p in sorted((c for c in cands if self._in_flight(c[3], c[2])), key=order)]
+                cands = [c for c in cands if not self._in_flight(c[3], c[2])]
+            out = [(p, j) for _, _, j, p in heapq.nsmallest(count, cands, key=order)]
+        else:
+            # Farthest next fetch first: the layers just before the fetching one (cyclic order), then itself;
+            # within a layer the lowest mass first (when its mass is known).
+            n = len(self.pools)
+            me = self.pools.index(view)
+            out = []
+            for d in range(n - 1, -1, -1):
+                p = self.pools[(me + d) % n]
+                if not p.slot_of:
+                    continue
+                blocks = self._own_order(p, want) if p is view else self._own_order(p, set())
+                for j in blocks:
+                    if check and self._in_flight(p, j):
+                        busy.append((p, j))
+                        continue
+                    out.append((p, j))
+                    if len(out) == count:
+                        return out
+        if in_flight and len(out) < count:
+            out.extend(busy[: count - len(out)])
         return out
 
     def _grow(self, n: int, shape_k: tuple, shape_v: tuple, dtype: torch.dtype, device: torch.device,

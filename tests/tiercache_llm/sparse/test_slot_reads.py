@@ -73,6 +73,69 @@ def test_a_slot_with_a_read_in_flight_is_never_handed_on_before_the_read_finishe
         assert len(held) == len(set(held)) <= 6
 
 
+def _in_flight_read(arena, slots):
+    """A read into ``slots`` that has not finished: its future completes when the test says so, or after 5 s
+    (so an arena that waits for it fails the test instead of hanging)."""
+    future = concurrent.futures.Future()
+    arena.mark_pending(slots, future)
+
+    def land():
+        try:
+            future.set_result(None)
+        except concurrent.futures.InvalidStateError:
+            pass
+
+    timer = threading.Timer(5.0, land)
+    timer.daemon = True
+    timer.start()
+    return future
+
+
+@pytest.mark.parametrize("eviction", ["distance", "mass"])
+def test_a_fetch_evicts_settled_blocks_before_a_slot_with_a_read_in_flight(eviction):
+    arena = PoolArena("mass", factor=1.5, max_bytes=7 * SLOT_BYTES, eviction=eviction)
+    a, b, c = arena.pool(), arena.pool(), arena.pool()
+    masses = [torch.ones(16, dtype=torch.float64) for _ in range(3)]
+    for view, mass in zip((a, b, c), masses):
+        arena_assign(view, [0, 1], mass)
+    got = arena.reserve(b, [5], [("k", 5)])  # the last free slot
+    assert [j for j, _ in got] == [5] and not arena._free
+    masses[1][5] = 0.0  # b's reserved block is first in the eviction order (either eviction)
+    masses[1][1] = 0.5
+    future = _in_flight_read(arena, [got[0][1]])
+    # c fetches one block more: b's settled block 1 goes, not the slot its read is still landing in
+    slots, missing, _ = arena_assign(c, [0, 1, 2], masses[2])
+    assert not future.done() and arena.pending_waits == 0
+    assert set(b.slot_of) == {0, 5} and b.fresh == {5} and got[0][1] in arena._pending
+    held = [s for v in (a, b, c) for s in v.slot_of.values()]
+    assert len(held) == len(set(held)) == 7 and arena.capacity == 7
+    future.set_result(None)
+
+
+def test_a_reservation_never_waits_for_a_read_in_flight():
+    arena = PoolArena("mass", factor=1.5, max_bytes=5 * SLOT_BYTES, eviction="distance")
+    a, b = arena.pool(), arena.pool()
+    mass_a = torch.zeros(16, dtype=torch.float64)
+    mass_a[0], mass_a[1] = 2.0, 1.0  # a's reserved block 4 has the lowest mass
+    arena_assign(a, [0, 1], mass_a)
+    arena_assign(b, [0], torch.ones(16, dtype=torch.float64))
+    got = arena.reserve(a, [4, 6], [("k", 4), ("k", 6)])  # read ahead for a, the last free slots
+    assert [j for j, _ in got] == [4, 6] and not arena._free
+    future = _in_flight_read(arena, [s for _, s in got])
+    # a fetches [0] now (its reserved blocks are not selected) and reserves for b: a's settled block 1 is taken,
+    # never the slots a's read is still landing in
+    taken = arena.reserve(b, [7, 8], [("k", 7), ("k", 8)], protect=(a, {0}))
+    assert [j for j, _ in taken] == [7] and 1 not in a.slot_of
+    assert not future.done() and arena.pending_waits == 0 and set(a.slot_of) == {0, 4, 6} and a.fresh == {4, 6}
+    # only slots with a read in flight are left to evict: the reservation gets nothing rather than wait
+    assert arena.reserve(b, [8], [("k", 8)], protect=(a, {0})) == []
+    assert not future.done() and arena.pending_waits == 0 and arena.held == arena.capacity == 5
+    future.set_result(None)
+    # once the read has landed, the same reservation may evict those slots (nothing to wait for)
+    assert [j for j, _ in arena.reserve(b, [8], [("k", 8)], protect=(a, {0}))] == [8]
+    assert arena.pending_waits == 0 and arena.held == arena.capacity == 5
+
+
 def test_settle_waits_and_drops_a_failed_read():
     arena = PoolArena("mass", factor=1.5)
     a, b = arena.pool(), arena.pool()
