@@ -67,10 +67,12 @@ slots for blocks it is predicted to select *before* its fetch, and the caller st
 them (:meth:`PoolArena.mark_pending`).  Such a slot is in the layer's map (its key recorded, so it counts
 against the bound and the layer's allowance, and no other layer is handed it) and in
 :attr:`ResidentPool.fresh` until the layer's fetch settles it (:meth:`PoolArena.settle`: waits for the read,
-drops the blocks whose read failed).  Any release of a slot whose read is in flight (eviction by another
-layer, a stale key, :meth:`ResidentPool.drop`) waits for the read first, and :meth:`PoolArena.clear` and a
-reallocation wait for every read (or cancel it before it starts), so a read never lands in a slot that was
-handed on, and tensors a read targets are never freed or copied before it finished.  Nothing else changes:
+drops the blocks whose read failed).  Evictions pass over slots whose read is in flight: a reservation
+never takes one, a fetch only when nothing else can be evicted, and a layer's share (its allowance) and
+``"previous"`` retention leave its own to its next fetch.  Any release of such a slot that does happen
+(that last-resort eviction, a stale key, :meth:`ResidentPool.drop`) waits for the read first, and
+:meth:`PoolArena.clear` and a reallocation wait for every read (or cancel it before it starts), so a read never
+lands in a slot that was handed on, and tensors a read targets are never freed or copied before it finished.  Nothing else changes:
 attention only ever reads a layer's slots after its own fetch settled them.
 
 Thread safety: used by the forward pass only (one step of one layer at a time); background reads write only
@@ -312,7 +314,10 @@ class PoolArena:
                 missing.append(i)
         view._release(stale, count=False)
         if self.retention == "previous":  # blocks outside ``stored`` only: ``missing`` stays right
-            view._release([j for j in slot_of if j not in want])
+            # (a reserved block whose read is in flight goes once it landed: at the layer's next fetch, or
+            # below if the allowance needs its slot)
+            busy = bool(self._pending)
+            view._release([j for j in slot_of if j not in want and not (busy and self._in_flight(view, j))])
         need = len(missing) + (1 if tail else 0)
         union = len(stored) + (1 if tail else 0)
         # Every block outside the union can be evicted, so ``union`` slots always suffice; "mass" gives a
@@ -332,7 +337,10 @@ class PoolArena:
         # The layer's own share first: beyond its allowance it evicts its own unselected blocks.
         over = len(slot_of) + need - view.allowance
         if over > 0:
-            view._release(self._own_order(view, want)[:over])
+            own = self._own_order(view, want)
+            if self._pending:  # never wait for the share: a slot still being read into goes at the next fetch
+                own = [j for j in own if not self._in_flight(view, j)]
+            view._release(own[:over])
         self._make_room(view, want, need, cpu, reserve, shape_k, shape_v, dtype, device)
         for i in missing:
             slot = self._free.pop()
@@ -395,27 +403,37 @@ class PoolArena:
         for slot in slots:
             self._pending[slot] = read
 
-    def settle(self, view: "ResidentPool") -> tuple[list[int], int, float]:
-        """Before ``view``'s fetch: wait for the reads into its reserved slots; the blocks whose read failed (or
-        was cancelled) are released (never attended).  Returns ``(failed blocks, waits, seconds waited)``; the
-        blocks read stay in :attr:`ResidentPool.fresh` for the caller to account."""
+    def settle(self, view: "ResidentPool", wait: bool = True, release: bool = True) -> tuple[list[int], int, float]:
+        """Before ``view``'s attention: wait for the reads into its reserved slots (``wait=False``: settle only
+        those already finished, the others stay pending); the blocks whose read failed (or was cancelled) are
+        released (never attended), or with ``release=False`` kept in their slots for the caller to read into
+        (nothing else writes a slot once its read finished).  Returns ``(failed blocks, waits, seconds waited)``;
+        the blocks read stay in :attr:`ResidentPool.fresh` for the caller to account."""
         failed: list[int] = []
         waits, waited = 0, 0.0
         for j in list(view.fresh):
             slot = view.slot_of.get(j)
-            read = self._pending.pop(slot, None) if slot is not None else None
+            read = self._pending.get(slot) if slot is not None else None
             if read is None:
                 continue
             if not read.done():
+                if not wait:
+                    continue
                 t0 = time.perf_counter()
                 concurrent.futures.wait([read])
                 waits += 1
                 waited += time.perf_counter() - t0
+            del self._pending[slot]
             if read.cancelled() or read.exception() is not None:
                 failed.append(j)
-        if failed:
+        if failed and release:
             view._release(failed, count=False)
         return failed, waits, waited
+
+    def unsettled(self, view: "ResidentPool") -> set[int]:
+        """``view``'s blocks whose read (:meth:`mark_pending`) is still pending (not settled)."""
+        pending = self._pending
+        return {j for j in view.fresh if view.slot_of.get(j) in pending} if pending else set()
 
     def _wait_pending(self, reads: list, cancel: bool = False) -> None:
         """Wait for ``reads`` (cancelling those not started with ``cancel``)."""

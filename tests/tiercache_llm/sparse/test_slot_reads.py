@@ -152,6 +152,25 @@ def test_settle_waits_and_drops_a_failed_read():
     assert missing == [2]  # read again: the failed slot is never attended as it is
 
 
+def test_settling_without_waiting_leaves_reads_in_flight_and_a_kept_failure_keeps_its_slot():
+    arena = PoolArena("mass", factor=1.5)
+    a, b = arena.pool(), arena.pool()
+    arena_assign(a, [0, 1])
+    arena_assign(b, [0, 1])
+    first = arena.reserve(b, [4], [("k", 4)])
+    second = arena.reserve(b, [5], [("k", 5)])
+    landed = concurrent.futures.Future()
+    landed.set_result(None)
+    arena.mark_pending([first[0][1]], landed)
+    future = _in_flight_read(arena, [second[0][1]])
+    failed, waits, _ = arena.settle(b, wait=False)
+    assert failed == [] and waits == 0 and not future.done()
+    assert arena.unsettled(b) == {5} and b.fresh == {4, 5}  # the caller accounts the settled ones
+    future.set_exception(OSError("disk gone"))
+    failed, waits, _ = arena.settle(b, release=False)
+    assert failed == [5] and b.slot_of[5] == second[0][1] and not arena._pending and not arena.unsettled(b)
+
+
 def test_clear_waits_for_reads_in_flight():
     arena = PoolArena("mass", factor=1.5)
     a, b = arena.pool(), arena.pool()
@@ -220,16 +239,21 @@ def test_reading_into_slots_gives_the_logits_and_selections_of_staging(model, tm
         assert p_on["slot_reserved"] > slow_only["pipeline"]["slot_reserved"]
 
 
-def test_failed_slot_reads_surface_as_synchronous_reads_and_are_counted(model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("settle_late,delay", [(True, 0.0), (False, 0.0), (True, 0.02), (False, 0.02)])
+def test_failed_slot_reads_surface_as_synchronous_reads_and_are_counted(model, tmp_path, monkeypatch, settle_late,
+                                                                        delay):
+    """``delay``: the read fails after the next layer started fetching, mostly (with ``settle_late`` its fetch
+    then finds the failure only after its own reads: the block is read into its slot there)."""
     ref, _, _ = _run(model, tmp_path, "ref", stage_into_slots=False)
 
     def broken(self, keys, outs):
+        threading.Event().wait(delay)
         for out in outs:
             out.fill_(float("nan"))  # a read that wrote garbage, then failed
         raise OSError("injected slot read failure")
 
     monkeypatch.setattr(DecodePipeline, "_read", broken)
-    got, _, stats = _run(model, tmp_path, "broken", stage_into_slots=True)
+    got, _, stats = _run(model, tmp_path, "broken", stage_into_slots=True, settle_late=settle_late)
     assert torch.equal(ref, got)
     pipe = stats["pipeline"]
     assert pipe["slot_failed"] > 0 and pipe["slot_used"] == 0
@@ -250,7 +274,8 @@ def test_a_persistent_read_error_is_raised(model, tmp_path, monkeypatch):
             decode_logits(model, cache, ids, mask, steps=3)
 
 
-def test_a_fetch_waits_for_slow_slot_reads(model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("settle_late", [True, False])
+def test_a_fetch_waits_for_slow_slot_reads(model, tmp_path, monkeypatch, settle_late):
     ref, _, _ = _run(model, tmp_path, "ref", stage_into_slots=False)
     original = DecodePipeline._read
 
@@ -259,10 +284,13 @@ def test_a_fetch_waits_for_slow_slot_reads(model, tmp_path, monkeypatch):
         original(self, keys, outs)
 
     monkeypatch.setattr(DecodePipeline, "_read", slow)
-    got, _, stats = _run(model, tmp_path, "slow", stage_into_slots=True)
+    got, _, stats = _run(model, tmp_path, "slow", stage_into_slots=True, settle_late=settle_late)
     assert torch.equal(ref, got)
     pipe = stats["pipeline"]
     assert pipe["slot_used"] > 0 and pipe["slot_waits"] > 0 and pipe["slot_failed"] == 0
+    total = stats["sparse"]["total"]
+    assert 0 <= total["blocks_resident"] <= total["blocks_selected"]
+    assert pipe["reused"] + pipe["staged"] + sum(pipe["sync"].values()) == pipe["needed"]
 
 
 @pytest.mark.parametrize("change", ["reorder", "crop", "select", "reset"])
@@ -333,6 +361,9 @@ def test_stage_into_slots_is_a_typed_option_on_for_the_retaining_strategies():
     with pytest.raises(ValueError, match="slots_from_fastest"):
         PipelineConfig(slots_from_fastest="yes")
     assert not PipelineConfig.for_strategy("attention-aware").slots_from_fastest
+    assert PipelineConfig().settle_late and not PipelineConfig(settle_late=False).settle_late
+    with pytest.raises(ValueError, match="settle_late"):
+        PipelineConfig(settle_late="no")
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
