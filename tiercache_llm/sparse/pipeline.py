@@ -233,6 +233,8 @@ class PipelineConfig:
         settle_late: with ``stage_into_slots``, a fetch waits for the reads into its reserved slots still in
             flight only after its own reads and copies of the other missing blocks (a failed one is then read
             synchronously into its slot); ``False``: before them.  Attention reads the slots only after either.
+            On for ``attention-aware``; off for ``reuse-layer-ahead``, whose ``"query"`` predictor leaves many
+            unselected blocks in flight that then hold their slots until the layer's next fetch (measured slower).
     """
 
     reuse: bool = False
@@ -318,7 +320,8 @@ class PipelineConfig:
         if strategy == "fetch-every-step":
             base = cls()
         elif strategy == "reuse-layer-ahead":
-            base = cls(reuse=True, layer_ahead=True, predictor="query", stage_into_slots=True)
+            base = cls(reuse=True, layer_ahead=True, predictor="query", stage_into_slots=True,
+                       settle_late=False)
         elif strategy == "attention-aware":
             base = cls(reuse=True, layer_ahead=True, disk_staging=True, defer_promotions=True, predictor="previous",
                        write_behind_bytes=64 * MiB, pool_blocks_factor=1.5, stage_near=16, seed_pool=True,

@@ -362,6 +362,8 @@ def test_stage_into_slots_is_a_typed_option_on_for_the_retaining_strategies():
         PipelineConfig(slots_from_fastest="yes")
     assert not PipelineConfig.for_strategy("attention-aware").slots_from_fastest
     assert PipelineConfig().settle_late and not PipelineConfig(settle_late=False).settle_late
+    assert PipelineConfig.for_strategy("attention-aware").settle_late
+    assert not PipelineConfig.for_strategy("reuse-layer-ahead").settle_late
     with pytest.raises(ValueError, match="settle_late"):
         PipelineConfig(settle_late="no")
 
