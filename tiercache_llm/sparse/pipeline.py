@@ -232,7 +232,9 @@ class PipelineConfig:
             fetch copies them.
         settle_late: with ``stage_into_slots``, a fetch waits for the reads into its reserved slots still in
             flight only after its own reads and copies of the other missing blocks (a failed one is then read
-            synchronously into its slot); ``False``: before them.  Attention reads the slots only after either.
+            synchronously into its slot), and the pools' evictions pass over slots with a read in flight
+            (:attr:`~.pool.PoolArena.pass_in_flight`); ``False``: the fetch waits before them, and an eviction
+            waits for the read into its victim.  Attention reads the slots only after either.
             On for ``attention-aware``; off for ``reuse-layer-ahead``, whose ``"query"`` predictor leaves many
             unselected blocks in flight that then hold their slots until the layer's next fetch (measured slower).
     """
@@ -478,6 +480,7 @@ class DecodePipeline:
         self._arena = PoolArena(config.retention, config.pool_blocks_factor,
                                 None if self._auto_bound else config.pool_bytes, config.pool_eviction)
         self._arena.prefer_cheap = config.pool_prefer_cheap
+        self._arena.pass_in_flight = config.settle_late
         self._pools: dict[int, ResidentPool] = {}  # layer -> its view of the arena
         self._last_sel: dict[int, LastSelection] = {}  # layer -> its last selection (near misses)
         self._prefaulter: concurrent.futures.ThreadPoolExecutor | None = None

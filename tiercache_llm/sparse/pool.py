@@ -67,7 +67,8 @@ slots for blocks it is predicted to select *before* its fetch, and the caller st
 them (:meth:`PoolArena.mark_pending`).  Such a slot is in the layer's map (its key recorded, so it counts
 against the bound and the layer's allowance, and no other layer is handed it) and in
 :attr:`ResidentPool.fresh` until the layer's fetch settles it (:meth:`PoolArena.settle`: waits for the read,
-drops the blocks whose read failed).  Evictions pass over slots whose read is in flight: a reservation
+drops the blocks whose read failed).  With :attr:`PoolArena.pass_in_flight` (the default; the pipeline's
+``settle_late``) evictions pass over slots whose read is in flight: a reservation
 never takes one, a fetch only when nothing else can be evicted, and a layer's share (its allowance) and
 ``"previous"`` retention leave its own to its next fetch.  Any release of such a slot that does happen
 (that last-resort eviction, a stale key, :meth:`ResidentPool.drop`) waits for the read first, and
@@ -250,6 +251,8 @@ class PoolArena:
         self.pending_waits = 0  # releases, clears and reallocations that waited for a read in flight
         self.pending_wait_seconds = 0.0
         self.fresh_evicted = 0  # reserved blocks (ResidentPool.fresh) evicted before their layer's fetch
+        # Evictions pass over slots with a read in flight (see module doc); False: they wait for the read.
+        self.pass_in_flight = True
 
     def pool(self) -> "ResidentPool":
         """A new layer view (layers fetch in the order their views were made)."""
@@ -536,7 +539,10 @@ class PoolArena:
         return others
 
     def _in_flight(self, pool: "ResidentPool", block: int) -> bool:
-        """Whether a background read into ``pool``'s slot of ``block`` has not finished (releasing it would wait)."""
+        """Whether a background read into ``pool``'s slot of ``block`` has not finished (releasing it would wait);
+        always ``False`` without :attr:`pass_in_flight` (evictions then take such slots in order, waiting)."""
+        if not self.pass_in_flight:
+            return False
         read = self._pending.get(pool.slot_of[block])
         return read is not None and not read.done()
 

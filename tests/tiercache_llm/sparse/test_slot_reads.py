@@ -152,6 +152,23 @@ def test_settle_waits_and_drops_a_failed_read():
     assert missing == [2]  # read again: the failed slot is never attended as it is
 
 
+def test_without_passing_over_reads_in_flight_an_eviction_waits_for_the_read():
+    arena = PoolArena("mass", factor=1.5, max_bytes=5 * SLOT_BYTES, eviction="distance")
+    arena.pass_in_flight = False  # settle_late=False
+    a, b = arena.pool(), arena.pool()
+    mass_a = torch.zeros(16, dtype=torch.float64)
+    mass_a[0], mass_a[1] = 2.0, 1.0
+    arena_assign(a, [0, 1], mass_a)
+    arena_assign(b, [0], torch.ones(16, dtype=torch.float64))
+    got = arena.reserve(a, [4, 6], [("k", 4), ("k", 6)])
+    future = concurrent.futures.Future()
+    arena.mark_pending([s for _, s in got], future)
+    threading.Timer(0.1, future.set_result, (None,)).start()
+    taken = arena.reserve(b, [7], [("k", 7)], protect=(a, {0}))
+    # a's reserved block 4 (lowest mass) goes first, after its read landed
+    assert [j for j, _ in taken] == [7] and future.done() and arena.pending_waits == 1 and 4 not in a.slot_of
+
+
 def test_settling_without_waiting_leaves_reads_in_flight_and_a_kept_failure_keeps_its_slot():
     arena = PoolArena("mass", factor=1.5)
     a, b = arena.pool(), arena.pool()
