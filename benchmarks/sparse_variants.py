@@ -43,7 +43,8 @@ import sparse_speed as sp  # noqa: E402
 KEYS = ("sparse.total.fetch_seconds", "pipeline.sync_seconds.disk", "pipeline.sync_seconds.host", "pipeline.copy_seconds",
         "sparse.total.attention_seconds", "sparse.total.scoring_seconds", "sparse.total.placement_seconds",
         "pipeline.staging.background_seconds", "pipeline.staging.wait_seconds", "pipeline.stage_ahead_seconds",
-        "pipeline.slot_read_seconds", "pipeline.slot_wait_seconds")
+        "pipeline.slot_read_seconds", "pipeline.slot_wait_seconds",
+        "pipeline.slot_release_wait_seconds")
 PIPE_KEYS = ("needed", "reused", "staged", "sync", "stage_ahead_entries", "needed_nonresident", "staged_nonresident",
              "promote_candidates", "promote_chosen", "promote_skipped", "promoted", "promoted_bytes",
              "slot_reserved", "slot_used", "slot_unselected", "slot_fallback", "predicted", "predicted_hits", "predictable",

@@ -235,6 +235,13 @@ class PipelineConfig:
         slots_from_fastest: with ``stage_into_slots``, predicted blocks whose entries are both on the fastest
             tier are read into reserved slots too (their copy moves off the forward thread); otherwise the
             fetch copies them.
+        settle_late: with ``stage_into_slots``, a fetch waits for the reads into its reserved slots still in
+            flight only after its own reads and copies of the other missing blocks (a failed one is then read
+            synchronously into its slot), and the pools' evictions pass over slots with a read in flight
+            (:attr:`~.pool.PoolArena.pass_in_flight`); ``False``: the fetch waits before them, and an eviction
+            waits for the read into its victim.  Attention reads the slots only after either.
+            On for ``attention-aware``; off for ``reuse-layer-ahead``, whose ``"query"`` predictor leaves many
+            unselected blocks in flight that then hold their slots until the layer's next fetch (measured slower).
     """
 
     reuse: bool = False
@@ -265,6 +272,7 @@ class PipelineConfig:
     promote_reuse_read: bool = True
     stage_into_slots: bool = False
     slots_from_fastest: bool = False
+    settle_late: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pool_bytes", check_pool_bytes(self.pool_bytes, auto=True))
@@ -277,6 +285,8 @@ class PipelineConfig:
             raise ValueError(f"seed_pool must be a bool, got {self.seed_pool!r}")
         if not isinstance(self.slots_from_fastest, bool):
             raise ValueError(f"slots_from_fastest must be a bool, got {self.slots_from_fastest!r}")
+        if not isinstance(self.settle_late, bool):
+            raise ValueError(f"settle_late must be a bool, got {self.settle_late!r}")
         if not isinstance(self.stage_into_slots, bool):
             raise ValueError(f"stage_into_slots must be a bool, got {self.stage_into_slots!r}")
         if not isinstance(self.background_end_step, bool):
@@ -318,7 +328,8 @@ class PipelineConfig:
         if strategy == "fetch-every-step":
             base = cls()
         elif strategy == "reuse-layer-ahead":
-            base = cls(reuse=True, layer_ahead=True, predictor="query", stage_into_slots=True)
+            base = cls(reuse=True, layer_ahead=True, predictor="query", stage_into_slots=True,
+                       settle_late=False)
         elif strategy == "attention-aware":
             base = cls(reuse=True, layer_ahead=True, disk_staging=True, defer_promotions=True, predictor="previous",
                        write_behind_bytes=64 * MiB, pool_blocks_factor=1.5, stage_near=16, seed_pool=True,
@@ -477,6 +488,7 @@ class DecodePipeline:
         self._arena = PoolArena(config.retention, config.pool_blocks_factor,
                                 None if self._auto_bound else config.pool_bytes, config.pool_eviction)
         self._arena.prefer_cheap = config.pool_prefer_cheap
+        self._arena.pass_in_flight = config.settle_late
         self._pools: dict[int, ResidentPool] = {}  # layer -> its view of the arena
         self._last_sel: dict[int, LastSelection] = {}  # layer -> its last selection (near misses)
         self._prefaulter: concurrent.futures.ThreadPoolExecutor | None = None
@@ -876,7 +888,9 @@ class DecodePipeline:
             self._resolve_bound(layer.device)
         pool = self._pool_of(layer.layer_idx)
         kkeys = [layer._kkeys[j] for j in stored]
-        fresh = self._settle(pool, stored) if pool.fresh else ()
+        # settle_late: reads still in flight are waited for after this fetch's own reads and copies (below)
+        late = self.config.settle_late
+        fresh = self._settle(pool, stored, wait=not late)[0] if pool.fresh else ()
         t0 = time.perf_counter()
         pool_bytes, pool_k, pool_capacity = pool.nbytes, pool.k, pool.capacity
         # The layer's blocks bound the slots it can use; the reservation leaves room for the blocks decoding adds.
@@ -904,21 +918,32 @@ class DecodePipeline:
         stats.blocks_selected += ns
         ps.needed += 2 * ns
         # Selected blocks read into their reserved slots in the background count as staged, not reused.
-        if fresh:
-            lost = set(missing)  # a cleared arena or a rewritten block: read again like any miss
-            pre = [i for i, j in enumerate(stored) if j in fresh and i not in lost]
-        else:
-            pre = []
-        ps.reused += 2 * (ns - len(missing) - len(pre))
+        lost = set(missing)  # a cleared arena or a rewritten block: read again like any miss
+        pre = [i for i, j in enumerate(stored) if j in fresh and i not in lost] if fresh else []
+        # Selected blocks whose read into their reserved slot is still in flight (settle_late): not reused either.
+        busy = pool.fresh
+        landing = [i for i, j in enumerate(stored) if j in busy and i not in lost] if busy else []
+        ps.reused += 2 * (ns - len(missing) - len(pre) - len(landing))
         predicted = self._predicted.pop(layer.layer_idx, None)
-        if missing or pre:
+        if missing or pre or landing:
             try:
-                self._fill(layer, stored, missing, slots, kkeys, pool, predicted, stats, pre)
+                self._fill(layer, stored, missing, slots, kkeys, pool, predicted, stats, pre, hits=ns - len(landing))
             except BaseException:
                 pool.drop([stored[i] for i in missing])  # never leave a slot that claims a block it lacks
                 raise
         else:
             stats.blocks_resident += ns
+        if pool.fresh:  # settle_late: now wait for the reads still in flight; a failed one is read here
+            done, failed = self._settle(pool, stored, wait=True, release=False)
+            landed = [i for i in landing if stored[i] in done and stored[i] not in failed]
+            again = [i for i in landing if stored[i] in failed]
+            if again or landed:
+                try:
+                    self._fill(layer, stored, again, slots, kkeys, pool, predicted, stats, landed,
+                               hits=len(again) + len(landed))
+                except BaseException:
+                    pool.drop([stored[i] for i in again])
+                    raise
         if tail:
             t0 = time.perf_counter()
             tk, tv, ks, vs = layer._tail_k, layer._tail_v, pool.k[tail_slot], pool.v[tail_slot]
@@ -937,26 +962,38 @@ class DecodePipeline:
         slot_of_fetch = torch.tensor(slots + ([tail_slot] if tail else []), dtype=torch.long)
         return pool.k, pool.v, slot_of_fetch
 
-    def _settle(self, pool: ResidentPool, stored: list[int]) -> set:
-        """Before a layer's fetch (``stage_into_slots``): wait for the background reads into its reserved slots
-        (:meth:`~.pool.PoolArena.settle`; failed ones are released, so the fetch reads them itself); returns the
-        blocks read into slots (then no longer fresh), counted as used or unselected by ``stored``."""
+    def _settle(self, pool: ResidentPool, stored: list[int], wait: bool = True,
+                release: bool = True) -> tuple[set, set]:
+        """At a layer's fetch (``stage_into_slots``): settle the background reads into its reserved slots
+        (:meth:`~.pool.PoolArena.settle`; ``wait=False``: only those finished, the others stay in
+        :attr:`~.pool.ResidentPool.fresh`); failed ones are released, so the fetch reads them itself, or with
+        ``release=False`` those ``stored`` selects keep their slot for the caller to read into.  Returns
+        ``(settled blocks selected, failed blocks kept)``: the settled blocks leave ``fresh``, counted as used
+        or unselected by ``stored``."""
         ps = self.stats
         t0 = time.perf_counter()
-        failed, waits, waited = pool.arena.settle(pool)
-        fresh = set(pool.fresh)
-        pool.fresh.clear()
+        arena = pool.arena
+        failed, waits, waited = arena.settle(pool, wait=wait, release=release)
+        kept: set = set()
+        if failed and not release:
+            want = set(stored)
+            kept = {j for j in failed if j in want}
+            pool.drop([j for j in failed if j not in want])  # never left resident claiming a block it lacks
+        left = arena.unsettled(pool) if not wait else set()
+        fresh = set(pool.fresh) - left
+        pool.fresh.intersection_update(left)
         chosen = fresh.intersection(stored)
         ps.slot_failed += len(failed)
         ps.slot_waits += waits
         ps.slot_wait_seconds += waited
-        ps.slot_used += len(chosen)
+        ps.slot_used += len(chosen) - len(kept)
         ps.slot_unselected += len(fresh) - len(chosen)
         ps.copy_seconds += time.perf_counter() - t0  # the waits, as staging's waits are
-        return chosen
+        return chosen, kept
 
     def _fill(self, layer: "TieredKVLayer", stored: list[int], missing: list[int], slots: list[int], kkeys: list,
-              pool: ResidentPool, predicted: set | None, stats: "SparseStats", pre: list[int] = ()) -> None:
+              pool: ResidentPool, predicted: set | None, stats: "SparseStats", pre: list[int] = (),
+              hits: int | None = None) -> None:
         """Fill the slots of ``stored[i]`` for ``i`` in ``missing``: from staging, else read from the tiers
         straight into the slots (a block with a row map is read into a temporary and viewed).  ``pre``: the
         positions of blocks read into their reserved slots ahead (``stage_into_slots``): nothing to do but
@@ -971,7 +1008,8 @@ class DecodePipeline:
         every = self.store.tiers_of(keys + pkeys)
         tiers, ptiers = every[: 2 * nm], every[2 * nm :]
         fastest = self.store.fastest_tier
-        hits = len(stored) - nm - np_
+        # ``hits``: the positions of ``stored`` this call accounts for (default: all)
+        hits = (len(stored) if hits is None else hits) - nm - np_
         cheap = [stored[missing[i]] for i in range(nm) if tiers[i] == fastest and tiers[nm + i] == fastest]
         pcheap = sum(1 for i in range(np_) if ptiers[i] == fastest and ptiers[np_ + i] == fastest)
         stats.blocks_resident += hits + len(cheap) + pcheap

@@ -67,10 +67,13 @@ slots for blocks it is predicted to select *before* its fetch, and the caller st
 them (:meth:`PoolArena.mark_pending`).  Such a slot is in the layer's map (its key recorded, so it counts
 against the bound and the layer's allowance, and no other layer is handed it) and in
 :attr:`ResidentPool.fresh` until the layer's fetch settles it (:meth:`PoolArena.settle`: waits for the read,
-drops the blocks whose read failed).  Any release of a slot whose read is in flight (eviction by another
-layer, a stale key, :meth:`ResidentPool.drop`) waits for the read first, and :meth:`PoolArena.clear` and a
-reallocation wait for every read (or cancel it before it starts), so a read never lands in a slot that was
-handed on, and tensors a read targets are never freed or copied before it finished.  Nothing else changes:
+drops the blocks whose read failed).  With :attr:`PoolArena.pass_in_flight` (the default; the pipeline's
+``settle_late``) evictions pass over slots whose read is in flight: a reservation
+never takes one, a fetch only when nothing else can be evicted, and a layer's share (its allowance) and
+``"previous"`` retention leave its own to its next fetch.  Any release of such a slot that does happen
+(that last-resort eviction, a stale key, :meth:`ResidentPool.drop`) waits for the read first, and
+:meth:`PoolArena.clear` and a reallocation wait for every read (or cancel it before it starts), so a read never
+lands in a slot that was handed on, and tensors a read targets are never freed or copied before it finished.  Nothing else changes:
 attention only ever reads a layer's slots after its own fetch settled them.
 
 Thread safety: used by the forward pass only (one step of one layer at a time); background reads write only
@@ -248,6 +251,8 @@ class PoolArena:
         self.pending_waits = 0  # releases, clears and reallocations that waited for a read in flight
         self.pending_wait_seconds = 0.0
         self.fresh_evicted = 0  # reserved blocks (ResidentPool.fresh) evicted before their layer's fetch
+        # Evictions pass over slots with a read in flight (see module doc); False: they wait for the read.
+        self.pass_in_flight = True
 
     def pool(self) -> "ResidentPool":
         """A new layer view (layers fetch in the order their views were made)."""
@@ -312,7 +317,10 @@ class PoolArena:
                 missing.append(i)
         view._release(stale, count=False)
         if self.retention == "previous":  # blocks outside ``stored`` only: ``missing`` stays right
-            view._release([j for j in slot_of if j not in want])
+            # (a reserved block whose read is in flight goes once it landed: at the layer's next fetch, or
+            # below if the allowance needs its slot)
+            busy = bool(self._pending)
+            view._release([j for j in slot_of if j not in want and not (busy and self._in_flight(view, j))])
         need = len(missing) + (1 if tail else 0)
         union = len(stored) + (1 if tail else 0)
         # Every block outside the union can be evicted, so ``union`` slots always suffice; "mass" gives a
@@ -332,7 +340,10 @@ class PoolArena:
         # The layer's own share first: beyond its allowance it evicts its own unselected blocks.
         over = len(slot_of) + need - view.allowance
         if over > 0:
-            view._release(self._own_order(view, want)[:over])
+            own = self._own_order(view, want)
+            if self._pending:  # never wait for the share: a slot still being read into goes at the next fetch
+                own = [j for j in own if not self._in_flight(view, j)]
+            view._release(own[:over])
         self._make_room(view, want, need, cpu, reserve, shape_k, shape_v, dtype, device)
         for i in missing:
             slot = self._free.pop()
@@ -371,7 +382,9 @@ class PoolArena:
                 self._grow(target, tuple(self.k.shape[1:]), tuple(self.v.shape[1:]), self.k.dtype, self.k.device)
             short = n - len(self._free)
         if short > 0 and self.max_bytes is not None:
-            for p, j in self._victims(view, want, short + len(view.slot_of), protect):
+            # Never a slot whose read is in flight (waiting would stall the forward thread for another layer's
+            # read): a block left without a slot is staged instead.
+            for p, j in self._victims(view, want, short + len(view.slot_of), protect, in_flight=False):
                 if p is not view:
                     p._release([j])
                     short -= 1
@@ -393,27 +406,37 @@ class PoolArena:
         for slot in slots:
             self._pending[slot] = read
 
-    def settle(self, view: "ResidentPool") -> tuple[list[int], int, float]:
-        """Before ``view``'s fetch: wait for the reads into its reserved slots; the blocks whose read failed (or
-        was cancelled) are released (never attended).  Returns ``(failed blocks, waits, seconds waited)``; the
-        blocks read stay in :attr:`ResidentPool.fresh` for the caller to account."""
+    def settle(self, view: "ResidentPool", wait: bool = True, release: bool = True) -> tuple[list[int], int, float]:
+        """Before ``view``'s attention: wait for the reads into its reserved slots (``wait=False``: settle only
+        those already finished, the others stay pending); the blocks whose read failed (or was cancelled) are
+        released (never attended), or with ``release=False`` kept in their slots for the caller to read into
+        (nothing else writes a slot once its read finished).  Returns ``(failed blocks, waits, seconds waited)``;
+        the blocks read stay in :attr:`ResidentPool.fresh` for the caller to account."""
         failed: list[int] = []
         waits, waited = 0, 0.0
         for j in list(view.fresh):
             slot = view.slot_of.get(j)
-            read = self._pending.pop(slot, None) if slot is not None else None
+            read = self._pending.get(slot) if slot is not None else None
             if read is None:
                 continue
             if not read.done():
+                if not wait:
+                    continue
                 t0 = time.perf_counter()
                 concurrent.futures.wait([read])
                 waits += 1
                 waited += time.perf_counter() - t0
+            del self._pending[slot]
             if read.cancelled() or read.exception() is not None:
                 failed.append(j)
-        if failed:
+        if failed and release:
             view._release(failed, count=False)
         return failed, waits, waited
+
+    def unsettled(self, view: "ResidentPool") -> set[int]:
+        """``view``'s blocks whose read (:meth:`mark_pending`) is still pending (not settled)."""
+        pending = self._pending
+        return {j for j in view.fresh if view.slot_of.get(j) in pending} if pending else set()
 
     def _wait_pending(self, reads: list, cancel: bool = False) -> None:
         """Wait for ``reads`` (cancelling those not started with ``cancel``)."""
@@ -515,14 +538,27 @@ class PoolArena:
                 others.sort(key=lambda j: values[j] if j < n else 0.0)
         return others
 
+    def _in_flight(self, pool: "ResidentPool", block: int) -> bool:
+        """Whether a background read into ``pool``'s slot of ``block`` has not finished (releasing it would wait);
+        always ``False`` without :attr:`pass_in_flight` (evictions then take such slots in order, waiting)."""
+        if not self.pass_in_flight:
+            return False
+        read = self._pending.get(pool.slot_of[block])
+        return read is not None and not read.done()
+
     def _victims(self, view: "ResidentPool", want: set, count: int,
-                 protect: tuple["ResidentPool", set] | None = None) -> list[tuple["ResidentPool", int]]:
+                 protect: tuple["ResidentPool", set] | None = None,
+                 in_flight: bool = True) -> list[tuple["ResidentPool", int]]:
         """Up to ``count`` held blocks to evict for the fetching ``view`` (never one it selected, nor one of
-        ``protect``'s blocks: ``(pool, blocks)``)."""
+        ``protect``'s blocks: ``(pool, blocks)``), in eviction order, except that blocks whose slot has a read in
+        flight (:meth:`mark_pending`, not finished) come after every other candidate (releasing one waits for
+        the read), or with ``in_flight=False`` are never named.  Only what stays resident changes."""
         if protect is not None:
             guarded, keep = protect
-            return [(p, j) for p, j in self._victims(view, want, count + len(keep))
+            return [(p, j) for p, j in self._victims(view, want, count + len(keep), in_flight=in_flight)
                     if not (p is guarded and j in keep)][:count]
+        busy: list[tuple[ResidentPool, int]] = []  # candidates whose read is in flight, in eviction order
+        check = bool(self._pending)
         if self.eviction == "mass":
             cands = []
             for pi, p in enumerate(self.pools):
@@ -533,21 +569,31 @@ class PoolArena:
                 mine = p is view
                 cands.extend((values[j] if j < n else 0.0, pi, j, p) for j in p.slot_of
                              if not (mine and j in want))
-            return [(p, j) for _, _, j, p in heapq.nsmallest(count, cands, key=lambda c: (c[0], c[1], c[2]))]
-        # Farthest next fetch first: the layers just before the fetching one (cyclic order), then itself;
-        # within a layer the lowest mass first (when its mass is known).
-        n = len(self.pools)
-        me = self.pools.index(view)
-        out: list[tuple[ResidentPool, int]] = []
-        for d in range(n - 1, -1, -1):
-            p = self.pools[(me + d) % n]
-            if not p.slot_of:
-                continue
-            blocks = self._own_order(p, want) if p is view else self._own_order(p, set())
-            for j in blocks:
-                out.append((p, j))
-                if len(out) == count:
-                    return out
+            order = lambda c: (c[0], c[1], c[2])  # noqa: E731
+            if check:
+                busy = [(p, j) for _, _, j, p in sorted((c for c in cands if self._in_flight(c[3], c[2])), key=order)]
+                cands = [c for c in cands if not self._in_flight(c[3], c[2])]
+            out = [(p, j) for _, _, j, p in heapq.nsmallest(count, cands, key=order)]
+        else:
+            # Farthest next fetch first: the layers just before the fetching one (cyclic order), then itself;
+            # within a layer the lowest mass first (when its mass is known).
+            n = len(self.pools)
+            me = self.pools.index(view)
+            out = []
+            for d in range(n - 1, -1, -1):
+                p = self.pools[(me + d) % n]
+                if not p.slot_of:
+                    continue
+                blocks = self._own_order(p, want) if p is view else self._own_order(p, set())
+                for j in blocks:
+                    if check and self._in_flight(p, j):
+                        busy.append((p, j))
+                        continue
+                    out.append((p, j))
+                    if len(out) == count:
+                        return out
+        if in_flight and len(out) < count:
+            out.extend(busy[: count - len(out)])
         return out
 
     def _grow(self, n: int, shape_k: tuple, shape_v: tuple, dtype: torch.dtype, device: torch.device,

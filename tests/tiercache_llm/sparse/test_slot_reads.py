@@ -74,6 +74,69 @@ def test_a_slot_with_a_read_in_flight_is_never_handed_on_before_the_read_finishe
         assert len(held) == len(set(held)) <= 6
 
 
+def _in_flight_read(arena, slots):
+    """A read into ``slots`` that has not finished: its future completes when the test says so, or after 5 s
+    (so an arena that waits for it fails the test instead of hanging)."""
+    future = concurrent.futures.Future()
+    arena.mark_pending(slots, future)
+
+    def land():
+        try:
+            future.set_result(None)
+        except concurrent.futures.InvalidStateError:
+            pass
+
+    timer = threading.Timer(5.0, land)
+    timer.daemon = True
+    timer.start()
+    return future
+
+
+@pytest.mark.parametrize("eviction", ["distance", "mass"])
+def test_a_fetch_evicts_settled_blocks_before_a_slot_with_a_read_in_flight(eviction):
+    arena = PoolArena("mass", factor=1.5, max_bytes=7 * SLOT_BYTES, eviction=eviction)
+    a, b, c = arena.pool(), arena.pool(), arena.pool()
+    masses = [torch.ones(16, dtype=torch.float64) for _ in range(3)]
+    for view, mass in zip((a, b, c), masses):
+        arena_assign(view, [0, 1], mass)
+    got = arena.reserve(b, [5], [("k", 5)])  # the last free slot
+    assert [j for j, _ in got] == [5] and not arena._free
+    masses[1][5] = 0.0  # b's reserved block is first in the eviction order (either eviction)
+    masses[1][1] = 0.5
+    future = _in_flight_read(arena, [got[0][1]])
+    # c fetches one block more: b's settled block 1 goes, not the slot its read is still landing in
+    slots, missing, _ = arena_assign(c, [0, 1, 2], masses[2])
+    assert not future.done() and arena.pending_waits == 0
+    assert set(b.slot_of) == {0, 5} and b.fresh == {5} and got[0][1] in arena._pending
+    held = [s for v in (a, b, c) for s in v.slot_of.values()]
+    assert len(held) == len(set(held)) == 7 and arena.capacity == 7
+    future.set_result(None)
+
+
+def test_a_reservation_never_waits_for_a_read_in_flight():
+    arena = PoolArena("mass", factor=1.5, max_bytes=5 * SLOT_BYTES, eviction="distance")
+    a, b = arena.pool(), arena.pool()
+    mass_a = torch.zeros(16, dtype=torch.float64)
+    mass_a[0], mass_a[1] = 2.0, 1.0  # a's reserved block 4 has the lowest mass
+    arena_assign(a, [0, 1], mass_a)
+    arena_assign(b, [0], torch.ones(16, dtype=torch.float64))
+    got = arena.reserve(a, [4, 6], [("k", 4), ("k", 6)])  # read ahead for a, the last free slots
+    assert [j for j, _ in got] == [4, 6] and not arena._free
+    future = _in_flight_read(arena, [s for _, s in got])
+    # a fetches [0] now (its reserved blocks are not selected) and reserves for b: a's settled block 1 is taken,
+    # never the slots a's read is still landing in
+    taken = arena.reserve(b, [7, 8], [("k", 7), ("k", 8)], protect=(a, {0}))
+    assert [j for j, _ in taken] == [7] and 1 not in a.slot_of
+    assert not future.done() and arena.pending_waits == 0 and set(a.slot_of) == {0, 4, 6} and a.fresh == {4, 6}
+    # only slots with a read in flight are left to evict: the reservation gets nothing rather than wait
+    assert arena.reserve(b, [8], [("k", 8)], protect=(a, {0})) == []
+    assert not future.done() and arena.pending_waits == 0 and arena.held == arena.capacity == 5
+    future.set_result(None)
+    # once the read has landed, the same reservation may evict those slots (nothing to wait for)
+    assert [j for j, _ in arena.reserve(b, [8], [("k", 8)], protect=(a, {0}))] == [8]
+    assert arena.pending_waits == 0 and arena.held == arena.capacity == 5
+
+
 def test_settle_waits_and_drops_a_failed_read():
     arena = PoolArena("mass", factor=1.5)
     a, b = arena.pool(), arena.pool()
@@ -88,6 +151,42 @@ def test_settle_waits_and_drops_a_failed_read():
     assert failed == [4] and 4 not in b.slot_of and 4 not in b.fresh
     _, missing, _ = arena_assign(b, [0, 1, 4])
     assert missing == [2]  # read again: the failed slot is never attended as it is
+
+
+def test_without_passing_over_reads_in_flight_an_eviction_waits_for_the_read():
+    arena = PoolArena("mass", factor=1.5, max_bytes=5 * SLOT_BYTES, eviction="distance")
+    arena.pass_in_flight = False  # settle_late=False
+    a, b = arena.pool(), arena.pool()
+    mass_a = torch.zeros(16, dtype=torch.float64)
+    mass_a[0], mass_a[1] = 2.0, 1.0
+    arena_assign(a, [0, 1], mass_a)
+    arena_assign(b, [0], torch.ones(16, dtype=torch.float64))
+    got = arena.reserve(a, [4, 6], [("k", 4), ("k", 6)])
+    future = concurrent.futures.Future()
+    arena.mark_pending([s for _, s in got], future)
+    threading.Timer(0.1, future.set_result, (None,)).start()
+    taken = arena.reserve(b, [7], [("k", 7)], protect=(a, {0}))
+    # a's reserved block 4 (lowest mass) goes first, after its read landed
+    assert [j for j, _ in taken] == [7] and future.done() and arena.pending_waits == 1 and 4 not in a.slot_of
+
+
+def test_settling_without_waiting_leaves_reads_in_flight_and_a_kept_failure_keeps_its_slot():
+    arena = PoolArena("mass", factor=1.5)
+    a, b = arena.pool(), arena.pool()
+    arena_assign(a, [0, 1])
+    arena_assign(b, [0, 1])
+    first = arena.reserve(b, [4], [("k", 4)])
+    second = arena.reserve(b, [5], [("k", 5)])
+    landed = concurrent.futures.Future()
+    landed.set_result(None)
+    arena.mark_pending([first[0][1]], landed)
+    future = _in_flight_read(arena, [second[0][1]])
+    failed, waits, _ = arena.settle(b, wait=False)
+    assert failed == [] and waits == 0 and not future.done()
+    assert arena.unsettled(b) == {5} and b.fresh == {4, 5}  # the caller accounts the settled ones
+    future.set_exception(OSError("disk gone"))
+    failed, waits, _ = arena.settle(b, release=False)
+    assert failed == [5] and b.slot_of[5] == second[0][1] and not arena._pending and not arena.unsettled(b)
 
 
 def test_clear_waits_for_reads_in_flight():
@@ -158,16 +257,21 @@ def test_reading_into_slots_gives_the_logits_and_selections_of_staging(model, tm
         assert p_on["slot_reserved"] > slow_only["pipeline"]["slot_reserved"]
 
 
-def test_failed_slot_reads_surface_as_synchronous_reads_and_are_counted(model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("settle_late,delay", [(True, 0.0), (False, 0.0), (True, 0.02), (False, 0.02)])
+def test_failed_slot_reads_surface_as_synchronous_reads_and_are_counted(model, tmp_path, monkeypatch, settle_late,
+                                                                        delay):
+    """``delay``: the read fails after the next layer started fetching, mostly (with ``settle_late`` its fetch
+    then finds the failure only after its own reads: the block is read into its slot there)."""
     ref, _, _ = _run(model, tmp_path, "ref", stage_into_slots=False)
 
     def broken(self, keys, outs):
+        threading.Event().wait(delay)
         for out in outs:
             out.fill_(float("nan"))  # a read that wrote garbage, then failed
         raise OSError("injected slot read failure")
 
     monkeypatch.setattr(DecodePipeline, "_read", broken)
-    got, _, stats = _run(model, tmp_path, "broken", stage_into_slots=True)
+    got, _, stats = _run(model, tmp_path, "broken", stage_into_slots=True, settle_late=settle_late)
     assert torch.equal(ref, got)
     pipe = stats["pipeline"]
     assert pipe["slot_failed"] > 0 and pipe["slot_used"] == 0
@@ -188,7 +292,8 @@ def test_a_persistent_read_error_is_raised(model, tmp_path, monkeypatch):
             decode_logits(model, cache, ids, mask, steps=3)
 
 
-def test_a_fetch_waits_for_slow_slot_reads(model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("settle_late", [True, False])
+def test_a_fetch_waits_for_slow_slot_reads(model, tmp_path, monkeypatch, settle_late):
     ref, _, _ = _run(model, tmp_path, "ref", stage_into_slots=False)
     original = DecodePipeline._read
 
@@ -197,10 +302,13 @@ def test_a_fetch_waits_for_slow_slot_reads(model, tmp_path, monkeypatch):
         original(self, keys, outs)
 
     monkeypatch.setattr(DecodePipeline, "_read", slow)
-    got, _, stats = _run(model, tmp_path, "slow", stage_into_slots=True)
+    got, _, stats = _run(model, tmp_path, "slow", stage_into_slots=True, settle_late=settle_late)
     assert torch.equal(ref, got)
     pipe = stats["pipeline"]
     assert pipe["slot_used"] > 0 and pipe["slot_waits"] > 0 and pipe["slot_failed"] == 0
+    total = stats["sparse"]["total"]
+    assert 0 <= total["blocks_resident"] <= total["blocks_selected"]
+    assert pipe["reused"] + pipe["staged"] + sum(pipe["sync"].values()) == pipe["needed"]
 
 
 @pytest.mark.parametrize("change", ["reorder", "crop", "select", "reset"])
@@ -271,6 +379,11 @@ def test_stage_into_slots_is_a_typed_option_on_for_the_retaining_strategies():
     with pytest.raises(ValueError, match="slots_from_fastest"):
         PipelineConfig(slots_from_fastest="yes")
     assert not PipelineConfig.for_strategy("attention-aware").slots_from_fastest
+    assert PipelineConfig().settle_late and not PipelineConfig(settle_late=False).settle_late
+    assert PipelineConfig.for_strategy("attention-aware").settle_late
+    assert not PipelineConfig.for_strategy("reuse-layer-ahead").settle_late
+    with pytest.raises(ValueError, match="settle_late"):
+        PipelineConfig(settle_late="no")
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
