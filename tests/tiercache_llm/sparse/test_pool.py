@@ -399,7 +399,6 @@ def test_a_bounded_pool_is_released_on_row_changes_and_logits_follow(model, tmp_
             assert cache._pipeline._arena.held > 0
             if bounded:
                 assert cache.stats()["pipeline"]["pool_evicted"] > 0
-            m = mask
             if change == "reorder":
                 cache.reorder_cache(torch.tensor([2, 0, 1]))
                 rows = [2, 0, 1]
@@ -410,19 +409,25 @@ def test_a_bounded_pool_is_released_on_row_changes_and_logits_follow(model, tmp_
                 cache.batch_select_indices(torch.tensor([0, 2]))
                 rows = [0, 2]
             assert cache._pipeline._arena.held == 0 and cache.stats()["pipeline"]["reuse_bytes"] == 0
-            n = cache.get_seq_length()
-            feed = ids[rows, -1:]
-            m = torch.ones(len(rows), n + 1, dtype=mask.dtype)
-            m[:, : mask.shape[1]] = mask[rows]
-            out = []
-            with torch.no_grad():
-                for _ in range(3):
-                    logits = model(input_ids=feed, attention_mask=m, **cache_kwargs(cache, model)).logits[:, -1]
-                    out.append(logits)
-                    feed = logits.argmax(-1, keepdim=True)
-                    m = torch.cat([m, torch.ones_like(feed)], dim=1)
-            runs.append(torch.stack(out))
+            runs.append(decode_rows(model, cache, ids, mask, rows))
     assert torch.equal(runs[0], runs[1])
+
+
+def decode_rows(model, cache, ids, mask, rows, steps=3):
+    """Greedy logits of ``steps`` decode steps after a row change left ``cache`` holding ``rows`` of the
+    batch ``ids`` / ``mask`` (its last token fed first): ``(steps, len(rows), vocab)``."""
+    n = cache.get_seq_length()
+    feed = ids[rows, -1:]
+    m = torch.ones(len(rows), n + 1, dtype=mask.dtype)
+    m[:, : mask.shape[1]] = mask[rows]
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=feed, attention_mask=m, **cache_kwargs(cache, model)).logits[:, -1]
+            out.append(logits)
+            feed = logits.argmax(-1, keepdim=True)
+            m = torch.cat([m, torch.ones_like(feed)], dim=1)
+    return torch.stack(out)
 
 
 def test_distance_eviction_takes_the_layer_used_longest_ago_lowest_mass_first():

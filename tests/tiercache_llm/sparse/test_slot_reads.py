@@ -12,12 +12,12 @@ from hypothesis import strategies as st
 import torch
 
 from tiercache_llm import TieredKVCache
-from tiercache_llm.hf_kwargs import cache_kwargs
 from tiercache_llm.sparse.pipeline import DecodePipeline, PipelineConfig
 from tiercache_llm.sparse.pool import PoolArena
 
 from ..test_generate_tiny import left_padded_batch
 from ..test_sparse_pipeline import decode_logits, opts
+from .test_pool import decode_rows
 
 SHAPE = (2, 1, 4, 3)  # (B, H, S, D) of one slot
 SLOT_BYTES = 2 * 2 * 1 * 4 * 3 * 4
@@ -351,18 +351,7 @@ def test_row_changes_wait_for_slot_reads_in_flight_and_logits_follow(model, tmp_
             assert not arena._pending and arena.held == 0
             if slots:
                 assert all(f.done() for f in futures)  # waited for (or cancelled), never left writing
-            n = cache.get_seq_length()
-            feed = ids[rows, -1:]
-            m = torch.ones(len(rows), n + 1, dtype=mask.dtype)
-            m[:, : mask.shape[1]] = mask[rows]
-            out = []
-            with torch.no_grad():
-                for _ in range(3):
-                    logits = model(input_ids=feed, attention_mask=m, **cache_kwargs(cache, model)).logits[:, -1]
-                    out.append(logits)
-                    feed = logits.argmax(-1, keepdim=True)
-                    m = torch.cat([m, torch.ones_like(feed)], dim=1)
-            runs.append(torch.stack(out))
+            runs.append(decode_rows(model, cache, ids, mask, rows))
         gate.set()
         gate.clear()
     if runs[0] is not None:
