@@ -413,6 +413,27 @@ def test_a_bounded_pool_is_released_on_row_changes_and_logits_follow(model, tmp_
     assert torch.equal(runs[0], runs[1])
 
 
+def decode_recording(model, cache, ids, mask, steps):
+    """:func:`decode_logits` with every layer's selection recorded, ``(layer, fetch, pages)`` per fetch in
+    order; a ``RuntimeWarning`` (a union over the pool bound) raises.  Returns ``(logits, selections)``."""
+    selections = []
+    pipe = cache._pipeline
+    fetch = pipe.fetch
+
+    def recording(state, layer, sel, *args, **kwargs):
+        selections.append((layer.layer_idx, sel.fetch.clone(), sel.pages.clone()))
+        return fetch(state, layer, sel, *args, **kwargs)
+
+    pipe.fetch = recording
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            logits = decode_logits(model, cache, ids, mask, steps=steps)
+    finally:
+        pipe.fetch = fetch
+    return logits, selections
+
+
 def decode_rows(model, cache, ids, mask, rows, steps=3):
     """Greedy logits of ``steps`` decode steps after a row change left ``cache`` holding ``rows`` of the
     batch ``ids`` / ``mask`` (its last token fed first): ``(steps, len(rows), vocab)``."""
@@ -549,19 +570,8 @@ def test_decoding_under_the_default_bound_gives_the_unbounded_logits_and_selecti
         kw = opts(tmp_path / name, strategy, host="36KiB")  # 12 slots of 3 KiB: a few unions, far below their sum
         if name == "default":
             kw = _no_pool_bytes(kw)
-        selections = []
         with TieredKVCache.for_model(model, **kw) as cache:
-            pipe = cache._pipeline
-            fetch = pipe.fetch
-
-            def recording(state, layer, sel, *args, **kwargs):
-                selections.append((layer.layer_idx, sel.fetch.clone(), sel.pages.clone()))
-                return fetch(state, layer, sel, *args, **kwargs)
-
-            pipe.fetch = recording
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", RuntimeWarning)  # every union fits the default bound
-                logits = decode_logits(model, cache, ids, mask, steps=8)
+            logits, selections = decode_recording(model, cache, ids, mask, steps=8)  # every union fits the bound
             runs[name] = (logits, selections, cache.stats()["pipeline"])
     (ref, ref_sel, free), (got, got_sel, pipe) = runs["unbounded"], runs["default"]
     assert torch.equal(ref, got)

@@ -4,7 +4,6 @@ logits and selections with it on and off."""
 
 import concurrent.futures
 import threading
-import warnings
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,7 +16,7 @@ from tiercache_llm.sparse.pool import PoolArena
 
 from ..test_generate_tiny import left_padded_batch
 from ..test_sparse_pipeline import decode_logits, opts
-from .test_pool import decode_rows
+from .test_pool import decode_recording, decode_rows
 
 SHAPE = (2, 1, 4, 3)  # (B, H, S, D) of one slot
 SLOT_BYTES = 2 * 2 * 1 * 4 * 3 * 4
@@ -217,21 +216,9 @@ def model(make_model):
 
 def _run(model, tmp_path, name, strategy="attention-aware", steps=8, host="4KiB", **pipeline):
     ids, mask = left_padded_batch(seed=5, lengths=(40, 33, 27))
-    selections = []
     kw = opts(tmp_path / name, strategy, pool_bytes=12 * 3 * 1024, host=host, pipeline=pipeline)
     with TieredKVCache.for_model(model, **kw) as cache:
-        pipe = cache._pipeline
-        fetch = pipe.fetch
-
-        def recording(state, layer, sel, *args, **kwargs):
-            selections.append((layer.layer_idx, sel.fetch.clone(), sel.pages.clone()))
-            return fetch(state, layer, sel, *args, **kwargs)
-
-        pipe.fetch = recording
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", RuntimeWarning)
-            logits = decode_logits(model, cache, ids, mask, steps=steps)
-        pipe.fetch = fetch
+        logits, selections = decode_recording(model, cache, ids, mask, steps)
         stats = cache.stats()
     return logits, selections, stats
 
