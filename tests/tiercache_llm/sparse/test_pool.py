@@ -399,18 +399,28 @@ def test_a_bounded_pool_is_released_on_row_changes_and_logits_follow(model, tmp_
             assert cache._pipeline._arena.held > 0
             if bounded:
                 assert cache.stats()["pipeline"]["pool_evicted"] > 0
-            if change == "reorder":
-                cache.reorder_cache(torch.tensor([2, 0, 1]))
-                rows = [2, 0, 1]
-            elif change == "crop":
-                cache.crop(-3)
-                rows = [0, 1, 2]
-            else:
-                cache.batch_select_indices(torch.tensor([0, 2]))
-                rows = [0, 2]
+            rows = change_rows(cache, change)
             assert cache._pipeline._arena.held == 0 and cache.stats()["pipeline"]["reuse_bytes"] == 0
             runs.append(decode_rows(model, cache, ids, mask, rows))
     assert torch.equal(runs[0], runs[1])
+
+
+def change_rows(cache, change):
+    """Apply the row change ``change`` (``"reorder"``, ``"crop"``, ``"select"`` or ``"reset"``) to a cache of
+    3 rows; the rows of the original batch it holds after, in order (``None`` after a reset)."""
+    if change == "reorder":
+        cache.reorder_cache(torch.tensor([2, 0, 1]))
+        return [2, 0, 1]
+    if change == "crop":
+        cache.crop(-3)
+        return [0, 1, 2]
+    if change == "select":
+        cache.batch_select_indices(torch.tensor([0, 2]))
+        return [0, 2]
+    if change == "reset":
+        cache.reset()
+        return None
+    raise ValueError(f"unknown row change {change!r}")
 
 
 def decode_recording(model, cache, ids, mask, steps):

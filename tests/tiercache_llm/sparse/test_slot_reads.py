@@ -16,7 +16,7 @@ from tiercache_llm.sparse.pool import PoolArena
 
 from ..test_generate_tiny import left_padded_batch
 from ..test_sparse_pipeline import decode_logits, opts
-from .test_pool import decode_recording, decode_rows
+from .test_pool import change_rows, decode_recording, decode_rows
 
 SHAPE = (2, 1, 4, 3)  # (B, H, S, D) of one slot
 SLOT_BYTES = 2 * 2 * 1 * 4 * 3 * 4
@@ -319,26 +319,11 @@ def test_row_changes_wait_for_slot_reads_in_flight_and_logits_follow(model, tmp_
             if slots:
                 assert arena._pending  # the last layer reserved the first layer's blocks for the next step
                 futures = set(arena._pending.values())
-            if change == "reorder":
-                cache.reorder_cache(torch.tensor([2, 0, 1]))
-                rows = [2, 0, 1]
-            elif change == "crop":
-                cache.crop(-3)
-                rows = [0, 1, 2]
-            elif change == "select":
-                cache.batch_select_indices(torch.tensor([0, 2]))
-                rows = [0, 2]
-            else:
-                cache.reset()
-                runs.append(None)
-                assert not arena._pending and arena.held == 0
-                if slots:
-                    assert all(f.done() for f in futures)
-                continue
+            rows = change_rows(cache, change)
             assert not arena._pending and arena.held == 0
             if slots:
                 assert all(f.done() for f in futures)  # waited for (or cancelled), never left writing
-            runs.append(decode_rows(model, cache, ids, mask, rows))
+            runs.append(None if rows is None else decode_rows(model, cache, ids, mask, rows))  # None: reset
         gate.set()
         gate.clear()
     if runs[0] is not None:
