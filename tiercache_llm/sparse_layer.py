@@ -214,14 +214,15 @@ class SparseController:
                 return threshold
         if not isinstance(policy, AttentionPlacementPolicy):
             return None
-        masses, entry = [], 0
+        masses, entry, epb = [], 0, 2
         for layer in layers:
             if layer.sparse is not None and layer._blocks:
                 masses.append(layer.sparse.mass[: len(layer._blocks)])
-                entry = max(entry, layer._blocks[0].nbytes // 2)
+                epb = layer._entries_per_block  # one joint entry or K and V entries per block
+                entry = max(entry, layer._blocks[0].nbytes // epb)
         if not masses or not entry:
             return None
-        return promotion_threshold(torch.cat(masses), store.fastest_tier_entries(entry) // 2)  # K and V entries per block
+        return promotion_threshold(torch.cat(masses), store.fastest_tier_entries(entry) // epb)
 
     def flush_scores(self, store: Any) -> None:
         self.fence()
@@ -375,6 +376,9 @@ class SparseLayerState:
             return
         n = min(len(layer._blocks), self.mass.numel())
         masses = self.mass[:n].tolist()
+        if layer._joint:  # one entry per block
+            self.ctrl.pending_scores.update(zip(layer._kkeys[:n], masses))
+            return
         keys = chain.from_iterable(zip(layer._kkeys[:n], layer._vkeys[:n]))
         self.ctrl.pending_scores.update(zip(keys, chain.from_iterable(zip(masses, masses))))
 
