@@ -5,13 +5,13 @@ cold disk (``direct_io``), host tier 25 % of the KV, as ``sparse_speed.py``.
     python benchmarks/sparse_joint_ab.py --context 8192 --batch 4 --strategies attention-aware,reuse-layer-ahead
     python benchmarks/sparse_joint_ab.py --synthetic 32768 --strategies attention-aware --steps 4
 
-For each strategy (and each ``--block-sizes`` value) two caches are filled with the same K/V: ``two`` (every layer
-made to store two entries per block) and ``joint``; each step feeds both the same token (the ``two`` cache's
-greedy choice), the order alternating, and checks their logits are bit-identical.  Prints per cache the median
-wall ms/step, forward-thread CPU ms/step (``time.thread_time``), disk entries read synchronously per step and
-MiB fetched per tier per step; ``--json`` writes them.  ``--synthetic N``: the deep random config of
-``sparse_speed.py`` at context ``N``, batch 1, instead of SmolLM2 (prefill: ``--prefill-cache`` as in
-``sparse_variants.py``).
+For each strategy (``exact``: one cache, the reference row) the caches of every layout (``two``: every layer
+made to store two entries per block; ``joint``) and every ``--block-sizes`` value are filled with the same K/V;
+each step feeds all of them the same token (the first cache's greedy choice), the order rotating, and checks
+their logits are bit-identical.  Prints per cache the median wall ms/step, forward-thread CPU ms/step
+(``time.thread_time``), disk entries read synchronously per step and MiB fetched per tier per step; ``--json``
+writes them.  ``--synthetic N``: the deep random config of ``sparse_speed.py`` at context ``N``, batch 1,
+instead of SmolLM2 (its prefill: ``--prefill-cache`` as in ``sparse_variants.py``).
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ def build(model: Any, strategy: str, budget: Any, kv: list, s: Any, path: Path, 
 
     if not joint:
         kvc.TieredKVLayer.lazy_initialization = two
+    cfg = sp.Config(strategy, None, "cold") if strategy == sp.EXACT else sp.Config(strategy, budget, "cold")
     try:
-        cache = sp.build_cache(model, sp.Config(strategy, budget, "cold"), kv, s, path)
+        cache = sp.build_cache(model, cfg, kv, s, path)
     finally:
         kvc.TieredKVLayer.lazy_initialization = original
     assert all(layer._joint is joint for layer in cache.layers if layer.is_initialized)
@@ -69,7 +70,7 @@ def step_numbers(before: dict, after: dict) -> dict[str, float]:
     return out
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--context", type=int, default=8192)
     p.add_argument("--batch", type=int, default=4)
@@ -83,75 +84,83 @@ def main() -> int:
     p.add_argument("--prefill-cache", type=Path, default=None)
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--json", type=Path, default=None)
-    a = p.parse_args()
+    p.add_argument("--synthetic-layers", type=int, default=48)
+    a = p.parse_args(argv)
     if a.synthetic:
-        model = sp.deep_model(48, a.synthetic + a.steps + a.warmup + 16)
+        model = sp.deep_model(a.synthetic_layers, a.synthetic + a.steps + a.warmup + 16)
         context = a.synthetic
         kv = sp.synthetic_kv(model, context - 1, seed=context)
         feed0 = torch.randint(3, 1024, (1, 1), generator=torch.Generator().manual_seed(context))
         point = f"synthetic {context - 1} x 1"
     else:
         model, tok = load_bench_model("smollm2")
-        ids = sp.prompt_rows(tok, a.batch, a.context, model.config.vocab_size)
+        n = max(a.batch, 4)  # at least the 4 rows sparse_variants.py prefills (its --prefill-cache files serve)
+        ids = sp.prompt_rows(tok, n, a.context, model.config.vocab_size)
         context = min(a.context, ids.shape[-1])
         with torch_threads(sp.DEFAULT_THREADS):
-            rows = cached_prefill(model, ids, [context - 1] * a.batch, a.prefill_cache)
-        kv = sp.point_kv(rows, a.batch, context - 1)
-        feed0 = ids[:, context - 1:context]
+            rows = cached_prefill(model, ids, [context - 1] * n, a.prefill_cache)
+        kv = sp.point_kv(rows[:a.batch], a.batch, context - 1)
+        feed0 = ids[:a.batch, context - 1:context]
         point = f"smollm2 {context - 1} x {a.batch}"
-    layouts = a.layouts.split(",")
     sizes = [int(x) for x in a.block_sizes.split(",") if x] or [None]
     print(f"{point}, budget {a.budget}, load {os.getloadavg()}", flush=True)
     results = []
     work = Path(tempfile.mkdtemp(prefix="tiercache-joint-ab-", dir=a.workdir))
     try:
-        for bs in sizes:
-            s = sp.Settings(host_fraction=0.25, block_size=bs)
-            for strat in a.strategies.split(","):
-                caches = {}
-                try:
-                    for lay in layouts:
-                        caches[lay] = build(model, strat, a.budget, kv, s, work / f"{strat}-{bs}-{lay}", lay == "joint")
-                    runs = {lay: {"ms": [], "cpu_ms": [], "steps": []} for lay in layouts}
-                    feed, same = feed0, True
-                    load0 = os.getloadavg()
-                    with torch.no_grad(), torch_threads(1):
-                        for step in range(a.warmup + a.steps):
-                            order = layouts if step % 2 == 0 else layouts[::-1]
-                            logits = {}
-                            for lay in order:
-                                c = caches[lay]
-                                before = c.stats()
-                                t0, c0 = time.perf_counter(), time.thread_time()
-                                logits[lay] = model(input_ids=feed, **cache_kwargs(c, model)).logits[:, -1]
-                                t, ct = time.perf_counter() - t0, time.thread_time() - c0
-                                if step >= a.warmup:
-                                    runs[lay]["ms"].append(1000 * t)
-                                    runs[lay]["cpu_ms"].append(1000 * ct)
-                                    runs[lay]["steps"].append(step_numbers(before, c.stats()))
-                            ref = logits[layouts[0]]
-                            same &= all(torch.equal(ref, x) for x in logits.values())
-                            feed = ref.argmax(-1, keepdim=True)
-                    load1 = os.getloadavg()
-                finally:
-                    for c in caches.values():
-                        c.close()
-                block = bs or kvc.SPARSE_BLOCK_SIZE
-                print(f"\n== {strat}, block {block}: logits identical across layouts: {same}; load {load0} -> {load1}")
+        for strat in a.strategies.split(","):
+            caches = {}
+            # every (layout, block size) of a strategy: caches filled alike, their steps interleaved
+            layouts = [f"{lay}/{bs}" if bs else lay for bs in sizes for lay in a.layouts.split(",")]
+            if strat == sp.EXACT:  # the reference row: exact mode (joint entries since before this change)
+                layouts = layouts[-1:]
+            try:
                 for lay in layouts:
-                    r = runs[lay]
-                    med = {k: statistics.median(st.get(k, 0.0) for st in r["steps"]) for k in
-                           ("sync_disk_entries", "sync_host_entries", "needed_entries", "disk_mib", "host_mib",
-                            "fetch_ms", "sync_disk_ms")}
-                    r["median_ms"], r["median_cpu_ms"] = statistics.median(r["ms"]), statistics.median(r["cpu_ms"])
-                    r["medians"] = med
-                    print(f"  {lay:5s}: {r['median_ms']:7.1f} ms/step (cpu {r['median_cpu_ms']:6.1f}) steps "
-                          f"{[round(x) for x in r['ms']]}; per step: disk {med['disk_mib']:.1f} MiB / "
-                          f"{med['sync_disk_entries']:.0f} sync entries ({med['sync_disk_ms']:.0f} ms), host "
-                          f"{med['host_mib']:.1f} MiB, needed {med['needed_entries']:.0f} entries, fetch "
-                          f"{med['fetch_ms']:.0f} ms", flush=True)
-                results.append({"point": point, "strategy": strat, "block_size": block, "budget": a.budget,
-                                "identical": same, "load": [load0, load1], "runs": runs})
+                    name, _, bs = lay.partition("/")
+                    s = sp.Settings(host_fraction=0.25, block_size=int(bs) if bs else None)
+                    caches[lay] = build(model, strat, a.budget, kv, s, work / f"{strat}-{lay.replace('/', '-')}",
+                                        name == "joint")
+                block = ", ".join(str(c.settings.block_size) for c in caches.values())
+                runs = {lay: {"ms": [], "cpu_ms": [], "steps": []} for lay in layouts}
+                feed, same, diff = feed0, True, 0.0
+                load0 = os.getloadavg()
+                with torch.no_grad(), torch_threads(1):
+                    for step in range(a.warmup + a.steps):
+                        order = layouts[step % len(layouts):] + layouts[:step % len(layouts)]
+                        logits = {}
+                        for lay in order:
+                            c = caches[lay]
+                            before = c.stats()
+                            t0, c0 = time.perf_counter(), time.thread_time()
+                            logits[lay] = model(input_ids=feed, **cache_kwargs(c, model)).logits[:, -1]
+                            t, ct = time.perf_counter() - t0, time.thread_time() - c0
+                            if step >= a.warmup:
+                                runs[lay]["ms"].append(1000 * t)
+                                runs[lay]["cpu_ms"].append(1000 * ct)
+                                runs[lay]["steps"].append(step_numbers(before, c.stats()))
+                        ref = logits[layouts[0]]
+                        same &= all(torch.equal(ref, x) for x in logits.values())
+                        diff = max([diff] + [float((ref - x).abs().max()) for x in logits.values()])
+                        feed = ref.argmax(-1, keepdim=True)
+                load1 = os.getloadavg()
+            finally:
+                for c in caches.values():
+                    c.close()
+            print(f"\n== {strat}, block {block}: logits identical across layouts: {same} (max |diff| {diff:.3g}); "
+                  f"load {load0} -> {load1}")
+            for lay in layouts:
+                r = runs[lay]
+                med = {k: statistics.median(st.get(k, 0.0) for st in r["steps"]) for k in
+                       ("sync_disk_entries", "sync_host_entries", "needed_entries", "disk_mib", "host_mib",
+                        "fetch_ms", "sync_disk_ms")}
+                r["median_ms"], r["median_cpu_ms"] = statistics.median(r["ms"]), statistics.median(r["cpu_ms"])
+                r["medians"] = med
+                print(f"  {lay:9s}: {r['median_ms']:7.1f} ms/step (cpu {r['median_cpu_ms']:6.1f}) steps "
+                      f"{[round(x) for x in r['ms']]}; per step: disk {med['disk_mib']:.1f} MiB / "
+                      f"{med['sync_disk_entries']:.0f} sync entries ({med['sync_disk_ms']:.0f} ms), host "
+                      f"{med['host_mib']:.1f} MiB, needed {med['needed_entries']:.0f} entries, fetch "
+                      f"{med['fetch_ms']:.0f} ms", flush=True)
+            results.append({"point": point, "strategy": strat, "block_size": block, "budget": a.budget,
+                            "identical": same, "max_abs_diff": diff, "load": [load0, load1], "runs": runs})
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if a.json:

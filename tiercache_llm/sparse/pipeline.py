@@ -343,7 +343,8 @@ class PipelineConfig:
 class PipelineStats:
     """Per-stage counters of the pipeline (monotonic until :meth:`DecodePipeline.reset_stats`).
 
-    Entries are tiercache entries (one K or one V block).  ``needed`` counts the stored entries layers
+    Entries are tiercache entries: one per block where a block's K and V are one joint entry (equal shapes,
+    the default), else one K or one V block (two per block).  ``needed`` counts the stored entries layers
     fetched; each was served in place from the layer's resident pool (``reused``: no read, no copy), the
     staging area (``staged``, copied into its pool slot) or read
     synchronously from its tier (``sync`` / ``sync_seconds`` per tier).  Of the needed entries not
@@ -619,8 +620,8 @@ class DecodePipeline:
 
     def _stage_blocks(self, layer: "TieredKVLayer", blocks: list[int], tiers: list | None = None,
                       promote: bool = True) -> tuple[int, int]:
-        """Stage the K and V entries of ``blocks`` of ``layer`` that are outside the fastest tier (and not
-        staged yet); returns (entries outside the fastest tier, entries submitted).  ``tiers``: the tiers of
+        """Stage the entries (joint, or K and V) of ``blocks`` of ``layer`` that are outside the fastest tier (and
+        not staged yet); returns (entries outside the fastest tier, entries submitted).  ``tiers``: the tiers of
         ``staged_keys(layer, blocks)`` when the caller looked them up already (``None``: looked up here).
         ``promote=False``: the reads never promote, even with deferred promotions (layer-ahead prefetch: the
         entries it reads are a layer's misses of every step under a bounded pool, and promoting them all
@@ -723,9 +724,9 @@ class DecodePipeline:
     def _read_into_slots(self, layer: "TieredKVLayer", pool: ResidentPool, blocks: list[int],
                          protect: tuple[ResidentPool, set] | None) -> tuple[list[int], int]:
         """``stage_into_slots``: reserve slots of ``pool`` (``layer``'s) for the ``blocks`` with an entry outside
-        the fastest tier and start one background read of their K and V entries straight into the slots (never
-        promoting, as layer-ahead staging).  Returns ``(blocks left to stage, entries outside the fastest tier
-        among those reserved)``: blocks with both entries on the fastest tier are left out (their copy at the
+        the fastest tier and start one background read of their entries (one joint entry, or K and V) straight
+        into the slots (never promoting, as layer-ahead staging).  Returns ``(blocks left to stage, entries outside
+        the fastest tier among those reserved)``: blocks with every entry on the fastest tier are left out (their copy at the
         fetch costs what a staging copy would), so are blocks stored with a row map or another batch size and
         the blocks no slot was found for (counted in ``slot_fallback``)."""
         if pool.k is None or self._executor is None or self._closed or pool.k.device.type != "cpu":

@@ -24,9 +24,9 @@ def record_attention(state: "SparseLayerState", layer: "TieredKVLayer", sel: "Bl
                      res: "SparseAttentionOutput", stats: "SparseStats") -> None:
     """Accumulate the mass ``res`` gave each block of ``sel.fetch`` (scaled by the controller's decay
     clock) into ``state.mass``, and queue each stored fetched block's new mass as the score of its entries
-    (its joint K/V entry, or its K and V entries; strategy ``"attention-aware"``; other strategies keep no mass).  Vectorised: one
-    ``index_add_`` for the masses, one ``tolist`` for the scores; the keys are queued K, V block by
-    block in ``sel.fetch`` order."""
+    (its joint K/V entry, or its K and V entries; strategy ``"attention-aware"``; other strategies keep no
+    mass).  Vectorised: one ``index_add_`` for the masses, one ``tolist`` for the scores; the keys are queued
+    (K, V) block by block in ``sel.fetch`` order."""
     ctrl = state.ctrl
     if ctrl.strategy != "attention-aware" or not sel.fetch.numel():
         return
