@@ -97,7 +97,7 @@ class SparseStats:
         layer_steps: (layer, step) pairs that ran sparse.
         blocks_selected: stored blocks fetched (union over heads and rows), summed over layer steps.
         blocks_resident: of those, blocks served from the layer's resident pool (no read, no copy) or whose
-            K and V were already in the fastest tier when fetched.
+            entries (joint K/V, or K and V) were already in the fastest tier when fetched.
         tail_selected: selections of the in-memory tail block (not fetched from the tiers).
         tokens_attended: valid context tokens attended, summed over rows, KV heads and layer steps.
         tokens_context: valid context tokens present, same sum (``tokens_attended / tokens_context`` is the
