@@ -725,10 +725,11 @@ class DecodePipeline:
                          protect: tuple[ResidentPool, set] | None) -> tuple[list[int], int]:
         """``stage_into_slots``: reserve slots of ``pool`` (``layer``'s) for the ``blocks`` with an entry outside
         the fastest tier and start one background read of their entries (one joint entry, or K and V) straight
-        into the slots (never promoting, as layer-ahead staging).  Returns ``(blocks left to stage, entries outside
-        the fastest tier among those reserved)``: blocks with every entry on the fastest tier are left out (their copy at the
-        fetch costs what a staging copy would), so are blocks stored with a row map or another batch size and
-        the blocks no slot was found for (counted in ``slot_fallback``)."""
+        into the slots (never promoting, as layer-ahead staging).  Returns ``(blocks left to stage, entries
+        outside the fastest tier among those reserved)``: blocks with every entry on the fastest tier are left
+        out (their copy at the fetch costs what a staging copy would), so are blocks stored with a row map or
+        another batch size, the blocks no slot was found for (counted in ``slot_fallback``) and every block when
+        the pool's layout (joint or not) is not the layer's."""
         if pool.k is None or self._executor is None or self._closed or pool.k.device.type != "cpu":
             # Off the CPU a background write into a slot would also have to wait for the kernels still reading
             # the block it evicts (an event per layer's attention): not done, such pools stage as before.

@@ -5,8 +5,8 @@ batch rows and KV heads) and a free list.  For layers that store a block's K and
 (``joint=True`` at :meth:`PoolArena.assign`) they are the halves ``kv[:, 0]`` / ``kv[:, 1]`` of one contiguous
 joint storage ``kv`` ``(N, 2, B, H, S, D)``, so a joint entry ``(2, B, H, S, D)`` is read straight into its slot
 ``kv[slot]`` (one read, no copy); otherwise ``k`` and ``v`` are two contiguous tensors (``kv`` is ``None``).
-Every sparse layer of a cache has a :class:`ResidentPool`, its view of the arena: a map ``block index -> slot`` of the blocks it holds.  The
-decode pipeline (:mod:`.pipeline`) fills them: at each step the selected blocks already resident are
+Every sparse layer of a cache has a :class:`ResidentPool`, its view of the arena: a map ``block index ->
+slot`` of the blocks it holds.  The decode pipeline (:mod:`.pipeline`) fills them: at each step the selected blocks already resident are
 used in place (no copy, no read), the missing ones get slots and are read straight into them, and
 attention reads the arena through a page table (``slot_of_fetch``; :mod:`.page_table`).  The in-memory
 tail block (partial, changing every step) gets a slot refreshed at every step; it is never retained.
