@@ -1,9 +1,10 @@
 """Block layout of one attention layer's K/V: fixed-size token blocks stored as tiercache entries.
 
 A layer's keys and values have shape ``(batch, kv_heads, seq, head_dim)``.  The sequence axis is cut
-into blocks of ``block_size`` tokens.  Every *full* block is stored as two tiercache entries (one for
-K, one for V) under :func:`block_key`; the partially filled *tail* (fewer than ``block_size`` tokens)
-stays in memory next to the model.
+into blocks of ``block_size`` tokens.  Every *full* block is stored under :func:`block_key` as one joint
+tiercache entry ``(2, batch, kv_heads, block_size, head_dim)`` (K then V) when K and V have the same
+shape, else as two entries (one for K, one for V); the partially filled *tail* (fewer than ``block_size``
+tokens) stays in memory next to the model.
 
 Batch operations used by ``generate`` (beam reordering, batch repetition) do not rewrite stored
 blocks: each :class:`BlockRef` carries an optional ``rows`` index mapping the cache's current batch
@@ -23,7 +24,7 @@ KEY_PREFIX = "kv"
 
 def block_key(cache_uid: str, layer_idx: int, kind: str, serial: int) -> tuple:
     """The tiercache key of one stored block: ``("kv", cache_uid, layer_idx, "k"|"v"|"kv", serial)``
-    (``"kv"``: K and V of the block in one entry, as exact mode stores them).
+    (``"kv"``: K and V of the block in one entry, stored whenever their shapes agree).
 
     Stable across processes (plain strings and ints, never Python's salted ``hash()``).
     """
@@ -49,11 +50,12 @@ class BlockRef:
     nbytes: int
     rows: torch.Tensor | None = field(default=None)
 
-    def view(self, stored: torch.Tensor) -> torch.Tensor:
-        """The block as attention sees it: ``stored`` with :attr:`rows` applied."""
+    def view(self, stored: torch.Tensor, joint: bool = False) -> torch.Tensor:
+        """The block as attention sees it: ``stored`` with :attr:`rows` applied (to its batch dimension: the
+        first, or with ``joint`` the second, of a joint K/V entry ``(2, batch, ...)``)."""
         if self.rows is None:
             return stored
-        return stored.index_select(0, self.rows.to(stored.device))
+        return stored.index_select(1 if joint else 0, self.rows.to(stored.device))
 
     def compose(self, index: torch.Tensor) -> None:
         """Apply a batch gather ``new_row[i] = old_row[index[i]]`` lazily (no data is touched)."""

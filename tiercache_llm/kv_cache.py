@@ -276,11 +276,11 @@ class TieredKVLayer(CacheLayerMixin):
 
     Full blocks live in the tiercache; the partially filled tail (``< block_size`` tokens) is kept
     beside the model in a one-block buffer per K and V on the model's device, written in place.
-    With ``joint_entries`` (exact-mode caches) a block whose K and V have the same shape is stored as
-    one entry ``(2, batch, kv_heads, block_size, head_dim)`` under kind ``"kv"`` and read straight into
-    a joint K/V decode buffer, so a step reads one entry per block instead of two (the disk tier's cost
-    is mostly per entry: at 4K tokens, SmolLM2, batch 1, half the I/O CPU per step); otherwise K and V
-    are two entries, kinds ``"k"`` and ``"v"`` (sparse layers fetch them apart).
+    With ``joint_entries`` (what :class:`TieredKVCache` builds, in both modes) a block whose K and V have the
+    same shape is stored as one entry ``(2, batch, kv_heads, block_size, head_dim)`` under kind ``"kv"`` and
+    read straight into a joint K/V decode buffer (exact) or a joint pool slot (sparse), so a step reads one
+    entry per block instead of two (the disk tier's cost is mostly per entry: at 4K tokens, SmolLM2, batch 1,
+    half the I/O CPU per step); otherwise K and V are two entries, kinds ``"k"`` and ``"v"``.
     ``update`` returns the keys/values attention must see (all tokens for full attention, the last
     ``sliding_window - 1`` cached tokens plus the new ones for sliding-window layers), bit-identical
     to what ``DynamicLayer`` / ``DynamicSlidingWindowLayer`` return.
@@ -672,7 +672,7 @@ class TieredKVLayer(CacheLayerMixin):
         self._tail_k = key_states.new_empty((self._batch, self._shape_k[0], self.block_size, self._shape_k[1]))
         self._tail_v = value_states.new_empty((self._batch, self._shape_v[0], self.block_size, self._shape_v[1]))
         self._tail_len = 0
-        self._joint = self.joint_entries and self.sparse is None and self._shape_k == self._shape_v
+        self._joint = self.joint_entries and self._shape_k == self._shape_v
         self.is_initialized = True
 
     def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -1088,7 +1088,7 @@ class TieredKVCache(Cache):
         self.buffer = DecodeBuffer.for_store(settings.prefetch, self.store.memory_only)
         layers = [
             TieredKVLayer(self.store, self.cache_uid, i, settings.block_size, sliding_window=w, buffer=self.buffer,
-                          joint_entries=settings.mode == "exact")
+                          joint_entries=True)
             for i, w in enumerate(windows)
         ]
         super().__init__(layers=layers)

@@ -97,7 +97,7 @@ class SparseStats:
         layer_steps: (layer, step) pairs that ran sparse.
         blocks_selected: stored blocks fetched (union over heads and rows), summed over layer steps.
         blocks_resident: of those, blocks served from the layer's resident pool (no read, no copy) or whose
-            K and V were already in the fastest tier when fetched.
+            entries (joint K/V, or K and V) were already in the fastest tier when fetched.
         tail_selected: selections of the in-memory tail block (not fetched from the tiers).
         tokens_attended: valid context tokens attended, summed over rows, KV heads and layer steps.
         tokens_context: valid context tokens present, same sum (``tokens_attended / tokens_context`` is the
@@ -214,14 +214,15 @@ class SparseController:
                 return threshold
         if not isinstance(policy, AttentionPlacementPolicy):
             return None
-        masses, entry = [], 0
+        masses, entry, epb = [], 0, 2
         for layer in layers:
             if layer.sparse is not None and layer._blocks:
                 masses.append(layer.sparse.mass[: len(layer._blocks)])
-                entry = max(entry, layer._blocks[0].nbytes // 2)
+                epb = layer._entries_per_block  # one joint entry or K and V entries per block
+                entry = max(entry, layer._blocks[0].nbytes // epb)
         if not masses or not entry:
             return None
-        return promotion_threshold(torch.cat(masses), store.fastest_tier_entries(entry) // 2)  # K and V entries per block
+        return promotion_threshold(torch.cat(masses), store.fastest_tier_entries(entry) // epb)
 
     def flush_scores(self, store: Any) -> None:
         self.fence()
@@ -375,6 +376,9 @@ class SparseLayerState:
             return
         n = min(len(layer._blocks), self.mass.numel())
         masses = self.mass[:n].tolist()
+        if layer._joint:  # one entry per block
+            self.ctrl.pending_scores.update(zip(layer._kkeys[:n], masses))
+            return
         keys = chain.from_iterable(zip(layer._kkeys[:n], layer._vkeys[:n]))
         self.ctrl.pending_scores.update(zip(keys, chain.from_iterable(zip(masses, masses))))
 

@@ -130,3 +130,14 @@ def test_auto_is_the_torch_path_on_cpu_and_bad_backends_are_refused():
     assert torch.equal(got.output, want.output) and torch.equal(got.block_mass, want.block_mass)
     with pytest.raises(ValueError, match="backend"):
         page_table_attention(*args, backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_halves_of_a_joint_pool_are_read_in_place(device, dtype):
+    """Sparse layers storing joint K/V entries hand the kernel ``kv[:, 0]`` / ``kv[:, 1]`` of one
+    ``(N, 2, B, H, S, D)`` storage: it reads them through their strides, matching the torch path."""
+    (query, k_pool, v_pool, table, nk, nv), splits = _case(7, dtype, device, g=3, q=2)
+    kv = torch.stack((k_pool, v_pool), dim=1)
+    k_half, v_half = kv[:, 0], kv[:, 1]
+    assert not k_half.is_contiguous() and k_half.stride(0) == 2 * k_pool.stride(0)
+    _check((query, k_half, v_half, table, nk, nv), splits, dtype)

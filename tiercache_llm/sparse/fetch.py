@@ -22,31 +22,38 @@ if TYPE_CHECKING:  # pragma: no cover
     from .selection import BlockSelection
 
 
-def selected_buffers(layer: "TieredKVLayer", sel: "BlockSelection") -> tuple[list[int], list[int], torch.Tensor, torch.Tensor]:
-    """``(fetch, stored, kbuf, vbuf)``: the selected block indices, those already stored (the rest is the
-    tail block), and empty ``(U, B, H, block_size, D)`` K and V buffers for them."""
+def selected_buffers(layer: "TieredKVLayer", sel: "BlockSelection"
+                     ) -> tuple[list[int], list[int], torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(fetch, stored, kbuf, vbuf, kvbuf)``: the selected block indices, those already stored (the rest is
+    the tail block), and empty ``(U, B, H, block_size, D)`` K and V buffers for them; for a layer storing
+    joint entries they are the halves ``kvbuf[:, 0]`` / ``kvbuf[:, 1]`` of one ``(U, 2, B, H, block_size, D)``
+    storage ``kvbuf`` (a joint entry is read into ``kvbuf[u]`` whole), else ``kvbuf`` is ``None``."""
     fetch = sel.fetch.tolist()
     n_stored = len(layer._blocks)
     stored = [j for j in fetch if j < n_stored]
     hk, dk = layer._shape_k
     hv, dv = layer._shape_v
     bs, b, u = layer.block_size, layer._batch, len(fetch)
+    if layer._joint:
+        both = torch.empty((u, 2, b, hk, bs, dk), dtype=layer.dtype, device=layer.device)
+        return fetch, stored, both[:, 0], both[:, 1], both
     kbuf = torch.empty((u, b, hk, bs, dk), dtype=layer.dtype, device=layer.device)
     vbuf = torch.empty((u, b, hv, bs, dv), dtype=layer.dtype, device=layer.device)
-    return fetch, stored, kbuf, vbuf
+    return fetch, stored, kbuf, vbuf, None
 
 
 def fetch_selected(state: "SparseLayerState", layer: "TieredKVLayer", sel: "BlockSelection",
                    query: torch.Tensor, stats: "SparseStats") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Keys and values of the blocks ``sel.fetch`` (ascending block indices; the last may be the tail
     block, which is not stored yet) as ``(k_pool, v_pool, slot_of_fetch)``: pools ``(N, B, H, block_size,
-    D)`` (contiguous) and the ``(U,)`` int64 slot holding each block of ``sel.fetch``.  The pools stay
+    D)`` (each slot contiguous; for a layer storing joint K/V entries, the two halves of one joint storage)
+    and the ``(U,)`` int64 slot holding each block of ``sel.fetch``.  The pools stay
     valid until the next fetch of any layer of the same cache (the pipeline's layers share one persistent
     arena of slots, rewritten then).
 
     ``query`` (``(B, Hq, 1, D)``) is this layer's decode query, for stages that predict what later
-    layers will need.  Counts blocks selected/resident, tail selections and bytes per tier into
-    ``stats``.
+    layers will need.  Counts blocks selected/resident, tail selections and bytes per tier (a joint entry's
+    bytes are its K's and V's) into ``stats``.
 
     A layer of a :class:`~tiercache_llm.TieredKVCache` carries the cache's
     :class:`~.pipeline.DecodePipeline` (``layer.pipeline``), which does the work (its per-layer
@@ -55,36 +62,35 @@ def fetch_selected(state: "SparseLayerState", layer: "TieredKVLayer", sel: "Bloc
     pipeline = getattr(layer, "pipeline", None)
     if pipeline is not None:
         return pipeline.fetch(state, layer, sel, query, stats)
-    fetch, stored, kbuf, vbuf = selected_buffers(layer, sel)
-    bs = layer.block_size
-    b = layer._batch
-    hk, dk = layer._shape_k
-    hv, dv = layer._shape_v
+    fetch, stored, kbuf, vbuf, kvbuf = selected_buffers(layer, sel)
+    joint = kvbuf is not None
+    epb = 1 if joint else 2
     u = len(fetch)
     if stored:
-        kkeys = [layer._kkeys[j] for j in stored]
-        vkeys = [layer._vkeys[j] for j in stored]
-        tiers = layer.store.tiers_of(kkeys + vkeys)
-        fastest = layer.store.fastest_tier
         ns = len(stored)
-        resident = sum(1 for i in range(ns) if tiers[i] == fastest and tiers[ns + i] == fastest)
-        outs_k, outs_v, posts = [], [], []
-        for i, j in enumerate(stored):
-            block = layer._blocks[j]
+        keys = [layer._kkeys[j] for j in stored]
+        if not joint:
+            keys += [layer._vkeys[j] for j in stored]
+        tiers = layer.store.tiers_of(keys)
+        fastest = layer.store.fastest_tier
+        resident = sum(1 for i in range(ns) if all(tiers[r * ns + i] == fastest for r in range(epb)))
+        # One target per entry: the joint slot kvbuf[i], or K into kbuf[i] then (after every K) V into vbuf[i];
+        # a block with a row map is read into a temporary of its stored rows and viewed into place.
+        dsts = [kvbuf[i] for i in range(ns)] if joint else [kbuf[i] for i in range(ns)] + [vbuf[i] for i in range(ns)]
+        blocks = [layer._blocks[j] for j in stored] * epb
+        outs, posts = [], []
+        for e, (block, dst) in enumerate(zip(blocks, dsts)):
             if block.rows is None:
-                outs_k.append(kbuf[i])
-                outs_v.append(vbuf[i])
-            else:
-                tk = kbuf.new_empty((block.stored_batch, hk, bs, dk))
-                tv = vbuf.new_empty((block.stored_batch, hv, bs, dv))
-                outs_k.append(tk)
-                outs_v.append(tv)
-                posts.append((i, block, tk, tv))
-        layer.store.get_blocks(kkeys + vkeys, out=outs_k + outs_v)
-        for i, block, tk, tv in posts:
-            kbuf[i].copy_(block.view(tk))
-            vbuf[i].copy_(block.view(tv))
-        for tier, out in zip(tiers, outs_k + outs_v):
+                outs.append(dst)
+                continue
+            shape = dst.shape
+            tmp = dst.new_empty((2, block.stored_batch, *shape[2:]) if joint else (block.stored_batch, *shape[1:]))
+            outs.append(tmp)
+            posts.append((e, tmp))
+        layer.store.get_blocks(keys, out=outs)
+        for e, tmp in posts:
+            dsts[e].copy_(blocks[e].view(tmp, joint))
+        for tier, out in zip(tiers, outs):
             stats.bytes_fetched[str(tier)] = stats.bytes_fetched.get(str(tier), 0) + out.nbytes
         stats.blocks_selected += ns
         stats.blocks_resident += resident

@@ -186,7 +186,8 @@ def page_table_attention(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
     over (row, KV head)s, a gather of the chunk's used pages (``index_select`` of page rows) and one
     matmul with its query rows, so the gathered pages are read while they are in cache; one softmax over
     context and new tokens; the values the same way (see :func:`_page_table_attention_cpu`).  Elsewhere
-    (several torch threads, CUDA without Triton, inputs that require grad, strided pools): one gather of
+    (several torch threads, CUDA without Triton, inputs that require grad, pools whose slots are not
+    contiguous blocks at a common stride, :func:`_page_rows`): one gather of
     every table entry per
     (row, head) (``B * H * M * page_size * D`` elements for K and for V), then one score and one value
     matmul per (row, KV head) over all of them."""
@@ -215,9 +216,12 @@ def page_table_attention(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
     # The chunked path runs many small ops: with several intra-op threads each one is a parallel region,
     # and with the cores shared each region waits for its slowest thread (measured on the loaded 2-core
     # machine: 2x slower than the batched path below at 2 threads, 1.3-1.6x faster at 1).
-    if (dev.type == "cpu" and not grad and torch.get_num_threads() == 1 and k_pool.shape[0]
-            and k_pool.is_contiguous() and v_pool.is_contiguous() and k_pool.dtype == v_pool.dtype):
-        return _page_table_attention_cpu(query, k_pool, v_pool, table, new_keys, new_values, scale, mass)
+    if dev.type == "cpu" and not grad and torch.get_num_threads() == 1 and k_pool.shape[0] \
+            and k_pool.dtype == v_pool.dtype:
+        krows, vrows = _page_rows(k_pool, ps), _page_rows(v_pool, ps)
+        if krows is not None and vrows is not None and krows[1] == vrows[1]:
+            return _page_table_attention_cpu(query, k_pool, v_pool, table, new_keys, new_values, scale, mass,
+                                             rows=(krows[0], vrows[0], krows[1]))
     keys = _gather_pages(k_pool, table, ps, None if grad else "k").view(b, h, t, d)  # float32 copies
     values = _gather_pages(v_pool, table, ps, None if grad else "v").view(b, h, t, d)
     hidden = ~table.valid.reshape(b, h, 1, t)
@@ -263,10 +267,33 @@ def page_table_attention(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
 _CHUNK_BYTES = 1 << 19
 
 
+def _page_rows(pool: torch.Tensor, ps: int) -> tuple[torch.Tensor, int] | None:
+    """``(rows, slot_rows)``: ``pool`` ``(N, B, H, S, D)`` viewed as page rows ``(R, ps * D)`` of its storage, the
+    page ``p`` of (slot ``n``, row ``b``, head ``h``) at row ``n * slot_rows + (b * H + h) * (S // ps) + p``; or
+    ``None`` when its layout has no such view (a slot that is not one contiguous block, or a slot stride that
+    is not a whole number of page rows).  A contiguous pool has ``slot_rows = B * H * S // ps``; the halves
+    ``kv[:, 0]`` / ``kv[:, 1]`` of a joint pool storage ``kv`` ``(N, 2, B, H, S, D)`` twice that."""
+    n, b, h, s, d = pool.shape
+    row = ps * d
+    inner = b * h * s * d
+    if n == 0 or inner == 0 or s % ps:
+        return None
+    expect = (h * s * d, s * d, d, 1)
+    if any(size > 1 and stride != e for size, stride, e in zip(pool.shape[1:], pool.stride()[1:], expect)):
+        return None
+    step = pool.stride(0) if n > 1 else inner
+    if step % row or step < inner:
+        return None
+    slot_rows = step // row
+    return pool.as_strided(((n - 1) * slot_rows + inner // row, row), (row, 1)), slot_rows
+
+
 def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: PageTable,
                               new_keys: torch.Tensor | None, new_values: torch.Tensor | None,
-                              scale: float, want_mass: bool = True) -> SparseAttentionOutput:
-    """The torch path on CPU (contiguous pools, autograd not recording): the same result as the batched
+                              scale: float, want_mass: bool = True,
+                              rows: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> SparseAttentionOutput:
+    """The torch path on CPU (autograd not recording; pools whose page rows :func:`_page_rows` views, given as
+    ``rows`` = ``(k rows, v rows, slot_rows)`` or computed here): the same result as the batched
     path below, computed chunk by chunk over (row, KV head)s so each gathered chunk is read by its matmul
     while it is still in cache, and only the used entries of a chunk are gathered (padding entries beyond
     the chunk's largest count never are).
@@ -294,8 +321,12 @@ def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool:
     bh = b * h
     dev = query.device
     nq = q if new_keys is not None else 0
-    # Page row of each entry in the pools viewed as (N * B * H * kpp, ps * D).
-    flat = ((table.slots * (b * h * kpp) + table.pages)
+    if rows is None:
+        (krows, slot_rows), (vrows, _) = _page_rows(k_pool, ps), _page_rows(v_pool, ps)
+    else:
+        krows, vrows, slot_rows = rows
+    # Page row of each entry in the pools viewed as page rows (slot stride slot_rows, _page_rows).
+    flat = ((table.slots * slot_rows + table.pages)
             + (torch.arange(bh, device=dev) * kpp).view(b, h, 1)).view(bh, m)
     valid = table.valid.view(bh, t)
     n_valid = valid.sum(1)
@@ -314,8 +345,6 @@ def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool:
         some_hidden = any(n_ok[r] < used * ps for r in range(i, j))
         any_hidden |= some_hidden
         chunks.append((i, j, used, some_hidden, flat[i:j, :used].reshape(-1) if used else None))
-    krows = k_pool.view(-1, ps * d)
-    vrows = v_pool.view(-1, ps * d)
     low = k_pool.dtype != torch.float32
     buf = _scratch("kv", (per * m, ps * d), dev)
     lowbuf = _scratch("kv_low", (per * m, ps * d), dev, k_pool.dtype) if low else None
@@ -463,8 +492,9 @@ def _scratch(name: str | None, shape: tuple[int, ...], device: torch.device, dty
 
 def _gather_pages(pool: torch.Tensor, table: PageTable, ps: int, name: str | None) -> torch.Tensor:
     """``(B, H, M, ps, D)`` float32 copy of the table's pages (scratch ``name``; fresh for ``None``): one
-    ``index_select`` over the contiguous pool's ``(slot, row, head, page)`` rows (a plain memcpy per
-    page), advanced indexing otherwise; fp16 / bf16 pages are gathered, then converted once."""
+    ``index_select`` over the pool's ``(slot, row, head, page)`` rows (a plain memcpy per page; pools
+    :func:`_page_rows` views: contiguous, or a half of a joint storage), advanced indexing otherwise; fp16 /
+    bf16 pages are gathered, then converted once."""
     n, b, h, s, d = pool.shape
     k = s // ps
     m = table.slots.shape[-1]
@@ -476,9 +506,10 @@ def _gather_pages(pool: torch.Tensor, table: PageTable, ps: int, name: str | Non
     if name is None:
         return pool.unflatten(3, (k, ps))[table.slots, rows, heads, table.pages].float()
     out = _scratch(name, (b, h, m, ps, d), dev)
-    if pool.is_contiguous():
-        flat = (((table.slots * b + rows) * h + heads) * k + table.pages).view(-1)
-        src = pool.view(n * b * h * k, ps * d)
+    paged = _page_rows(pool, ps)
+    if paged is not None:
+        src, slot_rows = paged
+        flat = (table.slots * slot_rows + (rows * h + heads) * k + table.pages).view(-1)
         if pool.dtype == torch.float32:
             torch.index_select(src, 0, flat, out=out.view(-1, ps * d))
         else:

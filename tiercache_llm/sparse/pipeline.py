@@ -343,7 +343,8 @@ class PipelineConfig:
 class PipelineStats:
     """Per-stage counters of the pipeline (monotonic until :meth:`DecodePipeline.reset_stats`).
 
-    Entries are tiercache entries (one K or one V block).  ``needed`` counts the stored entries layers
+    Entries are tiercache entries: one per block where a block's K and V are one joint entry (equal shapes,
+    the default), else one K or one V block (two per block).  ``needed`` counts the stored entries layers
     fetched; each was served in place from the layer's resident pool (``reused``: no read, no copy), the
     staging area (``staged``, copied into its pool slot) or read
     synchronously from its tier (``sync`` / ``sync_seconds`` per tier).  Of the needed entries not
@@ -513,11 +514,13 @@ class DecodePipeline:
 
     # ----------------------------------------------------------------------------- helpers
     def _entry_tensor(self, layer: "TieredKVLayer", block: Any, kind: str) -> torch.Tensor:
-        """A tensor the stored entry of ``block`` (``kind`` "k" or "v") is read into: its stored rows.
-        A spare one (:meth:`_recycle`) when there is one, else a fresh page-aligned one (a direct disk read
-        lands in it without a bounce copy)."""
-        h, d = layer._shape_k if kind == "k" else layer._shape_v
+        """A tensor the stored entry of ``block`` (``kind`` "k", "v" or "kv", a joint entry) is read into: its
+        stored rows.  A spare one (:meth:`_recycle`) when there is one, else a fresh page-aligned one (a direct
+        disk read lands in it without a bounce copy)."""
+        h, d = layer._shape_v if kind == "v" else layer._shape_k
         shape = (block.stored_batch, h, layer.block_size, d)
+        if kind == "kv":
+            shape = (2, *shape)
         with self._spare_lock:
             spare = self._spare.get((shape, layer.dtype, torch.device(layer.device)))
             if spare:
@@ -552,20 +555,20 @@ class DecodePipeline:
         if self._prefaulter is None:
             self._prefaulter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tiercache-kv-prefault")
         try:
-            self._prefaulter.submit(self._prefault_job, pool.k, pool.v, first, end, warm)
+            self._prefaulter.submit(self._prefault_job, pool.arena.storages, first, end, warm)
         except RuntimeError:  # shut down by close(): nothing to do
             pass
 
-    def _prefault_job(self, k: torch.Tensor, v: torch.Tensor, first: int, end: int, warm: bool = False) -> None:
+    def _prefault_job(self, storages: tuple, first: int, end: int, warm: bool = False) -> None:
         start = time.perf_counter()
         done = 0
-        step = max(1, (4 * MiB) // max(1, k[0].nbytes))
+        step = max(1, (4 * MiB) // max(1, sum(t[0].nbytes for t in storages)))
         # Growth: the highest slots first (the forward pass takes the lowest); warm-up: the lowest first.
         ranges = [(lo, min(end, lo + step)) for lo in range(first, end, step)] if warm else \
             [(max(first, hi - step), hi) for hi in range(end, first, -step)]
         try:
             for lo, hi in ranges:
-                for t in (k, v):
+                for t in storages:
                     got = populate(t[lo:hi])
                     if got < 0 or self._closed:
                         return
@@ -617,8 +620,8 @@ class DecodePipeline:
 
     def _stage_blocks(self, layer: "TieredKVLayer", blocks: list[int], tiers: list | None = None,
                       promote: bool = True) -> tuple[int, int]:
-        """Stage the K and V entries of ``blocks`` of ``layer`` that are outside the fastest tier (and not
-        staged yet); returns (entries outside the fastest tier, entries submitted).  ``tiers``: the tiers of
+        """Stage the entries (joint, or K and V) of ``blocks`` of ``layer`` that are outside the fastest tier (and
+        not staged yet); returns (entries outside the fastest tier, entries submitted).  ``tiers``: the tiers of
         ``staged_keys(layer, blocks)`` when the caller looked them up already (``None``: looked up here).
         ``promote=False``: the reads never promote, even with deferred promotions (layer-ahead prefetch: the
         entries it reads are a layer's misses of every step under a bounded pool, and promoting them all
@@ -626,8 +629,12 @@ class DecodePipeline:
         if self.staging is None or not blocks or self._closed:
             return 0, 0
         refs = {}
+        joint = layer._joint
         for j in blocks:
             block = layer._blocks[j]
+            if joint:
+                refs[layer._kkeys[j]] = (block, "kv")
+                continue
             refs[layer._kkeys[j]] = (block, "k")
             refs[layer._vkeys[j]] = (block, "v")
         keys = staged_keys(layer, blocks)  # the order of the caller's ``tiers``
@@ -702,7 +709,7 @@ class DecodePipeline:
                 skip.update(pool.slot_of)
             blocks += near_misses_many([self._last_sel[nxt_idx]], [n_stored], [skip], self.config.predict_near)[0]
         self._predicted[nxt_idx] = set(layer_keys(nxt, blocks))
-        self.stats.predicted += 2 * len(blocks)
+        self.stats.predicted += nxt._entries_per_block * len(blocks)
         if (self.config.stage_into_slots and pool is not None and pool.retention != "none" and blocks
                 and fetching is not None and nxt_idx != fetching.layer_idx):
             protect = None
@@ -717,11 +724,12 @@ class DecodePipeline:
     def _read_into_slots(self, layer: "TieredKVLayer", pool: ResidentPool, blocks: list[int],
                          protect: tuple[ResidentPool, set] | None) -> tuple[list[int], int]:
         """``stage_into_slots``: reserve slots of ``pool`` (``layer``'s) for the ``blocks`` with an entry outside
-        the fastest tier and start one background read of their K and V entries straight into the slots (never
-        promoting, as layer-ahead staging).  Returns ``(blocks left to stage, entries outside the fastest tier
-        among those reserved)``: blocks with both entries on the fastest tier are left out (their copy at the
-        fetch costs what a staging copy would), so are blocks stored with a row map or another batch size and
-        the blocks no slot was found for (counted in ``slot_fallback``)."""
+        the fastest tier and start one background read of their entries (one joint entry, or K and V) straight
+        into the slots (never promoting, as layer-ahead staging).  Returns ``(blocks left to stage, entries
+        outside the fastest tier among those reserved)``: blocks with every entry on the fastest tier are left
+        out (their copy at the fetch costs what a staging copy would), so are blocks stored with a row map or
+        another batch size, the blocks no slot was found for (counted in ``slot_fallback``) and every block when
+        the pool's layout (joint or not) is not the layer's."""
         if pool.k is None or self._executor is None or self._closed or pool.k.device.type != "cpu":
             # Off the CPU a background write into a slot would also have to wait for the kernels still reading
             # the block it evicts (an event per layer's attention): not done, such pools stage as before.
@@ -732,12 +740,16 @@ class DecodePipeline:
                 or pool.k.dtype != layer.dtype or pool.k.device != torch.device(layer.device)):
             return blocks, 0
         kk, vk = layer._kkeys, layer._vkeys
-        tiers = self.store.tiers_of([k for j in blocks for k in (kk[j], vk[j])])
+        joint = layer._joint
+        if joint != pool.arena.joint:  # a joint entry lands in a joint slot only (and two entries in two tensors)
+            return blocks, 0
+        tiers = self.store.tiers_of([kk[j] for j in blocks] if joint else [k for j in blocks for k in (kk[j], vk[j])])
         fastest = self.store.fastest_tier
         fit, rest, slow = [], [], {}
+        epb = layer._entries_per_block
         for i, j in enumerate(blocks):
-            tk, tv = tiers[2 * i], tiers[2 * i + 1]
-            if tk is None or tv is None or (tk == fastest and tv == fastest and not self.config.slots_from_fastest):
+            mine = tiers[epb * i : epb * (i + 1)]  # the block's entries' tiers (its joint entry, or K and V)
+            if None in mine or (all(t == fastest for t in mine) and not self.config.slots_from_fastest):
                 rest.append(j)  # gone (a failed read would only cost time) or cheap: as before
                 continue
             block = layer._blocks[j]
@@ -746,7 +758,7 @@ class DecodePipeline:
                 self.stats.slot_fallback += 1
                 continue
             fit.append(j)
-            slow[j] = (tk != fastest) + (tv != fastest)
+            slow[j] = sum(t != fastest for t in mine)
         if not fit:
             return rest, 0
         got = pool.arena.reserve(pool, fit, [kk[j] for j in fit], protect)
@@ -756,8 +768,12 @@ class DecodePipeline:
             self.stats.slot_fallback += len(left)
         if not got:
             return rest, 0
-        keys = [kk[j] for j, _ in got] + [vk[j] for j, _ in got]
-        outs = [pool.k[s] for _, s in got] + [pool.v[s] for _, s in got]
+        if joint:
+            keys = [kk[j] for j, _ in got]
+            outs = [pool.kv[s] for _, s in got]
+        else:
+            keys = [kk[j] for j, _ in got] + [vk[j] for j, _ in got]
+            outs = [pool.k[s] for _, s in got] + [pool.v[s] for _, s in got]
         try:
             read = self._executor.submit(self._slot_job, keys, outs)
         except RuntimeError:  # the pool was shut down (close): nothing reserved
@@ -838,7 +854,7 @@ class DecodePipeline:
         pool_bytes = pool.nbytes
         slots, missing, _ = pool.assign(blocks, kkeys, False, (b, hk, bs, dk), (b, hv, bs, dv), layer.dtype,
                                         layer.device, layer.sparse.mass, reserve=math.ceil(GROWTH * (n_stored + 1)),
-                                        limit=n_stored + 1)
+                                        limit=n_stored + 1, joint=layer._joint)
         if pool.nbytes != pool_bytes:
             self._count_pool_bytes(pool, pool_bytes)
         stale = [blocks[i] for i in missing if i < len(held)]  # none: held blocks were checked current
@@ -849,8 +865,8 @@ class DecodePipeline:
             at = [slots[i] for i in missing]
             if pool.k.device.type == "cpu" and can_populate():  # fault the slots in at once, not per 4 KiB
                 lo, hi = min(at), max(at) + 1
-                populate(pool.k[lo:hi])
-                populate(pool.v[lo:hi])
+                for t in pool.arena.storages:
+                    populate(t[lo:hi])
             dst = [pool.k[s] for s in at] + [pool.v[s] for s in at]
             src = [keys[:, :, blocks[i] * bs - start:(blocks[i] + 1) * bs - start] for i in missing] + \
                   [values[:, :, blocks[i] * bs - start:(blocks[i] + 1) * bs - start] for i in missing]
@@ -896,7 +912,7 @@ class DecodePipeline:
         # The layer's blocks bound the slots it can use; the reservation leaves room for the blocks decoding adds.
         slots, missing, tail_slot = pool.assign(stored, kkeys, tail, (b, hk, bs, dk), (b, hv, bs, dv), layer.dtype,
                                                 layer.device, state.mass, reserve=math.ceil(GROWTH * (n_stored + 1)),
-                                                limit=n_stored + 1)
+                                                limit=n_stored + 1, joint=layer._joint)
         ps.copy_seconds += time.perf_counter() - t0  # a growth copies the held slots once
         if pool.nbytes != pool_bytes:
             self._count_pool_bytes(pool, pool_bytes)
@@ -916,14 +932,15 @@ class DecodePipeline:
             self._last_sel[layer.layer_idx] = LastSelection(sel.scores, sel.pages, sel.pages_per_block,
                                                             state.digests.count)
         stats.blocks_selected += ns
-        ps.needed += 2 * ns
+        epb = layer._entries_per_block
+        ps.needed += epb * ns
         # Selected blocks read into their reserved slots in the background count as staged, not reused.
         lost = set(missing)  # a cleared arena or a rewritten block: read again like any miss
         pre = [i for i, j in enumerate(stored) if j in fresh and i not in lost] if fresh else []
         # Selected blocks whose read into their reserved slot is still in flight (settle_late): not reused either.
         busy = pool.fresh
         landing = [i for i, j in enumerate(stored) if j in busy and i not in lost] if busy else []
-        ps.reused += 2 * (ns - len(missing) - len(pre) - len(landing))
+        ps.reused += epb * (ns - len(missing) - len(pre) - len(landing))
         predicted = self._predicted.pop(layer.layer_idx, None)
         if missing or pre or landing:
             try:
@@ -997,21 +1014,29 @@ class DecodePipeline:
         """Fill the slots of ``stored[i]`` for ``i`` in ``missing``: from staging, else read from the tiers
         straight into the slots (a block with a row map is read into a temporary and viewed).  ``pre``: the
         positions of blocks read into their reserved slots ahead (``stage_into_slots``): nothing to do but
-        count them as the staging area's entries are counted."""
+        count them as the staging area's entries are counted.  A joint layer's block is one entry (its joint
+        entry into the slot ``kv[slot]``), else two (K into ``k[slot]``, then V into ``v[slot]``)."""
         ps = self.stats
         nm = len(missing)
-        keys = [kkeys[i] for i in missing] + [layer._vkeys[stored[i]] for i in missing]
-        dsts = [pool.k[slots[i]] for i in missing] + [pool.v[slots[i]] for i in missing]
-        blocks = [layer._blocks[stored[i]] for i in missing] * 2
+        joint = layer._joint
+        epb = 1 if joint else 2
         np_ = len(pre)
-        pkeys = [kkeys[i] for i in pre] + [layer._vkeys[stored[i]] for i in pre]
+        if joint:
+            keys = [kkeys[i] for i in missing]
+            dsts = [pool.kv[slots[i]] for i in missing]
+            pkeys = [kkeys[i] for i in pre]
+        else:
+            keys = [kkeys[i] for i in missing] + [layer._vkeys[stored[i]] for i in missing]
+            dsts = [pool.k[slots[i]] for i in missing] + [pool.v[slots[i]] for i in missing]
+            pkeys = [kkeys[i] for i in pre] + [layer._vkeys[stored[i]] for i in pre]
+        blocks = [layer._blocks[stored[i]] for i in missing] * epb
         every = self.store.tiers_of(keys + pkeys)
-        tiers, ptiers = every[: 2 * nm], every[2 * nm :]
+        tiers, ptiers = every[: epb * nm], every[epb * nm :]
         fastest = self.store.fastest_tier
         # ``hits``: the positions of ``stored`` this call accounts for (default: all)
         hits = (len(stored) if hits is None else hits) - nm - np_
-        cheap = [stored[missing[i]] for i in range(nm) if tiers[i] == fastest and tiers[nm + i] == fastest]
-        pcheap = sum(1 for i in range(np_) if ptiers[i] == fastest and ptiers[np_ + i] == fastest)
+        cheap = [stored[missing[i]] for i in range(nm) if all(tiers[r * nm + i] == fastest for r in range(epb))]
+        pcheap = sum(1 for i in range(np_) if all(ptiers[r * np_ + i] == fastest for r in range(epb)))
         stats.blocks_resident += hits + len(cheap) + pcheap
         if pool.arena.prefer_cheap and pool.arena.max_bytes is not None:
             pool.cheap.update(cheap)
@@ -1026,7 +1051,7 @@ class DecodePipeline:
             if tier != fastest:
                 ps.staged_nonresident += 1
             slot = slots[pre[e % np_]]
-            nbytes = (pool.k if e < np_ else pool.v)[slot].nbytes
+            nbytes = (pool.kv if joint else pool.k if e < np_ else pool.v)[slot].nbytes
             name = str("disk" if tier is None else tier)
             stats.bytes_fetched[name] = stats.bytes_fetched.get(name, 0) + nbytes
         sync: dict[str, list[int]] = {}
@@ -1038,7 +1063,7 @@ class DecodePipeline:
         for e, staged in enumerate(taken_all):
             if staged is not None:
                 to_slots.append(dsts[e])
-                from_staged.append(blocks[e].view(staged))
+                from_staged.append(blocks[e].view(staged, joint))
                 taken.append(staged)
                 ps.staged += 1
                 if tiers[e] != fastest:
@@ -1062,12 +1087,14 @@ class DecodePipeline:
                 if block.rows is None:
                     outs.append(dsts[e])
                 else:
-                    tmp = dsts[e].new_empty((block.stored_batch, *dsts[e].shape[1:]))
+                    shape = dsts[e].shape
+                    tmp = dsts[e].new_empty((2, block.stored_batch, *shape[2:]) if joint
+                                            else (block.stored_batch, *shape[1:]))
                     outs.append(tmp)
                     posts.append((e, tmp))
             self.store.get_blocks([keys[e] for e in idx], out=outs)
             for e, tmp in posts:
-                dsts[e].copy_(blocks[e].view(tmp))
+                dsts[e].copy_(blocks[e].view(tmp, joint))
             ps.sync[tier] = ps.sync.get(tier, 0) + len(idx)
             ps.sync_seconds[tier] = ps.sync_seconds.get(tier, 0.0) + time.perf_counter() - t1
             stats.bytes_fetched[tier] = stats.bytes_fetched.get(tier, 0) + sum(o.nbytes for o in outs)
@@ -1131,13 +1158,14 @@ class DecodePipeline:
             if pool is not None and pool.slot_of:
                 held += [offset + j for j in list(pool.slot_of) if j < n]  # a snapshot: see _stage_choice
             offset += n
-            entry = max(entry, layer._blocks[0].nbytes // 2)
+            epb = layer._entries_per_block
+            entry = max(entry, layer._blocks[0].nbytes // epb)
         if not masses or not entry:
             return None
         every = torch.cat(masses)  # a copy: the layers' masses are left alone
         if held:
             every[torch.tensor(held, dtype=torch.long)] = -1.0
-        return promotion_threshold(every[every >= 0], self.store.fastest_tier_entries(entry) // 2)
+        return promotion_threshold(every[every >= 0], self.store.fastest_tier_entries(entry) // epb)
 
     def end_step(self) -> None:
         """After a decode step's forward pass (scores flushed, promotion threshold set by the controller's
@@ -1324,11 +1352,14 @@ class DecodePipeline:
         if not layers or not sum(ns):
             return []
         block_bytes = max(layer._blocks[0].nbytes for layer in layers)
-        self._promote_entry_bytes = block_bytes // 2
+        epb = layers[0]._entries_per_block  # the sparse layers share one slot shape, hence one layout
+        self._promote_entry_bytes = block_bytes // epb
         every = torch.cat([layer.sparse.mass[:n] for layer, n in zip(layers, ns)])  # a copy
-        # K keys then V keys of every block: the fastest tier's room and victims are counted in entries
+        # K keys then V keys of every block (joint: one key per block): the fastest tier's room and victims are
+        # counted in entries
         keys = [k for layer, n in zip(layers, ns) for k in layer._kkeys[:n]]
-        keys += [k for layer, n in zip(layers, ns) for k in layer._vkeys[:n]]
+        if epb == 2:
+            keys += [k for layer, n in zip(layers, ns) for k in layer._vkeys[:n]]
         tiers = self.store.tiers_of(keys)
         total = len(every)
         fastest = self.store.fastest_tier
@@ -1339,18 +1370,18 @@ class DecodePipeline:
             held = set(pool.slot_of) if pool is not None else set()  # a snapshot, as in _stage_choice
             where += [(layer, j, offset + j) for j in self._last.get(layer.layer_idx, [])
                       if j < n and j not in held and tiers[offset + j] in slower
-                      and tiers[total + offset + j] in slower]
+                      and tiers[(epb - 1) * total + offset + j] in slower]
             offset += n
         with self._stats_lock:
-            self.stats.promote_candidates += 2 * len(where)
+            self.stats.promote_candidates += epb * len(where)
         if not where:
             return []
         resident = [i % total for i, tier in enumerate(tiers) if tier == fastest]
-        room = max(0, self.store.fastest_tier_entries(block_bytes // 2) - len(resident))
-        # Entry victims, free room first, lowest mass first; a block (two entries) displaces two of them: it is
-        # compared with the second, the larger.
+        room = max(0, self.store.fastest_tier_entries(block_bytes // epb) - len(resident))
+        # Entry victims, free room first, lowest mass first; a block of two entries displaces two of them: it is
+        # compared with the second, the larger (a joint entry displaces one).
         victims = torch.cat([torch.zeros(room, dtype=every.dtype),
-                             every[torch.tensor(resident, dtype=torch.long)].sort().values])[1::2]
+                             every[torch.tensor(resident, dtype=torch.long)].sort().values])[epb - 1::epb]
         cand, order = every[torch.tensor([i for _, _, i in where], dtype=torch.long)].sort(descending=True)
         m = min(len(cand), len(victims), budget // block_bytes)
         beats = (cand[:m] > self.config.promote_margin * victims[:m]) & (cand[:m] > 0)
@@ -1358,7 +1389,7 @@ class DecodePipeline:
         keys = []
         for i in order[:k].tolist():
             layer, j, _ = where[i]
-            keys += [layer._kkeys[j], layer._vkeys[j]]
+            keys += [layer._kkeys[j]] if epb == 1 else [layer._kkeys[j], layer._vkeys[j]]
         return keys
 
     def _prefetched(self, asked: int, future: concurrent.futures.Future) -> None:
@@ -1473,12 +1504,15 @@ class DecodePipeline:
 
 
 def layer_keys(layer: "TieredKVLayer", blocks: list[int]) -> list:
+    """The entry keys of ``blocks``: their joint keys, or their K keys then their V keys."""
+    if layer._joint:
+        return [layer._kkeys[j] for j in blocks]
     return [layer._kkeys[j] for j in blocks] + [layer._vkeys[j] for j in blocks]
 
 
 def staged_keys(layer: "TieredKVLayer", blocks: list[int]) -> list:
-    """The K and V keys of ``blocks`` block by block, each once: the entries :meth:`DecodePipeline._stage_blocks`
-    stages, in its order (its ``tiers`` follow it)."""
+    """The K and V keys of ``blocks`` block by block, each once (a joint layer's key once per block): the entries
+    :meth:`DecodePipeline._stage_blocks` stages, in its order (its ``tiers`` follow it)."""
     kk, vk = layer._kkeys, layer._vkeys
     return list(dict.fromkeys(k for j in blocks for k in (kk[j], vk[j])))
 

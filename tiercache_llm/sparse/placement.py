@@ -23,10 +23,10 @@ if TYPE_CHECKING:  # pragma: no cover
 def record_attention(state: "SparseLayerState", layer: "TieredKVLayer", sel: "BlockSelection",
                      res: "SparseAttentionOutput", stats: "SparseStats") -> None:
     """Accumulate the mass ``res`` gave each block of ``sel.fetch`` (scaled by the controller's decay
-    clock) into ``state.mass``, and queue each stored fetched block's new mass as the score of its K and
-    V entries (strategy ``"attention-aware"``; other strategies keep no mass).  Vectorised: one
-    ``index_add_`` for the masses, one ``tolist`` for the scores; the keys are queued K, V block by
-    block in ``sel.fetch`` order."""
+    clock) into ``state.mass``, and queue each stored fetched block's new mass as the score of its entries
+    (its joint K/V entry, or its K and V entries; strategy ``"attention-aware"``; other strategies keep no
+    mass).  Vectorised: one ``index_add_`` for the masses, one ``tolist`` for the scores; the keys are queued
+    (K, V) block by block in ``sel.fetch`` order."""
     ctrl = state.ctrl
     if ctrl.strategy != "attention-aware" or not sel.fetch.numel():
         return
@@ -48,6 +48,9 @@ def record_attention(state: "SparseLayerState", layer: "TieredKVLayer", sel: "Bl
     kkeys, vkeys = layer._kkeys, layer._vkeys
     masses = state.mass[fetch].tolist()
     pending = ctrl.pending_scores
+    if getattr(layer, "_joint", False):  # kkeys[j] is block j's one entry
+        pending.update(zip([kkeys[j] for j in stored], masses))
+        return
     for j, m in zip(stored, masses):
         pending[kkeys[j]] = m
         pending[vkeys[j]] = m
@@ -56,7 +59,7 @@ def record_attention(state: "SparseLayerState", layer: "TieredKVLayer", sel: "Bl
 def promotion_threshold(masses: torch.Tensor, room: int) -> float:
     """The attention-aware policy's promotion threshold: the decayed mass of the ``room``-th most attended
     of ``masses`` (the candidate blocks' masses, 1-D), so that only blocks the fastest tier's ``room``
-    (its K and V entries per block) would hold are promoted; ``inf`` without room, ``0.0`` when every
+    (in blocks: its entries over the entries per block) would hold are promoted; ``inf`` without room, ``0.0`` when every
     candidate fits."""
     if room <= 0:
         return math.inf

@@ -1,9 +1,12 @@
 """Resident block pools: the K/V of selected blocks stay where they were read, in slots shared by every layer.
 
-A :class:`PoolArena` holds contiguous ``k`` / ``v`` tensors ``(N, B, H, S, D)`` (``N`` slots of one stored
-block each, all batch rows and KV heads) and a free list; every sparse layer of a cache has a
-:class:`ResidentPool`, its view of the arena: a map ``block index -> slot`` of the blocks it holds.  The
-decode pipeline (:mod:`.pipeline`) fills them: at each step the selected blocks already resident are
+A :class:`PoolArena` holds ``k`` / ``v`` tensors ``(N, B, H, S, D)`` (``N`` slots of one stored block each, all
+batch rows and KV heads) and a free list.  For layers that store a block's K and V as one joint entry
+(``joint=True`` at :meth:`PoolArena.assign`) they are the halves ``kv[:, 0]`` / ``kv[:, 1]`` of one contiguous
+joint storage ``kv`` ``(N, 2, B, H, S, D)``, so a joint entry ``(2, B, H, S, D)`` is read straight into its slot
+``kv[slot]`` (one read, no copy); otherwise ``k`` and ``v`` are two contiguous tensors (``kv`` is ``None``).
+Every sparse layer of a cache has a :class:`ResidentPool`, its view of the arena: a map ``block index ->
+slot`` of the blocks it holds.  The decode pipeline (:mod:`.pipeline`) fills them: at each step the selected blocks already resident are
 used in place (no copy, no read), the missing ones get slots and are read straight into them, and
 attention reads the arena through a page table (``slot_of_fetch``; :mod:`.page_table`).  The in-memory
 tail block (partial, changing every step) gets a slot refreshed at every step; it is never retained.
@@ -211,7 +214,9 @@ class PoolArena:
 
     Attributes:
         k / v: ``(N, B, Hk, S, Dk)`` / ``(N, B, Hv, S, Dv)`` (``None`` until the first assign); ``N >=
-            capacity``, slots ``>= capacity`` are never used.
+            capacity``, slots ``>= capacity`` are never used.  Views ``kv[:, 0]`` / ``kv[:, 1]`` when joint.
+        kv: the joint storage ``(N, 2, B, H, S, D)`` (``joint``), else ``None``.
+        joint: the layout of the current tensors (set by the first assign after a clear).
         max_bytes: the bound (``None``: unbounded).
         grows: times the capacity grew; reallocs: times the tensors were reallocated (held slots copied);
         evicted: blocks evicted for room (by any layer, from any layer); over_budget: assigns whose union
@@ -236,6 +241,8 @@ class PoolArena:
         self.max_bytes = check_pool_bytes(max_bytes, "pool max_bytes")
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
+        self.kv: torch.Tensor | None = None
+        self.joint = False
         self.pools: list["ResidentPool"] = []  # in fetch order (the order the layers were created in)
         self._free: list[int] = []
         self.tail_slot: int | None = None
@@ -275,6 +282,14 @@ class PoolArena:
         return self._slot_bytes
 
     @property
+    def storages(self) -> tuple[torch.Tensor, ...]:
+        """The contiguous tensors behind ``k`` / ``v``: ``(kv,)`` when joint, else ``(k, v)`` (empty before the
+        first assign); slicing one along its first dimension gives whole slots (e.g. to fault pages in)."""
+        if self.k is None:
+            return ()
+        return (self.kv,) if self.kv is not None else (self.k, self.v)
+
+    @property
     def bound_slots(self) -> int | None:
         """The bound in slots (``None`` when unbounded or before the first assign fixed the slot size)."""
         if self.max_bytes is None or not self._slot_bytes:
@@ -290,12 +305,16 @@ class PoolArena:
     def assign(self, view: "ResidentPool", stored: Sequence[int], keys: Sequence[Hashable], tail: bool,
                shape_k: tuple, shape_v: tuple, dtype: torch.dtype, device: torch.device,
                mass: torch.Tensor | None = None, reserve: int = 0,
-               limit: int | None = None) -> tuple[list[int], list[int], int | None]:
+               limit: int | None = None, joint: bool = False) -> tuple[list[int], list[int], int | None]:
         """See :meth:`ResidentPool.assign` (``reserve`` is per layer here)."""
         device = torch.device(device)
+        if joint and tuple(shape_k) != tuple(shape_v):
+            raise ValueError(f"a joint pool needs equal K and V slot shapes, got {tuple(shape_k)} and {tuple(shape_v)}")
         if self.k is not None and (tuple(self.k.shape[1:]) != tuple(shape_k) or tuple(self.v.shape[1:]) != tuple(shape_v)
-                                   or self.k.dtype != dtype or self.k.device != device):
+                                   or self.k.dtype != dtype or self.k.device != device or self.joint != joint):
             self.clear()  # batch size or layout changed: nothing held is usable
+        if self.k is None:
+            self.joint = joint
         if self.tail_slot is not None:  # every layer's tail slot is done with once another fetch starts
             self._free.append(self.tail_slot)
             self.tail_slot = None
@@ -452,7 +471,7 @@ class PoolArena:
         slots are cancelled if they have not started, else waited for."""
         self._wait_pending(list(self._pending.values()), cancel=True)
         self._pending.clear()
-        self.k = self.v = None
+        self.k = self.v = self.kv = None
         for p in self.pools:
             p.slot_of.clear()
             p._key_of.clear()
@@ -603,15 +622,23 @@ class PoolArena:
             self._wait_pending(list(self._pending.values()))  # reads land in the old tensors: copy them whole
             rows = max(n, int(reserve)) if torch.device(device).type == "cpu" else n
             # Page-aligned slots (entries are 512-byte multiples): direct disk reads land in them, no bounce copy.
-            k = aligned_empty((rows, *shape_k), dtype=dtype, device=device)
-            v = aligned_empty((rows, *shape_v), dtype=dtype, device=device)
-            if old and any(p.slot_of for p in self.pools):  # one plain copy of the old slots (most are held)
-                k[:old].copy_(self.k[:old])
-                v[:old].copy_(self.v[:old])
+            copy = old and any(p.slot_of for p in self.pools)  # one plain copy of the old slots (most are held)
+            if self.joint:
+                kv = aligned_empty((rows, 2, *shape_k), dtype=dtype, device=device)
+                if copy:
+                    kv[:old].copy_(self.kv[:old])
+                k, v = kv[:, 0], kv[:, 1]
+            else:
+                kv = None
+                k = aligned_empty((rows, *shape_k), dtype=dtype, device=device)
+                v = aligned_empty((rows, *shape_v), dtype=dtype, device=device)
+                if copy:
+                    k[:old].copy_(self.k[:old])
+                    v[:old].copy_(self.v[:old])
             if self.k is not None:
                 self.reallocs += 1
-            self.k, self.v = k, v
-            self._slot_bytes = (k.nbytes + v.nbytes) // rows
+            self.k, self.v, self.kv = k, v, kv
+            self._slot_bytes = (math.prod(shape_k) + math.prod(shape_v)) * k.element_size()
         self._capacity = n
         self.peak_slots = max(self.peak_slots, n)
         self._free.extend(range(n - 1, old - 1, -1))  # pop() hands out the lowest new slot first
@@ -658,6 +685,11 @@ class ResidentPool:
         return self.arena.v
 
     @property
+    def kv(self) -> torch.Tensor | None:
+        """The arena's joint storage ``(N, 2, B, H, S, D)`` (``None`` unless its layout is joint)."""
+        return self.arena.kv
+
+    @property
     def tail_slot(self) -> int | None:
         return self.arena.tail_slot
 
@@ -697,21 +729,24 @@ class ResidentPool:
     def assign(self, stored: Sequence[int], keys: Sequence[Hashable], tail: bool,
                shape_k: tuple, shape_v: tuple, dtype: torch.dtype, device: torch.device,
                mass: torch.Tensor | None = None, reserve: int = 0,
-               limit: int | None = None) -> tuple[list[int], list[int], int | None]:
+               limit: int | None = None, joint: bool = False) -> tuple[list[int], list[int], int | None]:
         """Slots for one step of this layer whose union is the stored blocks ``stored`` (K keys ``keys``)
         plus the tail block when ``tail``.  ``shape_k`` / ``shape_v``: ``(B, H, S, D)`` of one slot;
         ``mass``: the layer's per-block decayed attention mass (``"mass"`` retention's eviction order;
         kept by reference, so in-place updates count); ``reserve``: rows worth allocating per layer when
         the tensors are (re)allocated on the CPU (see the module doc; it changes no slot decision);
         ``limit``: the most blocks the layer can select (its stored blocks plus the tail).  On the CPU a
-        layer's allowance never exceeds it (more slots could never be used at once).
+        layer's allowance never exceeds it (more slots could never be used at once).  ``joint`` (needs
+        ``shape_k == shape_v``): the arena's layout is one joint storage (:attr:`kv`); a change of layout
+        clears the arena like a change of shape.
 
         Returns ``(slots, missing, tail_slot)``: the slot of each stored block (in ``stored`` order), the
         positions in ``stored`` whose slot does not hold the block yet (the caller must fill them before
         attention, or :meth:`drop` them on failure), and the tail's slot (``None`` without a tail).  The
         other positions hold their block already and must not be written.  May evict other layers'
         blocks (see the module doc)."""
-        return self.arena.assign(self, stored, keys, tail, shape_k, shape_v, dtype, device, mass, reserve, limit)
+        return self.arena.assign(self, stored, keys, tail, shape_k, shape_v, dtype, device, mass, reserve, limit,
+                                 joint)
 
     def drop(self, blocks: Sequence[int]) -> None:
         """Forget ``blocks`` (e.g. their read failed): their slots become free."""

@@ -36,8 +36,8 @@ Reader = Callable[[list[Hashable], list[torch.Tensor]], Any]
 
 @dataclass
 class StagingCounters:
-    """Monotonic counters of a :class:`StagingArea` (bytes and entries are tiercache entries: one K or
-    one V block each)."""
+    """Monotonic counters of a :class:`StagingArea` (bytes and entries are tiercache entries: one joint K/V
+    block, or one K or one V block, each)."""
 
     jobs: int = 0
     entries_requested: int = 0  # entries submitted for staging (after dedup and the capacity cut)

@@ -384,3 +384,34 @@ def test_cpu_chunks_of_any_size_give_the_reference(monkeypatch, chunk_bytes, see
     # No padding and a full last block: the only hidden tokens a chunk gathers are the padding entries of
     # its (row, head)s with fewer entries than the chunk's largest.
     check(make_case({**params, "pad": False, "tail_cut": 0}, seed))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seed", [0, 3])
+def test_the_halves_of_a_joint_pool_give_the_contiguous_pools_result_bit_for_bit(threads, dtype, seed):
+    """Sparse layers storing joint K/V entries attend over ``kv[:, 0]`` / ``kv[:, 1]`` of one ``(N, 2, B, H, S, D)``
+    storage: the CPU paths read their page rows in place (:func:`_page_rows`, no copy) and give exactly the result
+    of two contiguous pools holding the same values (both CPU torch paths: chunked at 1 thread, batched at 2)."""
+    from tiercache_llm.sparse.page_table import _page_rows
+
+    c = make_case({**BASE, "q": 1 + seed % 2, "tail_cut": 3, "dtype": dtype}, seed)
+    kv = torch.stack((c.k_pool, c.v_pool), dim=1)
+    k_half, v_half = kv[:, 0], kv[:, 1]
+    assert not k_half.is_contiguous() and _page_rows(k_half, c.page)[1] == 2 * _page_rows(c.k_pool, c.page)[1]
+    table = build_page_table(c.sel, c.slot_of_fetch, c.token_ok, c.s)
+    with torch_threads(threads):
+        want = page_table_attention(c.query, c.k_pool, c.v_pool, table, c.nk, c.nv)
+        got = page_table_attention(c.query, k_half, v_half, table, c.nk, c.nv)
+    assert torch.equal(got.output, want.output) and torch.equal(got.block_mass, want.block_mass)
+    assert torch.equal(got.new_mass, want.new_mass)
+
+
+def test_page_rows_refuse_layouts_without_a_row_view():
+    from tiercache_llm.sparse.page_table import _page_rows
+
+    pool = torch.zeros(3, 2, 2, 8, 4)
+    assert _page_rows(pool, 4)[1] == 2 * 2 * 2  # (B * H * S // page) rows per slot
+    assert _page_rows(pool.transpose(1, 2), 4) is None  # a slot that is not one contiguous block
+    assert _page_rows(torch.zeros(3, 2, 2, 8, 5)[..., :4], 4) is None  # rows of 4 in rows of 5
+    assert _page_rows(pool[:0], 4) is None

@@ -15,7 +15,7 @@ from tiercache_llm.sparse.pipeline import DecodePipeline, PipelineConfig
 from tiercache_llm.sparse.pool import PoolArena
 
 from ..test_generate_tiny import left_padded_batch
-from ..test_sparse_pipeline import decode_logits, opts
+from ..test_sparse_pipeline import decode_logits, opts, two_entries
 from .test_pool import change_rows, decode_recording, decode_rows
 
 SHAPE = (2, 1, 4, 3)  # (B, H, S, D) of one slot
@@ -214,21 +214,28 @@ def model(make_model):
     return make_model("llama", seed=5, num_hidden_layers=3)
 
 
-def _run(model, tmp_path, name, strategy="attention-aware", steps=8, host="4KiB", **pipeline):
+def _run(model, tmp_path, name, strategy="attention-aware", steps=8, host="4KiB", joint=True, **pipeline):
     ids, mask = left_padded_batch(seed=5, lengths=(40, 33, 27))
     kw = opts(tmp_path / name, strategy, pool_bytes=12 * 3 * 1024, host=host, pipeline=pipeline)
     with TieredKVCache.for_model(model, **kw) as cache:
+        if not joint:
+            two_entries(cache)
         logits, selections = decode_recording(model, cache, ids, mask, steps)
         stats = cache.stats()
+        stats["entries_per_block"] = cache.layers[0]._entries_per_block
     return logits, selections, stats
 
 
-@pytest.mark.parametrize("strategy,fastest", [("attention-aware", False), ("reuse-layer-ahead", False),
-                                              ("attention-aware", True)])
-def test_reading_into_slots_gives_the_logits_and_selections_of_staging(model, tmp_path, strategy, fastest):
+@pytest.mark.parametrize("strategy,fastest,joint", [("attention-aware", False, True), ("reuse-layer-ahead", False, True),
+                                                    ("attention-aware", True, True), ("attention-aware", False, False),
+                                                    ("reuse-layer-ahead", False, False)])
+def test_reading_into_slots_gives_the_logits_and_selections_of_staging(model, tmp_path, strategy, fastest, joint):
+    """With joint K/V entries (one read per block into a joint slot) and with two entries per block."""
     host = "48KiB" if fastest else "4KiB"  # room on the fastest tier for some blocks
-    ref, ref_sel, off = _run(model, tmp_path, "off", strategy, host=host, stage_into_slots=False)
-    got, got_sel, on = _run(model, tmp_path, "on", strategy, host=host, stage_into_slots=True, slots_from_fastest=fastest)
+    ref, ref_sel, off = _run(model, tmp_path, "off", strategy, host=host, joint=joint, stage_into_slots=False)
+    got, got_sel, on = _run(model, tmp_path, "on", strategy, host=host, joint=joint, stage_into_slots=True,
+                            slots_from_fastest=fastest)
+    assert on["entries_per_block"] == (1 if joint else 2)
     assert torch.equal(ref, got)
     assert len(ref_sel) == len(got_sel) > 0
     assert all(a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(ref_sel, got_sel))
@@ -238,7 +245,7 @@ def test_reading_into_slots_gives_the_logits_and_selections_of_staging(model, tm
     assert p_on["slot_used"] + p_on["slot_unselected"] + p_on["slot_failed"] + p_on["slot_evicted"] <= p_on["slot_reserved"]
     assert p_on["pool_over_budget"] == 0 and p_on["reuse_peak_bytes"] <= 12 * 3 * 1024
     assert p_on["needed"] == p_off["needed"]
-    assert p_on["staged"] >= 2 * p_on["slot_used"]  # selected blocks read into slots count as staged
+    assert p_on["staged"] >= on["entries_per_block"] * p_on["slot_used"]  # selected blocks read into slots: staged
     if fastest:  # blocks on the fastest tier were read into slots too: fewer synchronous copies from it
         _, _, slow_only = _run(model, tmp_path, "slow-only", strategy, host=host, stage_into_slots=True)
         assert p_on["slot_reserved"] > slow_only["pipeline"]["slot_reserved"]
