@@ -636,8 +636,12 @@ def plot(rows: list[dict], reals: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     keys = list(dict.fromkeys((r["context"], r["batch"], r["budget"]) for r in rows))
-    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.8), squeeze=False)
-    for ax, k in zip(axes[0], keys):
+    cols = min(4, len(keys))
+    nrows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.5 * cols, 4.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    for ax, k in zip(axes.flat, keys):
         group = [r for r in rows if (r["context"], r["batch"], r["budget"]) == k and r["pool"] == "shared"]
         for li, layout in enumerate(dict.fromkeys(r["layout"] for r in group)):
             for pi, policy in enumerate(p for p in POLICIES if any(r["policy"] == p for r in group)):
@@ -648,9 +652,10 @@ def plot(rows: list[dict], reals: list[dict], path: Path) -> None:
             if r["pool_fraction"] is not None:
                 ax.plot([r["pool_fraction"]], [r["x_full"]], marker="*" if ri == 0 else "X", markersize=12,
                         color="k", linestyle="none", label=f"real {r['strategy']}")
-        ax.set_title(f"{k[0] // 1024}K x {k[1]}, budget {fg.budget_label(k[2])} (solid: 64-token, dashed: 128)")
+        ax.set_title(f"{k[0] // 1024}K x {k[1]}, budget {fg.budget_label(k[2])}\n(solid: 64-token blocks, dashed: 128)",
+                     fontsize=9)
         ax.set_xlabel("pool capacity ÷ stored KV")
-        ax.set_ylabel("misses per step ÷ stored KV (steps after the first)")
+        ax.set_ylabel("misses per step ÷ stored KV (steps after the first)", fontsize=8)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
