@@ -90,6 +90,13 @@ _SMALL_PAGES = class_pages(SMALL_READ_BYTES)  # the largest size class whose chu
 # read_into spreads a batch over its threads only with at least this many bytes per thread: below it, the
 # hand-offs cost more than the reads they overlap.
 MIN_BYTES_PER_THREAD = 256 << 10
+# ... and a batch of buffered, uncompressed reads (page-cache copies and checksums, tens of microseconds per
+# 384 KiB entry) only with at least this many: a pool thread's hand-off and the GIL passes between the readers
+# cost about as much as reading a 1 MiB batch alone.  Exact decode's warm layer of 3 x 384 KiB blocks (SmolLM2,
+# 1K context; 16 layers per step, 2-core box under load, interleaved): split over two threads 3.3 ms wall and
+# 4.1-4.2 ms CPU per step, read on the calling thread 2.7-3.1 ms wall and 2.7-3.1 ms CPU; batches of 2 MiB and
+# more (two layers read ahead together, 2K context) are still split, where the second thread shortens the wall.
+MIN_BUFFERED_BYTES_PER_THREAD = 1 << 20
 # Direct (O_DIRECT) reads sleep in the kernel until the device answers, so more of them in flight than
 # CPUs helps: random 56 KiB O_DIRECT preadv of one file on this project's 2-CPU box measured 0.38-0.39 GiB/s
 # with one thread, 0.79-0.83 with 4, 0.95-1.27 with 8 and 1.22-1.43 with 16 (2026-12-05, other jobs running).
@@ -1434,7 +1441,8 @@ class DiskTier:
             limit = self._direct_threads
         else:
             limit = min(self._io_threads, _CPUS, 1 + spare_cpus())
-        workers = min(limit, n, max(1, sum([s.nbytes for s, _, _ in items]) // MIN_BYTES_PER_THREAD))
+        per_thread = MIN_BUFFERED_BYTES_PER_THREAD if buffered else MIN_BYTES_PER_THREAD
+        workers = min(limit, n, max(1, sum([s.nbytes for s, _, _ in items]) // per_thread))
         # Each thread takes the next unread item (itertools.count's next is atomic under the GIL) rather
         # than a fixed share: on a busy machine a descheduled thread's share would otherwise wait for it
         # while the others idle.  Items are taken in order, so the lowest failed position is the first
