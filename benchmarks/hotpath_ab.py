@@ -1,4 +1,4 @@
-"""Old tree vs new tree on hot-path rows 2, 3, 5 and 6, in one process, interleaved, medians (wall and CPU).
+"""Old tree vs new tree on hot-path rows 2 to 6, in one process, interleaved, medians (wall and CPU).
 
     python benchmarks/hotpath_ab.py --old /work/main --new . --rows 3,5,6 --threads 1,2 --repeats 7
     python benchmarks/hotpath_ab.py --old /work/main --new . --rows 2 --threads 1 --repeats 9
@@ -9,7 +9,7 @@ Row 2 (the fixed cost of exact decode's warm fetch): one ``get_many`` of ``--key
 SmolLM2's block shape (``(2, 1, 3, 256, 64)`` float32, 384 KiB) into their slices of a decode buffer, as
 ``tiercache_llm`` calls it (``out=`` a list, the keys the very tuples it stored), from a host tier
 (``host``) and from a disk-only store, page cache warm (``disk``), vs ``torch._foreach_copy_`` of the same
-tensors into the same slices (the bytes alone; the difference is the call's overhead).  Row 3: single-key ``put`` and ``get`` of 20,000 4 KiB values (host tier) vs a dict of clones.  Row 5: a
+tensors into the same slices (the bytes alone; the difference is the call's overhead).  Row 3: single-key ``put`` and ``get`` of 20,000 4 KiB values (host tier) vs a dict of clones (row 4: 2,048 64 KiB values).  Row 5: a
 warm single-key ``get`` from a disk-only store vs open + readinto + close of same-size files (each result
 and each buffer dropped at once, as in ``hotpath.py``).  Row 6: reopen of a 100K-entry store of 256-byte values
 (warm; built once under ``--workdir``).  CPU time is ``time.thread_time`` (``process_time`` for row 6):
@@ -53,14 +53,18 @@ def timed(fn: Callable[[], None], count: int, cpu: Callable[[], float] = time.th
     return (time.perf_counter() - t0) / count, (cpu() - c0) / count
 
 
-def row3(trees: dict[str, Any]) -> Callable[[str], dict[str, tuple[float, float]]]:
-    values = [torch.randn(1024) for _ in range(20_000)]
+def row3(trees: dict[str, Any], size: int = 4096, count: int = 20_000) -> Callable[[str], dict[str, tuple[float, float]]]:
+    """Single-key ``put`` and ``get`` of ``count`` values of ``size`` bytes (host tier, a fresh cache per
+    sample) vs a dict of clones (row 3: 4 KiB; row 4: 64 KiB)."""
+    values = [torch.randn(size // 4) for _ in range(count)]
     capacity = 2 * sum(v.nbytes for v in values) + 16 * MiB
 
     def run(name: str) -> dict[str, tuple[float, float]]:
         if name == "base":
             store: dict[int, torch.Tensor] = {}
-            return {"put": timed(lambda: [store.__setitem__(i, v.clone()) for i, v in enumerate(values)], len(values))}
+            put = timed(lambda: [store.__setitem__(i, v.clone()) for i, v in enumerate(values)], len(values))
+            get = timed(lambda: [store[i].clone() for i in range(len(values))], len(values))
+            return {"put": put, "get": get}
         with trees[name].Cache(host=capacity, disk=None) as cache:
             put = timed(lambda: [cache.put(i, v) for i, v in enumerate(values)], len(values))
             get = timed(lambda: [cache.get(i) for i in range(len(values))], len(values))
@@ -176,6 +180,8 @@ def main() -> int:
         runs.append((2, row2(trees, workdir, args.keys)))
     if 3 in rows:
         runs.append((3, row3(trees)))
+    if 4 in rows:
+        runs.append((4, row3(trees, 64 * 1024, 2048)))
     if 5 in rows:
         runs += [(5, row5(trees, workdir, 4096, 8192)), (5, row5(trees, workdir, 65536, 1024))]
     if 6 in rows:

@@ -24,6 +24,13 @@ read the disk (``disk``):
   the decode buffer's block slices, plus their crc32c (and the same copies): a verified read of this
   format with no bookkeeping.
 
+With ``--compare-split BYTES`` each disk part's ``grouped`` and ``inline`` are also timed, in the same
+interleaved loop, with the disk tier's ``MIN_BUFFERED_BYTES_PER_THREAD`` (the batch size per read thread
+from which a buffered ``read_into`` spreads over its pool) set to ``BYTES`` (``grouped@BYTES``,
+``inline@BYTES``): an A/B of that threshold in one process.  ``--spare N`` fixes the disk tier's idle-CPU
+estimate (``spare_cpus``, from the load average) at ``N``, e.g. 1 to time the pool as on an idle machine
+while other work loads it.
+
 Prints median CPU time (``time.process_time``: every thread of the process, so the reader threads count)
 and wall time per step of each, with the load average.  On a loaded machine read CPU: wall time then
 mostly measures waiting for a core.
@@ -203,8 +210,22 @@ def steps(cache: Any, workdir: Path) -> tuple[dict[str, dict[str, Callable[[], N
     return methods, {**counts, "layers_mem": len(layers["mem"]), "layers_disk": len(layers["disk"])}
 
 
-def measure(config: Any, context: int, threads: int, host: int, repeats: int, group: int | None = None
-            ) -> tuple[dict[tuple[str, str], tuple[float, float]], dict[str, int]]:
+def with_split(fn: Callable[[], None], per_thread: int) -> Callable[[], None]:
+    """``fn`` run with the disk tier's ``MIN_BUFFERED_BYTES_PER_THREAD`` set to ``per_thread``."""
+    from tiercache.tiers import disk
+
+    def run() -> None:
+        before = disk.MIN_BUFFERED_BYTES_PER_THREAD
+        disk.MIN_BUFFERED_BYTES_PER_THREAD = per_thread
+        try:
+            fn()
+        finally:
+            disk.MIN_BUFFERED_BYTES_PER_THREAD = before
+    return run
+
+
+def measure(config: Any, context: int, threads: int, host: int, repeats: int, group: int | None = None,
+            compare_split: int | None = None) -> tuple[dict[tuple[str, str], tuple[float, float]], dict[str, int]]:
     """``({(part, method): (median CPU ms, median wall ms) per step}, entry and layer counts)`` for one
     context at ``threads`` torch threads (a fresh cache in a temp directory, removed after)."""
     torch.set_num_threads(threads)
@@ -214,6 +235,13 @@ def measure(config: Any, context: int, threads: int, host: int, repeats: int, gr
         cache.buffer.group = group
     try:
         methods, counts = steps(cache, workdir)
+        if compare_split is not None:  # each variant timed right after its counterpart
+            disk_methods = {}
+            for name, fn in methods["disk"].items():
+                disk_methods[name] = fn
+                if name in ("grouped", "inline"):
+                    disk_methods[f"{name}@{compare_split}"] = with_split(fn, compare_split)
+            methods["disk"] = disk_methods
         try:
             flat = [(part, name, fn) for part, group in methods.items() for name, fn in group.items()]
             samples: dict[tuple[str, str], list[tuple[float, float]]] = {}
@@ -241,12 +269,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--group", type=int, default=None,
                         help="layers per grouped read (default: the cache's decode buffer's, DISK_GROUP)")
+    parser.add_argument("--compare-split", type=int, default=None, metavar="BYTES",
+                        help="also time the disk part's grouped and inline reads with the disk tier's "
+                             "MIN_BUFFERED_BYTES_PER_THREAD at BYTES (an interleaved A/B of that threshold)")
+    parser.add_argument("--spare", type=int, default=None, metavar="N",
+                        help="fix the disk tier's idle-CPU estimate (spare_cpus) at N")
     args = parser.parse_args(argv)
+    if args.spare is not None:
+        from tiercache.tiers import disk
+
+        disk.spare_cpus = lambda: args.spare
     config = model_config(args.model)
     print(f"load average at the start: {os.getloadavg()}")
     for context in parse_ints(args.contexts, "--contexts"):
         for threads in parse_ints(args.threads, "--threads"):
-            medians, counts = measure(config, context, threads, args.host, args.repeats, args.group)
+            medians, counts = measure(config, context, threads, args.host, args.repeats, args.group, args.compare_split)
             print(f"context {context}, {threads} torch thread(s): {counts['layers_mem']} layers held in memory "
                   f"({counts['mem_mem']} entries), {counts['layers_disk']} reading the disk ({counts['disk_disk']} "
                   f"entries on disk, {counts['disk_mem']} in memory); ms per step, median of {args.repeats}; "

@@ -464,6 +464,8 @@ class DataPaths(Moves):
                 found.append(entry)
             if check is not None:
                 check(found)
+            elif dsts is not None:
+                _check_destinations(found, dsts)
             tiers = self._tiers
             pins, arena_tiers, direct_tiers = self._pins, self._arena_tiers, self._direct_tiers
             hits = [0] * len(tiers)
@@ -686,16 +688,18 @@ class DataPaths(Moves):
         ``_begin``/``_end`` (folded into its first and last lock round trips).  Small values of the
         fastest tier are copied during the lookup (see ``_lookup_and_pin``): a batch of only those takes
         the index lock once."""
-        if dsts is not None:  # keys are checked in _lookup_and_pin (their types only on a miss or an odd type)
-            check = partial(_check_destinations, dsts=dsts)
-        elif pack and packed is not None:
-            check = partial(_check_packed_room, packed=packed)
-        else:
-            check = None
+        # (keys are checked in _lookup_and_pin (their types only on a miss or an odd type), and so are
+        # dsts against the entries found)
+        check = partial(_check_packed_room, packed=packed) if pack and packed is not None else None
         direct = [None] * len(keys) if not pack and target.type == "cpu" else None
         pinned, views, positions = self._lookup_and_pin(keys, check, bracket, direct, dsts)
         if not pinned and direct is not None:  # all copied during the lookup: the operation is complete
             return dsts if dsts is not None else direct  # type: ignore[return-value]
+        if dsts is not None:
+            rows = self._row_requests(pinned, dsts if len(positions) == len(keys) else [dsts[i] for i in positions])
+            if rows is not None:
+                self._get_rows(pinned, rows, bracket)
+                return dsts
         if direct is not None and len(positions) < len(keys):  # some were copied during the lookup
             whole = dsts if dsts is not None else direct
             rest = self._get_pinned(pinned, views, target, [dsts[i] for i in positions] if dsts is not None
@@ -704,6 +708,72 @@ class DataPaths(Moves):
                 whole[i] = value  # type: ignore[index]
             return whole  # type: ignore[return-value]
         return self._get_pinned(pinned, views, target, dsts, packed, pack, bracket)
+
+    def _row_requests(self, pinned: list[_Pinned], dsts: list[torch.Tensor]) -> list[tuple[Slot, Any, torch.Tensor]] | None:
+        """The ``read_into`` requests of a batch that :func:`to_strided_reads` accepts (every pinned value in
+        one tier that reads row-contiguous CPU destinations in place, e.g. exact decode's blocks on a disk
+        tier read into their slices of a decode buffer), checked and built in one pass; ``None`` for any
+        other batch.  A contiguous destination is read into as its 1-D bytes (contract C2), which a
+        promotion copies from; any other is read in place (``reads_strided``)."""
+        src = pinned[0][1]
+        if not self._strided_tiers[src] or self._address_tiers[src] is not None:
+            return None
+        requests = []
+        for item, dst in zip(pinned, dsts):
+            if item[1] != src or not dst.is_cpu or not dst.dim() or dst.stride(-1) != 1:
+                return None
+            requests.append((item[2], item[3], as_bytes(dst.view(-1)) if dst.is_contiguous() else dst))
+        return requests
+
+    def _get_rows(self, pinned: list[_Pinned], requests: list[tuple[Slot, Any, torch.Tensor]], bracket: bool) -> None:
+        """:meth:`_get_pinned` of a batch that :meth:`_row_requests` built requests for: one ``read_into``
+        of every item straight into its destination, promotion, then unpin, count (and end the operation),
+        in one frame (exact decode reads a layer's blocks this way at every step: the general path's
+        frames and passes over the batch were a measurable part of a short context's step).  The same
+        errors, counts and promotions as the general path; a promotion copies from a contiguous
+        destination's bytes, else re-reads the pinned slot."""
+        src = pinned[0][1]
+        bad: Entry | None = None
+        seconds = -1.0
+        try:
+            start = _perf_counter()
+            try:
+                self._tiers[src].read_into(requests)  # type: ignore[attr-defined]
+            except CorruptEntryError as exc:
+                where = getattr(exc, "tiercache_index", None)
+                bad = pinned[where][0] if where is not None else None
+                if bad is None:
+                    raise
+                log.warning("tiercache: entry %r is damaged and was dropped: %s", bad.key, exc)
+                raise KeyError(bad.key) from None
+            seconds = _perf_counter() - start
+            if src:
+                promote = self._policy.promote
+                names = self._tier_names
+                fast, name = names[0], names[src]
+                for (entry, _, _, _), (_, _, buf) in zip(pinned, requests):
+                    # (the entry is its policy info: Entry.info returns it)
+                    if promote(entry, name, fast):
+                        # the source slot is still pinned by us; a strided destination is not a payload
+                        self._promote(entry, src, buf if buf.dim() == 1 and buf.dtype is torch.uint8 else None)
+        finally:
+            with self._lock:
+                releases = self._unpin_all(pinned)
+                if bad is not None and self._index.get(bad.key) is bad:
+                    self._counters.corruptions += 1
+                    releases += self._drop_entry(bad, "corrupt")
+                if seconds >= 0:
+                    counters = self._tier_counters[src]
+                    counters.bytes_read += sum([item[3].nbytes for item in pinned])
+                    counters.read_seconds += seconds
+                if releases:
+                    releases = self._free_volatile(releases)
+                if bracket:
+                    self._active -= 1
+                    if not self._active and self._closing:  # only close() waits for it
+                        self._idle.notify_all()
+            if releases or self._evicted:
+                self._finish(releases)
 
     def _get_pinned(
         self,

@@ -339,6 +339,8 @@ class BlockStore:
         return self._pending_bytes
 
     def _raise_write_error(self) -> None:
+        if self._write_error is None:  # (the common case, without the lock: a failure set meanwhile is raised next call)
+            return
         with self._wcond:
             exc, self._write_error = self._write_error, None
         if exc is not None:
@@ -471,10 +473,11 @@ class BlockStore:
             return self._get_with_queue(list(keys), device, out, queued, background)
         start = time.perf_counter()
         try:
+            keys = keys if type(keys) is list else list(keys)
             if out is None:
-                tensors = self.cache.get_many(list(keys), device=device)
+                tensors = self.cache.get_many(keys, device=device)
             else:
-                tensors = self._get_into(list(keys), list(out))
+                tensors = self._get_into(keys, list(out))
         except KeyError as exc:
             raise KVCapacityError(
                 f"KV block {exc.args[0]!r} is no longer in the tiercache (evicted or corrupt); "

@@ -100,6 +100,49 @@ def test_get_many_into_strided_outs_copies_under_the_lookup_and_leaves_no_pins()
             cache.get_many([("b", 0)], out=[outs[0].double()])
 
 
+def _flip_payload_byte(cache, key):
+    disk = next(t for t in cache.tiers if t.name == "disk")
+    path = disk.chunk_path(cache._index[key].slot)
+    with open(path, "r+b") as f:
+        f.seek(4096 + 10)  # a payload byte (after the header page)
+        byte = f.read(1)
+        f.seek(4096 + 10)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
+def test_get_many_of_disk_values_into_strided_outs_reads_promotes_and_drops_damage(tmp_path):
+    """A batch of disk values read into row-contiguous slices (exact decode's blocks: ``_get_rows``) lands
+    in the slices, counts as the batch path does, promotes from the re-read slot, and a damaged chunk
+    raises ``KeyError`` for its key, is dropped and counted, with no pin left."""
+    blocks = [torch.randn(1, 3, 8, 4) for _ in range(5)]
+    keys = [("b", i) for i in range(5)]
+    with tiercache.Cache(host=None, disk="4MiB", path=tmp_path / "s") as cache:
+        cache.put_many(zip(keys, blocks))
+        buf = torch.zeros(1, 3, 5 * 8 + 2, 4)
+        outs = list(buf[:, :, :40].unflatten(2, (5, 8)).unbind(2))
+        got = cache.get_many(keys, out=outs)
+        assert all(g is o for g, o in zip(got, outs))
+        assert torch.equal(buf[:, :, :40], torch.cat(blocks, dim=2)) and not buf[:, :, 40:].any()
+        disk = cache.stats()["tiers"]["disk"]
+        assert not cache._pins and cache.stats()["hits"] == 5 and disk["bytes_read"] == 5 * blocks[0].nbytes
+        _flip_payload_byte(cache, keys[3])
+        with pytest.raises(KeyError) as info:
+            cache.get_many(keys, out=outs)
+        assert info.value.args[0] == keys[3] and keys[3] not in cache and cache.stats()["corruptions"] == 1
+        assert not cache._pins
+        rest = [k for k in keys if k != keys[3]]
+        cache.get_many(rest, out=[outs[i] for i in (0, 1, 2, 4)])
+        assert all(torch.equal(outs[i], blocks[i]) for i in (0, 1, 2, 4))
+    with tiercache.Cache(host=2048, disk="4MiB", path=tmp_path / "p", policy="lru") as cache:
+        cache.put_many(zip(keys, blocks))  # the host tier holds a few: the rest are demoted to disk
+        on_disk = [k for k, tier in zip(keys, cache.tiers_of(keys)) if tier == "disk"]
+        assert on_disk
+        cache.get_many(on_disk, out=outs[: len(on_disk)])  # lru promotes every hit, from the re-read slot
+        assert all(torch.equal(o, blocks[keys.index(k)]) for k, o in zip(on_disk, outs))
+        assert not cache._pins and "host" in cache.tiers_of(on_disk)
+        assert all(torch.equal(cache.get(k), b) for k, b in zip(keys, blocks))
+
+
 @pytest.mark.parametrize("shape", [(), (0,), (1,), (1, 1), (3, 0, 2), (2, 1, 3), (1, 3, 1, 1), (2, 3, 4, 5, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool])
 def test_new_tensor_is_like_torch_empty(shape, dtype):

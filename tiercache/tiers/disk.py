@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -90,6 +90,13 @@ _SMALL_PAGES = class_pages(SMALL_READ_BYTES)  # the largest size class whose chu
 # read_into spreads a batch over its threads only with at least this many bytes per thread: below it, the
 # hand-offs cost more than the reads they overlap.
 MIN_BYTES_PER_THREAD = 256 << 10
+# ... and a batch of buffered, uncompressed reads (page-cache copies and checksums, tens of microseconds per
+# 384 KiB entry) only with at least this many: a pool thread's hand-off and the GIL passes between the readers
+# cost about as much as reading a 1 MiB batch alone.  Exact decode's warm layer of 3 x 384 KiB blocks (SmolLM2,
+# 1K context; 16 layers per step, 2-core box under load, interleaved): split over two threads 3.3 ms wall and
+# 4.1-4.2 ms CPU per step, read on the calling thread 2.7-3.1 ms wall and 2.7-3.1 ms CPU; batches of 2 MiB and
+# more (two layers read ahead together, 2K context) are still split, where the second thread shortens the wall.
+MIN_BUFFERED_BYTES_PER_THREAD = 1 << 20
 # Direct (O_DIRECT) reads sleep in the kernel until the device answers, so more of them in flight than
 # CPUs helps: random 56 KiB O_DIRECT preadv of one file on this project's 2-CPU box measured 0.38-0.39 GiB/s
 # with one thread, 0.79-0.83 with 4, 0.95-1.27 with 8 and 1.22-1.43 with 16 (2026-12-05, other jobs running).
@@ -1113,7 +1120,7 @@ class DiskTier:
 
     def _read_buffered(
         self, items: Sequence[tuple[Slot, EntryHeader, torch.Tensor]], parts: list[list[memoryview]],
-        taken: Iterator[int], n: int,
+        taken: Iterator[int], n: int, handles: list | None = None,
     ) -> None:
         """The loop of :meth:`read_into` for buffered reads of an uncompressed store: take the next item
         (``next(taken)``) until ``n``, and read its chunk with the payload scattered into ``parts[i]``,
@@ -1121,7 +1128,9 @@ class DiskTier:
         errors, with ``tiercache_index`` = ``i``).  One frame per batch instead of four calls per item;
         the checksums of pieces below ``PIPELINE_BYTES`` keep the GIL (a few microseconds of CPU each):
         releasing and retaking it twice per entry costs more than that whenever another thread, e.g. the
-        model a read ahead overlaps, holds it."""
+        model a read ahead overlaps, holds it.  ``handles``: the items' cached descriptors, taken by the
+        caller (``FdCache.lookup_many``, released by it), ``None`` where none was open (opened and released
+        here); without it each read looks its descriptor up and releases it."""
         fds = self._fds
         lookup, release = fds.lookup, fds.release
         crc32c = self._crc
@@ -1142,15 +1151,15 @@ class DiskTier:
                 if nbytes >= PIPELINE_BYTES:
                     self._read_payload_into(slot, header, parts[i])
                     continue
-                handle = lookup(ref)
-                if handle is None:
-                    handle = self._acquire_fd(slot)
+                held = handles[i] if handles is not None else lookup(ref)
+                handle = held if held is not None else self._acquire_fd(slot)
                 size = ref[0] * PAGE + CRC_BYTES  # type: ignore[index]
                 tail = tail_buf[: size - HEADER_BYTES - nbytes + 1]  # one byte more: sees a longer file
                 try:
                     got = preadv(handle.fd, [head, *parts[i], tail], 0)
                 finally:
-                    release(handle)
+                    if handles is None or held is None:
+                        release(handle)
                 if got != size:
                     raise CorruptEntryError(f"{self._chunk_file(slot)} {_wrong_size(got)}")
                 crc = crc32c(head, 0, 0)
@@ -1424,15 +1433,33 @@ class DiskTier:
             return
         parts, aligned = batch_parts(items, direct, align, mem_align)
         n = len(items)
+        # Buffered reads of warm chunks are memory copies and checksums, CPU work: more threads than idle
+        # CPUs only contend for them (and for the GIL between reads) with whatever else runs, e.g. the
+        # model a read ahead overlaps (see spare_cpus).  Direct reads wait on the device, where more reads
+        # in flight help, up to direct_read_threads.
+        if self.direct_io:
+            limit = self._direct_threads
+        else:
+            limit = min(self._io_threads, _CPUS, 1 + spare_cpus())
+        per_thread = MIN_BUFFERED_BYTES_PER_THREAD if buffered else MIN_BYTES_PER_THREAD
+        workers = min(limit, n, max(1, sum([s.nbytes for s, _, _ in items]) // per_thread))
         # Each thread takes the next unread item (itertools.count's next is atomic under the GIL) rather
         # than a fixed share: on a busy machine a descheduled thread's share would otherwise wait for it
         # while the others idle.  Items are taken in order, so the lowest failed position is the first
         # damaged item: every item before it was taken, and read, by some thread.
         taken = itertools.count()
-
         if buffered:
-            run = partial(self._read_buffered, items, parts, taken, n)
-        elif self._codec is None:
+            # The batch's cached descriptors are taken (and given back) in one lock round trip each.
+            handles = self._fds.lookup_many([slot.ref for slot, _, _ in items])
+            try:
+                if workers <= 1:
+                    self._read_buffered(items, parts, taken, n, handles)
+                else:
+                    self._read_spread(partial(self._read_buffered, items, parts, taken, n, handles), workers)
+            finally:
+                self._fds.release_many(handles)
+            return
+        if self._codec is None:
             run = partial(self._read_direct, items, parts, aligned, taken, n)
         else:
             def run() -> None:
@@ -1447,19 +1474,15 @@ class DiskTier:
                     except CorruptEntryError as exc:
                         exc.tiercache_index = i  # type: ignore[attr-defined]
                         raise
-
-        # Buffered reads of warm chunks are memory copies and checksums, CPU work: more threads than idle
-        # CPUs only contend for them (and for the GIL between reads) with whatever else runs, e.g. the
-        # model a read ahead overlaps (see spare_cpus).  Direct reads wait on the device, where more reads
-        # in flight help, up to direct_read_threads.
-        if self.direct_io:
-            limit = self._direct_threads
-        else:
-            limit = min(self._io_threads, _CPUS, 1 + spare_cpus())
-        workers = min(limit, n, max(1, sum([s.nbytes for s, _, _ in items]) // MIN_BYTES_PER_THREAD))
         if workers <= 1:
             run()
             return
+        self._read_spread(run, workers)
+
+    def _read_spread(self, run: Callable[[], None], workers: int) -> None:
+        """``run`` (a read loop taking items off a shared counter) on this thread and ``workers - 1`` pool
+        threads; returns once every one is done, raising the first damaged item's ``CorruptEntryError``
+        (the lowest ``tiercache_index``), else the first other error."""
         if self._pool is None:
             with self._lock:
                 if self._pool is None:

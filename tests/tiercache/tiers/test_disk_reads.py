@@ -133,6 +133,7 @@ def test_read_into_fills_block_slices_of_a_larger_buffer_in_place(tmp_path, opti
 def test_a_damaged_chunk_read_into_a_slice_is_reported_with_its_position(tmp_path, monkeypatch):
     monkeypatch.setattr(disk_module, "_CPUS", 3)  # buffered reads use one thread per CPU: three, whatever runs this
     monkeypatch.setattr(disk_module, "spare_cpus", lambda: 3)  # ... and idle ones
+    monkeypatch.setattr(disk_module, "MIN_BUFFERED_BYTES_PER_THREAD", 64 << 10)  # ... and a small batch split
     tier = DiskTier(tmp_path / "d", 1 << 24, io_threads=3)
     list(tier.recover())
     blocks = [make_value(torch.float32, (1, 3, 16, 64), j) for j in range(40)]  # 480 KiB: spread over threads
@@ -548,9 +549,10 @@ def test_buffered_batch_reads_use_at_most_one_thread_per_cpu(tmp_path, monkeypat
 
     monkeypatch.setattr(disk_module, "_CPUS", 2)
     monkeypatch.setattr(disk_module, "spare_cpus", lambda: idle)  # whatever load the machine running this has
+    monkeypatch.setattr(disk_module, "MIN_BUFFERED_BYTES_PER_THREAD", 64 << 10)
     tier = DiskTier(tmp_path / "d", 1 << 24, io_threads=4)
     list(tier.recover())
-    blocks = [make_value(torch.float32, (1, 3, 16, 64), j) for j in range(40)]  # 480 KiB: worth 4 threads
+    blocks = [make_value(torch.float32, (1, 3, 16, 64), j) for j in range(40)]  # 480 KiB: worth 4 threads here
     items = [store(tier, ("k", j), b, seq=j + 1) for j, b in enumerate(blocks)]
     seen = set()
     real = os.preadv
@@ -564,6 +566,35 @@ def test_buffered_batch_reads_use_at_most_one_thread_per_cpu(tmp_path, monkeypat
     tier.read_into([(s, h, buf[:, :, 16 * j : 16 * (j + 1)]) for j, (s, h) in enumerate(items)])
     assert torch.equal(buf.view(torch.int32), torch.cat(blocks, dim=2).view(torch.int32))
     assert 1 <= len(seen) <= 2 if idle else seen == {threading.get_ident()}
+    tier.close()
+
+
+def test_a_buffered_batch_below_the_split_size_is_read_on_the_calling_thread(tmp_path, monkeypatch):
+    """Below ``MIN_BUFFERED_BYTES_PER_THREAD`` per thread a buffered batch is not split, even with idle
+    CPUs (a pool thread's hand-off costs more than the reads it would take over), and its values land where
+    they belong; direct reads keep the smaller ``MIN_BYTES_PER_THREAD``."""
+    import threading
+
+    monkeypatch.setattr(disk_module, "_CPUS", 2)
+    monkeypatch.setattr(disk_module, "spare_cpus", lambda: 2)
+    assert disk_module.MIN_BUFFERED_BYTES_PER_THREAD > disk_module.MIN_BYTES_PER_THREAD
+    tier = DiskTier(tmp_path / "d", 1 << 24, io_threads=4)
+    list(tier.recover())
+    blocks = [make_value(torch.float32, (1, 3, 16, 64), j) for j in range(80)]  # 960 KiB
+    assert 2 * disk_module.MIN_BYTES_PER_THREAD < 80 * blocks[0].nbytes < disk_module.MIN_BUFFERED_BYTES_PER_THREAD
+    items = [store(tier, ("k", j), b, seq=j + 1) for j, b in enumerate(blocks)]
+    seen = set()
+    real = os.preadv
+
+    def counting(*args):
+        seen.add(threading.get_ident())
+        return real(*args)
+
+    monkeypatch.setattr(disk_module.os, "preadv", counting)
+    buf = torch.zeros(1, 3, 80 * 16, 64)
+    tier.read_into([(s, h, buf[:, :, 16 * j : 16 * (j + 1)]) for j, (s, h) in enumerate(items)])
+    assert torch.equal(buf.view(torch.int32), torch.cat(blocks, dim=2).view(torch.int32))
+    assert seen == {threading.get_ident()}
     tier.close()
 
 
