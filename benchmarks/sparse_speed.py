@@ -95,7 +95,7 @@ class Settings:
     repeats: int = 2  # rounds: every configuration's cache is built, decoded and closed once per round
     threads: tuple[int, ...] = field(default_factory=lambda: tuple(dict.fromkeys((1, DEFAULT_THREADS))))
     host_fraction: float = 0.25
-    block_size: int | None = None  # None: each mode's default (default_block_size: exact 256, sparse 64)
+    block_size: int | None = None  # None: each mode's default (default_block_size: exact 256, sparse 128)
     warm: bool = True  # warm-page-cache runs at the full points (exact and the headline budget)
     synthetic: tuple[int, ...] = (16384, 32768)  # contexts of the deep random config (batch 1); () skips it
     synthetic_layers: int = 48

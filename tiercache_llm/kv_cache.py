@@ -45,7 +45,7 @@ SUPPORTED_TRANSFORMERS = ">=5.17,<6"
 _UNSET: Any = object()
 # Tokens per stored block when ``block_size`` is left at ``None``, per mode (see default_block_size).
 EXACT_BLOCK_SIZE = 256
-SPARSE_BLOCK_SIZE = 64
+SPARSE_BLOCK_SIZE = 128
 # Cores this process may run on (layer-ahead reads of memory-only tiers need one beside torch's threads).
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 #: Copies up to this many elements (1 MiB of float32) are cut below the grain by :func:`_copy_on_caller`.
@@ -82,8 +82,13 @@ def default_block_size(mode: str) -> int:
     and has no selection, so a larger block only means fewer tiercache entries (less per-entry work,
     fewer and larger disk reads) and a larger in-memory tail; measured with SmolLM2 (host 16 MiB + disk,
     ``direct_io``), 256-token blocks decode a 4K context markedly faster than 64-token ones
-    (docs/tiercache_llm.md "Block size").  ``"sparse"``: :data:`SPARSE_BLOCK_SIZE` (64): a block is the
-    unit a selection fetches, and sparse mode's accuracy and speed figures were measured at 64.
+    (docs/tiercache_llm.md "Block size").  ``"sparse"``: :data:`SPARSE_BLOCK_SIZE` (128): a block is the
+    unit a selection fetches (the union of the blocks holding a selected page, over heads and rows), so a
+    larger block fetches more unselected tokens but fewer entries; the selection works on pages
+    (``page_size``, 8), so logits are the same at every block size.  On the 2-core CPU machine, where one
+    disk entry costs about as much as 62 KiB of transfer, 128-token blocks decoded 21-26 % faster than 64 at
+    batch 1 (8K, synthetic 32K) for 11-18 % more bytes, and the same within noise at 8K x 4
+    (docs/sparse.md "Fetch granularity", "One entry per block").
 
     Raises:
         ValueError: ``mode`` is neither ``"exact"`` nor ``"sparse"``.
@@ -101,7 +106,7 @@ class TieredKVSettings:
 
     Attributes:
         block_size: tokens per stored block (> 0), or ``None`` (default) for the mode's default,
-            :func:`default_block_size`: 256 in exact mode, 64 in sparse mode.  The resolved value is what
+            :func:`default_block_size`: 256 in exact mode, 128 in sparse mode.  The resolved value is what
             ``settings.block_size`` and ``stats()["kv"]["block_size"]`` hold.  Smaller blocks waste less
             tail memory (the partial tail, up to ``block_size - 1`` tokens per layer, stays in memory
             beside the tiers) and move in finer units; larger blocks mean fewer tiercache entries and

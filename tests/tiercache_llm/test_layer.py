@@ -241,7 +241,7 @@ def test_block_size_defaults_per_mode_and_an_explicit_value_wins(make_config):
     from tiercache_llm.kv_cache import EXACT_BLOCK_SIZE, SPARSE_BLOCK_SIZE, default_block_size
 
     assert (default_block_size("exact"), default_block_size("sparse")) == (EXACT_BLOCK_SIZE, SPARSE_BLOCK_SIZE)
-    assert EXACT_BLOCK_SIZE > SPARSE_BLOCK_SIZE == 64
+    assert EXACT_BLOCK_SIZE > SPARSE_BLOCK_SIZE == 128
     with pytest.raises(ValueError, match="mode"):
         default_block_size("fast")
     assert TieredKVSettings().block_size == TieredKVSettings(block_size=None).block_size == EXACT_BLOCK_SIZE
