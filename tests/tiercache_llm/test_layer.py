@@ -246,9 +246,10 @@ def test_block_size_defaults_per_mode_and_an_explicit_value_wins(make_config):
         default_block_size("fast")
     assert TieredKVSettings().block_size == TieredKVSettings(block_size=None).block_size == EXACT_BLOCK_SIZE
     sparse = TieredKVSettings(mode="sparse")
-    assert (sparse.block_size, sparse.page_size) == (64, 8)  # the sparse default and its pages are unchanged
+    assert (sparse.block_size, sparse.page_size) == (SPARSE_BLOCK_SIZE, 8)  # pages stay 8 tokens
     assert TieredKVSettings(block_size=16).block_size == 16
-    assert TieredKVSettings(mode="sparse", block_size=128).block_size == 128
+    assert (TieredKVSettings(mode="sparse", block_size=64).block_size,
+            TieredKVSettings(mode="sparse", block_size=64).page_size) == (64, 8)
     gen = torch.Generator().manual_seed(0)
     for given, want in ((None, EXACT_BLOCK_SIZE), (32, 32)):
         options = {} if given is None else {"block_size": given}

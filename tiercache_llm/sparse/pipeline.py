@@ -505,7 +505,8 @@ class DecodePipeline:
         self._after_error: BaseException | None = None  # what its last job raised, for the next fence
         self._handed = False  # this step's end-of-step work went to the worker
         self.stats = PipelineStats()
-        self._promote_future: concurrent.futures.Future | None = None  # the last promotion prefetch
+        self._promote_future: concurrent.futures.Future | None = None  # the last promotion prefetch, uncounted
+        self._promote_asked = 0  # entries it asked for
         self._prefetch_promoted = [0, 0]  # entries, bytes promoted by promotion prefetches
         self._promote_entry_bytes = 0
         self._promoted_base = self._policy_promoted()  # the policy's counters when the stats started
@@ -1327,7 +1328,8 @@ class DecodePipeline:
                 return chosen
             late = self.staging.counters.late if self.staging is not None else 0
             queued, limit = getattr(self.store, "queued_bytes", 0), self.config.write_behind_bytes
-            running = self._promote_future is not None and not self._promote_future.done()
+            self._settle_promotion(wait=False)
+            running = self._promote_future is not None
             if late > self._promote_late or (limit and queued > limit // 2) or running:
                 self._promote_late = late
                 with self._stats_lock:
@@ -1335,9 +1337,8 @@ class DecodePipeline:
                 return chosen
             chosen = self._promotion_choice(budget)
             if chosen and not self.config.promote_reuse_read:
+                self._promote_asked = len(chosen)
                 self._promote_future = self.store.prefetch(chosen)
-                if self._promote_future is not None:
-                    self._promote_future.add_done_callback(functools.partial(self._prefetched, len(chosen)))
             return chosen
         finally:
             policy.choose(chosen if self.config.promote_reuse_read else [])
@@ -1392,12 +1393,20 @@ class DecodePipeline:
             keys += [layer._kkeys[j]] if epb == 1 else [layer._kkeys[j], layer._vkeys[j]]
         return keys
 
-    def _prefetched(self, asked: int, future: concurrent.futures.Future) -> None:
-        """``promote_reuse_read=False``: count what a promotion prefetch moved (its keys were all on a slower tier
-        when chosen; its result counts those in the fastest tier at its end)."""
+    def _settle_promotion(self, wait: bool) -> None:
+        """``promote_reuse_read=False``: count what the last promotion prefetch moved once it has finished (its
+        keys were all on a slower tier when chosen; its result counts those in the fastest tier at its end).
+        ``wait``: wait for it first, so a ``stats()`` snapshot never shows the tiercache's ``bytes_moved`` ahead
+        of ``promoted_bytes`` (a done-callback would run after the future's waiters wake)."""
+        with self._stats_lock:
+            future = self._promote_future
+            if future is None or not (wait or future.done()):
+                return
+            self._promote_future = None
+        concurrent.futures.wait([future])
         if future.cancelled() or future.exception() is not None:
             return
-        entries = min(asked, future.result())
+        entries = min(self._promote_asked, future.result())
         with self._stats_lock:
             self._prefetch_promoted[0] += entries
             self._prefetch_promoted[1] += entries * self._promote_entry_bytes
@@ -1478,6 +1487,7 @@ class DecodePipeline:
         self.invalidate()
 
     def as_dict(self) -> dict:
+        self._settle_promotion(wait=True)
         arena = self._arena
         ps = self.stats
         ps.pool_slots = arena.capacity
