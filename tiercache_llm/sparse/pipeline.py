@@ -89,6 +89,12 @@ at 50 % 654 -> 426 (407); unbounded 192 (docs/sparse.md "Pool budget").
   Skipped while the write-behind queue is over half full.  Off by default: it converges without
   ping-pong but did not move reads from disk to the host tier at SmolLM2 8K x 4 (docs/sparse.md "Budgeted
   promotion under a bound").
+- **Overlapped synchronous reads** (``overlap_sync_reads``, opt-in): a layer's own reads of its missing blocks
+  run on a reader thread while attention covers the resident part of its selection; the layer waits for them,
+  attends their pages and merges the two parts exactly by their log-sum-exp (:class:`PendingReads`,
+  :func:`~tiercache_llm.sparse_layer.attend_overlapped`).  CPU pools only.  Off: at SmolLM2 8K x 4 on the shared
+  2-core machine it cut the forward thread's sync-read wait by 20-70 ms/step but not the step time (batch 1:
+  4-7 % faster; docs/sparse.md "Decode pipeline").
 - **End-of-step worker** (``background_end_step``, with disk staging): the work after a decode step (the
   step's tiercache scores, the promotion threshold, disk staging ahead's choice of blocks and its jobs) runs
   on a worker thread once the forward pass returns (:meth:`DecodePipeline.defer_end_of_step`), overlapping
