@@ -1009,7 +1009,7 @@ class DecodePipeline:
                     raise
 
         pending = None
-        if overlap and (job is not None or pool.fresh):
+        if overlap and (job is not None or (pool.fresh and landing)):  # else nothing to attend later: no split
             late = torch.zeros(len(fetch), dtype=torch.bool)
             late[[*(job[1] if job is not None else ()), *(landing if pool.fresh else ())]] = True
             pending = self._pending = PendingReads(late, functools.partial(
