@@ -4,12 +4,18 @@ cold disk (``direct_io``), host tier 25 % of the KV, as ``sparse_speed.py``.
 
     python benchmarks/sparse_joint_ab.py --context 8192 --batch 4 --strategies attention-aware,reuse-layer-ahead
     python benchmarks/sparse_joint_ab.py --synthetic 32768 --strategies attention-aware --steps 4
+    python benchmarks/sparse_joint_ab.py --context 8192 --batch 4 --strategies attention-aware --layouts joint,overlap
 
 For each strategy (``exact``: one cache, the reference row) the caches of every layout (``two``: every layer
-made to store two entries per block; ``joint``) and every ``--block-sizes`` value are filled with the same K/V;
+made to store two entries per block; ``joint``; ``overlap``: joint with the pipeline's ``overlap_sync_reads``, the
+synchronous reads overlapped with attention over the resident blocks) and every ``--block-sizes`` value are filled
+with the same K/V;
 each step feeds all of them the same token (the first cache's greedy choice), the order rotating, and checks
-their logits are bit-identical.  Prints per cache the median wall ms/step, forward-thread CPU ms/step
-(``time.thread_time``), disk entries read synchronously per step and MiB fetched per tier per step; ``--json``
+their logits are bit-identical (``overlap`` merges two partial attentions: equal within float32 rounding, the
+max difference is printed; the fed token is the first cache's greedy choice).  Prints per cache the median wall
+ms/step, forward-thread CPU ms/step (``time.thread_time``), disk entries read synchronously per step (and their
+read time), the forward thread's time on synchronous reads (``wait``: the reads, or with ``overlap`` its wait
+for them after the resident part's attention) and MiB fetched per tier per step; ``--json``
 writes them.  ``--synthetic N``: the deep random config of ``sparse_speed.py`` at context ``N``, batch 1,
 instead of SmolLM2 (its prefill: ``--prefill-cache`` as in ``sparse_variants.py``).
 """
@@ -38,8 +44,10 @@ import tiercache_llm.kv_cache as kvc  # noqa: E402
 from tiercache_llm.hf_kwargs import cache_kwargs  # noqa: E402
 
 
-def build(model: Any, strategy: str, budget: Any, kv: list, s: Any, path: Path, joint: bool) -> Any:
-    """``sp.build_cache`` with every layer storing joint entries (``joint``) or two entries per block."""
+def build(model: Any, strategy: str, budget: Any, kv: list, s: Any, path: Path, joint: bool,
+          pipeline: dict | None = None) -> Any:
+    """``sp.build_cache`` with every layer storing joint entries (``joint``) or two entries per block;
+    ``pipeline``: ``PipelineConfig`` overrides."""
     original = kvc.TieredKVLayer.lazy_initialization
 
     def two(self, k, v):
@@ -50,7 +58,7 @@ def build(model: Any, strategy: str, budget: Any, kv: list, s: Any, path: Path, 
         kvc.TieredKVLayer.lazy_initialization = two
     cfg = sp.Config(strategy, None, "cold") if strategy == sp.EXACT else sp.Config(strategy, budget, "cold")
     try:
-        cache = sp.build_cache(model, cfg, kv, s, path)
+        cache = sp.build_cache(model, cfg, kv, s, path, pipeline=pipeline)
     finally:
         kvc.TieredKVLayer.lazy_initialization = original
     assert all(layer._joint is joint for layer in cache.layers if layer.is_initialized)
@@ -67,6 +75,8 @@ def step_numbers(before: dict, after: dict) -> dict[str, float]:
     out["needed_entries"] = pipe.get("needed", 0)
     out["fetch_ms"] = 1000 * d.get("sparse", {}).get("total", {}).get("fetch_seconds", 0.0)
     out["sync_disk_ms"] = 1000 * (pipe.get("sync_seconds") or {}).get("disk", 0.0)
+    out["sync_wait_ms"] = 1000 * pipe.get("sync_wait_seconds", 0.0)
+    out["slot_wait_ms"] = 1000 * pipe.get("slot_wait_seconds", 0.0)
     return out
 
 
@@ -117,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                 for lay in layouts:
                     name, _, bs = lay.partition("/")
                     s = sp.Settings(host_fraction=0.25, block_size=int(bs) if bs else None)
+                    overlap = {"overlap_sync_reads": True} if name == "overlap" and strat != sp.EXACT else None
                     caches[lay] = build(model, strat, a.budget, kv, s, work / f"{strat}-{lay.replace('/', '-')}",
-                                        name == "joint")
+                                        name != "two", overlap)
                 block = ", ".join(str(c.settings.block_size) for c in caches.values())
                 runs = {lay: {"ms": [], "cpu_ms": [], "steps": []} for lay in layouts}
                 feed, same, diff = feed0, True, 0.0
@@ -151,12 +162,13 @@ def main(argv: list[str] | None = None) -> int:
                 r = runs[lay]
                 med = {k: statistics.median(st.get(k, 0.0) for st in r["steps"]) for k in
                        ("sync_disk_entries", "sync_host_entries", "needed_entries", "disk_mib", "host_mib",
-                        "fetch_ms", "sync_disk_ms")}
+                        "fetch_ms", "sync_disk_ms", "sync_wait_ms", "slot_wait_ms")}
                 r["median_ms"], r["median_cpu_ms"] = statistics.median(r["ms"]), statistics.median(r["cpu_ms"])
                 r["medians"] = med
                 print(f"  {lay:9s}: {r['median_ms']:7.1f} ms/step (cpu {r['median_cpu_ms']:6.1f}) steps "
                       f"{[round(x) for x in r['ms']]}; per step: disk {med['disk_mib']:.1f} MiB / "
-                      f"{med['sync_disk_entries']:.0f} sync entries ({med['sync_disk_ms']:.0f} ms), host "
+                      f"{med['sync_disk_entries']:.0f} sync entries ({med['sync_disk_ms']:.0f} ms, wait "
+                      f"{med['sync_wait_ms']:.0f} ms; slot waits {med['slot_wait_ms']:.0f} ms), host "
                       f"{med['host_mib']:.1f} MiB, needed {med['needed_entries']:.0f} entries, fetch "
                       f"{med['fetch_ms']:.0f} ms", flush=True)
             results.append({"point": point, "strategy": strat, "block_size": block, "budget": a.budget,

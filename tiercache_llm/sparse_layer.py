@@ -35,7 +35,8 @@ from .tensor_modes import with_normal_tensors
 from .sparse.attention import SparseAttentionOutput, sparse_attention
 from .sparse.digests import KeyDigests
 from .sparse.fetch import fetch_selected
-from .sparse.page_table import build_page_table_from_valid, entry_mass_to_blocks, page_table_attention
+from .sparse.page_table import build_page_table_from_valid, entry_mass_to_blocks, merge_attention, \
+    page_table_attention, split_page_table
 from .sparse.placement import promotion_threshold, record_attention
 from .sparse.selection import SelectionConfig, select
 
@@ -342,10 +343,20 @@ class SparseLayerState:
         # as the query does in a plain forward of the model outside no_grad); attention keeps the graph.
         sel = select(query.detach(), self.digests, ctrl.selection, pages_per_block=bs // self.page_size)
         t1 = time.perf_counter()
-        k_pool, v_pool, slot_of_fetch = fetch_selected(self, layer, sel, query.detach(), stats)
+        pipeline = getattr(layer, "pipeline", None)
+        defer = pipeline is not None and pipeline.config.overlap_sync_reads
+        fetched = fetch_selected(self, layer, sel, query.detach(), stats, defer=defer)
+        k_pool, v_pool, slot_of_fetch = fetched[:3]
+        pending = fetched[3] if defer else None
         t2 = time.perf_counter()
-        res = attend_selected(query, k_pool, v_pool, slot_of_fetch, sel, self.valid, ctx, bs, k_new, v_new, scaling,
-                              mass=ctrl.strategy == "attention-aware")  # placement is the masses' only reader
+        waited = 0.0
+        want_mass = ctrl.strategy == "attention-aware"  # placement is the masses' only reader
+        if pending is None:
+            res = attend_selected(query, k_pool, v_pool, slot_of_fetch, sel, self.valid, ctx, bs, k_new, v_new,
+                                  scaling, mass=want_mass)
+        else:
+            res, waited = attend_overlapped(query, k_pool, v_pool, slot_of_fetch, sel, self.valid, ctx, bs, k_new,
+                                            v_new, scaling, pending, mass=want_mass)
         t3 = time.perf_counter()
         count = self.digests.count
         stats.tokens_attended += int(sel.selected_tokens(count).sum())
@@ -353,8 +364,8 @@ class SparseLayerState:
         record_attention(self, layer, sel, res, stats)
         t4 = time.perf_counter()
         stats.scoring_seconds += t1 - t0
-        stats.fetch_seconds += t2 - t1
-        stats.attention_seconds += t3 - t2
+        stats.fetch_seconds += t2 - t1 + waited  # overlap_sync_reads: the wait for the reads is fetch time
+        stats.attention_seconds += t3 - t2 - waited
         stats.placement_seconds += t4 - t3
         stats.layer_steps += 1
         return res.output
@@ -464,6 +475,40 @@ def attend_selected(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
     block_mass = entry_mass_to_blocks(res.block_mass, table, u) if mass else res.block_mass.new_zeros(
         res.block_mass.shape[0], res.block_mass.shape[1], u)
     return SparseAttentionOutput(res.output, block_mass, res.new_mass)
+
+
+def attend_overlapped(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slot_of_fetch: torch.Tensor,
+                      sel: Any, valid: torch.Tensor, ctx: int, block_size: int, k_new: torch.Tensor,
+                      v_new: torch.Tensor, scaling: float | None, pending: Any, *,
+                      mass: bool = True) -> tuple[SparseAttentionOutput, float]:
+    """:func:`attend_selected` (``"pages"``, torch path) in two parts around ``pending`` (a
+    :class:`~.sparse.pipeline.PendingReads`, ``overlap_sync_reads``): attention over the selection's pages of
+    the blocks already in their slots plus the new tokens, then ``pending.wait()``, then attention over the pages
+    of the ``pending.late`` blocks, the two merged exactly by their log-sum-exp
+    (:func:`~.sparse.page_table.merge_attention`, masses included).  Returns ``(result, seconds waited)``.  An
+    error in the first part still waits for the reads (they write into the pool) before it propagates; what the
+    wait raises propagates as the fetch's own error would."""
+    table = build_page_table_from_valid(sel, slot_of_fetch, valid, ctx, block_size)
+    ready, later = split_page_table(table, pending.late)
+    try:
+        first = page_table_attention(query, k_pool, v_pool, ready, k_new, v_new, scale=scaling, backend="torch",
+                                     mass=mass, lse=True)
+    except BaseException:
+        pending.wait(raise_errors=False)
+        raise
+    t0 = time.perf_counter()
+    pending.wait()
+    waited = time.perf_counter() - t0
+    second = page_table_attention(query, k_pool, v_pool, later, scale=scaling, backend="torch", mass=mass, lse=True)
+    res = merge_attention(first, second)
+    u = int(sel.fetch.numel())
+    if mass:
+        m1 = ready.slots.shape[-1]
+        block_mass = entry_mass_to_blocks(res.block_mass[..., :m1], ready, u) + \
+            entry_mass_to_blocks(res.block_mass[..., m1:], later, u)
+    else:
+        block_mass = res.block_mass.new_zeros(res.block_mass.shape[0], res.block_mass.shape[1], u)
+    return SparseAttentionOutput(res.output, block_mass, res.new_mass), waited
 
 
 DEFAULT_SCORE = "bound+landmark"  # measured in benchmarks/sparse_selection_study.py (docs/sparse.md)

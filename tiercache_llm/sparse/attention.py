@@ -41,11 +41,15 @@ class SparseAttentionOutput:
         block_mass: ``(B, Hq, U)`` float32, softmax weight each block received, averaged over query
             positions.  With ``new_mass`` it sums to 1 per (row, query head) that attended anything.
         new_mass: ``(B, Hq)`` float32, the weight on the new tokens (zeros when there are none).
+        lse: ``(B, Hq, Q)`` float32 log-sum-exp of the scaled scores over everything attended (``-inf`` where
+            nothing was), or ``None`` when not asked for (``page_table_attention(lse=True)``): what merges
+            the results of disjoint parts of one attention exactly (:func:`~.page_table.merge_attention`).
     """
 
     output: torch.Tensor
     block_mass: torch.Tensor
     new_mass: torch.Tensor
+    lse: torch.Tensor | None = None
 
     def kv_head_mass(self, kv_heads: int) -> torch.Tensor:
         """``(B, H, U)``: :attr:`block_mass` averaged over each KV head's query-head group (still sums to 1

@@ -43,7 +43,7 @@ def selected_buffers(layer: "TieredKVLayer", sel: "BlockSelection"
 
 
 def fetch_selected(state: "SparseLayerState", layer: "TieredKVLayer", sel: "BlockSelection",
-                   query: torch.Tensor, stats: "SparseStats") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   query: torch.Tensor, stats: "SparseStats", defer: bool = False) -> tuple:
     """Keys and values of the blocks ``sel.fetch`` (ascending block indices; the last may be the tail
     block, which is not stored yet) as ``(k_pool, v_pool, slot_of_fetch)``: pools ``(N, B, H, block_size,
     D)`` (each slot contiguous; for a layer storing joint K/V entries, the two halves of one joint storage)
@@ -58,10 +58,17 @@ def fetch_selected(state: "SparseLayerState", layer: "TieredKVLayer", sel: "Bloc
     A layer of a :class:`~tiercache_llm.TieredKVCache` carries the cache's
     :class:`~.pipeline.DecodePipeline` (``layer.pipeline``), which does the work (its per-layer
     :class:`~.pool.ResidentPool`, staged entries, per-tier reads, layer-ahead prefetch); without one, every
-    selected entry is read here in one synchronous batch into a fresh pool with identity slots."""
+    selected entry is read here in one synchronous batch into a fresh pool with identity slots.
+
+    ``defer=True``: returns ``(k_pool, v_pool, slot_of_fetch, pending)``, ``pending`` a
+    :class:`~.pipeline.PendingReads` when the pipeline left reads in flight (``overlap_sync_reads``; the
+    caller attends the rest first and must call ``pending.wait()`` before reading the ``pending.late``
+    blocks), else ``None``."""
     pipeline = getattr(layer, "pipeline", None)
     if pipeline is not None:
-        return pipeline.fetch(state, layer, sel, query, stats)
+        return pipeline.fetch(state, layer, sel, query, stats, defer=defer)
+    if defer:
+        return (*fetch_selected(state, layer, sel, query, stats), None)
     fetch, stored, kbuf, vbuf, kvbuf = selected_buffers(layer, sel)
     joint = kvbuf is not None
     epb = 1 if joint else 2

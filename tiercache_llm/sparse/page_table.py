@@ -34,7 +34,8 @@ from .attention import SparseAttentionOutput, _new_token_scores, add_new_tokens,
 if TYPE_CHECKING:  # pragma: no cover
     from .selection import BlockSelection
 
-__all__ = ["PageTable", "build_page_table", "build_page_table_from_valid", "page_table_attention", "entry_mass_to_blocks"]
+__all__ = ["PageTable", "build_page_table", "build_page_table_from_valid", "page_table_attention", "entry_mass_to_blocks",
+           "split_page_table", "merge_attention"]
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ def _table_entries(sel: "BlockSelection", slot_of_fetch: torch.Tensor):
 def page_table_attention(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: PageTable,
                          new_keys: torch.Tensor | None = None, new_values: torch.Tensor | None = None, *,
                          scale: float | None = None, backend: str = "auto",
-                         num_splits: int | None = None, mass: bool = True) -> SparseAttentionOutput:
+                         num_splits: int | None = None, mass: bool = True, lse: bool = False) -> SparseAttentionOutput:
     """Attention of ``query`` ``(B, Hq, Q, D)`` over ``table``'s pages of the pool and the new tokens
     ``(B, H, Q, D)``.  Returns :class:`~.attention.SparseAttentionOutput` whose ``block_mass`` is
     ``(B, Hq, M)``: the mass of each *table entry* (fold it onto blocks with
@@ -180,6 +181,9 @@ def page_table_attention(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
     per (row, KV head) (default: enough to fill the GPU).  ``mass=False``: the caller does not read
     ``block_mass`` (strategies without attention-aware placement); the torch path then skips the
     per-entry sums and returns zeros there (the output and ``new_mass`` are the same bits either way).
+    ``lse=True`` (torch backend only): also return the per-(row, query head, position) log-sum-exp of the
+    scaled scores (``SparseAttentionOutput.lse``; ``-inf`` where nothing is attended), so attentions over
+    disjoint parts of a table merge exactly (:func:`split_page_table`, :func:`merge_attention`).
 
     Torch path on CPU with one intra-op thread (contiguous pools, autograd not recording; what decode
     runs there in the benchmarks): chunk by chunk
@@ -201,6 +205,8 @@ def page_table_attention(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
 
             backend = "triton" if compiled_triton_usable(query.device) else "torch"
     if backend == "triton":
+        if lse:
+            raise ValueError("page_table_attention(lse=True) runs on the torch backend only")
         return _page_table_attention_triton(query, k_pool, v_pool, table, new_keys, new_values, scale=scale,
                                             num_splits=num_splits)
     ps = table.page_size
@@ -221,7 +227,7 @@ def page_table_attention(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
         krows, vrows = _page_rows(k_pool, ps), _page_rows(v_pool, ps)
         if krows is not None and vrows is not None and krows[1] == vrows[1]:
             return _page_table_attention_cpu(query, k_pool, v_pool, table, new_keys, new_values, scale, mass,
-                                             rows=(krows[0], vrows[0], krows[1]))
+                                             rows=(krows[0], vrows[0], krows[1]), want_lse=lse)
     keys = _gather_pages(k_pool, table, ps, None if grad else "k").view(b, h, t, d)  # float32 copies
     values = _gather_pages(v_pool, table, ps, None if grad else "v").view(b, h, t, d)
     hidden = ~table.valid.reshape(b, h, 1, t)
@@ -253,12 +259,13 @@ def page_table_attention(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
     if new is not None:
         new = torch.exp(new - top.unsqueeze(-1))
         total = total + new.sum(dim=-1)
+    log_se = (top + total.log()).view(b, hq, q) if lse else None  # total 0 (nothing attended): -inf
     inv = 1.0 / total.clamp_min(torch.finfo(torch.float32).tiny)
     ctx = ctx * inv.unsqueeze(-1) if grad else ctx.mul_(inv.unsqueeze(-1))
     out, new_mass = add_new_tokens(ctx @ values, new, inv, new_values, g)  # ctx @ values: fresh (never scratch)
     entry_mass = ctx.view(b, h, g, q, m, ps).sum(-1).mean(3).reshape(b, hq, m) if mass else ctx.new_zeros(b, hq, m)
     output = out.reshape(b, h, g, q, d).reshape(b, hq, q, d).to(query.dtype)
-    return SparseAttentionOutput(output, entry_mass, new_mass)
+    return SparseAttentionOutput(output, entry_mass, new_mass, log_se)
 
 
 # Bytes of gathered K (or V) per chunk of the CPU path: small enough to stay in a core's L2 between the
@@ -291,7 +298,8 @@ def _page_rows(pool: torch.Tensor, ps: int) -> tuple[torch.Tensor, int] | None:
 def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: PageTable,
                               new_keys: torch.Tensor | None, new_values: torch.Tensor | None,
                               scale: float, want_mass: bool = True,
-                              rows: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> SparseAttentionOutput:
+                              rows: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+                              want_lse: bool = False) -> SparseAttentionOutput:
     """The torch path on CPU (autograd not recording; pools whose page rows :func:`_page_rows` views, given as
     ``rows`` = ``(k rows, v rows, slot_rows)`` or computed here): the same result as the batched
     path below, computed chunk by chunk over (row, KV head)s so each gathered chunk is read by its matmul
@@ -371,6 +379,9 @@ def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool:
             torch.bmm(qf, nk.transpose(1, 2), out=scores[..., t:])
         else:
             scores[..., t:] = _new_token_scores(qf.view(b, h, gq, d), new_keys, g).view(bh, gq, q)
+    # (row, head, query row) log-sum-exp before the softmax overwrites nothing (it writes its own buffer);
+    # a row of only -inf gives -inf
+    log_se = torch.logsumexp(scores, -1).view(b, hq, q) if want_lse else None
     weights = torch.ops.aten._softmax.out(scores, -1, False, out=_scratch("p", scores.shape, dev))
     out = torch.empty(bh, gq, d, device=dev)
     for i, j, used, _, idx in chunks:
@@ -411,7 +422,7 @@ def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool:
         new_mass = new_mass.reshape(b, hq)
     else:
         new_mass = torch.zeros(b, hq, device=dev)
-    return SparseAttentionOutput(out.view(b, hq, q, d).to(query.dtype), mass, new_mass)
+    return SparseAttentionOutput(out.view(b, hq, q, d).to(query.dtype), mass, new_mass, log_se)
 
 
 def _page_table_attention_triton(query, k_pool, v_pool, table: PageTable, new_keys, new_values, *, scale,
@@ -535,3 +546,67 @@ def entry_mass_to_blocks(entry_mass: torch.Tensor, table: PageTable, n_fetch: in
     # Query head q reads KV head q // g: the g query heads of a KV head share its entries' positions.
     out.scatter_add_(3, table.fetch_pos.unsqueeze(2).expand(b, h, g, m), entry_mass.reshape(b, h, g, m))
     return out.view(b, hq, n_fetch)
+
+
+def split_page_table(table: PageTable, late: torch.Tensor) -> tuple[PageTable, PageTable]:
+    """``(ready, later)``: ``table``'s used entries split by their block, ``late`` ``(U,)`` bool over the
+    selection's ``fetch`` order (``True``: the block's slot is still being read).  Each part keeps its
+    entries in table order, compacted to the front of its own ``(B, H, M')`` table with its own ``counts``
+    (padding entries: slot / page / fetch position of the table's first entry, all-``False`` validity), so
+    each part gathers only its own pages.  Attention over the two parts merged with
+    :func:`merge_attention` is attention over ``table``."""
+    b, h, m = table.slots.shape
+    dev = table.slots.device
+    if table.counts is not None:
+        used = torch.arange(m, device=dev) < table.counts.unsqueeze(-1)
+    else:
+        used = table.valid.any(-1)
+    if late.numel():
+        is_late = late.to(dev)[table.fetch_pos] & used
+    else:
+        is_late = torch.zeros_like(used)
+    return _compact(table, used & ~is_late), _compact(table, is_late)
+
+
+def _compact(table: PageTable, keep: torch.Tensor) -> PageTable:
+    """The entries ``keep`` ``(B, H, M)`` of ``table``, moved to the front of each (row, head) in order (a
+    scatter by rank, as :func:`_table_entries` builds tables)."""
+    b, h, m = keep.shape
+    dev = keep.device
+    rank = keep.long().cumsum(-1)
+    counts = rank[..., -1].clone() if m else torch.zeros(b, h, dtype=torch.long, device=dev)
+    mk = max(1, int(counts.max())) if counts.numel() else 1
+    order = torch.zeros(b, h, mk + 1, dtype=torch.long, device=dev)
+    if m:
+        order.scatter_(2, rank.mul_(keep), torch.arange(m, device=dev).expand(b, h, m))
+    order = order[..., 1:]  # padding: entry 0 (in range)
+    used = torch.arange(mk, device=dev) < counts.unsqueeze(-1)
+    valid = table.valid.gather(2, order.unsqueeze(-1).expand(b, h, mk, table.page_size)) & used.unsqueeze(-1)
+    return PageTable(table.slots.gather(2, order), table.pages.gather(2, order), valid,
+                     table.fetch_pos.gather(2, order), table.page_size, counts)
+
+
+def merge_attention(first: SparseAttentionOutput, second: SparseAttentionOutput) -> SparseAttentionOutput:
+    """Attention over two disjoint parts of one set of tokens, merged exactly from each part's log-sum-exp
+    (``lse``, :func:`page_table_attention` with ``lse=True``; one query position, ``Q == 1``: the masses are
+    per query position): ``out = (e^{l1-m} o1 + e^{l2-m} o2) / (e^{l1-m} + e^{l2-m})`` with ``m`` the larger,
+    each part's entry and new-token masses scaled by its weight.  ``block_mass`` is the concatenation of the
+    parts' entry masses along the last dim (fold each part onto blocks with its own table).  A part with
+    nothing attended (``lse = -inf``) weighs 0; where neither attended anything the output and masses are 0."""
+    if first.lse is None or second.lse is None:
+        raise ValueError("merge_attention needs both parts' lse (page_table_attention(lse=True))")
+    if first.lse.shape[-1] != 1 or second.lse.shape != first.lse.shape:
+        raise ValueError(f"merge_attention merges one query position: lse {tuple(first.lse.shape)}, "
+                         f"{tuple(second.lse.shape)}")
+    l1, l2 = first.lse, second.lse  # (B, Hq, 1)
+    top = torch.maximum(l1, l2)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    e1, e2 = torch.exp(l1 - top), torch.exp(l2 - top)  # exp(-inf) = 0: an empty part weighs nothing
+    total = e1 + e2
+    inv = torch.where(total > 0, 1.0 / total.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(total))
+    w1, w2 = e1 * inv, e2 * inv  # (B, Hq, 1)
+    out = (first.output.float() * w1.unsqueeze(-1) + second.output.float() * w2.unsqueeze(-1)).to(first.output.dtype)
+    mass = torch.cat((first.block_mass * w1, second.block_mass * w2), dim=-1)
+    new_mass = first.new_mass * w1[..., 0] + second.new_mass * w2[..., 0]
+    log_se = torch.where(total > 0, top + total.log(), torch.full_like(total, float("-inf")))
+    return SparseAttentionOutput(out, mass, new_mass, log_se)

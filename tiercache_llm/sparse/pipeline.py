@@ -89,6 +89,12 @@ at 50 % 654 -> 426 (407); unbounded 192 (docs/sparse.md "Pool budget").
   Skipped while the write-behind queue is over half full.  Off by default: it converges without
   ping-pong but did not move reads from disk to the host tier at SmolLM2 8K x 4 (docs/sparse.md "Budgeted
   promotion under a bound").
+- **Overlapped synchronous reads** (``overlap_sync_reads``, opt-in): a layer's own reads of its missing blocks
+  run on a reader thread while attention covers the resident part of its selection; the layer waits for them,
+  attends their pages and merges the two parts exactly by their log-sum-exp (:class:`PendingReads`,
+  :func:`~tiercache_llm.sparse_layer.attend_overlapped`).  CPU pools only.  Off: at SmolLM2 8K x 4 on the shared
+  2-core machine it cut the forward thread's sync-read wait by 20-70 ms/step but not the step time (batch 1:
+  4-7 % faster; docs/sparse.md "Decode pipeline").
 - **End-of-step worker** (``background_end_step``, with disk staging): the work after a decode step (the
   step's tiercache scores, the promotion threshold, disk staging ahead's choice of blocks and its jobs) runs
   on a worker thread once the forward pass returns (:meth:`DecodePipeline.defer_end_of_step`), overlapping
@@ -111,6 +117,7 @@ import functools
 import math
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -242,6 +249,14 @@ class PipelineConfig:
             waits for the read into its victim.  Attention reads the slots only after either.
             On for ``attention-aware``; off for ``reuse-layer-ahead``, whose ``"query"`` predictor leaves many
             unselected blocks in flight that then hold their slots until the layer's next fetch (measured slower).
+        overlap_sync_reads: a layer's synchronous reads (the selected blocks neither resident, staged nor read
+            ahead) run on a reader thread while attention covers the part of the selection already resident
+            (the new tokens included); the layer then waits for them (and, with ``settle_late``, for the reads
+            into its reserved slots still in flight) and attends the blocks they brought, the two parts merged
+            exactly by their log-sum-exp (:func:`~.page_table.merge_attention`; logits equal the unsplit
+            attention's within float32 rounding).  A failed read is re-read or raises as without it, at the
+            wait.  CPU pools and the torch attention path only (a pool on another device reads as before, with
+            a warning).  Off by default (docs/sparse.md "Decode pipeline" has the measurements).
     """
 
     reuse: bool = False
@@ -273,6 +288,7 @@ class PipelineConfig:
     stage_into_slots: bool = False
     slots_from_fastest: bool = False
     settle_late: bool = True
+    overlap_sync_reads: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pool_bytes", check_pool_bytes(self.pool_bytes, auto=True))
@@ -285,6 +301,8 @@ class PipelineConfig:
             raise ValueError(f"seed_pool must be a bool, got {self.seed_pool!r}")
         if not isinstance(self.slots_from_fastest, bool):
             raise ValueError(f"slots_from_fastest must be a bool, got {self.slots_from_fastest!r}")
+        if not isinstance(self.overlap_sync_reads, bool):
+            raise ValueError(f"overlap_sync_reads must be a bool, got {self.overlap_sync_reads!r}")
         if not isinstance(self.settle_late, bool):
             raise ValueError(f"settle_late must be a bool, got {self.settle_late!r}")
         if not isinstance(self.stage_into_slots, bool):
@@ -347,7 +365,10 @@ class PipelineStats:
     the default), else one K or one V block (two per block).  ``needed`` counts the stored entries layers
     fetched; each was served in place from the layer's resident pool (``reused``: no read, no copy), the
     staging area (``staged``, copied into its pool slot) or read
-    synchronously from its tier (``sync`` / ``sync_seconds`` per tier).  Of the needed entries not
+    synchronously from its tier (``sync`` / ``sync_seconds`` per tier, the reads' own time).
+    ``sync_wait_seconds``: the forward thread's time on those reads (without ``overlap_sync_reads``: the reads;
+    with it: its wait for them after attending the resident part; waits for reads into reserved slots count in
+    ``slot_wait_seconds`` either way); ``overlapped``: layer fetches whose attention was split that way.  Of the needed entries not
     reused, ``needed_nonresident`` were outside the fastest tier when the layer fetched, and
     ``staged_nonresident`` of those came from staging: ``prefetch_hit_rate`` is their ratio (the share of
     slow-tier reads taken off the critical path).  The layer-ahead predictor named ``predicted``
@@ -401,6 +422,8 @@ class PipelineStats:
     staged: int = 0
     sync: dict = field(default_factory=dict)
     sync_seconds: dict = field(default_factory=dict)
+    sync_wait_seconds: float = 0.0
+    overlapped: int = 0
     needed_nonresident: int = 0
     staged_nonresident: int = 0
     predicted: int = 0
@@ -511,6 +534,9 @@ class DecodePipeline:
         self._promote_entry_bytes = 0
         self._promoted_base = self._policy_promoted()  # the policy's counters when the stats started
         self._promote_late = 0  # the staging area's late entries at the last choice (back-pressure)
+        self._sync_executor: concurrent.futures.ThreadPoolExecutor | None = None  # overlap_sync_reads' reader
+        self._pending: PendingReads | None = None  # the reads the last deferred fetch left in flight
+        self._warned_overlap = False
         self._closed = False
 
     # ----------------------------------------------------------------------------- helpers
@@ -887,10 +913,18 @@ class DecodePipeline:
         ps.reuse_peak_bytes = max(ps.reuse_peak_bytes, ps.reuse_bytes)
 
     def fetch(self, state: "SparseLayerState", layer: "TieredKVLayer", sel: "BlockSelection", query: torch.Tensor,
-              stats: "SparseStats") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              stats: "SparseStats", defer: bool = False) -> tuple:
         """The fetch stage into the layer's :class:`~.pool.ResidentPool` (see :func:`~.fetch.fetch_selected`):
         resident selected blocks are used in place, the others get slots and are filled from the staging
-        area or read from their tiers straight into their slots; returns ``(k_pool, v_pool, slot_of_fetch)``."""
+        area or read from their tiers straight into their slots; returns ``(k_pool, v_pool, slot_of_fetch)``.
+
+        ``defer=True`` (the caller attends in two parts): returns ``(k_pool, v_pool, slot_of_fetch, pending)``;
+        with ``overlap_sync_reads`` on a CPU pool, the synchronous reads are left running on the reader thread
+        and the settle of reads into reserved slots is left to ``pending`` (:class:`PendingReads`: which blocks
+        of ``sel.fetch`` are not in their slots yet, and :meth:`PendingReads.wait`, which the caller must call
+        before it reads them and before the next fetch); ``pending`` is ``None`` when every slot is filled."""
+        if self._pending is not None:  # a caller that never waited (an error between fetch and wait)
+            self._pending.wait(raise_errors=False)
         fetch = sel.fetch.tolist()
         n_stored = len(layer._blocks)
         stored = [j for j in fetch if j < n_stored]
@@ -943,15 +977,27 @@ class DecodePipeline:
         landing = [i for i, j in enumerate(stored) if j in busy and i not in lost] if busy else []
         ps.reused += epb * (ns - len(missing) - len(pre) - len(landing))
         predicted = self._predicted.pop(layer.layer_idx, None)
+        overlap = defer and self.config.overlap_sync_reads and pool.k is not None
+        if overlap and pool.k.device.type != "cpu":
+            overlap = False
+            if not self._warned_overlap:
+                self._warned_overlap = True
+                warnings.warn("overlap_sync_reads applies to CPU pools only (the torch page-table attention "
+                              f"returns the log-sum-exp its split needs); pools on {pool.k.device} read as before",
+                              stacklevel=2)
+        job = None
         if missing or pre or landing:
             try:
-                self._fill(layer, stored, missing, slots, kkeys, pool, predicted, stats, pre, hits=ns - len(landing))
+                job = self._fill(layer, stored, missing, slots, kkeys, pool, predicted, stats, pre,
+                                 hits=ns - len(landing), defer=overlap)
             except BaseException:
                 pool.drop([stored[i] for i in missing])  # never leave a slot that claims a block it lacks
                 raise
         else:
             stats.blocks_resident += ns
-        if pool.fresh:  # settle_late: now wait for the reads still in flight; a failed one is read here
+
+        def settle() -> None:
+            """settle_late: wait for the reads into reserved slots still in flight; a failed one is read here."""
             done, failed = self._settle(pool, stored, wait=True, release=False)
             landed = [i for i in landing if stored[i] in done and stored[i] not in failed]
             again = [i for i in landing if stored[i] in failed]
@@ -962,6 +1008,17 @@ class DecodePipeline:
                 except BaseException:
                     pool.drop([stored[i] for i in again])
                     raise
+
+        pending = None
+        if overlap and (job is not None or (pool.fresh and landing)):  # else nothing to attend later: no split
+            late = torch.zeros(len(fetch), dtype=torch.bool)
+            late[[*(job[1] if job is not None else ()), *(landing if pool.fresh else ())]] = True
+            pending = self._pending = PendingReads(late, functools.partial(
+                self._finish, pool, stored, missing, job[0] if job is not None else None, stats,
+                settle if pool.fresh else None))
+            ps.overlapped += 1
+        elif pool.fresh:
+            settle()
         if tail:
             t0 = time.perf_counter()
             tk, tv, ks, vs = layer._tail_k, layer._tail_v, pool.k[tail_slot], pool.v[tail_slot]
@@ -978,7 +1035,28 @@ class DecodePipeline:
             self._left[layer.layer_idx] = [j for j in self._last.get(layer.layer_idx, []) if j not in now]
         self._last[layer.layer_idx] = stored
         slot_of_fetch = torch.tensor(slots + ([tail_slot] if tail else []), dtype=torch.long)
+        if defer:
+            return pool.k, pool.v, slot_of_fetch, pending
         return pool.k, pool.v, slot_of_fetch
+
+    def _finish(self, pool: ResidentPool, stored: list[int], missing: list[int],
+                job: concurrent.futures.Future | None, stats: "SparseStats", settle: Any) -> None:
+        """:meth:`PendingReads.wait` of a deferred fetch: wait for its synchronous reads (one failed: the
+        fetch's missing blocks are dropped from the pool and the error raised, as :meth:`fetch` does), then
+        settle the reads into its reserved slots (``settle``)."""
+        self._pending = None
+        if job is not None:
+            t0 = time.perf_counter()
+            try:
+                done = job.result()
+            except BaseException:
+                pool.drop([stored[i] for i in missing])  # never leave a slot that claims a block it lacks
+                raise
+            finally:
+                self.stats.sync_wait_seconds += time.perf_counter() - t0
+            self._record_sync(done, stats)
+        if settle is not None:
+            settle()  # its waits count in slot_wait_seconds, as without the overlap
 
     def _settle(self, pool: ResidentPool, stored: list[int], wait: bool = True,
                 release: bool = True) -> tuple[set, set]:
@@ -1011,12 +1089,16 @@ class DecodePipeline:
 
     def _fill(self, layer: "TieredKVLayer", stored: list[int], missing: list[int], slots: list[int], kkeys: list,
               pool: ResidentPool, predicted: set | None, stats: "SparseStats", pre: list[int] = (),
-              hits: int | None = None) -> None:
+              hits: int | None = None, defer: bool = False) -> tuple[concurrent.futures.Future, list[int]] | None:
         """Fill the slots of ``stored[i]`` for ``i`` in ``missing``: from staging, else read from the tiers
         straight into the slots (a block with a row map is read into a temporary and viewed).  ``pre``: the
         positions of blocks read into their reserved slots ahead (``stage_into_slots``): nothing to do but
         count them as the staging area's entries are counted.  A joint layer's block is one entry (its joint
-        entry into the slot ``kv[slot]``), else two (K into ``k[slot]``, then V into ``v[slot]``)."""
+        entry into the slot ``kv[slot]``), else two (K into ``k[slot]``, then V into ``v[slot]``).
+
+        ``defer`` (``overlap_sync_reads``): the reads from the tiers run as one job on the reader thread;
+        returns ``(its future, the positions in stored of the blocks it reads)`` (``None`` when nothing is
+        read); the caller records it (:meth:`_record_sync`) once it is done."""
         ps = self.stats
         nm = len(missing)
         joint = layer._joint
@@ -1080,6 +1162,25 @@ class DecodePipeline:
             for staged in taken:
                 self._recycle(staged)
         ps.copy_seconds += time.perf_counter() - t0
+        if not sync:
+            return None
+        if defer:
+            if self._sync_executor is None:
+                self._sync_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tiercache-kv-sync")
+            job = self._sync_executor.submit(self._sync_read, keys, blocks, dsts, joint, sync)
+            return job, sorted({missing[e % nm] for idx in sync.values() for e in idx})
+        t0 = time.perf_counter()
+        done = self._sync_read(keys, blocks, dsts, joint, sync)
+        ps.sync_wait_seconds += time.perf_counter() - t0
+        self._record_sync(done, stats)
+        return None
+
+    def _sync_read(self, keys: list, blocks: list, dsts: list[torch.Tensor], joint: bool,
+                   sync: dict[str, list[int]]) -> list[tuple[str, int, float, int]]:
+        """Read ``keys[e]`` into ``dsts[e]`` for the entries ``sync`` groups by tier, tier by tier (a block with a
+        row map through a temporary, viewed into place); returns ``(tier, entries, seconds, bytes)`` per tier.
+        Touches no counters (it may run on the reader thread)."""
+        done = []
         for tier, idx in sync.items():
             t1 = time.perf_counter()
             outs, posts = [], []
@@ -1096,9 +1197,15 @@ class DecodePipeline:
             self.store.get_blocks([keys[e] for e in idx], out=outs)
             for e, tmp in posts:
                 dsts[e].copy_(blocks[e].view(tmp, joint))
-            ps.sync[tier] = ps.sync.get(tier, 0) + len(idx)
-            ps.sync_seconds[tier] = ps.sync_seconds.get(tier, 0.0) + time.perf_counter() - t1
-            stats.bytes_fetched[tier] = stats.bytes_fetched.get(tier, 0) + sum(o.nbytes for o in outs)
+            done.append((tier, len(idx), time.perf_counter() - t1, sum(o.nbytes for o in outs)))
+        return done
+
+    def _record_sync(self, done: list[tuple[str, int, float, int]], stats: "SparseStats") -> None:
+        ps = self.stats
+        for tier, n, seconds, nbytes in done:
+            ps.sync[tier] = ps.sync.get(tier, 0) + n
+            ps.sync_seconds[tier] = ps.sync_seconds.get(tier, 0.0) + seconds
+            stats.bytes_fetched[tier] = stats.bytes_fetched.get(tier, 0) + nbytes
 
     def placement_scores(self, state: "SparseLayerState", layer: "TieredKVLayer", stored: list[int]) -> dict | None:
         """Tiercache scores of this step (attention-aware placement), or ``None`` to keep the plain rule
@@ -1444,6 +1551,8 @@ class DecodePipeline:
         predictions and staged entries (in-flight jobs finish into released tensors), after the end-of-step
         worker's job (its error, if any, is kept for the next fence)."""
         self.fence(raise_errors=False)
+        if self._pending is not None:  # reads still landing in the slots about to be released
+            self._pending.wait(raise_errors=False)
         self._arena.clear()
         self._arena.pools.clear()
         self._warmed = None
@@ -1485,6 +1594,8 @@ class DecodePipeline:
         if self._prefaulter is not None:
             self._prefaulter.shutdown(wait=True, cancel_futures=True)
         self.invalidate()
+        if self._sync_executor is not None:
+            self._sync_executor.shutdown(wait=True)
 
     def as_dict(self) -> dict:
         self._settle_promotion(wait=True)
@@ -1511,6 +1622,29 @@ class DecodePipeline:
             out["staging"]["capacity_bytes"] = self.staging.capacity
             out["staging"]["spare_bytes"] = self._spare_bytes
         return out
+
+
+class PendingReads:
+    """What a deferred fetch (:meth:`DecodePipeline.fetch` with ``defer=True`` under ``overlap_sync_reads``)
+    left in flight: ``late`` ``(U,)`` bool over the selection's ``fetch`` order, the blocks whose slots are not
+    filled yet; :meth:`wait` fills them (waits for the reads, re-reads a failed read into a reserved slot, raises
+    what a failed synchronous read raised).  Forward thread only."""
+
+    def __init__(self, late: torch.Tensor, finish: Any) -> None:
+        self.late = late
+        self._finish = finish
+        self.done = False
+
+    def wait(self, raise_errors: bool = True) -> None:
+        """Idempotent; ``raise_errors=False``: a failure is swallowed (its blocks are dropped from the pool)."""
+        if self.done:
+            return
+        self.done = True
+        try:
+            self._finish()
+        except BaseException:
+            if raise_errors:
+                raise
 
 
 def layer_keys(layer: "TieredKVLayer", blocks: list[int]) -> list:
