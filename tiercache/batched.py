@@ -740,11 +740,7 @@ class DataPaths(Moves):
             try:
                 self._tiers[src].read_into(requests)  # type: ignore[attr-defined]
             except CorruptEntryError as exc:
-                where = getattr(exc, "tiercache_index", None)
-                bad = pinned[where][0] if where is not None else None
-                if bad is None:
-                    raise
-                log.warning("tiercache: entry %r is damaged and was dropped: %s", bad.key, exc)
+                bad = _damaged(exc, pinned)
                 raise KeyError(bad.key) from None
             seconds = _perf_counter() - start
             if src:
@@ -758,22 +754,28 @@ class DataPaths(Moves):
                         self._promote(entry, src, buf if buf.dim() == 1 and buf.dtype is torch.uint8 else None)
         finally:
             with self._lock:
-                releases = self._unpin_all(pinned)
-                if bad is not None and self._index.get(bad.key) is bad:
-                    self._counters.corruptions += 1
-                    releases += self._drop_entry(bad, "corrupt")
                 if seconds >= 0:
                     counters = self._tier_counters[src]
                     counters.bytes_read += sum([item[3].nbytes for item in pinned])
                     counters.read_seconds += seconds
-                if releases:
-                    releases = self._free_volatile(releases)
-                if bracket:
-                    self._active -= 1
-                    if not self._active and self._closing:  # only close() waits for it
-                        self._idle.notify_all()
+                releases = self._end_get(pinned, bad, bracket)
             if releases or self._evicted:
                 self._finish(releases)
+
+    def _end_get(self, pinned: list[_Pinned], bad: Entry | None, bracket: bool) -> list:
+        """The end of a batch get, under the lock: unpin, drop a damaged entry (``bad``) still indexed, free
+        volatile slots and end the operation (``bracket``); returns the releases for :meth:`_finish`."""
+        releases = self._unpin_all(pinned)
+        if bad is not None and self._index.get(bad.key) is bad:
+            self._counters.corruptions += 1
+            releases += self._drop_entry(bad, "corrupt")
+        if releases:
+            releases = self._free_volatile(releases)
+        if bracket:
+            self._active -= 1
+            if not self._active and self._closing:  # only close() waits for it
+                self._idle.notify_all()
+        return releases
 
     def _get_pinned(
         self,
@@ -795,11 +797,7 @@ class DataPaths(Moves):
                 else:
                     results, copies = self._copy_each(pinned, views, dsts, target, reads)
             except CorruptEntryError as exc:
-                where = getattr(exc, "tiercache_index", None)
-                bad = pinned[where][0] if where is not None else None
-                if bad is None:
-                    raise
-                log.warning("tiercache: entry %r is damaged and was dropped: %s", bad.key, exc)
+                bad = _damaged(exc, pinned)
                 raise KeyError(bad.key) from None
             promote = self._policy.promote
             names = self._tier_names
@@ -810,21 +808,12 @@ class DataPaths(Moves):
                     self._promote(entry, src, data)  # the source slot is still pinned by us
         finally:
             with self._lock:
-                releases = self._unpin_all(pinned)
-                if bad is not None and self._index.get(bad.key) is bad:
-                    self._counters.corruptions += 1
-                    releases += self._drop_entry(bad, "corrupt")
                 for nbytes, seconds in reads:
                     for tier_index, counters in enumerate(self._tier_counters):
                         if nbytes[tier_index]:
                             counters.bytes_read += nbytes[tier_index]
                             counters.read_seconds += seconds[tier_index]
-                if releases:
-                    releases = self._free_volatile(releases)
-                if bracket:
-                    self._active -= 1
-                    if not self._active and self._closing:  # only close() waits for it
-                        self._idle.notify_all()
+                releases = self._end_get(pinned, bad, bracket)
             if releases or self._evicted:
                 self._finish(releases)
         return results
@@ -1144,6 +1133,17 @@ benchmarks that measure the difference; results are identical either way)."""
 _MAIN_THREAD = threading.main_thread()
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 _idle = [0.0, False]  # [when last checked, whether the machine looked idle]
+
+
+def _damaged(exc: CorruptEntryError, pinned: list) -> Entry:
+    """The pinned entry a batch read found damaged (``exc.tiercache_index``, set by the reading code), logged as
+    dropped; re-raises ``exc`` when it names none."""
+    where = getattr(exc, "tiercache_index", None)
+    bad = pinned[where][0] if where is not None else None
+    if bad is None:
+        raise exc
+    log.warning("tiercache: entry %r is damaged and was dropped: %s", bad.key, exc)
+    return bad
 
 
 def machine_idle() -> bool:
