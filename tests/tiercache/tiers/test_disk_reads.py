@@ -550,9 +550,18 @@ def test_buffered_batch_reads_use_at_most_one_thread_per_cpu(tmp_path, monkeypat
     monkeypatch.setattr(disk_module, "_CPUS", 2)
     monkeypatch.setattr(disk_module, "spare_cpus", lambda: idle)  # whatever load the machine running this has
     monkeypatch.setattr(disk_module, "MIN_BUFFERED_BYTES_PER_THREAD", 64 << 10)
+    seen = _threads_reading(tmp_path, monkeypatch, 40)  # 480 KiB: worth 4 threads here
+    assert 1 <= len(seen) <= 2 if idle else seen == {threading.get_ident()}
+
+
+def _threads_reading(tmp_path, monkeypatch, n: int) -> set[int]:
+    """The threads that read a buffered batch of ``n`` 12 KiB blocks into slices of one buffer (the values
+    checked in place)."""
+    import threading
+
     tier = DiskTier(tmp_path / "d", 1 << 24, io_threads=4)
     list(tier.recover())
-    blocks = [make_value(torch.float32, (1, 3, 16, 64), j) for j in range(40)]  # 480 KiB: worth 4 threads here
+    blocks = [make_value(torch.float32, (1, 3, 16, 64), j) for j in range(n)]
     items = [store(tier, ("k", j), b, seq=j + 1) for j, b in enumerate(blocks)]
     seen = set()
     real = os.preadv
@@ -562,11 +571,11 @@ def test_buffered_batch_reads_use_at_most_one_thread_per_cpu(tmp_path, monkeypat
         return real(*args)
 
     monkeypatch.setattr(disk_module.os, "preadv", counting)
-    buf = torch.zeros(1, 3, 40 * 16, 64)
+    buf = torch.zeros(1, 3, n * 16, 64)
     tier.read_into([(s, h, buf[:, :, 16 * j : 16 * (j + 1)]) for j, (s, h) in enumerate(items)])
     assert torch.equal(buf.view(torch.int32), torch.cat(blocks, dim=2).view(torch.int32))
-    assert 1 <= len(seen) <= 2 if idle else seen == {threading.get_ident()}
     tier.close()
+    return seen
 
 
 def test_a_buffered_batch_below_the_split_size_is_read_on_the_calling_thread(tmp_path, monkeypatch):
@@ -578,24 +587,8 @@ def test_a_buffered_batch_below_the_split_size_is_read_on_the_calling_thread(tmp
     monkeypatch.setattr(disk_module, "_CPUS", 2)
     monkeypatch.setattr(disk_module, "spare_cpus", lambda: 2)
     assert disk_module.MIN_BUFFERED_BYTES_PER_THREAD > disk_module.MIN_BYTES_PER_THREAD
-    tier = DiskTier(tmp_path / "d", 1 << 24, io_threads=4)
-    list(tier.recover())
-    blocks = [make_value(torch.float32, (1, 3, 16, 64), j) for j in range(80)]  # 960 KiB
-    assert 2 * disk_module.MIN_BYTES_PER_THREAD < 80 * blocks[0].nbytes < disk_module.MIN_BUFFERED_BYTES_PER_THREAD
-    items = [store(tier, ("k", j), b, seq=j + 1) for j, b in enumerate(blocks)]
-    seen = set()
-    real = os.preadv
-
-    def counting(*args):
-        seen.add(threading.get_ident())
-        return real(*args)
-
-    monkeypatch.setattr(disk_module.os, "preadv", counting)
-    buf = torch.zeros(1, 3, 80 * 16, 64)
-    tier.read_into([(s, h, buf[:, :, 16 * j : 16 * (j + 1)]) for j, (s, h) in enumerate(items)])
-    assert torch.equal(buf.view(torch.int32), torch.cat(blocks, dim=2).view(torch.int32))
-    assert seen == {threading.get_ident()}
-    tier.close()
+    assert 2 * disk_module.MIN_BYTES_PER_THREAD < 80 * 12288 < disk_module.MIN_BUFFERED_BYTES_PER_THREAD  # 960 KiB
+    assert _threads_reading(tmp_path, monkeypatch, 80) == {threading.get_ident()}
 
 
 # -- batch_parts and the direct-read pool -------------------------------------------------------------------
