@@ -11,7 +11,8 @@ read the disk (``disk``):
 
 - ``ahead``: each layer's read as row 2's "fetch alone" does it at one thread: ``prefetch`` on the
   decode buffer's reader thread, then ``take`` (the layer-ahead read's round trip, one per layer);
-- ``grouped``: the layers read ahead ``group`` at a time (the decode buffer's ``group``, ``--group``), as
+- ``grouped``: the layers read ahead ``group`` at a time (the decode buffer's ``schedule()`` for the part's
+  layer size; ``--group N``: exactly N), as
   exact decode reads the layers beyond the next one: one reader job and one ``get_many`` for each group
   (``DecodeBuffer.together``), then a ``take`` per layer;
 - ``inline``: each layer's ``_read_blocks`` on this thread (one ``get_many`` per layer, no round trip);
@@ -102,6 +103,10 @@ def steps(cache: Any, workdir: Path) -> tuple[dict[str, dict[str, Callable[[], N
                          buffer.slot_for(layer), joint=layer._joint)
         return first, n, buf
 
+    def layer_bytes(layer: Any) -> int:
+        first, _, _ = layer._visible_blocks()
+        return sum(b.nbytes for b in layer._blocks[first:])
+
     def inline(group: list[Any]) -> Callable[[], None]:
         def run() -> None:
             for layer in group:
@@ -119,7 +124,7 @@ def steps(cache: Any, workdir: Path) -> tuple[dict[str, dict[str, Callable[[], N
         return run
 
     def grouped(group: list[Any]) -> Callable[[], None]:
-        size = max(1, min(buffer.group, buffer.max_depth + 1))
+        size = max(1, min(buffer.schedule(layer_bytes(group[0]))[0] if group else 1, buffer.max_depth + 1))
 
         def run() -> None:
             for i in range(0, len(group), size):
@@ -232,7 +237,7 @@ def measure(config: Any, context: int, threads: int, host: int, repeats: int, gr
     workdir = Path(tempfile.mkdtemp(prefix="tiercache-hotpath-fetch-"))
     cache = build(config, context, host, workdir)
     if group is not None:
-        cache.buffer.group = group
+        cache.buffer.group, cache.buffer.group_bytes = group, 0  # exactly group layers per job
     try:
         methods, counts = steps(cache, workdir)
         if compare_split is not None:  # each variant timed right after its counterpart
