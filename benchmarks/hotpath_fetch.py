@@ -25,6 +25,10 @@ read the disk (``disk``):
   the decode buffer's block slices, plus their crc32c (and the same copies): a verified read of this
   format with no bookkeeping.
 
+With ``--calls K,...`` the disk part is also read inline with one ``get_many`` per ``K`` layers
+(``calls/K``: all their entries into their own slots, ``K`` at most the decode buffer's slots): how much of
+``inline`` is per call rather than per entry.
+
 With ``--compare-split BYTES`` each disk part's ``grouped`` and ``inline`` are also timed, in the same
 interleaved loop, with the disk tier's ``MIN_BUFFERED_BYTES_PER_THREAD`` (the batch size per read thread
 from which a buffered ``read_into`` spreads over its pool) set to ``BYTES`` (``grouped@BYTES``,
@@ -88,8 +92,10 @@ def build(config: Any, context: int, host: int, workdir: Path) -> Any:
     return cache
 
 
-def steps(cache: Any, workdir: Path) -> tuple[dict[str, dict[str, Callable[[], None]]], dict[str, int]]:
-    """``{part: {method: one step's reads of that part}}`` and the number of entries of each part."""
+def steps(cache: Any, workdir: Path, calls: tuple[int, ...] = ()) -> tuple[dict[str, dict[str, Callable[[], None]]],
+                                                                        dict[str, int]]:
+    """``{part: {method: one step's reads of that part}}`` and the number of entries of each part (``calls``:
+    the ``calls/K`` methods of the disk part)."""
     import crc32c
 
     buffer = cache.buffer
@@ -134,6 +140,26 @@ def steps(cache: Any, workdir: Path) -> tuple[dict[str, dict[str, Callable[[], N
                     _, error = buffer.take(layer)
                     if error is not None:
                         raise error
+        return run
+
+    def per_call(group: list[Any], k: int) -> Callable[[], None]:
+        store = group[0].store if group else None
+        batches = []
+        for i in range(0, len(group), k):
+            keys: list = []
+            outs: list = []
+            for slot, layer in enumerate(group[i:i + k]):
+                first, n, _ = layer._visible_blocks()
+                buf = buffer.get(n * layer.block_size + layer._tail_len + 1, (layer._batch, *layer._shape_k),
+                                 (layer._batch, *layer._shape_v), layer.dtype, layer.device, layer.block_size,
+                                 slot, joint=layer._joint)
+                keys += layer._entries_from(first)
+                outs += buf.joint_blocks[:n] if layer._joint else buf.key_blocks[:n] + buf.value_blocks[:n]
+            batches.append((keys, outs))
+
+        def run() -> None:
+            for keys, outs in batches:
+                store.get_blocks(keys, out=outs)
         return run
 
     def roundtrip(group: list[Any]) -> Callable[[], None]:
@@ -210,6 +236,10 @@ def steps(cache: Any, workdir: Path) -> tuple[dict[str, dict[str, Callable[[], N
                  "roundtrip": roundtrip(layers["disk"]), "plain": plain("disk"),
                  "plain+crc": plain("disk", crc=True), "floor": plain("disk", floor=True)},
     }
+    for k in calls:
+        if not 1 <= k <= buffer.max_depth + 1:
+            raise ValueError(f"--calls: {k} layers per call, the decode buffer has {buffer.max_depth + 1} slots")
+        methods["disk"][f"calls/{k}"] = per_call(layers["disk"], k)
     plain("disk")()  # warm the plain files
     steps.close = lambda: [os.close(fd) for fd in fds]  # type: ignore[attr-defined]
     return methods, {**counts, "layers_mem": len(layers["mem"]), "layers_disk": len(layers["disk"])}
@@ -230,7 +260,8 @@ def with_split(fn: Callable[[], None], per_thread: int) -> Callable[[], None]:
 
 
 def measure(config: Any, context: int, threads: int, host: int, repeats: int, group: int | None = None,
-            compare_split: int | None = None) -> tuple[dict[tuple[str, str], tuple[float, float]], dict[str, int]]:
+            compare_split: int | None = None, calls: tuple[int, ...] = ()
+            ) -> tuple[dict[tuple[str, str], tuple[float, float]], dict[str, int]]:
     """``({(part, method): (median CPU ms, median wall ms) per step}, entry and layer counts)`` for one
     context at ``threads`` torch threads (a fresh cache in a temp directory, removed after)."""
     torch.set_num_threads(threads)
@@ -239,7 +270,7 @@ def measure(config: Any, context: int, threads: int, host: int, repeats: int, gr
     if group is not None:
         cache.buffer.group, cache.buffer.group_bytes = group, 0  # exactly group layers per job
     try:
-        methods, counts = steps(cache, workdir)
+        methods, counts = steps(cache, workdir, calls)
         if compare_split is not None:  # each variant timed right after its counterpart
             disk_methods = {}
             for name, fn in methods["disk"].items():
@@ -277,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-split", type=int, default=None, metavar="BYTES",
                         help="also time the disk part's grouped and inline reads with the disk tier's "
                              "MIN_BUFFERED_BYTES_PER_THREAD at BYTES (an interleaved A/B of that threshold)")
+    parser.add_argument("--calls", default="", metavar="K,...",
+                        help="also read the disk layers inline with one get_many per K layers (calls/K)")
     parser.add_argument("--spare", type=int, default=None, metavar="N",
                         help="fix the disk tier's idle-CPU estimate (spare_cpus) at N")
     args = parser.parse_args(argv)
@@ -288,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average at the start: {os.getloadavg()}")
     for context in parse_ints(args.contexts, "--contexts"):
         for threads in parse_ints(args.threads, "--threads"):
-            medians, counts = measure(config, context, threads, args.host, args.repeats, args.group, args.compare_split)
+            medians, counts = measure(config, context, threads, args.host, args.repeats, args.group, args.compare_split,
+                                      tuple(parse_ints(args.calls, "--calls")) if args.calls else ())
             print(f"context {context}, {threads} torch thread(s): {counts['layers_mem']} layers held in memory "
                   f"({counts['mem_mem']} entries), {counts['layers_disk']} reading the disk ({counts['disk_disk']} "
                   f"entries on disk, {counts['disk_mem']} in memory); ms per step, median of {args.repeats}; "
