@@ -7,8 +7,10 @@ A ``TieredKVCache`` of SmolLM2's geometry (``benchmarks/hotpath_fetch.py``'s ``b
 weights, a 16 MiB host tier and the rest on a disk tier, page cache warm) decodes one token per layer per
 step through ``update``, so a step is exact decode's cache work alone: the reads ahead (started, waited for,
 used), the tail and new-token copies and the block writes, without the model.  Each variant
-``GROUP:MAX_DEPTH`` sets the decode buffer's ``group`` and ``max_depth``; ``1:4`` is the schedule before
-grouped reads (one reader job and one ``get_many`` per layer), ``2:4`` the default.  Variants run in blocks of 5 steps (the first untimed: it settles the pipeline after
+``GROUP:MAX_DEPTH`` sets the decode buffer's ``group`` and ``max_depth`` (a fixed schedule);
+``GROUP:MAX_DEPTH:GROUP_MIB:BASE_DEPTH`` also its ``group_bytes`` and ``base_depth``.  ``1:4`` is the schedule
+before grouped reads (one reader job and one ``get_many`` per layer), ``2:4`` the fixed two-at-a-time one
+before byte-sized groups, ``2:8:8:4`` the default (``DecodeBuffer.schedule``).  Variants run in blocks of 5 steps (the first untimed: it settles the pipeline after
 the switch), the order reversed every block; prints the median CPU (``time.process_time``: every thread,
 the reader threads included) and wall ms per step, with the load average.
 """
@@ -31,15 +33,27 @@ from _common import MiB, parse_ints  # noqa: E402  (the benchmarks directory is 
 import hotpath_fetch  # noqa: E402
 
 
-def parse_variants(text: str) -> dict[str, tuple[int, int]]:
-    """``"1:4,2:4"`` -> ``{"1:4": (1, 4), "2:4": (2, 4)}`` (``GROUP:MAX_DEPTH``, both positive)."""
+def parse_variants(text: str) -> dict[str, tuple[int, int, int, int]]:
+    """``"1:4,2:4,2:8:8:4"`` -> ``{"1:4": (1, 4, 0, 4), ..., "2:8:8:4": (2, 8, 8 MiB, 4)}``:
+    ``GROUP:MAX_DEPTH`` (a fixed schedule: no ``group_bytes``) or ``GROUP:MAX_DEPTH:GROUP_MIB:BASE_DEPTH`` (the
+    decode buffer's ``group``, ``max_depth``, ``group_bytes`` in MiB and ``base_depth``; ``2:8:8:4`` is the
+    disk default, see ``DecodeBuffer.schedule``)."""
     out = {}
     for spec in text.split(","):
-        group, depth = (int(x) for x in spec.split(":"))
-        if group < 1 or depth < 1:
-            raise ValueError(f"variant {spec!r}: GROUP and MAX_DEPTH must be positive")
-        out[spec] = (group, depth)
+        parts = [int(x) for x in spec.split(":")]
+        if len(parts) == 2:
+            parts += [0, parts[1]]
+        if len(parts) != 4 or min(parts[0], parts[1], parts[3]) < 1 or parts[2] < 0 or parts[3] > parts[1]:
+            raise ValueError(f"variant {spec!r}: GROUP:MAX_DEPTH or GROUP:MAX_DEPTH:GROUP_MIB:BASE_DEPTH, "
+                             "positive (GROUP_MIB >= 0), BASE_DEPTH <= MAX_DEPTH")
+        group, depth, mib, base = parts
+        out[spec] = (group, depth, mib * MiB, base)
     return out
+
+
+def apply_variant(buffer: object, variant: tuple[int, int, int, int]) -> None:
+    """Set a decode buffer's schedule to a :func:`parse_variants` value."""
+    buffer.group, buffer.max_depth, buffer.group_bytes, buffer.base_depth = variant  # type: ignore[attr-defined]
 
 
 def measure(config: object, context: int, variants: dict[str, tuple[int, int]], blocks: int,
@@ -55,9 +69,9 @@ def measure(config: object, context: int, variants: dict[str, tuple[int, int]], 
     try:
         for b in range(blocks):
             items = list(variants.items())
-            for name, (group, depth) in (items if b % 2 == 0 else items[::-1]):
+            for name, variant in (items if b % 2 == 0 else items[::-1]):
                 buffer.discard()
-                buffer.group, buffer.max_depth = group, depth
+                apply_variant(buffer, variant)
                 for step in range(5):
                     c0, t0 = time.process_time(), time.perf_counter()
                     for i in range(n_layers):
@@ -79,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contexts", default="1015,4071")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--blocks", type=int, default=12, help="blocks of 4 timed steps per variant")
-    parser.add_argument("--variants", default="1:4,2:4,3:4,4:8", help="GROUP:MAX_DEPTH,...")
+    parser.add_argument("--variants", default="1:4,2:4,4:8,2:8:8:4",
+                        help="GROUP:MAX_DEPTH[:GROUP_MIB:BASE_DEPTH],...")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     config = hotpath_fetch.model_config(args.model)

@@ -1,4 +1,4 @@
-"""Decode-buffer memory and step time of exact decode's grouped reads ahead, ``GROUP:MAX_DEPTH`` variants, one cache.
+"""Decode-buffer memory and step time of exact decode's grouped reads ahead, ``GROUP:MAX_DEPTH[:GROUP_MIB:BASE_DEPTH]`` variants (``exact_group_ab.parse_variants``), one cache.
 
     python benchmarks/exact_group_memory.py                                   # SmolLM2 geometry, 8K x 4, direct_io
     python benchmarks/exact_group_memory.py --context 1015 --batch 1 --variants 2:4,4:8
@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import MiB  # noqa: E402  (the benchmarks directory is not a package)
 import hotpath_fetch  # noqa: E402
-from exact_group_ab import parse_variants  # noqa: E402
+from exact_group_ab import apply_variant, parse_variants  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict]:
@@ -38,13 +38,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--model", default="smollm2", choices=("smollm2", "tiny"))
     parser.add_argument("--context", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--variants", default="2:4,4:8", help="GROUP:MAX_DEPTH,...")
+    parser.add_argument("--variants", default="2:4,2:8:8:4", help="GROUP:MAX_DEPTH[:GROUP_MIB:BASE_DEPTH],...")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--direct-io", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory on the real disk")
     args = parser.parse_args(argv)
-    variants = list(parse_variants(args.variants).values())
+    variants = list(parse_variants(args.variants).items())
     torch.set_num_threads(1)
     from tiercache_llm import TieredKVCache
 
@@ -67,11 +67,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         print(f"load average at the start: {os.getloadavg()}; {kv_bytes / MiB:.0f} MiB of KV, "
               f"direct_io requested: {args.direct_io}")
         for r in range(args.repeats):
-            for group, depth in (variants if r % 2 == 0 else variants[::-1]):
+            for name, variant in (variants if r % 2 == 0 else variants[::-1]):
                 buffer.release()
                 buffer.peak_bytes = 0
-                buffer.group, buffer.max_depth = group, depth
-                out = samples.setdefault(f"{group}:{depth}", {"cpu": [], "wall": [], "peak": 0})
+                apply_variant(buffer, variant)
+                out = samples.setdefault(name, {"cpu": [], "wall": [], "peak": 0})
                 for step in range(args.steps):
                     c0, t0 = time.process_time(), time.perf_counter()
                     for i in range(layers):

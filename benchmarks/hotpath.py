@@ -336,14 +336,17 @@ def decode_run(model: Any, ids: torch.Tensor, prefilled: Any, config: str, setti
 def fetch_alone(cache: Any, repeats: int, before: Callable[[], None]) -> list[float]:
     """ms of one step's fetch with nothing running beside it: every layer's visible blocks read into the
     decode buffer as during decode at the current thread count (``TieredKVCache._ahead_overlaps``): by a
-    reader thread where decode reads the layer ahead (``prefetch`` + ``take``, ``buffer.group`` layers at a
-    time with one job and one ``get_many`` each, as decode reads layers beyond the next), else inline on this thread
+    reader thread where decode reads the layer ahead (``prefetch`` + ``take``, disk-reading layers
+    ``buffer.schedule()``'s group at a time with one job and one ``get_many`` each, as decode reads layers
+    beyond the next; memory-held ones ``buffer.group`` at a time), else inline on this thread
     (the layer's own read, as its ``update`` does when torch's threads fill the cores), one layer after the
     other; ``before()`` runs outside the timing of each repeat (cold: drop the page cache).  The
     like-for-like counterpart of :func:`plain_fetch`, which also runs alone."""
     mode = cache._ahead_overlaps()
     buffer = cache.buffer
-    size = max(1, min(buffer.group, buffer.max_depth + 1))
+    sizes = {True: max(1, min(buffer.group, buffer.max_depth + 1)),  # memory-held layers
+             False: max(1, min(buffer.schedule()[0] if hasattr(buffer, "schedule") else buffer.group,
+                               buffer.max_depth + 1))}
 
     def read_ahead(group: list[Any]) -> None:  # as decode reads layers beyond the next: together, a slot each
         with buffer.together():
@@ -353,15 +356,24 @@ def fetch_alone(cache: Any, repeats: int, before: Callable[[], None]) -> list[fl
             if error is not None:
                 raise error
 
+    # Which layers are held in memory, found once outside the timing (a fetch moves nothing): groups are all
+    # disk-reading or all memory-held.
+    in_memory = [layer.held_in_memory() for layer in cache.layers] if mode is True else None
     times = []
     for _ in range(repeats):
         before()
         start = time.perf_counter()
         group: list[Any] = []
-        for layer in cache.layers:
+        held = False
+        for i, layer in enumerate(cache.layers):
             if mode is True or (mode and not layer.held_in_memory()):
+                kind = in_memory[i] if in_memory is not None else False
+                if group and kind != held:
+                    read_ahead(group)
+                    group = []
+                held = kind
                 group.append(layer)
-                if len(group) == size:
+                if len(group) == sizes[held]:
                     read_ahead(group)
                     group = []
                 continue

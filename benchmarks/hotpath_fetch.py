@@ -11,7 +11,8 @@ read the disk (``disk``):
 
 - ``ahead``: each layer's read as row 2's "fetch alone" does it at one thread: ``prefetch`` on the
   decode buffer's reader thread, then ``take`` (the layer-ahead read's round trip, one per layer);
-- ``grouped``: the layers read ahead ``group`` at a time (the decode buffer's ``group``, ``--group``), as
+- ``grouped``: the layers read ahead ``group`` at a time (the decode buffer's ``schedule()`` for the part's
+  layer size; ``--group N``: exactly N), as
   exact decode reads the layers beyond the next one: one reader job and one ``get_many`` for each group
   (``DecodeBuffer.together``), then a ``take`` per layer;
 - ``inline``: each layer's ``_read_blocks`` on this thread (one ``get_many`` per layer, no round trip);
@@ -23,6 +24,10 @@ read the disk (``disk``):
 - ``floor``: the tier's own chunk files read on held descriptors with one ``preadv`` each straight into
   the decode buffer's block slices, plus their crc32c (and the same copies): a verified read of this
   format with no bookkeeping.
+
+With ``--calls K,...`` the disk part is also read inline with one ``get_many`` per ``K`` layers
+(``calls/K``: all their entries into their own slots, ``K`` at most the decode buffer's slots): how much of
+``inline`` is per call rather than per entry.
 
 With ``--compare-split BYTES`` each disk part's ``grouped`` and ``inline`` are also timed, in the same
 interleaved loop, with the disk tier's ``MIN_BUFFERED_BYTES_PER_THREAD`` (the batch size per read thread
@@ -87,8 +92,10 @@ def build(config: Any, context: int, host: int, workdir: Path) -> Any:
     return cache
 
 
-def steps(cache: Any, workdir: Path) -> tuple[dict[str, dict[str, Callable[[], None]]], dict[str, int]]:
-    """``{part: {method: one step's reads of that part}}`` and the number of entries of each part."""
+def steps(cache: Any, workdir: Path, calls: tuple[int, ...] = ()) -> tuple[dict[str, dict[str, Callable[[], None]]],
+                                                                        dict[str, int]]:
+    """``{part: {method: one step's reads of that part}}`` and the number of entries of each part (``calls``:
+    the ``calls/K`` methods of the disk part)."""
     import crc32c
 
     buffer = cache.buffer
@@ -101,6 +108,10 @@ def steps(cache: Any, workdir: Path) -> tuple[dict[str, dict[str, Callable[[], N
                          (layer._batch, *layer._shape_v), layer.dtype, layer.device, layer.block_size,
                          buffer.slot_for(layer), joint=layer._joint)
         return first, n, buf
+
+    def layer_bytes(layer: Any) -> int:
+        first, _, _ = layer._visible_blocks()
+        return sum(b.nbytes for b in layer._blocks[first:])
 
     def inline(group: list[Any]) -> Callable[[], None]:
         def run() -> None:
@@ -119,7 +130,7 @@ def steps(cache: Any, workdir: Path) -> tuple[dict[str, dict[str, Callable[[], N
         return run
 
     def grouped(group: list[Any]) -> Callable[[], None]:
-        size = max(1, min(buffer.group, buffer.max_depth + 1))
+        size = max(1, min(buffer.schedule(layer_bytes(group[0]))[0] if group else 1, buffer.max_depth + 1))
 
         def run() -> None:
             for i in range(0, len(group), size):
@@ -129,6 +140,26 @@ def steps(cache: Any, workdir: Path) -> tuple[dict[str, dict[str, Callable[[], N
                     _, error = buffer.take(layer)
                     if error is not None:
                         raise error
+        return run
+
+    def per_call(group: list[Any], k: int) -> Callable[[], None]:
+        store = group[0].store if group else None
+        batches = []
+        for i in range(0, len(group), k):
+            keys: list = []
+            outs: list = []
+            for slot, layer in enumerate(group[i:i + k]):
+                first, n, _ = layer._visible_blocks()
+                buf = buffer.get(n * layer.block_size + layer._tail_len + 1, (layer._batch, *layer._shape_k),
+                                 (layer._batch, *layer._shape_v), layer.dtype, layer.device, layer.block_size,
+                                 slot, joint=layer._joint)
+                keys += layer._entries_from(first)
+                outs += buf.joint_blocks[:n] if layer._joint else buf.key_blocks[:n] + buf.value_blocks[:n]
+            batches.append((keys, outs))
+
+        def run() -> None:
+            for keys, outs in batches:
+                store.get_blocks(keys, out=outs)
         return run
 
     def roundtrip(group: list[Any]) -> Callable[[], None]:
@@ -205,6 +236,10 @@ def steps(cache: Any, workdir: Path) -> tuple[dict[str, dict[str, Callable[[], N
                  "roundtrip": roundtrip(layers["disk"]), "plain": plain("disk"),
                  "plain+crc": plain("disk", crc=True), "floor": plain("disk", floor=True)},
     }
+    for k in calls:
+        if not 1 <= k <= buffer.max_depth + 1:
+            raise ValueError(f"--calls: {k} layers per call, the decode buffer has {buffer.max_depth + 1} slots")
+        methods["disk"][f"calls/{k}"] = per_call(layers["disk"], k)
     plain("disk")()  # warm the plain files
     steps.close = lambda: [os.close(fd) for fd in fds]  # type: ignore[attr-defined]
     return methods, {**counts, "layers_mem": len(layers["mem"]), "layers_disk": len(layers["disk"])}
@@ -225,16 +260,17 @@ def with_split(fn: Callable[[], None], per_thread: int) -> Callable[[], None]:
 
 
 def measure(config: Any, context: int, threads: int, host: int, repeats: int, group: int | None = None,
-            compare_split: int | None = None) -> tuple[dict[tuple[str, str], tuple[float, float]], dict[str, int]]:
+            compare_split: int | None = None, calls: tuple[int, ...] = ()
+            ) -> tuple[dict[tuple[str, str], tuple[float, float]], dict[str, int]]:
     """``({(part, method): (median CPU ms, median wall ms) per step}, entry and layer counts)`` for one
     context at ``threads`` torch threads (a fresh cache in a temp directory, removed after)."""
     torch.set_num_threads(threads)
     workdir = Path(tempfile.mkdtemp(prefix="tiercache-hotpath-fetch-"))
     cache = build(config, context, host, workdir)
     if group is not None:
-        cache.buffer.group = group
+        cache.buffer.group, cache.buffer.group_bytes = group, 0  # exactly group layers per job
     try:
-        methods, counts = steps(cache, workdir)
+        methods, counts = steps(cache, workdir, calls)
         if compare_split is not None:  # each variant timed right after its counterpart
             disk_methods = {}
             for name, fn in methods["disk"].items():
@@ -272,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-split", type=int, default=None, metavar="BYTES",
                         help="also time the disk part's grouped and inline reads with the disk tier's "
                              "MIN_BUFFERED_BYTES_PER_THREAD at BYTES (an interleaved A/B of that threshold)")
+    parser.add_argument("--calls", default="", metavar="K,...",
+                        help="also read the disk layers inline with one get_many per K layers (calls/K)")
     parser.add_argument("--spare", type=int, default=None, metavar="N",
                         help="fix the disk tier's idle-CPU estimate (spare_cpus) at N")
     args = parser.parse_args(argv)
@@ -283,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average at the start: {os.getloadavg()}")
     for context in parse_ints(args.contexts, "--contexts"):
         for threads in parse_ints(args.threads, "--threads"):
-            medians, counts = measure(config, context, threads, args.host, args.repeats, args.group, args.compare_split)
+            medians, counts = measure(config, context, threads, args.host, args.repeats, args.group, args.compare_split,
+                                      tuple(parse_ints(args.calls, "--calls")) if args.calls else ())
             print(f"context {context}, {threads} torch thread(s): {counts['layers_mem']} layers held in memory "
                   f"({counts['mem_mem']} entries), {counts['layers_disk']} reading the disk ({counts['disk_disk']} "
                   f"entries on disk, {counts['disk_mem']} in memory); ms per step, median of {args.repeats}; "

@@ -27,16 +27,20 @@ layer boundary (while one read copies its host-held blocks or waits on its last 
 its chunks in flight); layers further ahead whose blocks are all held in memory are passed over (each
 is read one ahead when its turn comes, on a copy thread of its own so it never queues behind disk
 reads) and the walk goes on to the layers that read the disk, up to a full pass ahead, within
-``max_depth`` (4) slots and ``ahead_bytes`` (192 MiB), ``group`` (2) layers at a time: the reads beyond the next
+``base_depth`` (4) slots and ``ahead_bytes`` (192 MiB), ``group`` (2) layers at a time: the reads beyond the next
 layer wait until that many slots are free and then go out as one job with one ``get_many`` for all their
 entries (:meth:`DecodeBuffer.together`), so a step makes about half the reader round trips and ``get_many``
 calls; the reads of a group share one future (discarding one waits for the job; a failure is redone by each layer).
+Small layers are grouped more (:meth:`DecodeBuffer.schedule`): as many as fit in ``group_bytes`` (8 MiB) per
+job, in up to ``max_depth`` (8) slots, so a short context's warm step makes a few calls rather than one per
+two layers.
 A cache filled layer by layer holds its last
 layers in the host tier: with one read at a time and two layers ahead, the disk sat idle through
 them and through every layer boundary (``benchmarks/exact_prefetch.py``'s timeline).  Memory-only
 caches keep one reader, two layers and 32 MiB (their reads are copies that take turns on the cores).
 Memory beside the tiers: two layers' visible K and V (each up to 1.5x for growth), plus, for deeper
-reads, up to ``max_depth - 1`` more slots of layers that fit in ``ahead_bytes``, plus, with row-mapped
+reads, up to ``max_depth - 1`` more slots of layers that fit in ``ahead_bytes`` (those beyond ``base_depth``
+only for layers of at most ``group_bytes / 3``), plus, with row-mapped
 blocks (beam search), one temporary copy of the stored rows of each layer being read ahead.  The
 validity rule: **a tensor returned by ``update`` stays valid until the next ``update`` of any layer of
 the same cache** (that update starts reading the following layers into slots other than the one it
@@ -72,8 +76,10 @@ MAX_DEPTH = 2
 AHEAD_BYTES = 32 << 20
 #: With a disk tier (:meth:`DecodeBuffer.for_store`): reads ahead running at once, one reader thread each ...
 READERS = 2
-#: ... layers read ahead at most, past memory-held layers (a slot each) ...
-DISK_MAX_DEPTH = 4
+#: ... layers read ahead at most, past memory-held layers (a slot each): :data:`DISK_BASE_DEPTH`, and up to
+#: :data:`DISK_MAX_DEPTH` where the layers are small (see :data:`DISK_GROUP_BYTES`) ...
+DISK_BASE_DEPTH = 4
+DISK_MAX_DEPTH = 8
 #: ... and the bytes of the reads pending: 192 MiB reads four layers of up to 48 MiB of visible K/V ahead
 #: (SmolLM2 fp32 at 8K x 4), about the disk time of the host-held layers a cache filled layer by layer ends on.
 DISK_AHEAD_BYTES = 192 << 20
@@ -81,6 +87,12 @@ DISK_AHEAD_BYTES = 192 << 20
 #: this many slots are free, all of them in one job (one reader round trip, one ``get_many``): the per-call
 #: Python of a read ahead and of ``get_many`` is most of a warm step at short contexts.
 DISK_GROUP = 2
+#: ... or, for small layers, as many as fit in this many bytes (``DecodeBuffer.group_bytes``; at most
+#: ``max_depth - 1``), with up to twice that many layers ahead (:meth:`DecodeBuffer.schedule`): a warm step at
+#: 1K context (SmolLM2: 1.1 MiB per layer) then makes one reader job and one ``get_many`` per 7 disk layers
+#: instead of per 2-3, while a group's first layer, which waits for the whole group, waits for at most
+#: 8 MiB of reads (more measured 13.6 ms of exposed waits per step at 2K cold with 7 layers of 2.6 MiB).
+DISK_GROUP_BYTES = 8 << 20
 #: Whether a disk-backed cache reads inline, rather than ahead, the layers whose reads are copies (memory-held
 #: blocks, a buffered disk tier) while torch's threads fill every core of an otherwise idle machine
 #: (``TieredKVCache._ahead_overlaps``).
@@ -239,7 +251,7 @@ class DecodeBuffer:
     """
 
     def __init__(self, read_ahead: bool = False, max_depth: int | None = None, ahead_bytes: int | None = None,
-                 readers: int = 1, group: int = 1) -> None:
+                 readers: int = 1, group: int = 1, group_bytes: int = 0, base_depth: int | None = None) -> None:
         max_depth = MAX_DEPTH if max_depth is None else max_depth
         ahead_bytes = AHEAD_BYTES if ahead_bytes is None else ahead_bytes
         if not isinstance(max_depth, int) or isinstance(max_depth, bool) or max_depth < 1:
@@ -250,7 +262,15 @@ class DecodeBuffer:
             raise ValueError(f"readers must be a positive int, got {readers!r}")
         if not isinstance(group, int) or isinstance(group, bool) or group < 1:
             raise ValueError(f"group must be a positive int, got {group!r}")
+        if not isinstance(group_bytes, int) or isinstance(group_bytes, bool) or group_bytes < 0:
+            raise ValueError(f"group_bytes must be a non-negative int, got {group_bytes!r}")
+        if base_depth is not None and (not isinstance(base_depth, int) or isinstance(base_depth, bool)
+                                       or not 1 <= base_depth <= max_depth):
+            raise ValueError(f"base_depth must be None or an int in [1, max_depth], got {base_depth!r}")
         self.group = group
+        self.group_bytes = group_bytes
+        self.base_depth = base_depth
+        self.last_read_bytes = 0  # bytes of the read ahead started last (the size schedule() plans for)
         self._held: list[ReadAhead] | None = None  # reads reserved inside together(), submitted on exit
         self.max_depth = max_depth
         self.ahead_bytes = ahead_bytes
@@ -274,7 +294,25 @@ class DecodeBuffer:
         if memory_only:
             return cls(read_ahead)
         return cls(read_ahead, max_depth=DISK_MAX_DEPTH, ahead_bytes=DISK_AHEAD_BYTES, readers=READERS,
-                   group=DISK_GROUP)
+                   group=DISK_GROUP, group_bytes=DISK_GROUP_BYTES, base_depth=DISK_BASE_DEPTH)
+
+    def schedule(self, layer_bytes: int | None = None) -> tuple[int, int]:
+        """``(group, depth)`` for reads ahead of layers of about ``layer_bytes`` each (default: the read
+        started last): layers beyond the next one are read once ``group`` slots are free, together (one job,
+        one ``get_many``; into the free slots, or at most ``group`` layers where ``group`` exceeds ``self.group``);
+        at most ``depth`` layers ahead.  Without ``group_bytes``, or before any read:
+        ``(min(group, max_depth - 1), base_depth)`` (``None``, the default: ``max_depth``).  With it, small
+        layers are read more at a time: ``group`` = ``group_bytes // layer_bytes`` within
+        ``[self.group, max_depth - 1]``, ``depth`` = ``2 * group`` within ``[base_depth, max_depth]`` (slots for
+        a group in flight and the next one); the slots beyond ``base_depth`` are only used for layers of at
+        most ``group_bytes / 3`` bytes."""
+        group = min(self.group, self.max_depth - 1)
+        size = self.last_read_bytes if layer_bytes is None else layer_bytes
+        base = self.max_depth if self.base_depth is None else min(self.base_depth, self.max_depth)
+        if not self.group_bytes or size <= 0:
+            return max(group, 1), base
+        group = max(1, min(self.max_depth - 1, max(group, self.group_bytes // size)))
+        return group, min(self.max_depth, max(base, 2 * group))
 
     def get(
         self,
@@ -340,18 +378,19 @@ class DecodeBuffer:
         """Whether ``layer`` has a read ahead not yet taken."""
         return id(layer) in self._pending
 
-    def free_slots(self, exclude: int) -> int:
-        """How many slots neither ``exclude`` nor any pending read ahead uses."""
+    def free_slots(self, exclude: int, depth: int | None = None) -> int:
+        """How many of the first ``depth + 1`` slots (default ``max_depth + 1``) neither ``exclude`` nor any
+        pending read ahead uses."""
         busy = {p.slot for p in self._pending.values()}
         busy.add(exclude)
-        return sum(1 for slot in range(self.max_depth + 1) if slot not in busy)
+        return sum(1 for slot in range((self.max_depth if depth is None else depth) + 1) if slot not in busy)
 
-    def free_slot(self, exclude: int) -> int | None:
-        """A slot neither ``exclude`` (the states being assembled) nor any pending read ahead uses, or
-        ``None`` when all ``max_depth + 1`` are taken."""
+    def free_slot(self, exclude: int, depth: int | None = None) -> int | None:
+        """A slot among the first ``depth + 1`` (default ``max_depth + 1``) neither ``exclude`` (the states
+        being assembled) nor any pending read ahead uses, or ``None`` when all are taken."""
         busy = {p.slot for p in self._pending.values()}
         busy.add(exclude)
-        for slot in range(self.max_depth + 1):
+        for slot in range((self.max_depth if depth is None else depth) + 1):
             if slot not in busy:
                 return slot
         return None
@@ -381,6 +420,7 @@ class DecodeBuffer:
         layers further ahead.  Inside :meth:`together` the read is reserved (pending, its slot taken) and
         submitted, merged with the others, when the block ends."""
         self._pending[id(read.layer)] = read
+        self.last_read_bytes = read.nbytes
         self.counters.started += 1
         self.counters.bytes_ahead += read.nbytes
         if read.posts:  # its temporaries add to the bytes held (the buffers themselves are counted by get)

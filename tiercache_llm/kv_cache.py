@@ -156,7 +156,8 @@ class TieredKVSettings:
             are more eager (``DecodeBuffer.for_store``): two run at once, so chunks stay in flight across
             layer boundaries, and the reads beyond the next layer pass over memory-held layers to the
             disk-reading ones, up to 4 layers and 192 MiB ahead, two layers at a time with one reader job
-            and one ``get_many`` (``decode_buffer.DISK_GROUP``).  Nothing is promoted
+            and one ``get_many`` (``decode_buffer.DISK_GROUP``; small layers up to 8 MiB per job and 8 layers
+            ahead, ``decode_buffer.DISK_GROUP_BYTES``).  Nothing is promoted
             (placement is unchanged); correctness never depends on a read ahead (one made stale by a
             crop, reorder or batch change is discarded, a failed one is redone synchronously).  With every tier in memory (no disk tier) the reads are memory
             copies, which only overlap compute on a core torch's intra-op threads leave free: when
@@ -1294,7 +1295,8 @@ class TieredKVCache(Cache):
 
         With ``buffer.group`` > 1 (a disk tier), layers beyond the next one wait until that many slots are
         free, and the reads this call starts go out together (:meth:`DecodeBuffer.together`): one reader
-        round trip and one ``get_many`` for several layers instead of one per layer."""
+        round trip and one ``get_many`` for several layers instead of one per layer; small layers more of them
+        per job and further ahead (:meth:`DecodeBuffer.schedule`, ``group_bytes``)."""
         buffer = self.buffer
         with buffer.together():
             self._walk_ahead(layer_idx, device_only)
@@ -1309,21 +1311,29 @@ class TieredKVCache(Cache):
             slot = buffer.free_slot(mine)
             nxt.prefetch(slot if slot is not None else buffer.other_slot(mine))
         past_memory = (buffer.readers > 1 or device_only) and not self.store.memory_only
-        group = min(buffer.group, buffer.max_depth - 1)  # with the next layer pending, at most max_depth - 1 free
-        if group > 1 and buffer.pending(nxt) and buffer.free_slots(mine) < group:
+        # (with the next layer pending, at most depth - 1 slots are free)
+        group, depth = buffer.schedule()
+        if group > 1 and buffer.pending(nxt) and buffer.free_slots(mine, depth) < group:
             return
-        for d in range(2, (n_layers - 1 if past_memory else min(buffer.max_depth, n_layers - 1)) + 1):
+        # Groups that group_bytes made larger than buffer.group stop at that many layers (one job; a group's
+        # first layer waits for all of it); otherwise the free slots are filled, as before.
+        cap = group if group > buffer.group else None
+        started = 0
+        for d in range(2, (n_layers - 1 if past_memory else min(depth, n_layers - 1)) + 1):
             further = layers[(layer_idx + d) % n_layers]
             if buffer.pending(further):
                 continue
             room = buffer.ahead_room(layer)
-            slot = buffer.free_slot(mine)
+            slot = buffer.free_slot(mine, depth)
             if slot is None or room <= 0:
                 return
             if past_memory and further.held_in_memory():
                 continue
+            if cap is not None and started >= cap:
+                return
             if not further.prefetch(slot, max_bytes=room):
                 return
+            started += 1
 
     def _ahead_overlaps(self) -> bool | str:
         """Whether layer-ahead reads run beside the model's compute: ``True`` (every layer's), ``"device"``
@@ -1469,7 +1479,8 @@ class TieredKVCache(Cache):
         new.settings, new.store, new.cache_uid = settings, store, uuid.uuid4().hex
         new.buffer = DecodeBuffer(read_ahead=self.buffer.read_ahead, max_depth=self.buffer.max_depth,
                                   ahead_bytes=self.buffer.ahead_bytes, readers=self.buffer.readers,
-                                  group=self.buffer.group)
+                                  group=self.buffer.group, group_bytes=self.buffer.group_bytes,
+                                  base_depth=self.buffer.base_depth)
         new._prepared_model = self._prepared_model  # the same model object, prepared once
         try:
             new.layers = [layer._copy_to(store, new.cache_uid, new.buffer) for layer in self.layers]

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 def test_tiny_run_measures_every_part(load_benchmark):
     bench = load_benchmark("hotpath_fetch")
-    medians, counts = bench.measure(bench.model_config("tiny"), 600, 1, 200_000, 2)
+    medians, counts = bench.measure(bench.model_config("tiny"), 600, 1, 200_000, 2, calls=(1, 2))
     assert counts["layers_mem"] >= 1 and counts["layers_disk"] >= 1 and counts["disk_disk"] >= 1
     assert set(medians) == {("mem", m) for m in ("ahead", "grouped", "inline", "roundtrip", "plain")} | {
-        ("disk", m) for m in ("ahead", "grouped", "inline", "roundtrip", "plain", "plain+crc", "floor")}
+        ("disk", m) for m in ("ahead", "grouped", "inline", "roundtrip", "plain", "plain+crc", "floor",
+                              "calls/1", "calls/2")}
     assert all(cpu >= 0 and wall > 0 for cpu, wall in medians.values())

@@ -518,6 +518,65 @@ def test_grouped_reads_ahead_share_one_call_and_stay_exact(make_config, tmp_path
     got.close()
 
 
+def test_schedule_groups_small_layers_by_bytes():
+    """``schedule``: groups of ``group_bytes`` for small layers (at least ``group``, at most ``max_depth - 1``),
+    twice that many layers ahead within ``[base_depth, max_depth]``; without ``group_bytes`` the fixed
+    schedule of before."""
+    from tiercache_llm.decode_buffer import DecodeBuffer
+
+    mib = 1 << 20
+    buffer = DecodeBuffer(max_depth=8, group=2, group_bytes=8 * mib, base_depth=4)
+    assert buffer.schedule() == (2, 4)  # nothing read yet
+    assert buffer.schedule(mib + mib // 8) == (7, 8)  # 1K context of SmolLM2: 1.1 MiB per layer
+    assert buffer.schedule(2 * mib + mib // 2) == (3, 6)
+    assert buffer.schedule(5 * mib) == (2, 4)
+    assert buffer.schedule(100 * mib) == (2, 4)
+    buffer.last_read_bytes = mib
+    assert buffer.schedule() == (7, 8)
+    assert DecodeBuffer(max_depth=4, group=2).schedule(1) == (2, 4)
+    assert DecodeBuffer(max_depth=4, group=9).schedule(mib) == (3, 4)
+    unset = DecodeBuffer(max_depth=4, group=2, group_bytes=8 * mib)
+    unset.max_depth = 6  # base_depth None follows max_depth
+    assert unset.schedule() == (2, 6) and unset.schedule(5 * mib) == (2, 6)
+    for bad in ({"group_bytes": -1}, {"group_bytes": 1.5}, {"max_depth": 4, "base_depth": 5},
+                {"base_depth": 0}):
+        with pytest.raises(ValueError, match="group_bytes|base_depth"):
+            DecodeBuffer(**bad)
+
+
+def test_small_layers_are_read_ahead_in_fewer_calls_and_stay_exact(make_config, tmp_path):
+    """With ``group_bytes`` a disk-backed cache of small layers reads more layers per background call than
+    the fixed two-at-a-time schedule, every slot distinct, and its states equal DynamicCache's."""
+    layers = 12
+    config = make_config(num_hidden_layers=layers)
+    calls = {}
+    for group_bytes in (0, 1 << 30):
+        gen = torch.Generator().manual_seed(12)
+        ref = DynamicCache(config=config)
+        got = TieredKVCache(config, block_size=4, host="4KiB", disk="8MiB", path=tmp_path / f"kv{group_bytes}")
+        buffer = got.buffer
+        assert buffer.group_bytes > 0 and buffer.max_depth > buffer.base_depth  # the disk defaults
+        buffer.group_bytes, buffer.ahead_bytes = group_bytes, 1 << 30
+        reads = CountingReads(got.store)
+        for step, seq in enumerate([21, 1, 1, 1, 1, 1, 1]):
+            for layer in range(layers):
+                k, v = states(2, seq, gen)
+                rk, rv = ref.update(k, v, layer)
+                gk, gv = got.update(k, v, layer)
+                assert torch.equal(rk, gk) and torch.equal(rv, gv), (group_bytes, step, layer)
+                pending = list(buffer._pending.values())
+                slots = {p.slot for p in pending}
+                assert len(slots) == len(pending) and buffer.slot not in slots
+                assert all(slot <= buffer.max_depth for slot in slots)
+        ahead = got.stats()["prefetch"]
+        assert ahead["failed"] == 0 and ahead["blocks_ahead"] > 0
+        calls[group_bytes] = (reads.calls, ahead["started"])
+        got.close()
+    (fixed_calls, fixed_started), (bytes_calls, bytes_started) = calls[0], calls[1 << 30]
+    assert bytes_calls < fixed_calls, calls
+    assert bytes_calls / bytes_started < fixed_calls / fixed_started, calls
+
+
 def test_group_must_be_a_positive_int():
     from tiercache_llm.decode_buffer import DecodeBuffer
 
