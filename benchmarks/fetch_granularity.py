@@ -152,7 +152,7 @@ def recording() -> Iterator[list[LayerStep]]:
     out: list[LayerStep] = []
     original = sparse_layer.fetch_selected
 
-    def wrapped(state, layer, sel, query, stats):
+    def wrapped(state, layer, sel, query, stats, **kwargs):  # kwargs: e.g. defer (overlap_sync_reads)
         count = state.digests.count  # (B, P) valid tokens per page
         per_row = count.sum(-1)
         if not bool((per_row == per_row[0]).all()):
@@ -163,7 +163,7 @@ def recording() -> Iterator[list[LayerStep]]:
             page=layer.block_size // sel.pages_per_block, context=int(per_row[0]),
             stored=[j for j in sel.fetch.tolist() if j < n_stored], n_stored=n_stored,
             block_size=layer.block_size, tokens_selected=int(sel.selected_tokens(count).sum())))
-        return original(state, layer, sel, query, stats)
+        return original(state, layer, sel, query, stats, **kwargs)
 
     sparse_layer.fetch_selected = wrapped
     try:
