@@ -11,7 +11,7 @@ process on the same prefilled prompt, interleaved with ``DynamicCache`` and the 
 configuration: ms per decode step (wall; median of each run's steps, then of the runs), the process's CPU
 ms per step (all threads), the fetch ms per step during decode and alone, and the reader threads' CPU.
 Greedy tokens must equal ``DynamicCache``'s (checked).  ``AB_VARIANTS="forced:IDLE=True"`` adds a variant
-that takes the machine as idle whatever its load (``NAME:SETTING=VALUE,...;...``: more variants).  Prints a markdown table; ``--out`` writes JSON.
+that takes the machine as idle whatever its load (``NAME:SETTING=VALUE,...;...``: more variants; a setting is a ``tiercache_llm.decode_buffer`` name, or ``disk.NAME`` for one of ``tiercache.tiers.disk``).  Prints a markdown table; ``--out`` writes JSON.
 """
 
 from __future__ import annotations
@@ -44,6 +44,16 @@ for _spec in os.environ.get("AB_VARIANTS", "").split(";"):
         VARIANTS[_name] = {k: ast.literal_eval(v) for k, v in (kv.split("=") for kv in _body.split(",") if kv)}
 
 
+def _target(name: str) -> tuple[Any, str]:
+    """Where a variant's setting lives: ``disk.NAME`` in ``tiercache.tiers.disk`` (e.g.
+    ``disk.MIN_BUFFERED_BYTES_PER_THREAD``), any other name in ``tiercache_llm.decode_buffer``."""
+    if name.startswith("disk."):
+        import tiercache.tiers.disk as disk
+
+        return disk, name[len("disk."):]
+    return decode_buffer, name
+
+
 class CpuClock(hotpath.StepClock):
     """``StepClock`` that also records the process's CPU time of each step (every thread of the process)."""
 
@@ -68,23 +78,23 @@ def run_one(model: Any, ids: torch.Tensor, prefilled: Any, config: str, variant:
         clocks.append(CpuClock(hook))
         return clocks[-1]
 
-    saved = {name: getattr(decode_buffer, name) for name in OLD if hasattr(decode_buffer, name)}
+    saved = {name: getattr(*_target(name)) for name in OLD if hasattr(*_target(name))}
     hotpath.StepClock, plain_clock = clock, hotpath.StepClock  # type: ignore[assignment, misc]
     from tiercache_llm import kv_cache
     idle = kv_cache.machine_idle
     if VARIANTS.get(variant, {}).get("IDLE") is not None:  # e.g. "forced:IDLE=True": as on an idle machine
         kv_cache.machine_idle = lambda: VARIANTS[variant]["IDLE"]
     try:
-        saved.update({name: getattr(decode_buffer, name) for name in VARIANTS.get(variant, {}) if hasattr(decode_buffer, name)})
+        saved.update({name: getattr(*_target(name)) for name in VARIANTS.get(variant, {}) if hasattr(*_target(name))})
         for name, value in VARIANTS.get(variant, {}).items():
             if name in saved:
-                setattr(decode_buffer, name, value)
+                setattr(*_target(name), value)
         out = hotpath.decode_run(model, ids, prefilled, config, settings, workdir)
     finally:
         hotpath.StepClock = plain_clock  # type: ignore[misc]
         kv_cache.machine_idle = idle
         for name, value in saved.items():
-            setattr(decode_buffer, name, value)
+            setattr(*_target(name), value)
     out["cpu_ms_per_step"] = 1000 * median(clocks[0].cpu[1:])
     return out
 
