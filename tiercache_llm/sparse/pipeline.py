@@ -387,8 +387,8 @@ class PipelineStats:
     ``promote_seconds``: budgeted promotion (``promote_bytes_per_step``): entries considered (last selections
     outside the pools, on a slower tier), entries chosen, steps skipped for back-pressure, time choosing;
     ``promoted`` / ``promoted_bytes``: chosen entries the policy let a background read promote, or a promotion
-    prefetch moved (filled in by :meth:`DecodePipeline.as_dict`; tiercache's ``bytes_moved`` counts the moves
-    done); ``seeded`` / ``seed_seconds``: blocks copied into the pools by prefills
+    prefetch moved (filled in by :meth:`DecodePipeline.as_dict`, which first waits for a promotion prefetch in
+    flight, so one ``stats()`` never shows tiercache's ``bytes_moved`` ahead of them); ``seeded`` / ``seed_seconds``: blocks copied into the pools by prefills
     (``seed_pool``) and the time it took; ``prefault_bytes`` / ``prefault_seconds``:
     pool memory faulted in by the background prefaulter and its time there (``warm_bytes``: of those, by the
     first-step warm-up); ``reuse_bytes`` /
