@@ -795,12 +795,8 @@ class DecodePipeline:
             self.stats.slot_fallback += len(left)
         if not got:
             return rest, 0
-        if joint:
-            keys = [kk[j] for j, _ in got]
-            outs = [pool.kv[s] for _, s in got]
-        else:
-            keys = [kk[j] for j, _ in got] + [vk[j] for j, _ in got]
-            outs = [pool.k[s] for _, s in got] + [pool.v[s] for _, s in got]
+        keys = layer_keys(layer, [j for j, _ in got])
+        outs = pool.entry_views([s for _, s in got])
         try:
             read = self._executor.submit(self._slot_job, keys, outs)
         except RuntimeError:  # the pool was shut down (close): nothing reserved
@@ -988,7 +984,7 @@ class DecodePipeline:
         job = None
         if missing or pre or landing:
             try:
-                job = self._fill(layer, stored, missing, slots, kkeys, pool, predicted, stats, pre,
+                job = self._fill(layer, stored, missing, slots, pool, predicted, stats, pre,
                                  hits=ns - len(landing), defer=overlap)
             except BaseException:
                 pool.drop([stored[i] for i in missing])  # never leave a slot that claims a block it lacks
@@ -1003,7 +999,7 @@ class DecodePipeline:
             again = [i for i in landing if stored[i] in failed]
             if again or landed:
                 try:
-                    self._fill(layer, stored, again, slots, kkeys, pool, predicted, stats, landed,
+                    self._fill(layer, stored, again, slots, pool, predicted, stats, landed,
                                hits=len(again) + len(landed))
                 except BaseException:
                     pool.drop([stored[i] for i in again])
@@ -1087,7 +1083,7 @@ class DecodePipeline:
         ps.copy_seconds += time.perf_counter() - t0  # the waits, as staging's waits are
         return chosen, kept
 
-    def _fill(self, layer: "TieredKVLayer", stored: list[int], missing: list[int], slots: list[int], kkeys: list,
+    def _fill(self, layer: "TieredKVLayer", stored: list[int], missing: list[int], slots: list[int],
               pool: ResidentPool, predicted: set | None, stats: "SparseStats", pre: list[int] = (),
               hits: int | None = None, defer: bool = False) -> tuple[concurrent.futures.Future, list[int]] | None:
         """Fill the slots of ``stored[i]`` for ``i`` in ``missing``: from staging, else read from the tiers
@@ -1104,14 +1100,9 @@ class DecodePipeline:
         joint = layer._joint
         epb = 1 if joint else 2
         np_ = len(pre)
-        if joint:
-            keys = [kkeys[i] for i in missing]
-            dsts = [pool.kv[slots[i]] for i in missing]
-            pkeys = [kkeys[i] for i in pre]
-        else:
-            keys = [kkeys[i] for i in missing] + [layer._vkeys[stored[i]] for i in missing]
-            dsts = [pool.k[slots[i]] for i in missing] + [pool.v[slots[i]] for i in missing]
-            pkeys = [kkeys[i] for i in pre] + [layer._vkeys[stored[i]] for i in pre]
+        keys = layer_keys(layer, [stored[i] for i in missing])  # the pool's layout is the layer's (assign)
+        dsts = pool.entry_views([slots[i] for i in missing])
+        pkeys = layer_keys(layer, [stored[i] for i in pre])
         blocks = [layer._blocks[stored[i]] for i in missing] * epb
         every = self.store.tiers_of(keys + pkeys)
         tiers, ptiers = every[: epb * nm], every[epb * nm :]

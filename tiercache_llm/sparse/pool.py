@@ -689,6 +689,13 @@ class ResidentPool:
         """The arena's joint storage ``(N, 2, B, H, S, D)`` (``None`` unless its layout is joint)."""
         return self.arena.kv
 
+    def entry_views(self, slots: Sequence[int]) -> list[torch.Tensor]:
+        """The views the entries of blocks held in ``slots`` are read into, in :func:`~.pipeline.layer_keys`'
+        order: ``kv[s]`` per slot for a joint layout, else every ``k[s]`` then every ``v[s]``."""
+        if self.kv is not None:
+            return [self.kv[s] for s in slots]
+        return [self.k[s] for s in slots] + [self.v[s] for s in slots]
+
     @property
     def tail_slot(self) -> int | None:
         return self.arena.tail_slot
