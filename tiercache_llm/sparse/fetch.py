@@ -17,9 +17,38 @@ import torch
 from .pool import identity_pool
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..blocks import BlockRef
     from ..kv_cache import TieredKVLayer
     from ..sparse_layer import SparseLayerState, SparseStats
+    from ..store import BlockStore
     from .selection import BlockSelection
+
+
+def layer_keys(layer: "TieredKVLayer", blocks: list[int]) -> list:
+    """The entry keys of ``blocks``: their joint keys, or their K keys then their V keys."""
+    if layer._joint:
+        return [layer._kkeys[j] for j in blocks]
+    return [layer._kkeys[j] for j in blocks] + [layer._vkeys[j] for j in blocks]
+
+
+def read_entries(store: "BlockStore", keys: list, blocks: list["BlockRef"], dsts: list[torch.Tensor],
+                 joint: bool) -> list[torch.Tensor]:
+    """Read the entry ``keys[e]`` of ``blocks[e]`` into ``dsts[e]`` (one ``get_blocks`` call): in place, or for a
+    block with a row map into a temporary of its stored rows, then viewed into ``dsts[e]`` (``joint``: entries
+    ``(2, batch, ...)``).  Returns the tensors read into (their bytes are the bytes read)."""
+    outs, posts = [], []
+    for e, (block, dst) in enumerate(zip(blocks, dsts)):
+        if block.rows is None:
+            outs.append(dst)
+            continue
+        shape = dst.shape
+        tmp = dst.new_empty((2, block.stored_batch, *shape[2:]) if joint else (block.stored_batch, *shape[1:]))
+        outs.append(tmp)
+        posts.append((e, tmp))
+    store.get_blocks(keys, out=outs)
+    for e, tmp in posts:
+        dsts[e].copy_(blocks[e].view(tmp, joint))
+    return outs
 
 
 def selected_buffers(layer: "TieredKVLayer", sel: "BlockSelection"
@@ -75,28 +104,13 @@ def fetch_selected(state: "SparseLayerState", layer: "TieredKVLayer", sel: "Bloc
     u = len(fetch)
     if stored:
         ns = len(stored)
-        keys = [layer._kkeys[j] for j in stored]
-        if not joint:
-            keys += [layer._vkeys[j] for j in stored]
+        keys = layer_keys(layer, stored)
         tiers = layer.store.tiers_of(keys)
         fastest = layer.store.fastest_tier
         resident = sum(1 for i in range(ns) if all(tiers[r * ns + i] == fastest for r in range(epb)))
-        # One target per entry: the joint slot kvbuf[i], or K into kbuf[i] then (after every K) V into vbuf[i];
-        # a block with a row map is read into a temporary of its stored rows and viewed into place.
+        # One target per entry: the joint slot kvbuf[i], or K into kbuf[i] then (after every K) V into vbuf[i].
         dsts = [kvbuf[i] for i in range(ns)] if joint else [kbuf[i] for i in range(ns)] + [vbuf[i] for i in range(ns)]
-        blocks = [layer._blocks[j] for j in stored] * epb
-        outs, posts = [], []
-        for e, (block, dst) in enumerate(zip(blocks, dsts)):
-            if block.rows is None:
-                outs.append(dst)
-                continue
-            shape = dst.shape
-            tmp = dst.new_empty((2, block.stored_batch, *shape[2:]) if joint else (block.stored_batch, *shape[1:]))
-            outs.append(tmp)
-            posts.append((e, tmp))
-        layer.store.get_blocks(keys, out=outs)
-        for e, tmp in posts:
-            dsts[e].copy_(blocks[e].view(tmp, joint))
+        outs = read_entries(layer.store, keys, [layer._blocks[j] for j in stored] * epb, dsts, joint)
         for tier, out in zip(tiers, outs):
             stats.bytes_fetched[str(tier)] = stats.bytes_fetched.get(str(tier), 0) + out.nbytes
         stats.blocks_selected += ns

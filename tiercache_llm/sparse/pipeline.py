@@ -125,6 +125,7 @@ import torch
 
 from tiercache.buffers import aligned_empty
 
+from .fetch import layer_keys, read_entries
 from .placement import promotion_threshold
 from .pool import AUTO, GROWTH, PoolArena, ResidentPool, Retention, auto_pool_bytes, can_populate, check_pool_bytes, \
     no_memory_tier_message, populate
@@ -1174,20 +1175,8 @@ class DecodePipeline:
         done = []
         for tier, idx in sync.items():
             t1 = time.perf_counter()
-            outs, posts = [], []
-            for e in idx:
-                block = blocks[e]
-                if block.rows is None:
-                    outs.append(dsts[e])
-                else:
-                    shape = dsts[e].shape
-                    tmp = dsts[e].new_empty((2, block.stored_batch, *shape[2:]) if joint
-                                            else (block.stored_batch, *shape[1:]))
-                    outs.append(tmp)
-                    posts.append((e, tmp))
-            self.store.get_blocks([keys[e] for e in idx], out=outs)
-            for e, tmp in posts:
-                dsts[e].copy_(blocks[e].view(tmp, joint))
+            outs = read_entries(self.store, [keys[e] for e in idx], [blocks[e] for e in idx], [dsts[e] for e in idx],
+                                joint)
             done.append((tier, len(idx), time.perf_counter() - t1, sum(o.nbytes for o in outs)))
         return done
 
@@ -1636,13 +1625,6 @@ class PendingReads:
         except BaseException:
             if raise_errors:
                 raise
-
-
-def layer_keys(layer: "TieredKVLayer", blocks: list[int]) -> list:
-    """The entry keys of ``blocks``: their joint keys, or their K keys then their V keys."""
-    if layer._joint:
-        return [layer._kkeys[j] for j in blocks]
-    return [layer._kkeys[j] for j in blocks] + [layer._vkeys[j] for j in blocks]
 
 
 def staged_keys(layer: "TieredKVLayer", blocks: list[int]) -> list:

@@ -690,7 +690,7 @@ class ResidentPool:
         return self.arena.kv
 
     def entry_views(self, slots: Sequence[int]) -> list[torch.Tensor]:
-        """The views the entries of blocks held in ``slots`` are read into, in :func:`~.pipeline.layer_keys`'
+        """The views the entries of blocks held in ``slots`` are read into, in :func:`~.fetch.layer_keys`'
         order: ``kv[s]`` per slot for a joint layout, else every ``k[s]`` then every ``v[s]``."""
         if self.kv is not None:
             return [self.kv[s] for s in slots]
