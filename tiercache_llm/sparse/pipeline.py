@@ -389,8 +389,8 @@ class PipelineStats:
     outside the pools, on a slower tier), entries chosen, steps skipped for back-pressure, time choosing;
     ``promoted`` / ``promoted_bytes``: chosen entries the policy let a background read promote, or a promotion
     prefetch moved (filled in by :meth:`DecodePipeline.as_dict`, which first waits for a promotion prefetch in
-    flight, so one ``stats()`` never shows tiercache's ``bytes_moved`` ahead of them); ``seeded`` / ``seed_seconds``: blocks copied into the pools by prefills
-    (``seed_pool``) and the time it took; ``prefault_bytes`` / ``prefault_seconds``:
+    flight, so one ``stats()`` never shows tiercache's ``bytes_moved`` ahead of them); ``seeded`` /
+    ``seed_seconds``: blocks copied into the pools by prefills (``seed_pool``) and the time it took; ``prefault_bytes`` / ``prefault_seconds``:
     pool memory faulted in by the background prefaulter and its time there (``warm_bytes``: of those, by the
     first-step warm-up); ``reuse_bytes`` /
     ``reuse_peak_bytes``: memory of the resident pools' shared arena (every
@@ -767,11 +767,10 @@ class DecodePipeline:
         if (tuple(pool.k.shape[1:]) != (b, hk, bs, dk) or tuple(pool.v.shape[1:]) != (b, hv, bs, dv)
                 or pool.k.dtype != layer.dtype or pool.k.device != torch.device(layer.device)):
             return blocks, 0
-        kk, vk = layer._kkeys, layer._vkeys
-        joint = layer._joint
-        if joint != pool.arena.joint:  # a joint entry lands in a joint slot only (and two entries in two tensors)
+        kk = layer._kkeys
+        if layer._joint != pool.arena.joint:  # a joint entry lands in a joint slot only, two entries in two tensors
             return blocks, 0
-        tiers = self.store.tiers_of([kk[j] for j in blocks] if joint else [k for j in blocks for k in (kk[j], vk[j])])
+        tiers = self.store.tiers_of(staged_keys(layer, blocks))  # block by block: its joint entry, or K then V
         fastest = self.store.fastest_tier
         fit, rest, slow = [], [], {}
         epb = layer._entries_per_block
