@@ -113,15 +113,18 @@ def build_page_table_from_valid(sel: "BlockSelection", slot_of_fetch: torch.Tens
                          page_size, counts)
     # Entry e of (row, head) is global page order[e] = tokens order[e] * page_size + [0, page_size): one row of
     # the context's validity viewed as (B * P, page_size), positions at or past ctx made False.
+    # Padding entries read an extra all-False page row (b * p) instead of being masked afterwards (a
+    # broadcast AND over (B, H, M, page) costs ~25 us per layer at 8K x batch 4 x 25 %).
     span = p * page_size
-    if ctx >= span:
-        tok = valid[:, :span].to(dev)
-    else:
-        tok = torch.zeros(b, span, dtype=torch.bool, device=dev)
-        tok[:, :ctx] = valid[:, :ctx]
-    flat = torch.arange(0, b * p, p, device=dev).view(b, 1, 1) + order
-    entry_valid = tok.reshape(b * p, page_size).index_select(0, flat.view(-1)).view(b, h, m, page_size)
-    entry_valid &= used.unsqueeze(-1)
+    tok = torch.empty(b * span + page_size, dtype=torch.bool, device=dev)
+    tok[b * span :] = False
+    rows = tok[: b * span].view(b, span)
+    keep = min(ctx, span)
+    rows[:, :keep] = valid[:, :keep]
+    if keep < span:
+        rows[:, keep:] = False
+    flat = (torch.arange(0, b * p, p, device=dev).view(b, 1, 1) + order).masked_fill_(~used, b * p)
+    entry_valid = tok.view(b * p + 1, page_size).index_select(0, flat.view(-1)).view(b, h, m, page_size)
     return PageTable(slots, page, entry_valid, fetch_pos, page_size, counts)
 
 
@@ -155,8 +158,12 @@ def _table_entries(sel: "BlockSelection", slot_of_fetch: torch.Tensor):
         order.scatter_(2, rank.mul_(pm), torch.arange(p, device=dev).expand(b, h, p))
     order = order[..., 1:]  # padding entries: page 0 (in range)
     used = torch.arange(m, device=dev) < counts.unsqueeze(-1)  # (B, H, M)
-    block = torch.div(order, k, rounding_mode="floor")
-    page = order.remainder(k)
+    if k & (k - 1) == 0:  # a power of two (the cache's pages): shifts, ~10 us cheaper each than int64 div / rem
+        block = order >> (k.bit_length() - 1)
+        page = order & (k - 1)
+    else:
+        block = torch.div(order, k, rounding_mode="floor")
+        page = order.remainder(k)
     n_blocks = int(sel.head_mask.shape[-1])
     # sel.fetch is ascending: block 0, when fetched, is u = 0, so padding entries (block 0) map to u = 0.
     u_of_block = torch.zeros(max(n_blocks, 1), dtype=torch.long, device=dev)
@@ -345,14 +352,21 @@ def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool:
     per = max(1, _CHUNK_BYTES // max(1, m * ps * d * 4))  # (row, head)s per chunk
     chunks = []
     any_hidden = False
-    for i in range(0, bh, per):
-        j = min(bh, i + per)
-        used = max(cnts[i:j])
-        # Hidden tokens among the gathered ones: padding entries of members with fewer entries, or hidden
-        # tokens inside used entries (left padding, the partial last page).
-        some_hidden = any(n_ok[r] < used * ps for r in range(i, j))
-        any_hidden |= some_hidden
-        chunks.append((i, j, used, some_hidden, flat[i:j, :used].reshape(-1) if used else None))
+    if per == 1:  # one (row, head) per chunk (8K x batch 4 x 25 % and up): views of flat's rows, no slicing per chunk
+        for i, row in enumerate(flat.unbind(0)):
+            used = cnts[i]
+            some_hidden = n_ok[i] < used * ps
+            any_hidden |= some_hidden
+            chunks.append((i, i + 1, used, some_hidden, (row if used == m else row[:used]) if used else None))
+    else:
+        for i in range(0, bh, per):
+            j = min(bh, i + per)
+            used = max(cnts[i:j])
+            # Hidden tokens among the gathered ones: padding entries of members with fewer entries, or hidden
+            # tokens inside used entries (left padding, the partial last page).
+            some_hidden = any(n_ok[r] < used * ps for r in range(i, j))
+            any_hidden |= some_hidden
+            chunks.append((i, j, used, some_hidden, flat[i:j, :used].reshape(-1) if used else None))
     low = k_pool.dtype != torch.float32
     buf = _scratch("kv", (per * m, ps * d), dev)
     lowbuf = _scratch("kv_low", (per * m, ps * d), dev, k_pool.dtype) if low else None
@@ -368,27 +382,39 @@ def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool:
     for i, j, used, _, idx in chunks:
         if used:
             torch.bmm(qf[i:j], gather(krows, i, j, used, idx).transpose(1, 2), out=scores[i:j, :, : used * ps])
-    # Hidden tokens and the never-written padding columns: -inf (NaN among hidden keys included).
-    hidden = None
-    if any_hidden or min(cnts) < m:
-        hidden = torch.logical_not(valid, out=_scratch("hidden", (bh, t), dev, torch.bool))
-        scores[..., :t].masked_fill_(hidden.view(bh, 1, t), float("-inf"))
+    # Hidden tokens and the never-written padding columns: -inf, added as a bias row (0 / -inf) per (row,
+    # head): ~10x cheaper than a broadcast masked_fill over every query row (~1.4 ns per score on CPU, ~100 us
+    # per layer at 8K x batch 4 x 25 %).  A NaN or +inf score at a hidden token (garbage keys, stale
+    # scratch columns) stays NaN under the bias; it makes its whole row NaN, which the output shows, and
+    # then the scores are masked exactly (masked_fill) and the softmax and values redone.
+    masked = any_hidden or min(cnts) < m
+    if masked:
+        bias = torch.where(valid, _ZERO, _NEG_INF, out=_scratch("bias", (bh, t), dev))
+        scores[..., :t].add_(bias.view(bh, 1, t))
     if nq:
         nk = new_keys.reshape(bh, q, d).to(torch.float32)
         if q == 1:
             torch.bmm(qf, nk.transpose(1, 2), out=scores[..., t:])
         else:
             scores[..., t:] = _new_token_scores(qf.view(b, h, gq, d), new_keys, g).view(bh, gq, q)
-    # (row, head, query row) log-sum-exp before the softmax overwrites nothing (it writes its own buffer);
-    # a row of only -inf gives -inf
-    log_se = torch.logsumexp(scores, -1).view(b, hq, q) if want_lse else None
-    weights = torch.ops.aten._softmax.out(scores, -1, False, out=_scratch("p", scores.shape, dev))
-    out = torch.empty(bh, gq, d, device=dev)
-    for i, j, used, _, idx in chunks:
-        if used:
-            torch.bmm(weights[i:j, :, : used * ps], gather(vrows, i, j, used, idx), out=out[i:j])
-        else:
-            out[i:j].zero_()
+
+    def softmax_values() -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        # (row, head, query row) log-sum-exp before the softmax overwrites nothing (it writes its own
+        # buffer); a row of only -inf gives -inf
+        lse_ = torch.logsumexp(scores, -1).view(b, hq, q) if want_lse else None
+        weights_ = torch.ops.aten._softmax.out(scores, -1, False, out=_scratch("p", scores.shape, dev))
+        out_ = torch.empty(bh, gq, d, device=dev)
+        for i, j, used, _, idx in chunks:
+            if used:
+                torch.bmm(weights_[i:j, :, : used * ps], gather(vrows, i, j, used, idx), out=out_[i:j])
+            else:
+                out_[i:j].zero_()
+        return lse_, weights_, out_
+
+    log_se, weights, out = softmax_values()
+    if masked and bool(out.isnan().any()):
+        scores[..., :t].masked_fill_(torch.logical_not(valid).view(bh, 1, t), float("-inf"))
+        log_se, weights, out = softmax_values()
     # Hidden tokens have weight exactly 0, which hides any finite value; a NaN or an infinity among them
     # (0 * inf = NaN) shows as NaN in its chunk's output: only then redo those chunks with the hidden
     # tokens' values zeroed (the pools' hidden bytes are rarely non-finite; chunks without hidden tokens
@@ -398,7 +424,7 @@ def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool:
         for i, j, used, some_hidden, idx in chunks:
             if used and some_hidden and any(bad[i:j]):
                 values = gather(vrows, i, j, used, idx)
-                rows = hidden[i:j, : used * ps].reshape(-1).nonzero().squeeze(1)
+                rows = valid[i:j, : used * ps].logical_not().reshape(-1).nonzero().squeeze(1)
                 values.view(-1, d).index_fill_(0, rows, 0.0)
                 torch.bmm(weights[i:j, :, : used * ps], values, out=out[i:j])
     if not nq:  # a (row, head) with nothing to attend: softmax over only -inf gave NaN; it gets zeros
@@ -479,6 +505,7 @@ def check_page_table_args(query, k_pool, v_pool, table: PageTable, new_keys, new
 # pools their low-precision copies, each at most _SCRATCH_LIMIT elements (64 MiB of float32).
 _SCRATCH_LIMIT = 1 << 24
 _tls = threading.local()
+_ZERO, _NEG_INF = torch.tensor(0.0), torch.tensor(float("-inf"))  # the CPU path's bias values (never written)
 
 
 def _scratch(name: str | None, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype = torch.float32
