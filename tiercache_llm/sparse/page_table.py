@@ -377,11 +377,34 @@ def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool:
         chunk = torch.index_select(rows, 0, idx, out=lowbuf[: idx.numel()])
         return buf[: idx.numel()].copy_(chunk).view(j - i, used * ps, d)
 
+    # One float32 (row, head) per chunk (8K x batch 4 x 25 % and up): 2-D matmuls on views of the scratch
+    # made once per distinct entry count, not a handful of slices per chunk and loop (~1 us each, ~24 chunks
+    # per layer); the same products bit for bit (one MKL gemm either way).
+    single = per == 1 and not low
+    mats: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def rows_of(used: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(page rows (used, ps * D), matrix (used * ps, D), its transpose)`` views of the scratch."""
+        v = mats.get(used)
+        if v is None:
+            r = buf[:used]
+            mat = r.view(used * ps, d)
+            v = mats[used] = (r, mat, mat.t())
+        return v
+
     qf = torch.mul(query.reshape(bh, gq, d).to(torch.float32), scale, out=_scratch("q", (bh, gq, d), dev))
     scores = _scratch("s", (bh, gq, t + nq), dev)
-    for i, j, used, _, idx in chunks:
-        if used:
-            torch.bmm(qf[i:j], gather(krows, i, j, used, idx).transpose(1, 2), out=scores[i:j, :, : used * ps])
+    if single:
+        q_rows, s_rows = qf.unbind(0), scores[..., :t].unbind(0)
+        for i, _, used, _, idx in chunks:
+            if used:
+                r, _, mat_t = rows_of(used)
+                torch.index_select(krows, 0, idx, out=r)
+                torch.mm(q_rows[i], mat_t, out=s_rows[i] if used == m else s_rows[i][:, : used * ps])
+    else:
+        for i, j, used, _, idx in chunks:
+            if used:
+                torch.bmm(qf[i:j], gather(krows, i, j, used, idx).transpose(1, 2), out=scores[i:j, :, : used * ps])
     # Hidden tokens and the never-written padding columns: -inf, added as a bias row (0 / -inf) per (row,
     # head): ~10x cheaper than a broadcast masked_fill over every query row (~1.4 ns per score on CPU, ~100 us
     # per layer at 8K x batch 4 x 25 %).  A NaN or +inf score at a hidden token (garbage keys, stale
@@ -404,6 +427,16 @@ def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool:
         lse_ = torch.logsumexp(scores, -1).view(b, hq, q) if want_lse else None
         weights_ = torch.ops.aten._softmax.out(scores, -1, False, out=_scratch("p", scores.shape, dev))
         out_ = torch.empty(bh, gq, d, device=dev)
+        if single:
+            w_rows, o_rows = weights_[..., :t].unbind(0), out_.unbind(0)
+            for i, _, used, _, idx in chunks:
+                if used:
+                    r, mat, _ = rows_of(used)
+                    torch.index_select(vrows, 0, idx, out=r)
+                    torch.mm(w_rows[i] if used == m else w_rows[i][:, : used * ps], mat, out=o_rows[i])
+                else:
+                    o_rows[i].zero_()
+            return lse_, weights_, out_
         for i, j, used, _, idx in chunks:
             if used:
                 torch.bmm(weights_[i:j, :, : used * ps], gather(vrows, i, j, used, idx), out=out_[i:j])
