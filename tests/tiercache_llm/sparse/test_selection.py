@@ -323,7 +323,7 @@ def test_selection_uses_the_uniform_ranking_at_the_cache_shape():
     assert torch.equal(sel.head_mask, torch.nn.functional.pad(sel.page_mask, (0, 3)).view(2, 3, 16, 8).any(-1))
 
 
-@pytest.mark.parametrize("scratch", [1 << 20, 100_000, 4096, 1 << 9])  # all (row, head)s at once, 2 at a time, by rows
+@pytest.mark.parametrize("scratch", [1 << 20, 100_000, 50_000, 4096, 1 << 9])  # all (row, head)s, 2 at a time, 1, by rows
 def test_float16_digests_score_in_float32_like_their_float32_copy(monkeypatch, scratch):
     """The 16-bit scoring path (upcast into a scratch, one matmul for bounds and landmarks) gives the
     float32 rule's scores of the same (rounded) digests to float32 rounding, and its selection."""
@@ -348,6 +348,27 @@ def test_float16_digests_score_in_float32_like_their_float32_copy(monkeypatch, s
     torch.testing.assert_close(fast.scores[finite], ref.scores[finite], rtol=1e-5, atol=1e-4)
     agree = (fast.pages & ref.pages).sum() / ref.pages.sum()
     assert agree > 0.99 and torch.equal(fast.pages.sum(-1), ref.pages.sum(-1))
+
+
+def test_float16_scoring_slabs_of_any_size_give_the_same_bits(monkeypatch):
+    """Whole layer, two (row, KV head)s per slab, one (2-D matmuls on one scratch view): the same scores and
+    pages bit for bit (each slab's matmul is the layer's restricted to its (row, KV head)s)."""
+    from tiercache_llm.sparse import selection as sel_mod
+
+    gen = torch.Generator().manual_seed(5)
+    keys = torch.randn(3, 2, 900, 16, generator=gen)
+    valid = torch.ones(3, 900, dtype=torch.bool)
+    valid[2, :77] = False
+    d16 = KeyDigests.from_keys(keys, 4, valid, storage=torch.float16)
+    query = torch.randn(3, 6, 1, 16, generator=gen)
+    cfg = SelectionConfig(budget=0.25, score="bound+landmark")
+    slab = 4 * d16.buffer().shape[2] * d16.buffer().shape[3]  # bytes of one (row, KV head)'s upcast digests
+    got = []
+    for scratch in (1 << 22, 2 * slab, slab):
+        monkeypatch.setattr(sel_mod, "SCRATCH_BYTES", scratch)
+        got.append(select(query, d16, cfg, pages_per_block=4))
+    for other in got[1:]:
+        assert torch.equal(other.scores, got[0].scores) and torch.equal(other.pages, got[0].pages)
 
 
 def test_digest_storage_knob_is_checked():
