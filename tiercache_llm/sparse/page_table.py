@@ -412,6 +412,9 @@ def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool:
     # then the scores are masked exactly (masked_fill) and the softmax and values redone.
     masked = any_hidden or min(cnts) < m
     if masked:
+        for i, j, used, _, _ in chunks:
+            if not used:  # no matmul reads these rows' context weights, so no NaN could show: -inf outright
+                scores[i:j, :, :t].fill_(float("-inf"))
         bias = torch.where(valid, _ZERO, _NEG_INF, out=_scratch("bias", (bh, t), dev))
         scores[..., :t].add_(bias.view(bh, 1, t))
     if nq:
@@ -444,10 +447,23 @@ def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool:
                 out_[i:j].zero_()
         return lse_, weights_, out_
 
-    log_se, weights, out = softmax_values()
+    # Without new tokens a (row, head) with nothing to attend has a softmax over only -inf (NaN): it gets zeros,
+    # before the output is looked at for NaN (an overlapped attention's second part has such rows every call).
+    empty = [r for r in range(bh) if n_ok[r] == 0] if not nq else []
+
+    def finish() -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        lse_, weights_, out_ = softmax_values()
+        for r in empty:
+            weights_[r].zero_()
+            out_[r].zero_()
+            if lse_ is not None:  # nothing attended (a hidden NaN score could have made it NaN)
+                lse_.view(bh, gq)[r].fill_(float("-inf"))
+        return lse_, weights_, out_
+
+    log_se, weights, out = finish()
     if masked and bool(out.isnan().any()):
         scores[..., :t].masked_fill_(torch.logical_not(valid).view(bh, 1, t), float("-inf"))
-        log_se, weights, out = softmax_values()
+        log_se, weights, out = finish()
     # Hidden tokens have weight exactly 0, which hides any finite value; a NaN or an infinity among them
     # (0 * inf = NaN) shows as NaN in its chunk's output: only then redo those chunks with the hidden
     # tokens' values zeroed (the pools' hidden bytes are rarely non-finite; chunks without hidden tokens
@@ -460,11 +476,6 @@ def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool:
                 rows = valid[i:j, : used * ps].logical_not().reshape(-1).nonzero().squeeze(1)
                 values.view(-1, d).index_fill_(0, rows, 0.0)
                 torch.bmm(weights[i:j, :, : used * ps], values, out=out[i:j])
-    if not nq:  # a (row, head) with nothing to attend: softmax over only -inf gave NaN; it gets zeros
-        for r in range(bh):
-            if n_ok[r] == 0:
-                weights[r].zero_()
-                out[r].zero_()
     if want_mass:
         mass = weights[..., :t].view(bh, gq, m, ps).sum(-1)
         if q > 1:

@@ -417,28 +417,40 @@ def test_page_rows_refuse_layouts_without_a_row_view():
     assert _page_rows(pool[:0], 4) is None
 
 
+@pytest.mark.parametrize("new", [True, False])
 @pytest.mark.parametrize("garbage", ["nan", "inf", "finite"])
 @pytest.mark.parametrize("seed", range(4))
-def test_cpu_hidden_tokens_are_exact_whatever_their_keys_and_the_scratch_hold(monkeypatch, garbage, seed):
+def test_cpu_hidden_tokens_are_exact_whatever_their_keys_and_the_scratch_hold(monkeypatch, garbage, seed, new):
     """The chunked CPU path masks hidden tokens with a 0 / -inf bias added to the scores, and masks exactly
     (masked_fill) only when a hidden score came out NaN or +inf: with any bytes in the hidden keys (NaN, +/-inf,
     large finite) and stale NaN / +inf in the score scratch's never-written columns, the result is the
-    reference's."""
+    reference's, (row, head)s with no pages included (zeros without new tokens, log-sum-exp -inf)."""
     from tiercache_llm.sparse import page_table
 
     monkeypatch.setattr(page_table, "_CHUNK_BYTES", 1 + seed % 2 * 2500)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # the chunked path
-    c = make_case({**BASE, "b": 2, "h": 2, "g": 3, "q": 1, "n_blocks": 5, "density": 0.6, "tail_cut": 3,
-                   "empty_head": seed % 2 == 0}, seed)
+    # density 1: every other (row, head) attends every page, so the empty one's stale scratch row is the only
+    # place a NaN could come from
+    c = make_case({**BASE, "b": 2, "h": 2, "g": 3, "q": 1, "n_blocks": 5, "density": 0.6 if seed < 2 else 1.0,
+                   "tail_cut": 3, "empty_head": True, "new": new}, seed)
     k_pool, hidden_any = c.k_pool.clone(), torch.isnan(c.k_pool)
     fill = {"nan": float("nan"), "inf": float("inf"), "finite": 1e4}[garbage]
     k_pool[hidden_any] = fill
-    c.k_pool = k_pool
     if garbage == "inf":
         k_pool[hidden_any & (torch.rand(k_pool.shape, generator=torch.Generator().manual_seed(seed)) < 0.5)] = -fill
+    c.k_pool = k_pool
+    if garbage == "finite":  # and finite hidden values: a NaN could only come from the stale scratch
+        c.v_pool = c.v_pool.nan_to_num(nan=-3.0)
     page_table._scratch("s", (1 << 16,), torch.device("cpu")).fill_(float("nan") if seed % 2 else float("inf"))
     table, res, mass = through_table(c)
     want = reference(c)
     torch.testing.assert_close(res.output.float(), want.output.float(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(mass, want.block_mass, rtol=1e-4, atol=1e-6)
     assert not bool(torch.isnan(res.output).any())
+    page_table._scratch("s", (1 << 16,), torch.device("cpu")).fill_(float("nan"))
+    with_lse = page_table_attention(c.query, c.k_pool, c.v_pool, table, c.nk, c.nv, scale=c.scale, lse=True)
+    attended = c.attended.any(-1).any(-1).repeat_interleave(c.g, 1)  # (B, Hq)
+    lse = with_lse.lse[..., 0]
+    assert not bool(torch.isnan(lse).any())
+    assert torch.equal(torch.isfinite(lse), attended | new)
+    torch.testing.assert_close(with_lse.output.float(), want.output.float(), rtol=1e-5, atol=1e-5)
