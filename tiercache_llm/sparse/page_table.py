@@ -316,9 +316,10 @@ def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool:
     1. per chunk: gather the used pages' keys (one ``index_select`` of page rows into a scratch buffer
        that stays in cache), one ``bmm`` with the group's query rows (GQA: the ``G * Q`` query rows of a
        KV head are the matmul's rows; no repeat) into the scores ``(B * H, G * Q, M * page + Q)``;
-    2. the new tokens' scores in the last ``Q`` columns, hidden tokens ``-inf``, one softmax over the row
-       (float32): the weights, the entry masses (sums over each entry's tokens) and the new tokens' mass all
-       come from it;
+    2. the new tokens' scores in the last ``Q`` columns, hidden tokens ``-inf`` (a ``0 / -inf`` bias row added
+       per (row, head); only if that left a NaN, i.e. a hidden score was NaN or ``+inf``, masked exactly and
+       steps 2-3 redone), one softmax over the row (float32): the weights, the entry masses (sums over each
+       entry's tokens) and the new tokens' mass all come from it;
     3. per chunk: gather the values (same buffer), one ``bmm`` with the weights (hidden tokens weigh
        exactly 0); only where that gave NaN (a hidden value NaN or infinite: ``0 * inf = NaN``) the
        chunk again with its hidden tokens' values zeroed; the new tokens' values added with one
