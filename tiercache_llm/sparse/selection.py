@@ -389,7 +389,8 @@ def _products16(qf: torch.Tensor, buffer: torch.Tensor, n: int, weight: float) -
         torch.bmm(qe, st[..., :n].float(), out=out)
     elif r * cap * 4 <= SCRATCH_BYTES:  # slabs of whole (row, KV head)s
         per = min(bh, SCRATCH_BYTES // (4 * r * cap))
-        if per == 1:  # (~5.5K-11K tokens at 8-token pages) 2-D matmuls on one scratch view: no slicing per slab (the same gemm, bit for bit)
+        if per == 1:  # ~5.5K-11K tokens at 8-token pages: 2-D matmuls on one scratch view, no slicing per slab
+            # (the same gemm, bit for bit)
             sc = _scratch_buffer(r * cap)[: r * cap].view(r, cap)
             scn = sc[:, :n]
             for src, q_part, o_part in zip(st.unbind(0), qe.unbind(0), out.unbind(0)):
