@@ -3,6 +3,7 @@ is never handed on while its read is in flight, a failed read is never attended,
 logits and selections with it on and off."""
 
 import concurrent.futures
+import sys
 import threading
 
 import pytest
@@ -289,13 +290,23 @@ def test_a_persistent_read_error_is_raised(model, tmp_path, monkeypatch):
 @pytest.mark.parametrize("settle_late", [True, False])
 def test_a_fetch_waits_for_slow_slot_reads(model, tmp_path, monkeypatch, settle_late):
     ref, _, _ = _run(model, tmp_path, "ref", stage_into_slots=False)
-    original = DecodePipeline._read
+    original, original_wait = DecodePipeline._read, concurrent.futures.wait
+    gate = threading.Event()
 
     def slow(self, keys, outs):
-        threading.Event().wait(0.02)  # lands after the next layer started fetching, mostly
+        # Held until the pool waits on a slot read (a fetch settling its slots, or a release), so a fetch
+        # always finds reads in flight however the threads are scheduled; the timeout only keeps a failure
+        # from hanging.
+        gate.wait(5.0)
         original(self, keys, outs)
 
+    def wait(fs, *args, **kwargs):
+        if sys._getframe(1).f_code in (PoolArena.settle.__code__, PoolArena._wait_pending.__code__):
+            gate.set()
+        return original_wait(fs, *args, **kwargs)
+
     monkeypatch.setattr(DecodePipeline, "_read", slow)
+    monkeypatch.setattr(concurrent.futures, "wait", wait)
     got, _, stats = _run(model, tmp_path, "slow", stage_into_slots=True, settle_late=settle_late)
     assert torch.equal(ref, got)
     pipe = stats["pipeline"]
