@@ -258,6 +258,11 @@ class PipelineConfig:
             attention's within float32 rounding).  A failed read is re-read or raises as without it, at the
             wait.  CPU pools and the torch attention path only (a pool on another device reads as before, with
             a warning).  Off by default (docs/sparse.md "Decode pipeline" has the measurements).
+        slot_reads_after_sync: with ``stage_into_slots``, the background reads into the slots reserved for the
+            next layers at a layer's fetch start only once that fetch's own synchronous reads from the slower
+            tiers are done (its slots are reserved at once, as before): the fetch's few mispredicted disk reads
+            then no longer queue on the device behind the next layer's read-ahead, which the forward thread would
+            wait out.  Only when reads start changes, never what is reserved, read or attended.
     """
 
     reuse: bool = False
@@ -290,6 +295,9 @@ class PipelineConfig:
     slots_from_fastest: bool = False
     settle_late: bool = True
     overlap_sync_reads: bool = False
+    slot_reads_after_sync: bool = False
+    sync_reads_alone: bool = False
+    ahead_busy: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pool_bytes", check_pool_bytes(self.pool_bytes, auto=True))
@@ -306,6 +314,10 @@ class PipelineConfig:
             raise ValueError(f"overlap_sync_reads must be a bool, got {self.overlap_sync_reads!r}")
         if not isinstance(self.settle_late, bool):
             raise ValueError(f"settle_late must be a bool, got {self.settle_late!r}")
+        if not isinstance(self.sync_reads_alone, bool):
+            raise ValueError(f"sync_reads_alone must be a bool, got {self.sync_reads_alone!r}")
+        if not isinstance(self.slot_reads_after_sync, bool):
+            raise ValueError(f"slot_reads_after_sync must be a bool, got {self.slot_reads_after_sync!r}")
         if not isinstance(self.stage_into_slots, bool):
             raise ValueError(f"stage_into_slots must be a bool, got {self.stage_into_slots!r}")
         if not isinstance(self.background_end_step, bool):
@@ -326,7 +338,7 @@ class PipelineConfig:
         m = self.promote_margin
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not m >= 1.0:
             raise ValueError(f"promote_margin must be a number >= 1.0, got {m!r}")
-        for name in ("stage_ahead", "stage_near", "promote_bytes_per_step", "predict_near"):
+        for name in ("stage_ahead", "stage_near", "promote_bytes_per_step", "predict_near", "ahead_busy"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -500,6 +512,8 @@ class DecodePipeline:
         self._last: dict[int, list[int]] = {}  # layer -> stored blocks it fetched at its last step
         self._left: dict[int, list[int]] = {}  # layer -> blocks of the step before that it no longer selected
         self._predicted: dict[int, set] = {}  # layer -> entries predicted for its coming fetch
+        self._ahead_reads: dict[int, int] = {}  # layer -> slower-tier entries its coming fetch's prediction reads
+        self._ahead_jobs: dict[int, Any] = {}  # layer -> whether its prediction's read finished (a callable)
         # the slots shared by every layer; "auto" is resolved once the layers' device is known (_resolve_bound)
         self._auto_bound = config.pool_bytes == AUTO
         self._bound_device: str | None = None  # the device type "auto" was resolved for
@@ -538,6 +552,9 @@ class DecodePipeline:
         self._sync_executor: concurrent.futures.ThreadPoolExecutor | None = None  # overlap_sync_reads' reader
         self._pending: PendingReads | None = None  # the reads the last deferred fetch left in flight
         self._warned_overlap = False
+        # slot_reads_after_sync: reads into reserved slots held back until the fetching layer's own slow reads
+        # are done: (placeholder future the arena waits on, keys, destination views)
+        self._gated: list[tuple[concurrent.futures.Future, list, list[torch.Tensor]]] = []
         self._closed = False
 
     # ----------------------------------------------------------------------------- helpers
@@ -698,6 +715,31 @@ class DecodePipeline:
             return
         # ``ahead`` > 1: layers up to ``ahead`` fetches away are staged too, each once before its fetch (the
         # first time it is within reach), from its previous selection; the next layer may use the query.
+        if self.config.ahead_busy:
+            # ``ahead`` layers that read from a slower tier: layers whose blocks all stay resident do not count,
+            # so the device keeps reading through the stretches of layers that need nothing from it.
+            if nxt_idx not in self._predicted or self.config.predictor == "query":
+                self._predict_layer(nxt_idx, query, layer, selected)
+            busy = 1 if self._reading(nxt_idx) else 0
+            far = nxt_idx
+            for _ in range(min(self.config.ahead, len(self.sparse_ids) - 1) - 1):  # within ``ahead``: slots
+                if busy >= self.config.ahead:
+                    break
+                far = self._next[far]
+                if far not in self._predicted:
+                    self._predict_layer(far, None, layer, selected)
+                busy += 1 if self._reading(far) else 0
+            for _ in range(min(self.config.ahead_busy, len(self.sparse_ids) - 1) - min(self.config.ahead, len(self.sparse_ids) - 1)):
+                if busy >= self.config.ahead:
+                    break
+                far = self._next[far]
+                if far not in self._predicted:
+                    # beyond ``ahead`` into the staging area (outside the pools' bound): slots reserved that far
+                    # ahead would be taken from blocks the layers in between still select
+                    self._predict_layer(far, None, layer, selected, into_slots=False)
+                busy += 1 if self._reading(far) else 0
+            self.stats.predict_seconds += time.perf_counter() - start
+            return
         far = nxt_idx
         for depth in range(2, min(self.config.ahead, len(self.sparse_ids)) + 1):
             far = self._next[far]
@@ -707,8 +749,13 @@ class DecodePipeline:
             self._predict_layer(nxt_idx, query, layer, selected)
         self.stats.predict_seconds += time.perf_counter() - start
 
+    def _reading(self, layer_idx: int) -> bool:
+        """Whether the read into the reserved slots of ``layer_idx``'s coming fetch has not finished."""
+        done = self._ahead_jobs.get(layer_idx)
+        return done is not None and not done()
+
     def _predict_layer(self, nxt_idx: int, query: torch.Tensor | None, fetching: "TieredKVLayer | None" = None,
-                       selected: list[int] | None = None) -> None:
+                       selected: list[int] | None = None, into_slots: bool = True) -> None:
         """Stage the entries layer ``nxt_idx`` is predicted to need that its pool does not hold (``query``:
         this layer's query, for the ``"query"`` predictor; ``None``: the previous selection): into slots of its
         pool (``stage_into_slots``, :meth:`_read_into_slots`; ``fetching`` / ``selected``: the layer fetching
@@ -738,16 +785,21 @@ class DecodePipeline:
             blocks += near_misses_many([self._last_sel[nxt_idx]], [n_stored], [skip], self.config.predict_near)[0]
         self._predicted[nxt_idx] = set(layer_keys(nxt, blocks))
         self.stats.predicted += nxt._entries_per_block * len(blocks)
-        if (self.config.stage_into_slots and pool is not None and pool.retention != "none" and blocks
+        if (into_slots and self.config.stage_into_slots and pool is not None and pool.retention != "none" and blocks
                 and fetching is not None and nxt_idx != fetching.layer_idx):
             protect = None
             mine = self._pools.get(fetching.layer_idx)
             if mine is not None and selected:
                 protect = (mine, set(selected))
-            blocks, nonresident = self._read_into_slots(nxt, pool, blocks, protect)
-            self.stats.predicted_nonresident += nonresident
-        nonresident, _ = self._stage_blocks(nxt, blocks, promote=False)
+            blocks, slotted = self._read_into_slots(nxt, pool, blocks, protect)
+            self.stats.predicted_nonresident += slotted
+        else:
+            slotted = 0
+        nonresident, submitted = self._stage_blocks(nxt, blocks, promote=False)
         self.stats.predicted_nonresident += nonresident
+        self._ahead_reads[nxt_idx] = slotted + nonresident
+        if submitted and self.staging.last_done is not None and nxt_idx not in self._ahead_jobs:
+            self._ahead_jobs[nxt_idx] = self.staging.last_done
 
     def _read_into_slots(self, layer: "TieredKVLayer", pool: ResidentPool, blocks: list[int],
                          protect: tuple[ResidentPool, set] | None) -> tuple[list[int], int]:
@@ -797,14 +849,36 @@ class DecodePipeline:
             return rest, 0
         keys = layer_keys(layer, [j for j, _ in got])
         outs = pool.entry_views([s for _, s in got])
-        try:
-            read = self._executor.submit(self._slot_job, keys, outs)
-        except RuntimeError:  # the pool was shut down (close): nothing reserved
-            pool.drop([j for j, _ in got])
-            return rest, 0
+        if self.config.slot_reads_after_sync:
+            # Started by _open_gate once the fetching layer's slow reads are done; until then the arena waits
+            # on (or cancels) this placeholder like on a queued read.
+            read = concurrent.futures.Future()
+            self._gated.append((read, keys, outs))
+        else:
+            try:
+                read = self._executor.submit(self._slot_job, keys, outs)
+            except RuntimeError:  # the pool was shut down (close): nothing reserved
+                pool.drop([j for j, _ in got])
+                return rest, 0
         pool.arena.mark_pending([s for _, s in got], read)
+        self._ahead_jobs[layer.layer_idx] = read.done
         self.stats.slot_reserved += len(got)
         return rest, sum(slow[j] for j, _ in got)
+
+    def _open_gate(self) -> None:
+        """``slot_reads_after_sync``: start the reads into reserved slots held back so far (each completes its
+        placeholder future; one cancelled meanwhile, by a clear, is skipped; one that cannot start, the I/O
+        pool being shut down, fails its placeholder, so its block is released and read by its fetch)."""
+        gated, self._gated = self._gated, []
+        for placeholder, keys, outs in gated:
+            if not placeholder.set_running_or_notify_cancel():
+                continue
+            try:
+                read = self._executor.submit(self._slot_job, keys, outs)
+            except RuntimeError as exc:
+                placeholder.set_exception(exc)
+                continue
+            read.add_done_callback(functools.partial(_forward_result, placeholder))
 
     def _slot_job(self, keys: list, outs: list[torch.Tensor]) -> None:
         """A background read into reserved slots (:meth:`_read_into_slots`); what it raises is kept in its
@@ -921,10 +995,23 @@ class DecodePipeline:
         before it reads them and before the next fetch); ``pending`` is ``None`` when every slot is filled."""
         if self._pending is not None:  # a caller that never waited (an error between fetch and wait)
             self._pending.wait(raise_errors=False)
+        if self._gated:
+            self._open_gate()
         fetch = sel.fetch.tolist()
         n_stored = len(layer._blocks)
         stored = [j for j in fetch if j < n_stored]
         self.predict_next(layer, query, stored)
+        try:
+            return self._fetch_into_pool(state, layer, sel, stats, defer, fetch, stored)
+        finally:
+            if self._gated:
+                self._open_gate()
+
+    def _fetch_into_pool(self, state: "SparseLayerState", layer: "TieredKVLayer", sel: "BlockSelection",
+                         stats: "SparseStats", defer: bool, fetch: list[int], stored: list[int]) -> tuple:
+        """:meth:`fetch` once the next layers' reads are reserved (``fetch``: ``sel.fetch`` as a list, ``stored``:
+        its stored blocks)."""
+        n_stored = len(layer._blocks)
         tail = len(stored) < len(fetch)
         ns = len(stored)
         b, bs = layer._batch, layer.block_size
@@ -973,6 +1060,8 @@ class DecodePipeline:
         landing = [i for i, j in enumerate(stored) if j in busy and i not in lost] if busy else []
         ps.reused += epb * (ns - len(missing) - len(pre) - len(landing))
         predicted = self._predicted.pop(layer.layer_idx, None)
+        self._ahead_reads.pop(layer.layer_idx, None)
+        self._ahead_jobs.pop(layer.layer_idx, None)
         overlap = defer and self.config.overlap_sync_reads and pool.k is not None
         if overlap and pool.k.device.type != "cpu":
             overlap = False
@@ -991,6 +1080,8 @@ class DecodePipeline:
                 raise
         else:
             stats.blocks_resident += ns
+        if self._gated:  # before waiting for this layer's own reads still in flight (settle)
+            self._open_gate()
 
         def settle() -> None:
             """settle_late: wait for the reads into reserved slots still in flight; a failed one is read here."""
@@ -1161,7 +1252,17 @@ class DecodePipeline:
             job = self._sync_executor.submit(self._sync_read, keys, blocks, dsts, joint, sync)
             return job, sorted({missing[e % nm] for idx in sync.values() for e in idx})
         t0 = time.perf_counter()
-        done = self._sync_read(keys, blocks, dsts, joint, sync)
+        if self._gated:
+            # The slower tiers' reads first, alone on the device; then the next layers' reads start, while
+            # this thread copies from the fast tiers.
+            fast = str(fastest)
+            slow = {t: i for t, i in sync.items() if t != fast}
+            done = self._sync_read(keys, blocks, dsts, joint, slow) if slow else []
+            self._open_gate()
+            if fast in sync:
+                done += self._sync_read(keys, blocks, dsts, joint, {fast: sync[fast]})
+        else:
+            done = self._sync_read(keys, blocks, dsts, joint, sync)
         ps.sync_wait_seconds += time.perf_counter() - t0
         self._record_sync(done, stats)
         return None
@@ -1172,11 +1273,20 @@ class DecodePipeline:
         row map through a temporary, viewed into place); returns ``(tier, entries, seconds, bytes)`` per tier.
         Touches no counters (it may run on the reader thread)."""
         done = []
+        alone = self.config.sync_reads_alone
+        fast = str(self.store.fastest_tier)
         for tier, idx in sync.items():
             t1 = time.perf_counter()
-            outs = read_entries(self.store, [keys[e] for e in idx], [blocks[e] for e in idx], [dsts[e] for e in idx],
-                                joint)
-            done.append((tier, len(idx), time.perf_counter() - t1, sum(o.nbytes for o in outs)))
+            # sync_reads_alone: one entry per call, so the calling thread reads it itself instead of handing
+            # part of the batch to the tier's read pool, where it would queue behind the read-ahead's batches.
+            step = 1 if alone and tier != fast else len(idx)
+            nbytes = 0
+            for i in range(0, len(idx), step):
+                part = idx[i : i + step]
+                outs = read_entries(self.store, [keys[e] for e in part], [blocks[e] for e in part],
+                                    [dsts[e] for e in part], joint)
+                nbytes += sum(o.nbytes for o in outs)
+            done.append((tier, len(idx), time.perf_counter() - t1, nbytes))
         return done
 
     def _record_sync(self, done: list[tuple[str, int, float, int]], stats: "SparseStats") -> None:
@@ -1540,6 +1650,8 @@ class DecodePipeline:
         self._last.clear()
         self._last_sel.clear()
         self._predicted.clear()
+        self._ahead_reads.clear()
+        self._ahead_jobs.clear()
         if self.staging is not None:
             self.staging.discard()
         policy = getattr(self.store, "policy", None)
@@ -1632,3 +1744,11 @@ def staged_keys(layer: "TieredKVLayer", blocks: list[int]) -> list:
     kk, vk = layer._kkeys, layer._vkeys
     return list(dict.fromkeys(k for j in blocks for k in (kk[j], vk[j])))
 
+
+def _forward_result(placeholder: concurrent.futures.Future, read: concurrent.futures.Future) -> None:
+    """Complete ``placeholder`` (a running future) as ``read`` completed."""
+    exc = read.exception() if not read.cancelled() else concurrent.futures.CancelledError()
+    if exc is not None:
+        placeholder.set_exception(exc)
+    else:
+        placeholder.set_result(read.result())
