@@ -4,7 +4,8 @@
         --variant attention-aware --variant attention-aware:slot_reads_after_sync=true
 
 Like ``sparse_end_step_ab.py`` (same caches, prefill cache and ``--variant`` syntax: host tier 25 % of the KV,
-disk the rest with ``direct_io``, default pool bound), for variants that differ in how far their background
+disk the rest with ``direct_io``, default pool bound; ``disk_direct_threads=N`` sets the disk tier's direct reads
+in flight per batch instead of a pipeline field), for variants that differ in how far their background
 reads run ahead: per round, each variant (the order rotating) first decodes one untimed step, which absorbs
 what its reads ahead gained while the other variants ran (its previous step's reads for its first layers landed
 meanwhile) and what the other caches' last reads cost it, then ``--run`` timed steps back to back, then its
@@ -48,8 +49,16 @@ def main() -> int:
     model, ids, context, kv = prefilled_point(args, args.rounds * (args.run + 1) + args.warmup)
     s = sp.Settings(host_fraction=0.25, block_size=args.block_size)
     work = Path(tempfile.mkdtemp(prefix="waits-ab-", dir=args.workdir))
-    caches = [sp.build_cache(model, sp.Config(name, args.budget, "cold"), kv, s, work / str(n), pipeline=ov or None)
-              for n, (_, name, ov) in enumerate(variants)]
+    caches = []
+    for n, (_, name, ov) in enumerate(variants):
+        ov = dict(ov or {})
+        threads = ov.pop("disk_direct_threads", None)  # not a pipeline field: the disk tier's reads in flight
+        cache = sp.build_cache(model, sp.Config(name, args.budget, "cold"), kv, s, work / str(n), pipeline=ov or None)
+        if threads is not None:
+            for tier in cache.store.cache._tiers:
+                if hasattr(tier, "_direct_threads"):
+                    tier._direct_threads = int(threads)
+        caches.append(cache)
 
     def step(r: dict) -> None:
         r["feed"] = model(input_ids=r["feed"], **cache_kwargs(r["cache"], model)).logits[:, -1].argmax(-1, keepdim=True)

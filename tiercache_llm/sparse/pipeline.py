@@ -38,6 +38,9 @@ at 50 % 654 -> 426 (407); unbounded 192 (docs/sparse.md "Pool budget").
   into them (:meth:`DecodePipeline._read_into_slots`, :meth:`~.pool.PoolArena.reserve`): its fetch waits for
   the read and copies nothing (SmolLM2 8K x batch 4, pools 25 % of the KV: copy 107-164 -> 16-18 ms/step,
   forward-thread CPU 319-400 -> 270-306 ms/step for attention-aware; docs/sparse.md "Reads into reserved slots").
+  With ``slot_reads_after_sync`` (``attention-aware``) those reads start only once the fetching layer's own
+  synchronous reads from the slower tiers are done, so its few mispredicted disk reads do not queue behind them
+  (:meth:`DecodePipeline._open_gate`).
 - **Resident pool** (:class:`~.pool.ResidentPool`, one per sparse layer, all views of one shared
   :class:`~.pool.PoolArena` bounded by ``pool_bytes``): the selected blocks are read straight into slots
   of a persistent ``(N, B, H, S, D)`` pool and attention reads them there through a page table, so a
@@ -260,9 +263,12 @@ class PipelineConfig:
             a warning).  Off by default (docs/sparse.md "Decode pipeline" has the measurements).
         slot_reads_after_sync: with ``stage_into_slots``, the background reads into the slots reserved for the
             next layers at a layer's fetch start only once that fetch's own synchronous reads from the slower
-            tiers are done (its slots are reserved at once, as before): the fetch's few mispredicted disk reads
-            then no longer queue on the device behind the next layer's read-ahead, which the forward thread would
-            wait out.  Only when reads start changes, never what is reserved, read or attended.
+            tiers are done (its slots are reserved at once, as before; its copies from the fastest tier run after
+            the release): the fetch's few mispredicted disk reads then no longer queue behind the next layer's
+            read-ahead (on the device and in the disk tier's read pool), which the forward thread waited out.  Only
+            when reads start changes, never what is reserved, read or attended.  On for ``attention-aware``
+            (SmolLM2 8K x 4, pools at the default bound: sync disk wait 107 -> 39 ms/step, 481 -> 427 ms/step;
+            docs/sparse.md "Reads into reserved slots after the fetch's own").
     """
 
     reuse: bool = False
@@ -296,8 +302,6 @@ class PipelineConfig:
     settle_late: bool = True
     overlap_sync_reads: bool = False
     slot_reads_after_sync: bool = False
-    sync_reads_alone: bool = False
-    ahead_busy: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pool_bytes", check_pool_bytes(self.pool_bytes, auto=True))
@@ -314,8 +318,6 @@ class PipelineConfig:
             raise ValueError(f"overlap_sync_reads must be a bool, got {self.overlap_sync_reads!r}")
         if not isinstance(self.settle_late, bool):
             raise ValueError(f"settle_late must be a bool, got {self.settle_late!r}")
-        if not isinstance(self.sync_reads_alone, bool):
-            raise ValueError(f"sync_reads_alone must be a bool, got {self.sync_reads_alone!r}")
         if not isinstance(self.slot_reads_after_sync, bool):
             raise ValueError(f"slot_reads_after_sync must be a bool, got {self.slot_reads_after_sync!r}")
         if not isinstance(self.stage_into_slots, bool):
@@ -338,7 +340,7 @@ class PipelineConfig:
         m = self.promote_margin
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not m >= 1.0:
             raise ValueError(f"promote_margin must be a number >= 1.0, got {m!r}")
-        for name in ("stage_ahead", "stage_near", "promote_bytes_per_step", "predict_near", "ahead_busy"):
+        for name in ("stage_ahead", "stage_near", "promote_bytes_per_step", "predict_near"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -364,7 +366,7 @@ class PipelineConfig:
         elif strategy == "attention-aware":
             base = cls(reuse=True, layer_ahead=True, disk_staging=True, defer_promotions=True, predictor="previous",
                        write_behind_bytes=64 * MiB, pool_blocks_factor=1.5, stage_near=16, seed_pool=True,
-                       stage_into_slots=True)
+                       stage_into_slots=True, slot_reads_after_sync=True)
         else:
             raise ValueError(f"unknown strategy {strategy!r}")
         return cls(**{**asdict(base), **overrides})
@@ -512,8 +514,6 @@ class DecodePipeline:
         self._last: dict[int, list[int]] = {}  # layer -> stored blocks it fetched at its last step
         self._left: dict[int, list[int]] = {}  # layer -> blocks of the step before that it no longer selected
         self._predicted: dict[int, set] = {}  # layer -> entries predicted for its coming fetch
-        self._ahead_reads: dict[int, int] = {}  # layer -> slower-tier entries its coming fetch's prediction reads
-        self._ahead_jobs: dict[int, Any] = {}  # layer -> whether its prediction's read finished (a callable)
         # the slots shared by every layer; "auto" is resolved once the layers' device is known (_resolve_bound)
         self._auto_bound = config.pool_bytes == AUTO
         self._bound_device: str | None = None  # the device type "auto" was resolved for
@@ -528,6 +528,7 @@ class DecodePipeline:
                                 None if self._auto_bound else config.pool_bytes, config.pool_eviction)
         self._arena.prefer_cheap = config.pool_prefer_cheap
         self._arena.pass_in_flight = config.settle_late
+        self._arena.start_pending = self._open_gate  # an eviction or clear waiting for a held-back read starts it
         self._pools: dict[int, ResidentPool] = {}  # layer -> its view of the arena
         self._last_sel: dict[int, LastSelection] = {}  # layer -> its last selection (near misses)
         self._prefaulter: concurrent.futures.ThreadPoolExecutor | None = None
@@ -715,31 +716,6 @@ class DecodePipeline:
             return
         # ``ahead`` > 1: layers up to ``ahead`` fetches away are staged too, each once before its fetch (the
         # first time it is within reach), from its previous selection; the next layer may use the query.
-        if self.config.ahead_busy:
-            # ``ahead`` layers that read from a slower tier: layers whose blocks all stay resident do not count,
-            # so the device keeps reading through the stretches of layers that need nothing from it.
-            if nxt_idx not in self._predicted or self.config.predictor == "query":
-                self._predict_layer(nxt_idx, query, layer, selected)
-            busy = 1 if self._reading(nxt_idx) else 0
-            far = nxt_idx
-            for _ in range(min(self.config.ahead, len(self.sparse_ids) - 1) - 1):  # within ``ahead``: slots
-                if busy >= self.config.ahead:
-                    break
-                far = self._next[far]
-                if far not in self._predicted:
-                    self._predict_layer(far, None, layer, selected)
-                busy += 1 if self._reading(far) else 0
-            for _ in range(min(self.config.ahead_busy, len(self.sparse_ids) - 1) - min(self.config.ahead, len(self.sparse_ids) - 1)):
-                if busy >= self.config.ahead:
-                    break
-                far = self._next[far]
-                if far not in self._predicted:
-                    # beyond ``ahead`` into the staging area (outside the pools' bound): slots reserved that far
-                    # ahead would be taken from blocks the layers in between still select
-                    self._predict_layer(far, None, layer, selected, into_slots=False)
-                busy += 1 if self._reading(far) else 0
-            self.stats.predict_seconds += time.perf_counter() - start
-            return
         far = nxt_idx
         for depth in range(2, min(self.config.ahead, len(self.sparse_ids)) + 1):
             far = self._next[far]
@@ -749,13 +725,8 @@ class DecodePipeline:
             self._predict_layer(nxt_idx, query, layer, selected)
         self.stats.predict_seconds += time.perf_counter() - start
 
-    def _reading(self, layer_idx: int) -> bool:
-        """Whether the read into the reserved slots of ``layer_idx``'s coming fetch has not finished."""
-        done = self._ahead_jobs.get(layer_idx)
-        return done is not None and not done()
-
     def _predict_layer(self, nxt_idx: int, query: torch.Tensor | None, fetching: "TieredKVLayer | None" = None,
-                       selected: list[int] | None = None, into_slots: bool = True) -> None:
+                       selected: list[int] | None = None) -> None:
         """Stage the entries layer ``nxt_idx`` is predicted to need that its pool does not hold (``query``:
         this layer's query, for the ``"query"`` predictor; ``None``: the previous selection): into slots of its
         pool (``stage_into_slots``, :meth:`_read_into_slots`; ``fetching`` / ``selected``: the layer fetching
@@ -785,21 +756,16 @@ class DecodePipeline:
             blocks += near_misses_many([self._last_sel[nxt_idx]], [n_stored], [skip], self.config.predict_near)[0]
         self._predicted[nxt_idx] = set(layer_keys(nxt, blocks))
         self.stats.predicted += nxt._entries_per_block * len(blocks)
-        if (into_slots and self.config.stage_into_slots and pool is not None and pool.retention != "none" and blocks
+        if (self.config.stage_into_slots and pool is not None and pool.retention != "none" and blocks
                 and fetching is not None and nxt_idx != fetching.layer_idx):
             protect = None
             mine = self._pools.get(fetching.layer_idx)
             if mine is not None and selected:
                 protect = (mine, set(selected))
-            blocks, slotted = self._read_into_slots(nxt, pool, blocks, protect)
-            self.stats.predicted_nonresident += slotted
-        else:
-            slotted = 0
-        nonresident, submitted = self._stage_blocks(nxt, blocks, promote=False)
+            blocks, nonresident = self._read_into_slots(nxt, pool, blocks, protect)
+            self.stats.predicted_nonresident += nonresident
+        nonresident, _ = self._stage_blocks(nxt, blocks, promote=False)
         self.stats.predicted_nonresident += nonresident
-        self._ahead_reads[nxt_idx] = slotted + nonresident
-        if submitted and self.staging.last_done is not None and nxt_idx not in self._ahead_jobs:
-            self._ahead_jobs[nxt_idx] = self.staging.last_done
 
     def _read_into_slots(self, layer: "TieredKVLayer", pool: ResidentPool, blocks: list[int],
                          protect: tuple[ResidentPool, set] | None) -> tuple[list[int], int]:
@@ -861,7 +827,6 @@ class DecodePipeline:
                 pool.drop([j for j, _ in got])
                 return rest, 0
         pool.arena.mark_pending([s for _, s in got], read)
-        self._ahead_jobs[layer.layer_idx] = read.done
         self.stats.slot_reserved += len(got)
         return rest, sum(slow[j] for j, _ in got)
 
@@ -1060,8 +1025,6 @@ class DecodePipeline:
         landing = [i for i, j in enumerate(stored) if j in busy and i not in lost] if busy else []
         ps.reused += epb * (ns - len(missing) - len(pre) - len(landing))
         predicted = self._predicted.pop(layer.layer_idx, None)
-        self._ahead_reads.pop(layer.layer_idx, None)
-        self._ahead_jobs.pop(layer.layer_idx, None)
         overlap = defer and self.config.overlap_sync_reads and pool.k is not None
         if overlap and pool.k.device.type != "cpu":
             overlap = False
@@ -1273,20 +1236,11 @@ class DecodePipeline:
         row map through a temporary, viewed into place); returns ``(tier, entries, seconds, bytes)`` per tier.
         Touches no counters (it may run on the reader thread)."""
         done = []
-        alone = self.config.sync_reads_alone
-        fast = str(self.store.fastest_tier)
         for tier, idx in sync.items():
             t1 = time.perf_counter()
-            # sync_reads_alone: one entry per call, so the calling thread reads it itself instead of handing
-            # part of the batch to the tier's read pool, where it would queue behind the read-ahead's batches.
-            step = 1 if alone and tier != fast else len(idx)
-            nbytes = 0
-            for i in range(0, len(idx), step):
-                part = idx[i : i + step]
-                outs = read_entries(self.store, [keys[e] for e in part], [blocks[e] for e in part],
-                                    [dsts[e] for e in part], joint)
-                nbytes += sum(o.nbytes for o in outs)
-            done.append((tier, len(idx), time.perf_counter() - t1, nbytes))
+            outs = read_entries(self.store, [keys[e] for e in idx], [blocks[e] for e in idx], [dsts[e] for e in idx],
+                                joint)
+            done.append((tier, len(idx), time.perf_counter() - t1, sum(o.nbytes for o in outs)))
         return done
 
     def _record_sync(self, done: list[tuple[str, int, float, int]], stats: "SparseStats") -> None:
@@ -1650,8 +1604,6 @@ class DecodePipeline:
         self._last.clear()
         self._last_sel.clear()
         self._predicted.clear()
-        self._ahead_reads.clear()
-        self._ahead_jobs.clear()
         if self.staging is not None:
             self.staging.discard()
         policy = getattr(self.store, "policy", None)

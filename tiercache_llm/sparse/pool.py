@@ -93,7 +93,7 @@ import mmap
 import sys
 import time
 import warnings
-from typing import Any, Hashable, Literal, Sequence
+from typing import Any, Callable, Hashable, Literal, Sequence
 
 import torch
 
@@ -260,6 +260,9 @@ class PoolArena:
         self.fresh_evicted = 0  # reserved blocks (ResidentPool.fresh) evicted before their layer's fetch
         # Evictions pass over slots with a read in flight (see module doc); False: they wait for the read.
         self.pass_in_flight = True
+        # Called before waiting for a pending read: starts reads whose start the owner holds back (a read marked
+        # pending may not have been submitted yet, DecodePipeline's slot_reads_after_sync).
+        self.start_pending: Callable[[], None] | None = None
 
     def pool(self) -> "ResidentPool":
         """A new layer view (layers fetch in the order their views were made)."""
@@ -448,6 +451,8 @@ class PoolArena:
                 if not wait:
                     continue
                 t0 = time.perf_counter()
+                if self.start_pending is not None:
+                    self.start_pending()
                 concurrent.futures.wait([read])
                 waits += 1
                 waited += time.perf_counter() - t0
@@ -467,6 +472,8 @@ class PoolArena:
         """Wait for ``reads`` (cancelling those not started with ``cancel``)."""
         todo = [r for r in dict.fromkeys(reads) if not (cancel and r.cancel()) and not r.done()]
         if todo:
+            if self.start_pending is not None:
+                self.start_pending()
             t0 = time.perf_counter()
             concurrent.futures.wait(todo)
             self.pending_waits += 1

@@ -94,8 +94,6 @@ class StagingArea:
         self._step = 0
         self._closed = False
         self.counters = StagingCounters()
-        # whether the job the last stage() call started has finished (a callable; None: it started none)
-        self.last_done: Callable[[], bool] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -112,7 +110,6 @@ class StagingArea:
         ``make(key)`` allocates the tensor a key is read into (its stored dtype and element count);
         ``read(keys, outs)`` performs the read on the pool.  A key already staged or in flight is not read
         again; its age restarts (see :meth:`advance`).  Returns how many entries were submitted."""
-        self.last_done = None
         if not keys:
             return 0
         todo: list[Hashable] = []
@@ -148,7 +145,6 @@ class StagingArea:
                 job.done.set()
                 self._release(todo)
                 return 0
-            self.last_done = job.done.is_set
         return len(todo)
 
     def _run(self, job: _Job, keys: list[Hashable], outs: list[torch.Tensor], read: Reader) -> None:

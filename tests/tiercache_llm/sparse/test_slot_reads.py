@@ -4,6 +4,7 @@ logits and selections with it on and off."""
 
 import concurrent.futures
 import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -420,11 +421,9 @@ def test_a_reservation_several_layers_ahead_evicts_by_distance_from_the_fetching
 @pytest.mark.parametrize("options", [{"slot_reads_after_sync": True},
                                      {"slot_reads_after_sync": True, "ahead": 2},
                                      {"ahead": 2},
-                                     {"slot_reads_after_sync": True, "ahead_busy": 3},
-                                     {"sync_reads_alone": True},
                                      {"slot_reads_after_sync": True, "stage_into_slots": False}])
 def test_read_ahead_schedules_change_no_logits_nor_selections(model, tmp_path, options):
-    ref, ref_sel, _ = _run(model, tmp_path, "ref")
+    ref, ref_sel, _ = _run(model, tmp_path, "ref", slot_reads_after_sync=False)
     got, got_sel, stats = _run(model, tmp_path, "on", **options)
     assert torch.equal(ref, got)
     assert len(ref_sel) == len(got_sel) > 0
@@ -455,8 +454,8 @@ def test_gated_slot_reads_start_after_the_fetchs_own_slow_reads(model, tmp_path,
         return original(self, keys, blocks, dsts, joint, sync)
 
     monkeypatch.setattr(DecodePipeline, "_sync_read", watched)
-    ref, _, _ = _run(model, tmp_path, "ref", host=host)
-    got, _, stats = _run(model, tmp_path, "gated", host=host, slot_reads_after_sync=True)
+    ref, _, _ = _run(model, tmp_path, "ref", host=host, slot_reads_after_sync=False)
+    got, _, stats = _run(model, tmp_path, "gated", host=host)  # attention-aware's default
     assert torch.equal(ref, got)
     assert seen["slow"] > 0 and stats["pipeline"]["slot_used"] > 0
     if host == "4KiB":  # most blocks on disk: reads reserved for the next layer were held back
@@ -481,22 +480,40 @@ def test_gated_slot_reads_that_fail_or_come_late_change_nothing(model, tmp_path,
     assert stats["pipeline"]["slot_failed"] > 0 and stats["pipeline"]["slot_used"] == 0
 
 
-def test_reads_ahead_past_idle_layers_go_to_the_staging_area(make_model, tmp_path, monkeypatch):
-    """``ahead_busy``: when the next layers have no read in flight, the layers after them are read ahead into the
-    staging area (forced here: every read counts as finished), and their fetches take them from there."""
-    model = make_model("llama", seed=5, num_hidden_layers=6)
-    ref, ref_sel, _ = _run(model, tmp_path, "ref")
-    monkeypatch.setattr(DecodePipeline, "_reading", lambda self, layer_idx: False)
-    got, got_sel, stats = _run(model, tmp_path, "busy", ahead_busy=4)
-    assert torch.equal(ref, got)
-    assert all(a[0] == b[0] and torch.equal(a[1], b[1]) for a, b in zip(ref_sel, got_sel))
-    pipe = stats["pipeline"]
-    assert pipe["staging"]["jobs"] > 0 and pipe["staging"]["hits"] > 0
-    assert pipe["pool_over_budget"] == 0 and pipe["reuse_peak_bytes"] <= 12 * 3 * 1024
-
-
-@pytest.mark.parametrize("field,value", [("slot_reads_after_sync", 1), ("sync_reads_alone", "yes"),
-                                         ("ahead_busy", -1), ("ahead_busy", True)])
+@pytest.mark.parametrize("field,value", [("slot_reads_after_sync", 1), ("slot_reads_after_sync", "yes")])
 def test_read_ahead_schedule_options_are_checked(field, value):
     with pytest.raises(ValueError, match=field):
         PipelineConfig(**{field: value})
+
+
+def test_slot_reads_after_sync_is_on_for_attention_aware_only():
+    assert PipelineConfig.for_strategy("attention-aware").slot_reads_after_sync
+    assert not PipelineConfig.for_strategy("reuse-layer-ahead").slot_reads_after_sync
+    assert not PipelineConfig.for_strategy("fetch-every-step").slot_reads_after_sync
+    assert not PipelineConfig.for_strategy("attention-aware", slot_reads_after_sync=False).slot_reads_after_sync
+
+
+def test_an_eviction_that_must_wait_for_a_held_back_read_starts_it_first():
+    """A read marked pending but not started yet (``slot_reads_after_sync`` holds it back until the fetch's own
+    slow reads are done) would never finish while the forward thread waits for it: the arena's waits call
+    ``start_pending`` first."""
+    arena = PoolArena("mass", factor=1.5, max_bytes=6 * SLOT_BYTES, eviction="distance")
+    a, b = arena.pool(), arena.pool()
+    mass = torch.zeros(16, dtype=torch.float64)
+    arena_assign(a, [0, 1, 2], mass)
+    arena_assign(b, [5, 6, 7], mass)
+    got = arena.reserve(b, [8, 9], [("k", 8), ("k", 9)], protect=(a, {0}))
+    assert [j for j, _ in got] == [8, 9]
+    held_back = _in_flight_read(arena, [s for _, s in got])  # lands by itself only after 5 s
+    started = []
+
+    def start() -> None:
+        started.append(True)
+        if not held_back.done():
+            held_back.set_result(None)
+
+    arena.start_pending = start
+    t0 = time.perf_counter()
+    slots, missing, _ = arena_assign(a, [0, 1, 2, 3, 4, 10], mass)  # needs b's reserved slots too
+    assert started and time.perf_counter() - t0 < 4.0
+    assert not b.slot_of and not arena._pending and set(slots) == set(range(6))
