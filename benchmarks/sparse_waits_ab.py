@@ -11,8 +11,8 @@ what its reads ahead gained while the other variants ran (its previous step's re
 meanwhile) and what the other caches' last reads cost it, then ``--run`` timed steps back to back, then its
 pipeline is fenced.  Reports per variant the median ms/step of the timed steps, the forward thread's CPU time,
 per-stage medians (``stats()``), MiB/step read from the host and disk tiers, the paired difference of each
-variant against the first (per round), the load average, and whether every variant decoded the same tokens.
-``--json FILE`` writes every round.
+variant against the first (per round), the load average, and whether every variant decoded the same tokens
+(exit status 1 if not).  ``--json FILE`` writes every round.
 """
 from __future__ import annotations
 
@@ -38,13 +38,13 @@ KEYS = ("sparse.total.scoring_seconds", "sparse.total.fetch_seconds", "sparse.to
 MiB = float(1 << 20)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = variant_parser(__doc__.split("\n\n")[0], context=8192)
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--run", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     variants = parsed_variants(p, args)
     model, ids, context, kv = prefilled_point(args, args.rounds * (args.run + 1) + args.warmup)
     s = sp.Settings(host_fraction=0.25, block_size=args.block_size)
@@ -112,11 +112,12 @@ def main() -> int:
                                 f"{1000 * median(st.get(k, 0.0) for st in r['stages']):.1f}" for k in KEYS))
         print("   load " + " ".join(f"{x:.1f}" for x in r["load"]))
     toks = [r["tokens"] for r in runs]
-    print("tokens identical across variants:", all(t == toks[0] for t in toks))
+    same = all(t == toks[0] for t in toks)
+    print("tokens identical across variants:", same)
     if args.json:
         args.json.write_text(json.dumps([{k: v for k, v in r.items() if k not in ("cache", "feed")} for r in runs],
                                         default=str))
-    return 0
+    return 0 if same else 1
 
 
 if __name__ == "__main__":
