@@ -38,6 +38,9 @@ at 50 % 654 -> 426 (407); unbounded 192 (docs/sparse.md "Pool budget").
   into them (:meth:`DecodePipeline._read_into_slots`, :meth:`~.pool.PoolArena.reserve`): its fetch waits for
   the read and copies nothing (SmolLM2 8K x batch 4, pools 25 % of the KV: copy 107-164 -> 16-18 ms/step,
   forward-thread CPU 319-400 -> 270-306 ms/step for attention-aware; docs/sparse.md "Reads into reserved slots").
+  With ``slot_reads_after_sync`` (``attention-aware``) those reads start only once the fetching layer's own
+  synchronous reads from the slower tiers are done, so its few mispredicted disk reads do not queue behind them
+  (:meth:`DecodePipeline._open_gate`).
 - **Resident pool** (:class:`~.pool.ResidentPool`, one per sparse layer, all views of one shared
   :class:`~.pool.PoolArena` bounded by ``pool_bytes``): the selected blocks are read straight into slots
   of a persistent ``(N, B, H, S, D)`` pool and attention reads them there through a page table, so a
@@ -258,6 +261,14 @@ class PipelineConfig:
             attention's within float32 rounding).  A failed read is re-read or raises as without it, at the
             wait.  CPU pools and the torch attention path only (a pool on another device reads as before, with
             a warning).  Off by default (docs/sparse.md "Decode pipeline" has the measurements).
+        slot_reads_after_sync: with ``stage_into_slots``, the background reads into the slots reserved for the
+            next layers at a layer's fetch start only once that fetch's own synchronous reads from the slower
+            tiers are done (its slots are reserved at once, as before; its copies from the fastest tier run after
+            the release): the fetch's few mispredicted disk reads then no longer queue behind the next layer's
+            read-ahead (on the device and in the disk tier's read pool), which the forward thread waited out.  Only
+            when reads start changes, never what is reserved, read or attended.  On for ``attention-aware``
+            (SmolLM2 8K x 4, pools at the default bound: sync disk wait 107 -> 39 ms/step, 481 -> 427 ms/step;
+            docs/sparse.md "Reads into reserved slots after the fetch's own").
     """
 
     reuse: bool = False
@@ -290,6 +301,7 @@ class PipelineConfig:
     slots_from_fastest: bool = False
     settle_late: bool = True
     overlap_sync_reads: bool = False
+    slot_reads_after_sync: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pool_bytes", check_pool_bytes(self.pool_bytes, auto=True))
@@ -306,6 +318,8 @@ class PipelineConfig:
             raise ValueError(f"overlap_sync_reads must be a bool, got {self.overlap_sync_reads!r}")
         if not isinstance(self.settle_late, bool):
             raise ValueError(f"settle_late must be a bool, got {self.settle_late!r}")
+        if not isinstance(self.slot_reads_after_sync, bool):
+            raise ValueError(f"slot_reads_after_sync must be a bool, got {self.slot_reads_after_sync!r}")
         if not isinstance(self.stage_into_slots, bool):
             raise ValueError(f"stage_into_slots must be a bool, got {self.stage_into_slots!r}")
         if not isinstance(self.background_end_step, bool):
@@ -352,7 +366,7 @@ class PipelineConfig:
         elif strategy == "attention-aware":
             base = cls(reuse=True, layer_ahead=True, disk_staging=True, defer_promotions=True, predictor="previous",
                        write_behind_bytes=64 * MiB, pool_blocks_factor=1.5, stage_near=16, seed_pool=True,
-                       stage_into_slots=True)
+                       stage_into_slots=True, slot_reads_after_sync=True)
         else:
             raise ValueError(f"unknown strategy {strategy!r}")
         return cls(**{**asdict(base), **overrides})
@@ -514,6 +528,7 @@ class DecodePipeline:
                                 None if self._auto_bound else config.pool_bytes, config.pool_eviction)
         self._arena.prefer_cheap = config.pool_prefer_cheap
         self._arena.pass_in_flight = config.settle_late
+        self._arena.start_pending = self._open_gate  # an eviction or clear waiting for a held-back read starts it
         self._pools: dict[int, ResidentPool] = {}  # layer -> its view of the arena
         self._last_sel: dict[int, LastSelection] = {}  # layer -> its last selection (near misses)
         self._prefaulter: concurrent.futures.ThreadPoolExecutor | None = None
@@ -538,6 +553,9 @@ class DecodePipeline:
         self._sync_executor: concurrent.futures.ThreadPoolExecutor | None = None  # overlap_sync_reads' reader
         self._pending: PendingReads | None = None  # the reads the last deferred fetch left in flight
         self._warned_overlap = False
+        # slot_reads_after_sync: reads into reserved slots held back until the fetching layer's own slow reads
+        # are done: (placeholder future the arena waits on, keys, destination views)
+        self._gated: list[tuple[concurrent.futures.Future, list, list[torch.Tensor]]] = []
         self._closed = False
 
     # ----------------------------------------------------------------------------- helpers
@@ -797,14 +815,35 @@ class DecodePipeline:
             return rest, 0
         keys = layer_keys(layer, [j for j, _ in got])
         outs = pool.entry_views([s for _, s in got])
-        try:
-            read = self._executor.submit(self._slot_job, keys, outs)
-        except RuntimeError:  # the pool was shut down (close): nothing reserved
-            pool.drop([j for j, _ in got])
-            return rest, 0
+        if self.config.slot_reads_after_sync:
+            # Started by _open_gate once the fetching layer's slow reads are done; until then the arena waits
+            # on (or cancels) this placeholder like on a queued read.
+            read = concurrent.futures.Future()
+            self._gated.append((read, keys, outs))
+        else:
+            try:
+                read = self._executor.submit(self._slot_job, keys, outs)
+            except RuntimeError:  # the pool was shut down (close): nothing reserved
+                pool.drop([j for j, _ in got])
+                return rest, 0
         pool.arena.mark_pending([s for _, s in got], read)
         self.stats.slot_reserved += len(got)
         return rest, sum(slow[j] for j, _ in got)
+
+    def _open_gate(self) -> None:
+        """``slot_reads_after_sync``: start the reads into reserved slots held back so far (each completes its
+        placeholder future; one cancelled meanwhile, by a clear, is skipped; one that cannot start, the I/O
+        pool being shut down, fails its placeholder, so its block is released and read by its fetch)."""
+        gated, self._gated = self._gated, []
+        for placeholder, keys, outs in gated:
+            if not placeholder.set_running_or_notify_cancel():
+                continue
+            try:
+                read = self._executor.submit(self._slot_job, keys, outs)
+            except RuntimeError as exc:
+                placeholder.set_exception(exc)
+                continue
+            read.add_done_callback(functools.partial(_forward_result, placeholder))
 
     def _slot_job(self, keys: list, outs: list[torch.Tensor]) -> None:
         """A background read into reserved slots (:meth:`_read_into_slots`); what it raises is kept in its
@@ -921,10 +960,23 @@ class DecodePipeline:
         before it reads them and before the next fetch); ``pending`` is ``None`` when every slot is filled."""
         if self._pending is not None:  # a caller that never waited (an error between fetch and wait)
             self._pending.wait(raise_errors=False)
+        if self._gated:
+            self._open_gate()
         fetch = sel.fetch.tolist()
         n_stored = len(layer._blocks)
         stored = [j for j in fetch if j < n_stored]
         self.predict_next(layer, query, stored)
+        try:
+            return self._fetch_into_pool(state, layer, sel, stats, defer, fetch, stored)
+        finally:
+            if self._gated:
+                self._open_gate()
+
+    def _fetch_into_pool(self, state: "SparseLayerState", layer: "TieredKVLayer", sel: "BlockSelection",
+                         stats: "SparseStats", defer: bool, fetch: list[int], stored: list[int]) -> tuple:
+        """:meth:`fetch` once the next layers' reads are reserved (``fetch``: ``sel.fetch`` as a list, ``stored``:
+        its stored blocks)."""
+        n_stored = len(layer._blocks)
         tail = len(stored) < len(fetch)
         ns = len(stored)
         b, bs = layer._batch, layer.block_size
@@ -991,6 +1043,8 @@ class DecodePipeline:
                 raise
         else:
             stats.blocks_resident += ns
+        if self._gated:  # before waiting for this layer's own reads still in flight (settle)
+            self._open_gate()
 
         def settle() -> None:
             """settle_late: wait for the reads into reserved slots still in flight; a failed one is read here."""
@@ -1161,7 +1215,17 @@ class DecodePipeline:
             job = self._sync_executor.submit(self._sync_read, keys, blocks, dsts, joint, sync)
             return job, sorted({missing[e % nm] for idx in sync.values() for e in idx})
         t0 = time.perf_counter()
-        done = self._sync_read(keys, blocks, dsts, joint, sync)
+        if self._gated:
+            # The slower tiers' reads first, alone on the device; then the next layers' reads start, while
+            # this thread copies from the fast tiers.
+            fast = str(fastest)
+            slow = {t: i for t, i in sync.items() if t != fast}
+            done = self._sync_read(keys, blocks, dsts, joint, slow) if slow else []
+            self._open_gate()
+            if fast in sync:
+                done += self._sync_read(keys, blocks, dsts, joint, {fast: sync[fast]})
+        else:
+            done = self._sync_read(keys, blocks, dsts, joint, sync)
         ps.sync_wait_seconds += time.perf_counter() - t0
         self._record_sync(done, stats)
         return None
@@ -1632,3 +1696,11 @@ def staged_keys(layer: "TieredKVLayer", blocks: list[int]) -> list:
     kk, vk = layer._kkeys, layer._vkeys
     return list(dict.fromkeys(k for j in blocks for k in (kk[j], vk[j])))
 
+
+def _forward_result(placeholder: concurrent.futures.Future, read: concurrent.futures.Future) -> None:
+    """Complete ``placeholder`` (a running future) as ``read`` completed."""
+    exc = read.exception() if not read.cancelled() else concurrent.futures.CancelledError()
+    if exc is not None:
+        placeholder.set_exception(exc)
+    else:
+        placeholder.set_result(read.result())

@@ -93,7 +93,7 @@ import mmap
 import sys
 import time
 import warnings
-from typing import Any, Hashable, Literal, Sequence
+from typing import Any, Callable, Hashable, Literal, Sequence
 
 import torch
 
@@ -260,6 +260,9 @@ class PoolArena:
         self.fresh_evicted = 0  # reserved blocks (ResidentPool.fresh) evicted before their layer's fetch
         # Evictions pass over slots with a read in flight (see module doc); False: they wait for the read.
         self.pass_in_flight = True
+        # Called before waiting for a pending read: starts reads whose start the owner holds back (a read marked
+        # pending may not have been submitted yet, DecodePipeline's slot_reads_after_sync).
+        self.start_pending: Callable[[], None] | None = None
 
     def pool(self) -> "ResidentPool":
         """A new layer view (layers fetch in the order their views were made)."""
@@ -403,7 +406,13 @@ class PoolArena:
         if short > 0 and self.max_bytes is not None:
             # Never a slot whose read is in flight (waiting would stall the forward thread for another layer's
             # read): a block left without a slot is staged instead.
-            for p, j in self._victims(view, want, short + len(view.slot_of), protect, in_flight=False):
+            # Distance is counted from the fetching layer (``protect``'s), not from ``view``, which may be several
+            # fetches ahead: the layers between them fetch first and must not lose blocks to it.
+            origin = None
+            if protect is not None and protect[0] in self.pools:
+                origin = self.pools[(self.pools.index(protect[0]) + 1) % len(self.pools)]
+            for p, j in self._victims(view, want, short + len(view.slot_of), protect, in_flight=False,
+                                      origin=origin):
                 if p is not view:
                     p._release([j])
                     short -= 1
@@ -442,6 +451,8 @@ class PoolArena:
                 if not wait:
                     continue
                 t0 = time.perf_counter()
+                if self.start_pending is not None:
+                    self.start_pending()
                 concurrent.futures.wait([read])
                 waits += 1
                 waited += time.perf_counter() - t0
@@ -461,6 +472,8 @@ class PoolArena:
         """Wait for ``reads`` (cancelling those not started with ``cancel``)."""
         todo = [r for r in dict.fromkeys(reads) if not (cancel and r.cancel()) and not r.done()]
         if todo:
+            if self.start_pending is not None:
+                self.start_pending()
             t0 = time.perf_counter()
             concurrent.futures.wait(todo)
             self.pending_waits += 1
@@ -567,14 +580,16 @@ class PoolArena:
 
     def _victims(self, view: "ResidentPool", want: set, count: int,
                  protect: tuple["ResidentPool", set] | None = None,
-                 in_flight: bool = True) -> list[tuple["ResidentPool", int]]:
+                 in_flight: bool = True, origin: "ResidentPool | None" = None) -> list[tuple["ResidentPool", int]]:
         """Up to ``count`` held blocks to evict for the fetching ``view`` (never one it selected, nor one of
         ``protect``'s blocks: ``(pool, blocks)``), in eviction order, except that blocks whose slot has a read in
         flight (:meth:`mark_pending`, not finished) come after every other candidate (releasing one waits for
-        the read), or with ``in_flight=False`` are never named.  Only what stays resident changes."""
+        the read), or with ``in_flight=False`` are never named.  ``origin``: with ``"distance"``, the layers are
+        ordered by their distance from ``origin``'s fetch instead of ``view``'s (a reservation several layers
+        ahead).  Only what stays resident changes."""
         if protect is not None:
             guarded, keep = protect
-            return [(p, j) for p, j in self._victims(view, want, count + len(keep), in_flight=in_flight)
+            return [(p, j) for p, j in self._victims(view, want, count + len(keep), in_flight=in_flight, origin=origin)
                     if not (p is guarded and j in keep)][:count]
         busy: list[tuple[ResidentPool, int]] = []  # candidates whose read is in flight, in eviction order
         check = bool(self._pending)
@@ -597,7 +612,7 @@ class PoolArena:
             # Farthest next fetch first: the layers just before the fetching one (cyclic order), then itself;
             # within a layer the lowest mass first (when its mass is known).
             n = len(self.pools)
-            me = self.pools.index(view)
+            me = self.pools.index(view if origin is None else origin)
             out = []
             for d in range(n - 1, -1, -1):
                 p = self.pools[(me + d) % n]

@@ -5,6 +5,7 @@ logits and selections with it on and off."""
 import concurrent.futures
 import sys
 import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -408,3 +409,122 @@ def test_reservations_keep_the_bound_the_fetching_selection_and_the_reads(data):
             held = [s for v in views for s in v.slot_of.values()]
             assert len(held) == len(set(held)) and arena.capacity <= bound and arena.over_budget == 0
 
+
+
+# ------------------------------------------------------------------------------------------ read-ahead schedules
+def test_a_reservation_several_layers_ahead_evicts_by_distance_from_the_fetching_layer():
+    """A reservation for ``c`` made at ``a``'s fetch (two layers ahead) must not evict ``b``, which fetches next:
+    the distance order starts from the fetching layer (``a``'s unselected blocks, then ``d``, the farthest), not
+    from ``c`` (whose farthest layer would be ``b``)."""
+    arena = PoolArena("mass", factor=1.5, max_bytes=9 * SLOT_BYTES, eviction="distance")
+    a, b, c, d = (arena.pool() for _ in range(4))
+    mass = torch.ones(16, dtype=torch.float64)
+    for view, blocks in ((a, [0, 1, 2]), (b, [0, 1]), (c, [0, 1]), (d, [0, 1])):
+        arena_assign(view, blocks, mass)
+    assert arena.held == arena.capacity == 9 and not arena._free
+    got = arena.reserve(c, [5, 6], [("k", 5), ("k", 6)], protect=(a, {0, 1}))
+    assert [j for j, _ in got] == [5, 6]
+    assert set(b.slot_of) == {0, 1}  # untouched: it fetches before c
+    assert set(a.slot_of) == {0, 1} and len(d.slot_of) == 1  # a's unselected block 2, then one of d's
+    assert arena.held == arena.capacity == 9
+
+
+@pytest.mark.parametrize("options", [{"slot_reads_after_sync": True},
+                                     {"slot_reads_after_sync": True, "ahead": 2},
+                                     {"ahead": 2},
+                                     {"slot_reads_after_sync": True, "stage_into_slots": False}])
+def test_read_ahead_schedules_change_no_logits_nor_selections(model, tmp_path, options):
+    ref, ref_sel, _ = _run(model, tmp_path, "ref", slot_reads_after_sync=False)
+    got, got_sel, stats = _run(model, tmp_path, "on", **options)
+    assert torch.equal(ref, got)
+    assert len(ref_sel) == len(got_sel) > 0
+    assert all(a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(ref_sel, got_sel))
+    pipe = stats["pipeline"]
+    assert pipe["pool_over_budget"] == 0 and pipe["reuse_peak_bytes"] <= 12 * 3 * 1024
+    assert pipe["reused"] + pipe["staged"] + sum(pipe["sync"].values()) == pipe["needed"]
+    if options.get("stage_into_slots", True) and options.get("ahead", 1) == 1:  # (3 layers: 2 ahead is the last)
+        assert pipe["slot_reserved"] > 0 and pipe["slot_used"] > 0
+
+
+@pytest.mark.parametrize("host", ["4KiB", "48KiB"])
+def test_gated_slot_reads_start_after_the_fetchs_own_slow_reads(model, tmp_path, monkeypatch, host):
+    """``slot_reads_after_sync``: while a fetch reads its missing blocks from the slower tiers, the reads it
+    reserved for the next layer have not started; they start before its copies from the fastest tier."""
+    seen = {"slow": 0, "held_back": 0, "fast": 0}
+    original = DecodePipeline._sync_read
+
+    def watched(self, keys, blocks, dsts, joint, sync):
+        fast = str(self.store.fastest_tier)
+        if any(tier != fast for tier in sync):
+            seen["slow"] += 1
+            seen["held_back"] += sum(1 for placeholder, _, _ in self._gated if not placeholder.running())
+            assert not any(placeholder.done() for placeholder, _, _ in self._gated)
+        else:
+            seen["fast"] += 1
+            assert not self._gated  # released before the fast tier's copies
+        return original(self, keys, blocks, dsts, joint, sync)
+
+    monkeypatch.setattr(DecodePipeline, "_sync_read", watched)
+    ref, _, _ = _run(model, tmp_path, "ref", host=host, slot_reads_after_sync=False)
+    got, _, stats = _run(model, tmp_path, "gated", host=host)  # attention-aware's default
+    assert torch.equal(ref, got)
+    assert seen["slow"] > 0 and stats["pipeline"]["slot_used"] > 0
+    if host == "4KiB":  # most blocks on disk: reads reserved for the next layer were held back
+        assert seen["held_back"] > 0
+    else:  # room on the fastest tier: copies from it ran after the release
+        assert seen["fast"] > 0
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.02])
+def test_gated_slot_reads_that_fail_or_come_late_change_nothing(model, tmp_path, monkeypatch, delay):
+    ref, _, _ = _run(model, tmp_path, "ref", stage_into_slots=False)
+
+    def broken(self, keys, outs):
+        threading.Event().wait(delay)
+        for out in outs:
+            out.fill_(float("nan"))
+        raise OSError("injected slot read failure")
+
+    monkeypatch.setattr(DecodePipeline, "_read", broken)
+    got, _, stats = _run(model, tmp_path, "broken", slot_reads_after_sync=True)
+    assert torch.equal(ref, got)
+    assert stats["pipeline"]["slot_failed"] > 0 and stats["pipeline"]["slot_used"] == 0
+
+
+@pytest.mark.parametrize("field,value", [("slot_reads_after_sync", 1), ("slot_reads_after_sync", "yes")])
+def test_read_ahead_schedule_options_are_checked(field, value):
+    with pytest.raises(ValueError, match=field):
+        PipelineConfig(**{field: value})
+
+
+def test_slot_reads_after_sync_is_on_for_attention_aware_only():
+    assert PipelineConfig.for_strategy("attention-aware").slot_reads_after_sync
+    assert not PipelineConfig.for_strategy("reuse-layer-ahead").slot_reads_after_sync
+    assert not PipelineConfig.for_strategy("fetch-every-step").slot_reads_after_sync
+    assert not PipelineConfig.for_strategy("attention-aware", slot_reads_after_sync=False).slot_reads_after_sync
+
+
+def test_an_eviction_that_must_wait_for_a_held_back_read_starts_it_first():
+    """A read marked pending but not started yet (``slot_reads_after_sync`` holds it back until the fetch's own
+    slow reads are done) would never finish while the forward thread waits for it: the arena's waits call
+    ``start_pending`` first."""
+    arena = PoolArena("mass", factor=1.5, max_bytes=6 * SLOT_BYTES, eviction="distance")
+    a, b = arena.pool(), arena.pool()
+    mass = torch.zeros(16, dtype=torch.float64)
+    arena_assign(a, [0, 1, 2], mass)
+    arena_assign(b, [5, 6, 7], mass)
+    got = arena.reserve(b, [8, 9], [("k", 8), ("k", 9)], protect=(a, {0}))
+    assert [j for j, _ in got] == [8, 9]
+    held_back = _in_flight_read(arena, [s for _, s in got])  # lands by itself only after 5 s
+    started = []
+
+    def start() -> None:
+        started.append(True)
+        if not held_back.done():
+            held_back.set_result(None)
+
+    arena.start_pending = start
+    t0 = time.perf_counter()
+    slots, missing, _ = arena_assign(a, [0, 1, 2, 3, 4, 10], mass)  # needs b's reserved slots too
+    assert started and time.perf_counter() - t0 < 4.0
+    assert not b.slot_of and not arena._pending and set(slots) == set(range(6))

@@ -1,0 +1,124 @@
+"""Sparse pipeline variants A/B'd in one process, each timed in steady state (CPU, SmolLM2, cold disk).
+
+    python benchmarks/sparse_waits_ab.py --context 8192 --batch 4 --rounds 8 --run 2 --prefill-cache DIR \\
+        --variant attention-aware --variant attention-aware:slot_reads_after_sync=true
+
+Like ``sparse_end_step_ab.py`` (same caches, prefill cache and ``--variant`` syntax: host tier 25 % of the KV,
+disk the rest with ``direct_io``, default pool bound; ``disk_direct_threads=N`` sets the disk tier's direct reads
+in flight per batch instead of a pipeline field), for variants that differ in how far their background
+reads run ahead: per round, each variant (the order rotating) first decodes one untimed step, which absorbs
+what its reads ahead gained while the other variants ran (its previous step's reads for its first layers landed
+meanwhile) and what the other caches' last reads cost it, then ``--run`` timed steps back to back, then its
+pipeline is fenced.  Reports per variant the median ms/step of the timed steps, the forward thread's CPU time,
+per-stage medians (``stats()``), MiB/step read from the host and disk tiers, the paired difference of each
+variant against the first (per round), the load average, and whether every variant decoded the same tokens
+(exit status 1 if not).  ``--json FILE`` writes every round.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import find_numbers, median, stats_delta, torch_threads  # noqa: E402
+from sparse_variants import parsed_variants, prefilled_point, variant_parser  # noqa: E402
+import sparse_speed as sp  # noqa: E402
+from tiercache_llm.hf_kwargs import cache_kwargs  # noqa: E402
+
+KEYS = ("sparse.total.scoring_seconds", "sparse.total.fetch_seconds", "sparse.total.attention_seconds",
+        "pipeline.copy_seconds", "pipeline.sync_seconds.disk", "pipeline.sync_seconds.host",
+        "pipeline.slot_wait_seconds", "pipeline.slot_read_seconds", "pipeline.predict_seconds")
+MiB = float(1 << 20)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = variant_parser(__doc__.split("\n\n")[0], context=8192)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--run", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    variants = parsed_variants(p, args)
+    model, ids, context, kv = prefilled_point(args, args.rounds * (args.run + 1) + args.warmup)
+    s = sp.Settings(host_fraction=0.25, block_size=args.block_size)
+    work = Path(tempfile.mkdtemp(prefix="waits-ab-", dir=args.workdir))
+    caches = []
+    for n, (_, name, ov) in enumerate(variants):
+        ov = dict(ov or {})
+        threads = ov.pop("disk_direct_threads", None)  # not a pipeline field: the disk tier's reads in flight
+        cache = sp.build_cache(model, sp.Config(name, args.budget, "cold"), kv, s, work / str(n), pipeline=ov or None)
+        if threads is not None:
+            for tier in cache.store.cache._tiers:
+                if hasattr(tier, "_direct_threads"):
+                    tier._direct_threads = int(threads)
+        caches.append(cache)
+
+    def step(r: dict) -> None:
+        r["feed"] = model(input_ids=r["feed"], **cache_kwargs(r["cache"], model)).logits[:, -1].argmax(-1, keepdim=True)
+        r["tokens"].append(r["feed"].view(-1).tolist())
+
+    def fence(cache) -> None:
+        pipe = getattr(cache, "_pipeline", None)
+        if pipe is not None and hasattr(pipe, "fence"):
+            pipe.fence()
+
+    runs = [{"spec": v[0], "cache": c, "feed": ids[:, context - 1:context], "ms": [], "cpu": [], "stages": [],
+             "mib": [], "tokens": [], "load": []} for v, c in zip(variants, caches)]
+    try:
+        with torch.no_grad(), torch_threads(1):
+            for r in runs:
+                for _ in range(args.warmup):
+                    step(r)
+                fence(r["cache"])
+            for rnd in range(args.rounds):
+                shift = rnd % len(runs)
+                for r in runs[shift:] + runs[:shift]:
+                    step(r)  # untimed: absorbs the other caches' background and this one's head start
+                    before = r["cache"].stats()
+                    t, c = time.perf_counter(), time.thread_time()
+                    for _ in range(args.run):
+                        step(r)
+                    fence(r["cache"])
+                    el, cp = time.perf_counter() - t, time.thread_time() - c
+                    delta = stats_delta(before, r["cache"].stats())
+                    own = {k: v for k, v in delta.items() if k != "tiercache"}
+                    r["stages"].append({k: v / args.run for k, v in find_numbers(own, "seconds").items()
+                                        if "last_step" not in k})
+                    fetched = delta.get("sparse", {}).get("total", {}).get("bytes_fetched", {})
+                    r["mib"].append({k: v / args.run / MiB for k, v in fetched.items()})
+                    r["ms"].append(1000 * el / args.run)
+                    r["cpu"].append(1000 * cp / args.run)
+                    r["load"].append(os.getloadavg()[0])
+    finally:
+        for c in caches:
+            c.close()
+        shutil.rmtree(work, ignore_errors=True)
+    base = runs[0]
+    for r in runs:
+        mib = {k: median(m.get(k, 0.0) for m in r["mib"]) for k in ("host", "disk")}
+        paired = [a - b for a, b in zip(r["ms"], base["ms"])]
+        print(f"== {r['spec']}: wall {median(r['ms']):.0f} ms/step (fwd-thread cpu {median(r['cpu']):.0f}); "
+              f"MiB/step host {mib['host']:.0f} disk {mib['disk']:.0f}; paired vs first {median(paired):+.0f} "
+              f"({sum(1 for x in paired if x < 0)}/{len(paired)} faster)")
+        print("   rounds wall " + " ".join(f"{x:.0f}" for x in r["ms"]) + " | cpu " + " ".join(f"{x:.0f}" for x in r["cpu"]))
+        print("   " + ", ".join(f"{k.split('.')[-1].replace('_seconds', '')} "
+                                f"{1000 * median(st.get(k, 0.0) for st in r['stages']):.1f}" for k in KEYS))
+        print("   load " + " ".join(f"{x:.1f}" for x in r["load"]))
+    toks = [r["tokens"] for r in runs]
+    same = all(t == toks[0] for t in toks)
+    print("tokens identical across variants:", same)
+    if args.json:
+        args.json.write_text(json.dumps([{k: v for k, v in r.items() if k not in ("cache", "feed")} for r in runs],
+                                        default=str))
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
