@@ -16,7 +16,7 @@ from .decode_buffer import DecodeBuffer
 from .hf_kwargs import cache_argument, cache_kwargs
 from .errors import KVCapacityError, TieredKVError, UnsupportedModelError
 from .kv_cache import SUPPORTED_TRANSFORMERS, TieredKVCache, TieredKVLayer, TieredKVSettings
-from .policies import AttentionPlacementPolicy, StreamingKVPolicy
+from .policies import AttentionPlacementPolicy, SpreadStreamingKVPolicy, StreamingKVPolicy
 from .sparse_layer import SparseModeError
 from .store import BlockStore, KVCounters
 
@@ -24,6 +24,7 @@ __all__ = [
     "SUPPORTED_TRANSFORMERS",
     "AttentionPlacementPolicy",
     "SparseModeError",
+    "SpreadStreamingKVPolicy",
     "StreamingKVPolicy",
     "BlockRef",
     "BlockStore",

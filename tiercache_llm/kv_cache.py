@@ -140,7 +140,9 @@ class TieredKVSettings:
             :meth:`TieredKVCache.close` removes.
         policy: tiercache placement policy: ``"kv-stream"`` (default,
             :class:`~tiercache_llm.policies.StreamingKVPolicy`: no promotion, oldest blocks demoted
-            first), ``"attention-aware"`` (:class:`~tiercache_llm.policies.AttentionPlacementPolicy`, the
+            first), ``"kv-stream-spread"`` (:class:`~tiercache_llm.policies.SpreadStreamingKVPolicy`: no
+            promotion, the oldest block position of any layer demoted first), ``"attention-aware"``
+            (:class:`~tiercache_llm.policies.AttentionPlacementPolicy`, the
             default of sparse attention-aware caches), or any tiercache policy (``"lru"``, ``"lfu"``,
             ``"score"``, a Policy object).  ``None``: the mode's default.
         compression: tiercache compression codec for the disk tier (``None``: none).
@@ -1287,7 +1289,8 @@ class TieredKVCache(Cache):
         memory are passed over (each is read one ahead, a copy on a thread of its own, when its turn
         comes) and the walk goes on to the layers that read the disk, up to a full pass ahead, bounded by
         the free slots and ``ahead_bytes`` alone: the disk keeps reading through a run of memory-held
-        layers (a cache filled layer by layer holds its last layers in the host tier) instead of idling
+        layers (a cache filled layer by layer holds its last layers in the host tier under the default
+        ``kv-stream`` placement) instead of idling
         until the next pass's first layer is next.
 
         ``device_only`` (torch's threads fill every core, see :meth:`_ahead_overlaps`): only layers that read

@@ -6,6 +6,8 @@ import contextlib
 import threading
 from typing import Any, Hashable, Iterable, Iterator
 
+from .blocks import KEY_PREFIX
+
 
 class StreamingKVPolicy:
     """Placement for exact-mode KV streaming: oldest-inserted blocks leave a full tier first, and a hit
@@ -32,6 +34,35 @@ class StreamingKVPolicy:
 
     def promote(self, info: Any, src: str, dst: str) -> bool:
         return False
+
+
+class SpreadStreamingKVPolicy(StreamingKVPolicy):
+    """:class:`StreamingKVPolicy` (no promotion, each block demoted at most once) that demotes the *oldest
+    block position* of any layer first, so a full fast tier keeps the newest blocks of every layer rather
+    than every block of the last layers written (opt-in: ``TieredKVCache(policy="kv-stream-spread")``).
+
+    A cache filled layer by layer (a prefill) otherwise ends with its last layers wholly in the host tier
+    and the others wholly on disk.  Exact decode then reads the disk for the first layers and only copies
+    memory for the last ones, and its reads ahead, bounded by the decode buffer's slots, cannot keep the
+    disk busy through those memory-only layers at the end of every step.  Spread over the layers, every
+    layer reads its share from the disk and the disk keeps reading at the pace the forward pass consumes.
+    Measured on a shared 2-core box (``benchmarks/exact_cold_ab.py``, docs/benchmarks.md "Exact cold A/B"):
+    it removed the forward pass's waits at 8K x 4 but the steps came out within noise of ``kv-stream``
+    (the forward pass's CPU rose as the host copies moved beside every layer), and 2K x 1 at 2 threads
+    measured slower, so it is not the default.
+
+    ``rank`` = ``(serial, inserted)``: the block's serial (the last field of a
+    :func:`~tiercache_llm.blocks.block_key`; serials grow with position within a layer), ties (the same
+    position in several layers; K and V of a block) oldest-inserted first.  Keys that are not block keys
+    rank as serial 0.  Ranks are fixed at insertion, so a hit never re-ranks (``rank_reads_access`` False).
+    """
+
+    name = "kv-stream-spread"
+
+    def rank(self, info: Any) -> Any:
+        key = info.key
+        serial = key[4] if type(key) is tuple and len(key) == 5 and key[0] == KEY_PREFIX else 0
+        return (serial, info.inserted)
 
 
 class AttentionPlacementPolicy:

@@ -34,7 +34,7 @@ from tiercache.tiers.memory import ArenaTier
 
 from .blocks import KEY_PREFIX
 from .errors import KVCapacityError, TieredKVError
-from .policies import AttentionPlacementPolicy, StreamingKVPolicy
+from .policies import AttentionPlacementPolicy, SpreadStreamingKVPolicy, StreamingKVPolicy
 
 log = logging.getLogger("tiercache_llm")
 
@@ -176,6 +176,8 @@ class BlockStore:
         of their blocks from then on."""
         if isinstance(policy, str) and policy == StreamingKVPolicy.name:
             policy = StreamingKVPolicy()
+        elif isinstance(policy, str) and policy == SpreadStreamingKVPolicy.name:
+            policy = SpreadStreamingKVPolicy()
         elif isinstance(policy, str) and policy == AttentionPlacementPolicy.name:
             policy = AttentionPlacementPolicy()
         tmpdir = None

@@ -100,3 +100,42 @@ def test_chosen_keys_promote_once_inside_chosen_reads_reusing_the_read(tmp_path)
     policy.choose([5])
     twin = copy.deepcopy(policy)  # the choice is not copied
     assert twin.chosen == 0 and policy.chosen == 1
+
+
+def test_spread_policy_ranks_by_block_position_then_insertion():
+    from tiercache_llm.blocks import block_key
+    from tiercache_llm.policies import SpreadStreamingKVPolicy
+
+    p = SpreadStreamingKVPolicy()
+
+    def at(key, inserted):
+        return EntryInfo(key=key, nbytes=1, tier="host", inserted=inserted, last_access=inserted)
+
+    late_layer_old_block = at(block_key("u", 9, "kv", 0), inserted=50)
+    early_layer_new_block = at(block_key("u", 0, "kv", 3), inserted=4)
+    assert p.rank(late_layer_old_block) < p.rank(early_layer_new_block)  # position first, not insertion
+    assert p.rank(at(block_key("u", 0, "k", 2), 10)) < p.rank(at(block_key("u", 0, "v", 2), 11))  # then insertion
+    assert p.rank(at("foreign", 7)) == (0, 7)  # not a block key: serial 0
+    assert not p.promote(late_layer_old_block, "disk", "host")
+    assert p.rank_reads_access is False and p.name == "kv-stream-spread"
+
+
+def test_spread_policy_keeps_the_newest_blocks_of_every_layer_in_the_fast_tier(tmp_path):
+    """Blocks written layer by layer (a prefill): kv-stream keeps the last layers in the host tier, the spread
+    policy the newest positions of every layer; neither moves a block twice."""
+    from tiercache_llm.blocks import block_key
+    from tiercache_llm.policies import SpreadStreamingKVPolicy
+
+    value = torch.zeros(256)  # 1 KiB
+    keys = [block_key("u", layer, "kv", serial) for layer in range(3) for serial in range(4)]
+    held = {}
+    for policy in (StreamingKVPolicy(), SpreadStreamingKVPolicy()):
+        with tiercache.Cache(host="3KiB", disk="1MiB", path=tmp_path / policy.name, policy=policy) as cache:
+            for key in keys:
+                cache.put(key, value)
+            cache.get_many(keys)
+            held[policy.name] = {k for k in keys if cache.tier_of(k) == "host"}
+            moved = cache.stats()["bytes_moved"]
+            assert dict(moved) == {"host->disk": 9 * value.nbytes}, moved  # 9 blocks demoted once, none promoted
+    assert held["kv-stream"] == {block_key("u", 2, "kv", s) for s in (1, 2, 3)}
+    assert held["kv-stream-spread"] == {block_key("u", layer, "kv", 3) for layer in range(3)}

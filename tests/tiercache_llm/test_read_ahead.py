@@ -520,8 +520,8 @@ def test_grouped_reads_ahead_share_one_call_and_stay_exact(make_config, tmp_path
 
 def test_schedule_groups_small_layers_by_bytes():
     """``schedule``: groups of ``group_bytes`` for small layers (at least ``group``, at most ``max_depth - 1``),
-    twice that many layers ahead within ``[base_depth, max_depth]``; without ``group_bytes`` the fixed
-    schedule of before."""
+    twice that many layers ahead within ``[base_depth, max_depth]``; layers larger than ``group_bytes`` one per
+    job; without ``group_bytes`` the fixed schedule of before."""
     from tiercache_llm.decode_buffer import DecodeBuffer
 
     mib = 1 << 20
@@ -530,7 +530,9 @@ def test_schedule_groups_small_layers_by_bytes():
     assert buffer.schedule(mib + mib // 8) == (7, 8)  # 1K context of SmolLM2: 1.1 MiB per layer
     assert buffer.schedule(2 * mib + mib // 2) == (3, 6)
     assert buffer.schedule(5 * mib) == (2, 4)
-    assert buffer.schedule(100 * mib) == (2, 4)
+    assert buffer.schedule(8 * mib) == (2, 4)
+    assert buffer.schedule(8 * mib + 1) == (1, 4)  # larger than group_bytes: one layer per job
+    assert buffer.schedule(100 * mib) == (1, 4)
     buffer.last_read_bytes = mib
     assert buffer.schedule() == (7, 8)
     assert DecodeBuffer(max_depth=4, group=2).schedule(1) == (2, 4)
@@ -593,3 +595,32 @@ def test_readers_must_be_a_positive_int():
         with pytest.raises(ValueError, match="readers"):
             DecodeBuffer(readers=bad)
     assert DecodeBuffer(readers=3).readers == 3
+
+
+def test_spread_placement_spreads_the_host_tier_over_the_layers(make_model, tmp_path):
+    """``policy="kv-stream-spread"``: a prompt written layer by layer leaves the newest blocks of every layer in
+    the host tier (not every block of the last layers), and decoding still equals DynamicCache's."""
+    from transformers import DynamicCache
+    from tiercache_llm import TieredKVCache
+
+    model = make_model(num_hidden_layers=3)
+    ids = torch.randint(3, 128, (1, 41), generator=torch.Generator().manual_seed(0))
+    cache = TieredKVCache(model.config, block_size=4, host="6KiB", disk="16MiB", path=tmp_path / "kv",
+                          policy="kv-stream-spread")
+    assert cache.settings.policy == "kv-stream-spread"
+    assert TieredKVCache(model.config).settings.policy == "kv-stream"  # exact mode's default
+    ref = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids[:, :40], past_key_values=ref, use_cache=True)
+        model(input_ids=ids[:, :40], past_key_values=cache, use_cache=True)
+        tiers = cache.store.cache
+        for layer in cache.layers:
+            where = [tiers.tier_of(key) for key in layer._kkeys]
+            assert "host" in where and "disk" in where, where
+            first_host = where.index("host")
+            assert set(where[first_host:]) == {"host"}, where  # the newest blocks of the layer
+        for _ in range(3):
+            a = model(input_ids=ids[:, 40:], past_key_values=ref, use_cache=True).logits
+            b = model(input_ids=ids[:, 40:], past_key_values=cache, use_cache=True).logits
+            assert torch.equal(a, b)
+    cache.close()
