@@ -35,7 +35,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MiB, kv_cache_bytes, load_bench_model, median, stats_delta, tier_row, torch_threads  # noqa: E402
+from _common import MiB, kv_cache_bytes, load_bench_model, median, stats_delta, torch_threads  # noqa: E402
 import sparse_speed as sp  # noqa: E402
 from exact_prefetch import Timeline, _medians  # noqa: E402
 from sparse_variants import cached_prefill  # noqa: E402
@@ -58,6 +58,11 @@ def _device_only(cache: Any) -> None:
     from tiercache_llm import kv_cache
 
     cache._ahead_overlaps = lambda: kv_cache._DEVICE_ONLY
+
+
+def _all_ahead(cache: Any) -> None:
+    """Every layer read ahead, whatever :func:`tiercache.batched.machine_idle` says."""
+    cache._ahead_overlaps = lambda: True
 
 
 def _direct_threads(n: int) -> Callable[[Any], None]:
@@ -90,8 +95,12 @@ def _pairs_schedule(buffer: Any) -> Callable[..., tuple[int, int]]:
 
 #: ``--same-cache``: name -> the settings a shared cache switches to before that variant's block.
 SAME: dict[str, Callable[[Any], None]] = {
-    "base": lambda cache: cache.buffer.__dict__.pop("schedule", None),  # the defaults
+    "base": lambda cache: (cache.buffer.__dict__.pop("schedule", None), cache.__dict__.pop("_ahead_overlaps", None)),
     "pairs": lambda cache: setattr(cache.buffer, "schedule", _pairs_schedule(cache.buffer)),  # as before
+    # every layer read ahead (a busy machine by machine_idle, or torch's threads leaving a core free)
+    "ahead": lambda cache: (cache.buffer.__dict__.pop("schedule", None), _all_ahead(cache)),
+    # only the disk-reading layers read ahead (what torch's threads on every core of an idle machine get)
+    "dev": lambda cache: (cache.buffer.__dict__.pop("schedule", None), _device_only(cache)),
 }
 
 
@@ -104,6 +113,7 @@ VARIANTS: dict[str, Callable[[Any], None]] = {
     "spread": _set(),  # placement kv-stream-spread (BUILD)
     "r1": _one_disk_reader,
     "dev": _device_only,
+    "ahead": lambda cache: _all_ahead(cache),
     "d5": _set(**{"buffer.base_depth": 5, "buffer.ahead_bytes": 240 * MiB}),
     "d6": _set(**{"buffer.base_depth": 6, "buffer.ahead_bytes": 288 * MiB}),
     "t12": _direct_threads(12),

@@ -1132,7 +1132,8 @@ COALESCE_COPIES = True
 benchmarks that measure the difference; results are identical either way)."""
 _MAIN_THREAD = threading.main_thread()
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-_idle = [0.0, False]  # [when last checked, whether the machine looked idle]
+_idle: list = [0.0, False, None]  # [when last checked, whether the machine looked idle, its /proc/stat sample]
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def _damaged(exc: CorruptEntryError, pinned: list) -> Entry:
@@ -1146,16 +1147,48 @@ def _damaged(exc: CorruptEntryError, pinned: list) -> Entry:
     return bad
 
 
+def _cpu_busy_seconds() -> float | None:
+    """Seconds every core of the machine spent busy since boot (``/proc/stat``: user, nice, system, irq,
+    softirq and steal; idle and I/O wait are not busy), or ``None`` where that file cannot be read."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            fields = f.readline().split()
+        user, nice, system, _idle_t, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+    except (OSError, ValueError):
+        return None
+    return (user + nice + system + irq + softirq + steal) / _CLOCK_TICKS
+
+
+def _others_busy(before: tuple[float, float, float], after: tuple[float, float, float]) -> float:
+    """Cores other processes kept busy between two ``(wall, machine busy, own CPU)`` samples, in seconds:
+    the machine's busy time less this process's CPU time (all its threads), over the wall time between."""
+    wall = after[0] - before[0]
+    if wall <= 0:
+        return float("inf")
+    return ((after[1] - before[1]) - (after[2] - before[2])) / wall
+
+
 def machine_idle() -> bool:
-    """Whether the 1-minute load average leaves the cores to this process (checked at most twice a
-    second): below the core count plus half a core, i.e. little runs beside our own threads."""
+    """Whether the cores are left to this process (checked at most twice a second): other processes kept
+    less than half a core busy since the last check, by ``/proc/stat``'s busy time less this process's own
+    CPU time.  Where ``/proc/stat`` is missing (or on the first check), the 1-minute load average below the
+    core count plus half a core; no load average either: busy.  The load average alone misreads an idle
+    machine as busy while this process's own reader threads block in direct reads (Linux counts threads in
+    uninterruptible I/O wait in it), so it is only the fallback."""
     now = time.monotonic()
     if now - _idle[0] > 0.5:
-        try:
-            load = os.getloadavg()[0]
-        except (AttributeError, OSError):  # no load average on this platform: assume the cores are shared
-            load = float("inf")
-        _idle[0], _idle[1] = now, load < _CORES + 0.5
+        busy = _cpu_busy_seconds()
+        sample = None if busy is None else (now, busy, time.process_time())
+        last = _idle[2]
+        if sample is not None and last is not None:
+            idle = _others_busy(last, sample) < 0.5
+        else:
+            try:
+                load = os.getloadavg()[0]
+            except (AttributeError, OSError):  # no load average on this platform: assume the cores are shared
+                load = float("inf")
+            idle = load < _CORES + 0.5
+        _idle[:] = [now, idle, sample]
     return _idle[1]
 
 

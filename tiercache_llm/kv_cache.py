@@ -1348,7 +1348,7 @@ class TieredKVCache(Cache):
         a copy (memory tiers, a buffered disk tier's page-cache copies) gains nothing from running beside the
         model: it takes a core from torch's threads and stalls their parallel regions.  Memory-only caches then
         read inline.  A disk-backed cache does so (``"device"`` with ``direct_io``, else ``False``) only while
-        the machine is otherwise idle (:func:`tiercache.batched.machine_idle`, the load average): beside other
+        the machine is otherwise idle (:func:`tiercache.batched.machine_idle`: CPU time of other processes): beside other
         processes, reads ahead measured far faster than inline reads, as DynamicCache itself slows several-fold
         there (2-core box, SmolLM2 1K context, host 16 MiB + disk, 2 threads, load 4-6: 84-112 ms per step
         reading ahead, 408-727 inline, DynamicCache 491-568; idle: within noise of each other, 1.2-1.7x

@@ -2,6 +2,7 @@
 path's semantics: the same values, counters, policy bookkeeping and releases."""
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -292,20 +293,59 @@ def test_copy_pairs_does_not_merge_at_one_torch_thread(monkeypatch):
     assert merged == [n]
 
 
-def test_machine_idle_reads_the_load_average_and_assumes_busy_without_one(monkeypatch):
+def test_machine_idle_falls_back_to_the_load_average_and_assumes_busy_without_one(monkeypatch):
     import os
 
     from tiercache import batched
 
-    monkeypatch.setattr(batched, "_idle", [float("-inf"), False])
+    monkeypatch.setattr(batched, "_cpu_busy_seconds", lambda: None)  # no /proc/stat
+    monkeypatch.setattr(batched, "_idle", [float("-inf"), False, None])
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     assert batched.machine_idle() is True
-    monkeypatch.setattr(batched, "_idle", [float("-inf"), True])
+    monkeypatch.setattr(batched, "_idle", [float("-inf"), True, None])
     monkeypatch.setattr(os, "getloadavg", lambda: (batched._CORES + 1.0, 0.0, 0.0))
     assert batched.machine_idle() is False
-    monkeypatch.setattr(batched, "_idle", [float("-inf"), True])
+    monkeypatch.setattr(batched, "_idle", [float("-inf"), True, None])
     monkeypatch.delattr(os, "getloadavg")
     assert batched.machine_idle() is False
+
+
+def test_machine_idle_counts_other_processes_cpu_not_the_load_average(monkeypatch):
+    """Busy time of the machine less our own CPU time decides; a high load average (our own threads
+    blocked in direct reads count in it) does not."""
+    import os
+    import time
+
+    from tiercache import batched
+
+    clock = {"busy": 100.0, "own": 10.0, "wall": 1000.0}
+    monkeypatch.setattr(batched, "_cpu_busy_seconds", lambda: clock["busy"])
+    monkeypatch.setattr(time, "process_time", lambda: clock["own"])
+    monkeypatch.setattr(time, "monotonic", lambda: clock["wall"])
+    monkeypatch.setattr(os, "getloadavg", lambda: (batched._CORES + 8.0, 0.0, 0.0))
+    monkeypatch.setattr(batched, "_idle", [float("-inf"), False, None])
+    assert batched.machine_idle() is False  # first check: no earlier sample, the load average decides
+    for busy, own, idle in ((1.9, 1.8, True),  # the machine's busy time is ours: idle at any load average
+                            (1.9, 0.9, False),  # others kept a core busy
+                            (0.4, 0.0, True)):  # others used 0.4 of a core
+        clock["wall"] += 1.0
+        clock["busy"] += busy
+        clock["own"] += own
+        assert batched.machine_idle() is idle
+    clock["wall"] += 0.1  # checked at most twice a second: the last answer stands
+    clock["busy"] += 5.0
+    assert batched.machine_idle() is True
+    assert batched._others_busy((1.0, 0.0, 0.0), (1.0, 5.0, 0.0)) == float("inf")
+
+
+def test_cpu_busy_seconds_reads_proc_stat_where_there_is_one():
+    from tiercache import batched
+
+    busy = batched._cpu_busy_seconds()
+    if os.path.exists("/proc/stat"):
+        assert busy is not None and busy > 0
+    else:
+        assert busy is None
 
 
 def test_get_many_checks_tuple_keys_that_are_not_the_stored_object():
