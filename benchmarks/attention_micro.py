@@ -70,6 +70,18 @@ from tiercache_llm import sparse_layer  # noqa: E402
 HQ, H, D, S, PAGE = 9, 3, 64, 64, 8
 
 
+def page_selection(scores: torch.Tensor, per_head: int, n: int, k: int, gen: torch.Generator) -> BlockSelection:
+    """A selection of each (row, KV head)'s top pages of ``scores`` (``(batch, H, pages)``), about ``per_head``
+    of them (±15 %, drawn from ``gen``), over ``n`` blocks of ``k`` pages."""
+    batch, heads, p = scores.shape
+    counts = (per_head * (0.85 + 0.3 * torch.rand(batch, heads, generator=gen))).round().long().clamp(1, p)
+    rank = scores.argsort(dim=-1, descending=True).argsort(dim=-1)
+    pm = rank < counts.unsqueeze(-1)
+    hm = torch.nn.functional.pad(pm, (0, n * k - p)).view(batch, heads, n, k).any(-1)
+    fetch = hm.any(1).any(0).nonzero().flatten()
+    return BlockSelection(hm, hm.any(1), fetch, scores, torch.zeros(batch, dtype=torch.long), pm, k)
+
+
 def make_inputs(batch: int, context: int, budget: float, seed: int = 0) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(seed)
     k = S // PAGE
@@ -80,13 +92,8 @@ def make_inputs(batch: int, context: int, budget: float, seed: int = 0) -> dict[
     scores = 0.7 * shared + 0.3 * torch.rand(batch, H, p, generator=gen)
     scores[..., 0] = 2.0  # sink page
     scores[..., -4:] = 2.0  # recent pages
-    counts = (per_head * (0.85 + 0.3 * torch.rand(batch, H, generator=gen))).round().long().clamp(1, p)
-    rank = scores.argsort(dim=-1, descending=True).argsort(dim=-1)
-    pm = rank < counts.unsqueeze(-1)
-    hm = torch.nn.functional.pad(pm, (0, n * k - p)).view(batch, H, n, k).any(-1)
-    fetch = hm.any(1).any(0).nonzero().flatten()
-    sel = BlockSelection(hm, hm.any(1), fetch, scores, torch.zeros(batch, dtype=torch.long), pm, k)
-    u = int(fetch.numel())
+    sel = page_selection(scores, per_head, n, k, gen)
+    u = int(sel.fetch.numel())
     k_pool = torch.randn(u, batch, H, S, D, generator=gen)
     v_pool = torch.randn(u, batch, H, S, D, generator=gen)
     valid = torch.ones(batch, context, dtype=torch.bool)
@@ -96,7 +103,7 @@ def make_inputs(batch: int, context: int, budget: float, seed: int = 0) -> dict[
     v_new = torch.randn(batch, H, 1, D, generator=gen)
     ctx = context - S // 2  # the last block is half full
     return dict(sel=sel, k_pool=k_pool, v_pool=v_pool, valid=valid, ctx=ctx, query=query, k_new=k_new,
-                v_new=v_new, slot=torch.arange(u), u=u, tokens=int(pm.sum()) * PAGE)
+                v_new=v_new, slot=torch.arange(u), u=u, tokens=int(sel.page_mask.sum()) * PAGE)
 
 
 def reference_path(x: dict[str, Any]):

@@ -49,7 +49,7 @@ import torch  # noqa: E402
 
 from _common import machine_meta, torch_threads  # noqa: E402
 from tiercache_llm.sparse import page_table as new_pt  # noqa: E402
-from tiercache_llm.sparse.selection import BlockSelection  # noqa: E402
+from attention_micro import page_selection  # noqa: E402
 
 HQ, H, D, S, PAGE = 9, 3, 64, 128, 8
 
@@ -81,13 +81,8 @@ def make_layers(n_layers: int, batch: int, context: int, budget: float, slots: i
         scores = 0.7 * shared + 0.3 * torch.rand(batch, H, p, generator=gen)
         scores[..., 0] = 2.0
         scores[..., -8:] = 2.0
-        counts = (per_head * (0.85 + 0.3 * torch.rand(batch, H, generator=gen))).round().long().clamp(1, p)
-        rank = scores.argsort(dim=-1, descending=True).argsort(dim=-1)
-        pm = rank < counts.unsqueeze(-1)
-        hm = torch.nn.functional.pad(pm, (0, n * k - p)).view(batch, H, n, k).any(-1)
-        fetch = hm.any(1).any(0).nonzero().flatten()
-        sel = BlockSelection(hm, hm.any(1), fetch, scores, torch.zeros(batch, dtype=torch.long), pm, k)
-        u = int(fetch.numel())
+        sel = page_selection(scores, per_head, n, k, gen)
+        u = int(sel.fetch.numel())
         layers.append(dict(
             sel=sel, kv=torch.randn(max(slots, u), 2, batch, H, S, D, generator=gen),
             slot=torch.randperm(max(slots, u), generator=gen)[:u], q=torch.randn(batch, HQ, 1, D, generator=gen),

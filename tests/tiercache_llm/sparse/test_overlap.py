@@ -190,17 +190,21 @@ def test_a_failed_synchronous_read_raises_as_before(model, tmp_path, monkeypatch
             assert all(not bool(pool.kv[s].isnan().any()) for s in pool.slot_of.values())
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.02])
-def test_failed_reads_into_reserved_slots_are_read_again_at_the_wait(model, tmp_path, monkeypatch, delay):
-    ref, _, _, _ = _run(model, tmp_path, "ref", False)
-
+def failing_read(delay: float):
+    """A ``DecodePipeline._read`` that waits ``delay`` seconds, writes NaN into its destinations and raises."""
     def broken(self, keys, outs):
         threading.Event().wait(delay)
         for out in outs:
             out.fill_(float("nan"))
         raise OSError("injected slot read failure")
+    return broken
 
-    monkeypatch.setattr(DecodePipeline, "_read", broken)
+
+@pytest.mark.parametrize("delay", [0.0, 0.02])
+def test_failed_reads_into_reserved_slots_are_read_again_at_the_wait(model, tmp_path, monkeypatch, delay):
+    ref, _, _, _ = _run(model, tmp_path, "ref", False)
+
+    monkeypatch.setattr(DecodePipeline, "_read", failing_read(delay))
     got, _, stats, _ = _run(model, tmp_path, "broken", True)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     pipe = stats["pipeline"]

@@ -18,6 +18,7 @@ from tiercache_llm.sparse.pool import PoolArena
 
 from ..test_generate_tiny import left_padded_batch
 from ..test_sparse_pipeline import decode_logits, opts, two_entries
+from .test_overlap import failing_read
 from .test_pool import change_rows, decode_recording, decode_rows
 
 SHAPE = (2, 1, 4, 3)  # (B, H, S, D) of one slot
@@ -479,13 +480,7 @@ def test_gated_slot_reads_start_after_the_fetchs_own_slow_reads(model, tmp_path,
 def test_gated_slot_reads_that_fail_or_come_late_change_nothing(model, tmp_path, monkeypatch, delay):
     ref, _, _ = _run(model, tmp_path, "ref", stage_into_slots=False)
 
-    def broken(self, keys, outs):
-        threading.Event().wait(delay)
-        for out in outs:
-            out.fill_(float("nan"))
-        raise OSError("injected slot read failure")
-
-    monkeypatch.setattr(DecodePipeline, "_read", broken)
+    monkeypatch.setattr(DecodePipeline, "_read", failing_read(delay))
     got, _, stats = _run(model, tmp_path, "broken", slot_reads_after_sync=True)
     assert torch.equal(ref, got)
     assert stats["pipeline"]["slot_failed"] > 0 and stats["pipeline"]["slot_used"] == 0
