@@ -848,7 +848,11 @@ def test_budgeted_promotion_under_a_bound_promotes_within_budget_and_keeps_value
     assert pipe["promote_chosen"] * entry <= budget * pipe["steps"]
     assert 0 < pipe["promoted"] <= pipe["promote_chosen"] and pipe["promoted_bytes"] == pipe["promoted"] * entry
     assert pipe["promote_candidates"] >= pipe["promote_chosen"]
-    assert up(stats) > 0 and up(stats) <= pipe["promoted_bytes"]
+    if reuse_read:  # the staging reads that promote are the ones the policy counted
+        assert 0 < up(stats) <= pipe["promoted_bytes"]
+    else:  # a prefetch counts what is still in the fastest tier at its end: one it promoted may be demoted again
+        # (64 KiB host tier) before then, but nothing moves up that was not chosen
+        assert 0 < pipe["promoted_bytes"] <= up(stats) <= pipe["promote_chosen"] * entry
     assert torch.equal(ref, got) and torch.equal(ref, got_off)
     assert len(values) == len(values_off)
     for a, b in zip(values, values_off):

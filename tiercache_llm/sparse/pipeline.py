@@ -1546,8 +1546,10 @@ class DecodePipeline:
     def _settle_promotion(self, wait: bool) -> None:
         """``promote_reuse_read=False``: count what the last promotion prefetch moved once it has finished (its
         keys were all on a slower tier when chosen; its result counts those in the fastest tier at its end).
-        ``wait``: wait for it first, so a ``stats()`` snapshot never shows the tiercache's ``bytes_moved`` ahead
-        of ``promoted_bytes`` (a done-callback would run after the future's waiters wake)."""
+        ``wait``: wait for it first, so a ``stats()`` snapshot never shows the tiercache's ``bytes_moved`` of a
+        finished prefetch without its promotions (a done-callback would run after the future's waiters wake).
+        ``bytes_moved`` may still exceed ``promoted_bytes``: a block the prefetch promoted and something demoted
+        again before its end moved but is not counted."""
         with self._stats_lock:
             future = self._promote_future
             if future is None or not (wait or future.done()):
