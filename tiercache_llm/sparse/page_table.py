@@ -139,25 +139,32 @@ def _check_table_args(sel: "BlockSelection", slot_of_fetch: torch.Tensor, block_
     return int(sel.pages.shape[0]), u
 
 
+def _to_front(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(order, used, counts)`` of a ``(B, H, N)`` bool mask: ``order`` ``(B, H, M)`` the indices of each (row,
+    head)'s ``True`` positions moved to the front in order (padding: index 0, in range), ``used`` ``(B, H, M)``
+    which are real, ``counts`` ``(B, H)``; ``M`` is the largest count (at least 1).  Each kept position is
+    scattered to column rank (a cumsum), the others to a dump column 0: cheaper than a sort."""
+    b, h, n = keep.shape
+    dev = keep.device
+    rank = keep.cumsum(dim=-1)
+    counts = rank[..., -1].clone() if n else torch.zeros(b, h, dtype=torch.long, device=dev)
+    m = max(1, int(counts.max())) if counts.numel() else 1
+    order = torch.zeros(b, h, m + 1, dtype=torch.long, device=dev)
+    if n:
+        order.scatter_(2, rank.mul_(keep), torch.arange(n, device=dev).expand(b, h, n))
+    used = torch.arange(m, device=dev) < counts.unsqueeze(-1)
+    return order[..., 1:], used, counts
+
+
 def _table_entries(sel: "BlockSelection", slot_of_fetch: torch.Tensor):
     """``(order, used, counts, fetch_pos, page, slots)`` of the table: ``order`` ``(B, H, M)`` the global page
     of each entry (padding: page 0), ``used`` its mask, ``counts`` ``(B, H)``, the entries' positions in
     ``sel.fetch``, pages within their block and pool slots (padding: fetch position 0, page 0)."""
     k = sel.pages_per_block
     pm = sel.pages  # (B, H, P) pages (or blocks when k == 1)
-    b, h, p = pm.shape
     dev = pm.device
     u = int(sel.fetch.numel())
-    # Entry e of (row, head) is its e-th selected page: scatter each selected page to column e + 1 (its rank,
-    # a cumsum), unselected ones to a dump column 0 (cheaper than a sort).
-    rank = pm.cumsum(dim=-1)
-    counts = rank[..., -1].clone() if p else torch.zeros(b, h, dtype=torch.long, device=dev)
-    m = max(1, int(counts.max())) if counts.numel() else 1
-    order = torch.zeros(b, h, m + 1, dtype=torch.long, device=dev)
-    if p:
-        order.scatter_(2, rank.mul_(pm), torch.arange(p, device=dev).expand(b, h, p))
-    order = order[..., 1:]  # padding entries: page 0 (in range)
-    used = torch.arange(m, device=dev) < counts.unsqueeze(-1)  # (B, H, M)
+    order, used, counts = _to_front(pm)  # entry e of (row, head) is its e-th selected page; padding: page 0
     if k & (k - 1) == 0:  # a power of two (the cache's pages): shifts, ~10 us cheaper each than int64 div / rem
         block = order >> (k.bit_length() - 1)
         page = order & (k - 1)
@@ -641,18 +648,10 @@ def split_page_table(table: PageTable, late: torch.Tensor) -> tuple[PageTable, P
 
 
 def _compact(table: PageTable, keep: torch.Tensor) -> PageTable:
-    """The entries ``keep`` ``(B, H, M)`` of ``table``, moved to the front of each (row, head) in order (a
-    scatter by rank, as :func:`_table_entries` builds tables)."""
-    b, h, m = keep.shape
-    dev = keep.device
-    rank = keep.long().cumsum(-1)
-    counts = rank[..., -1].clone() if m else torch.zeros(b, h, dtype=torch.long, device=dev)
-    mk = max(1, int(counts.max())) if counts.numel() else 1
-    order = torch.zeros(b, h, mk + 1, dtype=torch.long, device=dev)
-    if m:
-        order.scatter_(2, rank.mul_(keep), torch.arange(m, device=dev).expand(b, h, m))
-    order = order[..., 1:]  # padding: entry 0 (in range)
-    used = torch.arange(mk, device=dev) < counts.unsqueeze(-1)
+    """The entries ``keep`` ``(B, H, M)`` of ``table``, moved to the front of each (row, head) in order
+    (:func:`_to_front`, as :func:`_table_entries` builds tables)."""
+    order, used, counts = _to_front(keep)  # padding: entry 0 (in range)
+    b, h, mk = order.shape
     valid = table.valid.gather(2, order.unsqueeze(-1).expand(b, h, mk, table.page_size)) & used.unsqueeze(-1)
     return PageTable(table.slots.gather(2, order), table.pages.gather(2, order), valid,
                      table.fetch_pos.gather(2, order), table.page_size, counts)
