@@ -960,15 +960,13 @@ class DecodePipeline:
         before it reads them and before the next fetch); ``pending`` is ``None`` when every slot is filled."""
         if self._pending is not None:  # a caller that never waited (an error between fetch and wait)
             self._pending.wait(raise_errors=False)
-        if self._gated:
-            self._open_gate()
         fetch = sel.fetch.tolist()
         n_stored = len(layer._blocks)
         stored = [j for j in fetch if j < n_stored]
-        self.predict_next(layer, query, stored)
         try:
+            self.predict_next(layer, query, stored)
             return self._fetch_into_pool(state, layer, sel, stats, defer, fetch, stored)
-        finally:
+        finally:  # reads held back (slot_reads_after_sync) never outlive the fetch that reserved them
             if self._gated:
                 self._open_gate()
 
