@@ -385,22 +385,23 @@ class DecodeBuffer:
         """Whether ``layer`` has a read ahead not yet taken."""
         return id(layer) in self._pending
 
+    def _free(self, exclude: int, depth: int | None) -> list[int]:
+        """The first ``depth + 1`` slots (default ``max_depth + 1``) that neither ``exclude`` (the states being
+        assembled) nor any pending read ahead uses, in order."""
+        busy = {p.slot for p in self._pending.values()}
+        busy.add(exclude)
+        return [slot for slot in range((self.max_depth if depth is None else depth) + 1) if slot not in busy]
+
     def free_slots(self, exclude: int, depth: int | None = None) -> int:
         """How many of the first ``depth + 1`` slots (default ``max_depth + 1``) neither ``exclude`` nor any
         pending read ahead uses."""
-        busy = {p.slot for p in self._pending.values()}
-        busy.add(exclude)
-        return sum(1 for slot in range((self.max_depth if depth is None else depth) + 1) if slot not in busy)
+        return len(self._free(exclude, depth))
 
     def free_slot(self, exclude: int, depth: int | None = None) -> int | None:
         """A slot among the first ``depth + 1`` (default ``max_depth + 1``) neither ``exclude`` (the states
         being assembled) nor any pending read ahead uses, or ``None`` when all are taken."""
-        busy = {p.slot for p in self._pending.values()}
-        busy.add(exclude)
-        for slot in range((self.max_depth if depth is None else depth) + 1):
-            if slot not in busy:
-                return slot
-        return None
+        free = self._free(exclude, depth)
+        return free[0] if free else None
 
     def other_slot(self, slot: int) -> int:
         """The slot after ``slot`` (cyclically): where a read ahead goes when every slot is taken (the read
