@@ -37,6 +37,8 @@ from .errors import KVCapacityError, TieredKVError
 from .policies import AttentionPlacementPolicy, SpreadStreamingKVPolicy, StreamingKVPolicy
 
 log = logging.getLogger("tiercache_llm")
+#: tiercache_llm's placement policies by the name :meth:`BlockStore.create` accepts (other names go to tiercache)
+_KV_POLICIES = {cls.name: cls for cls in (StreamingKVPolicy, SpreadStreamingKVPolicy, AttentionPlacementPolicy)}
 
 WRITE_QUEUE = "write-queue"
 """What :meth:`BlockStore.tiers_of` names for an entry still waiting in the write-behind queue."""
@@ -174,12 +176,8 @@ class BlockStore:
         process) are deleted first (:func:`tiercache.owners.reclaim`; logged on the ``tiercache_llm``
         logger, the report kept in :attr:`reclaimed`), and this store's KV caches are recorded as owners
         of their blocks from then on."""
-        if isinstance(policy, str) and policy == StreamingKVPolicy.name:
-            policy = StreamingKVPolicy()
-        elif isinstance(policy, str) and policy == SpreadStreamingKVPolicy.name:
-            policy = SpreadStreamingKVPolicy()
-        elif isinstance(policy, str) and policy == AttentionPlacementPolicy.name:
-            policy = AttentionPlacementPolicy()
+        if isinstance(policy, str) and policy in _KV_POLICIES:
+            policy = _KV_POLICIES[policy]()
         tmpdir = None
         if disk not in (None, 0) and path is None:
             tmpdir = tempfile.mkdtemp(prefix="tiercache-kv-")
