@@ -9,9 +9,13 @@ disk-only store of ``--keys`` joint K/V entries of SmolLM2's block shape (``(2, 
 buffer, as ``tiercache_llm`` reads a layer (1K context: 3 blocks per layer).  The disk tier's read pool is
 off (``spare_cpus`` fixed at 0), so a sample is the calling thread's own work.  A sample is ``--calls``
 calls timed with ``time.thread_time``; old and new alternate sample by sample (the order flips every
-sample), so drift and neighbours hit both alike.  Prints min / 25th percentile / median CPU µs per call
-of each and the load average: per-call costs of a few µs against ~100 µs of copies and checksums need
-many samples; the low percentiles are the least disturbed by other work on the machine.
+sample), so drift and neighbours hit both alike.  Beside them, interleaved the same way, ``floor``: the new
+tree's chunks of those entries read on held descriptors with one ``preadv`` each (payload straight into the
+slices) and checksummed, with no bookkeeping (what a verified read of the format costs from Python; the
+difference to ``new`` is the call's own work); with ``--parts`` also ``new:facade`` and ``new:setup``, the
+new tree's call with its disk reads stubbed out (see :func:`stubbed`).  Prints min / 25th percentile /
+median CPU µs per call of each and the load average: per-call costs of a few µs against ~100 µs of copies
+and checksums need many samples; the low percentiles are the least disturbed by other work on the machine.
 """
 
 from __future__ import annotations
@@ -24,12 +28,67 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import MiB  # noqa: E402  (the benchmarks directory is not a package)
 from hotpath_ab import load_tree  # noqa: E402
+
+
+def chunk_floor(tree: Any, cache: Any, names: list, out: list[torch.Tensor]) -> tuple[Callable[[], None],
+                                                                                 Callable[[], None]]:
+    """The floor of the same call: the new tree's chunk files of ``names`` read on descriptors held open, each
+    with one ``preadv`` (the header page and the tail into reused buffers, the payload straight into its
+    slice's runs of ``out``) and a crc32c pass over all of it, with no lookup, pin, check or count (private
+    attributes: a diagnostic).  Returns the step and a function that closes the descriptors."""
+    import crc32c
+
+    disk = sys.modules[f"{tree.__name__}.tiers.disk"]
+    tier = cache.tiers[0]
+    slots = [cache._index[name].slot for name in names]  # noqa: SLF001
+    fds = [os.open(tier.chunk_path(slot), os.O_RDONLY) for slot in slots]
+    parts = [disk.byte_parts(dst, slot.nbytes) for dst, slot in zip(out, slots)]
+    head = bytearray(disk.HEADER_BYTES)
+    tails = [memoryview(bytearray(tier.chunk_bytes(slot) - disk.HEADER_BYTES - slot.nbytes)) for slot in slots]
+    crc = crc32c.crc32c
+
+    def floor() -> None:
+        for fd, views, tail in zip(fds, parts, tails):
+            os.preadv(fd, [head, *views, tail], 0)
+            value = crc(head, 0, 0)
+            for view in views:
+                value = crc(view, value, 0)
+            crc(tail[: -disk.CRC_BYTES], value, 0)
+
+    def close() -> None:
+        for fd in fds:
+            os.close(fd)
+
+    return floor, close
+
+
+def stubbed(tree: Any, cache: Any, names: list, out: list[torch.Tensor]) -> dict[str, Callable[[], None]]:
+    """The new tree's call with parts of its disk read replaced by no-ops for the call (the class attribute is
+    put back after it): ``new:facade``, ``DiskTier.read_into`` stubbed (lookup, pins, destination checks,
+    counts, unpin: the facade alone); ``new:setup``, ``DiskTier._read_buffered`` stubbed (the facade plus
+    ``read_into``'s set-up: byte views of the destinations, descriptors taken and given back).  So ``new -
+    new:setup - floor`` is the read loop's own work beyond the floor's.  Nothing is read: a diagnostic."""
+    tier_class = sys.modules[f"{tree.__name__}.tiers.disk"].DiskTier
+
+    def without(attribute: str) -> Callable[[], None]:
+        original = tier_class.__dict__[attribute]
+
+        def run() -> None:
+            setattr(tier_class, attribute, lambda *args, **kwargs: None)
+            try:
+                cache.get_many(names, out=out)
+            finally:
+                setattr(tier_class, attribute, original)
+        return run
+
+    return {"new:facade": without("read_into"), "new:setup": without("_read_buffered")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", type=int, default=3, help="entries per get_many (default 3: a 1K layer)")
     parser.add_argument("--samples", type=int, default=40)
     parser.add_argument("--calls", type=int, default=200, help="calls per sample")
+    parser.add_argument("--parts", action="store_true",
+                        help="also time the new tree's call with its disk reads stubbed out (see the module doc)")
     args = parser.parse_args(argv)
     if args.keys < 1 or args.samples < 1 or args.calls < 1:
         parser.error("--keys, --samples and --calls must be positive")
@@ -61,15 +122,23 @@ def main(argv: list[str] | None = None) -> int:
             cache.get_many(names, out=out)  # warm
         if not all(torch.equal(o, v) for o, v in zip(out, values)):
             raise AssertionError("get_many returned other bytes than were put")
+        floor, close_floor = chunk_floor(trees["new"], caches["new"], names, out)
+        runs = {name: (lambda cache=cache: cache.get_many(names, out=out)) for name, cache in caches.items()}
+        runs["floor"] = floor
+        if args.parts:
+            runs.update(stubbed(trees["new"], caches["new"], names, out))
         load = os.getloadavg()
-        samples: dict[str, list[float]] = {name: [] for name in caches}
-        for s in range(args.samples):
-            for name in (("old", "new") if s % 2 else ("new", "old")):
-                cache = caches[name]
-                start = time.thread_time()
-                for _ in range(args.calls):
-                    cache.get_many(names, out=out)
-                samples[name].append(1e6 * (time.thread_time() - start) / args.calls)
+        samples: dict[str, list[float]] = {name: [] for name in runs}
+        try:
+            for s in range(args.samples):
+                for name in (list(runs) if s % 2 else list(runs)[::-1]):
+                    run = runs[name]
+                    start = time.thread_time()
+                    for _ in range(args.calls):
+                        run()
+                    samples[name].append(1e6 * (time.thread_time() - start) / args.calls)
+        finally:
+            close_floor()
     finally:
         for cache in caches.values():
             cache.close()
@@ -77,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"get_many of {n} x 384 KiB warm disk entries into decode-buffer slices, 1 torch thread, no read pool; "
           f"{args.samples} samples of {args.calls} calls; load average {load[0]:.2f} at the start, "
           f"{os.getloadavg()[0]:.2f} at the end")
-    for name, values_ in samples.items():
+    for name, values_ in samples.items():  # floor: the same chunks read and checksummed with no bookkeeping
         ordered = sorted(values_)
         print(f"{name}: CPU us per call min {ordered[0]:.1f}, p25 {ordered[len(ordered) // 4]:.1f}, "
               f"median {statistics.median(ordered):.1f}")

@@ -12,4 +12,16 @@ def test_runs_old_and_new(load_benchmark, capsys):
     bench = load_benchmark("hotpath_getmany_ab")
     assert bench.main(["--old", str(ROOT), "--new", str(ROOT), "--keys", "2", "--samples", "2", "--calls", "2"]) == 0
     out = capsys.readouterr().out
-    assert "old: CPU us per call" in out and "new: CPU us per call" in out
+    assert "old: CPU us per call" in out and "new: CPU us per call" in out and "floor: CPU us per call" in out
+    assert "new:facade" not in out
+
+
+def test_parts(load_benchmark, capsys):
+    bench = load_benchmark("hotpath_getmany_ab")
+    assert bench.main(["--old", str(ROOT), "--new", str(ROOT), "--keys", "3", "--samples", "2", "--calls", "2",
+                       "--parts"]) == 0
+    out = capsys.readouterr().out
+    assert "new:facade: CPU us per call" in out and "new:setup: CPU us per call" in out
+    # the stubs are put back: the tree's reads work after the run
+    tier_class = bench.sys.modules["tc_new.tiers.disk"].DiskTier
+    assert tier_class.read_into.__name__ == "read_into" and tier_class._read_buffered.__name__ == "_read_buffered"
