@@ -66,6 +66,7 @@ class Settings:
     host_small_values: int = 20_000  # row 3: 4 KiB values per repeat
     host_large_values: int = 2048  # row 4: 64 KiB values per repeat (128 MiB)
     disk_values: dict[int, int] = field(default_factory=lambda: {4 * KiB: 8192, 64 * KiB: 1024})  # row 5
+    disk_rounds: int = 7  # row 5: get / baseline alternations per repeat (median of each)
     reopen_entries: tuple[int, ...] = (10_000, 100_000)
     reopen_value_bytes: int = 256
     churn_entries: int = 100_000
@@ -83,7 +84,7 @@ class Settings:
         return cls(
             contexts=(256, 512), decode_steps=4, host_small_values=2000, host_large_values=128,
             disk_values={4 * KiB: 500, 64 * KiB: 100}, reopen_entries=(500, 2000), churn_entries=4000,
-            churn_puts=500, repeats=1,
+            churn_puts=500, repeats=1, disk_rounds=2,
         )
 
 
@@ -638,9 +639,11 @@ def rows_host(ctx: Context, threads: int, row: int) -> list[Result]:
 
 
 # -- row 5: disk tier warm get vs readinto ------------------------------------------------------------------
-def disk_warm_get(values: Sequence[torch.Tensor], workdir: Path) -> dict[str, float]:
+def disk_warm_get(values: Sequence[torch.Tensor], workdir: Path, rounds: int = 1) -> dict[str, float]:
     """Seconds for a warm ``get`` of every value from a disk-only store, and for reading files of the same
-    sizes with open/readinto/close (both read once before, so both come from the page cache).
+    sizes with open/readinto/close (both read once before, so both come from the page cache).  The two
+    loops alternate ``rounds`` times (one loop is only ~15-60 ms, so one sample of each is at the mercy of
+    a busy neighbour); ``get`` and ``raw_drop`` are the medians of their rounds.
 
     The row's baseline is ``raw_drop``: the reads with each buffer dropped at once, as the timed ``get``
     loop drops each result (like for like). ``raw`` keeps every buffer it reads, so it also pays the
@@ -657,23 +660,27 @@ def disk_warm_get(values: Sequence[torch.Tensor], workdir: Path) -> dict[str, fl
     times: dict[str, float] = {}
     try:
         options = _direct_io_options(tiercache.CacheConfig, False)
+        paths = write_files(raw, len(values), size)
+        read_files(paths, size)  # warm the page cache
+        gets, drops = [], []
         with tiercache.Cache(host=None, disk=4 * nbytes + 64 * MiB, path=store, **options) as cache:
             cache.put_many(list(enumerate(values)))
             for i in range(len(values)):  # warm the page cache
                 cache.get(i)
-            start = time.perf_counter()
-            for i in range(len(values)):
-                cache.get(i)
-            times["get"] = time.perf_counter() - start
-        paths = write_files(raw, len(values), size)
-        read_files(paths, size)
+            for _ in range(rounds):
+                gc.collect()
+                start = time.perf_counter()
+                for i in range(len(values)):
+                    cache.get(i)
+                gets.append(time.perf_counter() - start)
+                gc.collect()
+                start = time.perf_counter()
+                read_files(paths, size, keep=False)
+                drops.append(time.perf_counter() - start)
+        times["get"], times["raw_drop"] = median(gets), median(drops)
         start = time.perf_counter()
         read_files(paths, size)
         times["raw"] = time.perf_counter() - start
-        gc.collect()
-        start = time.perf_counter()
-        read_files(paths, size, keep=False)
-        times["raw_drop"] = time.perf_counter() - start
         times.update(_chunk_floor(workdir / "row5-chunks", paths, size))
     finally:
         shutil.rmtree(store, ignore_errors=True)
@@ -690,7 +697,7 @@ def row_disk(ctx: Context, threads: int) -> list[Result]:
         samples = []
         for r in range(s.repeats):
             ctx.progress(f"disk tier warm get {size // KiB} KiB, {threads} thread(s), repeat {r + 1}")
-            samples.append(disk_warm_get(values, ctx.workdir))
+            samples.append(disk_warm_get(values, ctx.workdir, s.disk_rounds))
         gib = count * size / (1 << 30)
         tier = [gib / t["get"] for t in samples]
         base = [gib / t["raw_drop"] for t in samples]
