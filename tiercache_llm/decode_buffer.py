@@ -103,7 +103,7 @@ INLINE_WHEN_BUSY = True
 #: Whether a :class:`DecodeBuffer` asks the kernel for transparent huge pages (``madvise(MADV_HUGEPAGE)``, Linux)
 #: for CPU buffers of at least :data:`HUGE_MIN_BYTES` (``DecodeBuffer.huge_pages``' default; :func:`huge_empty`).
 #: Direct disk reads pin every destination page: into 2 MiB pages they took 60 % less system CPU
-#: (``benchmarks/exact_hugepages.py``), and SmolLM2 8K x 4 cold decoded 4-22 % faster per step over three
+#: (``benchmarks/exact_hugepages.py``), and SmolLM2 8K x 4 cold decoded 4-22 % faster per step over four
 #: 10-round runs (``benchmarks/exact_cold_ab.py --same-cache --variants small,base``; docs/tiercache_llm.md
 #: "Huge pages").
 HUGE_PAGES = True
