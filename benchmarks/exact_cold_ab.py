@@ -7,15 +7,21 @@ keeps that, as ``sparse_variants.py`` does), fill one exact ``TieredKVCache`` pe
 ``--host-fraction`` of the KV or ``--host-bytes``, the rest on a ``direct_io`` disk tier under ``--workdir``).  Per round,
 ``DynamicCache`` decodes a block of steps (its greedy tokens are fed to the others; logits compared),
 then every variant decodes the same block back to back (order rotated per round; the block's first step
-untimed).  Per variant: ms/step (median of timed steps), forward-thread CPU ms, the process's CPU ms,
-and the timeline of ``exact_prefetch.Timeline`` (disk idle ms, chunk reads in flight, forward waits).  The
+untimed; its median is printed as ``first_ms``).  Per variant: ms/step (median of timed steps), forward-thread
+CPU ms, the process's CPU ms, and the timeline of ``exact_prefetch.Timeline`` (disk idle ms, chunk reads in flight, forward waits).  The
 read-once time is ``sparse_speed.read_in_decode_order`` of the first variant's cache before and after each
 round (medians, the better worker count) plus its host bytes at the host copy rate.
 
 A variant is ``NAME`` (see :data:`VARIANTS` and :data:`BUILD`): options its cache is built with and settings
 applied to it after.  ``base``: the defaults; ``pairs``: layers larger than ``group_bytes`` read two per job
 as before (also with ``--same-cache``); ``spread``: ``policy="kv-stream-spread"``;
-``r1``: one disk reader job at a time.
+``r1``: one disk reader job at a time; ``crc_hold``: the disk tier's checksums keep the GIL; ``t8`` / ``t12`` /
+``t16``: each ``get_many``'s direct reads spread over that many threads, from a pool of as many (``t8p16``: 8
+per call, a pool of 16 that the two reads ahead share); ``huge`` / ``small``: decode buffers on transparent
+huge pages (the default) / on 4 KiB pages (as before ``decode_buffer.HUGE_PAGES``).  With ``--same-cache``
+(:data:`SAME`) every switch frees the decode buffers, so each block's first step allocates them.  ``NAME@N`` (e.g. ``base@1``): variant ``NAME`` decoding its steps with
+``torch.set_num_threads(N)`` instead of ``--threads`` (the read-once time stays at ``--threads``' host copy
+rate): what running the model on fewer intra-op threads than the user's setting would give.
 ``--emulate-gibps`` serves every read by an emulated device (:class:`EmulatedDevice`): the step's wait
 on its reads then reflects the pipeline's structure, not what else uses the shared disk.
 """
@@ -39,6 +45,7 @@ from _common import MiB, kv_cache_bytes, load_bench_model, median, stats_delta, 
 import sparse_speed as sp  # noqa: E402
 from exact_prefetch import Timeline, _medians  # noqa: E402
 from sparse_variants import cached_prefill  # noqa: E402
+from tiercache_llm import decode_buffer  # noqa: E402
 from tiercache_llm.hf_kwargs import cache_kwargs  # noqa: E402
 
 
@@ -93,14 +100,94 @@ def _pairs_schedule(buffer: Any) -> Callable[..., tuple[int, int]]:
     return schedule
 
 
+def _disk_tiers(cache: Any) -> list:
+    return [tier for tier in cache.store.cache.tiers if hasattr(tier, "_crc")]
+
+
+def _reset(cache: Any) -> None:
+    """Undo every ``SAME`` setting: the cache's defaults."""
+    cache.buffer.__dict__.pop("schedule", None)
+    cache.__dict__.pop("_ahead_overlaps", None)
+    _huge(decode_buffer.HUGE_PAGES)(cache)
+    for tier in _disk_tiers(cache):
+        for name, value in tier.__dict__.pop("_same_saved", {}).items():
+            setattr(tier, name, value)
+
+
+def _huge(on: bool) -> Callable[[Any], None]:
+    """Decode buffers with (``on``) or without transparent huge pages (``DecodeBuffer.huge_pages``); a change
+    frees them, so the block's first (untimed) step allocates them again."""
+    def apply(cache: Any) -> None:
+        if cache.buffer.huge_pages != on:
+            cache.buffer.release()
+            cache.buffer.huge_pages = on
+    return apply
+
+
+def _tier_set(tier: Any, name: str, value: Any) -> None:
+    """``tier.name = value``, undone by :func:`_reset`."""
+    tier.__dict__.setdefault("_same_saved", {}).setdefault(name, getattr(tier, name))
+    setattr(tier, name, value)
+
+
+_POOLS: dict[tuple[int, int], Any] = {}  # (id(tier), threads) -> the pool a _same_direct_threads variant uses
+
+
+def _same_direct_threads(n: int, pool_threads: int | None = None) -> Callable[[Any], None]:
+    """Direct reads of one ``get_many`` on up to ``n`` threads, from a pool of ``pool_threads`` (default ``n``)
+    threads of their own (the tier's pool, made at its first spread read, has
+    ``max(io_threads, direct_read_threads)`` threads, and two reads ahead share it)."""
+    import concurrent.futures
+
+    size = n if pool_threads is None else pool_threads
+
+    def apply(cache: Any) -> None:
+        for tier in _disk_tiers(cache):
+            pool = _POOLS.get((id(tier), size))
+            if pool is None:
+                pool = _POOLS[(id(tier), size)] = concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix="ab-disk")
+            _tier_set(tier, "_direct_threads", n)
+            _tier_set(tier, "_pool", pool)
+    return apply
+
+
+def _crc_gil(mode: int) -> Callable[[Any], None]:
+    """The disk tier's checksums with crc32c's ``gil_release_mode`` ``mode`` (0: keep the GIL, 1: always release
+    it; the default, -1, releases it from 32 KiB)."""
+    import crc32c
+
+    def apply(cache: Any) -> None:
+        for tier in _disk_tiers(cache):
+            _tier_set(tier, "_crc", lambda data, value=0, *_, _m=mode, _f=crc32c.crc32c: _f(data, value, _m))
+    return apply
+
+
+def _same(*settings: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Back to the defaults, the decode buffers freed (so every variant's block starts, in its untimed first
+    step, by allocating them, as a fresh cache's first step does: ``first_ms``), then ``settings``."""
+    def apply(cache: Any) -> None:
+        cache.buffer.release()
+        _reset(cache)
+        for setting in settings:
+            setting(cache)
+    return apply
+
+
 #: ``--same-cache``: name -> the settings a shared cache switches to before that variant's block.
 SAME: dict[str, Callable[[Any], None]] = {
-    "base": lambda cache: (cache.buffer.__dict__.pop("schedule", None), cache.__dict__.pop("_ahead_overlaps", None)),
-    "pairs": lambda cache: setattr(cache.buffer, "schedule", _pairs_schedule(cache.buffer)),  # as before
+    "base": _same(),
+    "pairs": _same(lambda cache: setattr(cache.buffer, "schedule", _pairs_schedule(cache.buffer))),  # as before
     # every layer read ahead (a busy machine by machine_idle, or torch's threads leaving a core free)
-    "ahead": lambda cache: (cache.buffer.__dict__.pop("schedule", None), _all_ahead(cache)),
+    "ahead": _same(_all_ahead),
     # only the disk-reading layers read ahead (what torch's threads on every core of an idle machine get)
-    "dev": lambda cache: (cache.buffer.__dict__.pop("schedule", None), _device_only(cache)),
+    "dev": _same(_device_only),
+    "crc_hold": _same(_crc_gil(0)),  # checksums keep the GIL
+    "t12": _same(_same_direct_threads(12)),  # direct reads of a get_many on up to 12 threads (default 8)
+    "t16": _same(_same_direct_threads(16)),
+    "t8": _same(_same_direct_threads(8)),  # the disk tier's default count, from a pool of its own
+    "t8p16": _same(_same_direct_threads(8, 16)),  # 8 per get_many, 16 in the pool the two reads ahead share
+    "huge": _same(_huge(True)),  # decode buffers on transparent huge pages (the default, decode_buffer.HUGE_PAGES)
+    "small": _same(_huge(False)),  # ... on 4 KiB pages (as before HUGE_PAGES)
 }
 
 
@@ -130,6 +217,9 @@ VARIANTS: dict[str, Callable[[Any], None]] = {
     "dev_d5": lambda cache: (_set(**{"buffer.group": 1, "buffer.base_depth": 5, "buffer.ahead_bytes": 240 * MiB})(cache),
                              _device_only(cache)),
     "deep6": _set(**{"buffer.base_depth": 6, "buffer.ahead_bytes": 288 * MiB}),
+    "crc_hold": _crc_gil(0),
+    "huge": _set(**{"buffer.huge_pages": True}),
+    "small": _set(**{"buffer.huge_pages": False}),
 }
 
 
@@ -251,9 +341,16 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     variants = [v for v in a.variants.split(",") if v]
     workers = tuple(int(x) for x in a.raw_workers.split(","))
-    unknown = [v for v in variants if v not in VARIANTS]
+    try:
+        threads = {v: int(v.partition("@")[2]) if "@" in v else a.threads for v in variants}
+    except ValueError:
+        ap.error(f"a variant NAME@N needs an integer N, got {a.variants!r}")
+    if len(set(variants)) != len(variants) or min(threads.values()) < 1:
+        ap.error(f"variants must be distinct and NAME@N needs N >= 1, got {a.variants!r}")
+    kind = {v: v.partition("@")[0] for v in variants}  # the settings a variant applies
+    unknown = [v for v in variants if kind[v] not in (SAME if a.same_cache else VARIANTS)]
     if unknown:
-        ap.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+        ap.error(f"unknown variants {unknown}; known: {', '.join(SAME if a.same_cache else VARIANTS)}")
     from transformers import DynamicCache
 
     model, tok = load_bench_model(a.model)
@@ -274,13 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tiercache-exact-cold-ab-", dir=a.workdir))
     load0 = os.getloadavg()
     if a.same_cache:  # one cache; each variant's settings applied before its block of steps (SAME)
-        unknown = [v for v in variants if v not in SAME]
-        if unknown:
-            ap.error(f"--same-cache takes variants of {', '.join(SAME)}, got {unknown}")
         one = build(model, kv, host, workdir / "same", "base")
         caches = {v: one for v in variants}
     else:
-        caches = {v: build(model, kv, host, workdir / v, v) for v in variants}
+        caches = {v: build(model, kv, host, workdir / v, kind[v]) for v in variants}
     dyn = DynamicCache(config=model.config)
     for i, (k, v) in enumerate(kv):
         dyn.update(k.clone(), v.clone(), i)
@@ -288,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     token = ids[: a.batch, context - 1 : context]
     recs: dict[str, list[dict[str, Any]]] = {v: [] for v in ["dynamic", *variants]}
     diffs = {v: 0.0 for v in variants}
+    firsts: dict[str, list[float]] = {v: [] for v in variants}  # each block's untimed first step (ms)
     raw: list[dict[str, Any]] = []
     device = EmulatedDevice(a.emulate_gibps * 2**30) if a.emulate_gibps else None
     if device is not None:
@@ -312,16 +407,18 @@ def main(argv: list[str] | None = None) -> int:
                 for v in order:
                     cache = caches[v]
                     if a.same_cache:
-                        SAME[v](cache)
+                        SAME[kind[v]](cache)
                         if v != order[0]:  # decode the same positions as the round's first variant did
                             cache.crop(-len(toks))
                     for i, (t, ref) in enumerate(zip(toks, refs)):
                         before = cache.stats()
                         timeline.clear()
-                        logits, s, began, cpu, proc = step(model, cache, t)
+                        with torch_threads(threads[v]):
+                            logits, s, began, cpu, proc = step(model, cache, t)
                         seen = timeline.step(began, began + s, detail=a.detail or (i == 1 and rnd == a.rounds - 1))
                         diffs[v] = max(diffs[v], float((logits - ref).abs().max()))
                         if not i:
+                            firsts[v].append(1000 * s)
                             continue
                         d = stats_delta(before, cache.stats())["prefetch"]
                         if "layers" in seen:
@@ -359,12 +456,14 @@ def main(argv: list[str] | None = None) -> int:
         row["samples_ms"] = [round(r["ms"]) for r in rs]
         if v in peaks:
             row["buffer_peak_mib"] = peaks[v] / MiB
+            row["first_ms"] = median(firsts[v])
         summary[v] = row
         cells = [f"{row[k]:.1f}" if k in row else "" for k in keys]
         print(f"| {v} | " + " | ".join(cells) + f" | {row['ms'] / dms:.2f} | "
               + (f"{row['ms'] / once:.2f}" if once else "") + f" | {diffs.get(v, 0):.2g} |")
     for v in recs:
-        print(v, summary[v]["samples_ms"], f"buffer peak {summary[v].get('buffer_peak_mib', 0):.0f} MiB")
+        print(v, summary[v]["samples_ms"], f"buffer peak {summary[v].get('buffer_peak_mib', 0):.0f} MiB",
+              f"first steps (untimed) median {summary[v]['first_ms']:.0f} ms" if v in firsts else "")
     ratios = round_ratios(recs, variants[0], a.steps)
     for v, rs in ratios.items():
         summary[v]["round_ratio"] = median(rs)

@@ -1484,6 +1484,7 @@ class TieredKVCache(Cache):
                                   ahead_bytes=self.buffer.ahead_bytes, readers=self.buffer.readers,
                                   group=self.buffer.group, group_bytes=self.buffer.group_bytes,
                                   base_depth=self.buffer.base_depth)
+        new.buffer.huge_pages = self.buffer.huge_pages
         new._prepared_model = self._prepared_model  # the same model object, prepared once
         try:
             new.layers = [layer._copy_to(store, new.cache_uid, new.buffer) for layer in self.layers]

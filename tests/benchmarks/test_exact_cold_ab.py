@@ -41,3 +41,27 @@ def test_same_cache_variants_decode_the_same_positions_exactly(load_benchmark, t
                        "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["diffs"] == {"base": 0.0, "pairs": 0.0}  # the crop puts each variant at the same positions
+
+
+def test_same_cache_thread_and_checksum_variants(load_benchmark, tmp_path):
+    """``NAME@N`` decodes at N torch threads (restored after), ``crc_hold`` swaps the disk tier's checksum
+    function and ``base`` puts it back; every variant still decodes as DynamicCache does."""
+    import torch
+
+    bench = load_benchmark("exact_cold_ab")
+    out = tmp_path / "threads.json"
+    before = torch.get_num_threads()
+    assert bench.main(["--model", "tiny", "--context", "600", "--batch", "2", "--rounds", "2", "--steps", "2",
+                       "--threads", "2", "--variants", "base,base@1,crc_hold", "--same-cache", "--raw-workers", "1",
+                       "--workdir", str(tmp_path), "--out", str(out)]) == 0
+    assert torch.get_num_threads() == before
+    res = json.loads(out.read_text())
+    # (DynamicCache's reference ran at 2 threads: at 1 thread the matmuls round differently)
+    assert res["diffs"]["base"] == res["diffs"]["crc_hold"] == 0.0 and res["diffs"]["base@1"] < 1e-3
+
+
+def test_thread_variant_needs_a_count(load_benchmark):
+    with pytest.raises(SystemExit):
+        load_benchmark("exact_cold_ab").main(["--model", "tiny", "--variants", "base,base@x"])
+    with pytest.raises(SystemExit):
+        load_benchmark("exact_cold_ab").main(["--model", "tiny", "--variants", "base,base@0"])

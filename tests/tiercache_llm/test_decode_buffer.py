@@ -195,3 +195,41 @@ def test_exact_mode_stores_one_joint_entry_per_block_unless_k_and_v_shapes_diffe
     twin.close()
     got.close()
 
+
+
+def test_huge_empty_is_huge_page_aligned_and_falls_back_for_small_tensors():
+    """``huge_empty``: a contiguous tensor of the shape and dtype asked, starting on a huge page where it is
+    large enough (and on Linux), else the page-aligned ``aligned_empty``; writable like any tensor."""
+    from tiercache_llm.decode_buffer import HUGE_MIN_BYTES, HUGE_PAGE, huge_empty
+
+    big = huge_empty((2, 3, HUGE_MIN_BYTES // 4 // 6 + 5), torch.float32, torch.device("cpu"))
+    small = huge_empty((3, 100), torch.float16, torch.device("cpu"))
+    assert big.shape == (2, 3, HUGE_MIN_BYTES // 4 // 6 + 5) and big.dtype == torch.float32 and big.is_contiguous()
+    assert small.shape == (3, 100) and small.dtype == torch.float16 and small.data_ptr() % 4096 == 0
+    if decode_buffer_module._madvise() is not None:
+        assert big.data_ptr() % HUGE_PAGE == 0
+    big.fill_(2.5)
+    assert float(big.sum()) == 2.5 * big.numel()
+
+
+@pytest.mark.parametrize("huge", [False, True])
+def test_huge_page_buffers_decode_exactly(make_config, tmp_path, monkeypatch, huge):
+    """``DecodeBuffer.huge_pages`` (and ``decode_buffer.HUGE_PAGES``, its default) only changes how the
+    buffers are allocated: states equal DynamicCache's, blocks read straight into them from the disk."""
+    monkeypatch.setattr(decode_buffer_module, "HUGE_PAGES", huge)
+    monkeypatch.setattr(decode_buffer_module, "HUGE_MIN_BYTES", 4096)  # the tiny layers' buffers qualify
+    config = make_config(num_hidden_layers=2)
+    cache = TieredKVCache(config, block_size=16, host="64KiB", disk="16MiB", path=tmp_path / "kv")
+    assert cache.buffer.huge_pages is huge
+    ref = DynamicCache(config=config)
+    gen = torch.Generator().manual_seed(5)
+    for seq in (300, 1, 1, 1):
+        for layer in range(2):
+            k = torch.randn(2, 2, seq, 16, generator=gen)
+            v = torch.randn(2, 2, seq, 16, generator=gen)
+            rk, rv = ref.update(k, v, layer)
+            gk, gv = cache.update(k, v, layer)
+            assert torch.equal(rk, gk) and torch.equal(rv, gv)
+    if huge and decode_buffer_module._madvise() is not None:
+        assert all(b.joint.data_ptr() % decode_buffer_module.HUGE_PAGE == 0 for b in cache.buffer._buffers.values())
+    cache.close()
