@@ -288,14 +288,18 @@ class PipelineConfig:
             step's first layers included; each layer once between two of its fetches) are read into the staging
             area, never promoting: the blocks entering a layer's selection, which the previous selection cannot
             predict and its fetch would read synchronously.  ``0``: off; ``attention-aware``: 16 (SmolLM2 8K x 4, 25 %,
-            default pool bound: synchronous disk reads 37 -> 0 entries/step, 34 entries/step read ahead for 36
-            taken, 735 -> 687 ms/step; docs/sparse.md "Near misses staged while the disk idles").  Stats: ``idle_staged`` /
+            default pool bound: synchronous disk reads 37 -> 0 entries/step, 34-39 entries/step read ahead for 36
+            taken; paired -20 to -88 ms/step, 7 of 10 rounds faster, on a shared 2-core machine; docs/sparse.md "Near
+            misses staged while the disk idles").  Stats: ``idle_staged`` /
             ``idle_staged_bytes`` (entries and bytes staged for a layer's next fetch), ``idle_read`` /
             ``idle_read_bytes`` (of those, the entries read: the others were staged already, and an untaken one
             stays staged, so a block that stays a near miss is read once), ``idle_hits`` (taken by their layer's
             next fetch), ``idle_wasted`` / ``idle_wasted_bytes`` (not taken there), ``idle_seconds`` (choosing
             them, on the forward thread).  Correctness never depends on it (a staged copy is optional).
         idle_stage_layers: with ``idle_stage_near``, layers whose near misses one idle fetch stages.
+        idle_barren_steps: with ``idle_stage_near``, a layer whose near misses all sat on the fastest tier is not
+            looked at again for this many decode steps (under a pool bound nothing promotes, so such a layer stays
+            so; each look costs forward-thread time); ``0``: looked at every time.
     """
 
     reuse: bool = False
@@ -332,6 +336,7 @@ class PipelineConfig:
     reads_beside_copies: bool = False
     idle_stage_near: int = 0
     idle_stage_layers: int = 4
+    idle_barren_steps: int = 8
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pool_bytes", check_pool_bytes(self.pool_bytes, auto=True))
@@ -373,7 +378,7 @@ class PipelineConfig:
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not m >= 1.0:
             raise ValueError(f"promote_margin must be a number >= 1.0, got {m!r}")
         for name in ("stage_ahead", "stage_near", "promote_bytes_per_step", "predict_near", "idle_stage_near",
-                     "idle_stage_layers"):
+                     "idle_stage_layers", "idle_barren_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -602,6 +607,8 @@ class DecodePipeline:
         self._idle_keys: dict[int, dict] = {}  # layer -> {key: bytes} staged for its next fetch
         self._idle_now: dict | None = None  # those of the layer fetching now
         self._idle_executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._idle_barren: dict[int, int] = {}  # layer -> decode step its near misses were all on the fastest tier
+        self._decode_steps = 0
         self._closed = False
 
     # ----------------------------------------------------------------------------- helpers
@@ -755,6 +762,7 @@ class DecodePipeline:
         (``stage_into_slots`` never evicts them for a reservation: its attention is about to read them)."""
         if layer.layer_idx == self.sparse_ids[0]:
             self.stats.steps += 1
+            self._decode_steps += 1
             if self.staging is not None:
                 self.staging.advance()
         if not self.config.layer_ahead or self._closed:
@@ -790,8 +798,10 @@ class DecodePipeline:
         at = ids.index(nxt_idx)
         want, looked, submitted = self.config.idle_stage_layers, 0, 0
         order = [ids[(at + d) % n] for d in range(1, n)]
-        order = [i for i in order[: order.index(fetching)] if i not in self._idle_done] if fetching in order else \
-            [i for i in order if i not in self._idle_done]
+        if fetching in order:
+            order = order[: order.index(fetching)]
+        barren, now, wait = self._idle_barren, self._decode_steps, self.config.idle_barren_steps
+        order = [i for i in order if i not in self._idle_done and not (i in barren and now - barren[i] < wait)]
         while order and submitted < want and looked < 2 * want:
             group, order = order[: want - submitted], order[want - submitted :]
             looked += len(group)
@@ -815,7 +825,10 @@ class DecodePipeline:
                     self._idle_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tiercache-kv-idle")
                 todo: list = []
                 read = self._stage_blocks(layer, blocks, promote=False, todo_out=todo, executor=self._idle_executor)[1]
-                if todo:
+                if not todo:
+                    barren[i] = now
+                else:
+                    barren.pop(i, None)
                     submitted += 1
                     entry = layer._blocks[0].nbytes // layer._entries_per_block
                     keys = self._idle_keys.setdefault(i, {})
@@ -1745,6 +1758,7 @@ class DecodePipeline:
         self._predicted.clear()
         self._idle_done.clear()
         self._idle_keys.clear()
+        self._idle_barren.clear()
         if self.staging is not None:
             self.staging.discard()
         policy = getattr(self.store, "policy", None)

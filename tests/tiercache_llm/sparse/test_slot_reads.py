@@ -631,7 +631,33 @@ def test_idle_staging_changes_no_logits_nor_selections(model, tmp_path, host, op
     assert p_off["idle_staged"] == 0
 
 
-@pytest.mark.parametrize("field,value", [("idle_stage_near", -1), ("idle_stage_layers", 1.5)])
+def test_a_layer_whose_near_misses_sit_on_the_fastest_tier_is_skipped_for_a_while(model, tmp_path, monkeypatch):
+    """``idle_barren_steps``: a layer found with every near miss on the fastest tier is not looked at again for that
+    many steps (0: every time); what is staged for the other layers and the logits stay the same."""
+    looked = {}
+
+    def run(name, barren):
+        looked[name] = 0
+        original = DecodePipeline._stage_blocks
+
+        def counting(self, layer, blocks, *args, **kwargs):
+            if kwargs.get("todo_out") is not None:
+                looked[name] += 1
+            return original(self, layer, blocks, *args, **kwargs)
+
+        monkeypatch.setattr(DecodePipeline, "_stage_blocks", counting)
+        out = _run(model, tmp_path, name, host="48KiB", steps=12, idle_barren_steps=barren)
+        monkeypatch.setattr(DecodePipeline, "_stage_blocks", original)
+        return out
+
+    ref, _, every = run("every", 0)
+    got, _, skipping = run("skipping", 8)
+    assert torch.equal(ref, got)
+    assert looked["skipping"] < looked["every"]
+    assert skipping["pipeline"]["idle_hits"] <= skipping["pipeline"]["idle_staged"]
+
+
+@pytest.mark.parametrize("field,value", [("idle_stage_near", -1), ("idle_stage_layers", 1.5), ("idle_barren_steps", -2)])
 def test_idle_staging_options_are_checked(field, value):
     with pytest.raises(ValueError, match=field):
         PipelineConfig(**{field: value})
