@@ -10,7 +10,8 @@ reads run ahead: per round, each variant (the order rotating) first decodes one 
 what its reads ahead gained while the other variants ran (its previous step's reads for its first layers landed
 meanwhile) and what the other caches' last reads cost it, then ``--run`` timed steps back to back, then its
 pipeline is fenced.  Reports per variant the median ms/step of the timed steps, the forward thread's CPU time,
-per-stage medians (``stats()``), MiB/step read from the host and disk tiers, the paired difference of each
+per-stage medians (``stats()``), entries per step by how they were served (``COUNTS``), MiB/step read from the host and
+disk tiers, the paired difference of each
 variant against the first (per round), the load average, and whether every variant decoded the same tokens
 (exit status 1 if not).  ``--json FILE`` writes every round.
 """
@@ -35,6 +36,9 @@ from tiercache_llm.hf_kwargs import cache_kwargs  # noqa: E402
 KEYS = ("sparse.total.scoring_seconds", "sparse.total.fetch_seconds", "sparse.total.attention_seconds",
         "pipeline.copy_seconds", "pipeline.sync_seconds.disk", "pipeline.sync_seconds.host",
         "pipeline.slot_wait_seconds", "pipeline.slot_read_seconds", "pipeline.predict_seconds")
+# entry counters per step (pipeline stats), printed per variant
+COUNTS = ("pipeline.sync.disk", "pipeline.sync.host", "pipeline.reused", "pipeline.staged", "pipeline.slot_reserved",
+          "pipeline.idle_staged", "pipeline.idle_read", "pipeline.idle_hits", "pipeline.idle_wasted")
 MiB = float(1 << 20)
 
 
@@ -44,7 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the decode steps (default 1)")
     args = p.parse_args(argv)
+    if args.threads < 1:
+        p.error("--threads must be >= 1")
     variants = parsed_variants(p, args)
     model, ids, context, kv = prefilled_point(args, args.rounds * (args.run + 1) + args.warmup)
     s = sp.Settings(host_fraction=0.25, block_size=args.block_size)
@@ -70,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             pipe.fence()
 
     runs = [{"spec": v[0], "cache": c, "feed": ids[:, context - 1:context], "ms": [], "cpu": [], "stages": [],
-             "mib": [], "tokens": [], "load": []} for v, c in zip(variants, caches)]
+             "mib": [], "counts": [], "tokens": [], "load": []} for v, c in zip(variants, caches)]
     try:
-        with torch.no_grad(), torch_threads(1):
+        with torch.no_grad(), torch_threads(args.threads):
             for r in runs:
                 for _ in range(args.warmup):
                     step(r)
@@ -91,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                     own = {k: v for k, v in delta.items() if k != "tiercache"}
                     r["stages"].append({k: v / args.run for k, v in find_numbers(own, "seconds").items()
                                         if "last_step" not in k})
+                    numbers = find_numbers(own, "pipeline.")
+                    r["counts"].append({k: numbers.get(k, 0.0) / args.run for k in COUNTS})
                     fetched = delta.get("sparse", {}).get("total", {}).get("bytes_fetched", {})
                     r["mib"].append({k: v / args.run / MiB for k, v in fetched.items()})
                     r["ms"].append(1000 * el / args.run)
@@ -110,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         print("   rounds wall " + " ".join(f"{x:.0f}" for x in r["ms"]) + " | cpu " + " ".join(f"{x:.0f}" for x in r["cpu"]))
         print("   " + ", ".join(f"{k.split('.')[-1].replace('_seconds', '')} "
                                 f"{1000 * median(st.get(k, 0.0) for st in r['stages']):.1f}" for k in KEYS))
+        print("   entries/step " + ", ".join(f"{k.split('.', 1)[1]} {median(c.get(k, 0.0) for c in r['counts']):.0f}"
+                                             for k in COUNTS))
         print("   load " + " ".join(f"{x:.1f}" for x in r["load"]))
     toks = [r["tokens"] for r in runs]
     same = all(t == toks[0] for t in toks)

@@ -8,8 +8,8 @@ strategy           pool retention layer-ahead predictor    disk staging deferred
 ================== ============== =========== ============ ============ ========== ============
 fetch-every-step   none           -           -            -            -          -
 reuse-layer-ahead  previous step  yes         query        -            -          -
-attention-aware    mass, x1.5,    yes (*)     previous     yes (+near)  yes        64 MiB
-                   seeded
+attention-aware    mass, x1.5,    yes (*)     previous     yes (+near,  yes        64 MiB
+                   seeded                                  idle near)
 ================== ============== =========== ============ ============ ========== ============
 
 (``reuse-layer-ahead`` runs under the ``kv-stream`` policy, ``attention-aware`` under the
@@ -41,6 +41,12 @@ at 50 % 654 -> 426 (407); unbounded 192 (docs/sparse.md "Pool budget").
   With ``slot_reads_after_sync`` (``attention-aware``) those reads start only once the fetching layer's own
   synchronous reads from the slower tiers are done, so its few mispredicted disk reads do not queue behind them
   (:meth:`DecodePipeline._open_gate`).
+- **Near misses staged while the disk idles** (``idle_stage_near``, ``attention-aware``): the previous selection
+  cannot predict the blocks entering a layer's selection, which its fetch then read synchronously; when a fetch
+  reserves no slow read for the next layer (the layers the fastest tier holds), the near misses of the following
+  layers (the next step's first ones included) are read into the staging area on a thread of their own, never
+  promoting (:meth:`DecodePipeline._stage_idle`).  SmolLM2 8K x 4, 25 %, default bound: synchronous disk reads
+  37 -> 0 entries per step for 34 entries read ahead (docs/sparse.md "Near misses staged while the disk idles").
 - **Resident pool** (:class:`~.pool.ResidentPool`, one per sparse layer, all views of one shared
   :class:`~.pool.PoolArena` bounded by ``pool_bytes``): the selected blocks are read straight into slots
   of a persistent ``(N, B, H, S, D)`` pool and attention reads them there through a page table, so a
@@ -269,6 +275,31 @@ class PipelineConfig:
             when reads start changes, never what is reserved, read or attended.  On for ``attention-aware``
             (SmolLM2 8K x 4, pools at the default bound: sync disk wait 107 -> 39 ms/step, 481 -> 427 ms/step;
             docs/sparse.md "Reads into reserved slots after the fetch's own").
+        reads_beside_copies: a fetch's synchronous reads from the slower tiers (its missing blocks on disk) run on a
+            reader thread while the forward thread copies the same fetch's staged entries and its missing blocks
+            on the fastest tier into their slots; the fetch then waits for them (and, with
+            ``slot_reads_after_sync``, starts the next layers' held-back reads).  Only when the reads run changes,
+            never what is read or attended.  Without a copy to overlap the reads stay on the forward thread.
+        idle_stage_near: with ``layer_ahead`` (``"previous"`` predictor) and a staging area, near misses read
+            while the disk idles: when a layer's fetch reserves no read from a slower tier for the next layer
+            (e.g. the layers the fastest tier holds), up to this many near misses
+            (:meth:`DecodePipeline.near_misses`, outside the layer's pool and its last selection, on a slower
+            tier) of each of the next ``idle_stage_layers`` layers after the next one (in fetch order, the next
+            step's first layers included; each layer once between two of its fetches) are read into the staging
+            area, never promoting: the blocks entering a layer's selection, which the previous selection cannot
+            predict and its fetch would read synchronously.  ``0``: off; ``attention-aware``: 16 (SmolLM2 8K x 4, 25 %,
+            default pool bound: synchronous disk reads 37 -> 0 entries/step, 34-39 entries/step read ahead for 36
+            taken; paired -20 to -88 ms/step, 7 of 10 rounds faster, on a shared 2-core machine; docs/sparse.md "Near
+            misses staged while the disk idles").  Stats: ``idle_staged`` /
+            ``idle_staged_bytes`` (entries and bytes staged for a layer's next fetch), ``idle_read`` /
+            ``idle_read_bytes`` (of those, the entries read: the others were staged already, and an untaken one
+            stays staged, so a block that stays a near miss is read once), ``idle_hits`` (taken by their layer's
+            next fetch), ``idle_wasted`` / ``idle_wasted_bytes`` (not taken there), ``idle_seconds`` (choosing
+            them, on the forward thread).  Correctness never depends on it (a staged copy is optional).
+        idle_stage_layers: with ``idle_stage_near``, layers whose near misses one idle fetch stages.
+        idle_barren_steps: with ``idle_stage_near``, a layer whose near misses all sat on the fastest tier is not
+            looked at again for this many decode steps (under a pool bound nothing promotes, so such a layer stays
+            so; each look costs forward-thread time); ``0``: looked at every time.
     """
 
     reuse: bool = False
@@ -302,6 +333,10 @@ class PipelineConfig:
     settle_late: bool = True
     overlap_sync_reads: bool = False
     slot_reads_after_sync: bool = False
+    reads_beside_copies: bool = False
+    idle_stage_near: int = 0
+    idle_stage_layers: int = 4
+    idle_barren_steps: int = 8
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pool_bytes", check_pool_bytes(self.pool_bytes, auto=True))
@@ -318,6 +353,8 @@ class PipelineConfig:
             raise ValueError(f"overlap_sync_reads must be a bool, got {self.overlap_sync_reads!r}")
         if not isinstance(self.settle_late, bool):
             raise ValueError(f"settle_late must be a bool, got {self.settle_late!r}")
+        if not isinstance(self.reads_beside_copies, bool):
+            raise ValueError(f"reads_beside_copies must be a bool, got {self.reads_beside_copies!r}")
         if not isinstance(self.slot_reads_after_sync, bool):
             raise ValueError(f"slot_reads_after_sync must be a bool, got {self.slot_reads_after_sync!r}")
         if not isinstance(self.stage_into_slots, bool):
@@ -340,7 +377,8 @@ class PipelineConfig:
         m = self.promote_margin
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not m >= 1.0:
             raise ValueError(f"promote_margin must be a number >= 1.0, got {m!r}")
-        for name in ("stage_ahead", "stage_near", "promote_bytes_per_step", "predict_near"):
+        for name in ("stage_ahead", "stage_near", "promote_bytes_per_step", "predict_near", "idle_stage_near",
+                     "idle_stage_layers", "idle_barren_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -366,7 +404,7 @@ class PipelineConfig:
         elif strategy == "attention-aware":
             base = cls(reuse=True, layer_ahead=True, disk_staging=True, defer_promotions=True, predictor="previous",
                        write_behind_bytes=64 * MiB, pool_blocks_factor=1.5, stage_near=16, seed_pool=True,
-                       stage_into_slots=True, slot_reads_after_sync=True)
+                       stage_into_slots=True, slot_reads_after_sync=True, idle_stage_near=16)
         else:
             raise ValueError(f"unknown strategy {strategy!r}")
         return cls(**{**asdict(base), **overrides})
@@ -486,6 +524,14 @@ class PipelineStats:
     slot_evicted: int = 0
     slot_release_waits: int = 0
     slot_release_wait_seconds: float = 0.0
+    idle_staged: int = 0
+    idle_staged_bytes: int = 0
+    idle_read: int = 0
+    idle_read_bytes: int = 0
+    idle_hits: int = 0
+    idle_wasted: int = 0
+    idle_wasted_bytes: int = 0
+    idle_seconds: float = 0.0
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -556,6 +602,13 @@ class DecodePipeline:
         # slot_reads_after_sync: reads into reserved slots held back until the fetching layer's own slow reads
         # are done: (placeholder future the arena waits on, keys, destination views)
         self._gated: list[tuple[concurrent.futures.Future, list, list[torch.Tensor]]] = []
+        # idle_stage_near: layers whose near misses were staged since their last fetch, and per layer the keys
+        self._idle_done: set[int] = set()
+        self._idle_keys: dict[int, dict] = {}  # layer -> {key: bytes} staged for its next fetch
+        self._idle_now: dict | None = None  # those of the layer fetching now
+        self._idle_executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._idle_barren: dict[int, int] = {}  # layer -> decode step its near misses were all on the fastest tier
+        self._decode_steps = 0
         self._closed = False
 
     # ----------------------------------------------------------------------------- helpers
@@ -665,7 +718,8 @@ class DecodePipeline:
         self._read_scored({k: values[block_of[k]] for k in keys if block_of.get(k, n) < n}, keys, outs)
 
     def _stage_blocks(self, layer: "TieredKVLayer", blocks: list[int], tiers: list | None = None,
-                      promote: bool = True) -> tuple[int, int]:
+                      promote: bool = True, todo_out: list | None = None,
+                      executor: concurrent.futures.Executor | None = None) -> tuple[int, int]:
         """Stage the entries (joint, or K and V) of ``blocks`` of ``layer`` that are outside the fastest tier (and
         not staged yet); returns (entries outside the fastest tier, entries submitted).  ``tiers``: the tiers of
         ``staged_keys(layer, blocks)`` when the caller looked them up already (``None``: looked up here).
@@ -690,6 +744,8 @@ class DecodePipeline:
         todo = [k for k, t in zip(keys, tiers) if t is not None and t != fastest]
         if not todo:
             return 0, 0
+        if todo_out is not None:
+            todo_out.extend(todo)
         read = self._read_promoting if promote else self._read
         if promote and self._policy_context() is not None and layer.sparse is not None:
             # The scores are looked up by the job (off the forward thread), from the mass at that time.
@@ -697,7 +753,7 @@ class DecodePipeline:
             for j in blocks:
                 block_of[layer._kkeys[j]] = block_of[layer._vkeys[j]] = j
             read = functools.partial(self._read_massed, layer.sparse.mass, block_of)
-        return len(todo), self.staging.stage(todo, lambda k: self._entry_tensor(layer, *refs[k]), read)
+        return len(todo), self.staging.stage(todo, lambda k: self._entry_tensor(layer, *refs[k]), read, executor)
 
     # ------------------------------------------------------------------------------ stages
     def predict_next(self, layer: "TieredKVLayer", query: torch.Tensor, selected: list[int] | None = None) -> None:
@@ -706,6 +762,7 @@ class DecodePipeline:
         (``stage_into_slots`` never evicts them for a reservation: its attention is about to read them)."""
         if layer.layer_idx == self.sparse_ids[0]:
             self.stats.steps += 1
+            self._decode_steps += 1
             if self.staging is not None:
                 self.staging.advance()
         if not self.config.layer_ahead or self._closed:
@@ -721,16 +778,75 @@ class DecodePipeline:
             far = self._next[far]
             if far != layer.layer_idx and far not in self._predicted:
                 self._predict_layer(far, None, layer, selected)
+        slow = None
         if nxt_idx not in self._predicted or self.config.predictor == "query":
-            self._predict_layer(nxt_idx, query, layer, selected)
+            slow = self._predict_layer(nxt_idx, query, layer, selected)
         self.stats.predict_seconds += time.perf_counter() - start
+        if self.config.idle_stage_near:
+            self._idle_done.discard(layer.layer_idx)
+            if slow == 0 and self.staging is not None:
+                self._stage_idle(layer.layer_idx, nxt_idx)
+
+    def _stage_idle(self, fetching: int, nxt_idx: int) -> None:
+        """``idle_stage_near``: the fetch of ``fetching`` reserved no slow read for ``nxt_idx``, so the disk is
+        about to idle: stage the near misses of the next layers after ``nxt_idx`` not staged since their last
+        fetch (up to ``idle_stage_layers`` of them that have any outside the fastest tier; at most twice as many
+        looked at)."""
+        start = time.perf_counter()
+        ids = self.sparse_ids
+        n = len(ids)
+        at = ids.index(nxt_idx)
+        want, looked, submitted = self.config.idle_stage_layers, 0, 0
+        order = [ids[(at + d) % n] for d in range(1, n)]
+        if fetching in order:
+            order = order[: order.index(fetching)]
+        barren, now, wait = self._idle_barren, self._decode_steps, self.config.idle_barren_steps
+        order = [i for i in order if i not in self._idle_done and not (i in barren and now - barren[i] < wait)]
+        while order and submitted < want and looked < 2 * want:
+            group, order = order[: want - submitted], order[want - submitted :]
+            looked += len(group)
+            layers = [self.layers[i] for i in group]
+            helds = []
+            for i in group:
+                held = set(self._last.get(i, ()))
+                pool = self._pools.get(i)
+                if pool is not None:
+                    held.update(list(pool.slot_of))
+                helds.append(held)
+            chosen = near_misses_many([self._last_sel.get(i) for i in group], [len(x._blocks) for x in layers], helds,
+                                      self.config.idle_stage_near)
+            for i, layer, blocks in zip(group, layers, chosen):
+                self._idle_done.add(i)
+                if not blocks:
+                    continue
+                if self._idle_executor is None:
+                    # Its own thread: at most one such job reads at a time, and the reads into reserved slots (on
+                    # the I/O pool) never queue behind the others.
+                    self._idle_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tiercache-kv-idle")
+                todo: list = []
+                read = self._stage_blocks(layer, blocks, promote=False, todo_out=todo, executor=self._idle_executor)[1]
+                if not todo:
+                    barren[i] = now
+                else:
+                    barren.pop(i, None)
+                    submitted += 1
+                    entry = layer._blocks[0].nbytes // layer._entries_per_block
+                    keys = self._idle_keys.setdefault(i, {})
+                    for key in todo:
+                        keys[key] = entry
+                    self.stats.idle_staged += len(todo)
+                    self.stats.idle_staged_bytes += entry * len(todo)
+                    self.stats.idle_read += read
+                    self.stats.idle_read_bytes += entry * read
+        self.stats.idle_seconds += time.perf_counter() - start
 
     def _predict_layer(self, nxt_idx: int, query: torch.Tensor | None, fetching: "TieredKVLayer | None" = None,
-                       selected: list[int] | None = None) -> None:
+                       selected: list[int] | None = None) -> int:
         """Stage the entries layer ``nxt_idx`` is predicted to need that its pool does not hold (``query``:
         this layer's query, for the ``"query"`` predictor; ``None``: the previous selection): into slots of its
         pool (``stage_into_slots``, :meth:`_read_into_slots`; ``fetching`` / ``selected``: the layer fetching
-        now and its selection, which reservations leave alone), the rest into the staging area."""
+        now and its selection, which reservations leave alone), the rest into the staging area.  Returns the
+        predicted entries outside the fastest tier (read into slots or staged)."""
         nxt = self.layers[nxt_idx]
         n_stored = len(nxt._blocks)
         if query is not None and self.config.predictor == "query" and nxt_idx != self.sparse_ids[0] \
@@ -762,10 +878,13 @@ class DecodePipeline:
             mine = self._pools.get(fetching.layer_idx)
             if mine is not None and selected:
                 protect = (mine, set(selected))
-            blocks, nonresident = self._read_into_slots(nxt, pool, blocks, protect)
-            self.stats.predicted_nonresident += nonresident
+            blocks, slow = self._read_into_slots(nxt, pool, blocks, protect)
+            self.stats.predicted_nonresident += slow
+        else:
+            slow = 0
         nonresident, _ = self._stage_blocks(nxt, blocks, promote=False)
         self.stats.predicted_nonresident += nonresident
+        return slow + nonresident
 
     def _read_into_slots(self, layer: "TieredKVLayer", pool: ResidentPool, blocks: list[int],
                          protect: tuple[ResidentPool, set] | None) -> tuple[list[int], int]:
@@ -1032,6 +1151,8 @@ class DecodePipeline:
                               f"returns the log-sum-exp its split needs); pools on {pool.k.device} read as before",
                               stacklevel=2)
         job = None
+        # idle_stage_near: the near misses staged for this fetch ({key: bytes}); _fill takes its hits out
+        idle = self._idle_now = self._idle_keys.pop(layer.layer_idx, None) if self._idle_keys else None
         if missing or pre or landing:
             try:
                 job = self._fill(layer, stored, missing, slots, pool, predicted, stats, pre,
@@ -1039,8 +1160,14 @@ class DecodePipeline:
             except BaseException:
                 pool.drop([stored[i] for i in missing])  # never leave a slot that claims a block it lacks
                 raise
+            finally:
+                self._idle_now = None
         else:
             stats.blocks_resident += ns
+            self._idle_now = None
+        if idle:
+            ps.idle_wasted += len(idle)
+            ps.idle_wasted_bytes += sum(idle.values())
         if self._gated:  # before waiting for this layer's own reads still in flight (settle)
             self._open_gate()
 
@@ -1186,8 +1313,11 @@ class DecodePipeline:
         from_staged: list[torch.Tensor] = []
         taken: list[torch.Tensor] = []
         taken_all = self.staging.take_many(keys) if self.staging is not None else [None] * len(keys)
+        idle = self._idle_now
         for e, staged in enumerate(taken_all):
             if staged is not None:
+                if idle is not None and idle.pop(keys[e], None) is not None:
+                    ps.idle_hits += 1
                 to_slots.append(dsts[e])
                 from_staged.append(blocks[e].view(staged, joint))
                 taken.append(staged)
@@ -1198,13 +1328,37 @@ class DecodePipeline:
                 stats.bytes_fetched[str(tier)] = stats.bytes_fetched.get(str(tier), 0) + staged.nbytes
                 continue
             sync.setdefault(str(tiers[e]), []).append(e)
-        if to_slots:
-            # One batched copy: each separate op releases and re-takes the GIL, and with background reads
-            # running every re-take can wait out their switch interval.
-            torch._foreach_copy_(to_slots, from_staged)
-            for staged in taken:
-                self._recycle(staged)
-        ps.copy_seconds += time.perf_counter() - t0
+        fast = str(fastest)
+        slow = {t: i for t, i in sync.items() if t != fast}
+        # reads_beside_copies: the slower tiers' reads run on the reader thread while this thread copies the
+        # staged entries and the fastest tier's (only worth a thread hand-off when there is something to copy)
+        beside = (self.config.reads_beside_copies and not defer and bool(slow)
+                  and (bool(to_slots) or fast in sync))
+        job = None
+        if beside:
+            if self._sync_executor is None:
+                self._sync_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tiercache-kv-sync")
+            job = self._sync_executor.submit(self._sync_read, keys, blocks, dsts, joint, slow)
+        try:
+            if to_slots:
+                # One batched copy: each separate op releases and re-takes the GIL, and with background reads
+                # running every re-take can wait out their switch interval.
+                torch._foreach_copy_(to_slots, from_staged)
+                for staged in taken:
+                    self._recycle(staged)
+            ps.copy_seconds += time.perf_counter() - t0
+            if job is not None:
+                t0 = time.perf_counter()
+                done = self._sync_read(keys, blocks, dsts, joint, {fast: sync[fast]}) if fast in sync else []
+                done += job.result()
+                job = None
+                self._open_gate()
+                ps.sync_wait_seconds += time.perf_counter() - t0
+                self._record_sync(done, stats)
+                return None
+        finally:
+            if job is not None:  # an error on this thread: never leave a read running into slots being dropped
+                concurrent.futures.wait([job])
         if not sync:
             return None
         if defer:
@@ -1216,8 +1370,6 @@ class DecodePipeline:
         if self._gated:
             # The slower tiers' reads first, alone on the device; then the next layers' reads start, while
             # this thread copies from the fast tiers.
-            fast = str(fastest)
-            slow = {t: i for t, i in sync.items() if t != fast}
             done = self._sync_read(keys, blocks, dsts, joint, slow) if slow else []
             self._open_gate()
             if fast in sync:
@@ -1604,6 +1756,9 @@ class DecodePipeline:
         self._last.clear()
         self._last_sel.clear()
         self._predicted.clear()
+        self._idle_done.clear()
+        self._idle_keys.clear()
+        self._idle_barren.clear()
         if self.staging is not None:
             self.staging.discard()
         policy = getattr(self.store, "policy", None)
@@ -1634,6 +1789,8 @@ class DecodePipeline:
             self.staging.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        if self._idle_executor is not None:
+            self._idle_executor.shutdown(wait=True)
         if self._prefaulter is not None:
             self._prefaulter.shutdown(wait=True, cancel_futures=True)
         self.invalidate()

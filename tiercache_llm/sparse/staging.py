@@ -104,11 +104,13 @@ class StagingArea:
         with self._lock:
             return key in self._slots
 
-    def stage(self, keys: Sequence[Hashable], make: Callable[[Hashable], torch.Tensor], read: Reader) -> int:
+    def stage(self, keys: Sequence[Hashable], make: Callable[[Hashable], torch.Tensor], read: Reader,
+              executor: concurrent.futures.Executor | None = None) -> int:
         """Start one background job reading the entries ``keys`` not already staged, as many as fit.
 
         ``make(key)`` allocates the tensor a key is read into (its stored dtype and element count);
-        ``read(keys, outs)`` performs the read on the pool.  A key already staged or in flight is not read
+        ``read(keys, outs)`` performs the read on the pool (``executor``: on that one instead, owned by the
+        caller; :meth:`close` cancels its queued jobs too).  A key already staged or in flight is not read
         again; its age restarts (see :meth:`advance`).  Returns how many entries were submitted."""
         if not keys:
             return 0
@@ -139,7 +141,7 @@ class StagingArea:
             self.counters.entries_requested += len(todo)
             self.counters.bytes_requested += sum(t.nbytes for t in outs)
             try:
-                job.future = self._executor.submit(self._run, job, todo, outs, read)
+                job.future = (executor or self._executor).submit(self._run, job, todo, outs, read)
             except RuntimeError as exc:  # the pool was shut down: nothing staged
                 job.error = exc
                 job.done.set()

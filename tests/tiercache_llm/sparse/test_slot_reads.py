@@ -523,3 +523,141 @@ def test_an_eviction_that_must_wait_for_a_held_back_read_starts_it_first():
     slots, missing, _ = arena_assign(a, [0, 1, 2, 3, 4, 10], mass)  # needs b's reserved slots too
     assert started and time.perf_counter() - t0 < 4.0
     assert not b.slot_of and not arena._pending and set(slots) == set(range(6))
+
+
+# ------------------------------------------------------------------------------- reads beside copies
+@pytest.mark.parametrize("host,options", [("32KiB", {"layer_ahead": False}),
+                                          ("32KiB", {"layer_ahead": False, "slot_reads_after_sync": False}),
+                                          ("16KiB", {"stage_into_slots": False})])
+def test_reads_beside_copies_run_the_slow_reads_on_the_reader_thread_and_change_nothing(model, tmp_path,
+                                                                                        monkeypatch, host, options):
+    """``reads_beside_copies``: a fetch with missing blocks on both tiers (or staged entries to copy) reads the
+    disk's on the reader thread while it copies the others itself; logits, selections and what is read stay the
+    same.  (Hosts and options chosen so that several of the tiny model's fetches miss blocks on both tiers.)"""
+    seen = {"slow_reader": 0, "slow_forward": 0, "fast_reader": 0}
+    original = DecodePipeline._sync_read
+    forward = threading.current_thread()
+
+    def watched(self, keys, blocks, dsts, joint, sync):
+        fast = str(self.store.fastest_tier)
+        on_reader = threading.current_thread() is not forward
+        if any(tier != fast for tier in sync):
+            seen["slow_reader" if on_reader else "slow_forward"] += 1
+        elif on_reader:
+            seen["fast_reader"] += 1
+        return original(self, keys, blocks, dsts, joint, sync)
+
+    monkeypatch.setattr(DecodePipeline, "_sync_read", watched)
+    ref, ref_sel, off = _run(model, tmp_path, "ref", host=host, **options)
+    assert seen["slow_reader"] == 0 and seen["slow_forward"] > 0
+    got, got_sel, on = _run(model, tmp_path, "on", host=host, reads_beside_copies=True, **options)
+    assert torch.equal(ref, got)
+    assert len(ref_sel) == len(got_sel) > 0
+    assert all(a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(ref_sel, got_sel))
+    assert seen["slow_reader"] > 0 and seen["fast_reader"] == 0  # the fastest tier's copies stay on this thread
+    p_off, p_on = off["pipeline"], on["pipeline"]
+    assert p_on["needed"] == p_off["needed"]
+    assert p_on["reused"] + p_on["staged"] + sum(p_on["sync"].values()) == p_on["needed"]
+    # (which tier served an entry may differ: a new block's write-behind runs on its own clock)
+    assert sum(on["sparse"]["total"]["bytes_fetched"].values()) == sum(off["sparse"]["total"]["bytes_fetched"].values())
+
+
+@pytest.mark.parametrize("which", ["slow", "fast"])
+def test_reads_beside_copies_raise_a_failed_read_after_the_other_is_done(model, tmp_path, monkeypatch, which):
+    """A failed read on either thread raises at the fetch, and only once the reader thread's read has ended (the
+    fetch then drops its missing blocks from the pool: no read may still be writing into their slots)."""
+    ids, mask = left_padded_batch(seed=5, lengths=(40, 33, 27))
+    kw = opts(tmp_path, "attention-aware", pool_bytes=12 * 3 * 1024, host="32KiB",
+              pipeline={"reads_beside_copies": True, "layer_ahead": False})
+    original = DecodePipeline._sync_read
+    forward = threading.current_thread()
+    running = []
+
+    def broken(self, keys, blocks, dsts, joint, sync):
+        fast = str(self.store.fastest_tier)
+        slow = any(tier != fast for tier in sync)
+        if slow and threading.current_thread() is not forward:
+            running.append(True)
+            try:
+                time.sleep(0.05)
+                if which == "slow":
+                    raise OSError("injected slow read failure")
+                return original(self, keys, blocks, dsts, joint, sync)
+            finally:
+                running.pop()
+        if which == "fast" and not slow and running:  # a fast read beside the reader thread's
+            raise OSError("injected fast read failure")
+        return original(self, keys, blocks, dsts, joint, sync)
+
+    with TieredKVCache.for_model(model, **kw) as cache:
+        decode_logits(model, cache, ids, mask, steps=2)
+        monkeypatch.setattr(DecodePipeline, "_sync_read", broken)
+        with pytest.raises(OSError, match=f"injected {which} read failure"):
+            decode_logits(model, cache, ids, mask, steps=6)
+        assert not running
+
+
+def test_idle_staging_is_on_for_attention_aware_only():
+    assert PipelineConfig.for_strategy("attention-aware").idle_stage_near == 16
+    assert PipelineConfig.for_strategy("reuse-layer-ahead").idle_stage_near == 0
+    assert PipelineConfig.for_strategy("fetch-every-step").idle_stage_near == 0
+
+
+def test_reads_beside_copies_is_a_checked_option():
+    assert not PipelineConfig.for_strategy("reuse-layer-ahead").reads_beside_copies
+    assert not PipelineConfig.for_strategy("fetch-every-step").reads_beside_copies
+    with pytest.raises(ValueError, match="reads_beside_copies"):
+        PipelineConfig(reads_beside_copies=1)
+
+
+# ------------------------------------------------------------------ near misses staged while the disk idles
+@pytest.mark.parametrize("host,options", [("32KiB", {"idle_stage_near": 4, "idle_stage_layers": 1}),
+                                          ("48KiB", {"idle_stage_near": 4}),
+                                          ("48KiB", {"idle_stage_near": 4, "reads_beside_copies": True})])
+def test_idle_staging_changes_no_logits_nor_selections(model, tmp_path, host, options):
+    ref, ref_sel, off = _run(model, tmp_path, "ref", host=host, idle_stage_near=0)
+    got, got_sel, on = _run(model, tmp_path, "on", host=host, **options)
+    assert torch.equal(ref, got)
+    assert len(ref_sel) == len(got_sel) > 0
+    assert all(a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(ref_sel, got_sel))
+    p_off, p = off["pipeline"], on["pipeline"]
+    assert p["needed"] == p_off["needed"]
+    assert p["reused"] + p["staged"] + sum(p["sync"].values()) == p["needed"]
+    assert p["pool_over_budget"] == 0 and p["reuse_peak_bytes"] <= 12 * 3 * 1024
+    # (the tiny model's fetches reserve no slow read for the next layer at these hosts: near misses staged)
+    assert p["idle_staged"] > 0 and p["idle_staged_bytes"] > 0
+    assert p["idle_hits"] + p["idle_wasted"] <= p["idle_staged"]
+    assert p["idle_hits"] <= p["staged"]
+    assert p_off["idle_staged"] == 0
+
+
+def test_a_layer_whose_near_misses_sit_on_the_fastest_tier_is_skipped_for_a_while(model, tmp_path, monkeypatch):
+    """``idle_barren_steps``: a layer found with every near miss on the fastest tier is not looked at again for that
+    many steps (0: every time); what is staged for the other layers and the logits stay the same."""
+    looked = {}
+
+    def run(name, barren):
+        looked[name] = 0
+        original = DecodePipeline._stage_blocks
+
+        def counting(self, layer, blocks, *args, **kwargs):
+            if kwargs.get("todo_out") is not None:
+                looked[name] += 1
+            return original(self, layer, blocks, *args, **kwargs)
+
+        monkeypatch.setattr(DecodePipeline, "_stage_blocks", counting)
+        out = _run(model, tmp_path, name, host="48KiB", steps=12, idle_barren_steps=barren)
+        monkeypatch.setattr(DecodePipeline, "_stage_blocks", original)
+        return out
+
+    ref, _, every = run("every", 0)
+    got, _, skipping = run("skipping", 8)
+    assert torch.equal(ref, got)
+    assert looked["skipping"] < looked["every"]
+    assert skipping["pipeline"]["idle_hits"] <= skipping["pipeline"]["idle_staged"]
+
+
+@pytest.mark.parametrize("field,value", [("idle_stage_near", -1), ("idle_stage_layers", 1.5), ("idle_barren_steps", -2)])
+def test_idle_staging_options_are_checked(field, value):
+    with pytest.raises(ValueError, match=field):
+        PipelineConfig(**{field: value})
