@@ -57,8 +57,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import ctypes
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -66,6 +64,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from tiercache import buffers
 from tiercache.buffers import aligned_empty
 
 # Growth factor of the capacity: O(log context) reallocations while holding at most 1.5x the largest
@@ -107,48 +106,12 @@ INLINE_WHEN_BUSY = True
 #: 10-round runs (``benchmarks/exact_cold_ab.py --same-cache --variants small,base``; docs/tiercache_llm.md
 #: "Huge pages").
 HUGE_PAGES = True
-HUGE_PAGE = 2 << 20
 HUGE_MIN_BYTES = 8 << 20
-_MADV_HUGEPAGE = 14
-_madvise_fn: Any = None  # None: not looked up yet; False: unavailable
-
-
-def _madvise() -> Any:
-    """libc's ``madvise`` (through ctypes), or ``None`` off Linux."""
-    global _madvise_fn
-    if _madvise_fn is None:
-        try:
-            if not sys.platform.startswith("linux"):
-                raise OSError("not Linux")
-            fn = ctypes.CDLL(None, use_errno=True).madvise
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            fn.restype = ctypes.c_int
-            _madvise_fn = fn
-        except (OSError, AttributeError):
-            _madvise_fn = False
-    return _madvise_fn or None
 
 
 def huge_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised contiguous tensor like :func:`tiercache.buffers.aligned_empty` (page-aligned, so disk
-    reads land in it without a bounce copy) that starts on a :data:`HUGE_PAGE` boundary and whose whole huge
-    pages are advised ``MADV_HUGEPAGE`` before anything touches them, so the kernel backs them with
-    transparent huge pages where its ``transparent_hugepage`` setting allows (``madvise`` or ``always``).  CPU
-    tensors of at least :data:`HUGE_MIN_BYTES` on Linux only; anything else (and a refused ``madvise``) is
-    plain ``aligned_empty``.  Costs at most ``HUGE_PAGE`` more bytes of address space, which it never touches."""
-    device = torch.device(device)
-    size = torch.empty((), dtype=dtype).element_size()
-    nbytes = size
-    for dim in shape:
-        nbytes *= int(dim)
-    fn = _madvise() if device.type == "cpu" and nbytes >= HUGE_MIN_BYTES else None
-    if fn is None:
-        return aligned_empty(shape, dtype=dtype, device=device)
-    with torch.inference_mode(False):
-        raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
-        start = (-raw.data_ptr()) % HUGE_PAGE
-        fn(raw.data_ptr() + start, nbytes // HUGE_PAGE * HUGE_PAGE, _MADV_HUGEPAGE)  # advisory: a refusal is ignored
-        return raw[start : start + nbytes].view(dtype).view(shape)
+    """:func:`tiercache.buffers.huge_empty` for buffers of at least :data:`HUGE_MIN_BYTES` (read at call time)."""
+    return buffers.huge_empty(shape, dtype=dtype, device=device, min_bytes=HUGE_MIN_BYTES)
 
 
 @dataclass(eq=False)

@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 import tiercache
+from tiercache import buffers
 from tiercache_llm import TieredKVCache
 from tiercache_llm import kv_cache as kv_cache_module
 from tiercache_llm import decode_buffer as decode_buffer_module
@@ -200,13 +201,14 @@ def test_exact_mode_stores_one_joint_entry_per_block_unless_k_and_v_shapes_diffe
 def test_huge_empty_is_huge_page_aligned_and_falls_back_for_small_tensors():
     """``huge_empty``: a contiguous tensor of the shape and dtype asked, starting on a huge page where it is
     large enough (and on Linux), else the page-aligned ``aligned_empty``; writable like any tensor."""
-    from tiercache_llm.decode_buffer import HUGE_MIN_BYTES, HUGE_PAGE, huge_empty
+    from tiercache.buffers import HUGE_PAGE, libc_madvise
+    from tiercache_llm.decode_buffer import HUGE_MIN_BYTES, huge_empty
 
     big = huge_empty((2, 3, HUGE_MIN_BYTES // 4 // 6 + 5), torch.float32, torch.device("cpu"))
     small = huge_empty((3, 100), torch.float16, torch.device("cpu"))
     assert big.shape == (2, 3, HUGE_MIN_BYTES // 4 // 6 + 5) and big.dtype == torch.float32 and big.is_contiguous()
     assert small.shape == (3, 100) and small.dtype == torch.float16 and small.data_ptr() % 4096 == 0
-    if decode_buffer_module._madvise() is not None:
+    if libc_madvise() is not None:
         assert big.data_ptr() % HUGE_PAGE == 0
     big.fill_(2.5)
     assert float(big.sum()) == 2.5 * big.numel()
@@ -230,6 +232,6 @@ def test_huge_page_buffers_decode_exactly(make_config, tmp_path, monkeypatch, hu
             rk, rv = ref.update(k, v, layer)
             gk, gv = cache.update(k, v, layer)
             assert torch.equal(rk, gk) and torch.equal(rv, gv)
-    if huge and decode_buffer_module._madvise() is not None:
-        assert all(b.joint.data_ptr() % decode_buffer_module.HUGE_PAGE == 0 for b in cache.buffer._buffers.values())
+    if huge and buffers.libc_madvise() is not None:
+        assert all(b.joint.data_ptr() % buffers.HUGE_PAGE == 0 for b in cache.buffer._buffers.values())
     cache.close()

@@ -354,7 +354,7 @@ def test_near_miss_staging_takes_disk_reads_off_the_step_and_keeps_logits(model,
     ref = reference(model, batch, tmp_path)
     ids, mask = batch
     with TieredKVCache.for_model(model, **opts(tmp_path, "attention-aware",
-                                             pipeline={"stage_ahead": 0, "stage_near": 64,
+                                             pipeline={"stage_ahead": 0, "stage_near": 64, "idle_stage_near": 0,
                                                        "pool_blocks_factor": 1.0})) as cache:
         got = decode_logits(model, cache, ids, mask)
         pipe = cache.stats()["pipeline"]

@@ -86,18 +86,16 @@ into the slots reserved for them.
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import heapq
 import math
 import mmap
-import sys
 import time
 import warnings
-from typing import Any, Callable, Hashable, Literal, Sequence
+from typing import Callable, Hashable, Literal, Sequence
 
 import torch
 
-from tiercache.buffers import aligned_empty
+from tiercache.buffers import aligned_empty, libc_madvise
 from tiercache.sizes import format_size, parse_size
 
 Retention = Literal["none", "previous", "mass"]
@@ -106,30 +104,13 @@ GROWTH = 1.25
 
 
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
-_madvise_fn: Any = None  # None: not looked up yet; False: unavailable
 _populate_ok = True  # False once the kernel refused MADV_POPULATE_WRITE (Linux < 5.14)
-
-
-def _madvise() -> Any:
-    """libc's ``madvise`` (called through ctypes, which releases the GIL), or ``None`` off Linux."""
-    global _madvise_fn
-    if _madvise_fn is None:
-        try:
-            if not sys.platform.startswith("linux"):
-                raise OSError("not Linux")
-            fn = ctypes.CDLL(None, use_errno=True).madvise
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            fn.restype = ctypes.c_int
-            _madvise_fn = fn
-        except (OSError, AttributeError):
-            _madvise_fn = False
-    return _madvise_fn or None
 
 
 def can_populate() -> bool:
     """Whether :func:`populate` may still fault pages in: Linux with ``madvise`` whose kernel has not
     refused ``MADV_POPULATE_WRITE`` in this process."""
-    return _populate_ok and _madvise() is not None
+    return _populate_ok and libc_madvise() is not None
 
 
 def populate(tensor: torch.Tensor) -> int:
@@ -140,7 +121,7 @@ def populate(tensor: torch.Tensor) -> int:
     global _populate_ok
     if not can_populate():
         return -1
-    fn = _madvise()
+    fn = libc_madvise()
     if tensor.device.type != "cpu" or not tensor.is_contiguous():
         return 0
     page = mmap.PAGESIZE

@@ -565,32 +565,59 @@ def test_reads_beside_copies_run_the_slow_reads_on_the_reader_thread_and_change_
 @pytest.mark.parametrize("which", ["slow", "fast"])
 def test_reads_beside_copies_raise_a_failed_read_after_the_other_is_done(model, tmp_path, monkeypatch, which):
     """A failed read on either thread raises at the fetch, and only once the reader thread's read has ended (the
-    fetch then drops its missing blocks from the pool: no read may still be writing into their slots)."""
+    fetch then drops its missing blocks from the pool: no read may still be writing into their slots).
+
+    Lock-stepped so the two reads overlap whatever the scheduling: a fast read on the forward thread that
+    follows a submitted reader job waits until that job's slow read has started, and (``fast``) the slow read
+    then waits for the fast one to have failed.  Idle staging is off, so misses stay on the disk."""
     ids, mask = left_padded_batch(seed=5, lengths=(40, 33, 27))
     kw = opts(tmp_path, "attention-aware", pool_bytes=12 * 3 * 1024, host="32KiB",
-              pipeline={"reads_beside_copies": True, "layer_ahead": False})
+              pipeline={"reads_beside_copies": True, "layer_ahead": False, "idle_stage_near": 0})
     original = DecodePipeline._sync_read
     forward = threading.current_thread()
-    running = []
+    running, pending, lock = [], [0], threading.Lock()
+    started, failed = threading.Event(), threading.Event()
+
+    class Recording(concurrent.futures.ThreadPoolExecutor):
+        """The pipeline's reader executor, counting jobs submitted and not yet done."""
+
+        def submit(self, fn, /, *args, **kwargs):
+            with lock:
+                pending[0] += 1
+            future = super().submit(fn, *args, **kwargs)
+
+            def done(_):
+                with lock:
+                    pending[0] -= 1
+            future.add_done_callback(done)
+            return future
 
     def broken(self, keys, blocks, dsts, joint, sync):
         fast = str(self.store.fastest_tier)
         slow = any(tier != fast for tier in sync)
         if slow and threading.current_thread() is not forward:
             running.append(True)
+            started.set()
             try:
-                time.sleep(0.05)
                 if which == "slow":
+                    time.sleep(0.05)
                     raise OSError("injected slow read failure")
+                failed.wait(0.2)
                 return original(self, keys, blocks, dsts, joint, sync)
             finally:
                 running.pop()
-        if which == "fast" and not slow and running:  # a fast read beside the reader thread's
-            raise OSError("injected fast read failure")
+                started.clear()
+        if which == "fast" and not slow and threading.current_thread() is forward and pending[0]:
+            if started.wait(5):  # a fast read beside the reader thread's
+                failed.set()
+                raise OSError("injected fast read failure")
         return original(self, keys, blocks, dsts, joint, sync)
 
     with TieredKVCache.for_model(model, **kw) as cache:
         decode_logits(model, cache, ids, mask, steps=2)
+        if cache._pipeline._sync_executor is not None:
+            cache._pipeline._sync_executor.shutdown(wait=True)
+        cache._pipeline._sync_executor = Recording(1, thread_name_prefix="tiercache-kv-sync")
         monkeypatch.setattr(DecodePipeline, "_sync_read", broken)
         with pytest.raises(OSError, match=f"injected {which} read failure"):
             decode_logits(model, cache, ids, mask, steps=6)
