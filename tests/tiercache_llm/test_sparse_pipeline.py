@@ -936,3 +936,30 @@ def test_predict_near_must_be_a_count():
     with pytest.raises(ValueError, match="predict_near"):
         PipelineConfig(predict_near=-1)
     assert PipelineConfig.for_strategy("attention-aware", predictor="near").predictor == "near"
+
+
+def test_huge_page_pools_are_on_where_measured_faster_and_checked():
+    assert PipelineConfig.for_strategy("attention-aware").huge_pages
+    assert PipelineConfig.for_strategy("reuse-layer-ahead").huge_pages
+    assert not PipelineConfig.for_strategy("fetch-every-step").huge_pages
+    with pytest.raises(ValueError, match="huge_pages"):
+        PipelineConfig(huge_pages="yes")
+
+
+@pytest.mark.parametrize("strategy", ["attention-aware", "reuse-layer-ahead"])
+def test_huge_page_pools_give_the_synchronous_logits(model, batch, tmp_path, monkeypatch, strategy):
+    """Pools on transparent huge pages (any size qualifies here) decode exactly what the synchronous path does, and
+    the slot tensors start on a huge page where the platform has ``madvise``."""
+    from tiercache import buffers
+    from tiercache_llm.sparse import pool as pool_module
+
+    monkeypatch.setattr(pool_module, "HUGE_MIN_BYTES", 1)
+    ref = reference(model, batch, tmp_path)
+    ids, mask = batch
+    with TieredKVCache.for_model(model, **opts(tmp_path, strategy)) as cache:
+        got = decode_logits(model, cache, ids, mask)
+        arena = cache._pipeline._arena
+        assert arena.huge_pages
+        if buffers.libc_madvise() is not None:
+            assert (arena.kv if arena.joint else arena.k).data_ptr() % buffers.HUGE_PAGE == 0
+    assert torch.equal(ref, got)

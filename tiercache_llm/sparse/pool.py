@@ -91,16 +91,18 @@ import math
 import mmap
 import time
 import warnings
+from functools import partial
 from typing import Callable, Hashable, Literal, Sequence
 
 import torch
 
-from tiercache.buffers import aligned_empty, libc_madvise
+from tiercache.buffers import aligned_empty, huge_empty, libc_madvise
 from tiercache.sizes import format_size, parse_size
 
 Retention = Literal["none", "previous", "mass"]
 Eviction = Literal["mass", "distance"]
 GROWTH = 1.25
+HUGE_MIN_BYTES = 8 << 20  # slot tensors this large go on huge pages where the arena's huge_pages is set
 
 
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
@@ -224,6 +226,7 @@ class PoolArena:
         self.v: torch.Tensor | None = None
         self.kv: torch.Tensor | None = None
         self.joint = False
+        self.huge_pages = False  # CPU slot tensors allocated from then on with huge_empty (see PipelineConfig)
         self.pools: list["ResidentPool"] = []  # in fetch order (the order the layers were created in)
         self._free: list[int] = []
         self.tail_slot: int | None = None
@@ -619,15 +622,16 @@ class PoolArena:
             rows = max(n, int(reserve)) if torch.device(device).type == "cpu" else n
             # Page-aligned slots (entries are 512-byte multiples): direct disk reads land in them, no bounce copy.
             copy = old and any(p.slot_of for p in self.pools)  # one plain copy of the old slots (most are held)
+            empty = partial(huge_empty, min_bytes=HUGE_MIN_BYTES) if self.huge_pages else aligned_empty
             if self.joint:
-                kv = aligned_empty((rows, 2, *shape_k), dtype=dtype, device=device)
+                kv = empty((rows, 2, *shape_k), dtype=dtype, device=device)
                 if copy:
                     kv[:old].copy_(self.kv[:old])
                 k, v = kv[:, 0], kv[:, 1]
             else:
                 kv = None
-                k = aligned_empty((rows, *shape_k), dtype=dtype, device=device)
-                v = aligned_empty((rows, *shape_v), dtype=dtype, device=device)
+                k = empty((rows, *shape_k), dtype=dtype, device=device)
+                v = empty((rows, *shape_v), dtype=dtype, device=device)
                 if copy:
                     k[:old].copy_(self.k[:old])
                     v[:old].copy_(self.v[:old])
