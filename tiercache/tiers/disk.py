@@ -1481,8 +1481,10 @@ class DiskTier:
 
     def _read_spread(self, run: Callable[[], None], workers: int) -> None:
         """``run`` (a read loop taking items off a shared counter) on this thread and ``workers - 1`` pool
-        threads; returns once every one is done, raising the first damaged item's ``CorruptEntryError``
-        (the lowest ``tiercache_index``), else the first other error."""
+        threads; returns once every started one is done, raising the first damaged item's ``CorruptEntryError``
+        (the lowest ``tiercache_index``), else the first other error.  Pool tasks still queued when this
+        thread's loop ends are cancelled: every item has been taken by then (or this call fails anyway), so
+        they would only return at once, after the other batches' reads queued before them in the shared pool."""
         if self._pool is None:
             with self._lock:
                 if self._pool is None:
@@ -1495,6 +1497,8 @@ class DiskTier:
         except BaseException as exc:
             errors.append(exc)
         for future in futures:
+            if future.cancel():  # never started: nothing of this batch left for it
+                continue
             exc = future.exception()
             if exc is not None:
                 errors.append(exc)

@@ -665,6 +665,40 @@ def test_direct_reads_use_their_own_pool_size(tmp_path):
     tier.close()
 
 
+def test_a_spread_read_does_not_wait_for_pool_tasks_that_never_started(tmp_path):
+    """``read_into`` spreads a batch over the tier's shared pool; when every pool thread is busy with other work,
+    the calling thread reads the whole batch itself and returns without waiting for its queued helpers (which
+    are cancelled), and the values are right."""
+    import threading
+
+    if _direct_io_ok(tmp_path):
+        tier = _direct_tier(tmp_path, io_threads=2)
+    else:  # the spread is under test, not the device: flag a buffered tier as direct (reads spread over the pool)
+        tier = DiskTier(tmp_path / "d", 1 << 24, io_threads=2)
+        list(tier.recover())
+        tier.direct_io = True
+    blocks = [make_value(torch.float32, (1, 3, 16, 64), j) for j in range(64)]
+    items = [store(tier, ("k", j), b, seq=j + 1) for j, b in enumerate(blocks)]
+    buf = _aligned((1, 3, 64 * 16, 64))
+    tier.read_into([(s, h, buf[:, :, 16 * j : 16 * (j + 1)]) for j, (s, h) in enumerate(items)])  # makes the pool
+    release = threading.Event()
+    blockers = [tier._pool.submit(release.wait, 30) for _ in range(tier._pool._max_workers)]
+    try:
+        buf.zero_()
+        done = threading.Event()
+        worker = threading.Thread(target=lambda: (tier.read_into(
+            [(s, h, buf[:, :, 16 * j : 16 * (j + 1)]) for j, (s, h) in enumerate(items)]), done.set()))
+        worker.start()
+        assert done.wait(10), "the read waited for pool threads busy with other work"
+        assert torch.equal(buf.view(torch.int32), torch.cat(blocks, dim=2).view(torch.int32))
+    finally:
+        release.set()
+        for b in blockers:
+            b.result()
+        worker.join()
+    tier.close()
+
+
 # -- read_one: the facade's single get ------------------------------------------------------------------------
 @pytest.mark.parametrize("elements", [0, 1000, 4096, 16384, 16384 + 100],
                          ids=["empty", "small", "small_unpadded", "medium_unpadded", "medium"])
