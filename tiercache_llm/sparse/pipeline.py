@@ -1347,9 +1347,7 @@ class DecodePipeline:
                   and (bool(to_slots) or fast in sync))
         job = None
         if beside:
-            if self._sync_executor is None:
-                self._sync_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tiercache-kv-sync")
-            job = self._sync_executor.submit(self._sync_read, keys, blocks, dsts, joint, slow)
+            job = self._submit_sync_read(keys, blocks, dsts, joint, slow)
         try:
             if to_slots:
                 # One batched copy: each separate op releases and re-takes the GIL, and with background reads
@@ -1373,9 +1371,7 @@ class DecodePipeline:
         if not sync:
             return None
         if defer:
-            if self._sync_executor is None:
-                self._sync_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tiercache-kv-sync")
-            job = self._sync_executor.submit(self._sync_read, keys, blocks, dsts, joint, sync)
+            job = self._submit_sync_read(keys, blocks, dsts, joint, sync)
             return job, sorted({missing[e % nm] for idx in sync.values() for e in idx})
         t0 = time.perf_counter()
         if self._gated:
@@ -1390,6 +1386,14 @@ class DecodePipeline:
         ps.sync_wait_seconds += time.perf_counter() - t0
         self._record_sync(done, stats)
         return None
+
+    def _submit_sync_read(self, keys: list, blocks: list, dsts: list[torch.Tensor], joint: bool,
+                          sync: dict[str, list[int]]) -> concurrent.futures.Future:
+        """:meth:`_sync_read` on the pipeline's one reader thread (started on first use, shut down by
+        :meth:`close`)."""
+        if self._sync_executor is None:
+            self._sync_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tiercache-kv-sync")
+        return self._sync_executor.submit(self._sync_read, keys, blocks, dsts, joint, sync)
 
     def _sync_read(self, keys: list, blocks: list, dsts: list[torch.Tensor], joint: bool,
                    sync: dict[str, list[int]]) -> list[tuple[str, int, float, int]]:
