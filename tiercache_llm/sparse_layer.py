@@ -35,7 +35,7 @@ from .tensor_modes import with_normal_tensors
 from .sparse.attention import SparseAttentionOutput, sparse_attention
 from .sparse.digests import KeyDigests
 from .sparse.fetch import fetch_selected
-from .sparse.page_table import build_page_table_from_valid, entry_mass_to_blocks, merge_attention, \
+from .sparse.page_table import attend_pages_cpu, build_page_table_from_valid, entry_mass_to_blocks, merge_attention, \
     page_table_attention, split_page_table
 from .sparse.placement import promotion_threshold, record_attention
 from .sparse.selection import SelectionConfig, select
@@ -468,6 +468,11 @@ def attend_selected(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
         return sparse_attention(query, kbuf.permute(1, 2, 0, 3, 4), vbuf.permute(1, 2, 0, 3, 4),
                                 sel.fetch_head_mask.to(kbuf.device), token_valid, k_new, v_new, scale=scaling,
                                 backend="triton")
+    if backend == "pages" and dev.type == "cpu":
+        res = attend_pages_cpu(query, k_pool, v_pool, sel, slot_of_fetch, valid, ctx, block_size, k_new, v_new,
+                               scaling, mass)
+        if res is not None:
+            return res
     table = build_page_table_from_valid(sel, slot_of_fetch, valid, ctx, block_size)
     res = page_table_attention(query, k_pool, v_pool, table, k_new, v_new, scale=scaling,
                                backend="triton" if backend == "pages-triton" else "torch", mass=mass)

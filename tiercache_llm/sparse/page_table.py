@@ -34,7 +34,7 @@ from .attention import SparseAttentionOutput, _new_token_scores, add_new_tokens,
 if TYPE_CHECKING:  # pragma: no cover
     from .selection import BlockSelection
 
-__all__ = ["PageTable", "build_page_table", "build_page_table_from_valid", "page_table_attention", "entry_mass_to_blocks",
+__all__ = ["PageTable", "attend_pages_cpu", "build_page_table", "build_page_table_from_valid", "page_table_attention", "entry_mass_to_blocks",
            "split_page_table", "merge_attention"]
 
 
@@ -681,3 +681,146 @@ def merge_attention(first: SparseAttentionOutput, second: SparseAttentionOutput)
     new_mass = first.new_mass * w1[..., 0] + second.new_mass * w2[..., 0]
     log_se = torch.where(total > 0, top + total.log(), torch.full_like(total, float("-inf")))
     return SparseAttentionOutput(out, mass, new_mass, log_se)
+
+
+_RANGES: dict = {}  # (name, sizes) -> small constant index tensors of the direct path (never written)
+
+
+def _const(name: str, key: tuple, make) -> torch.Tensor:
+    t = _RANGES.get((name, key))
+    if t is None:
+        if len(_RANGES) > 256:  # a bound, not a working set: one decode uses a handful of shapes at a time
+            _RANGES.clear()
+        with torch.inference_mode(False):
+            t = _RANGES[(name, key)] = make()
+    return t
+
+
+def attend_pages_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, sel: "BlockSelection",
+                     slot_of_fetch: torch.Tensor, valid: torch.Tensor, ctx: int, block_size: int,
+                     new_keys: torch.Tensor | None, new_values: torch.Tensor | None, scale: float | None = None,
+                     mass: bool = True) -> SparseAttentionOutput | None:
+    """The decode step's attention over a selection's pages (what ``sparse_layer.attend_selected`` computes
+    with ``build_page_table_from_valid`` + :func:`page_table_attention` + :func:`entry_mass_to_blocks`) in
+    fewer operations, for the common CPU case; ``None`` where it does not apply (the caller then runs the
+    general path).  The result is the general path's bit for bit: the same gathers, matmuls (same shapes,
+    same chunks), softmax, sums and scatter in the same order; only the page table is not built.
+
+    Applies on CPU with one torch thread, autograd not recording, float32 pools whose page rows
+    :func:`_page_rows` views, one query position with its new token, and every (row, KV head) attending the
+    same number of pages (one decode step with uniform page costs: no left padding differences).  Then the
+    table's entries are each (row, head)'s selected pages in order with no padding entries, so the
+    entries' page rows and token validity are two ``masked_select`` of per-page lookups (a page row per
+    page of the context, a ``0 / -inf`` bias per token) instead of the table's cumsum / scatter / gathers.
+    Hidden tokens (padding, positions at or past ``ctx``) get the ``-inf`` bias as in the general path;
+    adding a zero bias where the general path adds none changes no bit.  If the output holds a NaN (a
+    hidden key or value that is not finite, or NaN inputs) the general path is run instead (``None``),
+    which masks exactly."""
+    b, hq, q, d = query.shape
+    if (q != 1 or new_keys is None or new_values is None or query.device.type != "cpu"
+            or torch.get_num_threads() != 1 or k_pool.dtype != torch.float32 or v_pool.dtype != torch.float32
+            or k_pool.dim() != 5 or k_pool.shape != v_pool.shape or not k_pool.shape[0]):
+        return None
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (query, k_pool, v_pool, new_keys, new_values)):
+        return None
+    n, bp, h, s, dp = k_pool.shape
+    kpp = sel.pages_per_block
+    pages = sel.pages
+    if (bp != b or dp != d or hq % h or s != block_size or block_size % kpp or pages.dim() != 3
+            or tuple(pages.shape[:2]) != (b, h) or tuple(new_keys.shape) != (b, h, 1, d)
+            or new_values.shape != new_keys.shape or valid.dim() != 2 or valid.shape[0] != b
+            or valid.dtype != torch.bool or valid.shape[1] < ctx):
+        return None
+    u = int(sel.fetch.numel())
+    if not u or tuple(slot_of_fetch.shape) != (u,):
+        return None
+    ps = block_size // kpp
+    krows, vrows = _page_rows(k_pool, ps), _page_rows(v_pool, ps)
+    if krows is None or vrows is None or krows[1] != vrows[1]:
+        return None
+    (krows, slot_rows), vrows = krows, vrows[0]
+    bh, g = b * h, hq // h
+    m = getattr(sel, "pages_each", None)  # set by select() when it knows every (row, head) took as many pages
+    if m is None:
+        counts = pages.sum(-1).view(-1).tolist()
+        m = counts[0]
+        if counts.count(m) != bh:
+            return None
+    if not m:
+        return None
+    p = pages.shape[-1]
+    nb = sel.head_mask.shape[-1]
+    t = m * ps
+    dev = query.device
+    scale = d ** -0.5 if scale is None else float(scale)
+    # Entry e of (row, head) r is its e-th selected page: flat index idx = r * P + page, in order.
+    idx = pages.view(-1).nonzero().view(-1)
+    if idx.numel() != bh * m:
+        return None
+    # Per page of the context: its block's fetch position u (0 for blocks not fetched: in range, and never
+    # selected, every selected page's block is fetched: the selection's contract) and its page row in the
+    # pool (_page_rows) for (row, head) 0; (row, head) r adds r * kpp.
+    u_of_block = torch.zeros(nb, dtype=torch.long, device=dev)
+    u_of_block[sel.fetch] = _const("ar", (u,), lambda: torch.arange(u, device=dev))
+    u_page = u_of_block.index_select(0, _const("blk", (p, kpp), lambda: torch.arange(p, device=dev) // kpp))
+    page_row = torch.add(_const("rows", (bh, p, kpp), lambda: (torch.arange(p, device=dev) % kpp).view(1, p)
+                                + torch.arange(0, bh * kpp, kpp, device=dev).view(bh, 1)),
+                         slot_of_fetch.to(torch.long).index_select(0, u_page), alpha=slot_rows)
+    flat = page_row.view(-1).index_select(0, idx).view(bh, m)
+    # 0 / -inf per token of the context's pages (positions at or past ctx hidden), then per entry.
+    span = p * ps
+    keep = min(ctx, span)
+    tok = _scratch("tok", (b * p, ps), dev)
+    tok_rows = tok.view(b, span)
+    torch.where(valid[:, :keep], _ZERO, _NEG_INF, out=tok_rows[:, :keep])
+    if keep < span:
+        tok_rows[:, keep:].fill_(float("-inf"))
+    # entry (row b, head, page) reads token row b * P + page
+    tok_row = _const("tok", (b, h, p), lambda: (torch.arange(b, device=dev).view(b, 1, 1) * p
+                                                + torch.arange(p, device=dev)).expand(b, h, p).reshape(-1))
+    bias = tok.index_select(0, tok_row.index_select(0, idx))
+    per = max(1, _CHUNK_BYTES // (t * d * 4))  # the general path's chunks of (row, head)s
+    buf = _scratch("kv", (min(per, bh) * m, ps * d), dev)
+    gq = g
+    qf = torch.mul(query.reshape(bh, gq, d).to(torch.float32), scale, out=_scratch("q", (bh, gq, d), dev))
+    scores = _scratch("s", (bh, gq, t + 1), dev)
+    ctx_scores = scores[..., :t]
+    if per == 1:
+        mat = buf[:m].view(t, d)
+        mat_t = mat.t()
+        for q_row, s_row, entry_rows in zip(qf.unbind(0), ctx_scores.unbind(0), flat.unbind(0)):
+            torch.index_select(krows, 0, entry_rows, out=buf[:m])
+            torch.mm(q_row, mat_t, out=s_row)
+    else:
+        for i in range(0, bh, per):
+            j = min(bh, i + per)
+            kk = torch.index_select(krows, 0, flat[i:j].view(-1), out=buf[: (j - i) * m]).view(j - i, t, d)
+            torch.bmm(qf[i:j], kk.transpose(1, 2), out=ctx_scores[i:j])
+    ctx_scores.add_(bias.view(bh, 1, t))
+    torch.bmm(qf, new_keys.reshape(bh, 1, d).to(torch.float32).transpose(1, 2), out=scores[..., t:])
+    weights = torch.ops.aten._softmax.out(scores, -1, False, out=_scratch("p", scores.shape, dev))
+    out = torch.empty(bh, gq, d, device=dev)
+    w_ctx = weights[..., :t]
+    if per == 1:
+        for w_row, o_row, entry_rows in zip(w_ctx.unbind(0), out.unbind(0), flat.unbind(0)):
+            torch.index_select(vrows, 0, entry_rows, out=buf[:m])
+            torch.mm(w_row, mat, out=o_row)
+    else:
+        for i in range(0, bh, per):
+            j = min(bh, i + per)
+            vv = torch.index_select(vrows, 0, flat[i:j].view(-1), out=buf[: (j - i) * m]).view(j - i, t, d)
+            torch.bmm(w_ctx[i:j], vv, out=out[i:j])
+    if bool(out.isnan().any()):
+        return None  # a hidden token that is not finite (or NaN inputs): the general path masks exactly
+    p_new = weights[..., t:]
+    out.baddbmm_(p_new, new_values.reshape(bh, 1, d).to(torch.float32))
+    new_mass = p_new.sum(-1).reshape(b, hq)
+    if mass:
+        entry = w_ctx.view(bh, gq, m, ps).sum(-1)
+        page_of = _const("page", (bh, p), lambda: torch.arange(p, device=dev).repeat(bh))
+        fetch_pos = u_page.index_select(0, page_of.index_select(0, idx)).view(b, h, 1, m).expand(b, h, g, m)
+        block_mass = torch.zeros(b, h, g, u, device=dev).scatter_add_(3, fetch_pos, entry.view(b, h, g, m))
+        block_mass = block_mass.view(b, hq, u)
+    else:
+        block_mass = torch.zeros(b, hq, u, device=dev)
+    return SparseAttentionOutput(out.view(b, hq, 1, d).to(query.dtype), block_mass, new_mass)

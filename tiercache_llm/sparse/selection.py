@@ -543,6 +543,7 @@ class _PageTerms:
     take: int
     fill: torch.Tensor | None
     width: int  # pages rounded up to whole storage blocks (the mask's page columns before ``fill``)
+    each: int | None = None  # uniform costs and every row takes ``take`` pages: each (row, head) selects ``take``
 
 
 _last_terms: tuple | None = None  # (key, count copy, _PageTerms): the last step's, reused while counts match
@@ -563,17 +564,19 @@ def _page_terms(count: torch.Tensor, config: SelectionConfig, pages_per_block: i
     logc_or_empty = count.float().clamp_(min=1).log_().masked_fill_(~has, float("-inf")).view(b, 1, 1, n)
     fixed, fixed_key = _fixed_ranks(has, forced)
     width = -(-n // pages_per_block) * pages_per_block
-    take, fill = _uniform_take(count, has, forced, limit, width - n)
-    terms = _PageTerms(logc_or_empty, has, forced, fixed, fixed_key, budget, limit, head, k, take, fill, width)
+    take, fill, each = _uniform_take(count, has, forced, limit, width - n)
+    terms = _PageTerms(logc_or_empty, has, forced, fixed, fixed_key, budget, limit, head, k, take, fill, width, each)
     _last_terms = (key, count.clone(), terms)
     return terms
 
 
 def _uniform_take(count: torch.Tensor, has: torch.Tensor, forced: torch.Tensor, limit: torch.Tensor,
-                  pad: int) -> tuple[int, torch.Tensor | None]:
-    """``(take, fill)`` of :class:`_PageTerms` when every row's free pages (holding tokens, not forced)
+                  pad: int) -> tuple[int, torch.Tensor | None, int | None]:
+    """``(take, fill, each)`` of :class:`_PageTerms` when every row's free pages (holding tokens, not forced)
     cost the same (the rule with the cache's ``sink`` and ``recent`` > 0 and left padding only: a
-    partial page is the first or the last valid one, and both are forced); ``(0, None)`` otherwise.
+    partial page is the first or the last valid one, and both are forced); ``(0, None, None)`` otherwise.
+    ``each``: ``take`` when every row takes ``take`` pages (then every (row, KV head) selects exactly that
+    many), else ``None``.
 
     Then the rule's longest fitting prefix of a row's ranking is its ``f`` forced pages and the best
     ``m - f`` free ones, ``m = f + min(free, (limit - forced cost) // c)``; ``fill`` starts with ``pad``
@@ -585,14 +588,16 @@ def _uniform_take(count: torch.Tensor, has: torch.Tensor, forced: torch.Tensor, 
     cost_lo = torch.where(free, count, big).amin(dim=-1) if n else torch.zeros(b, dtype=count.dtype)
     n_free = free.sum(dim=-1)
     if bool(((cost_hi != cost_lo) & (n_free > 0)).any()):
-        return 0, None
+        return 0, None, None
     spare = limit - (count * forced).sum(dim=-1)  # >= 0: the limit covers the forced pages
     m = forced.sum(dim=-1) + torch.minimum(n_free, spare // cost_hi.clamp(min=1))
-    take = int(m.max()) if b else 0
+    take, least = torch.stack((m.max(), m.min())).tolist() if b else (0, 0)
     surplus = (take - m).view(b, 1, 1)
-    cols = torch.arange(pad + take - (int(m.min()) if b else 0), device=count.device) - pad
+    cols = torch.arange(pad + take - least, device=count.device) - pad
     fill = torch.where((cols >= 0) & (cols < surplus), float("inf"), float("-inf")).to(torch.float32)
-    return take, fill
+    # Every row takes ``take`` pages: no +inf fill column, so each (row, head)'s top ``take`` are ``take`` of its
+    # pages (a row has at least ``m`` pages holding tokens, all ranked above the -inf columns).
+    return take, fill, (take if b and least == take else None)
 
 
 def _uniform_top(scores: torch.Tensor, terms: _PageTerms) -> torch.Tensor:
@@ -643,6 +648,9 @@ class BlockSelection:
         page_mask: ``(B, H, P)`` bool, the pages each row's KV head attends (``head_mask`` itself when
             pages are blocks).
         pages_per_block: pages per storage block (page ``p`` lies in block ``p // pages_per_block``).
+        pages_each: when known, the number of pages every (row, KV head) selects (all the same; ``select``
+            sets it when the rule's page costs are uniform and every row takes as many, so the attention
+            needs no count of :attr:`pages`); ``None``: unknown (counts may differ).
     """
 
     head_mask: torch.Tensor
@@ -652,6 +660,7 @@ class BlockSelection:
     budget: torch.Tensor
     page_mask: torch.Tensor | None = None
     pages_per_block: int = 1
+    pages_each: int | None = None
 
     @property
     def pages(self) -> torch.Tensor:
@@ -712,7 +721,8 @@ def select(query: torch.Tensor, digests: KeyDigests, config: SelectionConfig, *,
         head_mask = padded.view(b, h, terms.width // pages_per_block, pages_per_block).any(-1)
     row_mask = head_mask.any(dim=1)
     fetch = row_mask.any(dim=0).nonzero().flatten()
-    return BlockSelection(head_mask, row_mask, fetch, scores, budget, page_mask, pages_per_block)
+    each = terms.each if terms.fill is not None else None
+    return BlockSelection(head_mask, row_mask, fetch, scores, budget, page_mask, pages_per_block, each)
 
 
 def block_table(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
