@@ -580,6 +580,17 @@ def _scratch(name: str | None, shape: tuple[int, ...], device: torch.device, dty
     return buf[:numel].view(shape)
 
 
+_SMALL = 1 << 16  # elements (256 KiB of float32): below it a fresh tensor costs less than a scratch view
+
+
+def _small(name: str, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """:func:`_scratch` for buffers that may be small: a fresh float32 tensor below :data:`_SMALL` elements
+    (the allocator reuses such blocks; ~2 us against ~5 us for the scratch view), the scratch above."""
+    if math.prod(shape) < _SMALL:
+        return torch.empty(shape, device=device)
+    return _scratch(name, shape, device)
+
+
 def _gather_pages(pool: torch.Tensor, table: PageTable, ps: int, name: str | None) -> torch.Tensor:
     """``(B, H, M, ps, D)`` float32 copy of the table's pages (scratch ``name``; fresh for ``None``): one
     ``index_select`` over the pool's ``(slot, row, head, page)`` rows (a plain memcpy per page; pools
@@ -770,7 +781,7 @@ def attend_pages_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
     # 0 / -inf per token of the context's pages (positions at or past ctx hidden), then per entry.
     span = p * ps
     keep = min(ctx, span)
-    tok = _scratch("tok", (b * p, ps), dev)
+    tok = _small("tok", (b * p, ps), dev)
     tok_rows = tok.view(b, span)
     torch.where(valid[:, :keep], _ZERO, _NEG_INF, out=tok_rows[:, :keep])
     if keep < span:
@@ -782,8 +793,8 @@ def attend_pages_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
     per = max(1, _CHUNK_BYTES // (t * d * 4))  # the general path's chunks of (row, head)s
     buf = _scratch("kv", (min(per, bh) * m, ps * d), dev)
     gq = g
-    qf = torch.mul(query.reshape(bh, gq, d).to(torch.float32), scale, out=_scratch("q", (bh, gq, d), dev))
-    scores = _scratch("s", (bh, gq, t + 1), dev)
+    qf = torch.mul(query.reshape(bh, gq, d).to(torch.float32), scale)
+    scores = _small("s", (bh, gq, t + 1), dev)
     ctx_scores = scores[..., :t]
     if per == 1:
         mat = buf[:m].view(t, d)
@@ -798,7 +809,7 @@ def attend_pages_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
             torch.bmm(qf[i:j], kk.transpose(1, 2), out=ctx_scores[i:j])
     ctx_scores.add_(bias.view(bh, 1, t))
     torch.bmm(qf, new_keys.reshape(bh, 1, d).to(torch.float32).transpose(1, 2), out=scores[..., t:])
-    weights = torch.ops.aten._softmax.out(scores, -1, False, out=_scratch("p", scores.shape, dev))
+    weights = torch.ops.aten._softmax.out(scores, -1, False, out=_small("p", scores.shape, dev))
     out = torch.empty(bh, gq, d, device=dev)
     w_ctx = weights[..., :t]
     if per == 1:

@@ -45,7 +45,7 @@ Rules (see docs/sparse.md):
 
 Cost (one layer of a decode step, ``select``): the scores are three float32 matmuls over float32
 digests (``relu(q) hi``, ``min(q, 0) lo``, ``q mean``), or over float16 digests (the cache's default)
-an upcast of 1 MiB slabs and one float32 matmul per slab (:func:`_products16`), and a dozen
+an upcast and one float32 matmul per (row, KV head) (:func:`_products16`), and a dozen
 elementwise passes in the order of the rule as written (bit for bit with float32 digests:
 test_selection_equivalence.py); what depends only on
 the page counts is derived once per step (:func:`_page_terms`), and the per-call buffers that do not
@@ -369,16 +369,16 @@ def _products16(qf: torch.Tensor, buffer: torch.Tensor, n: int, weight: float) -
     capacity)`` (:meth:`KeyDigests.buffer`: rows lo, hi, mean; columns past ``n`` are never used).
 
     CPU BLAS has no float16 matmul with a float32 result (torch's returns float16, whose 11-bit
-    mantissa would tie pages), so the digests are upcast to float32 a slab at a time into a scratch
-    buffer of :data:`SCRATCH_BYTES` (reused, so already mapped and mostly cached), and one float32
+    mantissa would tie pages), so the digests are upcast to float32 a slab at a time into a reused
+    scratch buffer (already mapped and mostly cached), and one float32
     matmul per slab reads all three digests with the query rows ``[(1 - w) min(q, 0), (1 - w) relu(q),
     w q]`` (``s``) and ``[0, 0, q]`` (``lm``) (:func:`_query_rows`): the 16-bit digests are read from
-    memory once, the float32 copy from cache.  A slab is whole (row, KV head) buffers, spare capacity
+    memory once, the float32 copy from cache.  A slab is one whole (row, KV head) buffer, spare capacity
     included, so every upcast is one contiguous copy (a strided one of just the ``n`` columns runs at a
-    fraction of the speed); a (row, KV head) larger than the scratch (very long contexts) goes by slabs
-    of rows of the digests, the matmul accumulating over them.  Each slab's matmul is the one of the
-    whole layer restricted to its (row, KV head)s (the same float32 products bit for bit, whatever the
-    slab size).  On CUDA the upcast of the whole layer is one kernel (no slabs)."""
+    fraction of the speed); a (row, KV head) larger than :data:`SCRATCH_BYTES` (very long contexts) goes by
+    slabs of rows of the digests, the matmul accumulating over them.  Each whole-(row, KV head) slab's
+    matmul is the one of the whole layer restricted to it (the same float32 products bit for bit).  On
+    CUDA the upcast of the whole layer is one kernel (no slabs)."""
     b, h, gq, d = qf.shape
     r, cap = buffer.shape[2], buffer.shape[3]
     bh = b * h
@@ -387,22 +387,16 @@ def _products16(qf: torch.Tensor, buffer: torch.Tensor, n: int, weight: float) -
     out = torch.empty(bh, 2 * gq, n, dtype=torch.float32, device=qf.device)
     if qf.is_cuda or n == 0:
         torch.bmm(qe, st[..., :n].float(), out=out)
-    elif r * cap * 4 <= SCRATCH_BYTES:  # slabs of whole (row, KV head)s
-        per = min(bh, SCRATCH_BYTES // (4 * r * cap))
-        if per == 1:  # ~5.5K-11K tokens at 8-token pages: 2-D matmuls on one scratch view, no slicing per slab
-            # (the same gemm, bit for bit)
-            sc = _scratch_buffer(r * cap)[: r * cap].view(r, cap)
-            scn = sc[:, :n]
-            for src, q_part, o_part in zip(st.unbind(0), qe.unbind(0), out.unbind(0)):
-                sc.copy_(src)
-                torch.mm(q_part, scn, out=o_part)
-            return out.view(b, h, 2 * gq, n)
-        sc = _scratch_buffer(per * r * cap)[: per * r * cap].view(per, r, cap)
-        scn = sc[..., :n]
-        for src, q_part, o_part in zip(st.split(per), qe.split(per), out.split(per)):
-            m = src.shape[0]  # per, or fewer in the last slab
-            sc[:m].copy_(src)
-            torch.bmm(q_part, scn[:m], out=o_part)
+    elif r * cap * 4 <= SCRATCH_BYTES:
+        # One (row, KV head) per slab, 2-D matmuls on one scratch view (the same gemm as a batched one over
+        # several, bit for bit): the smallest scratch, so its upcast copy is still in L1 / L2 when the matmul
+        # reads it (measured against slabs of up to SCRATCH_BYTES: 5-9 % less per call at 2K-4K x batch 1 on
+        # cold caches, docs/sparse.md "Fixed per-layer cost at small contexts").
+        sc = _scratch_buffer(r * cap)[: r * cap].view(r, cap)
+        scn = sc[:, :n]
+        for src, q_part, o_part in zip(st.unbind(0), qe.unbind(0), out.unbind(0)):
+            sc.copy_(src)
+            torch.mm(q_part, scn, out=o_part)
     else:  # slabs of digest rows of one (row, KV head), accumulated
         per = max(1, SCRATCH_BYTES // (4 * cap))
         scratch = _scratch_buffer(per * cap)
