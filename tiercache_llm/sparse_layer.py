@@ -319,7 +319,8 @@ class SparseLayerState:
             grown[:, :start] = self.valid[:, :start]
             self.valid = grown
         self.valid[:, start : start + q] = valid
-        self.digests.append(keys.detach(), valid)  # digests never carry autograd history
+        # valid_from_mask's all-valid answer (no mask): the digests skip masking by it (same digests)
+        self.digests.append(keys.detach(), None if valid is _all_valid else valid)  # never autograd history
         n = self.digests.n_blocks
         if self.mass.numel() < n:
             self.mass = torch.cat((self.mass, torch.zeros(n - self.mass.numel(), dtype=torch.float64)))

@@ -330,6 +330,7 @@ class KeyDigests:
         The partial last block is merged with the new keys in place (min of mins, max of maxes, sum of
         counts and of keys, its landmark recomputed); new blocks are reduced at once and written into
         the spare capacity.  A decode step (``T = 1``) inside a block touches one block's digest."""
+        all_valid = valid is None
         valid = _check_keys(keys, valid)
         b, h, _, d = keys.shape
         if (b, h, d) != (self._st.shape[0], self._st.shape[1], self._d):
@@ -338,27 +339,35 @@ class KeyDigests:
             return
         keys = keys.to(device=self._st.device)
         if keys.shape[2] == 1:
-            self._append_token(keys[:, :, 0], valid[:, 0])
+            self._append_token(keys[:, :, 0], valid[:, 0], all_valid)
         else:
             self._append_keys(keys, valid)
         self.length += keys.shape[2]
 
-    def _append_token(self, key: torch.Tensor, valid: torch.Tensor) -> None:
+    def _append_token(self, key: torch.Tensor, valid: torch.Tensor, all_valid: bool = False) -> None:
         """``append`` of one token (a decode step): ``key`` ``(B, H, D)``, ``valid`` ``(B,)``.  The same
         digests as :meth:`_append_keys` with a fraction of its tensor operations: a single key is its
-        own min, max and sum (a row whose token is invalid keeps its digest)."""
+        own min, max and sum (a row whose token is invalid keeps its digest).  ``all_valid``: ``valid`` is
+        known to be all ``True`` (``append(valid=None)``), so the masking by it is skipped (the same
+        digests: every ``where`` on it would take its first branch)."""
         b = key.shape[0]
         v = valid.view(b, 1, 1)
-        key = key.masked_fill(~v, 0)  # an invalid token's key takes no part (and cannot overflow)
+        if not all_valid:
+            key = key.masked_fill(~v, 0)  # an invalid token's key takes no part (and cannot overflow)
         self._fit(key)
         down, up = _outward(key, self._st.dtype)
         if self.length % self.block_size:  # inside the partial last block: merge
             last = self._n - 1
             lo, hi, count = self._lo_t[..., last], self._hi_t[..., last], self.count[:, last]  # views
             has = (count > 0).view(b, 1, 1)  # else its digest is zeros, not a bound
-            lo.copy_(torch.where(v, torch.where(has, torch.minimum(lo, down), down), lo))
-            hi.copy_(torch.where(v, torch.where(has, torch.maximum(hi, up), up), hi))
-            count += valid
+            if all_valid:
+                lo.copy_(torch.where(has, torch.minimum(lo, down), down))
+                hi.copy_(torch.where(has, torch.maximum(hi, up), up))
+                count += 1
+            else:
+                lo.copy_(torch.where(v, torch.where(has, torch.minimum(lo, down), down), lo))
+                hi.copy_(torch.where(v, torch.where(has, torch.maximum(hi, up), up), hi))
+                count += valid
             if self._mean_t is not None:
                 self._tail += key.float()
                 # _mean of the exact sum (the same float32 division), rounded to the storage
