@@ -361,8 +361,12 @@ class KeyDigests:
             lo, hi, count = self._lo_t[..., last], self._hi_t[..., last], self.count[:, last]  # views
             has = (count > 0).view(b, 1, 1)  # else its digest is zeros, not a bound
             if all_valid:
-                lo.copy_(torch.where(has, torch.minimum(lo, down), down))
-                hi.copy_(torch.where(has, torch.maximum(hi, up), up))
+                if bool(has.all()):  # the common case: every row's block holds tokens already
+                    torch.minimum(lo, down, out=lo)
+                    torch.maximum(hi, up, out=hi)
+                else:
+                    lo.copy_(torch.where(has, torch.minimum(lo, down), down))
+                    hi.copy_(torch.where(has, torch.maximum(hi, up), up))
                 count += 1
             else:
                 lo.copy_(torch.where(v, torch.where(has, torch.minimum(lo, down), down), lo))
@@ -371,7 +375,9 @@ class KeyDigests:
             if self._mean_t is not None:
                 self._tail += key.float()
                 # _mean of the exact sum (the same float32 division), rounded to the storage
-                self._mean_t[..., last] = self._tail / count.clamp(min=1).view(b, 1, 1).to(torch.float32)
+                # (count >= 1 after an all-valid token: the clamp would change nothing)
+                den = count if all_valid else count.clamp(min=1)
+                self._mean_t[..., last] = self._tail / den.view(b, 1, 1).to(torch.float32)
             return
         n = self._n  # a new block
         self._reserve(n + 1)
