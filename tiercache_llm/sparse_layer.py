@@ -360,7 +360,7 @@ class SparseLayerState:
                                             v_new, scaling, pending, mass=want_mass)
         t3 = time.perf_counter()
         count = self.digests.count
-        stats.tokens_attended += int(sel.selected_tokens(count).sum())
+        stats.tokens_attended += int(torch.mul(sel.pages, count.unsqueeze(1)).sum())  # sel.selected_tokens(count).sum()
         stats.tokens_context += int(count.sum()) * hk
         record_attention(self, layer, sel, res, stats)
         t4 = time.perf_counter()
