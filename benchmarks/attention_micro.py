@@ -26,7 +26,9 @@ faults per call (fresh multi-MB temporaries are faulted in again on every call):
   fetched block, masked);
 - ``pages``: ``sparse_layer.attend_selected(backend="pages")``: ``build_page_table_from_valid``,
   ``page_table_attention``, ``entry_mass_to_blocks`` (at 1 thread its chunked CPU path, at 2 the batched
-  one);
+  one; the heads' page counts differ here, so ``attend_selected``'s direct path for equal counts,
+  ``page_table.attend_pages_cpu``, declines and the table path is what is timed: the in-model A/B,
+  ``decode_compute_ab.py``, times the direct path);
 - ``table``: ``build_page_table_from_valid`` alone (part of ``pages``);
 - ``dense``: the yardstick, what a ``DynamicCache`` decode step's attention does per layer: SDPA (GQA) of
   the query over the whole context, K/V ``(B, H, context, D)`` contiguous (timed only);
