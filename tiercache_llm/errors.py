@@ -20,4 +20,6 @@ class KVCapacityError(TieredKVError, RuntimeError):
 
 
 class UnsupportedModelError(TieredKVError, NotImplementedError):
-    """The model's attention layout (sliding windows, linear attention, ...) is not supported yet."""
+    """The model's attention layout is not supported: layer kinds other than full and sliding-window
+    attention (linear or chunked attention, KV shared between layers) at construction; in sparse mode
+    (:meth:`TieredKVCache.for_model`), attention with logit soft-capping or learned attention sinks."""

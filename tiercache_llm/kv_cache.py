@@ -125,7 +125,7 @@ class TieredKVSettings:
             fetched blocks and prefetching one layer ahead; no attention-aware placement, no disk staging).
         decay: sparse, attention-aware: per decode step decay of the accumulated mass (default 0.9).
         page_size: sparse mode: tokens per selection page (divides ``block_size``; default the largest
-            power of two <= 8 dividing it, i.e. 8 for 64-token blocks).  Digests, scores and the budget
+            power of two <= 8 dividing it, i.e. 8 for the default 128-token blocks).  Digests, scores and the budget
             are per page; a storage block is fetched when any of its pages is selected and attention
             is masked to the selected pages (docs/sparse.md: finer pages are far more accurate at
             small budgets, at the price of touching more blocks per token attended).
@@ -1006,15 +1006,23 @@ class TieredKVCache(Cache):
         config: the model's config (``model.config``); its decoder text config decides the number
             of layers and which are sliding-window layers.
         gpu, host, disk, path, block_size, mode, policy, compression, prefetch, direct_io, budget, sink,
-            recent, strategy, decay, page_size, digests: see :class:`TieredKVSettings` (defaults: exact mode,
-            the mode's block size (:func:`default_block_size`: 256 tokens exact, 64 sparse), a 4 GiB host tier,
+            recent, strategy, decay, page_size, digests, pipeline, pool_bytes: see :class:`TieredKVSettings`
+            (defaults: exact mode,
+            the mode's block size (:func:`default_block_size`: 256 tokens exact, 128 sparse), a 4 GiB host tier,
             no disk tier; sparse: ``budget=0.25, sink=4, recent=64, strategy="attention-aware", decay=0.9,
-            page_size=8, digests="float16"``).  Sparse mode needs the model prepared: build it with
-            :meth:`for_model`.
-        cache: an existing ``tiercache.Cache`` to store blocks in instead of creating one (then the
-            budget arguments must be left out).  A borrowed cache is not closed by :meth:`close`;
+            page_size=8, digests="float16", pool_bytes="auto"``).  Sparse mode needs the model prepared:
+            build it with :meth:`for_model`.
+        cache: an existing ``tiercache.Cache`` to store blocks in instead of creating one (then ``gpu``,
+            ``host``, ``disk``, ``path``, ``policy``, ``compression`` and ``direct_io`` must be left out:
+            ``ValueError``).  A borrowed cache is not closed by :meth:`close`;
             this KV cache's entries are deleted from it.
-        settings: a complete :class:`TieredKVSettings` instead of the individual keywords.
+        settings: a complete :class:`TieredKVSettings` instead of the individual keywords (``ValueError``
+            with any of them).
+
+    Raises:
+        TypeError: ``config`` is not a ``PretrainedConfig``; see :class:`TieredKVSettings` for the
+            options' own checks.
+        UnsupportedModelError: a layer kind other than full or sliding-window attention.
 
     Exact mode returns, for each layer and forward pass, every visible block (written by one batched
     ``get_many`` straight into its slice of a buffer shared by the layers), the in-memory tail and the
@@ -1381,14 +1389,17 @@ class TieredKVCache(Cache):
         ``kv`` holds this cache's own accounting: tokens, blocks, ``held_bytes`` stored in the tiers,
         the memory held beside the tiers (``tail_bytes``: the one-block tail buffers of every layer;
         ``buffer_bytes`` / ``buffer_peak_bytes``: the decode buffer shared by the layers, about one
-        layer's visible K and V per slot in use (two with layer-ahead reads); ``beside_tiers_bytes``:
-        their sum), and the :class:`~tiercache_llm.store.KVCounters`;
+        layer's visible K and V per slot in use (with layer-ahead reads one more slot per layer read
+        ahead: up to three in all with memory tiers only, five with a disk tier, nine for small layers);
+        ``beside_tiers_bytes``: their sum, plus in sparse mode ``digest_bytes`` and the pipeline's pool
+        and staging bytes), and the :class:`~tiercache_llm.store.KVCounters`;
         ``prefetch``: ``enabled`` and the layer-ahead reads' counters
         (:class:`~tiercache_llm.decode_buffer.ReadAheadCounters`: reads started / used / discarded /
         failed, entries taken from them vs read by the updates themselves and ``hit_rate``, bytes, the
         seconds updates waited for them, read themselves, and the reader thread read);
         ``tiercache`` is ``tiercache.Cache.stats()`` (per-tier capacity, use, hits, misses, bytes
-        moved between tiers, evictions).  See docs/tiercache_llm.md.
+        moved between tiers, evictions); sparse mode adds ``pipeline`` (the decode pipeline's counters)
+        and ``sparse`` (``settings``, ``total``, ``last_step``).  See docs/tiercache_llm.md.
         """
         out = self.store.stats()
         out["kv"].update(
