@@ -36,7 +36,7 @@ from .sparse.pipeline import DecodePipeline, PipelineConfig
 from .sparse.pool import AUTO, check_pool_bytes
 from .sparse.selection import SelectionConfig
 from .sparse_layer import (
-    STRATEGIES, SparseController, SparseLayerState, SparseModeError, check_decay, check_page_size, default_page_size,
+    STRATEGIES, SparseController, SparseLayerState, check_decay, check_page_size, default_page_size,
     needs_rescale, selection_config,
 )
 from .store import BlockStore
