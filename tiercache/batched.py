@@ -32,7 +32,7 @@ from .sizes import format_size
 from .state import Release, log
 from .tiers.base import EntryHeader, Slot
 from .tiers.disk import DiskTier
-from .tiers.memory import GIL_HELD_MAX_BYTES, MEMMOVE_MAX_BYTES, ArenaTier, copy_bytes, memmove, memmove_holding_gil
+from .tiers.memory import GIL_HELD_MAX_BYTES, MEMMOVE_MAX_BYTES, ArenaTier, memmove, memmove_holding_gil
 from .transfer import CopyEngine, chunk_file_bytes, packed_layout, read_chunk_into
 from .values import _SHAPES, _TEMPLATES, _shape_of, as_bytes, check_score, check_scores, copy_payload, flat, new_tensor, tensor_data
 
@@ -77,13 +77,18 @@ class DataPaths(Moves):
         datas: list[torch.Tensor] = []  # the tensors apart, so that items of atomic values go untracked by the GC
         try:
             for (key, value), score in zip(items, scores):
-                key_bytes = encode_key(key)
+                kind = type(key)
+                if kind is int and -_LAZY_INT < key < _LAZY_INT or kind is str and len(key) <= _LAZY_STR:
+                    key_bytes = None  # encoded when a header needs it (see ``put``)
+                else:
+                    key_bytes = encode_key(key)
                 data, dtype, shape = tensor_data(value)
                 if score is not None:
                     score = check_score(score)
                 datas.append(data)
                 prepared.append((key, key_bytes, None, dtype, shape, data.nbytes, score))
-                # prepared item: (key, encoded key, None (the tensor is datas[i]), dtype, shape, nbytes, score)
+                # prepared item: (key, encoded key or None, None (the tensor is datas[i]), dtype, shape, nbytes,
+                # score)
         except (TypeError, ValueError):
             if bracket and (self._closing or self._closed):  # a closed cache says so first
                 raise CacheClosedError("this tiercache.Cache is closed") from None
@@ -138,7 +143,8 @@ class DataPaths(Moves):
                         if slot is None:
                             break
                         seq += 1
-                        run.append((homes[at], slot, EntryHeader(item[1], dtype_name(item[3]), item[4], item[5], seq)))
+                        run.append((homes[at], slot, EntryHeader(item[1] or encode_key(item[0]), dtype_name(item[3]),
+                                                                 item[4], item[5], seq)))
                         at += 1
                     self._seq = seq
                 if self._later_releases:
@@ -157,7 +163,8 @@ class DataPaths(Moves):
                         )
                     with self._lock:
                         self._seq += 1
-                        header = EntryHeader(item[1], dtype_name(item[3]), item[4], item[5], self._seq)
+                        header = EntryHeader(item[1] or encode_key(item[0]), dtype_name(item[3]), item[4], item[5],
+                                             self._seq)
                     run.append((home, slot, header))
                 written, error, views, spent = self._write_run(run, prepared, datas, position)
                 last = error is None and position + len(run) == count
@@ -298,7 +305,10 @@ class DataPaths(Moves):
             slot = tier.allocate(size)
             if slot is None:
                 break
-            copy_bytes(slot.ref, data.data_ptr(), size)  # (a CPU arena slot's ref is its address)
+            if size > GIL_HELD_MAX_BYTES:  # copy_bytes, inlined (a CPU arena slot's ref is its address)
+                memmove(slot.ref, data.data_ptr(), size)
+            elif size:
+                memmove_holding_gil(slot.ref, data.data_ptr(), size)
             written[home] += size
             seq += 1
             clock += 1
@@ -308,12 +318,19 @@ class DataPaths(Moves):
                 if score is None:
                     score = old.info.score
                 releases += self._unlink(old)
+            token = next(_TOKENS)
             entry = index[key] = Entry(key, size, tier.name, clock, clock, 0, score if score is not None else 0.0,
-                                       item[1], item[3], item[4], seq, home, slot, None, False, 1)
+                                       item[1], item[3], item[4], seq, home, slot, None, False, token)
+            # RankedQueue.push, inlined (see put)
             queue = queues[home]
             queue.live += 1
             queue.payload += size
-            queue.push(entry, rank(entry))
+            item_rank = entry.queued_rank = rank(entry)
+            queue._owners[token] = entry
+            heap = queue._heap
+            _heappush(heap, (item_rank, token))
+            if len(heap) > 64 and len(heap) > 4 * queue.live + 4:
+                queue._compact()
             at += 1
         if at > position:
             self._seq, self._clock = seq, clock

@@ -399,14 +399,18 @@ def test_single_put_fast_path_refuses_and_resolves_as_tensor_data_does():
         assert sorted(cache.keys()) == [1, 2, 3, 4, 5]
 
 
-def test_single_put_encodes_keys_when_the_entry_first_needs_its_header(tmp_path):
-    """Int and str keys of a single put are encoded when the entry moves to disk, and a reopen (and a
-    verified disk read) finds them; a put of the same shape shares one shape tuple."""
+@pytest.mark.parametrize("batched", [False, True])
+def test_puts_encode_keys_when_the_entry_first_needs_its_header(tmp_path, batched):
+    """Int and str keys of ``put`` and ``put_many`` are encoded when the entry moves to disk, and a reopen
+    (and a verified disk read) finds them; values of one shape share one shape tuple."""
     value = torch.arange(256, dtype=torch.float32)
     keys = [0, -7, 10 ** 500, "é" * 510, "k"]
     with tiercache.Cache(host="2KiB", disk="1MiB", path=tmp_path / "s") as cache:
-        for key in keys:
-            cache.put(key, value + len(str(key)))
+        if batched:
+            cache.put_many([(key, value + len(str(key))) for key in keys])
+        else:
+            for key in keys:
+                cache.put(key, value + len(str(key)))
         entries = [cache._index[key] for key in keys]
         assert all(e.shape is entries[0].shape for e in entries)
         assert cache.tiers_of(keys) == ["disk"] * 3 + ["host"] * 2  # the first three were demoted
