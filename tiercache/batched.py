@@ -191,8 +191,11 @@ class DataPaths(Moves):
         policy bookkeeping, done here for the common case: a contiguous CPU value of at most
         ``MEMMOVE_MAX_BYTES`` whose home is the fastest tier, a CPU arena with room: validated, then
         reserved, copied (one ``memmove``) and published in one lock round trip, with none of the batch's
-        lists.  Every other case takes the batch path.  Like ``get``, this is ``Cache.put`` itself, not a
-        helper behind it: a call frame is a measurable part of a 4 KiB put.)"""
+        lists; a plain CPU tensor (exact ``torch.Tensor``, a real non-quantized dtype, no negative bit) is
+        checked inline, and an int or str key short enough to always fit ``MAX_KEY_BYTES`` is encoded only
+        when the entry first needs its header (``Entry.header``).  Every other case takes the batch path.
+        Like ``get``, this is ``Cache.put`` itself, not a helper behind it: a call frame is a measurable part
+        of a 4 KiB put.)"""
         arena = self._direct_arena
         kind = type(key)
         if (value.__class__ is _Tensor and arena is not None and score is None
