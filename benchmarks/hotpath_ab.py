@@ -9,7 +9,7 @@ Row 2 (the fixed cost of exact decode's warm fetch): one ``get_many`` of ``--key
 SmolLM2's block shape (``(2, 1, 3, 256, 64)`` float32, 384 KiB) into their slices of a decode buffer, as
 ``tiercache_llm`` calls it (``out=`` a list, the keys the very tuples it stored), from a host tier
 (``host``) and from a disk-only store, page cache warm (``disk``), vs ``torch._foreach_copy_`` of the same
-tensors into the same slices (the bytes alone; the difference is the call's overhead).  Row 3: single-key ``put`` and ``get`` of 20,000 4 KiB values (host tier) vs a dict of clones (row 4: 2,048 64 KiB values).  Row 5: a
+tensors into the same slices (the bytes alone; the difference is the call's overhead).  Row 3: single-key ``put`` and ``get`` of 20,000 4 KiB values (host tier) vs a dict of clones (row 4: 2,048 64 KiB values; every result kept; with ``--like-hotpath`` as ``hotpath.py`` times them, see ``row34_hotpath``).  Row 5: a
 warm single-key ``get`` from a disk-only store vs open + readinto + close of same-size files (each result
 and each buffer dropped at once, as in ``hotpath.py``).  Row 6: reopen of a 100K-entry store of 256-byte values
 (warm; built once under ``--workdir``).  CPU time is ``time.thread_time`` (``process_time`` for row 6):
@@ -69,6 +69,49 @@ def row3(trees: dict[str, Any], size: int = 4096, count: int = 20_000) -> Callab
             put = timed(lambda: [cache.put(i, v) for i, v in enumerate(values)], len(values))
             get = timed(lambda: [cache.get(i) for i in range(len(values))], len(values))
         return {"put": put, "get": get}
+    return run
+
+
+def row34_hotpath(trees: dict[str, Any], size: int, count: int) -> Callable[[str], dict[str, tuple[float, float]]]:
+    """Rows 3 and 4 as ``hotpath.py`` times them (``--like-hotpath``): per tree, in a fresh cache a ``put``
+    loop then a ``get`` loop (each result dropped at once), then in a second fresh cache one ``put_many``
+    and one ``get_many`` into ``out`` tensors allocated before the timing; the baseline a dict: ``clone``
+    put, ``clone`` get (dropped), ``copy_`` into the same kind of ``out`` tensors (``hotpath.host_vs_dict``)."""
+    gen = torch.Generator().manual_seed(0)
+    values = [torch.randn(size // 4, generator=gen) for _ in range(count)]
+    capacity = 2 * sum(v.nbytes for v in values) + 16 * MiB
+    keys = list(range(count))
+
+    def run(name: str) -> dict[str, tuple[float, float]]:
+        result = {}
+        outs = [torch.zeros_like(v) for v in values]
+        if name == "base":
+            store: dict[int, torch.Tensor] = {}
+            put = timed(lambda: [store.__setitem__(i, v.clone()) for i, v in enumerate(values)] and None, count)
+
+            def get_each() -> None:
+                for i in keys:
+                    store[i].clone()
+
+            def copy_each() -> None:
+                for i, out in enumerate(outs):
+                    out.copy_(store[i])
+            get, copy = timed(get_each, count), timed(copy_each, count)
+            return {"put": put, "get": get, "put_many": put, "get_many": copy}
+        tc = trees[name]
+        with tc.Cache(host=capacity, disk=None) as cache:
+            def put_each() -> None:
+                for i, v in enumerate(values):
+                    cache.put(i, v)
+
+            def get_each() -> None:
+                for i in keys:
+                    cache.get(i)
+            result["put"], result["get"] = timed(put_each, count), timed(get_each, count)
+        with tc.Cache(host=capacity, disk=None) as cache:
+            result["put_many"] = timed(lambda: cache.put_many(zip(keys, values)), count)
+            result["get_many"] = timed(lambda: cache.get_many(keys, out=outs), count)
+        return result
     return run
 
 
@@ -159,6 +202,12 @@ def row6(trees: dict[str, Any], workdir: Path, entries: int = 100_000) -> Callab
     return run
 
 
+def _p25(values: list[tuple[float, float]]) -> float:
+    """The first quartile of the CPU times (on a shared machine noise only adds time)."""
+    cpu = sorted(v[1] for v in values)
+    return statistics.quantiles(cpu, n=4)[0] if len(cpu) > 1 else cpu[0]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--old", type=Path, required=True, help="root of the old tree (e.g. /work/main)")
@@ -168,6 +217,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--workdir", type=Path, default=None, help="scratch directory (default: a temp dir)")
     parser.add_argument("--keys", type=int, default=8, help="row 2: entries per get_many (default 8)")
+    parser.add_argument("--like-hotpath", action="store_true",
+                        help="rows 3 and 4 as hotpath.py times them: each get dropped at once, put_many and "
+                             "get_many into out tensors beside them, dict baselines (see row34_hotpath)")
     args = parser.parse_args()
     sys.path.insert(0, str(args.new.resolve() / "kernels"))
     trees = {"old": load_tree("tc_old", args.old.resolve()), "new": load_tree("tc_new", args.new.resolve())}
@@ -179,9 +231,9 @@ def main() -> int:
     if 2 in rows:
         runs.append((2, row2(trees, workdir, args.keys)))
     if 3 in rows:
-        runs.append((3, row3(trees)))
+        runs.append((3, row34_hotpath(trees, 4096, 20_000) if args.like_hotpath else row3(trees)))
     if 4 in rows:
-        runs.append((4, row3(trees, 64 * 1024, 2048)))
+        runs.append((4, row34_hotpath(trees, 64 * 1024, 2048) if args.like_hotpath else row3(trees, 64 * 1024, 2048)))
     if 5 in rows:
         runs += [(5, row5(trees, workdir, 4096, 8192)), (5, row5(trees, workdir, 65536, 1024))]
     if 6 in rows:
@@ -205,7 +257,7 @@ def main() -> int:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     print(f"load average at the end: {os.getloadavg()}")
-    print("row | op | threads | old wall (cpu) | new wall (cpu) | new/old cpu | baseline wall (cpu)")
+    print("row | op | threads | old wall (cpu) | new wall (cpu) | new/old cpu | baseline wall (cpu) | p25 cpu old / new / baseline")
     for (row, op, name, count), values in sorted(samples.items()):
         if name != "old":
             continue
@@ -213,12 +265,15 @@ def main() -> int:
         new = [statistics.median(v[i] for v in samples[(row, op, "new", count)]) for i in (0, 1)]
         base_values = samples.get((row, op, "base", count))
         base = "-"
+        p25 = [_p25(samples[(row, op, name, count)]) for name in ("old", "new")]
         if base_values:
             b = [statistics.median(v[i] for v in base_values) for i in (0, 1)]
             base = f"{b[0] * 1e6:.2f} us ({b[1] * 1e6:.2f})" if row != 6 else f"{b[0]:.3f} s ({b[1]:.3f})"
+            p25.append(_p25(base_values))
+        scale = 1e6 if row != 6 else 1.0
         unit = (lambda x: f"{x * 1e6:.2f} us") if row != 6 else (lambda x: f"{x:.3f} s")
         print(f"{row} | {op} | {count} | {unit(old[0])} ({unit(old[1])}) | {unit(new[0])} ({unit(new[1])}) | "
-              f"{new[1] / old[1]:.2f} | {base}")
+              f"{new[1] / old[1]:.2f} | {base} | {' / '.join(f'{p * scale:.2f}' for p in p25)}")
     return 0
 
 

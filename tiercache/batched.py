@@ -15,6 +15,7 @@ policies): a hit then only updates the entry's info.
 
 from __future__ import annotations
 
+import heapq
 import os
 import threading
 import time
@@ -24,19 +25,32 @@ from typing import Any, Callable, Hashable, Iterable, Sequence
 import torch
 
 from .errors import CacheClosedError, CorruptEntryError, TierCacheError
-from .index import _DTYPE_NAMES, Entry, dtype_name, rescore
-from .keys import check_key, encode_key
+from .index import _DTYPE_NAMES, _TOKENS, Entry, dtype_name, rescore
+from .keys import MAX_DIMS, check_key, encode_key
 from .moves import Moves
 from .sizes import format_size
 from .state import Release, log
 from .tiers.base import EntryHeader, Slot
 from .tiers.disk import DiskTier
-from .tiers.memory import MEMMOVE_MAX_BYTES, ArenaTier, copy_bytes, memmove
+from .tiers.memory import GIL_HELD_MAX_BYTES, MEMMOVE_MAX_BYTES, ArenaTier, memmove, memmove_holding_gil
 from .transfer import CopyEngine, chunk_file_bytes, packed_layout, read_chunk_into
-from .values import as_bytes, check_score, check_scores, copy_payload, flat, new_tensor, tensor_data
+from .values import _SHAPES, _TEMPLATES, _shape_of, as_bytes, check_score, check_scores, copy_payload, flat, new_tensor, tensor_data
 
 _CPU = torch.device("cpu")
 _perf_counter = time.perf_counter
+_Tensor = torch.Tensor
+_STRIDED = torch.strided
+_heappush = heapq.heappush
+_empty_like = torch.empty_like
+# The dtypes whose CPU tensors a single put copies without tensor_data's call (neither complex, whose
+# conjugate views must be resolved, nor quantized).
+_PLAIN_DTYPES = frozenset(d for d in vars(torch).values() if isinstance(d, torch.dtype) and not d.is_complex
+                          and not str(d).removeprefix("torch.").startswith("q"))
+# Keys a single put does not encode (``Entry.header`` does when the entry first needs its header): ints
+# of fewer than 600 digits (within any ``sys.set_int_max_str_digits``, whose least is 640) and strs of at
+# most 510 characters (4 UTF-8 bytes each at most): their encodings always fit MAX_KEY_BYTES.
+_LAZY_INT = 10 ** 600
+_LAZY_STR = 510
 _FLAT_KEY_TYPES = frozenset((int, str, bytes))  # a tuple of only these is a valid key (no check_key walk)
 _Pinned = tuple[Entry, int, Slot, Any]  # an entry, the tier and slot pinned for it, its header (arena tiers: the entry, which has nbytes and shape)
 
@@ -63,13 +77,18 @@ class DataPaths(Moves):
         datas: list[torch.Tensor] = []  # the tensors apart, so that items of atomic values go untracked by the GC
         try:
             for (key, value), score in zip(items, scores):
-                key_bytes = encode_key(key)
+                kind = type(key)
+                if kind is int and -_LAZY_INT < key < _LAZY_INT or kind is str and len(key) <= _LAZY_STR:
+                    key_bytes = None  # encoded when a header needs it (see ``put``)
+                else:
+                    key_bytes = encode_key(key)
                 data, dtype, shape = tensor_data(value)
                 if score is not None:
                     score = check_score(score)
                 datas.append(data)
                 prepared.append((key, key_bytes, None, dtype, shape, data.nbytes, score))
-                # prepared item: (key, encoded key, None (the tensor is datas[i]), dtype, shape, nbytes, score)
+                # prepared item: (key, encoded key or None, None (the tensor is datas[i]), dtype, shape, nbytes,
+                # score)
         except (TypeError, ValueError):
             if bracket and (self._closing or self._closed):  # a closed cache says so first
                 raise CacheClosedError("this tiercache.Cache is closed") from None
@@ -124,7 +143,8 @@ class DataPaths(Moves):
                         if slot is None:
                             break
                         seq += 1
-                        run.append((homes[at], slot, EntryHeader(item[1], dtype_name(item[3]), item[4], item[5], seq)))
+                        run.append((homes[at], slot, EntryHeader(item[1] or encode_key(item[0]), dtype_name(item[3]),
+                                                                 item[4], item[5], seq)))
                         at += 1
                     self._seq = seq
                 if self._later_releases:
@@ -143,7 +163,8 @@ class DataPaths(Moves):
                         )
                     with self._lock:
                         self._seq += 1
-                        header = EntryHeader(item[1], dtype_name(item[3]), item[4], item[5], self._seq)
+                        header = EntryHeader(item[1] or encode_key(item[0]), dtype_name(item[3]), item[4], item[5],
+                                             self._seq)
                     run.append((home, slot, header))
                 written, error, views, spent = self._write_run(run, prepared, datas, position)
                 last = error is None and position + len(run) == count
@@ -170,21 +191,43 @@ class DataPaths(Moves):
         policy bookkeeping, done here for the common case: a contiguous CPU value of at most
         ``MEMMOVE_MAX_BYTES`` whose home is the fastest tier, a CPU arena with room: validated, then
         reserved, copied (one ``memmove``) and published in one lock round trip, with none of the batch's
-        lists.  Every other case takes the batch path.  Like ``get``, this is ``Cache.put`` itself, not a
-        helper behind it: a call frame is a measurable part of a 4 KiB put.)"""
-        try:
-            key_bytes = encode_key(key)
-            data, dtype, shape = tensor_data(value)
-            if score is not None:
-                score = check_score(score)
-        except (TypeError, ValueError):
-            if self._closing or self._closed:  # a closed cache says so first
-                raise CacheClosedError("this tiercache.Cache is closed") from None
-            raise
+        lists; a plain CPU tensor (exact ``torch.Tensor``, a real non-quantized dtype, no negative bit) is
+        checked inline, and an int or str key short enough to always fit ``MAX_KEY_BYTES`` is encoded only
+        when the entry first needs its header (``Entry.header``).  Every other case takes the batch path.
+        Like ``get``, this is ``Cache.put`` itself, not a helper behind it: a call frame is a measurable part
+        of a 4 KiB put.)"""
         arena = self._direct_arena
+        kind = type(key)
+        if (value.__class__ is _Tensor and arena is not None and score is None
+                and (kind is int and -_LAZY_INT < key < _LAZY_INT or kind is str and len(key) <= _LAZY_STR)):
+            # The common case's checks, as tensor_data and encode_key make them, for a plain CPU tensor
+            # of a real, non-quantized dtype (``is_cpu`` rules out meta tensors, the dtype quantized and
+            # conjugate ones), without their calls: a fraction of a microsecond of a 4 KiB put.  Such a
+            # key always encodes within MAX_KEY_BYTES, so its encoding is left to ``Entry.header``.
+            dtype = value.dtype
+            if (dtype in _PLAIN_DTYPES and value.layout is _STRIDED and value.is_cpu and not value.is_nested
+                    and not value.is_neg() and value.is_contiguous()
+                    and len(shape := _SHAPES.get(value.shape) or _shape_of(value)) <= MAX_DIMS):
+                data, key_bytes = value, None
+            else:
+                data = None
+        else:
+            data = None
+        if data is None:
+            try:
+                key_bytes = encode_key(key)
+                data, dtype, shape = tensor_data(value)
+                if score is not None:
+                    score = check_score(score)
+            except (TypeError, ValueError):
+                if self._closing or self._closed:  # a closed cache says so first
+                    raise CacheClosedError("this tiercache.Cache is closed") from None
+                raise
+            if arena is None or not data.is_cpu or not data.is_contiguous():
+                self._put_batch(((key, value),), (score,), bracket=True)
+                return
         size = data.nbytes
-        if (arena is None or size > MEMMOVE_MAX_BYTES or size > self._limits[0] or not data.is_cpu
-                or not data.is_contiguous()):
+        if size > MEMMOVE_MAX_BYTES or size > self._limits[0]:
             self._put_batch(((key, value),), (score,), bracket=True)
             return
         releases: list[Release] = []
@@ -196,7 +239,10 @@ class DataPaths(Moves):
             slot = arena.allocate(size)
             if slot is not None:
                 start = _perf_counter()
-                copy_bytes(slot.ref, data.data_ptr(), size)  # (a CPU arena slot's ref is its address)
+                if size > GIL_HELD_MAX_BYTES:  # copy_bytes, inlined (a CPU arena slot's ref is its address)
+                    memmove(slot.ref, data.data_ptr(), size)
+                elif size:
+                    memmove_holding_gil(slot.ref, data.data_ptr(), size)
                 seq = self._seq = self._seq + 1
                 clock = self._clock = self._clock + 1
                 index = self._index
@@ -205,12 +251,19 @@ class DataPaths(Moves):
                     if score is None:
                         score = old.score
                     releases = self._unlink(old)
+                token = next(_TOKENS)
                 entry = index[key] = Entry(key, size, arena.name, clock, clock, 0, score if score is not None else 0.0,
-                                           key_bytes, dtype, shape, seq, 0, slot, None, False, 1)
+                                           key_bytes, dtype, shape, seq, 0, slot, None, False, token)
+                # RankedQueue.push, inlined (the entry is new: its version is already the item's token)
                 queue = self._queues[0]
                 queue.live += 1
                 queue.payload += size
-                queue.push(entry, self._policy.rank(entry))
+                rank = entry.queued_rank = self._policy.rank(entry)
+                queue._owners[token] = entry
+                heap = queue._heap
+                _heappush(heap, (rank, token))
+                if len(heap) > 64 and len(heap) > 4 * queue.live + 4:
+                    queue._compact()
                 self._counters.puts += 1
                 counters = self._tier_counters[0]
                 counters.bytes_written += size
@@ -255,7 +308,10 @@ class DataPaths(Moves):
             slot = tier.allocate(size)
             if slot is None:
                 break
-            copy_bytes(slot.ref, data.data_ptr(), size)  # (a CPU arena slot's ref is its address)
+            if size > GIL_HELD_MAX_BYTES:  # copy_bytes, inlined (a CPU arena slot's ref is its address)
+                memmove(slot.ref, data.data_ptr(), size)
+            elif size:
+                memmove_holding_gil(slot.ref, data.data_ptr(), size)
             written[home] += size
             seq += 1
             clock += 1
@@ -265,12 +321,19 @@ class DataPaths(Moves):
                 if score is None:
                     score = old.info.score
                 releases += self._unlink(old)
+            token = next(_TOKENS)
             entry = index[key] = Entry(key, size, tier.name, clock, clock, 0, score if score is not None else 0.0,
-                                       item[1], item[3], item[4], seq, home, slot, None, False, 1)
+                                       item[1], item[3], item[4], seq, home, slot, None, False, token)
+            # RankedQueue.push, inlined (see put)
             queue = queues[home]
             queue.live += 1
             queue.payload += size
-            queue.push(entry, rank(entry))
+            item_rank = entry.queued_rank = rank(entry)
+            queue._owners[token] = entry
+            heap = queue._heap
+            _heappush(heap, (item_rank, token))
+            if len(heap) > 64 and len(heap) > 4 * queue.live + 4:
+                queue._compact()
             at += 1
         if at > position:
             self._seq, self._clock = seq, clock
@@ -592,9 +655,15 @@ class DataPaths(Moves):
                         entry.tier = arena.name
                         self._queues[0].push(entry, self._policy.rank(entry))
                     size = entry.nbytes
-                    result = new_tensor(entry.shape, entry.dtype)
-                    # (a CPU arena slot's ref is its address: ArenaTier.address)
-                    copy_bytes(result.data_ptr(), entry.slot.ref, size)
+                    # new_tensor, inlined for a (shape, dtype) seen before
+                    template = _TEMPLATES.get((entry.shape, entry.dtype))
+                    result = (_empty_like(template) if template is not None
+                              else new_tensor(entry.shape, entry.dtype))
+                    # copy_bytes, inlined (a CPU arena slot's ref is its address: ArenaTier.address)
+                    if size > GIL_HELD_MAX_BYTES:
+                        memmove(result.data_ptr(), entry.slot.ref, size)
+                    elif size:
+                        memmove_holding_gil(result.data_ptr(), entry.slot.ref, size)
                     self._counters.gets += 1
                     counters = self._tier_counters[0]
                     counters.hits += 1
@@ -624,9 +693,10 @@ class DataPaths(Moves):
             start = _perf_counter()
             dtype = entry.dtype
             shape = entry.shape
-            result = new_tensor(shape, dtype)
+            template = _TEMPLATES.get((shape, dtype))  # new_tensor, inlined for a (shape, dtype) seen before
+            result = _empty_like(template) if template is not None else new_tensor(shape, dtype)
             try:
-                tier.read_fresh(slot, result, entry.key_bytes, _DTYPE_NAMES.get(dtype) or dtype_name(dtype),
+                tier.read_fresh(slot, result, entry.key_bytes or entry.header.key, _DTYPE_NAMES.get(dtype) or dtype_name(dtype),
                                 shape, entry.seq)
             except CorruptEntryError as exc:
                 bad = True

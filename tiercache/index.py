@@ -13,6 +13,7 @@ from itertools import repeat
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Iterator
 
+from .keys import encode_key
 from .policies import EntryInfo
 from .tiers.base import EntryHeader, Slot
 
@@ -38,7 +39,7 @@ class Entry(EntryInfo):
     rank of that item; with ``rank_deferred`` the item is not in the heap yet: an older item of the entry
     with a smaller key stands in for it until it comes up (see ``RankedQueue.defer``)."""
 
-    key_bytes: bytes = b""  # the header's fields, kept flat (see ``header``)
+    key_bytes: bytes | None = b""  # the header's fields, kept flat (see ``header``); None: not encoded yet
     dtype: Any = None  # torch.dtype of the payload
     shape: tuple[int, ...] = ()
     seq: int = 0
@@ -58,8 +59,13 @@ class Entry(EntryInfo):
     @property
     def header(self) -> EntryHeader:
         """The entry's header, built from its fields on each access (for tier calls, off the hot path):
-        not keeping an :class:`EntryHeader` object per entry is one GC-tracked object less each."""
-        return EntryHeader(self.key_bytes, dtype_name(self.dtype), self.shape, self.nbytes, self.seq)
+        not keeping an :class:`EntryHeader` object per entry is one GC-tracked object less each.  A single
+        ``put`` of an int or str key leaves ``key_bytes`` None (see ``DataPaths.put``): it is encoded here,
+        the first time the entry needs its header (a move to another tier, a flush), and kept."""
+        key_bytes = self.key_bytes
+        if key_bytes is None:
+            key_bytes = self.key_bytes = encode_key(self.key)
+        return EntryHeader(key_bytes, dtype_name(self.dtype), self.shape, self.nbytes, self.seq)
 
 
 _DTYPE_NAMES: dict[Any, str] = {}

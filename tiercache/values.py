@@ -72,6 +72,20 @@ def check_header(header: EntryHeader) -> torch.dtype:
 
 _Tensor = torch.Tensor
 _STRIDED = torch.strided
+_SHAPES: dict[tuple[int, ...], tuple[int, ...]] = {}  # shape -> one tuple for every entry of that shape
+_MAX_SHAPES = 4096
+
+
+def _shape_of(value: torch.Tensor) -> tuple[int, ...]:
+    """``tuple(value.shape)``, kept in ``_SHAPES`` (a ``torch.Size`` hashes and compares as its tuple), so
+    entries of one shape share one tuple: one GC-tracked object less per stored value (``tensor_data``
+    and the single ``put`` look a shape up there first).  At most ``_MAX_SHAPES`` are kept (all dropped when full)."""
+    shape = tuple(value.shape)
+    if len(_SHAPES) >= _MAX_SHAPES:
+        _SHAPES.clear()
+    return _SHAPES.setdefault(shape, shape)
+
+
 _COMPLEX = frozenset(d for d in _DTYPES.values() if d.is_complex)  # the only dtypes a conjugate view can have
 
 
@@ -97,7 +111,7 @@ def tensor_data(value: object) -> tuple[torch.Tensor, torch.dtype, tuple[int, ..
         if value.is_meta:
             raise TypeError("meta tensors have no data to cache")
         raise TypeError("quantized tensors are not supported; dequantize first")
-    shape = tuple(value.shape)
+    shape = _SHAPES.get(value.shape) or _shape_of(value)
     if len(shape) > MAX_DIMS:
         raise ValueError(f"a value may have at most {MAX_DIMS} dimensions, got {len(shape)}")
     tensor = value.detach() if value.requires_grad else value

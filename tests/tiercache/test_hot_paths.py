@@ -362,3 +362,62 @@ def test_get_many_checks_tuple_keys_that_are_not_the_stored_object():
         with pytest.raises(TypeError, match="list"):
             cache.get_many([key, ("a", [1])])
         assert cache.stats()["gets"] == gets
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch's deprecation of quantized tensors
+def test_single_put_fast_path_refuses_and_resolves_as_tensor_data_does():
+    """The single put's inline checks (plain CPU tensors of real, non-quantized dtypes) leave every other
+    value to tensor_data: same errors, same resolved values."""
+    with tiercache.Cache(host="1MiB", disk=None) as cache:
+        z = torch.complex(torch.arange(4.0), torch.ones(4))
+        neg = z.conj().imag  # a real float32 tensor with the negative bit set
+        assert neg.is_neg() and neg.dtype == torch.float32
+        cache.put(1, neg)
+        assert torch.equal(cache.get(1), -torch.ones(4))
+        cache.put(2, z.conj())  # complex: tensor_data resolves the conjugate bit
+        assert torch.equal(cache.get(2), torch.conj_physical(z))
+        grad = torch.ones(3, requires_grad=True)
+        cache.put(3, grad)
+        assert not cache.get(3).requires_grad and torch.equal(cache.get(3), torch.ones(3))
+        strided = torch.arange(12.0).view(3, 4).t()
+        cache.put(4, strided)
+        assert torch.equal(cache.get(4), strided)
+        cache.put(5, torch.tensor([True, False]))
+        assert cache.get(5).tolist() == [True, False]
+        with pytest.raises(ValueError, match="dimensions"):
+            cache.put(6, torch.ones([1] * 65))
+        with pytest.raises(TypeError):
+            cache.put(7, torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8))
+        with pytest.raises(TypeError):
+            cache.put(8, torch.ones(2, device="meta"))
+        with pytest.raises(TypeError):
+            cache.put(True, torch.ones(2))  # a bool key (not an int key)
+        with pytest.raises(ValueError, match="too long"):
+            cache.put("x" * 3000, torch.ones(2))  # beyond the lazily encoded lengths: encoded and refused
+        with pytest.raises(ValueError, match="too long"):
+            cache.put(10 ** 2100, torch.ones(2))
+        assert sorted(cache.keys()) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_puts_encode_keys_when_the_entry_first_needs_its_header(tmp_path, batched):
+    """Int and str keys of ``put`` and ``put_many`` are encoded when the entry moves to disk, and a reopen
+    (and a verified disk read) finds them; values of one shape share one shape tuple."""
+    value = torch.arange(256, dtype=torch.float32)
+    keys = [0, -7, 10 ** 500, "é" * 510, "k"]
+    with tiercache.Cache(host="2KiB", disk="1MiB", path=tmp_path / "s") as cache:
+        if batched:
+            cache.put_many([(key, value + len(str(key))) for key in keys])
+        else:
+            for key in keys:
+                cache.put(key, value + len(str(key)))
+        entries = [cache._index[key] for key in keys]
+        assert all(e.shape is entries[0].shape for e in entries)
+        assert cache.tiers_of(keys) == ["disk"] * 3 + ["host"] * 2  # the first three were demoted
+        for key in keys:  # every get of a demoted entry reads the disk with its encoded key
+            assert torch.equal(cache.get(key), value + len(str(key)))
+        assert cache.stats()["corruptions"] == 0
+    with tiercache.Cache(host=None, disk="1MiB", path=tmp_path / "s") as cache:
+        assert sorted(map(repr, cache.keys())) == sorted(map(repr, keys))
+        for key in keys:
+            assert torch.equal(cache.get(key), value + len(str(key)))

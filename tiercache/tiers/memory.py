@@ -152,6 +152,8 @@ class ArenaTier:
         self._sorted_bases = [self._bases[i] for i in order]  # for ``_chunk``: ref -> (chunk, offset)
         self._sorted_chunks = order
         self.pinned = pin_memory
+        # One chunk (every host tier up to DEFAULT_CHUNK_BYTES): ``allocate`` asks its allocator directly.
+        self._single = (self._allocators[0].alloc_range, self._bases[0]) if len(self._allocators) == 1 else None
         if pin_memory and self.capacity:
             log.info("tiercache: pinned %d bytes of host memory in %d chunk(s) in %.2f s",
                      self.capacity, len(self._arenas), time.perf_counter() - start)
@@ -175,6 +177,10 @@ class ArenaTier:
     # by Python's cyclic GC, so a tier holding many entries adds no GC work for its handles (the block's
     # size is ``slot.charged``).
     def allocate(self, nbytes: int) -> Slot | None:
+        single = self._single
+        if single is not None:
+            found = single[0](nbytes)
+            return None if found is None else _new_tuple(Slot, (single[1] + found[0], nbytes, found[1]))
         for index, allocator in enumerate(self._allocators):
             found = allocator.alloc_range(nbytes)
             if found is not None:
@@ -250,6 +256,7 @@ class ArenaTier:
 
     def close(self) -> None:
         self._typed.clear()
+        self._single = None
         arenas, self._arenas, self._bases = self._arenas, [], []
         for arena, uses in zip(arenas, self._uses):
             ARENA_POOL.give(arena, self.pinned, uses)
