@@ -74,6 +74,10 @@ class Cache(DataPaths, Persistence):
         self._init_state(cfg, make_policy(cfg.policy))
         if not isinstance(cfg.io_threads, int) or cfg.io_threads < 1:
             raise ValueError(f"io_threads must be a positive int, got {cfg.io_threads!r}")
+        if not isinstance(cfg.direct_io, bool):  # a truthy string such as "no" must not turn O_DIRECT on
+            raise TypeError(f"direct_io must be a bool, got {type(cfg.direct_io).__name__} {cfg.direct_io!r}")
+        if not isinstance(cfg.gpu_device, (str, torch.device)):
+            raise TypeError(f"gpu_device must be a device string such as 'cuda:1' or a torch.device, got {cfg.gpu_device!r}")
         self._lock_file: int | None = None
         self._tiers: list[Tier] = list(tiers) if tiers is not None else self._build_tiers(cfg)
         if not self._tiers:

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Hashable
 
+import torch
+
 from .policies import Policy
 
 
@@ -18,10 +20,12 @@ class CacheConfig:
     ``"lfu"``, ``"score"`` or a :class:`tiercache.Policy`.  ``compression`` is ``None`` or ``"zstd"`` for
     the disk tier.  ``fingerprint`` is recorded in a new store and must match when reopening one.
     ``on_evict(key, reason)`` is called (outside the cache lock) whenever an entry is dropped rather than
-    demoted: ``reason`` is ``"capacity"``, ``"corrupt"`` or ``"close"``.  ``io_threads`` sizes the pool
+    demoted: ``reason`` is ``"capacity"``, ``"corrupt"``, ``"flush"`` (``Cache.flush``) or ``"close"``.  ``io_threads`` sizes the pool
     that runs ``prefetch`` (and the disk tier's batched reads).  ``direct_io`` makes the disk tier read and
     write with ``O_DIRECT``, past the OS page cache (falls back to buffered I/O with a ``RuntimeWarning``
-    where the filesystem refuses it, e.g. tmpfs; ``stats()["tiers"]["disk"]["direct_io"]`` says which).
+    where the filesystem refuses it, e.g. tmpfs; ``stats()["tiers"]["disk"]["direct_io"]`` says which);
+    it must be a ``bool``.  ``gpu_device`` is the GPU tier's device (a string such as ``"cuda:1"`` or a
+    ``torch.device``); it is used only when ``gpu`` has a capacity.
     """
 
     gpu: int | str | None = None
@@ -33,5 +37,5 @@ class CacheConfig:
     fingerprint: str | None = None
     on_evict: Callable[[Hashable, str], None] | None = None
     io_threads: int = 4
-    gpu_device: str = "cuda"
+    gpu_device: str | torch.device = "cuda"
     direct_io: bool = False

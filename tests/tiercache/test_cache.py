@@ -291,6 +291,11 @@ def test_bad_configurations_are_clear_errors(tmp_path):
         Cache(host="1MiB", policy="fifo")
     with pytest.raises(ValueError, match="io_threads"):
         Cache(host="1MiB", io_threads=0)
+    with pytest.raises(TypeError, match="direct_io must be a bool"):  # "no" is truthy: it must not mean on
+        Cache(host="1MiB", disk="1MiB", path=tmp_path / "d", direct_io="no")
+    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())
+    with pytest.raises(TypeError, match="gpu_device"):
+        Cache(host="1MiB", gpu_device=0)
     with pytest.raises(TypeError):
         Cache(CacheConfig(), host="1MiB")
     with pytest.raises(TypeError):
