@@ -275,10 +275,9 @@ class PipelineConfig:
         slot_reads_after_sync: with ``stage_into_slots``, the background reads into the slots reserved for the
             next layers at a layer's fetch start only once that fetch's own synchronous reads from the slower
             tiers are done (its slots are reserved at once, as before; its copies from the fastest tier run after
-            the release, and so do its copies from the staging area when it reads nothing from a slower tier): the
-            fetch's few mispredicted disk reads then no longer queue behind the next layer's read-ahead (on the
-            device and in the disk tier's read pool), which the forward thread waited out.  Only when reads start
-            changes, never what is reserved, read or attended.  On for ``attention-aware``
+            the release): the fetch's few mispredicted disk reads then no longer queue behind the next layer's
+            read-ahead (on the device and in the disk tier's read pool), which the forward thread waited out.  Only
+            when reads start changes, never what is reserved, read or attended.  On for ``attention-aware``
             (SmolLM2 8K x 4, pools at the default bound: sync disk wait 107 -> 39 ms/step, 481 -> 427 ms/step;
             docs/sparse.md "Reads into reserved slots after the fetch's own").
         reads_beside_copies: a fetch's synchronous reads from the slower tiers (its missing blocks on disk) run on a
@@ -438,7 +437,7 @@ class PipelineConfig:
             base = cls(reuse=True, layer_ahead=True, disk_staging=True, defer_promotions=True, predictor="previous",
                        write_behind_bytes=64 * MiB, pool_blocks_factor=1.5, stage_near=16, seed_pool=True,
                        stage_into_slots=True, slot_reads_after_sync=True, idle_stage_near=16,
-                       huge_pages=True, idle_choice_background=True, tail_copy_holding_gil=True)
+                       huge_pages=True)
         else:
             raise ValueError(f"unknown strategy {strategy!r}")
         return cls(**{**asdict(base), **overrides})
@@ -1431,10 +1430,6 @@ class DecodePipeline:
             sync.setdefault(str(tiers[e]), []).append(e)
         fast = str(fastest)
         slow = {t: i for t, i in sync.items() if t != fast}
-        if self._gated and not slow:
-            # slot_reads_after_sync: this fetch reads nothing from the slower tiers, so the next layers' reads
-            # need not wait for anything: they start now, before the staged copies and the fastest tier's reads
-            self._open_gate()
         # reads_beside_copies: the slower tiers' reads run on the reader thread while this thread copies the
         # staged entries and the fastest tier's (only worth a thread hand-off when there is something to copy)
         beside = (self.config.reads_beside_copies and not defer and bool(slow)

@@ -641,7 +641,7 @@ def test_reads_beside_copies_is_a_checked_option():
 @pytest.mark.parametrize("host,options", [("32KiB", {"idle_stage_near": 4, "idle_stage_layers": 1}),
                                           ("48KiB", {"idle_stage_near": 4}),
                                           ("48KiB", {"idle_stage_near": 4, "reads_beside_copies": True}),
-                                          ("48KiB", {"idle_stage_near": 4, "idle_choice_background": False}),
+                                          ("48KiB", {"idle_stage_near": 4, "idle_choice_background": True}),
                                           ("32KiB", {"idle_stage_near": 4, "idle_stage_layers": 1,
                                                      "idle_choice_background": True})])
 def test_idle_staging_changes_no_logits_nor_selections(model, tmp_path, host, options):
@@ -722,7 +722,7 @@ def test_the_idle_choice_runs_on_its_own_thread_and_a_running_one_is_not_doubled
 def test_the_idle_choice_options_are_checked():
     assert not PipelineConfig().idle_choice_background and not PipelineConfig().tail_copy_holding_gil
     aware = PipelineConfig.for_strategy("attention-aware")
-    assert aware.idle_choice_background and aware.tail_copy_holding_gil
+    assert not aware.idle_choice_background and not aware.tail_copy_holding_gil  # opt-in: measured no faster
     assert not PipelineConfig.for_strategy("reuse-layer-ahead").tail_copy_holding_gil
     assert not PipelineConfig.for_strategy("fetch-every-step").tail_copy_holding_gil
     for field in ("idle_choice_background", "tail_copy_holding_gil"):
