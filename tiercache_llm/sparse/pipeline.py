@@ -311,12 +311,18 @@ class PipelineConfig:
             the layers' last selections and a snapshot of their pools' blocks, as the end-of-step worker does).  At
             most one such job at a time: a fetch that finds the last one still running stages nothing
             (``idle_choice_skipped``).  The job's time counts in ``idle_choice_seconds`` (``idle_seconds``: the
-            forward thread's part).  Only when and where the choice runs changes, never what is attended.
+            forward thread's part).  Only when and where the choice runs changes, never what is attended.  Off for
+            every strategy: at SmolLM2 8K x 4 it took the choice's 7 ms/step of CPU off the forward thread (11.9 ->
+            2.2 ms/step wall there) but the job, competing for the GIL, took 15-22 ms on its own thread, and
+            attention-aware was no faster in wall time (docs/sparse.md "Forward-thread bookkeeping of
+            attention-aware").
         tail_copy_holding_gil: a fetch copies the in-memory tail block's tokens into its pool slot (CPU pools) with
             one ``memmove`` per (row, KV head) that keeps the GIL (:func:`copy_holding_gil`, at most
             :data:`GIL_HELD_COPY_BYTES`) instead of a torch copy, which releases it: the bytes copied are the same,
             but a forward thread that lets the GIL go waits to take it back from the background threads' Python
-            (reads into slots, staging, the end-of-step worker), far longer than the copy takes.
+            (reads into slots, staging, the end-of-step worker), far longer than the copy takes (SmolLM2 8K x 4:
+            19.6 -> 1.3 ms/step of forward-thread wall for the tail copies).  Off for every strategy: the wait moved
+            to the forward thread's next release of the GIL, and the step was no faster (same docs section).
         huge_pages: the resident pools' CPU slot tensors (8 MiB or more) are allocated on transparent huge pages
             (:func:`tiercache.buffers.huge_empty`): a direct disk read into a slot pins 2 MiB pages instead of
             4 KiB ones.  On for ``attention-aware`` and ``reuse-layer-ahead`` (SmolLM2 8K x 4, 25 %, default
