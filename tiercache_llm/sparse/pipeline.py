@@ -123,6 +123,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import itertools
 import math
 import threading
 import time
@@ -2021,6 +2022,4 @@ def _indices(shape: list[int]) -> Any:
     """Every index of ``shape`` (row-major), as tuples."""
     if not shape:
         return [()]
-    import itertools
-
     return itertools.product(*(range(n) for n in shape))
