@@ -14,11 +14,20 @@ per-stage medians (``stats()``), entries per step by how they were served (``COU
 disk tiers, the paired difference of each
 variant against the first (per round), the load average, and whether every variant decoded the same tokens
 (exit status 1 if not).  ``--json FILE`` writes every round.
+
+``--old-tree DIR`` (a checkout of an earlier revision, e.g. ``git worktree add /tmp/old 6a67b74``): a variant
+written ``old:STRATEGY[:FIELD=VALUE...]`` runs that revision's decode pipeline (``DIR/tiercache_llm/sparse``:
+``pipeline.py`` and the modules it imports relatively: ``pool``, ``staging``, ``stage_choice``, ``fetch``,
+``placement``, loaded as the package ``_old_sparse``) in this tree's cache, with this tree's ``PipelineConfig``
+fields that revision knows; everything else (the cache, tiercache, selection, attention, ``record_attention``)
+is this tree's.  So a change to the pipeline's own code is A/B'd against its previous version in one process.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import types
 import shutil
 import sys
 import tempfile
@@ -42,6 +51,44 @@ COUNTS = ("pipeline.sync.disk", "pipeline.sync.host", "pipeline.reused", "pipeli
 MiB = float(1 << 20)
 
 
+def old_pipeline_module(tree: Path) -> types.ModuleType:
+    """``tree``'s ``tiercache_llm/sparse/pipeline.py`` imported as ``_old_sparse.pipeline`` (its relative imports
+    from ``tree`` too)."""
+    folder = Path(tree) / "tiercache_llm" / "sparse"
+    if not (folder / "pipeline.py").is_file():
+        raise SystemExit(f"--old-tree {tree}: no {folder / 'pipeline.py'}")
+    package = types.ModuleType("_old_sparse")
+    package.__path__ = [str(folder)]
+    sys.modules["_old_sparse"] = package
+    return importlib.import_module("_old_sparse.pipeline")
+
+
+class old_pipeline_in:
+    """While entered, caches are built with ``module``'s ``DecodePipeline`` (given the fields of this tree's
+    ``PipelineConfig`` that its own ``PipelineConfig`` has)."""
+
+    def __init__(self, module: types.ModuleType) -> None:
+        self.module = module
+
+    def __enter__(self) -> None:
+        from dataclasses import asdict, fields
+        from tiercache_llm import kv_cache
+
+        known = {f.name for f in fields(self.module.PipelineConfig)}
+        self.saved = kv_cache.DecodePipeline
+
+        def make(config, layers, store):
+            kept = {k: v for k, v in asdict(config).items() if k in known}
+            return self.module.DecodePipeline(self.module.PipelineConfig(**kept), layers, store)
+
+        kv_cache.DecodePipeline = make
+
+    def __exit__(self, *exc) -> None:
+        from tiercache_llm import kv_cache
+
+        kv_cache.DecodePipeline = self.saved
+
+
 def main(argv: list[str] | None = None) -> int:
     p = variant_parser(__doc__.split("\n\n")[0], context=8192)
     p.add_argument("--rounds", type=int, default=6)
@@ -49,10 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the decode steps (default 1)")
+    p.add_argument("--old-tree", type=Path, default=None,
+                   help="an earlier checkout whose decode pipeline the variants written old:STRATEGY... run")
     args = p.parse_args(argv)
     if args.threads < 1:
         p.error("--threads must be >= 1")
+    old = [spec.startswith("old:") for spec in args.variant]
+    if any(old) and args.old_tree is None:
+        p.error("a variant old:... needs --old-tree DIR")
+    args.variant = [spec[4:] if o else spec for spec, o in zip(args.variant, old)]
     variants = parsed_variants(p, args)
+    variants = [("old:" + spec if o else spec, name, ov) for (spec, name, ov), o in zip(variants, old)]
+    old_pipeline = old_pipeline_module(args.old_tree) if any(old) else None
     model, ids, context, kv = prefilled_point(args, args.rounds * (args.run + 1) + args.warmup)
     s = sp.Settings(host_fraction=0.25, block_size=args.block_size)
     work = Path(tempfile.mkdtemp(prefix="waits-ab-", dir=args.workdir))
@@ -60,7 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     for n, (_, name, ov) in enumerate(variants):
         ov = dict(ov or {})
         threads = ov.pop("disk_direct_threads", None)  # not a pipeline field: the disk tier's reads in flight
-        cache = sp.build_cache(model, sp.Config(name, args.budget, "cold"), kv, s, work / str(n), pipeline=ov or None)
+        if old[n]:
+            with old_pipeline_in(old_pipeline):
+                cache = sp.build_cache(model, sp.Config(name, args.budget, "cold"), kv, s, work / str(n),
+                                       pipeline=ov or None)
+            assert isinstance(cache._pipeline, old_pipeline.DecodePipeline)
+        else:
+            cache = sp.build_cache(model, sp.Config(name, args.budget, "cold"), kv, s, work / str(n), pipeline=ov or None)
         if threads is not None:
             for tier in cache.store.cache._tiers:
                 if hasattr(tier, "_direct_threads"):

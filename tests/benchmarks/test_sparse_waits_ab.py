@@ -31,3 +31,33 @@ def test_threads_must_be_positive(load_benchmark):
         assert exc.code == 2
     else:
         raise AssertionError("--threads 0 was accepted")
+
+
+def test_old_tree_variants_run_that_trees_pipeline(load_benchmark, tmp_path, monkeypatch):
+    """``--old-tree DIR`` with ``old:STRATEGY``: the cache runs DIR's decode pipeline (here this very tree, loaded a
+    second time as ``_old_sparse``), decoding the tokens the current one decodes."""
+    from pathlib import Path
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    bench = load_benchmark("sparse_waits_ab")
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "rounds.json"
+    assert bench.main(["--model", "tiny", "--context", "256", "--batch", "2", "--block-size", "16", "--rounds", "2",
+                       "--run", "1", "--warmup", "1", "--old-tree", str(root), "--variant", "attention-aware",
+                       "--variant", "old:attention-aware", "--json", str(out)]) == 0
+    runs = json.loads(out.read_text())
+    assert [r["spec"] for r in runs] == ["attention-aware", "old:attention-aware"]
+    assert runs[0]["tokens"] == runs[1]["tokens"]
+    import sys
+
+    assert sys.modules["_old_sparse.pipeline"].__file__ == str(root / "tiercache_llm" / "sparse" / "pipeline.py")
+
+
+def test_old_variants_need_an_old_tree(load_benchmark):
+    bench = load_benchmark("sparse_waits_ab")
+    try:
+        bench.main(["--model", "tiny", "--variant", "old:attention-aware"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    else:
+        raise AssertionError("old:... without --old-tree was accepted")

@@ -619,3 +619,35 @@ def test_a_bounded_arena_preferring_cheap_blocks_evicts_them_first():
         assert a.cheap <= set(a.slot_of)  # an evicted block is no longer marked
     arena.clear()
     assert not a.cheap
+
+
+@pytest.mark.parametrize("eviction", ["mass", "distance"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_victims_pass_over_protected_blocks_as_the_full_ranking_filtered(eviction, data):
+    """``_victims`` with ``protect`` names the first ``count`` blocks of its full ranking (no protection, every
+    candidate) that are not protected, in order, when reads in flight are passed over (``in_flight=False``, as a
+    reservation, its only caller with protection, asks)."""
+    import concurrent.futures
+
+    n_layers = data.draw(st.integers(2, 5))
+    arena = PoolArena("mass", factor=2.0, max_bytes=None, eviction=eviction)
+    views = [arena.pool() for _ in range(n_layers)]
+    for view in views:
+        blocks = sorted(data.draw(st.sets(st.integers(0, 11), min_size=1, max_size=6)))
+        mass = torch.tensor(data.draw(st.lists(st.floats(0, 10), min_size=12, max_size=12)), dtype=torch.float64)
+        arena_assign(view, blocks, mass=mass)
+    pending = concurrent.futures.Future()  # a read in flight into some slots
+    for view in views:
+        for j in list(view.slot_of)[: data.draw(st.integers(0, 2))]:
+            arena.mark_pending([view.slot_of[j]], pending)
+    view = data.draw(st.sampled_from(views))
+    want = set(data.draw(st.sets(st.sampled_from(sorted(view.slot_of)))))
+    guarded = data.draw(st.sampled_from(views))
+    keep = set(data.draw(st.sets(st.sampled_from(sorted(guarded.slot_of)))))
+    origin = data.draw(st.sampled_from([None, *views]))
+    count = data.draw(st.integers(1, 30))
+    full = arena._victims(view, want, 10_000, None, in_flight=False, origin=origin)
+    expect = [(p, j) for p, j in full if not (p is guarded and j in keep)][:count]
+    assert arena._victims(view, want, count, (guarded, keep), in_flight=False, origin=origin) == expect
+    pending.set_result(None)
