@@ -44,7 +44,6 @@ import argparse
 import gc
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile

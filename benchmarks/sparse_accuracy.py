@@ -469,7 +469,7 @@ def write_results(results: dict[str, Any], summary: list[dict[str, Any]], meta: 
             run = r["runs"][name]
             cells.append("n/a" if not run.get("available") else ("ok" if run["success"] else f"fail (`{run['answer'][:24]}`)"))
         lines.append(f"| {r['context']} | {r['tokens']} | {r['depth']:g} | {r['passkey']} | " + " | ".join(cells) + " |")
-    lines += ["", f"## Teacher-forced agreement with full attention", "",
+    lines += ["", "## Teacher-forced agreement with full attention", "",
               f"Text: {tf['source']}. Prefix {tf['prefix_tokens']} tokens prefilled exactly, then {tf['steps']} "
               "teacher-forced decode steps. KL(full || other) in nats per step.", "",
               "| config | top-1 agreement | mean KL | max KL | next-token accuracy (full's) | reuse rate |",

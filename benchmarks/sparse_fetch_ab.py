@@ -13,7 +13,7 @@ file of prefilled rows, written on first use (``--distinct-rows`` prompts of ``-
 tokens; prefill is the slow part on a 2-core machine).  Timing noise on a shared machine is large:
 compare medians of the same run only.
 """
-import argparse, cProfile, pstats, shutil, statistics, subprocess, sys, tempfile, time, types, importlib, io
+import argparse, cProfile, pstats, shutil, statistics, subprocess, sys, tempfile, time, types, io
 from pathlib import Path
 import torch
 WT = Path(__file__).resolve().parent.parent

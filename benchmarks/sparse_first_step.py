@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, g in enumerate(got):
                 per[i].append(g)
                 print(f"round {rnd} {variants[i][0]}: fill {g['fill_s']:.1f} s, first {g['first_ms']:.0f} ms, later "
-                      + " ".join(f"{x:.0f}" for x in g["later_ms"]) + f" | first stages "
+                      + " ".join(f"{x:.0f}" for x in g["later_ms"]) + " | first stages "
                       + ", ".join(f"{k.split('.', 1)[1]} {1000 * g['first_stages'].get(k, 0.0):.0f}" for k in FIRST_KEYS)
                       + f" | pool {g['first_pool']} | pipe {g['first_pipe']} | at the end {g.get('end_pool')}", flush=True)
     finally:

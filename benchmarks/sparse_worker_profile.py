@@ -15,7 +15,6 @@ so the same script compares revisions (run it with each revision first on ``PYTH
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys

@@ -2,7 +2,6 @@
 cache's digests equal to digests rebuilt from its keys, and at a dense budget its logits equal
 DynamicCache's under the same operations."""
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

@@ -47,7 +47,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from ..errors import CorruptEntryError, FingerprintMismatchError, OverBudgetError, TierCacheError, TierIOError
+from ..errors import CorruptEntryError, FingerprintMismatchError, OverBudgetError, TierIOError
 from . import disk_journal as journal
 from .base import EntryHeader, RecoveredEntry, Slot
 from .disk_fds import FdCache

@@ -57,7 +57,7 @@ def _dense(query, keys, values, allowed, new_k, new_v):
     k = torch.cat((keys, new_k), 2)
     v = torch.cat((values, new_v), 2)
     out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, enable_gqa=True)
-    kr, vr = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    kr = k.repeat_interleave(g, 1)
     weights = torch.softmax((query @ kr.transpose(-1, -2) / d**0.5).masked_fill(~mask, float("-inf")), -1)
     return out, weights
 

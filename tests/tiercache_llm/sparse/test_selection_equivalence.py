@@ -19,7 +19,6 @@ appends across page boundaries, left padding, GQA, budgets, pages per block) tha
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
