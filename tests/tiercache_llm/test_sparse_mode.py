@@ -461,6 +461,9 @@ def test_pages_attend_only_their_tokens_within_the_budget(make_model, monkeypatc
 
     monkeypatch.setattr(sl, "build_page_table_from_valid", spy)
     monkeypatch.setattr(sl, "select", spy_select)
+    # every call through the page table, so that each is inspected here: the direct CPU path (taken at one
+    # torch thread when every (row, head) has as many pages) is the table path bit for bit (test_direct_pages.py)
+    monkeypatch.setattr(sl, "attend_pages_cpu", lambda *a, **k: None)
     with TieredKVCache.for_model(model, mode="sparse", budget=budget, sink=sink, recent=recent, block_size=bs,
                                  page_size=page, host="1MiB") as cache:
         gen(model, cache, ids, mask, n=8)
