@@ -2012,14 +2012,7 @@ def copy_holding_gil(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> bool
         item = dst.element_size()
         dstr = [x * item for x in dst.stride()[:-2]]
         sstr = [x * item for x in src.stride()[:-2]]
-        for index in _indices(outer):
+        for index in itertools.product(*map(range, outer)):  # row-major; one empty index for no outer dims
             memmove_holding_gil(d0 + sum(i * t for i, t in zip(index, dstr)),
                                 s0 + sum(i * t for i, t in zip(index, sstr)), run)
     return True
-
-
-def _indices(shape: list[int]) -> Any:
-    """Every index of ``shape`` (row-major), as tuples."""
-    if not shape:
-        return [()]
-    return itertools.product(*(range(n) for n in shape))
