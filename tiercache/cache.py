@@ -17,17 +17,18 @@ from __future__ import annotations
 import atexit
 import errno
 import fcntl
+import operator
 import os
 import warnings
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Hashable, Iterable, Iterator, Sequence
+from typing import Any, Hashable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from .batched import DataPaths, _normal_device
-from .config import CacheConfig
+from .config import CacheConfig, check_config
 from .errors import CacheClosedError, CacheLockedError
 from .index import RankedQueue
 from .keys import check_key
@@ -71,13 +72,8 @@ class Cache(DataPaths, Persistence):
         if config is not None and not isinstance(config, CacheConfig):
             raise TypeError(f"config must be a CacheConfig, got {type(config).__name__}")
         cfg = config if config is not None else CacheConfig(**options)
+        check_config(cfg)  # again: a CacheConfig's fields may have been changed since it was made
         self._init_state(cfg, make_policy(cfg.policy))
-        if not isinstance(cfg.io_threads, int) or cfg.io_threads < 1:
-            raise ValueError(f"io_threads must be a positive int, got {cfg.io_threads!r}")
-        if not isinstance(cfg.direct_io, bool):  # a truthy string such as "no" must not turn O_DIRECT on
-            raise TypeError(f"direct_io must be a bool, got {type(cfg.direct_io).__name__} {cfg.direct_io!r}")
-        if not isinstance(cfg.gpu_device, (str, torch.device)):
-            raise TypeError(f"gpu_device must be a device string such as 'cuda:1' or a torch.device, got {cfg.gpu_device!r}")
         self._lock_file: int | None = None
         self._tiers: list[Tier] = list(tiers) if tiers is not None else self._build_tiers(cfg)
         if not self._tiers:
@@ -126,9 +122,9 @@ class Cache(DataPaths, Persistence):
             raise ValueError("path was given but the disk tier is disabled: also pass disk='4GiB' (for example)")
         tiers: list[Tier] = []
         if gpu:
-            tiers.append(gpu_tier(gpu, cfg.gpu_device))
+            tiers.append(_holding_entries(gpu_tier(gpu, cfg.gpu_device), gpu))
         if host:
-            tiers.append(host_tier(host))
+            tiers.append(_holding_entries(host_tier(host), host))
         if disk:
             assert cfg.path is not None
             check_disk_capacity(disk)  # before anything is created at the path
@@ -200,14 +196,23 @@ class Cache(DataPaths, Persistence):
         # keeps tracking it, and a large batch's surviving pairs could trigger a full collection.
         keys: list[Hashable] = []
         values: list[torch.Tensor] = []
+        if isinstance(items, Mapping):  # iterating it would give its keys alone, each unpacked as a "pair"
+            self._refuse_if_closed()
+            raise TypeError("put_many takes (key, tensor) pairs, not a mapping: pass mapping.items()")
         try:
-            for key, value in items:
+            iterator = iter(items)
+        except TypeError:
+            self._refuse_if_closed()
+            raise TypeError(f"put_many takes an iterable of (key, tensor) pairs, got {type(items).__name__}") from None
+        try:
+            for key, value in iterator:
                 keys.append(key)
                 values.append(value)
-        except (TypeError, ValueError):  # not (key, value) pairs
-            if self._closing or self._closed:  # a closed cache says so first
-                raise CacheClosedError("this tiercache.Cache is closed") from None
-            raise
+        except (TypeError, ValueError) as exc:  # not (key, value) pairs
+            self._refuse_if_closed()  # a closed cache says so first
+            if exc.__traceback__ is not None and exc.__traceback__.tb_next is not None:
+                raise  # raised inside the caller's iterator, not by the unpacking: its own error
+            raise type(exc)(f"put_many: item {len(keys)} is not a (key, tensor) pair ({exc})") from None
         score_list = list(scores) if scores is not None else [None] * len(keys)
         if len(score_list) != len(keys):
             raise ValueError(f"{len(score_list)} scores for {len(keys)} items")
@@ -248,7 +253,7 @@ class Cache(DataPaths, Persistence):
         This call returns once every copy is complete.  Every source slot stays pinned until then, so a
         concurrent delete or demotion never frees bytes being read.  Hits, misses and promotions are
         counted and applied as ``get`` does.  Thread-safe."""
-        keys = list(keys)
+        keys = list(keys) if keys.__class__ is list else self._key_list(keys, "get_many")
         dsts: list[torch.Tensor] | None = None
         packed: torch.Tensor | None = None
         asked = _normal_device(torch.device(device)) if device is not None else None
@@ -293,7 +298,7 @@ class Cache(DataPaths, Persistence):
 
     def delete_many(self, keys: Iterable[Hashable]) -> int:
         """Remove every key (as one batch); how many were present."""
-        keys = list(keys)
+        keys = list(keys) if keys.__class__ is list else self._key_list(keys, "delete_many")
         self._begin()
         try:
             return sum(self._delete_batch(keys))
@@ -301,6 +306,12 @@ class Cache(DataPaths, Persistence):
             self._end()
 
     def update_scores(self, scores: dict[Hashable, float]) -> int:
+        """Set the score :class:`~tiercache.ScorePolicy` ranks by, for the stored keys among ``scores`` (a
+        mapping ``{key: score}``, else ``TypeError``); how many were stored.  Every score is checked first
+        (``TypeError`` non-numeric, ``ValueError`` NaN: none applied)."""
+        if type(scores) is not dict and not isinstance(scores, Mapping):
+            self._refuse_if_closed()
+            raise TypeError(f"update_scores takes a mapping {{key: score}}, got {type(scores).__name__}")
         with self._operation():
             return self._update_scores_impl(scores)
 
@@ -309,7 +320,7 @@ class Cache(DataPaths, Persistence):
         that lives on that device (``"cuda"``: the GPU tier, ``"cpu"``: the host tier; ``ValueError`` when
         no tier does).  The future's result is how many of them are in that tier or a faster one when it
         completes; absent keys are skipped.  Staging never drops another entry to make room."""
-        keys = [key for key in keys]
+        keys = self._key_list(keys, "prefetch")
         for key in keys:
             check_key(key)
         target = 0 if device is None else self._tier_on(torch.device(device))
@@ -365,6 +376,8 @@ class Cache(DataPaths, Persistence):
             self._check_open()
             index, tiers = self._index, self._tiers
             out: list[str | None] = []
+            if keys.__class__ is str or keys.__class__ is bytes:
+                raise TypeError(f"tiers_of takes an iterable of keys, not one {type(keys).__name__} key: pass [key]")
             for key in keys:
                 entry = index.get(key)
                 out.append(tiers[entry.level].name if entry is not None else None)
@@ -373,8 +386,34 @@ class Cache(DataPaths, Persistence):
     def charge(self, nbytes: int) -> int:
         """The most budget bytes any tier charges for a value of ``nbytes`` bytes (slot rounding, headers,
         checksums): an upper bound on what storing it consumes wherever it lands or is moved to.  Tiers
-        without a ``charge`` method are assumed to charge the payload size."""
+        without a ``charge`` method are assumed to charge the payload size.  ``nbytes``: an integer >= 0
+        (``TypeError`` for anything else, ``bool`` included; ``ValueError`` when negative)."""
+        if type(nbytes) is not int:
+            if isinstance(nbytes, bool) or not hasattr(nbytes, "__index__"):
+                raise TypeError(f"nbytes must be an int, got {type(nbytes).__name__} {nbytes!r}")
+            nbytes = operator.index(nbytes)
+        if nbytes < 0:
+            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
         return max(getattr(tier, "charge", lambda n: n)(nbytes) for tier in self._tiers)
+
+    def _refuse_if_closed(self) -> None:
+        """``CacheClosedError`` when closed (or closing): a closed cache says so before it judges arguments."""
+        if self._closing or self._closed:
+            raise CacheClosedError("this tiercache.Cache is closed")
+
+    def _key_list(self, keys: Iterable[Hashable], what: str) -> list[Hashable]:
+        """``list(keys)`` for the batch calls, refusing a lone ``str`` / ``bytes`` key (iterating it would
+        look up its characters) and a non-iterable (``TypeError``; ``CacheClosedError`` first when closed)."""
+        if keys.__class__ is str or keys.__class__ is bytes:
+            self._refuse_if_closed()
+            raise TypeError(f"{what} takes an iterable of keys, not one {type(keys).__name__} key: pass [key]")
+        try:
+            return list(keys)
+        except TypeError as exc:
+            self._refuse_if_closed()
+            if exc.__traceback__ is not None and exc.__traceback__.tb_next is not None:
+                raise  # raised inside the caller's iterator
+            raise TypeError(f"{what} takes an iterable of keys, got {type(keys).__name__}") from None
 
     @property
     def tiers(self) -> list[Tier]:
@@ -494,6 +533,16 @@ class Cache(DataPaths, Persistence):
         tiers = ", ".join(f"{t.name}={format_size(t.capacity)}" for t in self._tiers)
         state = "closed" if self._closed else f"entries={len(self._index)}"
         return f"tiercache.Cache({tiers}, policy={getattr(self._policy, 'name', self._policy)!r}, {state})"
+
+
+def _holding_entries(tier: ArenaTier, budget: int) -> ArenaTier:
+    """``tier`` when it can hold an entry; a budget below one slot (256 bytes) leaves a tier of no
+    capacity, which every put would find too small: ``ValueError`` (0 or None disables a tier)."""
+    if tier.capacity == 0:
+        tier.close()
+        raise ValueError(f"{tier.name} capacity of {budget} bytes holds no entry: a memory tier's slots are "
+                         f"256 bytes; give at least that, or 0/None to disable the tier")
+    return tier
 
 
 _OPEN: "weakref.WeakSet[Cache]" = weakref.WeakSet()  # caches not closed yet, for the exit-time warning

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+import operator
 import os
 from dataclasses import dataclass
 from typing import Callable, Hashable
@@ -26,6 +28,13 @@ class CacheConfig:
     where the filesystem refuses it, e.g. tmpfs; ``stats()["tiers"]["disk"]["direct_io"]`` says which);
     it must be a ``bool``.  ``gpu_device`` is the GPU tier's device (a string such as ``"cuda:1"`` or a
     ``torch.device``); it is used only when ``gpu`` has a capacity.
+
+    The option types are checked on construction (and again by ``Cache``, in case a field was changed
+    since; :func:`check_config`): ``io_threads`` a positive integer (``bool`` refused; numpy integers are
+    taken as ``int``), else ``ValueError``; ``direct_io`` a ``bool``, ``gpu_device`` a ``str`` or
+    ``torch.device``, ``path`` a ``str`` or ``os.PathLike``, ``compression`` and ``fingerprint`` a ``str``
+    (or ``None``), ``on_evict`` a callable (or ``None``), else ``TypeError``.  Capacities and the policy are
+    checked when the ``Cache`` is built.
     """
 
     gpu: int | str | None = None
@@ -39,3 +48,33 @@ class CacheConfig:
     io_threads: int = 4
     gpu_device: str | torch.device = "cuda"
     direct_io: bool = False
+
+    def __post_init__(self) -> None:
+        check_config(self)
+
+
+def check_config(cfg: CacheConfig) -> None:
+    """Check the types of ``cfg``'s options (see :class:`CacheConfig`); a numpy integer ``io_threads`` is
+    replaced by the ``int``.  Capacities (``parse_size``) and the policy (``make_policy``) are checked where
+    the cache uses them."""
+    threads = cfg.io_threads
+    if type(threads) is not int:
+        if isinstance(threads, numbers.Integral) and not isinstance(threads, bool):
+            cfg.io_threads = threads = operator.index(threads)
+        else:
+            raise ValueError(f"io_threads must be a positive int, got {type(threads).__name__} {threads!r}")
+    if threads < 1:
+        raise ValueError(f"io_threads must be a positive int, got {threads!r}")
+    if not isinstance(cfg.direct_io, bool):  # a truthy string such as "no" must not turn O_DIRECT on
+        raise TypeError(f"direct_io must be a bool, got {type(cfg.direct_io).__name__} {cfg.direct_io!r}")
+    if not isinstance(cfg.gpu_device, (str, torch.device)):
+        raise TypeError(f"gpu_device must be a device string such as 'cuda:1' or a torch.device, got {cfg.gpu_device!r}")
+    if cfg.path is not None and not isinstance(cfg.path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or an os.PathLike (the disk tier's folder), got {type(cfg.path).__name__}")
+    if cfg.compression is not None and not isinstance(cfg.compression, str):
+        raise TypeError(f"compression must be None or a codec name ('zstd'), got {type(cfg.compression).__name__}")
+    if cfg.fingerprint is not None and not isinstance(cfg.fingerprint, str):
+        raise TypeError(f"fingerprint must be a str (e.g. a hash of the weights or layout) or None, got "
+                        f"{type(cfg.fingerprint).__name__} {cfg.fingerprint!r}")
+    if cfg.on_evict is not None and not callable(cfg.on_evict):
+        raise TypeError(f"on_evict must be a callable(key, reason) or None, got {type(cfg.on_evict).__name__}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+import operator
 import re
 
 _UNITS = {
@@ -15,14 +17,18 @@ _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 def parse_size(value: int | str | None, what: str = "capacity") -> int:
     """Return ``value`` as a number of bytes.
 
-    Accepts a non-negative ``int``, ``None`` (meaning 0, i.e. disabled) or a string made of a number
-    and an optional unit: ``B``, decimal ``KB/MB/GB/TB`` (also ``K/M/G/T``) or binary ``KiB/MiB/GiB/TiB``;
-    units are case-insensitive.  Raises ``ValueError`` naming ``what`` for anything else.
+    Accepts a non-negative ``int`` (or another integer type, such as a numpy integer: taken as the
+    ``int``), ``None`` (meaning 0, i.e. disabled) or a string made of a number and an optional unit:
+    ``B``, decimal ``KB/MB/GB/TB`` (also ``K/M/G/T``) or binary ``KiB/MiB/GiB/TiB``; units are
+    case-insensitive.  Raises ``ValueError`` naming ``what`` for anything else (``bool``, floats,
+    negative numbers).
     """
     if value is None:
         return 0
     if isinstance(value, bool):
         raise ValueError(f"{what} must be a byte count or a size string like '512MiB', not {value!r}")
+    if not isinstance(value, int) and isinstance(value, numbers.Integral):  # numpy integers
+        value = operator.index(value)
     if isinstance(value, int):
         if value < 0:
             raise ValueError(f"{what} must not be negative, got {value}")
