@@ -320,6 +320,7 @@ class Cache(DataPaths, Persistence):
         that lives on that device (``"cuda"``: the GPU tier, ``"cpu"``: the host tier; ``ValueError`` when
         no tier does).  The future's result is how many of them are in that tier or a faster one when it
         completes; absent keys are skipped.  Staging never drops another entry to make room."""
+        self._refuse_if_closed()
         keys = self._key_list(keys, "prefetch")
         for key in keys:
             check_key(key)

@@ -205,7 +205,8 @@ def test_a_closed_cache_says_so_before_judging_arguments():
     cache.close()  # idempotent
     for call in (lambda: cache.get_many(3), lambda: cache.get_many("ab"), lambda: cache.delete_many(3),
                  lambda: cache.put_many(3), lambda: cache.put_many({"a": torch.ones(1)}),
-                 lambda: cache.update_scores([("a", 1.0)]), lambda: cache.prefetch("ab"), lambda: cache.get_many([])):
+                 lambda: cache.update_scores([("a", 1.0)]), lambda: cache.prefetch("ab"), lambda: cache.prefetch([1.5]),
+                 lambda: cache.get_many([])):
         with pytest.raises(CacheClosedError):
             call()
     stats = cache.stats()
