@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import numbers
+import operator
 import os
 import time
 import uuid
@@ -216,6 +218,7 @@ class TieredKVSettings:
     pool_bytes: int | str | None = "auto"
 
     def __post_init__(self) -> None:
+        _plain_numbers(self)
         if self.block_size is None:
             object.__setattr__(self, "block_size", default_block_size(self.mode))  # validates mode
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
@@ -277,6 +280,52 @@ class TieredKVSettings:
             raise TypeError("prefetch must be a bool")
         if not isinstance(self.direct_io, bool):
             raise TypeError("direct_io must be a bool")
+
+
+def _plain_numbers(settings: TieredKVSettings) -> None:
+    """Numeric options given as other number types (numpy scalars, e.g. from a computed budget) as the
+    Python ``int`` / ``float`` the checks and ``stats()`` expect: integer types for ``block_size``,
+    ``sink``, ``recent``, ``page_size`` and a token ``budget``, real types for a fractional ``budget`` and
+    ``decay``.  ``bool`` and non-numbers are left for the checks to refuse."""
+    for name in ("block_size", "sink", "recent", "page_size", "budget", "decay"):
+        value = getattr(settings, name)
+        kind = type(value)
+        if value is None or kind is int or kind is float or isinstance(value, bool):
+            continue
+        if isinstance(value, numbers.Integral) and name != "decay":
+            object.__setattr__(settings, name, operator.index(value))
+        elif isinstance(value, numbers.Real) and name in ("budget", "decay"):
+            object.__setattr__(settings, name, float(value))
+
+
+def _token_count(value: Any, what: str) -> int:
+    """``value`` as an ``int`` for an argument counting tokens or rows: an integer (numpy integers and 1-element
+    tensors holding an integral value included: transformers 5.17's assisted decoding crops by a 0-d
+    tensor); ``TypeError`` for ``bool``, a fractional number, a string, ``None`` or anything else."""
+    if type(value) is int:
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1 and value.dtype != torch.bool and not value.is_complex():
+            number = value.item()
+            if number == int(number):
+                return int(number)
+    elif not isinstance(value, bool) and hasattr(value, "__index__"):
+        return operator.index(value)
+    raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
+
+
+def _row_index(index: Any, batch: int, what: str) -> torch.Tensor:
+    """``index`` (a tensor or a sequence of ints) as a 1-D long tensor of rows in ``[0, batch)``: ``TypeError``
+    for a floating, complex or boolean index (a float would be truncated to a row, a mask read as rows),
+    ``IndexError`` for another shape or a row out of range."""
+    index = torch.as_tensor(index)
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise TypeError(f"{what} must hold integer row indices, got dtype {index.dtype}")
+    if index.dim() != 1:
+        raise IndexError(f"{what} must be 1-D, got shape {tuple(index.shape)}")
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= batch):
+        raise IndexError(f"{what} {index.tolist()} out of range for batch size {batch}")
+    return index
 
 
 class TieredKVLayer(CacheLayerMixin):
@@ -673,6 +722,13 @@ class TieredKVLayer(CacheLayerMixin):
                 f"key and value states disagree on batch or sequence: {tuple(key_states.shape)} vs "
                 f"{tuple(value_states.shape)}"
             )
+        if key_states.dtype != value_states.dtype or key_states.device != value_states.device:
+            raise ValueError(
+                f"key and value states disagree on dtype or device: {key_states.dtype} on {key_states.device} vs "
+                f"{value_states.dtype} on {value_states.device}"
+            )
+        if key_states.is_meta:
+            raise TypeError("meta tensors have no data to cache: run the model on a real device")
         self.dtype, self.device = key_states.dtype, key_states.device
         self._batch = key_states.shape[0]
         self._shape_k = (key_states.shape[1], key_states.shape[3])
@@ -684,8 +740,12 @@ class TieredKVLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        expected_k = (self._batch, self._shape_k[0], key_states.shape[2], self._shape_k[1])
-        expected_v = (self._batch, self._shape_v[0], key_states.shape[2], self._shape_v[1])
+        try:
+            seq = key_states.shape[2]
+        except IndexError:  # fewer than 3 dimensions: the shapes below differ
+            seq = -1
+        expected_k = (self._batch, self._shape_k[0], seq, self._shape_k[1])
+        expected_v = (self._batch, self._shape_v[0], seq, self._shape_v[1])
         if key_states.shape != expected_k or value_states.shape != expected_v:
             raise ValueError(
                 f"layer {self.layer_idx}: states of shape {tuple(key_states.shape)}/{tuple(value_states.shape)} do "
@@ -693,7 +753,8 @@ class TieredKVLayer(CacheLayerMixin):
                 "between updates (use batch_select_indices / batch_repeat_interleave to change the batch)"
             )
         if key_states.dtype != self.dtype or value_states.dtype != self.dtype:
-            raise ValueError(f"layer {self.layer_idx}: dtype changed from {self.dtype} to {key_states.dtype}")
+            raise ValueError(f"layer {self.layer_idx}: the cache holds {self.dtype} states, got keys of "
+                             f"{key_states.dtype} and values of {value_states.dtype}")
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -830,7 +891,7 @@ class TieredKVLayer(CacheLayerMixin):
         past recording (:meth:`activate_past_recording`), and every crop (``crop(0)`` included) then
         deletes the blocks that left the window of the new length.  ``tokens_to_remove`` may be a 0-d
         tensor (transformers 5.17's assisted decoding passes one)."""
-        tokens_to_remove = int(tokens_to_remove)
+        tokens_to_remove = _token_count(tokens_to_remove, "crop's tokens_to_remove")
         if not self.is_initialized:
             if tokens_to_remove > 0:
                 raise ValueError(
@@ -889,7 +950,9 @@ class TieredKVLayer(CacheLayerMixin):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Repeat every batch row ``repeats`` times (row maps only; stored blocks are shared)."""
-        if not isinstance(repeats, int) or repeats <= 0:
+        if type(repeats) is not int and not isinstance(repeats, bool) and isinstance(repeats, numbers.Integral):
+            repeats = operator.index(repeats)
+        if type(repeats) is not int or repeats <= 0:
             raise ValueError(f"repeats must be a positive int, got {repeats!r}")
         if not self.is_initialized:
             return
@@ -903,15 +966,16 @@ class TieredKVLayer(CacheLayerMixin):
             return
         indices = torch.as_tensor(indices, device=self.device)
         if indices.dtype == torch.bool:
+            if indices.shape != (self._batch,):
+                raise IndexError(f"batch_select_indices: a boolean mask must have one entry per row "
+                                 f"({self._batch}), got shape {tuple(indices.shape)}")
             indices = torch.arange(self._batch, device=self.device)[indices]
         self._gather_rows(indices, compact=True)
 
     def _gather_rows(self, index: torch.Tensor, compact: bool) -> None:
         if not self.is_initialized:
             return
-        index = index.to(device=self.device, dtype=torch.long)
-        if index.dim() != 1 or (index.numel() and (int(index.min()) < 0 or int(index.max()) >= self._batch)):
-            raise IndexError(f"batch indices {index.tolist()} out of range for batch size {self._batch}")
+        index = _row_index(index, self._batch, "batch indices").to(device=self.device, dtype=torch.long)
         self._changing()
         self._tail_k = self._tail_k.index_select(0, index)
         self._tail_v = self._tail_v.index_select(0, index)
@@ -1023,6 +1087,15 @@ class TieredKVCache(Cache):
         TypeError: ``config`` is not a ``PretrainedConfig``; see :class:`TieredKVSettings` for the
             options' own checks.
         UnsupportedModelError: a layer kind other than full or sliding-window attention.
+
+    Arguments of the calls ``generate`` makes are checked before anything changes: ``update`` takes 4-D
+    keys and values agreeing on batch, sequence, dtype and device (``ValueError``; meta tensors
+    ``TypeError``) and an integer ``layer_idx`` (``TypeError``; out of range ``IndexError``); ``crop`` an
+    integer (``TypeError``); ``reorder_cache`` / ``batch_select_indices`` 1-D integer rows within the batch
+    (``TypeError`` for floating or boolean rows, ``IndexError`` otherwise; a boolean mask for
+    ``batch_select_indices``, one entry per row); ``batch_repeat_interleave`` a positive integer
+    (``ValueError``).  After :meth:`close` every one of them, ``reset`` and ``copy.deepcopy`` raise
+    ``RuntimeError``.
 
     Exact mode returns, for each layer and forward pass, every visible block (written by one batched
     ``get_many`` straight into its slice of a buffer shared by the layers), the in-memory tail and the
@@ -1162,23 +1235,33 @@ class TieredKVCache(Cache):
         if getattr(self, "_pipeline", None) is not None:
             self._pipeline.invalidate()
 
+    # The row and length changes below check their argument before anything changes (each layer checks it
+    # again, for direct use of a layer) and refuse a closed cache (RuntimeError), as update does.
     @with_normal_tensors
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.store._check_open()
+        batch = self.batch_size
+        if batch >= 0:
+            _row_index(beam_idx, batch, "beam_idx")
         self._invalidate_pipeline()  # the reuse buffers hold rows in the old order
         super().reorder_cache(beam_idx)
 
     @with_normal_tensors
     def batch_repeat_interleave(self, repeats: int) -> None:
+        self.store._check_open()
         self._invalidate_pipeline()
         super().batch_repeat_interleave(repeats)
 
     @with_normal_tensors
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.store._check_open()
         self._invalidate_pipeline()
         super().batch_select_indices(indices)
 
     @with_normal_tensors
     def crop(self, tokens_to_remove: int) -> None:
+        self.store._check_open()
+        tokens_to_remove = _token_count(tokens_to_remove, "crop's tokens_to_remove")
         self._invalidate_pipeline()
         super().crop(tokens_to_remove)
 
@@ -1275,6 +1358,10 @@ class TieredKVCache(Cache):
                 keys, values = self.update(key_states.detach(), value_states.detach(), layer_idx, *args, **kwargs)
             q = key_states.shape[-2]
             return _ending_in(keys, key_states, q), _ending_in(values, value_states, q)
+        if self.store._closed:
+            self.store._check_open()
+        if layer_idx.__class__ is not int:  # bool would pick layer 0 or 1, a float fail as a list index
+            layer_idx = _token_count(layer_idx, "layer_idx")
         n_layers = len(self.layers)
         if not 0 <= layer_idx < n_layers:
             raise IndexError(f"layer_idx {layer_idx} out of range for a cache of {n_layers} layers")
