@@ -15,6 +15,7 @@ module named for them:
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import errno
 import fcntl
 import operator
@@ -41,6 +42,8 @@ from .tiers.disk import DiskTier, check_capacity as check_disk_capacity
 from .tiers.memory import ArenaTier, gpu_tier, host_tier
 
 _CPU = torch.device("cpu")
+# The CacheConfig options that build the tiers (refused beside ready-made tiers=).
+_TIER_OPTIONS = frozenset({"gpu", "host", "disk", "path", "compression", "fingerprint", "direct_io", "gpu_device"})
 _STRIDED = torch.strided
 
 class Cache(DataPaths, Persistence):
@@ -73,6 +76,13 @@ class Cache(DataPaths, Persistence):
             raise TypeError(f"config must be a CacheConfig, got {type(config).__name__}")
         cfg = config if config is not None else CacheConfig(**options)
         check_config(cfg)  # again: a CacheConfig's fields may have been changed since it was made
+        if tiers is not None:  # options that build tiers would be ignored: refuse them
+            given = sorted(name for name in _TIER_OPTIONS if name in options) if config is None else sorted(
+                f.name for f in dataclasses.fields(CacheConfig)
+                if f.name in _TIER_OPTIONS and getattr(cfg, f.name) != f.default)
+            if given:
+                raise ValueError(f"{given} configure tiers, and tiers= gives them ready-made: leave them out "
+                                 f"(beside tiers=, only policy, on_evict and io_threads apply)")
         self._init_state(cfg, make_policy(cfg.policy))
         self._lock_file: int | None = None
         self._tiers: list[Tier] = list(tiers) if tiers is not None else self._build_tiers(cfg)

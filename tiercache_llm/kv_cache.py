@@ -27,6 +27,7 @@ import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from tiercache import CacheClosedError
 from tiercache.batched import INTRA_OP_GRAIN, machine_idle
 
 from .blocks import BlockRef, block_key
@@ -1076,9 +1077,9 @@ class TieredKVCache(Cache):
             no disk tier; sparse: ``budget=0.25, sink=4, recent=64, strategy="attention-aware", decay=0.9,
             page_size=8, digests="float16", pool_bytes="auto"``).  Sparse mode needs the model prepared:
             build it with :meth:`for_model`.
-        cache: an existing ``tiercache.Cache`` to store blocks in instead of creating one (then ``gpu``,
-            ``host``, ``disk``, ``path``, ``policy``, ``compression`` and ``direct_io`` must be left out:
-            ``ValueError``).  A borrowed cache is not closed by :meth:`close`;
+        cache: an existing, open ``tiercache.Cache`` to store blocks in instead of creating one (a closed
+            one: ``tiercache.CacheClosedError``; then ``gpu``, ``host``, ``disk``, ``path``, ``policy``,
+            ``compression`` and ``direct_io`` must be left out: ``ValueError``).  A borrowed cache is not closed by :meth:`close`;
             this KV cache's entries are deleted from it.
         settings: a complete :class:`TieredKVSettings` instead of the individual keywords (``ValueError``
             with any of them).
@@ -1167,6 +1168,8 @@ class TieredKVCache(Cache):
         text_config = config.get_text_config(decoder=True)
         windows = _layer_windows(text_config)
         if cache is not None:
+            if getattr(cache, "_closed", False) or getattr(cache, "_closing", False):
+                raise CacheClosedError("the tiercache.Cache passed as cache= is closed")
             self.store = BlockStore(cache, owns=False)
         else:
             self.store = BlockStore.open(

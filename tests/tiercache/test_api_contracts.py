@@ -74,6 +74,22 @@ def test_a_config_is_checked_when_made_and_again_when_used():
         Cache(config)
 
 
+def test_tier_options_beside_ready_made_tiers_are_refused(tmp_path):
+    """Cache(tiers=[...], disk=..., path=...) used to ignore disk and path silently."""
+    from tiercache import ArenaTier
+
+    tier = ArenaTier("host", 1 << 16)
+    with pytest.raises(ValueError, match=r"\['disk', 'path'\] configure tiers"):
+        Cache(tiers=[tier], disk="1MiB", path=tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(ValueError, match=r"\['host'\] configure tiers"):
+        Cache(CacheConfig(host="1MiB"), tiers=[tier])
+    with Cache(CacheConfig(policy="lfu", io_threads=2), tiers=[tier]) as cache:  # options that apply
+        assert cache.stats()["policy"] == "lfu"
+        cache.put("a", torch.ones(2))
+        assert cache.get("a").tolist() == [1.0, 1.0]
+
+
 # -- batch calls -----------------------------------------------------------------------------------------
 @pytest.fixture
 def cache():

@@ -68,6 +68,16 @@ def test_a_host_budget_below_one_slot_is_refused(make_config, host):
         TieredKVCache(make_config(), host=host)
 
 
+def test_a_closed_tiercache_is_refused_as_cache(make_config):
+    """cache=<a closed tiercache.Cache> used to be accepted, to fail at the first stored block."""
+    import tiercache
+
+    store = tiercache.Cache(host="1MiB")
+    store.close()
+    with pytest.raises(tiercache.CacheClosedError, match="passed as cache= is closed"):
+        TieredKVCache(make_config(), cache=store)
+
+
 def test_budget_int_1_and_float_1_differ():
     """1 is one token, 1.0 the whole context: both are accepted and kept apart."""
     assert TieredKVSettings(mode="sparse", budget=1).budget == 1
