@@ -62,6 +62,18 @@ def test_bad_numbers_are_refused(options, error, match):
         TieredKVSettings(**options)
 
 
+@pytest.mark.parametrize("pipeline", [{"prefault_pool": "no"}, {"warm_first_step": 1}, {"huge_pages": None}])
+def test_pipeline_switches_must_be_bools(pipeline):
+    """A truthy string such as "no" used to turn a pipeline feature on."""
+    from tiercache_llm.sparse.pipeline import PipelineConfig
+
+    with pytest.raises(ValueError, match=f"{next(iter(pipeline))} must be a bool"):
+        TieredKVSettings(mode="sparse", pipeline=pipeline)
+    with pytest.raises(ValueError, match="must be a bool"):
+        TieredKVSettings(mode="sparse", pipeline=PipelineConfig(**pipeline))
+    assert TieredKVSettings(mode="sparse", pipeline={"prefault_pool": False}).pipeline.prefault_pool is False
+
+
 @pytest.mark.parametrize("host", [1, 255])
 def test_a_host_budget_below_one_slot_is_refused(make_config, host):
     with pytest.raises(ValueError, match="host capacity of .* bytes holds no entry"):
