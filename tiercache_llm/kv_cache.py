@@ -905,41 +905,49 @@ class TieredKVLayer(CacheLayerMixin):
         deletes the blocks that left the window of the new length.  ``tokens_to_remove`` may be a 0-d
         tensor (transformers 5.17's assisted decoding passes one)."""
         tokens_to_remove = _token_count(tokens_to_remove, "crop's tokens_to_remove")
+        refused = self._crop_refusal(tokens_to_remove)
+        if refused is not None:
+            raise refused
         if not self.is_initialized:
-            if tokens_to_remove > 0:
-                raise ValueError(
-                    f"Calling `crop` with a positive value (`{tokens_to_remove}`) is not supported. "
-                    "Please use a negative integer to remove that number of tokens from the cache instead."
-                )
             return
+        if tokens_to_remove:
+            new_length = max(0, self._length - abs(tokens_to_remove))
+            self._truncate(new_length)
+            if self.sparse is not None:
+                self.sparse.crop(self, new_length)
+        self._drop_expired()
+
+    def _crop_refusal(self, tokens_to_remove: int) -> Exception | None:
+        """The exception ``crop(tokens_to_remove)`` raises before changing anything, or ``None`` (so
+        :meth:`TieredKVCache.crop` can check every layer before cropping any)."""
+        positive = ValueError(
+            f"Calling `crop` with a positive value (`{tokens_to_remove}`) is not supported. "
+            "Please use a negative integer to remove that number of tokens from the cache instead."
+        ) if tokens_to_remove > 0 else None
+        if not self.is_initialized:
+            return positive
         if self.sliding_window is not None and self._length >= self.sliding_window:
             if not self.record_past:
-                raise RuntimeError(
+                return RuntimeError(
                     f"layer {self.layer_idx}: cannot crop a sliding-window layer ({self.sliding_window}) that already "
                     "dropped tokens outside its window; call activate_past_recording() before the tokens to roll "
                     "back are added (generate does so for assisted and prompt-lookup decoding)"
                 )
             if tokens_to_remove > 0:
-                raise RuntimeError(
+                return RuntimeError(
                     f"layer {self.layer_idx}: once the sliding window is full, crop only takes a negative number "
                     f"of tokens to remove, got {tokens_to_remove}"
                 )
-        elif tokens_to_remove > 0:
-            raise ValueError(
-                f"Calling `crop` with a positive value (`{tokens_to_remove}`) is not supported. "
-                "Please use a negative integer to remove that number of tokens from the cache instead."
-            )
+        elif positive is not None:
+            return positive
         if tokens_to_remove:
             new_length = max(0, self._length - abs(tokens_to_remove))
             if self._visible_start(new_length) < self._first_pos:
-                raise RuntimeError(
+                return RuntimeError(
                     f"layer {self.layer_idx}: cannot roll back {abs(tokens_to_remove)} tokens: tokens the window "
                     "would see again were dropped before past recording was activated"
                 )
-            self._truncate(new_length)
-            if self.sparse is not None:
-                self.sparse.crop(self, new_length)
-        self._drop_expired()
+        return None
 
     def _truncate(self, new_length: int) -> None:
         tail_start = self._tail_start()
@@ -1277,6 +1285,10 @@ class TieredKVCache(Cache):
     def crop(self, tokens_to_remove: int) -> None:
         self.store._check_open()
         tokens_to_remove = _token_count(tokens_to_remove, "crop's tokens_to_remove")
+        for layer in self.layers:  # a layer that would refuse refuses before any layer is cropped
+            refused = layer._crop_refusal(tokens_to_remove)
+            if refused is not None:
+                raise refused
         self._invalidate_pipeline()
         super().crop(tokens_to_remove)
 

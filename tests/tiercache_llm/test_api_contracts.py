@@ -173,6 +173,21 @@ def test_crop_takes_an_int(cache, amount):
     assert cache.get_seq_length() == 10
 
 
+def test_a_crop_one_layer_refuses_crops_no_layer(make_config):
+    """A sliding-window layer that cannot roll back used to raise after the full-attention layers before it
+    were cropped, leaving the layers at different lengths."""
+    config = make_config("qwen2", layer_types=["full_attention", "sliding_attention"], sliding_window=8,
+                         use_sliding_window=True)
+    with TieredKVCache(config, host="4MiB", block_size=4) as cache:
+        assert [layer.sliding_window for layer in cache.layers] == [None, 8]
+        filled(cache, seq=12)
+        with pytest.raises(RuntimeError, match="layer 1: cannot crop a sliding-window layer"):
+            cache.crop(-2)
+        assert [layer.get_seq_length() for layer in cache.layers] == [12, 12]
+        cache.layers[0].crop(-2)  # a layer alone still crops
+        assert cache.layers[0].get_seq_length() == 10
+
+
 @pytest.mark.parametrize("amount", [-2, np.int64(-2), torch.tensor(-2), torch.tensor(-2.0)])
 def test_crop_integer_types(cache, amount):
     filled(cache)
