@@ -25,7 +25,7 @@ from typing import Any, Callable, Hashable, Iterable, Sequence
 import torch
 
 from .errors import CacheClosedError, CorruptEntryError, TierCacheError
-from .index import _DTYPE_NAMES, _TOKENS, Entry, dtype_name, rescore
+from .index import _DTYPE_NAMES, _TOKENS, COMPACT_MIN_ITEMS, COMPACT_RATIO, Entry, dtype_name, rescore
 from .keys import MAX_DIMS, check_key, encode_key
 from .moves import Moves
 from .sizes import format_size
@@ -262,7 +262,7 @@ class DataPaths(Moves):
                 queue._owners[token] = entry
                 heap = queue._heap
                 _heappush(heap, (rank, token))
-                if len(heap) > 64 and len(heap) > 4 * queue.live + 4:
+                if len(heap) > COMPACT_MIN_ITEMS and len(heap) > COMPACT_RATIO * (queue.live + 1):  # index.over_compaction_limit
                     queue._compact()
                 self._counters.puts += 1
                 counters = self._tier_counters[0]
@@ -332,7 +332,7 @@ class DataPaths(Moves):
             queue._owners[token] = entry
             heap = queue._heap
             _heappush(heap, (item_rank, token))
-            if len(heap) > 64 and len(heap) > 4 * queue.live + 4:
+            if len(heap) > COMPACT_MIN_ITEMS and len(heap) > COMPACT_RATIO * (queue.live + 1):  # index.over_compaction_limit
                 queue._compact()
             at += 1
         if at > position:
