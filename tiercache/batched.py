@@ -944,9 +944,9 @@ class DataPaths(Moves):
                     if to_cpu and nbytes_ <= MEMMOVE_MAX_BYTES:
                         result = results[i] = torch.empty(header.shape, dtype=entry.dtype)
                         if nbytes_ > GIL_HELD_MAX_BYTES:  # (copy_bytes, inlined: see _lookup_and_pin)
-                            memmove(result.data_ptr(), slot.ref, nbytes_)
+                            memmove(result.data_ptr(), arena.address(slot), nbytes_)
                         elif nbytes_:
-                            memmove_holding_gil(result.data_ptr(), slot.ref, nbytes_)
+                            memmove_holding_gil(result.data_ptr(), arena.address(slot), nbytes_)
                     else:
                         view = arena.typed_view(slot, entry.dtype).view(header.shape)
                         results[i] = view.clone() if to_cpu else view.to(target)
@@ -954,9 +954,9 @@ class DataPaths(Moves):
                     dst = dsts[i]
                     if nbytes_ <= MEMMOVE_MAX_BYTES and dst.is_cpu and dst.is_contiguous():
                         if nbytes_ > GIL_HELD_MAX_BYTES:
-                            memmove(dst.data_ptr(), slot.ref, nbytes_)
+                            memmove(dst.data_ptr(), arena.address(slot), nbytes_)
                         elif nbytes_:
-                            memmove_holding_gil(dst.data_ptr(), slot.ref, nbytes_)
+                            memmove_holding_gil(dst.data_ptr(), arena.address(slot), nbytes_)
                     else:
                         to_dsts.append(dst)
                         view = views[i]
