@@ -777,7 +777,8 @@ class DataPaths(Moves):
         if not pinned and direct is not None:  # all copied during the lookup: the operation is complete
             return dsts if dsts is not None else direct  # type: ignore[return-value]
         if dsts is not None:
-            rows = self._row_requests(pinned, dsts if len(positions) == len(keys) else [dsts[i] for i in positions])
+            rows = self._row_requests(pinned, dsts if len(positions) == len(keys) else [dsts[i] for i in positions],
+                                      target.type == "cpu")
             if rows is not None:
                 self._get_rows(pinned, rows, bracket)
                 return dsts
@@ -790,13 +791,15 @@ class DataPaths(Moves):
             return whole  # type: ignore[return-value]
         return self._get_pinned(pinned, views, target, dsts, packed, pack, bracket)
 
-    def _row_requests(self, pinned: list[_Pinned], dsts: list[torch.Tensor]) -> list[tuple[Slot, Any, torch.Tensor]] | None:
+    def _row_requests(self, pinned: list[_Pinned], dsts: list[torch.Tensor],
+                      on_cpu: bool = False) -> list[tuple[Slot, Any, torch.Tensor]] | None:
         """The ``read_into`` requests of a batch that :func:`to_strided_reads` accepts (every pinned value in
         one tier that reads row-contiguous CPU destinations in place, e.g. exact decode's blocks on a disk
         tier read into their slices of a decode buffer), checked and built in one pass; ``None`` for any
         other batch.  A contiguous destination is read into as its 1-D bytes (contract C2), which a
         promotion copies from, except by ``DiskTier``'s own ``read_into``, which takes it as it is (a
-        promotion then views its bytes); any other is read in place (``reads_strided``)."""
+        promotion then views its bytes); any other is read in place (``reads_strided``).  ``on_cpu``: every
+        destination is known to be on the CPU (``get_many`` checked them), so that is not asked again."""
         src = pinned[0][1]
         if not self._strided_tiers[src] or self._address_tiers[src] is not None:
             return None
@@ -805,9 +808,14 @@ class DataPaths(Moves):
         own = self._fresh_tiers[src] is not None
         requests = []
         for item, dst in zip(pinned, dsts):
-            if item[1] != src or not dst.is_cpu or not dst.dim() or dst.stride(-1) != 1:
+            if item[1] != src or not (on_cpu or dst.is_cpu):
                 return None
-            requests.append((item[2], item[3], dst if own or not dst.is_contiguous() else as_bytes(dst.view(-1))))
+            if dst.is_contiguous():  # (one run, whatever its strides of size-1 dimensions say)
+                requests.append((item[2], item[3], dst if own else as_bytes(dst.view(-1))))
+            elif dst.stride(-1) == 1:  # (a tensor that is not contiguous has a dimension)
+                requests.append((item[2], item[3], dst))
+            else:
+                return None
         return requests
 
     def _get_rows(self, pinned: list[_Pinned], requests: list[tuple[Slot, Any, torch.Tensor]], bracket: bool) -> None:
