@@ -6,7 +6,8 @@ alternating samples in one process.
 Each tree's ``tiercache`` is imported under its own name (as ``hotpath_ab.py`` does).  Each keeps a
 disk-only store of ``--keys`` joint K/V entries of SmolLM2's block shape (``(2, 1, 3, 256, 64)`` float32,
 384 KiB), page cache warm, read with ``get_many(keys, out=[...])`` into their block slices of a decode
-buffer, as ``tiercache_llm`` reads a layer (1K context: 3 blocks per layer).  The disk tier's read pool is
+buffer, as ``tiercache_llm`` reads a layer (1K context: 3 blocks per layer); with ``--contiguous`` into separate
+contiguous tensors instead (as the sparse pipeline's slots), with ``--tokens`` another block size.  The disk tier's read pool is
 off (``spare_cpus`` fixed at 0), so a sample is the calling thread's own work.  A sample is ``--calls``
 calls timed with ``time.thread_time``; old and new alternate sample by sample (the order flips every
 sample), so drift and neighbours hit both alike.  Beside them, interleaved the same way, ``floor``: the new
@@ -98,20 +99,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", type=int, default=3, help="entries per get_many (default 3: a 1K layer)")
     parser.add_argument("--samples", type=int, default=40)
     parser.add_argument("--calls", type=int, default=200, help="calls per sample")
+    parser.add_argument("--contiguous", action="store_true",
+                        help="read into separate contiguous tensors (as the sparse pipeline's slots) instead of "
+                             "block slices of one decode buffer")
+    parser.add_argument("--tokens", type=int, default=256,
+                        help="tokens per block (default 256, exact decode's; the entry is (2, 1, 3, TOKENS, 64) "
+                             "float32)")
     parser.add_argument("--parts", action="store_true",
                         help="also time the new tree's call with its disk reads stubbed out (see the module doc)")
     args = parser.parse_args(argv)
-    if args.keys < 1 or args.samples < 1 or args.calls < 1:
-        parser.error("--keys, --samples and --calls must be positive")
+    if args.keys < 1 or args.samples < 1 or args.calls < 1 or args.tokens < 1:
+        parser.error("--keys, --samples, --calls and --tokens must be positive")
     torch.set_num_threads(1)
     sys.path.insert(0, str(args.new.resolve() / "kernels"))
     trees = {"old": load_tree("tc_old", args.old.resolve()), "new": load_tree("tc_new", args.new.resolve())}
     for tree in trees.values():
         sys.modules[f"{tree.__name__}.tiers.disk"].spare_cpus = lambda: 0
-    shape, n = (2, 1, 3, 256, 64), args.keys
+    tokens, n = args.tokens, args.keys
+    shape = (2, 1, 3, tokens, 64)
     values = [torch.randn(shape) for _ in range(n)]
-    buffer = torch.zeros(2, 1, 3, n * 256 + 64, 64)  # room beyond the blocks, like a decode buffer's tail
-    out = list(buffer[:, :, :, : n * 256].unflatten(3, (n, 256)).unbind(3))
+    if args.contiguous:
+        out = [torch.zeros(shape) for _ in range(n)]
+    else:
+        buffer = torch.zeros(2, 1, 3, n * tokens + 64, 64)  # room beyond the blocks, like a decode buffer's tail
+        out = list(buffer[:, :, :, : n * tokens].unflatten(3, (n, tokens)).unbind(3))
     names = [("kv", "bench", 0, "kv", i) for i in range(n)]
     workdir = Path(tempfile.mkdtemp(prefix="tiercache-getmany-ab-"))
     caches = {}
@@ -143,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         for cache in caches.values():
             cache.close()
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"get_many of {n} x 384 KiB warm disk entries into decode-buffer slices, 1 torch thread, no read pool; "
+    where = "separate contiguous tensors" if args.contiguous else "decode-buffer slices"
+    print(f"get_many of {n} x {values[0].nbytes >> 10} KiB warm disk entries into {where}, 1 torch thread, "
+          f"no read pool; "
           f"{args.samples} samples of {args.calls} calls; load average {load[0]:.2f} at the start, "
           f"{os.getloadavg()[0]:.2f} at the end")
     for name, values_ in samples.items():  # floor: the same chunks read and checksummed with no bookkeeping

@@ -25,7 +25,7 @@ from typing import Any, Callable, Hashable, Iterable, Sequence
 import torch
 
 from .errors import CacheClosedError, CorruptEntryError, TierCacheError
-from .index import _DTYPE_NAMES, _TOKENS, Entry, dtype_name, rescore
+from .index import _DTYPE_NAMES, _TOKENS, COMPACT_MIN_ITEMS, COMPACT_RATIO, Entry, dtype_name, rescore
 from .keys import MAX_DIMS, check_key, encode_key
 from .moves import Moves
 from .sizes import format_size
@@ -262,7 +262,7 @@ class DataPaths(Moves):
                 queue._owners[token] = entry
                 heap = queue._heap
                 _heappush(heap, (rank, token))
-                if len(heap) > 64 and len(heap) > 4 * queue.live + 4:
+                if len(heap) > COMPACT_MIN_ITEMS and len(heap) > COMPACT_RATIO * (queue.live + 1):  # index.over_compaction_limit
                     queue._compact()
                 self._counters.puts += 1
                 counters = self._tier_counters[0]
@@ -332,7 +332,7 @@ class DataPaths(Moves):
             queue._owners[token] = entry
             heap = queue._heap
             _heappush(heap, (item_rank, token))
-            if len(heap) > 64 and len(heap) > 4 * queue.live + 4:
+            if len(heap) > COMPACT_MIN_ITEMS and len(heap) > COMPACT_RATIO * (queue.live + 1):  # index.over_compaction_limit
                 queue._compact()
             at += 1
         if at > position:
@@ -376,8 +376,11 @@ class DataPaths(Moves):
                 size = slot.nbytes
                 if type(tier) is ArenaTier or isinstance(tier, ArenaTier):
                     if tier.addressable and size <= MEMMOVE_MAX_BYTES and data.is_cpu and data.is_contiguous():
-                        if size:  # a KV-block-sized CPU value: one memmove, no torch op
+                        # a KV-block-sized CPU value: one memmove, no torch op (copy_bytes, inlined)
+                        if size > GIL_HELD_MAX_BYTES:
                             memmove(tier.address(slot), data.data_ptr(), size)
+                        elif size:
+                            memmove_holding_gil(tier.address(slot), data.data_ptr(), size)
                     else:
                         # One copy in the value's dtype (C1) and shape, from any strides.
                         view = tier.typed_view(slot, data.dtype)
@@ -530,7 +533,7 @@ class DataPaths(Moves):
             elif dsts is not None:
                 _check_destinations(found, dsts)
             tiers = self._tiers
-            pins, arena_tiers, direct_tiers = self._pins, self._arena_tiers, self._direct_tiers
+            pins, entry_tiers, direct_tiers = self._pins, self._entry_header_tiers, self._direct_tiers
             hits = [0] * len(tiers)
             clock = self._clock
             pinned: list[_Pinned] = []
@@ -559,16 +562,23 @@ class DataPaths(Moves):
                 if src == 0 and arena is not None:
                     size = entry.nbytes
                     if size <= MEMMOVE_MAX_BYTES:
+                        # (copy_bytes, inlined: a CPU arena slot's ref is its address, ArenaTier.address;
+                        # copies of at most GIL_HELD_MAX_BYTES keep the GIL, so a batch takes it back once,
+                        # not once per value, where another thread, e.g. the model, waits for it)
                         if dsts is None:
                             dst = direct[i] = new_tensor(entry.shape, entry.dtype)  # type: ignore[index]
-                            if size:
-                                memmove(dst.data_ptr(), arena.address(entry.slot), size)
+                            if size > GIL_HELD_MAX_BYTES:
+                                memmove(dst.data_ptr(), entry.slot.ref, size)
+                            elif size:
+                                memmove_holding_gil(dst.data_ptr(), entry.slot.ref, size)
                             copied += size
                             continue
                         dst = dsts[i]  # on the CPU (the target), checked by get_many
                         if dst.is_contiguous():
-                            if size:
-                                memmove(dst.data_ptr(), arena.address(entry.slot), size)
+                            if size > GIL_HELD_MAX_BYTES:
+                                memmove(dst.data_ptr(), entry.slot.ref, size)
+                            elif size:
+                                memmove_holding_gil(dst.data_ptr(), entry.slot.ref, size)
                         else:
                             # A strided destination (e.g. a block's slice of a decode buffer): copied
                             # by torch from a typed view of the slot, all of them in one
@@ -585,9 +595,10 @@ class DataPaths(Moves):
                 slot = entry.slot
                 token = id(slot)
                 pins[token] = pins.get(token, 0) + 1
-                # Arena tiers only read the header's nbytes and shape, which the entry has itself: no
-                # EntryHeader is built per key for them (disk reads get the real one, to verify).
-                pinned.append((entry, src, slot, entry if arena_tiers[src] else entry.header))
+                # Arena tiers only read the header's nbytes and shape, which the entry has itself, and a
+                # DiskTier takes the entry as its header's source (it caches the header record it verifies
+                # against by the entry's identity): no EntryHeader is built per key for them.
+                pinned.append((entry, src, slot, entry if entry_tiers[src] else entry.header))
                 view = entry.view
                 if view is None and dsts is not None and direct_tiers[src]:
                     # As above: a CPU arena value read into a strided destination is copied from a
@@ -766,7 +777,8 @@ class DataPaths(Moves):
         if not pinned and direct is not None:  # all copied during the lookup: the operation is complete
             return dsts if dsts is not None else direct  # type: ignore[return-value]
         if dsts is not None:
-            rows = self._row_requests(pinned, dsts if len(positions) == len(keys) else [dsts[i] for i in positions])
+            rows = self._row_requests(pinned, dsts if len(positions) == len(keys) else [dsts[i] for i in positions],
+                                      target.type == "cpu")
             if rows is not None:
                 self._get_rows(pinned, rows, bracket)
                 return dsts
@@ -779,20 +791,31 @@ class DataPaths(Moves):
             return whole  # type: ignore[return-value]
         return self._get_pinned(pinned, views, target, dsts, packed, pack, bracket)
 
-    def _row_requests(self, pinned: list[_Pinned], dsts: list[torch.Tensor]) -> list[tuple[Slot, Any, torch.Tensor]] | None:
+    def _row_requests(self, pinned: list[_Pinned], dsts: list[torch.Tensor],
+                      on_cpu: bool = False) -> list[tuple[Slot, Any, torch.Tensor]] | None:
         """The ``read_into`` requests of a batch that :func:`to_strided_reads` accepts (every pinned value in
         one tier that reads row-contiguous CPU destinations in place, e.g. exact decode's blocks on a disk
         tier read into their slices of a decode buffer), checked and built in one pass; ``None`` for any
         other batch.  A contiguous destination is read into as its 1-D bytes (contract C2), which a
-        promotion copies from; any other is read in place (``reads_strided``)."""
+        promotion copies from, except by ``DiskTier``'s own ``read_into``, which takes it as it is (a
+        promotion then views its bytes); any other is read in place (``reads_strided``).  ``on_cpu``: every
+        destination is known to be on the CPU (``get_many`` checked them), so that is not asked again."""
         src = pinned[0][1]
         if not self._strided_tiers[src] or self._address_tiers[src] is not None:
             return None
+        # DiskTier's own read_into takes a contiguous destination of any dtype as it is (one run): no
+        # byte view is made per key for it (a promotion makes one, see _get_rows).
+        own = self._fresh_tiers[src] is not None
         requests = []
         for item, dst in zip(pinned, dsts):
-            if item[1] != src or not dst.is_cpu or not dst.dim() or dst.stride(-1) != 1:
+            if item[1] != src or not (on_cpu or dst.is_cpu):
                 return None
-            requests.append((item[2], item[3], as_bytes(dst.view(-1)) if dst.is_contiguous() else dst))
+            if dst.is_contiguous():  # (one run, whatever its strides of size-1 dimensions say)
+                requests.append((item[2], item[3], dst if own else as_bytes(dst.view(-1))))
+            elif dst.stride(-1) == 1:  # (a tensor that is not contiguous has a dimension)
+                requests.append((item[2], item[3], dst))
+            else:
+                return None
         return requests
 
     def _get_rows(self, pinned: list[_Pinned], requests: list[tuple[Slot, Any, torch.Tensor]], bracket: bool) -> None:
@@ -821,7 +844,9 @@ class DataPaths(Moves):
                     # (the entry is its policy info: Entry.info returns it)
                     if promote(entry, name, fast):
                         # the source slot is still pinned by us; a strided destination is not a payload
-                        self._promote(entry, src, buf if buf.dim() == 1 and buf.dtype is torch.uint8 else None)
+                        if buf.dtype is not torch.uint8 or buf.dim() != 1:
+                            buf = as_bytes(buf.view(-1)) if buf.is_contiguous() else None
+                        self._promote(entry, src, buf)
         finally:
             with self._lock:
                 if seconds >= 0:
@@ -926,16 +951,20 @@ class DataPaths(Moves):
                 if dsts is None:
                     if to_cpu and nbytes_ <= MEMMOVE_MAX_BYTES:
                         result = results[i] = torch.empty(header.shape, dtype=entry.dtype)
-                        if nbytes_:
+                        if nbytes_ > GIL_HELD_MAX_BYTES:  # (copy_bytes, inlined: see _lookup_and_pin)
                             memmove(result.data_ptr(), arena.address(slot), nbytes_)
+                        elif nbytes_:
+                            memmove_holding_gil(result.data_ptr(), arena.address(slot), nbytes_)
                     else:
                         view = arena.typed_view(slot, entry.dtype).view(header.shape)
                         results[i] = view.clone() if to_cpu else view.to(target)
                 else:
                     dst = dsts[i]
                     if nbytes_ <= MEMMOVE_MAX_BYTES and dst.is_cpu and dst.is_contiguous():
-                        if nbytes_:
+                        if nbytes_ > GIL_HELD_MAX_BYTES:
                             memmove(dst.data_ptr(), arena.address(slot), nbytes_)
+                        elif nbytes_:
+                            memmove_holding_gil(dst.data_ptr(), arena.address(slot), nbytes_)
                     else:
                         to_dsts.append(dst)
                         view = views[i]

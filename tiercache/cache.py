@@ -99,6 +99,9 @@ class Cache(DataPaths, Persistence):
         self._largest_limit = max(self._limits)
         self._direct_tiers = [bool(getattr(tier, "addressable", False)) for tier in self._tiers]
         self._arena_tiers = [isinstance(tier, ArenaTier) for tier in self._tiers]
+        # Per tier: its reads take the entry itself where a header is asked for (arena tiers read only its
+        # nbytes and shape; DiskTier takes it as a header source, see DiskTier._expected_prefix).
+        self._entry_header_tiers = [isinstance(tier, ArenaTier) or type(tier) is DiskTier for tier in self._tiers]
         self._counters = CacheCounters({t.name: TierCounters() for t in self._tiers})
         self._tier_counters = [self._counters.tiers[t.name] for t in self._tiers]  # by tier index
         # The fastest tier when it is a CPU arena: small values are copied to and from it under the lock.

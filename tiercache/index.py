@@ -91,6 +91,20 @@ _Item = tuple  # (rank: Any, token: int)
 _TOKENS = itertools.count(1)
 _NBYTES = operator.attrgetter("nbytes")
 
+# The compaction rule, in one place: a push that leaves a queue's heap with more than COMPACT_MIN_ITEMS items
+# and more than COMPACT_RATIO items per live entry (plus COMPACT_RATIO) rebuilds it (``RankedQueue._compact``),
+# so stale items never outnumber live ones by more than that factor and a heap never holds less than that
+# minimum before it is compacted.  ``RankedQueue.push`` and the data paths' inlined pushes
+# (``batched.DataPaths.put`` and ``_put_direct``) all test ``over_compaction_limit``'s expression with these
+# two names.
+COMPACT_MIN_ITEMS = 64
+COMPACT_RATIO = 4
+
+
+def over_compaction_limit(items: int, live: int) -> bool:
+    """Whether a heap of ``items`` items for ``live`` entries is due for compaction (the rule above)."""
+    return items > COMPACT_MIN_ITEMS and items > COMPACT_RATIO * (live + 1)
+
 
 class RankedQueue:
     """Entries of one tier, smallest rank first.  Re-ranking pushes a new item; stale items are skipped
@@ -131,7 +145,7 @@ class RankedQueue:
         self._owners[token] = entry
         heap = self._heap
         heapq.heappush(heap, (rank, token))
-        if len(heap) > 64 and len(heap) > 4 * self.live + 4:
+        if len(heap) > COMPACT_MIN_ITEMS and len(heap) > COMPACT_RATIO * (self.live + 1):  # over_compaction_limit
             self._compact()
 
     def defer(self, entry: Entry, rank: Any) -> None:

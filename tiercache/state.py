@@ -59,6 +59,7 @@ class CacheState:
     _later: list[Release]  # releases collected under the lock, finished after it
     _later_releases: list[Release]  # the same, left by the data paths' direct puts (see batched._put_direct)
     _arena_tiers: list[bool]  # per tier: an ArenaTier (its reads need no EntryHeader)
+    _entry_header_tiers: list[bool]  # per tier: its reads take the Entry for its header (arenas, DiskTier itself)
     _direct_tiers: list[bool]  # per tier: a CPU arena that small CPU values are copied into under the lock
     _tiers: list[Tier]
     _queues: list[RankedQueue]
@@ -150,7 +151,7 @@ class CacheState:
     def _unpin_all(self, pinned: list[tuple]) -> list[Release]:
         """``_unpin`` for each item of a batch: ``(entry, tier, slot, header)`` as ``_lookup_and_pin``
         returns them (only the slot is used)."""
-        pins, releases = self._pins, []
+        pins, deferred, releases = self._pins, self._deferred, []
         for item in pinned:
             token = id(item[2])
             count = pins[token] - 1
@@ -158,9 +159,10 @@ class CacheState:
                 pins[token] = count
                 continue
             del pins[token]
-            deferred = self._deferred.pop(token, None)
-            if deferred is not None:
-                releases.append(deferred)
+            if deferred:  # (a release made while pinned: rare; an empty dict is a truth test, not a pop)
+                release = deferred.pop(token, None)
+                if release is not None:
+                    releases.append(release)
         return releases
 
     def _release(self, tier: int, slot: Slot) -> list[Release]:

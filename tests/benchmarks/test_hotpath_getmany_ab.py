@@ -25,3 +25,12 @@ def test_parts(load_benchmark, capsys):
     # the stubs are put back: the tree's reads work after the run
     tier_class = bench.sys.modules["tc_new.tiers.disk"].DiskTier
     assert tier_class.read_into.__name__ == "read_into" and tier_class._read_buffered.__name__ == "_read_buffered"
+
+
+def test_contiguous_outs(load_benchmark, capsys):
+    bench = load_benchmark("hotpath_getmany_ab")
+    assert bench.main(["--old", str(ROOT), "--new", str(ROOT), "--keys", "3", "--samples", "2", "--calls", "2",
+                       "--contiguous", "--tokens", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "3 x 24 KiB warm disk entries into separate contiguous tensors" in out
+    assert "new: CPU us per call" in out and "floor: CPU us per call" in out

@@ -144,6 +144,38 @@ def test_get_many_of_disk_values_into_strided_outs_reads_promotes_and_drops_dama
         assert all(torch.equal(cache.get(k), b) for k, b in zip(keys, blocks))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
+def test_get_many_of_disk_values_into_contiguous_outs_reads_promotes_and_drops_damage(tmp_path, dtype):
+    """Disk values read into separate contiguous tensors of their dtype (the sparse pipeline's slots: DiskTier
+    reads into them as they are) land there, a promotion copies the destination's bytes (the promoted host
+    copy reads back equal), and a damaged chunk raises ``KeyError`` for its key with no pin left."""
+    blocks = [(torch.randn(2, 3, 8, 4) * 50).to(dtype) for _ in range(6)]
+    keys = [("c", i) for i in range(6)]
+    host = 2 * max(256, blocks[0].nbytes)  # two values (slots are multiples of 256 bytes)
+    with tiercache.Cache(host=host, disk="4MiB", path=tmp_path / "p", policy="lru") as cache:
+        cache.put_many(zip(keys, blocks))  # the host tier holds a few: the rest are demoted to disk
+        on_disk = [k for k, tier in zip(keys, cache.tiers_of(keys)) if tier == "disk"]
+        assert len(on_disk) >= 2
+        outs = [torch.empty(2, 3, 8, 4, dtype=dtype) for _ in on_disk]
+        got = cache.get_many(on_disk, out=outs)
+        assert all(g is o for g, o in zip(got, outs))
+        assert all(torch.equal(o, blocks[keys.index(k)]) for k, o in zip(on_disk, outs))
+        assert not cache._pins and "host" in cache.tiers_of(on_disk)  # lru promotes every hit
+        outs[0].zero_()  # the promoted copies are the tier's own, not views of the destinations
+        assert all(torch.equal(cache.get(k), b) for k, b in zip(keys, blocks))
+    with tiercache.Cache(host=None, disk="4MiB", path=tmp_path / "s") as cache:
+        cache.put_many(zip(keys, blocks))
+        outs = [torch.empty(2, 3, 8, 4, dtype=dtype) for _ in keys]
+        _flip_payload_byte(cache, keys[4])
+        with pytest.raises(KeyError) as info:
+            cache.get_many(keys, out=outs)
+        assert info.value.args[0] == keys[4] and keys[4] not in cache and cache.stats()["corruptions"] == 1
+        assert not cache._pins
+        rest = [k for k in keys if k != keys[4]]
+        cache.get_many(rest, out=[outs[i] for i in (0, 1, 2, 3, 5)])
+        assert all(torch.equal(outs[i], blocks[i]) for i in (0, 1, 2, 3, 5))
+
+
 @pytest.mark.parametrize("shape", [(), (0,), (1,), (1, 1), (3, 0, 2), (2, 1, 3), (1, 3, 1, 1), (2, 3, 4, 5, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool])
 def test_new_tensor_is_like_torch_empty(shape, dtype):

@@ -178,7 +178,7 @@ def _bytes_at(tensor: torch.Tensor, nbytes: int, address: int | None = None, spa
         raw = (ctypes.c_char * span).from_address(address)  # type: ignore[operator]
         raw.keepalive = tensor  # type: ignore[attr-defined]
         return memoryview(raw).cast("B")
-    raw = (ctypes.c_char * nbytes).from_address(tensor.data_ptr())
+    raw = (_CHAR_ARRAYS.get(nbytes) or _char_array(nbytes)).from_address(tensor.data_ptr())
     raw.keepalive = tensor  # type: ignore[attr-defined]
     return memoryview(raw).cast("B")
 
@@ -255,6 +255,7 @@ def batch_parts(
             if layout is None:
                 layout = _runs(shape, strides, size, 0)
             span, inner, offsets = layout
+            runs = [slice(o, o + inner) for o in offsets]  # each run of an item, in its span's byte view
             base, room = 0, -1  # the storage the last outs lay in (none yet)
             geometry_ok = direct and dio_aligned(out0, nbytes, align, mem_align)
             whole: memoryview | None = None
@@ -274,11 +275,21 @@ def batch_parts(
                 if (slot.nbytes != nbytes or out.dtype is not dtype or out.shape != shape
                         or out.stride() != strides or not out.is_cpu):
                     break
-                parts.append([whole[at + o : at + o + inner] for o in offsets])
+                parts.append(list(map(whole[at : at + span].__getitem__, runs)))  # (no bytecode per run)
                 aligned.append(geometry_ok and address % mem_align == 0)
             else:
                 return parts, aligned
-    parts = [byte_parts(out, slot.nbytes, i) for i, (slot, _, out) in enumerate(items)]
+    parts = []
+    for i, (slot, _, out) in enumerate(items):
+        nbytes = slot.nbytes
+        if nbytes and out.nbytes == nbytes and out.is_cpu and out.is_contiguous():
+            # byte_parts of a contiguous CPU out, inlined (separate tensors, e.g. the sparse pipeline's
+            # staging slots): one view of its bytes that keeps it alive
+            raw = (_CHAR_ARRAYS.get(nbytes) or _char_array(nbytes)).from_address(out.data_ptr())
+            raw.keepalive = out  # type: ignore[attr-defined]
+            parts.append([memoryview(raw).cast("B")])
+        else:
+            parts.append(byte_parts(out, nbytes, i))
     aligned = ([dio_aligned(out, slot.nbytes, align, mem_align) for slot, _, out in items] if direct
                else [False] * n)
     return parts, aligned
@@ -534,7 +545,8 @@ class DiskTier:
             raise ValueError(f"direct_read_threads must be a positive int, got {direct_read_threads!r}")
         self._direct_threads = direct_read_threads
         self._pool: ThreadPoolExecutor | None = None
-        self._prefixes: dict[tuple[int, int], tuple[EntryHeader, bytes]] = {}  # _expected_prefix's cache
+        # _expected_prefix's cache: ref -> (header, its record, the last header source read with it or None)
+        self._prefixes: dict[tuple[int, int], tuple[EntryHeader, bytes, object]] = {}
         self._scratch = _Scratch()
         self._crc = _crc32c()
         state, created = prepare_store_dir(self.root)
@@ -808,7 +820,7 @@ class DiskTier:
             raise TierIOError(f"disk tier: writing {final} failed: {reason}", exc.errno) from exc
         with self._lock:
             self._headers[(pages, row)] = header
-            self._prefixes[(pages, row)] = (header, prefix)
+            self._prefixes[(pages, row)] = (header, prefix, None)
             self._seq_high = max(self._seq_high, header.seq)
 
     def _write_direct(self, tmp: str, head: bytes, payload: memoryview, pad_len: int, crc: int) -> None:
@@ -986,8 +998,20 @@ class DiskTier:
 
     def _expected_prefix(self, ref: tuple[int, int], header: EntryHeader) -> bytes:
         """The header record ``ref``'s chunk must start with, cached per slot (made at ``write``, or at the
-        first read after a reopen) so a read compares bytes instead of encoding the header again."""
+        first read after a reopen) so a read compares bytes instead of encoding the header again.
+
+        ``header`` may also be a *header source*: any object that is not an :class:`EntryHeader` but has
+        the header's ``nbytes`` and a ``header`` attribute returning the :class:`EntryHeader` (the facade's
+        index entries, whose header fields never change).  The source is then remembered beside the cached
+        record, so the next read with the very same source object finds the record by identity without
+        building its header (a batch read's per-entry saving); any other source or header is compared by
+        its fields as before."""
         cached = self._prefixes.get(ref)
+        if cached is not None and cached[2] is header:
+            return cached[1]
+        source = None
+        if type(header) is not EntryHeader:  # a header source (see above)
+            source, header = header, header.header  # type: ignore[attr-defined]
         if cached is not None:
             known = cached[0]
             # The facade builds a header per read from its entry's fields (the same key, shape and dtype
@@ -997,9 +1021,11 @@ class DiskTier:
                 and known.seq == header.seq and known.nbytes == header.nbytes
             )
             if same or known == header:
+                if source is not None:
+                    self._prefixes[ref] = (known, cached[1], source)
                 return cached[1]
         prefix = header_prefix(header)
-        self._prefixes[ref] = (header, prefix)
+        self._prefixes[ref] = (header, prefix, source)
         return prefix
 
     def _check_stored(self, slot: Slot, head: bytes | memoryview, header: EntryHeader) -> None:
@@ -1170,11 +1196,8 @@ class DiskTier:
                 if crc != unpack_from(tail, stored_at)[0]:
                     raise CorruptEntryError(f"{self._chunk_file(slot)} {BAD_CRC}")
                 cached = prefixes.get(ref)
-                known = cached[0] if cached is not None else None
-                if known is not None and (known is header or (  # _expected_prefix's test, inlined
-                        known.key is header.key and known.shape is header.shape and known.dtype is header.dtype
-                        and known.seq == header.seq and known.nbytes == header.nbytes)):
-                    expected = cached[1]  # type: ignore[index]
+                if cached is not None and (cached[2] is header or cached[0] is header):
+                    expected = cached[1]  # _expected_prefix's identity tests, inlined (the facade's case)
                 else:
                     expected = self._expected_prefix(ref, header)  # type: ignore[arg-type]
                 # (bytearray.startswith is a memcmp; comparing a memoryview slice goes byte by byte)
@@ -1259,11 +1282,8 @@ class DiskTier:
                 if crc != stored:
                     raise CorruptEntryError(f"{self._chunk_file(slot)} {BAD_CRC}")
                 cached = prefixes.get(ref)
-                known = cached[0] if cached is not None else None
-                if known is not None and (known is header or (  # _expected_prefix's test, inlined
-                        known.key is header.key and known.shape is header.shape and known.dtype is header.dtype
-                        and known.seq == header.seq and known.nbytes == header.nbytes)):
-                    expected = cached[1]  # type: ignore[index]
+                if cached is not None and (cached[2] is header or cached[0] is header):
+                    expected = cached[1]  # _expected_prefix's identity tests, inlined (the facade's case)
                 else:
                     expected = self._expected_prefix(ref, header)  # type: ignore[arg-type]
                 # (as bytes: comparing a memoryview slice goes byte by byte)
@@ -1441,8 +1461,11 @@ class DiskTier:
             limit = self._direct_threads
         else:
             limit = min(self._io_threads, _CPUS, 1 + spare_cpus())
-        per_thread = MIN_BUFFERED_BYTES_PER_THREAD if buffered else MIN_BYTES_PER_THREAD
-        workers = min(limit, n, max(1, sum([s.nbytes for s, _, _ in items]) // per_thread))
+        if limit > 1:
+            per_thread = MIN_BUFFERED_BYTES_PER_THREAD if buffered else MIN_BYTES_PER_THREAD
+            workers = min(limit, n, max(1, sum([s.nbytes for s, _, _ in items]) // per_thread))
+        else:
+            workers = 1
         # Each thread takes the next unread item (itertools.count's next is atomic under the GIL) rather
         # than a fixed share: on a busy machine a descheduled thread's share would otherwise wait for it
         # while the others idle.  Items are taken in order, so the lowest failed position is the first

@@ -24,7 +24,7 @@ and pinning takes time, so a host tier of N GiB is N separate 1 GiB arenas."""
 
 MEMMOVE_MAX_BYTES = 1 << 20
 """CPU arena copies of contiguous CPU payloads up to this size are one ``memmove`` (single-threaded, no
-torch dispatch, the GIL released except by a single ``get`` of at most ``GIL_HELD_MAX_BYTES``): for a
+torch dispatch, the GIL released only above ``GIL_HELD_MAX_BYTES``, see ``memmove_holding_gil``): for a
 KV-block-sized value the torch op around a copy (building a slot view, dispatching ``copy_``) costs more
 than moving the bytes.  Larger payloads are copied by torch
 in their own dtype, where its multi-threaded copy pays off."""
@@ -35,7 +35,10 @@ memmove_holding_gil = ctypes.PYFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, 
 """``memmove(dst, src, n)`` for copies of at most ``GIL_HELD_MAX_BYTES``: the call keeps the GIL and returns
 nothing, which saves ``ctypes.memmove``'s release and re-take of the GIL and its result int (a 64 KiB
 ``get`` measured ~5% faster); a copy that short holds the GIL about as long as a builtin's copy of a
-``bytes`` object of that size would."""
+``bytes`` object of that size would.  Single ``get``/``put`` and the batch paths' copies (``get_many``'s
+values copied under the index lock or by address, ``put_many``'s writes) all use it up to that size,
+so a batch of small values takes the GIL back once, not once per value, where another thread (e.g. the
+model's, beside a read-ahead thread) is waiting for it."""
 
 GIL_HELD_MAX_BYTES = 1 << 16
 

@@ -213,6 +213,50 @@ def test_a_reused_slot_is_checked_against_the_header_it_now_holds(tmp_path):
     tier.close()
 
 
+class _Source:
+    """A header source (what the facade hands the tier: its index entry): ``nbytes`` and ``header``."""
+
+    def __init__(self, header: EntryHeader) -> None:
+        self.header, self.nbytes = header, header.nbytes
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_header_sources_are_checked_like_headers_and_found_again_by_identity(tmp_path, n):
+    """A reused slot read with the source of the entry it held before fails, though that source was cached
+    for the slot by identity; a source of the entry it holds now reads, by read_into (batched and single)
+    and read."""
+    tier = DiskTier(tmp_path / "d", 1 << 22)
+    list(tier.recover())
+    values = [make_value(torch.float32, (4, 256), i) for i in range(n)]
+    stored = [store(tier, f"k{i}", value, seq=i + 1) for i, value in enumerate(values)]
+    sources = [_Source(header) for _, header in stored]
+    for _ in range(2):  # the second time by the cached identity
+        outs = [torch.empty(4, 256) for _ in values]
+        tier.read_into([(slot, source, out) for (slot, _), source, out in zip(stored, sources, outs)])
+        assert all(torch.equal(out.view(torch.int32), v.view(torch.int32)) for out, v in zip(outs, values))
+    slot = stored[-1][0]
+    assert torch.equal(tier.read(slot, sources[-1]), as_u8(values[-1]))
+    tier.discard(slot)
+    tier.free(slot)
+    again = tier.allocate(slot.nbytes)
+    assert again.ref == slot.ref
+    other = make_value(torch.float32, (4, 256), 99)
+    new = EntryHeader(encode_key("other"), "float32", (4, 256), other.nbytes, 50)
+    tier.write(again, other.view(-1).view(torch.uint8), new)
+    with pytest.raises(CorruptEntryError, match="another entry"):  # the old entry's source, cached before
+        tier.read_into([(again, sources[-1], torch.empty(4, 256))])
+    with pytest.raises(CorruptEntryError, match="another entry"):
+        tier.read(again, sources[-1])
+    out = torch.empty(4, 256)
+    tier.read_into([(again, _Source(new), out)])
+    assert torch.equal(out.view(torch.int32), other.view(torch.int32))
+    tier.close()
+
+
+def as_u8(value: torch.Tensor) -> torch.Tensor:
+    return value.reshape(-1).view(torch.uint8)
+
+
 def test_after_a_reopen_reads_are_checked_against_the_index_headers(tmp_path):
     tier = DiskTier(tmp_path / "d", 1 << 20)
     list(tier.recover())
