@@ -643,7 +643,7 @@ class DataPaths(Moves):
         takes the batch path.  This is ``Cache.get`` itself, not a helper behind it: a call frame is a
         measurable part of a 64 KiB get.)"""
         if device is not None:
-            return self._get_batch([key], _normal_device(torch.device(device)), bracket=True)[0]
+            return self._get_batch([key], _check_read_device(_normal_device(torch.device(device))), bracket=True)[0]
         kind = type(key)
         if kind is not int and kind is not str and kind is not bytes:
             return self._get_batch([key], _CPU, bracket=True)[0]
@@ -1386,6 +1386,16 @@ def _copy_run(d0: torch.Tensor, s0: torch.Tensor, count: int, dd: int, ds: int) 
         return False
     dview.copy_(sview)
     return True
+
+
+def _check_read_device(device: torch.device) -> torch.device:
+    """``device`` if values can be read onto it; ``ValueError`` for the meta device (it holds no data) and
+    for CUDA on a machine without it."""
+    if device.type == "meta":
+        raise ValueError("values cannot be read onto the meta device (it holds no data): ask for 'cpu' or 'cuda'")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for, but CUDA is not available on this machine")
+    return device
 
 
 def _normal_device(device: torch.device) -> torch.device:

@@ -28,7 +28,7 @@ from typing import Any, Hashable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from .batched import DataPaths, _normal_device
+from .batched import DataPaths, _check_read_device, _normal_device
 from .config import CacheConfig, check_config
 from .errors import CacheClosedError, CacheLockedError
 from .index import RankedQueue
@@ -299,6 +299,8 @@ class Cache(DataPaths, Persistence):
                 raise ValueError("out must start at a 16-byte aligned address (offset views may not)")
         else:
             target = asked or _CPU
+        if target.type != "cpu":
+            _check_read_device(target)
         return self._get_batch(keys, target, dsts, packed, pack=dsts is None, bracket=True)
 
     def delete(self, key: Hashable) -> bool:

@@ -6,7 +6,9 @@ stored bytes into a destination tensor, and score validation.
 from __future__ import annotations
 
 import math
+import numbers
 
+import numpy
 import torch
 
 from .errors import CorruptEntryError
@@ -19,8 +21,16 @@ _DTYPES: dict[str, torch.dtype] = {
 
 
 def check_score(score: object) -> float:
-    if isinstance(score, bool) or not isinstance(score, (int, float)):
-        raise TypeError(f"score must be a number, got {type(score).__name__}")
+    """``score`` as a float: any real number but a bool (Python and numpy ints and floats, a 0-d integer or
+    floating tensor); ``TypeError`` for anything else, ``ValueError`` for NaN."""
+    if score.__class__ is not float and score.__class__ is not int:
+        if isinstance(score, torch.Tensor):
+            if score.dim() != 0 or score.dtype is torch.bool or score.is_complex() or score.is_meta:
+                raise TypeError(f"score must be a number or a 0-d real tensor, got a tensor of shape "
+                                f"{tuple(score.shape)} and dtype {score.dtype}")
+        elif isinstance(score, (bool, numpy.bool_)) or not isinstance(score, numbers.Real):
+            raise TypeError(f"score must be a number, got {type(score).__name__}")
+        score = float(score)
     if math.isnan(score):
         raise ValueError("score must not be NaN (it would break the eviction order)")
     return float(score)

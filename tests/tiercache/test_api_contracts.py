@@ -229,3 +229,18 @@ def test_a_closed_cache_says_so_before_judging_arguments():
     assert stats["closed"] is True and json.dumps(stats)
     with cache as same:  # the context manager of a closed cache closes nothing twice
         assert same is cache
+
+
+def test_reads_onto_a_device_that_holds_no_data_are_refused(cache):
+    cache.put("a", torch.ones(4))
+    with pytest.raises(ValueError, match="meta device"):
+        cache.get("a", device="meta")
+    with pytest.raises(ValueError, match="meta device"):
+        cache.get_many(["a"], device="meta")
+    with pytest.raises(ValueError, match="meta device"):
+        cache.get_many(["a"], out=[torch.empty(4, device="meta")])
+    assert cache.stats()["hits"] == 0  # refused before any lookup
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            cache.get("a", device="cuda")
+    assert torch.equal(cache.get("a"), torch.ones(4))

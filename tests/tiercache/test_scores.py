@@ -5,6 +5,7 @@ check each score, set it, push a queue item (``CacheState._rerank``)."""
 import math
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -215,3 +216,25 @@ def test_update_scores_applies_nothing_when_one_score_is_bad():
         with pytest.raises(ValueError, match="NaN"):
             cache.update_scores({"a": 5.0, "b": math.nan})
         assert cache._index["a"].score == 1.0
+
+
+@pytest.mark.parametrize("score", [np.float32(2.5), np.float64(2.5), np.int64(2), np.int8(-3), torch.tensor(2.5),
+                                   torch.tensor(7, dtype=torch.int16), torch.tensor(1.5, dtype=torch.bfloat16)])
+def test_real_number_scores_of_other_types_are_taken_as_floats(score):
+    assert check_score(score) == float(score) and type(check_score(score)) is float
+    with Cache(host=8 * 256, policy="score") as cache:
+        cache.put("a", torch.zeros(8), score=score)
+        assert cache.update_scores({"a": score}) == 1
+
+
+@pytest.mark.parametrize("score", [np.bool_(True), torch.tensor(True), torch.tensor([1.0]), torch.tensor(1 + 2j),
+                                   1 + 2j, "1.0", None])
+def test_non_real_scores_are_refused(score):
+    with pytest.raises(TypeError, match="score must be a number"):
+        check_score(score)
+
+
+@pytest.mark.parametrize("score", [np.float32("nan"), torch.tensor(float("nan"))])
+def test_nan_scores_of_other_types_are_refused(score):
+    with pytest.raises(ValueError, match="NaN"):
+        check_score(score)
