@@ -9,7 +9,11 @@ in flight per batch instead of a pipeline field), for variants that differ in ho
 reads run ahead: per round, each variant (the order rotating) first decodes one untimed step, which absorbs
 what its reads ahead gained while the other variants ran (its previous step's reads for its first layers landed
 meanwhile) and what the other caches' last reads cost it, then ``--run`` timed steps back to back, then its
-pipeline is fenced.  Reports per variant the median ms/step of the timed steps, the forward thread's CPU time,
+pipeline is fenced.  Reports per variant the median ms/step of the timed steps, the forward thread's CPU time
+and its wall minus CPU (waits: for the GIL, for reads, for a core; of it the time spent runnable on a run
+queue, waiting for a core, where Linux's ``schedstat`` says; and its context switches per step: voluntary
+ones are sleeps, for the GIL among them), the other threads' CPU time per step by
+thread name (every cache's threads, the other variants' idle ones included: their pipelines are fenced),
 per-stage medians (``stats()``), entries per step by how they were served (``COUNTS``), MiB/step read from the host and
 disk tiers, the paired difference of each
 variant against the first (per round), the load average, and whether every variant decoded the same tokens
@@ -27,11 +31,13 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import types
+import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -49,6 +55,50 @@ KEYS = ("sparse.total.scoring_seconds", "sparse.total.fetch_seconds", "sparse.to
 COUNTS = ("pipeline.sync.disk", "pipeline.sync.host", "pipeline.reused", "pipeline.staged", "pipeline.slot_reserved",
           "pipeline.idle_staged", "pipeline.idle_read", "pipeline.idle_hits", "pipeline.idle_wasted")
 MiB = float(1 << 20)
+
+
+def thread_group(name: str) -> str:
+    """A thread's group for the CPU table: its name without the executor's ``_N`` suffix."""
+    return re.sub(r"_\d+$", "", name)
+
+
+def run_queue_seconds() -> float | None:
+    """Seconds the calling thread has waited on a run queue (runnable, no core free: Linux
+    ``/proc/thread-self/schedstat``'s second field); ``None`` where there is no such file."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def context_switches() -> tuple[int, int] | None:
+    """The calling thread's (voluntary, involuntary) context switches so far (``/proc/thread-self/status``: a
+    voluntary one is a sleep, e.g. a wait for the GIL, a future or a read; an involuntary one a preemption);
+    ``None`` where there is no such file."""
+    try:
+        with open("/proc/thread-self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if "ctxt_switches" in line)
+        return int(fields["voluntary_ctxt_switches"]), int(fields["nonvoluntary_ctxt_switches"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds so far of every live thread of this process but the calling one, summed by
+    :func:`thread_group` (``time.pthread_getcpuclockid``; a thread gone meanwhile is skipped)."""
+    me = threading.get_ident()
+    out: dict[str, float] = {}
+    for t in threading.enumerate():
+        if t.ident is None or t.ident == me:
+            continue
+        try:
+            cpu = time.clock_gettime(time.pthread_getcpuclockid(t.ident))
+        except (OSError, ProcessLookupError):
+            continue
+        key = thread_group(t.name)
+        out[key] = out.get(key, 0.0) + cpu
+    return out
 
 
 def old_pipeline_module(tree: Path) -> types.ModuleType:
@@ -138,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             pipe.fence()
 
     runs = [{"spec": v[0], "cache": c, "feed": ids[:, context - 1:context], "ms": [], "cpu": [], "stages": [],
-             "mib": [], "counts": [], "tokens": [], "load": []} for v, c in zip(variants, caches)]
+             "mib": [], "counts": [], "tokens": [], "load": [],
+             "bg": [], "queued": [], "switches": []} for v, c in zip(variants, caches)]
     try:
         with torch.no_grad(), torch_threads(args.threads):
             for r in runs:
@@ -150,11 +201,19 @@ def main(argv: list[str] | None = None) -> int:
                 for r in runs[shift:] + runs[:shift]:
                     step(r)  # untimed: absorbs the other caches' background and this one's head start
                     before = r["cache"].stats()
+                    bg, queued, switched = thread_cpu(), run_queue_seconds(), context_switches()
                     t, c = time.perf_counter(), time.thread_time()
                     for _ in range(args.run):
                         step(r)
                     fence(r["cache"])
                     el, cp = time.perf_counter() - t, time.thread_time() - c
+                    bg_after, queued_after, switched_after = thread_cpu(), run_queue_seconds(), context_switches()
+                    if switched is not None and switched_after is not None:
+                        r["switches"].append([(a - b) / args.run for a, b in zip(switched_after, switched)])
+                    if queued is not None and queued_after is not None:
+                        r["queued"].append(1000 * (queued_after - queued) / args.run)
+                    r["bg"].append({k: 1000 * (v - bg.get(k, 0.0)) / args.run for k, v in bg_after.items()
+                                    if v - bg.get(k, 0.0) > 0})
                     delta = stats_delta(before, r["cache"].stats())
                     own = {k: v for k, v in delta.items() if k != "tiercache"}
                     r["stages"].append({k: v / args.run for k, v in find_numbers(own, "seconds").items()
@@ -178,6 +237,14 @@ def main(argv: list[str] | None = None) -> int:
               f"MiB/step host {mib['host']:.0f} disk {mib['disk']:.0f}; paired vs first {median(paired):+.0f} "
               f"({sum(1 for x in paired if x < 0)}/{len(paired)} faster)")
         print("   rounds wall " + " ".join(f"{x:.0f}" for x in r["ms"]) + " | cpu " + " ".join(f"{x:.0f}" for x in r["cpu"]))
+        gap = [w - c for w, c in zip(r["ms"], r["cpu"])]
+        groups = sorted({k for b in r["bg"] for k in b})
+        queued = f" (run queue {median(r['queued']):.0f})" if r["queued"] else ""
+        if r["switches"]:
+            queued += (f", context switches/step {median(x[0] for x in r['switches']):.0f} voluntary "
+                       f"{median(x[1] for x in r['switches']):.0f} involuntary")
+        print(f"   fwd-thread wall - cpu {median(gap):.0f}{queued} ms/step; other threads' cpu ms/step: "
+              + ", ".join(f"{k} {median(b.get(k, 0.0) for b in r['bg']):.1f}" for k in groups))
         print("   " + ", ".join(f"{k.split('.')[-1].replace('_seconds', '')} "
                                 f"{1000 * median(st.get(k, 0.0) for st in r['stages']):.1f}" for k in KEYS))
         print("   entries/step " + ", ".join(f"{k.split('.', 1)[1]} {median(c.get(k, 0.0) for c in r['counts']):.0f}"

@@ -4,6 +4,9 @@ status 0) and every round is written.  No speed is asserted."""
 from __future__ import annotations
 
 import json
+import sys
+import threading
+import time
 
 
 def test_tiny_run_times_every_variant(load_benchmark, tmp_path, monkeypatch):
@@ -21,6 +24,34 @@ def test_tiny_run_times_every_variant(load_benchmark, tmp_path, monkeypatch):
     assert len(counts) == 2 and all(set(bench.COUNTS) <= set(c) for c in counts)
     assert all(c["pipeline.reused"] + c["pipeline.staged"] + c["pipeline.sync.disk"] + c["pipeline.sync.host"] > 0
                for c in counts)
+    for r in runs:  # per round: the other threads' CPU by name; on Linux the run-queue wait and context switches
+        assert len(r["bg"]) == 2 and all(isinstance(b, dict) for b in r["bg"])
+        if sys.platform.startswith("linux"):
+            assert len(r["queued"]) == 2 and all(q >= 0 for q in r["queued"])
+            assert len(r["switches"]) == 2 and all(len(x) == 2 and min(x) >= 0 for x in r["switches"])
+
+
+def test_thread_groups_and_the_thread_clocks(load_benchmark):
+    bench = load_benchmark("sparse_waits_ab")
+    assert bench.thread_group("tiercache-kv-stage_1") == "tiercache-kv-stage"
+    assert bench.thread_group("MainThread") == "MainThread"
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (sum(range(200_000)), done.wait(10)), name="probe_3")
+    t.start()
+    try:
+        while t.native_id is None:
+            time.sleep(0.001)
+        time.sleep(0.05)
+        cpu = bench.thread_cpu()
+        assert "probe" in cpu and cpu["probe"] > 0  # its CPU counted under its group; the caller's own excluded
+        assert "MainThread" not in cpu
+    finally:
+        done.set()
+        t.join()
+    if sys.platform.startswith("linux"):
+        assert bench.run_queue_seconds() >= 0
+        vol, invol = bench.context_switches()
+        assert vol >= 0 and invol >= 0
 
 
 def test_threads_must_be_positive(load_benchmark):

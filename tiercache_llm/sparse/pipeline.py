@@ -123,7 +123,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import itertools
 import math
 import threading
 import time
@@ -134,7 +133,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from tiercache.buffers import aligned_empty
-from tiercache.tiers.memory import GIL_HELD_MAX_BYTES, memmove_holding_gil
 
 from .fetch import layer_keys, read_entries
 from .placement import promotion_threshold
@@ -155,10 +153,6 @@ MiB = 1 << 20
 # the GIL waits for one chunk instead of the interpreter's switch interval (5 ms) each time.
 SCORE_CHUNK = 512
 YIELD_SECONDS = 50e-6
-# Copies on the forward thread up to this many bytes in all (runs of at most GIL_HELD_MAX_BYTES each) are made
-# holding the GIL (copy_holding_gil): a torch op releases it, and taking it back from the background threads
-# (reads into slots, staging, the end-of-step worker) cost ~1.5 ms per tail copy of ~20 us at SmolLM2 8K x 4.
-GIL_HELD_COPY_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -306,24 +300,6 @@ class PipelineConfig:
         idle_barren_steps: with ``idle_stage_near``, a layer whose near misses all sat on the fastest tier is not
             looked at again for this many decode steps (under a pool bound nothing promotes, so such a layer stays
             so; each look costs forward-thread time); ``0``: looked at every time.
-        idle_choice_background: with ``idle_stage_near``, the near misses are chosen (and their reads submitted) by
-            a job on a thread of its own (``tiercache-kv-idle-choice``) instead of on the forward thread: the fetch
-            that finds the disk idle only names the layers to look at (and snapshots nothing else: the job reads
-            the layers' last selections and a snapshot of their pools' blocks, as the end-of-step worker does).  At
-            most one such job at a time: a fetch that finds the last one still running stages nothing
-            (``idle_choice_skipped``).  The job's time counts in ``idle_choice_seconds`` (``idle_seconds``: the
-            forward thread's part).  Only when and where the choice runs changes, never what is attended.  Off for
-            every strategy: at SmolLM2 8K x 4 it took the choice's 7 ms/step of CPU off the forward thread (11.9 ->
-            2.2 ms/step wall there) but the job, competing for the GIL, took 15-22 ms on its own thread, and
-            attention-aware was no faster in wall time (docs/sparse.md "Forward-thread bookkeeping of
-            attention-aware").
-        tail_copy_holding_gil: a fetch copies the in-memory tail block's tokens into its pool slot (CPU pools) with
-            one ``memmove`` per (row, KV head) that keeps the GIL (:func:`copy_holding_gil`, at most
-            :data:`GIL_HELD_COPY_BYTES`) instead of a torch copy, which releases it: the bytes copied are the same,
-            but a forward thread that lets the GIL go waits to take it back from the background threads' Python
-            (reads into slots, staging, the end-of-step worker), far longer than the copy takes (SmolLM2 8K x 4:
-            19.6 -> 1.3 ms/step of forward-thread wall for the tail copies).  Off for every strategy: the wait moved
-            to the forward thread's next release of the GIL, and the step was no faster (same docs section).
         huge_pages: the resident pools' CPU slot tensors (8 MiB or more) are allocated on transparent huge pages
             (:func:`tiercache.buffers.huge_empty`): a direct disk read into a slot pins 2 MiB pages instead of
             4 KiB ones.  On for ``attention-aware`` and ``reuse-layer-ahead`` (SmolLM2 8K x 4, 25 %, default
@@ -367,8 +343,6 @@ class PipelineConfig:
     idle_stage_near: int = 0
     idle_stage_layers: int = 4
     idle_barren_steps: int = 8
-    idle_choice_background: bool = False
-    tail_copy_holding_gil: bool = False
     huge_pages: bool = False
 
     def __post_init__(self) -> None:
@@ -390,10 +364,6 @@ class PipelineConfig:
             raise ValueError(f"reads_beside_copies must be a bool, got {self.reads_beside_copies!r}")
         if not isinstance(self.huge_pages, bool):
             raise ValueError(f"huge_pages must be a bool, got {self.huge_pages!r}")
-        if not isinstance(self.tail_copy_holding_gil, bool):
-            raise ValueError(f"tail_copy_holding_gil must be a bool, got {self.tail_copy_holding_gil!r}")
-        if not isinstance(self.idle_choice_background, bool):
-            raise ValueError(f"idle_choice_background must be a bool, got {self.idle_choice_background!r}")
         if not isinstance(self.slot_reads_after_sync, bool):
             raise ValueError(f"slot_reads_after_sync must be a bool, got {self.slot_reads_after_sync!r}")
         if not isinstance(self.stage_into_slots, bool):
@@ -572,8 +542,6 @@ class PipelineStats:
     idle_wasted: int = 0
     idle_wasted_bytes: int = 0
     idle_seconds: float = 0.0
-    idle_choice_seconds: float = 0.0
-    idle_choice_skipped: int = 0
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -651,11 +619,6 @@ class DecodePipeline:
         self._idle_now: dict | None = None  # those of the layer fetching now
         self._idle_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._idle_barren: dict[int, int] = {}  # layer -> decode step its near misses were all on the fastest tier
-        # idle_choice_background: the thread choosing near misses, its last job; _idle_lock guards _idle_done,
-        # _idle_keys and _idle_barren (the job and the forward thread both update them)
-        self._idle_chooser: concurrent.futures.ThreadPoolExecutor | None = None
-        self._idle_choice: concurrent.futures.Future | None = None
-        self._idle_lock = threading.Lock()
         self._decode_steps = 0
         self._closed = False
 
@@ -831,8 +794,7 @@ class DecodePipeline:
             slow = self._predict_layer(nxt_idx, query, layer, selected)
         self.stats.predict_seconds += time.perf_counter() - start
         if self.config.idle_stage_near:
-            with self._idle_lock:
-                self._idle_done.discard(layer.layer_idx)
+            self._idle_done.discard(layer.layer_idx)
             if slow == 0 and self.staging is not None:
                 self._stage_idle(layer.layer_idx, nxt_idx)
 
@@ -840,59 +802,17 @@ class DecodePipeline:
         """``idle_stage_near``: the fetch of ``fetching`` reserved no slow read for ``nxt_idx``, so the disk is
         about to idle: stage the near misses of the next layers after ``nxt_idx`` not staged since their last
         fetch (up to ``idle_stage_layers`` of them that have any outside the fastest tier; at most twice as many
-        looked at): here (:meth:`_idle_choose`), or with ``idle_choice_background`` by a job on the chooser
-        thread (none while its last job still runs)."""
+        looked at)."""
         start = time.perf_counter()
-        try:
-            background = self.config.idle_choice_background
-            if background and self._idle_choice is not None and not self._idle_choice.done():
-                self.stats.idle_choice_skipped += 1
-                return
-            ids = self.sparse_ids
-            n = len(ids)
-            at = ids.index(nxt_idx)
-            order = [ids[(at + d) % n] for d in range(1, n)]
-            if fetching in order:
-                order = order[: order.index(fetching)]
-            now, wait = self._decode_steps, self.config.idle_barren_steps
-            with self._idle_lock:
-                done, barren = self._idle_done, self._idle_barren
-                order = [i for i in order if i not in done and not (i in barren and now - barren[i] < wait)]
-            if not order:
-                return
-            if not background:
-                self._idle_choose(order, now)
-                return
-            if self._idle_chooser is None:
-                self._idle_chooser = concurrent.futures.ThreadPoolExecutor(
-                    1, thread_name_prefix="tiercache-kv-idle-choice")
-            try:
-                self._idle_choice = self._idle_chooser.submit(self._idle_choice_job, order, now)
-            except RuntimeError:  # shut down by close(): nothing to stage
-                pass
-        finally:
-            self.stats.idle_seconds += time.perf_counter() - start
-
-    def _idle_choice_job(self, order: list[int], now: int) -> None:
-        """``idle_choice_background``: :meth:`_idle_choose` on the chooser thread (a failure stages nothing: the
-        near misses are optional; closed meanwhile: nothing)."""
-        start = time.perf_counter()
-        try:
-            if not self._closed:
-                self._idle_choose(order, now)
-        except Exception:  # noqa: BLE001 - staging is optional; the fetches read what they miss themselves
-            pass
-        finally:
-            with self._stats_lock:
-                self.stats.idle_choice_seconds += time.perf_counter() - start
-
-    def _idle_choose(self, order: list[int], now: int) -> None:
-        """Stage the near misses of the layers ``order`` (candidates in fetch order) for their next fetch, until
-        ``idle_stage_layers`` of them had some on a slower tier (at most twice as many looked at); ``now``: the
-        decode step (a layer with every near miss on the fastest tier is barren from then).  Reads the layers'
-        last selections and block lists and a snapshot of their pools' blocks, and updates the idle state under
-        ``_idle_lock`` and the counters under ``_stats_lock`` (safe on the chooser thread)."""
+        ids = self.sparse_ids
+        n = len(ids)
+        at = ids.index(nxt_idx)
         want, looked, submitted = self.config.idle_stage_layers, 0, 0
+        order = [ids[(at + d) % n] for d in range(1, n)]
+        if fetching in order:
+            order = order[: order.index(fetching)]
+        barren, now, wait = self._idle_barren, self._decode_steps, self.config.idle_barren_steps
+        order = [i for i in order if i not in self._idle_done and not (i in barren and now - barren[i] < wait)]
         while order and submitted < want and looked < 2 * want:
             group, order = order[: want - submitted], order[want - submitted :]
             looked += len(group)
@@ -902,13 +822,12 @@ class DecodePipeline:
                 held = set(self._last.get(i, ()))
                 pool = self._pools.get(i)
                 if pool is not None:
-                    held.update(list(pool.slot_of))  # a snapshot (one C-level copy), as in _stage_choice
+                    held.update(list(pool.slot_of))
                 helds.append(held)
             chosen = near_misses_many([self._last_sel.get(i) for i in group], [len(x._blocks) for x in layers], helds,
                                       self.config.idle_stage_near)
             for i, layer, blocks in zip(group, layers, chosen):
-                with self._idle_lock:
-                    self._idle_done.add(i)
+                self._idle_done.add(i)
                 if not blocks:
                     continue
                 if self._idle_executor is None:
@@ -918,29 +837,19 @@ class DecodePipeline:
                 todo: list = []
                 read = self._stage_blocks(layer, blocks, promote=False, todo_out=todo, executor=self._idle_executor)[1]
                 if not todo:
-                    with self._idle_lock:
-                        self._idle_barren[i] = now
-                    continue
-                submitted += 1
-                entry = layer._blocks[0].nbytes // layer._entries_per_block
-                with self._idle_lock:
-                    self._idle_barren.pop(i, None)
+                    barren[i] = now
+                else:
+                    barren.pop(i, None)
+                    submitted += 1
+                    entry = layer._blocks[0].nbytes // layer._entries_per_block
                     keys = self._idle_keys.setdefault(i, {})
                     for key in todo:
                         keys[key] = entry
-                with self._stats_lock:
                     self.stats.idle_staged += len(todo)
                     self.stats.idle_staged_bytes += entry * len(todo)
                     self.stats.idle_read += read
                     self.stats.idle_read_bytes += entry * read
-
-    def _idle_fence(self) -> None:
-        """Wait for the chooser thread's last job (``idle_choice_background``), so nothing it stages or records
-        outlives what the caller is about to clear or report."""
-        job = self._idle_choice
-        if job is not None:
-            concurrent.futures.wait([job])
-            self._idle_choice = None
+        self.stats.idle_seconds += time.perf_counter() - start
 
     def _predict_layer(self, nxt_idx: int, query: torch.Tensor | None, fetching: "TieredKVLayer | None" = None,
                        selected: list[int] | None = None) -> int:
@@ -1254,11 +1163,7 @@ class DecodePipeline:
                               stacklevel=2)
         job = None
         # idle_stage_near: the near misses staged for this fetch ({key: bytes}); _fill takes its hits out
-        idle = None
-        if self._idle_keys:
-            with self._idle_lock:
-                idle = self._idle_keys.pop(layer.layer_idx, None)
-        self._idle_now = idle
+        idle = self._idle_now = self._idle_keys.pop(layer.layer_idx, None) if self._idle_keys else None
         if missing or pre or landing:
             try:
                 job = self._fill(layer, stored, missing, slots, pool, predicted, stats, pre,
@@ -1308,8 +1213,7 @@ class DecodePipeline:
                 # attention never lets a hidden position's contents (whatever the slot held) reach its output.
                 n = layer._tail_len
                 tk, tv, ks, vs = tk[:, :, :n], tv[:, :, :n], ks[:, :, :n], vs[:, :, :n]
-            if not (self.config.tail_copy_holding_gil and copy_holding_gil([ks, vs], [tk, tv])):
-                torch._foreach_copy_([ks, vs], [tk, tv])
+            torch._foreach_copy_([ks, vs], [tk, tv])
             ps.copy_seconds += time.perf_counter() - t0
             stats.tail_selected += 1
         if self.config.reuse and self.config.complement_reuse:  # only placement_scores reads _left
@@ -1867,11 +1771,9 @@ class DecodePipeline:
         self._last.clear()
         self._last_sel.clear()
         self._predicted.clear()
-        self._idle_fence()
-        with self._idle_lock:
-            self._idle_done.clear()
-            self._idle_keys.clear()
-            self._idle_barren.clear()
+        self._idle_done.clear()
+        self._idle_keys.clear()
+        self._idle_barren.clear()
         if self.staging is not None:
             self.staging.discard()
         policy = getattr(self.store, "policy", None)
@@ -1902,8 +1804,6 @@ class DecodePipeline:
             self.staging.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
-        if self._idle_chooser is not None:
-            self._idle_chooser.shutdown(wait=True)  # its job submits reads to the idle executor: first
         if self._idle_executor is not None:
             self._idle_executor.shutdown(wait=True)
         if self._prefaulter is not None:
@@ -1914,7 +1814,6 @@ class DecodePipeline:
 
     def as_dict(self) -> dict:
         self._settle_promotion(wait=True)
-        self._idle_fence()  # its counters complete (a few ms at most)
         arena = self._arena
         ps = self.stats
         ps.pool_slots = arena.capacity
@@ -1977,42 +1876,3 @@ def _forward_result(placeholder: concurrent.futures.Future, read: concurrent.fut
         placeholder.set_exception(exc)
     else:
         placeholder.set_result(read.result())
-
-
-def copy_holding_gil(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> bool:
-    """Copy each ``srcs[i]`` into ``dsts[i]`` without releasing the GIL, if that is cheap and exact: CPU tensors
-    of one shape and dtype each pair, whose last two dimensions are one contiguous run in both (e.g. a
-    ``(B, H, n, D)`` slice of the first ``n`` tokens of a ``(B, H, S, D)`` block, ``S >= n``), each run at most
-    :data:`~tiercache.tiers.memory.GIL_HELD_MAX_BYTES` and all of them at most :data:`GIL_HELD_COPY_BYTES`:
-    one ``memmove`` per run (:data:`~tiercache.tiers.memory.memmove_holding_gil`), the bytes torch would copy.
-    Returns ``False`` (nothing copied) otherwise; the caller then copies with torch.  A torch copy releases the
-    GIL, and a forward thread taking it back from busy background threads waits far longer than a small copy
-    takes (docs/sparse.md "Forward-thread bookkeeping of attention-aware")."""
-    runs = []
-    total = 0
-    for dst, src in zip(dsts, srcs):
-        if (dst.device.type != "cpu" or src.device.type != "cpu" or dst.dtype != src.dtype or dst.shape != src.shape
-                or dst.dim() < 2):
-            return False
-        *outer, rows, cols = dst.shape
-        item = dst.element_size()
-        run = rows * cols * item
-        if run == 0:
-            continue
-        if (dst.stride(-1) != 1 or src.stride(-1) != 1 or (rows > 1 and (dst.stride(-2) != cols or src.stride(-2) != cols))
-                or run > GIL_HELD_MAX_BYTES):
-            return False
-        count = math.prod(outer)
-        total += count * run
-        if total > GIL_HELD_COPY_BYTES:
-            return False
-        runs.append((dst, src, outer, run))
-    for dst, src, outer, run in runs:
-        d0, s0 = dst.data_ptr(), src.data_ptr()
-        item = dst.element_size()
-        dstr = [x * item for x in dst.stride()[:-2]]
-        sstr = [x * item for x in src.stride()[:-2]]
-        for index in itertools.product(*map(range, outer)):  # row-major; one empty index for no outer dims
-            memmove_holding_gil(d0 + sum(i * t for i, t in zip(index, dstr)),
-                                s0 + sum(i * t for i, t in zip(index, sstr)), run)
-    return True

@@ -640,10 +640,7 @@ def test_reads_beside_copies_is_a_checked_option():
 # ------------------------------------------------------------------ near misses staged while the disk idles
 @pytest.mark.parametrize("host,options", [("32KiB", {"idle_stage_near": 4, "idle_stage_layers": 1}),
                                           ("48KiB", {"idle_stage_near": 4}),
-                                          ("48KiB", {"idle_stage_near": 4, "reads_beside_copies": True}),
-                                          ("48KiB", {"idle_stage_near": 4, "idle_choice_background": True}),
-                                          ("32KiB", {"idle_stage_near": 4, "idle_stage_layers": 1,
-                                                     "idle_choice_background": True})])
+                                          ("48KiB", {"idle_stage_near": 4, "reads_beside_copies": True})])
 def test_idle_staging_changes_no_logits_nor_selections(model, tmp_path, host, options):
     ref, ref_sel, off = _run(model, tmp_path, "ref", host=host, idle_stage_near=0)
     got, got_sel, on = _run(model, tmp_path, "on", host=host, **options)
@@ -659,11 +656,6 @@ def test_idle_staging_changes_no_logits_nor_selections(model, tmp_path, host, op
     assert p["idle_hits"] + p["idle_wasted"] <= p["idle_staged"]
     assert p["idle_hits"] <= p["staged"]
     assert p_off["idle_staged"] == 0
-    if options.get("idle_choice_background", PipelineConfig.for_strategy("attention-aware").idle_choice_background):
-        # chosen on the chooser thread: its time counted there
-        assert p["idle_choice_seconds"] > 0
-    else:
-        assert p["idle_choice_seconds"] == 0 and p["idle_choice_skipped"] == 0
 
 
 def test_a_layer_whose_near_misses_sit_on_the_fastest_tier_is_skipped_for_a_while(model, tmp_path, monkeypatch):
@@ -696,76 +688,3 @@ def test_a_layer_whose_near_misses_sit_on_the_fastest_tier_is_skipped_for_a_whil
 def test_idle_staging_options_are_checked(field, value):
     with pytest.raises(ValueError, match=field):
         PipelineConfig(**{field: value})
-
-
-def test_the_idle_choice_runs_on_its_own_thread_and_a_running_one_is_not_doubled(model, tmp_path, monkeypatch):
-    """``idle_choice_background``: the near misses are chosen off the forward thread; while a choice runs, a fetch
-    that finds the disk idle stages nothing more (``idle_choice_skipped``); the logits stay those without it."""
-    threads = set()
-    original = DecodePipeline._idle_choose
-
-    def slow(self, order, now):
-        threads.add(threading.current_thread().name)
-        time.sleep(0.02)  # longer than a tiny layer's fetch: the next idle fetches find it running
-        return original(self, order, now)
-
-    ref, _, _ = _run(model, tmp_path, "ref", host="48KiB", idle_stage_near=4, idle_choice_background=False)
-    monkeypatch.setattr(DecodePipeline, "_idle_choose", slow)
-    got, _, on = _run(model, tmp_path, "on", host="48KiB", idle_stage_near=4, idle_choice_background=True)
-    assert torch.equal(ref, got)
-    assert threads and all(name.startswith("tiercache-kv-idle-choice") for name in threads)
-    p = on["pipeline"]
-    assert p["idle_choice_skipped"] > 0 and p["idle_staged"] > 0
-    assert p["idle_hits"] + p["idle_wasted"] <= p["idle_staged"]
-
-
-def test_the_idle_choice_options_are_checked():
-    assert not PipelineConfig().idle_choice_background and not PipelineConfig().tail_copy_holding_gil
-    aware = PipelineConfig.for_strategy("attention-aware")
-    assert not aware.idle_choice_background and not aware.tail_copy_holding_gil  # opt-in: measured no faster
-    assert not PipelineConfig.for_strategy("reuse-layer-ahead").tail_copy_holding_gil
-    assert not PipelineConfig.for_strategy("fetch-every-step").tail_copy_holding_gil
-    for field in ("idle_choice_background", "tail_copy_holding_gil"):
-        with pytest.raises(ValueError, match=field):
-            PipelineConfig(**{field: 1})
-
-
-# ------------------------------------------------------------------ the tail copied holding the GIL
-@pytest.mark.parametrize("strategy", ["attention-aware", "reuse-layer-ahead", "fetch-every-step"])
-def test_the_tail_copied_holding_the_gil_gives_the_same_logits(model, tmp_path, strategy):
-    ref, ref_sel, _ = _run(model, tmp_path, "ref", strategy, host="48KiB", tail_copy_holding_gil=False)
-    got, got_sel, _ = _run(model, tmp_path, "on", strategy, host="48KiB", tail_copy_holding_gil=True)
-    assert torch.equal(ref, got)
-    assert all(a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(ref_sel, got_sel))
-
-
-@settings(max_examples=60, deadline=None)
-@given(b=st.integers(1, 3), h=st.integers(1, 3), s=st.integers(1, 9), d=st.integers(1, 8), n=st.integers(0, 9),
-       joint=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
-def test_copy_holding_gil_copies_what_torch_copies(b, h, s, d, n, joint, dtype):
-    from tiercache_llm.sparse.pipeline import copy_holding_gil
-
-    n = min(n, s)
-    gen = torch.Generator().manual_seed(b * 1000 + h * 100 + s * 10 + d)
-    pool = torch.randn((4, 2, b, h, s, d) if joint else (4, b, h, s, d), generator=gen).to(dtype)
-    tail = torch.randn((b, h, s, d), generator=gen).to(dtype)
-    ks = (pool[2, 0] if joint else pool[2])[:, :, :n]
-    vs = (pool[3, 1] if joint else pool[3])[:, :, :n]
-    expect = pool.clone()
-    (expect[2, 0] if joint else expect[2])[:, :, :n].copy_(tail[:, :, :n])
-    (expect[3, 1] if joint else expect[3])[:, :, :n].copy_(tail[:, :, :n] * 2)
-    src_v = (tail * 2)[:, :, :n]
-    assert copy_holding_gil([ks, vs], [tail[:, :, :n], src_v])
-    assert torch.equal(pool, expect)
-
-
-def test_copy_holding_gil_refuses_what_it_cannot_copy_in_runs():
-    from tiercache_llm.sparse.pipeline import GIL_HELD_COPY_BYTES, copy_holding_gil
-
-    a, src = torch.zeros(2, 3, 4, 5), torch.ones(2, 3, 4, 5)
-    assert not copy_holding_gil([a.transpose(2, 3)], [src.transpose(2, 3)])  # the last two dims not one run
-    assert not copy_holding_gil([a], [src.double()])  # another dtype: torch converts, memmove would not
-    assert not copy_holding_gil([a[..., :4]], [src[..., :4]])  # rows of a run not adjacent in memory
-    big = torch.zeros(GIL_HELD_COPY_BYTES // 4096 + 1, 1, 1024)  # too many bytes to hold the GIL for
-    assert not copy_holding_gil([big], [torch.ones_like(big)])
-    assert torch.equal(a, torch.zeros(2, 3, 4, 5)) and not big.any()  # a refusal copies nothing
