@@ -55,10 +55,13 @@ error raises.
 
 from __future__ import annotations
 
+import _thread
+import collections
 import concurrent.futures
 import contextlib
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -107,11 +110,200 @@ INLINE_WHEN_BUSY = True
 #: "Huge pages").
 HUGE_PAGES = True
 HUGE_MIN_BYTES = 8 << 20
+#: Whether a :class:`DecodeBuffer` runs its reads ahead on :class:`Readers` (a queue and a lock per job) rather
+#: than a ``concurrent.futures.ThreadPoolExecutor`` (a ``Future`` with a condition variable, a work item and a
+#: thread-count check per job); read when a buffer starts its reader threads.
+LIGHT_READERS = True
 
 
 def huge_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """:func:`tiercache.buffers.huge_empty` for buffers of at least :data:`HUGE_MIN_BYTES` (read at call time)."""
     return buffers.huge_empty(shape, dtype=dtype, device=device, min_bytes=HUGE_MIN_BYTES)
+
+
+class Job:
+    """A job run by :class:`Readers`: the subset of ``concurrent.futures.Future`` the decode buffer and its
+    callers use (``result``, ``exception``, ``done``, ``cancel``), with one lock, held until the job has run
+    or was cancelled, instead of a condition variable and its waiter locks."""
+
+    __slots__ = ("_fn", "_done", "_claim", "_finished", "_result", "_error")
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self._fn = fn
+        self._done = _thread.allocate_lock()
+        self._done.acquire()
+        self._claim = _thread.allocate_lock()  # taken by whichever of run and cancel comes first
+        self._finished = False
+        self._result: Any = None
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
+        if not self._claim.acquire(False):  # cancelled
+            return
+        try:
+            self._result = self._fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the job
+            self._error = exc
+        finally:
+            self._fn = None
+            self._finished = True
+            self._done.release()
+
+    def cancel(self) -> bool:
+        """Cancel the job if it has not started; whether it is (now) cancelled."""
+        if self._claim.acquire(False):
+            self._fn = None
+            self._error = concurrent.futures.CancelledError()
+            self._finished = True
+            self._done.release()
+            return True
+        return isinstance(self._error, concurrent.futures.CancelledError)
+
+    def done(self) -> bool:
+        return self._finished
+
+    def _wait(self, timeout: float | None) -> None:
+        if self._finished:
+            return
+        if not self._done.acquire(True, -1 if timeout is None else timeout):
+            raise TimeoutError()
+        self._done.release()  # stays released: the job is done for every later waiter
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._wait(timeout)
+        return self._error
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._wait(timeout)
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+class _Worker:
+    __slots__ = ("wake", "job")
+
+    def __init__(self) -> None:
+        self.wake = _thread.allocate_lock()  # held while the worker sleeps; released to wake it with ``job``
+        self.wake.acquire()
+        self.job: Job | None = None
+
+
+class _ReadersState:
+    """What :class:`Readers`' threads share (apart from the object, so that collecting it stops them)."""
+
+    __slots__ = ("lock", "pending", "idle", "busy", "stopping", "threads", "workers", "name")
+
+    def __init__(self, workers: int, name: str) -> None:
+        self.lock = _thread.allocate_lock()
+        self.pending: collections.deque[Job] = collections.deque()  # jobs no thread has taken yet, in order
+        self.idle: list[_Worker] = []  # the threads asleep, the last to finish a job last
+        self.busy: list[_Worker] = []  # the threads running a job or about to look for the next
+        self.stopping = False
+        self.threads: list[threading.Thread] = []
+        self.workers, self.name = workers, name
+
+
+def _serve(state: _ReadersState, me: _Worker) -> None:
+    job: Job | None = None
+    while True:
+        if job is not None:
+            job.run()
+            job = None
+        with state.lock:
+            if state.pending:
+                job = me.job = state.pending.popleft()
+                continue
+            me.job = None
+            if me in state.busy:
+                state.busy.remove(me)
+            if state.stopping:
+                return
+            state.idle.append(me)
+        me.wake.acquire()
+        job = me.job  # None: woken to take the queue's first job, or to stop once the queue is empty
+
+
+def _stop(state: _ReadersState, wait: bool) -> None:
+    with state.lock:
+        state.stopping = True
+        idle, state.idle = state.idle, []
+        threads = list(state.threads)
+    for worker in idle:
+        worker.job = None
+        worker.wake.release()
+    if wait:
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join()
+
+
+class Readers:
+    """Up to ``workers`` threads running the jobs :meth:`submit` ted, started in order: what the decode buffer
+    needs of a ``ThreadPoolExecutor`` (``submit`` returning a :class:`Job`, ``shutdown``) with less work per
+    job.  A job goes to a thread that has just finished one and is about to look for the next (no thread is
+    woken), else to the thread that went idle last (its caches are the warmest), else waits in a queue the busy
+    threads drain; a thread is started only when a job finds none idle or finishing, as a
+    ``ThreadPoolExecutor`` does.  The threads stop at :meth:`shutdown` (once the jobs submitted before have run) or once the object
+    is collected."""
+
+    def __init__(self, workers: int, name: str) -> None:
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise ValueError(f"workers must be a positive int, got {workers!r}")
+        self._state = _ReadersState(workers, name)
+        self._finalizer = weakref.finalize(self, _stop, self._state, False)
+
+    @property
+    def _threads(self) -> list[threading.Thread]:
+        return self._state.threads
+
+    def submit(self, fn: Callable[[], Any]) -> Job:
+        job = Job(fn)
+        state = self._state
+        with state.lock:
+            if state.stopping:
+                raise RuntimeError("cannot submit a job after shutdown")
+            if not state.pending:
+                for worker in state.busy:
+                    current = worker.job
+                    if current is None or current._finished:  # done, about to look for the next: it takes this
+                        state.pending.append(job)
+                        return job
+                if state.idle:
+                    worker = state.idle.pop()
+                    worker.job = job
+                    state.busy.append(worker)
+                    worker.wake.release()
+                    return job
+            state.pending.append(job)
+            if state.idle:  # queued behind a finishing thread's next job: wake another to run it meanwhile
+                worker = state.idle.pop()
+                worker.job = None
+                state.busy.append(worker)
+                worker.wake.release()
+                return job
+            if len(state.threads) >= state.workers:
+                return job
+            worker = _Worker()
+            state.busy.append(worker)
+            thread = threading.Thread(target=_serve, args=(state, worker),
+                                      name=f"{state.name}_{len(state.threads)}", daemon=True)
+            state.threads.append(thread)
+        thread.start()
+        return job
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop the threads once the jobs submitted before have run (``wait``: return after that)."""
+        self._finalizer.detach()
+        _stop(self._state, wait)
+
+
+def _wait(future: Any) -> None:
+    """Wait for a read's job (a :class:`Job` or a ``Future``), whatever its outcome."""
+    try:
+        future.result()
+    except BaseException:  # noqa: BLE001 - the read's failure is its consumer's to handle
+        pass
 
 
 @dataclass(eq=False)
@@ -481,12 +673,11 @@ class DecodeBuffer:
         first = reads[0]
         if first.memory and self.readers > 1:
             if self._copier is None:
-                self._copier = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tiercache-kv-copy")
+                self._copier = self._executor(1, "tiercache-kv-copy")
             executor = self._copier
         else:
             if self._reader is None:
-                self._reader = concurrent.futures.ThreadPoolExecutor(self.readers,
-                                                                     thread_name_prefix="tiercache-kv-ahead")
+                self._reader = self._executor(self.readers, "tiercache-kv-ahead")
             executor = self._reader
         counters, lock, fetch = self.counters, self._counters_lock, first.fetch
         if len(reads) == 1:
@@ -508,6 +699,12 @@ class DecodeBuffer:
         future = executor.submit(timed)
         for read in reads:
             read.future = future
+
+    @staticmethod
+    def _executor(workers: int, name: str) -> Any:
+        if LIGHT_READERS:
+            return Readers(workers, name)
+        return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=name)
 
     def take(self, layer: Any) -> tuple[ReadAhead | None, BaseException | None]:
         """``layer``'s read ahead, once finished (the wait is counted), and the exception it raised
@@ -549,7 +746,7 @@ class DecodeBuffer:
             return
         shared = any(p.future is future for p in self._pending.values())
         if shared or not future.cancel():  # a job shared with reads still pending runs for them
-            concurrent.futures.wait([future])
+            _wait(future)
 
     def release(self) -> None:
         """Free the storage (the next :meth:`get` allocates again); reads ahead are discarded first."""

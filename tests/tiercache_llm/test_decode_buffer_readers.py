@@ -1,0 +1,100 @@
+"""decode_buffer.Readers / Job: the reader threads of reads ahead (what the decode buffer used a
+ThreadPoolExecutor for), and the decode buffer on either kind."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import gc
+import threading
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from tiercache_llm import TieredKVCache
+from tiercache_llm import decode_buffer as decode_buffer_module
+from tiercache_llm.decode_buffer import Readers
+
+
+def test_jobs_run_in_order_and_hand_back_results_and_errors():
+    readers = Readers(1, "test-readers")
+    seen = []
+    jobs = [readers.submit(lambda i=i: seen.append(i) or i * 2) for i in range(50)]
+    assert [job.result(timeout=30) for job in jobs] == [2 * i for i in range(50)]
+    assert seen == list(range(50)) and all(job.done() for job in jobs)
+
+    def fail():
+        raise OSError("boom")
+
+    job = readers.submit(fail)
+    assert isinstance(job.exception(timeout=30), OSError)
+    with pytest.raises(OSError, match="boom"):
+        job.result()
+    with pytest.raises(OSError):  # every later waiter sees it too
+        job.result(timeout=1)
+    readers.shutdown()
+    with pytest.raises(RuntimeError):
+        readers.submit(lambda: None)
+    readers.shutdown()  # idempotent
+
+
+def test_cancel_only_before_the_job_starts_and_timeout():
+    readers = Readers(1, "test-readers")
+    started, go = threading.Event(), threading.Event()
+    running = readers.submit(lambda: (started.set(), go.wait(30)))
+    queued = readers.submit(lambda: pytest.fail("a cancelled job ran"))
+    assert started.wait(30)
+    with pytest.raises(TimeoutError):
+        running.result(timeout=0.01)
+    assert not running.done()
+    assert not running.cancel()  # running: not cancelled, and it goes on
+    assert queued.cancel() and queued.cancel() and queued.done()
+    with pytest.raises(concurrent.futures.CancelledError):
+        queued.result()
+    go.set()
+    assert running.result(timeout=30) == (None, True)
+    assert not running.cancel()  # done: not cancelled
+    readers.shutdown(wait=True)
+    assert not any(t.is_alive() for t in readers._threads)
+
+
+def test_threads_stop_when_the_readers_are_collected():
+    readers = Readers(2, "test-readers")
+    threads = list(readers._threads)
+    assert readers.submit(lambda: 1).result(timeout=30) == 1
+    del readers
+    gc.collect()
+    for thread in threads:
+        thread.join(30)
+        assert not thread.is_alive()
+
+
+def test_readers_must_be_positive():
+    with pytest.raises(ValueError):
+        Readers(0, "x")
+
+
+@pytest.mark.parametrize("light", [True, False])
+def test_disk_decode_is_exact_on_either_kind_of_reader(make_config, tmp_path, monkeypatch, light):
+    """Exact decode through a disk tier with reads ahead (grouped, shared jobs) matches DynamicCache bit for bit
+    on Readers and on a ThreadPoolExecutor."""
+    monkeypatch.setattr(decode_buffer_module, "LIGHT_READERS", light)
+    config = make_config(num_hidden_layers=4)
+    ref = DynamicCache(config=config)
+    got = TieredKVCache(config, block_size=4, host="8KiB", disk="16MiB", path=tmp_path / "kv")
+    gen = torch.Generator().manual_seed(1)
+    heads = config.num_key_value_heads
+    dim = config.hidden_size // config.num_attention_heads
+    for step in range(12):
+        seq = 9 if step == 0 else 1
+        for layer in range(4):
+            k = torch.randn(2, heads, seq, dim, generator=gen)
+            v = torch.randn(2, heads, seq, dim, generator=gen)
+            rk, rv = ref.update(k, v, layer)
+            gk, gv = got.update(k, v, layer)
+            assert torch.equal(rk, gk) and torch.equal(rv, gv), (step, layer)
+    kind = Readers if light else concurrent.futures.ThreadPoolExecutor
+    assert isinstance(got.buffer._reader, kind)
+    assert got.stats()["prefetch"]["blocks_ahead"] > 0
+    got.close()
+    assert got.buffer._reader is None
