@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import gc
 import threading
+import time
 
 import pytest
 import torch
@@ -98,3 +99,31 @@ def test_disk_decode_is_exact_on_either_kind_of_reader(make_config, tmp_path, mo
     assert got.stats()["prefetch"]["blocks_ahead"] > 0
     got.close()
     assert got.buffer._reader is None
+
+
+@pytest.mark.parametrize("wake_idle", [True, False])
+def test_two_threads_run_every_job_once(monkeypatch, wake_idle):
+    monkeypatch.setattr(Readers, "wake_idle", wake_idle)
+    readers = Readers(2, "test-readers")
+    lock, started, threads = threading.Lock(), [], set()
+    gen = torch.Generator().manual_seed(0)
+    delays = (torch.rand(400, generator=gen) * 2e-4).tolist()
+
+    def job(i):
+        with lock:
+            started.append(i)
+            threads.add(threading.current_thread().name)
+        end = time.perf_counter() + delays[i]
+        while time.perf_counter() < end:
+            pass
+        return i
+
+    jobs = []
+    for i in range(400):
+        jobs.append(readers.submit(lambda i=i: job(i)))
+        if i % 7 == 0:  # wait now and then, so jobs also go to finishing and idle threads
+            jobs[-1].result(timeout=30)
+    assert [j.result(timeout=30) for j in jobs] == list(range(400))
+    assert sorted(started) == list(range(400)) and len(threads) <= 2
+    readers.shutdown()
+    assert not any(t.is_alive() for t in readers._threads)
