@@ -367,8 +367,9 @@ class ReadAhead:
             ``(block index in the buffer, BlockRef, tmp_k, tmp_v)``; the consuming update gathers them
             into place.
         nbytes: bytes the read asks for.
-        future: the read (its exception, if any, is the read's failure); reads started together
-            (:meth:`DecodeBuffer.together`) share one.  ``None`` while reserved, before it is submitted.
+        future: the read's :class:`Job` (a ``concurrent.futures.Future`` where ``LIGHT_READERS`` is off; its
+            exception, if any, is the read's failure); reads started together (:meth:`DecodeBuffer.together`)
+            share one.  ``None`` while reserved, before it is submitted.
         keys, targets: the tiercache entries read and the tensors they are written into.
         fetch: ``fetch(keys, out=targets, background=True)`` reads them (a store's ``get_blocks``); reads
             started together with equal ``fetch`` and ``memory`` are merged into one call.
@@ -385,7 +386,7 @@ class ReadAhead:
     vkeys: list
     posts: list
     nbytes: int
-    future: concurrent.futures.Future | None = None
+    future: Any = None  # a Job or a concurrent.futures.Future
     keys: list = field(default_factory=list)
     targets: list = field(default_factory=list)
     fetch: Callable[..., Any] | None = None
