@@ -114,6 +114,11 @@ HUGE_MIN_BYTES = 8 << 20
 #: than a ``concurrent.futures.ThreadPoolExecutor`` (a ``Future`` with a condition variable, a work item and a
 #: thread-count check per job); read when a buffer starts its reader threads.
 LIGHT_READERS = True
+#: Whether :meth:`DecodeBuffer.take` runs a read ahead no reader thread has started yet on the updating thread
+#: (``ReadAheadCounters.stolen``) instead of waiting for a reader to wake and run it (``Readers`` only).  Off:
+#: in ``hotpath_fetch.py``'s reads at 1K it made memory-held layers ~0.1 ms per step cheaper and disk layers
+#: 0.1-0.3 ms dearer (docs/benchmarks.md, "Reader hand-off").
+STEAL_READS = False
 
 
 def huge_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -137,9 +142,10 @@ class Job:
         self._result: Any = None
         self._error: BaseException | None = None
 
-    def run(self) -> None:
-        if not self._claim.acquire(False):  # cancelled
-            return
+    def run(self) -> bool:
+        """Run the job here unless it was cancelled or has run or is running elsewhere; whether it ran here."""
+        if not self._claim.acquire(False):
+            return False
         try:
             self._result = self._fn()
         except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the job
@@ -148,6 +154,7 @@ class Job:
             self._fn = None
             self._finished = True
             self._done.release()
+        return True
 
     def cancel(self) -> bool:
         """Cancel the job if it has not started; whether it is (now) cancelled."""
@@ -421,6 +428,9 @@ class ReadAheadCounters:
             busy cores it includes the time the reader waits for a core or the GIL).
         background_cpu_seconds: CPU time the reader thread spent reading (``time.thread_time``; the I/O
             pool threads of a disk tier that a read spreads to are not included).
+        stolen: reads ahead that the updating thread ran itself in :meth:`DecodeBuffer.take` because no reader
+            thread had started them yet (:data:`STEAL_READS`; their time counts in ``wait_seconds`` and, as
+            the reader's, in ``background_seconds`` / ``background_cpu_seconds``).
         inline: updates that started no read ahead because torch's intra-op threads occupy every core and
             the reads are copies (every tier is memory, or a buffered disk tier): the update's own copies use
             those threads instead (see ``TieredKVCache._ahead_overlaps``).
@@ -441,6 +451,7 @@ class ReadAheadCounters:
     background_seconds: float = 0.0
     background_cpu_seconds: float = 0.0
     inline: int = 0
+    stolen: int = 0
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -726,8 +737,11 @@ class DecodeBuffer:
             self.counters.discarded += 1
             return None, None
         start = time.perf_counter()
+        future = read.future
+        if STEAL_READS and type(future) is Job and not future._finished and future.run():
+            self.counters.stolen += 1
         try:
-            read.future.result()
+            future.result()
             error = None
         except BaseException as exc:  # noqa: BLE001 - the layer reads these blocks itself
             error = exc

@@ -127,3 +127,32 @@ def test_two_threads_run_every_job_once(monkeypatch, wake_idle):
     assert sorted(started) == list(range(400)) and len(threads) <= 2
     readers.shutdown()
     assert not any(t.is_alive() for t in readers._threads)
+
+
+@pytest.mark.parametrize("steal", [True, False])
+def test_stolen_reads_are_exact_and_counted(make_config, tmp_path, monkeypatch, steal):
+    """With STEAL_READS, a read ahead no reader thread has started is run by the update itself: same states."""
+    monkeypatch.setattr(decode_buffer_module, "STEAL_READS", steal)
+    config = make_config(num_hidden_layers=3)
+    ref = DynamicCache(config=config)
+    got = TieredKVCache(config, block_size=4, host="8KiB", disk="16MiB", path=tmp_path / "kv")
+    gen = torch.Generator().manual_seed(2)
+    heads = config.num_key_value_heads
+    dim = config.hidden_size // config.num_attention_heads
+    if steal:  # reader threads that never start a job: every read ahead is run by the update that takes it
+        monkeypatch.setattr(Readers, "submit", lambda self, fn: decode_buffer_module.Job(fn))
+    for step in range(8):
+        seq = 9 if step == 0 else 1
+        for layer in range(3):
+            k = torch.randn(1, heads, seq, dim, generator=gen)
+            v = torch.randn(1, heads, seq, dim, generator=gen)
+            rk, rv = ref.update(k, v, layer)
+            gk, gv = got.update(k, v, layer)
+            assert torch.equal(rk, gk) and torch.equal(rv, gv), (step, layer)
+    ahead = got.stats()["prefetch"]
+    assert ahead["started"] > 0 and ahead["failed"] == 0
+    if steal:
+        assert 0 < ahead["stolen"] <= ahead["used"]
+    else:
+        assert ahead["stolen"] == 0
+    got.close()
