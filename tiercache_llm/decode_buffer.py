@@ -56,6 +56,7 @@ error raises.
 from __future__ import annotations
 
 import _thread
+import atexit
 import collections
 import concurrent.futures
 import contextlib
@@ -199,7 +200,7 @@ class _Worker:
 class _ReadersState:
     """What :class:`Readers`' threads share (apart from the object, so that collecting it stops them)."""
 
-    __slots__ = ("lock", "pending", "idle", "busy", "stopping", "threads", "workers", "name")
+    __slots__ = ("lock", "pending", "idle", "busy", "stopping", "threads", "workers", "name", "__weakref__")
 
     def __init__(self, workers: int, name: str) -> None:
         self.lock = _thread.allocate_lock()
@@ -245,6 +246,19 @@ def _stop(state: _ReadersState, wait: bool) -> None:
                 thread.join()
 
 
+#: Every :class:`Readers`' shared state whose threads may still run: stopped (their jobs run to the end) when the
+#: interpreter exits, before it tears modules down, as ``concurrent.futures`` does for its executors' threads.
+_LIVE: "weakref.WeakSet[_ReadersState]" = weakref.WeakSet()
+
+
+def _stop_all() -> None:
+    for state in list(_LIVE):
+        _stop(state, True)
+
+
+getattr(threading, "_register_atexit", atexit.register)(_stop_all)
+
+
 class Readers:
     """Up to ``workers`` threads running the jobs :meth:`submit` ted, started in order: what the decode buffer
     needs of a ``ThreadPoolExecutor`` (``submit`` returning a :class:`Job`, ``shutdown``) with less work per
@@ -262,6 +276,7 @@ class Readers:
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ValueError(f"workers must be a positive int, got {workers!r}")
         self._state = _ReadersState(workers, name)
+        _LIVE.add(self._state)
         self._finalizer = weakref.finalize(self, _stop, self._state, False)
 
     @property

@@ -156,3 +156,19 @@ def test_stolen_reads_are_exact_and_counted(make_config, tmp_path, monkeypatch, 
     else:
         assert ahead["stolen"] == 0
     got.close()
+
+
+def test_a_job_in_flight_at_exit_runs_to_the_end(tmp_path):
+    """Readers never shut down: the interpreter's exit waits for the job running (threads stopped at exit)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "exit.py"
+    script.write_text(
+        "import time\n"
+        "from tiercache_llm.decode_buffer import Readers\n"
+        "r = Readers(2, 'x')\n"
+        "r.submit(lambda: (time.sleep(0.3), print('ran', flush=True)))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ran"
