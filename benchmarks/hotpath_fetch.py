@@ -29,6 +29,11 @@ With ``--calls K,...`` the disk part is also read inline with one ``get_many`` p
 (``calls/K``: all their entries into their own slots, ``K`` at most the decode buffer's slots): how much of
 ``inline`` is per call rather than per entry.
 
+With ``--compare-readers`` each part's ``ahead``, ``grouped`` and ``roundtrip`` are also timed, in the same
+interleaved loop, on ``concurrent.futures.ThreadPoolExecutor`` s in place of the decode buffer's
+``Readers`` (``ahead@pool``, ``grouped@pool``, ``roundtrip@pool``: the reader threads before
+``decode_buffer.LIGHT_READERS``), an A/B of the hand-off in one process.
+
 With ``--compare-split BYTES`` each disk part's ``grouped`` and ``inline`` are also timed, in the same
 interleaved loop, with the disk tier's ``MIN_BUFFERED_BYTES_PER_THREAD`` (the batch size per read thread
 from which a buffered ``read_into`` spreads over its pool) set to ``BYTES`` (``grouped@BYTES``,
@@ -259,8 +264,20 @@ def with_split(fn: Callable[[], None], per_thread: int) -> Callable[[], None]:
     return run
 
 
+def with_pools(fn: Callable[[], None], buffer: Any, pools: tuple[Any, Any]) -> Callable[[], None]:
+    """``fn`` run with the decode buffer's reader and copier executors replaced by ``pools``."""
+    def run() -> None:
+        before = buffer._reader, buffer._copier
+        buffer._reader, buffer._copier = pools
+        try:
+            fn()
+        finally:
+            buffer._reader, buffer._copier = before
+    return run
+
+
 def measure(config: Any, context: int, threads: int, host: int, repeats: int, group: int | None = None,
-            compare_split: int | None = None, calls: tuple[int, ...] = ()
+            compare_split: int | None = None, calls: tuple[int, ...] = (), compare_readers: bool = False
             ) -> tuple[dict[tuple[str, str], tuple[float, float]], dict[str, int]]:
     """``({(part, method): (median CPU ms, median wall ms) per step}, entry and layer counts)`` for one
     context at ``threads`` torch threads (a fresh cache in a temp directory, removed after)."""
@@ -278,6 +295,22 @@ def measure(config: Any, context: int, threads: int, host: int, repeats: int, gr
                 if name in ("grouped", "inline"):
                     disk_methods[f"{name}@{compare_split}"] = with_split(fn, compare_split)
             methods["disk"] = disk_methods
+        pools: tuple[Any, ...] = ()
+        if compare_readers:
+            import concurrent.futures
+
+            buffer = cache.buffer
+            pools = (concurrent.futures.ThreadPoolExecutor(buffer.readers, thread_name_prefix="ab-kv-ahead"),
+                     concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ab-kv-copy"))
+            for part, group in methods.items():
+                both = {}
+                for name, fn in group.items():
+                    both[name] = fn
+                    if name in ("ahead", "grouped", "roundtrip"):
+                        both[f"{name}@pool"] = with_pools(fn, buffer, pools)
+                methods[part] = both
+            for part in methods:  # start the pools' threads
+                methods[part]["ahead@pool"]()
         try:
             flat = [(part, name, fn) for part, group in methods.items() for name, fn in group.items()]
             samples: dict[tuple[str, str], list[tuple[float, float]]] = {}
@@ -289,6 +322,8 @@ def measure(config: Any, context: int, threads: int, host: int, repeats: int, gr
                         (1e3 * (time.process_time() - c0), 1e3 * (time.perf_counter() - t0)))
         finally:
             steps.close()  # type: ignore[attr-defined]
+            for pool in pools:
+                pool.shutdown(wait=True)
     finally:
         cache.close()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -310,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
                              "MIN_BUFFERED_BYTES_PER_THREAD at BYTES (an interleaved A/B of that threshold)")
     parser.add_argument("--calls", default="", metavar="K,...",
                         help="also read the disk layers inline with one get_many per K layers (calls/K)")
+    parser.add_argument("--compare-readers", action="store_true",
+                        help="also time the reads ahead on ThreadPoolExecutors (@pool) in place of the decode "
+                             "buffer's Readers")
     parser.add_argument("--spare", type=int, default=None, metavar="N",
                         help="fix the disk tier's idle-CPU estimate (spare_cpus) at N")
     args = parser.parse_args(argv)
@@ -322,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     for context in parse_ints(args.contexts, "--contexts"):
         for threads in parse_ints(args.threads, "--threads"):
             medians, counts = measure(config, context, threads, args.host, args.repeats, args.group, args.compare_split,
-                                      tuple(parse_ints(args.calls, "--calls")) if args.calls else ())
+                                      tuple(parse_ints(args.calls, "--calls")) if args.calls else (),
+                                      args.compare_readers)
             print(f"context {context}, {threads} torch thread(s): {counts['layers_mem']} layers held in memory "
                   f"({counts['mem_mem']} entries), {counts['layers_disk']} reading the disk ({counts['disk_disk']} "
                   f"entries on disk, {counts['disk_mem']} in memory); ms per step, median of {args.repeats}; "

@@ -55,10 +55,14 @@ error raises.
 
 from __future__ import annotations
 
+import _thread
+import atexit
+import collections
 import concurrent.futures
 import contextlib
 import threading
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -107,11 +111,230 @@ INLINE_WHEN_BUSY = True
 #: "Huge pages").
 HUGE_PAGES = True
 HUGE_MIN_BYTES = 8 << 20
+#: Whether a :class:`DecodeBuffer` runs its reads ahead on :class:`Readers` (a queue and a lock per job) rather
+#: than a ``concurrent.futures.ThreadPoolExecutor`` (a ``Future`` with a condition variable, a work item and a
+#: thread-count check per job); read when a buffer starts its reader threads.
+LIGHT_READERS = True
+#: Whether :meth:`DecodeBuffer.take` runs a read ahead no reader thread has started yet on the updating thread
+#: (``ReadAheadCounters.stolen``) instead of waiting for a reader to wake and run it (``Readers`` only).  Off:
+#: in ``hotpath_fetch.py``'s reads at 1K it made memory-held layers ~0.1 ms per step cheaper and disk layers
+#: 0.1-0.3 ms dearer (docs/benchmarks.md, "Reader hand-off").
+STEAL_READS = False
 
 
 def huge_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """:func:`tiercache.buffers.huge_empty` for buffers of at least :data:`HUGE_MIN_BYTES` (read at call time)."""
     return buffers.huge_empty(shape, dtype=dtype, device=device, min_bytes=HUGE_MIN_BYTES)
+
+
+class Job:
+    """A job run by :class:`Readers`: the subset of ``concurrent.futures.Future`` the decode buffer and its
+    callers use (``result``, ``exception``, ``done``, ``cancel``), with one lock, held until the job has run
+    or was cancelled, instead of a condition variable and its waiter locks."""
+
+    __slots__ = ("_fn", "_done", "_claim", "_finished", "_result", "_error")
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self._fn = fn
+        self._done = _thread.allocate_lock()
+        self._done.acquire()
+        self._claim = _thread.allocate_lock()  # taken by whichever of run and cancel comes first
+        self._finished = False
+        self._result: Any = None
+        self._error: BaseException | None = None
+
+    def run(self) -> bool:
+        """Run the job here unless it was cancelled or has run or is running elsewhere; whether it ran here."""
+        if not self._claim.acquire(False):
+            return False
+        try:
+            self._result = self._fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits for the job
+            self._error = exc
+        finally:
+            self._fn = None
+            self._finished = True
+            self._done.release()
+        return True
+
+    def cancel(self) -> bool:
+        """Cancel the job if it has not started; whether it is (now) cancelled."""
+        if self._claim.acquire(False):
+            self._fn = None
+            self._error = concurrent.futures.CancelledError()
+            self._finished = True
+            self._done.release()
+            return True
+        return isinstance(self._error, concurrent.futures.CancelledError)
+
+    def done(self) -> bool:
+        return self._finished
+
+    def _wait(self, timeout: float | None) -> None:
+        if self._finished:
+            return
+        if not self._done.acquire(True, -1 if timeout is None else timeout):
+            raise TimeoutError()
+        self._done.release()  # stays released: the job is done for every later waiter
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._wait(timeout)
+        return self._error
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._wait(timeout)
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+class _Worker:
+    __slots__ = ("wake", "job")
+
+    def __init__(self) -> None:
+        self.wake = _thread.allocate_lock()  # held while the worker sleeps; released to wake it with ``job``
+        self.wake.acquire()
+        self.job: Job | None = None
+
+
+class _ReadersState:
+    """What :class:`Readers`' threads share (apart from the object, so that collecting it stops them)."""
+
+    __slots__ = ("lock", "pending", "idle", "busy", "stopping", "threads", "workers", "name", "__weakref__")
+
+    def __init__(self, workers: int, name: str) -> None:
+        self.lock = _thread.allocate_lock()
+        self.pending: collections.deque[Job] = collections.deque()  # jobs no thread has taken yet, in order
+        self.idle: list[_Worker] = []  # the threads asleep, the last to finish a job last
+        self.busy: list[_Worker] = []  # the threads running a job or about to look for the next
+        self.stopping = False
+        self.threads: list[threading.Thread] = []
+        self.workers, self.name = workers, name
+
+
+def _serve(state: _ReadersState, me: _Worker) -> None:
+    job: Job | None = None
+    while True:
+        if job is not None:
+            job.run()
+            job = None
+        with state.lock:
+            if state.pending:
+                job = me.job = state.pending.popleft()
+                continue
+            me.job = None
+            if me in state.busy:
+                state.busy.remove(me)
+            if state.stopping:
+                return
+            state.idle.append(me)
+        me.wake.acquire()
+        job = me.job  # None: woken to take the queue's first job, or to stop once the queue is empty
+
+
+def _stop(state: _ReadersState, wait: bool) -> None:
+    with state.lock:
+        state.stopping = True
+        idle, state.idle = state.idle, []
+        threads = list(state.threads)
+    for worker in idle:
+        worker.job = None
+        worker.wake.release()
+    if wait:
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join()
+
+
+#: Every :class:`Readers`' shared state whose threads may still run: stopped (their jobs run to the end) when the
+#: interpreter exits, before it tears modules down, as ``concurrent.futures`` does for its executors' threads.
+_LIVE: "weakref.WeakSet[_ReadersState]" = weakref.WeakSet()
+
+
+def _stop_all() -> None:
+    for state in list(_LIVE):
+        _stop(state, True)
+
+
+getattr(threading, "_register_atexit", atexit.register)(_stop_all)
+
+
+class Readers:
+    """Up to ``workers`` threads running the jobs :meth:`submit` ted, started in order: what the decode buffer
+    needs of a ``ThreadPoolExecutor`` (``submit`` returning a :class:`Job`, ``shutdown``) with less work per
+    job.  A job is queued for a thread that has just finished one and is about to look for the next (and an
+    idle thread is woken too, in case that one is descheduled: :attr:`wake_idle`), else handed to the thread that
+    went idle last (its caches are the warmest), else waits in the queue the busy threads drain; a thread is started only when a job finds none idle or finishing, as a
+    ``ThreadPoolExecutor`` does.  The threads stop at :meth:`shutdown` (once the jobs submitted before have run) or once the object
+    is collected."""
+
+    #: Whether a job queued for a finishing thread also wakes an idle one (whichever looks first runs it): a
+    #: finishing thread descheduled on a busy machine then delays nothing (measured as good or better, one run).
+    wake_idle = True
+
+    def __init__(self, workers: int, name: str) -> None:
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise ValueError(f"workers must be a positive int, got {workers!r}")
+        self._state = _ReadersState(workers, name)
+        _LIVE.add(self._state)
+        self._finalizer = weakref.finalize(self, _stop, self._state, False)
+
+    @property
+    def _threads(self) -> list[threading.Thread]:
+        return self._state.threads
+
+    def submit(self, fn: Callable[[], Any]) -> Job:
+        job = Job(fn)
+        state = self._state
+        with state.lock:
+            if state.stopping:
+                raise RuntimeError("cannot submit a job after shutdown")
+            if not state.pending:
+                for worker in state.busy:
+                    current = worker.job
+                    if current is None or current._finished:  # done, about to look for the next: it takes this
+                        state.pending.append(job)
+                        if self.wake_idle and state.idle:  # unless descheduled: then an idle thread does
+                            idle = state.idle.pop()
+                            idle.job = None
+                            state.busy.append(idle)
+                            idle.wake.release()
+                        return job
+                if state.idle:
+                    worker = state.idle.pop()
+                    worker.job = job
+                    state.busy.append(worker)
+                    worker.wake.release()
+                    return job
+            state.pending.append(job)
+            if state.idle:  # queued behind a finishing thread's next job: wake another to run it meanwhile
+                worker = state.idle.pop()
+                worker.job = None
+                state.busy.append(worker)
+                worker.wake.release()
+                return job
+            if len(state.threads) >= state.workers:
+                return job
+            worker = _Worker()
+            state.busy.append(worker)
+            thread = threading.Thread(target=_serve, args=(state, worker),
+                                      name=f"{state.name}_{len(state.threads)}", daemon=True)
+            state.threads.append(thread)
+        thread.start()
+        return job
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop the threads once the jobs submitted before have run (``wait``: return after that)."""
+        self._finalizer.detach()
+        _stop(self._state, wait)
+
+
+def _wait(future: Any) -> None:
+    """Wait for a read's job (a :class:`Job` or a ``Future``), whatever its outcome."""
+    try:
+        future.result()
+    except BaseException:  # noqa: BLE001 - the read's failure is its consumer's to handle
+        pass
 
 
 @dataclass(eq=False)
@@ -166,8 +389,9 @@ class ReadAhead:
             ``(block index in the buffer, BlockRef, tmp_k, tmp_v)``; the consuming update gathers them
             into place.
         nbytes: bytes the read asks for.
-        future: the read (its exception, if any, is the read's failure); reads started together
-            (:meth:`DecodeBuffer.together`) share one.  ``None`` while reserved, before it is submitted.
+        future: the read's :class:`Job` (a ``concurrent.futures.Future`` where ``LIGHT_READERS`` is off; its
+            exception, if any, is the read's failure); reads started together (:meth:`DecodeBuffer.together`)
+            share one.  ``None`` while reserved, before it is submitted.
         keys, targets: the tiercache entries read and the tensors they are written into.
         fetch: ``fetch(keys, out=targets, background=True)`` reads them (a store's ``get_blocks``); reads
             started together with equal ``fetch`` and ``memory`` are merged into one call.
@@ -184,7 +408,7 @@ class ReadAhead:
     vkeys: list
     posts: list
     nbytes: int
-    future: concurrent.futures.Future | None = None
+    future: Any = None  # a Job or a concurrent.futures.Future
     keys: list = field(default_factory=list)
     targets: list = field(default_factory=list)
     fetch: Callable[..., Any] | None = None
@@ -219,6 +443,9 @@ class ReadAheadCounters:
             busy cores it includes the time the reader waits for a core or the GIL).
         background_cpu_seconds: CPU time the reader thread spent reading (``time.thread_time``; the I/O
             pool threads of a disk tier that a read spreads to are not included).
+        stolen: reads ahead that the updating thread ran itself in :meth:`DecodeBuffer.take` because no reader
+            thread had started them yet (:data:`STEAL_READS`; their time counts in ``wait_seconds`` and, as
+            the reader's, in ``background_seconds`` / ``background_cpu_seconds``).
         inline: updates that started no read ahead because torch's intra-op threads occupy every core and
             the reads are copies (every tier is memory, or a buffered disk tier): the update's own copies use
             those threads instead (see ``TieredKVCache._ahead_overlaps``).
@@ -239,6 +466,7 @@ class ReadAheadCounters:
     background_seconds: float = 0.0
     background_cpu_seconds: float = 0.0
     inline: int = 0
+    stolen: int = 0
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -481,12 +709,11 @@ class DecodeBuffer:
         first = reads[0]
         if first.memory and self.readers > 1:
             if self._copier is None:
-                self._copier = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tiercache-kv-copy")
+                self._copier = self._executor(1, "tiercache-kv-copy")
             executor = self._copier
         else:
             if self._reader is None:
-                self._reader = concurrent.futures.ThreadPoolExecutor(self.readers,
-                                                                     thread_name_prefix="tiercache-kv-ahead")
+                self._reader = self._executor(self.readers, "tiercache-kv-ahead")
             executor = self._reader
         counters, lock, fetch = self.counters, self._counters_lock, first.fetch
         if len(reads) == 1:
@@ -509,6 +736,12 @@ class DecodeBuffer:
         for read in reads:
             read.future = future
 
+    @staticmethod
+    def _executor(workers: int, name: str) -> Any:
+        if LIGHT_READERS:
+            return Readers(workers, name)
+        return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=name)
+
     def take(self, layer: Any) -> tuple[ReadAhead | None, BaseException | None]:
         """``layer``'s read ahead, once finished (the wait is counted), and the exception it raised
         (``None`` if it succeeded); ``(None, None)`` when there is none."""
@@ -519,8 +752,11 @@ class DecodeBuffer:
             self.counters.discarded += 1
             return None, None
         start = time.perf_counter()
+        future = read.future
+        if STEAL_READS and type(future) is Job and not future._finished and future.run():
+            self.counters.stolen += 1
         try:
-            read.future.result()
+            future.result()
             error = None
         except BaseException as exc:  # noqa: BLE001 - the layer reads these blocks itself
             error = exc
@@ -549,7 +785,7 @@ class DecodeBuffer:
             return
         shared = any(p.future is future for p in self._pending.values())
         if shared or not future.cancel():  # a job shared with reads still pending runs for them
-            concurrent.futures.wait([future])
+            _wait(future)
 
     def release(self) -> None:
         """Free the storage (the next :meth:`get` allocates again); reads ahead are discarded first."""

@@ -12,3 +12,11 @@ def test_tiny_run_measures_every_part(load_benchmark):
         ("disk", m) for m in ("ahead", "grouped", "inline", "roundtrip", "plain", "plain+crc", "floor",
                               "calls/1", "calls/2")}
     assert all(cpu >= 0 and wall > 0 for cpu, wall in medians.values())
+
+
+def test_compare_readers_times_the_pool_variants(load_benchmark):
+    bench = load_benchmark("hotpath_fetch")
+    medians, _ = bench.measure(bench.model_config("tiny"), 600, 1, 200_000, 1, compare_readers=True)
+    for part in ("mem", "disk"):
+        for method in ("ahead", "grouped", "roundtrip"):
+            assert (part, method) in medians and (part, f"{method}@pool") in medians
