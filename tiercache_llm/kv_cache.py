@@ -264,7 +264,6 @@ class TieredKVSettings:
             elif not isinstance(self.pipeline, PipelineConfig):
                 raise TypeError(f"pipeline must be a dict of PipelineConfig fields or a PipelineConfig, "
                                 f"not {type(self.pipeline).__name__}")
-            _check_switches(self.pipeline)
         pool = check_pool_bytes(self.pool_bytes, auto=True)
         object.__setattr__(self, "pool_bytes", pool)
         if self.mode != "sparse":
@@ -298,17 +297,6 @@ def _plain_numbers(settings: TieredKVSettings) -> None:
             object.__setattr__(settings, name, operator.index(value))
         elif isinstance(value, numbers.Real) and name in ("budget", "decay"):
             object.__setattr__(settings, name, float(value))
-
-
-def _check_switches(config: PipelineConfig) -> None:
-    """``ValueError`` (as ``PipelineConfig``'s own checks) for a ``PipelineConfig`` switch (a ``bool``
-    field) set to anything but a ``bool``: a truthy string such as ``"no"`` or a ``1`` must not turn a
-    pipeline feature on.  ``PipelineConfig`` checks some of its switches itself; this checks them all."""
-    for field in dataclasses.fields(config):
-        if field.type in ("bool", bool):
-            value = getattr(config, field.name)
-            if not isinstance(value, bool):
-                raise ValueError(f"{field.name} must be a bool, got {type(value).__name__} {value!r}")
 
 
 def _token_count(value: Any, what: str) -> int:

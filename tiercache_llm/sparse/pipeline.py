@@ -122,6 +122,7 @@ area and counters under locks); :meth:`close` may be called from any thread.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import math
 import threading
@@ -352,24 +353,9 @@ class PipelineConfig:
         f = self.pool_blocks_factor
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not f >= 1.0:
             raise ValueError(f"pool_blocks_factor must be a number >= 1.0, got {f!r}")
-        if not isinstance(self.seed_pool, bool):
-            raise ValueError(f"seed_pool must be a bool, got {self.seed_pool!r}")
-        if not isinstance(self.slots_from_fastest, bool):
-            raise ValueError(f"slots_from_fastest must be a bool, got {self.slots_from_fastest!r}")
-        if not isinstance(self.overlap_sync_reads, bool):
-            raise ValueError(f"overlap_sync_reads must be a bool, got {self.overlap_sync_reads!r}")
-        if not isinstance(self.settle_late, bool):
-            raise ValueError(f"settle_late must be a bool, got {self.settle_late!r}")
-        if not isinstance(self.reads_beside_copies, bool):
-            raise ValueError(f"reads_beside_copies must be a bool, got {self.reads_beside_copies!r}")
-        if not isinstance(self.huge_pages, bool):
-            raise ValueError(f"huge_pages must be a bool, got {self.huge_pages!r}")
-        if not isinstance(self.slot_reads_after_sync, bool):
-            raise ValueError(f"slot_reads_after_sync must be a bool, got {self.slot_reads_after_sync!r}")
-        if not isinstance(self.stage_into_slots, bool):
-            raise ValueError(f"stage_into_slots must be a bool, got {self.stage_into_slots!r}")
-        if not isinstance(self.background_end_step, bool):
-            raise ValueError(f"background_end_step must be a bool, got {self.background_end_step!r}")
+        for item in dataclasses.fields(self):  # every switch: a truthy "no" or 1 must not turn a feature on
+            if item.type in ("bool", bool) and not isinstance(value := getattr(self, item.name), bool):
+                raise ValueError(f"{item.name} must be a bool, got {type(value).__name__} {value!r}")
         if self.predictor not in ("previous", "query", "near"):
             raise ValueError(f"predictor must be 'previous', 'query' or 'near', got {self.predictor!r}")
         if isinstance(self.staging_bytes, bool) or not isinstance(self.staging_bytes, int) or self.staging_bytes < 0:
@@ -381,8 +367,6 @@ class PipelineConfig:
             raise ValueError(f"write_behind_bytes must be an int >= 0, got {self.write_behind_bytes!r}")
         if isinstance(self.ahead, bool) or not isinstance(self.ahead, int) or self.ahead < 1:
             raise ValueError(f"ahead must be an int >= 1, got {self.ahead!r}")
-        if not isinstance(self.promote_reuse_read, bool):
-            raise ValueError(f"promote_reuse_read must be a bool, got {self.promote_reuse_read!r}")
         m = self.promote_margin
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not m >= 1.0:
             raise ValueError(f"promote_margin must be a number >= 1.0, got {m!r}")
