@@ -19,6 +19,10 @@ decode the same tokens, and the largest logit difference is reported.  Then ``--
 cache the medians of thread CPU time (``time.thread_time`` of the forward thread: robust to a shared
 machine) of the whole step, of the ``select`` calls and of the ``attend_selected`` calls summed over
 layers, and the step's wall time.  Writes ``decode_compute_ab_<context>x<batch>.json`` under ``--out``.
+
+``--threads N``: torch intra-op threads of both caches' forward passes (default 1).  ``--baseline-direct``: the
+"before" side tries the revision's ``page_table.attend_pages_cpu`` first (where the revision has one), as the
+revision's ``attend_selected`` does, instead of only its page-table path (block masses computed either way).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from tiercache_llm.hf_kwargs import cache_kwargs  # noqa: E402
 import tiercache_llm.sparse_layer as sparse_layer  # noqa: E402
 from _common import load_bench_model, machine_meta, median, torch_threads  # noqa: E402
 from tiercache_llm.sparse import selection as this_selection  # noqa: E402
+from tiercache_llm.sparse.attention import SparseAttentionOutput  # noqa: E402
 
 SEL_FIELDS = ("scores", "pages", "head_mask", "row_mask", "fetch", "budget")
 ATT_FIELDS = ("output", "block_mass", "new_mass")
@@ -67,11 +72,13 @@ def load_module(rev: str, path: str, name: str, replace: dict[str, str]) -> Any:
     return mod
 
 
-def load_revision(rev: str) -> tuple[Callable, Callable]:
-    """``(select, attend_selected)`` of revision ``rev`` (score stage and the CPU page path of attention)."""
+def load_revision(rev: str, direct: bool = False) -> tuple[Callable, Callable]:
+    """``(select, attend_selected)`` of revision ``rev`` (score stage and the CPU page path of attention;
+    ``direct``: its ``page_table.attend_pages_cpu`` tried first where it has one, as its ``attend_selected``
+    does, with block masses where they are read)."""
     sel = load_module(rev, "tiercache_llm/sparse/selection.py", "tiercache_llm.sparse._ab_selection",
                       {"from .digests import": "from tiercache_llm.sparse.digests import"})
-    att = load_module(rev, "tiercache_llm/sparse/attention.py", "tiercache_llm.sparse._ab_attention", {})
+    load_module(rev, "tiercache_llm/sparse/attention.py", "tiercache_llm.sparse._ab_attention", {})
     pt = load_module(rev, "tiercache_llm/sparse/page_table.py", "tiercache_llm.sparse._ab_page_table",
                      {"from .attention import": "from tiercache_llm.sparse._ab_attention import",
                       "from .selection import": "from tiercache_llm.sparse._ab_selection import"})
@@ -80,11 +87,17 @@ def load_revision(rev: str) -> tuple[Callable, Callable]:
         cfg = sel.SelectionConfig(**{f: getattr(config, f) for f in config.__dataclass_fields__})
         return sel.select(query, digests, cfg, **kw)
 
-    def attend(query, k_pool, v_pool, slot_of_fetch, s, valid, ctx, block_size, k_new, v_new, scaling, **_):
+    def attend(query, k_pool, v_pool, slot_of_fetch, s, valid, ctx, block_size, k_new, v_new, scaling, **kw):
+        if direct and hasattr(pt, "attend_pages_cpu"):
+            res = pt.attend_pages_cpu(query, k_pool, v_pool, s, slot_of_fetch, valid, ctx, block_size, k_new, v_new,
+                                      scaling, bool(kw.get("mass", True)))
+            if res is not None:
+                return SparseAttentionOutput(res.output, res.block_mass, res.new_mass)
         table = pt.build_page_table_from_valid(s, slot_of_fetch, valid, ctx, block_size)
         res = pt.page_table_attention(query, k_pool, v_pool, table, k_new, v_new, scale=scaling, backend="torch")
-        return att.SparseAttentionOutput(res.output, pt.entry_mass_to_blocks(res.block_mass, table, int(s.fetch.numel())),
-                                         res.new_mass)
+        # this tree's result type (what this tree's placement reads), the revision's values
+        return SparseAttentionOutput(res.output, pt.entry_mass_to_blocks(res.block_mass, table, int(s.fetch.numel())),
+                                     res.new_mass)
 
     return select, attend
 
@@ -132,7 +145,8 @@ class Dispatch:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    dispatch = Dispatch(load_revision(args.baseline_rev), (this_selection.select, sparse_layer.attend_selected))
+    dispatch = Dispatch(load_revision(args.baseline_rev, args.baseline_direct),
+                        (this_selection.select, sparse_layer.attend_selected))
     originals = sparse_layer.select, sparse_layer.attend_selected
     model, _ = load_bench_model("smollm2")
     cfg = model.config
@@ -152,7 +166,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                           work / name)
         del kv
         feed = {n: first for n in caches}
-        with torch.no_grad(), torch_threads(1):
+        with torch.no_grad(), torch_threads(args.threads):
             for step in range(args.verify_steps + args.steps):
                 dispatch.verify = step < args.verify_steps
                 logits = {}
@@ -184,6 +198,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "verify_steps": args.verify_steps, "verify_layer_calls": dispatch.calls,
         "selection_not_bit_identical": dispatch.sel_differ, "attention_not_bit_identical": dispatch.att_differ,
         "attention_max_output_diff": dispatch.att_max_diff, "max_logit_diff": logit_diff,
+        "torch_threads": args.threads, "baseline_direct": args.baseline_direct,
         "same_tokens_every_step": True, "load_average_1min_median": median(loads),
         "median": med, "before_over_after": {k: med["before"][k] / med["after"][k] for k in keys},
         "machine": machine_meta(),
@@ -199,11 +214,15 @@ def main() -> None:
     ap.add_argument("--strategy", choices=sp.SPARSE, default=sp.AWARE)
     ap.add_argument("--steps", type=int, default=12, help="timed steps per cache")
     ap.add_argument("--verify-steps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the forward pass")
+    ap.add_argument("--baseline-direct", action="store_true",
+                    help="the 'before' side tries the revision's direct CPU attention (attend_pages_cpu) first, as "
+                         "its attend_selected does (default: its page-table path only)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None, help="folder for the JSON")
     args = ap.parse_args()
-    if args.steps < 1 or args.verify_steps < 0 or args.context < 2 or args.batch < 1:
-        ap.error("need --steps >= 1, --verify-steps >= 0, --context >= 2, --batch >= 1")
+    if args.steps < 1 or args.verify_steps < 0 or args.context < 2 or args.batch < 1 or args.threads < 1:
+        ap.error("need --steps >= 1, --verify-steps >= 0, --context >= 2, --batch >= 1, --threads >= 1")
     res = run(args)
     print(json.dumps({k: v for k, v in res.items() if k != "machine"}, indent=1))
     if args.out is not None:
