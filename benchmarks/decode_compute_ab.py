@@ -26,6 +26,9 @@ layers, and the step's wall time.  Writes ``decode_compute_ab_<context>x<batch>.
 ``--threads N``: torch intra-op threads of both caches' forward passes (default 1).  ``--baseline-direct``: the
 "before" side tries the revision's ``page_table.attend_pages_cpu`` first (where the revision has one), as the
 revision's ``attend_selected`` does, instead of only its page-table path (block masses computed either way).
+``--teacher-force``: where the two caches' greedy tokens differ (sides equal only within float tolerance: a
+small difference can move a page across a selection boundary and the decode apart), both go on with the
+"before" side's token and the steps are counted (``steps_with_different_tokens``) instead of failing.
 """
 
 from __future__ import annotations
@@ -169,7 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     caches: dict[str, Any] = {}
     keys = ("step_cpu_ms", "select_cpu_ms", "attend_cpu_ms", "step_wall_ms")
     figures = {n: {k: [] for k in keys} for n in dispatch.impls}
-    logit_diff, loads = 0.0, []
+    logit_diff, loads, differ_steps = 0.0, [], 0
     sparse_layer.select, sparse_layer.attend_selected = dispatch.select, dispatch.attend
     try:
         for name in dispatch.impls:
@@ -196,7 +199,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 loads.append(os.getloadavg()[0])
                 logit_diff = max(logit_diff, float((logits["before"] - logits["after"]).abs().max()))
                 if not torch.equal(feed["before"], feed["after"]):
-                    raise SystemExit(f"step {step}: the two caches decoded different tokens")
+                    if not args.teacher_force:
+                        raise SystemExit(f"step {step}: the two caches decoded different tokens")
+                    differ_steps += 1
+                    feed["after"] = feed["before"]  # both decode the "before" side's tokens
     finally:
         sparse_layer.select, sparse_layer.attend_selected = originals
         for c in caches.values():
@@ -211,7 +217,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "attention_max_output_diff": dispatch.att_max_diff, "max_logit_diff": logit_diff,
         "attention_beyond_tolerance": dispatch.att_beyond_tol, "output_rtol": OUTPUT_RTOL,
         "torch_threads": args.threads, "baseline_direct": args.baseline_direct,
-        "same_tokens_every_step": True, "load_average_1min_median": median(loads),
+        "same_tokens_every_step": differ_steps == 0, "steps_with_different_tokens": differ_steps,
+        "teacher_force": args.teacher_force, "load_average_1min_median": median(loads),
         "median": med, "before_over_after": {k: med["before"][k] / med["after"][k] for k in keys},
         "machine": machine_meta(),
     }
@@ -230,6 +237,9 @@ def main() -> None:
     ap.add_argument("--baseline-direct", action="store_true",
                     help="the 'before' side tries the revision's direct CPU attention (attend_pages_cpu) first, as "
                          "its attend_selected does (default: its page-table path only)")
+    ap.add_argument("--teacher-force", action="store_true",
+                    help="where the two caches' greedy tokens differ, both go on with the 'before' side's (counted) "
+                         "instead of failing: for sides equal only within float tolerance")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None, help="folder for the JSON")
     args = ap.parse_args()

@@ -697,8 +697,10 @@ def merge_attention(first: SparseAttentionOutput, second: SparseAttentionOutput)
 
 _RANGES: dict = {}  # (name, sizes) -> small constant index tensors of the direct path (never written)
 
-# The direct path's weighted sum of values: a weighted ``embedding_bag`` reading the value rows in place (True), or
-# gathered pages and a matmul per (row, head), the general path's products bit for bit (False).
+# The direct path's weighted sum of values: a weighted ``embedding_bag`` reading the value rows in place (True,
+# the default: ~15 % less attention time at 8K x batch 4, docs/sparse.md "Values summed in place"; the output
+# within float32 rounding of the matmul's, not bit for bit), or gathered pages and a matmul per (row, head), the
+# general path's products bit for bit (False).  Read at each call.
 VALUES_BY_BAG = True
 
 
@@ -719,8 +721,12 @@ def attend_pages_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
     """The decode step's attention over a selection's pages (what ``sparse_layer.attend_selected`` computes
     with ``build_page_table_from_valid`` + :func:`page_table_attention` + :func:`entry_mass_to_blocks`) in
     fewer operations, for the common CPU case; ``None`` where it does not apply (the caller then runs the
-    general path).  The result is the general path's bit for bit: the same gathers, matmuls (same shapes,
-    same chunks), softmax, sums and scatter in the same order; only the page table is not built.
+    general path).  The block masses and new-token mass are the general path's bit for bit: the same gathers,
+    score matmuls (same shapes, same chunks), softmax, sums and scatter in the same order; only the page table
+    is not built.  The output is too with :data:`VALUES_BY_BAG` off (the values gathered and multiplied as the
+    general path does); with it on (the default) the weighted values are summed by one weighted
+    ``torch.nn.functional.embedding_bag`` over the pool's value rows in place (a bag per (row, head, query
+    row), token by token: another summation order, within float32 rounding of the general path's output).
 
     Applies on CPU with one torch thread, autograd not recording, float32 pools whose page rows
     :func:`_page_rows` views, one query position with its new token, and every (row, KV head) attending the
