@@ -18,7 +18,8 @@ attention (output, block masses where the strategy reads them, new-token mass) i
 decode the same tokens, and the largest logit difference is reported.  Calls whose attention is not bit-identical
 are counted; the run fails where the selection is not, or the attention is beyond float tolerance (masses and
 new-token mass not bit for bit, or an output off by more than ``OUTPUT_RTOL`` = 1e-5 of its largest magnitude:
-this tree's direct CPU path sums the values in another order, ``page_table.VALUES_BY_BAG``).  Then ``--steps`` timed steps: per
+with the opt-in ``page_table.VALUES_BY_BAG`` this tree's direct CPU path sums the values in another order;
+``--values-by-bag`` turns it on for the "after" side).  Then ``--steps`` timed steps: per
 cache the medians of thread CPU time (``time.thread_time`` of the forward thread: robust to a shared
 machine) of the whole step, of the ``select`` calls and of the ``attend_selected`` calls summed over
 layers, and the step's wall time.  Writes ``decode_compute_ab_<context>x<batch>.json`` under ``--out``.
@@ -216,7 +217,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "selection_not_bit_identical": dispatch.sel_differ, "attention_not_bit_identical": dispatch.att_differ,
         "attention_max_output_diff": dispatch.att_max_diff, "max_logit_diff": logit_diff,
         "attention_beyond_tolerance": dispatch.att_beyond_tol, "output_rtol": OUTPUT_RTOL,
-        "torch_threads": args.threads, "baseline_direct": args.baseline_direct,
+        "torch_threads": args.threads, "baseline_direct": args.baseline_direct, "values_by_bag": args.values_by_bag,
         "same_tokens_every_step": differ_steps == 0, "steps_with_different_tokens": differ_steps,
         "teacher_force": args.teacher_force, "load_average_1min_median": median(loads),
         "median": med, "before_over_after": {k: med["before"][k] / med["after"][k] for k in keys},
@@ -240,11 +241,16 @@ def main() -> None:
     ap.add_argument("--teacher-force", action="store_true",
                     help="where the two caches' greedy tokens differ, both go on with the 'before' side's (counted) "
                          "instead of failing: for sides equal only within float tolerance")
+    ap.add_argument("--values-by-bag", action="store_true",
+                    help="this tree's side with page_table.VALUES_BY_BAG on (opt-in; outputs within float tolerance)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None, help="folder for the JSON")
     args = ap.parse_args()
     if args.steps < 1 or args.verify_steps < 0 or args.context < 2 or args.batch < 1 or args.threads < 1:
         ap.error("need --steps >= 1, --verify-steps >= 0, --context >= 2, --batch >= 1, --threads >= 1")
+    if args.values_by_bag:  # the revision's page_table is a separate module: only this tree's side changes
+        from tiercache_llm.sparse import page_table
+        page_table.VALUES_BY_BAG = True
     res = run(args)
     print(json.dumps({k: v for k, v in res.items() if k != "machine"}, indent=1))
     if args.out is not None:

@@ -697,11 +697,12 @@ def merge_attention(first: SparseAttentionOutput, second: SparseAttentionOutput)
 
 _RANGES: dict = {}  # (name, sizes) -> small constant index tensors of the direct path (never written)
 
-# The direct path's weighted sum of values: a weighted ``embedding_bag`` reading the value rows in place (True,
-# the default: ~15 % less attention time at 8K x batch 4, docs/sparse.md "Values summed in place"; the output
-# within float32 rounding of the matmul's, not bit for bit), or gathered pages and a matmul per (row, head), the
-# general path's products bit for bit (False).  Read at each call.
-VALUES_BY_BAG = True
+# The direct path's weighted sum of values: gathered pages and a matmul per (row, head), the general path's
+# products bit for bit (False, the default), or a weighted ``embedding_bag`` reading the value rows in place
+# (True, opt-in: ~15 % less attention time at 8K x batch 4, docs/sparse.md "Values summed in place"; the output
+# within float32 rounding of the matmul's, not bit for bit, so results then depend on which path a call takes:
+# the general path's fallback for non-finite hidden tokens, overlapped reads, 2 threads).  Read at each call.
+VALUES_BY_BAG = False
 
 
 def _const(name: str, key: tuple, make) -> torch.Tensor:
@@ -723,8 +724,8 @@ def attend_pages_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
     fewer operations, for the common CPU case; ``None`` where it does not apply (the caller then runs the
     general path).  The block masses and new-token mass are the general path's bit for bit: the same gathers,
     score matmuls (same shapes, same chunks), softmax, sums and scatter in the same order; only the page table
-    is not built.  The output is too with :data:`VALUES_BY_BAG` off (the values gathered and multiplied as the
-    general path does); with it on (the default) the weighted values are summed by one weighted
+    is not built.  The output is too with :data:`VALUES_BY_BAG` off (the default: the values gathered and
+    multiplied as the general path does); with it on (opt-in) the weighted values are summed by one weighted
     ``torch.nn.functional.embedding_bag`` over the pool's value rows in place (a bag per (row, head, query
     row), token by token: another summation order, within float32 rounding of the general path's output).
 

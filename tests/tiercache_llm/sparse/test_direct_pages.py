@@ -129,7 +129,7 @@ def assert_same(got, want):
 
 def assert_direct(got, want):
     """The direct path's ``(output, block_mass, new_mass)`` against the general path's: bit for bit with
-    ``VALUES_BY_BAG`` off; with it on (the default) the masses bit for bit and the output within float32
+    ``VALUES_BY_BAG`` off (the default); with it on the masses bit for bit and the output within float32
     rounding (the values summed in another order), NaN where the general path's is."""
     if not page_table.VALUES_BY_BAG:
         assert_same(got, want)
