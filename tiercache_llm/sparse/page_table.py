@@ -697,6 +697,13 @@ def merge_attention(first: SparseAttentionOutput, second: SparseAttentionOutput)
 
 _RANGES: dict = {}  # (name, sizes) -> small constant index tensors of the direct path (never written)
 
+# The direct path's weighted sum of values: gathered pages and a matmul per (row, head), the general path's
+# products bit for bit (False, the default), or a weighted ``embedding_bag`` reading the value rows in place
+# (True, opt-in: ~15 % less attention time at 8K x batch 4, docs/sparse.md "Values summed in place"; the output
+# within float32 rounding of the matmul's, not bit for bit, so results then depend on which path a call takes:
+# the general path's fallback for non-finite hidden tokens, overlapped reads, 2 threads).  Read at each call.
+VALUES_BY_BAG = False
+
 
 def _const(name: str, key: tuple, make) -> torch.Tensor:
     t = _RANGES.get((name, key))
@@ -715,8 +722,12 @@ def attend_pages_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
     """The decode step's attention over a selection's pages (what ``sparse_layer.attend_selected`` computes
     with ``build_page_table_from_valid`` + :func:`page_table_attention` + :func:`entry_mass_to_blocks`) in
     fewer operations, for the common CPU case; ``None`` where it does not apply (the caller then runs the
-    general path).  The result is the general path's bit for bit: the same gathers, matmuls (same shapes,
-    same chunks), softmax, sums and scatter in the same order; only the page table is not built.
+    general path).  The block masses and new-token mass are the general path's bit for bit: the same gathers,
+    score matmuls (same shapes, same chunks), softmax, sums and scatter in the same order; only the page table
+    is not built.  The output is too with :data:`VALUES_BY_BAG` off (the default: the values gathered and
+    multiplied as the general path does); with it on (opt-in) the weighted values are summed by one weighted
+    ``torch.nn.functional.embedding_bag`` over the pool's value rows in place (a bag per (row, head, query
+    row), token by token: another summation order, within float32 rounding of the general path's output).
 
     Applies on CPU with one torch thread, autograd not recording, float32 pools whose page rows
     :func:`_page_rows` views, one query position with its new token, and every (row, KV head) attending the
@@ -727,7 +738,10 @@ def attend_pages_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
     blocks, instead of the table's cumsum / scatter / gathers (docs/sparse.md "Fixed per-layer cost at
     small contexts").
     Hidden tokens (padding, positions at or past ``ctx``) get the ``-inf`` bias as in the general path;
-    adding a zero bias where the general path adds none changes no bit.  If the output holds a NaN (a
+    adding a zero bias where the general path adds none changes no bit.  Without padding, where every (row,
+    head) attends the partial last page, no bias is built: the last entry's tokens past ``ctx`` are set to
+    ``-inf`` (the bias's result for finite scores; a non-finite score there is masked, as the general path
+    masks it when it redoes such a call).  If the output holds a NaN (a
     hidden key or value that is not finite, or NaN inputs) the general path is run instead (``None``),
     which masks exactly."""
     b, hq, q, d = query.shape
@@ -781,18 +795,25 @@ def attend_pages_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
                                 + torch.arange(0, bh * kpp, kpp, device=dev).view(bh, 1)),
                          slot_of_fetch.to(torch.long).index_select(0, u_page), alpha=slot_rows)
     flat = page_row.view(-1).index_select(0, idx).view(bh, m)
-    # 0 / -inf per token of the context's pages (positions at or past ctx hidden), then per entry.
     span = p * ps
     keep = min(ctx, span)
-    tok = _small("tok", (b * p, ps), dev)
-    tok_rows = tok.view(b, span)
-    torch.where(valid[:, :keep], _ZERO, _NEG_INF, out=tok_rows[:, :keep])
-    if keep < span:
-        tok_rows[:, keep:].fill_(float("-inf"))
-    # entry (row b, head, page) reads token row b * P + page
-    tok_row = _const("tok", (b, h, p), lambda: (torch.arange(b, device=dev).view(b, 1, 1) * p
-                                                + torch.arange(p, device=dev)).expand(b, h, p).reshape(-1))
-    bias = tok.index_select(0, tok_row.index_select(0, idx))
+    # Without padding (every context token valid) the only hidden tokens are the partial last page's positions
+    # at or past ctx; where every (row, head) attends that page it is each one's last entry, so they are the
+    # last span - keep score columns: filled with -inf below (what the bias adds there; the zero bias elsewhere
+    # changes no bit), instead of building and adding a bias (five operations, each on cold caches in decode).
+    tail = span - keep
+    bias = None
+    if not (tail < ps and bool(valid[:, :keep].all()) and (not tail or bool(pages[..., -1].all()))):
+        # 0 / -inf per token of the context's pages (positions at or past ctx hidden), then per entry.
+        tok = _small("tok", (b * p, ps), dev)
+        tok_rows = tok.view(b, span)
+        torch.where(valid[:, :keep], _ZERO, _NEG_INF, out=tok_rows[:, :keep])
+        if keep < span:
+            tok_rows[:, keep:].fill_(float("-inf"))
+        # entry (row b, head, page) reads token row b * P + page
+        tok_row = _const("tok", (b, h, p), lambda: (torch.arange(b, device=dev).view(b, 1, 1) * p
+                                                    + torch.arange(p, device=dev)).expand(b, h, p).reshape(-1))
+        bias = tok.index_select(0, tok_row.index_select(0, idx))
     per = max(1, _CHUNK_BYTES // (t * d * 4))  # the general path's chunks of (row, head)s
     buf = _scratch("kv", (min(per, bh) * m, ps * d), dev)
     gq = g
@@ -810,16 +831,29 @@ def attend_pages_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
             j = min(bh, i + per)
             kk = torch.index_select(krows, 0, flat[i:j].view(-1), out=buf[: (j - i) * m]).view(j - i, t, d)
             torch.bmm(qf[i:j], kk.transpose(1, 2), out=ctx_scores[i:j])
-    ctx_scores.add_(bias.view(bh, 1, t))
+    if bias is not None:
+        ctx_scores.add_(bias.view(bh, 1, t))
+    elif tail:
+        ctx_scores[..., t - tail:].fill_(float("-inf"))
     torch.bmm(qf, new_keys.reshape(bh, 1, d).to(torch.float32).transpose(1, 2), out=scores[..., t:])
     weights = torch.ops.aten._softmax.out(scores, -1, False, out=_small("p", scores.shape, dev))
-    out = torch.empty(bh, gq, d, device=dev)
     w_ctx = weights[..., :t]
-    if per == 1:
+    if VALUES_BY_BAG:
+        # out[r, j] = sum over the entries' tokens of w[r, j, tok] * V[tok], read in place from the pool: one
+        # weighted embedding_bag per (row, head, query row), its three bags of a (row, head) in a row so its
+        # values come from memory once (then from cache); no gathered copy and no second pass over it.
+        tok = torch.add(_const("ps", (ps,), lambda: torch.arange(ps, device=dev)), flat.view(bh, m, 1), alpha=ps)
+        tok = tok.view(bh, 1, t).expand(bh, gq, t).reshape(-1)
+        offsets = _const("bags", (bh * gq, t), lambda: torch.arange(0, bh * gq * t, t, device=dev))
+        out = torch.nn.functional.embedding_bag(tok, vrows.view(-1, d), offsets, mode="sum",
+                                                per_sample_weights=w_ctx.reshape(-1)).view(bh, gq, d)
+    elif per == 1:
+        out = torch.empty(bh, gq, d, device=dev)
         for w_row, o_row, entry_rows in zip(w_ctx.unbind(0), out.unbind(0), flat.unbind(0)):
             torch.index_select(vrows, 0, entry_rows, out=buf[:m])
             torch.mm(w_row, mat, out=o_row)
     else:
+        out = torch.empty(bh, gq, d, device=dev)
         for i in range(0, bh, per):
             j = min(bh, i + per)
             vv = torch.index_select(vrows, 0, flat[i:j].view(-1), out=buf[: (j - i) * m]).view(j - i, t, d)

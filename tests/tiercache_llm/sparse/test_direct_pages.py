@@ -29,9 +29,10 @@ from tiercache_llm.sparse_layer import attend_selected
 
 
 def equal_count_case(b, h, g, d, s, page, n_blocks, tail_cut, each, *, pad=True, permute=True, extra_slots=2,
-                     hidden="finite", joint=False, pages_each=True, seed=0):
+                     hidden="finite", joint=False, pages_each=True, force_last=True, seed=0):
     """Every (row, KV head) selects ``each`` random pages (forced: its last page, so the partial tail is among
-    them).  Pool tokens no (row, head) attends by page hold NaN; tokens of attended pages that are hidden (left
+    them; ``force_last=False``: of the context's pages, a random one left out of every (row, head)'s choice
+    and the last page left to chance).  Pool tokens no (row, head) attends by page hold NaN; tokens of attended pages that are hidden (left
     padding, at or past the context) hold ``hidden`` garbage: ``"finite"`` (large values) or ``"nan"``."""
     gen = torch.Generator().manual_seed(seed)
     k = s // page
@@ -45,9 +46,12 @@ def equal_count_case(b, h, g, d, s, page, n_blocks, tail_cut, each, *, pad=True,
     pm = torch.zeros(b, h, p, dtype=torch.bool)
     for row in range(b):
         for head in range(h):
-            pick = torch.randperm(p - 1, generator=gen)[: each - 1]
-            pm[row, head, pick] = True
-            pm[row, head, p - 1] = True
+            if force_last:
+                pick = torch.randperm(p - 1, generator=gen)[: each - 1]
+                pm[row, head, pick] = True
+                pm[row, head, p - 1] = True
+            else:
+                pm[row, head, torch.randperm(p, generator=gen)[:each]] = True
     head_mask = F.pad(pm, (0, n_blocks * k - p)).view(b, h, n_blocks, k).any(-1)
     row_mask = head_mask.any(1)
     fetch = row_mask.any(0).nonzero().flatten()
@@ -123,6 +127,27 @@ def assert_same(got, want):
         assert x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y)
 
 
+def assert_direct(got, want):
+    """The direct path's ``(output, block_mass, new_mass)`` against the general path's: bit for bit with
+    ``VALUES_BY_BAG`` off (the default); with it on the masses bit for bit and the output within float32
+    rounding (the values summed in another order), NaN where the general path's is."""
+    if not page_table.VALUES_BY_BAG:
+        assert_same(got, want)
+        return
+    assert_same(got[1:], want[1:])
+    assert got[0].shape == want[0].shape and got[0].dtype == want[0].dtype
+    assert torch.equal(got[0].isnan(), want[0].isnan())
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.fixture(params=[True, False], ids=["bag", "matmul"])
+def values_by_bag(request):
+    old = page_table.VALUES_BY_BAG
+    page_table.VALUES_BY_BAG = request.param
+    yield request.param
+    page_table.VALUES_BY_BAG = old
+
+
 @pytest.fixture
 def one_thread():
     before = torch.get_num_threads()
@@ -136,14 +161,16 @@ def one_thread():
        sp=st.sampled_from([(8, 2), (8, 8), (16, 4), (12, 4)]), n_blocks=st.integers(1, 6),
        tail=st.integers(0, 7), each=st.integers(1, 12), pad=st.booleans(), joint=st.booleans(),
        chunk=st.sampled_from([1, 700, 1 << 19]), pages_each=st.booleans(), scale=st.sampled_from([None, 0.3]),
-       seed=st.integers(0, 2**31 - 1))
+       bag=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_direct_path_is_the_general_path_bit_for_bit(b, h, g, d, sp, n_blocks, tail, each, pad, joint, chunk,
-                                                      pages_each, scale, seed):
+                                                      pages_each, scale, bag, seed):
+    """Bit for bit with ``VALUES_BY_BAG`` off; with it on, the output within float32 rounding (``assert_direct``)."""
     s, page = sp
     before = torch.get_num_threads()
-    old_chunk = page_table._CHUNK_BYTES
+    old_chunk, old_bag = page_table._CHUNK_BYTES, page_table.VALUES_BY_BAG
     torch.set_num_threads(1)
     page_table._CHUNK_BYTES = chunk  # one (row, head) per chunk, a few, or all of them in one
+    page_table.VALUES_BY_BAG = bag
     try:
         c = equal_count_case(b, h, g, d, s, page, n_blocks, tail % s, each, pad=pad, joint=joint,
                              pages_each=pages_each, seed=seed)
@@ -151,7 +178,7 @@ def test_direct_path_is_the_general_path_bit_for_bit(b, h, g, d, sp, n_blocks, t
             got = direct(c, mass, scale)
             assert got is not None
             want = general(c, mass, scale)
-            assert_same((got.output, got.block_mass, got.new_mass), want)
+            assert_direct((got.output, got.block_mass, got.new_mass), want)
             if not mass:
                 assert not bool(got.block_mass.any())
         assert not bool(got.output.isnan().any())
@@ -166,11 +193,47 @@ def test_direct_path_is_the_general_path_bit_for_bit(b, h, g, d, sp, n_blocks, t
         assert_same((sel_out.output, sel_out.block_mass, sel_out.new_mass), (got.output, got.block_mass, got.new_mass))
     finally:
         torch.set_num_threads(before)
-        page_table._CHUNK_BYTES = old_chunk
+        page_table._CHUNK_BYTES, page_table.VALUES_BY_BAG = old_chunk, old_bag
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 3), h=st.integers(1, 3), g=st.sampled_from([1, 3]), sp=st.sampled_from([(8, 2), (16, 4),
+       (12, 4), (8, 8)]), n_blocks=st.integers(1, 5), tail=st.integers(0, 7), each=st.integers(1, 12),
+       force_last=st.booleans(), hidden=st.sampled_from(["finite", "nan"]), bag=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_without_padding_the_partial_tail_is_masked_without_a_bias(b, h, g, sp, n_blocks, tail, each, force_last,
+                                                                  hidden, bag, seed):
+    """No left padding (the decode benchmarks' case): the partial last page's positions past the context are the
+    only hidden tokens; where every (row, head) attends that page they are masked by filling its last score
+    columns, elsewhere by the bias.  Either way ``attend_selected`` gives the general path's result bit for bit,
+    with finite or NaN garbage in the hidden tokens (NaN keys there are masked; NaN values send the call to the
+    general path, which zeroes them)."""
+    s, page = sp
+    before, old_bag = torch.get_num_threads(), page_table.VALUES_BY_BAG
+    torch.set_num_threads(1)
+    page_table.VALUES_BY_BAG = bag
+    try:
+        c = equal_count_case(b, h, g, 8, s, page, n_blocks, tail % s, each, pad=False, hidden=hidden,
+                             force_last=force_last, seed=seed)
+        got = attend_selected(c["query"], c["k_pool"], c["v_pool"], c["slot_of_fetch"], c["sel"], c["valid"],
+                              c["ctx"], c["s"], c["nk"], c["nv"], None)
+        assert_direct((got.output, got.block_mass, got.new_mass), general(c))
+        assert not bool(got.output.isnan().any())
+        direct_out = direct(c)
+        if hidden == "finite":
+            assert direct_out is not None
+        if direct_out is not None:
+            assert_same((direct_out.output, direct_out.block_mass, direct_out.new_mass),
+                        (got.output, got.block_mass, got.new_mass))
+        else:
+            assert_same((got.output, got.block_mass, got.new_mass), general(c))
+    finally:
+        torch.set_num_threads(before)
+        page_table.VALUES_BY_BAG = old_bag
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_a_non_finite_hidden_token_sends_the_call_to_the_general_path(one_thread, seed):
+def test_a_non_finite_hidden_token_sends_the_call_to_the_general_path(one_thread, values_by_bag, seed):
     """NaN in the hidden tokens of attended pages (left padding, past the context): the direct path's bias
     cannot hide them, so it declines, and ``attend_selected`` gives the general path's (exact) result."""
     c = equal_count_case(2, 3, 3, 8, 8, 2, 5, 3, 6, hidden="nan", seed=seed)
