@@ -81,19 +81,8 @@ def test_disk_decode_is_exact_on_either_kind_of_reader(make_config, tmp_path, mo
     on Readers and on a ThreadPoolExecutor."""
     monkeypatch.setattr(decode_buffer_module, "LIGHT_READERS", light)
     config = make_config(num_hidden_layers=4)
-    ref = DynamicCache(config=config)
     got = TieredKVCache(config, block_size=4, host="8KiB", disk="16MiB", path=tmp_path / "kv")
-    gen = torch.Generator().manual_seed(1)
-    heads = config.num_key_value_heads
-    dim = config.hidden_size // config.num_attention_heads
-    for step in range(12):
-        seq = 9 if step == 0 else 1
-        for layer in range(4):
-            k = torch.randn(2, heads, seq, dim, generator=gen)
-            v = torch.randn(2, heads, seq, dim, generator=gen)
-            rk, rv = ref.update(k, v, layer)
-            gk, gv = got.update(k, v, layer)
-            assert torch.equal(rk, gk) and torch.equal(rv, gv), (step, layer)
+    _decode_like_dynamic(config, got, batch=2, steps=12, seed=1)
     kind = Readers if light else concurrent.futures.ThreadPoolExecutor
     assert isinstance(got.buffer._reader, kind)
     assert got.stats()["prefetch"]["blocks_ahead"] > 0
@@ -134,21 +123,10 @@ def test_stolen_reads_are_exact_and_counted(make_config, tmp_path, monkeypatch, 
     """With STEAL_READS, a read ahead no reader thread has started is run by the update itself: same states."""
     monkeypatch.setattr(decode_buffer_module, "STEAL_READS", steal)
     config = make_config(num_hidden_layers=3)
-    ref = DynamicCache(config=config)
     got = TieredKVCache(config, block_size=4, host="8KiB", disk="16MiB", path=tmp_path / "kv")
-    gen = torch.Generator().manual_seed(2)
-    heads = config.num_key_value_heads
-    dim = config.hidden_size // config.num_attention_heads
     if steal:  # reader threads that never start a job: every read ahead is run by the update that takes it
         monkeypatch.setattr(Readers, "submit", lambda self, fn: decode_buffer_module.Job(fn))
-    for step in range(8):
-        seq = 9 if step == 0 else 1
-        for layer in range(3):
-            k = torch.randn(1, heads, seq, dim, generator=gen)
-            v = torch.randn(1, heads, seq, dim, generator=gen)
-            rk, rv = ref.update(k, v, layer)
-            gk, gv = got.update(k, v, layer)
-            assert torch.equal(rk, gk) and torch.equal(rv, gv), (step, layer)
+    _decode_like_dynamic(config, got, batch=1, steps=8, seed=2)
     ahead = got.stats()["prefetch"]
     assert ahead["started"] > 0 and ahead["failed"] == 0
     if steal:
@@ -172,3 +150,20 @@ def test_a_job_in_flight_at_exit_runs_to_the_end(tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ran"
+
+
+def _decode_like_dynamic(config, got, batch: int, steps: int, seed: int) -> None:
+    """Feed ``got`` and a DynamicCache the same random K/V (a 9-token prefill, then one token per step) and
+    assert every layer's returned states are equal bit for bit."""
+    ref = DynamicCache(config=config)
+    gen = torch.Generator().manual_seed(seed)
+    heads = config.num_key_value_heads
+    dim = config.hidden_size // config.num_attention_heads
+    for step in range(steps):
+        seq = 9 if step == 0 else 1
+        for layer in range(config.num_hidden_layers):
+            k = torch.randn(batch, heads, seq, dim, generator=gen)
+            v = torch.randn(batch, heads, seq, dim, generator=gen)
+            rk, rv = ref.update(k, v, layer)
+            gk, gv = got.update(k, v, layer)
+            assert torch.equal(rk, gk) and torch.equal(rv, gv), (step, layer)
