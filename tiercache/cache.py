@@ -74,8 +74,9 @@ class Cache(DataPaths, Persistence):
             raise TypeError("pass either a CacheConfig or keyword options, not both")
         if config is not None and not isinstance(config, CacheConfig):
             raise TypeError(f"config must be a CacheConfig, got {type(config).__name__}")
-        cfg = config if config is not None else CacheConfig(**options)
-        check_config(cfg)  # again: a CacheConfig's fields may have been changed since it was made
+        if config is not None:
+            check_config(config)  # again: a given CacheConfig's fields may have been changed since it was made
+        cfg = config if config is not None else CacheConfig(**options)  # (checked as it is made)
         if tiers is not None:  # options that build tiers would be ignored: refuse them
             given = sorted(name for name in _TIER_OPTIONS if name in options) if config is None else sorted(
                 f.name for f in dataclasses.fields(CacheConfig)
@@ -98,7 +99,6 @@ class Cache(DataPaths, Persistence):
         self._limits = [tier.max_nbytes for tier in self._tiers]  # the largest slot per tier (fixed)
         self._largest_limit = max(self._limits)
         self._direct_tiers = [bool(getattr(tier, "addressable", False)) for tier in self._tiers]
-        self._arena_tiers = [isinstance(tier, ArenaTier) for tier in self._tiers]
         # Per tier: its reads take the entry itself where a header is asked for (arena tiers read only its
         # nbytes and shape; DiskTier takes it as a header source, see DiskTier._expected_prefix).
         self._entry_header_tiers = [isinstance(tier, ArenaTier) or type(tier) is DiskTier for tier in self._tiers]

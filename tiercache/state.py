@@ -58,7 +58,6 @@ class CacheState:
     _evicted: list[tuple[Hashable, str]]  # drops not yet reported to on_evict
     _later: list[Release]  # releases collected under the lock, finished after it
     _later_releases: list[Release]  # the same, left by the data paths' direct puts (see batched._put_direct)
-    _arena_tiers: list[bool]  # per tier: an ArenaTier (its reads need no EntryHeader)
     _entry_header_tiers: list[bool]  # per tier: its reads take the Entry for its header (arenas, DiskTier itself)
     _direct_tiers: list[bool]  # per tier: a CPU arena that small CPU values are copied into under the lock
     _tiers: list[Tier]
