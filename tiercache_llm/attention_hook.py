@@ -12,6 +12,9 @@
    the ``past_key_values`` of the running forward pass to the attention function (transformers does
    not pass the cache to attention functions) and announce the pass to a sparse cache.
 
+A sparse decode step of an eager model raises ``SparseModeError`` when the pass records attention weights
+(``output_attentions=True``): it has no weights over the context to return (sdpa returns none anyway).
+
 The attention function behaves exactly like the base implementation (it calls it) whenever the
 running pass's cache is not a sparse ``TieredKVCache`` -- a ``DynamicCache``, an exact
 ``TieredKVCache``, no cache -- and for every layer/step the sparse cache handles exactly (prefill,
@@ -35,6 +38,11 @@ import torch
 from transformers.cache_utils import Cache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+try:  # the collector of output_attentions / output_hidden_states (transformers >= 5)
+    from transformers.utils.output_capturing import _active_collector as _collector
+except ImportError:  # pragma: no cover - older layouts: weights cannot be requested that way
+    _collector = None
 
 
 __all__ = ["PREFIX", "is_prepared", "prepare_model", "restore_model", "sparse_attention"]
@@ -83,6 +91,13 @@ def _make_attention(base: str):
             return _base_function(base, module)(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         ctx = arg
         _check_plain_attention(module, kwargs)
+        if base == "eager" and _attentions_requested():
+            from .sparse_layer import SparseModeError
+
+            raise SparseModeError(
+                "output_attentions=True: sparse TieredKVCache decode steps compute no attention weights over the "
+                "context (eager attention would return them); use mode='exact' (or a DynamicCache) to read them"
+            )
         if query.shape[2] != 1:
             raise RuntimeError(f"sparse decode expects one query position, got {query.shape[2]}")
         out = state.decode(layer, query, key, value, ctx, scaling)  # both keep the cache's state normal
@@ -117,6 +132,15 @@ def _check_plain_attention(module, kwargs) -> None:
         from .sparse_layer import SparseModeError
 
         raise SparseModeError(problem)
+
+
+def _attentions_requested() -> bool:
+    """Whether the running forward pass records attention weights (``output_attentions=True``, read from
+    transformers' output collector; ``False`` where that machinery is absent)."""
+    if _collector is None:
+        return False
+    collected = _collector.get()
+    return collected is not None and "attentions" in collected
 
 
 def unsupported_attention(model: torch.nn.Module) -> str | None:
