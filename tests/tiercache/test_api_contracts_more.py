@@ -164,3 +164,52 @@ def test_a_closed_cache_refuses_use_as_a_context_manager():
         with cache as again:
             again.get("a")
     assert cache.stats()["closed"] is True
+
+
+# -- keys the cache cannot hold ------------------------------------------------------------------------------------
+def _nested(depth):
+    """``depth`` tuples around an empty tuple."""
+    key = ()
+    for _ in range(depth):
+        key = (key,)
+    return key
+
+
+@pytest.mark.parametrize("depth", [33, 100, 5000])
+def test_a_key_nested_too_deep_is_a_type_error_everywhere(depth):
+    """put refused a key nesting more than 32 tuples inside the outermost with TypeError, but get / get_many / delete / prefetch
+    answered KeyError (depth 100) or a RecursionError (depth >= 1000) for the same key: now every call that
+    checks keys says TypeError, as for any other key no entry can have.  ``in`` stays a plain False."""
+    key = _nested(depth)
+    with Cache(host="1MiB") as cache:
+        cache.put(_nested(32), torch.ones(1))  # the deepest key put accepts (and always did): 33 tuples
+        assert cache.get(_nested(32)).tolist() == [1.0]
+        for call in (lambda: cache.put(key, torch.ones(1)), lambda: cache.get(key), lambda: cache.get_many([key]),
+                     lambda: cache.delete(key), lambda: cache.prefetch([key])):
+            with pytest.raises(TypeError, match="deeper than 32 tuples"):
+                call()
+        assert key not in cache
+        assert len(cache) == 1
+
+
+@pytest.mark.parametrize("key", [2**16000, -(2**16000), (1, 10**5000)], ids=["big", "negative", "in-tuple"])
+def test_an_int_key_too_long_to_store_says_so(key):
+    """An int of more digits than a key may encode (2048 bytes) is "too long", like a long str; it used to raise
+    Python's "Exceeds the limit (4300 digits) for integer string conversion"."""
+    with Cache(host="1MiB") as cache:
+        with pytest.raises(ValueError, match="key is too long"):
+            cache.put(key, torch.ones(1))
+        with pytest.raises(KeyError):
+            cache.get(key)  # a key too long to store cannot be present
+        assert len(cache) == 0
+
+
+def test_the_longest_int_key_round_trips(tmp_path):
+    key = int("9" * 2043)  # 2043 digits + the 5-byte tag and length: 2048 encoded bytes
+    with Cache(host="1MiB", disk="8MiB", path=tmp_path) as cache:
+        cache.put(key, torch.ones(1))
+        cache.put(-(key // 10), torch.zeros(1))
+        with pytest.raises(ValueError, match="key is too long"):
+            cache.put(key * 10, torch.ones(1))
+    with Cache(host="1MiB", disk="8MiB", path=tmp_path) as cache:
+        assert set(cache.keys()) == {key, -(key // 10)}
