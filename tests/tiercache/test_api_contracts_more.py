@@ -213,3 +213,22 @@ def test_the_longest_int_key_round_trips(tmp_path):
             cache.put(key * 10, torch.ones(1))
     with Cache(host="1MiB", disk="8MiB", path=tmp_path) as cache:
         assert set(cache.keys()) == {key, -(key // 10)}
+
+
+# -- docs/api.md's option table is the CacheConfig -----------------------------------------------------------------
+def test_the_documented_options_are_cacheconfigs_fields_with_their_defaults():
+    """Every row of docs/api.md's "Construction" table names a CacheConfig field with the default it shows, and
+    every field has a row."""
+    import dataclasses
+    import pathlib
+    import re
+
+    from tiercache import CacheConfig
+
+    text = (pathlib.Path(__file__).parents[2] / "docs" / "api.md").read_text()
+    table = text.split("## Construction", 1)[1].split("\n## ", 1)[0]
+    rows = dict(re.findall(r"^\| `([a-z_]+)` \| `([^`]*)` \|", table, re.M))
+    fields = {f.name: f.default for f in dataclasses.fields(CacheConfig)}
+    assert set(rows) == set(fields)
+    for name, shown in rows.items():
+        assert eval(shown) == fields[name], name  # the table shows Python literals

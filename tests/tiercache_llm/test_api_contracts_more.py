@@ -164,3 +164,49 @@ def test_sparse_statistics_are_consistent(make_model, tmp_path):
     for tier in total["bytes_fetched"]:
         assert total["bytes_fetched"][tier] == sum(s["bytes_fetched"].get(tier, 0) for s in steps)
     assert total["tokens_attended"] < total["tokens_context"]
+
+
+# -- docs/tiercache_llm.md's option tables are TieredKVCache's options ---------------------------------------------
+def _option_rows(section: str) -> dict[str, str]:
+    import re
+
+    rows = {}
+    for names, default in re.findall(r"^\| ((?:`[a-z_]+`(?:, )?)+) \| ([^|]+) \|", section, re.M):
+        names = re.findall(r"`([a-z_]+)`", names)
+        defaults = [d.strip() for d in default.split(",")] if len(names) > 1 else [default.strip()]
+        rows.update(zip(names, defaults))
+    return rows
+
+
+def test_the_documented_options_and_defaults_are_the_codes():
+    """Every option of docs/tiercache_llm.md's two option tables is a keyword of TieredKVCache (and for_model),
+    every keyword has a row, and each default shown as a literal is what TieredKVSettings holds (exact mode
+    table) or resolves to in sparse mode (sparse table); PipelineConfig fields named there exist."""
+    import dataclasses
+    import inspect
+    import pathlib
+    import re
+
+    from tiercache_llm import TieredKVSettings
+    from tiercache_llm.sparse.pipeline import PipelineConfig
+
+    text = (pathlib.Path(__file__).parents[2] / "docs" / "tiercache_llm.md").read_text()
+    general = _option_rows(text.split("options (keyword-only", 1)[1].split("\n\n", 2)[1])
+    sparse_section = text.split("## Sparse mode", 1)[1].split("\n## ", 1)[0]
+    sparse = _option_rows(sparse_section.split("| option | default | meaning |", 1)[1].split("\n\n", 1)[0])
+    keywords = set(inspect.signature(TieredKVCache.__init__).parameters) - {"self", "config"}
+    assert set(general) | set(sparse) == keywords
+    fields = {f.name: f.default for f in dataclasses.fields(TieredKVSettings)}
+    for name, shown in general.items():
+        if name in fields:
+            assert eval(shown.strip("`")) == fields[name], name
+    resolved = TieredKVSettings(mode="sparse")
+    literal = re.compile(r"^`([^`]+)`$")
+    for name, shown in sparse.items():
+        match = literal.match(shown)
+        if match:  # the others are prose ("mode's default", "strategy's")
+            assert eval(match.group(1)) == getattr(resolved, name), name
+    pipeline_fields = {f.name for f in dataclasses.fields(PipelineConfig)}
+    row = next(line for line in sparse_section.splitlines() if line.startswith("| `pipeline` |"))
+    named = set(re.findall(r'"([a-z_]+)":', row)) | set(re.findall(r"also ((?:`[a-z_]+`, )+)", row)[0].split("`")[1::2])
+    assert named and named <= pipeline_fields, named - pipeline_fields
