@@ -232,3 +232,19 @@ def test_the_documented_options_are_cacheconfigs_fields_with_their_defaults():
     assert set(rows) == set(fields)
     for name, shown in rows.items():
         assert eval(shown) == fields[name], name  # the table shows Python literals
+
+
+def test_stats_say_which_codec_a_reopened_store_keeps(tmp_path):
+    """Reopening with another ``compression`` keeps the store's own codec (docs/api.md); ``config`` shows what was
+    asked, so ``stats()["tiers"]["disk"]["compression"]`` says what is in effect."""
+    with Cache(host=None, disk="8MiB", path=tmp_path / "plain") as cache:
+        cache.put("a", torch.zeros(1000))
+        assert cache.stats()["tiers"]["disk"]["compression"] is None
+    with Cache(host=None, disk="8MiB", path=tmp_path / "plain", compression="zstd") as cache:
+        assert cache.config.compression == "zstd"
+        assert cache.stats()["tiers"]["disk"]["compression"] is None
+    with Cache(host=None, disk="8MiB", path=tmp_path / "packed", compression="zstd") as cache:
+        cache.put("a", torch.zeros(1000))
+    with Cache(host=None, disk="8MiB", path=tmp_path / "packed") as cache:
+        assert cache.stats()["tiers"]["disk"]["compression"] == "zstd"
+        assert torch.equal(cache.get("a"), torch.zeros(1000))
