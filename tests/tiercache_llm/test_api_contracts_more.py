@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from tiercache_llm import TieredKVCache
+from tiercache_llm import TieredKVCache, TieredKVSettings
 from tiercache_llm.attention_hook import is_prepared
 from tiercache_llm.hf_kwargs import cache_kwargs
 from tiercache_llm.sparse_layer import SparseModeError
@@ -210,3 +210,18 @@ def test_the_documented_options_and_defaults_are_the_codes():
     row = next(line for line in sparse_section.splitlines() if line.startswith("| `pipeline` |"))
     named = set(re.findall(r'"([a-z_]+)":', row)) | set(re.findall(r"also ((?:`[a-z_]+`, )+)", row)[0].split("`")[1::2])
     assert named and named <= pipeline_fields, named - pipeline_fields
+
+
+@pytest.mark.xfail(strict=True, reason="sparse/pipeline.py: PipelineConfig.__post_init__ checks every numeric field but "
+                   "wait_timeout; patch in the audit2 report")
+@pytest.mark.parametrize("timeout", [float("nan"), -1.0, float("inf"), "30", True, None])
+def test_pipeline_wait_timeout_must_be_a_finite_number_of_seconds(timeout):
+    """wait_timeout (seconds a layer waits for a staged entry) took NaN, a negative number or a string "30"
+    (each read as "do not wait"), and infinity (which threading refuses when the wait comes: OverflowError)."""
+    with pytest.raises(ValueError, match="wait_timeout"):
+        TieredKVSettings(mode="sparse", pipeline={"wait_timeout": timeout})
+
+
+def test_pipeline_wait_timeout_takes_zero_and_seconds():
+    assert TieredKVSettings(mode="sparse", pipeline={"wait_timeout": 0}).pipeline.wait_timeout == 0
+    assert TieredKVSettings(mode="sparse", pipeline={"wait_timeout": 2.5}).pipeline.wait_timeout == 2.5
