@@ -50,6 +50,7 @@ __all__ = ["PREFIX", "is_prepared", "prepare_model", "restore_model", "sparse_at
 PREFIX = "tiercache_sparse_"
 BASES = ("sdpa", "eager")
 _ATTR = "_tiercache_sparse_preparation"
+_HOOKED = "_tiercache_sparse_hooked"  # set on the decoder module a preparation hooked
 _RUNNING: contextvars.ContextVar[Any] = contextvars.ContextVar("tiercache_running_cache", default=None)
 # The caches of the enclosing (nested) forward passes, per context like _RUNNING: a stack kept on the module
 # was shared by threads, so one thread's post-hook popped another's ContextVar token and raised.
@@ -220,7 +221,8 @@ def is_prepared(model: torch.nn.Module) -> bool:
 
 def prepare_model(model: torch.nn.Module) -> str:
     """Switch ``model`` to the sparse-capable attention (see the module docstring); returns its name.
-    Idempotent.  Raises ``ValueError`` for an implementation other than sdpa/eager (flash, flex) and
+    Idempotent; a module already served by the preparation of another sharing its config and decoder (a
+    causal LM and its base model) is left as it is (restoring stays with the prepared one).  Raises ``ValueError`` for an implementation other than sdpa/eager (flash, flex) and
     ``UnsupportedModelError`` for attention sparse decoding does not implement (logit soft-capping,
     attention sinks: :func:`unsupported_attention`)."""
     prep = getattr(model, _ATTR, None)
@@ -235,6 +237,15 @@ def prepare_model(model: torch.nn.Module) -> str:
             "use mode='exact' for this model"
         )
     original = model.config._attn_implementation
+    if isinstance(original, str) and original.startswith(PREFIX):
+        if getattr(_decoder(model), _HOOKED, False):
+            # Prepared through another module sharing this config and decoder (the causal LM around this base
+            # model, or the base model inside it): already served.  Restoring is that module's to do.
+            return original
+        raise ValueError(
+            f"{type(model).__name__}'s attention is already {original!r}, but no tiercache preparation hooks its "
+            "decoder; restore the module that was prepared (restore_model on it) and prepare this one"
+        )
     if original not in BASES:
         raise ValueError(
             f"sparse TieredKVCache decoding wraps the 'sdpa' or 'eager' attention; this model uses {original!r}. "
@@ -249,6 +260,7 @@ def prepare_model(model: torch.nn.Module) -> str:
         target.register_forward_pre_hook(_pre_hook, with_kwargs=True),
         target.register_forward_hook(_post_hook, with_kwargs=True, always_call=True),
     ]
+    setattr(target, _HOOKED, True)
     setattr(model, _ATTR, _Preparation(original, name, handles))
     return name
 
@@ -261,6 +273,9 @@ def restore_model(model: torch.nn.Module) -> None:
         return
     for handle in prep.handles:
         handle.remove()
+    target = _decoder(model)
+    if hasattr(target, _HOOKED):
+        delattr(target, _HOOKED)
     model.set_attn_implementation(prep.original)
     delattr(model, _ATTR)
 

@@ -225,3 +225,39 @@ def test_pipeline_wait_timeout_must_be_a_finite_number_of_seconds(timeout):
 def test_pipeline_wait_timeout_takes_zero_and_seconds():
     assert TieredKVSettings(mode="sparse", pipeline={"wait_timeout": 0}).pipeline.wait_timeout == 0
     assert TieredKVSettings(mode="sparse", pipeline={"wait_timeout": 2.5}).pipeline.wait_timeout == 2.5
+
+
+# -- preparing a model and its base model ---------------------------------------------------------------------------
+def test_for_model_on_the_base_model_of_a_prepared_causal_lm(make_model):
+    """A causal LM and its base model share one config and one decoder.  for_model(base) after for_model(lm) used to
+    raise "this model uses 'tiercache_sparse_sdpa'. Load it with attn_implementation='sdpa'": it is served by the
+    LM's preparation instead, decodes sparsely through either module, and restoring the LM restores both."""
+    from tiercache_llm.attention_hook import PREFIX
+
+    model = make_model("llama", seed=9)
+    base = model.get_decoder()
+    ids = _ids(length=60, seed=9)
+    ref = _gen(model, DynamicCache(config=model.config), ids, n=4)
+    with _sparse(model, budget=1.0) as lm_cache, _sparse(base, budget=1.0) as base_cache:
+        assert torch.equal(_gen(model, base_cache, ids, n=4), ref)
+        assert base_cache.stats()["sparse"]["total"]["steps"] == 3
+        base_cache.restore_model()  # not the prepared module: leaves the LM's preparation alone
+        assert model.config._attn_implementation == PREFIX + "sdpa"
+        assert torch.equal(_gen(model, lm_cache, ids, n=4), ref)
+        lm_cache.restore_model()
+    assert model.config._attn_implementation == "sdpa" and not is_prepared(model)
+    assert not base._forward_pre_hooks and not base._forward_hooks
+    assert torch.equal(_gen(model, DynamicCache(config=model.config), ids, n=4), ref)
+
+
+def test_a_sparse_attention_name_without_its_hooks_is_refused_clearly(make_model):
+    """A config switched to the sparse attention by hand (no preparation hooks the decoder) cannot serve a sparse
+    cache: for_model says so instead of asking to load the model with sdpa."""
+    from tiercache_llm.attention_hook import PREFIX, prepare_model, restore_model
+
+    model = make_model("llama", seed=9)
+    prepare_model(model)  # registers the name
+    restore_model(model)
+    model.set_attn_implementation(PREFIX + "sdpa")
+    with pytest.raises(ValueError, match="no tiercache preparation hooks its decoder"):
+        TieredKVCache.for_model(model, mode="sparse")
