@@ -99,9 +99,10 @@ def test_a_token_count_beyond_int64_means_everything(make_model, option):
 # -- each row of a left-padded batch ---------------------------------------------------------------------------
 @pytest.mark.parametrize("budget", [24, 0.25])
 def test_each_padded_row_decodes_as_it_would_alone(make_model, budget):
-    """A row left-padded by a whole number of blocks selects, attends and decodes exactly as it does alone: its
-    budget counts its own tokens (a fraction of its own context), padding is never selected nor attended.  The
-    realised budget (tokens attended / present) of the batch is the sum of the rows' alone."""
+    """Through generate with the default 8-token pages (test_acceptance checks token pages under teacher forcing):
+    a row left-padded by a whole number of blocks decodes as it does alone, and the batch's realised budget
+    (tokens attended / present, in stats()) is exactly the sum of the rows' alone: each row's budget counts its
+    own tokens (a fraction of its own context) and padding is never counted, selected nor attended."""
     model = make_model("llama", seed=6)
     a, b = _ids(length=88, seed=6), _ids(length=120, seed=7)
     ids = torch.cat([torch.cat([torch.zeros(1, 32, dtype=torch.long), a], 1), b])
