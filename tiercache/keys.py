@@ -18,6 +18,17 @@ MAX_DIMS = 64  # most tensor dimensions an entry may have (the disk header holds
 
 
 _U32 = struct.Struct("<I")
+MAX_DEPTH = 32  # most tuples a key may nest inside the outermost
+
+
+def _int_text(key: int) -> bytes:
+    """The decimal text of an int key.  Python refuses to make one of more than 4300 digits (``ValueError``
+    about integer string conversion): such a key is too long to store anyway, and says so."""
+    try:
+        return str(key).encode("ascii")
+    except ValueError:
+        raise ValueError(f"key is too long: an int of {key.bit_length()} bits, more than {MAX_KEY_BYTES} digits; "
+                         f"the limit is {MAX_KEY_BYTES} encoded bytes") from None
 
 
 def _refuse(key: object) -> TypeError:
@@ -35,8 +46,8 @@ def _refuse(key: object) -> TypeError:
 
 
 def _encode(key: object, out: bytearray, depth: int) -> None:
-    if depth > 32:
-        raise TypeError("key nesting is deeper than 32 tuples")
+    if depth > MAX_DEPTH:
+        raise TypeError(f"key nesting is deeper than {MAX_DEPTH} tuples")
     kind = type(key)
     if kind is str:
         data = key.encode("utf-8", "surrogatepass")  # type: ignore[attr-defined]
@@ -44,7 +55,7 @@ def _encode(key: object, out: bytearray, depth: int) -> None:
     elif kind is bytes:
         out += b"b" + struct.pack("<I", len(key)) + key  # type: ignore[arg-type, operator]
     elif kind is int:
-        text = str(key).encode("ascii")
+        text = _int_text(key)  # type: ignore[arg-type]
         out += b"i" + struct.pack("<I", len(text)) + text
     elif kind is tuple:
         out += b"t" + struct.pack("<I", len(key))  # type: ignore[arg-type]
@@ -59,7 +70,12 @@ def encode_key(key: object) -> bytes:
     the encoding exceeds :data:`MAX_KEY_BYTES` (keys are stored in a fixed-size on-disk header)."""
     kind = type(key)
     if kind is int or kind is str:  # the common keys, without building a bytearray
-        data = str(key).encode("ascii") if kind is int else key.encode("utf-8", "surrogatepass")  # type: ignore[attr-defined]
+        try:
+            data = str(key).encode("ascii") if kind is int else key.encode("utf-8", "surrogatepass")  # type: ignore[attr-defined]
+        except ValueError:
+            if kind is int:
+                _int_text(key)  # type: ignore[arg-type]  # raises: too long
+            raise
         if len(data) + 5 <= MAX_KEY_BYTES:
             return (b"i" if kind is int else b"s") + _U32.pack(len(data)) + data
     out = bytearray()
@@ -69,17 +85,20 @@ def encode_key(key: object) -> bytes:
     return bytes(out)
 
 
-def check_key(key: object) -> None:
-    """Raise as :func:`encode_key` would for an unsupported key type, without encoding the common cases
-    (a lookup needs no length check: a key too long to store cannot be present)."""
+def check_key(key: object, _depth: int = 0) -> None:
+    """Raise as :func:`encode_key` would for an unsupported key type or a nesting deeper than
+    :data:`MAX_DEPTH` tuples (``TypeError``), without encoding the common cases (a lookup needs no length
+    check: a key too long to store cannot be present)."""
     kind = type(key)
     if kind is str or kind is int or kind is bytes:
         return
     if kind is tuple:
+        if _depth > MAX_DEPTH:  # (as _encode counts: the outermost tuple is depth 0)
+            raise TypeError(f"key nesting is deeper than {MAX_DEPTH} tuples")
         for item in key:  # type: ignore[attr-defined]
-            check_key(item)
+            check_key(item, _depth + 1)
         return
-    encode_key(key)
+    raise _refuse(key)
 
 
 def validate_key(key: object) -> Key:

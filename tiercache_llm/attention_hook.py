@@ -12,6 +12,9 @@
    the ``past_key_values`` of the running forward pass to the attention function (transformers does
    not pass the cache to attention functions) and announce the pass to a sparse cache.
 
+A sparse decode step of an eager model raises ``SparseModeError`` when the pass records attention weights
+(``output_attentions=True``): it has no weights over the context to return (sdpa returns none anyway).
+
 The attention function behaves exactly like the base implementation (it calls it) whenever the
 running pass's cache is not a sparse ``TieredKVCache`` -- a ``DynamicCache``, an exact
 ``TieredKVCache``, no cache -- and for every layer/step the sparse cache handles exactly (prefill,
@@ -36,12 +39,18 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+try:  # the collector of output_attentions / output_hidden_states (transformers >= 5)
+    from transformers.utils.output_capturing import _active_collector as _collector
+except ImportError:  # pragma: no cover - older layouts: weights cannot be requested that way
+    _collector = None
+
 
 __all__ = ["PREFIX", "is_prepared", "prepare_model", "restore_model", "sparse_attention"]
 
 PREFIX = "tiercache_sparse_"
 BASES = ("sdpa", "eager")
 _ATTR = "_tiercache_sparse_preparation"
+_HOOKED = "_tiercache_sparse_hooked"  # set on the decoder module a preparation hooked
 _RUNNING: contextvars.ContextVar[Any] = contextvars.ContextVar("tiercache_running_cache", default=None)
 # The caches of the enclosing (nested) forward passes, per context like _RUNNING: a stack kept on the module
 # was shared by threads, so one thread's post-hook popped another's ContextVar token and raised.
@@ -83,6 +92,13 @@ def _make_attention(base: str):
             return _base_function(base, module)(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         ctx = arg
         _check_plain_attention(module, kwargs)
+        if base == "eager" and _attentions_requested():
+            from .sparse_layer import SparseModeError
+
+            raise SparseModeError(
+                "output_attentions=True: sparse TieredKVCache decode steps compute no attention weights over the "
+                "context (eager attention would return them); use mode='exact' (or a DynamicCache) to read them"
+            )
         if query.shape[2] != 1:
             raise RuntimeError(f"sparse decode expects one query position, got {query.shape[2]}")
         out = state.decode(layer, query, key, value, ctx, scaling)  # both keep the cache's state normal
@@ -117,6 +133,15 @@ def _check_plain_attention(module, kwargs) -> None:
         from .sparse_layer import SparseModeError
 
         raise SparseModeError(problem)
+
+
+def _attentions_requested() -> bool:
+    """Whether the running forward pass records attention weights (``output_attentions=True``, read from
+    transformers' output collector; ``False`` where that machinery is absent)."""
+    if _collector is None:
+        return False
+    collected = _collector.get()
+    return collected is not None and "attentions" in collected
 
 
 def unsupported_attention(model: torch.nn.Module) -> str | None:
@@ -196,7 +221,8 @@ def is_prepared(model: torch.nn.Module) -> bool:
 
 def prepare_model(model: torch.nn.Module) -> str:
     """Switch ``model`` to the sparse-capable attention (see the module docstring); returns its name.
-    Idempotent.  Raises ``ValueError`` for an implementation other than sdpa/eager (flash, flex) and
+    Idempotent; a module already served by the preparation of another sharing its config and decoder (a
+    causal LM and its base model) is left as it is (restoring stays with the prepared one).  Raises ``ValueError`` for an implementation other than sdpa/eager (flash, flex) and
     ``UnsupportedModelError`` for attention sparse decoding does not implement (logit soft-capping,
     attention sinks: :func:`unsupported_attention`)."""
     prep = getattr(model, _ATTR, None)
@@ -211,6 +237,15 @@ def prepare_model(model: torch.nn.Module) -> str:
             "use mode='exact' for this model"
         )
     original = model.config._attn_implementation
+    if isinstance(original, str) and original.startswith(PREFIX):
+        if getattr(_decoder(model), _HOOKED, False):
+            # Prepared through another module sharing this config and decoder (the causal LM around this base
+            # model, or the base model inside it): already served.  Restoring is that module's to do.
+            return original
+        raise ValueError(
+            f"{type(model).__name__}'s attention is already {original!r}, but no tiercache preparation hooks its "
+            "decoder; restore the module that was prepared (restore_model on it) and prepare this one"
+        )
     if original not in BASES:
         raise ValueError(
             f"sparse TieredKVCache decoding wraps the 'sdpa' or 'eager' attention; this model uses {original!r}. "
@@ -225,6 +260,7 @@ def prepare_model(model: torch.nn.Module) -> str:
         target.register_forward_pre_hook(_pre_hook, with_kwargs=True),
         target.register_forward_hook(_post_hook, with_kwargs=True, always_call=True),
     ]
+    setattr(target, _HOOKED, True)
     setattr(model, _ATTR, _Preparation(original, name, handles))
     return name
 
@@ -237,6 +273,9 @@ def restore_model(model: torch.nn.Module) -> None:
         return
     for handle in prep.handles:
         handle.remove()
+    target = _decoder(model)
+    if hasattr(target, _HOOKED):
+        delattr(target, _HOOKED)
     model.set_attn_implementation(prep.original)
     delattr(model, _ATTR)
 

@@ -1741,6 +1741,7 @@ class DiskTier:
         return {
             "direct_io": self.direct_io,
             "direct_io_requested": self.direct_io_requested,
+            "compression": self.compression,  # the store's own: a reopened store keeps it, whatever was asked
             "index": self.index_state,
             "metadata_repaired": self.metadata_repaired,
             "tombstones": self.tombstoned,
