@@ -50,6 +50,7 @@ _PLAIN_DTYPES = frozenset(d for d in vars(torch).values() if isinstance(d, torch
 # of fewer than 600 digits (within any ``sys.set_int_max_str_digits``, whose least is 640) and strs of at
 # most 510 characters (4 UTF-8 bytes each at most): their encodings always fit MAX_KEY_BYTES.
 _LAZY_INT = 10 ** 600
+_NEG_LAZY_INT = -_LAZY_INT  # (``-_LAZY_INT`` in a test would build a 600-digit int per call: ~40 ns)
 _LAZY_STR = 510
 _FLAT_KEY_TYPES = frozenset((int, str, bytes))  # a tuple of only these is a valid key (no check_key walk)
 _Pinned = tuple[Entry, int, Slot, Any]  # an entry, the tier and slot pinned for it, its header (arena tiers: the entry, which has nbytes and shape)
@@ -78,17 +79,27 @@ class DataPaths(Moves):
         try:
             for (key, value), score in zip(items, scores):
                 kind = type(key)
-                if kind is int and -_LAZY_INT < key < _LAZY_INT or kind is str and len(key) <= _LAZY_STR:
+                if kind is int and _NEG_LAZY_INT < key < _LAZY_INT or kind is str and len(key) <= _LAZY_STR:
                     key_bytes = None  # encoded when a header needs it (see ``put``)
                 else:
                     key_bytes = encode_key(key)
-                data, dtype, shape = tensor_data(value)
+                # tensor_data's checks, inlined for a plain CPU tensor of a real, non-quantized dtype that
+                # needs no detach and no resolving (it returns such a tensor as it is; see ``put``); a
+                # contiguous one is marked for ``_put_direct``, which then does not ask again.
+                if (value.__class__ is _Tensor and (dtype := value.dtype) in _PLAIN_DTYPES
+                        and value.layout is _STRIDED and value.is_cpu and not value.is_nested
+                        and not value.is_neg() and not value.requires_grad
+                        and len(shape := _SHAPES.get(value.shape) or _shape_of(value)) <= MAX_DIMS):
+                    data, plain = value, value.is_contiguous()
+                else:
+                    data, dtype, shape = tensor_data(value)
+                    plain = False
                 if score is not None:
                     score = check_score(score)
                 datas.append(data)
-                prepared.append((key, key_bytes, None, dtype, shape, data.nbytes, score))
-                # prepared item: (key, encoded key or None, None (the tensor is datas[i]), dtype, shape, nbytes,
-                # score)
+                prepared.append((key, key_bytes, plain, dtype, shape, data.nbytes, score))
+                # prepared item: (key, encoded key or None, whether the tensor (datas[i]) is known to be a
+                # contiguous CPU tensor, dtype, shape, nbytes, score)
         except (TypeError, ValueError):
             if bracket and (self._closing or self._closed):  # a closed cache says so first
                 raise CacheClosedError("this tiercache.Cache is closed") from None
@@ -199,7 +210,7 @@ class DataPaths(Moves):
         arena = self._direct_arena
         kind = type(key)
         if (value.__class__ is _Tensor and arena is not None and score is None
-                and (kind is int and -_LAZY_INT < key < _LAZY_INT or kind is str and len(key) <= _LAZY_STR)):
+                and (kind is int and _NEG_LAZY_INT < key < _LAZY_INT or kind is str and len(key) <= _LAZY_STR)):
             # The common case's checks, as tensor_data and encode_key make them, for a plain CPU tensor
             # of a real, non-quantized dtype (``is_cpu`` rules out meta tensors, the dtype quantized and
             # conjugate ones), without their calls: a fraction of a microsecond of a 4 KiB put.  Such a
@@ -302,7 +313,7 @@ class DataPaths(Moves):
             item = prepared[at]
             home = homes[at]
             data, size = datas[at], item[5]
-            if not direct[home] or size > MEMMOVE_MAX_BYTES or not data.is_cpu or not data.is_contiguous():
+            if not direct[home] or size > MEMMOVE_MAX_BYTES or not (item[2] or data.is_cpu and data.is_contiguous()):
                 break
             tier = tiers[home]
             slot = tier.allocate(size)
