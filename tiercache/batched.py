@@ -32,7 +32,7 @@ from .sizes import format_size
 from .state import Release, log
 from .tiers.base import EntryHeader, Slot
 from .tiers.disk import DiskTier
-from .tiers.memory import GIL_HELD_MAX_BYTES, MEMMOVE_MAX_BYTES, ArenaTier, memmove, memmove_holding_gil
+from .tiers.memory import GIL_HELD_MAX_BYTES, MEMMOVE_MAX_BYTES, ArenaTier, copy_bytes, memmove, memmove_holding_gil
 from .transfer import CopyEngine, chunk_file_bytes, packed_layout, read_chunk_into
 from .values import _SHAPES, _TEMPLATES, _shape_of, as_bytes, check_score, check_scores, copy_payload, flat, new_tensor, tensor_data
 
@@ -319,10 +319,7 @@ class DataPaths(Moves):
             slot = tier.allocate(size)
             if slot is None:
                 break
-            if size > GIL_HELD_MAX_BYTES:  # copy_bytes, inlined (a CPU arena slot's ref is its address)
-                memmove(slot.ref, data.data_ptr(), size)
-            elif size:
-                memmove_holding_gil(slot.ref, data.data_ptr(), size)
+            copy_bytes(slot.ref, data.data_ptr(), size)  # a CPU arena slot's ref is its address
             written[home] += size
             seq += 1
             clock += 1
@@ -387,11 +384,8 @@ class DataPaths(Moves):
                 size = slot.nbytes
                 if type(tier) is ArenaTier or isinstance(tier, ArenaTier):
                     if tier.addressable and size <= MEMMOVE_MAX_BYTES and data.is_cpu and data.is_contiguous():
-                        # a KV-block-sized CPU value: one memmove, no torch op (copy_bytes, inlined)
-                        if size > GIL_HELD_MAX_BYTES:
-                            memmove(tier.address(slot), data.data_ptr(), size)
-                        elif size:
-                            memmove_holding_gil(tier.address(slot), data.data_ptr(), size)
+                        # a KV-block-sized CPU value: one memmove, no torch op
+                        copy_bytes(tier.address(slot), data.data_ptr(), size)
                     else:
                         # One copy in the value's dtype (C1) and shape, from any strides.
                         view = tier.typed_view(slot, data.dtype)
@@ -573,19 +567,16 @@ class DataPaths(Moves):
                 if src == 0 and arena is not None:
                     size = entry.nbytes
                     if size <= MEMMOVE_MAX_BYTES:
-                        # (copy_bytes, inlined: a CPU arena slot's ref is its address, ArenaTier.address;
-                        # copies of at most GIL_HELD_MAX_BYTES keep the GIL, so a batch takes it back once,
-                        # not once per value, where another thread, e.g. the model, waits for it)
                         if dsts is None:
                             dst = direct[i] = new_tensor(entry.shape, entry.dtype)  # type: ignore[index]
-                            if size > GIL_HELD_MAX_BYTES:
-                                memmove(dst.data_ptr(), entry.slot.ref, size)
-                            elif size:
-                                memmove_holding_gil(dst.data_ptr(), entry.slot.ref, size)
-                            copied += size
-                            continue
-                        dst = dsts[i]  # on the CPU (the target), checked by get_many
-                        if dst.is_contiguous():
+                        else:
+                            dst = dsts[i]  # on the CPU (the target), checked by get_many
+                        if dsts is None or dst.is_contiguous():
+                            # copy_bytes, inlined (a call costs ~0.1 us, ~4 % of a 4 KiB value's share of a
+                            # get_many: benchmarks/host_put_ab.py): a CPU arena slot's ref is its address
+                            # (ArenaTier.address); copies of at most GIL_HELD_MAX_BYTES keep the GIL, so a
+                            # batch takes it back once, not once per value, where another thread, e.g. the
+                            # model, waits for it
                             if size > GIL_HELD_MAX_BYTES:
                                 memmove(dst.data_ptr(), entry.slot.ref, size)
                             elif size:
@@ -962,20 +953,14 @@ class DataPaths(Moves):
                 if dsts is None:
                     if to_cpu and nbytes_ <= MEMMOVE_MAX_BYTES:
                         result = results[i] = torch.empty(header.shape, dtype=entry.dtype)
-                        if nbytes_ > GIL_HELD_MAX_BYTES:  # (copy_bytes, inlined: see _lookup_and_pin)
-                            memmove(result.data_ptr(), arena.address(slot), nbytes_)
-                        elif nbytes_:
-                            memmove_holding_gil(result.data_ptr(), arena.address(slot), nbytes_)
+                        copy_bytes(result.data_ptr(), arena.address(slot), nbytes_)
                     else:
                         view = arena.typed_view(slot, entry.dtype).view(header.shape)
                         results[i] = view.clone() if to_cpu else view.to(target)
                 else:
                     dst = dsts[i]
                     if nbytes_ <= MEMMOVE_MAX_BYTES and dst.is_cpu and dst.is_contiguous():
-                        if nbytes_ > GIL_HELD_MAX_BYTES:
-                            memmove(dst.data_ptr(), arena.address(slot), nbytes_)
-                        elif nbytes_:
-                            memmove_holding_gil(dst.data_ptr(), arena.address(slot), nbytes_)
+                        copy_bytes(dst.data_ptr(), arena.address(slot), nbytes_)
                     else:
                         to_dsts.append(dst)
                         view = views[i]
