@@ -32,7 +32,7 @@ from .sizes import format_size
 from .state import Release, log
 from .tiers.base import EntryHeader, Slot
 from .tiers.disk import DiskTier
-from .tiers.memory import GIL_HELD_MAX_BYTES, MEMMOVE_MAX_BYTES, ArenaTier, memmove, memmove_holding_gil
+from .tiers.memory import GIL_HELD_MAX_BYTES, MEMMOVE_MAX_BYTES, ArenaTier, copy_bytes, memmove, memmove_holding_gil
 from .transfer import CopyEngine, chunk_file_bytes, packed_layout, read_chunk_into
 from .values import _SHAPES, _TEMPLATES, _shape_of, as_bytes, check_score, check_scores, copy_payload, flat, new_tensor, tensor_data
 
@@ -50,6 +50,7 @@ _PLAIN_DTYPES = frozenset(d for d in vars(torch).values() if isinstance(d, torch
 # of fewer than 600 digits (within any ``sys.set_int_max_str_digits``, whose least is 640) and strs of at
 # most 510 characters (4 UTF-8 bytes each at most): their encodings always fit MAX_KEY_BYTES.
 _LAZY_INT = 10 ** 600
+_NEG_LAZY_INT = -_LAZY_INT  # (``-_LAZY_INT`` in a test would build a 600-digit int per call: ~40 ns)
 _LAZY_STR = 510
 _FLAT_KEY_TYPES = frozenset((int, str, bytes))  # a tuple of only these is a valid key (no check_key walk)
 _Pinned = tuple[Entry, int, Slot, Any]  # an entry, the tier and slot pinned for it, its header (arena tiers: the entry, which has nbytes and shape)
@@ -78,17 +79,27 @@ class DataPaths(Moves):
         try:
             for (key, value), score in zip(items, scores):
                 kind = type(key)
-                if kind is int and -_LAZY_INT < key < _LAZY_INT or kind is str and len(key) <= _LAZY_STR:
+                if kind is int and _NEG_LAZY_INT < key < _LAZY_INT or kind is str and len(key) <= _LAZY_STR:
                     key_bytes = None  # encoded when a header needs it (see ``put``)
                 else:
                     key_bytes = encode_key(key)
-                data, dtype, shape = tensor_data(value)
+                # tensor_data's checks, inlined for a plain CPU tensor of a real, non-quantized dtype that
+                # needs no detach and no resolving (it returns such a tensor as it is; see ``put``); a
+                # contiguous one is marked for ``_put_direct``, which then does not ask again.
+                if (value.__class__ is _Tensor and (dtype := value.dtype) in _PLAIN_DTYPES
+                        and value.layout is _STRIDED and value.is_cpu and not value.is_nested
+                        and not value.is_neg() and not value.requires_grad
+                        and len(shape := _SHAPES.get(value.shape) or _shape_of(value)) <= MAX_DIMS):
+                    data, plain = value, value.is_contiguous()
+                else:
+                    data, dtype, shape = tensor_data(value)
+                    plain = False
                 if score is not None:
                     score = check_score(score)
                 datas.append(data)
-                prepared.append((key, key_bytes, None, dtype, shape, data.nbytes, score))
-                # prepared item: (key, encoded key or None, None (the tensor is datas[i]), dtype, shape, nbytes,
-                # score)
+                prepared.append((key, key_bytes, plain, dtype, shape, data.nbytes, score))
+                # prepared item: (key, encoded key or None, whether the tensor (datas[i]) is known to be a
+                # contiguous CPU tensor, dtype, shape, nbytes, score)
         except (TypeError, ValueError):
             if bracket and (self._closing or self._closed):  # a closed cache says so first
                 raise CacheClosedError("this tiercache.Cache is closed") from None
@@ -199,7 +210,7 @@ class DataPaths(Moves):
         arena = self._direct_arena
         kind = type(key)
         if (value.__class__ is _Tensor and arena is not None and score is None
-                and (kind is int and -_LAZY_INT < key < _LAZY_INT or kind is str and len(key) <= _LAZY_STR)):
+                and (kind is int and _NEG_LAZY_INT < key < _LAZY_INT or kind is str and len(key) <= _LAZY_STR)):
             # The common case's checks, as tensor_data and encode_key make them, for a plain CPU tensor
             # of a real, non-quantized dtype (``is_cpu`` rules out meta tensors, the dtype quantized and
             # conjugate ones), without their calls: a fraction of a microsecond of a 4 KiB put.  Such a
@@ -302,16 +313,13 @@ class DataPaths(Moves):
             item = prepared[at]
             home = homes[at]
             data, size = datas[at], item[5]
-            if not direct[home] or size > MEMMOVE_MAX_BYTES or not data.is_cpu or not data.is_contiguous():
+            if not direct[home] or size > MEMMOVE_MAX_BYTES or not (item[2] or data.is_cpu and data.is_contiguous()):
                 break
             tier = tiers[home]
             slot = tier.allocate(size)
             if slot is None:
                 break
-            if size > GIL_HELD_MAX_BYTES:  # copy_bytes, inlined (a CPU arena slot's ref is its address)
-                memmove(slot.ref, data.data_ptr(), size)
-            elif size:
-                memmove_holding_gil(slot.ref, data.data_ptr(), size)
+            copy_bytes(slot.ref, data.data_ptr(), size)  # a CPU arena slot's ref is its address
             written[home] += size
             seq += 1
             clock += 1
@@ -376,11 +384,8 @@ class DataPaths(Moves):
                 size = slot.nbytes
                 if type(tier) is ArenaTier or isinstance(tier, ArenaTier):
                     if tier.addressable and size <= MEMMOVE_MAX_BYTES and data.is_cpu and data.is_contiguous():
-                        # a KV-block-sized CPU value: one memmove, no torch op (copy_bytes, inlined)
-                        if size > GIL_HELD_MAX_BYTES:
-                            memmove(tier.address(slot), data.data_ptr(), size)
-                        elif size:
-                            memmove_holding_gil(tier.address(slot), data.data_ptr(), size)
+                        # a KV-block-sized CPU value: one memmove, no torch op
+                        copy_bytes(tier.address(slot), data.data_ptr(), size)
                     else:
                         # One copy in the value's dtype (C1) and shape, from any strides.
                         view = tier.typed_view(slot, data.dtype)
@@ -562,19 +567,16 @@ class DataPaths(Moves):
                 if src == 0 and arena is not None:
                     size = entry.nbytes
                     if size <= MEMMOVE_MAX_BYTES:
-                        # (copy_bytes, inlined: a CPU arena slot's ref is its address, ArenaTier.address;
-                        # copies of at most GIL_HELD_MAX_BYTES keep the GIL, so a batch takes it back once,
-                        # not once per value, where another thread, e.g. the model, waits for it)
                         if dsts is None:
                             dst = direct[i] = new_tensor(entry.shape, entry.dtype)  # type: ignore[index]
-                            if size > GIL_HELD_MAX_BYTES:
-                                memmove(dst.data_ptr(), entry.slot.ref, size)
-                            elif size:
-                                memmove_holding_gil(dst.data_ptr(), entry.slot.ref, size)
-                            copied += size
-                            continue
-                        dst = dsts[i]  # on the CPU (the target), checked by get_many
-                        if dst.is_contiguous():
+                        else:
+                            dst = dsts[i]  # on the CPU (the target), checked by get_many
+                        if dsts is None or dst.is_contiguous():
+                            # copy_bytes, inlined (a call costs ~0.1 us, ~4 % of a 4 KiB value's share of a
+                            # get_many: benchmarks/host_put_ab.py): a CPU arena slot's ref is its address
+                            # (ArenaTier.address); copies of at most GIL_HELD_MAX_BYTES keep the GIL, so a
+                            # batch takes it back once, not once per value, where another thread, e.g. the
+                            # model, waits for it
                             if size > GIL_HELD_MAX_BYTES:
                                 memmove(dst.data_ptr(), entry.slot.ref, size)
                             elif size:
@@ -951,20 +953,14 @@ class DataPaths(Moves):
                 if dsts is None:
                     if to_cpu and nbytes_ <= MEMMOVE_MAX_BYTES:
                         result = results[i] = torch.empty(header.shape, dtype=entry.dtype)
-                        if nbytes_ > GIL_HELD_MAX_BYTES:  # (copy_bytes, inlined: see _lookup_and_pin)
-                            memmove(result.data_ptr(), arena.address(slot), nbytes_)
-                        elif nbytes_:
-                            memmove_holding_gil(result.data_ptr(), arena.address(slot), nbytes_)
+                        copy_bytes(result.data_ptr(), arena.address(slot), nbytes_)
                     else:
                         view = arena.typed_view(slot, entry.dtype).view(header.shape)
                         results[i] = view.clone() if to_cpu else view.to(target)
                 else:
                     dst = dsts[i]
                     if nbytes_ <= MEMMOVE_MAX_BYTES and dst.is_cpu and dst.is_contiguous():
-                        if nbytes_ > GIL_HELD_MAX_BYTES:
-                            memmove(dst.data_ptr(), arena.address(slot), nbytes_)
-                        elif nbytes_:
-                            memmove_holding_gil(dst.data_ptr(), arena.address(slot), nbytes_)
+                        copy_bytes(dst.data_ptr(), arena.address(slot), nbytes_)
                     else:
                         to_dsts.append(dst)
                         view = views[i]

@@ -11,6 +11,7 @@ import tiercache
 from tiercache import CacheClosedError
 from tiercache.allocator import ArenaAllocator
 from tiercache.values import new_tensor
+from tiercache.tiers.memory import MEMMOVE_MAX_BYTES
 
 
 def _counts(cache):
@@ -429,6 +430,38 @@ def test_single_put_fast_path_refuses_and_resolves_as_tensor_data_does():
         with pytest.raises(ValueError, match="too long"):
             cache.put(10 ** 2100, torch.ones(2))
         assert sorted(cache.keys()) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch's deprecation of quantized tensors
+def test_put_many_inline_checks_refuse_and_resolve_as_tensor_data_does():
+    """``put_many``'s inline checks (plain CPU tensors of real, non-quantized dtypes, no grad) leave every
+    other value to tensor_data: resolved negative and conjugate views, detached values (also on the
+    torch-copy path of values over MEMMOVE_MAX_BYTES), strided values, and the same errors, before
+    anything of the batch is stored."""
+    with tiercache.Cache(host="8MiB", disk=None) as cache:
+        z = torch.complex(torch.arange(4.0), torch.ones(4))
+        neg = z.conj().imag
+        assert neg.is_neg()
+        big = torch.ones(MEMMOVE_MAX_BYTES // 4 + 64, requires_grad=True)
+        strided = torch.arange(12.0).view(3, 4).t()
+        cache.put_many([(1, neg), (2, z.conj()), (3, torch.ones(3, requires_grad=True)), (4, big), (5, strided),
+                        (6, torch.tensor([True, False])), (7, torch.arange(5.0))])
+        assert torch.equal(cache.get(1), -torch.ones(4))
+        assert torch.equal(cache.get(2), torch.conj_physical(z))
+        assert not cache.get(3).requires_grad and torch.equal(cache.get(3), torch.ones(3))
+        got = cache.get(4)
+        assert not got.requires_grad and torch.equal(got, torch.ones_like(big).detach())
+        assert torch.equal(cache.get(5), strided)
+        assert cache.get(6).tolist() == [True, False]
+        assert torch.equal(cache.get(7), torch.arange(5.0))
+        bad = [torch.quantize_per_tensor(torch.ones(2), 0.1, 0, torch.quint8), torch.ones(2, device="meta"),
+               torch.ones(4, 4).to_sparse(), torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])]
+        for value in bad:
+            with pytest.raises(TypeError):
+                cache.put_many([(8, torch.ones(2)), (9, value)])
+        with pytest.raises(ValueError, match="dimensions"):
+            cache.put_many([(8, torch.ones(2)), (9, torch.ones([1] * 65))])
+        assert 8 not in cache and sorted(cache.keys()) == [1, 2, 3, 4, 5, 6, 7]
 
 
 @pytest.mark.parametrize("batched", [False, True])

@@ -235,8 +235,7 @@ class ArenaTier:
         ``data``'s own dtype (or, for a CPU arena and a CPU payload of at most ``MEMMOVE_MAX_BYTES``, one
         ``memmove``)."""
         if self.addressable and slot.nbytes <= MEMMOVE_MAX_BYTES and data.is_cpu and data.is_contiguous():
-            if slot.nbytes:
-                memmove(self.address(slot), data.data_ptr(), slot.nbytes)
+            copy_bytes(self.address(slot), data.data_ptr(), slot.nbytes)
             return
         self.typed_view(slot, data.dtype).copy_(data)
 
