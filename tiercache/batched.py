@@ -720,6 +720,7 @@ class DataPaths(Moves):
                 self._promote(entry, src, as_bytes(result.view(-1)))  # the source slot is still pinned by us
         finally:
             releases: list[Release] | None = None
+            pending = False
             lock.acquire()
             try:
                 count = pins[token] - 1  # _unpin, inlined
@@ -745,13 +746,20 @@ class DataPaths(Moves):
                     releases = (releases or []) + self._drop_entry(entry, "corrupt")
                 if releases:
                     releases = self._free_volatile(releases)
-                self._active -= 1
-                if not self._active and self._closing:  # only close() waits for it
-                    self._idle.notify_all()
+                # Finishing the releases is part of this get: close() must not persist while a promotion's
+                # released disk slot (same key and seq as the live one) still waits to be discarded.
+                pending = bool(releases or self._evicted)
+                if not pending:
+                    self._active -= 1
+                    if not self._active and self._closing:  # only close() waits for it
+                        self._idle.notify_all()
             finally:
                 lock.release()
-            if releases or self._evicted:
-                self._finish(releases or [])
+            if pending:
+                try:
+                    self._finish(releases or [])
+                finally:
+                    self._end()
         return result
 
     def _get_batch(
@@ -856,19 +864,25 @@ class DataPaths(Moves):
                     counters.bytes_read += sum([item[3].nbytes for item in pinned])
                     counters.read_seconds += seconds
                 releases = self._end_get(pinned, bad, bracket)
+                pending = bracket and bool(releases or self._evicted)  # _end_get left the operation open
             if releases or self._evicted:
-                self._finish(releases)
+                try:
+                    self._finish(releases)
+                finally:
+                    if pending:
+                        self._end()
 
     def _end_get(self, pinned: list[_Pinned], bad: Entry | None, bracket: bool) -> list:
         """The end of a batch get, under the lock: unpin, drop a damaged entry (``bad``) still indexed, free
-        volatile slots and end the operation (``bracket``); returns the releases for :meth:`_finish`."""
+        volatile slots and end the operation (``bracket``) unless releases or evictions are left for
+        :meth:`_finish` (then the caller ends it after them: close() waits for those); returns the releases."""
         releases = self._unpin_all(pinned)
         if bad is not None and self._index.get(bad.key) is bad:
             self._counters.corruptions += 1
             releases += self._drop_entry(bad, "corrupt")
         if releases:
             releases = self._free_volatile(releases)
-        if bracket:
+        if bracket and not releases and not self._evicted:  # else the caller ends it after _finish
             self._active -= 1
             if not self._active and self._closing:  # only close() waits for it
                 self._idle.notify_all()
@@ -911,8 +925,13 @@ class DataPaths(Moves):
                             counters.bytes_read += nbytes[tier_index]
                             counters.read_seconds += seconds[tier_index]
                 releases = self._end_get(pinned, bad, bracket)
+                pending = bracket and bool(releases or self._evicted)  # _end_get left the operation open
             if releases or self._evicted:
-                self._finish(releases)
+                try:
+                    self._finish(releases)
+                finally:
+                    if pending:
+                        self._end()
         return results
 
     def _copy_each(

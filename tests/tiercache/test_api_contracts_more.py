@@ -35,10 +35,6 @@ def _paused_finish(cache, reader_name, entered, limit=1.0):
     return late
 
 
-@pytest.mark.xfail(strict=True, reason="batched.py: a get ends its operation (_active -= 1) before _finish "
-                   "discards the disk slots its promotions released, so close() persists and closes "
-                   "while those discards run and they delete the chunk files of live entries; patch in the "
-                   "audit2 report (end the operation after _finish, as the put path does)")
 @pytest.mark.parametrize("call", ["get_many", "get"])
 def test_close_during_a_promoting_read_loses_no_entry(tmp_path, call):
     """A get that promotes disk entries releases their disk slots; close() must wait until those releases
