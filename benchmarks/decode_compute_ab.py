@@ -18,8 +18,9 @@ attention (output, block masses where the strategy reads them, new-token mass) i
 decode the same tokens, and the largest logit difference is reported.  Calls whose attention is not bit-identical
 are counted; the run fails where the selection is not, or the attention is beyond float tolerance (masses and
 new-token mass not bit for bit, or an output off by more than ``OUTPUT_RTOL`` = 1e-5 of its largest magnitude:
-with the opt-in ``page_table.VALUES_BY_BAG`` this tree's direct CPU path sums the values in another order;
-``--values-by-bag`` turns it on for the "after" side).  Then ``--steps`` timed steps: per
+a revision before ``page_table.VALUES_BY_BAG`` became the default sums the values by matmul, this tree by a weighted
+``embedding_bag``; ``--values-by-matmul`` sets ``VALUES_BY_BAG = False`` on the "after" side, ``--values-by-bag``
+(the default since) ``True``).  Then ``--steps`` timed steps: per
 cache the medians of thread CPU time (``time.thread_time`` of the forward thread: robust to a shared
 machine) of the whole step, of the ``select`` calls and of the ``attend_selected`` calls summed over
 layers, and the step's wall time.  Writes ``decode_compute_ab_<context>x<batch>.json`` under ``--out``.
@@ -147,7 +148,7 @@ class Dispatch:
             self.att_differ += not all(_same(getattr(a, f), getattr(b, f)) for f in fields)
             self.att_max_diff = max(self.att_max_diff, float((a.output - b.output).abs().nan_to_num().max()))
             # beyond float tolerance: the masses and new-token mass not bit for bit, or the output off by more than
-            # OUTPUT_RTOL of its largest magnitude (a different summation order of the values: page_table.VALUES_BY_BAG)
+            # OUTPUT_RTOL of its largest magnitude (another summation order of the values: page_table.VALUES_BY_BAG)
             scale = float(a.output.abs().nan_to_num().max())
             self.att_beyond_tol += not (all(_same(getattr(a, f), getattr(b, f)) for f in fields if f != "output")
                                         and torch.equal(a.output.isnan(), b.output.isnan())
@@ -241,16 +242,22 @@ def main() -> None:
     ap.add_argument("--teacher-force", action="store_true",
                     help="where the two caches' greedy tokens differ, both go on with the 'before' side's (counted) "
                          "instead of failing: for sides equal only within float tolerance")
-    ap.add_argument("--values-by-bag", action="store_true",
-                    help="this tree's side with page_table.VALUES_BY_BAG on (opt-in; outputs within float tolerance)")
+    values = ap.add_mutually_exclusive_group()
+    values.add_argument("--values-by-bag", action="store_true",
+                        help="this tree's side with page_table.VALUES_BY_BAG = True (this tree's default)")
+    values.add_argument("--values-by-matmul", action="store_true",
+                        help="this tree's side with page_table.VALUES_BY_BAG = False (the values gathered and "
+                             "multiplied, as before the bag became the default)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None, help="folder for the JSON")
     args = ap.parse_args()
     if args.steps < 1 or args.verify_steps < 0 or args.context < 2 or args.batch < 1 or args.threads < 1:
         ap.error("need --steps >= 1, --verify-steps >= 0, --context >= 2, --batch >= 1, --threads >= 1")
-    if args.values_by_bag:  # the revision's page_table is a separate module: only this tree's side changes
-        from tiercache_llm.sparse import page_table
-        page_table.VALUES_BY_BAG = True
+    from tiercache_llm.sparse import page_table
+
+    if args.values_by_bag or args.values_by_matmul:  # the revision's page_table is a separate module: only this
+        page_table.VALUES_BY_BAG = bool(args.values_by_bag)  # tree's side changes
+    args.values_by_bag = page_table.VALUES_BY_BAG
     res = run(args)
     print(json.dumps({k: v for k, v in res.items() if k != "machine"}, indent=1))
     if args.out is not None:

@@ -440,8 +440,8 @@ def attend_selected(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
       chunk is read from cache, else one gather and two matmuls per (row, head)); on CPU it first tries
       :func:`~.sparse.page_table.attend_pages_cpu`, the same computation without building the table where
       every (row, KV head) attends as many pages (float32 pools, one thread, one new token: what decode runs
-      on CPU), bit for bit the table path's result (with the opt-in ``page_table.VALUES_BY_BAG`` its output
-      only within float32 rounding);
+      on CPU), bit for bit the table path's result (both sum the values the same way, by a weighted
+      ``embedding_bag`` with ``page_table.VALUES_BY_BAG``, the default, else by gathers and matmuls);
     - ``"pages-triton"``: the same page table through the Triton page-table kernel
       (``tiercache_kernels.page_attention``: pages read in place from the pool);
     - ``"blocks-triton"`` (old name ``"triton"``): the block-table kernel over each head's blocks of the

@@ -203,7 +203,9 @@ def page_table_attention(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
     runs there in the benchmarks): chunk by chunk
     over (row, KV head)s, a gather of the chunk's used pages (``index_select`` of page rows) and one
     matmul with its query rows, so the gathered pages are read while they are in cache; one softmax over
-    context and new tokens; the values the same way (see :func:`_page_table_attention_cpu`).  Elsewhere
+    context and new tokens; the values summed by one weighted ``embedding_bag`` read in place from the pool
+    (:data:`VALUES_BY_BAG`, the default; float32 pools), else gathered and multiplied chunk by chunk (see
+    :func:`_page_table_attention_cpu`).  Elsewhere
     (several torch threads, CUDA without Triton, inputs that require grad, pools whose slots are not
     contiguous blocks at a common stride, :func:`_page_rows`): one gather of
     every table entry per
@@ -327,10 +329,11 @@ def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool:
        per (row, head); only if that left a NaN, i.e. a hidden score was NaN or ``+inf``, masked exactly and
        steps 2-3 redone), one softmax over the row (float32): the weights, the entry masses (sums over each
        entry's tokens) and the new tokens' mass all come from it;
-    3. per chunk: gather the values (same buffer), one ``bmm`` with the weights (hidden tokens weigh
-       exactly 0); only where that gave NaN (a hidden value NaN or infinite: ``0 * inf = NaN``) the
-       chunk again with its hidden tokens' values zeroed; the new tokens' values added with one
-       ``baddbmm``.
+    3. float32 pools with :data:`VALUES_BY_BAG` (the default): the attended tokens' values summed in place by one
+       weighted ``embedding_bag`` (:func:`_bag_values`), hidden tokens left out by index (never read); else per
+       chunk: gather the values (same buffer), one ``bmm`` with the weights (hidden tokens weigh exactly 0), and
+       only where that gave NaN (a hidden value NaN or infinite: ``0 * inf = NaN``) the chunk again with its
+       hidden tokens' values zeroed; the new tokens' values added with one ``baddbmm``.
 
     Every per-layer tensor it writes besides the returned ones is a per-thread scratch buffer."""
     n, b, h, s, d = k_pool.shape
@@ -432,11 +435,18 @@ def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool:
         else:
             scores[..., t:] = _new_token_scores(qf.view(b, h, gq, d), new_keys, g).view(bh, gq, q)
 
+    # Values by bag (VALUES_BY_BAG, float32 pools): the attended tokens' values summed in place from the pool,
+    # hidden tokens left out by index (never read: no NaN from their bytes, no redo), as the direct path sums.
+    bag = VALUES_BY_BAG and not low
+    bag_keep = None if not masked else valid  # without hidden tokens every gathered token is attended
+
     def softmax_values() -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         # (row, head, query row) log-sum-exp before the softmax overwrites nothing (it writes its own
         # buffer); a row of only -inf gives -inf
         lse_ = torch.logsumexp(scores, -1).view(b, hq, q) if want_lse else None
         weights_ = torch.ops.aten._softmax.out(scores, -1, False, out=_scratch("p", scores.shape, dev))
+        if bag:
+            return lse_, weights_, _bag_values(vrows, flat, ps, weights_[..., :t], bag_keep, n_valid)
         out_ = torch.empty(bh, gq, d, device=dev)
         if single:
             w_rows, o_rows = weights_[..., :t].unbind(0), out_.unbind(0)
@@ -469,14 +479,16 @@ def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool:
         return lse_, weights_, out_
 
     log_se, weights, out = finish()
-    if masked and bool(out.isnan().any()):
+    # A NaN hidden score makes its whole softmax row NaN: the output shows it where the row attends a token
+    # (the bag skips hidden tokens: a row attending none shows it in its new tokens' weights only).
+    if masked and (bool(out.isnan().any()) or (bag and nq and bool(weights[..., t:].isnan().any()))):
         scores[..., :t].masked_fill_(torch.logical_not(valid).view(bh, 1, t), float("-inf"))
         log_se, weights, out = finish()
     # Hidden tokens have weight exactly 0, which hides any finite value; a NaN or an infinity among them
     # (0 * inf = NaN) shows as NaN in its chunk's output: only then redo those chunks with the hidden
     # tokens' values zeroed (the pools' hidden bytes are rarely non-finite; chunks without hidden tokens
-    # are left as they are, their NaN is the reference's).
-    if any_hidden and bool(out.isnan().any()):
+    # are left as they are, their NaN is the reference's).  The bag never reads hidden values.
+    if not bag and any_hidden and bool(out.isnan().any()):
         bad = out.view(bh, -1).isnan().any(1).tolist()
         for i, j, used, some_hidden, idx in chunks:
             if used and some_hidden and any(bad[i:j]):
@@ -697,12 +709,47 @@ def merge_attention(first: SparseAttentionOutput, second: SparseAttentionOutput)
 
 _RANGES: dict = {}  # (name, sizes) -> small constant index tensors of the direct path (never written)
 
-# The direct path's weighted sum of values: gathered pages and a matmul per (row, head), the general path's
-# products bit for bit (False, the default), or a weighted ``embedding_bag`` reading the value rows in place
-# (True, opt-in: ~15 % less attention time at 8K x batch 4, docs/sparse.md "Values summed in place"; the output
-# within float32 rounding of the matmul's, not bit for bit, so results then depend on which path a call takes:
-# the general path's fallback for non-finite hidden tokens, overlapped reads, 2 threads).  Read at each call.
-VALUES_BY_BAG = False
+# How the CPU paths (the direct path and the table path's chunked form: one torch thread, float32 pools) sum the
+# weighted values.  True (the default): a weighted ``embedding_bag`` reading the value rows in place
+# (:func:`_bag_values`; ~15 % less attention time at 8K x batch 4, docs/sparse.md "Values summed in place"), the
+# same bags on both paths, so they agree bit for bit (the table path leaves hidden tokens out by index, the direct
+# path gives them weight 0: the same bits for finite values, and the direct path declines on a non-finite one).
+# False: gathered pages and a matmul per (row, head) on both (the form before; also bit for bit between them).
+# Either way the output is within float32 rounding of the other setting's.  fp16 / bf16 pools and the batched
+# path (2+ threads, autograd, pools without a page-row view) always gather and multiply.  Read at each call.
+VALUES_BY_BAG = True
+
+
+def _bag_values(vrows: torch.Tensor, flat: torch.Tensor, ps: int, w_ctx: torch.Tensor, keep: torch.Tensor | None,
+                n_keep: torch.Tensor | None) -> torch.Tensor:
+    """``out[r, j] = sum over the attended tokens tok of w_ctx[r, j, tok] * V[tok]`` ``(R, J, D)``, the values read in
+    place: one weighted ``embedding_bag(mode="sum")`` over the pool's value rows (``vrows`` ``(rows, ps * D)``
+    page rows, :func:`_page_rows`, viewed as token rows), a bag per (row-head ``r``, query row ``j``) holding
+    the tokens of ``flat[r]``'s page rows in order; the ``J`` bags of a (row, head) in a row, so its values
+    come from memory once.  ``keep`` ``(R, M * ps)`` bool (``None``: every token) names the attended tokens,
+    ``n_keep`` ``(R,)`` their count per (row, head): the others are left out by index (never read).
+
+    Each bag is summed token by token in its order (FBGEMM's kernel, one accumulator per output element; the
+    same bits whatever the other bags are and however the bags are split over threads), so two paths that
+    give a (row, head) the same attended tokens in the same order and the same weights get the same output;
+    a hidden token given weight exactly 0 instead of left out changes no bit when its value is finite
+    (``0 * v = 0``), and gives NaN when it is not."""
+    r, j, t = w_ctx.shape
+    d = vrows.shape[1] // ps
+    dev = w_ctx.device
+    tok = torch.add(_const("ps", (ps,), lambda: torch.arange(ps, device=dev)), flat.view(r, -1, 1), alpha=ps)
+    tok = tok.view(r, 1, t).expand(r, j, t)
+    if keep is None:
+        idx, w = tok.reshape(-1), w_ctx.reshape(-1)
+        offsets = _const("bags", (r * j, t), lambda: torch.arange(0, r * j * t, t, device=dev))
+    else:
+        attended = keep.view(r, 1, t).expand(r, j, t)
+        idx, w = tok[attended], w_ctx[attended]
+        offsets = torch.zeros(r * j, dtype=torch.long, device=dev)
+        if r * j > 1:
+            torch.cumsum(n_keep.repeat_interleave(j)[:-1], 0, out=offsets[1:])
+    return torch.nn.functional.embedding_bag(idx, vrows.view(-1, d), offsets, mode="sum",
+                                             per_sample_weights=w).view(r, j, d)
 
 
 def _const(name: str, key: tuple, make) -> torch.Tensor:
@@ -724,10 +771,10 @@ def attend_pages_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
     fewer operations, for the common CPU case; ``None`` where it does not apply (the caller then runs the
     general path).  The block masses and new-token mass are the general path's bit for bit: the same gathers,
     score matmuls (same shapes, same chunks), softmax, sums and scatter in the same order; only the page table
-    is not built.  The output is too with :data:`VALUES_BY_BAG` off (the default: the values gathered and
-    multiplied as the general path does); with it on (opt-in) the weighted values are summed by one weighted
-    ``torch.nn.functional.embedding_bag`` over the pool's value rows in place (a bag per (row, head, query
-    row), token by token: another summation order, within float32 rounding of the general path's output).
+    is not built.  So is the output: with :data:`VALUES_BY_BAG` (the default) both paths sum the weighted values
+    by one weighted ``embedding_bag`` over the pool's value rows in place (:func:`_bag_values`: the same bags,
+    token by token; this path gives the hidden tokens weight 0 where the general path leaves them out, the same
+    bits for finite values); without it both gather and multiply the same chunks.
 
     Applies on CPU with one torch thread, autograd not recording, float32 pools whose page rows
     :func:`_page_rows` views, one query position with its new token, and every (row, KV head) attending the
@@ -743,7 +790,7 @@ def attend_pages_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
     ``-inf`` (the bias's result for finite scores; a non-finite score there is masked, as the general path
     masks it when it redoes such a call).  If the output holds a NaN (a
     hidden key or value that is not finite, or NaN inputs) the general path is run instead (``None``),
-    which masks exactly."""
+    which masks exactly (and never reads hidden values)."""
     b, hq, q, d = query.shape
     if (q != 1 or new_keys is None or new_values is None or query.device.type != "cpu"
             or torch.get_num_threads() != 1 or k_pool.dtype != torch.float32 or v_pool.dtype != torch.float32
@@ -839,25 +886,20 @@ def attend_pages_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
     weights = torch.ops.aten._softmax.out(scores, -1, False, out=_small("p", scores.shape, dev))
     w_ctx = weights[..., :t]
     if VALUES_BY_BAG:
-        # out[r, j] = sum over the entries' tokens of w[r, j, tok] * V[tok], read in place from the pool: one
-        # weighted embedding_bag per (row, head, query row), its three bags of a (row, head) in a row so its
-        # values come from memory once (then from cache); no gathered copy and no second pass over it.
-        tok = torch.add(_const("ps", (ps,), lambda: torch.arange(ps, device=dev)), flat.view(bh, m, 1), alpha=ps)
-        tok = tok.view(bh, 1, t).expand(bh, gq, t).reshape(-1)
-        offsets = _const("bags", (bh * gq, t), lambda: torch.arange(0, bh * gq * t, t, device=dev))
-        out = torch.nn.functional.embedding_bag(tok, vrows.view(-1, d), offsets, mode="sum",
-                                                per_sample_weights=w_ctx.reshape(-1)).view(bh, gq, d)
-    elif per == 1:
-        out = torch.empty(bh, gq, d, device=dev)
-        for w_row, o_row, entry_rows in zip(w_ctx.unbind(0), out.unbind(0), flat.unbind(0)):
-            torch.index_select(vrows, 0, entry_rows, out=buf[:m])
-            torch.mm(w_row, mat, out=o_row)
+        # Every token of the entries, hidden ones included with weight exactly 0: the table path's sum (which
+        # leaves them out) for finite values; a non-finite hidden value gives NaN below, and the table path.
+        out = _bag_values(vrows, flat, ps, w_ctx, None, None)
     else:
         out = torch.empty(bh, gq, d, device=dev)
-        for i in range(0, bh, per):
-            j = min(bh, i + per)
-            vv = torch.index_select(vrows, 0, flat[i:j].view(-1), out=buf[: (j - i) * m]).view(j - i, t, d)
-            torch.bmm(w_ctx[i:j], vv, out=out[i:j])
+        if per == 1:
+            for w_row, o_row, entry_rows in zip(w_ctx.unbind(0), out.unbind(0), flat.unbind(0)):
+                torch.index_select(vrows, 0, entry_rows, out=buf[:m])
+                torch.mm(w_row, mat, out=o_row)
+        else:
+            for i in range(0, bh, per):
+                j = min(bh, i + per)
+                vv = torch.index_select(vrows, 0, flat[i:j].view(-1), out=buf[: (j - i) * m]).view(j - i, t, d)
+                torch.bmm(w_ctx[i:j], vv, out=out[i:j])
     if bool(out.isnan().any()):
         return None  # a hidden token that is not finite (or NaN inputs): the general path masks exactly
     p_new = weights[..., t:]
