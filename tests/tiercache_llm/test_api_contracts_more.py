@@ -213,8 +213,6 @@ def test_the_documented_options_and_defaults_are_the_codes():
     assert named and named <= pipeline_fields, named - pipeline_fields
 
 
-@pytest.mark.xfail(strict=True, reason="sparse/pipeline.py: PipelineConfig.__post_init__ checks every numeric field but "
-                   "wait_timeout; patch in the audit2 report")
 @pytest.mark.parametrize("timeout", [float("nan"), -1.0, float("inf"), "30", True, None])
 def test_pipeline_wait_timeout_must_be_a_finite_number_of_seconds(timeout):
     """wait_timeout (seconds a layer waits for a staged entry) took NaN, a negative number or a string "30"

@@ -367,6 +367,9 @@ class PipelineConfig:
             raise ValueError(f"write_behind_bytes must be an int >= 0, got {self.write_behind_bytes!r}")
         if isinstance(self.ahead, bool) or not isinstance(self.ahead, int) or self.ahead < 1:
             raise ValueError(f"ahead must be an int >= 1, got {self.ahead!r}")
+        t = self.wait_timeout
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < float("inf"):
+            raise ValueError(f"wait_timeout must be a finite number of seconds >= 0, got {t!r}")
         m = self.promote_margin
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not m >= 1.0:
             raise ValueError(f"promote_margin must be a number >= 1.0, got {m!r}")
