@@ -1382,6 +1382,8 @@ class TieredKVCache(Cache):
             raise IndexError(f"layer_idx {layer_idx} out of range for a cache of {n_layers} layers")
         layer = self.layers[layer_idx]
         ahead = self.buffer.read_ahead and layer.sparse is None and self._ahead_overlaps()
+        if ahead is True and self.store.memory_only and self._reads_inline(layer_idx):
+            ahead = False
         if ahead and n_layers > 1:
             self._read_ahead(layer_idx, device_only=ahead == _DEVICE_ONLY)
         keys, values = layer.update(key_states, value_states, *args, **kwargs)
@@ -1474,6 +1476,27 @@ class TieredKVCache(Cache):
                 return _DEVICE_ONLY
         self.buffer.counters.inline += 1
         return False
+
+    def _reads_inline(self, layer_idx: int) -> bool:
+        """Whether the update of layer ``layer_idx`` of a memory-only cache starts no read ahead although a core
+        is free beside torch's threads (counted in ``stats()["prefetch"]["inline"]``): the layer it would read
+        ahead, the next one (in the first pass, before that one has states: layer 0), is on the CPU and has
+        visible blocks, fewer than ``decode_buffer.MEMORY_AHEAD_MIN_BYTES`` of them (estimated as blocks x the
+        first block's bytes); the layers then copy their blocks in their own update.  Only the copy of a read ahead runs beside the model, while the reader thread's Python holds the
+        GIL the forward thread waits for between its ops; for small layers that costs more than the copy saves
+        (see the setting).  Layers on another device (host-to-GPU copies) are always read ahead."""
+        layers = self.layers
+        nxt = layers[(layer_idx + 1) % len(layers)]
+        if not nxt.is_initialized:  # the first pass: the walk may go on to the next pass's first layer
+            nxt = layers[0]
+        device = nxt.device
+        if device is None or device.type != "cpu":
+            return False
+        first, n, _ = nxt._visible_blocks()
+        if n <= 0 or n * nxt._blocks[first].nbytes >= decode_buffer.MEMORY_AHEAD_MIN_BYTES:
+            return False
+        self.buffer.counters.inline += 1
+        return True
 
     @property
     def batch_size(self) -> int:
