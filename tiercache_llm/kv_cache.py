@@ -1381,9 +1381,7 @@ class TieredKVCache(Cache):
         if not 0 <= layer_idx < n_layers:
             raise IndexError(f"layer_idx {layer_idx} out of range for a cache of {n_layers} layers")
         layer = self.layers[layer_idx]
-        ahead = self.buffer.read_ahead and layer.sparse is None and self._ahead_overlaps()
-        if ahead is True and self.store.memory_only and self._reads_inline(layer_idx):
-            ahead = False
+        ahead = self.buffer.read_ahead and layer.sparse is None and self._ahead_mode(layer_idx)
         if ahead and n_layers > 1:
             self._read_ahead(layer_idx, device_only=ahead == _DEVICE_ONLY)
         keys, values = layer.update(key_states, value_states, *args, **kwargs)
@@ -1477,14 +1475,30 @@ class TieredKVCache(Cache):
         self.buffer.counters.inline += 1
         return False
 
-    def _reads_inline(self, layer_idx: int) -> bool:
-        """Whether the update of layer ``layer_idx`` of a memory-only cache starts no read ahead although a core
-        is free beside torch's threads (counted in ``stats()["prefetch"]["inline"]``): the layer it would read
-        ahead, the next one (in the first pass, before that one has states: layer 0), is on the CPU and has
-        visible blocks, fewer than ``decode_buffer.MEMORY_AHEAD_MIN_BYTES`` of them (estimated as blocks x the
-        first block's bytes); the layers then copy their blocks in their own update.  Only the copy of a read ahead runs beside the model, while the reader thread's Python holds the
-        GIL the forward thread waits for between its ops; for small layers that costs more than the copy saves
-        (see the setting).  Layers on another device (host-to-GPU copies) are always read ahead."""
+    def _ahead_mode(self, layer_idx: int) -> bool | str:
+        """What the update of layer ``layer_idx`` reads ahead: :meth:`_ahead_overlaps`, except that with a core
+        to spare beside torch's threads and small layers (:meth:`_small_layers`) the memory-held ones are copied
+        by their own update: a memory-only cache reads nothing ahead (``False``, counted in
+        ``stats()["prefetch"]["inline"]``), a disk-backed one only the layers that read the disk
+        (``"device"``).  Only the copy of a read ahead of memory-held blocks runs beside the model, while the
+        reader thread's Python (the hand-off, ``get_many``'s lookups and pins) holds the GIL the forward thread
+        waits for between its ops; for small layers that costs more than the copy saves (see
+        ``decode_buffer.MEMORY_AHEAD_MIN_BYTES``).  Not when torch's threads fill the cores (a disk-backed cache
+        beside other processes keeps every read ahead: an inline copy's parallel region stalls there, see
+        :meth:`_ahead_overlaps`)."""
+        ahead = self._ahead_overlaps()
+        if ahead is True and torch.get_num_threads() < _CORES and self._small_layers(layer_idx):
+            if self.store.memory_only:
+                self.buffer.counters.inline += 1
+                return False
+            return _DEVICE_ONLY
+        return ahead
+
+    def _small_layers(self, layer_idx: int) -> bool:
+        """Whether the layer the update of layer ``layer_idx`` reads ahead first, the next one (in the first
+        pass, before that one has states: layer 0), is on the CPU and has visible blocks, fewer than
+        ``decode_buffer.MEMORY_AHEAD_MIN_BYTES`` of them (estimated as blocks x the first block's bytes).
+        Layers on another device (host-to-GPU copies) are never small."""
         layers = self.layers
         nxt = layers[(layer_idx + 1) % len(layers)]
         if not nxt.is_initialized:  # the first pass: the walk may go on to the next pass's first layer
@@ -1493,10 +1507,7 @@ class TieredKVCache(Cache):
         if device is None or device.type != "cpu":
             return False
         first, n, _ = nxt._visible_blocks()
-        if n <= 0 or n * nxt._blocks[first].nbytes >= decode_buffer.MEMORY_AHEAD_MIN_BYTES:
-            return False
-        self.buffer.counters.inline += 1
-        return True
+        return 0 < n and n * nxt._blocks[first].nbytes < decode_buffer.MEMORY_AHEAD_MIN_BYTES
 
     @property
     def batch_size(self) -> int:

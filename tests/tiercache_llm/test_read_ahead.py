@@ -276,7 +276,8 @@ def test_memory_only_cache_reads_small_layers_inline_with_a_core_to_spare(make_c
     """A core free beside torch's threads: a memory-only cache reads a layer ahead only when the layer it
     would read holds at least ``decode_buffer.MEMORY_AHEAD_MIN_BYTES`` of visible blocks; smaller ones are
     copied by their own update (counted as ``inline``), and reads ahead resume once the layers grow past it.
-    A disk-backed cache reads ahead whatever the size.  Results equal DynamicCache's throughout."""
+    A disk-backed cache with small layers reads ahead only the layers that read the disk (``"device"``).
+    Results equal DynamicCache's throughout."""
     from tiercache_llm import decode_buffer
 
     block_bytes = 2 * 2 * 2 * 4 * 8 * 4  # K and V of one 4-token block: batch 2, 2 heads, head_dim 8, float32
@@ -301,7 +302,11 @@ def test_memory_only_cache_reads_small_layers_inline_with_a_core_to_spare(make_c
     last = seen[-1][1]
     assert seen[-1][0] == 4 and last["started"] > 0 and last["blocks_ahead"] > 0  # past it: read ahead again
     assert disk.stats()["prefetch"]["started"] > 0 and disk.stats()["prefetch"]["inline"] == 0
+    assert disk._ahead_mode(0) is True and memory._ahead_mode(0) is True  # 4 blocks: at the bound
+    monkeypatch.setattr(decode_buffer, "MEMORY_AHEAD_MIN_BYTES", 5 * block_bytes)
+    assert disk._ahead_mode(0) == "device" and memory._ahead_mode(0) is False
     monkeypatch.setattr(decode_buffer, "MEMORY_AHEAD_MIN_BYTES", 0)  # the earlier behaviour: every layer ahead
+    assert disk._ahead_mode(0) is True
     before = memory.stats()["prefetch"]["inline"]
     for layer in range(3):
         memory.update(*states(2, 1, gen), layer)
@@ -319,6 +324,15 @@ def test_disk_backed_cache_keeps_reading_ahead_beside_other_processes(make_confi
     disk = TieredKVCache(config, block_size=4, host="4KiB", disk="4MiB", path=tmp_path / "kv", direct_io=False)
     memory = TieredKVCache(config, block_size=4, host="1MiB")
     assert disk._ahead_overlaps() is True and memory._ahead_overlaps() is False
+    # small layers (below MEMORY_AHEAD_MIN_BYTES) change nothing here: their copies are read inline only with a
+    # core to spare, never where an inline copy's parallel region would stall beside other processes
+    from tiercache_llm import decode_buffer
+
+    monkeypatch.setattr(decode_buffer, "MEMORY_AHEAD_MIN_BYTES", 1 << 30)
+    gen = torch.Generator().manual_seed(3)
+    for layer in range(2):
+        disk.update(*states(2, 10, gen), layer)
+    assert disk._small_layers(0) and disk._ahead_mode(0) is True and memory._ahead_mode(0) is False
     disk.close()
     memory.close()
 
