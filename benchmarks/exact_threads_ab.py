@@ -1,15 +1,19 @@
-"""Exact decode with a disk tier (hot-path row 2), earlier vs current read-ahead settings, in one process.
+"""Exact decode (hot-path rows 1-2), earlier vs current read-ahead settings, in one process.
 
     python benchmarks/exact_threads_ab.py --contexts 1024,2048 --threads 2 --repeats 5
+    python benchmarks/exact_threads_ab.py --configs host --contexts 1024,2048,4096 --threads 1,2 --repeats 9
 
 The settings that decide how exact decode's layer-ahead reads share the cores with the model
 (``tiercache_llm.decode_buffer.INLINE_WHEN_BUSY``: whether layers whose reads are copies are read inline
-while torch's threads fill the cores of an idle machine) are set to their earlier
+while torch's threads fill the cores of an idle machine; ``MEMORY_AHEAD_MIN_BYTES``: the smallest layer a
+memory-only cache reads ahead) are set to their earlier
 values (``old``) or left at the current defaults (``new``) for each cache, and both run in the same
 process on the same prefilled prompt, interleaved with ``DynamicCache`` and the plain-read baseline of
 ``benchmarks/hotpath.py`` (its ``decode_run``, ``plain_fetch``), the order rotated per repeat.  Per
 configuration: ms per decode step (wall; median of each run's steps, then of the runs), the process's CPU
-ms per step (all threads), the fetch ms per step during decode and alone, and the reader threads' CPU.
+ms per step (all threads), the fetch ms per step during decode and alone (disk configurations), and the
+reader threads' CPU.  ``--configs``: ``disk-warm`` / ``disk-cold`` (host 16 MiB + disk, row 2) and ``host``
+(all KV in the host tier, row 1).
 Greedy tokens must equal ``DynamicCache``'s (checked).  ``AB_VARIANTS="forced:IDLE=True"`` adds a variant
 that takes the machine as idle whatever its load (``NAME:SETTING=VALUE,...;...``: more variants; a setting is a ``tiercache_llm.decode_buffer`` name, or ``disk.NAME`` for one of ``tiercache.tiers.disk``).  Prints a markdown table; ``--out`` writes JSON.
 """
@@ -35,8 +39,10 @@ from _common import machine_meta, median, parse_ints, torch_threads  # noqa: E40
 
 import tiercache_llm.decode_buffer as decode_buffer  # noqa: E402
 
-#: The earlier values of the settings this benchmark compares (before the 2-thread work of issue 8 row 2).
-OLD = {"INLINE_WHEN_BUSY": False}
+#: The earlier values of the settings this benchmark compares: before the 2-thread work of issue 8 row 2
+#: (``INLINE_WHEN_BUSY``, disk-backed caches) and before memory-only caches read small layers inline
+#: (``MEMORY_AHEAD_MIN_BYTES``, ``--configs host``: all KV in the host tier, hot-path row 1).
+OLD = {"INLINE_WHEN_BUSY": False, "MEMORY_AHEAD_MIN_BYTES": 0}
 VARIANTS = {"old": OLD, "new": {}}
 for _spec in os.environ.get("AB_VARIANTS", "").split(";"):
     if _spec:
@@ -105,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=lambda t: parse_ints(t, "--threads"), default=(2,))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--configs", default="disk-warm,disk-cold", help="disk-warm and/or disk-cold")
+    parser.add_argument("--configs", default="disk-warm,disk-cold",
+                        help="disk-warm, disk-cold and/or host (all KV in the host tier, hot-path row 1)")
     parser.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -149,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                            "samples": [x["ms_per_step"] for x in xs]}
                     if config != "dynamic":
                         row.update(fetch_ms=median(x["fetch_ms_per_step"] for x in xs),
-                                   alone_ms=median(x["alone_ms_per_step"] for x in xs),
+                                   alone_ms=median(x.get("alone_ms_per_step", float("nan")) for x in xs),
                                    reader_cpu_ms=median(x["reader_cpu_ms_per_step"] for x in xs),
                                    exposed_ms=median(x["exposed_ms_per_step"] for x in xs))
                     rows.append(row)

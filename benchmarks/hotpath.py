@@ -336,14 +336,15 @@ def decode_run(model: Any, ids: torch.Tensor, prefilled: Any, config: str, setti
 
 def fetch_alone(cache: Any, repeats: int, before: Callable[[], None]) -> list[float]:
     """ms of one step's fetch with nothing running beside it: every layer's visible blocks read into the
-    decode buffer as during decode at the current thread count (``TieredKVCache._ahead_overlaps``): by a
+    decode buffer as during decode at the current thread count (``TieredKVCache._ahead_mode``, where the
+    installed tiercache_llm has it: small memory-held layers inline; else ``_ahead_overlaps``): by a
     reader thread where decode reads the layer ahead (``prefetch`` + ``take``, disk-reading layers
     ``buffer.schedule()``'s group at a time with one job and one ``get_many`` each, as decode reads layers
     beyond the next; memory-held ones ``buffer.group`` at a time), else inline on this thread
     (the layer's own read, as its ``update`` does when torch's threads fill the cores), one layer after the
     other; ``before()`` runs outside the timing of each repeat (cold: drop the page cache).  The
     like-for-like counterpart of :func:`plain_fetch`, which also runs alone."""
-    mode = cache._ahead_overlaps()
+    mode = cache._ahead_mode(0) if hasattr(cache, "_ahead_mode") else cache._ahead_overlaps()
     buffer = cache.buffer
     sizes = {True: max(1, min(buffer.group, buffer.max_depth + 1)),  # memory-held layers
              False: max(1, min(buffer.schedule()[0] if hasattr(buffer, "schedule") else buffer.group,

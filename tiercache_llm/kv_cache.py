@@ -1381,7 +1381,7 @@ class TieredKVCache(Cache):
         if not 0 <= layer_idx < n_layers:
             raise IndexError(f"layer_idx {layer_idx} out of range for a cache of {n_layers} layers")
         layer = self.layers[layer_idx]
-        ahead = self.buffer.read_ahead and layer.sparse is None and self._ahead_overlaps()
+        ahead = self.buffer.read_ahead and layer.sparse is None and self._ahead_mode(layer_idx)
         if ahead and n_layers > 1:
             self._read_ahead(layer_idx, device_only=ahead == _DEVICE_ONLY)
         keys, values = layer.update(key_states, value_states, *args, **kwargs)
@@ -1474,6 +1474,40 @@ class TieredKVCache(Cache):
                 return _DEVICE_ONLY
         self.buffer.counters.inline += 1
         return False
+
+    def _ahead_mode(self, layer_idx: int) -> bool | str:
+        """What the update of layer ``layer_idx`` reads ahead: :meth:`_ahead_overlaps`, except that with a core
+        to spare beside torch's threads and small layers (:meth:`_small_layers`) the memory-held ones are copied
+        by their own update: a memory-only cache reads nothing ahead (``False``, counted in
+        ``stats()["prefetch"]["inline"]``), a disk-backed one only the layers that read the disk
+        (``"device"``).  Only the copy of a read ahead of memory-held blocks runs beside the model, while the
+        reader thread's Python (the hand-off, ``get_many``'s lookups and pins) holds the GIL the forward thread
+        waits for between its ops; for small layers that costs more than the copy saves (see
+        ``decode_buffer.MEMORY_AHEAD_MIN_BYTES``).  Not when torch's threads fill the cores (a disk-backed cache
+        beside other processes keeps every read ahead: an inline copy's parallel region stalls there, see
+        :meth:`_ahead_overlaps`)."""
+        ahead = self._ahead_overlaps()
+        if ahead is True and torch.get_num_threads() < _CORES and self._small_layers(layer_idx):
+            if self.store.memory_only:
+                self.buffer.counters.inline += 1
+                return False
+            return _DEVICE_ONLY
+        return ahead
+
+    def _small_layers(self, layer_idx: int) -> bool:
+        """Whether the layer the update of layer ``layer_idx`` reads ahead first, the next one (in the first
+        pass, before that one has states: layer 0), is on the CPU and has visible blocks, fewer than
+        ``decode_buffer.MEMORY_AHEAD_MIN_BYTES`` of them (estimated as blocks x the first block's bytes).
+        Layers on another device (host-to-GPU copies) are never small."""
+        layers = self.layers
+        nxt = layers[(layer_idx + 1) % len(layers)]
+        if not nxt.is_initialized:  # the first pass: the walk may go on to the next pass's first layer
+            nxt = layers[0]
+        device = nxt.device
+        if device is None or device.type != "cpu":
+            return False
+        first, n, _ = nxt._visible_blocks()
+        return 0 < n and n * nxt._blocks[first].nbytes < decode_buffer.MEMORY_AHEAD_MIN_BYTES
 
     @property
     def batch_size(self) -> int:

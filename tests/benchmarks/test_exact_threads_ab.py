@@ -19,3 +19,17 @@ def test_tiny_run_compares_every_variant(load_benchmark, tmp_path, monkeypatch):
     assert all(r["tokens_match"] for r in rows)
     assert all(r["plain_ms_per_step"] > 0 for r in rows)
     assert "| variant |" in (tmp_path / "out" / "exact_threads_ab.md").read_text()
+
+
+def test_tiny_run_of_the_all_in_host_configuration(load_benchmark, tmp_path, monkeypatch):
+    """``--configs host`` (hot-path row 1: all KV in the host tier) runs both variants, whose greedy tokens
+    equal DynamicCache's; with no disk configuration there is no plain-read baseline (NaN)."""
+    monkeypatch.delenv("AB_VARIANTS", raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    bench = load_benchmark("exact_threads_ab")
+    assert bench.main(["--model", "tiny", "--configs", "host", "--contexts", "64", "--threads", "1",
+                       "--repeats", "1", "--steps", "2", "--out", str(tmp_path / "out")]) == 0
+    rows = json.loads((tmp_path / "out" / "exact_threads_ab.json").read_text())["rows"]
+    assert {(r["config"], r["variant"]) for r in rows if r["config"] != "dynamic"} == {("host", "old"), ("host", "new")}
+    assert all(r["tokens_match"] for r in rows)
+    assert all(r["plain_ms_per_step"] != r["plain_ms_per_step"] for r in rows)  # NaN: no disk configuration

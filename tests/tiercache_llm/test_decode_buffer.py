@@ -114,7 +114,8 @@ def test_decode_through_both_get_many_paths_matches_dynamic_cache(backend, block
 
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_returned_states_are_views_of_one_buffer_shared_by_the_layers(make_config, prefetch, monkeypatch):
-    monkeypatch.setattr(kv_cache_module, "_CORES", torch.get_num_threads() + 1)  # reads ahead even in memory
+    monkeypatch.setattr(kv_cache_module, "_CORES", torch.get_num_threads() + 1)  # reads ahead even in memory,
+    monkeypatch.setattr(decode_buffer_module, "MEMORY_AHEAD_MIN_BYTES", 0)  # however small the layers
     config = make_config(num_hidden_layers=3)
     gen = torch.Generator().manual_seed(1)
     cache = TieredKVCache(config, block_size=4, host="1MiB", prefetch=prefetch)

@@ -18,8 +18,13 @@ from .test_generate_tiny import left_padded_batch
 def spare_cores(monkeypatch):
     """These tests exercise the reads ahead: pretend a core is free beside torch's threads, as with one
     torch thread on a multi-core machine (memory-only caches read inline otherwise, see
-    ``test_memory_only_cache_reads_inline_when_torch_threads_fill_the_cores``)."""
+    ``test_memory_only_cache_reads_inline_when_torch_threads_fill_the_cores``), and let memory-only caches
+    read layers of any size ahead (their tiny layers are read inline otherwise, see
+    ``test_memory_only_cache_reads_small_layers_inline_with_a_core_to_spare``)."""
+    from tiercache_llm import decode_buffer
+
     monkeypatch.setattr(kv_cache_module, "_CORES", torch.get_num_threads() + 1)
+    monkeypatch.setattr(decode_buffer, "MEMORY_AHEAD_MIN_BYTES", 0)
 
 
 def states(batch, seq, gen, heads=2, dim=8):
@@ -267,6 +272,49 @@ def test_memory_only_cache_reads_inline_when_torch_threads_fill_the_cores(make_c
         cache.close()
 
 
+def test_memory_only_cache_reads_small_layers_inline_with_a_core_to_spare(make_config, monkeypatch, tmp_path):
+    """A core free beside torch's threads: a memory-only cache reads a layer ahead only when the layer it
+    would read holds at least ``decode_buffer.MEMORY_AHEAD_MIN_BYTES`` of visible blocks; smaller ones are
+    copied by their own update (counted as ``inline``), and reads ahead resume once the layers grow past it.
+    A disk-backed cache with small layers reads ahead only the layers that read the disk (``"device"``).
+    Results equal DynamicCache's throughout."""
+    from tiercache_llm import decode_buffer
+
+    block_bytes = 2 * 2 * 2 * 4 * 8 * 4  # K and V of one 4-token block: batch 2, 2 heads, head_dim 8, float32
+    monkeypatch.setattr(decode_buffer, "MEMORY_AHEAD_MIN_BYTES", 4 * block_bytes)
+    config = make_config(num_hidden_layers=3)
+    gen = torch.Generator().manual_seed(7)
+    ref = DynamicCache(config=config)
+    memory = TieredKVCache(config, block_size=4, host="1MiB")
+    disk = TieredKVCache(config, block_size=4, host="4KiB", disk="4MiB", path=tmp_path / "kv", direct_io=False)
+    seen = []
+    for seq in [10, 1, 1, 1, 1, 1, 1, 1, 1, 1]:  # 2 blocks at first, 4 after the 6th step
+        for layer in range(3):
+            k, v = states(2, seq, gen)
+            rk, rv = ref.update(k, v, layer)
+            for got in (memory, disk):
+                gk, gv = got.update(k, v, layer)
+                assert torch.equal(rk, gk) and torch.equal(rv, gv)
+        seen.append((memory.layers[0]._visible_blocks()[1], dict(memory.stats()["prefetch"])))
+    small = [stats for blocks, stats in seen if blocks < 4]
+    assert small and all(stats["started"] == 0 for stats in small)  # below the bound: no read ahead at all
+    assert small[-1]["inline"] > 0 and small[-1]["blocks_sync"] > 0
+    last = seen[-1][1]
+    assert seen[-1][0] == 4 and last["started"] > 0 and last["blocks_ahead"] > 0  # past it: read ahead again
+    assert disk.stats()["prefetch"]["started"] > 0 and disk.stats()["prefetch"]["inline"] == 0
+    assert disk._ahead_mode(0) is True and memory._ahead_mode(0) is True  # 4 blocks: at the bound
+    monkeypatch.setattr(decode_buffer, "MEMORY_AHEAD_MIN_BYTES", 5 * block_bytes)
+    assert disk._ahead_mode(0) == "device" and memory._ahead_mode(0) is False
+    monkeypatch.setattr(decode_buffer, "MEMORY_AHEAD_MIN_BYTES", 0)  # the earlier behaviour: every layer ahead
+    assert disk._ahead_mode(0) is True
+    before = memory.stats()["prefetch"]["inline"]
+    for layer in range(3):
+        memory.update(*states(2, 1, gen), layer)
+    assert memory.stats()["prefetch"]["inline"] == before
+    for cache in (memory, disk):
+        cache.close()
+
+
 def test_disk_backed_cache_keeps_reading_ahead_beside_other_processes(make_config, monkeypatch, tmp_path):
     """Torch's threads on every core of a machine other processes load: a disk-backed cache reads ahead as
     with a core to spare (inline reads collapse there with torch's own), a memory-only one still inline."""
@@ -276,6 +324,15 @@ def test_disk_backed_cache_keeps_reading_ahead_beside_other_processes(make_confi
     disk = TieredKVCache(config, block_size=4, host="4KiB", disk="4MiB", path=tmp_path / "kv", direct_io=False)
     memory = TieredKVCache(config, block_size=4, host="1MiB")
     assert disk._ahead_overlaps() is True and memory._ahead_overlaps() is False
+    # small layers (below MEMORY_AHEAD_MIN_BYTES) change nothing here: their copies are read inline only with a
+    # core to spare, never where an inline copy's parallel region would stall beside other processes
+    from tiercache_llm import decode_buffer
+
+    monkeypatch.setattr(decode_buffer, "MEMORY_AHEAD_MIN_BYTES", 1 << 30)
+    gen = torch.Generator().manual_seed(3)
+    for layer in range(2):
+        disk.update(*states(2, 10, gen), layer)
+    assert disk._small_layers(0) and disk._ahead_mode(0) is True and memory._ahead_mode(0) is False
     disk.close()
     memory.close()
 
