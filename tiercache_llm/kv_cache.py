@@ -53,6 +53,7 @@ SPARSE_BLOCK_SIZE = 128
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 #: Copies up to this many elements (1 MiB of float32) are cut below the grain by :func:`_copy_on_caller`.
 _CALLER_COPY_MAX = 8 * INTRA_OP_GRAIN
+MAX_TOKENS = 1 << 48  # token counts (budget, sink, recent) above it are clamped to it: all of any context
 _DEVICE_ONLY = "device"  # _ahead_overlaps: read ahead only the layers whose reads wait on a device
 
 
@@ -248,6 +249,10 @@ class TieredKVSettings:
                 if sparse_opts[k] is None:
                     object.__setattr__(self, k, v)
             SelectionConfig(budget=self.budget, sink=self.sink, recent=self.recent, digests=self.digests)  # validates
+            for name in ("budget", "sink", "recent"):  # any count >= the context means all of it: keep it an int64
+                value = getattr(self, name)
+                if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > MAX_TOKENS:
+                    object.__setattr__(self, name, MAX_TOKENS)
             if self.strategy not in STRATEGIES:
                 raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
             object.__setattr__(self, "decay", check_decay(self.decay))
