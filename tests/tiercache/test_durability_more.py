@@ -1,0 +1,131 @@
+"""Durability and concurrency contracts beyond test_durability.py and test_api_contracts_more.py: close()
+must wait for every piece of work an operation started (no slot discarded, no file touched after close
+returns), and a disk tier that is closed never deletes a chunk file any more."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+from tiercache import Cache, TierIOError
+
+
+class _Later(list):
+    """Stands in for ``cache._later_releases`` (the releases that ``_put_direct`` leaves for after the
+    lock) to force one interleaving of two direct puts: thread "B" (which replaced nothing) looks at the
+    shared list after its lock section only once thread "A" has added its release to it, and "A" looks
+    only once "B" has started finishing."""
+
+    def __init__(self, cache, events):
+        super().__init__()
+        self.cache, self.events = cache, events
+
+    def __iadd__(self, other):
+        out = super().__iadd__(other)
+        if threading.current_thread().name == "A" and other:
+            self.events["a_added"].set()
+        return out
+
+    def __bool__(self):
+        name = threading.current_thread().name
+        if not self.cache._lock._is_owned():  # the check after the lock section
+            if name == "B":
+                self.events["b_waiting"].set()
+                self.events["a_added"].wait(2)
+            elif name == "A":
+                self.events["b_took"].wait(2)
+        return len(self) > 0
+
+
+def test_close_waits_for_the_releases_of_a_direct_put(tmp_path):
+    """A put_many whose small CPU values replace disk entries leaves the old disk slots to be discarded
+    after its lock section, through state shared by every thread.  Another put_many could take them and
+    discard them after its own operation had ended: close() then persisted and closed the disk tier while
+    that discard was still running (it ran on a closed tier, after close returned)."""
+    store = tmp_path / "store"
+    old, new, other = torch.full((64,), 1.0), torch.full((64,), 2.0), torch.full((64,), 3.0)
+    with Cache(host="1MiB", disk="16MiB", path=store) as cache:
+        cache.put("k0", old)
+    cache = Cache(host="1MiB", disk="16MiB", path=store)
+    assert cache.tier_of("k0") == "disk"
+    events = {name: threading.Event() for name in ("a_added", "b_waiting", "b_took")}
+    cache._later_releases = _Later(cache, events)
+    finish = cache._finish
+    late: list[bool] = []
+
+    def slow(releases, **kw):
+        name = threading.current_thread().name
+        if name in ("A", "B") and len(releases):  # (close's own moves finish in the main thread)
+            if name == "B":
+                events["b_took"].set()
+            deadline = time.monotonic() + 1.0  # a close that waits for this finish never gets there
+            while not cache._closed and time.monotonic() < deadline:
+                time.sleep(0.005)
+            late.append(cache._closed)
+        return finish(releases, **kw)
+
+    cache._finish = slow
+    b = threading.Thread(target=lambda: cache.put_many([("kb", other)]), name="B")
+    b.start()
+    events["b_waiting"].wait(2)  # (never set once B no longer looks at the shared list: fine)
+    a = threading.Thread(target=lambda: cache.put_many([("k0", new)]), name="A")
+    a.start()
+    a.join(10)
+    cache.close()
+    b.join(10)
+    assert late and not any(late), "a put's disk slot was discarded after close() returned"
+    with Cache(host="1MiB", disk="16MiB", path=store) as cache:
+        assert torch.equal(cache.get("k0"), new)
+        assert torch.equal(cache.get("kb"), other)
+
+
+def test_a_closed_disk_tier_deletes_no_chunk_file(tmp_path):
+    """A discard that reaches a disk tier after its close() (a release finished late) must not delete a
+    chunk file: index.tc already names the files to keep, and another process may own the store by then.
+    It raises TierIOError and leaves the file; the entry comes back after a reopen."""
+    store = tmp_path / "store"
+    value = torch.arange(256, dtype=torch.float32)
+    cache = Cache(host=None, disk="16MiB", path=store)
+    cache.put("k", value)
+    disk = cache.tiers[-1]
+    slot = cache._index["k"].slot
+    path = disk.chunk_path(slot)
+    cache.close()
+    assert os.path.exists(path)
+    with pytest.raises(TierIOError):
+        disk.discard(slot)
+    assert os.path.exists(path)
+    with Cache(host=None, disk="16MiB", path=store) as cache:
+        assert torch.equal(cache.get("k"), value)
+
+
+def test_a_discard_racing_the_disk_tiers_close_keeps_the_indexed_copy(tmp_path):
+    """Two copies of one key with the same sequence number (a promotion's released source and the copy
+    persisted back) at DiskTier.close: close keeps one in index.tc and deletes the other.  A discard of
+    either arriving after close has picked must not delete the kept one."""
+    store = tmp_path / "store"
+    value = torch.arange(1024, dtype=torch.float32)
+    with Cache(host=None, disk="16MiB", path=store) as cache:
+        cache.put("k", value)
+    cache = Cache(host="1MiB", disk="16MiB", path=store)
+    source = cache._index["k"].slot
+    with cache._lock:  # hold the disk copy back as if a get's release of it were still pending
+        cache._pin(1, source)
+    assert torch.equal(cache.get("k"), value)  # promoted: the disk slot's release is deferred by our pin
+    assert cache.tier_of("k") == "host"
+    with cache._lock:
+        releases = cache._unpin(1, source)
+    assert releases == [(1, source)]
+    cache.close()  # persists "k" to a second slot, same key and seq; one of the two files is deleted
+    for tier_index, slot in releases:  # the late discard of the source slot
+        try:
+            cache._tiers[tier_index].discard(slot)
+        except TierIOError:
+            pass
+    with Cache(host="1MiB", disk="16MiB", path=store) as cache:
+        assert sorted(cache.keys()) == ["k"]
+        assert torch.equal(cache.get("k"), value)
