@@ -5,6 +5,10 @@ returns), and a disk tier that is closed never deletes a chunk file any more."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -129,3 +133,133 @@ def test_a_discard_racing_the_disk_tiers_close_keeps_the_indexed_copy(tmp_path):
     with Cache(host="1MiB", disk="16MiB", path=store) as cache:
         assert sorted(cache.keys()) == ["k"]
         assert torch.equal(cache.get("k"), value)
+
+
+# -- kill -9 at random points: every acknowledged operation survives ------------------------------------------
+ACK_CHILD = textwrap.dedent(
+    """
+    import random, sys, torch, tiercache
+
+    def value(key, version):
+        t = (torch.arange(256, dtype=torch.int64) * 2654435761 + key * 40503 + version * 9973) % (1 << 31)
+        t[0], t[1] = key, version
+        return t
+
+    path, seed = sys.argv[1], int(sys.argv[2])
+    rng = random.Random(seed)
+    out = sys.stdout
+    cache = tiercache.Cache(host=None, disk="16MiB", path=path)
+    version = 0
+    step = 0
+    ready = False
+    while True:
+        step += 1
+        op = rng.random()
+        if op < 0.4:
+            version += 1
+            key = rng.randrange(48)
+            out.write(f"begin put {key}:{version}\\n"); out.flush()
+            cache.put(key, value(key, version))
+        elif op < 0.6:
+            keys = rng.sample(range(48), 4)
+            items = []
+            for key in keys:
+                version += 1
+                items.append((key, version))
+            out.write("begin put " + " ".join(f"{k}:{v}" for k, v in items) + "\\n"); out.flush()
+            cache.put_many([(k, value(k, v)) for k, v in items])
+        elif op < 0.75:
+            key = rng.randrange(48)
+            out.write(f"begin del {key}\\n"); out.flush()
+            cache.delete(key)
+        elif op < 0.85:
+            keys = rng.sample(range(48), 3)
+            out.write("begin del " + " ".join(map(str, keys)) + "\\n"); out.flush()
+            cache.delete_many(keys)
+        elif op < 0.97:
+            try:
+                cache.get(rng.randrange(48))
+            except KeyError:
+                pass
+            continue
+        else:
+            out.write("begin reopen\\n"); out.flush()
+            cache.close()
+            cache = tiercache.Cache(host=None, disk="16MiB", path=path)
+        out.write("ack\\n"); out.flush()
+        if step >= 60 and not ready:
+            ready = True
+            out.write("ready\\n"); out.flush()
+    """
+)
+
+
+def _replay(lines: list[str]) -> tuple[dict[int, int | None], dict[int, int | None]]:
+    """The state every acknowledged operation left (key -> version, None once deleted), and what the one
+    operation in flight at the kill (begun, not acknowledged) would have made of its keys."""
+    state: dict[int, int | None] = {}
+    pending: dict[int, int | None] = {}
+    for line in lines:
+        words = line.split()
+        if not words or words[0] == "ready":
+            continue
+        if words[0] == "ack":
+            state.update(pending)
+            pending = {}
+        elif words[1] == "put":
+            pending = {int(k): int(v) for k, v in (w.split(":") for w in words[2:])}
+        elif words[1] == "del":
+            pending = {int(k): None for k in words[2:]}
+        else:  # reopen
+            pending = {}
+    return state, pending
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sigkill_keeps_every_acknowledged_operation(tmp_path, seed):
+    """A disk-only cache killed (SIGKILL) at a random point: every put that returned comes back bit for
+    bit (or the value of the operation in flight at the kill), no deleted key comes back, nothing older
+    reappears.  test_durability's crash test only checks that what comes back is some intact version."""
+    store = tmp_path / "store"
+    state: dict[int, int | None] = {}
+    for round_, delay in enumerate((0.05, 0.3, 0.6)):
+        child = subprocess.Popen([sys.executable, "-c", ACK_CHILD, str(store), str(seed * 10 + round_)],
+                                 stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        try:
+            lines = []
+            while True:
+                line = child.stdout.readline()
+                assert line, "the child died before it was ready"
+                if line.strip() == "ready":
+                    break
+                lines.append(line)
+            time.sleep(delay)
+        finally:
+            child.send_signal(signal.SIGKILL)
+            child.wait(timeout=30)
+        lines += child.stdout.read().splitlines()
+        acked, pending = _replay(lines)
+        state.update(acked)
+        with Cache(host=None, disk="16MiB", path=store) as cache:
+            assert not list(store.rglob("*.tmp"))
+            present = set(cache.keys())
+            for key in range(48):
+                allowed = {state.get(key)}
+                if key in pending:
+                    allowed.add(pending[key])
+                if key not in present:
+                    assert None in allowed, f"key {key} (version {state.get(key)}, acknowledged) was lost"
+                    got = None
+                else:
+                    value = cache.get(key)
+                    got = int(value[1])
+                    assert got in allowed, f"key {key} came back as version {got}, expected one of {allowed}"
+                    assert torch.equal(value, _crash_value(key, got)), f"key {key} came back with wrong bytes"
+                state[key] = got  # what the next round starts from
+            assert cache.stats()["corruptions"] == 0
+
+
+def _crash_value(key: int, version: int) -> torch.Tensor:
+    t = (torch.arange(256, dtype=torch.int64) * 2654435761 + key * 40503 + version * 9973) % (1 << 31)
+    t[0], t[1] = key, version
+    return t
