@@ -263,3 +263,21 @@ def _crash_value(key: int, version: int) -> torch.Tensor:
     t = (torch.arange(256, dtype=torch.int64) * 2654435761 + key * 40503 + version * 9973) % (1 << 31)
     t[0], t[1] = key, version
     return t
+
+
+def test_an_index_temp_left_by_a_killed_close_is_removed_at_open(tmp_path):
+    """journal.write_atomic writes index.tc through index.tc.<pid>.tmp: a close killed there left that file
+    in the store for good (found by the kill -9 test above).  The next open removes it when its process is
+    gone, and leaves one whose process is alive (it may be writing it)."""
+    store = tmp_path / "store"
+    with Cache(host=None, disk="16MiB", path=store) as cache:
+        cache.put(1, torch.ones(8))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale, live = store / f"index.tc.{gone.pid}.tmp", store / f"index.tc.{os.getpid()}.tmp"
+    stale.write_bytes(b"partial index")
+    live.write_bytes(b"being written")
+    with Cache(host=None, disk="16MiB", path=store) as cache:
+        assert not stale.exists()
+        assert live.exists()
+        assert torch.equal(cache.get(1), torch.ones(8))

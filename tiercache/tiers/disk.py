@@ -1595,6 +1595,7 @@ class DiskTier:
         return self._recover(True)
 
     def _recover(self, columns: bool) -> tuple[RecoveredColumns | None, list[RecoveredEntry]]:
+        _remove_stale_index_temps(self._root)
         collecting = gc.isenabled()
         gc.disable()  # building ~1e5 small objects: generation-2 passes would cost more than the load
         try:
@@ -1814,6 +1815,29 @@ def _write_all(fd: int, parts: list[bytes | memoryview]) -> None:
             else:
                 views[0] = views[0][written:]
                 written = 0
+
+
+def _remove_stale_index_temps(root: str) -> None:
+    """Remove ``index.tc.<pid>.tmp`` files (``journal.write_atomic``) of processes that are gone: a close
+    killed while writing the index left one, which nothing else ever removes."""
+    prefix = journal.INDEX_NAME + "."
+    try:
+        names = [n for n in os.listdir(root) if n.startswith(prefix) and n.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(prefix):-4]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # that process is alive (it may be writing it)
+        except ProcessLookupError:
+            pass
+        except OSError:  # (e.g. another user's process)
+            continue
+        log.warning("tiercache: removing %s, left by a process killed while closing the store", name)
+        _unlink_quiet(os.path.join(root, name))
 
 
 def _unlink_quiet(path: str) -> None:
