@@ -281,3 +281,46 @@ def test_an_index_temp_left_by_a_killed_close_is_removed_at_open(tmp_path):
         assert not stale.exists()
         assert live.exists()
         assert torch.equal(cache.get(1), torch.ones(8))
+
+
+def test_a_prefetch_racing_close_is_refused_and_starts_no_thread(tmp_path):
+    """prefetch() checked only ``_closed`` under the lock: called while close() was persisting (closing,
+    its executor already shut down) it made a new thread pool that nothing ever shut down and returned a
+    future of a cache being closed.  It raises CacheClosedError, as it does once close() has returned."""
+    from tiercache import CacheClosedError
+
+    store = tmp_path / "store"
+    with Cache(host=None, disk="16MiB", path=store) as cache:
+        cache.put("k", torch.ones(8))
+    cache = Cache(host="1MiB", disk="16MiB", path=store)
+    in_persist, prefetched = threading.Event(), threading.Event()
+    persist = cache._persist
+
+    def paused_persist(reason):
+        in_persist.set()
+        prefetched.wait(5)
+        return persist(reason)
+
+    cache._persist = paused_persist
+    outcome: list[object] = []
+
+    def keys():
+        in_persist.wait(5)
+        yield "k"
+
+    def call():
+        try:
+            outcome.append(cache.prefetch(keys()))
+        except BaseException as exc:
+            outcome.append(exc)
+        finally:
+            prefetched.set()
+
+    before = {t for t in threading.enumerate() if t.name.startswith("tiercache-io")}
+    caller = threading.Thread(target=call)
+    caller.start()
+    cache.close()
+    caller.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], CacheClosedError), outcome
+    after = {t for t in threading.enumerate() if t.name.startswith("tiercache-io") and t.is_alive()}
+    assert after <= before, "prefetch started an I/O thread after close() had shut the pool down"
