@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tiercache import Cache, TierIOError
+from tiercache.tiers.disk import DiskTier
 
 
 class _Later(list):
@@ -324,3 +325,73 @@ def test_a_prefetch_racing_close_is_refused_and_starts_no_thread(tmp_path):
     assert len(outcome) == 1 and isinstance(outcome[0], CacheClosedError), outcome
     after = {t for t in threading.enumerate() if t.name.startswith("tiercache-io") and t.is_alive()}
     assert after <= before, "prefetch started an I/O thread after close() had shut the pool down"
+
+
+# -- a full disk in the middle of a put_many -------------------------------------------------------------------
+@pytest.mark.parametrize("host", [None, "8KiB"])
+def test_a_full_disk_mid_put_many_leaves_the_documented_state(tmp_path, monkeypatch, host):
+    """put_many's contract: an I/O error stops the batch at that item; the items before it stay stored, it
+    and the rest are not (a key they would have replaced keeps its previous value) -- also after a reopen."""
+    real = os.writev
+    calls = {"n": 0, "fail_at": None}
+
+    def writev(fd, buffers):
+        calls["n"] += 1
+        if calls["fail_at"] is not None and calls["n"] >= calls["fail_at"]:
+            raise OSError(28, os.strerror(28))
+        return real(fd, buffers)
+
+    monkeypatch.setattr("tiercache.tiers.disk.os.writev", writev)
+    store = tmp_path / "store"
+    before = {k: torch.full((3000,), float(k)) for k in range(8)}
+    batch = [(k, torch.full((3000,), 100.0 + k)) for k in range(4, 12)]  # 4..7 replace, 8..11 are new
+    cache = Cache(host=host, disk="16MiB", path=store)
+    cache.put_many(list(before.items()))
+    cache.flush()  # every value on disk: the batch's items go to disk (host=None) or demote (8KiB)
+    calls["n"], calls["fail_at"] = 0, 3
+    with pytest.raises(TierIOError):
+        cache.put_many(batch)
+    calls["fail_at"] = None
+    stored = {k for k in range(12) if k in cache}
+    failed = next(k for k, _ in batch if not torch.equal(cache.get(k) if k in cache else torch.empty(0),
+                                                          dict(batch)[k]))
+    assert failed == batch[2][0]  # the third write failed
+    expected = dict(before)
+    for k, v in batch:
+        if k == failed:
+            break
+        expected[k] = v
+    assert stored == set(expected), (stored, failed)
+    for k, v in expected.items():
+        assert torch.equal(cache.get(k), v), k
+    cache.close()
+    with Cache(host=host, disk="16MiB", path=store) as cache:
+        assert set(cache.keys()) == set(expected)
+        for k, v in expected.items():
+            assert torch.equal(cache.get(k), v), k
+
+
+def test_close_says_when_it_drops_entries_that_were_on_disk(tmp_path, caplog):
+    """close() persists the highest-ranked entries that fit the disk tier; lower-ranked entries already on
+    disk can be dropped for them (reported to on_evict with reason "close").  Its warning counted only
+    the memory entries it could not persist: with no on_evict callback, deleting durable entries from the
+    disk tier made no log line at all."""
+    import logging
+
+    store = tmp_path / "store"
+    one = torch.zeros(1024, dtype=torch.uint8)
+    charge = DiskTier.charge(one.nbytes)
+    with Cache(host=None, disk=4 * charge, path=store) as cache:
+        for k in range(4):
+            cache.put(k, one + k)
+    cache = Cache(host="1MiB", disk=4 * charge, path=store)
+    cache.put("new", one + 9)  # in host memory, the most recently used: it outranks every disk entry
+    with caplog.at_level(logging.WARNING, logger="tiercache"):
+        cache.close()
+    with Cache(host="1MiB", disk=4 * charge, path=store) as cache:
+        kept = set(cache.keys())
+    assert "new" in kept and len(kept) == 4
+    dropped = {0, 1, 2, 3} - kept
+    assert len(dropped) == 1
+    assert any("1 entries did not fit the disk tier and were dropped (1 of them were on it" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
