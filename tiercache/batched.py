@@ -471,12 +471,14 @@ class DataPaths(Moves):
             self._counters.puts += len(run)
             if releases:
                 releases = self._free_volatile(releases)
-            end = end and not releases and not self._evicted  # else _end after _finish (close waits for it)
+            # decided under the lock: an operation that has ended must not finish (or notify) another's work
+            finish = bool(releases or self._evicted)
+            end = end and not finish  # else _end after _finish (close waits for it)
             if end:
                 self._active -= 1
                 if not self._active and self._closing:  # only close() waits for it
                     self._idle.notify_all()
-        if releases or self._evicted:
+        if finish:
             self._finish(releases)
         return end
 
@@ -866,8 +868,9 @@ class DataPaths(Moves):
                     counters.bytes_read += sum([item[3].nbytes for item in pinned])
                     counters.read_seconds += seconds
                 releases = self._end_get(pinned, bad, bracket)
-                pending = bracket and bool(releases or self._evicted)  # _end_get left the operation open
-            if releases or self._evicted:
+                finish = bool(releases or self._evicted)  # (decided under the lock, as _end_get did)
+                pending = bracket and finish  # _end_get left the operation open
+            if finish:
                 try:
                     self._finish(releases)
                 finally:
@@ -927,8 +930,9 @@ class DataPaths(Moves):
                             counters.bytes_read += nbytes[tier_index]
                             counters.read_seconds += seconds[tier_index]
                 releases = self._end_get(pinned, bad, bracket)
-                pending = bracket and bool(releases or self._evicted)  # _end_get left the operation open
-            if releases or self._evicted:
+                finish = bool(releases or self._evicted)  # (decided under the lock, as _end_get did)
+                pending = bracket and finish  # _end_get left the operation open
+            if finish:
                 try:
                     self._finish(releases)
                 finally:
