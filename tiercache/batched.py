@@ -139,9 +139,18 @@ class DataPaths(Moves):
                     else:
                         self._check_open()
                     at = position
+                    later = None
                     if direct is not None:  # small CPU values bound for a CPU arena: stored right here
                         at = self._put_direct(prepared, datas, homes, position, direct)
-                        if at == count and begun and not self._later_releases and not self._evicted:
+                        # This call's releases, taken in the lock round trip that decides whether the operation
+                        # ends here: left in the shared list, another put could take them and finish them after
+                        # its own operation ended (close() does not wait for that).
+                        later = self._later_releases
+                        if later:
+                            self._later_releases = []
+                        else:
+                            later = None  # (not the shared list: another put may add to it after the lock)
+                        if at == count and begun and not later and not self._evicted:
                             self._active -= 1
                             ended = True
                             if not self._active and self._closing:  # only close() waits for it
@@ -158,8 +167,8 @@ class DataPaths(Moves):
                                                                  item[4], item[5], seq)))
                         at += 1
                     self._seq = seq
-                if self._later_releases:
-                    self._finish_direct()
+                if later:
+                    self._finish(later)
                 if position == count:
                     break
                 if not run:  # the next item needs room made (demotion): the single-entry slow path
@@ -301,7 +310,7 @@ class DataPaths(Moves):
         ``MEMMOVE_MAX_BYTES`` whose home is a CPU arena with room: reserve, one ``memmove``, publish,
         with no second lock round trip.  Returns the position of the first item not stored (the rest
         take the reserve / write / publish path).  Releases of replaced entries of persistent tiers are
-        left in ``_later_releases`` for ``_finish_direct``."""
+        left in ``_later_releases``; the caller takes them under the same lock and finishes them after it."""
         tiers, index, queues, rank = self._tiers, self._index, self._queues, self._policy.rank
         count = len(prepared)
         at = position
@@ -356,13 +365,6 @@ class DataPaths(Moves):
             if releases:
                 self._later_releases += self._free_volatile(releases)
         return at
-
-    def _finish_direct(self) -> None:
-        """Outside the lock: finish the releases ``_put_direct`` left (slots of persistent tiers)."""
-        with self._lock:
-            releases, self._later_releases = self._later_releases, []
-        if releases or self._evicted:
-            self._finish(releases)
 
     def _write_run(
         self, run: list[tuple[int, Slot, EntryHeader]], prepared: list, datas: list[torch.Tensor], position: int
@@ -469,12 +471,14 @@ class DataPaths(Moves):
             self._counters.puts += len(run)
             if releases:
                 releases = self._free_volatile(releases)
-            end = end and not releases and not self._evicted  # else _end after _finish (close waits for it)
+            # decided under the lock: an operation that has ended must not finish (or notify) another's work
+            finish = bool(releases or self._evicted)
+            end = end and not finish  # else _end after _finish (close waits for it)
             if end:
                 self._active -= 1
                 if not self._active and self._closing:  # only close() waits for it
                     self._idle.notify_all()
-        if releases or self._evicted:
+        if finish:
             self._finish(releases)
         return end
 
@@ -864,8 +868,9 @@ class DataPaths(Moves):
                     counters.bytes_read += sum([item[3].nbytes for item in pinned])
                     counters.read_seconds += seconds
                 releases = self._end_get(pinned, bad, bracket)
-                pending = bracket and bool(releases or self._evicted)  # _end_get left the operation open
-            if releases or self._evicted:
+                finish = bool(releases or self._evicted)  # (decided under the lock, as _end_get did)
+                pending = bracket and finish  # _end_get left the operation open
+            if finish:
                 try:
                     self._finish(releases)
                 finally:
@@ -925,8 +930,9 @@ class DataPaths(Moves):
                             counters.bytes_read += nbytes[tier_index]
                             counters.read_seconds += seconds[tier_index]
                 releases = self._end_get(pinned, bad, bracket)
-                pending = bracket and bool(releases or self._evicted)  # _end_get left the operation open
-            if releases or self._evicted:
+                finish = bool(releases or self._evicted)  # (decided under the lock, as _end_get did)
+                pending = bracket and finish  # _end_get left the operation open
+            if finish:
                 try:
                     self._finish(releases)
                 finally:

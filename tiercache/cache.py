@@ -341,7 +341,8 @@ class Cache(DataPaths, Persistence):
             check_key(key)
         target = 0 if device is None else self._tier_on(torch.device(device))
         with self._lock:
-            self._check_open()
+            if self._closing or self._closed:  # (closing: close() may have shut the pool down already)
+                raise CacheClosedError("this tiercache.Cache is closed")
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="tiercache-io")
             return self._executor.submit(self._stage, keys, target)

@@ -186,7 +186,8 @@ class Persistence(Moves):
 
     def _persist(self, reason: str) -> int:
         """Move upper-tier entries to the last (persistent) tier, highest rank first, dropping the
-        lowest-ranked entries that do not fit.  Returns how many entries could not be kept."""
+        lowest-ranked entries that do not fit (entries already on the disk tier included: their place goes to
+        higher-ranked ones).  Returns how many entries could not be kept; a warning says so."""
         last = len(self._tiers) - 1
         disk = self._tiers[last]
         if not disk.persistent:
@@ -200,10 +201,11 @@ class Persistence(Moves):
                     keep.add(id(entry))
                     budget -= charge
             releases: list[Release] = []
-            lost = 0
+            lost = on_disk = 0
             for entry in ranked:
                 if id(entry) not in keep and not entry.moving:
-                    lost += entry.level != last
+                    lost += 1
+                    on_disk += entry.level == last  # durable entries dropped for higher-ranked ones: said too
                     releases += self._drop_entry(entry, reason)
             movers = [e for e in ranked if id(e) in keep and e.level != last and not e.moving]
             for entry in movers:
@@ -228,7 +230,8 @@ class Persistence(Moves):
                 failures.append(exc)
         self._flush_finish_later()
         if lost:
-            log.warning("tiercache: %d entries did not fit the disk tier and were not persisted", lost)
+            log.warning("tiercache: %d entries did not fit the disk tier and were dropped (%d of them were on it: "
+                        "higher-ranked entries took their place)", lost, on_disk)
         if failures:
             raise TierIOError(f"persisting to the disk tier failed for {len(failures)} entries: {failures[0]}")
         return lost

@@ -526,6 +526,7 @@ class DiskTier:
         self._lock = threading.Lock()
         self._index_live = os.path.exists(self._index_path)  # remove index.tc before the first change
         self._complete = False  # _headers holds every live chunk (recovered, or a new store): index may be written
+        self._closed = False  # close() has begun: discard deletes no file any more (it chose which to keep)
         self._seq_high = 0
         self.corrupt_on_open = 0
         #: reads whose checksum failure a private re-read did not confirm (see ``read_into``)
@@ -819,7 +820,9 @@ class DiskTier:
             reason = "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror
             raise TierIOError(f"disk tier: writing {final} failed: {reason}", exc.errno) from exc
         with self._lock:
-            self._headers[(pages, row)] = header
+            headers = self._headers
+            headers.pop((pages, row), None)  # re-inserted last: _headers is in write order (see close)
+            headers[(pages, row)] = header
             self._prefixes[(pages, row)] = (header, prefix, None)
             self._seq_high = max(self._seq_high, header.seq)
 
@@ -1538,12 +1541,18 @@ class DiskTier:
     def discard(self, slot: Slot) -> None:
         """Delete the slot's chunk file.  If removing it fails, a tombstone is appended (fsynced) to
         ``tombstones.tc`` so the entry stays deleted after a reopen; only when that fails too does this
-        raise ``TierIOError``."""
+        raise ``TierIOError``.  After :meth:`close` has begun it raises ``TierIOError`` and deletes nothing:
+        close chose which chunk files ``index.tc`` keeps (a late discard of a released copy could delete the
+        kept one of its key), and another process may own the store by then."""
         pages, row = slot.ref  # type: ignore[misc]
         path = self._chunk_file(slot)
+        if self._closed:
+            raise self._closed_error(path)
         self._before_change()
         self._fds.forget(slot.ref)
         with self._lock:
+            if self._closed:  # (checked again where close decides)
+                raise self._closed_error(path)
             header = self._headers.pop((pages, row), None)
             if header is not None:
                 header = self._header_of(header)
@@ -1568,6 +1577,10 @@ class DiskTier:
                     ) from exc
             raise TierIOError(f"disk tier: deleting {path} failed: {exc.strerror}", exc.errno) from exc
 
+    @staticmethod
+    def _closed_error(path: str) -> TierIOError:
+        return TierIOError(f"disk tier: not deleting {path}: the tier is closed (its index is written)", errno.EBADF)
+
     # -- recovery -------------------------------------------------------------------------------------
     def recover(self) -> Iterator[RecoveredEntry]:
         """The entries of the store: from ``index.tc`` when it is valid, else by scanning the chunk files
@@ -1582,6 +1595,7 @@ class DiskTier:
         return self._recover(True)
 
     def _recover(self, columns: bool) -> tuple[RecoveredColumns | None, list[RecoveredEntry]]:
+        _remove_stale_index_temps(self._root)
         collecting = gc.isenabled()
         gc.disable()  # building ~1e5 small objects: generation-2 passes would cost more than the load
         try:
@@ -1749,7 +1763,12 @@ class DiskTier:
         }
 
     def close(self) -> None:
-        """Make everything durable (``os.sync``) and write ``index.tc`` for a fast reopen."""
+        """Make everything durable (``os.sync``) and write ``index.tc`` for a fast reopen.  Of two chunk files
+        of one key, the newer (higher sequence number) is kept and the other deleted; of two with the same
+        sequence number (a moved entry's copy and its released source: the same bytes) the one written last,
+        which is the moved entry's.  No file is deleted by :meth:`discard` once this has begun."""
+        with self._lock:
+            self._closed = True
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -1764,7 +1783,7 @@ class DiskTier:
                 for (p, r), h in self._headers.items():
                     h = header_of(h)
                     other = newest.get(h.key)
-                    if other is None or other[2].seq < h.seq:
+                    if other is None or other[2].seq <= h.seq:  # (a tie: _headers is in write order)
                         newest[h.key] = (p, r, h)
                         if other is not None:
                             _unlink_quiet(f"{self._slots_dir}/{other[0]}/{chunk_name(other[1])}")  # superseded
@@ -1796,6 +1815,29 @@ def _write_all(fd: int, parts: list[bytes | memoryview]) -> None:
             else:
                 views[0] = views[0][written:]
                 written = 0
+
+
+def _remove_stale_index_temps(root: str) -> None:
+    """Remove ``index.tc.<pid>.tmp`` files (``journal.write_atomic``) of processes that are gone: a close
+    killed while writing the index left one, which nothing else ever removes."""
+    prefix = journal.INDEX_NAME + "."
+    try:
+        names = [n for n in os.listdir(root) if n.startswith(prefix) and n.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(prefix):-4]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # that process is alive (it may be writing it)
+        except ProcessLookupError:
+            pass
+        except OSError:  # (e.g. another user's process)
+            continue
+        log.warning("tiercache: removing %s, left by a process killed while closing the store", name)
+        _unlink_quiet(os.path.join(root, name))
 
 
 def _unlink_quiet(path: str) -> None:
