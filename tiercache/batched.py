@@ -869,13 +869,17 @@ class DataPaths(Moves):
                     counters.read_seconds += seconds
                 releases = self._end_get(pinned, bad, bracket)
                 finish = bool(releases or self._evicted)  # (decided under the lock, as _end_get did)
-                pending = bracket and finish  # _end_get left the operation open
             if finish:
-                try:
-                    self._finish(releases)
-                finally:
-                    if pending:
-                        self._end()
+                self._finish_get(releases, bracket)
+
+    def _finish_get(self, releases: list, bracket: bool) -> None:
+        """Outside the lock, where :meth:`_end_get` left releases or evictions: finish them, then end the
+        operation it left open (``bracket``)."""
+        try:
+            self._finish(releases)
+        finally:
+            if bracket:
+                self._end()
 
     def _end_get(self, pinned: list[_Pinned], bad: Entry | None, bracket: bool) -> list:
         """The end of a batch get, under the lock: unpin, drop a damaged entry (``bad``) still indexed, free
@@ -931,13 +935,8 @@ class DataPaths(Moves):
                             counters.read_seconds += seconds[tier_index]
                 releases = self._end_get(pinned, bad, bracket)
                 finish = bool(releases or self._evicted)  # (decided under the lock, as _end_get did)
-                pending = bracket and finish  # _end_get left the operation open
             if finish:
-                try:
-                    self._finish(releases)
-                finally:
-                    if pending:
-                        self._end()
+                self._finish_get(releases, bracket)
         return results
 
     def _copy_each(
