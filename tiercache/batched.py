@@ -298,10 +298,7 @@ class DataPaths(Moves):
         if slot is None:  # the fastest tier needs room made: the batch path demotes
             self._put_batch(((key, value),), (score,), bracket=True)
             return
-        try:
-            self._finish(releases)
-        finally:
-            self._end()
+        self._finish_then_end(releases)
 
     def _put_direct(
         self, prepared: list, datas: list[torch.Tensor], homes: list[int], position: int, direct: list[bool]
@@ -760,10 +757,7 @@ class DataPaths(Moves):
             finally:
                 lock.release()
             if pending:
-                try:
-                    self._finish(releases or [])
-                finally:
-                    self._end()
+                self._finish_then_end(releases or [])
         return result
 
     def _get_batch(
@@ -870,16 +864,7 @@ class DataPaths(Moves):
                 releases = self._end_get(pinned, bad, bracket)
                 finish = bool(releases or self._evicted)  # (decided under the lock, as _end_get did)
             if finish:
-                self._finish_get(releases, bracket)
-
-    def _finish_get(self, releases: list, bracket: bool) -> None:
-        """Outside the lock, where :meth:`_end_get` left releases or evictions: finish them, then end the
-        operation it left open (``bracket``)."""
-        try:
-            self._finish(releases)
-        finally:
-            if bracket:
-                self._end()
+                self._finish_then_end(releases, bracket)
 
     def _end_get(self, pinned: list[_Pinned], bad: Entry | None, bracket: bool) -> list:
         """The end of a batch get, under the lock: unpin, drop a damaged entry (``bad``) still indexed, free
@@ -936,7 +921,7 @@ class DataPaths(Moves):
                 releases = self._end_get(pinned, bad, bracket)
                 finish = bool(releases or self._evicted)  # (decided under the lock, as _end_get did)
             if finish:
-                self._finish_get(releases, bracket)
+                self._finish_then_end(releases, bracket)
         return results
 
     def _copy_each(

@@ -255,6 +255,15 @@ class CacheState:
             counters.read_seconds += elapsed
         return data
 
+    def _finish_then_end(self, releases: list[Release], end: bool = True) -> None:
+        """Outside the lock: :meth:`_finish` what an operation left (releases, evictions), then, with ``end``,
+        :meth:`_end` that operation, which stayed open for them (close() waits for them)."""
+        try:
+            self._finish(releases)
+        finally:
+            if end:
+                self._end()
+
     def _finish_later(self, releases: list[Release]) -> None:
         self._later.extend(releases)
 
