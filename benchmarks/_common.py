@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import math
 import os
 import platform
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -129,6 +130,63 @@ def disk_floor_reads(directory: Path, raw_paths: Sequence[Path], size: int) -> t
     steps = {"chunk_open": chunk_open, "chunk_held": lambda: [chunk(fd, True) for fd in held],
              "chunk_held_nocrc": lambda: [chunk(fd, False) for fd in held], "raw_held": raw}
     return steps, close
+
+
+def load_tree(name: str, root: Path) -> Any:
+    """``root``'s ``tiercache`` package imported as ``name`` (its relative imports resolve inside it), for
+    A/Bs of several trees in one process; a tree loaded under that name before is dropped first."""
+    for stale in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+        del sys.modules[stale]
+    spec = importlib.util.spec_from_file_location(name, root / "tiercache" / "__init__.py",
+                                                  submodule_search_locations=[str(root / "tiercache")])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def host_ops(tc: Any, values: list[torch.Tensor], outs: list[torch.Tensor],
+             timed: Callable[[Callable[[], object], int], Any]) -> dict[str, Any]:
+    """Rows 3 and 4 of ``hotpath.py`` as it times them, each op timed by ``timed(fn, len(values))``: for a
+    tiercache module ``tc``, in a fresh host-only cache a ``put`` loop then a ``get`` loop (each result
+    dropped at once), then in a second fresh cache one ``put_many`` and one ``get_many`` into ``outs``; for
+    ``tc=None`` the dict baseline: ``clone`` put (also put_many's), ``clone`` get (dropped), ``copy_`` into
+    ``outs`` (get_many's; ``hotpath.host_vs_dict``)."""
+    count = len(values)
+    keys = list(range(count))
+    if tc is None:
+        store: dict[int, torch.Tensor] = {}
+
+        def dict_put() -> None:
+            for i, v in enumerate(values):
+                store[i] = v.clone()
+
+        def dict_get() -> None:
+            for i in keys:
+                store[i].clone()
+
+        def dict_copy() -> None:
+            for i, out in enumerate(outs):
+                out.copy_(store[i])
+        put = timed(dict_put, count)
+        return {"put": put, "get": timed(dict_get, count), "put_many": put, "get_many": timed(dict_copy, count)}
+    capacity = 2 * sum(v.nbytes for v in values) + 16 * MiB
+    result = {}
+    with tc.Cache(host=capacity, disk=None) as cache:
+        def put_each() -> None:
+            for i, v in enumerate(values):
+                cache.put(i, v)
+
+        def get_each() -> None:
+            for i in keys:
+                cache.get(i)
+        result["put"] = timed(put_each, count)
+        result["get"] = timed(get_each, count)
+    with tc.Cache(host=capacity, disk=None) as cache:
+        result["put_many"] = timed(lambda: cache.put_many(zip(keys, values)), count)
+        result["get_many"] = timed(lambda: cache.get_many(keys, out=outs), count)
+    return result
 
 
 @contextlib.contextmanager

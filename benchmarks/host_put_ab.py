@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import os
 import resource
 import statistics
@@ -33,20 +32,8 @@ from typing import Any, Callable
 
 import torch
 
-MiB = 1 << 20
-
-
-def load_tree(name: str, root: Path) -> Any:
-    """``root``'s ``tiercache`` package imported as ``name`` (its relative imports resolve inside it)."""
-    for stale in [m for m in sys.modules if m == name or m.startswith(name + ".")]:  # a tree loaded before
-        del sys.modules[stale]
-    spec = importlib.util.spec_from_file_location(name, root / "tiercache" / "__init__.py",
-                                                  submodule_search_locations=[str(root / "tiercache")])
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import MiB, host_ops, load_tree  # noqa: E402  (the benchmarks directory is not a package)
 
 
 def _faults() -> int:
@@ -64,40 +51,7 @@ def timed(fn: Callable[[], object], count: int) -> tuple[float, float, float]:
 
 def run_variant(tc: Any, values: list[torch.Tensor], outs: list[torch.Tensor]) -> dict[str, tuple[float, float, float]]:
     """One variant's ops on ``values``: ``tc`` a tiercache module, or None for the dict baseline."""
-    count = len(values)
-    keys = list(range(count))
-    if tc is None:
-        store: dict[int, torch.Tensor] = {}
-
-        def dict_put() -> None:
-            for i, v in enumerate(values):
-                store[i] = v.clone()
-
-        def dict_get() -> None:
-            for i in keys:
-                store[i].clone()
-
-        def dict_copy() -> None:
-            for i, out in enumerate(outs):
-                out.copy_(store[i])
-        put = timed(dict_put, count)
-        return {"put": put, "get": timed(dict_get, count), "put_many": put, "get_many": timed(dict_copy, count)}
-    capacity = 2 * sum(v.nbytes for v in values) + 16 * MiB
-    result = {}
-    with tc.Cache(host=capacity, disk=None) as cache:
-        def put_each() -> None:
-            for i, v in enumerate(values):
-                cache.put(i, v)
-
-        def get_each() -> None:
-            for i in keys:
-                cache.get(i)
-        result["put"] = timed(put_each, count)
-        result["get"] = timed(get_each, count)
-    with tc.Cache(host=capacity, disk=None) as cache:
-        result["put_many"] = timed(lambda: cache.put_many(zip(keys, values)), count)
-        result["get_many"] = timed(lambda: cache.get_many(keys, out=outs), count)
-    return result
+    return host_ops(tc, values, outs, timed)
 
 
 def main(argv: list[str] | None = None) -> int:

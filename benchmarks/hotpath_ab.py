@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import os
 import shutil
 import statistics
@@ -32,18 +31,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MiB, read_files  # noqa: E402  (the benchmarks directory is not a package)
-
-
-def load_tree(name: str, root: Path) -> Any:
-    """``root``'s ``tiercache`` package imported as ``name`` (its relative imports resolve inside it)."""
-    spec = importlib.util.spec_from_file_location(name, root / "tiercache" / "__init__.py",
-                                                  submodule_search_locations=[str(root / "tiercache")])
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from _common import MiB, host_ops, load_tree, read_files  # noqa: E402  (the benchmarks directory is not a package)
 
 
 def timed(fn: Callable[[], None], count: int, cpu: Callable[[], float] = time.thread_time) -> tuple[float, float]:
@@ -79,39 +67,10 @@ def row34_hotpath(trees: dict[str, Any], size: int, count: int) -> Callable[[str
     put, ``clone`` get (dropped), ``copy_`` into the same kind of ``out`` tensors (``hotpath.host_vs_dict``)."""
     gen = torch.Generator().manual_seed(0)
     values = [torch.randn(size // 4, generator=gen) for _ in range(count)]
-    capacity = 2 * sum(v.nbytes for v in values) + 16 * MiB
-    keys = list(range(count))
 
     def run(name: str) -> dict[str, tuple[float, float]]:
-        result = {}
         outs = [torch.zeros_like(v) for v in values]
-        if name == "base":
-            store: dict[int, torch.Tensor] = {}
-            put = timed(lambda: [store.__setitem__(i, v.clone()) for i, v in enumerate(values)] and None, count)
-
-            def get_each() -> None:
-                for i in keys:
-                    store[i].clone()
-
-            def copy_each() -> None:
-                for i, out in enumerate(outs):
-                    out.copy_(store[i])
-            get, copy = timed(get_each, count), timed(copy_each, count)
-            return {"put": put, "get": get, "put_many": put, "get_many": copy}
-        tc = trees[name]
-        with tc.Cache(host=capacity, disk=None) as cache:
-            def put_each() -> None:
-                for i, v in enumerate(values):
-                    cache.put(i, v)
-
-            def get_each() -> None:
-                for i in keys:
-                    cache.get(i)
-            result["put"], result["get"] = timed(put_each, count), timed(get_each, count)
-        with tc.Cache(host=capacity, disk=None) as cache:
-            result["put_many"] = timed(lambda: cache.put_many(zip(keys, values)), count)
-            result["get_many"] = timed(lambda: cache.get_many(keys, out=outs), count)
-        return result
+        return host_ops(None if name == "base" else trees[name], values, outs, timed)
     return run
 
 
