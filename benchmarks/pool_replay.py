@@ -104,15 +104,22 @@ class Request:
     layer: int = 0
 
 
-def replay(requests: Sequence[Request], capacity: int, policy: str, *, decay: float = DECAY) -> list[int]:
+def replay(requests: Sequence[Request], capacity: int, policy: str, *, decay: float = DECAY,
+           missed: list[list[Hashable]] | None = None) -> list[int]:
     """Misses of each request with a pool of ``capacity`` units under ``policy`` (:data:`POLICIES`),
     starting empty.  A miss is an access to a unit not resident when accessed; every policy but ``static``
-    (which never admits other units) and ``min`` (which may bypass) then admits it, evicting when full."""
+    (which never admits other units) and ``min`` (which may bypass) then admits it, evicting when full.
+    ``missed``: a list that receives, per request, the list of its missed units (in access order)."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if capacity < 0:
         raise ValueError(f"capacity must be >= 0, got {capacity}")
+    if missed is not None:
+        collect: list[Hashable] = []
+        missed.clear()
     if policy == "none":
+        if missed is not None:
+            missed.extend(list(r.units) for r in requests)
         return [len(r.units) for r in requests]
     if policy == "static":
         counts = Counter(u for r in requests for u in r.units)
@@ -125,8 +132,13 @@ def replay(requests: Sequence[Request], capacity: int, policy: str, *, decay: fl
             for u in r.units:
                 if u not in pinned or u not in seen:
                     m += 1
+                    if missed is not None:
+                        collect.append(u)
                 seen.add(u)
             out.append(m)
+            if missed is not None:
+                missed.append(collect)
+                collect = []
         return out
     # next use of every access (MIN), in the flat order of accesses
     flat = [u for r in requests for u in r.units]
@@ -203,6 +215,8 @@ def replay(requests: Sequence[Request], capacity: int, policy: str, *, decay: fl
                     lru.move_to_end(u)
                 else:
                     misses += 1
+                    if missed is not None:
+                        collect.append(u)
                     if capacity:
                         if len(lru) >= capacity:
                             v = next((k for k in lru if k not in protect), None)
@@ -220,6 +234,8 @@ def replay(requests: Sequence[Request], capacity: int, policy: str, *, decay: fl
                 push(u, prio, tie)
             else:
                 misses += 1
+                if missed is not None:
+                    collect.append(u)
                 if capacity and len(resident) < capacity:
                     push(u, prio, tie)
                 elif capacity:
@@ -236,6 +252,9 @@ def replay(requests: Sequence[Request], capacity: int, policy: str, *, decay: fl
                 if u in resident:
                     push(u, score[u], float(pos))
         out.append(misses)
+        if missed is not None:
+            missed.append(collect)
+            collect = []
     return out
 
 
