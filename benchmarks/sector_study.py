@@ -104,7 +104,7 @@ STAGES = {"sparse.total.scoring_seconds": "scoring", "sparse.total.fetch_seconds
           "pipeline.sync_wait_seconds": "sync read wait", "pipeline.slot_wait_seconds": "slot wait",
           "pipeline.copy_seconds": "copies", "pipeline.predict_seconds": "prediction",
           "sparse.total.attention_seconds": "attention", "sparse.total.placement_seconds": "placement",
-          "kv.fetch_seconds": "exact: fetch", "prefetch.wait_seconds": "exact: read-ahead wait"}
+          "kv.fetch_seconds": "KV layer fetch (all modes)", "prefetch.wait_seconds": "exact read-ahead wait"}
 LAYOUTS = (Layout(None), Layout(0, "kv-first"), Layout(0, "sector-major"), Layout(32), Layout(16))
 
 
