@@ -402,6 +402,17 @@ def decode_point(model: Any, kv: list[tuple[torch.Tensor, torch.Tensor]], feed: 
     return steps, stats, time.perf_counter() - t0
 
 
+def checked_point(model: Any, kv: list[tuple[torch.Tensor, torch.Tensor]], feed: torch.Tensor, budget: int | float
+                  ) -> tuple[list[list[LayerStep]], list[dict[str, Any]], float, dict[str, int], int]:
+    """:func:`decode_point`, then :func:`check_today` (raises if the recording is not the cache's fetch).
+    Returns the recorded layer steps, the cache's per-step stats, the seconds, the counts checked and the bytes
+    of one K or V entry of a stored block."""
+    steps, cache_stats, secs = decode_point(model, kv, feed, budget)
+    batch, heads, _, head_dim = kv[0][0].shape
+    entry = Scheme("a", steps[0][0].block_size, "all").entry_bytes(batch, heads, head_dim, kv[0][0].element_size())
+    return steps, cache_stats, secs, check_today(steps, cache_stats, entry), entry
+
+
 def run(s: Settings, *, show_progress: bool = True) -> dict[str, Any]:
     import sparse_speed as sp
 
@@ -427,10 +438,8 @@ def run(s: Settings, *, show_progress: bool = True) -> dict[str, Any]:
                 feed = ids[:batch, context:context + s.steps]
                 for budget in s.budgets:
                     bar.set_postfix_str(f"{context} x {batch}, {budget_label(budget)}")
-                    steps, cache_stats, secs = decode_point(model, kv, feed, budget)
+                    steps, _, secs, checked, _ = checked_point(model, kv, feed, budget)  # raises if not the cache's
                     block = steps[0][0].block_size
-                    block_entry = Scheme("a", block, "all").entry_bytes(batch, heads, head_dim, itemsize)
-                    checked = check_today(steps, cache_stats, block_entry)  # raises if the study is not the cache
                     figures = {sc.label: scheme_figures(steps, sc, batch, heads, head_dim, itemsize) for sc in SCHEMES}
                     points.append({"context": context, "batch": batch, "budget": budget, "seconds": secs,
                                    "block_size": block, "page": steps[0][0].page, "checked": checked,

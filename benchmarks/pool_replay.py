@@ -447,64 +447,80 @@ def replay_point(steps: list[list[fg.LayerStep]], masses: dict | None, fractions
     return out
 
 
-def run(s: Settings, kv_dir: Path, workdir: Path, *, show_progress: bool = True) -> dict[str, Any]:
+def kv_shape(model: Any) -> dict[str, int]:
+    """``layers``, ``kv_heads``, ``head_dim`` and ``itemsize`` of ``model``'s KV (its text config)."""
+    text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    return {"layers": text.num_hidden_layers, "kv_heads": text.num_key_value_heads,
+            "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+            "itemsize": model.dtype.itemsize}
+
+
+def prose_points(s: Any, kv_dir: Path, show_progress: bool) -> tuple[Any, dict[str, int], float, Iterator[tuple]]:
+    """``s.model`` (``model``, ``contexts``, ``batches``, ``steps``, ``threads`` are read from ``s``), its
+    :func:`kv_shape`, the seconds to prefill ``max(s.batches)`` rows of shipped prose of ``max(s.contexts)``
+    tokens (:func:`prefilled_rows` under ``kv_dir``: the same files for the same settings), and an iterator of
+    ``(context, batch, kv, feed)`` per point: the first ``batch`` rows' K/V of ``context`` tokens and the next
+    ``s.steps`` ids of each row to decode teacher-forced."""
     import sparse_speed as sp
 
     model, tokenizer = load_bench_model(s.model)
     text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    shape = {"layers": text.num_hidden_layers, "kv_heads": text.num_key_value_heads,
-             "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
-             "itemsize": model.dtype.itemsize}
-    rows_n = max(s.batches)
-    ids = fg.prose_rows(tokenizer, rows_n, max(s.contexts) + s.steps, text.vocab_size)
-    points = []
+    ids = fg.prose_rows(tokenizer, max(s.batches), max(s.contexts) + s.steps, text.vocab_size)
     t0 = time.perf_counter()
     with torch_threads(s.threads):
         prefilled = prefilled_rows(model, ids, max(s.contexts), kv_dir, s.model, show_progress)
-        prefill_s = time.perf_counter() - t0
-        todo = [(c, b, bud) for c in s.contexts for b in s.batches for bud in s.budgets]
-        bar = tqdm(total=len(todo) * (1 + len(s.real)), desc="decode runs", disable=not show_progress)
+
+    def points() -> Iterator[tuple]:
         for context in s.contexts:
             for batch in s.batches:
-                kv = sp.point_kv(prefilled, batch, context)
-                feed = ids[:batch, context:context + s.steps]
-                for budget in s.budgets:
-                    bar.set_postfix_str(f"{context} x {batch}, {fg.budget_label(budget)}, fetch-every-step")
-                    steps, cache_stats, secs = fg.decode_point(model, kv, feed, budget)
-                    block = steps[0][0].block_size
-                    eb = fg.Scheme("a", block, "all").entry_bytes(batch, shape["kv_heads"], shape["head_dim"], shape["itemsize"])
-                    checked = fg.check_today(steps, cache_stats, eb)  # raises if the recording is not the cache's fetch
+                yield context, batch, sp.point_kv(prefilled, batch, context), ids[:batch, context:context + s.steps]
+
+    return model, kv_shape(model), time.perf_counter() - t0, points()
+
+
+def run(s: Settings, kv_dir: Path, workdir: Path, *, show_progress: bool = True) -> dict[str, Any]:
+    model, shape, prefill_s, inputs = prose_points(s, kv_dir, show_progress)
+    points = []
+    t0 = time.perf_counter()
+    with torch_threads(s.threads):
+        todo = [(c, b, bud) for c in s.contexts for b in s.batches for bud in s.budgets]
+        bar = tqdm(total=len(todo) * (1 + len(s.real)), desc="decode runs", disable=not show_progress)
+        for context, batch, kv, feed in inputs:
+            for budget in s.budgets:
+                bar.set_postfix_str(f"{context} x {batch}, {fg.budget_label(budget)}, fetch-every-step")
+                # raises if the recording is not the cache's fetch
+                steps, _, secs, checked, eb = fg.checked_point(model, kv, feed, budget)
+                block = steps[0][0].block_size
+                bar.update()
+                real = {}
+                for strategy in s.real:
+                    bar.set_postfix_str(f"{context} x {batch}, {fg.budget_label(budget)}, {strategy}")
+                    run_ = real_run(model, kv, feed, budget, strategy, workdir / "store")
+                    run_["same_selection"] = same_selection(steps, run_.pop("selections"))
+                    real[strategy] = run_
                     bar.update()
-                    real = {}
-                    for strategy in s.real:
-                        bar.set_postfix_str(f"{context} x {batch}, {fg.budget_label(budget)}, {strategy}")
-                        run_ = real_run(model, kv, feed, budget, strategy, workdir / "store")
-                        run_["same_selection"] = same_selection(steps, run_.pop("selections"))
-                        real[strategy] = run_
-                        bar.update()
-                    masses = real.get("attention-aware", {}).pop("masses", None)
-                    for r in real.values():
-                        r.pop("masses", None)
-                    units = sum(ls.context // block for ls in steps[-1])
-                    fractions = {}
-                    for c in s.capacities:
-                        if c == "default":
-                            bound = next((r for r in real.values() if r.get("pool_bound_bytes")), None)
-                            if bound is None:
-                                continue
-                            fractions[c] = (bound["pool_bound_bytes"] // bound["pool_slot_bytes"]) / units
-                        else:
-                            fractions[c] = float(c)
-                    bar.set_postfix_str(f"{context} x {batch}, {fg.budget_label(budget)}, replay")
-                    replays = replay_point(steps, masses, fractions, s.per_layer, batch, shape)
-                    points.append({"context": context, "batch": batch, "budget": budget, "block_size": block,
-                                   "block_entry_bytes": eb, "stored_blocks": units, "checked": checked,
-                                   "record_seconds": secs, "fractions": fractions, "masses_recorded": bool(masses),
-                                   "replays": replays, "real": real})
-                del kv
+                masses = real.get("attention-aware", {}).pop("masses", None)
+                for r in real.values():
+                    r.pop("masses", None)
+                units = sum(ls.context // block for ls in steps[-1])
+                fractions = {}
+                for c in s.capacities:
+                    if c == "default":
+                        bound = next((r for r in real.values() if r.get("pool_bound_bytes")), None)
+                        if bound is None:
+                            continue
+                        fractions[c] = (bound["pool_bound_bytes"] // bound["pool_slot_bytes"]) / units
+                    else:
+                        fractions[c] = float(c)
+                bar.set_postfix_str(f"{context} x {batch}, {fg.budget_label(budget)}, replay")
+                replays = replay_point(steps, masses, fractions, s.per_layer, batch, shape)
+                points.append({"context": context, "batch": batch, "budget": budget, "block_size": block,
+                               "block_entry_bytes": eb, "stored_blocks": units, "checked": checked,
+                               "record_seconds": secs, "fractions": fractions, "masses_recorded": bool(masses),
+                               "replays": replays, "real": real})
+            del kv
         bar.close()
-    return {"points": points, "prefill_seconds": prefill_s, "decode_seconds": time.perf_counter() - t0 - prefill_s,
-            "shape": shape}
+    return {"points": points, "prefill_seconds": prefill_s, "decode_seconds": time.perf_counter() - t0, "shape": shape}
 
 
 def _est(cost: dict[str, Any] | None, entries: float, nbytes: float) -> float | None:

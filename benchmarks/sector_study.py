@@ -10,8 +10,7 @@ selected sectors -- a sector being ``g`` tokens of one (row, head), K and V (``g
 (row, head) part) -- each sector with its own crc32c, the entry still one file.  This study answers with
 measurements, in one run:
 
-(a) **bytes**: the real selections of fetch-every-step caches (``fetch_granularity.decode_point`` /
-    ``check_today``: the cache's own selection, checked against its fetch and ``stats()`` at every layer step)
+(a) **bytes**: the real selections of fetch-every-step caches (``fetch_granularity.checked_point``: the cache's own selection, checked against its fetch and ``stats()`` at every layer step)
     at 4K / 8K x batch 1 / 4, budgets 25 % / 6.25 % (SmolLM2, shipped prose, 16 teacher-forced steps), plus
     the deep synthetic random-weights config of ``sparse_speed --synthetic`` (48 layers, 1 KV head) at 16K
     batch 1; per step the entries, the bytes of whole entries and of the selected sectors (:data:`LAYOUTS`),
@@ -64,7 +63,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fetch_granularity as fg  # noqa: E402  (the benchmarks directory is not a package)
 import pool_replay as pr  # noqa: E402
-from _common import GiB, KiB, MiB, filesystem_of, load_bench_model, machine_meta, parse_ints, torch_threads  # noqa: E402
+from _common import GiB, KiB, MiB, filesystem_of, machine_meta, parse_ints, torch_threads  # noqa: E402
 
 NAME = "sector_study"
 ORDERS = ("kv-first", "sector-major")
@@ -456,34 +455,17 @@ def analyse_point(steps: list[list[fg.LayerStep]], shape: dict[str, int], batch:
 
 def record_points(s: Settings, kv_dir: Path, show_progress: bool) -> dict[str, Any]:
     """The SmolLM2 (or tiny) points' recorded selections, checked against the caches' fetch and stats."""
-    import sparse_speed as sp
-
-    model, tokenizer = load_bench_model(s.model)
-    text = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    shape = {"layers": text.num_hidden_layers, "kv_heads": text.num_key_value_heads,
-             "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
-             "itemsize": model.dtype.itemsize}
-    rows_n = max(s.batches)
-    ids = fg.prose_rows(tokenizer, rows_n, max(s.contexts) + s.steps, text.vocab_size)
-    t0 = time.perf_counter()
+    model, shape, prefill_s, inputs = pr.prose_points(s, kv_dir, show_progress)
     points = []
     with torch_threads(s.threads):
-        prefilled = pr.prefilled_rows(model, ids, max(s.contexts), kv_dir, s.model, show_progress)
-        prefill_s = time.perf_counter() - t0
         bar = tqdm(total=len(s.contexts) * len(s.batches) * len(s.budgets), desc="decode points", disable=not show_progress)
-        for context in s.contexts:
-            for batch in s.batches:
-                kv = sp.point_kv(prefilled, batch, context)
-                feed = ids[:batch, context:context + s.steps]
-                for budget in s.budgets:
-                    steps, cache_stats, secs = fg.decode_point(model, kv, feed, budget)
-                    block = steps[0][0].block_size
-                    eb = fg.Scheme("a", block, "all").entry_bytes(batch, shape["kv_heads"], shape["head_dim"], shape["itemsize"])
-                    checked = fg.check_today(steps, cache_stats, eb)
-                    points.append({"name": s.model, "context": context, "batch": batch, "budget": budget,
-                                   "seconds": secs, "checked": checked, "shape": shape, "steps": steps})
-                    bar.update()
-                del kv
+        for context, batch, kv, feed in inputs:
+            for budget in s.budgets:
+                steps, _, secs, checked, _ = fg.checked_point(model, kv, feed, budget)
+                points.append({"name": s.model, "context": context, "batch": batch, "budget": budget,
+                               "seconds": secs, "checked": checked, "shape": shape, "steps": steps})
+                bar.update()
+            del kv
         bar.close()
     return {"points": points, "prefill_seconds": prefill_s}
 
@@ -497,15 +479,11 @@ def record_synthetic(s: Settings, workdir: Path, show_progress: bool) -> list[di
     for context in s.synthetic:
         deep = sp.deep_model(s.synthetic_layers, context + s.synthetic_steps + 8)
         cfg = deep.config
-        shape = {"layers": cfg.num_hidden_layers, "kv_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
-                 "itemsize": deep.dtype.itemsize}
+        shape = pr.kv_shape(deep)
         kv = sp.synthetic_kv(deep, context, seed=context)
         feed = torch.randint(3, cfg.vocab_size, (1, s.synthetic_steps), generator=torch.Generator().manual_seed(context))
         with torch_threads(s.threads):
-            steps, cache_stats, secs = fg.decode_point(deep, kv, feed, s.synthetic_budget)
-            eb = fg.Scheme("a", steps[0][0].block_size, "all").entry_bytes(1, shape["kv_heads"], shape["head_dim"],
-                                                                            shape["itemsize"])
-            checked = fg.check_today(steps, cache_stats, eb)
+            steps, _, secs, checked, _ = fg.checked_point(deep, kv, feed, s.synthetic_budget)
             stages = stage_runs(deep, kv, feed, s.synthetic_budget, workdir, min(s.stage_warmup, s.synthetic_steps - 1))
         out.append({"name": f"synthetic ({s.synthetic_layers} layers)", "context": context, "batch": 1,
                     "budget": s.synthetic_budget, "seconds": secs, "checked": checked, "shape": shape, "steps": steps,
