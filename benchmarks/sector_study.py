@@ -277,13 +277,63 @@ def part_ranges(chosen: Sequence[int], part: int, header: int = 4096) -> list[tu
     return out
 
 
+class RangeReader:
+    """Reads byte ranges of files opened with ``O_DIRECT`` from a pool of ``workers`` threads, one task per
+    file, each thread reading into its own page-aligned buffer of ``span`` bytes (a range lands at its own
+    offset, as it would in an entry's slot); one ``os.preadv`` per range.  A context manager (closes the files
+    and the pool)."""
+
+    def __init__(self, paths: Sequence[str], span: int, workers: int) -> None:
+        self.paths, self.span = list(paths), span
+        self.fds: list[int] = []
+        self.local = threading.local()
+        try:
+            for p in self.paths:
+                self.fds.append(os.open(p, os.O_RDONLY | os.O_DIRECT))
+        except BaseException:
+            self.close()
+            raise
+        self.pool = ThreadPoolExecutor(workers)
+
+    def _read(self, i: int, ranges: list[tuple[int, int]]) -> int:
+        buf = getattr(self.local, "buf", None)
+        if buf is None:
+            buf = self.local.buf = _aligned(self.span)
+        view = memoryview(buf)
+        done = 0
+        for off, length in ranges:
+            done += os.preadv(self.fds[i], [view[off:off + length]], off)
+        if done != sum(x[1] for x in ranges):
+            raise RuntimeError(f"{self.paths[i]}: short read ({done} bytes)")
+        return done
+
+    def read(self, items: Sequence[tuple[int, list[tuple[int, int]]]]) -> float:
+        """Read every ``(file index, ranges)`` item once; returns the wall seconds."""
+        t0 = time.perf_counter()
+        list(self.pool.map(self._read, [i for i, _ in items], [r for _, r in items]))
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        if getattr(self, "pool", None) is not None:
+            self.pool.shutdown()
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+    def __enter__(self) -> "RangeReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 def measure_ranges(paths: list[str], entry: int, part: int, *, workers: int, repeats: int, seed: int = 0,
                    show_progress: bool = True) -> dict[str, Any]:
     """Cold ``O_DIRECT`` reads of every file once per configuration and repeat (configurations interleaved,
     their order shuffled per repeat): ``whole`` (one ``preadv`` of header page + payload) and, for ``k = 1..n``
     (``n = entry // part``), ``rand k`` (k random parts, one ``preadv`` per run) and ``cont k`` (k contiguous
-    parts, one ``preadv``).  ``workers`` threads, one task per file, each with its page-aligned buffer.
-    Returns per configuration the median seconds per entry, its ranges and bytes per entry, and the fit."""
+    parts, one ``preadv``), through a :class:`RangeReader` of ``workers`` threads.  Returns per configuration
+    the median seconds per entry, its ranges and bytes per entry, and the fit."""
     if entry % part or part % 4096:
         raise ValueError(f"parts ({part} B) must be 4 KiB multiples dividing the entry ({entry} B)")
     n = entry // part
@@ -293,45 +343,75 @@ def measure_ranges(paths: list[str], entry: int, part: int, *, workers: int, rep
         configs[f"rand {k}"] = [part_ranges(rng.sample(range(n), k), part) for _ in paths]
         start = [rng.randrange(n - k + 1) for _ in paths]
         configs[f"cont {k}"] = [[(4096 + s * part, k * part)] for s in start]
-    fds = [os.open(p, os.O_RDONLY | os.O_DIRECT) for p in paths]
-    local = threading.local()
-
-    def read(i: int, ranges: list[tuple[int, int]]) -> int:
-        buf = getattr(local, "buf", None)
-        if buf is None:
-            buf = local.buf = _aligned(4096 + entry)
-        view = memoryview(buf)
-        done = 0
-        for off, length in ranges:
-            done += os.preadv(fds[i], [view[off:off + length]], off)
-        if done != sum(x[1] for x in ranges):
-            raise RuntimeError(f"{paths[i]}: short read ({done} bytes)")
-        return done
-
     samples: dict[str, list[float]] = {c: [] for c in configs}
-    try:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(read, range(len(paths)), configs["whole"]))  # untimed: threads and buffers
-            order = list(configs)
-            bar = tqdm(total=repeats * len(order), desc="disk: ranges", disable=not show_progress, leave=False)
-            for _ in range(repeats):
-                rng.shuffle(order)
-                for c in order:
-                    idx = list(range(len(paths)))
-                    rng.shuffle(idx)
-                    t0 = time.perf_counter()
-                    list(pool.map(read, idx, [configs[c][i] for i in idx]))
-                    samples[c].append((time.perf_counter() - t0) / len(paths))
-                    bar.update()
-            bar.close()
-    finally:
-        for fd in fds:
-            os.close(fd)
+    with RangeReader(paths, 4096 + entry, workers) as reader:
+        reader.read(list(enumerate(configs["whole"])))  # untimed: threads and buffers
+        order = list(configs)
+        bar = tqdm(total=repeats * len(order), desc="disk: ranges", disable=not show_progress, leave=False)
+        for _ in range(repeats):
+            rng.shuffle(order)
+            for c in order:
+                idx = list(range(len(paths)))
+                rng.shuffle(idx)
+                samples[c].append(reader.read([(i, configs[c][i]) for i in idx]) / len(paths))
+                bar.update()
+        bar.close()
     rows = {c: {"s_per_entry": statistics.median(v), "samples": v,
                 "ranges": statistics.fmean(len(r) for r in configs[c]),
                 "bytes": statistics.fmean(sum(x[1] for x in r) for r in configs[c])} for c, v in samples.items()}
     return {"entry_bytes": entry, "part_bytes": part, "files": len(paths), "workers": workers, "repeats": repeats,
             "configs": rows, **fit_ranges(rows)}
+
+
+def replay_reads(p: dict[str, Any], root: Path, *, workers: int, steps: int, repeats: int,
+                 show_progress: bool = True) -> dict[str, Any]:
+    """The recorded fetches of point ``p`` read for real: one file per stored (layer, block) (a 4 KiB header
+    page and the joint entry's bytes), then, for ``steps`` recorded steps (from the second), each step's reads
+    through a :class:`RangeReader` of ``workers`` threads, whole entries (header + payload, one read) against
+    sector-major (row, head) parts (one read per run of selected parts), interleaved, ``repeats`` times; returns
+    the median seconds per step of each and the bytes and reads per step."""
+    sh, batch = p["shape"], p["batch"]
+    recorded = p["steps"][1:1 + steps] or p["steps"][:steps]
+    block = recorded[0][0].block_size
+    part = 2 * block * sh["head_dim"] * sh["itemsize"]
+    entry = batch * sh["kv_heads"] * part
+    if part % 4096:
+        raise ValueError(f"a (row, head) part of {part} bytes is not 4 KiB-aligned")
+    blocks = {ls.layer: ls.context // block for layers in recorded for ls in layers}
+    index = {(layer, j): i for i, (layer, j) in enumerate((lay, j) for lay, n in sorted(blocks.items()) for j in range(n))}
+    paths = write_files(root, len(index), entry)
+    plans: dict[str, list[list[tuple[int, list[tuple[int, int]]]]]] = {"whole": [], "parts": []}
+    for layers in recorded:
+        whole, parts = [], []
+        for ls in layers:
+            m = sector_mask(ls, block)
+            for j in m.any(1).nonzero().flatten().tolist():
+                whole.append((index[(ls.layer, j)], [(0, 4096 + entry)]))
+                parts.append((index[(ls.layer, j)], part_ranges(m[j].nonzero().flatten().tolist(), part)))
+        plans["whole"].append(whole)
+        plans["parts"].append(parts)
+    samples: dict[str, list[float]] = {k: [] for k in plans}
+    try:
+        with RangeReader(paths, 4096 + entry, workers) as reader:
+            reader.read(plans["whole"][0][:64])  # untimed: threads and buffers
+            bar = tqdm(total=repeats * steps * 2, desc="disk: replay", disable=not show_progress, leave=False)
+            for r in range(repeats):
+                for t in range(len(recorded)):
+                    for name in (("whole", "parts") if (r + t) % 2 == 0 else ("parts", "whole")):
+                        samples[name].append(reader.read(plans[name][t]))
+                        bar.update()
+            bar.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    out = {"point": {k: p[k] for k in ("name", "context", "batch", "budget")}, "steps": len(recorded),
+           "repeats": repeats, "workers": workers, "files": len(paths), "entry_bytes": entry, "part_bytes": part,
+           "entries_per_step": statistics.fmean(len(step) for step in plans["whole"])}
+    for name, plan in plans.items():
+        out[name] = {"ms_per_step": 1e3 * statistics.median(samples[name]), "samples_s": samples[name],
+                     "reads_per_step": statistics.fmean(sum(len(r) for _, r in step) for step in plan),
+                     "MiB_per_step": statistics.fmean(sum(x[1] for _, r in step for x in r) for step in plan) / MiB}
+    out["ratio"] = out["parts"]["ms_per_step"] / out["whole"]["ms_per_step"]
+    return out
 
 
 def fit_ranges(rows: dict[str, dict[str, float]]) -> dict[str, Any]:
@@ -367,6 +447,27 @@ def measure_crc(entry: int, part: int, repeats: int = 200) -> dict[str, float]:
         many.append(time.perf_counter() - t0)
     a, b = statistics.median(one), statistics.median(many)
     return {"whole_s": a, "parts_s": b, "parts": n, "per_call_s": max(0.0, (b - a) / (n - 1)) if n > 1 else 0.0}
+
+
+def replay_target(spec: str, points: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The recorded point ``spec`` names (:attr:`Settings.replay`), ``None`` for ``"none"``; ``ValueError``
+    when no recorded point matches."""
+    spec = spec.strip().lower()
+    if spec in ("", "none"):
+        return None
+    real = [p for p in points if "stage_runs" not in p] or points
+    if spec == "auto":
+        top = max(p["context"] * p["batch"] for p in real)
+        return next(p for p in real if p["context"] * p["batch"] == top)
+    try:
+        c, b, f = spec.split("x")
+        key = (int(c), int(b), float(f))
+    except ValueError:
+        raise ValueError(f"replay must be CONTEXTxBATCHxBUDGET (e.g. 8192x4x0.25), 'auto' or 'none', got {spec!r}") from None
+    for p in real:
+        if (p["context"], p["batch"]) == key[:2] and abs(p["budget"] - key[2]) < 1e-9:
+            return p
+    raise ValueError(f"replay point {spec!r} was not recorded")
 
 
 # -- the synthetic point's real caches --------------------------------------------------------------------------
@@ -428,6 +529,11 @@ class Settings:
     part_kib: int = 32
     micro_files: int = 768
     micro_repeats: int = 5
+    # the point whose recorded steps are read for real: "CONTEXTxBATCHxBUDGET", "auto" (the largest context x
+    # batch at the first budget) or "none"
+    replay: str = "auto"
+    replay_steps: int = 3
+    replay_repeats: int = 3
     disk_mib: int = 32
     disk_repeats: int = 5
     read_batch: int = 256
@@ -596,6 +702,18 @@ def write_results(doc: dict[str, Any], rows: list[dict[str, Any]], s: Settings, 
     if crc:
         lines += [f"crc32c: {crc['parts']} parts of one entry {1e6 * crc['parts_s']:.1f} µs against {1e6 * crc['whole_s']:.1f} µs "
                   f"whole: **{1e6 * crc['per_call_s']:.2f} µs per extra call**.", ""]
+    rp = doc.get("replay")
+    if rp:
+        pt = rp["point"]
+        lines += [f"Recorded steps read for real ({pt['name']} {pt['context'] // 1024}K x {pt['batch']}, "
+                  f"{fg.budget_label(pt['budget'])}: steps 2-{rp['steps'] + 1}, one file per stored block of "
+                  f"{rp['entry_bytes'] // KiB} KiB + a header page, O_DIRECT, {rp['workers']} threads, interleaved, medians "
+                  f"of {rp['repeats']} per step):", "",
+                  "| reads | entries/step | reads/step | MiB/step | ms/step (measured) | ms/step (raw micro's model) |",
+                  "|---|---|---|---|---|---|",
+                  *[f"| {name} | {rp['entries_per_step']:.0f} | {rp[name]['reads_per_step']:.0f} | {rp[name]['MiB_per_step']:.0f} | "
+                    f"{rp[name]['ms_per_step']:.0f} | {rp[name].get('model_ms', float('nan')):.0f} |" for name in ("whole", "parts")],
+                  "", f"(row, head) parts ÷ whole entries, measured: **{rp['ratio']:.2f}x**.", ""]
     if store:
         lines += [f"Store (`BlockStore`, disk tier only, direct_io, `get_blocks` batches of {store['read_batch']}): **A = "
                   f"{1e6 * store['a_s']:.1f} µs per entry, bw = {store['bw_Bps'] / GiB:.2f} GiB/s** (fit error max "
@@ -661,6 +779,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--part-kib", type=int, default=None)
     p.add_argument("--micro-files", type=int, default=None)
     p.add_argument("--micro-repeats", type=int, default=None)
+    p.add_argument("--replay", default=None, help="CONTEXTxBATCHxBUDGET of the point whose recorded steps are read "
+                   "for real (whole entries against (row, head) parts), 'auto' (default: the largest) or 'none'")
+    p.add_argument("--replay-steps", type=int, default=None)
+    p.add_argument("--replay-repeats", type=int, default=None)
     p.add_argument("--disk-mib", type=int, default=None)
     p.add_argument("--disk-repeats", type=int, default=None)
     p.add_argument("--no-disk", action="store_true", help="skip the disk measurements (no time estimates)")
@@ -670,7 +792,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     s = Settings()
     for name in ("model", "contexts", "batches", "budgets", "steps", "synthetic_layers", "synthetic_steps", "threads",
-                 "pool_fraction", "entry_kib", "part_kib", "micro_files", "micro_repeats", "disk_mib", "disk_repeats"):
+                 "pool_fraction", "entry_kib", "part_kib", "micro_files", "micro_repeats", "disk_mib", "disk_repeats",
+                 "replay", "replay_steps", "replay_repeats"):
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
     if args.synthetic is not None:
@@ -691,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rec = record_points(s, kv_dir, show)
         points = rec["points"] + record_synthetic(s, workdir, show)
-        micro = crc = store = cost = None
+        micro = crc = store = cost = replay = None
         if not args.no_disk:
             from tiercache.tiers.disk import DIRECT_READ_THREADS
 
@@ -706,13 +829,21 @@ def main(argv: list[str] | None = None) -> int:
                 store = fg.measure_disk(sizes, workdir, target_bytes=s.disk_mib * MiB, repeats=s.disk_repeats,
                                         read_batch=s.read_batch, show_progress=show)
             cost = Cost(store["a_s"], store["bw_Bps"], max(0.0, micro["range_s"]), crc["per_call_s"])
+            target = replay_target(s.replay, points)
+            if target is not None:
+                replay = replay_reads(target, workdir / "replay", workers=DIRECT_READ_THREADS, steps=s.replay_steps,
+                                      repeats=s.replay_repeats, show_progress=show)
+                for name in ("whole", "parts"):  # the raw micro's model of the same reads
+                    r = replay[name]
+                    r["model_ms"] = 1e3 * (micro["c0_s"] * replay["entries_per_step"] + micro["range_s"]
+                                           * r["reads_per_step"] + r["MiB_per_step"] * MiB / micro["bw_Bps"])
         rows = summarise(points, cost, s.pool_fraction)
         filesystem = filesystem_of(workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     meta["load_average_end"] = os.getloadavg()
     doc = {"name": NAME, "meta": meta, "settings": asdict(s), "layouts": [asdict(x) | {"label": x.label} for x in LAYOUTS],
-           "micro": micro, "crc": crc, "store": store, "cost": None if cost is None else asdict(cost),
+           "micro": micro, "crc": crc, "store": store, "replay": replay, "cost": None if cost is None else asdict(cost),
            "filesystem": filesystem, "summary": rows, "prefill_seconds": rec["prefill_seconds"],
            "seconds": time.perf_counter() - t0, "points_raw": points}
     write_results(doc, rows, s, args.out)

@@ -88,7 +88,7 @@ def test_end_to_end_tiny(ss, tmp_path):
     assert ss.main(["--model", "tiny", "--contexts", "256", "--batches", "2", "--budgets", "0.25", "--steps", "3",
                     "--synthetic", "512", "--synthetic-layers", "2", "--synthetic-steps", "3", "--entry-kib", "64",
                     "--part-kib", "16", "--micro-files", "16", "--micro-repeats", "1", "--disk-mib", "1",
-                    "--disk-repeats", "1", "--workdir", str(tmp_path), "--out", str(out), "--no-progress"]) == 0
+                    "--disk-repeats", "1", "--replay-repeats", "1", "--workdir", str(tmp_path), "--out", str(out), "--no-progress"]) == 0
     doc = json.loads((out / "sector_study.json").read_text())
     assert len(doc["points"]) == 2 and all(p["checked"]["steps"] == 3 for p in doc["points"])
     assert set(doc["points"][1]["stage_runs"]) == {"exact", "fetch-every-step", "attention-aware"}
@@ -98,4 +98,7 @@ def test_end_to_end_tiny(ss, tmp_path):
         assert r["x_full"] <= 1.0 + 1e-9 and r["min_x_full"] <= r["x_full"] + 1e-9
         if r["layout"] != rows[0]["layout"]:
             assert r["bytes_vs_today"] <= 1.0 + 1e-9  # a sector read never reads more than the whole entries
+    rp = doc["replay"]
+    assert rp["point"]["name"] == "tiny" and rp["steps"] == 2 and rp["whole"]["ms_per_step"] > 0
+    assert rp["parts"]["MiB_per_step"] <= rp["whole"]["MiB_per_step"] and rp["parts"]["reads_per_step"] >= rp["entries_per_step"]
     assert (out / "sector_study.md").exists() and (out / "sector_study.png").stat().st_size > 0
