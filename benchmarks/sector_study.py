@@ -708,7 +708,7 @@ def write_results(doc: dict[str, Any], rows: list[dict[str, Any]], s: Settings, 
         lines += [f"Recorded steps read for real ({pt['name']} {pt['context'] // 1024}K x {pt['batch']}, "
                   f"{fg.budget_label(pt['budget'])}: steps 2-{rp['steps'] + 1}, one file per stored block of "
                   f"{rp['entry_bytes'] // KiB} KiB + a header page, O_DIRECT, {rp['workers']} threads, interleaved, medians "
-                  f"of {rp['repeats']} per step):", "",
+                  f"of {rp['repeats']} x {rp['steps']} step reads):", "",
                   "| reads | entries/step | reads/step | MiB/step | ms/step (measured) | ms/step (raw micro's model) |",
                   "|---|---|---|---|---|---|",
                   *[f"| {name} | {rp['entries_per_step']:.0f} | {rp[name]['reads_per_step']:.0f} | {rp[name]['MiB_per_step']:.0f} | "
