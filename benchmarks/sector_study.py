@@ -32,6 +32,9 @@ measurements, in one run:
     whichever its terms price lower; and **Belady MIN** (``pool_replay.replay``, ``"min"``) with a pool of
     ``--pool-fraction`` of the stored KV (default 0.25, the host budget's bound) holding whole entries or
     sectors, its misses priced the same way.
+(d) **real reads** of recorded steps (``--replay``, default the largest point at the first budget): one file per
+    stored block (a header page + the joint entry), each step's whole entries against its sector-major (row, head)
+    parts through the micro's reader, interleaved, ``--replay-repeats`` times (:func:`replay_reads`).
 
 Prefilled rows are kept under ``--kv-dir`` (``pool_replay.prefilled_rows``; the same files ``pool_replay``
 writes for the same settings), so a rerun skips the prefill.  Writes ``sector_study.json`` / ``.md`` /
