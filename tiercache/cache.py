@@ -20,6 +20,7 @@ import errno
 import fcntl
 import operator
 import os
+import threading
 import warnings
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -344,7 +345,8 @@ class Cache(DataPaths, Persistence):
             if self._closing or self._closed:  # (closing: close() may have shut the pool down already)
                 raise CacheClosedError("this tiercache.Cache is closed")
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="tiercache-io")
+                self._executor = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="tiercache-io",
+                                                    initializer=_register_io_thread, initargs=(self._io_threads,))
             return self._executor.submit(self._stage, keys, target)
 
     def _tier_on(self, device: torch.device) -> int:
@@ -479,21 +481,80 @@ class Cache(DataPaths, Persistence):
 
     def close(self) -> None:
         """Wait for background work, persist what fits to the disk tier, release memory and the path
-        lock.  Idempotent.  Raises ``TierIOError`` (after closing) if persisting failed.
+        lock.  Raises ``TierIOError`` (after closing) if persisting failed.
+
+        Idempotent, and a barrier: when any ``close()`` returns, the cache is closed, everything it
+        persists is on the disk tier and synced, and the path lock is released.  A ``close()`` called
+        while another thread's ``close()`` is still running waits for it to finish, then returns, or
+        raises the same exception when that one failed; a ``close()`` after one has finished returns at
+        once.
+
+        ``close()`` never waits for itself: called from code the cache runs inside an operation or
+        inside ``close()`` -- an ``on_evict`` callback, a policy's methods, a prefetch future's done
+        callback (a thread of the cache's I/O pool) -- it raises ``RuntimeError`` and changes nothing
+        (an exception raised in ``on_evict`` is logged, as any other): close the cache once that
+        operation has returned.
 
         Afterwards the cache holds nothing: every method that reads or changes entries (``put``, ``get``,
         ``in``, ``len``, ``keys``, ``tier_of``, ``prefetch``, ``flush``, ...) raises ``CacheClosedError``;
         ``stats()``, ``charge()``, ``tiers`` and ``repr`` still answer."""
+        me = threading.get_ident()
+        if getattr(self._callbacks, "depth", 0):
+            raise RuntimeError(
+                "close() called from inside an on_evict callback: the callback runs within an operation of "
+                "this cache (or within close() itself) that close() would wait for; close the cache after "
+                "that operation has returned")
+        if me in self._io_threads:
+            raise RuntimeError(
+                "close() called on a thread of this cache's prefetch pool (e.g. from a prefetch future's done "
+                "callback): close() shuts that pool down and waits for its threads; close the cache from "
+                "another thread")
+        if self._lock._is_owned():  # type: ignore[attr-defined]  (a policy method, run under the index lock)
+            raise RuntimeError(
+                "close() called from code the cache runs under its index lock (a policy's rank or promote): "
+                "it would wait for the operation running it; close the cache after that operation has returned")
         with self._lock:
-            if self._closed or self._closing:
-                return
+            waited = False
+            while True:
+                if self._close_finished:
+                    if waited and self._close_error is not None:
+                        raise self._close_error  # the close() this one waited for failed
+                    return
+                if not self._closing:
+                    break  # (also when the close() waited for was interrupted before it changed anything)
+                if self._closer == me:  # (a tier's method, run by close() itself, calling close())
+                    raise RuntimeError("close() called from inside this cache's own close()")
+                waited = True
+                while self._closing and not self._close_finished:
+                    self._idle.wait()
             self._closing = True
-            while self._active:
-                self._idle.wait()
+            self._closer = me
+            try:
+                while self._active:
+                    self._idle.wait()
+            except BaseException:  # interrupted (KeyboardInterrupt) before anything changed: still open
+                self._closing = False
+                self._closer = None
+                self._idle.notify_all()
+                raise
             executor, self._executor = self._executor, None
+        try:
+            self._close_now(executor)
+        except BaseException as exc:
+            self._close_error = exc
+            raise
+        finally:
+            with self._lock:
+                self._close_finished = True
+                self._closer = None
+                self._idle.notify_all()
+
+    def _close_now(self, executor: ThreadPoolExecutor | None) -> None:
+        """``close``'s work, once no operation is in flight and none can start."""
         _OPEN.discard(self)
         if executor is not None:
             executor.shutdown(wait=True)
+            self._io_threads.clear()  # (their idents may be reused by other threads now)
         try:
             self._persist("close")
         finally:
@@ -503,9 +564,15 @@ class Cache(DataPaths, Persistence):
                 self._index.clear()
                 for index, queue in enumerate(self._queues):
                     self._queues[index] = RankedQueue(index)
-            for tier in self._tiers:
-                tier.close()
+            failure: BaseException | None = None
+            for tier in self._tiers:  # every tier is closed and the lock released, whatever one of them raises
+                try:
+                    tier.close()
+                except BaseException as exc:
+                    failure = failure or exc
             self._release_path_lock()
+            if failure is not None:
+                raise failure
 
     def __enter__(self) -> "Cache":
         return self
@@ -550,6 +617,12 @@ class Cache(DataPaths, Persistence):
         tiers = ", ".join(f"{t.name}={format_size(t.capacity)}" for t in self._tiers)
         state = "closed" if self._closed else f"entries={len(self._index)}"
         return f"tiercache.Cache({tiers}, policy={getattr(self._policy, 'name', self._policy)!r}, {state})"
+
+
+def _register_io_thread(threads: set[int]) -> None:
+    """The prefetch pool's initializer, in each of its threads: ``close()`` refuses to run on one of them
+    (it joins them).  Given the set, not the cache: a live pool thread must not keep an unclosed cache alive."""
+    threads.add(threading.get_ident())
 
 
 def _holding_entries(tier: ArenaTier, budget: int) -> ArenaTier:
