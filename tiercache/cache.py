@@ -153,6 +153,8 @@ class Cache(DataPaths, Persistence):
                 raise
         elif cfg.compression is not None:
             raise ValueError("compression applies to the disk tier, which is disabled")
+        elif getattr(cfg, "direct_io", False):
+            raise ValueError("direct_io applies to the disk tier, which is disabled: it would change nothing")
         return tiers
 
     def _acquire_path_lock(self, path: Path) -> None:
@@ -475,7 +477,9 @@ class Cache(DataPaths, Persistence):
     # -- lifecycle ------------------------------------------------------------------------------------
     def flush(self) -> None:
         """Make every live entry that fits durable on the disk tier now (it moves there); see ``close``.
-        Entries that do not fit are dropped and reported to ``on_evict`` with reason ``"flush"``."""
+        Entries that do not fit are dropped and reported to ``on_evict`` with reason ``"flush"``.  Raises
+        ``TierIOError`` when writing some entries failed: those stay where they were, the others are moved.
+        Without a disk tier there is nothing to do."""
         with self._operation():
             self._persist("flush")
 

@@ -184,7 +184,9 @@ class TieredKVSettings:
         direct_io: disk tier reads/writes bypass the OS page cache (tiercache
             ``CacheConfig.direct_io``), so the host budget is not silently extended by the page
             cache (falls back to buffered I/O with a warning where the filesystem refuses O_DIRECT,
-            e.g. tmpfs; ``stats()["tiercache"]["tiers"]["disk"]["direct_io"]`` says which).
+            e.g. tmpfs; ``stats()["tiercache"]["tiers"]["disk"]["direct_io"]`` says which).  Without a disk
+            tier it changes nothing: ``TieredKVCache(direct_io=True)`` without ``disk`` is refused
+            (``ValueError``); the default (``True``) is simply not applied.
         pipeline: sparse mode: overrides of the strategy's decode pipeline
             (:class:`~tiercache_llm.sparse.pipeline.PipelineConfig` fields as a dict, e.g.
             ``{"staging_bytes": 64 << 20, "predictor": "query"}``, or a whole ``PipelineConfig``);
@@ -1207,6 +1209,9 @@ class TieredKVCache(Cache):
             raise ValueError(
                 f"{budget_args} configure a new tiercache; leave them out when passing an existing cache="
             )
+        if cache is None and given.get("direct_io") is True and settings.disk in (None, 0):
+            raise ValueError("direct_io applies to the disk tier, and this cache has none (disk is None): leave "
+                             "direct_io out, or give disk=...")
         self.settings = settings
         text_config = config.get_text_config(decoder=True)
         windows = _layer_windows(text_config)

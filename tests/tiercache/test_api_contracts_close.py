@@ -257,3 +257,11 @@ def test_close_from_a_policy_rank_raises_instead_of_hanging():
     assert not thread.is_alive() and out.get("value") is True, out
     assert "index lock" in policy.fired[1]
     cache.close()
+
+
+# -- 4. audit --------------------------------------------------------------------------------------------
+def test_direct_io_without_a_disk_tier_is_refused_as_compression_is():
+    """direct_io=True without a disk tier was accepted and changed nothing (compression was refused)."""
+    with pytest.raises(ValueError, match="direct_io applies to the disk tier"):
+        Cache(host="1MiB", direct_io=True)
+    Cache(host="1MiB", direct_io=False).close()

@@ -65,3 +65,12 @@ def test_an_attention_aware_pipeline_is_refused_with_another_strategy(strategy):
         TieredKVSettings(mode="sparse", strategy=strategy, pipeline=PipelineConfig.for_strategy("attention-aware"))
     plain = TieredKVSettings(mode="sparse", strategy=strategy, pipeline={"staging_bytes": 1 << 20})
     assert plain.pipeline.staging_bytes == 1 << 20
+
+
+def test_direct_io_given_without_a_disk_tier_is_refused(make_config, tmp_path):
+    """direct_io=True without a disk tier was accepted and changed nothing."""
+    with pytest.raises(ValueError, match="direct_io applies to the disk tier"):
+        TieredKVCache(make_config(), host="1MiB", direct_io=True)
+    TieredKVCache(make_config(), host="1MiB").close()  # the default is simply not applied
+    TieredKVCache(make_config(), host="1MiB", direct_io=False).close()
+    TieredKVCache(make_config(), host="1MiB", disk="4MiB", path=tmp_path / "s", direct_io=True).close()
