@@ -106,7 +106,14 @@ class ScorePolicy:
     rank_grows_on_access = True
 
     def __init__(self, promote_threshold: float = float("-inf")) -> None:
-        self.promote_threshold = promote_threshold
+        """``promote_threshold``: a real number, as a score is (``TypeError`` otherwise, ``bool`` and strings
+        included; ``ValueError`` for NaN, which no score reaches: nothing would ever be promoted)."""
+        from .values import check_score  # (values imports torch; policies stays light to import)
+
+        try:
+            self.promote_threshold = check_score(promote_threshold)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"promote_threshold: {exc}".replace("score must", "must")) from None
 
     def rank(self, info: EntryInfo) -> Any:
         return (info.score, info.last_access)

@@ -265,3 +265,16 @@ def test_direct_io_without_a_disk_tier_is_refused_as_compression_is():
     with pytest.raises(ValueError, match="direct_io applies to the disk tier"):
         Cache(host="1MiB", direct_io=True)
     Cache(host="1MiB", direct_io=False).close()
+
+
+@pytest.mark.parametrize("threshold, error", [("0.5", TypeError), (True, TypeError), (None, TypeError),
+                                              (float("nan"), ValueError)])
+def test_score_policy_threshold_is_checked_when_made(threshold, error):
+    """ScorePolicy(promote_threshold="0.5") was taken, then every get of a lower-tier entry raised TypeError
+    from inside the cache ('>=' not supported); NaN silently disabled promotion."""
+    from tiercache import ScorePolicy
+
+    with pytest.raises(error, match="promote_threshold"):
+        ScorePolicy(promote_threshold=threshold)
+    assert ScorePolicy(promote_threshold=2).promote_threshold == 2.0
+    assert ScorePolicy().promote_threshold == float("-inf")
