@@ -443,15 +443,21 @@ class Cache(DataPaths, Persistence):
     def stats(self) -> dict[str, Any]:
         """A JSON-serialisable snapshot of usage and counters (see docs/api.md for each field).  Tiers with
         a ``describe()`` method add their own items to their row.  Still answers after ``close()``
-        (``"closed": True``, no entries, the final counters)."""
+        (``"closed": True``, the final counters, ``"entries": 0``: the closed cache holds nothing; a
+        persistent tier's row keeps ``entries``, ``payload_bytes`` and ``used_bytes`` of what it holds on
+        disk, what a reopen finds, and a memory tier's row shows 0)."""
         with self._lock:
             per_tier: dict[str, Any] = {}
+            persisted = self._persisted if self._closed else None
             for index, tier in enumerate(self._tiers):
+                live, payload = self._queues[index].live, self._queues[index].payload
+                if persisted is not None:  # closed: a persistent tier's row says what it holds on disk
+                    live, payload = persisted.get(index, (0, 0))
                 row: dict[str, Any] = {
                     "capacity_bytes": tier.capacity,
-                    "used_bytes": tier.used,
-                    "entries": self._queues[index].live,
-                    "payload_bytes": self._queues[index].payload,
+                    "used_bytes": tier.used if persisted is None or index in persisted else 0,
+                    "entries": live,
+                    "payload_bytes": payload,
                 }
                 row.update(self._counters.tiers[tier.name].export())
                 describe = getattr(tier, "describe", None)
@@ -490,8 +496,9 @@ class Cache(DataPaths, Persistence):
         Idempotent, and a barrier: when any ``close()`` returns, the cache is closed, everything it
         persists is on the disk tier and synced, and the path lock is released.  A ``close()`` called
         while another thread's ``close()`` is still running waits for it to finish, then returns, or
-        raises the same exception when that one failed; a ``close()`` after one has finished returns at
-        once.
+        raises the same exception when that one failed (``RuntimeError`` when it was interrupted, e.g. by
+        ``KeyboardInterrupt``, which belongs to its own thread); a ``close()`` after one has finished
+        returns at once.
 
         ``close()`` never waits for itself: called from code the cache runs inside an operation or
         inside ``close()`` -- an ``on_evict`` callback, a policy's methods, a prefetch future's done
@@ -521,8 +528,12 @@ class Cache(DataPaths, Persistence):
             waited = False
             while True:
                 if self._close_finished:
-                    if waited and self._close_error is not None:
-                        raise self._close_error  # the close() this one waited for failed
+                    error = self._close_error
+                    if waited and error is not None:  # the close() this one waited for failed
+                        if isinstance(error, Exception):
+                            raise error
+                        raise RuntimeError(f"the close() this call waited for was interrupted ({type(error).__name__}): "
+                                           "entries may not have been persisted") from error
                     return
                 if not self._closing:
                     break  # (also when the close() waited for was interrupted before it changed anything)
@@ -564,6 +575,9 @@ class Cache(DataPaths, Persistence):
         finally:
             with self._lock:
                 self._closed = True
+                # What the persistent tiers hold (what a reopen finds), for stats() of the closed cache.
+                self._persisted = {index: (queue.live, queue.payload) for index, queue in enumerate(self._queues)
+                                   if self._tiers[index].persistent}
                 # Whatever was not persisted is gone with the tiers' memory: the index must not claim it.
                 self._index.clear()
                 for index, queue in enumerate(self._queues):

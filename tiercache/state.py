@@ -52,6 +52,7 @@ class CacheState:
     _close_error: BaseException | None  # what that close() raised, re-raised by the close() calls that waited for it
     _callbacks: threading.local  # per thread: ``depth``, how many on_evict callbacks this thread is inside
     _io_threads: set[int]  # idents of the prefetch pool's threads (close() cannot join the thread it runs on)
+    _persisted: dict[int, tuple[int, int]] | None  # once closed: (entries, payload bytes) per persistent tier
     _active: int  # public operations in flight; close() waits for them
     _index: dict[Hashable, Entry]
     _pins: dict[int, int]  # id(slot) -> readers/movers holding it
@@ -92,6 +93,7 @@ class CacheState:
         self._close_error = None
         self._callbacks = threading.local()
         self._io_threads = set()
+        self._persisted = None
         self._active = 0
         self._index = {}
         self._pins = {}

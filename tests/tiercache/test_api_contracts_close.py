@@ -278,3 +278,21 @@ def test_score_policy_threshold_is_checked_when_made(threshold, error):
         ScorePolicy(promote_threshold=threshold)
     assert ScorePolicy(promote_threshold=2).promote_threshold == 2.0
     assert ScorePolicy().promote_threshold == float("-inf")
+
+
+def test_stats_of_a_closed_cache_agree_with_what_a_reopen_finds(tmp_path):
+    """After close() the disk row said used_bytes=40980 beside entries=0: its bytes were counted but not its
+    entries.  It now says what it persisted, which a reopen finds; memory rows say 0."""
+    cache = Cache(host="64KiB", disk="1MiB", path=tmp_path / "s")
+    for i in range(5):
+        cache.put(i, torch.ones(256))
+    cache.close()
+    closed = cache.stats()
+    assert closed["closed"] and closed["entries"] == 0
+    host, disk = closed["tiers"]["host"], closed["tiers"]["disk"]
+    assert (host["entries"], host["payload_bytes"], host["used_bytes"]) == (0, 0, 0)
+    with Cache(host="64KiB", disk="1MiB", path=tmp_path / "s") as again:
+        row = again.stats()["tiers"]["disk"]
+        assert (disk["entries"], disk["payload_bytes"], disk["used_bytes"]) == (
+            row["entries"], row["payload_bytes"], row["used_bytes"]) == (5, 5 * 1024, row["used_bytes"])
+        assert row["used_bytes"] > 0
