@@ -504,7 +504,8 @@ class Cache(DataPaths, Persistence):
         inside ``close()`` -- an ``on_evict`` callback, a policy's methods, a prefetch future's done
         callback (a thread of the cache's I/O pool) -- it raises ``RuntimeError`` and changes nothing
         (an exception raised in ``on_evict`` is logged, as any other): close the cache once that
-        operation has returned.
+        operation has returned.  A policy's ``promote`` and a tier's methods also run inside operations,
+        outside the index lock: they must not call the cache (``close()`` from them is not detected).
 
         Afterwards the cache holds nothing: every method that reads or changes entries (``put``, ``get``,
         ``in``, ``len``, ``keys``, ``tier_of``, ``prefetch``, ``flush``, ...) raises ``CacheClosedError``;
