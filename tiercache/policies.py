@@ -30,6 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Hashable, Protocol, runtime_checkable
 
+from .values import check_score
+
 
 @dataclass(slots=True)
 class EntryInfo:
@@ -108,8 +110,6 @@ class ScorePolicy:
     def __init__(self, promote_threshold: float = float("-inf")) -> None:
         """``promote_threshold``: a real number, as a score is (``TypeError`` otherwise, ``bool`` and strings
         included; ``ValueError`` for NaN, which no score reaches: nothing would ever be promoted)."""
-        from .values import check_score  # (values imports torch; policies stays light to import)
-
         try:
             self.promote_threshold = check_score(promote_threshold)
         except (TypeError, ValueError) as exc:
