@@ -296,3 +296,22 @@ def test_stats_of_a_closed_cache_agree_with_what_a_reopen_finds(tmp_path):
         assert (disk["entries"], disk["payload_bytes"], disk["used_bytes"]) == (
             row["entries"], row["payload_bytes"], row["used_bytes"]) == (5, 5 * 1024, row["used_bytes"])
         assert row["used_bytes"] > 0
+
+
+@pytest.mark.parametrize("options, error, match", [
+    (dict(io_threads=0), ValueError, "io_threads"), (dict(io_threads=2.5), ValueError, "io_threads"),
+    (dict(io_threads=True), ValueError, "io_threads"), (dict(io_threads="4"), ValueError, "io_threads"),
+    (dict(direct_io="no"), TypeError, "direct_io"), (dict(direct_io=1), TypeError, "direct_io"),
+    (dict(fingerprint=7), TypeError, "fingerprint"),
+])
+def test_a_disk_tier_made_directly_checks_its_options_as_cache_does(tmp_path, options, error, match):
+    """DiskTier (for tiers=[...]) rounded io_threads=0 / 2.5 silently and took a truthy direct_io="no" as
+    True; Cache refused each."""
+    import numpy as np
+
+    from tiercache.tiers import DiskTier
+
+    with pytest.raises(error, match=match):
+        DiskTier(tmp_path / "d", 1 << 20, **options)
+    assert not (tmp_path / "d").exists()  # refused before anything was created
+    DiskTier(tmp_path / "ok", 1 << 20, io_threads=np.int64(2)).close()
