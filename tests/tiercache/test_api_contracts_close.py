@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -26,6 +27,14 @@ def _in_thread(fn):
     thread = threading.Thread(target=body, daemon=True)
     thread.start()
     return thread, out
+
+
+def _until_waiting(cache):
+    """Until a close() is blocked waiting for the one in progress (on the cache's condition; test-only peek)."""
+    deadline = time.monotonic() + HANG
+    while not cache._idle._waiters:
+        assert time.monotonic() < deadline, "the second close() never waited"
+        time.sleep(0.01)
 
 
 def _disk_cache(tmp_path, on_evict, entries=8):
@@ -86,7 +95,7 @@ def test_a_close_that_waited_raises_the_failure_of_the_close_it_waited_for(tmp_p
     first, first_out = _in_thread(cache.close)
     assert persisting.wait(HANG)
     second, second_out = _in_thread(cache.close)
-    second.join(0.3)
+    _until_waiting(cache)
     release.set()
     first.join(HANG)
     second.join(HANG)
