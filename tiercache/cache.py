@@ -20,6 +20,7 @@ import errno
 import fcntl
 import operator
 import os
+import threading
 import warnings
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -152,6 +153,8 @@ class Cache(DataPaths, Persistence):
                 raise
         elif cfg.compression is not None:
             raise ValueError("compression applies to the disk tier, which is disabled")
+        elif getattr(cfg, "direct_io", False):
+            raise ValueError("direct_io applies to the disk tier, which is disabled: it would change nothing")
         return tiers
 
     def _acquire_path_lock(self, path: Path) -> None:
@@ -344,7 +347,8 @@ class Cache(DataPaths, Persistence):
             if self._closing or self._closed:  # (closing: close() may have shut the pool down already)
                 raise CacheClosedError("this tiercache.Cache is closed")
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="tiercache-io")
+                self._executor = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="tiercache-io",
+                                                    initializer=_register_io_thread, initargs=(self._io_threads,))
             return self._executor.submit(self._stage, keys, target)
 
     def _tier_on(self, device: torch.device) -> int:
@@ -439,15 +443,21 @@ class Cache(DataPaths, Persistence):
     def stats(self) -> dict[str, Any]:
         """A JSON-serialisable snapshot of usage and counters (see docs/api.md for each field).  Tiers with
         a ``describe()`` method add their own items to their row.  Still answers after ``close()``
-        (``"closed": True``, no entries, the final counters)."""
+        (``"closed": True``, the final counters, ``"entries": 0``: the closed cache holds nothing; a
+        persistent tier's row keeps ``entries``, ``payload_bytes`` and ``used_bytes`` of what it holds on
+        disk, what a reopen finds, and a memory tier's row shows 0)."""
         with self._lock:
             per_tier: dict[str, Any] = {}
+            persisted = self._persisted if self._closed else None
             for index, tier in enumerate(self._tiers):
+                live, payload = self._queues[index].live, self._queues[index].payload
+                if persisted is not None:  # closed: a persistent tier's row says what it holds on disk
+                    live, payload = persisted.get(index, (0, 0))
                 row: dict[str, Any] = {
                     "capacity_bytes": tier.capacity,
-                    "used_bytes": tier.used,
-                    "entries": self._queues[index].live,
-                    "payload_bytes": self._queues[index].payload,
+                    "used_bytes": tier.used if persisted is None or index in persisted else 0,
+                    "entries": live,
+                    "payload_bytes": payload,
                 }
                 row.update(self._counters.tiers[tier.name].export())
                 describe = getattr(tier, "describe", None)
@@ -473,39 +483,115 @@ class Cache(DataPaths, Persistence):
     # -- lifecycle ------------------------------------------------------------------------------------
     def flush(self) -> None:
         """Make every live entry that fits durable on the disk tier now (it moves there); see ``close``.
-        Entries that do not fit are dropped and reported to ``on_evict`` with reason ``"flush"``."""
+        Entries that do not fit are dropped and reported to ``on_evict`` with reason ``"flush"``.  Raises
+        ``TierIOError`` when writing some entries failed: those stay where they were, the others are moved.
+        Without a disk tier there is nothing to do."""
         with self._operation():
             self._persist("flush")
 
     def close(self) -> None:
         """Wait for background work, persist what fits to the disk tier, release memory and the path
-        lock.  Idempotent.  Raises ``TierIOError`` (after closing) if persisting failed.
+        lock.  Raises ``TierIOError`` (after closing) if persisting failed.
+
+        Idempotent, and a barrier: when any ``close()`` returns, the cache is closed, everything it
+        persists is on the disk tier and synced, and the path lock is released.  A ``close()`` called
+        while another thread's ``close()`` is still running waits for it to finish, then returns, or
+        raises the same exception when that one failed (``RuntimeError`` when it was interrupted, e.g. by
+        ``KeyboardInterrupt``, which belongs to its own thread); a ``close()`` after one has finished
+        returns at once.
+
+        ``close()`` never waits for itself: called from code the cache runs inside an operation or
+        inside ``close()`` -- an ``on_evict`` callback, a policy's methods, a prefetch future's done
+        callback (a thread of the cache's I/O pool) -- it raises ``RuntimeError`` and changes nothing
+        (an exception raised in ``on_evict`` is logged, as any other): close the cache once that
+        operation has returned.  A policy's ``promote`` and a tier's methods also run inside operations,
+        outside the index lock: they must not call the cache (``close()`` from them is not detected).
 
         Afterwards the cache holds nothing: every method that reads or changes entries (``put``, ``get``,
         ``in``, ``len``, ``keys``, ``tier_of``, ``prefetch``, ``flush``, ...) raises ``CacheClosedError``;
         ``stats()``, ``charge()``, ``tiers`` and ``repr`` still answer."""
+        me = threading.get_ident()
+        if getattr(self._callbacks, "depth", 0):
+            raise RuntimeError(
+                "close() called from inside an on_evict callback: the callback runs within an operation of "
+                "this cache (or within close() itself) that close() would wait for; close the cache after "
+                "that operation has returned")
+        if me in self._io_threads:
+            raise RuntimeError(
+                "close() called on a thread of this cache's prefetch pool (e.g. from a prefetch future's done "
+                "callback): close() shuts that pool down and waits for its threads; close the cache from "
+                "another thread")
+        if self._lock._is_owned():  # type: ignore[attr-defined]  (a policy method, run under the index lock)
+            raise RuntimeError(
+                "close() called from code the cache runs under its index lock (a policy's rank or promote): "
+                "it would wait for the operation running it; close the cache after that operation has returned")
         with self._lock:
-            if self._closed or self._closing:
-                return
+            waited = False
+            while True:
+                if self._close_finished:
+                    error = self._close_error
+                    if waited and error is not None:  # the close() this one waited for failed
+                        if isinstance(error, Exception):
+                            raise error
+                        raise RuntimeError(f"the close() this call waited for was interrupted ({type(error).__name__}): "
+                                           "entries may not have been persisted") from error
+                    return
+                if not self._closing:
+                    break  # (also when the close() waited for was interrupted before it changed anything)
+                if self._closer == me:  # (a tier's method, run by close() itself, calling close())
+                    raise RuntimeError("close() called from inside this cache's own close()")
+                waited = True
+                while self._closing and not self._close_finished:
+                    self._idle.wait()
             self._closing = True
-            while self._active:
-                self._idle.wait()
+            self._closer = me
+            try:
+                while self._active:
+                    self._idle.wait()
+            except BaseException:  # interrupted (KeyboardInterrupt) before anything changed: still open
+                self._closing = False
+                self._closer = None
+                self._idle.notify_all()
+                raise
             executor, self._executor = self._executor, None
+        try:
+            self._close_now(executor)
+        except BaseException as exc:
+            self._close_error = exc
+            raise
+        finally:
+            with self._lock:
+                self._close_finished = True
+                self._closer = None
+                self._idle.notify_all()
+
+    def _close_now(self, executor: ThreadPoolExecutor | None) -> None:
+        """``close``'s work, once no operation is in flight and none can start."""
         _OPEN.discard(self)
         if executor is not None:
             executor.shutdown(wait=True)
+            self._io_threads.clear()  # (their idents may be reused by other threads now)
         try:
             self._persist("close")
         finally:
             with self._lock:
                 self._closed = True
+                # What the persistent tiers hold (what a reopen finds), for stats() of the closed cache.
+                self._persisted = {index: (queue.live, queue.payload) for index, queue in enumerate(self._queues)
+                                   if self._tiers[index].persistent}
                 # Whatever was not persisted is gone with the tiers' memory: the index must not claim it.
                 self._index.clear()
                 for index, queue in enumerate(self._queues):
                     self._queues[index] = RankedQueue(index)
-            for tier in self._tiers:
-                tier.close()
+            failure: BaseException | None = None
+            for tier in self._tiers:  # every tier is closed and the lock released, whatever one of them raises
+                try:
+                    tier.close()
+                except BaseException as exc:
+                    failure = failure or exc
             self._release_path_lock()
+            if failure is not None:
+                raise failure
 
     def __enter__(self) -> "Cache":
         return self
@@ -550,6 +636,12 @@ class Cache(DataPaths, Persistence):
         tiers = ", ".join(f"{t.name}={format_size(t.capacity)}" for t in self._tiers)
         state = "closed" if self._closed else f"entries={len(self._index)}"
         return f"tiercache.Cache({tiers}, policy={getattr(self._policy, 'name', self._policy)!r}, {state})"
+
+
+def _register_io_thread(threads: set[int]) -> None:
+    """The prefetch pool's initializer, in each of its threads: ``close()`` refuses to run on one of them
+    (it joins them).  Given the set, not the cache: a live pool thread must not keep an unclosed cache alive."""
+    threads.add(threading.get_ident())
 
 
 def _holding_entries(tier: ArenaTier, budget: int) -> ArenaTier:

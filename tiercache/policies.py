@@ -30,6 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Hashable, Protocol, runtime_checkable
 
+from .values import check_score
+
 
 @dataclass(slots=True)
 class EntryInfo:
@@ -106,7 +108,12 @@ class ScorePolicy:
     rank_grows_on_access = True
 
     def __init__(self, promote_threshold: float = float("-inf")) -> None:
-        self.promote_threshold = promote_threshold
+        """``promote_threshold``: a real number, as a score is (``TypeError`` otherwise, ``bool`` and strings
+        included; ``ValueError`` for NaN, which no score reaches: nothing would ever be promoted)."""
+        try:
+            self.promote_threshold = check_score(promote_threshold)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"promote_threshold: {exc}".replace("score must", "must")) from None
 
     def rank(self, info: EntryInfo) -> Any:
         return (info.score, info.last_access)

@@ -47,6 +47,12 @@ class CacheState:
     _idle: threading.Condition  # notified when ``_active`` drops to 0
     _closed: bool
     _closing: bool  # close() has begun: no new operations start
+    _closer: int | None  # the thread running close() (threading.get_ident()), while it runs
+    _close_finished: bool  # close() has run to its end (tiers closed, path lock released)
+    _close_error: BaseException | None  # what that close() raised, re-raised by the close() calls that waited for it
+    _callbacks: threading.local  # per thread: ``depth``, how many on_evict callbacks this thread is inside
+    _io_threads: set[int]  # idents of the prefetch pool's threads (close() cannot join the thread it runs on)
+    _persisted: dict[int, tuple[int, int]] | None  # once closed: (entries, payload bytes) per persistent tier
     _active: int  # public operations in flight; close() waits for them
     _index: dict[Hashable, Entry]
     _pins: dict[int, int]  # id(slot) -> readers/movers holding it
@@ -82,6 +88,12 @@ class CacheState:
         self._idle = threading.Condition(self._lock)
         self._closed = False
         self._closing = False
+        self._closer = None
+        self._close_finished = False
+        self._close_error = None
+        self._callbacks = threading.local()
+        self._io_threads = set()
+        self._persisted = None
         self._active = 0
         self._index = {}
         self._pins = {}
@@ -230,11 +242,19 @@ class CacheState:
             events, self._evicted = self._evicted, []
         callback = self.config.on_evict
         if callback is not None:
-            for key, reason in events:
-                try:
-                    callback(key, reason)
-                except Exception:  # a user callback must not break cache invariants
-                    log.exception("tiercache: on_evict callback failed")
+            # Marked, so that close() called from the callback raises instead of waiting for the operation
+            # running it (which can only end once the callback returns).
+            local = self._callbacks
+            depth = getattr(local, "depth", 0)
+            local.depth = depth + 1
+            try:
+                for key, reason in events:
+                    try:
+                        callback(key, reason)
+                    except Exception:  # a user callback must not break cache invariants
+                        log.exception("tiercache: on_evict callback failed")
+            finally:
+                local.depth = depth
 
     def _timed_write(self, tier_index: int, slot: Slot, data: torch.Tensor, header: EntryHeader) -> None:
         start = time.perf_counter()

@@ -53,6 +53,12 @@ SPARSE_BLOCK_SIZE = 128
 _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 #: Copies up to this many elements (1 MiB of float32) are cut below the grain by :func:`_copy_on_caller`.
 _CALLER_COPY_MAX = 8 * INTRA_OP_GRAIN
+DEFAULT_DECAY = 0.9  # attention-aware: per decode step decay of the accumulated attention mass
+#: PipelineConfig fields that only steer attention-aware placement (tiercache scores, promotion, disk staging of
+#: the highest-mass blocks): ``fetch-every-step`` and ``reuse-layer-ahead`` run under ``"kv-stream"``, which has
+#: no scores and never promotes, so a value other than their strategy's is refused there (it would change nothing).
+ATTENTION_AWARE_ONLY = ("disk_staging", "defer_promotions", "stage_ahead", "stage_near", "promote_bytes_per_step",
+                        "complement_reuse", "exclusive_pool")
 MAX_TOKENS = 1 << 48  # token counts (budget, sink, recent) above it are clamped to it: all of any context
 _DEVICE_ONLY = "device"  # _ahead_overlaps: read ahead only the layers whose reads wait on a device
 
@@ -127,7 +133,9 @@ class TieredKVSettings:
             home tier every step under ``"kv-stream"``: no promotion, no reuse) or
             ``"reuse-layer-ahead"`` (same selection under ``"kv-stream"``, reusing the previous step's
             fetched blocks and prefetching one layer ahead; no attention-aware placement, no disk staging).
-        decay: sparse, attention-aware: per decode step decay of the accumulated mass (default 0.9).
+        decay: sparse, attention-aware: per decode step decay of the accumulated mass (default 0.9).  The
+            other strategies do not use it: given with them it is refused (``ValueError``), and left out it
+            resolves to ``None`` (not in force).
         page_size: sparse mode: tokens per selection page (divides ``block_size``; default the largest
             power of two <= 8 dividing it, i.e. 8 for the default 128-token blocks).  Digests, scores and the budget
             are per page; a storage block is fetched when any of its pages is selected and attention
@@ -176,11 +184,17 @@ class TieredKVSettings:
         direct_io: disk tier reads/writes bypass the OS page cache (tiercache
             ``CacheConfig.direct_io``), so the host budget is not silently extended by the page
             cache (falls back to buffered I/O with a warning where the filesystem refuses O_DIRECT,
-            e.g. tmpfs; ``stats()["tiercache"]["tiers"]["disk"]["direct_io"]`` says which).
+            e.g. tmpfs; ``stats()["tiercache"]["tiers"]["disk"]["direct_io"]`` says which).  Without a disk
+            tier it changes nothing: ``TieredKVCache(direct_io=True)`` without ``disk`` is refused
+            (``ValueError``); the default (``True``) is simply not applied.
         pipeline: sparse mode: overrides of the strategy's decode pipeline
             (:class:`~tiercache_llm.sparse.pipeline.PipelineConfig` fields as a dict, e.g.
             ``{"staging_bytes": 64 << 20, "predictor": "query"}``, or a whole ``PipelineConfig``);
-            ``None``: the strategy's defaults (see docs/sparse.md "Decode pipeline").
+            ``None``: the strategy's defaults (see docs/sparse.md "Decode pipeline").  The fields that only
+            steer attention-aware placement (:data:`ATTENTION_AWARE_ONLY`: ``disk_staging``,
+            ``defer_promotions``, ``stage_ahead``, ``stage_near``, ``promote_bytes_per_step``,
+            ``complement_reuse``, ``exclusive_pool``) are refused with another strategy at a value other than
+            that strategy's (``ValueError``): under ``"kv-stream"`` they would change nothing.
         pool_bytes: sparse mode: bound of the resident block pools of all sparse layers together
             (``PipelineConfig.pool_bytes``).  They live on the model's device beside the tier budgets
             (``stats()["pipeline"]["reuse_bytes"]``, part of ``beside_tiers_bytes``).  ``"auto"`` (default):
@@ -243,11 +257,17 @@ class TieredKVSettings:
             if self.policy is None:
                 object.__setattr__(self, "policy", "kv-stream")
         else:
-            defaults = dict(budget=0.25, sink=4, recent=64, strategy="attention-aware", decay=0.9,
+            defaults = dict(budget=0.25, sink=4, recent=64, strategy="attention-aware", decay=DEFAULT_DECAY,
                             page_size=default_page_size(self.block_size), digests="float16")
             for k, v in defaults.items():
                 if sparse_opts[k] is None:
                     object.__setattr__(self, k, v)
+            if self.strategy != "attention-aware" and self.strategy in STRATEGIES:
+                if sparse_opts["decay"] is not None:  # given: it would change nothing
+                    raise ValueError(
+                        f"decay applies to strategy='attention-aware' only (it decays the attention mass that "
+                        f"drives placement); strategy={self.strategy!r} does not use it: leave decay out")
+                object.__setattr__(self, "decay", None)  # not in force (stats() says so)
             SelectionConfig(budget=self.budget, sink=self.sink, recent=self.recent, digests=self.digests)  # validates
             for name in ("budget", "sink", "recent"):  # any count >= the context means all of it: keep it an int64
                 value = getattr(self, name)
@@ -255,7 +275,8 @@ class TieredKVSettings:
                     object.__setattr__(self, name, MAX_TOKENS)
             if self.strategy not in STRATEGIES:
                 raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-            object.__setattr__(self, "decay", check_decay(self.decay))
+            if self.decay is not None:
+                object.__setattr__(self, "decay", check_decay(self.decay))
             check_page_size(self.page_size, self.block_size)
             if self.policy is None:
                 object.__setattr__(self, "policy", "attention-aware" if self.strategy == "attention-aware" else "kv-stream")
@@ -265,10 +286,21 @@ class TieredKVSettings:
             if self.mode != "sparse":
                 raise ValueError("pipeline applies to mode='sparse' only")
             if isinstance(self.pipeline, dict):
+                given = self.pipeline
                 object.__setattr__(self, "pipeline", PipelineConfig.for_strategy(self.strategy, **self.pipeline))
             elif not isinstance(self.pipeline, PipelineConfig):
                 raise TypeError(f"pipeline must be a dict of PipelineConfig fields or a PipelineConfig, "
                                 f"not {type(self.pipeline).__name__}")
+            else:
+                given = {f.name: getattr(self.pipeline, f.name) for f in dataclasses.fields(PipelineConfig)}
+            if self.strategy != "attention-aware":
+                base = PipelineConfig.for_strategy(self.strategy)
+                for name in ATTENTION_AWARE_ONLY:
+                    if name in given and given[name] != getattr(base, name):
+                        raise ValueError(
+                            f"pipeline {name}={given[name]!r} applies to strategy='attention-aware' only (it steers "
+                            f"attention-aware placement: scores, promotion, disk staging by mass); "
+                            f"strategy={self.strategy!r} runs under the 'kv-stream' policy, where it changes nothing")
         pool = check_pool_bytes(self.pool_bytes, auto=True)
         object.__setattr__(self, "pool_bytes", pool)
         if self.mode != "sparse":
@@ -1177,6 +1209,9 @@ class TieredKVCache(Cache):
             raise ValueError(
                 f"{budget_args} configure a new tiercache; leave them out when passing an existing cache="
             )
+        if cache is None and given.get("direct_io") is True and settings.disk in (None, 0):
+            raise ValueError("direct_io applies to the disk tier, and this cache has none (disk is None): leave "
+                             "direct_io out, or give disk=...")
         self.settings = settings
         text_config = config.get_text_config(decoder=True)
         windows = _layer_windows(text_config)
@@ -1202,7 +1237,7 @@ class TieredKVCache(Cache):
         if settings.mode == "sparse":
             self._sparse = SparseController(
                 selection_config(settings.budget, settings.sink, settings.recent, settings.digests),
-                settings.strategy, settings.decay,
+                settings.strategy, settings.decay if settings.decay is not None else DEFAULT_DECAY,
             )
             for layer in layers:
                 if layer.sliding_window is None:  # sliding-window layers stay exact (their window is the budget)

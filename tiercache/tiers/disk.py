@@ -34,6 +34,7 @@ import itertools
 import json
 import logging
 import mmap
+import operator
 import os
 import struct
 import threading
@@ -507,6 +508,15 @@ class DiskTier:
     ) -> None:
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
+        # The checks Cache makes of the same options (CacheConfig), for a DiskTier made directly (tiers=...):
+        # io_threads=0 or 2.5 used to be rounded silently, and a truthy direct_io="no" turned O_DIRECT on.
+        if isinstance(io_threads, bool) or not hasattr(io_threads, "__index__") or operator.index(io_threads) < 1:
+            raise ValueError(f"io_threads must be a positive int, got {type(io_threads).__name__} {io_threads!r}")
+        io_threads = operator.index(io_threads)
+        if not isinstance(direct_io, bool):
+            raise TypeError(f"direct_io must be a bool, got {type(direct_io).__name__} {direct_io!r}")
+        if fingerprint is not None and not isinstance(fingerprint, str):
+            raise TypeError(f"fingerprint must be a str or None, got {type(fingerprint).__name__}")
         self.name = name
         self.capacity = check_capacity(capacity)
         self.root = Path(path)
@@ -538,7 +548,7 @@ class DiskTier:
         # removed the file and compacted the journal, so a tombstone can only ever match the deleted entry.
         self._tomb_rows: set[tuple[int, int]] = set()
         self.index_state = "none"
-        self._io_threads = max(1, int(io_threads))
+        self._io_threads = io_threads
         if direct_read_threads is None:
             direct_read_threads = max(self._io_threads, DIRECT_READ_THREADS)
         if (not isinstance(direct_read_threads, int) or isinstance(direct_read_threads, bool)
