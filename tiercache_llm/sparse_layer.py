@@ -54,6 +54,31 @@ class SparseModeError(TieredKVError, RuntimeError):
     truncated context."""
 
 
+# Torch intra-op threads of the cache's own work in a sparse decode step (``SparseLayerState.decode``: scoring
+# and selection, the fetch, attention over the selected pages, placement; and the digest append): ``1`` (the
+# default) runs them with one intra-op thread whatever the caller set, restoring the caller's count after;
+# ``None`` leaves the caller's count.  The model's own operations (projections, MLP) keep the caller's
+# threads.  Why (docs/sparse.md "Sparse decode at two threads"): these are many small operations, each a
+# parallel region at 2+ threads, and on a machine whose cores the pipeline's reader threads also need, the
+# step ran slower at 2 threads than at 1; at one thread the attention also takes the one-thread CPU paths
+# (the direct path, values by bag), so a decode step's selections and attention are the same bits at
+# every thread count.
+CACHE_OPS_THREADS: int | None = 1
+
+
+def _pin_threads() -> int | None:
+    """Set torch's intra-op threads to :data:`CACHE_OPS_THREADS` where that is fewer than the current count;
+    returns the count to restore (``None``: nothing changed)."""
+    n = CACHE_OPS_THREADS
+    if n is None:
+        return None
+    before = torch.get_num_threads()
+    if before <= n:
+        return None
+    torch.set_num_threads(n)
+    return before
+
+
 _last_valid: tuple | None = None  # (weakref to the mask, batch, q, device, result) of the last call
 _all_valid: torch.Tensor | None = None  # the last all-valid answer (mask None)
 
@@ -305,9 +330,18 @@ class SparseLayerState:
         return out
 
     # ------------------------------------------------------------------------------- hook side
-    @with_normal_tensors
     def append(self, keys: torch.Tensor, valid: torch.Tensor) -> None:
-        """Digests and validity of new keys ``(B, H, q, D)``."""
+        """Digests and validity of new keys ``(B, H, q, D)`` (a decode step's one key with
+        :data:`CACHE_OPS_THREADS` intra-op threads; a prefill's with the caller's)."""
+        restore = _pin_threads() if keys.shape[2] == 1 else None
+        try:
+            self._append(keys, valid)
+        finally:
+            if restore is not None:
+                torch.set_num_threads(restore)
+
+    @with_normal_tensors
+    def _append(self, keys: torch.Tensor, valid: torch.Tensor) -> None:
         b, h, q, d = keys.shape
         if self.digests is None:
             self.digests = KeyDigests.empty(b, h, d, self.page_size, dtype=keys.dtype, device=keys.device,
@@ -332,10 +366,20 @@ class SparseLayerState:
     def page_size(self) -> int:
         return self._page_size or self._block_size
 
-    @with_normal_tensors
     def decode(self, layer: "TieredKVLayer", query: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                ctx: int, scaling: float | None) -> torch.Tensor:
-        """Sparse attention of one decode step; returns ``(B, Hq, 1, D)``."""
+        """Sparse attention of one decode step; returns ``(B, Hq, 1, D)``.  Runs with
+        :data:`CACHE_OPS_THREADS` torch intra-op threads (the caller's count restored after, also on error)."""
+        restore = _pin_threads()
+        try:
+            return self._decode(layer, query, k_new, v_new, ctx, scaling)
+        finally:
+            if restore is not None:
+                torch.set_num_threads(restore)
+
+    @with_normal_tensors
+    def _decode(self, layer: "TieredKVLayer", query: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                ctx: int, scaling: float | None) -> torch.Tensor:
         ctrl, stats = self.ctrl, self.ctrl.last_step
         bs = layer.block_size
         hk = layer._shape_k[0]
