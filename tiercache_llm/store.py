@@ -126,6 +126,9 @@ class BlockStore:
         # AttentionPlacementPolicy's promotion threshold through it.  None for a borrowed cache.
         self.policy: Any = None
         self._lock = threading.Lock()
+        # Held by the KV cache's update / sparse decode / end of pass and by its close(), so a close() from
+        # another thread waits for the call in flight instead of tearing the pipeline and tiers down under it.
+        self.op_lock = threading.RLock()
         self._closed = False
         # Write-behind (enable_write_behind): key -> [tensor, score] not yet written; guarded by _wcond.
         self._wcond = threading.Condition()
