@@ -126,7 +126,11 @@ class BlockStore:
         # AttentionPlacementPolicy's promotion threshold through it.  None for a borrowed cache.
         self.policy: Any = None
         self._lock = threading.Lock()
+        # Held by the KV cache's update / sparse decode / end of pass and by its close(), so a close() from
+        # another thread waits for the call in flight instead of tearing the pipeline and tiers down under it.
+        self.op_lock = threading.RLock()
         self._closed = False
+        self._closing = False  # set when close() starts (before it deletes this store's entries)
         # Write-behind (enable_write_behind): key -> [tensor, score] not yet written; guarded by _wcond.
         self._wcond = threading.Condition()
         self._pending: dict[Any, list] = {}
@@ -479,9 +483,12 @@ class BlockStore:
             else:
                 tensors = self._get_into(keys, list(out))
         except KeyError as exc:
+            if self._closing:  # close() from another thread deleted it: say so, not "evicted or corrupt"
+                raise RuntimeError("this TieredKVCache has been closed") from exc
             raise KVCapacityError(
-                f"KV block {exc.args[0]!r} is no longer in the tiercache (evicted or corrupt); "
-                f"exact attention is impossible ({self._budget_text()}, this cache holds {_fmt(self._held_bytes)})"
+                f"KV block {exc.args[0]!r} is no longer in the tiercache (evicted or corrupt: the tiercache logs "
+                f"a failed checksum); attention over the whole context is impossible "
+                f"({self._budget_text()}, this cache holds {_fmt(self._held_bytes)})"
             ) from exc
         elapsed, nbytes = time.perf_counter() - start, sum([t.nbytes for t in tensors])
         with self._lock:  # background staging reads count here too
@@ -649,6 +656,7 @@ class BlockStore:
         this store created them.  Idempotent."""
         if self._closed:
             return
+        self._closing = True
         self.wait_prefetches()
         writer, self._writer = self._writer, None
         if writer is not None:  # queued blocks are about to be deleted: drop them, let a running batch finish
