@@ -1360,6 +1360,12 @@ class TieredKVCache(Cache):
     def _end_forward(self, failed: bool = False) -> None:
         """Called by the prepared model after each forward pass with this cache (``failed``: the pass
         raised; its exception is the one that propagates)."""
+        with self.store.op_lock:
+            if self.store._closed:  # closed from another thread during the pass: its error propagates
+                return
+            self._end_forward_open(failed)
+
+    def _end_forward_open(self, failed: bool) -> None:
         ctrl = self._sparse
         step = ctrl.last_step
         try:
@@ -1413,6 +1419,12 @@ class TieredKVCache(Cache):
                 keys, values = self.update(key_states.detach(), value_states.detach(), layer_idx, *args, **kwargs)
             q = key_states.shape[-2]
             return _ending_in(keys, key_states, q), _ending_in(values, value_states, q)
+        with self.store.op_lock:  # a close() from another thread waits for this update (see close)
+            return self._update_open(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _update_open(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.store._closed:
             self.store._check_open()
         if layer_idx.__class__ is not int:  # bool would pick layer 0 or 1, a float fail as a list index
@@ -1698,11 +1710,16 @@ class TieredKVCache(Cache):
 
     def close(self) -> None:
         """Stop the layer-ahead reader and the decode pipeline (queued background reads cancelled, running
-        ones awaited), then release the tiers (idempotent).  The cache cannot be used afterwards."""
-        self.buffer.close()
-        if getattr(self, "_pipeline", None) is not None:
-            self._pipeline.close()
-        self.store.close()
+        ones awaited), then release the tiers (idempotent).  The cache cannot be used afterwards.
+
+        Thread safety: called from another thread while ``generate`` runs (e.g. a cancelled request), it
+        waits for the ``update`` or sparse decode step in flight; the generate then stops with
+        ``RuntimeError("this TieredKVCache has been closed")`` at its next call."""
+        with self.store.op_lock:
+            self.buffer.close()
+            if getattr(self, "_pipeline", None) is not None:
+                self._pipeline.close()
+            self.store.close()
 
     def __enter__(self) -> "TieredKVCache":
         return self

@@ -369,13 +369,17 @@ class SparseLayerState:
     def decode(self, layer: "TieredKVLayer", query: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                ctx: int, scaling: float | None) -> torch.Tensor:
         """Sparse attention of one decode step; returns ``(B, Hq, 1, D)``.  Runs with
-        :data:`CACHE_OPS_THREADS` torch intra-op threads (the caller's count restored after, also on error)."""
-        restore = _pin_threads()
-        try:
-            return self._decode(layer, query, k_new, v_new, ctx, scaling)
-        finally:
-            if restore is not None:
-                torch.set_num_threads(restore)
+        :data:`CACHE_OPS_THREADS` torch intra-op threads (the caller's count restored after, also on error).
+        Holds the store's ``op_lock``, so a ``close()`` from another thread waits for it; on a closed cache:
+        ``RuntimeError``."""
+        with layer.store.op_lock:
+            layer.store._check_open()
+            restore = _pin_threads()
+            try:
+                return self._decode(layer, query, k_new, v_new, ctx, scaling)
+            finally:
+                if restore is not None:
+                    torch.set_num_threads(restore)
 
     @with_normal_tensors
     def _decode(self, layer: "TieredKVLayer", query: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,

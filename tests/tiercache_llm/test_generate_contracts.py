@@ -49,10 +49,6 @@ def test_second_generate_continues_like_dynamic_cache(make_model, options):
     assert torch.equal(ref, got)
 
 
-@pytest.mark.xfail(strict=True, reason="close() from another thread races the update / sparse decode in flight: "
-                   "confusing errors (KVCapacityError 'evicted or corrupt', TypeError, AttributeError, "
-                   "'cannot submit a job after shutdown') and a leaked reader thread; fix in "
-                   "PATCH-kv_cache.py.diff + PATCH-sparse_layer.py.diff")
 @pytest.mark.parametrize("options", [dict(prefetch=False)] + MODES[1:], ids=["exact-no-prefetch"] + IDS[1:])
 def test_close_from_another_thread_mid_generation_raises_closed(make_model, options):
     """A server cancelling a request closes the cache from another thread while generate runs: the
