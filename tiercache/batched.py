@@ -487,7 +487,7 @@ class DataPaths(Moves):
         bracket: bool = False,
         direct: list[torch.Tensor | None] | None = None,
         dsts: list[torch.Tensor] | None = None,
-    ) -> tuple[list[_Pinned], list[torch.Tensor | None], list[int]]:
+    ) -> tuple[list[_Pinned], list[torch.Tensor | None], list[int], list[tuple[Slot, Any, torch.Tensor]] | None]:
         """Under one lock: every key's entry, counted as a hit (or, if one is absent, one get and one miss
         and ``KeyError``: all or nothing), touched for the policy and pinned.  ``check(entries)`` runs
         before anything is counted; what it raises propagates with nothing changed.
@@ -498,7 +498,9 @@ class DataPaths(Moves):
         tensor stored in ``direct[i]`` (one ``memmove``); into ``dsts[i]`` (on the CPU) with one
         ``memmove`` when it is contiguous, else by torch from a typed view of the slot, in the value's
         dtype (the strided copies of the batch in one ``torch._foreach_copy_``).  Returns the pinned rest,
-        their ``Entry.view``s and their positions in ``keys``.
+        their ``Entry.view``s, their positions in ``keys`` and, with ``direct`` and ``dsts`` (a CPU target),
+        the batch's ``read_into`` requests as :meth:`_row_requests` builds them, made in the same pass over
+        the batch (``None`` where that method would return ``None``, or without ``direct`` and ``dsts``).
 
         With ``bracket`` it also begins the public operation (``close`` waits for it; the caller ends it,
         see ``_get_batch``) in the same lock round trip, unless nothing was left pinned: the operation
@@ -555,6 +557,11 @@ class DataPaths(Moves):
             strided_dsts: list[torch.Tensor] = []
             strided_views: list[torch.Tensor] = []
             start = time.perf_counter() if arena is not None else 0.0
+            # _row_requests, folded into this pass (exact decode reads every layer's disk blocks this way):
+            # the requests of the pinned entries while they all lie in one tier that reads row-contiguous
+            # CPU destinations in place; None once one does not
+            rows: list[tuple[Slot, Any, torch.Tensor]] | None = [] if dsts is not None and direct is not None else None
+            row_src, own = -1, False
             for i, entry in enumerate(found):
                 src = entry.level
                 hits[src] += 1
@@ -601,7 +608,22 @@ class DataPaths(Moves):
                 # Arena tiers only read the header's nbytes and shape, which the entry has itself, and a
                 # DiskTier takes the entry as its header's source (it caches the header record it verifies
                 # against by the entry's identity): no EntryHeader is built per key for them.
-                pinned.append((entry, src, slot, entry if entry_tiers[src] else entry.header))
+                header = entry if entry_tiers[src] else entry.header
+                pinned.append((entry, src, slot, header))
+                if rows is not None:
+                    if src != row_src:
+                        if row_src < 0 and self._strided_tiers[src] and self._address_tiers[src] is None:
+                            row_src, own = src, self._fresh_tiers[src] is not None
+                        else:
+                            rows = None
+                    if rows is not None:
+                        dst = dsts[i]  # type: ignore[index]  (on the CPU: direct is only made for a CPU target)
+                        if dst.is_contiguous():
+                            rows.append((slot, header, dst if own else as_bytes(dst.view(-1))))
+                        elif dst.stride(-1) == 1:
+                            rows.append((slot, header, dst))
+                        else:
+                            rows = None
                 view = entry.view
                 if view is None and dsts is not None and direct_tiers[src]:
                     # As above: a CPU arena value read into a strided destination is copied from a
@@ -630,7 +652,7 @@ class DataPaths(Moves):
                     counted_tier.misses += below
             if bracket and (pinned or direct is None):
                 self._active += 1
-            return pinned, views, positions
+            return pinned, views, positions, rows
 
     def get(self, key: Hashable, device: torch.device | str | None = None) -> torch.Tensor:
         """A fresh copy of the value stored under ``key`` (on ``device``, CPU by default).
@@ -781,12 +803,12 @@ class DataPaths(Moves):
         # dsts against the entries found)
         check = partial(_check_packed_room, packed=packed) if pack and packed is not None else None
         direct = [None] * len(keys) if not pack and target.type == "cpu" else None
-        pinned, views, positions = self._lookup_and_pin(keys, check, bracket, direct, dsts)
+        pinned, views, positions, rows = self._lookup_and_pin(keys, check, bracket, direct, dsts)
         if not pinned and direct is not None:  # all copied during the lookup: the operation is complete
             return dsts if dsts is not None else direct  # type: ignore[return-value]
         if dsts is not None:
-            rows = self._row_requests(pinned, dsts if len(positions) == len(keys) else [dsts[i] for i in positions],
-                                      target.type == "cpu")
+            if direct is None:  # (a CPU target's requests were made by _lookup_and_pin)
+                rows = self._row_requests(pinned, dsts if len(positions) == len(keys) else [dsts[i] for i in positions])
             if rows is not None:
                 self._get_rows(pinned, rows, bracket)
                 return dsts
