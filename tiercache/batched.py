@@ -22,6 +22,7 @@ import time
 from functools import partial
 from typing import Any, Callable, Hashable, Iterable, Sequence
 
+import numpy
 import torch
 
 from .errors import CacheClosedError, CorruptEntryError, TierCacheError
@@ -1339,10 +1340,25 @@ def copy_pairs(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
     Otherwise every pair is copied by one ``_foreach_copy_``: pairs below the grain stay on the calling
     thread, so a read ahead or an I/O thread never opens a second parallel team on the cores the model
     is using.  (Pairs above the grain would each open a team of their own: on the main thread of a busy
-    machine that is one stall-prone team per block instead of one per run, so they are merged there.)"""
+    machine that is one stall-prone team per block instead of one per run, so they are merged there.)
+
+    Except on a busy machine (:func:`machine_idle` False) with more than one torch thread: pairs above the
+    grain are merged into runs on any thread, and every run and remaining pair is copied by
+    :func:`copy_on_caller` (single-threaded ``numpy.copyto``, no parallel region at all;
+    :data:`BUSY_COPIES_ON_CALLER`): with other processes on the cores, torch's two-thread copy
+    of seven 384 KiB blocks waits for a descheduled team thread (docs/benchmarks.md "Hot path, per-entry
+    cuts", load 6.4: mean 1.07 ms, 99th percentile 16.6 ms, against 0.23 / 7.8 ms on the calling thread,
+    whose median is ~30 µs longer: one core's bandwidth)."""
     n = len(dsts)
-    if (n < 2 or not COALESCE_COPIES or torch.get_num_threads() == 1 or threading.current_thread() is not _MAIN_THREAD
-            or (dsts[0].numel() < INTRA_OP_GRAIN and not machine_idle())):
+    caller = (BUSY_COPIES_ON_CALLER and n > 0 and dsts[0].numel() >= INTRA_OP_GRAIN and torch.get_num_threads() > 1
+              and not machine_idle())
+    if caller and n == 1:
+        if not copy_on_caller(dsts, srcs):
+            dsts[0].copy_(srcs[0])
+        return
+    if not caller and (n < 2 or not COALESCE_COPIES or torch.get_num_threads() == 1
+                       or threading.current_thread() is not _MAIN_THREAD
+                       or (dsts[0].numel() < INTRA_OP_GRAIN and not machine_idle())):
         if n:
             torch._foreach_copy_(dsts, srcs)
         return
@@ -1362,14 +1378,51 @@ def copy_pairs(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
                        and dsts[j].shape == shape and dsts[j].stride() == dstride
                        and srcs[j].stride() == sstride and srcs[j].dtype is d0.dtype):
                     j += 1
-        if j - i >= 2 and _copy_run(d0, s0, j - i, dptr[i + 1] - dptr[i], sptr[i + 1] - sptr[i]):
+        if j - i >= 2 and _copy_run(d0, s0, j - i, dptr[i + 1] - dptr[i], sptr[i + 1] - sptr[i], caller):
             i = j
             continue
         rest_d.extend(dsts[i:j])
         rest_s.extend(srcs[i:j])
         i = j
-    if rest_d:
+    if rest_d and not (caller and copy_on_caller(rest_d, rest_s)):
         torch._foreach_copy_(rest_d, rest_s)
+
+
+def copy_on_caller(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> bool:
+    """``dsts[i].copy_(srcs[i])`` for every ``i`` on the calling thread alone: one ``numpy.copyto`` per pair
+    (numpy copies on one thread, with the GIL released), of the pair viewed as the integer dtype of its
+    item size (so bfloat16 and the float8 types, which numpy lacks, copy the same bytes), when every pair
+    allows it: both on the CPU, the same dtype and shape, no conjugate or negative bit, a destination that
+    does not require grad and has no stride-0 dimension of more than one element (elements sharing memory,
+    which torch's ``copy_`` refuses to write: the same test, ``torch._debug_has_internal_overlap``).
+    Every pair is checked, and viewed, before anything is copied: returns False with nothing copied when
+    one does not qualify (the caller copies them with torch then).  The bytes written are exactly those
+    of the per-pair copies."""
+    arrays = []
+    for d, s in zip(dsts, srcs):
+        if (not d.is_cpu or not s.is_cpu or d.dtype is not s.dtype or d.shape != s.shape or d.requires_grad
+                or d.is_conj() or s.is_conj() or d.is_neg() or s.is_neg() or _internal_overlap(d) == 1):
+            return False
+        as_int = _SAME_SIZE_INTS.get(d.element_size())
+        if as_int is None:
+            return False
+        try:
+            arrays.append((d.view(as_int).numpy(), s.detach().view(as_int).numpy()))
+        except (RuntimeError, TypeError):  # a view torch refuses (e.g. a complex dtype as an integer one)
+            return False
+    for dst, src in arrays:
+        numpy.copyto(dst, src)
+    return True
+
+
+_SAME_SIZE_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_internal_overlap = torch._debug_has_internal_overlap  # 0: none, 1: yes (a stride-0 dimension), 2: too hard to tell
+
+
+BUSY_COPIES_ON_CALLER = True
+"""Whether :func:`copy_pairs` copies pairs above the grain on the calling thread (:func:`copy_on_caller`) while
+the machine is busy and torch has more than one thread (a switch for benchmarks that measure the difference; results are
+identical either way)."""
 
 
 #: torch's ``at::internal::GRAIN_SIZE``: a CPU copy (or elementwise op) of at least this many elements runs
@@ -1404,14 +1457,16 @@ def _run_view(t: torch.Tensor, count: int, step: int) -> torch.Tensor | None:
     return t.as_strided((count, *t.shape), (step, *t.stride()))
 
 
-def _copy_run(d0: torch.Tensor, s0: torch.Tensor, count: int, dd: int, ds: int) -> bool:
-    """One run of :func:`copy_pairs` as one copy (False: not mergeable, copy it pair by pair)."""
+def _copy_run(d0: torch.Tensor, s0: torch.Tensor, count: int, dd: int, ds: int, caller: bool = False) -> bool:
+    """One run of :func:`copy_pairs` as one copy (False: not mergeable, copy it pair by pair); with ``caller``
+    by :func:`copy_on_caller` (else, or where that refuses it, by torch)."""
     if d0.numel() == 0:
         return False
     dview, sview = _run_view(d0, count, dd), _run_view(s0, count, ds)
     if dview is None or sview is None:
         return False
-    dview.copy_(sview)
+    if not (caller and copy_on_caller([dview], [sview])):
+        dview.copy_(sview)
     return True
 
 
