@@ -1342,16 +1342,19 @@ def copy_pairs(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
     is using.  (Pairs above the grain would each open a team of their own: on the main thread of a busy
     machine that is one stall-prone team per block instead of one per run, so they are merged there.)
 
-    Except on a busy machine (:func:`machine_idle` False) with more than one torch thread: pairs above the
-    grain are merged into runs on any thread, and every run and remaining pair is copied by
+    Except on the main thread of a busy machine (:func:`machine_idle` False) with more than one torch
+    thread: pairs above the grain are merged into runs and every run and remaining pair is copied by
     :func:`copy_on_caller` (single-threaded ``numpy.copyto``, no parallel region at all;
-    :data:`BUSY_COPIES_ON_CALLER`): with other processes on the cores, torch's two-thread copy
+    :data:`BUSY_COPIES_ON_CALLER`).  Not on other threads (a read ahead): there it measured far slower, likely
+    because a reader's own parallel regions give libgomp more threads than cores, which makes every team
+    sleep instead of spin while it waits (docs/benchmarks.md "Hot path, per-entry cuts").  On the main
+    thread, with other processes on the cores, torch's two-thread copy
     of seven 384 KiB blocks waits for a descheduled team thread (docs/benchmarks.md "Hot path, per-entry
     cuts", load 6.4: mean 1.07 ms, 99th percentile 16.6 ms, against 0.23 / 7.8 ms on the calling thread,
     whose median is ~30 µs longer: one core's bandwidth)."""
     n = len(dsts)
     caller = (BUSY_COPIES_ON_CALLER and n > 0 and dsts[0].numel() >= INTRA_OP_GRAIN and torch.get_num_threads() > 1
-              and not machine_idle())
+              and threading.current_thread() is _MAIN_THREAD and not machine_idle())
     if caller and n == 1:
         if not copy_on_caller(dsts, srcs):
             dsts[0].copy_(srcs[0])
