@@ -1423,9 +1423,9 @@ _internal_overlap = torch._debug_has_internal_overlap  # 0: none, 1: yes (a stri
 
 
 BUSY_COPIES_ON_CALLER = True
-"""Whether :func:`copy_pairs` copies pairs above the grain on the calling thread (:func:`copy_on_caller`) while
-the machine is busy and torch has more than one thread (a switch for benchmarks that measure the difference; results are
-identical either way)."""
+"""Whether :func:`copy_pairs`, on the main thread, copies pairs above the grain itself (:func:`copy_on_caller`)
+while the machine is busy and torch has more than one thread (a switch for benchmarks that measure the
+difference; results are identical either way)."""
 
 
 #: torch's ``at::internal::GRAIN_SIZE``: a CPU copy (or elementwise op) of at least this many elements runs
