@@ -15,7 +15,7 @@ ms per step (all threads), the fetch ms per step during decode and alone (disk c
 reader threads' CPU.  ``--configs``: ``disk-warm`` / ``disk-cold`` (host 16 MiB + disk, row 2) and ``host``
 (all KV in the host tier, row 1).
 Greedy tokens must equal ``DynamicCache``'s (checked).  ``AB_VARIANTS="forced:IDLE=True"`` adds a variant
-that takes the machine as idle whatever its load (``NAME:SETTING=VALUE,...;...``: more variants; a setting is a ``tiercache_llm.decode_buffer`` name, or ``disk.NAME`` for one of ``tiercache.tiers.disk``).  Prints a markdown table; ``--out`` writes JSON.
+that takes the machine as idle whatever its load (``NAME:SETTING=VALUE,...;...``: more variants; a setting is a ``tiercache_llm.decode_buffer`` name, ``disk.NAME`` for one of ``tiercache.tiers.disk`` or ``batched.NAME`` for one of ``tiercache.batched``).  Prints a markdown table; ``--out`` writes JSON.
 """
 
 from __future__ import annotations
@@ -52,11 +52,16 @@ for _spec in os.environ.get("AB_VARIANTS", "").split(";"):
 
 def _target(name: str) -> tuple[Any, str]:
     """Where a variant's setting lives: ``disk.NAME`` in ``tiercache.tiers.disk`` (e.g.
-    ``disk.MIN_BUFFERED_BYTES_PER_THREAD``), any other name in ``tiercache_llm.decode_buffer``."""
+    ``disk.MIN_BUFFERED_BYTES_PER_THREAD``), ``batched.NAME`` in ``tiercache.batched`` (e.g.
+    ``batched.BUSY_COPIES_ON_CALLER``), any other name in ``tiercache_llm.decode_buffer``."""
     if name.startswith("disk."):
         import tiercache.tiers.disk as disk
 
         return disk, name[len("disk."):]
+    if name.startswith("batched."):
+        import tiercache.batched as batched
+
+        return batched, name[len("batched."):]
     return decode_buffer, name
 
 

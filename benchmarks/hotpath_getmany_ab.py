@@ -2,19 +2,21 @@
 alternating samples in one process.
 
     python benchmarks/hotpath_getmany_ab.py --old /work/main --new . --keys 3 --samples 40
+    python benchmarks/hotpath_getmany_ab.py --old /work/main --new . --keys 8 --parts --threads 2
 
 Each tree's ``tiercache`` is imported under its own name (as ``hotpath_ab.py`` does).  Each keeps a
 disk-only store of ``--keys`` joint K/V entries of SmolLM2's block shape (``(2, 1, 3, 256, 64)`` float32,
 384 KiB), page cache warm, read with ``get_many(keys, out=[...])`` into their block slices of a decode
 buffer, as ``tiercache_llm`` reads a layer (1K context: 3 blocks per layer); with ``--contiguous`` into separate
 contiguous tensors instead (as the sparse pipeline's slots), with ``--tokens`` another block size.  The disk tier's read pool is
-off (``spare_cpus`` fixed at 0), so a sample is the calling thread's own work.  A sample is ``--calls``
+off (``spare_cpus`` fixed at 0), so a sample is the calling thread's own work; torch runs ``--threads``
+intra-op threads (default 1).  A sample is ``--calls``
 calls timed with ``time.thread_time``; old and new alternate sample by sample (the order flips every
 sample), so drift and neighbours hit both alike.  Beside them, interleaved the same way, ``floor``: the new
 tree's chunks of those entries read on held descriptors with one ``preadv`` each (payload straight into the
 slices) and checksummed, with no bookkeeping (what a verified read of the format costs from Python; the
-difference to ``new`` is the call's own work); with ``--parts`` also ``new:facade`` and ``new:setup``, the
-new tree's call with its disk reads stubbed out (see :func:`stubbed`).  Prints min / 25th percentile /
+difference to ``new`` is the call's own work); with ``--parts`` also ``old:facade``, ``old:setup``,
+``new:facade`` and ``new:setup``, each tree's call with its disk reads stubbed out (see :func:`stubbed`).  Prints min / 25th percentile /
 median CPU µs per call of each and the load average: per-call costs of a few µs against ~100 µs of copies
 and checksums need many samples; the low percentiles are the least disturbed by other work on the machine.
 """
@@ -70,10 +72,11 @@ def chunk_floor(tree: Any, cache: Any, names: list, out: list[torch.Tensor]) -> 
     return floor, close
 
 
-def stubbed(tree: Any, cache: Any, names: list, out: list[torch.Tensor]) -> dict[str, Callable[[], None]]:
-    """The new tree's call with parts of its disk read replaced by no-ops for the call (the class attribute is
-    put back after it): ``new:facade``, ``DiskTier.read_into`` stubbed (lookup, pins, destination checks,
-    counts, unpin: the facade alone); ``new:setup``, ``DiskTier._read_buffered`` stubbed (the facade plus
+def stubbed(tree: Any, cache: Any, names: list, out: list[torch.Tensor],
+            label: str = "new") -> dict[str, Callable[[], None]]:
+    """A tree's call with parts of its disk read replaced by no-ops for the call (the class attribute is
+    put back after it): ``LABEL:facade``, ``DiskTier.read_into`` stubbed (lookup, pins, destination checks,
+    counts, unpin: the facade alone); ``LABEL:setup``, ``DiskTier._read_buffered`` stubbed (the facade plus
     ``read_into``'s set-up: byte views of the destinations, descriptors taken and given back).  So ``new -
     new:setup - floor`` is the read loop's own work beyond the floor's.  Nothing is read: a diagnostic."""
     tier_class = sys.modules[f"{tree.__name__}.tiers.disk"].DiskTier
@@ -89,7 +92,7 @@ def stubbed(tree: Any, cache: Any, names: list, out: list[torch.Tensor]) -> dict
                 setattr(tier_class, attribute, original)
         return run
 
-    return {"new:facade": without("read_into"), "new:setup": without("_read_buffered")}
+    return {f"{label}:facade": without("read_into"), f"{label}:setup": without("_read_buffered")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,12 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=256,
                         help="tokens per block (default 256, exact decode's; the entry is (2, 1, 3, TOKENS, 64) "
                              "float32)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1; the disk reads themselves make no torch copy)")
     parser.add_argument("--parts", action="store_true",
-                        help="also time the new tree's call with its disk reads stubbed out (see the module doc)")
+                        help="also time each tree's call with its disk reads stubbed out (see the module doc)")
     args = parser.parse_args(argv)
-    if args.keys < 1 or args.samples < 1 or args.calls < 1 or args.tokens < 1:
-        parser.error("--keys, --samples, --calls and --tokens must be positive")
-    torch.set_num_threads(1)
+    if args.keys < 1 or args.samples < 1 or args.calls < 1 or args.tokens < 1 or args.threads < 1:
+        parser.error("--keys, --samples, --calls, --tokens and --threads must be positive")
+    torch.set_num_threads(args.threads)
     sys.path.insert(0, str(args.new.resolve() / "kernels"))
     trees = {"old": load_tree("tc_old", args.old.resolve()), "new": load_tree("tc_new", args.new.resolve())}
     for tree in trees.values():
@@ -136,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         floor, close_floor = chunk_floor(trees["new"], caches["new"], names, out)
         runs = {name: (lambda cache=cache: cache.get_many(names, out=out)) for name, cache in caches.items()}
         runs["floor"] = floor
-        if args.parts:
-            runs.update(stubbed(trees["new"], caches["new"], names, out))
+        if args.parts:  # both trees' facades and set-ups, so the per-entry Python of the two compares alone
+            for label in ("old", "new"):
+                runs.update(stubbed(trees[label], caches[label], names, out, label))
         load = os.getloadavg()
         samples: dict[str, list[float]] = {name: [] for name in runs}
         try:
@@ -155,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             cache.close()
         shutil.rmtree(workdir, ignore_errors=True)
     where = "separate contiguous tensors" if args.contiguous else "decode-buffer slices"
-    print(f"get_many of {n} x {values[0].nbytes >> 10} KiB warm disk entries into {where}, 1 torch thread, "
+    threads = f"{args.threads} torch thread{'s' if args.threads > 1 else ''}"
+    print(f"get_many of {n} x {values[0].nbytes >> 10} KiB warm disk entries into {where}, {threads}, "
           f"no read pool; "
           f"{args.samples} samples of {args.calls} calls; load average {load[0]:.2f} at the start, "
           f"{os.getloadavg()[0]:.2f} at the end")

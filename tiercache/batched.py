@@ -22,6 +22,7 @@ import time
 from functools import partial
 from typing import Any, Callable, Hashable, Iterable, Sequence
 
+import numpy
 import torch
 
 from .errors import CacheClosedError, CorruptEntryError, TierCacheError
@@ -487,7 +488,7 @@ class DataPaths(Moves):
         bracket: bool = False,
         direct: list[torch.Tensor | None] | None = None,
         dsts: list[torch.Tensor] | None = None,
-    ) -> tuple[list[_Pinned], list[torch.Tensor | None], list[int]]:
+    ) -> tuple[list[_Pinned], list[torch.Tensor | None], list[int], list[tuple[Slot, Any, torch.Tensor]] | None]:
         """Under one lock: every key's entry, counted as a hit (or, if one is absent, one get and one miss
         and ``KeyError``: all or nothing), touched for the policy and pinned.  ``check(entries)`` runs
         before anything is counted; what it raises propagates with nothing changed.
@@ -498,7 +499,9 @@ class DataPaths(Moves):
         tensor stored in ``direct[i]`` (one ``memmove``); into ``dsts[i]`` (on the CPU) with one
         ``memmove`` when it is contiguous, else by torch from a typed view of the slot, in the value's
         dtype (the strided copies of the batch in one ``torch._foreach_copy_``).  Returns the pinned rest,
-        their ``Entry.view``s and their positions in ``keys``.
+        their ``Entry.view``s, their positions in ``keys`` and, with ``direct`` and ``dsts`` (a CPU target),
+        the batch's ``read_into`` requests as :meth:`_row_requests` builds them, made in the same pass over
+        the batch (``None`` where that method would return ``None``, or without ``direct`` and ``dsts``).
 
         With ``bracket`` it also begins the public operation (``close`` waits for it; the caller ends it,
         see ``_get_batch``) in the same lock round trip, unless nothing was left pinned: the operation
@@ -555,6 +558,11 @@ class DataPaths(Moves):
             strided_dsts: list[torch.Tensor] = []
             strided_views: list[torch.Tensor] = []
             start = time.perf_counter() if arena is not None else 0.0
+            # _row_requests, folded into this pass (exact decode reads every layer's disk blocks this way):
+            # the requests of the pinned entries while they all lie in one tier that reads row-contiguous
+            # CPU destinations in place; None once one does not
+            rows: list[tuple[Slot, Any, torch.Tensor]] | None = [] if dsts is not None and direct is not None else None
+            row_src, own = -1, False
             for i, entry in enumerate(found):
                 src = entry.level
                 hits[src] += 1
@@ -601,7 +609,22 @@ class DataPaths(Moves):
                 # Arena tiers only read the header's nbytes and shape, which the entry has itself, and a
                 # DiskTier takes the entry as its header's source (it caches the header record it verifies
                 # against by the entry's identity): no EntryHeader is built per key for them.
-                pinned.append((entry, src, slot, entry if entry_tiers[src] else entry.header))
+                header = entry if entry_tiers[src] else entry.header
+                pinned.append((entry, src, slot, header))
+                if rows is not None:
+                    if src != row_src:
+                        if row_src < 0 and self._strided_tiers[src] and self._address_tiers[src] is None:
+                            row_src, own = src, self._fresh_tiers[src] is not None
+                        else:
+                            rows = None
+                    if rows is not None:
+                        dst = dsts[i]  # type: ignore[index]  (on the CPU: direct is only made for a CPU target)
+                        if dst.is_contiguous():
+                            rows.append((slot, header, dst if own else as_bytes(dst.view(-1))))
+                        elif dst.stride(-1) == 1:
+                            rows.append((slot, header, dst))
+                        else:
+                            rows = None
                 view = entry.view
                 if view is None and dsts is not None and direct_tiers[src]:
                     # As above: a CPU arena value read into a strided destination is copied from a
@@ -630,7 +653,7 @@ class DataPaths(Moves):
                     counted_tier.misses += below
             if bracket and (pinned or direct is None):
                 self._active += 1
-            return pinned, views, positions
+            return pinned, views, positions, rows
 
     def get(self, key: Hashable, device: torch.device | str | None = None) -> torch.Tensor:
         """A fresh copy of the value stored under ``key`` (on ``device``, CPU by default).
@@ -781,12 +804,12 @@ class DataPaths(Moves):
         # dsts against the entries found)
         check = partial(_check_packed_room, packed=packed) if pack and packed is not None else None
         direct = [None] * len(keys) if not pack and target.type == "cpu" else None
-        pinned, views, positions = self._lookup_and_pin(keys, check, bracket, direct, dsts)
+        pinned, views, positions, rows = self._lookup_and_pin(keys, check, bracket, direct, dsts)
         if not pinned and direct is not None:  # all copied during the lookup: the operation is complete
             return dsts if dsts is not None else direct  # type: ignore[return-value]
         if dsts is not None:
-            rows = self._row_requests(pinned, dsts if len(positions) == len(keys) else [dsts[i] for i in positions],
-                                      target.type == "cpu")
+            if direct is None:  # (a CPU target's requests were made by _lookup_and_pin)
+                rows = self._row_requests(pinned, dsts if len(positions) == len(keys) else [dsts[i] for i in positions])
             if rows is not None:
                 self._get_rows(pinned, rows, bracket)
                 return dsts
@@ -1317,10 +1340,28 @@ def copy_pairs(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
     Otherwise every pair is copied by one ``_foreach_copy_``: pairs below the grain stay on the calling
     thread, so a read ahead or an I/O thread never opens a second parallel team on the cores the model
     is using.  (Pairs above the grain would each open a team of their own: on the main thread of a busy
-    machine that is one stall-prone team per block instead of one per run, so they are merged there.)"""
+    machine that is one stall-prone team per block instead of one per run, so they are merged there.)
+
+    Except on the main thread of a busy machine (:func:`machine_idle` False) with more than one torch
+    thread: pairs above the grain are merged into runs and every run and remaining pair is copied by
+    :func:`copy_on_caller` (single-threaded ``numpy.copyto``, no parallel region at all;
+    :data:`BUSY_COPIES_ON_CALLER`).  Not on other threads (a read ahead): there it measured far slower, likely
+    because a reader's own parallel regions give libgomp more threads than cores, which makes every team
+    sleep instead of spin while it waits (docs/benchmarks.md "Hot path, per-entry cuts").  On the main
+    thread, with other processes on the cores, torch's two-thread copy
+    of seven 384 KiB blocks waits for a descheduled team thread (docs/benchmarks.md "Hot path, per-entry
+    cuts", load 6.4: mean 1.07 ms, 99th percentile 16.6 ms, against 0.23 / 7.8 ms on the calling thread,
+    whose median is ~30 µs longer: one core's bandwidth)."""
     n = len(dsts)
-    if (n < 2 or not COALESCE_COPIES or torch.get_num_threads() == 1 or threading.current_thread() is not _MAIN_THREAD
-            or (dsts[0].numel() < INTRA_OP_GRAIN and not machine_idle())):
+    caller = (BUSY_COPIES_ON_CALLER and n > 0 and dsts[0].numel() >= INTRA_OP_GRAIN and torch.get_num_threads() > 1
+              and threading.current_thread() is _MAIN_THREAD and not machine_idle())
+    if caller and n == 1:
+        if not copy_on_caller(dsts, srcs):
+            dsts[0].copy_(srcs[0])
+        return
+    if not caller and (n < 2 or not COALESCE_COPIES or torch.get_num_threads() == 1
+                       or threading.current_thread() is not _MAIN_THREAD
+                       or (dsts[0].numel() < INTRA_OP_GRAIN and not machine_idle())):
         if n:
             torch._foreach_copy_(dsts, srcs)
         return
@@ -1340,14 +1381,51 @@ def copy_pairs(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
                        and dsts[j].shape == shape and dsts[j].stride() == dstride
                        and srcs[j].stride() == sstride and srcs[j].dtype is d0.dtype):
                     j += 1
-        if j - i >= 2 and _copy_run(d0, s0, j - i, dptr[i + 1] - dptr[i], sptr[i + 1] - sptr[i]):
+        if j - i >= 2 and _copy_run(d0, s0, j - i, dptr[i + 1] - dptr[i], sptr[i + 1] - sptr[i], caller):
             i = j
             continue
         rest_d.extend(dsts[i:j])
         rest_s.extend(srcs[i:j])
         i = j
-    if rest_d:
+    if rest_d and not (caller and copy_on_caller(rest_d, rest_s)):
         torch._foreach_copy_(rest_d, rest_s)
+
+
+def copy_on_caller(dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> bool:
+    """``dsts[i].copy_(srcs[i])`` for every ``i`` on the calling thread alone: one ``numpy.copyto`` per pair
+    (numpy copies on one thread, with the GIL released), of the pair viewed as the integer dtype of its
+    item size (so bfloat16 and the float8 types, which numpy lacks, copy the same bytes), when every pair
+    allows it: both on the CPU, the same dtype and shape, no conjugate or negative bit, a destination that
+    does not require grad and has no stride-0 dimension of more than one element (elements sharing memory,
+    which torch's ``copy_`` refuses to write: the same test, ``torch._debug_has_internal_overlap``).
+    Every pair is checked, and viewed, before anything is copied: returns False with nothing copied when
+    one does not qualify (the caller copies them with torch then).  The bytes written are exactly those
+    of the per-pair copies."""
+    arrays = []
+    for d, s in zip(dsts, srcs):
+        if (not d.is_cpu or not s.is_cpu or d.dtype is not s.dtype or d.shape != s.shape or d.requires_grad
+                or d.is_conj() or s.is_conj() or d.is_neg() or s.is_neg() or _internal_overlap(d) == 1):
+            return False
+        as_int = _SAME_SIZE_INTS.get(d.element_size())
+        if as_int is None:
+            return False
+        try:
+            arrays.append((d.view(as_int).numpy(), s.detach().view(as_int).numpy()))
+        except (RuntimeError, TypeError):  # a view torch refuses (e.g. a complex dtype as an integer one)
+            return False
+    for dst, src in arrays:
+        numpy.copyto(dst, src)
+    return True
+
+
+_SAME_SIZE_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_internal_overlap = torch._debug_has_internal_overlap  # 0: none, 1: yes (a stride-0 dimension), 2: too hard to tell
+
+
+BUSY_COPIES_ON_CALLER = True
+"""Whether :func:`copy_pairs`, on the main thread, copies pairs above the grain itself (:func:`copy_on_caller`)
+while the machine is busy and torch has more than one thread (a switch for benchmarks that measure the
+difference; results are identical either way)."""
 
 
 #: torch's ``at::internal::GRAIN_SIZE``: a CPU copy (or elementwise op) of at least this many elements runs
@@ -1382,14 +1460,16 @@ def _run_view(t: torch.Tensor, count: int, step: int) -> torch.Tensor | None:
     return t.as_strided((count, *t.shape), (step, *t.stride()))
 
 
-def _copy_run(d0: torch.Tensor, s0: torch.Tensor, count: int, dd: int, ds: int) -> bool:
-    """One run of :func:`copy_pairs` as one copy (False: not mergeable, copy it pair by pair)."""
+def _copy_run(d0: torch.Tensor, s0: torch.Tensor, count: int, dd: int, ds: int, caller: bool = False) -> bool:
+    """One run of :func:`copy_pairs` as one copy (False: not mergeable, copy it pair by pair); with ``caller``
+    by :func:`copy_on_caller` (else, or where that refuses it, by torch)."""
     if d0.numel() == 0:
         return False
     dview, sview = _run_view(d0, count, dd), _run_view(s0, count, ds)
     if dview is None or sview is None:
         return False
-    dview.copy_(sview)
+    if not (caller and copy_on_caller([dview], [sview])):
+        dview.copy_(sview)
     return True
 
 

@@ -21,10 +21,11 @@ def test_parts(load_benchmark, capsys):
     assert bench.main(["--old", str(ROOT), "--new", str(ROOT), "--keys", "3", "--samples", "2", "--calls", "2",
                        "--parts"]) == 0
     out = capsys.readouterr().out
-    assert "new:facade: CPU us per call" in out and "new:setup: CPU us per call" in out
-    # the stubs are put back: the tree's reads work after the run
-    tier_class = bench.sys.modules["tc_new.tiers.disk"].DiskTier
-    assert tier_class.read_into.__name__ == "read_into" and tier_class._read_buffered.__name__ == "_read_buffered"
+    for label in ("old", "new"):  # both trees' parts
+        assert f"{label}:facade: CPU us per call" in out and f"{label}:setup: CPU us per call" in out
+        # the stubs are put back: the tree's reads work after the run
+        tier_class = bench.sys.modules[f"tc_{label}.tiers.disk"].DiskTier
+        assert tier_class.read_into.__name__ == "read_into" and tier_class._read_buffered.__name__ == "_read_buffered"
 
 
 def test_contiguous_outs(load_benchmark, capsys):
@@ -32,5 +33,12 @@ def test_contiguous_outs(load_benchmark, capsys):
     assert bench.main(["--old", str(ROOT), "--new", str(ROOT), "--keys", "3", "--samples", "2", "--calls", "2",
                        "--contiguous", "--tokens", "16"]) == 0
     out = capsys.readouterr().out
-    assert "3 x 24 KiB warm disk entries into separate contiguous tensors" in out
+    assert "3 x 24 KiB warm disk entries into separate contiguous tensors, 1 torch thread" in out
     assert "new: CPU us per call" in out and "floor: CPU us per call" in out
+
+
+def test_threads(load_benchmark, capsys):
+    bench = load_benchmark("hotpath_getmany_ab")
+    assert bench.main(["--old", str(ROOT), "--new", str(ROOT), "--keys", "2", "--samples", "2", "--calls", "2",
+                       "--threads", "2", "--tokens", "16"]) == 0
+    assert "2 x 24 KiB warm disk entries into decode-buffer slices, 2 torch threads" in capsys.readouterr().out

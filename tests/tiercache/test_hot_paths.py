@@ -267,14 +267,21 @@ def test_copy_pairs_merges_evenly_spaced_runs_and_writes_exactly_the_pairs(where
     assert batched._run_view(arena[-slot:].view(1, 3, 8, 4), 2, slot * 4) is None
 
 
+@pytest.mark.parametrize("on_caller", [False, True])
 @pytest.mark.parametrize("where", ["main-busy", "thread"])
-def test_copy_pairs_merges_pairs_above_the_grain_on_a_busy_main_thread(where, monkeypatch):
-    """Pairs of at least torch's copy grain (each would open a parallel team of its own) are merged on
-    the main thread even on a busy machine; off the main thread they are still copied pair by pair.  The
-    bytes written are exactly the pairs'."""
+def test_copy_pairs_merges_pairs_above_the_grain_on_a_busy_main_thread(where, on_caller, monkeypatch):
+    """Pairs of at least torch's copy grain (each would open a parallel team of its own) are merged into
+    runs on the main thread of a busy machine, and copied on that thread (``BUSY_COPIES_ON_CALLER``: no
+    parallel region) or by torch (switched off); off the main thread they are copied pair by pair by torch
+    either way.  The bytes written are exactly the pairs'."""
     import threading
 
     from tiercache import batched
+
+    monkeypatch.setattr(batched, "BUSY_COPIES_ON_CALLER", on_caller)
+    on_caller_calls = []
+    original_on_caller = batched.copy_on_caller
+    monkeypatch.setattr(batched, "copy_on_caller", lambda *a: on_caller_calls.append(len(a[0])) or original_on_caller(*a))
 
     n, block = 4, batched.INTRA_OP_GRAIN // (3 * 16) + 1  # (2, 1, 3, block, 16): above the grain
     gen = torch.Generator().manual_seed(1)
@@ -295,11 +302,48 @@ def test_copy_pairs_merges_pairs_above_the_grain_on_a_busy_main_thread(where, mo
         t = threading.Thread(target=batched.copy_pairs, args=(dsts, srcs))
         t.start()
         t.join()
-        assert merged == []
+        assert merged == []  # off the main thread: pair by pair, by torch, either way
+        assert on_caller_calls == []
     else:
         batched.copy_pairs(dsts, srcs)
         assert merged == [n]
+        assert on_caller_calls == ([1] if on_caller else [])  # the run, as one pair of views
     assert torch.equal(buf, expect)
+
+
+def test_copy_on_caller_writes_exactly_the_pairs_or_nothing():
+    """``copy_on_caller`` writes each pair's bytes and nothing beside them (block slices of a buffer, a
+    contiguous float64 pair, a transposed source, bfloat16, which numpy lacks); any pair it cannot copy (an
+    expanded destination, a dtype or shape mismatch, a destination that requires grad, a conjugate view)
+    makes it return False before anything is written."""
+    from tiercache import batched
+
+    gen = torch.Generator().manual_seed(3)
+    buf = torch.zeros(2, 1, 3, 3 * 10 + 4, 8)
+    dsts = [buf[:, :, :, j * 10:(j + 1) * 10] for j in range(3)]
+    srcs = [torch.randn(2, 1, 3, 10, 8, generator=gen) for _ in range(2)]
+    srcs.append(torch.randn(2, 1, 3, 8, 10, generator=gen).transpose(3, 4))  # not contiguous
+    whole = torch.zeros(5, 7, dtype=torch.float64)
+    half = torch.zeros(6, 9, dtype=torch.bfloat16)[:, 1:]
+    dsts += [whole, half]
+    srcs += [torch.randn(5, 7, generator=gen, dtype=torch.float64), torch.randn(6, 8, generator=gen).bfloat16()]
+    expect = buf.clone()
+    for d, s in zip(expect[:, :, :, :30].unflatten(3, (3, 10)).unbind(3), srcs):
+        d.copy_(s)
+    assert batched.copy_on_caller(dsts, srcs) is True
+    assert torch.equal(buf, expect) and torch.equal(whole, srcs[3]) and torch.equal(half, srcs[4])
+    complex_dst = torch.zeros(4, 8, dtype=torch.complex64)
+    for bad_dst, bad_src in [
+        (torch.zeros(1, 8).expand(4, 8), torch.randn(4, 8)),                      # expanded: elements share memory
+        (dsts[0], srcs[0].double()),                                              # dtype
+        (dsts[0], torch.randn(2, 1, 3, 8, 10)),                                   # shape
+        (torch.zeros(2, 1, 3, 10, 8, requires_grad=True), srcs[0]),               # requires grad
+        (complex_dst, torch.randn(4, 8, dtype=torch.complex64).conj()),           # a conjugate view
+    ]:
+        before = buf.clone()
+        assert batched.copy_on_caller([dsts[1], bad_dst], [torch.ones(2, 1, 3, 10, 8), bad_src]) is False
+        assert torch.equal(buf, before)  # not even the good first pair was written
+    assert not complex_dst.any()
 
 
 def test_copy_pairs_does_not_merge_at_one_torch_thread(monkeypatch):
@@ -486,3 +530,26 @@ def test_puts_encode_keys_when_the_entry_first_needs_its_header(tmp_path, batche
         assert sorted(map(repr, cache.keys())) == sorted(map(repr, keys))
         for key in keys:
             assert torch.equal(cache.get(key), value + len(str(key)))
+
+
+def test_copy_pairs_on_a_busy_machine_copies_unmerged_pairs_on_the_caller_or_by_torch(monkeypatch):
+    """Busy, two torch threads, pairs above the grain that do not form runs (destinations in reverse order):
+    nothing is merged and the pairs go to ``copy_on_caller`` as one batch; pairs it refuses (complex128: no
+    integer view of 16 bytes) are copied by torch instead.  The bytes are the pairs' either way."""
+    from tiercache import batched
+
+    block = batched.INTRA_OP_GRAIN // 16 + 1
+    monkeypatch.setattr(batched, "_idle", [float("inf"), False])  # busy
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    calls = []
+    original = batched.copy_on_caller
+    monkeypatch.setattr(batched, "copy_on_caller", lambda d, s: calls.append(len(d)) or original(d, s))
+    for dtype in (torch.float32, torch.complex128):
+        calls.clear()
+        gen = torch.Generator().manual_seed(4)
+        srcs = [torch.randn(1, block, 16, generator=gen, dtype=dtype) for _ in range(3)]
+        buf = torch.zeros(1, 3 * block + 5, 16, dtype=dtype)
+        dsts = [buf[:, j * block:(j + 1) * block] for j in (2, 1, 0)]
+        batched.copy_pairs(dsts, srcs)
+        assert calls == [3]
+        assert all(torch.equal(d, s) for d, s in zip(dsts, srcs)) and not buf[:, 3 * block:].any()
