@@ -268,18 +268,23 @@ class DataPaths(Moves):
                 clock = self._clock = self._clock + 1
                 index = self._index
                 old = index.get(key)
-                if old is not None:
-                    if score is None:
-                        score = old.score
-                    releases = self._unlink(old)
+                if old is not None and score is None:
+                    score = old.score
                 token = next(_TOKENS)
-                entry = index[key] = Entry(key, size, arena.name, clock, clock, 0, score if score is not None else 0.0,
-                                           key_bytes, dtype, shape, seq, 0, slot, None, False, token)
+                entry = Entry(key, size, arena.name, clock, clock, 0, score if score is not None else 0.0,
+                              key_bytes, dtype, shape, seq, 0, slot, None, False, token)
+                try:  # ranked before anything changes: a policy that raises leaves the cache as it was
+                    rank = entry.queued_rank = self._policy.rank(entry)
+                except BaseException:
+                    arena.free(slot)
+                    raise
+                if old is not None:
+                    releases = self._unlink(old)
+                index[key] = entry
                 # RankedQueue.push, inlined (the entry is new: its version is already the item's token)
                 queue = self._queues[0]
                 queue.live += 1
                 queue.payload += size
-                rank = entry.queued_rank = self._policy.rank(entry)
                 queue._owners[token] = entry
                 heap = queue._heap
                 _heappush(heap, (rank, token))

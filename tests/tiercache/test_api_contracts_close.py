@@ -326,8 +326,6 @@ def test_a_disk_tier_made_directly_checks_its_options_as_cache_does(tmp_path, op
     DiskTier(tmp_path / "ok", 1 << 20, io_threads=np.int64(2)).close()
 
 
-@pytest.mark.xfail(strict=True, reason="batched.put (hot8's file) links the new entry before ranking it; "
-                                       "fix: PATCH-batched.py.diff")
 def test_a_policy_whose_rank_raises_in_a_put_leaves_the_cache_consistent():
     """A put whose policy.rank raised left the new entry in the index but outside the eviction queue: it
     could never be evicted again and pinned its slot for good."""
