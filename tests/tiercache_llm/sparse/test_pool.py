@@ -300,8 +300,8 @@ def test_pool_budget_option_plumbing(make_config):
     with pytest.raises(ValueError, match="contradicts"):
         TieredKVCache(make_config(), mode="sparse", pool_bytes="1MiB", pipeline={"pool_bytes": 4096})
     settings = TieredKVSettings(mode="sparse", strategy="reuse-layer-ahead", pool_bytes="1MiB",
-                                pipeline={"stage_ahead": 1})
-    assert settings.pool_bytes == settings.pipeline.pool_bytes == 1 << 20 and settings.pipeline.stage_ahead == 1
+                                pipeline={"io_workers": 3})
+    assert settings.pool_bytes == settings.pipeline.pool_bytes == 1 << 20 and settings.pipeline.io_workers == 3
     assert settings.pipeline.retention == "previous"  # the strategy's own pipeline, bounded
     assert PipelineConfig(pool_bytes="2KiB").pool_bytes == 2048
     # the default, everywhere: "auto"; None is the explicit spelling of unbounded
