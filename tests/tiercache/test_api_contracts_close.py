@@ -48,10 +48,9 @@ def _disk_cache(tmp_path, on_evict, entries=8):
     return cache
 
 
-# -- 1. a second close() waits for the first ------------------------------------------------------------
-def test_a_concurrent_close_waits_for_the_close_in_progress(tmp_path):
-    """A close() called while another thread's close() was still persisting returned at once: its caller
-    then found the cache not closed yet and the path still locked."""
+def _cache_whose_close_holds(tmp_path):
+    """A :func:`_disk_cache` whose ``close()`` sets ``persisting`` once it reports its first entry and then
+    holds until ``release`` is set; returns (cache, persisting, release)."""
     persisting, release = threading.Event(), threading.Event()
 
     def on_evict(key, reason):
@@ -59,7 +58,14 @@ def test_a_concurrent_close_waits_for_the_close_in_progress(tmp_path):
             persisting.set()
             release.wait(HANG)
 
-    cache = _disk_cache(tmp_path, on_evict)
+    return _disk_cache(tmp_path, on_evict), persisting, release
+
+
+# -- 1. a second close() waits for the first ------------------------------------------------------------
+def test_a_concurrent_close_waits_for_the_close_in_progress(tmp_path):
+    """A close() called while another thread's close() was still persisting returned at once: its caller
+    then found the cache not closed yet and the path still locked."""
+    cache, persisting, release = _cache_whose_close_holds(tmp_path)
     first, first_out = _in_thread(cache.close)
     assert persisting.wait(HANG)
     second, second_out = _in_thread(cache.close)
@@ -76,14 +82,7 @@ def test_a_concurrent_close_waits_for_the_close_in_progress(tmp_path):
 
 
 def test_a_close_that_waited_raises_the_failure_of_the_close_it_waited_for(tmp_path):
-    persisting, release = threading.Event(), threading.Event()
-
-    def on_evict(key, reason):
-        if reason == "close":
-            persisting.set()
-            release.wait(HANG)
-
-    cache = _disk_cache(tmp_path, on_evict)
+    cache, persisting, release = _cache_whose_close_holds(tmp_path)
     disk = cache.tiers[-1]
     real_close = disk.close
 
