@@ -6,24 +6,14 @@ import torch
 
 from tiercache_llm import TieredKVCache, sparse_layer
 
-
-
-def left_padded_batch(vocab=128, lengths=(20, 15, 9), seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, ids.shape[1] - n:] = torch.randint(3, vocab, (n,), generator=gen)
-        mask[row, ids.shape[1] - n:] = 1
-    return ids, mask
+from ..test_generate_tiny import left_padded_batch
+from .test_page_table import torch_threads
 
 
 @pytest.fixture
 def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(2):
+        yield
 
 
 def _spy(monkeypatch):
