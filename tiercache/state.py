@@ -138,9 +138,27 @@ class CacheState:
         return self._clock
 
     def _rerank(self, entry: Entry) -> None:
-        entry.version += 1
+        """Queue ``entry`` in its tier's queue at the policy's rank of its current info (its older items
+        go stale).  If ``policy.rank`` raises, the entry is queued at its previous rank instead, so it stays
+        evictable (a victim handed back or an entry just moved has no other current item), and the error
+        propagates: callers in the middle of bookkeeping use :meth:`_rerank_or_error`."""
         entry.info.tier = self._tiers[entry.level].name
-        self._queues[entry.level].push(entry, self._policy.rank(entry.info))
+        queue = self._queues[entry.level]
+        try:
+            rank = self._policy.rank(entry.info)
+        except BaseException:
+            queue.push(entry, entry.queued_rank)  # (set by the entry's first push or by recovery's load)
+            raise
+        queue.push(entry, rank)
+
+    def _rerank_or_error(self, entry: Entry) -> BaseException | None:
+        """:meth:`_rerank`, returning what ``policy.rank`` raised instead of raising it: for bookkeeping
+        that must run to its end (hand victims back, unpin, release) before the error propagates."""
+        try:
+            self._rerank(entry)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, who raises it
+            return exc
+        return None
 
     # Pins are keyed by the Slot object's identity: every pin, unpin and release of a slot goes through the
     # one Slot object its entry holds (a reader keeps it alive while pinned), and an identity key hashes
