@@ -266,3 +266,32 @@ def test_a_rank_that_raises_on_a_hit_leaves_the_entry_queued_and_nothing_pinned(
         policy.fail = False
         check_consistent(cache)
         _drain(cache, policy, 32)
+
+
+def test_a_demotion_whose_room_making_below_fails_hands_its_victim_back():
+    """Three tiers; making room in the middle one demotes its victim to the last, whose write fails (I/O).
+    The error reached the put, but the first tier's victim, waiting for that room, stayed marked moving and
+    pinned: never a victim again, its slot never released (``_demote`` did not hand it back)."""
+    from tiercache.tiers.memory import ArenaTier
+
+    class Broken(ArenaTier):
+        broken = False
+
+        def write(self, slot, data, header):
+            if self.broken:
+                raise OSError(5, "injected write failure")
+            return super().write(slot, data, header)
+
+    last = Broken("c", 1024)
+    with Cache(tiers=[ArenaTier("a", 256), ArenaTier("b", 256), last]) as cache:
+        cache.put(0, torch.zeros(64))
+        cache.put(1, torch.zeros(64))  # 0 demoted to b
+        last.broken = True
+        with pytest.raises(OSError, match="injected"):
+            cache.put(2, torch.zeros(64))  # 1 -> b needs 0 -> c, which fails
+        last.broken = False
+        check_consistent(cache)
+        assert cache.tiers_of([0, 1]) == ["b", "a"]
+        cache.put(2, torch.zeros(64))
+        assert cache.tiers_of([0, 1, 2]) == ["c", "b", "a"]
+        check_consistent(cache)
