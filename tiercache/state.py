@@ -14,6 +14,8 @@ last pin goes, so a concurrent delete or overwrite never frees bytes still being
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +33,11 @@ from .tiers.base import EntryHeader, Slot, Tier
 from .transfer import CopyEngine
 
 log = logging.getLogger("tiercache.cache")
+
+# The modules whose frames, with a cache as ``self``, run inside one of its operations (see
+# ``CacheState._runs_inside_operation``).
+_OPERATION_FILES = frozenset(os.path.join(os.path.dirname(__file__), name)
+                             for name in ("batched.py", "moves.py", "persistence.py"))
 
 Release = tuple[int, Slot]
 """A slot to give back to tier ``[0]`` once its pins are gone (see ``CacheState._finish``)."""
@@ -132,6 +139,22 @@ class CacheState:
             yield
         finally:
             self._end()
+
+    def _runs_inside_operation(self) -> bool:
+        """Whether the calling thread runs inside one of this cache's operations: a frame of the data paths
+        or the moves (``batched.py``, ``moves.py``, ``persistence.py``) with this cache as ``self`` is on
+        its stack, e.g. a policy's ``promote`` or a tier's method called by a ``get``.  ``close()`` asks
+        (only while operations are in flight: it walks the stack) so that it raises instead of waiting
+        for the very operation that runs it."""
+        frame = sys._getframe(1)
+        files = _OPERATION_FILES
+        while frame is not None:
+            code = frame.f_code
+            if code.co_filename in files and code.co_argcount and code.co_varnames[0] == "self" \
+                    and frame.f_locals.get("self") is self:
+                return True
+            frame = frame.f_back
+        return False
 
     def _tick(self) -> int:
         self._clock += 1

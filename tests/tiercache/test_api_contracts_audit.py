@@ -295,3 +295,168 @@ def test_a_demotion_whose_room_making_below_fails_hands_its_victim_back():
         cache.put(2, torch.zeros(64))
         assert cache.tiers_of([0, 1, 2]) == ["c", "b", "a"]
         check_consistent(cache)
+
+
+# -- close() from a policy's promote or a tier's method -----------------------------------------------------
+
+CLOSE_HANG = 10.0  # (these return in milliseconds once fixed; unfixed, each one hangs a daemon thread this long)
+
+NEEDS_CLOSE_PATCH = pytest.mark.xfail(
+    strict=True, reason="needs PATCH-tiercache-cache.py.diff: close() from a policy's promote or a tier method "
+                        "run by an operation waited for that operation, i.e. for itself (a hang)")
+
+
+def _in_thread(fn):
+    out: dict = {}
+
+    def body():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            out["error"] = exc
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread, out
+
+
+class ClosingPromote:
+    name = "closing-promote"
+
+    def __init__(self, box):
+        self.box, self.seen = box, []
+
+    def rank(self, info):
+        return info.last_access
+
+    def promote(self, info, src, dst):
+        try:
+            self.box[0].close()
+            self.seen.append("returned")
+        except RuntimeError as exc:
+            self.seen.append(str(exc))
+        return True
+
+
+@NEEDS_CLOSE_PATCH
+@pytest.mark.parametrize("read", ["get", "get_many", "get_many_out", "disk_get"])
+def test_close_from_a_policy_promote_raises_instead_of_hanging(tmp_path, read):
+    from tiercache.tiers.memory import ArenaTier
+
+    box: list = []
+    policy = ClosingPromote(box)
+
+    def scenario():
+        if read == "disk_get":
+            cache = Cache(host=256, disk="64KiB", path=tmp_path / "s", policy=policy)
+        else:
+            cache = Cache(tiers=[ArenaTier("a", 256), ArenaTier("b", 1024)], policy=policy)
+        box.append(cache)
+        cache.put(0, torch.zeros(64))
+        cache.put(1, torch.ones(64))  # 0 demoted
+        if read in ("get", "disk_get"):
+            value = cache.get(0)
+        elif read == "get_many":
+            value = cache.get_many([0])[0]
+        else:
+            value = cache.get_many([0], out=[torch.empty(64)])[0]
+        assert torch.equal(value, torch.zeros(64))
+        assert 0 in cache and 1 in cache  # still open
+        cache.close()
+        return cache.stats()["closed"]
+
+    thread, out = _in_thread(scenario)
+    thread.join(CLOSE_HANG)
+    assert not thread.is_alive(), f"close() from promote during {read} hung"
+    assert out.get("value") is True, out
+    assert policy.seen and all("promote" in text for text in policy.seen), policy.seen
+
+
+@NEEDS_CLOSE_PATCH
+def test_close_from_a_tier_write_run_by_a_put_raises_instead_of_hanging():
+    """A tier's ``write`` during a put's demotion calling close()."""
+    from tiercache.tiers.memory import ArenaTier
+
+    box: list = []
+    seen: list = []
+
+    class Closing(ArenaTier):
+        armed = False
+
+        def write(self, slot, data, header):
+            if self.armed:
+                self.armed = False
+                try:
+                    box[0].close()
+                    seen.append("returned")
+                except RuntimeError as exc:
+                    seen.append(str(exc))
+            return super().write(slot, data, header)
+
+    slow = Closing("b", 1024)
+
+    def scenario():
+        cache = Cache(tiers=[ArenaTier("a", 256), slow])
+        box.append(cache)
+        cache.put(0, torch.zeros(64))
+        slow.armed = True
+        cache.put(1, torch.ones(64))  # demotes 0: written to the slow tier
+        assert cache.tiers_of([0, 1]) == ["b", "a"]
+        value = cache.get(0)
+        cache.close()
+        return torch.equal(value, torch.zeros(64))
+
+    thread, out = _in_thread(scenario)
+    thread.join(CLOSE_HANG)
+    assert not thread.is_alive(), "close() from a tier write hung"
+    assert out.get("value") is True, out
+    assert seen and "tier" in seen[0], seen
+
+
+@NEEDS_CLOSE_PATCH
+def test_close_from_promote_while_another_thread_closes_raises_instead_of_deadlocking(tmp_path):
+    """Thread A's close() waits for B's get; B's promote calls close(), which waited for A's: a deadlock."""
+    from tiercache.tiers.memory import ArenaTier
+
+    box: list = []
+    entered, go = threading.Event(), threading.Event()
+
+    class Blocking(ClosingPromote):
+        def promote(self, info, src, dst):
+            entered.set()
+            go.wait(HANG)
+            return super().promote(info, src, dst)
+
+    policy = Blocking(box)
+    cache = Cache(tiers=[ArenaTier("a", 256), ArenaTier("b", 1024)], policy=policy)
+    box.append(cache)
+    cache.put(0, torch.zeros(64))
+    cache.put(1, torch.ones(64))
+    reader, got = _in_thread(lambda: cache.get(0))
+    assert entered.wait(HANG)
+    closer, closed = _in_thread(cache.close)
+    deadline = threading.Event()
+    while not cache._closing and not deadline.wait(0.01):  # until A's close() waits for B's get
+        pass
+    go.set()
+    reader.join(CLOSE_HANG)
+    closer.join(CLOSE_HANG)
+    assert not reader.is_alive() and not closer.is_alive(), "deadlock"
+    assert torch.equal(got["value"], torch.zeros(64)) and "value" in closed, (got, closed)
+    assert policy.seen and "promote" in policy.seen[0]
+    assert cache.stats()["closed"]
+
+
+def test_close_from_another_cache_s_promote_is_not_refused():
+    """The check is per cache: a promote of cache A may close cache B."""
+    from tiercache.tiers.memory import ArenaTier
+
+    other = Cache(host=1024)
+    other.put("x", torch.ones(4))
+    box = [other]
+    policy = ClosingPromote(box)
+    with Cache(tiers=[ArenaTier("a", 256), ArenaTier("b", 1024)], policy=policy) as cache:
+        cache.put(0, torch.zeros(64))
+        cache.put(1, torch.ones(64))
+        assert torch.equal(cache.get(0), torch.zeros(64))
+    assert policy.seen == ["returned"] and other.stats()["closed"]
