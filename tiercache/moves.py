@@ -27,7 +27,8 @@ class Moves(CacheState):
         tier cannot make room (everything there is being moved, or the value is too large for it).
         With ``allow_drop=False`` no entry may be dropped from the last tier to make room (promotions use
         this: a read never costs another entry its data); ``None`` then also when only a drop would help.
-        Raises ``TierIOError`` if a demotion fails on I/O (nothing is lost then)."""
+        Raises ``TierIOError`` if a demotion fails on I/O (nothing is lost then), and what the policy's
+        ``rank`` raised (every victim is then queued again, at its previous rank if need be)."""
         tier = self._tiers[tier_index]
         if nbytes > tier.max_nbytes:
             return None
@@ -58,8 +59,9 @@ class Moves(CacheState):
                     with self._lock:  # hand the untouched victims back
                         for rest in victims[position + 1 :]:
                             rest.moving = False
-                            # (a policy.rank that raises: queued at its old rank, the error raised below)
-                            error = self._rerank_or_error(rest) or error
+                            # (a policy.rank that raises: queued at its old rank; the first error is raised below)
+                            failed = self._rerank_or_error(rest)
+                            error = error or failed
                             self._finish_later(self._unpin(rest.level, rest.slot))
                     break
             self._flush_finish_later()
