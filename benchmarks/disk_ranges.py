@@ -57,6 +57,14 @@ def part_ranges(picks: list[int], part_bytes: int) -> list[tuple[int, int]]:
     return out
 
 
+def aligned_empty(shape: tuple[int, ...]) -> torch.Tensor:
+    """A float32 tensor of ``shape`` starting at a page boundary (``torch.empty`` gives 64-byte alignment)."""
+    nbytes = 4 * torch.Size(shape).numel()
+    raw = torch.empty(nbytes + 4096, dtype=torch.uint8)
+    at = -raw.data_ptr() % 4096
+    return raw[at : at + nbytes].view(torch.float32).view(shape)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--count", type=int, default=256, help="entries per store (default 256 = 192 MiB)")
@@ -69,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--path", default=None, help="store folder (default: a temporary one under /var/tmp)")
     ap.add_argument("--out", default=None, help="folder for disk_ranges.{json,md,png}")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--aligned", action="store_true",
+                    help="page-aligned destinations (direct reads land in them without a bounce copy)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -94,14 +104,15 @@ def main(argv: list[str] | None = None) -> int:
         direct = all(c.stats()["tiers"]["disk"]["direct_io"] for c in caches.values())
         print(f"{args.count} entries of float32 {shape} ({value_bytes >> 10} KiB, {parts} parts of "
               f"{part_bytes >> 10} KiB) per store, sectors of {[s >> 10 for s in sectors]} KiB, get_many batches of "
-              f"{args.batch}, direct_io={direct}, 1 torch thread")
+              f"{args.batch}, direct_io={direct}, {'page-aligned' if args.aligned else 'torch.empty'} destinations, "
+              "1 torch thread")
         gen = torch.Generator().manual_seed(args.seed)
         keys = list(range(args.count))
         for key in keys:
             value = torch.randn(shape, generator=gen)
             for cache in caches.values():  # written alternately: neither store is the one written last
                 cache.put(key, value)
-        outs = [torch.empty(shape) for _ in range(args.batch)]
+        outs = [aligned_empty(shape) if args.aligned else torch.empty(shape) for _ in range(args.batch)]
         batches = [keys[i : i + args.batch] for i in range(0, len(keys), args.batch)]
         variants = [(sector, kind) for sector in sectors for kind in ["whole"] + [f"k={k}" for k in ks]]
         times: dict[tuple[int, str], list[float]] = {v: [] for v in variants}
@@ -168,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"`{' '.join(sys.argv)}`; {args.count} entries of float32 {shape}, {parts} parts of "
             f"{part_bytes >> 10} KiB, sectors {[s >> 10 for s in sectors]} KiB, batches of {args.batch}, "
-            f"direct_io={direct}; load average {load_start[0]:.2f} -> {load_end[0]:.2f}; medians of "
+            f"direct_io={direct}, {'page-aligned' if args.aligned else 'torch.empty'} destinations; load average {load_start[0]:.2f} -> {load_end[0]:.2f}; medians of "
             f"{args.repeats} interleaved repeats.",
             "",
             "| sector | read | ms / entry | ratio to whole | KiB read / entry |",
