@@ -446,6 +446,45 @@ _U32 = struct.Struct("<I")
 _CHAR_ARRAYS: dict[int, type] = {}
 
 
+#: length -> the four byte tables of the linear map "crc32c continued over ``length`` bytes" (crc combine)
+_SHIFTS: dict[int, tuple[list[int], list[int], list[int], list[int]]] = {}
+
+
+def _shift_tables(length: int, crc32c: Callable) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Tables of the map ``c -> crc32c(B, c) ^ crc32c(B, 0)`` for any ``B`` of ``length`` bytes (it is linear
+    in ``c`` and does not depend on ``B``'s bytes), by input byte, so that ``crc32c(A + B) ==
+    shift(crc32c(A)) ^ crc32c(B)`` (zlib's crc32_combine).  Cached per length."""
+    tables = _SHIFTS.get(length)
+    if tables is None:
+        zeros = bytes(length)
+        base = crc32c(zeros)
+        basis = [crc32c(zeros, 1 << bit) ^ base for bit in range(32)]
+        built = []
+        for k in range(4):
+            table = [0] * 256
+            for b in range(1, 256):
+                low = b & -b
+                table[b] = table[b ^ low] ^ basis[8 * k + low.bit_length() - 1]
+            built.append(table)
+        if len(_SHIFTS) >= 64:
+            _SHIFTS.clear()
+        tables = _SHIFTS[length] = tuple(built)  # type: ignore[assignment]
+    return tables  # type: ignore[return-value]
+
+
+def _crc_after(crc: int, crcs: bytes, payload: memoryview, shift: int, crc32c: Callable) -> int:
+    """``crc32c(payload, crc)`` from the payload's sector crcs ``crcs`` (sectors of ``2**shift`` bytes): every
+    sector but the last combined from its crc (one table per sector size), the last one read again (a short
+    one would need tables of its own length)."""
+    size = 1 << shift
+    count = len(crcs) // CRC_BYTES
+    if count > 1:
+        t0, t1, t2, t3 = _shift_tables(size, crc32c)
+        for sector_crc in struct.unpack_from(f"<{count - 1}I", crcs):
+            crc = t0[crc & 255] ^ t1[(crc >> 8) & 255] ^ t2[(crc >> 16) & 255] ^ t3[crc >> 24] ^ sector_crc
+    return crc32c(payload[(count - 1) * size :], crc)
+
+
 def _copy_ranges(dst: int, src: int, base: int, ranges: Sequence[tuple[int, int]]) -> None:
     """Copy each payload range ``[start, stop)`` from ``src + start - base`` to ``dst + start``."""
     for start, stop in ranges:
@@ -868,7 +907,11 @@ class DiskTier:
             self._before_change()
             self._ensure_array(pages)
             if self._codec is None:
-                crc = self._crc(bytes(pad_len), self._crc(payload, self._crc(head)))
+                if table is not None:  # the payload's crc from its sector crcs: no second pass over it
+                    crc = self._crc(bytes(pad_len), _crc_after(self._crc(head), table[1], payload, table[0],
+                                                               self._crc))
+                else:
+                    crc = self._crc(bytes(pad_len), self._crc(payload, self._crc(head)))
                 if self.direct_io:
                     self._write_direct(tmp, head, payload, pad_len, crc)
                 else:
