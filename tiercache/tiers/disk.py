@@ -485,10 +485,14 @@ def _crc_after(crc: int, crcs: bytes, payload: memoryview, shift: int, crc32c: C
     return crc32c(payload[(count - 1) * size :], crc)
 
 
+# How ranged reads copy verified bytes out of their bounce buffer (a module global so an A/B can swap it).
+_range_copy = ctypes.memmove
+
+
 def _copy_ranges(dst: int, src: int, base: int, ranges: Sequence[tuple[int, int]]) -> None:
     """Copy each payload range ``[start, stop)`` from ``src + start - base`` to ``dst + start``."""
     for start, stop in ranges:
-        ctypes.memmove(dst + start, src + start - base, stop - start)
+        _range_copy(dst + start, src + start - base, stop - start)
 
 
 def _char_array(nbytes: int) -> type:
@@ -1674,7 +1678,7 @@ class DiskTier:
                 got += span
                 if base:
                     for start, stop in ranges[r:j]:
-                        ctypes.memmove(dst + start, base + start - lo, stop - start)
+                        _range_copy(dst + start, base + start - lo, stop - start)
                 r = j
         finally:
             fds.release(handle)
