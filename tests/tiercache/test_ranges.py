@@ -362,3 +362,20 @@ def test_whole_sector_runs_land_in_the_destination_and_are_verified_there(tmp_pa
         cache.get_many(["a"], out=[out], ranges=[wanted])
     assert cache.stats()["corruptions"] == 1 and "a" not in cache
     cache.close()
+
+
+def test_whole_reads_of_odd_sizes_keep_the_direct_alignment(tmp_path):
+    """A ranged read that reads a version-2 entry of an odd size whole (through the bounce buffer) must not
+    make the tier give up direct reads into callers' memory (an EINVAL from a misaligned piece would)."""
+    path = tmp_path / "s"
+    make_v2_store(path)
+    cache = Cache(host=None, disk="64MiB", path=str(path), direct_io=True)
+    tier = cache._tiers[-1]
+    before = (tier.dio_align, tier.dio_mem_align, tier._dio_into)
+    value = make_value(torch.uint8, (1000,), 11)
+    cache.put("a", value)
+    out = torch.zeros_like(value)
+    cache.get_many(["a"], out=[out], ranges=[[(10, 20)]])
+    assert torch.equal(out[10:20], value[10:20]) and torch.count_nonzero(out[:10]) == 0
+    assert (tier.dio_align, tier.dio_mem_align, tier._dio_into) == before
+    cache.close()

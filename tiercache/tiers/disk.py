@@ -1700,7 +1700,9 @@ class DiskTier:
             if handle is None:
                 handle = self._acquire_fd(slot)
             try:
-                head, problem = self._pread_checked(handle.fd, pages, part, nbytes, True)
+                # (the bounce buffer is page-aligned: a direct read lands the payload in it when its size
+                # keeps the next piece aligned)
+                head, problem = self._pread_checked(handle.fd, pages, part, nbytes, nbytes % self.dio_align == 0)
                 if problem is not None:
                     raise CorruptEntryError(f"{self._chunk_file(slot)} {problem}")
                 self._check_stored(slot, head, header)
