@@ -1559,9 +1559,11 @@ class DiskTier:
 
         An entry with a sector table (version 3, uncompressed) is read by sectors: one read per run of
         consecutive sectors that the ranges touch (page-aligned, so ``O_DIRECT`` applies), each sector
-        verified against its crc32c before its bytes are copied.  Any other entry (a version-2 store, a
-        compressed one, an entry whose table is not known yet after an index load) is read whole and
-        verified as :meth:`read` does, through a private buffer (its table learnt from the header page).
+        verified against its crc32c before its bytes are copied (a run whose every byte is asked for is
+        read straight into ``out`` where alignment allows, and verified there).  The table is known from
+        the write or the open scan; after an open that loaded ``index.tc`` the first ranged read of an
+        entry reads its header page for it (:meth:`_learn_sectors`).  Any other entry (a version-2 store,
+        a compressed one) is read whole and verified as :meth:`read` does, through a private buffer.
         Damage: ``CorruptEntryError`` with ``tiercache_index`` = the item's position, once a whole read
         of the entry into a private buffer has confirmed it (a sound one: its ranges are copied from that
         read, counted in ``confirmed_sound``), as :meth:`read_into` does.  Batches of direct reads are
@@ -1612,9 +1614,13 @@ class DiskTier:
                          ranges: Sequence[tuple[int, int]]) -> int:
         """:meth:`read_ranges` of one item without the confirmation of damage; the payload bytes read."""
         ref = slot.ref
-        known = self._sectors.get(ref)  # type: ignore[arg-type]
-        if known is None or known[0] != header.seq or self._codec is not None:
+        if self._codec is not None or self.format_version < 3:
             return self._read_whole_ranges(slot, header, out, ranges)
+        known = self._sectors.get(ref)  # type: ignore[arg-type]
+        if known is None or known[0] != header.seq:
+            known = self._learn_sectors(slot, header)
+            if known is None:  # the entry has no table
+                return self._read_whole_ranges(slot, header, out, ranges)
         _, shift, crcs = known
         nbytes = slot.nbytes
         runs: list[list[int]] = []  # [first sector, end sector) of each run the ranges touch
@@ -1684,10 +1690,37 @@ class DiskTier:
             fds.release(handle)
         return got
 
+    def _learn_sectors(self, slot: Slot, header: EntryHeader) -> tuple[int, int, bytes] | None:
+        """The sector table of ``slot``'s entry from its header page (read alone: an open that loaded
+        ``index.tc`` has no tables), kept for the next reads; ``None`` when the entry has none.  The page is
+        checked as a read checks it (its identity record must be ``header``'s; the table must fit the
+        page), not by the chunk's crc, which covers the whole file: a damaged table only makes sectors
+        fail their crcs, and that damage is confirmed by a whole read before it is reported."""
+        handle = self._fds.lookup(slot.ref)
+        if handle is None:
+            handle = self._acquire_fd(slot)
+        try:
+            head = self._scratch.dhead  # page-aligned, HEADER_BYTES long
+            got = os.preadv(handle.fd, [head], 0)
+        finally:
+            self._fds.release(handle)
+        if got != HEADER_BYTES:
+            raise CorruptEntryError(f"{self._chunk_file(slot)} {_wrong_size(got)}")
+        self._check_stored(slot, head, header)
+        decode_header(head, (self.format_version,))  # the table's shift and size are possible
+        table = sector_table(head, header)
+        if table is None:
+            return None
+        known = (header.seq, *table)
+        with self._lock:
+            if self._headers.get(slot.ref) is not None:  # (still live)
+                self._sectors[slot.ref] = known  # type: ignore[index]
+        return known  # type: ignore[return-value]
+
     def _read_whole_ranges(self, slot: Slot, header: EntryHeader, out: torch.Tensor,
                            ranges: Sequence[tuple[int, int]]) -> int:
-        """Read ``slot``'s whole verified payload into this thread's buffer, copy the ranges into ``out`` and,
-        for a version-3 uncompressed store, learn the entry's sector table from its header page."""
+        """Read ``slot``'s whole verified payload into this thread's buffer and copy the ranges into ``out``
+        (an entry without a sector table: a version-2 or compressed store, an empty value)."""
         nbytes = slot.nbytes
         view, address = self._scratch.bounce(max(nbytes, 1))
         part = [view[:nbytes]] if nbytes else []
@@ -1706,15 +1739,6 @@ class DiskTier:
                 if problem is not None:
                     raise CorruptEntryError(f"{self._chunk_file(slot)} {problem}")
                 self._check_stored(slot, head, header)
-                if self.format_version >= 3:
-                    try:
-                        table = sector_table(head, header)
-                    except (ValueError, IndexError):
-                        table = None
-                    if table is not None:
-                        with self._lock:
-                            if self._headers.get(slot.ref) is not None:  # (still live)
-                                self._sectors[slot.ref] = (header.seq, *table)  # type: ignore[index]
             finally:
                 fds.release(handle)
         _copy_ranges(out.data_ptr(), address, 0, ranges)
