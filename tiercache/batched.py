@@ -866,8 +866,13 @@ class DataPaths(Moves):
             try:
                 whole = [i for i, wanted in enumerate(ranges) if wanted is None]
                 if whole:
-                    _, copies = self._copy_each([pinned[i] for i in whole], [views[i] for i in whole],
-                                                [dsts[i] for i in whole], target, reads)
+                    try:
+                        _, copies = self._copy_each([pinned[i] for i in whole], [views[i] for i in whole],
+                                                    [dsts[i] for i in whole], target, reads)
+                    except CorruptEntryError as exc:  # its position in the whole items: in the batch
+                        where = getattr(exc, "tiercache_index", None)
+                        exc.tiercache_index = whole[where] if where is not None else None  # type: ignore[attr-defined]
+                        raise
                     for i, data in zip(whole, copies):
                         entry, src = pinned[i][0], pinned[i][1]
                         if src and promote(entry, names[src], names[0]):

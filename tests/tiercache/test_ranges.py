@@ -404,3 +404,22 @@ def test_damaged_header_page_after_an_index_load_is_reported(tmp_path, where):
         cache.get_many(["a"], out=[out], ranges=[[(3 * SECTOR, 3 * SECTOR + 16)]])
     assert "a" not in cache and cache.stats()["corruptions"] == 1
     cache.close()
+
+
+def test_damage_in_a_whole_item_of_a_mixed_batch_drops_that_entry(tmp_path):
+    """A whole (``None``) item after ranged ones fails its crc: the damaged entry is the one dropped."""
+    cache = Cache(host=None, disk="64MiB", path=str(tmp_path / "s"))
+    values = {k: make_value(torch.float32, (4, 3, 2, 128, 64), 20 + k) for k in range(3)}
+    for k, v in values.items():
+        cache.put(k, v)
+    chunk = chunk_of(cache, 2)
+    raw = bytearray(chunk.read_bytes())
+    raw[HEADER_BYTES + 100] ^= 1
+    chunk.write_bytes(bytes(raw))
+    cache._tiers[-1]._fds.clear()
+    outs = [torch.zeros_like(values[k]) for k in range(3)]
+    with pytest.raises(KeyError) as caught:
+        cache.get_many([0, 1, 2], out=outs, ranges=[[(0, 8)], [(8, 16)], None])
+    assert caught.value.args == (2,)
+    assert 2 not in cache and 0 in cache and 1 in cache
+    cache.close()
