@@ -280,10 +280,11 @@ class Cache(DataPaths, Persistence):
         KiB by default) that cover the ranges, one read per run of consecutive sectors, and checks each
         against its own crc32c (a mismatch is damage, as for a whole read: the entry is dropped and
         ``KeyError`` raised; damage in sectors the read skips is not seen by it, but by any whole read).
-        Entries without sector checksums (a format-2 store, a compressed store, or, after a reopen, an
-        entry's first ranged read, which learns them) are read whole, then the ranges copied.  An entry the
-        policy promotes is read whole (it is copied to the faster tier) and its ranges copied from that
-        read.  ``stats()["tiers"][...]["bytes_read"]`` counts the bytes actually read;
+        Entries without sector checksums (a format-2 store, a compressed store) are read whole, then the
+        ranges copied (after a reopen that loaded the persisted index, an entry's first ranged read also
+        reads its 4 KiB header page for its checksums).  If a ranged read fails, the asked bytes of
+        ``out[i]`` may hold what was read (never the other bytes).  An entry the policy promotes is read whole (it is copied to the faster tier) and its ranges copied from that
+        read.  ``stats()["tiers"][...]["bytes_read"]`` counts the payload bytes actually read;
         ``stats()["ranged_gets"]`` counts ranged items, and a disk tier's row ``ranged_reads`` /
         ``ranged_bytes_saved`` the entries it read by sectors and the payload bytes they skipped.  Return
         value, all-or-nothing misses, damage handling, pins and counts are as without ``ranges``.
