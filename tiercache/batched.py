@@ -196,6 +196,10 @@ class DataPaths(Moves):
                 position += len(run)
         finally:
             if begun and not ended:
+                if self._later_releases:  # (only left outside the lock by a _put_direct that raised: its own)
+                    with self._lock:
+                        later, self._later_releases = self._later_releases, []
+                    self._finish(later)
                 self._end()
 
     def put(self, key: Hashable, value: torch.Tensor, *, score: float | None = None) -> None:
@@ -333,34 +337,46 @@ class DataPaths(Moves):
             if slot is None:
                 break
             copy_bytes(slot.ref, data.data_ptr(), size)  # a CPU arena slot's ref is its address
+            key, score = item[0], item[6]
+            old = index.get(key)
+            if old is not None and score is None:
+                score = old.info.score
+            token = next(_TOKENS)
+            entry = Entry(key, size, tier.name, clock + 1, clock + 1, 0, score if score is not None else 0.0,
+                          item[1], item[3], item[4], seq + 1, home, slot, None, False, token)
+            try:  # ranked before anything changes (see put); what was stored so far is counted below
+                item_rank = entry.queued_rank = rank(entry)
+            except BaseException:
+                tier.free(slot)
+                self._put_direct_done(position, at, seq, clock, releases, written, start)
+                raise
             written[home] += size
             seq += 1
             clock += 1
-            key, score = item[0], item[6]
-            old = index.get(key)
             if old is not None:
-                if score is None:
-                    score = old.info.score
                 releases += self._unlink(old)
-            token = next(_TOKENS)
-            entry = index[key] = Entry(key, size, tier.name, clock, clock, 0, score if score is not None else 0.0,
-                                       item[1], item[3], item[4], seq, home, slot, None, False, token)
+            index[key] = entry
             # RankedQueue.push, inlined (see put)
             queue = queues[home]
             queue.live += 1
             queue.payload += size
-            item_rank = entry.queued_rank = rank(entry)
             queue._owners[token] = entry
             heap = queue._heap
             _heappush(heap, (item_rank, token))
             if len(heap) > COMPACT_MIN_ITEMS and len(heap) > COMPACT_RATIO * (queue.live + 1):  # index.over_compaction_limit
                 queue._compact()
             at += 1
+        self._put_direct_done(position, at, seq, clock, releases, written, start)
+        return at
+
+    def _put_direct_done(self, position: int, at: int, seq: int, clock: int, releases: list[Release],
+                         written: list[int], start: float) -> None:
+        """``_put_direct``'s accounting of ``prepared[position:at]``, stored (under the lock)."""
         if at > position:
             self._seq, self._clock = seq, clock
             spent = time.perf_counter() - start
             total = sum(written)
-            for tier_index, tier in enumerate(tiers):
+            for tier_index, tier in enumerate(self._tiers):
                 if written[tier_index]:
                     tier_counters = self._counters.tiers[tier.name]
                     tier_counters.bytes_written += written[tier_index]
@@ -368,7 +384,6 @@ class DataPaths(Moves):
             self._counters.puts += at - position
             if releases:
                 self._later_releases += self._free_volatile(releases)
-        return at
 
     def _write_run(
         self, run: list[tuple[int, Slot, EntryHeader]], prepared: list, datas: list[torch.Tensor], position: int
@@ -442,6 +457,8 @@ class DataPaths(Moves):
         if not run:
             return False
         releases: list[Release] = []
+        error: BaseException | None = None
+        published = 0
         with self._lock:
             if written is not None:
                 for tier_index, tier in enumerate(self._tiers):
@@ -451,7 +468,7 @@ class DataPaths(Moves):
                         counters.write_seconds += written[1][tier_index]
             index, queues, tiers, rank = self._index, self._queues, self._tiers, self._policy.rank
             clock = self._clock
-            for (tier_index, slot, header), item, view in zip(run, prepared[position:], views):
+            for done, ((tier_index, slot, header), item, view) in enumerate(zip(run, prepared[position:], views)):
                 key, score = item[0], item[6]
                 old = index.get(key)
                 if old is not None:
@@ -460,30 +477,39 @@ class DataPaths(Moves):
                         continue
                     if score is None:
                         score = old.info.score
-                    releases += self._unlink(old)
-                clock += 1
-                entry = Entry(key, header.nbytes, tiers[tier_index].name, clock, clock, 0,
+                entry = Entry(key, header.nbytes, tiers[tier_index].name, clock + 1, clock + 1, 0,
                               score if score is not None else 0.0, header.key, item[3], header.shape, header.seq,
                               tier_index, slot, view, False, 1)
-                info = entry
+                try:  # ranked before anything changes (see put): this item and the rest are given back
+                    item_rank = rank(entry)
+                except BaseException as exc:
+                    error = exc
+                    releases += [(t, s) for t, s, _ in run[done:]]
+                    break
+                if old is not None:
+                    releases += self._unlink(old)
+                clock += 1
+                published += 1
                 index[key] = entry
                 queue = queues[tier_index]
                 queue.live += 1
                 queue.payload += header.nbytes
-                queue.push(entry, rank(info))
+                queue.push(entry, item_rank)
             self._clock = clock
-            self._counters.puts += len(run)
+            self._counters.puts += published
             if releases:
                 releases = self._free_volatile(releases)
             # decided under the lock: an operation that has ended must not finish (or notify) another's work
             finish = bool(releases or self._evicted)
-            end = end and not finish  # else _end after _finish (close waits for it)
+            end = end and not finish and error is None  # else _end after _finish (close waits for it)
             if end:
                 self._active -= 1
                 if not self._active and self._closing:  # only close() waits for it
                     self._idle.notify_all()
         if finish:
             self._finish(releases)
+        if error is not None:
+            raise error
         return end
 
     # -- get ------------------------------------------------------------------------------------------
@@ -576,9 +602,13 @@ class DataPaths(Moves):
                 clock += 1
                 entry.last_access = clock
                 if rerank:  # _rerank, inlined: the tier of a hit is unchanged
-                    entry.version += 1
                     entry.tier = tiers[src].name
-                    queues[src].push(entry, rank(entry))
+                    try:  # (before the entry's item goes stale: a rank that raises leaves it queued)
+                        hit_rank = rank(entry)
+                    except BaseException:
+                        self._later.extend(self._unpin_all(pinned))  # (none: the lock was held all along)
+                        raise
+                    queues[src].push(entry, hit_rank)
                 if src == 0 and arena is not None:
                     size = entry.nbytes
                     if size <= MEMMOVE_MAX_BYTES:
@@ -694,9 +724,8 @@ class DataPaths(Moves):
                     entry.hits += 1  # the entry is its policy info (Entry.info)
                     entry.last_access = self._clock = self._clock + 1
                     if self._rerank_hits:  # _rerank, inlined: the tier of a hit is unchanged
-                        entry.version += 1
                         entry.tier = arena.name
-                        self._queues[0].push(entry, self._policy.rank(entry))
+                        self._queues[0].push(entry, self._policy.rank(entry))  # (a raise leaves it queued)
                     size = entry.nbytes
                     # new_tensor, inlined for a (shape, dtype) seen before
                     template = _TEMPLATES.get((entry.shape, entry.dtype))

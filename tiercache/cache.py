@@ -550,10 +550,9 @@ class Cache(DataPaths, Persistence):
 
         ``close()`` never waits for itself: called from code the cache runs inside an operation or
         inside ``close()`` -- an ``on_evict`` callback, a policy's methods, a prefetch future's done
-        callback (a thread of the cache's I/O pool) -- it raises ``RuntimeError`` and changes nothing
-        (an exception raised in ``on_evict`` is logged, as any other): close the cache once that
-        operation has returned.  A policy's ``promote`` and a tier's methods also run inside operations,
-        outside the index lock: they must not call the cache (``close()`` from them is not detected).
+        callback (a thread of the cache's I/O pool), a policy's ``promote`` or a tier's method run by an
+        operation -- it raises ``RuntimeError`` and changes nothing (an exception raised in ``on_evict`` is
+        logged, as any other): close the cache once that operation has returned.
 
         Afterwards the cache holds nothing: every method that reads or changes entries (``put``, ``get``,
         ``in``, ``len``, ``keys``, ``tier_of``, ``prefetch``, ``flush``, ...) raises ``CacheClosedError``;
@@ -574,6 +573,10 @@ class Cache(DataPaths, Persistence):
                 "close() called from code the cache runs under its index lock (a policy's rank or promote): "
                 "it would wait for the operation running it; close the cache after that operation has returned")
         with self._lock:
+            if self._active and not self._close_finished and self._runs_inside_operation():
+                raise RuntimeError(
+                    "close() called from code an operation of this cache runs (a policy's promote, a tier's "
+                    "method): it would wait for that operation; close the cache after it has returned")
             waited = False
             while True:
                 if self._close_finished:

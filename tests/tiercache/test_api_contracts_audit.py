@@ -1,7 +1,6 @@
 """Contracts found broken by the audit of the generic cache (session of 2026-12-07): a policy whose ``rank``
 raises, ``close()`` from a policy's ``promote``, and the other edge cases probed.  Each test failed on the
-tree before its fix; those whose fix lies in a file another helper owns are ``xfail(strict=True)`` until the
-named PATCH-*.diff is applied."""
+tree before its fix."""
 
 from __future__ import annotations
 
@@ -14,10 +13,6 @@ import torch
 from tiercache import Cache
 
 HANG = 20.0
-NEEDS_BATCHED_PATCH = pytest.mark.xfail(
-    strict=True, reason="needs PATCH-tiercache-batched.py.diff: batched.py's _put_direct and _publish link the new "
-                        "entry before ranking it, and a hit's re-rank (get, get_many) bumps the entry's version first "
-                        "(a raise leaves it unqueued; in get_many the batch's earlier pins are never released)")
 
 
 class Flaky:
@@ -135,7 +130,6 @@ def _random_ops(cache: Cache, policy: Flaky, rng: random.Random, steps: int) -> 
             assert any(torch.equal(cache.get(k), a) for a in allowed[k]), k
 
 
-@NEEDS_BATCHED_PATCH
 @pytest.mark.parametrize("lazy", [False, True], ids=["rerank-hits", "lazy-rank"])
 @pytest.mark.parametrize("seed", range(4))
 def test_a_policy_whose_rank_raises_at_random_never_leaves_an_entry_unevictable(seed, lazy):
@@ -158,7 +152,6 @@ def _two_tier(policy):
     return Cache(tiers=[ArenaTier("fast", 512), ArenaTier("slow", 1024)], policy=policy)
 
 
-@NEEDS_BATCHED_PATCH
 @pytest.mark.parametrize("lazy", [False, True], ids=["rerank-hits", "lazy-rank"])
 @pytest.mark.parametrize("seed", range(4))
 def test_a_policy_whose_rank_raises_at_random_in_a_two_tier_cache(seed, lazy):
@@ -225,7 +218,6 @@ def test_update_scores_whose_rank_raises_keeps_the_failing_entry_as_it_was():
         check_consistent(cache)
 
 
-@NEEDS_BATCHED_PATCH
 def test_a_rank_that_raises_in_a_put_many_of_small_values_stores_a_prefix_and_leaves_the_rest_out():
     """``_put_direct`` (small CPU values into a CPU arena) linked each entry, then ranked it: a raise left that
     entry indexed but unqueued, and the batch's seq, clock, counters and replaced slots unaccounted."""
@@ -251,7 +243,6 @@ def test_a_rank_that_raises_in_a_put_many_of_small_values_stores_a_prefix_and_le
         _drain(cache, policy, 32)
 
 
-@NEEDS_BATCHED_PATCH
 @pytest.mark.parametrize("read", ["get", "get_many"])
 def test_a_rank_that_raises_on_a_hit_leaves_the_entry_queued_and_nothing_pinned(read):
     """A policy that re-ranks every hit: the hit's version was bumped before ``rank`` ran, so a raise left the
@@ -301,9 +292,6 @@ def test_a_demotion_whose_room_making_below_fails_hands_its_victim_back():
 
 CLOSE_HANG = 10.0  # (these return in milliseconds once fixed; unfixed, each one hangs a daemon thread this long)
 
-NEEDS_CLOSE_PATCH = pytest.mark.xfail(
-    strict=True, reason="needs PATCH-tiercache-cache.py.diff: close() from a policy's promote or a tier method "
-                        "run by an operation waited for that operation, i.e. for itself (a hang)")
 
 
 def _in_thread(fn):
@@ -338,7 +326,6 @@ class ClosingPromote:
         return True
 
 
-@NEEDS_CLOSE_PATCH
 @pytest.mark.parametrize("read", ["get", "get_many", "get_many_out", "disk_get"])
 def test_close_from_a_policy_promote_raises_instead_of_hanging(tmp_path, read):
     from tiercache.tiers.memory import ArenaTier
@@ -372,7 +359,6 @@ def test_close_from_a_policy_promote_raises_instead_of_hanging(tmp_path, read):
     assert policy.seen and all("promote" in text for text in policy.seen), policy.seen
 
 
-@NEEDS_CLOSE_PATCH
 def test_close_from_a_tier_write_run_by_a_put_raises_instead_of_hanging():
     """A tier's ``write`` during a put's demotion calling close()."""
     from tiercache.tiers.memory import ArenaTier
@@ -413,7 +399,6 @@ def test_close_from_a_tier_write_run_by_a_put_raises_instead_of_hanging():
     assert seen and "tier" in seen[0], seen
 
 
-@NEEDS_CLOSE_PATCH
 def test_close_from_promote_while_another_thread_closes_raises_instead_of_deadlocking(tmp_path):
     """Thread A's close() waits for B's get; B's promote calls close(), which waited for A's: a deadlock."""
     from tiercache.tiers.memory import ArenaTier
@@ -462,7 +447,6 @@ def test_close_from_another_cache_s_promote_is_not_refused():
     assert policy.seen == ["returned"] and other.stats()["closed"]
 
 
-@NEEDS_BATCHED_PATCH
 def test_a_put_many_whose_rank_raises_releases_the_disk_slots_it_replaced(tmp_path):
     """Item 0 of a put_many replaces a value held on the disk tier, ranking item 1 raises: the replaced disk
     slot was left in the shared release list, allocated and its file kept (a reopen could bring the replaced
