@@ -300,20 +300,7 @@ class Cache(DataPaths, Persistence):
         asked = _normal_device(torch.device(device)) if device is not None else None
         if isinstance(out, (list, tuple)):
             dsts = list(out)
-            on_cpu = True
-            for i, dst in enumerate(dsts):
-                if not isinstance(dst, torch.Tensor) or dst.layout is not _STRIDED or dst.is_nested:
-                    raise TypeError(f"out[{i}] must be a dense torch.Tensor, got {type(dst).__name__}")
-                on_cpu = on_cpu and dst.is_cpu  # (a flag read; dst.device builds an object per tensor)
-            if on_cpu and dsts:
-                devices = {_CPU}
-            else:
-                devices = {_normal_device(device) for device in {dst.device for dst in dsts}}
-            if len(devices) > 1:
-                raise ValueError(f"out tensors are on several devices: {sorted(map(str, devices))}")
-            target = devices.pop() if devices else (asked or _CPU)
-            if asked is not None and asked != target:
-                raise ValueError(f"out is on {target} but device={device!r} was requested")
+            target = _out_list_target(dsts, asked, device)
         elif out is not None:
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f"out must be a torch.Tensor or a list of them, got {type(out).__name__}")
@@ -339,16 +326,8 @@ class Cache(DataPaths, Persistence):
             raise ValueError("ranges= needs out= a list or tuple of tensors, one per key")
         checked = check_ranges(ranges, len(keys))
         dsts = list(out)
-        for i, dst in enumerate(dsts):
-            if not isinstance(dst, torch.Tensor) or dst.layout is not _STRIDED or dst.is_nested:
-                raise TypeError(f"out[{i}] must be a dense torch.Tensor, got {type(dst).__name__}")
         asked = _normal_device(torch.device(device)) if device is not None else None
-        devices = {_normal_device(d) for d in {dst.device for dst in dsts}}
-        if len(devices) > 1:
-            raise ValueError(f"out tensors are on several devices: {sorted(map(str, devices))}")
-        target = devices.pop() if devices else (asked or _CPU)
-        if asked is not None and asked != target:
-            raise ValueError(f"out is on {target} but device={device!r} was requested")
+        target = _out_list_target(dsts, asked, device)
         if target.type != "cpu":
             _check_read_device(target)
         return self._get_ranged(keys, target, dsts, checked)
@@ -687,6 +666,27 @@ class Cache(DataPaths, Persistence):
         tiers = ", ".join(f"{t.name}={format_size(t.capacity)}" for t in self._tiers)
         state = "closed" if self._closed else f"entries={len(self._index)}"
         return f"tiercache.Cache({tiers}, policy={getattr(self._policy, 'name', self._policy)!r}, {state})"
+
+
+def _out_list_target(dsts: list, asked: torch.device | None, device: object) -> torch.device:
+    """The one device of the ``out=`` list ``dsts`` (``asked``, the normalised ``device=``, or the CPU when
+    the list is empty): ``TypeError`` for an item that is not a dense tensor, ``ValueError`` for tensors on
+    several devices or on another device than ``device=``."""
+    on_cpu = True
+    for i, dst in enumerate(dsts):
+        if not isinstance(dst, torch.Tensor) or dst.layout is not _STRIDED or dst.is_nested:
+            raise TypeError(f"out[{i}] must be a dense torch.Tensor, got {type(dst).__name__}")
+        on_cpu = on_cpu and dst.is_cpu  # (a flag read; dst.device builds an object per tensor)
+    if on_cpu and dsts:
+        devices = {_CPU}
+    else:
+        devices = {_normal_device(d) for d in {dst.device for dst in dsts}}
+    if len(devices) > 1:
+        raise ValueError(f"out tensors are on several devices: {sorted(map(str, devices))}")
+    target = devices.pop() if devices else (asked or _CPU)
+    if asked is not None and asked != target:
+        raise ValueError(f"out is on {target} but device={device!r} was requested")
+    return target
 
 
 def _register_io_thread(threads: set[int]) -> None:
