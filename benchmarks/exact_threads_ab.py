@@ -19,8 +19,8 @@ that takes the machine as idle whatever its load (``NAME:SETTING=VALUE,...;...``
 of their own during the run, see :class:`OmpTeams`).  ``--variants`` picks which run (default: all);
 ``--configs dynamic`` also runs ``DynamicCache`` under each variant that sets something.  Prints a markdown
 table, then per thread group (forward = the main thread, readers, copier, disk-pool, torch = threads Python
-did not start, i.e. OpenMP workers) the ms per step on a CPU and runnable but waiting for one
-(``/proc/self/task/*/schedstat``); ``--out`` writes JSON.
+did not start, i.e. OpenMP workers) the ms per step on a CPU, runnable but waiting for one, and in the kernel
+(``/proc/self/task/*/schedstat`` and ``stat``); ``--out`` writes JSON.
 """
 
 from __future__ import annotations
@@ -86,21 +86,25 @@ def _thread_group(tid: int, names: dict[int, str]) -> str:
     return next((group for prefix, group in THREAD_GROUPS if name.startswith(prefix)), "other")
 
 
-def thread_schedstat() -> dict[int, tuple[int, int]]:
-    """Per thread of this process: ``(ns on a CPU, ns runnable but waiting for a CPU)`` from
-    ``/proc/self/task/TID/schedstat`` (Linux with schedstats; empty elsewhere)."""
-    out: dict[int, tuple[int, int]] = {}
+def thread_schedstat() -> dict[int, tuple[int, int, float]]:
+    """Per thread of this process: ``(ns on a CPU, ns runnable but waiting for a CPU, ns of it in the kernel)``
+    from ``/proc/self/task/TID/schedstat`` and ``stat`` (the kernel share in clock ticks, so coarse: read it
+    summed over steps; Linux only, empty elsewhere)."""
+    out: dict[int, tuple[int, int, float]] = {}
     try:
         tids = os.listdir("/proc/self/task")
     except OSError:
         return out
+    tick = 1e9 / os.sysconf("SC_CLK_TCK")
     for tid in tids:
         try:
             with open(f"/proc/self/task/{tid}/schedstat") as f:
                 run, wait, _ = f.read().split()
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
         except (OSError, ValueError):
             continue
-        out[int(tid)] = (int(run), int(wait))
+        out[int(tid)] = (int(run), int(wait), int(fields[12]) * tick)  # stime (field 15), in ns
     return out
 
 
@@ -113,8 +117,8 @@ class CpuClock(hotpath.StepClock):
         super().__init__(hook)
         self.cpu: list[float] = []
         self._cpu0: float | None = None
-        self._sched0: dict[int, tuple[int, int]] = {}
-        self.groups: dict[str, list[float]] = {}  # group -> [run ns, runnable-wait ns] over the summed steps
+        self._sched0: dict[int, tuple[int, int, float]] = {}
+        self.groups: dict[str, list[float]] = {}  # group -> [run, runnable-wait, kernel] ns over the summed steps
         self.summed = 0
 
     def put(self, value: torch.Tensor) -> None:
@@ -122,11 +126,12 @@ class CpuClock(hotpath.StepClock):
         sched = thread_schedstat()
         if self.puts > 1:  # as ms_per_step: the first timed step (puts == 1) is left out
             names = {t.native_id: t.name for t in threading.enumerate()}
-            for tid, (run, wait) in sched.items():
-                run0, wait0 = self._sched0.get(tid, (0, 0))
-                acc = self.groups.setdefault(_thread_group(tid, names), [0.0, 0.0])
+            for tid, (run, wait, system) in sched.items():
+                run0, wait0, system0 = self._sched0.get(tid, (0, 0, 0.0))
+                acc = self.groups.setdefault(_thread_group(tid, names), [0.0, 0.0, 0.0])
                 acc[0] += run - run0
                 acc[1] += wait - wait0
+                acc[2] += system - system0
             self.summed += 1
         if self.puts > 0:
             self.cpu.append(now - self._cpu0)  # type: ignore[operator]
@@ -194,8 +199,8 @@ def run_one(model: Any, ids: torch.Tensor, prefilled: Any, config: str, variant:
             setattr(*_target(name), value)
     out["cpu_ms_per_step"] = 1000 * median(clocks[0].cpu[1:])
     c = clocks[0]
-    out["thread_ms_per_step"] = {g: (run / 1e6 / max(1, c.summed), wait / 1e6 / max(1, c.summed))
-                                 for g, (run, wait) in c.groups.items()}
+    out["thread_ms_per_step"] = {g: tuple(ns / 1e6 / max(1, c.summed) for ns in times)
+                                 for g, times in c.groups.items()}
     return out
 
 
@@ -256,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                            "dynamic_ms_per_step": dyn, "plain_ms_per_step": plain,
                            "tokens_match": all(x["tokens"] == ref_tokens for x in xs),
                            "samples": [x["ms_per_step"] for x in xs],
-                           "threads_ms": {g: [median(x["thread_ms_per_step"].get(g, (0.0, 0.0))[i] for x in xs)
-                                              for i in (0, 1)]
+                           "threads_ms": {g: [median(x["thread_ms_per_step"].get(g, (0.0, 0.0, 0.0))[i] for x in xs)
+                                              for i in (0, 1, 2)]
                                           for g in sorted({g for x in xs for g in x["thread_ms_per_step"]})}}
                     if config != "dynamic":
                         row.update(fetch_ms=median(x["fetch_ms_per_step"] for x in xs),
@@ -284,14 +289,15 @@ def main(argv: list[str] | None = None) -> int:
             f"| {alone:.1f} | {row['plain_ms_per_step']:.1f} | {fetch / row['plain_ms_per_step']:.2f}x "
             f"| {alone / row['plain_ms_per_step']:.2f}x | {row.get('reader_cpu_ms', float('nan')):.1f} "
             f"| {row.get('exposed_ms', float('nan')):.1f} |")
-    lines += ["", "Per thread group, ms per step on a CPU / runnable but waiting for a CPU "
-              "(`/proc/self/task/*/schedstat`, medians over the repeats):", "",
+    lines += ["", "Per thread group, ms per step on a CPU / runnable but waiting for a CPU / in the kernel "
+              "(`/proc/self/task/*/schedstat` and `stat`, medians over the repeats; the kernel share in clock "
+              "ticks):", "",
               "| context | threads | config | variant | " + " | ".join(g for _, g in THREAD_GROUPS[:2])
               + " | disk-pool | forward | torch | other |", "|" + "---|" * 10]
     for row in rows:
         cells = [row["threads_ms"].get(g) for g in ("readers", "copier", "disk-pool", "forward", "torch", "other")]
         lines.append(f"| {row['context']} | {row['threads']} | {row['config']} | {row['variant']} | "
-                     + " | ".join("-" if c is None else f"{c[0]:.1f} / {c[1]:.1f}" for c in cells) + " |")
+                     + " | ".join("-" if c is None else f"{c[0]:.1f} / {c[1]:.1f} / {c[2]:.1f}" for c in cells) + " |")
     print("\n".join(lines))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
