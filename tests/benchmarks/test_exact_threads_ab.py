@@ -50,7 +50,10 @@ def test_tiny_run_of_dynamic_under_omp_teams_and_thread_groups(load_benchmark, t
     assert {(r["config"], r["variant"]) for r in rows} == {
         ("dynamic", "-"), ("dynamic", "teams"), ("disk-cold", "new"), ("disk-cold", "teams")}
     assert all(r["tokens_match"] for r in rows)
-    assert all("forward" in r["threads_ms"] for r in rows)
+    import os
+
+    if os.path.isdir("/proc/self/task"):  # Linux: per-thread schedstat (elsewhere the table stays empty)
+        assert all("forward" in r["threads_ms"] and len(r["threads_ms"]["forward"]) == 3 for r in rows)
     assert not [t for t in threading.enumerate() if t.name.startswith("omp-team-")]
     assert "Per thread group" in (tmp_path / "out" / "exact_threads_ab.md").read_text()
 
