@@ -616,8 +616,8 @@ class DecodePipeline:
         disk read lands in it without a bounce copy)."""
         h, d = layer._shape_v if kind == "v" else layer._shape_k
         shape = (block.stored_batch, h, layer.block_size, d)
-        if kind == "kv":
-            shape = (2, *shape)
+        if kind == "kv":  # a sparse layer's joint entry: part-major (batch, heads, 2, block, head_dim)
+            shape = (block.stored_batch, h, 2, layer.block_size, d)
         with self._spare_lock:
             spare = self._spare.get((shape, layer.dtype, torch.device(layer.device)))
             if spare:
@@ -1317,7 +1317,7 @@ class DecodePipeline:
                 if idle is not None and idle.pop(keys[e], None) is not None:
                     ps.idle_hits += 1
                 to_slots.append(dsts[e])
-                from_staged.append(blocks[e].view(staged, joint))
+                from_staged.append(blocks[e].view(staged))  # rows first (part-major joint entries too)
                 taken.append(staged)
                 ps.staged += 1
                 if tiers[e] != fastest:

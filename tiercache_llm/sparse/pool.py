@@ -2,9 +2,10 @@
 
 A :class:`PoolArena` holds ``k`` / ``v`` tensors ``(N, B, H, S, D)`` (``N`` slots of one stored block each, all
 batch rows and KV heads) and a free list.  For layers that store a block's K and V as one joint entry
-(``joint=True`` at :meth:`PoolArena.assign`) they are the halves ``kv[:, 0]`` / ``kv[:, 1]`` of one contiguous
-joint storage ``kv`` ``(N, 2, B, H, S, D)``, so a joint entry ``(2, B, H, S, D)`` is read straight into its slot
-``kv[slot]`` (one read, no copy); otherwise ``k`` and ``v`` are two contiguous tensors (``kv`` is ``None``).
+(``joint=True`` at :meth:`PoolArena.assign`) they are the halves ``kv[:, :, :, 0]`` / ``kv[:, :, :, 1]`` of one
+contiguous part-major joint storage ``kv`` ``(N, B, H, 2, S, D)``, so a sparse layer's joint entry ``(B, H, 2, S, D)``
+is read straight into its slot ``kv[slot]`` (one read, no copy), and each (row, KV head) part of a slot (K then V)
+is one contiguous byte range (a part read fills only the parts asked for); otherwise ``k`` and ``v`` are two contiguous tensors (``kv`` is ``None``).
 Every sparse layer of a cache has a :class:`ResidentPool`, its view of the arena: a map ``block index ->
 slot`` of the blocks it holds.  The decode pipeline (:mod:`.pipeline`) fills them: at each step the selected blocks already resident are
 used in place (no copy, no read), the missing ones get slots and are read straight into them, and
@@ -197,8 +198,8 @@ class PoolArena:
 
     Attributes:
         k / v: ``(N, B, Hk, S, Dk)`` / ``(N, B, Hv, S, Dv)`` (``None`` until the first assign); ``N >=
-            capacity``, slots ``>= capacity`` are never used.  Views ``kv[:, 0]`` / ``kv[:, 1]`` when joint.
-        kv: the joint storage ``(N, 2, B, H, S, D)`` (``joint``), else ``None``.
+            capacity``, slots ``>= capacity`` are never used.  Views ``kv[:, :, :, 0]`` / ``kv[:, :, :, 1]`` when joint.
+        kv: the part-major joint storage ``(N, B, H, 2, S, D)`` (``joint``), else ``None``.
         joint: the layout of the current tensors (set by the first assign after a clear).
         max_bytes: the bound (``None``: unbounded).
         grows: times the capacity grew; reallocs: times the tensors were reallocated (held slots copied);
@@ -624,10 +625,10 @@ class PoolArena:
             copy = old and any(p.slot_of for p in self.pools)  # one plain copy of the old slots (most are held)
             empty = partial(huge_empty, min_bytes=HUGE_MIN_BYTES) if self.huge_pages else aligned_empty
             if self.joint:
-                kv = empty((rows, 2, *shape_k), dtype=dtype, device=device)
+                kv = empty((rows, *shape_k[:2], 2, *shape_k[2:]), dtype=dtype, device=device)  # part-major
                 if copy:
                     kv[:old].copy_(self.kv[:old])
-                k, v = kv[:, 0], kv[:, 1]
+                k, v = kv[:, :, :, 0], kv[:, :, :, 1]
             else:
                 kv = None
                 k = empty((rows, *shape_k), dtype=dtype, device=device)
@@ -686,7 +687,7 @@ class ResidentPool:
 
     @property
     def kv(self) -> torch.Tensor | None:
-        """The arena's joint storage ``(N, 2, B, H, S, D)`` (``None`` unless its layout is joint)."""
+        """The arena's part-major joint storage ``(N, B, H, 2, S, D)`` (``None`` unless its layout is joint)."""
         return self.arena.kv
 
     def entry_views(self, slots: Sequence[int]) -> list[torch.Tensor]:
