@@ -32,11 +32,12 @@ def layer_keys(layer: "TieredKVLayer", blocks: list[int]) -> list:
 
 
 def read_entries(store: "BlockStore", keys: list, blocks: list["BlockRef"], dsts: list[torch.Tensor],
-                 joint: bool) -> list[torch.Tensor]:
+                 joint: bool, ranges: list | None = None) -> list[torch.Tensor]:
     """Read the entry ``keys[e]`` of ``blocks[e]`` into ``dsts[e]`` (one ``get_blocks`` call): in place, or for a
     block with a row map into a temporary of its stored rows, then viewed into ``dsts[e]`` (``joint``: a sparse
     layer's part-major joint entries ``(batch, heads, 2, ...)``).  Returns the tensors read into (their bytes are
-    the bytes read)."""
+    the bytes read, unless ``ranges``: per entry ``None`` (whole) or the byte ranges of it to read into ``dsts[e]``
+    (contiguous), the rest of ``dsts[e]`` left as it was; a block with a row map is always read whole)."""
     outs, posts = [], []
     for e, (block, dst) in enumerate(zip(blocks, dsts)):
         if block.rows is None:
@@ -46,7 +47,11 @@ def read_entries(store: "BlockStore", keys: list, blocks: list["BlockRef"], dsts
         tmp = dst.new_empty((block.stored_batch, *shape[1:]))  # rows first in either layout
         outs.append(tmp)
         posts.append((e, tmp))
-    store.get_blocks(keys, out=outs)
+    if ranges is not None and any(r is not None for r in ranges):
+        store.get_blocks(keys, out=outs, ranges=[None if blocks[e].rows is not None else r
+                                                 for e, r in enumerate(ranges)])
+    else:
+        store.get_blocks(keys, out=outs)
     for e, tmp in posts:
         dsts[e].copy_(blocks[e].view(tmp))
     return outs

@@ -307,6 +307,15 @@ class PipelineConfig:
             bound, ms/step at 1 / 2 threads: 647 -> 571 / 634 -> 599 and 697 -> 608 / 709 -> 710), off for
             ``fetch-every-step``, which measured slower with it (838 -> 869 / 841 -> 857), so the baseline keeps
             its faster setting.  Only how the slots are allocated changes (docs/sparse.md "Huge-page pools").
+        part_reads: the fetch reads of each block only the (row, KV head) parts its layer selected (one byte range
+            per run of consecutive parts of the part-major joint entry, ``BlockStore.get_blocks(ranges=)``), and a
+            resident block whose selected parts are not all in its slot (a *part miss*) has just the missing parts
+            read into it; the pool tracks per slot which parts it holds (:attr:`~.pool.PoolArena.parts`), so
+            attention never reads a part that was not read.  Every strategy (one shared fetch path); CPU pools of
+            part-major layers only.  Staged entries, reads into reserved slots and the prefill's seeding still
+            move whole entries (all parts held).  ``False``: whole entries, as before (docs/sparse.md "Part
+            reads").  Needs a tiercache whose ``get_many`` reads ranges (``BlockStore.ranged_reads``): without one,
+            whole entries.
     """
 
     reuse: bool = False
@@ -345,6 +354,7 @@ class PipelineConfig:
     idle_stage_layers: int = 4
     idle_barren_steps: int = 8
     huge_pages: bool = False
+    part_reads: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pool_bytes", check_pool_bytes(self.pool_bytes, auto=True))
@@ -464,9 +474,20 @@ class PipelineStats:
     ``slot_release_waits`` / ``slot_release_wait_seconds``: evictions, clears and reallocations that did;
     ``slot_fallback``: predicted blocks outside the fastest tier staged instead (a row map, another slot
     layout, no slot free within the bound).  ``reserved - used - unselected - failed - evicted`` are still
-    waiting for their layer's fetch."""
+    waiting for their layer's fetch.
+
+    ``part_reads``: ``parts_selected`` (row, KV head) parts of stored blocks were selected; ``parts_read`` parts
+    were read by ranged reads (whole-entry reads, staged copies and reads into reserved slots not counted);
+    ``part_misses``: resident blocks (not counted as ``reused``) whose selected parts were not all in their slot,
+    so the missing ones were read; ``ranged_entries`` / ``whole_entries``: synchronous reads of some parts / of
+    whole entries."""
 
     steps: int = 0
+    parts_selected: int = 0
+    parts_read: int = 0
+    part_misses: int = 0
+    ranged_entries: int = 0
+    whole_entries: int = 0
     needed: int = 0
     reused: int = 0
     staged: int = 0
@@ -1054,6 +1075,7 @@ class DecodePipeline:
             except BaseException:
                 pool.drop([blocks[i] for i in missing])
                 raise
+            pool.arena.mark_parts(at)  # whole blocks
         self.stats.seeded += len(missing)
         self.stats.seed_seconds += time.perf_counter() - t0
         return len(missing)
@@ -1132,6 +1154,17 @@ class DecodePipeline:
         stats.blocks_selected += ns
         epb = layer._entries_per_block
         ps.needed += epb * ns
+        want = need = None  # part_reads: (ns, B, H) parts of each stored block selected / to read if it is read
+        if ns and self._part_reads(layer, pool):
+            need = sel.fetch_head_mask[:, :, :ns].permute(2, 0, 1).to("cpu")
+            want = need & ~pool.arena.parts_of(slots)
+            ps.parts_selected += int(need.sum())
+            short = want.flatten(1).any(1).tolist()
+            gone = set(missing)
+            part = [i for i in range(ns) if short[i] and i not in gone]
+            if part:
+                ps.part_misses += len(part)
+                missing = sorted(gone.union(part))
         # Selected blocks read into their reserved slots in the background count as staged, not reused.
         lost = set(missing)  # a cleared arena or a rewritten block: read again like any miss
         pre = [i for i, j in enumerate(stored) if j in fresh and i not in lost] if fresh else []
@@ -1154,7 +1187,7 @@ class DecodePipeline:
         if missing or pre or landing:
             try:
                 job = self._fill(layer, stored, missing, slots, pool, predicted, stats, pre,
-                                 hits=ns - len(landing), defer=overlap)
+                                 hits=ns - len(landing), defer=overlap, want=want)
             except BaseException:
                 pool.drop([stored[i] for i in missing])  # never leave a slot that claims a block it lacks
                 raise
@@ -1175,9 +1208,11 @@ class DecodePipeline:
             landed = [i for i in landing if stored[i] in done and stored[i] not in failed]
             again = [i for i in landing if stored[i] in failed]
             if again or landed:
+                if again and need is not None and pool.arena.parts is not None:
+                    pool.arena.parts[[slots[i] for i in again]] = False  # the failed whole read vouches for nothing
                 try:
                     self._fill(layer, stored, again, slots, pool, predicted, stats, landed,
-                               hits=len(again) + len(landed))
+                               hits=len(again) + len(landed), want=need)
                 except BaseException:
                     pool.drop([stored[i] for i in again])
                     raise
@@ -1262,7 +1297,8 @@ class DecodePipeline:
 
     def _fill(self, layer: "TieredKVLayer", stored: list[int], missing: list[int], slots: list[int],
               pool: ResidentPool, predicted: set | None, stats: "SparseStats", pre: list[int] = (),
-              hits: int | None = None, defer: bool = False) -> tuple[concurrent.futures.Future, list[int]] | None:
+              hits: int | None = None, defer: bool = False,
+              want: torch.Tensor | None = None) -> tuple[concurrent.futures.Future, list[int]] | None:
         """Fill the slots of ``stored[i]`` for ``i`` in ``missing``: from staging, else read from the tiers
         straight into the slots (a block with a row map is read into a temporary and viewed).  ``pre``: the
         positions of blocks read into their reserved slots ahead (``stage_into_slots``): nothing to do but
@@ -1271,7 +1307,11 @@ class DecodePipeline:
 
         ``defer`` (``overlap_sync_reads``): the reads from the tiers run as one job on the reader thread;
         returns ``(its future, the positions in stored of the blocks it reads)`` (``None`` when nothing is
-        read); the caller records it (:meth:`_record_sync`) once it is done."""
+        read); the caller records it (:meth:`_record_sync`) once it is done.
+
+        ``want`` (``part_reads``, a part-major layer): ``(len(stored), B, H)`` bool, the parts of each block to read
+        when it is read from its tier (only those, as byte ranges, unless that is every part); the pool's
+        :attr:`~.pool.PoolArena.parts` records them (whole entries copied from staging: every part)."""
         ps = self.stats
         nm = len(missing)
         joint = layer._joint
@@ -1307,6 +1347,8 @@ class DecodePipeline:
             stats.bytes_fetched[name] = stats.bytes_fetched.get(name, 0) + nbytes
         sync: dict[str, list[int]] = {}
         t0 = time.perf_counter()
+        arena = pool.arena
+        whole_slots: list[int] = []  # slots filled whole (staged copies)
         to_slots: list[torch.Tensor] = []
         from_staged: list[torch.Tensor] = []
         taken: list[torch.Tensor] = []
@@ -1318,6 +1360,7 @@ class DecodePipeline:
                     ps.idle_hits += 1
                 to_slots.append(dsts[e])
                 from_staged.append(blocks[e].view(staged))  # rows first (part-major joint entries too)
+                whole_slots.append(slots[missing[e % nm]])
                 taken.append(staged)
                 ps.staged += 1
                 if tiers[e] != fastest:
@@ -1326,6 +1369,12 @@ class DecodePipeline:
                 stats.bytes_fetched[str(tier)] = stats.bytes_fetched.get(str(tier), 0) + staged.nbytes
                 continue
             sync.setdefault(str(tiers[e]), []).append(e)
+        ranges = None
+        if joint and arena.parts is not None:
+            arena.mark_parts(whole_slots)
+            if sync:
+                ranges = self._part_ranges(layer, pool, [e for idx in sync.values() for e in idx], missing, slots,
+                                           blocks, want, nm)
         fast = str(fastest)
         slow = {t: i for t, i in sync.items() if t != fast}
         # reads_beside_copies: the slower tiers' reads run on the reader thread while this thread copies the
@@ -1334,7 +1383,7 @@ class DecodePipeline:
                   and (bool(to_slots) or fast in sync))
         job = None
         if beside:
-            job = self._submit_sync_read(keys, blocks, dsts, joint, slow)
+            job = self._submit_sync_read(keys, blocks, dsts, joint, slow, ranges)
         try:
             if to_slots:
                 # One batched copy: each separate op releases and re-takes the GIL, and with background reads
@@ -1345,7 +1394,7 @@ class DecodePipeline:
             ps.copy_seconds += time.perf_counter() - t0
             if job is not None:
                 t0 = time.perf_counter()
-                done = self._sync_read(keys, blocks, dsts, joint, {fast: sync[fast]}) if fast in sync else []
+                done = self._sync_read(keys, blocks, dsts, joint, {fast: sync[fast]}, ranges) if fast in sync else []
                 done += job.result()
                 job = None
                 self._open_gate()
@@ -1358,42 +1407,94 @@ class DecodePipeline:
         if not sync:
             return None
         if defer:
-            job = self._submit_sync_read(keys, blocks, dsts, joint, sync)
+            job = self._submit_sync_read(keys, blocks, dsts, joint, sync, ranges)
             return job, sorted({missing[e % nm] for idx in sync.values() for e in idx})
         t0 = time.perf_counter()
         if self._gated:
             # The slower tiers' reads first, alone on the device; then the next layers' reads start, while
             # this thread copies from the fast tiers.
-            done = self._sync_read(keys, blocks, dsts, joint, slow) if slow else []
+            done = self._sync_read(keys, blocks, dsts, joint, slow, ranges) if slow else []
             self._open_gate()
             if fast in sync:
-                done += self._sync_read(keys, blocks, dsts, joint, {fast: sync[fast]})
+                done += self._sync_read(keys, blocks, dsts, joint, {fast: sync[fast]}, ranges)
         else:
-            done = self._sync_read(keys, blocks, dsts, joint, sync)
+            done = self._sync_read(keys, blocks, dsts, joint, sync, ranges)
         ps.sync_wait_seconds += time.perf_counter() - t0
         self._record_sync(done, stats)
         return None
 
     def _submit_sync_read(self, keys: list, blocks: list, dsts: list[torch.Tensor], joint: bool,
-                          sync: dict[str, list[int]]) -> concurrent.futures.Future:
+                          sync: dict[str, list[int]], ranges: list | None = None) -> concurrent.futures.Future:
         """:meth:`_sync_read` on the pipeline's one reader thread (started on first use, shut down by
         :meth:`close`)."""
         if self._sync_executor is None:
             self._sync_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tiercache-kv-sync")
-        return self._sync_executor.submit(self._sync_read, keys, blocks, dsts, joint, sync)
+        return self._sync_executor.submit(self._sync_read, keys, blocks, dsts, joint, sync, ranges)
 
     def _sync_read(self, keys: list, blocks: list, dsts: list[torch.Tensor], joint: bool,
-                   sync: dict[str, list[int]]) -> list[tuple[str, int, float, int]]:
+                   sync: dict[str, list[int]], ranges: list | None = None) -> list[tuple[str, int, float, int]]:
         """Read ``keys[e]`` into ``dsts[e]`` for the entries ``sync`` groups by tier, tier by tier (a block with a
-        row map through a temporary, viewed into place); returns ``(tier, entries, seconds, bytes)`` per tier.
-        Touches no counters (it may run on the reader thread)."""
+        row map through a temporary, viewed into place; ``ranges[e]``: only those byte ranges of the entry, or
+        ``None``: whole); returns ``(tier, entries, seconds, bytes)`` per tier.  Touches no counters (it may run on
+        the reader thread)."""
         done = []
         for tier, idx in sync.items():
             t1 = time.perf_counter()
+            part = None if ranges is None else [ranges[e] for e in idx]
             outs = read_entries(self.store, [keys[e] for e in idx], [blocks[e] for e in idx], [dsts[e] for e in idx],
-                                joint)
-            done.append((tier, len(idx), time.perf_counter() - t1, sum(o.nbytes for o in outs)))
+                                joint, part)
+            nbytes = sum(o.nbytes if part is None or part[i] is None else sum(b - a for a, b in part[i])
+                         for i, o in enumerate(outs))
+            done.append((tier, len(idx), time.perf_counter() - t1, nbytes))
         return done
+
+    def _part_reads(self, layer: "TieredKVLayer", pool: ResidentPool) -> bool:
+        """Whether this fetch reads only the selected parts of the blocks it reads (``part_reads``)."""
+        return (self.config.part_reads and layer._part_major and pool.kv is not None
+                and pool.kv.device.type == "cpu" and pool.arena.parts is not None
+                and getattr(self.store, "ranged_reads", False))
+
+    def _part_ranges(self, layer: "TieredKVLayer", pool: ResidentPool, entries: list[int], missing: list[int],
+                     slots: list[int], blocks: list, want: torch.Tensor | None, nm: int) -> list | None:
+        """``part_reads``: per entry ``e`` of a :meth:`_fill` (``entries``: those read from their tiers), the byte
+        ranges of its part-major joint entry to read (``None``: the whole entry: every part wanted, a row map, or
+        no ``want``), recorded in the pool's :attr:`~.pool.PoolArena.parts` (every part for a whole read)."""
+        arena = pool.arena
+        ps = self.stats
+        if want is None:
+            arena.mark_parts([slots[missing[e]] for e in entries])
+            ps.whole_entries += len(entries)
+            return None
+        out: list = [None] * nm
+        whole: list[int] = []
+        b, h = want.shape[1], want.shape[2]
+        part_bytes = 2 * layer.block_size * layer._shape_k[1] * torch.empty((), dtype=layer.dtype).element_size()
+        pos = [missing[e] for e in entries]
+        rows = want.index_select(0, torch.as_tensor(pos, dtype=torch.long)).view(len(pos), b * h).tolist()
+        part_slots, part_pos = [], []
+        for e, i, row in zip(entries, pos, rows):
+            if all(row) or blocks[e].rows is not None:
+                whole.append(slots[i])
+                continue
+            runs, start = [], None
+            for p, on in enumerate(row):
+                if on and start is None:
+                    start = p
+                elif not on and start is not None:
+                    runs.append((start * part_bytes, p * part_bytes))
+                    start = None
+            if start is not None:
+                runs.append((start * part_bytes, len(row) * part_bytes))
+            out[e] = runs
+            part_slots.append(slots[i])
+            part_pos.append(i)
+            ps.parts_read += sum(row)
+        ps.whole_entries += len(whole)
+        ps.ranged_entries += len(part_slots)
+        arena.mark_parts(whole)
+        if part_slots:
+            arena.mark_parts(part_slots, want.index_select(0, torch.as_tensor(part_pos, dtype=torch.long)))
+        return out
 
     def _record_sync(self, done: list[tuple[str, int, float, int]], stats: "SparseStats") -> None:
         ps = self.stats

@@ -226,6 +226,11 @@ class PoolArena:
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.kv: torch.Tensor | None = None
+        # (rows, B, H) bool on the CPU: which (row, KV head) parts of each slot hold its block's bytes (part reads
+        # fill only the selected parts of a slot; the others hold stale bytes).  Cleared when a slot is assigned
+        # to a block, set by whatever fills it (mark_parts).  Bookkeeping only: nothing here reads or writes it
+        # on its own but assign (clears) and reserve (a reserved slot's read is whole: set).
+        self.parts: torch.Tensor | None = None
         self.joint = False
         self.huge_pages = False  # CPU slot tensors allocated from then on with huge_empty (see PipelineConfig)
         self.pools: list["ResidentPool"] = []  # in fetch order (the order the layers were created in)
@@ -356,6 +361,8 @@ class PoolArena:
             slot = self._free.pop()
             slot_of[stored[i]] = slot
             key_of[slot] = keys[i]
+        if missing and self.parts is not None:  # a slot handed to a block holds none of its parts yet
+            self.parts[[slot_of[stored[i]] for i in missing]] = False
         if tail:
             self.tail_slot = self._free.pop()
         return [slot_of[j] for j in stored], missing, self.tail_slot
@@ -411,7 +418,28 @@ class PoolArena:
             view._key_of[slot] = key
             view.fresh.add(j)
             out.append((j, slot))
+        if out and self.parts is not None:  # the background read into a reserved slot reads the whole entry
+            self.parts[[slot for _, slot in out]] = True
         return out
+
+    def mark_parts(self, slots: Sequence[int], parts: torch.Tensor | None = None) -> None:
+        """Record what was (or is being) written into ``slots``: every (row, KV head) part (``parts`` ``None``),
+        or in addition to what they held, the parts ``parts`` ``(len(slots), B, H)`` bool names.  A write that
+        fails must release its slot (a released slot is cleared when it is assigned again)."""
+        if self.parts is None or not len(slots):
+            return
+        if parts is None:
+            self.parts[list(slots)] = True
+        else:
+            index = torch.as_tensor(list(slots), dtype=torch.long)
+            self.parts.index_copy_(0, index, self.parts.index_select(0, index) | parts.to(self.parts.device))
+
+    def parts_of(self, slots: Sequence[int]) -> torch.Tensor | None:
+        """``(len(slots), B, H)`` bool: the parts of ``slots`` that hold their block's bytes (``None`` before the
+        first assign)."""
+        if self.parts is None:
+            return None
+        return self.parts.index_select(0, torch.as_tensor(list(slots), dtype=torch.long))
 
     def mark_pending(self, slots: Sequence[int], read: concurrent.futures.Future) -> None:
         """``read`` (a future) writes into ``slots`` (reserved by :meth:`reserve`): until it is settled, releasing
@@ -469,7 +497,7 @@ class PoolArena:
         slots are cancelled if they have not started, else waited for."""
         self._wait_pending(list(self._pending.values()), cancel=True)
         self._pending.clear()
-        self.k = self.v = self.kv = None
+        self.k = self.v = self.kv = self.parts = None
         for p in self.pools:
             p.slot_of.clear()
             p._key_of.clear()
@@ -636,9 +664,12 @@ class PoolArena:
                 if copy:
                     k[:old].copy_(self.k[:old])
                     v[:old].copy_(self.v[:old])
+            parts = torch.zeros((rows, *shape_k[:2]), dtype=torch.bool)  # (rows, B, H): nothing held yet
+            if copy and self.parts is not None:
+                parts[:old].copy_(self.parts[:old])
             if self.k is not None:
                 self.reallocs += 1
-            self.k, self.v, self.kv = k, v, kv
+            self.k, self.v, self.kv, self.parts = k, v, kv, parts
             self._slot_bytes = (math.prod(shape_k) + math.prod(shape_v)) * k.element_size()
         self._capacity = n
         self.peak_slots = max(self.peak_slots, n)

@@ -173,7 +173,7 @@ def test_a_failed_synchronous_read_raises_as_before(model, tmp_path, monkeypatch
         original = DecodePipeline._sync_read
         threads = set()
 
-        def broken(self, keys, blocks, dsts, joint, sync):
+        def broken(self, keys, blocks, dsts, joint, sync, ranges=None):
             threads.add(threading.current_thread().name)
             for dst in dsts:
                 dst.fill_(float("nan"))  # wrote garbage, then failed

@@ -454,7 +454,7 @@ def test_gated_slot_reads_start_after_the_fetchs_own_slow_reads(model, tmp_path,
     seen = {"slow": 0, "held_back": 0, "fast": 0}
     original = DecodePipeline._sync_read
 
-    def watched(self, keys, blocks, dsts, joint, sync):
+    def watched(self, keys, blocks, dsts, joint, sync, ranges=None):
         fast = str(self.store.fastest_tier)
         if any(tier != fast for tier in sync):
             seen["slow"] += 1
@@ -463,7 +463,7 @@ def test_gated_slot_reads_start_after_the_fetchs_own_slow_reads(model, tmp_path,
         else:
             seen["fast"] += 1
             assert not self._gated  # released before the fast tier's copies
-        return original(self, keys, blocks, dsts, joint, sync)
+        return original(self, keys, blocks, dsts, joint, sync, ranges)
 
     monkeypatch.setattr(DecodePipeline, "_sync_read", watched)
     ref, _, _ = _run(model, tmp_path, "ref", host=host, slot_reads_after_sync=False)
@@ -538,14 +538,14 @@ def test_reads_beside_copies_run_the_slow_reads_on_the_reader_thread_and_change_
     original = DecodePipeline._sync_read
     forward = threading.current_thread()
 
-    def watched(self, keys, blocks, dsts, joint, sync):
+    def watched(self, keys, blocks, dsts, joint, sync, ranges=None):
         fast = str(self.store.fastest_tier)
         on_reader = threading.current_thread() is not forward
         if any(tier != fast for tier in sync):
             seen["slow_reader" if on_reader else "slow_forward"] += 1
         elif on_reader:
             seen["fast_reader"] += 1
-        return original(self, keys, blocks, dsts, joint, sync)
+        return original(self, keys, blocks, dsts, joint, sync, ranges)
 
     monkeypatch.setattr(DecodePipeline, "_sync_read", watched)
     ref, ref_sel, off = _run(model, tmp_path, "ref", host=host, **options)
@@ -592,7 +592,7 @@ def test_reads_beside_copies_raise_a_failed_read_after_the_other_is_done(model, 
             future.add_done_callback(done)
             return future
 
-    def broken(self, keys, blocks, dsts, joint, sync):
+    def broken(self, keys, blocks, dsts, joint, sync, ranges=None):
         fast = str(self.store.fastest_tier)
         slow = any(tier != fast for tier in sync)
         if slow and threading.current_thread() is not forward:
@@ -603,7 +603,7 @@ def test_reads_beside_copies_raise_a_failed_read_after_the_other_is_done(model, 
                     time.sleep(0.05)
                     raise OSError("injected slow read failure")
                 failed.wait(0.2)
-                return original(self, keys, blocks, dsts, joint, sync)
+                return original(self, keys, blocks, dsts, joint, sync, ranges)
             finally:
                 running.pop()
                 started.clear()
@@ -611,7 +611,7 @@ def test_reads_beside_copies_raise_a_failed_read_after_the_other_is_done(model, 
             if started.wait(5):  # a fast read beside the reader thread's
                 failed.set()
                 raise OSError("injected fast read failure")
-        return original(self, keys, blocks, dsts, joint, sync)
+        return original(self, keys, blocks, dsts, joint, sync, ranges)
 
     with TieredKVCache.for_model(model, **kw) as cache:
         decode_logits(model, cache, ids, mask, steps=2)
