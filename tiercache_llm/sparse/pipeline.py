@@ -480,7 +480,8 @@ class PipelineStats:
     were read by ranged reads (whole-entry reads, staged copies and reads into reserved slots not counted);
     ``part_misses``: resident blocks (not counted as ``reused``) whose selected parts were not all in their slot,
     so the missing ones were read; ``ranged_entries`` / ``whole_entries``: synchronous reads of some parts / of
-    whole entries."""
+    whole entries; ``slot_part_reads``: reads into reserved slots (``stage_into_slots``) of only the predicted
+    selection's parts (the rest of the reserved reads are whole)."""
 
     steps: int = 0
     parts_selected: int = 0
@@ -488,6 +489,7 @@ class PipelineStats:
     part_misses: int = 0
     ranged_entries: int = 0
     whole_entries: int = 0
+    slot_part_reads: int = 0
     needed: int = 0
     reused: int = 0
     staged: int = 0
@@ -576,6 +578,7 @@ class DecodePipeline:
             self.staging = StagingArea(config.staging_bytes, self._executor,
                                        max_age=2 if config.disk_staging else 1, wait_timeout=config.wait_timeout)
         self._last: dict[int, list[int]] = {}  # layer -> stored blocks it fetched at its last step
+        self._last_mask: dict[int, torch.Tensor] = {}  # part_reads: layer -> its last selection's head_mask (B, H, N)
         self._left: dict[int, list[int]] = {}  # layer -> blocks of the step before that it no longer selected
         self._predicted: dict[int, set] = {}  # layer -> entries predicted for its coming fetch
         # the slots shared by every layer; "auto" is resolved once the layers' device is known (_resolve_bound)
@@ -620,7 +623,7 @@ class DecodePipeline:
         self._warned_overlap = False
         # slot_reads_after_sync: reads into reserved slots held back until the fetching layer's own slow reads
         # are done: (placeholder future the arena waits on, keys, destination views)
-        self._gated: list[tuple[concurrent.futures.Future, list, list[torch.Tensor]]] = []
+        self._gated: list[tuple[concurrent.futures.Future, list, list[torch.Tensor], list | None]] = []
         # idle_stage_near: layers whose near misses were staged since their last fetch, and per layer the keys
         self._idle_done: set[int] = set()
         self._idle_keys: dict[int, dict] = {}  # layer -> {key: bytes} staged for its next fetch
@@ -704,15 +707,16 @@ class DecodePipeline:
             return policy.promoting()
         return None
 
-    def _read(self, keys: list, outs: list[torch.Tensor]) -> None:
-        """Every background read: ``keys`` into ``outs``; it promotes only inside :meth:`_read_promoting`, and
-        the keys chosen by :meth:`choose_promotions` (reusing the bytes just read)."""
+    def _read(self, keys: list, outs: list[torch.Tensor], ranges: list | None = None) -> None:
+        """Every background read: ``keys`` into ``outs`` (``ranges``: per entry the byte ranges to read, ``None``
+        whole); it promotes only inside :meth:`_read_promoting`, and the keys chosen by :meth:`choose_promotions`
+        (reusing the bytes just read)."""
         policy = getattr(self.store, "policy", None)
         if not getattr(policy, "chosen", 0):
-            self.store.get_blocks(keys, out=outs)
+            self.store.get_blocks(keys, out=outs, ranges=ranges)
             return
         with policy.chosen_reads():
-            self.store.get_blocks(keys, out=outs)
+            self.store.get_blocks(keys, out=outs, ranges=ranges)
 
     def _read_promoting(self, keys: list, outs: list[torch.Tensor]) -> None:
         """:meth:`_read` inside the policy's ``promoting`` context (``defer_promotions``): the read may promote."""
@@ -876,8 +880,10 @@ class DecodePipeline:
             sel = select(query, nxt.sparse.digests, nxt.sparse.ctrl.selection,
                          pages_per_block=nxt.block_size // nxt.sparse.page_size)
             blocks = [j for j in sel.fetch.tolist() if j < n_stored]
+            mask = sel.head_mask
         else:
             blocks = [j for j in self._last.get(nxt_idx, []) if j < n_stored]
+            mask = self._last_mask.get(nxt_idx)
         pool = self._pools.get(nxt_idx)
         held = pool is not None and pool.retention != "none"
         if held:
@@ -897,7 +903,7 @@ class DecodePipeline:
             mine = self._pools.get(fetching.layer_idx)
             if mine is not None and selected:
                 protect = (mine, set(selected))
-            blocks, slow = self._read_into_slots(nxt, pool, blocks, protect)
+            blocks, slow = self._read_into_slots(nxt, pool, blocks, protect, mask)
             self.stats.predicted_nonresident += slow
         else:
             slow = 0
@@ -906,14 +912,17 @@ class DecodePipeline:
         return slow + nonresident
 
     def _read_into_slots(self, layer: "TieredKVLayer", pool: ResidentPool, blocks: list[int],
-                         protect: tuple[ResidentPool, set] | None) -> tuple[list[int], int]:
+                         protect: tuple[ResidentPool, set] | None,
+                         mask: torch.Tensor | None = None) -> tuple[list[int], int]:
         """``stage_into_slots``: reserve slots of ``pool`` (``layer``'s) for the ``blocks`` with an entry outside
         the fastest tier and start one background read of their entries (one joint entry, or K and V) straight
         into the slots (never promoting, as layer-ahead staging).  Returns ``(blocks left to stage, entries
         outside the fastest tier among those reserved)``: blocks with every entry on the fastest tier are left
         out (their copy at the fetch costs what a staging copy would), so are blocks stored with a row map or
         another batch size, the blocks no slot was found for (counted in ``slot_fallback``) and every block when
-        the pool's layout (joint or not) is not the layer's."""
+        the pool's layout (joint or not) is not the layer's.  ``mask`` (``part_reads``): ``(B, H, N)`` the
+        predicted selection's (row, KV head) parts per block: only those are read (a block predicted for no
+        part, a near miss, is read whole); the fetch reads any other part it selects (a part miss)."""
         if pool.k is None or self._executor is None or self._closed or pool.k.device.type != "cpu":
             # Off the CPU a background write into a slot would also have to wait for the kernels still reading
             # the block it evicts (an event per layer's attention): not done, such pools stage as before.
@@ -953,14 +962,15 @@ class DecodePipeline:
             return rest, 0
         keys = layer_keys(layer, [j for j, _ in got])
         outs = pool.entry_views([s for _, s in got])
+        ranges = self._slot_ranges(layer, pool, got, mask)
         if self.config.slot_reads_after_sync:
             # Started by _open_gate once the fetching layer's slow reads are done; until then the arena waits
             # on (or cancels) this placeholder like on a queued read.
             read = concurrent.futures.Future()
-            self._gated.append((read, keys, outs))
+            self._gated.append((read, keys, outs, ranges))
         else:
             try:
-                read = self._executor.submit(self._slot_job, keys, outs)
+                read = self._executor.submit(self._slot_job, keys, outs, ranges)
             except RuntimeError:  # the pool was shut down (close): nothing reserved
                 pool.drop([j for j, _ in got])
                 return rest, 0
@@ -973,22 +983,23 @@ class DecodePipeline:
         placeholder future; one cancelled meanwhile, by a clear, is skipped; one that cannot start, the I/O
         pool being shut down, fails its placeholder, so its block is released and read by its fetch)."""
         gated, self._gated = self._gated, []
-        for placeholder, keys, outs in gated:
+        for placeholder, keys, outs, ranges in gated:
             if not placeholder.set_running_or_notify_cancel():
                 continue
             try:
-                read = self._executor.submit(self._slot_job, keys, outs)
+                read = self._executor.submit(self._slot_job, keys, outs, ranges)
             except RuntimeError as exc:
                 placeholder.set_exception(exc)
                 continue
             read.add_done_callback(functools.partial(_forward_result, placeholder))
 
-    def _slot_job(self, keys: list, outs: list[torch.Tensor]) -> None:
-        """A background read into reserved slots (:meth:`_read_into_slots`); what it raises is kept in its
-        future (the layer's fetch then drops the blocks and reads them itself)."""
+    def _slot_job(self, keys: list, outs: list[torch.Tensor], ranges: list | None = None) -> None:
+        """A background read into reserved slots (:meth:`_read_into_slots`; ``ranges``: per entry the byte ranges
+        to read, ``None`` whole); what it raises is kept in its future (the layer's fetch then drops the blocks
+        and reads them itself)."""
         start = time.perf_counter()
         try:
-            self._read(keys, outs)
+            self._read(keys, outs, ranges)
         finally:
             with self._stats_lock:
                 self.stats.slot_read_seconds += time.perf_counter() - start
@@ -1155,13 +1166,16 @@ class DecodePipeline:
         epb = layer._entries_per_block
         ps.needed += epb * ns
         want = need = None  # part_reads: (ns, B, H) parts of each stored block selected / to read if it is read
+        if self._part_reads(layer, pool):
+            self._last_mask[layer.layer_idx] = sel.head_mask  # the "previous" predictor's parts (_read_into_slots)
         if ns and self._part_reads(layer, pool):
             need = sel.fetch_head_mask[:, :, :ns].permute(2, 0, 1).to("cpu")
             want = need & ~pool.arena.parts_of(slots)
             ps.parts_selected += int(need.sum())
             short = want.flatten(1).any(1).tolist()
             gone = set(missing)
-            part = [i for i in range(ns) if short[i] and i not in gone]
+            flying = pool.fresh  # reads into reserved slots not settled yet: their part misses are read in settle()
+            part = [i for i in range(ns) if short[i] and i not in gone and stored[i] not in flying]
             if part:
                 ps.part_misses += len(part)
                 missing = sorted(gone.union(part))
@@ -1216,6 +1230,8 @@ class DecodePipeline:
                 except BaseException:
                     pool.drop([stored[i] for i in again])
                     raise
+                if landed and need is not None:
+                    self._read_lacking(layer, pool, stored, landed, slots, need, stats)
 
         pending = None
         if overlap and (job is not None or (pool.fresh and landing)):  # else nothing to attend later: no split
@@ -1343,6 +1359,9 @@ class DecodePipeline:
                 ps.staged_nonresident += 1
             slot = slots[pre[e % np_]]
             nbytes = (pool.kv if joint else pool.k if e < np_ else pool.v)[slot].nbytes
+            if joint and pool.arena.parts is not None:  # a reserved read of only the predicted parts
+                held = pool.arena.parts[slot]
+                nbytes = nbytes * int(held.sum()) // held.numel()
             name = str("disk" if tier is None else tier)
             stats.bytes_fetched[name] = stats.bytes_fetched.get(name, 0) + nbytes
         sync: dict[str, list[int]] = {}
@@ -1454,6 +1473,82 @@ class DecodePipeline:
                 and pool.kv.device.type == "cpu" and pool.arena.parts is not None
                 and getattr(self.store, "ranged_reads", False))
 
+    def _read_lacking(self, layer: "TieredKVLayer", pool: ResidentPool, stored: list[int], positions: list[int],
+                      slots: list[int], need: torch.Tensor, stats: "SparseStats") -> None:
+        """``part_reads``: blocks ``stored[i]`` (``i`` in ``positions``) whose read into a reserved slot just settled
+        with only the predicted parts: read the parts ``need`` names that the slot lacks (part misses; counted
+        in ``part_misses`` / ``parts_read`` and their bytes, the entries stay counted as staged).  A failed read
+        releases the blocks and raises."""
+        arena = pool.arena
+        at = torch.as_tensor(positions, dtype=torch.long)
+        lack = need.index_select(0, at) & ~arena.parts_of([slots[i] for i in positions])
+        rows = lack.flatten(1).tolist()
+        todo = [(i, r) for i, r in zip(positions, rows) if any(r)]
+        if not todo:
+            return
+        ps = self.stats
+        ps.part_misses += len(todo)
+        keys = layer_keys(layer, [stored[i] for i, _ in todo])
+        dsts = pool.entry_views([slots[i] for i, _ in todo])
+        ranges = [self._runs(layer, r) for _, r in todo]
+        tiers = self.store.tiers_of(keys)
+        t0 = time.perf_counter()
+        try:
+            self.store.get_blocks(keys, out=dsts, ranges=ranges)
+        except BaseException:
+            pool.drop([stored[i] for i, _ in todo])
+            raise
+        finally:
+            ps.sync_wait_seconds += time.perf_counter() - t0
+        arena.mark_parts([slots[i] for i, _ in todo],
+                         lack.index_select(0, torch.as_tensor([positions.index(i) for i, _ in todo], dtype=torch.long)))
+        for (_, r), rg, tier in zip(todo, ranges, tiers):
+            ps.parts_read += sum(r)
+            name = str("disk" if tier is None else tier)
+            stats.bytes_fetched[name] = stats.bytes_fetched.get(name, 0) + sum(b - a for a, b in rg)
+
+    def _runs(self, layer: "TieredKVLayer", row: list) -> list[tuple[int, int]]:
+        """Byte ranges of a part-major joint entry covering the parts ``row`` (``B * H`` bools) names, one per run."""
+        part_bytes = 2 * layer.block_size * layer._shape_k[1] * torch.empty((), dtype=layer.dtype).element_size()
+        runs, start = [], None
+        for p, on in enumerate(row):
+            if on and start is None:
+                start = p
+            elif not on and start is not None:
+                runs.append((start * part_bytes, p * part_bytes))
+                start = None
+        if start is not None:
+            runs.append((start * part_bytes, len(row) * part_bytes))
+        return runs
+
+    def _slot_ranges(self, layer: "TieredKVLayer", pool: ResidentPool, got: list[tuple[int, int]],
+                     mask: torch.Tensor | None) -> list | None:
+        """``part_reads``: the byte ranges to read into reserved slots ``got`` (``(block, slot)``) from the predicted
+        selection ``mask`` ``(B, H, N)`` (``None`` per block read whole: a block it names no part of, or every
+        part), recorded as the slots' parts (:meth:`~.pool.PoolArena.reserve` recorded every part)."""
+        if (mask is None or not self._part_reads(layer, pool) or mask.dim() != 3
+                or tuple(mask.shape[:2]) != tuple(pool.arena.parts.shape[1:])):
+            return None
+        n = mask.shape[2]
+        blocks = [j for j, _ in got]
+        if any(j >= n for j in blocks):
+            return None
+        rows = mask.index_select(2, torch.as_tensor(blocks, dtype=torch.long, device=mask.device)).permute(2, 0, 1)
+        rows = rows.to("cpu")
+        flat = rows.flatten(1).tolist()
+        out: list = [None] * len(got)
+        part_slots, part_pos = [], []
+        for i, ((j, slot), row) in enumerate(zip(got, flat)):
+            if any(row) and not all(row):
+                out[i] = self._runs(layer, row)
+                part_slots.append(slot)
+                part_pos.append(i)
+        if not part_slots:
+            return None
+        pool.arena.parts[part_slots] = rows.index_select(0, torch.as_tensor(part_pos, dtype=torch.long))
+        self.stats.slot_part_reads += len(part_slots)
+        return out
+
     def _part_ranges(self, layer: "TieredKVLayer", pool: ResidentPool, entries: list[int], missing: list[int],
                      slots: list[int], blocks: list, want: torch.Tensor | None, nm: int) -> list | None:
         """``part_reads``: per entry ``e`` of a :meth:`_fill` (``entries``: those read from their tiers), the byte
@@ -1468,7 +1563,6 @@ class DecodePipeline:
         out: list = [None] * nm
         whole: list[int] = []
         b, h = want.shape[1], want.shape[2]
-        part_bytes = 2 * layer.block_size * layer._shape_k[1] * torch.empty((), dtype=layer.dtype).element_size()
         pos = [missing[e] for e in entries]
         rows = want.index_select(0, torch.as_tensor(pos, dtype=torch.long)).view(len(pos), b * h).tolist()
         part_slots, part_pos = [], []
@@ -1476,16 +1570,7 @@ class DecodePipeline:
             if all(row) or blocks[e].rows is not None:
                 whole.append(slots[i])
                 continue
-            runs, start = [], None
-            for p, on in enumerate(row):
-                if on and start is None:
-                    start = p
-                elif not on and start is not None:
-                    runs.append((start * part_bytes, p * part_bytes))
-                    start = None
-            if start is not None:
-                runs.append((start * part_bytes, len(row) * part_bytes))
-            out[e] = runs
+            out[e] = self._runs(layer, row)
             part_slots.append(slots[i])
             part_pos.append(i)
             ps.parts_read += sum(row)
@@ -1857,6 +1942,7 @@ class DecodePipeline:
         self._pools.clear()
         self.stats.reuse_bytes = 0
         self._last.clear()
+        self._last_mask.clear()
         self._last_sel.clear()
         self._predicted.clear()
         self._idle_done.clear()

@@ -80,6 +80,14 @@ never takes one, a fetch only when nothing else can be evicted, and a layer's sh
 lands in a slot that was handed on, and tensors a read targets are never freed or copied before it finished.  Nothing else changes:
 attention only ever reads a layer's slots after its own fetch settled them.
 
+**Parts.** A part-major joint slot holds B x H (row, KV head) parts; a fetch with ``part_reads`` reads only the
+parts its layer selected, so the others hold stale bytes.  :attr:`PoolArena.parts` ``(rows, B, H)`` records which
+parts of each slot hold its block: cleared when :meth:`PoolArena.assign` hands the slot to a block, set for a
+reserved slot (its background read is whole), and by the pipeline for whatever it writes
+(:meth:`PoolArena.mark_parts`).  A resident block whose selected parts are not all recorded is a part miss: the
+pipeline reads the missing parts into its slot before attention, which reads only the selected (row, head)s'
+pages.  A write that fails releases its slot, so a record never outlives the bytes it vouches for.
+
 Thread safety: used by the forward pass only (one step of one layer at a time); background reads write only
 into the slots reserved for them.
 """

@@ -50,9 +50,9 @@ def ranged(cache):
 
 @pytest.fixture
 def nan_slots(monkeypatch):
-    """Every pool slot handed to a block starts as NaN (what a stale slot may hold), so a part a fetch did not read
-    stays NaN."""
-    assign = PoolArena.assign
+    """Every pool slot handed to a block (by a fetch, or reserved for a read ahead of it) starts as NaN (what a stale
+    slot may hold), so a part no read filled stays NaN."""
+    assign, reserve = PoolArena.assign, PoolArena.reserve
 
     def poisoned(self, *args, **kwargs):
         slots, missing, tail = assign(self, *args, **kwargs)
@@ -60,12 +60,21 @@ def nan_slots(monkeypatch):
             self.kv[[slots[i] for i in missing]] = float("nan")
         return slots, missing, tail
 
+    def poisoned_reserve(self, *args, **kwargs):
+        got = reserve(self, *args, **kwargs)
+        if got:  # before the caller starts the read into them
+            self.kv[[slot for _, slot in got]] = float("nan")
+        return got
+
     monkeypatch.setattr(PoolArena, "assign", poisoned)
+    monkeypatch.setattr(PoolArena, "reserve", poisoned_reserve)
 
 
 NO_STAGING = {"layer_ahead": False, "disk_staging": False, "stage_into_slots": False, "seed_pool": False}
 # Every pool fill a ranged read: longer rows and a larger budget make (row, head)s select blocks resident for others
 VARIED = {"pipeline": NO_STAGING, "lengths": (64, 50, 40), "budget": 0.25}
+# The strategy's own pipeline (reads into reserved slots of the predicted parts only, then part misses)
+AHEAD = {"lengths": (64, 50, 40), "budget": 0.25}
 
 
 def _run(model, tmp_path, strategy, part_reads, change=None, lengths=(40, 33, 27), **kw):
@@ -88,6 +97,8 @@ def _run(model, tmp_path, strategy, part_reads, change=None, lengths=(40, 33, 27
     ("reuse-layer-ahead", {"pool_bytes": 12 * 3 * 1024}),
     ("attention-aware", VARIED),
     ("reuse-layer-ahead", {**VARIED, "pool_bytes": 12 * 3 * 1024}),
+    ("attention-aware", {**AHEAD, "pool_bytes": 12 * 3 * 1024}),
+    ("reuse-layer-ahead", {**AHEAD, "pool_bytes": 12 * 3 * 1024}),
 ])
 def test_part_reads_give_whole_reads_logits_with_nan_in_every_unread_part(model, tmp_path, nan_slots, strategy, kw):
     whole, whole_stats = _run(model, tmp_path / "whole", strategy, False, **dict(kw))
@@ -102,6 +113,8 @@ def test_part_reads_give_whole_reads_logits_with_nan_in_every_unread_part(model,
         assert 0 < read(stats) < read(whole_stats)
     if kw.get("pipeline") is NO_STAGING:  # resident blocks whose rows or heads newly select them: part misses
         assert p["part_misses"] > 0
+    if kw.get("lengths") and "pipeline" not in kw:  # reads ahead into reserved slots of the predicted parts only
+        assert p["slot_part_reads"] > 0 and p["part_misses"] > 0
 
 
 @pytest.mark.parametrize("change", ["reorder", "crop", "select"])
