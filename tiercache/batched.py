@@ -16,6 +16,7 @@ policies): a hit then only updates the entry's info.
 from __future__ import annotations
 
 import heapq
+import operator
 import os
 import threading
 import time
@@ -195,6 +196,10 @@ class DataPaths(Moves):
                 position += len(run)
         finally:
             if begun and not ended:
+                if self._later_releases:  # (only left outside the lock by a _put_direct that raised: its own)
+                    with self._lock:
+                        later, self._later_releases = self._later_releases, []
+                    self._finish(later)
                 self._end()
 
     def put(self, key: Hashable, value: torch.Tensor, *, score: float | None = None) -> None:
@@ -332,34 +337,46 @@ class DataPaths(Moves):
             if slot is None:
                 break
             copy_bytes(slot.ref, data.data_ptr(), size)  # a CPU arena slot's ref is its address
+            key, score = item[0], item[6]
+            old = index.get(key)
+            if old is not None and score is None:
+                score = old.info.score
+            token = next(_TOKENS)
+            entry = Entry(key, size, tier.name, clock + 1, clock + 1, 0, score if score is not None else 0.0,
+                          item[1], item[3], item[4], seq + 1, home, slot, None, False, token)
+            try:  # ranked before anything changes (see put); what was stored so far is counted below
+                item_rank = entry.queued_rank = rank(entry)
+            except BaseException:
+                tier.free(slot)
+                self._put_direct_done(position, at, seq, clock, releases, written, start)
+                raise
             written[home] += size
             seq += 1
             clock += 1
-            key, score = item[0], item[6]
-            old = index.get(key)
             if old is not None:
-                if score is None:
-                    score = old.info.score
                 releases += self._unlink(old)
-            token = next(_TOKENS)
-            entry = index[key] = Entry(key, size, tier.name, clock, clock, 0, score if score is not None else 0.0,
-                                       item[1], item[3], item[4], seq, home, slot, None, False, token)
+            index[key] = entry
             # RankedQueue.push, inlined (see put)
             queue = queues[home]
             queue.live += 1
             queue.payload += size
-            item_rank = entry.queued_rank = rank(entry)
             queue._owners[token] = entry
             heap = queue._heap
             _heappush(heap, (item_rank, token))
             if len(heap) > COMPACT_MIN_ITEMS and len(heap) > COMPACT_RATIO * (queue.live + 1):  # index.over_compaction_limit
                 queue._compact()
             at += 1
+        self._put_direct_done(position, at, seq, clock, releases, written, start)
+        return at
+
+    def _put_direct_done(self, position: int, at: int, seq: int, clock: int, releases: list[Release],
+                         written: list[int], start: float) -> None:
+        """``_put_direct``'s accounting of ``prepared[position:at]``, stored (under the lock)."""
         if at > position:
             self._seq, self._clock = seq, clock
             spent = time.perf_counter() - start
             total = sum(written)
-            for tier_index, tier in enumerate(tiers):
+            for tier_index, tier in enumerate(self._tiers):
                 if written[tier_index]:
                     tier_counters = self._counters.tiers[tier.name]
                     tier_counters.bytes_written += written[tier_index]
@@ -367,7 +384,6 @@ class DataPaths(Moves):
             self._counters.puts += at - position
             if releases:
                 self._later_releases += self._free_volatile(releases)
-        return at
 
     def _write_run(
         self, run: list[tuple[int, Slot, EntryHeader]], prepared: list, datas: list[torch.Tensor], position: int
@@ -441,6 +457,8 @@ class DataPaths(Moves):
         if not run:
             return False
         releases: list[Release] = []
+        error: BaseException | None = None
+        published = 0
         with self._lock:
             if written is not None:
                 for tier_index, tier in enumerate(self._tiers):
@@ -450,7 +468,7 @@ class DataPaths(Moves):
                         counters.write_seconds += written[1][tier_index]
             index, queues, tiers, rank = self._index, self._queues, self._tiers, self._policy.rank
             clock = self._clock
-            for (tier_index, slot, header), item, view in zip(run, prepared[position:], views):
+            for done, ((tier_index, slot, header), item, view) in enumerate(zip(run, prepared[position:], views)):
                 key, score = item[0], item[6]
                 old = index.get(key)
                 if old is not None:
@@ -459,30 +477,39 @@ class DataPaths(Moves):
                         continue
                     if score is None:
                         score = old.info.score
-                    releases += self._unlink(old)
-                clock += 1
-                entry = Entry(key, header.nbytes, tiers[tier_index].name, clock, clock, 0,
+                entry = Entry(key, header.nbytes, tiers[tier_index].name, clock + 1, clock + 1, 0,
                               score if score is not None else 0.0, header.key, item[3], header.shape, header.seq,
                               tier_index, slot, view, False, 1)
-                info = entry
+                try:  # ranked before anything changes (see put): this item and the rest are given back
+                    item_rank = rank(entry)
+                except BaseException as exc:
+                    error = exc
+                    releases += [(t, s) for t, s, _ in run[done:]]
+                    break
+                if old is not None:
+                    releases += self._unlink(old)
+                clock += 1
+                published += 1
                 index[key] = entry
                 queue = queues[tier_index]
                 queue.live += 1
                 queue.payload += header.nbytes
-                queue.push(entry, rank(info))
+                queue.push(entry, item_rank)
             self._clock = clock
-            self._counters.puts += len(run)
+            self._counters.puts += published
             if releases:
                 releases = self._free_volatile(releases)
             # decided under the lock: an operation that has ended must not finish (or notify) another's work
             finish = bool(releases or self._evicted)
-            end = end and not finish  # else _end after _finish (close waits for it)
+            end = end and not finish and error is None  # else _end after _finish (close waits for it)
             if end:
                 self._active -= 1
                 if not self._active and self._closing:  # only close() waits for it
                     self._idle.notify_all()
         if finish:
             self._finish(releases)
+        if error is not None:
+            raise error
         return end
 
     # -- get ------------------------------------------------------------------------------------------
@@ -575,9 +602,13 @@ class DataPaths(Moves):
                 clock += 1
                 entry.last_access = clock
                 if rerank:  # _rerank, inlined: the tier of a hit is unchanged
-                    entry.version += 1
                     entry.tier = tiers[src].name
-                    queues[src].push(entry, rank(entry))
+                    try:  # (before the entry's item goes stale: a rank that raises leaves it queued)
+                        hit_rank = rank(entry)
+                    except BaseException:
+                        self._later.extend(self._unpin_all(pinned))  # (none: the lock was held all along)
+                        raise
+                    queues[src].push(entry, hit_rank)
                 if src == 0 and arena is not None:
                     size = entry.nbytes
                     if size <= MEMMOVE_MAX_BYTES:
@@ -693,9 +724,8 @@ class DataPaths(Moves):
                     entry.hits += 1  # the entry is its policy info (Entry.info)
                     entry.last_access = self._clock = self._clock + 1
                     if self._rerank_hits:  # _rerank, inlined: the tier of a hit is unchanged
-                        entry.version += 1
                         entry.tier = arena.name
-                        self._queues[0].push(entry, self._policy.rank(entry))
+                        self._queues[0].push(entry, self._policy.rank(entry))  # (a raise leaves it queued)
                     size = entry.nbytes
                     # new_tensor, inlined for a (shape, dtype) seen before
                     template = _TEMPLATES.get((entry.shape, entry.dtype))
@@ -826,6 +856,141 @@ class DataPaths(Moves):
                 whole[i] = value  # type: ignore[index]
             return whole  # type: ignore[return-value]
         return self._get_pinned(pinned, views, target, dsts, packed, pack, bracket)
+
+    def _get_ranged(
+        self,
+        keys: list[Hashable],
+        target: torch.device,
+        dsts: list[torch.Tensor],
+        ranges: list[list[tuple[int, int]] | None],
+    ) -> list[torch.Tensor]:
+        """``get_many(keys, out=dsts, ranges=ranges)`` (``ranges`` checked by :func:`check_ranges`, one item
+        per key): lookup, pins, counts and the public operation as :meth:`_get_batch`; the items whose
+        ranges are ``None`` are copied whole as :meth:`_copy_each` copies them; of the others only the
+        ranges' bytes are written into the destination's bytes (it must be contiguous).  Memory tiers:
+        one copy per range.  A disk tier: its ``read_ranges`` (sector reads, verified per sector), into
+        the destination when it is on the CPU, else into a CPU staging buffer first.  An entry the policy
+        would promote, or one in a tier without ``read_ranges``, is read whole (its promotion copies from
+        that read) and its ranges copied from it."""
+        def check(found: list[Entry]) -> None:
+            _check_destinations(found, dsts)
+            for i, (entry, wanted) in enumerate(zip(found, ranges)):
+                if wanted is None:
+                    continue
+                if wanted and wanted[-1][1] > entry.nbytes:
+                    raise ValueError(f"ranges[{i}] (key {entry.key!r}) ends at byte {wanted[-1][1]}, past the "
+                                     f"value's {entry.nbytes} bytes")
+                if not dsts[i].is_contiguous():
+                    raise ValueError(f"out[{i}] (key {entry.key!r}) must be contiguous when ranges[{i}] is given")
+
+        pinned, views, _, _ = self._lookup_and_pin(keys, check, True, None, dsts)
+        tiers = self._tiers
+        n_tiers = len(tiers)
+        bad: Entry | None = None
+        reads: list[tuple[list[int], list[float]]] = []
+        promote = self._policy.promote
+        names = self._tier_names
+        promoted: list[tuple[Entry, int, torch.Tensor | None]] = []
+        try:
+            try:
+                whole = [i for i, wanted in enumerate(ranges) if wanted is None]
+                if whole:
+                    try:
+                        _, copies = self._copy_each([pinned[i] for i in whole], [views[i] for i in whole],
+                                                    [dsts[i] for i in whole], target, reads)
+                    except CorruptEntryError as exc:  # its position in the whole items: in the batch
+                        where = getattr(exc, "tiercache_index", None)
+                        exc.tiercache_index = whole[where] if where is not None else None  # type: ignore[attr-defined]
+                        raise
+                    for i, data in zip(whole, copies):
+                        entry, src = pinned[i][0], pinned[i][1]
+                        if src and promote(entry, names[src], names[0]):
+                            promoted.append((entry, src, data))
+                nbytes = [0] * n_tiers
+                seconds = [0.0] * n_tiers
+                by_disk: dict[int, list[int]] = {}  # tier -> positions read by sectors
+                staged: dict[int, torch.Tensor] = {}  # position -> CPU staging buffer of a non-CPU destination
+                for i, wanted in enumerate(ranges):
+                    if wanted is None:
+                        continue
+                    entry, src, slot, header = pinned[i]
+                    dst = dsts[i]
+                    start = _perf_counter()
+                    wants = bool(src) and promote(entry, names[src], names[0])
+                    tier = tiers[src]
+                    arena = self._address_tiers[src]
+                    if not wanted:
+                        pass
+                    elif arena is not None and dst.is_cpu:
+                        base, to = arena.address(slot), dst.data_ptr()
+                        for lo, hi in wanted:
+                            memmove(to + lo, base + lo, hi - lo)
+                        nbytes[src] += sum([hi - lo for lo, hi in wanted])
+                    elif isinstance(tier, ArenaTier):
+                        source, into = tier.view(slot), as_bytes(dst.view(-1))
+                        for lo, hi in wanted:
+                            into[lo:hi].copy_(source[lo:hi])
+                        nbytes[src] += sum([hi - lo for lo, hi in wanted])
+                    elif isinstance(tier, DiskTier) and not wants:
+                        by_disk.setdefault(src, []).append(i)
+                        if not dst.is_cpu:
+                            staged[i] = torch.empty(entry.nbytes, dtype=torch.uint8)
+                        continue
+                    else:  # promoted (it needs the whole value), or a tier without ranged reads
+                        try:
+                            payload = tier.read(slot, header)
+                        except CorruptEntryError as exc:
+                            exc.tiercache_index = i  # type: ignore[attr-defined]
+                            raise
+                        payload = as_bytes(payload.reshape(-1))
+                        into = as_bytes(dst.view(-1))
+                        for lo, hi in wanted:
+                            into[lo:hi].copy_(payload[lo:hi])
+                        nbytes[src] += entry.nbytes
+                        if wants:
+                            promoted.append((entry, src, payload if payload.device == tiers[0].device else None))
+                            wants = False
+                    if wants:
+                        promoted.append((entry, src, None))  # (a memory tier: re-read from the pinned slot)
+                    seconds[src] += _perf_counter() - start
+                for src, positions in by_disk.items():
+                    start = _perf_counter()
+                    requests = []
+                    for i in positions:
+                        entry, _, slot, _ = pinned[i]
+                        requests.append((slot, entry.header, staged.get(i, dsts[i]), ranges[i]))
+                    try:
+                        nbytes[src] += tiers[src].read_ranges(requests)  # type: ignore[attr-defined]
+                    except CorruptEntryError as exc:
+                        where = getattr(exc, "tiercache_index", None)
+                        exc.tiercache_index = positions[where] if where is not None else None  # type: ignore[attr-defined]
+                        raise
+                    for i in positions:
+                        buf = staged.get(i)
+                        if buf is not None:
+                            into = as_bytes(dsts[i].view(-1))
+                            for lo, hi in ranges[i]:  # type: ignore[union-attr]
+                                into[lo:hi].copy_(buf[lo:hi])
+                    seconds[src] += _perf_counter() - start
+                reads.append((nbytes, seconds))
+            except CorruptEntryError as exc:
+                bad = _damaged(exc, pinned)
+                raise KeyError(bad.key) from None
+            for entry, src, data in promoted:
+                self._promote(entry, src, data)  # the source slot is still pinned by us
+        finally:
+            with self._lock:
+                self._counters.ranged_gets += len(ranges) - ranges.count(None)
+                for counted, spent in reads:
+                    for tier_index, counters in enumerate(self._tier_counters):
+                        if counted[tier_index]:
+                            counters.bytes_read += counted[tier_index]
+                            counters.read_seconds += spent[tier_index]
+                releases = self._end_get(pinned, bad, True)
+                finish = bool(releases or self._evicted)
+            if finish:
+                self._finish_then_end(releases, True)
+        return dsts
 
     def _row_requests(self, pinned: list[_Pinned], dsts: list[torch.Tensor],
                       on_cpu: bool = False) -> list[tuple[Slot, Any, torch.Tensor]] | None:
@@ -1493,6 +1658,43 @@ def _normal_device(device: torch.device) -> torch.device:
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def check_ranges(ranges: object, n: int) -> list[list[tuple[int, int]] | None]:
+    """``get_many``'s ``ranges`` for ``n`` keys as a list of ``None`` or lists of ``(start, stop)`` int
+    pairs: one item per key, each ``None`` or a sequence of pairs with ``0 <= start < stop``, sorted and
+    non-overlapping (adjacent allowed); ``ValueError`` naming the item otherwise (the upper bound, the
+    value's size, is checked against the entry by ``_get_ranged``)."""
+    if isinstance(ranges, (str, bytes, torch.Tensor)) or not isinstance(ranges, Sequence):
+        raise ValueError(f"ranges must be a sequence with one item per key, got {type(ranges).__name__}")
+    if len(ranges) != n:
+        raise ValueError(f"ranges has {len(ranges)} items for {n} keys")
+    out: list[list[tuple[int, int]] | None] = []
+    for i, item in enumerate(ranges):
+        if item is None:
+            out.append(None)
+            continue
+        if isinstance(item, (str, bytes)) or not isinstance(item, (Sequence, numpy.ndarray)):
+            raise ValueError(f"ranges[{i}] must be None or a sequence of (start, stop) pairs, got {type(item).__name__}")
+        pairs: list[tuple[int, int]] = []
+        end = 0
+        for j, pair in enumerate(item):
+            try:
+                start, stop = pair
+                if isinstance(start, bool) or isinstance(stop, bool):
+                    raise TypeError
+                start, stop = operator.index(start), operator.index(stop)
+            except (TypeError, ValueError):
+                raise ValueError(f"ranges[{i}][{j}] must be a (start, stop) pair of ints, got {pair!r}") from None
+            if not 0 <= start < stop:
+                raise ValueError(f"ranges[{i}][{j}] = ({start}, {stop}): need 0 <= start < stop")
+            if start < end:
+                raise ValueError(f"ranges[{i}][{j}] = ({start}, {stop}) starts before the previous range's end "
+                                 f"{end}: ranges must be sorted and must not overlap")
+            pairs.append((start, stop))
+            end = stop
+        out.append(pairs)
+    return out
 
 
 def _check_packed_room(entries: list[Entry], packed: torch.Tensor) -> None:

@@ -29,7 +29,7 @@ from typing import Any, Hashable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from .batched import DataPaths, _check_read_device, _normal_device
+from .batched import DataPaths, _check_read_device, _normal_device, check_ranges
 from .config import CacheConfig, check_config
 from .errors import CacheClosedError, CacheLockedError
 from .index import RankedQueue
@@ -44,7 +44,8 @@ from .tiers.memory import ArenaTier, gpu_tier, host_tier
 
 _CPU = torch.device("cpu")
 # The CacheConfig options that build the tiers (refused beside ready-made tiers=).
-_TIER_OPTIONS = frozenset({"gpu", "host", "disk", "path", "compression", "fingerprint", "direct_io", "gpu_device"})
+_TIER_OPTIONS = frozenset({"gpu", "host", "disk", "path", "compression", "fingerprint", "direct_io", "gpu_device",
+                           "disk_sector_bytes"})
 _STRIDED = torch.strided
 
 class Cache(DataPaths, Persistence):
@@ -147,6 +148,7 @@ class Cache(DataPaths, Persistence):
                 tiers.append(DiskTier(
                     cfg.path, disk, compression=cfg.compression, fingerprint=cfg.fingerprint,
                     direct_io=getattr(cfg, "direct_io", False), io_threads=cfg.io_threads,
+                    sector_bytes=cfg.disk_sector_bytes,
                 ))
             except BaseException:
                 self._release_path_lock(refused=True)
@@ -240,6 +242,7 @@ class Cache(DataPaths, Persistence):
         device: torch.device | str | None = None,
         *,
         out: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        ranges: Sequence[Sequence[tuple[int, int]] | None] | None = None,
     ) -> list[torch.Tensor]:
         """The values of ``keys``, in key order, moved as one batched operation.
 
@@ -266,10 +269,32 @@ class Cache(DataPaths, Persistence):
           memory, then gathered with them, on the cache's copy-engine stream after the caller's current
           stream.
 
+        Ranged (sector) reads: ``ranges``, allowed only with ``out`` a list or tuple (else ``ValueError``),
+        has one item per key: ``None`` reads that value whole, as above; otherwise a sequence of
+        ``(start, stop)`` int byte offsets into the value's bytes in C order, ``0 <= start < stop <=
+        nbytes``, sorted ascending and non-overlapping (adjacent allowed; an empty sequence reads nothing);
+        anything else is a ``ValueError`` naming the item, raised before anything is counted or copied.
+        For such an item ``out[i]`` must be contiguous (``ValueError`` otherwise) and only those bytes of
+        it (viewed as the value's bytes) are written; every other byte of ``out[i]`` is left untouched.
+        Memory tiers copy just the ranges.  A disk tier reads only the sectors (``disk_sector_bytes``, 64
+        KiB by default) that cover the ranges, one read per run of consecutive sectors, and checks each
+        against its own crc32c (a mismatch is damage, as for a whole read: the entry is dropped and
+        ``KeyError`` raised; damage in sectors the read skips is not seen by it, but by any whole read).
+        Entries without sector checksums (a format-2 store, a compressed store) are read whole, then the
+        ranges copied (after a reopen that loaded the persisted index, an entry's first ranged read also
+        reads its 4 KiB header page for its checksums).  If a ranged read fails, the asked bytes of
+        ``out[i]`` may hold what was read (never the other bytes).  An entry the policy promotes is read whole (it is copied to the faster tier) and its ranges copied from that
+        read.  ``stats()["tiers"][...]["bytes_read"]`` counts the payload bytes actually read;
+        ``stats()["ranged_gets"]`` counts ranged items, and a disk tier's row ``ranged_reads`` /
+        ``ranged_bytes_saved`` the entries it read by sectors and the payload bytes they skipped.  Return
+        value, all-or-nothing misses, damage handling, pins and counts are as without ``ranges``.
+
         This call returns once every copy is complete.  Every source slot stays pinned until then, so a
         concurrent delete or demotion never frees bytes being read.  Hits, misses and promotions are
         counted and applied as ``get`` does.  Thread-safe."""
         keys = list(keys) if keys.__class__ is list else self._key_list(keys, "get_many")
+        if ranges is not None:
+            return self._get_many_ranged(keys, device, out, ranges)
         dsts: list[torch.Tensor] | None = None
         packed: torch.Tensor | None = None
         asked = _normal_device(torch.device(device)) if device is not None else None
@@ -305,6 +330,28 @@ class Cache(DataPaths, Persistence):
         if target.type != "cpu":
             _check_read_device(target)
         return self._get_batch(keys, target, dsts, packed, pack=dsts is None, bracket=True)
+
+    def _get_many_ranged(self, keys: list[Hashable], device: torch.device | str | None, out: object,
+                         ranges: object) -> list[torch.Tensor]:
+        """``get_many`` with ``ranges`` (see there): the same checks of ``out`` and ``device``, then
+        :meth:`_get_ranged`."""
+        if not isinstance(out, (list, tuple)):
+            raise ValueError("ranges= needs out= a list or tuple of tensors, one per key")
+        checked = check_ranges(ranges, len(keys))
+        dsts = list(out)
+        for i, dst in enumerate(dsts):
+            if not isinstance(dst, torch.Tensor) or dst.layout is not _STRIDED or dst.is_nested:
+                raise TypeError(f"out[{i}] must be a dense torch.Tensor, got {type(dst).__name__}")
+        asked = _normal_device(torch.device(device)) if device is not None else None
+        devices = {_normal_device(d) for d in {dst.device for dst in dsts}}
+        if len(devices) > 1:
+            raise ValueError(f"out tensors are on several devices: {sorted(map(str, devices))}")
+        target = devices.pop() if devices else (asked or _CPU)
+        if asked is not None and asked != target:
+            raise ValueError(f"out is on {target} but device={device!r} was requested")
+        if target.type != "cpu":
+            _check_read_device(target)
+        return self._get_ranged(keys, target, dsts, checked)
 
     def delete(self, key: Hashable) -> bool:
         """Remove ``key``; whether it was present.  Its slot is freed once no reader holds it."""
@@ -474,6 +521,7 @@ class Cache(DataPaths, Persistence):
                 "misses": c.misses,
                 "evictions": c.evictions,
                 "corruptions": c.corruptions,
+                "ranged_gets": c.ranged_gets,
                 "bytes_moved": dict(c.bytes_moved),
                 "errors": dict(c.errors),
                 "policy": getattr(self._policy, "name", type(self._policy).__name__),
@@ -502,10 +550,9 @@ class Cache(DataPaths, Persistence):
 
         ``close()`` never waits for itself: called from code the cache runs inside an operation or
         inside ``close()`` -- an ``on_evict`` callback, a policy's methods, a prefetch future's done
-        callback (a thread of the cache's I/O pool) -- it raises ``RuntimeError`` and changes nothing
-        (an exception raised in ``on_evict`` is logged, as any other): close the cache once that
-        operation has returned.  A policy's ``promote`` and a tier's methods also run inside operations,
-        outside the index lock: they must not call the cache (``close()`` from them is not detected).
+        callback (a thread of the cache's I/O pool), a policy's ``promote`` or a tier's method run by an
+        operation -- it raises ``RuntimeError`` and changes nothing (an exception raised in ``on_evict`` is
+        logged, as any other): close the cache once that operation has returned.
 
         Afterwards the cache holds nothing: every method that reads or changes entries (``put``, ``get``,
         ``in``, ``len``, ``keys``, ``tier_of``, ``prefetch``, ``flush``, ...) raises ``CacheClosedError``;
@@ -526,6 +573,10 @@ class Cache(DataPaths, Persistence):
                 "close() called from code the cache runs under its index lock (a policy's rank or promote): "
                 "it would wait for the operation running it; close the cache after that operation has returned")
         with self._lock:
+            if self._active and not self._close_finished and self._runs_inside_operation():
+                raise RuntimeError(
+                    "close() called from code an operation of this cache runs (a policy's promote, a tier's "
+                    "method): it would wait for that operation; close the cache after it has returned")
             waited = False
             while True:
                 if self._close_finished:

@@ -27,7 +27,11 @@ class CacheConfig:
     write with ``O_DIRECT``, past the OS page cache (falls back to buffered I/O with a ``RuntimeWarning``
     where the filesystem refuses it, e.g. tmpfs; ``stats()["tiers"]["disk"]["direct_io"]`` says which);
     it must be a ``bool``.  ``gpu_device`` is the GPU tier's device (a string such as ``"cuda:1"`` or a
-    ``torch.device``); it is used only when ``gpu`` has a capacity.
+    ``torch.device``); it is used only when ``gpu`` has a capacity.  ``disk_sector_bytes`` (a power of
+    two, at least 4096; default 64 KiB) is the disk tier's sector: each new entry records the crc32c of
+    every sector of its payload, so a ranged ``get_many`` reads and verifies only the sectors it needs
+    (an entry whose table would not fit its header page uses the smallest power-of-two multiple that
+    fits).
 
     The option types are checked on construction (and again by ``Cache``, in case a field was changed
     since; :func:`check_config`): ``io_threads`` a positive integer (``bool`` refused; numpy integers are
@@ -48,6 +52,7 @@ class CacheConfig:
     io_threads: int = 4
     gpu_device: str | torch.device = "cuda"
     direct_io: bool = False
+    disk_sector_bytes: int = 64 << 10
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -76,5 +81,11 @@ def check_config(cfg: CacheConfig) -> None:
     if cfg.fingerprint is not None and not isinstance(cfg.fingerprint, str):
         raise TypeError(f"fingerprint must be a str (e.g. a hash of the weights or layout) or None, got "
                         f"{type(cfg.fingerprint).__name__} {cfg.fingerprint!r}")
+    sector = cfg.disk_sector_bytes
+    if isinstance(sector, bool) or not isinstance(sector, numbers.Integral):
+        raise TypeError(f"disk_sector_bytes must be an int, got {type(sector).__name__} {sector!r}")
+    sector = cfg.disk_sector_bytes = operator.index(sector)
+    if sector < 4096 or sector & (sector - 1):
+        raise ValueError(f"disk_sector_bytes must be a power of two of at least 4096, got {sector}")
     if cfg.on_evict is not None and not callable(cfg.on_evict):
         raise TypeError(f"on_evict must be a callable(key, reason) or None, got {type(cfg.on_evict).__name__}")

@@ -223,10 +223,18 @@ class RankedQueue:
                     heapq.heappush(heap, (entry.queued_rank, entry.version))
                 continue
             if rank is not None:
-                now = rank(entry.info)
+                try:
+                    now = rank(entry.info)
+                except BaseException:  # the policy's rank raised: put back every item taken, then raise
+                    skipped.append((item, entry))
+                    skipped.extend(((victim.queued_rank, victim.version), victim) for victim in victims)
+                    for taken, owner in skipped:
+                        self._owners[taken[1]] = owner
+                        heapq.heappush(self._heap, taken)
+                    raise
                 if now != item[0]:
                     self.push(entry, now)
-                    heap = self._heap  # push may have compacted it
+                    heap, owners = self._heap, self._owners  # push may have compacted them
                     continue
             if entry.moving:
                 skipped.append((item, entry))
@@ -266,14 +274,20 @@ def rescore(entries: list[Entry | None], scores: list[float], rank: Callable[[An
     """Set ``entries[i].score = scores[i]`` and re-rank each entry (``None``: skipped); returns how many
     were updated.  Under the index lock.  A rank that did not drop is deferred (``RankedQueue.defer``):
     no heap push, same eviction order; a lower rank, or an entry being moved, is pushed as
-    ``CacheState._rerank`` does.  ``names`` are the tiers' names by index."""
+    ``CacheState._rerank`` does.  ``names`` are the tiers' names by index.  If ``rank`` raises, the entries
+    before the failing one stay updated, the failing one and those after it keep their scores and ranks,
+    and the error propagates (every entry stays queued)."""
     updated = 0
     tokens = _TOKENS
     for entry, score in zip(entries, scores):
         if entry is None:
             continue
-        entry.score = score
-        new = rank(entry)
+        previous, entry.score = entry.score, score
+        try:
+            new = rank(entry)
+        except BaseException:  # the policy's rank raised: this entry keeps its score and its queue item
+            entry.score = previous
+            raise
         old = entry.queued_rank
         if entry.moving or old is None or new < old:
             entry.tier = names[entry.level]

@@ -27,7 +27,8 @@ class Moves(CacheState):
         tier cannot make room (everything there is being moved, or the value is too large for it).
         With ``allow_drop=False`` no entry may be dropped from the last tier to make room (promotions use
         this: a read never costs another entry its data); ``None`` then also when only a drop would help.
-        Raises ``TierIOError`` if a demotion fails on I/O (nothing is lost then)."""
+        Raises ``TierIOError`` if a demotion fails on I/O (nothing is lost then), and what the policy's
+        ``rank`` raised (every victim is then queued again, at its previous rank if need be)."""
         tier = self._tiers[tier_index]
         if nbytes > tier.max_nbytes:
             return None
@@ -58,7 +59,9 @@ class Moves(CacheState):
                     with self._lock:  # hand the untouched victims back
                         for rest in victims[position + 1 :]:
                             rest.moving = False
-                            self._rerank(rest)
+                            # (a policy.rank that raises: queued at its old rank; the first error is raised below)
+                            failed = self._rerank_or_error(rest)
+                            error = error or failed
                             self._finish_later(self._unpin(rest.level, rest.slot))
                     break
             self._flush_finish_later()
@@ -73,15 +76,26 @@ class Moves(CacheState):
         ``allow_drop`` a victim that could only be dropped is handed back instead; returns False then."""
         src = victim.level
         dst = src + 1
-        slot = self._reserve(dst, victim.nbytes, allow_drop=allow_drop) if dst < len(self._tiers) else None
+        try:
+            slot = self._reserve(dst, victim.nbytes, allow_drop=allow_drop) if dst < len(self._tiers) else None
+        except BaseException:  # making room below failed (I/O, a policy.rank that raised): hand the victim back
+            with self._lock:
+                victim.moving = False
+                releases = self._unpin(src, victim.slot)
+                if self._index.get(victim.key) is victim:
+                    self._rerank_or_error(victim)  # (queued either way; the first error is the one raised)
+                self._finish_later(releases)
+            raise
         if slot is None:
             with self._lock:
                 victim.moving = False
                 releases = self._unpin(src, victim.slot)
                 if self._index.get(victim.key) is victim:
                     if not allow_drop:
-                        self._rerank(victim)
+                        error = self._rerank_or_error(victim)
                         self._finish_later(releases)
+                        if error is not None:  # (_reserve hands the other victims back, then raises it)
+                            raise error
                         return False
                     releases += self._drop_entry(victim, "capacity")
             self._finish(releases)
@@ -114,13 +128,14 @@ class Moves(CacheState):
                     self._counters.corruptions += 1
                     releases += self._drop_entry(entry, "corrupt")
                 elif self._index.get(entry.key) is entry:
-                    self._rerank(entry)
+                    self._rerank_or_error(entry)  # (queued either way; the move's own error is the one raised)
                 if isinstance(exc, OSError):
                     self._counters.errors["io"] += 1
             self._finish(releases)
             if isinstance(exc, CorruptEntryError):
                 return False
             raise
+        error: BaseException | None = None
         with self._lock:
             entry.moving = False
             releases = self._unpin(src, entry.slot)
@@ -133,10 +148,14 @@ class Moves(CacheState):
                 self._queues[dst].add(entry)
                 entry.level, entry.slot = dst, slot
                 entry.view = slot_view(self._tiers[dst], slot, entry)
-                self._rerank(entry)
                 self._counters.bytes_moved[f"{self._tiers[src].name}->{self._tiers[dst].name}"] += slot.nbytes
                 moved = True
+                # (a policy.rank that raises: the entry is queued in dst at its old rank, the error raised
+                # once the source slot is released)
+                error = self._rerank_or_error(entry)
         self._finish(releases)
+        if error is not None:
+            raise error
         return moved
 
 
@@ -149,6 +168,7 @@ class Moves(CacheState):
             entry.moving = True
             self._pin(src, entry.slot)
         slot: Slot | None = None
+        error: BaseException | None = None
         try:
             for dst in (range(src) if targets is None else targets):
                 slot = self._reserve(dst, entry.nbytes, allow_drop=False)
@@ -159,13 +179,17 @@ class Moves(CacheState):
             with self._lock:
                 self._counters.errors["promote"] += 1
             slot = None
+        except BaseException as exc:  # (e.g. a policy.rank that raised): the entry is handed back, then it propagates
+            error, slot = exc, None
         if slot is None:
             with self._lock:
                 entry.moving = False
                 releases = self._unpin(src, entry.slot)
                 if self._index.get(entry.key) is entry:
-                    self._rerank(entry)
+                    error = error or self._rerank_or_error(entry)
             self._finish(releases)
+            if error is not None:
+                raise error
             return False
         try:
             return self._move(entry, src, dst, slot, data)

@@ -14,6 +14,8 @@ last pin goes, so a concurrent delete or overwrite never frees bytes still being
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +33,11 @@ from .tiers.base import EntryHeader, Slot, Tier
 from .transfer import CopyEngine
 
 log = logging.getLogger("tiercache.cache")
+
+# The modules whose frames, with a cache as ``self``, run inside one of its operations (see
+# ``CacheState._runs_inside_operation``).
+_OPERATION_FILES = frozenset(os.path.join(os.path.dirname(__file__), name)
+                             for name in ("batched.py", "moves.py", "persistence.py"))
 
 Release = tuple[int, Slot]
 """A slot to give back to tier ``[0]`` once its pins are gone (see ``CacheState._finish``)."""
@@ -133,14 +140,48 @@ class CacheState:
         finally:
             self._end()
 
+    def _runs_inside_operation(self) -> bool:
+        """Whether the calling thread runs inside one of this cache's operations: a frame of the data paths
+        or the moves (``batched.py``, ``moves.py``, ``persistence.py``) with this cache as ``self`` is on
+        its stack, e.g. a policy's ``promote`` or a tier's method called by a ``get``.  ``close()`` asks
+        (only while operations are in flight: it walks the stack) so that it raises instead of waiting
+        for the very operation that runs it."""
+        frame = sys._getframe(1)
+        files = _OPERATION_FILES
+        while frame is not None:
+            code = frame.f_code
+            if code.co_filename in files and code.co_argcount and code.co_varnames[0] == "self" \
+                    and frame.f_locals.get("self") is self:
+                return True
+            frame = frame.f_back
+        return False
+
     def _tick(self) -> int:
         self._clock += 1
         return self._clock
 
     def _rerank(self, entry: Entry) -> None:
-        entry.version += 1
+        """Queue ``entry`` in its tier's queue at the policy's rank of its current info (its older items
+        go stale).  If ``policy.rank`` raises, the entry is queued at its previous rank instead, so it stays
+        evictable (a victim handed back or an entry just moved has no other current item), and the error
+        propagates: callers in the middle of bookkeeping use :meth:`_rerank_or_error`."""
         entry.info.tier = self._tiers[entry.level].name
-        self._queues[entry.level].push(entry, self._policy.rank(entry.info))
+        queue = self._queues[entry.level]
+        try:
+            rank = self._policy.rank(entry.info)
+        except BaseException:
+            queue.push(entry, entry.queued_rank)  # (set by the entry's first push or by recovery's load)
+            raise
+        queue.push(entry, rank)
+
+    def _rerank_or_error(self, entry: Entry) -> BaseException | None:
+        """:meth:`_rerank`, returning what ``policy.rank`` raised instead of raising it: for bookkeeping
+        that must run to its end (hand victims back, unpin, release) before the error propagates."""
+        try:
+            self._rerank(entry)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, who raises it
+            return exc
+        return None
 
     # Pins are keyed by the Slot object's identity: every pin, unpin and release of a slot goes through the
     # one Slot object its entry holds (a reader keeps it alive while pinned), and an identity key hashes

@@ -35,5 +35,6 @@ class CacheCounters:
     misses: int = 0
     evictions: int = 0
     corruptions: int = 0
+    ranged_gets: int = 0  # get_many items read with ranges
     bytes_moved: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)

@@ -25,6 +25,7 @@ Use it for your own tiers or policies::
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -56,6 +57,17 @@ def make_value(dtype: torch.dtype, shape: Sequence[int], seed: int) -> torch.Ten
     itemsize = torch.empty((), dtype=dtype).element_size()
     raw = torch.randint(0, 256, (numel * itemsize,), dtype=torch.uint8, generator=gen)
     return raw.view(dtype).reshape(tuple(shape))
+
+
+class _RaisesKeyError:
+    """``with _RaisesKeyError():`` asserts that the block raises ``KeyError`` (without importing pytest)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+        assert kind is not None and issubclass(kind, KeyError), f"expected KeyError, got {kind}"
+        return True
 
 
 def same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -192,6 +204,37 @@ def make_cache_machine(
         @rule(key=key_strategy)
         def get(self, key: Hashable) -> None:
             self._check_get(key)
+
+        @rule(key=key_strategy, seed=st.integers(0, 2**31 - 1))
+        def get_ranges(self, key: Hashable, seed: int) -> None:
+            """A ranged ``get_many``: the asked bytes are the model's, every other byte of ``out`` is kept."""
+            assert self.cache is not None
+            if key not in self.model:
+                with _RaisesKeyError():
+                    self.cache.get_many([key], out=[torch.empty(0)], ranges=[[]])
+                return
+            expected = self.model[key]
+            nbytes = expected.numel() * expected.element_size()
+            out = make_value(expected.dtype, tuple(expected.shape), seed)
+            before = out.clone()
+            pick = random.Random(seed)
+            cuts = sorted(set(pick.randrange(nbytes + 1) for _ in range(pick.randrange(5)))) if nbytes else []
+            ranges = [(lo, hi) for lo, hi in zip(cuts[::2], cuts[1::2]) if lo < hi]
+            try:
+                self.cache.get_many([key], out=[out], ranges=[ranges])
+            except KeyError:
+                assert key not in self.model, f"{key!r} is missing but was never reported dropped"
+                return
+            if not nbytes:
+                return
+            got = out.reshape(-1).view(torch.uint8)
+            want = expected.contiguous().reshape(-1).view(torch.uint8)
+            old = before.reshape(-1).view(torch.uint8)
+            asked = torch.zeros(nbytes, dtype=torch.bool)
+            for lo, hi in ranges:
+                asked[lo:hi] = True
+            assert torch.equal(got[asked], want[asked]), f"{key!r}: a ranged read returned different bytes"
+            assert torch.equal(got[~asked], old[~asked]), f"{key!r}: a ranged read wrote bytes it was not asked for"
 
         @rule(key=key_strategy)
         def delete(self, key: Hashable) -> None:

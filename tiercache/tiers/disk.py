@@ -56,7 +56,9 @@ from .disk_format import (
     CRC_BYTES,
     FORMAT_VERSION,
     HEADER_BYTES,
+    MIN_SECTOR_SHIFT,
     PAGE,
+    READABLE_VERSIONS,
     SLOT_ROWS,
     array_metadata,
     array_metadata_ok,
@@ -67,6 +69,9 @@ from .disk_format import (
     group_metadata,
     header_prefix,
     parse_chunk_name,
+    sector_block,
+    sector_shift_for,
+    sector_table,
 )
 from .memory import memmove_holding_gil
 
@@ -103,6 +108,8 @@ MIN_BUFFERED_BYTES_PER_THREAD = 1 << 20
 # with one thread, 0.79-0.83 with 4, 0.95-1.27 with 8 and 1.22-1.43 with 16 (2026-12-05, other jobs running).
 # read_into's pool for direct reads has at least this many threads (``direct_read_threads``' default).
 DIRECT_READ_THREADS = 8
+# The default sector of a version-3 entry (``sector_bytes``): a ranged read reads and verifies whole sectors.
+DEFAULT_SECTOR_BYTES = 64 << 10
 _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 MIN_CAPACITY = PAGE + CRC_BYTES  # the smallest entry: an empty value's header page and checksum
 _spare = [0.0, 0]  # [when last checked, idle CPUs then]
@@ -355,6 +362,15 @@ def check_capacity(capacity: object) -> int:
     return capacity
 
 
+def check_sector_bytes(sector_bytes: object) -> int:
+    """``sector_bytes`` (a power of two of at least 4096, an ``int``), else ``TypeError`` / ``ValueError``."""
+    if isinstance(sector_bytes, bool) or not isinstance(sector_bytes, int):
+        raise TypeError(f"sector_bytes must be an int, got {type(sector_bytes).__name__} {sector_bytes!r}")
+    if sector_bytes < 1 << MIN_SECTOR_SHIFT or sector_bytes & (sector_bytes - 1):
+        raise ValueError(f"sector_bytes must be a power of two of at least {1 << MIN_SECTOR_SHIFT}, got {sector_bytes}")
+    return sector_bytes
+
+
 # -- the store directory ----------------------------------------------------------------------------------
 def _read_root_attrs(root: Path) -> dict | None:
     """The tiercache attributes of ``root/zarr.json``; ``None`` when it is a zarr node without them."""
@@ -430,6 +446,55 @@ _U32 = struct.Struct("<I")
 _CHAR_ARRAYS: dict[int, type] = {}
 
 
+#: length -> the four byte tables of the linear map "crc32c continued over ``length`` bytes" (crc combine)
+_SHIFTS: dict[int, tuple[list[int], list[int], list[int], list[int]]] = {}
+
+
+def _shift_tables(length: int, crc32c: Callable) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Tables of the map ``c -> crc32c(B, c) ^ crc32c(B, 0)`` for any ``B`` of ``length`` bytes (it is linear
+    in ``c`` and does not depend on ``B``'s bytes), by input byte, so that ``crc32c(A + B) ==
+    shift(crc32c(A)) ^ crc32c(B)`` (zlib's crc32_combine).  Cached per length."""
+    tables = _SHIFTS.get(length)
+    if tables is None:
+        zeros = bytes(length)
+        base = crc32c(zeros)
+        basis = [crc32c(zeros, 1 << bit) ^ base for bit in range(32)]
+        built = []
+        for k in range(4):
+            table = [0] * 256
+            for b in range(1, 256):
+                low = b & -b
+                table[b] = table[b ^ low] ^ basis[8 * k + low.bit_length() - 1]
+            built.append(table)
+        if len(_SHIFTS) >= 64:
+            _SHIFTS.clear()
+        tables = _SHIFTS[length] = tuple(built)  # type: ignore[assignment]
+    return tables  # type: ignore[return-value]
+
+
+def _crc_after(crc: int, crcs: bytes, payload: memoryview, shift: int, crc32c: Callable) -> int:
+    """``crc32c(payload, crc)`` from the payload's sector crcs ``crcs`` (sectors of ``2**shift`` bytes): every
+    sector but the last combined from its crc (one table per sector size), the last one read again (a short
+    one would need tables of its own length)."""
+    size = 1 << shift
+    count = len(crcs) // CRC_BYTES
+    if count > 1:
+        t0, t1, t2, t3 = _shift_tables(size, crc32c)
+        for sector_crc in struct.unpack_from(f"<{count - 1}I", crcs):
+            crc = t0[crc & 255] ^ t1[(crc >> 8) & 255] ^ t2[(crc >> 16) & 255] ^ t3[crc >> 24] ^ sector_crc
+    return crc32c(payload[(count - 1) * size :], crc)
+
+
+# How ranged reads copy verified bytes out of their bounce buffer (a module global so an A/B can swap it).
+_range_copy = ctypes.memmove
+
+
+def _copy_ranges(dst: int, src: int, base: int, ranges: Sequence[tuple[int, int]]) -> None:
+    """Copy each payload range ``[start, stop)`` from ``src + start - base`` to ``dst + start``."""
+    for start, stop in ranges:
+        _range_copy(dst + start, src + start - base, stop - start)
+
+
 def _char_array(nbytes: int) -> type:
     """``ctypes.c_char * nbytes``, cached (a ``from_address`` view of a tensor's bytes per read)."""
     kind = _CHAR_ARRAYS.get(nbytes)
@@ -457,6 +522,18 @@ class _Scratch(threading.local):
         self.small_bytes = bytearray(HEADER_BYTES + SMALL_READ_BYTES + CRC_BYTES + 1)
         self.small_view = memoryview(self.small_bytes)
         self.small_address = ctypes.addressof(ctypes.c_char.from_buffer(self.small_bytes))  # fixed: views pin it
+        self._bounce: tuple[memoryview, int] | None = None
+
+    def bounce(self, size: int) -> tuple[memoryview, int]:
+        """A page-aligned buffer of at least ``size`` bytes and its address (this thread's, grown as
+        needed, in powers of two): ranged reads land their sectors here."""
+        buf = self._bounce
+        if buf is None or len(buf[0]) < size:
+            room = 1 << max(16, (size - 1).bit_length())
+            raw = mmap.mmap(-1, room)
+            address = ctypes.addressof(ctypes.c_char.from_buffer(raw))
+            buf = self._bounce = (memoryview(raw), address)
+        return buf
 
     def get(self, size: int) -> memoryview:
         size = -(-size // PAGE) * PAGE
@@ -505,6 +582,7 @@ class DiskTier:
         direct_io: bool = False,
         io_threads: int = 4,
         direct_read_threads: int | None = None,
+        sector_bytes: int = DEFAULT_SECTOR_BYTES,
     ) -> None:
         if compression not in COMPRESSIONS:
             raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
@@ -517,6 +595,15 @@ class DiskTier:
             raise TypeError(f"direct_io must be a bool, got {type(direct_io).__name__} {direct_io!r}")
         if fingerprint is not None and not isinstance(fingerprint, str):
             raise TypeError(f"fingerprint must be a str or None, got {type(fingerprint).__name__}")
+        check_sector_bytes(sector_bytes)
+        self.sector_bytes = sector_bytes
+        self._sector_shift = sector_bytes.bit_length() - 1
+        # ref -> (seq, sector shift, sector crcs) of version-3 entries: made at write, by a scan, or by the
+        # first ranged read after an index load (which reads the whole chunk once and learns it)
+        self._sectors: dict[tuple[int, int], tuple[int, int, bytes]] = {}
+        #: ranged reads (read_ranges items) and the payload bytes they did not have to read
+        self.ranged_reads = 0
+        self.ranged_bytes_saved = 0
         self.name = name
         self.capacity = check_capacity(capacity)
         self.root = Path(path)
@@ -591,12 +678,15 @@ class DiskTier:
             attrs = _read_root_attrs(self.root)
             assert attrs is not None
             version = attrs.get("format_version")
-            if version != FORMAT_VERSION:
+            if version not in READABLE_VERSIONS:
                 raise ValueError(
                     f"{self.root}: tiercache store format version {version} is not readable by this version "
-                    f"(format {FORMAT_VERSION}; format 1 stores had no users and are not converted): "
+                    f"(formats {READABLE_VERSIONS}; format 1 stores had no users and are not converted): "
                     "delete the folder or use another path"
                 )
+            # A store keeps its version: a version-2 store's entries (and new ones) have no sector table,
+            # so ranged reads of them read whole payloads.
+            self.format_version = version
             if fingerprint is not None and attrs.get("fingerprint") != fingerprint:
                 raise FingerprintMismatchError(
                     f"{self.root} was written with fingerprint {attrs.get('fingerprint')!r}, not {fingerprint!r}"
@@ -612,7 +702,7 @@ class DiskTier:
                     if _is_creation_leftover(name):
                         os.unlink(os.path.join(self._root, name))
             attrs = {
-                "format_version": FORMAT_VERSION,
+                "format_version": FORMAT_VERSION,  # (tests make version-2 stores by rewriting it)
                 "compression": compression,
                 "compression_level": level,
                 "fingerprint": fingerprint,
@@ -621,6 +711,7 @@ class DiskTier:
             # no store (an empty folder), after it a valid empty store.
             journal.write_atomic(os.path.join(self._root, "zarr.json"), group_metadata(attrs))
             self.compression, self.compression_level, self.fingerprint = compression, level, fingerprint
+            self.format_version = FORMAT_VERSION
         self._codec = None
         if self.compression == "zstd":
             import numcodecs
@@ -802,8 +893,17 @@ class DiskTier:
         payload = memoryview(raw.numpy()).cast("B")
         if payload.nbytes != slot.nbytes:
             raise ValueError(f"payload of {payload.nbytes} bytes written to a slot of {slot.nbytes}")
-        prefix = header_prefix(header)
-        head = prefix + bytes(HEADER_BYTES - len(prefix))
+        prefix = header_prefix(header, self.format_version)
+        table = None
+        if self.format_version >= 3:
+            if self._codec is None and payload.nbytes:
+                table = self._sector_crcs(payload, len(prefix))
+                head = prefix + sector_block(*table)
+            else:  # compressed stores read whole payloads: no table (shift 0)
+                head = prefix + sector_block(0, b"")
+            head += bytes(HEADER_BYTES - len(head))
+        else:
+            head = prefix + bytes(HEADER_BYTES - len(prefix))
         pad_len = pages * PAGE - HEADER_BYTES - payload.nbytes
         final = self._chunk_file(slot)
         tmp = f"{final}.{os.getpid()}.{threading.get_ident()}.tmp"
@@ -811,7 +911,11 @@ class DiskTier:
             self._before_change()
             self._ensure_array(pages)
             if self._codec is None:
-                crc = self._crc(bytes(pad_len), self._crc(payload, self._crc(head)))
+                if table is not None:  # the payload's crc from its sector crcs: no second pass over it
+                    crc = self._crc(bytes(pad_len), _crc_after(self._crc(head), table[1], payload, table[0],
+                                                               self._crc))
+                else:
+                    crc = self._crc(bytes(pad_len), self._crc(payload, self._crc(head)))
                 if self.direct_io:
                     self._write_direct(tmp, head, payload, pad_len, crc)
                 else:
@@ -834,7 +938,21 @@ class DiskTier:
             headers.pop((pages, row), None)  # re-inserted last: _headers is in write order (see close)
             headers[(pages, row)] = header
             self._prefixes[(pages, row)] = (header, prefix, None)
+            if table is not None:
+                self._sectors[(pages, row)] = (header.seq, *table)
+            else:
+                self._sectors.pop((pages, row), None)
             self._seq_high = max(self._seq_high, header.seq)
+
+    def _sector_crcs(self, payload: memoryview, prefix_len: int) -> tuple[int, bytes]:
+        """``(shift, crcs)``: the sector table of ``payload`` (the tier's ``sector_bytes``, or the smallest
+        power-of-two multiple whose table fits the header page after a ``prefix_len``-byte identity record)."""
+        nbytes = payload.nbytes
+        shift = sector_shift_for(nbytes, prefix_len, self._sector_shift)
+        size = 1 << shift
+        crc32c = self._crc
+        crcs = [crc32c(payload[at : at + size]) for at in range(0, nbytes, size)]
+        return shift, struct.pack(f"<{len(crcs)}I", *crcs)
 
     def _write_direct(self, tmp: str, head: bytes, payload: memoryview, pad_len: int, crc: int) -> None:
         size = HEADER_BYTES + payload.nbytes + pad_len  # whole pages
@@ -1037,7 +1155,7 @@ class DiskTier:
                 if source is not None:
                     self._prefixes[ref] = (known, cached[1], source)
                 return cached[1]
-        prefix = header_prefix(header)
+        prefix = header_prefix(header, self.format_version)
         self._prefixes[ref] = (header, prefix, source)
         return prefix
 
@@ -1432,6 +1550,200 @@ class DiskTier:
         self._read_payload_into(slot, header, [memoryview(out.numpy())] if slot.nbytes else [])
         return out
 
+    # -- ranged (sector) reads -------------------------------------------------------------------------
+    def read_ranges(self, items: Sequence[tuple[Slot, EntryHeader, torch.Tensor, Sequence[tuple[int, int]]]]) -> int:
+        """For each ``(slot, header, out, ranges)``: copy the payload bytes ``[start, stop)`` of every range
+        into the same byte offsets of ``out`` (a contiguous CPU tensor of ``slot.nbytes`` bytes, any dtype),
+        leaving every other byte of ``out`` untouched.  ``ranges`` are sorted, non-overlapping and inside
+        the payload (the caller checked them).  Returns the payload bytes read from the files.
+
+        An entry with a sector table (version 3, uncompressed) is read by sectors: one read per run of
+        consecutive sectors that the ranges touch (page-aligned, so ``O_DIRECT`` applies), each sector
+        verified against its crc32c before its bytes are copied (a run whose every byte is asked for is
+        read straight into ``out`` where alignment allows, and verified there).  The table is known from
+        the write or the open scan; after an open that loaded ``index.tc`` the first ranged read of an
+        entry reads its header page for it (:meth:`_learn_sectors`).  Any other entry (a version-2 store,
+        a compressed one) is read whole and verified as :meth:`read` does, through a private buffer.
+        Damage: ``CorruptEntryError`` with ``tiercache_index`` = the item's position, once a whole read
+        of the entry into a private buffer has confirmed it (a sound one: its ranges are copied from that
+        read, counted in ``confirmed_sound``), as :meth:`read_into` does.  Batches of direct reads are
+        spread over ``direct_read_threads``.  Thread-safe for distinct slots."""
+        n = len(items)
+        done: list[int] = []  # bytes read per item (list.append is atomic)
+        saved: list[int] = []
+        if n == 1:
+            workers = 1
+        elif self.direct_io:
+            workers = min(self._direct_threads, n)
+        else:
+            limit = min(self._io_threads, _CPUS, 1 + spare_cpus())
+            workers = min(limit, n, max(1, sum([s.nbytes for s, _, _, _ in items]) // MIN_BUFFERED_BYTES_PER_THREAD))
+        taken = itertools.count()
+
+        def run() -> None:
+            read_one = self._read_ranges_one
+            while True:
+                i = next(taken)
+                if i >= n:
+                    return
+                slot, header, out, ranges = items[i]
+                try:
+                    got = read_one(slot, header, out, ranges)
+                except CorruptEntryError as exc:
+                    try:
+                        payload = self._confirm_damage(slot, header, exc)
+                    except CorruptEntryError as confirmed:
+                        confirmed.tiercache_index = i  # type: ignore[attr-defined]
+                        raise
+                    _copy_ranges(out.data_ptr(), payload.data_ptr(), 0, ranges)
+                    got = slot.nbytes
+                done.append(got)
+                saved.append(slot.nbytes - got)
+
+        if workers <= 1:
+            run()
+        else:
+            self._read_spread(run, workers)
+        total = sum(done)
+        with self._stats_lock:
+            self.ranged_reads += n
+            self.ranged_bytes_saved += sum(saved)
+        return total
+
+    def _read_ranges_one(self, slot: Slot, header: EntryHeader, out: torch.Tensor,
+                         ranges: Sequence[tuple[int, int]]) -> int:
+        """:meth:`read_ranges` of one item without the confirmation of damage; the payload bytes read."""
+        ref = slot.ref
+        if self._codec is not None or self.format_version < 3:
+            return self._read_whole_ranges(slot, header, out, ranges)
+        known = self._sectors.get(ref)  # type: ignore[arg-type]
+        if known is None or known[0] != header.seq:
+            known = self._learn_sectors(slot, header)
+            if known is None:  # the entry has no table
+                return self._read_whole_ranges(slot, header, out, ranges)
+        _, shift, crcs = known
+        nbytes = slot.nbytes
+        runs: list[list[int]] = []  # [first sector, end sector) of each run the ranges touch
+        for start, stop in ranges:
+            first, end = start >> shift, ((stop - 1) >> shift) + 1
+            if runs and first <= runs[-1][1]:
+                if end > runs[-1][1]:
+                    runs[-1][1] = end
+            else:
+                runs.append([first, end])
+        fds = self._fds
+        handle = fds.lookup(ref)
+        if handle is None:
+            handle = self._acquire_fd(slot)
+        crc32c = self._crc
+        unpack_from = _U32.unpack_from
+        dst = out.data_ptr()
+        direct = self.direct_io
+        size = 1 << shift
+        n_ranges = len(ranges)
+        got = 0
+        try:
+            fd = handle.fd
+            r = 0  # the first range not yet copied
+            for first, end in runs:
+                lo = first << shift
+                hi = min(end << shift, nbytes)
+                span = hi - lo
+                # The ranges inside this run (each range lies in one run): do they cover all of it?
+                j, covered = r, 0
+                while j < n_ranges and ranges[j][0] < hi:
+                    covered += ranges[j][1] - ranges[j][0]
+                    j += 1
+                n = -1
+                if covered == span and (not direct or (
+                        self._dio_into and span % self.dio_align == 0 and (dst + lo) % self.dio_mem_align == 0)):
+                    # Every byte of the run is asked for: read it straight into out, then verify it there (on
+                    # damage out's asked bytes hold what was read; the caller gets KeyError or, when a
+                    # private re-read verifies, the verified bytes)
+                    view = memoryview((_CHAR_ARRAYS.get(span) or _char_array(span)).from_address(dst + lo)).cast("B")
+                    try:
+                        n = os.preadv(fd, [view], HEADER_BYTES + lo)
+                    except OSError as exc:
+                        if not direct or exc.errno != errno.EINVAL:
+                            raise
+                        self._refuse_dio_alignment()  # then through the bounce buffer, below
+                    if n >= 0 and n != span:
+                        raise CorruptEntryError(f"{self._chunk_file(slot)} {_wrong_size(n)}")
+                    base = 0
+                if n < 0:
+                    length = -(-span // PAGE) * PAGE  # whole pages (the payload is padded to them)
+                    view, address = self._scratch.bounce(length)
+                    n = os.preadv(fd, [view[:length]], HEADER_BYTES + lo)
+                    if n != length:
+                        raise CorruptEntryError(f"{self._chunk_file(slot)} {_wrong_size(n)}")
+                    base = address
+                for sector in range(first, end):
+                    at = (sector << shift) - lo
+                    if crc32c(view[at : min(at + size, span)]) != unpack_from(crcs, 4 * sector)[0]:
+                        raise CorruptEntryError(f"{self._chunk_file(slot)} sector {sector} {BAD_CRC}")
+                got += span
+                if base:
+                    for start, stop in ranges[r:j]:
+                        _range_copy(dst + start, base + start - lo, stop - start)
+                r = j
+        finally:
+            fds.release(handle)
+        return got
+
+    def _learn_sectors(self, slot: Slot, header: EntryHeader) -> tuple[int, int, bytes] | None:
+        """The sector table of ``slot``'s entry from its header page (read alone: an open that loaded
+        ``index.tc`` has no tables), kept for the next reads; ``None`` when the entry has none.  The page is
+        checked as a read checks it (its identity record must be ``header``'s; the table must fit the
+        page), not by the chunk's crc, which covers the whole file: a damaged table only makes sectors
+        fail their crcs, and that damage is confirmed by a whole read before it is reported."""
+        handle = self._fds.lookup(slot.ref)
+        if handle is None:
+            handle = self._acquire_fd(slot)
+        try:
+            head = self._scratch.dhead  # page-aligned, HEADER_BYTES long
+            got = os.preadv(handle.fd, [head], 0)
+        finally:
+            self._fds.release(handle)
+        if got != HEADER_BYTES:
+            raise CorruptEntryError(f"{self._chunk_file(slot)} {_wrong_size(got)}")
+        self._check_stored(slot, head, header)
+        decode_header(head, (self.format_version,))  # the table's shift and size are possible
+        table = sector_table(head, header)
+        if table is None:
+            return None
+        known = (header.seq, *table)
+        with self._lock:
+            if self._headers.get(slot.ref) is not None:  # (still live)
+                self._sectors[slot.ref] = known  # type: ignore[index]
+        return known  # type: ignore[return-value]
+
+    def _read_whole_ranges(self, slot: Slot, header: EntryHeader, out: torch.Tensor,
+                           ranges: Sequence[tuple[int, int]]) -> int:
+        """Read ``slot``'s whole verified payload into this thread's buffer and copy the ranges into ``out``
+        (an entry without a sector table: a version-2 or compressed store, an empty value)."""
+        nbytes = slot.nbytes
+        view, address = self._scratch.bounce(max(nbytes, 1))
+        part = [view[:nbytes]] if nbytes else []
+        if self._codec is not None:
+            self._read_payload_into(slot, header, part)
+        else:
+            pages = slot.ref[0]  # type: ignore[index]
+            fds = self._fds
+            handle = fds.lookup(slot.ref)
+            if handle is None:
+                handle = self._acquire_fd(slot)
+            try:
+                # (the bounce buffer is page-aligned: a direct read lands the payload in it when its size
+                # keeps the next piece aligned)
+                head, problem = self._pread_checked(handle.fd, pages, part, nbytes, nbytes % self.dio_align == 0)
+                if problem is not None:
+                    raise CorruptEntryError(f"{self._chunk_file(slot)} {problem}")
+                self._check_stored(slot, head, header)
+            finally:
+                fds.release(handle)
+        _copy_ranges(out.data_ptr(), address, 0, ranges)
+        return nbytes
+
     #: ``read_into`` also takes row-contiguous destinations of any dtype (see :func:`byte_parts`), e.g. a
     #: block slice of a larger ``(batch, heads, tokens, head_dim)`` buffer, reading into them in place.
     reads_strided = True
@@ -1567,6 +1879,7 @@ class DiskTier:
             if header is not None:
                 header = self._header_of(header)
             self._prefixes.pop((pages, row), None)
+            self._sectors.pop((pages, row), None)
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -1669,7 +1982,7 @@ class DiskTier:
                         self._drop_damaged(path, CorruptEntryError("not a chunk name this store writes"))
                         continue
                     try:
-                        header = self._scan_header(path, pages)
+                        header = self._scan_header(path, pages, row)
                     except CorruptEntryError as exc:
                         self._drop_damaged(path, exc)
                         continue
@@ -1741,9 +2054,11 @@ class DiskTier:
         self.corrupt_on_open += 1
         _unlink_quiet(path)
 
-    def _scan_header(self, path: str, pages: int) -> EntryHeader:
+    def _scan_header(self, path: str, pages: int, row: int) -> EntryHeader:
+        """The decoded header of the chunk at ``path`` (its sector table kept for ranged reads)."""
+        versions = (self.format_version,)
         if self._codec is not None:
-            header = decode_header(self._read_compressed(path, pages)[:HEADER_BYTES])
+            header = decode_header(self._read_compressed(path, pages)[:HEADER_BYTES], versions)
         else:
             try:
                 fd = os.open(path, os.O_RDONLY)
@@ -1752,9 +2067,13 @@ class DiskTier:
             try:
                 if os.fstat(fd).st_size != pages * PAGE + CRC_BYTES:
                     raise CorruptEntryError("wrong size: truncated or overwritten")
-                header = decode_header(os.pread(fd, HEADER_BYTES, 0))
+                raw = os.pread(fd, HEADER_BYTES, 0)
+                header = decode_header(raw, versions)
             finally:
                 os.close(fd)
+            table = sector_table(raw, header)
+            if table is not None:
+                self._sectors[(pages, row)] = (header.seq, *table)
         if class_pages(header.nbytes) != pages:
             raise CorruptEntryError("header size does not match its size class")
         return header
@@ -1770,6 +2089,10 @@ class DiskTier:
             "metadata_repaired": self.metadata_repaired,
             "tombstones": self.tombstoned,
             "confirmed_sound": self.confirmed_sound,
+            "format_version": self.format_version,
+            "sector_bytes": self.sector_bytes,
+            "ranged_reads": self.ranged_reads,
+            "ranged_bytes_saved": self.ranged_bytes_saved,
         }
 
     def close(self) -> None:

@@ -4,8 +4,15 @@ An entry header is a compact binary record at the start of every chunk (little-e
 
     magic "TIERCACH" | version u32 | seq u64 | nbytes u64 | key_len u16 | ndim u8 | dtype_len u8
     | key (key_len bytes) | dtype name (ascii, dtype_len bytes) | shape (ndim x u64)
+    [version 3:] | sector_shift u8 | crc32c of each sector (ceil(nbytes / 2**sector_shift) x u32)
 
-padded with zeros to :data:`HEADER_BYTES`.  Its largest size (a key of ``MAX_KEY_BYTES``, ``MAX_DIMS``
+padded with zeros to :data:`HEADER_BYTES`.  The part up to the shape is the entry's *identity record*
+(:func:`header_prefix`), which reads compare byte for byte.  Version 3 adds the *sector table*: the payload
+cut into sectors of ``2**sector_shift`` bytes (the last one may be short), each with its own crc32c, so a
+ranged read can verify just the sectors it reads (:func:`sector_table`); ``sector_shift`` 0 means the entry
+has no table (a ranged read of it reads the whole payload).  The whole-chunk crc32c (the zarr codec)
+covers the table too.  Version 2 is version 3 without the table; a store keeps the version it was created
+with (``zarr.json``'s ``format_version``).  Its largest size (a key of ``MAX_KEY_BYTES``, ``MAX_DIMS``
 dimensions, a 255-character dtype name) is 2,847 bytes, so every key ``put`` accepts fits (contract C6).
 :func:`decode_header` validates every field, including that ``shape`` and ``dtype`` describe exactly
 ``nbytes`` bytes: a header that passes its checksum but contradicts itself is corruption, never a tensor.
@@ -24,7 +31,9 @@ from ..errors import CorruptEntryError
 from ..keys import MAX_KEY_BYTES
 from .base import EntryHeader
 
-FORMAT_VERSION = 2  # 1: JSON headers (refused on open; there were no users)
+FORMAT_VERSION = 3  # 3: + sector table; 2: no sector table (read and written in stores created so);
+# 1: JSON headers (refused on open; there were no users)
+READABLE_VERSIONS = (2, 3)
 PAGE = 4096
 HEADER_BYTES = PAGE
 CRC_BYTES = 4
@@ -35,6 +44,8 @@ SLOT_ROWS = 2**31  # rows of each size-class array; a chunk name beyond it is no
 _FIXED = struct.Struct("<8sIQQHBB")  # magic, version, seq, nbytes, key_len, ndim, dtype_len
 MAX_HEADER_BYTES = _FIXED.size + MAX_KEY_BYTES + MAX_DTYPE_NAME + 8 * MAX_DIMS
 assert MAX_HEADER_BYTES <= HEADER_BYTES
+MIN_SECTOR_SHIFT = 12  # sectors are whole 4 KiB pages (a direct read of a run of them stays aligned)
+MAX_SECTOR_SHIFT = 62
 
 _ITEMSIZE: dict[str, int] = {}
 for _name in dir(torch):
@@ -64,8 +75,8 @@ def check_header(header: EntryHeader) -> None:
         )
 
 
-def header_prefix(header: EntryHeader) -> bytes:
-    """The header record without its zero padding.  ``ValueError`` for a header the format cannot hold
+def header_prefix(header: EntryHeader, version: int = FORMAT_VERSION) -> bytes:
+    """The entry's identity record (the header page up to the shape, in format ``version``).  ``ValueError`` for a header the format cannot hold
     (a key over ``MAX_KEY_BYTES``, more than ``MAX_DIMS`` dims, a dtype name over 255 bytes); the facade
     refuses such values at ``put`` already."""
     key, dtype = header.key, header.dtype.encode("ascii")
@@ -76,24 +87,59 @@ def header_prefix(header: EntryHeader) -> bytes:
     if len(dtype) > MAX_DTYPE_NAME:
         raise ValueError(f"dtype name {header.dtype!r} is longer than {MAX_DTYPE_NAME} bytes")
     return b"".join((
-        _FIXED.pack(MAGIC, FORMAT_VERSION, header.seq, header.nbytes, len(key), len(header.shape), len(dtype)),
+        _FIXED.pack(MAGIC, version, header.seq, header.nbytes, len(key), len(header.shape), len(dtype)),
         key, dtype, struct.pack(f"<{len(header.shape)}Q", *header.shape),
     ))
 
 
-def encode_header(header: EntryHeader) -> bytes:
-    """The :data:`HEADER_BYTES` header page for ``header`` (see :func:`header_prefix`)."""
-    raw = header_prefix(header)
+def sector_shift_for(nbytes: int, prefix_len: int, shift: int) -> int:
+    """The sector size (as a power of two, at least ``2**shift``) of a payload of ``nbytes`` whose identity
+    record is ``prefix_len`` bytes: the smallest whose table fits the rest of the header page."""
+    room = (HEADER_BYTES - prefix_len - 1) // CRC_BYTES
+    while -(-nbytes >> shift) > room:
+        shift += 1
+    return shift
+
+
+def sector_block(shift: int, crcs: bytes) -> bytes:
+    """The version-3 sector table as stored after the identity record (``shift`` 0 and no ``crcs``: none)."""
+    return bytes((shift,)) + crcs
+
+
+def encode_header(header: EntryHeader, version: int = FORMAT_VERSION, shift: int = 0, crcs: bytes = b"") -> bytes:
+    """The :data:`HEADER_BYTES` header page for ``header`` (see :func:`header_prefix`); in version 3 with
+    the sector table ``(shift, crcs)`` (``shift`` 0: the entry has none)."""
+    raw = header_prefix(header, version)
+    if version >= 3:
+        raw += sector_block(shift, crcs)
+    if len(raw) > HEADER_BYTES:
+        raise ValueError(f"the header record and sector table take {len(raw)} bytes, the page holds {HEADER_BYTES}")
     return raw + bytes(HEADER_BYTES - len(raw))
 
 
-def decode_header(raw: bytes | memoryview) -> EntryHeader:
-    """Parse and validate a header page (see :func:`check_header`); ``CorruptEntryError`` on any damage."""
+def sector_table(raw: bytes | memoryview, header: EntryHeader) -> tuple[int, bytes] | None:
+    """The sector table ``(shift, crcs)`` of the version-3 header page ``raw`` (already decoded as
+    ``header`` by :func:`decode_header`), ``None`` when the entry has none or the page is version 2."""
+    version = _FIXED.unpack_from(raw, 0)[1]
+    if version < 3:
+        return None
+    pos = len(header_prefix(header, version))
+    shift = raw[pos]
+    if not shift:
+        return None
+    count = -(-header.nbytes >> shift)
+    crcs = bytes(raw[pos + 1 : pos + 1 + CRC_BYTES * count])
+    return shift, crcs
+
+
+def decode_header(raw: bytes | memoryview, versions: tuple[int, ...] = READABLE_VERSIONS) -> EntryHeader:
+    """Parse and validate a header page (see :func:`check_header`) of one of ``versions``, its sector table
+    included (the shift in range, the table inside the page); ``CorruptEntryError`` on any damage."""
     try:
         magic, version, seq, nbytes, key_len, ndim, dtype_len = _FIXED.unpack_from(raw, 0)
         if magic != MAGIC:
             raise CorruptEntryError("bad magic")
-        if version != FORMAT_VERSION:
+        if version not in versions:
             raise CorruptEntryError(f"unsupported entry format version {version}")
         if key_len > MAX_KEY_BYTES or ndim > MAX_DIMS:
             raise CorruptEntryError(f"entry header claims a {key_len}-byte key and {ndim} dimensions")
@@ -105,7 +151,13 @@ def decode_header(raw: bytes | memoryview) -> EntryHeader:
         shape = struct.unpack_from(f"<{ndim}Q", raw, pos)
         if len(key) != key_len:
             raise CorruptEntryError("entry header is truncated")
-    except (struct.error, ValueError) as exc:
+        if version >= 3:
+            pos += 8 * ndim
+            shift = raw[pos]
+            if shift and not (MIN_SECTOR_SHIFT <= shift <= MAX_SECTOR_SHIFT
+                              and pos + 1 + CRC_BYTES * -(-nbytes >> shift) <= HEADER_BYTES):
+                raise CorruptEntryError(f"entry header has an impossible sector table (shift {shift})")
+    except (struct.error, ValueError, IndexError) as exc:
         raise CorruptEntryError(f"unreadable entry header: {exc}") from None
     header = EntryHeader(key, dtype, shape, nbytes, seq)
     check_header(header)
