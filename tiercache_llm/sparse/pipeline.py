@@ -316,6 +316,12 @@ class PipelineConfig:
             move whole entries (all parts held).  ``False``: whole entries, as before (docs/sparse.md "Part
             reads").  Needs a tiercache whose ``get_many`` reads ranges (``BlockStore.ranged_reads``): without one,
             whole entries.
+        slot_part_reads: with ``part_reads``, the reads ahead into reserved slots (``stage_into_slots``) read only the
+            predicted selection's parts (the previous selection's, or the ``"query"`` predictor's), and the parts the
+            layer then selects beyond them are read at its fetch (part misses).  Off by default: at SmolLM2 8K x 4,
+            25 %, it cut the disk bytes per step by half for ``attention-aware`` and ``reuse-layer-ahead`` but moved
+            reads from the background onto the forward thread (synchronous part misses) and measured slower
+            (docs/sparse.md "Part reads").
     """
 
     reuse: bool = False
@@ -355,6 +361,7 @@ class PipelineConfig:
     idle_barren_steps: int = 8
     huge_pages: bool = False
     part_reads: bool = True
+    slot_part_reads: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pool_bytes", check_pool_bytes(self.pool_bytes, auto=True))
@@ -480,7 +487,7 @@ class PipelineStats:
     were read by ranged reads (whole-entry reads, staged copies and reads into reserved slots not counted);
     ``part_misses``: resident blocks (not counted as ``reused``) whose selected parts were not all in their slot,
     so the missing ones were read; ``ranged_entries`` / ``whole_entries``: synchronous reads of some parts / of
-    whole entries; ``slot_part_reads``: reads into reserved slots (``stage_into_slots``) of only the predicted
+    whole entries; ``slot_ranged_reads``: reads into reserved slots (``stage_into_slots``) of only the predicted
     selection's parts (the rest of the reserved reads are whole)."""
 
     steps: int = 0
@@ -489,7 +496,7 @@ class PipelineStats:
     part_misses: int = 0
     ranged_entries: int = 0
     whole_entries: int = 0
-    slot_part_reads: int = 0
+    slot_ranged_reads: int = 0
     needed: int = 0
     reused: int = 0
     staged: int = 0
@@ -962,7 +969,7 @@ class DecodePipeline:
             return rest, 0
         keys = layer_keys(layer, [j for j, _ in got])
         outs = pool.entry_views([s for _, s in got])
-        ranges = self._slot_ranges(layer, pool, got, mask)
+        ranges = self._slot_ranges(layer, pool, got, mask) if self.config.slot_part_reads else None
         if self.config.slot_reads_after_sync:
             # Started by _open_gate once the fetching layer's slow reads are done; until then the arena waits
             # on (or cancels) this placeholder like on a queued read.
@@ -1546,7 +1553,7 @@ class DecodePipeline:
         if not part_slots:
             return None
         pool.arena.parts[part_slots] = rows.index_select(0, torch.as_tensor(part_pos, dtype=torch.long))
-        self.stats.slot_part_reads += len(part_slots)
+        self.stats.slot_ranged_reads += len(part_slots)
         return out
 
     def _part_ranges(self, layer: "TieredKVLayer", pool: ResidentPool, entries: list[int], missing: list[int],

@@ -73,8 +73,8 @@ def nan_slots(monkeypatch):
 NO_STAGING = {"layer_ahead": False, "disk_staging": False, "stage_into_slots": False, "seed_pool": False}
 # Every pool fill a ranged read: longer rows and a larger budget make (row, head)s select blocks resident for others
 VARIED = {"pipeline": NO_STAGING, "lengths": (64, 50, 40), "budget": 0.25}
-# The strategy's own pipeline (reads into reserved slots of the predicted parts only, then part misses)
-AHEAD = {"lengths": (64, 50, 40), "budget": 0.25}
+# The strategy's own pipeline with reads into reserved slots of the predicted parts only (then part misses)
+AHEAD = {"lengths": (64, 50, 40), "budget": 0.25, "pipeline": {"slot_part_reads": True}}
 
 
 def _run(model, tmp_path, strategy, part_reads, change=None, lengths=(40, 33, 27), **kw):
@@ -113,8 +113,8 @@ def test_part_reads_give_whole_reads_logits_with_nan_in_every_unread_part(model,
         assert 0 < read(stats) < read(whole_stats)
     if kw.get("pipeline") is NO_STAGING:  # resident blocks whose rows or heads newly select them: part misses
         assert p["part_misses"] > 0
-    if kw.get("lengths") and "pipeline" not in kw:  # reads ahead into reserved slots of the predicted parts only
-        assert p["slot_part_reads"] > 0 and p["part_misses"] > 0
+    if kw.get("pipeline", {}).get("slot_part_reads"):  # reads ahead into reserved slots of the predicted parts only
+        assert p["slot_ranged_reads"] > 0 and p["part_misses"] > 0
 
 
 @pytest.mark.parametrize("change", ["reorder", "crop", "select"])
