@@ -1006,7 +1006,10 @@ class DecodePipeline:
         and reads them itself)."""
         start = time.perf_counter()
         try:
-            self._read(keys, outs, ranges)
+            if ranges is None:
+                self._read(keys, outs)
+            else:
+                self._read(keys, outs, ranges)
         finally:
             with self._stats_lock:
                 self.stats.slot_read_seconds += time.perf_counter() - start
