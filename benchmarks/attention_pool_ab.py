@@ -23,6 +23,12 @@ count budget x U(0.85, 1.15); row 0 left-padded by 100 tokens, the last block ha
    timed), ``pool_read`` (the pool read once just before, ``sum``; not timed), and ``hot`` (one layer called
    over and over: everything the call reads is in cache).  Same code, layout and strides in all four.
 
+``--after-layout part-major``: the "after" side attends a part-major copy of each pool, ``(N, B, H, 2, S, D)``
+(each (row, KV head) part K then V, the sparse layers' layout since helper parts), through its halves
+``kv[:, :, :, 0]`` / ``kv[:, :, :, 1]``; the "before" side keeps ``(N, 2, B, H, S, D)``.  ``--path direct``: both
+sides call ``attend_pages_cpu`` (the one-thread decode path ``SparseLayerState.decode`` takes first) instead of
+the table path.
+
 Prints a summary and writes ``attention_pool_ab.json`` under ``--out`` when given.
 """
 
@@ -92,9 +98,23 @@ def make_layers(n_layers: int, batch: int, context: int, budget: float, slots: i
     return layers, valid, context - S // 2
 
 
-def attend(mod, x: dict[str, Any], kv: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor, ctx: int):
+def halves(kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V views of a joint pool: ``(N, 2, B, H, S, D)`` or part-major ``(N, B, H, 2, S, D)``."""
+    if kv.shape[1] == 2 and kv.shape[3] != 2:
+        return kv[:, 0], kv[:, 1]
+    return kv[:, :, :, 0], kv[:, :, :, 1]
+
+
+def attend(mod, x: dict[str, Any], kv: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor, ctx: int,
+           direct: bool = False):
+    kh, vh = halves(kv)
+    if direct:
+        res = mod.attend_pages_cpu(x["q"], kh, vh, x["sel"], slot, valid, ctx, S, x["kn"], x["vn"])
+        if res is None:
+            raise SystemExit("attend_pages_cpu does not apply to these inputs")
+        return res.output, res.block_mass, res.new_mass
     table = mod.build_page_table_from_valid(x["sel"], slot, valid, ctx, S)
-    res = mod.page_table_attention(x["q"], kv[:, 0], kv[:, 1], table, x["kn"], x["vn"], backend="torch")
+    res = mod.page_table_attention(x["q"], kh, vh, table, x["kn"], x["vn"], backend="torch")
     return res.output, mod.entry_mass_to_blocks(res.block_mass, table, int(x["sel"].fetch.numel())), res.new_mass
 
 
@@ -108,27 +128,34 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=72)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--after-layout", choices=("joint", "part-major"), default="joint")
+    ap.add_argument("--path", choices=("table", "direct"), default="table")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    direct = args.path == "direct"
     old = load_revision(args.baseline_rev)
     layers, valid, ctx = make_layers(args.layers, args.batch, args.context, args.budget, args.slots)
+    for x in layers:  # the after side's pool: the same K/V in the layout asked for
+        x["kv_after"] = x["kv"].permute(0, 2, 3, 1, 4, 5).contiguous() if args.after_layout == "part-major" else x["kv"]
     flush = torch.empty(100_000_000)
     result: dict[str, Any] = {"meta": machine_meta(), "args": {k: str(v) for k, v in vars(args).items()}}
     with torch_threads(args.threads):
         differ = 0
         for x in layers:
-            a, b = attend(old, x, x["kv"], x["slot"], valid, ctx), attend(new_pt, x, x["kv"], x["slot"], valid, ctx)
+            a = attend(old, x, x["kv"], x["slot"], valid, ctx, direct)
+            b = attend(new_pt, x, x["kv_after"], x["slot"], valid, ctx, direct)
             differ += sum(not torch.equal(u, v) for u, v in zip(a, b))
         result["tensors_not_bit_identical"] = differ
         ab: dict[str, list[float]] = {"before": [], "after": []}
         for rep in range(args.reps):
             for side in (("before", "after") if rep % 2 == 0 else ("after", "before")):
                 mod = old if side == "before" else new_pt
+                name = "kv" if side == "before" else "kv_after"
                 flush.add_(1.0)
                 spent = 0.0
                 for x in layers:
                     t = time.thread_time()
-                    attend(mod, x, x["kv"], x["slot"], valid, ctx)
+                    attend(mod, x, x[name], x["slot"], valid, ctx, direct)
                     spent += time.thread_time() - t
                 ab[side].append(spent * 1e3)
         modes = ("pool", "arena", "pool_read", "hot")
@@ -157,7 +184,8 @@ def main() -> None:
     result.update(ab_ms_per_step=ab, residency_ms_per_step=res, medians_ms_per_step=med,
                   load_average=os.getloadavg())
     print(f"load {os.getloadavg()[0]:.1f}, {args.threads} torch thread(s), {args.layers} layers, "
-          f"{args.context} x {args.batch}, budget {args.budget}; tensors not bit-identical: {differ}")
+          f"{args.context} x {args.batch}, budget {args.budget}, after layout {args.after_layout}, path {args.path}; "
+          f"tensors not bit-identical: {differ}")
     print(f"ab (thread CPU ms/step, medians): before ({args.baseline_rev}) {med['before']:.1f}, "
           f"after {med['after']:.1f} ({med['before'] / med['after']:.3f}x)")
     print("residency (thread CPU ms/step, medians): " + ", ".join(f"{m} {med[m]:.1f}" for m in modes))

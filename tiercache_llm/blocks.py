@@ -2,7 +2,8 @@
 
 A layer's keys and values have shape ``(batch, kv_heads, seq, head_dim)``.  The sequence axis is cut
 into blocks of ``block_size`` tokens.  Every *full* block is stored under :func:`block_key` as one joint
-tiercache entry ``(2, batch, kv_heads, block_size, head_dim)`` (K then V) when K and V have the same
+tiercache entry ``(2, batch, kv_heads, block_size, head_dim)`` (K then V; sparse layers part-major ``(batch,
+kv_heads, 2, block_size, head_dim)``) when K and V have the same
 shape, else as two entries (one for K, one for V); the partially filled *tail* (fewer than ``block_size``
 tokens) stays in memory next to the model.
 
@@ -52,7 +53,8 @@ class BlockRef:
 
     def view(self, stored: torch.Tensor, joint: bool = False) -> torch.Tensor:
         """The block as attention sees it: ``stored`` with :attr:`rows` applied (to its batch dimension: the
-        first, or with ``joint`` the second, of a joint K/V entry ``(2, batch, ...)``)."""
+        first, or with ``joint`` the second, of an exact layer's joint K/V entry ``(2, batch, ...)``; a sparse
+        layer's part-major joint entry ``(batch, heads, 2, ...)`` has its rows first: ``joint=False``)."""
         if self.rows is None:
             return stored
         return stored.index_select(1 if joint else 0, self.rows.to(stored.device))

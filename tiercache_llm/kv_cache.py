@@ -430,6 +430,11 @@ class TieredKVLayer(CacheLayerMixin):
         # Then self._kkeys and self._vkeys both hold the joint keys.
         self.joint_entries = joint_entries
         self._joint = False
+        # Sparse layers' joint entries are *part-major* ``(batch, kv_heads, 2, block_size, head_dim)``: each
+        # (row, KV head) part (its K then its V) is one contiguous byte range, so a sparse read can take only the
+        # selected parts (docs/sparse.md "Part reads").  Exact layers keep ``(2, batch, ...)`` (their decode
+        # buffer reads K and V halves in place).  Decided with ``_joint`` at the first update.
+        self._part_major = False
         # Bumped whenever stored blocks are dropped or their row maps change (appends leave it): a read
         # ahead of an older epoch is discarded.
         self._epoch = 0
@@ -485,6 +490,9 @@ class TieredKVLayer(CacheLayerMixin):
         """Fresh tensors of ``blocks`` as attention sees them (row maps applied); for the rare paths
         (crop, batch compaction, copies), not for decode."""
         tensors = self.store.get_blocks(self._keys_of(blocks), device=self.device)
+        if self._part_major:
+            return ([b.view(t[:, :, 0]) for b, t in zip(blocks, tensors)],
+                    [b.view(t[:, :, 1]) for b, t in zip(blocks, tensors)])
         if self._joint:
             return [b.view(t[0]) for b, t in zip(blocks, tensors)], [b.view(t[1]) for b, t in zip(blocks, tensors)]
         n = len(blocks)
@@ -532,7 +540,7 @@ class TieredKVLayer(CacheLayerMixin):
         shape_k = (self._batch, *self._shape_k)
         shape_v = (self._batch, *self._shape_v)
         done = 0
-        if fresh and self._joint:
+        if fresh and self._joint and not self._part_major:
             both = torch.empty((2, shape_k[0], shape_k[1], n * bs + tail, shape_k[2]), dtype=self.dtype,
                                device=self.device)
             buf = StatesBuffer(both[0], both[1], bs, both)
@@ -546,7 +554,8 @@ class TieredKVLayer(CacheLayerMixin):
             buffer = self.buffer
             slot = buffer.slot_for(self)
             read, error = buffer.take(self)
-            buf = buffer.get(end, shape_k, shape_v, self.dtype, self.device, bs, slot, joint=self._joint)
+            buf = buffer.get(end, shape_k, shape_v, self.dtype, self.device, bs, slot,
+                             joint=self._joint and not self._part_major)
             buffer.slot = slot
             if read is not None and error is None:
                 done = self._use_read_ahead(read, first, n, buf)
@@ -586,7 +595,7 @@ class TieredKVLayer(CacheLayerMixin):
         (``count``: in the decode buffer's ``blocks_sync`` / ``sync_seconds``)."""
         start, cpu = time.perf_counter(), time.thread_time()
         a = first + lo
-        if self._mapped:
+        if self._mapped or self._part_major:  # part-major entries: through temporaries (prefill chunks only)
             targets_k, targets_v, posts = self._targets(first, lo, n, buf)
             self.store.get_blocks(self._entries_from(a), out=targets_k + targets_v)
             self._gather_mapped(posts, buf)
@@ -629,6 +638,14 @@ class TieredKVLayer(CacheLayerMixin):
         block of their stored rows, gathered into place by :meth:`_gather_mapped` (``posts``)."""
         targets_k, targets_v, posts = [], [], []
         blocks = self._blocks
+        if self._part_major:  # one temporary (batch, heads, 2, block, head_dim) per entry, gathered into place
+            for j in range(lo, n):
+                block = blocks[first + j]
+                shape = buf.key_blocks[j].shape
+                tmp = buf.keys.new_empty((block.stored_batch, shape[1], 2, *shape[2:]))
+                targets_k.append(tmp)
+                posts.append((j, block, tmp[:, :, 0], tmp[:, :, 1]))
+            return targets_k, targets_v, posts
         if self._joint:  # one target per joint entry (targets_v stays empty)
             for j in range(lo, n):
                 block = blocks[first + j]
@@ -674,7 +691,8 @@ class TieredKVLayer(CacheLayerMixin):
             )
             if self._joint:
                 key = block_key(self.cache_uid, self.layer_idx, "kv", ref.serial)
-                items.append((key, torch.stack((kb, vb))))  # (2, batch, heads, block, head_dim)
+                # (2, batch, heads, block, head_dim), or part-major (batch, heads, 2, block, head_dim)
+                items.append((key, torch.stack((kb, vb), dim=2 if self._part_major else 0)))
                 refs.append(ref)
                 kkeys.append(key)
                 continue
@@ -775,6 +793,7 @@ class TieredKVLayer(CacheLayerMixin):
         self._tail_v = value_states.new_empty((self._batch, self._shape_v[0], self.block_size, self._shape_v[1]))
         self._tail_len = 0
         self._joint = self.joint_entries and self._shape_k == self._shape_v
+        self._part_major = self._joint and self.sparse is not None
         self.is_initialized = True
 
     def _check_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -1048,7 +1067,7 @@ class TieredKVLayer(CacheLayerMixin):
         new = TieredKVLayer(store, cache_uid, self.layer_idx, self.block_size, self.sliding_window, buffer,
                             self.joint_entries)
         for name in ("record_past", "_first_pos", "_length", "_next_serial", "_tail_len", "dtype", "device",
-                     "_batch", "_shape_k", "_shape_v", "_mapped", "is_initialized", "_joint"):
+                     "_batch", "_shape_k", "_shape_v", "_mapped", "is_initialized", "_joint", "_part_major"):
             setattr(new, name, getattr(self, name))
         if self._tail_k is not None:
             new._tail_k, new._tail_v = self._tail_k.clone(), self._tail_v.clone()

@@ -15,6 +15,7 @@ record; the next :meth:`BlockStore.open` of the path (or ``python -m tiercache g
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
 import logging
 import os
 import shutil
@@ -88,6 +89,33 @@ class KVCounters:
     write_errors: int = 0
 
 
+def _takes_ranges(cache: Any) -> bool:
+    """Whether ``cache.get_many`` takes ``ranges=`` (ranged reads of values' bytes)."""
+    try:
+        return "ranges" in inspect.signature(cache.get_many).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _read_bytes(tensors: Sequence[torch.Tensor], ranges: Sequence[Any] | None) -> int:
+    """Bytes a ``get_blocks`` call asked for: each value's, or the sum of its ranges."""
+    if ranges is None:
+        return sum([t.nbytes for t in tensors])
+    return sum([t.nbytes if item is None else sum([b - a for a, b in item]) for t, item in zip(tensors, ranges)])
+
+
+def copy_ranges(dst: torch.Tensor, src: torch.Tensor, ranges: Sequence[tuple[int, int]]) -> None:
+    """Copy the byte ranges ``ranges`` of ``src`` (C order) into the same bytes of ``dst`` (contiguous, as many
+    elements of the same dtype), in the tensors' dtype where the ranges are whole elements (a copy through a
+    ``uint8`` view crosses torch's threshold for multi-threaded copies sooner: DESIGN.md), else as bytes."""
+    size = src.element_size()
+    flat_dst, flat_src = dst.view(-1), src.reshape(-1)
+    if any(a % size or b % size for a, b in ranges):
+        flat_dst, flat_src, size = flat_dst.view(torch.uint8), flat_src.view(torch.uint8), 1
+    torch._foreach_copy_([flat_dst[a // size:b // size] for a, b in ranges],
+                         [flat_src[a // size:b // size] for a, b in ranges])
+
+
 def _cleanup(cache: Any, owns: bool, tmpdir: str | None) -> None:
     if owns:
         try:
@@ -122,6 +150,8 @@ class BlockStore:
         self._futures: list[concurrent.futures.Future] = []
         # Whether cache.get_many writes into a list of out tensors (C5): None until first tried.
         self.out_lists: bool | None = None
+        # Whether cache.get_many reads byte ranges of values (``ranges=``): without it get_blocks' ranges read whole.
+        self.ranged_reads = _takes_ranges(cache)
         # The placement policy object when this store created it (``open``); the sparse KV cache tunes an
         # AttentionPlacementPolicy's promotion threshold through it.  None for a borrowed cache.
         self.policy: Any = None
@@ -451,6 +481,7 @@ class BlockStore:
         *,
         out: Sequence[torch.Tensor] | None = None,
         background: bool = False,
+        ranges: Sequence[Sequence[tuple[int, int]] | None] | None = None,
     ) -> list[torch.Tensor]:
         """Fetch entries (batched); a missing entry raises :class:`KVCapacityError`.  Thread-safe (the
         layer-ahead reads of exact decode call it from a reader thread).
@@ -464,22 +495,43 @@ class BlockStore:
 
         ``background``: a read on behalf of the store's user from another thread (a read ahead): a
         pending write-behind failure is left for the user's next call instead of being raised here.
+
+        ``ranges`` (needs ``out``): one item per key, ``None`` (the whole value) or sorted, non-overlapping
+        ``(start, stop)`` byte offsets into the value (C order); for such an item ``out[i]`` must be contiguous
+        and only those bytes of it are written, the others left as they were (``tiercache.Cache.get_many``'s
+        ranged reads: a disk tier reads just the sectors covering them).  Entries still in the write-behind
+        queue copy just the ranges.  With a tiercache whose ``get_many`` takes no ``ranges``
+        (:attr:`ranged_reads` ``False``) the values are read whole: the ranges hold the same bytes, the rest of
+        ``out[i]`` is overwritten with the value's (correct, only no bytes are saved).  Counted
+        (``bytes_fetched``) as the bytes the ranges ask for.
         """
         self._check_open()
         if out is not None and len(out) != len(keys):
             raise ValueError(f"{len(out)} out tensors for {len(keys)} keys")
+        if ranges is not None:
+            if out is None:
+                raise ValueError("get_blocks(ranges=...) needs out= (one tensor per key)")
+            if len(ranges) != len(keys):
+                raise ValueError(f"{len(ranges)} ranges items for {len(keys)} keys")
+            for i, item in enumerate(ranges):
+                if item is not None and not out[i].is_contiguous():
+                    raise ValueError(f"get_blocks: out[{i}] must be contiguous for a ranged read")
+            if all(item is None for item in ranges):
+                ranges = None
         if not keys:
             return []
         if not background:
             self._raise_write_error()
         queued = self._queued(keys)
         if queued:
-            return self._get_with_queue(list(keys), device, out, queued, background)
+            return self._get_with_queue(list(keys), device, out, queued, background, ranges)
         start = time.perf_counter()
         try:
             keys = keys if type(keys) is list else list(keys)
             if out is None:
                 tensors = self.cache.get_many(keys, device=device)
+            elif ranges is not None and self.ranged_reads:
+                tensors = self.cache.get_many(keys, out=list(out), ranges=ranges)
             else:
                 tensors = self._get_into(keys, list(out))
         except KeyError as exc:
@@ -490,7 +542,7 @@ class BlockStore:
                 f"a failed checksum); attention over the whole context is impossible "
                 f"({self._budget_text()}, this cache holds {_fmt(self._held_bytes)})"
             ) from exc
-        elapsed, nbytes = time.perf_counter() - start, sum([t.nbytes for t in tensors])
+        elapsed, nbytes = time.perf_counter() - start, _read_bytes(tensors, ranges if self.ranged_reads else None)
         with self._lock:  # background staging reads count here too
             self.counters.fetch_seconds += elapsed
             self.counters.blocks_fetched += len(tensors)
@@ -498,8 +550,10 @@ class BlockStore:
         return tensors
 
     def _get_with_queue(self, keys: list[Any], device: Any, out: Sequence[torch.Tensor] | None,
-                        queued: dict[Any, torch.Tensor], background: bool = False) -> list[torch.Tensor]:
-        """``get_blocks`` when some keys are still in the write-behind queue (their copies are the values)."""
+                        queued: dict[Any, torch.Tensor], background: bool = False,
+                        ranges: Sequence[Sequence[tuple[int, int]] | None] | None = None) -> list[torch.Tensor]:
+        """``get_blocks`` when some keys are still in the write-behind queue (their copies are the values; with
+        ``ranges``, just the ranges are copied from them)."""
         rest = [i for i, key in enumerate(keys) if key not in queued]
         if out is None:
             target = torch.device(device) if device is not None else torch.device("cpu")
@@ -514,18 +568,25 @@ class BlockStore:
         else:
             result = list(out)
             if rest:
-                self.get_blocks([keys[i] for i in rest], out=[result[i] for i in rest], background=background)
+                self.get_blocks([keys[i] for i in rest], out=[result[i] for i in rest], background=background,
+                                ranges=None if ranges is None else [ranges[i] for i in rest])
             for i, key in enumerate(keys):
                 if key in queued:
                     src = queued[key]
                     if src.numel() != result[i].numel() or src.dtype != result[i].dtype:
                         raise ValueError(f"out tensor for {key!r} is {result[i].dtype} x {result[i].numel()}, "
                                          f"the entry {src.dtype} x {src.numel()}")
-                    result[i].copy_(src.view(result[i].shape))
+                    item = None if ranges is None else ranges[i]
+                    if item is None:
+                        result[i].copy_(src.view(result[i].shape))
+                    else:
+                        copy_ranges(result[i], src, item)
         with self._lock:
             self.counters.queue_hits += len(queued)
             self.counters.blocks_fetched += len(queued)
-            self.counters.bytes_fetched += sum(t.nbytes for t in queued.values())
+            self.counters.bytes_fetched += sum(t.nbytes if ranges is None or ranges[i] is None
+                                               else sum(b - a for a, b in ranges[i])
+                                               for i, t in ((i, queued[k]) for i, k in enumerate(keys) if k in queued))
         return result
 
     def _get_into(self, keys: list[Any], out: list[torch.Tensor]) -> list[torch.Tensor]:

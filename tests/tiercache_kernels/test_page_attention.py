@@ -132,12 +132,19 @@ def test_auto_is_the_torch_path_on_cpu_and_bad_backends_are_refused():
         page_table_attention(*args, backend="cuda")
 
 
+@pytest.mark.parametrize("layout", ["k-then-v", "part-major"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_halves_of_a_joint_pool_are_read_in_place(device, dtype):
-    """Sparse layers storing joint K/V entries hand the kernel ``kv[:, 0]`` / ``kv[:, 1]`` of one
-    ``(N, 2, B, H, S, D)`` storage: it reads them through their strides, matching the torch path."""
+def test_the_halves_of_a_joint_pool_are_read_in_place(device, dtype, layout):
+    """Joint K/V pools hand the kernel their halves: ``kv[:, 0]`` / ``kv[:, 1]`` of ``(N, 2, B, H, S, D)``, or
+    ``kv[:, :, :, 0]`` / ``kv[:, :, :, 1]`` of a sparse layer's part-major ``(N, B, H, 2, S, D)``: it reads them
+    through their strides, matching the torch path."""
     (query, k_pool, v_pool, table, nk, nv), splits = _case(7, dtype, device, g=3, q=2)
-    kv = torch.stack((k_pool, v_pool), dim=1)
-    k_half, v_half = kv[:, 0], kv[:, 1]
+    if layout == "k-then-v":
+        kv = torch.stack((k_pool, v_pool), dim=1)
+        k_half, v_half = kv[:, 0], kv[:, 1]
+    else:
+        kv = torch.stack((k_pool, v_pool), dim=3)
+        k_half, v_half = kv[:, :, :, 0], kv[:, :, :, 1]
+        assert k_half.stride(2) == 2 * k_pool.stride(2)
     assert not k_half.is_contiguous() and k_half.stride(0) == 2 * k_pool.stride(0)
     _check((query, k_half, v_half, table, nk, nv), splits, dtype)

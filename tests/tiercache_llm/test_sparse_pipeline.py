@@ -99,7 +99,7 @@ def test_failed_prefetches_change_nothing(model, batch, tmp_path, monkeypatch):
     ref = reference(model, batch, tmp_path)
     ids, mask = batch
 
-    def broken(self, keys, outs):
+    def broken(self, keys, outs, ranges=None):
         raise OSError("injected prefetch failure")
 
     monkeypatch.setattr(DecodePipeline, "_read", broken)
@@ -116,13 +116,13 @@ def test_slow_prefetches_change_nothing(model, batch, tmp_path, monkeypatch):
     ids, mask = batch
     original = DecodePipeline._read
 
-    def slow(self, keys, outs):
+    def slow(self, keys, outs, ranges=None):
         # Slower than the wait limit by construction: a read finishes only once a consumer has given up on an
         # entry (a fixed 50 ms sleep races the model's compute: a descheduled consumer may find every read done).
         deadline = time.monotonic() + 30
         while not self.staging.counters.late and time.monotonic() < deadline:
             time.sleep(0.001)
-        original(self, keys, outs)
+        original(self, keys, outs, ranges)
 
     monkeypatch.setattr(DecodePipeline, "_read", slow)
     with TieredKVCache.for_model(model, **opts(tmp_path, "reuse-layer-ahead",
@@ -154,9 +154,9 @@ def test_beam_search_and_prompt_lookup_with_prefetches_in_flight(model, tmp_path
     tokens of the synchronous path (no pipeline, no resident pool)."""
     original = DecodePipeline._read
 
-    def slow(self, keys, outs):
+    def slow(self, keys, outs, ranges=None):
         time.sleep(0.002)
-        original(self, keys, outs)
+        original(self, keys, outs, ranges)
 
     gen_ = torch.Generator().manual_seed(3)
     ids = torch.randint(3, 128, (6,), generator=gen_).repeat(5).unsqueeze(0)
@@ -198,10 +198,10 @@ def test_close_while_prefetches_are_in_flight(model, batch, tmp_path, monkeypatc
     started, release = threading.Event(), threading.Event()
     original = DecodePipeline._read
 
-    def stuck(self, keys, outs):
+    def stuck(self, keys, outs, ranges=None):
         started.set()
         release.wait(10)
-        original(self, keys, outs)
+        original(self, keys, outs, ranges)
 
     monkeypatch.setattr(DecodePipeline, "_read", stuck)
     cache = TieredKVCache.for_model(model, **opts(tmp_path, "reuse-layer-ahead",

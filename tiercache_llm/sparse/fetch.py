@@ -32,22 +32,28 @@ def layer_keys(layer: "TieredKVLayer", blocks: list[int]) -> list:
 
 
 def read_entries(store: "BlockStore", keys: list, blocks: list["BlockRef"], dsts: list[torch.Tensor],
-                 joint: bool) -> list[torch.Tensor]:
+                 joint: bool, ranges: list | None = None) -> list[torch.Tensor]:
     """Read the entry ``keys[e]`` of ``blocks[e]`` into ``dsts[e]`` (one ``get_blocks`` call): in place, or for a
-    block with a row map into a temporary of its stored rows, then viewed into ``dsts[e]`` (``joint``: entries
-    ``(2, batch, ...)``).  Returns the tensors read into (their bytes are the bytes read)."""
+    block with a row map into a temporary of its stored rows, then viewed into ``dsts[e]`` (``joint``: a sparse
+    layer's part-major joint entries ``(batch, heads, 2, ...)``).  Returns the tensors read into (their bytes are
+    the bytes read, unless ``ranges``: per entry ``None`` (whole) or the byte ranges of it to read into ``dsts[e]``
+    (contiguous), the rest of ``dsts[e]`` left as it was; a block with a row map is always read whole)."""
     outs, posts = [], []
     for e, (block, dst) in enumerate(zip(blocks, dsts)):
         if block.rows is None:
             outs.append(dst)
             continue
         shape = dst.shape
-        tmp = dst.new_empty((2, block.stored_batch, *shape[2:]) if joint else (block.stored_batch, *shape[1:]))
+        tmp = dst.new_empty((block.stored_batch, *shape[1:]))  # rows first in either layout
         outs.append(tmp)
         posts.append((e, tmp))
-    store.get_blocks(keys, out=outs)
+    if ranges is not None and any(r is not None for r in ranges):
+        store.get_blocks(keys, out=outs, ranges=[None if blocks[e].rows is not None else r
+                                                 for e, r in enumerate(ranges)])
+    else:
+        store.get_blocks(keys, out=outs)
     for e, tmp in posts:
-        dsts[e].copy_(blocks[e].view(tmp, joint))
+        dsts[e].copy_(blocks[e].view(tmp))
     return outs
 
 
@@ -55,8 +61,9 @@ def selected_buffers(layer: "TieredKVLayer", sel: "BlockSelection"
                      ) -> tuple[list[int], list[int], torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(fetch, stored, kbuf, vbuf, kvbuf)``: the selected block indices, those already stored (the rest is
     the tail block), and empty ``(U, B, H, block_size, D)`` K and V buffers for them; for a layer storing
-    joint entries they are the halves ``kvbuf[:, 0]`` / ``kvbuf[:, 1]`` of one ``(U, 2, B, H, block_size, D)``
-    storage ``kvbuf`` (a joint entry is read into ``kvbuf[u]`` whole), else ``kvbuf`` is ``None``."""
+    joint entries they are the halves ``kvbuf[:, :, :, 0]`` / ``kvbuf[:, :, :, 1]`` of one part-major
+    ``(U, B, H, 2, block_size, D)`` storage ``kvbuf`` (a joint entry is read into ``kvbuf[u]`` whole), else
+    ``kvbuf`` is ``None``."""
     fetch = sel.fetch.tolist()
     n_stored = len(layer._blocks)
     stored = [j for j in fetch if j < n_stored]
@@ -64,8 +71,8 @@ def selected_buffers(layer: "TieredKVLayer", sel: "BlockSelection"
     hv, dv = layer._shape_v
     bs, b, u = layer.block_size, layer._batch, len(fetch)
     if layer._joint:
-        both = torch.empty((u, 2, b, hk, bs, dk), dtype=layer.dtype, device=layer.device)
-        return fetch, stored, both[:, 0], both[:, 1], both
+        both = torch.empty((u, b, hk, 2, bs, dk), dtype=layer.dtype, device=layer.device)
+        return fetch, stored, both[:, :, :, 0], both[:, :, :, 1], both
     kbuf = torch.empty((u, b, hk, bs, dk), dtype=layer.dtype, device=layer.device)
     vbuf = torch.empty((u, b, hv, bs, dv), dtype=layer.dtype, device=layer.device)
     return fetch, stored, kbuf, vbuf, None

@@ -241,9 +241,9 @@ def page_table_attention(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
     if dev.type == "cpu" and not grad and torch.get_num_threads() == 1 and k_pool.shape[0] \
             and k_pool.dtype == v_pool.dtype:
         krows, vrows = _page_rows(k_pool, ps), _page_rows(v_pool, ps)
-        if krows is not None and vrows is not None and krows[1] == vrows[1]:
+        if krows is not None and vrows is not None and krows[1:] == vrows[1:]:
             return _page_table_attention_cpu(query, k_pool, v_pool, table, new_keys, new_values, scale, mass,
-                                             rows=(krows[0], vrows[0], krows[1]), want_lse=lse)
+                                             rows=(krows[0], vrows[0], krows[1], krows[2]), want_lse=lse)
     keys = _gather_pages(k_pool, table, ps, None if grad else "k").view(b, h, t, d)  # float32 copies
     values = _gather_pages(v_pool, table, ps, None if grad else "v").view(b, h, t, d)
     hidden = ~table.valid.reshape(b, h, 1, t)
@@ -290,34 +290,39 @@ def page_table_attention(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torc
 _CHUNK_BYTES = 1 << 19
 
 
-def _page_rows(pool: torch.Tensor, ps: int) -> tuple[torch.Tensor, int] | None:
-    """``(rows, slot_rows)``: ``pool`` ``(N, B, H, S, D)`` viewed as page rows ``(R, ps * D)`` of its storage, the
-    page ``p`` of (slot ``n``, row ``b``, head ``h``) at row ``n * slot_rows + (b * H + h) * (S // ps) + p``; or
-    ``None`` when its layout has no such view (a slot that is not one contiguous block, or a slot stride that
-    is not a whole number of page rows).  A contiguous pool has ``slot_rows = B * H * S // ps``; the halves
-    ``kv[:, 0]`` / ``kv[:, 1]`` of a joint pool storage ``kv`` ``(N, 2, B, H, S, D)`` twice that."""
+def _page_rows(pool: torch.Tensor, ps: int) -> tuple[torch.Tensor, int, int] | None:
+    """``(rows, slot_rows, part_rows)``: ``pool`` ``(N, B, H, S, D)`` viewed as page rows ``(R, ps * D)`` of its
+    storage, the page ``p`` of (slot ``n``, row ``b``, head ``h``) at row ``n * slot_rows + (b * H + h) *
+    part_rows + p``; or ``None`` when its layout has no such view (a (row, head) part that is not one contiguous
+    run of tokens, heads and rows not at one common stride, or a slot or part stride that is not a whole number
+    of page rows).  A contiguous pool has ``part_rows = S // ps`` and ``slot_rows = B * H * S // ps``; the halves
+    ``kv[:, :, :, 0]`` / ``kv[:, :, :, 1]`` of a part-major joint pool storage ``kv`` ``(N, B, H, 2, S, D)`` twice
+    those."""
     n, b, h, s, d = pool.shape
     row = ps * d
-    inner = b * h * s * d
-    if n == 0 or inner == 0 or s % ps:
+    if n == 0 or b * h * s * d == 0 or s % ps:
         return None
-    expect = (h * s * d, s * d, d, 1)
+    hs = pool.stride(2) if h > 1 else (pool.stride(1) if b > 1 else s * d)  # one (row, head) part to the next
+    if hs % row or hs < s * d:
+        return None
+    expect = (h * hs, hs, d, 1)
     if any(size > 1 and stride != e for size, stride, e in zip(pool.shape[1:], pool.stride()[1:], expect)):
         return None
-    step = pool.stride(0) if n > 1 else inner
+    inner = (b * h - 1) * hs + s * d  # elements from a slot's first to past its last token
+    step = pool.stride(0) if n > 1 else b * h * hs
     if step % row or step < inner:
         return None
     slot_rows = step // row
-    return pool.as_strided(((n - 1) * slot_rows + inner // row, row), (row, 1)), slot_rows
+    return pool.as_strided(((n - 1) * slot_rows + -(-inner // row), row), (row, 1)), slot_rows, hs // row
 
 
 def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: PageTable,
                               new_keys: torch.Tensor | None, new_values: torch.Tensor | None,
                               scale: float, want_mass: bool = True,
-                              rows: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+                              rows: tuple[torch.Tensor, torch.Tensor, int, int] | None = None,
                               want_lse: bool = False) -> SparseAttentionOutput:
     """The torch path on CPU (autograd not recording; pools whose page rows :func:`_page_rows` views, given as
-    ``rows`` = ``(k rows, v rows, slot_rows)`` or computed here): the same result as the batched
+    ``rows`` = ``(k rows, v rows, slot_rows, part_rows)`` or computed here): the same result as the batched
     path below, computed chunk by chunk over (row, KV head)s so each gathered chunk is read by its matmul
     while it is still in cache, and only the used entries of a chunk are gathered (padding entries beyond
     the chunk's largest count never are).
@@ -342,18 +347,17 @@ def _page_table_attention_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool:
     gq = g * q
     m = table.slots.shape[-1]
     ps = table.page_size
-    kpp = s // ps
     t = m * ps
     bh = b * h
     dev = query.device
     nq = q if new_keys is not None else 0
     if rows is None:
-        (krows, slot_rows), (vrows, _) = _page_rows(k_pool, ps), _page_rows(v_pool, ps)
+        (krows, slot_rows, part_rows), (vrows, _, _) = _page_rows(k_pool, ps), _page_rows(v_pool, ps)
     else:
-        krows, vrows, slot_rows = rows
-    # Page row of each entry in the pools viewed as page rows (slot stride slot_rows, _page_rows).
+        krows, vrows, slot_rows, part_rows = rows
+    # Page row of each entry in the pools viewed as page rows (slot stride slot_rows, part stride part_rows).
     flat = ((table.slots * slot_rows + table.pages)
-            + (torch.arange(bh, device=dev) * kpp).view(b, h, 1)).view(bh, m)
+            + (torch.arange(bh, device=dev) * part_rows).view(b, h, 1)).view(bh, m)
     valid = table.valid.view(bh, t)
     n_valid = valid.sum(1)
     if table.counts is not None:
@@ -622,8 +626,8 @@ def _gather_pages(pool: torch.Tensor, table: PageTable, ps: int, name: str | Non
     out = _scratch(name, (b, h, m, ps, d), dev)
     paged = _page_rows(pool, ps)
     if paged is not None:
-        src, slot_rows = paged
-        flat = (table.slots * slot_rows + (rows * h + heads) * k + table.pages).view(-1)
+        src, slot_rows, part_rows = paged
+        flat = (table.slots * slot_rows + (rows * h + heads) * part_rows + table.pages).view(-1)
         if pool.dtype == torch.float32:
             torch.index_select(src, 0, flat, out=out.view(-1, ps * d))
         else:
@@ -811,9 +815,9 @@ def attend_pages_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
         return None
     ps = block_size // kpp
     krows, vrows = _page_rows(k_pool, ps), _page_rows(v_pool, ps)
-    if krows is None or vrows is None or krows[1] != vrows[1]:
+    if krows is None or vrows is None or krows[1:] != vrows[1:]:
         return None
-    (krows, slot_rows), vrows = krows, vrows[0]
+    (krows, slot_rows, part_rows), vrows = krows, vrows[0]
     bh, g = b * h, hq // h
     m = getattr(sel, "pages_each", None)  # set by select() when it knows every (row, head) took as many pages
     if m is None:
@@ -834,12 +838,13 @@ def attend_pages_cpu(query: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
         return None
     # Per page of the context: its block's fetch position u (0 for blocks not fetched: in range, and never
     # selected, every selected page's block is fetched: the selection's contract) and its page row in the
-    # pool (_page_rows) for (row, head) 0; (row, head) r adds r * kpp.
+    # pool (_page_rows) for (row, head) 0; (row, head) r adds r * part_rows.
     u_of_block = torch.zeros(nb, dtype=torch.long, device=dev)
     u_of_block[sel.fetch] = _const("ar", (u,), lambda: torch.arange(u, device=dev))
     u_page = u_of_block.index_select(0, _const("blk", (p, kpp), lambda: torch.arange(p, device=dev) // kpp))
-    page_row = torch.add(_const("rows", (bh, p, kpp), lambda: (torch.arange(p, device=dev) % kpp).view(1, p)
-                                + torch.arange(0, bh * kpp, kpp, device=dev).view(bh, 1)),
+    page_row = torch.add(_const("rows", (bh, p, kpp, part_rows),
+                                lambda: (torch.arange(p, device=dev) % kpp).view(1, p)
+                                + torch.arange(0, bh * part_rows, part_rows, device=dev).view(bh, 1)),
                          slot_of_fetch.to(torch.long).index_select(0, u_page), alpha=slot_rows)
     flat = page_row.view(-1).index_select(0, idx).view(bh, m)
     span = p * ps

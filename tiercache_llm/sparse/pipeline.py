@@ -307,6 +307,21 @@ class PipelineConfig:
             bound, ms/step at 1 / 2 threads: 647 -> 571 / 634 -> 599 and 697 -> 608 / 709 -> 710), off for
             ``fetch-every-step``, which measured slower with it (838 -> 869 / 841 -> 857), so the baseline keeps
             its faster setting.  Only how the slots are allocated changes (docs/sparse.md "Huge-page pools").
+        part_reads: the fetch reads of each block only the (row, KV head) parts its layer selected (one byte range
+            per run of consecutive parts of the part-major joint entry, ``BlockStore.get_blocks(ranges=)``), and a
+            resident block whose selected parts are not all in its slot (a *part miss*) has just the missing parts
+            read into it; the pool tracks per slot which parts it holds (:attr:`~.pool.PoolArena.parts`), so
+            attention never reads a part that was not read.  Every strategy (one shared fetch path); CPU pools of
+            part-major layers only.  Staged entries, reads into reserved slots and the prefill's seeding still
+            move whole entries (all parts held).  ``False``: whole entries, as before (docs/sparse.md "Part
+            reads").  Needs a tiercache whose ``get_many`` reads ranges (``BlockStore.ranged_reads``): without one,
+            whole entries.
+        slot_part_reads: with ``part_reads``, the reads ahead into reserved slots (``stage_into_slots``) read only the
+            predicted selection's parts (the previous selection's, or the ``"query"`` predictor's), and the parts the
+            layer then selects beyond them are read at its fetch (part misses).  Off by default: at SmolLM2 8K x 4,
+            25 %, it cut the disk bytes per step by half for ``attention-aware`` and ``reuse-layer-ahead`` but moved
+            reads from the background onto the forward thread (synchronous part misses) and measured slower
+            (docs/sparse.md "Part reads").
     """
 
     reuse: bool = False
@@ -345,6 +360,8 @@ class PipelineConfig:
     idle_stage_layers: int = 4
     idle_barren_steps: int = 8
     huge_pages: bool = False
+    part_reads: bool = True
+    slot_part_reads: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pool_bytes", check_pool_bytes(self.pool_bytes, auto=True))
@@ -464,9 +481,22 @@ class PipelineStats:
     ``slot_release_waits`` / ``slot_release_wait_seconds``: evictions, clears and reallocations that did;
     ``slot_fallback``: predicted blocks outside the fastest tier staged instead (a row map, another slot
     layout, no slot free within the bound).  ``reserved - used - unselected - failed - evicted`` are still
-    waiting for their layer's fetch."""
+    waiting for their layer's fetch.
+
+    ``part_reads``: ``parts_selected`` (row, KV head) parts of stored blocks were selected; ``parts_read`` parts
+    were read by ranged reads (whole-entry reads, staged copies and reads into reserved slots not counted);
+    ``part_misses``: resident blocks (not counted as ``reused``) whose selected parts were not all in their slot,
+    so the missing ones were read; ``ranged_entries`` / ``whole_entries``: synchronous reads of some parts / of
+    whole entries; ``slot_ranged_reads``: reads into reserved slots (``stage_into_slots``) of only the predicted
+    selection's parts (the rest of the reserved reads are whole)."""
 
     steps: int = 0
+    parts_selected: int = 0
+    parts_read: int = 0
+    part_misses: int = 0
+    ranged_entries: int = 0
+    whole_entries: int = 0
+    slot_ranged_reads: int = 0
     needed: int = 0
     reused: int = 0
     staged: int = 0
@@ -555,6 +585,7 @@ class DecodePipeline:
             self.staging = StagingArea(config.staging_bytes, self._executor,
                                        max_age=2 if config.disk_staging else 1, wait_timeout=config.wait_timeout)
         self._last: dict[int, list[int]] = {}  # layer -> stored blocks it fetched at its last step
+        self._last_mask: dict[int, torch.Tensor] = {}  # part_reads: layer -> its last selection's head_mask (B, H, N)
         self._left: dict[int, list[int]] = {}  # layer -> blocks of the step before that it no longer selected
         self._predicted: dict[int, set] = {}  # layer -> entries predicted for its coming fetch
         # the slots shared by every layer; "auto" is resolved once the layers' device is known (_resolve_bound)
@@ -599,7 +630,7 @@ class DecodePipeline:
         self._warned_overlap = False
         # slot_reads_after_sync: reads into reserved slots held back until the fetching layer's own slow reads
         # are done: (placeholder future the arena waits on, keys, destination views)
-        self._gated: list[tuple[concurrent.futures.Future, list, list[torch.Tensor]]] = []
+        self._gated: list[tuple[concurrent.futures.Future, list, list[torch.Tensor], list | None]] = []
         # idle_stage_near: layers whose near misses were staged since their last fetch, and per layer the keys
         self._idle_done: set[int] = set()
         self._idle_keys: dict[int, dict] = {}  # layer -> {key: bytes} staged for its next fetch
@@ -616,8 +647,8 @@ class DecodePipeline:
         disk read lands in it without a bounce copy)."""
         h, d = layer._shape_v if kind == "v" else layer._shape_k
         shape = (block.stored_batch, h, layer.block_size, d)
-        if kind == "kv":
-            shape = (2, *shape)
+        if kind == "kv":  # a sparse layer's joint entry: part-major (batch, heads, 2, block, head_dim)
+            shape = (block.stored_batch, h, 2, layer.block_size, d)
         with self._spare_lock:
             spare = self._spare.get((shape, layer.dtype, torch.device(layer.device)))
             if spare:
@@ -683,15 +714,16 @@ class DecodePipeline:
             return policy.promoting()
         return None
 
-    def _read(self, keys: list, outs: list[torch.Tensor]) -> None:
-        """Every background read: ``keys`` into ``outs``; it promotes only inside :meth:`_read_promoting`, and
-        the keys chosen by :meth:`choose_promotions` (reusing the bytes just read)."""
+    def _read(self, keys: list, outs: list[torch.Tensor], ranges: list | None = None) -> None:
+        """Every background read: ``keys`` into ``outs`` (``ranges``: per entry the byte ranges to read, ``None``
+        whole); it promotes only inside :meth:`_read_promoting`, and the keys chosen by :meth:`choose_promotions`
+        (reusing the bytes just read)."""
         policy = getattr(self.store, "policy", None)
         if not getattr(policy, "chosen", 0):
-            self.store.get_blocks(keys, out=outs)
+            self.store.get_blocks(keys, out=outs, ranges=ranges)
             return
         with policy.chosen_reads():
-            self.store.get_blocks(keys, out=outs)
+            self.store.get_blocks(keys, out=outs, ranges=ranges)
 
     def _read_promoting(self, keys: list, outs: list[torch.Tensor]) -> None:
         """:meth:`_read` inside the policy's ``promoting`` context (``defer_promotions``): the read may promote."""
@@ -855,8 +887,10 @@ class DecodePipeline:
             sel = select(query, nxt.sparse.digests, nxt.sparse.ctrl.selection,
                          pages_per_block=nxt.block_size // nxt.sparse.page_size)
             blocks = [j for j in sel.fetch.tolist() if j < n_stored]
+            mask = sel.head_mask
         else:
             blocks = [j for j in self._last.get(nxt_idx, []) if j < n_stored]
+            mask = self._last_mask.get(nxt_idx)
         pool = self._pools.get(nxt_idx)
         held = pool is not None and pool.retention != "none"
         if held:
@@ -876,7 +910,7 @@ class DecodePipeline:
             mine = self._pools.get(fetching.layer_idx)
             if mine is not None and selected:
                 protect = (mine, set(selected))
-            blocks, slow = self._read_into_slots(nxt, pool, blocks, protect)
+            blocks, slow = self._read_into_slots(nxt, pool, blocks, protect, mask)
             self.stats.predicted_nonresident += slow
         else:
             slow = 0
@@ -885,14 +919,17 @@ class DecodePipeline:
         return slow + nonresident
 
     def _read_into_slots(self, layer: "TieredKVLayer", pool: ResidentPool, blocks: list[int],
-                         protect: tuple[ResidentPool, set] | None) -> tuple[list[int], int]:
+                         protect: tuple[ResidentPool, set] | None,
+                         mask: torch.Tensor | None = None) -> tuple[list[int], int]:
         """``stage_into_slots``: reserve slots of ``pool`` (``layer``'s) for the ``blocks`` with an entry outside
         the fastest tier and start one background read of their entries (one joint entry, or K and V) straight
         into the slots (never promoting, as layer-ahead staging).  Returns ``(blocks left to stage, entries
         outside the fastest tier among those reserved)``: blocks with every entry on the fastest tier are left
         out (their copy at the fetch costs what a staging copy would), so are blocks stored with a row map or
         another batch size, the blocks no slot was found for (counted in ``slot_fallback``) and every block when
-        the pool's layout (joint or not) is not the layer's."""
+        the pool's layout (joint or not) is not the layer's.  ``mask`` (``part_reads``): ``(B, H, N)`` the
+        predicted selection's (row, KV head) parts per block: only those are read (a block predicted for no
+        part, a near miss, is read whole); the fetch reads any other part it selects (a part miss)."""
         if pool.k is None or self._executor is None or self._closed or pool.k.device.type != "cpu":
             # Off the CPU a background write into a slot would also have to wait for the kernels still reading
             # the block it evicts (an event per layer's attention): not done, such pools stage as before.
@@ -932,14 +969,15 @@ class DecodePipeline:
             return rest, 0
         keys = layer_keys(layer, [j for j, _ in got])
         outs = pool.entry_views([s for _, s in got])
+        ranges = self._slot_ranges(layer, pool, got, mask) if self.config.slot_part_reads else None
         if self.config.slot_reads_after_sync:
             # Started by _open_gate once the fetching layer's slow reads are done; until then the arena waits
             # on (or cancels) this placeholder like on a queued read.
             read = concurrent.futures.Future()
-            self._gated.append((read, keys, outs))
+            self._gated.append((read, keys, outs, ranges))
         else:
             try:
-                read = self._executor.submit(self._slot_job, keys, outs)
+                read = self._executor.submit(self._slot_job, keys, outs, ranges)
             except RuntimeError:  # the pool was shut down (close): nothing reserved
                 pool.drop([j for j, _ in got])
                 return rest, 0
@@ -952,22 +990,26 @@ class DecodePipeline:
         placeholder future; one cancelled meanwhile, by a clear, is skipped; one that cannot start, the I/O
         pool being shut down, fails its placeholder, so its block is released and read by its fetch)."""
         gated, self._gated = self._gated, []
-        for placeholder, keys, outs in gated:
+        for placeholder, keys, outs, ranges in gated:
             if not placeholder.set_running_or_notify_cancel():
                 continue
             try:
-                read = self._executor.submit(self._slot_job, keys, outs)
+                read = self._executor.submit(self._slot_job, keys, outs, ranges)
             except RuntimeError as exc:
                 placeholder.set_exception(exc)
                 continue
             read.add_done_callback(functools.partial(_forward_result, placeholder))
 
-    def _slot_job(self, keys: list, outs: list[torch.Tensor]) -> None:
-        """A background read into reserved slots (:meth:`_read_into_slots`); what it raises is kept in its
-        future (the layer's fetch then drops the blocks and reads them itself)."""
+    def _slot_job(self, keys: list, outs: list[torch.Tensor], ranges: list | None = None) -> None:
+        """A background read into reserved slots (:meth:`_read_into_slots`; ``ranges``: per entry the byte ranges
+        to read, ``None`` whole); what it raises is kept in its future (the layer's fetch then drops the blocks
+        and reads them itself)."""
         start = time.perf_counter()
         try:
-            self._read(keys, outs)
+            if ranges is None:
+                self._read(keys, outs)
+            else:
+                self._read(keys, outs, ranges)
         finally:
             with self._stats_lock:
                 self.stats.slot_read_seconds += time.perf_counter() - start
@@ -1054,6 +1096,7 @@ class DecodePipeline:
             except BaseException:
                 pool.drop([blocks[i] for i in missing])
                 raise
+            pool.arena.mark_parts(at)  # whole blocks
         self.stats.seeded += len(missing)
         self.stats.seed_seconds += time.perf_counter() - t0
         return len(missing)
@@ -1132,6 +1175,20 @@ class DecodePipeline:
         stats.blocks_selected += ns
         epb = layer._entries_per_block
         ps.needed += epb * ns
+        want = need = None  # part_reads: (ns, B, H) parts of each stored block selected / to read if it is read
+        if self._part_reads(layer, pool):
+            self._last_mask[layer.layer_idx] = sel.head_mask  # the "previous" predictor's parts (_read_into_slots)
+        if ns and self._part_reads(layer, pool):
+            need = sel.fetch_head_mask[:, :, :ns].permute(2, 0, 1).to("cpu")
+            want = need & ~pool.arena.parts_of(slots)
+            ps.parts_selected += int(need.sum())
+            short = want.flatten(1).any(1).tolist()
+            gone = set(missing)
+            flying = pool.fresh  # reads into reserved slots not settled yet: their part misses are read in settle()
+            part = [i for i in range(ns) if short[i] and i not in gone and stored[i] not in flying]
+            if part:
+                ps.part_misses += len(part)
+                missing = sorted(gone.union(part))
         # Selected blocks read into their reserved slots in the background count as staged, not reused.
         lost = set(missing)  # a cleared arena or a rewritten block: read again like any miss
         pre = [i for i, j in enumerate(stored) if j in fresh and i not in lost] if fresh else []
@@ -1154,7 +1211,7 @@ class DecodePipeline:
         if missing or pre or landing:
             try:
                 job = self._fill(layer, stored, missing, slots, pool, predicted, stats, pre,
-                                 hits=ns - len(landing), defer=overlap)
+                                 hits=ns - len(landing), defer=overlap, want=want)
             except BaseException:
                 pool.drop([stored[i] for i in missing])  # never leave a slot that claims a block it lacks
                 raise
@@ -1175,12 +1232,16 @@ class DecodePipeline:
             landed = [i for i in landing if stored[i] in done and stored[i] not in failed]
             again = [i for i in landing if stored[i] in failed]
             if again or landed:
+                if again and need is not None and pool.arena.parts is not None:
+                    pool.arena.parts[[slots[i] for i in again]] = False  # the failed whole read vouches for nothing
                 try:
                     self._fill(layer, stored, again, slots, pool, predicted, stats, landed,
-                               hits=len(again) + len(landed))
+                               hits=len(again) + len(landed), want=need)
                 except BaseException:
                     pool.drop([stored[i] for i in again])
                     raise
+                if landed and need is not None:
+                    self._read_lacking(layer, pool, stored, landed, slots, need, stats)
 
         pending = None
         if overlap and (job is not None or (pool.fresh and landing)):  # else nothing to attend later: no split
@@ -1262,7 +1323,8 @@ class DecodePipeline:
 
     def _fill(self, layer: "TieredKVLayer", stored: list[int], missing: list[int], slots: list[int],
               pool: ResidentPool, predicted: set | None, stats: "SparseStats", pre: list[int] = (),
-              hits: int | None = None, defer: bool = False) -> tuple[concurrent.futures.Future, list[int]] | None:
+              hits: int | None = None, defer: bool = False,
+              want: torch.Tensor | None = None) -> tuple[concurrent.futures.Future, list[int]] | None:
         """Fill the slots of ``stored[i]`` for ``i`` in ``missing``: from staging, else read from the tiers
         straight into the slots (a block with a row map is read into a temporary and viewed).  ``pre``: the
         positions of blocks read into their reserved slots ahead (``stage_into_slots``): nothing to do but
@@ -1271,7 +1333,11 @@ class DecodePipeline:
 
         ``defer`` (``overlap_sync_reads``): the reads from the tiers run as one job on the reader thread;
         returns ``(its future, the positions in stored of the blocks it reads)`` (``None`` when nothing is
-        read); the caller records it (:meth:`_record_sync`) once it is done."""
+        read); the caller records it (:meth:`_record_sync`) once it is done.
+
+        ``want`` (``part_reads``, a part-major layer): ``(len(stored), B, H)`` bool, the parts of each block to read
+        when it is read from its tier (only those, as byte ranges, unless that is every part); the pool's
+        :attr:`~.pool.PoolArena.parts` records them (whole entries copied from staging: every part)."""
         ps = self.stats
         nm = len(missing)
         joint = layer._joint
@@ -1303,10 +1369,15 @@ class DecodePipeline:
                 ps.staged_nonresident += 1
             slot = slots[pre[e % np_]]
             nbytes = (pool.kv if joint else pool.k if e < np_ else pool.v)[slot].nbytes
+            if joint and pool.arena.parts is not None:  # a reserved read of only the predicted parts
+                held = pool.arena.parts[slot]
+                nbytes = nbytes * int(held.sum()) // held.numel()
             name = str("disk" if tier is None else tier)
             stats.bytes_fetched[name] = stats.bytes_fetched.get(name, 0) + nbytes
         sync: dict[str, list[int]] = {}
         t0 = time.perf_counter()
+        arena = pool.arena
+        whole_slots: list[int] = []  # slots filled whole (staged copies)
         to_slots: list[torch.Tensor] = []
         from_staged: list[torch.Tensor] = []
         taken: list[torch.Tensor] = []
@@ -1317,7 +1388,8 @@ class DecodePipeline:
                 if idle is not None and idle.pop(keys[e], None) is not None:
                     ps.idle_hits += 1
                 to_slots.append(dsts[e])
-                from_staged.append(blocks[e].view(staged, joint))
+                from_staged.append(blocks[e].view(staged))  # rows first (part-major joint entries too)
+                whole_slots.append(slots[missing[e % nm]])
                 taken.append(staged)
                 ps.staged += 1
                 if tiers[e] != fastest:
@@ -1326,6 +1398,12 @@ class DecodePipeline:
                 stats.bytes_fetched[str(tier)] = stats.bytes_fetched.get(str(tier), 0) + staged.nbytes
                 continue
             sync.setdefault(str(tiers[e]), []).append(e)
+        ranges = None
+        if joint and arena.parts is not None:
+            arena.mark_parts(whole_slots)
+            if sync:
+                ranges = self._part_ranges(layer, pool, [e for idx in sync.values() for e in idx], missing, slots,
+                                           blocks, want, nm)
         fast = str(fastest)
         slow = {t: i for t, i in sync.items() if t != fast}
         # reads_beside_copies: the slower tiers' reads run on the reader thread while this thread copies the
@@ -1334,7 +1412,7 @@ class DecodePipeline:
                   and (bool(to_slots) or fast in sync))
         job = None
         if beside:
-            job = self._submit_sync_read(keys, blocks, dsts, joint, slow)
+            job = self._submit_sync_read(keys, blocks, dsts, joint, slow, ranges)
         try:
             if to_slots:
                 # One batched copy: each separate op releases and re-takes the GIL, and with background reads
@@ -1345,7 +1423,7 @@ class DecodePipeline:
             ps.copy_seconds += time.perf_counter() - t0
             if job is not None:
                 t0 = time.perf_counter()
-                done = self._sync_read(keys, blocks, dsts, joint, {fast: sync[fast]}) if fast in sync else []
+                done = self._sync_read(keys, blocks, dsts, joint, {fast: sync[fast]}, ranges) if fast in sync else []
                 done += job.result()
                 job = None
                 self._open_gate()
@@ -1358,42 +1436,160 @@ class DecodePipeline:
         if not sync:
             return None
         if defer:
-            job = self._submit_sync_read(keys, blocks, dsts, joint, sync)
+            job = self._submit_sync_read(keys, blocks, dsts, joint, sync, ranges)
             return job, sorted({missing[e % nm] for idx in sync.values() for e in idx})
         t0 = time.perf_counter()
         if self._gated:
             # The slower tiers' reads first, alone on the device; then the next layers' reads start, while
             # this thread copies from the fast tiers.
-            done = self._sync_read(keys, blocks, dsts, joint, slow) if slow else []
+            done = self._sync_read(keys, blocks, dsts, joint, slow, ranges) if slow else []
             self._open_gate()
             if fast in sync:
-                done += self._sync_read(keys, blocks, dsts, joint, {fast: sync[fast]})
+                done += self._sync_read(keys, blocks, dsts, joint, {fast: sync[fast]}, ranges)
         else:
-            done = self._sync_read(keys, blocks, dsts, joint, sync)
+            done = self._sync_read(keys, blocks, dsts, joint, sync, ranges)
         ps.sync_wait_seconds += time.perf_counter() - t0
         self._record_sync(done, stats)
         return None
 
     def _submit_sync_read(self, keys: list, blocks: list, dsts: list[torch.Tensor], joint: bool,
-                          sync: dict[str, list[int]]) -> concurrent.futures.Future:
+                          sync: dict[str, list[int]], ranges: list | None = None) -> concurrent.futures.Future:
         """:meth:`_sync_read` on the pipeline's one reader thread (started on first use, shut down by
         :meth:`close`)."""
         if self._sync_executor is None:
             self._sync_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tiercache-kv-sync")
-        return self._sync_executor.submit(self._sync_read, keys, blocks, dsts, joint, sync)
+        return self._sync_executor.submit(self._sync_read, keys, blocks, dsts, joint, sync, ranges)
 
     def _sync_read(self, keys: list, blocks: list, dsts: list[torch.Tensor], joint: bool,
-                   sync: dict[str, list[int]]) -> list[tuple[str, int, float, int]]:
+                   sync: dict[str, list[int]], ranges: list | None = None) -> list[tuple[str, int, float, int]]:
         """Read ``keys[e]`` into ``dsts[e]`` for the entries ``sync`` groups by tier, tier by tier (a block with a
-        row map through a temporary, viewed into place); returns ``(tier, entries, seconds, bytes)`` per tier.
-        Touches no counters (it may run on the reader thread)."""
+        row map through a temporary, viewed into place; ``ranges[e]``: only those byte ranges of the entry, or
+        ``None``: whole); returns ``(tier, entries, seconds, bytes)`` per tier.  Touches no counters (it may run on
+        the reader thread)."""
         done = []
         for tier, idx in sync.items():
             t1 = time.perf_counter()
+            part = None if ranges is None else [ranges[e] for e in idx]
             outs = read_entries(self.store, [keys[e] for e in idx], [blocks[e] for e in idx], [dsts[e] for e in idx],
-                                joint)
-            done.append((tier, len(idx), time.perf_counter() - t1, sum(o.nbytes for o in outs)))
+                                joint, part)
+            nbytes = sum(o.nbytes if part is None or part[i] is None else sum(b - a for a, b in part[i])
+                         for i, o in enumerate(outs))
+            done.append((tier, len(idx), time.perf_counter() - t1, nbytes))
         return done
+
+    def _part_reads(self, layer: "TieredKVLayer", pool: ResidentPool) -> bool:
+        """Whether this fetch reads only the selected parts of the blocks it reads (``part_reads``)."""
+        return (self.config.part_reads and layer._part_major and pool.kv is not None
+                and pool.kv.device.type == "cpu" and pool.arena.parts is not None
+                and getattr(self.store, "ranged_reads", False))
+
+    def _read_lacking(self, layer: "TieredKVLayer", pool: ResidentPool, stored: list[int], positions: list[int],
+                      slots: list[int], need: torch.Tensor, stats: "SparseStats") -> None:
+        """``part_reads``: blocks ``stored[i]`` (``i`` in ``positions``) whose read into a reserved slot just settled
+        with only the predicted parts: read the parts ``need`` names that the slot lacks (part misses; counted
+        in ``part_misses`` / ``parts_read`` and their bytes, the entries stay counted as staged).  A failed read
+        releases the blocks and raises."""
+        arena = pool.arena
+        at = torch.as_tensor(positions, dtype=torch.long)
+        lack = need.index_select(0, at) & ~arena.parts_of([slots[i] for i in positions])
+        rows = lack.flatten(1).tolist()
+        todo = [(i, r) for i, r in zip(positions, rows) if any(r)]
+        if not todo:
+            return
+        ps = self.stats
+        ps.part_misses += len(todo)
+        keys = layer_keys(layer, [stored[i] for i, _ in todo])
+        dsts = pool.entry_views([slots[i] for i, _ in todo])
+        ranges = [self._runs(layer, r) for _, r in todo]
+        tiers = self.store.tiers_of(keys)
+        t0 = time.perf_counter()
+        try:
+            self.store.get_blocks(keys, out=dsts, ranges=ranges)
+        except BaseException:
+            pool.drop([stored[i] for i, _ in todo])
+            raise
+        finally:
+            ps.sync_wait_seconds += time.perf_counter() - t0
+        arena.mark_parts([slots[i] for i, _ in todo],
+                         lack.index_select(0, torch.as_tensor([positions.index(i) for i, _ in todo], dtype=torch.long)))
+        for (_, r), rg, tier in zip(todo, ranges, tiers):
+            ps.parts_read += sum(r)
+            name = str("disk" if tier is None else tier)
+            stats.bytes_fetched[name] = stats.bytes_fetched.get(name, 0) + sum(b - a for a, b in rg)
+
+    def _runs(self, layer: "TieredKVLayer", row: list) -> list[tuple[int, int]]:
+        """Byte ranges of a part-major joint entry covering the parts ``row`` (``B * H`` bools) names, one per run."""
+        part_bytes = 2 * layer.block_size * layer._shape_k[1] * torch.empty((), dtype=layer.dtype).element_size()
+        runs, start = [], None
+        for p, on in enumerate(row):
+            if on and start is None:
+                start = p
+            elif not on and start is not None:
+                runs.append((start * part_bytes, p * part_bytes))
+                start = None
+        if start is not None:
+            runs.append((start * part_bytes, len(row) * part_bytes))
+        return runs
+
+    def _slot_ranges(self, layer: "TieredKVLayer", pool: ResidentPool, got: list[tuple[int, int]],
+                     mask: torch.Tensor | None) -> list | None:
+        """``part_reads``: the byte ranges to read into reserved slots ``got`` (``(block, slot)``) from the predicted
+        selection ``mask`` ``(B, H, N)`` (``None`` per block read whole: a block it names no part of, or every
+        part), recorded as the slots' parts (:meth:`~.pool.PoolArena.reserve` recorded every part)."""
+        if (mask is None or not self._part_reads(layer, pool) or mask.dim() != 3
+                or tuple(mask.shape[:2]) != tuple(pool.arena.parts.shape[1:])):
+            return None
+        n = mask.shape[2]
+        blocks = [j for j, _ in got]
+        if any(j >= n for j in blocks):
+            return None
+        rows = mask.index_select(2, torch.as_tensor(blocks, dtype=torch.long, device=mask.device)).permute(2, 0, 1)
+        rows = rows.to("cpu")
+        flat = rows.flatten(1).tolist()
+        out: list = [None] * len(got)
+        part_slots, part_pos = [], []
+        for i, ((j, slot), row) in enumerate(zip(got, flat)):
+            if any(row) and not all(row):
+                out[i] = self._runs(layer, row)
+                part_slots.append(slot)
+                part_pos.append(i)
+        if not part_slots:
+            return None
+        pool.arena.parts[part_slots] = rows.index_select(0, torch.as_tensor(part_pos, dtype=torch.long))
+        self.stats.slot_ranged_reads += len(part_slots)
+        return out
+
+    def _part_ranges(self, layer: "TieredKVLayer", pool: ResidentPool, entries: list[int], missing: list[int],
+                     slots: list[int], blocks: list, want: torch.Tensor | None, nm: int) -> list | None:
+        """``part_reads``: per entry ``e`` of a :meth:`_fill` (``entries``: those read from their tiers), the byte
+        ranges of its part-major joint entry to read (``None``: the whole entry: every part wanted, a row map, or
+        no ``want``), recorded in the pool's :attr:`~.pool.PoolArena.parts` (every part for a whole read)."""
+        arena = pool.arena
+        ps = self.stats
+        if want is None:
+            arena.mark_parts([slots[missing[e]] for e in entries])
+            ps.whole_entries += len(entries)
+            return None
+        out: list = [None] * nm
+        whole: list[int] = []
+        b, h = want.shape[1], want.shape[2]
+        pos = [missing[e] for e in entries]
+        rows = want.index_select(0, torch.as_tensor(pos, dtype=torch.long)).view(len(pos), b * h).tolist()
+        part_slots, part_pos = [], []
+        for e, i, row in zip(entries, pos, rows):
+            if all(row) or blocks[e].rows is not None:
+                whole.append(slots[i])
+                continue
+            out[e] = self._runs(layer, row)
+            part_slots.append(slots[i])
+            part_pos.append(i)
+            ps.parts_read += sum(row)
+        ps.whole_entries += len(whole)
+        ps.ranged_entries += len(part_slots)
+        arena.mark_parts(whole)
+        if part_slots:
+            arena.mark_parts(part_slots, want.index_select(0, torch.as_tensor(part_pos, dtype=torch.long)))
+        return out
 
     def _record_sync(self, done: list[tuple[str, int, float, int]], stats: "SparseStats") -> None:
         ps = self.stats
@@ -1756,6 +1952,7 @@ class DecodePipeline:
         self._pools.clear()
         self.stats.reuse_bytes = 0
         self._last.clear()
+        self._last_mask.clear()
         self._last_sel.clear()
         self._predicted.clear()
         self._idle_done.clear()

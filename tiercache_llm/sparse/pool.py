@@ -2,9 +2,10 @@
 
 A :class:`PoolArena` holds ``k`` / ``v`` tensors ``(N, B, H, S, D)`` (``N`` slots of one stored block each, all
 batch rows and KV heads) and a free list.  For layers that store a block's K and V as one joint entry
-(``joint=True`` at :meth:`PoolArena.assign`) they are the halves ``kv[:, 0]`` / ``kv[:, 1]`` of one contiguous
-joint storage ``kv`` ``(N, 2, B, H, S, D)``, so a joint entry ``(2, B, H, S, D)`` is read straight into its slot
-``kv[slot]`` (one read, no copy); otherwise ``k`` and ``v`` are two contiguous tensors (``kv`` is ``None``).
+(``joint=True`` at :meth:`PoolArena.assign`) they are the halves ``kv[:, :, :, 0]`` / ``kv[:, :, :, 1]`` of one
+contiguous part-major joint storage ``kv`` ``(N, B, H, 2, S, D)``, so a sparse layer's joint entry ``(B, H, 2, S, D)``
+is read straight into its slot ``kv[slot]`` (one read, no copy), and each (row, KV head) part of a slot (K then V)
+is one contiguous byte range (a part read fills only the parts asked for); otherwise ``k`` and ``v`` are two contiguous tensors (``kv`` is ``None``).
 Every sparse layer of a cache has a :class:`ResidentPool`, its view of the arena: a map ``block index ->
 slot`` of the blocks it holds.  The decode pipeline (:mod:`.pipeline`) fills them: at each step the selected blocks already resident are
 used in place (no copy, no read), the missing ones get slots and are read straight into them, and
@@ -78,6 +79,14 @@ never takes one, a fetch only when nothing else can be evicted, and a layer's sh
 :meth:`PoolArena.clear` and a reallocation wait for every read (or cancel it before it starts), so a read never
 lands in a slot that was handed on, and tensors a read targets are never freed or copied before it finished.  Nothing else changes:
 attention only ever reads a layer's slots after its own fetch settled them.
+
+**Parts.** A part-major joint slot holds B x H (row, KV head) parts; a fetch with ``part_reads`` reads only the
+parts its layer selected, so the others hold stale bytes.  :attr:`PoolArena.parts` ``(rows, B, H)`` records which
+parts of each slot hold its block: cleared when :meth:`PoolArena.assign` hands the slot to a block, set for a
+reserved slot (its background read is whole), and by the pipeline for whatever it writes
+(:meth:`PoolArena.mark_parts`).  A resident block whose selected parts are not all recorded is a part miss: the
+pipeline reads the missing parts into its slot before attention, which reads only the selected (row, head)s'
+pages.  A write that fails releases its slot, so a record never outlives the bytes it vouches for.
 
 Thread safety: used by the forward pass only (one step of one layer at a time); background reads write only
 into the slots reserved for them.
@@ -197,8 +206,8 @@ class PoolArena:
 
     Attributes:
         k / v: ``(N, B, Hk, S, Dk)`` / ``(N, B, Hv, S, Dv)`` (``None`` until the first assign); ``N >=
-            capacity``, slots ``>= capacity`` are never used.  Views ``kv[:, 0]`` / ``kv[:, 1]`` when joint.
-        kv: the joint storage ``(N, 2, B, H, S, D)`` (``joint``), else ``None``.
+            capacity``, slots ``>= capacity`` are never used.  Views ``kv[:, :, :, 0]`` / ``kv[:, :, :, 1]`` when joint.
+        kv: the part-major joint storage ``(N, B, H, 2, S, D)`` (``joint``), else ``None``.
         joint: the layout of the current tensors (set by the first assign after a clear).
         max_bytes: the bound (``None``: unbounded).
         grows: times the capacity grew; reallocs: times the tensors were reallocated (held slots copied);
@@ -225,6 +234,11 @@ class PoolArena:
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.kv: torch.Tensor | None = None
+        # (rows, B, H) bool on the CPU: which (row, KV head) parts of each slot hold its block's bytes (part reads
+        # fill only the selected parts of a slot; the others hold stale bytes).  Cleared when a slot is assigned
+        # to a block, set by whatever fills it (mark_parts).  Bookkeeping only: nothing here reads or writes it
+        # on its own but assign (clears) and reserve (a reserved slot's read is whole: set).
+        self.parts: torch.Tensor | None = None
         self.joint = False
         self.huge_pages = False  # CPU slot tensors allocated from then on with huge_empty (see PipelineConfig)
         self.pools: list["ResidentPool"] = []  # in fetch order (the order the layers were created in)
@@ -355,6 +369,8 @@ class PoolArena:
             slot = self._free.pop()
             slot_of[stored[i]] = slot
             key_of[slot] = keys[i]
+        if missing and self.parts is not None:  # a slot handed to a block holds none of its parts yet
+            self.parts[[slot_of[stored[i]] for i in missing]] = False
         if tail:
             self.tail_slot = self._free.pop()
         return [slot_of[j] for j in stored], missing, self.tail_slot
@@ -410,7 +426,28 @@ class PoolArena:
             view._key_of[slot] = key
             view.fresh.add(j)
             out.append((j, slot))
+        if out and self.parts is not None:  # the background read into a reserved slot reads the whole entry
+            self.parts[[slot for _, slot in out]] = True
         return out
+
+    def mark_parts(self, slots: Sequence[int], parts: torch.Tensor | None = None) -> None:
+        """Record what was (or is being) written into ``slots``: every (row, KV head) part (``parts`` ``None``),
+        or in addition to what they held, the parts ``parts`` ``(len(slots), B, H)`` bool names.  A write that
+        fails must release its slot (a released slot is cleared when it is assigned again)."""
+        if self.parts is None or not len(slots):
+            return
+        if parts is None:
+            self.parts[list(slots)] = True
+        else:
+            index = torch.as_tensor(list(slots), dtype=torch.long)
+            self.parts.index_copy_(0, index, self.parts.index_select(0, index) | parts.to(self.parts.device))
+
+    def parts_of(self, slots: Sequence[int]) -> torch.Tensor | None:
+        """``(len(slots), B, H)`` bool: the parts of ``slots`` that hold their block's bytes (``None`` before the
+        first assign)."""
+        if self.parts is None:
+            return None
+        return self.parts.index_select(0, torch.as_tensor(list(slots), dtype=torch.long))
 
     def mark_pending(self, slots: Sequence[int], read: concurrent.futures.Future) -> None:
         """``read`` (a future) writes into ``slots`` (reserved by :meth:`reserve`): until it is settled, releasing
@@ -468,7 +505,7 @@ class PoolArena:
         slots are cancelled if they have not started, else waited for."""
         self._wait_pending(list(self._pending.values()), cancel=True)
         self._pending.clear()
-        self.k = self.v = self.kv = None
+        self.k = self.v = self.kv = self.parts = None
         for p in self.pools:
             p.slot_of.clear()
             p._key_of.clear()
@@ -624,10 +661,10 @@ class PoolArena:
             copy = old and any(p.slot_of for p in self.pools)  # one plain copy of the old slots (most are held)
             empty = partial(huge_empty, min_bytes=HUGE_MIN_BYTES) if self.huge_pages else aligned_empty
             if self.joint:
-                kv = empty((rows, 2, *shape_k), dtype=dtype, device=device)
+                kv = empty((rows, *shape_k[:2], 2, *shape_k[2:]), dtype=dtype, device=device)  # part-major
                 if copy:
                     kv[:old].copy_(self.kv[:old])
-                k, v = kv[:, 0], kv[:, 1]
+                k, v = kv[:, :, :, 0], kv[:, :, :, 1]
             else:
                 kv = None
                 k = empty((rows, *shape_k), dtype=dtype, device=device)
@@ -635,9 +672,12 @@ class PoolArena:
                 if copy:
                     k[:old].copy_(self.k[:old])
                     v[:old].copy_(self.v[:old])
+            parts = torch.zeros((rows, *shape_k[:2]), dtype=torch.bool)  # (rows, B, H): nothing held yet
+            if copy and self.parts is not None:
+                parts[:old].copy_(self.parts[:old])
             if self.k is not None:
                 self.reallocs += 1
-            self.k, self.v, self.kv = k, v, kv
+            self.k, self.v, self.kv, self.parts = k, v, kv, parts
             self._slot_bytes = (math.prod(shape_k) + math.prod(shape_v)) * k.element_size()
         self._capacity = n
         self.peak_slots = max(self.peak_slots, n)
@@ -686,7 +726,7 @@ class ResidentPool:
 
     @property
     def kv(self) -> torch.Tensor | None:
-        """The arena's joint storage ``(N, 2, B, H, S, D)`` (``None`` unless its layout is joint)."""
+        """The arena's part-major joint storage ``(N, B, H, 2, S, D)`` (``None`` unless its layout is joint)."""
         return self.arena.kv
 
     def entry_views(self, slots: Sequence[int]) -> list[torch.Tensor]:

@@ -72,7 +72,10 @@ def test_joint_entries_give_the_logits_and_selections_of_two_entries_with_half_t
     assert s1["blocks_selected"] == s2["blocks_selected"] > 0
     if strategy == "fetch-every-step":  # every selected block read each step: the same bytes (both halves)
         assert sum(p1["sync"].values()) * 2 == sum(p2["sync"].values())
-        assert sum(s1["bytes_fetched"].values()) == sum(s2["bytes_fetched"].values()) > 0
+        if p1["ranged_entries"]:  # part reads (a tiercache with ranged reads): only the selected parts' bytes
+            assert 0 < sum(s1["bytes_fetched"].values()) < sum(s2["bytes_fetched"].values())
+        else:
+            assert sum(s1["bytes_fetched"].values()) == sum(s2["bytes_fetched"].values()) > 0
     if "pool_bytes" in kw:
         assert p1["slot_reserved"] > 0 or strategy != "attention-aware"
         assert p1["pool_slot_bytes"] == p2["pool_slot_bytes"]
@@ -99,7 +102,13 @@ def _flip_on_disk(cache, key):
     assert tier.name == "disk"
     path = tier.chunk_path(entry.slot)
     raw = bytearray(path.read_bytes())
-    raw[-64] ^= 0x40  # inside the payload (the V half of the joint entry)
+    # Inside the payload, which follows the header page: the first (row, KV head) part of the part-major joint entry
+    # (row 0's, head 0's K), which the first step reads even where it reads only the selected parts (row 0 has no
+    # padding, and the sink block is always selected).  The file's last bytes are padding and the file checksum,
+    # which a part read does not cover.
+    from tiercache.tiers.disk_format import HEADER_BYTES
+
+    raw[HEADER_BYTES + 64] ^= 0x40
     path.write_bytes(bytes(raw))
 
 
@@ -125,12 +134,13 @@ def test_a_joint_arena_is_one_storage_with_k_and_v_as_its_halves():
     view = arena.pool()
     slots, missing, _ = view.assign([0, 1], ["a", "b"], False, SHAPE, SHAPE, torch.float32, "cpu", reserve=4,
                                     limit=8, joint=True)
-    assert arena.joint and arena.kv.is_contiguous() and arena.kv.shape[1:] == (2, *SHAPE)
+    # part-major: (N, B, H, 2, S, D), each (row, head) part K then V, one contiguous range
+    assert arena.joint and arena.kv.is_contiguous() and arena.kv.shape[1:] == (*SHAPE[:2], 2, *SHAPE[2:])
     assert arena.storages == (arena.kv,)
-    assert arena.k.data_ptr() == arena.kv.data_ptr() and arena.v.data_ptr() == arena.kv[:, 1].data_ptr()
+    assert arena.k.data_ptr() == arena.kv.data_ptr() and arena.v.data_ptr() == arena.kv[:, :, :, 1].data_ptr()
     assert arena.slot_bytes == 2 * torch.Size(SHAPE).numel() * 4
     for i in missing:  # a joint entry lands in kv[slot]: its halves are k[slot] and v[slot]
-        arena.kv[slots[i]].copy_(torch.stack((torch.full(SHAPE, 1.0 + i), torch.full(SHAPE, -1.0 - i))))
+        arena.kv[slots[i]].copy_(torch.stack((torch.full(SHAPE, 1.0 + i), torch.full(SHAPE, -1.0 - i)), dim=2))
     assert all(torch.all(arena.k[s] == 1 + i) and torch.all(arena.v[s] == -1 - i) for i, s in enumerate(slots))
     # growth past the reservation reallocates and copies the held joint slots
     more = list(range(8))
@@ -143,3 +153,26 @@ def test_a_joint_arena_is_one_storage_with_k_and_v_as_its_halves():
     assert missing3 == [0] and not arena.joint and arena.kv is None and arena.storages == (arena.k, arena.v)
     with pytest.raises(ValueError, match="equal K and V"):
         view.assign([0], ["a"], False, SHAPE, (2, 1, 4, 5), torch.float32, "cpu", joint=True)
+
+
+def test_sparse_layers_store_part_major_entries_and_exact_layers_k_then_v(model, tmp_path):
+    """A sparse layer's joint entry is ``(B, H, 2, S, D)`` (each (row, KV head) part K then V, one byte range);
+    an exact layer's stays ``(2, B, H, S, D)``.  Either holds the states the model produced."""
+    ids, mask = left_padded_batch(seed=5, lengths=(40, 33, 27))
+    for mode in ("sparse", "exact"):
+        kw = opts(tmp_path / mode, "attention-aware") if mode == "sparse" else dict(
+            mode="exact", block_size=4, host="4KiB", disk="4MiB", path=tmp_path / mode, direct_io=False)
+        with TieredKVCache.for_model(model, **kw) as cache, torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache, model))
+            layer = cache.layers[0]
+            assert layer._part_major is (mode == "sparse")
+            entry = cache.store.get_blocks([layer._kkeys[1]])[0]
+            b, h = ids.shape[0], model.config.num_key_value_heads
+            d = model.config.hidden_size // model.config.num_attention_heads
+            if mode == "sparse":
+                assert tuple(entry.shape) == (b, h, 2, 4, d)
+                k, v = entry[:, :, 0], entry[:, :, 1]
+            else:
+                assert tuple(entry.shape) == (2, b, h, 4, d)
+                k, v = entry[0], entry[1]
+            assert torch.equal(k, layer.keys[:, :, 4:8]) and torch.equal(v, layer.values[:, :, 4:8])

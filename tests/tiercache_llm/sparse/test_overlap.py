@@ -173,7 +173,7 @@ def test_a_failed_synchronous_read_raises_as_before(model, tmp_path, monkeypatch
         original = DecodePipeline._sync_read
         threads = set()
 
-        def broken(self, keys, blocks, dsts, joint, sync):
+        def broken(self, keys, blocks, dsts, joint, sync, ranges=None):
             threads.add(threading.current_thread().name)
             for dst in dsts:
                 dst.fill_(float("nan"))  # wrote garbage, then failed
@@ -192,7 +192,7 @@ def test_a_failed_synchronous_read_raises_as_before(model, tmp_path, monkeypatch
 
 def failing_read(delay: float):
     """A ``DecodePipeline._read`` that waits ``delay`` seconds, writes NaN into its destinations and raises."""
-    def broken(self, keys, outs):
+    def broken(self, keys, outs, ranges=None):
         threading.Event().wait(delay)
         for out in outs:
             out.fill_(float("nan"))

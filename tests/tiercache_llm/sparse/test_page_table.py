@@ -386,19 +386,29 @@ def test_cpu_chunks_of_any_size_give_the_reference(monkeypatch, chunk_bytes, see
     check(make_case({**params, "pad": False, "tail_cut": 0}, seed))
 
 
+@pytest.mark.parametrize("layout", ["k-then-v", "part-major"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("seed", [0, 3])
-def test_the_halves_of_a_joint_pool_give_the_contiguous_pools_result_bit_for_bit(threads, dtype, seed):
-    """Sparse layers storing joint K/V entries attend over ``kv[:, 0]`` / ``kv[:, 1]`` of one ``(N, 2, B, H, S, D)``
-    storage: the CPU paths read their page rows in place (:func:`_page_rows`, no copy) and give exactly the result
-    of two contiguous pools holding the same values (both CPU torch paths: chunked at 1 thread, batched at 2)."""
+def test_the_halves_of_a_joint_pool_give_the_contiguous_pools_result_bit_for_bit(threads, dtype, seed, layout):
+    """Joint K/V pools are attended through their halves: ``kv[:, 0]`` / ``kv[:, 1]`` of ``(N, 2, B, H, S, D)``, or
+    ``kv[:, :, :, 0]`` / ``kv[:, :, :, 1]`` of a sparse layer's part-major ``(N, B, H, 2, S, D)`` (each (row, KV head)
+    part K then V): the CPU paths read their page rows in place (:func:`_page_rows`, no copy) and give exactly the
+    result of two contiguous pools holding the same values (both CPU torch paths: chunked at 1 thread, batched at
+    2)."""
     from tiercache_llm.sparse.page_table import _page_rows
 
     c = make_case({**BASE, "q": 1 + seed % 2, "tail_cut": 3, "dtype": dtype}, seed)
-    kv = torch.stack((c.k_pool, c.v_pool), dim=1)
-    k_half, v_half = kv[:, 0], kv[:, 1]
-    assert not k_half.is_contiguous() and _page_rows(k_half, c.page)[1] == 2 * _page_rows(c.k_pool, c.page)[1]
+    base = _page_rows(c.k_pool, c.page)
+    if layout == "k-then-v":
+        kv = torch.stack((c.k_pool, c.v_pool), dim=1)
+        k_half, v_half = kv[:, 0], kv[:, 1]
+        assert _page_rows(k_half, c.page)[1:] == (2 * base[1], base[2])
+    else:
+        kv = torch.stack((c.k_pool, c.v_pool), dim=3)
+        k_half, v_half = kv[:, :, :, 0], kv[:, :, :, 1]
+        assert _page_rows(k_half, c.page)[1:] == (2 * base[1], 2 * base[2])
+    assert not k_half.is_contiguous()
     table = build_page_table(c.sel, c.slot_of_fetch, c.token_ok, c.s)
     with torch_threads(threads):
         want = page_table_attention(c.query, c.k_pool, c.v_pool, table, c.nk, c.nv)
