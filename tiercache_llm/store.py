@@ -56,7 +56,10 @@ class KVCounters:
     """What the KV cache asked of its tiers (all monotonically increasing until ``reset_counters``).
 
     Attributes:
-        blocks_put / bytes_put: entries (one K or one V block each) written to the tiercache.
+        blocks_put / bytes_put: entries (one K or one V block each) written to the tiercache (with
+            write-behind: counted when queued; ``queued_bytes`` in :meth:`BlockStore.stats` is what the
+            writer has not stored yet, the tiercache's stats hold the rest: a block is counted in both
+            only while its ``put_many`` runs).
         blocks_fetched / bytes_fetched: entries read back for attention (exact mode reads every
             visible block once per layer per forward pass).
         blocks_deleted: entries removed (crop, reset, batch selection, sliding-window expiry).
@@ -417,29 +420,35 @@ class BlockStore:
         if not live:
             return
         start = time.perf_counter()
+        written = False
         try:
             self.cache.put_many([(key, slot[0]) for key, slot in live],
                                 scores=[slot[1] for key, slot in live])
+            # Out of the queue as soon as the tiercache holds the batch: stats() counts a block either in
+            # queued_bytes or in the tiers, not in both while the scores and evictions are checked.
             with self._wcond:
-                latest = {key: slot[1] for key, slot in live if self._pending.get(key) is slot and slot[1] is not None}
+                written = True
+                latest = {}
+                for key, slot in live:
+                    if self._pending.get(key) is slot:
+                        if slot[1] is not None:
+                            latest[key] = slot[1]
+                        del self._pending[key]
+                        self._pending_bytes -= slot[0].nbytes
+                self._wcond.notify_all()
             if latest:  # scores set while the batch was being written
                 self.cache.update_scores(latest)
             self._check_evictions()
-        except BaseException as exc:  # noqa: BLE001 - surfaced at the next call; the data stays queued
+        except BaseException as exc:  # noqa: BLE001 - surfaced at the next call; unwritten data stays queued
             with self._wcond:
                 self._write_error = exc
                 self.counters.write_errors += 1
-                self._failed.extend(key for key, _ in live)
+                if not written:
+                    self._failed.extend(key for key, _ in live)
                 self._wcond.notify_all()
             return
         finally:
             self.counters.put_seconds += time.perf_counter() - start
-        with self._wcond:
-            for key, slot in live:
-                if self._pending.get(key) is slot:
-                    del self._pending[key]
-                    self._pending_bytes -= slot[0].nbytes
-            self._wcond.notify_all()
 
     def flush_writes(self) -> None:
         """Wait until every queued block is written; retries blocks of failed batches once (raising

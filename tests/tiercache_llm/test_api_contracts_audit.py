@@ -1,12 +1,10 @@
 """Contracts of tiercache_llm's BlockStore found by the audit of 2026-12-07.  Each test failed on the tree
-before its fix; those whose fix lies in a file another helper owns are ``xfail(strict=True)`` until the
-named PATCH-*.diff is applied."""
+before its fix."""
 
 from __future__ import annotations
 
 import threading
 
-import pytest
 import torch
 
 from tiercache_llm.store import WRITE_QUEUE, BlockStore, KVWriteError
@@ -14,8 +12,6 @@ from tiercache_llm.store import WRITE_QUEUE, BlockStore, KVWriteError
 HANG = 20.0
 
 
-@pytest.mark.xfail(strict=True, reason="needs PATCH-tiercache_llm-store.py.diff: the writer dropped a batch from "
-                                       "the queue only after its scores and evictions were checked")
 def test_stats_while_a_write_behind_batch_is_checked_count_each_block_once():
     """stats() while the writer checks a batch it has just stored (scores, evictions: a tiercache stats()
     call and a scan of the store's keys) counted that batch both in ``queued_bytes`` and in the tiers'
