@@ -981,16 +981,20 @@ class DataPaths(Moves):
         finally:
             with self._lock:
                 self._counters.ranged_gets += len(ranges) - ranges.count(None)
-                for counted, spent in reads:
-                    for tier_index, counters in enumerate(self._tier_counters):
-                        if counted[tier_index]:
-                            counters.bytes_read += counted[tier_index]
-                            counters.read_seconds += spent[tier_index]
+                self._count_reads(reads)
                 releases = self._end_get(pinned, bad, True)
                 finish = bool(releases or self._evicted)
             if finish:
                 self._finish_then_end(releases, True)
         return dsts
+
+    def _count_reads(self, reads: list) -> None:
+        """Add ``reads`` (``(bytes per tier, seconds per tier)`` pairs) to the tier counters; under the lock."""
+        for nbytes, seconds in reads:
+            for tier_index, counters in enumerate(self._tier_counters):
+                if nbytes[tier_index]:
+                    counters.bytes_read += nbytes[tier_index]
+                    counters.read_seconds += seconds[tier_index]
 
     def _row_requests(self, pinned: list[_Pinned], dsts: list[torch.Tensor],
                       on_cpu: bool = False) -> list[tuple[Slot, Any, torch.Tensor]] | None:
@@ -1106,11 +1110,7 @@ class DataPaths(Moves):
                     self._promote(entry, src, data)  # the source slot is still pinned by us
         finally:
             with self._lock:
-                for nbytes, seconds in reads:
-                    for tier_index, counters in enumerate(self._tier_counters):
-                        if nbytes[tier_index]:
-                            counters.bytes_read += nbytes[tier_index]
-                            counters.read_seconds += seconds[tier_index]
+                self._count_reads(reads)
                 releases = self._end_get(pinned, bad, bracket)
                 finish = bool(releases or self._evicted)  # (decided under the lock, as _end_get did)
             if finish:

@@ -12,6 +12,8 @@ import torch
 
 from tiercache import Cache
 
+from .test_api_contracts_close import _in_thread
+
 HANG = 20.0
 
 
@@ -291,21 +293,6 @@ def test_a_demotion_whose_room_making_below_fails_hands_its_victim_back():
 # -- close() from a policy's promote or a tier's method -----------------------------------------------------
 
 CLOSE_HANG = 10.0  # (these return in milliseconds once fixed; unfixed, each one hangs a daemon thread this long)
-
-
-
-def _in_thread(fn):
-    out: dict = {}
-
-    def body():
-        try:
-            out["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            out["error"] = exc
-
-    thread = threading.Thread(target=body, daemon=True)
-    thread.start()
-    return thread, out
 
 
 class ClosingPromote:
