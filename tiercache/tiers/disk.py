@@ -36,6 +36,7 @@ import logging
 import mmap
 import operator
 import os
+import queue
 import struct
 import threading
 import time
@@ -108,6 +109,11 @@ MIN_BUFFERED_BYTES_PER_THREAD = 1 << 20
 # with one thread, 0.79-0.83 with 4, 0.95-1.27 with 8 and 1.22-1.43 with 16 (2026-12-05, other jobs running).
 # read_into's pool for direct reads has at least this many threads (``direct_read_threads``' default).
 DIRECT_READ_THREADS = 8
+# With DIRECT_CHECK_APART, a direct read_into spread over pool threads splits reading from checking: the pool
+# threads only issue the O_DIRECT preadv s (the GIL released), back to back, and the calling thread checks
+# each chunk (size, crc32c, header) as its read completes, so no read waits behind a checksum.  Opt-in: see
+# docs/benchmarks.md, "Direct reads apart from their checks" (2026-12-07, helper diskloop).
+DIRECT_CHECK_APART = False
 # The default sector of a version-3 entry (``sector_bytes``): a ranged read reads and verifies whole sectors.
 DEFAULT_SECTOR_BYTES = 64 << 10
 _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -1807,6 +1813,12 @@ class DiskTier:
             finally:
                 self._fds.release_many(handles)
             return
+        if (DIRECT_CHECK_APART and workers > 1 and self._codec is None and self._dio_into and all(aligned)
+                and max([s.nbytes for s, _, _ in items]) < PIPELINE_BYTES):
+            if self._read_direct_apart(items, parts, n, workers):
+                return
+            aligned = [False] * n  # the device refused the alignment: through bounce buffers
+            taken = itertools.count()
         if self._codec is None:
             run = partial(self._read_direct, items, parts, aligned, taken, n)
         else:
@@ -1826,6 +1838,130 @@ class DiskTier:
             run()
             return
         self._read_spread(run, workers)
+
+    def _read_direct_apart(self, items: Sequence[tuple[Slot, EntryHeader, torch.Tensor]],
+                           parts: list[list[memoryview]], n: int, workers: int) -> bool:
+        """:meth:`_read_direct` for a batch whose payloads all land straight in ``parts`` (every item
+        aligned, below ``PIPELINE_BYTES``), with reading and checking apart: ``workers`` pool threads
+        only issue the ``preadv`` s (each chunk's header page and tail into this batch's own slice of the
+        calling thread's page-aligned buffer), and this thread checks each chunk (size, crc32c, stored
+        header) as its read completes, the reads of the others still in flight; when no read is waiting
+        to be checked it reads the next item itself (so with every pool thread busy with other work it
+        reads the whole batch, and queued helpers are cancelled).  The same checks and
+        errors (``tiercache_index``: the lowest damaged item); returns only once every pool thread is
+        done with the batch.  Returns False, with nothing verified, when the device refused a read's
+        alignment (``_refuse_dio_alignment`` called: the caller reads the batch through bounce buffers)."""
+        if self._pool is None:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max(self._io_threads, self._direct_threads),
+                                                    thread_name_prefix="tiercache-disk")
+        stride = 3 * PAGE  # per item: its header page, then padding + checksum + room to see a longer file
+        room = self._scratch.get(n * stride)  # this thread's: it does not read while the batch is out
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        taken = itertools.count()
+        preadv = os.preadv
+        fds = self._fds
+
+        lookup, release = fds.lookup, fds.release
+
+        def read_one(i: int) -> int | BaseException:
+            slot = items[i][0]
+            ref = slot.ref
+            at = i * stride
+            pad = ref[0] * PAGE - HEADER_BYTES - slot.nbytes  # type: ignore[index]
+            try:
+                handle = lookup(ref)
+                if handle is None:
+                    handle = self._acquire_fd(slot)
+                try:
+                    return preadv(handle.fd, [room[at : at + PAGE], *parts[i], room[at + PAGE : at + 2 * PAGE + pad]], 0)
+                finally:
+                    release(handle)
+            except BaseException as exc:  # noqa: BLE001  (handed to the checking thread)
+                return exc
+
+        def read() -> None:
+            put = done.put
+            while True:
+                i = next(taken)
+                if i >= n:
+                    return
+                put((i, read_one(i)))
+
+        futures = [self._pool.submit(read) for _ in range(workers)]
+        crc32c = self._crc
+        unpack_from = _U32.unpack_from
+        prefixes = self._prefixes
+        get = done.get
+        corrupt: CorruptEntryError | None = None
+        other: BaseException | None = None
+        refused = False
+        ready = done.get_nowait
+        try:
+            for _ in range(n):
+                try:
+                    i, got = ready()
+                except queue.Empty:  # nothing to check: this thread reads the next item itself (when the
+                    i = next(taken)  # pool's threads are busy with other work, it reads the whole batch)
+                    got = read_one(i) if i < n else None
+                    if got is None:
+                        i, got = get()
+                if isinstance(got, BaseException):
+                    if isinstance(got, OSError) and got.errno == errno.EINVAL:
+                        refused = True
+                    elif isinstance(got, CorruptEntryError):
+                        if corrupt is None or i < corrupt.tiercache_index:  # type: ignore[attr-defined]
+                            got.tiercache_index = i  # type: ignore[attr-defined]
+                            corrupt = got
+                    elif other is None:
+                        other = got
+                    continue
+                slot, header, _ = items[i]
+                ref = slot.ref
+                nbytes = slot.nbytes
+                size = ref[0] * PAGE + CRC_BYTES  # type: ignore[index]
+                pad = size - CRC_BYTES - HEADER_BYTES - nbytes
+                at = i * stride
+                head = room[at : at + PAGE]
+                problem = None
+                if got != size:
+                    problem = _wrong_size(got)
+                else:
+                    crc = crc32c(head)
+                    for part in parts[i]:
+                        crc = crc32c(part, crc)
+                    if pad:
+                        crc = crc32c(room[at + PAGE : at + PAGE + pad], crc)
+                    if crc != unpack_from(room, at + PAGE + pad)[0]:
+                        problem = BAD_CRC
+                    else:
+                        cached = prefixes.get(ref)
+                        if cached is not None and (cached[2] is header or cached[0] is header):
+                            expected = cached[1]
+                        else:
+                            expected = self._expected_prefix(ref, header)  # type: ignore[arg-type]
+                        if header.nbytes != nbytes or head[: len(expected)].tobytes() != expected:
+                            try:
+                                decode_header(head)  # a damaged header says so in the error
+                                problem = OTHER_ENTRY
+                            except CorruptEntryError as exc:
+                                problem = str(exc)
+                if problem is not None and (corrupt is None or i < corrupt.tiercache_index):  # type: ignore[attr-defined]
+                    corrupt = CorruptEntryError(f"{self._chunk_file(slot)} {problem}")
+                    corrupt.tiercache_index = i  # type: ignore[attr-defined]
+        finally:
+            for future in futures:
+                if not future.cancel():
+                    future.exception()  # wait: its thread may still be between reads of this batch
+        if refused:
+            self._refuse_dio_alignment()
+            return False
+        if corrupt is not None:
+            raise corrupt
+        if other is not None:
+            raise other
+        return True
 
     def _read_spread(self, run: Callable[[], None], workers: int) -> None:
         """``run`` (a read loop taking items off a shared counter) on this thread and ``workers - 1`` pool

@@ -936,3 +936,61 @@ def test_damage_that_a_private_read_confirms_still_drops_the_entry(tmp_path):
         tier.read_one(slot, torch.empty_like(data), head.key, head.dtype, head.shape, head.seq)
     assert tier.confirmed_sound == 0
     tier.close()
+
+
+@pytest.fixture
+def apart(monkeypatch):
+    """Direct batches read apart from their checks (``DIRECT_CHECK_APART``), spread even when small."""
+    monkeypatch.setattr(disk_module, "DIRECT_CHECK_APART", True)
+    monkeypatch.setattr(disk_module, "MIN_BYTES_PER_THREAD", 1)
+
+
+@pytest.mark.parametrize("at", [0, 5])
+def test_direct_reads_apart_from_their_checks_report_every_kind_of_damage_with_its_position(tmp_path, apart, at):
+    """With ``DIRECT_CHECK_APART`` the pool threads only read and the calling thread checks: the same checks,
+    the same errors, the lowest damaged position, and every item right when nothing is damaged."""
+    tier = _direct_tier(tmp_path, io_threads=1, direct_read_threads=4)
+    blocks = [make_value(torch.float32, (1, 3, 16, 64), 60 + j) for j in range(6)]
+    items = [store(tier, ("k", j), b, seq=j + 1) for j, b in enumerate(blocks)]
+    buf = _aligned((1, 3, 6 * 16, 64))
+    outs = [buf[:, :, 16 * j : 16 * (j + 1)] for j in range(6)]
+    calls = []
+    real = tier._read_direct_apart
+    tier._read_direct_apart = lambda *args: calls.append(1) or real(*args)
+    for _ in range(3):
+        buf.zero_()
+        tier.read_into([(s, h, o) for (s, h), o in zip(items, outs)])
+        for out, block in zip(outs, blocks):
+            assert torch.equal(out.view(torch.int32), block.view(torch.int32))
+    assert calls
+
+    def read():
+        with pytest.raises(CorruptEntryError) as info:
+            tier._read_into([(s, h, o) for (s, h), o in zip(items, outs)])
+        assert info.value.tiercache_index == at
+        return str(info.value)
+
+    damage_each_way(tier, items, at, read)
+    tier.close()
+
+
+def test_a_device_refusing_reads_apart_falls_back_and_reads_every_item(tmp_path, monkeypatch, apart):
+    import errno
+
+    tier = _direct_tier(tmp_path, io_threads=1, direct_read_threads=4)
+    blocks = [make_value(torch.float32, (1, 3, 16, 64), 70 + j) for j in range(4)]
+    items = [store(tier, ("k", j), b, seq=j + 1) for j, b in enumerate(blocks)]
+    buf = _aligned((1, 3, 4 * 16, 64))
+    outs = [buf[:, :, 16 * j : 16 * (j + 1)] for j in range(4)]
+    real = os.preadv
+
+    def picky(fd, buffers, offset, *rest):
+        if len(buffers) > 1:  # only the bounce buffer is accepted
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, buffers, offset, *rest)
+
+    monkeypatch.setattr(disk_module.os, "preadv", picky)
+    tier.read_into([(s, h, o) for (s, h), o in zip(items, outs)])
+    for out, block in zip(outs, blocks):
+        assert torch.equal(out.view(torch.int32), block.view(torch.int32))
+    tier.close()
