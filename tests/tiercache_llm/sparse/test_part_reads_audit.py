@@ -5,8 +5,6 @@ every strategy, bounded and unbounded pools and reads ahead into reserved slots.
 import pytest
 import torch
 
-pytestmark = pytest.mark.filterwarnings("ignore:sparse decode. one layer's selected blocks need:RuntimeWarning")
-
 from tiercache_llm import TieredKVCache
 
 from ..test_generate_tiny import left_padded_batch
@@ -14,6 +12,8 @@ from ..test_sparse_pipeline import decode_logits, opts
 from . import test_part_reads
 from .test_part_reads import NO_STAGING, VARIED, ranged
 from .test_pool import change_rows, decode_rows
+
+pytestmark = pytest.mark.filterwarnings("ignore:sparse decode. one layer's selected blocks need:RuntimeWarning")
 
 BOUNDED = 12 * 3 * 1024
 nan_slots = test_part_reads.nan_slots  # (the fixture: every slot handed out starts as NaN)
