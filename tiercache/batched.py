@@ -916,7 +916,8 @@ class DataPaths(Moves):
                     entry, src, slot, header = pinned[i]
                     dst = dsts[i]
                     start = _perf_counter()
-                    wants = bool(src) and promote(entry, names[src], names[0])
+                    # (an empty item reads nothing: no promotion, which would read the whole value)
+                    wants = bool(src) and bool(wanted) and promote(entry, names[src], names[0])
                     tier = tiers[src]
                     arena = self._address_tiers[src]
                     if not wanted:

@@ -272,7 +272,7 @@ class Cache(DataPaths, Persistence):
         Ranged (sector) reads: ``ranges``, allowed only with ``out`` a list or tuple (else ``ValueError``),
         has one item per key: ``None`` reads that value whole, as above; otherwise a sequence of
         ``(start, stop)`` int byte offsets into the value's bytes in C order, ``0 <= start < stop <=
-        nbytes``, sorted ascending and non-overlapping (adjacent allowed; an empty sequence reads nothing);
+        nbytes``, sorted ascending and non-overlapping (adjacent allowed; an empty sequence reads nothing, and promotes nothing);
         anything else is a ``ValueError`` naming the item, raised before anything is counted or copied.
         For such an item ``out[i]`` must be contiguous (``ValueError`` otherwise) and only those bytes of
         it (viewed as the value's bytes) are written; every other byte of ``out[i]`` is left untouched.

@@ -111,6 +111,8 @@ def copy_ranges(dst: torch.Tensor, src: torch.Tensor, ranges: Sequence[tuple[int
     """Copy the byte ranges ``ranges`` of ``src`` (C order) into the same bytes of ``dst`` (contiguous, as many
     elements of the same dtype), in the tensors' dtype where the ranges are whole elements (a copy through a
     ``uint8`` view crosses torch's threshold for multi-threaded copies sooner: DESIGN.md), else as bytes."""
+    if not ranges:  # (an empty item reads nothing; _foreach_copy_ refuses empty lists)
+        return
     size = src.element_size()
     flat_dst, flat_src = dst.view(-1), src.reshape(-1)
     if any(a % size or b % size for a, b in ranges):
@@ -586,6 +588,9 @@ class BlockStore:
                         raise ValueError(f"out tensor for {key!r} is {result[i].dtype} x {result[i].numel()}, "
                                          f"the entry {src.dtype} x {src.numel()}")
                     item = None if ranges is None else ranges[i]
+                    if item and item[-1][1] > src.nbytes:  # (as the tiercache refuses it for a stored value)
+                        raise ValueError(f"ranges[{i}] (key {key!r}) ends at byte {item[-1][1]}, past the value's "
+                                         f"{src.nbytes} bytes")
                     if item is None:
                         result[i].copy_(src.view(result[i].shape))
                     else:
