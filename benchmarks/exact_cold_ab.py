@@ -5,7 +5,8 @@
 SmolLM2's prompts (``sparse_speed.prompt_rows``, 8K x 4 by default), prefilled once (``--prefill-cache``
 keeps that, as ``sparse_variants.py`` does), fill one exact ``TieredKVCache`` per variant (host tier
 ``--host-fraction`` of the KV or ``--host-bytes``, the rest on a ``direct_io`` disk tier under ``--workdir``).  Per round,
-``DynamicCache`` decodes a block of steps (its greedy tokens are fed to the others; logits compared),
+``DynamicCache`` decodes a block of steps (its greedy tokens are fed to the others; logits compared with
+``DynamicCache``'s at the variant's own torch thread count: an untimed ``DynamicCache`` per other ``NAME@N``),
 then every variant decodes the same block back to back (order rotated per round; the block's first step
 untimed; its median is printed as ``first_ms``).  Per variant: ms/step (median of timed steps), forward-thread
 CPU ms, the process's CPU ms, and the timeline of ``exact_prefetch.Timeline`` (disk idle ms, chunk reads in flight, forward waits).  The
@@ -317,6 +318,15 @@ def step(model: Any, cache: Any, token: torch.Tensor) -> tuple[torch.Tensor, flo
     return (logits, time.perf_counter() - start, start, time.thread_time() - cpu, time.process_time() - proc)
 
 
+def _resync(caches: list[Any], ref: Any, n: int) -> None:
+    """Replace the last ``n`` tokens of every cache in ``caches`` by ``ref``'s (a ``DynamicCache``): crop, then
+    append ``ref``'s K/V layer by layer."""
+    for cache in caches:
+        cache.crop(-n)
+        for i, layer in enumerate(ref.layers):
+            cache.update(layer.keys[:, :, -n:].clone(), layer.values[:, :, -n:].clone(), i)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
@@ -375,9 +385,12 @@ def main(argv: list[str] | None = None) -> int:
         caches = {v: one for v in variants}
     else:
         caches = {v: build(model, kv, host, workdir / v, kind[v]) for v in variants}
-    dyn = DynamicCache(config=model.config)
-    for i, (k, v) in enumerate(kv):
-        dyn.update(k.clone(), v.clone(), i)
+    dyns = {}  # torch thread count -> DynamicCache: the timed one at --threads, an untimed reference per other NAME@N
+    for n in dict.fromkeys([a.threads, *threads.values()]):
+        dyns[n] = DynamicCache(config=model.config)
+        for i, (k, v) in enumerate(kv):
+            dyns[n].update(k.clone(), v.clone(), i)
+    dyn = dyns[a.threads]
     del kv
     token = ids[: a.batch, context - 1 : context]
     recs: dict[str, list[dict[str, Any]]] = {v: [] for v in ["dynamic", *variants]}
@@ -402,6 +415,13 @@ def main(argv: list[str] | None = None) -> int:
                     if i:
                         recs["dynamic"].append({"ms": 1000 * s, "cpu_ms": 1000 * cpu, "proc_ms": 1000 * proc})
                     token = ref.argmax(-1, keepdim=True)
+                # CPU attention's rounding depends on torch's thread count: a NAME@N variant's logits are compared
+                # with DynamicCache's decoded at N threads (untimed), never across thread counts
+                refs_at = {a.threads: refs}
+                for n, other in dyns.items():
+                    if n != a.threads:
+                        with torch_threads(n):
+                            refs_at[n] = [step(model, other, t)[0] for t in toks]
                 turn = rnd % len(variants)
                 order = variants[turn:] + variants[:turn]
                 for v in order:
@@ -410,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                         SAME[kind[v]](cache)
                         if v != order[0]:  # decode the same positions as the round's first variant did
                             cache.crop(-len(toks))
-                    for i, (t, ref) in enumerate(zip(toks, refs)):
+                    for i, (t, ref) in enumerate(zip(toks, refs_at[threads[v]])):
                         before = cache.stats()
                         timeline.clear()
                         with torch_threads(threads[v]):
@@ -427,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
                                         "disk_idle_ms": seen["disk_idle_ms"], "inflight": seen["reads_in_flight"],
                                         "wait_ms": seen["take_wait_ms"], "sync_ms": 1000 * d["sync_seconds"],
                                         "bg_cpu_ms": 1000 * d["background_cpu_seconds"]})
+                if a.same_cache and len(dyns) > 1:  # the round's K/V as DynamicCache at --threads wrote them, so
+                    _resync([one, *(c for n, c in dyns.items() if n != a.threads)], dyn, len(toks))  # no round
+                    # starts from K/V another thread count computed (a NAME@N ending the previous round)
                 raw.append(raw_read(caches[variants[0]], workers))
         peaks = {v: c.buffer.peak_bytes for v, c in caches.items()}
         files, disk_bytes, mem_bytes = sp.decode_read_order(caches[variants[0]])
