@@ -1557,6 +1557,23 @@ class DiskTier:
         return out
 
     # -- ranged (sector) reads -------------------------------------------------------------------------
+    def _batch_workers(self, items: Sequence[tuple], per_thread: int | None) -> int:
+        """Threads for a batch read of ``items`` (tuples whose first field is the slot): at most one per item
+        and one per ``per_thread`` bytes (``None``: no byte bound), up to the tier's limit.  Buffered reads
+        of warm chunks are memory copies and checksums, CPU work: more threads than idle CPUs only contend
+        for them (and for the GIL between reads) with whatever else runs, e.g. the model a read ahead
+        overlaps (see spare_cpus).  Direct reads wait on the device, where more reads in flight help, up to
+        direct_read_threads."""
+        n = len(items)
+        if n <= 1:
+            return 1
+        limit = self._direct_threads if self.direct_io else min(self._io_threads, _CPUS, 1 + spare_cpus())
+        if limit <= 1:
+            return 1
+        if per_thread is None:
+            return min(limit, n)
+        return min(limit, n, max(1, sum([item[0].nbytes for item in items]) // per_thread))
+
     def read_ranges(self, items: Sequence[tuple[Slot, EntryHeader, torch.Tensor, Sequence[tuple[int, int]]]]) -> int:
         """For each ``(slot, header, out, ranges)``: copy the payload bytes ``[start, stop)`` of every range
         into the same byte offsets of ``out`` (a contiguous CPU tensor of ``slot.nbytes`` bytes, any dtype),
@@ -1577,13 +1594,8 @@ class DiskTier:
         n = len(items)
         done: list[int] = []  # bytes read per item (list.append is atomic)
         saved: list[int] = []
-        if n == 1:
-            workers = 1
-        elif self.direct_io:
-            workers = min(self._direct_threads, n)
-        else:
-            limit = min(self._io_threads, _CPUS, 1 + spare_cpus())
-            workers = min(limit, n, max(1, sum([s.nbytes for s, _, _, _ in items]) // MIN_BUFFERED_BYTES_PER_THREAD))
+        # Direct ranged reads wait on the device whatever their size: one thread per item, up to the limit.
+        workers = self._batch_workers(items, None if self.direct_io else MIN_BUFFERED_BYTES_PER_THREAD)
         taken = itertools.count()
 
         def run() -> None:
@@ -1784,19 +1796,7 @@ class DiskTier:
             return
         parts, aligned = batch_parts(items, direct, align, mem_align)
         n = len(items)
-        # Buffered reads of warm chunks are memory copies and checksums, CPU work: more threads than idle
-        # CPUs only contend for them (and for the GIL between reads) with whatever else runs, e.g. the
-        # model a read ahead overlaps (see spare_cpus).  Direct reads wait on the device, where more reads
-        # in flight help, up to direct_read_threads.
-        if self.direct_io:
-            limit = self._direct_threads
-        else:
-            limit = min(self._io_threads, _CPUS, 1 + spare_cpus())
-        if limit > 1:
-            per_thread = MIN_BUFFERED_BYTES_PER_THREAD if buffered else MIN_BYTES_PER_THREAD
-            workers = min(limit, n, max(1, sum([s.nbytes for s, _, _ in items]) // per_thread))
-        else:
-            workers = 1
+        workers = self._batch_workers(items, MIN_BUFFERED_BYTES_PER_THREAD if buffered else MIN_BYTES_PER_THREAD)
         # Each thread takes the next unread item (itertools.count's next is atomic under the GIL) rather
         # than a fixed share: on a busy machine a descheduled thread's share would otherwise wait for it
         # while the others idle.  Items are taken in order, so the lowest failed position is the first

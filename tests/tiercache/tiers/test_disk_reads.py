@@ -461,12 +461,12 @@ def test_direct_batch_reads_report_every_kind_of_damage_with_its_position(tmp_pa
     tier.close()
 
 
-def test_a_batch_whose_alignment_the_device_refuses_falls_back_and_reads_every_item(tmp_path, monkeypatch):
+def _read_batch_refusing_alignment(tier, monkeypatch, seed: int) -> None:
+    """Store 4 blocks, make ``os.preadv`` refuse every read but a single-buffer one (the bounce buffer), read
+    the batch into page-aligned views and check every value."""
     import errno
 
-    tier = _direct_tier(tmp_path, io_threads=1, direct_read_threads=1)
-    tier.dio_align = tier.dio_mem_align = 512
-    blocks = [make_value(torch.float32, (1, 3, 16, 64), 50 + j) for j in range(4)]
+    blocks = [make_value(torch.float32, (1, 3, 16, 64), seed + j) for j in range(4)]
     items = [store(tier, ("k", j), b, seq=j + 1) for j, b in enumerate(blocks)]
     buf = _aligned((1, 3, 4 * 16, 64))
     outs = [buf[:, :, 16 * j : 16 * (j + 1)] for j in range(4)]
@@ -481,6 +481,12 @@ def test_a_batch_whose_alignment_the_device_refuses_falls_back_and_reads_every_i
     tier.read_into([(s, h, o) for (s, h), o in zip(items, outs)])
     for out, block in zip(outs, blocks):
         assert torch.equal(out.view(torch.int32), block.view(torch.int32))
+
+
+def test_a_batch_whose_alignment_the_device_refuses_falls_back_and_reads_every_item(tmp_path, monkeypatch):
+    tier = _direct_tier(tmp_path, io_threads=1, direct_read_threads=1)
+    tier.dio_align = tier.dio_mem_align = 512
+    _read_batch_refusing_alignment(tier, monkeypatch, 50)
     assert tier.dio_align == PAGE  # the first refusal
     tier.close()
 
@@ -975,22 +981,6 @@ def test_direct_reads_apart_from_their_checks_report_every_kind_of_damage_with_i
 
 
 def test_a_device_refusing_reads_apart_falls_back_and_reads_every_item(tmp_path, monkeypatch, apart):
-    import errno
-
     tier = _direct_tier(tmp_path, io_threads=1, direct_read_threads=4)
-    blocks = [make_value(torch.float32, (1, 3, 16, 64), 70 + j) for j in range(4)]
-    items = [store(tier, ("k", j), b, seq=j + 1) for j, b in enumerate(blocks)]
-    buf = _aligned((1, 3, 4 * 16, 64))
-    outs = [buf[:, :, 16 * j : 16 * (j + 1)] for j in range(4)]
-    real = os.preadv
-
-    def picky(fd, buffers, offset, *rest):
-        if len(buffers) > 1:  # only the bounce buffer is accepted
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real(fd, buffers, offset, *rest)
-
-    monkeypatch.setattr(disk_module.os, "preadv", picky)
-    tier.read_into([(s, h, o) for (s, h), o in zip(items, outs)])
-    for out, block in zip(outs, blocks):
-        assert torch.equal(out.view(torch.int32), block.view(torch.int32))
+    _read_batch_refusing_alignment(tier, monkeypatch, 70)
     tier.close()
