@@ -162,10 +162,11 @@ ATTENTION_AWARE_ONLY = ("complement_reuse", "promote_bytes_per_step")
 def test_pipeline_options(model, tmp_path, nan_slots, strategy, pipe):
     if strategy != "attention-aware" and any(name in pipe for name in ATTENTION_AWARE_ONLY):
         pytest.skip("an attention-aware option")
-    # overlap_sync_reads attends a fetch in two parts merged by their log-sum-exp; with slot_part_reads the part
-    # misses of blocks read ahead move them into the late part, so the split (not what is attended) differs from
-    # whole reads: equal to float rounding (1 ulp seen), and finite (no NaN part read)
-    exact = not (pipe.get("overlap_sync_reads") and pipe.get("slot_part_reads"))
+    # overlap_sync_reads attends a fetch in two parts merged by their log-sum-exp; which blocks fall in the late
+    # part depends on which background reads landed in time (and, with slot_part_reads, on part misses of blocks
+    # read ahead), so the split (not what is attended) can differ between two runs: equal to float rounding, as
+    # docs/sparse.md states for that option (1 ulp seen), and finite (no NaN part read)
+    exact = not pipe.get("overlap_sync_reads")
     _same(model, tmp_path, strategy, exact=exact, budget=0.25, pool_bytes=BOUNDED, pipeline=dict(pipe),
           changes=("reorder",))
 
