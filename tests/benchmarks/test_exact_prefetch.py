@@ -19,13 +19,16 @@ def test_quick_run_compares_the_schedules_with_a_timeline(load_benchmark, tmp_pa
     for config in ("exact-ahead-serial", "exact-ahead"):
         row = res["configs"][config]
         assert row["entries_ahead"] > 0 and row["disk_mib"] > 0
-        assert 0 <= row["disk_idle_ms"] <= row["ms"] and row["reader_busy_ms"] > 0
+        # The tiny model's reads ahead can all run in the previous step's window, so a timed step may see none.
+        assert 0 <= row["disk_idle_ms"] <= row["ms"] and 0 <= row["reader_busy_ms"] <= row["ms"]
     layers = {t["config"]: t["layers"] for t in res["timeline"]}
     assert set(layers) == {"exact-sync", "exact-ahead-serial", "exact-ahead"}
     ahead = layers["exact-ahead"]
-    # Both of the tiny model's layers are needed; a read ahead may have run in the previous step's window.
+    # Both of the tiny model's layers are needed.  The reads ahead are counted by ``entries_ahead`` above; the
+    # timeline window holds only those that ran inside the recorded step, and on the tiny model they can all
+    # have finished in the previous step's window, so the window may hold none.
     assert {x["layer"] for x in ahead["needed"]} == {0, 1}
-    assert ahead["reads"] and {r["layer"] for r in ahead["reads"]} <= {0, 1}
+    assert {r["layer"] for r in ahead["reads"]} <= {0, 1}
     assert all(r["submitted"] <= r["started"] <= r["finished"] for r in ahead["reads"])
     assert "exact-ahead-serial" in (out / "exact_prefetch.md").read_text()
 
