@@ -86,6 +86,9 @@ class Variant:
     weight: float = 0.5  # landmark weight of "boundmean"
     layer_share: float = 0.0  # > 0: per-layer budget shares proportional to span ** layer_share (water-filled);  per-layer budgets proportional to the dense run's effective attention span (a ceiling)
     pool: bool = False  # one budget of H x budget tokens per row shared by the layer's KV heads
+    sink: int | None = None  # -s<N>: this variant's sink tokens (None: --sink)
+    recent: int | None = None  # -r<N>: this variant's recent window (None: --recent)
+    f16: bool = False  # digests as the cache stores them by default: bounds rounded outward to float16, landmarks rounded to float16
     lse: str = ""  # "", "lse": per query head, "lsem": per query head with the normaliser from q . mean key, "klse": per KV head after the GQA max; rank by estimated log attention mass: scale * s + log(tokens) - logsumexp over the head's pages
 
     @classmethod
@@ -113,6 +116,10 @@ class Variant:
                 kw["layer_share"] = float(p[10:] or 1.0)
             elif p == "pool":
                 kw["pool"] = True
+            elif p == "f16":
+                kw["f16"] = True
+            elif p[:1] in ("s", "r") and p[1:].isdigit():
+                kw["sink" if p[0] == "s" else "recent"] = int(p[1:])
             elif p in ("lse", "lsem", "klse", "lseb", "lseu"):
                 kw["lse"] = p
             elif p.startswith("w") and p[1:].replace(".", "", 1).isdigit():
@@ -217,10 +224,16 @@ def chunk_mask(query: torch.Tensor, key: torch.Tensor, layer: int, scaling: floa
         if n * p > t:
             kp[:, -1, t - (n - 1) * p:] = kf[:, -1:].expand(h, n * p - t, d)
         lo, hi = kp.amin(dim=2), kp.amax(dim=2)  # (H, N, D)
+        means = kp.mean(dim=2)
+        if v.f16:  # the cache's float16 digests (SelectionConfig.digests): bounds outward, landmarks to nearest
+            from tiercache_llm.sparse.digests import round_down, round_up
+
+            lo, hi = round_down(lo, torch.float16).float(), round_up(hi, torch.float16).float()
+            means = means.half().float()
         if v.score == "pagemax":
             s = (qf @ kp.view(h, n * p, d).transpose(-1, -2).unsqueeze(1)).view(h, g, q, n, p).amax(-1)
         elif v.score == "mean":
-            s = qf @ kp.mean(dim=2).transpose(-1, -2).unsqueeze(1)
+            s = qf @ means.transpose(-1, -2).unsqueeze(1)
         else:
             s = qf.clamp(min=0) @ hi.transpose(-1, -2).unsqueeze(1) + qf.clamp(max=0) @ lo.transpose(-1, -2).unsqueeze(1)
             if v.sub:
@@ -232,7 +245,7 @@ def chunk_mask(query: torch.Tensor, key: torch.Tensor, layer: int, scaling: floa
                 ss = qf.clamp(min=0) @ shi.transpose(-1, -2).unsqueeze(1) + qf.clamp(max=0) @ slo.transpose(-1, -2).unsqueeze(1)
                 s = ss.view(h, g, q, n, p // v.sub).amax(-1)
             if v.score == "boundmean":
-                s = (1 - v.weight) * s + v.weight * (qf @ kp.mean(dim=2).transpose(-1, -2).unsqueeze(1))
+                s = (1 - v.weight) * s + v.weight * (qf @ means.transpose(-1, -2).unsqueeze(1))
         page_end = (torch.arange(n, device=dev) + 1) * p
         okp = (page_end.view(1, n) <= pos.view(q, 1)).view(1, 1, q, n)
         if v.lse in ("lse", "lsem", "lseb", "lseu"):  # estimated log mass of each page in the query head's softmax over complete pages
@@ -240,12 +253,14 @@ def chunk_mask(query: torch.Tensor, key: torch.Tensor, layer: int, scaling: floa
             if v.lse == "lse":
                 zn = z
             elif v.lse == "lsem":  # normaliser from the landmarks (a Jensen lower bound of the true one)
-                zn = (qf @ kp.mean(dim=2).transpose(-1, -2).unsqueeze(1)) * scale + math.log(p)
+                zn = (qf @ means.transpose(-1, -2).unsqueeze(1)) * scale + math.log(p)
                 # the cache's digests also hold the partial page of [0, p): its landmark joins the normaliser
                 cs = torch.nn.functional.pad(kf.double().cumsum(1), (0, 0, 1, 0))  # (H, T + 1, D)
                 start = (pos // p) * p
                 cnt = (pos - start).clamp(min=1)
                 part = ((cs[:, pos] - cs[:, start]) / cnt.view(1, q, 1)).float()  # (H, Q, D)
+                if v.f16:
+                    part = part.half().float()
                 zp = (qf * part.unsqueeze(1)).sum(-1) * scale + cnt.float().log()  # (H, G, Q)
                 zp = zp.masked_fill((pos == start).view(1, 1, q), float("-inf"))
                 zn = torch.cat((zn.masked_fill(~okp, float("-inf")), zp.unsqueeze(-1)), dim=-1)
@@ -309,6 +324,32 @@ def study_attention(module, query, key, value, attention_mask, scaling=None, dro
     return out.transpose(1, 2).contiguous(), None
 
 
+LICENSES = ("GPL-3", "GFDL-1.3", "Apache-2.0", "LGPL-3", "MPL-2.0", "Artistic")
+
+
+def licence_prose(min_chars: int) -> tuple[str, str]:
+    """Natural English of another kind than ``_texts.english_prose``: the licence texts that the OS's
+    ``base-files`` package ships under ``/usr/share/common-licenses`` (legal prose), whitespace collapsed
+    within paragraphs, joined by blank lines, until ``min_chars`` (all of them otherwise)."""
+    root = Path("/usr/share/common-licenses")
+    paragraphs, used, size = [], [], 0
+    for name in LICENSES:
+        path = root / name
+        if not path.is_file():
+            continue
+        used.append(name)
+        for para in path.read_text(errors="replace").split("\n\n"):
+            para = " ".join(para.split())
+            if para:
+                paragraphs.append(para)
+                size += len(para) + 2
+        if size >= min_chars:
+            break
+    if not used:
+        raise RuntimeError(f"no licence text under {root}")
+    return "\n\n".join(paragraphs), f"{root}: {', '.join(used)}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prefix", type=int, default=4096)
@@ -317,6 +358,12 @@ def main(argv=None) -> int:
     ap.add_argument("--sink", type=int, default=4)
     ap.add_argument("--recent", type=int, default=64)
     ap.add_argument("--variants", default="page64-blocksink,page64,page32,page16,page16-dense1,page16-dense2,page16-sum,page16-oracle")
+    ap.add_argument("--source", choices=("pydoc", "licences"), default="pydoc",
+                    help="the text: pydoc (_texts.english_prose, the accuracy benchmark's) or licences "
+                         "(/usr/share/common-licenses legal prose)")
+    ap.add_argument("--offsets", default="0",
+                    help="comma-separated token offsets into the text: one window of prefix + steps tokens "
+                         "from each (prefilled separately); the summary pools their steps")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
@@ -326,52 +373,82 @@ def main(argv=None) -> int:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     from _common import load_bench_model
-    from _texts import english_prose
+    from _texts import SOURCE, english_prose
 
+    offsets = [int(x) for x in args.offsets.split(",")]
+    if any(o < 0 for o in offsets):
+        ap.error("--offsets must be >= 0")
     AttentionInterface.register(NAME, study_attention)
     AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     model, tok = load_bench_model("smollm2")
     model.set_attn_implementation(NAME)
-    need = args.prefix + args.steps + 1
-    text, _ = english_prose(8 * need)
-    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :need]
-    assert ids.shape[1] == need, ids.shape
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        Sim.prefix = 0
-        pre = DynamicCache(config=model.config)
-        model(ids[:, :args.prefix], **cache_kwargs(pre, model), use_cache=True)
-        print(f"prefill {args.prefix} tokens: {time.perf_counter() - t0:.1f} s", flush=True)
-        chunk = ids[:, args.prefix:args.prefix + args.steps]
+    need = max(offsets) + args.prefix + args.steps + 1
+    if args.source == "pydoc":
+        text, topics = english_prose(8 * need)
+        source = f"{SOURCE}; topics {', '.join(topics)}"
+    else:
+        text, source = licence_prose(8 * need)
+    all_ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    if all_ids.shape[1] < need:
+        ap.error(f"the {args.source} text holds {all_ids.shape[1]} tokens, the offsets need {need}")
+    rows = []
+    for offset in offsets:
+        ids = all_ids[:, offset:offset + args.prefix + args.steps + 1]
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            Sim.prefix = 0
+            pre = DynamicCache(config=model.config)
+            model(ids[:, :args.prefix], **cache_kwargs(pre, model), use_cache=True)
+            print(f"offset {offset}: prefill {args.prefix} tokens: {time.perf_counter() - t0:.1f} s", flush=True)
+            chunk = ids[:, args.prefix:args.prefix + args.steps]
 
-        def run(variant, budget):
-            Sim.variant, Sim.budget, Sim.sink, Sim.recent, Sim.prefix = variant, budget, args.sink, args.recent, args.prefix
-            Sim.attended, Sim.fetched = [], []
-            cache = copy.deepcopy(pre)
-            logits = model(chunk, **cache_kwargs(cache, model), use_cache=True).logits[0].float()
-            return torch.log_softmax(logits, -1), sum(Sim.attended) / len(Sim.attended), sum(Sim.fetched) / len(Sim.fetched)
+            def run(variant, budget):
+                sink = args.sink if variant is None or variant.sink is None else variant.sink
+                recent = args.recent if variant is None or variant.recent is None else variant.recent
+                Sim.variant, Sim.budget, Sim.sink, Sim.recent, Sim.prefix = variant, budget, sink, recent, args.prefix
+                Sim.attended, Sim.fetched = [], []
+                cache = copy.deepcopy(pre)
+                logits = model(chunk, **cache_kwargs(cache, model), use_cache=True).logits[0].float()
+                return torch.log_softmax(logits, -1), sum(Sim.attended) / len(Sim.attended), sum(Sim.fetched) / len(Sim.fetched)
 
-        ref, _, _ = run(None, 1.0)
-        print("effective attention span per layer (dense, tokens): "
-              + " ".join(f"{Sim.span[k]:.0f}" for k in sorted(Sim.span)), flush=True)
-        rows = []
+            ref, _, _ = run(None, 1.0)
+            print("effective attention span per layer (dense, tokens): "
+                  + " ".join(f"{Sim.span[k]:.0f}" for k in sorted(Sim.span)), flush=True)
+            for name in args.variants.split(","):
+                v = Variant.parse(name)
+                for b in [float(x) for x in args.budgets.split(",")]:
+                    t1 = time.perf_counter()
+                    lp, att, fet = run(v, b)
+                    kl = (ref.exp() * (ref - lp)).sum(-1).clamp_min(0)
+                    agree = ref.argmax(-1) == lp.argmax(-1)
+                    top1 = float(agree.float().mean())
+                    row = dict(variant=name, budget=b, offset=offset, top1=top1, agree=int(agree.sum()),
+                               steps=int(agree.numel()), mean_kl=float(kl.mean()), max_kl=float(kl.max()),
+                               realised_budget=att, fetched_per_attended=fet, seconds=time.perf_counter() - t1,
+                               misses=[int(i) for i in (~agree).nonzero().flatten()],
+                               # how close each miss was in the dense reference: log p(dense top-1) - log p(the
+                               # sparse run's top-1), both under the reference (nats; small = a near tie)
+                               miss_gaps=[round(float(ref[i, ref[i].argmax()] - ref[i, lp[i].argmax()]), 4)
+                                          for i in (~agree).nonzero().flatten().tolist()])
+                    rows.append(row)
+                    print(f"{name:24s} {100 * b:6.2f}% @{offset:<6d} top1 {top1:.4f}  KL {row['mean_kl']:.4f}  "
+                          f"realised {att:.3f}  fetched/attended {fet:.2f}  ({row['seconds']:.1f} s)  miss gaps {row['miss_gaps']}",
+                          flush=True)
+    if len(offsets) > 1:
+        print(f"pooled over {len(offsets)} windows of {args.steps} steps ({args.source}):")
         for name in args.variants.split(","):
-            v = Variant.parse(name)
             for b in [float(x) for x in args.budgets.split(",")]:
-                t1 = time.perf_counter()
-                lp, att, fet = run(v, b)
-                kl = (ref.exp() * (ref - lp)).sum(-1).clamp_min(0)
-                top1 = float((ref.argmax(-1) == lp.argmax(-1)).float().mean())
-                row = dict(variant=name, budget=b, top1=top1, mean_kl=float(kl.mean()), realised_budget=att,
-                           fetched_per_attended=fet, seconds=time.perf_counter() - t1)
-                rows.append(row)
-                print(f"{name:24s} {100 * b:6.2f}%  top1 {top1:.4f}  KL {row['mean_kl']:.4f}  realised {att:.3f}  "
-                      f"fetched/attended {fet:.2f}  ({row['seconds']:.1f} s)", flush=True)
+                rs = [r for r in rows if r["variant"] == name and r["budget"] == b]
+                agree, steps = sum(r["agree"] for r in rs), sum(r["steps"] for r in rs)
+                kl = sum(r["mean_kl"] * r["steps"] for r in rs) / steps
+                print(f"{name:24s} {100 * b:6.2f}%  top1 {agree / steps:.4f} ({agree}/{steps})  KL {kl:.4f}  "
+                      f"worst window {min(r['top1'] for r in rs):.4f}", flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "sparse_selection_study.json").write_text(json.dumps(
             {"command": " ".join(["python", "benchmarks/sparse_selection_study.py", *(argv or sys.argv[1:])]),
-             "prefix": args.prefix, "steps": args.steps, "sink": args.sink, "recent": args.recent, "rows": rows}, indent=1))
+             "source": source, "offsets": offsets, "prefix": args.prefix, "steps": args.steps, "sink": args.sink,
+             "recent": args.recent, "rows": rows}, indent=1))
     return 0
 
 
