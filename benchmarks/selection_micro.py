@@ -4,6 +4,7 @@
     python benchmarks/selection_micro.py --batch 8 --context 4096 --budget 0.0625
     python benchmarks/selection_micro.py --baseline-rev dc6a177 --steps 30
     python benchmarks/selection_micro.py --baseline-rev HEAD --page 4     # float32 vs float16 digests
+    python benchmarks/selection_micro.py --page-ab 4 --steps 10         # this tree, 8- against 4-token pages
 
 What one decode step of ``TieredKVCache`` (sparse mode) does in ``SparseLayerState.decode`` between its
 ``t0`` and ``t1`` (the ``scoring_seconds`` of ``stats()``), for every layer of SmolLM2: ``select(query,
@@ -40,6 +41,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import inspect
+import os
 import statistics
 import subprocess
 import sys
@@ -80,7 +82,56 @@ def load_revision(rev: str):
     return mods[0], mods[1]
 
 
+def run_page_ab(args) -> int:
+    """``--page-ab P``: this tree's ``select`` at ``--page`` and at ``P``-token pages, interleaved on digests
+    of the same keys (the cost of a finer page: the digests and the ranking grow with the page count)."""
+    torch.set_num_threads(args.threads)
+    b, t = args.batch, args.context
+    gen = torch.Generator().manual_seed(0)
+    valid = torch.ones(b, t, dtype=torch.bool)
+    for row, pad in ((1, 100), (3, 333)):
+        if row < b:
+            valid[row, :pad] = False
+    pages = [args.page, args.page_ab]
+    storage = getattr(torch, args.storage)
+    digests = {p: [] for p in pages}
+    for _ in range(args.layers):
+        keys = torch.randn(b, H, t, D, generator=gen)
+        for p in pages:
+            digests[p].append(cur_digests.KeyDigests.from_keys(keys, p, valid, storage=storage))
+        del keys
+    config = cur_selection.SelectionConfig(budget=args.budget, sink=4, recent=64, score="bound+landmark")
+    wall = {p: [] for p in pages}
+    cpu = {p: [] for p in pages}
+    for step in range(args.warmup + args.steps):
+        queries = [torch.randn(b, H * G, 1, D, generator=gen) for _ in range(args.layers)]
+        for p in (pages if step % 2 == 0 else pages[::-1]):
+            w0, c0 = time.perf_counter(), time.process_time()
+            for i in range(args.layers):
+                cur_selection.select(queries[i], digests[p][i], config, pages_per_block=BLOCK // p)
+            w1, c1 = time.perf_counter(), time.process_time()
+            if step >= args.warmup:
+                wall[p].append(w1 - w0)
+                cpu[p].append(c1 - c0)
+        new_keys = torch.randn(b, H, 1, D, generator=gen)
+        ok = torch.ones(b, 1, dtype=torch.bool)
+        for p in pages:
+            for dg in digests[p]:
+                dg.append(new_keys, ok)
+    load = os.getloadavg()
+    print(f"select of this tree at SmolLM2 shapes: batch {b}, context {t}, digests in {args.storage}, budget "
+          f"{args.budget}, {args.layers} layers, {args.threads} torch thread(s), {args.steps} steps (+{args.warmup} "
+          f"warm-up) interleaved, medians; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"{'page':>5s} {'pages':>6s} {'MiB/layer':>10s} {'ms/step wall':>13s} {'ms/step cpu':>12s}")
+    for p in pages:
+        print(f"{p:5d} {digests[p][0].n_blocks:6d} {digests[p][0].nbytes / 2**20:10.1f} "
+              f"{statistics.median(wall[p]) * 1e3:13.2f} {statistics.median(cpu[p]) * 1e3:12.2f}")
+    return 0
+
+
 def run(args) -> int:
+    if args.page_ab:
+        return run_page_ab(args)
     torch.set_num_threads(args.threads)
     impls = {"before": load_revision(args.baseline_rev), "after": (cur_digests, cur_selection)}
     b, t = args.batch, args.context
@@ -223,6 +274,8 @@ def main() -> None:
     ap.add_argument("--storage", choices=("float16", "float32"), default="float16",
                     help="this tree's digest storage (the baseline's is its own)")
     ap.add_argument("--page", type=int, default=PAGE, help="tokens per page (the cache's default: 8)")
+    ap.add_argument("--page-ab", type=int, default=0, metavar="P",
+                    help="instead of a revision A/B: this tree at --page against P-token pages, interleaved")
     sys.exit(run(ap.parse_args()))
 
 

@@ -211,3 +211,25 @@ def test_accuracy_reports_a_failing_sparse_cache_and_goes_on(accuracy, tmp_path,
     assert all(r["available"] is False and r["note"] == "error: TypeError: unexpected option" and r["traceback"]
                for r in failed)
     assert results["teacher_forcing"]["runs"]["exact"]["top1_agreement"] == 1.0  # the rest still ran
+
+
+def test_accuracy_tf_only_window(accuracy, tmp_path):
+    """``--tf-only --offset N``: no passkey part, teacher forcing on the window ``N`` tokens into the text (the
+    same ids as the default window's shifted by ``N``)."""
+    s = accuracy.Settings.quick()
+    assert accuracy.main(["--quick", "--tf-only", "--offset", "5", "--budgets", "0.25", "--out", str(tmp_path),
+                          "--threads", "1"]) == 0
+    saved = json.loads((tmp_path / "sparse_accuracy.json").read_text())
+    assert saved["passkey"] == [] and saved["meta"]["settings"]["tf_offset"] == 5
+    tf = saved["teacher_forcing"]
+    assert set(tf["runs"]) == {"full", "exact", "sparse 25%"} and tf["runs"]["exact"]["top1_agreement"] == 1.0
+    s.tf_offset = 5
+    shifted, _ = accuracy.prose_ids(s, None, 64)
+    s.tf_offset = 0
+    base, _ = accuracy.prose_ids(accuracy.Settings.quick(), None, 64)
+    assert shifted.shape == base.shape
+    s0 = accuracy.Settings.quick()
+    s0.tf_steps += 5
+    longer, _ = accuracy.prose_ids(s0, None, 64)
+    assert torch.equal(shifted, longer[:, 5:])
+    assert (tmp_path / "sparse_accuracy.png").stat().st_size > 0
