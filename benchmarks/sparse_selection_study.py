@@ -11,8 +11,15 @@ layers' keys and values as in real decode, so the figures are those of the step-
 same rule; a variant costs one 256-token forward pass instead of 256 decode steps, which is what makes
 comparing many rules affordable.  The real cache's figures come from ``sparse_accuracy.py``.
 
+Text (``--source``): ``pydoc`` (default, ``_texts.english_prose``, the accuracy benchmark's) or ``licences``
+(the legal prose of ``/usr/share/common-licenses``); ``--offsets 0,4608,...`` runs one window of ``prefix +
+steps`` tokens from each offset (each prefilled on its own) and prints the figures pooled over them.  Each
+row records its missed steps and how close each was in the dense reference (``miss_gaps``: log p of the
+dense top-1 minus log p of the sparse run's top-1, nats).
+
 Variants (``--variants``, comma separated names ``page<P>[-sub<Q>][-mean|-boundmean|-pagemax][-w<W>]
-[-blocksink|-pagesink][-dense<L>][-sum][-norm][-lse|-lsem|-lseb|-klse][-pool][-layershare][-oracle]``):
+[-blocksink|-pagesink][-dense<L>][-sum][-norm][-lse|-lsem|-lseb|-klse][-pool][-layershare][-oracle]
+[-f16][-s<N>][-r<N>]``):
 
 - ``page<P>``: digests and selection per ``P``-token page (``P`` divides the 64-token storage block);
   the fetch is the union of 64-token blocks holding a selected page, attention masked to the pages.
@@ -43,6 +50,10 @@ Variants (``--variants``, comma separated names ``page<P>[-sub<Q>][-mean|-boundm
   of it; ``c`` makes the layers' mean the budget), ``span_l`` the dense reference's mean effective
   attention span ``exp(entropy)`` in that layer: shifting budget across layers by how spread their
   attention is (it reads the dense run, so it is an optimistic test of the idea).
+- ``-f16``: the digests as the cache stores them by default (``SelectionConfig.digests="float16"``: bounds
+  rounded outward, landmarks rounded to nearest); ``page8-boundmean-lsem-pagesink-f16`` is the cache's
+  default rule exactly (tests/benchmarks/test_sparse_selection_study.py).
+- ``-s<N>`` / ``-r<N>``: this variant's sink / recent window (default ``--sink`` / ``--recent``).
 - ``-pool``: one budget per row and *layer*: the ``H x budget`` tokens are filled jointly over the KV
   heads' pages in descending (normalised) score, so a head may get more or fewer than ``budget``.
 
