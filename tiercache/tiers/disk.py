@@ -41,6 +41,7 @@ import struct
 import threading
 import time
 import warnings
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -260,6 +261,10 @@ def batch_parts(
     to lie inside it, so every view is of memory the out that made the view keeps alive).  Any other batch
     takes :func:`byte_parts` / :func:`dio_aligned` item by item (same results, same ``ValueError`` s)."""
     n = len(items)
+    if PARTS_CACHE:
+        found = _cached_parts(items, direct, align, mem_align)
+        if found is not None:
+            return found
     slot0, _, out0 = items[0]
     if n > 2 and out0.is_cpu and slot0.nbytes and not out0.is_contiguous():
         nbytes, shape, strides, dtype = slot0.nbytes, out0.shape, out0.stride(), out0.dtype
@@ -292,6 +297,8 @@ def batch_parts(
                 parts.append(list(map(whole[at : at + span].__getitem__, runs)))  # (no bytecode per run)
                 aligned.append(geometry_ok and address % mem_align == 0)
             else:
+                if PARTS_CACHE:
+                    _remember_parts(items)
                 return parts, aligned
     parts = []
     for i, (slot, _, out) in enumerate(items):
@@ -306,7 +313,82 @@ def batch_parts(
             parts.append(byte_parts(out, nbytes, i))
     aligned = ([dio_aligned(out, slot.nbytes, align, mem_align) for slot, _, out in items] if direct
                else [False] * n)
+    if PARTS_CACHE:
+        _remember_parts(items)
     return parts, aligned
+
+
+#: Whether :func:`batch_parts` keeps each destination's byte views (see :func:`_cached_parts`).
+PARTS_CACHE = True
+#: At most this many destinations are remembered (the table is emptied when it is full).
+PARTS_CACHE_ITEMS = 16384
+# id(out) -> (weak reference to out, address, nbytes, shape, strides, dtype, byte views, {(align, mem_align):
+# whether a direct read may land in them}).  The views do not keep ``out`` alive (the weak reference's callback
+# drops the record when ``out`` goes); they are handed out only for the very tensor object that made them, while
+# it still views the same memory the same way.
+_PARTS: dict[int, tuple] = {}
+
+
+def _cached_parts(items: Sequence[tuple[Slot, EntryHeader, torch.Tensor]], direct: bool, align: int,
+                  mem_align: int) -> tuple[list[list[memoryview]], list[bool]] | None:
+    """:func:`batch_parts` of ``items`` from the views remembered for their destinations, or None when one
+    is not remembered (or no longer matches).  A decode reads into the same block-slice tensors of its
+    buffers every step: building their byte views again (a ctypes array, a memoryview and a slice per run
+    of every item) was ~5-7 us per 384 KiB entry, more than the rest of the read's Python.
+
+    Sound because a record is used only for the very object (``weakref() is out``) that still has the
+    same address, byte count, shape, strides, dtype and device: a tensor that is alive keeps that memory
+    alive, and the views address exactly the bytes the tensor's elements occupy, so writing through them
+    is writing into ``out``, as :func:`byte_parts`' views would.  A tensor changed in place (``set_``,
+    ``resize_``, ``as_strided_``) no longer matches and gets fresh views."""
+    parts = []
+    aligned = []
+    get = _PARTS.get
+    for slot, _, out in items:
+        hit = get(id(out))
+        if (hit is None or hit[0]() is not out or hit[1] != out.data_ptr() or hit[2] != slot.nbytes
+                or hit[3] != out.shape or hit[4] != out.stride() or hit[5] is not out.dtype or not out.is_cpu):
+            return None
+        parts.append(hit[6])
+        if direct:
+            fits = hit[7].get((align, mem_align))
+            if fits is None:
+                fits = hit[7][(align, mem_align)] = dio_aligned(out, slot.nbytes, align, mem_align)
+            aligned.append(fits)
+    return parts, (aligned if direct else [False] * len(items))
+
+
+def _forget_parts(key: int, ref: object) -> None:
+    """The weak reference callback of a remembered destination: drop its record (if it is still its own)."""
+    hit = _PARTS.get(key)
+    if hit is not None and hit[0] is ref:
+        _PARTS.pop(key, None)
+
+
+def _remember_parts(items: Sequence[tuple[Slot, EntryHeader, torch.Tensor]]) -> None:
+    """Remember the byte views of the items' CPU destinations (that :func:`byte_parts` accepts) for
+    :func:`_cached_parts`, views that do not keep the tensor alive."""
+    if len(_PARTS) + len(items) > PARTS_CACHE_ITEMS:
+        _PARTS.clear()
+    for slot, _, out in items:
+        nbytes = slot.nbytes
+        try:
+            if not nbytes or not out.is_cpu or out.numel() * out.element_size() != nbytes:
+                continue
+            address = out.data_ptr()
+            strides = out.stride()
+            if out.is_contiguous():
+                span, inner, offsets = nbytes, nbytes, [0]
+            else:
+                layout = _RUNS.get((out.shape, strides, out.element_size()))
+                span, inner, offsets = layout if layout is not None else _runs(out.shape, strides, out.element_size(), 0)
+            whole = memoryview((_CHAR_ARRAYS.get(span) or _char_array(span)).from_address(address)).cast("B")
+            views = [whole[o : o + inner] for o in offsets]
+            key = id(out)
+            ref = weakref.ref(out, partial(_forget_parts, key))
+        except (TypeError, ValueError, RuntimeError):  # not a plain strided tensor: never remembered
+            continue
+        _PARTS[key] = (ref, address, nbytes, out.shape, strides, out.dtype, views, {})
 
 
 def dio_aligned(out: torch.Tensor, nbytes: int, align: int, mem_align: int | None = None) -> bool:
