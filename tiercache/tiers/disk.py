@@ -41,7 +41,6 @@ import struct
 import threading
 import time
 import warnings
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -320,54 +319,55 @@ def batch_parts(
 
 #: Whether :func:`batch_parts` keeps each destination's byte views (see :func:`_cached_parts`).
 PARTS_CACHE = True
-#: At most this many destinations are remembered (the table is emptied when it is full).
+#: At most this many destination layouts are remembered (the table is emptied when it is full).
 PARTS_CACHE_ITEMS = 16384
-# id(out) -> (weak reference to out, address, nbytes, shape, strides, dtype, byte views, {(align, mem_align):
-# whether a direct read may land in them}).  The views do not keep ``out`` alive (the weak reference's callback
-# drops the record when ``out`` goes); they are handed out only for the very tensor object that made them, while
-# it still views the same memory the same way.
-_PARTS: dict[int, tuple] = {}
+#: After this many batches in a row that found a destination not remembered, only one such batch in this
+#: many remembers its destinations (fresh buffers every call would otherwise pay for views never used again).
+PARTS_CACHE_MISSES = 64
+# (address, nbytes, shape, strides, dtype) -> (byte views, {(align, mem_align): whether a direct read may land
+# in them}).  The views are bare pointers into memory (they keep nothing alive) and are only used while a live
+# destination of exactly that address and layout is being read into.
+_PARTS: dict[tuple, tuple[list[memoryview], dict]] = {}
+_parts_misses = [0]  # batches in a row that missed
 
 
 def _cached_parts(items: Sequence[tuple[Slot, EntryHeader, torch.Tensor]], direct: bool, align: int,
                   mem_align: int) -> tuple[list[list[memoryview]], list[bool]] | None:
-    """:func:`batch_parts` of ``items`` from the views remembered for their destinations, or None when one
-    is not remembered (or no longer matches).  A decode reads into the same block-slice tensors of its
-    buffers every step: building their byte views again (a ctypes array, a memoryview and a slice per run
-    of every item) was ~5-7 us per 384 KiB entry, more than the rest of the read's Python.
+    """:func:`batch_parts` of ``items`` from the views remembered for their destinations' address and layout,
+    or None when one is not remembered.  A decode reads into the same block slices of its buffers every step
+    (and the sparse pipeline into the same pool slots, through fresh view tensors of them): building their
+    byte views again (a ctypes array, a memoryview and a slice per run of every item, and ``dio_aligned``'s
+    walk) was ~5-7 us per 384 KiB entry, more than the rest of the read's Python.
 
-    Sound because a record is used only for the very object (``weakref() is out``) that still has the
-    same address, byte count, shape, strides, dtype and device: a tensor that is alive keeps that memory
-    alive, and the views address exactly the bytes the tensor's elements occupy, so writing through them
-    is writing into ``out``, as :func:`byte_parts`' views would.  A tensor changed in place (``set_``,
-    ``resize_``, ``as_strided_``) no longer matches and gets fresh views."""
+    Sound whatever tensor made a record: the views address exactly the bytes that a CPU tensor of that data
+    address, byte count, shape, strides and dtype occupies, and they are used only while ``out``, such a
+    tensor, is alive (the caller holds it for the read), so writing through them is writing into ``out``,
+    as :func:`byte_parts`' views would.  A record is only ever made from a destination that
+    :func:`byte_parts` accepted."""
     parts = []
     aligned = []
     get = _PARTS.get
     for slot, _, out in items:
-        hit = get(id(out))
-        if (hit is None or hit[0]() is not out or hit[1] != out.data_ptr() or hit[2] != slot.nbytes
-                or hit[3] != out.shape or hit[4] != out.stride() or hit[5] is not out.dtype or not out.is_cpu):
+        hit = get((out.data_ptr(), slot.nbytes, out.shape, out.stride(), out.dtype))
+        if hit is None or not out.is_cpu:
+            _parts_misses[0] += 1
             return None
-        parts.append(hit[6])
+        parts.append(hit[0])
         if direct:
-            fits = hit[7].get((align, mem_align))
+            fits = hit[1].get((align, mem_align))
             if fits is None:
-                fits = hit[7][(align, mem_align)] = dio_aligned(out, slot.nbytes, align, mem_align)
+                fits = hit[1][(align, mem_align)] = dio_aligned(out, slot.nbytes, align, mem_align)
             aligned.append(fits)
+    _parts_misses[0] = 0
     return parts, (aligned if direct else [False] * len(items))
 
 
-def _forget_parts(key: int, ref: object) -> None:
-    """The weak reference callback of a remembered destination: drop its record (if it is still its own)."""
-    hit = _PARTS.get(key)
-    if hit is not None and hit[0] is ref:
-        _PARTS.pop(key, None)
-
-
 def _remember_parts(items: Sequence[tuple[Slot, EntryHeader, torch.Tensor]]) -> None:
-    """Remember the byte views of the items' CPU destinations (that :func:`byte_parts` accepts) for
-    :func:`_cached_parts`, views that do not keep the tensor alive."""
+    """Remember the byte views of the items' CPU destinations (each accepted by :func:`byte_parts`) for
+    :func:`_cached_parts`; after ``PARTS_CACHE_MISSES`` missed batches in a row, only one batch in that many."""
+    misses = _parts_misses[0]
+    if misses > PARTS_CACHE_MISSES and misses % PARTS_CACHE_MISSES:
+        return
     if len(_PARTS) + len(items) > PARTS_CACHE_ITEMS:
         _PARTS.clear()
     for slot, _, out in items:
@@ -376,19 +376,16 @@ def _remember_parts(items: Sequence[tuple[Slot, EntryHeader, torch.Tensor]]) -> 
             if not nbytes or not out.is_cpu or out.numel() * out.element_size() != nbytes:
                 continue
             address = out.data_ptr()
-            strides = out.stride()
+            shape, strides = out.shape, out.stride()
             if out.is_contiguous():
                 span, inner, offsets = nbytes, nbytes, [0]
             else:
-                layout = _RUNS.get((out.shape, strides, out.element_size()))
-                span, inner, offsets = layout if layout is not None else _runs(out.shape, strides, out.element_size(), 0)
+                layout = _RUNS.get((shape, strides, out.element_size()))
+                span, inner, offsets = layout if layout is not None else _runs(shape, strides, out.element_size(), 0)
             whole = memoryview((_CHAR_ARRAYS.get(span) or _char_array(span)).from_address(address)).cast("B")
-            views = [whole[o : o + inner] for o in offsets]
-            key = id(out)
-            ref = weakref.ref(out, partial(_forget_parts, key))
         except (TypeError, ValueError, RuntimeError):  # not a plain strided tensor: never remembered
             continue
-        _PARTS[key] = (ref, address, nbytes, out.shape, strides, out.dtype, views, {})
+        _PARTS[(address, nbytes, shape, strides, out.dtype)] = ([whole[o : o + inner] for o in offsets], {})
 
 
 def dio_aligned(out: torch.Tensor, nbytes: int, align: int, mem_align: int | None = None) -> bool:
