@@ -328,7 +328,7 @@ PARTS_CACHE_MISSES = 64
 # in them}).  The views are bare pointers into memory (they keep nothing alive) and are only used while a live
 # destination of exactly that address and layout is being read into.
 _PARTS: dict[tuple, tuple[list[memoryview], dict]] = {}
-_parts_misses = [0]  # batches in a row that missed
+_parts_misses = [0]  # batches in a row that missed (updated without a lock: a lost update only shifts the rule)
 
 
 def _cached_parts(items: Sequence[tuple[Slot, EntryHeader, torch.Tensor]], direct: bool, align: int,
