@@ -29,6 +29,11 @@ With ``--calls K,...`` the disk part is also read inline with one ``get_many`` p
 (``calls/K``: all their entries into their own slots, ``K`` at most the decode buffer's slots): how much of
 ``inline`` is per call rather than per entry.
 
+With ``--compare-setting MODULE.NAME=VALUE`` (e.g. ``tiercache.tiers.disk.PARTS_CACHE=False``) every method
+of both parts is also timed, in the same interleaved loop, right after its counterpart, with that module
+attribute set to ``VALUE`` (a Python literal) for the call (``METHOD@NAME=VALUE``): an A/B of one setting in
+one process.
+
 With ``--compare-readers`` each part's ``ahead``, ``grouped`` and ``roundtrip`` are also timed, in the same
 interleaved loop, on ``concurrent.futures.ThreadPoolExecutor`` s in place of the decode buffer's
 ``Readers`` (``ahead@pool``, ``grouped@pool``, ``roundtrip@pool``: the reader threads before
@@ -264,6 +269,35 @@ def with_split(fn: Callable[[], None], per_thread: int) -> Callable[[], None]:
     return run
 
 
+def with_setting(fn: Callable[[], None], setting: tuple[Any, str, Any]) -> Callable[[], None]:
+    """``fn`` run with ``setting`` = ``(module, attribute, value)`` applied (the old value put back after it)."""
+    module, name, value = setting
+
+    def run() -> None:
+        before = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            fn()
+        finally:
+            setattr(module, name, before)
+    return run
+
+
+def parse_setting(spec: str) -> tuple[Any, str, Any, str]:
+    """``MODULE.NAME=VALUE`` -> ``(module, NAME, value, label)``; ``ValueError`` for anything else."""
+    import ast
+    import importlib
+
+    target, sep, text = spec.partition("=")
+    module_name, dot, name = target.rpartition(".")
+    if not sep or not dot or not name:
+        raise ValueError(f"--compare-setting wants MODULE.NAME=VALUE, got {spec!r}")
+    module = importlib.import_module(module_name)
+    if not hasattr(module, name):
+        raise ValueError(f"--compare-setting: {module_name} has no attribute {name!r}")
+    return module, name, ast.literal_eval(text), f"{name}={text}"
+
+
 def with_pools(fn: Callable[[], None], buffer: Any, pools: tuple[Any, Any]) -> Callable[[], None]:
     """``fn`` run with the decode buffer's reader and copier executors replaced by ``pools``."""
     def run() -> None:
@@ -277,8 +311,8 @@ def with_pools(fn: Callable[[], None], buffer: Any, pools: tuple[Any, Any]) -> C
 
 
 def measure(config: Any, context: int, threads: int, host: int, repeats: int, group: int | None = None,
-            compare_split: int | None = None, calls: tuple[int, ...] = (), compare_readers: bool = False
-            ) -> tuple[dict[tuple[str, str], tuple[float, float]], dict[str, int]]:
+            compare_split: int | None = None, calls: tuple[int, ...] = (), compare_readers: bool = False,
+            compare_setting: tuple[Any, str, Any, str] | None = None) -> tuple[dict[tuple[str, str], tuple[float, float]], dict[str, int]]:
     """``({(part, method): (median CPU ms, median wall ms) per step}, entry and layer counts)`` for one
     context at ``threads`` torch threads (a fresh cache in a temp directory, removed after)."""
     torch.set_num_threads(threads)
@@ -295,6 +329,13 @@ def measure(config: Any, context: int, threads: int, host: int, repeats: int, gr
                 if name in ("grouped", "inline"):
                     disk_methods[f"{name}@{compare_split}"] = with_split(fn, compare_split)
             methods["disk"] = disk_methods
+        if compare_setting is not None:  # each variant timed right after its counterpart
+            for part, group in methods.items():
+                both = {}
+                for name, fn in group.items():
+                    both[name] = fn
+                    both[f"{name}@{compare_setting[3]}"] = with_setting(fn, compare_setting[:3])
+                methods[part] = both
         pools: tuple[Any, ...] = ()
         if compare_readers:
             import concurrent.futures
@@ -348,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-readers", action="store_true",
                         help="also time the reads ahead on ThreadPoolExecutors (@pool) in place of the decode "
                              "buffer's Readers")
+    parser.add_argument("--compare-setting", default=None, metavar="MODULE.NAME=VALUE",
+                        help="also time every method with that module attribute set to VALUE (a Python literal), "
+                             "e.g. tiercache.tiers.disk.PARTS_CACHE=False")
     parser.add_argument("--spare", type=int, default=None, metavar="N",
                         help="fix the disk tier's idle-CPU estimate (spare_cpus) at N")
     args = parser.parse_args(argv)
@@ -355,13 +399,17 @@ def main(argv: list[str] | None = None) -> int:
         from tiercache.tiers import disk
 
         disk.spare_cpus = lambda: args.spare
+    try:
+        setting = parse_setting(args.compare_setting) if args.compare_setting else None
+    except (ValueError, SyntaxError, ImportError) as exc:
+        parser.error(str(exc))
     config = model_config(args.model)
     print(f"load average at the start: {os.getloadavg()}")
     for context in parse_ints(args.contexts, "--contexts"):
         for threads in parse_ints(args.threads, "--threads"):
             medians, counts = measure(config, context, threads, args.host, args.repeats, args.group, args.compare_split,
                                       tuple(parse_ints(args.calls, "--calls")) if args.calls else (),
-                                      args.compare_readers)
+                                      args.compare_readers, setting)
             print(f"context {context}, {threads} torch thread(s): {counts['layers_mem']} layers held in memory "
                   f"({counts['mem_mem']} entries), {counts['layers_disk']} reading the disk ({counts['disk_disk']} "
                   f"entries on disk, {counts['disk_mem']} in memory); ms per step, median of {args.repeats}; "

@@ -20,3 +20,21 @@ def test_compare_readers_times_the_pool_variants(load_benchmark):
     for part in ("mem", "disk"):
         for method in ("ahead", "grouped", "roundtrip"):
             assert (part, method) in medians and (part, f"{method}@pool") in medians
+
+
+def test_compare_setting_times_every_method_with_the_setting_and_puts_it_back(load_benchmark):
+    import pytest
+
+    from tiercache.tiers import disk
+
+    bench = load_benchmark("hotpath_fetch")
+    setting = bench.parse_setting("tiercache.tiers.disk.PARTS_CACHE=False")
+    assert setting[1:] == ("PARTS_CACHE", False, "PARTS_CACHE=False")
+    medians, _ = bench.measure(bench.model_config("tiny"), 600, 1, 200_000, 1, compare_setting=setting)
+    for part, method in list(medians):
+        if "@" not in method:
+            assert (part, f"{method}@PARTS_CACHE=False") in medians
+    assert disk.PARTS_CACHE is True
+    for bad in ("PARTS_CACHE=False", "tiercache.tiers.disk.NO_SUCH=1", "tiercache.tiers.disk.PARTS_CACHE"):
+        with pytest.raises(ValueError):
+            bench.parse_setting(bad)

@@ -260,6 +260,10 @@ def batch_parts(
     to lie inside it, so every view is of memory the out that made the view keeps alive).  Any other batch
     takes :func:`byte_parts` / :func:`dio_aligned` item by item (same results, same ``ValueError`` s)."""
     n = len(items)
+    if PARTS_CACHE:
+        found = _cached_parts(items, direct, align, mem_align)
+        if found is not None:
+            return found
     slot0, _, out0 = items[0]
     if n > 2 and out0.is_cpu and slot0.nbytes and not out0.is_contiguous():
         nbytes, shape, strides, dtype = slot0.nbytes, out0.shape, out0.stride(), out0.dtype
@@ -292,6 +296,8 @@ def batch_parts(
                 parts.append(list(map(whole[at : at + span].__getitem__, runs)))  # (no bytecode per run)
                 aligned.append(geometry_ok and address % mem_align == 0)
             else:
+                if PARTS_CACHE:
+                    _remember_parts(items)
                 return parts, aligned
     parts = []
     for i, (slot, _, out) in enumerate(items):
@@ -306,7 +312,80 @@ def batch_parts(
             parts.append(byte_parts(out, nbytes, i))
     aligned = ([dio_aligned(out, slot.nbytes, align, mem_align) for slot, _, out in items] if direct
                else [False] * n)
+    if PARTS_CACHE:
+        _remember_parts(items)
     return parts, aligned
+
+
+#: Whether :func:`batch_parts` keeps each destination's byte views (see :func:`_cached_parts`).
+PARTS_CACHE = True
+#: At most this many destination layouts are remembered (the table is emptied when it is full).
+PARTS_CACHE_ITEMS = 16384
+#: After this many batches in a row that found a destination not remembered, only one such batch in this
+#: many remembers its destinations (fresh buffers every call would otherwise pay for views never used again).
+PARTS_CACHE_MISSES = 64
+# (address, nbytes, shape, strides, dtype) -> (byte views, {(align, mem_align): whether a direct read may land
+# in them}).  The views are bare pointers into memory (they keep nothing alive) and are only used while a live
+# destination of exactly that address and layout is being read into.
+_PARTS: dict[tuple, tuple[list[memoryview], dict]] = {}
+_parts_misses = [0]  # batches in a row that missed (updated without a lock: a lost update only shifts the rule)
+
+
+def _cached_parts(items: Sequence[tuple[Slot, EntryHeader, torch.Tensor]], direct: bool, align: int,
+                  mem_align: int) -> tuple[list[list[memoryview]], list[bool]] | None:
+    """:func:`batch_parts` of ``items`` from the views remembered for their destinations' address and layout,
+    or None when one is not remembered.  A decode reads into the same block slices of its buffers every step
+    (and the sparse pipeline into the same pool slots, through fresh view tensors of them): building their
+    byte views again (a ctypes array, a memoryview and a slice per run of every item, and ``dio_aligned``'s
+    walk) was ~5-7 us per 384 KiB entry, more than the rest of the read's Python.
+
+    Sound whatever tensor made a record: the views address exactly the bytes that a CPU tensor of that data
+    address, byte count, shape, strides and dtype occupies, and they are used only while ``out``, such a
+    tensor, is alive (the caller holds it for the read), so writing through them is writing into ``out``,
+    as :func:`byte_parts`' views would.  A record is only ever made from a destination that
+    :func:`byte_parts` accepted."""
+    parts = []
+    aligned = []
+    get = _PARTS.get
+    for slot, _, out in items:
+        hit = get((out.data_ptr(), slot.nbytes, out.shape, out.stride(), out.dtype))
+        if hit is None or not out.is_cpu:
+            _parts_misses[0] += 1
+            return None
+        parts.append(hit[0])
+        if direct:
+            fits = hit[1].get((align, mem_align))
+            if fits is None:
+                fits = hit[1][(align, mem_align)] = dio_aligned(out, slot.nbytes, align, mem_align)
+            aligned.append(fits)
+    _parts_misses[0] = 0
+    return parts, (aligned if direct else [False] * len(items))
+
+
+def _remember_parts(items: Sequence[tuple[Slot, EntryHeader, torch.Tensor]]) -> None:
+    """Remember the byte views of the items' CPU destinations (each accepted by :func:`byte_parts`) for
+    :func:`_cached_parts`; after ``PARTS_CACHE_MISSES`` missed batches in a row, only one batch in that many."""
+    misses = _parts_misses[0]
+    if misses > PARTS_CACHE_MISSES and misses % PARTS_CACHE_MISSES:
+        return
+    if len(_PARTS) + len(items) > PARTS_CACHE_ITEMS:
+        _PARTS.clear()
+    for slot, _, out in items:
+        nbytes = slot.nbytes
+        try:
+            if not nbytes or not out.is_cpu or out.numel() * out.element_size() != nbytes:
+                continue
+            address = out.data_ptr()
+            shape, strides = out.shape, out.stride()
+            if out.is_contiguous():
+                span, inner, offsets = nbytes, nbytes, [0]
+            else:
+                layout = _RUNS.get((shape, strides, out.element_size()))
+                span, inner, offsets = layout if layout is not None else _runs(shape, strides, out.element_size(), 0)
+            whole = memoryview((_CHAR_ARRAYS.get(span) or _char_array(span)).from_address(address)).cast("B")
+        except (TypeError, ValueError, RuntimeError):  # not a plain strided tensor: never remembered
+            continue
+        _PARTS[(address, nbytes, shape, strides, out.dtype)] = ([whole[o : o + inner] for o in offsets], {})
 
 
 def dio_aligned(out: torch.Tensor, nbytes: int, align: int, mem_align: int | None = None) -> bool:

@@ -672,6 +672,72 @@ def test_batch_parts_of_block_slices_equal_the_item_by_item_parts(shape):
     assert aligned == [disk_module.dio_aligned(o, o.numel() * 4, 512, 512) for o in outs] == [False] * 4
 
 
+@pytest.mark.parametrize("contiguous", [False, True], ids=["block_slices", "contiguous"])
+def test_batch_parts_remembers_each_destination_layout(monkeypatch, contiguous):
+    monkeypatch.setattr(disk_module, "_PARTS", {})
+    monkeypatch.setattr(disk_module, "_parts_misses", [0])
+    buf = _aligned((1, 3, 4 * 16 + 3, 64))
+    held = [_aligned((1, 3, 16, 64)) for _ in range(4)]
+
+    def views():  # fresh tensor objects of the same memory every call, as a pool's slot views
+        return list(held) if contiguous else [buf[:, :, 16 * j : 16 * (j + 1)] for j in range(4)]
+
+    outs = views()
+    items = [(_Item(o.numel() * 4), None, o) for o in outs]
+    first, _ = disk_module.batch_parts(items, False, 512, 512)
+    again = [(_Item(o.numel() * 4), None, o) for o in views()]
+    second, aligned = disk_module.batch_parts(again, True, 512, 512)  # remembered: the same views every call
+    third, _ = disk_module.batch_parts(items, True, 512, 512)
+    assert all(a is b for p, q in zip(second, third) for a, b in zip(p, q))
+    expected = [_addresses(byte_parts(o, o.numel() * 4)) for o in outs]
+    assert [_addresses(p) for p in first] == [_addresses(p) for p in second] == expected
+    assert aligned == [disk_module.dio_aligned(o, o.numel() * 4, 512, 512) for o in outs]
+    assert len(disk_module._PARTS) == 4
+    # a tensor changed in place (other memory) or viewed with another dtype gets its own views
+    other = _aligned((1, 3, 16, 64)) if contiguous else _aligned((1, 3, 40, 64))[:, :, 8:24]
+    outs[1].set_(other.untyped_storage(), other.storage_offset(), other.shape, other.stride())
+    items[1] = (items[1][0], None, outs[1])
+    items[2] = (items[2][0], None, outs[2].view(torch.int32))
+    parts, _ = disk_module.batch_parts(items, True, 512, 512)
+    assert [_addresses(p) for p in parts] == [_addresses(byte_parts(o, n.nbytes)) for n, _, o in items]
+    assert len(disk_module._PARTS) == 6
+    # a size that no longer matches is refused as before, remembered or not
+    items[0] = (_Item(100), None, outs[0])
+    with pytest.raises(ValueError, match="bytes"):
+        disk_module.batch_parts(items, True, 512, 512)
+    # fresh buffers every call: after PARTS_CACHE_MISSES missed batches only one in that many is remembered
+    monkeypatch.setattr(disk_module, "PARTS_CACHE_MISSES", 4)
+    monkeypatch.setattr(disk_module, "_PARTS", {})
+    monkeypatch.setattr(disk_module, "_parts_misses", [0])
+    kept = []
+    for _ in range(16):
+        fresh = [_aligned((1, 3, 16, 64)) for _ in range(3)]
+        kept.append(fresh)  # (alive, so no address comes back)
+        disk_module.batch_parts([(_Item(o.numel() * 4), None, o) for o in fresh], False, 512, 512)
+    assert len(disk_module._PARTS) == 3 * (4 + 3)  # batches 1-4, then the 8th, 12th and 16th miss
+    monkeypatch.setattr(disk_module, "PARTS_CACHE", False)
+    monkeypatch.setattr(disk_module, "_PARTS", {})
+    disk_module.batch_parts(items[1:], True, 512, 512)
+    assert not disk_module._PARTS
+
+
+def test_reads_into_remembered_destinations_return_each_new_value_and_catch_damage(tmp_path):
+    tier = DiskTier(tmp_path / "d", 1 << 24)
+    list(tier.recover())
+    buf = torch.zeros(1, 3, 4 * 16, 64)
+    outs = [buf[:, :, 16 * j : 16 * (j + 1)] for j in range(4)]
+    for round_ in range(3):  # the same outs every round, as a decode buffer's block slices
+        blocks = [make_value(torch.float32, (1, 3, 16, 64), 10 * round_ + j) for j in range(4)]
+        items = [store(tier, ("k", round_, j), b, seq=4 * round_ + j + 1) for j, b in enumerate(blocks)]
+        tier.read_into([(s, h, o) for (s, h), o in zip(items, outs)])
+        assert torch.equal(buf.view(torch.int32), torch.cat(blocks, dim=2).view(torch.int32))
+    flip(tier.chunk_path(items[2][0]), PAGE + 100)
+    with pytest.raises(CorruptEntryError, match="crc32c") as info:
+        tier.read_into([(s, h, o) for (s, h), o in zip(items, outs)])
+    assert info.value.tiercache_index == 2
+    tier.close()
+
+
 def test_batch_parts_of_mixed_destinations_fall_back_item_by_item():
     buf, other = _aligned((1, 3, 64, 64)), _aligned((1, 3, 64, 64))
     mixed = [
