@@ -114,6 +114,55 @@ def valid_from_mask(mask: Any, batch: int, q: int, device: torch.device) -> torc
     return out
 
 
+_last_context: tuple | None = None  # (weakref to the mask, ctx, device, result) of the last check_context_mask
+
+
+def _context_row(mask: torch.Tensor, ctx: int, device: torch.device) -> torch.Tensor | None:
+    """``(B or 1, ctx)`` bool: which of the ``ctx`` context keys the last query row of a 4-D ``mask`` lets
+    attend (the keys just before the newest one), kept while that mask object lives (every layer of a pass
+    gets the same one); ``None`` when the mask has fewer than ``ctx + 1`` key columns."""
+    global _last_context
+    last = _last_context
+    if last is not None and last[0]() is mask and last[1] == ctx and last[2] == device:
+        return last[3]
+    if mask.shape[-1] < ctx + 1:
+        return None
+    row = mask[:, 0, -1, mask.shape[-1] - ctx - 1 : mask.shape[-1] - 1]
+    if row.dtype != torch.bool:
+        row = row > torch.finfo(row.dtype).min / 2
+    row = row.to(device)
+    _last_context = (weakref.ref(mask), ctx, device, row)
+    return row
+
+
+def check_context_mask(mask: Any, valid: torch.Tensor, ctx: int, layer_idx: int) -> None:
+    """Raise :class:`SparseModeError` when the attention mask of a sparse decode step disagrees with the
+    validity the cache recorded for the ``ctx`` context tokens as they were added (``valid``: ``(B, >= ctx)``
+    bool; padding is invalid): a custom 4-D mask hiding context tokens, or no mask (``None``) over a context
+    that holds padding.  Sparse decode attends by the recorded validity, so with such a mask it would
+    silently attend other tokens than the model was asked to (dense attention follows the mask).  The
+    attention function calls it when the pass was given a 4-D mask or the layer gets none (a mask
+    transformers built from a 2-D ``attention_mask`` of the whole sequence agrees by construction)."""
+    recorded = valid[:, :ctx]
+    if mask is None:
+        if bool(recorded.all()):
+            return
+        problem = ("no attention mask, but the context holds padding the cache recorded as such (dense attention "
+                   "would attend the padding); pass the attention_mask of the whole sequence")
+    elif not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        return  # valid_from_mask refuses it
+    else:
+        row = _context_row(mask, ctx, recorded.device)
+        if row is not None and row.shape[0] in (1, recorded.shape[0]) and torch.equal(
+                row.expand(recorded.shape[0], ctx), recorded):
+            return
+        problem = ("the attention mask of this decode step does not hide exactly the context's padding (a custom "
+                   "4-D mask hiding other tokens, or a mask that does not cover the context): sparse decoding "
+                   "attends by the validity recorded as tokens were added")
+    raise SparseModeError(
+        f"layer {layer_idx}: {problem}; use mode='exact' (or a DynamicCache) for custom attention masks")
+
+
 @dataclass
 class SparseStats:
     """Counters of sparse decode (monotonic until :meth:`SparseController.reset_stats`).
@@ -162,6 +211,7 @@ class SparseController:
         self.decay = decay
         self.announced = False  # set by the prepared model's forward pre-hook, cleared after the pass
         self.hook_name: str | None = None
+        self.custom_mask = False  # the running pass was given a 4-D attention mask (check_context_mask applies)
         self.clock = 0  # decode steps seen: contributions are scaled by decay ** -clock
         self.pending_scores: dict = {}
         self._deferred_to: Any = None  # the pipeline that last took this controller's end-of-step work
@@ -176,9 +226,10 @@ class SparseController:
     def scale(self) -> float:
         return self.decay ** (-self.clock)
 
-    def begin_forward(self, hook_name: str) -> None:
+    def begin_forward(self, hook_name: str, custom_mask: bool = False) -> None:
         self.announced = True
         self.hook_name = hook_name
+        self.custom_mask = custom_mask
 
     def end_forward(self, layers: list["TieredKVLayer"], store: Any, check: bool = True) -> None:
         """After a forward pass: every pending decode record must have been consumed by the hook, and

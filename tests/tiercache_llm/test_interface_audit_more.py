@@ -18,6 +18,7 @@ from .conftest import tiny_config
 from .test_interface_audit import DENSE, assert_same, gen, padded, steps
 from .test_sparse_mode import digests_match_keys
 
+pytestmark = pytest.mark.filterwarnings("ignore:sparse decode. one layer:RuntimeWarning")
 SMALL = dict(mode="sparse", budget=12, sink=2, recent=4, block_size=8, page_size=4)
 
 
@@ -185,4 +186,78 @@ def test_output_attentions_sdpa_decodes_and_eager_refuses():
     with TieredKVCache.for_model(eager, mode="sparse", budget=DENSE, block_size=8) as cache:
         with pytest.raises(SparseModeError, match="output_attentions"):
             gen(eager, cache, ids, mask, output_attentions=True)
+        cache.restore_model()
+
+
+@pytest.mark.parametrize("strategy", ["attention-aware", "fetch-every-step", "reuse-layer-ahead"])
+@pytest.mark.parametrize("op", ["reorder", "repeat", "select", "select-mask"])
+def test_row_operations_mid_decode_equal_a_cache_built_with_those_rows(model, strategy, op):
+    """After some sparse decode steps, reorder / repeat / select rows: the following steps equal those of a
+    cache that decoded the resulting rows from the start (same digests, same selection)."""
+    ids, mask = padded([37, 20, 29], seed=11)
+    rows = {"reorder": [2, 0, 1], "repeat": [0, 0, 1, 1, 2, 2], "select": [2, 0],
+            "select-mask": [0, 2]}[op]
+    opts = dict(SMALL, strategy=strategy, host="24KiB", disk="8MiB")
+    idx = torch.tensor(rows)
+    cache = TieredKVCache.for_model(model, **opts)
+    logits = steps(model, cache, ids, mask, n=3)
+    if op == "reorder":
+        cache.reorder_cache(idx)
+    elif op == "repeat":
+        cache.batch_repeat_interleave(2)
+    elif op == "select":
+        cache.batch_select_indices(idx)
+    else:
+        cache.batch_select_indices(torch.tensor([True, False, True]))
+    digests_match_keys(cache)
+    m = torch.cat([mask, torch.ones(3, 3, dtype=mask.dtype)], 1)[idx]
+    tok = logits[-1].argmax(-1, keepdim=True)[idx]
+    got = continue_steps(model, cache, tok, m, 4)
+    digests_match_keys(cache)
+    with TieredKVCache.for_model(model, **opts) as fresh:
+        ref = steps(model, fresh, ids[idx], mask[idx], n=3)
+        assert torch.equal(ref[-1].argmax(-1, keepdim=True), tok)
+        want = continue_steps(model, fresh, tok, m, 4)
+    for a, b in zip(want, got):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    cache.restore_model()
+    cache.close()
+
+
+def test_a_custom_mask_hiding_context_tokens_raises_never_ignored(model):
+    """Sparse decode attends by the validity recorded as tokens were added: a 4-D mask at a decode step that
+    hides other context tokens (dense attention would follow it) raises instead of being silently ignored;
+    so does no mask over a padded context.  The mask transformers builds from a 2-D attention_mask passes."""
+    ids, mask = padded([20, 14], seed=12)
+    with TieredKVCache.for_model(model, mode="sparse", budget=DENSE, block_size=8) as cache:
+        steps(model, cache, ids, mask, n=1)  # 2-D masks: fine
+        m4 = torch.zeros(2, 1, 1, 23)
+        m4[:, :, :, 3:7] = float("-inf")
+        m4[1, :, :, :6] = float("-inf")  # row 1's padding too
+        with pytest.raises(SparseModeError, match="mask"):
+            model(torch.tensor([[5], [6]]), attention_mask=m4, **cache_kwargs(cache, model))
+        cache.reset()
+        steps(model, cache, ids, mask, n=1)
+        with pytest.raises(SparseModeError, match="mask"):
+            model(torch.tensor([[5], [6]]), **cache_kwargs(cache, model))  # no mask: the padding would be attended
+        cache.reset()
+        # an equivalent 4-D mask (hiding exactly the padding) decodes like the 2-D one
+        ref = steps(model, cache, ids, mask, n=1)
+        cache.reset()
+        steps(model, cache, ids, mask, n=0)
+        full = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
+        m4 = torch.where(full.bool(), 0.0, float("-inf"))[:, None, None, :]
+        got = model(ref[0].argmax(-1, keepdim=True), attention_mask=m4, position_ids=full.sum(-1, keepdim=True) - 1,
+                    **cache_kwargs(cache, model)).logits[:, -1]
+        torch.testing.assert_close(got, ref[1], rtol=1e-5, atol=1e-5)
+        cache.restore_model()
+    # without padding, no mask is all valid
+    ids, mask = padded([16, 16], seed=13)
+    with TieredKVCache.for_model(model, mode="sparse", budget=DENSE, block_size=8) as cache:
+        model(ids, **cache_kwargs(cache, model))
+        dense = DynamicCache(config=model.config)
+        model(ids, **cache_kwargs(dense, model))
+        a = model(torch.tensor([[5], [6]]), **cache_kwargs(cache, model)).logits
+        b = model(torch.tensor([[5], [6]]), **cache_kwargs(dense, model)).logits
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         cache.restore_model()
