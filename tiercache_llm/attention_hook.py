@@ -14,10 +14,9 @@
 
 A sparse decode step of an eager model raises ``SparseModeError`` when the pass records attention weights
 (``output_attentions=True``): it has no weights over the context to return (sdpa returns none anyway).
-A sparse decode step given a 4-D attention mask that hides other context tokens than the recorded padding,
-or no mask over a context holding padding, raises ``SparseModeError`` too
-(:func:`~tiercache_llm.sparse_layer.check_context_mask`): it attends by the recorded validity, where dense
-attention would follow the mask.
+A sparse decode step given a 4-D attention mask that hides other context tokens than the recorded padding
+raises ``SparseModeError`` too (:func:`~tiercache_llm.sparse_layer.check_context_mask`): it attends by the
+recorded validity, where dense attention would follow the mask.
 
 The attention function behaves exactly like the base implementation (it calls it) whenever the
 running pass's cache is not a sparse ``TieredKVCache`` -- a ``DynamicCache``, an exact
@@ -105,7 +104,7 @@ def _make_attention(base: str):
             )
         if query.shape[2] != 1:
             raise RuntimeError(f"sparse decode expects one query position, got {query.shape[2]}")
-        if attention_mask is None or cache._sparse.custom_mask:  # a mask the recorded validity would ignore raises
+        if cache._sparse.custom_mask:  # a 4-D mask the recorded validity would ignore raises
             _check_context(attention_mask, state.valid, ctx, layer_idx)
         out = state.decode(layer, query, key, value, ctx, scaling)  # both keep the cache's state normal
         state.append(key, _valid(attention_mask, key.shape[0], 1, key.device))  # tensors (tensor_modes)

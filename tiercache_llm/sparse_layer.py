@@ -136,31 +136,24 @@ def _context_row(mask: torch.Tensor, ctx: int, device: torch.device) -> torch.Te
 
 
 def check_context_mask(mask: Any, valid: torch.Tensor, ctx: int, layer_idx: int) -> None:
-    """Raise :class:`SparseModeError` when the attention mask of a sparse decode step disagrees with the
-    validity the cache recorded for the ``ctx`` context tokens as they were added (``valid``: ``(B, >= ctx)``
-    bool; padding is invalid): a custom 4-D mask hiding context tokens, or no mask (``None``) over a context
-    that holds padding.  Sparse decode attends by the recorded validity, so with such a mask it would
-    silently attend other tokens than the model was asked to (dense attention follows the mask).  The
-    attention function calls it when the pass was given a 4-D mask or the layer gets none (a mask
-    transformers built from a 2-D ``attention_mask`` of the whole sequence agrees by construction)."""
+    """Raise :class:`SparseModeError` when the 4-D attention ``mask`` of a sparse decode step disagrees with
+    the validity the cache recorded for the ``ctx`` context tokens as they were added (``valid``:
+    ``(B, >= ctx)`` bool; padding is invalid), e.g. a custom mask hiding context tokens: sparse decode attends
+    by the recorded validity, so it would silently attend other tokens than the model was asked to (dense
+    attention follows the mask).  The attention function calls it when the pass was given a 4-D mask (a
+    mask transformers builds from a 2-D ``attention_mask`` agrees by construction).  ``None`` or another kind
+    of mask: nothing to check (``valid_from_mask`` refuses the other kinds)."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        return
     recorded = valid[:, :ctx]
-    if mask is None:
-        if bool(recorded.all()):
-            return
-        problem = ("no attention mask, but the context holds padding the cache recorded as such (dense attention "
-                   "would attend the padding); pass the attention_mask of the whole sequence")
-    elif not isinstance(mask, torch.Tensor) or mask.dim() != 4:
-        return  # valid_from_mask refuses it
-    else:
-        row = _context_row(mask, ctx, recorded.device)
-        if row is not None and row.shape[0] in (1, recorded.shape[0]) and torch.equal(
-                row.expand(recorded.shape[0], ctx), recorded):
-            return
-        problem = ("the attention mask of this decode step does not hide exactly the context's padding (a custom "
-                   "4-D mask hiding other tokens, or a mask that does not cover the context): sparse decoding "
-                   "attends by the validity recorded as tokens were added")
+    row = _context_row(mask, ctx, recorded.device)
+    if row is not None and row.shape[0] in (1, recorded.shape[0]) and torch.equal(
+            row.expand(recorded.shape[0], ctx), recorded):
+        return
     raise SparseModeError(
-        f"layer {layer_idx}: {problem}; use mode='exact' (or a DynamicCache) for custom attention masks")
+        f"layer {layer_idx}: the 4-D attention mask of this decode step does not hide exactly the context's padding "
+        "(it hides other tokens, or does not cover the context): sparse decoding attends by the validity recorded as "
+        "tokens were added; use mode='exact' (or a DynamicCache) for custom attention masks")
 
 
 @dataclass

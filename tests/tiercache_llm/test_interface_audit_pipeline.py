@@ -124,3 +124,32 @@ def test_kv_far_larger_than_the_host_budget_decodes_exactly(model, mode):
     tiers = stats["tiercache"]["tiers"]
     assert tiers["disk"]["entries"] > 0
     assert stats["kv"]["held_bytes"] > 10 * tiers["host"]["capacity_bytes"]
+
+
+@pytest.mark.parametrize("kind", ["fail", "slow"])
+def test_exact_layer_ahead_reads_that_fail_or_lag_never_change_the_logits(model, kind):
+    """Exact mode's layer-ahead reads (reader threads "tiercache-kv-ahead"): a failed one is redone by the
+    update, a slow one waited for; the logits stay DynamicCache's."""
+    ids, mask = padded([150, 97], seed=25)
+    ref = steps(model, DynamicCache(config=model.config), ids, mask, n=5)
+    with TieredKVCache.for_model(model, block_size=16, host="16KiB", disk="16MiB") as cache:
+        calls = []
+        real = cache.store.get_blocks
+
+        def get_blocks(keys, *args, **kwargs):
+            if threading.current_thread().name.startswith(("tiercache-kv-ahead", "tiercache-kv-copy")):
+                calls.append(1)
+                if kind == "fail":
+                    for out in kwargs.get("out") or ():
+                        out.fill_(float("nan"))
+                    raise OSError("injected: disk read failed during a read ahead")
+                time.sleep(0.03)
+            return real(keys, *args, **kwargs)
+
+        cache.store.get_blocks = get_blocks
+        got = steps(model, cache, ids, mask, n=5)
+        prefetch = cache.stats()["prefetch"]
+    close(ref, got, tol=2e-5)
+    assert calls, "no layer-ahead read ran"
+    if kind == "fail":
+        assert prefetch["failed"] > 0
