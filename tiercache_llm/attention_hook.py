@@ -14,6 +14,9 @@
 
 A sparse decode step of an eager model raises ``SparseModeError`` when the pass records attention weights
 (``output_attentions=True``): it has no weights over the context to return (sdpa returns none anyway).
+A sparse decode step given a 4-D attention mask that hides other context tokens than the recorded padding
+raises ``SparseModeError`` too (:func:`~tiercache_llm.sparse_layer.check_context_mask`): it attends by the
+recorded validity, where dense attention would follow the mask.
 
 The attention function behaves exactly like the base implementation (it calls it) whenever the
 running pass's cache is not a sparse ``TieredKVCache`` -- a ``DynamicCache``, an exact
@@ -101,6 +104,8 @@ def _make_attention(base: str):
             )
         if query.shape[2] != 1:
             raise RuntimeError(f"sparse decode expects one query position, got {query.shape[2]}")
+        if cache._sparse.custom_mask:  # a 4-D mask the recorded validity would ignore raises
+            _check_context(attention_mask, state.valid, ctx, layer_idx)
         out = state.decode(layer, query, key, value, ctx, scaling)  # both keep the cache's state normal
         state.append(key, _valid(attention_mask, key.shape[0], 1, key.device))  # tensors (tensor_modes)
         return out.transpose(1, 2).contiguous(), None
@@ -158,6 +163,12 @@ def unsupported_attention(model: torch.nn.Module) -> str | None:
     return None
 
 
+def _check_context(mask, valid, ctx, layer_idx):
+    from .sparse_layer import check_context_mask
+
+    check_context_mask(mask, valid, ctx, layer_idx)
+
+
 def _valid(mask, batch, q, device):
     from .sparse_layer import valid_from_mask
 
@@ -182,6 +193,14 @@ def _find_cache(args: tuple, kwargs: dict) -> Any:
     return cache
 
 
+def _custom_mask(args: tuple, kwargs: dict) -> bool:
+    """Whether the pass was given a 4-D attention mask (transformers builds its own from a 2-D one)."""
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        return mask.dim() == 4
+    return any(isinstance(a, torch.Tensor) and a.dim() == 4 for a in args)
+
+
 def _pre_hook(module, args, kwargs):
     cache = _find_cache(args, kwargs)
     _OUTER.set(_OUTER.get() + (_RUNNING.get(),))
@@ -194,7 +213,7 @@ def _pre_hook(module, args, kwargs):
                 f"a sparse TieredKVCache needs the model's attention prepared by TieredKVCache.for_model; the model "
                 f"uses {impl!r} now (was set_attn_implementation called afterwards?)"
             )
-        ctrl.begin_forward(impl)
+        ctrl.begin_forward(impl, custom_mask=_custom_mask(args, kwargs))
     return None
 
 

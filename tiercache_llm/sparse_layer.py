@@ -114,6 +114,48 @@ def valid_from_mask(mask: Any, batch: int, q: int, device: torch.device) -> torc
     return out
 
 
+_last_context: tuple | None = None  # (weakref to the mask, ctx, device, result) of the last check_context_mask
+
+
+def _context_row(mask: torch.Tensor, ctx: int, device: torch.device) -> torch.Tensor | None:
+    """``(B or 1, ctx)`` bool: which of the ``ctx`` context keys the last query row of a 4-D ``mask`` lets
+    attend (the keys just before the newest one), kept while that mask object lives (every layer of a pass
+    gets the same one); ``None`` when the mask has fewer than ``ctx + 1`` key columns."""
+    global _last_context
+    last = _last_context
+    if last is not None and last[0]() is mask and last[1] == ctx and last[2] == device:
+        return last[3]
+    if mask.shape[-1] < ctx + 1:
+        return None
+    row = mask[:, 0, -1, mask.shape[-1] - ctx - 1 : mask.shape[-1] - 1]
+    if row.dtype != torch.bool:
+        row = row > torch.finfo(row.dtype).min / 2
+    row = row.to(device)
+    _last_context = (weakref.ref(mask), ctx, device, row)
+    return row
+
+
+def check_context_mask(mask: Any, valid: torch.Tensor, ctx: int, layer_idx: int) -> None:
+    """Raise :class:`SparseModeError` when the 4-D attention ``mask`` of a sparse decode step disagrees with
+    the validity the cache recorded for the ``ctx`` context tokens as they were added (``valid``:
+    ``(B, >= ctx)`` bool; padding is invalid), e.g. a custom mask hiding context tokens: sparse decode attends
+    by the recorded validity, so it would silently attend other tokens than the model was asked to (dense
+    attention follows the mask).  The attention function calls it when the pass was given a 4-D mask (a
+    mask transformers builds from a 2-D ``attention_mask`` agrees by construction).  ``None`` or another kind
+    of mask: nothing to check (``valid_from_mask`` refuses the other kinds)."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        return
+    recorded = valid[:, :ctx]
+    row = _context_row(mask, ctx, recorded.device)
+    if row is not None and row.shape[0] in (1, recorded.shape[0]) and torch.equal(
+            row.expand(recorded.shape[0], ctx), recorded):
+        return
+    raise SparseModeError(
+        f"layer {layer_idx}: the 4-D attention mask of this decode step does not hide exactly the context's padding "
+        "(it hides other tokens, or does not cover the context): sparse decoding attends by the validity recorded as "
+        "tokens were added; use mode='exact' (or a DynamicCache) for custom attention masks")
+
+
 @dataclass
 class SparseStats:
     """Counters of sparse decode (monotonic until :meth:`SparseController.reset_stats`).
@@ -162,6 +204,7 @@ class SparseController:
         self.decay = decay
         self.announced = False  # set by the prepared model's forward pre-hook, cleared after the pass
         self.hook_name: str | None = None
+        self.custom_mask = False  # the running pass was given a 4-D attention mask (check_context_mask applies)
         self.clock = 0  # decode steps seen: contributions are scaled by decay ** -clock
         self.pending_scores: dict = {}
         self._deferred_to: Any = None  # the pipeline that last took this controller's end-of-step work
@@ -176,9 +219,10 @@ class SparseController:
     def scale(self) -> float:
         return self.decay ** (-self.clock)
 
-    def begin_forward(self, hook_name: str) -> None:
+    def begin_forward(self, hook_name: str, custom_mask: bool = False) -> None:
         self.announced = True
         self.hook_name = hook_name
+        self.custom_mask = custom_mask
 
     def end_forward(self, layers: list["TieredKVLayer"], store: Any, check: bool = True) -> None:
         """After a forward pass: every pending decode record must have been consumed by the hook, and
