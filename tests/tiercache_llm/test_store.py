@@ -91,3 +91,27 @@ def test_borrowed_cache_and_temporary_stores_keep_no_records(tmp_path):
         with TieredKVCache(_tiny_config(), cache=shared, block_size=4) as cache:
             cache.update(torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16), 0)
             assert owners.list_owners(tmp_path / "b") == []
+
+
+def test_duplicate_keys_and_shared_outs_in_one_ranged_read(tmp_path):
+    """One key in several items (its parts going to different destinations) and one destination in several items
+    (parts of different blocks), with disjoint ranges, from the host and the disk tier: each range lands, nothing
+    else is written.  (What a per-(row, KV head) lane pool would send; the study is docs/sparse.md "Lane pools".)"""
+    from tiercache_llm.store import BlockStore
+
+    for disk in (False, True):
+        store = BlockStore.open(gpu=None, host=None if disk else "1MiB", disk="4MiB" if disk else None,
+                                path=tmp_path / f"d{disk}" if disk else None)
+        try:
+            a = torch.arange(4096, dtype=torch.float32)
+            b = -torch.arange(4096, dtype=torch.float32)
+            store.put_blocks([("a", a), ("b", b)])
+            o1, o2 = torch.full((4096,), 7.0), torch.full((4096,), 7.0)
+            q = 4096  # bytes: a quarter of the value
+            store.get_blocks(["a", "a", "b", "b"], out=[o1, o2, o1, o2],
+                             ranges=[[(0, q)], [(q, 2 * q)], [(2 * q, 3 * q)], [(3 * q, 4 * q)]])
+            assert torch.equal(o1[:1024], a[:1024]) and torch.equal(o1[2048:3072], b[2048:3072])
+            assert torch.equal(o2[1024:2048], a[1024:2048]) and torch.equal(o2[3072:], b[3072:])
+            assert (o1[1024:2048] == 7).all() and (o1[3072:] == 7).all() and (o2[:1024] == 7).all()
+        finally:
+            store.close()
