@@ -19,7 +19,7 @@ dense top-1 minus log p of the sparse run's top-1, nats).
 
 Variants (``--variants``, comma separated names ``page<P>[-sub<Q>][-mean|-boundmean|-pagemax][-w<W>]
 [-blocksink|-pagesink][-dense<L>][-sum][-norm][-lse|-lsem|-lseb|-klse][-pool][-layershare][-oracle]
-[-f16][-s<N>][-r<N>]``):
+[-f16][-s<N>][-r<N>][-comp[<B>]|-compv<B>][-compvar|-comprange|-compexact]``):
 
 - ``page<P>``: digests and selection per ``P``-token page (``P`` divides the 64-token storage block);
   the fetch is the union of 64-token blocks holding a selected page, attention masked to the pages.
@@ -54,6 +54,13 @@ Variants (``--variants``, comma separated names ``page<P>[-sub<Q>][-mean|-boundm
   rounded outward, landmarks rounded to nearest); ``page8-boundmean-lsem-pagesink-f16`` is the cache's
   default rule exactly (tests/benchmarks/test_sparse_selection_study.py).
 - ``-s<N>`` / ``-r<N>``: this variant's sink / recent window (default ``--sink`` / ``--recent``).
+- ``-comp`` / ``-comp<B>`` / ``-compv<B>``: attention over the selection *plus summary tokens of the
+  unselected tokens* built from digests only (nothing more fetched; :func:`comp_attention`): one per
+  unselected page (``-comp``, ``-compv<B>``) or per ``B``-token group of them (``-comp<B>``), key the mean
+  key (landmark), logit ``+ log(tokens)``, value the page's (``-comp``) or the ``B``-group's mean value;
+  ``-compvar`` / ``-comprange`` add a diagonal-variance estimate of the page's logsumexp (a variance
+  digest / the Quest range), ``-compexact`` uses the true one (a ceiling).  Summaries are not counted in
+  the budget; the rows record the mean softmax mass they receive (``summary_mass``).
 - ``-pool``: one budget per row and *layer*: the ``H x budget`` tokens are filled jointly over the KV
   heads' pages in descending (normalised) score, so a head may get more or fewer than ``budget``.
 
