@@ -59,7 +59,8 @@ Variants (``--variants``, comma separated names ``page<P>[-sub<Q>][-mean|-boundm
   unselected page (``-comp``, ``-compv<B>``) or per ``B``-token group of them (``-comp<B>``), key the mean
   key (landmark), logit ``+ log(tokens)``, value the page's (``-comp``) or the ``B``-group's mean value;
   ``-compvar`` / ``-comprange`` add a diagonal-variance estimate of the page's logsumexp (a variance
-  digest / the Quest range), ``-compexact`` uses the true one (a ceiling).  Summaries are not counted in
+  digest / the Quest range), ``-compexact`` uses the true one (a ceiling); ``-compl<L>``: summaries in
+  the first ``L`` layers only.  Summaries are not counted in
   the budget; the rows record the mean softmax mass they receive (``summary_mass``).
 - ``-pool``: one budget per row and *layer*: the ``H x budget`` tokens are filled jointly over the KV
   heads' pages in descending (normalised) score, so a head may get more or fewer than ``budget``.
@@ -109,6 +110,7 @@ class Variant:
     f16: bool = False  # digests as the cache stores them by default: bounds rounded outward to float16, landmarks rounded to float16
     comp: int = 0  # > 0: add summary tokens of the unselected pages (-comp<B> / -compv<B>): values per B tokens
     comp_group: bool = False  # -comp<B> with B > page: one summary per B-token group; -compv<B>: one per page
+    comp_layers: int = 0  # -compl<L>: summaries only in the first L layers (0: every sparse layer)
     comp_mass: str = "mean"  # summary logit: "mean" (q . mean key + log n), "var" (+ 0.5 q^T diag(var) q), "range" (var ~ (hi - lo)^2 / 8), "exact" (true logsumexp: a ceiling)
     lse: str = ""  # "", "lse": per query head, "lsem": per query head with the normaliser from q . mean key, "klse": per KV head after the GQA max; rank by estimated log attention mass: scale * s + log(tokens) - logsumexp over the head's pages
 
@@ -147,6 +149,8 @@ class Variant:
                 kw["weight"] = float(p[1:])
             elif p in ("mean", "pagemax", "boundmean"):
                 kw["score"] = p
+            elif p.startswith("compl") and p[5:].isdigit():
+                kw["comp_layers"] = int(p[5:])
             elif p in ("compvar", "comprange", "compexact"):
                 kw["comp_mass"] = p[4:]
             elif p == "comp" or (p.startswith("comp") and p[4:].isdigit()):
@@ -157,7 +161,7 @@ class Variant:
                 raise ValueError(f"unknown variant part {p!r} in {name!r}")
         if STORAGE_BLOCK % kw["page"]:
             raise ValueError(f"page size must divide {STORAGE_BLOCK}")
-        if kw.get("comp_mass", "mean") != "mean" and "comp" not in kw:
+        if (kw.get("comp_mass", "mean") != "mean" or kw.get("comp_layers")) and "comp" not in kw:
             kw["comp"], kw["comp_group"] = kw["page"], True
         if "comp" in kw:
             kw["comp"] = kw["comp"] or kw["page"]
@@ -452,7 +456,9 @@ def study_attention(module, query, key, value, attention_mask, scaling=None, dro
     mask = chunk_mask(query, key, module.layer_idx, scaling)
     h = key.shape[1]
     g = query.shape[1] // h
-    if Sim.variant is not None and Sim.variant.comp and module.layer_idx >= Sim.variant.dense_layers:
+    v = Sim.variant
+    if (v is not None and v.comp and module.layer_idx >= v.dense_layers
+            and (not v.comp_layers or module.layer_idx < v.comp_layers)):
         return comp_attention(query, key, value, mask, Sim.variant, scaling).transpose(1, 2).contiguous(), None
     mask = mask.repeat_interleave(g, dim=1)
     out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,

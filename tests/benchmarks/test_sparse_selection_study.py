@@ -121,6 +121,7 @@ def test_variant_parse_comp(study):
     assert (v.comp, v.comp_group, v.comp_mass) == (128, False, "var")
     assert study.Variant.parse("page8-comp").comp == 8
     assert study.Variant.parse("page8-comprange").comp == 8
+    assert (study.Variant.parse("page8-compl2").comp_layers, study.Variant.parse("page8-compl2").comp) == (2, 8)
     for bad in ("page8-comp12", "page8-comp64-compvar", "page8-oracle-comp"):
         with pytest.raises(ValueError):
             study.Variant.parse(bad)
