@@ -59,8 +59,8 @@ Variants (``--variants``, comma separated names ``page<P>[-sub<Q>][-mean|-boundm
   unselected page (``-comp``, ``-compv<B>``) or per ``B``-token group of them (``-comp<B>``), key the mean
   key (landmark), logit ``+ log(tokens)``, value the page's (``-comp``) or the ``B``-group's mean value;
   ``-compvar`` / ``-comprange`` add a diagonal-variance estimate of the page's logsumexp (a variance
-  digest / the Quest range), ``-compexact`` uses the true one (a ceiling); ``-compl<L>``: summaries in
-  the first ``L`` layers only.  Summaries are not counted in
+  digest / the Quest range), ``-compexact`` uses the true one (a ceiling); ``-compl<L>`` / ``-compf<L>``:
+  summaries in the first ``L`` layers only / from layer ``L`` on.  Summaries are not counted in
   the budget; the rows record the mean softmax mass they receive (``summary_mass``).
 - ``-pool``: one budget per row and *layer*: the ``H x budget`` tokens are filled jointly over the KV
   heads' pages in descending (normalised) score, so a head may get more or fewer than ``budget``.
@@ -111,6 +111,7 @@ class Variant:
     comp: int = 0  # > 0: add summary tokens of the unselected pages (-comp<B> / -compv<B>): values per B tokens
     comp_group: bool = False  # -comp<B> with B > page: one summary per B-token group; -compv<B>: one per page
     comp_layers: int = 0  # -compl<L>: summaries only in the first L layers (0: every sparse layer)
+    comp_from: int = 0  # -compf<L>: summaries only from layer L on
     comp_mass: str = "mean"  # summary logit: "mean" (q . mean key + log n), "var" (+ 0.5 q^T diag(var) q), "range" (var ~ (hi - lo)^2 / 8), "exact" (true logsumexp: a ceiling)
     lse: str = ""  # "", "lse": per query head, "lsem": per query head with the normaliser from q . mean key, "klse": per KV head after the GQA max; rank by estimated log attention mass: scale * s + log(tokens) - logsumexp over the head's pages
 
@@ -151,6 +152,8 @@ class Variant:
                 kw["score"] = p
             elif p.startswith("compl") and p[5:].isdigit():
                 kw["comp_layers"] = int(p[5:])
+            elif p.startswith("compf") and p[5:].isdigit():
+                kw["comp_from"] = int(p[5:])
             elif p in ("compvar", "comprange", "compexact"):
                 kw["comp_mass"] = p[4:]
             elif p == "comp" or (p.startswith("comp") and p[4:].isdigit()):
@@ -161,7 +164,7 @@ class Variant:
                 raise ValueError(f"unknown variant part {p!r} in {name!r}")
         if STORAGE_BLOCK % kw["page"]:
             raise ValueError(f"page size must divide {STORAGE_BLOCK}")
-        if (kw.get("comp_mass", "mean") != "mean" or kw.get("comp_layers")) and "comp" not in kw:
+        if (kw.get("comp_mass", "mean") != "mean" or kw.get("comp_layers") or kw.get("comp_from")) and "comp" not in kw:
             kw["comp"], kw["comp_group"] = kw["page"], True
         if "comp" in kw:
             kw["comp"] = kw["comp"] or kw["page"]
@@ -458,7 +461,7 @@ def study_attention(module, query, key, value, attention_mask, scaling=None, dro
     g = query.shape[1] // h
     v = Sim.variant
     if (v is not None and v.comp and module.layer_idx >= v.dense_layers
-            and (not v.comp_layers or module.layer_idx < v.comp_layers)):
+            and (not v.comp_layers or module.layer_idx < v.comp_layers) and module.layer_idx >= v.comp_from):
         return comp_attention(query, key, value, mask, Sim.variant, scaling).transpose(1, 2).contiguous(), None
     mask = mask.repeat_interleave(g, dim=1)
     out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,

@@ -122,6 +122,7 @@ def test_variant_parse_comp(study):
     assert study.Variant.parse("page8-comp").comp == 8
     assert study.Variant.parse("page8-comprange").comp == 8
     assert (study.Variant.parse("page8-compl2").comp_layers, study.Variant.parse("page8-compl2").comp) == (2, 8)
+    assert study.Variant.parse("page8-compf1").comp_from == 1
     for bad in ("page8-comp12", "page8-comp64-compvar", "page8-oracle-comp"):
         with pytest.raises(ValueError):
             study.Variant.parse(bad)
