@@ -19,7 +19,7 @@ dense top-1 minus log p of the sparse run's top-1, nats).
 
 Variants (``--variants``, comma separated names ``page<P>[-sub<Q>][-mean|-boundmean|-pagemax][-w<W>]
 [-blocksink|-pagesink][-dense<L>][-sum][-norm][-lse|-lsem|-lseb|-klse][-pool][-layershare][-oracle]
-[-f16][-s<N>][-r<N>]``):
+[-f16][-s<N>][-r<N>][-comp[<B>]|-compv<B>][-compvar|-comprange|-compexact]``):
 
 - ``page<P>``: digests and selection per ``P``-token page (``P`` divides the 64-token storage block);
   the fetch is the union of 64-token blocks holding a selected page, attention masked to the pages.
@@ -54,6 +54,14 @@ Variants (``--variants``, comma separated names ``page<P>[-sub<Q>][-mean|-boundm
   rounded outward, landmarks rounded to nearest); ``page8-boundmean-lsem-pagesink-f16`` is the cache's
   default rule exactly (tests/benchmarks/test_sparse_selection_study.py).
 - ``-s<N>`` / ``-r<N>``: this variant's sink / recent window (default ``--sink`` / ``--recent``).
+- ``-comp`` / ``-comp<B>`` / ``-compv<B>``: attention over the selection *plus summary tokens of the
+  unselected tokens* built from digests only (nothing more fetched; :func:`comp_attention`): one per
+  unselected page (``-comp``, ``-compv<B>``) or per ``B``-token group of them (``-comp<B>``), key the mean
+  key (landmark), logit ``+ log(tokens)``, value the page's (``-comp``) or the ``B``-group's mean value;
+  ``-compvar`` / ``-comprange`` add a diagonal-variance estimate of the page's logsumexp (a variance
+  digest / the Quest range), ``-compexact`` uses the true one (a ceiling); ``-compl<L>`` / ``-compf<L>``:
+  summaries in the first ``L`` layers only / from layer ``L`` on.  Summaries are not counted in
+  the budget; the rows record the mean softmax mass they receive (``summary_mass``).
 - ``-pool``: one budget per row and *layer*: the ``H x budget`` tokens are filled jointly over the KV
   heads' pages in descending (normalised) score, so a head may get more or fewer than ``budget``.
 
@@ -100,6 +108,11 @@ class Variant:
     sink: int | None = None  # -s<N>: this variant's sink tokens (None: --sink)
     recent: int | None = None  # -r<N>: this variant's recent window (None: --recent)
     f16: bool = False  # digests as the cache stores them by default: bounds rounded outward to float16, landmarks rounded to float16
+    comp: int = 0  # > 0: add summary tokens of the unselected pages (-comp<B> / -compv<B>): values per B tokens
+    comp_group: bool = False  # -comp<B> with B > page: one summary per B-token group; -compv<B>: one per page
+    comp_layers: int = 0  # -compl<L>: summaries only in the first L layers (0: every sparse layer)
+    comp_from: int = 0  # -compf<L>: summaries only from layer L on
+    comp_mass: str = "mean"  # summary logit: "mean" (q . mean key + log n), "var" (+ 0.5 q^T diag(var) q), "range" (var ~ (hi - lo)^2 / 8), "exact" (true logsumexp: a ceiling)
     lse: str = ""  # "", "lse": per query head, "lsem": per query head with the normaliser from q . mean key, "klse": per KV head after the GQA max; rank by estimated log attention mass: scale * s + log(tokens) - logsumexp over the head's pages
 
     @classmethod
@@ -137,10 +150,30 @@ class Variant:
                 kw["weight"] = float(p[1:])
             elif p in ("mean", "pagemax", "boundmean"):
                 kw["score"] = p
+            elif p.startswith("compl") and p[5:].isdigit():
+                kw["comp_layers"] = int(p[5:])
+            elif p.startswith("compf") and p[5:].isdigit():
+                kw["comp_from"] = int(p[5:])
+            elif p in ("compvar", "comprange", "compexact"):
+                kw["comp_mass"] = p[4:]
+            elif p == "comp" or (p.startswith("comp") and p[4:].isdigit()):
+                kw["comp"], kw["comp_group"] = int(p[4:] or 0), True
+            elif p.startswith("compv") and p[5:].isdigit():
+                kw["comp"], kw["comp_group"] = int(p[5:]), False
             else:
                 raise ValueError(f"unknown variant part {p!r} in {name!r}")
         if STORAGE_BLOCK % kw["page"]:
             raise ValueError(f"page size must divide {STORAGE_BLOCK}")
+        if (kw.get("comp_mass", "mean") != "mean" or kw.get("comp_layers") or kw.get("comp_from")) and "comp" not in kw:
+            kw["comp"], kw["comp_group"] = kw["page"], True
+        if "comp" in kw:
+            kw["comp"] = kw["comp"] or kw["page"]
+            if kw["comp"] % kw["page"]:
+                raise ValueError(f"summary group ({kw['comp']}) must be a multiple of the page ({kw['page']}) in {name!r}")
+            if kw.get("oracle"):
+                raise ValueError(f"-comp needs pages, not -oracle, in {name!r}")
+            if kw.get("comp_mass", "mean") != "mean" and kw["comp_group"] and kw["comp"] != kw["page"]:
+                raise ValueError(f"-compvar / -comprange / -compexact summarise per page: use -compv<B>, not -comp<B>, in {name!r}")
         return cls(**kw)
 
 
@@ -154,6 +187,7 @@ class Sim:
     prefix: int = 0
     attended: list = []  # per layer: mean tokens attended per (head, step) / context
     fetched: list = []  # per layer: mean fetched tokens / attended tokens
+    comp_mass: list = []  # -comp: per layer, the mean softmax mass the summary tokens receive
     span: dict = {}  # layer -> mean exp(entropy) of the dense chunk's attention (tokens), from the reference run
 
     @classmethod
@@ -313,6 +347,102 @@ def chunk_mask(query: torch.Tensor, key: torch.Tensor, layer: int, scaling: floa
     return mask.unsqueeze(0)
 
 
+def comp_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, v: Variant,
+                   scaling: float | None = None) -> torch.Tensor:
+    """``(1, Hq, Q, D)``: attention of the chunk over what ``mask`` (``(1, H, Q, T)``) selects, plus one
+    *summary token* per unselected complete page (``-compv<B>``) or per ``B``-token group of them
+    (``-comp<B>``), built only from digests (nothing else is read from the keys and values):
+
+    - key: the mean key of the unselected tokens it stands for (the page's landmark; for a group, the mean
+      of its unselected pages' landmarks), logit ``scale * q . key + log(tokens)``; ``-compvar`` adds
+      ``0.5 * scale**2 * sum_d q_d**2 var_d`` (a per-page diagonal key variance digest), ``-comprange``
+      the same with ``var_d ~ (hi_d - lo_d)**2 / 8`` from the Quest bounds (no new key digest; the
+      expected range of 8 Gaussian samples is 2.85 sigma); both capped at ``log(tokens) + scale *
+      bound`` (the Quest bound caps every token's logit, so the page's logsumexp too); ``-compexact``
+      the page's true logsumexp (reads every key: a ceiling for mean-value summaries, not buildable);
+    - value: the mean value of the ``B``-token group holding it (over the group's tokens of ``[0, p)``):
+      exact for a page (``B`` = page) or a wholly unselected group, an estimate otherwise.
+
+    So the unselected tokens' softmax mass and mean value enter the output approximately (NSA-style
+    compressed tokens, training free).  A page with any selected token gets no summary (with
+    ``-pagesink`` selection is whole pages); with nothing unselected the result is dense attention.
+    ``-f16`` rounds the new digests (mean values, variances) to float16 like the landmarks."""
+    _, hq, q, d = query.shape
+    _, h, t, _ = key.shape
+    g = hq // h
+    dev = query.device
+    scale = scaling if scaling is not None else d ** -0.5
+    p, grp = v.page, v.comp
+    n = -(-t // p)
+    pos = Sim.prefix + torch.arange(q, device=dev)
+    qf = query[0].float().view(h, g, q, d)
+    kf, vf = key[0].float(), value[0].float()
+    sel = mask[0]  # (H, Q, T)
+    # token logits over what is selected
+    z = (qf @ kf.transpose(-1, -2).unsqueeze(1)) * scale  # (H, G, Q, T)
+    z = z.masked_fill(~sel.unsqueeze(1), float("-inf"))
+    # unselected complete pages per (KV head, query)
+    page_end = (torch.arange(n, device=dev) + 1) * p
+    complete = page_end.view(1, n) <= pos.view(q, 1)  # (Q, N)
+    selp = torch.nn.functional.pad(sel, (0, n * p - t)).view(h, q, n, p).any(-1)
+    unsel = complete.unsqueeze(0) & ~selp  # (H, Q, N)
+    kp = torch.nn.functional.pad(kf, (0, 0, 0, n * p - t)).view(h, n, p, d)
+    land = kp.double().mean(2)  # complete pages only are used: no pad rows among them
+    if v.f16:
+        land = land.half()
+    land = land.float()
+    # value means: per page (complete pages only: static), or of each B-group over its tokens of [0, p) per
+    # query (cumulative sums; the group holding p is partial)
+    m = -(-t // grp)
+    if grp == p:
+        gmean = torch.nn.functional.pad(vf, (0, 0, 0, n * p - t)).view(h, n, p, d).double().mean(2).unsqueeze(1)  # (H, 1, N, D)
+    else:
+        cs = torch.nn.functional.pad(vf.double().cumsum(1), (0, 0, 1, 0))  # (H, T + 1, D)
+        gstart = torch.arange(m, device=dev) * grp
+        gend = torch.minimum((gstart + grp).view(1, m), pos.view(q, 1))  # (Q, M)
+        gcnt = (gend - gstart.view(1, m)).clamp(min=1)
+        gmean = (cs[:, gend.clamp(min=0)] - cs[:, gstart].unsqueeze(1)) / gcnt.view(1, q, m, 1)  # (H, Q, M, D)
+    if v.f16:
+        gmean = gmean.half()
+    gmean = gmean.float()
+    if v.comp_mass == "mean" and v.comp_group and grp > p:  # one summary per group over its unselected pages
+        r = grp // p
+        un = torch.nn.functional.pad(unsel, (0, m * r - n)).view(h, q, m, r).float()
+        lm = torch.nn.functional.pad(land, (0, 0, 0, m * r - n)).view(h, m, r, d)
+        npg = un.sum(-1)  # (H, Q, M)
+        kmean = torch.einsum("hqmr,hmrd->hqmd", un, lm) / npg.clamp(min=1).unsqueeze(-1)
+        zs = torch.einsum("hgqd,hqmd->hgqm", qf, kmean) * scale + (npg * p).clamp(min=1).log().unsqueeze(1)
+        zs = zs.masked_fill((npg == 0).unsqueeze(1), float("-inf"))
+    else:  # one summary per unselected page, its value the group's mean value
+        zs = (qf @ land.transpose(-1, -2).unsqueeze(1)) * scale + math.log(p)  # (H, G, Q, N)
+        if v.comp_mass == "exact":  # the page's true logsumexp (reads every key: a ceiling of the mass estimate)
+            zs = ((qf @ kf.transpose(-1, -2).unsqueeze(1)) * scale)
+            zs = torch.nn.functional.pad(zs, (0, n * p - t), value=float("-inf")).view(h, g, q, n, p).logsumexp(-1)
+        elif v.comp_mass != "mean":
+            lo, hi = kp.amin(dim=2), kp.amax(dim=2)
+            if v.f16:
+                from tiercache_llm.sparse.digests import round_down, round_up
+
+                lo, hi = round_down(lo, torch.float16).float(), round_up(hi, torch.float16).float()
+            if v.comp_mass == "var":
+                var = kp.double().var(2, unbiased=False)
+                var = (var.half() if v.f16 else var).float()
+            else:
+                var = (hi - lo) ** 2 / 8
+            zs = zs + 0.5 * scale * scale * ((qf * qf) @ var.transpose(-1, -2).unsqueeze(1))
+            bnd = qf.clamp(min=0) @ hi.transpose(-1, -2).unsqueeze(1) + qf.clamp(max=0) @ lo.transpose(-1, -2).unsqueeze(1)
+            zs = torch.minimum(zs, bnd * scale + math.log(p))
+        zs = zs.masked_fill(~unsel.unsqueeze(1), float("-inf"))
+    w = torch.softmax(torch.cat((z, zs), -1), -1)
+    ws = w[..., t:]
+    if ws.shape[-1] != gmean.shape[2]:  # per-page summaries: their weights summed per group, times its mean value
+        r = grp // p
+        ws = torch.nn.functional.pad(ws, (0, m * r - n)).view(h, g, q, m, r).sum(-1)
+    out = w[..., :t] @ vf.unsqueeze(1) + (ws.transpose(1, 2) @ gmean).transpose(1, 2)  # (H, Q, G, M) @ (H, Q|1, M, D)
+    Sim.comp_mass.append(float(ws.sum(-1).mean()))
+    return out.reshape(1, hq, q, d).to(query.dtype)
+
+
 def study_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     q = query.shape[2]
     if q == key.shape[2] or Sim.prefix == 0:  # prefill: plain causal
@@ -329,6 +459,10 @@ def study_attention(module, query, key, value, attention_mask, scaling=None, dro
     mask = chunk_mask(query, key, module.layer_idx, scaling)
     h = key.shape[1]
     g = query.shape[1] // h
+    v = Sim.variant
+    if (v is not None and v.comp and module.layer_idx >= v.dense_layers
+            and (not v.comp_layers or module.layer_idx < v.comp_layers) and module.layer_idx >= v.comp_from):
+        return comp_attention(query, key, value, mask, Sim.variant, scaling).transpose(1, 2).contiguous(), None
     mask = mask.repeat_interleave(g, dim=1)
     out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                                            enable_gqa=True)
@@ -417,9 +551,10 @@ def main(argv=None) -> int:
                 sink = args.sink if variant is None or variant.sink is None else variant.sink
                 recent = args.recent if variant is None or variant.recent is None else variant.recent
                 Sim.variant, Sim.budget, Sim.sink, Sim.recent, Sim.prefix = variant, budget, sink, recent, args.prefix
-                Sim.attended, Sim.fetched = [], []
+                Sim.attended, Sim.fetched, Sim.comp_mass = [], [], []
                 cache = copy.deepcopy(pre)
                 logits = model(chunk, **cache_kwargs(cache, model), use_cache=True).logits[0].float()
+                run.comp_mass = sum(Sim.comp_mass) / len(Sim.comp_mass) if Sim.comp_mass else 0.0
                 return torch.log_softmax(logits, -1), sum(Sim.attended) / len(Sim.attended), sum(Sim.fetched) / len(Sim.fetched)
 
             ref, _, _ = run(None, 1.0)
@@ -435,7 +570,7 @@ def main(argv=None) -> int:
                     top1 = float(agree.float().mean())
                     row = dict(variant=name, budget=b, offset=offset, top1=top1, agree=int(agree.sum()),
                                steps=int(agree.numel()), mean_kl=float(kl.mean()), max_kl=float(kl.max()),
-                               realised_budget=att, fetched_per_attended=fet, seconds=time.perf_counter() - t1,
+                               realised_budget=att, fetched_per_attended=fet, summary_mass=run.comp_mass, seconds=time.perf_counter() - t1,
                                misses=[int(i) for i in (~agree).nonzero().flatten()],
                                # how close each miss was in the dense reference: log p(dense top-1) - log p(the
                                # sparse run's top-1), both under the reference (nats; small = a near tie)
@@ -443,7 +578,8 @@ def main(argv=None) -> int:
                                           for i in (~agree).nonzero().flatten().tolist()])
                     rows.append(row)
                     print(f"{name:24s} {100 * b:6.2f}% @{offset:<6d} top1 {top1:.4f}  KL {row['mean_kl']:.4f}  "
-                          f"realised {att:.3f}  fetched/attended {fet:.2f}  ({row['seconds']:.1f} s)  miss gaps {row['miss_gaps']}",
+                          f"realised {att:.3f}  fetched/attended {fet:.2f}  "
+                          + (f"summary mass {run.comp_mass:.3f}  " if v.comp else "") + f"({row['seconds']:.1f} s)  miss gaps {row['miss_gaps']}",
                           flush=True)
     if len(offsets) > 1:
         print(f"pooled over {len(offsets)} windows of {args.steps} steps ({args.source}):")
