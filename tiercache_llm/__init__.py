@@ -14,7 +14,7 @@ Supported transformers: ``>=5.17,<6``.
 from .blocks import BlockRef, block_key
 from .decode_buffer import DecodeBuffer
 from .hf_kwargs import cache_argument, cache_kwargs
-from .errors import KVCapacityError, TieredKVError, UnsupportedModelError
+from .errors import InconsistentCacheError, KVCapacityError, TieredKVError, UnsupportedModelError
 from .kv_cache import SUPPORTED_TRANSFORMERS, TieredKVCache, TieredKVLayer, TieredKVSettings
 from .policies import AttentionPlacementPolicy, SpreadStreamingKVPolicy, StreamingKVPolicy
 from .sparse_layer import SparseModeError
@@ -29,6 +29,7 @@ __all__ = [
     "BlockRef",
     "BlockStore",
     "DecodeBuffer",
+    "InconsistentCacheError",
     "KVCapacityError",
     "KVCounters",
     "TieredKVCache",

@@ -10,7 +10,9 @@
 2. switches the model to it with ``model.set_attn_implementation``;
 3. adds a forward pre-hook and post-hook (``always_call``) on the model's decoder module that publish
    the ``past_key_values`` of the running forward pass to the attention function (transformers does
-   not pass the cache to attention functions) and announce the pass to a sparse cache.
+   not pass the cache to attention functions) and announce the pass to a sparse cache; for any
+   ``TieredKVCache`` (exact ones too) they mark the pass's start and end, so a pass that raised after
+   updating some layers leaves the cache marked inconsistent (``InconsistentCacheError`` at its next use).
 
 A sparse decode step of an eager model raises ``SparseModeError`` when the pass records attention weights
 (``output_attentions=True``): it has no weights over the context to return (sdpa returns none anyway).
@@ -205,6 +207,9 @@ def _pre_hook(module, args, kwargs):
     cache = _find_cache(args, kwargs)
     _OUTER.set(_OUTER.get() + (_RUNNING.get(),))
     _RUNNING.set(cache)
+    begin = getattr(cache, "_begin_pass", None)  # any TieredKVCache: failed-pass detection (kv_cache.py)
+    if begin is not None:
+        begin()
     ctrl = getattr(cache, "_sparse", None)
     if ctrl is not None:
         impl = module.config._attn_implementation
@@ -223,6 +228,9 @@ def _post_hook(module, args, kwargs, output):
     if outer:
         _RUNNING.set(outer[-1])
         _OUTER.set(outer[:-1])
+    end = getattr(cache, "_end_pass", None)
+    if end is not None:  # before _end_forward, which clears the sparse layers' pending records it reads
+        end(output is None)
     if getattr(cache, "_sparse", None) is not None:
         cache._end_forward(failed=output is None)  # None: the pass raised (always_call hook)
     return None

@@ -34,7 +34,7 @@ from .blocks import BlockRef, block_key
 from .tensor_modes import with_normal_tensors
 from . import decode_buffer
 from .decode_buffer import DecodeBuffer, ReadAhead, StatesBuffer
-from .errors import UnsupportedModelError
+from .errors import InconsistentCacheError, UnsupportedModelError
 from .sparse.pipeline import DecodePipeline, PipelineConfig
 from .sparse.pool import AUTO, check_pool_bytes
 from .sparse.selection import SelectionConfig
@@ -1264,6 +1264,12 @@ class TieredKVCache(Cache):
                     layer.sparse._block_size = settings.block_size
                     layer.sparse._page_size = settings.page_size
         self._pipeline: DecodePipeline | None = None
+        # Failed-pass detection (docs/tiercache_llm.md "Safety"): the message of the InconsistentCacheError the
+        # next update raises (None: consistent), the last layer updated (-1: none in this pass, as far as the
+        # prepared model's hooks tell) and whether a pass announced by those hooks has not ended yet.
+        self._broken: str | None = None
+        self._cursor = -1
+        self._in_pass = False
         try:
             self._start_pipeline()  # refuses pool_bytes="auto" without a memory tier
         except BaseException:
@@ -1332,12 +1338,36 @@ class TieredKVCache(Cache):
     def crop(self, tokens_to_remove: int) -> None:
         self.store._check_open()
         tokens_to_remove = _token_count(tokens_to_remove, "crop's tokens_to_remove")
+        self._check_consistent()
         for layer in self.layers:  # a layer that would refuse refuses before any layer is cropped
             refused = layer._crop_refusal(tokens_to_remove)
             if refused is not None:
                 raise refused
         self._invalidate_pipeline()
         super().crop(tokens_to_remove)
+
+    def get_mask_sizes(self, query_length: int | torch.Tensor, layer_idx: int) -> tuple[int, int]:
+        """``Cache.get_mask_sizes``; transformers' mask creation calls it with ``layer_idx=0`` once per forward
+        pass before any layer runs: then every layer must hold as many tokens as layer 0 (one compare per
+        layer per pass), else :class:`~tiercache_llm.errors.InconsistentCacheError` (a previous pass failed
+        half-way, e.g. a failed prefill left the last layers empty)."""
+        if layer_idx == 0:
+            if self._broken is not None:
+                raise InconsistentCacheError(self._broken)
+            n = self.layers[0]._length
+            for layer in self.layers:
+                if layer._length != n:
+                    raise InconsistentCacheError(self._mark_broken())
+        return super().get_mask_sizes(query_length, layer_idx)
+
+    def _check_consistent(self) -> None:
+        """Raise :class:`~tiercache_llm.errors.InconsistentCacheError` after a failed pass, or when the layers'
+        lengths disagree (every initialised layer must hold as many tokens as layer 0)."""
+        if self._broken is not None:
+            raise InconsistentCacheError(self._broken)
+        first = self.layers[0]
+        if any(layer.is_initialized and layer._length != first._length for layer in self.layers):
+            raise InconsistentCacheError(self._mark_broken())
 
     @classmethod
     def for_model(cls, model: Any, **options: Any) -> "TieredKVCache":
@@ -1374,6 +1404,50 @@ class TieredKVCache(Cache):
             from .attention_hook import restore_model
 
             restore_model(model)
+
+    # ------------------------------------------------------------------------ failed passes
+    def _mark_broken(self, stopped_after: int | None = None, reason: str = "") -> str:
+        """Record that a forward pass failed half-way (``stopped_after``: the last layer it updated, or ``None``
+        to find it from the layers' lengths) and return the message every later ``update`` raises with."""
+        lengths = [layer._length for layer in self.layers]
+        if stopped_after is None:
+            stopped_after = next((i - 1 for i in range(1, len(lengths)) if lengths[i] != lengths[0]), len(lengths) - 1)
+        failed_at = stopped_after + 1
+        where = (f"at layer {failed_at}" if failed_at < len(lengths)
+                 else f"at layer {stopped_after}, after its cache update")
+        spread = f"{min(lengths)}..{max(lengths)}" if min(lengths) != max(lengths) else str(lengths[0])
+        self._broken = (
+            f"the TieredKVCache is inconsistent: a previous forward pass failed {where} after updating layers "
+            f"0..{stopped_after} of {len(lengths)} (the layers hold {spread} tokens{reason}); its exception was "
+            "the one raised then.  Call cache.reset() and run the prompt again (crop cannot repair this: it removes "
+            "the same number of tokens from every layer)"
+        )
+        return self._broken
+
+    def _begin_pass(self) -> None:
+        """Called by the prepared model's forward pre-hook (any mode): a pass that began and never ended (a
+        ``KeyboardInterrupt`` skips the post-hook) after updating a layer left the cache half-updated."""
+        if self._in_pass and self._cursor >= 0 and self._broken is None:
+            self._pass_failed()
+        self._in_pass = True
+        self._cursor = -1
+
+    def _end_pass(self, failed: bool) -> None:
+        """Called by the prepared model's forward post-hook (``failed``: the pass raised)."""
+        self._in_pass = False
+        if failed and self._cursor >= 0 and self._broken is None:
+            self._pass_failed()
+
+    def _pass_failed(self) -> None:
+        """A pass raised after updating layers ``0.._cursor``: the cache is inconsistent unless every layer was
+        updated and (sparse) attended, i.e. the exception came after the last layer's attention (the digest
+        check reads each sparse layer once, only after a failure)."""
+        last = len(self.layers) - 1
+        lagging = [layer.layer_idx for layer in self.layers if layer.sparse is not None
+                   and layer.sparse.digests is not None and layer.sparse.digests.length != layer._length]
+        reason = f"; layers {lagging} without the digests of the new tokens" if lagging else ""
+        if self._cursor < last or lagging:
+            self._mark_broken(self._cursor, reason=reason)
 
     @with_normal_tensors
     def _end_forward(self, failed: bool = False) -> None:
@@ -1451,11 +1525,18 @@ class TieredKVCache(Cache):
         n_layers = len(self.layers)
         if not 0 <= layer_idx < n_layers:
             raise IndexError(f"layer_idx {layer_idx} out of range for a cache of {n_layers} layers")
+        if self._broken is not None:
+            raise InconsistentCacheError(self._broken)
         layer = self.layers[layer_idx]
+        if layer_idx == 0:  # a pass starts: the previous one must have reached the last layer (one compare)
+            last = self.layers[-1]
+            if last.is_initialized and last._length != layer._length:
+                raise InconsistentCacheError(self._mark_broken())
         ahead = self.buffer.read_ahead and layer.sparse is None and self._ahead_mode(layer_idx)
         if ahead and n_layers > 1:
             self._read_ahead(layer_idx, device_only=ahead == _DEVICE_ONLY)
         keys, values = layer.update(key_states, value_states, *args, **kwargs)
+        self._cursor = layer_idx
         if ahead and n_layers == 1 and (ahead is True or not layer.held_in_memory()):
             layer.prefetch()
         return keys, values
@@ -1666,10 +1747,15 @@ class TieredKVCache(Cache):
         self.buffer.release()
 
     def reset(self) -> None:
-        """Delete every layer's blocks and free the decode buffer (and the pipeline's reuse / staging memory)."""
+        """Delete every layer's blocks and free the decode buffer (and the pipeline's reuse / staging memory).
+        Also the recovery from :class:`~tiercache_llm.errors.InconsistentCacheError` (a failed forward pass):
+        the cache is empty and consistent afterwards."""
         self._invalidate_pipeline()
         super().reset()
         self.buffer.release()
+        self._broken = None
+        self._cursor = -1
+        self._in_pass = False
 
     # ----------------------------------------------------------------------------------- copies
     def __deepcopy__(self, memo: dict) -> "TieredKVCache":
