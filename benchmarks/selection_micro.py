@@ -82,16 +82,22 @@ def load_revision(rev: str):
     return mods[0], mods[1]
 
 
+def _padded_valid(b: int, t: int) -> torch.Tensor:
+    """``(b, t)`` token validity with rows 1 and 3 (where present) left-padded by 100 and 333 tokens."""
+    valid = torch.ones(b, t, dtype=torch.bool)
+    for row, pad in ((1, 100), (3, 333)):
+        if row < b:
+            valid[row, :pad] = False
+    return valid
+
+
 def run_page_ab(args) -> int:
     """``--page-ab P``: this tree's ``select`` at ``--page`` and at ``P``-token pages, interleaved on digests
     of the same keys (the cost of a finer page: the digests and the ranking grow with the page count)."""
     torch.set_num_threads(args.threads)
     b, t = args.batch, args.context
     gen = torch.Generator().manual_seed(0)
-    valid = torch.ones(b, t, dtype=torch.bool)
-    for row, pad in ((1, 100), (3, 333)):
-        if row < b:
-            valid[row, :pad] = False
+    valid = _padded_valid(b, t)
     pages = [args.page, args.page_ab]
     storage = getattr(torch, args.storage)
     digests = {p: [] for p in pages}
@@ -136,10 +142,7 @@ def run(args) -> int:
     impls = {"before": load_revision(args.baseline_rev), "after": (cur_digests, cur_selection)}
     b, t = args.batch, args.context
     gen = torch.Generator().manual_seed(0)
-    valid = torch.ones(b, t, dtype=torch.bool)
-    for row, pad in ((1, 100), (3, 333)):
-        if row < b:
-            valid[row, :pad] = False
+    valid = _padded_valid(b, t)
     digests = {name: [] for name in impls}
     # the baseline's digests in this tree's storage where that revision has the option (float32 before it)
     base_storage = args.storage if "storage" in inspect.signature(impls["before"][0].KeyDigests.from_keys).parameters \

@@ -7,10 +7,11 @@ from transformers import DynamicCache
 from tiercache_llm import TieredKVCache
 
 
-def left_padded_batch(vocab=128, lengths=(20, 15, 9), seed=0):
+def left_padded_batch(vocab=128, lengths=(20, 15, 9), seed=0, fill=0):
+    """Left-padded random ids and their attention mask; ``fill``: the id at padded positions."""
     gen = torch.Generator().manual_seed(seed)
     width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    ids = torch.full((len(lengths), width), fill, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, n in enumerate(lengths):
         ids[row, width - n :] = torch.randint(3, vocab, (n,), generator=gen)

@@ -16,6 +16,7 @@ from tiercache_llm.hf_kwargs import cache_kwargs
 from tiercache_llm.sparse_layer import SparseModeError
 
 from .conftest import tiny_config
+from .test_generate_tiny import left_padded_batch
 from .test_sparse_mode import digests_match_keys
 
 DENSE = 10**9
@@ -23,14 +24,7 @@ STRATEGIES = ("attention-aware", "fetch-every-step", "reuse-layer-ahead")
 
 
 def padded(lengths, vocab=128, seed=0, fill=0):
-    gen = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), fill, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n:] = torch.randint(3, vocab, (n,), generator=gen)
-        mask[row, width - n:] = 1
-    return ids, mask
+    return left_padded_batch(vocab=vocab, lengths=lengths, seed=seed, fill=fill)
 
 
 def gen(model, cache, ids, mask, n=6, **kw):
