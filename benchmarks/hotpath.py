@@ -23,6 +23,7 @@ measurements alternate within each repeat; figures are medians over repeats, eve
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -33,7 +34,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from tqdm import tqdm
@@ -542,63 +543,101 @@ def _values(count: int, nbytes: int, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randn(nbytes // 4, generator=gen) for _ in range(count)]
 
 
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers
+_GLIBC_TRIM_DEFAULT = 128 * KiB
+
+
+@contextlib.contextmanager
+def heap_kept() -> Iterator[bool]:
+    """While the block runs, glibc keeps freed heap memory instead of trimming the top of the heap and
+    handing it back to the kernel (``mallopt(M_TRIM_THRESHOLD, 1 GiB)``; put back to glibc's default of
+    128 KiB after).  Yields whether that was set (False off glibc: nothing changes).
+
+    Rows 3-4 time the tier, whose arena is recycled through ``tiercache.tiers.memory.ARENA_POOL`` (faulted
+    in once, by the first repeat), against a dict of clones, whose memory comes from the C heap: whether a
+    repeat's clones reused the previous repeat's freed memory or faulted every page in again (16 faults per
+    64 KiB value: ~1.6 against ~6.9 GiB/s) depended on whether glibc had trimmed the heap, i.e. on what
+    else happened to sit above them; with trimming off, both sides write into memory already faulted in
+    from the second repeat on (``faults_*`` in the JSON: minor page faults per value)."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
+        yield False
+        return
+    kept = bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    try:
+        yield kept
+    finally:
+        if kept:
+            mallopt(_M_TRIM_THRESHOLD, _GLIBC_TRIM_DEFAULT)
+
+
 def host_vs_dict(values: Sequence[torch.Tensor]) -> dict[str, float]:
     """Seconds for: tier put of every value, tier get of every value (single-key loops: the issue's rows),
     the same as one ``put_many`` / one ``get_many``, and the same with a dict of clones (the baseline of
-    the single-key loops and of ``put_many``).
+    the single-key loops and of ``put_many``); ``faults_<op>``: minor page faults per value of each.
 
     ``get_many`` writes into ``out`` tensors allocated and touched before the timing, and its baseline
     is a dict lookup + ``copy_`` of every value into the same tensors (``dict_copy``).  (Timing the
     allocation of fresh ``out`` tensors against a dict get whose clone is dropped at once measured page
     faults, not the cache: the dropped clone's memory is handed back by the allocator and stays hot in
     the CPU cache, while ``get_many``'s results are all alive, so each of its first writes to a fresh
-    page faults it in; at 64 KiB values that was ~3x the copy itself.)"""
+    page faults it in; at 64 KiB values that was ~3x the copy itself.)
+
+    Run under :func:`heap_kept` (as :func:`rows_host` does), both sides write into memory already faulted in
+    from the second repeat on: the tier into its recycled arena, the dict's clones into the heap memory that
+    the previous repeat's clones and ``out`` tensors left."""
     nbytes = sum(v.nbytes for v in values)
+    count = max(1, len(values))
     times: dict[str, float] = {}
-    # gc.collect() before each timed phase: a phase pays for the garbage-collector passes its own
-    # allocations trigger, not for a full pass owed by the phase before it (whose timing would otherwise
-    # depend on where the collector's thresholds happened to fall).
-    gc.collect()
-    with tiercache.Cache(host=2 * nbytes + 16 * MiB, disk=None) as cache:
-        start = time.perf_counter()
-        for i, v in enumerate(values):
-            cache.put(i, v)
-        times["put"] = time.perf_counter() - start
+
+    def timed(op: str, fn: Callable[[], object]) -> None:
+        # gc.collect() before each timed phase: a phase pays for the garbage-collector passes its own
+        # allocations trigger, not for a full pass owed by the phase before it (whose timing would otherwise
+        # depend on where the collector's thresholds happened to fall).
         gc.collect()
+        faults = _minor_faults()
         start = time.perf_counter()
-        for i in range(len(values)):
-            cache.get(i)
-        times["get"] = time.perf_counter() - start
+        fn()
+        times[op] = time.perf_counter() - start
+        times[f"faults_{op}"] = (_minor_faults() - faults) / count
+
+    with tiercache.Cache(host=2 * nbytes + 16 * MiB, disk=None) as cache:
+        def put_each() -> None:
+            for i, v in enumerate(values):
+                cache.put(i, v)
+
+        def get_each() -> None:
+            for i in range(len(values)):
+                cache.get(i)
+        timed("put", put_each)
+        timed("get", get_each)
     # The batched variant over the same values (batch-first is the issue's design): one put_many of
     # every value, one get_many of every key, into a fresh cache (so both variants start from an empty
     # arena).
     keys = list(range(len(values)))
-    gc.collect()
     with tiercache.Cache(host=2 * nbytes + 16 * MiB, disk=None) as cache:
-        start = time.perf_counter()
-        cache.put_many(zip(keys, values))
-        times["put_many"] = time.perf_counter() - start
+        timed("put_many", lambda: cache.put_many(zip(keys, values)))
         outs = [torch.zeros_like(v) for v in values]  # allocated and touched outside the timing
-        gc.collect()
-        start = time.perf_counter()
-        cache.get_many(keys, out=outs)
-        times["get_many"] = time.perf_counter() - start
+        timed("get_many", lambda: cache.get_many(keys, out=outs))
     store: dict[int, torch.Tensor] = {}
-    gc.collect()
-    start = time.perf_counter()
-    for i, v in enumerate(values):
-        store[i] = v.clone()
-    times["dict_put"] = time.perf_counter() - start
-    gc.collect()
-    start = time.perf_counter()
-    for i in range(len(values)):
-        store[i].clone()
-    times["dict_get"] = time.perf_counter() - start
-    gc.collect()
-    start = time.perf_counter()
-    for i, out in enumerate(outs):
-        out.copy_(store[i])
-    times["dict_copy"] = time.perf_counter() - start
+
+    def dict_put() -> None:
+        for i, v in enumerate(values):
+            store[i] = v.clone()
+
+    def dict_get() -> None:
+        for i in range(len(values)):
+            store[i].clone()
+
+    def dict_copy() -> None:
+        for i, out in enumerate(outs):
+            out.copy_(store[i])
+    timed("dict_put", dict_put)
+    timed("dict_get", dict_get)
+    timed("dict_copy", dict_copy)
     return times
 
 
@@ -610,9 +649,10 @@ def rows_host(ctx: Context, threads: int, row: int) -> list[Result]:
         size, count = 64 * KiB, s.host_large_values
     values = _values(count, size)
     samples = []
-    for r in range(s.repeats):
-        ctx.progress(f"host tier {size // KiB} KiB, {threads} thread(s), repeat {r + 1}")
-        samples.append(host_vs_dict(values))
+    with heap_kept() as kept:
+        for r in range(s.repeats):
+            ctx.progress(f"host tier {size // KiB} KiB, {threads} thread(s), repeat {r + 1}")
+            samples.append(host_vs_dict(values))
     results = []
     for op, label in (("put", "put"), ("get", "get"), ("put_many", "put_many (batched)"),
                       ("get_many", "get_many (batched) into out tensors")):
@@ -620,12 +660,15 @@ def rows_host(ctx: Context, threads: int, row: int) -> list[Result]:
         base_op = "copy" if op == "get_many" else op.removesuffix("_many")
         base = [t[f"dict_{base_op}"] for t in samples]
         base_name = "copy_ into the same out tensors" if op == "get_many" else f"clone {base_op}"
+        # minor page faults per value of each repeat, both sides (see heap_kept)
+        extra = {"values": count, "heap_kept": kept, "faults": [t[f"faults_{op}"] for t in samples],
+                 "baseline_faults": [t[f"faults_dict_{base_op}"] for t in samples]}
         if row == 3:
             results.append(Result(3, f"host tier {label}, 4 KiB values", threads, "µs/op",
                                   1e6 * median(tier) / count, 1e6 * median(base) / count,
                                   f"dict + {base_name}",
                                   3.0, "<=", samples=[1e6 * t / count for t in tier],
-                                  baseline_samples=[1e6 * t / count for t in base], extra={"values": count}))
+                                  baseline_samples=[1e6 * t / count for t in base], extra=extra))
         else:
             gib = count * size / (1 << 30)
             tier_rate, base_rate = [gib / t for t in tier], [gib / t for t in base]
@@ -634,8 +677,7 @@ def rows_host(ctx: Context, threads: int, row: int) -> list[Result]:
                                   "dict + copy_ into the same out tensors" if op == "get_many"
                                   else f"dict of clones {base_op}",
                                   0.8, ">=",
-                                  samples=tier_rate, baseline_samples=base_rate,
-                                  extra={"values": count}))
+                                  samples=tier_rate, baseline_samples=base_rate, extra=extra))
     return results
 
 
