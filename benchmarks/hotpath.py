@@ -557,8 +557,8 @@ def heap_kept() -> Iterator[bool]:
     in once, by the first repeat), against a dict of clones, whose memory comes from the C heap: whether a
     repeat's clones reused the previous repeat's freed memory or faulted every page in again (16 faults per
     64 KiB value: ~1.6 against ~6.9 GiB/s) depended on whether glibc had trimmed the heap, i.e. on what
-    else happened to sit above them; with trimming off, both sides write into memory already faulted in
-    from the second repeat on (``faults_*`` in the JSON: minor page faults per value)."""
+    else happened to sit above them; with trimming off, and after one untimed repeat (:func:`rows_host`), both
+    sides write into memory already faulted in (``faults_*`` in the JSON: minor page faults per value)."""
     import ctypes
 
     try:
@@ -586,9 +586,9 @@ def host_vs_dict(values: Sequence[torch.Tensor]) -> dict[str, float]:
     the CPU cache, while ``get_many``'s results are all alive, so each of its first writes to a fresh
     page faults it in; at 64 KiB values that was ~3x the copy itself.)
 
-    Run under :func:`heap_kept` (as :func:`rows_host` does), both sides write into memory already faulted in
-    from the second repeat on: the tier into its recycled arena, the dict's clones into the heap memory that
-    the previous repeat's clones and ``out`` tensors left."""
+    Run under :func:`heap_kept` after one untimed call (as :func:`rows_host` does), both sides write into
+    memory already faulted in: the tier into its recycled arena, the dict's clones into the heap memory that
+    the previous call's clones and ``out`` tensors left."""
     nbytes = sum(v.nbytes for v in values)
     count = max(1, len(values))
     times: dict[str, float] = {}
@@ -650,6 +650,7 @@ def rows_host(ctx: Context, threads: int, row: int) -> list[Result]:
     values = _values(count, size)
     samples = []
     with heap_kept() as kept:
+        host_vs_dict(values)  # untimed: both sides' memory faulted in (the tier's arena, the dict's heap)
         for r in range(s.repeats):
             ctx.progress(f"host tier {size // KiB} KiB, {threads} thread(s), repeat {r + 1}")
             samples.append(host_vs_dict(values))

@@ -46,6 +46,12 @@ from which a buffered ``read_into`` spreads over its pool) set to ``BYTES`` (``g
 estimate (``spare_cpus``, from the load average) at ``N``, e.g. 1 to time the pool as on an idle machine
 while other work loads it.
 
+With ``--beside`` every method is also timed while the model (``--model``: SmolLM2's weights, or the tiny
+random Llama) decodes on another thread of this process (``METHOD@beside``): one-token forward passes over a
+``DynamicCache`` of the same context, back to back, as exact decode runs its forward pass beside the reads
+ahead.  Both the reads and the plain baselines then share the cores, the memory bus and the GIL with a
+forward pass, as row 2's "fetch per step" (during decode) does, while its baseline runs alone.
+
 Prints median CPU time (``time.process_time``: every thread of the process, so the reader threads count)
 and wall time per step of each, with the load average.  On a loaded machine read CPU: wall time then
 mostly measures waiting for a core.
@@ -310,11 +316,81 @@ def with_pools(fn: Callable[[], None], buffer: Any, pools: tuple[Any, Any]) -> C
     return run
 
 
+class Beside:
+    """A model decoding on a thread of its own while :meth:`running` is entered: one-token forward passes over a
+    ``DynamicCache`` of ``context`` tokens, back to back (each step's new token cropped off again).  Entering
+    waits until a forward pass has started; leaving waits until the current one has ended, so the block runs
+    beside the model throughout."""
+
+    def __init__(self, model_name: str, config: Any, context: int) -> None:
+        import threading
+
+        from transformers import DynamicCache
+
+        if model_name == "tiny":
+            from transformers import LlamaForCausalLM
+
+            torch.manual_seed(0)
+            self.model = LlamaForCausalLM(config).eval()
+        else:
+            from tiercache_llm.models import load_smollm2
+
+            self.model, _ = load_smollm2()
+        gen = torch.Generator().manual_seed(context)
+        self.ids = torch.randint(3, self.model.config.vocab_size, (1, context), generator=gen)
+        self.cache = DynamicCache(config=self.model.config)
+        with torch.no_grad():
+            self.model(input_ids=self.ids, past_key_values=self.cache, use_cache=True)
+        self.steps = 0
+        self._on, self._started, self._idle = threading.Event(), threading.Event(), threading.Event()
+        self._idle.set()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="hotpath-fetch-beside", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        with torch.no_grad():
+            while True:
+                self._on.wait()
+                if self._stop:
+                    return
+                self._idle.clear()
+                self._started.set()
+                self.model(input_ids=self.ids[:, -1:], past_key_values=self.cache, use_cache=True)
+                self.cache.crop(-1)
+                self.steps += 1
+                self._idle.set()
+
+    def start(self) -> None:
+        self._started.clear()
+        self._on.set()
+        self._started.wait()
+
+    def stop(self) -> None:
+        self._on.clear()
+        self._idle.wait()
+
+    def close(self) -> None:
+        self._stop = True
+        self._on.set()
+        self._thread.join()
+
+
+def with_beside(fn: Callable[[], None], beside: Beside) -> Callable[[], None]:
+    """``fn`` to be timed beside ``beside``'s decode loop (started and stopped outside the timing)."""
+    def run() -> None:
+        fn()
+    run.before, run.after = beside.start, beside.stop  # type: ignore[attr-defined]
+    return run
+
+
 def measure(config: Any, context: int, threads: int, host: int, repeats: int, group: int | None = None,
             compare_split: int | None = None, calls: tuple[int, ...] = (), compare_readers: bool = False,
-            compare_setting: tuple[Any, str, Any, str] | None = None) -> tuple[dict[tuple[str, str], tuple[float, float]], dict[str, int]]:
+            compare_setting: tuple[Any, str, Any, str] | None = None,
+            beside: str | None = None) -> tuple[dict[tuple[str, str], tuple[float, float]], dict[str, int]]:
     """``({(part, method): (median CPU ms, median wall ms) per step}, entry and layer counts)`` for one
-    context at ``threads`` torch threads (a fresh cache in a temp directory, removed after)."""
+    context at ``threads`` torch threads (a fresh cache in a temp directory, removed after); ``beside``: a
+    model name (``--model``) to also time every method beside its decode loop (``METHOD@beside``)."""
     torch.set_num_threads(threads)
     workdir = Path(tempfile.mkdtemp(prefix="tiercache-hotpath-fetch-"))
     cache = build(config, context, host, workdir)
@@ -335,6 +411,14 @@ def measure(config: Any, context: int, threads: int, host: int, repeats: int, gr
                 for name, fn in group.items():
                     both[name] = fn
                     both[f"{name}@{compare_setting[3]}"] = with_setting(fn, compare_setting[:3])
+                methods[part] = both
+        model: Beside | None = Beside(beside, config, context) if beside is not None else None
+        if model is not None:  # each variant timed right after its counterpart
+            for part, group in methods.items():
+                both = {}
+                for name, fn in group.items():
+                    both[name] = fn
+                    both[f"{name}@beside"] = with_beside(fn, model)
                 methods[part] = both
         pools: tuple[Any, ...] = ()
         if compare_readers:
@@ -357,12 +441,19 @@ def measure(config: Any, context: int, threads: int, host: int, repeats: int, gr
             samples: dict[tuple[str, str], list[tuple[float, float]]] = {}
             for r in range(repeats):
                 for part, name, fn in (flat if r % 2 == 0 else flat[::-1]):
+                    before, after = getattr(fn, "before", None), getattr(fn, "after", None)
+                    if before is not None:
+                        before()
                     c0, t0 = time.process_time(), time.perf_counter()
                     fn()
                     samples.setdefault((part, name), []).append(
                         (1e3 * (time.process_time() - c0), 1e3 * (time.perf_counter() - t0)))
+                    if after is not None:
+                        after()
         finally:
             steps.close()  # type: ignore[attr-defined]
+            if model is not None:
+                model.close()
             for pool in pools:
                 pool.shutdown(wait=True)
     finally:
@@ -392,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-setting", default=None, metavar="MODULE.NAME=VALUE",
                         help="also time every method with that module attribute set to VALUE (a Python literal), "
                              "e.g. tiercache.tiers.disk.PARTS_CACHE=False")
+    parser.add_argument("--beside", action="store_true",
+                        help="also time every method while the model decodes on another thread (METHOD@beside; "
+                             "CPU ms then include the model's)")
     parser.add_argument("--spare", type=int, default=None, metavar="N",
                         help="fix the disk tier's idle-CPU estimate (spare_cpus) at N")
     args = parser.parse_args(argv)
@@ -409,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         for threads in parse_ints(args.threads, "--threads"):
             medians, counts = measure(config, context, threads, args.host, args.repeats, args.group, args.compare_split,
                                       tuple(parse_ints(args.calls, "--calls")) if args.calls else (),
-                                      args.compare_readers, setting)
+                                      args.compare_readers, setting, args.model if args.beside else None)
             print(f"context {context}, {threads} torch thread(s): {counts['layers_mem']} layers held in memory "
                   f"({counts['mem_mem']} entries), {counts['layers_disk']} reading the disk ({counts['disk_disk']} "
                   f"entries on disk, {counts['disk_mem']} in memory); ms per step, median of {args.repeats}; "

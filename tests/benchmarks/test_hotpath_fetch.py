@@ -38,3 +38,14 @@ def test_compare_setting_times_every_method_with_the_setting_and_puts_it_back(lo
     for bad in ("PARTS_CACHE=False", "tiercache.tiers.disk.NO_SUCH=1", "tiercache.tiers.disk.PARTS_CACHE"):
         with pytest.raises(ValueError):
             bench.parse_setting(bad)
+
+
+def test_beside_times_every_method_beside_a_decode_loop_and_stops_it(load_benchmark):
+    import threading
+
+    bench = load_benchmark("hotpath_fetch")
+    medians, _ = bench.measure(bench.model_config("tiny"), 600, 1, 200_000, 1, beside="tiny")
+    for part, method in list(medians):
+        if "@" not in method:
+            assert (part, f"{method}@beside") in medians
+    assert not any(t.name == "hotpath-fetch-beside" for t in threading.enumerate())
