@@ -558,7 +558,9 @@ def heap_kept() -> Iterator[bool]:
     repeat's clones reused the previous repeat's freed memory or faulted every page in again (16 faults per
     64 KiB value: ~1.6 against ~6.9 GiB/s) depended on whether glibc had trimmed the heap, i.e. on what
     else happened to sit above them; with trimming off, and after one untimed repeat (:func:`rows_host`), both
-    sides write into memory already faulted in (``faults_*`` in the JSON: minor page faults per value)."""
+    sides write into memory already faulted in (``faults_*`` in the JSON: minor page faults per value).
+    (Setting the threshold also stops glibc from adjusting its mmap threshold dynamically for the rest of the
+    process, as any ``mallopt`` of it does.)"""
     import ctypes
 
     try:
