@@ -492,3 +492,81 @@ def parse_ints(text: str, name: str) -> tuple[int, ...]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"{name} must be positive integers, got {text!r}")
     return values
+
+
+class DecodeBeside:
+    """A model decoding on a thread of its own while started: one-token forward passes of ``ids``' last token
+    over ``cache`` (a transformers ``Cache``, e.g. of the tokens before it), back to back, the new token cropped
+    off again after each, so every pass decodes at the same context.  :meth:`start` returns once a forward pass
+    has begun; :meth:`stop` once the current one has ended, so whatever runs between them runs beside the model
+    throughout.  The passes run at the process's torch thread count (``torch.set_num_threads`` is process-wide:
+    the caller's).  :meth:`close` ends the thread; a forward pass that raises stops the loop and :meth:`start`
+    or :meth:`stop` re-raises its error (``RuntimeError``) instead of waiting forever.  ``passes`` counts the
+    forward passes run so far."""
+
+    def __init__(self, model: Any, ids: torch.Tensor, cache: Any, *, name: str = "decode-beside") -> None:
+        import threading
+
+        from tiercache_llm.hf_kwargs import cache_kwargs
+
+        self.model, self.ids, self.cache = model, ids, cache
+        self._kwargs = cache_kwargs(cache, model)
+        self.passes = 0
+        self.error: BaseException | None = None
+        self._on, self._started, self._idle = threading.Event(), threading.Event(), threading.Event()
+        self._idle.set()
+        self._lock = threading.Lock()  # orders the loop's "start a pass" against stop(): no pass slips past it
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        with torch.no_grad():  # grad mode is per thread
+            while True:
+                self._on.wait()
+                with self._lock:
+                    if self._stop:
+                        return
+                    if not self._on.is_set():  # stopped between the wait and the lock
+                        continue
+                    self._idle.clear()
+                self._started.set()
+                try:
+                    self.model(input_ids=self.ids[:, -1:], **self._kwargs, use_cache=True)
+                    self.cache.crop(-1)
+                except BaseException as exc:  # reported by start/stop; the loop ends
+                    self.error = exc
+                    self._started.set()
+                    self._idle.set()
+                    return
+                self.passes += 1
+                self._idle.set()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"the decode loop beside failed: {self.error!r}") from self.error
+
+    def start(self) -> None:
+        self._raise()
+        self._started.clear()
+        self._on.set()
+        self._started.wait()
+        self._raise()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._on.clear()
+        self._idle.wait()
+        self._raise()
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._on.set()
+        self._thread.join()
+
+    def __enter__(self) -> "DecodeBeside":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

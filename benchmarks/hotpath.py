@@ -8,7 +8,8 @@ Rows (see docs/benchmarks.md, "Hot path"):
 
 1. exact decode, all KV in the host tier: ``TieredKVCache`` ms/step vs ``DynamicCache`` ms/step;
 2. exact decode, host 16 MiB + disk, warm and cold: ratio to ``DynamicCache`` and the per-step fetch time
-   vs reading the same bytes with plain file reads (+ plain copies for the host-resident part);
+   vs reading the same bytes with plain file reads (+ plain copies for the host-resident part), those
+   reads run alone and, for the fetch during decode, also beside the same model decoding on another thread;
 3. host tier, 4 KiB values: put / get µs per op vs a dict + ``clone``;
 4. host tier, 64 KiB values: put / get throughput as a fraction of a dict of clones;
 5. disk tier, 4 KiB / 64 KiB values: warm ``get`` throughput vs ``readinto`` of files of the same size;
@@ -43,7 +44,7 @@ from tiercache_llm.hf_kwargs import cache_kwargs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402  (the benchmarks directory is not a package)
-    parse_ints,
+    parse_ints, DecodeBeside,
     KiB, MiB, disk_floor_reads, drop_page_cache, filesystem_of, has_field, machine_meta, median, read_files,
     torch_threads, write_files,
 )
@@ -412,7 +413,7 @@ def _minor_faults() -> int:
 
 
 def plain_fetch(entries: float, disk_entries: float, entry_bytes: int, cold: bool, steps: int,
-                workdir: Path) -> dict[str, float]:
+                workdir: Path, beside: DecodeBeside | None = None) -> dict[str, float]:
     """What fetching one step's bytes costs without tiercache: ``disk_entries`` files of ``entry_bytes``
     read with open/readinto/close (page cache dropped before each step when ``cold``, else warmed by
     one read first), plus a copy (``copy_`` at the current torch thread count) of each host-resident entry.
@@ -422,7 +423,12 @@ def plain_fetch(entries: float, disk_entries: float, entry_bytes: int, cold: boo
     48 files of 384 KiB, alternating between steps).  Median ms per step (wall), and ``cpu_ms_per_step``:
     the process's CPU time of the same (nothing else of this process runs then); ``faults``: minor page
     faults per step (0 when nothing is faulted in).  ``crc_ms``: a crc32c pass over the bytes read (what
-    verifying them, as the disk tier does, adds)."""
+    verifying them, as the disk tier does, adds).
+
+    ``beside``: each step is timed while that model decodes on its own thread (started after the page cache
+    is dropped, before the timing; stopped after it), as the tier's fetch during decode runs beside the
+    forward pass; ``cpu_ms_per_step`` then includes the model's CPU time (not a figure of the reads), and
+    ``passes``: forward passes that overlapped each timed step."""
     from tiercache.tiers.disk import _crc32c
 
     crc32c = _crc32c()
@@ -435,11 +441,14 @@ def plain_fetch(entries: float, disk_entries: float, entry_bytes: int, cold: boo
     disk_out = [torch.empty(entry_bytes, dtype=torch.uint8).fill_(0) for _ in range(n_disk)]
     if not cold:
         read_files_into(paths, disk_out)
-    disk_ms, host_ms, cpu_ms, crc_ms, faults = [], [], [], [], []
+    disk_ms, host_ms, cpu_ms, crc_ms, faults, passes = [], [], [], [], [], []
     try:
         for _ in range(steps):
             if cold:
                 drop_page_cache(raw)
+            if beside is not None:
+                beside.start()
+                before = beside.passes
             flt = _minor_faults()
             cpu = time.process_time()
             start = time.perf_counter()
@@ -450,6 +459,9 @@ def plain_fetch(entries: float, disk_entries: float, entry_bytes: int, cold: boo
             end = time.perf_counter()
             cpu_ms.append(1000 * (time.process_time() - cpu))
             faults.append(_minor_faults() - flt)
+            if beside is not None:
+                beside.stop()
+                passes.append(beside.passes - before)  # the pass under way at the start counts once done
             disk_ms.append(1000 * (mid - start))
             host_ms.append(1000 * (end - mid))
             start = time.perf_counter()
@@ -460,7 +472,8 @@ def plain_fetch(entries: float, disk_entries: float, entry_bytes: int, cold: boo
         shutil.rmtree(raw, ignore_errors=True)
     return {"ms_per_step": median(d + h for d, h in zip(disk_ms, host_ms)), "disk_ms": median(disk_ms),
             "host_ms": median(host_ms), "cpu_ms_per_step": median(cpu_ms), "crc_ms": median(crc_ms),
-            "faults": median(faults), "disk_files": n_disk, "host_copies": n_host}
+            "faults": median(faults), "disk_files": n_disk, "host_copies": n_host,
+            **({"passes": passes} if beside is not None else {})}
 
 
 def rows_decode(ctx: Context, threads: int, rows: Sequence[int]) -> list[Result]:
@@ -474,15 +487,24 @@ def rows_decode(ctx: Context, threads: int, rows: Sequence[int]) -> list[Result]
         ids, prefilled = ctx.prompt(n_ctx)
         runs: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
         plain: dict[str, list[dict[str, float]]] = {"disk-warm": [], "disk-cold": []}
-        for r in range(s.repeats):
-            for config in configs[r % len(configs):] + configs[: r % len(configs)]:
-                ctx.progress(f"decode {n_ctx} tokens, {config}, {threads} thread(s), repeat {r + 1}")
-                run = decode_run(model, ids, prefilled, config, s, ctx.workdir)
-                runs[config].append(run)
-                if config in plain and run["entries_per_step"]:
-                    plain[config].append(plain_fetch(run["entries_per_step"], run["disk_hits_per_step"],
-                                                     run["entry_bytes"], config == "disk-cold", s.decode_steps,
-                                                     ctx.workdir))
+        # The same plain reads timed beside the same model decoding the same prompt on another thread (at this
+        # thread count): the like-for-like baseline of the fetch during decode, right after the alone one.
+        plain_beside: dict[str, list[dict[str, float]]] = {"disk-warm": [], "disk-cold": []}
+        beside = DecodeBeside(model, ids, copy.deepcopy(prefilled), name="hotpath-beside") if 2 in rows else None
+        try:
+            for r in range(s.repeats):
+                for config in configs[r % len(configs):] + configs[: r % len(configs)]:
+                    ctx.progress(f"decode {n_ctx} tokens, {config}, {threads} thread(s), repeat {r + 1}")
+                    run = decode_run(model, ids, prefilled, config, s, ctx.workdir)
+                    runs[config].append(run)
+                    if config in plain and run["entries_per_step"]:
+                        args = (run["entries_per_step"], run["disk_hits_per_step"], run["entry_bytes"],
+                                config == "disk-cold", s.decode_steps, ctx.workdir)
+                        plain[config].append(plain_fetch(*args))
+                        plain_beside[config].append(plain_fetch(*args, beside=beside))
+        finally:
+            if beside is not None:
+                beside.close()
         dyn = [run["ms_per_step"] for run in runs["dynamic"]]
         ref_tokens = runs["dynamic"][0]["tokens"]
         tokens = ids.shape[-1]
@@ -526,6 +548,14 @@ def rows_decode(ctx: Context, threads: int, rows: Sequence[int]) -> list[Result]
                     threads, "ms/step", median(alone), median(base), "plain reads + copies of the same bytes",
                     1.3, "<=", samples=alone, baseline_samples=base,
                     extra={"alone_ms": [run["alone_ms"] for run in runs[config]]}))
+                # (1') the fetch during decode vs the same plain reads during the same decode: both loaded alike
+                base_beside = [p["ms_per_step"] for p in plain_beside[config]]
+                results.append(Result(
+                    2, f"fetch per step during decode vs plain reads during the same decode, {what}",
+                    threads, "ms/step", median(fetch), median(base_beside),
+                    "plain reads + copies of the same bytes beside the same model decoding",
+                    1.3, "<=", samples=fetch, baseline_samples=base_beside,
+                    extra={"plain_beside": plain_beside[config]}))
                 # (3) the reader thread's CPU time during decode vs the baseline's CPU time
                 cpu = [run["reader_cpu_ms_per_step"] for run in runs[config]]
                 base_cpu = [p["cpu_ms_per_step"] for p in plain[config]]

@@ -72,7 +72,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import MiB, parse_ints, write_files  # noqa: E402  (the benchmarks directory is not a package)
+from _common import DecodeBeside, MiB, parse_ints, write_files  # noqa: E402  (the benchmarks directory is not a package)
 
 
 def model_config(name: str) -> Any:
@@ -316,64 +316,30 @@ def with_pools(fn: Callable[[], None], buffer: Any, pools: tuple[Any, Any]) -> C
     return run
 
 
-class Beside:
-    """A model decoding on a thread of its own while :meth:`running` is entered: one-token forward passes over a
-    ``DynamicCache`` of ``context`` tokens, back to back (each step's new token cropped off again).  Entering
-    waits until a forward pass has started; leaving waits until the current one has ended, so the block runs
-    beside the model throughout."""
+class Beside(DecodeBeside):
+    """``--beside``'s decode loop (``_common.DecodeBeside``): ``model_name``'s model (SmolLM2's weights, or the
+    tiny random Llama) decoding one token at a time over a ``DynamicCache`` of ``context`` random tokens."""
 
     def __init__(self, model_name: str, config: Any, context: int) -> None:
-        import threading
-
         from transformers import DynamicCache
+
+        from tiercache_llm.hf_kwargs import cache_kwargs
 
         if model_name == "tiny":
             from transformers import LlamaForCausalLM
 
             torch.manual_seed(0)
-            self.model = LlamaForCausalLM(config).eval()
+            model = LlamaForCausalLM(config).eval()
         else:
             from tiercache_llm.models import load_smollm2
 
-            self.model, _ = load_smollm2()
+            model, _ = load_smollm2()
         gen = torch.Generator().manual_seed(context)
-        self.ids = torch.randint(3, self.model.config.vocab_size, (1, context), generator=gen)
-        self.cache = DynamicCache(config=self.model.config)
+        ids = torch.randint(3, model.config.vocab_size, (1, context), generator=gen)
+        cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            self.model(input_ids=self.ids, past_key_values=self.cache, use_cache=True)
-        self.steps = 0
-        self._on, self._started, self._idle = threading.Event(), threading.Event(), threading.Event()
-        self._idle.set()
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="hotpath-fetch-beside", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        with torch.no_grad():
-            while True:
-                self._on.wait()
-                if self._stop:
-                    return
-                self._idle.clear()
-                self._started.set()
-                self.model(input_ids=self.ids[:, -1:], past_key_values=self.cache, use_cache=True)
-                self.cache.crop(-1)
-                self.steps += 1
-                self._idle.set()
-
-    def start(self) -> None:
-        self._started.clear()
-        self._on.set()
-        self._started.wait()
-
-    def stop(self) -> None:
-        self._on.clear()
-        self._idle.wait()
-
-    def close(self) -> None:
-        self._stop = True
-        self._on.set()
-        self._thread.join()
+            model(input_ids=ids, **cache_kwargs(cache, model), use_cache=True)
+        super().__init__(model, ids, cache, name="hotpath-fetch-beside")
 
 
 def with_beside(fn: Callable[[], None], beside: Beside) -> Callable[[], None]:

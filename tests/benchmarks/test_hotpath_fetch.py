@@ -49,3 +49,37 @@ def test_beside_times_every_method_beside_a_decode_loop_and_stops_it(load_benchm
         if "@" not in method:
             assert (part, f"{method}@beside") in medians
     assert not any(t.name == "hotpath-fetch-beside" for t in threading.enumerate())
+
+
+def test_decode_beside_runs_passes_between_start_and_stop_and_reports_a_failing_model(load_benchmark):
+    import pytest
+    import torch
+
+    common = load_benchmark("_common")
+
+    class Cache:
+        def __init__(self):
+            self.crops = 0
+
+        def crop(self, n):
+            assert n == -1
+            self.crops += 1
+
+    class Model:
+        def __init__(self, fail):
+            self.fail = fail
+
+        def __call__(self, input_ids, use_cache, **kwargs):
+            if self.fail:
+                raise ValueError("boom")
+
+    cache = Cache()
+    with common.DecodeBeside(Model(False), torch.zeros(1, 3, dtype=torch.long), cache) as beside:
+        beside.start()
+        beside.stop()
+        done = beside.passes
+        assert done >= 1 and cache.crops == done
+        assert beside.passes == done  # stopped: no pass runs after stop() returns
+    with common.DecodeBeside(Model(True), torch.zeros(1, 3, dtype=torch.long), Cache()) as failing:
+        with pytest.raises(RuntimeError, match="boom"):
+            failing.start()

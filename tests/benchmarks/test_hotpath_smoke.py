@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import threading
 
 import pytest
 
@@ -64,6 +65,21 @@ def test_every_row_runs_with_a_same_run_baseline_and_writes_its_files(hotpath, t
             # page faults of the timed plain steps are recorded (reads land in buffers allocated once; at
             # these tiny sizes fresh buffers would not fault either, so no bound is asserted here)
             assert plain["faults"] >= 0
+    # the fetch during decode also beside its like-for-like baseline: the same plain reads timed while the
+    # same model decodes on another thread (every timed step overlapped at least one forward pass), warm
+    # and cold; same figure as the "fetch per step" row, its own positive baseline
+    during = [r for r in results if r.name.startswith("fetch per step during decode vs plain reads during")]
+    assert len(during) == 2
+    for r in during:
+        twin = next(f for f in fetch if f.name.endswith(r.name.split(" decode, ", 1)[1]))
+        assert r.samples == twin.samples and r.target == twin.target == 1.3
+        assert "beside the same model decoding" in r.baseline_name
+        assert r.baseline > 0 and len(r.extra["plain_beside"]) == settings.repeats
+        for plain, alone in zip(r.extra["plain_beside"], twin.extra["plain"]):
+            assert plain["disk_files"] == alone["disk_files"] and plain["host_copies"] == alone["host_copies"]
+            assert len(plain["passes"]) == settings.decode_steps and min(plain["passes"]) >= 1
+        assert all("passes" not in p for p in twin.extra["plain"])  # the alone baseline stays alone
+    assert not any(t.name == "hotpath-beside" for t in threading.enumerate())  # the decode loop is closed
     cold = next(r for r in decode if "cold" in r.name)
     assert cold.extra["cold_method"] in ("fadvise", "direct_io")
     # rows 3-4 measure put and get, single-key and batched; row 5 get at two value sizes; rows 6 warm
