@@ -50,7 +50,9 @@ With ``--beside`` every method is also timed while the model (``--model``: SmolL
 random Llama) decodes on another thread of this process (``METHOD@beside``): one-token forward passes over a
 ``DynamicCache`` of the same context, back to back, as exact decode runs its forward pass beside the reads
 ahead.  Both the reads and the plain baselines then share the cores, the memory bus and the GIL with a
-forward pass, as row 2's "fetch per step" (during decode) does, while its baseline runs alone.
+forward pass, as row 2's "fetch per step" (during decode) does.  The loop is ``_common.DecodeBeside``, the
+one hotpath.py's "fetch per step during decode vs plain reads during the same decode" times its baseline
+beside (row 2's older "fetch per step" line keeps a baseline run alone).
 
 Prints median CPU time (``time.process_time``: every thread of the process, so the reader threads count)
 and wall time per step of each, with the load average.  On a loaded machine read CPU: wall time then
