@@ -217,3 +217,17 @@ def test_crop_of_directly_updated_first_layer_still_works(make_config):
         cache.update(k, k, 0)
         cache.crop(-3)
         assert cache.layers[0].get_seq_length() == 4 and not cache.layers[1].is_initialized
+
+
+# ------------------------------------------------------------------ 5. test helpers refuse mis-sized masks
+def test_decode_logits_refuses_a_mask_shorter_than_the_context(model):
+    """transformers pads a 2-D mask shorter than the context with zeros at its end (masking the newest tokens):
+    the tests' decode helper refuses one instead of comparing logits computed under it."""
+    from .test_sparse_pipeline import check_mask, decode_logits
+
+    ids, mask = left_padded_batch(seed=4)
+    with TieredKVCache(model.config, block_size=4, host="1MiB") as cache:
+        decode_logits(model, cache, ids, mask, steps=1)
+        with pytest.raises(ValueError, match=r"attention mask of 20 positions for 21 cached and 20 new tokens"):
+            decode_logits(model, cache, ids, mask, steps=1)  # a second prompt needs the context's mask too
+        check_mask(cache, ids, torch.ones(3, 41, dtype=mask.dtype))
