@@ -369,7 +369,8 @@ class BlockStore:
         waits until the writer catches up (back-pressure; a single batch larger than ``max_bytes`` is
         admitted alone).  Until written, an entry is served by :meth:`get_blocks` from the queue and
         :meth:`tiers_of` names it :data:`WRITE_QUEUE`.  A failed write raises :class:`KVWriteError` at the
-        next call and leaves its entries queued (readable; retried by :meth:`flush_writes`).  Capacity
+        next call and leaves its entries queued (readable; retried by :meth:`flush_writes`); when that call is
+        a put, it raises before queueing its own blocks (none of them is stored).  Capacity
         checks and accounting happen at enqueue time, exactly as for a direct put.  ``0`` disables it
         (after draining the queue)."""
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
@@ -399,13 +400,14 @@ class BlockStore:
             self._raise_taken(exc)
 
     @staticmethod
-    def _raise_taken(exc: BaseException) -> None:
+    def _raise_taken(exc: BaseException, refused_put: bool = False) -> None:
         """Raise a write-behind failure taken from ``_write_error`` (as :class:`KVWriteError`, or itself when it
-        is a :class:`KVCapacityError`)."""
+        is a :class:`KVCapacityError`); ``refused_put``: raised by a put that queued nothing."""
         if isinstance(exc, KVCapacityError):
             raise exc
-        raise KVWriteError(f"a write-behind write of KV blocks failed: {exc}; the blocks are kept in the "
-                           "queue (flush_writes() retries them)") from exc
+        refused = "; this put stored none of its blocks" if refused_put else ""
+        raise KVWriteError(f"a write-behind write of KV blocks failed: {exc}{refused}; the blocks that failed are "
+                           "kept in the queue (flush_writes() retries them)") from exc
 
     def _enqueue(self, items: Sequence[tuple[Any, torch.Tensor]], nbytes: int) -> None:
         start = time.perf_counter()
@@ -430,7 +432,7 @@ class BlockStore:
                     self._pending[key] = [tensor, None]
                     self._pending_bytes += tensor.nbytes
         if failure is not None:
-            self._raise_taken(failure)
+            self._raise_taken(failure, refused_put=True)
         for key, tensor in batch:
             self._account(key, tensor.numel() * tensor.element_size())
         self.counters.blocks_put += len(batch)

@@ -109,7 +109,7 @@ def test_write_behind_failures_leave_nothing_after_reset_and_reset_recovers(make
             deadline.wait(0.005)
         assert store.counters.write_errors == 1
         queued_before = store.queued_bytes
-        with pytest.raises(KVWriteError, match="injected write failure"):
+        with pytest.raises(KVWriteError, match="injected write failure; this put stored none of its blocks"):
             cache.update(k[:, :, :4], k[:, :, :4], 1)
         assert store.queued_bytes == queued_before  # the refused put queued nothing
         cache.reset()  # the retry inside fails again: reset must not
