@@ -33,6 +33,7 @@ from .batched import DataPaths, _check_read_device, _normal_device, check_ranges
 from .config import CacheConfig, check_config
 from .errors import CacheClosedError, CacheLockedError
 from .index import RankedQueue
+from .overlap import check_disjoint
 from .keys import check_key
 from .persistence import Persistence
 from .policies import make_policy
@@ -301,6 +302,7 @@ class Cache(DataPaths, Persistence):
         if isinstance(out, (list, tuple)):
             dsts = list(out)
             target = _out_list_target(dsts, asked, device)
+            check_disjoint(dsts, keys)
         elif out is not None:
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f"out must be a torch.Tensor or a list of them, got {type(out).__name__}")
@@ -328,6 +330,7 @@ class Cache(DataPaths, Persistence):
         dsts = list(out)
         asked = _normal_device(torch.device(device)) if device is not None else None
         target = _out_list_target(dsts, asked, device)
+        check_disjoint(dsts, keys, checked)
         if target.type != "cpu":
             _check_read_device(target)
         return self._get_ranged(keys, target, dsts, checked)

@@ -1270,6 +1270,9 @@ class TieredKVCache(Cache):
         self._broken: str | None = None
         self._cursor = -1
         self._in_pass = False
+        # Whether a model drives this cache (transformers' mask creation announced a pass since the last reset):
+        # then every layer, an uninitialised one included, must hold as many tokens as layer 0 (crop checks it).
+        self._model_driven = False
         try:
             self._start_pipeline()  # refuses pool_bytes="auto" without a memory tier
         except BaseException:
@@ -1354,6 +1357,7 @@ class TieredKVCache(Cache):
         if layer_idx == 0:
             if self._broken is not None:
                 raise InconsistentCacheError(self._broken)
+            self._model_driven = True
             n = self.layers[0]._length
             for layer in self.layers:
                 if layer._length != n:
@@ -1362,11 +1366,15 @@ class TieredKVCache(Cache):
 
     def _check_consistent(self) -> None:
         """Raise :class:`~tiercache_llm.errors.InconsistentCacheError` after a failed pass, or when the layers'
-        lengths disagree (every initialised layer must hold as many tokens as layer 0)."""
+        lengths disagree: every initialised layer must hold as many tokens as layer 0, and once a model drives
+        the cache (a forward pass announced itself through :meth:`get_mask_sizes`) every layer must, an
+        uninitialised one too (a prefill that failed half-way left it empty; layers updated one by one outside
+        a forward pass, as tests do, may leave later layers uninitialised)."""
         if self._broken is not None:
             raise InconsistentCacheError(self._broken)
         first = self.layers[0]
-        if any(layer.is_initialized and layer._length != first._length for layer in self.layers):
+        driven = self._model_driven
+        if any((driven or layer.is_initialized) and layer._length != first._length for layer in self.layers):
             raise InconsistentCacheError(self._mark_broken())
 
     @classmethod
@@ -1679,7 +1687,8 @@ class TieredKVCache(Cache):
         ``buffer_bytes`` / ``buffer_peak_bytes``: the decode buffer shared by the layers, about one
         layer's visible K and V per slot in use (with layer-ahead reads one more slot per layer read
         ahead: up to three in all with memory tiers only, five with a disk tier, nine for small layers);
-        ``beside_tiers_bytes``: their sum, plus in sparse mode ``digest_bytes`` and the pipeline's pool
+        ``beside_tiers_bytes``: their sum, plus ``queued_bytes`` (blocks waiting in the write-behind queue:
+        copies in memory, not in the tiers yet) and in sparse mode ``digest_bytes`` and the pipeline's pool
         and staging bytes), and the :class:`~tiercache_llm.store.KVCounters`;
         ``prefetch``: ``enabled`` and the layer-ahead reads' counters
         (:class:`~tiercache_llm.decode_buffer.ReadAheadCounters`: reads started / used / discarded /
@@ -1699,7 +1708,8 @@ class TieredKVCache(Cache):
             buffer_bytes=self.buffer.nbytes,
             buffer_peak_bytes=self.buffer.peak_bytes,
         )
-        out["kv"]["beside_tiers_bytes"] = out["kv"]["tail_bytes"] + out["kv"]["buffer_bytes"]
+        kv = out["kv"]
+        kv["beside_tiers_bytes"] = kv["tail_bytes"] + kv["buffer_bytes"] + kv["queued_bytes"]
         out["prefetch"] = {"enabled": self.buffer.read_ahead, **self.buffer.counters.as_dict()}
         if self._pipeline is not None:
             out["pipeline"] = self._pipeline_stats(out)
@@ -1752,10 +1762,13 @@ class TieredKVCache(Cache):
         the cache is empty and consistent afterwards."""
         self._invalidate_pipeline()
         super().reset()
+        if not self.store.closed:  # entries no layer tracks: those of a block write that failed part-way
+            self.store.delete_all()
         self.buffer.release()
         self._broken = None
         self._cursor = -1
         self._in_pass = False
+        self._model_driven = False
 
     # ----------------------------------------------------------------------------------- copies
     def __deepcopy__(self, memo: dict) -> "TieredKVCache":

@@ -336,18 +336,31 @@ class BlockStore:
         start = time.perf_counter()
         try:
             self.cache.put_many(list(items))
-        except (ValueError, tiercache.TierCacheError) as exc:
-            # put_many stops at the first failure; account for what did land so deletes stay exact.
-            for key, tensor in items:
-                if key in self.cache and key not in self._live:
-                    self._account(key, tensor.numel() * tensor.element_size())
-            raise KVCapacityError(f"the tiercache refused a KV block ({exc}); {self._budget_text()}") from exc
+        except BaseException as exc:
+            self._roll_back(items)
+            if isinstance(exc, (ValueError, tiercache.TierCacheError)):
+                raise KVCapacityError(f"the tiercache refused a KV block ({exc}); {self._budget_text()}") from exc
+            raise
         self.counters.put_seconds += time.perf_counter() - start
         for key, tensor in items:
             self._account(key, tensor.numel() * tensor.element_size())
         self.counters.blocks_put += len(items)
         self.counters.bytes_put += new_bytes
         self._check_evictions()
+
+    def _roll_back(self, items: Sequence[tuple[Any, torch.Tensor]]) -> None:
+        """After a ``put_many`` of ``items`` that raised (it stops at the failing item: the ones before it stay
+        stored): delete the entries it stored that this store did not hold before.  The caller was told the put
+        failed, so nobody else tracks them; an entry that cannot be deleted now is accounted instead, so
+        :meth:`delete_all` (``TieredKVCache.reset``) and :meth:`close` delete it."""
+        for key, tensor in items:
+            if key in self._live:  # held before this put (replaced or not): still this store's entry
+                continue
+            try:
+                if key in self.cache:
+                    self.cache.delete(key)
+            except BaseException:  # noqa: BLE001 - keep it tracked; the put's own error is the one raised
+                self._account(key, tensor.numel() * tensor.element_size())
 
     # ------------------------------------------------------------------------------ write-behind
     def enable_write_behind(self, max_bytes: int) -> None:
@@ -356,7 +369,8 @@ class BlockStore:
         waits until the writer catches up (back-pressure; a single batch larger than ``max_bytes`` is
         admitted alone).  Until written, an entry is served by :meth:`get_blocks` from the queue and
         :meth:`tiers_of` names it :data:`WRITE_QUEUE`.  A failed write raises :class:`KVWriteError` at the
-        next call and leaves its entries queued (readable; retried by :meth:`flush_writes`).  Capacity
+        next call and leaves its entries queued (readable; retried by :meth:`flush_writes`); when that call is
+        a put, it raises before queueing its own blocks (none of them is stored).  Capacity
         checks and accounting happen at enqueue time, exactly as for a direct put.  ``0`` disables it
         (after draining the queue)."""
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
@@ -383,10 +397,17 @@ class BlockStore:
         with self._wcond:
             exc, self._write_error = self._write_error, None
         if exc is not None:
-            if isinstance(exc, KVCapacityError):
-                raise exc
-            raise KVWriteError(f"a write-behind write of KV blocks failed: {exc}; the blocks are kept in the "
-                               "queue (flush_writes() retries them)") from exc
+            self._raise_taken(exc)
+
+    @staticmethod
+    def _raise_taken(exc: BaseException, refused_put: bool = False) -> None:
+        """Raise a write-behind failure taken from ``_write_error`` (as :class:`KVWriteError`, or itself when it
+        is a :class:`KVCapacityError`); ``refused_put``: raised by a put that queued nothing."""
+        if isinstance(exc, KVCapacityError):
+            raise exc
+        refused = "; this put stored none of its blocks" if refused_put else ""
+        raise KVWriteError(f"a write-behind write of KV blocks failed: {exc}{refused}; the blocks that failed are "
+                           "kept in the queue (flush_writes() retries them)") from exc
 
     def _enqueue(self, items: Sequence[tuple[Any, torch.Tensor]], nbytes: int) -> None:
         start = time.perf_counter()
@@ -400,12 +421,18 @@ class BlockStore:
                         break  # the writer is not draining: raise below instead of waiting forever
                     self._wcond.wait()
                 self.counters.backpressure_seconds += time.perf_counter() - waited
-            for key, tensor in batch:
-                old = self._pending.pop(key, None)
-                if old is not None:
-                    self._pending_bytes -= old[0].nbytes
-                self._pending[key] = [tensor, None]
-                self._pending_bytes += tensor.nbytes
+            # A failure not yet raised is raised now, before this batch is queued: the caller is told its put
+            # failed, so none of its blocks may be written behind its back (nobody would track or delete them).
+            failure, self._write_error = self._write_error, None
+            if failure is None:
+                for key, tensor in batch:
+                    old = self._pending.pop(key, None)
+                    if old is not None:
+                        self._pending_bytes -= old[0].nbytes
+                    self._pending[key] = [tensor, None]
+                    self._pending_bytes += tensor.nbytes
+        if failure is not None:
+            self._raise_taken(failure, refused_put=True)
         for key, tensor in batch:
             self._account(key, tensor.numel() * tensor.element_size())
         self.counters.blocks_put += len(batch)
@@ -413,7 +440,6 @@ class BlockStore:
         self.counters.queued_puts += len(batch)
         self.counters.enqueue_seconds += time.perf_counter() - start
         self._writer.submit(self._write, [key for key, _ in batch])
-        self._raise_write_error()
 
     def _write(self, keys: list[Any]) -> None:
         """Writer thread: store ``keys`` (those still queued) and drop them from the queue."""
@@ -676,15 +702,41 @@ class BlockStore:
             self._held_charge -= self.cache.charge(nbytes)
 
     def delete_blocks(self, keys: Iterable[Any]) -> None:
-        """Remove entries (missing ones are ignored: they are gone either way).  Queued writes are
-        finished first (deletes are rare: crop, reset, batch selection, close)."""
+        """Remove entries (missing ones are ignored: they are gone either way).  Their writes still queued
+        are dropped, and a write-behind batch being written is waited for first (deletes are rare: crop,
+        reset, batch selection, close); a write-behind failure is not raised here (a failing writer must not
+        stop a reset: it is raised by the next other call)."""
         self._check_open()
-        self.flush_writes()
+        keys = list(keys)
+        if self._writer is not None:
+            self._unqueue(keys)
         self.wait_prefetches()
         for key in keys:
             self._unaccount(key)
             self.cache.delete(key)  # False for an entry already gone: nothing to do
             self.counters.blocks_deleted += 1
+
+    def _unqueue(self, keys: list[Any]) -> None:
+        """Drop the queued writes of ``keys`` (failed ones too), then wait for the batches submitted so far: one
+        being written may hold some of ``keys`` (its put lands before the caller deletes them)."""
+        with self._wcond:
+            for key in keys:
+                slot = self._pending.pop(key, None)
+                if slot is not None:
+                    self._pending_bytes -= slot[0].nbytes
+            self._wcond.notify_all()
+        self._writer.submit(lambda: None).result()
+
+    def delete_all(self) -> None:
+        """Delete every entry this store holds, those no KV layer tracks included (the entries of a write that
+        failed part-way, which :meth:`put_blocks` could not roll back), and forget a write-behind failure not
+        yet raised: its blocks are gone (``TieredKVCache.reset`` ends with this)."""
+        self.delete_blocks(list(self._live))
+        with self._wcond:
+            self._pending.clear()
+            self._pending_bytes = 0
+            self._failed = []
+            self._write_error = None
 
     def prefetch(self, keys: Sequence[Any]) -> concurrent.futures.Future | None:
         """Ask the tiercache to stage ``keys`` toward its fastest tier, without waiting; returns its future (its

@@ -24,6 +24,7 @@ from tiercache_llm.hf_kwargs import cache_kwargs
 from tiercache_llm.sparse_layer import SparseModeError
 
 from .test_generate_tiny import left_padded_batch
+from .test_sparse_pipeline import check_mask
 
 DENSE = 10**6
 STRATEGIES = ("attention-aware", "fetch-every-step", "reuse-layer-ahead")
@@ -61,9 +62,11 @@ def forced(model, cache, ids, mask, tokens):
     """Prefill then one forward per column of ``tokens`` (teacher forcing); last-position logits per pass."""
     out, m = [], mask
     with torch.no_grad():
+        check_mask(cache, ids, m)
         out.append(model(ids, attention_mask=m, **cache_kwargs(cache, model)).logits[:, -1].float())
         for col in tokens.T:
             m = torch.cat((m, torch.ones_like(m[:, :1])), 1)
+            check_mask(cache, col[:, None], m)
             out.append(model(col[:, None], attention_mask=m, **cache_kwargs(cache, model)).logits[:, -1].float())
     return torch.stack(out), m
 
@@ -73,6 +76,7 @@ def decode_more(model, cache, mask, tokens):
     with torch.no_grad():
         for col in tokens.T:
             m = torch.cat((m, torch.ones_like(m[:, :1])), 1)
+            check_mask(cache, col[:, None], m)
             out.append(model(col[:, None], attention_mask=m, **cache_kwargs(cache, model)).logits[:, -1].float())
     return torch.stack(out)
 

@@ -18,6 +18,7 @@ from tiercache_llm.sparse_layer import SparseModeError
 from .conftest import tiny_config
 from .test_generate_tiny import left_padded_batch
 from .test_sparse_mode import digests_match_keys
+from .test_sparse_pipeline import check_mask
 
 DENSE = 10**9
 STRATEGIES = ("attention-aware", "fetch-every-step", "reuse-layer-ahead")
@@ -43,11 +44,13 @@ def assert_same(ref, got, atol=2e-5):
 def steps(model, cache, ids, mask, n=5):
     """Plain forward calls: the prefill and ``n`` greedy decode steps; the logits of every call."""
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # positions from the mask, as generate computes them
+    check_mask(cache, ids, mask)
     out = model(ids, attention_mask=mask, position_ids=pos, **cache_kwargs(cache, model))
     logits = [out.logits[:, -1]]
     for _ in range(n):
         nxt = logits[-1].argmax(-1, keepdim=True)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        check_mask(cache, nxt, mask)
         out = model(nxt, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
                     **cache_kwargs(cache, model))
         logits.append(out.logits[:, -1])

@@ -35,14 +35,33 @@ def two_entries(cache):
     return cache
 
 
+def check_mask(cache, ids, mask):
+    """A forward pass's 2-D attention mask must cover the cached tokens and the new ones: transformers pads a
+    shorter one with zeros at its end (masking the newest tokens out) without a word."""
+    held = cache.get_seq_length()
+    if mask.shape[-1] != held + ids.shape[-1]:
+        raise ValueError(f"attention mask of {mask.shape[-1]} positions for {held} cached and {ids.shape[-1]} new "
+                         "tokens: pass a mask of the whole context (the cached tokens' part first)")
+
+
+def continued_mask(cache, prompt_mask, mask):
+    """The mask of a new prompt (``mask``) fed after what ``cache`` holds (a prompt masked by ``prompt_mask``, then
+    decoded tokens): ``prompt_mask``, ones for the tokens decoded since, then ``mask``."""
+    done = torch.ones(prompt_mask.shape[0], cache.get_seq_length() - prompt_mask.shape[1], dtype=prompt_mask.dtype)
+    return torch.cat([prompt_mask, done, mask], 1)
+
+
 def decode_logits(model, cache, ids, mask, steps=10):
-    """Prefill, then ``steps`` greedy decode steps through plain forward calls; the logits of every step."""
+    """Prefill (``ids`` after what ``cache`` holds: ``mask`` covers both, see :func:`check_mask`), then ``steps``
+    greedy decode steps through plain forward calls; the logits of every step."""
     out = []
     with torch.no_grad():
+        check_mask(cache, ids, mask)
         logits = model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache, model)).logits[:, -1]
         for _ in range(steps):
             nxt = logits.argmax(-1, keepdim=True)
             mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+            check_mask(cache, nxt, mask)
             logits = model(input_ids=nxt, attention_mask=mask, **cache_kwargs(cache, model)).logits[:, -1]
             out.append(logits)
     return torch.stack(out)

@@ -23,7 +23,7 @@ from tiercache_llm.sparse.pipeline import DecodePipeline, PipelineConfig
 from tiercache_llm.sparse_layer import attend_overlapped, attend_selected
 
 from ..test_generate_tiny import left_padded_batch
-from ..test_sparse_pipeline import decode_logits, opts
+from ..test_sparse_pipeline import continued_mask, decode_logits, opts
 from .test_page_table import BASE, make_case, torch_threads
 from .test_pool import change_rows, decode_recording, decode_rows
 
@@ -181,7 +181,7 @@ def test_a_failed_synchronous_read_raises_as_before(model, tmp_path, monkeypatch
 
         monkeypatch.setattr(DecodePipeline, "_sync_read", broken)
         with pytest.raises(OSError, match="injected sync read failure"):
-            decode_logits(model, cache, ids, mask, steps=3)
+            decode_logits(model, cache, ids, continued_mask(cache, mask, mask), steps=3)
         assert threads and all(name.startswith("tiercache-kv-sync") for name in threads)
         assert pipe._pending is None
         # the failed blocks left no slot claiming them: decoding on reads them again and matches a fresh cache

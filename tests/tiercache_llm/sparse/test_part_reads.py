@@ -15,7 +15,7 @@ from tiercache_llm.sparse.pool import PoolArena
 from tiercache_llm.store import copy_ranges
 
 from ..test_generate_tiny import left_padded_batch
-from ..test_sparse_pipeline import decode_logits, opts
+from ..test_sparse_pipeline import continued_mask, decode_logits, opts
 from .test_pool import change_rows, decode_rows
 
 
@@ -198,6 +198,6 @@ def test_a_cache_without_ranged_reads_reads_whole_entries(model, tmp_path):
         cache.store.ranged_reads = False
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache, model))
-        decode_logits(model, cache, ids, mask, steps=2)
+        decode_logits(model, cache, ids, continued_mask(cache, mask, mask), steps=2)
         p = cache.stats()["pipeline"]
         assert p["ranged_entries"] == 0 and p["whole_entries"] > 0

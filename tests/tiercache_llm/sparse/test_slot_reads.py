@@ -17,7 +17,7 @@ from tiercache_llm.sparse.pipeline import DecodePipeline, PipelineConfig
 from tiercache_llm.sparse.pool import PoolArena
 
 from ..test_generate_tiny import left_padded_batch
-from ..test_sparse_pipeline import decode_logits, opts, two_entries
+from ..test_sparse_pipeline import continued_mask, decode_logits, opts, two_entries
 from .test_overlap import failing_read
 from .test_pool import change_rows, decode_recording, decode_rows
 
@@ -286,7 +286,7 @@ def test_a_persistent_read_error_is_raised(model, tmp_path, monkeypatch):
 
         monkeypatch.setattr(cache.store, "get_blocks", broken)
         with pytest.raises(OSError, match="injected persistent failure"):
-            decode_logits(model, cache, ids, mask, steps=3)
+            decode_logits(model, cache, ids, continued_mask(cache, mask, mask), steps=3)
 
 
 @pytest.mark.parametrize("settle_late", [True, False])
@@ -623,7 +623,7 @@ def test_reads_beside_copies_raise_a_failed_read_after_the_other_is_done(model, 
         cache._pipeline._sync_executor = Recording(1, thread_name_prefix="tiercache-kv-sync")
         monkeypatch.setattr(DecodePipeline, "_sync_read", broken)
         with pytest.raises(OSError, match=f"injected {which} read failure"):
-            decode_logits(model, cache, ids, mask, steps=6)
+            decode_logits(model, cache, ids, continued_mask(cache, mask, mask), steps=6)
         assert not running
 
 
