@@ -20,6 +20,7 @@ import operator
 import os
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -1052,14 +1053,33 @@ class TieredKVLayer(CacheLayerMixin):
         if compact:
             stale = [i for i, b in enumerate(self._blocks) if b.rows is not None and b.rows.numel() < b.stored_batch]
             if stale:
-                ks, vs = self._fetch([self._blocks[i] for i in stale])
-                self._delete([self._blocks[i] for i in stale])
-                refs, kkeys, vkeys = self._store_blocks(ks, vs)
-                for i, ref, kkey, vkey in zip(stale, refs, kkeys, vkeys):
-                    self._blocks[i], self._kkeys[i], self._vkeys[i] = ref, kkey, vkey
-                if self.sparse is not None:
-                    self.sparse.push_all_scores(self)
+                self._compact(stale)
         self._mapped = any(b.rows is not None for b in self._blocks)
+
+    def _compact(self, stale: list[int]) -> None:
+        """Rewrite the blocks ``stale`` (indices into ``self._blocks``, each mapped to fewer rows than it stores)
+        with only their mapped rows, under fresh serials; the old entries are deleted only once the new ones are
+        stored.  If reading or storing fails (no room in the tiers, an I/O error), the layer keeps the old
+        blocks with their row maps -- which are exact, as after ``reorder_cache`` -- and a ``RuntimeWarning``
+        says that the dropped rows still occupy the tiers: nothing is lost and every layer stays consistent
+        (raising here would leave the layers after this one with the old batch)."""
+        old = [self._blocks[i] for i in stale]
+        try:
+            ks, vs = self._fetch(old)
+            refs, kkeys, vkeys = self._store_blocks(ks, vs)
+        except CacheClosedError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the row-mapped blocks are a correct fallback
+            warnings.warn(f"batch_select_indices: layer {self.layer_idx} could not rewrite {len(old)} block(s) "
+                          f"without the dropped rows ({type(exc).__name__}: {exc}); they are kept with row maps "
+                          "(exact), so the dropped rows still occupy the tiers until the blocks are deleted",
+                          RuntimeWarning, stacklevel=4)
+            return
+        for i, ref, kkey, vkey in zip(stale, refs, kkeys, vkeys):
+            self._blocks[i], self._kkeys[i], self._vkeys[i] = ref, kkey, vkey
+        self._delete(old)
+        if self.sparse is not None:
+            self.sparse.push_all_scores(self)
 
     def _copy_to(self, store: BlockStore, cache_uid: str, buffer: DecodeBuffer) -> "TieredKVLayer":
         """An independent layer with the same contents, its blocks copied into ``store`` under

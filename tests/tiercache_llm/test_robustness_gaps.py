@@ -231,3 +231,52 @@ def test_decode_logits_refuses_a_mask_shorter_than_the_context(model):
         with pytest.raises(ValueError, match=r"attention mask of 20 positions for 21 cached and 20 new tokens"):
             decode_logits(model, cache, ids, mask, steps=1)  # a second prompt needs the context's mask too
         check_mask(cache, ids, torch.ones(3, 41, dtype=mask.dtype))
+
+
+# ------------------------------------------------------------------ batch_select_indices whose rewrite fails
+@pytest.mark.parametrize("exc", [OSError("injected disk error"), tiercache.errors.TierIOError("injected tier error")],
+                         ids=["OSError", "TierIOError"])
+def test_failed_compaction_keeps_the_rows_exact_and_loses_nothing(make_config, exc):
+    """``batch_select_indices`` rewrites the blocks without the dropped rows; when that write fails the layer
+    keeps its old blocks with row maps (a warning says the dropped rows still take room): the kept rows read
+    back exactly, and no entry of the failed rewrite is left behind."""
+    tc = tiercache.Cache(host="1MiB")
+    try:
+        cache = TieredKVCache(make_config(), block_size=4, cache=tc)
+        gen = torch.Generator().manual_seed(5)
+        k, v = (torch.randn(3, 2, 12, 16, generator=gen) for _ in range(2))
+        cache.update(k, v, 0)
+        before = len(tc)
+        tc.put_many = first_item_then(exc, tiercache.Cache.put_many.__get__(tc))
+        with pytest.warns(RuntimeWarning, match="dropped rows still occupy the tiers"):
+            cache.batch_select_indices(torch.tensor([2, 0]))
+        del tc.put_many
+        assert len(tc) == before, "the failed rewrite left entries behind, or the old blocks were deleted"
+        k1, v1 = (torch.randn(2, 2, 1, 16, generator=gen) for _ in range(2))
+        keys, values = cache.update(k1, v1, 0)
+        torch.testing.assert_close(keys, torch.cat((k[[2, 0]], k1), dim=2), rtol=0, atol=0)
+        torch.testing.assert_close(values, torch.cat((v[[2, 0]], v1), dim=2), rtol=0, atol=0)
+        cache.close()
+        assert len(tc) == 0
+    finally:
+        tc.close()
+
+
+def test_compaction_rewrites_then_deletes(make_config):
+    """Without a failure the rewrite replaces the old entries (same count, fewer bytes) and reads back exactly."""
+    tc = tiercache.Cache(host="1MiB")
+    try:
+        cache = TieredKVCache(make_config(), block_size=4, cache=tc)
+        gen = torch.Generator().manual_seed(6)
+        k, v = (torch.randn(3, 2, 12, 16, generator=gen) for _ in range(2))
+        cache.update(k, v, 0)
+        before, held = len(tc), cache.store.held_bytes
+        cache.batch_select_indices(torch.tensor([1]))
+        assert len(tc) == before and cache.store.held_bytes == held // 3
+        k1, v1 = (torch.randn(1, 2, 1, 16, generator=gen) for _ in range(2))
+        keys, values = cache.update(k1, v1, 0)
+        torch.testing.assert_close(keys, torch.cat((k[[1]], k1), dim=2), rtol=0, atol=0)
+        torch.testing.assert_close(values, torch.cat((v[[1]], v1), dim=2), rtol=0, atol=0)
+        cache.close()
+    finally:
+        tc.close()
