@@ -95,6 +95,8 @@ def step_figures(before: dict[str, Any], after: dict[str, Any]) -> tuple[dict[st
     fetched = delta.get("sparse", {}).get("total", {}).get("bytes_fetched", {})
     pipe["mib_fetched"] = {tier: n / 2**20 for tier, n in fetched.items() if isinstance(n, (int, float))}
     pipe["disk_read_mib"] = sp.step_record(before, after)["disk_bytes_read"] / 2**20  # background reads included
+    total = delta.get("sparse", {}).get("total", {})
+    pipe["blocks_selected"], pipe["blocks_resident"] = total.get("blocks_selected"), total.get("blocks_resident")
     return stages, pipe
 
 
@@ -132,7 +134,9 @@ def medians(run: dict[str, Any]) -> dict[str, float]:
     for key in ("part_misses", "slot_part_misses", "parts_read", "slot_ranged_reads"):
         out[f"{key}_per_step"] = median(p.get(key) or 0 for p in run["pipe"])
     needed = sum(p.get("needed") or 0 for p in run["pipe"])
-    out["reuse"] = sum(p.get("reused") or 0 for p in run["pipe"]) / needed if needed else float("nan")
+    out["pool_hits"] = sum(p.get("reused") or 0 for p in run["pipe"]) / needed if needed else float("nan")
+    selected = sum(p.get("blocks_selected") or 0 for p in run["pipe"])  # the cache's reuse rate over the timed steps
+    out["reuse"] = sum(p.get("blocks_resident") or 0 for p in run["pipe"]) / selected if selected else float("nan")
     return out
 
 
@@ -143,7 +147,7 @@ def report(run: dict[str, Any]) -> None:
           f"MiB/step host {med['host_mib_per_step']:.0f} disk {med['disk_mib_per_step']:.0f}, "
           f"disk tier read {med['disk_read_mib_per_step']:.0f}, promoted {med['promoted_mib_per_step']:.0f}; "
           f"part misses {med['part_misses_per_step']:.0f} (read ahead {med['slot_part_misses_per_step']:.0f}), "
-          f"reuse {med['reuse']:.3f}); "
+          f"reuse {med['reuse']:.3f}, pool hits {med['pool_hits']:.3f}); "
           "steps " + " ".join(f"{x:.0f}" for x in run["ms"]))
     print("   " + ", ".join(f"{k.split('.', 1)[1]} {med[k]:.1f}" for k in KEYS))
     for label, key in (("fetch", "sparse.total.fetch_seconds"), ("sync.disk", "pipeline.sync_seconds.disk"),
@@ -227,7 +231,7 @@ def write_results(folder: Path, stem: str, payload: dict[str, Any], md: str) -> 
 
 ROUND_FIGURES = ("ms_per_step", "cpu_ms_per_step", "host_mib_per_step", "disk_mib_per_step", "disk_read_mib_per_step",
                  "pipeline.sync_seconds.disk", "pipeline.slot_wait_seconds", "part_misses_per_step",
-                 "slot_part_misses_per_step", "reuse")
+                 "slot_part_misses_per_step", "reuse", "pool_hits")
 
 
 def run_rounds(args: argparse.Namespace, variants: list[tuple[str, str, dict]]) -> int:
@@ -283,7 +287,7 @@ def run_rounds(args: argparse.Namespace, variants: list[tuple[str, str, dict]]) 
               f"{fig['disk_mib_per_step']:.0f} (disk tier read {fig['disk_read_mib_per_step']:.0f}), sync disk "
               f"{fig['pipeline.sync_seconds.disk']:.1f} ms, slot waits {fig['pipeline.slot_wait_seconds']:.1f}"
               f" ms, part misses {fig['part_misses_per_step']:.0f} (read ahead {fig['slot_part_misses_per_step']:.0f}), "
-              f"reuse {fig['reuse']:.3f}, max |logit diff| vs first {diff[i]}")
+              f"reuse {fig['reuse']:.3f} (pool hits {fig['pool_hits']:.3f}), max |logit diff| vs first {diff[i]}")
     if args.out:
         meta = {"model": args.model, "context": args.context, "batch": args.batch, "budget": args.budget,
                 "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "threads": 1, "loads": loads,
@@ -292,7 +296,7 @@ def run_rounds(args: argparse.Namespace, variants: list[tuple[str, str, dict]]) 
                  f"{args.batch}, budget {args.budget}, {args.rounds} rounds x {args.steps} steps after {args.warmup} "
                  "warm-up, 1 thread, cold", "", "Medians over rounds of each round's medians.", "",
                  "| variant | ms/step | paired vs first (rounds faster) | MiB/step host + disk | disk tier read MiB/step "
-                 "| sync disk ms | slot waits ms | part misses (read ahead) | reuse | max logit diff |",
+                 "| sync disk ms | slot waits ms | part misses (read ahead) | reuse (pool hits) | max logit diff |",
                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for row in rows:
             f = row["medians"]
@@ -300,7 +304,7 @@ def run_rounds(args: argparse.Namespace, variants: list[tuple[str, str, dict]]) 
                          f"({row['faster_rounds']} of {args.rounds}) | {f['host_mib_per_step']:.0f} + "
                          f"{f['disk_mib_per_step']:.0f} | {f['disk_read_mib_per_step']:.0f} | "
                          f"{f['pipeline.sync_seconds.disk']:.1f} | {f['pipeline.slot_wait_seconds']:.1f} | "
-                         f"{f['part_misses_per_step']:.0f} ({f['slot_part_misses_per_step']:.0f}) | {f['reuse']:.3f} | "
+                         f"{f['part_misses_per_step']:.0f} ({f['slot_part_misses_per_step']:.0f}) | {f['reuse']:.3f} ({f['pool_hits']:.3f}) | "
                          f"{row['max_logit_diff']} |")
         write_results(args.out, "sparse_variants_rounds", {**meta, "variants": rows}, "\n".join(lines) + "\n")
     return 0
