@@ -321,14 +321,20 @@ class PipelineConfig:
             layer then selects beyond them are read at its fetch (part misses).  Off by default: at SmolLM2 8K x 4,
             25 %, it cut the disk bytes per step by half for ``attention-aware`` and ``reuse-layer-ahead`` but moved
             reads from the background onto the forward thread (synchronous part misses) and measured slower
-            (docs/sparse.md "Part reads").
+            (docs/sparse.md "Part reads"; again one cache per process, 0 of 3 paired rounds faster at 25 % and 1 of 3
+            at 6.25 %: "Part reads ahead").
         slot_part_extra: with ``slot_part_reads``, each read ahead into a reserved slot also reads, per (row, KV head),
             the parts holding the ``ceil(slot_part_extra x pages it selected)`` unselected pages its layer's last
             selection scored highest (:func:`~.stage_choice.near_parts`: the parts about to cross its cut, which
             the previous selection cannot predict); ``0``: the predicted selection's parts only.  More bytes read
-            ahead, fewer part misses on the forward thread (docs/sparse.md "Part reads ahead").
+            ahead, fewer part misses on the forward thread.  Off: at SmolLM2 8K x 4, 25 %, 0.5 / 1.0 cut the misses of
+            ``slot_part_reads`` from 280 to 94 / 33 per step for 423 / 489 instead of 361 MiB/step read from disk (the
+            default: 596), and both were still slower than the default in every paired round (docs/sparse.md "Part
+            reads ahead").
         slot_part_union: with ``slot_part_reads`` and the ``"query"`` predictor, the parts read ahead are the union of
-            the query predictor's and the layer's previous selection's (the blocks are the query predictor's).
+            the query predictor's and the layer's previous selection's (the blocks are the query predictor's).  Off:
+            at SmolLM2 8K x 4, 25 %, it left 160 part misses per step and read 585 MiB/step (docs/sparse.md "Part reads
+            ahead").
     """
 
     reuse: bool = False
