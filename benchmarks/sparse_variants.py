@@ -16,6 +16,18 @@ fetch figures; ``--json FILE`` writes every step (a list, one entry per variant:
 medians and every step) and ``sparse_variants.md`` (a table of the medians); no plot.  The prefill
 (minutes at 8K x 4 on 2 cores) is kept in ``--prefill-cache`` (a folder) when given.  Memory: one cache
 per variant (~2.3 GB each at 8K x 4).  Timing runs at 1 torch thread; the prefill at the default count.
+Printed per variant besides: the disk tier's own bytes read per step (background reads included), (row, KV head)
+part misses (of them, blocks read ahead into reserved slots) and the reuse rate.  ``--logits FILE`` saves every
+timed step's logits (per variant ``(steps, B, V)``).
+
+Interleaved caches disturb each other (one cache's background reads run during another's steps; docs/sparse.md
+"Caution on interleaved runs").  ``--rounds R`` runs every variant alone in a child process of its own (this script
+with one ``--variant``), ``R`` rounds with the order rotating, and prints per variant the median over rounds of its
+per-round medians, the paired per-round ms/step difference against the first variant, the rounds it was faster
+in and the max |logit diff| against the first variant (``--out``: ``sparse_variants_rounds.json`` / ``.md``):
+
+    python benchmarks/sparse_variants.py --rounds 3 --prefill-cache /tmp/kv --variant attention-aware \\
+        --variant attention-aware:slot_part_reads=true
 """
 
 from __future__ import annotations
@@ -48,7 +60,8 @@ KEYS = ("sparse.total.fetch_seconds", "pipeline.sync_seconds.disk", "pipeline.sy
 PIPE_KEYS = ("needed", "reused", "staged", "sync", "stage_ahead_entries", "needed_nonresident", "staged_nonresident",
              "promote_candidates", "promote_chosen", "promote_skipped", "promoted", "promoted_bytes",
              "slot_reserved", "slot_used", "slot_unselected", "slot_fallback", "predicted", "predicted_hits", "predictable",
-             "mispredicted_nonresident")
+             "mispredicted_nonresident", "parts_selected", "parts_read", "part_misses", "slot_part_misses",
+             "slot_ranged_reads", "ranged_entries", "whole_entries", "idle_read_bytes")
 STAGING_KEYS = ("hits", "expired", "dropped", "entries_requested", "waits", "late")
 
 
@@ -81,28 +94,33 @@ def step_figures(before: dict[str, Any], after: dict[str, Any]) -> tuple[dict[st
     pipe["staging"] = {k: pd.get("staging", {}).get(k) for k in STAGING_KEYS}
     fetched = delta.get("sparse", {}).get("total", {}).get("bytes_fetched", {})
     pipe["mib_fetched"] = {tier: n / 2**20 for tier, n in fetched.items() if isinstance(n, (int, float))}
+    pipe["disk_read_mib"] = sp.step_record(before, after)["disk_bytes_read"] / 2**20  # background reads included
+    total = delta.get("sparse", {}).get("total", {})
+    pipe["blocks_selected"], pipe["blocks_resident"] = total.get("blocks_selected"), total.get("blocks_resident")
     return stages, pipe
 
 
 def run_variants(model: Any, caches: list[Any], feed: torch.Tensor, steps: int, warmup: int) -> list[dict[str, Any]]:
     """Decode ``warmup + steps`` steps on every cache, step ``i`` of all before step ``i + 1`` of any, the
     order rotating by one each step; per cache the timed steps' ``ms``, ``stages`` and ``pipe``."""
-    runs = [{"cache": c, "feed": feed, "ms": [], "cpu_ms": [], "stages": [], "pipe": []} for c in caches]
+    runs = [{"cache": c, "feed": feed, "ms": [], "cpu_ms": [], "stages": [], "pipe": [], "logits": []} for c in caches]
     with torch.no_grad(), torch_threads(1):
         for step in range(warmup + steps):
             shift = step % len(runs)
             for r in runs[shift:] + runs[:shift]:
                 before = r["cache"].stats()
                 t, c = time.perf_counter(), time.thread_time()
-                r["feed"] = model(input_ids=r["feed"], **cache_kwargs(r["cache"], model)).logits[:, -1].argmax(-1, keepdim=True)
+                logits = model(input_ids=r["feed"], **cache_kwargs(r["cache"], model)).logits[:, -1]
                 elapsed, cpu = time.perf_counter() - t, time.thread_time() - c
+                r["feed"] = logits.argmax(-1, keepdim=True)
+                r["logits"].append(logits.float().clone())
                 stages, pipe = step_figures(before, r["cache"].stats())
                 if step >= warmup:
                     r["ms"].append(1000 * elapsed)
                     r["cpu_ms"].append(1000 * cpu)
                     r["stages"].append(stages)
                     r["pipe"].append(pipe)
-    return [{k: r[k] for k in ("ms", "cpu_ms", "stages", "pipe")} for r in runs]
+    return [{k: r[k] for k in ("ms", "cpu_ms", "stages", "pipe", "logits")} for r in runs]
 
 
 def medians(run: dict[str, Any]) -> dict[str, float]:
@@ -112,6 +130,13 @@ def medians(run: dict[str, Any]) -> dict[str, float]:
     for tier in ("host", "disk"):
         out[f"{tier}_mib_per_step"] = median((p.get("mib_fetched") or {}).get(tier, 0.0) for p in run["pipe"])
     out["promoted_mib_per_step"] = median((p.get("promoted_bytes") or 0) / 2**20 for p in run["pipe"])
+    out["disk_read_mib_per_step"] = median(p.get("disk_read_mib", 0.0) for p in run["pipe"])
+    for key in ("part_misses", "slot_part_misses", "parts_read", "slot_ranged_reads"):
+        out[f"{key}_per_step"] = median(p.get(key) or 0 for p in run["pipe"])
+    needed = sum(p.get("needed") or 0 for p in run["pipe"])
+    out["pool_hits"] = sum(p.get("reused") or 0 for p in run["pipe"]) / needed if needed else float("nan")
+    selected = sum(p.get("blocks_selected") or 0 for p in run["pipe"])  # the cache's reuse rate over the timed steps
+    out["reuse"] = sum(p.get("blocks_resident") or 0 for p in run["pipe"]) / selected if selected else float("nan")
     return out
 
 
@@ -120,7 +145,9 @@ def report(run: dict[str, Any]) -> None:
     print(f"\n== {run['spec']}: median {med['ms_per_step']:.0f} ms/step "
           f"(forward-thread CPU {med['cpu_ms_per_step']:.0f}; "
           f"MiB/step host {med['host_mib_per_step']:.0f} disk {med['disk_mib_per_step']:.0f}, "
-          f"promoted {med['promoted_mib_per_step']:.0f}); "
+          f"disk tier read {med['disk_read_mib_per_step']:.0f}, promoted {med['promoted_mib_per_step']:.0f}; "
+          f"part misses {med['part_misses_per_step']:.0f} (read ahead {med['slot_part_misses_per_step']:.0f}), "
+          f"reuse {med['reuse']:.3f}, pool hits {med['pool_hits']:.3f}); "
           "steps " + " ".join(f"{x:.0f}" for x in run["ms"]))
     print("   " + ", ".join(f"{k.split('.', 1)[1]} {med[k]:.1f}" for k in KEYS))
     for label, key in (("fetch", "sparse.total.fetch_seconds"), ("sync.disk", "pipeline.sync_seconds.disk"),
@@ -202,15 +229,103 @@ def write_results(folder: Path, stem: str, payload: dict[str, Any], md: str) -> 
     print(f"wrote {folder}/{stem}.json and {stem}.md")
 
 
+ROUND_FIGURES = ("ms_per_step", "cpu_ms_per_step", "host_mib_per_step", "disk_mib_per_step", "disk_read_mib_per_step",
+                 "pipeline.sync_seconds.disk", "pipeline.slot_wait_seconds", "part_misses_per_step",
+                 "slot_part_misses_per_step", "reuse", "pool_hits")
+
+
+def run_rounds(args: argparse.Namespace, variants: list[tuple[str, str, dict]]) -> int:
+    """``--rounds``: each variant alone in a child process (this script with one ``--variant``), ``args.rounds``
+    rounds, round ``r`` starting at variant ``r mod n``; prints per variant the medians over rounds of its per-round
+    medians, its paired per-round difference in ms/step against the first variant and the rounds it was faster in,
+    and whether its logits equal the first variant's at every step of every round (max |diff|)."""
+    import os
+    import subprocess
+
+    work = Path(tempfile.mkdtemp(prefix="tiercache-sparse-rounds-", dir=args.workdir))
+    common = ["--model", args.model, "--context", str(args.context), "--batch", str(args.batch),
+              "--budget", str(args.budget), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    for flag, value in (("--block-size", args.block_size), ("--prefill-cache", args.prefill_cache),
+                        ("--workdir", args.workdir)):
+        if value is not None:
+            common += [flag, str(value)]
+    n = len(variants)
+    per: list[list[dict[str, Any]]] = [[] for _ in variants]
+    loads: list[tuple[float, float]] = []
+    diff = [0.0] * n
+    try:
+        for r in range(args.rounds):
+            for i in [(r + k) % n for k in range(n)]:
+                out = work / f"r{r}_v{i}"
+                load0 = os.getloadavg()[0]
+                subprocess.run([sys.executable, __file__, *common, "--variant", variants[i][0], "--json",
+                                str(out) + ".json", "--logits", str(out) + ".pt"], check=True, stdout=subprocess.DEVNULL)
+                loads.append((load0, os.getloadavg()[0]))
+                med = json.loads((out.with_suffix(".json")).read_text())[0]["medians"]
+                per[i].append(med)
+                print(f"round {r} {variants[i][0]}: " + ", ".join(f"{k} {med[k]:.3g}" for k in ROUND_FIGURES)
+                      + f"; load {load0:.1f} -> {loads[-1][1]:.1f}", flush=True)
+            first = torch.load(work / f"r{r}_v0.pt")[0]
+            for i in range(1, n):
+                other = torch.load(work / f"r{r}_v{i}.pt")[0]
+                diff[i] = max(diff[i], float((first - other).abs().max()) if first.shape == other.shape else float("inf"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{args.rounds} rounds, one cache per process; load average {loads[0][0]:.1f} at the start, "
+          f"{loads[-1][1]:.1f} at the end (range {min(min(x) for x in loads):.1f}-{max(max(x) for x in loads):.1f})")
+    base = [m["ms_per_step"] for m in per[0]]
+    rows = []
+    for i, (spec, _, _) in enumerate(variants):
+        ms = [m["ms_per_step"] for m in per[i]]
+        paired = [a - b for a, b in zip(ms, base)]
+        fig = {k: median(m[k] for m in per[i]) for k in ROUND_FIGURES}
+        rows.append({"spec": spec, "rounds": per[i], "medians": fig, "paired_ms": paired,
+                     "faster_rounds": sum(d < 0 for d in paired), "max_logit_diff": diff[i]})
+        print(f"{spec}: {fig['ms_per_step']:.0f} ms/step (per round {' '.join(f'{x:.0f}' for x in ms)}; paired vs first "
+              f"{median(paired):+.0f}, faster in {rows[-1]['faster_rounds']} of {len(paired)}), forward-thread CPU "
+              f"{fig['cpu_ms_per_step']:.0f}, MiB/step host {fig['host_mib_per_step']:.0f} + disk "
+              f"{fig['disk_mib_per_step']:.0f} (disk tier read {fig['disk_read_mib_per_step']:.0f}), sync disk "
+              f"{fig['pipeline.sync_seconds.disk']:.1f} ms, slot waits {fig['pipeline.slot_wait_seconds']:.1f}"
+              f" ms, part misses {fig['part_misses_per_step']:.0f} (read ahead {fig['slot_part_misses_per_step']:.0f}), "
+              f"reuse {fig['reuse']:.3f} (pool hits {fig['pool_hits']:.3f}), max |logit diff| vs first {diff[i]}")
+    if args.out:
+        meta = {"model": args.model, "context": args.context, "batch": args.batch, "budget": args.budget,
+                "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "threads": 1, "loads": loads,
+                "machine": machine_meta()}
+        lines = [f"# Sparse pipeline variants, one cache per process: {args.model}, context {args.context} x batch "
+                 f"{args.batch}, budget {args.budget}, {args.rounds} rounds x {args.steps} steps after {args.warmup} "
+                 "warm-up, 1 thread, cold", "", "Medians over rounds of each round's medians.", "",
+                 "| variant | ms/step | paired vs first (rounds faster) | MiB/step host + disk | disk tier read MiB/step "
+                 "| sync disk ms | slot waits ms | part misses (read ahead) | reuse (pool hits) | max logit diff |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for row in rows:
+            f = row["medians"]
+            lines.append(f"| `{row['spec']}` | {f['ms_per_step']:.0f} | {median(row['paired_ms']):+.0f} "
+                         f"({row['faster_rounds']} of {args.rounds}) | {f['host_mib_per_step']:.0f} + "
+                         f"{f['disk_mib_per_step']:.0f} | {f['disk_read_mib_per_step']:.0f} | "
+                         f"{f['pipeline.sync_seconds.disk']:.1f} | {f['pipeline.slot_wait_seconds']:.1f} | "
+                         f"{f['part_misses_per_step']:.0f} ({f['slot_part_misses_per_step']:.0f}) | {f['reuse']:.3f} ({f['pool_hits']:.3f}) | "
+                         f"{row['max_logit_diff']} |")
+        write_results(args.out, "sparse_variants_rounds", {**meta, "variants": rows}, "\n".join(lines) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = variant_parser(__doc__.split("\n\n")[0], context=8192)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None, help="write every step here (a list per variant)")
+    parser.add_argument("--logits", type=Path, default=None,
+                        help="save every timed step's last-position logits here (torch.save: per variant (steps, B, V))")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="one cache per process: every variant runs alone in a child process of its own, ROUNDS "
+                             "rounds, the order rotating per round; paired per-round figures against the first variant")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.context < 2 or args.batch < 1:
-        parser.error("need --steps >= 1, --warmup >= 0, --context >= 2, --batch >= 1")
+    if args.steps < 1 or args.warmup < 0 or args.context < 2 or args.batch < 1 or args.rounds < 0:
+        parser.error("need --steps >= 1, --warmup >= 0, --context >= 2, --batch >= 1, --rounds >= 0")
     variants = parsed_variants(parser, args)
+    if args.rounds:
+        return run_rounds(args, variants)
     model, ids, context, kv = prefilled_point(args, args.steps + args.warmup)
     s = sp.Settings(host_fraction=0.25, block_size=args.block_size)
     work = Path(tempfile.mkdtemp(prefix="tiercache-sparse-variants-", dir=args.workdir))
@@ -231,12 +346,17 @@ def main(argv: list[str] | None = None) -> int:
         report(r)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([{k: r[k] for k in ("spec", "ms", "cpu_ms", "stages", "pipe")} for r in runs]))
+        args.json.write_text(json.dumps([{k: r[k] for k in ("spec", "ms", "cpu_ms", "stages", "pipe", "medians")}
+                                         for r in runs]))
+    if args.logits:
+        args.logits.parent.mkdir(parents=True, exist_ok=True)
+        torch.save([torch.stack(r["logits"]) for r in runs], args.logits)
     if args.out:
         meta = {"model": args.model, "context": context, "batch": args.batch, "budget": args.budget, "steps": args.steps,
                 "warmup": args.warmup, "block_size": args.block_size, "host_fraction": s.host_fraction, "threads": 1,
                 "machine": machine_meta()}
-        write_results(args.out, "sparse_variants", {**meta, "variants": runs}, markdown(meta, runs))
+        kept = [{k: v for k, v in r.items() if k != "logits"} for r in runs]
+        write_results(args.out, "sparse_variants", {**meta, "variants": kept}, markdown(meta, kept))
     return 0
 
 

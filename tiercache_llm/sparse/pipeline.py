@@ -139,7 +139,7 @@ from .fetch import layer_keys, read_entries
 from .placement import promotion_threshold
 from .pool import AUTO, GROWTH, PoolArena, ResidentPool, Retention, auto_pool_bytes, can_populate, check_pool_bytes, \
     no_memory_tier_message, populate
-from .stage_choice import LastSelection, near_misses_many, top_mass_many
+from .stage_choice import LastSelection, near_misses_many, near_parts, top_mass_many
 from .staging import StagingArea
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -321,7 +321,20 @@ class PipelineConfig:
             layer then selects beyond them are read at its fetch (part misses).  Off by default: at SmolLM2 8K x 4,
             25 %, it cut the disk bytes per step by half for ``attention-aware`` and ``reuse-layer-ahead`` but moved
             reads from the background onto the forward thread (synchronous part misses) and measured slower
-            (docs/sparse.md "Part reads").
+            (docs/sparse.md "Part reads"; again one cache per process, 0 of 3 paired rounds faster at 25 % and 1 of 3
+            at 6.25 %: "Part reads ahead").
+        slot_part_extra: with ``slot_part_reads``, each read ahead into a reserved slot also reads, per (row, KV head),
+            the parts holding the ``ceil(slot_part_extra x pages it selected)`` unselected pages its layer's last
+            selection scored highest (:func:`~.stage_choice.near_parts`: the parts about to cross its cut, which
+            the previous selection cannot predict); ``0``: the predicted selection's parts only.  More bytes read
+            ahead, fewer part misses on the forward thread.  Off: at SmolLM2 8K x 4, 25 %, 0.5 / 1.0 cut the misses of
+            ``slot_part_reads`` from 280 to 94 / 33 per step for 423 / 489 instead of 361 MiB/step read from disk (the
+            default: 596), and both were still slower than the default in every paired round (docs/sparse.md "Part
+            reads ahead").
+        slot_part_union: with ``slot_part_reads`` and the ``"query"`` predictor, the parts read ahead are the union of
+            the query predictor's and the layer's previous selection's (the blocks are the query predictor's).  Off:
+            at SmolLM2 8K x 4, 25 %, it left 160 part misses per step and read 585 MiB/step (docs/sparse.md "Part reads
+            ahead").
     """
 
     reuse: bool = False
@@ -362,6 +375,8 @@ class PipelineConfig:
     huge_pages: bool = False
     part_reads: bool = True
     slot_part_reads: bool = False
+    slot_part_extra: float = 0.0
+    slot_part_union: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pool_bytes", check_pool_bytes(self.pool_bytes, auto=True))
@@ -387,6 +402,9 @@ class PipelineConfig:
         t = self.wait_timeout
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < float("inf"):
             raise ValueError(f"wait_timeout must be a finite number of seconds >= 0, got {t!r}")
+        x = self.slot_part_extra
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x < float("inf"):
+            raise ValueError(f"slot_part_extra must be a finite number >= 0, got {x!r}")
         m = self.promote_margin
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not m >= 1.0:
             raise ValueError(f"promote_margin must be a number >= 1.0, got {m!r}")
@@ -488,7 +506,8 @@ class PipelineStats:
     ``part_misses``: resident blocks (not counted as ``reused``) whose selected parts were not all in their slot,
     so the missing ones were read; ``ranged_entries`` / ``whole_entries``: synchronous reads of some parts / of
     whole entries; ``slot_ranged_reads``: reads into reserved slots (``stage_into_slots``) of only the predicted
-    selection's parts (the rest of the reserved reads are whole)."""
+    selection's parts (the rest of the reserved reads are whole); ``slot_part_misses``: of the part misses, blocks
+    read ahead into a reserved slot (``slot_part_reads``: the parts the prediction missed)."""
 
     steps: int = 0
     parts_selected: int = 0
@@ -497,6 +516,7 @@ class PipelineStats:
     ranged_entries: int = 0
     whole_entries: int = 0
     slot_ranged_reads: int = 0
+    slot_part_misses: int = 0
     needed: int = 0
     reused: int = 0
     staged: int = 0
@@ -888,6 +908,8 @@ class DecodePipeline:
                          pages_per_block=nxt.block_size // nxt.sparse.page_size)
             blocks = [j for j in sel.fetch.tolist() if j < n_stored]
             mask = sel.head_mask
+            if self.config.slot_part_union:
+                mask = _mask_union(mask, self._last_mask.get(nxt_idx))
         else:
             blocks = [j for j in self._last.get(nxt_idx, []) if j < n_stored]
             mask = self._last_mask.get(nxt_idx)
@@ -1169,7 +1191,8 @@ class DecodePipeline:
             if self._warmed is not None and self._warmed[0] == pool.k.data_ptr():  # warmed already: skip those slots
                 first = max(first, self._warmed[1])
             self._prefault(pool, first)
-        if (self.config.disk_staging and self.config.stage_near) or self.config.predictor == "near":
+        if (self.config.disk_staging and self.config.stage_near) or self.config.predictor == "near" \
+                or (self.config.slot_part_reads and self.config.slot_part_extra > 0):
             self._last_sel[layer.layer_idx] = LastSelection(sel.scores, sel.pages, sel.pages_per_block,
                                                             state.digests.count)
         stats.blocks_selected += ns
@@ -1188,6 +1211,8 @@ class DecodePipeline:
             part = [i for i in range(ns) if short[i] and i not in gone and stored[i] not in flying]
             if part:
                 ps.part_misses += len(part)
+                if fresh:
+                    ps.slot_part_misses += sum(1 for i in part if stored[i] in fresh)
                 missing = sorted(gone.union(part))
         # Selected blocks read into their reserved slots in the background count as staged, not reused.
         lost = set(missing)  # a cleared arena or a rewritten block: read again like any miss
@@ -1498,6 +1523,7 @@ class DecodePipeline:
             return
         ps = self.stats
         ps.part_misses += len(todo)
+        ps.slot_part_misses += len(todo)
         keys = layer_keys(layer, [stored[i] for i, _ in todo])
         dsts = pool.entry_views([slots[i] for i, _ in todo])
         ranges = [self._runs(layer, r) for _, r in todo]
@@ -1536,8 +1562,12 @@ class DecodePipeline:
         """``part_reads``: the byte ranges to read into reserved slots ``got`` (``(block, slot)``) from the predicted
         selection ``mask`` ``(B, H, N)`` (``None`` per block read whole: a block it names no part of, or every
         part), recorded as the slots' parts (:meth:`~.pool.PoolArena.reserve` recorded every part)."""
-        if (mask is None or not self._part_reads(layer, pool) or mask.dim() != 3
-                or tuple(mask.shape[:2]) != tuple(pool.arena.parts.shape[1:])):
+        if mask is None or not self._part_reads(layer, pool):
+            return None
+        last = self._last_sel.get(layer.layer_idx) if self.config.slot_part_extra > 0 else None
+        if last is not None:
+            mask = _mask_union(mask, near_parts(last, self.config.slot_part_extra))
+        if mask.dim() != 3 or tuple(mask.shape[:2]) != tuple(pool.arena.parts.shape[1:]):
             return None
         n = mask.shape[2]
         blocks = [j for j, _ in got]
@@ -2051,6 +2081,22 @@ def staged_keys(layer: "TieredKVLayer", blocks: list[int]) -> list:
     :meth:`DecodePipeline._stage_blocks` stages, in its order (its ``tiers`` follow it)."""
     kk, vk = layer._kkeys, layer._vkeys
     return list(dict.fromkeys(k for j in blocks for k in (kk[j], vk[j])))
+
+
+def _mask_union(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """The union of two ``(B, H, N)`` part masks whose ``N`` may differ (blocks stored between two selections; the
+    shorter one names none of the extra blocks); ``a`` alone when either is missing or their rows or heads differ."""
+    if a is None or b is None:
+        return b if a is None else a
+    if a.shape[:2] != b.shape[:2] or a.dim() != 3 or b.dim() != 3:
+        return a
+    b = b.to(a.device)
+    n = max(a.shape[2], b.shape[2])
+    if a.shape[2] < n:
+        a = torch.nn.functional.pad(a, (0, n - a.shape[2]), value=False)
+    if b.shape[2] < n:
+        b = torch.nn.functional.pad(b, (0, n - b.shape[2]), value=False)
+    return a | b
 
 
 def _forward_result(placeholder: concurrent.futures.Future, read: concurrent.futures.Future) -> None:

@@ -94,6 +94,33 @@ def block_gaps(sels: Sequence[LastSelection], n: int) -> torch.Tensor:
     return gap.reshape(length, b * h, nb, ppb).amin(dim=-1).amin(dim=1)[:, :n]
 
 
+def near_parts(sel: LastSelection, extra: float) -> torch.Tensor:
+    """``(B, H, ceil(P / pages_per_block))`` bool: per row and KV head of ``sel``, the blocks holding one of its
+    ``ceil(extra x pages it selected)`` unselected valid pages scored highest (the (row, KV head) parts about to
+    cross its cut; pages tied with the last of them included); no block for a (row, head) that selected nothing or
+    ``extra <= 0``.  Selected pages are not counted: the caller adds the selection's own parts."""
+    scores = sel.scores.float()
+    b, h, p = scores.shape
+    ppb = sel.pages_per_block
+    nb = -(-p // ppb)
+    if extra <= 0 or p == 0:
+        return torch.zeros((b, h, nb), dtype=torch.bool, device=scores.device)
+    inf = float("inf")
+    pages = sel.pages
+    empty = sel.count[:, :p].le(0).unsqueeze(1)  # (B, 1, P): no valid token, never a candidate
+    cand = torch.nan_to_num(scores, nan=-inf).masked_fill_(pages | empty, -inf)
+    each = torch.ceil(pages.sum(-1, dtype=torch.float32) * float(extra)).long().clamp_(max=p)  # (B, H)
+    top = int(each.max())
+    if top == 0:
+        return torch.zeros((b, h, nb), dtype=torch.bool, device=scores.device)
+    values = torch.topk(cand, top, dim=-1, sorted=True).values  # (B, H, top), highest first
+    cut = values.gather(-1, (each - 1).clamp_(min=0).unsqueeze(-1))  # each (row, head)'s own k-th highest
+    near = cand.ge(cut) & cand.gt(-inf) & each.gt(0).unsqueeze(-1)
+    if nb * ppb != p:
+        near = torch.nn.functional.pad(near, (0, nb * ppb - p), value=False)
+    return near.view(b, h, nb, ppb).any(-1)
+
+
 def near_misses_many(sels: Sequence[LastSelection | None], ns: Sequence[int], helds: Sequence[Collection[int]],
                      count: int) -> list[list[int]]:
     """Per layer ``i``: up to ``count`` of its ``ns[i]`` stored blocks outside ``helds[i]`` closest to its
