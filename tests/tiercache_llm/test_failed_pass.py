@@ -30,6 +30,16 @@ def make_cache(model, mode):
     return TieredKVCache(model.config, block_size=4, host="1MiB")
 
 
+def fail_prefill(model, cache, ids, mask):
+    """A prefill of ``ids`` into ``cache`` that raises in layer 1's MLP (after layers 0-1 stored their K/V)."""
+    handle = fail_on_call(model.model.layers[1].mlp, 1)
+    try:
+        with pytest.raises(Boom):
+            model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+    finally:
+        handle.remove()
+
+
 def fail_on_call(module, n, exc=Boom, pre=False):
     """Make ``module`` raise ``exc`` on its ``n``-th call (1-based) from now; returns the hook handle."""
     calls = [0]
@@ -92,12 +102,7 @@ def test_failed_decode_step_in_generate(model, mode, pre):
 def test_failed_prefill_plain_forward(model, mode):
     ids, mask = left_padded_batch(seed=4)
     with make_cache(model, mode) as cache:
-        handle = fail_on_call(model.model.layers[1].mlp, 1)
-        try:
-            with pytest.raises(Boom):
-                model(input_ids=ids, attention_mask=mask, past_key_values=cache)
-        finally:
-            handle.remove()
+        fail_prefill(model, cache, ids, mask)
         assert cache.layers[0].get_seq_length() == ids.shape[1] and cache.layers[LAYERS - 1].get_seq_length() == 0
         with pytest.raises(InconsistentCacheError, match="failed at layer 2"):
             model(input_ids=ids, attention_mask=mask, past_key_values=cache)

@@ -19,8 +19,9 @@ from tiercache_llm import TieredKVCache
 from tiercache_llm.errors import InconsistentCacheError
 from tiercache_llm.store import KVWriteError
 
-from .test_failed_pass import Boom, fail_on_call
+from .test_failed_pass import fail_prefill, make_cache
 from .test_generate_tiny import left_padded_batch
+from .test_store_write_behind import gate
 
 LAYERS = 4
 
@@ -165,14 +166,7 @@ def test_beside_tiers_bytes_counts_the_write_behind_queue(make_config):
     try:
         store = cache.store
         store.enable_write_behind(1 << 20)
-        release = threading.Event()
-        original = store.cache.put_many
-
-        def gated(items, **kw):
-            release.wait(30)
-            return original(items, **kw)
-
-        store.cache.put_many = gated
+        release = gate(store)
         k = states(9)
         cache.update(k, k, 0)
         kv = cache.stats()["kv"]
@@ -191,17 +185,8 @@ def test_beside_tiers_bytes_counts_the_write_behind_queue(make_config):
 @pytest.mark.parametrize("mode", ["exact", "sparse"])
 def test_crop_after_a_failed_prefill_is_refused(model, mode):
     ids, mask = left_padded_batch(seed=4)
-    if mode == "sparse":
-        cache = TieredKVCache.for_model(model, mode="sparse", budget=1_000_000, block_size=4, host="1MiB")
-    else:
-        cache = TieredKVCache(model.config, block_size=4, host="1MiB")
-    with cache:
-        handle = fail_on_call(model.model.layers[1].mlp, 1)
-        try:
-            with pytest.raises(Boom):
-                model(input_ids=ids, attention_mask=mask, past_key_values=cache)
-        finally:
-            handle.remove()
+    with make_cache(model, mode) as cache:
+        fail_prefill(model, cache, ids, mask)
         assert not cache.layers[LAYERS - 1].is_initialized  # the failure left the last layers untouched
         with pytest.raises(InconsistentCacheError, match="reset"):
             cache.crop(-1)
@@ -234,6 +219,15 @@ def test_decode_logits_refuses_a_mask_shorter_than_the_context(model):
 
 
 # ------------------------------------------------------------------ batch_select_indices whose rewrite fails
+def three_rows(make_config, tc, seed):
+    """An exact cache over ``tc`` holding 3 rows x 12 tokens (three 4-token blocks); its K, V and generator."""
+    cache = TieredKVCache(make_config(), block_size=4, cache=tc)
+    gen = torch.Generator().manual_seed(seed)
+    k, v = (torch.randn(3, 2, 12, 16, generator=gen) for _ in range(2))
+    cache.update(k, v, 0)
+    return cache, k, v, gen
+
+
 @pytest.mark.parametrize("exc", [OSError("injected disk error"), tiercache.errors.TierIOError("injected tier error")],
                          ids=["OSError", "TierIOError"])
 def test_failed_compaction_keeps_the_rows_exact_and_loses_nothing(make_config, exc):
@@ -242,10 +236,7 @@ def test_failed_compaction_keeps_the_rows_exact_and_loses_nothing(make_config, e
     back exactly, and no entry of the failed rewrite is left behind."""
     tc = tiercache.Cache(host="1MiB")
     try:
-        cache = TieredKVCache(make_config(), block_size=4, cache=tc)
-        gen = torch.Generator().manual_seed(5)
-        k, v = (torch.randn(3, 2, 12, 16, generator=gen) for _ in range(2))
-        cache.update(k, v, 0)
+        cache, k, v, gen = three_rows(make_config, tc, seed=5)
         before = len(tc)
         tc.put_many = first_item_then(exc, tiercache.Cache.put_many.__get__(tc))
         with pytest.warns(RuntimeWarning, match="dropped rows still occupy the tiers"):
@@ -266,10 +257,7 @@ def test_compaction_rewrites_then_deletes(make_config):
     """Without a failure the rewrite replaces the old entries (same count, fewer bytes) and reads back exactly."""
     tc = tiercache.Cache(host="1MiB")
     try:
-        cache = TieredKVCache(make_config(), block_size=4, cache=tc)
-        gen = torch.Generator().manual_seed(6)
-        k, v = (torch.randn(3, 2, 12, 16, generator=gen) for _ in range(2))
-        cache.update(k, v, 0)
+        cache, k, v, gen = three_rows(make_config, tc, seed=6)
         before, held = len(tc), cache.store.held_bytes
         cache.batch_select_indices(torch.tensor([1]))
         assert len(tc) == before and cache.store.held_bytes == held // 3
