@@ -273,7 +273,9 @@ def real_stats(tmp_path_factory):
     ids = torch.randint(3, model.config.vocab_size, (2, 96))
     for mode in ("exact", "sparse"):
         path = tmp_path_factory.mktemp(f"kv_{mode}")
-        cache = TieredKVCache.for_model(model, mode=mode, block_size=16, host="32KiB", disk="64MiB", path=str(path))
+        extra = {"pool_bytes": "1MiB"} if mode == "sparse" else {}  # "auto" (the 32 KiB host) is below a union
+        cache = TieredKVCache.for_model(model, mode=mode, block_size=16, host="32KiB", disk="64MiB", path=str(path),
+                                        **extra)
         try:
             model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(cache, model),
                            max_new_tokens=4, do_sample=False)
