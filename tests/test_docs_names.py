@@ -1,4 +1,5 @@
-"""The names the docs promise exist in the code: options, ``PipelineConfig`` fields, ``stats()`` keys, errors.
+"""The names the docs promise exist in the code: ``TieredKVCache`` and ``tiercache.Cache`` options and calls,
+``PipelineConfig`` fields, ``stats()`` keys, errors.
 
 Each documented name is one test case, read from the docs at collection time (a name added to a table or to
 one of the paragraphs below is checked by itself); a failure names the doc line.  Stats keys are looked up
@@ -121,6 +122,54 @@ def test_for_model_takes_the_constructor_options():
     TieredKVCache.for_model(model, host="1MiB", block_size=16).close()
     with pytest.raises(TypeError, match="no_such_option"):
         TieredKVCache.for_model(model, no_such_option=1)
+
+
+# --- tiercache.Cache options and operations (docs/api.md) ------------------------------------------------
+
+def _api_names(header: str, pattern: str, doc: str = API_DOC) -> list[tuple[str, str]]:
+    found: dict[str, str] = {}
+    for number, cells in _table_rows(doc, header):
+        for span in re.findall(r"`([^`]*)`", cells[0]):
+            match = re.match(pattern, span)
+            if match and match.group(1) not in ("len", "iter"):  # `len(cache)`, `iter(cache)`: builtins
+                found.setdefault(match.group(1), f"{doc}:{number}")
+    return list(found.items())
+
+
+CACHE_OPTIONS = _api_names("| option | default | meaning |", r"^([a-z_]\w*)$")
+CACHE_CALLS = _api_names("| call | contract |", r"^([a-z_]\w*)(?:\(|$)")
+
+
+def test_api_tables_found():
+    assert {"host", "disk", "disk_sector_bytes"} <= {n for n, _ in CACHE_OPTIONS}, CACHE_OPTIONS
+    assert {"put", "get_many", "close", "config"} <= {n for n, _ in CACHE_CALLS}, CACHE_CALLS
+    assert {"crop", "reorder_cache", "reset"} <= {n for n, _ in KV_CALLS}, KV_CALLS
+
+
+@pytest.mark.parametrize("name,where", CACHE_OPTIONS, ids=[n for n, _ in CACHE_OPTIONS])
+def test_documented_cache_option_exists(name, where):
+    import tiercache
+
+    fields = {f.name for f in dataclasses.fields(tiercache.CacheConfig)}
+    assert name in fields, f"{where} documents tiercache.Cache option {name!r}, which CacheConfig lacks"
+
+
+@pytest.mark.parametrize("name,where", CACHE_CALLS, ids=[n for n, _ in CACHE_CALLS])
+def test_documented_cache_operation_exists(name, where):
+    import tiercache
+
+    with tiercache.Cache(host="1MiB") as cache:  # an instance: `config`, `tiers` are set by __init__
+        assert hasattr(cache, name), f"{where} documents tiercache.Cache.{name}, which a Cache lacks"
+
+
+KV_CALLS = _api_names("| call | behaviour |", r"^([a-z_]\w*)(?:\(|$)", LLM_DOC)  # `copy.deepcopy(cache)`: no match
+
+
+@pytest.mark.parametrize("name,where", KV_CALLS, ids=[n for n, _ in KV_CALLS])
+def test_documented_kv_cache_call_exists(name, where):
+    from tiercache_llm import TieredKVCache
+
+    assert hasattr(TieredKVCache, name), f"{where} documents TieredKVCache.{name}, which the class lacks"
 
 
 # --- PipelineConfig fields ------------------------------------------------------------------------------
