@@ -27,6 +27,17 @@ SPARSE_DOC = "docs/sparse.md"
 API_DOC = "docs/api.md"
 IDENT = re.compile(r"`([a-z_][a-z0-9_]*\*?)`")  # a backticked bare identifier (`slot_*`: a prefix)
 
+
+def _tiny_model():
+    """tests/tiercache_llm/conftest.py's ``tiny_model("llama")``, loaded by path (its fixtures do not reach
+    this folder, and ``tests`` is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_llm_conftest", ROOT / "tests" / "tiercache_llm" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.tiny_model("llama")
+
 # Documented names that are absent from this tree on purpose -> why.
 ABSENT_ON_PURPOSE = {
     "lane_pool": 'docs/sparse.md "Lane pools" documents branch `lanes` (measured slower, not merged)',
@@ -115,10 +126,9 @@ def test_documented_option_exists(name, where):
 def test_for_model_takes_the_constructor_options():
     """``for_model(model, **options)`` forwards its options to the constructor: a documented option is taken,
     an unknown one is refused by the constructor's signature."""
-    from tests.tiercache_llm.conftest import tiny_model
     from tiercache_llm import TieredKVCache
 
-    model = tiny_model("llama")
+    model = _tiny_model()
     TieredKVCache.for_model(model, host="1MiB", block_size=16).close()
     with pytest.raises(TypeError, match="no_such_option"):
         TieredKVCache.for_model(model, no_such_option=1)
@@ -313,11 +323,10 @@ def _stats_id(path: tuple[str, ...]) -> str:
 def real_stats(tmp_path_factory):
     """{"kv": [exact stats, sparse stats], "tiercache": [stats]} after real work."""
     import tiercache
-    from tests.tiercache_llm.conftest import tiny_model
     from tiercache_llm import TieredKVCache, cache_kwargs
 
     out = {"kv": [], "tiercache": []}
-    model = tiny_model("llama")
+    model = _tiny_model()
     torch.manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (2, 96))
     for mode in ("exact", "sparse"):

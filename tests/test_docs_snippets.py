@@ -37,6 +37,17 @@ FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.M | re.S)
 MAX_NEW_TOKENS = 4
 LLM_NAMES = {"model", "input_ids", "mask"}
 
+
+def _tiny_model():
+    """tests/tiercache_llm/conftest.py's ``tiny_model("llama")``, loaded by path (its fixtures do not reach
+    this folder, and ``tests`` is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_llm_conftest", ROOT / "tests" / "tiercache_llm" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.tiny_model("llama")
+
 # Blocks that cannot run here, "file#n" (n counts a file's python blocks from 1) -> the reason.
 CANNOT_RUN: dict[str, str] = {}
 
@@ -119,9 +130,8 @@ def _imports(code: str) -> list[ast.stmt]:
 
 
 def _llm_inputs():
-    from tests.tiercache_llm.conftest import tiny_model
 
-    model = tiny_model("llama")
+    model = _tiny_model()
     torch.manual_seed(1)
     input_ids = torch.randint(3, model.config.vocab_size, (2, 40))
     mask = torch.ones_like(input_ids)
