@@ -130,7 +130,6 @@ def _imports(code: str) -> list[ast.stmt]:
 
 
 def _llm_inputs():
-
     model = _tiny_model()
     torch.manual_seed(1)
     input_ids = torch.randint(3, model.config.vocab_size, (2, 40))
