@@ -18,7 +18,7 @@ from .errors import InconsistentCacheError, KVCapacityError, TieredKVError, Unsu
 from .kv_cache import SUPPORTED_TRANSFORMERS, TieredKVCache, TieredKVLayer, TieredKVSettings
 from .policies import AttentionPlacementPolicy, SpreadStreamingKVPolicy, StreamingKVPolicy
 from .sparse_layer import SparseModeError
-from .store import BlockStore, KVCounters
+from .store import BlockStore, KVCounters, KVWriteError
 
 __all__ = [
     "SUPPORTED_TRANSFORMERS",
@@ -32,6 +32,7 @@ __all__ = [
     "InconsistentCacheError",
     "KVCapacityError",
     "KVCounters",
+    "KVWriteError",
     "TieredKVCache",
     "TieredKVError",
     "TieredKVLayer",

@@ -268,3 +268,12 @@ def test_compaction_rewrites_then_deletes(make_config):
         cache.close()
     finally:
         tc.close()
+
+
+def test_kv_write_error_is_exported_as_a_tiered_kv_error():
+    """The docs tell callers to catch ``KVWriteError``: it is importable from the package like the other KV errors."""
+    import tiercache_llm
+    from tiercache_llm.errors import TieredKVError
+
+    assert "KVWriteError" in tiercache_llm.__all__ and tiercache_llm.KVWriteError is KVWriteError
+    assert issubclass(tiercache_llm.KVWriteError, TieredKVError)
