@@ -40,7 +40,7 @@ def _tiny_model():
 
 # Documented names that are absent from this tree on purpose -> why.
 ABSENT_ON_PURPOSE = {
-    "lane_pool": 'docs/sparse.md "Lane pools" documents branch `lanes` (measured slower, not merged)',
+    "lane_pool": 'docs/sparse.md "Lane pools" records the unmerged lane pool (measured slower; its branch was not kept)',
 }
 
 
