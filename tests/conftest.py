@@ -1,5 +1,9 @@
+from pathlib import Path
+
 import pytest
 import torch
+
+TESTS = Path(__file__).resolve().parent
 
 
 def pytest_collection_modifyitems(config, items):
@@ -39,3 +43,16 @@ def assert_one_line_error():
 
     return check
 
+
+
+@pytest.fixture(scope="session")
+def new_tiny_llama():
+    """``new_tiny_llama()`` -> a fresh tests/tiercache_llm/conftest.py ``tiny_model("llama")`` (a new model per call:
+    ``for_model`` prepares the model it is given).  For tests outside tests/tiercache_llm, which its fixtures do
+    not reach; that conftest is loaded by path (pytest runs with ``--import-mode=importlib``: no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_llm_conftest", TESTS / "tiercache_llm" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return lambda: module.tiny_model("llama")

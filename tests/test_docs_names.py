@@ -17,6 +17,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -28,15 +29,6 @@ API_DOC = "docs/api.md"
 IDENT = re.compile(r"`([a-z_][a-z0-9_]*\*?)`")  # a backticked bare identifier (`slot_*`: a prefix)
 
 
-def _tiny_model():
-    """tests/tiercache_llm/conftest.py's ``tiny_model("llama")``, loaded by path (its fixtures do not reach
-    this folder, and ``tests`` is no package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_llm_conftest", ROOT / "tests" / "tiercache_llm" / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.tiny_model("llama")
 
 # Documented names that are absent from this tree on purpose -> why.
 ABSENT_ON_PURPOSE = {
@@ -95,15 +87,17 @@ def _table_rows(doc: str, header: str) -> list[tuple[int, list[str]]]:
 
 # --- TieredKVCache options ------------------------------------------------------------------------------
 
-def _documented_options() -> list[tuple[str, str]]:
+def _names_in_table(doc: str, header: str, names: Callable[[str], list[str]]) -> list[tuple[str, str]]:
+    """(name, "doc:line") of each name ``names(first cell)`` finds in the tables of ``doc`` headed ``header``,
+    first mention only."""
     found: dict[str, str] = {}
-    for number, cells in _table_rows(LLM_DOC, "| option | default | meaning |"):
-        for name in IDENT.findall(cells[0]):
-            found.setdefault(name, f"{LLM_DOC}:{number}")
+    for number, cells in _table_rows(doc, header):
+        for name in names(cells[0]):
+            found.setdefault(name, f"{doc}:{number}")
     return list(found.items())
 
 
-OPTIONS = _documented_options()
+OPTIONS = _names_in_table(LLM_DOC, "| option | default | meaning |", IDENT.findall)
 
 
 def test_option_tables_found():
@@ -123,12 +117,12 @@ def test_documented_option_exists(name, where):
         assert name in fields, f"{where} documents option {name!r}, which TieredKVSettings lacks"
 
 
-def test_for_model_takes_the_constructor_options():
+def test_for_model_takes_the_constructor_options(new_tiny_llama):
     """``for_model(model, **options)`` forwards its options to the constructor: a documented option is taken,
     an unknown one is refused by the constructor's signature."""
     from tiercache_llm import TieredKVCache
 
-    model = _tiny_model()
+    model = new_tiny_llama()
     TieredKVCache.for_model(model, host="1MiB", block_size=16).close()
     with pytest.raises(TypeError, match="no_such_option"):
         TieredKVCache.for_model(model, no_such_option=1)
@@ -137,13 +131,11 @@ def test_for_model_takes_the_constructor_options():
 # --- tiercache.Cache options and operations (docs/api.md) ------------------------------------------------
 
 def _api_names(header: str, pattern: str, doc: str = API_DOC) -> list[tuple[str, str]]:
-    found: dict[str, str] = {}
-    for number, cells in _table_rows(doc, header):
-        for span in re.findall(r"`([^`]*)`", cells[0]):
-            match = re.match(pattern, span)
-            if match and match.group(1) not in ("len", "iter"):  # `len(cache)`, `iter(cache)`: builtins
-                found.setdefault(match.group(1), f"{doc}:{number}")
-    return list(found.items())
+    def names(cell: str) -> list[str]:
+        matches = (re.match(pattern, span) for span in re.findall(r"`([^`]*)`", cell))
+        # `len(cache)`, `iter(cache)`: builtins
+        return [m.group(1) for m in matches if m and m.group(1) not in ("len", "iter")]
+    return _names_in_table(doc, header, names)
 
 
 CACHE_OPTIONS = _api_names("| option | default | meaning |", r"^([a-z_]\w*)$")
@@ -320,13 +312,13 @@ def _stats_id(path: tuple[str, ...]) -> str:
 
 
 @pytest.fixture(scope="module")
-def real_stats(tmp_path_factory):
+def real_stats(tmp_path_factory, new_tiny_llama):
     """{"kv": [exact stats, sparse stats], "tiercache": [stats]} after real work."""
     import tiercache
     from tiercache_llm import TieredKVCache, cache_kwargs
 
     out = {"kv": [], "tiercache": []}
-    model = _tiny_model()
+    model = new_tiny_llama()
     torch.manual_seed(0)
     ids = torch.randint(3, model.config.vocab_size, (2, 96))
     for mode in ("exact", "sparse"):

@@ -38,15 +38,6 @@ MAX_NEW_TOKENS = 4
 LLM_NAMES = {"model", "input_ids", "mask"}
 
 
-def _tiny_model():
-    """tests/tiercache_llm/conftest.py's ``tiny_model("llama")``, loaded by path (its fixtures do not reach
-    this folder, and ``tests`` is no package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_llm_conftest", ROOT / "tests" / "tiercache_llm" / "conftest.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.tiny_model("llama")
 
 # Blocks that cannot run here, "file#n" (n counts a file's python blocks from 1) -> the reason.
 CANNOT_RUN: dict[str, str] = {}
@@ -129,8 +120,7 @@ def _imports(code: str) -> list[ast.stmt]:
     return [s for s in ast.parse(code).body if isinstance(s, (ast.Import, ast.ImportFrom))]
 
 
-def _llm_inputs():
-    model = _tiny_model()
+def _llm_inputs(model):
     torch.manual_seed(1)
     input_ids = torch.randint(3, model.config.vocab_size, (2, 40))
     mask = torch.ones_like(input_ids)
@@ -153,7 +143,7 @@ def _cache_keyword(model) -> str:
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=_block_id)
-def test_doc_block_runs(block, tmp_path):
+def test_doc_block_runs(block, tmp_path, new_tiny_llama):
     path, n, line, code = block
     where = f"{path}:{line} (python block {n})"
     if _block_id(block) in CANNOT_RUN:
@@ -166,7 +156,7 @@ def test_doc_block_runs(block, tmp_path):
 
     cache_keyword = "cache"
     if _used_names(tree) & LLM_NAMES:
-        model, input_ids, mask = _llm_inputs()
+        model, input_ids, mask = _llm_inputs(new_tiny_llama())
         namespace.update(model=model, input_ids=input_ids, mask=mask)
         cache_keyword = _cache_keyword(model)
     tree = ast.fix_missing_locations(_Rewrite(tmp_path, cache_keyword, not torch.cuda.is_available()).visit(tree))
