@@ -1013,10 +1013,11 @@ def plot(results: Sequence[Result], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     if not results:
         return
-    fig, ax = plt.subplots(figsize=(12, 0.32 * len(results) + 1.5))
+    fig, ax = plt.subplots(figsize=(16, 0.32 * len(results) + 1.5))
     labels = [f"[{r.row}] {r.name} ({r.threads}t)" for r in results]
     ratios = [r.ratio for r in results]
     colors = ["tab:green" if r.met else ("tab:red" if r.met is False else "tab:gray") for r in results]
@@ -1037,9 +1038,10 @@ def plot(results: Sequence[Result], path: Path) -> None:
     ax.axvline(1.0, color="gray", lw=0.8, ls="--")
     ax.set_xlabel("figure / same-run baseline (log scale); text: the figure itself\n"
                   "black tick: target on the ratio; green: target met, red: not met, gray: no target at this size")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels on a log axis overlap
     ax.set_title("tiercache hot path vs same-run baselines")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # "tight": the long row labels are kept whole
     plt.close(fig)
 
 

@@ -34,3 +34,16 @@ def test_transformers_does_not_mistake_our_kernels_folder_for_the_kernels_packag
         assert root / "kernels" not in (origin, *origin.parents), f"'kernels' resolves to our folder: {origin}"
     else:  # our folder may resolve as a namespace package, but transformers must not take it for the package
         assert transformers_utils.is_kernels_available() is False
+
+
+def test_both_packages_state_the_distributions_version():
+    """``tiercache.__version__`` and ``tiercache_llm.__version__`` are pyproject.toml's ``version`` (benchmarks record
+    them in their JSON)."""
+    import tomllib
+    from pathlib import Path
+
+    import tiercache
+    import tiercache_llm
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert tiercache.__version__ == tiercache_llm.__version__ == project["version"]

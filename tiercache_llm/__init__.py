@@ -20,6 +20,8 @@ from .policies import AttentionPlacementPolicy, SpreadStreamingKVPolicy, Streami
 from .sparse_layer import SparseModeError
 from .store import BlockStore, KVCounters, KVWriteError
 
+__version__ = "0.1.0"  # the distribution's version (pyproject.toml), shared with tiercache
+
 __all__ = [
     "SUPPORTED_TRANSFORMERS",
     "AttentionPlacementPolicy",
