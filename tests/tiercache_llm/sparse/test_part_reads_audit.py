@@ -150,6 +150,8 @@ OPTIONS = [
     {"promote_bytes_per_step": 1 << 16},
     {"pool_eviction": "distance", "slot_part_reads": True, "stage_into_slots": True},
     {"idle_stage_near": 4},
+    {"slot_part_reads": True, "stage_into_slots": True, "slot_part_extra": 0.5},
+    {"predictor": "query", "slot_part_reads": True, "stage_into_slots": True, "slot_part_union": True},
 ]
 
 
