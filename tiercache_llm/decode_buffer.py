@@ -101,7 +101,7 @@ DISK_GROUP = 2
 DISK_GROUP_BYTES = 8 << 20
 #: ... and layers are grouped only where at least this many fit in ``group_bytes``; larger ones are read one per job
 #: (:meth:`DecodeBuffer.schedule`).  A group of layers reads into as many slots at once, whose buffers the page-cache
-#: copies then fill in turn: at 4K context (SmolLM2, 5.8 MiB a layer, two per group under the earlier rule of 1) the
+#: copies then fill in turn: at 4K context (SmolLM2, 5.6 MiB a layer, two per group under the earlier rule of 1) the
 #: warm copies ran ~12 % slower per entry into two slots than into one (the destinations no longer stay in the
 #: CPU's cache between layers), more than the hand-offs a pair saves (docs/benchmarks.md, "Row 2 warm fetch at 4K
 #: (2026-12-08, helper warm9)").
@@ -573,7 +573,7 @@ class DecodeBuffer:
         most ``group_bytes / 3`` bytes.  Layers of which fewer than :data:`GROUP_MIN_FIT` fit in ``group_bytes``
         are read one per job (``group`` 1, ``base_depth``), each as soon as a slot is free: SmolLM2 fp32 at 8K x 4
         (45 MiB a layer) decoded 7-10 % faster than in pairs, one cache switched between the two
-        (``benchmarks/exact_cold_ab.py --same-cache``), and at 4K (5.8 MiB) a warm step's reads were faster one
+        (``benchmarks/exact_cold_ab.py --same-cache``), and at 4K (5.6 MiB) a warm step's reads were faster one
         layer per job (see :data:`GROUP_MIN_FIT`)."""
         group = min(self.group, self.max_depth - 1)
         size = self.last_read_bytes if layer_bytes is None else layer_bytes

@@ -102,11 +102,12 @@ MIN_BYTES_PER_THREAD = 256 << 10
 # cost about as much as reading a 1 MiB batch alone.  Exact decode's warm layer of 3 x 384 KiB blocks (SmolLM2,
 # 1K context; 16 layers per step, 2-core box under load, interleaved): split over two threads 3.3 ms wall and
 # 4.1-4.2 ms CPU per step, read on the calling thread 2.7-3.1 ms wall and 2.7-3.1 ms CPU; batches of 2 MiB and
-# more (two layers read ahead together, 2K context) are still split, where the second thread shortens the wall.
+# more (two layers read ahead together, 2K context) were still split, where the second thread shortened the wall
+# (a split that SPLIT_BUFFERED, below, now leaves off).
 MIN_BUFFERED_BYTES_PER_THREAD = 1 << 20
 # Whether a batch of buffered, uncompressed reads is spread over the pool at all (by the rule above).  Off: its
 # checksums and its Python hold the GIL, so two readers only take turns (CPU time equal to wall time in every
-# run of docs/benchmarks.md's "Row 2 warm fetch at 4K (2026-12-08, helper warm9)", idle machine or not), and the
+# run of docs/benchmarks.md's "Row 2 warm fetch at 4K (2026-12-08, helper warm9)", at loads of 0.9-1.9), and the
 # hand-offs and GIL passes made a 4K step's warm fetch 1-5 ms slower (SmolLM2, 28 disk layers, 408 x 384 KiB).
 SPLIT_BUFFERED = False
 # Direct (O_DIRECT) reads sleep in the kernel until the device answers, so more of them in flight than
