@@ -70,7 +70,7 @@ def check_disjoint(dsts: Sequence[torch.Tensor], keys: Sequence[Any] | None = No
                 and all(map(is_, map(_dtype, dsts), repeat(head.dtype)))):
             # one layout (e.g. a buffer's token blocks, interleaved): proven from the strides
             starts = ptrs if all(map(le, ptrs, ptrs[1:])) else sorted(ptrs)
-            if _lattice_disjoint(head, starts):
+            if _lattice_disjoint(head, starts) or _lattices_disjoint(head, starts):
                 return
         ends = [_end(t, p) if t.nbytes else p for t, p in zip(dsts, ptrs)]
     if all(map(le, ptrs, ptrs[1:])):
@@ -160,6 +160,22 @@ def _lattice_disjoint(head: torch.Tensor, starts: list[int]) -> bool:
     if step <= 0 or step % size or any(map(mod, map(sub, starts, repeat(base)), repeat(step))):
         return False
     return _nested((*head.shape, (starts[-1] - base) // step + 1), (*head.stride(), step // size))
+
+
+def _lattices_disjoint(head: torch.Tensor, starts: list[int]) -> bool:
+    """Whether views of ``head``'s layout at the sorted byte addresses ``starts`` are proven disjoint chain by
+    chain: their extents (all of one length) split into chains of intersecting extents, no two chains meet, and
+    every chain of more than one view is :func:`_lattice_disjoint` (e.g. the token blocks of two decode buffers
+    read in one batch: two lattices, which one lattice of all the starts cannot describe)."""
+    span = _end(head, 0)  # from a view's first byte to one past its last: the same for every view of the layout
+    first, n = 0, len(starts)
+    for k in range(1, n + 1):
+        if k < n and starts[k] < starts[k - 1] + span:  # (sorted, equal lengths: the previous one reaches furthest)
+            continue
+        if k - first > 1 and not _lattice_disjoint(head, starts[first:k]):
+            return False
+        first = k
+    return True
 
 
 def _one_lattice(dsts: Sequence[torch.Tensor], ranges: Any, group: list[tuple[int, int, int]]) -> bool:

@@ -33,7 +33,7 @@ entries (:meth:`DecodeBuffer.together`), so a step makes about half the reader r
 calls; the reads of a group share one future (discarding one waits for the job; a failure is redone by each layer).
 Small layers are grouped more (:meth:`DecodeBuffer.schedule`): as many as fit in ``group_bytes`` (8 MiB) per
 job, in up to ``max_depth`` (8) slots, so a short context's warm step makes a few calls rather than one per
-two layers; layers larger than ``group_bytes`` are read one per job, as soon as a slot is free (no layer
+two layers; layers larger than half of ``group_bytes`` are read one per job, as soon as a slot is free (no layer
 waits for another's read, and the disk keeps reading through the host-held layers at a step's end).
 A cache filled layer by layer holds its last
 layers in the host tier (under the default ``kv-stream`` placement): with one read at a time and two
@@ -99,6 +99,13 @@ DISK_GROUP = 2
 #: instead of per 2-3, while a group's first layer, which waits for the whole group, waits for at most
 #: 8 MiB of reads (more measured 13.6 ms of exposed waits per step at 2K cold with 7 layers of 2.6 MiB).
 DISK_GROUP_BYTES = 8 << 20
+#: ... and layers are grouped only where at least this many fit in ``group_bytes``; larger ones are read one per job
+#: (:meth:`DecodeBuffer.schedule`).  A group of layers reads into as many slots at once, whose buffers the page-cache
+#: copies then fill in turn: at 4K context (SmolLM2, 5.6 MiB a layer, two per group under the earlier rule of 1) the
+#: warm copies ran ~12 % slower per entry into two slots than into one (the destinations no longer stay in the
+#: CPU's cache between layers), more than the hand-offs a pair saves (docs/benchmarks.md, "Row 2 warm fetch at 4K
+#: (2026-12-08, helper warm9)").
+GROUP_MIN_FIT = 2
 #: Whether a disk-backed cache reads inline, rather than ahead, the layers whose reads are copies (memory-held
 #: blocks, a buffered disk tier) while torch's threads fill every core of an otherwise idle machine
 #: (``TieredKVCache._ahead_overlaps``).
@@ -563,15 +570,17 @@ class DecodeBuffer:
         layers are read more at a time: ``group`` = ``group_bytes // layer_bytes`` within
         ``[self.group, max_depth - 1]``, ``depth`` = ``2 * group`` within ``[base_depth, max_depth]`` (slots for
         a group in flight and the next one); the slots beyond ``base_depth`` are only used for layers of at
-        most ``group_bytes / 3`` bytes.  Layers larger than ``group_bytes`` are read one per job (``group`` 1,
-        ``base_depth``), each as soon as a slot is free: SmolLM2 fp32 at 8K x 4 (45 MiB a layer) decoded 7-10 %
-        faster than in pairs, one cache switched between the two (``benchmarks/exact_cold_ab.py --same-cache``)."""
+        most ``group_bytes / 3`` bytes.  Layers of which fewer than :data:`GROUP_MIN_FIT` fit in ``group_bytes``
+        are read one per job (``group`` 1, ``base_depth``), each as soon as a slot is free: SmolLM2 fp32 at 8K x 4
+        (45 MiB a layer) decoded 7-10 % faster than in pairs, one cache switched between the two
+        (``benchmarks/exact_cold_ab.py --same-cache``), and at 4K (5.6 MiB) a warm step's reads were faster one
+        layer per job (see :data:`GROUP_MIN_FIT`)."""
         group = min(self.group, self.max_depth - 1)
         size = self.last_read_bytes if layer_bytes is None else layer_bytes
         base = self.max_depth if self.base_depth is None else min(self.base_depth, self.max_depth)
         if not self.group_bytes or size <= 0:
             return max(group, 1), base
-        if size > self.group_bytes:
+        if size > self.group_bytes or self.group_bytes // size < GROUP_MIN_FIT:
             # A group's first layer waits for the whole group's reads, and a read of a large layer is long
             # enough that a job per layer costs nothing: each is read as soon as one slot is free.
             return 1, base

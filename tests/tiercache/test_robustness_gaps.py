@@ -111,6 +111,24 @@ def _bytes(t):
     return out
 
 
+def test_block_slices_of_two_buffers_are_accepted_and_a_shifted_one_refused(cache):
+    """The token blocks of two buffers in one batch (two lattices of one layout, e.g. two layers read ahead
+    together into two decode-buffer slots) are accepted; one block shifted by a row into its neighbour is
+    refused."""
+    n, block = 3, 8
+    keys = [("b", i) for i in range(2 * n)]
+    cache.put_many([(k, torch.full((2, block, 4), float(i + 1))) for i, k in enumerate(keys)])
+    bufs = [torch.zeros(2, n * block, 4), torch.zeros(2, n * block, 4)]
+    blocks = [b for buf in bufs for b in buf.unflatten(1, (n, block)).unbind(1)]
+    cache.get_many(keys, out=blocks[::-1])
+    assert [bufs[j // n][:, (j % n) * block:(j % n + 1) * block].unique().tolist() for j in range(2 * n)] == \
+        [[float(2 * n - j)] for j in range(2 * n)]
+    shifted = bufs[1][:, 1:1 + block]  # meets blocks[n] (rows 0-7) and blocks[n + 1] (8-15)
+    with pytest.raises(ValueError, match="overlap"):
+        cache.get_many(keys[:3], out=[blocks[0], shifted, blocks[n]])
+    assert not check_disjoint(blocks[:n] + [bufs[1][:, 2 * block:3 * block]])  # (returns None: accepted)
+
+
 def test_check_disjoint_agrees_with_byte_sets():
     """Random strided views (and the same layout repeated, the lattice case) against the byte sets they cover:
     refused exactly when two of them share a byte."""
@@ -123,6 +141,17 @@ def test_check_disjoint_agrees_with_byte_sets():
             span = sum((n - 1) * s for n, s in zip(first.shape, first.stride())) + 1
             views = [torch.as_strided(buf, first.shape, first.stride(), rng.randint(0, buf.numel() - span))
                      for _ in range(rng.randint(2, 4))]
+        elif trial % 3 == 1 and trial % 2:  # one layout on two lattices (bases apart, a step each), shuffled
+            first = _views(rng, buf)
+            span = sum((n - 1) * s for n, s in zip(first.shape, first.stride())) + 1
+            views = []
+            for _ in range(2):
+                base, step = rng.randint(0, buf.numel() - span), rng.randint(1, 12)
+                views += [torch.as_strided(buf, first.shape, first.stride(), base + j * step)
+                          for j in range(rng.randint(1, 3)) if base + j * step + span <= buf.numel()]
+            rng.shuffle(views)
+            if len(views) < 2:
+                continue
         else:
             views = [_views(rng, buf) for _ in range(rng.randint(2, 4))]
         sets = [_bytes(v) for v in views]

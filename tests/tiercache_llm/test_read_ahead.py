@@ -577,8 +577,8 @@ def test_grouped_reads_ahead_share_one_call_and_stay_exact(make_config, tmp_path
 
 def test_schedule_groups_small_layers_by_bytes():
     """``schedule``: groups of ``group_bytes`` for small layers (at least ``group``, at most ``max_depth - 1``),
-    twice that many layers ahead within ``[base_depth, max_depth]``; layers larger than ``group_bytes`` one per
-    job; without ``group_bytes`` the fixed schedule of before."""
+    twice that many layers ahead within ``[base_depth, max_depth]``; layers of which fewer than ``GROUP_MIN_FIT`` (2)
+    fit in ``group_bytes`` one per job; without ``group_bytes`` the fixed schedule of before."""
     from tiercache_llm.decode_buffer import DecodeBuffer
 
     mib = 1 << 20
@@ -586,8 +586,9 @@ def test_schedule_groups_small_layers_by_bytes():
     assert buffer.schedule() == (2, 4)  # nothing read yet
     assert buffer.schedule(mib + mib // 8) == (7, 8)  # 1K context of SmolLM2: 1.1 MiB per layer
     assert buffer.schedule(2 * mib + mib // 2) == (3, 6)
-    assert buffer.schedule(5 * mib) == (2, 4)
-    assert buffer.schedule(8 * mib) == (2, 4)
+    assert buffer.schedule(4 * mib) == (2, 4)
+    assert buffer.schedule(4 * mib + 1) == (1, 4)  # fewer than GROUP_MIN_FIT (2) fit in group_bytes: one per job
+    assert buffer.schedule(8 * mib) == (1, 4)
     assert buffer.schedule(8 * mib + 1) == (1, 4)  # larger than group_bytes: one layer per job
     assert buffer.schedule(100 * mib) == (1, 4)
     buffer.last_read_bytes = mib
@@ -596,7 +597,7 @@ def test_schedule_groups_small_layers_by_bytes():
     assert DecodeBuffer(max_depth=4, group=9).schedule(mib) == (3, 4)
     unset = DecodeBuffer(max_depth=4, group=2, group_bytes=8 * mib)
     unset.max_depth = 6  # base_depth None follows max_depth
-    assert unset.schedule() == (2, 6) and unset.schedule(5 * mib) == (2, 6)
+    assert unset.schedule() == (2, 6) and unset.schedule(3 * mib) == (2, 6) and unset.schedule(5 * mib) == (1, 6)
     for bad in ({"group_bytes": -1}, {"group_bytes": 1.5}, {"max_depth": 4, "base_depth": 5},
                 {"base_depth": 0}):
         with pytest.raises(ValueError, match="group_bytes|base_depth"):

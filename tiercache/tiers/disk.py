@@ -102,8 +102,14 @@ MIN_BYTES_PER_THREAD = 256 << 10
 # cost about as much as reading a 1 MiB batch alone.  Exact decode's warm layer of 3 x 384 KiB blocks (SmolLM2,
 # 1K context; 16 layers per step, 2-core box under load, interleaved): split over two threads 3.3 ms wall and
 # 4.1-4.2 ms CPU per step, read on the calling thread 2.7-3.1 ms wall and 2.7-3.1 ms CPU; batches of 2 MiB and
-# more (two layers read ahead together, 2K context) are still split, where the second thread shortens the wall.
+# more (two layers read ahead together, 2K context) were still split, where the second thread shortened the wall
+# (a split that SPLIT_BUFFERED, below, now leaves off).
 MIN_BUFFERED_BYTES_PER_THREAD = 1 << 20
+# Whether a batch of buffered, uncompressed reads is spread over the pool at all (by the rule above).  Off: its
+# checksums and its Python hold the GIL, so two readers only take turns (CPU time equal to wall time in every
+# run of docs/benchmarks.md's "Row 2 warm fetch at 4K (2026-12-08, helper warm9)", at loads of 0.9-1.9), and the
+# hand-offs and GIL passes made a 4K step's warm fetch 1-5 ms slower (SmolLM2, 28 disk layers, 408 x 384 KiB).
+SPLIT_BUFFERED = False
 # Direct (O_DIRECT) reads sleep in the kernel until the device answers, so more of them in flight than
 # CPUs helps: random 56 KiB O_DIRECT preadv of one file on this project's 2-CPU box measured 0.38-0.39 GiB/s
 # with one thread, 0.79-0.83 with 4, 0.95-1.27 with 8 and 1.22-1.43 with 16 (2026-12-05, other jobs running).
@@ -1847,7 +1853,8 @@ class DiskTier:
 
     def _read_into(self, items: Sequence[tuple[Slot, EntryHeader, torch.Tensor]]) -> None:
         """Fill each ``(slot, header, out)``'s ``out`` with the verified payload (contract C2), spreading
-        the reads over the tier's read threads (``io_threads``; ``direct_read_threads`` for direct reads).
+        the reads over the tier's read threads (``direct_read_threads`` for direct reads; ``io_threads`` for
+        compressed ones, and for buffered ones only with :data:`SPLIT_BUFFERED`: else on the calling thread).
         ``out`` is a CPU tensor of exactly ``slot.nbytes`` bytes: 1-D contiguous uint8 (C2), or any dtype
         and shape whose last dimension is contiguous (its rows are filled by one vectored read;
         ``reads_strided``).  On damage raises ``CorruptEntryError`` with
@@ -1875,7 +1882,8 @@ class DiskTier:
             return
         parts, aligned = batch_parts(items, direct, align, mem_align)
         n = len(items)
-        workers = self._batch_workers(items, MIN_BUFFERED_BYTES_PER_THREAD if buffered else MIN_BYTES_PER_THREAD)
+        workers = (1 if buffered and not SPLIT_BUFFERED else
+                   self._batch_workers(items, MIN_BUFFERED_BYTES_PER_THREAD if buffered else MIN_BYTES_PER_THREAD))
         # Each thread takes the next unread item (itertools.count's next is atomic under the GIL) rather
         # than a fixed share: on a busy machine a descheduled thread's share would otherwise wait for it
         # while the others idle.  Items are taken in order, so the lowest failed position is the first

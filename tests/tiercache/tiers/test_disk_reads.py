@@ -134,6 +134,7 @@ def test_a_damaged_chunk_read_into_a_slice_is_reported_with_its_position(tmp_pat
     monkeypatch.setattr(disk_module, "_CPUS", 3)  # buffered reads use one thread per CPU: three, whatever runs this
     monkeypatch.setattr(disk_module, "spare_cpus", lambda: 3)  # ... and idle ones
     monkeypatch.setattr(disk_module, "MIN_BUFFERED_BYTES_PER_THREAD", 64 << 10)  # ... and a small batch split
+    monkeypatch.setattr(disk_module, "SPLIT_BUFFERED", True)
     tier = DiskTier(tmp_path / "d", 1 << 24, io_threads=3)
     list(tier.recover())
     blocks = [make_value(torch.float32, (1, 3, 16, 64), j) for j in range(40)]  # 480 KiB: spread over threads
@@ -600,8 +601,22 @@ def test_buffered_batch_reads_use_at_most_one_thread_per_cpu(tmp_path, monkeypat
     monkeypatch.setattr(disk_module, "_CPUS", 2)
     monkeypatch.setattr(disk_module, "spare_cpus", lambda: idle)  # whatever load the machine running this has
     monkeypatch.setattr(disk_module, "MIN_BUFFERED_BYTES_PER_THREAD", 64 << 10)
+    monkeypatch.setattr(disk_module, "SPLIT_BUFFERED", True)  # (off by default: see the test below)
     seen = _threads_reading(tmp_path, monkeypatch, 40)  # 480 KiB: worth 4 threads here
     assert 1 <= len(seen) <= 2 if idle else seen == {threading.get_ident()}
+
+
+def test_buffered_batch_reads_stay_on_the_calling_thread_by_default(tmp_path, monkeypatch):
+    """Without ``SPLIT_BUFFERED`` (the default) a buffered batch is read on the calling thread alone, however
+    large and however many CPUs are idle (its checksums hold the GIL: a second reader only takes turns with
+    it), and its values land where they belong."""
+    import threading
+
+    assert disk_module.SPLIT_BUFFERED is False
+    monkeypatch.setattr(disk_module, "_CPUS", 4)
+    monkeypatch.setattr(disk_module, "spare_cpus", lambda: 3)
+    monkeypatch.setattr(disk_module, "MIN_BUFFERED_BYTES_PER_THREAD", 64 << 10)  # 480 KiB: 4 threads if split
+    assert _threads_reading(tmp_path, monkeypatch, 40) == {threading.get_ident()}
 
 
 def _threads_reading(tmp_path, monkeypatch, n: int) -> set[int]:
@@ -636,6 +651,7 @@ def test_a_buffered_batch_below_the_split_size_is_read_on_the_calling_thread(tmp
 
     monkeypatch.setattr(disk_module, "_CPUS", 2)
     monkeypatch.setattr(disk_module, "spare_cpus", lambda: 2)
+    monkeypatch.setattr(disk_module, "SPLIT_BUFFERED", True)
     assert disk_module.MIN_BUFFERED_BYTES_PER_THREAD > disk_module.MIN_BYTES_PER_THREAD
     assert 2 * disk_module.MIN_BYTES_PER_THREAD < 80 * 12288 < disk_module.MIN_BUFFERED_BYTES_PER_THREAD  # 960 KiB
     assert _threads_reading(tmp_path, monkeypatch, 80) == {threading.get_ident()}
