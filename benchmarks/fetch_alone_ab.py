@@ -44,21 +44,15 @@ OLD = {"split": ("tiercache.tiers.disk", "SPLIT_BUFFERED", True),
 
 
 def old_settings(fn: Callable[[], None], parts: tuple[str, ...] = tuple(OLD)) -> Callable[[], None]:
-    """``fn`` run with the earlier settings of ``parts`` (keys of :data:`OLD`; default all), restored after."""
+    """``fn`` run with the earlier settings of ``parts`` (keys of :data:`OLD`; default all), restored after
+    (``hotpath_fetch.with_setting``, one per part)."""
     import importlib
 
-    settings = [(importlib.import_module(m), name, value) for m, name, value in (OLD[p] for p in parts)]
+    import hotpath_fetch
 
-    def run() -> None:
-        saved = [getattr(module, name) for module, name, _ in settings]
-        for module, name, value in settings:
-            setattr(module, name, value)
-        try:
-            fn()
-        finally:
-            for (module, name, _), value in zip(settings, saved):
-                setattr(module, name, value)
-    return run
+    for module, name, value in (OLD[p] for p in parts):
+        fn = hotpath_fetch.with_setting(fn, (importlib.import_module(module), name, value))
+    return fn
 
 
 def measure(config, context: int, threads: int, repeats: int, parts: bool = False,
